@@ -1,0 +1,212 @@
+"""ModelArgs: every difference between the Llama, Mistral, Qwen2/2.5, Qwen3 and Phi-3/3.5/4 families
+as an explicit field, read from a Hugging Face `config.json`.
+
+One `Transformer` serves every family; it never asks "which family is this?", only these fields:
+
+| family  | q/k/v bias          | o bias              | q/k RMSNorm | fused qkv, gate_up | sliding window      |
+|---------|---------------------|---------------------|-------------|--------------------|---------------------|
+| llama   | attention_bias      | attention_bias      | no          | no                 | no                  |
+| mistral | no                  | no                  | no          | no                 | sliding_window      |
+| qwen2   | yes                 | no                  | no          | no                 | per layer, if on    |
+| qwen3   | attention_bias      | attention_bias      | yes         | no                 | per layer, if on    |
+| phi3    | no                  | no                  | no          | yes                | sliding_window      |
+
+RoPE parameters come from either key style: older checkpoints write `rope_theta` plus `rope_scaling`
+(with `type` or `rope_type`), recent transformers writes `rope_parameters` (`rope_type`, `rope_theta`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+
+
+class UnsupportedModelError(ValueError):
+    """A config names a model family or a RoPE variant this package does not implement."""
+
+
+@dataclass(frozen=True)
+class _Family:
+    architecture: str
+    qkv_bias: bool | str  # True/False, or the config key that decides
+    o_bias: bool | str
+    qk_norm: bool
+    fused: bool  # Phi-3 stores qkv_proj and gate_up_proj as single matrices
+    window: str  # "none" | "global" (sliding_window applies to all layers) | "per_layer" (layer_types)
+    default_head_dim: int | None = None
+
+
+_FAMILIES: dict[str, _Family] = {
+    "llama": _Family("LlamaForCausalLM", "attention_bias", "attention_bias", False, False, "none"),
+    "mistral": _Family("MistralForCausalLM", False, False, False, False, "global"),
+    "qwen2": _Family("Qwen2ForCausalLM", True, False, False, False, "per_layer"),
+    "qwen3": _Family("Qwen3ForCausalLM", "attention_bias", "attention_bias", True, False, "per_layer", 128),
+    "phi3": _Family("Phi3ForCausalLM", False, False, False, True, "global"),
+}
+SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+
+
+@dataclass
+class ModelArgs:
+    """Architecture of one checkpoint. Built by `from_hf_config`; `hf_config` keeps the original dict."""
+
+    model_type: str
+    vocab_size: int
+    dim: int  # D, hidden size
+    n_layers: int
+    n_heads: int  # H
+    n_kv_heads: int  # Hkv (GQA when < H)
+    head_dim: int  # Dh (Qwen3: not always D / H)
+    intermediate_size: int
+    norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope_type: str = "default"
+    rope_params: dict[str, Any] = field(default_factory=dict)  # factor, low_freq_factor, long_factor, ...
+    partial_rotary_factor: float = 1.0  # rotary dim R = int(Dh * factor); Phi-4-mini uses 0.75
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    layer_windows: tuple[int | None, ...] = ()  # sliding window per layer (None: full attention)
+    initializer_range: float = 0.02
+    hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.layer_windows:
+            self.layer_windows = (None,) * self.n_layers
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"num_attention_heads={self.n_heads} is not a multiple of {self.n_kv_heads=}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """R: how many channels of each head RoPE rotates (the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def architecture(self) -> str:
+        return _FAMILIES[self.model_type].architecture
+
+    def num_params(self) -> int:
+        """Parameter count (embedding and untied head included), without building the model."""
+        d, h, hkv, dh, f = self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.intermediate_size
+        attn = d * (h + 2 * hkv) * dh + h * dh * d
+        attn += (h + 2 * hkv) * dh * self.qkv_bias + d * self.o_bias + 2 * dh * self.qk_norm
+        mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
+        per_layer = attn + mlp + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.n_layers * per_layer + d + head
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
+        """Read an HF `config.json` dict. Unknown families and RoPE types are errors that name them."""
+        model_type = config.get("model_type")
+        if model_type not in _FAMILIES:
+            raise UnsupportedModelError(
+                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        fam = _FAMILIES[model_type]
+        get = config.get
+        for key in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "vocab_size",
+        ):
+            if get(key) is None:
+                raise ValueError(f"config.json of model_type {model_type!r} has no {key!r}")
+        act = get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"unsupported hidden_act {act!r} (only 'silu' is implemented)")
+        n_heads = get("num_attention_heads")
+        head_dim = get("head_dim") or fam.default_head_dim or get("hidden_size") // n_heads
+        rope_theta, rope_type, rope_params, partial = _read_rope(config, model_type)
+
+        def flag(spec: bool | str) -> bool:
+            return bool(get(spec, False)) if isinstance(spec, str) else spec
+
+        return cls(
+            model_type=model_type,
+            vocab_size=get("vocab_size"),
+            dim=get("hidden_size"),
+            n_layers=get("num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=get("num_key_value_heads") or n_heads,
+            head_dim=head_dim,
+            intermediate_size=get("intermediate_size"),
+            norm_eps=float(get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=get("max_position_embeddings", 4096),
+            rope_theta=rope_theta,
+            rope_type=rope_type,
+            rope_params=rope_params,
+            partial_rotary_factor=partial,
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            qkv_bias=flag(fam.qkv_bias),
+            o_bias=flag(fam.o_bias),
+            mlp_bias=bool(get("mlp_bias", False)),
+            qk_norm=fam.qk_norm,
+            fused_qkv=fam.fused,
+            fused_gate_up=fam.fused,
+            layer_windows=_layer_windows(config, fam.window),
+            initializer_range=float(get("initializer_range", 0.02)),
+            hf_config=copy.deepcopy(config),
+        )
+
+    def to_hf_config(self, torch_dtype: str | None = None) -> dict[str, Any]:
+        """The `config.json` to write next to saved weights: the loaded dict, kept as it was read."""
+        cfg = copy.deepcopy(self.hf_config)
+        cfg.setdefault("architectures", [self.architecture])
+        if torch_dtype is not None:
+            cfg["torch_dtype"] = torch_dtype
+            cfg.pop("dtype", None)
+        return cfg
+
+
+def _read_rope(config: dict[str, Any], model_type: str) -> tuple[float, str, dict[str, Any], float]:
+    """(rope_theta, rope_type, scaling params, partial_rotary_factor) from either key style."""
+    params = dict(config.get("rope_parameters") or {})
+    params.update(config.get("rope_scaling") or {})  # older key; both may not appear, but be lenient
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    rope_theta = float(params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0)
+    partial = float(params.pop("partial_rotary_factor", None) or config.get("partial_rotary_factor") or 1.0)
+    if model_type == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's early names for LongRoPE
+        rope_type = "longrope"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type in ("llama3", "yarn", "longrope"):
+        # Phi-3 keeps the pretraining length at the top level; it takes priority there.
+        orig = config.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+        params["original_max_position_embeddings"] = orig or config.get("max_position_embeddings")
+    required = {
+        "linear": ("factor",),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+        "longrope": ("long_factor", "short_factor"),
+    }.get(rope_type, ())
+    missing = [k for k in required if params.get(k) is None]
+    if missing:
+        raise ValueError(f"rope scaling type {rope_type!r} needs {missing} in config.json")
+    return rope_theta, rope_type, params, partial
+
+
+def _layer_windows(config: dict[str, Any], rule: str) -> tuple[int | None, ...]:
+    n, window = config["num_hidden_layers"], config.get("sliding_window")
+    if rule == "global":
+        return (window,) * n
+    if rule == "per_layer":  # Qwen: the window is off unless use_sliding_window, whatever layer_types say
+        window = window if config.get("use_sliding_window", False) else None
+        types = config.get("layer_types")
+        if types is None:
+            first = config.get("max_window_layers", n)
+            types = ["sliding_attention" if window and i >= first else "full_attention" for i in range(n)]
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    return (None,) * n

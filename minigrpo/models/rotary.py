@@ -1,0 +1,131 @@
+"""Rotary frequencies: inverse frequencies per RoPE variant, and cos/sin per (row, position).
+
+The rotation itself is a kernel (`minigrpo.kernels.apply_rotary`); this module only decides the
+angles. Variants (facts from the papers / reference implementations):
+- default:  inv_freq[i] = theta^(-2i/R)
+- linear:   inv_freq / factor
+- llama3:   low frequencies divided by `factor`, high ones kept, a smooth blend in between
+- yarn:     blend of interpolated and extrapolated frequencies over a linear ramp; cos/sin scaled by
+            an attention factor (0.1 ln(factor) + 1 unless given)
+- longrope: per-frequency factors, `long_factor` once a forward's positions exceed the pretraining
+            length and `short_factor` otherwise; cos/sin scaled by sqrt(1 + ln(s) / ln(L_orig))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .args import ModelArgs
+
+
+def _base_inv_freq(theta: float, rotary_dim: int) -> torch.Tensor:
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    return 1.0 / (theta**exponents)  # (R/2,) fp32
+
+
+def _llama3(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_len = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def _yarn(theta: float, rotary_dim: int, p: dict, max_pos: int) -> tuple[torch.Tensor, float]:
+    orig = p["original_max_position_embeddings"]
+    factor = p.get("factor") or max_pos / orig
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = p.get("attention_factor")
+    if attn is None:
+        m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+        attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return rotary_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = _base_inv_freq(theta, rotary_dim)
+    keep = 1 - ramp  # 1: keep the original frequency, 0: interpolate by `factor`
+    return extrapolation / factor * (1 - keep) + extrapolation * keep, float(attn)
+
+
+def _longrope_scale(p: dict, max_pos: int) -> float:
+    orig = p["original_max_position_embeddings"]
+    if p.get("attention_factor") is not None:
+        return float(p["attention_factor"])
+    factor = p.get("factor") or max_pos / orig
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+
+
+class RotaryAngles(nn.Module):
+    """cos/sin (B, T, R/2) fp32 for given positions, for the model's RoPE variant.
+
+    Holds only small fp32 frequency buffers; recomputed by `reset()` after meta-device init.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        half = args.rotary_dim // 2
+        self.register_buffer("inv_freq", torch.empty(half), persistent=False)
+        self.register_buffer("long_inv_freq", torch.empty(half), persistent=False)
+        self.scale = 1.0
+        self.long_threshold: int | None = None  # longrope: positions >= this switch to long factors
+
+    @torch.no_grad()
+    def reset(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the frequencies in fp32 on `device` (default: where the buffers are)."""
+        a, p = self.args, self.args.rope_params
+        device = device if device is not None else self.inv_freq.device
+        if str(device) == "meta":
+            return
+        base = _base_inv_freq(a.rope_theta, a.rotary_dim)
+        long = base
+        if a.rope_type == "linear":
+            base = base / p["factor"]
+        elif a.rope_type == "llama3":
+            base = _llama3(base, p)
+        elif a.rope_type == "yarn":
+            base, self.scale = _yarn(a.rope_theta, a.rotary_dim, p, a.max_position_embeddings)
+        elif a.rope_type == "longrope":
+            long = base / torch.tensor(p["long_factor"], dtype=torch.float32)
+            base = base / torch.tensor(p["short_factor"], dtype=torch.float32)
+            self.scale = _longrope_scale(p, a.max_position_embeddings)
+            self.long_threshold = p["original_max_position_embeddings"]
+        self.inv_freq = base.to(device)
+        self.long_inv_freq = long.to(device)
+
+    def _apply(self, fn, recurse=True):
+        """After any .to()/.cuda()/.half(), re-derive the frequencies in fp32 on the new device."""
+        super()._apply(fn, recurse)
+        self.reset(self.inv_freq.device)
+        return self
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) int -> cos, sin (B, T, R/2) fp32."""
+        inv_freq = self.inv_freq
+        if self.long_threshold is not None:
+            # one choice per forward, as the reference does; a tensor op, so no host synchronisation
+            use_long = position_ids.max() + 1 > self.long_threshold
+            inv_freq = torch.where(use_long, self.long_inv_freq, self.inv_freq)
+        angles = position_ids.float().unsqueeze(-1) * inv_freq  # (B, T, R/2)
+        cos, sin = angles.cos(), angles.sin()
+        if self.scale != 1.0:
+            cos, sin = cos * self.scale, sin * self.scale
+        return cos, sin

@@ -1,0 +1,276 @@
+"""One decoder-only Transformer for the Llama, Mistral, Qwen2/2.5, Qwen3 and Phi-3/3.5/4 families.
+
+Every family difference is a field of `ModelArgs` (see args.py); module names follow the HF
+checkpoints (`model.layers.0.self_attn.q_proj`, ...) so that weights load and save by name.
+
+Shape glossary: B batch rows, T tokens in this forward, S key slots attended (T without a cache,
+the cache length with one), D model dim, H / Hkv query / key-value heads, Dh head dim,
+R rotary dim (<= Dh), V vocab.
+
+Left padding: `attention_mask` (B, S) marks real tokens; position ids default to the running count
+of real tokens, so a padded row computes exactly what it computes alone. Pad queries attend to
+themselves only (never fully masked rows, hence no NaN), and no real query ever sees a pad key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minigrpo.kernels import apply_rotary, rms_norm
+
+from .args import ModelArgs
+from .rotary import RotaryAngles
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim; with `residual` it also returns the sum it normalised."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return rms_norm(x, self.weight, self.eps, residual=residual)
+
+
+class KVCache:
+    """Pre-allocated keys and values for every layer: k, v (L, B, Hkv, S_max, Dh).
+
+    Slots are columns of a left-padded batch: slot j of every row holds that row's j-th column.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, *, dtype, device) -> None:
+        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, Dh) at slots `cache_position` (T,); return slots [0, kv_len)."""
+        self.k[layer].index_copy_(2, cache_position, k)
+        self.v[layer].index_copy_(2, cache_position, v)
+        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+
+
+def attention_mask_4d(
+    key_mask: torch.Tensor | None,
+    cache_position: torch.Tensor,
+    kv_len: int,
+    window: int | None,
+    batch_size: int,
+) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask: causal by slot, minus pad keys, within the sliding window."""
+    q = cache_position.view(-1, 1)  # (T, 1)
+    j = torch.arange(kv_len, device=cache_position.device).view(1, -1)  # (1, S)
+    allowed = j <= q  # (T, S)
+    if window is not None:
+        allowed = allowed & (j > q - window)
+    allowed = allowed.unsqueeze(0).expand(batch_size, -1, -1)  # (B, T, S)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :kv_len].bool()
+        allowed = allowed | (j == q)  # a pad query sees itself: no fully masked row
+    return allowed.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """GQA self-attention with optional q/k/v bias, q/k RMSNorm (Qwen3) and fused qkv (Phi-3)."""
+
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.layer, self.args = layer, args
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        d, q_out, kv_out = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        if args.fused_qkv:
+            self.qkv_proj = nn.Linear(d, q_out + 2 * kv_out, bias=args.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(d, q_out, bias=args.qkv_bias)
+            self.k_proj = nn.Linear(d, kv_out, bias=args.qkv_bias)
+            self.v_proj = nn.Linear(d, kv_out, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(q_out, d, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> q (B, T, H, Dh), k and v (B, T, Hkv, Dh)."""
+        B, T, _ = x.shape
+        if self.args.fused_qkv:
+            q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([q_out, kv_out, kv_out], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.args.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project_qkv(x)
+        q, k = apply_rotary(q, k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, Dh)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v, cache_position, kv_len)  # (B, Hkv, S, Dh)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, Dh)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); Phi-3 stores gate and up as one matrix."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.fused = args.fused_gate_up
+        d, f = args.dim, args.intermediate_size
+        if self.fused:
+            self.gate_up_proj = nn.Linear(d, 2 * f, bias=args.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(d, f, bias=args.mlp_bias)
+            self.up_proj = nn.Linear(d, f, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(f, d, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block; the second norm is fused with the residual add."""
+
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_position=None, kv_len=None) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_position, kv_len)
+        normed, h = self.post_attention_layernorm(attn, residual=x)  # h = x + attn
+        return h + self.mlp(normed)
+
+
+class Decoder(nn.Module):
+    """Embedding, blocks and final norm (the checkpoint's `model.` prefix)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class Transformer(nn.Module):
+    """Causal LM. `model(ids)` gives logits (B, T, V); `model.hidden(ids)` the final-norm states (B, T, D)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.rotary = RotaryAngles(args)
+        self.rotary.reset()
+        self.gradient_checkpointing = False
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The LM head matrix (V, D): the embedding itself when tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random init for weight-free models (benchmarks, tests): N(0, initializer_range), norms 1."""
+        std = self.args.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        self.rotary.reset(self.device)
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> final-norm hidden states (B, T, D).
+
+        attention_mask: (B, S) 1 for real tokens, 0 for padding. Without a cache S = T; with one,
+        S is the number of cache slots attended and `cache_position` (T,) the slots being written.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if kv_cache is not None:
+            assert cache_position is not None and attention_mask is not None, "a KV cache needs both"
+            kv_len = attention_mask.shape[1]
+        else:
+            cache_position = torch.arange(T, device=device)
+            kv_len = T
+        if position_ids is None:
+            if attention_mask is not None and kv_cache is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            else:
+                position_ids = cache_position.unsqueeze(0).expand(B, -1)
+        cos, sin = self.rotary(position_ids)  # (B, T, R/2) fp32
+        masks = {}
+        for w in set(self.args.layer_windows):
+            plain = attention_mask is None and kv_cache is None and (w is None or w >= T)
+            masks[w] = None if plain else attention_mask_4d(attention_mask, cache_position, kv_len, w, B)
+
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        for block, window in zip(self.model.layers, self.args.layer_windows):
+            args = (x, cos, sin, masks[window], kv_cache, cache_position, kv_len)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., D) -> logits (..., V) in the model dtype."""
+        return F.linear(hidden, self.output_weight)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V). Keyword arguments as in `hidden`."""
+        return self.logits(self.hidden(input_ids, **kwargs))

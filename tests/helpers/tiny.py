@@ -1,0 +1,41 @@
+"""Tiny random models for fast tests, saved as HF checkpoints when a test needs files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minigrpo.models.loading import build_random, save_pretrained
+
+TINY_LLAMA: dict[str, Any] = dict(
+    model_type="llama",
+    hidden_act="silu",
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    initializer_range=0.1,
+)
+
+
+def tiny_config(**overrides: Any) -> dict[str, Any]:
+    return {**TINY_LLAMA, **overrides}
+
+
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
+    return build_random(tiny_config(**overrides), dtype=dtype, seed=seed).eval()
+
+
+def tiny_checkpoint(directory: Path, seed: int = 0, **overrides: Any) -> Path:
+    save_pretrained(tiny_model(seed, **overrides), None, directory)
+    return directory
