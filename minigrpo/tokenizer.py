@@ -1,0 +1,543 @@
+"""Tokenizer: a `tokenizers.Tokenizer` plus special tokens, stop ids and a sandboxed chat template.
+
+The contract is "same ids as transformers' fast tokenizer on the same files", so a checkpoint
+tokenizes identically here, in transformers and in vLLM:
+
+* `add_special_tokens=True` applies tokenizer.json's post-processor and nothing else. transformers
+  (v5) drops tokenizer_config.json's `add_bos_token`/`add_eos_token` whenever tokenizer.json exists,
+  so those flags are read but not applied here either. Passing `add_bos_token=`/`add_eos_token=` to
+  the constructor is an explicit override that rewrites the post-processor, as transformers does for
+  explicit keyword arguments.
+* Named special tokens (bos/eos/unk/pad/...) are registered as special added tokens, so they are
+  matched whole in text and dropped by `skip_special_tokens=True`.
+* `pad_token` falls back to `eos_token` when the config names none (the usual choice for causal
+  LMs); the chat template still sees only the tokens the config names.
+* `stop_ids` is every end-of-sequence id: the config's eos, generation_config.json's `eos_token_id`
+  (an int or a list: Llama-3 and Phi-3.5 have several) and any extra ids the caller passes.
+
+Chat templates render in jinja2's `ImmutableSandboxedEnvironment` with `trim_blocks` and
+`lstrip_blocks`, the helpers templates expect (`raise_exception`, `strftime_now`, a `tojson` that
+writes JSON without HTML escaping, `loopcontrols`, a no-op `{% generation %}` block) and the
+variables transformers passes (`messages`, `tools`, `documents`, `add_generation_prompt`, the
+special tokens, and any extra keyword arguments).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, processors
+
+# The named special tokens transformers knows; any other `*_token` string in tokenizer_config.json is
+# a model-specific token (e.g. Gemma's `image_token`) and is passed to the chat template as well.
+NAMED_SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+_MAX_SANE_LENGTH = 1 << 40  # transformers writes int(1e30) for "no limit"
+
+
+class ChatTemplateError(ValueError):
+    """A chat template failed to render: it raised on purpose, hit the sandbox or was malformed."""
+
+
+class Tokenizer:
+    """Encode/decode text, render chat prompts and know the stop ids of one model.
+
+    Args:
+        tk: the backend tokenizer (copied; padding and truncation are switched off).
+        bos_token, eos_token, unk_token, pad_token: special token strings; each must be in the vocab.
+            `pad_token=None` falls back to `eos_token`.
+        chat_template: a jinja template, or a dict of named templates (the one used by default is
+            "default").
+        add_bos_token, add_eos_token: None keeps tk's post-processor; a bool rewrites it so that
+            `encode(..., add_special_tokens=True)` adds (or does not add) BOS/EOS.
+        extra_stop_ids: ids that end generation besides `eos_token` (e.g. generation_config.json's).
+        extra_special_tokens: more special token strings (registered like the named ones).
+        template_tokens: the `*_token` variables the chat template sees. None: the named tokens
+            given here (bos/eos/unk/pad, pad only when given explicitly).
+        model_max_length: the longest sequence the model was trained for, if known.
+    """
+
+    def __init__(
+        self,
+        tk: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        unk_token: str | None = None,
+        chat_template: str | Mapping[str, str] | None = None,
+        add_bos_token: bool | None = None,
+        add_eos_token: bool | None = None,
+        extra_stop_ids: Iterable[int] = (),
+        extra_special_tokens: Iterable[str] = (),
+        template_tokens: Mapping[str, str] | None = None,
+        model_max_length: int | None = None,
+    ) -> None:
+        self._tk = tokenizers.Tokenizer.from_str(tk.to_str())  # own copy: we change its state below
+        self._tk.no_padding()
+        self._tk.no_truncation()
+        self.bos_token, self.eos_token, self.unk_token = bos_token, eos_token, unk_token
+        self.pad_token = pad_token if pad_token is not None else eos_token
+        self._register_special([bos_token, eos_token, unk_token, self.pad_token, *extra_special_tokens])
+        self.bos_token_id = self._required_id(bos_token, "bos_token")
+        self.eos_token_id = self._required_id(eos_token, "eos_token")
+        self.unk_token_id = self._required_id(unk_token, "unk_token")
+        self.pad_token_id = self._required_id(self.pad_token, "pad_token")
+        if add_bos_token is not None or add_eos_token is not None:
+            self._set_post_processor(add_bos_token, add_eos_token)
+
+        if isinstance(chat_template, Mapping):
+            self.chat_templates: dict[str, str] = dict(chat_template)
+        else:
+            self.chat_templates = {} if chat_template is None else {"default": chat_template}
+        if template_tokens is None:
+            named = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token, "pad_token": pad_token}
+            template_tokens = {k: v for k, v in named.items() if v is not None}
+        self.template_tokens = dict(template_tokens)
+        self.model_max_length = model_max_length
+
+        vocab_n = self.vocab_size
+        stops = {i for i in (self.eos_token_id, *extra_stop_ids) if i is not None}
+        bad = sorted(i for i in stops if not 0 <= i < vocab_n)
+        if bad:
+            raise ValueError(f"stop ids {bad} are outside the vocabulary (size {vocab_n})")
+        self.stop_ids: tuple[int, ...] = tuple(sorted(stops))
+
+    # ---- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load a Hugging Face tokenizer folder: tokenizer.json plus its optional JSON/jinja files.
+
+        Reads tokenizer.json (required), tokenizer_config.json, special_tokens_map.json (only when the
+        config has no `added_tokens_decoder`, as transformers does), chat_template.jinja and
+        additional_chat_templates/*.jinja (these win over the config's `chat_template`, as in
+        transformers) and generation_config.json (its `eos_token_id` adds stop ids).
+        """
+        d = Path(path)
+        tk_file = d / "tokenizer.json"
+        if not tk_file.is_file():
+            raise FileNotFoundError(f"{tk_file} not found: only fast tokenizers (tokenizer.json) are supported")
+        tk = tokenizers.Tokenizer.from_file(str(tk_file))
+        cfg = _read_json(d / "tokenizer_config.json")
+        if "added_tokens_decoder" not in cfg:  # legacy layout: special_tokens_map.json has the last word
+            for key, value in _read_json(d / "special_tokens_map.json").items():
+                cfg[key] = value
+
+        tokens = {k: _token_str(cfg.get(k)) for k in NAMED_SPECIAL_TOKENS}
+        template_tokens = {k: v for k, v in tokens.items() if v is not None}
+        for key, value in cfg.items():  # model-specific named tokens, given as plain strings
+            if key.endswith("_token") and key not in NAMED_SPECIAL_TOKENS and isinstance(value, str):
+                template_tokens[key] = value
+        extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens") or []
+        extra = extra.values() if isinstance(extra, Mapping) else extra
+
+        templates = _config_templates(cfg.get("chat_template"))
+        jinja_file = d / "chat_template.jinja"
+        extra_dir = d / "additional_chat_templates"
+        file_templates = {p.stem: p.read_text(encoding="utf-8") for p in sorted(extra_dir.glob("*.jinja"))}
+        if jinja_file.is_file():
+            file_templates["default"] = jinja_file.read_text(encoding="utf-8")
+        if file_templates:
+            templates = file_templates
+
+        gen = _read_json(d / "generation_config.json")
+        gen_eos = gen.get("eos_token_id")
+        extra_stop = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+
+        max_len = cfg.get("model_max_length")
+        return cls(
+            tk,
+            bos_token=tokens["bos_token"],
+            eos_token=tokens["eos_token"],
+            pad_token=tokens["pad_token"],
+            unk_token=tokens["unk_token"],
+            chat_template=templates or None,
+            extra_stop_ids=extra_stop,
+            extra_special_tokens=[s for s in (_token_str(t) for t in extra) if s is not None],
+            template_tokens=template_tokens,
+            model_max_length=int(max_len) if isinstance(max_len, (int, float)) and max_len < _MAX_SANE_LENGTH else None,
+        )
+
+    def _register_special(self, contents: Iterable[str | None]) -> None:
+        """Make each token a special added token (kept whole in text, skippable on decode)."""
+        added = {t.content: t for t in self._tk.get_added_tokens_decoder().values()}
+        new = []
+        for content in dict.fromkeys(c for c in contents if c is not None):
+            old = added.get(content)
+            if old is not None and old.special:
+                continue
+            if old is None and self._tk.token_to_id(content) is None:
+                raise ValueError(f"special token {content!r} is not in the tokenizer's vocabulary")
+            flags = {} if old is None else {"lstrip": old.lstrip, "rstrip": old.rstrip}
+            new.append(AddedToken(content, special=True, normalized=False, **flags))
+        if new:
+            self._tk.add_special_tokens(new)
+
+    def _required_id(self, token: str | None, what: str) -> int | None:
+        if token is None:
+            return None
+        tid = self._tk.token_to_id(token)
+        if tid is None:
+            raise ValueError(f"{what} {token!r} is not in the tokenizer's vocabulary")
+        return tid
+
+    def _set_post_processor(self, add_bos: bool | None, add_eos: bool | None) -> None:
+        """Rewrite the post-processor to add BOS/EOS as asked; None keeps the current behaviour."""
+        add_bos = self.add_bos_token if add_bos is None else add_bos
+        add_eos = self.add_eos_token if add_eos is None else add_eos
+        if (add_bos, add_eos) == (self.add_bos_token, self.add_eos_token):
+            return
+        if (add_bos and self.bos_token is None) or (add_eos and self.eos_token is None):
+            raise ValueError("add_bos_token/add_eos_token need bos_token/eos_token")
+        bos = f"{self.bos_token}:0 " if add_bos else ""
+        eos = f" {self.eos_token}:0" if add_eos else ""
+        bos1 = f" {self.bos_token}:1" if add_bos else ""
+        eos1 = f" {self.eos_token}:1" if add_eos else ""
+        special = [(self.bos_token, self.bos_token_id)] if add_bos else []
+        if add_eos and self.eos_token != (self.bos_token if add_bos else None):
+            special.append((self.eos_token, self.eos_token_id))
+        self._tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos}$A:0{eos}", pair=f"{bos}$A:0{eos}{bos1} $B:1{eos1}", special_tokens=special
+        )
+
+    # ---- encode / decode ---------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The wrapped `tokenizers.Tokenizer` (read it, do not change it)."""
+        return self._tk
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` applies the post-processor (e.g. Llama-3's BOS)."""
+        return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]:
+        """`encode` for many texts at once (parallel in the Rust backend)."""
+        batch = getattr(self._tk, "encode_batch_fast", self._tk.encode_batch)  # _fast: no offsets (tokenizers>=0.21)
+        encs = batch(list(texts), add_special_tokens=add_special_tokens)
+        return [e.ids for e in encs]
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        """Text of `ids` (a list, tuple or 1-D tensor); `skip_special_tokens` drops special tokens."""
+        return self._tk.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, batch: Iterable[Iterable[int]], *, skip_special_tokens: bool = False) -> list[str]:
+        """`decode` for many sequences at once."""
+        seqs = [_as_id_list(ids) for ids in batch]
+        return self._tk.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (transformers' `len(tokenizer)`)."""
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of one token string, or None if it is not in the vocabulary."""
+        return self._tk.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """Token string of one id, or None if the id is out of range."""
+        return self._tk.id_to_token(token_id)
+
+    def _special_affixes(self) -> tuple[list[int], list[int]]:
+        """Ids the post-processor puts before and after a single sequence."""
+        plain = self._tk.encode("a", add_special_tokens=False).ids
+        full = self._tk.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return full[:start], full[start + len(plain) :]
+        return [], []
+
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether `encode(..., add_special_tokens=True)` starts with BOS."""
+        return self.bos_token_id is not None and self.bos_token_id in self._special_affixes()[0]
+
+    @property
+    def add_eos_token(self) -> bool:
+        """Whether `encode(..., add_special_tokens=True)` ends with EOS."""
+        return self.eos_token_id is not None and self.eos_token_id in self._special_affixes()[1]
+
+    # ---- chat template -----------------------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str | None:
+        """The default chat template (None if the model has none)."""
+        return self.chat_templates.get("default")
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        chat_template: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Render one conversation with the chat template (as transformers does) and optionally tokenize.
+
+        Args:
+            messages: dicts with at least "role" and "content"; keys whose value is None are dropped.
+            add_generation_prompt: end with the header that starts an assistant turn.
+            tokenize: return ids (encoded with `add_special_tokens=False`: the template already has
+                every special token) instead of the string.
+            chat_template: the name of one of `chat_templates`, or a template string; default "default".
+            tools, documents: JSON-schema dicts / document dicts, passed to the template as is.
+            **kwargs: more template variables (e.g. `enable_thinking`); they override special tokens.
+
+        Raises:
+            ChatTemplateError: no template, or the template raised / broke the sandbox / failed to parse.
+        """
+        template = self._pick_template(chat_template)
+        if not messages:
+            raise ValueError("cannot apply a chat template to an empty conversation")
+        chat = []
+        for m in messages:
+            if not isinstance(m, Mapping):
+                raise TypeError(f"chat messages must be dicts, got {type(m).__name__}: {m!r}")
+            chat.append(_alias_reasoning({k: _plain(v) for k, v in m.items() if v is not None}))
+        for name, items in (("tools", tools), ("documents", documents)):
+            if items is not None and not all(isinstance(x, Mapping) for x in items):
+                raise TypeError(f"{name} must be a list of dicts (JSON schemas / documents)")
+        variables = {**self.template_tokens, **{k: _plain(v) for k, v in kwargs.items()}}
+        variables.update(
+            messages=chat,
+            tools=_plain(tools),
+            documents=_plain(documents),
+            add_generation_prompt=add_generation_prompt,
+        )
+        import jinja2  # heavy-ish; only needed here
+
+        try:
+            text = _compile_template(template).render(**variables)
+        except ChatTemplateError:
+            raise
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _pick_template(self, chat_template: str | None) -> str:
+        if chat_template is not None:
+            return self.chat_templates.get(chat_template, chat_template)
+        if "default" in self.chat_templates:
+            return self.chat_templates["default"]
+        if self.chat_templates:
+            raise ChatTemplateError(
+                f"no default chat template; pass one of {sorted(self.chat_templates)} as chat_template="
+            )
+        raise ChatTemplateError("this tokenizer has no chat template (tokenizer_config.json has none)")
+
+    # ---- saving ------------------------------------------------------------------------------------
+
+    def generation_config(self) -> dict[str, Any]:
+        """The token fields of generation_config.json: bos, every stop id as eos, pad."""
+        eos: int | list[int] | None = list(self.stop_ids) if len(self.stop_ids) > 1 else self.eos_token_id
+        return {"bos_token_id": self.bos_token_id, "eos_token_id": eos, "pad_token_id": self.pad_token_id}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `path`.
+
+        transformers' `AutoTokenizer.from_pretrained(path)` loads the result with the same ids and
+        chat template. generation_config.json is the model saver's (see `generation_config()`): the
+        stop ids beyond `eos_token` live there.
+        """
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        self._tk.save(str(d / "tokenizer.json"))
+        tokens = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            "pad_token": self.pad_token,
+        }
+        tokens = {k: v for k, v in tokens.items() if v is not None}
+        cfg: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **tokens,
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token,
+            "clean_up_tokenization_spaces": False,
+        }
+        if self.model_max_length is not None:
+            cfg["model_max_length"] = self.model_max_length
+        if list(self.chat_templates) == ["default"]:
+            cfg["chat_template"] = self.chat_templates["default"]
+        elif self.chat_templates:
+            cfg["chat_template"] = [{"name": k, "template": v} for k, v in self.chat_templates.items()]
+        _write_json(d / "tokenizer_config.json", cfg)
+        _write_json(d / "special_tokens_map.json", tokens)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+            f"pad={self.pad_token!r}, stop_ids={list(self.stop_ids)}, chat_template={self.chat_template is not None})"
+        )
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _token_str(value: Any) -> str | None:
+    """A special token as written in a config: a string or an AddedToken dict {"content": ...}."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"cannot read a special token from {value!r}")
+
+
+def _config_templates(value: Any) -> dict[str, str]:
+    """tokenizer_config.json's chat_template: a string or a list of {"name", "template"}."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, list):
+        return {t["name"]: t["template"] for t in value}
+    raise ValueError(f"chat_template must be a string or a list of named templates, got {type(value).__name__}")
+
+
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
+    """Offer a message's reasoning under every name templates read (as transformers does).
+
+    Qwen3-style templates read `reasoning_content`, gpt-oss-style ones `thinking`; callers may use
+    either, or `reasoning`. `reasoning_content` gets the first one present; `thinking` is filled only
+    if the message has none of its own.
+    """
+    reasoning = next((message[k] for k in _REASONING_KEYS if k in message), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _as_id_list(ids: Iterable[int]) -> list[int]:
+    tolist = getattr(ids, "tolist", None)
+    return [int(i) for i in (tolist() if tolist is not None else ids)]
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild template input from plain JSON-like types, so the sandbox never sees rich objects."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy / torch scalars
+        return _plain(value.item())
+    raise TypeError(f"chat template inputs must be JSON-like data, got {type(value).__name__}")
+
+
+@lru_cache(maxsize=32)
+def _compile_template(source: str) -> Any:
+    """Compile one chat template in a fresh immutable sandbox (cached per template string)."""
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.utils import Namespace
+
+    class GenerationBlock(Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; render as is."""
+
+        tags = {"generation"}  # noqa: RUF012  (jinja's API)
+
+        def parse(self, parser: Any) -> list[Any]:
+            next(parser.stream)
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return [nodes.Scope(body)]
+
+    def check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} may not start with '_'")
+
+    class SafeNamespace(Namespace):
+        """jinja's `namespace()` without underscore-prefixed attributes."""
+
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, rest = args[0], args[1:]
+            attrs = dict(*rest, **kwargs)
+            for name in attrs:
+                check_name(name)
+            Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            check_name(name)
+            Namespace.__setitem__(self, name, value)
+
+    class SafeDict:
+        """`dict(...)` / `dict.fromkeys(...)` for templates, without exposing the `dict` type."""
+
+        def __call__(self, *args: Any, **kwargs: Any) -> dict:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any) -> dict:
+            return dict.fromkeys(*args)
+
+    def raise_exception(message: str) -> None:
+        raise ChatTemplateError(f"chat template raised: {message}")
+
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
+        # jinja's own tojson HTML-escapes <, >, & and '; chat templates want plain JSON
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, "jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
+    env.globals.update(
+        raise_exception=raise_exception, strftime_now=strftime_now, namespace=SafeNamespace, dict=SafeDict()
+    )
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template does not parse (line {e.lineno}): {e.message}") from e

