@@ -1,8 +1,17 @@
-"""Triton import guard: kernel files import `triton`/`tl` from here so that they load without Triton."""
+"""Triton import guard and launch helpers shared by the kernel files.
+
+Kernel files import `triton`/`tl` from here so that they load without Triton, and decorate their
+kernels with `jit` (below) instead of `triton.jit`: whether a kernel is compiled for the GPU or run
+by Triton's CPU interpreter is then decided at launch, from `TRITON_INTERPRET`, not at import. A
+process that imported the kernels before setting the variable still gets the interpreter.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Any
+
+import torch
 
 try:
     import triton
@@ -31,3 +40,91 @@ def resolve_impl(impl: str, *tensors) -> str:
     if impl == "triton" and not interpreting() and not all(t.is_cuda for t in tensors):
         raise RuntimeError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
     return impl
+
+
+class _Kernel:
+    """A `@jit` kernel: builds the compiled or the interpreted Triton function on first launch.
+
+    Kernels decorated this way must not call other jitted helpers (write helpers inline): a helper
+    would have to be resolved one way or the other when the kernel is defined.
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+        self._compiled: Any = None
+        self._interpreted: Any = None
+
+    def _target(self) -> Any:
+        if interpreting():
+            if self._interpreted is None:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                _round_bf16_casts_to_nearest()
+                self._interpreted = InterpretedFunction(self.fn)
+            return self._interpreted
+        if self._compiled is None:
+            self._compiled = triton.runtime.jit.JITFunction(self.fn)
+        return self._compiled
+
+    def __getitem__(self, grid: Any) -> Any:
+        return self._target()[grid]
+
+
+def _round_bf16_casts_to_nearest() -> None:
+    """Make the interpreter's fp32 -> bf16 casts round to nearest even, as the GPU does.
+
+    Triton 3.6's interpreter truncates them (and its optional rounding drops the carry into the
+    exponent), which would double the rounding error that CPU tests hold the kernels to.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_bf16_rne", False):
+        return
+    plain_cast, plain_fp_to_fp = builder.cast_impl, builder.create_fp_to_fp
+
+    def to_bf16(src):
+        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round half to even on the dropped bits
+        return interpreter.TensorHandle(bits.astype(np.uint16), tl.bfloat16)
+
+    def is_f32_to_bf16(src, dst_type):
+        return src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16
+
+    def cast_impl(self, src, dst_type):
+        return to_bf16(src) if is_f32_to_bf16(src, dst_type) else plain_cast(self, src, dst_type)
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if is_f32_to_bf16(src, dst_type):
+            return to_bf16(src)
+        return plain_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    builder.cast_impl = cast_impl
+    builder.create_fp_trunc = cast_impl
+    builder.create_fp_to_fp = create_fp_to_fp
+    builder._bf16_rne = True
+
+
+def jit(fn: Any) -> _Kernel:
+    """Decorator for a Triton kernel, compiled or interpreted as `TRITON_INTERPRET` says at launch."""
+    return _Kernel(fn)
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling of a / b for positive ints."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def num_programs_per_wave(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a persistent grid's width); 4 under the interpreter."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count

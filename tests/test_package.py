@@ -21,9 +21,7 @@ def test_no_top_level_kernels_module_installed(tmp_path):
     # Run from a neutral directory so the repo root is not on sys.path.
     code = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('kernels') is None else 3)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path)
-    assert proc.returncode == 0, (
-        "a top-level 'kernels' module is importable: it would shadow the PyPI package"
-    )
+    assert proc.returncode == 0, "a top-level 'kernels' module is importable: it would shadow the PyPI package"
 
 
 def test_import_is_lazy():

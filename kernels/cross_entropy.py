@@ -1,0 +1,53 @@
+"""Fused LM head + cross-entropy: CE of hidden (N, D) @ weight (V, D).T without (N, V) logits.
+
+    fused_linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean",
+                               impl="auto") -> loss
+
+CE is -logp, so this is `fused_linear_logprobs` (kernels/logprobs.py: chunked matmul, online
+logsumexp, recomputing backward) plus the reduction; gradients flow through the same autograd
+function. Semantics follow F.cross_entropy: "none" gives (N,) fp32 with 0 on ignored rows, "sum"
+the sum, "mean" the sum over the non-ignored count (NaN when every row is ignored, as in torch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .logprobs import fused_linear_logprobs
+
+
+def linear_cross_entropy_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The spec, unchunked: F.cross_entropy on fp32 logits. Materialises (N, V) fp32: tests only."""
+    logits = (hidden @ weight.T).float()  # (N, V) fp32
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    impl: str = "auto",
+    tile: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of the logits hidden (N, D) @ weight (V, D).T against targets (N,), in fp32.
+
+    impl: "auto" (Triton on CUDA, the chunked torch path elsewhere), "triton" or "ref"; tile: see
+    fused_linear_logprobs.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    loss = -fused_linear_logprobs(hidden, weight, targets, ignore_index=ignore_index, impl=impl, tile=tile)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (targets != ignore_index).sum()

@@ -1,0 +1,380 @@
+"""Fused LM head + log-softmax gather: per-token log-probs (and entropy) without (N, V) logits.
+
+    fused_linear_logprobs(hidden (N, D), weight (V, D), targets (N,), *, temperature=1.0,
+                          return_entropy=False, ignore_index=-100, impl="auto")
+        -> logp (N,) fp32, or (logp, entropy) with return_entropy
+
+Math, per row n:  z = h_n @ W.T (rounded to the matmul dtype, as torch does), a = fp32(z) / T,
+lse = logsumexp(a), logp = a[target] - lse, entropy = lse - sum_v softmax(a)_v a_v. Rows whose
+target is `ignore_index` get logp = 0 and entropy = 0 and pass no gradient. Targets must otherwise
+lie in [0, V). Both outputs are differentiable w.r.t. hidden and weight; with upstream gradients g
+(of logp) and ge (of entropy), the gradient w.r.t. the logits is
+    dz_v = (g (onehot_v - p_v) - ge p_v (a_v - lse + entropy)) / T.
+
+Chunking: the logits are only ever held as one tile of (rows, cols) tokens x vocab columns, in the
+matmul dtype (about 64 MiB in bf16 on CUDA). The forward streams the tiles through an online
+logsumexp: per row, a running max m, s = sum exp(a - m) and e = sum exp(a - m) (a - m), merged
+across vocab chunks; it saves lse and entropy (N,) fp32 only. The backward recomputes each tile
+(8NDV FLOPs in all instead of 6NDV: the price of O(tile) memory, since GRPO's upstream gradient is
+only known after the forward), turns it into dz in place, and then
+    dW[vc] (+)= dz.T @ h_b     cuBLAS, accumulated in W.dtype once per token block of `rows` rows
+    dH_b    += dz @ W[vc]       accumulated in fp32 over the vocab chunks (a (rows, D) buffer)
+so dW is rounded ceil(N / rows) times (once for N <= 4096 on CUDA) and dH once.
+
+impl="triton": the tile math (online statistics, dz) runs in two Triton kernels between cuBLAS
+matmuls. impl="ref": the same chunked loop with the tile math in torch (fp32) - the CPU path. The
+unchunked spec `linear_logprobs_ref` (materialises (N, V) fp32) is for tests only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._triton import cdiv, jit, resolve_impl, tl
+
+_NEG = -1.0e30  # running max before any column was seen: finite, so 0 * (m_old - m_new) stays 0
+_TOKEN_BLOCK = 4096  # rows of a logits tile: dW is rounded once per such block
+_TILE_ELEMS = {"cuda": 32 * 2**20, "cpu": 4 * 2**20}  # elements of one logits tile
+
+# ----------------------------------------------------------------------------------------------
+# 1. Reference (the spec) and the tile math of the chunked torch path
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_logprobs_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec, unchunked: (logp, entropy), each (N,) fp32 (fp64 for fp64 inputs).
+
+    Materialises (N, V) fp32 logits: for tests only.
+    """
+    logits = _acc(hidden @ weight.T) / temperature  # (N, V) fp32
+    logp_all = torch.log_softmax(logits, dim=-1)
+    valid = targets != ignore_index
+    logp = logp_all.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return torch.where(valid, logp, 0.0), torch.where(valid, entropy, 0.0)
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """x in its accumulation dtype: fp32, or fp64 for fp64 (so that fp64 runs are references)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _tile_stats_ref(z, tgt, v0, inv_t, m, s, e, zt) -> None:
+    """Merge tile z (r, c) = logits of columns [v0, v0 + c) into the running row stats (in place)."""
+    a = _acc(z) * inv_t  # (r, c) fp32
+    m_new = torch.maximum(m, a.amax(1))
+    p = torch.exp(a - m_new[:, None])  # (r, c) fp32
+    alpha = torch.exp(m - m_new)
+    if e is not None:
+        e.copy_(alpha * (e + s * (m - m_new)) + (p * (a - m_new[:, None])).sum(1))
+    s.copy_(alpha * s + p.sum(1))
+    m.copy_(m_new)
+    local = tgt - v0
+    hit = (local >= 0) & (local < z.shape[1])
+    zt[hit] = a[hit, local[hit]]
+
+
+def _tile_grad_ref(z, tgt, v0, inv_t, lse, ent, g, ge) -> None:
+    """Overwrite logits tile z (r, c) with dz (see the module docstring); g, ge are 0 on ignored rows."""
+    a = _acc(z) * inv_t  # (r, c) fp32
+    p = torch.exp(a - lse[:, None])
+    dz = -g[:, None] * p
+    if ge is not None:
+        dz -= ge[:, None] * p * (a - lse[:, None] + ent[:, None])
+    local = tgt - v0
+    rows = torch.nonzero((local >= 0) & (local < z.shape[1])).squeeze(1)
+    dz[rows, local[rows]] += g[rows]
+    z.copy_(dz * inv_t)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Triton kernels (the tile math; the matmuls around them are cuBLAS)
+# ----------------------------------------------------------------------------------------------
+
+
+@jit
+def _logprobs_stats_kernel(
+    z_ptr,  # (r, c) logits tile, row stride stride_z_row
+    tgt_ptr,  # (r,) int64 targets of the tile's rows
+    m_ptr,  # (r,) fp32 running max of a = z / T
+    s_ptr,  # (r,) fp32 running sum exp(a - m)
+    e_ptr,  # (r,) fp32 running sum exp(a - m) (a - m) (HAS_ENTROPY)
+    zt_ptr,  # (r,) fp32 target logit a[target], written by the tile that holds it
+    n_cols,
+    v0,
+    stride_z_row,
+    inv_t,
+    HAS_ENTROPY: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr,  # cdiv(widest tile, BLOCK_V): a compile-time trip count
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    z_row = z_ptr + row.to(tl.int64) * stride_z_row
+    m = tl.full([], -1.0e30, tl.float32)  # = _NEG
+    s = tl.zeros([], tl.float32)
+    e = tl.zeros([], tl.float32)
+    for blk in range(NUM_BLOCKS):
+        cols = blk * BLOCK_V + tl.arange(0, BLOCK_V)
+        ok = cols < n_cols
+        a = tl.load(z_row + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(a, axis=0))
+        p = tl.exp(a - m_new)  # 0 on masked columns
+        alpha = tl.exp(m - m_new)
+        if HAS_ENTROPY:
+            e = alpha * (e + s * (m - m_new)) + tl.sum(p * tl.where(ok, a - m_new, 0.0), axis=0)
+        s = alpha * s + tl.sum(p, axis=0)
+        m = m_new
+    # merge into the statistics of the earlier vocab chunks
+    m_old = tl.load(m_ptr + row)
+    s_old = tl.load(s_ptr + row)
+    m_all = tl.maximum(m_old, m)
+    w_old = tl.exp(m_old - m_all)
+    w_new = tl.exp(m - m_all)
+    tl.store(s_ptr + row, w_old * s_old + w_new * s)
+    tl.store(m_ptr + row, m_all)
+    if HAS_ENTROPY:
+        e_old = tl.load(e_ptr + row)
+        tl.store(e_ptr + row, w_old * (e_old + s_old * (m_old - m_all)) + w_new * (e + s * (m - m_all)))
+    local = tl.load(tgt_ptr + row) - v0
+    hit = (local >= 0) & (local < n_cols)
+    z_t = tl.load(z_row + local, mask=hit, other=0.0).to(tl.float32) * inv_t
+    tl.store(zt_ptr + row, z_t, mask=hit)
+
+
+@jit
+def _logprobs_grad_kernel(
+    z_ptr,  # (r, c) logits tile, overwritten with dz
+    tgt_ptr,  # (r,) int64 targets
+    lse_ptr,  # (r,) fp32 logsumexp of a = z / T
+    ent_ptr,  # (r,) fp32 entropy (read if HAS_ENT_GRAD)
+    g_ptr,  # (r,) fp32 upstream gradient of logp, 0 on ignored rows
+    ge_ptr,  # (r,) fp32 upstream gradient of the entropy, 0 on ignored rows (HAS_ENT_GRAD)
+    n_cols,
+    v0,
+    stride_z_row,
+    inv_t,
+    HAS_ENT_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    ok = cols < n_cols
+    ptrs = z_ptr + row.to(tl.int64) * stride_z_row + cols
+    a = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * inv_t
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(g_ptr + row)
+    p = tl.exp(a - lse)
+    is_tgt = cols == (tl.load(tgt_ptr + row) - v0)
+    dz = tl.where(is_tgt, g, 0.0) - g * p
+    if HAS_ENT_GRAD:
+        ge = tl.load(ge_ptr + row)
+        dz -= ge * p * (a - lse + tl.load(ent_ptr + row))
+    tl.store(ptrs, (dz * inv_t).to(z_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Launchers and the chunked forward / backward (shared by both paths)
+# ----------------------------------------------------------------------------------------------
+
+_STATS_BLOCK_V, _GRAD_BLOCK_V, _NUM_WARPS = 2048, 2048, 8
+
+
+def _tile_stats_triton(z, tgt, v0, inv_t, m, s, e, zt, max_cols: int) -> None:
+    rows, cols = z.shape
+    _logprobs_stats_kernel[(rows,)](
+        z, tgt, m, s, e if e is not None else s, zt, cols, v0, z.stride(0), inv_t,
+        HAS_ENTROPY=e is not None, NUM_BLOCKS=cdiv(max_cols, _STATS_BLOCK_V), BLOCK_V=_STATS_BLOCK_V,
+        num_warps=_NUM_WARPS,
+    )  # fmt: skip
+
+
+def _tile_grad_triton(z, tgt, v0, inv_t, lse, ent, g, ge) -> None:
+    rows, cols = z.shape
+    _logprobs_grad_kernel[(rows, cdiv(cols, _GRAD_BLOCK_V))](
+        z, tgt, lse, ent, g, ge if ge is not None else g, cols, v0, z.stride(0), inv_t,
+        HAS_ENT_GRAD=ge is not None, BLOCK_V=_GRAD_BLOCK_V, num_warps=_NUM_WARPS,
+    )  # fmt: skip
+
+
+def _plan(N: int, V: int, device: torch.device, tile: tuple[int, int] | None) -> tuple[int, int]:
+    """(rows, cols) of a logits tile: rows up to _TOKEN_BLOCK, cols splitting V into equal chunks."""
+    if tile is not None:
+        return max(1, min(tile[0], N)), max(1, min(tile[1], V))
+    rows = min(N, _TOKEN_BLOCK)
+    budget = _TILE_ELEMS["cuda" if device.type == "cuda" else "cpu"]
+    cols = min(V, max(256, budget // rows))
+    cols = min(V, -(-cdiv(V, cdiv(V, cols)) // 128) * 128)  # equal chunks, a multiple of 128
+    return rows, cols
+
+
+def _tiles(N: int, V: int, rows: int, cols: int):
+    for n0 in range(0, N, rows):
+        for v0 in range(0, V, cols):
+            yield n0, min(n0 + rows, N), v0, min(v0 + cols, V)
+
+
+@functools.cache
+def _has_fp32_out_mm(device: torch.device) -> bool:
+    """Whether this torch/device can add a half-precision matmul into an fp32 buffer (CUDA only)."""
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.randn(32, 64, device=device, dtype=torch.bfloat16)
+        b = torch.randn(64, 16, device=device, dtype=torch.bfloat16)
+        acc = torch.ones(32, 16, device=device)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return bool(torch.allclose(acc, 1 + a.float() @ b.float(), atol=1e-3, rtol=1e-3))
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _add_mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """acc (fp32) (+)= a @ b, for a, b in any float dtype."""
+    if a.dtype == acc.dtype:
+        torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
+    elif _has_fp32_out_mm(a.device):
+        torch.addmm(acc, a, b, beta=0 if first else 1, out_dtype=torch.float32, out=acc)
+    elif first:
+        acc.copy_(a @ b)
+    else:
+        acc += a @ b  # the product is rounded to a.dtype once per vocab chunk, then summed in fp32
+
+
+def _forward(h, w, tgt, inv_t, ignore_index, want_entropy, impl, tile):
+    """Chunked forward. h (N, D), w (V, D), tgt (N,) int64 -> logp, entropy (or None), lse: (N,) fp32."""
+    N, V = h.shape[0], w.shape[0]
+    rows, cols = _plan(N, V, h.device, tile)
+    f32 = dict(dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+    m, s, zt = torch.full((N,), _NEG, **f32), torch.zeros(N, **f32), torch.zeros(N, **f32)
+    e = torch.zeros(N, **f32) if want_entropy else None
+    buf = torch.empty(rows * cols, dtype=h.dtype, device=h.device)  # the one logits tile
+    for n0, n1, v0, v1 in _tiles(N, V, rows, cols):
+        z = torch.mm(h[n0:n1], w[v0:v1].T, out=buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0))
+        sl = slice(n0, n1)
+        e_b = e[sl] if e is not None else None
+        if impl == "triton":
+            _tile_stats_triton(z, tgt[sl], v0, inv_t, m[sl], s[sl], e_b, zt[sl], cols)
+        else:
+            _tile_stats_ref(z, tgt[sl], v0, inv_t, m[sl], s[sl], e_b, zt[sl])
+    lse = m + torch.log(s)
+    valid = tgt != ignore_index
+    logp = torch.where(valid, zt - lse, 0.0)
+    entropy = torch.where(valid, torch.log(s) - e / s, 0.0) if e is not None else None
+    return logp, entropy, lse
+
+
+def _backward(h, w, tgt, lse, ent, g, ge, inv_t, need_dh, need_dw, impl, tile):
+    """Chunked backward (recomputes the logits). g, ge: (N,) fp32, 0 on ignored rows; ge may be None."""
+    N, D = h.shape
+    V = w.shape[0]
+    rows, cols = _plan(N, V, h.device, tile)
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_dh else None
+    dw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if need_dw else None
+    acc_dtype = torch.promote_types(h.dtype, torch.float32)
+    acc = torch.empty((rows, D), dtype=acc_dtype, device=h.device) if need_dh else None  # dH_b
+    buf = torch.empty(rows * cols, dtype=h.dtype, device=h.device)
+    for n0, n1, v0, v1 in _tiles(N, V, rows, cols):
+        hb, wv, sl = h[n0:n1], w[v0:v1], slice(n0, n1)
+        z = torch.mm(hb, wv.T, out=buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0))  # (r, c)
+        ge_b = ge[sl] if ge is not None else None
+        if impl == "triton":
+            _tile_grad_triton(z, tgt[sl], v0, inv_t, lse[sl], ent[sl], g[sl], ge_b)
+        else:
+            _tile_grad_ref(z, tgt[sl], v0, inv_t, lse[sl], ent[sl], g[sl], ge_b)
+        if dw is not None:  # dz is now in z
+            torch.mm(z.T, hb, out=dw[v0:v1]) if n0 == 0 else dw[v0:v1].addmm_(z.T, hb)
+        if dh is not None:
+            _add_mm_fp32(acc[: n1 - n0], z, wv, first=v0 == 0)
+            if v1 == V:
+                dh[sl] = acc[: n1 - n0]
+    return dh, dw
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """(h (N, D), W (V, D), targets (N,)) -> (logp (N,) fp32, entropy (N,) fp32 or empty)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, want_entropy, impl, tile):
+        inv_t = 1.0 / temperature
+        logp, entropy, lse = _forward(hidden, weight, targets, inv_t, ignore_index, want_entropy, impl, tile)
+        if entropy is None:
+            entropy = logp.new_zeros(0)
+            ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.config = (inv_t, ignore_index, impl, tile)
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        inv_t, ignore_index, impl, tile = ctx.config
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if (g_logp is None and g_ent is None) or not (need_dh or need_dw):
+            return (None,) * 8
+        valid = targets != ignore_index
+        g = torch.where(valid, g_logp.to(lse.dtype), 0.0) if g_logp is not None else torch.zeros_like(lse)
+        ge = torch.where(valid, g_ent.to(lse.dtype), 0.0) if g_ent is not None and entropy.numel() else None
+        dh, dw = _backward(hidden, weight, targets, lse, entropy, g, ge, inv_t, need_dh, need_dw, impl, tile)
+        return dh, dw, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Public function
+# ----------------------------------------------------------------------------------------------
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    tile: tuple[int, int] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log_softmax(hidden @ weight.T / temperature)[targets] in fp32, never holding (N, V) logits.
+
+    Args:
+        hidden: (..., D) activations before the LM head (any float dtype; the matmul runs in it).
+        weight: (V, D) LM-head weight, same dtype as hidden.
+        targets: (...) token ids in [0, V), or ignore_index (logp = entropy = 0, no gradient).
+        temperature: logits are divided by it (sampling temperature).
+        return_entropy: also return the per-token entropy of softmax(logits / T), differentiable.
+        impl: "auto" (Triton on CUDA, the chunked torch path elsewhere), "triton" or "ref".
+        tile: (rows, vocab columns) of the logits tile; None picks one (about 64 MiB on CUDA).
+    Returns:
+        logp (...) fp32, or (logp, entropy), both (...) fp32.
+    """
+    D = hidden.shape[-1]
+    assert weight.dim() == 2 and weight.shape[1] == D, f"weight {tuple(weight.shape)} vs hidden (..., {D})"
+    assert targets.shape == hidden.shape[:-1], f"targets {tuple(targets.shape)} vs hidden {tuple(hidden.shape)}"
+    assert weight.dtype == hidden.dtype, f"weight {weight.dtype} vs hidden {hidden.dtype}"
+    assert temperature > 0, f"temperature must be positive, got {temperature}"
+    path = resolve_impl(impl, hidden, weight)
+    if hidden.dtype == torch.float64 and path == "triton":  # the kernels compute in fp32
+        if impl == "triton":
+            raise ValueError("impl='triton' computes in fp32; use impl='ref' for fp64 inputs")
+        path = "ref"
+    h2 = hidden.reshape(-1, D)  # (N, D)
+    tgt = targets.reshape(-1).to(torch.int64).contiguous()  # (N,)
+    logp, entropy = LinearLogprobsFunction.apply(
+        h2, weight, tgt, float(temperature), ignore_index, return_entropy, path, tile
+    )
+    logp = logp.view(targets.shape)
+    return (logp, entropy.view(targets.shape)) if return_entropy else logp
