@@ -1,0 +1,493 @@
+"""Prompt datasets: rows -> `Example`s (prompt, reference answer, extra columns), and a resumable loader.
+
+    examples = build_dataset(cfg.data)                          # the training split, per data.source
+    loader = PromptLoader(examples, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    batch = loader.next_batch(cfg.grpo.prompts_per_step)        # B examples
+    messages = build_messages(batch[0], cfg.data.system_prompt)  # [system], user
+    text = render_prompt(messages, tokenizer)                   # chat template + generation header
+    columns = batch_columns(batch, repeat=cfg.grpo.group_size)  # {name: N values}, prompt-major
+    reward_fn(prompts, completions, answers, **columns)
+
+Sources: JSON Lines, parquet (pyarrow, imported only when needed), Hugging Face Hub dataset repos
+(through huggingface_hub), GSM8K, and a synthetic arithmetic task generated from a seed with no
+files at all (it serves the CPU demo and the tests).
+
+The loader's cursor (`state_dict`) is saved with every checkpoint, so a resumed run sees exactly the
+batches an uninterrupted run would have seen, also when it stopped at an epoch boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import DataCfg, SyntheticCfg
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+GSM8K_REPO = "openai/gsm8k"  # hub dataset repo read when data.source=gsm8k has no data.path
+_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class DataError(ValueError):
+    """A dataset cannot be read or does not have the configured fields."""
+
+
+@dataclass
+class Example:
+    """One prompt of the dataset.
+
+    prompt: the user turn as text, or a whole conversation (a list of chat messages) when the
+        dataset stores one; `build_messages` turns either into messages.
+    answer: the reference answer, always a string (GSM8K: the final number only).
+    columns: the row's other fields (GSM8K: the full worked `solution`); the loop gathers them
+        per field and passes them to reward functions as `**columns`.
+    """
+
+    prompt: str | list[Message]
+    answer: str
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows from files
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON Lines file (a .json file holding one JSON array is read too)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i} is a {type(row).__name__}, not a JSON object")
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    """Rows of a parquet file. pyarrow is optional: it is imported here, not at module import."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(
+            f"reading {path} needs the 'pyarrow' package, which minigrpo does not install: "
+            "pip install pyarrow (or convert the data to JSON Lines)"
+        ) from None
+    return pq.read_table(path).to_pylist()
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    if path.suffix in (".jsonl", ".json"):
+        return _read_jsonl(path)
+    raise DataError(f"{path}: unknown data file type (expected one of {', '.join(_SUFFIXES)})")
+
+
+def _to_examples(rows: list[dict], prompt_field: str, answer_field: str, where: str) -> list[Example]:
+    """Rows -> Examples: the prompt and answer fields are taken out, the other fields become columns."""
+    examples = []
+    for i, row in enumerate(rows):
+        for name in (prompt_field, answer_field):
+            if row.get(name) is None:
+                raise DataError(f"{where}: row {i} has no value for {name!r} (fields: {', '.join(map(str, row))})")
+        prompt = row[prompt_field]
+        if not isinstance(prompt, (str, list)):
+            raise DataError(f"{where}: row {i} field {prompt_field!r} is neither text nor a list of messages")
+        columns = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
+        examples.append(Example(prompt=prompt, answer=str(row[answer_field]), columns=columns))
+    return examples
+
+
+def split_files(root: Path, split: str, subset: str | None = None, suffixes: Sequence[str] = _SUFFIXES) -> list[Path]:
+    """The data files of `split` in a folder (a local folder or a downloaded hub snapshot).
+
+    A file belongs to the split when a path component or the name starts with the split name as a
+    whole word: `train.jsonl`, `train-00000-of-00002.parquet`, `data/train/part0.jsonl`; with
+    `subset`, only files below a folder of that name count (hub datasets keep one folder per config).
+    """
+    word = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
+    files = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if not path.is_file() or path.suffix not in suffixes or any(p.startswith(".") for p in rel.parts):
+            continue
+        if subset is not None and subset not in rel.parts[:-1]:
+            continue
+        if word.search(rel.with_suffix("").as_posix()):
+            files.append(path)
+    if not files:
+        raise DataError(
+            f"no {'/'.join(suffixes)} files for split {split!r} in {root}"
+            + (f" below a folder named {subset!r}" if subset else "")
+        )
+    folders = sorted({str(p.parent.relative_to(root)) for p in files})
+    if len(folders) > 1 and subset is None:
+        raise DataError(
+            f"files for split {split!r} in several folders of {root} ({', '.join(folders)}): set data.subset"
+        )
+    return files
+
+
+def _resolve_files(path: str | Path, split: str, subset: str | None, suffixes: Sequence[str]) -> list[Path]:
+    """A file is read as is; a folder is searched for the split's files."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return split_files(path, split, subset, suffixes)
+    raise DataError(f"data path {str(path)!r} does not exist")
+
+
+def _load_files(files: list[Path], prompt_field: str, answer_field: str) -> list[Example]:
+    out: list[Example] = []
+    for f in files:
+        out += _to_examples(_read_rows(f), prompt_field, answer_field, str(f))
+    return out
+
+
+def load_jsonl(path: str | Path, prompt_field: str = "question", answer_field: str = "answer") -> list[Example]:
+    """Examples from a JSON Lines file."""
+    path = Path(path)
+    return _to_examples(_read_jsonl(path), prompt_field, answer_field, str(path))
+
+
+def load_parquet(path: str | Path, prompt_field: str = "question", answer_field: str = "answer") -> list[Example]:
+    """Examples from a parquet file (needs pyarrow, an optional package)."""
+    path = Path(path)
+    return _to_examples(_read_parquet(path), prompt_field, answer_field, str(path))
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    """A local snapshot of the data files of a hub dataset repo (cached by huggingface_hub)."""
+    import huggingface_hub
+
+    root = huggingface_hub.snapshot_download(
+        repo_id=repo_id, repo_type="dataset", revision=revision, allow_patterns=[f"*{s}" for s in _SUFFIXES]
+    )
+    return Path(root)
+
+
+def load_hub(
+    repo_id: str,
+    split: str = "train",
+    prompt_field: str = "question",
+    answer_field: str = "answer",
+    *,
+    subset: str | None = None,
+    revision: str | None = None,
+) -> list[Example]:
+    """Examples of one split of a Hugging Face Hub dataset repo (its jsonl/json/parquet files)."""
+    return _load_files(split_files(_download(repo_id, revision), split, subset), prompt_field, answer_field)
+
+
+# ----------------------------------------------------------------------------------------------
+# GSM8K
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_gsm8k_answer(solution: str) -> str:
+    """The final answer of a GSM8K solution: the text after the last `####`, stripped, without
+    thousands separators ("#### 1,234" -> "1234")."""
+    if "####" not in solution:
+        raise DataError(f"GSM8K solution has no '####' final answer: {solution[-80:]!r}")
+    return solution.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def _looks_like_repo_id(path: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and Path(path).suffix not in _SUFFIXES
+
+
+def load_gsm8k(
+    path_or_repo: str | Path | None = None,
+    split: str = "train",
+    *,
+    subset: str | None = None,
+    revision: str | None = None,
+) -> list[Example]:
+    """GSM8K ({question, answer} rows) from a file, a folder with `<split>.jsonl`, or a hub repo
+    (default openai/gsm8k, its "main" config). Example.answer is the final number only; the full
+    worked solution is kept in columns["solution"]."""
+    path_or_repo = GSM8K_REPO if path_or_repo is None else str(path_or_repo)
+    if not Path(path_or_repo).expanduser().exists() and _looks_like_repo_id(path_or_repo):
+        if subset is None and path_or_repo == GSM8K_REPO:
+            subset = "main"
+        files = split_files(_download(path_or_repo, revision), split, subset)
+    else:
+        files = _resolve_files(path_or_repo, split, subset, _SUFFIXES)
+    examples = []
+    for ex in _load_files(files, "question", "answer"):
+        examples.append(Example(ex.prompt, parse_gsm8k_answer(ex.answer), {**ex.columns, "solution": ex.answer}))
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic arithmetic
+# ----------------------------------------------------------------------------------------------
+
+
+def _value(operands: list[int], ops: list[str]) -> int:
+    """Value of `a0 op0 a1 op1 a2 ...` with the usual precedence (* before + and -)."""
+    terms, signs = [operands[0]], [1]
+    for op, x in zip(ops, operands[1:]):
+        if op == "*":
+            terms[-1] *= x
+        else:
+            terms.append(x)
+            signs.append(1 if op == "+" else -1)
+    return sum(s * t for s, t in zip(signs, terms))
+
+
+def synthetic_arithmetic(seed: int, n: int, cfg: SyntheticCfg | None = None, split: str = "train") -> list[Example]:
+    """`n` arithmetic questions ("What is 7 + 5?") drawn from `seed`; no files involved.
+
+    Deterministic per (seed, split): the split name selects an independent stream, so the eval set
+    is not the start of the training set. Answers are exact integers; an expression whose value
+    would be negative is redrawn unless cfg.allow_negative. columns["expression"] holds "7 + 5".
+    """
+    cfg = cfg or SyntheticCfg()
+    rng = random.Random(f"arithmetic/{split}/{seed}")  # a str seed is hashed with sha512: stable everywhere
+    examples = []
+    for _ in range(n):
+        for _attempt in range(1000):
+            operands = [rng.randint(cfg.min_operand, cfg.max_operand) for _ in range(cfg.num_operands)]
+            ops = [rng.choice(cfg.operations) for _ in range(cfg.num_operands - 1)]
+            value = _value(operands, ops)
+            if cfg.allow_negative or value >= 0:
+                break
+        else:
+            raise DataError("data.synthetic draws only negative values; set allow_negative=true or widen the range")
+        expression = " ".join([str(operands[0])] + [f"{op} {x}" for op, x in zip(ops, operands[1:])])
+        question = cfg.question.format(expression=expression)
+        if cfg.instruction:
+            question = f"{question} {cfg.instruction}"
+        examples.append(Example(prompt=question, answer=str(value), columns={"expression": expression}))
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch on data.source
+# ----------------------------------------------------------------------------------------------
+
+
+def build_dataset(cfg: DataCfg, split: str | None = None) -> list[Example]:
+    """The examples of one split (default: the training split `cfg.split`) from `cfg.source`.
+
+    Any other split is an eval split: capped at its first `cfg.num_eval` examples (synthetic:
+    `num_eval` generated). `max_prompt_tokens` is applied later by `filter_long_prompts`, where
+    the tokenizer is known.
+    """
+    split = cfg.split if split is None else split
+    is_eval = split != cfg.split
+    if cfg.source == "synthetic":
+        n = cfg.num_eval if is_eval else cfg.synthetic.num_train
+        return synthetic_arithmetic(cfg.synthetic.seed, n, cfg.synthetic, split=split)
+    if cfg.source == "gsm8k":
+        examples = load_gsm8k(cfg.path, split, subset=cfg.subset, revision=cfg.revision)
+    elif cfg.source == "hub":
+        if cfg.path is None:
+            raise DataError("data.source='hub' needs data.path (a dataset repo id)")
+        examples = load_hub(
+            cfg.path, split, cfg.prompt_field, cfg.answer_field, subset=cfg.subset, revision=cfg.revision
+        )
+    elif cfg.source in ("jsonl", "parquet"):
+        path = cfg.eval_path if is_eval and cfg.eval_path is not None else cfg.path
+        if path is None:
+            raise DataError(f"data.source={cfg.source!r} needs data.path")
+        suffixes = (".parquet",) if cfg.source == "parquet" else (".jsonl", ".json")
+        examples = _load_files(_resolve_files(path, split, cfg.subset, suffixes), cfg.prompt_field, cfg.answer_field)
+    else:
+        raise DataError(f"unknown data.source {cfg.source!r}")
+    if not examples:
+        raise DataError(f"split {split!r} of data.source={cfg.source!r} has no rows")
+    return examples[: cfg.num_eval] if is_eval else examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt rendering
+# ----------------------------------------------------------------------------------------------
+
+
+def build_messages(example: Example, system_prompt: str | None = None) -> list[Message]:
+    """The conversation of an example: [system], user. A text prompt becomes the user turn; a
+    message-list prompt is copied. `system_prompt` (the run's data.system_prompt) replaces a
+    system message the row already has."""
+    if isinstance(example.prompt, str):
+        messages = [{"role": "user", "content": example.prompt}]
+    else:
+        messages = [dict(m) for m in example.prompt]
+    if system_prompt is not None:
+        messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m.get("role") != "system"]
+    return messages
+
+
+def render_prompt(messages: list[Message], tokenizer: Any = None) -> str:
+    """The prompt text the model continues: the tokenizer's chat template with the assistant
+    generation header. Any object with `apply_chat_template(messages, add_generation_prompt=True,
+    tokenize=False) -> str` works (tokenize=False makes transformers tokenizers return text too).
+
+    With no tokenizer, or one whose `chat_template` is None (a base model), the contents are joined
+    with blank lines: "system\\n\\nuser". Such a model sees no assistant header, so its completion
+    simply continues the text.
+    """
+    if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
+        return _plain_text(messages)
+    if getattr(tokenizer, "chat_template", "") is None:
+        return _plain_text(messages)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if not isinstance(text, str):
+        raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected the prompt text")
+    return text
+
+
+def _plain_text(messages: list[Message]) -> str:
+    return "\n\n".join(m["content"] for m in messages)
+
+
+def encode_prompts(
+    examples: Sequence[Example], tokenizer: Any, system_prompt: str | None = None
+) -> tuple[list[list[int]], list[str]]:
+    """Render every example's chat prompt and encode it -> (token ids per prompt, prompt texts).
+
+    A chat template writes its own special tokens, so its text is encoded without adding more
+    (as transformers does); plain-text prompts get the tokenizer's usual ones (e.g. BOS).
+    """
+    texts = [render_prompt(build_messages(ex, system_prompt), tokenizer) for ex in examples]
+    add_special = getattr(tokenizer, "chat_template", None) is None
+    return [tokenizer.encode(text, add_special_tokens=add_special) for text in texts], texts
+
+
+def batch_columns(examples: Sequence[Example], repeat: int = 1) -> dict[str, list[Any]]:
+    """The extra columns of a batch as reward-function keyword arguments: one list per column name,
+    N = len(examples) * repeat long, each example's value repeated `repeat` (= G) times in a row,
+    matching rollouts laid out prompt-major (the G completions of a prompt are adjacent). A column
+    that some rows lack is None there."""
+    names = list(dict.fromkeys(k for ex in examples for k in ex.columns))
+    return {k: [ex.columns.get(k) for ex in examples for _ in range(repeat)] for k in names}
+
+
+def filter_long_prompts(
+    examples: list[Example],
+    encode: Callable[[str], Sequence[int]],
+    max_tokens: int | None,
+    render: Callable[[Example], str] | None = None,
+) -> list[Example]:
+    """The examples whose rendered prompt has at most `max_tokens` tokens (None: all of them).
+
+    Args:
+        encode: text -> token ids, e.g. `lambda s: tok.encode(s, add_special_tokens=False)` when
+            the chat template already writes the special tokens.
+        render: example -> prompt text, e.g. `lambda ex: render_prompt(build_messages(ex, sys), tok)`;
+            default: the plain-text rendering without a system prompt.
+    Raises DataError if no example is short enough (an empty dataset would only fail later).
+    """
+    if max_tokens is None:
+        return list(examples)
+    render = render or (lambda ex: _plain_text(build_messages(ex)))
+    kept = [ex for ex in examples if len(encode(render(ex))) <= max_tokens]
+    if not kept:
+        raise DataError(f"all {len(examples)} prompts are longer than data.max_prompt_tokens={max_tokens}")
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# The resumable loader
+# ----------------------------------------------------------------------------------------------
+
+
+class PromptLoader:
+    """Endless batches of examples: epoch after epoch, each in its own seeded order.
+
+    Epoch e visits every example once, in a permutation drawn from (seed, e) (or in file order
+    when shuffle is False). A batch that runs past the end of an epoch continues into the next,
+    so every batch has exactly B examples. The cursor is (epoch, index into that epoch's order);
+    `state_dict`/`load_state_dict` save and restore it, and a restored loader yields exactly the
+    batches the original would have yielded next, at an epoch boundary too: the cursor may sit at
+    index == len (the epoch is used up) and the next batch then starts epoch + 1.
+    """
+
+    def __init__(self, examples: Sequence[Example], seed: int = 0, shuffle: bool = True) -> None:
+        if not examples:
+            raise DataError("cannot iterate over an empty dataset")
+        self.examples = list(examples)
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.index = 0, 0
+        self.consumed = 0  # examples handed out since the start of training
+        self._order_epoch, self._order = -1, list(range(len(self.examples)))
+        self._fingerprint: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def order(self, epoch: int) -> list[int]:
+        """The visiting order of epoch `epoch`: a permutation of range(len(self))."""
+        order = list(range(len(self.examples)))
+        if self.shuffle:
+            random.Random(f"prompts/{self.seed}/{epoch}").shuffle(order)
+        return order
+
+    def next_batch(self, batch_size: int) -> list[Example]:
+        """The next `batch_size` examples, moving into the next epoch(s) when one runs out."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch = []
+        while len(batch) < batch_size:
+            if self.index == len(self.examples):
+                self.epoch, self.index = self.epoch + 1, 0
+            if self._order_epoch != self.epoch:
+                self._order_epoch, self._order = self.epoch, self.order(self.epoch)
+            take = min(batch_size - len(batch), len(self.examples) - self.index)
+            batch += [self.examples[i] for i in self._order[self.index : self.index + take]]
+            self.index += take
+        self.consumed += batch_size
+        return batch
+
+    def fingerprint(self) -> str:
+        """A short hash of the examples, to refuse restoring a cursor into a different dataset."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for ex in self.examples:
+                h.update(json.dumps([ex.prompt, ex.answer], ensure_ascii=False).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cursor, as plain JSON-able values."""
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "consumed": self.consumed,
+            "num_examples": len(self.examples),
+            "fingerprint": self.fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a cursor saved by `state_dict` from a loader over the same examples and seed."""
+        mine = self.state_dict()
+        for key in ("num_examples", "fingerprint", "seed", "shuffle"):
+            if key in state and state[key] != mine[key]:
+                raise DataError(
+                    f"cannot resume the prompt loader: saved {key}={state[key]!r}, this run has "
+                    f"{mine[key]!r} (the dataset or its settings changed since the checkpoint)"
+                )
+        if not 0 <= state["index"] <= len(self.examples) or state["epoch"] < 0:
+            raise DataError(f"invalid loader cursor epoch={state['epoch']}, index={state['index']}")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.consumed = int(state.get("consumed", 0))

@@ -1,0 +1,380 @@
+"""The typed config: defaults, YAML round trip, override coercion, strict keys, cross-field validation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+
+from minigrpo.config import (
+    Config,
+    ConfigError,
+    ConfigWarning,
+    RewardSpec,
+    TrainCfg,
+    config_from_args,
+    config_to_dict,
+    load_config,
+    resolve_dtype,
+    save_config,
+    validate,
+)
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- defaults, round trip
+
+
+def test_defaults_load_and_validate():
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert validate(cfg) == []
+    assert cfg.model.name_or_path == "smollm2" and cfg.model.arch is None
+    assert (cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.train.micro_batch_size) == (8, 8, 8)
+    assert cfg.sequences_per_step == 64 and cfg.micro_batches_per_step == 8
+    assert cfg.grpo.loss_type == "dapo" and cfg.train.lr == 1e-6 and cfg.train.betas == (0.9, 0.99)
+    assert cfg.rewards == [RewardSpec(name="correctness")]
+    assert cfg.lora.targets == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert cfg.data.source == "synthetic" and cfg.data.synthetic.max_operand == 9
+    assert str(cfg.run.run_dir) == "runs/run"
+
+
+def test_derived_fields_fill_only_when_none():
+    cfg = load_config(None, ["data.num_eval=50", "sampler.max_new_tokens=64"])
+    assert cfg.eval.num_prompts == 50 and cfg.eval.max_new_tokens == 64
+    cfg = load_config(None, ["eval.num_prompts=20", "eval.max_new_tokens=32", "sampler.max_new_tokens=64"])
+    assert cfg.eval.num_prompts == 20 and cfg.eval.max_new_tokens == 32
+    # the packaged model fills name_or_path only when neither it nor arch is given
+    cfg = load_config(None, ["model.arch=qwen2.5-1.5b"])
+    assert cfg.model.name_or_path is None and cfg.model.arch == "qwen2.5-1.5b"
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "run.name=exp1",
+            "lora={enabled: true, r: 8, quantize_base: nf4}",
+            "grpo.epsilon_high=0.28",
+            "grpo.is_correction=sequence_mask",
+            "train.betas=[0.9, 0.95]",
+            "train.lr=3e-6",
+            'sampler.stop=["</answer>", "\\n\\nQ:"]',
+            "rewards=[{name: correctness, weight: 2}, {name: 'my_pkg.rew:fmt', kwargs: {strict: true}}]",
+            "data.synthetic.instruction=Answer: a colon, # a hash, and 'quotes'.",  # verbatim text
+            'data.system_prompt="Think step by step.\\nThen answer."',  # quoted: YAML escapes apply
+        ],
+    )
+    path = tmp_path / "run" / "config.yaml"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+    assert Config.from_dict(config_to_dict(cfg)) == cfg
+    assert cfg.train.betas == (0.9, 0.95) and isinstance(cfg.train.betas, tuple)
+    assert cfg.data.synthetic.instruction == "Answer: a colon, # a hash, and 'quotes'."
+    assert cfg.data.system_prompt == "Think step by step.\nThen answer."
+    assert '  system_prompt: "Think step by step.\\nThen answer."\n' in path.read_text()
+    assert "  betas: [0.9, 0.95]\n" in path.read_text()
+    assert cfg.rewards[1] == RewardSpec(name="my_pkg.rew:fmt", weight=1.0, kwargs={"strict": True})
+    assert not list(tmp_path.rglob("*.tmp"))  # written atomically
+
+
+def test_yaml_file_with_nested_reward_specs(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        grpo: {group_size: 4, loss_type: grpo}
+        train:
+          lr: 1e-5          # PyYAML reads this as the string "1e-5"
+          steps: 1e3        # also a string; integral, so a fine int
+        rewards:
+          - name: correctness
+            weight: 1
+          - name: length_penalty
+            weight: 0.5
+            timeout_s: 2
+            kwargs: {max_length: 128, buffer: 32}
+        """,
+    )
+    cfg = load_config(path)
+    assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int)
+    assert cfg.rewards == [
+        RewardSpec("correctness", 1.0),
+        RewardSpec("length_penalty", 0.5, 2.0, {"max_length": 128, "buffer": 32}),
+    ]
+    assert isinstance(cfg.rewards[0].weight, float)
+
+
+# ----------------------------------------------------------------------------- override coercion
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "expected"),
+    [
+        ("train.lr=1e-5", "train.lr", 1e-5),  # YAML string -> float
+        ("train.lr=3", "train.lr", 3.0),  # an int is a fine float
+        ("train.steps=250", "train.steps", 250),
+        ("grpo.group_size=4.0", "grpo.group_size", 4),  # an integral float is a fine int
+        ("lora.enabled=true", "lora.enabled", True),
+        ("log.plots=False", "log.plots", False),
+        ('sampler.stop=["</answer>"]', "sampler.stop", ["</answer>"]),
+        ("data.synthetic.operations=['*', '+']", "data.synthetic.operations", ["*", "+"]),
+        ("data.synthetic.operations.1=*", "data.synthetic.operations", ["+", "*"]),
+        ("data.system_prompt=null", "data.system_prompt", None),
+        ("data.eval_split=~", "data.eval_split", None),
+        ("train.max_grad_norm=null", "train.max_grad_norm", None),
+        ("grpo.epsilon_high=0.28", "grpo.epsilon_high", 0.28),
+        ("grpo.is_correction=token_truncate", "grpo.is_correction", "token_truncate"),
+        ("train.betas=[0.8, 0.9]", "train.betas", (0.8, 0.9)),
+        ("run.name=007", "run.name", "007"),  # a str field keeps the raw text, not the int 7
+        ("model.revision=1e5", "model.revision", "1e5"),
+        ("rewards.0.weight=2", "rewards", [RewardSpec("correctness", 2.0)]),
+        ("rewards.0.kwargs.max_length=64", "rewards", [RewardSpec("correctness", kwargs={"max_length": 64})]),
+    ],
+)
+def test_override_coerces_to_field_type(override, key, expected):
+    cfg = load_config(None, [override])
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    assert value == expected
+    assert type(value) is type(expected)
+    if isinstance(expected, list) and expected and not isinstance(expected[0], RewardSpec):
+        assert all(type(v) is type(e) for v, e in zip(value, expected))
+
+
+def test_override_null_name_or_path_with_arch():
+    cfg = load_config(None, ["model.name_or_path=null", "model.arch=qwen2.5-0.5b"])
+    assert cfg.model.name_or_path is None and cfg.model.arch == "qwen2.5-0.5b"
+
+
+def test_override_of_a_section_merges_into_yaml(tmp_path):
+    path = write(tmp_path, "lora: {alpha: 64, dropout: 0.1}\n")
+    cfg = load_config(path, ["lora={enabled: true, r: 4}"])
+    assert (cfg.lora.enabled, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (True, 4, 64.0, 0.1)
+
+
+def test_literal_rejected_with_allowed_values():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["grpo.loss_type=dapoo"])
+    assert str(e.value) == (
+        "grpo.loss_type: expected one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', got 'dapoo' (did you mean 'dapo'?)"
+    )
+    with pytest.raises(ConfigError, match=r"run\.dtype: expected one of 'auto', 'float32', 'bfloat16', 'float16'"):
+        load_config(None, ["run.dtype=fp16"])
+    with pytest.raises(ConfigError, match=r"lora\.quantize_base: expected one of None, 'nf4', got 'nf8'"):
+        load_config(None, ["lora.quantize_base=nf8"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=fast", "train.lr: expected float, got 'fast'"),
+        ("grpo.group_size=2.5", "grpo.group_size: expected int, got 2.5"),
+        ("grpo.group_size=true", "grpo.group_size: expected int, got True"),
+        ("lora.enabled=maybe", "lora.enabled: expected bool, got 'maybe'"),
+        ("sampler.stop=</answer>", "sampler.stop: expected list[str], got '</answer>'"),
+        ("sampler.stop=[1]", "sampler.stop.0: expected str, got 1 (quote the value in YAML)"),
+        ("train.betas=[0.9]", "train.betas: expected list of 2 floats, got [0.9]"),
+        ("grpo.epsilon_high=wide", "grpo.epsilon_high: expected float, got 'wide'"),
+        ("rewards.0.kwargs=3", "rewards.0.kwargs: expected mapping, got 3"),
+        ("rewards=[{weight: 2}]", "rewards.0.name: required (str)"),
+        ("train=5", "train: expected mapping (TrainCfg), got 5"),
+    ],
+)
+def test_wrong_type_names_key_type_and_value(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == message
+
+
+def test_wrong_type_in_yaml_names_key(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "run: {name: 5}\n"))
+    assert str(e.value) == "run.name: expected str, got 5 (quote the value in YAML)"
+
+
+def test_hand_built_config_is_type_checked_by_validate():
+    with pytest.raises(ConfigError, match=r"^train\.lr: expected float, got 'fast'$"):
+        validate(Config(train=TrainCfg(lr="fast")))
+
+
+# ----------------------------------------------------------------------------- unknown keys
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "override", "message"),
+    [
+        ("trian: {lr: 1.0e-5}\n", None, "unknown config key 'trian' (did you mean 'train'?)"),
+        ("grpo: {group_sise: 4}\n", None, "unknown config key 'grpo.group_sise' (did you mean 'grpo.group_size'?)"),
+        (
+            "data: {synthetic: {max_operant: 5}}\n",
+            None,
+            "'data.synthetic.max_operant' (did you mean 'data.synthetic.max_operand'?)",
+        ),
+        ("rewards: [{name: correctness, wieght: 2}]\n", None, "'rewards.0.wieght' (did you mean 'rewards.0.weight'?)"),
+        (None, "train.lrr=1e-5", "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+        (None, "train.group_size=4", "unknown config key 'train.group_size' (did you mean 'grpo.group_size'?)"),
+        (None, "group_size=4", "unknown config key 'group_size' (did you mean 'grpo.group_size'?)"),
+        (None, "sampler.xyzzy=1", "unknown config key 'sampler.xyzzy'; valid keys here: kind, temperature"),
+    ],
+)
+def test_unknown_key_is_an_error_with_suggestion(tmp_path, yaml_text, override, message):
+    path = write(tmp_path, yaml_text) if yaml_text else None
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [override] if override else [])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr", "override 'train.lr' must look like section.key=value"),
+        ("rewards.3.weight=1", "rewards.3: no such item (the list rewards has 1)"),
+        ("train.lr.x=1", "train.lr.x: train.lr is a float, it has no sub-keys"),
+    ],
+)
+def test_malformed_overrides(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == message
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="the top level must be a mapping of sections, got list"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    assert load_config(write(tmp_path, "# only a comment\n")) == Config()
+
+
+# ----------------------------------------------------------------------------- cross-field validation
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["grpo.prompts_per_step=3", "grpo.group_size=5", "train.micro_batch_size=4"],
+            "grpo.prompts_per_step * grpo.group_size (3 * 5 = 15 sequences per step) must be divisible by "
+            "train.micro_batch_size (4): each optimizer step trains on the N = B*G sequences in "
+            "N / micro_batch_size equal passes; divisors of 15: [1, 3, 5, 15]",
+        ),
+        (["train.micro_batch_size=128"], "must be divisible by train.micro_batch_size (128)"),
+        (["grpo.group_size=1"], "grpo.group_size must be >= 2, got 1 (advantages compare the completions"),
+        (["grpo.epsilon=0"], "grpo.epsilon must be > 0, got 0.0"),
+        (["grpo.epsilon_high=0.1"], "grpo.epsilon_high (0.1) must be >= grpo.epsilon (0.2) or null"),
+        (["grpo.delta=0.9"], "grpo.delta must be > 1, got 0.9"),
+        (["sampler.top_p=0"], "sampler.top_p must be in (0, 1], got 0.0"),
+        (["sampler.top_p=1.5"], "sampler.top_p must be in (0, 1], got 1.5"),
+        (["sampler.temperature=0"], "sampler.temperature must be > 0, got 0.0"),
+        (["sampler.temperature=nan"], "sampler.temperature must be > 0, got nan"),
+        (["sampler.max_new_tokens=0", "grpo.loss_type=dr_grpo"], "sampler.max_new_tokens must be >= 1, got 0"),
+        (["train.lr=-1e-6"], "train.lr must be >= 0, got -1e-06"),
+        (["train.steps=10", "train.warmup_steps=20"], "train.warmup_steps (20) must be <= train.steps (10)"),
+        (["train.betas=[0.9, 1.0]"], "train.betas must be in [0, 1), got [0.9, 1.0]"),
+        (["checkpoint.keep_last=0"], "checkpoint.keep_last must be >= 1, got 0"),
+        (["rewards=[]"], "rewards must list at least one reward function"),
+        (["rewards.0.name=a b:f"], "rewards.0.name='a b:f' is neither a registry name nor 'package.module:function'"),
+        (["rewards.0.weight=0"], "every rewards.*.weight is 0: every advantage would be 0"),
+        (["data.source=jsonl"], "data.source='jsonl' needs data.path (a file, folder or repo id)"),
+        (["data.source=hub"], "data.source='hub' needs data.path"),
+        (["data.source=parquet", "data.path=r.jsonl"], "data.path='r.jsonl' does not match data.source='parquet'"),
+        (["data.source=jsonl", "data.path=t.jsonl", "eval.every=5"], "data.path ('t.jsonl') needs data.eval_path"),
+        (["data.synthetic.min_operand=10"], "data.synthetic.min_operand (10) must be <= max_operand (9)"),
+        (["run.device=gpu"], "run.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        (["run.name=a/b"], "run.name must be a plain folder name, got 'a/b'"),
+        (["model.arch=x", "model.name_or_path=m"], "set exactly one of model.name_or_path ('m') and model.arch ('x')"),
+        (["lora.quantize_base=nf4"], "lora.quantize_base='nf4' needs lora.enabled=true"),
+        (["eval.every=5", "eval.num_prompts=500"], "eval.num_prompts (500) must be <= data.num_eval (200)"),
+        (["eval.every=5", "data.eval_split=null"], "eval.every > 0 needs data.eval_split"),
+    ],
+)  # fmt: skip
+def test_cross_field_checks_name_the_settings(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+    assert str(e.value).startswith("invalid config:\n  - ")
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["grpo.group_size=1", "sampler.top_p=2", "checkpoint.keep_last=0"])
+    assert str(e.value).count("\n  - ") == 3
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["run.device=cuda:1", "run.dtype=bfloat16"],
+        ["sampler.kind=vllm"],  # is_correction is left as given; the loop sets it for vLLM
+        ["rewards.0.name=my_pkg.sub.rewards:score"],
+        ["data.source=jsonl", "data.path=data/", "eval.every=10"],
+        ["data.source=gsm8k"],  # no path: the hub repo openai/gsm8k
+        ["grpo.prompts_per_step=3", "grpo.group_size=5", "train.micro_batch_size=5"],
+        ["lora.enabled=true", "lora.quantize_base=nf4", "train.optimizer=paged_adamw8bit"],
+    ],
+)
+def test_valid_combinations_pass(overrides):
+    cfg = load_config(None, overrides)
+    assert cfg.grpo.is_correction is None
+
+
+def test_gspo_with_token_sum_loss_warns():
+    with pytest.warns(ConfigWarning, match=r"importance_sampling_level='sequence' \(GSPO\) with grpo.loss_type='dapo'"):
+        load_config(None, ["grpo.importance_sampling_level=sequence"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_config(None, ["grpo.importance_sampling_level=sequence", "grpo.loss_type=grpo"])
+    assert validate(cfg) == []
+
+
+def test_validation_runs_without_torch(tmp_path):
+    """Config and data settings are checked before anything heavy is imported."""
+    good = write(tmp_path, "grpo: {group_size: 4}\ntrain: {micro_batch_size: 4, lr: 1e-5}\n")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from minigrpo.config import ConfigError, load_config
+        from minigrpo.data import build_dataset
+        cfg = load_config({str(good)!r}, ["grpo.prompts_per_step=2"])
+        assert cfg.train.lr == 1e-5 and len(build_dataset(cfg.data)) == 2000
+        try:
+            load_config(None, ["grpo.group_size=1"])
+        except ConfigError:
+            pass
+        else:
+            raise SystemExit("no error")
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "numpy", "triton"))
+        raise SystemExit(f"imported {{heavy}}" if heavy else 0)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- command line, helpers
+
+
+def test_command_line(tmp_path):
+    path = write(tmp_path, "run: {name: cli}\n")
+    argv = ["--config", str(path), "--set", "grpo.group_size=4", "train.micro_batch_size=4", "--set", "train.lr=1e-5"]
+    cfg = config_from_args([*argv, "--resume"])
+    assert (cfg.run.name, cfg.grpo.group_size, cfg.train.micro_batch_size, cfg.train.lr) == ("cli", 4, 4, 1e-5)
+    assert cfg.run.resume is True
+    assert config_from_args(argv).run.resume is False
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("auto", "cuda") == "bfloat16"
+    assert resolve_dtype("auto", "cuda:1") == "bfloat16"
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("float16", "cpu") == "float16"

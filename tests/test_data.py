@@ -1,0 +1,412 @@
+"""Prompt datasets: GSM8K / JSONL / parquet / hub sources, the synthetic task, rendering, the resumable loader."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from minigrpo.config import DataCfg, SyntheticCfg
+from minigrpo.data import (
+    DataError,
+    Example,
+    PromptLoader,
+    batch_columns,
+    build_dataset,
+    build_messages,
+    filter_long_prompts,
+    load_gsm8k,
+    load_hub,
+    load_jsonl,
+    load_parquet,
+    parse_gsm8k_answer,
+    render_prompt,
+    split_files,
+    synthetic_arithmetic,
+)
+
+GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- GSM8K
+
+
+@pytest.mark.parametrize(
+    ("solution", "answer"),
+    [
+        ("She sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "72"),
+        ("The total is 1,000 + 234.\n#### 1,234", "1234"),
+        ("#### 1,000,000  \n", "1000000"),
+        ("Step one #### is not the end.\n#### -5", "-5"),  # the LAST ####
+    ],
+)
+def test_parse_gsm8k_answer(solution, answer):
+    assert parse_gsm8k_answer(solution) == answer
+
+
+def test_parse_gsm8k_answer_without_marker():
+    with pytest.raises(DataError, match="no '####' final answer"):
+        parse_gsm8k_answer("The answer is 5.")
+
+
+def test_load_gsm8k_file_and_folder(tmp_path):
+    rows = [
+        {"question": "How many?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"},
+        {"question": "How much?", "answer": "It costs $1,250.\n#### 1,250"},
+    ]
+    write_jsonl(tmp_path / "test.jsonl", rows[:1])
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    examples = load_gsm8k(path)
+    assert examples == [
+        Example("How many?", "5", {"solution": rows[0]["answer"]}),
+        Example("How much?", "1250", {"solution": rows[1]["answer"]}),
+    ]
+    assert load_gsm8k(tmp_path, "test") == examples[:1]
+    cfg = DataCfg(source="gsm8k", path=str(tmp_path))
+    assert build_dataset(cfg) == examples and build_dataset(cfg, "test") == examples[:1]
+
+
+@pytest.mark.skipif(not GSM8K_DIR.is_dir(), reason="the shared GSM8K copy is absent")
+def test_real_gsm8k():
+    train, test = load_gsm8k(GSM8K_DIR, "train"), load_gsm8k(GSM8K_DIR, "test")
+    assert (len(train), len(test)) == (7473, 1319)
+    assert train[0].prompt.startswith("Natalia sold clips to 48 of her friends in April")
+    assert train[0].answer == "72" and train[0].columns["solution"].endswith("#### 72")
+    assert all(re.fullmatch(r"-?\d+", ex.answer) for ex in train + test)  # every GSM8K answer is an integer
+    cfg = DataCfg(source="gsm8k", path=str(GSM8K_DIR), num_eval=100)
+    assert len(build_dataset(cfg)) == 7473 and build_dataset(cfg, "test") == test[:100]
+
+
+# ----------------------------------------------------------------------------- JSONL, parquet
+
+
+def test_jsonl_with_custom_fields(tmp_path):
+    rows = [
+        {"problem": "2+2?", "solution": 4, "difficulty": "easy", "tags": ["add"]},
+        {"problem": [{"role": "user", "content": "3*3?"}], "solution": "9", "difficulty": "easy", "tags": []},
+    ]
+    examples = load_jsonl(write_jsonl(tmp_path / "d.jsonl", rows), prompt_field="problem", answer_field="solution")
+    assert examples[0] == Example("2+2?", "4", {"difficulty": "easy", "tags": ["add"]})
+    assert examples[1].prompt == [{"role": "user", "content": "3*3?"}] and examples[1].answer == "9"
+
+
+def test_jsonl_errors_name_the_row_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"q": "x", "answer": "1"}])
+    with pytest.raises(DataError) as e:
+        load_jsonl(path)
+    assert str(e.value) == f"{path}: row 0 has no value for 'question' (fields: q, answer)"
+    path.write_text('{"question": "x", "answer": "1"}\n{"question": oops}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid JSON"):
+        load_jsonl(path)
+
+
+def test_jsonl_source_folder_and_eval_file(tmp_path):
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"question": f"q{i}", "answer": str(i)} for i in range(5)])
+    write_jsonl(tmp_path / "data" / "test.jsonl", [{"question": f"t{i}", "answer": str(i)} for i in range(5)])
+    cfg = DataCfg(source="jsonl", path=str(tmp_path / "data"), num_eval=3)
+    assert [ex.prompt for ex in build_dataset(cfg)] == ["q0", "q1", "q2", "q3", "q4"]
+    assert [ex.prompt for ex in build_dataset(cfg, "test")] == ["t0", "t1", "t2"]  # capped at num_eval
+    single = DataCfg(
+        source="jsonl", path=str(tmp_path / "data" / "train.jsonl"), eval_path=str(tmp_path / "data" / "test.jsonl")
+    )
+    assert build_dataset(single)[0].prompt == "q0" and build_dataset(single, "test")[0].prompt == "t0"
+    with pytest.raises(DataError, match="does not exist"):
+        build_dataset(DataCfg(source="jsonl", path=str(tmp_path / "nope.jsonl")))
+
+
+def test_parquet_without_pyarrow_names_the_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow...` raise ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ImportError) as e:
+        load_parquet(tmp_path / "d.parquet")
+    assert "needs the 'pyarrow' package" in str(e.value) and "pip install pyarrow" in str(e.value)
+
+
+def test_parquet_round_trip(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"question": ["a?", "b?"], "answer": ["1", "2"], "level": [1, 2]}), path)
+    assert load_parquet(path) == [Example("a?", "1", {"level": 1}), Example("b?", "2", {"level": 2})]
+    assert build_dataset(DataCfg(source="parquet", path=str(tmp_path))) == load_parquet(path)
+
+
+# ----------------------------------------------------------------------------- hub
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A dataset repo snapshot with two configs (main, socratic); records the download calls."""
+    import huggingface_hub
+
+    root = tmp_path / "snapshot"
+    for config in ("main", "socratic"):
+        for split in ("train", "test"):
+            rows = [{"question": f"{config}-{split}-{i}", "answer": f"...\n#### {i + 1},000"} for i in range(3)]
+            write_jsonl(root / config / f"{split}-00000-of-00001.jsonl", rows)
+    write_jsonl(root / "main" / "pretrain-extra.jsonl", [{"question": "no", "answer": "#### 0"}])
+    (root / ".cache").mkdir()
+    write_jsonl(root / ".cache" / "train.jsonl", [{"question": "hidden", "answer": "#### 0"}])
+    calls = []
+
+    def snapshot_download(**kwargs):
+        calls.append(kwargs)
+        return str(root)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_hub_source_picks_the_split_files(fake_hub):
+    examples = load_hub("org/data", "test", subset="socratic", revision="v1")
+    assert [ex.prompt for ex in examples] == ["socratic-test-0", "socratic-test-1", "socratic-test-2"]
+    assert examples[2].answer == "...\n#### 3,000" and examples[2].columns == {}
+    assert fake_hub[0]["repo_id"] == "org/data" and fake_hub[0]["repo_type"] == "dataset"
+    assert fake_hub[0]["revision"] == "v1" and "*.parquet" in fake_hub[0]["allow_patterns"]
+    cfg = DataCfg(source="hub", path="org/data", subset="main")
+    assert [ex.prompt for ex in build_dataset(cfg)] == ["main-train-0", "main-train-1", "main-train-2"]
+    with pytest.raises(DataError, match=r"several folders .* \(main, socratic\): set data.subset"):
+        load_hub("org/data", "train")
+
+
+def test_gsm8k_from_the_hub_by_default(fake_hub):
+    examples = build_dataset(DataCfg(source="gsm8k"), "test")
+    assert fake_hub[0]["repo_id"] == "openai/gsm8k"
+    assert [ex.prompt for ex in examples] == ["main-test-0", "main-test-1", "main-test-2"]
+    assert [ex.answer for ex in examples] == ["1000", "2000", "3000"]
+
+
+def test_split_files_matches_whole_words(tmp_path):
+    flat = ["train.jsonl", "trainer.jsonl", "pretrain.jsonl", "x_train_1.json", "train-0-of-2.parquet", "train.txt"]
+    nested = ["nested/data/train/0.jsonl", "nested/data/test/0.jsonl", "nested/train.jsonl"]
+    for name in flat + nested:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    with pytest.raises(DataError, match=r"several folders of .* \(\., nested, nested/data/train\): set data.subset"):
+        split_files(tmp_path, "train")
+    assert [p.relative_to(tmp_path).as_posix() for p in split_files(tmp_path, "train", "data")] == [nested[0]]
+    with pytest.raises(DataError, match=r"no \.jsonl files for split 'dev'"):
+        split_files(tmp_path, "dev", suffixes=(".jsonl",))
+
+
+def test_split_files_in_one_folder(tmp_path):
+    for name in [
+        "train.jsonl",
+        "trainer.jsonl",
+        "pretrain.jsonl",
+        "x_train_1.json",
+        "train-0-of-2.parquet",
+        "train.txt",
+    ]:
+        (tmp_path / name).write_text("")
+    assert [p.name for p in split_files(tmp_path, "train")] == ["train-0-of-2.parquet", "train.jsonl", "x_train_1.json"]
+    assert [p.name for p in split_files(tmp_path, "train", suffixes=(".jsonl",))] == ["train.jsonl"]
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_is_deterministic_per_seed_and_split():
+    a, b = synthetic_arithmetic(0, 50), synthetic_arithmetic(0, 50)
+    assert a == b
+    assert [ex.prompt for ex in synthetic_arithmetic(1, 50)] != [ex.prompt for ex in a]
+    assert [ex.prompt for ex in synthetic_arithmetic(0, 50, split="test")] != [ex.prompt for ex in a]
+    assert synthetic_arithmetic(0, 80)[:50] == a  # a longer set extends the same stream
+
+
+def test_synthetic_default_is_single_digit_add_sub():
+    examples = synthetic_arithmetic(0, 300)
+    for ex in examples:
+        m = re.fullmatch(r"(\d) ([+-]) (\d)", ex.columns["expression"])
+        assert m, ex.columns["expression"]
+        instruction = "Give the final answer as a number inside <answer></answer>."
+        assert ex.prompt == f"What is {ex.columns['expression']}? {instruction}"
+        assert int(ex.answer) == eval(ex.columns["expression"]) >= 0
+    assert {ex.columns["expression"][2] for ex in examples} == {"+", "-"}
+
+
+def test_synthetic_answers_follow_precedence():
+    cfg = SyntheticCfg(
+        operations=["+", "-", "*"],
+        num_operands=4,
+        min_operand=-20,
+        max_operand=99,
+        allow_negative=True,
+        instruction=None,
+    )
+    examples = synthetic_arithmetic(3, 500, cfg)
+    assert all(int(ex.answer) == eval(ex.columns["expression"]) for ex in examples)
+    assert all(ex.prompt == f"What is {ex.columns['expression']}?" for ex in examples)
+    assert min(int(ex.answer) for ex in examples) < 0  # negatives allowed here
+    with pytest.raises(DataError, match="only negative values"):
+        synthetic_arithmetic(0, 1, SyntheticCfg(operations=["-"], num_operands=3, min_operand=5, max_operand=5))
+
+
+def test_build_dataset_synthetic_sizes():
+    cfg = DataCfg(num_eval=30, synthetic=SyntheticCfg(num_train=70, seed=4))
+    train, test = build_dataset(cfg), build_dataset(cfg, "test")
+    assert (len(train), len(test)) == (70, 30)
+    assert train == synthetic_arithmetic(4, 70, cfg.synthetic, split="train")
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+class FakeTokenizer:
+    chat_template = "{{ messages }}"
+
+    def __init__(self):
+        self.calls = []
+
+    def apply_chat_template(self, messages, **kwargs):
+        self.calls.append((messages, kwargs))
+        return "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
+
+
+def test_build_messages():
+    ex = Example("What is 2 + 2?", "4")
+    assert build_messages(ex) == [{"role": "user", "content": "What is 2 + 2?"}]
+    assert build_messages(ex, "Be brief.") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 2?"},
+    ]
+    chat = Example([{"role": "system", "content": "old"}, {"role": "user", "content": "hi"}], "x")
+    assert build_messages(chat) == chat.prompt and build_messages(chat) is not chat.prompt
+    assert build_messages(chat, "new") == [{"role": "system", "content": "new"}, {"role": "user", "content": "hi"}]
+
+
+def test_render_prompt_uses_the_chat_template():
+    tok = FakeTokenizer()
+    messages = build_messages(Example("Q?", "1"), "S.")
+    assert render_prompt(messages, tok) == "<|system|>S.\n<|user|>Q?\n<|assistant|>"
+    assert tok.calls == [(messages, {"add_generation_prompt": True, "tokenize": False})]
+
+
+def test_render_prompt_plain_text_fallback():
+    messages = build_messages(Example("Q?", "1"), "S.")
+    base = FakeTokenizer()
+    base.chat_template = None  # a base model's tokenizer
+    assert render_prompt(messages, base) == "S.\n\nQ?" and base.calls == []
+    assert render_prompt(messages, None) == "S.\n\nQ?"
+    assert render_prompt(messages[1:], object()) == "Q?"
+
+
+def test_render_prompt_rejects_token_ids():
+    class IdsTokenizer(FakeTokenizer):
+        def apply_chat_template(self, messages, **kwargs):
+            return [1, 2, 3]
+
+    with pytest.raises(TypeError, match="returned list, expected the prompt text"):
+        render_prompt([{"role": "user", "content": "x"}], IdsTokenizer())
+
+
+def test_filter_long_prompts():
+    examples = [Example("one", "1"), Example("one two three", "3"), Example("a b c d e", "5")]
+    kept = filter_long_prompts(examples, str.split, 3)
+    assert kept == examples[:2]
+    assert filter_long_prompts(examples, str.split, None) == examples
+    render = lambda ex: render_prompt(build_messages(ex, "sys prompt"), None)
+    assert filter_long_prompts(examples, str.split, 3, render) == examples[:1]
+    with pytest.raises(DataError, match=r"all 3 prompts are longer than data\.max_prompt_tokens=0"):
+        filter_long_prompts(examples, str.split, 0)
+
+
+def test_batch_columns_repeat_each_row_per_group():
+    batch = [Example("a", "1", {"solution": "s1", "level": 1}), Example("b", "2", {"solution": "s2"})]
+    assert batch_columns(batch, repeat=3) == {
+        "solution": ["s1", "s1", "s1", "s2", "s2", "s2"],
+        "level": [1, 1, 1, None, None, None],
+    }
+    assert batch_columns([Example("a", "1")], repeat=4) == {}
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+def numbered(n: int) -> list[Example]:
+    return [Example(f"q{i}", str(i)) for i in range(n)]
+
+
+def ids(batch: list[Example]) -> list[int]:
+    return [int(ex.answer) for ex in batch]
+
+
+def test_each_epoch_is_a_different_seeded_permutation():
+    n = 20
+    loader = PromptLoader(numbered(n), seed=7)
+    epochs = [ids(loader.next_batch(n)) for _ in range(4)]
+    assert all(sorted(e) == list(range(n)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 4 and epochs[0] != list(range(n))
+    assert epochs == [loader.order(e) for e in range(4)]
+    again = PromptLoader(numbered(n), seed=7)
+    assert [ids(again.next_batch(n)) for _ in range(4)] == epochs
+    other = PromptLoader(numbered(n), seed=8)
+    assert ids(other.next_batch(n)) != epochs[0]
+    plain = PromptLoader(numbered(n), shuffle=False)
+    assert ids(plain.next_batch(n + 5)) == [*range(n), 0, 1, 2, 3, 4]
+
+
+def test_batches_straddle_epochs():
+    loader = PromptLoader(numbered(10), seed=1)
+    seen = ids(loader.next_batch(4)) + ids(loader.next_batch(4)) + ids(loader.next_batch(4))
+    assert seen[:10] == loader.order(0) and seen[10:] == loader.order(1)[:2]
+    assert (loader.epoch, loader.index, loader.consumed) == (1, 2, 12)
+    big = PromptLoader(numbered(3), seed=1)
+    assert ids(big.next_batch(8)) == big.order(0) + big.order(1) + big.order(2)[:2]
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(12, 4), (10, 4), (5, 7), (7, 1)])
+def test_resume_reproduces_the_uninterrupted_sequence(n, batch_size):
+    """Cut after every possible batch, including exactly at an epoch boundary (n=12, B=4: after 3,
+    6, 9 batches) and inside batches that straddle two epochs; JSON-serialise the cursor like a
+    checkpoint does."""
+    steps = 3 * n // batch_size + 3
+    reference = PromptLoader(numbered(n), seed=3)
+    expected = [ids(reference.next_batch(batch_size)) for _ in range(steps)]
+    for cut in range(steps + 1):
+        first = PromptLoader(numbered(n), seed=3)
+        got = [ids(first.next_batch(batch_size)) for _ in range(cut)]
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = PromptLoader(numbered(n), seed=3)
+        resumed.load_state_dict(state)
+        got += [ids(resumed.next_batch(batch_size)) for _ in range(steps - cut)]
+        assert got == expected, f"cut after batch {cut}"
+        assert resumed.consumed == steps * batch_size
+
+
+def test_epoch_boundary_cursor():
+    loader = PromptLoader(numbered(8), seed=0)
+    loader.next_batch(4), loader.next_batch(4)
+    state = loader.state_dict()
+    assert (state["epoch"], state["index"]) == (0, 8)  # epoch 0 used up, epoch 1 not begun
+    resumed = PromptLoader(numbered(8), seed=0)
+    resumed.load_state_dict(state)
+    assert ids(resumed.next_batch(8)) == loader.order(1)  # neither skips nor repeats an epoch
+    assert (resumed.epoch, resumed.index) == (1, 8)
+
+
+def test_resume_refuses_a_different_dataset():
+    state = PromptLoader(numbered(8), seed=0).state_dict()
+    assert set(state) == {"epoch", "index", "seed", "shuffle", "consumed", "num_examples", "fingerprint"}
+    with pytest.raises(DataError, match="saved num_examples=8, this run has 9"):
+        PromptLoader(numbered(9), seed=0).load_state_dict(state)
+    changed = numbered(8)
+    changed[3] = Example("other", "3")
+    with pytest.raises(DataError, match="saved fingerprint="):
+        PromptLoader(changed, seed=0).load_state_dict(state)
+    with pytest.raises(DataError, match="saved seed=0, this run has 1"):
+        PromptLoader(numbered(8), seed=1).load_state_dict(state)
+    with pytest.raises(DataError, match="empty dataset"):
+        PromptLoader([])
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        PromptLoader(numbered(3)).next_batch(0)
