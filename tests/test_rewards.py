@@ -1,0 +1,309 @@
+"""Built-in rewards on hand-written completions; name resolution; safe scoring (failures, timeouts, errors)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigrpo.rewards import (
+    GSM8K_SUITE,
+    REWARDS,
+    RewardError,
+    RewardSpec,
+    correctness,
+    exact_answer,
+    extract_answer,
+    int_answer,
+    length_penalty,
+    make_length_penalty,
+    proximity,
+    resolve_reward,
+    score,
+    soft_format,
+    strict_format,
+    to_number,
+    xml_count,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+HELPERS = "tests.helpers.reward_fns"
+GOOD = "<reasoning>\nNatalia sold 48 / 2 = 24 clips in May.\n48 + 24 = 72\n</reasoning>\n<answer>\n72\n</answer>\n"
+GSM8K_REF = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
+
+
+@pytest.fixture(autouse=True)
+def _repo_root_on_path(monkeypatch):
+    """Makes tests.helpers.reward_fns importable whatever pytest's import mode put on sys.path."""
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+def call(fn, completions, answers=None, **columns):
+    n = len(completions)
+    return fn([""] * n, completions, answers if answers is not None else [""] * n, **columns)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def test_extract_answer_priority():
+    assert extract_answer("<answer>5</answer> then \\boxed{6} #### 7 8") == "5"
+    assert extract_answer("<answer>1</answer><answer> 2 </answer>") == "2"
+    assert extract_answer("cut off <answer>\n41") == "41"
+    assert extract_answer("so \\boxed{\\frac{1}{2}} #### 7") == "\\frac{1}{2}"
+    assert extract_answer("72 clips\n#### 72\nextra") == "72"
+    assert extract_answer("3 apples and 15 pears: 18 fruits") == "18"
+    assert extract_answer("3 apples and 15 pears: 18 fruits", last_number=False) is None
+    assert extract_answer("no number here") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("18", 18.0),
+        ("18.0", 18.0),
+        ("18.", 18.0),
+        ("$5", 5.0),
+        ("\\$5.50", 5.5),
+        ("1,234", 1234.0),
+        ("1{,}234,567", 1234567.0),
+        ("-3", -3.0),
+        ("50%", 50.0),
+        ("3/4", 0.75),
+        ("-\\frac{1}{4}", -0.25),
+        ("\\boxed{42}", 42.0),
+        ("1,23", None),
+        ("18 dollars", None),
+        ("", None),
+    ],
+)
+def test_to_number(text, value):
+    assert to_number(text) == value
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+
+def test_correctness():
+    completions = [
+        GOOD,
+        "<reasoning>\n...\n</reasoning>\n<answer>\n72.0\n</answer>",
+        "The total is \\boxed{1,234}.",
+        "48 + 24 = 72\n#### 72",
+        "<answer>$72</answer>",
+        "<answer>The answer is 72.</answer>",
+        "48 + 24 makes 72",  # last number
+        "<answer>71</answer> wait, 72",  # the tag wins
+        "I think it is 71",
+        "no idea",
+    ]
+    answers = [GSM8K_REF, "72", "1234", "72", "72", "72", "72", "72", "72", "72"]
+    assert call(correctness, completions, answers) == [2.0] * 7 + [0.0] * 3
+    assert call(correctness, ["<answer>1080</answer>", "<answer>1,080</answer>"], ["1,080", "1080"]) == [2.0, 2.0]
+    assert call(correctness, ["72"], [None]) == [None]  # no reference: masked
+    assert call(correctness, ["<answer>Paris</answer>"], ["paris"]) == [2.0]  # non-numeric: text
+
+
+def test_int_answer():
+    completions = [GOOD, "<answer>2.5</answer>", "<answer>18.0</answer>", "\\boxed{-3}", "<answer>x</answer>", "72"]
+    assert call(int_answer, completions) == [0.5, 0.0, 0.5, 0.5, 0.0, 0.0]  # unmarked "72" gets nothing
+
+
+def test_strict_format():
+    completions = [
+        GOOD,
+        GOOD.rstrip("\n"),  # generation stopped at EOS before the final newline
+        "<reasoning>one line</reasoning>\n<answer>\n72\n</answer>\n",  # tags not on their own lines
+        "Sure! " + GOOD,
+        GOOD + "more",
+        GOOD.rstrip("\n") + "\n<answer>\n73\n</answer>\n",  # two answer blocks
+    ]
+    assert call(strict_format, completions) == [0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_soft_format():
+    completions = [GOOD, "Sure! <reasoning>a</reasoning> <answer>b</answer> bye", "<answer>72</answer>", "<reasoning>a"]
+    assert call(soft_format, completions) == [0.5, 0.5, 0.0, 0.0]
+
+
+def test_xml_count():
+    assert call(xml_count, [GOOD]) == [0.5]
+    assert call(xml_count, [GOOD + "x y z"]) == [pytest.approx(0.5 - 0.003)]  # spaces are free
+    assert call(xml_count, [GOOD + "z" * 2000]) == [0.0]  # the penalty is capped at 0.5
+    assert call(xml_count, ["<answer>\n72\n</answer>"]) == [0.125]  # only "\n</answer>" is in place
+    assert call(xml_count, ["<reasoning>\n<reasoning>\n" + GOOD[12:]]) == [0.375]  # a tag twice earns nothing
+    assert call(xml_count, ["plain text"]) == [0.0]
+
+
+def test_proximity():
+    completions = ["<answer>100</answer>", "<answer>110</answer>", "<answer>80</answer>", "<answer>105</answer>"]
+    out = call(proximity, [*completions, "no idea", "<answer>100000</answer>"], ["100"] * 6)
+    # e = |pred - ref| / 100: 0 -> 1; 0.1 -> 0; 0.2 -> 2 * 0.25 - 1; 0.05 -> 2 * 2**-0.5 - 1; far off -> -1
+    assert out == pytest.approx([1.0, 0.0, -0.5, 2 * 2**-0.5 - 1, -1.0, -1.0])
+    out = call(proximity, ["<answer>0.05</answer>", "<answer>1</answer>"], ["0", "abc"])
+    assert out == pytest.approx([2 * 2**-0.5 - 1, None])  # |ref| < 1 -> absolute error; non-numeric ref masked
+
+
+def test_length_penalty():
+    fn = make_length_penalty(max_length=100, buffer=20)
+    out = call(fn, ["x"] * 5, completion_lengths=[50, 80, 90, 100, 130])
+    assert out == pytest.approx([0.0, 0.0, -0.5, -1.0, -1.0])
+    assert call(make_length_penalty(100, 20, factor=0.5), ["x"], completion_lengths=[90]) == [-0.25]
+    # built-in: characters when completion_lengths is absent; L_max from the column, L_buf = L_max // 5 = 2
+    out = call(length_penalty, ["a" * 8, "a" * 9, "a" * 10], max_completion_length=[10] * 3)
+    assert out == pytest.approx([0.0, -0.5, -1.0])
+    with pytest.raises(RewardError, match="max_completion_length"):
+        call(length_penalty, ["a"])
+
+
+def test_exact_answer():
+    completions = ["42", "The answer is 42, not 43", "43 is wrong, 42 is right", "<answer>42</answer> 7", "4.0", "-5"]
+    answers = ["42", "42", "42", "42", "4", "-5"]
+    assert call(exact_answer, completions, answers) == [1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+    assert call(exact_answer, ["no number", "1"], ["3", None]) == [0.0, None]
+
+
+def test_every_builtin_returns_one_value_per_completion():
+    columns = {"completion_lengths": [10, 20], "max_completion_length": [16, 16]}
+    for name, fn in REWARDS.items():
+        out = call(fn, [GOOD, "garbage"], ["72", "72"], **columns)
+        assert len(out) == 2 and all(v is None or isinstance(v, float) for v in out), name
+    assert set(GSM8K_SUITE) <= set(REWARDS)
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def test_resolve_builtin_and_user_function():
+    assert resolve_reward("correctness") is correctness
+    fn = resolve_reward(f"{HELPERS}:length_ratio")
+    assert fn.__name__ == "length_ratio" and call(fn, ["abcde", ""]) == [0.5, None]
+    assert RewardSpec(f"{HELPERS}:length_ratio").fn.__name__ == "length_ratio"
+
+
+def test_unknown_builtin_suggests_the_closest_name():
+    with pytest.raises(RewardError, match="did you mean 'correctness'") as e:
+        resolve_reward("corectness")
+    assert "strict_format" in str(e.value)  # lists the built-ins
+
+
+def test_bad_import_paths_name_the_module_or_attribute():
+    with pytest.raises(RewardError, match=r"cannot import module 'tests\.helpers\.nope'"):
+        resolve_reward("tests.helpers.nope:fn")
+    with pytest.raises(RewardError, match="no attribute 'lenght_ratio'; did you mean 'length_ratio'"):
+        resolve_reward(f"{HELPERS}:lenght_ratio")
+    with pytest.raises(RewardError, match="not a function"):
+        resolve_reward(f"{HELPERS}:NOT_CALLABLE")
+
+
+# ----------------------------------------------------------------------------- safe scoring
+
+COMPLETIONS = [GOOD, "<answer>71</answer>", "bad " + GOOD, "slow"]
+ANSWERS = ["72"] * 4
+
+
+def test_score_combines_weighted_rewards():
+    specs = [RewardSpec("correctness", weight=1.0), RewardSpec("xml_count", weight=2.0)]
+    res = score([""] * 4, COMPLETIONS, ANSWERS, specs)
+    assert res.names == ["correctness", "xml_count"]
+    assert res.per_fn.shape == (4, 2) and res.total.shape == (4,)
+    xml = call(xml_count, COMPLETIONS)
+    expected = [2.0 + 2 * xml[0], 0.0 + 2 * xml[1], 2.0 + 2 * xml[2], 0.0 + 2 * xml[3]]
+    assert res.total.tolist() == pytest.approx(expected)
+    assert res.failures == {"correctness": 0, "xml_count": 0} and res.timeouts == res.failures
+    m = res.metrics()
+    assert m["reward/correctness"] == pytest.approx(1.0) and m["reward/masked_rows"] == 0.0
+
+
+def test_raising_reward_is_masked_and_counted_and_others_still_count():
+    specs = [RewardSpec("correctness"), RewardSpec(f"{HELPERS}:always_raises", weight=10.0)]
+    res = score([""] * 4, COMPLETIONS, ANSWERS, specs)
+    name = f"{HELPERS}:always_raises"
+    assert res.per_fn[:, 1].isnan().all()
+    assert res.failures[name] == 4 and res.timeouts[name] == 0
+    assert "RuntimeError: reward service unavailable" in res.errors[name]
+    assert res.total.tolist() == [2.0, 0.0, 2.0, 0.0]  # masked, not scored 0 * 10 or NaN
+    alone = score([""] * 4, COMPLETIONS, ANSWERS, [RewardSpec(name)])
+    assert alone.total.isnan().all()  # every reward of the row failed
+    assert alone.metrics()["reward/masked_rows"] == 4.0
+
+
+def test_reward_raising_on_some_samples_masks_only_those():
+    res = score([""] * 4, COMPLETIONS, ANSWERS, [RewardSpec(f"{HELPERS}:raises_on_bad")])
+    assert res.per_fn[:, 0].tolist()[:2] == [1.0, 1.0] and res.per_fn[3, 0].item() == 1.0
+    assert math.isnan(res.per_fn[2, 0].item())
+    assert res.failures == {f"{HELPERS}:raises_on_bad": 1}
+
+
+def test_timeout_masks_the_slow_sample_and_returns_quickly():
+    name = f"{HELPERS}:sleeps_on_slow"
+    start = time.perf_counter()
+    res = score([""] * 4, COMPLETIONS, ANSWERS, [RewardSpec(name, timeout_s=0.25), RewardSpec("correctness")])
+    elapsed = time.perf_counter() - start
+    assert elapsed < 1.5, f"{elapsed:.2f} s"  # one batch call + one sample call time out, 0.25 s each
+    assert res.timeouts[name] == 1 and res.failures[name] == 0
+    assert res.per_fn[:3, 0].tolist() == [0.5, 0.5, 0.5] and math.isnan(res.per_fn[3, 0].item())
+    assert res.total.tolist() == [2.5, 0.5, 2.5, 0.0]
+
+
+def test_consecutive_timeouts_stop_the_per_sample_fallback():
+    name = f"{HELPERS}:sleeps_on_slow"
+    start = time.perf_counter()
+    res = score([""] * 8, ["slow"] * 8, ["1"] * 8, [RewardSpec(name, timeout_s=0.1, max_consecutive_timeouts=2)])
+    assert time.perf_counter() - start < 1.0  # 0.1 (batch) + 2 * 0.1, not 8 * 0.1 + ...
+    assert res.timeouts[name] == 8 and res.total.isnan().all()
+
+
+def test_none_nan_and_bool_values():
+    fn = lambda p, c, a, **_: [None, float("nan"), True, False, 3, math.inf]
+    res = score([""] * 6, ["x"] * 6, [""] * 6, [RewardSpec("mine", fn=fn)])
+    assert res.per_fn[2:5, 0].tolist() == [1.0, 0.0, 3.0]
+    assert res.per_fn[[0, 1, 5], 0].isnan().all()
+    assert res.nones == {"mine": 3} and res.failures == {"mine": 0}
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        ([1.0, 2.0], "returned 2 values for 3 completions"),
+        ("0.5", "returned str"),
+        ({"a": 1.0}, "returned dict"),
+        (None, "returned NoneType"),
+        (torch.ones(3), "returned Tensor"),
+        ([1.0, "0.5", 2.0], "element 1 is str"),
+        ([1.0, {"x": 1}, 2.0], "element 1 is dict"),
+    ],
+)
+def test_contract_violations_raise_naming_the_function(returned, message):
+    def broken(prompts, completions, answers, **_):
+        return returned
+
+    with pytest.raises(RewardError, match="broken") as e:
+        score([""] * 3, ["a", "b", "c"], [""] * 3, [RewardSpec("broken", fn=broken)])
+    assert message in str(e.value)
+
+
+def test_columns_reach_the_function_also_per_sample():
+    name = f"{HELPERS}:uses_column"
+    res = score([""] * 3, ["a", "b", "c"], [""] * 3, [RewardSpec(name)], columns={"difficulty": [1, 2, 3]})
+    assert res.total.tolist() == [1.0, 2.0, 3.0]
+
+    def picky(prompts, completions, answers, *, difficulty, **_):
+        if len(completions) > 1:
+            raise RuntimeError("one at a time")
+        return [difficulty[0] * 10.0]
+
+    res = score([""] * 3, ["a", "b", "c"], [""] * 3, [RewardSpec("picky", fn=picky)], columns={"difficulty": [1, 2, 3]})
+    assert res.total.tolist() == [10.0, 20.0, 30.0] and res.failures == {"picky": 0}
+    with pytest.raises(ValueError, match="column 'difficulty'"):
+        score([""] * 3, ["a", "b", "c"], [""] * 3, [RewardSpec(name)], columns={"difficulty": [1]})
+
+
+def test_contract_error_raised_inside_the_function_propagates():
+    with pytest.raises(RewardError, match="max_completion_length"):
+        score([""] * 2, ["a", "b"], [""] * 2, [RewardSpec("length_penalty")])
+    with pytest.raises(ValueError, match="unique"):
+        score([""], ["a"], [""], [RewardSpec("correctness"), RewardSpec("correctness")])
