@@ -1,0 +1,54 @@
+"""Per-token log-probs of completions under a model, through the chunked LM-head kernel.
+
+The trainer's policy, old and reference log-probs all come from here, with the sampler's semantics:
+`log_softmax(logits / temperature)[token]` in fp32. The (N, Tc, V) logits never exist: only the
+hidden states of active completion tokens go through `fused_linear_logprobs`, which works on
+chunks of tokens and vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minigrpo.kernels import fused_linear_logprobs
+from minigrpo.models.transformer import Transformer
+
+
+def completion_logprobs(
+    model: Transformer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (N, Tc) fp32 of the completion tokens (the last Tc columns of input_ids).
+
+    Args:
+        input_ids: (N, Tp + Tc) left-padded prompts followed by right-padded completions.
+        attention_mask: (N, Tp + Tc) 1 on real tokens.
+        completion_mask: (N, Tc) 1 on the completion tokens to score; others get 0 (no compute).
+        temperature: the sampling temperature (0, greedy, scores at 1).
+        return_entropy: also return the per-token entropy (N, Tc) fp32 (0 on inactive tokens).
+    """
+    N, T = input_ids.shape
+    Tc = completion_mask.shape[1]
+    assert completion_mask.shape == (N, Tc) and attention_mask.shape == (N, T) and Tc < T
+    hidden = model.hidden(input_ids, attention_mask=attention_mask)  # (N, T, D)
+    states = hidden[:, T - Tc - 1 : T - 1]  # (N, Tc, D): position t predicts completion token t
+    active = completion_mask.bool()
+    targets = input_ids[:, T - Tc :][active]  # (n,) only the scored tokens
+    out = fused_linear_logprobs(
+        states[active],  # (n, D)
+        model.output_weight,
+        targets,
+        temperature=temperature if temperature > 0 else 1.0,
+        return_entropy=return_entropy,
+    )
+    logp, entropy = out if return_entropy else (out, None)
+    full = torch.zeros(N, Tc, dtype=torch.float32, device=input_ids.device)
+    logp = full.masked_scatter(active, logp)  # (N, Tc)
+    if entropy is None:
+        return logp
+    return logp, torch.zeros_like(full).masked_scatter(active, entropy)

@@ -1,0 +1,115 @@
+"""Rollout: what a sampler returns, in the layout the trainer consumes.
+
+N = B * G sequences; completions of prompt b are rows [b*G, (b+1)*G). Prompts are LEFT padded to
+Tp and completions RIGHT padded to Tc, so `input_ids = cat(prompt_ids, completion_ids)` puts every
+completion's first token at column Tp, and the hidden state at column Tp - 1 + t predicts
+completion token t for every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (N, Tp) long, left padded
+    prompt_mask: torch.Tensor  # (N, Tp) long, 1 on real prompt tokens
+    completion_ids: torch.Tensor  # (N, Tc) long, right padded
+    completion_mask: torch.Tensor  # (N, Tc) long, 1 up to and including the stop token
+    sampler_logp: torch.Tensor  # (N, Tc) fp32: log_softmax(logits / T)[token] at sampling time, 0 on padding
+    truncated: torch.Tensor  # (N,) bool: ended at max_new_tokens without a stop token or string
+    completion_texts: list[str]  # decoded completions (special tokens removed)
+    prompt_index: torch.Tensor  # (N,) long: which input prompt each row answers
+    group_size: int  # G
+    stats: dict[str, float] = field(default_factory=dict)  # timings, token counts
+
+    def __post_init__(self) -> None:
+        N, Tc = self.completion_ids.shape
+        assert self.prompt_ids.shape[0] == N and self.prompt_mask.shape == self.prompt_ids.shape
+        assert self.completion_mask.shape == (N, Tc) and self.sampler_logp.shape == (N, Tc)
+        assert self.truncated.shape == (N,) and len(self.completion_texts) == N
+
+    @property
+    def num_sequences(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        """(N,) long: tokens per completion (stop token included)."""
+        return self.completion_mask.sum(-1)
+
+    def input_ids(self) -> torch.Tensor:
+        """(N, Tp + Tc): prompt and completion, the trainer's forward input."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    def attention_mask(self) -> torch.Tensor:
+        """(N, Tp + Tc): 1 on every real token of prompt and completion."""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def select(self, rows: torch.Tensor | list[int]) -> Rollout:
+        """A rollout of the given rows (e.g. whole groups kept by dynamic sampling)."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        cpu = idx.tolist()
+        return Rollout(
+            prompt_ids=self.prompt_ids[idx.to(self.prompt_ids.device)],
+            prompt_mask=self.prompt_mask[idx.to(self.prompt_mask.device)],
+            completion_ids=self.completion_ids[idx.to(self.completion_ids.device)],
+            completion_mask=self.completion_mask[idx.to(self.completion_mask.device)],
+            sampler_logp=self.sampler_logp[idx.to(self.sampler_logp.device)],
+            truncated=self.truncated[idx.to(self.truncated.device)],
+            completion_texts=[self.completion_texts[i] for i in cpu],
+            prompt_index=self.prompt_index[idx.to(self.prompt_index.device)],
+            group_size=self.group_size,
+            stats=dict(self.stats),
+        )
+
+    def to(self, device: torch.device | str) -> Rollout:
+        moved = {
+            k: getattr(self, k).to(device)
+            for k in (
+                "prompt_ids",
+                "prompt_mask",
+                "completion_ids",
+                "completion_mask",
+                "sampler_logp",
+                "truncated",
+                "prompt_index",
+            )
+        }
+        return Rollout(
+            **moved, completion_texts=self.completion_texts, group_size=self.group_size, stats=dict(self.stats)
+        )
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Join rollouts (e.g. refills of dynamic sampling), re-padding prompts left and completions right."""
+    if len(parts) == 1:
+        return parts[0]
+    Tp = max(p.prompt_ids.shape[1] for p in parts)
+    Tc = max(p.completion_ids.shape[1] for p in parts)
+
+    def left(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+    def right(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    offset, index = 0, []
+    for p in parts:
+        index.append(p.prompt_index + offset)
+        offset += int(p.prompt_index.max()) + 1 if p.num_sequences else 0
+    return Rollout(
+        prompt_ids=torch.cat([left(p.prompt_ids, Tp, pad_id) for p in parts]),
+        prompt_mask=torch.cat([left(p.prompt_mask, Tp, 0) for p in parts]),
+        completion_ids=torch.cat([right(p.completion_ids, Tc, pad_id) for p in parts]),
+        completion_mask=torch.cat([right(p.completion_mask, Tc, 0) for p in parts]),
+        sampler_logp=torch.cat([right(p.sampler_logp, Tc, 0.0) for p in parts]),
+        truncated=torch.cat([p.truncated for p in parts]),
+        completion_texts=[t for p in parts for t in p.completion_texts],
+        prompt_index=torch.cat(index),
+        group_size=parts[0].group_size,
+        stats={k: sum(p.stats.get(k, 0.0) for p in parts) for k in parts[0].stats},
+    )

@@ -1,0 +1,263 @@
+"""The own sampler: the trainer's `Transformer` decoding over a pre-allocated KV cache.
+
+No second copy of the weights exists, so there is nothing to sync: the sampler always samples the
+current policy. One `generate` call:
+
+1. prefill the B distinct prompts once (left padded to Tp) and copy their keys/values to the G rows
+   of each group: N = B*G rows share one prefill;
+2. draw the first token of every row from the prefill logits;
+3. decode one token per step for all N rows. Each step is a fixed sequence of device operations
+   on static buffers (token in, cache write, attention over the first `kv_len` slots, sampling,
+   bookkeeping), so on CUDA it is captured once per `kv_len` bucket as a CUDA graph and replayed;
+   the host only looks at the device every `check_every` steps (all rows finished? stop strings?).
+
+Rows that finished keep running (the batch is static) but write padding, and are masked out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from minigrpo.models.transformer import KVCache, Transformer
+
+from .params import SamplingParams, sample_tokens
+from .rollout import Rollout
+
+
+@dataclass
+class _DecodeState:
+    """Static buffers of one decode loop (their addresses never change: CUDA graphs replay them)."""
+
+    cache: KVCache
+    mask: torch.Tensor  # (N, Tp + Tc) long: prompt padding 0, everything else 1
+    tok: torch.Tensor  # (N, 1) last token
+    pos: torch.Tensor  # (N, 1) its RoPE position
+    slot: torch.Tensor  # (1,) its cache slot
+    step: torch.Tensor  # (1,) index of the token being drawn
+    done: torch.Tensor  # (N,) bool
+    out_tok: torch.Tensor  # (N, Tc) long, pad-filled
+    out_logp: torch.Tensor  # (N, Tc) fp32
+    stop_ids: torch.Tensor  # (S,) long
+    pad: torch.Tensor  # () long
+
+
+class Sampler:
+    """Samples completions from `model` itself; `sync` is a no-op because the weights are shared."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer,
+        *,
+        cuda_graphs: bool = True,
+        kv_bucket: int = 256,
+        check_every: int = 32,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cuda_graphs = cuda_graphs
+        self.kv_bucket = kv_bucket
+        self.check_every = check_every
+
+    def sync(self, policy: Transformer) -> None:
+        """The sampler runs the policy's own weights: there is nothing to copy."""
+        if policy is not self.model:
+            raise ValueError("the own sampler samples the model it was built with; pass that same model")
+
+    @property
+    def pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        """Sample `params.n` completions for each prompt (token ids) -> Rollout of N = B*n rows."""
+        t0 = time.perf_counter()
+        model, dev = self.model, self.model.device
+        was_training = model.training
+        model.eval()
+        try:
+            B = len(prompts)
+            Tp = max(len(p) for p in prompts)
+            if min(len(p) for p in prompts) == 0:
+                raise ValueError("every prompt needs at least one token")
+            prompt_ids = torch.full((B, Tp), self.pad_id, dtype=torch.long)
+            prompt_mask = torch.zeros(B, Tp, dtype=torch.long)
+            for i, p in enumerate(prompts):
+                prompt_ids[i, Tp - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+                prompt_mask[i, Tp - len(p) :] = 1
+            prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
+
+            state, first_logits = self._prefill(prompt_ids, prompt_mask, params)
+            t_prefill = time.perf_counter()
+            self._draw(state, first_logits, params, generator)  # token 0
+            steps = self._decode(state, Tp, params, generator)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t_decode = time.perf_counter()
+            rollout = self._finish(state, prompt_ids, prompt_mask, steps, params)
+        finally:
+            model.train(was_training)
+        generated = int(rollout.completion_mask.sum())
+        rollout.stats.update(
+            prefill_s=t_prefill - t0,
+            decode_s=t_decode - t_prefill,
+            total_s=time.perf_counter() - t0,
+            tokens=float(generated),
+            decode_steps=float(steps),
+        )
+        return rollout
+
+    # ------------------------------------------------------------------------------------------
+
+    def _prefill(self, prompt_ids, prompt_mask, params: SamplingParams) -> tuple[_DecodeState, torch.Tensor]:
+        model, dev, (B, Tp) = self.model, self.model.device, prompt_ids.shape
+        G, Tc = params.n, params.max_new_tokens
+        N = B * G
+        small = KVCache(model.args, B, Tp, dtype=model.dtype, device=dev)
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Tp)
+        hidden = model.hidden(
+            prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            kv_cache=small,
+            cache_position=torch.arange(Tp, device=dev),
+        )
+        logits = model.logits(hidden[:, -1]).float()  # (B, V)
+        cache = KVCache(model.args, N, Tp + Tc, dtype=model.dtype, device=dev)
+        cache.k[:, :, :, :Tp] = small.k.repeat_interleave(G, dim=1)
+        cache.v[:, :, :, :Tp] = small.v.repeat_interleave(G, dim=1)
+        del small
+        stop = () if params.ignore_stop else params.stop_ids
+        mask = torch.ones(N, Tp + Tc, dtype=torch.long, device=dev)
+        mask[:, :Tp] = prompt_mask.repeat_interleave(G, dim=0)
+        state = _DecodeState(
+            cache=cache,
+            mask=mask,
+            tok=torch.zeros(N, 1, dtype=torch.long, device=dev),
+            pos=positions[:, -1:].repeat_interleave(G, dim=0),  # advanced to the first completion token
+            slot=torch.full((1,), Tp - 1, dtype=torch.long, device=dev),
+            step=torch.zeros(1, dtype=torch.long, device=dev),
+            done=torch.zeros(N, dtype=torch.bool, device=dev),
+            out_tok=torch.full((N, Tc), self.pad_id, dtype=torch.long, device=dev),
+            out_logp=torch.zeros(N, Tc, dtype=torch.float32, device=dev),
+            stop_ids=torch.tensor(sorted(set(stop)), dtype=torch.long, device=dev),
+            pad=torch.tensor(self.pad_id, dtype=torch.long, device=dev),
+        )
+        return state, logits.repeat_interleave(G, dim=0)  # (N, V)
+
+    def _draw(self, st: _DecodeState, logits: torch.Tensor, params: SamplingParams, generator) -> None:
+        """Sample from logits (N, V), record the token, then advance the static inputs by one."""
+        tok, logp = sample_tokens(logits, params, generator)
+        tok = torch.where(st.done, st.pad, tok)
+        st.out_tok.index_copy_(1, st.step, tok[:, None])
+        st.out_logp.index_copy_(1, st.step, logp.masked_fill(st.done, 0.0)[:, None])
+        st.done |= torch.isin(tok, st.stop_ids)
+        st.tok.copy_(tok[:, None])
+        st.pos += 1
+        st.slot += 1
+        st.step += 1
+
+    def _step(self, st: _DecodeState, kv_len: int, params: SamplingParams, generator) -> None:
+        """One decode step: feed the last token at its slot, attend over slots [0, kv_len), draw."""
+        hidden = self.model.hidden(
+            st.tok, attention_mask=st.mask[:, :kv_len], position_ids=st.pos, kv_cache=st.cache, cache_position=st.slot
+        )
+        self._draw(st, self.model.logits(hidden[:, -1]).float(), params, generator)
+
+    def _decode(self, st: _DecodeState, Tp: int, params: SamplingParams, generator) -> int:
+        """Run decode steps until every row is done or max_new_tokens; returns the tokens drawn per row."""
+        Tc, total = params.max_new_tokens, st.mask.shape[1]
+        use_graphs = self.cuda_graphs and st.tok.is_cuda and generator is None
+        graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        check_every = self.check_every if st.tok.is_cuda else 1
+        drawn = 1
+        for s in range(1, Tc):
+            checking = (s - 1) % check_every == 0 and not params.ignore_stop
+            if checking and (bool(st.done.all()) or self._stop_strings_hit(st, s, params)):
+                break
+            kv_len = min(total, -(-(Tp + s) // self.kv_bucket) * self.kv_bucket)
+            if not use_graphs:
+                self._step(st, kv_len, params, generator)
+            elif kv_len in graphs:
+                graphs[kv_len].replay()
+            else:  # first step of a bucket: run it for real (warm-up), then capture the next ones
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._step(st, kv_len, params, None)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(st, kv_len, params, None)
+                graphs[kv_len] = graph
+            drawn = s + 1
+        return drawn
+
+    def _stop_strings_hit(self, st: _DecodeState, s: int, params: SamplingParams) -> bool:
+        """Mark rows whose text already contains a stop string as done; True if all rows are done."""
+        if not params.stop_strings:
+            return False
+        open_rows = (~st.done).nonzero().flatten().tolist()
+        tokens = st.out_tok[open_rows, :s].tolist()
+        for row, toks in zip(open_rows, tokens):
+            text = self.tokenizer.decode(toks, skip_special_tokens=False)
+            if any(stop in text for stop in params.stop_strings):
+                st.done[row] = True
+        return bool(st.done.all())
+
+    def _finish(self, st: _DecodeState, prompt_ids, prompt_mask, steps: int, params: SamplingParams) -> Rollout:
+        G = params.n
+        out_tok, out_logp = st.out_tok[:, :steps], st.out_logp[:, :steps]  # (N, Tc')
+        N = out_tok.shape[0]
+        is_stop = torch.isin(out_tok, st.stop_ids)
+        hit = is_stop.any(-1)
+        lengths = torch.where(hit, is_stop.int().argmax(-1) + 1, steps).tolist()  # stop token kept
+        truncated = (~hit).tolist()
+        rows = out_tok.tolist()
+        texts = []
+        for i in range(N):
+            toks = rows[i][: lengths[i]]
+            if params.stop_strings and not params.ignore_stop:
+                cut = self._stop_string_cut(toks, params.stop_strings)
+                if cut is not None:
+                    lengths[i], truncated[i], toks = cut, False, toks[:cut]
+            texts.append(self.tokenizer.decode(toks, skip_special_tokens=True))
+        dev = out_tok.device
+        length_t = torch.tensor(lengths, device=dev)
+        completion_mask = (torch.arange(steps, device=dev)[None, :] < length_t[:, None]).long()
+        return Rollout(
+            prompt_ids=prompt_ids.repeat_interleave(G, dim=0),
+            prompt_mask=prompt_mask.repeat_interleave(G, dim=0),
+            completion_ids=out_tok.masked_fill(completion_mask == 0, self.pad_id),
+            completion_mask=completion_mask,
+            sampler_logp=out_logp * completion_mask,
+            truncated=torch.tensor(truncated, dtype=torch.bool, device=dev),
+            completion_texts=texts,
+            prompt_index=torch.arange(N // G, device=dev).repeat_interleave(G),
+            group_size=G,
+        )
+
+    def _stop_string_cut(self, toks: list[int], stops: tuple[str, ...]) -> int | None:
+        """Fewest leading tokens whose text contains a stop string (None if the text has none)."""
+        decode = self.tokenizer.decode
+        if not any(s in decode(toks, skip_special_tokens=False) for s in stops):
+            return None
+        lo, hi = 1, len(toks)  # "contains a stop string" is monotone in the prefix length
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(s in decode(toks[:mid], skip_special_tokens=False) for s in stops):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo

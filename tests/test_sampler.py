@@ -1,0 +1,173 @@
+"""The own sampler: greedy = step-by-step argmax of full forwards, log-probs = the full forward's
+log_softmax(logits / T), stops, groups, truncation flags, and the sampling distribution itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.tiny import tiny_model
+
+from minigrpo.sampling.params import SamplingParams, filter_probs, sample_tokens
+from minigrpo.sampling.sampler import Sampler
+
+
+class CharTokenizer:
+    """Token i <-> one printable character; 0 is padding, 1 and 2 are special (bos, eos)."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    specials = frozenset({0, 1, 2})
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(33 + i % 90) for i in ids if not (skip_special_tokens and i in self.specials))
+
+
+PROMPTS = [[1, 5, 9, 13, 17, 21, 25], [1, 40, 41], [1, 77, 78, 79, 80]]
+
+
+def full_forward_logp(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids)[0, len(prompt) - 1 : len(prompt) - 1 + len(completion)].float()
+    return (logits / temperature).log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+def test_greedy_equals_stepwise_argmax():
+    model = tiny_model(seed=4)
+    sampler = Sampler(model, CharTokenizer())
+    out = sampler.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_stop=True))
+    for i, prompt in enumerate(PROMPTS):
+        ids = list(prompt)
+        for _ in range(12):
+            with torch.no_grad():
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert out.completion_ids[i].tolist() == ids[len(prompt) :], f"prompt {i}"
+    assert out.completion_mask.all() and out.truncated.all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_equal_full_forward(temperature):
+    model = tiny_model(seed=5)
+    params = SamplingParams(n=3, temperature=temperature, max_new_tokens=10, ignore_stop=True)
+    out = Sampler(model, CharTokenizer()).generate(PROMPTS, params)
+    assert out.completion_ids.shape == (9, 10)
+    for row in range(9):
+        prompt = PROMPTS[row // 3]
+        ref = full_forward_logp(model, prompt, out.completion_ids[row].tolist(), temperature)
+        err = (out.sampler_logp[row] - ref).abs().max().item()
+        assert err < 1e-5, f"row {row}: max |diff| {err:.2e}"
+    assert out.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # the three completions of a group are drawn independently
+    assert len({tuple(r) for r in out.completion_ids[:3].tolist()}) > 1
+
+
+def test_stop_ids_end_a_completion_and_keep_the_stop_token():
+    model = tiny_model(seed=6)
+    free = Sampler(model, CharTokenizer()).generate(
+        [PROMPTS[0]], SamplingParams(temperature=0.0, max_new_tokens=10, ignore_stop=True)
+    )
+    greedy = free.completion_ids[0].tolist()
+    stop = greedy[3]  # make the 4th greedy token a stop token
+    first = greedy.index(stop)
+    out = Sampler(model, CharTokenizer()).generate(
+        [PROMPTS[0]], SamplingParams(temperature=0.0, max_new_tokens=10, stop_ids=(stop,))
+    )
+    assert out.completion_mask[0].tolist() == [1] * (first + 1) + [0] * (out.completion_mask.shape[1] - first - 1)
+    assert out.completion_ids[0, : first + 1].tolist() == greedy[: first + 1]
+    assert not out.truncated[0]
+    assert out.completion_ids.shape[1] <= 10
+
+
+def test_stop_strings_cut_at_the_first_token_that_completes_them():
+    model = tiny_model(seed=6)
+    tok = CharTokenizer()
+    free = Sampler(model, tok).generate(
+        [PROMPTS[1]], SamplingParams(temperature=0.0, max_new_tokens=12, ignore_stop=True)
+    )
+    text = tok.decode(free.completion_ids[0].tolist())
+    stop = text[4:6]  # two characters spanning tokens 4 and 5
+    cut = text.index(stop) + 2
+    out = Sampler(model, tok).generate(
+        [PROMPTS[1]], SamplingParams(temperature=0.0, max_new_tokens=12, stop_strings=(stop,))
+    )
+    assert out.completion_texts[0] == text[:cut]
+    assert int(out.completion_mask[0].sum()) == cut and not out.truncated[0]
+
+
+def test_truncated_flag_and_padding():
+    model = tiny_model(seed=7)
+    out = Sampler(model, CharTokenizer()).generate(PROMPTS, SamplingParams(n=2, max_new_tokens=5, stop_ids=(2,)))
+    for row in range(6):
+        length = int(out.completion_mask[row].sum())
+        ids = out.completion_ids[row].tolist()
+        assert out.truncated[row] == (2 not in ids[:length])
+        assert all(t == 0 for t in ids[length:])
+        assert (out.sampler_logp[row, length:] == 0).all() and (out.sampler_logp[row, :length] < 0).all()
+
+
+def test_left_padding_does_not_change_results():
+    model = tiny_model(seed=8)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_stop=True)
+    together = Sampler(model, CharTokenizer()).generate(PROMPTS, params)
+    for i, prompt in enumerate(PROMPTS):
+        alone = Sampler(model, CharTokenizer()).generate([prompt], params)
+        assert together.completion_ids[i].tolist() == alone.completion_ids[0].tolist()
+        assert (together.sampler_logp[i] - alone.sampler_logp[0]).abs().max() < 1e-5
+
+
+def test_filters():
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]], dtype=torch.float64)
+
+    def kept(**kw):
+        return (filter_probs(probs, **kw) > 0).int().tolist()[0]
+
+    assert kept(top_k=2) == [1, 1, 0, 0, 0]
+    assert kept(top_p=0.69) == [1, 1, 0, 0, 0]  # 0.5 < 0.69 <= 0.7
+    assert kept(top_p=0.71) == [1, 1, 1, 0, 0]
+    assert kept(min_p=0.25) == [1, 1, 1, 0, 0]  # drops p < 0.125
+    assert kept(top_k=3, top_p=0.75) == [1, 1, 0, 0, 0]  # top-p over the renormalised top-3: 0.7 / 0.85
+    assert torch.equal(filter_probs(probs, top_k=2)[0, :2], probs[0, :2])
+
+
+def test_sampling_frequencies_follow_the_tempered_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(40000, -1)
+    gen = torch.Generator().manual_seed(0)
+    tokens, logp = sample_tokens(logits, SamplingParams(temperature=0.5), gen)
+    expected = (logits[0] / 0.5).softmax(-1)
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert (freq - expected).abs().max() < 0.01  # 4 sigma at n = 40000
+    assert torch.allclose(logp, expected.log()[tokens], atol=1e-6)
+    top1, _ = sample_tokens(logits[:100], SamplingParams(top_k=1), gen)
+    assert (top1 == 0).all()
+
+
+def test_sync_rejects_another_model():
+    model = tiny_model(seed=1)
+    sampler = Sampler(model, CharTokenizer())
+    sampler.sync(model)
+    with pytest.raises(ValueError, match="same model"):
+        sampler.sync(tiny_model(seed=2))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sampler_logprobs_equal_trainer_logprobs(temperature):
+    """The acceptance contract: the trainer's chunked log-probs of the sampled sequences equal the
+    sampler's own (fp32, 1e-5), with finished rows padded differently in each row."""
+    from minigrpo.logprobs import completion_logprobs
+
+    model = tiny_model(seed=9)
+    params = SamplingParams(n=4, temperature=temperature, max_new_tokens=9, stop_ids=(2, 7, 11))
+    out = Sampler(model, CharTokenizer()).generate(PROMPTS, params)
+    with torch.no_grad():
+        logp, entropy = completion_logprobs(
+            model,
+            out.input_ids(),
+            out.attention_mask(),
+            out.completion_mask,
+            temperature=temperature,
+            return_entropy=True,
+        )
+    assert logp.shape == out.sampler_logp.shape
+    err = (logp - out.sampler_logp).abs().max().item()
+    assert err < 1e-5, f"trainer vs sampler log-probs: max |diff| {err:.2e}"
+    active = out.completion_mask.bool()
+    assert (logp[~active] == 0).all() and (entropy[active] > 0).all()
