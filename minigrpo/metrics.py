@@ -1,0 +1,461 @@
+"""What the user sees during a run: metrics.jsonl, a console table, a progress bar, samples, PNG curves.
+
+One MetricsLogger per run (only the main rank has enabled=True). Per step, `log(step, metrics)`:
+  - appends {"step": step, **metrics} to run_dir/metrics.jsonl (one write of one full line; NaN/inf
+    become null), so a killed run leaves at most a partial last line, which reads ignore and the next
+    open trims;
+  - moves the tqdm bar (ETA, reward, tokens/s) when the stream is a terminal;
+  - prints a table row every `print_every` steps through tqdm.write (a header every 20 rows);
+  - redraws run_dir/curves.png every `plot_every` steps and at close (see minigrpo.plot);
+  - mirrors the scalars to TensorBoard / W&B when enabled and installed.
+
+The table answers "why is the loss 0?" at a glance: zero% is the share of groups whose rewards have
+no spread (zero advantage, no policy gradient), fail counts reward-function failures and timeouts,
+clip% the tokens in the clipped region, trunc% the completions cut at max_new_tokens. Per-function
+rewards are appended as the last columns while the line stays within 140 characters; all of them
+are always in metrics.jsonl and curves.png. Columns appear only for metrics the loop sends.
+
+`step` is the 1-based index of the optimizer step just finished; a run resumed from a checkpoint
+taken after step k passes start_step=k and calls truncate_after(k) to drop the lost steps' records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from minigrpo.plot import Panel, write_line_plots
+
+MAX_WIDTH = 140  # characters of one table row
+HEADER_EVERY = 20  # table rows between headers
+SAMPLE_PROMPT_CHARS = 200  # the tail of the prompt shown with a sample
+SAMPLE_COMPLETION_CHARS = 2000  # longer completions are shown with their middle elided
+_NOT_PER_FN = ("total", "total_std", "masked_rows")  # reward/<x> keys that are not a reward function
+_FAIL_KEY = re.compile(r"reward/[^/]+/(failures|timeouts)")
+
+
+def _sci(v: float) -> str:
+    return f"{v:.1e}".replace("e-0", "e-").replace("e+0", "e+")
+
+
+def _si(v: float) -> str:
+    a = abs(v)
+    if a < 1e4:
+        return f"{v:.0f}"
+    scale, suffix = next((s, x) for s, x in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if a >= s)
+    return f"{v / scale:.1f}{suffix}"
+
+
+def _g(v: float) -> str:
+    a = abs(v)
+    return "0" if a == 0 else _si(v) if a >= 1e4 else _sci(v) if a < 1e-2 else f"{v:.4g}"
+
+
+def _pct(v: float) -> str:
+    return "100" if v >= 0.9995 else f"{100 * v:.1f}"
+
+
+def _sec(v: float) -> str:
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 1000 else f"{v:.0f}"
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: header, the metric keys it reads (the first one present wins), width, formatter."""
+
+    header: str
+    keys: tuple[str, ...]
+    width: int
+    fmt: Callable[[float], str]
+
+
+# The preferred order. "_fail" (summed failures + timeouts) and "_eta" are computed by the logger.
+COLUMNS = (
+    Column("step", ("step",), 6, lambda v: f"{v:.0f}"),
+    Column("reward", ("reward", "reward/total"), 7, lambda v: f"{v:.3f}"),
+    Column("r_std", ("reward_std", "reward/total_std"), 6, lambda v: f"{v:.3f}"),
+    Column("zero%", ("frac_zero_spread",), 5, _pct),
+    Column("fail", ("_fail",), 4, lambda v: f"{v:.0f}"),
+    Column("len", ("completion_len_mean",), 6, lambda v: f"{v:.0f}"),
+    Column("len_max", ("completion_len_max",), 7, lambda v: f"{v:.0f}"),
+    Column("trunc%", ("truncated_frac",), 6, _pct),
+    Column("kl", ("kl",), 8, _g),
+    Column("clip%", ("clip_region_frac",), 5, _pct),
+    Column("ent", ("entropy",), 6, lambda v: f"{v:.3f}"),
+    Column("gnorm", ("grad_norm",), 6, _g),
+    Column("lr", ("lr",), 7, _sci),
+    Column("loss", ("loss",), 8, _g),
+    Column("tok/s", ("tokens_per_s",), 6, _si),
+    Column("t_step", ("time/step",), 6, _sec),
+    Column("mem", ("mem/peak_gb",), 5, lambda v: f"{v:.1f}"),
+    Column("eta", ("_eta",), 7, _duration),
+)
+
+
+def _reward_fns(keys: list[str]) -> list[str]:
+    """Reward-function names from reward/<name> keys, in first-seen order."""
+    return [k[7:] for k in keys if k.startswith("reward/") and "/" not in k[7:] and k[7:] not in _NOT_PER_FN]
+
+
+def table_columns(keys: list[str], *, max_width: int = MAX_WIDTH) -> list[Column]:
+    """The columns for the metric names seen so far: preferred ones present, then per-function rewards
+    (header = the name, cut to 8 characters) while the row fits in max_width."""
+    present = set(keys)
+    cols = [c for c in COLUMNS if present.intersection(c.keys)]
+    width = sum(c.width + 1 for c in cols) - 1
+    for name in _reward_fns(keys):
+        col = Column(name[:8], (f"reward/{name}",), max(len(name[:8]), 6), lambda v: f"{v:.3f}")
+        if width + 1 + col.width > max_width:
+            break
+        cols.append(col)
+        width += 1 + col.width
+    return cols
+
+
+def format_header(cols: list[Column]) -> str:
+    return " ".join(c.header.rjust(c.width) for c in cols)
+
+
+def format_row(cols: list[Column], values: Mapping[str, float]) -> str:
+    """One table row: "-" where a metric is missing this step, "nan" where it was NaN."""
+    out = []
+    for c in cols:
+        v = next((values[k] for k in c.keys if k in values), None)
+        s = "-" if v is None else "nan" if math.isnan(v) else c.fmt(v) if math.isfinite(v) else str(v)
+        out.append(s.rjust(c.width))
+    return " ".join(out)
+
+
+def _to_float(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _json_value(v: Any) -> Any:
+    """JSON-safe value: ints stay ints, non-finite floats become null, other objects their str()."""
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (bool, int)):
+        return int(v)
+    f = _to_float(v)
+    return str(v) if f is None else f if math.isfinite(f) else None
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The newline-terminated lines of a file ([] if missing): a partial last line is left out."""
+    if not path.exists():
+        return []
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    return text.split("\n")[:-1]
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _trim_partial_tail(path: Path) -> None:
+    """Cut a partial last line (left by a killed process) so that the next append starts a fresh line."""
+    if path.exists() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            os.truncate(path, data.rfind(b"\n") + 1)
+
+
+def _rewrite_atomic(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _missing(option: str, what: str, package: str, err: ImportError) -> None:
+    """Warn that an optional backend is on but not installed; the run goes on without it."""
+    msg = f"{option} is on but {what} is not installed ({err}); continuing without it (pip install {package})"
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+class MetricsLogger:
+    """Step metrics of one run to metrics.jsonl, the console (table + progress bar), curves.png,
+    samples.jsonl and optionally TensorBoard / W&B. With enabled=False every method does nothing."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        print_every: int = 1,
+        plots: bool = True,
+        plot_every: int = 10,
+        tensorboard: bool = False,
+        wandb: bool = False,
+        wandb_project: str | None = None,
+        progress: bool = True,
+        config: dict | None = None,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+    ) -> None:
+        """stream: where the table, samples and bar go (None: sys.stdout at construction). The bar is shown
+        only when progress is on and the stream is a terminal; otherwise the table gains an eta column."""
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.total_steps, self.start_step = total_steps, start_step
+        self.print_every, self.plots, self.plot_every = max(print_every, 1), plots, max(plot_every, 1)
+        self.stream = sys.stdout if stream is None else stream
+        self.metrics_path, self.samples_path = self.run_dir / "metrics.jsonl", self.run_dir / "samples.jsonl"
+        self.plot_path = self.run_dir / "curves.png"
+        self._files: dict[Path, Any] = {}
+        self._records = self.history()  # earlier steps of a resumed run, for the curves
+        self._keys: list[str] = []  # metric names seen, in first-seen order (+ "_fail" / "_eta")
+        self._cols: list[Column] = []
+        self._rows = 0  # table rows since the last header
+        self._notes: set[str] = set()
+        self._t0 = time.perf_counter()
+        self._closed = False
+        self._bar = None
+        if progress and getattr(self.stream, "isatty", lambda: False)():
+            self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream, unit="step", dynamic_ncols=True)
+        self._tb = self._open_tensorboard() if tensorboard else None
+        self._wandb = self._open_wandb(wandb_project, config) if wandb else None
+
+    # ---- optional backends ------------------------------------------------------------------------
+    def _open_tensorboard(self) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            return _missing("log.tensorboard", "TensorBoard", "tensorboard", e)
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def _open_wandb(self, project: str | None, config: dict | None) -> Any:
+        try:
+            import wandb
+        except ImportError as e:
+            return _missing("log.wandb", "wandb", "wandb", e)
+        id_file = self.run_dir / "wandb_run_id"  # a resumed run continues the same W&B run
+        if not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex[:12])
+        run_id = id_file.read_text().strip()
+        return wandb.init(
+            project=project or "minigrpo", config=config, dir=str(self.run_dir), id=run_id, resume="allow"
+        )
+
+    # ---- files --------------------------------------------------------------------------------------
+    def _append(self, path: Path, record: dict) -> None:
+        """One write() of one full JSON line, unbuffered: a kill leaves at most a partial last line."""
+        f = self._files.get(path)
+        if f is None:
+            _trim_partial_tail(path)
+            f = self._files[path] = open(path, "ab", buffering=0)  # noqa: SIM115 (kept open for the run)
+        line = json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+        f.write(line.encode("utf-8", errors="backslashreplace"))  # a lone surrogate stays valid JSON
+
+    def _close_files(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def history(self) -> list[dict]:
+        """All step records in metrics.jsonl (null where a value was NaN/inf); a partial last line is ignored."""
+        if not self.enabled:
+            return []
+        return [r for r in map(_parse, _complete_lines(self.run_dir / "metrics.jsonl")) if r is not None]
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps > step from metrics.jsonl and samples.jsonl (on resume: those steps
+        will be redone). Each file is rewritten atomically; earlier records are kept byte for byte."""
+        if not self.enabled:
+            return
+        self._close_files()
+        for path in (self.metrics_path, self.samples_path):
+            if path.exists():
+                keep = [
+                    ln for ln in _complete_lines(path) if (r := _parse(ln)) is not None and r.get("step", 0) <= step
+                ]
+                _rewrite_atomic(path, keep)
+        self._records = [r for r in self._records if r.get("step", 0) <= step]
+
+    # ---- per step -----------------------------------------------------------------------------------
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record the metrics of one finished step (see the module docstring for what happens)."""
+        if not self.enabled:
+            return
+        record = {"step": int(step)} | {k: _json_value(v) for k, v in metrics.items() if k != "step"}
+        self._append(self.metrics_path, record)
+        self._records.append(record)
+        values = {k: f for k, v in metrics.items() if (f := _to_float(v)) is not None} | {"step": float(step)}
+        fails = [k for k in values if _FAIL_KEY.fullmatch(k)]
+        if fails:
+            values["_fail"] = sum(values[k] for k in fails if math.isfinite(values[k]))
+        if self._bar is None and step > self.start_step:
+            rate = (step - self.start_step) / max(time.perf_counter() - self._t0, 1e-9)
+            values["_eta"] = max(self.total_steps - step, 0) / rate
+        self._keys += [k for k in values if k not in self._keys]
+
+        if self._bar is not None:
+            post = [f"reward={values[k]:.3f}" for k in ("reward", "reward/total") if k in values][:1]
+            post += [f"tok/s={_si(values['tokens_per_s'])}"] if "tokens_per_s" in values else []
+            self._bar.set_postfix_str(" ".join(post), refresh=False)
+            self._bar.update(max(min(step, self.total_steps) - self._bar.n, 0))
+        if step % self.print_every == 0 or step >= self.total_steps:
+            self._print_row(values)
+        self._notes_for(step, values)
+        self._tb_wandb(step, values)
+        if self.plots and step % self.plot_every == 0:
+            self._plot(step)
+
+    def _write(self, text: str) -> None:
+        tqdm.write(text, file=self.stream)
+
+    def _print_row(self, values: Mapping[str, float]) -> None:
+        cols = table_columns(self._keys)
+        if [c.keys for c in cols] != [c.keys for c in self._cols] or self._rows >= HEADER_EVERY:
+            self._cols, self._rows = cols, 0
+            self._write(format_header(cols))
+        self._write(format_row(cols, values))
+        self._rows += 1
+
+    def _notes_for(self, step: int, values: Mapping[str, float]) -> None:
+        """One-time hints for the usual "why is nothing learned" causes."""
+        if values.get("frac_zero_spread", 0) >= 1 and "zero" not in self._notes:
+            self._notes.add("zero")
+            self._write(
+                f"note: step {step}: every group got identical rewards (zero%=100), so every advantage "
+                "and the policy-gradient loss are 0; check the reward functions on the samples."
+            )
+        if values.get("_fail", 0) > 0 and "fail" not in self._notes:
+            self._notes.add("fail")
+            bad = [k for k in values if _FAIL_KEY.fullmatch(k) and values[k] > 0]
+            self._write(
+                f"note: step {step}: reward functions failed or timed out ({', '.join(bad)}); those "
+                "completions are masked. Counts per step are in metrics.jsonl."
+            )
+
+    def _tb_wandb(self, step: int, values: Mapping[str, float]) -> None:
+        scalars = {k: v for k, v in values.items() if not k.startswith("_") and k != "step" and math.isfinite(v)}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    # ---- curves -------------------------------------------------------------------------------------
+    def panels(self) -> list[Panel]:
+        """The curves.png panels for the records so far; panels and series without data are left out."""
+        recs = self._records
+        steps = [r["step"] for r in recs]
+        keys = list(dict.fromkeys(k for r in recs for k in r))
+        total = "reward" if "reward" in keys else "reward/total"
+        spec = [
+            ("reward", False, [("total", total)] + [(fn, f"reward/{fn}") for fn in _reward_fns(keys)]),
+            ("completion length", True, [("mean", "completion_len_mean"), ("max", "completion_len_max")]),
+            ("KL", True, [("kl", "kl")]),
+            (
+                "clip fraction",
+                True,
+                [("low", "clip_low_frac"), ("high", "clip_high_frac"), ("region", "clip_region_frac")],
+            ),
+            (
+                "zero spread, truncated",
+                True,
+                [("zero-spread groups", "frac_zero_spread"), ("truncated", "truncated_frac")],
+            ),
+            ("loss", False, [("loss", "loss")]),
+            ("entropy", True, [("entropy", "entropy")]),
+            ("grad norm", True, [("grad_norm", "grad_norm")]),
+        ]
+        panels = []
+        for title, include_zero, series in spec:
+            data = {}
+            for name, key in series:
+                ys = [_to_float(r.get(key)) for r in recs]
+                if any(y is not None and math.isfinite(y) for y in ys):
+                    data[name] = (steps, [math.nan if y is None else y for y in ys])
+            if data:
+                panels.append(Panel(title, data, include_zero))
+        return panels
+
+    def _plot(self, step: int) -> None:
+        """Redraw curves.png; a plotting error is reported once and never stops training."""
+        panels = self.panels()
+        if not panels:
+            return
+        try:
+            write_line_plots(self.plot_path, panels, title=f"{self.run_dir.name}: step {step}/{self.total_steps}")
+        except Exception as e:  # the curves are a convenience, the run matters more
+            if "plot" not in self._notes:
+                self._notes.add("plot")
+                warnings.warn(f"writing {self.plot_path} failed: {e!r}", RuntimeWarning, stacklevel=3)
+
+    # ---- samples and shutdown -----------------------------------------------------------------------
+    def sample(self, step: int, prompt: str, completion: str, reward: float | None, answer: str | None = None) -> None:
+        """Print one sampled completion (the prompt's tail, the completion, the reference answer) and
+        append it in full to samples.jsonl."""
+        if not self.enabled:
+            return
+        r = _to_float(reward)
+        r = None if r is None or not math.isfinite(r) else r
+        self._append(
+            self.samples_path,
+            {"step": int(step), "reward": r, "prompt": prompt, "completion": completion, "answer": answer},
+        )
+        tail = prompt[-SAMPLE_PROMPT_CHARS:]
+        shown = completion
+        if len(shown) > SAMPLE_COMPLETION_CHARS:
+            half = SAMPLE_COMPLETION_CHARS // 2
+            shown = f"{shown[:half]}\n[... {len(shown) - 2 * half} characters ...]\n{shown[-half:]}"
+        head = f"---- sample | step {step} | reward {'-' if r is None else f'{r:.3f}'} "
+        lines = [
+            head + "-" * max(60 - len(head), 4),
+            f"prompt: {'...' if len(prompt) > len(tail) else ''}{tail}",
+            "completion:",
+            shown,
+        ]
+        if answer is not None:
+            lines.append(f"answer: {answer}")
+        self._write("\n".join(lines))
+
+    def close(self) -> None:
+        """Final curves, close the bar, files and backends. Safe to call twice."""
+        if not self.enabled or self._closed:
+            return
+        self._closed = True
+        if self.plots and self._records:
+            self._plot(self._records[-1]["step"])
+        if self._bar is not None:
+            self._bar.close()
+        self._close_files()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

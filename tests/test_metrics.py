@@ -1,0 +1,301 @@
+"""MetricsLogger: metrics.jsonl, resume truncation, the console table, progress bar, samples, plots, backends."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import math
+import re
+import struct
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from minigrpo.metrics import MetricsLogger, format_header, table_columns
+
+NAN = float("nan")
+
+
+class TTY(io.StringIO):
+    """A captured stream that claims to be a terminal, so the progress bar is shown."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def full_metrics(step: int) -> dict[str, float]:
+    """Every metric the training loop sends, with easy-to-spot values."""
+    return {
+        "reward": 0.625,
+        "reward_std": 0.2125,
+        "reward/correctness": 0.5,
+        "reward/format": 0.875,
+        "reward/correctness/failures": 0.0,
+        "reward/correctness/timeouts": 0.0,
+        "reward/format/failures": 0.0,
+        "reward/format/timeouts": 0.0,
+        "frac_zero_spread": 0.375,
+        "completion_len_mean": 312.4,
+        "completion_len_max": 512,
+        "truncated_frac": 0.0625,
+        "kl": 1.23e-4,
+        "clip_low_frac": 0.001,
+        "clip_high_frac": 0.002,
+        "clip_region_frac": 0.003,
+        "entropy": 0.8123,
+        "grad_norm": 0.2311,
+        "lr": 1e-6,
+        "loss": -0.0123,
+        "ratio_min": 0.9,
+        "ratio_max": 1.1,
+        "tokens_per_s": 12345.0,
+        "time/rollout": 8.1,
+        "time/reward": 0.1,
+        "time/logprobs": 1.0,
+        "time/update": 3.0,
+        "time/step": 12.34,
+        "mem/peak_gb": 4.21,
+    }
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def logger(tmp_path: Path, **kw) -> MetricsLogger:
+    kw = {"total_steps": 10, "plots": False, "progress": False, "stream": io.StringIO()} | kw
+    return MetricsLogger(tmp_path / "run", **kw)
+
+
+def test_jsonl_records_nan_as_null(tmp_path: Path):
+    lg = logger(tmp_path)
+    lg.log(1, {"reward": 0.5, "kl": NAN, "loss": math.inf, "completion_len_max": 7, "note": "x"})
+    lg.log(2, {"reward": 0.75, "kl": 0.01})
+    path = tmp_path / "run" / "metrics.jsonl"
+    raw = path.read_text()
+    assert "NaN" not in raw and "Infinity" not in raw
+    assert lines(path) == [
+        {"step": 1, "reward": 0.5, "kl": None, "loss": None, "completion_len_max": 7, "note": "x"},
+        {"step": 2, "reward": 0.75, "kl": 0.01},
+    ]
+    assert lg.history() == lines(path)
+    lg.close()
+    lg.close()  # twice is fine
+
+
+def test_history_ignores_partial_line_and_resume_trims_it(tmp_path: Path):
+    lg = logger(tmp_path)
+    lg.log(1, {"reward": 0.1})
+    lg.log(2, {"reward": 0.2})
+    lg.close()
+    path = tmp_path / "run" / "metrics.jsonl"
+    with open(path, "a") as f:
+        f.write('{"step": 3, "reward": 0.')  # the process was killed mid-write
+    assert [r["step"] for r in lg.history()] == [1, 2]
+
+    lg2 = logger(tmp_path, start_step=2)
+    lg2.log(3, {"reward": 0.3})
+    lg2.close()
+    assert lines(path) == [{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.2}, {"step": 3, "reward": 0.3}]
+
+
+def test_truncate_after_keeps_earlier_records(tmp_path: Path):
+    lg = logger(tmp_path)
+    for step in range(1, 6):
+        lg.log(step, {"reward": step / 10})
+        if step % 2 == 0:
+            lg.sample(step, f"prompt {step}", f"completion {step}", 1.0, "4")
+    lg.close()
+    run = tmp_path / "run"
+    before = (run / "metrics.jsonl").read_text().splitlines()
+
+    lg2 = logger(tmp_path, start_step=3)
+    lg2.truncate_after(3)
+    assert (run / "metrics.jsonl").read_text().splitlines() == before[:3]  # byte for byte
+    assert [r["step"] for r in lines(run / "samples.jsonl")] == [2]
+    assert [r["step"] for r in lg2.history()] == [1, 2, 3]
+    lg2.log(4, {"reward": 0.44})
+    lg2.close()
+    assert [(r["step"], r["reward"]) for r in lines(run / "metrics.jsonl")][-2:] == [(3, 0.3), (4, 0.44)]
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "samples.jsonl"]  # no temp files
+
+
+def test_table_header_and_formatted_values(tmp_path: Path):
+    out = io.StringIO()
+    lg = logger(tmp_path, total_steps=100, stream=out)
+    lg.log(1, full_metrics(1))
+    header, row = out.getvalue().splitlines()[:2]
+    assert header.split() == [
+        "step", "reward", "r_std", "zero%", "fail", "len", "len_max", "trunc%", "kl", "clip%", "ent", "gnorm",
+        "lr", "loss", "tok/s", "t_step", "mem", "eta", "correctn",
+    ]  # fmt: skip
+    assert row.split() == [
+        "1", "0.625", "0.212", "37.5", "0", "312", "512", "6.2", "1.2e-4", "0.3", "0.812", "0.2311",
+        "1.0e-6", "-0.0123", "12.3k", "12.3", "4.2", "0s", "0.500",
+    ]  # fmt: skip
+    assert len(header) == len(row) <= 140
+    ends = lambda text: [m.end() for m in re.finditer(r"\S+", text)]
+    assert ends(header) == ends(row)  # values right-aligned under their headers
+
+    m = full_metrics(2) | {"reward": NAN}
+    del m["kl"]
+    lg.log(2, m)
+    assert out.getvalue().splitlines()[2].split()[1] == "nan"
+    assert out.getvalue().splitlines()[2].split()[8] == "-"  # missing this step
+
+
+def test_table_header_repeats_and_print_every(tmp_path: Path):
+    out = io.StringIO()
+    lg = logger(tmp_path, total_steps=45, print_every=2, stream=out)
+    for step in range(1, 46):
+        lg.log(step, {"reward": 0.5, "kl": 0.02})
+    text = out.getvalue().splitlines()
+    rows = [int(t.split()[0]) for t in text if not t.lstrip().startswith("step")]
+    assert rows == [*range(2, 45, 2), 45]  # every 2nd step, and the last one
+    assert sum(t.split()[0] == "step" for t in text) == 2  # 23 rows: a header every 20
+    assert len(lines(tmp_path / "run" / "metrics.jsonl")) == 45  # JSONL gets every step
+
+
+def test_table_columns_fit_and_show_per_function_rewards():
+    keys = ["step", "reward", "reward/correctness", "reward/format", "reward/total", "reward/total_std", "kl"]
+    # reward/total(_std) (what rewards.py reports) fill the reward / r_std columns when reward is absent
+    assert format_header(table_columns(keys)).split() == ["step", "reward", "r_std", "kl", "correctn", "format"]
+    many = list(full_metrics(1)) + ["step", "_fail", "_eta"] + [f"reward/fn{i}" for i in range(10)]
+    assert len(format_header(table_columns(many))) <= 140
+
+
+def test_notes_for_zero_advantage_and_reward_failures(tmp_path: Path):
+    out = io.StringIO()
+    lg = logger(tmp_path, stream=out)
+    lg.log(1, {"reward": 0.0, "frac_zero_spread": 1.0, "reward/c/failures": 2.0, "reward/c/timeouts": 1.0})
+    lg.log(2, {"reward": 0.0, "frac_zero_spread": 1.0, "reward/c/failures": 0.0, "reward/c/timeouts": 0.0})
+    text = out.getvalue()
+    assert text.count("every advantage") == 1 and "step 1: every group got identical rewards" in text
+    assert text.count("reward functions failed") == 1 and "reward/c/failures, reward/c/timeouts" in text
+    row1 = text.splitlines()[1].split()
+    assert row1[:4] == ["1", "0.000", "100", "3"]  # step, reward, zero%, fail
+
+
+def test_progress_bar(tmp_path: Path):
+    out = TTY()
+    lg = logger(tmp_path, total_steps=10, start_step=4, progress=True, stream=out)
+    assert lg._bar is not None and lg._bar.n == 4
+    lg.log(5, {"reward": 0.625, "tokens_per_s": 2500.0})
+    lg.log(6, {"reward": 0.75, "tokens_per_s": 2600.0})
+    assert lg._bar.n == 6
+    lg.close()
+    text = out.getvalue()
+    assert "6/10" in text and "reward=0.750 tok/s=2600" in text
+    assert "eta" not in text.splitlines()[0]  # the bar shows the ETA, the table does not
+    assert "reward" in text and "0.750" in text
+
+
+def test_sample_block_and_jsonl(tmp_path: Path):
+    out = io.StringIO()
+    lg = logger(tmp_path, stream=out)
+    prompt = "HEAD" + "x" * 300 + "What is 2+2?"
+    lg.sample(10, prompt, "<think>2+2=4</think> 4", 1.0, answer="4")
+    lg.sample(11, "p", "c" * 5000, NAN)
+    text = out.getvalue()
+    assert "sample | step 10 | reward 1.000" in text and "sample | step 11 | reward -" in text
+    assert prompt[-200:] in text and "HEAD" not in text
+    assert "<think>2+2=4</think> 4" in text and "answer: 4" in text
+    assert "[... 3000 characters ...]" in text
+    recs = lines(tmp_path / "run" / "samples.jsonl")
+    completion = "<think>2+2=4</think> 4"
+    assert recs[0] == {"step": 10, "reward": 1.0, "prompt": prompt, "completion": completion, "answer": "4"}
+    assert recs[1]["reward"] is None and len(recs[1]["completion"]) == 5000
+
+
+def test_disabled_writes_nothing(tmp_path: Path):
+    out = TTY()
+    lg = MetricsLogger(tmp_path / "run", total_steps=5, enabled=False, stream=out, tensorboard=True, wandb=True)
+    lg.log(1, {"reward": 1.0})
+    lg.sample(1, "p", "c", 1.0)
+    lg.truncate_after(0)
+    assert lg.history() == []
+    lg.close()
+    assert not (tmp_path / "run").exists() and out.getvalue() == ""
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plots_every_n_steps_and_at_close(tmp_path: Path):
+    lg = logger(tmp_path, total_steps=10, plots=True, plot_every=3)
+    png = tmp_path / "run" / "curves.png"
+    lg.log(1, full_metrics(1))
+    lg.log(2, full_metrics(2))
+    assert not png.exists()
+    lg.log(3, full_metrics(3))
+    assert png.exists()
+    first = png.read_bytes()
+    titles = [p.title for p in lg.panels()]
+    assert titles == [
+        "reward", "completion length", "KL", "clip fraction", "zero spread, truncated", "loss", "entropy", "grad norm",
+    ]  # fmt: skip
+    assert list(lg.panels()[0].series) == ["total", "correctness", "format"]
+    assert png_size(png) == (1200, 32 + 3 * 300)  # title band + 3 rows of 3 panels
+    lg.log(4, full_metrics(4))
+    lg.close()
+    assert png.read_bytes() != first  # redrawn with step 4 at close
+
+
+def test_missing_backends_warn_not_crash(tmp_path: Path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_backends(name, *args, **kwargs):
+        if name.startswith(("wandb", "tensorboard", "torch.utils.tensorboard")):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_backends)
+    with pytest.warns(RuntimeWarning) as caught:
+        lg = logger(tmp_path, tensorboard=True, wandb=True)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "TensorBoard is not installed" in messages and "wandb is not installed" in messages
+    lg.log(1, {"reward": 1.0})
+    lg.close()
+    assert lines(tmp_path / "run" / "metrics.jsonl") == [{"step": 1, "reward": 1.0}]
+
+
+def test_backends_receive_finite_scalars(tmp_path: Path, monkeypatch):
+    calls: list[tuple] = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            calls.append(("tb_init", Path(log_dir).name))
+
+        def add_scalar(self, k, v, step):
+            calls.append(("tb", k, v, step))
+
+        def close(self):
+            calls.append(("tb_close",))
+
+    class Run:
+        def log(self, d, step):
+            calls.append(("wandb", d, step))
+
+        def finish(self):
+            calls.append(("wandb_finish",))
+
+    def init(**kw):
+        calls.append(("wandb_init", kw))
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    lg = logger(tmp_path, tensorboard=True, wandb=True, wandb_project="p", config={"lr": 1e-6})
+    lg.log(1, {"reward": 0.5, "kl": NAN})
+    lg.close()
+    run_id = (tmp_path / "run" / "wandb_run_id").read_text()
+    kw = calls[1][1]
+    assert kw == {"project": "p", "config": {"lr": 1e-6}, "dir": str(tmp_path / "run"), "id": run_id, "resume": "allow"}
+    assert calls[0] == ("tb_init", "tensorboard")
+    assert calls[2:] == [("tb", "reward", 0.5, 1), ("wandb", {"reward": 0.5}, 1), ("tb_close",), ("wandb_finish",)]
