@@ -28,7 +28,7 @@ setup(
         "numpy>=1.24",
         "gguf>=0.10",
         "pyyaml>=6.0",
-        "jinja2>=3.1",
+        "jinja2>=3.1.6",  # older versions have sandbox escapes
         "tqdm>=4.60",
     ],
     extras_require={

@@ -89,6 +89,17 @@ def build_random(
     return model
 
 
+def load_weights(model: Transformer, directory: str | os.PathLike) -> None:
+    """Copy the weights of an HF checkpoint folder into an existing model (names and shapes checked)."""
+    source = _hf_tensor_source(Path(directory))
+    params = dict(model.named_parameters())
+    _check(model, source[0])
+    with torch.no_grad():
+        for name, tensor in source[1]:
+            if name in params:
+                params[name].copy_(tensor)
+
+
 def save_pretrained(
     model: Transformer,
     tokenizer: Any,
@@ -107,10 +118,13 @@ def save_pretrained(
     dtype = dtype or model.dtype
     dtype_name = str(dtype).removeprefix("torch.")
     _write_json(out / "config.json", model.args.to_hf_config(torch_dtype=dtype_name))
-    gen = {"bos_token_id": model.args.hf_config.get("bos_token_id")}
-    stop_ids = list(getattr(tokenizer, "stop_ids", []) or [])
-    eos = stop_ids or model.args.hf_config.get("eos_token_id")
-    gen["eos_token_id"] = eos[0] if isinstance(eos, list) and len(eos) == 1 else eos
+    # every stop id (multi-EOS models) goes to generation_config.json, or they are lost on reload
+    gen = {
+        "bos_token_id": model.args.hf_config.get("bos_token_id"),
+        "eos_token_id": model.args.hf_config.get("eos_token_id"),
+    }
+    if tokenizer is not None and hasattr(tokenizer, "generation_config"):
+        gen.update({k: v for k, v in tokenizer.generation_config().items() if v is not None})
     _write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -214,9 +228,8 @@ def _hf_tensor_source(directory: Path) -> TensorSource:
     return shapes, tensors()
 
 
-def _fill(model: Transformer, source: TensorSource, dtype: torch.dtype, device: str | torch.device) -> None:
-    """Place every checkpoint tensor into the meta-device model, after checking names and shapes."""
-    shapes, tensors = source
+def _check(model: Transformer, shapes: dict[str, tuple[tuple[int, ...], str]]) -> dict:
+    """The checkpoint tensors the model uses, after checking that names and shapes match exactly."""
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     tied = model.lm_head is None
     usable = {n: s for n, s in shapes.items() if not _IGNORED.search(n) and not (tied and n == "lm_head.weight")}
@@ -231,6 +244,13 @@ def _fill(model: Transformer, source: TensorSource, dtype: torch.dtype, device: 
             raise CheckpointError(
                 f"shape mismatch for {name!r} in {where}: checkpoint {list(shape)}, model {list(expected[name])}"
             )
+    return usable
+
+
+def _fill(model: Transformer, source: TensorSource, dtype: torch.dtype, device: str | torch.device) -> None:
+    """Place every checkpoint tensor into the meta-device model, after checking names and shapes."""
+    shapes, tensors = source
+    usable = _check(model, shapes)
     for name, tensor in tensors:
         if name not in usable:
             continue
@@ -266,4 +286,11 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["CheckpointError", "CorruptCheckpointError", "build_random", "load_pretrained", "save_pretrained"]
+__all__ = [
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "build_random",
+    "load_pretrained",
+    "load_weights",
+    "save_pretrained",
+]

@@ -1,0 +1,102 @@
+"""Optimizers and learning-rate schedules.
+
+Why master weights: an AdamW step on bf16 parameters rounds every update to 8 bits of mantissa, so
+at RL learning rates (1e-6 relative to weights around 1e-2) most updates round to nothing. When the
+trainable parameters are 16-bit, `MasterWeights` keeps an fp32 copy for the optimizer: gradients
+are copied up, the step runs in fp32, and the result is copied back down. The model still computes
+in bf16. fp32 parameters (CPU runs, LoRA adapters) are stepped directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from minigrpo.config import TrainCfg
+
+
+class MasterWeights(torch.optim.Optimizer):
+    """Wraps an optimizer that steps fp32 copies of low-precision parameters."""
+
+    def __init__(self, params: list[nn.Parameter], make_inner) -> None:
+        self.params = params
+        self.masters = [p.detach().float().clone().requires_grad_(True) for p in params]
+        self.inner: torch.optim.Optimizer = make_inner(self.masters)
+        # share the inner optimizer's param_groups so LR schedulers act on it
+        self.param_groups = self.inner.param_groups
+        self.defaults = self.inner.defaults
+        self.state = self.inner.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p, m in zip(self.params, self.masters):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        for p, m in zip(self.params, self.masters):
+            p.copy_(m)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+        self.inner.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "masters": [m.detach().cpu() for m in self.masters]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        with torch.no_grad():
+            for p, m, saved in zip(self.params, self.masters, state["masters"]):
+                m.copy_(saved)
+                p.copy_(saved)
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainCfg) -> torch.optim.Optimizer:
+    """AdamW (torch), or bitsandbytes' 8-bit AdamW (paged or not) on CUDA, over trainable params."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters")
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer in ("adamw8bit", "paged_adamw8bit"):
+        if not params[0].is_cuda:
+            raise ValueError(f"train.optimizer={cfg.optimizer} needs CUDA (bitsandbytes); use adamw on CPU")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError(
+                f"train.optimizer={cfg.optimizer} needs bitsandbytes: pip install 'minigrpo[qlora]'"
+            ) from e
+        cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+
+        def make(ps):
+            return cls(ps, **kwargs)
+    else:
+
+        def make(ps):
+            return torch.optim.AdamW(ps, foreach=True, **kwargs)
+
+    if any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
+        return MasterWeights(params, make)
+    return make(params)
+
+
+def lr_factor(step: int, cfg: TrainCfg, total_steps: int) -> float:
+    """Multiplier of cfg.lr after `step` optimizer steps: linear warmup, then constant/linear/cosine."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(total_steps - cfg.warmup_steps, 1)
+    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    shape = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainCfg, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over `total_steps` optimizer steps (steps x num_iterations)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
