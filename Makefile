@@ -40,6 +40,7 @@ install: $(VENV)/.base
 dev: $(VENV)/.dev
 
 demo: $(VENV)/.base
+	rm -rf runs/demo_cpu  # a fresh run each time (a kept run would need --resume)
 	$(PY) -m minigrpo.train --config configs/demo_cpu.yaml
 
 test: $(VENV)/.dev

@@ -330,6 +330,7 @@ class MetricsLogger:
 
     def _write(self, text: str) -> None:
         tqdm.write(text, file=self.stream)
+        self.stream.flush()  # rows must show up at once when the output goes to a file or a pipe
 
     def _print_row(self, values: Mapping[str, float]) -> None:
         cols = table_columns(self._keys)
@@ -345,7 +346,8 @@ class MetricsLogger:
             self._notes.add("zero")
             self._write(
                 f"note: step {step}: every group got identical rewards (zero%=100), so every advantage "
-                "and the policy-gradient loss are 0; check the reward functions on the samples."
+                "and the policy-gradient loss are 0: nothing to learn from this batch "
+                "(all right or all wrong? check the samples)."
             )
         if values.get("_fail", 0) > 0 and "fail" not in self._notes:
             self._notes.add("fail")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -378,3 +379,13 @@ def test_resolve_dtype():
     assert resolve_dtype("auto", "cuda:1") == "bfloat16"
     assert resolve_dtype("auto", "cpu") == "float32"
     assert resolve_dtype("float16", "cpu") == "float16"
+
+
+def test_every_shipped_config_loads():
+    """configs/*.yaml are valid as shipped (validated without touching any model)."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert any(f.name == "demo_cpu.yaml" for f in files)
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.sequences_per_step % cfg.train.micro_batch_size == 0, f.name

@@ -96,6 +96,34 @@ def test_smollm2_tensors_equal_transformers(smol, hf_smol_model):
     assert math.isclose(smol.config["rms_norm_eps"], hf_cfg.rms_norm_eps, rel_tol=1e-6)
 
 
+def test_smollm2_model_logits_equal_transformers(hf_smol_model):
+    """Our Transformer built from the GGUF computes what transformers computes on its own GGUF load."""
+    from minigrpo import load_pretrained
+
+    model, tok = load_pretrained("smollm2", dtype=torch.float32)
+    ids = torch.tensor([tok.encode(SMOLLM2_PROMPT, add_special_tokens=False)])
+    batch = torch.cat([ids, torch.randint(3, 49152, (1, ids.shape[1]))])
+    with torch.no_grad():
+        ours, ref = model(batch), hf_smol_model(batch).logits
+    err = (ours - ref).abs().max().item()
+    assert err < 1e-4, f"max |logit diff| {err:.2e} (logits up to {ref.abs().max():.1f})"
+
+
+def test_smollm2_answers_two_plus_three():
+    from minigrpo import load_pretrained
+    from minigrpo.sampling.params import SamplingParams
+    from minigrpo.sampling.sampler import Sampler
+
+    model, tok = load_pretrained("smollm2", dtype=torch.float32)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True)
+    assert prompt == SMOLLM2_PROMPT
+    ids = tok.encode(prompt, add_special_tokens=False)
+    out = Sampler(model, tok).generate([ids], SamplingParams(temperature=0.0, max_new_tokens=24, stop_ids=tok.stop_ids))
+    answer = out.completion_texts[0]
+    assert "5" in answer, answer
+    assert not out.truncated[0], f"no end-of-turn token: {answer!r}"
+
+
 def test_smollm2_tensors_own_memory(smol):
     name = "model.layers.0.input_layernorm.weight"  # stored as F32
     w = next(w for n, w in smol.tensors() if n == name)

@@ -1,0 +1,120 @@
+"""Checkpoint loading: time and peak resident memory against checkpoint size, ours vs the usual ways.
+
+    python benchmarks/bench_load.py [--archs smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b] [--quick]
+
+For each architecture a random bf16 checkpoint is written once (safetensors, HF layout), then each
+loader runs in a fresh process: the peak RSS is reset (/proc/self/clear_refs) after imports and a
+warm-up load of a tiny checkpoint, and the rise of VmHWM during the load is reported as a multiple
+of the checkpoint size. Every weight is touched after loading, so that loaders which map the file
+and read it lazily are charged for the pages they will read anyway. Loaders:
+  ours          load_pretrained: meta-device model, each tensor read straight into its parameter
+  naive         build the model in memory, safetensors.load_file, load_state_dict (two copies)
+  transformers  AutoModelForCausalLM.from_pretrained (if installed)
+  gguf          load_pretrained on the packaged SmolLM2 GGUF (dequantized to fp32), if installed
+Target: ours at most 1.3x the checkpoint size. Writes results/load_<device>.json and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from common import environment, print_table, write_result
+
+from minigrpo.models.loading import build_random, save_pretrained
+from minigrpo.models.presets import preset_config
+
+CHILD = r"""
+import json, sys, time, torch
+def rss(key):
+    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key))
+kind, path, warm = sys.argv[1], sys.argv[2], sys.argv[3]
+if kind in ("ours", "gguf"):
+    from minigrpo.models.loading import load_pretrained
+    dtype = torch.float32 if kind == "gguf" else torch.bfloat16
+    load = lambda p: load_pretrained(p, dtype=dtype, load_tokenizer=False)[0]
+elif kind == "naive":
+    from safetensors.torch import load_file
+    from minigrpo.models.args import ModelArgs
+    from minigrpo.models.transformer import Transformer
+    def load(p):
+        model = Transformer(ModelArgs.from_hf_config(json.load(open(p + "/config.json")))).to(torch.bfloat16)
+        model.load_state_dict(load_file(p + "/model.safetensors"), strict=False)
+        return model
+else:
+    from transformers import AutoModelForCausalLM
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.bfloat16)
+if kind != "gguf":
+    del_me = load(warm)  # warm-up: one-time lazy initialisation inside torch and the loader
+    del del_me
+open('/proc/self/clear_refs', 'w').write('5')
+base = rss('VmRSS')
+t0 = time.perf_counter()
+model = load(path)
+with torch.no_grad():  # touch every weight: lazily mapped files must count once they are read
+    for p in model.parameters():
+        p.sum()
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "peak_rise": rss('VmHWM') - base}))
+"""
+
+
+def run_child(kind: str, path: str, warm: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, path, warm], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1][:200]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", default="smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b")
+    ap.add_argument("--loaders", default="ours,naive,transformers")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.archs = "smollm2-135m"
+    env = environment()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = Path(tmp) / "warm"
+        tiny = {**preset_config("smollm2-135m"), "num_hidden_layers": 1, "vocab_size": 512}
+        save_pretrained(build_random(tiny, dtype=torch.bfloat16), None, warm)
+        for arch in args.archs.split(","):
+            ckpt = Path(tmp) / arch
+            save_pretrained(build_random(preset_config(arch), dtype=torch.bfloat16), None, ckpt)
+            size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+            for loader in args.loaders.split(","):
+                r = run_child(loader, str(ckpt), str(warm))
+                rows.append({"checkpoint": arch, "size_gb": size / 1e9, "loader": loader, **_ratio(r, size)})
+                print(rows[-1], flush=True)
+        try:
+            from minigrpo.models.gguf import packaged_gguf
+
+            gguf = packaged_gguf("smollm2")
+            # dequantized to fp32: the model is 4.2x the file; report against the fp32 weights
+            fp32_bytes = 134_515_008 * 4
+            r = run_child("gguf", str(gguf), str(warm))
+            row = {"checkpoint": "smollm2 Q4_1 gguf", "size_gb": gguf.stat().st_size / 1e9, "loader": "gguf"}
+            rows.append({**row, **_ratio(r, fp32_bytes), "note": "ratio vs the fp32 model it builds"})
+        except Exception as e:  # the packaged model is optional here
+            print(f"gguf row skipped: {e}")
+    payload = {"environment": env, "rows": rows, "target": "ours: peak rise <= 1.3x checkpoint size"}
+    path = write_result("load", payload)
+    print(f"\n{env['device']}, torch {env['torch']} -> {path.name}")
+    print_table(rows, ["checkpoint", "size_gb", "loader", "seconds", "peak_x_size"])
+
+
+def _ratio(r: dict, size: int) -> dict:
+    if "error" in r:
+        return r
+    return {"seconds": r["seconds"], "peak_rise_gb": r["peak_rise"] / 1e9, "peak_x_size": r["peak_rise"] / size}
+
+
+if __name__ == "__main__":
+    main()

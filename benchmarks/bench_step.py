@@ -1,0 +1,157 @@
+"""One full GRPO step on one GPU, split by phase, and the update phase's model-FLOPs utilisation.
+
+    python benchmarks/bench_step.py [--arch qwen2.5-1.5b] [--prompts 16] [--group 8]
+                                    [--prompt-len 256] [--new-tokens 512] [--micro 16] [--quick]
+
+Random weights of a real architecture, bf16 compute with fp32 master weights and AdamW (full
+fine-tuning), fixed-length completions, random rewards (so that every group has a spread).
+Phases: rollout (own sampler), an old/reference log-prob pass (what num_iterations > 1 or beta > 0
+add), and the update (micro-batched forward + backward through the chunked log-prob kernel, clip,
+optimizer step). The update is timed on its second run (the first compiles kernels).
+
+Model FLOPs of the update = 6 * (non-embedding params) * tokens + 6 * D * V * completion tokens
++ 6 * L * T^2 * H * Dh per sequence (causal attention, fwd + bwd): recomputation is not counted.
+MFU = model FLOPs / time / in-run bf16 matmul rate (and / 989 TFLOP/s, the H100 datasheet).
+Writes results/step_<device>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import (
+    DEVICE,
+    NullTokenizer,
+    environment,
+    matmul_tflops,
+    peak_bytes,
+    print_table,
+    reset_peak,
+    sync,
+    write_result,
+)
+
+from minigrpo.config import load_config
+from minigrpo.models.loading import build_random
+from minigrpo.models.presets import preset_config
+from minigrpo.optim import build_optimizer, build_scheduler
+from minigrpo.sampling.params import SamplingParams
+from minigrpo.sampling.sampler import Sampler
+from minigrpo.train import Batch, logprobs_phase, update_phase
+
+
+def timed(fn):
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="qwen2.5-1.5b")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--micro", type=int, default=16)
+    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.arch, args.prompts, args.group, args.prompt_len, args.new_tokens, args.micro = (
+            "smollm2-135m",
+            2,
+            4,
+            16,
+            16,
+            4,
+        )
+    env = environment()
+    peak = matmul_tflops()
+    hf = preset_config(args.arch)
+    model = build_random(hf, dtype=torch.bfloat16, device=DEVICE)
+    model.gradient_checkpointing = args.checkpointing
+    cfg = load_config(
+        None,
+        [
+            f"grpo.prompts_per_step={args.prompts}",
+            f"grpo.group_size={args.group}",
+            f"train.micro_batch_size={args.micro}",
+            f"sampler.max_new_tokens={args.new_tokens}",
+            "train.lr=1e-6",
+        ],
+    )
+    optimizer = build_optimizer(model.parameters(), cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, 10)
+    sampler = Sampler(model, NullTokenizer())
+    params = SamplingParams(n=args.group, temperature=1.0, max_new_tokens=args.new_tokens, ignore_stop=True)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, hf["vocab_size"] - 100, (args.prompts, args.prompt_len), generator=g).tolist()
+    sampler.generate([p[:16] for p in prompts[:2]], SamplingParams(n=2, max_new_tokens=40, ignore_stop=True))
+
+    rows = []
+    for run in range(2):  # the first run includes kernel compilation and allocator warm-up
+        reset_peak()
+        rollout, t_rollout = timed(lambda: sampler.generate(prompts, params))
+        N = rollout.num_sequences
+        rewards = torch.rand(N, generator=g)
+        adv = (rewards.view(-1, args.group) - rewards.view(-1, args.group).mean(1, keepdim=True)).flatten()
+        batch = Batch(rollout=rollout, rewards=rewards, advantages=adv, reward_metrics={}, prompts=[], answers=[])
+        _, t_logp = timed(lambda r=rollout: logprobs_phase(model, r, args.micro, 1.0))
+        stats, t_update = timed(lambda b=batch: update_phase(cfg, model, optimizer, scheduler, b, None, None))
+        rows.append(
+            {
+                "run": run,
+                "rollout_s": t_rollout,
+                "logprob_pass_s": t_logp,
+                "update_s": t_update,
+                "step_s": t_rollout + t_update,
+                "peak_gib": peak_bytes() / 2**30,
+                "grad_norm": stats["grad_norm"],
+            }
+        )
+        print(rows[-1], flush=True)
+
+    a = model.args
+    T = args.prompt_len + args.new_tokens
+    tokens, completion_tokens = N * T, N * args.new_tokens
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    flops = 6 * body * tokens + 6 * a.dim * a.vocab_size * completion_tokens
+    flops += 6 * a.n_layers * T * T * a.n_heads * a.head_dim * N
+    final = rows[-1]
+    summary = {
+        "update_tflops": flops / final["update_s"] / 1e12,
+        "update_mfu_vs_inrun": flops / final["update_s"] / 1e12 / peak,
+        "update_mfu_vs_989": flops / final["update_s"] / 1e12 / 989,
+        "rollout_tok_s": completion_tokens / final["rollout_s"],
+        "train_tok_s": tokens / final["update_s"],
+        "phase_share": {k: final[k] / (final["rollout_s"] + final["update_s"]) for k in ("rollout_s", "update_s")},
+    }
+    payload = {
+        "environment": env,
+        "arch": args.arch,
+        "matmul_tflops_inrun": peak,
+        "sequences": N,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "micro_batch": args.micro,
+        "gradient_checkpointing": args.checkpointing,
+        "update_model_flops": flops,
+        "runs": rows,
+        "summary": summary,
+    }
+    path = write_result("step", payload)
+    print(
+        f"\n{env['device']}, torch {env['torch']}, {args.arch}, N={N} x {T} tokens, "
+        f"matmul {peak:.0f} TFLOP/s -> {path.name}"
+    )
+    print_table(rows, ["run", "rollout_s", "logprob_pass_s", "update_s", "step_s", "peak_gib"])
+    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()})
+
+
+if __name__ == "__main__":
+    main()

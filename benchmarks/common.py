@@ -1,0 +1,122 @@
+"""Shared pieces of the benchmark scripts: environment record, in-run ceilings, result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: smoke runs only
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> int:
+    """Reset the peak-memory counter; returns the bytes allocated now (0 on CPU)."""
+    if DEVICE.type != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def peak_bytes() -> int:
+    return torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else 0
+
+
+def environment() -> dict[str, Any]:
+    """Device and versions, recorded in every result file."""
+    env: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(
+            device=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count
+        )
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()})"
+    return env
+
+
+def device_slug(env: dict[str, Any]) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
+
+
+def cuda_ms(fn, reps: int = 5) -> float:
+    """Median wall time of fn in ms, with CUDA synchronisation (one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth_gbs(gib: float = 2.0) -> float:
+    """Device-to-device copy bandwidth, bytes read + written, in GB/s."""
+    n = int((gib if DEVICE.type == "cuda" else 0.0625) * 2**30) // 2
+    src = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = cuda_ms(lambda: dst.copy_(src), reps=10)
+    return 2 * n * 2 / (ms / 1e3) / 1e9
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    """bf16 n^3 matmul rate on random data, TFLOP/s."""
+    n = n if DEVICE.type == "cuda" else 512
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    ms = cuda_ms(lambda: a @ b, reps=10)
+    return 2 * n**3 / (ms / 1e3) / 1e12
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}_{device_slug(payload['environment'])}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return "-" if v is None else str(v)
+
+
+class NullTokenizer:
+    """Benchmarks sample random-weight models: no text, padding id 0, no stop ids."""
+
+    pad_token_id = 0
+    stop_ids = ()
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return ""
