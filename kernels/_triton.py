@@ -2,16 +2,25 @@
 
 Kernel files import `triton`/`tl` from here so that they load without Triton, and decorate their
 kernels with `jit` (below) instead of `triton.jit`: whether a kernel is compiled for the GPU or run
-by Triton's CPU interpreter is then decided at launch, from `TRITON_INTERPRET`, not at import. A
-process that imported the kernels before setting the variable still gets the interpreter.
+by Triton's CPU interpreter is decided at launch, from `TRITON_INTERPRET`, not when the kernel
+files are imported. (Triton itself must still be imported with the variable set for the
+interpreter to work: see `interpreter_ready`; on a machine without CUDA this module defaults
+TRITON_INTERPRET=1 before importing Triton.)
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
+
+# Without CUDA, Triton kernels can only run through its interpreter, and Triton fixes that choice
+# for its own library functions when it is first imported: default the variable here, before the
+# import, unless the caller set it or Triton is already loaded.
+if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 try:
     import triton
@@ -29,6 +38,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_ready() -> bool:
+    """True when Triton kernels can run on the CPU: Triton was imported with TRITON_INTERPRET=1.
+
+    Triton fixes its own library functions (tl.sum, ...) as compiled or interpreted when it is
+    first imported, so the variable must be set before that (see the top of this module).
+    """
+    if not (HAS_TRITON and interpreting()):
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.sum, InterpretedFunction)
+
+
 def resolve_impl(impl: str, *tensors) -> str:
     """Map `impl` ("auto" | "triton" | "ref") to the path that runs: auto is Triton on CUDA, else ref."""
     if impl not in ("auto", "triton", "ref"):
@@ -37,8 +59,11 @@ def resolve_impl(impl: str, *tensors) -> str:
         return "triton" if HAS_TRITON and all(t.is_cuda for t in tensors) else "ref"
     if impl == "triton" and not HAS_TRITON:
         raise RuntimeError("impl='triton' was asked for but Triton is not installed")
-    if impl == "triton" and not interpreting() and not all(t.is_cuda for t in tensors):
-        raise RuntimeError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    if impl == "triton" and not all(t.is_cuda for t in tensors) and not interpreter_ready():
+        raise RuntimeError(
+            "impl='triton' needs CUDA tensors, or the CPU interpreter: TRITON_INTERPRET=1 set before "
+            "triton is first imported"
+        )
     return impl
 
 

@@ -6,8 +6,8 @@ torch does); y = rmsnorm(h); returns (y, h), and the gradient of h flows back in
 
 Triton path: one forward launch (rows in tiles of BLOCK_M x BLOCK_D, rstd (M,) fp32 saved), one
 backward launch on a persistent grid. Each backward program owns a contiguous run of rows and keeps
-its dw partial sum in fp32 registers; the partials (P, D) fp32 are then summed over P by torch in
-a fixed order, so dw is bitwise reproducible on a given GPU (no atomics).
+its dw partial sum in fp32 registers; a small kernel then sums the partials (P, D) fp32 over P as
+a fixed tree, so dw is bitwise reproducible on a given GPU (no atomics).
 """
 
 from __future__ import annotations
@@ -119,6 +119,22 @@ def _rms_norm_bwd_kernel(
     tl.store(dw_part_ptr + pid.to(tl.int64) * D + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
 
+@jit
+def _rms_norm_dw_kernel(
+    part_ptr,  # (P, D) fp32 per-program partial sums of dw
+    dw_ptr,  # (D,) output, in the weight's dtype
+    P,
+    D,
+    BLOCK_P: tl.constexpr,  # >= P: the whole column is summed at once, as a fixed tree
+    BLOCK_D: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    parts = tl.arange(0, BLOCK_P)
+    mask = (parts < P)[:, None] & (cols < D)[None, :]
+    acc = tl.load(part_ptr + parts[:, None].to(tl.int64) * D + cols[None, :], mask=mask, other=0.0)
+    tl.store(dw_ptr + cols, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty), mask=cols < D)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Launchers
 # ----------------------------------------------------------------------------------------------
@@ -138,10 +154,15 @@ def _fwd_config(D: int) -> tuple[int, int, int]:
 
 
 def _bwd_config(D: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps, programs per SM) of the persistent backward."""
+    """(BLOCK_M, BLOCK_D, num_warps, programs per SM) of the persistent backward.
+
+    On an H100 (16K x 4096 bf16) one row at a time, 8 warps and 2 programs per SM was best:
+    88% of copy bandwidth; 1 program per SM lost 25%, 2 rows per step 10%, prefetching the next
+    row through a pipelined loop nothing.
+    """
     block_d = next_power_of_2(D)
     block_m = max(1, min(16, 2048 // block_d))
-    return block_m, block_d, max(4, min(16, block_m * block_d // 256)), 2
+    return block_m, block_d, max(4, min(8, block_m * block_d // 256)), 2
 
 
 def _rms_norm_fwd(
@@ -206,7 +227,19 @@ def _rms_norm_bwd(
         BLOCK_D=block_d,
         num_warps=num_warps,
     )
-    return dx, dw_part.sum(0).to(w.dtype)
+    return dx, _reduce_partials(dw_part, w.dtype)
+
+
+def _reduce_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sum (P, D) fp32 partials over P in a fixed order (one launch), cast to dtype: (D,)."""
+    P, D = part.shape
+    block_p = next_power_of_2(P)
+    if block_p > 1024:  # more partials than one program holds: torch's (also deterministic) sum
+        return part.sum(0).to(dtype)
+    out = torch.empty(D, dtype=dtype, device=part.device)
+    block_d = max(1, min(64, 16384 // block_p))
+    _rms_norm_dw_kernel[(cdiv(D, block_d),)](part, out, P, D, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=8)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +286,7 @@ def rms_norm(
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "ref".
     """
     path = resolve_impl(impl, x, weight)
-    if path == "ref":
+    if path == "ref" or x.numel() == 0:
         if residual is None:
             return rms_norm_ref(x, weight, eps)
         h = x + residual

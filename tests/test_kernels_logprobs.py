@@ -6,12 +6,17 @@ against the spec evaluated in fp64 on the same rounded inputs; "plain torch" is 
 under the interpreter without CUDA) and "ref" (the chunked torch path used on CPU).
 """
 
+import functools
 import importlib
+import os
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+if not torch.cuda.is_available():  # before triton is first imported (see interpreter_ready)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from minigrpo.kernels import (
     fused_linear_cross_entropy,
@@ -19,6 +24,7 @@ from minigrpo.kernels import (
     linear_cross_entropy_ref,
     linear_logprobs_ref,
 )
+from minigrpo.kernels._triton import interpreter_ready
 
 logprobs_module = importlib.import_module("minigrpo.kernels.logprobs")
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
@@ -26,13 +32,20 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 IGNORE = -100
 
 
+def _need_interpreter() -> None:
+    if not interpreter_ready():
+        if torch.cuda.is_available():
+            pytest.skip("the CPU interpreter runs where there is no CUDA; here the kernels are compiled")
+        pytest.fail("TRITON_INTERPRET=1 must be set before triton is first imported")
+
+
 @pytest.fixture
-def device(request, monkeypatch) -> torch.device:
-    """The test's device; on the CPU the Triton kernels run under the interpreter (read at launch)."""
+def device(request) -> torch.device:
+    """The test's device; on the CPU the Triton kernels run under the interpreter."""
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     if request.param == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        _need_interpreter()
     return torch.device(request.param)
 
 
@@ -87,11 +100,17 @@ def test_logprobs_matches_fp64(case, dtype, impl, device, monkeypatch):
     h, w, tgt = _inputs(N, D, V, dtype, dev, n_ignored)
     g = torch.randn(N, dtype=torch.float64, device=dev)
     ge = torch.randn(N, dtype=torch.float64, device=dev)
-    spec = lambda a, b: linear_logprobs_ref(a, b, tgt, T, IGNORE) if entropy else (
-        linear_logprobs_ref(a, b, tgt, T, IGNORE)[0], None)  # fmt: skip
-    fused = lambda a, b: fused_linear_logprobs(
-        a, b, tgt, temperature=T, return_entropy=entropy, ignore_index=IGNORE, impl=impl, tile=tile
-    ) if entropy else (fused_linear_logprobs(a, b, tgt, temperature=T, impl=impl, tile=tile), None)  # fmt: skip
+
+    def spec(a, b):
+        logp, ent = linear_logprobs_ref(a, b, tgt, T, IGNORE)
+        return logp, (ent if entropy else None)
+
+    def fused(a, b):
+        out = fused_linear_logprobs(
+            a, b, tgt, temperature=T, return_entropy=entropy, ignore_index=IGNORE, impl=impl, tile=tile
+        )
+        return out if entropy else (out, None)
+
     ref = _fwd_bwd(spec, h.double(), w.double(), g, ge)
     got = _fwd_bwd(fused, h, w, g, ge)
     plain = _fwd_bwd(spec, h, w, g, ge)
@@ -158,6 +177,20 @@ def test_cross_entropy_matches_fp64(reduction, impl, device):
     _check_budget(["loss", "dh", "dw"], got, plain, ref, torch.bfloat16)
 
 
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_no_active_tokens(impl, device):
+    # a micro-batch whose completion mask selects nothing: empty outputs, zero weight gradient
+    h = torch.randn(0, 32, device=device, requires_grad=True)
+    w = torch.randn(101, 32, device=device, requires_grad=True)
+    logp, ent = fused_linear_logprobs(
+        h, w, torch.zeros(0, dtype=torch.long, device=device), return_entropy=True, impl=impl
+    )
+    (logp.sum() + ent.sum()).backward()
+    assert logp.shape == ent.shape == (0,) and h.grad.shape == (0, 32)
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
 def test_logprobs_auto_is_ref_on_cpu():
     h, w, tgt = _inputs(6, 32, 211, torch.float32, torch.device("cpu"), n_ignored=1)
     a = fused_linear_logprobs(h, w, tgt, temperature=0.9, return_entropy=True, impl="auto")
@@ -192,8 +225,9 @@ def _largest_during_fwd_bwd(fn, h, w):
     ("impl", "N", "V", "tile"),
     [("triton", 256, 1003, (32, 256)), ("ref", 256, 1003, (32, 256)), ("ref", 8192, 4096, None)],
 )
-def test_never_allocates_full_logits(impl, N, V, tile, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_never_allocates_full_logits(impl, N, V, tile):
+    if impl == "triton":
+        _need_interpreter()
     # N >> D so that no legitimate tensor (h, W, their grads) comes near the N * V fp32 logits
     h, w, tgt = _inputs(N, 16, V, torch.float32, torch.device("cpu"), n_ignored=3)
     fused = lambda a, b: fused_linear_logprobs(a, b, tgt, return_entropy=True, impl=impl, tile=tile)
@@ -213,10 +247,9 @@ def test_logprobs_realistic_cuda():
     h, w, tgt = _inputs(N, D, V, torch.bfloat16, dev, n_ignored=100)
     g = torch.randn(N, dtype=torch.float64, device=dev)
     ge = torch.randn(N, dtype=torch.float64, device=dev)
-    f = lambda impl: lambda a, b: fused_linear_logprobs(
-        a, b, tgt, temperature=0.9, return_entropy=True, impl=impl)  # fmt: skip
-    ref = _fwd_bwd(f("ref"), h.double(), w.double(), g, ge)
-    got = _fwd_bwd(f("triton"), h, w, g, ge)
+    ref_path = functools.partial(fused_linear_logprobs, targets=tgt, temperature=0.9, return_entropy=True, impl="ref")
+    ref = _fwd_bwd(ref_path, h.double(), w.double(), g, ge)
+    got = _fwd_bwd(functools.partial(ref_path, impl="triton"), h, w, g, ge)
     plain = _fwd_bwd(lambda a, b: linear_logprobs_ref(a, b, tgt, 0.9), h, w, g, ge)
     _check_budget(["logp", "entropy", "dh", "dw"], got, plain, ref, torch.bfloat16)
 

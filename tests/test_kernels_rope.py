@@ -4,22 +4,35 @@ Budget: err(kernel) <= 2 * err(plain torch in the same dtype) + FLOOR[dtype], wi
 relative norm against the spec evaluated in fp64 on the same (rounded) inputs.
 """
 
+import os
+
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # before triton is first imported (see interpreter_ready)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from minigrpo.kernels import apply_rotary, rotary_ref
+from minigrpo.kernels._triton import interpreter_ready
 
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
+def _need_interpreter() -> None:
+    if not interpreter_ready():
+        if torch.cuda.is_available():
+            pytest.skip("the CPU interpreter runs where there is no CUDA; here the kernels are compiled")
+        pytest.fail("TRITON_INTERPRET=1 must be set before triton is first imported")
+
+
 @pytest.fixture
-def device(request, monkeypatch) -> torch.device:
-    """The test's device; on the CPU the Triton kernels run under the interpreter (read at launch)."""
+def device(request) -> torch.device:
+    """The test's device; on the CPU the Triton kernels run under the interpreter."""
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     if request.param == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        _need_interpreter()
     return torch.device(request.param)
 
 

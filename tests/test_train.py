@@ -57,12 +57,33 @@ def launch(tmp_path, cfg: dict, *extra: str) -> list[dict]:
 
 
 def test_grpo_learns_a_one_token_task(tmp_path):
-    records = launch(tmp_path, run_config(tmp_path))
+    records = launch(tmp_path, run_config(tmp_path, checkpoint={"every": 0, "save_final": True}))
     rewards = [r["reward"] for r in records]
     assert len(rewards) == 80
     assert rewards[0] <= 0.2, f"the untrained policy should be near chance: {rewards[:5]}"
     assert sum(rewards[-10:]) / 10 >= 0.9, f"the policy did not learn: {[round(r, 2) for r in rewards]}"
     assert (tmp_path / "runs" / "run" / "config.yaml").is_file()
+
+    # the eval CLI reads the run's config.yaml next to the checkpoint and scores greedy answers
+    from minigrpo.eval import main as evaluate
+
+    before = evaluate(
+        [
+            "--checkpoint",
+            str(tmp_path / "model"),
+            "--config",
+            str(tmp_path / "config.yaml"),
+            "--split",
+            "train",
+            "--num",
+            "50",
+        ]
+    )
+    ckpt = tmp_path / "runs" / "run" / "checkpoints" / "step_000080"
+    out = tmp_path / "eval.json"
+    after = evaluate(["--checkpoint", str(ckpt), "--split", "train", "--num", "50", "--output", str(out)])
+    assert before["accuracy"] <= 0.3 and after["accuracy"] >= 0.95, (before["accuracy"], after["accuracy"])
+    assert json.loads(out.read_text())["num_examples"] == 50
 
 
 TIMING = ("time/", "tokens_per_s", "mem/")
