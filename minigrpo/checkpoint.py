@@ -5,6 +5,7 @@
                                                                                   load_pretrained() reads it
         trainer_state.pt      optimizer, scheduler, RNG states, data cursor, step (torch.save)
         trainer_state.json    the same step and cursor, readable
+        run_config.yaml       the resolved run config
 
 A checkpoint is written into a hidden temporary folder, every file is fsync'ed, and the folder is
 renamed into place (an atomic step on POSIX file systems): a run killed at any moment leaves either
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from minigrpo.models.loading import save_pretrained
 
@@ -74,6 +76,7 @@ def save_checkpoint(
     tokenizer: Any,
     trainer_state: dict[str, Any],
     keep_last: int,
+    run_config: dict[str, Any] | None = None,
     save_model=save_pretrained,
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
@@ -91,6 +94,8 @@ def save_checkpoint(
     torch.save(state, tmp / "trainer_state.pt")
     readable = {"step": step, **{k: v for k, v in trainer_state.items() if k in ("data", "epoch", "metrics")}}
     (tmp / "trainer_state.json").write_text(json.dumps(readable, indent=2, default=str) + "\n")
+    if run_config is not None:
+        (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
     _fsync_tree(tmp)
     if final.exists():  # a step saved twice (e.g. a resumed run): replace it
         shutil.rmtree(final)

@@ -6,7 +6,7 @@
 Accuracy is the fraction of completions whose extracted final answer (answer tag, \\boxed{},
 `####` or the last number) equals the reference; the configured reward functions are reported too.
 Sampling follows `eval.temperature` (greedy by default) and `eval.max_new_tokens`. Without
-`--config`, the run's own `config.yaml` (two folders above a training checkpoint) is used.
+`--config`, the run config saved in a training checkpoint (`run_config.yaml`) is used.
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     config_path = args.config
-    run_config = Path(args.checkpoint).resolve().parents[1] / "config.yaml" if Path(args.checkpoint).is_dir() else None
-    if config_path is None and run_config is not None and run_config.is_file():
-        config_path = str(run_config)
+    ckpt = Path(args.checkpoint)
+    if config_path is None and ckpt.is_dir():  # a training checkpoint carries its run config
+        found = [p for p in (ckpt / "run_config.yaml", ckpt.resolve().parents[1] / "config.yaml") if p.is_file()]
+        config_path = str(found[0]) if found else None
     cfg = load_config(config_path, args.overrides)
     split = args.split or cfg.data.eval_split or cfg.data.split
     examples = build_dataset(cfg.data, split)[: args.num or cfg.eval.num_prompts]

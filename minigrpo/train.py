@@ -359,7 +359,13 @@ def train(cfg: Config) -> list[dict[str, Any]]:
                 "data": loader.state_dict(),
             }
             save_checkpoint(
-                run_dir, step, model=model, tokenizer=tokenizer, trainer_state=state, keep_last=cfg.checkpoint.keep_last
+                run_dir,
+                step,
+                model=model,
+                tokenizer=tokenizer,
+                trainer_state=state,
+                keep_last=cfg.checkpoint.keep_last,
+                run_config=cfg.to_dict(),
             )
     logger.close()
     return history

@@ -117,7 +117,10 @@ def test_killed_run_resumes_to_identical_parameters_and_metrics(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
 
-    a, _ = load_pretrained(runs / "straight" / "checkpoints" / "step_000006")
+    final = runs / "straight" / "checkpoints" / "step_000006"
+    assert yaml.safe_load((final / "run_config.yaml").read_text())["train"]["steps"] == 6
+    assert not list((runs / "crashed" / "checkpoints").glob(".tmp-*")), "a temporary checkpoint was left behind"
+    a, _ = load_pretrained(final)
     b, _ = load_pretrained(runs / "crashed" / "checkpoints" / "step_000006")
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), f"{name} differs after resume: {(pa - pb).abs().max():.2e}"
@@ -128,3 +131,30 @@ def test_killed_run_resumes_to_identical_parameters_and_metrics(tmp_path):
 
     assert [r["step"] for r in records("crashed")] == [1, 2, 3, 4, 5, 6]
     assert records("crashed") == records("straight")
+
+
+def test_loop_options_dynamic_sampling_iterations_kl(tmp_path):
+    """Dynamic sampling refills zero-spread groups; num_iterations=2 uses stored old log-probs (the
+    ratio leaves 1 on the second pass); beta > 0 trains against a frozen reference copy."""
+    cfg = run_config(
+        tmp_path,
+        grpo={
+            "prompts_per_step": 8,
+            "group_size": 4,
+            "dynamic_sampling": True,
+            "max_resample_rounds": 2,
+            "num_iterations": 2,
+            "beta": 0.1,
+            "loss_type": "grpo",
+        },
+        train={"steps": 6, "lr": 0.01, "micro_batch_size": 8},
+    )
+    records = launch(tmp_path, cfg)
+    assert len(records) == 6
+    assert any(r["sampling_rounds"] > 1 for r in records), "dynamic sampling never refilled"
+    for r in records:
+        if r["sampling_rounds"] < 3:  # rounds left over: every kept group has a reward spread
+            assert r["frac_zero_spread"] == 0.0, r
+        assert r["kl"] >= 0.0 and r["ratio_min"] <= 1.0 <= r["ratio_max"]
+    assert max(r["kl"] for r in records) > 0.0  # the policy moved away from the reference
+    assert any(r["ratio_max"] > 1.0 or r["ratio_min"] < 1.0 for r in records)  # second pass is off-policy
