@@ -128,6 +128,13 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, Dh)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v, cache_position, kv_len)  # (B, Hkv, S, Dh)
+        if T == 1 and self.n_kv_heads != self.n_heads and mask is not None:
+            # decode: the G = H / Hkv query heads sharing a key/value head become G query rows of
+            # that head, so attention reads each cached key once and no K/V copy is made
+            G = self.n_heads // self.n_kv_heads
+            q = q.reshape(B, self.n_kv_heads, G, self.head_dim)  # (B, Hkv, G, Dh)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (B, 1, 1, S) broadcasts
+            return self.o_proj(out.reshape(B, 1, self.n_heads * self.head_dim))
         out = F.scaled_dot_product_attention(
             q,
             k,
