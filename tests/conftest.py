@@ -26,6 +26,19 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def device(request) -> torch.device:
+    """A kernel test's device, parametrized indirectly ("cpu" or "cuda"); on the CPU, Triton kernels run
+    in the interpreter."""
+    from helpers.kernel_checks import need_interpreter
+
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if request.param == "cpu":
+        need_interpreter()
+    return torch.device(request.param)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -8,15 +8,12 @@ under the interpreter without CUDA) and "ref" (the chunked torch path used on CP
 
 import functools
 import importlib
-import os
 
 import pytest
 import torch
+from helpers.kernel_checks import DEVICES, FLOOR, need_interpreter, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-
-if not torch.cuda.is_available():  # before triton is first imported (see interpreter_ready)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from minigrpo.kernels import (
     fused_linear_cross_entropy,
@@ -24,33 +21,9 @@ from minigrpo.kernels import (
     linear_cross_entropy_ref,
     linear_logprobs_ref,
 )
-from minigrpo.kernels._triton import interpreter_ready
 
 logprobs_module = importlib.import_module("minigrpo.kernels.logprobs")
-FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 IGNORE = -100
-
-
-def _need_interpreter() -> None:
-    if not interpreter_ready():
-        if torch.cuda.is_available():
-            pytest.skip("the CPU interpreter runs where there is no CUDA; here the kernels are compiled")
-        pytest.fail("TRITON_INTERPRET=1 must be set before triton is first imported")
-
-
-@pytest.fixture
-def device(request) -> torch.device:
-    """The test's device; on the CPU the Triton kernels run under the interpreter."""
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    if request.param == "cpu":
-        _need_interpreter()
-    return torch.device(request.param)
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref).norm() / ref.norm()).item()
 
 
 def _inputs(N, D, V, dtype, device, n_ignored=0):
@@ -227,7 +200,7 @@ def _largest_during_fwd_bwd(fn, h, w):
 )
 def test_never_allocates_full_logits(impl, N, V, tile):
     if impl == "triton":
-        _need_interpreter()
+        need_interpreter()
     # N >> D so that no legitimate tensor (h, W, their grads) comes near the N * V fp32 logits
     h, w, tgt = _inputs(N, 16, V, torch.float32, torch.device("cpu"), n_ignored=3)
     fused = lambda a, b: fused_linear_logprobs(a, b, tgt, return_entropy=True, impl=impl, tile=tile)

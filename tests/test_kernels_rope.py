@@ -4,40 +4,11 @@ Budget: err(kernel) <= 2 * err(plain torch in the same dtype) + FLOOR[dtype], wi
 relative norm against the spec evaluated in fp64 on the same (rounded) inputs.
 """
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # before triton is first imported (see interpreter_ready)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers.kernel_checks import DEVICES, FLOOR, rel_err
 
 from minigrpo.kernels import apply_rotary, rotary_ref
-from minigrpo.kernels._triton import interpreter_ready
-
-FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def _need_interpreter() -> None:
-    if not interpreter_ready():
-        if torch.cuda.is_available():
-            pytest.skip("the CPU interpreter runs where there is no CUDA; here the kernels are compiled")
-        pytest.fail("TRITON_INTERPRET=1 must be set before triton is first imported")
-
-
-@pytest.fixture
-def device(request) -> torch.device:
-    """The test's device; on the CPU the Triton kernels run under the interpreter."""
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    if request.param == "cpu":
-        _need_interpreter()
-    return torch.device(request.param)
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref).norm() / ref.norm()).item()
 
 
 def _angles(B, T, R, device, left_pad=True):
