@@ -46,7 +46,6 @@ Numerical safety
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -163,6 +162,7 @@ def group_reward_stats(rewards: Tensor, group_size: int) -> dict[str, Tensor]:
 
 
 # ----------------------------------------------------------------------------- dynamic sampling (DAPO)
+# The loop (train.rollout_phase) keeps the rows of informative groups and refills the rest.
 
 
 def group_rows(groups: Tensor, group_size: int) -> Tensor:
@@ -170,101 +170,6 @@ def group_rows(groups: Tensor, group_size: int) -> Tensor:
     idx = groups.nonzero().flatten() if groups.dtype == torch.bool else groups.long()  # (k,)
     offsets = torch.arange(group_size, device=idx.device)  # (G,)
     return (idx[:, None] * group_size + offsets).reshape(-1)  # (k*G,)
-
-
-def select_rows(batch: Mapping[str, Any], rows: Tensor) -> dict[str, Any]:
-    """Rows of every per-row field: tensors are indexed along dim 0, lists/tuples element-wise."""
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if isinstance(value, Tensor):
-            out[key] = value[rows.to(value.device)]
-        elif isinstance(value, (list, tuple)):
-            out[key] = [value[i] for i in rows.tolist()]
-        else:
-            raise TypeError(f"select_rows: field {key!r} is {type(value).__name__}, not a tensor or list")
-    return out
-
-
-def concat_rows(parts: Sequence[Mapping[str, Any]], pad_values: Mapping[str, float] | None = None) -> dict:
-    """Concatenate per-row batches along dim 0 (lists are joined).
-
-    Tensors of 2+ dims whose dim 1 differs (completions of different rounds padded to different Tc)
-    are right-padded on dim 1 with pad_values[key] (default 0: a zero mask/log-prob; give the pad id
-    for token ids).
-    """
-    if not parts:
-        raise ValueError("concat_rows needs at least one batch")
-    pad_values = pad_values or {}
-    out: dict[str, Any] = {}
-    for key in parts[0]:
-        values = [p[key] for p in parts]
-        if isinstance(values[0], Tensor):
-            if values[0].ndim >= 2:
-                width = max(v.shape[1] for v in values)
-                values = [
-                    torch.nn.functional.pad(
-                        v.movedim(1, -1), (0, width - v.shape[1]), value=pad_values.get(key, 0)
-                    ).movedim(-1, 1)
-                    for v in values
-                ]
-            out[key] = torch.cat(values)
-        else:
-            out[key] = [x for v in values for x in v]
-    return out
-
-
-class GroupFilter:
-    """DAPO dynamic sampling: collect groups with a reward spread until the batch holds target_groups.
-
-    The loop generates a round of groups, scores it and calls add(); it repeats while not done, then
-    trains on result(). Cap semantics:
-      * groups are kept in arrival order; zero-spread groups (no gradient) are dropped;
-      * the round that fills the batch is trimmed: its surplus informative groups are dropped, so a
-        full batch holds exactly target_groups groups (a constant step size for the optimizer);
-      * after max_rounds rounds the filter is done even if short: result() then holds fewer groups
-        (the normalizer is built on that batch, so the loss stays correctly scaled), or is None when
-        not one informative group was found; the loop should skip the optimizer step then.
-    Compute advantages (and the normalizer) on result(): with scale="batch" they depend on which
-    groups were kept. stats() counts rounds and kept/dropped groups for the metrics.
-    """
-
-    def __init__(self, target_groups: int, group_size: int, max_rounds: int) -> None:
-        if target_groups < 1 or group_size < 1 or max_rounds < 1:
-            raise ValueError("target_groups, group_size and max_rounds must be >= 1")
-        self.target_groups, self.group_size, self.max_rounds = target_groups, group_size, max_rounds
-        self._parts: list[dict[str, Any]] = []
-        self.rounds = self.kept = self.seen = self.dropped_zero_spread = self.dropped_surplus = 0
-
-    @property
-    def done(self) -> bool:
-        return self.kept >= self.target_groups or self.rounds >= self.max_rounds
-
-    def add(self, batch: Mapping[str, Any], rewards: Tensor) -> None:
-        """One round: batch fields are per row (N_round rows), rewards (N_round,) its totals."""
-        if self.done:
-            raise RuntimeError("GroupFilter.add after done")
-        informative = (~zero_spread_groups(rewards, self.group_size)).nonzero().flatten()  # (k,)
-        take = informative[: self.target_groups - self.kept]
-        self.rounds += 1
-        self.seen += rewards.numel() // self.group_size
-        self.dropped_zero_spread += rewards.numel() // self.group_size - informative.numel()
-        self.dropped_surplus += informative.numel() - take.numel()
-        self.kept += take.numel()
-        if take.numel():
-            self._parts.append(select_rows(batch, group_rows(take, self.group_size)))
-
-    def result(self, pad_values: Mapping[str, float] | None = None) -> dict[str, Any] | None:
-        """The kept rows of all rounds (kept*G rows), or None if no group was kept."""
-        return concat_rows(self._parts, pad_values) if self._parts else None
-
-    def stats(self) -> dict[str, int]:
-        return {
-            "rounds": self.rounds,
-            "groups_seen": self.seen,
-            "groups_kept": self.kept,
-            "groups_dropped_zero_spread": self.dropped_zero_spread,
-            "groups_dropped_surplus": self.dropped_surplus,
-        }
 
 
 # ----------------------------------------------------------------------------- masks, KL, IS weights

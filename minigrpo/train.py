@@ -110,7 +110,6 @@ class Batch:
     reward_metrics: dict[str, float]
     prompts: list[Any]
     answers: list[str]
-    rounds: int = 1
 
 
 def rollout_phase(cfg: Config, loader: PromptLoader, sampler, tokenizer, specs, params: SamplingParams) -> Batch:
@@ -162,7 +161,6 @@ def rollout_phase(cfg: Config, loader: PromptLoader, sampler, tokenizer, specs, 
         reward_metrics=metrics,
         prompts=[x for p in parts for x in p[2]],
         answers=[x for p in parts for x in p[3]],
-        rounds=rounds,
     )
 
 

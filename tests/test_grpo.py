@@ -9,9 +9,7 @@ import torch
 
 from minigrpo.grpo import (
     LOSS_TYPES,
-    GroupFilter,
     LossNormalizer,
-    concat_rows,
     group_advantages,
     group_reward_stats,
     group_rows,
@@ -20,7 +18,6 @@ from minigrpo.grpo import (
     loss_mask,
     make_normalizer,
     policy_loss,
-    select_rows,
     zero_spread_groups,
 )
 
@@ -146,52 +143,9 @@ def test_zero_spread_groups():
     assert zero_spread_groups(rewards, 2).tolist() == [True, False, True, True]
 
 
-def test_group_filter_keeps_informative_groups_and_trims_the_last_round():
-    f = GroupFilter(target_groups=3, group_size=2, max_rounds=5)
-    # round 1: groups flat, informative, flat; Tc = 2
-    r1 = torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0])
-    f.add({"ids": torch.arange(6)[:, None].repeat(1, 2), "text": list("abcdef"), "r": r1}, r1)
-    assert not f.done
-    # round 2: three informative groups, only two fit; Tc = 3
-    r2 = torch.tensor([0.0, 1.0, 1.0, 0.0, 3.0, 4.0])
-    f.add({"ids": 10 + torch.arange(6)[:, None].repeat(1, 3), "text": list("ghijkl"), "r": r2}, r2)
-    assert f.done
-    batch = f.result(pad_values={"ids": -1})
-    assert batch["text"] == list("cdghij")
-    assert batch["ids"].tolist() == [[2, 2, -1], [3, 3, -1], [10, 10, 10], [11, 11, 11], [12, 12, 12], [13, 13, 13]]
-    assert batch["r"].tolist() == [0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
-    assert f.stats() == {
-        "rounds": 2,
-        "groups_seen": 6,
-        "groups_kept": 3,
-        "groups_dropped_zero_spread": 2,
-        "groups_dropped_surplus": 1,
-    }
-    with pytest.raises(RuntimeError):
-        f.add({"r": r2}, r2)
-
-
-def test_group_filter_cap_returns_a_short_batch_or_none():
-    f = GroupFilter(target_groups=4, group_size=2, max_rounds=2)
-    flat = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    f.add({"r": flat}, flat)
-    f.add({"r": flat}, flat)
-    assert f.done and f.result() is None
-    f = GroupFilter(target_groups=4, group_size=2, max_rounds=1)
-    r = torch.tensor([1.0, 1.0, 0.0, 1.0])
-    f.add({"r": r}, r)
-    assert f.done and f.result()["r"].tolist() == [0.0, 1.0]
-
-
 def test_row_helpers():
     assert group_rows(torch.tensor([False, True, True]), 2).tolist() == [2, 3, 4, 5]
     assert group_rows(torch.tensor([2, 0]), 3).tolist() == [6, 7, 8, 0, 1, 2]
-    out = select_rows({"x": torch.arange(4) * 10, "s": ["a", "b", "c", "d"]}, torch.tensor([3, 1]))
-    assert out["x"].tolist() == [30, 10] and out["s"] == ["d", "b"]
-    out = concat_rows([{"m": torch.ones(1, 2)}, {"m": torch.ones(2, 1)}])
-    assert out["m"].tolist() == [[1, 1], [1, 0], [1, 0]]
-    with pytest.raises(TypeError, match="'n'"):
-        select_rows({"n": 3}, torch.tensor([0]))
 
 
 # ----------------------------------------------------------------------------- KL and IS weights
