@@ -198,7 +198,7 @@ def update_phase(cfg: Config, model, optimizer, scheduler, batch: Batch, old_log
     )
     sums: dict[str, float] = {}
     weight = 0.0
-    grad_norms, losses = [], []
+    grad_norms, losses, lrs = [], [], []
     model.train()
     for _ in range(g.num_iterations):
         loss_total = 0.0
@@ -241,12 +241,13 @@ def update_phase(cfg: Config, model, optimizer, scheduler, batch: Batch, old_log
         max_norm = cfg.train.max_grad_norm or math.inf
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        lrs.append(optimizer.param_groups[0]["lr"])  # the rate this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss_total)
     out = {k: (v if k.endswith(("_min", "_max")) else v / max(weight, 1.0)) for k, v in sums.items()}
-    out.update(loss=float(np.mean(losses)), grad_norm=float(np.mean(grad_norms)), lr=scheduler.get_last_lr()[0])
+    out.update(loss=float(np.mean(losses)), grad_norm=float(np.mean(grad_norms)), lr=float(np.mean(lrs)))
     return out
 
 
