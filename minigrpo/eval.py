@@ -6,7 +6,8 @@
 Accuracy is the fraction of completions whose extracted final answer (answer tag, \\boxed{},
 `####` or the last number) equals the reference; the configured reward functions are reported too.
 Sampling follows `eval.temperature` (greedy by default) and `eval.max_new_tokens`. Without
-`--config`, the run config saved in a training checkpoint (`run_config.yaml`) is used.
+`--config`, the run config saved in a training checkpoint (`run_config.yaml`) is used; a LoRA
+checkpoint (a PEFT adapter) is applied to the base model that config names.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from typing import Any
 
 import torch
 
-from minigrpo import rewards
+from minigrpo import lora, rewards
 from minigrpo.config import Config, load_config, resolve_dtype
 from minigrpo.data import Example, batch_columns, build_dataset, encode_prompts
 from minigrpo.models.loading import load_pretrained
 from minigrpo.sampling.sampler import Sampler
-from minigrpo.train import pick_device, reward_specs, sampling_params
+from minigrpo.train import load_policy, pick_device, reward_specs, sampling_params
 
 
 @torch.no_grad()
@@ -91,7 +92,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     examples = build_dataset(cfg.data, split)[: args.num or cfg.eval.num_prompts]
     device = pick_device(cfg.run.device)
     dtype = getattr(torch, resolve_dtype(cfg.run.dtype, device.type))
-    model, tokenizer = load_pretrained(args.checkpoint, dtype=dtype, device=device)
+    if (ckpt / "adapter_config.json").is_file():  # a LoRA run: its base model plus the saved adapter
+        model, tokenizer = load_policy(cfg, device, dtype)
+        lora.load_peft_adapter(model, ckpt)
+    else:
+        model, tokenizer = load_pretrained(args.checkpoint, dtype=dtype, device=device)
     results = evaluate(cfg, model.eval(), tokenizer, examples, batch_size=args.batch_size)
     print(f"{args.checkpoint} on {split} ({results['num_examples']} examples, {results['seconds']:.1f}s):")
     for key, value in results.items():

@@ -32,17 +32,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from minigrpo import grpo, rewards
+from minigrpo import grpo, lora, rewards
 from minigrpo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from minigrpo.config import Config, config_from_args, resolve_dtype, save_config
 from minigrpo.data import PromptLoader, batch_columns, build_dataset, encode_prompts
 from minigrpo.logprobs import completion_logprobs
+from minigrpo.memory import preflight
 from minigrpo.metrics import MetricsLogger
-from minigrpo.models.loading import build_random, load_pretrained, load_weights
+from minigrpo.models.loading import build_random, load_pretrained, load_weights, save_pretrained
 from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler
 from minigrpo.sampling.params import SamplingParams
-from minigrpo.sampling.rollout import Rollout, concat_rollouts
+from minigrpo.sampling.rollout import Rollout, concat_rollouts, logprob_mismatch
 from minigrpo.sampling.sampler import Sampler
 
 # ================================================================================================
@@ -59,10 +60,49 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_policy(cfg: Config, device: torch.device, dtype: torch.dtype):
-    """The policy model and its tokenizer, from model.name_or_path or an architecture preset."""
+    """The policy and its tokenizer: loaded (model.name_or_path) or random (model.arch), the base
+    quantized to NF4 as it is read (QLoRA), then LoRA adapters added (the only trainable weights)."""
+    quantize = cfg.lora.quantize_base if cfg.lora.enabled else None
     if cfg.model.arch is not None:
-        return build_random(preset_config(cfg.model.arch), dtype=dtype, device=device, seed=cfg.run.seed), None
-    return load_pretrained(cfg.model.name_or_path, dtype=dtype, device=device, revision=cfg.model.revision)
+        model = build_random(preset_config(cfg.model.arch), dtype=dtype, device=device, seed=cfg.run.seed)
+        tokenizer = None
+        if quantize:
+            from minigrpo.quant import quantize_model_linears
+
+            quantize_model_linears(model, quantize, device=device)
+    else:
+        model, tokenizer = load_pretrained(
+            cfg.model.name_or_path, dtype=dtype, device=device, revision=cfg.model.revision, quantize=quantize
+        )
+    if cfg.lora.enabled:  # after quantizing: adapters wrap the (NF4) base linears
+        lora.apply_lora(model, cfg.lora)
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    model.activation_offload = cfg.model.activation_offload
+    return model, tokenizer
+
+
+def build_sampler(cfg: Config, model, tokenizer):
+    """The sampler `sampler.kind` names: the own KV-cache sampler, or a colocated vLLM engine."""
+    if cfg.sampler.kind == "vllm":
+        from minigrpo.sampling.vllm_sampler import VLLMSampler  # the only import of vllm
+
+        return VLLMSampler.from_config(cfg, model, tokenizer)
+    return Sampler(model, tokenizer, cuda_graphs=cfg.sampler.compile)
+
+
+def save_model_fn(cfg: Config):
+    """How checkpoints store the policy: the full HF checkpoint, or the PEFT adapter (+ tokenizer)."""
+    if not cfg.lora.enabled:
+        return save_pretrained
+
+    def save_adapter(model, tokenizer, directory):
+        lora.save_peft_adapter(
+            model, directory, base_model_name_or_path=cfg.model.name_or_path or "", revision=cfg.model.revision
+        )
+        if tokenizer is not None:
+            tokenizer.save(directory)
+
+    return save_adapter
 
 
 def reward_specs(cfg: Config) -> list[rewards.RewardSpec]:
@@ -180,11 +220,26 @@ def micro_batches(rollout: Rollout, size: int):
 
 @torch.no_grad()
 def logprobs_phase(model, rollout: Rollout, size: int, temperature: float) -> torch.Tensor:
-    """(N, Tc) log-probs of the rollout's completions under `model`, without gradients."""
+    """(N, Tc) log-probs of the rollout's completions under `model`, without gradients (eval mode)."""
     out = torch.zeros_like(rollout.sampler_logp)
+    was_training = model.training
+    model.eval()
     for rows, ids, attn, cmask in micro_batches(rollout, size):
         out[rows, : cmask.shape[1]] = completion_logprobs(model, ids, attn, cmask, temperature=temperature)
+    model.train(was_training)
     return out
+
+
+def reference_logprobs(cfg: Config, model, ref_model, rollout: Rollout) -> torch.Tensor | None:
+    """Log-probs under the reference policy (beta > 0): the frozen copy, or with LoRA the same model
+    with its adapters switched off (no copy at all)."""
+    if cfg.grpo.beta == 0:
+        return None
+    size, temperature = cfg.train.micro_batch_size, cfg.sampler.temperature
+    if ref_model is not None:
+        return logprobs_phase(ref_model, rollout, size, temperature)
+    with lora.adapters_disabled(model):
+        return logprobs_phase(model, rollout, size, temperature)
 
 
 def update_phase(cfg: Config, model, optimizer, scheduler, batch: Batch, old_logp, ref_logp) -> dict[str, float]:
@@ -259,7 +314,14 @@ def train(cfg: Config) -> list[dict[str, Any]]:
     """Run (or resume) GRPO training as configured; returns the metrics of every step run."""
     # ---------------------------------------------------------------- setup (config already validated)
     run_dir = cfg.run.run_dir
+    if not cfg.run.resume and ((run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir) is not None):
+        raise FileExistsError(
+            f"{run_dir} already holds a run: continue it with --resume, or pick another run.name / run.output_dir"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.sampler.kind == "vllm" and cfg.grpo.is_correction is None:
+        cfg.grpo.is_correction = "token_truncate"  # vLLM's kernels are not ours: correct for the mismatch
+        print("sampler.kind=vllm: grpo.is_correction=token_truncate (sampler and trainer log-probs differ)")
     device = pick_device(cfg.run.device)
     dtype = getattr(torch, resolve_dtype(cfg.run.dtype, device.type))
     random.seed(cfg.run.seed)
@@ -268,28 +330,29 @@ def train(cfg: Config) -> list[dict[str, Any]]:
     model, tokenizer = load_policy(cfg, device, dtype)
     if tokenizer is None:
         raise ValueError("training needs a tokenizer: model.arch builds weights only; use model.name_or_path")
-    model.gradient_checkpointing = cfg.model.gradient_checkpointing
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.grpo.beta > 0 else None
+    # the reference policy: LoRA switches its adapters off; full fine-tuning needs a frozen copy
+    frozen_copy = cfg.grpo.beta > 0 and not cfg.lora.enabled
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if frozen_copy else None
     examples = build_dataset(cfg.data, cfg.data.split)
+    lengths = [len(ids) for ids in encode_prompts(examples[:256], tokenizer, cfg.data.system_prompt)[0]]
     if cfg.data.max_prompt_tokens is not None:
         lengths = [len(ids) for ids in encode_prompts(examples, tokenizer, cfg.data.system_prompt)[0]]
         examples = [ex for ex, n in zip(examples, lengths) if n <= cfg.data.max_prompt_tokens]
         if not examples:
             raise ValueError(f"every prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+    if device.type == "cuda":  # stop now, naming the setting to change, rather than OOM at step n
+        preflight(cfg, model.args, device, cfg.data.max_prompt_tokens or max(lengths))
     loader = PromptLoader(examples, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     specs = reward_specs(cfg)
-    sampler = Sampler(model, tokenizer, cuda_graphs=cfg.sampler.compile)
     params = sampling_params(cfg, tokenizer)
     optimizer = build_optimizer(model.parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, cfg.train.steps * cfg.grpo.num_iterations)
+    sampler = build_sampler(cfg, model, tokenizer)
 
     start = 0
-    if not cfg.run.resume and ((run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir) is not None):
-        raise FileExistsError(
-            f"{run_dir} already holds a run: continue it with --resume, or pick another run.name / run.output_dir"
-        )
     if cfg.run.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        start = _restore(ckpt, model, optimizer, scheduler, loader)
+        start = _restore(cfg, ckpt, model, optimizer, scheduler, loader)
+        sampler.sync(model)  # an external sampler must see the resumed weights
         print(f"resumed from {ckpt} (step {start})")
     save_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(
@@ -315,15 +378,17 @@ def train(cfg: Config) -> list[dict[str, Any]]:
             torch.cuda.reset_peak_memory_stats(device)
         batch = rollout_phase(cfg, loader, sampler, tokenizer, specs, params)
         r = batch.rollout
+        if hasattr(sampler, "sleep"):
+            sampler.sleep()  # vLLM hands its GPU memory to training until the next sync
         t1 = time.perf_counter()
-        size = cfg.train.micro_batch_size
         need_old = cfg.grpo.num_iterations > 1 or cfg.grpo.is_correction is not None
-        old_logp = logprobs_phase(model, r, size, cfg.sampler.temperature) if need_old else None
-        ref_logp = logprobs_phase(ref_model, r, size, cfg.sampler.temperature) if ref_model is not None else None
+        old_logp = logprobs_phase(model, r, cfg.train.micro_batch_size, cfg.sampler.temperature) if need_old else None
+        ref_logp = reference_logprobs(cfg, model, ref_model, r)
         t2 = time.perf_counter()
         stats = update_phase(cfg, model, optimizer, scheduler, batch, old_logp, ref_logp)
-        sampler.sync(model)
         t3 = time.perf_counter()
+        sampler.sync(model)  # own sampler: nothing to copy; vLLM: push, reset the prefix cache, verify
+        t4 = time.perf_counter()
 
         lengths = r.completion_lengths.float()
         metrics = {
@@ -336,9 +401,14 @@ def train(cfg: Config) -> list[dict[str, Any]]:
             "time/rollout": t1 - t0,
             "time/logprobs": t2 - t1,
             "time/update": t3 - t2,
-            "time/step": t3 - t0,
+            "time/sync": t4 - t3,
+            "time/step": t4 - t0,
             "mem/peak_gb": _peak_memory_gb(device),
         }
+        if old_logp is not None:  # how far the sampler's log-probs are from the trainer's
+            mismatch = logprob_mismatch(r.sampler_logp, old_logp, r.completion_mask)
+            metrics.update({f"mismatch/{k}": v for k, v in mismatch.items()})
+        metrics.update({f"sync/{k}": v for k, v in getattr(sampler, "last_sync", {}).items() if _is_number(v)})
         logger.log(step, metrics)
         history.append({"step": step, **metrics})
         if cfg.log.sample_every and step % cfg.log.sample_every == 0:
@@ -365,15 +435,28 @@ def train(cfg: Config) -> list[dict[str, Any]]:
                 trainer_state=state,
                 keep_last=cfg.checkpoint.keep_last,
                 run_config=cfg.to_dict(),
+                save_model=save_model_fn(cfg),
             )
+    if cfg.lora.enabled and cfg.checkpoint.save_merged:
+        # a plain HF checkpoint in the run's precision (16-bit on GPU; fp32 for CPU runs)
+        lora.save_merged(model, tokenizer, run_dir / "merged", dtype=dtype)
     logger.close()
+    if hasattr(sampler, "close"):
+        sampler.close()
     return history
 
 
-def _restore(ckpt, model, optimizer, scheduler, loader) -> int:
-    """Load weights and every piece of trainer state of a checkpoint; returns its step."""
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _restore(cfg: Config, ckpt, model, optimizer, scheduler, loader) -> int:
+    """Load weights (or adapters) and every piece of trainer state of a checkpoint; returns its step."""
     state = load_trainer_state(ckpt)
-    load_weights(model, ckpt)
+    if cfg.lora.enabled:
+        lora.load_peft_adapter(model, ckpt)
+    else:
+        load_weights(model, ckpt)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     loader.load_state_dict(state["data"])

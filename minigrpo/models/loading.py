@@ -55,11 +55,16 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     revision: str | None = None,
     load_tokenizer: bool = True,
+    quantize: str | None = None,
 ) -> tuple[Transformer, Any]:
-    """Load a model and its tokenizer from a local dir, a hub repo id, or a `.gguf` file."""
+    """Load a model and its tokenizer from a local dir, a hub repo id, or a `.gguf` file.
+
+    quantize="nf4": each block linear weight is quantized as it is read (minigrpo/quant.py), so
+    the 16-bit model never sits whole on `device`; embedding, norms and LM head stay in `dtype`.
+    """
     source = _resolve(str(name_or_path), revision)
     if source.suffix == ".gguf":
-        return _load_gguf(source, dtype, device, load_tokenizer)
+        return _load_gguf(source, dtype, device, load_tokenizer, quantize)
     config_path = source / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {source}")
@@ -68,7 +73,7 @@ def load_pretrained(
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from e
     model = _empty_model(ModelArgs.from_hf_config(config))
-    _fill(model, _hf_tensor_source(source), dtype, device)
+    _fill(model, _hf_tensor_source(source), dtype, device, quantize)
     tokenizer = _load_tokenizer_dir(source) if load_tokenizer else None
     return model, tokenizer
 
@@ -247,28 +252,49 @@ def _check(model: Transformer, shapes: dict[str, tuple[tuple[int, ...], str]]) -
     return usable
 
 
-def _fill(model: Transformer, source: TensorSource, dtype: torch.dtype, device: str | torch.device) -> None:
-    """Place every checkpoint tensor into the meta-device model, after checking names and shapes."""
+def _fill(
+    model: Transformer,
+    source: TensorSource,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    quantize: str | None = None,
+) -> None:
+    """Place every checkpoint tensor into the meta-device model, after checking names and shapes.
+
+    With `quantize`, block linear weights become 4-bit modules as they arrive (one at a time).
+    """
     shapes, tensors = source
     usable = _check(model, shapes)
+    # --- quantize-on-load hook (minigrpo/quant.py): fails here, before any tensor is read ---
+    quantize_hook = None
+    if quantize is not None:
+        from minigrpo.quant import quantize_linear_weight, require_nf4
+
+        require_nf4(device, quantize)
+        quantize_hook = quantize_linear_weight
     for name, tensor in tensors:
         if name not in usable:
             continue
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        if attr == "weight" and quantize_hook is not None and quantize_hook(model, module_name, value, quantize):
+            del tensor, value  # the dense copy on `device` is freed before the next tensor is read
+            continue
         module._parameters[attr] = nn.Parameter(value, requires_grad=value.is_floating_point())
         del tensor
     model.rotary.reset(device)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device, load_tokenizer: bool):
+def _load_gguf(
+    path: Path, dtype: torch.dtype, device: str | torch.device, load_tokenizer: bool, quantize: str | None = None
+):
     from .gguf import GGUFCheckpoint
 
     ckpt = GGUFCheckpoint(path)
     model = _empty_model(ModelArgs.from_hf_config(ckpt.config))
     shapes = {name: (tuple(shape), str(path)) for name, shape in ckpt.tensor_shapes().items()}
-    _fill(model, (shapes, ckpt.tensors()), dtype, device)
+    _fill(model, (shapes, ckpt.tensors()), dtype, device, quantize)
     return model, ckpt.tokenizer() if load_tokenizer else None
 
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from minigrpo.kernels import apply_rotary, rms_norm
 
 from .args import ModelArgs
+from .offload import checkpoint_block
 from .rotary import RotaryAngles
 
 
@@ -205,6 +205,7 @@ class Transformer(nn.Module):
         self.rotary = RotaryAngles(args)
         self.rotary.reset()
         self.gradient_checkpointing = False
+        self.activation_offload = False  # with checkpointing: block inputs wait in CPU memory (offload.py)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -269,7 +270,7 @@ class Transformer(nn.Module):
         for block, window in zip(self.model.layers, self.args.layer_windows):
             args = (x, cos, sin, masks[window], kv_cache, cache_position, kv_len)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, *args, use_reentrant=False)
+                x = checkpoint_block(block, *args, offload=self.activation_offload)
             else:
                 x = block(*args)
         return self.model.norm(x)

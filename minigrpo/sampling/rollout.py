@@ -113,3 +113,28 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         group_size=parts[0].group_size,
         stats={k: sum(p.stats.get(k, 0.0) for p in parts) for k in parts[0].stats},
     )
+
+
+@torch.no_grad()
+def logprob_mismatch(sampler_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Sampler vs trainer log-probs of the same tokens, for the step metrics.
+
+    Args:
+        sampler_logp: (N, Tc) fp32 log-probs reported by the sampler (`Rollout.sampler_logp`).
+        trainer_logp: (N, Tc) fp32 log-probs of the trainer before the update (`old_logp`).
+        mask: (N, Tc) 1 on completion tokens.
+    Returns mean / max |diff| and the per-token IS ratio exp(trainer - sampler): min / mean / max.
+    """
+    assert sampler_logp.shape == trainer_logp.shape == mask.shape
+    active = mask.bool().to(trainer_logp.device)
+    diff = (trainer_logp.float() - sampler_logp.float().to(trainer_logp.device))[active]  # (n,)
+    if diff.numel() == 0:
+        diff = torch.zeros(1)
+    ratio = diff.exp()
+    return {
+        "logp_diff_mean": float(diff.abs().mean()),
+        "logp_diff_max": float(diff.abs().max()),
+        "is_ratio_min": float(ratio.min()),
+        "is_ratio_mean": float(ratio.mean()),
+        "is_ratio_max": float(ratio.max()),
+    }

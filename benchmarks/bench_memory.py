@@ -1,0 +1,477 @@
+"""Peak memory and speed of one GRPO update on long completions, against a naive loop and TRL.
+
+    python benchmarks/bench_memory.py                 # every case (H100: allow ~25 min)
+    python benchmarks/bench_memory.py --quick         # small smoke run (CPU or GPU, ~1 min)
+    python benchmarks/bench_memory.py --cases qwen-lora-4k,llama-qlora-20k --no-bisect
+
+Each case builds a real architecture with random weights (presets.py), attaches rank-32 adapters
+(minigrpo.lora when present, else a minimal adapter below) on every block linear, and trains one
+GRPO step on a fixed synthetic rollout: 1 prompt x 8 completions of exactly `completion` tokens
+(sampling skipped), through `minigrpo.train.update_phase`. The step runs twice; the second is
+measured: peak allocated and reserved bytes, training tokens/s, and the pre-flight prediction
+(memory.estimate_peak, update/optimizer phases) next to the measured peak.
+
+Providers per case:
+    ours        chunked log-prob kernel, block checkpointing, inputs offloaded to CPU (optional)
+    naive       full (N, T, V) logits in fp32, log_softmax + gather, no checkpointing
+    trl         TRL GRPOTrainer.compute_loss on the same transformers model + PEFT LoRA, with
+    trl_liger   gradient checkpointing, without and with its Liger GRPO loss (skipped when trl,
+                transformers, peft or liger-kernel are missing)
+Then, for Llama-3.1-8B QLoRA with 8 generations: the longest completion whose update fits in the
+device (bisection over measured steps, started from the pre-flight's prediction), with the
+predicted KV cache of the sampler for that length.
+
+Every case runs under try/except: an out-of-memory is recorded as "OOM", any other failure as its
+message, a case over its time limit as "timeout"; the CUDA cache is emptied between cases.
+Writes results/memory_<device>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from common import DEVICE, environment, print_table, sync, write_result
+from torch import nn
+
+from minigrpo import grpo
+from minigrpo.config import load_config
+from minigrpo.memory import GiB, estimate_peak
+from minigrpo.models.loading import build_random
+from minigrpo.models.presets import preset_config
+from minigrpo.optim import build_optimizer, build_scheduler
+from minigrpo.quant import quantize_model_linears
+from minigrpo.sampling.rollout import Rollout
+from minigrpo.train import Batch, update_phase
+
+# Small architectures for --quick (dims multiples of 64: bitsandbytes' CPU 4-bit path needs them).
+QUICK_ARCH = {
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "vocab_size": 4096,
+    "hidden_size": 256,
+    "intermediate_size": 704,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 8192,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+
+
+@dataclass
+class Case:
+    name: str
+    arch: str  # preset name, or "quick"
+    completion: int  # Tc: every completion has exactly this many tokens
+    quantize: str | None = None
+    micro_batch: int = 1
+    offload: bool = True
+    prompt: int = 256  # Tp
+    group: int = 8  # G completions of one prompt
+    providers: tuple[str, ...] = ("ours", "naive", "trl", "trl_liger")
+    time_limit_s: int = 600
+    runs: int = 2  # the last run is measured (the first compiles kernels and creates optimizer state)
+
+
+FULL_CASES = [
+    Case("qwen-lora-1k", "qwen2.5-1.5b", 1024, micro_batch=8, offload=False),
+    Case("qwen-lora-4k", "qwen2.5-1.5b", 4096, micro_batch=2),
+    Case("qwen-lora-16k", "qwen2.5-1.5b", 16384, micro_batch=1),
+    Case("llama-qlora-20k", "llama-3.1-8b", 20000, quantize="nf4", micro_batch=1, time_limit_s=900),
+]
+QUICK_CASES = [
+    Case("quick-lora-256", "quick", 256, micro_batch=4, offload=False, prompt=32, time_limit_s=120),
+    Case("quick-qlora-512", "quick", 512, quantize="nf4", micro_batch=2, prompt=32, time_limit_s=120),
+]
+
+
+class CaseTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Raise CaseTimeout in the main thread after `seconds` (checked between Python bytecodes)."""
+
+    def fire(signum, frame):
+        raise CaseTimeout(f"over {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ================================================================================================
+# models and adapters
+
+
+class BenchLoRA(nn.Module):
+    """y = base(x) + (alpha / r) * B(A(x)): fp32 adapters run in the input's dtype; base frozen.
+
+    Used when minigrpo.lora is not available, so that the memory of the base path (dense or NF4)
+    and the adapters' own tensors are what a LoRA run has."""
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, r: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        dev = next(base.parameters()).device
+        self.lora_A = nn.Parameter(torch.randn(r, in_features, device=dev) / math.sqrt(in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=dev))
+        self.scale = alpha / r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = (x @ self.lora_A.to(x.dtype).t()) @ self.lora_B.to(x.dtype).t()  # (..., out)
+        return self.base(x) + self.scale * delta
+
+
+def attach_adapters(model, cfg) -> str:
+    """Adapters on every block linear: minigrpo.lora.apply_lora if it exists, else BenchLoRA."""
+    model.requires_grad_(False)
+    try:
+        from minigrpo.lora import apply_lora  # the project's adapters (when present)
+
+        apply_lora(model, cfg.lora)
+        return "minigrpo.lora"
+    except (ImportError, TypeError, AttributeError):
+        pass
+    d, f = model.args.dim, model.args.intermediate_size
+    q, kv = model.args.n_heads * model.args.head_dim, model.args.n_kv_heads * model.args.head_dim
+    dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
+    dims |= {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    dims |= {"qkv_proj": (d, q + 2 * kv), "gate_up_proj": (d, 2 * f)}
+    for block in model.model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, (i, o) in dims.items():
+                if hasattr(parent, name):
+                    setattr(parent, name, BenchLoRA(getattr(parent, name), i, o, cfg.lora.r, cfg.lora.alpha))
+    return "bench-local"
+
+
+def build_model(case: Case, dtype: torch.dtype):
+    hf = dict(QUICK_ARCH) if case.arch == "quick" else preset_config(case.arch)
+    model = build_random(hf, dtype=dtype, device=DEVICE)
+    if case.quantize:
+        quantize_model_linears(model, case.quantize)  # in place, one layer at a time
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+    return model, hf
+
+
+def make_cfg(case: Case, *, checkpointing: bool, offload: bool):
+    opt = "adamw8bit" if case.quantize and DEVICE.type == "cuda" else "adamw"
+    overrides = [
+        f"run.device={DEVICE.type}",
+        "lora.enabled=true",
+        "lora.r=32",
+        "lora.alpha=64",
+        f"lora.quantize_base={case.quantize or 'null'}",
+        f"train.optimizer={opt}",
+        f"train.micro_batch_size={case.micro_batch}",
+        "grpo.prompts_per_step=1",
+        f"grpo.group_size={case.group}",
+        f"sampler.max_new_tokens={case.completion}",
+        f"model.gradient_checkpointing={str(checkpointing).lower()}",
+        "train.lr=1e-5",
+    ]
+    cfg = load_config(None, overrides)
+    with contextlib.suppress(AttributeError, TypeError):
+        cfg.model.activation_offload = offload  # the field exists once config.py has it
+    return cfg
+
+
+def synthetic_batch(case: Case, vocab: int) -> Batch:
+    """1 prompt x G completions of exactly Tc tokens, random ids, random advantages (a spread)."""
+    N, Tp, Tc = case.group, case.prompt, case.completion
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(10, vocab - 10, (1, Tp), generator=g).repeat(N, 1)
+    rollout = Rollout(
+        prompt_ids=prompt,
+        prompt_mask=torch.ones(N, Tp, dtype=torch.long),
+        completion_ids=torch.randint(10, vocab - 10, (N, Tc), generator=g),
+        completion_mask=torch.ones(N, Tc, dtype=torch.long),
+        sampler_logp=torch.zeros(N, Tc),
+        truncated=torch.zeros(N, dtype=torch.bool),
+        completion_texts=[""] * N,
+        prompt_index=torch.zeros(N, dtype=torch.long),
+        group_size=N,
+    ).to(DEVICE)
+    rewards = torch.rand(N, generator=g)
+    adv = grpo.group_advantages(rewards, N)
+    return Batch(rollout=rollout, rewards=rewards, advantages=adv, reward_metrics={}, prompts=[], answers=[])
+
+
+# ================================================================================================
+# providers: one training step each
+
+
+def naive_update(cfg, model, optimizer, batch: Batch) -> None:
+    """The textbook loop: full logits (N, T, V) -> fp32 log_softmax -> gather, no checkpointing."""
+    r, g = batch.rollout, cfg.grpo
+    mask = r.completion_mask.float()
+    advantages = batch.advantages.to(mask.device)
+    Tp, Tc = r.prompt_ids.shape[1], r.completion_ids.shape[1]
+    normalizer = grpo.make_normalizer(
+        r.completion_mask,
+        g.loss_type,
+        max_completion_length=Tc,
+        num_micro_batches=r.num_sequences // cfg.train.micro_batch_size,
+    )
+    model.train()
+    for start in range(0, r.num_sequences, cfg.train.micro_batch_size):
+        rows = slice(start, start + cfg.train.micro_batch_size)
+        ids = torch.cat([r.prompt_ids[rows], r.completion_ids[rows]], 1)
+        logits = model(ids, attention_mask=torch.ones_like(ids))[:, Tp - 1 : -1].float()  # (n, Tc, V)
+        logp = logits.log_softmax(-1).gather(-1, r.completion_ids[rows, :, None]).squeeze(-1)
+        loss, _ = grpo.policy_loss(
+            logp, None, advantages[rows], mask[rows], loss_type=g.loss_type, normalizer=normalizer,
+            epsilon=g.epsilon, epsilon_high=g.epsilon_high,
+        )  # fmt: skip
+        loss.backward()
+        del logits, logp, loss
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def trl_update(case: Case, hf: dict, batch: Batch, liger: bool) -> dict[str, Any]:
+    """TRL's GRPOTrainer.compute_loss + backward on a transformers model with PEFT LoRA."""
+    import datasets
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from trl import GRPOConfig, GRPOTrainer
+
+    if case.quantize:
+        return {"status": "n/a (TRL case builds a bf16 base)"}
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "architectures"})
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16).to(DEVICE)
+    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules="all-linear", task_type="CAUSAL_LM"))
+    args = GRPOConfig(
+        output_dir="/tmp/bench_memory_trl",
+        per_device_train_batch_size=case.micro_batch,
+        num_generations=case.group,
+        max_completion_length=case.completion,
+        gradient_checkpointing=True,
+        bf16=True,
+        use_liger_loss=liger,
+        beta=0.0,
+        loss_type="dapo",
+        report_to=[],
+    )
+    data = datasets.Dataset.from_dict({"prompt": ["x"] * case.group})
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)], args=args, train_dataset=data
+    )
+    r = batch.rollout
+
+    def step():
+        for start in range(0, r.num_sequences, case.micro_batch):
+            rows = slice(start, start + case.micro_batch)
+            inputs = {
+                "prompt_ids": r.prompt_ids[rows],
+                "prompt_mask": r.prompt_mask[rows],
+                "completion_ids": r.completion_ids[rows],
+                "completion_mask": r.completion_mask[rows],
+                "advantages": batch.advantages[rows].to(DEVICE),
+                "old_per_token_logps": None,
+                "num_items_in_batch": r.completion_mask.sum(),
+            }
+            trainer.compute_loss(trainer.model, inputs).backward()
+        trainer.model.zero_grad(set_to_none=True)
+
+    return measure(step, case.runs)
+
+
+# ================================================================================================
+# measuring
+
+
+def measure(step, runs: int = 2) -> dict[str, Any]:
+    """Run `step` `runs` times; time and peak memory of the last run."""
+    for _ in range(runs - 1):
+        step()
+    sync()
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    step()
+    sync()
+    out: dict[str, Any] = {"status": "ok", "step_s": time.perf_counter() - t0}
+    if DEVICE.type == "cuda":
+        out["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GiB
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
+    return out
+
+
+def run_ours(case: Case, dtype: torch.dtype, *, naive: bool = False) -> dict[str, Any]:
+    model, hf = build_model(case, dtype)
+    cfg = make_cfg(case, checkpointing=not naive, offload=case.offload and not naive)
+    adapters = attach_adapters(model, cfg)
+    model.gradient_checkpointing = not naive
+    model.activation_offload = case.offload and not naive
+    optimizer = build_optimizer(model.parameters(), cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, 10)
+    batch = synthetic_batch(case, hf["vocab_size"])
+    if naive:
+        out = measure(lambda: naive_update(cfg, model, optimizer, batch), case.runs)
+    else:
+        out = measure(lambda: update_phase(cfg, model, optimizer, scheduler, batch, None, None), case.runs)
+    est = estimate_peak(cfg, model.args, prompt_tokens=case.prompt, device_type=DEVICE.type)
+    out["adapters"] = adapters
+    if not naive:
+        out["predicted_gib"] = max(est.phases["update"], est.phases["optimizer"]) / GiB
+        out["predicted_rollout_gib"] = est.phases["rollout"] / GiB
+        out["predicted_kv_cache_gib"] = est.parts["kv_cache"] / GiB
+    return out
+
+
+def run_case(case: Case, provider: str, dtype: torch.dtype) -> dict[str, Any]:
+    tokens = case.group * (case.prompt + case.completion)
+    row: dict[str, Any] = {"case": case.name, "provider": provider, "completion": case.completion}
+    row["micro_batch"] = case.micro_batch
+    try:
+        with time_limit(case.time_limit_s):
+            if provider in ("ours", "naive"):
+                row |= run_ours(case, dtype, naive=provider == "naive")
+            else:
+                hf = dict(QUICK_ARCH) if case.arch == "quick" else preset_config(case.arch)
+                row |= trl_update(case, hf, synthetic_batch(case, hf["vocab_size"]), liger=provider == "trl_liger")
+        if row.get("step_s"):
+            row["tokens_per_s"] = tokens / row["step_s"]
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "OOM"
+    except ImportError as e:
+        row["status"] = f"skipped ({e.name or e} not installed)"
+    except CaseTimeout as e:
+        row["status"] = f"timeout ({e})"
+    except Exception as e:  # record and go on: one broken provider must not end the run
+        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        row["traceback"] = traceback.format_exc(limit=4)
+    finally:
+        gc.collect()
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
+    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "traceback"}, flush=True)
+    return row
+
+
+def bisect_longest(base: Case, dtype: torch.dtype, budget_s: int, probes: int, max_len: int) -> dict[str, Any]:
+    """Longest completion (micro-batch 1) whose measured update fits on this device.
+
+    The update's peak is that of one micro-batch, whatever the number of completions, so each probe
+    trains 2 completions once (time) and the sampler's KV cache for `base.group` completions of that
+    length is reported from its exact formula. Starts from the pre-flight's prediction.
+    """
+    from minigrpo.memory import kv_cache_bytes
+    from minigrpo.models.args import ModelArgs
+
+    free = torch.cuda.mem_get_info()[0] if DEVICE.type == "cuda" else 8 * GiB
+    margs = ModelArgs.from_hf_config(dict(QUICK_ARCH) if base.arch == "quick" else preset_config(base.arch))
+
+    def probe_case(tc: int) -> Case:
+        c = Case(f"longest-{tc}", base.arch, tc, quantize=base.quantize, micro_batch=1, prompt=base.prompt, group=2)
+        c.providers, c.runs = ("ours",), 1
+        return c
+
+    def predicted(tc: int) -> int:
+        cfg = make_cfg(probe_case(tc), checkpointing=True, offload=True)
+        est = estimate_peak(cfg, margs, prompt_tokens=base.prompt)
+        return max(est.phases["update"], est.phases["optimizer"])
+
+    p_lo, p_hi = 0, max_len  # the pre-flight's answer, by bisection over its prediction
+    while p_hi - p_lo > 64:
+        mid = (p_lo + p_hi) // 2
+        p_lo, p_hi = (mid, p_hi) if predicted(mid) < free else (p_lo, mid)
+
+    lo, hi = 0, 256
+    while hi < max_len and predicted(hi) < free:
+        hi *= 2
+    guess, fails, trials = min(hi, max_len), None, []
+    start = time.perf_counter()
+    for _ in range(probes):
+        left = budget_s - (time.perf_counter() - start)
+        if left < 30:
+            break
+        c = probe_case(guess)
+        c.time_limit_s = int(left)
+        row = run_case(c, "ours", dtype)
+        trials.append({k: row.get(k) for k in ("completion", "status", "peak_alloc_gib", "predicted_gib", "step_s")})
+        if row["status"] == "ok":
+            lo = guess
+            if guess >= max_len:
+                break
+        elif row["status"] == "OOM":
+            fails = hi = guess
+        else:
+            break
+        guess = (lo + hi) // 2 if fails is not None else min(2 * guess, max_len)
+        if fails is not None and hi - lo <= max(256, lo // 32):
+            break
+    kv = kv_cache_bytes(margs, base.group, base.prompt + lo, 2 if dtype == torch.bfloat16 else 4)
+    return {
+        "arch": base.arch,
+        "quantize": base.quantize,
+        "generations": base.group,
+        "longest_fitting_completion": lo,
+        "first_oom": fails,
+        "predicted_longest": p_lo,
+        "kv_cache_gib_for_generations": kv / GiB,
+        "trials": trials,
+    }
+
+
+# ================================================================================================
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small architecture and lengths (a smoke run)")
+    ap.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    ap.add_argument("--providers", default=None, help="comma-separated subset of ours,naive,trl,trl_liger")
+    ap.add_argument("--no-bisect", action="store_true", help="skip the longest-completion bisection")
+    ap.add_argument("--bisect-budget-s", type=int, default=900)
+    args = ap.parse_args()
+    env = environment()
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    cases = QUICK_CASES if args.quick else FULL_CASES
+    if args.cases:
+        wanted = set(args.cases.split(","))
+        cases = [c for c in cases if c.name in wanted]
+    providers = set(args.providers.split(",")) if args.providers else None
+    rows = []
+    for case in cases:
+        for provider in case.providers:
+            if providers is None or provider in providers:
+                rows.append(run_case(case, provider, dtype))
+    bisect: dict[str, Any] = {}
+    if not args.no_bisect:
+        base = QUICK_CASES[1] if args.quick else FULL_CASES[-1]
+        if args.quick:
+            bisect = bisect_longest(base, dtype, 60, 3, max_len=2048)
+        else:
+            bisect = bisect_longest(base, dtype, args.bisect_budget_s, 6, max_len=262144)
+        print("longest completion that fits:", {k: v for k, v in bisect.items() if k != "trials"}, flush=True)
+    payload = {"environment": env, "quick": args.quick, "rows": rows, "bisect": bisect}
+    path = write_result("memory_quick" if args.quick else "memory", payload)
+    print(f"\n{env['device']}, torch {env['torch']} -> {path.name}")
+    cols = ["case", "provider", "micro_batch", "status", "peak_alloc_gib", "peak_reserved_gib", "predicted_gib"]
+    print_table(rows, [*cols, "tokens_per_s", "adapters"])
+
+
+if __name__ == "__main__":
+    main()

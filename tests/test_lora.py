@@ -1,0 +1,544 @@
+"""LoRA adapters: exactness at init and when disabled, gradients, merge, and the exports.
+
+PEFT and transformers are test-only oracles: the PEFT-format adapter must load with
+`PeftModel.from_pretrained` on the transformers model of the same checkpoint, and the merged
+checkpoint must load in transformers and in our own loader, each with the adapted model's logits.
+Families: Llama (separate projections), Qwen2 (q/k/v bias, tied head), Phi-3 (fused qkv_proj and
+gate_up_proj, one adapter per fused matrix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from minigrpo.config import LoRACfg, TrainCfg
+from minigrpo.lora import (
+    LoRALinear,
+    adapters_disabled,
+    apply_lora,
+    load_lora_state_dict,
+    load_peft_adapter,
+    lora_layers,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+    save_merged,
+    save_peft_adapter,
+    unmerge_lora,
+)
+from minigrpo.models.loading import load_pretrained
+from minigrpo.models.safetensors_io import iter_tensors, read_header
+from minigrpo.optim import MasterWeights, build_optimizer
+from tests.helpers.tiny import tiny_checkpoint, tiny_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FAMILIES = {
+    "llama": {},
+    "qwen2-tied": dict(model_type="qwen2", tie_word_embeddings=True),  # q/k/v bias, tied LM head
+    "phi3": dict(model_type="phi3", original_max_position_embeddings=256, pad_token_id=0),  # fused qkv, gate_up
+}
+ADAPTED_PER_LAYER = {"llama": 7, "qwen2-tied": 7, "phi3": 4}  # q k v o gate up down | qkv o gate_up down
+ATOL = 1e-5  # fp32 parity bound; observed differences are ~1e-7
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (3, 11), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _randomize_adapters(model: nn.Module, seed: int = 0) -> None:
+    """B away from zero, so the adapters change the logits visibly."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in lora_layers(model).values():
+        layer.lora_B.weight.copy_(0.1 * torch.randn(layer.lora_B.weight.shape, generator=g))
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# the adapted model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@torch.no_grad()
+def test_init_equals_base_and_disabled_adapters_give_the_base(family):
+    model = tiny_model(1, **FAMILIES[family])
+    ids = _ids()
+    base = model(ids)
+    names = apply_lora(model, LoRACfg(r=4, alpha=8))
+    assert len(names) == 2 * ADAPTED_PER_LAYER[family]
+    assert torch.equal(model(ids), base)  # B = 0: bitwise the base model
+    _randomize_adapters(model)
+    adapted = model(ids)
+    assert _max_diff(adapted, base) > 1e-2
+    with adapters_disabled(model):
+        assert torch.equal(model(ids), base)
+    assert torch.equal(model(ids), adapted)  # switched back on at exit
+
+
+@pytest.mark.parametrize("variant", ["plain", "rslora-dropout"])
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_only_adapters_get_gradients(family, variant):
+    extra = dict(rslora=True, dropout=0.3) if variant == "rslora-dropout" else {}
+    model = tiny_model(2, **FAMILIES[family])
+    names = apply_lora(model, LoRACfg(r=4, alpha=8, **extra))
+    layer = lora_layers(model)[names[0]]
+    assert layer.scaling == (8 / 2 if extra else 8 / 4)  # alpha / sqrt(r) with rsLoRA, else alpha / r
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{x}.weight" for n in names for x in "AB"}
+    assert len(lora_parameters(model)) == 2 * len(names)
+
+    _randomize_adapters(model)
+    model.train()
+    model(_ids()).pow(2).mean().backward()
+    for n, p in model.named_parameters():
+        if ".lora_" in n:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+
+    # the optimizer steps the adapters only, and the base stays put
+    base_before = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = build_optimizer(model.parameters(), TrainCfg(lr=1e-2))
+    assert sum(len(g["params"]) for g in opt.param_groups) == 2 * len(names)
+    opt.step()
+    assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+    # dropout acts in train mode only; eval equals the same adapters without dropout
+    ids = _ids(1)
+    with torch.no_grad():
+        t1, t2 = model(ids), model(ids)
+        assert torch.equal(t1, t2) != bool(extra)
+        model.eval()
+        e1 = model(ids)
+        plain = tiny_model(2, **FAMILIES[family])
+        apply_lora(plain, LoRACfg(r=4, alpha=8, rslora=bool(extra)))
+        load_lora_state_dict(plain, lora_state_dict(model))
+        assert torch.equal(e1, plain(ids))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@torch.no_grad()
+def test_merge_then_unmerge(family):
+    model = tiny_model(3, **FAMILIES[family])
+    apply_lora(model, LoRACfg(r=4, alpha=8))
+    _randomize_adapters(model, seed=1)
+    ids = _ids()
+    adapted = model(ids)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+
+    assert merge_lora(model) == list(lora_layers(model))
+    moved = max(_max_diff(t, before[n]) for n, t in model.state_dict().items())
+    assert moved > 1e-3  # the deltas are inside the base weights now
+    assert _max_diff(model(ids), adapted) < ATOL
+    with pytest.raises(RuntimeError, match="already merged"):
+        merge_lora(model)
+    with pytest.raises(RuntimeError, match="unmerge_lora"), adapters_disabled(model):
+        pass
+    model.train()
+    with torch.enable_grad(), pytest.raises(RuntimeError, match="no gradient"):
+        model(ids)
+    model.eval()
+
+    unmerge_lora(model)
+    for n, t in model.state_dict().items():
+        assert _max_diff(t, before[n]) <= 1e-6, n
+    assert _max_diff(model(ids), adapted) < ATOL
+
+
+@torch.no_grad()
+def test_bf16_base_with_fp32_adapters():
+    model = tiny_model(13, dtype=torch.bfloat16)
+    apply_lora(model, LoRACfg(r=4, alpha=8))
+    _randomize_adapters(model)
+    layer = lora_layers(model)["model.layers.0.mlp.up_proj"]
+    assert layer.weight.dtype == torch.bfloat16
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
+    model.train()
+    with torch.enable_grad():
+        out = model(_ids())
+        assert out.dtype == torch.bfloat16
+        out.float().pow(2).mean().backward()
+    assert all(p.grad.dtype == torch.float32 for p in lora_parameters(model))
+    assert not isinstance(build_optimizer(model.parameters(), TrainCfg()), MasterWeights)  # fp32: stepped directly
+    w = layer.weight.clone()
+    merge_lora(model)
+    assert torch.equal(layer.weight, (w.float() + layer.delta_weight()).to(torch.bfloat16))  # one rounding
+
+
+def test_adapter_backward_keeps_the_16_bit_input_and_matches_autograd():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 96, bias=False).to(torch.bfloat16).requires_grad_(False)
+    layer = LoRALinear(base, r=4, alpha=8)  # fp32 adapters on a bf16 base
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0.0, 0.1)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(2, 5, 96, dtype=torch.bfloat16)
+
+    def run(fn):
+        """fn's output after backward, and the fp32 tensors as large as x that autograd kept."""
+        saved = []
+
+        def pack(t):
+            if t.dtype == torch.float32 and t.numel() == x.numel():
+                saved.append(t.shape)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = fn()
+        y.backward(g)
+        return y, saved
+
+    y, saved = run(lambda: layer(x))
+    A = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    B = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y2, saved2 = run(lambda: (base(x2) + F.linear(F.linear(x2.float(), A) * layer.scaling, B)).to(torch.bfloat16))
+    assert saved2 and not saved  # plain autograd keeps an fp32 copy of x; the adapter keeps x itself
+    assert torch.equal(y, y2)
+    assert torch.equal(x.grad, x2.grad)
+    assert torch.allclose(layer.lora_A.weight.grad, A.grad, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(layer.lora_B.weight.grad, B.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_base_names_are_unchanged():
+    model = tiny_model(4)
+    plain = {n: t.clone() for n, t in model.state_dict().items()}
+    names = apply_lora(model, LoRACfg(r=4))
+    state = model.state_dict()
+    adapter_keys = {f"{n}.lora_{x}.weight" for n in names for x in "AB"}
+    assert set(state) == set(plain) | adapter_keys
+    assert all(torch.equal(state[n], t) for n, t in plain.items())
+    assert set(lora_state_dict(model)) == adapter_keys
+    # a base checkpoint loads by name into the adapted model: only the adapters are missing
+    fresh = tiny_model(5)
+    apply_lora(fresh, LoRACfg(r=4))
+    result = fresh.load_state_dict(plain, strict=False)
+    assert set(result.missing_keys) == adapter_keys and not result.unexpected_keys
+    assert all(torch.equal(fresh.state_dict()[n], t) for n, t in plain.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT-format adapters
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_peft_adapter_loads_in_peft_with_equal_logits(family, tmp_path):
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tiny_checkpoint(tmp_path / "base", seed=6, **FAMILIES[family])
+    ours, _ = load_pretrained(ckpt)
+    ours.eval()
+    rslora = family == "phi3"
+    apply_lora(ours, LoRACfg(r=4, alpha=8, rslora=rslora, targets=["q", "v", "o", "up", "down"]))
+    _randomize_adapters(ours, seed=2)
+    out = save_peft_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(ckpt))
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    fused = family == "phi3"
+    expected = (
+        ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+        if fused
+        else ["down_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    )
+    assert config["target_modules"] == expected
+    assert (config["peft_type"], config["task_type"], config["bias"], config["r"], config["lora_alpha"]) == (
+        "LORA",
+        "CAUSAL_LM",
+        "none",
+        4,
+        8,
+    )
+    assert config["use_rslora"] is rslora and config["fan_in_fan_out"] is False
+    keys = set(read_header(out / "adapter_model.safetensors"))
+    q = "qkv_proj" if fused else "q_proj"
+    assert f"base_model.model.model.layers.0.self_attn.{q}.lora_A.weight" in keys
+    assert len(keys) == 2 * len(lora_layers(ours))
+
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        base_logits = hf(_ids()).logits
+        wrapped = peft.PeftModel.from_pretrained(hf, out).eval()
+        theirs = wrapped(_ids()).logits
+        mine = ours(_ids())
+    assert _max_diff(mine, base_logits) > 1e-2  # the adapters matter
+    assert _max_diff(mine, theirs) < ATOL, f"{family}: max |diff| {_max_diff(mine, theirs):.2e}"
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_adapter_trained_with_peft_loads_into_ours(family, tmp_path):
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tiny_checkpoint(tmp_path / "base", seed=9, **FAMILIES[family])
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="eager").float()
+    targets = ["qkv_proj", "down_proj"] if family == "phi3" else ["q_proj", "v_proj", "down_proj"]
+    config = peft.LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=targets, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(hf, config).eval()
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        want = theirs(_ids()).logits
+    theirs.save_pretrained(tmp_path / "adapter")
+
+    ours, _ = load_pretrained(ckpt)
+    names = load_peft_adapter(ours, tmp_path / "adapter")
+    assert {n.rpartition(".")[2] for n in names} == set(targets) and len(names) == 2 * len(targets)
+    assert next(iter(lora_layers(ours).values())).scaling == 16 / 2  # rsLoRA: alpha / sqrt(r)
+    with torch.no_grad():
+        assert _max_diff(ours.eval()(_ids()), want) < ATOL
+
+
+def test_load_peft_adapter_round_trip(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "base", seed=7)
+    src, _ = load_pretrained(ckpt)
+    apply_lora(src, LoRACfg(r=4, alpha=16, dropout=0.1, targets=["q", "k", "gate"]))
+    _randomize_adapters(src, seed=3)
+    src.eval()
+    adapter = save_peft_adapter(src, tmp_path / "adapter", base_model_name_or_path="tiny")
+    ids = _ids()
+    with torch.no_grad():
+        want = src(ids)
+
+    fresh, _ = load_pretrained(ckpt)  # no adapters yet: they are added as the file says
+    assert load_peft_adapter(fresh, adapter) == list(lora_layers(src))
+    layer = next(iter(lora_layers(fresh).values()))
+    assert (layer.r, layer.scaling, layer.lora_dropout.p) == (4, 4.0, 0.1)
+    assert all(p.requires_grad for p in lora_parameters(fresh))
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(ids), want)
+
+    same, _ = load_pretrained(ckpt)  # adapters already there (a resume): the layout must match
+    apply_lora(same, LoRACfg(r=4, alpha=16, targets=["q", "k", "gate"]))
+    load_peft_adapter(same, adapter)
+    with torch.no_grad():
+        assert torch.equal(same.eval()(ids), want)
+
+    other, _ = load_pretrained(ckpt)
+    apply_lora(other, LoRACfg(r=8, alpha=16, targets=["q", "k", "gate"]))
+    with pytest.raises(ValueError, match="r=4"):
+        load_peft_adapter(other, adapter)
+
+
+# ----------------------------------------------------------------------------------------------
+# merged checkpoints
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_save_merged_loads_in_transformers_and_ours(family, tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tiny_checkpoint(tmp_path / "base", seed=8, **FAMILIES[family])
+    ours, _ = load_pretrained(ckpt)
+    ours.eval()
+    apply_lora(ours, LoRACfg(r=4, alpha=8))
+    _randomize_adapters(ours, seed=4)
+    ids = _ids()
+    with torch.no_grad():
+        adapted = ours(ids)
+    before = {n: t.clone() for n, t in ours.state_dict().items()}
+    out = save_merged(ours, None, tmp_path / "merged", dtype=torch.float32)
+
+    assert all(torch.equal(t, before[n]) for n, t in ours.state_dict().items())  # the model is untouched
+    assert sorted(read_header(out / "model.safetensors")) == sorted(read_header(ckpt / "model.safetensors"))
+    assert json.loads((out / "config.json").read_text()) == json.loads((ckpt / "config.json").read_text())
+    again, _ = load_pretrained(out)
+    hf = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        assert _max_diff(again.eval()(ids), adapted) < ATOL
+        assert _max_diff(hf(ids).logits, adapted) < ATOL
+
+
+def test_save_merged_bf16_sharded_is_the_fp32_merge_cast_once(tmp_path):
+    model = tiny_model(9)
+    apply_lora(model, LoRACfg(r=4, alpha=8))
+    _randomize_adapters(model, seed=5)
+    out = save_merged(model, None, tmp_path / "merged", max_shard_bytes=20_000)  # bf16 by default
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not (out / "model.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    layers = lora_layers(model)
+    plain = {n: t for n, t in model.state_dict().items() if ".lora_" not in n}
+    seen = set()
+    for fname in files:
+        for name, t in iter_tensors(out / fname):
+            module = name.removesuffix(".weight")
+            want = layers[module].merged_weight() if module in layers else plain[name]
+            assert t.dtype == torch.bfloat16 and torch.equal(t, want.to(torch.bfloat16)), name
+            seen.add(name)
+    assert seen == set(plain)
+    reloaded, _ = load_pretrained(out, dtype=torch.bfloat16)
+    assert set(reloaded.state_dict()) == set(plain)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages created inside the mode and still alive, after every op.
+
+    Storages are held weakly, so a tensor freed after use stops counting; outputs that alias an
+    input (views, in-place ops) are not new memory.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # storage -> bytes
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(t)}
+        for t in pytree.tree_leaves(out):
+            if torch.is_tensor(t):
+                s = t.untyped_storage()
+                if s.nbytes() and s.data_ptr() not in inputs and s not in self.live:
+                    self.live[s] = s.nbytes()
+        self.peak = max(self.peak, sum(self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_save_merged_holds_one_merged_tensor_at_a_time(dtype, tmp_path):
+    model = tiny_model(10)
+    apply_lora(model, LoRACfg(r=4, alpha=8))
+    _randomize_adapters(model)
+    model_bytes = sum(t.nbytes for t in model.state_dict().values())
+    largest = max(t.numel() for t in model.state_dict().values()) * 4  # one fp32 tensor
+    with LiveTensorBytes() as naive:  # the tracker sees a second copy of the adapted weights
+        merged = [layer.merged_weight() for layer in lora_layers(model).values()]
+    assert naive.peak >= sum(t.nbytes for t in merged) > model_bytes / 2
+    del merged
+    with LiveTensorBytes() as tracked:
+        save_merged(model, None, tmp_path / "merged", dtype=dtype)
+    # fp32: the merged tensor alone; bf16: the fp32 merge plus its bf16 cast
+    assert 0 < tracked.peak <= 1.5 * largest < model_bytes / 4, (tracked.peak, largest, model_bytes)
+
+
+class Int8Linear(nn.Module):
+    """A stand-in for a 4-bit linear: int8 rows and fp32 scales, with the interface save_merged uses."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        scale = w.abs().amax(dim=1, keepdim=True) / 127  # (out, 1)
+        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+
+@pytest.mark.parametrize("family", ["qwen2-tied", "phi3"])
+def test_quantized_base_exports_dequantized_and_refuses_merge(family, tmp_path):
+    model = tiny_model(11, **FAMILIES[family])
+    for block in model.model.layers:  # quantize an adapted matrix (o) and one left without adapters (down)
+        block.self_attn.o_proj = Int8Linear(block.self_attn.o_proj)
+        block.mlp.down_proj = Int8Linear(block.mlp.down_proj)
+    apply_lora(model, LoRACfg(r=4, alpha=8, targets=["q", "k", "v", "o", "gate", "up"]))
+    _randomize_adapters(model, seed=6)
+    keys = set(model.state_dict())
+    assert {"model.layers.0.self_attn.o_proj.qweight", "model.layers.0.self_attn.o_proj.lora_A.weight"} <= keys
+    with pytest.raises(TypeError, match="save_merged"):
+        merge_lora(model)
+    assert not any(layer.merged for layer in lora_layers(model).values())  # nothing half-merged
+
+    ids = _ids()
+    with torch.no_grad():
+        adapted = model.eval()(ids)
+    out = save_merged(model, None, tmp_path / "merged", dtype=torch.float32)
+    again, _ = load_pretrained(out)  # plain names: no qweight or scale
+    with torch.no_grad():
+        assert _max_diff(again.eval()(ids), adapted) < ATOL
+
+
+def test_lora_on_nf4_bases(tmp_path):
+    """minigrpo.quant's NF4Linear under the adapters: its own state-dict entries, no merge, a dequantized export."""
+    pytest.importorskip("bitsandbytes")
+    from minigrpo.quant import QuantizationUnavailableError, quantize_model_linears
+
+    model = tiny_model(14)
+    try:
+        quantize_model_linears(model)
+    except QuantizationUnavailableError as e:
+        pytest.skip(str(e))
+    ids = _ids()
+    with torch.no_grad():
+        base = model(ids)
+    apply_lora(model, LoRACfg(r=4, alpha=8))
+    _randomize_adapters(model, seed=7)
+    keys = set(model.state_dict())
+    assert {"model.layers.0.mlp.up_proj.weight.absmax", "model.layers.0.mlp.up_proj.lora_B.weight"} <= keys
+    model.train()
+    model(ids).pow(2).mean().backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == set(lora_state_dict(model))
+    model.eval()
+    with torch.no_grad():
+        adapted = model(ids)
+        with adapters_disabled(model):
+            assert torch.equal(model(ids), base)
+    with pytest.raises(TypeError, match="save_merged"):
+        merge_lora(model)
+
+    # the whole state (4-bit codes, quant state, adapters) reloads through the base's own loader
+    again = tiny_model(15)
+    quantize_model_linears(again)
+    apply_lora(again, LoRACfg(r=4, alpha=8))
+    again.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again.eval()(ids), adapted)
+
+    out = save_merged(model, None, tmp_path / "merged", dtype=torch.float32)
+    dense, _ = load_pretrained(out)
+    with torch.no_grad():
+        assert _max_diff(dense.eval()(ids), adapted) < ATOL
+
+
+# ----------------------------------------------------------------------------------------------
+# misuse
+
+
+def test_bad_inputs_fail_clearly(tmp_path):
+    model = tiny_model(12)
+    with pytest.raises(ValueError, match=r"unknown LoRA target 'qkv': valid targets are q, k, v, o, gate, up, down"):
+        apply_lora(model, LoRACfg(targets=["q", "qkv"]))
+    assert not lora_layers(model)
+    with pytest.raises(ValueError, match="no LoRA adapters"), adapters_disabled(model):
+        pass
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        merge_lora(model)
+    apply_lora(model, LoRACfg(r=2))
+    with pytest.raises(ValueError, match="already applied"):
+        apply_lora(model, LoRACfg(r=2))
+    with pytest.raises(RuntimeError, match="not merged"):
+        unmerge_lora(model)
+    state = lora_state_dict(model)
+    with pytest.raises(KeyError, match="missing"):
+        load_lora_state_dict(model, {k: v for k, v in state.items() if "layers.1" not in k})
+
+    adapter = save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=None)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        load_peft_adapter(tiny_model(12), adapter)

@@ -1,0 +1,353 @@
+"""Memory pre-flight (memory.py): each predicted piece against what is measured.
+
+On CPU the measurements come from `AllocationTracker` (every tensor storage allocated under it,
+live and peak): activations of the real forward + backward through the log-prob kernel, weights
+(dense and NF4), optimizer state and the optimizer step, the KV cache, one whole update phase.
+The GPU-marked test does the same with torch.cuda's counters on the Triton path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.tiny import tiny_model
+
+from minigrpo import memory
+from minigrpo.config import TrainCfg, load_config
+from minigrpo.logprobs import completion_logprobs
+from minigrpo.memory import AllocationTracker, MemoryPreflightError, activation_bytes, estimate_peak, preflight
+from minigrpo.models.args import ModelArgs
+from minigrpo.models.presets import preset_config
+from minigrpo.models.transformer import KVCache
+from minigrpo.optim import build_optimizer
+
+# a tiny model with realistic proportions (F = 2.75 D, GQA 4:2)
+SMALL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, vocab_size=512)
+
+
+def _step(model, ids, attn, cmask):
+    logp, ent = completion_logprobs(model, ids, attn, cmask, return_entropy=True)
+    loss = -(logp * 0.3).sum() / logp.numel() + 0.01 * ent.detach().mean()
+    loss.backward()
+
+
+def _measured_activation_peak(model, micro_batch: int, Tp: int, Tc: int) -> int:
+    """Peak bytes of one forward + backward, gradients already allocated (a later micro-batch)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.args.vocab_size, (micro_batch, Tp + Tc), generator=g)
+    attn = torch.ones_like(ids)
+    cmask = torch.ones(micro_batch, Tc, dtype=torch.long)
+    _step(model, ids, attn, cmask)
+    tracker = AllocationTracker()
+    with tracker:
+        _step(model, ids, attn, cmask)
+    return tracker.peak
+
+
+CASES = [(torch.float32, mode, full) for mode in ("plain", "checkpointing", "offload") for full in (True, False)] + [
+    (torch.bfloat16, mode, False) for mode in ("plain", "checkpointing")
+]
+
+
+@pytest.mark.parametrize("dtype,mode,full", CASES)
+def test_activation_estimate_within_10pct_of_measured(dtype, mode, full):
+    model = tiny_model(dtype=dtype, **SMALL).train()
+    model.gradient_checkpointing = mode != "plain"
+    model.activation_offload = mode == "offload"  # on CPU: the same recomputation, no copies
+    if not full:  # as under adapters: norms, embedding and head frozen, block inputs still saved
+        model.requires_grad_(False)
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.requires_grad_(True)
+    mb, Tp, Tc = 2, 32, 96
+    measured = _measured_activation_peak(model, mb, Tp, Tc)
+    est = activation_bytes(
+        model.args,
+        micro_batch=mb,
+        seq_len=Tp + Tc,
+        completion_len=Tc,
+        b=dtype.itemsize,
+        checkpointing=mode != "plain",
+        offload=mode == "offload",
+        impl="ref",
+        trainable="full" if full else "linears",
+        device_type="cpu",
+    )["peak"]
+    assert abs(est / measured - 1) < 0.10, f"estimated {est:,} vs measured {measured:,} ({est / measured:.3f})"
+
+
+@pytest.mark.parametrize(
+    "dtype,checkpointing,targets,family,dropout",
+    [
+        (torch.float32, False, "q,k,v,o,gate,up,down", "llama", 0.0),
+        (torch.bfloat16, False, "q,k,v,o,gate,up,down", "llama", 0.0),
+        (torch.bfloat16, False, "q,k,v,o,gate,up,down", "llama", 0.1),  # dropout: a copy per adapter
+        (torch.bfloat16, True, "q,k,v,o,gate,up,down", "llama", 0.0),
+        (torch.bfloat16, True, "q,v", "llama", 0.0),
+        (torch.float32, True, "q,k,v,o,gate,up,down", "phi3", 0.0),  # fused qkv / gate_up: one adapter each
+    ],
+)
+def test_lora_activation_estimate_within_10pct_of_measured(dtype, checkpointing, targets, family, dropout):
+    """fp32 adapters on a 16-bit base share the base's input unless dropout makes them copy it."""
+    lora = pytest.importorskip("minigrpo.lora")
+    from minigrpo.config import LoRACfg
+
+    model = tiny_model(dtype=dtype, model_type=family, **SMALL).train()
+    lora.apply_lora(model, LoRACfg(enabled=True, r=8, dropout=dropout, targets=targets.split(",")))
+    model.gradient_checkpointing = checkpointing
+    mb, Tp, Tc = 2, 32, 96
+    measured = _measured_activation_peak(model, mb, Tp, Tc)
+    est = activation_bytes(
+        model.args,
+        micro_batch=mb,
+        seq_len=Tp + Tc,
+        completion_len=Tc,
+        b=dtype.itemsize,
+        checkpointing=checkpointing,
+        impl="ref",
+        trainable="lora",
+        lora_targets=tuple(targets.split(",")),
+        lora_r=8,
+        lora_bytes=4,
+        lora_dropout=dropout > 0,
+        device_type="cpu",
+    )["peak"]
+    assert abs(est / measured - 1) < 0.10, f"estimated {est:,} vs measured {measured:,} ({est / measured:.3f})"
+
+
+def test_checkpointing_keeps_one_input_per_block():
+    """The per-token formula, read directly: the forward keeps L block inputs with checkpointing."""
+    model = tiny_model(**SMALL).train()
+    model.gradient_checkpointing = True
+    for name, p in model.named_parameters():
+        p.requires_grad_("norm" not in name)  # frozen norms keep no normalised copy
+    ids = torch.randint(3, 512, (2, 96))
+    tracker = AllocationTracker()
+    with tracker:
+        hidden = model.hidden(ids, attention_mask=torch.ones_like(ids))
+        kept = tracker.live - hidden.untyped_storage().nbytes()
+    n, d, L = 2 * 96, 128, 4
+    shared = 2 * n * 16 * 4 + 2 * 96 * 96  # cos, sin (R/2 = 16) fp32 and the bool mask
+    final_norm = n * (d * 4 + 4)  # the final norm's input and rstd
+    cache_positions = 96 * 8
+    assert kept == L * n * d * 4 + shared + final_norm + cache_positions
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_weight_estimate_equals_model_bytes(quantize):
+    from minigrpo.quant import quantize_model_linears, quantized_linears
+
+    model = tiny_model(**dict(SMALL, intermediate_size=384))  # NF4 on CPU: dims multiple of 64
+    if quantize:
+        quantize_model_linears(model)
+    dense = sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype != torch.uint8)
+    nf4 = sum(m.nbytes() for m in quantized_linears(model).values())
+    assert dense + nf4 == memory.weight_bytes(model.args, 4, quantize)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optimizer_state_and_step_estimate(dtype):
+    model = tiny_model(dtype=dtype, **SMALL)
+    n = sum(p.numel() for p in model.parameters())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    tracker = AllocationTracker()
+    with tracker:
+        opt = build_optimizer(model.parameters(), TrainCfg(lr=1e-3))
+        opt.step()
+        state = tracker.live
+    cfg = load_config(None, ["run.device=cpu", f"run.dtype={str(dtype).removeprefix('torch.')}"])
+    est = estimate_peak(cfg, model.args, prompt_tokens=8, device_type="cpu")
+    assert state == est.parts["optimizer_state"] + est.parts["master_weights"] + (
+        4 * n if dtype != torch.float32 else 0
+    )
+    assert abs(tracker.peak / (state + 4 * n) - 1) < 0.01  # + AdamW's foreach temporaries
+    assert est.parts["optimizer_step_transient"] == 4 * n * (2 if dtype != torch.float32 else 1)
+    assert memory.optimizer_state_bytes([1000, 10_000], "adamw8bit") == 8 * 1000 + 2 * 10_000 + 8 * 40
+
+
+def test_kv_cache_estimate_is_exact():
+    args = ModelArgs.from_hf_config(preset_config("qwen2.5-0.5b"))
+    cache = KVCache(args, 6, 40, dtype=torch.bfloat16, device="meta")
+    assert cache.k.nbytes + cache.v.nbytes == memory.kv_cache_bytes(args, 6, 40, 2)
+    # Qwen2.5-1.5B: 28 KiB per token (28 layers x 2 KV heads x 128 x 2 x bf16)
+    qwen = ModelArgs.from_hf_config(preset_config("qwen2.5-1.5b"))
+    assert memory.kv_cache_bytes(qwen, 1, 1, 2) == 28672
+
+
+def test_update_phase_estimate_matches_a_measured_update():
+    """train.update_phase on a fixed rollout, measured whole: gradients, activations, optimizer step."""
+    from minigrpo.sampling.rollout import Rollout
+    from minigrpo.train import Batch, update_phase
+
+    model = tiny_model(seed=1, **SMALL)
+    B, G, Tp, Tc, mb = 2, 4, 24, 72, 4
+    cfg = load_config(
+        None,
+        [
+            "run.device=cpu",
+            f"grpo.prompts_per_step={B}",
+            f"grpo.group_size={G}",
+            f"train.micro_batch_size={mb}",
+            f"sampler.max_new_tokens={Tc}",
+            "model.gradient_checkpointing=true",
+            "train.lr=1e-4",
+        ],
+    )
+    N = B * G
+    g = torch.Generator().manual_seed(0)
+    rollout = Rollout(
+        prompt_ids=torch.randint(3, 512, (N, Tp), generator=g),
+        prompt_mask=torch.ones(N, Tp, dtype=torch.long),
+        completion_ids=torch.randint(3, 512, (N, Tc), generator=g),
+        completion_mask=torch.ones(N, Tc, dtype=torch.long),
+        sampler_logp=torch.zeros(N, Tc),
+        truncated=torch.zeros(N, dtype=torch.bool),
+        completion_texts=[""] * N,
+        prompt_index=torch.arange(B).repeat_interleave(G),
+        group_size=G,
+    )
+    adv = torch.randn(N, generator=g)
+    batch = Batch(rollout=rollout, rewards=adv, advantages=adv, reward_metrics={}, prompts=[], answers=[])
+    model.gradient_checkpointing = True
+    optimizer = build_optimizer(model.parameters(), cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    update_phase(cfg, model, optimizer, scheduler, batch, None, None)  # optimizer state now exists
+    tracker = AllocationTracker()
+    with tracker:
+        update_phase(cfg, model, optimizer, scheduler, batch, None, None)
+    est = estimate_peak(cfg, model.args, prompt_tokens=Tp, device_type="cpu")
+    static = sum(est.parts[k] for k in ("weights", "master_weights", "optimizer_state", "reference_model"))
+    predicted = max(est.phases["update"], est.phases["optimizer"]) - static  # what the tracker sees
+    assert abs(predicted / tracker.peak - 1) < 0.10, f"{predicted:,} vs measured {tracker.peak:,}"
+
+
+# ------------------------------------------------------------------------------------------------
+# pre-flight
+
+
+def _llama_qlora(**over):
+    keys = {
+        "lora.enabled": "true",
+        "lora.quantize_base": "nf4",
+        "lora.r": "32",
+        "train.optimizer": "adamw8bit",
+        "train.micro_batch_size": "1",
+        "grpo.prompts_per_step": "1",
+        "grpo.group_size": "8",
+        "sampler.max_new_tokens": "20000",
+        "model.gradient_checkpointing": "true",
+        **over,
+    }
+    return load_config("configs/llama3.1-8b_gsm8k.yaml", [f"{k}={v}" for k, v in keys.items()])
+
+
+LLAMA = ModelArgs.from_hf_config(preset_config("llama-3.1-8b"))
+
+
+def test_llama_qlora_20k_fits_in_80gb_and_full_finetuning_does_not(capsys):
+    est = preflight(_llama_qlora(), LLAMA, "cuda", 256, free_bytes=79 * 2**30, total_bytes=80 * 2**30)
+    assert est.total < 40 * 2**30 and "memory pre-flight" in capsys.readouterr().out
+    kv = est.parts["kv_cache"]
+    assert kv == 8 * (256 + 20000) * 2 * 32 * 8 * 128 * 2  # N x (Tp + Tc) x 2 x L x Hkv x Dh x bf16
+    assert 5 * 2**30 < est.parts["weights"] < 6 * 2**30  # NF4 blocks + bf16 embedding and head
+
+    full = load_config(
+        "configs/llama3.1-8b_gsm8k.yaml",
+        ["train.micro_batch_size=8", "model.gradient_checkpointing=false", "grpo.prompts_per_step=1"],
+    )
+    with pytest.raises(MemoryPreflightError) as err:
+        preflight(full, LLAMA, "cuda", 256, free_bytes=79 * 2**30, total_bytes=80 * 2**30, verbose=False)
+    msg = str(err.value)
+    assert "optimizer phase" in msg and "optimizer_state" in msg and "master_weights" in msg
+    assert "--set lora.enabled=true" in msg  # the one change that fits: adapters instead of all weights
+
+
+def test_preflight_error_names_the_settings_that_fit():
+    cfg = load_config(
+        "configs/qwen2.5-1.5b_gsm8k.yaml",
+        [
+            "lora.enabled=true",
+            "grpo.prompts_per_step=4",
+            "grpo.group_size=8",
+            "train.micro_batch_size=8",
+            "sampler.max_new_tokens=4096",
+            "model.gradient_checkpointing=false",
+        ],
+    )
+    args = ModelArgs.from_hf_config(preset_config("qwen2.5-1.5b"))
+    est = estimate_peak(cfg, args, prompt_tokens=256)
+    assert est.peak_phase == "update" and est.total > 80 * 2**30  # 8 x 4352 tokens, every block kept
+    with pytest.raises(MemoryPreflightError) as err:
+        preflight(cfg, args, "cuda", 256, free_bytes=24 * 2**30, verbose=False)
+    msg = str(err.value)
+    assert f"{est.total / 2**30:.1f} GiB at its peak (update phase)" in msg
+    assert "--set model.gradient_checkpointing=true" in msg
+    assert "train.micro_batch_size=8 -> 1" in msg  # ~20 GiB; 2 would need ~38 GiB
+    for key, _, _, total in memory.suggest_fixes(cfg, args, prompt_tokens=256, budget=22 * 2**30):
+        assert total <= 22 * 2**30, key
+
+
+def test_long_completions_point_at_max_new_tokens_and_group_size():
+    cfg = _llama_qlora(**{"sampler.max_new_tokens": "60000", "grpo.group_size": "16", "grpo.prompts_per_step": "1"})
+    with pytest.raises(MemoryPreflightError) as err:
+        preflight(cfg, LLAMA, "cuda", 256, free_bytes=79 * 2**30, verbose=False)
+    msg = str(err.value)
+    assert "rollout phase" in msg and "kv_cache" in msg
+    assert "sampler.max_new_tokens=60000 -> " in msg and "grpo.group_size=16 -> " in msg
+
+
+def test_preflight_on_cpu_only_reports():
+    cfg = load_config("configs/demo_cpu.yaml")
+    args = ModelArgs.from_hf_config(preset_config("smollm2-135m"))
+    est = preflight(cfg, args, "cpu", 64, verbose=False)
+    assert est.total > est.parts["weights"] > 0 and est.peak_phase in est.phases
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: the Triton path against torch.cuda's own counters
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trainable,checkpointing", [("linears", False), ("linears", True), ("lora", True)])
+def test_activation_estimate_on_cuda(trainable, checkpointing):
+    cfg = dict(SMALL, hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2)
+    model = tiny_model(dtype=torch.bfloat16, **cfg).cuda().train()
+    targets = ("q", "k", "v", "o", "gate", "up", "down")
+    if trainable == "lora":
+        from minigrpo.config import LoRACfg
+        from minigrpo.lora import apply_lora
+
+        apply_lora(model, LoRACfg(enabled=True, r=16, targets=list(targets)))
+    else:
+        model.requires_grad_(False)
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.requires_grad_(True)
+    model.gradient_checkpointing = checkpointing
+    mb, Tp, Tc = 2, 256, 768
+    ids = torch.randint(3, 512, (mb, Tp + Tc), device="cuda")
+    attn, cmask = torch.ones_like(ids), torch.ones(mb, Tc, dtype=torch.long, device="cuda")
+    _step(model, ids, attn, cmask)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _step(model, ids, attn, cmask)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - base
+    est = activation_bytes(
+        model.args,
+        micro_batch=mb,
+        seq_len=Tp + Tc,
+        completion_len=Tc,
+        b=2,
+        checkpointing=checkpointing,
+        trainable=trainable,
+        lora_targets=targets if trainable == "lora" else (),
+        lora_r=16,
+    )
+    print(
+        f"cuda activations {trainable} ckpt={checkpointing}: estimated {est['peak']:,} measured {measured:,} "
+        f"ratio {est['peak'] / measured:.3f}"
+    )
+    assert abs(est["peak"] / measured - 1) < 0.15

@@ -1,0 +1,234 @@
+"""NF4 base weights (quant.py): the 4-bit matmul against the dense dequantized weight, loading that
+quantizes tensor by tensor, the state dict, and the clear error where no 4-bit path exists.
+
+bitsandbytes (>= 0.46) runs 4-bit on CPU too, so the CPU tests exercise the real kernels; without
+bitsandbytes they check the error and skip the rest. GPU-marked tests add the CUDA kernels, the
+peak memory of loading, and 8-bit AdamW on adapters over an NF4 base.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from helpers.tiny import tiny_checkpoint, tiny_model
+from torch import nn
+
+from minigrpo import quant
+from minigrpo.models.loading import load_pretrained
+from minigrpo.quant import NF4Linear, QuantizationUnavailableError, nf4_weight_bytes, quantize_model_linears
+
+try:
+    quant.require_nf4("cpu")
+    CPU_NF4 = True
+except QuantizationUnavailableError:
+    CPU_NF4 = False
+needs_cpu_nf4 = pytest.mark.skipif(not CPU_NF4, reason="this bitsandbytes has no CPU 4-bit path")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
+
+
+@needs_cpu_nf4
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_forward_backward_match_dequantized_reference(dtype):
+    w = torch.randn(96, 192) * 0.05
+    bias = torch.randn(96) * 0.1
+    layer = NF4Linear(w.to(dtype), nn.Parameter(bias.to(dtype), requires_grad=False))
+    dense = layer.dequantized_weight()  # (out, in) in the compute dtype
+    assert dense.shape == (96, 192) and dense.dtype == dtype and not layer.weight.requires_grad
+    assert _rel(dense, w) < 0.1  # NF4's own error on Gaussian weights: 0.092
+    x = torch.randn(3, 5, 192, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (3, 5, 96) and y.dtype == dtype
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(x_ref, dense, layer.bias)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    ref.backward(gy)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert _rel(y, ref) < tol and _rel(x.grad, x_ref.grad) < tol
+    assert layer.weight.grad is None
+
+
+@needs_cpu_nf4
+def test_nf4_storage_and_state_dict_round_trip():
+    w = torch.randn(256, 512)
+    layer = NF4Linear(w, nn.Parameter(torch.randn(256)))
+    assert layer.nbytes() == nf4_weight_bytes(256 * 512)
+    assert layer.nbytes() < 256 * 512 * 2 / 3.75  # 3.8x less than bf16
+    state = layer.state_dict()
+    assert state["weight"].dtype == torch.uint8 and "weight.absmax" in state
+    again = NF4Linear(torch.zeros(256, 512), nn.Parameter(torch.zeros(256)))
+    again.load_state_dict(state)
+    assert torch.equal(again.dequantized_weight(), layer.dequantized_weight())
+    dense = NF4Linear(torch.zeros(256, 512), nn.Parameter(torch.zeros(256)))
+    dense.load_state_dict({"weight": w, "bias": layer.bias.detach()})  # a dense weight is quantized
+    assert torch.equal(dense.dequantized_weight(), layer.dequantized_weight())
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        again.load_state_dict({**state, "extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match="multiple of 64"):  # a bitsandbytes CPU-kernel limitation
+        NF4Linear(torch.randn(8, 160))
+
+
+@needs_cpu_nf4
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_load_pretrained_quantizes_block_linears_as_it_reads(tmp_path, family, monkeypatch):
+    tiny_checkpoint(tmp_path, seed=3, model_type=family)
+    dense, _ = load_pretrained(tmp_path, load_tokenizer=False)
+    calls = []
+    real = quant.quantize_linear_weight
+
+    def spy(model, module_name, weight, method):
+        done = real(model, module_name, weight, method)
+        if done:  # every quantized weight arrives alone, and no other layer is dense yet
+            calls.append(module_name)
+            assert not any(
+                isinstance(m, nn.Linear) and m.weight.device.type != "meta" for m in model.model.layers.modules()
+            )
+        return done
+
+    monkeypatch.setattr(quant, "quantize_linear_weight", spy)
+    model, _ = load_pretrained(tmp_path, load_tokenizer=False, quantize="nf4")
+    linears = quant.quantized_linears(model)
+    n_per_block = {"llama": 7, "qwen2": 7, "phi3": 4}[family]
+    assert len(linears) == len(calls) == n_per_block * model.args.n_layers
+    assert all(name.startswith("model.layers.") for name in linears)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+    for name, layer in linears.items():  # same names; weights are NF4 copies of the checkpoint's
+        ref = dense.get_submodule(name)
+        assert _rel(layer.dequantized_weight(), ref.weight) < 0.15
+        if ref.bias is not None:
+            assert torch.equal(layer.bias, ref.bias)
+    # the quantized model computes exactly what the dense model computes with dequantized weights
+    with torch.no_grad():
+        for name, layer in linears.items():
+            dense.get_submodule(name).weight.copy_(layer.dequantized_weight())
+        ids = torch.randint(3, 128, (2, 9))
+        assert (model(ids) - dense(ids)).abs().max() < 1e-4
+
+
+@needs_cpu_nf4
+def test_quantize_model_then_train_an_adapter_through_it():
+    model = tiny_model(seed=4)
+    assert quantize_model_linears(model) == 14
+    model.requires_grad_(False)
+    adapter = nn.Parameter(torch.zeros(64))  # a stand-in for LoRA: trains through frozen NF4 layers
+    layer0 = model.model.layers[0]
+    hook = layer0.register_forward_hook(lambda m, a, out: out + adapter)
+    ids = torch.randint(3, 128, (2, 7))
+    model(ids).float().logsumexp(-1).mean().backward()
+    hook.remove()
+    assert adapter.grad is not None and adapter.grad.abs().sum() > 0
+
+
+def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
+    quant._probe.cache_clear()
+    try:
+        with pytest.raises(QuantizationUnavailableError, match=r"lora.quantize_base.*bitsandbytes"):
+            quant.require_nf4("cpu")
+    finally:
+        quant._probe.cache_clear()
+
+
+def test_no_cpu_4bit_path_names_the_setting(monkeypatch, tmp_path):
+    monkeypatch.setattr(quant, "_probe", lambda device_type: "no 4-bit kernel registered for cpu")
+    with pytest.raises(QuantizationUnavailableError, match=r"lora.quantize_base: nf4 needs CUDA"):
+        quant.require_nf4("cpu")
+    tiny_checkpoint(tmp_path)
+    with pytest.raises(QuantizationUnavailableError, match="needs CUDA"):  # before any tensor is read
+        load_pretrained(tmp_path, load_tokenizer=False, quantize="nf4")
+    with pytest.raises(ValueError, match="not supported"):
+        quant.require_nf4("cpu", "int3")
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.mark.gpu
+def test_nf4_cuda_forward_backward_vs_bf16_reference():
+    w = (torch.randn(1024, 2048, device="cuda") * 0.02).bfloat16()
+    layer = NF4Linear(w)
+    dense = layer.dequantized_weight()
+    for tokens in (1, 16, 4096):  # gemv, small and large matmuls
+        x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        y = layer(x)
+        xr = x.detach().clone().requires_grad_(True)
+        ref = xr @ dense.t()
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        ref.backward(gy)
+        assert _rel(y, ref) < 1e-2 and _rel(x.grad, xr.grad) < 1e-2, tokens
+
+
+@pytest.mark.gpu
+def test_load_quantized_keeps_gpu_peak_well_below_16bit_size(tmp_path):
+    big = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, vocab_size=1024)
+    tiny_checkpoint(tmp_path, seed=5, **big)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model, _ = load_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda", load_tokenizer=False, quantize="nf4")
+    peak = torch.cuda.max_memory_allocated() - base
+    dense_bytes = model.args.num_params() * 2
+    linears = quant.quantized_linears(model)
+    linear_dense = sum(m.in_features * m.out_features for m in linears.values()) * 2
+    nf4_bytes = sum(m.nbytes() for m in linears.values())
+    largest = 4096 * 1024 * 2  # one MLP matrix in bf16
+    print(f"16-bit model {dense_bytes / 2**20:.0f} MiB, peak while loading NF4 {peak / 2**20:.0f} MiB")
+    assert peak < 0.45 * dense_bytes
+    assert peak < (dense_bytes - linear_dense) + nf4_bytes + 4 * largest  # one dense matrix at a time
+    ids = torch.randint(3, 1024, (2, 33), device="cuda")
+    assert model(ids).isfinite().all()
+
+
+@pytest.mark.gpu
+def test_adamw8bit_steps_adapters_over_nf4_base():
+    from minigrpo.config import TrainCfg
+    from minigrpo.optim import build_optimizer
+
+    model = tiny_model(seed=6, dtype=torch.bfloat16, hidden_size=256, intermediate_size=1024).cuda()
+    quantize_model_linears(model)
+    model.requires_grad_(False)
+    adapters = nn.ParameterList(nn.Parameter(torch.zeros(256, 64, device="cuda")) for _ in model.model.layers)
+    with torch.no_grad():
+        for a in adapters:
+            a.normal_(0, 0.02)
+    hooks = [
+        blk.register_forward_hook(lambda m, args, out, a=a: out + (out.float() @ a @ a.t()).to(out.dtype))
+        for blk, a in zip(model.model.layers, adapters)
+    ]
+    opt = build_optimizer(adapters.parameters(), TrainCfg(lr=1e-2, optimizer="adamw8bit"))
+    before = [a.detach().clone() for a in adapters]
+    ids = torch.randint(3, 128, (4, 64), device="cuda")
+    model(ids).float().logsumexp(-1).mean().backward()
+    opt.step()
+    for h in hooks:
+        h.remove()
+    assert all((a - b).abs().max() > 0 for a, b in zip(adapters, before))
+
+
+@pytest.mark.gpu
+def test_sampler_graphs_equal_eager_on_nf4_model():
+    from minigrpo.sampling.params import SamplingParams
+    from minigrpo.sampling.sampler import Sampler
+
+    class Tok:
+        pad_token_id = 0
+        stop_ids = ()
+
+        def decode(self, ids, skip_special_tokens=False):
+            return ""
+
+    model = tiny_model(seed=7, dtype=torch.bfloat16).cuda()
+    quantize_model_linears(model)
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=24, ignore_stop=True)
+    prompts = [[1, 5, 9, 13], [1, 40, 41]]
+    graphs = Sampler(model, Tok(), cuda_graphs=True, kv_bucket=8).generate(prompts, params)
+    eager = Sampler(model, Tok(), cuda_graphs=False, kv_bucket=8).generate(prompts, params)
+    assert torch.equal(graphs.completion_ids, eager.completion_ids)
