@@ -258,6 +258,23 @@ class EvalCfg(_Section):
     max_new_tokens: int | None = None  # completion limit; derived: sampler.max_new_tokens
 
 
+@dataclass
+class DistributedCfg(_Section):
+    """Data parallelism under torchrun (WORLD_SIZE > 1; a single process ignores this section): each
+    rank samples, scores and trains on its share of every step's prompts (minigrpo/distributed.py)."""
+
+    strategy: Literal["auto", "fsdp", "ddp"] = "auto"  # auto: fsdp for full fine-tuning, ddp for LoRA
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (less memory)
+    timeout_s: float = 1800.0  # collective timeout: a rank stuck this long fails the job
+
+    def resolved_strategy(self, lora_enabled: bool) -> str:
+        """fsdp or ddp: "auto" shards full fine-tuning and replicates a LoRA model (adapters are tiny)."""
+        if self.strategy != "auto":
+            return self.strategy
+        return "ddp" if lora_enabled else "fsdp"
+
+
 def _default_rewards() -> list[RewardSpec]:
     return [RewardSpec(name="correctness")]
 
@@ -277,6 +294,7 @@ class Config(_Section):
     log: LogCfg = field(default_factory=LogCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    distributed: DistributedCfg = field(default_factory=DistributedCfg)
 
     def __post_init__(self) -> None:
         # Derived fields: filled only when still None, so an explicit value wins.
@@ -626,6 +644,7 @@ _RANGES = {
     "eval.num_prompts": "[1, inf)",
     "eval.temperature": "[0, inf) (0 = greedy)",
     "eval.max_new_tokens": "[1, inf)",
+    "distributed.timeout_s": "(0, inf)",
 }
 
 
@@ -682,6 +701,11 @@ def validate(cfg: Config) -> list[str]:
         "model.activation_offload=true needs model.gradient_checkpointing=true (it offloads the checkpointed inputs)",
     )
     need(not cfg.lora.enabled or len(cfg.lora.targets) > 0, "lora.targets must name at least one layer")
+    need(
+        not (cfg.lora.enabled and cfg.distributed.strategy == "fsdp"),
+        "distributed.strategy=fsdp with lora.enabled: LoRA trains with ddp (the frozen, possibly NF4, base is "
+        "replicated and only the adapters' gradients are all-reduced); use strategy auto or ddp",
+    )
     need(
         cfg.lora.quantize_base is None or cfg.lora.enabled,
         f"lora.quantize_base={cfg.lora.quantize_base!r} needs lora.enabled=true (a quantized base is frozen)",
@@ -769,6 +793,31 @@ def validate(cfg: Config) -> list[str]:
     for note in notes:
         warnings.warn(note, ConfigWarning, stacklevel=2)
     return notes
+
+
+def validate_distributed(cfg: Config, world_size: int) -> None:
+    """Checks that need the number of ranks (known only at launch): raise one ConfigError listing all."""
+    if world_size <= 1:
+        return
+    errors = []
+    strategy = cfg.distributed.resolved_strategy(cfg.lora.enabled)
+    if cfg.sampler.kind != "own":
+        errors.append(f"sampler.kind={cfg.sampler.kind!r} runs in one process; under torchrun use sampler.kind=own")
+    if cfg.grpo.prompts_per_step < world_size:
+        errors.append(
+            f"grpo.prompts_per_step ({cfg.grpo.prompts_per_step}) must be >= the number of ranks ({world_size}): "
+            "each rank samples whole groups"
+        )
+    if re.match(r"^cuda:\d+$", cfg.run.device):
+        errors.append(f"run.device={cfg.run.device!r} under torchrun: each rank uses its LOCAL_RANK's GPU; use cuda")
+    if strategy == "fsdp" and cfg.train.optimizer != "adamw":
+        errors.append(f"train.optimizer={cfg.train.optimizer!r} cannot step FSDP shards; use adamw (or strategy ddp)")
+    if strategy == "fsdp" and cfg.lora.enabled:
+        errors.append("distributed.strategy='fsdp' with lora.enabled: LoRA replicates its frozen base; use ddp")
+    if strategy == "fsdp" and cfg.model.activation_offload:
+        errors.append("model.activation_offload is not supported with FSDP; use gradient_checkpointing alone")
+    if errors:
+        raise ConfigError("invalid config for distributed training:\n  - " + "\n  - ".join(errors))
 
 
 # ----------------------------------------------------------------------------------------------

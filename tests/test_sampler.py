@@ -3,11 +3,13 @@ log_softmax(logits / T), stops, groups, truncation flags, and the sampling distr
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from helpers.tiny import tiny_model
 
-from minigrpo.sampling.params import SamplingParams, filter_probs, sample_tokens
+from minigrpo.sampling.params import RaceNoise, SamplingParams, filter_probs, mix32, mix32_ref, sample_tokens
 from minigrpo.sampling.sampler import Sampler
 
 
@@ -138,6 +140,65 @@ def test_sampling_frequencies_follow_the_tempered_softmax():
     assert torch.allclose(logp, expected.log()[tokens], atol=1e-6)
     top1, _ = sample_tokens(logits[:100], SamplingParams(top_k=1), gen)
     assert (top1 == 0).all()
+
+
+# ------------------------------------------------------------------------------- counter-based noise
+
+
+def test_mix32_matches_its_python_specification_and_never_collides():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randint(0, 2**32, (5000,), generator=gen), torch.tensor([0, 1, 2**31, 2**32 - 1])])
+    assert mix32(x).tolist() == [mix32_ref(int(v)) for v in x]
+    consecutive = mix32(torch.arange(1 << 16))
+    assert consecutive.unique().numel() == 1 << 16  # a bijection maps distinct counters apart
+    assert int(consecutive.min()) >= 0 and int(consecutive.max()) < 2**32
+
+
+def test_counter_noise_is_uniform_and_independent_along_the_vocabulary():
+    noise = RaceNoise.make((7, 3, 0), torch.arange(4))
+    u = noise.uniforms(torch.arange(1 << 16)).flatten()  # (4 * 65536,)
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    n, bins = u.numel(), 256
+    counts = torch.bincount((u * bins).long(), minlength=bins).double()
+    chi2 = float(((counts - n / bins) ** 2 / (n / bins)).sum())
+    assert chi2 < 255 + 6 * (2 * 255) ** 0.5, chi2  # dof 255: mean 255, sd 22.6
+    bits = ((u * 2**32).long()[:, None] >> torch.arange(32)) & 1
+    assert (bits.double().mean(0) - 0.5).abs().max() < 0.005  # every bit balanced (sd 0.001)
+    a, b = u[:-1] - 0.5, u[1:] - 0.5
+    assert abs(float((a * b).mean() / (a * a).mean())) < 0.01  # neighbour correlation (sd 0.002)
+
+
+def test_two_stage_race_draws_tokens_with_their_probabilities():
+    """A vocabulary of 1003 (not a multiple of the 256-entry blocks) with mass spread over 4 blocks."""
+    V, N = 1003, 40000
+    probs = torch.exp(-torch.arange(V, dtype=torch.float64) / 150.0)
+    probs /= probs.sum()
+    tokens = RaceNoise.make((1, 2, 3), torch.arange(N)).race(probs.float().expand(N, -1))
+    assert int(tokens.max()) < V
+    edges = torch.linspace(0, V, 21).long()  # 20 buckets, each spanning block boundaries differently
+    expected = torch.stack([probs[lo:hi].sum() for lo, hi in itertools.pairwise(edges.tolist())])
+    freq = torch.bincount(torch.bucketize(tokens, edges[1:-1], right=True), minlength=20).double() / N
+    sigma = (expected * (1 - expected) / N).sqrt()
+    assert ((freq - expected).abs() / sigma).max() < 4.5
+
+
+def test_a_row_draws_the_same_tokens_in_any_batch():
+    """Rows are named by (key, global row id): sampling a prompt alone, with its rows' global ids,
+    reproduces what it drew inside the whole batch (how ranks split a step without changing it)."""
+    model = tiny_model(seed=3)
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=6, ignore_stop=True)
+    together = Sampler(model, CharTokenizer()).generate(PROMPTS, params, key=(0, 5, 0))
+    for i, prompt in enumerate(PROMPTS):
+        alone = Sampler(model, CharTokenizer()).generate(
+            [prompt], params, key=(0, 5, 0), row_ids=range(4 * i, 4 * i + 4)
+        )
+        assert torch.equal(alone.completion_ids, together.completion_ids[4 * i : 4 * i + 4])
+    other = Sampler(model, CharTokenizer()).generate(PROMPTS, params, key=(0, 6, 0))
+    assert not torch.equal(other.completion_ids, together.completion_ids)  # another step, other draws
+    groups = together.completion_ids.view(3, 4, -1)
+    assert all(len({tuple(r.tolist()) for r in g}) > 1 for g in groups)  # a group's rows differ
+    with pytest.raises(ValueError, match="row_ids"):
+        Sampler(model, CharTokenizer()).generate(PROMPTS, params, key=(0, 5, 0), row_ids=range(3))
 
 
 def test_sync_rejects_another_model():

@@ -12,6 +12,12 @@ current policy. One `generate` call:
    the host only looks at the device every `check_every` steps (all rows finished? stop strings?).
 
 Rows that finished keep running (the batch is static) but write padding, and are masked out.
+
+Tokens are drawn with counter-based noise (params.RaceNoise): row i of a call is identified by a
+stream key (the trainer passes (seed, step, round)) and its global row id, so a row samples the
+same tokens whichever batch, micro-batch or rank generates it. On a model sharded with FSDP2 the
+weights are gathered once for the whole call (distributed.full_weights) and decoding runs on the
+full weights, so the decode loop itself never communicates.
 """
 
 from __future__ import annotations
@@ -22,10 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
+from minigrpo.distributed import full_weights
 from minigrpo.models.transformer import KVCache, Transformer
 
-from .params import SamplingParams, sample_tokens
+from .params import RaceNoise, SamplingParams, sample_tokens
 from .rollout import Rollout
+
+DEFAULT_STREAM = -1  # key word of calls that bring no key: (seed, DEFAULT_STREAM, call number)
 
 
 @dataclass
@@ -43,10 +52,16 @@ class _DecodeState:
     out_logp: torch.Tensor  # (N, Tc) fp32
     stop_ids: torch.Tensor  # (S,) long
     pad: torch.Tensor  # () long
+    noise: RaceNoise  # row keys (N,) and the drawn position, which is `step` itself
 
 
 class Sampler:
-    """Samples completions from `model` itself; `sync` is a no-op because the weights are shared."""
+    """Samples completions from `model` itself; `sync` is a no-op because the weights are shared.
+
+    seed: the noise stream of calls that pass no `key` (the k-th such call uses (seed, -1, k)).
+    """
+
+    split_invariant = True  # generate() takes key and row_ids: a row's tokens do not depend on its batch
 
     def __init__(
         self,
@@ -56,12 +71,16 @@ class Sampler:
         cuda_graphs: bool = True,
         kv_bucket: int = 256,
         check_every: int = 32,
+        seed: int = 0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.cuda_graphs = cuda_graphs
         self.kv_bucket = kv_bucket
         self.check_every = check_every
+        self.seed = seed
+        self.calls = 0  # generate() calls without a key so far
+        self._net: Transformer | None = None  # what decodes during a call: the model, or its gathered view
 
     def sync(self, policy: Transformer) -> None:
         """The sampler runs the policy's own weights: there is nothing to copy."""
@@ -79,17 +98,43 @@ class Sampler:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         generator: torch.Generator | None = None,
+        *,
+        key: Sequence[int] | None = None,
+        row_ids: Sequence[int] | torch.Tensor | None = None,
     ) -> Rollout:
-        """Sample `params.n` completions for each prompt (token ids) -> Rollout of N = B*n rows."""
+        """Sample `params.n` completions for each prompt (token ids) -> Rollout of N = B*n rows.
+
+        key: the noise stream (ints, e.g. (seed, step, round)); None: drawn from `generator` if one
+            is given, else (seed, -1, k) for the k-th such call of this sampler.
+        row_ids: (N,) global ids of the rows (default 0..N-1): the rows of prompt b are
+            b*n .. b*n + n - 1 of this call, and a row's tokens depend only on (key, its id).
+        """
+        B = len(prompts)
+        if B == 0 or min(len(p) for p in prompts) == 0:
+            raise ValueError("every prompt needs at least one token")
+        if key is None and generator is not None:
+            key = tuple(torch.randint(0, 2**62, (2,), generator=generator).tolist())
+        elif key is None:
+            key, self.calls = (self.seed, DEFAULT_STREAM, self.calls), self.calls + 1
+        N = B * params.n
+        rows = torch.arange(N) if row_ids is None else torch.as_tensor(row_ids, dtype=torch.long).flatten()
+        if rows.shape != (N,):
+            raise ValueError(f"row_ids has {rows.numel()} ids for {N} rows ({B} prompts x n={params.n})")
+        with full_weights(self.model) as net:  # the model itself unless it is sharded (FSDP2)
+            self._net = net
+            try:
+                return self._generate(prompts, params, tuple(key), rows)
+            finally:
+                self._net = None
+
+    def _generate(self, prompts, params: SamplingParams, key: tuple[int, ...], rows: torch.Tensor) -> Rollout:
         t0 = time.perf_counter()
-        model, dev = self.model, self.model.device
+        model, dev = self._net, self._net.device
         was_training = model.training
         model.eval()
         try:
             B = len(prompts)
             Tp = max(len(p) for p in prompts)
-            if min(len(p) for p in prompts) == 0:
-                raise ValueError("every prompt needs at least one token")
             prompt_ids = torch.full((B, Tp), self.pad_id, dtype=torch.long)
             prompt_mask = torch.zeros(B, Tp, dtype=torch.long)
             for i, p in enumerate(prompts):
@@ -97,10 +142,10 @@ class Sampler:
                 prompt_mask[i, Tp - len(p) :] = 1
             prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
 
-            state, first_logits = self._prefill(prompt_ids, prompt_mask, params)
+            state, first_logits = self._prefill(prompt_ids, prompt_mask, params, key, rows.to(dev))
             t_prefill = time.perf_counter()
-            self._draw(state, first_logits, params, generator)  # token 0
-            steps = self._decode(state, Tp, params, generator)
+            self._draw(state, first_logits, params)  # token 0
+            steps = self._decode(state, Tp, params)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t_decode = time.perf_counter()
@@ -119,8 +164,10 @@ class Sampler:
 
     # ------------------------------------------------------------------------------------------
 
-    def _prefill(self, prompt_ids, prompt_mask, params: SamplingParams) -> tuple[_DecodeState, torch.Tensor]:
-        model, dev, (B, Tp) = self.model, self.model.device, prompt_ids.shape
+    def _prefill(
+        self, prompt_ids, prompt_mask, params: SamplingParams, key: tuple[int, ...], rows: torch.Tensor
+    ) -> tuple[_DecodeState, torch.Tensor]:
+        model, dev, (B, Tp) = self._net, self._net.device, prompt_ids.shape
         G, Tc = params.n, params.max_new_tokens
         N = B * G
         small = KVCache(model.args, B, Tp, dtype=model.dtype, device=dev)
@@ -140,24 +187,26 @@ class Sampler:
         stop = () if params.ignore_stop else params.stop_ids
         mask = torch.ones(N, Tp + Tc, dtype=torch.long, device=dev)
         mask[:, :Tp] = prompt_mask.repeat_interleave(G, dim=0)
+        step = torch.zeros(1, dtype=torch.long, device=dev)
         state = _DecodeState(
             cache=cache,
             mask=mask,
             tok=torch.zeros(N, 1, dtype=torch.long, device=dev),
             pos=positions[:, -1:].repeat_interleave(G, dim=0),  # advanced to the first completion token
             slot=torch.full((1,), Tp - 1, dtype=torch.long, device=dev),
-            step=torch.zeros(1, dtype=torch.long, device=dev),
+            step=step,
             done=torch.zeros(N, dtype=torch.bool, device=dev),
             out_tok=torch.full((N, Tc), self.pad_id, dtype=torch.long, device=dev),
             out_logp=torch.zeros(N, Tc, dtype=torch.float32, device=dev),
             stop_ids=torch.tensor(sorted(set(stop)), dtype=torch.long, device=dev),
             pad=torch.tensor(self.pad_id, dtype=torch.long, device=dev),
+            noise=RaceNoise.make(key, rows, position=step),  # (N,) row keys; t is the step buffer
         )
         return state, logits.repeat_interleave(G, dim=0)  # (N, V)
 
-    def _draw(self, st: _DecodeState, logits: torch.Tensor, params: SamplingParams, generator) -> None:
+    def _draw(self, st: _DecodeState, logits: torch.Tensor, params: SamplingParams) -> None:
         """Sample from logits (N, V), record the token, then advance the static inputs by one."""
-        tok, logp = sample_tokens(logits, params, generator)
+        tok, logp = sample_tokens(logits, params, noise=st.noise)
         tok = torch.where(st.done, st.pad, tok)
         st.out_tok.index_copy_(1, st.step, tok[:, None])
         st.out_logp.index_copy_(1, st.step, logp.masked_fill(st.done, 0.0)[:, None])
@@ -167,17 +216,18 @@ class Sampler:
         st.slot += 1
         st.step += 1
 
-    def _step(self, st: _DecodeState, kv_len: int, params: SamplingParams, generator) -> None:
+    def _step(self, st: _DecodeState, kv_len: int, params: SamplingParams) -> None:
         """One decode step: feed the last token at its slot, attend over slots [0, kv_len), draw."""
-        hidden = self.model.hidden(
+        net = self._net
+        hidden = net.hidden(
             st.tok, attention_mask=st.mask[:, :kv_len], position_ids=st.pos, kv_cache=st.cache, cache_position=st.slot
         )
-        self._draw(st, self.model.logits(hidden[:, -1]).float(), params, generator)
+        self._draw(st, net.logits(hidden[:, -1]).float(), params)
 
-    def _decode(self, st: _DecodeState, Tp: int, params: SamplingParams, generator) -> int:
+    def _decode(self, st: _DecodeState, Tp: int, params: SamplingParams) -> int:
         """Run decode steps until every row is done or max_new_tokens; returns the tokens drawn per row."""
         Tc, total = params.max_new_tokens, st.mask.shape[1]
-        use_graphs = self.cuda_graphs and st.tok.is_cuda and generator is None
+        use_graphs = self.cuda_graphs and st.tok.is_cuda
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = torch.cuda.graph_pool_handle() if use_graphs else None
         check_every = self.check_every if st.tok.is_cuda else 1
@@ -188,18 +238,18 @@ class Sampler:
                 break
             kv_len = min(total, -(-(Tp + s) // self.kv_bucket) * self.kv_bucket)
             if not use_graphs:
-                self._step(st, kv_len, params, generator)
+                self._step(st, kv_len, params)
             elif kv_len in graphs:
                 graphs[kv_len].replay()
             else:  # first step of a bucket: run it for real (warm-up), then capture the next ones
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    self._step(st, kv_len, params, None)
+                    self._step(st, kv_len, params)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._step(st, kv_len, params, None)
+                    self._step(st, kv_len, params)
                 graphs[kv_len] = graph
             drawn = s + 1
         return drawn

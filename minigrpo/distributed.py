@@ -1,0 +1,330 @@
+"""Data parallelism under torchrun: ranks, prompt shards, small collectives, FSDP2 and replicated weights.
+
+    torchrun --nproc_per_node 2 -m minigrpo.train --config configs/X.yaml
+
+Every rank runs the whole loop on its share of each step's prompts: W ranks, B prompts per step,
+rank r samples the contiguous prompts shard_range(B, r, W) (groups stay whole), scores them and
+trains on them; the ranks only meet in collectives:
+
+- rollout: the per-row totals of rewards (a few floats per row) are gathered so that every rank
+  computes the advantages of the GLOBAL batch (scale_rewards="batch" needs the global std) and the
+  global reward metrics; the sampled tokens do not depend on the split (counter-based noise);
+- update: the loss normaliser sums its counts over ranks (LossNormalizer.all_reduce), so the
+  averaged gradient is the global sum over the global token (dapo) or sequence (grpo, dr_grpo)
+  count, exactly what one process computes on the whole batch;
+- gradients: FSDP2 reduce-scatters them (strategy "fsdp"), or one all-reduce per optimizer step
+  averages the replicated trainable gradients (strategy "ddp");
+- metrics: per-rank partial sums are gathered and combined the same way on every rank.
+
+Strategies.
+  fsdp  (full fine-tuning) `fully_shard` on every block and the root, bf16 compute with fp32
+        sharded parameters and fp32 gradient reduction (MixedPrecisionPolicy(param_dtype=bf16,
+        reduce_dtype=fp32)): the optimizer steps the fp32 shards, so no separate master copy.
+        `Transformer.hidden` is registered as an FSDP forward method; the root is not resharded
+        after forward (FSDP2's own default for the root), so the LM head weight the log-prob kernel
+        reads after `hidden` is the gathered one until the backward reshards it.
+  ddp   (LoRA; optional for small full fine-tuning) every rank holds all weights; after the last
+        micro-batch the gradients of the trainable parameters are averaged with one fp32 all-reduce
+        per bucket. No DistributedDataParallel wrapper: it syncs only through its own forward, while
+        the trainer computes log-probs through `hidden` and the LM-head kernel; and for adapters
+        (a few MB) overlapping the all-reduce with backward gains nothing.
+
+Generation on sharded weights: `full_weights(model)` all-gathers every FSDP unit once for a whole
+rollout (decoding then runs on plain full tensors, CUDA graphs included, without a collective per
+token) and reshards afterwards. Peak memory during rollouts is the full compute-dtype weights plus
+the KV cache, as on one GPU; decoding layer by layer with per-token all-gathers would be far slower.
+
+A single process (WORLD_SIZE unset or 1) initialises nothing: World() is rank 0 of 1 and every
+helper here is then a no-op or the identity.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+STRATEGIES = ("fsdp", "ddp")
+BUCKET_BYTES = 256 * 1024**2  # fp32 gradient bytes per all-reduce of the ddp strategy
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: rank r of `size`, on `device`."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes logs, metrics and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    # ---- collectives on host values (no-ops for a single process) ------------------------------
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects; small ones)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def max_int(self, value: int) -> int:
+        """The largest `value` over ranks."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE as set by torchrun (1 when unset)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_world(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0) -> World:
+    """Join the torchrun job (WORLD_SIZE > 1), or return the single-process World on `device`.
+
+    On CUDA each rank takes the GPU LOCAL_RANK (device "cuda" or "cuda:N" both mean "this rank's
+    GPU"); backend "auto" is NCCL on CUDA and gloo on the CPU.
+    """
+    size = env_world_size()
+    if size == 1:
+        return World(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return World(rank=rank, size=size, local_rank=local_rank, device=device)
+
+
+def close_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_range(n: int, rank: int, size: int) -> tuple[int, int]:
+    """[lo, hi) of rank's contiguous share of n items; shares differ by at most one item."""
+    return rank * n // size, (rank + 1) * n // size
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2-sharded modules of `model` (empty when it is not sharded)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no FSDP2 under this name, hence no sharded model
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return bool(fsdp_units(model))
+
+
+def shard_model(
+    model: nn.Module,
+    world: World,
+    *,
+    compute_dtype: torch.dtype,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """FSDP2 in place: every block is a unit, the root holds embedding, final norm and LM head.
+
+    The parameters stay in their dtype (fp32: they are the optimizer's master weights); forward and
+    backward compute in `compute_dtype`; gradients are reduce-scattered in fp32. Block inputs are not
+    cast (the rotary angles stay fp32, as on one process). Returns the same module object.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    param_dtype = None if compute_dtype == torch.float32 else compute_dtype
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # root: kept gathered from forward to backward, so the LM head read after hidden() is whole
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    register_fsdp_forward_method(model, "hidden")
+    return model
+
+
+@torch.no_grad()
+def broadcast_trainable(model: nn.Module, world: World) -> None:
+    """Copy rank 0's trainable parameters to every rank (replicated weights must start equal)."""
+    if not world.distributed:
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            dist.broadcast(p.data, src=0)
+
+
+@contextmanager
+def full_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Gather an FSDP2-sharded model for code that is not a training forward (the sampler's decoding).
+
+    Yields a plain module of the model's own class whose parameters ARE the gathered full tensors
+    (compute dtype, no copy) and which carries no FSDP hooks: decoding on it never communicates,
+    never reshards a block after a step, and can be captured in CUDA graphs. All ranks must enter
+    together (the gathers are collectives); the shards come back when the block ends. Nested use
+    yields the same view without gathering again. A model that is not sharded is yielded itself.
+    """
+    units = fsdp_units(model)
+    view = model.__dict__.get("_full_weights_view")
+    if not units or view is not None:
+        yield view if view is not None else model
+        return
+    try:
+        for unit in units:
+            unit.unshard()
+        view = _unhooked_view(model)
+        object.__setattr__(model, "_full_weights_view", view)  # a plain attribute, not a submodule
+        yield view
+    finally:
+        model.__dict__.pop("_full_weights_view", None)
+        for unit in units:
+            unit.reshard()
+
+
+def _unhooked_view(model: nn.Module) -> nn.Module:
+    """A module of model's original class built on the meta device, whose parameters are set to the
+    model's current (gathered) ones; the rotary angles module is shared as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(model).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        view = cls(model.args)
+    view.rotary = model.rotary
+    for name, p in model.named_parameters():
+        path, _, attr = name.rpartition(".")
+        setattr(view.get_submodule(path), attr, p)
+    view.train(model.training)
+    return view
+
+
+@torch.no_grad()
+def all_reduce_gradients(params: Sequence[nn.Parameter], world: World) -> None:
+    """Average the gradients of replicated parameters over ranks (strategy "ddp"), in fp32 buckets.
+
+    A parameter that has a gradient on some rank but not on this one contributes zeros; one without
+    a gradient on every rank keeps `grad=None` (the optimizer then skips it, as one process would).
+    """
+    if not world.distributed:
+        return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=world.device)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    live = [p for p, h in zip(params, has.tolist()) if h]
+    bucket: list[nn.Parameter] = []
+    size = 0
+    for p in live:
+        bucket.append(p)
+        size += p.numel() * 4
+        if size >= BUCKET_BYTES:
+            _reduce_bucket(bucket, world)
+            bucket, size = [], 0
+    if bucket:
+        _reduce_bucket(bucket, world)
+
+
+def _reduce_bucket(params: list[nn.Parameter], world: World) -> None:
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # on the gradients' device (CUDA for NCCL, CPU for gloo)
+    flat /= world.size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        g = flat[offset : offset + n].view_as(p).to(p.dtype)
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+        offset += n
+
+
+@torch.no_grad()
+def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
+    """Clip the global L2 gradient norm to max_norm (inf: only measure it); returns the norm before.
+
+    Sharded (DTensor, FSDP2) gradients contribute the sum of squares of their local shards, summed
+    over ranks with one all-reduce; replicated gradients count once. Give the parameters as they
+    are after backward (FSDP2 swaps parameter objects between sharded and unsharded states).
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    sharded = [g for g in grads if isinstance(g, DTensor) and not all(isinstance(pl, Replicate) for pl in g.placements)]
+    whole = [g.to_local() if isinstance(g, DTensor) else g for g in grads if not any(g is s for s in sharded)]
+    device = grads[0].to_local().device if isinstance(grads[0], DTensor) else grads[0].device
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    for g in sharded:
+        squares += g.to_local().double().square().sum().to(device)
+    if sharded:
+        dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=sharded[0].device_mesh.get_group())
+    for g in whole:
+        squares += g.double().square().sum().to(device)
+    norm = float(squares.sqrt())
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            (g.to_local() if isinstance(g, DTensor) else g).mul_(scale)
+    return norm
+
+
+@torch.no_grad()
+def full_state_dict(module: nn.Module, world: World) -> dict[str, torch.Tensor]:
+    """The whole state dict on CPU, on rank 0 (other ranks get {}): sharded tensors are gathered one
+    by one, so no rank ever holds more than one full tensor beyond its shards."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, t in module.state_dict().items():
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
+        if world.main:
+            out[name] = t.detach().cpu()
+    return out
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) tensor gathered whole (a collective), any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` (the whole tensor, the same on every rank) laid out as `like`: this rank's shard when
+    `like` is a DTensor of the same global shape, else `full` on like's device."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor) and tuple(full.shape) == tuple(like.shape):
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    return full.to(like.device)
