@@ -96,6 +96,9 @@ QUICK_CASES = [
 ]
 
 
+MEMORY_CAP: int | None = None  # bytes the device may use (--memory-gib), None: all of it
+
+
 class CaseTimeout(Exception):
     pass
 
@@ -248,6 +251,16 @@ def naive_update(cfg, model, optimizer, batch: Batch) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def placeholder_tokenizer():
+    """A three-word transformers tokenizer: TRL >= 1.0 wants one (pad and eos ids) and would otherwise
+    fetch it from the hub by the model's name, which a random-weights model does not have."""
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    words = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "x": 2}, unk_token="x"))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>")
+
+
 def trl_update(case: Case, hf: dict, batch: Batch, liger: bool) -> dict[str, Any]:
     """TRL's GRPOTrainer.compute_loss + backward on a transformers model with PEFT LoRA."""
     import datasets
@@ -263,19 +276,27 @@ def trl_update(case: Case, hf: dict, batch: Batch, liger: bool) -> dict[str, Any
     args = GRPOConfig(
         output_dir="/tmp/bench_memory_trl",
         per_device_train_batch_size=case.micro_batch,
+        **({"generation_batch_size": case.group} if "generation_batch_size" in GRPOConfig.__dataclass_fields__ else {}),
         num_generations=case.group,
         max_completion_length=case.completion,
         gradient_checkpointing=True,
         bf16=True,
-        use_liger_loss=liger,
+        # TRL < 1.0: the Liger GRPO loss; TRL >= 1.0 computes chunked log-probs itself and offers Liger's layer kernels
+        **{("use_liger_loss" if "use_liger_loss" in GRPOConfig.__dataclass_fields__ else "use_liger_kernel"): liger},
         beta=0.0,
         loss_type="dapo",
         report_to=[],
     )
     data = datasets.Dataset.from_dict({"prompt": ["x"] * case.group})
     trainer = GRPOTrainer(
-        model=model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)], args=args, train_dataset=data
+        model=model,
+        reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+        args=args,
+        train_dataset=data,
+        processing_class=placeholder_tokenizer(),  # random weights: the steps are fed token ids directly
     )
+    if not hasattr(trainer, "current_gradient_accumulation_steps"):  # TRL >= 1.0 sets it in training_step
+        trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
     r = batch.rollout
 
     def step():
@@ -381,6 +402,8 @@ def bisect_longest(base: Case, dtype: torch.dtype, budget_s: int, probes: int, m
     from minigrpo.models.args import ModelArgs
 
     free = torch.cuda.mem_get_info()[0] if DEVICE.type == "cuda" else 8 * GiB
+    if MEMORY_CAP is not None:  # the caching allocator refuses to grow past the cap (an OOM, as on a smaller GPU)
+        free = min(free, MEMORY_CAP)
     margs = ModelArgs.from_hf_config(dict(QUICK_ARCH) if base.arch == "quick" else preset_config(base.arch))
 
     def probe_case(tc: int) -> Case:
@@ -445,7 +468,14 @@ def main() -> None:
     ap.add_argument("--providers", default=None, help="comma-separated subset of ours,naive,trl,trl_liger")
     ap.add_argument("--no-bisect", action="store_true", help="skip the longest-completion bisection")
     ap.add_argument("--bisect-budget-s", type=int, default=900)
+    ap.add_argument("--memory-gib", type=float, default=None, help="cap the device at this much (e.g. 80 on an H200)")
     args = ap.parse_args()
+    if args.memory_gib and DEVICE.type == "cuda":
+        global MEMORY_CAP
+        MEMORY_CAP = int(args.memory_gib * GiB)
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, MEMORY_CAP / torch.cuda.get_device_properties(0).total_memory)
+        )
     env = environment()
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     cases = QUICK_CASES if args.quick else FULL_CASES
@@ -453,12 +483,14 @@ def main() -> None:
         wanted = set(args.cases.split(","))
         cases = [c for c in cases if c.name in wanted]
     providers = set(args.providers.split(",")) if args.providers else None
-    rows = []
+    payload: dict[str, Any] = {"environment": env, "quick": args.quick, "memory_cap_gib": args.memory_gib}
+    payload.update(rows=[], bisect={})
+    name = "memory_quick" if args.quick else "memory"
     for case in cases:
         for provider in case.providers:
             if providers is None or provider in providers:
-                rows.append(run_case(case, provider, dtype))
-    bisect: dict[str, Any] = {}
+                payload["rows"].append(run_case(case, provider, dtype))
+                write_result(name, payload)  # after every case: a run cut short keeps what it measured
     if not args.no_bisect:
         base = QUICK_CASES[1] if args.quick else FULL_CASES[-1]
         if args.quick:
@@ -466,8 +498,9 @@ def main() -> None:
         else:
             bisect = bisect_longest(base, dtype, args.bisect_budget_s, 6, max_len=262144)
         print("longest completion that fits:", {k: v for k, v in bisect.items() if k != "trials"}, flush=True)
-    payload = {"environment": env, "quick": args.quick, "rows": rows, "bisect": bisect}
-    path = write_result("memory_quick" if args.quick else "memory", payload)
+        payload["bisect"] = bisect
+    path = write_result(name, payload)
+    rows = payload["rows"]
     print(f"\n{env['device']}, torch {env['torch']} -> {path.name}")
     cols = ["case", "provider", "micro_batch", "status", "peak_alloc_gib", "peak_reserved_gib", "predicted_gib"]
     print_table(rows, [*cols, "tokens_per_s", "adapters"])
