@@ -117,7 +117,8 @@ def init_world(device: torch.device, backend: str = "auto", timeout_s: float = 1
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        bound = {"device_id": device} if device.type == "cuda" else {}  # NCCL: this rank's GPU, no guessing
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **bound)
     return World(rank=rank, size=size, local_rank=local_rank, device=device)
 
 
