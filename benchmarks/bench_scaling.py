@@ -32,15 +32,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import DEVICE, NullTokenizer, environment, print_table, write_result
+from common import DEVICE, NullTokenizer, environment, print_table, step_workload, write_result
 
 from minigrpo import grpo
-from minigrpo.config import load_config
 from minigrpo.distributed import close_world, full_weights, init_world, shard_model, shard_range
 from minigrpo.models.loading import build_random
 from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler
-from minigrpo.sampling.params import SamplingParams
 from minigrpo.sampling.rollout import Rollout
 from minigrpo.sampling.sampler import Sampler
 from minigrpo.train import Batch, update_phase
@@ -51,18 +49,9 @@ def worker(args: argparse.Namespace) -> None:
     world = init_world(DEVICE)
     dev = world.device
     torch.manual_seed(0)
-    cfg = load_config(
-        None,
-        [
-            f"grpo.prompts_per_step={args.prompts}",
-            f"grpo.group_size={args.group}",
-            f"train.micro_batch_size={args.micro}",
-            f"sampler.max_new_tokens={args.new_tokens}",
-            "train.lr=1e-6",
-        ],
-    )
     compute = torch.bfloat16 if dev.type == "cuda" else torch.float32
     hf = preset_config(args.arch)
+    cfg, params, prompts = step_workload(args, hf["vocab_size"])
     sharded = world.distributed
     model = build_random(hf, dtype=torch.float32 if sharded else compute, device=dev)
     if sharded:
@@ -70,9 +59,6 @@ def worker(args: argparse.Namespace) -> None:
     optimizer = build_optimizer(model.parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, 100)
     sampler = Sampler(model, NullTokenizer())
-    params = SamplingParams(n=args.group, temperature=1.0, max_new_tokens=args.new_tokens, ignore_stop=True)
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(100, hf["vocab_size"] - 100, (args.prompts, args.prompt_len), generator=g).tolist()
     lo, hi = shard_range(args.prompts, world.rank, world.size)
     G = args.group
 

@@ -29,11 +29,11 @@ from common import (
     peak_bytes,
     print_table,
     reset_peak,
+    step_workload,
     sync,
     write_result,
 )
 
-from minigrpo.config import load_config
 from minigrpo.models.loading import build_random
 from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler
@@ -75,22 +75,11 @@ def main() -> None:
     hf = preset_config(args.arch)
     model = build_random(hf, dtype=torch.bfloat16, device=DEVICE)
     model.gradient_checkpointing = args.checkpointing
-    cfg = load_config(
-        None,
-        [
-            f"grpo.prompts_per_step={args.prompts}",
-            f"grpo.group_size={args.group}",
-            f"train.micro_batch_size={args.micro}",
-            f"sampler.max_new_tokens={args.new_tokens}",
-            "train.lr=1e-6",
-        ],
-    )
+    cfg, params, prompts = step_workload(args, hf["vocab_size"])
     optimizer = build_optimizer(model.parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, 10)
     sampler = Sampler(model, NullTokenizer())
-    params = SamplingParams(n=args.group, temperature=1.0, max_new_tokens=args.new_tokens, ignore_stop=True)
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(100, hf["vocab_size"] - 100, (args.prompts, args.prompt_len), generator=g).tolist()
     sampler.generate([p[:16] for p in prompts[:2]], SamplingParams(n=2, max_new_tokens=40, ignore_stop=True))
 
     rows = []

@@ -120,3 +120,26 @@ class NullTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return ""
+
+
+def step_workload(args: Any, vocab_size: int) -> tuple[Any, Any, list[list[int]]]:
+    """The GRPO step that bench_step and bench_scaling time, from their common arguments (prompts,
+    group, micro, new_tokens, prompt_len): the config, fixed-length sampling settings (no stop, so
+    every completion has new_tokens tokens) and the random prompts -> (Config, SamplingParams, ids)."""
+    from minigrpo.config import load_config
+    from minigrpo.sampling.params import SamplingParams
+
+    cfg = load_config(
+        None,
+        [
+            f"grpo.prompts_per_step={args.prompts}",
+            f"grpo.group_size={args.group}",
+            f"train.micro_batch_size={args.micro}",
+            f"sampler.max_new_tokens={args.new_tokens}",
+            "train.lr=1e-6",
+        ],
+    )
+    params = SamplingParams(n=args.group, temperature=1.0, max_new_tokens=args.new_tokens, ignore_stop=True)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, vocab_size - 100, (args.prompts, args.prompt_len), generator=g).tolist()
+    return cfg, params, prompts

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers.tiny import tiny_run_checkpoint
 from safetensors.torch import load_file
-from test_train import TIMING, write_copy_task
+from test_train import TIMING, run_config
 
 from minigrpo.config import Config, ConfigError, validate_distributed
 from minigrpo.distributed import World, all_reduce_gradients, clip_grad_norm, full_weights, shard_range
@@ -25,21 +24,16 @@ TOL = 1e-5  # max |parameter difference| between 1 and 2 processes (fp32; only s
 
 
 def base_config(tmp_path: Path, name: str, device: str = "cpu", **sections) -> dict:
-    if not (tmp_path / "model" / "config.json").exists():
-        (tmp_path / "model").mkdir(exist_ok=True)
-        tiny_run_checkpoint(tmp_path / "model", seed=0)
-        write_copy_task(tmp_path / "train.jsonl")
-    cfg = {
-        "run": {"name": name, "output_dir": str(tmp_path / "runs"), "seed": 0, "device": device, "dtype": "float32"},
-        "model": {"name_or_path": str(tmp_path / "model")},
-        "data": {"source": "jsonl", "path": str(tmp_path / "train.jsonl"), "eval_split": None},
-        "sampler": {"temperature": 1.0, "max_new_tokens": 3},
-        "grpo": {"prompts_per_step": 4, "group_size": 4},
-        "rewards": [{"name": "exact_answer"}],
-        "train": {"steps": 3, "lr": 0.01, "micro_batch_size": 4, "max_grad_norm": 1.0},
-        "log": {"plots": False, "progress": False, "sample_every": 1},
-        "checkpoint": {"every": 0, "save_final": True},
-    }
+    """test_train's copy task, 3 steps of 4 prompts x 4 completions of up to 3 tokens, then `sections`."""
+    cfg = run_config(
+        tmp_path,
+        run={"name": name, "device": device, "dtype": "float32"},
+        sampler={"max_new_tokens": 3},
+        grpo={"prompts_per_step": 4, "group_size": 4},
+        train={"steps": 3, "lr": 0.01, "micro_batch_size": 4},
+        log={"sample_every": 1},
+        checkpoint={"save_final": True},
+    )
     for section, values in sections.items():
         cfg[section] = {**cfg.get(section, {}), **values}
     return cfg
