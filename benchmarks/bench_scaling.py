@@ -32,7 +32,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import DEVICE, NullTokenizer, environment, print_table, step_workload, write_result
+from common import (
+    DEVICE,
+    NullTokenizer,
+    add_workload_arguments,
+    environment,
+    print_table,
+    step_workload,
+    write_result,
+)
 
 from minigrpo import grpo
 from minigrpo.distributed import close_world, full_weights, init_world, shard_model, shard_range
@@ -97,12 +105,7 @@ def worker(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", default=None, help="comma-separated world sizes (default: 1 and every GPU)")
-    ap.add_argument("--arch", default="qwen2.5-1.5b")
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--new-tokens", type=int, default=512)
-    ap.add_argument("--micro", type=int, default=16)
+    add_workload_arguments(ap)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--weak", action="store_true", help="--prompts per rank (weak scaling) instead of in all")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run, CPU or GPU)")

@@ -24,6 +24,7 @@ import torch
 from common import (
     DEVICE,
     NullTokenizer,
+    add_workload_arguments,
     environment,
     matmul_tflops,
     peak_bytes,
@@ -52,12 +53,7 @@ def timed(fn):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="qwen2.5-1.5b")
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--new-tokens", type=int, default=512)
-    ap.add_argument("--micro", type=int, default=16)
+    add_workload_arguments(ap)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()

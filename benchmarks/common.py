@@ -122,6 +122,16 @@ class NullTokenizer:
         return ""
 
 
+def add_workload_arguments(ap: Any) -> None:
+    """The command-line shape of the step that step_workload builds (an argparse parser)."""
+    ap.add_argument("--arch", default="qwen2.5-1.5b")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--micro", type=int, default=16)
+
+
 def step_workload(args: Any, vocab_size: int) -> tuple[Any, Any, list[list[int]]]:
     """The GRPO step that bench_step and bench_scaling time, from their common arguments (prompts,
     group, micro, new_tokens, prompt_len): the config, fixed-length sampling settings (no stop, so
