@@ -396,7 +396,8 @@ def bisect_longest(base: Case, dtype: torch.dtype, budget_s: int, probes: int, m
 
     The update's peak is that of one micro-batch, whatever the number of completions, so each probe
     trains 2 completions once (time) and the sampler's KV cache for `base.group` completions of that
-    length is reported from its exact formula. Starts from the pre-flight's prediction.
+    length is reported from its exact formula. The first probe is the pre-flight's prediction, so a
+    right prediction costs one probe and a bracketing second one.
     """
     from minigrpo.memory import kv_cache_bytes
     from minigrpo.models.args import ModelArgs
@@ -421,10 +422,9 @@ def bisect_longest(base: Case, dtype: torch.dtype, budget_s: int, probes: int, m
         mid = (p_lo + p_hi) // 2
         p_lo, p_hi = (mid, p_hi) if predicted(mid) < free else (p_lo, mid)
 
-    lo, hi = 0, 256
-    while hi < max_len and predicted(hi) < free:
-        hi *= 2
-    guess, fails, trials = min(hi, max_len), None, []
+    # probes: the prediction first, then up by a quarter while it fits, then bisection once one fails
+    lo, fails, trials = 0, None, []
+    guess = min(max_len, max(256, p_lo // 256 * 256))
     start = time.perf_counter()
     for _ in range(probes):
         left = budget_s - (time.perf_counter() - start)
@@ -436,15 +436,17 @@ def bisect_longest(base: Case, dtype: torch.dtype, budget_s: int, probes: int, m
         trials.append({k: row.get(k) for k in ("completion", "status", "peak_alloc_gib", "predicted_gib", "step_s")})
         if row["status"] == "ok":
             lo = guess
-            if guess >= max_len:
-                break
         elif row["status"] == "OOM":
-            fails = hi = guess
+            fails = guess
         else:
             break
-        guess = (lo + hi) // 2 if fails is not None else min(2 * guess, max_len)
-        if fails is not None and hi - lo <= max(256, lo // 32):
+        if lo >= max_len or (fails is not None and fails - lo <= max(256, lo // 32)):
             break
+        guess = (
+            (lo + fails) // 2 // 256 * 256
+            if fails is not None
+            else min(max_len, max(lo + 256, lo * 5 // 4 // 256 * 256))
+        )
     kv = kv_cache_bytes(margs, base.group, base.prompt + lo, 2 if dtype == torch.bfloat16 else 4)
     return {
         "arch": base.arch,
