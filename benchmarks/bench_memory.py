@@ -382,12 +382,12 @@ def run_case(case: Case, provider: str, dtype: torch.dtype) -> dict[str, Any]:
         row["status"] = f"timeout ({e})"
     except Exception as e:  # record and go on: one broken provider must not end the run
         row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        row["traceback"] = traceback.format_exc(limit=4)
+        traceback.print_exc(limit=4)  # on the console only: its file paths are this machine's
     finally:
         gc.collect()
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
-    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "traceback"}, flush=True)
+    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return row
 
 
