@@ -31,7 +31,6 @@ import dataclasses
 import difflib
 import functools
 import math
-import os
 import re
 import types
 import warnings
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from minigrpo.atomic import write_atomic
 
 
 class ConfigError(ValueError):
@@ -868,10 +869,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
-    text = "# minigrpo resolved config\n" + body
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "# minigrpo resolved config\n" + body)
 
 
 def build_arg_parser(description: str | None = None) -> argparse.ArgumentParser:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minigrpo.atomic import atomic_path, write_json
 from minigrpo.config import LoRACfg
 from minigrpo.models.loading import save_pretrained
 from minigrpo.models.safetensors_io import DTYPES, iter_tensors, save_file
@@ -402,10 +403,9 @@ def save_peft_adapter(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {PEFT_PREFIX + k: v.cpu() for k, v in lora_state_dict(model).items()}
-    tmp = out / f".{ADAPTER_WEIGHTS}.tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, out / ADAPTER_WEIGHTS)
-    _write_json(out / ADAPTER_CONFIG, config)
+    with atomic_path(out / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    write_json(out / ADAPTER_CONFIG, config)
     return out
 
 
@@ -517,7 +517,7 @@ def save_merged(
         _write_safetensors(out / fname, shard, dtype)
         weight_map.update({name: fname for name, _, _ in shard})
     total = sum(math.prod(shape) * dtype.itemsize for _, shape, _ in entries)
-    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     return out
 
 
@@ -576,8 +576,7 @@ def _write_safetensors(
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, shape, make in entries:
@@ -587,7 +586,6 @@ def _write_safetensors(
             if t.numel():
                 f.write(t.view(-1).view(torch.uint8).numpy().data)  # little-endian, as the format wants
             del t
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,12 +598,6 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
     except AttributeError:
         return False
     return True
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 __all__ = [

@@ -36,6 +36,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from minigrpo.atomic import write_atomic
 from minigrpo.plot import Panel, write_line_plots
 
 MAX_WIDTH = 140  # characters of one table row
@@ -184,12 +185,6 @@ def _trim_partial_tail(path: Path) -> None:
             os.truncate(path, data.rfind(b"\n") + 1)
 
 
-def _rewrite_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _missing(option: str, what: str, package: str, err: ImportError) -> None:
     """Warn that an optional backend is on but not installed; the run goes on without it."""
     msg = f"{option} is on but {what} is not installed ({err}); continuing without it (pip install {package})"
@@ -296,7 +291,7 @@ class MetricsLogger:
                 keep = [
                     ln for ln in _complete_lines(path) if (r := _parse(ln)) is not None and r.get("step", 0) <= step
                 ]
-                _rewrite_atomic(path, keep)
+                write_atomic(path, "".join(line + "\n" for line in keep))
         self._records = [r for r in self._records if r.get("step", 0) <= step]
 
     # ---- per step -----------------------------------------------------------------------------------

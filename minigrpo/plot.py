@@ -14,9 +14,10 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 
 import numpy as np
+
+from minigrpo.atomic import write_atomic
 
 # A 5x9 bitmap font for ASCII 32..126, one hex number per glyph: 9 rows of 5 bits, top row in the
 # highest bits, the leftmost pixel the highest bit of its row. Rows 0-6 hold capitals and digits,
@@ -244,13 +245,6 @@ def write_line_plots(
     height: int | None = None,
 ) -> None:
     """Render `panels` (see render_line_plots) and write them to `path` as a PNG, atomically: a reader
-    never sees a half-written file (temp file in the same folder, then os.replace)."""
+    never sees a half-written file (minigrpo.atomic)."""
     data = encode_png(render_line_plots(panels, title=title, width=width, height=height))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, data)

@@ -35,6 +35,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, processors
 
+from minigrpo.atomic import write_json
+
 # The named special tokens transformers knows; any other `*_token` string in tokenizer_config.json is
 # a model-specific token (e.g. Gemma's `image_token`) and is passed to the chat template as well.
 NAMED_SPECIAL_TOKENS = (
@@ -384,8 +386,8 @@ class Tokenizer:
             cfg["chat_template"] = self.chat_templates["default"]
         elif self.chat_templates:
             cfg["chat_template"] = [{"name": k, "template": v} for k, v in self.chat_templates.items()]
-        _write_json(d / "tokenizer_config.json", cfg)
-        _write_json(d / "special_tokens_map.json", tokens)
+        write_json(d / "tokenizer_config.json", cfg, sort_keys=False)
+        write_json(d / "special_tokens_map.json", tokens, sort_keys=False)
 
     def __repr__(self) -> str:
         return (
@@ -402,12 +404,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
 
 
 def _token_str(value: Any) -> str | None:

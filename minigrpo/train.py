@@ -237,7 +237,7 @@ def rollout_phase(
             columns["max_completion_length"] = [cfg.sampler.max_new_tokens] * rollout.num_sequences
             scored = rewards.score(prompts, rollout.completion_texts, answers, specs, columns=columns)
         total = scored.total.float() if scored is not None else torch.zeros(0)  # (N_rank,)
-        everyone = gather_rows(world, total)  # (N_round,) in global row order
+        everyone, _ = gather_rows(world, total)  # (N_round,) in global row order
         metrics = metrics or reward_metrics(world, scored, specs)
         rounds += 1
         keep = torch.ones(len(examples), dtype=torch.bool)  # (B_round,)
@@ -255,9 +255,7 @@ def rollout_phase(
     else:  # a rank whose share of every round was dropped (dynamic sampling with several ranks)
         rollout, total = empty_rollout(G, sampler.pad_id, world.device), torch.zeros(0)
     # advantages of the global batch (the "batch" std is global); this rank keeps its own rows
-    sizes = world.all_gather(len(total))
-    everyone = gather_rows(world, total)
-    start = sum(sizes[: world.rank])
+    everyone, start = gather_rows(world, total)
     adv_all = grpo.group_advantages(everyone, G, scale=cfg.grpo.scale_rewards, estimator=cfg.grpo.advantage_estimator)
     adv = adv_all[start : start + len(total)]
     metrics = {k: v for k, v in metrics.items() if not k.startswith("reward/total")}  # "reward" below
@@ -275,11 +273,14 @@ def rollout_phase(
     )
 
 
-def gather_rows(world: World, values: torch.Tensor) -> torch.Tensor:
-    """(N_rank,) per-row values of every rank, concatenated in rank order -> (N,) fp32 (on the CPU)."""
+def gather_rows(world: World, values: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(N_rank,) per-row values of every rank, concatenated in rank order -> ((N,) fp32 on the CPU,
+    the index of this rank's first row in it)."""
     if not world.distributed:
-        return values
-    return torch.tensor([x for part in world.all_gather(values.tolist()) for x in part], dtype=torch.float32)
+        return values, 0
+    parts = world.all_gather(values.tolist())
+    start = sum(len(part) for part in parts[: world.rank])
+    return torch.tensor([x for part in parts for x in part], dtype=torch.float32), start
 
 
 def reward_metrics(world: World, scored: rewards.RewardResult | None, specs) -> dict[str, float]:

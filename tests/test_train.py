@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -14,19 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers.tiny import tiny_run_checkpoint
+from helpers.tiny import tiny_run_checkpoint, write_copy_task
 
 from minigrpo.models.loading import load_pretrained
 from minigrpo.train import main
-
-
-def write_copy_task(path, n: int = 200, seed: int = 0) -> None:
-    """'repeat 7' -> '7': a one-token answer the policy must learn to copy."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            d = rng.randrange(10)
-            f.write(json.dumps({"question": f"repeat {d}", "answer": str(d)}) + "\n")
 
 
 def run_config(tmp_path, **sections) -> dict:

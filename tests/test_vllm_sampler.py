@@ -11,14 +11,13 @@ runs this module a second time in the vLLM environment (.ci/install_vllm.sh).
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import random
 
 import pytest
 import torch
-from helpers.tiny import WORDS, tiny_model, tiny_run_checkpoint, tiny_tokenizer
+from helpers.tiny import WORDS, tiny_model, tiny_run_checkpoint, tiny_tokenizer, write_copy_task
 from torch import nn
 
 from minigrpo.logprobs import completion_logprobs
@@ -444,15 +443,6 @@ def test_minigrpo_lora_policy_syncs_merged(engine):
 
 # ================================================================================================
 # the GRPO loop
-
-
-def write_copy_task(path, n: int = 200, seed: int = 0) -> None:
-    """'repeat 7' -> '7', the one-token task of tests/test_train.py."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            d = rng.randrange(10)
-            f.write(json.dumps({"question": f"repeat {d}", "answer": str(d)}) + "\n")
 
 
 @needs_vllm

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from minigrpo.atomic import atomic_path, write_json
+
 from .args import ModelArgs
 from .safetensors_io import CorruptCheckpointError, iter_tensors, read_header, save_file
 from .transformer import Transformer
@@ -122,7 +124,7 @@ def save_pretrained(
     state = {k: v for k, v in model.state_dict().items() if not (model.lm_head is None and k == "lm_head.weight")}
     dtype = dtype or model.dtype
     dtype_name = str(dtype).removeprefix("torch.")
-    _write_json(out / "config.json", model.args.to_hf_config(torch_dtype=dtype_name))
+    write_json(out / "config.json", model.args.to_hf_config(torch_dtype=dtype_name))
     # every stop id (multi-EOS models) goes to generation_config.json, or they are lost on reload
     gen = {
         "bos_token_id": model.args.hf_config.get("bos_token_id"),
@@ -130,7 +132,7 @@ def save_pretrained(
     }
     if tokenizer is not None and hasattr(tokenizer, "generation_config"):
         gen.update({k: v for k, v in tokenizer.generation_config().items() if v is not None})
-    _write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+    write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -148,13 +150,12 @@ def save_pretrained(
     )
     weight_map = {}
     for fname, shard in zip(names, shards):
-        tmp = out / f".{fname}.tmp"
-        save_file({k: v.detach().to("cpu", dtype) for k, v in shard.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, out / fname)
+        with atomic_path(out / fname) as tmp:
+            save_file({k: v.detach().to("cpu", dtype) for k, v in shard.items()}, tmp, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, fname))
     if len(shards) > 1:
         total = sum(t.numel() * dtype.itemsize for t in state.values())
-        _write_json(
+        write_json(
             out / "model.safetensors.index.json",
             {"metadata": {"total_size": total}, "weight_map": weight_map},
         )
@@ -304,12 +305,6 @@ def _load_tokenizer_dir(directory: Path):
     from minigrpo.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(directory)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 __all__ = [

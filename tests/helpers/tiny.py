@@ -1,7 +1,9 @@
-"""Tiny random models for fast tests, saved as HF checkpoints when a test needs files."""
+"""Tiny random models for fast tests (saved as HF checkpoints when a test needs files) and the copy task."""
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +66,12 @@ def tiny_run_checkpoint(directory: Path, seed: int = 0, **overrides: Any) -> Pat
     model = tiny_model(seed, vocab_size=len(WORDS), **overrides)
     save_pretrained(model, tiny_tokenizer(), directory)
     return directory
+
+
+def write_copy_task(path, n: int = 200, seed: int = 0) -> None:
+    """'repeat 7' -> '7': a one-token answer the policy must learn to copy."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            d = rng.randrange(10)
+            f.write(json.dumps({"question": f"repeat {d}", "answer": str(d)}) + "\n")

@@ -1,0 +1,42 @@
+"""Files written whole or not at all.
+
+Every file minigrpo writes for someone else to read (checkpoints, configs, metrics, plots) goes to a
+temporary name in the same folder first and is renamed into place, an atomic step on POSIX file
+systems: a reader, or a run killed half-way, sees the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on a clean exit it replaces `path`, on an error it is
+    removed. For writers that want a file name (safetensors' save_file, open(..., "wb"))."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write text (UTF-8) or bytes to `path` atomically."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any, *, sort_keys: bool = True) -> None:
+    """Indented JSON with a final newline, written atomically (non-ASCII text kept as it is)."""
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n")
