@@ -10,6 +10,10 @@ R rotary dim (<= Dh), V vocab.
 Left padding: `attention_mask` (B, S) marks real tokens; position ids default to the running count
 of real tokens, so a padded row computes exactly what it computes alone. Pad queries attend to
 themselves only (never fully masked rows, hence no NaN), and no real query ever sees a pad key.
+Without a KV cache, rows of the usual shape (pads, one run of real tokens, pads) need no mask: each
+row is rotated so that its leading pads trail, where causal attention hides them from every real
+query, runs as plain causal attention (flash kernels, no (B, T, T) mask in memory), and is rotated
+back.
 """
 
 from __future__ import annotations
@@ -76,6 +80,30 @@ def attention_mask_4d(
         allowed = allowed & key_mask[:, None, :kv_len].bool()
         allowed = allowed | (j == q)  # a pad query sees itself: no fully masked row
     return allowed.unsqueeze(1)
+
+
+def padding_layout(attention_mask: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+    """attention_mask (B, T) -> (plain, lead). plain: every row is pads, one run of real tokens, pads
+    (or all pads), so causal attention needs no mask once each row is rotated left by lead (B,), its
+    count of leading pads; lead is None when no row has any (nothing to rotate). One host sync."""
+    real = attention_mask.bool()
+    T = real.shape[1]
+    count = real.sum(-1)  # (B,)
+    lead = (real.cumsum(-1) == 0).sum(-1)  # (B,) pads before the first real token
+    last = T - 1 - real.flip(-1).int().argmax(-1)  # (B,) the last real token
+    contiguous = (count == 0) | (last - lead + 1 == count)
+    plain, any_lead = torch.stack([contiguous.all(), (lead > 0).any()]).tolist()
+    return plain, lead if any_lead else None
+
+
+def rotate_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...) with row b rotated left by shift[b]: out[b, t] = x[b, (t + shift[b]) % T].
+
+    index_select on the flattened rows: its backward keeps only the index (gather's keeps x too)."""
+    B, T = x.shape[:2]
+    cols = (torch.arange(T, device=x.device) + shift.view(-1, 1)) % T  # (B, T)
+    rows = (torch.arange(B, device=x.device) * T).view(-1, 1)  # (B, 1)
+    return x.reshape(B * T, *x.shape[2:]).index_select(0, (rows + cols).view(-1)).view(x.shape)
 
 
 class Attention(nn.Module):
@@ -249,6 +277,14 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         device = input_ids.device
+        lead = None  # (B,) leading pads rotated to the end of each row, if any
+        if kv_cache is None and attention_mask is not None and position_ids is None:
+            plain, lead = padding_layout(attention_mask)
+            if not plain:  # a row with an inner gap: the (B, 1, T, S) mask below
+                lead = None
+            else:  # trailing pads are hidden from real queries by causality
+                attention_mask = None
+                input_ids = input_ids if lead is None else rotate_rows(input_ids, lead)  # (B, T)
         if kv_cache is not None:
             assert cache_position is not None and attention_mask is not None, "a KV cache needs both"
             kv_len = attention_mask.shape[1]
@@ -273,7 +309,8 @@ class Transformer(nn.Module):
                 x = checkpoint_block(block, *args, offload=self.activation_offload)
             else:
                 x = block(*args)
-        return self.model.norm(x)
+        x = self.model.norm(x)  # (B, T, D)
+        return x if lead is None else rotate_rows(x, -lead)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., D) -> logits (..., V) in the model dtype."""
