@@ -10,9 +10,12 @@
 An adapted layer computes  y = base(x) + s * B @ A @ dropout(x)  with A (r, in), B (out, r) and
 s = alpha / r, or alpha / sqrt(r) with rsLoRA (a scale that does not shrink as r grows). A starts as
 nn.Linear's weight does (Kaiming-uniform, a = sqrt(5)) and B at zero, so at init the adapted model
-is the base model exactly. The adapter path runs in the adapters' dtype (fp32 by default, also on a
-bf16 base: x is cast up, the sum cast back), so the optimizer steps fp32 adapters directly; backward
-keeps x as it came rather than a fp32 copy per adapted layer (`_LoRADelta`).
+is the base model exactly. Adapters are stored in their own dtype (fp32 by default, also on a bf16
+base), so the optimizer steps fp32 adapters directly, and computed in the activations' dtype, as
+mixed precision does: on a bf16 base, A and B are cast to bf16 for the two small matmuls (fp32
+accumulation inside them) and their gradients come back in fp32. Computing in fp32 instead would
+cast every adapted layer's input up and run fp32 GEMMs, about a quarter of a LoRA step's time on an
+H100; backward keeps x as it came, shared with the base, and A's (r)-wide output.
 
 Names. `LoRALinear` wraps the base module without making it a child: it shares the base's
 parameter and buffer dicts, so the base tensors keep their checkpoint names (`...q_proj.weight`) and
@@ -118,13 +121,11 @@ class LoRALinear(nn.Module):
             return out
         if self.disabled:
             return out
-        A, B = self.lora_A.weight, self.lora_B.weight
-        if isinstance(self.lora_dropout, nn.Identity):
-            delta = _LoRADelta.apply(x, A, B, self.scaling)  # (..., out) adapter dtype
-        else:  # the dropped-out input must be kept for backward anyway
-            h = self.lora_dropout(x.to(A.dtype))  # (..., in)
-            delta = self.lora_B(self.lora_A(h) * self.scaling)  # (..., r) -> (..., out)
-        return (out + delta).to(out.dtype)
+        A = self.lora_A.weight.to(x.dtype)  # (r, in) in the activations' dtype
+        B = self.lora_B.weight.to(x.dtype)  # (out, r)
+        h = self.lora_dropout(x)  # (..., in) x itself without dropout (no copy)
+        delta = F.linear(F.linear(h, A) * self.scaling, B)  # (..., r) -> (..., out)
+        return out + delta.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A as a new (out, in) fp32 tensor."""
@@ -184,37 +185,6 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.base!r}, r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}"
-
-
-class _LoRADelta(torch.autograd.Function):
-    """scaling * (x @ A.T) @ B.T in the adapters' dtype, keeping x for backward as it came.
-
-    Plain autograd would keep the adapter-dtype copy of x of every adapted layer: on a bf16 base
-    with fp32 adapters, one fp32 copy each for q, k, v, o, gate, up and down, several times the
-    activations the frozen base keeps. Here the shared bf16 x is saved and recast in backward.
-    The math is that of `lora_B(lora_A(x.to(A.dtype)) * scaling)`, op for op.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-        a = F.linear(x.to(A.dtype), A).mul_(scaling)  # (..., r)
-        ctx.save_for_backward(x, A, B, a)
-        ctx.scaling = scaling
-        return F.linear(a, B)  # (..., out)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, A, B, a = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(B.dtype)  # (M, out)
-        ga = (g @ B).mul_(ctx.scaling)  # (M, r): the gradient at lora_A's output
-        gx = gA = gB = None
-        if ctx.needs_input_grad[2]:
-            gB = g.T @ a.reshape(-1, a.shape[-1])  # (out, r)
-        if ctx.needs_input_grad[1]:
-            gA = ga.T @ x.reshape(-1, x.shape[-1]).to(A.dtype)  # (r, in); the recast copy lives only here
-        if ctx.needs_input_grad[0]:
-            gx = (ga @ A).reshape(x.shape).to(x.dtype)  # (..., in)
-        return gx, gA, gB, None
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:

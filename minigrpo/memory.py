@@ -18,7 +18,8 @@ them), bitsandbytes' 8-bit AdamW (two uint8 states plus an fp32 absmax per 256 v
 Activations are counted from what our `Transformer` keeps for the backward, tensor by tensor (the
 list is in `saved_bytes_per_token`); with n = micro_batch x T tokens, per block:
 
-    saved = n * [b (4D + 2 Dq + 2 Dkv + 4F) + 4H + 8]  +  micro_batch * T * T * b (float attention bias)
+    saved = n * [b (4D + 2 Dq + 2 Dkv + 4F) + 4H + 8]  (+ micro_batch * T * T * b, a float attention
+                                                           bias, only where a sliding window < T)
 
 b = bytes of the model dtype, Dq = H * Dh, Dkv = Hkv * Dh, F = intermediate size. The four D-sized
 tensors are the block input and the three norm outputs / residual sums, 2 Dq + 2 Dkv are the
@@ -27,7 +28,8 @@ log-sum-exp and 8 the two norms' rstd. (The CPU reference kernels keep fp32 copi
 `impl="ref"` counts those.) Without checkpointing every block keeps its set until the backward;
 with it, each block keeps only its input (n * b * D), one block's set exists at a time during the
 recomputation, and with offload the inputs wait in pinned host memory instead (two at a time on
-the device). On top come the rotary angles and boolean masks shared by all blocks, the final norm,
+the device). On top come the rotary angles (and boolean masks, only for sliding windows shorter than
+the sequence: padded rows otherwise run as plain causal attention) shared by all blocks, the final norm,
 the log-prob kernel (one logits tile of about 32M elements, the selected hidden states, dh and,
 when the LM head trains, dW) and the backward's own temporaries (gradients of the block's
 intermediates; calibrated below). The CPU tests measure all of this with `AllocationTracker` (a
@@ -202,22 +204,21 @@ def saved_bytes_per_token(
     trainable: str = "full",
     lora_targets: tuple[str, ...] = (),
     lora_r: int = 0,
-    lora_bytes: int = 4,
     lora_dropout: bool = False,
 ) -> int:
     """Bytes one block keeps for its backward per token, its own input excluded (counted apart, as
     the checkpoint boundary) and the attention bias excluded (it is per (query, key) pair).
 
     trainable: "full" (every weight), "linears" (the block linears only: norms, embedding and head
-    frozen) or "lora" (adapters of `lora_r` on `lora_targets`, in `lora_bytes`-byte dtype, over a
-    frozen base). Per token, with b the model dtype's bytes:
+    frozen) or "lora" (adapters of `lora_r` on `lora_targets` over a frozen base, computed in the
+    activations' dtype). Per token, with b the model dtype's bytes:
         always        q, k after RoPE, v, the attention output: b (2 Dq + 2 Dkv); its log-sum-exp 4H;
                       gate, up, silu(gate): 3 b F; the post-attention sum h: b D; two rstd: 8
         base linears  their inputs: b (2 D + F) (q/k/v input, MLP input, down_proj's; o_proj reads
                       the attention output, already kept)
-        adapters      without dropout the adapters keep the input they share with the base as it
-                      came (lora.py's _LoRADelta); with dropout each keeps its own dropped-out copy
-                      in the adapter dtype plus the mask (bool on CUDA, float on CPU); A's output (r)
+        adapters      without dropout the adapters keep the input they share with the base; with
+                      dropout each keeps its own dropped-out copy plus the mask (bool on CUDA,
+                      float on CPU); A's scaled output (r)
     impl="ref" (the CPU reference kernels): the norms keep fp32 copies of their inputs (the block
     input's when the dtype is 16-bit, h's always) and, when their weights train, their outputs too.
     """
@@ -236,12 +237,12 @@ def saved_bytes_per_token(
         adapters = lora_adapter_shapes(args, lora_targets)
         for group in ("qkv", "o", "gate_up", "down"):
             widths = [i for g, i, _ in adapters if g == group]
-            if widths and lora_dropout:  # each adapter keeps dropout(x.to(adapter dtype)) and the mask
-                mask = 1 if impl == "triton" else lora_bytes  # CUDA: a bool mask; CPU: a float one
-                inputs += (lora_bytes + mask) * sum(widths)  # (the frozen base keeps no input)
+            if widths and lora_dropout:  # each adapter keeps dropout(x) and the mask
+                mask = 1 if impl == "triton" else b  # CUDA: a bool mask; CPU: a float one
+                inputs += (b + mask) * sum(widths)  # (the frozen base keeps no input)
             elif widths and group != "o":  # o_proj's input is the attention output, kept anyway
                 inputs += b * widths[0]  # one tensor shared by the adapters that read it
-        inputs += len(adapters) * lora_r * lora_bytes  # A's outputs
+        inputs += len(adapters) * lora_r * b  # A's scaled outputs
     qk_norm = (dq + dkv) * b + 4 * (args.n_heads + args.n_kv_heads) if args.qk_norm else 0
     return core + norms + inputs + qk_norm
 
@@ -268,7 +269,6 @@ def activation_bytes(
     trainable: str = "full",
     lora_targets: tuple[str, ...] = (),
     lora_r: int = 0,
-    lora_bytes: int = 4,
     lora_dropout: bool = False,
     device_type: str = "cuda",
 ) -> dict[str, int]:
@@ -289,9 +289,9 @@ def activation_bytes(
     n, n_c, T, L = micro_batch * seq_len, micro_batch * completion_len, seq_len, args.n_layers
     d, a = args.dim, max(b, 4)
     boundary = n * b * d  # one block's input
-    per_token = saved_bytes_per_token(args, b, impl, trainable, tuple(lora_targets), lora_r, lora_bytes, lora_dropout)
-    per_block = n * per_token + micro_batch * T * T * b  # + the float attention bias
-    windows = len(set(args.layer_windows))
+    per_token = saved_bytes_per_token(args, b, impl, trainable, tuple(lora_targets), lora_r, lora_dropout)
+    windows = masked_windows(args, T)
+    per_block = n * per_token + (micro_batch * T * T * b if windows else 0)  # + a float attention bias
     shared = 2 * n * (args.rotary_dim // 2) * 4 + windows * micro_batch * T * T  # cos, sin fp32; bool masks
     if checkpointing:
         inputs = (min(L, 2) if offload and device_type == "cuda" else L) * boundary
@@ -301,6 +301,7 @@ def activation_bytes(
         blocks, recompute = L * (kept_input + per_block) + shared, 0
     trainable_base = trainable == "full"
     final_norm = n * ((b if impl == "triton" else a) * d + 4 + (b * d if trainable_base and impl != "triton" else 0))
+    final_norm += n * 16  # left padding: the rotated ids and the rotation's index (transformer.rotate_rows)
     head = final_norm + n_c * (b * d + 8 + 4 + 4) + 2 * n_c * 4 * 2  # + selected states, targets, lse, entropy
     rows, cols = _plan(max(n_c, 1), args.vocab_size, torch.device(device_type), None)
     head_backward = rows * cols * b + n_c * b * d + rows * d * 4 + n_c * 8
@@ -310,8 +311,6 @@ def activation_bytes(
     backward = n * b * (_BWD_F * args.intermediate_size + _BWD_D * d)
     if impl != "triton" and b < 4:
         backward += n * 2 * a * d  # the reference norms' fp32 gradients
-    if trainable == "lora" and lora_bytes > b and "down" in lora_targets:
-        backward += n * lora_bytes * args.intermediate_size  # down_proj's adapter input gradient
     loss = n_c * _LOSS_FP32_PER_TOKEN * 4
     peak = max(blocks + head + head_backward, blocks + recompute + backward) + loss
     return {
@@ -413,7 +412,6 @@ def estimate_peak(
         trainable="lora" if lora.enabled else "full",
         lora_targets=tuple(lora.targets) if lora.enabled else (),
         lora_r=lora.r,
-        lora_bytes=4,  # lora.py keeps adapters in fp32
         lora_dropout=lora.enabled and lora.dropout > 0,
         device_type=device_type,
     )
@@ -443,6 +441,12 @@ def _filters(cfg: Config) -> bool:
     return s.top_p < 1.0 or s.top_k > 0 or s.min_p > 0
 
 
+def masked_windows(args: ModelArgs, seq_len: int) -> int:
+    """Distinct sliding windows shorter than the sequence: the only attention that still needs a
+    (B, T, T) mask (padded rows of the usual shape run as plain causal attention)."""
+    return len({w for w in args.layer_windows if w is not None and w < seq_len})
+
+
 def _nograd_forward_bytes(args: ModelArgs, mb: int, T: int, Tc: int, b: int, device_type: str) -> int:
     """One micro-batch through completion_logprobs under no_grad: the largest block transient, the
     masks, the final hidden states and the kernel's tile."""
@@ -450,7 +454,8 @@ def _nograd_forward_bytes(args: ModelArgs, mb: int, T: int, Tc: int, b: int, dev
 
     n, n_c = mb * T, mb * Tc
     rows, cols = _plan(max(n_c, 1), args.vocab_size, torch.device(device_type), None)
-    masks = len(set(args.layer_windows)) * mb * T * T + mb * T * T * b
+    windows = masked_windows(args, T)
+    masks = windows * mb * T * T + (mb * T * T * b if windows else 0)
     return (
         n * forward_transient_per_token(args, b) + masks + 2 * n * b * args.dim + n_c * b * args.dim + rows * cols * b
     )

@@ -178,7 +178,10 @@ def test_bf16_base_with_fp32_adapters():
     assert torch.equal(layer.weight, (w.float() + layer.delta_weight()).to(torch.bfloat16))  # one rounding
 
 
-def test_adapter_backward_keeps_the_16_bit_input_and_matches_autograd():
+def test_adapters_compute_in_the_activation_dtype_and_keep_no_copy_of_x():
+    """fp32 adapters on a bf16 base: the two small matmuls run in bf16 (as mixed precision does), no
+    tensor as large as x is kept besides x itself, the gradients reach the fp32 adapters, and all of it
+    stays within bf16 rounding of the same math in fp32."""
     torch.manual_seed(0)
     base = nn.Linear(64, 96, bias=False).to(torch.bfloat16).requires_grad_(False)
     layer = LoRALinear(base, r=4, alpha=8)  # fp32 adapters on a bf16 base
@@ -187,30 +190,32 @@ def test_adapter_backward_keeps_the_16_bit_input_and_matches_autograd():
     x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(2, 5, 96, dtype=torch.bfloat16)
 
-    def run(fn):
-        """fn's output after backward, and the fp32 tensors as large as x that autograd kept."""
-        saved = []
+    kept = []
 
-        def pack(t):
-            if t.dtype == torch.float32 and t.numel() == x.numel():
-                saved.append(t.shape)
-            return t
+    def pack(t):
+        if t.numel() == x.numel() and t.data_ptr() != x.data_ptr():
+            kept.append((t.dtype, t.shape))
+        return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = fn()
-        y.backward(g)
-        return y, saved
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    y.backward(g)
+    assert y.dtype == torch.bfloat16 and not kept, kept
+    assert layer.lora_A.weight.grad.dtype == layer.lora_B.weight.grad.dtype == torch.float32
 
-    y, saved = run(lambda: layer(x))
     A = layer.lora_A.weight.detach().clone().requires_grad_(True)
     B = layer.lora_B.weight.detach().clone().requires_grad_(True)
-    x2 = x.detach().clone().requires_grad_(True)
-    y2, saved2 = run(lambda: (base(x2) + F.linear(F.linear(x2.float(), A) * layer.scaling, B)).to(torch.bfloat16))
-    assert saved2 and not saved  # plain autograd keeps an fp32 copy of x; the adapter keeps x itself
-    assert torch.equal(y, y2)
-    assert torch.equal(x.grad, x2.grad)
-    assert torch.allclose(layer.lora_A.weight.grad, A.grad, rtol=1e-6, atol=1e-7)
-    assert torch.allclose(layer.lora_B.weight.grad, B.grad, rtol=1e-6, atol=1e-7)
+    x32 = x.detach().float().requires_grad_(True)
+    y32 = F.linear(x32, base.weight.float()) + F.linear(F.linear(x32, A) * layer.scaling, B)  # all in fp32
+    y32.backward(g.float())
+    assert (y.float() - y32).abs().max() <= 2e-2 * y32.abs().max()
+    for got, want in (
+        (x.grad.float(), x32.grad),
+        (layer.lora_A.weight.grad, A.grad),
+        (layer.lora_B.weight.grad, B.grad),
+    ):
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+    assert layer.lora_A.weight.grad.abs().max() > 0 and layer.lora_B.weight.grad.abs().max() > 0
 
 
 def test_base_names_are_unchanged():

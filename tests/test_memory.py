@@ -108,29 +108,37 @@ def test_lora_activation_estimate_within_10pct_of_measured(dtype, checkpointing,
         trainable="lora",
         lora_targets=tuple(targets.split(",")),
         lora_r=8,
-        lora_bytes=4,
         lora_dropout=dropout > 0,
         device_type="cpu",
     )["peak"]
     assert abs(est / measured - 1) < 0.10, f"estimated {est:,} vs measured {measured:,} ({est / measured:.3f})"
 
 
-def test_checkpointing_keeps_one_input_per_block():
-    """The per-token formula, read directly: the forward keeps L block inputs with checkpointing."""
+@pytest.mark.parametrize("layout", ["plain", "left_padded", "inner_gap"])
+def test_checkpointing_keeps_one_input_per_block(layout):
+    """The per-token formula, read directly: the forward keeps L block inputs with checkpointing.
+    Padded rows need no (B, T, T) mask unless a row has a gap inside (then the bool mask is kept)."""
     model = tiny_model(**SMALL).train()
     model.gradient_checkpointing = True
     for name, p in model.named_parameters():
         p.requires_grad_("norm" not in name)  # frozen norms keep no normalised copy
     ids = torch.randint(3, 512, (2, 96))
+    attn = torch.ones_like(ids)
+    if layout == "left_padded":
+        attn[0, :7] = 0
+    elif layout == "inner_gap":
+        attn[1, 40:45] = 0
     tracker = AllocationTracker()
     with tracker:
-        hidden = model.hidden(ids, attention_mask=torch.ones_like(ids))
+        hidden = model.hidden(ids, attention_mask=attn)
         kept = tracker.live - hidden.untyped_storage().nbytes()
     n, d, L = 2 * 96, 128, 4
-    shared = 2 * n * 16 * 4 + 2 * 96 * 96  # cos, sin (R/2 = 16) fp32 and the bool mask
+    shared = 2 * n * 16 * 4  # cos, sin (R/2 = 16) fp32
+    shared += 2 * 96 * 96 if layout == "inner_gap" else 0  # the bool mask
     final_norm = n * (d * 4 + 4)  # the final norm's input and rstd
     cache_positions = 96 * 8
-    assert kept == L * n * d * 4 + shared + final_norm + cache_positions
+    rotation = 2 * n * 8 if layout == "left_padded" else 0  # the rotated ids and the rotation index
+    assert kept == L * n * d * 4 + shared + final_norm + cache_positions + rotation
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
