@@ -5,7 +5,7 @@
     python benchmarks/bench_memory.py --cases qwen-lora-4k,llama-qlora-20k --no-bisect
 
 Each case builds a real architecture with random weights (presets.py), attaches rank-32 adapters
-(minigrpo.lora when present, else a minimal adapter below) on every block linear, and trains one
+(minigrpo.lora) on every block linear, and trains one
 GRPO step on a fixed synthetic rollout: 1 prompt x 8 completions of exactly `completion` tokens
 (sampling skipped), through `minigrpo.train.update_phase`. The step runs twice; the second is
 measured: peak allocated and reserved bytes, training tokens/s, and the pre-flight prediction
@@ -23,7 +23,8 @@ predicted KV cache of the sampler for that length.
 
 Every case runs under try/except: an out-of-memory is recorded as "OOM", any other failure as its
 message, a case over its time limit as "timeout"; the CUDA cache is emptied between cases.
-Writes results/memory_<device>.json and prints a table.
+Writes results/memory_<device>.json (rows of cases not run this time are kept from the file's
+earlier version, marked as such) and prints a table.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import math
+import json
 import signal
 import time
 import traceback
@@ -39,11 +40,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from common import DEVICE, environment, print_table, sync, write_result
-from torch import nn
+from common import DEVICE, RESULTS, device_slug, environment, print_table, sync, write_result
 
 from minigrpo import grpo
 from minigrpo.config import load_config
+from minigrpo.lora import apply_lora
 from minigrpo.memory import GiB, estimate_peak
 from minigrpo.models.loading import build_random
 from minigrpo.models.presets import preset_config
@@ -123,46 +124,10 @@ def time_limit(seconds: int):
 # models and adapters
 
 
-class BenchLoRA(nn.Module):
-    """y = base(x) + (alpha / r) * B(A(x)): fp32 adapters run in the input's dtype; base frozen.
-
-    Used when minigrpo.lora is not available, so that the memory of the base path (dense or NF4)
-    and the adapters' own tensors are what a LoRA run has."""
-
-    def __init__(self, base: nn.Module, in_features: int, out_features: int, r: int, alpha: float) -> None:
-        super().__init__()
-        self.base = base
-        dev = next(base.parameters()).device
-        self.lora_A = nn.Parameter(torch.randn(r, in_features, device=dev) / math.sqrt(in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=dev))
-        self.scale = alpha / r
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = (x @ self.lora_A.to(x.dtype).t()) @ self.lora_B.to(x.dtype).t()  # (..., out)
-        return self.base(x) + self.scale * delta
-
-
-def attach_adapters(model, cfg) -> str:
-    """Adapters on every block linear: minigrpo.lora.apply_lora if it exists, else BenchLoRA."""
+def attach_adapters(model, cfg) -> None:
+    """Rank-32 adapters on every block linear (minigrpo.lora), base weights frozen."""
     model.requires_grad_(False)
-    try:
-        from minigrpo.lora import apply_lora  # the project's adapters (when present)
-
-        apply_lora(model, cfg.lora)
-        return "minigrpo.lora"
-    except (ImportError, TypeError, AttributeError):
-        pass
-    d, f = model.args.dim, model.args.intermediate_size
-    q, kv = model.args.n_heads * model.args.head_dim, model.args.n_kv_heads * model.args.head_dim
-    dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
-    dims |= {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
-    dims |= {"qkv_proj": (d, q + 2 * kv), "gate_up_proj": (d, 2 * f)}
-    for block in model.model.layers:
-        for parent in (block.self_attn, block.mlp):
-            for name, (i, o) in dims.items():
-                if hasattr(parent, name):
-                    setattr(parent, name, BenchLoRA(getattr(parent, name), i, o, cfg.lora.r, cfg.lora.alpha))
-    return "bench-local"
+    apply_lora(model, cfg.lora)
 
 
 def build_model(case: Case, dtype: torch.dtype):
@@ -192,10 +157,8 @@ def make_cfg(case: Case, *, checkpointing: bool, offload: bool):
         f"model.gradient_checkpointing={str(checkpointing).lower()}",
         "train.lr=1e-5",
     ]
-    cfg = load_config(None, overrides)
-    with contextlib.suppress(AttributeError, TypeError):
-        cfg.model.activation_offload = offload  # the field exists once config.py has it
-    return cfg
+    overrides.append(f"model.activation_offload={str(offload).lower()}")
+    return load_config(None, overrides)
 
 
 def synthetic_batch(case: Case, vocab: int) -> Batch:
@@ -261,6 +224,22 @@ def placeholder_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>")
 
 
+def prepare_like_train(trainer, liger: bool) -> None:
+    """What Trainer.train() sets up before its first step; the benchmark calls compute_loss directly."""
+    model = trainer.model
+    model.train()  # transformers checkpoints blocks only in training mode
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if liger and getattr(
+        trainer.args, "use_liger_kernel", False
+    ):  # the layer kernels (RMSNorm, RoPE, SwiGLU); TRL keeps its own chunked LM head
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        _apply_liger_kernel_to_instance(model=base, **(trainer.args.liger_kernel_config or {}))
+    if not hasattr(trainer, "current_gradient_accumulation_steps"):  # TRL >= 1.0 sets it in training_step
+        trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+
+
 def trl_update(case: Case, hf: dict, batch: Batch, liger: bool) -> dict[str, Any]:
     """TRL's GRPOTrainer.compute_loss + backward on a transformers model with PEFT LoRA."""
     import datasets
@@ -270,8 +249,11 @@ def trl_update(case: Case, hf: dict, batch: Batch, liger: bool) -> dict[str, Any
 
     if case.quantize:
         return {"status": "n/a (TRL case builds a bf16 base)"}
+    if liger and DEVICE.type != "cuda":
+        return {"status": "n/a (Liger's kernels need CUDA)"}
     config = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "architectures"})
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16).to(DEVICE)
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(DEVICE)
     model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules="all-linear", task_type="CAUSAL_LM"))
     args = GRPOConfig(
         output_dir="/tmp/bench_memory_trl",
@@ -280,7 +262,8 @@ def trl_update(case: Case, hf: dict, batch: Batch, liger: bool) -> dict[str, Any
         num_generations=case.group,
         max_completion_length=case.completion,
         gradient_checkpointing=True,
-        bf16=True,
+        bf16=DEVICE.type == "cuda",
+        use_cpu=DEVICE.type == "cpu",
         # TRL < 1.0: the Liger GRPO loss; TRL >= 1.0 computes chunked log-probs itself and offers Liger's layer kernels
         **{("use_liger_loss" if "use_liger_loss" in GRPOConfig.__dataclass_fields__ else "use_liger_kernel"): liger},
         beta=0.0,
@@ -295,8 +278,7 @@ def trl_update(case: Case, hf: dict, batch: Batch, liger: bool) -> dict[str, Any
         train_dataset=data,
         processing_class=placeholder_tokenizer(),  # random weights: the steps are fed token ids directly
     )
-    if not hasattr(trainer, "current_gradient_accumulation_steps"):  # TRL >= 1.0 sets it in training_step
-        trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+    prepare_like_train(trainer, liger)
     r = batch.rollout
 
     def step():
@@ -342,7 +324,7 @@ def measure(step, runs: int = 2) -> dict[str, Any]:
 def run_ours(case: Case, dtype: torch.dtype, *, naive: bool = False) -> dict[str, Any]:
     model, hf = build_model(case, dtype)
     cfg = make_cfg(case, checkpointing=not naive, offload=case.offload and not naive)
-    adapters = attach_adapters(model, cfg)
+    attach_adapters(model, cfg)
     model.gradient_checkpointing = not naive
     model.activation_offload = case.offload and not naive
     optimizer = build_optimizer(model.parameters(), cfg.train)
@@ -353,7 +335,6 @@ def run_ours(case: Case, dtype: torch.dtype, *, naive: bool = False) -> dict[str
     else:
         out = measure(lambda: update_phase(cfg, model, optimizer, scheduler, batch, None, None), case.runs)
     est = estimate_peak(cfg, model.args, prompt_tokens=case.prompt, device_type=DEVICE.type)
-    out["adapters"] = adapters
     if not naive:
         out["predicted_gib"] = max(est.phases["update"], est.phases["optimizer"]) / GiB
         out["predicted_rollout_gib"] = est.phases["rollout"] / GiB
@@ -397,7 +378,7 @@ def bisect_longest(base: Case, dtype: torch.dtype, budget_s: int, probes: int, m
     The update's peak is that of one micro-batch, whatever the number of completions, so each probe
     trains 2 completions once (time) and the sampler's KV cache for `base.group` completions of that
     length is reported from its exact formula. The first probe is the pre-flight's prediction, so a
-    right prediction costs one probe and a bracketing second one.
+    right prediction costs one probe and a bracketing second one (steps of 1/16, then bisection).
     """
     from minigrpo.memory import kv_cache_bytes
     from minigrpo.models.args import ModelArgs
@@ -442,11 +423,12 @@ def bisect_longest(base: Case, dtype: torch.dtype, budget_s: int, probes: int, m
             break
         if lo >= max_len or (fails is not None and fails - lo <= max(256, lo // 32)):
             break
-        guess = (
-            (lo + fails) // 2 // 256 * 256
-            if fails is not None
-            else min(max_len, max(lo + 256, lo * 5 // 4 // 256 * 256))
-        )
+        if fails is not None and lo:  # bracketed: bisect
+            guess = (lo + fails) // 2 // 256 * 256
+        elif fails is not None:  # the prediction was too high: step down by its stated accuracy
+            guess = fails * 15 // 16 // 256 * 256
+        else:
+            guess = min(max_len, max(lo + 256, lo * 17 // 16 // 256 * 256))
     kv = kv_cache_bytes(margs, base.group, base.prompt + lo, 2 if dtype == torch.bfloat16 else 4)
     return {
         "arch": base.arch,
@@ -461,6 +443,23 @@ def bisect_longest(base: Case, dtype: torch.dtype, budget_s: int, probes: int, m
 
 
 # ================================================================================================
+
+
+def earlier_result(name: str, env: dict[str, Any]) -> dict[str, Any]:
+    path = RESULTS / f"{name}_{device_slug(env)}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def merged(payload: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
+    """This run's rows plus the earlier run's rows of (case, provider) pairs not measured now, so
+    that runs of a few cases each (one device session is short) add up to one results file; kept
+    rows say so. The bisection likewise, when this run skipped it."""
+    done = {(r["case"], r["provider"]) for r in payload["rows"]}
+    kept = [r | {"from_earlier_run": True} for r in earlier.get("rows", []) if (r["case"], r["provider"]) not in done]
+    out = dict(payload, rows=payload["rows"] + kept)
+    if not payload["bisect"] and earlier.get("bisect"):
+        out["bisect"] = earlier["bisect"] | {"from_earlier_run": True}
+    return out
 
 
 def main() -> None:
@@ -488,11 +487,12 @@ def main() -> None:
     payload: dict[str, Any] = {"environment": env, "quick": args.quick, "memory_cap_gib": args.memory_gib}
     payload.update(rows=[], bisect={})
     name = "memory_quick" if args.quick else "memory"
+    earlier = earlier_result(name, env)
     for case in cases:
         for provider in case.providers:
             if providers is None or provider in providers:
                 payload["rows"].append(run_case(case, provider, dtype))
-                write_result(name, payload)  # after every case: a run cut short keeps what it measured
+                write_result(name, merged(payload, earlier))  # a run cut short keeps what it measured
     if not args.no_bisect:
         base = QUICK_CASES[1] if args.quick else FULL_CASES[-1]
         if args.quick:
@@ -501,11 +501,11 @@ def main() -> None:
             bisect = bisect_longest(base, dtype, args.bisect_budget_s, 6, max_len=262144)
         print("longest completion that fits:", {k: v for k, v in bisect.items() if k != "trials"}, flush=True)
         payload["bisect"] = bisect
-    path = write_result(name, payload)
+    path = write_result(name, merged(payload, earlier))
     rows = payload["rows"]
     print(f"\n{env['device']}, torch {env['torch']} -> {path.name}")
     cols = ["case", "provider", "micro_batch", "status", "peak_alloc_gib", "peak_reserved_gib", "predicted_gib"]
-    print_table(rows, [*cols, "tokens_per_s", "adapters"])
+    print_table(rows, [*cols, "tokens_per_s"])
 
 
 if __name__ == "__main__":
