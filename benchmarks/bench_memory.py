@@ -1,25 +1,25 @@
 """Peak memory and speed of one GRPO update on long completions, against a naive loop and TRL.
 
-    python benchmarks/bench_memory.py                 # every case (H100: allow ~25 min)
+    python benchmarks/bench_memory.py                 # every case (H100: about 16 min)
     python benchmarks/bench_memory.py --quick         # small smoke run (CPU or GPU, ~1 min)
     python benchmarks/bench_memory.py --cases qwen-lora-4k,llama-qlora-20k --no-bisect
 
 Each case builds a real architecture with random weights (presets.py), attaches rank-32 adapters
-(minigrpo.lora) on every block linear, and trains one
-GRPO step on a fixed synthetic rollout: 1 prompt x 8 completions of exactly `completion` tokens
-(sampling skipped), through `minigrpo.train.update_phase`. The step runs twice; the second is
-measured: peak allocated and reserved bytes, training tokens/s, and the pre-flight prediction
-(memory.estimate_peak, update/optimizer phases) next to the measured peak.
+(minigrpo.lora) on every block linear, and trains one GRPO step on a fixed synthetic rollout:
+1 prompt x 8 completions of exactly `completion` tokens (sampling skipped), through
+`minigrpo.train.update_phase`. The step runs twice; the second is measured: peak allocated and
+reserved bytes, training tokens/s, and the pre-flight prediction (memory.estimate_peak,
+update/optimizer phases) next to the measured peak.
 
 Providers per case:
     ours        chunked log-prob kernel, block checkpointing, inputs offloaded to CPU (optional)
     naive       full (N, T, V) logits in fp32, log_softmax + gather, no checkpointing
-    trl         TRL GRPOTrainer.compute_loss on the same transformers model + PEFT LoRA, with
-    trl_liger   gradient checkpointing, without and with its Liger GRPO loss (skipped when trl,
-                transformers, peft or liger-kernel are missing)
-Then, for Llama-3.1-8B QLoRA with 8 generations: the longest completion whose update fits in the
-device (bisection over measured steps, started from the pre-flight's prediction), with the
-predicted KV cache of the sampler for that length.
+    trl         TRL GRPOTrainer.compute_loss on the same transformers model + PEFT LoRA, set up as
+    trl_liger   Trainer.train() does (checkpointing), without and with Liger's layer kernels
+                (skipped when trl, transformers, peft or liger-kernel are missing)
+Then, for Llama-3.1-8B QLoRA with 8 generations, the longest completion for which a whole step
+fits: the rollout (sampler prefill, full-length KV cache, decode steps) and the update measured at
+the pre-flight's predicted limit, and the update alone at its own (see longest_completion).
 
 Every case runs under try/except: an out-of-memory is recorded as "OOM", any other failure as its
 message, a case over its time limit as "timeout"; the CUDA cache is emptied between cases.
@@ -50,7 +50,9 @@ from minigrpo.models.loading import build_random
 from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler
 from minigrpo.quant import quantize_model_linears
+from minigrpo.sampling.params import SamplingParams
 from minigrpo.sampling.rollout import Rollout
+from minigrpo.sampling.sampler import Sampler
 from minigrpo.train import Batch, update_phase
 
 # Small architectures for --quick (dims multiples of 64: bitsandbytes' CPU 4-bit path needs them).
@@ -161,16 +163,20 @@ def make_cfg(case: Case, *, checkpointing: bool, offload: bool):
     return load_config(None, overrides)
 
 
-def synthetic_batch(case: Case, vocab: int) -> Batch:
-    """1 prompt x G completions of exactly Tc tokens, random ids, random advantages (a spread)."""
+def synthetic_batch(case: Case, vocab: int, *, one_long: bool = False) -> Batch:
+    """1 prompt x G completions of exactly Tc tokens (one_long: only the first; the others one token),
+    random ids, random advantages (a spread)."""
     N, Tp, Tc = case.group, case.prompt, case.completion
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(10, vocab - 10, (1, Tp), generator=g).repeat(N, 1)
+    completion_mask = torch.ones(N, Tc, dtype=torch.long)
+    if one_long:
+        completion_mask[1:, 1:] = 0
     rollout = Rollout(
         prompt_ids=prompt,
         prompt_mask=torch.ones(N, Tp, dtype=torch.long),
         completion_ids=torch.randint(10, vocab - 10, (N, Tc), generator=g),
-        completion_mask=torch.ones(N, Tc, dtype=torch.long),
+        completion_mask=completion_mask,
         sampler_logp=torch.zeros(N, Tc),
         truncated=torch.zeros(N, dtype=torch.bool),
         completion_texts=[""] * N,
@@ -372,72 +378,148 @@ def run_case(case: Case, provider: str, dtype: torch.dtype) -> dict[str, Any]:
     return row
 
 
-def bisect_longest(base: Case, dtype: torch.dtype, budget_s: int, probes: int, max_len: int) -> dict[str, Any]:
-    """Longest completion (micro-batch 1) whose measured update fits on this device.
+class ProbeSampler(Sampler):
+    """The own sampler's prefill and full-length KV cache, then a few decode steps at the longest key
+    length: the rollout's memory without generating every token (its time is not measured)."""
 
-    The update's peak is that of one micro-batch, whatever the number of completions, so each probe
-    trains 2 completions once (time) and the sampler's KV cache for `base.group` completions of that
-    length is reported from its exact formula. The first probe is the pre-flight's prediction, so a
-    right prediction costs one probe and a bracketing second one (steps of 1/16, then bisection).
+    def _decode(self, st, Tp: int, params: SamplingParams) -> int:
+        for _ in range(3):
+            self._step(st, st.mask.shape[1], params)
+        return 4
+
+
+class _NoText:
+    """Tokenizer stand-in for the probe sampler: pad id 0, texts never read."""
+
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+def probe_update(model, base: Case, tc: int, vocab: int) -> dict[str, Any]:
+    """One update on 2 completions (a group needs two): one of `tc` tokens and one of a single token;
+    the peak is that of the long micro-batch, whatever the number of completions."""
+    case = Case(f"longest-{tc}", base.arch, tc, quantize=base.quantize, micro_batch=1, prompt=base.prompt, group=2)
+    cfg = make_cfg(case, checkpointing=True, offload=True)
+    optimizer = build_optimizer(model.parameters(), cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, 10)
+    batch = synthetic_batch(case, vocab, one_long=True)
+    out = measure(lambda: update_phase(cfg, model, optimizer, scheduler, batch, None, None), runs=1)
+    est = estimate_peak(cfg, model.args, prompt_tokens=base.prompt, device_type=DEVICE.type)
+    return out | {"predicted_gib": max(est.phases["update"], est.phases["optimizer"]) / GiB}
+
+
+def probe_rollout(model, base: Case, tc: int) -> dict[str, Any]:
+    """The rollout of `base.group` completions of `tc` tokens, with the optimizer state a training
+    run holds by then (one zero-gradient step creates it)."""
+    case = Case(
+        f"longest-{tc}", base.arch, tc, quantize=base.quantize, micro_batch=1, prompt=base.prompt, group=base.group
+    )
+    cfg = make_cfg(case, checkpointing=True, offload=True)
+    optimizer = build_optimizer(model.parameters(), cfg.train)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sampler = ProbeSampler(model, _NoText(), cuda_graphs=False)
+    params = SamplingParams(n=base.group, max_new_tokens=tc, ignore_stop=True)
+    prompt = torch.randint(10, model.args.vocab_size - 10, (base.prompt,)).tolist()
+    out = measure(lambda: sampler.generate([prompt], params), runs=1)
+    est = estimate_peak(cfg, model.args, prompt_tokens=base.prompt, device_type=DEVICE.type)
+    return out | {"predicted_gib": est.phases["rollout"] / GiB, "kv_cache_gib": est.parts["kv_cache"] / GiB}
+
+
+def longest_completion(base: Case, dtype: torch.dtype, budget_s: int, max_len: int) -> dict[str, Any]:
+    """Longest completion for which one GRPO step with `base.group` generations fits on this device.
+
+    Two bounds: the rollout (the KV cache of G concurrent completions grows G times faster with the
+    length than the update's one-completion micro-batch) and the update. The pre-flight predicts
+    both; both are measured at the smaller prediction, stepping down by 1/16 on an OOM. Then, budget
+    allowing, the update alone at its own predicted limit: the bound left for a sampler that holds
+    fewer completions at once. One model serves every probe.
     """
-    from minigrpo.memory import kv_cache_bytes
     from minigrpo.models.args import ModelArgs
 
     free = torch.cuda.mem_get_info()[0] if DEVICE.type == "cuda" else 8 * GiB
     if MEMORY_CAP is not None:  # the caching allocator refuses to grow past the cap (an OOM, as on a smaller GPU)
         free = min(free, MEMORY_CAP)
-    margs = ModelArgs.from_hf_config(dict(QUICK_ARCH) if base.arch == "quick" else preset_config(base.arch))
+    hf = dict(QUICK_ARCH) if base.arch == "quick" else preset_config(base.arch)
+    margs = ModelArgs.from_hf_config(hf)
 
-    def probe_case(tc: int) -> Case:
-        c = Case(f"longest-{tc}", base.arch, tc, quantize=base.quantize, micro_batch=1, prompt=base.prompt, group=2)
-        c.providers, c.runs = ("ours",), 1
-        return c
+    def predicted_longest(phase: str, group: int) -> int:
+        def peak(tc: int) -> int:
+            case = Case("p", base.arch, tc, quantize=base.quantize, micro_batch=1, prompt=base.prompt, group=group)
+            est = estimate_peak(make_cfg(case, checkpointing=True, offload=True), margs, prompt_tokens=base.prompt)
+            return est.phases["rollout"] if phase == "rollout" else max(est.phases["update"], est.phases["optimizer"])
 
-    def predicted(tc: int) -> int:
-        cfg = make_cfg(probe_case(tc), checkpointing=True, offload=True)
-        est = estimate_peak(cfg, margs, prompt_tokens=base.prompt)
-        return max(est.phases["update"], est.phases["optimizer"])
+        lo, hi = 0, max_len
+        while hi - lo > 64:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if peak(mid) < free else (lo, mid)
+        return lo
 
-    p_lo, p_hi = 0, max_len  # the pre-flight's answer, by bisection over its prediction
-    while p_hi - p_lo > 64:
-        mid = (p_lo + p_hi) // 2
-        p_lo, p_hi = (mid, p_hi) if predicted(mid) < free else (p_lo, mid)
-
-    # probes: the prediction first, then up by a quarter while it fits, then bisection once one fails
-    lo, fails, trials = 0, None, []
-    guess = min(max_len, max(256, p_lo // 256 * 256))
+    p_rollout, p_update = predicted_longest("rollout", base.group), predicted_longest("update", 2)
     start = time.perf_counter()
-    for _ in range(probes):
-        left = budget_s - (time.perf_counter() - start)
-        if left < 30:
+    model, _ = build_model(base, dtype)
+    attach_adapters(model, make_cfg(base, checkpointing=True, offload=True))
+    model.gradient_checkpointing = model.activation_offload = True
+    trials: list[dict[str, Any]] = []
+
+    def probe(phase: str, tc: int) -> bool:
+        left = int(budget_s - (time.perf_counter() - start))
+        row: dict[str, Any] = {"phase": phase, "completion": tc}
+        if left < 20:
+            return False
+        try:
+            with time_limit(left):
+                row |= (
+                    probe_rollout(model, base, tc)
+                    if phase == "rollout"
+                    else probe_update(model, base, tc, hf["vocab_size"])
+                )
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "OOM"
+        except CaseTimeout as e:
+            row["status"] = f"timeout ({e})"
+        finally:
+            model.zero_grad(set_to_none=True)
+            gc.collect()
+            if DEVICE.type == "cuda":
+                torch.cuda.empty_cache()
+        print(row, flush=True)
+        trials.append(row)
+        return row["status"] == "ok"
+
+    step, longest = min(p_rollout, p_update) // 256 * 256, 0
+    while step >= 256:
+        if probe("rollout", step) and probe("update", step):
+            longest = step
             break
-        c = probe_case(guess)
-        c.time_limit_s = int(left)
-        row = run_case(c, "ours", dtype)
-        trials.append({k: row.get(k) for k in ("completion", "status", "peak_alloc_gib", "predicted_gib", "step_s")})
-        if row["status"] == "ok":
-            lo = guess
-        elif row["status"] == "OOM":
-            fails = guess
-        else:
+        if trials[-1]["status"] != "OOM":
             break
-        if lo >= max_len or (fails is not None and fails - lo <= max(256, lo // 32)):
-            break
-        if fails is not None and lo:  # bracketed: bisect
-            guess = (lo + fails) // 2 // 256 * 256
-        elif fails is not None:  # the prediction was too high: step down by its stated accuracy
-            guess = fails * 15 // 16 // 256 * 256
-        else:
-            guess = min(max_len, max(lo + 256, lo * 17 // 16 // 256 * 256))
-    kv = kv_cache_bytes(margs, base.group, base.prompt + lo, 2 if dtype == torch.bfloat16 else 4)
+        step = step * 15 // 16 // 256 * 256
+    update_alone = None
+    if p_update > longest:
+        tc = p_update // 256 * 256
+        while tc > longest:
+            if probe("update", tc):
+                update_alone = tc
+                break
+            if trials[-1]["status"] != "OOM":
+                break
+            tc = tc * 15 // 16 // 256 * 256
     return {
         "arch": base.arch,
         "quantize": base.quantize,
         "generations": base.group,
-        "longest_fitting_completion": lo,
-        "first_oom": fails,
-        "predicted_longest": p_lo,
-        "kv_cache_gib_for_generations": kv / GiB,
+        "free_gib": free / GiB,
+        "longest_step_completion": longest,
+        "bound": "rollout" if p_rollout <= p_update else "update",
+        "predicted_rollout_longest": p_rollout,
+        "predicted_update_longest": p_update,
+        "update_alone_fits": update_alone,
         "trials": trials,
     }
 
@@ -467,7 +549,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small architecture and lengths (a smoke run)")
     ap.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     ap.add_argument("--providers", default=None, help="comma-separated subset of ours,naive,trl,trl_liger")
-    ap.add_argument("--no-bisect", action="store_true", help="skip the longest-completion bisection")
+    ap.add_argument("--no-bisect", action="store_true", help="skip the longest-completion search")
     ap.add_argument("--bisect-budget-s", type=int, default=900)
     ap.add_argument("--memory-gib", type=float, default=None, help="cap the device at this much (e.g. 80 on an H200)")
     args = ap.parse_args()
@@ -496,9 +578,9 @@ def main() -> None:
     if not args.no_bisect:
         base = QUICK_CASES[1] if args.quick else FULL_CASES[-1]
         if args.quick:
-            bisect = bisect_longest(base, dtype, 60, 3, max_len=2048)
+            bisect = longest_completion(base, dtype, 60, max_len=2048)
         else:
-            bisect = bisect_longest(base, dtype, args.bisect_budget_s, 6, max_len=262144)
+            bisect = longest_completion(base, dtype, args.bisect_budget_s, max_len=262144)
         print("longest completion that fits:", {k: v for k, v in bisect.items() if k != "trials"}, flush=True)
         payload["bisect"] = bisect
     path = write_result(name, merged(payload, earlier))

@@ -92,3 +92,20 @@ def test_training_loop_learns_on_gpu_in_bf16(tmp_path):
     cfg = run_config(tmp_path, run={"device": "cuda", "dtype": "bfloat16"})
     rewards = [r["reward"] for r in launch(tmp_path, cfg)]
     assert rewards[0] <= 0.2 and sum(rewards[-10:]) / 10 >= 0.9, [round(r, 2) for r in rewards]
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_lora_training_learns_on_gpu_in_bf16(tmp_path, quantize):
+    """Adapters stored in fp32 and computed in bf16, over a bf16 or NF4 base, learn the task."""
+    from test_train import launch, run_config
+
+    if quantize:
+        pytest.importorskip("bitsandbytes")
+    cfg = run_config(
+        tmp_path,
+        run={"device": "cuda", "dtype": "bfloat16"},
+        lora={"enabled": True, "r": 16, "alpha": 32, "quantize_base": quantize},
+        train={"lr": 0.003},
+    )
+    rewards = [r["reward"] for r in launch(tmp_path, cfg)]
+    assert rewards[0] <= 0.2 and sum(rewards[-10:]) / 10 >= 0.85, [round(r, 2) for r in rewards]
