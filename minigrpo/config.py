@@ -169,6 +169,10 @@ class SamplerCfg(_Section):
     max_new_tokens: int = 256  # completion length limit (also Dr.GRPO's max_completion_length)
     stop: list[str] = field(default_factory=list)  # extra stop strings (EOS ids come from the model)
     compile: bool = True  # CUDA graphs / torch.compile for decoding (GPU only)
+    # own sampler: rows decoded at once (its KV cache holds this many sequences); the step's rows are
+    # generated in waves of whole prompts (or of parts of one prompt's group), the same tokens as in
+    # one go; null: every row at once. Long completions: trades rollout time for memory.
+    max_rows: int | None = None
     gpu_memory_utilization: float = 0.3  # vLLM: fraction of GPU memory for weights + KV cache
     vllm_sleep: bool = True  # vLLM: release its memory while the trainer runs
 
@@ -619,6 +623,7 @@ _RANGES = {
     "sampler.min_p": "[0, 1)",
     "sampler.max_new_tokens": "[1, inf)",
     "sampler.gpu_memory_utilization": "(0, 1]",
+    "sampler.max_rows": "[1, inf) (null = every row at once)",
     "grpo.prompts_per_step": "[1, inf)",
     "grpo.group_size": "[2, inf) (advantages compare the completions of one prompt)",
     "grpo.epsilon": "(0, inf)",
@@ -734,6 +739,11 @@ def validate(cfg: Config) -> list[str]:
         )
         need("{expression}" in syn.question, f"data.synthetic.question must contain {{expression}}: {syn.question!r}")
     need(all(cfg.sampler.stop), "sampler.stop must not contain empty strings")
+    need(
+        cfg.sampler.max_rows is None or cfg.sampler.kind == "own",
+        f"sampler.max_rows={cfg.sampler.max_rows} applies to the own sampler; vLLM schedules its sequences "
+        "within sampler.gpu_memory_utilization (set sampler.max_rows=null)",
+    )
 
     # grpo: clip ranges
     eps_high = g.epsilon if g.epsilon_high is None else g.epsilon_high

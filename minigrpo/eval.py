@@ -32,7 +32,7 @@ from minigrpo.train import load_policy, pick_device, reward_specs, sampling_para
 @torch.no_grad()
 def evaluate(cfg: Config, model, tokenizer, examples: list[Example], *, batch_size: int = 32) -> dict[str, Any]:
     """Greedy (or eval.temperature) completions for every example -> accuracy and mean rewards."""
-    sampler = Sampler(model, tokenizer, cuda_graphs=cfg.sampler.compile)
+    sampler = Sampler(model, tokenizer, cuda_graphs=cfg.sampler.compile, max_rows=cfg.sampler.max_rows)
     params = sampling_params(cfg, tokenizer, n=1, temperature=cfg.eval.temperature)
     if cfg.eval.max_new_tokens is not None:
         params = dataclasses.replace(params, max_new_tokens=cfg.eval.max_new_tokens)

@@ -52,6 +52,7 @@ from torch.utils._pytree import tree_leaves
 
 from minigrpo.config import Config, resolve_dtype
 from minigrpo.models.args import ModelArgs
+from minigrpo.sampling.params import generation_waves
 
 GiB = 2**30
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -387,10 +388,14 @@ def estimate_peak(
             notes.append("vLLM's share (sampler.gpu_memory_utilization x device memory) is not counted")
         rollout = static + vllm
     else:
-        parts["kv_cache"] = kv_cache_bytes(args, N, T, b)
-        small = kv_cache_bytes(args, B, Tp, b)  # the prefill's cache, copied into the big one
-        prefill = small + B * Tp * forward_transient_per_token(args, b) + B * Tp * Tp * (1 + b)
-        decode = N * vocab * (b + 4 * 5) + (N * vocab * 12 if _filters(cfg) else 0)
+        waves = generation_waves(B, G, cfg.sampler.max_rows)  # the largest wave decides
+        Bw = max(p1 - p0 for p0, p1, _, _ in waves)  # prompts prefilled at once
+        Nw = max((p1 - p0) * (c1 - c0) for p0, p1, c0, c1 in waves)  # rows decoded at once
+        parts["kv_cache"] = kv_cache_bytes(args, Nw, T, b)
+        small = kv_cache_bytes(args, Bw, Tp, b)  # the prefill's cache, copied into the big one
+        prefill = small + Bw * Tp * forward_transient_per_token(args, b) + Bw * Tp * Tp * (1 + b)
+        decode = Nw * vocab * (b + 4 * 5) + (Nw * vocab * 12 if _filters(cfg) else 0)
+        decode += N * Tc * (8 + 4) if len(waves) > 1 else 0  # finished waves' tokens and log-probs
         parts["rollout_transient"] = max(prefill, decode)
         rollout = static + parts["kv_cache"] + parts["rollout_transient"]
 
@@ -529,6 +534,7 @@ _KNOBS = (
     "train.optimizer",
     "lora.enabled",
     "lora.quantize_base",
+    "sampler.max_rows",
     "sampler.max_new_tokens",
     "grpo.group_size",
     "grpo.prompts_per_step",
@@ -582,6 +588,10 @@ def suggest_fixes(
     while hi - lo > max(1, cfg.sampler.max_new_tokens // 64):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if total(with_("sampler.max_new_tokens", mid)) <= budget else (lo, mid)
+    if cfg.sampler.kind == "own":  # fewer rows decoded at once: the same tokens, a smaller KV cache
+        rows = min(cfg.sampler.max_rows or N, N)
+        while rows > 1 and not consider("sampler.max_rows", rows // 2):
+            rows //= 2
     if 0 < lo < cfg.sampler.max_new_tokens:
         consider("sampler.max_new_tokens", lo)
     for size in range(g.group_size - 1, 1, -1):

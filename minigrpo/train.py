@@ -121,7 +121,7 @@ def build_sampler(cfg: Config, model, tokenizer):
         from minigrpo.sampling.vllm_sampler import VLLMSampler  # the only import of vllm
 
         return VLLMSampler.from_config(cfg, model, tokenizer)
-    return Sampler(model, tokenizer, cuda_graphs=cfg.sampler.compile, seed=cfg.run.seed)
+    return Sampler(model, tokenizer, cuda_graphs=cfg.sampler.compile, seed=cfg.run.seed, max_rows=cfg.sampler.max_rows)
 
 
 def seed_everything(seed: int) -> None:

@@ -279,6 +279,8 @@ def test_bad_files(tmp_path):
         (["sampler.temperature=0"], "sampler.temperature must be > 0, got 0.0"),
         (["sampler.temperature=nan"], "sampler.temperature must be > 0, got nan"),
         (["sampler.max_new_tokens=0", "grpo.loss_type=dr_grpo"], "sampler.max_new_tokens must be >= 1, got 0"),
+        (["sampler.max_rows=0"], "sampler.max_rows must be >= 1, got 0 (null = every row at once)"),
+        (["sampler.kind=vllm", "sampler.max_rows=8"], "sampler.max_rows=8 applies to the own sampler"),
         (["train.lr=-1e-6"], "train.lr must be >= 0, got -1e-06"),
         (["train.steps=10", "train.warmup_steps=20"], "train.warmup_steps (20) must be <= train.steps (10)"),
         (["train.betas=[0.9, 1.0]"], "train.betas must be in [0, 1), got [0.9, 1.0]"),
@@ -322,6 +324,7 @@ def test_every_problem_is_reported_at_once():
         ["data.source=gsm8k"],  # no path: the hub repo openai/gsm8k
         ["grpo.prompts_per_step=3", "grpo.group_size=5", "train.micro_batch_size=5"],
         ["lora.enabled=true", "lora.quantize_base=nf4", "train.optimizer=paged_adamw8bit"],
+        ["sampler.max_rows=3"],  # waves need not divide the rows
     ],
 )
 def test_valid_combinations_pass(overrides):

@@ -303,6 +303,51 @@ def test_long_completions_point_at_max_new_tokens_and_group_size():
     msg = str(err.value)
     assert "rollout phase" in msg and "kv_cache" in msg
     assert "sampler.max_new_tokens=60000 -> " in msg and "grpo.group_size=16 -> " in msg
+    # the least intrusive fix comes first: the same rollout decoded in two waves of 8 rows
+    assert msg.index("--set sampler.max_rows=8 ") < msg.index("--set sampler.max_new_tokens=")
+
+
+def test_rollout_waves_estimate_the_cache_the_sampler_allocates(monkeypatch):
+    """sampler.max_rows: the estimate's KV cache is that of the largest wave, exactly what the own
+    sampler allocates (recorded), and the rollout phase shrinks with it."""
+    from minigrpo.sampling import sampler as sampler_module
+    from minigrpo.sampling.params import SamplingParams
+
+    allocated = []
+
+    class Recording(KVCache):
+        def __init__(self, args, batch_size, max_len, **kw):
+            allocated.append((batch_size, max_len))
+            super().__init__(args, batch_size, max_len, **kw)
+
+    class Silent:  # tokenizer stand-in: pad id 0, texts not needed
+        pad_token_id = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    monkeypatch.setattr(sampler_module, "KVCache", Recording)
+    model = tiny_model(**SMALL)
+    prompts, n, new = [[1, 5, 9, 13], [1, 40, 41, 42]], 6, 5
+    for max_rows in (None, 12, 7, 4):
+        allocated.clear()
+        sampler = sampler_module.Sampler(model, Silent(), max_rows=max_rows)
+        sampler.generate(prompts, SamplingParams(n=n, max_new_tokens=new, ignore_stop=True), key=(0, 1, 0))
+        big = max(allocated)  # the prefill's small caches are (prompts, Tp)
+        cfg = load_config(
+            None,
+            [
+                "grpo.prompts_per_step=2",
+                f"grpo.group_size={n}",
+                f"sampler.max_new_tokens={new}",
+                f"sampler.max_rows={'null' if max_rows is None else max_rows}",
+                "train.micro_batch_size=6",
+                "run.dtype=float32",
+            ],
+        )
+        est = estimate_peak(cfg, model.args, prompt_tokens=4, device_type="cpu")
+        assert big == ({None: 12, 12: 12, 7: 6, 4: 3}[max_rows], 4 + new)
+        assert est.parts["kv_cache"] == memory.kv_cache_bytes(model.args, big[0], big[1], 4)
 
 
 def test_preflight_on_cpu_only_reports():

@@ -9,7 +9,15 @@ import pytest
 import torch
 from helpers.tiny import tiny_model
 
-from minigrpo.sampling.params import RaceNoise, SamplingParams, filter_probs, mix32, mix32_ref, sample_tokens
+from minigrpo.sampling.params import (
+    RaceNoise,
+    SamplingParams,
+    filter_probs,
+    generation_waves,
+    mix32,
+    mix32_ref,
+    sample_tokens,
+)
 from minigrpo.sampling.sampler import Sampler
 
 
@@ -199,6 +207,36 @@ def test_a_row_draws_the_same_tokens_in_any_batch():
     assert all(len({tuple(r.tolist()) for r in g}) > 1 for g in groups)  # a group's rows differ
     with pytest.raises(ValueError, match="row_ids"):
         Sampler(model, CharTokenizer()).generate(PROMPTS, params, key=(0, 5, 0), row_ids=range(3))
+
+
+@pytest.mark.parametrize("max_rows", [1, 3, 4, 5, 8, 12])
+def test_waves_of_rows_draw_what_one_batch_draws(max_rows):
+    """sampler.max_rows: the rows are decoded in waves (whole prompts, or parts of one group) and the
+    rollout equals the one-batch rollout exactly; stop tokens end rows at different lengths."""
+    model = tiny_model(seed=4)
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=7, stop_ids=(7, 11, 19))
+    one = Sampler(model, CharTokenizer()).generate(PROMPTS, params, key=(1, 2, 0))
+    waves = Sampler(model, CharTokenizer(), max_rows=max_rows).generate(PROMPTS, params, key=(1, 2, 0))
+    assert len(set(one.completion_lengths.tolist())) > 1  # the stops cut rows short
+    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated", "prompt_index"):
+        assert torch.equal(getattr(waves, name), getattr(one, name)), name
+    assert torch.allclose(waves.sampler_logp, one.sampler_logp, atol=1e-6)
+    assert waves.completion_texts == one.completion_texts and waves.group_size == 4
+
+
+@pytest.mark.parametrize(
+    "prompts,n,max_rows,want",
+    [
+        (3, 4, None, [(0, 3, 0, 4)]),
+        (3, 4, 12, [(0, 3, 0, 4)]),
+        (3, 4, 8, [(0, 2, 0, 4), (2, 3, 0, 4)]),
+        (3, 4, 5, [(0, 1, 0, 4), (1, 2, 0, 4), (2, 3, 0, 4)]),
+        (2, 8, 3, [(0, 1, 0, 3), (0, 1, 3, 6), (0, 1, 6, 8), (1, 2, 0, 3), (1, 2, 3, 6), (1, 2, 6, 8)]),
+        (1, 8, 5, [(0, 1, 0, 4), (0, 1, 4, 8)]),
+    ],
+)
+def test_generation_waves(prompts, n, max_rows, want):
+    assert generation_waves(prompts, n, max_rows) == want
 
 
 def test_sync_rejects_another_model():

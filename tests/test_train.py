@@ -152,6 +152,16 @@ def test_loop_options_dynamic_sampling_iterations_kl(tmp_path):
     assert any(r["ratio_max"] > 1.0 or r["ratio_min"] < 1.0 for r in records)  # second pass is off-policy
 
 
+def test_rollout_in_waves_trains_exactly_as_in_one_batch(tmp_path):
+    """sampler.max_rows decodes a step's rows in waves: the same tokens, so the same run."""
+    base = {"train": {"steps": 4, "micro_batch_size": 16}, "grpo": {"prompts_per_step": 4, "group_size": 8}}
+    one = launch(tmp_path, run_config(tmp_path, run={"name": "one"}, **base))
+    waves = launch(tmp_path, run_config(tmp_path, run={"name": "waves"}, sampler={"max_rows": 5}, **base))
+    for a, b in zip(one, waves, strict=True):
+        for key in ("reward", "reward_std", "loss", "grad_norm", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+
+
 def test_lora_run_trains_adapters_only_and_resumes(tmp_path):
     """LoRA through the CLI: the base stays bitwise frozen, the reference for beta > 0 is the same
     model with adapters off (no copy), checkpoints hold a PEFT adapter, a resumed run continues it,

@@ -221,3 +221,18 @@ def sample_tokens(
         noise = RaceNoise(row_keys=keys, position=torch.zeros(1, dtype=torch.int64, device=logits.device))
     tokens = noise.race(probs)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def generation_waves(num_prompts: int, n: int, max_rows: int | None) -> list[tuple[int, int, int, int]]:
+    """Split B prompts x n completions into waves of at most `max_rows` rows (None: one wave).
+
+    Each wave is (first prompt, end prompt, first completion, end completion): whole prompts when
+    max_rows >= n, else one prompt's group cut into near-equal parts. Rows stay in their order.
+    """
+    if max_rows is None or num_prompts * n <= max_rows:
+        return [(0, num_prompts, 0, n)]
+    if max_rows >= n:
+        k = max_rows // n  # whole prompts per wave
+        return [(p, min(p + k, num_prompts), 0, n) for p in range(0, num_prompts, k)]
+    size = -(-n // -(-n // max_rows))  # the fewest parts of at most max_rows, sizes within one of each other
+    return [(p, p + 1, c, min(c + size, n)) for p in range(num_prompts) for c in range(0, n, size)]

@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from minigrpo.distributed import full_weights
 from minigrpo.models.transformer import KVCache, Transformer
 
-from .params import RaceNoise, SamplingParams, sample_tokens
-from .rollout import Rollout
+from .params import RaceNoise, SamplingParams, generation_waves, sample_tokens
+from .rollout import Rollout, concat_rollouts
 
 DEFAULT_STREAM = -1  # key word of calls that bring no key: (seed, DEFAULT_STREAM, call number)
 
@@ -72,8 +72,10 @@ class Sampler:
         kv_bucket: int = 256,
         check_every: int = 32,
         seed: int = 0,
+        max_rows: int | None = None,
     ) -> None:
         self.model = model
+        self.max_rows = max_rows  # rows decoded at once (waves; see generation_waves), None: all
         self.tokenizer = tokenizer
         self.cuda_graphs = cuda_graphs
         self.kv_bucket = kv_bucket
@@ -120,12 +122,22 @@ class Sampler:
         rows = torch.arange(N) if row_ids is None else torch.as_tensor(row_ids, dtype=torch.long).flatten()
         if rows.shape != (N,):
             raise ValueError(f"row_ids has {rows.numel()} ids for {N} rows ({B} prompts x n={params.n})")
+        n, waves = params.n, generation_waves(B, params.n, self.max_rows)
+        parts = []
         with full_weights(self.model) as net:  # the model itself unless it is sharded (FSDP2)
             self._net = net
             try:
-                return self._generate(prompts, params, tuple(key), rows)
+                for p0, p1, c0, c1 in waves:  # split invariance: a wave's rows draw what they would in one go
+                    ids = (torch.arange(p0, p1)[:, None] * n + torch.arange(c0, c1)[None, :]).flatten()
+                    wave = replace(params, n=c1 - c0)
+                    parts.append(self._generate(prompts[p0:p1], wave, tuple(key), rows[ids]))
             finally:
                 self._net = None
+        if len(parts) == 1:
+            return parts[0]
+        joined = concat_rollouts(parts, self.pad_id)  # rows in their order; groups may span waves
+        device = joined.prompt_ids.device
+        return replace(joined, prompt_index=torch.arange(N, device=device) // n, group_size=n)
 
     def _generate(self, prompts, params: SamplingParams, key: tuple[int, ...], rows: torch.Tensor) -> Rollout:
         t0 = time.perf_counter()
