@@ -55,6 +55,18 @@ def test_graph_decoding_equals_eager(bucket):
     assert (graphs.sampler_logp - eager.sampler_logp).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("max_rows", [1, 4])
+def test_graph_decoding_in_waves_equals_one_batch(max_rows):
+    """Each wave captures its own graphs; the tokens are those of one batch (split invariance)."""
+    model = tiny_model(seed=4).cuda()
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=40, ignore_stop=True)
+    one = Sampler(model, Tok(), cuda_graphs=True, kv_bucket=8).generate(PROMPTS, params, key=(3, 1, 0))
+    waves = Sampler(model, Tok(), cuda_graphs=True, kv_bucket=8, max_rows=max_rows)
+    waves = waves.generate(PROMPTS, params, key=(3, 1, 0))
+    assert torch.equal(waves.completion_ids, one.completion_ids)
+    assert (waves.sampler_logp - one.sampler_logp).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
 def test_sampler_logprobs_match_trainer_on_cuda(dtype, tol):
     model = tiny_model(seed=5, dtype=dtype).cuda()
