@@ -132,8 +132,18 @@ def attach_adapters(model, cfg) -> None:
     apply_lora(model, cfg.lora)
 
 
+def arch_config(arch: str) -> dict:
+    """The HF config dict of a preset name, or of the small --quick architecture."""
+    return dict(QUICK_ARCH) if arch == "quick" else preset_config(arch)
+
+
+def update_peak(est) -> int:
+    """The pre-flight's peak of a training update: the backward or the optimizer step."""
+    return max(est.phases["update"], est.phases["optimizer"])
+
+
 def build_model(case: Case, dtype: torch.dtype):
-    hf = dict(QUICK_ARCH) if case.arch == "quick" else preset_config(case.arch)
+    hf = arch_config(case.arch)
     model = build_random(hf, dtype=dtype, device=DEVICE)
     if case.quantize:
         quantize_model_linears(model, case.quantize)  # in place, one layer at a time
@@ -342,7 +352,7 @@ def run_ours(case: Case, dtype: torch.dtype, *, naive: bool = False) -> dict[str
         out = measure(lambda: update_phase(cfg, model, optimizer, scheduler, batch, None, None), case.runs)
     est = estimate_peak(cfg, model.args, prompt_tokens=case.prompt, device_type=DEVICE.type)
     if not naive:
-        out["predicted_gib"] = max(est.phases["update"], est.phases["optimizer"]) / GiB
+        out["predicted_gib"] = update_peak(est) / GiB
         out["predicted_rollout_gib"] = est.phases["rollout"] / GiB
         out["predicted_kv_cache_gib"] = est.parts["kv_cache"] / GiB
     return out
@@ -357,7 +367,7 @@ def run_case(case: Case, provider: str, dtype: torch.dtype) -> dict[str, Any]:
             if provider in ("ours", "naive"):
                 row |= run_ours(case, dtype, naive=provider == "naive")
             else:
-                hf = dict(QUICK_ARCH) if case.arch == "quick" else preset_config(case.arch)
+                hf = arch_config(case.arch)
                 row |= trl_update(case, hf, synthetic_batch(case, hf["vocab_size"]), liger=provider == "trl_liger")
         if row.get("step_s"):
             row["tokens_per_s"] = tokens / row["step_s"]
@@ -397,25 +407,28 @@ class _NoText:
         return ""
 
 
+def probe_case(base: Case, tc: int, group: int) -> Case:
+    """A probe of `tc` completion tokens: one completion per micro-batch, `group` per prompt."""
+    return Case(f"longest-{tc}", base.arch, tc, quantize=base.quantize, micro_batch=1, prompt=base.prompt, group=group)
+
+
 def probe_update(model, base: Case, tc: int, vocab: int) -> dict[str, Any]:
     """One update on 2 completions (a group needs two): one of `tc` tokens and one of a single token;
     the peak is that of the long micro-batch, whatever the number of completions."""
-    case = Case(f"longest-{tc}", base.arch, tc, quantize=base.quantize, micro_batch=1, prompt=base.prompt, group=2)
+    case = probe_case(base, tc, group=2)
     cfg = make_cfg(case, checkpointing=True, offload=True)
     optimizer = build_optimizer(model.parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, 10)
     batch = synthetic_batch(case, vocab, one_long=True)
     out = measure(lambda: update_phase(cfg, model, optimizer, scheduler, batch, None, None), runs=1)
     est = estimate_peak(cfg, model.args, prompt_tokens=base.prompt, device_type=DEVICE.type)
-    return out | {"predicted_gib": max(est.phases["update"], est.phases["optimizer"]) / GiB}
+    return out | {"predicted_gib": update_peak(est) / GiB}
 
 
 def probe_rollout(model, base: Case, tc: int) -> dict[str, Any]:
     """The rollout of `base.group` completions of `tc` tokens, with the optimizer state a training
     run holds by then (one zero-gradient step creates it)."""
-    case = Case(
-        f"longest-{tc}", base.arch, tc, quantize=base.quantize, micro_batch=1, prompt=base.prompt, group=base.group
-    )
+    case = probe_case(base, tc, group=base.group)
     cfg = make_cfg(case, checkpointing=True, offload=True)
     optimizer = build_optimizer(model.parameters(), cfg.train)
     for p in model.parameters():
@@ -445,14 +458,14 @@ def longest_completion(base: Case, dtype: torch.dtype, budget_s: int, max_len: i
     free = torch.cuda.mem_get_info()[0] if DEVICE.type == "cuda" else 8 * GiB
     if MEMORY_CAP is not None:  # the caching allocator refuses to grow past the cap (an OOM, as on a smaller GPU)
         free = min(free, MEMORY_CAP)
-    hf = dict(QUICK_ARCH) if base.arch == "quick" else preset_config(base.arch)
+    hf = arch_config(base.arch)
     margs = ModelArgs.from_hf_config(hf)
 
     def predicted_longest(phase: str, group: int) -> int:
         def peak(tc: int) -> int:
-            case = Case("p", base.arch, tc, quantize=base.quantize, micro_batch=1, prompt=base.prompt, group=group)
-            est = estimate_peak(make_cfg(case, checkpointing=True, offload=True), margs, prompt_tokens=base.prompt)
-            return est.phases["rollout"] if phase == "rollout" else max(est.phases["update"], est.phases["optimizer"])
+            cfg = make_cfg(probe_case(base, tc, group), checkpointing=True, offload=True)
+            est = estimate_peak(cfg, margs, prompt_tokens=base.prompt)
+            return est.phases["rollout"] if phase == "rollout" else update_peak(est)
 
         lo, hi = 0, max_len
         while hi - lo > 64:

@@ -44,6 +44,13 @@ def _measured_activation_peak(model, micro_batch: int, Tp: int, Tc: int) -> int:
     return tracker.peak
 
 
+def _estimated_activation_peak(model, micro_batch: int, Tp: int, Tc: int, **kw) -> int:
+    """activation_bytes' peak for the same micro-batch on the CPU reference kernels."""
+    b = next(model.parameters()).dtype.itemsize
+    shape = dict(micro_batch=micro_batch, seq_len=Tp + Tc, completion_len=Tc, b=b, impl="ref", device_type="cpu")
+    return activation_bytes(model.args, **shape, **kw)["peak"]
+
+
 CASES = [(torch.float32, mode, full) for mode in ("plain", "checkpointing", "offload") for full in (True, False)] + [
     (torch.bfloat16, mode, False) for mode in ("plain", "checkpointing")
 ]
@@ -61,18 +68,15 @@ def test_activation_estimate_within_10pct_of_measured(dtype, mode, full):
                 p.requires_grad_(True)
     mb, Tp, Tc = 2, 32, 96
     measured = _measured_activation_peak(model, mb, Tp, Tc)
-    est = activation_bytes(
-        model.args,
-        micro_batch=mb,
-        seq_len=Tp + Tc,
-        completion_len=Tc,
-        b=dtype.itemsize,
+    est = _estimated_activation_peak(
+        model,
+        mb,
+        Tp,
+        Tc,
         checkpointing=mode != "plain",
         offload=mode == "offload",
-        impl="ref",
         trainable="full" if full else "linears",
-        device_type="cpu",
-    )["peak"]
+    )
     assert abs(est / measured - 1) < 0.10, f"estimated {est:,} vs measured {measured:,} ({est / measured:.3f})"
 
 
@@ -89,7 +93,7 @@ def test_activation_estimate_within_10pct_of_measured(dtype, mode, full):
 )
 def test_lora_activation_estimate_within_10pct_of_measured(dtype, checkpointing, targets, family, dropout):
     """fp32 adapters on a 16-bit base share the base's input unless dropout makes them copy it."""
-    lora = pytest.importorskip("minigrpo.lora")
+    from minigrpo import lora
     from minigrpo.config import LoRACfg
 
     model = tiny_model(dtype=dtype, model_type=family, **SMALL).train()
@@ -97,20 +101,17 @@ def test_lora_activation_estimate_within_10pct_of_measured(dtype, checkpointing,
     model.gradient_checkpointing = checkpointing
     mb, Tp, Tc = 2, 32, 96
     measured = _measured_activation_peak(model, mb, Tp, Tc)
-    est = activation_bytes(
-        model.args,
-        micro_batch=mb,
-        seq_len=Tp + Tc,
-        completion_len=Tc,
-        b=dtype.itemsize,
+    est = _estimated_activation_peak(
+        model,
+        mb,
+        Tp,
+        Tc,
         checkpointing=checkpointing,
-        impl="ref",
         trainable="lora",
         lora_targets=tuple(targets.split(",")),
         lora_r=8,
         lora_dropout=dropout > 0,
-        device_type="cpu",
-    )["peak"]
+    )
     assert abs(est / measured - 1) < 0.10, f"estimated {est:,} vs measured {measured:,} ({est / measured:.3f})"
 
 
