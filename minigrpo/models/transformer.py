@@ -85,7 +85,8 @@ def attention_mask_4d(
 def padding_layout(attention_mask: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
     """attention_mask (B, T) -> (plain, lead). plain: every row is pads, one run of real tokens, pads
     (or all pads), so causal attention needs no mask once each row is rotated left by lead (B,), its
-    count of leading pads; lead is None when no row has any (nothing to rotate). One host sync."""
+    count of leading pads; lead is None when not plain or no row has any (nothing to rotate). One host
+    sync."""
     real = attention_mask.bool()
     T = real.shape[1]
     count = real.sum(-1)  # (B,)
@@ -93,7 +94,7 @@ def padding_layout(attention_mask: torch.Tensor) -> tuple[bool, torch.Tensor | N
     last = T - 1 - real.flip(-1).int().argmax(-1)  # (B,) the last real token
     contiguous = (count == 0) | (last - lead + 1 == count)
     plain, any_lead = torch.stack([contiguous.all(), (lead > 0).any()]).tolist()
-    return plain, lead if any_lead else None
+    return plain, lead if plain and any_lead else None
 
 
 def rotate_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -279,10 +280,8 @@ class Transformer(nn.Module):
         device = input_ids.device
         lead = None  # (B,) leading pads rotated to the end of each row, if any
         if kv_cache is None and attention_mask is not None and position_ids is None:
-            plain, lead = padding_layout(attention_mask)
-            if not plain:  # a row with an inner gap: the (B, 1, T, S) mask below
-                lead = None
-            else:  # trailing pads are hidden from real queries by causality
+            plain, lead = padding_layout(attention_mask)  # not plain: a row with an inner gap, masked below
+            if plain:  # trailing pads are hidden from real queries by causality
                 attention_mask = None
                 input_ids = input_ids if lead is None else rotate_rows(input_ids, lead)  # (B, T)
         if kv_cache is not None:
