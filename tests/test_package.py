@@ -1,6 +1,8 @@
 """The package layout: `minigrpo.kernels` is the top-level kernels/ folder, never a top-level module."""
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +19,27 @@ def test_kernels_importable_as_subpackage():
     assert callable(k.rms_norm) and callable(k.apply_rotary)
 
 
-def test_no_top_level_kernels_module_installed(tmp_path):
-    # Run from a neutral directory so the repo root is not on sys.path.
-    code = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('kernels') is None else 3)"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path)
-    assert proc.returncode == 0, "a top-level 'kernels' module is importable: it would shadow the PyPI package"
+def _repo_kernels_importable(cwd: Path, extra_path: str | None = None) -> list[str]:
+    """Where a top-level `import kernels` would load from inside this repository's kernels/ folder."""
+    code = (
+        "import importlib.util, json; s = importlib.util.find_spec('kernels'); "
+        "print(json.dumps(None if s is None else [s.origin, list(s.submodule_search_locations or [])]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if extra_path:
+        env["PYTHONPATH"] = extra_path
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    found = json.loads(proc.stdout)
+    places = [] if found is None else [p for p in [found[0], *found[1]] if p]
+    return [p for p in places if Path(p).resolve().is_relative_to((ROOT / "kernels").resolve())]
+
+
+def test_no_top_level_kernels_module_from_this_repository(tmp_path):
+    # A `kernels` module may exist (Hugging Face's PyPI package of that name, which transformers
+    # depends on); it must not be ours. Run from a neutral directory so the repo root is not on sys.path.
+    assert _repo_kernels_importable(tmp_path) == []
+    # the check itself can fail: with the repo root on the path, our folder is what it finds
+    assert _repo_kernels_importable(tmp_path, extra_path=str(ROOT)) != []
 
 
 def test_import_is_lazy():
