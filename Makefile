@@ -47,7 +47,7 @@ $(VENV)/.dev: setup.py $(CONSTRAINTS) $(VENV)/.base
 	$(PIP) install --no-deps "bitsandbytes==0.50.2"
 	@touch $@
 
-$(VLLM_VENV)/.installed: .ci/install_vllm.sh setup.py
+$(VLLM_VENV)/.installed: .ci/install_vllm.sh setup.py tests/constraints-vllm.txt
 	VLLM_VENV=$(VLLM_VENV) bash .ci/install_vllm.sh
 	@touch $@
 

@@ -60,8 +60,9 @@ UV=("$VENV/bin/uv" pip install --python "$PY" -q)
 export UV_LINK_MODE=copy  # the uv cache may sit on another file system
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-echo "$TORCH_SPEC" > "$tmp/constraints.txt"
-SETUP_HASH="$(sha1sum setup.py | cut -d' ' -f1)"
+# torch exactly, and every other package at the version the vLLM tests pass with
+{ echo "$TORCH_SPEC"; grep -v '^#' tests/constraints-vllm.txt; } > "$tmp/constraints.txt"
+SETUP_HASH="$(cat setup.py tests/constraints-vllm.txt | sha1sum | cut -d' ' -f1)"
 
 if [[ -f "$STAMP" && "$(head -1 "$STAMP")" == "$WANT" ]] && check >/dev/null 2>&1; then
     if [[ "$(sed -n 2p "$STAMP")" != "$SETUP_HASH" ]]; then  # setup.py changed: refresh our part only

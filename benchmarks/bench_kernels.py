@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import triton
 
+from minigrpo.errors import ArgumentParser, run_cli
 from minigrpo.kernels import apply_rotary, fused_linear_logprobs, rms_norm
 
 try:
@@ -484,7 +485,7 @@ ceil_now: dict = {}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="rmsnorm,rope,logprobs", help="comma list of rmsnorm, rope, logprobs")
     ap.add_argument("--quick", action="store_true", help="headline shapes only")
     ap.add_argument("--tune", action="store_true", help="sweep our launch configurations instead")
@@ -518,4 +519,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(lambda _: main())  # a bad argument is one `error:` line

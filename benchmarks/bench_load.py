@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from common import environment, print_table, write_result
 
+from minigrpo.errors import ArgumentParser, run_cli
 from minigrpo.models.loading import build_random, save_pretrained
 from minigrpo.models.presets import preset_config
 
@@ -72,7 +73,7 @@ def run_child(kind: str, path: str, warm: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b")
     ap.add_argument("--loaders", default="ours,naive,transformers")
     ap.add_argument("--quick", action="store_true")
@@ -117,4 +118,4 @@ def _ratio(r: dict, size: int) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(lambda _: main())  # a bad argument is one `error:` line

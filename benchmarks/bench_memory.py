@@ -44,16 +44,17 @@ from common import DEVICE, RESULTS, device_slug, environment, print_table, sync,
 
 from minigrpo import grpo
 from minigrpo.config import load_config
+from minigrpo.errors import ArgumentParser, run_cli
 from minigrpo.lora import apply_lora
 from minigrpo.memory import GiB, estimate_peak
 from minigrpo.models.loading import build_random
 from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler
 from minigrpo.quant import quantize_model_linears
+from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams
 from minigrpo.sampling.rollout import Rollout
-from minigrpo.sampling.sampler import Sampler
-from minigrpo.train import Batch, update_phase
+from minigrpo.step import Batch, update_phase
 
 # Small architectures for --quick (dims multiples of 64: bitsandbytes' CPU 4-bit path needs them).
 QUICK_ARCH = {
@@ -214,16 +215,14 @@ def naive_update(cfg, model, optimizer, batch: Batch) -> None:
         max_completion_length=Tc,
         num_micro_batches=r.num_sequences // cfg.train.micro_batch_size,
     )
+    opts = grpo.LossOptions(loss_type=g.loss_type, epsilon=g.epsilon, epsilon_high=g.epsilon_high)
     model.train()
     for start in range(0, r.num_sequences, cfg.train.micro_batch_size):
         rows = slice(start, start + cfg.train.micro_batch_size)
         ids = torch.cat([r.prompt_ids[rows], r.completion_ids[rows]], 1)
         logits = model(ids, attention_mask=torch.ones_like(ids))[:, Tp - 1 : -1].float()  # (n, Tc, V)
         logp = logits.log_softmax(-1).gather(-1, r.completion_ids[rows, :, None]).squeeze(-1)
-        loss, _ = grpo.policy_loss(
-            logp, None, advantages[rows], mask[rows], loss_type=g.loss_type, normalizer=normalizer,
-            epsilon=g.epsilon, epsilon_high=g.epsilon_high,
-        )  # fmt: skip
+        loss, _ = grpo.policy_loss(logp, None, advantages[rows], mask[rows], opts, normalizer=normalizer)
         loss.backward()
         del logits, logp, loss
     optimizer.step()
@@ -388,7 +387,7 @@ def run_case(case: Case, provider: str, dtype: torch.dtype) -> dict[str, Any]:
     return row
 
 
-class ProbeSampler(Sampler):
+class ProbeSampler(KVCacheSampler):
     """The own sampler's prefill and full-length KV cache, then a few decode steps at the longest key
     length: the rollout's memory without generating every token (its time is not measured)."""
 
@@ -558,7 +557,7 @@ def merged(payload: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small architecture and lengths (a smoke run)")
     ap.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     ap.add_argument("--providers", default=None, help="comma-separated subset of ours,naive,trl,trl_liger")
@@ -604,4 +603,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(lambda _: main())  # a bad argument is one `error:` line

@@ -28,10 +28,11 @@ from common import (
     write_result,
 )
 
+from minigrpo.errors import ArgumentParser, run_cli
 from minigrpo.models.loading import build_random
 from minigrpo.models.presets import preset_config
+from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams
-from minigrpo.sampling.sampler import Sampler
 
 
 def kv_bytes_per_token(cfg: dict, dtype_bytes: int = 2) -> int:
@@ -41,7 +42,7 @@ def kv_bytes_per_token(cfg: dict, dtype_bytes: int = 2) -> int:
 
 
 def run_ours(model, prompts, G: int, new_tokens: int) -> dict:
-    sampler = Sampler(model, NullTokenizer())
+    sampler = KVCacheSampler(model, NullTokenizer())
     params = SamplingParams(n=G, temperature=1.0, max_new_tokens=new_tokens, ignore_stop=True)
     sampler.generate([p[:16] for p in prompts[:2]], SamplingParams(n=2, max_new_tokens=40, ignore_stop=True))  # warm-up
     base = reset_peak()
@@ -80,7 +81,7 @@ def run_hf(cfg: dict, prompts, G: int, new_tokens: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="qwen2.5-1.5b")
     ap.add_argument("--cases", default="8x8,64x8")
     ap.add_argument("--new-tokens", type=int, default=1024)
@@ -141,4 +142,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(lambda _: main())  # a bad argument is one `error:` line

@@ -44,12 +44,13 @@ from common import (
 
 from minigrpo import grpo
 from minigrpo.distributed import close_world, full_weights, init_world, shard_model, shard_range
+from minigrpo.errors import ArgumentParser, run_cli
 from minigrpo.models.loading import build_random
 from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler
+from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.rollout import Rollout
-from minigrpo.sampling.sampler import Sampler
-from minigrpo.train import Batch, update_phase
+from minigrpo.step import Batch, update_phase
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -66,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
         shard_model(model, world, compute_dtype=compute)
     optimizer = build_optimizer(model.parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, 100)
-    sampler = Sampler(model, NullTokenizer())
+    sampler = KVCacheSampler(model, NullTokenizer())
     lo, hi = shard_range(args.prompts, world.rank, world.size)
     G = args.group
 
@@ -103,7 +104,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", default=None, help="comma-separated world sizes (default: 1 and every GPU)")
     add_workload_arguments(ap)
     ap.add_argument("--steps", type=int, default=4)
@@ -199,4 +200,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(lambda _: main())  # a bad argument is one `error:` line

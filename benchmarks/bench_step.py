@@ -35,12 +35,13 @@ from common import (
     write_result,
 )
 
+from minigrpo.errors import ArgumentParser, run_cli
 from minigrpo.models.loading import build_random
 from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler
+from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams
-from minigrpo.sampling.sampler import Sampler
-from minigrpo.train import Batch, logprobs_phase, update_phase
+from minigrpo.step import Batch, logprobs_phase, update_phase
 
 
 def timed(fn):
@@ -52,7 +53,7 @@ def timed(fn):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_arguments(ap)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--quick", action="store_true")
@@ -74,7 +75,7 @@ def main() -> None:
     cfg, params, prompts = step_workload(args, hf["vocab_size"])
     optimizer = build_optimizer(model.parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, 10)
-    sampler = Sampler(model, NullTokenizer())
+    sampler = KVCacheSampler(model, NullTokenizer())
     g = torch.Generator().manual_seed(0)
     sampler.generate([p[:16] for p in prompts[:2]], SamplingParams(n=2, max_new_tokens=40, ignore_stop=True))
 
@@ -139,4 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(lambda _: main())  # a bad argument is one `error:` line

@@ -20,7 +20,6 @@ Writes results/sync_<device>.json and prints a table.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -28,11 +27,13 @@ from pathlib import Path
 import torch
 from common import DEVICE, NullTokenizer, environment, peak_bytes, print_table, reset_peak, sync, write_result
 
+from minigrpo.errors import ArgumentParser, run_cli
 from minigrpo.models.loading import build_random
 from minigrpo.models.presets import preset_config
+from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams
-from minigrpo.sampling.sampler import Sampler
-from minigrpo.sampling.vllm_sampler import VLLMSampler, _worker_load, policy_weights_for_sync
+from minigrpo.sampling.vllm_sampler import VLLMSampler
+from minigrpo.sampling.vllm_sync import policy_weights_for_sync, worker_load
 
 
 def llama(vocab: int, dim: int, layers: int, heads: int, ffn: int) -> dict:
@@ -98,7 +99,8 @@ def time_sync(sampler: VLLMSampler, model, bucket_mb: float | None, reps: int) -
         base = mem_start()
         sync()
         t0 = time.perf_counter()
-        stats = sampler.sync(model)
+        sampler.sync(model)
+        stats = sampler.last_sync
         sync()
         times.append(time.perf_counter() - t0)
         extra = max(extra, mem_peak_extra(base))
@@ -114,7 +116,7 @@ def time_per_tensor(sampler: VLLMSampler, model, reps: int) -> dict:
         t0 = time.perf_counter()
         calls = 0
         for name, t in policy_weights_for_sync(model):
-            sampler.llm.collective_rpc(_worker_load, args=([(name, t)],))
+            sampler.llm.collective_rpc(worker_load, args=([(name, t)],))
             calls += 1
         sampler.llm.reset_prefix_cache()
         sync()
@@ -177,7 +179,7 @@ def bench_size(name: str, cfg: dict, dtype: torch.dtype, args) -> tuple[dict, li
         "size": name,
         "rollout": args.rollout,
         "vllm": time_rollout(sampler.generate, prompts, params),
-        "own": time_rollout(Sampler(model, NullTokenizer()).generate, prompts, params),
+        "own": time_rollout(KVCacheSampler(model, NullTokenizer()).generate, prompts, params),
     }
     sampler.close()
     del sampler, model
@@ -185,7 +187,7 @@ def bench_size(name: str, cfg: dict, dtype: torch.dtype, args) -> tuple[dict, li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10m,50m,150m")
     parser.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on GPU")
     parser.add_argument("--rollout", default="8x8", help="P x G: prompts x completions per prompt")
@@ -248,4 +250,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(lambda _: main())  # a bad argument is one `error:` line

@@ -213,8 +213,13 @@ def _tile_grad_triton(z, tgt, v0, inv_t, lse, ent, g, ge) -> None:
     )  # fmt: skip
 
 
-def _plan(N: int, V: int, device: torch.device, tile: tuple[int, int] | None) -> tuple[int, int]:
-    """(rows, cols) of a logits tile: rows up to _TOKEN_BLOCK, cols splitting V into equal chunks."""
+def plan_chunks(N: int, V: int, device: torch.device, tile: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(rows, cols) of the one logits tile the kernel holds for N tokens and a vocabulary of V.
+
+    rows: up to _TOKEN_BLOCK tokens; cols: V split into equal chunks, a multiple of 128, sized so a
+    tile holds about _TILE_ELEMS[device type] elements. tile=(rows, cols) forces the shape (tests).
+    Public because the memory pre-flight (minigrpo/memory_parts.py) counts the tile's bytes.
+    """
     if tile is not None:
         return max(1, min(tile[0], N)), max(1, min(tile[1], V))
     rows = max(1, min(N, _TOKEN_BLOCK))
@@ -260,7 +265,7 @@ def _add_mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: boo
 def _forward(h, w, tgt, inv_t, ignore_index, want_entropy, impl, tile):
     """Chunked forward. h (N, D), w (V, D), tgt (N,) int64 -> logp, entropy (or None), lse: (N,) fp32."""
     N, V = h.shape[0], w.shape[0]
-    rows, cols = _plan(N, V, h.device, tile)
+    rows, cols = plan_chunks(N, V, h.device, tile)
     f32 = dict(dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
     m, s, zt = torch.full((N,), _NEG, **f32), torch.zeros(N, **f32), torch.zeros(N, **f32)
     e = torch.zeros(N, **f32) if want_entropy else None
@@ -284,7 +289,7 @@ def _backward(h, w, tgt, lse, ent, g, ge, inv_t, need_dh, need_dw, impl, tile):
     """Chunked backward (recomputes the logits). g, ge: (N,) fp32, 0 on ignored rows; ge may be None."""
     N, D = h.shape
     V = w.shape[0]
-    rows, cols = _plan(N, V, h.device, tile)
+    rows, cols = plan_chunks(N, V, h.device, tile)
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_dh else None
     dw = (torch.empty if N else torch.zeros)(w.shape, dtype=w.dtype, device=w.device) if need_dw else None
     acc_dtype = torch.promote_types(h.dtype, torch.float32)

@@ -1,35 +1,44 @@
-"""Training checkpoints: written atomically, the last n kept, a crashed run resumed exactly.
+"""Training checkpoints: written atomically, checked before a resume, never unpickled.
 
     run_dir/checkpoints/step_000050/
         config.json, model.safetensors, generation_config.json, tokenizer files   an HF checkpoint:
-                                                                                  load_pretrained() reads it
-        trainer_state.pt      optimizer, scheduler, RNG states, data cursor, step (torch.save)
-        trainer_state.json    the same step and cursor, readable
-        run_config.yaml       the resolved run config
+            (or adapter_config.json + adapter_model.safetensors for LoRA runs)   load_pretrained() reads it
+        run_config.yaml             the resolved run config
+        trainer_state/
+            tensors.safetensors     every tensor of the trainer state (optimizer moments, fp32 masters, RNG)
+            state.json              the rest (scheduler, data cursor, step, RNG tuples), with the manifest
+                                    that rebuilds the exact structure (minigrpo/tensor_tree.py)
+
+The trainer state has its own subfolder so that tools which take every *.safetensors file of a model
+folder as weights (vLLM, scripts) see only the model.
+
+No file of a checkpoint is ever unpickled: a pickle can run any code its author chose, and a
+checkpoint folder may come from anywhere. Weights and trainer state are safetensors (raw bytes) and
+JSON. A `trainer_state.pt` (the pickle older versions wrote) is never opened.
 
 Any number of ranks. Nothing in a checkpoint depends on how many processes wrote it, so a run saved
 by one process resumes on two and vice versa: the model is a whole HF checkpoint (FSDP shards are
 gathered tensor by tensor to rank 0, which writes everything), the optimizer state is keyed by
-parameter name with whole tensors (`optimizer_state`; a resuming rank takes its shard of each), the
-data cursor is the same on every rank (all ranks walk one prompt order), and the RNG states of all
-ranks are kept (a resume on as many ranks restores each rank's own; on another number of ranks the
-trainer reseeds them; sampling itself uses counter-based noise, not these generators). When the
-trainable weights are kept in fp32 while the model computes (and is saved) in bf16 (MasterWeights,
-or FSDP's fp32 shards), the fp32 values travel in the optimizer state as "masters".
+parameter name with whole tensors (minigrpo/optim_state.py), the data cursor is the same on every
+rank, and the RNG states of all ranks are kept (a resume on as many ranks restores each rank's own;
+on another number of ranks the trainer reseeds them).
 
-A checkpoint is written into a hidden temporary folder, every file is fsync'ed, and the folder is
-renamed into place (an atomic step on POSIX file systems): a run killed at any moment leaves either
-the previous checkpoints or the new one, never a half-written one. Resuming restores every piece of
-state a step depends on, so a resumed deterministic run reproduces the uninterrupted one exactly.
+Written atomically: into a hidden temporary folder, every file fsync'ed, then renamed into place, so
+a run killed at any moment leaves the previous checkpoints or the new one, never a half-written one.
+A full disk removes the temporary folder and says so (CheckpointError). A resume takes the newest
+checkpoint whose files are all intact (`find_resume_checkpoint`) and warns about newer broken ones.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +46,26 @@ import numpy as np
 import torch
 import yaml
 
-from minigrpo.distributed import full_tensor, shard_like
 from minigrpo.models.loading import save_pretrained
-from minigrpo.optim import MasterWeights
+from minigrpo.models.safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header, save_file
+from minigrpo.optim_state import load_masters, load_optimizer_state, optimizer_state
+from minigrpo.tensor_tree import ManifestError, flatten, unflatten
 
+STATE_DIR = "trainer_state"
+STATE_JSON = "state.json"
+STATE_TENSORS = "tensors.safetensors"
+LEGACY_PICKLE = "trainer_state.pt"  # older versions: never opened
+STATE_FORMAT = "minigrpo.trainer_state.v2"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+_TEMP_PREFIX = ".tmp-"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that was skipped (broken files) while looking for one to resume from."""
+
+
+# ------------------------------------------------------------------------------------------------
+# where checkpoints live
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -49,20 +73,48 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first."""
+    """Every checkpoint folder of a run (`step_NNNNNN`, intact or not), oldest first."""
     root = Path(run_dir) / "checkpoints"
     found = []
     if root.is_dir():
         for path in root.iterdir():
             match = _STEP_DIR.match(path.name)
-            if match and (path / "trainer_state.pt").is_file():
+            if match and path.is_dir():
                 found.append((int(match.group(1)), path))
     return sorted(found)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint folder, unchecked (see find_resume_checkpoint for one to resume from)."""
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def check_writable(directory: Path) -> None:
+    """Raise CheckpointError naming `directory` unless checkpoints can be written there.
+
+    The folder need not exist yet: its nearest existing parent must be a writable folder. A real
+    file is created and removed there, since permission bits do not tell the whole story (read-only
+    mounts, root).
+    """
+    directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CheckpointError(f"cannot write checkpoints to {directory}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write checkpoints to {directory}: {existing} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".minigrpo-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints to {directory}: {e.strerror or e}") from e
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG states (every generator a step may draw from)
 
 
 def rng_state() -> dict[str, Any]:
@@ -83,7 +135,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def restore_rng(state: dict[str, Any], rank: int, world_size: int) -> bool:
     """Set this rank's RNG states from a checkpoint if it was written by as many ranks (True), else
-    leave them (False: the caller reseeds). Checkpoints of one process hold only "rng"."""
+    leave them (False: the caller reseeds)."""
     per_rank = state.get("rng_per_rank") or [state["rng"]]
     if len(per_rank) != world_size:
         return False
@@ -92,99 +144,7 @@ def restore_rng(state: dict[str, Any], rank: int, world_size: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# optimizer state by parameter name (any number of ranks)
-
-
-def _trainable(model: torch.nn.Module) -> tuple[list[str], list[torch.nn.Parameter]]:
-    """Names and parameters the optimizer steps, in its order (build_optimizer keeps model order)."""
-    pairs = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [n for n, _ in pairs], [p for _, p in pairs]
-
-
-def optimizer_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, keep: bool = True, fp32_params: bool = False
-) -> dict[str, Any]:
-    """The optimizer state keyed by parameter name, with whole tensors on CPU.
-
-    Under FSDP every rank must call this (sharded states are gathered one tensor at a time); only
-    ranks with keep=True hold the result. fp32_params: also store the trainable parameters themselves
-    as "masters" (FSDP keeps fp32 shards while the saved model is bf16). A MasterWeights optimizer
-    stores its fp32 copies there anyway.
-    """
-    names, params = _trainable(model)
-    inner = optimizer.inner if isinstance(optimizer, MasterWeights) else optimizer
-    sd = inner.state_dict()
-    order = [i for group in sd["param_groups"] for i in group["params"]]
-    if len(order) != len(names):
-        raise ValueError(f"the optimizer steps {len(order)} tensors, the model has {len(names)} trainable ones")
-
-    def whole(v: Any) -> Any:
-        if not torch.is_tensor(v):
-            return v
-        v = full_tensor(v)
-        return v.detach().cpu() if keep else None
-
-    state = {
-        name: {k: whole(v) for k, v in sd["state"][i].items()} for i, name in zip(order, names) if i in sd["state"]
-    }
-    out: dict[str, Any] = {
-        "format": "by_name",
-        "param_names": names,
-        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]],
-        "group_sizes": [len(g["params"]) for g in sd["param_groups"]],
-        "state": state,
-    }
-    if isinstance(optimizer, MasterWeights):
-        out["masters"] = {n: m.detach().cpu() for n, m in zip(names, optimizer.masters)}
-    elif fp32_params:
-        out["masters"] = {n: whole(p.detach().float()) for n, p in zip(names, params)}
-    return out if keep else {}
-
-
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Restore `optimizer_state` into an optimizer over this process's (possibly sharded) parameters.
-
-    Each rank takes its shard of every saved whole tensor. Checkpoints of earlier versions (a plain
-    `optimizer.state_dict()`, keyed by index) load as they are.
-    """
-    if saved.get("format") != "by_name":
-        optimizer.load_state_dict(saved)
-        return
-    names, params = _trainable(model)
-    if names != saved["param_names"]:
-        extra, missing = set(saved["param_names"]) - set(names), set(names) - set(saved["param_names"])
-        raise ValueError(
-            f"the checkpoint's optimizer state is for other parameters: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(extra)[:3]}"
-        )
-    masters = optimizer.masters if isinstance(optimizer, MasterWeights) else params
-    state = {}
-    for i, (name, target) in enumerate(zip(names, masters)):
-        if name in saved["state"]:
-            state[i] = {
-                k: shard_like(v, target) if torch.is_tensor(v) and v.dim() > 0 else v
-                for k, v in saved["state"][name].items()
-            }
-    groups, start = [], 0
-    for group, size in zip(saved["param_groups"], saved["group_sizes"]):
-        groups.append({**group, "params": list(range(start, start + size))})
-        start += size
-    inner = optimizer.inner if isinstance(optimizer, MasterWeights) else optimizer
-    inner.load_state_dict({"state": state, "param_groups": groups})
-    if isinstance(optimizer, MasterWeights) and "masters" in saved:
-        with torch.no_grad():
-            for name, m, p in zip(names, optimizer.masters, optimizer.params):
-                m.copy_(saved["masters"][name])
-                p.copy_(m)
-
-
-@torch.no_grad()
-def load_masters(model: torch.nn.Module, saved_optimizer: dict[str, Any]) -> None:
-    """Copy the fp32 "masters" of a saved optimizer state into the model's (unsharded, fp32)
-    trainable parameters; nothing if there are none. FSDP runs call this before sharding."""
-    params = dict(model.named_parameters())
-    for name, value in saved_optimizer.get("masters", {}).items():
-        params[name].copy_(value)
+# writing
 
 
 class ModelStateView:
@@ -213,36 +173,160 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
 
-    trainer_state: picklable state (optimizer/scheduler state dicts, data cursor, counters); the
-    RNG states are added here: this process's as "rng", and `rng_states` (one per rank, gathered by
-    the caller) as "rng_per_rank". save_model(model, tokenizer, dir) writes the weights.
+    trainer_state: nested dicts/lists/tuples of tensors, numpy arrays and plain values (optimizer and
+    scheduler state, data cursor, counters); the RNG states are added here: this process's as "rng",
+    and `rng_states` (one per rank, gathered by the caller) as "rng_per_rank".
+    save_model(model, tokenizer, dir) writes the weights.
+
+    A full disk (or any other failed write) raises CheckpointError naming the checkpoint; the
+    partial folder is removed and the earlier checkpoints stay as they were.
     """
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(f".tmp-{final.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_model(model, tokenizer, tmp)
+    tmp = final.with_name(f"{_TEMP_PREFIX}{final.name}")
     rng = rng_state()
     state = {**trainer_state, "step": step, "rng": rng, "rng_per_rank": rng_states or [rng]}
-    torch.save(state, tmp / "trainer_state.pt")
-    readable = {"step": step, **{k: v for k, v in trainer_state.items() if k in ("data", "epoch", "metrics")}}
-    (tmp / "trainer_state.json").write_text(json.dumps(readable, indent=2, default=str) + "\n")
-    if run_config is not None:
-        (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-    _fsync_tree(tmp)
-    if final.exists():  # a step saved twice (e.g. a resumed run): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f"{_TEMP_PREFIX}*"):  # left by a writer that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        save_model(model, tokenizer, tmp)
+        save_trainer_state(tmp, state)
+        if run_config is not None:
+            (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        _fsync_tree(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"no space left on device: {final} (step {step} not saved)") from e
+        where = f" ({e.filename})" if e.filename else ""
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{where}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_dir(tmp, final)
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def save_trainer_state(checkpoint: Path, state: dict[str, Any]) -> None:
+    """Write `state` into checkpoint/trainer_state/: tensors.safetensors (its tensors) + state.json (the rest)."""
+    folder = Path(checkpoint) / STATE_DIR
+    folder.mkdir(exist_ok=True)
+    manifest, tensors = flatten(state)
+    save_file(tensors, folder / STATE_TENSORS)
+    summary = {k: state[k] for k in ("step", "world_size") if isinstance(state.get(k), int)}
+    document = {"format": STATE_FORMAT, **summary, "tensors": STATE_TENSORS, "state": manifest}
+    (folder / STATE_JSON).write_text(json.dumps(document, indent=1) + "\n")
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; a `final` already there (a step saved twice) is moved aside first."""
+    old = final.with_name(f"{_TEMP_PREFIX}old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# reading and checking
+
+
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    """The trainer state of a checkpoint folder (RNG states are restored by the caller)."""
-    return torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
+    """The trainer state saved in checkpoint folder `path`, exactly as it was given (tuples as tuples).
+
+    Reads only trainer_state/state.json and trainer_state/tensors.safetensors; a CheckpointError
+    names the file that is missing, truncated or corrupt. A checkpoint of an older version holds a
+    pickle (trainer_state.pt): it is refused, never opened.
+    """
+    path = Path(path)
+    json_file, tensor_file = path / STATE_DIR / STATE_JSON, path / STATE_DIR / STATE_TENSORS
+    if not json_file.is_file():
+        if (path / LEGACY_PICKLE).exists():
+            raise CheckpointError(_legacy_message(path))
+        raise CheckpointError(f"{json_file} is missing: {path} is no complete training checkpoint")
+    try:
+        document = json.loads(json_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{json_file}: not valid JSON, the file is truncated or corrupt ({e})") from e
+    if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
+        raise CorruptCheckpointError(f"{json_file}: not a minigrpo trainer state (format {STATE_FORMAT} expected)")
+    if not tensor_file.is_file():
+        raise CheckpointError(f"{tensor_file} is missing: {path} is no complete training checkpoint")
+    tensors = dict(iter_tensors(tensor_file))  # checks the header against the file size first
+    try:
+        state = unflatten(document.get("state"), tensors)
+    except ManifestError as e:
+        raise CorruptCheckpointError(f"{json_file}: {e}") from e
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CorruptCheckpointError(f"{json_file}: the trainer state has no step")
+    return state
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check every file a resume reads from checkpoint folder `path`; returns its trainer state.
+
+    The trainer state must parse completely and belong to this folder's step; every safetensors file
+    (weights, shards, adapter) must have an intact header and exactly the data it promises; every
+    JSON file must parse. A CheckpointError names the first bad file.
+    """
+    path = Path(path)
+    state = load_trainer_state(path)
+    match = _STEP_DIR.match(path.name)
+    if match and int(match.group(1)) != state["step"]:
+        raise CorruptCheckpointError(f"{path / STATE_DIR / STATE_JSON}: step {state['step']}, not {path.name}")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"{path} holds no weights (no model or adapter .safetensors file)")
+    for file in weights:
+        read_header(file)
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptCheckpointError(f"{file}: not valid JSON, the file is truncated or corrupt ({e})") from e
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        listed = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        absent = sorted(name for name in listed if not (path / name).is_file())
+        if absent:
+            raise CheckpointError(f"{path / absent[0]} is listed in {index.name} but missing")
+    return state
+
+
+def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest intact checkpoint of a run and its trainer state; None when it has none at all.
+
+    A newer checkpoint with a bad file is skipped with a CheckpointWarning naming the file. When
+    every checkpoint is broken, a CheckpointError names the newest one's bad file.
+    """
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    skipped: list[CheckpointError] = []
+    for _, path in reversed(found):
+        try:
+            state = verify_checkpoint(path)
+        except CheckpointError as e:
+            skipped.append(e)
+            continue
+        for error in skipped:
+            message = f"skipping a broken checkpoint: {error}; resuming from {path}"
+            warnings.warn(CheckpointWarning(message), stacklevel=2)
+        return path, state
+    raise CheckpointError(f"no intact checkpoint to resume from in {Path(run_dir) / 'checkpoints'}: {skipped[0]}")
+
+
+def _legacy_message(path: Path) -> str:
+    return (
+        f"{path / LEGACY_PICKLE}: a checkpoint of an older minigrpo that stores its trainer state as a "
+        "pickle, which is never loaded (unpickling can run arbitrary code); resume from a newer "
+        "checkpoint or start a new run from its weights (model.name_or_path)"
+    )
 
 
 def _fsync_tree(root: Path) -> None:
@@ -259,3 +343,25 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointWarning",
+    "ModelStateView",
+    "check_writable",
+    "checkpoint_dir",
+    "find_resume_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_masters",
+    "load_optimizer_state",
+    "load_trainer_state",
+    "optimizer_state",
+    "restore_rng",
+    "rng_state",
+    "save_checkpoint",
+    "save_trainer_state",
+    "set_rng_state",
+    "verify_checkpoint",
+]

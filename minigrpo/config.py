@@ -1,83 +1,49 @@
-"""Typed run configuration: nested dataclasses mirrored by YAML, `--set a.b=v` overrides, validation.
+"""The run configuration: one typed field per hyper-parameter, its limit beside it, checked up front.
 
     cfg = load_config("configs/demo_cpu.yaml", ["grpo.group_size=4", "train.lr=1e-5"])
     save_config(cfg, cfg.run.run_dir / "config.yaml")     # the resolved config, saved with the run
 
-One source of truth: every hyper-parameter is a field below with its default and a one-line comment;
-nothing is read with `cfg.get(key, default)`. The YAML file mirrors the tree (`grpo: {group_size: 8}`).
+Nested dataclasses mirrored by the YAML (`grpo: {group_size: 8}`), never `cfg.get(key, default)`.
+`spec(default, ">= 1")` puts a field's limit beside it; `validate` adds the checks between fields;
+`configio.py` is the generic loader (strict YAML, `a.b=v` overrides, coercion, did-you-mean).
+Derived fields (`spec(..., derived=...)`) default to None and are filled once, in `__post_init__`,
+only while None (an explicit value wins); the saved config holds the filled values, and nothing
+edits a config after it is built. Imports no torch: a config is checked before any heavy work.
 
-Loading is strict, so typos fail before any model is loaded:
-- an unknown key (in YAML or an override) is a `ConfigError` naming the dotted key, with a
-  did-you-mean suggestion (also across sections: `train.group_size` suggests `grpo.group_size`);
-- values are coerced to the declared type (int, float, bool, str, Optional, Literal, list, tuple,
-  dict, nested dataclasses); a wrong value names the key, the expected type and the value;
-- `validate(cfg)` then checks settings against each other (batch divisibility, clip ranges, ...).
-
-Derived fields are `None` by default and filled in `__post_init__` only when still `None`, so an
-explicit value always wins. The saved config holds the filled values (it is the record of the run).
-
-Sizes (pain point: batch-size confusion). One optimizer step samples B = `grpo.prompts_per_step`
-prompts, G = `grpo.group_size` completions each: N = B*G sequences. They are split into
-N / `train.micro_batch_size` forward/backward passes of exactly `micro_batch_size` sequences whose
-gradients are accumulated into one optimizer step, so N must be a multiple of micro_batch_size.
-
-This module imports no torch: it loads instantly and validates before any heavy work.
+Sizes: one optimizer step samples B = `grpo.prompts_per_step` prompts, G = `grpo.group_size`
+completions each: N = B*G sequences, trained in N / `train.micro_batch_size` equal forward/backward
+passes whose gradients are accumulated, so N must be a multiple of micro_batch_size.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import difflib
-import functools
-import math
 import re
-import types
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
-import yaml
-
+from minigrpo import configio
 from minigrpo.atomic import write_atomic
+from minigrpo.configio import ConfigError, ConfigWarning, Section, spec
+from minigrpo.errors import ArgumentParser
+
+config_to_dict = configio.to_plain  # plain YAML-safe data of a config or any part of it
 
 
-class ConfigError(ValueError):
-    """Any problem with a configuration: unknown key, wrong type, inconsistent settings."""
-
-
-class ConfigWarning(UserWarning):
-    """A legal but suspicious combination of settings (the run proceeds)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Schema
-# ----------------------------------------------------------------------------------------------
-
-
-class _Section:
-    """Base of every config dataclass: `from_dict` (strict, coercing) and `to_dict`."""
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]):
-        """Build from plain data (e.g. parsed YAML), coercing values; unknown keys raise ConfigError."""
-        return _build(cls, data, "")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML-safe data (tuples become lists)."""
-        return config_to_dict(self)
+# ---------------------------------------- Schema
 
 
 @dataclass
-class RunCfg(_Section):
+class RunCfg(Section):
     """Where the run writes, its seed, and the device/precision it runs in."""
 
-    name: str = "run"  # run name; the run directory is output_dir/name
+    name: str = spec("run", match=r"(?!\.\.?$)[^/\\]+", why="a plain folder name")  # the run directory: output_dir/name
     output_dir: str = "runs"  # parent folder of run directories
-    seed: int = 0  # seed of torch / sampling RNGs and of the prompt order
-    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"
+    seed: int = spec(0, "any")  # seed of torch / sampling RNGs and of the prompt order
+    # "auto": cuda if available, else cpu
+    device: str = spec("auto", match=r"auto|cpu|cuda(:\d+)?", why="auto, cpu, cuda or cuda:N")
     # weights/activations dtype; "auto": bfloat16 on CUDA, float32 on CPU (see resolve_dtype)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     resume: bool = False  # continue from the latest checkpoint in the run directory (CLI: --resume)
@@ -89,12 +55,12 @@ class RunCfg(_Section):
 
 
 @dataclass
-class ModelCfg(_Section):
+class ModelCfg(Section):
     """The policy model. Exactly one of `name_or_path` / `arch` is set; with neither, the packaged
     SmolLM2 GGUF ("smollm2") is used, so the default config runs without network."""
 
-    # local HF folder, hub repo id, .gguf file, or "smollm2" (the packaged GGUF); filled if both None
-    name_or_path: str | None = None
+    # local HF folder, hub repo id, .gguf file, or "smollm2" (the packaged GGUF)
+    name_or_path: str | None = spec(None, derived='"smollm2" when model.arch is None too')
     arch: str | None = None  # architecture preset with random weights, for benchmarks ("qwen2.5-1.5b")
     revision: str | None = None  # hub revision (branch, tag or commit) of name_or_path
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
@@ -106,13 +72,13 @@ class ModelCfg(_Section):
 
 
 @dataclass
-class LoRACfg(_Section):
+class LoRACfg(Section):
     """Low-rank adapters on the linear layers; the base weights are frozen (optionally NF4)."""
 
     enabled: bool = False  # train adapters instead of all weights
-    r: int = 16  # adapter rank
-    alpha: float = 32.0  # scaling numerator: delta W = (alpha / r) * B @ A (alpha / sqrt(r) with rslora)
-    dropout: float = 0.0  # dropout on the adapter input
+    r: int = spec(16, ">= 1")  # adapter rank
+    alpha: float = spec(32.0, "> 0")  # delta W = (alpha / r) * B @ A (alpha / sqrt(r) with rslora)
+    dropout: float = spec(0.0, "in [0, 1)")  # dropout on the adapter input
     # linear layers that get adapters, by short name (attention q/k/v/o, MLP gate/up/down)
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
@@ -120,15 +86,15 @@ class LoRACfg(_Section):
 
 
 @dataclass
-class SyntheticCfg(_Section):
+class SyntheticCfg(Section):
     """The file-free arithmetic task ("What is 7 + 5?") used by the CPU demo and tests."""
 
-    seed: int = 0  # task seed, independent of run.seed so the data stays fixed across training seeds
-    num_train: int = 2000  # examples generated for the training split (an epoch)
+    seed: int = spec(0, "any")  # task seed, independent of run.seed: the data stays fixed across seeds
+    num_train: int = spec(2000, ">= 1")  # examples generated for the training split (an epoch)
     operations: list[Literal["+", "-", "*"]] = field(default_factory=lambda: ["+", "-"])  # operators drawn
-    num_operands: int = 2  # operands per expression
-    min_operand: int = 0  # smallest operand (inclusive)
-    max_operand: int = 9  # largest operand (inclusive)
+    num_operands: int = spec(2, ">= 2")  # operands per expression
+    min_operand: int = spec(0, "any")  # smallest operand (inclusive)
+    max_operand: int = spec(9, "any")  # largest operand (inclusive)
     allow_negative: bool = False  # allow expressions whose value is negative (else they are redrawn)
     question: str = "What is {expression}?"  # question template; must contain {expression}
     # answer-format instruction appended to the question (None: no instruction)
@@ -136,7 +102,7 @@ class SyntheticCfg(_Section):
 
 
 @dataclass
-class DataCfg(_Section):
+class DataCfg(Section):
     """Where prompts come from, and how a row maps to a prompt and a reference answer."""
 
     source: Literal["synthetic", "gsm8k", "jsonl", "parquet", "hub"] = "synthetic"  # kind of source
@@ -152,90 +118,97 @@ class DataCfg(_Section):
     answer_field: str = "answer"  # row field holding the reference answer
     system_prompt: str | None = None  # system message put before every prompt (replaces a row's own)
     shuffle: bool = True  # reshuffle the prompt order every epoch (seeded by run.seed and the epoch)
-    max_prompt_tokens: int | None = None  # drop prompts longer than this many tokens (None: keep all)
-    num_eval: int = 200  # size of the eval set (synthetic: generated; files: the first num_eval rows)
+    max_prompt_tokens: int | None = spec(None, ">= 1")  # drop longer prompts (None: keep all)
+    num_eval: int = spec(200, ">= 0")  # eval set size (synthetic: generated; files: the first rows)
     synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)  # knobs of the synthetic task
 
 
 @dataclass
-class SamplerCfg(_Section):
+class SamplerCfg(Section):
     """Rollout generation: which sampler, and the sampling distribution."""
 
     kind: Literal["own", "vllm"] = "own"  # own KV-cache sampler on the policy, or colocated vLLM
-    temperature: float = 1.0  # softmax temperature (> 0); the trainer's log-probs use the same value
-    top_p: float = 1.0  # nucleus sampling mass in (0, 1]; 1 = off
-    top_k: int = 0  # keep the k most likely tokens; 0 = off
-    min_p: float = 0.0  # drop tokens below min_p * p_max; 0 = off
-    max_new_tokens: int = 256  # completion length limit (also Dr.GRPO's max_completion_length)
+    temperature: float = spec(1.0, "> 0", why="use eval.temperature=0 for greedy evaluation")  # also in training
+    top_p: float = spec(1.0, "in (0, 1]")  # nucleus sampling mass; 1 = off
+    top_k: int = spec(0, ">= 0", why="0 = off")  # keep the k most likely tokens
+    min_p: float = spec(0.0, "in [0, 1)")  # drop tokens below min_p * p_max; 0 = off
+    max_new_tokens: int = spec(256, ">= 1")  # completion length limit (also Dr.GRPO's max_completion_length)
     stop: list[str] = field(default_factory=list)  # extra stop strings (EOS ids come from the model)
     compile: bool = True  # CUDA graphs / torch.compile for decoding (GPU only)
     # own sampler: rows decoded at once (its KV cache holds this many sequences); the step's rows are
     # generated in waves of whole prompts (or of parts of one prompt's group), the same tokens as in
     # one go; null: every row at once. Long completions: trades rollout time for memory.
-    max_rows: int | None = None
-    gpu_memory_utilization: float = 0.3  # vLLM: fraction of GPU memory for weights + KV cache
+    max_rows: int | None = spec(None, ">= 1", why="null = every row at once")
+    gpu_memory_utilization: float = spec(0.3, "in (0, 1]")  # vLLM: share of GPU memory for weights + KV cache
     vllm_sleep: bool = True  # vLLM: release its memory while the trainer runs
 
 
 @dataclass
-class GRPOCfg(_Section):
+class GRPOCfg(Section):
     """The GRPO objective: group sizes, advantages, clipping, loss normalisation, IS correction."""
 
-    prompts_per_step: int = 8  # B: prompts sampled per optimizer step
-    group_size: int = 8  # G: completions per prompt (>= 2: advantages are relative within a group)
+    prompts_per_step: int = spec(8, ">= 1")  # B: prompts sampled per optimizer step
+    group_size: int = spec(8, ">= 2", why="advantages compare the completions of one prompt")  # G per prompt
     # loss normalisation: grpo = mean of per-sequence token means; bnpo = token mean of the
     # micro-batch; dr_grpo = token sum / (sequences * max_new_tokens); dapo = token sum / tokens of step
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
-    epsilon_high: float | None = None  # upper clip: ratio <= 1 + epsilon_high (None: epsilon)
-    delta: float | None = None  # two-sided clip: cap the unclipped ratio at delta (> 1; None: off)
-    beta: float = 0.0  # KL(policy || reference) coefficient, k3 estimator; 0 = no reference pass
+    epsilon: float = spec(0.2, "> 0")  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: float | None = spec(None, "> 0", derived="grpo.epsilon")  # upper clip: ratio <= 1 + epsilon_high
+    delta: float | None = spec(None, "> 1")  # two-sided clip: cap the unclipped ratio at delta (None: off)
+    beta: float = spec(0.0, ">= 0")  # KL(policy || reference) coefficient, k3 estimator; 0 = no reference pass
     importance_sampling_level: Literal["token", "sequence"] = "token"  # per-token ratio, or GSPO
     scale_rewards: Literal["group", "batch", "none"] = "group"  # divide advantages by which std
     advantage_estimator: Literal["grpo", "rloo"] = "grpo"  # group mean baseline, or leave-one-out
-    num_iterations: int = 1  # mu: optimizer passes over each batch of rollouts
+    num_iterations: int = spec(1, ">= 1")  # mu: optimizer passes over each batch of rollouts
     mask_truncated_completions: bool = False  # drop completions that hit max_new_tokens from the loss
     dynamic_sampling: bool = False  # DAPO: resample groups whose rewards are all equal
-    max_resample_rounds: int = 3  # dynamic sampling: extra generation rounds per step at most
-    # sampler-vs-trainer importance weights (needed with vLLM): token/sequence, truncate/mask at is_cap
-    is_correction: Literal[None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = None
-    is_cap: float = 3.0  # upper bound C of the IS weight
+    max_resample_rounds: int = spec(3, ">= 0")  # dynamic sampling: extra generation rounds per step at most
+    # sampler-vs-trainer importance weights: token/sequence, truncate/mask outside [is_min, is_cap].
+    # None = auto: off for the own sampler (same kernels as training), token_truncate for vLLM
+    is_correction: Literal[None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = spec(
+        None, derived='"token_truncate" when sampler.kind is vllm'
+    )
+    is_cap: float = spec(3.0, ">= 1")  # upper bound C of the IS weight
+    is_min: float | None = spec(None, ">= 0")  # lower bound of the IS weight (None: none); <= is_cap
+
+    def __post_init__(self) -> None:
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
 
 
 @dataclass
-class RewardSpec(_Section):
+class RewardSpec(Section):
     """One reward function: a registry name or an import path `package.module:function`."""
 
-    name: str  # registry name ("correctness") or "package.module:function"
-    weight: float = 1.0  # weight in the summed reward r = sum_k weight_k * r_k
-    timeout_s: float = 10.0  # a call taking longer is a failure (masked and counted, not fatal)
+    name: str  # registry name ("correctness") or "package.module:function"; unique within rewards
+    weight: float = spec(1.0, "finite")  # weight in the summed reward r = sum_k weight_k * r_k
+    timeout_s: float = spec(10.0, "> 0")  # a call taking longer is a failure (masked and counted, not fatal)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the function
 
 
 @dataclass
-class TrainCfg(_Section):
+class TrainCfg(Section):
     """Optimizer, schedule and micro-batching."""
 
-    steps: int = 100  # optimizer steps
-    lr: float = 1e-6  # peak learning rate
-    weight_decay: float = 0.0  # decoupled (AdamW) weight decay
-    betas: tuple[float, float] = (0.9, 0.99)  # Adam betas
-    eps: float = 1e-8  # Adam epsilon
+    steps: int = spec(100, ">= 1")  # optimizer steps
+    lr: float = spec(1e-6, ">= 0")  # peak learning rate
+    weight_decay: float = spec(0.0, ">= 0")  # decoupled (AdamW) weight decay
+    betas: tuple[float, float] = spec((0.9, 0.99), "in [0, 1)")  # Adam betas
+    eps: float = spec(1e-8, "> 0")  # Adam epsilon
     schedule: Literal["constant", "linear", "cosine"] = "constant"  # lr shape after the warmup
-    warmup_steps: int = 0  # linear warmup from 0 to lr over this many steps
-    min_lr_ratio: float = 0.0  # linear/cosine: final lr as a fraction of lr
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm (None: no clipping)
-    micro_batch_size: int = 8  # sequences per forward/backward pass; must divide B*G
+    warmup_steps: int = spec(0, ">= 0")  # linear warmup from 0 to lr over this many steps
+    min_lr_ratio: float = spec(0.0, "in [0, 1]")  # linear/cosine: final lr as a fraction of lr
+    max_grad_norm: float | None = spec(1.0, "> 0")  # clip the global gradient norm (None: no clipping)
+    micro_batch_size: int = spec(8, ">= 1")  # sequences per forward/backward pass; must divide B*G
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"  # 8-bit ones need bitsandbytes
-    logprob_chunk_size: int = 1024  # tokens per chunk of the fused log-prob kernel (memory vs speed)
 
 
 @dataclass
-class LogCfg(_Section):
+class LogCfg(Section):
     """Metrics, samples and plots."""
 
-    every: int = 1  # print and append metrics every this many steps
-    sample_every: int = 10  # print a sampled completion every this many steps (0 = never)
+    every: int = spec(1, ">= 1")  # print and append metrics every this many steps
+    sample_every: int = spec(10, ">= 0", why="0 = never")  # print a sampled completion every this many steps
     plots: bool = True  # write PNG plots of the metrics into the run directory
     tensorboard: bool = False  # also log to TensorBoard
     wandb: bool = False  # also log to Weights & Biases
@@ -244,34 +217,33 @@ class LogCfg(_Section):
 
 
 @dataclass
-class CheckpointCfg(_Section):
+class CheckpointCfg(Section):
     """Periodic, atomic checkpoints (model or adapter, optimizer, scheduler, RNG, data cursor)."""
 
-    every: int = 50  # save every this many steps (0 = only the final one)
-    keep_last: int = 2  # periodic checkpoints kept on disk (older ones are deleted)
+    every: int = spec(50, ">= 0", why="0 = only the final checkpoint")  # save every this many steps
+    keep_last: int = spec(2, ">= 1")  # periodic checkpoints kept on disk (older ones are deleted)
     save_final: bool = True  # save after the last step
     save_merged: bool = False  # LoRA: also write a merged 16-bit HF checkpoint to run_dir/merged at the end
 
 
 @dataclass
-class EvalCfg(_Section):
-    """Periodic evaluation on the eval split."""
+class EvalCfg(Section):
+    """Evaluation on the eval split (`python -m minigrpo.eval`)."""
 
-    every: int = 0  # evaluate every this many steps (0 = off)
-    num_prompts: int | None = None  # prompts scored per evaluation; derived: data.num_eval
-    temperature: float = 0.0  # sampling temperature (0 = greedy)
-    max_new_tokens: int | None = None  # completion limit; derived: sampler.max_new_tokens
+    num_prompts: int | None = spec(None, ">= 1", derived="data.num_eval")  # prompts scored; <= data.num_eval
+    temperature: float = spec(0.0, ">= 0", why="0 = greedy")  # sampling temperature
+    max_new_tokens: int | None = spec(None, ">= 1", derived="sampler.max_new_tokens")  # completion limit
 
 
 @dataclass
-class DistributedCfg(_Section):
+class DistributedCfg(Section):
     """Data parallelism under torchrun (WORLD_SIZE > 1; a single process ignores this section): each
     rank samples, scores and trains on its share of every step's prompts (minigrpo/distributed.py)."""
 
     strategy: Literal["auto", "fsdp", "ddp"] = "auto"  # auto: fsdp for full fine-tuning, ddp for LoRA
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (less memory)
-    timeout_s: float = 1800.0  # collective timeout: a rank stuck this long fails the job
+    timeout_s: float = spec(1800.0, "> 0")  # collective timeout: a rank stuck this long fails the job
 
     def resolved_strategy(self, lora_enabled: bool) -> str:
         """fsdp or ddp: "auto" shards full fine-tuning and replicates a LoRA model (adapters are tiny)."""
@@ -280,12 +252,8 @@ class DistributedCfg(_Section):
         return "ddp" if lora_enabled else "fsdp"
 
 
-def _default_rewards() -> list[RewardSpec]:
-    return [RewardSpec(name="correctness")]
-
-
 @dataclass
-class Config(_Section):
+class Config(Section):
     """The whole run. `load_config` builds and validates it; `save_config` writes it back."""
 
     run: RunCfg = field(default_factory=RunCfg)
@@ -294,7 +262,7 @@ class Config(_Section):
     data: DataCfg = field(default_factory=DataCfg)
     sampler: SamplerCfg = field(default_factory=SamplerCfg)
     grpo: GRPOCfg = field(default_factory=GRPOCfg)
-    rewards: list[RewardSpec] = field(default_factory=_default_rewards)  # summed with their weights
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("correctness")])  # summed, weighted
     train: TrainCfg = field(default_factory=TrainCfg)
     log: LogCfg = field(default_factory=LogCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
@@ -302,11 +270,13 @@ class Config(_Section):
     distributed: DistributedCfg = field(default_factory=DistributedCfg)
 
     def __post_init__(self) -> None:
-        # Derived fields: filled only when still None, so an explicit value wins.
+        # Derived fields that read another section: filled only when still None (explicit wins).
         if self.eval.num_prompts is None:
             self.eval.num_prompts = self.data.num_eval
         if self.eval.max_new_tokens is None:
             self.eval.max_new_tokens = self.sampler.max_new_tokens
+        if self.grpo.is_correction is None and self.sampler.kind == "vllm":
+            self.grpo.is_correction = "token_truncate"  # vLLM's kernels are not ours: correct the mismatch
 
     @property
     def sequences_per_step(self) -> int:
@@ -319,416 +289,53 @@ class Config(_Section):
         return self.sequences_per_step // self.train.micro_batch_size
 
 
-# ----------------------------------------------------------------------------------------------
-# Coercion: plain data -> typed dataclasses
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------- Validation: settings against each other, before any model loads
 
-_NONE = type(None)
+_REWARD_RE = re.compile(r"^[A-Za-z_]\w*$|^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _DATA_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 
 
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    """Resolved field types of a config dataclass (annotations are strings under __future__)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in get_type_hints(cls).items() if k in names}
-
-
-def _join(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _is_union(tp: Any) -> bool:
-    return get_origin(tp) in (Union, types.UnionType)
-
-
-def _type_name(tp: Any) -> str:
-    """Readable name of a declared type, for error messages."""
-    origin, args = get_origin(tp), get_args(tp)
-    if _is_union(tp):
-        return " or ".join("null" if a is _NONE else _type_name(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is list:
-        return f"list[{_type_name(args[0])}]"
-    if origin is tuple:
-        return f"list of {len(args)} {_type_name(args[0])}s"
-    if origin is dict or tp is dict:
-        return "mapping"
-    if dataclasses.is_dataclass(tp):
-        return f"mapping ({tp.__name__})"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _bad(key: str, tp: Any, value: Any, hint: str = "") -> ConfigError:
-    return ConfigError(f"{key or '<root>'}: expected {_type_name(tp)}, got {value!r}{hint}")
-
-
-def _closest(word: str, candidates: Sequence[str], cutoff: float = 0.6) -> str | None:
-    """The candidate closest to `word` (difflib), or None when nothing is close."""
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=cutoff)
-    return match[0] if match else None
-
-
-def _all_keys(cls: type, path: str = "") -> list[str]:
-    """Every dotted key reachable through nested dataclass fields (not into lists)."""
-    keys = []
-    for name, tp in _hints(cls).items():
-        key = _join(path, name)
-        keys.append(key)
-        if dataclasses.is_dataclass(tp):
-            keys += _all_keys(tp, key)
-    return keys
-
-
-def _unknown_key(cls: type, path: str, key: str) -> ConfigError:
-    """Unknown-key error with a suggestion: the same name in another section (`train.group_size`
-    -> `grpo.group_size`), else the closest sibling, else the closest name anywhere."""
-    elsewhere: dict[str, str] = {}  # leaf name -> its first dotted key
-    for dotted in _all_keys(Config):
-        if "." in dotted:
-            elsewhere.setdefault(dotted.rsplit(".", 1)[-1], dotted)
-    if key in elsewhere:
-        guess: str | None = elsewhere[key]
-    elif (near := _closest(key, list(_hints(cls)))) is not None:
-        guess = _join(path, near)
-    else:
-        leaf = _closest(key, list(elsewhere), cutoff=0.8)
-        guess = elsewhere[leaf] if leaf else None
-    hint = f" (did you mean '{guess}'?)" if guess else ""
-    valid = ", ".join(_hints(cls))
-    return ConfigError(f"unknown config key '{_join(path, key)}'{hint}; valid keys here: {valid}")
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    """A `cls` instance from a mapping, coercing each value to its field's type."""
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, Mapping):
-        raise _bad(path, cls, data)
-    hints = _hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in hints:
-            raise _unknown_key(cls, path, str(key))
-        kwargs[key] = _coerce(value, hints[key], _join(path, key))
-    for f in dataclasses.fields(cls):
-        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{_join(path, f.name)}: required ({_type_name(hints[f.name])})")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """`value` converted to the declared type `tp`, or ConfigError naming `key`."""
-    origin, args = get_origin(tp), get_args(tp)
-    if tp is Any:
-        return value
-    if _is_union(tp):
-        if value is None:
-            if _NONE in args:
-                return None
-            raise _bad(key, tp, value)
-        options = [a for a in args if a is not _NONE]
-        if len(options) == 1:
-            return _coerce(value, options[0], key)
-        for option in options:
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise _bad(key, tp, value)
-    if origin is Literal:
-        for option in args:
-            if value == option and type(value) is type(option):
-                return option
-        near = _closest(value, [a for a in args if isinstance(a, str)]) if isinstance(value, str) else None
-        raise _bad(key, tp, value, f" (did you mean {near!r}?)" if near else "")
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise _bad(key, tp, value)
-        return [_coerce(v, args[0], _join(key, i)) for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise _bad(key, tp, value)
-        return tuple(_coerce(v, t, _join(key, i)) for i, (v, t) in enumerate(zip(value, args)))
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            raise _bad(key, tp, value)
-        val_tp = args[1] if args else Any
-        return {str(k): _coerce(v, val_tp, _join(key, k)) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
-        raise _bad(key, tp, value)
-    if tp is int:
-        number = _number(value)
-        if isinstance(number, int):
-            return number
-        if isinstance(number, float) and number.is_integer():
-            return int(number)
-        raise _bad(key, tp, value)
-    if tp is float:
-        number = _number(value)
-        if number is None:
-            raise _bad(key, tp, value)
-        return float(number)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _bad(key, tp, value, " (quote the value in YAML)")
-    raise TypeError(f"{key}: unsupported config field type {tp!r}")
-
-
-def _number(value: Any) -> int | float | None:
-    """An int/float from a number or a numeric string (PyYAML reads `1e-5` as a string); else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        for parse in (int, float):
-            try:
-                return parse(text)
-            except ValueError:
-                pass
-    return None
-
-
-def config_to_dict(cfg: Any) -> Any:
-    """Plain YAML-safe data of a config (or any part of it): dataclasses -> dicts, tuples -> lists."""
-    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, (list, tuple)):
-        return [config_to_dict(v) for v in cfg]
-    if isinstance(cfg, Mapping):
-        return {str(k): config_to_dict(v) for k, v in cfg.items()}
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# Overrides: "a.b=v"
-# ----------------------------------------------------------------------------------------------
-
-
-def _accepts_str(tp: Any) -> bool:
-    """True for str, Optional[str], and Literals of strings (`data.synthetic.operations.0=*`)."""
-    if _is_union(tp):
-        return any(_accepts_str(a) for a in get_args(tp))
-    return tp is str or (get_origin(tp) is Literal and any(isinstance(a, str) for a in get_args(tp)))
-
-
-def _parse_value(text: str, tp: Any) -> Any:
-    """The override text as a YAML value. A string field takes the text verbatim (`run.name=007`,
-    `data.system_prompt=Answer: briefly # no comment` stay as written), unless it is quoted
-    (then unquoted by YAML) or a YAML null (`null`, `~`, empty), which means None."""
-    stripped = text.strip()
-    if _accepts_str(tp) and stripped not in ("", "~", "null", "Null", "NULL") and stripped[0] not in "'\"":
-        return stripped
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse value {text!r}: {e}") from None
-
-
-def _field_default(cls: type, name: str) -> Any:
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return config_to_dict(value)
-
-
-def _merge(dst: dict, src: Mapping) -> None:
-    for k, v in src.items():
-        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = v
-
-
-def _child(tp: Any, node: Any, path: str, part: str) -> tuple[Any, Any, Any]:
-    """One step of an override key: (declared type of the child, slot in `node`, its empty value)."""
-    if dataclasses.is_dataclass(tp):
-        hints = _hints(tp)
-        if part not in hints:
-            raise _unknown_key(tp, path, part)
-        # a list starts from its default (so `rewards.0.weight=2` edits the default reward);
-        # a section starts empty (its defaults, including derived fields, are filled when built)
-        empty = _field_default(tp, part) if get_origin(hints[part]) is list else {}
-        return hints[part], part, empty
-    if get_origin(tp) is list:
-        if not part.isdigit() or int(part) >= len(node):
-            raise ConfigError(f"{_join(path, part)}: no such item (the list {path} has {len(node)})")
-        return get_args(tp)[0], int(part), {}
-    if get_origin(tp) is dict:
-        return (get_args(tp) or (str, Any))[1], part, {}
-    raise ConfigError(f"{_join(path, part)}: {path} is a {_type_name(tp)}, it has no sub-keys")
-
-
-def _apply_override(raw: dict, item: str) -> None:
-    """Set `key=value` into the raw (YAML) dict; the key is checked against the schema on the way,
-    so a typo fails with a suggestion. List items are addressed by index: `rewards.0.weight=2`."""
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
-    parts = key.split(".")
-    tp: Any = Config
-    node: Any = raw
-    path = ""
-    for i, part in enumerate(parts):
-        if _is_union(tp):  # Optional[X]: step into X
-            tp = next(a for a in get_args(tp) if a is not _NONE)
-        child_tp, slot, empty = _child(tp, node, path, part)
-        path = _join(path, part)
-        current = node.get(slot) if isinstance(node, dict) else node[slot]
-        if i == len(parts) - 1:
-            value = _parse_value(text, child_tp)
-            if isinstance(value, Mapping) and isinstance(current, dict):
-                _merge(current, value)  # `lora={enabled: true}` keeps the other lora keys
-            else:
-                node[slot] = value
-            return
-        if current is None:
-            current = node[slot] = empty
-        elif not isinstance(current, (dict, list)):
-            raise _bad(path, child_tp, current)
-        tp, node = child_tp, current
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation: settings against each other, before any model is loaded
-# ----------------------------------------------------------------------------------------------
-
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-_REWARD_RE = re.compile(r"^[A-Za-z_]\w*$|^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
-_INTERVAL_RE = re.compile(r"^([\[(])(\S+), (\S+)([\])])\s*(.*)$")
-
-# Single-field ranges, "[lo, hi)" style, optionally followed by why. A null value passes (it means
-# "off" for the Optional fields); a list value (train.betas) is checked element by element.
-_RANGES = {
-    "lora.r": "[1, inf)",
-    "lora.alpha": "(0, inf)",
-    "lora.dropout": "[0, 1)",
-    "data.max_prompt_tokens": "[1, inf)",
-    "data.num_eval": "[0, inf)",
-    "data.synthetic.num_train": "[1, inf)",
-    "data.synthetic.num_operands": "[2, inf)",
-    "sampler.temperature": "(0, inf) (use eval.temperature=0 for greedy evaluation)",
-    "sampler.top_p": "(0, 1]",
-    "sampler.top_k": "[0, inf) (0 = off)",
-    "sampler.min_p": "[0, 1)",
-    "sampler.max_new_tokens": "[1, inf)",
-    "sampler.gpu_memory_utilization": "(0, 1]",
-    "sampler.max_rows": "[1, inf) (null = every row at once)",
-    "grpo.prompts_per_step": "[1, inf)",
-    "grpo.group_size": "[2, inf) (advantages compare the completions of one prompt)",
-    "grpo.epsilon": "(0, inf)",
-    "grpo.delta": "(1, inf)",
-    "grpo.beta": "[0, inf)",
-    "grpo.num_iterations": "[1, inf)",
-    "grpo.max_resample_rounds": "[0, inf)",
-    "grpo.is_cap": "[1, inf)",
-    "train.steps": "[1, inf)",
-    "train.lr": "[0, inf)",
-    "train.weight_decay": "[0, inf)",
-    "train.betas": "[0, 1)",
-    "train.eps": "(0, inf)",
-    "train.warmup_steps": "[0, inf)",
-    "train.min_lr_ratio": "[0, 1]",
-    "train.max_grad_norm": "(0, inf)",
-    "train.micro_batch_size": "[1, inf)",
-    "train.logprob_chunk_size": "[1, inf)",
-    "log.every": "[1, inf)",
-    "log.sample_every": "[0, inf) (0 = never)",
-    "checkpoint.every": "[0, inf) (0 = only the final checkpoint)",
-    "checkpoint.keep_last": "[1, inf)",
-    "eval.every": "[0, inf) (0 = off)",
-    "eval.num_prompts": "[1, inf)",
-    "eval.temperature": "[0, inf) (0 = greedy)",
-    "eval.max_new_tokens": "[1, inf)",
-    "distributed.timeout_s": "(0, inf)",
-}
-
-
-def _range_error(key: str, value: Any, spec: str) -> str | None:
-    """A message if `value` lies outside the interval `spec`, else None (NaN is always outside)."""
-    left, lo, hi, right, why = _INTERVAL_RE.match(spec).groups()
-    values = value if isinstance(value, (list, tuple)) else [value]
-    ok = all(
-        (v > float(lo) if left == "(" else v >= float(lo)) and (v < float(hi) if right == ")" else v <= float(hi))
-        for v in values
-        if v is not None
-    )
-    if ok:
-        return None
-    where = f"{'>' if left == '(' else '>='} {lo}" if hi == "inf" else f"in {left}{lo}, {hi}{right}"
-    shown = list(value) if isinstance(value, tuple) else value
-    return f"{key} must be {where}, got {shown}" + (f" {why}" if why else "")
-
-
-def validate(cfg: Config) -> list[str]:
-    """Check the settings, alone and against each other; raise one ConfigError listing every problem.
-
-    Field types are re-checked first, so a hand-built Config gets the same errors as a YAML one.
-    Legal but suspicious combinations (e.g. GSPO with a token-sum loss, chosen to be a warning as
-    TRL does, since the math is well defined) are emitted as ConfigWarning and returned for the log.
-    """
-    Config.from_dict(config_to_dict(cfg))
+def _cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
+    """Checks between fields (each field is checked alone by its limit); odd findings go to `notes`."""
     errors: list[str] = []
-    notes: list[str] = []
-    for key, spec in _RANGES.items():
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        if (msg := _range_error(key, value, spec)) is not None:
-            errors.append(msg)
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
             errors.append(msg)
 
-    run, model, data, syn = cfg.run, cfg.model, cfg.data, cfg.data.synthetic
-    g, tr, ev = cfg.grpo, cfg.train, cfg.eval
-    need(
-        "/" not in run.name and "\\" not in run.name and run.name not in ("", ".", ".."),
-        f"run.name must be a plain folder name, got {run.name!r}",
-    )
-    need(bool(_DEVICE_RE.match(run.device)), f"run.device must be auto, cpu, cuda or cuda:N, got {run.device!r}")
+    model, lora, data, syn, g, tr = cfg.model, cfg.lora, cfg.data, cfg.data.synthetic, cfg.grpo, cfg.train
     need(
         (model.name_or_path is None) != (model.arch is None),
         f"set exactly one of model.name_or_path ({model.name_or_path!r}) and model.arch ({model.arch!r})",
     )
+    if model.arch is not None:
+        from minigrpo.models.presets import PRESETS  # plain dicts: no torch
+
+        need(model.arch in PRESETS, f"model.arch={model.arch!r} is no preset; known: {', '.join(sorted(PRESETS))}")
     need(
         not model.activation_offload or model.gradient_checkpointing,
         "model.activation_offload=true needs model.gradient_checkpointing=true (it offloads the checkpointed inputs)",
     )
-    need(not cfg.lora.enabled or len(cfg.lora.targets) > 0, "lora.targets must name at least one layer")
+    need(not lora.enabled or len(lora.targets) > 0, "lora.targets must name at least one layer")
     need(
-        not (cfg.lora.enabled and cfg.distributed.strategy == "fsdp"),
+        not (lora.enabled and cfg.distributed.strategy == "fsdp"),
         "distributed.strategy=fsdp with lora.enabled: LoRA trains with ddp (the frozen, possibly NF4, base is "
         "replicated and only the adapters' gradients are all-reduced); use strategy auto or ddp",
     )
     need(
-        cfg.lora.quantize_base is None or cfg.lora.enabled,
-        f"lora.quantize_base={cfg.lora.quantize_base!r} needs lora.enabled=true (a quantized base is frozen)",
+        lora.quantize_base is None or lora.enabled,
+        f"lora.quantize_base={lora.quantize_base!r} needs lora.enabled=true (a quantized base is frozen)",
     )
 
     # data: a file source needs a path whose suffix matches it
     if data.source in ("jsonl", "parquet", "hub"):
         need(data.path is not None, f"data.source={data.source!r} needs data.path (a file, folder or repo id)")
-    for key in ("path", "eval_path"):
-        suffix = Path(getattr(data, key) or "").suffix
-        if data.source in _DATA_SUFFIXES and suffix in (".jsonl", ".json", ".parquet"):
-            need(
-                suffix in _DATA_SUFFIXES[data.source],
-                f"data.{key}={getattr(data, key)!r} does not match data.source={data.source!r}",
-            )
+    suffixes = _DATA_SUFFIXES.get(data.source)
+    for key, path in (("path", data.path), ("eval_path", data.eval_path)):
+        if suffixes and Path(path or "").suffix in (".jsonl", ".json", ".parquet"):
+            need(Path(path).suffix in suffixes, f"data.{key}={path!r} does not match data.source={data.source!r}")
     need(
-        data.eval_path is None or data.source in _DATA_SUFFIXES,
+        data.eval_path is None or suffixes is not None,
         f"data.eval_path is only read by jsonl/parquet sources, not data.source={data.source!r}",
     )
     if data.source == "synthetic":
@@ -745,12 +352,13 @@ def validate(cfg: Config) -> list[str]:
         "within sampler.gpu_memory_utilization (set sampler.max_rows=null)",
     )
 
-    # grpo: clip ranges
-    eps_high = g.epsilon if g.epsilon_high is None else g.epsilon_high
-    need(eps_high >= g.epsilon, f"grpo.epsilon_high ({g.epsilon_high}) must be >= grpo.epsilon ({g.epsilon}) or null")
-    if g.delta is not None and 1 < g.delta <= 1 + eps_high:
+    # grpo: clip ranges and IS bounds
+    eps, eps_high = g.epsilon, g.epsilon_high
+    need(eps_high >= eps, f"grpo.epsilon_high ({eps_high}) must be >= grpo.epsilon ({eps}) or null")
+    need(g.is_min is None or g.is_min <= g.is_cap, f"grpo.is_min ({g.is_min}) must be <= grpo.is_cap ({g.is_cap})")
+    if g.delta is not None and 1 < g.delta <= 1 + g.epsilon_high:
         notes.append(
-            f"grpo.delta ({g.delta}) <= 1 + epsilon_high ({1 + eps_high}): it also caps the ratio of "
+            f"grpo.delta ({g.delta}) <= 1 + epsilon_high ({1 + g.epsilon_high}): it also caps the ratio of "
             "positive-advantage tokens inside the clip range"
         )
     if g.importance_sampling_level == "sequence" and g.loss_type != "grpo":
@@ -761,20 +369,21 @@ def validate(cfg: Config) -> list[str]:
 
     # rewards: names only look right here; the functions are resolved when the run starts
     need(len(cfg.rewards) > 0, "rewards must list at least one reward function")
-    for i, spec in enumerate(cfg.rewards):
+    names = [reward.name for reward in cfg.rewards]
+    for i, name in enumerate(names):
         need(
-            bool(_REWARD_RE.match(spec.name)),
-            f"rewards.{i}.name={spec.name!r} is neither a registry name nor 'package.module:function'",
+            bool(_REWARD_RE.match(name)),
+            f"rewards.{i}.name={name!r} is neither a registry name nor 'package.module:function'",
         )
-        need(math.isfinite(spec.weight), f"rewards.{i}.weight must be finite, got {spec.weight}")
-        need(spec.timeout_s > 0, f"rewards.{i}.timeout_s must be > 0, got {spec.timeout_s}")
+        need(
+            name not in names[:i],
+            f"rewards.{i}.name={name!r} repeats rewards.{names.index(name)}.name: list each reward once "
+            "(its metrics are keyed by its name)",
+        )
     need(
-        not cfg.rewards or any(spec.weight != 0 for spec in cfg.rewards),
+        not cfg.rewards or any(reward.weight != 0 for reward in cfg.rewards),
         "every rewards.*.weight is 0: every advantage would be 0 and nothing would be learned",
     )
-    names = [spec.name for spec in cfg.rewards]
-    if len(set(names)) < len(names):
-        notes.append(f"rewards lists a function twice ({names}): their per-reward metrics share one name")
 
     # the sizes of one step: N = B*G sequences, trained in N / micro_batch_size passes
     n, mb = g.prompts_per_step * g.group_size, tr.micro_batch_size
@@ -786,19 +395,21 @@ def validate(cfg: Config) -> list[str]:
             f"{[d for d in range(1, n + 1) if n % d == 0]}"
         )
     need(tr.warmup_steps <= tr.steps, f"train.warmup_steps ({tr.warmup_steps}) must be <= train.steps ({tr.steps})")
+    need(
+        cfg.eval.num_prompts <= data.num_eval,
+        f"eval.num_prompts ({cfg.eval.num_prompts}) must be <= data.num_eval ({data.num_eval})",
+    )
+    return errors
 
-    if ev.every > 0:
-        need(data.eval_split is not None, "eval.every > 0 needs data.eval_split")
-        need(
-            ev.num_prompts is None or ev.num_prompts <= data.num_eval,
-            f"eval.num_prompts ({ev.num_prompts}) must be <= data.num_eval ({data.num_eval})",
-        )
-        single_file = Path(data.path or "").suffix in (".jsonl", ".json", ".parquet")
-        need(
-            not (data.source in _DATA_SUFFIXES and single_file and data.eval_path is None),
-            f"eval.every > 0 with a single-file data.path ({data.path!r}) needs data.eval_path",
-        )
 
+def validate(cfg: Config) -> list[str]:
+    """Check the settings, alone and against each other; raise one ConfigError listing every problem,
+    one per line, each naming its dotted key. A hand-built Config is rebuilt from plain data first
+    (the same type errors as YAML). Legal but suspicious combinations (GSPO with a token-sum loss:
+    a warning, as in TRL, since the math is well defined) are ConfigWarnings, also returned."""
+    cfg = Config.from_dict(config_to_dict(cfg))
+    notes: list[str] = []
+    errors = configio.check_limits(cfg) + _cross_field_errors(cfg, notes)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     for note in notes:
@@ -831,60 +442,35 @@ def validate_distributed(cfg: Config, world_size: int) -> None:
         raise ConfigError("invalid config for distributed training:\n  - " + "\n  - ".join(errors))
 
 
-# ----------------------------------------------------------------------------------------------
-# Load / save / command line
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------- Load / save / compare / command line
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read YAML (None: all defaults), apply `a.b=v` overrides, coerce, validate."""
-    raw: Any = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        raw = {} if raw is None else raw
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw: dict[str, Any] = {} if path is None else configio.load_yaml_file(path)
     for item in overrides:
-        _apply_override(raw, item)
+        configio.apply_override(raw, item, Config)
     cfg = Config.from_dict(raw)
     validate(cfg)
     return cfg
-
-
-class _Dumper(yaml.SafeDumper):
-    """Safe YAML with block mappings and lists of scalars on one line (`betas: [0.9, 0.99]`)."""
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-    flow = all(not isinstance(v, (list, dict)) for v in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
-    style = '"' if "\n" in data and len(data) < 80 else ("|" if "\n" in data else None)  # newlines stay visible
-    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
-
-
-_Dumper.add_representer(list, _represent_list)
-_Dumper.add_representer(str, _represent_str)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically); `load_config(path)` gives an equal Config."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
-    write_atomic(path, "# minigrpo resolved config\n" + body)
+    write_atomic(path, "# minigrpo resolved config\n" + configio.dump_yaml(config_to_dict(cfg)))
 
 
-def build_arg_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """`--config FILE`, `--set a.b=v ...` (repeatable) and `--resume`."""
-    parser = argparse.ArgumentParser(description=description)
+def config_diff(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs ("train.lr", "rewards.0.weight"),
+    in schema order; a list of another length is one key ("rewards")."""
+    return configio.changed_keys(config_to_dict(a), config_to_dict(b))
+
+
+def build_arg_parser(description: str | None = None) -> ArgumentParser:
+    """`--config FILE`, `--set a.b=v ...` (repeatable) and `--resume`; bad arguments raise UsageError."""
+    parser = ArgumentParser(description=description)
     parser.add_argument("--config", type=str, default=None, help="YAML config file (default: all defaults)")
     parser.add_argument(
         "--set",

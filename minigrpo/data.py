@@ -10,7 +10,8 @@
 
 Sources: JSON Lines, parquet (pyarrow, imported only when needed), Hugging Face Hub dataset repos
 (through huggingface_hub), GSM8K, and a synthetic arithmetic task generated from a seed with no
-files at all (it serves the CPU demo and the tests).
+files at all (it serves the CPU demo and the tests). Reading files (and DataError, re-exported here)
+lives in minigrpo.datafiles: a bad file or row is reported as file and line.
 
 The loader's cursor (`state_dict`) is saved with every checkpoint, so a resumed run sees exactly the
 batches an uninterrupted run would have seen, also when it stopped at an epoch boundary.
@@ -27,15 +28,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DataCfg, SyntheticCfg
+from minigrpo.config import DataCfg, SyntheticCfg
+from minigrpo.datafiles import (
+    SUFFIXES,
+    DataError,
+    Row,
+    download,
+    read_json_rows,
+    read_parquet_rows,
+    read_rows,
+    resolve_files,
+    split_files,
+)
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 GSM8K_REPO = "openai/gsm8k"  # hub dataset repo read when data.source=gsm8k has no data.path
-_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-class DataError(ValueError):
-    """A dataset cannot be read or does not have the configured fields."""
 
 
 @dataclass
@@ -59,128 +66,38 @@ class Example:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON Lines file (a .json file holding one JSON array is read too)."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {i} is a {type(row).__name__}, not a JSON object")
-    return rows
-
-
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
-    """Rows of a parquet file. pyarrow is optional: it is imported here, not at module import."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError(
-            f"reading {path} needs the 'pyarrow' package, which minigrpo does not install: "
-            "pip install pyarrow (or convert the data to JSON Lines)"
-        ) from None
-    return pq.read_table(path).to_pylist()
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".parquet":
-        return _read_parquet(path)
-    if path.suffix in (".jsonl", ".json"):
-        return _read_jsonl(path)
-    raise DataError(f"{path}: unknown data file type (expected one of {', '.join(_SUFFIXES)})")
-
-
-def _to_examples(rows: list[dict], prompt_field: str, answer_field: str, where: str) -> list[Example]:
+def _to_examples(rows: list[Row], prompt_field: str, answer_field: str) -> list[Example]:
     """Rows -> Examples: the prompt and answer fields are taken out, the other fields become columns."""
     examples = []
-    for i, row in enumerate(rows):
+    for where, row in rows:
         for name in (prompt_field, answer_field):
-            if row.get(name) is None:
-                raise DataError(f"{where}: row {i} has no value for {name!r} (fields: {', '.join(map(str, row))})")
+            if name not in row:
+                key = "data.prompt_field" if name == prompt_field else "data.answer_field"
+                raise DataError(f"{where}: no field {name!r} (the row has: {', '.join(map(str, row))}; see {key})")
+            if row[name] is None:
+                raise DataError(f"{where}: field {name!r} is null")
         prompt = row[prompt_field]
         if not isinstance(prompt, (str, list)):
-            raise DataError(f"{where}: row {i} field {prompt_field!r} is neither text nor a list of messages")
+            raise DataError(f"{where}: field {prompt_field!r} is neither text nor a list of messages")
         columns = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
         examples.append(Example(prompt=prompt, answer=str(row[answer_field]), columns=columns))
     return examples
 
 
-def split_files(root: Path, split: str, subset: str | None = None, suffixes: Sequence[str] = _SUFFIXES) -> list[Path]:
-    """The data files of `split` in a folder (a local folder or a downloaded hub snapshot).
-
-    A file belongs to the split when a path component or the name starts with the split name as a
-    whole word: `train.jsonl`, `train-00000-of-00002.parquet`, `data/train/part0.jsonl`; with
-    `subset`, only files below a folder of that name count (hub datasets keep one folder per config).
-    """
-    word = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
-    files = []
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if not path.is_file() or path.suffix not in suffixes or any(p.startswith(".") for p in rel.parts):
-            continue
-        if subset is not None and subset not in rel.parts[:-1]:
-            continue
-        if word.search(rel.with_suffix("").as_posix()):
-            files.append(path)
-    if not files:
-        raise DataError(
-            f"no {'/'.join(suffixes)} files for split {split!r} in {root}"
-            + (f" below a folder named {subset!r}" if subset else "")
-        )
-    folders = sorted({str(p.parent.relative_to(root)) for p in files})
-    if len(folders) > 1 and subset is None:
-        raise DataError(
-            f"files for split {split!r} in several folders of {root} ({', '.join(folders)}): set data.subset"
-        )
-    return files
-
-
-def _resolve_files(path: str | Path, split: str, subset: str | None, suffixes: Sequence[str]) -> list[Path]:
-    """A file is read as is; a folder is searched for the split's files."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        return split_files(path, split, subset, suffixes)
-    raise DataError(f"data path {str(path)!r} does not exist")
-
-
 def _load_files(files: list[Path], prompt_field: str, answer_field: str) -> list[Example]:
-    out: list[Example] = []
-    for f in files:
-        out += _to_examples(_read_rows(f), prompt_field, answer_field, str(f))
-    return out
+    return [ex for f in files for ex in _to_examples(read_rows(f), prompt_field, answer_field)]
 
 
 def load_jsonl(path: str | Path, prompt_field: str = "question", answer_field: str = "answer") -> list[Example]:
     """Examples from a JSON Lines file."""
     path = Path(path)
-    return _to_examples(_read_jsonl(path), prompt_field, answer_field, str(path))
+    return _to_examples(read_json_rows(path), prompt_field, answer_field)
 
 
 def load_parquet(path: str | Path, prompt_field: str = "question", answer_field: str = "answer") -> list[Example]:
     """Examples from a parquet file (needs pyarrow, an optional package)."""
     path = Path(path)
-    return _to_examples(_read_parquet(path), prompt_field, answer_field, str(path))
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    """A local snapshot of the data files of a hub dataset repo (cached by huggingface_hub)."""
-    import huggingface_hub
-
-    root = huggingface_hub.snapshot_download(
-        repo_id=repo_id, repo_type="dataset", revision=revision, allow_patterns=[f"*{s}" for s in _SUFFIXES]
-    )
-    return Path(root)
+    return _to_examples(read_parquet_rows(path), prompt_field, answer_field)
 
 
 def load_hub(
@@ -193,7 +110,7 @@ def load_hub(
     revision: str | None = None,
 ) -> list[Example]:
     """Examples of one split of a Hugging Face Hub dataset repo (its jsonl/json/parquet files)."""
-    return _load_files(split_files(_download(repo_id, revision), split, subset), prompt_field, answer_field)
+    return _load_files(split_files(download(repo_id, revision), split, subset), prompt_field, answer_field)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +127,7 @@ def parse_gsm8k_answer(solution: str) -> str:
 
 
 def _looks_like_repo_id(path: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and Path(path).suffix not in _SUFFIXES
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and Path(path).suffix not in SUFFIXES
 
 
 def load_gsm8k(
@@ -227,12 +144,17 @@ def load_gsm8k(
     if not Path(path_or_repo).expanduser().exists() and _looks_like_repo_id(path_or_repo):
         if subset is None and path_or_repo == GSM8K_REPO:
             subset = "main"
-        files = split_files(_download(path_or_repo, revision), split, subset)
+        files = split_files(download(path_or_repo, revision), split, subset)
     else:
-        files = _resolve_files(path_or_repo, split, subset, _SUFFIXES)
+        files = resolve_files(path_or_repo, split, subset, SUFFIXES)
+    rows = [row for f in files for row in read_rows(f)]
     examples = []
-    for ex in _load_files(files, "question", "answer"):
-        examples.append(Example(ex.prompt, parse_gsm8k_answer(ex.answer), {**ex.columns, "solution": ex.answer}))
+    for (where, _), ex in zip(rows, _to_examples(rows, "question", "answer")):
+        try:
+            final = parse_gsm8k_answer(ex.answer)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        examples.append(Example(ex.prompt, final, {**ex.columns, "solution": ex.answer}))
     return examples
 
 
@@ -310,7 +232,7 @@ def build_dataset(cfg: DataCfg, split: str | None = None) -> list[Example]:
         if path is None:
             raise DataError(f"data.source={cfg.source!r} needs data.path")
         suffixes = (".parquet",) if cfg.source == "parquet" else (".jsonl", ".json")
-        examples = _load_files(_resolve_files(path, split, cfg.subset, suffixes), cfg.prompt_field, cfg.answer_field)
+        examples = _load_files(resolve_files(path, split, cfg.subset, suffixes), cfg.prompt_field, cfg.answer_field)
     else:
         raise DataError(f"unknown data.source {cfg.source!r}")
     if not examples:

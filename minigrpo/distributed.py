@@ -14,7 +14,8 @@ trains on them; the ranks only meet in collectives:
   count, exactly what one process computes on the whole batch;
 - gradients: FSDP2 reduce-scatters them (strategy "fsdp"), or one all-reduce per optimizer step
   averages the replicated trainable gradients (strategy "ddp");
-- metrics: per-rank partial sums are gathered and combined the same way on every rank.
+- metrics: each rank's per-row values (`gather_rows`) or partial statistics (`merge_stats`: means,
+  sums, extremes) are gathered and combined the same way on every rank.
 
 Strategies.
   fsdp  (full fine-tuning) `fully_shard` on every block and the root, bf16 compute with fp32
@@ -130,6 +131,54 @@ def close_world(world: World) -> None:
 def shard_range(n: int, rank: int, size: int) -> tuple[int, int]:
     """[lo, hi) of rank's contiguous share of n items; shares differ by at most one item."""
     return rank * n // size, (rank + 1) * n // size
+
+
+# ------------------------------------------------------------------------------------------------
+# the batch's numbers from every rank's share
+
+
+def gather_rows(world: World, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's rows, concatenated in rank order, and the index of this rank's first row.
+
+    rows: (N_rank, ...) of this rank -> ((N, ...) fp32 on the CPU, start). A single process gets
+    `rows` back unchanged (start 0).
+    """
+    if not world.distributed:
+        return rows, 0
+    parts = world.all_gather(rows.detach().float().cpu())
+    start = sum(len(part) for part in parts[: world.rank])
+    return torch.cat(parts), start
+
+
+def combine_stats(parts: Sequence[tuple[dict[str, float], float]]) -> tuple[dict[str, float], float]:
+    """Statistics of several parts (micro-batches, ranks) as those of their union, by key suffix:
+
+    `*_min` -> the smallest, `*_max` -> the largest, `*_sum` -> the total, anything else is a mean
+    over its part's `weight` units (tokens, rows) and is averaged with those weights. Parts of
+    weight 0 hold no units and are left out, unless no part has any (then each counts once).
+    Returns (combined, total weight).
+    """
+    filled = [(stats, float(w)) for stats, w in parts if w > 0]
+    total = sum(w for _, w in filled)
+    if not filled:
+        filled = [(stats, 1.0) for stats, _ in parts]
+    combined: dict[str, float] = {}
+    for key in dict.fromkeys(k for stats, _ in filled for k in stats):
+        values = [(stats[key], w) for stats, w in filled if key in stats]
+        if key.endswith("_min"):
+            combined[key] = min(v for v, _ in values)
+        elif key.endswith("_max"):
+            combined[key] = max(v for v, _ in values)
+        elif key.endswith("_sum"):
+            combined[key] = sum(v for v, _ in values)
+        else:
+            combined[key] = sum(v * w for v, w in values) / sum(w for _, w in values)
+    return combined, total
+
+
+def merge_stats(world: World, stats: dict[str, float], weight: float) -> tuple[dict[str, float], float]:
+    """This rank's statistics combined with every rank's (`combine_stats`); the identity for one process."""
+    return combine_stats(world.all_gather((stats, float(weight))))
 
 
 # ------------------------------------------------------------------------------------------------

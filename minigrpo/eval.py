@@ -1,19 +1,19 @@
 """Evaluate a model on a held-out split: `python -m minigrpo.eval --checkpoint DIR [options]`.
 
-    python -m minigrpo.eval --checkpoint runs/demo_cpu/checkpoints/step_000020
-    python -m minigrpo.eval --checkpoint smollm2 --config configs/demo_cpu.yaml --num 100
+    python -m minigrpo.eval --checkpoint runs/demo_cpu/checkpoints/step_000020 --split train --num 100
+    python -m minigrpo.eval --checkpoint smollm2 --config configs/smollm2_arith_gpu.yaml --num 100
 
 Accuracy is the fraction of completions whose extracted final answer (answer tag, \\boxed{},
 `####` or the last number) equals the reference; the configured reward functions are reported too.
 Sampling follows `eval.temperature` (greedy by default) and `eval.max_new_tokens`. Without
 `--config`, the run config saved in a training checkpoint (`run_config.yaml`) is used; a LoRA
-checkpoint (a PEFT adapter) is applied to the base model that config names.
+checkpoint (a PEFT adapter) is applied to the base model that config names. The split is the
+config's `data.eval_split` unless `--split` names one of its splits; every argument is checked
+before any weights load.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -22,21 +22,23 @@ from typing import Any
 import torch
 
 from minigrpo import lora, rewards
-from minigrpo.config import Config, load_config, resolve_dtype
+from minigrpo.atomic import write_atomic
+from minigrpo.build import compute_dtype, load_policy, pick_device, sampling_params
+from minigrpo.config import Config, load_config
 from minigrpo.data import Example, batch_columns, build_dataset, encode_prompts
-from minigrpo.models.loading import load_pretrained
-from minigrpo.sampling.sampler import Sampler
-from minigrpo.train import load_policy, pick_device, reward_specs, sampling_params
+from minigrpo.errors import ArgumentParser, UserError, run_cli
+from minigrpo.models.loading import check_model_source, load_pretrained
+from minigrpo.sampling.kv_sampler import KVCacheSampler
 
 
 @torch.no_grad()
 def evaluate(cfg: Config, model, tokenizer, examples: list[Example], *, batch_size: int = 32) -> dict[str, Any]:
     """Greedy (or eval.temperature) completions for every example -> accuracy and mean rewards."""
-    sampler = Sampler(model, tokenizer, cuda_graphs=cfg.sampler.compile, max_rows=cfg.sampler.max_rows)
-    params = sampling_params(cfg, tokenizer, n=1, temperature=cfg.eval.temperature)
-    if cfg.eval.max_new_tokens is not None:
-        params = dataclasses.replace(params, max_new_tokens=cfg.eval.max_new_tokens)
-    specs = reward_specs(cfg)
+    sampler = KVCacheSampler(model, tokenizer, cuda_graphs=cfg.sampler.compile, max_rows=cfg.sampler.max_rows)
+    params = sampling_params(
+        cfg, tokenizer, n=1, temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens
+    )
+    specs = rewards.build_reward_specs(cfg.rewards)
     correct, totals, per_fn, samples = [], [], {s.name: [] for s in specs}, []
     t0 = time.perf_counter()
     for start in range(0, len(examples), batch_size):
@@ -46,6 +48,7 @@ def evaluate(cfg: Config, model, tokenizer, examples: list[Example], *, batch_si
         answers = [ex.answer for ex in batch]
         columns = batch_columns(batch)
         columns["completion_lengths"] = rollout.completion_lengths.tolist()
+        columns["max_completion_length"] = [params.max_new_tokens] * rollout.num_sequences
         scored = rewards.score([ex.prompt for ex in batch], rollout.completion_texts, answers, specs, columns=columns)
         for i, text in enumerate(rollout.completion_texts):
             ok = rewards.answers_match(rewards.extract_answer(text), answers[i])
@@ -71,39 +74,81 @@ def evaluate(cfg: Config, model, tokenizer, examples: list[Example], *, batch_si
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on a held-out split")
+def parse_args(argv: list[str] | None):
+    parser = ArgumentParser(prog="minigrpo.eval", description="Evaluate a checkpoint on a held-out split")
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, hub id, .gguf file or 'smollm2'")
-    parser.add_argument("--config", default=None, help="YAML config (default: the run's config.yaml, if found)")
+    parser.add_argument("--config", default=None, help="YAML config (default: the run's config saved with it)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--split", default=None, help="dataset split (default: data.eval_split)")
+    parser.add_argument("--split", default=None, help="data.split or data.eval_split (default: data.eval_split)")
     parser.add_argument("--num", type=int, default=None, help="number of examples (default: eval.num_prompts)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts generated at once")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    for flag, value in (("--num", args.num), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    return args
 
-    config_path = args.config
+
+def run_config_of(checkpoint: Path, config: str | None) -> str | None:
+    """The config to evaluate with: --config, else the one saved with a training checkpoint
+    (run_dir/checkpoints/step_N/run_config.yaml) or beside its run (run_dir/config.yaml, which
+    also serves run_dir/merged)."""
+    if config is not None or not checkpoint.is_dir():
+        return config
+    folder = checkpoint.resolve()
+    candidates = [folder / "run_config.yaml", folder.parent / "config.yaml", folder.parent.parent / "config.yaml"]
+    found = [p for p in candidates if p.is_file()]
+    return str(found[0]) if found else None
+
+
+def pick_split(cfg: Config, requested: str | None) -> str:
+    """--split if it is one of the config's splits, else data.eval_split; never a silent fallback."""
+    known = {cfg.data.split: "data.split"} | ({cfg.data.eval_split: "data.eval_split"} if cfg.data.eval_split else {})
+    if requested is None:
+        if cfg.data.eval_split is None:
+            raise UserError(
+                f"the config names no eval split (data.eval_split is null): pass --split {cfg.data.split} "
+                "to evaluate on training prompts, or set data.eval_split"
+            )
+        return cfg.data.eval_split
+    if requested not in known:
+        names = ", ".join(f"{name} ({key})" for name, key in known.items())
+        raise UserError(f"unknown --split {requested!r}: this config's splits are {names}")
+    return requested
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """The command line: a bad argument, config, checkpoint or output path is one `error:` line."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> dict[str, Any]:
+    args = parse_args(argv)
     ckpt = Path(args.checkpoint)
-    if config_path is None and ckpt.is_dir():  # a training checkpoint carries its run config
-        found = [p for p in (ckpt / "run_config.yaml", ckpt.resolve().parents[1] / "config.yaml") if p.is_file()]
-        config_path = str(found[0]) if found else None
-    cfg = load_config(config_path, args.overrides)
-    split = args.split or cfg.data.eval_split or cfg.data.split
+    cfg = load_config(run_config_of(ckpt, args.config), args.overrides)
+    split = pick_split(cfg, args.split)
+    if args.output is not None and not Path(args.output).resolve().parent.is_dir():
+        raise UserError(f"--output {args.output}: the folder {Path(args.output).parent} does not exist")
+    adapter = (ckpt / "adapter_config.json").is_file()  # a LoRA run: its base model plus the saved adapter
+    check_model_source(cfg.model.name_or_path if adapter else args.checkpoint, revision=cfg.model.revision)
     examples = build_dataset(cfg.data, split)[: args.num or cfg.eval.num_prompts]
+    if not examples:
+        raise UserError(f"the {split!r} split holds no example")
     device = pick_device(cfg.run.device)
-    dtype = getattr(torch, resolve_dtype(cfg.run.dtype, device.type))
-    if (ckpt / "adapter_config.json").is_file():  # a LoRA run: its base model plus the saved adapter
+    dtype = compute_dtype(cfg, device)
+    if adapter:
         model, tokenizer = load_policy(cfg, device, dtype)
         lora.load_peft_adapter(model, ckpt)
     else:
         model, tokenizer = load_pretrained(args.checkpoint, dtype=dtype, device=device)
     results = evaluate(cfg, model.eval(), tokenizer, examples, batch_size=args.batch_size)
-    print(f"{args.checkpoint} on {split} ({results['num_examples']} examples, {results['seconds']:.1f}s):")
+    print(f"{args.checkpoint} on the {split!r} split ({results['num_examples']} examples, {results['seconds']:.1f}s):")
     for key, value in results.items():
         if key.startswith(("accuracy", "reward")):
             print(f"  {key:<28} {value:.4f}")
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        write_atomic(Path(args.output), json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -1,19 +1,21 @@
 """GRPO math: group-relative advantages, the clipped policy loss and its variants, KL and IS weights.
 
-Pure tensor functions (torch only, nothing of minigrpo): every formula here is checked on CPU against
-hand-worked numbers in tests/test_grpo.py.
+Pure tensor functions (torch only; the advantages live in advantages.py and are re-exported here, so
+the whole objective reads as grpo.*): every formula is checked on CPU against hand-worked numbers in
+tests/test_grpo.py.
 
 Shapes
     B prompts, G group size (completions per prompt), N = B*G sequences, Tc completion length (right
     padded), K reward functions. Groups are contiguous: rows [g*G, (g+1)*G) answer prompt g.
 
 One optimizer step (the loop in train.py does this)
+    opts = LossOptions.from_config(cfg)                   # once per run: the loss settings
     r   = score(...).total                                # (N,) fp32, NaN where no reward was scored
     A   = group_advantages(r, G)                          # (N,)
     m   = loss_mask(completion_mask, truncated, mask_truncated_completions=...)   # (N, Tc)
     nrm = make_normalizer(m, "dapo", num_micro_batches=k) # ONCE, over the whole step's batch
     for rows in micro_batches:                            # any split of the N rows
-        loss, stats = policy_loss(logp[rows], old[rows], A[rows], m[rows], normalizer=nrm)
+        loss, stats = policy_loss(logp[rows], old[rows], A[rows], m[rows], opts, normalizer=nrm)
         loss.backward()                                   # no division by k: the losses sum to the
     optimizer.step()                                      # full-batch loss, so the gradient is the same
 
@@ -38,138 +40,30 @@ Worked example (B=2 prompts, G=3, scale="group", eps=1e-4, completion lengths 3 
 
 Numerical safety
     Log-ratios (policy/old, old/sampler, ref/policy) are zeroed on padding before any exp, so garbage
-    or -inf log-probs there cannot make NaN, and clamped to +-LOG_RATIO_CLAMP (20) before exp: beyond
-    e^20 ~ 5e8 a token is hopelessly off-policy, so its ratio is frozen there (no gradient flows
-    through the clamp) instead of overflowing. Fully masked rows contribute exactly 0.
+    or -inf log-probs there cannot make NaN. The ratios policy/old and old/sampler are clamped to
+    +-LOG_RATIO_CLAMP (20) before exp: beyond e^20 ~ 5e8 a token is hopelessly off-policy, so its
+    ratio is frozen there (no gradient flows through the clamp) instead of overflowing. The KL's
+    d = ref - logp is clamped above only, which is all exp needs: for d -> -inf, k3 = exp(d) - d - 1
+    tends to -d - 1, finite, and keeps its restoring gradient on tokens the policy made far likelier
+    than the reference. Fully masked rows contribute exactly 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
+from minigrpo.advantages import group_advantages, group_reward_stats, group_rows, zero_spread_groups
+
+if TYPE_CHECKING:
+    from minigrpo.config import Config
+
 LOG_RATIO_CLAMP = 20.0
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-
-
-# ----------------------------------------------------------------------------- advantages
-
-
-def _groups(rewards: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, G) fp64 rewards with NaN zeroed, the (B, G) valid mask and the (B, 1) valid count."""
-    assert rewards.ndim == 1, f"rewards must be (N,), got {tuple(rewards.shape)}"
-    assert group_size >= 1 and rewards.numel() % group_size == 0, (
-        f"N={rewards.numel()} is not a multiple of group_size={group_size}"
-    )
-    r = rewards.detach().to(torch.float64).view(-1, group_size)  # (B, G) fp64
-    valid = ~torch.isnan(r)  # (B, G)
-    return torch.where(valid, r, 0.0), valid, valid.sum(1, keepdim=True)  # ..., (B, 1)
-
-
-def zero_spread_groups(rewards: Tensor, group_size: int) -> Tensor:
-    """(B,) bool: True where every valid reward of the group is equal, or the group has none.
-
-    Such groups get zero advantage and so no policy gradient; DAPO's dynamic sampling drops them.
-    """
-    r, valid, _ = _groups(rewards, group_size)
-    hi = torch.where(valid, r, -torch.inf).amax(1)  # (B,)
-    lo = torch.where(valid, r, torch.inf).amin(1)  # (B,)
-    return ~(hi > lo)  # no valid member: -inf > inf is False -> True
-
-
-def group_advantages(
-    rewards: Tensor,
-    group_size: int,
-    *,
-    scale: Literal["group", "batch", "none"] = "group",
-    estimator: Literal["grpo", "rloo"] = "grpo",
-    eps: float = 1e-4,
-) -> Tensor:
-    """Group-relative advantages, one per sequence.
-
-    Args:
-        rewards: (N,) total rewards; NaN marks a row where no reward could be scored. Such rows get
-            advantage 0 and are left out of every mean and std, so they poison nothing.
-        group_size: G; rows [g*G, (g+1)*G) form group g.
-        scale: divide by the group's unbiased (Bessel) std + eps ("group", GRPO), by the unbiased std of
-            all valid rewards in the batch + eps ("batch"), or not at all ("none", Dr. GRPO: the group
-            mean stays exactly zero). Applies to both estimators.
-        estimator: "grpo": A_i = r_i - mean_g(r). "rloo": A_i = r_i - mean_{j != i} r_j over the valid
-            members, i.e. n/(n-1) * (r_i - mean_g(r)); a group with a single valid member has no
-            leave-one-out baseline and gets 0.
-        eps: added to the std.
-
-    Returns:
-        (N,) fp32 advantages. Groups whose valid rewards are all equal get exactly 0 (not a rounding
-        residue), which zero_spread_groups reports.
-    """
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    if estimator not in ("grpo", "rloo"):
-        raise ValueError(f"estimator must be 'grpo' or 'rloo', got {estimator!r}")
-    r, valid, n = _groups(rewards, group_size)  # (B, G), (B, G), (B, 1)
-    mean = r.sum(1, keepdim=True) / n.clamp(min=1)  # (B, 1)
-    centered = torch.where(valid, r - mean, 0.0)  # (B, G)
-    flat = zero_spread_groups(rewards, group_size)[:, None]  # (B, 1)
-    centered = torch.where(flat, 0.0, centered)
-    if estimator == "rloo":
-        adv = torch.where(n >= 2, centered * n / (n - 1).clamp(min=1), 0.0)  # (B, G)
-    else:
-        adv = centered
-    if scale == "group":
-        std = (centered.square().sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()  # (B, 1)
-        adv = adv / (std + eps)
-    elif scale == "batch":
-        vals = r[valid]  # (n_valid,)
-        std = vals.std(unbiased=True) if vals.numel() >= 2 else vals.new_zeros(())
-        adv = adv / (std + eps)
-    return adv.reshape(-1).to(torch.float32)  # (N,)
-
-
-def group_reward_stats(rewards: Tensor, group_size: int) -> dict[str, Tensor]:
-    """Diagnostics of the rewards of one step (why is the loss 0? -> frac_zero_spread).
-
-    Returns detached fp32 tensors:
-        group_mean (B,) (NaN for a group with no valid reward), group_std (B,) unbiased (0 with fewer
-        than two valid rewards), group_valid (B,) count of valid rewards; 0-dim: frac_zero_spread
-        (groups with zero advantage), frac_invalid_rows (NaN rows), mean_group_std, reward_mean,
-        reward_std, reward_min, reward_max (over valid rows; NaN if there are none).
-    """
-    r, valid, n = _groups(rewards, group_size)
-    mean = r.sum(1, keepdim=True) / n.clamp(min=1)  # (B, 1)
-    centered = torch.where(valid, r - mean, 0.0)
-    std = (centered.square().sum(1) / (n[:, 0] - 1).clamp(min=1)).sqrt()  # (B,)
-    std = torch.where(n[:, 0] >= 2, std, 0.0)
-    vals = r[valid]
-    nan = r.new_tensor(float("nan"))
-    stats = {
-        "group_mean": torch.where(n[:, 0] > 0, mean[:, 0], nan),
-        "group_std": std,
-        "group_valid": n[:, 0],
-        "frac_zero_spread": zero_spread_groups(rewards, group_size).double().mean(),
-        "frac_invalid_rows": (~valid).double().mean(),
-        "mean_group_std": std.mean(),
-        "reward_mean": vals.mean() if vals.numel() else nan,
-        "reward_std": vals.std() if vals.numel() >= 2 else (vals.new_zeros(()) if vals.numel() else nan),
-        "reward_min": vals.min() if vals.numel() else nan,
-        "reward_max": vals.max() if vals.numel() else nan,
-    }
-    return {k: v.to(torch.float32) for k, v in stats.items()}
-
-
-# ----------------------------------------------------------------------------- dynamic sampling (DAPO)
-# The loop (train.rollout_phase) keeps the rows of informative groups and refills the rest.
-
-
-def group_rows(groups: Tensor, group_size: int) -> Tensor:
-    """(k*G,) int64 row indices of the groups given as a (B,) bool mask or (k,) group indices."""
-    idx = groups.nonzero().flatten() if groups.dtype == torch.bool else groups.long()  # (k,)
-    offsets = torch.arange(group_size, device=idx.device)  # (G,)
-    return (idx[:, None] * group_size + offsets).reshape(-1)  # (k*G,)
 
 
 # ----------------------------------------------------------------------------- masks, KL, IS weights
@@ -199,10 +93,11 @@ def _masked_log_ratio(a: Tensor, b: Tensor, active: Tensor) -> Tensor:
 def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
     """Per-token k3 estimate of KL(pi || pi_ref): exp(d) - d - 1 with d = ref - logp; >= 0, 0 at equality.
 
-    d is clamped to +-LOG_RATIO_CLAMP; padding (mask 0) gives 0.
+    d is clamped above at LOG_RATIO_CLAMP (so exp cannot overflow) and not below: a token the policy
+    made far likelier than the reference keeps k3 ~ -d - 1 and its gradient. Padding (mask 0) gives 0.
     """
     active = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask > 0
-    d = _masked_log_ratio(ref_logp, logp, active).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (N, Tc)
+    d = _masked_log_ratio(ref_logp, logp, active).clamp(max=LOG_RATIO_CLAMP)  # (N, Tc)
     return torch.exp(d) - d - 1.0
 
 
@@ -313,33 +208,78 @@ def make_normalizer(
 # ----------------------------------------------------------------------------- policy loss
 
 
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """The policy-loss settings of a run, built once from the config and given to every policy_loss call.
+
+    field                       config key                       meaning
+    loss_type                   grpo.loss_type                   how token losses are summed and divided
+    epsilon, epsilon_high       grpo.epsilon, grpo.epsilon_high  clip range [1 - epsilon, 1 + epsilon_high]
+    delta                       grpo.delta                       two-sided clip: cap rho at delta (None: off)
+    beta                        grpo.beta                        k3 KL weight; != 0 needs ref_logp
+    importance_sampling_level   grpo.importance_sampling_level   "token" ratios or "sequence" (GSPO)
+    is_correction               grpo.is_correction               sampler IS weights (None: off; needs sampler_logp)
+    is_cap, is_min              grpo.is_cap, grpo.is_min         IS weight bounds (importance_weights' cap, floor)
+    max_completion_length       sampler.max_new_tokens           dr_grpo's constant (None: the batch's Tc)
+    """
+
+    loss_type: str = "dapo"
+    epsilon: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    beta: float = 0.0
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    is_correction: str | None = None
+    is_cap: float = 3.0
+    is_min: float | None = None
+    max_completion_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(
+                f"importance_sampling_level must be 'token' or 'sequence', got {self.importance_sampling_level!r}"
+            )
+        if self.is_correction is not None and self.is_correction not in IS_CORRECTIONS:
+            raise ValueError(f"is_correction must be one of {IS_CORRECTIONS}, got {self.is_correction!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> LossOptions:
+        """The options of a run: cfg.grpo's loss settings and cfg.sampler.max_new_tokens."""
+        g = cfg.grpo
+        return cls(
+            loss_type=g.loss_type,
+            epsilon=g.epsilon,
+            epsilon_high=g.epsilon_high,
+            delta=g.delta,
+            beta=g.beta,
+            importance_sampling_level=g.importance_sampling_level,
+            is_correction=g.is_correction,
+            is_cap=g.is_cap,
+            is_min=g.is_min,
+            max_completion_length=cfg.sampler.max_new_tokens,
+        )
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
+    opts: LossOptions,
     *,
-    loss_type: str = "dapo",
     normalizer: LossNormalizer | None = None,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    beta: float = 0.0,
     ref_logp: Tensor | None = None,
-    importance_sampling_level: Literal["token", "sequence"] = "token",
-    max_completion_length: int | None = None,
     sampler_logp: Tensor | None = None,
-    is_correction: str | None = None,
-    is_cap: float = 3.0,
-    is_min: float | None = None,
     entropy: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped GRPO surrogate (+ k3 KL) of one micro-batch, normalised for gradient accumulation.
 
-    Per token: l = -min(rho' * A, clamp(rho, 1 - epsilon, 1 + epsilon_high) * A), rho' = min(rho, delta)
-    if delta is set (two-sided clipping) else rho; then l *= IS weight (is_correction); then
-    l += beta * k3(ref, logp). Aggregation with S = sum(m * l) over this micro-batch and the totals of
-    normalizer (world_size factor omitted here, see LossNormalizer):
+    Per token, with the settings of opts: l = -min(rho' * A, clamp(rho, 1 - epsilon, 1 + epsilon_high) * A),
+    rho' = min(rho, delta) if delta is set (two-sided clipping) else rho; then l *= IS weight
+    (is_correction); then l += beta * k3(ref, logp). Aggregation with S = sum(m * l) over this
+    micro-batch and the totals of normalizer (world_size factor omitted here, see LossNormalizer):
         grpo     sum_i (sum_t m l / max(|o_i|, 1)) / num_sequences   (the mean of per-sequence means)
         dr_grpo  S / (num_sequences * max_completion_length)
         dapo     S / num_tokens                                      (token mean over the whole step)
@@ -354,14 +294,13 @@ def policy_loss(
         mask: (N, Tc) bool or float loss mask, 1 on active tokens. It already holds
             mask_truncated_completions: build it once with loss_mask() and give the same mask to
             make_normalizer, so the loss and its token count can never disagree.
+        opts: the loss settings (LossOptions.from_config(cfg)). The ratio rho is exp(logp - old) per
+            token, or with importance_sampling_level "sequence" (GSPO)
+            rho_i = exp(sum_t m (logp - old) / max(|o_i|, 1)), broadcast to the tokens.
         normalizer: the step's totals from make_normalizer(); None treats this micro-batch as the
-            whole step (then max_completion_length defaults to Tc).
-        epsilon, epsilon_high: lower and upper clip range (epsilon_high defaults to epsilon).
-        importance_sampling_level: "token" rho = exp(logp - old); "sequence" (GSPO)
-            rho_i = exp(sum_t m (logp - old) / max(|o_i|, 1)), the geometric mean of the token
-            ratios, broadcast to the tokens.
+            whole step (then opts.max_completion_length defaults to Tc).
         ref_logp: (N, Tc) reference log-probs; needed when beta != 0; if given, the KL is reported.
-        sampler_logp, is_correction, is_cap, is_min: see importance_weights().
+        sampler_logp: (N, Tc) the sampler's log-probs; needed with opts.is_correction.
         entropy: (N, Tc) optional per-token entropy, only reported.
 
     Returns:
@@ -380,21 +319,17 @@ def policy_loss(
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("sampler_logp", sampler_logp)):
         assert t is None or t.shape == (N, Tc), f"{name} {tuple(t.shape)} vs logp {(N, Tc)}"
     assert entropy is None or entropy.shape == (N, Tc), f"entropy {tuple(entropy.shape)} vs {(N, Tc)}"
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if importance_sampling_level not in ("token", "sequence"):
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
-    if beta != 0.0 and ref_logp is None:
+    o = opts
+    if o.beta != 0.0 and ref_logp is None:
         raise ValueError("beta != 0 needs ref_logp")
-    if is_correction is not None and sampler_logp is None:
-        raise ValueError(f"is_correction={is_correction!r} needs sampler_logp")
+    if o.is_correction is not None and sampler_logp is None:
+        raise ValueError(f"is_correction={o.is_correction!r} needs sampler_logp")
     if normalizer is None:
-        normalizer = make_normalizer(mask, loss_type, max_completion_length=max_completion_length)
-    elif normalizer.loss_type != loss_type:
-        raise ValueError(f"normalizer was made for {normalizer.loss_type!r}, not {loss_type!r}")
-    elif max_completion_length is not None and max_completion_length != normalizer.max_completion_length:
+        normalizer = make_normalizer(mask, o.loss_type, max_completion_length=o.max_completion_length)
+    elif normalizer.loss_type != o.loss_type:
+        raise ValueError(f"normalizer was made for {normalizer.loss_type!r}, not {o.loss_type!r}")
+    elif o.max_completion_length is not None and o.max_completion_length != normalizer.max_completion_length:
         raise ValueError("max_completion_length conflicts with normalizer.max_completion_length")
-    eps_low, eps_high = epsilon, epsilon if epsilon_high is None else epsilon_high
 
     m = mask.to(torch.float32)  # (N, Tc)
     active = m > 0  # (N, Tc)
@@ -404,45 +339,45 @@ def policy_loss(
 
     # ratio
     log_ratio = _masked_log_ratio(logp, old, active)  # (N, Tc)
-    if importance_sampling_level == "sequence":
+    if o.importance_sampling_level == "sequence":
         log_ratio = (log_ratio.sum(1) / seq_len.clamp(min=1))[:, None]  # (N, 1)
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # (N, Tc) or (N, 1)
 
     # clipped surrogate
-    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    capped = ratio if delta is None else ratio.clamp(max=delta)
+    clipped = ratio.clamp(1.0 - o.epsilon, 1.0 + o.epsilon_high)
+    capped = ratio if o.delta is None else ratio.clamp(max=o.delta)
     per_token = -torch.minimum(capped * A, clipped * A).expand(N, Tc)  # (N, Tc)
 
     stats: dict[str, Tensor] = {}
-    if is_correction is not None:
-        w, raw = importance_weights(old, sampler_logp, m, is_correction, cap=is_cap, floor=is_min)
+    if o.is_correction is not None:
+        w, raw = importance_weights(old, sampler_logp, m, o.is_correction, cap=o.is_cap, floor=o.is_min)
         per_token = per_token * w
         raw = raw.expand(N, Tc)
-        outside = (raw > is_cap) | (raw < is_min if is_min is not None else torch.zeros_like(active))
+        outside = (raw > o.is_cap) | (raw < o.is_min if o.is_min is not None else torch.zeros_like(active))
         stats |= _masked_min_mean_max("is_weight", raw, active)
         stats["is_clip_frac"] = _masked_mean(outside.float(), active)
     pg = per_token
     if ref_logp is not None:
         kl = kl_k3(logp, ref_logp, m)  # (N, Tc)
-        if beta != 0.0:
-            per_token = per_token + beta * kl
+        if o.beta != 0.0:
+            per_token = per_token + o.beta * kl
         stats["kl"] = _masked_mean(kl, active)
 
     # aggregation
     n = normalizer
-    if loss_type == "grpo":
+    if o.loss_type == "grpo":
         loss = ((per_token * m).sum(1) / seq_len.clamp(min=1)).sum() / max(n.num_sequences, 1) * n.world_size
-    elif loss_type == "dr_grpo":
+    elif o.loss_type == "dr_grpo":
         loss = (per_token * m).sum() / max(n.num_sequences * n.max_completion_length, 1) * n.world_size
-    elif loss_type == "dapo":
+    elif o.loss_type == "dapo":
         loss = (per_token * m).sum() / max(n.num_tokens, 1) * n.world_size
     else:  # bnpo
         loss = (per_token * m).sum() / m.sum().clamp(min=1) / n.num_micro_batches
 
     # stats
     ratio_t = ratio.expand(N, Tc)
-    low = (ratio_t < 1.0 - eps_low) & (A < 0)
-    high = (ratio_t > 1.0 + eps_high) & (A > 0)
+    low = (ratio_t < 1.0 - o.epsilon) & (A < 0)
+    high = (ratio_t > 1.0 + o.epsilon_high) & (A > 0)
     stats["pg_loss"] = _masked_mean(pg, active)
     stats["clip_low_frac"] = _masked_mean(low.float(), active)
     stats["clip_high_frac"] = _masked_mean(high.float(), active)
@@ -468,3 +403,21 @@ def _masked_min_mean_max(prefix: str, x: Tensor, active: Tensor) -> dict[str, Te
         f"{prefix}_mean": x[active].mean(),
         f"{prefix}_max": x[active].max(),
     }
+
+
+__all__ = [
+    "IS_CORRECTIONS",
+    "LOG_RATIO_CLAMP",
+    "LOSS_TYPES",
+    "LossNormalizer",
+    "LossOptions",
+    "group_advantages",
+    "group_reward_stats",
+    "group_rows",
+    "importance_weights",
+    "kl_k3",
+    "loss_mask",
+    "make_normalizer",
+    "policy_loss",
+    "zero_spread_groups",
+]

@@ -8,14 +8,29 @@ chunks of tokens and vocabulary.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from minigrpo.kernels import fused_linear_logprobs
-from minigrpo.models.transformer import Transformer
+
+
+class HiddenStatesModel(Protocol):
+    """What completion_logprobs needs of a model (minigrpo.models.Transformer is one): the final-norm
+    hidden states and the LM head matrix, so the logits can be computed chunk by chunk."""
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """(V, D) LM head matrix."""
+        ...
+
+    def hidden(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T) token ids -> (N, T, D) final-norm hidden states."""
+        ...
 
 
 def completion_logprobs(
-    model: Transformer,
+    model: HiddenStatesModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,

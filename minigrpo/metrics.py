@@ -5,8 +5,10 @@ One MetricsLogger per run (only the main rank has enabled=True). Per step, `log(
     become null), so a killed run leaves at most a partial last line, which reads ignore and the next
     open trims;
   - moves the tqdm bar (ETA, reward, tokens/s) when the stream is a terminal;
-  - prints a table row every `print_every` steps through tqdm.write (a header every 20 rows);
-  - redraws run_dir/curves.png every `plot_every` steps and at close (see minigrpo.plot);
+  - prints a table row (minigrpo.metrics_table) every `print_every` steps through tqdm.write (a header
+    every 20 rows);
+  - redraws run_dir/curves.png every `plot_every` steps and at close (minigrpo.plot, with matplotlib;
+    without it one note says that plots are off and how to get them);
   - mirrors the scalars to TensorBoard / W&B when enabled and installed.
 
 The table answers "why is the loss 0?" at a glance: zero% is the share of groups whose rewards have
@@ -30,118 +32,26 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
 from minigrpo.atomic import write_atomic
-from minigrpo.plot import Panel, write_line_plots
+from minigrpo.metrics_table import (
+    HEADER_EVERY,
+    Column,
+    format_header,
+    format_row,
+    reward_function_names,
+    si,
+    table_columns,
+)
+from minigrpo.plot import PLOTS_OFF, Panel, matplotlib_available, write_line_plots
 
-MAX_WIDTH = 140  # characters of one table row
-HEADER_EVERY = 20  # table rows between headers
 SAMPLE_PROMPT_CHARS = 200  # the tail of the prompt shown with a sample
 SAMPLE_COMPLETION_CHARS = 2000  # longer completions are shown with their middle elided
-_NOT_PER_FN = ("total", "total_std", "masked_rows")  # reward/<x> keys that are not a reward function
 _FAIL_KEY = re.compile(r"reward/[^/]+/(failures|timeouts)")
-
-
-def _sci(v: float) -> str:
-    return f"{v:.1e}".replace("e-0", "e-").replace("e+0", "e+")
-
-
-def _si(v: float) -> str:
-    a = abs(v)
-    if a < 1e4:
-        return f"{v:.0f}"
-    scale, suffix = next((s, x) for s, x in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if a >= s)
-    return f"{v / scale:.1f}{suffix}"
-
-
-def _g(v: float) -> str:
-    a = abs(v)
-    return "0" if a == 0 else _si(v) if a >= 1e4 else _sci(v) if a < 1e-2 else f"{v:.4g}"
-
-
-def _pct(v: float) -> str:
-    return "100" if v >= 0.9995 else f"{100 * v:.1f}"
-
-
-def _sec(v: float) -> str:
-    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 1000 else f"{v:.0f}"
-
-
-def _duration(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-@dataclass(frozen=True)
-class Column:
-    """A table column: header, the metric keys it reads (the first one present wins), width, formatter."""
-
-    header: str
-    keys: tuple[str, ...]
-    width: int
-    fmt: Callable[[float], str]
-
-
-# The preferred order. "_fail" (summed failures + timeouts) and "_eta" are computed by the logger.
-COLUMNS = (
-    Column("step", ("step",), 6, lambda v: f"{v:.0f}"),
-    Column("reward", ("reward", "reward/total"), 7, lambda v: f"{v:.3f}"),
-    Column("r_std", ("reward_std", "reward/total_std"), 6, lambda v: f"{v:.3f}"),
-    Column("zero%", ("frac_zero_spread",), 5, _pct),
-    Column("fail", ("_fail",), 4, lambda v: f"{v:.0f}"),
-    Column("len", ("completion_len_mean",), 6, lambda v: f"{v:.0f}"),
-    Column("len_max", ("completion_len_max",), 7, lambda v: f"{v:.0f}"),
-    Column("trunc%", ("truncated_frac",), 6, _pct),
-    Column("kl", ("kl",), 8, _g),
-    Column("clip%", ("clip_region_frac",), 5, _pct),
-    Column("ent", ("entropy",), 6, lambda v: f"{v:.3f}"),
-    Column("gnorm", ("grad_norm",), 6, _g),
-    Column("lr", ("lr",), 7, _sci),
-    Column("loss", ("loss",), 8, _g),
-    Column("tok/s", ("tokens_per_s",), 6, _si),
-    Column("t_step", ("time/step",), 6, _sec),
-    Column("mem", ("mem/peak_gb",), 5, lambda v: f"{v:.1f}"),
-    Column("eta", ("_eta",), 7, _duration),
-)
-
-
-def _reward_fns(keys: list[str]) -> list[str]:
-    """Reward-function names from reward/<name> keys, in first-seen order."""
-    return [k[7:] for k in keys if k.startswith("reward/") and "/" not in k[7:] and k[7:] not in _NOT_PER_FN]
-
-
-def table_columns(keys: list[str], *, max_width: int = MAX_WIDTH) -> list[Column]:
-    """The columns for the metric names seen so far: preferred ones present, then per-function rewards
-    (header = the name, cut to 8 characters) while the row fits in max_width."""
-    present = set(keys)
-    cols = [c for c in COLUMNS if present.intersection(c.keys)]
-    width = sum(c.width + 1 for c in cols) - 1
-    for name in _reward_fns(keys):
-        col = Column(name[:8], (f"reward/{name}",), max(len(name[:8]), 6), lambda v: f"{v:.3f}")
-        if width + 1 + col.width > max_width:
-            break
-        cols.append(col)
-        width += 1 + col.width
-    return cols
-
-
-def format_header(cols: list[Column]) -> str:
-    return " ".join(c.header.rjust(c.width) for c in cols)
-
-
-def format_row(cols: list[Column], values: Mapping[str, float]) -> str:
-    """One table row: "-" where a metric is missing this step, "nan" where it was NaN."""
-    out = []
-    for c in cols:
-        v = next((values[k] for k in c.keys if k in values), None)
-        s = "-" if v is None else "nan" if math.isnan(v) else c.fmt(v) if math.isfinite(v) else str(v)
-        out.append(s.rjust(c.width))
-    return " ".join(out)
 
 
 def _to_float(v: Any) -> float | None:
@@ -211,9 +121,11 @@ class MetricsLogger:
         config: dict | None = None,
         enabled: bool = True,
         stream: TextIO | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """stream: where the table, samples and bar go (None: sys.stdout at construction). The bar is shown
-        only when progress is on and the stream is a terminal; otherwise the table gains an eta column."""
+        only when progress is on and the stream is a terminal; otherwise the table gains an eta column.
+        clock: seconds for the eta (a test passes its own)."""
         self.enabled = enabled
         if not enabled:
             return
@@ -230,13 +142,17 @@ class MetricsLogger:
         self._cols: list[Column] = []
         self._rows = 0  # table rows since the last header
         self._notes: set[str] = set()
-        self._t0 = time.perf_counter()
+        self._clock = clock
+        self._t0 = clock()
         self._closed = False
         self._bar = None
         if progress and getattr(self.stream, "isatty", lambda: False)():
             self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream, unit="step", dynamic_ncols=True)
         self._tb = self._open_tensorboard() if tensorboard else None
         self._wandb = self._open_wandb(wandb_project, config) if wandb else None
+        if self.plots and not matplotlib_available():
+            self.plots = False
+            self._write(f"note: {PLOTS_OFF}.")
 
     # ---- optional backends ------------------------------------------------------------------------
     def _open_tensorboard(self) -> Any:
@@ -307,13 +223,13 @@ class MetricsLogger:
         if fails:
             values["_fail"] = sum(values[k] for k in fails if math.isfinite(values[k]))
         if self._bar is None and step > self.start_step:
-            rate = (step - self.start_step) / max(time.perf_counter() - self._t0, 1e-9)
+            rate = (step - self.start_step) / max(self._clock() - self._t0, 1e-9)
             values["_eta"] = max(self.total_steps - step, 0) / rate
         self._keys += [k for k in values if k not in self._keys]
 
         if self._bar is not None:
             post = [f"reward={values[k]:.3f}" for k in ("reward", "reward/total") if k in values][:1]
-            post += [f"tok/s={_si(values['tokens_per_s'])}"] if "tokens_per_s" in values else []
+            post += [f"tok/s={si(values['tokens_per_s'])}"] if "tokens_per_s" in values else []
             self._bar.set_postfix_str(" ".join(post), refresh=False)
             self._bar.update(max(min(step, self.total_steps) - self._bar.n, 0))
         if step % self.print_every == 0 or step >= self.total_steps:
@@ -322,6 +238,15 @@ class MetricsLogger:
         self._tb_wandb(step, values)
         if self.plots and step % self.plot_every == 0:
             self._plot(step)
+
+    def warn(self, message: str, *, once: str | None = None) -> None:
+        """Print `warning: message` with the table (the progress bar stays intact); with `once`, only
+        the first warning of that key is printed."""
+        if not self.enabled or (once is not None and f"warn/{once}" in self._notes):
+            return
+        if once is not None:
+            self._notes.add(f"warn/{once}")
+        self._write(f"warning: {message}")
 
     def _write(self, text: str) -> None:
         tqdm.write(text, file=self.stream)
@@ -344,6 +269,14 @@ class MetricsLogger:
                 "and the policy-gradient loss are 0: nothing to learn from this batch "
                 "(all right or all wrong? check the samples)."
             )
+        for name in reward_function_names(list(values)):
+            if math.isnan(values[f"reward/{name}"]) and f"unscored/{name}" not in self._notes:
+                self._notes.add(f"unscored/{name}")
+                self._write(
+                    f"note: step {step}: reward {name!r} scored no row (each returned None/NaN, failed or timed "
+                    f"out), so it adds nothing to the reward; reward/{name}/nones, failures and timeouts in "
+                    "metrics.jsonl say which."
+                )
         if values.get("_fail", 0) > 0 and "fail" not in self._notes:
             self._notes.add("fail")
             bad = [k for k in values if _FAIL_KEY.fullmatch(k) and values[k] > 0]
@@ -368,7 +301,7 @@ class MetricsLogger:
         keys = list(dict.fromkeys(k for r in recs for k in r))
         total = "reward" if "reward" in keys else "reward/total"
         spec = [
-            ("reward", False, [("total", total)] + [(fn, f"reward/{fn}") for fn in _reward_fns(keys)]),
+            ("reward", False, [("total", total)] + [(fn, f"reward/{fn}") for fn in reward_function_names(keys)]),
             ("completion length", True, [("mean", "completion_len_mean"), ("max", "completion_len_max")]),
             ("KL", True, [("kl", "kl")]),
             (

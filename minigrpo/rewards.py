@@ -1,23 +1,17 @@
-"""Reward functions, their registry, and safe scoring (failures and timeouts masked, counted, reported).
+"""Reward functions of a run: resolving them by name, binding their settings, and scoring safely.
 
-A reward function scores a whole batch:
+    specs = build_reward_specs(cfg.rewards)       # checked before any weights load
+    result = score(prompts, completions, answers, specs, columns=columns)
+    result.total                                  # (N,) weighted sum; result.unscored: rewards that scored no row
 
-    fn(prompts: list[str], completions: list[str], answers: list[str], **columns) -> list[float | None]
+A reward is named by a built-in name (minigrpo.reward_fns: correctness, xml_count, ...) or as
+"package.module:function". score() runs every RewardSpec on the batch; a function that raises or
+exceeds its timeout does not stop the run: only its failing rows are masked (NaN) and counted. A
+function that breaks the contract (returns a non-list, the wrong length, or a string or dict
+element) raises RewardError: that is a bug, not a transient failure.
 
-columns are extra per-row dataset columns (lists of length N) and what the loop adds, e.g.
-completion_lengths (tokens). None means "no score for this row" and is masked, never read as 0.
-
-Built-ins (REWARDS), for the GSM8K format used by the popular GRPO notebooks
-
-    <reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n
-
-    correctness 2.0 / 0.0     int_answer 0.5 / 0.0     strict_format, soft_format 0.5 / 0.0
-    xml_count [-0.5, 0.5]     proximity [-1, 1]        length_penalty [-1, 0]     exact_answer 1.0 / 0.0
-
-A user function is named "package.module:function" (resolve_reward). score() runs every RewardSpec on
-the batch; a function that raises or exceeds its timeout does not stop the run: only its failing rows
-are masked (NaN) and counted. A function that breaks the contract (returns a non-list, the wrong
-length, or a string or dict element) raises RewardError: that is a bug, not a transient failure.
+The answer parsing (extract_answer, answers_match, ...) and the built-ins are re-exported here, so
+`from minigrpo import rewards` is the one import a caller needs.
 """
 
 from __future__ import annotations
@@ -25,262 +19,68 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import inspect
 import logging
 import math
-import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from minigrpo.answers import answer_number, answers_match, extract_answer, reference_answer, to_number
+from minigrpo.reward_fns import (
+    GSM8K_SUITE,
+    REWARD_FACTORIES,
+    REWARDS,
+    RewardError,
+    RewardFn,
+    correctness,
+    exact_answer,
+    int_answer,
+    length_penalty,
+    make_length_penalty,
+    proximity,
+    soft_format,
+    strict_format,
+    xml_count,
+)
+
+if TYPE_CHECKING:
+    from minigrpo import config
+
+__all__ = [
+    "GSM8K_SUITE",
+    "REWARDS",
+    "REWARD_FACTORIES",
+    "RewardError",
+    "RewardFn",
+    "RewardResult",
+    "RewardSpec",
+    "answer_number",
+    "answers_match",
+    "build_reward_specs",
+    "correctness",
+    "exact_answer",
+    "extract_answer",
+    "int_answer",
+    "length_penalty",
+    "make_length_penalty",
+    "proximity",
+    "reference_answer",
+    "resolve_reward",
+    "score",
+    "soft_format",
+    "strict_format",
+    "to_number",
+    "xml_count",
+]
+
 log = logging.getLogger(__name__)
 
-RewardFn = Callable[..., list]
-
-
-class RewardError(ValueError):
-    """A reward function or its name is wrong (contract broken, unknown name, missing column): raised."""
-
-
-# ----------------------------------------------------------------------------- answer parsing
-
-_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_FRAC = re.compile(r"([-+]?)\\[dt]?frac\{\s*([-+]?\d+)\s*\}\{\s*(\d+)\s*\}")
-
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced; None if absent."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth = 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return text[i:]  # unclosed: the rest
-
-
-def to_number(s: str | None) -> float | None:
-    """The number a whole answer string spells, else None.
-
-    Strips spaces, "$" and "\\$", a "%" suffix, a trailing "." and \\boxed{}; removes thousands
-    separators ("1,234" and "1{,}234"); reads integers, decimals, "a/b" and \\frac{a}{b}.
-    """
-    if s is None:
-        return None
-    s = s.strip()
-    boxed = _last_boxed(s)
-    if boxed is not None:
-        s = boxed.strip()
-    s = s.replace("\\$", "").replace("$", "").replace("{,}", ",").replace("\\!", "").strip()
-    s = s.removesuffix("\\%").removesuffix("%").rstrip(".").strip()
-    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
-    if re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)", s):
-        return float(s)
-    frac = re.fullmatch(r"([-+]?\d+)\s*/\s*(\d+)", s)
-    if frac and int(frac[2]) != 0:
-        return int(frac[1]) / int(frac[2])
-    frac = _FRAC.fullmatch(s)
-    if frac and int(frac[3]) != 0:
-        return (-1 if frac[1] == "-" else 1) * int(frac[2]) / int(frac[3])
-    return None
-
-
-def answer_number(s: str | None) -> float | None:
-    """to_number(s), or the single number in s ("18 dollars" -> 18); None if there are 0 or 2+."""
-    value = to_number(s)
-    if value is not None or s is None:
-        return value
-    found = _NUMBER.findall(s)
-    return to_number(found[0]) if len(found) == 1 else None
-
-
-def extract_answer(text: str, *, last_number: bool = True) -> str | None:
-    """The answer a completion gives, as a raw string, by the first rule that applies:
-
-    1. the content of the last <answer>...</answer> (an unclosed <answer>: everything after it);
-    2. the content of the last \\boxed{...};
-    3. the rest of the line after the last "####";
-    4. if last_number: the last number in the text.
-    """
-    tags = _ANSWER_TAG.findall(text)
-    if tags:
-        return tags[-1].strip()
-    if "<answer>" in text:
-        return text.rsplit("<answer>", 1)[1].strip()
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    if "####" in text:
-        return text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
-    if last_number:
-        found = _NUMBER.findall(text)
-        return found[-1] if found else None
-    return None
-
-
-def _reference(answer: Any) -> str | None:
-    """The reference answer; a full GSM8K solution is cut to what follows its "####"."""
-    if answer is None:
-        return None
-    answer = str(answer)
-    return answer.rsplit("####", 1)[1].strip() if "####" in answer else answer.strip()
-
-
-def answers_match(pred: str | None, ref: str | None) -> bool:
-    """Numerically equal (rel 1e-9: "18" == "18.0" == "$18" == "18."), else equal as normalised text."""
-    if pred is None or ref is None:
-        return False
-    p, r = answer_number(pred), to_number(ref)
-    if p is not None and r is not None:
-        return math.isclose(p, r, rel_tol=1e-9, abs_tol=1e-12)
-    norm = lambda s: re.sub(r"\s+", " ", s.replace("$", "")).strip().rstrip(".").strip().lower()
-    return r is None and norm(pred) == norm(ref)
-
-
-# ----------------------------------------------------------------------------- built-in rewards
-
-
-def correctness(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
-    """2.0 if the extracted answer (extract_answer) matches the reference, else 0.0; None without one."""
-    out: list[float | None] = []
-    for c, a in zip(completions, answers):
-        ref = _reference(a)
-        out.append(None if not ref else 2.0 * answers_match(extract_answer(c), ref))
-    return out
-
-
-def int_answer(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
-    """0.5 if the marked answer (tags, \\boxed or ####; no last-number fallback) is an integer value.
-
-    "18", "-3", "1,234", "$5" and "18.0" count; "2.5", "x" and an unmarked answer do not.
-    """
-    out: list[float | None] = []
-    for c in completions:
-        value = answer_number(extract_answer(c, last_number=False))
-        out.append(0.5 if value is not None and float(value).is_integer() else 0.0)
-    return out
-
-
-_NO_TAG = r"(?:(?!</?reasoning>|</?answer>).)*"
-_STRICT = re.compile(rf"\A<reasoning>\n{_NO_TAG}\n</reasoning>\n<answer>\n{_NO_TAG}\n</answer>\n?\Z", re.DOTALL)
-_SOFT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
-
-
-def strict_format(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
-    """0.5 if the whole completion is exactly the multi-line format: one reasoning block, one answer
-    block, each tag on its own line, nothing before or after (the final newline is optional because
-    generation stops at EOS)."""
-    return [0.5 if _STRICT.match(c) else 0.0 for c in completions]
-
-
-def soft_format(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
-    """0.5 if <reasoning>...</reasoning> followed by <answer>...</answer> appears anywhere."""
-    return [0.5 if _SOFT.search(c) else 0.0 for c in completions]
-
-
-def xml_count(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
-    """Partial credit for the format: 0.125 for each of "<reasoning>\\n", "\\n</reasoning>\\n",
-    "\\n<answer>\\n" and "\\n</answer>" appearing exactly once, minus 0.001 per non-space character after
-    the last </answer> (the penalty is capped at 0.5, so the reward lies in [-0.5, 0.5])."""
-    out: list[float | None] = []
-    for c in completions:
-        value = 0.125 * sum(
-            c.count(t) == 1 for t in ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>")
-        )
-        if "</answer>" in c:
-            trailing = re.sub(r"\s", "", c.rsplit("</answer>", 1)[1])
-            value -= min(0.001 * len(trailing), 0.5)
-        out.append(value)
-    return out
-
-
-PROXIMITY_HALF_LIFE = 0.1
-
-
-def proximity(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
-    """Dense numeric reward: 2 * 2**(-e / 0.1) - 1 with relative error e = |pred - ref| / max(|ref|, 1).
-
-    1.0 when exact, 0.0 at 10% off, -0.5 at 20%, towards -1.0 when far off; -1.0 if no number can be
-    read from the answer; None (masked) if the reference is not a number.
-    """
-    out: list[float | None] = []
-    for c, a in zip(completions, answers):
-        ref = to_number(_reference(a))
-        if ref is None:
-            out.append(None)
-            continue
-        pred = answer_number(extract_answer(c))
-        if pred is None:
-            out.append(-1.0)
-            continue
-        err = abs(pred - ref) / max(abs(ref), 1.0)
-        out.append(2.0 * 2.0 ** (-err / PROXIMITY_HALF_LIFE) - 1.0)
-    return out
-
-
-def make_length_penalty(max_length: int | None = None, buffer: int | None = None, factor: float = 1.0) -> RewardFn:
-    """DAPO overlong shaping: factor * clamp(-(L - (L_max - L_buf)) / L_buf, -1, 0).
-
-    0 up to L_max - L_buf, then linear down to -factor at L_max (and held there beyond). L is the
-    completion_lengths column (tokens) when the loop passes it, else the length in characters: give
-    max_length in the same unit. L_max is max_length or else the max_completion_length column (one per
-    row; an int when called directly); L_buf is buffer or else L_max // 5 (DAPO: 4096 of 20480).
-    """
-
-    def length_penalty(prompts: list, completions: list[str], answers: list, **columns: Any) -> list[float | None]:
-        L_max = max_length if max_length is not None else columns.get("max_completion_length")
-        if L_max is None:
-            raise RewardError("length_penalty needs max_length or a max_completion_length column")
-        lengths = columns.get("completion_lengths")
-        if lengths is None:
-            lengths = [len(c) for c in completions]
-        out: list[float | None] = []
-        for i, L in enumerate(lengths):
-            limit = L_max[i] if isinstance(L_max, (list, tuple)) else L_max
-            buf = buffer if buffer is not None else max(int(limit) // 5, 1)
-            out.append(factor * min(max(-(int(L) - (limit - buf)) / buf, -1.0), 0.0))
-        return out
-
-    return length_penalty
-
-
-length_penalty = make_length_penalty()
-
-
-def exact_answer(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
-    """Synthetic arithmetic: 1.0 if the <answer> tag content, or without tags the FIRST number of the
-    completion, equals the reference (numerically when both parse); None without a reference."""
-    out: list[float | None] = []
-    for c, a in zip(completions, answers):
-        ref = _reference(a)
-        if not ref:
-            out.append(None)
-            continue
-        tags = _ANSWER_TAG.findall(c)
-        found = _NUMBER.findall(c)
-        pred = tags[-1].strip() if tags else (found[0] if found else None)
-        out.append(1.0 if answers_match(pred, ref) else 0.0)
-    return out
-
-
-REWARDS: dict[str, RewardFn] = {
-    "correctness": correctness,
-    "int_answer": int_answer,
-    "strict_format": strict_format,
-    "soft_format": soft_format,
-    "xml_count": xml_count,
-    "proximity": proximity,
-    "length_penalty": length_penalty,
-    "exact_answer": exact_answer,
-}
-GSM8K_SUITE = ("xml_count", "soft_format", "strict_format", "int_answer", "correctness")
+# ----------------------------------------------------------------------------- names -> functions
 
 
 def resolve_reward(name: str) -> RewardFn:
@@ -311,6 +111,79 @@ def resolve_reward(name: str) -> RewardFn:
         + (f"; did you mean {hint[0]!r}?" if hint else "")
         + f" Built-ins: {', '.join(sorted(REWARDS))}; a user function is written 'package.module:function'."
     )
+
+
+def _setting_names(fn: Any, skip: int) -> list[str] | None:
+    """The keyword arguments `fn` accepts after its first `skip` positional parameters (a reward's
+    prompts, completions, answers); None: any key (it takes **kwargs, or has no readable signature)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kind = inspect.Parameter
+    if any(p.kind is kind.VAR_KEYWORD for p in params):
+        return None
+    data_args = [p for p in params if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)][:skip]
+    return [p.name for p in params if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY) and p not in data_args]
+
+
+def _check_settings(name: str, kwargs: Mapping[str, Any], accepted: list[str] | None) -> None:
+    unknown = [k for k in kwargs if accepted is not None and k not in accepted]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], accepted or [], n=1)
+        raise RewardError(
+            f"reward {name!r} has no setting {unknown[0]!r} in its kwargs"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; it accepts: {', '.join(accepted) if accepted else 'no kwargs'}"
+        )
+
+
+def _bind(fn: RewardFn, name: str, settings: dict[str, Any]) -> RewardFn:
+    """`fn` called with its fixed settings on top of the per-row columns (a column of the same name is
+    an error: which of the two was meant cannot be guessed)."""
+
+    def bound(prompts: list, completions: list[str], answers: list, **columns: Any) -> list:
+        clash = sorted(set(columns) & set(settings))
+        if clash:
+            raise RewardError(f"reward {name!r}: kwargs {clash} have the names of data columns; rename one")
+        return fn(prompts, completions, answers, **columns, **settings)
+
+    bound.__name__ = getattr(fn, "__name__", name)
+    return bound
+
+
+def make_reward(name: str, kwargs: Mapping[str, Any] | None = None) -> RewardFn:
+    """The function of reward `name` with its settings `kwargs` bound; RewardError for an unknown name
+    or setting.
+
+    A built-in with settings is built by its factory (REWARD_FACTORIES: `length_penalty` by
+    `make_length_penalty(max_length, buffer, factor)`); a built-in without one accepts no kwargs; a
+    user function accepts the keyword parameters after (prompts, completions, answers), or any key
+    when it takes **kwargs.
+    """
+    kwargs = dict(kwargs or {})
+    if name in REWARD_FACTORIES:
+        factory = REWARD_FACTORIES[name]
+        _check_settings(name, kwargs, _setting_names(factory, 0))
+        return factory(**kwargs) if kwargs else REWARDS[name]
+    fn = resolve_reward(name)
+    if not kwargs:
+        return fn
+    _check_settings(name, kwargs, [] if name in REWARDS else _setting_names(fn, 3))
+    return _bind(fn, name, kwargs)
+
+
+def build_reward_specs(cfg_rewards: Sequence[config.RewardSpec]) -> list[RewardSpec]:
+    """The run's rewards (the config's `rewards` list) as RewardSpecs, every function resolved and its
+    kwargs bound. Raises RewardError, naming the reward, for a duplicate name, an unimportable or
+    unknown function and a kwarg the function does not take: all before a model is loaded."""
+    specs: list[RewardSpec] = []
+    for entry in cfg_rewards:
+        if any(s.name == entry.name for s in specs):
+            raise RewardError(f"reward {entry.name!r} is listed twice in rewards; list each reward once")
+        fn = make_reward(entry.name, entry.kwargs)
+        specs.append(RewardSpec(entry.name, fn=fn, weight=entry.weight, timeout_s=entry.timeout_s))
+    return specs
 
 
 # ----------------------------------------------------------------------------- safe scoring
@@ -354,6 +227,14 @@ class RewardResult:
     nones: dict[str, int]
     errors: dict[str, str]
     seconds: dict[str, float]
+
+    @property
+    def unscored(self) -> list[str]:
+        """Names of the rewards that scored no row of the batch (every row None/NaN, failed or timed
+        out): they add nothing to the total. Empty for an empty batch."""
+        if self.per_fn.shape[0] == 0:
+            return []
+        return [name for k, name in enumerate(self.names) if self.per_fn[:, k].isnan().all()]
 
     def metrics(self) -> dict[str, float]:
         """Flat floats for the metrics log: reward/<name> (mean over scored rows), reward/<name>/std,
@@ -480,7 +361,7 @@ def score(
         raise ValueError("score needs at least one RewardSpec")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise ValueError(f"reward names must be unique, got {names}")
+        raise RewardError(f"reward names must be unique, got {names}")
     cols = dict(columns or {})
     for key, value in cols.items():
         if len(value) != n:

@@ -15,11 +15,8 @@ tokenizes identically here, in transformers and in vLLM:
 * `stop_ids` is every end-of-sequence id: the config's eos, generation_config.json's `eos_token_id`
   (an int or a list: Llama-3 and Phi-3.5 have several) and any extra ids the caller passes.
 
-Chat templates render in jinja2's `ImmutableSandboxedEnvironment` with `trim_blocks` and
-`lstrip_blocks`, the helpers templates expect (`raise_exception`, `strftime_now`, a `tojson` that
-writes JSON without HTML escaping, `loopcontrols`, a no-op `{% generation %}` block) and the
-variables transformers passes (`messages`, `tools`, `documents`, `add_generation_prompt`, the
-special tokens, and any extra keyword arguments).
+Chat templates render in a jinja2 sandbox (minigrpo.chat_template), with the variables transformers
+passes: the conversation, `add_generation_prompt`, the special tokens and any extra keyword arguments.
 """
 
 from __future__ import annotations
@@ -27,8 +24,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +31,9 @@ import tokenizers
 from tokenizers import AddedToken, processors
 
 from minigrpo.atomic import write_json
+from minigrpo.chat_template import ChatTemplateError, render_chat_template
+
+__all__ = ["NAMED_SPECIAL_TOKENS", "ChatTemplateError", "Tokenizer"]
 
 # The named special tokens transformers knows; any other `*_token` string in tokenizer_config.json is
 # a model-specific token (e.g. Gemma's `image_token`) and is passed to the chat template as well.
@@ -49,10 +47,6 @@ NAMED_SPECIAL_TOKENS = (
     "mask_token",
 )
 _MAX_SANE_LENGTH = 1 << 40  # transformers writes int(1e30) for "no limit"
-
-
-class ChatTemplateError(ValueError):
-    """A chat template failed to render: it raised on purpose, hit the sandbox or was malformed."""
 
 
 class Tokenizer:
@@ -311,31 +305,14 @@ class Tokenizer:
             ChatTemplateError: no template, or the template raised / broke the sandbox / failed to parse.
         """
         template = self._pick_template(chat_template)
-        if not messages:
-            raise ValueError("cannot apply a chat template to an empty conversation")
-        chat = []
-        for m in messages:
-            if not isinstance(m, Mapping):
-                raise TypeError(f"chat messages must be dicts, got {type(m).__name__}: {m!r}")
-            chat.append(_alias_reasoning({k: _plain(v) for k, v in m.items() if v is not None}))
-        for name, items in (("tools", tools), ("documents", documents)):
-            if items is not None and not all(isinstance(x, Mapping) for x in items):
-                raise TypeError(f"{name} must be a list of dicts (JSON schemas / documents)")
-        variables = {**self.template_tokens, **{k: _plain(v) for k, v in kwargs.items()}}
-        variables.update(
-            messages=chat,
-            tools=_plain(tools),
-            documents=_plain(documents),
+        text = render_chat_template(
+            template,
+            messages,
             add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            documents=documents,
+            variables={**self.template_tokens, **kwargs},
         )
-        import jinja2  # heavy-ish; only needed here
-
-        try:
-            text = _compile_template(template).render(**variables)
-        except ChatTemplateError:
-            raise
-        except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def _pick_template(self, chat_template: str | None) -> str:
@@ -426,114 +403,6 @@ def _config_templates(value: Any) -> dict[str, str]:
     raise ValueError(f"chat_template must be a string or a list of named templates, got {type(value).__name__}")
 
 
-_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
-
-
-def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
-    """Offer a message's reasoning under every name templates read (as transformers does).
-
-    Qwen3-style templates read `reasoning_content`, gpt-oss-style ones `thinking`; callers may use
-    either, or `reasoning`. `reasoning_content` gets the first one present; `thinking` is filled only
-    if the message has none of its own.
-    """
-    reasoning = next((message[k] for k in _REASONING_KEYS if k in message), None)
-    if reasoning is None:
-        return message
-    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
-
-
 def _as_id_list(ids: Iterable[int]) -> list[int]:
     tolist = getattr(ids, "tolist", None)
     return [int(i) for i in (tolist() if tolist is not None else ids)]
-
-
-def _plain(value: Any) -> Any:
-    """Rebuild template input from plain JSON-like types, so the sandbox never sees rich objects."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy / torch scalars
-        return _plain(value.item())
-    raise TypeError(f"chat template inputs must be JSON-like data, got {type(value).__name__}")
-
-
-@lru_cache(maxsize=32)
-def _compile_template(source: str) -> Any:
-    """Compile one chat template in a fresh immutable sandbox (cached per template string)."""
-    import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from jinja2.utils import Namespace
-
-    class GenerationBlock(Extension):
-        """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; render as is."""
-
-        tags = {"generation"}  # noqa: RUF012  (jinja's API)
-
-        def parse(self, parser: Any) -> list[Any]:
-            next(parser.stream)
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return [nodes.Scope(body)]
-
-    def check_name(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} may not start with '_'")
-
-    class SafeNamespace(Namespace):
-        """jinja's `namespace()` without underscore-prefixed attributes."""
-
-        def __init__(*args: Any, **kwargs: Any) -> None:
-            self, rest = args[0], args[1:]
-            attrs = dict(*rest, **kwargs)
-            for name in attrs:
-                check_name(name)
-            Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name: str, value: Any) -> None:
-            check_name(name)
-            Namespace.__setitem__(self, name, value)
-
-    class SafeDict:
-        """`dict(...)` / `dict.fromkeys(...)` for templates, without exposing the `dict` type."""
-
-        def __call__(self, *args: Any, **kwargs: Any) -> dict:
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args: Any) -> dict:
-            return dict.fromkeys(*args)
-
-    def raise_exception(message: str) -> None:
-        raise ChatTemplateError(f"chat template raised: {message}")
-
-    def tojson(
-        x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
-    ) -> str:
-        # jinja's own tojson HTML-escapes <, >, & and '; chat templates want plain JSON
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt: str) -> str:
-        return datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, "jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = tojson
-    env.globals.update(
-        raise_exception=raise_exception, strftime_now=strftime_now, namespace=SafeNamespace, dict=SafeDict()
-    )
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"chat template does not parse (line {e.lineno}): {e.message}") from e

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import subprocess
 import sys
 import textwrap
+import types
+import typing
 import warnings
 from pathlib import Path
 
 import pytest
 
+from minigrpo import configio
 from minigrpo.config import (
     Config,
     ConfigError,
     ConfigWarning,
+    GRPOCfg,
     RewardSpec,
+    SamplerCfg,
     TrainCfg,
+    build_arg_parser,
+    config_diff,
     config_from_args,
     config_to_dict,
     load_config,
@@ -23,6 +32,7 @@ from minigrpo.config import (
     save_config,
     validate,
 )
+from minigrpo.errors import UsageError, UserError, one_line
 
 
 def write(tmp_path, text: str):
@@ -254,7 +264,49 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="the top level must be a mapping of sections, got list"):
         load_config(write(tmp_path, "- a\n- b\n"))
-    assert load_config(write(tmp_path, "# only a comment\n")) == Config()
+    assert load_config(write(tmp_path, "{}\n")) == Config()  # an explicit empty mapping: the defaults
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n"])
+def test_empty_config_file_is_an_error_naming_it(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"config file {path} is empty: it sets nothing (leave out --config to run the defaults)"
+
+
+def test_duplicate_yaml_key_names_key_lines_and_file(tmp_path):
+    path = write(
+        tmp_path,
+        """\
+        run: {name: a}
+        train:
+          lr: 1.0e-5
+          steps: 10
+          lr: 3.0e-5
+        """,
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: duplicate key 'lr' at line 5 (first at line 3)"
+    with pytest.raises(ConfigError, match=r"duplicate key 'grpo' at line 3 \(first at line 1\)"):
+        load_config(write(tmp_path, "grpo: {group_size: 4}\ntrain: {micro_batch_size: 4}\ngrpo: {beta: 0.1}\n"))
+    with pytest.raises(ConfigError, match=r"duplicate key 'r' at line 1"):  # also inside an override
+        load_config(None, ["lora={r: 4, r: 8}"])
+    # a key merged in with YAML's `<<` may be overridden by the mapping that merges it: no duplicate
+    assert configio.parse_yaml("a: &x {r: 1, s: 2}\nb: {<<: *x, r: 3}\n") == {
+        "a": {"r": 1, "s": 2},
+        "b": {"r": 3, "s": 2},
+    }
+
+
+def test_bad_yaml_is_one_line_with_its_position(tmp_path):
+    path = write(tmp_path, "train: {lr: 1.0e-5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}: not valid YAML: ") and "(line 2, column 1)" in message
+    assert "\n" not in message
 
 
 # ----------------------------------------------------------------------------- cross-field validation
@@ -291,14 +343,12 @@ def test_bad_files(tmp_path):
         (["data.source=jsonl"], "data.source='jsonl' needs data.path (a file, folder or repo id)"),
         (["data.source=hub"], "data.source='hub' needs data.path"),
         (["data.source=parquet", "data.path=r.jsonl"], "data.path='r.jsonl' does not match data.source='parquet'"),
-        (["data.source=jsonl", "data.path=t.jsonl", "eval.every=5"], "data.path ('t.jsonl') needs data.eval_path"),
         (["data.synthetic.min_operand=10"], "data.synthetic.min_operand (10) must be <= max_operand (9)"),
         (["run.device=gpu"], "run.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
         (["run.name=a/b"], "run.name must be a plain folder name, got 'a/b'"),
         (["model.arch=x", "model.name_or_path=m"], "set exactly one of model.name_or_path ('m') and model.arch ('x')"),
         (["lora.quantize_base=nf4"], "lora.quantize_base='nf4' needs lora.enabled=true"),
-        (["eval.every=5", "eval.num_prompts=500"], "eval.num_prompts (500) must be <= data.num_eval (200)"),
-        (["eval.every=5", "data.eval_split=null"], "eval.every > 0 needs data.eval_split"),
+        (["eval.num_prompts=500"], "eval.num_prompts (500) must be <= data.num_eval (200)"),
     ],
 )  # fmt: skip
 def test_cross_field_checks_name_the_settings(overrides, message):
@@ -318,9 +368,9 @@ def test_every_problem_is_reported_at_once():
     "overrides",
     [
         ["run.device=cuda:1", "run.dtype=bfloat16"],
-        ["sampler.kind=vllm"],  # is_correction is left as given; the loop sets it for vLLM
+        ["sampler.kind=vllm"],  # is_correction is filled (auto) when the config is built
         ["rewards.0.name=my_pkg.sub.rewards:score"],
-        ["data.source=jsonl", "data.path=data/", "eval.every=10"],
+        ["data.source=jsonl", "data.path=data/"],
         ["data.source=gsm8k"],  # no path: the hub repo openai/gsm8k
         ["grpo.prompts_per_step=3", "grpo.group_size=5", "train.micro_batch_size=5"],
         ["lora.enabled=true", "lora.quantize_base=nf4", "train.optimizer=paged_adamw8bit"],
@@ -329,7 +379,7 @@ def test_every_problem_is_reported_at_once():
 )
 def test_valid_combinations_pass(overrides):
     cfg = load_config(None, overrides)
-    assert cfg.grpo.is_correction is None
+    assert cfg.grpo.is_correction == ("token_truncate" if cfg.sampler.kind == "vllm" else None)
 
 
 def test_gspo_with_token_sum_loss_warns():
@@ -392,3 +442,177 @@ def test_every_shipped_config_loads():
     for f in files:
         cfg = load_config(f)
         assert cfg.sequences_per_step % cfg.train.micro_batch_size == 0, f.name
+
+
+def test_command_line_errors_are_usage_errors():
+    with pytest.raises(UsageError) as e:
+        config_from_args(["--bogus"])
+    assert "unrecognized arguments: --bogus" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="expected at least one argument"):
+        build_arg_parser().parse_args(["--set"])
+    assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
+
+
+# ----------------------------------------------------------------------------- limits beside their fields
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora.r=0", "lora.r must be >= 1, got 0"),
+        ("lora.dropout=1", "lora.dropout must be in [0, 1), got 1.0"),
+        ("train.min_lr_ratio=1.5", "train.min_lr_ratio must be in [0, 1], got 1.5"),
+        ("train.max_grad_norm=0", "train.max_grad_norm must be > 0, got 0.0"),
+        ("data.synthetic.num_operands=1", "data.synthetic.num_operands must be >= 2, got 1"),
+        ("eval.temperature=-1", "eval.temperature must be >= 0, got -1.0 (0 = greedy)"),
+        ("checkpoint.every=-1", "checkpoint.every must be >= 0, got -1 (0 = only the final checkpoint)"),
+        ("rewards.0.weight=nan", "rewards.0.weight must be finite, got nan"),
+        ("rewards.0.timeout_s=0", "rewards.0.timeout_s must be > 0, got 0.0"),
+        ("grpo.is_min=-0.1", "grpo.is_min must be >= 0, got -0.1"),
+        ("run.name=..", "run.name must be a plain folder name, got '..'"),
+        ("run.device=cuda:x", "run.device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    ],
+)
+def test_limits_beside_fields_name_key_limit_and_value(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == f"invalid config:\n  - {message}"
+    assert one_line(str(e.value)) == f"invalid config: {message}"
+
+
+def _numeric(tp) -> bool:
+    """int/float, Optional of one, or a tuple of them (bool is no number here)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return len(args) == 1 and _numeric(args[0])
+    if typing.get_origin(tp) is tuple:
+        return all(_numeric(a) for a in args)
+    return tp in (int, float)
+
+
+def _unlimited_numeric_fields(cls, path="") -> list[str]:
+    """Dotted keys of numeric fields declared without a limit (write spec(x, "any") to mean any)."""
+    found = []
+    for f in dataclasses.fields(cls):
+        tp, key = typing.get_type_hints(cls)[f.name], f"{path}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            found += _unlimited_numeric_fields(tp, key + ".")
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            found += _unlimited_numeric_fields(typing.get_args(tp)[0], key + ".*.")
+        elif _numeric(tp) and not f.metadata.get("limit"):
+            found.append(key)
+    return found
+
+
+def test_every_numeric_field_declares_a_limit():
+    assert _unlimited_numeric_fields(Config) == []
+
+    @dataclasses.dataclass
+    class Toy:  # the check itself can fail
+        a: int = 1
+        b: float | None = configio.spec(None, ">= 0")
+        c: tuple[float, float] = (0.0, 1.0)
+        d: bool = True
+        e: str = "x"
+
+    assert _unlimited_numeric_fields(Toy) == ["a", "c"]
+    with pytest.raises(ValueError, match="bad limit '=> 1'"):
+        configio.spec(1, "=> 1")
+
+
+def test_limit_mini_language():
+    within = configio.within
+    assert within("> 0", 1e-9) and not within("> 0", 0.0) and within(">= 0", 0.0)
+    assert within("in [0, 1)", 0.0) and not within("in [0, 1)", 1.0) and within("in (0, 1]", 1.0)
+    assert not within("in (0, 1]", 0.0) and not within("< 1", 1.0) and within("<= 1", 1.0)
+    assert not within(">= 0", math.nan) and not within("finite", math.inf) and within("any", math.nan)
+
+
+def test_derived_fields_are_documented_and_filled():
+    derived = {
+        f"{section.name}.{f.name}": f.metadata["derived"]
+        for section in dataclasses.fields(Config)
+        if dataclasses.is_dataclass(typing.get_type_hints(Config)[section.name])
+        for f in dataclasses.fields(typing.get_type_hints(Config)[section.name])
+        if f.metadata.get("derived")
+    }
+    assert set(derived) == {
+        "model.name_or_path",
+        "grpo.epsilon_high",
+        "grpo.is_correction",
+        "eval.num_prompts",
+        "eval.max_new_tokens",
+    }
+    for cfg in (Config(), load_config(None, ["sampler.kind=vllm"])):
+        for key in derived:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            assert value is not None or (key == "grpo.is_correction" and cfg.sampler.kind == "own"), key
+
+
+# ----------------------------------------------------------------------------- defaults decided once
+
+
+def test_epsilon_high_is_filled_from_epsilon():
+    assert GRPOCfg().epsilon_high == 0.2
+    assert GRPOCfg(epsilon=0.1).epsilon_high == 0.1
+    assert load_config(None, ["grpo.epsilon=0.3"]).grpo.epsilon_high == 0.3
+    assert load_config(None, ["grpo.epsilon=0.3", "grpo.epsilon_high=0.4"]).grpo.epsilon_high == 0.4
+    assert load_config(None, ["grpo.epsilon_high=null"]).grpo.epsilon_high == 0.2  # null: the default again
+
+
+def test_is_correction_is_auto_for_vllm_only(tmp_path):
+    assert Config(sampler=SamplerCfg(kind="vllm")).grpo.is_correction == "token_truncate"
+    assert Config().grpo.is_correction is None  # own sampler: the trainer's kernels, nothing to correct
+    cfg = load_config(None, ["sampler.kind=vllm"])
+    assert cfg.grpo.is_correction == "token_truncate"
+    save_config(cfg, tmp_path / "config.yaml")  # the saved config is the one that runs
+    assert "  is_correction: token_truncate\n" in (tmp_path / "config.yaml").read_text()
+    assert load_config(tmp_path / "config.yaml") == cfg
+    explicit = load_config(None, ["sampler.kind=vllm", "grpo.is_correction=sequence_mask"])
+    assert explicit.grpo.is_correction == "sequence_mask"  # an explicit value wins
+    assert load_config(None, ["grpo.is_correction=token_mask"]).grpo.is_correction == "token_mask"
+
+
+def test_is_min_is_a_lower_bound_below_is_cap():
+    assert Config().grpo.is_min is None
+    assert load_config(None, ["grpo.is_min=0.5"]).grpo.is_min == 0.5
+    assert load_config(None, ["grpo.is_min=3", "grpo.is_cap=3"]).grpo.is_min == 3.0
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["grpo.is_min=4"])
+    assert str(e.value) == "invalid config:\n  - grpo.is_min (4.0) must be <= grpo.is_cap (3.0)"
+
+
+def test_duplicate_reward_names_are_an_error():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["rewards=[{name: correctness}, {name: xml_count}, {name: correctness, weight: 2}]"])
+    assert str(e.value) == (
+        "invalid config:\n  - rewards.2.name='correctness' repeats rewards.0.name: list each reward once "
+        "(its metrics are keyed by its name)"
+    )
+
+
+def test_removed_fields_are_unknown_keys():
+    for key, guess in (("train.logprob_chunk_size", None), ("eval.every", "log.every")):
+        with pytest.raises(ConfigError, match=f"unknown config key '{key}'") as e:
+            load_config(None, [f"{key}=5"])
+        assert (f"did you mean '{guess}'" in str(e.value)) if guess else ("did you mean" not in str(e.value))
+
+
+# ----------------------------------------------------------------------------- config_diff
+
+
+def test_config_diff_lists_changed_dotted_keys():
+    base = load_config(None)
+    assert config_diff(base, base) == [] and config_diff(base, Config()) == []
+    other = load_config(None, ["train.lr=3e-6", "rewards.0.weight=2", "train.betas=[0.9, 0.95]"])
+    assert config_diff(base, other) == ["rewards.0.weight", "train.lr", "train.betas"]  # schema order
+    assert config_diff(other, base) == ["rewards.0.weight", "train.lr", "train.betas"]
+    # a derived value follows what it is derived from
+    assert config_diff(base, load_config(None, ["sampler.max_new_tokens=64"])) == [
+        "sampler.max_new_tokens",
+        "eval.max_new_tokens",
+    ]
+    two = load_config(None, ["rewards=[{name: correctness}, {name: xml_count}]"])
+    assert config_diff(base, two) == ["rewards"]  # another number of rewards: the list as a whole
+    assert config_diff(base, load_config(None, ["rewards.0.kwargs={x: 1}"])) == ["rewards.0.kwargs.x"]

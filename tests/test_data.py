@@ -27,6 +27,7 @@ from minigrpo.data import (
     split_files,
     synthetic_arithmetic,
 )
+from minigrpo.errors import UserError
 
 GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
@@ -53,9 +54,14 @@ def test_parse_gsm8k_answer(solution, answer):
     assert parse_gsm8k_answer(solution) == answer
 
 
-def test_parse_gsm8k_answer_without_marker():
+def test_parse_gsm8k_answer_without_marker(tmp_path):
     with pytest.raises(DataError, match="no '####' final answer"):
         parse_gsm8k_answer("The answer is 5.")
+    rows = [{"question": "a", "answer": "x\n#### 1"}, {"question": "b", "answer": "The answer is 5."}]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        load_gsm8k(path)
+    assert str(e.value) == f"{path}:2: GSM8K solution has no '####' final answer: 'The answer is 5.'"
 
 
 def test_load_gsm8k_file_and_folder(tmp_path):
@@ -99,14 +105,67 @@ def test_jsonl_with_custom_fields(tmp_path):
     assert examples[1].prompt == [{"role": "user", "content": "3*3?"}] and examples[1].answer == "9"
 
 
-def test_jsonl_errors_name_the_row_and_field(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"q": "x", "answer": "1"}])
+def test_jsonl_errors_name_the_file_line_and_field(tmp_path):
+    assert issubclass(DataError, UserError) and issubclass(DataError, ValueError)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "x", "answer": "1"}, {"q": "y", "answer": "2"}])
     with pytest.raises(DataError) as e:
         load_jsonl(path)
-    assert str(e.value) == f"{path}: row 0 has no value for 'question' (fields: q, answer)"
-    path.write_text('{"question": "x", "answer": "1"}\n{"question": oops}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid JSON"):
+    assert str(e.value) == f"{path}:2: no field 'question' (the row has: q, answer; see data.prompt_field)"
+    with pytest.raises(DataError) as e:
+        build_dataset(DataCfg(source="jsonl", path=str(path), prompt_field="answer", answer_field="solution"))
+    assert str(e.value) == f"{path}:1: no field 'solution' (the row has: question, answer; see data.answer_field)"
+    path.write_text('{"question": "x", "answer": "1"}\n\n{"question": "y", "answer": null}\n')
+    with pytest.raises(DataError) as e:
         load_jsonl(path)
+    assert str(e.value) == f"{path}:3: field 'answer' is null"  # blank lines still count as lines
+    path.write_text('{"question": "x", "answer": "1"}\n{"question": oops}\n')
+    with pytest.raises(DataError) as e:
+        load_jsonl(path)
+    assert str(e.value) == f"{path}:2: not valid JSON: Expecting value (column 14)"
+    path.write_text('{"question": "x", "answer": "1"}\n["question", "answer"]\n')
+    with pytest.raises(DataError) as e:
+        load_jsonl(path)
+    assert str(e.value) == f"{path}:2: a JSON list, not an object with named fields"
+
+
+def test_json_array_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"question": "a", "answer": "1"},\n  {"question": "b", "answer": }\n]\n')
+    with pytest.raises(DataError) as e:
+        load_jsonl(path)
+    assert str(e.value) == f"{path}:3: not valid JSON: Expecting value (column 31)"
+    path.write_text('[{"question": "a", "answer": "1"}, {"answer": "2"}]')
+    with pytest.raises(DataError, match=r"d\.json: item 2: no field 'question'"):
+        load_jsonl(path)
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    lines = [b'{"question": "a", "answer": "1"}', b'{"question": "b", "answer": "2"}', b'{"question": "caf\xe9"}']
+    path.write_bytes(b"\n".join(lines) + b"\n")  # Latin-1 "e acute" on line 3
+    with pytest.raises(DataError) as e:
+        build_dataset(DataCfg(source="jsonl", path=str(tmp_path)))
+    assert str(e.value) == f"{path}:3: not UTF-8 text (byte 0xe9 at column 18); save the file as UTF-8"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines[:2]) + b"\n")  # a UTF-8 byte-order mark is fine
+    assert [ex.prompt for ex in load_jsonl(path)] == ["a", "b"]
+
+
+def test_missing_data_files_are_named(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(DataError) as e:
+        load_jsonl(missing)
+    assert str(e.value) == f"data file {missing} does not exist"
+    with pytest.raises(DataError) as e:
+        build_dataset(DataCfg(source="jsonl", path=str(missing)))
+    assert str(e.value) == f"data path {str(missing)!r} does not exist"
+    train = write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "1"}])
+    cfg = DataCfg(source="jsonl", path=str(train), eval_path=str(tmp_path / "eval.jsonl"))
+    assert len(build_dataset(cfg)) == 1
+    with pytest.raises(DataError, match=r"data path '.*eval\.jsonl' does not exist"):
+        build_dataset(cfg, "test")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no \.jsonl/\.json files for split 'train' in .*empty"):
+        build_dataset(DataCfg(source="jsonl", path=str(tmp_path / "empty")))
 
 
 def test_jsonl_source_folder_and_eval_file(tmp_path):
@@ -126,9 +185,10 @@ def test_jsonl_source_folder_and_eval_file(tmp_path):
 def test_parquet_without_pyarrow_names_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow...` raise ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(ImportError) as e:
+    with pytest.raises(DataError) as e:
         load_parquet(tmp_path / "d.parquet")
     assert "needs the 'pyarrow' package" in str(e.value) and "pip install pyarrow" in str(e.value)
+    assert str(tmp_path / "d.parquet") in str(e.value)
 
 
 def test_parquet_round_trip(tmp_path):
@@ -139,6 +199,31 @@ def test_parquet_round_trip(tmp_path):
     pq.write_table(pa.table({"question": ["a?", "b?"], "answer": ["1", "2"], "level": [1, 2]}), path)
     assert load_parquet(path) == [Example("a?", "1", {"level": 1}), Example("b?", "2", {"level": 2})]
     assert build_dataset(DataCfg(source="parquet", path=str(tmp_path))) == load_parquet(path)
+    messages = [
+        [{"role": "user", "content": "3*3?"}],
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}],
+    ]
+    pq.write_table(pa.table({"question": messages, "answer": [9, 1]}), path)  # chat prompts, numeric answers
+    assert load_parquet(path) == [Example(messages[0], "9"), Example(messages[1], "1")]
+
+
+def test_parquet_errors_name_the_file_and_row(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"question": ["a?", None, "c?"], "answer": ["1", "2", "3"]}), path)
+    with pytest.raises(DataError) as e:
+        load_parquet(path)
+    assert str(e.value) == f"{path}: row 2: field 'question' is null"
+    with pytest.raises(DataError) as e:
+        build_dataset(DataCfg(source="parquet", path=str(path), answer_field="solution"))
+    assert str(e.value) == f"{path}: row 1: no field 'solution' (the row has: question, answer; see data.answer_field)"
+    path.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match=r"train\.parquet: not a readable parquet file"):
+        load_parquet(path)
+    with pytest.raises(DataError, match=r"data file .*nope\.parquet does not exist"):
+        load_parquet(tmp_path / "nope.parquet")
 
 
 # ----------------------------------------------------------------------------- hub

@@ -6,7 +6,6 @@ ranks, and only rank 0 writes. The launches go through the real entry point
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.cli import cli_env
+from helpers.runs import TIMING, run_config
 from safetensors.torch import load_file
-from test_train import TIMING, run_config
 
 from minigrpo.config import Config, ConfigError, validate_distributed
 from minigrpo.distributed import World, all_reduce_gradients, clip_grad_norm, full_weights, shard_range
@@ -45,8 +45,7 @@ def run(tmp_path: Path, cfg: dict, nproc: int, *extra: str) -> subprocess.Comple
     path.write_text(yaml.safe_dump(cfg))
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [sys.executable, *launcher, "-m", "minigrpo.train", "--config", str(path), *extra]
-    path_entries = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path_entries)), "OMP_NUM_THREADS": "1"}
+    env = cli_env({"OMP_NUM_THREADS": "1"})
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done

@@ -111,14 +111,16 @@ def test_smollm2_model_logits_equal_transformers(hf_smol_model):
 
 def test_smollm2_answers_two_plus_three():
     from minigrpo import load_pretrained
+    from minigrpo.sampling.kv_sampler import KVCacheSampler
     from minigrpo.sampling.params import SamplingParams
-    from minigrpo.sampling.sampler import Sampler
 
     model, tok = load_pretrained("smollm2", dtype=torch.float32)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True)
     assert prompt == SMOLLM2_PROMPT
     ids = tok.encode(prompt, add_special_tokens=False)
-    out = Sampler(model, tok).generate([ids], SamplingParams(temperature=0.0, max_new_tokens=24, stop_ids=tok.stop_ids))
+    out = KVCacheSampler(model, tok).generate(
+        [ids], SamplingParams(temperature=0.0, max_new_tokens=24, stop_ids=tok.stop_ids)
+    )
     answer = out.completion_texts[0]
     assert "5" in answer, answer
     assert not out.truncated[0], f"no end-of-turn token: {answer!r}"

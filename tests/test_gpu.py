@@ -8,8 +8,8 @@ import torch
 from helpers.tiny import tiny_model
 
 from minigrpo.logprobs import completion_logprobs
+from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams
-from minigrpo.sampling.sampler import Sampler
 
 pytestmark = pytest.mark.gpu
 
@@ -49,8 +49,8 @@ def test_model_on_cuda_matches_cpu():
 def test_graph_decoding_equals_eager(bucket):
     model = tiny_model(seed=4).cuda()
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=40, ignore_stop=True)
-    graphs = Sampler(model, Tok(), cuda_graphs=True, kv_bucket=bucket).generate(PROMPTS, params)
-    eager = Sampler(model, Tok(), cuda_graphs=False, kv_bucket=bucket).generate(PROMPTS, params)
+    graphs = KVCacheSampler(model, Tok(), cuda_graphs=True, kv_bucket=bucket).generate(PROMPTS, params)
+    eager = KVCacheSampler(model, Tok(), cuda_graphs=False, kv_bucket=bucket).generate(PROMPTS, params)
     assert torch.equal(graphs.completion_ids, eager.completion_ids)
     assert (graphs.sampler_logp - eager.sampler_logp).abs().max() < 1e-5
 
@@ -60,8 +60,8 @@ def test_graph_decoding_in_waves_equals_one_batch(max_rows):
     """Each wave captures its own graphs; the tokens are those of one batch (split invariance)."""
     model = tiny_model(seed=4).cuda()
     params = SamplingParams(n=2, temperature=1.0, max_new_tokens=40, ignore_stop=True)
-    one = Sampler(model, Tok(), cuda_graphs=True, kv_bucket=8).generate(PROMPTS, params, key=(3, 1, 0))
-    waves = Sampler(model, Tok(), cuda_graphs=True, kv_bucket=8, max_rows=max_rows)
+    one = KVCacheSampler(model, Tok(), cuda_graphs=True, kv_bucket=8).generate(PROMPTS, params, key=(3, 1, 0))
+    waves = KVCacheSampler(model, Tok(), cuda_graphs=True, kv_bucket=8, max_rows=max_rows)
     waves = waves.generate(PROMPTS, params, key=(3, 1, 0))
     assert torch.equal(waves.completion_ids, one.completion_ids)
     assert (waves.sampler_logp - one.sampler_logp).abs().max() < 1e-5
@@ -71,7 +71,7 @@ def test_graph_decoding_in_waves_equals_one_batch(max_rows):
 def test_sampler_logprobs_match_trainer_on_cuda(dtype, tol):
     model = tiny_model(seed=5, dtype=dtype).cuda()
     params = SamplingParams(n=4, temperature=0.8, max_new_tokens=33, stop_ids=(2, 7))
-    out = Sampler(model, Tok(), kv_bucket=16).generate(PROMPTS, params)
+    out = KVCacheSampler(model, Tok(), kv_bucket=16).generate(PROMPTS, params)
     with torch.no_grad():
         logp = completion_logprobs(model, out.input_ids(), out.attention_mask(), out.completion_mask, temperature=0.8)
     err = (logp - out.sampler_logp).abs().max().item()

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from minigrpo.advantages import group_advantages, group_reward_stats, group_rows, zero_spread_groups
+from minigrpo.config import Config
 from minigrpo.grpo import (
+    LOG_RATIO_CLAMP,
     LOSS_TYPES,
     LossNormalizer,
-    group_advantages,
-    group_reward_stats,
-    group_rows,
+    LossOptions,
     importance_weights,
     kl_k3,
     loss_mask,
     make_normalizer,
     policy_loss,
-    zero_spread_groups,
 )
 
 NAN = float("nan")
@@ -50,7 +51,7 @@ def test_worked_example_of_the_module_docstring():
     expected = {"dapo": -0.036612, "bnpo": -0.036612, "dr_grpo": -0.024408, "grpo": 0.0}
     for loss_type, value in expected.items():
         logp = torch.randn(6, 4, requires_grad=True)
-        loss, stats = policy_loss(logp, None, A, mask, loss_type=loss_type)
+        loss, stats = policy_loss(logp, None, A, mask, LossOptions(loss_type=loss_type))
         close(loss, value, 2e-6)
         loss.backward()
         if loss_type == "dapo":
@@ -199,7 +200,7 @@ def _one_seq(log_ratios: list[float], adv: float):
 def test_clipping_positive_advantage():
     # ratios 1.5 and 0.5, A = +1, eps 0.2: token 0 takes the clipped 1.2 (no gradient), token 1 keeps 0.5
     logp, old, A, mask = _one_seq([LN(1.5), LN(0.5)], 1.0)
-    loss, stats = policy_loss(logp, old, A, mask, loss_type="dapo")
+    loss, stats = policy_loss(logp, old, A, mask, LossOptions(loss_type="dapo"))
     close(loss, (-1.2 - 0.5) / 2)  # -0.85
     loss.backward()
     close(logp.grad, [[0.0, -0.5 / 2]])  # d(-rho A)/dlogp = -rho A, over N_tok = 2
@@ -212,7 +213,7 @@ def test_clipping_positive_advantage():
 def test_clipping_negative_advantage():
     # A = -1: token 0 (1.5) is unclipped, loss 1.5, gradient -rho A = 1.5; token 1 (0.5) takes the clipped 0.8
     logp, old, A, mask = _one_seq([LN(1.5), LN(0.5)], -1.0)
-    loss, stats = policy_loss(logp, old, A, mask, loss_type="dapo")
+    loss, stats = policy_loss(logp, old, A, mask, LossOptions(loss_type="dapo"))
     close(loss, (1.5 + 0.8) / 2)
     loss.backward()
     close(logp.grad, [[1.5 / 2, 0.0]])
@@ -222,7 +223,7 @@ def test_clipping_negative_advantage():
 
 def test_epsilon_high_widens_the_upper_range():
     logp, old, A, mask = _one_seq([LN(1.25), LN(1.3)], 1.0)
-    loss, stats = policy_loss(logp, old, A, mask, epsilon=0.2, epsilon_high=0.28)
+    loss, stats = policy_loss(logp, old, A, mask, LossOptions(epsilon=0.2, epsilon_high=0.28))
     close(loss, (-1.25 - 1.28) / 2)  # 1.25 < 1.28 stays, 1.3 is clipped to 1.28
     loss.backward()
     close(logp.grad, [[-1.25 / 2, 0.0]])
@@ -232,9 +233,9 @@ def test_epsilon_high_widens_the_upper_range():
 def test_delta_caps_the_ratio():
     # A = -1, ratio 3: unclipped term -3 would win; with delta 2 it is min(3, 2) = 2 and has no gradient
     logp, old, A, mask = _one_seq([LN(3.0)], -1.0)
-    loss, _ = policy_loss(logp, old, A, mask)
+    loss, _ = policy_loss(logp, old, A, mask, LossOptions())
     close(loss, 3.0)
-    loss, _ = policy_loss(logp, old, A, mask, delta=2.0)
+    loss, _ = policy_loss(logp, old, A, mask, LossOptions(delta=2.0))
     close(loss, 2.0)
     loss.backward()
     close(logp.grad, [[0.0]])
@@ -246,9 +247,8 @@ def test_gspo_sequence_ratio_is_the_geometric_mean_of_token_ratios():
     old = torch.tensor([[-LN(r) for r in token_ratios] + [-math.inf]])
     mask = torch.tensor([[1, 1, 1, 0]])
     geo = math.prod(token_ratios) ** (1 / 3)  # 1.587401
-    loss, stats = policy_loss(
-        logp, old, torch.tensor([1.0]), mask, loss_type="grpo", importance_sampling_level="sequence", epsilon=1.0
-    )
+    opts = LossOptions(loss_type="grpo", importance_sampling_level="sequence", epsilon=1.0, epsilon_high=1.0)
+    loss, stats = policy_loss(logp, old, torch.tensor([1.0]), mask, opts)
     close(stats["ratio_mean"], geo, 1e-6)
     close(stats["ratio_min"], geo, 1e-6)
     close(loss, -geo, 1e-6)
@@ -262,30 +262,70 @@ def test_is_correction_multiplies_the_policy_term_before_the_kl():
     sampler = -torch.tensor([[LN(4), LN(0.5), LN(2)]])  # old (= logp) - sampler = ln [4, 0.5, 2]
     ref = logp.detach() - LN(2)  # k3 at d = -ln 2: 0.5 + ln 2 - 1 = 0.193147
     mask, A = torch.ones(1, 3), torch.tensor([1.0])
-    kw = dict(sampler_logp=sampler, is_correction="token_truncate", is_cap=3.0)
-    loss, stats = policy_loss(logp, None, A, mask, **kw)
+    truncate = LossOptions(is_correction="token_truncate", is_cap=3.0)
+    loss, stats = policy_loss(logp, None, A, mask, truncate, sampler_logp=sampler)
     close(loss, -(3.0 + 0.5 + 2.0) / 3)
-    loss, stats = policy_loss(logp, None, A, mask, beta=0.1, ref_logp=ref, **kw)
+    with_kl = dataclasses.replace(truncate, beta=0.1)
+    loss, stats = policy_loss(logp, None, A, mask, with_kl, sampler_logp=sampler, ref_logp=ref)
     close(loss, -(3.0 + 0.5 + 2.0) / 3 + 0.1 * 0.193147)  # -1.814019: KL not weighted
     close(stats["kl"], 0.193147)
     close(stats["pg_loss"], -(3.0 + 0.5 + 2.0) / 3)
     close([stats["is_weight_min"], stats["is_weight_mean"], stats["is_weight_max"]], [0.5, 6.5 / 3, 4.0])
     close(stats["is_clip_frac"], 1 / 3)
-    loss, _ = policy_loss(logp, None, A, mask, sampler_logp=sampler, is_correction="token_mask", is_cap=3.0)
+    masking = LossOptions(is_correction="token_mask", is_cap=3.0)
+    loss, _ = policy_loss(logp, None, A, mask, masking, sampler_logp=sampler)
     close(loss, -(0.0 + 0.5 + 2.0) / 3)
-    loss, _ = policy_loss(logp, None, A, mask, sampler_logp=sampler, is_correction="sequence_truncate")
+    loss, _ = policy_loss(logp, None, A, mask, LossOptions(is_correction="sequence_truncate"), sampler_logp=sampler)
     close(loss, -3.0)  # product 4 -> 3 on every token
 
 
 def test_kl_term_gradient_and_value():
     logp = torch.zeros(1, 2, requires_grad=True)
     ref = torch.tensor([[LN(2), 0.0]])
-    loss, stats = policy_loss(logp, None, torch.tensor([0.0]), torch.ones(1, 2), beta=0.5, ref_logp=ref)
+    loss, stats = policy_loss(logp, None, torch.tensor([0.0]), torch.ones(1, 2), LossOptions(beta=0.5), ref_logp=ref)
     close(loss, 0.5 * 0.306853 / 2)
     close(stats["kl"], 0.306853 / 2)
     loss.backward()
     # d k3 / d logp = -(exp(ref - logp) - 1) = -(2 - 1) on token 0, 0 on token 1
     close(logp.grad, [[0.5 * -1.0 / 2, 0.0]])
+
+
+@pytest.mark.parametrize(
+    "d,k3,kl_grad",
+    [
+        (-500.0, 499.0, 1.0),  # e^-500 + 500 - 1; gradient 1 - e^d: the pull back to the reference
+        (500.0, math.exp(LOG_RATIO_CLAMP) - LOG_RATIO_CLAMP - 1, 0.0),  # e^20 - 21, frozen at the clamp
+    ],
+)
+def test_k3_at_extreme_log_ratios_is_finite_and_keeps_the_restoring_gradient(d, k3, kl_grad):
+    """|ref - logp| = 500 through policy_loss with beta > 0. d = ref - logp = -500: the policy made
+    the token e^500 times likelier than the reference; k3 is finite without any lower clamp and its
+    gradient beta * (1 - e^d) / N_tok pulls logp back (a lower clamp would zero it). d = +500: exp
+    needs the upper clamp (e^500 is inf in fp32). The second token has d = 0 (k3 0)."""
+    logp = torch.zeros(1, 2, requires_grad=True)
+    ref = torch.tensor([[d, 0.0]])
+    loss, stats = policy_loss(logp, None, torch.tensor([1.0]), torch.ones(1, 2), LossOptions(beta=0.5), ref_logp=ref)
+    assert loss.isfinite() and all(v.isfinite() for v in stats.values()), (loss, stats)
+    close(stats["kl"], k3 / 2, 1e-6)
+    close(loss, (-2.0 + 0.5 * k3) / 2, 1e-6)  # policy term -A per token, over N_tok = 2
+    loss.backward()
+    assert logp.grad.isfinite().all()
+    close(logp.grad, [[(-1.0 + 0.5 * kl_grad) / 2, -1.0 / 2]], 1e-6)
+
+
+def test_k3_upper_clamp_keeps_exp_finite():
+    """Without the upper clamp, d = 500 makes exp overflow: k3 = inf and a NaN/inf gradient."""
+    logp = torch.zeros(1, 2, requires_grad=True)
+    k3 = kl_k3(logp, torch.tensor([[500.0, 1000.0]]))
+    close(k3, [[math.exp(20.0) - 21.0] * 2], 1e-6)
+    k3.sum().backward()
+    assert torch.equal(logp.grad, torch.zeros(1, 2))  # frozen at the clamp
+    # the lower side needs no clamp: exact values and gradient 1 - e^d at d = -500 and -1000
+    logp = torch.zeros(1, 2, requires_grad=True)
+    k3 = kl_k3(logp, torch.tensor([[-500.0, -1000.0]]))
+    close(k3, [[499.0, 999.0]], 1e-7)
+    k3.sum().backward()
+    close(logp.grad, [[1.0, 1.0]], 0)
 
 
 def test_on_policy_mu1_beta0_ratio_is_one_and_loss_is_minus_weighted_mean_advantage():
@@ -296,7 +336,8 @@ def test_on_policy_mu1_beta0_ratio_is_one_and_loss_is_minus_weighted_mean_advant
     logp = torch.randn(N, Tc, requires_grad=True)
     sampler = logp.detach().clone()  # sampler agrees with the trainer: IS weight 1
     L = torch.tensor(lengths, dtype=torch.float32)
-    loss, stats = policy_loss(logp, None, A, mask, sampler_logp=sampler, is_correction="token_truncate")
+    opts = LossOptions(is_correction="token_truncate")
+    loss, stats = policy_loss(logp, None, A, mask, opts, sampler_logp=sampler)
     close(loss, -(A * L).sum() / L.sum(), 1e-6)
     loss.backward()
     close(logp.grad, -A[:, None] * mask / L.sum(), 1e-6)
@@ -304,7 +345,7 @@ def test_on_policy_mu1_beta0_ratio_is_one_and_loss_is_minus_weighted_mean_advant
         assert stats[key].item() == 0.0
     for key in ("ratio_min", "ratio_max", "is_weight_min", "is_weight_max"):
         assert stats[key].item() == 1.0
-    loss, _ = policy_loss(logp, None, A, mask, loss_type="grpo")
+    loss, _ = policy_loss(logp, None, A, mask, LossOptions(loss_type="grpo"))
     close(loss, -(A * (L > 0)).sum() / N, 1e-6)  # the mean of -A over sequences (empty rows give 0)
 
 
@@ -313,20 +354,19 @@ def test_fully_masked_rows_and_micro_batches_are_safe():
     old = torch.tensor([[-1.2, -math.inf], [-math.inf, -math.inf]])
     mask = torch.tensor([[1, 0], [0, 0]])
     for loss_type in LOSS_TYPES:
-        loss, stats = policy_loss(
-            logp, old, torch.tensor([1.0, -1.0]), mask, loss_type=loss_type, ref_logp=old, beta=0.1
-        )
+        opts = LossOptions(loss_type=loss_type, beta=0.1)
+        loss, stats = policy_loss(logp, old, torch.tensor([1.0, -1.0]), mask, opts, ref_logp=old)
         loss.backward()
         assert loss.isfinite() and not logp.grad.isnan().any()
         assert all(v.isfinite().all() for v in stats.values()), stats
         logp.grad = None
-    loss, stats = policy_loss(logp[1:], old[1:], torch.tensor([1.0]), mask[1:])
+    loss, stats = policy_loss(logp[1:], old[1:], torch.tensor([1.0]), mask[1:], LossOptions())
     assert loss.item() == 0.0 and stats["ratio_mean"].item() == 1.0 and stats["active_tokens"].item() == 0
 
 
 def test_extreme_log_ratio_is_clamped_not_inf():
     logp, old, A, mask = _one_seq([500.0], -1.0)
-    loss, _ = policy_loss(logp, old, A, mask)
+    loss, _ = policy_loss(logp, old, A, mask, LossOptions())
     close(loss, math.exp(20.0), 1e-5)
     loss.backward()
     assert logp.grad.item() == 0.0
@@ -335,19 +375,84 @@ def test_extreme_log_ratio_is_clamped_not_inf():
 def test_entropy_stat_and_errors():
     mask = torch.tensor([[1, 1, 0]])
     entropy = torch.tensor([[1.0, 2.0, 100.0]])
-    _, stats = policy_loss(torch.zeros(1, 3), None, torch.zeros(1), mask, entropy=entropy)
+    logp, zero = torch.zeros(1, 3), torch.zeros(1)
+    _, stats = policy_loss(logp, None, zero, mask, LossOptions(), entropy=entropy)
     close(stats["entropy"], 1.5)
     assert "kl" not in stats and "is_weight_mean" not in stats
     with pytest.raises(ValueError, match="ref_logp"):
-        policy_loss(torch.zeros(1, 3), None, torch.zeros(1), mask, beta=0.1)
+        policy_loss(logp, None, zero, mask, LossOptions(beta=0.1))
     with pytest.raises(ValueError, match="sampler_logp"):
-        policy_loss(torch.zeros(1, 3), None, torch.zeros(1), mask, is_correction="token_mask")
-    with pytest.raises(ValueError, match="loss_type"):
-        policy_loss(torch.zeros(1, 3), None, torch.zeros(1), mask, loss_type="ppo")
+        policy_loss(logp, None, zero, mask, LossOptions(is_correction="token_mask"))
     with pytest.raises(ValueError, match="made for 'dapo'"):
-        policy_loss(torch.zeros(1, 3), None, torch.zeros(1), mask, loss_type="grpo", normalizer=make_normalizer(mask))
+        policy_loss(logp, None, zero, mask, LossOptions(loss_type="grpo"), normalizer=make_normalizer(mask))
+    with pytest.raises(ValueError, match="max_completion_length conflicts"):
+        opts = LossOptions(max_completion_length=8)
+        policy_loss(logp, None, zero, mask, opts, normalizer=make_normalizer(mask, max_completion_length=16))
     with pytest.raises(AssertionError, match="advantages"):
-        policy_loss(torch.zeros(1, 3), None, torch.zeros(2), mask)
+        policy_loss(logp, None, torch.zeros(2), mask, LossOptions())
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("loss_type", "ppo", "loss_type must be one of"),
+        ("importance_sampling_level", "group", "importance_sampling_level must be"),
+        ("is_correction", "token_clip", "is_correction must be one of"),
+    ],
+)
+def test_loss_options_reject_unknown_modes(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        LossOptions(**{field: value})
+
+
+def test_loss_options_from_config_reads_every_field():
+    cfg = Config()
+    g = cfg.grpo
+    g.loss_type, g.epsilon, g.epsilon_high, g.delta, g.beta = "dr_grpo", 0.1, 0.28, 4.0, 0.04
+    g.importance_sampling_level, g.is_correction, g.is_cap, g.is_min = "sequence", "token_mask", 2.5, 0.25
+    cfg.sampler.max_new_tokens = 77
+    opts = LossOptions.from_config(cfg)
+    assert opts == LossOptions(
+        loss_type="dr_grpo",
+        epsilon=0.1,
+        epsilon_high=0.28,
+        delta=4.0,
+        beta=0.04,
+        importance_sampling_level="sequence",
+        is_correction="token_mask",
+        is_cap=2.5,
+        is_min=0.25,
+        max_completion_length=77,
+    )
+    assert [f.name for f in dataclasses.fields(LossOptions)] == [
+        "loss_type",
+        "epsilon",
+        "epsilon_high",
+        "delta",
+        "beta",
+        "importance_sampling_level",
+        "is_correction",
+        "is_cap",
+        "is_min",
+        "max_completion_length",
+    ]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.beta = 0.0  # type: ignore[misc]
+
+
+def test_is_min_is_the_floor_of_the_importance_weights():
+    """is_min reaches importance_weights as its floor: raw weights [4, 0.5, 2], cap 3, floor 0.6."""
+    logp = torch.zeros(1, 3, requires_grad=True)
+    sampler = -torch.tensor([[LN(4), LN(0.5), LN(2)]])
+    mask, A = torch.ones(1, 3), torch.tensor([1.0])
+    opts = LossOptions(is_correction="token_truncate", is_cap=3.0, is_min=0.6)
+    loss, stats = policy_loss(logp, None, A, mask, opts, sampler_logp=sampler)
+    close(loss, -(3.0 + 0.6 + 2.0) / 3)
+    close(stats["is_clip_frac"], 2 / 3)  # 4 > cap, 0.5 < floor
+    masked = dataclasses.replace(opts, is_correction="token_mask")
+    loss, stats = policy_loss(logp, None, A, mask, masked, sampler_logp=sampler)
+    close(loss, -(0.0 + 0.0 + 2.0) / 3)
+    close(stats["is_weight_min"], 0.5)  # the raw weight, before the floor
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -383,17 +488,16 @@ def _batch(N=12, Tc=9):
 @pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo", "grpo"])
 def test_gradient_is_identical_for_every_micro_batch_split(loss_type, level):
     base, old, ref, sampler, A, mask = _batch()
-    kw = dict(
+    opts = LossOptions(
         loss_type=loss_type,
         importance_sampling_level=level,
         beta=0.04,
-        ref_logp=ref,
         epsilon_high=0.28,
-        sampler_logp=sampler,
         is_correction="token_truncate",
+        max_completion_length=16,
     )
     full_logp = base.clone().requires_grad_()
-    full_loss, _ = policy_loss(full_logp, old, A, mask, max_completion_length=16, **kw)
+    full_loss, _ = policy_loss(full_logp, old, A, mask, opts, ref_logp=ref, sampler_logp=sampler)
     full_loss.backward()
     assert full_logp.grad.abs().sum() > 0
     for split in SPLITS:
@@ -407,8 +511,10 @@ def test_gradient_is_identical_for_every_micro_batch_split(loss_type, level):
                 old[rows],
                 A[rows],
                 mask[rows],
+                opts,
                 normalizer=norm,
-                **{**kw, "ref_logp": ref[rows], "sampler_logp": sampler[rows]},
+                ref_logp=ref[rows],
+                sampler_logp=sampler[rows],
             )
             loss.backward()  # accumulation: no division by the number of micro-batches
             total += loss.item()
@@ -421,13 +527,14 @@ def test_gradient_is_identical_for_every_micro_batch_split(loss_type, level):
 def test_grpo_equals_bnpo_with_one_sequence_per_micro_batch():
     base, old, _, _, A, mask = _batch()
     grpo_logp = base.clone().requires_grad_()
-    grpo_loss, _ = policy_loss(grpo_logp, old, A, mask, loss_type="grpo")
+    grpo_loss, _ = policy_loss(grpo_logp, old, A, mask, LossOptions(loss_type="grpo"))
     grpo_loss.backward()
     norm = make_normalizer(mask, "bnpo", num_micro_batches=12)
     logp, total = base.clone().requires_grad_(), 0.0
     for i in range(12):
+        rows = slice(i, i + 1)
         loss, _ = policy_loss(
-            logp[i : i + 1], old[i : i + 1], A[i : i + 1], mask[i : i + 1], loss_type="bnpo", normalizer=norm
+            logp[rows], old[rows], A[rows], mask[rows], LossOptions(loss_type="bnpo"), normalizer=norm
         )
         loss.backward()
         total += loss.item()
@@ -438,13 +545,13 @@ def test_grpo_equals_bnpo_with_one_sequence_per_micro_batch():
 def test_world_size_factor_makes_the_rank_average_the_global_gradient():
     base, old, _, _, A, mask = _batch()
     full = base.clone().requires_grad_()
-    policy_loss(full, old, A, mask)[0].backward()
+    policy_loss(full, old, A, mask, LossOptions())[0].backward()
     # two ranks of 6 rows; the loop would all_reduce the totals, here they are built from the whole batch
     norm = LossNormalizer("dapo", 12, int(mask.sum()), 9, num_micro_batches=1, world_size=2)
     grads = []
     for rows in (slice(0, 6), slice(6, 12)):
         logp = base.clone().requires_grad_()
-        policy_loss(logp[rows], old[rows], A[rows], mask[rows], normalizer=norm)[0].backward()
+        policy_loss(logp[rows], old[rows], A[rows], mask[rows], LossOptions(), normalizer=norm)[0].backward()
         grads.append(logp.grad)
     close((grads[0] + grads[1]) / 2, full.grad, 1e-6)  # what DDP's gradient averaging gives
 

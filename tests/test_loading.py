@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import torch
-from helpers.tiny import tiny_checkpoint, tiny_model
+from helpers.tiny import tiny_checkpoint, tiny_model, tiny_run_checkpoint
 
+from minigrpo.errors import UserError
 from minigrpo.models.args import ModelArgs, UnsupportedModelError
-from minigrpo.models.loading import CheckpointError, load_pretrained
-from minigrpo.models.safetensors_io import CorruptCheckpointError, iter_tensors, save_file
+from minigrpo.models.loading import CheckpointError, ModelNotFoundError, check_model_source, load_pretrained
+from minigrpo.models.safetensors_io import CorruptCheckpointError, iter_tensors, read_header, save_file
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -33,13 +34,80 @@ def test_dtype_conversion_on_load(tmp_path):
 
 
 def test_missing_path():
-    with pytest.raises(FileNotFoundError, match=r"no such file or directory: \./nowhere/at-all"):
+    with pytest.raises(FileNotFoundError, match=r"no such file or directory: \./nowhere/at-all") as info:
         load_pretrained("./nowhere/at-all")
+    assert isinstance(info.value, UserError)
 
 
 def test_missing_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"no config.json in {tmp_path}"):
+    with pytest.raises(FileNotFoundError, match=f"no config.json in {tmp_path}: not a model folder") as info:
         load_pretrained(tmp_path)
+    assert isinstance(info.value, UserError)
+
+
+def test_a_file_that_is_no_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelNotFoundError, match=rf"{tmp_path}/notes.txt is no model"):
+        load_pretrained(tmp_path / "notes.txt")
+
+
+def test_config_without_weights(tmp_path):
+    tiny_checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ModelNotFoundError, match=rf"no safetensors weights in {tmp_path}"):
+        load_pretrained(tmp_path)
+
+
+def test_broken_config_json_names_it(tmp_path):
+    tiny_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "lla')
+    with pytest.raises(CorruptCheckpointError, match=rf"{tmp_path}/config.json: not valid JSON") as info:
+        load_pretrained(tmp_path)
+    assert isinstance(info.value, UserError)
+
+
+def test_tokenizer_files(tmp_path):
+    """No tokenizer files: None (weights only), or an error naming folder and files when one is
+    required; tokenizer files without tokenizer.json: always an error."""
+    tiny_checkpoint(tmp_path)
+    assert load_pretrained(tmp_path)[1] is None
+    with pytest.raises(ModelNotFoundError, match=rf"{tmp_path} has no tokenizer: tokenizer.json is missing") as info:
+        load_pretrained(tmp_path, require_tokenizer=True)
+    assert isinstance(info.value, UserError)
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match=r"has no tokenizer.json \(it has tokenizer_config.json\)"):
+        load_pretrained(tmp_path)
+    assert load_pretrained(tmp_path, load_tokenizer=False)[1] is None
+
+
+def test_check_model_source_reads_no_weights(tmp_path, monkeypatch):
+    """The checks before loading: folder, config, weights headers, tokenizer; a hub id is not fetched."""
+    import huggingface_hub
+
+    model_dir = tiny_run_checkpoint(tmp_path / "model")
+    check_model_source(model_dir)
+    weights_only = tiny_checkpoint(tmp_path / "weights-only")
+    with pytest.raises(ModelNotFoundError, match=rf"{weights_only} has no tokenizer"):
+        check_model_source(weights_only)
+    check_model_source(weights_only, require_tokenizer=False)
+    with pytest.raises(ModelNotFoundError, match=r"no such file or directory: \./not-there"):
+        check_model_source("./not-there")
+    weights = weights_only / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])
+    with pytest.raises(CorruptCheckpointError, match=rf"{weights}: tensor .* truncated"):
+        check_model_source(weights_only, require_tokenizer=False)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("check_model_source must not download")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    check_model_source("someone/some-model")
+
+
+def test_with_its_tokenizer(tmp_path):
+    tiny_run_checkpoint(tmp_path)
+    _, tokenizer = load_pretrained(tmp_path, require_tokenizer=True)
+    assert tokenizer.decode(tokenizer.encode("repeat 7")) == "repeat 7"
 
 
 def test_unsupported_model_type(tmp_path):
@@ -91,8 +159,35 @@ def test_corrupt_safetensors(tmp_path, damage):
     path = tmp_path / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 64)
-    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors"):
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors") as info:
         load_pretrained(tmp_path)
+    assert isinstance(info.value, UserError) and isinstance(info.value, CheckpointError)
+
+
+def test_written_safetensors_match_the_reference_library(tmp_path):
+    """Our writer's files load in `safetensors` itself, bitwise, metadata included."""
+    from safetensors import safe_open
+
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "f32_strided": torch.randn(4, 6)[:, ::2],
+        "scalar": torch.tensor(7, dtype=torch.int64),
+        "empty": torch.empty(0, 3, dtype=torch.float16),
+        "mask": torch.tensor([True, False]),
+        "f8": torch.randn(6).to(torch.float8_e5m2),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    assert set(read_header(path)) == set(tensors)
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        raw = lambda t: t.contiguous().reshape(-1).view(torch.uint8)
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(raw(a), raw(b))
+
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt"} and sorted(f.keys()) == sorted(tensors)
+        assert all(same(f.get_tensor(name), t) for name, t in tensors.items())
+    assert all(same(t, tensors[name]) for name, t in iter_tensors(path))
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):

@@ -16,6 +16,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.tiny import tiny_checkpoint, tiny_model
 from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -38,7 +39,6 @@ from minigrpo.lora import (
 from minigrpo.models.loading import load_pretrained
 from minigrpo.models.safetensors_io import iter_tensors, read_header
 from minigrpo.optim import MasterWeights, build_optimizer
-from tests.helpers.tiny import tiny_checkpoint, tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

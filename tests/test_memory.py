@@ -1,26 +1,32 @@
 """Memory pre-flight (memory.py): each predicted piece against what is measured.
 
-On CPU the measurements come from `AllocationTracker` (every tensor storage allocated under it,
-live and peak): activations of the real forward + backward through the log-prob kernel, weights
-(dense and NF4), optimizer state and the optimizer step, the KV cache, one whole update phase.
+On CPU the measurements come from `AllocationTracker` (tests/helpers/allocations.py: every tensor
+storage allocated under it, live and peak): activations of the real forward + backward through the
+log-prob kernel, weights (dense and NF4), optimizer state and the optimizer step, the KV cache, one
+whole update phase.
 The GPU-marked test does the same with torch.cuda's counters on the Triton path.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from helpers.allocations import AllocationTracker
 from helpers.tiny import tiny_model
 
-from minigrpo import memory
+from minigrpo import memory, memory_parts
 from minigrpo.config import TrainCfg, load_config
 from minigrpo.logprobs import completion_logprobs
-from minigrpo.memory import AllocationTracker, MemoryPreflightError, activation_bytes, estimate_peak, preflight
+from minigrpo.memory import MemoryPreflightError, estimate_peak, preflight
+from minigrpo.memory_parts import activation_bytes
 from minigrpo.models.args import ModelArgs
 from minigrpo.models.presets import preset_config
 from minigrpo.models.transformer import KVCache
 from minigrpo.optim import build_optimizer
 
+CONFIGS = Path(__file__).parents[1] / "configs"
 # a tiny model with realistic proportions (F = 2.75 D, GQA 4:2)
 SMALL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, vocab_size=512)
 
@@ -151,7 +157,7 @@ def test_weight_estimate_equals_model_bytes(quantize):
         quantize_model_linears(model)
     dense = sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype != torch.uint8)
     nf4 = sum(m.nbytes() for m in quantized_linears(model).values())
-    assert dense + nf4 == memory.weight_bytes(model.args, 4, quantize)
+    assert dense + nf4 == memory_parts.weight_bytes(model.args, 4, quantize)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -172,22 +178,22 @@ def test_optimizer_state_and_step_estimate(dtype):
     )
     assert abs(tracker.peak / (state + 4 * n) - 1) < 0.01  # + AdamW's foreach temporaries
     assert est.parts["optimizer_step_transient"] == 4 * n * (2 if dtype != torch.float32 else 1)
-    assert memory.optimizer_state_bytes([1000, 10_000], "adamw8bit") == 8 * 1000 + 2 * 10_000 + 8 * 40
+    assert memory_parts.optimizer_state_bytes([1000, 10_000], "adamw8bit") == 8 * 1000 + 2 * 10_000 + 8 * 40
 
 
 def test_kv_cache_estimate_is_exact():
     args = ModelArgs.from_hf_config(preset_config("qwen2.5-0.5b"))
     cache = KVCache(args, 6, 40, dtype=torch.bfloat16, device="meta")
-    assert cache.k.nbytes + cache.v.nbytes == memory.kv_cache_bytes(args, 6, 40, 2)
+    assert cache.k.nbytes + cache.v.nbytes == memory_parts.kv_cache_bytes(args, 6, 40, 2)
     # Qwen2.5-1.5B: 28 KiB per token (28 layers x 2 KV heads x 128 x 2 x bf16)
     qwen = ModelArgs.from_hf_config(preset_config("qwen2.5-1.5b"))
-    assert memory.kv_cache_bytes(qwen, 1, 1, 2) == 28672
+    assert memory_parts.kv_cache_bytes(qwen, 1, 1, 2) == 28672
 
 
 def test_update_phase_estimate_matches_a_measured_update():
     """train.update_phase on a fixed rollout, measured whole: gradients, activations, optimizer step."""
     from minigrpo.sampling.rollout import Rollout
-    from minigrpo.train import Batch, update_phase
+    from minigrpo.step import Batch, update_phase
 
     model = tiny_model(seed=1, **SMALL)
     B, G, Tp, Tc, mb = 2, 4, 24, 72, 4
@@ -217,7 +223,7 @@ def test_update_phase_estimate_matches_a_measured_update():
         group_size=G,
     )
     adv = torch.randn(N, generator=g)
-    batch = Batch(rollout=rollout, rewards=adv, advantages=adv, reward_metrics={}, prompts=[], answers=[])
+    batch = Batch(rollout, rewards=adv, advantages=adv, reward_metrics={}, prompts=[], answers=[])
     model.gradient_checkpointing = True
     optimizer = build_optimizer(model.parameters(), cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -248,7 +254,7 @@ def _llama_qlora(**over):
         "model.gradient_checkpointing": "true",
         **over,
     }
-    return load_config("configs/llama3.1-8b_gsm8k.yaml", [f"{k}={v}" for k, v in keys.items()])
+    return load_config(CONFIGS / "llama3.1-8b_gsm8k.yaml", [f"{k}={v}" for k, v in keys.items()])
 
 
 LLAMA = ModelArgs.from_hf_config(preset_config("llama-3.1-8b"))
@@ -262,7 +268,7 @@ def test_llama_qlora_20k_fits_in_80gb_and_full_finetuning_does_not(capsys):
     assert 5 * 2**30 < est.parts["weights"] < 6 * 2**30  # NF4 blocks + bf16 embedding and head
 
     full = load_config(
-        "configs/llama3.1-8b_gsm8k.yaml",
+        CONFIGS / "llama3.1-8b_gsm8k.yaml",
         ["train.micro_batch_size=8", "model.gradient_checkpointing=false", "grpo.prompts_per_step=1"],
     )
     with pytest.raises(MemoryPreflightError) as err:
@@ -274,7 +280,7 @@ def test_llama_qlora_20k_fits_in_80gb_and_full_finetuning_does_not(capsys):
 
 def test_preflight_error_names_the_settings_that_fit():
     cfg = load_config(
-        "configs/qwen2.5-1.5b_gsm8k.yaml",
+        CONFIGS / "qwen2.5-1.5b_gsm8k.yaml",
         [
             "lora.enabled=true",
             "grpo.prompts_per_step=4",
@@ -311,7 +317,7 @@ def test_long_completions_point_at_max_new_tokens_and_group_size():
 def test_rollout_waves_estimate_the_cache_the_sampler_allocates(monkeypatch):
     """sampler.max_rows: the estimate's KV cache is that of the largest wave, exactly what the own
     sampler allocates (recorded), and the rollout phase shrinks with it."""
-    from minigrpo.sampling import sampler as sampler_module
+    from minigrpo.sampling import kv_sampler
     from minigrpo.sampling.params import SamplingParams
 
     allocated = []
@@ -327,12 +333,12 @@ def test_rollout_waves_estimate_the_cache_the_sampler_allocates(monkeypatch):
         def decode(self, ids, skip_special_tokens=True):
             return ""
 
-    monkeypatch.setattr(sampler_module, "KVCache", Recording)
+    monkeypatch.setattr(kv_sampler, "KVCache", Recording)
     model = tiny_model(**SMALL)
     prompts, n, new = [[1, 5, 9, 13], [1, 40, 41, 42]], 6, 5
     for max_rows in (None, 12, 7, 4):
         allocated.clear()
-        sampler = sampler_module.Sampler(model, Silent(), max_rows=max_rows)
+        sampler = kv_sampler.KVCacheSampler(model, Silent(), max_rows=max_rows)
         sampler.generate(prompts, SamplingParams(n=n, max_new_tokens=new, ignore_stop=True), key=(0, 1, 0))
         big = max(allocated)  # the prefill's small caches are (prompts, Tp)
         cfg = load_config(
@@ -348,14 +354,36 @@ def test_rollout_waves_estimate_the_cache_the_sampler_allocates(monkeypatch):
         )
         est = estimate_peak(cfg, model.args, prompt_tokens=4, device_type="cpu")
         assert big == ({None: 12, 12: 12, 7: 6, 4: 3}[max_rows], 4 + new)
-        assert est.parts["kv_cache"] == memory.kv_cache_bytes(model.args, big[0], big[1], 4)
+        assert est.parts["kv_cache"] == memory_parts.kv_cache_bytes(model.args, big[0], big[1], 4)
 
 
-def test_preflight_on_cpu_only_reports():
-    cfg = load_config("configs/demo_cpu.yaml")
+def test_preflight_on_cpu_only_reports(capsys):
+    """The demo (SmolLM2-135M, fp32, AdamW, B=4 x G=8, Tc=32, Tp=64): on CPU there are no free bytes
+    to compare with, so the estimate is printed and returned, never raised; given free bytes, it is."""
+    cfg = load_config(CONFIGS / "demo_cpu.yaml")
     args = ModelArgs.from_hf_config(preset_config("smollm2-135m"))
-    est = preflight(cfg, args, "cpu", 64, verbose=False)
-    assert est.total > est.parts["weights"] > 0 and est.peak_phase in est.phases
+    est = preflight(cfg, args, "cpu", 64)
+    n = args.num_params()
+    assert n == 134_515_008
+    parts = est.parts
+    assert (parts["weights"], parts["gradients"], parts["optimizer_state"]) == (4 * n, 4 * n, 8 * n)
+    assert parts["master_weights"] == parts["reference_model"] == parts["cuda_workspaces"] == 0
+    assert parts["optimizer_step_transient"] == 4 * n  # AdamW's foreach temporaries, no fp32 masters
+    assert parts["kv_cache"] == 32 * (64 + 32) * 2 * 30 * 3 * 64 * 4  # N (T) k,v L Hkv Dh fp32 = 135 MiB
+    static = 12 * n  # weights + AdamW moments
+    activations = sum(parts[k] for k in ("activations_blocks", "activations_head", "logprob_backward", "loss"))
+    assert est.phases == {
+        "rollout": static + parts["kv_cache"] + parts["rollout_transient"],
+        "logprobs": 0,  # mu = 1, beta = 0, own sampler: no old or reference pass
+        "update": static + 4 * n + activations,
+        "optimizer": 20 * n,
+    }
+    assert est.peak_phase == "update" and est.total == est.phases["update"]
+    assert activations > 4 * n  # no checkpointing: 30 blocks keep every activation (~1.9 GiB)
+    table = capsys.readouterr().out
+    assert f"update{est.total / 2**30:29.2f}  <- peak" in table and f"weights{4 * n / 2**30:30.2f}" in table
+    with pytest.raises(MemoryPreflightError, match="update phase"):
+        preflight(cfg, args, "cpu", 64, free_bytes=est.total, verbose=False)  # 5% margin: does not fit
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from minigrpo.metrics import MetricsLogger, format_header, table_columns
+from minigrpo.plot import matplotlib_available
 
 NAN = float("nan")
 
@@ -123,9 +124,20 @@ def test_truncate_after_keeps_earlier_records(tmp_path: Path):
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "samples.jsonl"]  # no temp files
 
 
+class Clock:
+    """A clock the test moves by hand (seconds)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_table_header_and_formatted_values(tmp_path: Path):
-    out = io.StringIO()
-    lg = logger(tmp_path, total_steps=100, stream=out)
+    out, clock = io.StringIO(), Clock()
+    lg = logger(tmp_path, total_steps=100, stream=out, clock=clock)
+    clock.now += 2.0  # step 1 took 2 s: 99 steps to go at 0.5 steps/s
     lg.log(1, full_metrics(1))
     header, row = out.getvalue().splitlines()[:2]
     assert header.split() == [
@@ -134,17 +146,19 @@ def test_table_header_and_formatted_values(tmp_path: Path):
     ]  # fmt: skip
     assert row.split() == [
         "1", "0.625", "0.212", "37.5", "0", "312", "512", "6.2", "1.2e-4", "0.3", "0.812", "0.2311",
-        "1.0e-6", "-0.0123", "12.3k", "12.3", "4.2", "0s", "0.500",
+        "1.0e-6", "-0.0123", "12.3k", "12.3", "4.2", "3m18s", "0.500",
     ]  # fmt: skip
     assert len(header) == len(row) <= 140
     ends = lambda text: [m.end() for m in re.finditer(r"\S+", text)]
     assert ends(header) == ends(row)  # values right-aligned under their headers
 
+    clock.now += 7198.0  # 2 steps in 7200 s: 98 steps to go take 98 h
     m = full_metrics(2) | {"reward": NAN}
     del m["kl"]
     lg.log(2, m)
     assert out.getvalue().splitlines()[2].split()[1] == "nan"
     assert out.getvalue().splitlines()[2].split()[8] == "-"  # missing this step
+    assert out.getvalue().splitlines()[2].split()[-2] == "98h00m"
 
 
 def test_table_header_repeats_and_print_every(tmp_path: Path):
@@ -227,6 +241,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.skipif(not matplotlib_available(), reason="needs matplotlib (the plots extra)")
 def test_plots_every_n_steps_and_at_close(tmp_path: Path):
     lg = logger(tmp_path, total_steps=10, plots=True, plot_every=3)
     png = tmp_path / "run" / "curves.png"
@@ -241,7 +256,7 @@ def test_plots_every_n_steps_and_at_close(tmp_path: Path):
         "reward", "completion length", "KL", "clip fraction", "zero spread, truncated", "loss", "entropy", "grad norm",
     ]  # fmt: skip
     assert list(lg.panels()[0].series) == ["total", "correctness", "format"]
-    assert png_size(png) == (1200, 32 + 3 * 300)  # title band + 3 rows of 3 panels
+    assert png_size(png) == (1200, 40 + 3 * 300)  # title band + 3 rows of 3 panels
     lg.log(4, full_metrics(4))
     lg.close()
     assert png.read_bytes() != first  # redrawn with step 4 at close
@@ -299,3 +314,66 @@ def test_backends_receive_finite_scalars(tmp_path: Path, monkeypatch):
     assert kw == {"project": "p", "config": {"lr": 1e-6}, "dir": str(tmp_path / "run"), "id": run_id, "resume": "allow"}
     assert calls[0] == ("tb_init", "tensorboard")
     assert calls[2:] == [("tb", "reward", 0.5, 1), ("wandb", {"reward": 0.5}, 1), ("tb_close",), ("wandb_finish",)]
+
+
+def test_without_matplotlib_plots_are_off_with_one_note(tmp_path: Path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    written: list[tuple] = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            pass
+
+        def add_scalar(self, k, v, step):
+            written.append((k, v, step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    out = io.StringIO()
+    lg = logger(tmp_path, total_steps=4, plots=True, plot_every=1, tensorboard=True, stream=out)
+    for step in range(1, 5):
+        lg.log(step, {"reward": step / 4})
+    lg.close()
+    text = out.getvalue()
+    assert text.count("plots are off") == 1
+    assert "matplotlib is not installed (pip install matplotlib, or pip install 'minigrpo[plots]')" in text
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]  # no curves.png, no temp files
+    assert [r["reward"] for r in lines(run / "metrics.jsonl")] == [0.25, 0.5, 0.75, 1.0]
+    assert written == [("reward", 0.25, 1), ("reward", 0.5, 2), ("reward", 0.75, 3), ("reward", 1.0, 4)]
+
+
+def test_note_for_a_reward_that_scored_no_row(tmp_path: Path):
+    out = io.StringIO()
+    lg = logger(tmp_path, stream=out)
+    lg.log(1, {"reward": 0.5, "reward/correctness": 0.5, "reward/judge": NAN, "reward/judge/timeouts": 8.0})
+    lg.log(2, {"reward": 0.5, "reward/correctness": NAN, "reward/judge": NAN})
+    text = out.getvalue()
+    assert text.count("reward 'judge' scored no row") == 1 and "note: step 1: reward 'judge'" in text
+    assert "note: step 2: reward 'correctness' scored no row" in text
+    assert lines(tmp_path / "run" / "metrics.jsonl")[0]["reward/judge"] is None
+
+
+def test_warn_prints_with_the_table_and_once_per_key(tmp_path: Path):
+    out = io.StringIO()
+    lg = logger(tmp_path, stream=out)
+    lg.warn("disk almost full")
+    lg.warn("disk almost full")
+    for _ in range(3):
+        lg.warn("reward 'x' scored no row", once="x")
+    assert out.getvalue().splitlines() == [
+        "warning: disk almost full",
+        "warning: disk almost full",
+        "warning: reward 'x' scored no row",
+    ]
+    MetricsLogger(tmp_path / "off", total_steps=1, enabled=False, stream=out).warn("nothing")
+    assert out.getvalue().count("warning:") == 3

@@ -1,220 +1,148 @@
-"""The PNG line-plot writer: a PNG decoder written here checks chunks, CRCs, filters and pixels."""
+"""curves.png through matplotlib: the file (PNG header, size), the panels and their series, the drawn
+pixels, and the path without matplotlib."""
 
 from __future__ import annotations
 
+import builtins
 import math
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from minigrpo.plot import (
-    BG,
-    GLYPH_H,
-    PALETTE,
+    PLOTS_OFF,
     Panel,
-    draw_polyline,
-    draw_text,
-    encode_png,
-    format_tick,
-    nice_ticks,
-    render_line_plots,
+    draw_figure,
+    grid_shape,
+    matplotlib_available,
+    render_png,
     write_line_plots,
 )
 
+needs_matplotlib = pytest.mark.skipif(not matplotlib_available(), reason="needs matplotlib (the plots extra)")
+
 NAN = float("nan")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """(H, W, 3) uint8 of an 8-bit RGB, non-interlaced PNG; asserts every chunk CRC and filter byte."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:8]
-    pos, chunks = 8, []
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos : pos + 4])
-        tag, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
-        (crc,) = struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])
-        assert crc == zlib.crc32(tag + body), f"bad CRC in {tag!r}"
-        chunks.append((tag, body))
-        pos += 12 + n
-    assert pos == len(data)
-    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
-    W, H, depth, ctype, comp, filt, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, ctype, comp, filt, interlace) == (8, 2, 0, 0, 0)
-    raw = np.frombuffer(zlib.decompress(b"".join(b for t, b in chunks if t == b"IDAT")), np.uint8)
-    assert raw.size == H * (1 + 3 * W)
-    raw = raw.reshape(H, 1 + 3 * W)
-    out = np.zeros((H, 3 * W), np.int64)
-    prev = np.zeros(3 * W, np.int64)
-    for r in range(H):
-        f, line = raw[r, 0], raw[r, 1:].astype(np.int64)
-        assert f in (0, 1, 2, 3, 4), f"row {r}: filter byte {f}"
-        if f in (0, 2):
-            cur = (line + (prev if f == 2 else 0)) % 256
-        else:  # Sub / Average / Paeth need the reconstructed left neighbour: byte by byte
-            cur = np.zeros_like(line)
-            for i in range(3 * W):
-                a = cur[i - 3] if i >= 3 else 0
-                b, c = prev[i], prev[i - 3] if i >= 3 else 0
-                if f == 1:
-                    pred = a
-                elif f == 3:
-                    pred = (a + b) // 2
-                else:
-                    p = a + b - c
-                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                    pred = a if pa <= pb and pa <= pc else b if pb <= pc else c
-                cur[i] = (line[i] + pred) % 256
-        out[r], prev = cur, cur
-    return out.reshape(H, W, 3).astype(np.uint8)
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, after checking the signature and that IHDR comes first."""
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
 
 
-def color_mask(img: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
-    return np.all(img == np.array(color, np.uint8), axis=2)
+def decode(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB pixels of a PNG file."""
+    from matplotlib.image import imread
+
+    img = imread(path)  # (H, W, 4) float in [0, 1]
+    return np.rint(img[..., :3] * 255).astype(np.int64)
 
 
-def curve_pixels(img: np.ndarray, color, below: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) of pixels of `color` below row `below` (skips the legend swatches)."""
-    rows, cols = np.nonzero(color_mask(img, color))
-    keep = rows > below
-    return rows[keep], cols[keep]
+def near(img: np.ndarray, rgb: tuple[int, int, int], tol: int = 40) -> np.ndarray:
+    """(H, W) mask of pixels within `tol` of a colour (lines are anti-aliased)."""
+    return np.abs(img - np.array(rgb)).sum(axis=2) <= tol
 
 
-def test_png_round_trip_exact(tmp_path: Path):
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, size=(7, 11, 3), dtype=np.uint8)
-    data = encode_png(img)
-    assert struct.unpack(">II", data[16:24]) == (11, 7)  # IHDR width, height
-    np.testing.assert_array_equal(decode_png(data), img)
+BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's C0 and C1
 
 
-def test_rising_and_falling_series(tmp_path: Path):
+@needs_matplotlib
+def test_write_png_file_header_and_size(tmp_path: Path):
+    panels = [
+        Panel("reward", {"total": ([1, 2, 3], [0.1, 0.5, 0.4])}),
+        Panel("kl", {"kl": ([1, 2, 3], [0, 1e-3, 2e-3])}),
+    ]
+    path = tmp_path / "curves.png"
+    write_line_plots(path, panels, title="run: step 3/10", width=800, height=500)
+    data = path.read_bytes()
+    assert png_size(data) == (800, 500)
+    assert data[-12:] == b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the file is complete
+    assert decode(path).shape == (500, 800, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png"]  # no temp file left behind
+    write_line_plots(path, panels[:1], width=300, height=200)  # redrawn in place
+    assert png_size(path.read_bytes()) == (300, 200)
+
+
+@needs_matplotlib
+@pytest.mark.parametrize(("n", "shape"), [(1, (1, 1)), (2, (1, 2)), (3, (1, 3)), (4, (2, 2)), (5, (2, 3)), (8, (3, 3))])
+def test_grid_and_default_height(n, shape):
+    assert grid_shape(n) == shape
+    panels = [Panel(f"p{i}", {"y": ([0, 1], [0, i])}) for i in range(n)]
+    assert png_size(render_png(panels)) == (1200, 300 * shape[0])
+    assert png_size(render_png(panels, title="t", width=600)) == (600, 40 + 300 * shape[0])
+
+
+@needs_matplotlib
+def test_one_axes_per_panel_with_its_series():
+    panels = [
+        Panel("reward", {"total": ([1, 2, 3, 4], [0.5, None, math.inf, 0.7]), "correctness": ([1, 2], [1.0, 2.0])}),
+        Panel("truncated", {"frac": ([1, 2, 3], [0.4, 0.5, 0.6])}, include_zero=True),
+        Panel("loss", {"loss": ([1, 2, 3], [0.4, 0.5, 0.6])}),
+    ]
+    fig = draw_figure(panels, title="my run")
+    axes = fig.get_axes()
+    assert [ax.get_title() for ax in axes] == ["reward", "truncated", "loss"]
+    assert fig.get_suptitle() == "my run"
+    reward = axes[0]
+    assert [t.get_text() for t in reward.get_legend().get_texts()] == ["total", "correctness"]
+    total = reward.get_lines()[0]
+    np.testing.assert_array_equal(total.get_xdata(), [1, 2, 3, 4])
+    np.testing.assert_array_equal(total.get_ydata(), [0.5, NAN, NAN, 0.7])  # None and inf are gaps
+    assert axes[1].get_ylim()[0] == 0.0 < 0.4  # include_zero: the axis reaches down to 0
+    assert axes[2].get_ylim()[0] > 0.3  # without it the axis hugs the data
+
+
+@needs_matplotlib
+def test_lone_points_get_a_dot_and_empty_panels_say_no_data():
+    fig = draw_figure(
+        [
+            Panel("gaps", {"y": ([0, 1, 2, 3, 4], [1.0, NAN, 2.0, NAN, 3.0])}),
+            Panel("empty", {"nan": ([0, 1], [NAN, NAN]), "none": ([], [])}),
+        ]
+    )
+    gaps, empty = fig.get_axes()
+    line, dots = gaps.get_lines()
+    assert line.get_marker() == "None" and dots.get_marker() == "o"
+    np.testing.assert_array_equal(dots.get_xdata(), [0, 2, 4])  # each finite point is between gaps
+    assert [t.get_text() for t in empty.texts] == ["no data"] and empty.get_legend() is None
+
+
+@needs_matplotlib
+def test_rising_and_falling_curves_are_drawn(tmp_path: Path):
     x = list(range(21))
     panel = Panel("trend", {"up": (x, [0.1 * v for v in x]), "down": (x, [2.0 - 0.1 * v for v in x])})
     path = tmp_path / "curves.png"
-    write_line_plots(path, [panel], title="rising", width=400, height=300)
-    img = decode_png(path.read_bytes())
-    assert img.shape == (300, 400, 3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png"]  # no temp file left behind
-
-    legend_bottom = 72  # title band 32 px, panel title 30 px, legend text rows 62..70, plot box from row 79
-    for color, rising in ((PALETTE[0], True), (PALETTE[1], False)):
-        rows, cols = curve_pixels(img, color, legend_bottom)
-        assert rows.size > 200, "the curve is drawn"
-        left, right = rows[cols < np.percentile(cols, 20)].mean(), rows[cols > np.percentile(cols, 80)].mean()
+    write_line_plots(path, [panel], width=600, height=400)
+    img = decode(path)
+    for color, rising in ((BLUE, True), (ORANGE, False)):
+        rows, cols = np.nonzero(near(img, color))
+        assert rows.size > 300, "the curve is drawn"
+        left = rows[cols < np.percentile(cols, 15)].mean()
+        right = rows[cols > np.percentile(cols, 85)].mean()
         # image rows grow downward: a rising curve ends higher (smaller row) on the right
         assert (right < left - 100) if rising else (right > left + 100), (left, right)
-        # lines are at least 2 px thick: some column holds >= 2 adjacent curve pixels everywhere
-        for c in np.unique(cols)[5:-5:20]:
-            assert (cols == c).sum() >= 2
-    # both curves span the same x range, and cross in the middle
-    (r0, c0), (r1, c1) = curve_pixels(img, PALETTE[0], legend_bottom), curve_pixels(img, PALETTE[1], legend_bottom)
-    assert abs(int(c0.min()) - int(c1.min())) <= 2 and abs(int(c0.max()) - int(c1.max())) <= 2
-    mid = (int(c0.min()) + int(c0.max())) // 2
-    assert abs(r0[np.abs(c0 - mid) <= 1].mean() - r1[np.abs(c1 - mid) <= 1].mean()) <= 3
-    # legend swatches sit above the plot area
-    assert color_mask(img[:legend_bottom], PALETTE[0]).sum() >= 20
-    assert color_mask(img[:legend_bottom], PALETTE[1]).sum() >= 20
 
 
-def test_nan_gap_single_point_and_constant():
-    x = list(range(21))
-    y = [float(v) if not 8 <= v <= 12 else NAN for v in x]
-    panels = [
-        Panel("gap", {"y": (x, y)}),
-        Panel("dot", {"one": ([5], [3.0])}),
-        Panel("flat", {"c": (x, [0.0] * 21), "c2": (x, [7.5] * 21)}),
-        Panel("empty", {"nan": (x, [NAN] * 21), "inf": (x, [math.inf] * 21)}),
-    ]
-    img = render_line_plots(panels, width=800, height=600)  # 2 x 2 grid of 400 x 300 cells
-    assert img.shape == (600, 800, 3)
-    top = 42  # below the legend (text rows 30..38), above the plot box (row 47)
-
-    gap = img[top:300, :400]
-    _, cols = np.nonzero(color_mask(gap, PALETTE[0]))
-    lo, hi = cols.min(), cols.max()
-    centre = lo + (hi - lo) * np.array([7.6, 12.4]) / 20  # x = 7.6 .. 12.4 must be empty
-    assert not ((cols > centre[0]) & (cols < centre[1])).any()
-    assert ((cols > lo + (hi - lo) * 6 / 20) & (cols < centre[0])).any()
-
-    dot = color_mask(img[top:300, 400:], PALETTE[0])
-    assert 16 <= dot.sum() <= 49  # one square dot, nothing else
-    r, c = np.nonzero(dot)
-    assert r.max() - r.min() <= 6 and c.max() - c.min() <= 6
-
-    for color in PALETTE[:2]:  # constant series: horizontal lines, 2 px thick
-        r, _ = np.nonzero(color_mask(img[300 + top :, :400], color))
-        assert r.size > 300 and r.max() - r.min() <= 1
-
-    empty = img[300:, 400:]
-    assert not color_mask(empty[top:], PALETTE[0]).any()
-    assert (empty[40:120] != np.array(BG, np.uint8)).any()  # "no data" text
+@needs_matplotlib
+def test_bad_series_shapes_are_refused():
+    with pytest.raises(ValueError, match=r"series 'a': x \(2,\) and y \(1,\) must be equal 1-D shapes"):
+        render_png([Panel("bad", {"a": ([1, 2], [1])})])
 
 
-def test_title_and_font():
-    img = render_line_plots([Panel("p", {"a": ([0, 1], [0, 1])})], title="Reward curve", width=300, height=200)
-    title_band = img[: 2 * GLYPH_H + 10, :]
-    assert (title_band != np.array(BG, np.uint8)).any(axis=2).sum() > 100
-    plain = render_line_plots([Panel("p", {"a": ([0, 1], [0, 1])})], width=300, height=200)
-    assert not (plain[:12, 150:] != np.array(BG, np.uint8)).any()
+def test_without_matplotlib(tmp_path: Path, monkeypatch):
+    real_import = builtins.__import__
 
-    canvas = np.zeros((GLYPH_H, 12, 3), np.uint8)
-    draw_text(canvas, 0, 0, "A7", (255, 255, 255))
-    want = [
-        ".###.#####",
-        "#...#....#",
-        "#...#...#.",
-        "#####..#..",
-        "#...#.#...",
-        "#...#.#...",
-        "#...#.#...",
-        "..........",
-        "..........",
-    ]
-    on = canvas[..., 0] > 0
-    got = ["".join("#" if p else "." for p in np.r_[row[:5], row[6:11]]) for row in on]
-    assert got == want
-    assert not canvas[:, [5, 11]].any()  # one blank column between characters
-    draw_text(canvas, -3, -4, "\u00e9~", (9, 9, 9))  # off-canvas and non-ASCII ("?") must not raise
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
 
-
-def test_polyline_clipping():
-    img = np.zeros((20, 20, 3), np.uint8)
-    draw_polyline(img, np.array([-50.0, 70.0]), np.array([10.0, 10.0]), (1, 2, 3), (5, 5, 14, 14))
-    r, c = np.nonzero(color_mask(img, (1, 2, 3)))
-    assert c.min() == 5 and c.max() == 14 and set(r.tolist()) == {9, 10}
-
-
-@pytest.mark.parametrize(
-    ("lo", "hi", "ticks", "labels"),
-    [
-        (0.0, 1.0, [0, 0.2, 0.4, 0.6, 0.8, 1.0], ["0", "0.2", "0.4", "0.6", "0.8", "1.0"]),
-        (3000.0, 11000.0, [4000, 6000, 8000, 10000], ["4k", "6k", "8k", "10k"]),
-        (1.2e-5, 1.5e-5, [1.2e-5, 1.3e-5, 1.4e-5, 1.5e-5], ["1.2e-05", "1.3e-05", "1.4e-05", "1.5e-05"]),
-        (1.2e-5, 1.32e-5, [1.2e-5, 1.25e-5, 1.3e-5], ["1.20e-05", "1.25e-05", "1.30e-05"]),
-        (-3.0, 3.0, [-2, 0, 2], ["-2", "0", "2"]),
-        (2.5e6, 3.5e6, [2.6e6, 2.8e6, 3.0e6, 3.2e6, 3.4e6], ["2.6M", "2.8M", "3.0M", "3.2M", "3.4M"]),
-    ],
-)
-def test_ticks_and_compact_labels(lo, hi, ticks, labels):
-    got, step = nice_ticks(lo, hi)
-    np.testing.assert_allclose(got, ticks, rtol=1e-9, atol=1e-12)
-    big = max(abs(t) for t in got)
-    assert [format_tick(t, step, big) for t in got] == labels
-
-
-def test_extreme_values_render(tmp_path: Path):
-    x = list(range(50))
-    panels = [
-        Panel("tiny", {"kl": (x, [1e-7 * (1 + v) for v in x])}),
-        Panel("huge", {"tok/s": (x, [1e6 + 1e4 * v for v in x])}),
-        Panel("mixed", {"a": (x, [(-1) ** v * 1e3 for v in x]), "b": ([], [])}),
-    ]
-    write_line_plots(tmp_path / "x.png", panels)
-    img = decode_png((tmp_path / "x.png").read_bytes())
-    assert img.shape == (300, 1200, 3)  # 3 panels in one row of 300 px
-    for i in range(3):
-        assert color_mask(img[42:, 400 * i : 400 * (i + 1)], PALETTE[0]).sum() > 100
-    with pytest.raises(ValueError, match="equal 1-D shapes"):
-        render_line_plots([Panel("bad", {"a": ([1, 2], [1])})])
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert not matplotlib_available()
+    with pytest.raises(ImportError) as e:
+        write_line_plots(tmp_path / "curves.png", [Panel("p", {"a": ([0], [1.0])})])
+    assert str(e.value) == PLOTS_OFF and "pip install matplotlib" in PLOTS_OFF and "minigrpo[plots]" in PLOTS_OFF
+    assert not (tmp_path / "curves.png").exists()

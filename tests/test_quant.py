@@ -215,8 +215,8 @@ def test_adamw8bit_steps_adapters_over_nf4_base():
 
 @pytest.mark.gpu
 def test_sampler_graphs_equal_eager_on_nf4_model():
+    from minigrpo.sampling.kv_sampler import KVCacheSampler
     from minigrpo.sampling.params import SamplingParams
-    from minigrpo.sampling.sampler import Sampler
 
     class Tok:
         pad_token_id = 0
@@ -229,6 +229,6 @@ def test_sampler_graphs_equal_eager_on_nf4_model():
     quantize_model_linears(model)
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=24, ignore_stop=True)
     prompts = [[1, 5, 9, 13], [1, 40, 41]]
-    graphs = Sampler(model, Tok(), cuda_graphs=True, kv_bucket=8).generate(prompts, params)
-    eager = Sampler(model, Tok(), cuda_graphs=False, kv_bucket=8).generate(prompts, params)
+    graphs = KVCacheSampler(model, Tok(), cuda_graphs=True, kv_bucket=8).generate(prompts, params)
+    eager = KVCacheSampler(model, Tok(), cuda_graphs=False, kv_bucket=8).generate(prompts, params)
     assert torch.equal(graphs.completion_ids, eager.completion_ids)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import math
-import time
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+from minigrpo import config
+from minigrpo.errors import UserError
 from minigrpo.rewards import (
     GSM8K_SUITE,
     REWARDS,
     RewardError,
     RewardSpec,
+    build_reward_specs,
     correctness,
     exact_answer,
     extract_answer,
@@ -238,23 +241,68 @@ def test_reward_raising_on_some_samples_masks_only_those():
     assert res.failures == {f"{HELPERS}:raises_on_bad": 1}
 
 
-def test_timeout_masks_the_slow_sample_and_returns_quickly():
-    name = f"{HELPERS}:sleeps_on_slow"
-    start = time.perf_counter()
-    res = score([""] * 4, COMPLETIONS, ANSWERS, [RewardSpec(name, timeout_s=0.25), RewardSpec("correctness")])
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.5, f"{elapsed:.2f} s"  # one batch call + one sample call time out, 0.25 s each
-    assert res.timeouts[name] == 1 and res.failures[name] == 0
+class Gate:
+    """A reward function (0.5 per row) whose calls block while any completion contains "slow", until the
+    test releases them; it records the batch size of every call and which calls returned."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls: list[int] = []
+        self.returned: list[int] = []
+
+    def __call__(self, prompts: list, completions: list[str], answers: list, **_) -> list[float]:
+        self.calls.append(len(completions))
+        if any("slow" in c for c in completions):
+            self.release.wait(60)
+        self.returned.append(len(completions))
+        return [0.5] * len(completions)
+
+
+def test_timeout_masks_the_slow_sample_without_waiting_for_it():
+    gate = Gate()
+    try:
+        res = score(
+            [""] * 4, COMPLETIONS, ANSWERS, [RewardSpec("gate", fn=gate, timeout_s=1.0), RewardSpec("correctness")]
+        )
+        # the batch call timed out, then one call per row: only the slow row's timed out
+        assert gate.calls == [4, 1, 1, 1, 1]
+        # score returned while the batch call and the slow row's call were still blocked: not waited for
+        assert gate.returned == [1, 1, 1] and not gate.release.is_set()
+    finally:
+        gate.release.set()
+    assert res.timeouts["gate"] == 1 and res.failures["gate"] == 0 and res.nones["gate"] == 0
     assert res.per_fn[:3, 0].tolist() == [0.5, 0.5, 0.5] and math.isnan(res.per_fn[3, 0].item())
-    assert res.total.tolist() == [2.5, 0.5, 2.5, 0.0]
+    assert res.total.tolist() == [2.5, 0.5, 2.5, 0.0]  # the slow row keeps its correctness score
+    assert res.metrics()["reward/gate/timeouts"] == 1.0 and res.unscored == []
 
 
 def test_consecutive_timeouts_stop_the_per_sample_fallback():
-    name = f"{HELPERS}:sleeps_on_slow"
-    start = time.perf_counter()
-    res = score([""] * 8, ["slow"] * 8, ["1"] * 8, [RewardSpec(name, timeout_s=0.1, max_consecutive_timeouts=2)])
-    assert time.perf_counter() - start < 1.0  # 0.1 (batch) + 2 * 0.1, not 8 * 0.1 + ...
-    assert res.timeouts[name] == 8 and res.total.isnan().all()
+    gate = Gate()
+    try:
+        spec = RewardSpec("gate", fn=gate, timeout_s=0.2, max_consecutive_timeouts=2)
+        res = score([""] * 8, ["slow"] * 8, ["1"] * 8, [spec])
+        assert gate.calls == [8, 1, 1]  # the batch, then two rows; the other six are not tried
+        assert gate.returned == []
+    finally:
+        gate.release.set()
+    assert res.timeouts["gate"] == 8 and res.total.isnan().all()
+    assert res.unscored == ["gate"]
+
+
+def test_unscored_names_the_rewards_that_scored_no_row():
+    nothing = lambda p, c, a, **_: [None, float("nan"), None]
+    some = lambda p, c, a, **_: [None, 1.0, None]
+    specs = [
+        RewardSpec("correctness"),
+        RewardSpec("nothing", fn=nothing),
+        RewardSpec(f"{HELPERS}:always_raises"),
+        RewardSpec("some", fn=some),
+    ]
+    res = score([""] * 3, ["<answer>1</answer>", "2", "x"], ["1", "1", "1"], specs)
+    assert res.unscored == ["nothing", f"{HELPERS}:always_raises"]
+    assert res.total.tolist() == [2.0, 1.0, 0.0]
+    empty = score([], [], [], [RewardSpec("nothing", fn=lambda p, c, a, **_: [])])
+    assert empty.unscored == []  # an empty batch is no failure of the reward
 
 
 def test_none_nan_and_bool_values():
@@ -307,3 +355,110 @@ def test_contract_error_raised_inside_the_function_propagates():
         score([""] * 2, ["a", "b"], [""] * 2, [RewardSpec("length_penalty")])
     with pytest.raises(ValueError, match="unique"):
         score([""], ["a"], [""], [RewardSpec("correctness"), RewardSpec("correctness")])
+
+
+# ----------------------------------------------------------------------------- building a run's rewards
+
+
+def scaled_length(prompts: list, completions: list[str], answers: list, *, scale: float = 1.0, offset: float = 0.0):
+    """A user reward with two settings: scale * len(completion) + offset."""
+    return [scale * len(c) + offset for c in completions]
+
+
+def any_setting(prompts: list, completions: list[str], answers: list, **settings):
+    """A user reward that takes any keyword (settings and columns alike): bonus + completion length."""
+    return [float(settings.get("bonus", 0) + n) for n in settings.get("completion_lengths", [0] * len(completions))]
+
+
+def cfg_specs(*entries: tuple) -> list[config.RewardSpec]:
+    """config.RewardSpec dataclasses from (name, kwargs) or (name, kwargs, weight) tuples."""
+    return [config.RewardSpec(name=e[0], kwargs=e[1], weight=e[2] if len(e) > 2 else 1.0) for e in entries]
+
+
+def test_error_classes_are_user_errors():
+    assert issubclass(RewardError, UserError) and issubclass(RewardError, ValueError)
+
+
+def test_build_reward_specs_binds_kwargs_and_weights():
+    me = __name__
+    specs = build_reward_specs(
+        cfg_specs(
+            ("correctness", {}, 0.5),
+            ("length_penalty", {"max_length": 100, "buffer": 20}),
+            (f"{me}:scaled_length", {"scale": 2.0, "offset": 1.0}),
+            (f"{me}:any_setting", {"bonus": 3}),
+        )
+    )
+    assert [s.name for s in specs] == ["correctness", "length_penalty", f"{me}:scaled_length", f"{me}:any_setting"]
+    assert [s.weight for s in specs] == [0.5, 1.0, 1.0, 1.0] and specs[0].fn is correctness
+    # length_penalty's settings reach make_length_penalty: L_max = 100, L_buf = 20 (the column is not used)
+    columns = {"completion_lengths": [50, 90, 100], "max_completion_length": [1000] * 3}
+    res = score([""] * 3, ["a", "bb", "ccc"], ["1"] * 3, [specs[1], specs[3]], columns=columns)
+    assert res.per_fn[:, 0].tolist() == [0.0, -0.5, -1.0]
+    assert res.per_fn[:, 1].tolist() == [53.0, 93.0, 103.0]  # setting + column
+    res = score([""] * 3, ["a", "bb", "ccc"], ["1"] * 3, [specs[2]])
+    assert res.per_fn[:, 0].tolist() == [3.0, 5.0, 7.0]  # 2 * len + 1
+    assert build_reward_specs(cfg_specs(("length_penalty", {})))[0].fn is length_penalty
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        (
+            "length_penalty",
+            {"max_len": 100},
+            "reward 'length_penalty' has no setting 'max_len' in its kwargs (did you mean 'max_length'?); "
+            "it accepts: max_length, buffer, factor",
+        ),
+        (
+            "correctness",
+            {"scale": 2},
+            "reward 'correctness' has no setting 'scale' in its kwargs; it accepts: no kwargs",
+        ),
+        (
+            "test_rewards:scaled_length",
+            {"scael": 2.0},
+            "reward 'test_rewards:scaled_length' has no setting 'scael' in its kwargs (did you mean 'scale'?); "
+            "it accepts: scale, offset",
+        ),
+    ],
+)
+def test_unknown_kwargs_are_refused_up_front(name, kwargs, message):
+    name = name.replace("test_rewards", __name__)
+    with pytest.raises(RewardError) as e:
+        build_reward_specs(cfg_specs(("xml_count", {}), (name, kwargs)))
+    assert str(e.value) == message.replace("test_rewards", __name__)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_length": "512"}, "max_length='512' must be a whole number >= 1"),
+        ({"max_length": 0}, "max_length=0 must be a whole number >= 1"),
+        ({"buffer": 2.5}, "buffer=2.5 must be a whole number >= 1"),
+        ({"max_length": 10, "buffer": 20}, "buffer=20 is more than max_length=10"),
+        ({"factor": "big"}, "factor='big' must be a number"),
+    ],
+)
+def test_length_penalty_settings_are_checked_up_front(kwargs, message):
+    with pytest.raises(RewardError) as e:
+        build_reward_specs(cfg_specs(("length_penalty", kwargs)))
+    assert str(e.value) == f"reward 'length_penalty': kwargs {message}"
+
+
+def test_unimportable_unknown_and_duplicate_rewards_are_refused():
+    with pytest.raises(RewardError, match=r"reward 'no_such_pkg\.mod:fn': cannot import module 'no_such_pkg\.mod'"):
+        build_reward_specs(cfg_specs(("no_such_pkg.mod:fn", {})))
+    with pytest.raises(RewardError, match=r"has no attribute 'scaled_lenght'; did you mean 'scaled_length'"):
+        build_reward_specs(cfg_specs((f"{__name__}:scaled_lenght", {})))
+    with pytest.raises(RewardError, match="unknown reward 'corectness'; did you mean 'correctness'"):
+        build_reward_specs(cfg_specs(("corectness", {})))
+    with pytest.raises(RewardError) as e:
+        build_reward_specs(cfg_specs(("correctness", {}), ("xml_count", {}), ("correctness", {}, 2.0)))
+    assert str(e.value) == "reward 'correctness' is listed twice in rewards; list each reward once"
+
+
+def test_a_kwarg_named_like_a_column_is_an_error():
+    specs = build_reward_specs(cfg_specs((f"{__name__}:any_setting", {"difficulty": 3})))
+    with pytest.raises(RewardError, match=r"kwargs \['difficulty'\] have the names of data columns"):
+        score([""], ["a"], ["1"], specs, columns={"difficulty": [1]})

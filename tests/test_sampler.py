@@ -9,6 +9,8 @@ import pytest
 import torch
 from helpers.tiny import tiny_model
 
+from minigrpo.sampling.base import Sampler
+from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import (
     RaceNoise,
     SamplingParams,
@@ -18,7 +20,6 @@ from minigrpo.sampling.params import (
     mix32_ref,
     sample_tokens,
 )
-from minigrpo.sampling.sampler import Sampler
 
 
 class CharTokenizer:
@@ -43,7 +44,7 @@ def full_forward_logp(model, prompt: list[int], completion: list[int], temperatu
 
 def test_greedy_equals_stepwise_argmax():
     model = tiny_model(seed=4)
-    sampler = Sampler(model, CharTokenizer())
+    sampler = KVCacheSampler(model, CharTokenizer())
     out = sampler.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_stop=True))
     for i, prompt in enumerate(PROMPTS):
         ids = list(prompt)
@@ -58,7 +59,7 @@ def test_greedy_equals_stepwise_argmax():
 def test_sampler_logprobs_equal_full_forward(temperature):
     model = tiny_model(seed=5)
     params = SamplingParams(n=3, temperature=temperature, max_new_tokens=10, ignore_stop=True)
-    out = Sampler(model, CharTokenizer()).generate(PROMPTS, params)
+    out = KVCacheSampler(model, CharTokenizer()).generate(PROMPTS, params)
     assert out.completion_ids.shape == (9, 10)
     for row in range(9):
         prompt = PROMPTS[row // 3]
@@ -72,13 +73,13 @@ def test_sampler_logprobs_equal_full_forward(temperature):
 
 def test_stop_ids_end_a_completion_and_keep_the_stop_token():
     model = tiny_model(seed=6)
-    free = Sampler(model, CharTokenizer()).generate(
+    free = KVCacheSampler(model, CharTokenizer()).generate(
         [PROMPTS[0]], SamplingParams(temperature=0.0, max_new_tokens=10, ignore_stop=True)
     )
     greedy = free.completion_ids[0].tolist()
     stop = greedy[3]  # make the 4th greedy token a stop token
     first = greedy.index(stop)
-    out = Sampler(model, CharTokenizer()).generate(
+    out = KVCacheSampler(model, CharTokenizer()).generate(
         [PROMPTS[0]], SamplingParams(temperature=0.0, max_new_tokens=10, stop_ids=(stop,))
     )
     assert out.completion_mask[0].tolist() == [1] * (first + 1) + [0] * (out.completion_mask.shape[1] - first - 1)
@@ -90,13 +91,13 @@ def test_stop_ids_end_a_completion_and_keep_the_stop_token():
 def test_stop_strings_cut_at_the_first_token_that_completes_them():
     model = tiny_model(seed=6)
     tok = CharTokenizer()
-    free = Sampler(model, tok).generate(
+    free = KVCacheSampler(model, tok).generate(
         [PROMPTS[1]], SamplingParams(temperature=0.0, max_new_tokens=12, ignore_stop=True)
     )
     text = tok.decode(free.completion_ids[0].tolist())
     stop = text[4:6]  # two characters spanning tokens 4 and 5
     cut = text.index(stop) + 2
-    out = Sampler(model, tok).generate(
+    out = KVCacheSampler(model, tok).generate(
         [PROMPTS[1]], SamplingParams(temperature=0.0, max_new_tokens=12, stop_strings=(stop,))
     )
     assert out.completion_texts[0] == text[:cut]
@@ -105,7 +106,7 @@ def test_stop_strings_cut_at_the_first_token_that_completes_them():
 
 def test_truncated_flag_and_padding():
     model = tiny_model(seed=7)
-    out = Sampler(model, CharTokenizer()).generate(PROMPTS, SamplingParams(n=2, max_new_tokens=5, stop_ids=(2,)))
+    out = KVCacheSampler(model, CharTokenizer()).generate(PROMPTS, SamplingParams(n=2, max_new_tokens=5, stop_ids=(2,)))
     for row in range(6):
         length = int(out.completion_mask[row].sum())
         ids = out.completion_ids[row].tolist()
@@ -114,12 +115,78 @@ def test_truncated_flag_and_padding():
         assert (out.sampler_logp[row, length:] == 0).all() and (out.sampler_logp[row, :length] < 0).all()
 
 
+def expected_stops(rows: list[list[int]], stop_ids, stop_strings, tok) -> tuple[list[int], list[bool]]:
+    """Reference stop rule on free-running rows: a row ends after its first stop id, or after the
+    fewest tokens whose text holds a stop string, whichever comes first; else it is truncated."""
+    lengths, truncated = [], []
+    for toks in rows:
+        end = next((t + 1 for t, x in enumerate(toks) if x in stop_ids), None)
+        limit = end or len(toks)
+        cut = next((k for k in range(1, limit + 1) if any(s in tok.decode(toks[:k]) for s in stop_strings)), None)
+        lengths.append(cut or limit)
+        truncated.append(end is None and cut is None)
+    return lengths, truncated
+
+
+def test_rows_stop_at_different_steps():
+    """Stop ids and stop strings end rows at different steps. A row's draws do not depend on the
+    others' stops (counter noise), so the stopped rollout is the free-running one cut by the stop
+    rule: the same tokens and log-probs up to each stop, padding and zero log-prob after it."""
+    model, tok = tiny_model(seed=7), CharTokenizer()
+    free_params = SamplingParams(n=4, temperature=1.0, max_new_tokens=10, ignore_stop=True)
+    free = KVCacheSampler(model, tok).generate(PROMPTS, free_params, key=(3, 1, 0))
+    rows = free.completion_ids.tolist()  # (12, 10)
+    stop_ids = (rows[0][2], rows[5][6])
+    stop_strings = (tok.decode(rows[9][4:6]),)  # two characters that end row 9 after 6 tokens (or earlier)
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=10, stop_ids=stop_ids, stop_strings=stop_strings)
+    out = KVCacheSampler(model, tok).generate(PROMPTS, params, key=(3, 1, 0))
+    lengths, truncated = expected_stops(rows, stop_ids, stop_strings, tok)
+    assert len(set(lengths)) >= 3 and any(truncated) and not all(truncated), (lengths, truncated)
+    assert out.completion_lengths.tolist() == lengths
+    assert out.truncated.tolist() == truncated
+    assert out.completion_ids.shape == (12, max(lengths))
+    for r, n in enumerate(lengths):
+        assert out.completion_mask[r].tolist() == [1] * n + [0] * (max(lengths) - n), f"row {r}"
+        assert out.completion_ids[r, :n].tolist() == rows[r][:n], f"row {r}"
+        assert (out.completion_ids[r, n:] == tok.pad_token_id).all(), f"row {r}: tokens after the stop"
+        assert (out.sampler_logp[r, n:] == 0).all()
+        assert (out.sampler_logp[r, :n] - free.sampler_logp[r, :n]).abs().max() < 1e-6, f"row {r}"
+        assert out.completion_texts[r] == tok.decode(rows[r][:n], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+@pytest.mark.parametrize("kv_bucket", [1, 3, 8])
+@pytest.mark.parametrize("all_stop", [False, True], ids=["some-truncated", "all-stop-early"])
+def test_kv_buckets_and_check_cadence_change_nothing(kv_bucket, check_every, all_stop):
+    """Decode steps attend over the first kv_len cache slots, rounded up to a multiple of kv_bucket,
+    and the host looks for finished rows every check_every steps. Small buckets put the sequences
+    across bucket boundaries (the default bucket, 256, is longer than all of them): an off-by-one
+    in kv_len drops or adds a slot and changes the log-probs. When every row stops early, a sparser
+    check exits later; the rollout must not show it. Any setting gives the default's rollout."""
+    model, tok = tiny_model(seed=9), CharTokenizer()
+    stop_ids = tuple(range(3, 40)) if all_stop else (7, 11, 19)
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=13, stop_ids=stop_ids, stop_strings=("&",))
+    ref = KVCacheSampler(model, tok).generate(PROMPTS, params, key=(5, 2, 0))
+    out = KVCacheSampler(model, tok, kv_bucket=kv_bucket, check_every=check_every).generate(
+        PROMPTS, params, key=(5, 2, 0)
+    )
+    lengths = ref.completion_lengths.tolist()
+    assert len(set(lengths)) > 2 and not ref.truncated.all(), lengths
+    assert bool(ref.truncated.any()) != all_stop and (max(lengths) < 13) == all_stop, lengths
+    for name in ("completion_ids", "completion_mask", "truncated", "prompt_ids", "prompt_mask"):
+        assert torch.equal(getattr(out, name), getattr(ref, name)), name
+    # fp32: attention over more (masked) slots sums in another order, a few ulps of log-probs near -10
+    err = ((out.sampler_logp - ref.sampler_logp).abs() / (1 + ref.sampler_logp.abs())).max().item()
+    assert err < 1e-6, f"max |diff| / (1 + |logp|) {err:.2e}"
+    assert out.completion_texts == ref.completion_texts
+
+
 def test_left_padding_does_not_change_results():
     model = tiny_model(seed=8)
     params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_stop=True)
-    together = Sampler(model, CharTokenizer()).generate(PROMPTS, params)
+    together = KVCacheSampler(model, CharTokenizer()).generate(PROMPTS, params)
     for i, prompt in enumerate(PROMPTS):
-        alone = Sampler(model, CharTokenizer()).generate([prompt], params)
+        alone = KVCacheSampler(model, CharTokenizer()).generate([prompt], params)
         assert together.completion_ids[i].tolist() == alone.completion_ids[0].tolist()
         assert (together.sampler_logp[i] - alone.sampler_logp[0]).abs().max() < 1e-5
 
@@ -195,18 +262,18 @@ def test_a_row_draws_the_same_tokens_in_any_batch():
     reproduces what it drew inside the whole batch (how ranks split a step without changing it)."""
     model = tiny_model(seed=3)
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=6, ignore_stop=True)
-    together = Sampler(model, CharTokenizer()).generate(PROMPTS, params, key=(0, 5, 0))
+    together = KVCacheSampler(model, CharTokenizer()).generate(PROMPTS, params, key=(0, 5, 0))
     for i, prompt in enumerate(PROMPTS):
-        alone = Sampler(model, CharTokenizer()).generate(
+        alone = KVCacheSampler(model, CharTokenizer()).generate(
             [prompt], params, key=(0, 5, 0), row_ids=range(4 * i, 4 * i + 4)
         )
         assert torch.equal(alone.completion_ids, together.completion_ids[4 * i : 4 * i + 4])
-    other = Sampler(model, CharTokenizer()).generate(PROMPTS, params, key=(0, 6, 0))
+    other = KVCacheSampler(model, CharTokenizer()).generate(PROMPTS, params, key=(0, 6, 0))
     assert not torch.equal(other.completion_ids, together.completion_ids)  # another step, other draws
     groups = together.completion_ids.view(3, 4, -1)
     assert all(len({tuple(r.tolist()) for r in g}) > 1 for g in groups)  # a group's rows differ
     with pytest.raises(ValueError, match="row_ids"):
-        Sampler(model, CharTokenizer()).generate(PROMPTS, params, key=(0, 5, 0), row_ids=range(3))
+        KVCacheSampler(model, CharTokenizer()).generate(PROMPTS, params, key=(0, 5, 0), row_ids=range(3))
 
 
 @pytest.mark.parametrize("max_rows", [1, 3, 4, 5, 8, 12])
@@ -215,8 +282,8 @@ def test_waves_of_rows_draw_what_one_batch_draws(max_rows):
     rollout equals the one-batch rollout exactly; stop tokens end rows at different lengths."""
     model = tiny_model(seed=4)
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=7, stop_ids=(7, 11, 19))
-    one = Sampler(model, CharTokenizer()).generate(PROMPTS, params, key=(1, 2, 0))
-    waves = Sampler(model, CharTokenizer(), max_rows=max_rows).generate(PROMPTS, params, key=(1, 2, 0))
+    one = KVCacheSampler(model, CharTokenizer()).generate(PROMPTS, params, key=(1, 2, 0))
+    waves = KVCacheSampler(model, CharTokenizer(), max_rows=max_rows).generate(PROMPTS, params, key=(1, 2, 0))
     assert len(set(one.completion_lengths.tolist())) > 1  # the stops cut rows short
     for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated", "prompt_index"):
         assert torch.equal(getattr(waves, name), getattr(one, name)), name
@@ -239,9 +306,22 @@ def test_generation_waves(prompts, n, max_rows, want):
     assert generation_waves(prompts, n, max_rows) == want
 
 
+def test_the_own_sampler_implements_the_sampler_protocol():
+    model = tiny_model(seed=1)
+    sampler = KVCacheSampler(model, CharTokenizer())
+    assert isinstance(sampler, Sampler)
+    sampler.sleep()
+    sampler.wake()
+    sampler.sync(model)
+    assert sampler.last_sync == {} and sampler.pad_id == 0
+    params = SamplingParams(n=2, max_new_tokens=3, ignore_stop=True)
+    assert sampler.generate(PROMPTS, params, key=(0, 1, 0), row_ids=range(6)).num_sequences == 6
+    sampler.close()
+
+
 def test_sync_rejects_another_model():
     model = tiny_model(seed=1)
-    sampler = Sampler(model, CharTokenizer())
+    sampler = KVCacheSampler(model, CharTokenizer())
     sampler.sync(model)
     with pytest.raises(ValueError, match="same model"):
         sampler.sync(tiny_model(seed=2))
@@ -255,7 +335,7 @@ def test_sampler_logprobs_equal_trainer_logprobs(temperature):
 
     model = tiny_model(seed=9)
     params = SamplingParams(n=4, temperature=temperature, max_new_tokens=9, stop_ids=(2, 7, 11))
-    out = Sampler(model, CharTokenizer()).generate(PROMPTS, params)
+    out = KVCacheSampler(model, CharTokenizer()).generate(PROMPTS, params)
     with torch.no_grad():
         logp, entropy = completion_logprobs(
             model,

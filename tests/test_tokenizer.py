@@ -11,6 +11,7 @@ from tokenizers import Regex, decoders, models, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import pre_tokenizers as pt
 
+from minigrpo.errors import UserError
 from minigrpo.tokenizer import ChatTemplateError, Tokenizer
 
 GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
@@ -312,6 +313,7 @@ def test_errors(tmp_path, llama3_backend):
         Tokenizer(llama3_backend, eos_token="<|eot_id|>", extra_stop_ids=[10**6])
     with pytest.raises(ChatTemplateError, match="no chat template"):
         Tokenizer(llama3_backend).apply_chat_template([{"role": "user", "content": "hi"}])
+    assert issubclass(ChatTemplateError, UserError) and issubclass(ChatTemplateError, ValueError)
 
 
 # ---- chat templates ------------------------------------------------------------------------------------------

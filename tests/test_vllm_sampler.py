@@ -20,17 +20,19 @@ import torch
 from helpers.tiny import WORDS, tiny_model, tiny_run_checkpoint, tiny_tokenizer, write_copy_task
 from torch import nn
 
+from minigrpo.config import LoRACfg
 from minigrpo.logprobs import completion_logprobs
+from minigrpo.lora import apply_lora, lora_layers
+from minigrpo.sampling.base import Sampler
+from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams
-from minigrpo.sampling.sampler import Sampler
-from minigrpo.sampling.vllm_sampler import (
-    SyncError,
-    VLLMSampler,
-    _buckets,
-    _worker_load,
-    _worker_refresh_tied_head,
-    logprob_mismatch,
+from minigrpo.sampling.rollout import logprob_mismatch
+from minigrpo.sampling.vllm_sampler import SyncError, VLLMSampler
+from minigrpo.sampling.vllm_sync import (
     policy_weights_for_sync,
+    weight_buckets,
+    worker_load,
+    worker_refresh_tied_head,
 )
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -102,8 +104,9 @@ def trainer_logp(model: nn.Module, rollout, temperature: float) -> torch.Tensor:
 def test_generate_groups_stops_and_logprobs(engine):
     sampler, model, tokenizer, _ = engine
     sampler.sync(model)
+    assert isinstance(sampler, Sampler)
     params = SamplingParams(n=4, temperature=0.7, max_new_tokens=6, stop_ids=(EOS,))
-    r = sampler.generate(PROMPTS, params, generator=torch.Generator().manual_seed(0))
+    r = sampler.generate(PROMPTS, params, key=(0, 3, 0))
     N, Tp = 12, max(len(p) for p in PROMPTS)
     assert r.prompt_ids.shape == (N, Tp) and r.group_size == 4
     assert r.prompt_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4  # groups are contiguous rows
@@ -119,15 +122,23 @@ def test_generate_groups_stops_and_logprobs(engine):
     assert len({tuple(r.completion_ids[i].tolist()) for i in range(N)}) > 3, "samples of a group are all equal"
     diff = (r.sampler_logp - trainer_logp(model, r, 0.7)) * r.completion_mask
     assert diff.abs().max() < 5e-5, f"sampler vs trainer log-probs at T=0.7: max |diff| {diff.abs().max():.2e}"
-    again = sampler.generate(PROMPTS, params, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(again.completion_ids, r.completion_ids), "a seeded generator must reproduce the rollout"
+    # a row's tokens depend on (key, its id) only: the same key reproduces the rollout, a prompt
+    # sampled alone with its rows' ids draws what it drew in the batch, another key draws otherwise
+    again = sampler.generate(PROMPTS, params, key=(0, 3, 0))
+    assert torch.equal(again.completion_ids, r.completion_ids), "the same key must reproduce the rollout"
+    alone = sampler.generate(PROMPTS[1:2], params, key=(0, 3, 0), row_ids=range(4, 8))
+    assert rows(alone) == rows(r)[4:8]
+    other = sampler.generate(PROMPTS, params, key=(0, 4, 0))
+    assert rows(other) != rows(r)
+    with pytest.raises(ValueError, match="row_ids"):
+        sampler.generate(PROMPTS, params, key=(0, 3, 0), row_ids=range(3))
 
 
 @needs_vllm
 def test_greedy_and_stop_strings_match_the_own_sampler(engine):
     sampler, model, tokenizer, _ = engine
     sampler.sync(model)
-    own = Sampler(model, tokenizer)
+    own = KVCacheSampler(model, tokenizer)
     for params in (
         SamplingParams(n=2, temperature=0.0, max_new_tokens=10),
         SamplingParams(n=1, temperature=0.0, max_new_tokens=10, stop_ids=(EOS,), stop_strings=("7",)),
@@ -151,13 +162,14 @@ def test_sync_after_an_optimizer_step(engine):
     sampler.sync(model)
     before = sampler.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=8))
     adamw_step(model)
-    stats = sampler.sync(model)
+    sampler.sync(model)
+    stats = sampler.last_sync
     assert stats["sync_tensors"] == len(list(model.parameters())) and stats["fingerprints"] >= 5
     assert stats["probe_diff_max"] < 1e-4
-    assert sampler.llm.collective_rpc(_worker_refresh_tied_head) == [True]  # the tied head is repacked
+    assert sampler.llm.collective_rpc(worker_refresh_tied_head) == [True]  # the tied head is repacked
 
     greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
-    ours = Sampler(model, tokenizer).generate(PROMPTS, greedy)
+    ours = KVCacheSampler(model, tokenizer).generate(PROMPTS, greedy)
     theirs = sampler.generate(PROMPTS, greedy)
     assert rows(theirs) == rows(ours)
     assert rows(theirs) != rows(before), "the step did not change the greedy outputs"
@@ -191,7 +203,7 @@ def test_a_partial_push_is_caught_and_buckets_hold_whole_layers(engine):
     adamw_step(model)
     q_only = [(n, t) for n, t in policy_weights_for_sync(model) if n.endswith("q_proj.weight")]
     for name, t in q_only:
-        sampler.llm.collective_rpc(_worker_load, args=([(name, t)],))
+        sampler.llm.collective_rpc(worker_load, args=([(name, t)],))
     sampler.llm.reset_prefix_cache()
     with pytest.raises(SyncError, match="log-prob probe"):
         sampler.verify(model)
@@ -199,9 +211,11 @@ def test_a_partial_push_is_caught_and_buckets_hold_whole_layers(engine):
     old = sampler.bucket_bytes
     try:
         sampler.bucket_bytes = 0
-        assert sampler.sync(model)["sync_calls"] == 2 + 2  # 2 layers + embeddings, final norm
+        sampler.sync(model)
+        assert sampler.last_sync["sync_calls"] == 2 + 2  # 2 layers + embeddings, final norm
         sampler.bucket_bytes = None
-        assert sampler.sync(model)["sync_calls"] == 1
+        sampler.sync(model)
+        assert sampler.last_sync["sync_calls"] == 1
     finally:
         sampler.bucket_bytes = old
 
@@ -214,10 +228,11 @@ def test_a_sync_after_nan_weights_recovers(engine):
     sampler.sync(model)
     name = "model.layers.0.self_attn.q_proj.weight"
     bad = [(n, torch.full_like(t, float("nan"))) for n, t in policy_weights_for_sync(model, only={name})]
-    sampler.llm.collective_rpc(_worker_load, args=(bad,))
+    sampler.llm.collective_rpc(worker_load, args=(bad,))
     with pytest.raises(SyncError, match="nan"):
         sampler.verify(model)
-    assert sampler.sync(model)["probe_diff_max"] < 1e-4
+    sampler.sync(model)
+    assert sampler.last_sync["probe_diff_max"] < 1e-4
 
 
 @needs_vllm
@@ -239,7 +254,7 @@ def test_long_prompt_is_not_served_from_a_stale_prefix_cache(engine, monkeypatch
     sampler.sync(model)
     assert step_sync_and_compare() < 5e-5
     r = sampler.generate([long_prompt], greedy)
-    assert rows(r) == rows(Sampler(model, tokenizer).generate([long_prompt], greedy))
+    assert rows(r) == rows(KVCacheSampler(model, tokenizer).generate([long_prompt], greedy))
     # control: without the reset, the cached block of the old weights is served (the trap is real)
     monkeypatch.setattr(sampler.llm, "reset_prefix_cache", lambda *a, **k: True)
     assert step_sync_and_compare() > 1e-3
@@ -279,7 +294,7 @@ def test_sleep_wake_order(engine, monkeypatch):
         sampler.llm,
         "collective_rpc",
         lambda method, *a, **k: (
-            (calls.append(("push",)) if method is _worker_load else None) or real_rpc(method, *a, **k)
+            (calls.append(("push",)) if method is worker_load else None) or real_rpc(method, *a, **k)
         ),
     )
     sampler.sleep()
@@ -296,31 +311,13 @@ def test_sleep_wake_order(engine, monkeypatch):
 # what is pushed (pure tensor code: runs without vLLM too)
 
 
-class FakeLoRALinear(nn.Module):
-    """A LoRA layer as the sync sees it: `lora_A` (r, in), `lora_B` (out, r), `scaling`, and the base
-    either as its own `weight` (`wrap=False`) or as a wrapped `base_layer` module."""
-
-    def __init__(self, base: nn.Module, r: int = 4, alpha: float = 8.0, wrap: bool = True) -> None:
-        super().__init__()
-        if wrap:
-            self.base_layer = base
-        else:
-            self.weight, self.bias = base.weight, base.bias
-        out_features, in_features = (base.code if hasattr(base, "code") else base.weight).shape
-        self.lora_A = nn.Parameter(torch.randn(r, in_features) * 0.1)
-        self.lora_B = nn.Parameter(torch.randn(out_features, r) * 0.1)
-        self.scaling = alpha / r
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer(x) if hasattr(self, "base_layer") else nn.functional.linear(x, self.weight, self.bias)
-        return base + self.scaling * (x @ self.lora_A.T @ self.lora_B.T)
-
-
 class FakeNF4Linear(nn.Module):
     """A quantised layer as the sync sees it: `dequantized_weight()` (here: a scaled int8 code)."""
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
+        self.out_features, self.in_features = base.weight.shape
+        self.bias = None
         scale = base.weight.detach().abs().amax() / 127
         self.register_buffer("code", (base.weight.detach() / scale).round().to(torch.int8))
         self.register_buffer("scale", scale)
@@ -333,10 +330,15 @@ class FakeNF4Linear(nn.Module):
 
 
 def lora_model(seed: int = 0) -> nn.Module:
+    """minigrpo.lora adapters on q_proj (a plain base) and on down_proj over a fake quantised base,
+    with B random (the delta is not zero); runs without bitsandbytes."""
     model = tiny_model(seed=seed, **ARCH)
     for layer in model.model.layers:
-        layer.self_attn.q_proj = FakeLoRALinear(layer.self_attn.q_proj, wrap=False)
-        layer.mlp.down_proj = FakeLoRALinear(FakeNF4Linear(layer.mlp.down_proj))
+        layer.mlp.down_proj = FakeNF4Linear(layer.mlp.down_proj)
+    apply_lora(model, LoRACfg(enabled=True, r=4, alpha=8.0, targets=["q", "down"]))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0.0, 0.1)
     return model
 
 
@@ -346,34 +348,34 @@ def test_policy_weights_merge_lora_and_dequantize():
     weights = dict(policy_weights_for_sync(model))
     assert set(weights) == plain, "the pushed names must be the plain checkpoint's"
     q = model.model.layers[0].self_attn.q_proj
-    assert torch.allclose(weights["model.layers.0.self_attn.q_proj.weight"], q.weight + q.scaling * q.lora_B @ q.lora_A)
+    delta = q.scaling * q.lora_B.weight @ q.lora_A.weight  # (out, in)
+    assert torch.allclose(weights["model.layers.0.self_attn.q_proj.weight"], q.weight + delta, atol=1e-6)
     down = model.model.layers[1].mlp.down_proj
-    want = down.base_layer.dequantized_weight() + down.scaling * down.lora_B @ down.lora_A
+    want = down.base.dequantized_weight() + down.scaling * down.lora_B.weight @ down.lora_A.weight
     assert torch.allclose(weights["model.layers.1.mlp.down_proj.weight"], want, atol=1e-6)
     # the merged weights reproduce the LoRA forward
     ids = torch.randint(3, len(WORDS), (2, 9))
     merged = tiny_model(**ARCH)
     merged.load_state_dict(weights)
-    assert torch.allclose(merged(ids), model(ids), atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(merged(ids), model(ids), atol=1e-5)
     only = dict(policy_weights_for_sync(model, only={"model.norm.weight"}))
     assert list(only) == ["model.norm.weight"]
+    assert all(t.dtype == torch.bfloat16 for _, t in policy_weights_for_sync(model, torch.bfloat16))
 
 
 def minigrpo_lora_model(seed: int = 0, nf4: bool = False) -> nn.Module:
     """The tiny model with minigrpo.lora adapters on every linear layer (B random, so the delta
     is not zero), optionally on NF4 bases (minigrpo.quant, needs bitsandbytes)."""
-    lora = pytest.importorskip("minigrpo.lora")
-    from minigrpo.config import LoRACfg
-
     model = tiny_model(seed=seed, **ARCH)
     if nf4:
         pytest.importorskip("bitsandbytes")
         from minigrpo.quant import quantize_model_linears
 
         quantize_model_linears(model)
-    lora.apply_lora(model, LoRACfg(enabled=True, r=4, alpha=8.0))
+    apply_lora(model, LoRACfg(enabled=True, r=4, alpha=8.0))
     with torch.no_grad():
-        for layer in lora.lora_layers(model).values():
+        for layer in lora_layers(model).values():
             layer.lora_B.weight.normal_(0.0, 0.05)
     return model
 
@@ -394,15 +396,15 @@ def test_policy_weights_of_minigrpo_lora(nf4):
 def test_buckets_keep_layers_whole():
     names = [n for n, _ in policy_weights_for_sync(tiny_model(**ARCH))]
     for size in (0, 1, 2**16, 2**30):
-        buckets = list(_buckets(policy_weights_for_sync(tiny_model(**ARCH)), size))
+        buckets = list(weight_buckets(policy_weights_for_sync(tiny_model(**ARCH)), size))
         assert [n for b in buckets for n, _ in b] == names
         for b in buckets:
             layers = {n.split(".")[2] for n, _ in b if n.startswith("model.layers.")}
             for other in buckets:
                 if other is not b:
                     assert not layers & {n.split(".")[2] for n, _ in other if n.startswith("model.layers.")}
-    assert len(list(_buckets(policy_weights_for_sync(tiny_model(**ARCH)), 0))) == 4  # embed, 2 layers, norm
-    assert len(list(_buckets(policy_weights_for_sync(tiny_model(**ARCH)), 2**30))) == 1
+    assert len(list(weight_buckets(policy_weights_for_sync(tiny_model(**ARCH)), 0))) == 4  # embed, 2 layers, norm
+    assert len(list(weight_buckets(policy_weights_for_sync(tiny_model(**ARCH)), 2**30))) == 1
 
 
 def test_logprob_mismatch():
@@ -424,8 +426,8 @@ def test_lora_policy_syncs_merged(engine):
     """A LoRA (+ quantised base) policy: vLLM gets merged 16-bit weights and matches the LoRA forward."""
     sampler, model, _, _ = engine
     lora = lora_model(seed=3)
-    stats = sampler.sync(lora)  # verify compares vLLM with the unmerged LoRA forward
-    assert stats["probe_diff_max"] < 1e-4
+    sampler.sync(lora)  # verify compares vLLM with the unmerged LoRA forward
+    assert sampler.last_sync["probe_diff_max"] < 1e-4
     r = sampler.generate(PROMPTS, SamplingParams(n=2, temperature=1.0, max_new_tokens=6))
     assert ((r.sampler_logp - trainer_logp(lora, r, 1.0)) * r.completion_mask).abs().max() < 5e-5
     sampler.sync(model)
@@ -435,7 +437,8 @@ def test_lora_policy_syncs_merged(engine):
 def test_minigrpo_lora_policy_syncs_merged(engine):
     sampler, model, _, _ = engine
     lora = minigrpo_lora_model(seed=4)
-    assert sampler.sync(lora)["probe_diff_max"] < 1e-4
+    sampler.sync(lora)
+    assert sampler.last_sync["probe_diff_max"] < 1e-4
     r = sampler.generate(PROMPTS, SamplingParams(n=2, temperature=1.0, max_new_tokens=6))
     assert ((r.sampler_logp - trainer_logp(lora, r, 1.0)) * r.completion_mask).abs().max() < 5e-5
     sampler.sync(model)
@@ -447,10 +450,10 @@ def test_minigrpo_lora_policy_syncs_merged(engine):
 
 @needs_vllm
 def test_grpo_run_with_the_vllm_sampler_matches_the_own_sampler(engine, tmp_path, monkeypatch):
-    """The copy task of tests/test_train.py with `sampler.kind: vllm` (the module's engine, synced to
-    each run's policy by the patched `minigrpo.train.Sampler`) learns like the same runs with the own
-    sampler. GRPO trajectories are chaotic, so rewards are compared as means over two seeds; over 4
-    seeds the two samplers gave the same mean final reward (0.918 vs 0.919)."""
+    """The copy task of tests/test_train.py with `sampler.kind: vllm` (the module's engine, lent to
+    each run through the patched `VLLMSampler.from_config` and synced to its policy) learns like the
+    same runs with the own sampler. GRPO trajectories are chaotic, so rewards are compared as means
+    over two seeds; over 4 seeds the two samplers gave the same mean final reward (0.918 vs 0.919)."""
     import minigrpo.train as train_mod
     from minigrpo.config import Config
 
@@ -467,7 +470,7 @@ def test_grpo_run_with_the_vllm_sampler_matches_the_own_sampler(engine, tmp_path
         def close(self) -> None:
             pass
 
-    def make_vllm(model, tokenizer, **_):  # what train.py's `sampler.kind: vllm` branch builds
+    def make_vllm(cfg, model, tokenizer, **_):  # what `sampler.kind: vllm` builds
         sampler.tokenizer = tokenizer
         sampler.sync(model)
         return Shared()
@@ -486,7 +489,7 @@ def test_grpo_run_with_the_vllm_sampler_matches_the_own_sampler(engine, tmp_path
         }
         with monkeypatch.context() as patch:
             if kind == "vllm":
-                patch.setattr(train_mod, "Sampler", make_vllm)
+                patch.setattr(VLLMSampler, "from_config", staticmethod(make_vllm))
             history = train_mod.train(Config.from_dict(raw))
         return [h["reward"] for h in history]
 

@@ -21,10 +21,12 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from minigrpo.errors import UserError
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """A config names a model family or a RoPE variant this package does not implement."""
 
 

@@ -8,6 +8,11 @@
 The model is built on the meta device and each tensor is placed on `device` as it is read, so no
 second full copy of the weights ever exists. Every tensor is checked by name and shape; a missing,
 extra or mis-shaped tensor is an error that names it and the file it came from.
+
+Every mistake a user can make here is a `UserError` naming the path: a missing folder or file
+(`ModelNotFoundError`), a folder that is no model, a truncated or corrupt weights file
+(`CorruptCheckpointError`), weights that do not fit the config (`CheckpointError`), a model folder
+without a tokenizer when one is required.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import torch
 from torch import nn
 
 from minigrpo.atomic import atomic_path, write_json
+from minigrpo.errors import UserError
 
 from .args import ModelArgs
-from .safetensors_io import CorruptCheckpointError, iter_tensors, read_header, save_file
+from .safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header, save_file
 from .transformer import Transformer
 
 # Files fetched from the hub: config, weights, tokenizer. Nothing else (no .bin, no .pth).
@@ -46,8 +52,13 @@ _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model it describes."""
+# What a Hugging Face tokenizer folder may hold (minigrpo reads fast tokenizers: tokenizer.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model that is not there: a missing path, a folder that is no model, a repo that cannot be fetched."""
 
 
 def load_pretrained(
@@ -58,26 +69,61 @@ def load_pretrained(
     revision: str | None = None,
     load_tokenizer: bool = True,
     quantize: str | None = None,
+    require_tokenizer: bool = False,
 ) -> tuple[Transformer, Any]:
     """Load a model and its tokenizer from a local dir, a hub repo id, or a `.gguf` file.
 
+    The tokenizer is None when the folder has no tokenizer files (a weights-only checkpoint), unless
+    `require_tokenizer`: then that is a UserError naming the folder and the missing files (what a
+    command that generates text wants). Tokenizer files without tokenizer.json are always an error.
     quantize="nf4": each block linear weight is quantized as it is read (minigrpo/quant.py), so
     the 16-bit model never sits whole on `device`; embedding, norms and LM head stay in `dtype`.
     """
     source = _resolve(str(name_or_path), revision)
     if source.suffix == ".gguf":
         return _load_gguf(source, dtype, device, load_tokenizer, quantize)
-    config_path = source / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no config.json in {source}")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    config = _read_config(source)
+    tokenizer_dir = _tokenizer_dir(source, required=require_tokenizer) if load_tokenizer else None  # fail early
     model = _empty_model(ModelArgs.from_hf_config(config))
     _fill(model, _hf_tensor_source(source), dtype, device, quantize)
-    tokenizer = _load_tokenizer_dir(source) if load_tokenizer else None
+    tokenizer = _load_tokenizer_dir(tokenizer_dir) if tokenizer_dir is not None else None
     return model, tokenizer
+
+
+def check_model_source(
+    name_or_path: str | os.PathLike, *, revision: str | None = None, require_tokenizer: bool = True
+) -> None:
+    """Check what `load_pretrained(name_or_path)` will read, without reading any weights: a UserError
+    names a missing path, a folder that is no model, a broken config.json, an unsupported
+    architecture, a truncated weights file, missing tokenizer files. A hub repo id that is not a
+    local path is only checked when it is fetched (by load_pretrained)."""
+    name = str(name_or_path)
+    if name not in PACKAGED_MODELS and not Path(name).expanduser().exists() and not _looks_local(name):
+        return
+    source = _resolve(name, revision)
+    if source.suffix == ".gguf":
+        return
+    ModelArgs.from_hf_config(_read_config(source))
+    _hf_tensor_source(source)  # reads (and checks) the header of every weights file, no tensor
+    _tokenizer_dir(source, required=require_tokenizer)
+
+
+def _read_config(source: Path) -> dict[str, Any]:
+    """config.json of a model folder; a ModelNotFoundError when `source` is no model folder."""
+    if not source.is_dir():
+        raise ModelNotFoundError(f"{source} is no model: expected a model folder (config.json, weights) or .gguf")
+    config_path = source / "config.json"
+    if not config_path.is_file():
+        has_weights = any(source.glob("*.safetensors"))
+        what = "a weights file but no config.json" if has_weights else "no config.json and no *.safetensors weights"
+        raise ModelNotFoundError(f"no config.json in {source}: not a model folder ({what})")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{config_path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(f"{config_path}: not a JSON object")
+    return config
 
 
 def build_random(
@@ -176,10 +222,15 @@ def _resolve(name: str, revision: str | None) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         return path
-    looks_local = name.startswith(("/", ".", "~")) or name.endswith(".gguf") or name.count("/") > 1
-    if looks_local or not _REPO_ID.match(name):
-        raise FileNotFoundError(f"no such file or directory: {name}")
+    if _looks_local(name):
+        raise ModelNotFoundError(f"no such file or directory: {name}")
     return _download(name, revision)
+
+
+def _looks_local(name: str) -> bool:
+    """A name that can only be a path (not a hub repo id such as "Qwen/Qwen2.5-0.5B-Instruct")."""
+    path_like = name.startswith(("/", ".", "~")) or name.endswith(".gguf") or name.count("/") > 1
+    return path_like or not _REPO_ID.match(name)
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
@@ -189,7 +240,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # network, auth, missing repo: say which repo and why
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub: "
             f"{type(e).__name__}: {e}"
         ) from e
@@ -211,19 +262,22 @@ def _hf_tensor_source(directory: Path) -> TensorSource:
     """({name: (shape, file)}, iterator of (name, tensor)) over a single or sharded safetensors checkpoint."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CorruptCheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
         files = sorted(set(weight_map.values()))
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"no safetensors weights in {directory}")
+            raise ModelNotFoundError(f"no safetensors weights in {directory}: not a model folder")
     shapes = {}
     for fname in files:
         path = directory / fname
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is listed in the checkpoint index but missing")
+            raise ModelNotFoundError(f"{path} is listed in the checkpoint index but missing")
         for name, info in read_header(path).items():
             shapes[name] = (tuple(info["shape"]), str(path))
 
@@ -299,18 +353,38 @@ def _load_gguf(
     return model, ckpt.tokenizer() if load_tokenizer else None
 
 
+def _tokenizer_dir(directory: Path, *, required: bool) -> Path | None:
+    """`directory` if it holds a tokenizer (tokenizer.json), None if it holds no tokenizer files at
+    all and none is required; a UserError naming the folder and the missing files otherwise."""
+    if (directory / "tokenizer.json").is_file():
+        return directory
+    present = [name for name in (*TOKENIZER_FILES, *_SLOW_TOKENIZER_FILES) if (directory / name).is_file()]
+    if present:
+        raise ModelNotFoundError(
+            f"{directory} has no tokenizer.json (it has {', '.join(present)}): minigrpo reads fast "
+            "tokenizers only; save the tokenizer with transformers' save_pretrained to write tokenizer.json"
+        )
+    if required:
+        raise ModelNotFoundError(
+            f"{directory} has no tokenizer: tokenizer.json is missing (and tokenizer_config.json, "
+            "special_tokens_map.json); copy the tokenizer files of the base model into this folder"
+        )
+    return None
+
+
 def _load_tokenizer_dir(directory: Path):
-    if not (directory / "tokenizer.json").is_file():
-        return None
     from minigrpo.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(directory)
 
 
 __all__ = [
+    "TOKENIZER_FILES",
     "CheckpointError",
     "CorruptCheckpointError",
+    "ModelNotFoundError",
     "build_random",
+    "check_model_source",
     "load_pretrained",
     "load_weights",
     "save_pretrained",

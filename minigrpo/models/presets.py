@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from minigrpo.errors import UserError
+
 _QWEN25 = {
     "model_type": "qwen2",
     "architectures": ["Qwen2ForCausalLM"],
@@ -131,8 +133,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class UnknownPreset(UserError, KeyError):
+    """model.arch (or a benchmark's --arch) names no preset."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 def preset_config(name: str) -> dict[str, Any]:
     """A copy of the named preset's config.json dict; an unknown name lists the known ones."""
     if name not in PRESETS:
-        raise KeyError(f"unknown architecture preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        raise UnknownPreset(f"unknown architecture preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return copy.deepcopy(PRESETS[name])

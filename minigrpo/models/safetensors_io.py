@@ -1,10 +1,18 @@
-"""Read safetensors files one tensor at a time with plain reads, and write them through `safetensors`.
+"""Read and write safetensors files one tensor at a time, with plain file reads and writes.
 
-Why not `safetensors.safe_open`: it maps the whole file, and every page touched while copying out
-counts as resident memory next to the model we are filling, so peak memory approaches twice the
-checkpoint. Reading each tensor's bytes straight into its own buffer keeps the peak at about the
-model plus one tensor. The format is simple: an 8-byte little-endian header length, a JSON header
-{name: {dtype, shape, data_offsets}}, then the raw bytes.
+The format is simple: an 8-byte little-endian header length, a JSON header
+{name: {dtype, shape, data_offsets}} (plus an optional "__metadata__" of strings), then the raw
+bytes of every tensor, back to back.
+
+Why not `safetensors.safe_open` for reading: it maps the whole file, and every page touched while
+copying out counts as resident memory next to the model we are filling, so peak memory approaches
+twice the checkpoint. Reading each tensor's bytes straight into its own buffer keeps the peak at
+about the model plus one tensor.
+
+Why not `safetensors.torch.save_file` for writing: it wraps every I/O error in its own exception
+type, so a full disk cannot be told from a bug, and it serialises all tensors before writing.
+Writing the header and then each tensor's bytes with ordinary file writes keeps one tensor in memory
+at a time and lets a full disk surface as `OSError(ENOSPC, ..., path)`.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from minigrpo.errors import UserError
+
 DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -26,19 +36,33 @@ DTYPES = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_MAX_HEADER_BYTES = 100_000_000
 
 
-class CorruptCheckpointError(ValueError):
-    """A checkpoint file that cannot be parsed or is shorter than its header says."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint (model folder, weights file, training checkpoint) that cannot be used as it is."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that cannot be parsed or is shorter (or longer) than its header says."""
 
 
 def read_header(path: str | Path) -> dict[str, dict]:
-    """{name: {"dtype", "shape", "data_offsets"}} of a safetensors file, validated against its size."""
+    """{name: {"dtype", "shape", "data_offsets"}} of a safetensors file, validated against its size.
+
+    Every tensor must lie inside the file with exactly the byte count its dtype and shape need, and
+    the data must end where the file ends: a truncated (or padded) file is a CorruptCheckpointError
+    naming it. The returned offsets are absolute file offsets.
+    """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -46,7 +70,7 @@ def read_header(path: str | Path) -> dict[str, dict]:
         if len(raw) < 8:
             raise CorruptCheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", raw)
-        if n > size - 8 or n > 100_000_000:
+        if n > size - 8 or n > _MAX_HEADER_BYTES:
             raise CorruptCheckpointError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
         try:
             header = json.loads(f.read(n))
@@ -56,6 +80,7 @@ def read_header(path: str | Path) -> dict[str, dict]:
         raise CorruptCheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     data_size = size - 8 - n
+    data_end = 0
     for name, info in header.items():
         try:
             start, end = info["data_offsets"]
@@ -68,7 +93,12 @@ def read_header(path: str | Path) -> dict[str, dict]:
                 f"{path}: tensor {name!r} lies outside the file or has the wrong byte count "
                 f"(offsets {start}..{end}, data {data_size} bytes): the file is truncated or corrupt"
             )
+        data_end = max(data_end, end)
         info["data_offsets"] = (start + 8 + n, end + 8 + n)  # absolute file offsets
+    if data_end != data_size:
+        raise CorruptCheckpointError(
+            f"{path}: the header describes {data_end} bytes of data, the file holds {data_size}: corrupt"
+        )
     return header
 
 
@@ -92,7 +122,31 @@ def iter_tensors(path: str | Path, names: Iterable[str] | None = None) -> Iterat
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write tensors as safetensors (contiguous CPU copies are made one at a time by the library)."""
-    from safetensors.torch import save_file as _save
+    """Write tensors as safetensors: the header, then each tensor's bytes (one CPU copy at a time).
 
-    _save({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    Any dtype in DTYPES; a full disk raises OSError(ENOSPC) from the write, naming `path`.
+    """
+    path = Path(path)
+    header: dict[str, dict] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in DTYPE_NAMES:
+            raise TypeError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
+        end = offset + t.numel() * t.dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    try:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for t in tensors.values():
+                if t.numel():
+                    cpu = t.detach().to("cpu").contiguous()
+                    f.write(cpu.view(-1).view(torch.uint8).numpy().data)  # little-endian, as the format wants
+                    del cpu
+    except OSError as e:
+        if e.filename is None:  # name the file (a write's error does not)
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise

@@ -8,7 +8,9 @@ completion token t for every row.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -82,6 +84,38 @@ class Rollout:
         return Rollout(
             **moved, completion_texts=self.completion_texts, group_size=self.group_size, stats=dict(self.stats)
         )
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B token-id prompts -> ids (B, Tp) long left padded with pad_id, and their mask (B, Tp) long."""
+    Tp = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), Tp), pad_id, dtype=torch.long)  # (B, Tp)
+    mask = torch.zeros(len(prompts), Tp, dtype=torch.long)  # (B, Tp)
+    for i, p in enumerate(prompts):
+        ids[i, Tp - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, Tp - len(p) :] = 1
+    return ids, mask
+
+
+def stop_string_cut(tokenizer: Any, tokens: list[int], stops: Sequence[str]) -> int | None:
+    """Fewest leading tokens whose text contains a stop string (None if the whole text has none).
+
+    Both samplers end a completion there (the stop string is kept), decoding with our tokenizer."""
+
+    def hit(n: int) -> bool:
+        text = tokenizer.decode(tokens[:n], skip_special_tokens=False)
+        return any(s in text for s in stops)
+
+    if not tokens or not hit(len(tokens)):
+        return None
+    lo, hi = 1, len(tokens)  # "contains a stop string" is monotone in the prefix length
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if hit(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:

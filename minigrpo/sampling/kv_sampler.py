@@ -11,7 +11,8 @@ current policy. One `generate` call:
    bookkeeping), so on CUDA it is captured once per `kv_len` bucket as a CUDA graph and replayed;
    the host only looks at the device every `check_every` steps (all rows finished? stop strings?).
 
-Rows that finished keep running (the batch is static) but write padding, and are masked out.
+Rows that finished keep running (the batch is static) but write padding, and are masked out. The
+rollout is as wide as its longest completion, whatever the bucket size and check cadence.
 
 Tokens are drawn with counter-based noise (params.RaceNoise): row i of a call is identified by a
 stream key (the trainer passes (seed, step, round)) and its global row id, so a row samples the
@@ -32,7 +33,7 @@ from minigrpo.distributed import full_weights
 from minigrpo.models.transformer import KVCache, Transformer
 
 from .params import RaceNoise, SamplingParams, generation_waves, sample_tokens
-from .rollout import Rollout, concat_rollouts
+from .rollout import Rollout, concat_rollouts, left_pad, stop_string_cut
 
 DEFAULT_STREAM = -1  # key word of calls that bring no key: (seed, DEFAULT_STREAM, call number)
 
@@ -55,13 +56,22 @@ class _DecodeState:
     noise: RaceNoise  # row keys (N,) and the drawn position, which is `step` itself
 
 
-class Sampler:
-    """Samples completions from `model` itself; `sync` is a no-op because the weights are shared.
+class KVCacheSampler:
+    """Samples completions from `model` itself (the `Sampler` protocol of base.py).
 
-    seed: the noise stream of calls that pass no `key` (the k-th such call uses (seed, -1, k)).
+    The weights are the policy's own, so `sync` only checks that it is given that same model, and
+    sleep / wake / close have nothing to free (no-ops); `last_sync` stays empty.
+
+    Args:
+        cuda_graphs: capture the decode step as CUDA graphs (CUDA only).
+        kv_bucket: decode steps attend over the first `kv_len` cache slots, rounded up to a multiple
+            of this (one CUDA graph per bucket; smaller buckets waste less attention on empty slots).
+        check_every: decode steps between host checks for finished rows and stop strings (None: 32
+            on CUDA, where each check synchronises with the device, 1 elsewhere). Only the time of
+            the early exit depends on it, never a token.
+        seed: the noise stream of calls that pass no `key` (the k-th such call uses (seed, -1, k)).
+        max_rows: rows decoded at once (waves; see generation_waves), None: all.
     """
-
-    split_invariant = True  # generate() takes key and row_ids: a row's tokens do not depend on its batch
 
     def __init__(
         self,
@@ -70,24 +80,36 @@ class Sampler:
         *,
         cuda_graphs: bool = True,
         kv_bucket: int = 256,
-        check_every: int = 32,
+        check_every: int | None = None,
         seed: int = 0,
         max_rows: int | None = None,
     ) -> None:
+        if kv_bucket < 1 or (check_every is not None and check_every < 1):
+            raise ValueError(f"kv_bucket and check_every must be >= 1, got {kv_bucket} and {check_every}")
         self.model = model
-        self.max_rows = max_rows  # rows decoded at once (waves; see generation_waves), None: all
+        self.max_rows = max_rows
         self.tokenizer = tokenizer
         self.cuda_graphs = cuda_graphs
         self.kv_bucket = kv_bucket
         self.check_every = check_every
         self.seed = seed
         self.calls = 0  # generate() calls without a key so far
+        self.last_sync: dict[str, float] = {}  # nothing is ever copied
         self._net: Transformer | None = None  # what decodes during a call: the model, or its gathered view
 
     def sync(self, policy: Transformer) -> None:
         """The sampler runs the policy's own weights: there is nothing to copy."""
         if policy is not self.model:
             raise ValueError("the own sampler samples the model it was built with; pass that same model")
+
+    def sleep(self) -> None:
+        """Nothing to free: the KV cache lives only during generate()."""
+
+    def wake(self) -> None:
+        """Nothing to restore."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     @property
     def pad_id(self) -> int:
@@ -97,26 +119,24 @@ class Sampler:
     @torch.no_grad()
     def generate(
         self,
-        prompts: Sequence[Sequence[int]],
+        prompt_ids: Sequence[Sequence[int]],
         params: SamplingParams,
-        generator: torch.Generator | None = None,
         *,
         key: Sequence[int] | None = None,
         row_ids: Sequence[int] | torch.Tensor | None = None,
     ) -> Rollout:
         """Sample `params.n` completions for each prompt (token ids) -> Rollout of N = B*n rows.
 
-        key: the noise stream (ints, e.g. (seed, step, round)); None: drawn from `generator` if one
-            is given, else (seed, -1, k) for the k-th such call of this sampler.
+        key: the noise stream (ints, e.g. (seed, step, round)); None: (seed, -1, k) for the k-th
+            such call of this sampler.
         row_ids: (N,) global ids of the rows (default 0..N-1): the rows of prompt b are
             b*n .. b*n + n - 1 of this call, and a row's tokens depend only on (key, its id).
         """
+        prompts = prompt_ids
         B = len(prompts)
         if B == 0 or min(len(p) for p in prompts) == 0:
             raise ValueError("every prompt needs at least one token")
-        if key is None and generator is not None:
-            key = tuple(torch.randint(0, 2**62, (2,), generator=generator).tolist())
-        elif key is None:
+        if key is None:
             key, self.calls = (self.seed, DEFAULT_STREAM, self.calls), self.calls + 1
         N = B * params.n
         rows = torch.arange(N) if row_ids is None else torch.as_tensor(row_ids, dtype=torch.long).flatten()
@@ -145,14 +165,9 @@ class Sampler:
         was_training = model.training
         model.eval()
         try:
-            B = len(prompts)
-            Tp = max(len(p) for p in prompts)
-            prompt_ids = torch.full((B, Tp), self.pad_id, dtype=torch.long)
-            prompt_mask = torch.zeros(B, Tp, dtype=torch.long)
-            for i, p in enumerate(prompts):
-                prompt_ids[i, Tp - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
-                prompt_mask[i, Tp - len(p) :] = 1
+            prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)  # (B, Tp) each
             prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
+            Tp = prompt_ids.shape[1]
 
             state, first_logits = self._prefill(prompt_ids, prompt_mask, params, key, rows.to(dev))
             t_prefill = time.perf_counter()
@@ -242,7 +257,7 @@ class Sampler:
         use_graphs = self.cuda_graphs and st.tok.is_cuda
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = torch.cuda.graph_pool_handle() if use_graphs else None
-        check_every = self.check_every if st.tok.is_cuda else 1
+        check_every = self.check_every or (32 if st.tok.is_cuda else 1)
         drawn = 1
         for s in range(1, Tc):
             checking = (s - 1) % check_every == 0 and not params.ignore_stop
@@ -280,7 +295,7 @@ class Sampler:
 
     def _finish(self, st: _DecodeState, prompt_ids, prompt_mask, steps: int, params: SamplingParams) -> Rollout:
         G = params.n
-        out_tok, out_logp = st.out_tok[:, :steps], st.out_logp[:, :steps]  # (N, Tc')
+        out_tok = st.out_tok[:, :steps]  # (N, steps)
         N = out_tok.shape[0]
         is_stop = torch.isin(out_tok, st.stop_ids)
         hit = is_stop.any(-1)
@@ -291,13 +306,15 @@ class Sampler:
         for i in range(N):
             toks = rows[i][: lengths[i]]
             if params.stop_strings and not params.ignore_stop:
-                cut = self._stop_string_cut(toks, params.stop_strings)
+                cut = stop_string_cut(self.tokenizer, toks, params.stop_strings)
                 if cut is not None:
                     lengths[i], truncated[i], toks = cut, False, toks[:cut]
             texts.append(self.tokenizer.decode(toks, skip_special_tokens=True))
+        Tc = max(lengths)  # steps past the longest completion (between host checks) are dropped
+        out_tok, out_logp = st.out_tok[:, :Tc], st.out_logp[:, :Tc]  # (N, Tc)
         dev = out_tok.device
         length_t = torch.tensor(lengths, device=dev)
-        completion_mask = (torch.arange(steps, device=dev)[None, :] < length_t[:, None]).long()
+        completion_mask = (torch.arange(Tc, device=dev)[None, :] < length_t[:, None]).long()  # (N, Tc)
         return Rollout(
             prompt_ids=prompt_ids.repeat_interleave(G, dim=0),
             prompt_mask=prompt_mask.repeat_interleave(G, dim=0),
@@ -309,17 +326,3 @@ class Sampler:
             prompt_index=torch.arange(N // G, device=dev).repeat_interleave(G),
             group_size=G,
         )
-
-    def _stop_string_cut(self, toks: list[int], stops: tuple[str, ...]) -> int | None:
-        """Fewest leading tokens whose text contains a stop string (None if the text has none)."""
-        decode = self.tokenizer.decode
-        if not any(s in decode(toks, skip_special_tokens=False) for s in stops):
-            return None
-        lo, hi = 1, len(toks)  # "contains a stop string" is monotone in the prefix length
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if any(s in decode(toks[:mid], skip_special_tokens=False) for s in stops):
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo

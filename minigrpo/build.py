@@ -1,0 +1,293 @@
+"""A run built from its config: device and precision, policy (+ LoRA / NF4 base), reference, sampler,
+optimizer, data, rewards, and the state of a resumed run.
+
+    run = build_run(cfg, world)     # python -m minigrpo.train
+    model, tokenizer = load_policy(cfg, device, dtype)   # eval and the benchmarks pick pieces
+
+`check_before_loading(cfg)` runs every check that needs only the config and the file system (the
+run folder and what resuming would read, the reward functions, the data file, the model folder), so
+a mistake there is reported before any weights load. Nothing in here edits the config.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from minigrpo import lora, rewards
+from minigrpo.checkpoint import (
+    check_writable,
+    find_resume_checkpoint,
+    latest_checkpoint,
+    load_masters,
+    load_optimizer_state,
+    restore_rng,
+)
+from minigrpo.config import Config, resolve_dtype
+from minigrpo.configio import changed_keys
+from minigrpo.data import Example, PromptLoader, build_dataset, encode_prompts
+from minigrpo.distributed import World, broadcast_trainable, shard_model
+from minigrpo.errors import UserError
+from minigrpo.models.loading import build_random, check_model_source, load_pretrained, load_weights, save_pretrained
+from minigrpo.models.presets import preset_config
+from minigrpo.optim import build_optimizer, build_scheduler
+from minigrpo.sampling.base import Sampler
+from minigrpo.sampling.kv_sampler import KVCacheSampler
+from minigrpo.sampling.params import SamplingParams, stream_key
+
+# settings a resumed run may change; any other change is refused (the saved config is the one that runs)
+RESUMABLE_CHANGES = ("run.resume", "train.steps", "log.", "checkpoint.", "eval.", "distributed.timeout_s")
+
+# ================================================================================================
+# checks before any weights load
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a resumed run continues from, with its trainer state."""
+
+    path: Path
+    state: dict[str, Any]
+
+
+def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[rewards.RewardSpec], list[Example]]:
+    """Every check the config and the file system allow, before any weights load: the run folder
+    (a new run must not overwrite one; --resume needs an intact checkpoint and an unchanged
+    config; the folder must be writable), the reward functions (importable, known kwargs), the
+    training data (readable, well formed) and the model folder. Returns what it had to read."""
+    if cfg.model.arch is not None:
+        raise UserError("training needs a tokenizer: model.arch builds weights only; set model.name_or_path")
+    resume = check_run_dir(cfg)
+    specs = rewards.build_reward_specs(cfg.rewards)
+    examples = build_dataset(cfg.data, cfg.data.split)
+    if not examples:
+        raise UserError(f"data: the {cfg.data.split!r} split of data.source={cfg.data.source!r} holds no example")
+    check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
+    return resume, specs, examples
+
+
+def check_run_dir(cfg: Config) -> ResumePoint | None:
+    """The run folder's state against run.resume, and the checkpoint to resume from (None: a new run)."""
+    run_dir = cfg.run.run_dir
+    if not cfg.run.resume:
+        if (run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir) is not None:
+            raise UserError(f"{run_dir} already holds a run: continue it with --resume, or set another run.name")
+        check_writable(run_dir / "checkpoints")
+        return None
+    found = find_resume_checkpoint(run_dir)
+    if found is None:
+        what = "holds no checkpoint" if run_dir.is_dir() else "does not exist"
+        raise UserError(f"nothing to resume: {run_dir} {what} (check run.name and run.output_dir)")
+    path, state = found
+    saved_file = path / "run_config.yaml"
+    if saved_file.is_file():
+        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+        changed = [k for k in changed_keys(saved, cfg.to_dict()) if not k.startswith(RESUMABLE_CHANGES)]
+        if changed:
+            raise UserError(
+                f"--resume with a changed config: {', '.join(changed)} differ from {saved_file}; a resumed "
+                f"run keeps its settings (only {', '.join(RESUMABLE_CHANGES[1:])} may change): revert them "
+                "or start a new run"
+            )
+    check_writable(run_dir / "checkpoints")
+    return ResumePoint(path, state)
+
+
+# ================================================================================================
+# pieces
+
+
+def pick_device(name: str) -> torch.device:
+    """run.device: "auto" takes CUDA when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"run.device={name!r} but CUDA is not available on this machine (use run.device=cpu)")
+    return device
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype the model computes in (run.dtype; "auto": bf16 on CUDA, fp32 on the CPU)."""
+    return getattr(torch, resolve_dtype(cfg.run.dtype, device.type))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_policy(cfg: Config, device: torch.device, dtype: torch.dtype):
+    """The policy and its tokenizer: loaded (model.name_or_path) or random (model.arch, no tokenizer),
+    the base quantized to NF4 as it is read (QLoRA), then LoRA adapters added (the only trainable weights)."""
+    quantize = cfg.lora.quantize_base if cfg.lora.enabled else None
+    if cfg.model.arch is not None:
+        model = build_random(preset_config(cfg.model.arch), dtype=dtype, device=device, seed=cfg.run.seed)
+        tokenizer = None
+        if quantize:
+            from minigrpo.quant import quantize_model_linears
+
+            quantize_model_linears(model, quantize, device=device)
+    else:
+        model, tokenizer = load_pretrained(
+            cfg.model.name_or_path, dtype=dtype, device=device, revision=cfg.model.revision, quantize=quantize
+        )
+    if cfg.lora.enabled:  # after quantizing: adapters wrap the (NF4) base linears
+        lora.apply_lora(model, cfg.lora)
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    model.activation_offload = cfg.model.activation_offload
+    return model, tokenizer
+
+
+def build_sampler(cfg: Config, model, tokenizer) -> Sampler:
+    """The sampler `sampler.kind` names: the own KV-cache sampler, or a colocated vLLM engine."""
+    if cfg.sampler.kind == "vllm":
+        from minigrpo.sampling.vllm_sampler import VLLMSampler  # the only import of vllm
+
+        return VLLMSampler.from_config(cfg, model, tokenizer)
+    return KVCacheSampler(
+        model, tokenizer, cuda_graphs=cfg.sampler.compile, seed=cfg.run.seed, max_rows=cfg.sampler.max_rows
+    )
+
+
+def sampling_params(
+    cfg: Config, tokenizer, *, n: int | None = None, temperature: float | None = None, max_new_tokens: int | None = None
+) -> SamplingParams:
+    """The sampler section as SamplingParams (G completions per prompt unless n is given)."""
+    return SamplingParams(
+        n=cfg.grpo.group_size if n is None else n,
+        temperature=cfg.sampler.temperature if temperature is None else temperature,
+        top_p=cfg.sampler.top_p,
+        top_k=cfg.sampler.top_k,
+        min_p=cfg.sampler.min_p,
+        max_new_tokens=cfg.sampler.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        stop_ids=tuple(tokenizer.stop_ids),
+        stop_strings=tuple(cfg.sampler.stop),
+    )
+
+
+def prompts_that_fit(cfg: Config, examples: list[Example], tokenizer) -> tuple[list[Example], int]:
+    """The examples whose prompt has at most data.max_prompt_tokens tokens, and the longest prompt
+    length the step must hold (the limit, or the longest of the first 256 prompts)."""
+    limit = cfg.data.max_prompt_tokens
+    lengths = [
+        len(ids) for ids in encode_prompts(examples if limit else examples[:256], tokenizer, cfg.data.system_prompt)[0]
+    ]
+    if limit is None:
+        return examples, max(lengths)
+    kept = [ex for ex, n in zip(examples, lengths) if n <= limit]
+    if not kept:
+        raise UserError(f"every prompt is longer than data.max_prompt_tokens={limit} (the longest has {max(lengths)})")
+    return kept, limit
+
+
+def save_model_fn(cfg: Config):
+    """How checkpoints store the policy: the full HF checkpoint, or the PEFT adapter (+ tokenizer)."""
+    if not cfg.lora.enabled:
+        return save_pretrained
+
+    def save_adapter(model, tokenizer, directory):
+        base = cfg.model.name_or_path or ""
+        lora.save_peft_adapter(model, directory, base_model_name_or_path=base, revision=cfg.model.revision)
+        if tokenizer is not None:
+            tokenizer.save(directory)
+
+    return save_adapter
+
+
+# ================================================================================================
+# the whole run
+
+
+@dataclass
+class Run:
+    """Everything the training loop works with, built from the config (and a checkpoint on resume)."""
+
+    cfg: Config
+    world: World
+    dtype: torch.dtype  # the compute dtype
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None  # a frozen copy (full fine-tuning with beta > 0); LoRA: None
+    tokenizer: Any
+    sampler: Sampler
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: PromptLoader
+    specs: list[rewards.RewardSpec]
+    params: SamplingParams
+    start_step: int = 0  # the step a resumed run continues after
+    resumed_from: Path | None = None
+
+
+def build_run(
+    cfg: Config, world: World, resume: ResumePoint | None, specs: list[rewards.RewardSpec], examples: list[Example]
+) -> Run:
+    """Load the policy (and the checkpoint's weights), shard or replicate it over the ranks, build the
+    reference, data loader, optimizer, schedule and sampler, and restore a resumed run's state."""
+    from minigrpo.memory import preflight
+
+    device, dtype = world.device, compute_dtype(cfg, world.device)
+    strategy = cfg.distributed.resolved_strategy(cfg.lora.enabled) if world.distributed else None
+    param_dtype = torch.float32 if strategy == "fsdp" else dtype  # FSDP keeps fp32 parameters (the masters)
+    seed_everything(cfg.run.seed)  # every rank builds the same initial weights
+    model, tokenizer = load_policy(cfg, device, param_dtype)
+    if resume is not None:  # weights first, into the whole model: sharding comes after
+        if cfg.lora.enabled:
+            lora.load_peft_adapter(model, resume.path)
+        else:
+            load_weights(model, resume.path)
+        if strategy == "fsdp":
+            load_masters(model, resume.state["optimizer"])  # the fp32 values behind a bf16 checkpoint
+    # the reference policy: LoRA switches its adapters off; full fine-tuning needs a frozen copy
+    frozen_copy = cfg.grpo.beta > 0 and not cfg.lora.enabled
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if frozen_copy else None
+    if strategy == "fsdp":
+        for m in (model, ref_model):
+            if m is not None:
+                shard_model(m, world, compute_dtype=dtype, reshard_after_forward=cfg.distributed.reshard_after_forward)
+    elif strategy == "ddp":
+        broadcast_trainable(model, world)
+    if world.rank:
+        seed_everything(cfg.run.seed + world.rank)  # rank 0 keeps the run seed's stream (as one process)
+    examples, prompt_tokens = prompts_that_fit(cfg, examples, tokenizer)
+    if device.type == "cuda" and not world.distributed:  # stop now, naming the setting to change, not OOM at step n
+        preflight(cfg, model.args, device, prompt_tokens)
+    optimizer = build_optimizer(model.parameters(), cfg.train)
+    run = Run(
+        cfg=cfg,
+        world=world,
+        dtype=dtype,
+        model=model,
+        ref_model=ref_model,
+        tokenizer=tokenizer,
+        sampler=build_sampler(cfg, model, tokenizer),
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg.train, cfg.train.steps * cfg.grpo.num_iterations),
+        loader=PromptLoader(examples, seed=cfg.run.seed, shuffle=cfg.data.shuffle),
+        specs=specs,
+        params=sampling_params(cfg, tokenizer),
+    )
+    if resume is not None:
+        restore_state(run, resume)
+    return run
+
+
+def restore_state(run: Run, resume: ResumePoint) -> None:
+    """Optimizer, schedule, data cursor and RNG of a checkpoint (the weights are already in the model).
+    The checkpoint may come from any number of ranks."""
+    state, world = resume.state, run.world
+    load_optimizer_state(run.model, run.optimizer, state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.loader.load_state_dict(state["data"])
+    run.start_step, run.resumed_from = int(state["step"]), resume.path
+    if not restore_rng(state, world.rank, world.size):  # written by another number of ranks
+        seed_everything(stream_key(run.cfg.run.seed, run.start_step, world.rank)[0])
+    run.sampler.sync(run.model)  # an external sampler must see the resumed weights

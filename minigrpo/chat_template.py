@@ -1,0 +1,178 @@
+"""Chat templates: render a conversation with a model's jinja template, in a sandbox, as transformers does.
+
+    text = render_chat_template(template, messages, add_generation_prompt=True, variables=special_tokens)
+
+Templates render in jinja2's `ImmutableSandboxedEnvironment` with `trim_blocks` and `lstrip_blocks`,
+the helpers templates expect (`raise_exception`, `strftime_now`, a `tojson` that writes JSON without
+HTML escaping, `loopcontrols`, a no-op `{% generation %}` block) and the variables transformers
+passes (`messages`, `tools`, `documents`, `add_generation_prompt`, the special tokens, and any extra
+keyword arguments). Inputs are rebuilt from plain JSON-like types first, so the sandbox never sees a
+rich Python object. jinja2 is imported only when a template is rendered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from minigrpo.errors import UserError
+
+
+class ChatTemplateError(UserError, ValueError):
+    """A chat template failed to render: it raised on purpose, hit the sandbox or was malformed."""
+
+
+def render_chat_template(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = False,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    documents: Sequence[Mapping[str, Any]] | None = None,
+    variables: Mapping[str, Any] | None = None,
+) -> str:
+    """The text of one conversation rendered with `template` (a jinja source string).
+
+    Args:
+        messages: dicts with at least "role" and "content"; keys whose value is None are dropped, and
+            a message's reasoning is offered under every name templates read (see _alias_reasoning).
+        add_generation_prompt: end with the header that starts an assistant turn.
+        tools, documents: JSON-schema dicts / document dicts, passed to the template as is.
+        variables: more template variables (the special tokens, `enable_thinking`, ...).
+
+    Raises:
+        ChatTemplateError: the template raised, broke the sandbox or failed to parse.
+    """
+    if not messages:
+        raise ValueError("cannot apply a chat template to an empty conversation")
+    chat = []
+    for m in messages:
+        if not isinstance(m, Mapping):
+            raise TypeError(f"chat messages must be dicts, got {type(m).__name__}: {m!r}")
+        chat.append(_alias_reasoning({k: _plain(v) for k, v in m.items() if v is not None}))
+    for name, items in (("tools", tools), ("documents", documents)):
+        if items is not None and not all(isinstance(x, Mapping) for x in items):
+            raise TypeError(f"{name} must be a list of dicts (JSON schemas / documents)")
+    context = {k: _plain(v) for k, v in (variables or {}).items()}
+    context.update(
+        messages=chat, tools=_plain(tools), documents=_plain(documents), add_generation_prompt=add_generation_prompt
+    )
+    import jinja2  # heavy-ish; only needed here
+
+    try:
+        return _compile_template(template).render(**context)
+    except ChatTemplateError:
+        raise
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+
+
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
+    """Offer a message's reasoning under every name templates read (as transformers does).
+
+    Qwen3-style templates read `reasoning_content`, gpt-oss-style ones `thinking`; callers may use
+    either, or `reasoning`. `reasoning_content` gets the first one present; `thinking` is filled only
+    if the message has none of its own.
+    """
+    reasoning = next((message[k] for k in _REASONING_KEYS if k in message), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild template input from plain JSON-like types, so the sandbox never sees rich objects."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy / torch scalars
+        return _plain(value.item())
+    raise TypeError(f"chat template inputs must be JSON-like data, got {type(value).__name__}")
+
+
+@lru_cache(maxsize=32)
+def _compile_template(source: str) -> Any:
+    """Compile one chat template in a fresh immutable sandbox (cached per template string)."""
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.utils import Namespace
+
+    class GenerationBlock(Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; render as is."""
+
+        tags = {"generation"}  # noqa: RUF012  (jinja's API)
+
+        def parse(self, parser: Any) -> list[Any]:
+            next(parser.stream)
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return [nodes.Scope(body)]
+
+    def check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} may not start with '_'")
+
+    class SafeNamespace(Namespace):
+        """jinja's `namespace()` without underscore-prefixed attributes."""
+
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, rest = args[0], args[1:]
+            attrs = dict(*rest, **kwargs)
+            for name in attrs:
+                check_name(name)
+            Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            check_name(name)
+            Namespace.__setitem__(self, name, value)
+
+    class SafeDict:
+        """`dict(...)` / `dict.fromkeys(...)` for templates, without exposing the `dict` type."""
+
+        def __call__(self, *args: Any, **kwargs: Any) -> dict:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any) -> dict:
+            return dict.fromkeys(*args)
+
+    def raise_exception(message: str) -> None:
+        raise ChatTemplateError(f"chat template raised: {message}")
+
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
+        # jinja's own tojson HTML-escapes <, >, & and '; chat templates want plain JSON
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, "jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
+    env.globals.update(
+        raise_exception=raise_exception, strftime_now=strftime_now, namespace=SafeNamespace, dict=SafeDict()
+    )
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template does not parse (line {e.lineno}): {e.message}") from e

@@ -1,0 +1,474 @@
+"""The generic half of the config: strict YAML in and out, `a.b=v` overrides, coercion, limits.
+
+It knows nothing of minigrpo's schema (`config.py`): it works on any tree of dataclasses, so the
+schema reads as a list of fields. `spec(default, ">= 1")` puts a limit beside its field and
+`check_limits` enforces them; `load_yaml_file` refuses empty files and duplicate keys; `build`
+coerces plain data to the declared types (int, float, bool, str, Optional, Literal, list, tuple,
+dict, nested dataclasses) with a did-you-mean for unknown keys; `apply_override` sets `a.b=v`.
+Every problem is a `ConfigError` naming the dotted key (a `UserError`: one line on the CLI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+import operator
+import re
+import types
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from minigrpo.errors import UserError
+
+_NONE = type(None)
+
+
+class ConfigError(UserError, ValueError):
+    """Any problem with a configuration: unknown key, wrong type, value out of range, clash."""
+
+
+class ConfigWarning(UserWarning):
+    """A legal but suspicious combination of settings (the run proceeds)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Limits beside their fields
+# ----------------------------------------------------------------------------------------------
+
+_LIMIT_RE = re.compile(r"^(any|finite|(>=|>|<=|<) \S+|in [\[(]\S+, \S+[\])])$")
+_COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+
+def within(limit: str, v: float) -> bool:
+    """Whether `v` meets a limit written as its error message says it: "any", "finite", "> 0",
+    ">= 1", "<= 1", "< 1", or an interval "in (0, 1]". NaN meets only "any"."""
+    if limit == "any":
+        return True
+    if limit == "finite":
+        return math.isfinite(v)
+    if limit.startswith("in "):
+        lo, hi = limit[4:-1].split(", ")
+        above = f"{'>' if limit[3] == '(' else '>='} {lo}"
+        below = f"{'<' if limit[-1] == ')' else '<='} {hi}"
+        return within(above, v) and within(below, v)
+    op, bound = limit.split(" ")
+    return _COMPARE[op](v, float(bound))
+
+
+def spec(default: Any, limit: str | None = None, *, match: str = "", why: str = "", derived: str = "") -> Any:
+    """A dataclass field with its limit beside it: `lr: float = spec(1e-6, ">= 0")` (see `within`),
+    or a pattern a text must match whole: `spec("auto", match=r"cpu|cuda", why="cpu or cuda")`.
+
+    `why` ends a limit's error message and is the whole description of a pattern's; `derived` names
+    what fills a None default (in a `__post_init__`, only while None), for readers and tests.
+    """
+    if limit is not None and not _LIMIT_RE.match(limit):
+        raise ValueError(f"bad limit {limit!r}: use any, finite, '>= x', '> x', '<= x', '< x' or 'in [a, b)'")
+    metadata = {"limit": limit, "match": match, "why": why, "derived": derived}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_limits(obj: Any, path: str = "") -> list[str]:
+    """One message per value outside its field's limit or pattern, walking nested dataclasses and
+    lists of them. None ("off") always passes; a list or tuple is checked element by element."""
+    errors: list[str] = []
+    if isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            if dataclasses.is_dataclass(item):
+                errors += check_limits(item, _join(path, i))
+        return errors
+    for f in dataclasses.fields(obj):
+        key, value = _join(path, f.name), getattr(obj, f.name)
+        limit, pattern, why = f.metadata.get("limit"), f.metadata.get("match"), f.metadata.get("why")
+        values = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if v is not None]
+        shown = list(value) if isinstance(value, tuple) else value
+        if limit and not all(within(limit, v) for v in values):
+            errors.append(f"{key} must be {limit}, got {shown}" + (f" ({why})" if why else ""))
+        if pattern and not all(re.fullmatch(pattern, v) for v in values):
+            errors.append(f"{key} must be {why}, got {shown!r}")
+        if dataclasses.is_dataclass(value) or isinstance(value, list):
+            errors += check_limits(value, key)
+    return errors
+
+
+# ----------------------------------------------------------------------------------------------
+# Strict YAML
+# ----------------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in first_line:  # an unhashable key: the base class says so
+                raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {first_line[key]})")
+            if isinstance(key, Hashable):
+                first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document, strictly (duplicate keys are a ConfigError)."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {_yaml_problem(e)}") from None
+
+
+def load_yaml_file(path: str | Path) -> dict[str, Any]:
+    """A config file's top-level mapping; an unreadable, empty or non-mapping file is a ConfigError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        raw = parse_yaml(text)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if raw is None:
+        raise ConfigError(f"config file {path} is empty: it sets nothing (leave out --config to run the defaults)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML with block mappings and lists of scalars on one line (`betas: [0.9, 0.99]`)."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(not isinstance(v, (list, dict)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    style = '"' if "\n" in data and len(data) < 80 else ("|" if "\n" in data else None)  # newlines stay visible
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(list, _represent_list)
+_Dumper.add_representer(str, _represent_str)
+
+
+def dump_yaml(data: Mapping[str, Any]) -> str:
+    """Plain data as block YAML in the given key order (what `to_plain` returns)."""
+    return yaml.dump(dict(data), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain data <-> typed dataclasses
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved field types of a dataclass (annotations are strings under __future__)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in get_type_hints(cls).items() if k in names}
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def type_name(tp: Any) -> str:
+    """Readable name of a declared type, for error messages."""
+    origin, args = get_origin(tp), get_args(tp)
+    if _is_union(tp):
+        return " or ".join("null" if a is _NONE else type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"list[{type_name(args[0])}]"
+    if origin is tuple:
+        return f"list of {len(args)} {type_name(args[0])}s"
+    if origin is dict or tp is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _bad(key: str, tp: Any, value: Any, hint: str = "") -> ConfigError:
+    return ConfigError(f"{key or '<root>'}: expected {type_name(tp)}, got {value!r}{hint}")
+
+
+def _closest(word: str, candidates: Sequence[str], cutoff: float = 0.6) -> str | None:
+    """The candidate closest to `word` (difflib), or None when nothing is close."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=cutoff)
+    return match[0] if match else None
+
+
+def _all_keys(cls: type, path: str = "") -> list[str]:
+    """Every dotted key reachable through nested dataclass fields (not into lists)."""
+    keys = []
+    for name, tp in _hints(cls).items():
+        keys.append(_join(path, name))
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, _join(path, name))
+    return keys
+
+
+def _unknown_key(cls: type, path: str, key: str, root: type) -> ConfigError:
+    """Unknown-key error with a suggestion: the same name in another section of `root`
+    (`train.group_size` -> `grpo.group_size`), else the closest sibling, else the closest anywhere."""
+    elsewhere: dict[str, str] = {}  # leaf name -> its first dotted key
+    for dotted in _all_keys(root):
+        if "." in dotted:
+            elsewhere.setdefault(dotted.rsplit(".", 1)[-1], dotted)
+    if key in elsewhere:
+        guess: str | None = elsewhere[key]
+    elif (near := _closest(key, list(_hints(cls)))) is not None:
+        guess = _join(path, near)
+    else:
+        leaf = _closest(key, list(elsewhere), cutoff=0.8)
+        guess = elsewhere[leaf] if leaf else None
+    hint = f" (did you mean '{guess}'?)" if guess else ""
+    return ConfigError(f"unknown config key '{_join(path, key)}'{hint}; valid keys here: {', '.join(_hints(cls))}")
+
+
+def build(cls: type, data: Any, path: str = "", root: type | None = None) -> Any:
+    """A `cls` instance from a mapping, coercing each value to its field's type; `root` is the
+    top-level class (for suggestions across sections)."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise _bad(path, cls, data)
+    root = root or cls
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown_key(cls, path, str(key), root)
+        kwargs[key] = _coerce(value, hints[key], _join(path, key), root)
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_join(path, f.name)}: required ({type_name(hints[f.name])})")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
+    """`value` converted to the declared type `tp`, or ConfigError naming `key`."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if _is_union(tp):
+        if value is None:
+            if _NONE in args:
+                return None
+            raise _bad(key, tp, value)
+        options = [a for a in args if a is not _NONE]
+        if len(options) == 1:
+            return _coerce(value, options[0], key, root)
+        for option in options:
+            try:
+                return _coerce(value, option, key, root)
+            except ConfigError:
+                continue
+        raise _bad(key, tp, value)
+    if origin is Literal:
+        for option in args:
+            if value == option and type(value) is type(option):
+                return option
+        near = _closest(value, [a for a in args if isinstance(a, str)]) if isinstance(value, str) else None
+        raise _bad(key, tp, value, f" (did you mean {near!r}?)" if near else "")
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key, root)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _bad(key, tp, value)
+        return [_coerce(v, args[0], _join(key, i), root) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise _bad(key, tp, value)
+        return tuple(_coerce(v, t, _join(key, i), root) for i, (v, t) in enumerate(zip(value, args)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise _bad(key, tp, value)
+        val_tp = args[1] if args else Any
+        return {str(k): _coerce(v, val_tp, _join(key, k), root) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise _bad(key, tp, value)
+    if tp is int:
+        number = _number(value)
+        if isinstance(number, int):
+            return number
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
+        raise _bad(key, tp, value)
+    if tp is float:
+        number = _number(value)
+        if number is None:
+            raise _bad(key, tp, value)
+        return float(number)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _bad(key, tp, value, " (quote the value in YAML)")
+    raise TypeError(f"{key}: unsupported config field type {tp!r}")
+
+
+def _number(value: Any) -> int | float | None:
+    """An int/float from a number or a numeric string (PyYAML reads `1e-5` as a string); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return parse(value.strip())
+            except ValueError:
+                pass
+    return None
+
+
+def to_plain(obj: Any) -> Any:
+    """Plain YAML-safe data of a dataclass tree (or any part of it): dicts, lists, scalars."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def changed_keys(a: Any, b: Any, path: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain trees, in `a`'s order. Mappings and
+    equally long lists of mappings are compared key by key (`rewards.0.weight`); other values whole."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        keys = [*a, *(k for k in b if k not in a)]
+        return [k for key in keys for k in changed_keys(a.get(key), b.get(key), _join(path, key))]
+    nested = isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
+    if nested and any(isinstance(v, Mapping) for v in a):
+        return [k for i, (x, y) in enumerate(zip(a, b)) for k in changed_keys(x, y, _join(path, i))]
+    return [] if a == b or (a != a and b != b) else [path]  # NaN equals NaN here
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides: "a.b=v"
+# ----------------------------------------------------------------------------------------------
+
+
+def _accepts_str(tp: Any) -> bool:
+    """True for str, Optional[str], and Literals of strings (`data.synthetic.operations.0=*`)."""
+    if _is_union(tp):
+        return any(_accepts_str(a) for a in get_args(tp))
+    return tp is str or (get_origin(tp) is Literal and any(isinstance(a, str) for a in get_args(tp)))
+
+
+def _parse_value(text: str, tp: Any) -> Any:
+    """The override text as a YAML value. A string field takes the text verbatim (`run.name=007`,
+    `data.system_prompt=Answer: briefly # no comment` stay as written), unless it is quoted
+    (then unquoted by YAML) or a YAML null (`null`, `~`, empty), which means None."""
+    stripped = text.strip()
+    if _accepts_str(tp) and stripped not in ("", "~", "null", "Null", "NULL") and stripped[0] not in "'\"":
+        return stripped
+    try:
+        return parse_yaml(text)
+    except ConfigError as e:
+        raise ConfigError(f"cannot parse value {text!r}: {e}") from None
+
+
+def _field_default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return to_plain(f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+
+
+def _merge(dst: dict, src: Mapping) -> None:
+    for k, v in src.items():
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _child(tp: Any, node: Any, path: str, part: str, root: type) -> tuple[Any, Any, Any]:
+    """One step of an override key: (declared type of the child, slot in `node`, its empty value)."""
+    if dataclasses.is_dataclass(tp):
+        hints = _hints(tp)
+        if part not in hints:
+            raise _unknown_key(tp, path, part, root)
+        # a list starts from its default (so `rewards.0.weight=2` edits the default reward);
+        # a section starts empty (its defaults, including derived fields, are filled when built)
+        empty = _field_default(tp, part) if get_origin(hints[part]) is list else {}
+        return hints[part], part, empty
+    if get_origin(tp) is list:
+        if not part.isdigit() or int(part) >= len(node):
+            raise ConfigError(f"{_join(path, part)}: no such item (the list {path} has {len(node)})")
+        return get_args(tp)[0], int(part), {}
+    if get_origin(tp) is dict:
+        return (get_args(tp) or (str, Any))[1], part, {}
+    raise ConfigError(f"{_join(path, part)}: {path} is a {type_name(tp)}, it has no sub-keys")
+
+
+def apply_override(raw: dict, item: str, root: type) -> None:
+    """Set `key=value` into the raw (YAML) dict of a `root` tree; the key is checked against the
+    schema on the way, so a typo fails with a suggestion. List items by index: `rewards.0.weight=2`."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    parts = key.split(".")
+    tp: Any = root
+    node: Any = raw
+    path = ""
+    for i, part in enumerate(parts):
+        if _is_union(tp):  # Optional[X]: step into X
+            tp = next(a for a in get_args(tp) if a is not _NONE)
+        child_tp, slot, empty = _child(tp, node, path, part, root)
+        path = _join(path, part)
+        current = node.get(slot) if isinstance(node, dict) else node[slot]
+        if i == len(parts) - 1:
+            value = _parse_value(text, child_tp)
+            if isinstance(value, Mapping) and isinstance(current, dict):
+                _merge(current, value)  # `lora={enabled: true}` keeps the other lora keys
+            else:
+                node[slot] = value
+            return
+        if current is None:
+            current = node[slot] = empty
+        elif not isinstance(current, (dict, list)):
+            raise _bad(path, child_tp, current)
+        tp, node = child_tp, current
+
+
+class Section:
+    """Base of a config dataclass: `from_dict` (strict, coercing) and `to_dict` (plain data)."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        """Build from plain data (e.g. parsed YAML), coercing values; unknown keys raise ConfigError."""
+        return build(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-safe data (tuples become lists)."""
+        return to_plain(self)

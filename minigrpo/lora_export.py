@@ -1,0 +1,289 @@
+"""LoRA exports: PEFT-format adapter files and merged 16-bit checkpoints (see minigrpo.lora).
+
+    save_peft_adapter(model, "out/adapter", base_model_name_or_path="Qwen/Qwen2.5-1.5B-Instruct")
+    load_peft_adapter(model, "out/adapter")          # resume / eval: adds the adapters if missing
+    save_merged(model, tokenizer, "out/merged")      # a 16-bit HF checkpoint holding W + s * B @ A
+
+`plain_tensors(model)` lists the tensors of the plain model an adapted (and/or NF4) model stands
+for: merged weights under the base's names, computed one at a time when asked. `save_merged` writes
+them, and the vLLM sampler pushes them (minigrpo.sampling.vllm_sync). Every name here is also
+importable from minigrpo.lora.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from minigrpo.atomic import atomic_path, write_json
+from minigrpo.lora import (
+    TARGETS,
+    LoRALinear,
+    add_adapters,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+    target_module_names,
+)
+from minigrpo.models.loading import save_pretrained
+from minigrpo.models.safetensors_io import DTYPES, iter_tensors, save_file
+
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: the PeftModel, then the wrapped CausalLM
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_ST_DTYPE = {dtype: name for name, dtype in DTYPES.items()}
+PlainTensor = tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]  # (name, shape, make the tensor)
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT-format adapters: what PeftModel.from_pretrained (and vLLM's LoRA loader) read
+
+
+def save_peft_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None,
+    revision: str | None = None,
+) -> Path:
+    """Write `adapter_config.json` and `adapter_model.safetensors` in PEFT's LoRA format.
+
+    Keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (no adapter name), tensors
+    in the adapters' dtype. Each file is written under a temporary name and renamed into place.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to save")
+    first = next(iter(layers.values()))
+    for name, layer in layers.items():
+        if (layer.r, layer.alpha, layer.rslora) != (first.r, first.alpha, first.rslora):
+            raise ValueError(f"{name} has a different rank or scaling from {next(iter(layers))}: not one LoRA config")
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": revision,
+        "r": first.r,
+        "lora_alpha": int(first.alpha) if first.alpha.is_integer() else first.alpha,
+        "lora_dropout": dropout,
+        "use_rslora": first.rslora,
+        "target_modules": _peft_target_modules(model, list(layers)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {PEFT_PREFIX + k: v.cpu() for k, v in lora_state_dict(model).items()}
+    with atomic_path(out / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    write_json(out / ADAPTER_CONFIG, config)
+    return out
+
+
+def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """PEFT's target_modules: the short module names (`q_proj`) when every such module is adapted,
+    else the full module names (PEFT matches a target by equality or by a `.`-suffix)."""
+    kinds = sorted({name.rpartition(".")[2] for name in names})
+    every = [n for n in target_module_names(model, list(TARGETS)) if n.rpartition(".")[2] in kinds]
+    return kinds if set(every) == set(names) else list(names)
+
+
+def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Read a PEFT LoRA adapter into `model`; returns the adapted module names.
+
+    A model without adapters gets them as the file describes (fp32); an adapted model must have the
+    same adapted modules, rank and scaling. Only plain LoRA on the linear layers is supported
+    (no DoRA, no bias, no modules_to_save, no per-layer ranks).
+    """
+    path = Path(directory)
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    _check_peft_config(config, path / ADAPTER_CONFIG)
+    state = {}
+    for key, tensor in iter_tensors(path / ADAPTER_WEIGHTS):
+        if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise ValueError(f"{path / ADAPTER_WEIGHTS}: unexpected tensor {key!r} (only LoRA A and B weights)")
+        state[key.removeprefix(PEFT_PREFIX)] = tensor
+    adaptable = target_module_names(model, list(TARGETS))
+    found = {key.rsplit(".", 2)[0] for key in state}
+    outside = sorted(found - set(adaptable))
+    if outside:
+        raise ValueError(f"{path}: adapter for {outside[0]!r}, which is not an adaptable linear layer of this model")
+    names = [n for n in adaptable if n in found]
+    r, alpha, rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+    layers = lora_layers(model)
+    if not layers:
+        dropout = float(config.get("lora_dropout") or 0.0)
+        add_adapters(model, names, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dtype=torch.float32)
+    else:
+        if list(layers) != names:
+            raise ValueError(f"{path} adapts {len(names)} layers, the model {len(layers)}: not the same adapter layout")
+        layer = next(iter(layers.values()))
+        if (layer.r, layer.alpha, layer.rslora) != (r, alpha, rslora):
+            raise ValueError(
+                f"{path}: r={r}, lora_alpha={alpha}, use_rslora={rslora}, but the model's adapters have "
+                f"r={layer.r}, alpha={layer.alpha}, rslora={layer.rslora}"
+            )
+    load_lora_state_dict(model, state)
+    return names
+
+
+def _check_peft_config(config: dict[str, Any], where: Path) -> None:
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: peft_type={config.get('peft_type')!r}, only LORA adapters are supported")
+    unsupported = {
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layer_replication": None,
+    }
+    for key, plain in unsupported.items():
+        value = config.get(key, plain)
+        if value != plain and not (plain is None and value == []):
+            raise ValueError(f"{where}: {key}={value!r} is not supported (plain LoRA only: {key}={plain!r})")
+
+
+# ----------------------------------------------------------------------------------------------
+# merged 16-bit export, one tensor at a time
+
+
+def save_merged(
+    model: nn.Module,
+    tokenizer: Any,
+    directory: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write the HF checkpoint `save_pretrained` would write for the base, with W + scaling * B @ A
+    in place of every adapted weight: a plain model that transformers, vLLM and load_pretrained read.
+
+    Each tensor is computed (dequantized if stored quantized, merged in fp32, cast to `dtype`), written
+    and freed before the next, so memory holds the model plus one merged tensor; the model is not
+    modified. config.json, generation_config.json and the tokenizer come from `save_pretrained` itself.
+    """
+    out = Path(directory)
+    save_pretrained(_WithoutTensors(model), tokenizer, out, dtype=dtype)  # metadata, tokenizer, empty weights
+    entries = plain_tensors(model)
+    shards: list[list[PlainTensor]] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = math.prod(entry[1]) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    if len(shards) == 1:
+        _write_safetensors(out / "model.safetensors", shards[0], dtype)
+        (out / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win on load
+        return out
+    (out / "model.safetensors").unlink(missing_ok=True)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors(out / fname, shard, dtype)
+        weight_map.update({name: fname for name, _, _ in shard})
+    total = sum(math.prod(shape) * dtype.itemsize for _, shape, _ in entries)
+    write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return out
+
+
+class _WithoutTensors:
+    """What save_pretrained reads of a model, minus its tensors: it writes config.json,
+    generation_config.json, the tokenizer and an empty weights file (replaced by save_merged)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.args, self.lm_head, self.dtype = model.args, model.lm_head, model.dtype
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def plain_tensors(model: nn.Module) -> list[PlainTensor]:
+    """(name, shape, make tensor) of every tensor of the plain model, in state-dict order.
+
+    Adapted layers give their merged weight (W + scaling * B @ A, fp32), quantized linears their
+    dequantized weight (both under the base's name, with the base's bias); every other module its own
+    parameters and persistent buffers. Nothing is computed before `make()` is called, so a consumer
+    holds one merged tensor at a time; the model is never modified.
+    """
+    entries = []
+    done: tuple[str, ...] = ()  # prefixes of modules already written whole
+    for mname, module in model.named_modules():
+        if done and mname.startswith(done):
+            continue
+        prefix = f"{mname}." if mname else ""
+        if isinstance(module, LoRALinear) or hasattr(module, "dequantized_weight"):
+            base = module.base if isinstance(module, LoRALinear) else module
+            make = module.merged_weight if isinstance(module, LoRALinear) else module.dequantized_weight
+            entries.append((f"{prefix}weight", (module.out_features, module.in_features), make))
+            bias = getattr(base, "bias", None)
+            if bias is not None:
+                entries.append((f"{prefix}bias", tuple(bias.shape), lambda b=bias: b))
+            done += (prefix,)
+            continue
+        for name, t in module._parameters.items():
+            if t is not None:
+                entries.append((prefix + name, tuple(t.shape), lambda t=t: t))
+        for name, t in module._buffers.items():
+            if t is not None and name not in module._non_persistent_buffers_set:
+                entries.append((prefix + name, tuple(t.shape), lambda t=t: t))
+    return entries
+
+
+@torch.no_grad()
+def _write_safetensors(path: Path, entries: list[PlainTensor], dtype: torch.dtype) -> None:
+    """A safetensors file written tensor by tensor: the header first (shapes are known), then each
+    tensor's bytes as soon as it is made. Written under a temporary name and renamed into place."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, _ in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, make in entries:
+            t = make().detach().to("cpu", dtype).contiguous()
+            if tuple(t.shape) != shape:
+                raise RuntimeError(f"{name}: made a tensor of shape {list(t.shape)}, expected {list(shape)}")
+            if t.numel():
+                f.write(t.view(-1).view(torch.uint8).numpy().data)  # little-endian, as the format wants
+            del t
+
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "PEFT_PREFIX",
+    "PlainTensor",
+    "load_peft_adapter",
+    "plain_tensors",
+    "save_merged",
+    "save_peft_adapter",
+]

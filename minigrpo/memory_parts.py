@@ -1,0 +1,288 @@
+"""Memory model, part by part: the bytes of each thing one GRPO step holds on the device.
+
+memory.py adds these up into the phases of a step (estimate_peak) and checks them against the
+device (preflight); each function here is checked against a measurement in tests/test_memory.py.
+
+Static terms are counted exactly: 16-bit weights, NF4 codes with their quant state (quant.py), fp32
+LoRA adapters, AdamW moments (fp32, on fp32 master copies of 16-bit parameters as optim.py keeps
+them), bitsandbytes' 8-bit AdamW (two uint8 states plus an fp32 absmax per 256 values).
+
+Activations are counted from what our `Transformer` keeps for the backward, tensor by tensor (the
+list is in `saved_bytes_per_token`); with n = micro_batch x T tokens, per block:
+
+    saved = n * [b (4D + 2 Dq + 2 Dkv + 4F) + 4H + 8]  (+ micro_batch * T * T * b, a float attention
+                                                           bias, only where a sliding window < T)
+
+b = bytes of the model dtype, Dq = H * Dh, Dkv = Hkv * Dh, F = intermediate size. The four D-sized
+tensors are the block input and the three norm outputs / residual sums, 2 Dq + 2 Dkv are the
+attention's q, k, v and output, 4F the SwiGLU's gate, up, silu(gate) and product, 4H the attention
+log-sum-exp and 8 the two norms' rstd. (The CPU reference kernels keep fp32 copies for the norms:
+`impl="ref"` counts those.) Without checkpointing every block keeps its set until the backward;
+with it, each block keeps only its input (n * b * D), one block's set exists at a time during the
+recomputation, and with offload the inputs wait in pinned host memory instead (two at a time on
+the device). On top come the rotary angles (and boolean masks, only for sliding windows shorter than
+the sequence: padded rows otherwise run as plain causal attention) shared by all blocks, the final norm,
+the log-prob kernel (one logits tile of about 32M elements, the selected hidden states, dh and,
+when the LM head trains, dW) and the backward's own temporaries (gradients of the block's
+intermediates; calibrated below). The CPU tests measure all of this with an allocation tracker (a
+TorchDispatchMode that follows every tensor's storage, tests/helpers/allocations.py) and hold the
+estimate within 10% of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from minigrpo.config import Config, resolve_dtype
+from minigrpo.kernels.logprobs import plan_chunks
+from minigrpo.models.args import ModelArgs
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_LORA_TARGETS = {  # short target name -> (module, in dim, out dim) as a function of ModelArgs
+    "q": lambda a: (a.dim, a.n_heads * a.head_dim),
+    "k": lambda a: (a.dim, a.n_kv_heads * a.head_dim),
+    "v": lambda a: (a.dim, a.n_kv_heads * a.head_dim),
+    "o": lambda a: (a.n_heads * a.head_dim, a.dim),
+    "gate": lambda a: (a.dim, a.intermediate_size),
+    "up": lambda a: (a.dim, a.intermediate_size),
+    "down": lambda a: (a.intermediate_size, a.dim),
+}
+# Backward temporaries of one block beyond its saved set, in units of n * b * F and n * b * D
+# (gradients of the SwiGLU intermediates, of the attention inputs and of the residual stream).
+# Calibrated with the allocation tracker on CPU (tests/test_memory.py) and by torch.cuda peaks on an H100.
+_BWD_F, _BWD_D = 2, 1
+_LOSS_FP32_PER_TOKEN = 16  # the GRPO loss's (N, Tc) fp32 temporaries (ratios, clips, masks, ...)
+
+
+# ================================================================================================
+# static terms
+
+
+def dtype_bytes(cfg: Config, device_type: str) -> int:
+    """Bytes per element of the model dtype that `run.dtype` means on `device_type`."""
+    return _DTYPE_BYTES[resolve_dtype(cfg.run.dtype, device_type)]
+
+
+def linear_shapes(args: ModelArgs) -> list[tuple[int, int]]:
+    """(out, in) of every linear weight of one block (fused qkv / gate_up as the checkpoint has them)."""
+    d, q, kv, f = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.intermediate_size
+    attn = [(q + 2 * kv, d)] if args.fused_qkv else [(q, d), (kv, d), (kv, d)]
+    mlp = [(2 * f, d)] if args.fused_gate_up else [(f, d), (f, d)]
+    return [*attn, (d, q), *mlp, (d, f)]
+
+
+def weight_bytes(args: ModelArgs, b: int, quantize: str | None = None) -> int:
+    """Device bytes of the model's weights: all in the model dtype, or block linears in NF4."""
+    total = args.num_params() * b
+    if quantize is None:
+        return total
+    from minigrpo.quant import nf4_weight_bytes
+
+    dense = sum(o * i for o, i in linear_shapes(args)) * args.n_layers
+    nf4 = sum(nf4_weight_bytes(o * i) for o, i in linear_shapes(args)) * args.n_layers
+    return total - dense * b + nf4
+
+
+def lora_adapter_shapes(args: ModelArgs, targets: list[str] | tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """(group, in, out) of each adapter of one block. As lora.py does, Phi-3's fused qkv_proj and
+    gate_up_proj get one adapter for all the targets they hold."""
+    for t in targets:
+        if t not in _LORA_TARGETS:
+            raise ValueError(f"unknown LoRA target {t!r}; known: {sorted(_LORA_TARGETS)}")
+    out: list[tuple[str, int, int]] = []
+    d, f = args.dim, args.intermediate_size
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    if args.fused_qkv and any(t in targets for t in ("q", "k", "v")):
+        out.append(("qkv", d, q + 2 * kv))
+    else:
+        out += [("qkv", *_LORA_TARGETS[t](args)) for t in ("q", "k", "v") if t in targets]
+    if "o" in targets:
+        out.append(("o", q, d))
+    if args.fused_gate_up and any(t in targets for t in ("gate", "up")):
+        out.append(("gate_up", d, 2 * f))
+    else:
+        out += [("gate_up", *_LORA_TARGETS[t](args)) for t in ("gate", "up") if t in targets]
+    if "down" in targets:
+        out.append(("down", f, d))
+    return out
+
+
+def lora_params(args: ModelArgs, r: int, targets: list[str]) -> int:
+    """Adapter parameters: r * (in + out) per adapter per block."""
+    return sum(r * (i + o) for _, i, o in lora_adapter_shapes(args, targets)) * args.n_layers
+
+
+def optimizer_state_bytes(numels: list[int], optimizer: str) -> int:
+    """AdamW moments on the stepped (fp32) values: 8 bytes each; 8-bit AdamW: two uint8 states and an
+    fp32 absmax per 256 values, for tensors of >= 4096 elements (smaller ones keep 32-bit states)."""
+    if optimizer == "adamw":
+        return 8 * sum(numels)
+    total = 0
+    for n in numels:
+        total += 2 * n + 2 * 4 * math.ceil(n / 256) if n >= 4096 else 8 * n
+    return total
+
+
+def trainable_numels(args: ModelArgs, cfg: Config) -> list[int]:
+    """numel of every trainable tensor: LoRA A and B per target and block, or every parameter."""
+    if cfg.lora.enabled:
+        out = []
+        for _, i, o in lora_adapter_shapes(args, cfg.lora.targets):
+            out += [cfg.lora.r * i, cfg.lora.r * o] * args.n_layers
+        return out
+    return [args.num_params()]  # full fine-tuning: the total is what matters
+
+
+# ================================================================================================
+# activations
+
+
+def saved_bytes_per_token(
+    args: ModelArgs,
+    b: int,
+    impl: str = "triton",
+    trainable: str = "full",
+    lora_targets: tuple[str, ...] = (),
+    lora_r: int = 0,
+    lora_dropout: bool = False,
+) -> int:
+    """Bytes one block keeps for its backward per token, its own input excluded (counted apart, as
+    the checkpoint boundary) and the attention bias excluded (it is per (query, key) pair).
+
+    trainable: "full" (every weight), "linears" (the block linears only: norms, embedding and head
+    frozen) or "lora" (adapters of `lora_r` on `lora_targets` over a frozen base, computed in the
+    activations' dtype). Per token, with b the model dtype's bytes:
+        always        q, k after RoPE, v, the attention output: b (2 Dq + 2 Dkv); its log-sum-exp 4H;
+                      gate, up, silu(gate): 3 b F; the post-attention sum h: b D; two rstd: 8
+        base linears  their inputs: b (2 D + F) (q/k/v input, MLP input, down_proj's; o_proj reads
+                      the attention output, already kept)
+        adapters      without dropout the adapters keep the input they share with the base; with
+                      dropout each keeps its own dropped-out copy plus the mask (bool on CUDA,
+                      float on CPU); A's scaled output (r)
+    impl="ref" (the CPU reference kernels): the norms keep fp32 copies of their inputs (the block
+    input's when the dtype is 16-bit, h's always) and, when their weights train, their outputs too.
+    """
+    d, dq, dkv, f = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.intermediate_size
+    a = max(b, 4)
+    core = b * (2 * dq + 2 * dkv) + 4 * args.n_heads + 3 * b * f + 8
+    norms_train = trainable == "full"
+    if impl == "triton":
+        norms = b * d
+    else:
+        norms = (a if b < 4 else 0) * d + a * d + (2 * b * d if norms_train else 0)
+    if trainable in ("full", "linears"):
+        inputs = b * (2 * d + f)
+    else:
+        inputs = 0
+        adapters = lora_adapter_shapes(args, lora_targets)
+        for group in ("qkv", "o", "gate_up", "down"):
+            widths = [i for g, i, _ in adapters if g == group]
+            if widths and lora_dropout:  # each adapter keeps dropout(x) and the mask
+                mask = 1 if impl == "triton" else b  # CUDA: a bool mask; CPU: a float one
+                inputs += (b + mask) * sum(widths)  # (the frozen base keeps no input)
+            elif widths and group != "o":  # o_proj's input is the attention output, kept anyway
+                inputs += b * widths[0]  # one tensor shared by the adapters that read it
+        inputs += len(adapters) * lora_r * b  # A's scaled outputs
+    qk_norm = (dq + dkv) * b + 4 * (args.n_heads + args.n_kv_heads) if args.qk_norm else 0
+    return core + norms + inputs + qk_norm
+
+
+def forward_transient_per_token(args: ModelArgs, b: int) -> int:
+    """Bytes per token alive at once inside one block's forward without autograd (prefill, old/ref
+    log-probs): the residual stream and the larger of the attention's and the SwiGLU's tensors."""
+    d, dq, dkv, f = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.intermediate_size
+    attn = 3 * dq + 3 * dkv + d
+    mlp = 4 * f + d
+    return b * (2 * d + max(attn, mlp))
+
+
+def activation_bytes(
+    args: ModelArgs,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    completion_len: int,
+    b: int,
+    checkpointing: bool,
+    offload: bool = False,
+    impl: str = "triton",
+    trainable: str = "full",
+    lora_targets: tuple[str, ...] = (),
+    lora_r: int = 0,
+    lora_dropout: bool = False,
+    device_type: str = "cuda",
+) -> dict[str, int]:
+    """What one micro-batch's forward + backward adds on top of the static terms, in bytes.
+
+    trainable, lora_*: what trains, as in `saved_bytes_per_token` ("full" also trains the LM head).
+    Keys: blocks (kept by the blocks until their backward: inputs, or every saved set without
+    checkpointing, plus the rotary angles and masks they share), head (the final norm's and the
+    log-prob kernel's saved tensors), head_backward (the kernel's backward buffers), recompute
+    (one block's saved set while it is recomputed), backward (that block's backward temporaries),
+    loss, peak, offload_host (pinned CPU bytes).
+
+    The peak is the larger of two moments: the log-prob kernel's backward (every block's tensors
+    still kept) and the first block's backward (the head's tensors freed by then).
+    """
+    n, n_c, T, L = micro_batch * seq_len, micro_batch * completion_len, seq_len, args.n_layers
+    d, a = args.dim, max(b, 4)
+    boundary = n * b * d  # one block's input
+    per_token = saved_bytes_per_token(args, b, impl, trainable, tuple(lora_targets), lora_r, lora_dropout)
+    windows = masked_windows(args, T)
+    per_block = n * per_token + (micro_batch * T * T * b if windows else 0)  # + a float attention bias
+    shared = 2 * n * (args.rotary_dim // 2) * 4 + windows * micro_batch * T * T  # cos, sin fp32; bool masks
+    if checkpointing:
+        inputs = (min(L, 2) if offload and device_type == "cuda" else L) * boundary
+        blocks, recompute = inputs + shared, per_block
+    else:  # each block's input is kept by its first norm (the reference norm keeps only an fp32 copy)
+        kept_input = 0 if impl != "triton" and b < 4 else boundary
+        blocks, recompute = L * (kept_input + per_block) + shared, 0
+    trainable_base = trainable == "full"
+    final_norm = n * ((b if impl == "triton" else a) * d + 4 + (b * d if trainable_base and impl != "triton" else 0))
+    final_norm += n * 16  # left padding: the rotated ids and the rotation's index (transformer.rotate_rows)
+    head = final_norm + n_c * (b * d + 8 + 4 + 4) + 2 * n_c * 4 * 2  # + selected states, targets, lse, entropy
+    rows, cols = plan_chunks(max(n_c, 1), args.vocab_size, torch.device(device_type))
+    head_backward = rows * cols * b + n_c * b * d + rows * d * 4 + n_c * 8
+    head_backward += args.vocab_size * d * b if trainable_base else 0  # dW of the LM head
+    if impl != "triton":
+        head_backward += 4 * rows * cols * 4  # the reference tile math's fp32 temporaries
+    backward = n * b * (_BWD_F * args.intermediate_size + _BWD_D * d)
+    if impl != "triton" and b < 4:
+        backward += n * 2 * a * d  # the reference norms' fp32 gradients
+    loss = n_c * _LOSS_FP32_PER_TOKEN * 4
+    peak = max(blocks + head + head_backward, blocks + recompute + backward) + loss
+    return {
+        "blocks": blocks,
+        "head": head,
+        "head_backward": head_backward,
+        "recompute": recompute,
+        "backward": backward,
+        "loss": loss,
+        "peak": peak,
+        "offload_host": L * boundary if offload and checkpointing and device_type == "cuda" else 0,
+    }
+
+
+def kv_cache_bytes(args: ModelArgs, sequences: int, length: int, b: int) -> int:
+    """The sampler's static KV cache: sequences x length x 2 (k, v) x layers x Hkv x Dh x b."""
+    return sequences * length * 2 * args.n_layers * args.n_kv_heads * args.head_dim * b
+
+
+def masked_windows(args: ModelArgs, seq_len: int) -> int:
+    """Distinct sliding windows shorter than the sequence: the only attention that still needs a
+    (B, T, T) mask (padded rows of the usual shape run as plain causal attention)."""
+    return len({w for w in args.layer_windows if w is not None and w < seq_len})
+
+
+def nograd_forward_bytes(args: ModelArgs, mb: int, T: int, Tc: int, b: int, device_type: str) -> int:
+    """One micro-batch through completion_logprobs under no_grad: the largest block transient, the
+    masks, the final hidden states and the kernel's tile."""
+    n, n_c = mb * T, mb * Tc
+    rows, cols = plan_chunks(max(n_c, 1), args.vocab_size, torch.device(device_type))
+    windows = masked_windows(args, T)
+    masks = windows * mb * T * T + (mb * T * T * b if windows else 0)
+    return (
+        n * forward_transient_per_token(args, b) + masks + 2 * n * b * args.dim + n_c * b * args.dim + rows * cols * b
+    )

@@ -1,0 +1,187 @@
+"""The built-in reward functions, and what every reward function promises (its contract).
+
+A reward function scores a whole batch:
+
+    fn(prompts: list[str], completions: list[str], answers: list[str], **columns) -> list[float | None]
+
+columns are extra per-row dataset columns (lists of length N) and what the loop adds, e.g.
+completion_lengths (tokens). None means "no score for this row" and is masked, never read as 0.
+
+Built-ins (REWARDS), for the GSM8K format used by the popular GRPO notebooks
+
+    <reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n
+
+    correctness 2.0 / 0.0     int_answer 0.5 / 0.0     strict_format, soft_format 0.5 / 0.0
+    xml_count [-0.5, 0.5]     proximity [-1, 1]        length_penalty [-1, 0]     exact_answer 1.0 / 0.0
+
+A built-in with settings (length_penalty) is made by its factory (REWARD_FACTORIES): a run's
+`rewards[].kwargs` are the factory's arguments, checked when the run is built (rewards.build_reward_specs).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from minigrpo.answers import (
+    ANSWER_TAG,
+    NUMBER,
+    answer_number,
+    answers_match,
+    extract_answer,
+    reference_answer,
+    to_number,
+)
+from minigrpo.errors import UserError
+
+RewardFn = Callable[..., list]
+
+
+class RewardError(UserError, ValueError):
+    """A reward function or its name is wrong (contract broken, unknown name or kwarg, missing column)."""
+
+
+def correctness(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
+    """2.0 if the extracted answer (extract_answer) matches the reference, else 0.0; None without one."""
+    out: list[float | None] = []
+    for c, a in zip(completions, answers):
+        ref = reference_answer(a)
+        out.append(None if not ref else 2.0 * answers_match(extract_answer(c), ref))
+    return out
+
+
+def int_answer(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
+    """0.5 if the marked answer (tags, \\boxed or ####; no last-number fallback) is an integer value.
+
+    "18", "-3", "1,234", "$5" and "18.0" count; "2.5", "x" and an unmarked answer do not.
+    """
+    out: list[float | None] = []
+    for c in completions:
+        value = answer_number(extract_answer(c, last_number=False))
+        out.append(0.5 if value is not None and float(value).is_integer() else 0.0)
+    return out
+
+
+_NO_TAG = r"(?:(?!</?reasoning>|</?answer>).)*"
+_STRICT = re.compile(rf"\A<reasoning>\n{_NO_TAG}\n</reasoning>\n<answer>\n{_NO_TAG}\n</answer>\n?\Z", re.DOTALL)
+_SOFT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
+
+
+def strict_format(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
+    """0.5 if the whole completion is exactly the multi-line format: one reasoning block, one answer
+    block, each tag on its own line, nothing before or after (the final newline is optional because
+    generation stops at EOS)."""
+    return [0.5 if _STRICT.match(c) else 0.0 for c in completions]
+
+
+def soft_format(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
+    """0.5 if <reasoning>...</reasoning> followed by <answer>...</answer> appears anywhere."""
+    return [0.5 if _SOFT.search(c) else 0.0 for c in completions]
+
+
+def xml_count(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
+    """Partial credit for the format: 0.125 for each of "<reasoning>\\n", "\\n</reasoning>\\n",
+    "\\n<answer>\\n" and "\\n</answer>" appearing exactly once, minus 0.001 per non-space character after
+    the last </answer> (the penalty is capped at 0.5, so the reward lies in [-0.5, 0.5])."""
+    out: list[float | None] = []
+    for c in completions:
+        value = 0.125 * sum(
+            c.count(t) == 1 for t in ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>")
+        )
+        if "</answer>" in c:
+            trailing = re.sub(r"\s", "", c.rsplit("</answer>", 1)[1])
+            value -= min(0.001 * len(trailing), 0.5)
+        out.append(value)
+    return out
+
+
+PROXIMITY_HALF_LIFE = 0.1
+
+
+def proximity(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
+    """Dense numeric reward: 2 * 2**(-e / 0.1) - 1 with relative error e = |pred - ref| / max(|ref|, 1).
+
+    1.0 when exact, 0.0 at 10% off, -0.5 at 20%, towards -1.0 when far off; -1.0 if no number can be
+    read from the answer; None (masked) if the reference is not a number.
+    """
+    out: list[float | None] = []
+    for c, a in zip(completions, answers):
+        ref = to_number(reference_answer(a))
+        if ref is None:
+            out.append(None)
+            continue
+        pred = answer_number(extract_answer(c))
+        if pred is None:
+            out.append(-1.0)
+            continue
+        err = abs(pred - ref) / max(abs(ref), 1.0)
+        out.append(2.0 * 2.0 ** (-err / PROXIMITY_HALF_LIFE) - 1.0)
+    return out
+
+
+def make_length_penalty(max_length: int | None = None, buffer: int | None = None, factor: float = 1.0) -> RewardFn:
+    """DAPO overlong shaping: factor * clamp(-(L - (L_max - L_buf)) / L_buf, -1, 0).
+
+    0 up to L_max - L_buf, then linear down to -factor at L_max (and held there beyond). L is the
+    completion_lengths column (tokens) when the loop passes it, else the length in characters: give
+    max_length in the same unit. L_max is max_length or else the max_completion_length column (one per
+    row; an int when called directly); L_buf is buffer or else L_max // 5 (DAPO: 4096 of 20480).
+    """
+    for key, value in (("max_length", max_length), ("buffer", buffer)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise RewardError(f"reward 'length_penalty': kwargs {key}={value!r} must be a whole number >= 1")
+    if max_length is not None and buffer is not None and buffer > max_length:
+        raise RewardError(f"reward 'length_penalty': kwargs buffer={buffer} is more than max_length={max_length}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+        raise RewardError(f"reward 'length_penalty': kwargs factor={factor!r} must be a number")
+
+    def length_penalty(prompts: list, completions: list[str], answers: list, **columns: Any) -> list[float | None]:
+        L_max = max_length if max_length is not None else columns.get("max_completion_length")
+        if L_max is None:
+            raise RewardError("length_penalty needs max_length or a max_completion_length column")
+        lengths = columns.get("completion_lengths")
+        if lengths is None:
+            lengths = [len(c) for c in completions]
+        out: list[float | None] = []
+        for i, L in enumerate(lengths):
+            limit = L_max[i] if isinstance(L_max, (list, tuple)) else L_max
+            buf = buffer if buffer is not None else max(int(limit) // 5, 1)
+            out.append(factor * min(max(-(int(L) - (limit - buf)) / buf, -1.0), 0.0))
+        return out
+
+    return length_penalty
+
+
+length_penalty = make_length_penalty()
+
+
+def exact_answer(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
+    """Synthetic arithmetic: 1.0 if the <answer> tag content, or without tags the FIRST number of the
+    completion, equals the reference (numerically when both parse); None without a reference."""
+    out: list[float | None] = []
+    for c, a in zip(completions, answers):
+        ref = reference_answer(a)
+        if not ref:
+            out.append(None)
+            continue
+        tags = ANSWER_TAG.findall(c)
+        found = NUMBER.findall(c)
+        pred = tags[-1].strip() if tags else (found[0] if found else None)
+        out.append(1.0 if answers_match(pred, ref) else 0.0)
+    return out
+
+
+REWARDS: dict[str, RewardFn] = {
+    "correctness": correctness,
+    "int_answer": int_answer,
+    "strict_format": strict_format,
+    "soft_format": soft_format,
+    "xml_count": xml_count,
+    "proximity": proximity,
+    "length_penalty": length_penalty,
+    "exact_answer": exact_answer,
+}
+GSM8K_SUITE = ("xml_count", "soft_format", "strict_format", "int_answer", "correctness")
+# Built-ins with settings: name -> factory. Its parameters are the keys `rewards[].kwargs` may set.
+REWARD_FACTORIES: dict[str, Callable[..., RewardFn]] = {"length_penalty": make_length_penalty}

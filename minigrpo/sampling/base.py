@@ -1,0 +1,79 @@
+"""The sampler contract: what the training loop calls on a sampler, and nothing else.
+
+Two samplers implement it: `KVCacheSampler` (kv_sampler.py: the trainer's own `Transformer` over
+a KV cache; no second copy of the weights) and `VLLMSampler` (vllm_sampler.py: a colocated vLLM
+engine holding its own copy, pushed by `sync`). The loop calls every member on either, unchanged:
+
+    rollout = sampler.generate(prompt_ids, params, key=(seed, step, round), row_ids=range(lo * G, hi * G))
+    sampler.sleep()         # before the training phase: free device memory
+    sampler.sync(policy)    # after the optimizer step (wakes the sampler); then read sampler.last_sync
+    sampler.close()         # at the end of the run
+
+Noise: `key` names a noise stream (ints, e.g. (seed, step, round)) and `row_ids` gives the global
+id of each of the N = B * params.n rows (default 0..N-1; the rows of prompt b are b*n .. b*n+n-1).
+A row's tokens are a function of (weights, prompt, key, its id) only, so a step splits over ranks,
+waves or micro-batches without changing what is drawn, and a resumed run redraws the same tokens.
+The own sampler implements this exactly (counter-based noise, params.RaceNoise). vLLM cannot take
+counters: it sends each row as its own request seeded from (key, row id) (`row_seed`), which gives
+the same property up to vLLM's batch-dependent numerics. key=None: the sampler's own stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from torch import nn
+
+from .params import SamplingParams, stream_key
+from .rollout import Rollout
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """What the training loop needs of a sampler (see the module docstring)."""
+
+    last_sync: dict[str, float]  # statistics of the last sync (timings, sizes, probe); empty if it copies nothing
+
+    @property
+    def pad_id(self) -> int:
+        """The token id that pads prompts (left) and completions (right) in a Rollout."""
+        ...
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        *,
+        key: tuple[int, ...] | None = None,
+        row_ids: Sequence[int] | None = None,
+    ) -> Rollout:
+        """Sample `params.n` completions for each of the B prompts (token ids) -> Rollout of N = B*n
+        rows, groups contiguous; key / row_ids name each row's noise (see the module docstring)."""
+        ...
+
+    def sync(self, policy: nn.Module) -> None:
+        """Make the sampler sample `policy`'s current weights (raise if it cannot prove it does)."""
+        ...
+
+    def sleep(self) -> None:
+        """Free device memory for the training phase (a no-op where there is nothing to free)."""
+        ...
+
+    def wake(self) -> None:
+        """Undo `sleep` where that needs no new weights (generate and sync wake the sampler anyway)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the sampler holds (engine, memory); the sampler is unusable afterwards."""
+        ...
+
+
+def row_seed(key: Sequence[int], row_id: int) -> int:
+    """A 63-bit seed for one row of the stream `key`: how a seeded-per-request sampler (vLLM)
+    names a row's randomness by (key, row id), like the counter-based noise does."""
+    k0, k1 = stream_key(*key, row_id)
+    return ((k1 << 32) | k0) & (2**63 - 1)
+
+
+__all__ = ["Sampler", "row_seed"]

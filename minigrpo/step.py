@@ -1,0 +1,372 @@
+"""One GRPO step, phase by phase: rollout and rewards, advantages, log-probs, the update.
+
+    batch = rollout_phase(cfg, loader, sampler, tokenizer, specs, params, step=s)  # 1-3
+    old_logp = logprobs_phase(model, batch.rollout, micro_batch_size, temperature)  # 4 (mu > 1, IS)
+    ref_logp = reference_logprobs(cfg, model, ref_model, batch.rollout)             # 4 (beta > 0)
+    stats = update_phase(cfg, model, optimizer, scheduler, batch, old_logp, ref_logp)  # 5
+
+Shapes: B prompts, G completions each, N = B*G rows; Tc completion length; K reward functions.
+Under torchrun every function takes the `World` and works on this rank's share of the rows; the
+numbers that must be global (advantages, loss normaliser, metrics) are gathered through
+minigrpo/distributed.py. The training loop (minigrpo/train.py) and the benchmarks call these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from minigrpo import advantages, grpo, lora, rewards
+from minigrpo.data import PromptLoader, batch_columns, encode_prompts
+from minigrpo.distributed import (
+    World,
+    all_reduce_gradients,
+    clip_grad_norm,
+    combine_stats,
+    gather_rows,
+    is_sharded,
+    merge_stats,
+    shard_range,
+)
+from minigrpo.logprobs import completion_logprobs
+from minigrpo.sampling.base import Sampler
+from minigrpo.sampling.params import SamplingParams
+from minigrpo.sampling.rollout import Rollout, concat_rollouts, logprob_mismatch
+
+# ================================================================================================
+# 1-3. rollout, rewards, advantages
+
+
+@dataclass
+class Batch:
+    """A scored rollout: what the update phase trains on (this rank's rows)."""
+
+    rollout: Rollout  # N rows
+    rewards: torch.Tensor  # (N,) total, NaN where nothing was scored
+    advantages: torch.Tensor  # (N,)
+    reward_metrics: dict[str, float]
+    prompts: list[Any]
+    answers: list[str]
+
+
+def rollout_phase(
+    cfg,
+    loader: PromptLoader,
+    sampler: Sampler,
+    tokenizer,
+    specs: list[rewards.RewardSpec],
+    params: SamplingParams,
+    *,
+    step: int = 0,
+    world: World | None = None,
+) -> Batch:
+    """Sample B prompts x G completions, score them, compute advantages.
+
+    With dynamic sampling (DAPO), groups whose rewards are all equal (zero advantage, no gradient)
+    are dropped and fresh prompts are sampled in up to `max_resample_rounds` more rounds; the batch
+    then holds at most B groups (fewer if the rounds ran out). Reward metrics describe the first
+    round, i.e. the policy's own distribution before any filtering.
+
+    Several ranks: every rank draws the same global prompts of a round from its loader (all loaders
+    walk one order) and samples its contiguous share; round r of step s samples with the noise
+    stream (seed, s, r) and global row ids, so the tokens do not depend on the split. Keep decisions,
+    advantages and metrics are computed from the gathered reward totals of the whole batch.
+    """
+    world = world or World()
+    B, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
+    rounds_left = 1 + (cfg.grpo.max_resample_rounds if cfg.grpo.dynamic_sampling else 0)
+    parts: list[tuple[Rollout, torch.Tensor, list, list]] = []  # kept (rollout, totals, prompts, answers)
+    kept, rounds, metrics = 0, 0, None
+    while kept < B and rounds < rounds_left:
+        examples = loader.next_batch(B - kept)  # the round's global prompts, the same on every rank
+        lo, hi = shard_range(len(examples), world.rank, world.size)
+        mine = examples[lo:hi]
+        rollout, scored = None, None
+        if mine:
+            prompt_ids, _ = encode_prompts(mine, tokenizer, cfg.data.system_prompt)
+            rollout = sampler.generate(
+                prompt_ids, params, key=(cfg.run.seed, step, rounds), row_ids=range(lo * G, hi * G)
+            )
+            prompts = [ex.prompt for ex in mine for _ in range(G)]
+            answers = [ex.answer for ex in mine for _ in range(G)]
+            columns = batch_columns(mine, repeat=G)
+            columns["completion_lengths"] = rollout.completion_lengths.tolist()
+            columns["max_completion_length"] = [cfg.sampler.max_new_tokens] * rollout.num_sequences
+            scored = rewards.score(prompts, rollout.completion_texts, answers, specs, columns=columns)
+        total = scored.total.float() if scored is not None else torch.zeros(0)  # (N_rank,)
+        everyone, _ = gather_rows(world, total)  # (N_round,) in global row order
+        if metrics is None:
+            metrics = batch_reward_result(world, scored, specs).metrics()
+        rounds += 1
+        keep = torch.ones(len(examples), dtype=torch.bool)  # (B_round,)
+        if cfg.grpo.dynamic_sampling:
+            keep = ~advantages.zero_spread_groups(everyone, G)
+            if not keep.any() and not kept and rounds == rounds_left:  # nothing informative at all:
+                keep = torch.ones_like(keep)  # train on the last round (a zero-gradient step)
+        rows = advantages.group_rows(keep[lo:hi], G).tolist()
+        if rows:
+            parts.append((rollout.select(rows), total[rows], [prompts[i] for i in rows], [answers[i] for i in rows]))
+        kept += int(keep.sum())
+    if parts:
+        rollout = concat_rollouts([p[0] for p in parts], sampler.pad_id)
+        total = torch.cat([p[1] for p in parts])
+    else:  # a rank whose share of every round was dropped (dynamic sampling with several ranks)
+        rollout, total = empty_rollout(G, sampler.pad_id, world.device), torch.zeros(0)
+    # advantages of the global batch (the "batch" std is global); this rank keeps its own rows
+    everyone, start = gather_rows(world, total)
+    adv_all = advantages.group_advantages(
+        everyone, G, scale=cfg.grpo.scale_rewards, estimator=cfg.grpo.advantage_estimator
+    )
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("reward/total")}  # "reward" below
+    group_stats = {k: float(v) for k, v in advantages.group_reward_stats(everyone, G).items() if v.ndim == 0}
+    metrics["reward"] = group_stats.pop("reward_mean")
+    metrics.update(group_stats)
+    metrics["sampling_rounds"] = float(rounds)
+    return Batch(
+        rollout=rollout,
+        rewards=total,
+        advantages=adv_all[start : start + len(total)],
+        reward_metrics=metrics,
+        prompts=[x for p in parts for x in p[2]],
+        answers=[x for p in parts for x in p[3]],
+    )
+
+
+def batch_reward_result(
+    world: World, scored: rewards.RewardResult | None, specs: list[rewards.RewardSpec]
+) -> rewards.RewardResult:
+    """The scores of the whole batch: every rank's rows and failure counts (this rank's for one process)."""
+    if not world.distributed:
+        return scored
+    names = [s.name for s in specs]
+    per_fn = scored.per_fn if scored is not None else torch.zeros(0, len(names))  # (N_rank, K)
+    total = scored.total if scored is not None else torch.zeros(0)  # (N_rank,)
+    counts = {}
+    for kind in ("failures", "timeouts", "nones"):
+        for name in names:
+            counts[f"{kind}/{name}_sum"] = float(getattr(scored, kind)[name]) if scored is not None else 0.0
+    counts, _ = merge_stats(world, counts, 1.0)
+
+    def summed(kind: str) -> dict[str, int]:
+        return {name: int(counts[f"{kind}/{name}_sum"]) for name in names}
+
+    return rewards.RewardResult(
+        names=names,
+        weights=torch.tensor([s.weight for s in specs], dtype=torch.float64),
+        per_fn=gather_rows(world, per_fn)[0].double(),
+        total=gather_rows(world, total)[0].double(),
+        failures=summed("failures"),
+        timeouts=summed("timeouts"),
+        nones=summed("nones"),
+        errors={},
+        seconds={},
+    )
+
+
+def empty_rollout(group_size: int, pad_id: int, device: torch.device) -> Rollout:
+    """A rollout of no rows (one padding column), for a rank left without groups."""
+
+    def zeros(*shape, dtype=torch.long):
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
+    return Rollout(
+        prompt_ids=zeros(0, 1) + pad_id,
+        prompt_mask=zeros(0, 1),
+        completion_ids=zeros(0, 1) + pad_id,
+        completion_mask=zeros(0, 1),
+        sampler_logp=zeros(0, 1, dtype=torch.float32),
+        truncated=zeros(0, dtype=torch.bool),
+        completion_texts=[],
+        prompt_index=zeros(0),
+        group_size=group_size,
+    )
+
+
+# ================================================================================================
+# 4. log-probs without gradients: old policy, reference policy
+
+
+def micro_batches(rollout: Rollout, size: int):
+    """Yield (rows, input_ids, attention_mask, completion_mask) per micro-batch, trimmed of columns
+    that are padding in every row (left of the longest prompt, right of the longest completion)."""
+    N, Tp = rollout.prompt_ids.shape
+    for start in range(0, N, size):
+        rows = torch.arange(start, min(start + size, N))
+        pm, cm = rollout.prompt_mask[rows], rollout.completion_mask[rows]
+        p0 = int((pm.sum(0) > 0).nonzero()[0]) if pm.any() else Tp - 1
+        c1 = max(int(cm.sum(-1).max()), 1)
+        ids = torch.cat([rollout.prompt_ids[rows, p0:], rollout.completion_ids[rows, :c1]], dim=1)  # (b, T)
+        attn = torch.cat([pm[:, p0:], cm[:, :c1]], dim=1)  # (b, T)
+        yield rows, ids, attn, cm[:, :c1]
+
+
+def num_passes(world: World, model, n_rows: int, size: int) -> int:
+    """Forward passes this rank makes over n_rows: its own micro-batches, or under FSDP the most of any
+    rank (every pass all-gathers weights, so every rank must make the same number)."""
+    mine = math.ceil(n_rows / size)
+    return world.max_int(mine) if world.distributed and is_sharded(model) else mine
+
+
+def idle_pass(model, device: torch.device, *, backward: bool) -> None:
+    """A forward (and backward) of one dummy token that changes nothing (zero loss, zero gradient):
+    what a rank with fewer micro-batches runs so it still joins every FSDP gather and reduction."""
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    logp = completion_logprobs(model, ids, torch.ones_like(ids), torch.ones(1, 1, dtype=torch.long, device=device))
+    if backward:
+        (logp.sum() * 0.0).backward()
+
+
+@torch.no_grad()
+def logprobs_phase(
+    model, rollout: Rollout, size: int, temperature: float, *, world: World | None = None
+) -> torch.Tensor:
+    """(N, Tc) log-probs of the rollout's completions under `model`, without gradients (eval mode)."""
+    world = world or World()
+    out = torch.zeros_like(rollout.sampler_logp)  # (N, Tc) fp32
+    was_training = model.training
+    model.eval()
+    batches = list(micro_batches(rollout, size))
+    for i in range(num_passes(world, model, rollout.num_sequences, size)):
+        if i >= len(batches):
+            idle_pass(model, world.device, backward=False)
+            continue
+        rows, ids, attn, cmask = batches[i]
+        out[rows, : cmask.shape[1]] = completion_logprobs(model, ids, attn, cmask, temperature=temperature)
+    model.train(was_training)
+    return out
+
+
+def reference_logprobs(cfg, model, ref_model, rollout: Rollout, *, world: World | None = None) -> torch.Tensor | None:
+    """Log-probs under the reference policy (beta > 0): the frozen copy, or with LoRA the same model
+    with its adapters switched off (no copy at all)."""
+    if cfg.grpo.beta == 0:
+        return None
+    size, temperature = cfg.train.micro_batch_size, cfg.sampler.temperature
+    if ref_model is not None:
+        return logprobs_phase(ref_model, rollout, size, temperature, world=world)
+    with lora.adapters_disabled(model):
+        return logprobs_phase(model, rollout, size, temperature, world=world)
+
+
+# ================================================================================================
+# 5. the update
+
+
+def update_phase(
+    cfg, model, optimizer, scheduler, batch: Batch, old_logp, ref_logp, *, world: World | None = None
+) -> dict[str, float]:
+    """One optimizer step per iteration over the batch, in micro-batches; returns averaged stats.
+
+    The loss normaliser is fixed for the whole step (all ranks' totals), so after the gradient
+    reduction (FSDP's reduce-scatter, or all_reduce_gradients for replicated weights) every rank
+    holds the gradient of the whole batch, whatever the micro-batch split. Stats are token-weighted
+    means, minima and maxima over micro-batches and ranks.
+    """
+    world = world or World()
+    opts = grpo.LossOptions.from_config(cfg)
+    r = batch.rollout
+    mask = grpo.loss_mask(
+        r.completion_mask, r.truncated, mask_truncated_completions=cfg.grpo.mask_truncated_completions
+    )  # (N, Tc)
+    size = cfg.train.micro_batch_size
+    normalizer = grpo.make_normalizer(
+        mask,
+        opts.loss_type,
+        max_completion_length=opts.max_completion_length,
+        num_micro_batches=max(math.ceil(r.num_sequences / size), 1),
+    )
+    if world.distributed:
+        normalizer = normalizer.all_reduce(device=world.device)
+    passes = num_passes(world, model, r.num_sequences, size)
+    replicated = world.distributed and not is_sharded(model)
+    parts: list[tuple[dict[str, float], float]] = []  # (stats, active tokens) per micro-batch
+    grad_norms, losses, lrs = [], [], []
+    model.train()
+    for _ in range(cfg.grpo.num_iterations):
+        loss_total = 0.0
+        batches = list(micro_batches(r, size))
+        for i in range(passes):
+            if i >= len(batches):
+                idle_pass(model, world.device, backward=True)
+                continue
+            rows, ids, attn, cmask = batches[i]
+            Tc = cmask.shape[1]
+            logp, entropy = completion_logprobs(
+                model, ids, attn, cmask, temperature=cfg.sampler.temperature, return_entropy=True
+            )  # (b, Tc) each
+            loss, stats = grpo.policy_loss(
+                logp,
+                None if old_logp is None else old_logp[rows, :Tc],
+                batch.advantages[rows].to(logp.device),
+                mask[rows, :Tc].to(logp.device),
+                opts,
+                normalizer=normalizer,
+                ref_logp=None if ref_logp is None else ref_logp[rows, :Tc],
+                sampler_logp=r.sampler_logp[rows, :Tc] if opts.is_correction else None,
+                entropy=entropy.detach(),
+            )
+            loss.backward()
+            loss_total += float(loss.detach())
+            tokens = float(stats.pop("active_tokens"))
+            parts.append(({k: float(v) for k, v in stats.items()}, tokens))
+        # listed after backward: FSDP2 swaps unsharded parameters in and out (the root stays
+        # unsharded after a no-grad forward), so a list made earlier may hold the wrong objects
+        params = [p for p in model.parameters() if p.requires_grad]
+        if replicated:
+            all_reduce_gradients(params, world)
+        max_norm = cfg.train.max_grad_norm or math.inf
+        grad_norms.append(clip_grad_norm(params, max_norm) if world.distributed else _clip(params, max_norm))
+        lrs.append(optimizer.param_groups[0]["lr"])  # the rate this step uses
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss_total / world.size)  # a rank's loss is its share times the world size
+    stats, _ = merge_stats(world, *combine_stats(parts))
+    loss = merge_stats(world, {"loss_sum": sum(losses) / len(losses)}, 1.0)[0]["loss_sum"]
+    return {**stats, "loss": loss, "grad_norm": sum(grad_norms) / len(grad_norms), "lr": sum(lrs) / len(lrs)}
+
+
+def _clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+# ================================================================================================
+# the step's other numbers
+
+
+def rollout_metrics(world: World, r: Rollout, device: torch.device) -> dict[str, float]:
+    """Length, truncation and throughput of the whole batch's completions, and the peak memory."""
+    local: dict[str, float] = {"tokens_sum": r.stats.get("tokens", 0.0), "seconds_max": r.stats.get("total_s", 0.0)}
+    local["peak_gb_max"] = peak_memory_gb(device)
+    if r.num_sequences:
+        lengths = r.completion_lengths.float()  # (N,)
+        local["completion_len_mean"] = float(lengths.mean())
+        local["completion_len_max"] = float(lengths.max())
+        local["truncated_frac"] = float(r.truncated.float().mean())
+    merged, _ = merge_stats(world, local, max(r.num_sequences, 1e-9))
+    return {
+        "completion_len_mean": merged.get("completion_len_mean", float("nan")),
+        "completion_len_max": merged.get("completion_len_max", float("nan")),
+        "truncated_frac": merged.get("truncated_frac", float("nan")),
+        "tokens_per_s": merged["tokens_sum"] / max(merged["seconds_max"], 1e-9),  # all ranks over the slowest
+        "mem/peak_gb": merged["peak_gb_max"],
+    }
+
+
+def mismatch_metrics(world: World, r: Rollout, old_logp: torch.Tensor) -> dict[str, float]:
+    """logprob_mismatch (sampler vs trainer log-probs) over the whole batch, token-weighted."""
+    tokens = float(r.completion_mask.sum())
+    merged, total = merge_stats(world, logprob_mismatch(r.sampler_logp, old_logp, r.completion_mask), tokens)
+    return merged if total else logprob_mismatch(r.sampler_logp[:0], old_logp[:0], r.completion_mask[:0])
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated GPU memory since the last reset, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB

@@ -1,0 +1,448 @@
+"""Training checkpoints: exact round trips without pickle, a full disk, broken files, read-only folders."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import pickle
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers.tiny import tiny_model
+
+from minigrpo import checkpoint
+from minigrpo.checkpoint import (
+    CheckpointError,
+    CheckpointWarning,
+    check_writable,
+    find_resume_checkpoint,
+    load_optimizer_state,
+    load_trainer_state,
+    optimizer_state,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    save_trainer_state,
+    set_rng_state,
+    verify_checkpoint,
+)
+from minigrpo.errors import UserError
+from minigrpo.models import safetensors_io
+from minigrpo.models.safetensors_io import read_header, save_file
+from minigrpo.tensor_tree import flatten, unflatten
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_same_tree(a, b, path="state"):
+    """Equal structure, types, values; tensors and arrays bitwise with their dtypes and shapes."""
+    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), f"{path}: {a.dtype}{list(a.shape)} != {b.dtype}{list(b.shape)}"
+        raw = lambda t: t.detach().contiguous().reshape(-1).view(torch.uint8)
+        assert torch.equal(raw(a), raw(b)), f"{path}: tensor bytes differ"
+    elif isinstance(a, np.ndarray):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), f"{path}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
+        assert a.tobytes() == b.tobytes(), f"{path}: array bytes differ"
+    elif isinstance(a, dict):
+        assert list(a) == list(b), f"{path}: keys {list(a)} != {list(b)}"
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+        if isinstance(a, float):
+            assert math.copysign(1, a) == math.copysign(1, b), f"{path}: sign of zero lost"
+
+
+def odd_tree() -> dict:
+    nan_payload = torch.from_numpy(np.array([0x7FC00001, 0xFF800000, 0x80000000], dtype=np.uint32).view(np.float32))
+    wide = torch.arange(24, dtype=torch.float64).reshape(4, 6)
+    return {
+        "step": 7,
+        "floats": [0.1, -0.0, float("inf"), float("nan"), 1e-310, 2.0**60],
+        "big_int": 2**70,
+        "flags": (True, False, None),
+        "text": "é/ünï",
+        "int_keys": {0: {"exp_avg": torch.randn(3, 2)}, 5: "five"},
+        "odd_keys": {"__tensor__": 1, (1, "a"): [2], None: 3.5, True: "t"},
+        "nested": {"a/b": torch.ones(1), "a": {"b": torch.zeros(1)}},  # the same path key twice
+        "tensors": [
+            nan_payload,  # NaN payloads and -0.0 kept bit for bit
+            torch.randn(5, 3).to(torch.bfloat16),
+            torch.tensor(3, dtype=torch.int64),  # 0-dim (AdamW's step)
+            torch.empty(0, 4),
+            torch.tensor([True, False, True]),
+            torch.arange(256, dtype=torch.uint8),
+            torch.from_numpy(np.array([0, 1, 2**32 - 1], dtype=np.uint32)),
+            torch.randn(4).to(torch.float8_e4m3fn),
+            wide[:, ::2],  # not contiguous
+        ],
+        "arrays": (np.arange(624, dtype=np.uint32), np.linspace(0, 1, 6).reshape(2, 3), np.array([], dtype=np.int16)),
+        "empty": [{}, [], ()],
+    }
+
+
+def test_tree_round_trip_is_exact_through_files(tmp_path):
+    tree = odd_tree()
+    save_trainer_state(tmp_path, tree)
+    assert sorted(p.name for p in (tmp_path / "trainer_state").iterdir()) == ["state.json", "tensors.safetensors"]
+    loaded = load_trainer_state(tmp_path)
+    assert_same_tree(tree, loaded)
+    assert loaded["arrays"][0].flags.writeable  # a restored numpy RNG state can be used like the saved one
+
+
+def test_tree_rejects_what_it_cannot_store():
+    with pytest.raises(TypeError, match=r"cannot store set at 'a/0'"):
+        flatten({"a": [{1, 2}]})
+    manifest, _ = flatten({"w": torch.ones(2)})
+    with pytest.raises(ValueError, match="names tensor 'w'"):
+        unflatten(manifest, {})
+
+
+def test_rng_states_round_trip_and_restore_each_ranks_stream(tmp_path):
+    states = []
+    for seed in (11, 22):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        states.append(rng_state())
+    expected = (random.random(), float(np.random.rand()), torch.rand(3))  # rank 1's next draws
+    save_trainer_state(tmp_path, {"step": 3, "rng": states[0], "rng_per_rank": states})
+    state = load_trainer_state(tmp_path)
+    assert isinstance(state["rng_per_rank"][1]["python"], tuple)  # random.setstate needs tuples
+    torch.manual_seed(0)
+    random.seed(0)
+    assert not restore_rng(state, 0, 3)  # written by 2 ranks: the caller reseeds
+    assert restore_rng(state, 1, 2)
+    assert (random.random(), float(np.random.rand())) == expected[:2]
+    assert torch.equal(torch.rand(3), expected[2])
+    set_rng_state(state["rng"])
+    random.seed(11)
+    assert state["rng"]["python"] == random.getstate()
+
+
+def _trained(seed: int = 0):
+    """A tiny model and AdamW after one step (non-zero moments)."""
+    model = tiny_model(seed=seed).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    model(torch.randint(0, 128, (2, 5))).float().pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    return model, opt
+
+
+def test_optimizer_state_resumes_to_the_same_next_step(tmp_path):
+    model, opt = _trained()
+    save_trainer_state(tmp_path, {"step": 1, "optimizer": optimizer_state(model, opt)})
+    twin = tiny_model(seed=0).train()
+    twin.load_state_dict(model.state_dict())
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=5.0)
+    load_optimizer_state(twin, twin_opt, load_trainer_state(tmp_path)["optimizer"])
+    assert twin_opt.param_groups[0]["betas"] == (0.9, 0.95) and twin_opt.param_groups[0]["lr"] == 1e-2
+    ids = torch.randint(0, 128, (2, 5))
+    for m, o in ((model, opt), (twin, twin_opt)):
+        m(ids).float().pow(2).mean().backward()
+        o.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), f"{name} differs after the resumed step"
+
+
+def _save(run_dir, step, *, model=None, keep_last=5, save_model=checkpoint.save_pretrained):
+    model = model or tiny_model(seed=step)
+    state = {"scheduler": {"last_epoch": step, "base_lrs": [1e-2]}, "data": {"epoch": 0, "index": 4 * step}}
+    return save_checkpoint(
+        run_dir,
+        step,
+        model=model,
+        tokenizer=None,
+        trainer_state={**state, "world_size": 1},
+        keep_last=keep_last,
+        run_config={"train": {"lr": 0.01}},
+        save_model=save_model,
+        rng_states=None,
+    )
+
+
+def test_save_checkpoint_writes_no_pickle_and_keeps_the_last_n(tmp_path):
+    (tmp_path / "checkpoints" / ".tmp-step_000001").mkdir(parents=True)  # left by a killed writer
+    for step in (2, 4, 6):
+        path = _save(tmp_path, step, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
+    assert not list(path.rglob("*.pt")) and not list(path.rglob("*.bin"))
+    assert [p.name for p in path.glob("*.safetensors")] == ["model.safetensors"]  # weights only, for other tools
+    assert (path / "run_config.yaml").read_text() == "train:\n  lr: 0.01\n"
+    state = verify_checkpoint(path)
+    assert state["step"] == 6 and state["world_size"] == 1 and state["data"] == {"epoch": 0, "index": 24}
+    assert len(state["rng_per_rank"]) == 1 and torch.equal(state["rng"]["torch"], state["rng_per_rank"][0]["torch"])
+    readable = json.loads((path / "trainer_state" / "state.json").read_text())
+    assert (readable["step"], readable["state"]["data"]["index"]) == (6, 24)
+    found, resumed = find_resume_checkpoint(tmp_path)
+    assert found == path and resumed["scheduler"] == {"last_epoch": 6, "base_lrs": [1e-2]}
+    _save(tmp_path, 6, keep_last=2)  # a step saved twice (a resumed run) replaces it
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
+
+
+# ------------------------------------------------------------------------------------------------
+# never unpickled
+
+
+class _Exploit:
+    """Unpickling this creates a folder: proof that the file was unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def _plant_pickle(path: Path, marker: Path) -> None:
+    (path / "trainer_state.pt").write_bytes(pickle.dumps({"step": 4, "optimizer": _Exploit(marker)}))
+
+
+def test_the_crafted_pickle_runs_code_when_unpickled(tmp_path):
+    """The exploit used below is real: unpickling it creates the marker (so the next tests can fail)."""
+    _plant_pickle(tmp_path, tmp_path / "pwned")
+    pickle.loads((tmp_path / "trainer_state.pt").read_bytes())
+    assert (tmp_path / "pwned").is_dir()
+
+
+def test_an_old_pickled_trainer_state_is_refused_never_unpickled(tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    old = run / "checkpoints" / "step_000004"
+    old.mkdir(parents=True)
+    checkpoint.save_pretrained(tiny_model(), None, old)
+    _plant_pickle(old, marker)
+    (old / "trainer_state.json").write_text(json.dumps({"step": 4, "data": {"epoch": 0, "index": 8}}))  # as of old
+    with pytest.raises(CheckpointError, match=r"step_000004/trainer_state\.pt: .*pickle, which is never loaded"):
+        load_trainer_state(old)
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint .*trainer_state\.pt"):
+        find_resume_checkpoint(run)
+    (old / "trainer_state.json").unlink()  # the pickle alone: refused the same way
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt: .*never loaded"):
+        load_trainer_state(old)
+    assert not marker.exists()
+
+
+def test_a_pickle_beside_a_new_checkpoint_is_ignored(tmp_path):
+    marker = tmp_path / "pwned"
+    path = _save(tmp_path / "run", 2)
+    _plant_pickle(path, marker)
+    found, state = find_resume_checkpoint(tmp_path / "run")
+    assert found == path and state["step"] == 2 and "optimizer" not in state
+    assert not marker.exists()
+
+
+def test_no_module_unpickles():
+    """Every file minigrpo reads is safetensors, JSON, YAML, GGUF or text: no torch.load, no pickle."""
+    offenders = []
+    for path in sorted((REPO / "minigrpo").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for needle in ("torch.load(", "import pickle", "pickle.load", "weights_only=False", "np.load("):
+            if needle in text:
+                offenders.append(f"{path.relative_to(REPO)}: {needle}")
+    assert offenders == []
+
+
+# ------------------------------------------------------------------------------------------------
+# a full disk
+
+
+class _FillsUp:
+    """A file whose writes fail with ENOSPC once `room` bytes are written (as a full disk does)."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        n = len(memoryview(data).cast("B"))
+        if n > self.room:
+            self.f.write(memoryview(data).cast("B")[: self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= n
+        return self.f.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _disk_fills_up_in(monkeypatch, file_name: str, room: int = 64) -> None:
+    """safetensors_io's writer hits a full disk while writing `file_name` (or its temporary name)."""
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)  # noqa: SIM115  (closed by the caller's `with`)
+        return _FillsUp(f, room) if file_name in Path(path).name and "w" in mode else f
+
+    monkeypatch.setattr(safetensors_io, "open", fake_open, raising=False)
+
+
+def test_the_writer_reports_a_full_disk_with_the_file(tmp_path, monkeypatch):
+    _disk_fills_up_in(monkeypatch, "x.safetensors")
+    with pytest.raises(OSError) as info:
+        save_file({"w": torch.ones(1000)}, tmp_path / "x.safetensors")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("file_name", ["model.safetensors", "tensors.safetensors"])
+def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_nothing_behind(tmp_path, monkeypatch, file_name):
+    previous = _save(tmp_path, 2)
+    _disk_fills_up_in(monkeypatch, file_name)
+    with pytest.raises(CheckpointError, match=r"^no space left on device: .*checkpoints/step_000004") as info:
+        _save(tmp_path, 4, keep_last=1)
+    assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002"]  # no .tmp-* folder
+    assert verify_checkpoint(previous)["step"] == 2
+    monkeypatch.undo()
+    _save(tmp_path, 4, keep_last=1)  # space again: the next save works and prunes as usual
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000004"]
+
+
+def test_a_failed_save_of_another_kind_also_cleans_up(tmp_path):
+    def broken_writer(model, tokenizer, directory):
+        (directory / "model.safetensors").write_bytes(b"12345678")
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        _save(tmp_path, 2, save_model=broken_writer)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# a folder that cannot be written
+
+
+def test_check_writable_accepts_a_folder_still_to_be_made(tmp_path):
+    target = tmp_path / "runs" / "a" / "checkpoints"
+    check_writable(target)
+    assert not (tmp_path / "runs").exists()  # a check, not a mkdir
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone
+
+
+def test_check_writable_names_a_file_in_the_way(tmp_path):
+    (tmp_path / "runs").write_text("not a folder")
+    with pytest.raises(CheckpointError, match=rf"cannot write checkpoints to {tmp_path}/runs/a: .* is not a folder"):
+        check_writable(tmp_path / "runs" / "a")
+
+
+def test_check_writable_names_a_read_only_folder(tmp_path, monkeypatch):
+    """Root ignores permission bits, so the denial is simulated (os.access, then the probe file)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(checkpoint.os, "access", lambda p, mode: Path(p) != folder and real_access(p, mode))
+    with pytest.raises(CheckpointError, match=rf"cannot write checkpoints to {folder}/ckpt: {folder} is not writable"):
+        check_writable(folder / "ckpt")
+    monkeypatch.setattr(checkpoint.os, "access", real_access)
+
+    def read_only_mount(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only_mount)
+    with pytest.raises(CheckpointError, match=rf"cannot write checkpoints to {folder}: Read-only file system"):
+        check_writable(folder)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod 555")
+def test_check_writable_on_a_chmod_read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(CheckpointError, match=rf"{folder} is not writable"):
+            check_writable(folder / "checkpoints")
+    finally:
+        folder.chmod(0o755)
+
+
+# ------------------------------------------------------------------------------------------------
+# broken files: resume from the newest intact checkpoint
+
+
+def _truncate(path: Path, keep: int | None = None) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if keep is None else keep])
+
+
+def test_no_checkpoint_is_none(tmp_path):
+    assert find_resume_checkpoint(tmp_path / "never-ran") is None
+    (tmp_path / "checkpoints").mkdir()
+    assert find_resume_checkpoint(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    "file_name", ["trainer_state/tensors.safetensors", "trainer_state/state.json", "model.safetensors", "config.json"]
+)
+def test_a_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, file_name):
+    _save(tmp_path, 2)
+    newest = _save(tmp_path, 4)
+    _truncate(newest / file_name)
+    with pytest.warns(CheckpointWarning, match=rf"step_000004/{file_name}.*resuming from .*step_000002"):
+        found, state = find_resume_checkpoint(tmp_path)
+    assert found.name == "step_000002" and state["step"] == 2 and state["data"]["index"] == 8
+
+
+def test_truncated_at_a_tensor_boundary_or_padded_is_caught(tmp_path):
+    newest = _save(tmp_path, 4)
+    weights = newest / "model.safetensors"
+    header = read_header(weights)
+    first_end = min(end for _, end in (info["data_offsets"] for info in header.values()))
+    intact = weights.read_bytes()
+    _truncate(weights, keep=first_end)  # whole tensors only: the header promises more
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor .* truncated or corrupt"):
+        verify_checkpoint(newest)
+    weights.write_bytes(intact + b"\0" * 8)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: the header describes .* holds"):
+        verify_checkpoint(newest)
+
+
+def test_a_truncated_adapter_is_caught(tmp_path):
+    def save_adapter(model, tokenizer, directory):  # what a LoRA run's checkpoint holds
+        (directory / "adapter_config.json").write_text(json.dumps({"r": 2}))
+        save_file({"base_model.model.x.lora_A.weight": torch.randn(2, 8)}, directory / "adapter_model.safetensors")
+
+    _save(tmp_path, 2, save_model=save_adapter)
+    newest = _save(tmp_path, 4, save_model=save_adapter)
+    assert verify_checkpoint(newest)["step"] == 4
+    _truncate(newest / "adapter_model.safetensors", keep=-3)
+    with pytest.warns(CheckpointWarning, match=r"step_000004/adapter_model\.safetensors"):
+        found, _ = find_resume_checkpoint(tmp_path)
+    assert found.name == "step_000002"
+
+
+def test_every_checkpoint_broken_names_the_newest_bad_file(tmp_path):
+    for step in (2, 4):
+        _truncate(_save(tmp_path, step) / "trainer_state" / "state.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an error, not warnings
+        newest_bad = r"no intact checkpoint .*step_000004/trainer_state/state\.json"
+        with pytest.raises(CheckpointError, match=newest_bad) as info:
+            find_resume_checkpoint(tmp_path)
+    assert isinstance(info.value, UserError)
+
+
+def test_a_checkpoint_missing_its_trainer_state_or_weights_is_skipped(tmp_path):
+    _save(tmp_path, 2)
+    newest = _save(tmp_path, 4)
+    (newest / "trainer_state" / "tensors.safetensors").unlink()
+    with pytest.warns(CheckpointWarning, match=r"step_000004/trainer_state/tensors\.safetensors is missing"):
+        assert find_resume_checkpoint(tmp_path)[0].name == "step_000002"
+    newest = _save(tmp_path, 4)
+    (newest / "model.safetensors").unlink()
+    with pytest.warns(CheckpointWarning, match=r"step_000004 holds no weights"):
+        assert find_resume_checkpoint(tmp_path)[0].name == "step_000002"

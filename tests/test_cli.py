@@ -1,0 +1,205 @@
+"""The command lines as a user meets them: every mistake is one `error:` line naming the bad key,
+file, value or reward, with exit status 2 and no traceback, reported before any weights load, and
+nothing of an earlier run is lost. Each case runs the real entry point in a subprocess."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers.cli import one_error_line, run_module, train_cli
+from helpers.runs import run_config
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A tiny model folder, its copy-task data, and a finished 2-step run with a checkpoint ('done')."""
+    root = tmp_path_factory.mktemp("cli")
+    cfg = run_config(root, run={"name": "done"}, train={"steps": 2}, checkpoint={"every": 1, "save_final": True})
+    proc = train_cli(root, cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def config(workspace: Path, name: str, **sections) -> dict:
+    """The workspace's 2-step run named `name`, with `sections` updated."""
+    sections = {"train": {"steps": 2}, **sections}
+    sections["run"] = {**sections.get("run", {}), "name": name}
+    return run_config(workspace, **sections)
+
+
+def broken_weights(workspace: Path) -> dict:
+    """A model folder whose weights file is cut short: a check that ran after loading would fail on it."""
+    folder = workspace / "broken_model"
+    if not folder.exists():
+        folder.mkdir()
+        for f in (workspace / "model").iterdir():
+            data = f.read_bytes()
+            (folder / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    return {"name_or_path": str(folder)}
+
+
+# ------------------------------------------------------------------------------------------------
+# config files and arguments
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "args", "expected"),
+    [
+        ("", (), "is empty"),
+        ("train:\n  lr: 1.0e-5\n  lr: 2.0e-5\n", (), "duplicate key 'lr'"),
+        ("train:\n  lrr: 1.0e-5\n", (), "train.lrr"),
+        ("train:\n  lr: fast\n", (), "train.lr"),
+        ("grpo:\n  group_size: 1\n", (), "grpo.group_size"),
+        ("train:\n  steps: 2\n", ("--set", "grpo.loss_typ=dapo"), "grpo.loss_typ"),
+        ("train:\n  steps: 2\n", ("--bogus",), "--bogus"),
+    ],
+)
+def test_config_mistakes_are_one_line(tmp_path, yaml_text, args, expected):
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml_text)
+    message = one_error_line(run_module("minigrpo.train", "--config", str(path), *args, cwd=tmp_path))
+    assert expected in message
+
+
+def test_missing_config_file_is_named(tmp_path):
+    message = one_error_line(run_module("minigrpo.train", "--config", "nope.yaml", cwd=tmp_path))
+    assert "nope.yaml" in message
+
+
+# ------------------------------------------------------------------------------------------------
+# the run folder: new runs, resuming
+
+
+def test_new_run_refuses_to_overwrite_a_run(workspace):
+    before = (workspace / "runs" / "done" / "metrics.jsonl").read_text()
+    message = one_error_line(train_cli(workspace, config(workspace, "done")))
+    assert "--resume" in message and "done" in message
+    assert (workspace / "runs" / "done" / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("name", ["never_ran", "don"])  # no run at all; a misspelt run name
+def test_resuming_nothing_is_an_error(workspace, name):
+    message = one_error_line(train_cli(workspace, config(workspace, name), "--resume"))
+    assert message.startswith("nothing to resume") and name in message
+    assert not (workspace / "runs" / name / "metrics.jsonl").exists()
+
+
+def test_resuming_a_run_without_checkpoint_keeps_its_metrics(workspace, tmp_path):
+    run_dir = workspace / "runs" / "no_ckpt"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n')
+    message = one_error_line(train_cli(workspace, config(workspace, "no_ckpt"), "--resume"))
+    assert "nothing to resume" in message
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "reward": 0.5}\n'
+
+
+def test_resume_with_a_changed_setting_names_it(workspace):
+    cfg = config(workspace, "done", train={"steps": 4, "lr": 0.5})  # more steps may change; lr may not
+    message = one_error_line(train_cli(workspace, cfg, "--resume"))
+    assert "train.lr" in message and "train.steps" not in message.split("differ")[0]
+
+
+def test_unwritable_output_folder_is_reported_before_loading(workspace, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cfg = config(workspace, "x", run={"output_dir": str(blocker)}, model=broken_weights(workspace))
+    message = one_error_line(train_cli(tmp_path, cfg))
+    assert str(blocker) in message
+
+
+# ------------------------------------------------------------------------------------------------
+# data and rewards: checked before any weights load (the model folder's weights are broken)
+
+
+def test_missing_data_file(workspace, tmp_path):
+    cfg = config(workspace, "x", model=broken_weights(workspace), data={"path": str(tmp_path / "gone.jsonl")})
+    assert "gone.jsonl" in one_error_line(train_cli(tmp_path, cfg))
+
+
+def test_data_file_not_utf8(workspace, tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(json.dumps({"question": "caf\u00e9", "answer": "1"}, ensure_ascii=False).encode("latin-1") + b"\n")
+    cfg = config(workspace, "x", model=broken_weights(workspace), data={"path": str(bad)})
+    assert "latin1.jsonl" in one_error_line(train_cli(tmp_path, cfg))
+
+
+def test_data_file_with_a_broken_line(workspace, tmp_path):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"question": "repeat 1", "answer": "1"}\n{"question": "repeat 2", \n')
+    cfg = config(workspace, "x", model=broken_weights(workspace), data={"path": str(bad)})
+    message = one_error_line(train_cli(tmp_path, cfg))
+    assert "broken.jsonl" in message and "2" in message
+
+
+@pytest.mark.parametrize(
+    ("rewards", "expected"),
+    [
+        ([{"name": "exact_answer"}, {"name": "exact_answer"}], "exact_answer"),
+        ([{"name": "exact_answer", "kwargs": {"length_penalty": 1.0}}], "length_penalty"),
+        ([{"name": "no_such_module:reward"}], "no_such_module"),
+        ([{"name": "correctnes"}], "correctnes"),
+    ],
+)
+def test_reward_mistakes(workspace, tmp_path, rewards, expected):
+    cfg = config(workspace, "x", model=broken_weights(workspace), rewards=rewards)
+    assert expected in one_error_line(train_cli(tmp_path, cfg))
+
+
+def test_broken_weights_are_named(workspace, tmp_path):
+    cfg = config(workspace, "x", model=broken_weights(workspace))
+    assert "broken_model" in one_error_line(train_cli(tmp_path, cfg))
+
+
+def test_a_reward_that_scores_nothing_is_reported(workspace, tmp_path):
+    cfg = config(workspace, "nan", rewards=[{"name": "exact_answer"}, {"name": "helpers.odd_rewards:all_nan"}])
+    cfg["train"]["steps"] = 1
+    proc = train_cli(tmp_path, cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "helpers.odd_rewards:all_nan" in proc.stdout + proc.stderr
+    assert "scored no row" in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m minigrpo.eval
+
+
+def eval_cli(workspace: Path, *args: str):
+    return run_module("minigrpo.eval", *args, cwd=workspace)
+
+
+def test_eval_mistakes_are_one_line(workspace):
+    ckpt = str(workspace / "runs" / "done" / "checkpoints" / "step_000002")
+    cases = [
+        (("--checkpoint", ckpt), "data.eval_split"),  # the run has no eval split: say so
+        (("--checkpoint", ckpt, "--split", "train", "--num", "0"), "--num"),
+        (("--checkpoint", ckpt, "--split", "train", "--num", "-3"), "--num"),
+        (("--checkpoint", ckpt, "--split", "valid"), "valid"),
+        (("--checkpoint", str(workspace / "runs" / "done")), "done"),  # a run folder, not a checkpoint
+        (("--checkpoint", ckpt, "--split", "train", "--output", str(workspace / "no" / "x.json")), "no"),
+    ]
+    for args, expected in cases:
+        assert expected in one_error_line(eval_cli(workspace, *args)), args
+
+
+def test_eval_model_folder_without_tokenizer(workspace, tmp_path):
+    folder = tmp_path / "weights_only"
+    folder.mkdir()
+    for f in (workspace / "model").iterdir():
+        if f.name in ("config.json", "model.safetensors"):
+            (folder / f.name).write_bytes(f.read_bytes())
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(workspace, "e")))
+    args = ("--checkpoint", str(folder), "--config", str(cfg_path), "--split", "train", "--num", "2")
+    assert "weights_only" in one_error_line(eval_cli(workspace, *args))
+
+
+def test_eval_runs_on_the_named_split(workspace, tmp_path):
+    ckpt = str(workspace / "runs" / "done" / "checkpoints" / "step_000002")
+    out = tmp_path / "r.json"
+    proc = eval_cli(workspace, "--checkpoint", ckpt, "--split", "train", "--num", "4", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'train' split" in proc.stdout
+    assert json.loads(out.read_text())["num_examples"] == 4
