@@ -12,6 +12,7 @@ a mistake there is reported before any weights load. Nothing in here edits the c
 from __future__ import annotations
 
 import copy
+import importlib.util
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,19 @@ from minigrpo.sampling.base import Sampler
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams, stream_key
 
-# settings a resumed run may change; any other change is refused (the saved config is the one that runs)
-RESUMABLE_CHANGES = ("run.resume", "train.steps", "log.", "checkpoint.", "eval.", "distributed.timeout_s")
+# what a resumed run may change: where the run lives and runs, its length, logging and checkpointing;
+# any other change is refused (the saved config is the one that runs)
+RESUMABLE_CHANGES = (
+    "run.resume",
+    "run.name",
+    "run.output_dir",
+    "run.device",
+    "train.steps",
+    "log.",
+    "checkpoint.",
+    "eval.",
+    "distributed.timeout_s",
+)
 
 # ================================================================================================
 # checks before any weights load
@@ -60,10 +72,12 @@ class ResumePoint:
 def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[rewards.RewardSpec], list[Example]]:
     """Every check the config and the file system allow, before any weights load: the run folder
     (a new run must not overwrite one; --resume needs an intact checkpoint and an unchanged
-    config; the folder must be writable), the reward functions (importable, known kwargs), the
-    training data (readable, well formed) and the model folder. Returns what it had to read."""
+    config; the folder must be writable), the optional packages the settings need, the reward
+    functions (importable, known kwargs), the training data (readable, well formed) and the model
+    folder. Returns what it had to read."""
     if cfg.model.arch is not None:
         raise UserError("training needs a tokenizer: model.arch builds weights only; set model.name_or_path")
+    check_packages(cfg)
     resume = check_run_dir(cfg)
     specs = rewards.build_reward_specs(cfg.rewards)
     examples = build_dataset(cfg.data, cfg.data.split)
@@ -71,6 +85,20 @@ def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[rewards.
         raise UserError(f"data: the {cfg.data.split!r} split of data.source={cfg.data.source!r} holds no example")
     check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
     return resume, specs, examples
+
+
+def check_packages(cfg: Config) -> None:
+    """The optional packages the settings need are installed (vLLM, bitsandbytes)."""
+    needs = []
+    if cfg.sampler.kind == "vllm":
+        needs.append(("vllm", "sampler.kind=vllm", "pip install -e '.[vllm]' (see README: vLLM sampler)"))
+    if cfg.lora.enabled and cfg.lora.quantize_base is not None:
+        needs.append(("bitsandbytes", f"lora.quantize_base={cfg.lora.quantize_base}", "pip install -e '.[qlora]'"))
+    if cfg.train.optimizer != "adamw":
+        needs.append(("bitsandbytes", f"train.optimizer={cfg.train.optimizer}", "pip install -e '.[qlora]'"))
+    for module, setting, how in needs:
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"{setting} needs the package {module}, which is not installed: {how}")
 
 
 def check_run_dir(cfg: Config) -> ResumePoint | None:

@@ -138,7 +138,11 @@ def download(repo_id: str, revision: str | None) -> Path:
     """A local snapshot of the data files of a hub dataset repo (cached by huggingface_hub)."""
     import huggingface_hub
 
-    root = huggingface_hub.snapshot_download(
-        repo_id=repo_id, repo_type="dataset", revision=revision, allow_patterns=[f"*{s}" for s in SUFFIXES]
-    )
+    try:
+        root = huggingface_hub.snapshot_download(
+            repo_id=repo_id, repo_type="dataset", revision=revision, allow_patterns=[f"*{s}" for s in SUFFIXES]
+        )
+    except Exception as e:  # offline, unknown repo or revision, no access: the hub's errors vary by version
+        where = f"{repo_id}@{revision}" if revision else repo_id
+        raise DataError(f"cannot fetch the hub dataset {where!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     return Path(root)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -48,8 +49,22 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise SystemExit(code)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning meant for the user (a UserWarning: a suspicious setting, a checkpoint skipped) as
+    one `warning:` line; any other warning keeps Python's format (it points at code)."""
+    if issubclass(category, UserWarning) and not issubclass(category, DeprecationWarning):
+        print(f"warning: {one_line(str(message))}", file=sys.stderr if file is None else file, flush=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> Any:
-    """Call `main(argv)`; a UserError (or a full disk) becomes one `error:` line and exit status 2."""
+    """Call `main(argv)`; a UserError (or a full disk) becomes one `error:` line and exit status 2,
+    and user warnings print as one `warning:` line each."""
+    warnings.showwarning = _show_warning
     try:
         return main(argv)
     except UserError as e:
@@ -58,3 +73,5 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
         if e.errno == errno.ENOSPC:
             fail(f"no space left on device: {e.filename or 'while writing'}")
         raise
+    finally:
+        warnings.showwarning = _python_show_warning

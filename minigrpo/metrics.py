@@ -239,15 +239,6 @@ class MetricsLogger:
         if self.plots and step % self.plot_every == 0:
             self._plot(step)
 
-    def warn(self, message: str, *, once: str | None = None) -> None:
-        """Print `warning: message` with the table (the progress bar stays intact); with `once`, only
-        the first warning of that key is printed."""
-        if not self.enabled or (once is not None and f"warn/{once}" in self._notes):
-            return
-        if once is not None:
-            self._notes.add(f"warn/{once}")
-        self._write(f"warning: {message}")
-
     def _write(self, text: str) -> None:
         tqdm.write(text, file=self.stream)
         self.stream.flush()  # rows must show up at once when the output goes to a file or a pipe

@@ -4,7 +4,9 @@ nothing of an earlier run is lost. Each case runs the real entry point in a subp
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,12 @@ def config(workspace: Path, name: str, **sections) -> dict:
     sections = {"train": {"steps": 2}, **sections}
     sections["run"] = {**sections.get("run", {}), "name": name}
     return run_config(workspace, **sections)
+
+
+def write(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / f"{cfg['run']['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 def broken_weights(workspace: Path) -> dict:
@@ -102,6 +110,21 @@ def test_resume_with_a_changed_setting_names_it(workspace):
     assert "train.lr" in message and "train.steps" not in message.split("differ")[0]
 
 
+def test_resume_falls_back_past_a_truncated_checkpoint(workspace, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(workspace / "runs" / "done", runs / "done")
+    weights = runs / "done" / "checkpoints" / "step_000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    cfg = config(workspace, "done", run={"output_dir": str(runs)}, train={"steps": 3}, checkpoint={"every": 1})
+    proc = train_cli(tmp_path, cfg, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "model.safetensors" in warnings[0], proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step_000001" in proc.stdout
+    steps = [json.loads(line)["step"] for line in (runs / "done" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
 def test_unwritable_output_folder_is_reported_before_loading(workspace, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -146,6 +169,22 @@ def test_data_file_with_a_broken_line(workspace, tmp_path):
 def test_reward_mistakes(workspace, tmp_path, rewards, expected):
     cfg = config(workspace, "x", model=broken_weights(workspace), rewards=rewards)
     assert expected in one_error_line(train_cli(tmp_path, cfg))
+
+
+def test_hub_dataset_out_of_reach(workspace, tmp_path):
+    data = {"source": "hub", "path": "nobody/no-such-dataset", "eval_split": None}
+    cfg = config(workspace, "x", model=broken_weights(workspace), data=data)
+    proc = run_module(
+        "minigrpo.train", "--config", str(write(tmp_path, cfg)), cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}
+    )
+    assert "nobody/no-such-dataset" in one_error_line(proc)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_a_missing_optional_package_is_named(workspace, tmp_path):
+    cfg = config(workspace, "x", model=broken_weights(workspace), sampler={"kind": "vllm"})
+    message = one_error_line(train_cli(tmp_path, cfg))
+    assert "sampler.kind=vllm" in message and "vllm" in message
 
 
 def test_broken_weights_are_named(workspace, tmp_path):

@@ -361,19 +361,3 @@ def test_note_for_a_reward_that_scored_no_row(tmp_path: Path):
     assert text.count("reward 'judge' scored no row") == 1 and "note: step 1: reward 'judge'" in text
     assert "note: step 2: reward 'correctness' scored no row" in text
     assert lines(tmp_path / "run" / "metrics.jsonl")[0]["reward/judge"] is None
-
-
-def test_warn_prints_with_the_table_and_once_per_key(tmp_path: Path):
-    out = io.StringIO()
-    lg = logger(tmp_path, stream=out)
-    lg.warn("disk almost full")
-    lg.warn("disk almost full")
-    for _ in range(3):
-        lg.warn("reward 'x' scored no row", once="x")
-    assert out.getvalue().splitlines() == [
-        "warning: disk almost full",
-        "warning: disk almost full",
-        "warning: reward 'x' scored no row",
-    ]
-    MetricsLogger(tmp_path / "off", total_steps=1, enabled=False, stream=out).warn("nothing")
-    assert out.getvalue().count("warning:") == 3

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,55 @@ def test_import_is_lazy():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     assert minigrpo.__version__
     assert importlib.util.find_spec("minigrpo.kernels") is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# the shape a reader relies on
+
+
+def _sources(*folders: str) -> dict[Path, str]:
+    return {p: p.read_text(encoding="utf-8") for f in folders for p in sorted((ROOT / f).rglob("*.py"))}
+
+
+def test_no_package_file_over_500_lines():
+    long = {str(p.relative_to(ROOT)): t.count("\n") for p, t in _sources("minigrpo").items() if t.count("\n") > 500}
+    assert not long, f"split these by job: {long}"
+
+
+def test_math_modules_import_no_model_code():
+    code = (
+        "import sys, minigrpo.grpo, minigrpo.advantages, minigrpo.logprobs; "
+        "print(sorted(m for m in sys.modules if m.startswith(('minigrpo.models', 'minigrpo.sampling'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+TRAIN_IMPORT = r"^\s*(from minigrpo\.train import|from minigrpo import .*\btrain\b|import minigrpo\.train)"
+
+
+def test_nothing_imports_the_training_entry_point():
+    importers = [
+        str(p.relative_to(ROOT))
+        for p, text in _sources("minigrpo", "benchmarks").items()
+        if re.search(
+            r"^\s*(from minigrpo\.train import|from minigrpo import .*\btrain\b|import minigrpo\.train)", text, re.M
+        )
+        and p.name != "compare_samplers.py"  # a benchmark that runs whole trainings calls the entry point
+    ]
+    assert not importers, f"what two entry points share belongs in a module below them: {importers}"
+
+
+def test_only_the_vllm_sampler_imports_vllm():
+    importers = [
+        str(p.relative_to(ROOT))
+        for p, text in _sources("minigrpo").items()
+        if re.search(r"^\s*(import vllm|from vllm)", text, re.M) and p.name != "vllm_sampler.py"
+    ]
+    assert not importers, importers
+
+
+def test_the_loop_never_probes_a_sampler():
+    for name in ("train.py", "step.py", "build.py", "eval.py"):
+        text = (ROOT / "minigrpo" / name).read_text(encoding="utf-8")
+        assert not re.search(r"(hasattr|getattr)\(\s*(run\.)?sampler", text), name
