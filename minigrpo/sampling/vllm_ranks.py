@@ -1,0 +1,81 @@
+"""vLLM samplers under torchrun: one independent engine per rank, inside the trainer's process group.
+
+Every rank builds its own in-process engine (on CUDA on its LOCAL_RANK's GPU), samples its own rows
+and syncs its own weights (an FSDP2 policy is gathered whole for the push and the check:
+distributed.full_weights). How vLLM 0.32 meets the trainer's process group:
+
+- An engine built in a process whose default process group exists does not start one: it makes its
+  world group of ours and splits it into one-rank tensor / pipeline / context groups, the outer
+  "ExternalDP" dimension (vllm/distributed/parallel_state.py: init_distributed_environment skips
+  init_process_group when torch.distributed is initialised; initialize_model_parallel lays ranks out
+  as ExternalDP x DP x PP x PCP x TP). After construction no engine talks to another.
+- The "external_launcher" executor is vLLM's own mode for this (torchrun-launched engines): it takes
+  the device from LOCAL_RANK, where the default "uni" executor would put every rank on cuda:0
+  (v1/executor/uniproc_executor.py, _distributed_args), and it never forks.
+- Building the engine before our init_process_group cannot work: vLLM would make its world-size-1
+  group the default one, and ours could not be created any more.
+- vLLM's engine shutdown destroys the default process group (v1/engine/core.py EngineCore.shutdown
+  -> cleanup_dist_env_and_memory -> destroy_distributed_environment): `default_group_kept` keeps
+  ours alive through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from minigrpo.distributed import World, combine_stats
+
+
+def torchrun_world() -> World:
+    """This process's place among the ranks of an initialised process group of more than one rank
+    (torchrun); the single-process World otherwise (vLLM's own world-size-1 group counts as one)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def rank_engine_kwargs(world: World) -> dict[str, Any]:
+    """`vllm.LLM` arguments that make this rank's engine its own (see the module docstring)."""
+    return {"distributed_executor_backend": "external_launcher"} if world.distributed else {}
+
+
+def combined_sync_stats(world: World, stats: dict[str, float]) -> dict[str, float]:
+    """One rank's sync stats combined over all ranks (a collective): the worst probe difference,
+    mean timings, and `verified_ranks` summed (the number of ranks whose check passed)."""
+    if not world.distributed:
+        return stats
+    everyone = world.all_gather(stats)
+    combined = combine_stats([(s, 1.0) for s in everyone])[0]
+    combined["verified_ranks"] = sum(s.get("verified_ranks", 0.0) for s in everyone)
+    return combined
+
+
+@contextlib.contextmanager
+def default_group_kept(world: World) -> Iterator[None]:
+    """Under several ranks, torch.distributed.destroy_process_group destroys only the groups it is
+    given by name (vLLM's own subgroups) inside this block, never the default one (the trainer's)."""
+    if not world.distributed:
+        yield
+        return
+    destroy = dist.destroy_process_group
+
+    def destroy_named(group: Any = None) -> None:
+        if group is not None and group is not dist.group.WORLD:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_named
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
+
+
+__all__ = ["combined_sync_stats", "default_group_kept", "rank_engine_kwargs", "torchrun_world"]
