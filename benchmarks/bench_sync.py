@@ -1,31 +1,59 @@
-"""vLLM weight sync and rollout speed: how long a sync takes, what it costs in memory, how fast vLLM samples.
+"""vLLM weight sync, verification and colocation memory per architecture (and optional sync variants, rollout).
 
-    python benchmarks/bench_sync.py [--sizes 10m,50m,150m] [--dtype float32] [--rollout 8x8]
-                                    [--prompt-len 64] [--new-tokens 128] [--reps 3] [--quick]
+    python benchmarks/bench_sync.py [--archs smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b] [--reps 5]
+                                    [--sleep-levels 1,2] [--gpu-memory-utilization 0.3] [--enforce-eager]
+                                    [--variants stream,bucket512,layer,tensor] [--rollout 8x8]
+                                    [--isolate/--no-isolate] [--tag NAME] [--out-dir DIR] [--quick]
 
 Needs vLLM (on the CPU: `bash .ci/install_vllm.sh`, then run with .venv/vllm/bin/python). For each
-model size (random Llama weights; `--sizes` also takes architecture presets such as qwen2.5-1.5b)
-one in-process `VLLMSampler` is built, then every sync variant pushes the same weights `--reps` times:
-  stream     the whole model streamed through one `reload_weights` call (bucket_mb=None)
-  bucket512  buckets of whole layers, >= 512 MB per call (the default)
-  layer      one layer per call (bucket_mb=0)
-  tensor     one tensor per call: time only, it is NOT a correct sync (a call holding q alone
-             leaves k/v of the fused qkv parameter unset; the weights are re-synced after it)
-  verify     the check after a sync (fingerprints + log-prob probe), timed alone
-Memory: peak extra resident memory during the sync (CPU: VmHWM reset through /proc/self/clear_refs
-before each variant; GPU: peak allocated bytes). Rollout: the same prompts (P x G, random ids,
-fixed-length completions, temperature 1) sampled by vLLM and by the own sampler, tokens/s.
-Writes results/sync_<device>.json and prints a table.
+architecture (presets such as qwen2.5-1.5b, or the random Llama sizes 10m/50m/150m; random weights,
+bf16 on GPU, fp32 on the CPU) one in-process `VLLMSampler` (sleep mode on) is built and measured:
+  sync     `sampler.sync(policy)` without verification: the weight push (buckets of whole layers,
+           512 MB, the default) + tied-head refresh + prefix-cache reset; median of --reps
+  verify   `sampler.verify(policy)` alone (fingerprints + greedy log-prob probe); median of --reps
+  memory   torch.cuda.memory_allocated / memory_reserved and the driver's free bytes (mem_get_info)
+           with the policy alone, the engine awake, after `sampler.sleep()` and after waking, for each
+           sleep level: level 1 keeps the weights in CPU memory and `sampler.wake()` restores them;
+           level 2 drops them and the wake is `sampler.sync(policy)` (a push from the policy in device
+           memory, verified). Loader calls and weight-file opens during the wake are counted
+           (`reload_from_disk`; the engine was built with dummy weights from a folder deleted after
+           construction, so no weights exist on disk). vLLM's sleep mode allocates through its own
+           pool, so the driver's free bytes are the figure that shows memory handed back. The CPU
+           backend has no sleep mode (sleep is a no-op there) and no device memory: n.a.
+Targets (issue 14): a 1.5B model synced in <= 50 ms and verified in <= 50 ms more.
+Optional (--variants, default none): the sync variants of earlier results (stream: one call;
+bucket512; layer: one call per layer; tensor: one call per tensor, NOT a correct sync), min of
+--reps, with peak extra memory. --rollout PxG (default none): vLLM vs the own sampler tokens/s.
+On CUDA every architecture runs in its own process (--isolate, the default there): one vLLM engine
+per process. Writes results/sync[_TAG]_<device>.json and prints tables.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
+import gc
+import json
 import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import DEVICE, NullTokenizer, environment, peak_bytes, print_table, reset_peak, sync, write_result
+from common import (
+    DEVICE,
+    NullTokenizer,
+    environment,
+    gpu_memory,
+    peak_bytes,
+    print_table,
+    reset_peak,
+    sync,
+    write_result,
+)
 
 from minigrpo.errors import ArgumentParser, run_cli
 from minigrpo.models.loading import build_random
@@ -127,19 +155,6 @@ def time_per_tensor(sampler: VLLMSampler, model, reps: int) -> dict:
     return {"sync_s": min(times), "calls": float(calls), "peak_extra_mb": extra / 2**20}
 
 
-def time_verify(sampler: VLLMSampler, model, reps: int) -> dict:
-    sampler.verify_sync = True
-    sampler.sync(model)
-    times, out = [], {}
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        out = sampler.verify(model)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return {"verify_s": min(times), **out}
-
-
 def time_rollout(generate, prompts, params: SamplingParams) -> dict:
     generate(prompts[:2], SamplingParams(n=2, max_new_tokens=8, ignore_stop=True))  # warm-up
     sync()
@@ -151,102 +166,359 @@ def time_rollout(generate, prompts, params: SamplingParams) -> dict:
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
-def bench_size(name: str, cfg: dict, dtype: torch.dtype, args) -> tuple[dict, list[dict]]:
+def loader_watch():
+    """Count vLLM model-loader calls and weight-file opens while active -> (start, stop() -> counts)."""
+    import builtins
+
+    counts = {"loader_calls": 0, "weight_file_opens": 0}
+    patches: list[tuple[object, str, object]] = []
+
+    def patch(owner, name, wrapper_of):
+        original = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+        if original is None:
+            return
+        patches.append((owner, name, original))
+        setattr(owner, name, wrapper_of(original))
+
+    def counting(key):
+        def wrap(fn):
+            def wrapper(*a, **k):
+                counts[key] += 1
+                return fn(*a, **k)
+
+            return wrapper
+
+        return wrap
+
+    def counting_open(fn):
+        def wrapper(file, *a, **k):
+            if str(file).endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf")):
+                counts["weight_file_opens"] += 1
+            return fn(file, *a, **k)
+
+        return wrapper
+
+    def start():
+        try:
+            from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+            todo, seen = [BaseModelLoader], set()
+            while todo:
+                cls = todo.pop()
+                if cls in seen:
+                    continue
+                seen.add(cls)
+                todo += cls.__subclasses__()
+                for name in ("download_model", "load_model", "load_weights"):
+                    patch(cls, name, counting("loader_calls"))
+        except ImportError:
+            pass
+        patch(builtins, "open", counting_open)
+        try:
+            import safetensors
+
+            patch(safetensors, "safe_open", counting_open)
+        except ImportError:
+            pass
+
+    def stop() -> dict:
+        for owner, name, original in reversed(patches):
+            setattr(owner, name, original)
+        patches.clear()
+        return dict(counts)
+
+    return start, stop
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def timed_median(fn, reps: int) -> tuple[float, list[float]]:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return median(times), times
+
+
+def colocation(sampler: VLLMSampler, model, levels: list[int], memory: dict) -> list[dict]:
+    """Memory awake / asleep / woken for each sleep level, the wake path and its disk reads."""
+    rows = []
+    try:  # the folder vLLM was built from (config.json only; deleted after construction)
+        model_dir = str(sampler.llm.llm_engine.model_config.model)
+    except AttributeError:
+        model_dir = ""
+    for level in levels:
+        sampler.sleep_level = level
+        sampler.verify_sync = True
+        sampler.sync(model)  # awake, on the current weights
+        awake = gpu_memory()
+        sampler.sleep()
+        asleep = gpu_memory()
+        slept = sampler.sleeping
+        start, stop = loader_watch()
+        start()
+        t0 = time.perf_counter()
+        try:
+            if slept and level >= 2:
+                path = "sync(policy): weights pushed from the policy in device memory"
+                sampler.sync(model)
+            else:
+                path = "wake(): vLLM wake_up, weights restored from CPU memory" if slept else "no-op (no sleep mode)"
+                sampler.wake()
+            sync()
+            wake_s = time.perf_counter() - t0
+        finally:
+            counts = stop()
+        woken = gpu_memory()
+        check = sampler.verify(model)  # the woken engine holds the policy's weights (CUDA graphs replayed)
+        rows.append(
+            {
+                "sleep_level": level,
+                "slept": slept,
+                "wake_path": path,
+                "wake_s": wake_s,
+                "policy_only": memory,
+                "awake": awake,
+                "asleep": asleep,
+                "woken": woken,
+                **counts,
+                "engine_model_dir_exists": bool(model_dir) and os.path.exists(model_dir),
+                "reload_from_disk": counts["weight_file_opens"] > 0,
+                "probe_diff_max_after_wake": check["probe_diff_max"],
+            }
+        )
+    return rows
+
+
+def bench_arch(name: str, cfg: dict, dtype: torch.dtype, args) -> dict:
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
     model = build_random(cfg, dtype=dtype, device=DEVICE, seed=0).eval()
+    policy_memory = gpu_memory()
     n_params = sum(p.numel() for p in model.parameters())
-    P, G = (int(x) for x in args.rollout.split("x"))
-    max_len = args.prompt_len + args.new_tokens
+    P, G = (int(x) for x in args.rollout.split("x")) if args.rollout else (1, 1)
     t0 = time.perf_counter()
-    sampler = VLLMSampler(model, NullTokenizer(), max_model_len=max_len, max_num_seqs=max(P * G, 8), seed=0)
+    sampler = VLLMSampler(
+        model,
+        NullTokenizer(),
+        max_model_len=args.prompt_len + args.new_tokens,
+        max_num_seqs=max(P * G, 8),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        sleep=True,
+        enforce_eager=True if args.enforce_eager else None,
+        seed=0,
+    )
     startup = time.perf_counter() - t0
     info = {
-        "size": name,
+        "arch": name,
         "params_m": n_params / 1e6,
         "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
         "startup_s": startup,
     }
-    rows = []
-    for variant, bucket in VARIANTS.items():
-        rows.append({**info, "variant": variant, **time_sync(sampler, model, bucket, args.reps)})
-    rows.append({**info, "variant": "tensor", **time_per_tensor(sampler, model, args.reps)})
-    verify = time_verify(sampler, model, args.reps)
-    rows.append({**info, "variant": "verify", "sync_s": verify["verify_s"], **verify})
+    out: dict = {"info": info}
+    try:
+        sampler.bucket_bytes = 512 * 2**20
+        sampler.verify_sync = False
+        sync_s, sync_all = timed_median(functools.partial(sampler.sync, model), args.reps)
+        stats = dict(sampler.last_sync)
+        verify_s, verify_all = timed_median(functools.partial(sampler.verify, model), args.reps)
+        probe = sampler.verify(model)
+        out["timing"] = {
+            **info,
+            "sync_ms": sync_s * 1e3,
+            "verify_ms": verify_s * 1e3,
+            "sync_ms_all": [t * 1e3 for t in sync_all],
+            "verify_ms_all": [t * 1e3 for t in verify_all],
+            "calls": stats.get("sync_calls"),
+            "tensors": stats.get("sync_tensors"),
+            "sync_mb": stats.get("sync_mb"),
+            **probe,
+        }
+        out["memory"] = colocation(sampler, model, args.sleep_levels, policy_memory)
+        variants = [v for v in args.variants.split(",") if v]
+        out["variants"] = []
+        for variant in variants:
+            if variant == "tensor":
+                r = time_per_tensor(sampler, model, args.reps)
+            elif variant in VARIANTS:
+                r = time_sync(sampler, model, VARIANTS[variant], args.reps)
+            else:
+                raise ValueError(f"unknown variant {variant!r}")
+            out["variants"].append({**info, "variant": variant, **r})
+        sampler.bucket_bytes = 512 * 2**20
+        if args.rollout:
+            gen = torch.Generator().manual_seed(0)
+            prompts = torch.randint(3, cfg["vocab_size"], (P, args.prompt_len), generator=gen).tolist()
+            params = SamplingParams(n=G, temperature=1.0, max_new_tokens=args.new_tokens, ignore_stop=True)
+            out["rollout"] = {
+                "arch": name,
+                "rollout": args.rollout,
+                "vllm": time_rollout(sampler.generate, prompts, params),
+                "own": time_rollout(KVCacheSampler(model, NullTokenizer()).generate, prompts, params),
+            }
+    finally:
+        sampler.close()
+        del sampler, model
+        gc.collect()
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
 
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, cfg["vocab_size"], (P, args.prompt_len), generator=gen).tolist()
-    params = SamplingParams(n=G, temperature=1.0, max_new_tokens=args.new_tokens, ignore_stop=True)
-    rollout = {
-        "size": name,
-        "rollout": args.rollout,
-        "vllm": time_rollout(sampler.generate, prompts, params),
-        "own": time_rollout(KVCacheSampler(model, NullTokenizer()).generate, prompts, params),
-    }
-    sampler.close()
-    del sampler, model
-    return rollout, rows
+
+def run_isolated(arch: str, args) -> dict:
+    """bench_arch in a fresh process (one vLLM engine per process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "arch.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--archs", arch, "--child-json", str(result)]
+        cmd += ["--reps", str(args.reps), "--sleep-levels", ",".join(map(str, args.sleep_levels))]
+        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--variants", args.variants]
+        cmd += ["--rollout", args.rollout, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+        cmd += ["--no-isolate"] + (["--dtype", args.dtype] if args.dtype else [])
+        cmd += ["--enforce-eager"] if args.enforce_eager else []
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0 or not result.exists():
+            raise RuntimeError(f"the process for {arch} exited with status {proc.returncode}")
+        return json.loads(result.read_text())
+
+
+def gib(x) -> float | None:
+    return None if x is None else x / 2**30
 
 
 def main() -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10m,50m,150m")
+    parser.add_argument("--archs", "--sizes", dest="archs", default="smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b")
     parser.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on GPU")
-    parser.add_argument("--rollout", default="8x8", help="P x G: prompts x completions per prompt")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--sleep-levels", default="1,2", help="sleep levels measured for colocation")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation in vLLM")
+    parser.add_argument("--variants", default="", help="extra sync variants: stream,bucket512,layer,tensor")
+    parser.add_argument("--rollout", default="", help="P x G rollout comparison, e.g. 8x8 (default: none)")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="10m only, short rollouts (writes sync_quick_*.json)")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
+    parser.add_argument("--tag", default="", help="result file sync_<tag>_<device>.json")
+    parser.add_argument("--out-dir", default=None, help="write the JSON here instead of benchmarks/results")
+    parser.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="the 10m model, 2 reps (writes sync_quick_*.json)")
     args = parser.parse_args()
     if args.quick:
-        args.sizes, args.new_tokens, args.reps = "10m", 32, 2
+        args.archs, args.new_tokens, args.reps = "10m", 32, 2
+    try:
+        args.sleep_levels = [int(x) for x in str(args.sleep_levels).split(",") if x]
+    except ValueError:
+        parser.error(f"--sleep-levels: integers separated by commas, got {args.sleep_levels!r}")
+    if args.rollout and not re.fullmatch(r"\d+x\d+", args.rollout):
+        parser.error(f"--rollout: P x G such as 8x8, got {args.rollout!r}")
+    archs = [a for a in args.archs.split(",") if a]
+    for a in archs:
+        if a not in SIZES:
+            try:
+                preset_config(a)
+            except Exception as e:
+                parser.error(f"--archs: {a!r}: {e}")
+    isolate = (DEVICE.type == "cuda") if args.isolate is None else args.isolate
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     dtype = getattr(torch, args.dtype or ("bfloat16" if DEVICE.type == "cuda" else "float32"))
+    if args.child_json:  # one architecture for a parent process
+        out = bench_arch(archs[0], SIZES.get(archs[0]) or preset_config(archs[0]), dtype, args)
+        Path(args.child_json).write_text(json.dumps(out))
+        return
     env = environment()
-    import vllm
+    try:
+        import vllm
 
-    env["vllm"] = vllm.__version__
-    sync_rows, rollouts = [], []
-    for name in args.sizes.split(","):
-        cfg = SIZES[name] if name in SIZES else preset_config(name)
-        rollout, rows = bench_size(name, cfg, dtype, args)
-        sync_rows += rows
-        rollouts.append(rollout)
-        print(f"{name}: done", flush=True)
-    print()
+        env["vllm"] = vllm.__version__
+    except ImportError as e:
+        env["vllm"] = f"not importable: {e}"
+    results, errors = {}, {}
+    for name in archs:
+        try:
+            if isolate:
+                results[name] = run_isolated(name, args)
+            else:
+                results[name] = bench_arch(name, SIZES.get(name) or preset_config(name), dtype, args)
+        except Exception as e:  # record and go on with the next architecture
+            errors[name] = f"{type(e).__name__}: {e}"
+            print(f"{name} failed: {errors[name]}", flush=True)
+            continue
+        t = results[name]["timing"]
+        print(f"{name}: sync {t['sync_ms']:.1f} ms, verify {t['verify_ms']:.1f} ms", flush=True)
+
+    timing = [r["timing"] for r in results.values()]
+    for t in timing:
+        big = t["params_m"] > 1000  # the target names a 1.5B model
+        t["sync_target"] = ("met" if t["sync_ms"] <= 50 else "missed") if big else "-"
+        t["verify_target"] = ("met" if t["verify_ms"] <= 50 else "missed") if big else "-"
+    print("\nsync = push + prefix-cache reset; verify = fingerprints + probe (medians); targets for 1.5B: 50 + 50 ms")
+    cols = ["arch", "params_m", "weights_mb", "startup_s", "calls", "sync_ms", "sync_target", "verify_ms"]
+    print_table(timing, [*cols, "verify_target", "probe_diff_max"])
+    memory = []
+    for name, r in results.items():
+        for m in r["memory"]:
+            row = {"arch": name, "level": m["sleep_level"], "wake_path": m["wake_path"].split(":")[0]}
+            for phase in ("policy_only", "awake", "asleep", "woken"):
+                row[f"{phase}_alloc_gib"] = gib(m[phase]["allocated"])
+                row[f"{phase}_free_gib"] = gib(m[phase]["free"])
+            row.update(wake_s=m["wake_s"], from_disk=m["reload_from_disk"], loader_calls=m["loader_calls"])
+            memory.append(row)
+    print("\ncolocation memory (GiB; n.a. on the CPU): allocated by torch / free on the device")
     print_table(
-        sync_rows,
+        memory,
         [
-            "size",
-            "params_m",
-            "weights_mb",
-            "startup_s",
-            "variant",
-            "calls",
-            "sync_s",
-            "peak_extra_mb",
-            "probe_diff_max",
+            "arch",
+            "level",
+            "wake_path",
+            *[f"{p}_{k}_gib" for p in ("policy_only", "awake", "asleep", "woken") for k in ("alloc", "free")],
+            "wake_s",
+            "from_disk",
+            "loader_calls",
         ],
     )
-    print()
-    table = [
-        {
-            "size": r["size"],
-            "rollout": r["rollout"],
-            "tokens": r["vllm"]["tokens"],
-            "vllm_tok_s": r["vllm"]["tokens_per_s"],
-            "own_tok_s": r["own"]["tokens_per_s"],
-            "vllm/own": r["vllm"]["tokens_per_s"] / r["own"]["tokens_per_s"],
-        }
-        for r in rollouts
-    ]
-    print_table(table, ["size", "rollout", "tokens", "vllm_tok_s", "own_tok_s", "vllm/own"])
+    variants = [v for r in results.values() for v in r.get("variants", [])]
+    if variants:
+        print()
+        print_table(variants, ["arch", "variant", "calls", "sync_s", "peak_extra_mb", "probe_diff_max"])
+    rollouts = [r["rollout"] for r in results.values() if "rollout" in r]
+    if rollouts:
+        table = [
+            {
+                "arch": r["arch"],
+                "rollout": r["rollout"],
+                "tokens": r["vllm"]["tokens"],
+                "vllm_tok_s": r["vllm"]["tokens_per_s"],
+                "own_tok_s": r["own"]["tokens_per_s"],
+                "vllm/own": r["vllm"]["tokens_per_s"] / r["own"]["tokens_per_s"],
+            }
+            for r in rollouts
+        ]
+        print()
+        print_table(table, ["arch", "rollout", "tokens", "vllm_tok_s", "own_tok_s", "vllm/own"])
+    for name, message in errors.items():
+        print(f"failed: {name}: {message}")
     payload = {
         "environment": env,
         "dtype": str(dtype).removeprefix("torch."),
         "args": vars(args),
-        "sync": sync_rows,
+        "how": __doc__,
+        "timing": timing,
+        "memory": {name: r["memory"] for name, r in results.items()},
+        "variants": variants,
         "rollout": rollouts,
+        "errors": errors,
     }
-    print(f"\nwrote {write_result('sync_quick' if args.quick else 'sync', payload)}")
+    name = "sync_quick" if args.quick else "sync"
+    name = f"{name}_{args.tag}" if args.tag else name
+    print(f"\nwrote {write_result(name, payload, out_dir=args.out_dir)}")
 
 
 if __name__ == "__main__":

@@ -92,11 +92,28 @@ def matmul_tflops(n: int = 8192) -> float:
     return 2 * n**3 / (ms / 1e3) / 1e12
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}_{device_slug(payload['environment'])}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+def write_result(name: str, payload: dict[str, Any], out_dir: str | Path | None = None) -> Path:
+    """Write payload as <out_dir or results/>/<name>_<device>.json (smoke runs pass a temp out_dir)."""
+    folder = RESULTS if out_dir is None else Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}_{device_slug(payload['environment'])}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+def gpu_memory() -> dict[str, int | None]:
+    """Allocated, reserved and free device bytes now (torch's counters and the driver's free
+    memory, which also sees memory outside torch's caching allocator); None on the CPU."""
+    if DEVICE.type != "cuda":
+        return {"allocated": None, "reserved": None, "free": None, "total": None}
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return {
+        "allocated": torch.cuda.memory_allocated(),
+        "reserved": torch.cuda.memory_reserved(),
+        "free": free,
+        "total": total,
+    }
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
