@@ -43,12 +43,10 @@ from common import (
 )
 
 from minigrpo import grpo
+from minigrpo.build import build_sampler, load_policy
 from minigrpo.distributed import close_world, full_weights, init_world, shard_model, shard_range
 from minigrpo.errors import ArgumentParser, run_cli
-from minigrpo.models.loading import build_random
-from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler
-from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.rollout import Rollout
 from minigrpo.step import Batch, update_phase
 
@@ -59,15 +57,14 @@ def worker(args: argparse.Namespace) -> None:
     dev = world.device
     torch.manual_seed(0)
     compute = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    hf = preset_config(args.arch)
-    cfg, params, prompts = step_workload(args, hf["vocab_size"])
+    cfg, params, prompts = step_workload(args)
     sharded = world.distributed
-    model = build_random(hf, dtype=torch.float32 if sharded else compute, device=dev)
+    model, _ = load_policy(cfg, dev, torch.float32 if sharded else compute)  # random weights of args.arch
     if sharded:
         shard_model(model, world, compute_dtype=compute)
     optimizer = build_optimizer(model.parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, 100)
-    sampler = KVCacheSampler(model, NullTokenizer())
+    sampler = build_sampler(cfg, model, NullTokenizer())
     lo, hi = shard_range(args.prompts, world.rank, world.size)
     G = args.group
 

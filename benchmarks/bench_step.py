@@ -35,11 +35,9 @@ from common import (
     write_result,
 )
 
+from minigrpo.build import build_sampler, load_policy
 from minigrpo.errors import ArgumentParser, run_cli
-from minigrpo.models.loading import build_random
-from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler
-from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams
 from minigrpo.step import Batch, logprobs_phase, update_phase
 
@@ -69,13 +67,11 @@ def main() -> None:
         )
     env = environment()
     peak = matmul_tflops()
-    hf = preset_config(args.arch)
-    model = build_random(hf, dtype=torch.bfloat16, device=DEVICE)
-    model.gradient_checkpointing = args.checkpointing
-    cfg, params, prompts = step_workload(args, hf["vocab_size"])
+    cfg, params, prompts = step_workload(args, [f"model.gradient_checkpointing={args.checkpointing}"])
+    model, _ = load_policy(cfg, DEVICE, torch.bfloat16)  # the architecture with random weights
     optimizer = build_optimizer(model.parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, 10)
-    sampler = KVCacheSampler(model, NullTokenizer())
+    sampler = build_sampler(cfg, model, NullTokenizer())
     g = torch.Generator().manual_seed(0)
     sampler.generate([p[:16] for p in prompts[:2]], SamplingParams(n=2, max_new_tokens=40, ignore_stop=True))
 

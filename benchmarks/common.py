@@ -6,6 +6,7 @@ import json
 import platform
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,23 +150,28 @@ def add_workload_arguments(ap: Any) -> None:
     ap.add_argument("--micro", type=int, default=16)
 
 
-def step_workload(args: Any, vocab_size: int) -> tuple[Any, Any, list[list[int]]]:
-    """The GRPO step that bench_step and bench_scaling time, from their common arguments (prompts,
-    group, micro, new_tokens, prompt_len): the config, fixed-length sampling settings (no stop, so
-    every completion has new_tokens tokens) and the random prompts -> (Config, SamplingParams, ids)."""
+def step_workload(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, Any, list[list[int]]]:
+    """The GRPO step that bench_step and bench_scaling time, from their common arguments (arch,
+    prompts, group, micro, new_tokens, prompt_len) and extra config overrides: the config (the
+    architecture with random weights), fixed-length sampling settings (no stop, so every completion
+    has new_tokens tokens) and the random prompts -> (Config, SamplingParams, ids)."""
     from minigrpo.config import load_config
+    from minigrpo.models.presets import preset_config
     from minigrpo.sampling.params import SamplingParams
 
     cfg = load_config(
         None,
         [
+            f"model.arch={args.arch}",
             f"grpo.prompts_per_step={args.prompts}",
             f"grpo.group_size={args.group}",
             f"train.micro_batch_size={args.micro}",
             f"sampler.max_new_tokens={args.new_tokens}",
             "train.lr=1e-6",
+            *overrides,
         ],
     )
+    vocab_size = preset_config(args.arch)["vocab_size"]
     params = SamplingParams(n=args.group, temperature=1.0, max_new_tokens=args.new_tokens, ignore_stop=True)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, vocab_size - 100, (args.prompts, args.prompt_len), generator=g).tolist()
