@@ -114,6 +114,11 @@ def check_run_dir(cfg: Config) -> ResumePoint | None:
         what = "holds no checkpoint" if run_dir.is_dir() else "does not exist"
         raise UserError(f"nothing to resume: {run_dir} {what} (check run.name and run.output_dir)")
     path, state = found
+    if cfg.train.steps <= int(state["step"]):
+        raise UserError(
+            f"--resume from {path}: train.steps={cfg.train.steps} is not past its step {state['step']}, so there is "
+            "nothing to run; raise train.steps to continue the run"
+        )
     saved_file = path / "run_config.yaml"
     if saved_file.is_file():
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}

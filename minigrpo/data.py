@@ -231,6 +231,11 @@ def build_dataset(cfg: DataCfg, split: str | None = None) -> list[Example]:
         path = cfg.eval_path if is_eval and cfg.eval_path is not None else cfg.path
         if path is None:
             raise DataError(f"data.source={cfg.source!r} needs data.path")
+        if is_eval and cfg.eval_path is None and Path(path).expanduser().is_file():  # never the training rows
+            raise DataError(
+                f"split {split!r}: data.path {path} is one file, the training data; set data.eval_path "
+                f"to the {split} file (or point data.path at a folder with per-split files)"
+            )
         suffixes = (".parquet",) if cfg.source == "parquet" else (".jsonl", ".json")
         examples = _load_files(resolve_files(path, split, cfg.subset, suffixes), cfg.prompt_field, cfg.answer_field)
     else:

@@ -24,6 +24,7 @@ import torch
 from minigrpo import lora, rewards
 from minigrpo.atomic import write_atomic
 from minigrpo.build import compute_dtype, load_policy, pick_device, sampling_params
+from minigrpo.checkpoint import check_writable
 from minigrpo.config import Config, load_config
 from minigrpo.data import Example, batch_columns, build_dataset, encode_prompts
 from minigrpo.errors import ArgumentParser, UserError, run_cli
@@ -32,13 +33,22 @@ from minigrpo.sampling.kv_sampler import KVCacheSampler
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, model, tokenizer, examples: list[Example], *, batch_size: int = 32) -> dict[str, Any]:
-    """Greedy (or eval.temperature) completions for every example -> accuracy and mean rewards."""
+def evaluate(
+    cfg: Config,
+    model,
+    tokenizer,
+    examples: list[Example],
+    *,
+    batch_size: int = 32,
+    specs: list[rewards.RewardSpec] | None = None,
+) -> dict[str, Any]:
+    """Greedy (or eval.temperature) completions for every example -> accuracy and mean rewards
+    (specs: the config's reward functions, built from cfg.rewards unless given)."""
     sampler = KVCacheSampler(model, tokenizer, cuda_graphs=cfg.sampler.compile, max_rows=cfg.sampler.max_rows)
     params = sampling_params(
         cfg, tokenizer, n=1, temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens
     )
-    specs = rewards.build_reward_specs(cfg.rewards)
+    specs = rewards.build_reward_specs(cfg.rewards) if specs is None else specs
     correct, totals, per_fn, samples = [], [], {s.name: [] for s in specs}, []
     t0 = time.perf_counter()
     for start in range(0, len(examples), batch_size):
@@ -91,15 +101,28 @@ def parse_args(argv: list[str] | None):
 
 
 def run_config_of(checkpoint: Path, config: str | None) -> str | None:
-    """The config to evaluate with: --config, else the one saved with a training checkpoint
-    (run_dir/checkpoints/step_N/run_config.yaml) or beside its run (run_dir/config.yaml, which
-    also serves run_dir/merged)."""
+    """The config to evaluate with: --config, else the one a training run saved with this folder:
+    run_dir/checkpoints/step_N/run_config.yaml, or run_dir/config.yaml for run_dir/merged."""
     if config is not None or not checkpoint.is_dir():
         return config
     folder = checkpoint.resolve()
-    candidates = [folder / "run_config.yaml", folder.parent / "config.yaml", folder.parent.parent / "config.yaml"]
+    candidates = [folder / "run_config.yaml"]
+    if folder.name == "merged":
+        candidates.append(folder.parent / "config.yaml")
     found = [p for p in candidates if p.is_file()]
     return str(found[0]) if found else None
+
+
+def check_output(output: str | None) -> None:
+    """--output names a file that can be written (checked before anything runs, so no result is lost)."""
+    if output is None:
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise UserError(f"--output {output} is a folder; name a file, e.g. {path / 'eval.json'}")
+    if not path.resolve().parent.is_dir():
+        raise UserError(f"--output {output}: the folder {path.parent} does not exist")
+    check_writable(path.resolve().parent)
 
 
 def pick_split(cfg: Config, requested: str | None) -> str:
@@ -128,8 +151,8 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     ckpt = Path(args.checkpoint)
     cfg = load_config(run_config_of(ckpt, args.config), args.overrides)
     split = pick_split(cfg, args.split)
-    if args.output is not None and not Path(args.output).resolve().parent.is_dir():
-        raise UserError(f"--output {args.output}: the folder {Path(args.output).parent} does not exist")
+    check_output(args.output)
+    specs = rewards.build_reward_specs(cfg.rewards)
     adapter = (ckpt / "adapter_config.json").is_file()  # a LoRA run: its base model plus the saved adapter
     check_model_source(cfg.model.name_or_path if adapter else args.checkpoint, revision=cfg.model.revision)
     examples = build_dataset(cfg.data, split)[: args.num or cfg.eval.num_prompts]
@@ -142,7 +165,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
         lora.load_peft_adapter(model, ckpt)
     else:
         model, tokenizer = load_pretrained(args.checkpoint, dtype=dtype, device=device)
-    results = evaluate(cfg, model.eval(), tokenizer, examples, batch_size=args.batch_size)
+    results = evaluate(cfg, model.eval(), tokenizer, examples, batch_size=args.batch_size, specs=specs)
     print(f"{args.checkpoint} on the {split!r} split ({results['num_examples']} examples, {results['seconds']:.1f}s):")
     for key, value in results.items():
         if key.startswith(("accuracy", "reward")):

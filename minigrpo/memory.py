@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from minigrpo.config import Config
+from minigrpo.errors import UserError
 from minigrpo.memory_parts import (
     activation_bytes,
     dtype_bytes,
@@ -48,7 +49,7 @@ GiB = 2**30
 _CUDA_WORKSPACES = 65 * 2**20
 
 
-class MemoryPreflightError(RuntimeError):
+class MemoryPreflightError(UserError, RuntimeError):
     """The configured step does not fit in the device's free memory."""
 
 

@@ -40,12 +40,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from minigrpo.errors import UserError
+
 BLOCKSIZE = 64  # weights per absmax block (bitsandbytes' default for 4-bit)
 NESTED_BLOCKSIZE = 256  # absmax values per second-level block (double quantization)
 SUPPORTED = ("nf4",)
 
 
-class QuantizationUnavailableError(RuntimeError):
+class QuantizationUnavailableError(UserError, RuntimeError):
     """4-bit weights were asked for where bitsandbytes cannot provide them."""
 
 

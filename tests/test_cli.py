@@ -125,6 +125,11 @@ def test_resume_falls_back_past_a_truncated_checkpoint(workspace, tmp_path):
     assert steps == [1, 2, 3]
 
 
+def test_resume_with_nothing_left_to_run(workspace):
+    message = one_error_line(train_cli(workspace, config(workspace, "done"), "--resume"))  # steps 2, done at 2
+    assert "train.steps=2" in message and "nothing to run" in message
+
+
 def test_unwritable_output_folder_is_reported_before_loading(workspace, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -218,6 +223,10 @@ def test_eval_mistakes_are_one_line(workspace):
         (("--checkpoint", ckpt, "--split", "valid"), "valid"),
         (("--checkpoint", str(workspace / "runs" / "done")), "done"),  # a run folder, not a checkpoint
         (("--checkpoint", ckpt, "--split", "train", "--output", str(workspace / "no" / "x.json")), "no"),
+        (("--checkpoint", ckpt, "--split", "train", "--output", str(workspace)), "is a folder"),
+        # the eval split of a single training file would be the training rows: refused
+        (("--checkpoint", ckpt, "--set", "data.eval_split=test"), "data.eval_path"),
+        (("--checkpoint", ckpt, "--split", "train", "--set", "rewards=[{name: nope_mod:f}]"), "nope_mod"),
     ]
     for args, expected in cases:
         assert expected in one_error_line(eval_cli(workspace, *args)), args

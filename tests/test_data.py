@@ -180,6 +180,9 @@ def test_jsonl_source_folder_and_eval_file(tmp_path):
     assert build_dataset(single)[0].prompt == "q0" and build_dataset(single, "test")[0].prompt == "t0"
     with pytest.raises(DataError, match="does not exist"):
         build_dataset(DataCfg(source="jsonl", path=str(tmp_path / "nope.jsonl")))
+    # one file and no eval_path: its eval split would be the training rows, so there is none
+    with pytest.raises(DataError, match="set data.eval_path"):
+        build_dataset(DataCfg(source="jsonl", path=str(tmp_path / "data" / "train.jsonl")), "test")
 
 
 def test_parquet_without_pyarrow_names_the_package(tmp_path, monkeypatch):
