@@ -3,6 +3,8 @@
 Every file minigrpo writes for someone else to read (checkpoints, configs, metrics, plots) goes to a
 temporary name in the same folder first and is renamed into place, an atomic step on POSIX file
 systems: a reader, or a run killed half-way, sees the old file or the new one, never a torn one.
+The temporary file is fsync'ed before the rename (and the folder after it): without that a power
+loss can leave the new name pointing at an empty file, the rename reaching the disk before the data.
 """
 
 from __future__ import annotations
@@ -23,9 +25,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written (and closed) file's data to the disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename or a new file in it) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:

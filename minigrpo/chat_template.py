@@ -63,7 +63,7 @@ def render_chat_template(
     import jinja2  # heavy-ish; only needed here
 
     try:
-        return _compile_template(template).render(**context)
+        return compile_chat_template(template).render(**context)
     except ChatTemplateError:
         raise
     except jinja2.TemplateError as e:
@@ -108,7 +108,7 @@ def _plain(value: Any) -> Any:
 
 
 @lru_cache(maxsize=32)
-def _compile_template(source: str) -> Any:
+def compile_chat_template(source: str) -> Any:
     """Compile one chat template in a fresh immutable sandbox (cached per template string)."""
     import jinja2
     from jinja2 import nodes

@@ -26,7 +26,8 @@ on another number of ranks the trainer reseeds them).
 Written atomically: into a hidden temporary folder, every file fsync'ed, then renamed into place, so
 a run killed at any moment leaves the previous checkpoints or the new one, never a half-written one.
 A full disk removes the temporary folder and says so (CheckpointError). A resume takes the newest
-checkpoint whose files are all intact (`find_resume_checkpoint`) and warns about newer broken ones.
+checkpoint whose files are all intact (`find_resume_checkpoint`) and warns about newer broken ones;
+its first save deletes those (a timeline abandoned) before keeping the newest `keep_last`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ import numpy as np
 import torch
 import yaml
 
+from minigrpo.atomic import fsync_dir, fsync_file
+from minigrpo.errors import one_line
 from minigrpo.models.loading import save_pretrained
 from minigrpo.models.safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header, save_file
 from minigrpo.optim_state import load_masters, load_optimizer_state, optimizer_state
@@ -54,6 +57,7 @@ from minigrpo.tensor_tree import ManifestError, flatten, unflatten
 STATE_DIR = "trainer_state"
 STATE_JSON = "state.json"
 STATE_TENSORS = "tensors.safetensors"
+RUN_CONFIG = "run_config.yaml"
 LEGACY_PICKLE = "trainer_state.pt"  # older versions: never opened
 STATE_FORMAT = "minigrpo.trainer_state.v2"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -171,7 +175,8 @@ def save_checkpoint(
     save_model=save_pretrained,
     rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
+    """Write checkpoint `step` atomically, then prune the others (`prune_checkpoints`): those of later
+    steps (an abandoned timeline) and all but the newest `keep_last`.
 
     trainer_state: nested dicts/lists/tuples of tensors, numpy arrays and plain values (optimizer and
     scheduler state, data cursor, counters); the RNG states are added here: this process's as "rng",
@@ -193,7 +198,7 @@ def save_checkpoint(
         save_model(model, tokenizer, tmp)
         save_trainer_state(tmp, state)
         if run_config is not None:
-            (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+            (tmp / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
         _fsync_tree(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -205,9 +210,25 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _replace_dir(tmp, final)
-    for _, old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, step, keep_last)
     return final
+
+
+def prune_checkpoints(run_dir: Path, saved_step: int, keep_last: int) -> None:
+    """After `saved_step` was saved: delete every checkpoint of a later step, and all but the newest
+    `keep_last` of the others (`saved_step` always among the kept).
+
+    A checkpoint newer than the one just written belongs to an abandoned timeline: a resume only
+    continues from an older checkpoint when every newer one was broken, so those are never resumed
+    from again, and counting them towards `keep_last` would delete the good checkpoints instead.
+    """
+    found = list_checkpoints(run_dir)
+    for step, path in found:
+        if step > saved_step:
+            shutil.rmtree(path, ignore_errors=True)
+    at_or_before = [path for step, path in found if step <= saved_step]
+    for path in at_or_before[: -max(keep_last, 1)]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def save_trainer_state(checkpoint: Path, state: dict[str, Any]) -> None:
@@ -228,7 +249,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -270,12 +291,15 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """Check every file a resume reads from checkpoint folder `path`; returns its trainer state.
 
-    The trainer state must parse completely and belong to this folder's step; every safetensors file
-    (weights, shards, adapter) must have an intact header and exactly the data it promises; every
-    JSON file must parse. A CheckpointError names the first bad file.
+    The trainer state must parse completely, hold everything a resume restores (step, optimizer,
+    scheduler, data cursor, RNG, with their types) and belong to this folder's step; every
+    safetensors file (weights, shards, adapter) must have an intact header and exactly the data it
+    promises; every JSON file must parse, and run_config.yaml (when there is one) must be a YAML
+    mapping. A CheckpointError names the first bad file.
     """
     path = Path(path)
     state = load_trainer_state(path)
+    _check_resumable(state, path / STATE_DIR / STATE_JSON)
     match = _STEP_DIR.match(path.name)
     if match and int(match.group(1)) != state["step"]:
         raise CorruptCheckpointError(f"{path / STATE_DIR / STATE_JSON}: step {state['step']}, not {path.name}")
@@ -291,11 +315,62 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             raise CorruptCheckpointError(f"{file}: not valid JSON, the file is truncated or corrupt ({e})") from e
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        listed = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
-        absent = sorted(name for name in listed if not (path / name).is_file())
+        weight_map = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CorruptCheckpointError(f"{index}: not a safetensors index (no weight_map of file names)")
+        absent = sorted(name for name in set(weight_map.values()) if not (path / name).is_file())
         if absent:
             raise CheckpointError(f"{path / absent[0]} is listed in {index.name} but missing")
+    _check_run_config(path / RUN_CONFIG)
     return state
+
+
+# What a resume reads from the trainer state (minigrpo/build.py restore_state), with the type it needs.
+_RESUMABLE_KEYS = {"step": int, "optimizer": dict, "scheduler": dict, "data": dict, "rng": dict}
+
+
+def _check_resumable(state: dict[str, Any], json_file: Path) -> None:
+    """A CorruptCheckpointError naming `json_file` unless `state` holds everything a resume restores
+    (optimizer, schedule, data cursor, step, RNG) with the right types: a state that parses but lacks
+    one would otherwise fail with a KeyError half-way through building the run."""
+    for key, kind in _RESUMABLE_KEYS.items():
+        if key not in state:
+            raise CorruptCheckpointError(f"{json_file}: the trainer state has no {key!r}")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise CorruptCheckpointError(
+                f"{json_file}: the trainer state's {key!r} is a {type(state[key]).__name__}, not a {kind.__name__}"
+            )
+    cursor = state["data"]
+    for key in ("epoch", "index"):
+        if not isinstance(cursor.get(key), int) or isinstance(cursor.get(key), bool):
+            raise CorruptCheckpointError(f"{json_file}: the trainer state's data cursor has no integer {key!r}")
+    optimizer = state["optimizer"]
+    if optimizer.get("format") == "by_name":
+        for key, kind in (("param_names", list), ("param_groups", list), ("group_sizes", list), ("state", dict)):
+            if not isinstance(optimizer.get(key), kind):
+                raise CorruptCheckpointError(
+                    f"{json_file}: the trainer state's optimizer has no {key!r} ({kind.__name__})"
+                )
+    for key in ("torch", "python", "numpy"):
+        if key not in state["rng"]:
+            raise CorruptCheckpointError(f"{json_file}: the trainer state's RNG has no {key!r} state")
+
+
+def _check_run_config(file: Path) -> None:
+    """A CorruptCheckpointError naming `file` unless it is absent or a YAML mapping (what a resume
+    compares the run's config with)."""
+    if not file.exists():
+        return
+    try:
+        saved = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        reason = one_line(str(e))
+        raise CorruptCheckpointError(f"{file}: not valid YAML, the file is truncated or corrupt ({reason})") from e
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from e
+    if not isinstance(saved, dict):
+        raise CorruptCheckpointError(f"{file}: not a YAML mapping of config sections (found {type(saved).__name__})")
 
 
 def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -332,17 +407,8 @@ def _legacy_message(path: Path) -> str:
 def _fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_file(path)
+    fsync_dir(root)
 
 
 __all__ = [
@@ -358,6 +424,7 @@ __all__ = [
     "load_optimizer_state",
     "load_trainer_state",
     "optimizer_state",
+    "prune_checkpoints",
     "restore_rng",
     "rng_state",
     "save_checkpoint",

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
+from minigrpo import atomic
 from minigrpo.atomic import atomic_path, write_atomic, write_json
 
 
@@ -29,3 +32,34 @@ def test_writes_replace_text_and_bytes(tmp_path):
     assert path.read_text() == '{\n  "a": 2,\n  "b": 1\n}\n'
     write_json(path, {"b": 1, "a": 2}, sort_keys=False)
     assert list(json.loads(path.read_text())) == ["b", "a"]
+
+
+def test_the_new_data_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """A rename that reaches the disk before the data leaves an empty file after a power loss: the
+    temporary file must be fsync'ed, with its full content, before it replaces the old one."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        content = target.read_bytes() if target.is_file() else None
+        events.append(("fsync", target.name, content))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(src).name, Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    write_atomic(tmp_path / "config.yaml", "train:\n  lr: 0.01\n")
+    tmp_name = f".config.yaml.{os.getpid()}.tmp"
+    assert events[:2] == [
+        ("fsync", tmp_name, b"train:\n  lr: 0.01\n"),
+        ("replace", tmp_name, "config.yaml"),
+    ]
+    assert events[2:] == [("fsync", tmp_path.name, None)]  # the folder: the rename itself is durable
+    events.clear()
+    with atomic_path(tmp_path / "w.bin") as tmp, open(tmp, "wb") as f:
+        f.write(b"\x01\x02")
+    assert events[0] == ("fsync", f".w.bin.{os.getpid()}.tmp", b"\x01\x02") and events[1][0] == "replace"

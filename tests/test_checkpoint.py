@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -159,15 +160,26 @@ def test_optimizer_state_resumes_to_the_same_next_step(tmp_path):
         assert torch.equal(a, b), f"{name} differs after the resumed step"
 
 
-def _save(run_dir, step, *, model=None, keep_last=5, save_model=checkpoint.save_pretrained):
+# an optimizer state as optimizer_state() writes it, for a model with nothing trainable
+NO_OPTIMIZER_STATE = {"format": "by_name", "param_names": [], "param_groups": [], "group_sizes": [], "state": {}}
+
+
+def _save(run_dir, step, *, model=None, keep_last=5, save_model=checkpoint.save_pretrained, **state_changes):
+    """Checkpoint `step` as the trainer writes it; state_changes replace (or, set to ..., drop) trainer state keys."""
     model = model or tiny_model(seed=step)
-    state = {"scheduler": {"last_epoch": step, "base_lrs": [1e-2]}, "data": {"epoch": 0, "index": 4 * step}}
+    state = {
+        "optimizer": NO_OPTIMIZER_STATE,
+        "scheduler": {"last_epoch": step, "base_lrs": [1e-2]},
+        "data": {"epoch": 0, "index": 4 * step},
+        "world_size": 1,
+    }
+    state.update(state_changes)
     return save_checkpoint(
         run_dir,
         step,
         model=model,
         tokenizer=None,
-        trainer_state={**state, "world_size": 1},
+        trainer_state={k: v for k, v in state.items() if v is not ...},
         keep_last=keep_last,
         run_config={"train": {"lr": 0.01}},
         save_model=save_model,
@@ -241,7 +253,7 @@ def test_a_pickle_beside_a_new_checkpoint_is_ignored(tmp_path):
     path = _save(tmp_path / "run", 2)
     _plant_pickle(path, marker)
     found, state = find_resume_checkpoint(tmp_path / "run")
-    assert found == path and state["step"] == 2 and "optimizer" not in state
+    assert found == path and state["step"] == 2 and state["optimizer"] == NO_OPTIMIZER_STATE
     assert not marker.exists()
 
 
@@ -446,3 +458,64 @@ def test_a_checkpoint_missing_its_trainer_state_or_weights_is_skipped(tmp_path):
     (newest / "model.safetensors").unlink()
     with pytest.warns(CheckpointWarning, match=r"step_000004 holds no weights"):
         assert find_resume_checkpoint(tmp_path)[0].name == "step_000002"
+
+
+def _names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("keep_last, kept", [(1, ["step_000003"]), (2, ["step_000002", "step_000003"])])
+def test_a_save_after_falling_back_removes_the_abandoned_newer_checkpoints(tmp_path, keep_last, kept):
+    """Resumed from step 2 because step 4 is broken: saving step 3 drops step 4 (a timeline never
+    resumed from again) and keeps the newest `keep_last` of the rest, the new step 3 among them."""
+    _save(tmp_path, 2, keep_last=2)
+    _truncate(_save(tmp_path, 4, keep_last=2) / "model.safetensors")
+    with pytest.warns(CheckpointWarning, match=r"step_000004/model\.safetensors"):
+        assert find_resume_checkpoint(tmp_path)[0].name == "step_000002"
+    _save(tmp_path, 3, keep_last=keep_last)
+    assert _names(tmp_path) == kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing broken is left to skip
+        found, state = find_resume_checkpoint(tmp_path)
+    assert found.name == "step_000003" and state["data"]["index"] == 12
+    _save(tmp_path, 5, keep_last=2)
+    assert _names(tmp_path) == ["step_000003", "step_000005"]
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [("run: [unclosed", "not valid YAML"), ("", "not a YAML mapping"), ("- train\n- lr\n", "not a YAML mapping")],
+)
+def test_a_broken_run_config_falls_back_with_a_warning(tmp_path, text, reason):
+    _save(tmp_path, 2)
+    newest = _save(tmp_path, 4)
+    (newest / "run_config.yaml").write_text(text)
+    with pytest.raises(CheckpointError, match=rf"step_000004/run_config\.yaml: {reason}") as info:
+        verify_checkpoint(newest)
+    assert "\n" not in str(info.value)
+    with pytest.warns(CheckpointWarning, match=rf"step_000004/run_config\.yaml: {reason}.*resuming from .*step_000002"):
+        found, state = find_resume_checkpoint(tmp_path)
+    assert found.name == "step_000002" and state["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        ({"optimizer": ...}, "has no 'optimizer'"),
+        ({"scheduler": ...}, "has no 'scheduler'"),
+        ({"data": ...}, "has no 'data'"),
+        ({"data": [0, 8]}, "'data' is a list, not a dict"),
+        ({"optimizer": "adamw"}, "'optimizer' is a str, not a dict"),
+        ({"data": {"epoch": 0}}, "data cursor has no integer 'index'"),
+        ({"optimizer": {**NO_OPTIMIZER_STATE, "param_names": None}}, "optimizer has no 'param_names'"),
+    ],
+)
+def test_a_trainer_state_without_what_a_resume_restores_falls_back(tmp_path, changes, problem):
+    _save(tmp_path, 2)
+    newest = _save(tmp_path, 4, **changes)
+    assert load_trainer_state(newest)["step"] == 4  # it parses: only what it holds is wrong
+    with pytest.raises(CheckpointError, match=rf"step_000004/trainer_state/state\.json: .*{re.escape(problem)}"):
+        verify_checkpoint(newest)
+    with pytest.warns(CheckpointWarning, match=rf"step_000004/trainer_state/state\.json: .*{re.escape(problem)}"):
+        found, state = find_resume_checkpoint(tmp_path)
+    assert found.name == "step_000002" and state["data"] == {"epoch": 0, "index": 8}

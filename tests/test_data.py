@@ -181,7 +181,7 @@ def test_jsonl_source_folder_and_eval_file(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         build_dataset(DataCfg(source="jsonl", path=str(tmp_path / "nope.jsonl")))
     # one file and no eval_path: its eval split would be the training rows, so there is none
-    with pytest.raises(DataError, match="set data.eval_path"):
+    with pytest.raises(DataError, match=r"set data\.eval_path"):
         build_dataset(DataCfg(source="jsonl", path=str(tmp_path / "data" / "train.jsonl")), "test")
 
 

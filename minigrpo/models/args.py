@@ -18,6 +18,7 @@ RoPE parameters come from either key style: older checkpoints write `rope_theta`
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,10 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 class UnsupportedModelError(UserError, ValueError):
     """A config names a model family or a RoPE variant this package does not implement."""
+
+
+class ModelConfigError(UserError, ValueError):
+    """A config.json value that is missing, of the wrong type or out of range (the message names the key)."""
 
 
 @dataclass(frozen=True)
@@ -115,21 +120,21 @@ class ModelArgs:
             )
         fam = _FAMILIES[model_type]
         get = config.get
-        for key in (
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "vocab_size",
-        ):
-            if get(key) is None:
-                raise ValueError(f"config.json of model_type {model_type!r} has no {key!r}")
+        _check_sizes(config, model_type, fam)
         act = get("hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"unsupported hidden_act {act!r} (only 'silu' is implemented)")
         n_heads = get("num_attention_heads")
         head_dim = get("head_dim") or fam.default_head_dim or get("hidden_size") // n_heads
         rope_theta, rope_type, rope_params, partial = _read_rope(config, model_type)
+        if rope_type == "longrope":
+            for key in ("long_factor", "short_factor"):
+                factors = rope_params[key]
+                pairs = int(head_dim * partial) // 2
+                if not isinstance(factors, list) or len(factors) != pairs or not all(map(_is_number, factors)):
+                    raise ModelConfigError(
+                        f"rope scaling key {key!r} must list {pairs} numbers (one per rotary pair), got {factors!r}"
+                    )
 
         def flag(spec: bool | str) -> bool:
             return bool(get(spec, False)) if isinstance(spec, str) else spec
@@ -143,7 +148,7 @@ class ModelArgs:
             n_kv_heads=get("num_key_value_heads") or n_heads,
             head_dim=head_dim,
             intermediate_size=get("intermediate_size"),
-            norm_eps=float(get("rms_norm_eps", 1e-6)),
+            norm_eps=_positive_number(config, "rms_norm_eps", 1e-6),
             max_position_embeddings=get("max_position_embeddings", 4096),
             rope_theta=rope_theta,
             rope_type=rope_type,
@@ -157,7 +162,7 @@ class ModelArgs:
             fused_qkv=fam.fused,
             fused_gate_up=fam.fused,
             layer_windows=_layer_windows(config, fam.window),
-            initializer_range=float(get("initializer_range", 0.02)),
+            initializer_range=_positive_number(config, "initializer_range", 0.02),
             hf_config=copy.deepcopy(config),
         )
 
@@ -171,14 +176,79 @@ class ModelArgs:
         return cfg
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_sizes(config: dict[str, Any], model_type: str, fam: _Family) -> None:
+    """A ModelConfigError naming the key unless every size and count the model is built from is a
+    positive integer, and the head counts divide as the attention layout needs."""
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if config.get(key) is None:
+            raise ModelConfigError(f"config of model_type {model_type!r} has no {key!r}")
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "vocab_size",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+    ):
+        value = config.get(key)
+        if value is not None and not (_is_int(value) and value > 0):
+            raise ModelConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
+    n_heads = config["num_attention_heads"]
+    n_kv_heads = config.get("num_key_value_heads") or n_heads
+    if n_heads % n_kv_heads:
+        raise ModelConfigError(
+            f"config key 'num_attention_heads' ({n_heads}) must be a multiple of 'num_key_value_heads' ({n_kv_heads})"
+        )
+    if not config.get("head_dim") and fam.default_head_dim is None and config["hidden_size"] % n_heads:
+        raise ModelConfigError(
+            f"config key 'hidden_size' ({config['hidden_size']}) must be a multiple of 'num_attention_heads' "
+            f"({n_heads}) when there is no 'head_dim'"
+        )
+    window = config.get("sliding_window")
+    if fam.window != "none" and window is not None and not (_is_int(window) and window > 0):
+        raise ModelConfigError(f"config key 'sliding_window' must be a positive integer or null, got {window!r}")
+    types = config.get("layer_types")
+    bad_types = not isinstance(types, list) or len(types) != config["num_hidden_layers"]
+    if fam.window == "per_layer" and types is not None and bad_types:
+        raise ModelConfigError(
+            f"config key 'layer_types' must list one attention type per layer "
+            f"({config['num_hidden_layers']} layers), got {types!r}"
+        )
+
+
+def _positive_number(config: dict[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    if not (_is_number(value) and value > 0):
+        raise ModelConfigError(f"config key {key!r} must be a positive number, got {value!r}")
+    return float(value)
+
+
 def _read_rope(config: dict[str, Any], model_type: str) -> tuple[float, str, dict[str, Any], float]:
     """(rope_theta, rope_type, scaling params, partial_rotary_factor) from either key style."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ModelConfigError(f"config key {key!r} must be a mapping or null, got {config[key]!r}")
     params = dict(config.get("rope_parameters") or {})
     params.update(config.get("rope_scaling") or {})  # older key; both may not appear, but be lenient
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
-    rope_theta = float(params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0)
-    partial = float(params.pop("partial_rotary_factor", None) or config.get("partial_rotary_factor") or 1.0)
+    rope_theta = params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0
+    if not (_is_number(rope_theta) and rope_theta > 0):
+        raise ModelConfigError(f"config key 'rope_theta' must be a positive number, got {rope_theta!r}")
+    partial = params.pop("partial_rotary_factor", None) or config.get("partial_rotary_factor") or 1.0
+    if not (_is_number(partial) and 0 < partial <= 1):
+        raise ModelConfigError(f"config key 'partial_rotary_factor' must be in (0, 1], got {partial!r}")
+    rope_theta, partial = float(rope_theta), float(partial)
     if model_type == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's early names for LongRoPE
         rope_type = "longrope"
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -196,7 +266,11 @@ def _read_rope(config: dict[str, Any], model_type: str) -> tuple[float, str, dic
     }.get(rope_type, ())
     missing = [k for k in required if params.get(k) is None]
     if missing:
-        raise ValueError(f"rope scaling type {rope_type!r} needs {missing} in config.json")
+        raise ModelConfigError(f"rope scaling type {rope_type!r} needs {missing} in config.json")
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        value = params.get(key)
+        if value is not None and not (_is_number(value) and value > 0):
+            raise ModelConfigError(f"rope scaling key {key!r} must be a positive number, got {value!r}")
     return rope_theta, rope_type, params, partial
 
 

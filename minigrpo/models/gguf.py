@@ -35,6 +35,8 @@ import torch
 
 from minigrpo.tokenizer import Tokenizer
 
+from .gguf_header import GGUFError, read_gguf_header
+
 # general.architecture (= HF model_type) -> HF architectures[0]
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -103,10 +105,6 @@ PACKAGED_GGUFS = {
 }
 
 
-class GGUFError(ValueError):
-    """A GGUF file that cannot be read or holds something this reader does not support."""
-
-
 def packaged_gguf(name: str = "smollm2") -> Path:
     """Path of a GGUF model shipped inside a pip package, found without importing the package.
 
@@ -139,6 +137,7 @@ class GGUFCheckpoint:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
+        self.header = read_gguf_header(self.path)
         try:
             self._reader = gguf.GGUFReader(self.path)
         except Exception as e:  # the reader raises ValueError/IndexError/... on garbage

@@ -10,9 +10,11 @@ second full copy of the weights ever exists. Every tensor is checked by name and
 extra or mis-shaped tensor is an error that names it and the file it came from.
 
 Every mistake a user can make here is a `UserError` naming the path: a missing folder or file
-(`ModelNotFoundError`), a folder that is no model, a truncated or corrupt weights file
+(`ModelNotFoundError`), a folder that is no model, a config.json value of the wrong type or out of
+range (`ModelConfigError`, naming the key), a truncated or corrupt weights file
 (`CorruptCheckpointError`), weights that do not fit the config (`CheckpointError`), a model folder
-without a tokenizer when one is required.
+without a tokenizer when one is required, tokenizer files that do not parse (`TokenizerFilesError`),
+a chat template that does not compile (`ChatTemplateError`), a file that is no GGUF (`GGUFError`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from torch import nn
 from minigrpo.atomic import atomic_path, write_json
 from minigrpo.errors import UserError
 
-from .args import ModelArgs
+from .args import ModelArgs, ModelConfigError
+from .rotary import RotaryAngles
 from .safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header, save_file
+from .tokenizer_files import TokenizerFilesError, load_tokenizer_folder
 from .transformer import Transformer
 
 # Files fetched from the hub: config, weights, tokenizer. Nothing else (no .bin, no .pth).
@@ -82,11 +86,10 @@ def load_pretrained(
     source = _resolve(str(name_or_path), revision)
     if source.suffix == ".gguf":
         return _load_gguf(source, dtype, device, load_tokenizer, quantize)
-    config = _read_config(source)
-    tokenizer_dir = _tokenizer_dir(source, required=require_tokenizer) if load_tokenizer else None  # fail early
-    model = _empty_model(ModelArgs.from_hf_config(config))
+    model = _model_from_config(_read_config(source), source / "config.json")
+    tokenizer_dir = _tokenizer_dir(source, required=require_tokenizer) if load_tokenizer else None
+    tokenizer = load_tokenizer_folder(tokenizer_dir) if tokenizer_dir is not None else None  # fails before the weights
     _fill(model, _hf_tensor_source(source), dtype, device, quantize)
-    tokenizer = _load_tokenizer_dir(tokenizer_dir) if tokenizer_dir is not None else None
     return model, tokenizer
 
 
@@ -94,18 +97,38 @@ def check_model_source(
     name_or_path: str | os.PathLike, *, revision: str | None = None, require_tokenizer: bool = True
 ) -> None:
     """Check what `load_pretrained(name_or_path)` will read, without reading any weights: a UserError
-    names a missing path, a folder that is no model, a broken config.json, an unsupported
-    architecture, a truncated weights file, missing tokenizer files. A hub repo id that is not a
-    local path is only checked when it is fetched (by load_pretrained)."""
+    names a missing path, a folder that is no model, a broken config.json (a bad value: the key too),
+    an unsupported architecture, a truncated weights file, missing or corrupt tokenizer files, a chat
+    template that does not compile, a .gguf file that is no GGUF (only its header is read). A hub
+    repo id that is not a local path is only checked when it is fetched (by load_pretrained)."""
     name = str(name_or_path)
     if name not in PACKAGED_MODELS and not Path(name).expanduser().exists() and not _looks_local(name):
         return
     source = _resolve(name, revision)
     if source.suffix == ".gguf":
+        from .gguf_header import read_gguf_header
+
+        read_gguf_header(source)
         return
-    ModelArgs.from_hf_config(_read_config(source))
+    _model_from_config(_read_config(source), source / "config.json")  # on the meta device: no memory
     _hf_tensor_source(source)  # reads (and checks) the header of every weights file, no tensor
-    _tokenizer_dir(source, required=require_tokenizer)
+    tokenizer_dir = _tokenizer_dir(source, required=require_tokenizer)
+    if tokenizer_dir is not None:
+        load_tokenizer_folder(tokenizer_dir)
+
+
+def _model_from_config(config: dict[str, Any], where: Path) -> Transformer:
+    """The model a config describes, on the meta device (no memory). Any value the model cannot be
+    built from is a UserError naming `where` (config.json or a .gguf file): the key itself where
+    ModelArgs checks it, the error's own words otherwise."""
+    try:
+        args = ModelArgs.from_hf_config(config)
+        RotaryAngles(args).reset("cpu")  # the RoPE frequencies (a few numbers): bad scaling values fail here
+        return _empty_model(args)
+    except UserError as e:
+        raise type(e)(f"{where}: {e}") from e
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, RuntimeError) as e:
+        raise ModelConfigError(f"{where}: a value the model cannot be built from ({type(e).__name__}: {e})") from e
 
 
 def _read_config(source: Path) -> dict[str, Any]:
@@ -218,7 +241,10 @@ def _resolve(name: str, revision: str | None) -> Path:
     if name in PACKAGED_MODELS:
         from .gguf import packaged_gguf
 
-        return packaged_gguf(name)
+        try:
+            return packaged_gguf(name)
+        except FileNotFoundError as e:  # the package that ships it is not installed
+            raise ModelNotFoundError(f"model {name!r}: {e}") from e
     path = Path(name).expanduser()
     if path.exists():
         return path
@@ -347,7 +373,7 @@ def _load_gguf(
     from .gguf import GGUFCheckpoint
 
     ckpt = GGUFCheckpoint(path)
-    model = _empty_model(ModelArgs.from_hf_config(ckpt.config))
+    model = _model_from_config(ckpt.config, path)
     shapes = {name: (tuple(shape), str(path)) for name, shape in ckpt.tensor_shapes().items()}
     _fill(model, (shapes, ckpt.tensors()), dtype, device, quantize)
     return model, ckpt.tokenizer() if load_tokenizer else None
@@ -372,17 +398,13 @@ def _tokenizer_dir(directory: Path, *, required: bool) -> Path | None:
     return None
 
 
-def _load_tokenizer_dir(directory: Path):
-    from minigrpo.tokenizer import Tokenizer
-
-    return Tokenizer.from_dir(directory)
-
-
 __all__ = [
     "TOKENIZER_FILES",
     "CheckpointError",
     "CorruptCheckpointError",
+    "ModelConfigError",
     "ModelNotFoundError",
+    "TokenizerFilesError",
     "build_random",
     "check_model_source",
     "load_pretrained",

@@ -1,0 +1,82 @@
+"""A model folder's tokenizer files, checked as they are loaded: each bad file is named.
+
+    tokenizer = load_tokenizer_folder(Path("path/to/model"))   # a minigrpo.tokenizer.Tokenizer
+
+Tokenizer.from_dir reads tokenizer.json (with the `tokenizers` library) and the JSON and jinja
+files beside it; their own errors name no file (a JSONDecodeError, the library's bare Exception).
+Here each JSON file is parsed first, the library's error is attributed to tokenizer.json, and every
+chat template is compiled up front: a user learns which file to fix before any weight is read,
+not from a traceback at the first prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from minigrpo.errors import UserError
+
+
+class TokenizerFilesError(UserError, ValueError):
+    """Tokenizer files that are there but do not make a tokenizer (truncated, corrupt, inconsistent)."""
+
+
+# JSON files Tokenizer.from_dir reads beside tokenizer.json (which the tokenizers library parses)
+_TOKENIZER_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def load_tokenizer_folder(directory: Path):
+    """The Tokenizer of a model folder, with every chat template compiled. A file that does not parse
+    is a TokenizerFilesError naming it; a template that does not compile, a ChatTemplateError naming
+    the file it came from."""
+    from minigrpo.tokenizer import Tokenizer
+
+    for name in _TOKENIZER_JSON_FILES:
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            content = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TokenizerFilesError(f"{file}: not valid JSON, the file is truncated or corrupt ({e})") from e
+        if not isinstance(content, dict):
+            raise TokenizerFilesError(f"{file}: not a JSON object")
+    try:
+        tokenizer = Tokenizer.from_dir(directory)
+    except Exception as e:
+        if type(e) is Exception:  # the tokenizers library's (Rust) error: tokenizer.json itself
+            raise TokenizerFilesError(f"{directory / 'tokenizer.json'}: not a readable tokenizer ({e})") from e
+        if not isinstance(e, (ValueError, TypeError, KeyError, AttributeError, OSError)):
+            raise
+        raise TokenizerFilesError(
+            f"{directory}: the tokenizer files do not make a tokenizer ({type(e).__name__}: {e})"
+        ) from e
+    _compile_chat_templates(tokenizer, directory)
+    return tokenizer
+
+
+def _compile_chat_templates(tokenizer: Any, directory: Path) -> None:
+    """Compile every chat template of `tokenizer` now, so a broken one is an error naming its file
+    before the run starts, not at the first prompt."""
+    from minigrpo.chat_template import ChatTemplateError, compile_chat_template
+
+    for name, source in tokenizer.chat_templates.items():
+        file = chat_template_file(directory, name)
+        if not isinstance(source, str):
+            raise ChatTemplateError(f"{file}: chat template {name!r} is a {type(source).__name__}, not a string")
+        try:
+            compile_chat_template(source)
+        except ChatTemplateError as e:
+            raise ChatTemplateError(f"{file}: chat template {name!r}: {e}") from e
+
+
+def chat_template_file(directory: Path, name: str) -> Path:
+    """The file chat template `name` was read from (as Tokenizer.from_dir picks them)."""
+    if name == "default" and (directory / "chat_template.jinja").is_file():
+        return directory / "chat_template.jinja"
+    extra = directory / "additional_chat_templates" / f"{name}.jinja"
+    return extra if extra.is_file() else directory / "tokenizer_config.json"
+
+
+__all__ = ["TokenizerFilesError", "chat_template_file", "load_tokenizer_folder"]
