@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from minigrpo.checkpoint import (
     load_optimizer_state,
     restore_rng,
 )
-from minigrpo.config import Config, resolve_dtype
+from minigrpo.config import Config, ConfigError, resolve_dtype
 from minigrpo.configio import changed_keys
 from minigrpo.data import Example, PromptLoader, build_dataset, encode_prompts
 from minigrpo.distributed import World, broadcast_trainable, shard_model
@@ -69,12 +70,16 @@ class ResumePoint:
     state: dict[str, Any]
 
 
-def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[rewards.RewardSpec], list[Example]]:
+def check_before_loading(
+    cfg: Config, world_size: int = 1
+) -> tuple[ResumePoint | None, list[rewards.RewardSpec], list[Example]]:
     """Every check the config and the file system allow, before any weights load: the run folder
     (a new run must not overwrite one; --resume needs an intact checkpoint and an unchanged
-    config; the folder must be writable), the optional packages the settings need, the reward
+    config; the folder must be writable), the settings that depend on the number of ranks
+    (world_size, known at launch), the optional packages the settings need, the reward
     functions (importable, known kwargs), the training data (readable, well formed) and the model
     folder. Returns what it had to read."""
+    validate_distributed(cfg, world_size)
     if cfg.model.arch is not None:
         raise UserError("training needs a tokenizer: model.arch builds weights only; set model.name_or_path")
     check_packages(cfg)
@@ -85,6 +90,32 @@ def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[rewards.
         raise UserError(f"data: the {cfg.data.split!r} split of data.source={cfg.data.source!r} holds no example")
     check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
     return resume, specs, examples
+
+
+def validate_distributed(cfg: Config, world_size: int) -> None:
+    """Checks that need the number of ranks (known only at launch): raise one ConfigError listing all.
+
+    Both samplers run under torchrun: sampler.kind=vllm builds one engine per rank (on its own GPU).
+    """
+    if world_size <= 1:
+        return
+    errors = []
+    strategy = cfg.distributed.resolved_strategy(cfg.lora.enabled)
+    if cfg.grpo.prompts_per_step < world_size:
+        errors.append(
+            f"grpo.prompts_per_step ({cfg.grpo.prompts_per_step}) must be >= the number of ranks ({world_size}): "
+            "each rank samples whole groups"
+        )
+    if re.match(r"^cuda:\d+$", cfg.run.device):
+        errors.append(f"run.device={cfg.run.device!r} under torchrun: each rank uses its LOCAL_RANK's GPU; use cuda")
+    if strategy == "fsdp" and cfg.train.optimizer != "adamw":
+        errors.append(f"train.optimizer={cfg.train.optimizer!r} cannot step FSDP shards; use adamw (or strategy ddp)")
+    if strategy == "fsdp" and cfg.lora.enabled:
+        errors.append("distributed.strategy='fsdp' with lora.enabled: LoRA replicates its frozen base; use ddp")
+    if strategy == "fsdp" and cfg.model.activation_offload:
+        errors.append("model.activation_offload is not supported with FSDP; use gradient_checkpointing alone")
+    if errors:
+        raise ConfigError("invalid config for distributed training:\n  - " + "\n  - ".join(errors))
 
 
 def check_packages(cfg: Config) -> None:

@@ -417,32 +417,6 @@ def validate(cfg: Config) -> list[str]:
     return notes
 
 
-def validate_distributed(cfg: Config, world_size: int) -> None:
-    """Checks that need the number of ranks (known only at launch): raise one ConfigError listing all.
-
-    Both samplers run under torchrun: sampler.kind=vllm builds one engine per rank (on its own GPU).
-    """
-    if world_size <= 1:
-        return
-    errors = []
-    strategy = cfg.distributed.resolved_strategy(cfg.lora.enabled)
-    if cfg.grpo.prompts_per_step < world_size:
-        errors.append(
-            f"grpo.prompts_per_step ({cfg.grpo.prompts_per_step}) must be >= the number of ranks ({world_size}): "
-            "each rank samples whole groups"
-        )
-    if re.match(r"^cuda:\d+$", cfg.run.device):
-        errors.append(f"run.device={cfg.run.device!r} under torchrun: each rank uses its LOCAL_RANK's GPU; use cuda")
-    if strategy == "fsdp" and cfg.train.optimizer != "adamw":
-        errors.append(f"train.optimizer={cfg.train.optimizer!r} cannot step FSDP shards; use adamw (or strategy ddp)")
-    if strategy == "fsdp" and cfg.lora.enabled:
-        errors.append("distributed.strategy='fsdp' with lora.enabled: LoRA replicates its frozen base; use ddp")
-    if strategy == "fsdp" and cfg.model.activation_offload:
-        errors.append("model.activation_offload is not supported with FSDP; use gradient_checkpointing alone")
-    if errors:
-        raise ConfigError("invalid config for distributed training:\n  - " + "\n  - ".join(errors))
-
-
 # ---------------------------------------- Load / save / compare / command line
 
 

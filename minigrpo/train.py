@@ -38,7 +38,7 @@ import torch
 from minigrpo import lora
 from minigrpo.build import Run, build_run, check_before_loading, pick_device, save_model_fn
 from minigrpo.checkpoint import ModelStateView, optimizer_state, rng_state, save_checkpoint
-from minigrpo.config import Config, config_from_args, save_config, validate_distributed
+from minigrpo.config import Config, config_from_args, save_config
 from minigrpo.distributed import close_world, env_world_size, full_state_dict, full_weights, init_world, is_sharded
 from minigrpo.errors import run_cli
 from minigrpo.metrics import MetricsLogger
@@ -66,8 +66,7 @@ def train(cfg: Config) -> list[dict[str, Any]]:
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; see the module docstring.
     """
-    validate_distributed(cfg, env_world_size())
-    resume, specs, examples = check_before_loading(cfg)  # before any weights load
+    resume, specs, examples = check_before_loading(cfg, env_world_size())  # before any weights load
     world = init_world(pick_device(cfg.run.device), cfg.distributed.backend, cfg.distributed.timeout_s)
     try:
         return loop(build_run(cfg, world, resume, specs, examples))

@@ -17,7 +17,8 @@ from helpers.cli import cli_env
 from helpers.runs import TIMING, run_config
 from safetensors.torch import load_file
 
-from minigrpo.config import Config, ConfigError, validate_distributed
+from minigrpo.build import validate_distributed
+from minigrpo.config import Config, ConfigError
 from minigrpo.distributed import World, all_reduce_gradients, clip_grad_norm, full_weights, shard_range
 
 TOL = 1e-5  # max |parameter difference| between 1 and 2 processes (fp32; only summation order differs)
