@@ -52,6 +52,7 @@ from common import (
     print_table,
     reset_peak,
     sync,
+    timings,
     write_result,
 )
 
@@ -236,14 +237,7 @@ def median(xs: list[float]) -> float:
 
 
 def timed_median(fn, reps: int) -> tuple[float, list[float]]:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times = timings(fn, reps)
     return median(times), times
 
 

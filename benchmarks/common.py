@@ -62,8 +62,8 @@ def device_slug(env: dict[str, Any]) -> str:
     return re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
 
 
-def cuda_ms(fn, reps: int = 5) -> float:
-    """Median wall time of fn in ms, with CUDA synchronisation (one warm-up call)."""
+def timings(fn, reps: int = 5) -> list[float]:
+    """Wall seconds of `reps` calls of fn, each between CUDA synchronisations (after one warm-up call)."""
     fn()
     times = []
     for _ in range(reps):
@@ -71,8 +71,14 @@ def cuda_ms(fn, reps: int = 5) -> float:
         t0 = time.perf_counter()
         fn()
         sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def cuda_ms(fn, reps: int = 5) -> float:
+    """Median wall time of fn in ms, with CUDA synchronisation (one warm-up call)."""
+    times = sorted(timings(fn, reps))
+    return times[len(times) // 2] * 1e3
 
 
 def copy_bandwidth_gbs(gib: float = 2.0) -> float:
