@@ -161,21 +161,16 @@ def decode_bound_s(lengths: list[int], Tp: int, weight_bytes: int, kv_token: int
 
 class ForcedStops:
     """Per-row stop positions as a logit edit: row i's token L_i - 1 is EOS (logit +1e4) and EOS is
-    impossible elsewhere (-inf). `position` counts the logits calls on the device, so it also works
-    inside the own sampler's CUDA graphs (prefill = token 0, then one call per decode step)."""
+    impossible elsewhere (-inf). The own sampler's `logits_processor` (device tensors only, so it
+    runs inside its CUDA graphs, whichever rows are still in its batch)."""
 
     def __init__(self, lengths: list[int], device: torch.device) -> None:
         self.last = torch.tensor(lengths, device=device) - 1  # (N,) index of each row's EOS
-        self.position = torch.zeros((), dtype=torch.long, device=device)
 
-    def edit(self, logits: torch.Tensor, position: torch.Tensor | int) -> torch.Tensor:
-        """logits (N, V) or (B, V) (the own sampler's prefill: no row stops at token 0) -> edited in place."""
-        if logits.shape[0] == self.last.shape[0]:
-            force = self.last == position  # (N,)
-            column = torch.where(force, 1e4, float("-inf"))
-        else:
-            column = torch.full((logits.shape[0],), float("-inf"), device=logits.device)
-        logits[:, FORCED_EOS] = column.to(logits.dtype)
+    def edit(self, logits: torch.Tensor, rows: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """logits (n, V) of rows (n,) drawing completion token `step` (1,) -> edited in place."""
+        force = self.last[rows] == step  # (n,)
+        logits[:, FORCED_EOS] = torch.where(force, 1e4, float("-inf")).to(logits.dtype)
         return logits
 
 
@@ -199,20 +194,11 @@ class Ours:
         self.sampler = KVCacheSampler(model, NullTokenizer())
 
     def run(self, case: Case, prompts, lengths) -> dict:
-        model = self.model
         stop = dict(stop_ids=(FORCED_EOS,)) if case.longtail else dict(ignore_stop=True)
         params = SamplingParams(n=case.G, temperature=1.0, max_new_tokens=case.Tc, **stop)
         self.sampler.generate([p[:16] for p in prompts[:2]], SamplingParams(n=2, max_new_tokens=40, ignore_stop=True))
         stops = ForcedStops(lengths, DEVICE) if case.longtail else None
-        if stops is not None:
-            plain = model.logits
-
-            def forced(hidden):
-                out = stops.edit(plain(hidden), stops.position)
-                stops.position += 1
-                return out
-
-            model.logits = forced  # an instance attribute shadows the method for this call
+        self.sampler.logits_processor = None if stops is None else stops.edit
         try:
             base = reset_peak()
             sync()
@@ -221,13 +207,13 @@ class Ours:
             sync()
             seconds = time.perf_counter() - t0
         finally:
-            if stops is not None:
-                del model.logits
+            self.sampler.logits_processor = None
         return {
             "seconds": seconds,
             "prefill_s": out.stats["prefill_s"],
             "decode_s": out.stats["decode_s"],
             "decode_steps": out.stats["decode_steps"],
+            "compactions": out.stats["compactions"],
             "tokens": int(out.completion_mask.sum()),
             "peak_extra_gib": (peak_bytes() - base) / 2**30,
         }
@@ -321,7 +307,8 @@ class _HFForcedStops:
         self.Tp = Tp
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return self.stops.edit(scores, input_ids.shape[1] - self.Tp)
+        step = torch.tensor(input_ids.shape[1] - self.Tp, device=scores.device)
+        return self.stops.edit(scores, torch.arange(scores.shape[0], device=scores.device), step)
 
 
 class VLLM:

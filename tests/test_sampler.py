@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers.tiny import tiny_model
 
+from minigrpo.sampling import kv_sampler
 from minigrpo.sampling.base import Sampler
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import (
@@ -289,6 +290,32 @@ def test_waves_of_rows_draw_what_one_batch_draws(max_rows):
         assert torch.equal(getattr(waves, name), getattr(one, name)), name
     assert torch.allclose(waves.sampler_logp, one.sampler_logp, atol=1e-6)
     assert waves.completion_texts == one.completion_texts and waves.group_size == 4
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+@pytest.mark.parametrize("compact_below,chunk", [(0.5, 32), (0.9, 1), (0.9, 2)])
+def test_finished_rows_leave_the_batch_without_changing_a_token(compact_below, chunk, check_every, monkeypatch):
+    """Compaction: once few rows are live, the finished ones leave the batch (the live rows' cache
+    moved down in place `chunk` rows at a time, their inputs and noise keys selected). Rows are
+    independent and name their noise by global id, so the rollout equals the never-compacted one;
+    the test fails if a compaction drops a filled cache slot, overwrites a row before it moved, or
+    mixes up rows' outputs or noise keys."""
+    monkeypatch.setattr(kv_sampler, "COMPACT_ROWS", chunk)
+    model, tok = tiny_model(seed=9), CharTokenizer()
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=16, stop_ids=tuple(range(3, 12)))
+    ref = KVCacheSampler(model, tok, compact_below=0.0).generate(PROMPTS, params, key=(6, 1, 0))
+    out = KVCacheSampler(model, tok, compact_below=compact_below, check_every=check_every).generate(
+        PROMPTS, params, key=(6, 1, 0)
+    )
+    lengths = ref.completion_lengths.tolist()
+    assert len(set(lengths)) > 3 and max(lengths) > 8, lengths  # rows end at many different steps
+    assert ref.stats["compactions"] == 0 and out.stats["compactions"] >= 1, out.stats
+    for name in ("completion_ids", "completion_mask", "truncated", "prompt_index"):
+        assert torch.equal(getattr(out, name), getattr(ref, name)), name
+    assert torch.allclose(out.sampler_logp, ref.sampler_logp, atol=1e-6)
+    assert out.completion_texts == ref.completion_texts
+    with pytest.raises(ValueError, match="compact_below"):
+        KVCacheSampler(model, tok, compact_below=1.0)
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,12 @@ current policy. One `generate` call:
    bookkeeping), so on CUDA it is captured once per `kv_len` bucket as a CUDA graph and replayed;
    the host only looks at the device every `check_every` steps (all rows finished? stop strings?).
 
-Rows that finished keep running (the batch is static) but write padding, and are masked out. The
-rollout is as wide as its longest completion, whatever the bucket size and check cadence.
+Rows that finished keep running until the next host check (the batch is static between checks) but
+write padding, and are masked out. At a check, once at most `compact_below` of the decoding rows are
+still live, the finished rows leave the batch: the live rows' cache moves down in place, their
+inputs and noise keys into smaller buffers (and the graphs are captured anew), so a long-tailed
+rollout stops paying for the rows that stopped early. The rollout is as wide as its longest
+completion, whatever the bucket size, check cadence or compaction.
 
 Tokens are drawn with counter-based noise (params.RaceNoise): row i of a call is identified by a
 stream key (the trainer passes (seed, step, round)) and its global row id, so a row samples the
@@ -24,7 +28,7 @@ full weights, so the decode loop itself never communicates.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,24 +40,44 @@ from .params import RaceNoise, SamplingParams, generation_waves, sample_tokens
 from .rollout import Rollout, concat_rollouts, left_pad, stop_string_cut
 
 DEFAULT_STREAM = -1  # key word of calls that bring no key: (seed, DEFAULT_STREAM, call number)
+COMPACT_ROWS = 32  # cache rows moved per copy when finished rows leave the batch (the copy's buffer)
 
 
 @dataclass
 class _DecodeState:
-    """Static buffers of one decode loop (their addresses never change: CUDA graphs replay them)."""
+    """Static buffers of one decode loop (their addresses never change: CUDA graphs replay them).
+
+    n is the number of rows still in the batch (N until the first compaction); `rows` names them
+    in the call's outputs, which always have all N rows."""
 
     cache: KVCache
-    mask: torch.Tensor  # (N, Tp + Tc) long: prompt padding 0, everything else 1
-    tok: torch.Tensor  # (N, 1) last token
-    pos: torch.Tensor  # (N, 1) its RoPE position
-    slot: torch.Tensor  # (1,) its cache slot
+    mask: torch.Tensor  # (n, Tp + Tc) long: prompt padding 0, everything else 1
+    tok: torch.Tensor  # (n, 1) last token
+    pos: torch.Tensor  # (n, 1) its RoPE position
+    done: torch.Tensor  # (n,) bool
+    rows: torch.Tensor  # (n,) long: the row of out_tok / out_logp each decoding row writes
+    noise: RaceNoise  # row keys (n,) and the drawn position, which is `step` itself
+    slot: torch.Tensor  # (1,) the cache slot of `tok`
     step: torch.Tensor  # (1,) index of the token being drawn
-    done: torch.Tensor  # (N,) bool
     out_tok: torch.Tensor  # (N, Tc) long, pad-filled
     out_logp: torch.Tensor  # (N, Tc) fp32
     stop_ids: torch.Tensor  # (S,) long
     pad: torch.Tensor  # () long
-    noise: RaceNoise  # row keys (N,) and the drawn position, which is `step` itself
+
+    def keep_rows(self, keep: torch.Tensor, filled: int) -> None:
+        """Shrink the batch to the decoding rows `keep` (n',) ascending, in place: the cache rows move
+        down to [0, n') (its first `filled` slots; no slot past them was ever written) a few rows at a
+        time, so the rollout's memory never grows; the small per-row buffers are replaced (graphs
+        that replay the old ones must go)."""
+        k, v = self.cache.k, self.cache.v  # (L, n, Hkv, S, Dh)
+        for i in range(0, len(keep), COMPACT_ROWS):  # keep[j] >= j: a chunk never overwrites a later source
+            src = keep[i : i + COMPACT_ROWS]
+            k[:, i : i + len(src), :, :filled] = k[:, src, :, :filled]  # the gather copies first
+            v[:, i : i + len(src), :, :filled] = v[:, src, :, :filled]
+        self.cache.k, self.cache.v = k[:, : len(keep)], v[:, : len(keep)]
+        self.mask, self.tok, self.pos = self.mask[keep], self.tok[keep], self.pos[keep]
+        self.done, self.rows = self.done[keep], self.rows[keep]
+        self.noise = replace(self.noise, row_keys=self.noise.row_keys[keep])
 
 
 class KVCacheSampler:
@@ -71,6 +95,11 @@ class KVCacheSampler:
             the early exit depends on it, never a token.
         seed: the noise stream of calls that pass no `key` (the k-th such call uses (seed, -1, k)).
         max_rows: rows decoded at once (waves; see generation_waves), None: all.
+        compact_below: at a host check, drop the finished rows from the batch once the live ones
+            are at most this share of it (0: never). Rows are independent, so no token changes.
+        logits_processor: f(logits (n, V), rows (n,), step (1,)) -> logits, applied before each
+            draw: `rows` are the decoding rows' ids in the call (0..N-1), `step` the index of the
+            token being drawn (device tensors: it runs inside the CUDA graphs, so no host syncs).
     """
 
     def __init__(
@@ -83,9 +112,15 @@ class KVCacheSampler:
         check_every: int | None = None,
         seed: int = 0,
         max_rows: int | None = None,
+        compact_below: float = 0.5,
+        logits_processor: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if kv_bucket < 1 or (check_every is not None and check_every < 1):
             raise ValueError(f"kv_bucket and check_every must be >= 1, got {kv_bucket} and {check_every}")
+        if not 0 <= compact_below < 1:
+            raise ValueError(f"compact_below must be in [0, 1), got {compact_below}")
+        self.compact_below = compact_below
+        self.logits_processor = logits_processor
         self.model = model
         self.max_rows = max_rows
         self.tokenizer = tokenizer
@@ -172,7 +207,7 @@ class KVCacheSampler:
             state, first_logits = self._prefill(prompt_ids, prompt_mask, params, key, rows.to(dev))
             t_prefill = time.perf_counter()
             self._draw(state, first_logits, params)  # token 0
-            steps = self._decode(state, Tp, params)
+            steps, compactions = self._decode(state, Tp, params)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t_decode = time.perf_counter()
@@ -186,6 +221,7 @@ class KVCacheSampler:
             total_s=time.perf_counter() - t0,
             tokens=float(generated),
             decode_steps=float(steps),
+            compactions=float(compactions),
         )
         return rollout
 
@@ -220,23 +256,27 @@ class KVCacheSampler:
             mask=mask,
             tok=torch.zeros(N, 1, dtype=torch.long, device=dev),
             pos=positions[:, -1:].repeat_interleave(G, dim=0),  # advanced to the first completion token
+            done=torch.zeros(N, dtype=torch.bool, device=dev),
+            rows=torch.arange(N, device=dev),
+            noise=RaceNoise.make(key, rows, position=step),  # (N,) row keys; t is the step buffer
             slot=torch.full((1,), Tp - 1, dtype=torch.long, device=dev),
             step=step,
-            done=torch.zeros(N, dtype=torch.bool, device=dev),
             out_tok=torch.full((N, Tc), self.pad_id, dtype=torch.long, device=dev),
             out_logp=torch.zeros(N, Tc, dtype=torch.float32, device=dev),
             stop_ids=torch.tensor(sorted(set(stop)), dtype=torch.long, device=dev),
             pad=torch.tensor(self.pad_id, dtype=torch.long, device=dev),
-            noise=RaceNoise.make(key, rows, position=step),  # (N,) row keys; t is the step buffer
         )
         return state, logits.repeat_interleave(G, dim=0)  # (N, V)
 
     def _draw(self, st: _DecodeState, logits: torch.Tensor, params: SamplingParams) -> None:
-        """Sample from logits (N, V), record the token, then advance the static inputs by one."""
+        """Sample from logits (n, V), record the token, then advance the static inputs by one."""
+        if self.logits_processor is not None:
+            logits = self.logits_processor(logits, st.rows, st.step)
         tok, logp = sample_tokens(logits, params, noise=st.noise)
         tok = torch.where(st.done, st.pad, tok)
-        st.out_tok.index_copy_(1, st.step, tok[:, None])
-        st.out_logp.index_copy_(1, st.step, logp.masked_fill(st.done, 0.0)[:, None])
+        at = (st.rows, st.step.expand_as(st.rows))  # (n,), (n,): this token's place in the outputs
+        st.out_tok.index_put_(at, tok)
+        st.out_logp.index_put_(at, logp.masked_fill(st.done, 0.0))
         st.done |= torch.isin(tok, st.stop_ids)
         st.tok.copy_(tok[:, None])
         st.pos += 1
@@ -251,18 +291,27 @@ class KVCacheSampler:
         )
         self._draw(st, net.logits(hidden[:, -1]).float(), params)
 
-    def _decode(self, st: _DecodeState, Tp: int, params: SamplingParams) -> int:
-        """Run decode steps until every row is done or max_new_tokens; returns the tokens drawn per row."""
+    def _decode(self, st: _DecodeState, Tp: int, params: SamplingParams) -> tuple[int, int]:
+        """Run decode steps until every row is done or max_new_tokens.
+
+        Returns the tokens drawn per row and the number of compactions (finished rows leaving `st`)."""
         Tc, total = params.max_new_tokens, st.mask.shape[1]
         use_graphs = self.cuda_graphs and st.tok.is_cuda
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = torch.cuda.graph_pool_handle() if use_graphs else None
         check_every = self.check_every or (32 if st.tok.is_cuda else 1)
-        drawn = 1
+        drawn, compactions = 1, 0
         for s in range(1, Tc):
-            checking = (s - 1) % check_every == 0 and not params.ignore_stop
-            if checking and (bool(st.done.all()) or self._stop_strings_hit(st, s, params)):
-                break
+            if (s - 1) % check_every == 0 and not params.ignore_stop:
+                if self._stop_strings_hit(st, s, params):
+                    break
+                live = (~st.done).nonzero().flatten()  # (n_live,) one host sync
+                if len(live) == 0:
+                    break
+                if len(live) <= self.compact_below * len(st.rows):
+                    graphs.clear()  # they replay the buffers that keep_rows replaces
+                    st.keep_rows(live, Tp + s - 1)  # slots [0, Tp + s - 1) are filled
+                    compactions += 1
             kv_len = min(total, -(-(Tp + s) // self.kv_bucket) * self.kv_bucket)
             if not use_graphs:
                 self._step(st, kv_len, params)
@@ -279,14 +328,14 @@ class KVCacheSampler:
                     self._step(st, kv_len, params)
                 graphs[kv_len] = graph
             drawn = s + 1
-        return drawn
+        return drawn, compactions
 
     def _stop_strings_hit(self, st: _DecodeState, s: int, params: SamplingParams) -> bool:
         """Mark rows whose text already contains a stop string as done; True if all rows are done."""
         if not params.stop_strings:
             return False
         open_rows = (~st.done).nonzero().flatten().tolist()
-        tokens = st.out_tok[open_rows, :s].tolist()
+        tokens = st.out_tok[st.rows[open_rows], :s].tolist()
         for row, toks in zip(open_rows, tokens):
             text = self.tokenizer.decode(toks, skip_special_tokens=False)
             if any(stop in text for stop in params.stop_strings):
