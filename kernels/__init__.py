@@ -2,13 +2,17 @@
 
 from ._triton import HAS_TRITON
 from .cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_ref
+from .flash_decode import decode_attention, decode_attention_ref
 from .logprobs import fused_linear_logprobs, linear_logprobs_ref
 from .rmsnorm import rms_norm, rms_norm_ref
 from .rope import apply_rotary, rotary_ref
+from .sampling import sample_race, sample_race_ref
 
 __all__ = [
     "HAS_TRITON",
     "apply_rotary",
+    "decode_attention",
+    "decode_attention_ref",
     "fused_linear_cross_entropy",
     "fused_linear_logprobs",
     "linear_cross_entropy_ref",
@@ -16,4 +20,6 @@ __all__ = [
     "rms_norm",
     "rms_norm_ref",
     "rotary_ref",
+    "sample_race",
+    "sample_race_ref",
 ]

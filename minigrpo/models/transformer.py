@@ -14,15 +14,22 @@ Without a KV cache, rows of the usual shape (pads, one run of real tokens, pads)
 row is rotated so that its leading pads trail, where causal attention hides them from every real
 query, runs as plain causal attention (flash kernels, no (B, T, T) mask in memory), and is rotated
 back.
+
+Decode steps (T == 1 over a KV cache) on CUDA attend with the split-K kernel of
+kernels/flash_decode.py, which reads the 2-D key mask and the slot directly (no 4-D mask);
+`Transformer.decode_attention_impl` chooses ("ref": SDPA with a 4-D mask, as on the CPU).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigrpo.kernels import apply_rotary, rms_norm
+from minigrpo.kernels import apply_rotary, decode_attention, rms_norm
+from minigrpo.kernels._triton import resolve_impl
 
 from .args import ModelArgs
 from .offload import checkpoint_block
@@ -80,6 +87,19 @@ def attention_mask_4d(
         allowed = allowed & key_mask[:, None, :kv_len].bool()
         allowed = allowed | (j == q)  # a pad query sees itself: no fully masked row
     return allowed.unsqueeze(1)
+
+
+_DECODE_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # caches the kernel reads
+
+
+@dataclass(frozen=True)
+class DecodeInputs:
+    """What the split-K decode kernel reads instead of a 4-D mask: one query per row (T == 1) at
+    cache slot `slot`, attending slots [0, kv_len) of the cache (kernels/flash_decode.py)."""
+
+    key_mask: torch.Tensor  # (B, >= kv_len) 1 for real keys, 0 for prompt padding
+    slot: torch.Tensor  # (1,) the query's cache slot (a device tensor: read inside the kernel)
+    kv_len: int  # slots the kernel may look at (the CUDA-graph bucket)
 
 
 def padding_layout(attention_mask: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
@@ -150,13 +170,27 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
         kv_len: int | None = None,
+        decode: DecodeInputs | None = None,
     ) -> torch.Tensor:
+        """With `decode` (T == 1 over kv_cache), attention is the split-K kernel and `mask` is unused."""
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q, k = apply_rotary(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, Dh)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v, cache_position, kv_len)  # (B, Hkv, S, Dh)
+        if decode is not None:
+            out = decode_attention(
+                q[:, :, 0],  # (B, H, Dh)
+                kv_cache.k[self.layer],  # (B, Hkv, S_max, Dh), this step's key already written
+                kv_cache.v[self.layer],
+                decode.key_mask,
+                decode.slot,
+                decode.kv_len,
+                window=self.args.layer_windows[self.layer],
+                impl="triton",
+            )  # (B, H, Dh)
+            return self.o_proj(out.reshape(B, 1, self.n_heads * self.head_dim))
         if T == 1 and self.n_kv_heads != self.n_heads and mask is not None:
             # decode: the G = H / Hkv query heads sharing a key/value head become G query rows of
             # that head, so attention reads each cached key once and no K/V copy is made
@@ -207,8 +241,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, cache_position=None, kv_len=None) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_position, kv_len)
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_position=None, kv_len=None, decode=None) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_position, kv_len, decode)
         normed, h = self.post_attention_layernorm(attn, residual=x)  # h = x + attn
         return h + self.mlp(normed)
 
@@ -235,6 +269,9 @@ class Transformer(nn.Module):
         self.rotary.reset()
         self.gradient_checkpointing = False
         self.activation_offload = False  # with checkpointing: block inputs wait in CPU memory (offload.py)
+        # decode steps (T == 1 over a KV cache): "auto" runs the split-K Triton kernel on CUDA and SDPA
+        # with a 4-D mask elsewhere; "triton" forces the kernel (the CPU interpreter in tests); "ref": SDPA
+        self.decode_attention_impl = "auto"
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -261,6 +298,12 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
         self.rotary.reset(self.device)
+
+    def _decode_kernel_applies(self, kv_cache: KVCache) -> bool:
+        """Whether decode steps over this cache run the split-K kernel (decode_attention_impl)."""
+        if kv_cache.k.dtype not in _DECODE_KERNEL_DTYPES:
+            return False
+        return resolve_impl(self.decode_attention_impl, kv_cache.k) == "triton"
 
     def hidden(
         self,
@@ -296,14 +339,18 @@ class Transformer(nn.Module):
             else:
                 position_ids = cache_position.unsqueeze(0).expand(B, -1)
         cos, sin = self.rotary(position_ids)  # (B, T, R/2) fp32
-        masks = {}
-        for w in set(self.args.layer_windows):
+        decode = None  # a decode step on the split-K kernel reads the 2-D mask: no 4-D masks are built
+        if kv_cache is not None and T == 1 and self._decode_kernel_applies(kv_cache):
+            decode = DecodeInputs(attention_mask, cache_position, kv_len)
+        masks = dict.fromkeys(self.args.layer_windows)  # window -> (B, 1, T, S) bool mask, or None
+        for w in masks:
             plain = attention_mask is None and kv_cache is None and (w is None or w >= T)
-            masks[w] = None if plain else attention_mask_4d(attention_mask, cache_position, kv_len, w, B)
+            if not plain and decode is None:
+                masks[w] = attention_mask_4d(attention_mask, cache_position, kv_len, w, B)
 
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for block, window in zip(self.model.layers, self.args.layer_windows):
-            args = (x, cos, sin, masks[window], kv_cache, cache_position, kv_len)
+            args = (x, cos, sin, masks[window], kv_cache, cache_position, kv_len, decode)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint_block(block, *args, offload=self.activation_offload)
             else:

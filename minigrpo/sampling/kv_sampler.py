@@ -242,7 +242,7 @@ class KVCacheSampler:
             kv_cache=small,
             cache_position=torch.arange(Tp, device=dev),
         )
-        logits = model.logits(hidden[:, -1]).float()  # (B, V)
+        logits = model.logits(hidden[:, -1])  # (B, V)
         cache = KVCache(model.args, N, Tp + Tc, dtype=model.dtype, device=dev)
         cache.k[:, :, :, :Tp] = small.k.repeat_interleave(G, dim=1)
         cache.v[:, :, :, :Tp] = small.v.repeat_interleave(G, dim=1)
@@ -289,7 +289,7 @@ class KVCacheSampler:
         hidden = net.hidden(
             st.tok, attention_mask=st.mask[:, :kv_len], position_ids=st.pos, kv_cache=st.cache, cache_position=st.slot
         )
-        self._draw(st, net.logits(hidden[:, -1]).float(), params)
+        self._draw(st, net.logits(hidden[:, -1]), params)  # (n, V) model dtype: the draw reads it once
 
     def _decode(self, st: _DecodeState, Tp: int, params: SamplingParams) -> tuple[int, int]:
         """Run decode steps until every row is done or max_new_tokens.

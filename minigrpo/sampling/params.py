@@ -28,19 +28,27 @@ for distinct rows and, for a fixed (row, t), distinct tokens get distinct x. A r
 draws the same tokens whichever batch, micro-batch or rank it is sampled in: sampling is split
 invariant, a resumed run redraws nothing differently, and the noise costs no generator state
 (CUDA-graph friendly: row keys and t are static device tensors). The integer math runs in int64
-on values below 2^32 with 16-bit partial products, so nothing overflows and every device computes
-the same bits. tests/test_sampler.py checks h against a pure-Python reference, the uniformity of
-u (chi-square over 256 bins, bit balance, neighbour correlation) and the token frequencies.
+on values below 2^32 with 16-bit partial products (in the Triton kernel: wrapping uint32), so
+nothing overflows and every device computes the same bits. tests/test_sampler.py checks h against
+a pure-Python reference, the uniformity of u (chi-square over 256 bins, bit balance, neighbour
+correlation) and the token frequencies.
+
+Where the code lives: the mixer, the noise and the race are in minigrpo.kernels.sampling (torch
+reference + fused Triton kernel); RaceNoise holds one batch's counters. With noise and no filters,
+sample_tokens is that module's `sample_race`: on CUDA, two launches read the (bf16) logits once for
+the softmax statistics, the race and the log-prob, instead of ~8 fp32 passes over (B, V) in torch.
+Filters (they sort) and noise=None keep the torch path, which for the same noise draws the same
+tokens (up to rounding on near-ties of the race).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from minigrpo.kernels.sampling import MASK32, mix32, race_ref, race_uniforms, sample_race
 
 
 @dataclass(frozen=True)
@@ -101,12 +109,7 @@ def filter_probs(probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p:
 
 # ----------------------------------------------------------------------------- counter-based noise
 
-MASK32 = 0xFFFFFFFF
 MASK64 = 0xFFFFFFFFFFFFFFFF
-RACE_BLOCK = 256  # vocabulary entries per block of the two-stage race
-SALT_POS = 0x2545F491  # distinguishes the position input from the token input
-SALT_TOKEN = 0x6C8E9CF5
-BLOCK_BIT = 1 << 31  # block counters have bit 31 set; token ids stay below it
 
 
 def splitmix64(x: int) -> int:
@@ -123,22 +126,6 @@ def stream_key(*words: int) -> tuple[int, int]:
     for w in words:
         h = splitmix64(h ^ (int(w) & MASK64))
     return h & MASK32, h >> 32
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x * c mod 2^32 for int64 x in [0, 2^32): 16-bit partial products stay below 2^49 (no overflow)."""
-    lo = (x & 0xFFFF) * c  # < 2^48
-    hi = ((x >> 16) * c) & 0xFFFF  # the part of (x_hi * c) that survives the shift by 16
-    return (lo + (hi << 16)) & MASK32
-
-
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on int64 tensors holding 32-bit words: a bijection of [0, 2^32) with full avalanche."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
 
 
 def mix32_ref(x: int) -> int:
@@ -178,23 +165,11 @@ class RaceNoise:
 
     def uniforms(self, index: torch.Tensor) -> torch.Tensor:
         """u in (0, 1) fp64 for counters `index` (K,) or (N, K) int64 at the current position -> (N, K)."""
-        pos = mix32(mix32((self.position & MASK32) ^ SALT_POS) ^ self.row_keys)  # (N,)
-        x = mix32(pos[:, None] ^ mix32(index ^ SALT_TOKEN))  # (N, K)
-        return (x.to(torch.float64) + 0.5) * 2.0**-32
+        return race_uniforms(self.row_keys, self.position, index)
 
     def race(self, probs: torch.Tensor) -> torch.Tensor:
         """argmax_v p_v / E_v in two stages (blocks, then the tokens of the winning block): (N, V) -> (N,)."""
-        N, V = probs.shape
-        assert self.row_keys.shape == (N,), f"{self.row_keys.shape[0]} row keys for {N} rows"
-        K = min(RACE_BLOCK, V)  # a small vocabulary is one block (the same draws as padding it)
-        nb = math.ceil(V / K)
-        blocks = F.pad(probs, (0, nb * K - V)).view(N, nb, K)  # (N, nb, K), padding has p = 0
-        block_ids = torch.arange(nb, device=probs.device) | BLOCK_BIT  # (nb,)
-        b = (blocks.sum(-1).double() / -self.uniforms(block_ids).log()).argmax(-1)  # (N,)
-        inner = blocks.gather(1, b[:, None, None].expand(N, 1, K)).squeeze(1)  # (N, K)
-        token_ids = b[:, None] * K + torch.arange(K, device=probs.device)  # (N, K)
-        j = (inner.double() / -self.uniforms(token_ids).log()).argmax(-1)  # (N,)
-        return b * K + j
+        return race_ref(probs, self.row_keys, self.position)
 
 
 def sample_tokens(
@@ -203,12 +178,18 @@ def sample_tokens(
     generator: torch.Generator | None = None,
     *,
     noise: RaceNoise | None = None,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row. logits (B, V) -> tokens (B,) int64, their log-probs (B,) fp32.
+    """Draw one token per row. logits (B, V) any float dtype -> tokens (B,) int64, their log-probs (B,) fp32.
 
     noise: the rows' counters (see RaceNoise); None draws fresh row keys from torch's RNG
-    (`generator`), i.e. an ordinary random draw.
+    (`generator`), i.e. an ordinary random draw. With noise and no filters, the draw is the fused
+    kernel `sample_race` (impl: "auto" = Triton on CUDA, the torch reference elsewhere; "triton",
+    "ref"); filters and noise=None take the torch path below (for the same noise and no filters
+    it draws the same tokens, up to rounding on near-ties).
     """
+    if noise is not None and not params.filters:
+        return sample_race(logits, params.temperature, noise.row_keys, noise.position, impl=impl)
     if params.greedy:
         tokens = logits.argmax(-1)
         return tokens, token_logprobs(logits, tokens, 1.0)

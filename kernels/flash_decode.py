@@ -1,0 +1,340 @@
+"""Split-K ("flash-decoding") attention for one query per row over a pre-allocated KV cache.
+
+    decode_attention(q (B, H, Dh), k_cache, v_cache (B, Hkv, S_max, Dh), key_mask (B, >= kv_len),
+                     slot (1,) int64 device tensor, kv_len: int, *, window=None, scale=None,
+                     impl="auto") -> out (B, H, Dh) in q.dtype
+
+Query head h reads kv head h // G, G = H / Hkv (GQA). Slot j of row b is attended iff
+    j <= slot  and  key_mask[b, j] != 0  and  (window is None or j > slot - window),
+or j == slot: the query's own slot is always attended, so no row is ever fully masked (exactly
+`attention_mask_4d` of models/transformer.py). Slots past `slot` (the future, up to kv_len) may hold
+anything: they are never read into the result. Softmax in fp32, one rounding to q.dtype at the end;
+scale defaults to Dh^-0.5 (SDPA's).
+
+Why split-K: in decode each step reads the whole live cache, and one program per (row, kv head)
+leaves most SMs idle when B * Hkv is small (64 rows x 2 kv heads = 128 programs on 132 SMs). Here
+the slots of each (row, kv head) are cut into SPLITS chunks of SPLIT slots that run in parallel:
+
+1. grid (B, Hkv, SPLITS): program (b, g, s) holds the G query heads of kv head g as a [G_PAD, Dh]
+   tile (G_PAD >= 16 for tl.dot; padded rows are zero and never stored) and streams slots
+   [s*SPLIT, min((s+1)*SPLIT, kv_len, slot+1)) in tiles of BLOCK_S: scores = q @ k^T * scale (fp32),
+   masked, online softmax (running max m, sum l, unnormalised acc [G_PAD, Dh] fp32). It writes
+   (acc, m, l) per (b, h, s) to an fp32 workspace; a split wholly past `slot` writes m = -1e30,
+   l = 0, acc = 0. With one split there is nothing to combine: it writes acc / l to out directly.
+2. grid (B, H): combine, out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s with M = max m_s.
+   Empty splits weigh exp(-1e30 - M) = 0 (a finite "minus infinity": no inf - inf NaN).
+
+Dots: bf16/fp16 tiles go to tensor cores with fp32 accumulation, p rounded to the cache dtype for
+p @ v (as flash attention does); fp32 inputs use full-precision fp32 dots (not tf32). Under the CPU
+interpreter every dot runs on fp32 copies (Triton 3.6's interpreter multiplies bf16 tiles as raw
+16-bit integers); bf16 products are exact in fp32, so it computes what the GPU does up to the order
+of the sums.
+
+`slot` is read inside the kernels and SPLIT depends only on (B, Hkv, kv_len), so a call never
+synchronises with the host and can be captured in a CUDA graph per kv_len.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import cdiv, interpreting, jit, next_power_of_2, resolve_impl, tl
+
+_NEG = -1.0e30  # running max of a split that saw no slot: finite, so exp(_NEG - M) is 0, never NaN
+_BLOCK_S = 64  # slots per tile
+_TARGET_PROGRAMS = 4 * 132  # split programs aimed for: about four waves of an H100's 132 SMs
+_MAX_SPLITS = 64  # the combine step holds all of a head's splits in one [SPLITS, Dh] tile
+
+# ----------------------------------------------------------------------------------------------
+# 1. Reference (the spec; also the CPU fallback)
+# ----------------------------------------------------------------------------------------------
+
+
+def attended_slots(key_mask: torch.Tensor, slot: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+    """(B, kv_len) bool: the slots the query at `slot` attends (see the module docstring)."""
+    j = torch.arange(kv_len, device=key_mask.device).view(1, -1)  # (1, S)
+    q = slot.view(-1, 1).to(key_mask.device)  # (1, 1)
+    allowed = (j <= q) & key_mask[:, :kv_len].bool()  # (B, S)
+    if window is not None:
+        allowed = allowed & (j > q - window)
+    return allowed | (j == q)
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key_mask: torch.Tensor,
+    slot: torch.Tensor,
+    kv_len: int,
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The spec in torch: fp32 math (fp64 for fp64 inputs), out (B, H, Dh) in q.dtype."""
+    B, H, Dh = q.shape
+    Hkv = k_cache.shape[1]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scale = Dh**-0.5 if scale is None else scale
+    allowed = attended_slots(key_mask, slot, kv_len, window)[:, None, None, :]  # (B, 1, 1, S)
+    qg = q.reshape(B, Hkv, H // Hkv, Dh).to(acc)  # (B, Hkv, G, Dh)
+    k = k_cache[:, :, :kv_len].to(acc)  # (B, Hkv, S, Dh)
+    v = v_cache[:, :, :kv_len].to(acc)
+    scores = (qg @ k.transpose(-1, -2)) * scale  # (B, Hkv, G, S)
+    p = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    v = v.masked_fill(~allowed.transpose(-1, -2), 0.0)  # unattended slots add nothing, even inf / NaN
+    return (p @ v).reshape(B, H, Dh).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@jit
+def _decode_split_kernel(
+    q_ptr,  # (B, H, Dh)
+    k_ptr,  # (B, HKV, S_max, Dh)
+    v_ptr,  # (B, HKV, S_max, Dh)
+    mask_ptr,  # (B, >= kv_len) int: 0 = pad key
+    slot_ptr,  # (1,) int: the query's slot
+    out_ptr,  # (B, H, Dh): written only if DIRECT
+    acc_ptr,  # (B, H, SPLITS, Dh) fp32 workspace: unnormalised sums (unless DIRECT)
+    m_ptr,  # (B, H, SPLITS) fp32: running max per split
+    l_ptr,  # (B, H, SPLITS) fp32: sum of exp(score - m) per split
+    kv_len,
+    window,
+    scale,
+    H,
+    SPLIT,
+    SPLITS,
+    stride_q_b,
+    stride_q_h,
+    stride_q_d,
+    stride_k_b,
+    stride_k_h,
+    stride_k_s,
+    stride_k_d,
+    stride_v_b,
+    stride_v_h,
+    stride_v_s,
+    stride_v_d,
+    stride_m_b,
+    stride_m_s,
+    stride_o_b,
+    stride_o_h,
+    stride_o_d,
+    G: tl.constexpr,  # query heads per kv head
+    DH: tl.constexpr,  # head dim (fixed per model: a constant, so Dh = DH_PAD needs no channel mask)
+    HAS_WINDOW: tl.constexpr,
+    DIRECT: tl.constexpr,  # one split: normalise and write out here, no combine step
+    DOT_F32: tl.constexpr,  # dots in full fp32 (not tf32): fp32 inputs, or the interpreter (below)
+    G_PAD: tl.constexpr,
+    DH_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    s = tl.program_id(2)
+    slot = tl.load(slot_ptr).to(tl.int32)
+    rows = tl.arange(0, G_PAD)
+    heads = g * G + rows  # (G_PAD,) query heads of kv head g
+    row_ok = rows < G
+    d = tl.arange(0, DH_PAD)
+    d_ok = d < DH
+    q = tl.load(
+        q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + d[None, :] * stride_q_d,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # (G_PAD, DH_PAD)
+    k_base = k_ptr + b * stride_k_b + g.to(tl.int64) * stride_k_h
+    v_base = v_ptr + b * stride_v_b + g.to(tl.int64) * stride_v_h
+
+    start = s * SPLIT
+    hi = tl.minimum(tl.minimum(start + SPLIT, kv_len), slot + 1)  # past `slot` is the future
+    lo = start
+    if HAS_WINDOW:  # skip whole tiles before the window (tiles stay aligned to the split start)
+        lo = tl.maximum(start, start + ((slot - window + 1 - start) // BLOCK_S) * BLOCK_S)
+
+    m_i = tl.full((G_PAD,), -1.0e30, dtype=tl.float32)  # = _NEG
+    l_i = tl.zeros((G_PAD,), dtype=tl.float32)
+    acc = tl.zeros((G_PAD, DH_PAD), dtype=tl.float32)
+    j0 = lo
+    while j0 < hi:  # (a while, not range(lo, hi): the interpreter rejects tensor loop bounds)
+        j = j0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,) slots of this tile
+        in_range = j < hi
+        real = tl.load(mask_ptr + b * stride_m_b + j * stride_m_s, mask=in_range, other=0) != 0
+        ok = in_range & (real | (j == slot))
+        if HAS_WINDOW:
+            ok = ok & (j > slot - window)
+        kv_mask = ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + j[:, None] * stride_k_s + d[None, :] * stride_k_d, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + j[:, None] * stride_v_s + d[None, :] * stride_v_d, mask=kv_mask, other=0.0)
+        if DOT_F32:
+            kt = tl.trans(k.to(tl.float32))
+            scores = tl.dot(q.to(tl.float32), kt, input_precision="ieee")  # (G_PAD, BLOCK_S) fp32
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(ok[None, :], scores * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # stays -1e30 (finite) on an all-masked tile
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])  # masked slots: exp(-inf) = 0
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p_in = p.to(v.dtype)  # p rounded to the cache dtype for the second dot (no-op in fp32)
+        if DOT_F32:
+            pv = tl.dot(p_in.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p_in, v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+        j0 += BLOCK_S
+
+    heads64 = heads.to(tl.int64)
+    if DIRECT:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_off = b * stride_o_b + heads64[:, None] * stride_o_h + d[None, :] * stride_o_d
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        rec = (b * H + heads64) * SPLITS + s  # (G_PAD,) flat (b, h, s)
+        tl.store(m_ptr + rec, m_i, mask=row_ok)
+        tl.store(l_ptr + rec, l_i, mask=row_ok)
+        tl.store(acc_ptr + rec[:, None] * DH + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@jit
+def _decode_combine_kernel(
+    acc_ptr,  # (B, H, SPLITS, Dh) fp32
+    m_ptr,  # (B, H, SPLITS) fp32
+    l_ptr,  # (B, H, SPLITS) fp32
+    out_ptr,  # (B, H, Dh)
+    H,
+    SPLITS,
+    stride_o_b,
+    stride_o_h,
+    stride_o_d,
+    DH: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    DH_PAD: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_PAD)
+    s_ok = sp < SPLITS
+    d = tl.arange(0, DH_PAD)
+    d_ok = d < DH
+    rec = (b * H + h) * SPLITS + sp  # (SPLITS_PAD,)
+    m = tl.load(m_ptr + rec, mask=s_ok, other=-1.0e30)  # = _NEG
+    denom = tl.load(l_ptr + rec, mask=s_ok, other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))  # (SPLITS_PAD,) empty and padded splits: 0 (or denom 0)
+    total = tl.sum(w * denom, axis=0)
+    acc = tl.load(acc_ptr + rec[:, None] * DH + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)  # (DH_PAD,)
+    o_off = b * stride_o_b + h * stride_o_h + d * stride_o_d
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def split_size(batch: int, n_kv_heads: int, kv_len: int, block_s: int = _BLOCK_S) -> int:
+    """Slots per split (a multiple of block_s): enough splits for ~_TARGET_PROGRAMS programs in all,
+    at most one per tile and at most _MAX_SPLITS. Depends on python ints only (no device values)."""
+    tiles = cdiv(max(kv_len, 1), block_s)
+    wanted = cdiv(_TARGET_PROGRAMS, batch * n_kv_heads)
+    splits = max(1, min(wanted, tiles, _MAX_SPLITS))
+    return cdiv(tiles, splits) * block_s
+
+
+def _decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key_mask: torch.Tensor,
+    slot: torch.Tensor,
+    kv_len: int,
+    window: int | None,
+    scale: float,
+    *,
+    split: int | None = None,
+    block_s: int = _BLOCK_S,
+) -> torch.Tensor:
+    """Launch the split and (with more than one split) combine kernels; split/block_s: test overrides."""
+    B, H, Dh = q.shape
+    Hkv = k_cache.shape[1]
+    G = H // Hkv
+    split = split_size(B, Hkv, kv_len, block_s) if split is None else split
+    assert split % block_s == 0, f"split {split} is not a multiple of block_s {block_s}"
+    splits = cdiv(kv_len, split)
+    assert splits <= _MAX_SPLITS, f"{splits} splits > {_MAX_SPLITS}"
+    if key_mask.dtype == torch.bool:
+        key_mask = key_mask.view(torch.uint8)
+    out = torch.empty((B, H, Dh), dtype=q.dtype, device=q.device)
+    direct = splits == 1
+    work = 1 if direct else splits  # a placeholder workspace when it is not used
+    acc = torch.empty((B, H, work, Dh), dtype=torch.float32, device=q.device)
+    m = torch.empty((B, H, work), dtype=torch.float32, device=q.device)
+    denom = torch.empty((B, H, work), dtype=torch.float32, device=q.device)
+    dh_pad = max(16, next_power_of_2(Dh))
+    _decode_split_kernel[(B, Hkv, splits)](
+        q, k_cache, v_cache, key_mask, slot, out, acc, m, denom,
+        kv_len, 0 if window is None else window, scale, H, split, splits,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+        key_mask.stride(0), key_mask.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        G=G, DH=Dh, HAS_WINDOW=window is not None, DIRECT=direct, DOT_F32=q.dtype == torch.float32 or interpreting(),
+        G_PAD=max(16, next_power_of_2(G)), DH_PAD=dh_pad, BLOCK_S=block_s,
+        num_warps=4,
+    )  # fmt: skip
+    if not direct:
+        _decode_combine_kernel[(B, H)](
+            acc, m, denom, out, H, splits, out.stride(0), out.stride(1), out.stride(2),
+            DH=Dh, SPLITS_PAD=next_power_of_2(splits), DH_PAD=dh_pad, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Public function
+# ----------------------------------------------------------------------------------------------
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key_mask: torch.Tensor,
+    slot: torch.Tensor,
+    kv_len: int,
+    *,
+    window: int | None = None,
+    scale: float | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Attention of one query per row q (B, H, Dh) over cache slots [0, kv_len) -> (B, H, Dh).
+
+    k_cache, v_cache: (B, Hkv, S_max, Dh), any strides (a layer of KVCache.k is fine); key_mask
+    (B, >= kv_len) long or bool, 1 = real key; slot (1,) int device tensor; kv_len > slot (python
+    int); window: attend slots j > slot - window; scale: default Dh^-0.5. Inference only (no grad).
+    impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "ref".
+    """
+    B, H, Dh = q.shape
+    Hkv = k_cache.shape[1]
+    assert k_cache.shape[0] == B and k_cache.shape[3] == Dh and v_cache.shape == k_cache.shape, (
+        f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
+    )
+    assert H % Hkv == 0, f"{H} query heads are not a multiple of {Hkv} kv heads"
+    assert 1 <= kv_len <= k_cache.shape[2] and key_mask.shape[0] == B and key_mask.shape[1] >= kv_len, (
+        f"kv_len {kv_len}, cache slots {k_cache.shape[2]}, key_mask {tuple(key_mask.shape)}"
+    )
+    assert slot.numel() == 1, f"slot must hold one index, got {tuple(slot.shape)}"
+    assert window is None or window >= 1, f"window must be >= 1, got {window}"
+    scale = Dh**-0.5 if scale is None else float(scale)
+    path = resolve_impl(impl, q, k_cache, v_cache, key_mask, slot)
+    if path == "ref" or q.numel() == 0:
+        return decode_attention_ref(q, k_cache, v_cache, key_mask, slot, kv_len, window, scale)
+    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"no Triton path for {q.dtype}"
+    assert k_cache.dtype == v_cache.dtype == q.dtype, f"q {q.dtype}, cache {k_cache.dtype}"
+    return _decode_attention_triton(q, k_cache, v_cache, key_mask, slot, kv_len, window, scale)

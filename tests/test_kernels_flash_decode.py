@@ -1,0 +1,232 @@
+"""Split-K decode attention (kernels/flash_decode.py) vs its reference vs the model's SDPA path.
+
+fp32: kernel, reference and SDPA with `attention_mask_4d` agree within atol 1e-5. bf16: the error
+budget of helpers/kernel_checks.py, err(kernel) <= 2 * err(SDPA in bf16) + 1e-3, both against the
+reference evaluated in fp64 on the same rounded inputs. Caches are strided views (one layer of an
+(L, B, Hkv, S_max, Dh) tensor) whose future and pad slots hold large garbage, which must not leak.
+Through the model: decoding with the kernel forced (interpreter) equals the SDPA path and a full
+forward, and the own sampler draws the same tokens and log-probs with it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers.kernel_checks import DEVICES, FLOOR, rel_err
+from helpers.tiny import tiny_model
+
+from minigrpo.kernels import decode_attention, decode_attention_ref
+from minigrpo.kernels.flash_decode import _decode_attention_triton, split_size
+from minigrpo.models import transformer
+from minigrpo.models.transformer import KVCache, attention_mask_4d
+from minigrpo.sampling.kv_sampler import KVCacheSampler
+from minigrpo.sampling.params import SamplingParams
+
+GARBAGE = 1.0e3  # scale of the values in slots that must never be attended
+
+
+def _inputs(B, H, HKV, Dh, S, slot, dtype, device, n_layers=3, layer=1):
+    """q (B, H, Dh); k, v: layer `layer` of (L, B, Hkv, S, Dh) caches (strided views); key_mask
+    (B, S) long, left padded by 0, 3, 6, ... slots; pad and future slots filled with garbage."""
+    q = torch.randn(B, H, Dh, dtype=torch.float64, device=device).to(dtype)
+    k_all = torch.randn(n_layers, B, HKV, S, Dh, dtype=torch.float64, device=device).to(dtype)
+    v_all = torch.randn(n_layers, B, HKV, S, Dh, dtype=torch.float64, device=device).to(dtype)
+    pads = (3 * torch.arange(B, device=device)).clamp(max=slot)  # row b: its first 3b slots are padding
+    key_mask = (torch.arange(S, device=device)[None, :] >= pads[:, None]).long()  # (B, S)
+    k, v = k_all[layer], v_all[layer]  # (B, Hkv, S, Dh) views
+    _fill_garbage(k, v, key_mask, slot)
+    return q, k, v, key_mask
+
+
+def _fill_garbage(k, v, key_mask, slot):
+    """Overwrite pad slots (other than `slot`) and slots past `slot` with large random values."""
+    j = torch.arange(k.shape[2], device=k.device)
+    unused = ((key_mask == 0) & (j != slot)[None, :]) | (j > slot)[None, :]  # (B, S)
+    sel = unused[:, None, :, None].expand_as(k)
+    k[sel] = (GARBAGE * torch.randn(int(sel.sum()), device=k.device)).to(k.dtype)
+    v[sel] = (GARBAGE * torch.randn(int(sel.sum()), device=k.device)).to(k.dtype)
+
+
+def _sdpa(q, k, v, key_mask, slot, kv_len, window):
+    """The model's path: SDPA over slots [0, kv_len) with the 4-D mask, G query rows per kv head."""
+    B, H, Dh = q.shape
+    HKV = k.shape[1]
+    mask = attention_mask_4d(key_mask[:, :kv_len], slot, kv_len, window, B)  # (B, 1, 1, S)
+    qg = q.reshape(B, HKV, H // HKV, Dh)
+    out = F.scaled_dot_product_attention(qg, k[:, :, :kv_len], v[:, :, :kv_len], attn_mask=mask)
+    return out.reshape(B, H, Dh)
+
+
+CASES = [  # (B, H, HKV, Dh, S_max, kv_len, slot, window, split, block_s); split None: the default
+    (3, 2, 2, 64, 48, 40, 25, None, None, 16),  # G = 1, kv_len not a multiple of anything
+    (2, 4, 2, 96, 100, 90, 70, None, 32, 16),  # G = 2, Dh 96 (padded to 128), 3 splits
+    (3, 6, 1, 64, 160, 150, 149, None, None, 64),  # G = 6, default split: 3 splits of one tile
+    (2, 7, 1, 96, 140, 130, 100, 40, 48, 16),  # G = 7 (not a power of 2), window inside split 2
+    (2, 4, 1, 64, 200, 200, 10, None, 64, 16),  # splits wholly past the slot: empty records
+    (2, 4, 2, 64, 70, 70, 69, 9, None, 64),  # one split (written directly), window
+]
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}-Hkv{}-Dh{}-S{}-kv{}-slot{}-w{}-split{}-blk{}".format(*c))
+def test_kernel_matches_reference_and_sdpa(case, dtype, device):
+    B, H, HKV, Dh, S, kv_len, slot_i, window, split, block_s = case
+    q, k, v, key_mask = _inputs(B, H, HKV, Dh, S, slot_i, dtype, device)
+    slot = torch.tensor([slot_i], device=device)
+    scale = Dh**-0.5
+    got = _decode_attention_triton(q, k, v, key_mask, slot, kv_len, window, scale, split=split, block_s=block_s)
+    assert got.shape == (B, H, Dh) and got.dtype == dtype
+    assert torch.isfinite(got).all()
+    spec = decode_attention_ref(q.double(), k.double(), v.double(), key_mask, slot, kv_len, window)  # fp64
+    sdpa = _sdpa(q, k, v, key_mask, slot, kv_len, window)
+    if dtype == torch.float32:
+        ref = decode_attention_ref(q, k, v, key_mask, slot, kv_len, window)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got, sdpa, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ref, sdpa, rtol=0, atol=1e-5)
+    else:
+        e_k, e_p = rel_err(got, spec), rel_err(sdpa, spec)
+        assert e_k <= 2 * e_p + FLOOR[dtype], f"kernel {e_k:.2e} vs SDPA in bf16 {e_p:.2e}"
+    # the garbage in pad and future slots does not leak: new garbage, bitwise the same output
+    _fill_garbage(k, v, key_mask, slot_i)
+    again = _decode_attention_triton(q, k, v, key_mask, slot, kv_len, window, scale, split=split, block_s=block_s)
+    assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_every_split_size_gives_the_same_result(device):
+    # one split (direct write), splits of one and of several tiles, empty trailing splits
+    B, H, HKV, Dh, S, kv_len, slot_i = 2, 4, 2, 64, 96, 96, 57
+    q, k, v, key_mask = _inputs(B, H, HKV, Dh, S, slot_i, torch.float32, device)
+    slot = torch.tensor([slot_i], device=device)
+    ref = decode_attention_ref(q, k, v, key_mask, slot, kv_len)
+    for split in (16, 32, 48, 96):
+        got = _decode_attention_triton(q, k, v, key_mask, slot, kv_len, None, Dh**-0.5, split=split, block_s=16)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5, msg=f"split {split}")
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_public_function_bool_mask_scale_and_own_pad_slot(device):
+    # a bool key mask, an explicit scale, and a row whose every key (its own slot too) is padding:
+    # that row attends its own slot only, so its output is v[slot] of its kv head
+    B, H, HKV, Dh, S, kv_len, slot_i = 3, 6, 2, 64, 80, 75, 60
+    q, k, v, key_mask = _inputs(B, H, HKV, Dh, S, slot_i, torch.float32, device)
+    key_mask[2] = 0
+    _fill_garbage(k, v, key_mask, slot_i)
+    slot = torch.tensor([slot_i], device=device)
+    got = decode_attention(q, k, v, key_mask.bool(), slot, kv_len, scale=0.3, impl="triton")
+    ref = decode_attention_ref(q, k, v, key_mask, slot, kv_len, scale=0.3)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    own = v[2, :, slot_i].repeat_interleave(H // HKV, dim=0)  # (H, Dh)
+    torch.testing.assert_close(got[2], own, rtol=0, atol=1e-6)
+    assert (got[0] - own).abs().max() > 0.1  # other rows do mix several slots
+
+
+def test_auto_is_ref_on_cpu_and_split_sizes():
+    q, k, v, key_mask = _inputs(2, 4, 2, 32, 20, 9, torch.float32, torch.device("cpu"))
+    slot = torch.tensor([9])
+    auto = decode_attention(q, k, v, key_mask, slot, 20, window=4, impl="auto")
+    assert torch.equal(auto, decode_attention_ref(q, k, v, key_mask, slot, 20, 4))
+    for B, HKV, kv_len in [(64, 2, 800), (512, 2, 800), (1, 1, 32768), (8, 8, 100), (4, 2, 1)]:
+        split = split_size(B, HKV, kv_len)
+        splits = -(-kv_len // split)
+        assert split % 64 == 0 and 1 <= splits <= 64, (B, HKV, kv_len, split)
+        assert splits == 64 or B * HKV * splits >= 4 * 132 or split == 64, (B, HKV, kv_len, split)
+    assert split_size(64, 2, 800) == 192  # 5 splits x 128 (row, kv head) pairs = 640 programs
+    assert split_size(512, 2, 800) == 832  # enough rows: one split, no combine step
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the model
+# ----------------------------------------------------------------------------------------------
+
+VARIANTS = {
+    "llama": {},  # G = 2, Dh 16
+    "qwen3-qknorm": dict(model_type="qwen3", head_dim=24),  # Dh 24: padded channels
+    "mistral-window": dict(model_type="mistral", sliding_window=4),
+    "phi3-mha": dict(model_type="phi3", num_key_value_heads=4, partial_rotary_factor=0.5),  # G = 1
+}
+
+
+@pytest.fixture
+def count_kernel_calls(monkeypatch):
+    """Counts the model's calls of decode_attention (so a test knows the kernel path ran)."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("window"))
+        return decode_attention(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "decode_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_model_decode_with_kernel_equals_sdpa_and_full_forward(variant, count_kernel_calls):
+    model = tiny_model(seed=1, **VARIANTS[variant])
+    B, Tp, steps = 3, 7, 5
+    lengths = torch.tensor([7, 4, 2])
+    prompt_mask = (torch.arange(Tp)[None] >= (Tp - lengths)[:, None]).long()  # (B, Tp) left padded
+    ids = torch.randint(3, 128, (B, Tp + steps)).masked_fill(
+        torch.cat([prompt_mask, torch.ones(B, steps, dtype=torch.long)], 1) == 0, 0
+    )
+    mask = torch.cat([prompt_mask, torch.ones(B, steps, dtype=torch.long)], dim=1)  # (B, T)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+    def decode(impl):
+        model.decode_attention_impl = impl
+        cache = KVCache(model.args, B, Tp + steps + 3, dtype=torch.float32, device="cpu")
+        cache.k.normal_(0, GARBAGE)  # unwritten slots hold garbage
+        cache.v.normal_(0, GARBAGE)
+        kw = dict(kv_cache=cache, attention_mask=mask[:, :Tp], position_ids=pos[:, :Tp])
+        model(ids[:, :Tp], cache_position=torch.arange(Tp), **kw)
+        outs = []
+        for t in range(Tp, Tp + steps):
+            kv_len = t + 3 if t + 3 <= Tp + steps else t + 1  # some steps look past their slot
+            key_mask = torch.cat([mask, torch.ones(B, 3, dtype=torch.long)], 1)[:, :kv_len]
+            step = model(
+                ids[:, t : t + 1],
+                attention_mask=key_mask,
+                position_ids=pos[:, t : t + 1],
+                kv_cache=cache,
+                cache_position=torch.tensor([t]),
+            )
+            outs.append(step[:, 0])
+        return torch.stack(outs, 1)  # (B, steps, V)
+
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)[:, Tp:]  # (B, steps, V)
+        sdpa = decode("ref")
+        assert not count_kernel_calls
+        kernel = decode("triton")
+    err = (kernel - sdpa).abs().max().item()
+    assert err < 1e-5, f"{variant}: kernel vs SDPA: max |diff| {err:.2e}"
+    err = (kernel - full).abs().max().item()
+    assert err < 1e-5, f"{variant}: kernel vs full forward: max |diff| {err:.2e}"
+    assert len(count_kernel_calls) == steps * model.args.n_layers
+    assert count_kernel_calls[: model.args.n_layers] == list(model.args.layer_windows)
+
+
+class CharTokenizer:
+    """Token i <-> one printable character; 0 is padding, 1 and 2 are special (bos, eos)."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(33 + i % 90) for i in ids if not (skip_special_tokens and i in (0, 1, 2)))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sampler_with_kernel_draws_the_same_tokens(temperature, count_kernel_calls):
+    model = tiny_model(seed=4)
+    prompts = [[1, 5, 9, 13, 17, 21, 25], [1, 40, 41], [1, 77, 78, 79, 80]]
+    params = SamplingParams(n=2, temperature=temperature, max_new_tokens=8, ignore_stop=True)
+    plain = KVCacheSampler(model, CharTokenizer()).generate(prompts, params, key=(1, 2, 3))
+    assert not count_kernel_calls
+    model.decode_attention_impl = "triton"
+    kernel = KVCacheSampler(model, CharTokenizer()).generate(prompts, params, key=(1, 2, 3))
+    assert len(count_kernel_calls) == 7 * model.args.n_layers  # every decode step, every layer
+    assert torch.equal(kernel.completion_ids, plain.completion_ids)
+    torch.testing.assert_close(kernel.sampler_logp, plain.sampler_logp, rtol=0, atol=1e-5)

@@ -1,0 +1,183 @@
+"""Fused sampling kernel (softmax + two-stage exponential race + log-prob) vs its torch reference.
+
+Tokens must be equal exactly (random logits: near-ties of the race, where rounding could decide,
+do not occur); log-probs within 1e-5 absolute of the fp32 reference and of fp64 log_softmax of the
+same (rounded) logits. On the CPU the kernels run in Triton's interpreter, so shapes are small and
+`chunk` is set small, to give each row several chunks of the first launch.
+"""
+
+import pytest
+import torch
+from helpers.kernel_checks import DEVICES
+
+from minigrpo.kernels import sample_race, sample_race_ref
+from minigrpo.sampling.params import RaceNoise, SamplingParams, filter_probs, sample_tokens
+
+ATOL = 1e-5  # on log-probs (fp32 math; |logp| stays below ~20 here)
+
+
+def _keys(n: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    """(n,) int64 row keys: random 32-bit words (including the top bit)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2**32, (n,), generator=gen, dtype=torch.int64).to(device)
+
+
+def _logits(n: int, v: int, dtype, device, scale: float = 2.0) -> torch.Tensor:
+    return (torch.randn(n, v, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def _fp64_logp(logits: torch.Tensor, temperature: float, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits / T)[tokens] in fp64 from the same (rounded) logits; T = 0 means 1."""
+    x = logits.double() / (temperature or 1.0)
+    return x.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("V", "chunk"), [(1000, 512), (300, 256), (5000, 1024), (255, 256), (768, 256), (100, 512)])
+def test_kernel_matches_reference(V, chunk, dtype, device):
+    N = 4
+    logits = _logits(N, V, dtype, device)
+    keys = _keys(N, seed=V, device=device)
+    sampled_off_argmax = 0
+    for temperature in [0.0, 0.7, 1.0, 1.3]:
+        for t in [0, 17]:
+            pos = torch.tensor([t], dtype=torch.int64, device=device)
+            tokens, logp = sample_race(logits, temperature, keys, pos, impl="triton", chunk=chunk)
+            ref_tokens, ref_logp = sample_race_ref(logits, temperature, keys, pos)
+            assert tokens.dtype == torch.int64 and logp.dtype == torch.float32
+            assert tokens.tolist() == ref_tokens.tolist(), (temperature, t)
+            torch.testing.assert_close(logp, ref_logp, rtol=0, atol=ATOL)
+            torch.testing.assert_close(logp.double(), _fp64_logp(logits, temperature, tokens), rtol=0, atol=ATOL)
+            if temperature == 0:
+                assert tokens.tolist() == logits.argmax(-1).tolist()
+            else:
+                sampled_off_argmax += int((tokens != logits.argmax(-1)).sum())
+    assert sampled_off_argmax > 0  # the race really samples (scale 2 logits: argmax has p << 1)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_rows_draw_the_same_alone_as_in_a_batch(device):
+    N, V = 6, 700
+    logits = _logits(N, V, torch.bfloat16, device)
+    keys = _keys(N, device=device)
+    pos = torch.tensor([5], device=device)
+    tokens, logp = sample_race(logits, 1.0, keys, pos, impl="triton", chunk=256)
+    for i in range(N):
+        tok_i, logp_i = sample_race(logits[i : i + 1], 1.0, keys[i : i + 1], pos, impl="triton", chunk=256)
+        assert int(tok_i) == int(tokens[i])
+        assert torch.equal(logp_i[0], logp[i])
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_a_peaked_distribution_always_draws_its_peak(device):
+    V = 1000
+    peaks = torch.tensor([0, 255, 256, 511, 999, 700, 3, 768], device=device)  # block edges, last entry
+    N = len(peaks)
+    logits = torch.randn(N, V, device=device)
+    logits[torch.arange(N), peaks] += 30.0
+    keys = _keys(N, seed=3, device=device)
+    for temperature in [0.7, 1.0, 1.3]:
+        for t in [0, 17]:
+            pos = torch.tensor([t], device=device)
+            tokens, logp = sample_race(logits, temperature, keys, pos, impl="triton", chunk=256)
+            assert tokens.tolist() == peaks.tolist()
+            torch.testing.assert_close(logp.double(), _fp64_logp(logits, temperature, peaks), rtol=0, atol=ATOL)
+            assert float(logp.min()) > -1e-4  # p(peak) ~ 1
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_rows_of_a_larger_buffer(dtype, device):
+    N, V = 3, 600
+    buf = _logits(N, V + 40, dtype, device)
+    logits = buf[:, 7 : 7 + V]  # row stride V + 40, unit stride along V
+    assert logits.stride() == (V + 40, 1)
+    keys = _keys(N, seed=1, device=device)
+    for temperature in [0.0, 1.0]:
+        pos = torch.tensor([2], device=device)
+        tokens, logp = sample_race(logits, temperature, keys, pos, impl="triton", chunk=256)
+        ref_tokens, ref_logp = sample_race_ref(logits.contiguous(), temperature, keys, pos)
+        assert tokens.tolist() == ref_tokens.tolist()
+        torch.testing.assert_close(logp, ref_logp, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_greedy_takes_the_first_of_tied_maxima(device):
+    logits = torch.randn(2, 1100, device=device).to(torch.bfloat16)
+    logits[0, [300, 900]] = 8.0  # tie across chunks (chunk = 512)
+    logits[1, [10, 20, 1000]] = 8.0  # tie inside one race block, and in another chunk
+    keys, pos = _keys(2, device=device), torch.tensor([0], device=device)
+    tokens, logp = sample_race(logits, 0.0, keys, pos, impl="triton", chunk=512)
+    assert tokens.tolist() == [300, 10]
+    torch.testing.assert_close(logp.double(), _fp64_logp(logits, 0.0, tokens), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_tokens_uses_the_kernel_without_filters(dtype, device):
+    N, V = 5, 900
+    logits = _logits(N, V, dtype, device)
+    noise = RaceNoise.make((11, 2, 0), torch.arange(N, device=device), torch.tensor([3], device=device))
+    for params in [SamplingParams(temperature=0.8), SamplingParams(temperature=0.0)]:
+        tok_k, logp_k = sample_tokens(logits, params, noise=noise, impl="triton")
+        tok_r, logp_r = sample_tokens(logits, params, noise=noise, impl="ref")
+        assert tok_k.tolist() == tok_r.tolist()
+        torch.testing.assert_close(logp_k, logp_r, rtol=0, atol=ATOL)
+        # the reference is the race on the tempered softmax probabilities (the torch path)
+        if not params.greedy:
+            logp_all = (logits.float() / params.temperature).log_softmax(-1)
+            assert tok_r.tolist() == noise.race(logp_all.exp()).tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_sample_tokens_keeps_the_torch_path_for_filters(device):
+    N, V = 4, 700
+    logits = _logits(N, V, torch.bfloat16, device, scale=0.5)  # flat: the race alone rarely picks the argmax
+    noise = RaceNoise.make((5, 0, 0), torch.arange(N, device=device))
+    top1, _ = sample_tokens(logits, SamplingParams(temperature=1.0, top_k=1), noise=noise, impl="triton")
+    assert top1.tolist() == logits.argmax(-1).tolist()  # only the filtered path guarantees this
+    params = SamplingParams(temperature=0.9, top_k=50, top_p=0.9)
+    tok_k, logp_k = sample_tokens(logits, params, noise=noise, impl="triton")
+    tok_r, logp_r = sample_tokens(logits, params, noise=noise, impl="ref")
+    assert torch.equal(tok_k, tok_r) and torch.equal(logp_k, logp_r)
+    logp_all = (logits.float() / 0.9).log_softmax(-1)
+    expected = noise.race(filter_probs(logp_all.exp(), top_k=50, top_p=0.9))
+    assert tok_k.tolist() == expected.tolist()
+
+
+def test_auto_is_the_reference_on_cpu():
+    logits, keys, pos = _logits(3, 500, torch.float32, "cpu"), _keys(3), torch.tensor([1])
+    for a, b in zip(sample_race(logits, 1.0, keys, pos), sample_race_ref(logits, 1.0, keys, pos)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_large_vocabulary_cuda():
+    dev = torch.device("cuda")
+    N, V = 64, 151936
+    logits = _logits(N, V, torch.bfloat16, dev)
+    keys, pos = _keys(N, device=dev), torch.tensor([9], device=dev)
+    for temperature in [0.0, 0.7, 1.0]:
+        tokens, logp = sample_race(logits, temperature, keys, pos, impl="triton")
+        ref_tokens, ref_logp = sample_race_ref(logits, temperature, keys, pos)
+        assert tokens.tolist() == ref_tokens.tolist()
+        torch.testing.assert_close(logp, ref_logp, rtol=0, atol=ATOL)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_with_the_position_advanced_in_place():
+    dev = torch.device("cuda")
+    N, V = 16, 151936
+    logits = _logits(N, V, torch.bfloat16, dev)
+    keys, pos = _keys(N, device=dev), torch.zeros(1, dtype=torch.int64, device=dev)
+    sample_race(logits, 1.0, keys, pos, impl="triton")  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens, logp = sample_race(logits, 1.0, keys, pos, impl="triton")
+    for t in range(3):
+        pos.fill_(t)
+        graph.replay()
+        eager_tokens, eager_logp = sample_race(logits, 1.0, keys, torch.tensor([t], device=dev), impl="triton")
+        assert torch.equal(tokens, eager_tokens) and torch.equal(logp, eager_logp)
