@@ -26,7 +26,8 @@ logit forced (+1e4 at position L_i - 1, -inf elsewhere: no row stops by chance) 
 in training; vLLM gets per-request max_tokens = L_i (ignore_eos). Every provider must produce
 exactly sum(L_i) tokens (checked, `tokens_ok`). tok/s = generated tokens / wall time of the whole
 call (prefill, decode, host work; the own sampler captures its CUDA graphs in every call, so that
-is included; hf-compiled compiles and records its graphs in a warm-up call of the same shapes first).
+is included). Every provider first runs a warm-up call of the same shapes (ours: 40 tokens, which
+compiles its Triton kernels; hf-compiled: compiles and records its graphs; vLLM: its own warm-up).
 Bounds: decode bound per step = (weight bytes + live KV bytes) / in-run copy bandwidth, where a row
 holding token s of its completion counts Tp + s + 0.5 KV slots and a finished row none (for fixed
 lengths: N * (Tp + Tc/2), as before); prefill bound = 2 * params * P * Tp FLOPs / in-run bf16 matmul
@@ -196,7 +197,9 @@ class Ours:
     def run(self, case: Case, prompts, lengths) -> dict:
         stop = dict(stop_ids=(FORCED_EOS,)) if case.longtail else dict(ignore_stop=True)
         params = SamplingParams(n=case.G, temperature=1.0, max_new_tokens=case.Tc, **stop)
-        self.sampler.generate([p[:16] for p in prompts[:2]], SamplingParams(n=2, max_new_tokens=40, ignore_stop=True))
+        # warm-up of the same shapes, a few tokens long: Triton compiles its kernels once per process
+        # (as hf-compiled's warm-up compiles); the timed call still captures its CUDA graphs
+        self.sampler.generate(prompts, SamplingParams(n=case.G, max_new_tokens=min(case.Tc, 40), ignore_stop=True))
         stops = ForcedStops(lengths, DEVICE) if case.longtail else None
         self.sampler.logits_processor = None if stops is None else stops.edit
         try:
