@@ -10,7 +10,7 @@ architecture (presets such as qwen2.5-1.5b, or the random Llama sizes 10m/50m/15
 bf16 on GPU, fp32 on the CPU) one in-process `VLLMSampler` (sleep mode on) is built and measured:
   sync     `sampler.sync(policy)` without verification: the weight push (buckets of whole layers,
            512 MB, the default) + tied-head refresh + prefix-cache reset; median of --reps
-  verify   `sampler.verify(policy)` alone (fingerprints + greedy log-prob probe); median of --reps
+  verify   `sampler.verify(policy)` alone (fingerprints + one-forward log-prob probe); median of --reps
   memory   torch.cuda.memory_allocated / memory_reserved and the driver's free bytes (mem_get_info)
            with the policy alone, the engine awake, after `sampler.sleep()` and after waking, for each
            sleep level: level 1 keeps the weights in CPU memory and `sampler.wake()` restores them;

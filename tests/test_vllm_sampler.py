@@ -40,8 +40,14 @@ from minigrpo.sampling.rollout import logprob_mismatch
 from minigrpo.sampling.vllm_ranks import combined_sync_stats, default_group_kept
 from minigrpo.sampling.vllm_sampler import SyncError, VLLMSampler
 from minigrpo.sampling.vllm_sync import (
+    fingerprint,
+    fingerprints,
+    layer_unit,
     policy_weights_for_sync,
+    probe_sequence,
+    stale_tensors,
     weight_buckets,
+    worker_fingerprints,
     worker_load,
     worker_refresh_tied_head,
 )
@@ -247,6 +253,64 @@ def test_a_sync_after_nan_weights_recovers(engine):
 
 
 @needs_vllm
+def test_the_probe_alone_catches_a_weight_fingerprints_cannot_see(engine):
+    """The CPU backend repacks linear weights, so they are not fingerprinted: layer 1 pushed with its
+    down_proj scaled by 1.01 leaves every fingerprint equal, and the prompt-log-prob probe alone
+    fails the check (measured on the trainer side: max 1.0e-2 / mean 3.5e-3 against a tolerance of
+    1e-3 / 1e-4; a 0.1% scale gives 1.0e-3 / 3.5e-4). A correct sync recovers."""
+    sampler, model, _, _ = engine
+    sampler.sync(model)
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert name not in sampler._fingerprint_shapes, "down_proj is fingerprinted: the test needs an unseen weight"
+    unit = [
+        (n, t * 1.01 if n == name else t)
+        for n, t in policy_weights_for_sync(model)
+        if layer_unit(n) == "model.layers.1"  # the whole layer: vLLM processes a layer from one call
+    ]
+    sampler.llm.collective_rpc(worker_load, args=(unit,))
+    sampler.llm.reset_prefix_cache()
+    assert stale_tensors(sampler.llm, model, sampler._fingerprint_shapes, sampler.dtype) == []
+    with pytest.raises(SyncError, match="log-prob probe") as err:
+        sampler.verify(model)
+    assert "fingerprints" not in str(err.value)
+    sampler.sync(model)
+    assert sampler.last_sync["probe_diff_max"] < 1e-4
+
+
+@needs_vllm
+def test_verification_is_one_call_and_one_forward_per_side(engine, monkeypatch):
+    """verify reads every fingerprint back in one engine call (one (n, 3) tensor) and runs the probe as
+    one request for prompt log-probs (max_tokens=1: no decode loop, temperature 1) over the fixed
+    probe sequence: the 12 probe-prompt ids and the 16 greedy tokens of the policy the first check
+    saw (the module's model as built; tests before this one trained it), kept since."""
+    sampler, model, tokenizer, _ = engine
+    sampler.sync(model)
+    rpcs, requests = [], []
+    real_rpc, real_generate = sampler.llm.collective_rpc, sampler.llm.generate
+    monkeypatch.setattr(
+        sampler.llm, "collective_rpc", lambda method, *a, **k: rpcs.append(method) or real_rpc(method, *a, **k)
+    )
+    monkeypatch.setattr(
+        sampler.llm,
+        "generate",
+        lambda req, params, **k: requests.append((req, params)) or real_generate(req, params, **k),
+    )
+    stats = sampler.verify(model)
+    assert rpcs == [worker_fingerprints] and len(requests) == 1
+    (request,), params = requests[0]
+    assert params.max_tokens == 1 and params.prompt_logprobs == 0 and params.temperature == 1.0
+    probe = sampler.probe_ids
+    assert request["prompt_token_ids"] == probe and probe[:12] == sampler.probe_prompt and len(probe) == 28
+    first = tiny_model(seed=0, **ARCH)  # the policy of the first check (construction): the tokens stay
+    greedy = KVCacheSampler(first, tokenizer).generate([probe[:12]], SamplingParams(temperature=0.0, max_new_tokens=16))
+    assert probe[12:] == rows(greedy)[0]
+    names, fps = real_rpc(worker_fingerprints, args=(sampler._fingerprint_shapes,))[0]
+    assert names == list(sampler._fingerprint_shapes) and stats["fingerprints"] == len(names) >= 5
+    assert fps.shape == (len(names), 3) and fps.dtype == torch.float64 and fps.device.type == "cpu"
+    assert stats["probe_diff_max"] < 1e-4
+
+
+@needs_vllm
 def test_long_prompt_is_not_served_from_a_stale_prefix_cache(engine, monkeypatch):
     """A 141-token prompt fills one full KV block (128 tokens on the CPU), which the prefix cache
     keeps; after a sync it must be recomputed with the new weights."""
@@ -416,6 +480,60 @@ def test_buckets_keep_layers_whole():
                     assert not layers & {n.split(".")[2] for n, _ in other if n.startswith("model.layers.")}
     assert len(list(weight_buckets(policy_weights_for_sync(tiny_model(**ARCH)), 0))) == 4  # embed, 2 layers, norm
     assert len(list(weight_buckets(policy_weights_for_sync(tiny_model(**ARCH)), 2**30))) == 1
+
+
+def reference_fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """The definition, one tensor at a time: fp32 row / column sums, then fp64 sum and index-weighted sums."""
+    m = t.reshape(t.shape[0], -1).float() if t.dim() > 1 else t.reshape(-1, 1).float()  # (R, C)
+    rows, cols = m.sum(1).double(), m.sum(0).double()
+    r, c = torch.arange(len(rows), dtype=torch.float64), torch.arange(len(cols), dtype=torch.float64)
+    return torch.stack([rows.sum(), (rows * r).sum(), (cols * c).sum()])
+
+
+def test_fingerprints_batched_match_the_definition_and_see_small_changes():
+    """The batched fingerprints (grouped by shape, one transfer) equal the one-tensor definition
+    (rtol 1e-12), keep the input order, are bitwise reproducible, and change (beyond the sync check's
+    rtol 1e-9) for a 1e-6 update of one element, two swapped rows or two swapped columns."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = [
+        ("a", torch.randn(6, 5, generator=gen)),
+        ("norm", torch.randn(7, generator=gen)),
+        ("b", torch.randn(6, 5, generator=gen)),
+        ("conv", torch.randn(3, 2, 4, generator=gen)),
+        ("bf16", torch.randn(4, 9, generator=gen).bfloat16()),
+    ]
+    names, fps = fingerprints(iter(tensors))
+    assert names == [n for n, _ in tensors]
+    assert fps.shape == (5, 3) and fps.dtype == torch.float64 and fps.device.type == "cpu"
+    for (name, t), fp in zip(tensors, fps):
+        assert torch.allclose(fp, reference_fingerprint(t), rtol=1e-12, atol=1e-12), name
+        assert torch.allclose(fingerprint(t), fp, rtol=1e-12, atol=1e-12), name
+    assert torch.equal(fingerprints([(n, t.clone()) for n, t in tensors])[1], fps)
+    none, empty = fingerprints([])
+    assert none == [] and empty.shape == (0, 3)
+
+    def seen(changed: torch.Tensor) -> bool:
+        return not torch.isclose(fingerprint(changed), fps[0], rtol=1e-9, atol=0).all()
+
+    a = tensors[0][1]
+    nudged = a.clone()
+    nudged[2, 3] += 1e-6
+    assert seen(nudged)
+    assert seen(a[[1, 0, 2, 3, 4, 5]])  # rows 0 and 1 swapped: the same sum
+    assert seen(a[:, [0, 1, 2, 4, 3]])  # columns 3 and 4 swapped
+    assert not seen(a.clone())
+
+
+def test_probe_sequence_is_the_greedy_continuation():
+    """The probe's tokens: the prompt, then the policy's greedy tokens (as the own sampler draws them)."""
+    model = tiny_model(seed=1, **ARCH)
+    prompt = [1, 20, 5, 7]
+    probe = probe_sequence(model, prompt, 6)
+    greedy = KVCacheSampler(model, tiny_tokenizer()).generate(
+        [prompt], SamplingParams(temperature=0.0, max_new_tokens=6)
+    )
+    assert probe[:4] == prompt and probe[4:] == rows(greedy)[0] and len(probe) == 10
+    assert probe_sequence(model, prompt, 0) == prompt
 
 
 def test_logprob_mismatch():

@@ -51,6 +51,7 @@ from .vllm_sync import (
     SyncError,
     policy_weights_for_sync,
     probe_logprob_diff,
+    probe_sequence,
     probe_tolerance,
     quiet_reload,
     stale_tensors,
@@ -108,7 +109,9 @@ class VLLMSampler:
             bucket_mb: weights per `reload_weights` call, in whole layers (0: one layer per call;
                 None: the whole model streamed through one call).
             verify: check every sync with fingerprints and the log-prob probe (`verify`).
-            probe_prompt, probe_tokens: the probe's prompt ids and greedy continuation length.
+            probe_prompt, probe_tokens: the log-prob probe scores `probe_prompt` (default: 12 fixed
+                ids) followed by the policy's greedy continuation of `probe_tokens` tokens, chosen
+                at the first verification and kept (vllm_sync.probe_sequence).
             seed: vLLM's sampling seed.
             engine_kwargs: extra `vllm.LLM` arguments (override the ones set here).
         """
@@ -123,13 +126,17 @@ class VLLMSampler:
             self.dtype = dtype or getattr(full, "dtype", None) or next(full.parameters()).dtype
         self.bucket_bytes = None if bucket_mb is None else int(bucket_mb * 2**20)
         self.verify_sync = verify
-        self.probe_params = VParams(  # the probe: a greedy continuation with its log-probs
-            temperature=0.0, max_tokens=probe_tokens, logprobs=0, ignore_eos=True, detokenize=False, seed=0
+        # the probe: one forward over a fixed sequence, its prompt log-probs (raw logits, whatever
+        # logprobs_mode says; temperature 1 all the same); the one sampled token is not used
+        self.probe_params = VParams(
+            temperature=1.0, max_tokens=1, prompt_logprobs=0, ignore_eos=True, detokenize=False, seed=0
         )
         args = model.args
         vocab = int(args.vocab_size)
         self.max_model_len = int(max_model_len or args.max_position_embeddings)
         self.probe_prompt = list(probe_prompt or [(11 + 37 * i) % vocab for i in range(12)])
+        self.probe_tokens = int(probe_tokens)
+        self.probe_ids: list[int] | None = None  # probe_prompt + the greedy continuation, at the first check
         self.last_sync: dict[str, float] = {}
         self._fingerprint_shapes: dict[str, tuple[int, ...]] | None = None  # names vLLM stores as pushed
 
@@ -265,7 +272,7 @@ class VLLMSampler:
             self._asleep = self._weights_dropped = False
         self.llm.reset_prefix_cache()
         if learn:  # first sync: which pushed tensors vLLM stores as they are (fingerprinted from now on)
-            readable = self.llm.collective_rpc(worker_fingerprints, args=(shapes,))[0]
+            readable, _ = self.llm.collective_rpc(worker_fingerprints, args=(shapes,))[0]
             self._fingerprint_shapes = {n: shapes[n] for n in readable}
         t1 = time.perf_counter()
         stats = {
@@ -284,7 +291,8 @@ class VLLMSampler:
         """Check that the engine holds `policy`'s weights as of the last sync; raise SyncError if not.
 
         (1) fingerprints of the parameters vLLM stores as pushed, recomputed from the policy now and
-        read back from the engine; (2) the log-prob probe. Returns the probe's max / mean |diff|.
+        read back from the engine (one transfer per side); (2) the log-prob probe (one forward per
+        side). Returns the probe's max / mean |diff| and the number of fingerprints.
         An FSDP2 policy is gathered whole (every rank must call this together).
         """
         with full_weights(policy) as full:
@@ -299,7 +307,9 @@ class VLLMSampler:
             problems.append(
                 f"weight fingerprints differ for {len(stale)} of {len(shapes)} readable tensors (first: {stale[0]!r})"
             )
-        probe_max, probe_mean = probe_logprob_diff(self.llm, self.probe_params, policy, self.probe_prompt)
+        if self.probe_ids is None:
+            self.probe_ids = probe_sequence(policy, self.probe_prompt, self.probe_tokens)
+        probe_max, probe_mean = probe_logprob_diff(self.llm, self.probe_params, policy, self.probe_ids)
         tol_max, tol_mean = probe_tolerance(self.dtype, getattr(policy, "dtype", self.dtype))
         if not (probe_max <= tol_max and probe_mean <= tol_mean):
             problems.append(

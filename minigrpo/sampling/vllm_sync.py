@@ -15,10 +15,13 @@ parts one call brings, so a call with q alone leaves k and v as whatever memory 
 
 Proof, after every sync (`SyncError` if either fails): (1) fingerprints of every vLLM parameter
 stored as pushed (embeddings and norms on the CPU, also unfused projections on GPU) equal the
-policy's: exact, catches updates too small for any log-prob test; (2) the log-prob probe: vLLM's
-greedy continuation of a fixed prompt, scored by vLLM and by the trainer, agrees within
-PROBE_TOLERANCE: catches weights that are stored but not used by the kernels. Nothing here imports
-vLLM: the worker functions receive vLLM's worker object, the rest the engine (`vllm.LLM`).
+policy's: exact, catches updates too small for any log-prob test; computed on each side's device and
+read back in one transfer per side (`fingerprints`). (2) the log-prob probe, one forward on each
+side: over a fixed sequence (a fixed prompt and the first policy's greedy continuation of it,
+`probe_sequence`), vLLM's prompt log-probs (raw logits, temperature 1) agree with the trainer's
+log-probs of the same tokens within PROBE_TOLERANCE: catches weights that are stored but not used by
+the kernels. Nothing here imports vLLM: the worker functions receive vLLM's worker object, the rest
+the engine (`vllm.LLM`).
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ from torch import nn
 from minigrpo.logprobs import completion_logprobs
 from minigrpo.lora_export import plain_tensors
 
-# Log-prob probe tolerance (max |diff|, mean |diff|) by the coarser of the policy's and vLLM's dtype,
-# for 16-ish probe tokens. Measured vLLM-vs-trainer differences (CPU): fp32 tiny and random 10M-150M
+# Log-prob probe tolerance (max |diff|, mean |diff|) by the coarser of the policy's and vLLM's dtype.
+# Measured vLLM-vs-trainer differences of 16 greedy tokens (CPU): fp32 tiny and random 10M-150M
 # models ~2e-6, SmolLM2-135M max 2.3e-5 / mean 1e-5; bf16 SmolLM2-135M max 0.20 / mean 0.04 (0.40 /
 # 0.044 over 32-token rollouts). A missed AdamW step at lr 1e-6 moves SmolLM2's probe by max 6e-3 /
 # mean 1.7e-3 in fp32 (caught) but only by bf16 noise in bf16: there the exact fingerprints decide.
+# The probe scores the 27 next tokens of one sequence (11 fixed prompt ids, then 16 greedy ones of the
+# first policy checked); CPU, random 10M: fp32 max 9.5e-7 as before; bf16 max 7.8e-3 / mean 1.9e-3
+# (the greedy probe: 7.8e-3 / 1.5e-3). A trained model in bf16 is not yet measured on this probe.
 PROBE_TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-3, 1e-4),
     torch.bfloat16: (1.0, 0.15),
@@ -101,16 +107,44 @@ def weight_buckets(
         yield bucket
 
 
+def fingerprints(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
+    """(names, (n, 3) fp64 on the CPU): the fingerprint of every tensor, in one device-to-host copy.
+
+    A tensor's fingerprint, as an (R, C) matrix (its first dim by the rest): the sum, and the row-
+    and column-index-weighted sums (which catch moved values), from its fp32 row and column sums
+    (a one-ulp change of an element moves them). Tensors are consumed one at a time and only their
+    (R,) and (C,) sums are kept, so a stream of merged weights never exists whole: two reductions
+    per tensor, the weighted sums once per shape over the stacked sums, one transfer at the end
+    (not one host sync per tensor). The same values in the same order of shapes on the same device
+    give bitwise the same fingerprints.
+    """
+    names: list[str] = []
+    groups: dict[tuple, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}  # (R, C, device) ->
+    for name, t in named_tensors:
+        m = t.detach().reshape(t.shape[0], -1) if t.dim() > 1 else t.detach().reshape(-1, 1)  # (R, C)
+        index, rows, cols = groups.setdefault((*m.shape, m.device), ([], [], []))
+        index.append(len(names))
+        names.append(name)
+        rows.append(m.sum(1, dtype=torch.float32))  # (R,)
+        cols.append(m.sum(0, dtype=torch.float32))  # (C,)
+    parts, order = [], []
+    for (R, C, device), (index, rows, cols) in groups.items():
+        r64 = torch.stack(rows).double()  # (k, R)
+        c64 = torch.stack(cols).double()  # (k, C)
+        r = torch.arange(R, dtype=torch.float64, device=device)
+        c = torch.arange(C, dtype=torch.float64, device=device)
+        parts.append(torch.stack([r64.sum(1), (r64 * r).sum(1), (c64 * c).sum(1)], dim=1))  # (k, 3)
+        order += index
+    out = torch.zeros(len(names), 3, dtype=torch.float64)
+    if parts:
+        device = parts[0].device
+        out[torch.tensor(order)] = torch.cat([p.to(device) for p in parts]).cpu()  # the one host sync
+    return names, out
+
+
 def fingerprint(t: torch.Tensor) -> torch.Tensor:
-    """(3,) fp64 on the CPU: the sum, and the row- and column-index-weighted sums (which catch moved
-    values). fp32 row/column sums: a few ms for a 100M-element tensor, and a one-ulp change of an
-    element moves them. The same values on the same device give bitwise the same fingerprint."""
-    m = t.detach().reshape(t.shape[0], -1) if t.dim() > 1 else t.detach().reshape(-1, 1)
-    m = m.float()  # (R, C)
-    rows, cols = m.sum(1).double(), m.sum(0).double()  # (R,), (C,)
-    r = torch.arange(rows.numel(), dtype=torch.float64, device=m.device)
-    c = torch.arange(cols.numel(), dtype=torch.float64, device=m.device)
-    return torch.stack([rows.sum(), (rows * r).sum(), (cols * c).sum()]).cpu()
+    """(3,) fp64 on the CPU: one tensor's fingerprint (`fingerprints`)."""
+    return fingerprints([("", t)])[1][0]
 
 
 # ================================================================================================
@@ -151,18 +185,20 @@ def worker_clear_kv_cache(worker: Any) -> int:
     return len(caches)
 
 
-def worker_fingerprints(worker: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Fingerprints of the worker's parameters stored as pushed (vocabulary padding cut off)."""
+def worker_fingerprints(worker: Any, shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], torch.Tensor]:
+    """(names, (n, 3) fp64 on the CPU): fingerprints of the worker's parameters among `shapes` that it
+    stores as pushed (vocabulary padding cut off); the others are left out."""
     params = dict(worker.model_runner.get_model().named_parameters())
-    out = {}
-    for name, shape in shapes.items():
-        p = params.get(name)
-        if p is None or p.numel() == 0 or p.dim() != len(shape) or tuple(p.shape[1:]) != tuple(shape[1:]):
-            continue
-        if p.shape[0] < shape[0]:
-            continue
-        out[name] = fingerprint(p.detach()[: shape[0]])
-    return out
+
+    def stored_as_pushed() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, shape in shapes.items():
+            p = params.get(name)
+            if p is None or p.numel() == 0 or p.dim() != len(shape) or tuple(p.shape[1:]) != tuple(shape[1:]):
+                continue
+            if p.shape[0] >= shape[0]:
+                yield name, p.detach()[: shape[0]]
+
+    return fingerprints(stored_as_pushed())
 
 
 # ================================================================================================
@@ -171,30 +207,64 @@ def worker_fingerprints(worker: Any, shapes: dict[str, tuple[int, ...]]) -> dict
 
 def stale_tensors(llm: Any, policy: nn.Module, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> list[str]:
     """Names among `shapes` whose fingerprint in the engine differs from the policy's (sorted)."""
-    ours = {n: fingerprint(t) for n, t in policy_weights_for_sync(policy, dtype, only=set(shapes))}
-    theirs = llm.collective_rpc(worker_fingerprints, args=(shapes,))[0]
-    return sorted(n for n in shapes if n not in theirs or not torch.allclose(ours[n], theirs[n], rtol=1e-9, atol=0))
+    names, ours = fingerprints(policy_weights_for_sync(policy, dtype, only=set(shapes)))  # (n, 3)
+    their_names, theirs = llm.collective_rpc(worker_fingerprints, args=(shapes,))[0]  # (m, 3)
+    row = {n: i for i, n in enumerate(their_names)}
+    stale = [n for n in shapes if n not in row or n not in names]
+    both = [(i, row[n]) for i, n in enumerate(names) if n in row]
+    if both:
+        mine, other = (torch.tensor(x) for x in zip(*both))
+        same = torch.isclose(ours[mine], theirs[other], rtol=1e-9, atol=0).all(1)  # (k,)
+        stale += [names[int(i)] for i in mine[~same]]
+    return sorted(stale)
 
 
-def probe_logprob_diff(llm: Any, greedy: Any, policy: nn.Module, prompt: Sequence[int]) -> tuple[float, float]:
-    """Max and mean |diff| of vLLM's and the trainer's log-probs of vLLM's continuation of `prompt`
-    under `greedy` (vLLM SamplingParams: temperature 0, logprobs=0, ignore_eos)."""
-    out = llm.generate([{"prompt_token_ids": list(prompt)}], greedy, use_tqdm=False)[0].outputs[0]
-    drawn = list(out.token_ids)
-    v_logp = torch.tensor([out.logprobs[i][t].logprob for i, t in enumerate(drawn)], dtype=torch.float32)
+def probe_sequence(policy: nn.Module, prompt: Sequence[int], continuation: int) -> list[int]:
+    """`prompt` and the policy's greedy continuation of `continuation` tokens: the probe's tokens.
+
+    Chosen once per sampler (full forwards without a cache: its cost does not matter). The greedy
+    tokens are likely under the policy, the regime where PROBE_TOLERANCE was measured (greedy
+    continuations); arbitrary ids alone would all be unlikely tokens, not measured in bf16.
+    """
     device = next(policy.parameters()).device
-    ids = torch.tensor([list(prompt) + drawn], device=device)  # (1, Tp + Tc)
-    was_training = policy.training
-    policy.eval()
-    try:
-        with torch.no_grad():
-            t_logp = completion_logprobs(
-                policy, ids, torch.ones_like(ids), torch.ones(1, len(drawn), dtype=torch.long, device=device)
-            )[0].cpu()  # (Tc,)
-    finally:
-        policy.train(was_training)
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # (1, T)
+    with _eval_mode(policy), torch.no_grad():
+        for _ in range(continuation):
+            last = policy.hidden(ids)[:, -1]  # (1, D)
+            token = nn.functional.linear(last, policy.output_weight).argmax(-1)  # (1,)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+    return [int(t) for t in ids[0].tolist()]
+
+
+def probe_logprob_diff(llm: Any, params: Any, policy: nn.Module, probe: Sequence[int]) -> tuple[float, float]:
+    """Max and mean |diff| of vLLM's and the trainer's log-probs of tokens 1..T-1 of `probe` given
+    their prefix: one forward on each side. `params`: vLLM SamplingParams asking for the prompt
+    log-probs (`prompt_logprobs=0`, `max_tokens=1`, temperature 1): vLLM computes them as
+    log_softmax of the raw logits, what `completion_logprobs` computes at temperature 1."""
+    ids = [int(t) for t in probe]
+    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    scored = out.prompt_logprobs  # [None, {token: Logprob} for tokens 1..T-1]
+    if scored is None or len(scored) != len(ids):
+        raise RuntimeError(f"vLLM returned no prompt log-probs for the {len(ids)} probe tokens")
+    v_logp = torch.tensor([scored[i][t].logprob for i, t in enumerate(ids) if i > 0], dtype=torch.float32)  # (T-1,)
+    device = next(policy.parameters()).device
+    x = torch.tensor([ids], device=device)  # (1, T)
+    with _eval_mode(policy), torch.no_grad():
+        t_logp = completion_logprobs(
+            policy, x, torch.ones_like(x), torch.ones(1, len(ids) - 1, dtype=torch.long, device=device)
+        )[0].cpu()  # (T-1,)
     diff = (v_logp - t_logp).abs()
     return float(diff.max()), float(diff.mean())
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def probe_tolerance(*dtypes: torch.dtype) -> tuple[float, float]:
@@ -234,9 +304,11 @@ __all__ = [
     "PROBE_TOLERANCE",
     "SyncError",
     "fingerprint",
+    "fingerprints",
     "layer_unit",
     "policy_weights_for_sync",
     "probe_logprob_diff",
+    "probe_sequence",
     "probe_tolerance",
     "stale_tensors",
     "weight_buckets",
