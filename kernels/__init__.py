@@ -3,10 +3,12 @@
 from ._triton import HAS_TRITON
 from .cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_ref
 from .flash_decode import decode_attention, decode_attention_ref
+from .kv_write import rotary_into_cache, rotary_into_cache_ref
 from .logprobs import fused_linear_logprobs, linear_logprobs_ref
 from .rmsnorm import rms_norm, rms_norm_ref
 from .rope import apply_rotary, rotary_ref
 from .sampling import sample_race, sample_race_ref
+from .swiglu import swiglu, swiglu_ref
 
 __all__ = [
     "HAS_TRITON",
@@ -19,7 +21,11 @@ __all__ = [
     "linear_logprobs_ref",
     "rms_norm",
     "rms_norm_ref",
+    "rotary_into_cache",
+    "rotary_into_cache_ref",
     "rotary_ref",
     "sample_race",
     "sample_race_ref",
+    "swiglu",
+    "swiglu_ref",
 ]

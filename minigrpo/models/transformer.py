@@ -15,9 +15,10 @@ row is rotated so that its leading pads trail, where causal attention hides them
 query, runs as plain causal attention (flash kernels, no (B, T, T) mask in memory), and is rotated
 back.
 
-Decode steps (T == 1 over a KV cache) on CUDA attend with the split-K kernel of
-kernels/flash_decode.py, which reads the 2-D key mask and the slot directly (no 4-D mask);
-`Transformer.decode_attention_impl` chooses ("ref": SDPA with a 4-D mask, as on the CPU).
+Decode steps (T == 1 over a KV cache) on CUDA rotate q/k and write k/v into the cache in one kernel
+(kernels/kv_write.py) and attend with the split-K kernel of kernels/flash_decode.py, which reads the
+2-D key mask and the slot directly (no 4-D mask); `Transformer.decode_attention_impl` chooses
+("ref": apply_rotary, KVCache.update and SDPA with a 4-D mask, as on the CPU).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigrpo.kernels import apply_rotary, decode_attention, rms_norm
+from minigrpo.kernels import apply_rotary, decode_attention, rms_norm, rotary_into_cache, swiglu
 from minigrpo.kernels._triton import resolve_impl
 
 from .args import ModelArgs
@@ -172,16 +173,16 @@ class Attention(nn.Module):
         kv_len: int | None = None,
         decode: DecodeInputs | None = None,
     ) -> torch.Tensor:
-        """With `decode` (T == 1 over kv_cache), attention is the split-K kernel and `mask` is unused."""
+        """With `decode` (T == 1 over kv_cache), one kernel rotates q and k and writes k and v into the
+        cache at the slot, attention is the split-K kernel, and `mask` is unused."""
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
-        q, k = apply_rotary(q, k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, Dh)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v, cache_position, kv_len)  # (B, Hkv, S, Dh)
         if decode is not None:
+            q = rotary_into_cache(
+                q, k, v, cos, sin, kv_cache.k[self.layer], kv_cache.v[self.layer], decode.slot, impl="triton"
+            )  # (B, 1, H, Dh); rotary(k) and v now sit at the slot of this layer's cache
             out = decode_attention(
-                q[:, :, 0],  # (B, H, Dh)
+                q[:, 0],  # (B, H, Dh)
                 kv_cache.k[self.layer],  # (B, Hkv, S_max, Dh), this step's key already written
                 kv_cache.v[self.layer],
                 decode.key_mask,
@@ -191,6 +192,10 @@ class Attention(nn.Module):
                 impl="triton",
             )  # (B, H, Dh)
             return self.o_proj(out.reshape(B, 1, self.n_heads * self.head_dim))
+        q, k = apply_rotary(q, k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, Dh)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v, cache_position, kv_len)  # (B, Hkv, S, Dh)
         if T == 1 and self.n_kv_heads != self.n_heads and mask is not None:
             # decode: the G = H / Hkv query heads sharing a key/value head become G query rows of
             # that head, so attention reads each cached key once and no K/V copy is made
@@ -210,7 +215,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); Phi-3 stores gate and up as one matrix."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); Phi-3 stores gate and up as one matrix.
+
+    silu(gate) * up is one fused kernel on CUDA (kernels/swiglu.py), the torch reference elsewhere."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -225,10 +232,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, F) each: halves of (B, T, 2F)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, F) each
+        return self.down_proj(swiglu(gate, up))  # (B, T, D)
 
 
 class Block(nn.Module):
