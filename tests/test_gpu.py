@@ -67,6 +67,18 @@ def test_graph_decoding_in_waves_equals_one_batch(max_rows):
     assert (waves.sampler_logp - one.sampler_logp).abs().max() < 1e-5
 
 
+def test_graph_decoding_with_compaction_equals_the_static_batch():
+    """Finished rows leave the batch (graphs captured anew for the smaller one): same tokens."""
+    model = tiny_model(seed=4).cuda()
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=48, stop_ids=tuple(range(3, 20)))
+    static = KVCacheSampler(model, Tok(), kv_bucket=8, compact_below=0.0).generate(PROMPTS, params, key=(2, 1, 0))
+    compact = KVCacheSampler(model, Tok(), kv_bucket=8, check_every=2, compact_below=0.9)
+    compact = compact.generate(PROMPTS, params, key=(2, 1, 0))
+    assert compact.stats["compactions"] >= 1 and len(set(static.completion_lengths.tolist())) > 2
+    assert torch.equal(compact.completion_ids, static.completion_ids)
+    assert (compact.sampler_logp - static.sampler_logp).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
 def test_sampler_logprobs_match_trainer_on_cuda(dtype, tol):
     model = tiny_model(seed=5, dtype=dtype).cuda()
