@@ -56,6 +56,7 @@ RESUMABLE_CHANGES = (
     "checkpoint.",
     "eval.",
     "distributed.timeout_s",
+    "sft",  # read only by python -m minigrpo.sft (a run saved before the section existed lacks it)
 )
 
 # ================================================================================================
@@ -118,10 +119,10 @@ def validate_distributed(cfg: Config, world_size: int) -> None:
         raise ConfigError("invalid config for distributed training:\n  - " + "\n  - ".join(errors))
 
 
-def check_packages(cfg: Config) -> None:
-    """The optional packages the settings need are installed (vLLM, bitsandbytes)."""
+def check_packages(cfg: Config, *, sampling: bool = True) -> None:
+    """The optional packages the settings need are installed (vLLM unless `sampling` is off, bitsandbytes)."""
     needs = []
-    if cfg.sampler.kind == "vllm":
+    if sampling and cfg.sampler.kind == "vllm":
         needs.append(("vllm", "sampler.kind=vllm", "pip install -e '.[vllm]' (see README: vLLM sampler)"))
     if cfg.lora.enabled and cfg.lora.quantize_base is not None:
         needs.append(("bitsandbytes", f"lora.quantize_base={cfg.lora.quantize_base}", "pip install -e '.[qlora]'"))
@@ -132,8 +133,9 @@ def check_packages(cfg: Config) -> None:
             raise UserError(f"{setting} needs the package {module}, which is not installed: {how}")
 
 
-def check_run_dir(cfg: Config) -> ResumePoint | None:
-    """The run folder's state against run.resume, and the checkpoint to resume from (None: a new run)."""
+def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> ResumePoint | None:
+    """The run folder's state against run.resume, and the checkpoint to resume from (None: a new run).
+    A resumed run may change only the keys that start with one of `resumable`."""
     run_dir = cfg.run.run_dir
     if not cfg.run.resume:
         if (run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir) is not None:
@@ -153,11 +155,11 @@ def check_run_dir(cfg: Config) -> ResumePoint | None:
     saved_file = path / "run_config.yaml"
     if saved_file.is_file():
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
-        changed = [k for k in changed_keys(saved, cfg.to_dict()) if not k.startswith(RESUMABLE_CHANGES)]
+        changed = [k for k in changed_keys(saved, cfg.to_dict()) if not k.startswith(resumable)]
         if changed:
             raise UserError(
                 f"--resume with a changed config: {', '.join(changed)} differ from {saved_file}; a resumed "
-                f"run keeps its settings (only {', '.join(RESUMABLE_CHANGES[1:])} may change): revert them "
+                f"run keeps its settings (only {', '.join(resumable[1:])} may change): revert them "
                 "or start a new run"
             )
     check_writable(run_dir / "checkpoints")
@@ -347,6 +349,13 @@ def build_run(
 def restore_state(run: Run, resume: ResumePoint) -> None:
     """Optimizer, schedule, data cursor and RNG of a checkpoint (the weights are already in the model).
     The checkpoint may come from any number of ranks."""
+    restore_trainer_state(run, resume)
+    run.sampler.sync(run.model)  # an external sampler must see the resumed weights
+
+
+def restore_trainer_state(run: Any, resume: ResumePoint) -> None:
+    """What restore_state restores except the sampler: for any run with model, optimizer, scheduler,
+    loader, world and cfg (the SFT run too); sets run.start_step and run.resumed_from."""
     state, world = resume.state, run.world
     load_optimizer_state(run.model, run.optimizer, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -354,4 +363,3 @@ def restore_state(run: Run, resume: ResumePoint) -> None:
     run.start_step, run.resumed_from = int(state["step"]), resume.path
     if not restore_rng(state, world.rank, world.size):  # written by another number of ranks
         seed_everything(stream_key(run.cfg.run.seed, run.start_step, world.rank)[0])
-    run.sampler.sync(run.model)  # an external sampler must see the resumed weights

@@ -28,6 +28,7 @@ from minigrpo import configio
 from minigrpo.atomic import write_atomic
 from minigrpo.configio import ConfigError, ConfigWarning, Section, spec
 from minigrpo.errors import ArgumentParser
+from minigrpo.sft_config import SFTCfg, sft_errors
 
 config_to_dict = configio.to_plain  # plain YAML-safe data of a config or any part of it
 
@@ -268,6 +269,7 @@ class Config(Section):
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     distributed: DistributedCfg = field(default_factory=DistributedCfg)
+    sft: SFTCfg = field(default_factory=SFTCfg)  # python -m minigrpo.sft only (minigrpo/sft_config.py)
 
     def __post_init__(self) -> None:
         # Derived fields that read another section: filled only when still None (explicit wins).
@@ -399,7 +401,7 @@ def _cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         cfg.eval.num_prompts <= data.num_eval,
         f"eval.num_prompts ({cfg.eval.num_prompts}) must be <= data.num_eval ({data.num_eval})",
     )
-    return errors
+    return errors + sft_errors(cfg)
 
 
 def validate(cfg: Config) -> list[str]:

@@ -15,7 +15,8 @@ list is in `saved_bytes_per_token`); with n = micro_batch x T tokens, per block:
 
 b = bytes of the model dtype, Dq = H * Dh, Dkv = Hkv * Dh, F = intermediate size. The four D-sized
 tensors are the block input and the three norm outputs / residual sums, 2 Dq + 2 Dkv are the
-attention's q, k, v and output, 4F the SwiGLU's gate, up, silu(gate) and product, 4H the attention
+attention's q, k, v and output, 4F the SwiGLU's gate, up, silu(gate) and product (3F with the
+fused kernel on CUDA, which recomputes silu), 4H the attention
 log-sum-exp and 8 the two norms' rstd. (The CPU reference kernels keep fp32 copies for the norms:
 `impl="ref"` counts those.) Without checkpointing every block keeps its set until the backward;
 with it, each block keeps only its input (n * b * D), one block's set exists at a time during the
@@ -155,7 +156,8 @@ def saved_bytes_per_token(
     frozen) or "lora" (adapters of `lora_r` on `lora_targets` over a frozen base, computed in the
     activations' dtype). Per token, with b the model dtype's bytes:
         always        q, k after RoPE, v, the attention output: b (2 Dq + 2 Dkv); its log-sum-exp 4H;
-                      gate, up, silu(gate): 3 b F; the post-attention sum h: b D; two rstd: 8
+                      gate, up, silu(gate): 3 b F (the fused SwiGLU kernel: gate and up, 2 b F);
+                      the post-attention sum h: b D; two rstd: 8
         base linears  their inputs: b (2 D + F) (q/k/v input, MLP input, down_proj's; o_proj reads
                       the attention output, already kept)
         adapters      without dropout the adapters keep the input they share with the base; with
@@ -166,7 +168,8 @@ def saved_bytes_per_token(
     """
     d, dq, dkv, f = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.intermediate_size
     a = max(b, 4)
-    core = b * (2 * dq + 2 * dkv) + 4 * args.n_heads + 3 * b * f + 8
+    swiglu = (2 if impl == "triton" else 3) * b * f
+    core = b * (2 * dq + 2 * dkv) + 4 * args.n_heads + swiglu + 8
     norms_train = trainable == "full"
     if impl == "triton":
         norms = b * d

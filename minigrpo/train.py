@@ -15,7 +15,8 @@ optional k3 KL penalty towards a frozen reference. This file reads top to bottom
       4. log-probs   old (num_iterations > 1, IS correction) and reference (beta > 0), no grad
       5. update      micro-batches: logp (chunked LM-head kernel) -> policy_loss -> backward, with a
                      normaliser fixed for the whole step (any micro-batch split, same gradient)
-      6. bookkeeping metrics, samples, plots, checkpoints (atomic; --resume continues exactly)
+      6. bookkeeping metrics, samples, plots, checkpoints (atomic; --resume continues exactly;
+                   minigrpo/bookkeeping.py, shared with python -m minigrpo.sft)
 
 Under `torchrun --nproc_per_node W -m minigrpo.train ...` every rank runs this same loop on its
 contiguous share of each step's prompts (whole groups); the ranks meet only in the collectives of
@@ -36,12 +37,11 @@ from typing import Any
 import torch
 
 from minigrpo import lora
-from minigrpo.build import Run, build_run, check_before_loading, pick_device, save_model_fn
-from minigrpo.checkpoint import ModelStateView, optimizer_state, rng_state, save_checkpoint
-from minigrpo.config import Config, config_from_args, save_config
-from minigrpo.distributed import close_world, env_world_size, full_state_dict, full_weights, init_world, is_sharded
+from minigrpo.bookkeeping import open_logger, save
+from minigrpo.build import Run, build_run, check_before_loading, pick_device
+from minigrpo.config import Config, config_from_args
+from minigrpo.distributed import close_world, env_world_size, full_weights, init_world
 from minigrpo.errors import run_cli
-from minigrpo.metrics import MetricsLogger
 from minigrpo.step import (
     logprobs_phase,
     mismatch_metrics,
@@ -131,60 +131,6 @@ def loop(run: Run) -> list[dict[str, Any]]:
     sampler.close()
     world.barrier()
     return history
-
-
-# ================================================================================================
-# bookkeeping: logs, checkpoints
-
-
-def open_logger(run: Run) -> MetricsLogger:
-    """The metrics logger (rank 0 writes); a resumed run drops the records after its checkpoint."""
-    cfg, world = run.cfg, run.world
-    if run.resumed_from is not None and world.main:
-        print(f"resumed from {run.resumed_from} (step {run.start_step})")
-    if world.main:
-        save_config(cfg, cfg.run.run_dir / "config.yaml")  # the config that runs
-        if world.distributed:
-            print(f"{world.size} ranks, {cfg.grpo.prompts_per_step // world.size}+ prompts per rank")
-    logger = MetricsLogger(
-        cfg.run.run_dir,
-        total_steps=cfg.train.steps,
-        start_step=run.start_step,
-        print_every=cfg.log.every,
-        plots=cfg.log.plots,
-        tensorboard=cfg.log.tensorboard,
-        wandb=cfg.log.wandb,
-        wandb_project=cfg.log.wandb_project,
-        progress=cfg.log.progress,
-        config=cfg.to_dict(),
-        enabled=world.main,
-    )
-    if run.start_step and world.main:
-        logger.truncate_after(run.start_step)
-    return logger
-
-
-def save(run: Run, step: int) -> None:
-    """Checkpoint `step`: every rank takes part in gathering shards and RNG states; rank 0 writes."""
-    cfg, world, model = run.cfg, run.world, run.model
-    sharded = is_sharded(model)
-    opt = optimizer_state(model, run.optimizer, keep=world.main, fp32_params=sharded and run.dtype != torch.float32)
-    rngs = world.all_gather(rng_state())
-    to_save = ModelStateView(model, full_state_dict(model, world), run.dtype) if sharded else model
-    if world.main:
-        state = {"optimizer": opt, "scheduler": run.scheduler.state_dict(), "data": run.loader.state_dict()}
-        save_checkpoint(
-            cfg.run.run_dir,
-            step,
-            model=to_save,
-            tokenizer=run.tokenizer,
-            trainer_state={**state, "world_size": world.size},
-            keep_last=cfg.checkpoint.keep_last,
-            run_config=cfg.to_dict(),
-            save_model=save_model_fn(cfg),
-            rng_states=rngs,
-        )
-    world.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""The bookkeeping both training entry points share: the metrics logger and checkpoints.
+
+    logger = open_logger(run)   # metrics.jsonl, table, curves.png; the resolved config.yaml
+    save(run, step)             # an atomic checkpoint: model (or adapter), optimizer, schedule, data, RNG
+
+`run` is a `build.Run` (python -m minigrpo.train) or an `sft.SFTRun` (python -m minigrpo.sft): anything
+with cfg, world, dtype, model, tokenizer, optimizer, scheduler, loader (state_dict), start_step and
+resumed_from. Both write the same run folder layout, so checkpoints, --resume and plots work alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from minigrpo.build import save_model_fn
+from minigrpo.checkpoint import ModelStateView, optimizer_state, rng_state, save_checkpoint
+from minigrpo.config import save_config
+from minigrpo.distributed import full_state_dict, is_sharded
+from minigrpo.metrics import MetricsLogger
+
+
+def open_logger(run: Any) -> MetricsLogger:
+    """The metrics logger (rank 0 writes); a resumed run drops the records after its checkpoint."""
+    cfg, world = run.cfg, run.world
+    if run.resumed_from is not None and world.main:
+        print(f"resumed from {run.resumed_from} (step {run.start_step})")
+    if world.main:
+        save_config(cfg, cfg.run.run_dir / "config.yaml")  # the config that runs
+        if world.distributed:
+            print(f"{world.size} ranks, {cfg.grpo.prompts_per_step // world.size}+ prompts per rank")
+    logger = MetricsLogger(
+        cfg.run.run_dir,
+        total_steps=cfg.train.steps,
+        start_step=run.start_step,
+        print_every=cfg.log.every,
+        plots=cfg.log.plots,
+        tensorboard=cfg.log.tensorboard,
+        wandb=cfg.log.wandb,
+        wandb_project=cfg.log.wandb_project,
+        progress=cfg.log.progress,
+        config=cfg.to_dict(),
+        enabled=world.main,
+    )
+    if run.start_step and world.main:
+        logger.truncate_after(run.start_step)
+    return logger
+
+
+def save(run: Any, step: int) -> None:
+    """Checkpoint `step`: every rank takes part in gathering shards and RNG states; rank 0 writes."""
+    cfg, world, model = run.cfg, run.world, run.model
+    sharded = is_sharded(model)
+    opt = optimizer_state(model, run.optimizer, keep=world.main, fp32_params=sharded and run.dtype != torch.float32)
+    rngs = world.all_gather(rng_state())
+    to_save = ModelStateView(model, full_state_dict(model, world), run.dtype) if sharded else model
+    if world.main:
+        state = {"optimizer": opt, "scheduler": run.scheduler.state_dict(), "data": run.loader.state_dict()}
+        save_checkpoint(
+            cfg.run.run_dir,
+            step,
+            model=to_save,
+            tokenizer=run.tokenizer,
+            trainer_state={**state, "world_size": world.size},
+            keep_last=cfg.checkpoint.keep_last,
+            run_config=cfg.to_dict(),
+            save_model=save_model_fn(cfg),
+            rng_states=rngs,
+        )
+    world.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete

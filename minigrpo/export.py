@@ -1,0 +1,235 @@
+"""Export a model to GGUF for llama.cpp / Ollama, without llama.cpp: `save_gguf` and its command line.
+
+    save_gguf(model, tokenizer, "out/model.q8_0.gguf")                   # q8_0 (the default)
+    save_gguf(model, tokenizer, "out/model.q4_k_m.gguf", quant="q4_k_m")
+
+    python -m minigrpo.export --checkpoint runs/demo/checkpoints/step_000050 --gguf q4_k_m
+    python -m minigrpo.export --checkpoint DIR --gguf f16 --out model.f16.gguf
+
+Export types: q8_0, f16, bf16, q4_0, q5_0 (quantized by the `gguf` package) and q4_k_m (Q4_K with
+Q6_K where llama.cpp's q4_k_m keeps more bits, quantized by minigrpo/models/kquants.py). What goes
+into the file (names, q/k order, metadata, vocabulary, storage type per tensor) is described in
+minigrpo/models/gguf_write.py; the reader (minigrpo/models/gguf.py) loads the result back.
+
+A LoRA model exports merged: every adapted weight is W + scaling * B @ A computed in fp32 from the
+dense (dequantized if NF4) base weight, then quantized once; nothing is ever merged into quantized
+weights. A LoRA checkpoint folder (adapter_config.json) is applied to the base model its adapter
+config names. Tensors are computed, quantized and written one at a time (memory: the model plus one
+tensor), into a temporary file renamed into place when complete.
+
+The command line checks every argument before any weight loads: a folder that is no checkpoint, an
+unknown export type, an output that cannot be written, a model or tokenizer GGUF cannot describe are
+each one `error:` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minigrpo.atomic import atomic_path
+from minigrpo.errors import ArgumentParser, UserError, run_cli
+from minigrpo.models.gguf_write import (
+    QUANT_TYPES,
+    GGUFExportError,
+    add_model_metadata,
+    add_vocab_metadata,
+    check_exportable,
+    encode_tensor,
+    gguf_tensor_name,
+    permute_qk,
+    qk_heads,
+    rope_tensors,
+    tensor_type,
+    tokenizer_vocab,
+)
+
+QUANT_CHOICES = tuple(QUANT_TYPES)
+
+
+def _check_quant(quant: str) -> None:
+    if quant not in QUANT_TYPES:
+        raise GGUFExportError(f"unknown GGUF export type {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
+
+
+@torch.no_grad()
+def save_gguf(
+    model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike, quant: str = "q8_0", *, name: str | None = None
+) -> Path:
+    """Write `model` (LoRA adapters merged) and `tokenizer` as one GGUF file of export type `quant`.
+
+    `name` is general.name (default: the file name without its suffixes). Returns the path written.
+    A model or tokenizer the format cannot describe raises GGUFExportError (a UserError) before
+    anything is written.
+    """
+    import gguf
+
+    from minigrpo.lora_export import plain_tensors
+
+    _check_quant(quant)
+    args = model.args
+    arch = check_exportable(args)
+    vocab = tokenizer_vocab(tokenizer, args.vocab_size)
+    has_output = not args.tie_word_embeddings
+    # (GGUF name, shape, make the fp32 tensor): rope scaling tensors first, then the model's own
+    entries: list[tuple[str, tuple[int, ...], Any]] = [
+        (k, tuple(v.shape), lambda v=v: v) for k, v in rope_tensors(args).items()
+    ]
+    for hf_name, shape, make in plain_tensors(model):
+        if hf_name == "lm_head.weight" and not has_output:
+            continue
+        entries.append((gguf_tensor_name(hf_name, arch), shape, make))
+    types = {
+        name: tensor_type(name, shape, quant, n_layers=args.n_layers, has_output=has_output)
+        for name, shape, _ in entries
+    }
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer.add_type("model")
+        writer.add_name(name or path.name.split(".")[0])
+        add_model_metadata(writer, args, arch)
+        writer.add_file_type(int(QUANT_TYPES[quant][0]))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_vocab_metadata(writer, vocab)
+        for name_, shape, _ in entries:
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, types[name_])
+            writer.add_tensor_info(name_, shape, np.dtype(np.float32), math.prod(byte_shape), raw_dtype=types[name_])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name_, _, make in entries:
+            w = make()
+            w = (w.detach().to("cpu", torch.float32).numpy() if isinstance(w, torch.Tensor) else w).astype(np.float32)
+            heads = qk_heads(name_, arch, args)
+            if heads is not None:
+                w = permute_qk(w, heads)
+            writer.write_tensor_data(encode_tensor(w, types[name_]))
+            del w
+        writer.close()
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+
+
+def parse_args(argv: Sequence[str] | None):
+    parser = ArgumentParser(prog="minigrpo.export", description="Export a checkpoint to GGUF (llama.cpp, Ollama)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder (full or LoRA), .gguf file or hub id")
+    parser.add_argument("--gguf", default="q8_0", choices=QUANT_CHOICES, help="export type (default: q8_0)")
+    parser.add_argument("--out", default=None, help="output file (default: <checkpoint>.<type>.gguf next to it)")
+    return parser.parse_args(argv)
+
+
+def default_output(checkpoint: str, quant: str) -> Path:
+    """`runs/x/checkpoints/step_000050` -> `runs/x/checkpoints/step_000050.q8_0.gguf` (a file next to
+    the folder, so that pruning old checkpoints never deletes an export); other names: in the cwd."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        resolved = path.resolve()
+        return resolved.with_name(f"{resolved.name}.{quant}.gguf")
+    stem = path.name.removesuffix(".gguf") or "model"
+    return Path(f"{stem}.{quant}.gguf")
+
+
+def check_output(out: Path) -> None:
+    """A UserError unless `out` names a file that can be created in an existing, writable folder."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name a file, e.g. {out / 'model.gguf'}")
+    folder = out.resolve().parent
+    if not folder.is_dir():
+        raise UserError(f"--out {out}: the folder {folder} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".minigrpo-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write in {folder} ({e.strerror or e})") from e
+
+
+def _adapter_base(checkpoint: Path) -> tuple[str, str | None]:
+    """(base model, revision) a LoRA checkpoint's adapter_config.json names."""
+    config_file = checkpoint / "adapter_config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{config_file}: not a readable adapter config ({e})") from e
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{config_file} names no base model (base_model_name_or_path): cannot merge the adapter")
+    return base, config.get("revision")
+
+
+def _check_source(source: str, tokenizer_dir: Path | None, revision: str | None) -> None:
+    """Check (reading no weights) that the model at `source` and its tokenizer can be exported."""
+    from minigrpo.models.args import ModelArgs
+    from minigrpo.models.gguf import GGUFCheckpoint
+    from minigrpo.models.loading import PACKAGED_MODELS, _resolve, check_model_source
+    from minigrpo.models.tokenizer_files import load_tokenizer_folder
+
+    check_model_source(source, revision=revision, require_tokenizer=tokenizer_dir is None)
+    path = Path(source).expanduser()
+    gguf_file = source in PACKAGED_MODELS or path.suffix == ".gguf"
+    if gguf_file:
+        ckpt = GGUFCheckpoint(_resolve(source, revision))
+        config = ckpt.config
+    elif path.is_dir():
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    else:  # a hub id: checked by save_gguf once fetched
+        return
+    args = ModelArgs.from_hf_config(config)
+    check_exportable(args)
+    if tokenizer_dir is not None:
+        tokenizer = load_tokenizer_folder(tokenizer_dir)
+    else:
+        tokenizer = ckpt.tokenizer() if gguf_file else load_tokenizer_folder(path)
+    tokenizer_vocab(tokenizer, args.vocab_size)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """The command line: a bad argument, checkpoint, model or output path is one `error:` line."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> Path:
+    from minigrpo import lora
+    from minigrpo.models.loading import load_pretrained
+    from minigrpo.models.tokenizer_files import load_tokenizer_folder
+
+    args = parse_args(argv)
+    ckpt = Path(args.checkpoint).expanduser()
+    out = Path(args.out) if args.out else default_output(args.checkpoint, args.gguf)
+    check_output(out)
+    adapter = (ckpt / "adapter_config.json").is_file()
+    own_tokenizer = ckpt if adapter and (ckpt / "tokenizer.json").is_file() else None
+    source, revision = _adapter_base(ckpt) if adapter else (args.checkpoint, None)
+    _check_source(source, own_tokenizer, revision)
+
+    config_file = Path(source) / "config.json"
+    dtype = torch.float32
+    if config_file.is_file():  # keep the stored precision (a bf16 checkpoint loads as bf16)
+        stored = json.loads(config_file.read_text(encoding="utf-8")).get("torch_dtype")
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(stored, torch.float32)
+    model, tokenizer = load_pretrained(source, dtype=dtype, revision=revision, require_tokenizer=own_tokenizer is None)
+    if adapter:
+        lora.load_peft_adapter(model, ckpt)  # merged in fp32 by save_gguf, tensor by tensor
+        if own_tokenizer is not None:
+            tokenizer = load_tokenizer_folder(own_tokenizer)
+    save_gguf(model.eval(), tokenizer, out, args.gguf)
+    size = out.stat().st_size / 2**20
+    print(f"wrote {out} ({args.gguf}, {size:.1f} MiB){' with the LoRA adapter merged' if adapter else ''}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Supervised fine-tuning before GRPO: `python -m minigrpo.sft --config configs/X.yaml [--set k=v ...] [--resume]`.
+
+GRPO on a small model often starts with a short supervised pass that teaches the answer format,
+so that the first rollouts already earn format rewards. This is that pass, on the GRPO machinery:
+the same config file (the `sft:` section, see minigrpo/sft_config.py for what else it reads), the
+same model loading, LoRA / QLoRA, optimizer and schedule, the same run folder (metrics.jsonl, the
+table, curves.png, atomic checkpoints, exact --resume) and the same one-line errors.
+
+    building   every check the config and the files allow (the conversations are read and checked
+               here), then the policy, optimizer, schedule and loader (minigrpo/build.py)
+    the loop   per step: sft.batch_size conversations -> tokens with labels on the assistant replies
+               only (minigrpo/sft_data.py) -> micro-batches: hidden states -> fused LM-head
+               cross-entropy (never the (B, T, V) logits) -> backward -> clip, step
+    the end    run_dir/model: a plain HF checkpoint (LoRA: merged) that a GRPO config names as
+               `model.name_or_path` (e.g. configs/smollm2_sft_format.yaml -> smollm2_format_grpo.yaml)
+
+The loss of a step is the mean over its assistant tokens: sum of the token cross-entropies / the
+number of loss tokens in the whole step (every micro-batch divides by the same step total), so any
+micro-batch split gives the same gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minigrpo import lora
+from minigrpo.bookkeeping import open_logger, save
+from minigrpo.build import (
+    RESUMABLE_CHANGES,
+    ResumePoint,
+    check_packages,
+    check_run_dir,
+    compute_dtype,
+    load_policy,
+    pick_device,
+    restore_trainer_state,
+    seed_everything,
+)
+from minigrpo.config import Config, config_from_args
+from minigrpo.data import Example, PromptLoader
+from minigrpo.distributed import World, env_world_size
+from minigrpo.errors import UserError, run_cli
+from minigrpo.kernels import fused_linear_cross_entropy
+from minigrpo.models.loading import check_model_source, load_weights, save_pretrained
+from minigrpo.optim import build_optimizer, build_scheduler
+from minigrpo.sft_data import IGNORE, collate, load_conversations, loss_tokens, tokenize_conversation
+from minigrpo.step import peak_memory_gb
+
+# what a resumed SFT run may change: the GRPO list, and the sections SFT does not read
+SFT_RESUMABLE = (*(k for k in RESUMABLE_CHANGES if k != "sft"), "sampler.", "grpo.", "rewards", "distributed.")
+FINAL_MODEL = "model"  # run_dir/model: the run's output, a valid model.name_or_path
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """The command line: a mistake in the config or the files is one `error:` line (exit status 2)."""
+    return run_cli(lambda args: sft(config_from_args(args, description="SFT before GRPO (minigrpo/sft.py)")), argv)
+
+
+def sft(cfg: Config) -> list[dict[str, Any]]:
+    """Run (or resume) SFT as configured; returns the metrics of every step run."""
+    resume, examples = check_before_loading(cfg)
+    return loop(build_run(cfg, resume, examples))
+
+
+# ================================================================================================
+# building the run
+
+
+def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[Example]]:
+    """Every check the config and the file system allow, before any weights load: one process, a
+    tokenizer, the packages, the run folder (new, or an intact checkpoint to resume with an unchanged
+    config), the conversations (read and checked: file and line named) and the model folder."""
+    if env_world_size() > 1:
+        raise UserError("python -m minigrpo.sft runs in one process; launch it without torchrun")
+    if cfg.model.arch is not None:
+        raise UserError("SFT needs a tokenizer: model.arch builds weights only; set model.name_or_path")
+    check_packages(cfg, sampling=False)
+    resume = check_run_dir(cfg, SFT_RESUMABLE)
+    examples = load_conversations(cfg)
+    check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
+    return resume, examples
+
+
+@dataclass
+class SFTRun:
+    """Everything the SFT loop works with (what minigrpo/bookkeeping.py needs of a run, too)."""
+
+    cfg: Config
+    world: World
+    dtype: torch.dtype
+    model: torch.nn.Module
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: PromptLoader
+    start_step: int = 0
+    resumed_from: Path | None = None
+
+
+def build_run(cfg: Config, resume: ResumePoint | None, examples: list[Example]) -> SFTRun:
+    """Load the policy (LoRA / NF4 as configured; a checkpoint's weights on resume), the optimizer,
+    schedule and loader, and restore a resumed run's state."""
+    device = pick_device(cfg.run.device)
+    dtype = compute_dtype(cfg, device)
+    seed_everything(cfg.run.seed)
+    model, tokenizer = load_policy(cfg, device, dtype)
+    if resume is not None:
+        if cfg.lora.enabled:
+            lora.load_peft_adapter(model, resume.path)
+        else:
+            load_weights(model, resume.path)
+    optimizer = build_optimizer(model.parameters(), cfg.train)
+    run = SFTRun(
+        cfg=cfg,
+        world=World(device=device),
+        dtype=dtype,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg.train, cfg.train.steps),
+        loader=PromptLoader(examples, seed=cfg.run.seed, shuffle=cfg.sft.shuffle),
+    )
+    if resume is not None:
+        restore_trainer_state(run, resume)
+    return run
+
+
+# ================================================================================================
+# the loss
+
+
+def sft_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-entropies of the label tokens (fp32 scalar), through the fused LM-head kernel.
+
+    input_ids, attention_mask, labels: (B, T), labels IGNORE where no loss. Position t predicts token
+    t + 1; only the hidden states of loss positions reach the kernel, and the (n, V) logits are never
+    materialised (the kernel works on chunks of tokens and vocabulary).
+    """
+    hidden = model.hidden(input_ids, attention_mask=attention_mask)  # (B, T, D)
+    targets = labels[:, 1:]  # (B, T-1): the token each position predicts
+    active = targets != IGNORE  # (B, T-1)
+    states = hidden[:, :-1][active]  # (n, D)
+    return fused_linear_cross_entropy(states, model.output_weight, targets[active], reduction="sum")
+
+
+def train_step(run: SFTRun, examples: list[Example]) -> dict[str, float]:
+    """One optimizer step on `examples`: the mean cross-entropy over all their assistant tokens."""
+    cfg, model, device = run.cfg, run.model, run.world.device
+    rows = [tokenize_conversation(ex.prompt, run.tokenizer, cfg.sft.max_seq_len) for ex in examples]
+    tokens = sum(loss_tokens(labels) for _, labels in rows)  # the step's normaliser
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    mb = cfg.sft.micro_batch_size
+    model.train()
+    loss_total = 0.0
+    for start in range(0, len(rows), mb):
+        part = rows[start : start + mb]
+        if not any(loss_tokens(labels) for _, labels in part):
+            continue  # nothing to learn here (replies cut off by max_seq_len)
+        input_ids, attention_mask, labels = collate(part, pad_id, device)  # (b, T) each
+        loss = sft_loss_sum(model, input_ids, attention_mask, labels) / tokens
+        loss.backward()
+        loss_total += float(loss.detach())
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or math.inf))
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    lengths = [len(ids) for ids, _ in rows]
+    return {
+        "loss": loss_total if tokens else float("nan"),
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "loss_tokens": float(tokens),
+        "seq_len_mean": sum(lengths) / len(lengths),
+        "seq_len_max": float(max(lengths)),
+        "cut_frac": sum(n >= cfg.sft.max_seq_len for n in lengths) / len(lengths),  # reached max_seq_len
+    }
+
+
+# ================================================================================================
+# the loop
+
+
+def loop(run: SFTRun) -> list[dict[str, Any]]:
+    """Steps start_step+1 .. train.steps, checkpoints as configured, then the final model."""
+    cfg = run.cfg
+    logger = open_logger(run)
+    history = []
+    for step in range(run.start_step + 1, cfg.train.steps + 1):
+        t0 = time.perf_counter()
+        if run.world.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.world.device)
+        metrics = train_step(run, run.loader.next_batch(cfg.sft.batch_size))
+        seconds = time.perf_counter() - t0
+        metrics.update({"time/step": seconds, "tokens_per_s": metrics["seq_len_mean"] * cfg.sft.batch_size / seconds})
+        metrics["mem/peak_gb"] = peak_memory_gb(run.world.device)
+        logger.log(step, metrics)
+        history.append({"step": step, **metrics})
+        last = step == cfg.train.steps
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.save_final):
+            save(run, step)
+    save_final_model(run)
+    logger.close()
+    return history
+
+
+def save_final_model(run: SFTRun) -> Path:
+    """run_dir/model: the trained policy as a plain HF checkpoint (LoRA: adapters merged into the
+    base), in the run's precision: what a GRPO config names as model.name_or_path."""
+    out = run.cfg.run.run_dir / FINAL_MODEL
+    if run.cfg.lora.enabled:
+        lora.save_merged(run.model, run.tokenizer, out, dtype=run.dtype)
+    else:
+        save_pretrained(run.model, run.tokenizer, out, dtype=run.dtype)
+    print(f"SFT model written to {out} (use it as model.name_or_path of a GRPO config)")
+    return out
+
+
+if __name__ == "__main__":
+    main()

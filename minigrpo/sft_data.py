@@ -1,0 +1,212 @@
+"""SFT data: rows -> conversations, and a conversation -> token ids with labels on assistant tokens only.
+
+    examples = load_conversations(cfg)                     # Example(prompt=messages, answer=last reply)
+    ids, labels = tokenize_conversation(messages, tokenizer, max_seq_len)
+    input_ids, attention_mask, labels = collate([(ids, labels), ...], pad_id)   # (B, T) each
+
+A conversation is an `Example` whose prompt is the whole message list (assistant turns included), so
+the resumable `PromptLoader` of GRPO serves SFT unchanged.
+
+Which tokens carry loss. The chat template is rendered once for the whole conversation, and once
+per assistant turn i for two prefixes: messages[:i] with the generation header (where the reply
+starts) and messages[:i+1] (where it ends). Both must be prefixes of the whole text (a template that
+rewrites earlier turns, e.g. one that drops old reasoning, is refused), so they cut the text into
+pieces: prompt, reply, prompt, reply, ... Each piece is encoded on its own (add_special_tokens=False:
+the template writes the special tokens) and the ids are concatenated; reply pieces keep their ids as
+labels, prompt pieces get IGNORE. A reply piece runs from the end of the generation header to the
+start of the next turn, so it holds the end-of-turn token (`<|im_end|>`, `<|eot_id|>`): the model
+learns to stop. The prompt pieces are encoded exactly as GRPO encodes its prompt (`encode_prompts`),
+so the model trains on the token boundaries it will see. `{% generation %}` markers are not needed.
+
+Without a chat template (a base model) the turns are joined as GRPO's plain prompts are: non-assistant
+contents with blank lines between them (BOS first when the tokenizer adds one), each reply appended
+directly after, followed by EOS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minigrpo.config import Config
+from minigrpo.data import Example, Message, render_prompt, synthetic_arithmetic
+from minigrpo.datafiles import DataError, Row, download, read_rows, resolve_files, split_files
+
+IGNORE = -100  # the label of a token that carries no loss (F.cross_entropy's ignore_index)
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversations from rows
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_messages(where: str, value: Any, field: str) -> list[Message]:
+    """A row's conversation as plain messages; DataError naming the row when it is not one."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field {field!r} is not a list of chat messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: message {i} of {field!r} needs a text 'role' and 'content', got {m!r}"[:300])
+        if m["role"] not in _ROLES:
+            raise DataError(f"{where}: message {i} has role {m['role']!r}; known roles: {', '.join(_ROLES)}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn")
+    return out
+
+
+def _field(where: str, row: dict[str, Any], name: str, key: str) -> Any:
+    if name not in row:
+        raise DataError(f"{where}: no field {name!r} (the row has: {', '.join(map(str, row))}; see {key})")
+    if row[name] is None:
+        raise DataError(f"{where}: field {name!r} is null")
+    return row[name]
+
+
+def row_to_conversation(where: str, row: dict[str, Any], cfg: Config) -> list[Message]:
+    """One data row -> its messages, per sft.format; the system prompt applied."""
+    sft = cfg.sft
+    if sft.format == "messages":
+        messages = _check_messages(where, _field(where, row, sft.messages_field, "sft.messages_field"), "messages")
+    else:
+        prompt = _field(where, row, sft.prompt_field, "sft.prompt_field")
+        response = _field(where, row, sft.response_field, "sft.response_field")
+        if not isinstance(response, str):
+            raise DataError(f"{where}: field {sft.response_field!r} is not text")
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        elif not isinstance(prompt, list):
+            raise DataError(f"{where}: field {sft.prompt_field!r} is neither text nor a list of messages")
+        messages = _check_messages(where, [*prompt, {"role": "assistant", "content": response}], "prompt")
+    return with_system_prompt(messages, sft.system_prompt)
+
+
+def with_system_prompt(messages: list[Message], system_prompt: str | None) -> list[Message]:
+    """`system_prompt` first, replacing the conversation's own system message (None: unchanged)."""
+    if system_prompt is None:
+        return messages
+    return [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
+
+
+def _rows(cfg: Config) -> list[Row]:
+    sft = cfg.sft
+    if sft.path is None:
+        raise DataError(f"sft.source={sft.source!r} needs sft.path (a file, folder or hub dataset repo id)")
+    if sft.source == "hub":
+        files = split_files(download(sft.path, sft.revision), sft.split, sft.subset)
+    else:
+        suffixes = (".parquet",) if sft.source == "parquet" else (".jsonl", ".json")
+        files = resolve_files(sft.path, sft.split, sft.subset, suffixes)
+    return [row for f in files for row in read_rows(Path(f))]
+
+
+def load_conversations(cfg: Config) -> list[Example]:
+    """The SFT conversations of `cfg.sft` as Examples (prompt = the messages, answer = the last reply)."""
+    sft = cfg.sft
+    if sft.source == "synthetic":
+        syn = cfg.data.synthetic
+        conversations = []
+        for ex in synthetic_arithmetic(syn.seed, syn.num_train, syn, split=sft.split):
+            try:
+                reply = sft.response_template.format(answer=ex.answer, **ex.columns)
+            except (KeyError, IndexError, ValueError) as e:
+                raise DataError(
+                    f"sft.response_template={sft.response_template!r}: {e!r}; it may use {{answer}} and "
+                    "{expression} (write other braces as {{ and }})"
+                ) from None
+            messages = [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": reply}]
+            conversations.append(with_system_prompt(messages, sft.system_prompt))
+    else:
+        conversations = [row_to_conversation(where, row, cfg) for where, row in _rows(cfg)]
+    if not conversations:
+        raise DataError(f"sft: the {sft.split!r} split of sft.source={sft.source!r} holds no conversation")
+    return [
+        Example(prompt=m, answer=next(x for x in reversed(m) if x["role"] == "assistant")["content"])
+        for m in conversations
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokens and labels
+# ----------------------------------------------------------------------------------------------
+
+
+def conversation_pieces(messages: Sequence[Message], tokenizer: Any) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, is_reply) pieces, in order; their concatenation is
+    the whole rendered conversation (see the module docstring)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return _plain_pieces(messages)
+    full = tokenizer.apply_chat_template(list(messages), add_generation_prompt=False, tokenize=False)
+    pieces, done = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = render_prompt(list(messages[:i]), tokenizer) if i else ""
+        end = tokenizer.apply_chat_template(list(messages[: i + 1]), add_generation_prompt=False, tokenize=False)
+        if not (full.startswith(start) and full.startswith(end) and done <= len(start) <= len(end)):
+            raise DataError(
+                f"the chat template renders assistant turn {i} differently inside the whole conversation than "
+                "after its prefix (it rewrites earlier turns), so its tokens cannot be told apart; use "
+                "one assistant turn per example"
+            )
+        pieces += [(full[done : len(start)], False), (full[len(start) : len(end)], True)]
+        done = len(end)
+    pieces.append((full[done:], False))
+    return [(text, reply) for text, reply in pieces if text]
+
+
+def _plain_pieces(messages: Sequence[Message]) -> list[tuple[str, bool]]:
+    pieces: list[tuple[str, bool]] = []
+    previous = None
+    for m in messages:
+        if m["role"] == "assistant":
+            pieces.append((m["content"], True))
+        else:
+            pieces.append((("\n\n" if previous not in (None, "assistant") else "") + m["content"], False))
+        previous = m["role"]
+    return pieces
+
+
+def tokenize_conversation(
+    messages: Sequence[Message], tokenizer: Any, max_seq_len: int | None = None
+) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one conversation: labels equal ids on reply tokens and IGNORE elsewhere;
+    both cut to max_seq_len."""
+    plain = getattr(tokenizer, "chat_template", None) is None
+    ids: list[int] = []
+    labels: list[int] = []
+    for k, (text, reply) in enumerate(conversation_pieces(messages, tokenizer)):
+        piece = tokenizer.encode(text, add_special_tokens=plain and k == 0)  # plain text: BOS (if any) first
+        if plain and reply and tokenizer.eos_token_id is not None:
+            piece = [*piece, tokenizer.eos_token_id]  # a base model learns to stop after its reply
+        ids += piece
+        labels += piece if reply else [IGNORE] * len(piece)
+    if max_seq_len is not None:
+        ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    return ids, labels
+
+
+def collate(
+    rows: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) input_ids, attention_mask (1 on real tokens) and labels (IGNORE on padding)."""
+    T = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+        mask[i, : len(ids)] = 1
+    return input_ids.to(device), mask.to(device), labels.to(device)
+
+
+def loss_tokens(labels: Sequence[int]) -> int:
+    """Tokens of one sequence that carry loss: reply tokens after the first position (the first
+    token of a sequence has nothing before it to predict it from)."""
+    return sum(1 for x in labels[1:] if x != IGNORE)

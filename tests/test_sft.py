@@ -1,0 +1,398 @@
+"""SFT (python -m minigrpo.sft): assistant-only labels, the fused loss against full logits, learning a
+format that a following GRPO step is rewarded for, exact resume (full and LoRA), one-line CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers.cli import one_error_line, run_module
+from helpers.runs import TIMING
+from helpers.tiny import WORDS, tiny_model
+from helpers.tok_fixtures import smollm2_checkpoint
+from test_tokenizer import CHATML_TEMPLATE
+
+from minigrpo.config import Config
+from minigrpo.data import Example, encode_prompts
+from minigrpo.models.loading import build_random, load_pretrained, save_pretrained
+from minigrpo.sft_data import IGNORE, collate, row_to_conversation, tokenize_conversation
+from minigrpo.tokenizer import Tokenizer
+
+# ------------------------------------------------------------------------------------------------
+# tokenizers: SmolLM2 (its own ChatML template), the same vocabulary with Qwen2.5's template, and a
+# word-level one with a tiny template and the answer-format tags as whole tokens
+
+
+@pytest.fixture(scope="module")
+def smol() -> Tokenizer:
+    return smollm2_checkpoint().tokenizer()
+
+
+@pytest.fixture(scope="module")
+def qwen_style(smol) -> Tokenizer:
+    return Tokenizer(smol.backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
+
+
+TAGS = ["<reasoning>", "</reasoning>", "<answer>", "</answer>"]
+CHAT_WORDS = [*WORDS, "user", "assistant", "system", "be", "brief", *TAGS]
+TINY_TEMPLATE = (
+    "{% for m in messages %}{{ m.role + ' : ' + m.content + ' </s> ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant : ' }}{% endif %}"
+)
+
+
+def chat_tokenizer(template: str | None = TINY_TEMPLATE) -> Tokenizer:
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend(models.WordLevel({w: i for i, w in enumerate(CHAT_WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    backend.add_tokens([AddedToken(t, normalized=False) for t in TAGS])  # matched whole, kept by decode
+    return Tokenizer(
+        backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", chat_template=template
+    )
+
+
+def spans(labels: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of every run of loss tokens."""
+    out, start = [], None
+    for i, x in enumerate([*labels, IGNORE]):
+        if x != IGNORE and start is None:
+            start = i
+        elif x == IGNORE and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def sft_cfg(**sft) -> Config:
+    return Config.from_dict({"sft": sft})
+
+
+# ------------------------------------------------------------------------------------------------
+# assistant-only labels
+
+
+@pytest.mark.parametrize("which", ["smol", "qwen_style"])
+def test_prompt_response_row_labels_only_the_reply(which, request):
+    tok = request.getfixturevalue(which)
+    cfg = sft_cfg(format="prompt_response", prompt_field="q", response_field="a")
+    messages = row_to_conversation("x:1", {"q": "What is 2+3?", "a": "<answer>5</answer>"}, cfg)
+    ids, labels = tokenize_conversation(messages, tok)
+    # the prompt part is exactly GRPO's prompt tokens (same text, same encoding)
+    prompt_ids = encode_prompts([Example("What is 2+3?", "5")], tok)[0][0]
+    assert spans(labels) == [(len(prompt_ids), len(ids))]
+    assert ids[: len(prompt_ids)] == prompt_ids
+    assert all(x == IGNORE for x in labels[: len(prompt_ids)])  # no prompt token carries loss
+    assert labels[len(prompt_ids) :] == ids[len(prompt_ids) :]
+    assert tok.decode(ids[len(prompt_ids) :]) == "<answer>5</answer><|im_end|>\n"  # the reply and its end of turn
+    # the pieces tokenize as the whole rendered conversation does
+    assert ids == tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+
+
+@pytest.mark.parametrize("which", ["smol", "qwen_style"])
+def test_multi_turn_messages_label_every_reply_and_nothing_else(which, request):
+    tok = request.getfixturevalue(which)
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 2+3?"},
+            {"role": "assistant", "content": "<answer>5</answer>"},
+            {"role": "user", "content": "And 4*4?"},
+            {"role": "assistant", "content": "It is <answer>16</answer>"},
+        ]
+    }
+    messages = row_to_conversation("x:1", row, sft_cfg())
+    ids, labels = tokenize_conversation(messages, tok)
+    found = spans(labels)
+    assert [tok.decode(ids[a:b]) for a, b in found] == [
+        "<answer>5</answer><|im_end|>\n",
+        "It is <answer>16</answer><|im_end|>\n",
+    ]
+    # each reply starts right after the generation prompt of its prefix: exact token positions
+    for (a, _), turns in zip(found, (2, 4)):
+        prefix = encode_prompts([Example(messages[1:turns], "")], tok, "Be brief.")[0][0]
+        assert a == len(prefix) and ids[:a] == prefix
+    # every other token carries no loss; the text outside the spans is the template's scaffolding
+    outside = [i for i in range(len(ids)) if not any(a <= i < b for a, b in found)]
+    assert all(labels[i] == IGNORE for i in outside)
+    assert "What is 2+3?" in tok.decode([ids[i] for i in outside])
+    assert ids == tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+
+
+def test_system_prompt_replaces_the_rows_and_max_seq_len_cuts():
+    tok = chat_tokenizer()
+    cfg = sft_cfg(system_prompt="be brief")
+    row = {
+        "messages": [
+            {"role": "system", "content": "repeat"},
+            {"role": "user", "content": "repeat 7"},
+            {"role": "assistant", "content": "7"},
+        ]
+    }
+    messages = row_to_conversation("x:1", row, cfg)
+    assert messages[0] == {"role": "system", "content": "be brief"} and len(messages) == 3
+    ids, labels = tokenize_conversation(messages, tok)
+    assert tok.decode(ids) == "system : be brief </s> user : repeat 7 </s> assistant : 7 </s>"
+    assert [tok.id_to_token(x) for x in labels if x != IGNORE] == ["7", "</s>"]
+    cut_ids, cut_labels = tokenize_conversation(messages, tok, max_seq_len=len(ids) - 1)
+    assert cut_ids == ids[:-1] and cut_labels == labels[:-1]
+
+
+def test_without_a_chat_template_the_turns_join_as_grpo_prompts_do():
+    tok = chat_tokenizer(template=None)
+    messages = [{"role": "user", "content": "repeat 7"}, {"role": "assistant", "content": "7"}]
+    ids, labels = tokenize_conversation(messages, tok)
+    prompt = encode_prompts([Example("repeat 7", "7")], tok)[0][0]  # plain text
+    assert ids == [*prompt, tok.token_to_id("7"), tok.eos_token_id]
+    assert labels == [IGNORE] * len(prompt) + [tok.token_to_id("7"), tok.eos_token_id]
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss
+
+
+def test_loss_equals_full_logits_cross_entropy_in_fp64():
+    from minigrpo.sft import sft_loss_sum
+
+    torch.manual_seed(0)
+    model = tiny_model(seed=3)
+    rows = []
+    for n, first_loss in ((9, 4), (6, 2), (12, 7)):
+        ids = torch.randint(3, 128, (n,)).tolist()
+        rows.append((ids, [IGNORE] * first_loss + ids[first_loss:]))
+    ids, mask, labels = collate(rows, pad_id=0)  # right-padded (3, 12)
+    weight = model.output_weight
+    loss = sft_loss_sum(model, ids, mask, labels)
+    (g_kernel,) = torch.autograd.grad(loss, weight)
+
+    # reference: per sequence, unpadded, full logits in fp64
+    ref = torch.zeros((), dtype=torch.float64)
+    for seq, lab in rows:
+        h = model.hidden(torch.tensor([seq]))[0].double()  # (n, D)
+        logits = h @ weight.double().T  # (n, V)
+        target = torch.tensor(lab[1:])
+        ref = ref + torch.nn.functional.cross_entropy(logits[:-1], target, ignore_index=IGNORE, reduction="sum")
+    (g_ref,) = torch.autograd.grad(ref, weight)
+    n_tokens = sum(sum(x != IGNORE for x in lab[1:]) for _, lab in rows)
+    assert n_tokens == 5 + 4 + 5
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()), (loss.item(), ref.item())
+    assert ((g_kernel.double() - g_ref).norm() / g_ref.norm()).item() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# runs through the entry points
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def format_task(tmp_path: Path, n: int = 64) -> None:
+    """A tiny model with the chat tokenizer, SFT conversations in the answer format, GRPO prompts."""
+    model = build_random(_tiny_chat_config(), seed=0)
+    save_pretrained(model, chat_tokenizer(), tmp_path / "base")
+    digits = [i % 10 for i in range(n)]
+    conversations = [
+        {
+            "messages": [
+                {"role": "user", "content": f"repeat {d}"},
+                {"role": "assistant", "content": f"<reasoning> {d} </reasoning> <answer> {d} </answer>"},
+            ]
+        }
+        for d in digits
+    ]
+    write_jsonl(tmp_path / "sft.jsonl", conversations)
+    write_jsonl(tmp_path / "grpo.jsonl", [{"question": f"repeat {d}", "answer": str(d)} for d in digits])
+
+
+def _tiny_chat_config() -> dict:
+    from helpers.tiny import tiny_config
+
+    return tiny_config(vocab_size=len(CHAT_WORDS))
+
+
+def sft_config(tmp_path: Path, name: str = "sft", **sections) -> dict:
+    cfg = {
+        "run": {"name": name, "output_dir": str(tmp_path / "runs"), "seed": 0, "device": "cpu"},
+        "model": {"name_or_path": str(tmp_path / "base")},
+        "sft": {"source": "jsonl", "path": str(tmp_path / "sft.jsonl"), "batch_size": 16, "micro_batch_size": 8},
+        "train": {"steps": 30, "lr": 0.003, "max_grad_norm": 1.0},
+        "log": {"plots": False, "progress": False, "sample_every": 0},
+        "checkpoint": {"every": 0, "save_final": True},
+    }
+    for key, values in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **values} if isinstance(values, dict) else values
+    return cfg
+
+
+def launch(tmp_path: Path, module: str, cfg: dict, *extra: str) -> list[dict]:
+    """The entry point's main() in this process; the run's metrics.jsonl records."""
+    path = tmp_path / f"{cfg['run']['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    if module == "sft":
+        from minigrpo.sft import main
+    else:
+        from minigrpo.train import main
+    main(["--config", str(path), *extra])
+    lines = (Path(cfg["run"]["output_dir"]) / cfg["run"]["name"] / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+def first_grpo_reward(tmp_path: Path, name: str, model: Path) -> float:
+    """The mean soft_format reward of one GRPO step's rollouts (sampled before its update)."""
+    cfg = {
+        "run": {"name": name, "output_dir": str(tmp_path / "runs"), "seed": 0, "device": "cpu"},
+        "model": {"name_or_path": str(model)},
+        "data": {"source": "jsonl", "path": str(tmp_path / "grpo.jsonl"), "eval_split": None},
+        "sampler": {"temperature": 1.0, "max_new_tokens": 10},
+        "grpo": {"prompts_per_step": 8, "group_size": 4},
+        "rewards": [{"name": "soft_format"}],
+        "train": {"steps": 1, "lr": 1e-4, "micro_batch_size": 32},
+        "log": {"plots": False, "progress": False, "sample_every": 0},
+        "checkpoint": {"every": 0, "save_final": False},
+    }
+    return launch(tmp_path, "train", cfg)[0]["reward"]
+
+
+def test_sft_learns_the_format_and_grpo_starts_from_it(tmp_path):
+    format_task(tmp_path)
+    records = launch(tmp_path, "sft", sft_config(tmp_path))
+    losses = [r["loss"] for r in records]
+    assert len(losses) == 30 and all(r["loss_tokens"] > 0 for r in records)
+    assert losses[-1] < 0.1 * losses[0], [round(x, 3) for x in losses]
+    out = tmp_path / "runs" / "sft" / "model"  # the run's output: a plain checkpoint with the tokenizer
+    assert (out / "config.json").is_file() and (tmp_path / "runs" / "sft" / "checkpoints" / "step_000030").is_dir()
+    before = first_grpo_reward(tmp_path, "grpo_base", tmp_path / "base")
+    after = first_grpo_reward(tmp_path, "grpo_sft", out)
+    assert before <= 0.05 and after >= 0.4, (before, after)  # soft_format pays 0.5 for the format
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    assert tensors, f"no weights in {folder}"
+    return tensors
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.3}}],  # dropout: the RNG must be restored
+    ids=["full", "lora_dropout"],
+)
+def test_crashed_run_resumes_to_identical_weights_and_metrics(tmp_path, monkeypatch, variant):
+    """A run that dies in step 3 and resumes from its step-2 checkpoint ends where an uninterrupted run
+    ends: bitwise equal weights, equal metrics (cosine schedule, shuffled data, LoRA dropout)."""
+    import minigrpo.sft as sft_module
+
+    format_task(tmp_path, n=20)  # 20 conversations, 8 per step: steps cross epoch boundaries
+    base = sft_config(
+        tmp_path,
+        train={"steps": 4, "lr": 0.003, "schedule": "cosine", "warmup_steps": 1},
+        sft={"batch_size": 8, "micro_batch_size": 4},
+        checkpoint={"every": 2, "keep_last": 5, "save_final": True},
+        **variant,
+    )
+    straight = launch(tmp_path, "sft", {**base, "run": {**base["run"], "name": "straight"}})
+
+    crashed = {**base, "run": {**base["run"], "name": "crashed"}}
+    real_step, calls = sft_module.train_step, []
+
+    def dies_in_step_3(run, examples):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real_step(run, examples)
+
+    monkeypatch.setattr(sft_module, "train_step", dies_in_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        launch(tmp_path, "sft", crashed)
+    monkeypatch.setattr(sft_module, "train_step", real_step)
+    runs = tmp_path / "runs"
+    assert [p.name for p in sorted((runs / "crashed" / "checkpoints").iterdir())] == ["step_000002"]
+    resumed = launch(tmp_path, "sft", crashed, "--resume")
+
+    def plain(records):
+        return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in records]
+
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert plain(resumed) == plain(straight)
+    a = checkpoint_tensors(runs / "straight" / "checkpoints" / "step_000004")
+    b = checkpoint_tensors(runs / "crashed" / "checkpoints" / "step_000004")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    if variant:
+        assert all("lora_" in k for k in a)  # the checkpoints hold the adapter only
+    # the output is a plain checkpoint (LoRA: merged) that loads as a model and differs from the base
+    base_model, _ = load_pretrained(tmp_path / "base")
+    tuned, tokenizer = load_pretrained(runs / "crashed" / "model")
+    assert tokenizer is not None and tokenizer.chat_template == TINY_TEMPLATE
+    ids = torch.randint(3, 20, (2, 6))
+    with torch.no_grad():
+        assert (tuned(ids) - base_model(ids)).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# mistakes: one `error:` line through the real entry point, before any weights load
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"sft": {"path": "gone.jsonl"}}, "gone.jsonl"),
+        ({"sft": {"messages_field": "conversation"}}, "no field 'conversation'"),
+        ({"sft": {"format": "prompt_response"}}, "sft.prompt_field"),
+        ({"sft": {"batchsize": 4}}, "did you mean 'sft.batch_size'"),
+        ({"sft": {"path": None}}, "sft.path"),
+        ({"sft": {"batch_size": 6, "micro_batch_size": 4}}, "must divide sft.batch_size"),
+    ],
+    ids=["missing_file", "bad_messages_column", "bad_prompt_column", "bad_key", "no_path", "micro_batch"],
+)
+def test_mistakes_are_one_line(tmp_path, change, expected):
+    write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    (tmp_path / "base").mkdir()  # never read: the data is checked first
+    cfg = sft_config(tmp_path)
+    for key, values in change.items():
+        cfg[key] = {**cfg[key], **values}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    message = one_error_line(run_module("minigrpo.sft", "--config", str(path), cwd=tmp_path))
+    assert expected in message, message
+
+
+def test_a_conversation_without_a_reply_is_named_with_its_line(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "7"}]}] * 2
+    write_jsonl(tmp_path / "sft.jsonl", [*rows, {"messages": [{"role": "user", "content": "hi"}]}])
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(sft_config(tmp_path)))
+    message = one_error_line(run_module("minigrpo.sft", "--config", str(path), cwd=tmp_path))
+    assert "sft.jsonl:3" in message and "no assistant turn" in message, message
+
+
+def test_the_config_pair_hands_the_sft_output_to_grpo():
+    from minigrpo.config import load_config
+    from minigrpo.sft import FINAL_MODEL
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    sft = load_config(root / "smollm2_sft_format.yaml")
+    grpo = load_config(root / "smollm2_format_grpo.yaml")
+    assert Path(grpo.model.name_or_path) == sft.run.run_dir / FINAL_MODEL
+    assert grpo.data.synthetic == sft.data.synthetic and sft.sft.source == "synthetic"
+    # the SFT reply is exactly the layout the GRPO config rewards
+    from minigrpo.reward_fns import strict_format
+
+    reply = sft.sft.response_template.format(expression="12 + 30", answer="42")
+    assert [r.name for r in grpo.rewards] == ["correctness", "strict_format"]
+    assert strict_format([""], [reply], ["42"]) == [0.5]
