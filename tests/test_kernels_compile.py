@@ -304,9 +304,13 @@ CASE_IDS = sorted(all_cases())
 @pytest.fixture(scope="module")
 def compiled(request, tmp_path_factory) -> dict[str, dict]:
     """Results of the cases this session runs, compiled in one subprocess without the interpreter."""
-    ids = sorted({item.callspec.params["case"] for item in request.session.items
-                  if item.module is request.module and hasattr(item, "callspec")
-                  and "case" in item.callspec.params})  # fmt: skip (this file's selected cases only)
+    ids = sorted(
+        {
+            item.callspec.params["case"]
+            for item in request.session.items
+            if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params
+        }
+    )  # this file's selected cases only
     tmp = tmp_path_factory.mktemp("triton_compile")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp / "cache"))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
