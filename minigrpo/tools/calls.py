@@ -1,0 +1,303 @@
+"""Tool calls parsed out of a model turn's text, in the chat template's format, and checked against the tools.
+
+    calls = parse_tool_calls(text, tools, format="hermes")   # or "llama3"; detect_format(template) picks one
+    for call in calls:
+        call                 # ToolCall(name, arguments, raw), or ToolCallError(message, raw, name)
+
+Formats (a registry keyed by name; `register_format` adds one):
+- "hermes" (Qwen2.5, Hermes, Qwen3): any number of `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`
+  blocks anywhere in the text; text around them is ignored. An unclosed last block is read to the end
+  of the text (generation may stop on `</tool_call>`).
+- "llama3" (Llama-3.1/3.2/3.3 JSON tool calling): the whole message is a JSON object
+  `{"name": ..., "parameters": {...}}` (several may follow each other, separated by ';'), optionally after
+  `<|python_tag|>`. A message that is not such an object is plain text: no calls.
+
+A malformed call is never an exception: it is a `ToolCallError` whose message says exactly what was
+wrong (bad JSON at char N, unknown tool 'x' (did you mean 'y'?), missing required argument 'a',
+argument 'a' should be an integer, unexpected argument 'b'); `run.call_tool` turns it into a tool
+result the model reads on its next turn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from minigrpo.tools.schema import Tool, as_tools
+
+__all__ = [
+    "FORMATS",
+    "ToolCall",
+    "ToolCallError",
+    "ToolCallFormat",
+    "check_arguments",
+    "detect_format",
+    "get_format",
+    "parse_tool_calls",
+    "register_format",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """One well-formed call: `name(**arguments)`; `raw` is the text it was parsed from."""
+
+    name: str
+    arguments: dict[str, Any]
+    raw: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCallError:
+    """A call that cannot be run, as a value: `message` says what was wrong; `name` if it could be read."""
+
+    message: str
+    raw: str
+    name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCallFormat:
+    """How one template family writes calls: `parse(text)` -> unchecked calls / errors, in order;
+    `markers`: strings whose presence in a chat template identifies the family (any one suffices)."""
+
+    name: str
+    parse: Callable[[str], list[ToolCall | ToolCallError]]
+    markers: tuple[str, ...]
+
+
+# ----------------------------------------------------------------------------- reading one call
+
+
+def _call_from_json(body: str, raw: str, args_keys: tuple[str, ...]) -> ToolCall | ToolCallError:
+    """A call from the JSON text `body`: {"name": str, <one of args_keys>: object or JSON-object string}."""
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as e:
+        return ToolCallError(f"bad JSON at char {e.pos}: {e.msg}", raw)
+    return _call_from_object(obj, raw, args_keys)
+
+
+def _call_from_object(obj: Any, raw: str, args_keys: tuple[str, ...]) -> ToolCall | ToolCallError:
+    if not isinstance(obj, dict):
+        return ToolCallError(f"a tool call must be a JSON object, got {_json_type(obj)}", raw)
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        what = "is missing" if name is None else f"should be a non-empty string, got {_json_type(name)}"
+        return ToolCallError(f"the tool call's 'name' {what}", raw)
+    key = next((k for k in args_keys if k in obj), None)
+    arguments = {} if key is None else obj[key]
+    if isinstance(arguments, str):  # OpenAI style: the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as e:
+            return ToolCallError(f"bad JSON in '{key}' at char {e.pos}: {e.msg}", raw, name)
+    if not isinstance(arguments, dict):
+        return ToolCallError(f"'{key}' should be a JSON object, got {_json_type(arguments)}", raw, name)
+    extra = sorted(set(obj) - {"name", *args_keys})
+    if extra:
+        expected = f"expected 'name' and '{args_keys[0]}'"
+        return ToolCallError(f"unexpected key {extra[0]!r} in the tool call ({expected})", raw, name)
+    return ToolCall(name, arguments, raw)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    if type(value) in names:
+        return names[type(value)]
+    return "an integer" if isinstance(value, int) else "a number"
+
+
+# ----------------------------------------------------------------------------- the formats
+
+_HERMES_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+
+
+def parse_hermes(text: str) -> list[ToolCall | ToolCallError]:
+    """Every `<tool_call>...</tool_call>` block of `text`, in order (Qwen2.5 / Hermes format)."""
+    keys = ("arguments", "parameters")
+    return [_call_from_json(m.group(1).strip(), m.group(0), keys) for m in _HERMES_BLOCK.finditer(text)]
+
+
+_PYTHON_TAG = "<|python_tag|>"
+_LLAMA_END = ("<|eom_id|>", "<|eot_id|>")
+
+
+def parse_llama3(text: str) -> list[ToolCall | ToolCallError]:
+    """The JSON call(s) that make up the whole message (Llama-3.1 format); [] for a plain-text message."""
+    body = text.strip()
+    for end in _LLAMA_END:
+        body = body.removesuffix(end).rstrip()
+    tagged = body.startswith(_PYTHON_TAG)
+    body = body.removeprefix(_PYTHON_TAG).strip()
+    if not tagged and not (body.startswith("{") and '"name"' in body):
+        return []  # an answer, not a call
+    if not body.startswith("{"):
+        expected = '{"name": ..., "parameters": {...}}'
+        return [ToolCallError(f"after {_PYTHON_TAG} a JSON tool call {expected} was expected", text)]
+    decoder, calls, pos = json.JSONDecoder(), [], 0
+    while pos < len(body):
+        try:
+            obj, end = decoder.raw_decode(body, pos)
+        except json.JSONDecodeError as e:
+            return [*calls, ToolCallError(f"bad JSON at char {e.pos}: {e.msg}", body[pos:])]
+        calls.append(_call_from_object(obj, body[pos:end], ("parameters", "arguments")))
+        pos = end
+        while pos < len(body) and (body[pos].isspace() or body[pos] == ";"):
+            pos += 1
+        if pos < len(body) and body[pos] != "{":
+            return [*calls, ToolCallError(f"unexpected text after the tool call at char {pos}", body[pos:])]
+    return calls
+
+
+FORMATS: dict[str, ToolCallFormat] = {}
+
+
+def register_format(fmt: ToolCallFormat) -> None:
+    """Add (or replace) a tool-call format in the registry."""
+    FORMATS[fmt.name] = fmt
+
+
+register_format(ToolCallFormat("hermes", parse_hermes, ("<tool_call>",)))
+register_format(ToolCallFormat("llama3", parse_llama3, ("<|python_tag|>", "ipython")))
+
+
+def get_format(name: str | ToolCallFormat) -> ToolCallFormat:
+    """A registered format by name (ValueError with a suggestion for an unknown one)."""
+    if isinstance(name, ToolCallFormat):
+        return name
+    if name not in FORMATS:
+        hint = difflib.get_close_matches(name, FORMATS, n=1)
+        raise ValueError(
+            f"unknown tool-call format {name!r}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; known: {', '.join(sorted(FORMATS))}"
+        )
+    return FORMATS[name]
+
+
+def detect_format(chat_template: str | None) -> str | None:
+    """The tool-call format a chat template uses, by its markers: "hermes" for `<tool_call>` (Qwen2.5),
+    "llama3" for `<|python_tag|>` / the `ipython` role (Llama-3.1); None if the template shows neither."""
+    if not chat_template:
+        return None
+    for fmt in FORMATS.values():
+        if any(marker in chat_template for marker in fmt.markers):
+            return fmt.name
+    return None
+
+
+# ----------------------------------------------------------------------------- checking against the tools
+
+
+def parse_tool_calls(
+    text: str,
+    tools: Sequence[Tool | Callable[..., Any]] | Mapping[str, Tool],
+    format: str | ToolCallFormat = "hermes",
+) -> list[ToolCall | ToolCallError]:
+    """The calls in a model turn's `text`, each checked against `tools` (names, argument names and types).
+
+    Well-formed calls come back with their arguments normalised (an integral float such as 3.0 for an
+    integer parameter becomes 3); anything else is a ToolCallError value. Never raises on model text.
+    """
+    by_name = as_tools(tools)
+    out: list[ToolCall | ToolCallError] = []
+    for call in get_format(format).parse(text):
+        if isinstance(call, ToolCallError):
+            out.append(call)
+            continue
+        tool = by_name.get(call.name)
+        if tool is None:
+            hint = difflib.get_close_matches(call.name, by_name, n=1)
+            more = f"did you mean {hint[0]!r}?" if hint else f"available: {', '.join(sorted(by_name)) or 'none'}"
+            out.append(ToolCallError(f"unknown tool {call.name!r} ({more})", call.raw, call.name))
+            continue
+        arguments, problems = check_arguments(tool.parameters, call.arguments)
+        if problems:
+            out.append(ToolCallError("; ".join(problems), call.raw, call.name))
+        else:
+            out.append(ToolCall(call.name, arguments, call.raw))
+    return out
+
+
+_TYPE_WORDS = {
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "boolean": "a boolean",
+    "array": "an array",
+    "object": "an object",
+    "null": "null",
+}
+
+
+def check_arguments(schema: Mapping[str, Any], arguments: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(normalised arguments, problems) for `arguments` against an object schema (Tool.parameters).
+
+    Problems, in this order: unexpected arguments, missing required ones, wrong types / values.
+    """
+    properties = schema.get("properties", {})
+    problems = [f"unexpected argument {k!r}" for k in arguments if k not in properties]
+    problems += [f"missing required argument {k!r}" for k in schema.get("required", []) if k not in arguments]
+    out: dict[str, Any] = {}
+    for key, value in arguments.items():
+        if key in properties:
+            value, problem = _check_value(properties[key], value, f"argument {key!r}")
+            if problem:
+                problems.append(problem)
+            out[key] = value
+    return out, problems
+
+
+def _check_value(schema: Mapping[str, Any], value: Any, what: str) -> tuple[Any, str | None]:
+    kinds = schema.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds or [])
+    if kinds:
+        for kind in kinds:
+            ok, value2 = _is_type(kind, value)
+            if ok:
+                value = value2
+                break
+        else:
+            words = " or ".join(_TYPE_WORDS.get(k, k) for k in kinds)
+            return value, f"{what} should be {words}, got {_show(value)}"
+    if "enum" in schema and value not in schema["enum"]:
+        return value, f"{what} should be one of {', '.join(json.dumps(v) for v in schema['enum'])}, got {_show(value)}"
+    if isinstance(value, list) and "items" in schema:
+        items = []
+        for i, item in enumerate(value):
+            item, problem = _check_value(schema["items"], item, f"{what} item {i}")
+            if problem:
+                return value, problem
+            items.append(item)
+        value = items
+    if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        entries = {}
+        for key, item in value.items():
+            item, problem = _check_value(schema["additionalProperties"], item, f"{what} key {key!r}")
+            if problem:
+                return value, problem
+            entries[key] = item
+        value = entries
+    return value, None
+
+
+def _is_type(kind: str, value: Any) -> tuple[bool, Any]:
+    """(value has JSON type `kind`, the value normalised): bools are never numbers; 3.0 is an integer."""
+    if kind == "integer":
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    python = {"string": str, "boolean": bool, "array": list, "object": dict, "null": type(None)}.get(kind)
+    return (python is None or isinstance(value, python)), value
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."

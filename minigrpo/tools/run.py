@@ -1,0 +1,139 @@
+"""Running a parsed tool call: every outcome is a `ToolResult` the model reads, never an exception.
+
+    result = call_tool(tool, call, timeout_s=10.0)    # ToolResult(content, ok, error_kind, name)
+    results = run_tool_calls(calls, tools)            # the calls of one turn, ToolCallErrors included
+    stats.add(results); stats.metrics()               # {"tools/calls": ..., "tools/timeouts": ...}
+
+A tool's return value becomes text: a str as is, dicts / lists / numbers / bools / None as JSON,
+anything else through str(). A tool may also return a ToolResult itself (the Python sandbox does, to
+report a failed run with its output). An exception becomes `error: <Type>: <message>` (no traceback:
+the model needs the message, not our stack); a call that exceeds `timeout_s` is abandoned (it runs
+in a daemon thread, which Python cannot kill, so a tool that may hang should enforce its own limit,
+as the sandbox does with a process). Content is cut to `max_chars` with a note saying how much went.
+
+error_kind is None for a successful call, else one of: "bad_call" (malformed or invalid call),
+"exception" (the tool raised), "timeout", or what a tool that returns ToolResults reports (the
+sandbox: "error", "timeout", "memory", "cpu").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from minigrpo.tools.calls import ToolCall, ToolCallError
+from minigrpo.tools.schema import Tool, as_tools
+
+__all__ = ["ToolResult", "ToolStats", "call_tool", "run_tool_calls", "to_text", "truncate"]
+
+DEFAULT_MAX_CHARS = 4000
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolResult:
+    """What a call gave back, as the text the model reads; ok False with error_kind for a failure."""
+
+    content: str
+    ok: bool = True
+    error_kind: str | None = None
+    name: str = ""
+
+
+def call_tool(
+    tool: Tool | None,
+    call: ToolCall | ToolCallError,
+    timeout_s: float | None = 10.0,
+    *,
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> ToolResult:
+    """Run `call` with `tool` (None is fine for a ToolCallError); the result, failures included."""
+    if isinstance(call, ToolCallError):
+        return ToolResult(truncate(f"error: {call.message}", max_chars), False, "bad_call", call.name or "")
+    if tool is None or tool.name != call.name:
+        return ToolResult(f"error: no tool named {call.name!r}", False, "bad_call", call.name)
+    status, value = _run(tool.fn, call.arguments, timeout_s)
+    if status == "timeout":
+        return ToolResult(f"error: the tool did not answer within {timeout_s:g} s", False, "timeout", tool.name)
+    if status == "error":
+        message = f"{type(value).__name__}: {value}" if str(value) else type(value).__name__
+        return ToolResult(truncate(f"error: {message}", max_chars), False, "exception", tool.name)
+    if isinstance(value, ToolResult):
+        return dataclasses.replace(value, content=truncate(value.content, max_chars), name=value.name or tool.name)
+    return ToolResult(truncate(to_text(value), max_chars), True, None, tool.name)
+
+
+def run_tool_calls(
+    calls: Iterable[ToolCall | ToolCallError],
+    tools: Sequence[Tool | Callable[..., Any]] | Mapping[str, Tool],
+    timeout_s: float | None = 10.0,
+    *,
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> list[ToolResult]:
+    """The results of one turn's calls, in order (one result per call, errors included)."""
+    by_name = as_tools(tools)
+    return [call_tool(by_name.get(c.name or ""), c, timeout_s, max_chars=max_chars) for c in calls]
+
+
+def _run(fn: Callable[..., Any], arguments: Mapping[str, Any], timeout_s: float | None) -> tuple[str, Any]:
+    """("ok", value) | ("error", exception) | ("timeout", None); with a timeout, in a daemon thread."""
+    if timeout_s is None:
+        try:
+            return "ok", fn(**arguments)
+        except Exception as e:
+            return "error", e
+    box: list[tuple[str, Any]] = []
+
+    def target() -> None:
+        try:
+            box.append(("ok", fn(**arguments)))
+        except BaseException as e:  # a thread must not die silently
+            box.append(("error", e))
+
+    thread = threading.Thread(target=target, name=f"tool-{getattr(fn, '__name__', 'fn')}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return box[0] if box else ("timeout", None)
+
+
+def to_text(value: Any) -> str:
+    """A tool's return value as the text the model reads (JSON for data, str() for anything else)."""
+    if isinstance(value, str):
+        return value
+    if value is None or isinstance(value, (dict, list, tuple, bool, int, float)):
+        try:
+            return json.dumps(value, ensure_ascii=False, default=str)
+        except ValueError:  # a circular structure
+            return str(value)
+    return str(value)
+
+
+def truncate(text: str, max_chars: int) -> str:
+    """`text` cut to `max_chars` characters, with a note saying how many were cut."""
+    if len(text) <= max_chars:
+        return text
+    return f"{text[:max_chars]}\n... [truncated: {len(text) - max_chars} more characters]"
+
+
+@dataclasses.dataclass
+class ToolStats:
+    """Counts of tool calls and their failures, for the metrics of a step."""
+
+    calls: Counter = dataclasses.field(default_factory=Counter)  # per tool name
+    failures: Counter = dataclasses.field(default_factory=Counter)  # per error_kind
+
+    def add(self, results: Iterable[ToolResult]) -> None:
+        for r in results:
+            self.calls[r.name or "?"] += 1
+            if not r.ok:
+                self.failures[r.error_kind or "error"] += 1
+
+    def metrics(self) -> dict[str, float]:
+        """tools/calls, tools/failures, tools/failures/<kind>, tools/<name>/calls."""
+        out = {"tools/calls": float(sum(self.calls.values())), "tools/failures": float(sum(self.failures.values()))}
+        out.update({f"tools/failures/{k}": float(v) for k, v in sorted(self.failures.items())})
+        out.update({f"tools/{k}/calls": float(v) for k, v in sorted(self.calls.items())})
+        return out

@@ -1,0 +1,273 @@
+"""Run untrusted Python code (a model's tool call) in a separate, limited, throw-away process.
+
+    result = run_python("print(2 ** 10)", timeout_s=5.0)
+    result.stdout, result.stderr, result.exit_status, result.timed_out, result.memory_exceeded
+
+The code runs in `python -I -S -B -X utf8` (isolated: no PYTHON* variables, no user or site
+packages, so only the standard library imports; no .pyc writing) in its own session, with:
+- a wall-time limit: past `timeout_s` the whole process group is killed (SIGKILL);
+- CPU time (RLIMIT_CPU), address space (RLIMIT_AS), file size (RLIMIT_FSIZE) and, where the kernel
+  enforces it for this user, process count (RLIMIT_NPROC = 0: no fork, no threads) limits, set by the
+  child on itself before the code runs (soft = hard, so the code cannot raise them again). Setting them
+  in the child rather than in a `preexec_fn` keeps the parent safe: preexec_fn runs between fork and
+  exec, which can deadlock in a parent with threads (a trainer always has some);
+- an output limit: stdout keeps its first `max_output_chars`, stderr its last ones (the traceback);
+- a fresh temporary working directory (HOME too), removed afterwards; an emptied environment (no
+  proxies, no tokens); stdin from /dev/null;
+- an audit hook (`sys.addaudithook`, installed by the bootstrap before the code runs, and not
+  removable from Python) that refuses socket events (no network), starting processes (subprocess,
+  os.system / exec / fork / spawn: a child would not carry the hook), ctypes, changing rlimits, and
+  opening for writing, removing, renaming or creating files outside the working directory.
+
+What this does NOT guarantee: an audit hook is not a security boundary. It stops ordinary Python code
+(a model's mistakes, a careless `open('/etc/x', 'w')`, `urllib.request.urlopen`), but hostile code can
+get around it (through native code already loaded, interpreter internals, bugs). Reading files the user
+can read is allowed. The real boundary is the operating system's: a container, a separate user,
+seccomp, a network namespace; run training jobs that execute model code inside one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from typing import IO
+
+__all__ = ["MEMORY_EXIT_STATUS", "SandboxResult", "run_python"]
+
+MEMORY_EXIT_STATUS = 86  # the bootstrap's exit status after a MemoryError in the code
+
+# The child's entry point, run with `-c`: argv = [code file, work dir, limits JSON]. It limits itself,
+# installs the audit hook, then runs the code as __main__ and echoes the value of a last expression.
+_BOOTSTRAP = r"""
+import ast, json, os, resource, sys, traceback
+_code_path, _work, _limits = sys.argv[1], os.path.realpath(sys.argv[2]), json.loads(sys.argv[3])
+def _set_limits(limits):
+    for name, value in limits.items():
+        try:
+            kind = getattr(resource, name)
+            hard = resource.getrlimit(kind)[1]
+            finite = hard != resource.RLIM_INFINITY
+            soft = min(value, hard) if finite else value
+            new_hard = soft + 1 if name == "RLIMIT_CPU" else soft  # CPU: SIGXCPU at soft, SIGKILL at hard
+            resource.setrlimit(kind, (soft, min(new_hard, hard) if finite else new_hard))
+        except (ValueError, OSError, AttributeError):
+            pass  # a limit this platform lacks
+
+_set_limits(_limits)
+with open(_code_path, encoding="utf-8") as _f:
+    _source = _f.read()
+_BLOCKED = ("socket.", "subprocess.", "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn",
+            "os.spawn", "pty.", "ctypes.", "resource.setrlimit", "resource.prlimit", "sys.addaudithook", "gc.get_")
+_PATH_ARGS = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1), "os.chmod": (0,),
+              "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,), "os.symlink": (1,), "os.link": (1,),
+              "shutil.rmtree": (0,), "shutil.copyfile": (1,), "shutil.move": (1,)}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+def _inside(path, _work=_work):
+    if isinstance(path, int):
+        return True  # an open file descriptor
+    full = os.path.realpath(os.path.join(_work, os.fsdecode(path)))
+    return full == _work or full.startswith(_work + os.sep)
+
+def _audit(event, args, _blocked=_BLOCKED, _path_args=_PATH_ARGS, _write=_WRITE_FLAGS, _inside=_inside, _me=[]):
+    if event.startswith(_blocked):
+        raise PermissionError(f"sandbox: {event} is not allowed")
+    if event == "object.__setattr__" and any(args[0] is f for f in _me):  # rewriting the hook itself
+        raise PermissionError("sandbox: the audit hook cannot be changed")
+    if event == "open":
+        path, mode, flags = args
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & _write)
+        if writing and path is not None and not _inside(path):
+            raise PermissionError(f"sandbox: writing outside the working directory is not allowed: {path!r}")
+    elif event in _path_args:
+        for i in _path_args[event]:
+            if i < len(args) and args[i] is not None and not _inside(args[i]):
+                raise PermissionError(f"sandbox: {event} outside the working directory is not allowed: {args[i]!r}")
+
+_audit.__defaults__[-1].extend([_audit, _inside])
+sys.addaudithook(_audit)
+del _f, _limits, _set_limits, _audit, _inside, _BLOCKED, _PATH_ARGS, _WRITE_FLAGS
+
+def _main(source):
+    tree = ast.parse(source, "<code>")
+    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    scope = {"__name__": "__main__", "__builtins__": __builtins__}
+    exec(compile(tree, "<code>", "exec"), scope)
+    if last is not None:
+        value = eval(compile(ast.Expression(last.value), "<code>", "eval"), scope)
+        if value is not None:
+            print(repr(value))
+
+try:
+    _main(_source)
+except SystemExit:
+    raise
+except MemoryError:
+    sys.stderr.write("MemoryError: the code ran out of memory (sandbox limit)\n")
+    sys.stderr.flush()
+    os._exit(MEMORY_EXIT)
+except BaseException as _e:  # the traceback without the bootstrap's frames (file "<string>")
+    _te = traceback.TracebackException.from_exception(_e)
+    _te.stack = traceback.StackSummary.from_list([f for f in _te.stack if f.filename != "<string>"])
+    sys.stderr.write("".join(_te.format()))
+    sys.exit(1)
+""".replace("MEMORY_EXIT", str(MEMORY_EXIT_STATUS))
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxResult:
+    """One run: output (stdout's head, stderr's tail), exit status (-N: killed by signal N) and flags."""
+
+    stdout: str
+    stderr: str
+    exit_status: int | None
+    timed_out: bool = False  # killed at the wall-time limit
+    memory_exceeded: bool = False  # a MemoryError under the address-space limit
+    cpu_exceeded: bool = False  # killed at the CPU-time limit (SIGXCPU / SIGKILL from RLIMIT_CPU)
+    output_truncated: bool = False
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0 and not self.timed_out
+
+
+def run_python(
+    code: str,
+    *,
+    timeout_s: float = 5.0,
+    cpu_s: float | None = None,
+    memory_mb: int = 512,
+    max_file_mb: int = 16,
+    max_output_chars: int = 8000,
+    limit_processes: bool = True,
+) -> SandboxResult:
+    """Run `code` in a limited child process (see the module docstring) and collect what it did.
+
+    cpu_s (a backstop behind the wall-time limit) defaults to timeout_s + 1, rounded up; memory_mb
+    limits the address space (the interpreter itself needs about 30 MB of it); max_file_mb limits
+    every file the code writes.
+    """
+    limits = {
+        "RLIMIT_CPU": max(1, math.ceil(cpu_s if cpu_s is not None else timeout_s + 1)),
+        "RLIMIT_AS": memory_mb << 20,
+        "RLIMIT_FSIZE": max_file_mb << 20,
+        "RLIMIT_CORE": 0,
+    }
+    if limit_processes:
+        limits["RLIMIT_NPROC"] = 0
+    root = tempfile.mkdtemp(prefix="minigrpo-sandbox-")
+    work = os.path.join(root, "work")
+    os.mkdir(work)
+    code_path = os.path.join(root, "code.py")  # outside the working directory: the code cannot rewrite it
+    with open(code_path, "w", encoding="utf-8") as f:
+        f.write(code)
+    env = {"HOME": work, "TMPDIR": work, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    argv = [sys.executable, "-I", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP, code_path, work, json.dumps(limits)]
+    start = time.monotonic()
+    timed_out = False
+    try:
+        proc = subprocess.Popen(
+            argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True, close_fds=True,
+        )  # fmt: skip
+        out, err = _Head(max_output_chars), _Tail(max_output_chars)
+        readers = [_drain(proc.stdout, out), _drain(proc.stderr, err)]
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: children it may have started
+            proc.wait()
+        for reader in readers:
+            reader.join(1.0)
+        seconds = time.monotonic() - start
+    finally:
+        _remove_tree(root)
+    status = proc.returncode
+    stderr_text = err.text()
+    return SandboxResult(
+        stdout=out.text(),
+        stderr=stderr_text,
+        exit_status=status,
+        timed_out=timed_out,
+        memory_exceeded=status == MEMORY_EXIT_STATUS,
+        cpu_exceeded=not timed_out and status in (-signal.SIGXCPU, -signal.SIGKILL),
+        output_truncated=out.dropped > 0 or err.dropped > 0,
+        seconds=seconds,
+    )
+
+
+class _Head:
+    """The first `limit` characters of a stream, counting what was dropped."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.parts, self.size, self.dropped = limit, [], 0, 0
+
+    def add(self, chunk: str) -> None:
+        keep = chunk[: max(0, self.limit - self.size)]
+        self.parts.append(keep)
+        self.size += len(keep)
+        self.dropped += len(chunk) - len(keep)
+
+    def text(self) -> str:
+        body = "".join(self.parts)
+        return body + (f"\n... [output truncated: {self.dropped} more characters]" if self.dropped else "")
+
+
+class _Tail(_Head):
+    """The last `limit` characters of a stream (a traceback ends there)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.chars: deque[str] = deque(maxlen=limit)
+        self.total = 0
+
+    def add(self, chunk: str) -> None:
+        self.chars.extend(chunk)
+        self.total += len(chunk)
+        self.dropped = max(0, self.total - self.limit)
+
+    def text(self) -> str:
+        body = "".join(self.chars)
+        return (f"[... {self.dropped} earlier characters cut]\n" if self.dropped else "") + body
+
+
+def _drain(stream: IO[bytes], sink: _Head) -> threading.Thread:
+    """Read `stream` to its end in a thread (so a chatty child never blocks on a full pipe)."""
+
+    def read() -> None:
+        with stream:
+            while chunk := stream.read1(65536):
+                sink.add(chunk.decode("utf-8", errors="replace"))
+
+    thread = threading.Thread(target=read, daemon=True, name="sandbox-output")
+    thread.start()
+    return thread
+
+
+def _remove_tree(root: str) -> None:
+    """Remove the run's folder, even where the code took permissions away from its own files."""
+
+    def retry(function, path, _exc) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(path), stat.S_IRWXU)
+            os.chmod(path, stat.S_IRWXU)
+            function(path)
+
+    shutil.rmtree(root, onerror=retry)  # onerror: deprecated in 3.12 in favour of onexc, still supported
+    if os.path.exists(root):
+        shutil.rmtree(root, ignore_errors=True)
