@@ -4,6 +4,11 @@ N = B * G sequences; completions of prompt b are rows [b*G, (b+1)*G). Prompts ar
 Tp and completions RIGHT padded to Tc, so `input_ids = cat(prompt_ids, completion_ids)` puts every
 completion's first token at column Tp, and the hidden state at column Tp - 1 + t predicts
 completion token t for every row.
+
+`loss_mask` says which completion tokens are the model's own: in a multi-turn episode
+(minigrpo/episodes.py) the completion interleaves the model's turns with the environment's tokens
+(tool results, replies), which are context only (attention mask 1, loss mask 0). A single-turn
+rollout leaves it None and it becomes `completion_mask`.
 """
 
 from __future__ import annotations
@@ -27,12 +32,16 @@ class Rollout:
     prompt_index: torch.Tensor  # (N,) long: which input prompt each row answers
     group_size: int  # G
     stats: dict[str, float] = field(default_factory=dict)  # timings, token counts
+    loss_mask: torch.Tensor | None = None  # (N, Tc) long, 1 on the model's tokens; None: completion_mask
 
     def __post_init__(self) -> None:
+        if self.loss_mask is None:
+            self.loss_mask = self.completion_mask
         N, Tc = self.completion_ids.shape
         assert self.prompt_ids.shape[0] == N and self.prompt_mask.shape == self.prompt_ids.shape
         assert self.completion_mask.shape == (N, Tc) and self.sampler_logp.shape == (N, Tc)
         assert self.truncated.shape == (N,) and len(self.completion_texts) == N
+        assert self.loss_mask.shape == (N, Tc)
 
     @property
     def num_sequences(self) -> int:
@@ -66,6 +75,7 @@ class Rollout:
             prompt_index=self.prompt_index[idx.to(self.prompt_index.device)],
             group_size=self.group_size,
             stats=dict(self.stats),
+            loss_mask=self.loss_mask[idx.to(self.loss_mask.device)],
         )
 
     def to(self, device: torch.device | str) -> Rollout:
@@ -79,6 +89,7 @@ class Rollout:
                 "sampler_logp",
                 "truncated",
                 "prompt_index",
+                "loss_mask",
             )
         }
         return Rollout(
@@ -146,6 +157,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         prompt_index=torch.cat(index),
         group_size=parts[0].group_size,
         stats={k: sum(p.stats.get(k, 0.0) for p in parts) for k in parts[0].stats},
+        loss_mask=torch.cat([right(p.loss_mask, Tc, 0) for p in parts]),
     )
 
 

@@ -1,0 +1,367 @@
+"""Multi-turn episodes: turn-taking over any Sampler, the environment's segments, the interleaved row
+and its masks, endings (done, max_turns, token budget), split invariance, and the trainer's log-probs
+of the built rows against the sampler's (the multi-turn test_sampler_logprobs_equal_trainer_logprobs).
+
+A character-level tokenizer (one token per character, <|im_start|> / <|im_end|> special) with a tiny
+Hermes-style chat template; a scripted sampler for the tool logic, the tiny model for the numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers.tiny import tiny_model
+from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as Backend
+
+from minigrpo import grpo
+from minigrpo.episodes import (
+    ENV,
+    MODEL,
+    Environment,
+    LayoutError,
+    ToolEnvironment,
+    environment_text,
+    episode_columns,
+    episodes_to_rollout,
+    run_episodes,
+)
+from minigrpo.logprobs import completion_logprobs
+from minigrpo.sampling.kv_sampler import KVCacheSampler
+from minigrpo.sampling.params import SamplingParams
+from minigrpo.sampling.rollout import Rollout, concat_rollouts, left_pad
+from minigrpo.tokenizer import Tokenizer
+
+TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\ntools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}<|im_start|>assistant\n{{ m.content }}"
+    "{%- for tc in m.tool_calls or [] %}"
+    '<tool_call>{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}</tool_call>'
+    "{%- endfor %}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+
+
+def char_tokenizer(template: str = TEMPLATE) -> Tokenizer:
+    vocab = {t: i for i, t in enumerate([*SPECIALS, *map(chr, range(32, 127)), "\n"])}
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one char, one token
+    backend.decoder = decoders.Fuse()
+    return Tokenizer(
+        backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=template,
+        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
+        extra_stop_ids=[vocab["<|im_end|>"]],
+    )
+
+
+TOK = char_tokenizer()
+IM_END = TOK.token_to_id("<|im_end|>")
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: the first
+        b: the second
+    """
+    return a + b
+
+
+def call(a, b=None) -> str:
+    args = {"a": a} if b is None else {"a": a, "b": b}
+    return '<tool_call>{"name": "add", "arguments": ' + str(args).replace("'", '"') + "}</tool_call>"
+
+
+class ScriptedSampler:
+    """A Sampler whose row `r` says SCRIPT[r][k] on turn k (then <|im_end|>, unless the text ends in
+    the stop string "</tool_call>" given in params): log-prob -(r + 1) / 100 - t / 1000 at token t.
+    Records every generate call."""
+
+    pad_id = 0
+
+    def __init__(self, script: dict[int, list[str]]):
+        self.script, self.calls, self.last_sync = script, [], {}
+
+    def generate(self, prompt_ids, params, *, key=None, row_ids=None):
+        self.calls.append(dict(prompts=[list(p) for p in prompt_ids], params=params, key=key, row_ids=list(row_ids)))
+        turn = key[-1]
+        rows = []
+        for r in row_ids:
+            text = self.script[r][turn]
+            toks = TOK.encode(text, add_special_tokens=False)
+            stop_string = any(text.endswith(s) for s in params.stop_strings)
+            toks = toks if stop_string else [*toks, IM_END]
+            rows.append((toks[: params.max_new_tokens], len(toks) > params.max_new_tokens))
+        N, Tc = len(rows), max(len(t) for t, _ in rows)
+        ids, mask = torch.zeros(N, Tc, dtype=torch.long), torch.zeros(N, Tc, dtype=torch.long)
+        logp = torch.zeros(N, Tc)
+        for i, ((toks, _), r) in enumerate(zip(rows, row_ids)):
+            ids[i, : len(toks)], mask[i, : len(toks)] = torch.tensor(toks), 1
+            logp[i, : len(toks)] = -(r + 1) / 100 - torch.arange(len(toks)) / 1000
+        p_ids, p_mask = left_pad(prompt_ids, 0)
+        return Rollout(p_ids, p_mask, ids, mask, logp, torch.tensor([c for _, c in rows]), [""] * N,
+                       torch.arange(N), 1)  # fmt: skip
+
+    def sync(self, policy): ...
+    def sleep(self): ...
+    def wake(self): ...
+    def close(self): ...
+
+
+def check_row(rollout: Rollout, i: int, episode) -> None:
+    """Row i is the episode's segments concatenated; masks and log-probs follow the owners."""
+    n = episode.num_tokens
+    ids = [t for s in episode.segments for t in s.token_ids]
+    owners = [s.owner for s in episode.segments for _ in s.token_ids]
+    assert rollout.completion_ids[i, :n].tolist() == ids
+    assert (rollout.completion_ids[i, n:] == 0).all()
+    assert rollout.completion_mask[i].tolist() == [1] * n + [0] * (rollout.completion_mask.shape[1] - n)
+    assert rollout.loss_mask[i, :n].tolist() == [int(o == MODEL) for o in owners]  # env tokens never 1
+    assert (rollout.loss_mask[i, n:] == 0).all()
+    model_logp = [x for s in episode.segments if s.owner == MODEL for x in s.logprobs]
+    assert rollout.sampler_logp[i][rollout.loss_mask[i].bool()].tolist() == pytest.approx(model_logp, abs=1e-7)
+    assert (rollout.sampler_logp[i][~rollout.loss_mask[i].bool()] == 0).all()
+    assert rollout.prompt_ids[i][rollout.prompt_mask[i].bool()].tolist() == episode.prompt_ids
+
+
+# ----------------------------------------------------------------------------- tools, scripted
+
+
+def test_tool_episodes_finish_at_different_turns():
+    script = {
+        0: [call(2, 3), "It is 5."],  # one call, then the answer: done after 2 turns
+        1: ["7."],  # no call: done at once
+        2: [call(1), call(1, 4), "5!"],  # malformed call (b missing): an error message, the episode goes on
+        3: [call(1, 1), call(2, 2), call(3, 3)],  # calls until max_turns
+    }
+    sampler = ScriptedSampler(script)
+    env = ToolEnvironment([add], chat_template=TOK.chat_template)
+    assert isinstance(env, Environment) and env.format == "hermes"
+    params = SamplingParams(n=2, max_new_tokens=100, stop_ids=(IM_END,))
+    stats: dict = {}
+    eps = run_episodes(
+        sampler, TOK, env, ["2+3?", "1+4?"], params, max_turns=3, max_episode_tokens=500, key=(9, 1), stats=stats
+    )
+    assert [e.end for e in eps] == ["done", "done", "done", "max_turns"]
+    assert [len(e.turns) for e in eps] == [2, 1, 3, 3] and [e.truncated for e in eps] == [False, False, False, True]
+    # one generate call per turn, only the live episodes, the noise stream (*key, turn)
+    assert [c["row_ids"] for c in sampler.calls] == [[0, 1, 2, 3], [0, 2, 3], [2, 3]]
+    assert [c["key"] for c in sampler.calls] == [(9, 1, 0), (9, 1, 1), (9, 1, 2)]
+    assert all(c["params"].n == 1 for c in sampler.calls) and stats["generate_calls"] == 3
+    # each turn's prompt is the episode so far: the opening prompt and every segment
+    assert (
+        sampler.calls[2]["prompts"][0]
+        == eps[2].prompt_ids
+        + eps[2].segments[0].token_ids
+        + eps[2].segments[1].token_ids
+        + eps[2].segments[2].token_ids
+        + eps[2].segments[3].token_ids
+    )
+    # the malformed call became an error tool result the model read on its next turn
+    bad = eps[2].turns[0].tool_results[0]
+    assert not bad.ok and bad.content == "error: missing required argument 'b'"
+    assert [r.content for r in eps[2].tool_results] == ["error: missing required argument 'b'", "5"]
+    assert eps[2].messages[1] == {"role": "assistant", "content": call(1)}  # malformed call stays in the text
+    assert eps[2].messages[2] == {"role": "tool", "content": "error: missing required argument 'b'", "name": "add"}
+    assert env.stats.metrics()["tools/calls"] == 1 + 2 + 3 and env.stats.metrics()["tools/failures"] == 1
+    # the environment's segment: the rest of the closer ("\n" after the sampled <|im_end|>), the tool
+    # turn, the generation prompt; the row decodes to the template's rendering of the conversation
+    env_seg = TOK.decode(eps[0].segments[1].token_ids)
+    assert env_seg == "\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n"
+    assert [s.owner for s in eps[0].segments] == [MODEL, ENV, MODEL]
+    for e in eps[:3]:
+        whole = TOK.apply_chat_template(e.messages, tools=env.tool_specs)
+        assert TOK.decode(e.prompt_ids + e.completion_ids) + "\n" == whole
+    assert eps[0].messages[1]["tool_calls"] == [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    ]
+    # max_turns: the last call ran (rewards see its result) but nothing after the last model token is a token
+    assert eps[3].messages[-1] == {"role": "tool", "content": "6", "name": "add"} and eps[3].segments[-1].owner == MODEL
+    rollout = episodes_to_rollout(eps, TOK, pad_id=0, group_size=2, stats=stats)
+    assert rollout.completion_ids.shape == (4, max(e.num_tokens for e in eps))
+    for i, e in enumerate(eps):
+        check_row(rollout, i, e)
+    assert rollout.truncated.tolist() == [False, False, False, True] and rollout.prompt_index.tolist() == [0, 0, 1, 1]
+    assert rollout.stats["tokens"] == sum(len(s.token_ids) for e in eps for s in e.segments if s.owner == MODEL)
+    assert rollout.completion_texts[1] == "7."
+    cols = episode_columns(eps)
+    assert cols["final_response"] == ["It is 5.", "7.", "5!", call(3, 3)] and cols["num_turns"] == [2, 1, 3, 3]
+    assert [len(c) for c in cols["tool_calls"]] == [1, 0, 2, 3]
+
+
+def test_token_budget_and_turn_length_end_episodes_truncated():
+    long_answer = "x" * 30
+    script = {
+        0: [call(2, 3), long_answer],  # turn 2 is cut at the budget
+        1: [call(1000000, 2000000), "ok"],  # the tool turn does not fit in the budget: ends before it
+        2: ["y" * 20],  # longer than max_new_tokens: cut, turn_length
+    }
+    sampler = ScriptedSampler(script)
+    env = ToolEnvironment([add], chat_template=TOK.chat_template)
+    first = len(call(2, 3)) + 1  # tokens of turn 1 of row 0 (characters + <|im_end|>)
+    env0 = len(TOK.encode("\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n"))  # its env segment: 14
+    budget = first + env0 + 10  # 10 tokens are left for turn 2
+    params = SamplingParams(max_new_tokens=100, stop_ids=(IM_END,))
+    rows = ["a", "b"]
+    eps = run_episodes(sampler, TOK, env, rows, params, max_turns=4, max_episode_tokens=budget, key=(0,))
+    env1 = len(TOK.encode("\n<|im_start|>tool\n3000000<|im_end|>\n<|im_start|>assistant\n"))
+    assert len(call(1000000, 2000000)) + 1 + env1 >= budget  # row 1's turn 2 could not start
+    e0, e1 = eps
+    assert e0.end == "budget" and e0.truncated and e0.num_tokens == budget
+    assert e0.segments[-1].token_ids == TOK.encode(long_answer[:10], add_special_tokens=False)
+    assert not e0.turns[-1].stopped
+    assert e1.end == "budget" and [s.owner for s in e1.segments] == [MODEL] and len(e1.turns) == 1
+    assert e1.turns[0].tool_results[0].content == "3000000"  # the call ran; its tokens did not fit
+    # turn 2 sampled at most the largest remaining budget; row 0 was cut to its own
+    assert sampler.calls[1]["params"].max_new_tokens == 10 and sampler.calls[1]["row_ids"] == [0]
+    short = ScriptedSampler(script)
+    (e2,) = run_episodes(
+        short, TOK, env, ["c"], dataclasses.replace(params, max_new_tokens=8), max_turns=3, max_episode_tokens=100,
+        key=(0,), row_ids=[2],
+    )  # fmt: skip
+    assert e2.end == "turn_length" and e2.truncated and e2.completion_ids == TOK.encode("y" * 8)
+    rollout = episodes_to_rollout([*eps, e2], TOK, pad_id=0)
+    assert rollout.truncated.all() and rollout.completion_ids.shape[1] == budget
+    for i, e in enumerate([*eps, e2]):
+        check_row(rollout, i, e)
+
+
+def test_a_stop_string_turn_gets_the_templates_closer():
+    """The model stops on "</tool_call>" (a stop string, no <|im_end|>): the environment's segment
+    starts with the closer the model did not write."""
+    sampler = ScriptedSampler({0: [call(4, 5), "9"]})
+    env = ToolEnvironment([add], chat_template=TOK.chat_template)
+    params = SamplingParams(max_new_tokens=100, stop_ids=(IM_END,), stop_strings=("</tool_call>",))
+    (e,) = run_episodes(sampler, TOK, env, ["4+5?"], params, max_turns=2, max_episode_tokens=300, key=(1,))
+    assert e.end == "done" and e.segments[0].token_ids[-1] != IM_END
+    assert TOK.decode(e.segments[1].token_ids) == "<|im_end|>\n<|im_start|>tool\n9<|im_end|>\n<|im_start|>assistant\n"
+    assert TOK.decode(e.prompt_ids + e.completion_ids) + "\n" == TOK.apply_chat_template(
+        e.messages, tools=env.tool_specs
+    )
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused():
+    rewrites = TEMPLATE.replace("{{ m.content }}{%- for tc", "{{ m.content if loop.last else '...' }}{%- for tc")
+    tok = char_tokenizer(rewrites)
+    history = [{"role": "user", "content": "hi"}]
+    answer = {"role": "assistant", "content": "hello"}
+    with pytest.raises(LayoutError, match="differently"):
+        environment_text(
+            tok, history, answer, [{"role": "user", "content": "more"}], model_text="hello", stop_text="<|im_end|>"
+        )
+    text = environment_text(
+        TOK, history, answer, [{"role": "user", "content": "more"}], model_text="hello", stop_text=None
+    )
+    assert text == "<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ----------------------------------------------------------------------------- the tiny model
+
+
+class TalkEnv:
+    """Answers "go on" until the row's number of turns is reached."""
+
+    def reset(self, row):
+        return [{"role": "user", "content": row["q"]}]
+
+    def step(self, episode, text):
+        done = len(episode.turns) >= episode.row["turns"]
+        return ([] if done else [{"role": "user", "content": "go on"}]), done
+
+
+ROWS = [{"q": "hi", "turns": 3}, {"q": "abc?", "turns": 1}, {"q": "x", "turns": 2}]
+STOPS = tuple(range(40, 75))  # a third of the characters end a turn: turns of a few tokens
+
+
+def model_and_sampler(seed: int):
+    model = tiny_model(seed=seed, vocab_size=TOK.vocab_size, max_position_embeddings=512)
+    return model, KVCacheSampler(model, TOK)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_equal_trainer_logprobs_on_episodes(temperature):
+    """The trainer's log-probs of the built rows (model tokens scored, every token attended) equal
+    the sampler's at the model's tokens (fp32, 1e-5), turns after the first included."""
+    model, sampler = model_and_sampler(seed=11)
+    params = SamplingParams(n=2, temperature=temperature, max_new_tokens=10, stop_ids=STOPS)
+    eps = run_episodes(sampler, TOK, TalkEnv(), ROWS, params, max_turns=3, max_episode_tokens=60, key=(4, 0, 0))
+    assert sum(len(e.turns) >= 2 for e in eps) >= 2 and len({e.end for e in eps}) >= 2, [e.end for e in eps]
+    rollout = episodes_to_rollout(eps, TOK, pad_id=sampler.pad_id, group_size=2)
+    for i, e in enumerate(eps):
+        check_row(rollout, i, e)
+    assert (rollout.completion_mask.sum(-1) > rollout.loss_mask.sum(-1)).sum() >= 2  # env tokens in the rows
+    with torch.no_grad():
+        logp = completion_logprobs(
+            model, rollout.input_ids(), rollout.attention_mask(), rollout.loss_mask, temperature=temperature
+        )
+    err = (logp - rollout.sampler_logp).abs().max().item()
+    assert err < 1e-5, f"trainer vs sampler log-probs: max |diff| {err:.2e}"
+    assert (logp[~rollout.loss_mask.bool()] == 0).all()
+    # the layout survives select / concat (dynamic sampling) and to()
+    both = concat_rollouts([rollout.select([0, 1]), rollout.select([4, 5]).to("cpu")], sampler.pad_id)
+    assert torch.equal(both.loss_mask[2:, : rollout.loss_mask.shape[1]], rollout.loss_mask[4:])
+
+
+def test_a_row_plays_the_same_episode_alone_as_in_the_batch():
+    _, sampler = model_and_sampler(seed=12)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, stop_ids=STOPS)
+    run = dict(max_turns=3, max_episode_tokens=50, key=(7, 3, 0))
+    together = run_episodes(sampler, TOK, TalkEnv(), ROWS, params, **run)
+    for b, row in enumerate(ROWS):
+        alone = run_episodes(sampler, TOK, TalkEnv(), [row], params, row_ids=range(2 * b, 2 * b + 2), **run)
+        for j in range(2):
+            e, a = together[2 * b + j], alone[j]
+            assert [(s.owner, s.token_ids) for s in a.segments] == [(s.owner, s.token_ids) for s in e.segments]
+            assert a.end == e.end
+    assert together[0].completion_ids != together[1].completion_ids  # a group's episodes differ
+    other = run_episodes(sampler, TOK, TalkEnv(), ROWS, params, **{**run, "key": (7, 4, 0)})
+    assert [e.completion_ids for e in other] != [e.completion_ids for e in together]
+
+
+# ----------------------------------------------------------------------------- the loss on the mask
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("variant", ["plain", "kl+is", "sequence"])
+def test_losses_ignore_the_environments_tokens(loss_type, variant):
+    """Every loss variant on the loss mask: garbage log-probs (policy, old, reference, sampler) at
+    the environment's tokens change neither the loss nor the gradient of the model's tokens."""
+    gen = torch.Generator().manual_seed(0)
+    N, Tc = 4, 9
+    mask = torch.tensor([[1, 1, 0, 0, 0, 1, 1, 0, 0]] * 2 + [[1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 0, 0, 1, 0, 0, 0, 0, 0]])
+    opts = grpo.LossOptions(
+        loss_type=loss_type,
+        beta=0.1 if variant == "kl+is" else 0.0,
+        is_correction="token_truncate" if variant == "kl+is" else None,
+        importance_sampling_level="sequence" if variant == "sequence" else "token",
+    )
+    base = [-torch.rand(N, Tc, generator=gen) * 3 for _ in range(4)]  # logp, old, ref, sampler
+    adv = torch.randn(N, generator=gen)
+    normalizer = grpo.make_normalizer(mask.float(), loss_type)
+
+    def loss_and_grad(garbage: float):
+        parts = [torch.where(mask.bool(), t, garbage) for t in base]
+        logp = parts[0].clone().requires_grad_(True)
+        loss, _ = grpo.policy_loss(
+            logp, parts[1], adv, mask.float(), opts, normalizer=normalizer, ref_logp=parts[2], sampler_logp=parts[3]
+        )
+        loss.backward()
+        return loss.detach(), logp.grad
+
+    loss_a, grad_a = loss_and_grad(0.0)
+    loss_b, grad_b = loss_and_grad(-50.0)
+    assert torch.isfinite(loss_b) and abs(float(loss_a - loss_b)) < 1e-6
+    assert torch.allclose(grad_a, grad_b, atol=1e-7) and (grad_b[~mask.bool()] == 0).all()
+    assert grad_a[mask.bool()].abs().sum() > 0
