@@ -1,0 +1,499 @@
+"""Whole GRPO steps, ours vs TRL's GRPOTrainer, on the same workload: speed (part 1) and learning (part 2).
+
+    python benchmarks/bench_e2e.py --mode speed [--providers ours,ours-vllm,trl,trl-liger,trl-vllm]
+                                   [--cases qwen2.5-1.5b/full,qwen2.5-1.5b/lora,smollm2-135m/full,smollm2-135m/lora]
+                                   [--steps 10] [--measure-from 3] [--checkpointing] [--quick] [--out-dir DIR]
+    python benchmarks/bench_e2e.py --mode learn [--steps 60] [--providers ours,trl]
+
+Each (case, provider) runs in its own process (clean GPU memory and peak counters; a crash is one row's
+error). A missing package is "skipped: <why>". Writes results/e2e_<mode>_<device>.json (+ learn's PNG).
+
+Workload (speed; benchmarks/README.md has the details): the settings of configs/qwen2.5-1.5b_gsm8k.yaml
+(full) and configs/qwen2.5-1.5b_gsm8k_lora.yaml (LoRA r 32) on HF folders written once and loaded by
+every provider: Qwen2.5-1.5B architecture with random weights (bf16) and SmolLM2-135M-Instruct (real,
+fp32), both with the SmolLM2 tokenizer (no Qwen tokenizer offline). GSM8K prompts, 16 x 8 completions,
+<= 512 new tokens, dapo, beta 0, micro-batches of 16, bf16. Learn: configs/smollm2_arith_gpu.yaml, 60 steps.
+
+How each config field maps to TRL 1.16's GRPOConfig (read from the installed trl/trainer/grpo_config.py):
+    grpo.group_size -> num_generations;  train.micro_batch_size -> per_device_train_batch_size, and
+    gradient_accumulation_steps = B*G / micro (so generation_batch_size = B*G and steps_per_generation =
+    one optimizer step per generation, as ours);  sampler.max_new_tokens -> max_completion_length;
+    sampler.temperature/top_p/top_k/min_p -> temperature/top_p/top_k/min_p (min_p 0 -> None);
+    grpo.loss_type/beta/epsilon/epsilon_high/delta/num_iterations/scale_rewards/importance_sampling_level/
+    mask_truncated_completions -> the fields of the same names;  rewards[].weight -> reward_weights (each
+    of our reward functions wrapped as a TRL reward callable that calls minigrpo.rewards.score);
+    model.gradient_checkpointing -> gradient_checkpointing (non-reentrant);  run.seed -> seed;
+    data order -> a datasets.Dataset in our PromptLoader's order with shuffle_dataset=False;
+    train.lr/betas/eps/weight_decay/warmup_steps/schedule -> not GRPOConfig fields but the SAME torch
+    AdamW and LambdaLR (minigrpo.optim.lr_factor) passed as `optimizers` (HF's warmup starts at 0, ours
+    at 1/warmup); train.max_grad_norm -> max_grad_norm (None -> 0: off);  bf16 -> bf16=True and the
+    model loaded in bf16;  sampler.kind=vllm -> use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization,
+    vllm_enable_sleep_mode = sampler.vllm_sleep, vllm_importance_sampling_mode="token_truncate" with
+    clip_max = grpo.is_cap (ours turns token_truncate on with vLLM too).
+No TRL equivalent / differences: full fine-tuning in TRL updates the bf16 weights themselves (AdamW on
+bf16 parameters, what its default loading gives) where ours keeps fp32 master weights; TRL's LoRA
+adapters are fp32 (PEFT's autocast_adapter_dtype), ours bf16 with fp32 masters. TRL generates with
+transformers' `generate` (no KV-cache sampler of its own), `trl-liger` adds Liger's layer kernels
+(TRL 1.x keeps its own chunked log-prob LM head either way). TRL logs `step_time` but no rollout/update
+split: this script times `_generate_and_score_completions` (generation, rewards, advantages) itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import DEVICE, RESULTS, device_slug, environment, print_table, sync, write_result
+
+ROOT = Path(__file__).resolve().parents[1]
+PROVIDERS = ("ours", "ours-vllm", "trl", "trl-liger", "trl-vllm")
+SPEED_CONFIGS = {"full": "configs/qwen2.5-1.5b_gsm8k.yaml", "lora": "configs/qwen2.5-1.5b_gsm8k_lora.yaml"}
+LEARN_CONFIG = "configs/smollm2_arith_gpu.yaml"
+SPEED_CASES = "qwen2.5-1.5b/full,qwen2.5-1.5b/lora,smollm2-135m/full,smollm2-135m/lora"
+GIB = 2**30
+CUDA = DEVICE.type == "cuda"
+
+
+# ================================================================================================
+# the workload: model folders and configs (parent process)
+
+
+def gsm8k_dir() -> Path:
+    for cand in (ROOT / "shared" / "data" / "gsm8k", ROOT.parent / "shared" / "data" / "gsm8k"):
+        if (cand / "train.jsonl").exists():
+            return cand
+    raise SystemExit("error: no shared/data/gsm8k/train.jsonl next to or above the repository")
+
+
+def model_folder(name: str, cache: Path) -> Path:
+    """An HF checkpoint folder of `name` (written once, then reused): what every provider loads."""
+    from minigrpo.models.loading import build_random, load_pretrained, save_pretrained
+    from minigrpo.models.presets import preset_config
+
+    out = cache / name
+    if (out / "config.json").exists():
+        return out
+    smollm2, tokenizer = load_pretrained("smollm2", dtype=torch.float32)
+    if name == "smollm2-135m":
+        model, dtype = smollm2, torch.float32  # the real weights, kept exact
+    else:  # an architecture with random weights and SmolLM2's tokenizer (its ids fit the larger vocabulary)
+        model, dtype = build_random(preset_config(name), dtype=torch.bfloat16, seed=0), torch.bfloat16
+    tmp = cache / f".{name}.partial"
+    save_pretrained(model, tokenizer, tmp, dtype=dtype)
+    tmp.rename(out)
+    return out
+
+
+def run_overrides(args, steps: int) -> list[str]:
+    """Settings every provider's config gets: device, precision, no checkpoints/plots/eval."""
+    # fmt: off
+    return [
+        f"run.device={'cuda' if CUDA else 'cpu'}", f"run.dtype={'bfloat16' if CUDA else 'float32'}",
+        f"run.seed={args.seed}", f"train.steps={steps}",
+        f"model.gradient_checkpointing={str(args.checkpointing).lower()}",
+        "checkpoint.every=0", "checkpoint.save_final=false", "log.progress=false", "log.plots=false",
+        "log.sample_every=0", "data.eval_split=null",
+        *(["train.warmup_steps=1"] if args.quick else []),  # the configs warm up over 10 steps
+    ]
+    # fmt: on
+
+
+def build_cases(args, cache: Path) -> list[dict[str, Any]]:
+    """(name, config file, overrides) of every case of the mode."""
+    sizes = [
+        f"grpo.prompts_per_step={args.prompts}",
+        f"grpo.group_size={args.group}",
+        f"sampler.max_new_tokens={args.new_tokens}",
+        f"train.micro_batch_size={args.micro}",
+    ]
+    if args.mode == "learn":
+        model = model_folder("smollm2-135m", cache)
+        extra = sizes if args.quick else []  # the config's own sizes on the GPU
+        overrides = [f"model.name_or_path={model}", *run_overrides(args, args.steps), *extra]
+        return [{"case": "smollm2-135m/arith", "config": str(ROOT / LEARN_CONFIG), "overrides": overrides}]
+    cases = []
+    for name in args.cases.split(","):
+        arch, _, kind = name.partition("/")
+        if kind not in SPEED_CONFIGS:
+            raise SystemExit(f"error: --cases: {name!r} is not <model>/full or <model>/lora")
+        model = model_folder(arch, cache)
+        overrides = [f"model.name_or_path={model}", f"data.path={gsm8k_dir()}", *run_overrides(args, args.steps)]
+        cases.append({"case": name, "config": str(ROOT / SPEED_CONFIGS[kind]), "overrides": overrides + sizes})
+    return cases
+
+
+def missing(provider: str) -> str | None:
+    """Why a provider cannot run here (None: it can)."""
+    trl = ["trl", "datasets", "peft"] if provider.startswith("trl") else []
+    extra = {"trl-liger": ["liger_kernel"], "trl-vllm": ["vllm"], "ours-vllm": ["vllm"]}.get(provider, [])
+    for module in trl + extra:
+        if importlib.util.find_spec(module) is None:
+            return f"skipped: {module} not installed"
+    if provider == "trl-liger" and DEVICE.type != "cuda":
+        return "skipped: Liger's kernels need CUDA"
+    return None
+
+
+# ================================================================================================
+# providers (child process)
+
+
+def run_ours(cfg) -> tuple[list[dict], dict]:
+    """minigrpo.train on the config; per-step timings and rewards from its history."""
+    from minigrpo.train import train
+
+    N = cfg.grpo.prompts_per_step * cfg.grpo.group_size
+    # fmt: off
+    return [
+        {
+            "step": h["step"], "step_s": h["time/step"],
+            "rollout_s": h["time/rollout"],  # sample + rewards + advantages
+            "update_s": h["time/step"] - h["time/rollout"],  # log-prob passes, update, sampler sync
+            "completion_tokens": h["completion_len_mean"] * N, "reward": h.get("reward"),
+            "peak_gib": h["mem/peak_gb"] if DEVICE.type == "cuda" else None,  # reset at every step
+        }
+        for h in train(cfg)
+    ], {}
+    # fmt: on
+
+
+def trl_reward(spec, examples: list, max_new_tokens: int):
+    """One of our reward functions as a TRL reward callable (TRL passes the dataset columns as kwargs:
+    `row` indexes our examples, so answers and extra columns are exactly what ours passes)."""
+    from minigrpo import rewards
+    from minigrpo.data import batch_columns
+
+    def reward(prompts, completions, completion_ids, row, **_):
+        exs = [examples[i] for i in row]
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        columns = batch_columns(exs)
+        columns["completion_lengths"] = [len(ids) for ids in completion_ids]
+        columns["max_completion_length"] = [max_new_tokens] * len(texts)
+        result = rewards.score([e.prompt for e in exs], texts, [e.answer for e in exs], [spec], columns=columns)
+        return [None if math.isnan(v) else v for v in result.per_fn[:, 0].tolist()]
+
+    reward.__name__ = spec.name
+    return reward
+
+
+def trl_config_kwargs(cfg, provider: str, steps: int, output_dir: str) -> dict[str, Any]:
+    """GRPOConfig keyword arguments reproducing our config (the mapping in the module docstring)."""
+    N = cfg.grpo.prompts_per_step * cfg.grpo.group_size
+    g, s, t = cfg.grpo, cfg.sampler, cfg.train
+    # fmt: off
+    return dict(
+        output_dir=output_dir, seed=cfg.run.seed, max_steps=steps, bf16=CUDA, use_cpu=not CUDA,
+        per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=N // t.micro_batch_size,
+        num_generations=g.group_size, max_completion_length=s.max_new_tokens,
+        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p or None,
+        loss_type=g.loss_type, beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta,
+        num_iterations=g.num_iterations, scale_rewards=g.scale_rewards,
+        importance_sampling_level=g.importance_sampling_level,
+        mask_truncated_completions=g.mask_truncated_completions,
+        reward_weights=[r.weight for r in cfg.rewards], max_grad_norm=t.max_grad_norm or 0.0,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        shuffle_dataset=False, remove_unused_columns=False,  # our order; `row` reaches the rewards
+        logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
+        use_liger_kernel=provider == "trl-liger",
+        use_vllm=provider == "trl-vllm", vllm_mode="colocate",
+        vllm_gpu_memory_utilization=s.gpu_memory_utilization, vllm_enable_sleep_mode=s.vllm_sleep,
+        vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=g.is_cap,
+    )
+    # fmt: on
+
+
+def unshadow_hf_kernels() -> None:
+    """With the repository root on sys.path (the tests put it there), its `kernels/` (minigrpo.kernels)
+    shadows the Hugging Face `kernels` package that TRL imports: drop the root (minigrpo is loaded)."""
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    mod = sys.modules.get("kernels")
+    if mod is not None and ROOT in Path(getattr(mod, "__file__", None) or "/").resolve().parents:
+        del sys.modules["kernels"]
+
+
+def run_trl(cfg, provider: str) -> tuple[list[dict], dict]:
+    """TRL's GRPOTrainer on the same model folder, prompts (in our order), rewards and optimizer."""
+    unshadow_hf_kernels()
+    import datasets
+    import transformers
+    from trl import GRPOConfig, GRPOTrainer
+
+    from minigrpo import rewards
+    from minigrpo.build import prompts_that_fit
+    from minigrpo.data import PromptLoader, build_dataset, build_messages
+    from minigrpo.models.tokenizer_files import load_tokenizer_folder
+    from minigrpo.optim import lr_factor
+
+    folder, steps, B, G = cfg.model.name_or_path, cfg.train.steps, cfg.grpo.prompts_per_step, cfg.grpo.group_size
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    # the prompts of our loader, in its order: one step's B prompts after another
+    examples, _ = prompts_that_fit(cfg, build_dataset(cfg.data, cfg.data.split), load_tokenizer_folder(Path(folder)))
+    loader = PromptLoader(examples, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    ordered = [ex for _ in range(steps) for ex in loader.next_batch(B)]
+    data = datasets.Dataset.from_list(
+        [{"prompt": build_messages(ex, cfg.data.system_prompt), "row": i} for i, ex in enumerate(ordered)]
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(DEVICE)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [f"{t}_proj" for t in cfg.lora.targets]
+        c = cfg.lora
+        kw = dict(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, use_rslora=c.rslora, task_type="CAUSAL_LM")
+        model = get_peft_model(model, LoraConfig(target_modules=targets, **kw))
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    total = steps * cfg.grpo.num_iterations
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t, total))
+    specs = rewards.build_reward_specs(cfg.rewards)
+    fields = GRPOConfig.__dataclass_fields__
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-trl-") as tmp:
+        kwargs = {k: v for k, v in trl_config_kwargs(cfg, provider, steps, tmp).items() if k in fields}
+        clock = step_clock()
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=[trl_reward(s, ordered, cfg.sampler.max_new_tokens) for s in specs],
+            args=GRPOConfig(**kwargs),
+            train_dataset=data,
+            processing_class=transformers.AutoTokenizer.from_pretrained(folder),
+            callbacks=[clock],
+            optimizers=(optimizer, scheduler),
+        )
+        clock.time_rollouts(trainer)
+        trainer.train()
+    for row in clock.steps:
+        logs = clock.logs.get(row["step"], {})
+        row["update_s"] = row["step_s"] - row["rollout_s"]
+        row["completion_tokens"] = logs.get("completions/mean_length", float("nan")) * B * G
+        row["reward"] = logs.get("reward")
+        row["trl_step_time"] = logs.get("step_time")
+    return clock.steps, {"grpo_config": {k: v for k, v in kwargs.items() if k != "output_dir"}}
+
+
+def step_clock():
+    """A TrainerCallback that times each optimizer step between CUDA synchronisations, its rollout (the
+    wrapped `_generate_and_score_completions`), its peak memory, and keeps TRL's per-step logs."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.steps: list[dict] = []
+            self.logs: dict[int, dict] = {}
+            self.t0, self.rollout = 0.0, 0.0
+
+        def time_rollouts(self, trainer) -> None:
+            inner = trainer._generate_and_score_completions
+
+            def timed(*a, **k):
+                sync()
+                t0 = time.perf_counter()
+                out = inner(*a, **k)
+                sync()
+                self.rollout += time.perf_counter() - t0
+                return out
+
+            trainer._generate_and_score_completions = timed
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            sync()
+            if CUDA:
+                torch.cuda.reset_peak_memory_stats()
+            self.t0, self.rollout = time.perf_counter(), 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            row = {"step": state.global_step, "step_s": time.perf_counter() - self.t0, "rollout_s": self.rollout}
+            self.steps.append(row | {"peak_gib": torch.cuda.max_memory_allocated() / GIB if CUDA else None})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.setdefault(state.global_step, {}).update(logs or {})
+
+    return StepClock()
+
+
+def child(spec_path: str) -> None:
+    """Run one (case, provider) and write its row to spec["out"] (errors too)."""
+    from minigrpo.config import load_config
+
+    spec = json.loads(Path(spec_path).read_text())
+    row: dict[str, Any] = {"case": spec["case"], "provider": spec["provider"], "status": "ok"}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+            overrides = [*spec["overrides"], f"run.output_dir={tmp}", f"run.name=e2e_{spec['provider']}"]
+            if spec["provider"] == "ours-vllm":
+                overrides.append("sampler.kind=vllm")
+            cfg = load_config(spec["config"], overrides)
+            t0 = time.perf_counter()
+            ours = spec["provider"] in ("ours", "ours-vllm")
+            steps, extra = run_ours(cfg) if ours else run_trl(cfg, spec["provider"])
+            row |= {"seconds_total": time.perf_counter() - t0, "steps": steps, **extra}
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "OOM"
+    except Exception as e:  # recorded; the parent goes on with the next provider
+        row["status"] = f"error: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        traceback.print_exc()
+    Path(spec["out"]).write_text(json.dumps(row, default=str))
+
+
+# ================================================================================================
+# summary, table, plot (parent process)
+
+
+def summarize(row: dict, measure_from: int) -> dict:
+    """Medians over the measured steps; steps per hour; the peak of the measured steps."""
+    steps = [s for s in row.get("steps", []) if s["step"] >= measure_from] or row.get("steps", [])
+    if row["status"] != "ok" or not steps:
+        return {}
+
+    def med(key):
+        vals = [s[key] for s in steps if s.get(key) is not None and not math.isnan(s[key])]
+        return statistics.median(vals) if vals else None
+
+    step_s = med("step_s")
+    tok = [s["completion_tokens"] / s["step_s"] for s in steps if not math.isnan(s["completion_tokens"])]
+    peaks = [s["peak_gib"] for s in steps if s.get("peak_gib") is not None]
+    # fmt: off
+    return {
+        "measured_steps": [s["step"] for s in steps], "step_s": step_s,
+        "rollout_s": med("rollout_s"), "update_s": med("update_s"),
+        "tokens_per_s": statistics.median(tok) if tok else None, "peak_gib": max(peaks) if peaks else None,
+        "steps_per_hour": 3600 / step_s if step_s else None,
+    }
+    # fmt: on
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """ours_x: ours' steps/hour over the row's (ours-vllm against trl-vllm); ours_mem: peak ratio."""
+    by = {(r["case"], r["provider"]): r for r in rows}
+    for r in rows:
+        if not r["provider"].startswith("trl") or not r.get("steps_per_hour"):
+            continue
+        ref = by.get((r["case"], "ours-vllm" if r["provider"] == "trl-vllm" else "ours"), {})
+        if ref.get("steps_per_hour"):
+            r["ours_x"] = ref["steps_per_hour"] / r["steps_per_hour"]
+        if ref.get("peak_gib") and r.get("peak_gib"):
+            r["ours_mem"] = ref["peak_gib"] / r["peak_gib"]
+        if "ours_x" in r:
+            r["target_met"] = r["ours_x"] >= 3 and r.get("ours_mem", 0.0) <= 1.0
+
+
+def plot_rewards(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        pts = [(s["step"], s["reward"]) for s in r.get("steps", []) if s.get("reward") is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=r["provider"], alpha=0.8)
+    ax.set(xlabel="step", ylabel="mean reward", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def versions() -> dict[str, str | None]:
+    out = {}
+    for dist in ("trl", "transformers", "peft", "datasets", "vllm", "liger-kernel"):
+        found = importlib.util.find_spec(dist.replace("-", "_")) is not None
+        out[dist] = importlib.metadata.version(dist) if found else None
+    return out
+
+
+def run_provider(case: dict, provider: str, args, tmp: Path) -> dict:
+    """One (case, provider) in a fresh process -> its row (a skip, timeout or crash is a status)."""
+    row = {"case": case["case"], "provider": provider, "status": missing(provider)}
+    if row["status"]:
+        return row
+    n = len(list(tmp.iterdir()))
+    spec = {**case, "provider": provider, "out": str(tmp / f"row_{n}.json")}
+    (tmp / f"spec_{n}.json").write_text(json.dumps(spec))
+    print(f"=== {case['case']} / {provider} ===", flush=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(tmp / f"spec_{n}.json")]
+    try:
+        code = subprocess.run(cmd, timeout=args.provider_timeout).returncode
+    except subprocess.TimeoutExpired:
+        return row | {"status": f"timeout ({args.provider_timeout} s)"}
+    if not Path(spec["out"]).exists():
+        return row | {"status": f"error: the process exited with {code}"}
+    return json.loads(Path(spec["out"]).read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=("speed", "learn"), default="speed")
+    ap.add_argument("--providers", default=None, help=f"a list of {','.join(PROVIDERS)}")
+    ap.add_argument("--cases", default=SPEED_CASES, help="speed mode: <model>/full or <model>/lora, comma-separated")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (speed 10, learn 60)")
+    ap.add_argument("--measure-from", type=int, default=3, help="speed: medians over steps measure_from..steps")
+    for flag, default in (("--prompts", 16), ("--group", 8), ("--new-tokens", 512), ("--micro", 16)):
+        ap.add_argument(flag, type=int, default=default, help="speed mode (learn: the config's)")
+    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing for every provider")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--provider-timeout", type=int, default=3600)
+    ap.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "minigrpo-bench-e2e-models"))
+    ap.add_argument("--quick", action="store_true", help="CPU smoke sizes: SmolLM2, 2 x 2 completions, 8 tokens")
+    ap.add_argument("--out-dir", default=None, help="write results here instead of benchmarks/results")
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child)
+    args.providers = args.providers or ("ours,trl" if args.mode == "learn" else ",".join(PROVIDERS))
+    providers = [p for p in args.providers.split(",") if p]
+    if not providers or any(p not in PROVIDERS for p in providers):
+        ap.error(f"--providers: a list of {', '.join(PROVIDERS)}; got {args.providers!r}")
+    args.steps = args.steps or (60 if args.mode == "learn" else 10)
+    if args.quick:
+        args.prompts, args.group, args.new_tokens, args.micro = 2, 2, 8, 2
+        args.steps, args.measure_from = min(args.steps, 3), 2
+        args.cases = "smollm2-135m/full" if args.cases == SPEED_CASES else args.cases
+    env = {**environment(), **versions()}
+    Path(args.model_cache).mkdir(parents=True, exist_ok=True)
+    cases = build_cases(args, Path(args.model_cache))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-rows-") as tmp:
+        for case in cases:
+            for provider in providers:
+                row = run_provider(case, provider, args, Path(tmp))
+                row |= summarize(row, args.measure_from if args.mode == "speed" else 1)
+                rows.append(row)
+                print({k: v for k, v in row.items() if k not in ("steps", "grpo_config")}, flush=True)
+    add_ratios(rows)
+    name = f"e2e_{args.mode}"
+    folder = RESULTS if args.out_dir is None else Path(args.out_dir)
+    workload = {k: v for k, v in vars(args).items() if k not in ("child", "out_dir", "model_cache")}
+    payload = {"environment": env, "workload": workload, "cases": cases, "how": __doc__, "rows": rows}
+    if args.mode == "learn":
+        for r in rows:
+            r["reward_per_step"] = [s.get("reward") for s in r.get("steps", [])]
+        png = folder / f"{name}_{device_slug(env)}" / "reward_vs_trl.png"
+        plot_rewards(rows, png, f"{LEARN_CONFIG}, {args.steps} steps, {env['device']}")
+        payload["plot"] = str(png)
+    path = write_result(name, payload, out_dir=args.out_dir)
+    print()
+    cols = ["case", "provider", "status", "step_s", "rollout_s", "update_s", "tokens_per_s", "peak_gib"]
+    print_table(rows, [*cols, "steps_per_hour", "ours_x", "ours_mem", "target_met"])
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
