@@ -269,8 +269,8 @@ def update_phase(
     opts = grpo.LossOptions.from_config(cfg)
     r = batch.rollout
     mask = grpo.loss_mask(
-        r.completion_mask, r.truncated, mask_truncated_completions=cfg.grpo.mask_truncated_completions
-    )  # (N, Tc)
+        r.loss_mask, r.truncated, mask_truncated_completions=cfg.grpo.mask_truncated_completions
+    )  # (N, Tc): the model's own tokens (a multi-turn row's environment tokens are context only)
     size = cfg.train.micro_batch_size
     normalizer = grpo.make_normalizer(
         mask,
@@ -358,9 +358,9 @@ def rollout_metrics(world: World, r: Rollout, device: torch.device) -> dict[str,
 
 def mismatch_metrics(world: World, r: Rollout, old_logp: torch.Tensor) -> dict[str, float]:
     """logprob_mismatch (sampler vs trainer log-probs) over the whole batch, token-weighted."""
-    tokens = float(r.completion_mask.sum())
-    merged, total = merge_stats(world, logprob_mismatch(r.sampler_logp, old_logp, r.completion_mask), tokens)
-    return merged if total else logprob_mismatch(r.sampler_logp[:0], old_logp[:0], r.completion_mask[:0])
+    tokens = float(r.loss_mask.sum())  # the sampled tokens (a multi-turn row's environment tokens were not)
+    merged, total = merge_stats(world, logprob_mismatch(r.sampler_logp, old_logp, r.loss_mask), tokens)
+    return merged if total else logprob_mismatch(r.sampler_logp[:0], old_logp[:0], r.loss_mask[:0])
 
 
 def peak_memory_gb(device: torch.device) -> float:
