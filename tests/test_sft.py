@@ -396,3 +396,34 @@ def test_the_config_pair_hands_the_sft_output_to_grpo():
     reply = sft.sft.response_template.format(expression="12 + 30", answer="42")
     assert [r.name for r in grpo.rewards] == ["correctness", "strict_format"]
     assert strict_format([""], [reply], ["42"]) == [0.5]
+
+
+def test_parquet_and_jsonl_files_give_the_same_conversations(tmp_path):
+    """sft.source=parquet reads the same rows as jsonl, for `messages` and for prompt/response columns."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    from minigrpo.sft_data import load_conversations
+
+    chats = [
+        [
+            {"role": "user", "content": f"what is {i} + 1?"},
+            {"role": "assistant", "content": f"<answer>{i + 1}</answer>"},
+        ]
+        for i in range(5)
+    ]
+    pairs = [{"question": f"q{i}", "reply": f"r{i}"} for i in range(4)]
+    for name, rows, columns in (
+        ("chat", [{"messages": c} for c in chats], {"format": "messages"}),
+        ("pairs", pairs, {"format": "prompt_response", "prompt_field": "question", "response_field": "reply"}),
+    ):
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{name}.parquet")
+        got = {
+            source: load_conversations(sft_cfg(source=source, path=str(tmp_path / f"{name}.{source}"), **columns))
+            for source in ("jsonl", "parquet")
+        }
+        assert [e.prompt for e in got["parquet"]] == [e.prompt for e in got["jsonl"]]
+        assert [e.answer for e in got["parquet"]] == [e.answer for e in got["jsonl"]]
+        assert len(got["parquet"]) == len(rows)
+    assert got["parquet"][3].answer == "r3" and got["parquet"][3].prompt[-1]["content"] == "r3"
