@@ -36,6 +36,7 @@ from minigrpo.config import Config, ConfigError, resolve_dtype
 from minigrpo.configio import changed_keys
 from minigrpo.data import Example, PromptLoader, build_dataset, encode_prompts
 from minigrpo.distributed import World, broadcast_trainable, shard_model
+from minigrpo.env_config import build_environment, check_environment
 from minigrpo.errors import UserError
 from minigrpo.models.loading import build_random, check_model_source, load_pretrained, load_weights, save_pretrained
 from minigrpo.models.presets import preset_config
@@ -79,13 +80,14 @@ def check_before_loading(
     config; the folder must be writable), the settings that depend on the number of ranks
     (world_size, known at launch), the optional packages the settings need, the reward
     functions (importable, known kwargs), the training data (readable, well formed) and the model
-    folder. Returns what it had to read."""
+    folder, and the environment's tools and class (env.kind). Returns what it had to read."""
     validate_distributed(cfg, world_size)
     if cfg.model.arch is not None:
         raise UserError("training needs a tokenizer: model.arch builds weights only; set model.name_or_path")
     check_packages(cfg)
     resume = check_run_dir(cfg)
     specs = rewards.build_reward_specs(cfg.rewards)
+    check_environment(cfg)
     examples = build_dataset(cfg.data, cfg.data.split)
     if not examples:
         raise UserError(f"data: the {cfg.data.split!r} split of data.source={cfg.data.source!r} holds no example")
@@ -155,6 +157,8 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
     saved_file = path / "run_config.yaml"
     if saved_file.is_file():
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+        if "env" not in saved and cfg.env.kind is None:  # saved before the env section existed: the same
+            saved["env"] = cfg.to_dict()["env"]
         changed = [k for k in changed_keys(saved, cfg.to_dict()) if not k.startswith(resumable)]
         if changed:
             raise UserError(
@@ -289,6 +293,7 @@ class Run:
     loader: PromptLoader
     specs: list[rewards.RewardSpec]
     params: SamplingParams
+    env: Any = None  # the multi-turn environment (env.kind), None for one-turn rollouts
     start_step: int = 0  # the step a resumed run continues after
     resumed_from: Path | None = None
 
@@ -340,6 +345,7 @@ def build_run(
         loader=PromptLoader(examples, seed=cfg.run.seed, shuffle=cfg.data.shuffle),
         specs=specs,
         params=sampling_params(cfg, tokenizer),
+        env=build_environment(cfg, tokenizer),
     )
     if resume is not None:
         restore_state(run, resume)

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from minigrpo import configio
 from minigrpo.atomic import write_atomic
 from minigrpo.configio import ConfigError, ConfigWarning, Section, spec
+from minigrpo.env_config import EnvCfg, env_errors
 from minigrpo.errors import ArgumentParser
 from minigrpo.sft_config import SFTCfg, sft_errors
 
@@ -270,6 +271,7 @@ class Config(Section):
     eval: EvalCfg = field(default_factory=EvalCfg)
     distributed: DistributedCfg = field(default_factory=DistributedCfg)
     sft: SFTCfg = field(default_factory=SFTCfg)  # python -m minigrpo.sft only (minigrpo/sft_config.py)
+    env: EnvCfg = field(default_factory=EnvCfg)  # multi-turn episodes (minigrpo/env_config.py); kind null: off
 
     def __post_init__(self) -> None:
         # Derived fields that read another section: filled only when still None (explicit wins).
@@ -279,6 +281,8 @@ class Config(Section):
             self.eval.max_new_tokens = self.sampler.max_new_tokens
         if self.grpo.is_correction is None and self.sampler.kind == "vllm":
             self.grpo.is_correction = "token_truncate"  # vLLM's kernels are not ours: correct the mismatch
+        if self.env.max_episode_tokens is None:
+            self.env.max_episode_tokens = self.sampler.max_new_tokens * self.env.max_turns
 
     @property
     def sequences_per_step(self) -> int:
@@ -401,7 +405,7 @@ def _cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         cfg.eval.num_prompts <= data.num_eval,
         f"eval.num_prompts ({cfg.eval.num_prompts}) must be <= data.num_eval ({data.num_eval})",
     )
-    return errors + sft_errors(cfg)
+    return errors + sft_errors(cfg) + env_errors(cfg)
 
 
 def validate(cfg: Config) -> list[str]:

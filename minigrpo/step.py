@@ -6,6 +6,9 @@
     stats = update_phase(cfg, model, optimizer, scheduler, batch, old_logp, ref_logp)  # 5
 
 Shapes: B prompts, G completions each, N = B*G rows; Tc completion length; K reward functions.
+With an environment (env.kind, minigrpo/env_config.py) a row is a whole multi-turn episode
+(`play_episodes`): the rewards see the episode columns and the model's last turn as the completion,
+and the later phases train on the built rows unchanged (the loss on Rollout.loss_mask).
 Under torchrun every function takes the `World` and works on this rank's share of the rows; the
 numbers that must be global (advantages, loss normaliser, metrics) are gathered through
 minigrpo/distributed.py. The training loop (minigrpo/train.py) and the benchmarks call these.
@@ -31,6 +34,7 @@ from minigrpo.distributed import (
     merge_stats,
     shard_range,
 )
+from minigrpo.episodes import ENV, Environment, Episode, episode_columns, episodes_to_rollout, run_episodes
 from minigrpo.logprobs import completion_logprobs
 from minigrpo.sampling.base import Sampler
 from minigrpo.sampling.params import SamplingParams
@@ -62,8 +66,9 @@ def rollout_phase(
     *,
     step: int = 0,
     world: World | None = None,
+    env: Environment | None = None,
 ) -> Batch:
-    """Sample B prompts x G completions, score them, compute advantages.
+    """Sample B prompts x G completions (with `env`: G episodes), score them, compute advantages.
 
     With dynamic sampling (DAPO), groups whose rewards are all equal (zero advantage, no gradient)
     are dropped and fresh prompts are sampled in up to `max_resample_rounds` more rounds; the batch
@@ -84,22 +89,30 @@ def rollout_phase(
         examples = loader.next_batch(B - kept)  # the round's global prompts, the same on every rank
         lo, hi = shard_range(len(examples), world.rank, world.size)
         mine = examples[lo:hi]
-        rollout, scored = None, None
+        rollout, scored, episodes = None, None, []
+        key, row_ids = (cfg.run.seed, step, rounds), range(lo * G, hi * G)
         if mine:
-            prompt_ids, _ = encode_prompts(mine, tokenizer, cfg.data.system_prompt)
-            rollout = sampler.generate(
-                prompt_ids, params, key=(cfg.run.seed, step, rounds), row_ids=range(lo * G, hi * G)
-            )
+            columns = batch_columns(mine, repeat=G)
+            if env is None:
+                prompt_ids, _ = encode_prompts(mine, tokenizer, cfg.data.system_prompt)
+                rollout = sampler.generate(prompt_ids, params, key=key, row_ids=row_ids)
+                completions, longest = rollout.completion_texts, cfg.sampler.max_new_tokens
+            else:  # one row per episode; the rewards read the episode and its last turn
+                rollout, episodes = play_episodes(cfg, env, sampler, tokenizer, mine, params, key=key, row_ids=row_ids)
+                rollout = rollout.to(world.device)
+                columns.update(episode_columns(episodes))
+                completions, longest = columns["final_response"], cfg.env.max_episode_tokens
             prompts = [ex.prompt for ex in mine for _ in range(G)]
             answers = [ex.answer for ex in mine for _ in range(G)]
-            columns = batch_columns(mine, repeat=G)
-            columns["completion_lengths"] = rollout.completion_lengths.tolist()
-            columns["max_completion_length"] = [cfg.sampler.max_new_tokens] * rollout.num_sequences
-            scored = rewards.score(prompts, rollout.completion_texts, answers, specs, columns=columns)
+            columns["completion_lengths"] = rollout.loss_mask.sum(-1).tolist()  # the model's own tokens
+            columns["max_completion_length"] = [longest] * rollout.num_sequences
+            scored = rewards.score(prompts, completions, answers, specs, columns=columns)
         total = scored.total.float() if scored is not None else torch.zeros(0)  # (N_rank,)
         everyone, _ = gather_rows(world, total)  # (N_round,) in global row order
         if metrics is None:
             metrics = batch_reward_result(world, scored, specs).metrics()
+            if env is not None:
+                metrics.update(episode_metrics(world, episodes, total, cfg.env.max_turns))
         rounds += 1
         keep = torch.ones(len(examples), dtype=torch.bool)  # (B_round,)
         if cfg.grpo.dynamic_sampling:
@@ -133,6 +146,61 @@ def rollout_phase(
         prompts=[x for p in parts for x in p[2]],
         answers=[x for p in parts for x in p[3]],
     )
+
+
+def play_episodes(
+    cfg, env: Environment, sampler: Sampler, tokenizer, examples: list, params: SamplingParams, *, key, row_ids
+) -> tuple[Rollout, list[Episode]]:
+    """params.n episodes per example, turn by turn through the sampler, and their training rows (CPU)."""
+    stats: dict[str, float] = {}
+    episodes = run_episodes(
+        sampler,
+        tokenizer,
+        env,
+        examples,
+        params,
+        max_turns=cfg.env.max_turns,
+        max_episode_tokens=cfg.env.max_episode_tokens,
+        key=key,
+        row_ids=row_ids,
+        stats=stats,
+    )
+    rollout = episodes_to_rollout(episodes, tokenizer, pad_id=sampler.pad_id, group_size=params.n, stats=stats)
+    return rollout, episodes
+
+
+def episode_metrics(world: World, episodes: list[Episode], totals: torch.Tensor, max_turns: int) -> dict[str, float]:
+    """env/* metrics of the whole batch: turns, tool calls and failures per episode, the share of
+    episodes that called a tool, how they ended, and the mean reward of the episodes of k turns
+    (`env/reward_turns_k`, only for counts some episode had; NaN rewards are left out)."""
+    local: dict[str, float] = {"episodes_sum": float(len(episodes))}
+    for name, values in (
+        ("turns", [len(e.turns) for e in episodes]),
+        ("tool_calls", [len(e.tool_calls) for e in episodes]),
+        ("tool_failures", [sum(not r.ok for r in e.tool_results) for e in episodes]),
+        ("tool_use", [bool(e.tool_calls) for e in episodes]),
+        ("done", [e.done for e in episodes]),
+        ("env_tokens", [sum(len(s.token_ids) for s in e.segments if s.owner == ENV) for e in episodes]),
+    ):
+        local[f"{name}_sum"] = float(sum(values))
+    for k in range(1, max_turns + 1):  # the same keys on every rank
+        rewards_k = [float(r) for e, r in zip(episodes, totals.tolist()) if len(e.turns) == k and r == r]
+        local[f"reward_turns_{k}_sum"], local[f"count_turns_{k}_sum"] = sum(rewards_k), float(len(rewards_k))
+    merged, _ = merge_stats(world, local, 1.0)
+    n = max(merged["episodes_sum"], 1.0)
+    out = {
+        "env/turns_mean": merged["turns_sum"] / n,
+        "env/tool_calls_mean": merged["tool_calls_sum"] / n,
+        "env/tool_failures_mean": merged["tool_failures_sum"] / n,
+        "env/tool_failure_frac": merged["tool_failures_sum"] / max(merged["tool_calls_sum"], 1.0),
+        "env/tool_use_frac": merged["tool_use_sum"] / n,
+        "env/done_frac": merged["done_sum"] / n,
+        "env/env_tokens_mean": merged["env_tokens_sum"] / n,
+    }
+    for k in range(1, max_turns + 1):
+        if merged[f"count_turns_{k}_sum"]:
+            out[f"env/reward_turns_{k}"] = merged[f"reward_turns_{k}_sum"] / merged[f"count_turns_{k}_sum"]
+    return out
 
 
 def batch_reward_result(

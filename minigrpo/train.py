@@ -9,7 +9,8 @@ optional k3 KL penalty towards a frozen reference. This file reads top to bottom
     building   check everything the config and the file system allow, then load the policy and
                build reference, sampler, optimizer, data and rewards (minigrpo/build.py)
     the loop   one step after another; every step is (minigrpo/step.py):
-      1. rollout     B prompts -> N = B*G completions (own KV-cache sampler on the live weights, or vLLM)
+      1. rollout     B prompts -> N = B*G completions (own KV-cache sampler on the live weights, or vLLM);
+                     with env.kind, N multi-turn episodes (tool calls and results), one row each
       2. rewards     N x K scores -> weighted total r (N,); failed rewards are masked, not zeroed
       3. advantages  A = group_advantages(r, G); optional dynamic sampling refills zero-spread groups
       4. log-probs   old (num_iterations > 1, IS correction) and reference (beta > 0), no grad
@@ -91,7 +92,7 @@ def loop(run: Run) -> list[dict[str, Any]]:
         # 1-3. rollout, rewards, advantages (FSDP: weights gathered once for the whole rollout)
         with full_weights(model):
             batch = rollout_phase(
-                cfg, run.loader, sampler, run.tokenizer, run.specs, run.params, step=step, world=world
+                cfg, run.loader, sampler, run.tokenizer, run.specs, run.params, step=step, world=world, env=run.env
             )
         sampler.sleep()  # vLLM hands its GPU memory to training until the next sync
         t1 = time.perf_counter()

@@ -542,6 +542,7 @@ def test_derived_fields_are_documented_and_filled():
         "grpo.is_correction",
         "eval.num_prompts",
         "eval.max_new_tokens",
+        "env.max_episode_tokens",
     }
     for cfg in (Config(), load_config(None, ["sampler.kind=vllm"])):
         for key in derived:
@@ -612,6 +613,7 @@ def test_config_diff_lists_changed_dotted_keys():
     assert config_diff(base, load_config(None, ["sampler.max_new_tokens=64"])) == [
         "sampler.max_new_tokens",
         "eval.max_new_tokens",
+        "env.max_episode_tokens",
     ]
     two = load_config(None, ["rewards=[{name: correctness}, {name: xml_count}]"])
     assert config_diff(base, two) == ["rewards"]  # another number of rewards: the list as a whole

@@ -1,0 +1,225 @@
+"""The `env:` section of the config: multi-turn episodes in the rollout phase (minigrpo/episodes.py).
+
+    env: {kind: gsm8k_tools, max_turns: 4}                      # the built-in GSM8K-with-Python environment
+    env: {kind: tools, tools: [calculator, python, "my.mod:fn"]}  # a ToolEnvironment with these tools
+    env: {kind: "my.pkg.envs:Maze", kwargs: {size: 5}}           # a user environment class
+
+With `env.kind` set, every turn of every episode is sampled by the run's sampler (own or vLLM),
+`run_episodes` plays the episodes and `episodes_to_rollout` builds the training rows (the loss on
+the model's tokens only); the reward functions get the episode columns (minigrpo.episodes.
+episode_columns) and see the model's LAST turn as the completion. Kept apart from config.py so the
+schema file stays readable; `Config.env` is `EnvCfg`.
+
+A user class (`package.module:Class`) is called with `env.kwargs`, plus, for each of these names its
+constructor declares (or when it takes **kwargs), the run's value: `tools` (env.tools resolved, a
+name -> Tool dict), `chat_template` (the tokenizer's), `format`, `system_prompt`, `timeout_s`
+(env.tool_timeout_s) and `max_chars` (env.sandbox.max_output_chars): the arguments of
+ToolEnvironment, so a subclass of it needs no constructor. The object must have `reset` and `step`.
+
+Checks: `env_errors` (config only, at load time) and `check_environment` (imports the user tools
+and class and binds the kwargs, before any weights load). This module imports no torch; building
+the environment (`build_environment`) imports minigrpo.episodes when it runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from minigrpo.configio import ConfigError, Section, spec
+
+BUILTIN_TOOLS = ("calculator", "python")
+ENV_KINDS = ("tools", "gsm8k_tools")  # besides "package.module:Class"
+_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+GSM8K_TOOLS_PROMPT = (
+    "Solve the math problem. You may call tools to compute: write a call as\n"
+    '<tool_call>\n{"name": "python", "arguments": {"code": "print(12 * 7)"}}\n</tool_call>\n'
+    'or <tool_call>\n{"name": "calculator", "arguments": {"expression": "12 * 7"}}\n</tool_call>\n'
+    "and stop; the result comes back in the next message. When you know the answer, reply without a "
+    "tool call in the format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
+)
+
+
+@dataclass
+class SandboxCfg(Section):
+    """Limits of the built-in `python` tool's process (minigrpo/tools/sandbox.py)."""
+
+    timeout_s: float = spec(5.0, "> 0")  # wall time per run; the process group is killed past it
+    memory_mb: int = spec(512, ">= 16")  # address-space limit
+    max_output_chars: int = spec(4000, ">= 1")  # output kept per run (also the cut of every tool result)
+
+
+@dataclass
+class EnvCfg(Section):
+    """Multi-turn episodes: an environment answers the model's turns (null kind: one-turn rollouts)."""
+
+    # null: plain rollouts; "tools": a ToolEnvironment over env.tools; "gsm8k_tools": tools with the
+    # python + calculator tools and a prompt saying how to call them; or "package.module:Class"
+    kind: str | None = None
+    # built-in tool names (calculator, python) or "package.module:function"; gsm8k_tools: empty = both
+    tools: list[str] = field(default_factory=list)
+    format: str | None = None  # tool-call format ("hermes", "llama3"); null: read from the chat template
+    system_prompt: str | None = None  # the episodes' system message (null: data.system_prompt; gsm8k_tools: its own)
+    max_turns: int = spec(4, ">= 1")  # model turns per episode at most
+    # completion tokens (model + environment) per episode at most
+    max_episode_tokens: int | None = spec(None, ">= 1", derived="sampler.max_new_tokens * env.max_turns")
+    tool_timeout_s: float = spec(10.0, "> 0")  # one tool call's limit (a call past it is a failed result)
+    sandbox: SandboxCfg = field(default_factory=SandboxCfg)  # the python tool's limits
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a user environment class
+
+
+def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
+    near = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def env_errors(cfg: Any) -> list[str]:
+    """Checks of the env section that need no import (the config is loading)."""
+    env, errors = cfg.env, []
+    if env.kind is None:
+        if env.tools:
+            errors.append(f"env.tools={env.tools} is read only with env.kind set (tools, gsm8k_tools or a class)")
+        return errors
+    if env.kind not in ENV_KINDS and not _IMPORT_PATH.match(env.kind):
+        errors.append(
+            f"env.kind={env.kind!r} is neither {', '.join(ENV_KINDS)} nor 'package.module:Class'"
+            + _did_you_mean(env.kind, ENV_KINDS)
+        )
+    for i, name in enumerate(env.tools):
+        if name not in BUILTIN_TOOLS and not _IMPORT_PATH.match(name):
+            errors.append(
+                f"env.tools.{i}={name!r} is neither a built-in tool ({', '.join(BUILTIN_TOOLS)}) nor "
+                "'package.module:function'" + _did_you_mean(name, BUILTIN_TOOLS)
+            )
+        elif name in env.tools[:i]:
+            errors.append(f"env.tools.{i}={name!r} is listed twice")
+    if env.kind == "tools" and not env.tools:
+        errors.append("env.kind=tools needs env.tools (e.g. [calculator, python])")
+    if env.kwargs and not _IMPORT_PATH.match(env.kind):
+        errors.append(f"env.kwargs are read only by a user class (env.kind='package.module:Class'), not {env.kind!r}")
+    if env.max_episode_tokens is not None and env.max_episode_tokens < cfg.sampler.max_new_tokens:
+        errors.append(
+            f"env.max_episode_tokens ({env.max_episode_tokens}) must be >= sampler.max_new_tokens "
+            f"({cfg.sampler.max_new_tokens}): one turn must fit in an episode"
+        )
+    return errors
+
+
+# ----------------------------------------------------------------------------- resolving (imports)
+
+
+def _import(path: str, what: str) -> Any:
+    """The object `package.module:name`, or ConfigError naming `what` (the config key)."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or the module failed while importing
+        raise ConfigError(f"{what}={path!r}: cannot import {module_name!r} ({type(e).__name__}: {e})") from None
+    if not hasattr(module, attr):
+        names = [n for n in dir(module) if not n.startswith("_")]
+        raise ConfigError(f"{what}={path!r}: {module_name!r} has no {attr!r}" + _did_you_mean(attr, names))
+    return getattr(module, attr)
+
+
+def resolve_tools(env: EnvCfg) -> dict[str, Any]:
+    """env.tools as name -> Tool (gsm8k_tools with no tools listed: calculator and python)."""
+    from minigrpo.tools import Tool, calculator, python_tool
+
+    names = env.tools or (list(BUILTIN_TOOLS) if env.kind == "gsm8k_tools" else [])
+    box = env.sandbox
+    tools = {}
+    for i, name in enumerate(names):
+        if name == "python":
+            tool = python_tool(timeout_s=box.timeout_s, memory_mb=box.memory_mb, max_output_chars=box.max_output_chars)
+        elif name == "calculator":
+            tool = Tool.from_function(calculator)
+        else:
+            fn = _import(name, f"env.tools.{i}")
+            try:
+                tool = fn if isinstance(fn, Tool) else Tool.from_function(fn)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"env.tools.{i}={name!r} cannot be a tool: {e}") from None
+        if tool.name in tools:
+            raise ConfigError(f"env.tools.{i}={name!r}: a second tool named {tool.name!r}")
+        tools[tool.name] = tool
+    return tools
+
+
+def _class_arguments(cls: Any, env: EnvCfg, offered: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments a user class gets (see the module docstring); ConfigError if they do not bind."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return dict(env.kwargs)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    clash = sorted(set(env.kwargs) & set(offered))
+    if clash:
+        raise ConfigError(f"env.kwargs {clash} have the names of arguments the run passes; set them in env instead")
+    given = {k: v for k, v in offered.items() if takes_any or k in params}
+    kwargs = {**given, **env.kwargs}
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"env.kind={env.kind!r} cannot be built with env.kwargs={env.kwargs}: {e}") from None
+    return kwargs
+
+
+def check_environment(cfg: Any) -> None:
+    """The checks that import: tools, the user class and its kwargs, the call format (before any weights load)."""
+    env = cfg.env
+    if env.kind is None:
+        return
+    from minigrpo.tools import FORMATS
+
+    tools = resolve_tools(env)
+    if _IMPORT_PATH.match(env.kind):
+        cls = _import(env.kind, "env.kind")
+        if not callable(cls):
+            raise ConfigError(f"env.kind={env.kind!r} is a {type(cls).__name__}, not a class")
+        _class_arguments(cls, env, _offered(cfg, tools, None))
+    if env.format is not None and env.format not in FORMATS:  # checked after user modules registered theirs
+        raise ConfigError(
+            f"env.format={env.format!r} is no tool-call format; known: {', '.join(sorted(FORMATS))}"
+            + _did_you_mean(env.format, sorted(FORMATS))
+        )
+
+
+def _offered(cfg: Any, tools: dict[str, Any], chat_template: str | None) -> dict[str, Any]:
+    env = cfg.env
+    system = env.system_prompt
+    if system is None:
+        system = GSM8K_TOOLS_PROMPT if env.kind == "gsm8k_tools" else cfg.data.system_prompt
+    return {
+        "tools": tools,
+        "chat_template": chat_template,
+        "format": env.format,
+        "system_prompt": system,
+        "timeout_s": env.tool_timeout_s,
+        "max_chars": env.sandbox.max_output_chars,
+    }
+
+
+def build_environment(cfg: Any, tokenizer: Any) -> Any:
+    """The run's environment (None without env.kind): a ToolEnvironment, or the user class."""
+    env = cfg.env
+    if env.kind is None:
+        return None
+    from minigrpo.episodes import ToolEnvironment
+
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError(
+            f"env.kind={env.kind!r} needs a chat template (the episodes are conversations); the model has none"
+        )
+    offered = _offered(cfg, resolve_tools(env), getattr(tokenizer, "chat_template", None))
+    if env.kind in ENV_KINDS:
+        return ToolEnvironment(**offered)
+    cls = _import(env.kind, "env.kind")
+    built = cls(**_class_arguments(cls, env, offered))
+    if not (callable(getattr(built, "reset", None)) and callable(getattr(built, "step", None))):
+        raise ConfigError(f"env.kind={env.kind!r} built a {type(built).__name__} without reset() and step()")
+    return built
