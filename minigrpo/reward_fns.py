@@ -14,7 +14,9 @@ Built-ins (REWARDS), for the GSM8K format used by the popular GRPO notebooks
     correctness 2.0 / 0.0     int_answer 0.5 / 0.0     strict_format, soft_format 0.5 / 0.0
     xml_count [-0.5, 0.5]     proximity [-1, 1]        length_penalty [-1, 0]     exact_answer 1.0 / 0.0
 
-A built-in with settings (length_penalty) is made by its factory (REWARD_FACTORIES): a run's
+    reward_model: the scores of a reward model checkpoint (kwargs path, batch_size, max_length, ...)
+
+A built-in with settings (length_penalty, reward_model) is made by its factory (REWARD_FACTORIES): a run's
 `rewards[].kwargs` are the factory's arguments, checked when the run is built (rewards.build_reward_specs).
 """
 
@@ -172,6 +174,21 @@ def exact_answer(prompts: list, completions: list[str], answers: list, **_: Any)
     return out
 
 
+def make_reward_model(
+    path: str | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    chat_template: str | None = "auto",
+) -> RewardFn:
+    """A reward model's scores (a *ForSequenceClassification checkpoint, num_labels=1) as a reward;
+    see minigrpo.models.reward_model.make_reward_model for the settings. Imported when used."""
+    from minigrpo.models.reward_model import make_reward_model as make
+
+    return make(path, batch_size, max_length, device, dtype, chat_template)
+
+
 REWARDS: dict[str, RewardFn] = {
     "correctness": correctness,
     "int_answer": int_answer,
@@ -184,4 +201,8 @@ REWARDS: dict[str, RewardFn] = {
 }
 GSM8K_SUITE = ("xml_count", "soft_format", "strict_format", "int_answer", "correctness")
 # Built-ins with settings: name -> factory. Its parameters are the keys `rewards[].kwargs` may set.
-REWARD_FACTORIES: dict[str, Callable[..., RewardFn]] = {"length_penalty": make_length_penalty}
+# `reward_model` has no plain form (its path is required): it is a factory only.
+REWARD_FACTORIES: dict[str, Callable[..., RewardFn]] = {
+    "length_penalty": make_length_penalty,
+    "reward_model": make_reward_model,
+}

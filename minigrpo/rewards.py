@@ -105,11 +105,14 @@ def resolve_reward(name: str) -> RewardFn:
         return obj
     if name in REWARDS:
         return REWARDS[name]
-    hint = difflib.get_close_matches(name, REWARDS, n=1)
+    if name in REWARD_FACTORIES:  # a factory-only built-in (reward_model): its settings are required
+        return REWARD_FACTORIES[name]()  # raises the RewardError that names the missing setting
+    hint = difflib.get_close_matches(name, [*REWARDS, *REWARD_FACTORIES], n=1)
     raise RewardError(
         f"unknown reward {name!r}"
         + (f"; did you mean {hint[0]!r}?" if hint else "")
-        + f" Built-ins: {', '.join(sorted(REWARDS))}; a user function is written 'package.module:function'."
+        + f" Built-ins: {', '.join(sorted({*REWARDS, *REWARD_FACTORIES}))};"
+        + " a user function is written 'package.module:function'."
     )
 
 
@@ -165,7 +168,7 @@ def make_reward(name: str, kwargs: Mapping[str, Any] | None = None) -> RewardFn:
     if name in REWARD_FACTORIES:
         factory = REWARD_FACTORIES[name]
         _check_settings(name, kwargs, _setting_names(factory, 0))
-        return factory(**kwargs) if kwargs else REWARDS[name]
+        return factory(**kwargs) if kwargs or name not in REWARDS else REWARDS[name]
     fn = resolve_reward(name)
     if not kwargs:
         return fn

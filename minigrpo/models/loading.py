@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,14 +117,17 @@ def check_model_source(
         load_tokenizer_folder(tokenizer_dir)
 
 
-def _model_from_config(config: dict[str, Any], where: Path) -> Transformer:
+def _model_from_config(
+    config: dict[str, Any], where: Path, model_class: Callable[[ModelArgs], Transformer] = Transformer
+) -> Transformer:
     """The model a config describes, on the meta device (no memory). Any value the model cannot be
     built from is a UserError naming `where` (config.json or a .gguf file): the key itself where
-    ModelArgs checks it, the error's own words otherwise."""
+    ModelArgs checks it, the error's own words otherwise. `model_class(args)` builds it (a
+    Transformer subclass: the reward model of reward_model.py)."""
     try:
         args = ModelArgs.from_hf_config(config)
         RotaryAngles(args).reset("cpu")  # the RoPE frequencies (a few numbers): bad scaling values fail here
-        return _empty_model(args)
+        return _empty_model(args, model_class)
     except UserError as e:
         raise type(e)(f"{where}: {e}") from e
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, RuntimeError) as e:
@@ -276,9 +279,9 @@ def _download(repo_id: str, revision: str | None) -> Path:
 # filling a meta-device model tensor by tensor
 
 
-def _empty_model(args: ModelArgs) -> Transformer:
+def _empty_model(args: ModelArgs, model_class: Callable[[ModelArgs], Transformer] = Transformer) -> Transformer:
     with torch.device("meta"):
-        return Transformer(args)
+        return model_class(args)
 
 
 TensorSource = tuple[dict[str, tuple[tuple[int, ...], str]], Iterator[tuple[str, torch.Tensor]]]

@@ -1,0 +1,337 @@
+"""Reward models: our Transformer body with transformers' sequence-classification `score` head.
+
+    model, tokenizer = load_reward_model("path/to/Skywork-Reward-Llama")   # *ForSequenceClassification
+    scores = model(input_ids, attention_mask=mask)                          # (B, num_labels) fp32
+
+    fn = make_reward_model(path="path/to/rm", batch_size=8)                 # a reward function
+    fn(prompts, completions, answers)                                       # list of N floats
+
+A checkpoint saved by `LlamaForSequenceClassification`, `Qwen2ForSequenceClassification`, ...
+holds the body under the usual names (`model.layers.0...`), the head as `score.weight`
+(num_labels, D) and no LM head; config.json names the architecture, `pad_token_id` and the labels
+(`num_labels`, or `id2label` whose length is the count; transformers' default is 2).
+
+Pooling, as transformers does it (GenericForSequenceClassification.forward): the head reads the
+hidden state of each row's rightmost token that is not `pad_token_id`, so left and right padding
+give the same score; a row of pads only reads column 0. Without a pad_token_id in the config,
+transformers only takes one row at a time; here the last real token of `attention_mask` (or the
+last column) is read instead. Consequence of matching: when pad_token_id is also a real token
+(pad == eos), a trailing real one is skipped, exactly as transformers skips it.
+
+As a reward (`make_reward_model`, registered as `reward_model` in minigrpo.reward_fns): each
+prompt plus completion is rendered as a conversation with the reward model's own chat template
+(plain "prompt\\n\\ncompletion" text when it has none), tokenized by its own tokenizer, kept to the
+last `max_length` tokens (the pooled token is the last one), right-padded, scored in batches of
+`batch_size` rows sorted by length, without gradients. The model loads on the first call, once
+per (folder, device, dtype) in the process; the path and config are checked when the reward is
+built, before any weights load. That first call counts against the reward's `timeout_s`: give it
+room for the load, or call `fn.load()` before the first step.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minigrpo.reward_fns import RewardError
+
+from .args import ModelArgs
+from .transformer import Transformer
+
+__all__ = [
+    "RewardModel",
+    "RewardModelError",
+    "RewardModelScorer",
+    "check_reward_folder",
+    "last_token_index",
+    "load_reward_model",
+    "make_reward_model",
+    "read_reward_config",
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RewardModelError(RewardError):
+    """A folder that is no sequence-classification checkpoint, or one unfit to be a reward (num_labels != 1).
+
+    A RewardError (a UserError): raised from inside a reward call (a hub id checked when it is
+    fetched), rewards.score stops the run instead of masking every row."""
+
+
+def last_token_index(
+    input_ids: torch.Tensor, pad_token_id: int | None, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """input_ids (B, T) -> (B,) column whose hidden state is scored: the rightmost token that is not
+    pad_token_id (transformers' rule; 0 for a row of pads), or without a pad id the last real token
+    of attention_mask (the last column without a mask)."""
+    B, T = input_ids.shape
+    cols = torch.arange(T, device=input_ids.device)  # (T,)
+    if pad_token_id is not None:
+        keep = input_ids != pad_token_id  # (B, T)
+    elif attention_mask is not None:
+        keep = attention_mask.bool()  # (B, T)
+    else:
+        return torch.full((B,), T - 1, device=input_ids.device, dtype=torch.long)
+    return (cols * keep).argmax(-1)  # (B,) the largest kept column; 0 when none is kept
+
+
+class RewardModel(Transformer):
+    """The Transformer body (`model.`) with `score` (num_labels, D) in place of the LM head.
+
+    `model(ids, attention_mask=...)` -> (B, num_labels) fp32 scores; `hidden` is the Transformer's.
+    """
+
+    def __init__(self, args: ModelArgs, num_labels: int = 1, pad_token_id: int | None = None) -> None:
+        super().__init__(args)
+        self.lm_head = None  # no LM head: a checkpoint's lm_head.weight, if any, is ignored (as tied ones are)
+        self.score = nn.Linear(args.dim, num_labels, bias=False)
+        self.num_labels = num_labels
+        self.pad_token_id = pad_token_id
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        raise TypeError("a RewardModel has no LM head: it scores sequences (model(ids) -> (B, num_labels))")
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a RewardModel has no LM head: it scores sequences (model(ids) -> (B, num_labels))")
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """input_ids (B, T) -> scores (B, num_labels) fp32. Keyword arguments as in `hidden`.
+
+        The head runs in fp32 on the pooled states only (B rows, not B * T)."""
+        hidden = self.hidden(input_ids, **kwargs)  # (B, T, D)
+        index = last_token_index(input_ids, self.pad_token_id, kwargs.get("attention_mask"))  # (B,)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, D)
+        return F.linear(pooled.float(), self.score.weight.float())  # (B, num_labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def read_reward_config(config: dict[str, Any], where: Path | str) -> tuple[int, int | None]:
+    """(num_labels, pad_token_id) of a sequence-classification config.json; RewardModelError when the
+    config names no *ForSequenceClassification architecture or its labels make no sense."""
+    archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        raise RewardModelError(
+            f"{where}: not a sequence-classification checkpoint (architectures={archs!r}); a reward model is "
+            "saved by a *ForSequenceClassification class (e.g. LlamaForSequenceClassification) with a score head"
+        )
+    num_labels = config.get("num_labels")
+    if num_labels is None:
+        id2label = config.get("id2label")
+        num_labels = len(id2label) if isinstance(id2label, dict) else 2  # transformers' default
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise RewardModelError(f"{where}: num_labels={num_labels!r} must be a whole number >= 1")
+    pad = config.get("pad_token_id")
+    if isinstance(pad, list):  # some configs list several; transformers compares with the first
+        pad = pad[0] if pad else None
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)):
+        raise RewardModelError(f"{where}: pad_token_id={pad!r} must be a whole number or null")
+    return num_labels, pad
+
+
+def load_reward_model(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    load_tokenizer: bool = True,
+    require_tokenizer: bool = False,
+) -> tuple[RewardModel, Any]:
+    """Load an HF *ForSequenceClassification checkpoint (local folder or hub id) and its tokenizer.
+
+    Names and shapes are checked as in load_pretrained (score.weight included); a checkpoint that is
+    not a sequence-classification one is a RewardModelError naming the folder."""
+    from . import loading
+
+    source = loading._resolve(str(name_or_path), revision)
+    config = loading._read_config(source)
+    num_labels, pad = read_reward_config(config, source / "config.json")
+    build = functools.partial(RewardModel, num_labels=num_labels, pad_token_id=pad)
+    model = loading._model_from_config(config, source / "config.json", build)
+    tokenizer_dir = loading._tokenizer_dir(source, required=require_tokenizer) if load_tokenizer else None
+    tokenizer = loading.load_tokenizer_folder(tokenizer_dir) if tokenizer_dir is not None else None
+    loading._fill(model, loading._hf_tensor_source(source), dtype, device)
+    return model.eval(), tokenizer
+
+
+def _local_config(path: str) -> tuple[Path, dict[str, Any]] | None:
+    """(folder, config) when `path` is a local folder (the checks that can run before loading);
+    None for a hub id that is not on disk (checked when fetched). RewardModelError otherwise."""
+    from .loading import _looks_local, _read_config
+
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        if _looks_local(path):
+            raise RewardModelError(f"reward model path {path!r} does not exist")
+        return None
+    if folder.is_file():
+        raise RewardModelError(f"reward model path {path!r} is a file; expected a checkpoint folder")
+    return folder, _read_config(folder)
+
+
+def check_reward_folder(folder: Path, config: dict[str, Any]) -> None:
+    """Everything load_reward_model checks, as a reward needs it, without reading a weight: a
+    sequence-classification config with num_labels=1 the model can be built from, weights whose
+    names and shapes fit it (headers only), a tokenizer that loads."""
+    from . import loading
+
+    num_labels, pad = read_reward_config(config, folder / "config.json")
+    if num_labels != 1:
+        raise RewardModelError(_labels_message(str(folder), num_labels))
+    build = functools.partial(RewardModel, num_labels=num_labels, pad_token_id=pad)
+    model = loading._model_from_config(config, folder / "config.json", build)  # meta device: no memory
+    loading._check(model, loading._hf_tensor_source(folder)[0])
+    loading.load_tokenizer_folder(loading._tokenizer_dir(folder, required=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# the reward function
+
+_LOADED: dict[tuple, tuple[RewardModel, Any]] = {}  # (path, device, dtype) -> (model, tokenizer)
+_LOAD_LOCK = threading.Lock()
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def _conversation(prompt: Any, completion: str) -> list[dict[str, Any]]:
+    """The prompt (text, or chat messages) followed by the completion as the assistant's turn."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
+        messages = [dict(m) for m in prompt]
+    else:
+        raise ValueError(f"prompt is {type(prompt).__name__}; expected text or a list of chat messages")
+    return [*messages, {"role": "assistant", "content": completion}]
+
+
+class RewardModelScorer:
+    """The `reward_model` reward function: fn(prompts, completions, answers, **columns) -> N floats.
+
+    Built by `make_reward_model`; `load()` loads the model now (else the first call does)."""
+
+    def __init__(
+        self, path: str, batch_size: int, max_length: int | None, device: str, dtype: str, chat_template: str | None
+    ) -> None:
+        self.path, self.batch_size, self.max_length = path, batch_size, max_length
+        self.device_name, self.dtype_name, self.chat_template = device, dtype, chat_template
+        self.__name__ = "reward_model"
+
+    def load(self) -> tuple[RewardModel, Any]:
+        device = _resolve_device(self.device_name)
+        dtype = (
+            (torch.bfloat16 if device.type == "cuda" else torch.float32)
+            if self.dtype_name == "auto"
+            else DTYPES[self.dtype_name]
+        )
+        key = (self.path, str(device), dtype)
+        with _LOAD_LOCK:
+            if key not in _LOADED:
+                model, tokenizer = load_reward_model(self.path, dtype=dtype, device=device, require_tokenizer=True)
+                if model.num_labels != 1:
+                    raise RewardModelError(_labels_message(self.path, model.num_labels))
+                _LOADED[key] = (model, tokenizer)
+            return _LOADED[key]
+
+    def render(self, tokenizer: Any, prompt: Any, completion: str) -> list[int]:
+        """Token ids of one scored conversation: the RM's chat template, else plain text."""
+        messages = _conversation(prompt, completion)
+        use_template = self.chat_template not in (None, "none") and (
+            self.chat_template != "auto" or tokenizer.chat_template is not None
+        )
+        if use_template:
+            template = None if self.chat_template == "auto" else self.chat_template
+            text = tokenizer.apply_chat_template(messages, chat_template=template)
+            return tokenizer.encode(text, add_special_tokens=False)  # the template wrote the special tokens
+        return tokenizer.encode("\n\n".join(str(m.get("content") or "") for m in messages))
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
+        model, tokenizer = self.load()
+        limit = self.max_length or model.args.max_position_embeddings
+        rows = [self.render(tokenizer, p, c)[-limit:] for p, c in zip(prompts, completions)]
+        pad = model.pad_token_id if model.pad_token_id is not None else (tokenizer.pad_token_id or 0)
+        out: list[float | None] = [None] * len(rows)
+        order = sorted((i for i in range(len(rows)) if rows[i]), key=lambda i: len(rows[i]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            T = max(len(rows[i]) for i in chunk)
+            ids = torch.full((len(chunk), T), pad, dtype=torch.long)  # (b, T) right-padded
+            mask = torch.zeros((len(chunk), T), dtype=torch.long)  # (b, T)
+            for r, i in enumerate(chunk):
+                ids[r, : len(rows[i])] = torch.tensor(rows[i])
+                mask[r, : len(rows[i])] = 1
+            scores = model(ids.to(model.device), attention_mask=mask.to(model.device))  # (b, 1) fp32
+            for i, value in zip(chunk, scores[:, 0].tolist()):
+                out[i] = value
+        return out
+
+
+def _labels_message(path: str, num_labels: int) -> str:
+    return (
+        f"reward model {path!r} has num_labels={num_labels}: a reward needs one score per sequence "
+        "(num_labels=1, a Bradley-Terry reward model)"
+    )
+
+
+def make_reward_model(
+    path: str | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    chat_template: str | None = "auto",
+) -> RewardModelScorer:
+    """The `reward_model` reward: scores of a *ForSequenceClassification checkpoint with num_labels=1.
+
+    path: a checkpoint folder or a hub id. batch_size: rows per forward. max_length: tokens kept per
+    row, the last ones (None: the model's max_position_embeddings). device: "auto" (CUDA if
+    available, else CPU), "cpu", "cuda", "cuda:1". dtype: "auto" (bfloat16 on CUDA, float32 on the
+    CPU), "float32", "bfloat16", "float16". chat_template: "auto" (the RM's template when it has
+    one, else plain text), "none" (always plain text), or a template name / jinja source.
+    A local path, its config (sequence classification, num_labels) and the settings are checked
+    here (a RewardModelError); the weights load on the first call."""
+
+    def bad(what: str) -> RewardError:
+        return RewardError(f"reward 'reward_model': kwargs {what}")
+
+    if path is None:
+        raise bad("path is missing: give the reward model's checkpoint folder or hub id")
+    if not isinstance(path, str) or not path:
+        raise bad(f"path={path!r} must be a folder or hub id")
+    for key, value in (("batch_size", batch_size), ("max_length", max_length)):
+        if value is None and key == "max_length":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(f"{key}={value!r} must be a whole number >= 1")
+    if not isinstance(device, str):
+        raise bad(f"device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device != "auto":
+        try:
+            torch.device(device)
+        except RuntimeError as e:
+            raise bad(f"device={device!r} is no device ({e})") from e
+    if dtype != "auto" and dtype not in DTYPES:
+        raise bad(f"dtype={dtype!r} must be 'auto' or one of {', '.join(DTYPES)}")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise bad(f"chat_template={chat_template!r} must be 'auto', 'none', a template name or source")
+    local = _local_config(path)
+    if local is not None:
+        check_reward_folder(*local)
+        path = str(local[0])
+    return RewardModelScorer(path, batch_size, max_length, device, dtype, chat_template)

@@ -1,0 +1,273 @@
+"""Reward models (minigrpo/models/reward_model.py) against transformers' *ForSequenceClassification.
+
+Tiny random Llama and Qwen2 sequence-classification models are built and saved by transformers
+itself (save_pretrained: config.json with the architecture and labels, score.weight, no lm_head),
+loaded into ours, and scored on padded batches (left and right padding): fp32 scores must equal
+transformers' within 1e-5. The `reward_model` reward, built from a run config through the registry,
+must give the scores transformers gives each rendered conversation alone (plain text and chat
+template). Wrong checkpoints (a causal LM, num_labels=2, a missing folder) are UserErrors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+
+def _import_hub_kernels() -> None:
+    """`python -m pytest` puts the repo root first on sys.path, where our kernels/ folder shadows the
+    `kernels` package (pip) that transformers imports with its model classes: import that module
+    once with the repo root off the path."""
+    root = {"", os.getcwd(), str(Path(__file__).resolve().parents[1])}
+    saved, shadow = sys.path[:], sys.modules.pop("kernels", None)
+    sys.path[:] = [p for p in sys.path if p not in root]
+    try:
+        import transformers.integrations.hub_kernels  # noqa: F401
+    finally:
+        sys.path[:] = saved
+        if shadow is not None:
+            sys.modules["kernels"] = shadow
+
+
+_import_hub_kernels()
+
+from helpers.tiny import WORDS, tiny_checkpoint, tiny_tokenizer  # noqa: E402
+
+from minigrpo import config, rewards  # noqa: E402
+from minigrpo.errors import UserError  # noqa: E402
+from minigrpo.models.reward_model import (  # noqa: E402
+    RewardModel,
+    RewardModelError,
+    last_token_index,
+    load_reward_model,
+)
+from minigrpo.tokenizer import Tokenizer  # noqa: E402
+
+ATOL = 1e-5  # fp32 scores; observed differences are ~1e-7
+PAD = 0
+BASE = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=PAD,
+)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForSequenceClassification", dict(rope_theta=10000.0)),
+    "qwen2": ("Qwen2Config", "Qwen2ForSequenceClassification", dict(rope_theta=1e6, tie_word_embeddings=True)),
+}
+TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ? {% endfor %}"
+
+
+def hf_reward_model(directory, family: str = "llama", *, num_labels: int = 1, seed: int = 0, tokenizer=None, **kw):
+    """A random transformers sequence-classification model saved into `directory` (and returned)."""
+    cfg_name, cls_name, extra = FAMILIES[family]
+    hf_cfg = getattr(transformers, cfg_name)(**{**BASE, **extra, **kw}, num_labels=num_labels)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(hf_cfg).float().eval()
+    with torch.no_grad():  # peakier than the default init, so errors show
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight") else 0.15 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return model
+
+
+def padded_batch(side: str, vocab: int = 97, seed: int = 0):
+    """ids (4, 12) with real lengths 12, 9, 5, 1 (no real token is the pad id), mask, position ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (4, 12), generator=g)
+    lengths = torch.tensor([12, 9, 5, 1])
+    cols = torch.arange(12)[None, :]
+    mask = (cols >= 12 - lengths[:, None]) if side == "left" else (cols < lengths[:, None])
+    ids = ids.masked_fill(~mask, PAD)
+    return ids, mask.long(), (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_scores_match_transformers(family, side, tmp_path):
+    hf = hf_reward_model(tmp_path, family, seed=len(family))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["architectures"] == [FAMILIES[family][1]]
+    ours, tok = load_reward_model(tmp_path)
+    assert isinstance(ours, RewardModel) and tok is None and ours.lm_head is None
+    assert ours.num_labels == 1 and ours.pad_token_id == PAD
+    ids, mask, pos = padded_batch(side)
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask)  # (4, 1)
+        want = hf(ids, attention_mask=mask, position_ids=pos).logits  # (4, 1)
+        default = hf(ids, attention_mask=mask).logits  # transformers' own positions (0.. from column 0)
+        alone = torch.cat([hf(row[m.bool()][None]).logits for row, m in zip(ids, mask)])  # unpadded rows
+    assert got.dtype == torch.float32 and got.shape == (4, 1)
+    assert want.abs().max() > 0.1, "scores too flat to test anything"
+    assert (got - want).abs().max().item() < ATOL
+    assert (got - default).abs().max().item() < ATOL  # RoPE is relative: left-pad offsets cancel
+    assert (got - alone).abs().max().item() < ATOL  # padding changes nothing
+    assert (got[:, 0] - got[0, 0]).abs().max() > 1e-3  # and the rows really differ
+
+
+def test_two_labels_load_and_match(tmp_path):
+    hf = hf_reward_model(tmp_path, "llama", num_labels=2, seed=3)
+    assert "id2label" not in json.loads((tmp_path / "config.json").read_text())  # 2 is the unwritten default
+    ours, _ = load_reward_model(tmp_path)
+    ids, mask, _ = padded_batch("right", seed=1)
+    with torch.no_grad():
+        assert ours(ids, attention_mask=mask).shape == (4, 2)
+        diff = (ours(ids, attention_mask=mask) - hf(ids, attention_mask=mask).logits).abs().max().item()
+    assert diff < ATOL
+
+
+def test_last_token_index_follows_the_pad_id():
+    ids = torch.tensor([[5, 0, 7, 0, 0], [0, 0, 4, 6, 9], [0, 0, 0, 0, 0], [3, 4, 5, 6, 7]])
+    assert last_token_index(ids, 0).tolist() == [2, 4, 0, 4]  # an inner pad-id token is skipped too
+    mask = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
+    assert last_token_index(ids, None, mask).tolist() == [3, 4, 0, 2]
+    assert last_token_index(ids, None).tolist() == [4, 4, 4, 4]
+
+
+def test_lm_head_is_refused():
+    model = RewardModel(_args(), num_labels=1, pad_token_id=0)
+    with pytest.raises(TypeError, match="no LM head"):
+        model.logits(torch.zeros(1, 64))
+    assert "score.weight" in dict(model.named_parameters()) and "lm_head.weight" not in model.state_dict()
+
+
+def _args():
+    from minigrpo.models.args import ModelArgs
+
+    return ModelArgs.from_hf_config({**BASE, "model_type": "llama", "rope_theta": 1e4})
+
+
+# ---------------------------------------------------------------------------------------- as a reward
+
+PROMPTS = ["what is 2 + 3 ?", "repeat 7", "what is 12 * 4 ?", "repeat 0", "what is 9 - 9 ?"]
+COMPLETIONS = ["5", "7 7 7", "48 = 12 * 4", "", "is 0 : 0"]
+
+
+def _run_rewards(tmp_path, kwargs: dict) -> list[rewards.RewardSpec]:
+    """RewardSpecs as a run builds them: from the YAML config file's `rewards` list."""
+    path = tmp_path / "run.yaml"
+    rm = {"name": "reward_model", "weight": 2.0, "timeout_s": 60.0, "kwargs": kwargs}
+    import yaml
+
+    path.write_text(yaml.safe_dump({"rewards": [{"name": "exact_answer"}, rm]}))
+    return rewards.build_reward_specs(config.load_config(path).rewards)
+
+
+def _direct(hf, tok: Tokenizer, texts: list[str], *, special: bool) -> list[float]:
+    with torch.no_grad():
+        return [hf(torch.tensor([tok.encode(t, add_special_tokens=special)])).logits[0, 0].item() for t in texts]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_reward_function_plain_text_equals_transformers(family, tmp_path):
+    tok = tiny_tokenizer()
+    hf = hf_reward_model(tmp_path / "rm", family, seed=5, tokenizer=tok, vocab_size=len(WORDS))
+    specs = _run_rewards(tmp_path, {"path": str(tmp_path / "rm"), "batch_size": 2, "device": "cpu"})
+    result = rewards.score(PROMPTS, COMPLETIONS, ["5"] * 5, specs)
+    assert result.names == ["exact_answer", "reward_model"] and result.failures["reward_model"] == 0
+    want = _direct(hf, tok, [f"{p}\n\n{c}" for p, c in zip(PROMPTS, COMPLETIONS)], special=True)
+    got = result.per_fn[:, 1]
+    assert (got - torch.tensor(want)).abs().max().item() < ATOL
+    assert torch.allclose(result.total, result.per_fn[:, 0] + 2.0 * got, atol=1e-6)
+    # a second build of the same reward reuses the loaded model
+    again = _run_rewards(tmp_path, {"path": str(tmp_path / "rm"), "device": "cpu", "batch_size": 8})[1].fn
+    assert again.load()[0] is specs[1].fn.load()[0]
+
+
+def test_reward_function_uses_the_chat_template(tmp_path):
+    from tokenizers import Tokenizer as Backend
+
+    base = tiny_tokenizer()
+    tok = Tokenizer(
+        Backend.from_str(base.backend.to_str()),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=TEMPLATE,
+    )
+    hf = hf_reward_model(tmp_path / "rm", "qwen2", seed=9, tokenizer=tok, vocab_size=len(WORDS))
+    prompts = [[{"role": "system", "content": "repeat"}, {"role": "user", "content": p}] for p in PROMPTS[:3]]
+    fn = rewards.make_reward("reward_model", {"path": str(tmp_path / "rm"), "device": "cpu", "dtype": "float32"})
+    got = fn(prompts, COMPLETIONS[:3], [None] * 3)
+    texts = [
+        tok.apply_chat_template([*p, {"role": "assistant", "content": c}]) for p, c in zip(prompts, COMPLETIONS[:3])
+    ]
+    assert texts[0].startswith("system : repeat ? user : what")
+    want = _direct(hf, tok, texts, special=False)
+    assert max(abs(a - b) for a, b in zip(got, want)) < ATOL
+    plain = rewards.make_reward("reward_model", {"path": str(tmp_path / "rm"), "chat_template": "none"})
+    assert max(abs(a - b) for a, b in zip(plain(prompts, COMPLETIONS[:3], [None] * 3), got)) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+def test_a_causal_lm_is_no_reward_model(tmp_path):
+    tiny_checkpoint(tmp_path)
+    with pytest.raises(RewardModelError, match="not a sequence-classification checkpoint") as info:
+        load_reward_model(tmp_path)
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+    with pytest.raises(RewardModelError, match="LlamaForCausalLM"):
+        rewards.make_reward("reward_model", {"path": str(tmp_path)})
+
+
+def test_two_labels_are_no_reward(tmp_path):
+    hf_reward_model(tmp_path, "llama", num_labels=2)
+    with pytest.raises(RewardModelError, match="num_labels=2") as info:
+        rewards.build_reward_specs([config.RewardSpec("reward_model", kwargs={"path": str(tmp_path)})])
+    assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "path is missing"),
+        ({"path": "./no/such/folder"}, "does not exist"),
+        ({"path": "x", "batch_size": 0}, "batch_size=0"),
+        ({"path": "x", "dtype": "int8"}, "dtype='int8'"),
+        ({"path": "x", "device": "gpu7"}, "device='gpu7'"),
+        ({"path": "x", "temperature": 1.0}, "no setting 'temperature'"),
+    ],
+)
+def test_bad_settings_are_user_errors(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        rewards.make_reward("reward_model", kwargs)
+
+
+def test_a_checkpoint_with_an_lm_head_still_loads(tmp_path):
+    """Some reward checkpoints also carry lm_head.weight: it is ignored, the scores are unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_reward_model(tmp_path, "llama", seed=2)
+    state = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in state and "score.weight" in state
+    state["lm_head.weight"] = torch.randn(97, 64)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours, _ = load_reward_model(tmp_path)
+    ids, mask, _ = padded_batch("right", seed=4)
+    with torch.no_grad():
+        assert (ours(ids, attention_mask=mask) - hf(ids, attention_mask=mask).logits).abs().max().item() < ATOL
+
+
+def test_a_folder_without_tokenizer_fails_before_loading(tmp_path):
+    hf_reward_model(tmp_path, "llama")
+    with pytest.raises(UserError, match="has no tokenizer"):
+        rewards.make_reward("reward_model", {"path": str(tmp_path)})
