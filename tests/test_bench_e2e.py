@@ -14,6 +14,10 @@ import pytest
 from helpers.cli import ROOT, cli_env
 
 HAVE_TRL = all(importlib.util.find_spec(m) is not None for m in ("trl", "datasets", "peft"))
+GSM8K = [ROOT / "shared" / "data" / "gsm8k", ROOT.parent / "shared" / "data" / "gsm8k"]  # where the script looks
+pytestmark = pytest.mark.skipif(
+    not any((d / "train.jsonl").is_file() for d in GSM8K), reason="the shared GSM8K copy (the prompts) is absent"
+)
 
 
 def run_benchmark(*args: str, timeout: float) -> subprocess.CompletedProcess:
