@@ -1,6 +1,6 @@
 """Kernel benchmarks on one CUDA GPU: ours vs torch eager, torch.compile and Liger-Kernel.
 
-    python benchmarks/bench_kernels.py [--cases rmsnorm,rope,logprobs] [--quick] [--out DIR] [--tune]
+    python benchmarks/bench_kernels.py [--cases rmsnorm,rope,logprobs,policy_head] [--quick] [--out DIR] [--tune]
 
 One process, in this order: the in-run ceilings (D2D copy bandwidth of a 2 GiB bf16 copy, bytes
 read + written; bf16 8192^3 matmul rate), then per case and shape, for every provider: a
@@ -10,7 +10,8 @@ of a CUDA graph replay (host dispatch left out; inputs rotated so that they do n
 the peak extra memory of one fwd+bwd (max_memory_allocated minus what was allocated before,
 including the new gradients). Writes results/kernels_<device>.json and prints a table.
 Liger-Kernel is optional: without it its rows are skipped. --tune sweeps launch configurations
-of our kernels instead (used to pick the defaults in kernels/).
+of our kernels instead (used to pick the defaults in kernels/). The policy_head case (the LM head
+fused with the GRPO loss) lives in kernel_policy_head.py.
 """
 
 from __future__ import annotations
@@ -419,6 +420,10 @@ def tune(cases: list[str]) -> None:
                   f"({100 * nbytes / bw / ms:.0f}%)")  # fmt: skip
     if "logprobs" in cases:
         tune_logprobs(lp_mod, bw)
+    if "policy_head" in cases:
+        from kernel_policy_head import tune_policy_head  # beside this script; it imports this module
+
+        tune_policy_head()
 
 
 def tune_logprobs(lp_mod, bw: float) -> None:
@@ -484,9 +489,19 @@ def _tile_breakdown(lp_mod, h, w, t, rows: int, cols: int, bw: float) -> None:
 ceil_now: dict = {}
 
 
+def bench_policy_head(ceil: dict, quick: bool) -> list[dict]:
+    from kernel_policy_head import bench_policy_head as run  # beside this script; it imports this module
+
+    return run(ceil, quick)
+
+
 def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="rmsnorm,rope,logprobs", help="comma list of rmsnorm, rope, logprobs")
+    ap.add_argument(
+        "--cases",
+        default="rmsnorm,rope,logprobs,policy_head",
+        help="comma list of rmsnorm, rope, logprobs, policy_head",
+    )
     ap.add_argument("--quick", action="store_true", help="headline shapes only")
     ap.add_argument("--tune", action="store_true", help="sweep our launch configurations instead")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the JSON")
@@ -501,7 +516,7 @@ def main() -> None:
     if args.tune:
         tune(args.cases.split(","))
         return
-    bench = {"rmsnorm": bench_rmsnorm, "rope": bench_rope, "logprobs": bench_logprobs}
+    bench = {"rmsnorm": bench_rmsnorm, "rope": bench_rope, "logprobs": bench_logprobs, "policy_head": bench_policy_head}
     out = Path(args.out) / f"kernels_{name.replace(' ', '_').lower()}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {

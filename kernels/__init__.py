@@ -5,6 +5,7 @@ from .cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_ref
 from .flash_decode import decode_attention, decode_attention_ref
 from .kv_write import rotary_into_cache, rotary_into_cache_ref
 from .logprobs import fused_linear_logprobs, linear_logprobs_ref
+from .policy_head import fused_linear_token_loss, linear_token_loss_ref
 from .rmsnorm import rms_norm, rms_norm_ref
 from .rope import apply_rotary, rotary_ref
 from .sampling import sample_race, sample_race_ref
@@ -17,8 +18,10 @@ __all__ = [
     "decode_attention_ref",
     "fused_linear_cross_entropy",
     "fused_linear_logprobs",
+    "fused_linear_token_loss",
     "linear_cross_entropy_ref",
     "linear_logprobs_ref",
+    "linear_token_loss_ref",
     "rms_norm",
     "rms_norm_ref",
     "rotary_into_cache",

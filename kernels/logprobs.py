@@ -15,8 +15,9 @@ Chunking: the logits are only ever held as one tile of (rows, cols) tokens x voc
 matmul dtype (about 64 MiB in bf16 on CUDA). The forward streams the tiles through an online
 logsumexp: per row, a running max m, s = sum exp(a - m) and e = sum exp(a - m) (a - m), merged
 across vocab chunks; it saves lse and entropy (N,) fp32 only. The backward recomputes each tile
-(8NDV FLOPs in all instead of 6NDV: the price of O(tile) memory, since GRPO's upstream gradient is
-only known after the forward), turns it into dz in place, and then
+(8NDV FLOPs in all instead of 6NDV: the price of O(tile) memory, since an upstream gradient is
+only known after the forward; kernels/policy_head.py is the 6NDV path for losses elementwise in
+logp, GRPO's token-level loss among them), turns it into dz in place, and then
     dW[vc] (+)= dz.T @ h_b     cuBLAS, accumulated in W.dtype once per token block of `rows` rows
     dH_b    += dz @ W[vc]       accumulated in fp32 over the vocab chunks (a (rows, D) buffer)
 so dW is rounded ceil(N / rows) times (once for N <= 4096 on CUDA) and dH once. The choice of a

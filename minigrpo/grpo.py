@@ -262,6 +262,95 @@ class LossOptions:
         )
 
 
+def is_tokenwise(opts: LossOptions, *, old_logp_given: bool) -> bool:
+    """Whether d loss / d logp[i, t] depends on logp[i, t] alone (given the step's fixed inputs).
+
+    True for token-level ratios with every loss type, clip setting, beta and token IS mode; then the
+    gradient of a token is known as soon as its log-prob is (the fused LM head, update_loss.py).
+    False for sequence-level ratios (GSPO) and for sequence IS weights without old_logp (both
+    depend on the whole row's log-probs).
+    """
+    if opts.importance_sampling_level != "token":
+        return False
+    return old_logp_given or opts.is_correction is None or opts.is_correction.startswith("token")
+
+
+def check_loss_inputs(
+    mask: Tensor,
+    opts: LossOptions,
+    normalizer: LossNormalizer | None,
+    *,
+    ref_logp: Tensor | None,
+    sampler_logp: Tensor | None,
+) -> LossNormalizer:
+    """Raise on inputs the options cannot use; return the normaliser (mask's own when None)."""
+    if opts.beta != 0.0 and ref_logp is None:
+        raise ValueError("beta != 0 needs ref_logp")
+    if opts.is_correction is not None and sampler_logp is None:
+        raise ValueError(f"is_correction={opts.is_correction!r} needs sampler_logp")
+    if normalizer is None:
+        return make_normalizer(mask, opts.loss_type, max_completion_length=opts.max_completion_length)
+    if normalizer.loss_type != opts.loss_type:
+        raise ValueError(f"normalizer was made for {normalizer.loss_type!r}, not {opts.loss_type!r}")
+    if opts.max_completion_length is not None and opts.max_completion_length != normalizer.max_completion_length:
+        raise ValueError("max_completion_length conflicts with normalizer.max_completion_length")
+    return normalizer
+
+
+def policy_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor | None = None, level: str = "token") -> Tensor:
+    """rho = exp(logp - old) per token, or with level "sequence" (GSPO) exp(mean over the row's
+    active tokens) of shape (..., 1). Log-ratios are zeroed where mask is 0 (None: every token
+    counts) and clamped to +-LOG_RATIO_CLAMP before exp."""
+    m = torch.ones_like(logp, dtype=torch.float32) if mask is None else mask.to(torch.float32)
+    log_ratio = _masked_log_ratio(logp, old_logp, m > 0)
+    if level == "sequence":
+        log_ratio = (log_ratio.sum(-1) / m.sum(-1).clamp(min=1))[..., None]
+    return torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+def token_terms(
+    ratio: Tensor,
+    advantages: Tensor,
+    opts: LossOptions,
+    *,
+    is_weight: Tensor | None = None,
+    logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-token (loss l, policy term pg, k3 KL or None) from the ratio; shapes broadcast together.
+
+    pg = -min(rho' A, clamp(rho, 1 - epsilon, 1 + epsilon_high) A) * IS weight, rho' = min(rho, delta)
+    with two-sided clipping; kl = k3(ref_logp, logp) when ref_logp is given (mask: padding gives 0);
+    l = pg + beta * kl. Elementwise in logp when rho is the token ratio exp(logp - old).
+    """
+    clipped = ratio.clamp(1.0 - opts.epsilon, 1.0 + opts.epsilon_high)
+    capped = ratio if opts.delta is None else ratio.clamp(max=opts.delta)
+    pg = -torch.minimum(capped * advantages, clipped * advantages)
+    if is_weight is not None:
+        pg = pg * is_weight
+    kl = None if ref_logp is None else kl_k3(logp, ref_logp, mask)
+    loss = pg + opts.beta * kl if kl is not None and opts.beta != 0.0 else pg
+    return loss, pg, kl
+
+
+def token_weights(mask: Tensor, normalizer: LossNormalizer) -> Tensor:
+    """(N, Tc) fp32 w with loss = sum(w * l): each token's share of the step's normalised loss.
+
+    The aggregation of policy_loss (see there), written per token: the mask over the normaliser's
+    totals (grpo also over the row's own length).
+    """
+    m = mask.to(torch.float32)  # (N, Tc)
+    n = normalizer
+    if n.loss_type == "grpo":
+        return m / m.sum(1, keepdim=True).clamp(min=1) / max(n.num_sequences, 1) * n.world_size
+    if n.loss_type == "dr_grpo":
+        return m / max(n.num_sequences * n.max_completion_length, 1) * n.world_size
+    if n.loss_type == "dapo":
+        return m / max(n.num_tokens, 1) * n.world_size
+    return m / m.sum().clamp(min=1) / n.num_micro_batches  # bnpo
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor | None,
@@ -320,59 +409,28 @@ def policy_loss(
         assert t is None or t.shape == (N, Tc), f"{name} {tuple(t.shape)} vs logp {(N, Tc)}"
     assert entropy is None or entropy.shape == (N, Tc), f"entropy {tuple(entropy.shape)} vs {(N, Tc)}"
     o = opts
-    if o.beta != 0.0 and ref_logp is None:
-        raise ValueError("beta != 0 needs ref_logp")
-    if o.is_correction is not None and sampler_logp is None:
-        raise ValueError(f"is_correction={o.is_correction!r} needs sampler_logp")
-    if normalizer is None:
-        normalizer = make_normalizer(mask, o.loss_type, max_completion_length=o.max_completion_length)
-    elif normalizer.loss_type != o.loss_type:
-        raise ValueError(f"normalizer was made for {normalizer.loss_type!r}, not {o.loss_type!r}")
-    elif o.max_completion_length is not None and o.max_completion_length != normalizer.max_completion_length:
-        raise ValueError("max_completion_length conflicts with normalizer.max_completion_length")
+    normalizer = check_loss_inputs(mask, o, normalizer, ref_logp=ref_logp, sampler_logp=sampler_logp)
 
     m = mask.to(torch.float32)  # (N, Tc)
     active = m > 0  # (N, Tc)
-    seq_len = m.sum(1)  # (N,)
     old = logp.detach() if old_logp is None else old_logp
     A = advantages.detach().to(torch.float32)[:, None]  # (N, 1)
 
-    # ratio
-    log_ratio = _masked_log_ratio(logp, old, active)  # (N, Tc)
-    if o.importance_sampling_level == "sequence":
-        log_ratio = (log_ratio.sum(1) / seq_len.clamp(min=1))[:, None]  # (N, 1)
-    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # (N, Tc) or (N, 1)
-
-    # clipped surrogate
-    clipped = ratio.clamp(1.0 - o.epsilon, 1.0 + o.epsilon_high)
-    capped = ratio if o.delta is None else ratio.clamp(max=o.delta)
-    per_token = -torch.minimum(capped * A, clipped * A).expand(N, Tc)  # (N, Tc)
+    ratio = policy_ratio(logp, old, m, o.importance_sampling_level)  # (N, Tc) or (N, 1)
 
     stats: dict[str, Tensor] = {}
+    w = None
     if o.is_correction is not None:
         w, raw = importance_weights(old, sampler_logp, m, o.is_correction, cap=o.is_cap, floor=o.is_min)
-        per_token = per_token * w
         raw = raw.expand(N, Tc)
         outside = (raw > o.is_cap) | (raw < o.is_min if o.is_min is not None else torch.zeros_like(active))
         stats |= _masked_min_mean_max("is_weight", raw, active)
         stats["is_clip_frac"] = _masked_mean(outside.float(), active)
-    pg = per_token
-    if ref_logp is not None:
-        kl = kl_k3(logp, ref_logp, m)  # (N, Tc)
-        if o.beta != 0.0:
-            per_token = per_token + o.beta * kl
+    per_token, pg, kl = token_terms(ratio, A, o, is_weight=w, logp=logp, ref_logp=ref_logp, mask=m)
+    per_token, pg = per_token.expand(N, Tc), pg.expand(N, Tc)  # (N, Tc)
+    if kl is not None:
         stats["kl"] = _masked_mean(kl, active)
-
-    # aggregation
-    n = normalizer
-    if o.loss_type == "grpo":
-        loss = ((per_token * m).sum(1) / seq_len.clamp(min=1)).sum() / max(n.num_sequences, 1) * n.world_size
-    elif o.loss_type == "dr_grpo":
-        loss = (per_token * m).sum() / max(n.num_sequences * n.max_completion_length, 1) * n.world_size
-    elif o.loss_type == "dapo":
-        loss = (per_token * m).sum() / max(n.num_tokens, 1) * n.world_size
-    else:  # bnpo
-        loss = (per_token * m).sum() / m.sum().clamp(min=1) / n.num_micro_batches
+    loss = (per_token * token_weights(m, normalizer)).sum()
 
     # stats
     ratio_t = ratio.expand(N, Tc)
@@ -411,13 +469,18 @@ __all__ = [
     "LOSS_TYPES",
     "LossNormalizer",
     "LossOptions",
+    "check_loss_inputs",
     "group_advantages",
     "group_reward_stats",
     "group_rows",
     "importance_weights",
+    "is_tokenwise",
     "kl_k3",
     "loss_mask",
     "make_normalizer",
     "policy_loss",
+    "policy_ratio",
+    "token_terms",
+    "token_weights",
     "zero_spread_groups",
 ]

@@ -47,23 +47,34 @@ def completion_logprobs(
         temperature: the sampling temperature (0, greedy, scores at 1).
         return_entropy: also return the per-token entropy (N, Tc) fp32 (0 on inactive tokens).
     """
-    N, T = input_ids.shape
-    Tc = completion_mask.shape[1]
-    assert completion_mask.shape == (N, Tc) and attention_mask.shape == (N, T) and Tc < T
-    hidden = model.hidden(input_ids, attention_mask=attention_mask)  # (N, T, D)
-    states = hidden[:, T - Tc - 1 : T - 1]  # (N, Tc, D): position t predicts completion token t
-    active = completion_mask.bool()
-    targets = input_ids[:, T - Tc :][active]  # (n,) only the scored tokens
+    active = completion_mask.bool()  # (N, Tc)
+    states, targets = completion_states(model, input_ids, attention_mask, active)  # (n, D), (n,)
     out = fused_linear_logprobs(
-        states[active],  # (n, D)
+        states,
         model.output_weight,
         targets,
         temperature=temperature if temperature > 0 else 1.0,
         return_entropy=return_entropy,
     )
     logp, entropy = out if return_entropy else (out, None)
-    full = torch.zeros(N, Tc, dtype=torch.float32, device=input_ids.device)
+    full = torch.zeros(active.shape, dtype=torch.float32, device=input_ids.device)
     logp = full.masked_scatter(active, logp)  # (N, Tc)
     if entropy is None:
         return logp
     return logp, torch.zeros_like(full).masked_scatter(active, entropy)
+
+
+def completion_states(
+    model: HiddenStatesModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (n, D) that predict the selected completion tokens, and those tokens (n,).
+
+    select: (N, Tc) bool over the last Tc columns of input_ids (N, Tp + Tc); n = select.sum(), in
+    row-major order. Only these rows of the hidden states go through the LM head.
+    """
+    N, T = input_ids.shape
+    Tc = select.shape[1]
+    assert select.shape == (N, Tc) and attention_mask.shape == (N, T) and Tc < T
+    hidden = model.hidden(input_ids, attention_mask=attention_mask)  # (N, T, D)
+    states = hidden[:, T - Tc - 1 : T - 1]  # (N, Tc, D): position t predicts completion token t
+    return states[select], input_ids[:, T - Tc :][select]

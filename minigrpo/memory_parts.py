@@ -23,11 +23,11 @@ with it, each block keeps only its input (n * b * D), one block's set exists at 
 recomputation, and with offload the inputs wait in pinned host memory instead (two at a time on
 the device). On top come the rotary angles (and boolean masks, only for sliding windows shorter than
 the sequence: padded rows otherwise run as plain causal attention) shared by all blocks, the final norm,
-the log-prob kernel (one logits tile of about 32M elements, the selected hidden states, dh and,
-when the LM head trains, dW) and the backward's own temporaries (gradients of the block's
-intermediates; calibrated below). The CPU tests measure all of this with an allocation tracker (a
-TorchDispatchMode that follows every tensor's storage, tests/helpers/allocations.py) and hold the
-estimate within 10% of it.
+the log-prob kernel (one logits tile of about 32M elements, or the fused policy head's block of
+whole rows, about 160M on CUDA; the selected hidden states, dh and, when the LM head trains, dW)
+and the backward's own temporaries (gradients of the block's intermediates; calibrated below). The
+CPU tests measure all of this with an allocation tracker (a TorchDispatchMode that follows every
+tensor's storage, tests/helpers/allocations.py) and hold the estimate within 10% of it.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch
 
 from minigrpo.config import Config, resolve_dtype
 from minigrpo.kernels.logprobs import plan_chunks
+from minigrpo.kernels.policy_head import plan_rows
 from minigrpo.models.args import ModelArgs
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -134,6 +135,25 @@ def trainable_numels(args: ModelArgs, cfg: Config) -> list[int]:
             out += [cfg.lora.r * i, cfg.lora.r * o] * args.n_layers
         return out
     return [args.num_params()]  # full fine-tuning: the total is what matters
+
+
+def value_model_bytes(args: ModelArgs, cfg: Config, b: int) -> dict[str, int]:
+    """The PPO critic's static bytes (algorithms/value_model.py): weights, gradients, fp32 masters,
+    optimizer state, and `numel`, the values its optimizer steps. `separate`: a body like the
+    policy's without the LM head, every weight trained, in the model dtype, plus the (1, D) fp32
+    head; `lora`: a second adapter set on the policy's base (fp32, as the policy's) plus the head."""
+    head = args.dim  # (1, D) fp32
+    if cfg.ppo.value_model == "lora":
+        numels = [*trainable_numels(args, cfg), head]
+        n = sum(numels)
+        weights, masters = 4 * n, 0
+    else:
+        body = args.num_params() - (0 if args.tie_word_embeddings else args.vocab_size * args.dim)
+        numels, n = [body, head], body + head
+        weights = b * body + 4 * head
+        masters = 4 * n if b < 4 else 0  # optim.MasterWeights steps fp32 copies of 16-bit weights
+    optimizer = optimizer_state_bytes(numels, cfg.train.optimizer)
+    return {"weights": weights, "gradients": weights, "masters": masters, "optimizer": optimizer, "numel": n}
 
 
 # ================================================================================================
@@ -247,10 +267,12 @@ def activation_bytes(
     final_norm += n * 16  # left padding: the rotated ids and the rotation's index (transformer.rotate_rows)
     head = final_norm + n_c * (b * d + 8 + 4 + 4) + 2 * n_c * 4 * 2  # + selected states, targets, lse, entropy
     rows, cols = plan_chunks(max(n_c, 1), args.vocab_size, torch.device(device_type))
-    head_backward = rows * cols * b + n_c * b * d + rows * d * 4 + n_c * 8
+    # the logits buffer: the log-prob kernel's tile, or the fused policy head's block of whole rows
+    tile = max(rows * cols, plan_rows(max(n_c, 1), args.vocab_size, torch.device(device_type)) * args.vocab_size)
+    head_backward = tile * b + n_c * b * d + rows * d * 4 + n_c * 8
     head_backward += args.vocab_size * d * b if trainable_base else 0  # dW of the LM head
     if impl != "triton":
-        head_backward += 4 * rows * cols * 4  # the reference tile math's fp32 temporaries
+        head_backward += 4 * tile * 4  # the reference tile math's fp32 temporaries
     backward = n * b * (_BWD_F * args.intermediate_size + _BWD_D * d)
     if impl != "triton" and b < 4:
         backward += n * 2 * a * d  # the reference norms' fp32 gradients
@@ -271,6 +293,31 @@ def activation_bytes(
 def kv_cache_bytes(args: ModelArgs, sequences: int, length: int, b: int) -> int:
     """The sampler's static KV cache: sequences x length x 2 (k, v) x layers x Hkv x Dh x b."""
     return sequences * length * 2 * args.n_layers * args.n_kv_heads * args.head_dim * b
+
+
+def episode_rollout_bytes(
+    args: ModelArgs, rows: int, max_rows: int | None, prompt_len: int, episode_len: int, turn_len: int, b: int
+) -> tuple[int, int, int]:
+    """(rows decoded at once, their KV cache, the largest prefill transient) of `rows` multi-turn
+    episodes on the own sampler (minigrpo/episodes.py): rows of at most prompt_len + episode_len
+    tokens, turns of at most turn_len, every row its own prompt (a turn's prompt is the episode so far).
+
+    A turn's cache spans S = prompt_len + episode_len + turn_len slots at most: the longest history
+    and a turn of any row after it (the turns share slot columns). In a session
+    (sampling/kv_session.py) every row keeps S slots between turns and a prefill forward takes at most
+    PREFILL_TOKENS tokens (rows x columns), each attending to at most S keys. Decoding in waves
+    (max_rows < rows) there is no session: a turn prefills whole histories into a cache of their
+    own, then copies it into the decode cache, as a plain rollout prefills its prompts (memory.py)."""
+    from minigrpo.sampling.kv_session import PREFILL_TOKENS
+
+    T, per_token = prompt_len + episode_len, forward_transient_per_token(args, b)
+    S = T + turn_len
+    if max_rows is None or rows <= max_rows:
+        cols = min(T, max(1, PREFILL_TOKENS // rows))
+        return rows, kv_cache_bytes(args, rows, S, b), rows * cols * (per_token + S * (1 + b))
+    n = max_rows
+    prefill = kv_cache_bytes(args, n, T, b) + n * T * per_token + n * T * T * (1 + b)
+    return n, kv_cache_bytes(args, n, S, b), prefill
 
 
 def masked_windows(args: ModelArgs, seq_len: int) -> int:

@@ -39,6 +39,7 @@ from minigrpo.logprobs import completion_logprobs
 from minigrpo.sampling.base import Sampler
 from minigrpo.sampling.params import SamplingParams
 from minigrpo.sampling.rollout import Rollout, concat_rollouts, logprob_mismatch
+from minigrpo.update_loss import micro_batch_loss
 
 # ================================================================================================
 # 1-3. rollout, rewards, advantages
@@ -112,7 +113,8 @@ def rollout_phase(
         if metrics is None:
             metrics = batch_reward_result(world, scored, specs).metrics()
             if env is not None:
-                metrics.update(episode_metrics(world, episodes, total, cfg.env.max_turns))
+                turn_stats = rollout.stats if rollout is not None else {}
+                metrics.update(episode_metrics(world, episodes, total, cfg.env.max_turns, turn_stats))
         rounds += 1
         keep = torch.ones(len(examples), dtype=torch.bool)  # (B_round,)
         if cfg.grpo.dynamic_sampling:
@@ -169,11 +171,18 @@ def play_episodes(
     return rollout, episodes
 
 
-def episode_metrics(world: World, episodes: list[Episode], totals: torch.Tensor, max_turns: int) -> dict[str, float]:
+def episode_metrics(
+    world: World, episodes: list[Episode], totals: torch.Tensor, max_turns: int, stats: dict | None = None
+) -> dict[str, float]:
     """env/* metrics of the whole batch: turns, tool calls and failures per episode, the share of
     episodes that called a tool, how they ended, and the mean reward of the episodes of k turns
-    (`env/reward_turns_k`, only for counts some episode had; NaN rewards are left out)."""
+    (`env/reward_turns_k`, only for counts some episode had; NaN rewards are left out). With the
+    episodes' `stats` (run_episodes'): the tokens prefilled and found in the KV cache per episode
+    (env/prefill_tokens_mean, env/reused_tokens_mean: reuse across turns at work)."""
+    stats = stats or {}
     local: dict[str, float] = {"episodes_sum": float(len(episodes))}
+    local["prefill_tokens_sum"] = float(stats.get("prefill_tokens", 0.0))
+    local["reused_tokens_sum"] = float(stats.get("reused_tokens", 0.0))
     for name, values in (
         ("turns", [len(e.turns) for e in episodes]),
         ("tool_calls", [len(e.tool_calls) for e in episodes]),
@@ -196,6 +205,8 @@ def episode_metrics(world: World, episodes: list[Episode], totals: torch.Tensor,
         "env/tool_use_frac": merged["tool_use_sum"] / n,
         "env/done_frac": merged["done_sum"] / n,
         "env/env_tokens_mean": merged["env_tokens_sum"] / n,
+        "env/prefill_tokens_mean": merged["prefill_tokens_sum"] / n,
+        "env/reused_tokens_mean": merged["reused_tokens_sum"] / n,
     }
     for k in range(1, max_turns + 1):
         if merged[f"count_turns_{k}_sum"]:
@@ -258,17 +269,23 @@ def empty_rollout(group_size: int, pad_id: int, device: torch.device) -> Rollout
 
 
 def micro_batches(rollout: Rollout, size: int):
-    """Yield (rows, input_ids, attention_mask, completion_mask) per micro-batch, trimmed of columns
-    that are padding in every row (left of the longest prompt, right of the longest completion)."""
-    N, Tp = rollout.prompt_ids.shape
+    """Yield (rows, input_ids, attention_mask, completion_mask) per micro-batch of `size` rows
+    (`row_batch`)."""
+    N = rollout.num_sequences
     for start in range(0, N, size):
-        rows = torch.arange(start, min(start + size, N))
-        pm, cm = rollout.prompt_mask[rows], rollout.completion_mask[rows]
-        p0 = int((pm.sum(0) > 0).nonzero()[0]) if pm.any() else Tp - 1
-        c1 = max(int(cm.sum(-1).max()), 1)
-        ids = torch.cat([rollout.prompt_ids[rows, p0:], rollout.completion_ids[rows, :c1]], dim=1)  # (b, T)
-        attn = torch.cat([pm[:, p0:], cm[:, :c1]], dim=1)  # (b, T)
-        yield rows, ids, attn, cm[:, :c1]
+        yield row_batch(rollout, torch.arange(start, min(start + size, N)))
+
+
+def row_batch(rollout: Rollout, rows: torch.Tensor):
+    """(rows, input_ids, attention_mask, completion_mask) of the given rows, trimmed of columns that
+    are padding in every one of them (left of the longest prompt, right of the longest completion)."""
+    Tp = rollout.prompt_ids.shape[1]
+    pm, cm = rollout.prompt_mask[rows], rollout.completion_mask[rows]
+    p0 = int((pm.sum(0) > 0).nonzero()[0]) if pm.any() else Tp - 1
+    c1 = max(int(cm.sum(-1).max()), 1)
+    ids = torch.cat([rollout.prompt_ids[rows, p0:], rollout.completion_ids[rows, :c1]], dim=1)  # (b, T)
+    attn = torch.cat([pm[:, p0:], cm[:, :c1]], dim=1)  # (b, T)
+    return rows, ids, attn, cm[:, :c1]
 
 
 def num_passes(world: World, model, n_rows: int, size: int) -> int:
@@ -312,7 +329,14 @@ def reference_logprobs(cfg, model, ref_model, rollout: Rollout, *, world: World 
     with its adapters switched off (no copy at all)."""
     if cfg.grpo.beta == 0:
         return None
-    size, temperature = cfg.train.micro_batch_size, cfg.sampler.temperature
+    return reference_pass(model, ref_model, rollout, cfg.train.micro_batch_size, cfg.sampler.temperature, world=world)
+
+
+def reference_pass(
+    model, ref_model, rollout: Rollout, size: int, temperature: float, *, world: World | None = None
+) -> torch.Tensor:
+    """(N, Tc) log-probs under the reference policy, without gradients: `ref_model` (the frozen copy
+    of full fine-tuning), or with ref_model None the LoRA `model` with its adapters off."""
     if ref_model is not None:
         return logprobs_phase(ref_model, rollout, size, temperature, world=world)
     with lora.adapters_disabled(model):
@@ -349,7 +373,6 @@ def update_phase(
     if world.distributed:
         normalizer = normalizer.all_reduce(device=world.device)
     passes = num_passes(world, model, r.num_sequences, size)
-    replicated = world.distributed and not is_sharded(model)
     parts: list[tuple[dict[str, float], float]] = []  # (stats, active tokens) per micro-batch
     grad_norms, losses, lrs = [], [], []
     model.train()
@@ -362,39 +385,49 @@ def update_phase(
                 continue
             rows, ids, attn, cmask = batches[i]
             Tc = cmask.shape[1]
-            logp, entropy = completion_logprobs(
-                model, ids, attn, cmask, temperature=cfg.sampler.temperature, return_entropy=True
-            )  # (b, Tc) each
-            loss, stats = grpo.policy_loss(
-                logp,
-                None if old_logp is None else old_logp[rows, :Tc],
-                batch.advantages[rows].to(logp.device),
-                mask[rows, :Tc].to(logp.device),
+            loss, stats = micro_batch_loss(  # the fused LM head + loss where the loss allows it
+                model,
+                ids,
+                attn,
+                cmask,
+                mask[rows, :Tc].to(ids.device),
+                batch.advantages[rows].to(ids.device),
                 opts,
-                normalizer=normalizer,
+                normalizer,
+                old_logp=None if old_logp is None else old_logp[rows, :Tc],
                 ref_logp=None if ref_logp is None else ref_logp[rows, :Tc],
                 sampler_logp=r.sampler_logp[rows, :Tc] if opts.is_correction else None,
-                entropy=entropy.detach(),
+                temperature=cfg.sampler.temperature,
             )
             loss.backward()
             loss_total += float(loss.detach())
             tokens = float(stats.pop("active_tokens"))
             parts.append(({k: float(v) for k, v in stats.items()}, tokens))
-        # listed after backward: FSDP2 swaps unsharded parameters in and out (the root stays
-        # unsharded after a no-grad forward), so a list made earlier may hold the wrong objects
-        params = [p for p in model.parameters() if p.requires_grad]
-        if replicated:
-            all_reduce_gradients(params, world)
-        max_norm = cfg.train.max_grad_norm or math.inf
-        grad_norms.append(clip_grad_norm(params, max_norm) if world.distributed else _clip(params, max_norm))
-        lrs.append(optimizer.param_groups[0]["lr"])  # the rate this step uses
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(cfg, model, optimizer, scheduler, world)
+        grad_norms.append(grad_norm)
+        lrs.append(lr)
         losses.append(loss_total / world.size)  # a rank's loss is its share times the world size
     stats, _ = merge_stats(world, *combine_stats(parts))
     loss = merge_stats(world, {"loss_sum": sum(losses) / len(losses)}, 1.0)[0]["loss_sum"]
     return {**stats, "loss": loss, "grad_norm": sum(grad_norms) / len(grad_norms), "lr": sum(lrs) / len(lrs)}
+
+
+def optimizer_step(cfg, model, optimizer, scheduler, world: World) -> tuple[float, float]:
+    """The end of every update, after the last backward: reduce replicated gradients over the ranks,
+    clip the global norm (train.max_grad_norm), step the optimizer and the schedule, zero the
+    gradients. Returns (the gradient norm before clipping, the learning rate this step used)."""
+    # listed after backward: FSDP2 swaps unsharded parameters in and out (the root stays
+    # unsharded after a no-grad forward), so a list made earlier may hold the wrong objects
+    params = [p for p in model.parameters() if p.requires_grad]
+    if world.distributed and not is_sharded(model):
+        all_reduce_gradients(params, world)
+    max_norm = cfg.train.max_grad_norm or math.inf
+    grad_norm = clip_grad_norm(params, max_norm) if world.distributed else _clip(params, max_norm)
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float) -> float:

@@ -107,9 +107,17 @@ def _logprobs_cases(k):
                  NUM_BLOCKS=k.cdiv(cols, k._STATS_BLOCK_V), BLOCK_V=k._STATS_BLOCK_V)  # fmt: skip
     grad = dict(z_ptr=bf16, tgt_ptr=i64, lse_ptr=f32, ent_ptr=f32, g_ptr=f32, ge_ptr=f32, **tile,
                 HAS_ENT_GRAD=True, BLOCK_V=k._GRAD_BLOCK_V)  # fmt: skip
+    # the fused policy head (policy_head.py) runs both over whole rows of the vocabulary, and its
+    # loss has no entropy term (HAS_ENT_GRAD off)
+    row = dict(n_cols=V, v0=0, stride_z_row=V, inv_t=1 / 0.7)
     return {
         ("_logprobs_stats_kernel", "entropy"): (stats, k._STATS_WARPS),
         ("_logprobs_grad_kernel", "entropy"): (grad, k._GRAD_WARPS),
+        ("_logprobs_stats_kernel", "policy_head_row"): (
+            dict(stats, **row, NUM_BLOCKS=k.cdiv(V, k._STATS_BLOCK_V)),
+            k._STATS_WARPS,
+        ),
+        ("_logprobs_grad_kernel", "policy_head_row"): (dict(grad, **row, HAS_ENT_GRAD=False), k._GRAD_WARPS),
     }
 
 
