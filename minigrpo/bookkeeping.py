@@ -2,6 +2,7 @@
 
     logger = open_logger(run)   # metrics.jsonl, table, curves.png; the resolved config.yaml
     save(run, step)             # an atomic checkpoint: model (or adapter), optimizer, schedule, data, RNG
+                                # (and PPO's critic: weights, optimizer, schedule, in the trainer state)
 
 `run` is a `build.Run` (python -m minigrpo.train) or an `sft.SFTRun` (python -m minigrpo.sft): anything
 with cfg, world, dtype, model, tokenizer, optimizer, scheduler, loader (state_dict), start_step and
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from minigrpo.algorithms.value_model import critic_state
 from minigrpo.build import save_model_fn
 from minigrpo.checkpoint import ModelStateView, optimizer_state, rng_state, save_checkpoint
 from minigrpo.config import save_config
@@ -57,6 +59,8 @@ def save(run: Any, step: int) -> None:
     to_save = ModelStateView(model, full_state_dict(model, world), run.dtype) if sharded else model
     if world.main:
         state = {"optimizer": opt, "scheduler": run.scheduler.state_dict(), "data": run.loader.state_dict()}
+        if getattr(run, "critic", None) is not None:  # algorithm ppo: the value model's weights and optimizer
+            state["critic"] = critic_state(run.critic)
         save_checkpoint(
             cfg.run.run_dir,
             step,

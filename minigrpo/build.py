@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from minigrpo import lora, rewards
+from minigrpo.algorithms import needs_reference, updates_per_step
 from minigrpo.checkpoint import (
     check_writable,
     find_resume_checkpoint,
@@ -92,6 +93,10 @@ def check_before_loading(
     if not examples:
         raise UserError(f"data: the {cfg.data.split!r} split of data.source={cfg.data.source!r} holds no example")
     check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
+    if cfg.algorithm == "ppo" and cfg.ppo.value_path is not None:
+        from minigrpo.algorithms.value_model import check_value_path
+
+        check_value_path(cfg.ppo.value_path)
     return resume, specs, examples
 
 
@@ -117,6 +122,10 @@ def validate_distributed(cfg: Config, world_size: int) -> None:
         errors.append("distributed.strategy='fsdp' with lora.enabled: LoRA replicates its frozen base; use ddp")
     if strategy == "fsdp" and cfg.model.activation_offload:
         errors.append("model.activation_offload is not supported with FSDP; use gradient_checkpointing alone")
+    if cfg.algorithm == "ppo":
+        errors.append(
+            "algorithm=ppo runs in one process (its critic is neither sharded nor replicated): launch without torchrun"
+        )
     if errors:
         raise ConfigError("invalid config for distributed training:\n  - " + "\n  - ".join(errors))
 
@@ -159,6 +168,9 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
         if "env" not in saved and cfg.env.kind is None:  # saved before the env section existed: the same
             saved["env"] = cfg.to_dict()["env"]
+        for key in ("algorithm", "dpo", "ppo"):  # saved before these existed: the run was GRPO's
+            if key not in saved and cfg.to_dict()[key] == Config().to_dict()[key]:
+                saved[key] = cfg.to_dict()[key]
         changed = [k for k in changed_keys(saved, cfg.to_dict()) if not k.startswith(resumable)]
         if changed:
             raise UserError(
@@ -285,7 +297,7 @@ class Run:
     world: World
     dtype: torch.dtype  # the compute dtype
     model: torch.nn.Module
-    ref_model: torch.nn.Module | None  # a frozen copy (full fine-tuning with beta > 0); LoRA: None
+    ref_model: torch.nn.Module | None  # a frozen copy (full fine-tuning, needs_reference); LoRA: None
     tokenizer: Any
     sampler: Sampler
     optimizer: torch.optim.Optimizer
@@ -294,6 +306,7 @@ class Run:
     specs: list[rewards.RewardSpec]
     params: SamplingParams
     env: Any = None  # the multi-turn environment (env.kind), None for one-turn rollouts
+    critic: Any = None  # algorithm ppo: the value model, its optimizer and schedule (algorithms/value_model.py)
     start_step: int = 0  # the step a resumed run continues after
     resumed_from: Path | None = None
 
@@ -310,6 +323,15 @@ def build_run(
     param_dtype = torch.float32 if strategy == "fsdp" else dtype  # FSDP keeps fp32 parameters (the masters)
     seed_everything(cfg.run.seed)  # every rank builds the same initial weights
     model, tokenizer = load_policy(cfg, device, param_dtype)
+    # the reference policy is the initial one (copied before a resumed run's weights load): LoRA
+    # switches its adapters off; full fine-tuning needs a frozen copy
+    frozen_copy = needs_reference(cfg) and not cfg.lora.enabled
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if frozen_copy else None
+    critic = None  # PPO's value model starts from the initial policy too (or ppo.value_path)
+    if cfg.algorithm == "ppo":
+        from minigrpo.algorithms.value_model import build_critic
+
+        critic = build_critic(cfg, model, device, param_dtype, cfg.train.steps * updates_per_step(cfg))
     if resume is not None:  # weights first, into the whole model: sharding comes after
         if cfg.lora.enabled:
             lora.load_peft_adapter(model, resume.path)
@@ -317,9 +339,6 @@ def build_run(
             load_weights(model, resume.path)
         if strategy == "fsdp":
             load_masters(model, resume.state["optimizer"])  # the fp32 values behind a bf16 checkpoint
-    # the reference policy: LoRA switches its adapters off; full fine-tuning needs a frozen copy
-    frozen_copy = cfg.grpo.beta > 0 and not cfg.lora.enabled
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if frozen_copy else None
     if strategy == "fsdp":
         for m in (model, ref_model):
             if m is not None:
@@ -341,11 +360,12 @@ def build_run(
         tokenizer=tokenizer,
         sampler=build_sampler(cfg, model, tokenizer),
         optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg.train, cfg.train.steps * cfg.grpo.num_iterations),
+        scheduler=build_scheduler(optimizer, cfg.train, cfg.train.steps * updates_per_step(cfg)),
         loader=PromptLoader(examples, seed=cfg.run.seed, shuffle=cfg.data.shuffle),
         specs=specs,
         params=sampling_params(cfg, tokenizer),
         env=build_environment(cfg, tokenizer),
+        critic=critic,
     )
     if resume is not None:
         restore_state(run, resume)
@@ -356,6 +376,10 @@ def restore_state(run: Run, resume: ResumePoint) -> None:
     """Optimizer, schedule, data cursor and RNG of a checkpoint (the weights are already in the model).
     The checkpoint may come from any number of ranks."""
     restore_trainer_state(run, resume)
+    if run.critic is not None:
+        from minigrpo.algorithms.value_model import load_critic_state
+
+        load_critic_state(run.critic, resume.state.get("critic"), resume.path)
     run.sampler.sync(run.model)  # an external sampler must see the resumed weights
 
 

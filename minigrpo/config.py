@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from minigrpo import configio
+from minigrpo.algorithms import config_errors as algorithm_errors
+from minigrpo.algorithms.dpo_config import DPOCfg
+from minigrpo.algorithms.ppo_config import PPOCfg
 from minigrpo.atomic import write_atomic
 from minigrpo.configio import ConfigError, ConfigWarning, Section, spec
 from minigrpo.env_config import EnvCfg, env_errors
@@ -143,6 +146,9 @@ class SamplerCfg(Section):
     max_rows: int | None = spec(None, ">= 1", why="null = every row at once")
     gpu_memory_utilization: float = spec(0.3, "in (0, 1]")  # vLLM: share of GPU memory for weights + KV cache
     vllm_sleep: bool = True  # vLLM: release its memory while the trainer runs
+    # vLLM: fingerprints check every sync; the log-prob probe (how weights load, not their values)
+    # runs on the first sync, every k-th, and after a failed check or a level-2 sleep (vllm_sync.py)
+    vllm_probe_every: int = spec(10, ">= 0", why="0 = only the first sync")
 
 
 @dataclass
@@ -150,7 +156,7 @@ class GRPOCfg(Section):
     """The GRPO objective: group sizes, advantages, clipping, loss normalisation, IS correction."""
 
     prompts_per_step: int = spec(8, ">= 1")  # B: prompts sampled per optimizer step
-    group_size: int = spec(8, ">= 2", why="advantages compare the completions of one prompt")  # G per prompt
+    group_size: int = spec(8, ">= 1")  # G per prompt; >= 2 but with algorithm ppo (a critic, no groups)
     # loss normalisation: grpo = mean of per-sequence token means; bnpo = token mean of the
     # micro-batch; dr_grpo = token sum / (sequences * max_new_tokens); dapo = token sum / tokens of step
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
@@ -258,6 +264,9 @@ class DistributedCfg(Section):
 class Config(Section):
     """The whole run. `load_config` builds and validates it; `save_config` writes it back."""
 
+    # the objective trained on the sampled groups (minigrpo/algorithms/): grpo, online_dpo (its dpo:
+    # section) or ppo (its ppo: section); every algorithm shares the rollout, rewards, checkpoints and metrics
+    algorithm: Literal["grpo", "online_dpo", "ppo"] = "grpo"
     run: RunCfg = field(default_factory=RunCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     lora: LoRACfg = field(default_factory=LoRACfg)
@@ -272,6 +281,8 @@ class Config(Section):
     distributed: DistributedCfg = field(default_factory=DistributedCfg)
     sft: SFTCfg = field(default_factory=SFTCfg)  # python -m minigrpo.sft only (minigrpo/sft_config.py)
     env: EnvCfg = field(default_factory=EnvCfg)  # multi-turn episodes (minigrpo/env_config.py); kind null: off
+    dpo: DPOCfg = field(default_factory=DPOCfg)  # algorithm: online_dpo only (minigrpo/algorithms/dpo_config.py)
+    ppo: PPOCfg = field(default_factory=PPOCfg)  # algorithm: ppo only (minigrpo/algorithms/ppo_config.py)
 
     def __post_init__(self) -> None:
         # Derived fields that read another section: filled only when still None (explicit wins).
@@ -358,6 +369,12 @@ def _cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         "within sampler.gpu_memory_utilization (set sampler.max_rows=null)",
     )
 
+    need(
+        g.group_size != 1 or cfg.algorithm == "ppo",
+        "grpo.group_size must be >= 2, got 1 (advantages compare the completions of one prompt; "
+        "algorithm: ppo, whose critic gives the baseline, allows 1)",
+    )
+
     # grpo: clip ranges and IS bounds
     eps, eps_high = g.epsilon, g.epsilon_high
     need(eps_high >= eps, f"grpo.epsilon_high ({eps_high}) must be >= grpo.epsilon ({eps}) or null")
@@ -405,7 +422,7 @@ def _cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         cfg.eval.num_prompts <= data.num_eval,
         f"eval.num_prompts ({cfg.eval.num_prompts}) must be <= data.num_eval ({data.num_eval})",
     )
-    return errors + sft_errors(cfg) + env_errors(cfg)
+    return errors + sft_errors(cfg) + env_errors(cfg) + algorithm_errors(cfg)
 
 
 def validate(cfg: Config) -> list[str]:

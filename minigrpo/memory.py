@@ -11,6 +11,10 @@ A step has four phases whose peaks never overlap (each frees its working memory 
     update      weights + optimizer state + gradients + one micro-batch's activations at their peak
     optimizer   weights + optimizer state + gradients + the optimizer's own temporaries
 
+With `algorithm: ppo` the critic's weights, fp32 masters and optimizer state are static too, and its
+gradients join the policy's in the update and optimizer phases (its value pass runs after the
+policy's backward, so the larger activation peak is the policy's).
+
 The bytes of each part (weights, adapters, optimizer state, activations, KV cache) are counted in
 memory_parts.py, whose docstring gives the formulas; here they are added up per phase, compared with
 the device, and turned into a list of single setting changes that would fit.
@@ -27,22 +31,27 @@ from typing import Any
 
 import torch
 
+from minigrpo.algorithms import needs_reference
+from minigrpo.algorithms.dpo_config import rows_per_group
 from minigrpo.config import Config
 from minigrpo.errors import UserError
 from minigrpo.memory_parts import (
     activation_bytes,
     dtype_bytes,
+    episode_rollout_bytes,
     forward_transient_per_token,
     kv_cache_bytes,
     nograd_forward_bytes,
     optimizer_state_bytes,
     trainable_numels,
+    value_model_bytes,
     weight_bytes,
 )
 from minigrpo.models.args import ModelArgs
 from minigrpo.sampling.params import generation_waves
 
 GiB = 2**30
+_CRITIC = ("weights", "gradients", "masters", "optimizer", "numel")  # value_model_bytes' keys (PPO's critic)
 
 # cuBLAS / cuBLASLt / cuDNN workspaces, which torch allocates through its caching allocator: a
 # constant 64-66 MiB over three small configs on an H100 (torch 2.11, benchmarks/bench_memory.py --quick)
@@ -103,7 +112,8 @@ def estimate_peak(
 ) -> MemoryEstimate:
     """Predict the peak device memory of one training step of `cfg` on `model_args`.
 
-    prompt_tokens: the longest prompt in tokens (Tp); completions are taken at sampler.max_new_tokens.
+    prompt_tokens: the longest prompt in tokens (Tp); completions are taken at sampler.max_new_tokens
+        (with env.kind: whole episodes at env.max_episode_tokens).
     device_type: "cuda" (Triton kernels) or "cpu" (reference kernels, fp32 norm copies).
     device_total: the device's total bytes; needed only to count a colocated vLLM sampler.
     """
@@ -111,6 +121,8 @@ def estimate_peak(
     b = dtype_bytes(cfg, device_type)
     impl = "triton" if device_type == "cuda" else "ref"
     Tp, Tc = prompt_tokens, cfg.sampler.max_new_tokens
+    if cfg.env.kind is not None:  # a row is a whole episode: the model's turns and the environment's tokens
+        Tc = cfg.env.max_episode_tokens
     T, B, G = Tp + Tc, g.prompts_per_step, g.group_size
     N, mb = B * G, min(tr.micro_batch_size, B * G)
     offload = cfg.model.activation_offload
@@ -132,8 +144,13 @@ def estimate_peak(
     parts["optimizer_state"] = optimizer_state_bytes(numels, tr.optimizer)
     if tr.optimizer == "paged_adamw8bit":
         notes.append("paged 8-bit AdamW keeps its state in CUDA managed memory (not in torch's allocator)")
-    parts["reference_model"] = parts["weights"] if g.beta > 0 and not lora.enabled else 0
+    parts["reference_model"] = parts["weights"] if needs_reference(cfg) and not lora.enabled else 0
     parts["cuda_workspaces"] = _CUDA_WORKSPACES if device_type == "cuda" else 0
+    critic = value_model_bytes(args, cfg, b) if cfg.algorithm == "ppo" else dict.fromkeys(_CRITIC, 0)
+    parts["value_model"], parts["value_master_weights"] = critic["weights"], critic["masters"]
+    parts["value_optimizer_state"] = critic["optimizer"]
+    if cfg.algorithm == "ppo" and cfg.ppo.value_path is not None:
+        notes.append("the critic from ppo.value_path is counted with the policy's architecture")
     static = sum(parts.values())
 
     # ---- rollout: KV cache + prefill / decode transients
@@ -145,6 +162,10 @@ def estimate_peak(
         if not device_total:
             notes.append("vLLM's share (sampler.gpu_memory_utilization x device memory) is not counted")
         rollout = static + vllm
+    elif cfg.env.kind is not None:  # every row is its own prompt (memory_parts.episode_rollout_bytes)
+        waves = generation_waves(N, 1, cfg.sampler.max_rows)
+        turn = cfg.sampler.max_new_tokens
+        Nw, parts["kv_cache"], prefill = episode_rollout_bytes(args, N, cfg.sampler.max_rows, Tp, Tc, turn, b)
     else:
         waves = generation_waves(B, G, cfg.sampler.max_rows)  # the largest wave decides
         Bw = max(p1 - p0 for p0, p1, _, _ in waves)  # prompts prefilled at once
@@ -152,13 +173,15 @@ def estimate_peak(
         parts["kv_cache"] = kv_cache_bytes(args, Nw, T, b)
         small = kv_cache_bytes(args, Bw, Tp, b)  # the prefill's cache, copied into the big one
         prefill = small + Bw * Tp * forward_transient_per_token(args, b) + Bw * Tp * Tp * (1 + b)
+    if cfg.sampler.kind != "vllm":
         decode = Nw * vocab * (b + 4 * 5) + (Nw * vocab * 12 if _filters(cfg) else 0)
         decode += N * Tc * (8 + 4) if len(waves) > 1 else 0  # finished waves' tokens and log-probs
         parts["rollout_transient"] = max(prefill, decode)
         rollout = static + parts["kv_cache"] + parts["rollout_transient"]
 
     # ---- old / reference log-prob passes: a forward without autograd per micro-batch
-    need_logprobs = g.num_iterations > 1 or g.beta > 0 or g.is_correction is not None
+    need_logprobs = g.num_iterations > 1 or needs_reference(cfg) or g.is_correction is not None
+    need_logprobs = need_logprobs or cfg.algorithm == "ppo"  # old log-probs and the critic's old values
     nograd = nograd_forward_bytes(args, mb, T, Tc, b, device_type)
     logprobs = static + nograd if need_logprobs else 0
 
@@ -179,6 +202,8 @@ def estimate_peak(
         device_type=device_type,
     )
     parts["gradients"] = grad_bytes
+    parts["value_gradients"] = critic["gradients"]  # PPO: the policy's pass, then the critic's (no larger)
+    grad_bytes += critic["gradients"]
     parts["activations_blocks"] = act["blocks"]
     at_head = act["blocks"] + act["head"] + act["head_backward"] >= act["blocks"] + act["recompute"] + act["backward"]
     # the moment of the peak: the log-prob kernel's backward, or the first block's recompute + backward
@@ -191,6 +216,8 @@ def estimate_peak(
 
     # ---- optimizer step: fp32 copies of 16-bit grads (MasterWeights) + AdamW's foreach temporaries
     step_tmp = (4 * n_train if masters else 0) + (4 * n_train if tr.optimizer == "adamw" else 0)
+    critic_tmp = critic["masters"] + (4 * critic["numel"] if tr.optimizer == "adamw" else 0)
+    step_tmp = max(step_tmp, critic_tmp)  # PPO: the critic steps after the policy
     parts["optimizer_step_transient"] = step_tmp
     optimizer = static + grad_bytes + step_tmp
 
@@ -312,7 +339,8 @@ def suggest_fixes(
     if m.gradient_checkpointing and device_type == "cuda":
         consider("model.activation_offload", True)
     N = g.prompts_per_step * g.group_size
-    for size in sorted((d for d in range(1, tr.micro_batch_size) if N % d == 0), reverse=True):
+    smallest = rows_per_group(cfg) if cfg.algorithm == "online_dpo" else 1  # a DPO pass holds whole pairs
+    for size in sorted((d for d in range(smallest, tr.micro_batch_size) if N % d == 0), reverse=True):
         if consider("train.micro_batch_size", size):
             break
     if tr.optimizer == "adamw" and device_type == "cuda":

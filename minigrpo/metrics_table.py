@@ -69,9 +69,14 @@ COLUMNS = (
     Column("len", ("completion_len_mean",), 6, lambda v: f"{v:.0f}"),
     Column("len_max", ("completion_len_max",), 7, lambda v: f"{v:.0f}"),
     Column("trunc%", ("truncated_frac",), 6, _pct),
-    Column("kl", ("kl",), 8, _g),
-    Column("clip%", ("clip_region_frac",), 5, _pct),
+    Column("kl", ("kl", "ppo/kl"), 8, _g),
+    Column("clip%", ("clip_region_frac", "ppo/clip_frac"), 5, _pct),
     Column("ent", ("entropy",), 6, lambda v: f"{v:.3f}"),
+    Column("pairs", ("dpo/pairs",), 5, lambda v: f"{v:.0f}"),  # algorithm: online_dpo
+    Column("acc%", ("dpo/accuracy",), 5, _pct),
+    Column("margin", ("dpo/margin",), 7, _g),
+    Column("vloss", ("ppo/value_loss",), 7, _g),  # algorithm: ppo (the critic)
+    Column("ev", ("ppo/explained_variance",), 5, lambda v: f"{v:.2f}"),
     Column("gnorm", ("grad_norm",), 6, _g),
     Column("lr", ("lr",), 7, _sci),
     Column("loss", ("loss",), 8, _g),

@@ -16,6 +16,10 @@ optional k3 KL penalty towards a frozen reference. This file reads top to bottom
       4. log-probs   old (num_iterations > 1, IS correction) and reference (beta > 0), no grad
       5. update      micro-batches: logp (chunked LM-head kernel) -> policy_loss -> backward, with a
                      normaliser fixed for the whole step (any micro-batch split, same gradient)
+      4-5. instead   `algorithm: online_dpo`: preference pairs from each group's rewards, trained with
+                     the DPO loss against the reference (minigrpo/algorithms/, the one branch below);
+                     `algorithm: ppo`: a critic, per-token rewards with a KL penalty, GAE and clipped
+                     policy and value losses over several epochs (minigrpo/algorithms/ppo.py)
       6. bookkeeping metrics, samples, plots, checkpoints (atomic; --resume continues exactly;
                    minigrpo/bookkeeping.py, shared with python -m minigrpo.sft)
 
@@ -24,9 +28,9 @@ contiguous share of each step's prompts (whole groups); the ranks meet only in t
 minigrpo/distributed.py, and the run equals the single-process run up to float rounding. Rank 0
 alone logs and writes checkpoints; a checkpoint resumes on any number of ranks.
 
-What it is not: no value model (PPO), no separate inference copy of the weights (the own sampler
-runs the policy itself), no silent failure modes: stale samplers, misnormalised losses and restarts
-at step 0 are each prevented by construction and tested.
+What it is not: no value model in GRPO (PPO's critic is its own algorithm), no separate inference
+copy of the weights (the own sampler runs the policy itself), no silent failure modes: stale
+samplers, misnormalised losses and restarts at step 0 are each prevented by construction and tested.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 import torch
 
 from minigrpo import lora
+from minigrpo.algorithms import update_fn
 from minigrpo.bookkeeping import open_logger, save
 from minigrpo.build import Run, build_run, check_before_loading, pick_device
 from minigrpo.config import Config, config_from_args
@@ -96,15 +101,19 @@ def loop(run: Run) -> list[dict[str, Any]]:
             )
         sampler.sleep()  # vLLM hands its GPU memory to training until the next sync
         t1 = time.perf_counter()
-        # 4. log-probs of the sampled tokens before the update: old policy, reference policy
         r = batch.rollout
-        need_old = cfg.grpo.num_iterations > 1 or cfg.grpo.is_correction is not None
-        mb, temperature = cfg.train.micro_batch_size, cfg.sampler.temperature
-        old_logp = logprobs_phase(model, r, mb, temperature, world=world) if need_old else None
-        ref_logp = reference_logprobs(cfg, model, run.ref_model, r, world=world)
-        t2 = time.perf_counter()
-        # 5. the update, then the sampler follows the new weights
-        stats = update_phase(cfg, model, run.optimizer, run.scheduler, batch, old_logp, ref_logp, world=world)
+        if cfg.algorithm == "grpo":
+            # 4. log-probs of the sampled tokens before the update: old policy, reference policy
+            need_old = cfg.grpo.num_iterations > 1 or cfg.grpo.is_correction is not None
+            mb, temperature = cfg.train.micro_batch_size, cfg.sampler.temperature
+            old_logp = logprobs_phase(model, r, mb, temperature, world=world) if need_old else None
+            ref_logp = reference_logprobs(cfg, model, run.ref_model, r, world=world)
+            t2 = time.perf_counter()
+            # 5. the update
+            stats = update_phase(cfg, model, run.optimizer, run.scheduler, batch, old_logp, ref_logp, world=world)
+        else:  # 4-5. online DPO, PPO: its own log-prob passes and update on the scored batch
+            old_logp, t2 = None, t1
+            stats = update_fn(cfg.algorithm)(run, batch)
         t3 = time.perf_counter()
         sampler.sync(model)  # own sampler: nothing to copy; vLLM: push, reset the prefix cache, verify
         t4 = time.perf_counter()

@@ -1,0 +1,172 @@
+"""PPO (`algorithm: ppo`): a learned critic instead of group baselines, one training step's update.
+
+Proximal Policy Optimization (Schulman et al. 2017) as RLHF uses it for language models (Ziegler
+et al. 2019, Stiennon et al. 2020, Ouyang et al. 2022). The rollout and the rewards are the loop's
+own (step.rollout_phase; grpo.group_size may be 1: every row stands alone). Then, for the step:
+
+    old_logp, ref_logp   log-probs of the sampled tokens before the update, policy and reference
+    old_values           the critic's V(s_t) of every completion token (no grad)
+    rewards              -kl_coef * (old_logp - ref_logp) per token, + the row's score on its last token
+    advantages, returns  GAE(gamma, lam) over each row's tokens; returns = advantages + old_values
+                         advantages whitened over the whole step (ppo.whiten_advantages)
+    ppo.epochs times     over ppo.mini_batches shuffled mini-batches of rows, each one optimizer step
+                         of the policy and one of the critic, accumulated over micro-batches:
+                             clipped policy loss                      -> backward (policy)
+                             vf_coef * clipped value loss             -> backward (critic)
+
+The formulas are in algorithms/ppo_math.py. Both losses divide by the active tokens of their
+mini-batch, fixed before its first micro-batch, so any micro-batch split gives the same gradients.
+The policy and the critic share no trainable weight (a LoRA critic has its own adapters on the
+frozen base), so two backward passes give exactly the gradients of pg_loss + vf_coef * value_loss.
+Rows whose reward could not be scored (NaN) are left out of every sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from minigrpo.algorithms.ppo_math import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    masked_mean_var,
+    per_token_rewards,
+    whiten,
+)
+from minigrpo.algorithms.value_model import Critic, ValueModel
+from minigrpo.distributed import World, combine_stats
+from minigrpo.logprobs import completion_logprobs
+from minigrpo.sampling.params import stream_key
+from minigrpo.sampling.rollout import Rollout
+from minigrpo.step import Batch, logprobs_phase, micro_batches, optimizer_step, reference_pass
+
+
+def update(run: Any, batch: Batch) -> dict[str, float]:
+    """The `algorithm: ppo` update of the loop (algorithms.UPDATES): log-prob passes, then ppo_update."""
+    cfg, model, r = run.cfg, run.model, batch.rollout
+    size, temperature = cfg.train.micro_batch_size, cfg.sampler.temperature
+    old_logp = logprobs_phase(model, r, size, temperature, world=run.world)  # (N, Tc)
+    ref_logp = None
+    if cfg.ppo.kl_coef > 0:
+        ref_logp = reference_pass(model, run.ref_model, r, size, temperature, world=run.world)  # (N, Tc)
+    return ppo_update(cfg, model, run.critic, run.optimizer, run.scheduler, batch, old_logp, ref_logp, world=run.world)
+
+
+@torch.no_grad()
+def critic_values(critic: ValueModel, rollout: Rollout, size: int) -> torch.Tensor:
+    """(N, Tc) values of the rollout's completion tokens, without gradients (eval mode)."""
+    out = torch.zeros_like(rollout.sampler_logp)  # (N, Tc) fp32
+    critic.eval()
+    with critic.active():
+        for rows, ids, attn, cmask in micro_batches(rollout, size):
+            out[rows, : cmask.shape[1]] = critic.values(ids, attn, cmask.shape[1])
+    return out
+
+
+def mini_batch_rows(n: int, count: int, key: tuple[int, ...]) -> list[torch.Tensor]:
+    """`count` equal mini-batches of row indices: in order for one, else a permutation drawn from the
+    stream `key` (a resumed run draws the same)."""
+    if count == 1:
+        return [torch.arange(n)]
+    generator = torch.Generator().manual_seed(stream_key(*key)[0])
+    return list(torch.randperm(n, generator=generator).chunk(count))
+
+
+def ppo_update(
+    cfg,
+    model,
+    critic: Critic,
+    optimizer,
+    scheduler,
+    batch: Batch,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    *,
+    world: World | None = None,
+) -> dict[str, float]:
+    """ppo.epochs x ppo.mini_batches optimizer steps of the policy and the critic on one batch.
+
+    Args:
+        batch: the scored rollout (N rows); batch.rewards (N,) are the sequence scores.
+        old_logp: (N, Tc) log-probs of the completions under the policy before this update.
+        ref_logp: (N, Tc) under the reference policy; None when ppo.kl_coef is 0.
+
+    Returns the step's metrics: loss, grad_norm, lr, entropy and ppo/* (see the end).
+    """
+    world = world or World()
+    if world.distributed:
+        raise NotImplementedError("algorithm=ppo runs in one process")
+    p, r = cfg.ppo, batch.rollout
+    N, size = r.num_sequences, cfg.train.micro_batch_size
+    device = old_logp.device
+
+    # ---- the step's targets, once, before any weight moves
+    scores = batch.rewards.to(device=device, dtype=torch.float32)  # (N,)
+    scored = torch.isfinite(scores)  # (N,)
+    mask = r.loss_mask.to(device=device, dtype=torch.float32) * scored[:, None]  # (N, Tc) the actions
+    old_values = critic_values(critic.model, r, size)  # (N, Tc)
+    rewards, kl = per_token_rewards(torch.where(scored, scores, 0.0), old_logp, ref_logp, mask, p.kl_coef)
+    advantages, returns = gae(rewards, old_values, mask, p.gamma, p.lam)  # (N, Tc) each
+    adv_mean, adv_var = masked_mean_var(advantages, mask)
+    if p.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    targets = {
+        "ppo/advantages_mean": float(adv_mean),
+        "ppo/advantages_std": float(adv_var.sqrt()),
+        "ppo/returns_mean": float(masked_mean_var(returns, mask)[0]),
+        "ppo/values_mean": float(masked_mean_var(old_values, mask)[0]),
+        "ppo/explained_variance": float(explained_variance(old_values, returns, mask)),
+        "ppo/kl": float(masked_mean_var(kl, mask)[0]),  # k1 of the sampling policy vs the reference
+    }
+
+    # ---- epochs over mini-batches: one optimizer step of each model per mini-batch
+    model.train()
+    critic.model.train()
+    parts: list[tuple[dict[str, float], float]] = []
+    steps: list[dict[str, float]] = []
+    for epoch in range(p.epochs):
+        key = (cfg.run.seed, scheduler.last_epoch, epoch)  # the scheduler counts the optimizer steps taken
+        for rows in mini_batch_rows(N, p.mini_batches, key):
+            sub = r.select(rows)
+            n_tokens = int(mask[rows.to(device)].sum())  # the normaliser of this optimizer step
+            loss_total = 0.0
+            for local, ids, attn, cmask in micro_batches(sub, size):
+                idx = rows[local].to(device)
+                Tc = cmask.shape[1]
+                m = mask[idx, :Tc]
+                logp, entropy = completion_logprobs(
+                    model, ids, attn, cmask, temperature=cfg.sampler.temperature, return_entropy=True
+                )  # (b, Tc) each
+                pg, pg_stats = clipped_policy_loss(
+                    logp, old_logp[idx, :Tc], advantages[idx, :Tc], m, p.clip_eps, n_tokens
+                )
+                pg.backward()
+                with critic.model.active():  # the value pass's forward and backward (a LoRA critic)
+                    values = critic.model.values(ids, attn, Tc)  # (b, Tc)
+                    vl, v_stats = clipped_value_loss(
+                        values, old_values[idx, :Tc], returns[idx, :Tc], m, p.value_clip, n_tokens
+                    )
+                    (p.vf_coef * vl).backward()
+                loss_total += float(pg.detach()) + p.vf_coef * float(vl.detach())
+                tokens = float(pg_stats.pop("active_tokens"))
+                stats = {**pg_stats, **v_stats, "entropy": (entropy.detach() * m).sum() / max(tokens, 1)}
+                parts.append(({k: float(v) for k, v in stats.items()}, tokens))  # token-weighted means
+            policy_norm, lr = optimizer_step(cfg, model, optimizer, scheduler, world)
+            value_norm, value_lr = optimizer_step(cfg, critic.model, critic.optimizer, critic.scheduler, world)
+            steps.append({"loss": loss_total, "grad_norm": policy_norm, "lr": lr})
+            steps[-1].update({"value_grad_norm": value_norm, "value_lr": value_lr})
+
+    # ---- metrics
+    stats, _ = combine_stats(parts)
+    mean = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
+    out = {"loss": mean["loss"], "grad_norm": mean["grad_norm"], "lr": mean["lr"], "entropy": stats.pop("entropy")}
+    out.update({f"ppo/{k}": v for k, v in stats.items()})
+    out.update({"ppo/value_grad_norm": mean["value_grad_norm"], "ppo/value_lr": mean["value_lr"]})
+    out.update(targets)
+    return out
+
+
+__all__ = ["critic_values", "mini_batch_rows", "ppo_update", "update"]
