@@ -11,14 +11,21 @@ observation) and whether the episode is over. `episode.messages` is the conversa
 turn and `episode.turns[-1]` the turn itself, where an environment may record what it did (the
 tool calls and results: `ToolEnvironment` does; the assistant message then carries the calls as
 `tool_calls`). An environment may define `tool_specs` (JSON-schema dicts) for the chat template.
+A template without tool support (minigrpo.tools.renders_tool_calls is False, e.g. SmolLM2's) keeps
+the calls in the assistant's content instead, and ToolEnvironment answers in a user message
+(minigrpo/tools/render.py says why); the tools must then be described in the system prompt.
 Reward functions see the whole episode through `episode_columns` (messages, tool calls, results).
 
-Turn-taking: all live episodes take their next turn together, in ONE `sampler.generate` call per
-turn, so any Sampler works (the own KV-cache sampler, vLLM). Each prompt is the episode so far as
-token ids: the opening messages rendered with the chat template and the generation prompt, then
-every segment since. Turn k of the episode with global row id i draws with the noise stream
-`(*key, k)` and row id i, so a row draws what it draws whichever rows share its batch (split
-invariance: ranks, waves, a row alone). The sampler's stop ids and strings end a turn.
+Turn-taking: all live episodes take their next turn together, in ONE `generate` call per turn, so
+any Sampler works (the own KV-cache sampler, vLLM). Each prompt is the episode so far as token ids:
+the opening messages rendered with the chat template and the generation prompt, then every segment
+since. The calls go to a session of the sampler where it offers one (sampling/base.py: the own
+sampler keeps each episode's KV cache between turns and prefills only the new tokens; an episode
+that ends leaves it), else to the sampler (vLLM's prefix cache reuses the history itself). Turn k
+of the episode with global row id i draws with the noise stream `(*key, k)` and row id i, so a row
+draws what it draws whichever rows share its batch (split invariance: ranks, waves, a row alone)
+and whether its history was prefilled again or found in a session. The sampler's stop ids and
+strings end a turn.
 
 The layout (`episodes_to_rollout`): the Rollout's prompt is the opening prompt; its completion is
 the episode's segments concatenated, right padded: model tokens, environment tokens, model tokens,
@@ -28,20 +35,9 @@ log-probs at the model's tokens, 0 elsewhere. The row IS the concatenation of th
 the model saw (the sampler's own output tokens for model turns), never a re-tokenized text, which
 could merge tokens across a turn boundary and make the trainer score tokens nobody sampled.
 
-How an environment segment is obtained (`environment_text`): the chat template renders the
-conversation with the assistant turn, with and without the environment's new messages (the second
-with the generation prompt); the segment's text is the difference, which must be a clean extension
-(the rendering without the new messages is a prefix of the one with them). It is tokenized on its
-own. A template that renders earlier turns differently once more messages follow (e.g. one that
-drops the reasoning of turns before the last user message, when the environment adds a user
-message) breaks the extension: `LayoutError` says where. We do not re-render the past, because the
-past tokens are what the model was conditioned on; such a template needs an environment whose
-messages do not trigger the change (tool messages do not, for Qwen3). Before the difference comes
-the template's turn closer (what it writes after the assistant's content, e.g. "<|im_end|>\\n"),
-found by rendering the assistant's raw text: when the model ended its turn with a stop token whose
-text begins the closer, the rest of the closer goes first (the "\\n"); a turn ended by a stop string
-gets the whole closer; a stop token that does not begin it (e.g. Llama's <|eom_id|> where the
-closer is <|eot_id|>) ended the turn its own way and no closer is added.
+An environment segment is the text the chat template adds for the environment's messages, tokenized
+on its own (`environment_text`, minigrpo/episode_text.py, which says how and when a template cannot
+do it: `LayoutError`).
 
 Ending: an episode ends `done` (the environment said so), at `max_turns` (the environment still
 had something to say), at the token budget `max_episode_tokens` (model and environment tokens of
@@ -62,7 +58,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from minigrpo.sampling.base import Sampler
+from minigrpo.episode_text import LayoutError, environment_text, render
+from minigrpo.sampling.base import Sampler, session_of
 from minigrpo.sampling.params import SamplingParams
 from minigrpo.sampling.rollout import Rollout, left_pad
 from minigrpo.tools import (
@@ -75,6 +72,7 @@ from minigrpo.tools import (
     assistant_message,
     detect_format,
     parse_tool_calls,
+    renders_tool_calls,
     run_tool_calls,
     tool_messages,
 )
@@ -96,10 +94,6 @@ __all__ = [
 
 Message = dict[str, Any]
 MODEL, ENV = "model", "env"  # who wrote a segment
-
-
-class LayoutError(ValueError):
-    """The chat template does not extend the conversation cleanly with the environment's messages."""
 
 
 @dataclass
@@ -203,7 +197,8 @@ def opening_messages(row: Any, system_prompt: str | None = None) -> list[Message
 
 class ToolEnvironment:
     """The model calls tools: each turn is parsed for calls (the template's format), the calls run,
-    their results come back as tool messages; a turn with no call ends the episode (its answer).
+    their results come back as tool messages (as one user message of `<tool_response>` blocks when
+    `chat_template` has no tool support); a turn with no call ends the episode (its answer).
 
     Args:
         tools: Tools or plain functions (declared on the fly), or a name -> Tool mapping.
@@ -227,6 +222,7 @@ class ToolEnvironment:
     ) -> None:
         self.tools = as_tools(tools)
         self.format = format or detect_format(chat_template) or "hermes"
+        self.plain = chat_template is not None and not renders_tool_calls(chat_template)
         self.system_prompt = system_prompt
         self.timeout_s, self.max_chars = timeout_s, max_chars
         self.stats = ToolStats()
@@ -246,66 +242,7 @@ class ToolEnvironment:
         self.stats.add(results)
         turn = episode.turns[-1]
         turn.tool_calls, turn.tool_results = calls, results
-        return tool_messages(results), False
-
-
-# ----------------------------------------------------------------------------- rendering
-
-
-def _render(tokenizer: Any, messages: Sequence[Message], tools: Any, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=generation_prompt, tokenize=False, tools=tools
-    )
-
-
-def _turn_closer(tokenizer: Any, history: Sequence[Message], text: str, tools: Any) -> str:
-    """What the template writes after the assistant's content `text` ("" if it cannot be told)."""
-    before = _render(tokenizer, history, tools, True)
-    after = _render(tokenizer, [*history, {"role": "assistant", "content": text}], tools, False)
-    if not after.startswith(before):
-        return ""
-    turn = after[len(before) :]  # e.g. "content<|im_end|>\n"
-    if turn.startswith(text):
-        return turn[len(text) :]
-    core = text.strip()
-    at = turn.find(core) if core else -1
-    return turn[at + len(core) :] if at >= 0 else ""
-
-
-def environment_text(
-    tokenizer: Any,
-    history: Sequence[Message],
-    assistant: Message,
-    new_messages: Sequence[Message],
-    *,
-    model_text: str,
-    stop_text: str | None,
-    tools: Any = None,
-) -> str:
-    """The text of the environment's segment after a model turn (see the module docstring).
-
-    Args:
-        history: the conversation before the model's turn.
-        assistant: the model's turn as a message (its tool calls as `tool_calls`).
-        new_messages: the environment's answer.
-        model_text: the model's raw text (without its stop token).
-        stop_text: the text of the stop token that ended the turn; None: a stop string ended it.
-    Raises:
-        LayoutError: the rendering with the new messages does not extend the one without them.
-    """
-    closer = _turn_closer(tokenizer, history, model_text, tools)
-    if stop_text is not None:
-        closer = closer[len(stop_text) :] if closer.startswith(stop_text) else ""
-    without = _render(tokenizer, [*history, assistant], tools, False)
-    with_new = _render(tokenizer, [*history, assistant, *new_messages], tools, True)
-    if not with_new.startswith(without):
-        at = next((i for i, (a, b) in enumerate(zip(without, with_new)) if a != b), len(with_new))
-        raise LayoutError(
-            "the chat template renders the conversation differently once the environment's messages "
-            f"are added (from char {at}: {without[at : at + 40]!r} became {with_new[at : at + 40]!r}); "
-            "the episode's tokens cannot extend what the model saw"
-        )
-    return closer + with_new[len(without) :]
+        return tool_messages(results, plain=self.plain), False
 
 
 # ----------------------------------------------------------------------------- running episodes
@@ -323,6 +260,7 @@ def run_episodes(
     key: tuple[int, ...] | None = None,
     row_ids: Sequence[int] | None = None,
     stats: dict[str, float] | None = None,
+    reuse_cache: bool = True,
 ) -> list[Episode]:
     """Run params.n episodes per row, all live episodes turn by turn together -> N = B * n episodes
     (the episodes of row b are b*n .. b*n+n-1).
@@ -333,7 +271,9 @@ def run_episodes(
         max_episode_tokens: completion tokens (model + environment) per episode at most.
         key: the noise stream; turn k samples with (*key, k). None: the sampler's own stream.
         row_ids: the N global row ids (default 0..N-1), as in Sampler.generate.
-        stats: if given, filled with timings and counts (sample_s, env_s, total_s, generate_calls).
+        stats: if given, filled with timings and counts (sample_s, env_s, total_s, generate_calls, and
+            prefill_tokens / reused_tokens: the tokens fed to the model / found in its cache).
+        reuse_cache: sample through a session where the sampler offers one (see the module docstring).
     """
     if max_turns < 1 or max_episode_tokens < 1:
         raise ValueError(f"max_turns and max_episode_tokens must be >= 1, got {max_turns}, {max_episode_tokens}")
@@ -344,40 +284,54 @@ def run_episodes(
         raise ValueError(f"row_ids has {len(ids)} ids for {len(rows) * G} episodes ({len(rows)} rows x n={G})")
     tools = getattr(env, "tool_specs", None)
     stop_ids = set(params.stop_ids)
+    template = getattr(tokenizer, "chat_template", None)
+    plain = template is not None and not renders_tool_calls(template)  # calls stay in the assistant's text
     episodes = []
     for b, row in enumerate(rows):
         opening = env.reset(row)
-        prompt = tokenizer.encode(_render(tokenizer, opening, tools, True), add_special_tokens=False)
+        prompt = tokenizer.encode(render(tokenizer, opening, tools, True), add_special_tokens=False)
         episodes += [Episode(row, ids[b * G + j], list(prompt), [dict(m) for m in opening]) for j in range(G)]
-    sample_s = env_s = 0.0
+    sample_s = env_s = prefill = reused = 0.0
     calls = 0
-    for turn in range(max_turns):
-        live = [e for e in episodes if e.end is None]
-        if not live:
-            break
-        caps = [min(params.max_new_tokens, max_episode_tokens - e.num_tokens) for e in live]  # each >= 1
-        t1 = time.perf_counter()
-        out = sampler.generate(
-            [e.prompt_ids + e.completion_ids for e in live],
-            dataclasses.replace(params, n=1, max_new_tokens=max(caps)),
-            key=None if key is None else (*key, turn),
-            row_ids=[e.row_id for e in live],
-        )
-        sample_s += time.perf_counter() - t1
-        calls += 1
-        t1 = time.perf_counter()
-        for i, (e, cap) in enumerate(zip(live, caps)):
-            n = int(out.completion_mask[i].sum())
-            toks, logp = out.completion_ids[i, :n].tolist(), out.sampler_logp[i, :n].tolist()
-            stopped = not bool(out.truncated[i])
-            if n > cap:  # the budget cuts this row's turn: the same tokens as sampling only `cap`
-                toks, logp, stopped = toks[:cap], logp[:cap], False
-            _take_turn(
-                e, env, tokenizer, tools, toks, logp, stopped, stop_ids, turn + 1 == max_turns, max_episode_tokens
+    # what a turn can span: the longest history (< prompt + budget) and any row's turn after it
+    reserve = max(len(e.prompt_ids) for e in episodes) + max_episode_tokens + params.max_new_tokens
+    with session_of(sampler, reserve=reserve, reuse=reuse_cache) as generator:
+        for turn in range(max_turns):
+            live = [e for e in episodes if e.end is None]
+            if not live:
+                break
+            caps = [min(params.max_new_tokens, max_episode_tokens - e.num_tokens) for e in live]  # each >= 1
+            prompts = [e.prompt_ids + e.completion_ids for e in live]
+            t1 = time.perf_counter()
+            out = generator.generate(
+                prompts,
+                dataclasses.replace(params, n=1, max_new_tokens=max(caps)),
+                key=None if key is None else (*key, turn),
+                row_ids=[e.row_id for e in live],
             )
-        env_s += time.perf_counter() - t1
+            sample_s += time.perf_counter() - t1
+            calls += 1
+            prefill += out.stats.get("prefill_tokens", float(sum(len(p) for p in prompts)))
+            reused += out.stats.get("reused_tokens", 0.0)
+            t1 = time.perf_counter()
+            for i, (e, cap) in enumerate(zip(live, caps)):
+                n = int(out.completion_mask[i].sum())
+                toks, logp = out.completion_ids[i, :n].tolist(), out.sampler_logp[i, :n].tolist()
+                stopped = not bool(out.truncated[i])
+                if n > cap:  # the budget cuts this row's turn: the same tokens as sampling only `cap`
+                    toks, logp, stopped = toks[:cap], logp[:cap], False
+                last = turn + 1 == max_turns
+                _take_turn(e, env, tokenizer, tools, toks, logp, stopped, stop_ids, last, max_episode_tokens, plain)
+            env_s += time.perf_counter() - t1
     if stats is not None:
-        stats.update(sample_s=sample_s, env_s=env_s, total_s=time.perf_counter() - t0, generate_calls=float(calls))
+        stats.update(
+            sample_s=sample_s,
+            env_s=env_s,
+            total_s=time.perf_counter() - t0,
+            generate_calls=float(calls),
+            prefill_tokens=prefill,
+            reused_tokens=reused,
+        )
     return episodes
 
 
@@ -392,6 +346,7 @@ def _take_turn(
     stop_ids: set[int],
     last_turn: bool,
     max_episode_tokens: int,
+    plain: bool,
 ) -> None:
     """Record one model turn of `e`, let the environment answer, append its segment or end `e`."""
     e.segments.append(Segment(MODEL, toks, logp))
@@ -404,7 +359,7 @@ def _take_turn(
         e.end = "budget" if e.num_tokens >= max_episode_tokens else "turn_length"
         return
     new, done = env.step(e, text)
-    assistant = assistant_message(text, e.turns[-1].tool_calls)
+    assistant = assistant_message(text, e.turns[-1].tool_calls, plain=plain)
     e.turns[-1].env_messages = list(new)
     e.messages += [assistant, *new]
     if done or last_turn:

@@ -5,7 +5,11 @@
 
 Accuracy is the fraction of completions whose extracted final answer (answer tag, \\boxed{},
 `####` or the last number) equals the reference; the configured reward functions are reported too.
-Sampling follows `eval.temperature` (greedy by default) and `eval.max_new_tokens`. Without
+Sampling follows `eval.temperature` (greedy by default) and `eval.max_new_tokens`. With `env.kind`
+set, every example is an episode played as in training (minigrpo/episodes.py: env.max_turns turns
+of at most eval.max_new_tokens tokens, env.max_episode_tokens in all): the answer is read from the
+model's last turn, the rewards see the episode columns, and the env/* metrics of training are
+reported too (turns, tool calls and failures, how episodes ended, prefilled tokens). Without
 `--config`, the run config saved in a training checkpoint (`run_config.yaml`) is used; a LoRA
 checkpoint (a PEFT adapter) is applied to the base model that config names. The split is the
 config's `data.eval_split` unless `--split` names one of its splits; every argument is checked
@@ -27,9 +31,13 @@ from minigrpo.build import compute_dtype, load_policy, pick_device, sampling_par
 from minigrpo.checkpoint import check_writable
 from minigrpo.config import Config, load_config
 from minigrpo.data import Example, batch_columns, build_dataset, encode_prompts
+from minigrpo.distributed import World
+from minigrpo.env_config import build_environment, check_environment
+from minigrpo.episodes import Episode, episode_columns, run_episodes
 from minigrpo.errors import ArgumentParser, UserError, run_cli
 from minigrpo.models.loading import check_model_source, load_pretrained
 from minigrpo.sampling.kv_sampler import KVCacheSampler
+from minigrpo.step import episode_metrics
 
 
 @torch.no_grad()
@@ -42,25 +50,43 @@ def evaluate(
     batch_size: int = 32,
     specs: list[rewards.RewardSpec] | None = None,
 ) -> dict[str, Any]:
-    """Greedy (or eval.temperature) completions for every example -> accuracy and mean rewards
-    (specs: the config's reward functions, built from cfg.rewards unless given)."""
+    """Greedy (or eval.temperature) completions, or episodes with env.kind, for every example ->
+    accuracy and mean rewards (specs: the config's reward functions, built from cfg.rewards unless
+    given), and the env/* metrics of the episodes."""
     sampler = KVCacheSampler(model, tokenizer, cuda_graphs=cfg.sampler.compile, max_rows=cfg.sampler.max_rows)
     params = sampling_params(
         cfg, tokenizer, n=1, temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens
     )
     specs = rewards.build_reward_specs(cfg.rewards) if specs is None else specs
+    env = build_environment(cfg, tokenizer)
     correct, totals, per_fn, samples = [], [], {s.name: [] for s in specs}, []
+    episodes: list[Episode] = []
+    turn_stats = {"prefill_tokens": 0.0, "reused_tokens": 0.0}  # summed over the batches' episodes
     t0 = time.perf_counter()
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        ids, _ = encode_prompts(batch, tokenizer, cfg.data.system_prompt)
-        rollout = sampler.generate(ids, params)
         answers = [ex.answer for ex in batch]
         columns = batch_columns(batch)
-        columns["completion_lengths"] = rollout.completion_lengths.tolist()
-        columns["max_completion_length"] = [params.max_new_tokens] * rollout.num_sequences
-        scored = rewards.score([ex.prompt for ex in batch], rollout.completion_texts, answers, specs, columns=columns)
-        for i, text in enumerate(rollout.completion_texts):
+        if env is None:
+            ids, _ = encode_prompts(batch, tokenizer, cfg.data.system_prompt)
+            rollout = sampler.generate(ids, params)
+            texts, longest = rollout.completion_texts, params.max_new_tokens
+            lengths = rollout.completion_lengths.tolist()
+        else:  # the answer is in the model's last turn; the rewards read the whole episode
+            stats: dict[str, float] = {}
+            played = run_episodes(
+                sampler, tokenizer, env, batch, params, max_turns=cfg.env.max_turns,
+                max_episode_tokens=cfg.env.max_episode_tokens, row_ids=range(start, start + len(batch)), stats=stats,
+            )  # fmt: skip
+            turn_stats = {k: v + stats[k] for k, v in turn_stats.items()}
+            columns.update(episode_columns(played))
+            episodes += played
+            texts, longest = columns["final_response"], cfg.env.max_episode_tokens
+            lengths = [sum(e.loss_mask) for e in played]  # the model's own tokens
+        columns["completion_lengths"] = lengths
+        columns["max_completion_length"] = [longest] * len(batch)
+        scored = rewards.score([ex.prompt for ex in batch], texts, answers, specs, columns=columns)
+        for i, text in enumerate(texts):
             ok = rewards.answers_match(rewards.extract_answer(text), answers[i])
             correct.append(ok)
             totals.append(float(scored.total[i]))
@@ -68,17 +94,23 @@ def evaluate(
                 per_fn[name].append(float(scored.per_fn[i, k]))
             if len(samples) < 5:
                 sample = {"prompt": str(batch[i].prompt), "completion": text, "answer": answers[i], "correct": ok}
+                if env is not None:  # the whole episode: every message, tool results included
+                    sample["messages"] = columns["messages"][i]
                 samples.append(sample)
 
     def mean(xs: list[float]) -> float:
         valid = [x for x in xs if x == x]  # NaN: no score
         return sum(valid) / len(valid) if valid else float("nan")
 
+    env_metrics = {}
+    if env is not None:
+        env_metrics = episode_metrics(World(), episodes, torch.tensor(totals), cfg.env.max_turns, turn_stats)
     return {
         "num_examples": len(examples),
         "accuracy": sum(correct) / max(len(correct), 1),
         "reward": mean(totals),
         **{f"reward/{name}": mean(v) for name, v in per_fn.items()},
+        **env_metrics,
         "seconds": time.perf_counter() - t0,
         "samples": samples,
     }
@@ -153,6 +185,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     split = pick_split(cfg, args.split)
     check_output(args.output)
     specs = rewards.build_reward_specs(cfg.rewards)
+    check_environment(cfg)  # env.kind: the tools and the user class import, before any weights load
     adapter = (ckpt / "adapter_config.json").is_file()  # a LoRA run: its base model plus the saved adapter
     check_model_source(cfg.model.name_or_path if adapter else args.checkpoint, revision=cfg.model.revision)
     examples = build_dataset(cfg.data, split)[: args.num or cfg.eval.num_prompts]
@@ -168,10 +201,10 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     results = evaluate(cfg, model.eval(), tokenizer, examples, batch_size=args.batch_size, specs=specs)
     print(f"{args.checkpoint} on the {split!r} split ({results['num_examples']} examples, {results['seconds']:.1f}s):")
     for key, value in results.items():
-        if key.startswith(("accuracy", "reward")):
+        if key.startswith(("accuracy", "reward", "env/")):
             print(f"  {key:<28} {value:.4f}")
     if args.output:
-        write_atomic(Path(args.output), json.dumps(results, indent=2) + "\n")
+        write_atomic(Path(args.output), json.dumps(results, indent=2, default=str) + "\n")
     return results
 
 

@@ -185,6 +185,7 @@ def test_two_steps_with_tools_log_env_metrics(workspace):
         assert 0.0 <= r["env/tool_use_frac"] <= 1.0 and 0.0 <= r["env/done_frac"] <= 1.0
         assert r["env/tool_calls_mean"] >= r["env/tool_use_frac"]  # a user of tools made >= 1 call
         assert r["env/tool_failures_mean"] <= r["env/tool_calls_mean"]
+        assert r["env/prefill_tokens_mean"] >= 10 and r["env/reused_tokens_mean"] >= 0  # a prompt at least
         assert any(k.startswith("env/reward_turns_") for k in r)
         assert all(int(k.rsplit("_", 1)[1]) in (1, 2, 3) for k in r if k.startswith("env/reward_turns_"))
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])

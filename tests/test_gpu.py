@@ -67,11 +67,9 @@ def test_graph_decoding_in_waves_equals_one_batch(max_rows):
     assert (waves.sampler_logp - one.sampler_logp).abs().max() < 1e-5
 
 
-@pytest.mark.xfail(reason="the capture after a compaction fails on an H100 (cause not found yet)", strict=False)
-def test_graph_decoding_with_compaction_equals_the_static_batch(monkeypatch):
-    """Finished rows leave the batch (graphs captured anew for the smaller one): same tokens.
-    Compaction under graphs is switched off by default (KVCacheSampler.compact_under_graphs)."""
-    monkeypatch.setattr(KVCacheSampler, "compact_under_graphs", True)
+def test_graph_decoding_with_compaction_equals_the_static_batch():
+    """Finished rows leave the batch (graphs captured anew for the smaller one): same tokens. With 17
+    stop ids and few rows, torch.isin would sort and sync inside the capture (kv_sampler.is_stop)."""
     model = tiny_model(seed=4).cuda()
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=48, stop_ids=tuple(range(3, 20)))
     static = KVCacheSampler(model, Tok(), kv_bucket=8, compact_below=0.0).generate(PROMPTS, params, key=(2, 1, 0))

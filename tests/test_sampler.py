@@ -318,6 +318,26 @@ def test_finished_rows_leave_the_batch_without_changing_a_token(compact_below, c
         KVCacheSampler(model, tok, compact_below=1.0)
 
 
+def test_stop_tokens_are_found_without_host_syncs(monkeypatch):
+    """A CUDA-graph step must not wait for the host. torch.isin sorts and takes unique values (a host
+    sync, which breaks a capture) once the stop ids outnumber about 10 * rows^0.145: here 40 stop ids
+    for rows that compaction shrinks to a few. The sampler must never call it, and is_stop must agree
+    with it."""
+    stop_ids = torch.tensor(list(range(3, 43)))
+    tokens = torch.randint(0, 64, (5, 9))
+    assert torch.equal(kv_sampler.is_stop(tokens, stop_ids), torch.isin(tokens, stop_ids))
+    assert torch.equal(kv_sampler.is_stop(tokens[0], stop_ids[:0]), torch.zeros(9, dtype=torch.bool))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.isin called while sampling")
+
+    monkeypatch.setattr(torch, "isin", forbidden)
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, stop_ids=tuple(range(3, 43)))
+    out = KVCacheSampler(tiny_model(seed=9), CharTokenizer(), compact_below=0.9, check_every=2)
+    out = out.generate(PROMPTS, params, key=(6, 1, 0))
+    assert out.stats["compactions"] >= 1 and not out.truncated.all()
+
+
 @pytest.mark.parametrize(
     "prompts,n,max_rows,want",
     [

@@ -16,11 +16,20 @@ waves or micro-batches without changing what is drawn, and a resumed run redraws
 The own sampler implements this exactly (counter-based noise, params.RaceNoise). vLLM cannot take
 counters: it sends each row as its own request seeded from (key, row id) (`row_seed`), which gives
 the same property up to vLLM's batch-dependent numerics. key=None: the sampler's own stream.
+
+Rows that continue (the turns of multi-turn episodes): a sampler may offer sessions
+(`ContinuingSampler.start_session`). A `SamplerSession` takes the same calls as `generate`, each
+prompt being its row's whole sequence so far, and keeps every row's KV cache between calls, so a
+call prefills only what follows the part of the row it already holds (a turn: the environment's
+tokens); a row id left out of a call leaves the session. The tokens drawn are the same as
+`generate`'s. `session_of` gives a session where the sampler has them and the sampler itself
+elsewhere (vLLM: its prefix cache already reuses the history).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 from torch import nn
@@ -69,6 +78,49 @@ class Sampler(Protocol):
         ...
 
 
+@runtime_checkable
+class SamplerSession(Protocol):
+    """Rows continued over several calls, each keeping its KV cache (see the module docstring)."""
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        *,
+        key: tuple[int, ...] | None = None,
+        row_ids: Sequence[int] | None = None,
+    ) -> Rollout:
+        """As Sampler.generate with params.n == 1: prompt i is row row_ids[i]'s whole sequence so far."""
+        ...
+
+    def close(self) -> None:
+        """Free every row's cache."""
+        ...
+
+
+@runtime_checkable
+class ContinuingSampler(Protocol):
+    """A sampler that offers sessions."""
+
+    def start_session(self, *, reserve: int = 0) -> SamplerSession:
+        """A new session; reserve: cache slots per row worth allocating at once (0: as needed)."""
+        ...
+
+
+@contextmanager
+def session_of(sampler: Sampler, *, reserve: int = 0, reuse: bool = True) -> Iterator[Sampler | SamplerSession]:
+    """What to call `generate` on for rows that continue: a session of `sampler` (closed on exit)
+    where it offers one and `reuse` is on, else the sampler itself (every call prefills its prompts)."""
+    if not (reuse and isinstance(sampler, ContinuingSampler)):
+        yield sampler
+        return
+    session = sampler.start_session(reserve=reserve)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
 def row_seed(key: Sequence[int], row_id: int) -> int:
     """A 63-bit seed for one row of the stream `key`: how a seeded-per-request sampler (vLLM)
     names a row's randomness by (key, row id), like the counter-based noise does."""
@@ -76,4 +128,4 @@ def row_seed(key: Sequence[int], row_id: int) -> int:
     return ((k1 << 32) | k0) & (2**63 - 1)
 
 
-__all__ = ["Sampler", "row_seed"]
+__all__ = ["ContinuingSampler", "Sampler", "SamplerSession", "row_seed", "session_of"]

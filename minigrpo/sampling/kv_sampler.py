@@ -15,9 +15,17 @@ Rows that finished keep running until the next host check (the batch is static b
 write padding, and are masked out. At a check, once at most `compact_below` of the decoding rows are
 still live, the finished rows leave the batch: the live rows' cache moves down in place, their
 inputs and noise keys into smaller buffers (and the graphs are captured anew), so a long-tailed
-rollout stops paying for the rows that stopped early (for now only in eager decoding: see
-`compact_under_graphs`). The rollout is as wide as its longest completion, whatever the bucket
-size, check cadence or compaction.
+rollout stops paying for the rows that stopped early. The rollout is as wide as its longest
+completion, whatever the bucket size, check cadence or compaction.
+
+Nothing inside a captured step may wait for the host: no data-dependent shapes. That is why stop
+tokens are found by comparing with every stop id (`is_stop`) rather than with `torch.isin`, which
+switches to a sort + unique algorithm (a host sync) once the stop ids outnumber about 10 * n^0.145
+of the n rows - e.g. after a compaction leaves few rows, or a tokenizer with many stop ids.
+
+Rows that continue over calls (the turns of multi-turn episodes) go through a session
+(`start_session`, kv_session.py): it keeps every row's cache between calls, prefills only what a
+row adds, and runs this module's decode loop (without compaction) on the cache it holds.
 
 Tokens are drawn with counter-based noise (params.RaceNoise): row i of a call is identified by a
 stream key (the trainer passes (seed, step, round)) and its global row id, so a row samples the
@@ -31,6 +39,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,6 +48,9 @@ from minigrpo.models.transformer import KVCache, Transformer
 
 from .params import RaceNoise, SamplingParams, generation_waves, sample_tokens
 from .rollout import Rollout, concat_rollouts, left_pad, stop_string_cut
+
+if TYPE_CHECKING:
+    from .kv_session import KVSession
 
 DEFAULT_STREAM = -1  # key word of calls that bring no key: (seed, DEFAULT_STREAM, call number)
 COMPACT_ROWS = 32  # cache rows moved per copy when finished rows leave the batch (the copy's buffer)
@@ -79,6 +91,46 @@ class _DecodeState:
         self.mask, self.tok, self.pos = self.mask[keep], self.tok[keep], self.pos[keep]
         self.done, self.rows = self.done[keep], self.rows[keep]
         self.noise = replace(self.noise, row_keys=self.noise.row_keys[keep])
+
+    @classmethod
+    def begin(
+        cls,
+        cache: KVCache,
+        mask: torch.Tensor,
+        last_pos: torch.Tensor,
+        last_slot: int,
+        key: tuple[int, ...],
+        rows: torch.Tensor,
+        params: SamplingParams,
+        pad_id: int,
+    ) -> _DecodeState:
+        """The buffers of a loop over `cache`, whose slots up to `last_slot` hold the prompts: mask
+        (n, last_slot + 1 + Tc), last_pos (n, 1) the RoPE position of each row's last prompt token,
+        rows (n,) the rows' global ids (their noise), on the cache's device."""
+        n, dev, Tc = rows.shape[0], rows.device, params.max_new_tokens
+        step = torch.zeros(1, dtype=torch.long, device=dev)
+        stop = () if params.ignore_stop else params.stop_ids
+        return cls(
+            cache=cache,
+            mask=mask,
+            tok=torch.zeros(n, 1, dtype=torch.long, device=dev),
+            pos=last_pos,  # advanced to the first completion token by the first draw
+            done=torch.zeros(n, dtype=torch.bool, device=dev),
+            rows=torch.arange(n, device=dev),
+            noise=RaceNoise.make(key, rows, position=step),  # (n,) row keys; t is the step buffer
+            slot=torch.full((1,), last_slot, dtype=torch.long, device=dev),
+            step=step,
+            out_tok=torch.full((n, Tc), pad_id, dtype=torch.long, device=dev),
+            out_logp=torch.zeros(n, Tc, dtype=torch.float32, device=dev),
+            stop_ids=torch.tensor(sorted(set(stop)), dtype=torch.long, device=dev),
+            pad=torch.tensor(pad_id, dtype=torch.long, device=dev),
+        )
+
+
+def is_stop(tokens: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
+    """tokens (...) -> bool (...): which are stop ids (S,). One broadcast compare, safe to capture in
+    a CUDA graph (torch.isin may sort and sync with the host)."""
+    return (tokens[..., None] == stop_ids).any(-1)
 
 
 class KVCacheSampler:
@@ -133,12 +185,6 @@ class KVCacheSampler:
         self.last_sync: dict[str, float] = {}  # nothing is ever copied
         self._net: Transformer | None = None  # what decodes during a call: the model, or its gathered view
 
-    # Compaction while decoding through CUDA graphs is off: on an H100 the capture that follows a
-    # compaction failed in tests/test_gpu.py (tiny fp32 model, kv_bucket 8: "operation not permitted
-    # when stream is capturing"), although the 1.5B bf16 benchmark ran it; until the cause is found,
-    # only eager decoding compacts (the GPU test flips this to reproduce the failure).
-    compact_under_graphs = False
-
     def sync(self, policy: Transformer) -> None:
         """The sampler runs the policy's own weights: there is nothing to copy."""
         if policy is not self.model:
@@ -152,6 +198,14 @@ class KVCacheSampler:
 
     def close(self) -> None:
         """Nothing to release."""
+
+    def start_session(self, *, reserve: int = 0) -> KVSession:
+        """A KVSession (kv_session.py): rows that continue over several calls (multi-turn episodes)
+        keep their KV cache between them. reserve: slots per row to allocate at once (run_episodes:
+        what a turn after the longest history can span), so the cache need not regrow."""
+        from .kv_session import KVSession  # it drives this module's decode loop
+
+        return KVSession(self, reserve=reserve)
 
     @property
     def pad_id(self) -> int:
@@ -227,6 +281,7 @@ class KVCacheSampler:
             decode_s=t_decode - t_prefill,
             total_s=time.perf_counter() - t0,
             tokens=float(generated),
+            prefill_tokens=float(prompt_mask.sum()),  # the distinct prompts' tokens
             decode_steps=float(steps),
             compactions=float(compactions),
         )
@@ -254,25 +309,10 @@ class KVCacheSampler:
         cache.k[:, :, :, :Tp] = small.k.repeat_interleave(G, dim=1)
         cache.v[:, :, :, :Tp] = small.v.repeat_interleave(G, dim=1)
         del small
-        stop = () if params.ignore_stop else params.stop_ids
         mask = torch.ones(N, Tp + Tc, dtype=torch.long, device=dev)
         mask[:, :Tp] = prompt_mask.repeat_interleave(G, dim=0)
-        step = torch.zeros(1, dtype=torch.long, device=dev)
-        state = _DecodeState(
-            cache=cache,
-            mask=mask,
-            tok=torch.zeros(N, 1, dtype=torch.long, device=dev),
-            pos=positions[:, -1:].repeat_interleave(G, dim=0),  # advanced to the first completion token
-            done=torch.zeros(N, dtype=torch.bool, device=dev),
-            rows=torch.arange(N, device=dev),
-            noise=RaceNoise.make(key, rows, position=step),  # (N,) row keys; t is the step buffer
-            slot=torch.full((1,), Tp - 1, dtype=torch.long, device=dev),
-            step=step,
-            out_tok=torch.full((N, Tc), self.pad_id, dtype=torch.long, device=dev),
-            out_logp=torch.zeros(N, Tc, dtype=torch.float32, device=dev),
-            stop_ids=torch.tensor(sorted(set(stop)), dtype=torch.long, device=dev),
-            pad=torch.tensor(self.pad_id, dtype=torch.long, device=dev),
-        )
+        last_pos = positions[:, -1:].repeat_interleave(G, dim=0)  # (N, 1)
+        state = _DecodeState.begin(cache, mask, last_pos, Tp - 1, key, rows, params, self.pad_id)
         return state, logits.repeat_interleave(G, dim=0)  # (N, V)
 
     def _draw(self, st: _DecodeState, logits: torch.Tensor, params: SamplingParams) -> None:
@@ -284,7 +324,7 @@ class KVCacheSampler:
         at = st.rows * st.out_tok.shape[1] + st.step  # (n,) this token's place in the flattened outputs
         st.out_tok.view(-1).index_copy_(0, at, tok)  # (index_put_ with two index tensors fails in capture)
         st.out_logp.view(-1).index_copy_(0, at, logp.masked_fill(st.done, 0.0))
-        st.done |= torch.isin(tok, st.stop_ids)
+        st.done |= is_stop(tok, st.stop_ids)
         st.tok.copy_(tok[:, None])
         st.pos += 1
         st.slot += 1
@@ -298,10 +338,15 @@ class KVCacheSampler:
         )
         self._draw(st, net.logits(hidden[:, -1]), params)  # (n, V) model dtype: the draw reads it once
 
-    def _decode(self, st: _DecodeState, Tp: int, params: SamplingParams) -> tuple[int, int]:
-        """Run decode steps until every row is done or max_new_tokens.
+    def _decode(
+        self, st: _DecodeState, Tp: int, params: SamplingParams, compact_below: float | None = None
+    ) -> tuple[int, int]:
+        """Run decode steps until every row is done or max_new_tokens; Tp: the slots before the first
+        completion token. compact_below: the sampler's unless given (a KVSession passes 0: its rows
+        keep their cache for the next turn).
 
         Returns the tokens drawn per row and the number of compactions (finished rows leaving `st`)."""
+        compact_below = self.compact_below if compact_below is None else compact_below
         Tc, total = params.max_new_tokens, st.mask.shape[1]
         use_graphs = self.cuda_graphs and st.tok.is_cuda
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -315,7 +360,7 @@ class KVCacheSampler:
                 live = (~st.done).nonzero().flatten()  # (n_live,) one host sync
                 if len(live) == 0:
                     break
-                if len(live) <= self.compact_below * len(st.rows) and (self.compact_under_graphs or not use_graphs):
+                if len(live) <= compact_below * len(st.rows):
                     graphs.clear()  # they replay the buffers that keep_rows replaces
                     st.keep_rows(live, Tp + s - 1)  # slots [0, Tp + s - 1) are filled
                     compactions += 1
@@ -353,9 +398,9 @@ class KVCacheSampler:
         G = params.n
         out_tok = st.out_tok[:, :steps]  # (N, steps)
         N = out_tok.shape[0]
-        is_stop = torch.isin(out_tok, st.stop_ids)
-        hit = is_stop.any(-1)
-        lengths = torch.where(hit, is_stop.int().argmax(-1) + 1, steps).tolist()  # stop token kept
+        stops = is_stop(out_tok, st.stop_ids)  # (N, steps)
+        hit = stops.any(-1)
+        lengths = torch.where(hit, stops.int().argmax(-1) + 1, steps).tolist()  # stop token kept
         truncated = (~hit).tolist()
         rows = out_tok.tolist()
         texts = []

@@ -1,0 +1,233 @@
+"""A session of the own sampler: rows continued over several calls keep their KV cache.
+
+    session = sampler.start_session(reserve=Tp + max_episode_tokens + max_new_tokens)  # or base.session_of
+    out = session.generate(histories, params, key=(*key, turn), row_ids=ids)  # once per turn
+    session.close()
+
+Each call gives every row its whole sequence so far (the prompts `KVCacheSampler.generate` would
+take). The session remembers which tokens each row's cache holds; the longest common prefix of those
+and the new prompt stays cached and only the rest is prefilled (in an episode: the last model token
+of the previous turn, which the decode loop draws but never feeds, and the environment's tokens).
+The rows then decode as in `generate`, with the same noise (stream `key`, each row's global id,
+token index from 0), so they draw the same tokens as a call that prefills everything.
+
+The cache layout. The decode loop writes one slot for all rows at each step, so rows share slot
+columns; before each call they are laid out again, in place, row by row:
+
+    slots [0, H)          each row's kept tokens, right aligned (H: the most any row keeps)
+          [H, H + P)      the new tokens, right aligned (P: the most any row adds), prefilled
+          [H + P, ...)    the decode steps
+
+A slot a row does not use is masked out of attention, and RoPE positions count each row's own
+tokens, so the gaps change nothing: every token is rotated and attends to exactly the keys of a
+left-padded prompt of the whole row. The relayout also drops the rows left out of the call, the
+slots after a row's end (a turn that finished early keeps decoding padding until the batch stops)
+and the tokens after a cut. Within a call, finished rows never leave the batch (no compaction):
+their cache is needed for the next call.
+
+The gaps between a row's kept and new tokens (P minus what it adds) can make a call span more slots
+than its longest row has tokens. Where that would not fit the cache, or where a layer's sliding
+window is shorter than the span (the window counts slots, which gaps would stretch), every row keeps
+a little less instead, so that it adds exactly P tokens: no gaps, and a span of the longest row plus
+the decode steps, at the price of prefilling a few kept tokens again. The cache is allocated at
+`reserve` slots (run_episodes: the longest prompt + max_episode_tokens + max_new_tokens, what a
+turn after the longest history can span) or what the first call needs, and regrows, copied once,
+only when even that does not fit, or when rows come in another order (rows move up: a copy).
+
+A sampler that decodes in waves (sampler.max_rows below the call's rows) prefills everything:
+keeping every wave's cache between calls would hold the whole batch's, which max_rows is there to
+avoid. Rows are never merged: G episodes of one prompt prefill that prompt G times on their first
+call, as `run_episodes` without a session does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from minigrpo.distributed import full_weights
+from minigrpo.models.transformer import KVCache, Transformer
+
+from .kv_sampler import DEFAULT_STREAM, KVCacheSampler, _DecodeState
+from .params import SamplingParams
+from .rollout import Rollout, left_pad
+
+PREFILL_TOKENS = 16384  # tokens (rows x columns) per prefill forward at most: bounds its transient memory
+
+
+def common_prefix(held: Sequence[int], prompt: Sequence[int]) -> int:
+    """Leading tokens `held` and `prompt` share, at most len(prompt) - 1: a call prefills at least one
+    token of every row (the first draw reads its logits)."""
+    limit = min(len(held), len(prompt) - 1)
+    if list(held[:limit]) == list(prompt[:limit]):
+        return limit
+    return next(i for i, (a, b) in enumerate(zip(held, prompt)) if a != b)
+
+
+def window_spans(model: Transformer, slots: int) -> bool:
+    """Whether some layer's sliding window is shorter than `slots` (it would count gaps as tokens)."""
+    return any(w is not None and w < slots for w in model.args.layer_windows)
+
+
+class KVSession:
+    """Rows of the own sampler continued over calls (the SamplerSession of base.py; see the module
+    docstring). `stats` sums over the calls: calls, prefill_tokens, reused_tokens, regrowths."""
+
+    def __init__(self, sampler: KVCacheSampler, *, reserve: int = 0) -> None:
+        self.sampler, self.reserve = sampler, reserve
+        self.cache: KVCache | None = None  # k, v (L, n, Hkv, S, Dh): views of the first n rows
+        self.row_ids: list[int] = []  # the rows held, in cache order
+        self.held: list[list[int]] = []  # the tokens each row's cache holds, in order
+        self.valid: torch.Tensor | None = None  # (n, S) bool: the slots holding them
+        self.stats = {"calls": 0.0, "prefill_tokens": 0.0, "reused_tokens": 0.0, "regrowths": 0.0}
+
+    def close(self) -> None:
+        """Drop every row (the cache is freed)."""
+        self.cache, self.valid, self.row_ids, self.held = None, None, [], []
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        key: Sequence[int] | None = None,
+        row_ids: Sequence[int] | None = None,
+    ) -> Rollout:
+        """As KVCacheSampler.generate with params.n == 1, prompt i being row row_ids[i]'s whole
+        sequence so far; rows held but not named here leave the session. The rollout's stats add
+        prefill_tokens (fed to the model) and reused_tokens (found in the cache)."""
+        s = self.sampler
+        prompts = [[int(t) for t in p] for p in prompt_ids]
+        ids = list(range(len(prompts))) if row_ids is None else [int(r) for r in row_ids]
+        if params.n != 1:
+            raise ValueError(f"a session continues rows one by one: params.n must be 1, got {params.n}")
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("every prompt needs at least one token")
+        if len(ids) != len(prompts) or len(set(ids)) != len(ids):
+            raise ValueError(f"row_ids must be {len(prompts)} distinct ids, got {ids}")
+        if key is None:
+            key, s.calls = (s.seed, DEFAULT_STREAM, s.calls), s.calls + 1
+        self.stats["calls"] += 1
+        if s.max_rows is not None and len(prompts) > s.max_rows:  # waves: see the module docstring
+            self.close()
+            out = s.generate(prompts, params, key=key, row_ids=ids)
+            out.stats["reused_tokens"] = 0.0
+            self.stats["prefill_tokens"] += out.stats["prefill_tokens"]
+            return out
+        with full_weights(s.model) as net:  # the model itself unless it is sharded (FSDP2)
+            was_training = net.training
+            s._net = net
+            net.eval()
+            try:
+                return self._continue(net, prompts, params, tuple(key), ids)
+            except BaseException:
+                self.close()  # a call that failed half-way leaves no cache to trust
+                raise
+            finally:
+                net.train(was_training)
+                s._net = None
+
+    def _continue(
+        self, net: Transformer, prompts: list[list[int]], params: SamplingParams, key: tuple[int, ...], ids: list[int]
+    ) -> Rollout:
+        """Relayout, prefill the new tokens, decode with the sampler's loop; remember what is cached."""
+        t0 = time.perf_counter()
+        s, dev, n, Tc = self.sampler, net.device, len(prompts), params.max_new_tokens
+        where = {r: i for i, r in enumerate(self.row_ids)}
+        src = [where.get(r) for r in ids]  # the cache row holding each row of the call, or None
+        keep = [0 if i is None else common_prefix(self.held[i], p) for i, p in zip(src, prompts)]
+        H, P = max(keep), max(len(p) - k for p, k in zip(prompts, keep))
+        room = max(self.reserve, 0 if self.cache is None else self.cache.max_len)
+        if H + P + Tc > room or window_spans(net, H + P + Tc):  # no gaps: every row adds P tokens
+            keep = [max(0, len(p) - P) for p in prompts]  # (<= what it could keep)
+            H = max(keep)
+        self._relayout(net, src, keep, H, H + P + Tc)
+        new = [p[k:] for p, k in zip(prompts, keep)]
+        block, block_mask = left_pad(new, s.pad_id)  # (n, P) each: the new tokens, right aligned
+        kept = torch.tensor(keep)  # (n,)
+        mask = torch.ones(n, H + P + Tc, dtype=torch.long)  # (n, H + P + Tc): history, new, decode slots
+        mask[:, :H] = (torch.arange(H)[None, :] >= H - kept[:, None]).long()
+        mask[:, H : H + P] = block_mask
+        positions = kept[:, None] + (block_mask.cumsum(-1) - 1).clamp(min=0)  # (n, P): each row's own count
+        mask, block, positions = mask.to(dev), block.to(dev), positions.to(dev)
+        cols = max(1, PREFILL_TOKENS // n)
+        for c0 in range(0, P, cols):  # column chunks: each writes its slots, attends to all before them
+            c1 = min(P, c0 + cols)
+            hidden = net.hidden(
+                block[:, c0:c1],
+                attention_mask=mask[:, : H + c1],
+                position_ids=positions[:, c0:c1],
+                kv_cache=self.cache,
+                cache_position=torch.arange(H + c0, H + c1, device=dev),
+            )  # (n, c1 - c0, D)
+        logits = net.logits(hidden[:, -1])  # (n, V): every row's last new token is in the last slot
+        t_prefill = time.perf_counter()
+        rows = torch.tensor(ids, dtype=torch.long, device=dev)
+        last_pos = positions[:, -1:].clone()  # (n, 1)
+        st = _DecodeState.begin(self.cache, mask, last_pos, H + P - 1, key, rows, params, s.pad_id)
+        s._draw(st, logits, params)  # token 0
+        steps, _ = s._decode(st, H + P, params, compact_below=0.0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t_decode = time.perf_counter()
+        prompt_ids, prompt_mask = (t.to(dev) for t in left_pad(prompts, s.pad_id))
+        rollout = s._finish(st, prompt_ids, prompt_mask, steps, params)
+        self._remember(prompts, ids, rollout, mask[:, : H + P].bool(), steps)
+        prefilled, reused = float(sum(len(x) for x in new)), float(sum(keep))
+        self.stats["prefill_tokens"] += prefilled
+        self.stats["reused_tokens"] += reused
+        rollout.stats.update(
+            prefill_s=t_prefill - t0,
+            decode_s=t_decode - t_prefill,
+            total_s=time.perf_counter() - t0,
+            tokens=float(rollout.completion_mask.sum()),
+            prefill_tokens=prefilled,
+            reused_tokens=reused,
+            decode_steps=float(steps),
+            compactions=0.0,
+        )
+        return rollout
+
+    def _relayout(self, net: Transformer, src: list[int | None], keep: list[int], H: int, width: int) -> None:
+        """Row r of the call takes the first keep[r] tokens of cache row src[r], right aligned in slots
+        [0, H) (every other slot is stale and masked); the cache gets >= `width` slots. In place when
+        it is large enough and no row moves up (src[r] >= r: rows are read before they are written),
+        else into a new cache."""
+        n, old = len(src), self.cache
+        in_place = (
+            old is not None
+            and old.max_len >= width
+            and old.k.shape[1] >= n
+            and all(i is None or i >= r for r, i in enumerate(src))
+        )
+        if in_place:
+            cache = old
+        else:
+            cache = KVCache(net.args, n, max(width, self.reserve), dtype=net.dtype, device=net.device)
+            self.stats["regrowths"] += float(old is not None)
+        if H:
+            held_first = torch.sort((~self.valid).to(torch.int8), dim=1, stable=True).indices  # (n_old, S)
+            for r, (i, k) in enumerate(zip(src, keep)):
+                if k:
+                    slots = held_first[i, :k]  # (k,) the slots of the row's first k tokens, in order
+                    cache.k[:, r, :, H - k : H] = old.k[:, i].index_select(2, slots)  # (L, Hkv, k, Dh), a copy
+                    cache.v[:, r, :, H - k : H] = old.v[:, i].index_select(2, slots)
+        cache.k, cache.v = cache.k[:, :n], cache.v[:, :n]
+        self.cache = cache
+
+    def _remember(
+        self, prompts: list[list[int]], ids: list[int], rollout: Rollout, before: torch.Tensor, steps: int
+    ) -> None:
+        """After a call each row holds its prompt and its completion but the last token (drawn, never
+        fed): before (n, H + P) marks the slots of the prompts, the decode steps follow them."""
+        n, width = before.shape
+        lengths = rollout.completion_mask.sum(-1)  # (n,)
+        valid = torch.zeros(n, self.cache.k.shape[3], dtype=torch.bool, device=before.device)  # (n, S)
+        valid[:, :width] = before
+        valid[:, width : width + steps] = torch.arange(steps, device=before.device)[None, :] < (lengths - 1)[:, None]
+        completions = rollout.completion_ids.tolist()
+        self.held = [p + c[: m - 1] for p, c, m in zip(prompts, completions, lengths.tolist())]
+        self.valid, self.row_ids = valid, ids
