@@ -29,6 +29,7 @@ from helpers.tiny import WORDS, tiny_model, tiny_run_checkpoint, tiny_tokenizer,
 from safetensors.torch import load_file
 from torch import nn
 
+import minigrpo.sampling.vllm_sampler as vllm_sampler_module
 from minigrpo.config import LoRACfg
 from minigrpo.distributed import World
 from minigrpo.logprobs import completion_logprobs
@@ -40,6 +41,7 @@ from minigrpo.sampling.rollout import logprob_mismatch
 from minigrpo.sampling.vllm_ranks import combined_sync_stats, default_group_kept
 from minigrpo.sampling.vllm_sampler import SyncError, VLLMSampler
 from minigrpo.sampling.vllm_sync import (
+    ProbeSchedule,
     fingerprint,
     fingerprints,
     layer_unit,
@@ -68,9 +70,15 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+CONSTRUCTION_SYNC: dict[str, float] = {}  # the engine's first sync (in its constructor)
+
+
 @pytest.fixture(scope="module")
 def engine():
-    """(sampler, model, tokenizer, construction log): one LLM for the module, sleep requested."""
+    """(sampler, model, tokenizer, construction log): one LLM for the module, sleep requested.
+
+    Built with probe_every=0 (the probe on the first sync only: CONSTRUCTION_SYNC shows it ran),
+    then probing every sync for the module's tests; the probe-cadence tests set their own."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     torch.manual_seed(0)
     model = tiny_model(seed=0, **ARCH)
@@ -80,9 +88,11 @@ def engine():
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
     try:
-        sampler = VLLMSampler(model, tokenizer, max_model_len=256, max_num_seqs=64, sleep=True, seed=0)
+        sampler = VLLMSampler(model, tokenizer, max_model_len=256, max_num_seqs=64, sleep=True, probe_every=0, seed=0)
     finally:
         logger.removeHandler(records)
+    CONSTRUCTION_SYNC.update(sampler.last_sync)
+    sampler.probe_schedule.every = 1
     yield sampler, model, tokenizer, records.messages
     sampler.close()
 
@@ -308,6 +318,174 @@ def test_verification_is_one_call_and_one_forward_per_side(engine, monkeypatch):
     assert names == list(sampler._fingerprint_shapes) and stats["fingerprints"] == len(names) >= 5
     assert fps.shape == (len(names), 3) and fps.dtype == torch.float64 and fps.device.type == "cpu"
     assert stats["probe_diff_max"] < 1e-4
+
+
+# ================================================================================================
+# the probe's cadence: fingerprints every sync, the probe on the first and every k-th
+
+
+def probes(schedule: ProbeSchedule, syncs: int) -> list[int]:
+    """Which of `syncs` passing syncs run the probe (1) under `schedule`."""
+    ran = []
+    for _ in range(syncs):
+        ran.append(int(schedule.probe_next()))
+        if ran[-1]:
+            schedule.probed()
+    return ran
+
+
+def test_probe_schedule_first_every_kth_and_after_a_failure_or_a_weight_drop():
+    assert probes(ProbeSchedule(3), 7) == [1, 0, 0, 1, 0, 0, 1]
+    assert probes(ProbeSchedule(1), 3) == [1, 1, 1]
+    never = ProbeSchedule(0)
+    assert probes(never, 4) == [1, 0, 0, 0]
+    never.failed()  # a failed check: the next sync probes, later ones do not
+    assert probes(never, 3) == [1, 0, 0]
+    assert never.probe_next(weights_recreated=True)  # after a level-2 sleep
+    never.probed()
+    assert probes(never, 2) == [0, 0]
+    every3 = ProbeSchedule(3)
+    assert probes(every3, 2) == [1, 0]
+    assert every3.probe_next(weights_recreated=True)
+    every3.probed()
+    assert probes(every3, 4) == [0, 0, 1, 0]  # counted from the last probe
+    with pytest.raises(ValueError, match="must be >= 0"):
+        ProbeSchedule(-1)
+
+
+def test_probe_every_is_a_checked_config_key_passed_to_the_sampler(monkeypatch):
+    """sampler.vllm_probe_every: >= 0, a one-line error naming the key; from_config passes it on."""
+    from minigrpo.config import ConfigError, load_config
+    from minigrpo.errors import one_line
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["sampler.vllm_probe_every=-1"])
+    assert one_line(str(e.value)) == (
+        "invalid config: sampler.vllm_probe_every must be >= 0, got -1 (0 = only the first sync)"
+    )
+    assert load_config(None, []).sampler.vllm_probe_every == 10
+    seen = {}
+    monkeypatch.setattr(VLLMSampler, "__init__", lambda self, model, tok, **kw: seen.update(kw))
+    cfg = load_config(None, ["sampler.kind=vllm", "sampler.vllm_probe_every=4"])
+    VLLMSampler.from_config(cfg, tiny_model(**ARCH), None)
+    assert seen["probe_every"] == 4
+
+
+def generate_calls(sampler: VLLMSampler, monkeypatch) -> list[object]:
+    """A list that grows by one for every call of the engine's generate (the probe's forward)."""
+    calls: list[object] = []
+    real = sampler.llm.generate
+    monkeypatch.setattr(sampler.llm, "generate", lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+def push_with(monkeypatch, change) -> None:
+    """Every later sync pushes change(name, tensor) instead of each tensor (the check recomputes
+    the policy's own fingerprints and log-probs: it sees the push as wrong)."""
+
+    def pushed(policy, dtype=None, **kwargs):
+        for name, t in policy_weights_for_sync(policy, dtype, **kwargs):
+            yield name, change(name, t)
+
+    monkeypatch.setattr(vllm_sampler_module, "policy_weights_for_sync", pushed)
+
+
+@needs_vllm
+def test_the_probe_runs_on_the_first_sync_and_every_kth(engine, monkeypatch):
+    """The engine was built with probe_every=0 and its first sync (the constructor's) probed all the
+    same. With probe_every=3, of 7 syncs after a probed one the 3rd and the 6th probe: only they
+    call vLLM's generate and report the probe's differences; every sync checks the fingerprints."""
+    sampler, model, _, _ = engine
+    first = CONSTRUCTION_SYNC
+    assert first["probe_ran"] == 1 and first["probe_diff_max"] < 1e-4 and first["verify_probe_s"] > 0
+    sampler.sync(model)  # the module's tests probe every sync
+    assert sampler.last_sync["probe_ran"] == 1
+    monkeypatch.setattr(sampler.probe_schedule, "every", 3)
+    forwards = generate_calls(sampler, monkeypatch)
+    ran = []
+    for _ in range(7):
+        before = len(forwards)
+        sampler.sync(model)
+        s = sampler.last_sync
+        ran.append(int(s["probe_ran"]))
+        assert len(forwards) - before == ran[-1], "the probe's forward ran on a sync without the probe"
+        assert ("probe_diff_max" in s) == bool(ran[-1]) and (s["verify_probe_s"] > 0) == bool(ran[-1])
+        assert s["fingerprints"] >= 5 and s["verify_fingerprints_s"] > 0
+        assert s["verify_s"] >= s["verify_fingerprints_s"] + s["verify_probe_s"]
+    assert ran == [0, 0, 1, 0, 0, 1, 0]
+
+
+@needs_vllm
+def test_a_stale_weight_is_caught_on_a_sync_without_the_probe(engine, monkeypatch):
+    """probe_every=0: after the first sync only the fingerprints check. A push that leaves the final
+    norm's old values in the engine, while the policy moved one element by 1e-5, fails a sync that
+    never ran the probe (the fingerprints name the tensor); the sync after the failure probes."""
+    sampler, model, _, _ = engine
+    name = "model.norm.weight"
+    assert name in sampler._fingerprint_shapes
+    sampler.sync(model)
+    monkeypatch.setattr(sampler.probe_schedule, "every", 0)
+    old = dict(policy_weights_for_sync(model, only={name}))[name].clone()
+    with torch.no_grad():
+        model.get_parameter(name)[100] += 1e-5
+    push_with(monkeypatch, lambda n, t: old if n == name else t)
+    forwards = generate_calls(sampler, monkeypatch)
+    with pytest.raises(SyncError) as err:
+        sampler.sync(model)
+    assert f"fingerprints differ for 1 of {len(sampler._fingerprint_shapes)}" in str(err.value)
+    assert f"(first: {name!r})" in str(err.value) and "log-prob probe" not in str(err.value)
+    assert forwards == []
+    push_with(monkeypatch, lambda n, t: t)  # a correct push again
+    sampler.sync(model)
+    assert sampler.last_sync["probe_ran"] == 1 and len(forwards) == 1  # after a failure: probed
+    sampler.sync(model)
+    assert sampler.last_sync["probe_ran"] == 0 and len(forwards) == 1
+
+
+@needs_vllm
+def test_a_wrong_layout_push_is_caught_by_the_first_sync(engine, monkeypatch):
+    """A push in a wrong layout on every sync (here: layer 1's down_proj scaled by 1.01; the CPU
+    backend repacks linear weights, so no fingerprint covers it, and the probe sees max |diff|
+    ~1e-2 against a tolerance of 1e-3). With probe_every=0 a later sync lets it pass unseen (the
+    trap is real); the first sync of a sampler (a fresh ProbeSchedule) fails it; the next, correct
+    sync probes and passes."""
+    sampler, model, _, _ = engine
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert name not in sampler._fingerprint_shapes
+    sampler.sync(model)
+    monkeypatch.setattr(sampler.probe_schedule, "every", 0)
+    push_with(monkeypatch, lambda n, t: t * 1.01 if n == name else t)
+    sampler.sync(model)  # no probe: passes
+    assert sampler.last_sync["probe_ran"] == 0
+    monkeypatch.setattr(sampler, "probe_schedule", ProbeSchedule(0))  # what a new sampler starts with
+    with pytest.raises(SyncError, match="log-prob probe") as err:
+        sampler.sync(model)
+    assert "fingerprints" not in str(err.value)
+    push_with(monkeypatch, lambda n, t: t)
+    sampler.sync(model)
+    assert sampler.last_sync["probe_ran"] == 1 and sampler.last_sync["probe_diff_max"] < 1e-4
+
+
+@needs_vllm
+def test_a_sync_after_a_level_2_sleep_probes(engine, monkeypatch):
+    """Level 2 drops the engine's weights and the next sync re-creates them: it probes whatever
+    probe_every says; after a level-1 sleep (weights kept) the fingerprints alone check. vLLM's sleep
+    calls are stubbed (the CPU backend has no sleep mode)."""
+    sampler, model, _, _ = engine
+    monkeypatch.setattr(sampler.probe_schedule, "every", 0)
+    monkeypatch.setattr(sampler, "sleep_enabled", True)
+    monkeypatch.setattr(sampler.llm, "sleep", lambda level=1, **k: None)
+    monkeypatch.setattr(sampler.llm, "wake_up", lambda tags=None: None)
+    sampler.sync(model)
+    sampler.sync(model)
+    assert sampler.last_sync["probe_ran"] == 0
+    ran = []
+    for level in (2, 1):
+        monkeypatch.setattr(sampler, "sleep_level", level)
+        sampler.sleep()
+        sampler.sync(model)
+        ran.append(sampler.last_sync["probe_ran"])
+    assert ran == [1, 0]
 
 
 @needs_vllm
@@ -696,10 +874,13 @@ def final_weights(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def assert_every_rank_verified(records: list[dict], ranks: int) -> None:
-    """Every step's sync was checked on every rank (fingerprints and the log-prob probe, fp32)."""
+    """Every step's sync was checked on every rank: by the fingerprints, and by the log-prob probe
+    (fp32) on every 10th sync (sampler.vllm_probe_every's default; the constructor's sync is the
+    first, so step s syncs the (s + 1)-th time)."""
     for r in records:
         assert r["sync/verified_ranks"] == ranks, f"step {r['step']}: {r['sync/verified_ranks']} ranks verified"
-        assert r["sync/fingerprints"] >= 5 and r["sync/probe_diff_max"] < 1e-4, r
+        assert r["sync/fingerprints"] >= 5 and r["sync/probe_ran"] == (r["step"] % 10 == 0), r
+        assert r.get("sync/probe_diff_max", 0.0) < 1e-4 and ("sync/probe_diff_max" in r) == r["sync/probe_ran"], r
 
 
 @needs_vllm

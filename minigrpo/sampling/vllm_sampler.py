@@ -5,7 +5,8 @@ silently failed would train on stale samples. `VLLMSampler` therefore runs one i
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: weights pass as tensors, device to device, never through disk),
 built from the policy's config.json with dummy weights; the first `sync` brings the real ones, so
 construction runs the same verified path as every step (vllm_sync.py: bucketed in-place reload,
-fingerprints and a log-prob probe, `SyncError` when the engine does not hold the policy).
+fingerprints every sync and a log-prob probe on the first and every `probe_every`-th, `SyncError`
+when the engine does not hold the policy).
 
 Rollouts match the own sampler's contract: token-id prompts, contiguous groups, log-probs
 `log_softmax(logits / T)` (`logprobs_mode="processed_logprobs"`; with top-k/p vLLM reports them
@@ -48,6 +49,7 @@ from .params import SamplingParams
 from .rollout import Rollout, left_pad, stop_string_cut
 from .vllm_ranks import combined_sync_stats, default_group_kept, rank_engine_kwargs, torchrun_world
 from .vllm_sync import (
+    ProbeSchedule,
     SyncError,
     policy_weights_for_sync,
     probe_logprob_diff,
@@ -90,6 +92,7 @@ class VLLMSampler:
         enforce_eager: bool | None = None,
         bucket_mb: float | None = 512.0,
         verify: bool = True,
+        probe_every: int = 10,
         probe_prompt: Sequence[int] | None = None,
         probe_tokens: int = 16,
         seed: int = 0,
@@ -108,7 +111,9 @@ class VLLMSampler:
             enforce_eager: no CUDA graphs / compilation (default: True on the CPU, False on GPU).
             bucket_mb: weights per `reload_weights` call, in whole layers (0: one layer per call;
                 None: the whole model streamed through one call).
-            verify: check every sync with fingerprints and the log-prob probe (`verify`).
+            verify: check every sync with fingerprints, and some with the log-prob probe (`verify`).
+            probe_every: the probe runs on the first sync, then every `probe_every`-th (0: never
+                again), and on the sync after a failed check or a level-2 sleep (ProbeSchedule).
             probe_prompt, probe_tokens: the log-prob probe scores `probe_prompt` (default: 12 fixed
                 ids) followed by the policy's greedy continuation of `probe_tokens` tokens, chosen
                 at the first verification and kept (vllm_sync.probe_sequence).
@@ -126,6 +131,7 @@ class VLLMSampler:
             self.dtype = dtype or getattr(full, "dtype", None) or next(full.parameters()).dtype
         self.bucket_bytes = None if bucket_mb is None else int(bucket_mb * 2**20)
         self.verify_sync = verify
+        self.probe_schedule = ProbeSchedule(probe_every)
         # the probe: one forward over a fixed sequence, its prompt log-probs (raw logits, whatever
         # logprobs_mode says; temperature 1 all the same); the one sampled token is not used
         self.probe_params = VParams(
@@ -185,6 +191,7 @@ class VLLMSampler:
             max_num_seqs=max(math.ceil(cfg.grpo.prompts_per_step / torchrun_world().size) * cfg.grpo.group_size, 1),
             gpu_memory_utilization=s.gpu_memory_utilization,
             sleep=s.vllm_sleep,
+            probe_every=s.vllm_probe_every,
             enforce_eager=None if s.compile else True,
             seed=cfg.run.seed,
         )
@@ -227,9 +234,11 @@ class VLLMSampler:
     def sync(self, policy: nn.Module) -> None:
         """Push the policy's weights into the engine from memory, reset the prefix cache, verify.
 
-        Timings, sizes and the probe's differences go to `last_sync`. Raises SyncError if the
-        engine does not hold the new weights afterwards. The prefix cache is reset because cached
-        KV blocks of prompts >= one block were computed with the old weights.
+        Timings (`sync_s`; `verify_s` = `verify_fingerprints_s` + `verify_probe_s`), sizes, whether
+        the probe ran (`probe_ran`, see ProbeSchedule) and its differences (only when it ran) go to
+        `last_sync`. Raises SyncError if the engine does not hold the new weights afterwards. The
+        prefix cache is reset because cached KV blocks of prompts >= one block were computed with
+        the old weights.
 
         Several ranks: every rank calls this together (an FSDP2 policy is gathered whole, and the
         stats are combined): `last_sync` then holds the worst probe difference of all ranks, the
@@ -243,6 +252,7 @@ class VLLMSampler:
     def _push_and_verify(self, policy: nn.Module) -> dict[str, float]:
         """This rank's sync of a plain (unsharded) policy -> its stats."""
         t0 = time.perf_counter()
+        weights_recreated = self._weights_dropped  # a level-2 wake: the next check probes
         if self._asleep:
             self.llm.wake_up(tags=["weights"])
         learn = self.verify_sync and self._fingerprint_shapes is None
@@ -274,6 +284,8 @@ class VLLMSampler:
         if learn:  # first sync: which pushed tensors vLLM stores as they are (fingerprinted from now on)
             readable, _ = self.llm.collective_rpc(worker_fingerprints, args=(shapes,))[0]
             self._fingerprint_shapes = {n: shapes[n] for n in readable}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the push's device work counts in sync_s, not in verify_s
         t1 = time.perf_counter()
         stats = {
             "sync_s": t1 - t0,
@@ -282,45 +294,57 @@ class VLLMSampler:
             "sync_calls": float(count["calls"]),
         }
         if self.verify_sync:
-            stats.update(self._verify(policy), verified_ranks=1.0)
+            probe = self.probe_schedule.probe_next(weights_recreated=weights_recreated)
+            stats.update(self._verify(policy, probe=probe), verified_ranks=1.0)
             stats["verify_s"] = time.perf_counter() - t1
         return stats
 
     @torch.no_grad()
-    def verify(self, policy: nn.Module) -> dict[str, float]:
+    def verify(self, policy: nn.Module, *, probe: bool = True) -> dict[str, float]:
         """Check that the engine holds `policy`'s weights as of the last sync; raise SyncError if not.
 
         (1) fingerprints of the parameters vLLM stores as pushed, recomputed from the policy now and
-        read back from the engine (one transfer per side); (2) the log-prob probe (one forward per
-        side). Returns the probe's max / mean |diff| and the number of fingerprints.
-        An FSDP2 policy is gathered whole (every rank must call this together).
+        read back from the engine (both sides in one transfer); (2) with `probe`, the log-prob probe
+        (one forward per side). Returns the number of fingerprints, the seconds of each part
+        (`verify_fingerprints_s`, `verify_probe_s`: 0 without the probe), `probe_ran` and, when it
+        ran, the probe's max / mean |diff|. An FSDP2 policy is gathered whole (every rank must call
+        this together).
         """
         with full_weights(policy) as full:
-            return self._verify(full)
+            return self._verify(full, probe=probe)
 
-    def _verify(self, policy: nn.Module) -> dict[str, float]:
+    def _verify(self, policy: nn.Module, *, probe: bool) -> dict[str, float]:
         self.wake()
         problems = []
         shapes = self._fingerprint_shapes or {}
+        t0 = time.perf_counter()
         stale = stale_tensors(self.llm, policy, shapes, self.dtype)
+        t1 = time.perf_counter()
         if stale:
             problems.append(
                 f"weight fingerprints differ for {len(stale)} of {len(shapes)} readable tensors (first: {stale[0]!r})"
             )
-        if self.probe_ids is None:
-            self.probe_ids = probe_sequence(policy, self.probe_prompt, self.probe_tokens)
-        probe_max, probe_mean = probe_logprob_diff(self.llm, self.probe_params, policy, self.probe_ids)
-        tol_max, tol_mean = probe_tolerance(self.dtype, getattr(policy, "dtype", self.dtype))
-        if not (probe_max <= tol_max and probe_mean <= tol_mean):
-            problems.append(
-                f"log-prob probe differs from the trainer: max |diff| {probe_max:.3g} (tolerance {tol_max:g}), "
-                f"mean {probe_mean:.3g} (tolerance {tol_mean:g})"
-            )
+        stats = {"fingerprints": float(len(shapes)), "probe_ran": float(probe), "verify_fingerprints_s": t1 - t0}
+        if probe:
+            if self.probe_ids is None:
+                self.probe_ids = probe_sequence(policy, self.probe_prompt, self.probe_tokens)
+            probe_max, probe_mean = probe_logprob_diff(self.llm, self.probe_params, policy, self.probe_ids)
+            tol_max, tol_mean = probe_tolerance(self.dtype, getattr(policy, "dtype", self.dtype))
+            if not (probe_max <= tol_max and probe_mean <= tol_mean):
+                problems.append(
+                    f"log-prob probe differs from the trainer: max |diff| {probe_max:.3g} (tolerance {tol_max:g}), "
+                    f"mean {probe_mean:.3g} (tolerance {tol_mean:g})"
+                )
+            stats.update(probe_diff_max=probe_max, probe_diff_mean=probe_mean)
+        stats["verify_probe_s"] = time.perf_counter() - t1 if probe else 0.0
         if problems:  # wrong weights may have left NaN in the KV cache: clear it, so a re-sync works
+            self.probe_schedule.failed()
             self.llm.reset_prefix_cache()
             self.llm.collective_rpc(worker_clear_kv_cache)
             raise SyncError("vLLM does not hold the policy's current weights: " + "; ".join(problems))
-        return {"probe_diff_max": probe_max, "probe_diff_mean": probe_mean, "fingerprints": float(len(shapes))}
+        if probe:
+            self.probe_schedule.probed()
+        return stats
 
     # ------------------------------------------------------------------------------------------
     # rollouts

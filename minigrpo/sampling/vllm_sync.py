@@ -13,15 +13,17 @@ parameters would not reach the kernels). Weights go in buckets of whole decoder 
 (`weight_buckets`): vLLM fuses q/k/v and gate/up into one parameter and processes a layer from the
 parts one call brings, so a call with q alone leaves k and v as whatever memory held.
 
-Proof, after every sync (`SyncError` if either fails): (1) fingerprints of every vLLM parameter
-stored as pushed (embeddings and norms on the CPU, also unfused projections on GPU) equal the
-policy's: exact, catches updates too small for any log-prob test; computed on each side's device and
-read back in one transfer per side (`fingerprints`). (2) the log-prob probe, one forward on each
-side: over a fixed sequence (a fixed prompt and the first policy's greedy continuation of it,
+Proof (`SyncError` if it fails): (1) after every sync, fingerprints of every vLLM parameter stored
+as pushed (embeddings and norms on the CPU, also unfused projections on GPU) equal the policy's:
+exact, catches updates too small for any log-prob test; both sides' fingerprints are computed on
+their device and read back together in one transfer (`stale_tensors`). (2) on the syncs
+`ProbeSchedule` picks (the first, then every k-th), the log-prob probe, one forward on each side:
+over a fixed sequence (a fixed prompt and the first policy's greedy continuation of it,
 `probe_sequence`), vLLM's prompt log-probs (raw logits, temperature 1) agree with the trainer's
 log-probs of the same tokens within PROBE_TOLERANCE: catches weights that are stored but not used by
-the kernels. Nothing here imports vLLM: the worker functions receive vLLM's worker object, the rest
-the engine (`vllm.LLM`).
+the kernels, or used in another layout (fused, repacked, tied), which only the forward sees. Nothing
+here imports vLLM: the worker functions receive vLLM's worker object, the rest the engine
+(`vllm.LLM`).
 """
 
 from __future__ import annotations
@@ -107,39 +109,46 @@ def weight_buckets(
         yield bucket
 
 
-def fingerprints(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
-    """(names, (n, 3) fp64 on the CPU): the fingerprint of every tensor, in one device-to-host copy.
+def fingerprints(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], *, read_back: bool = True
+) -> tuple[list[str], torch.Tensor]:
+    """(names, (n, 3) fp64): the fingerprint of every tensor, in the input order.
 
     A tensor's fingerprint, as an (R, C) matrix (its first dim by the rest): the sum, and the row-
     and column-index-weighted sums (which catch moved values), from its fp32 row and column sums
     (a one-ulp change of an element moves them). Tensors are consumed one at a time and only their
     (R,) and (C,) sums are kept, so a stream of merged weights never exists whole: two reductions
-    per tensor, the weighted sums once per shape over the stacked sums, one transfer at the end
-    (not one host sync per tensor). The same values in the same order of shapes on the same device
-    give bitwise the same fingerprints.
+    per tensor, the weighted sums once per shape over the stacked sums. Nothing waits for the
+    device: with read_back (default) one device-to-host copy at the end; without, the (n, 3) values
+    stay on the tensors' device, still being computed, for a caller that reads several sets back
+    in one copy. The same values in the same order of shapes on the same device give bitwise the
+    same fingerprints.
     """
     names: list[str] = []
-    groups: dict[tuple, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}  # (R, C, device) ->
+    slots: list[tuple[tuple, int]] = []  # per tensor: (its shape group, its row in the group)
+    groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # (R, C, device) -> sums
     for name, t in named_tensors:
         m = t.detach().reshape(t.shape[0], -1) if t.dim() > 1 else t.detach().reshape(-1, 1)  # (R, C)
-        index, rows, cols = groups.setdefault((*m.shape, m.device), ([], [], []))
-        index.append(len(names))
+        key = (*m.shape, m.device)
+        rows, cols = groups.setdefault(key, ([], []))
+        slots.append((key, len(rows)))
         names.append(name)
         rows.append(m.sum(1, dtype=torch.float32))  # (R,)
         cols.append(m.sum(0, dtype=torch.float32))  # (C,)
-    parts, order = [], []
-    for (R, C, device), (index, rows, cols) in groups.items():
+    if not names:
+        return names, torch.zeros(0, 3, dtype=torch.float64)
+    per_group = {}
+    for (R, C, device), (rows, cols) in groups.items():
         r64 = torch.stack(rows).double()  # (k, R)
         c64 = torch.stack(cols).double()  # (k, C)
         r = torch.arange(R, dtype=torch.float64, device=device)
         c = torch.arange(C, dtype=torch.float64, device=device)
-        parts.append(torch.stack([r64.sum(1), (r64 * r).sum(1), (c64 * c).sum(1)], dim=1))  # (k, 3)
-        order += index
-    out = torch.zeros(len(names), 3, dtype=torch.float64)
-    if parts:
-        device = parts[0].device
-        out[torch.tensor(order)] = torch.cat([p.to(device) for p in parts]).cpu()  # the one host sync
-    return names, out
+        per_group[(R, C, device)] = torch.stack([r64.sum(1), (r64 * r).sum(1), (c64 * c).sum(1)], dim=1)  # (k, 3)
+    device = slots[0][0][2]
+    # rows back into the input order: views and one stack on the device (an index tensor would be a
+    # host-to-device copy, which waits for the device)
+    out = torch.stack([per_group[key][i].to(device) for key, i in slots])  # (n, 3)
+    return names, out.cpu() if read_back else out
 
 
 def fingerprint(t: torch.Tensor) -> torch.Tensor:
@@ -185,9 +194,12 @@ def worker_clear_kv_cache(worker: Any) -> int:
     return len(caches)
 
 
-def worker_fingerprints(worker: Any, shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], torch.Tensor]:
-    """(names, (n, 3) fp64 on the CPU): fingerprints of the worker's parameters among `shapes` that it
-    stores as pushed (vocabulary padding cut off); the others are left out."""
+def worker_fingerprints(
+    worker: Any, shapes: dict[str, tuple[int, ...]], read_back: bool = True
+) -> tuple[list[str], torch.Tensor]:
+    """(names, (n, 3) fp64): fingerprints of the worker's parameters among `shapes` that it stores as
+    pushed (vocabulary padding cut off); the others are left out. read_back=False: left on the
+    worker's device, not waited for (in-process only: the tensor passes by reference)."""
     params = dict(worker.model_runner.get_model().named_parameters())
 
     def stored_as_pushed() -> Iterator[tuple[str, torch.Tensor]]:
@@ -198,7 +210,7 @@ def worker_fingerprints(worker: Any, shapes: dict[str, tuple[int, ...]]) -> tupl
             if p.shape[0] >= shape[0]:
                 yield name, p.detach()[: shape[0]]
 
-    return fingerprints(stored_as_pushed())
+    return fingerprints(stored_as_pushed(), read_back=read_back)
 
 
 # ================================================================================================
@@ -206,14 +218,20 @@ def worker_fingerprints(worker: Any, shapes: dict[str, tuple[int, ...]]) -> tupl
 
 
 def stale_tensors(llm: Any, policy: nn.Module, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> list[str]:
-    """Names among `shapes` whose fingerprint in the engine differs from the policy's (sorted)."""
-    names, ours = fingerprints(policy_weights_for_sync(policy, dtype, only=set(shapes)))  # (n, 3)
-    their_names, theirs = llm.collective_rpc(worker_fingerprints, args=(shapes,))[0]  # (m, 3)
+    """Names among `shapes` whose fingerprint in the engine differs from the policy's (sorted).
+
+    Both sides are queued on the device before either is read (the device reduces the policy's
+    tensors while the host launches the engine's; nothing waits in between), then read back in
+    one copy."""
+    names, ours = fingerprints(policy_weights_for_sync(policy, dtype, only=set(shapes)), read_back=False)  # (n, 3)
+    their_names, theirs = llm.collective_rpc(worker_fingerprints, args=(shapes, False))[0]  # (m, 3)
+    both = torch.cat([ours, theirs.to(ours.device)]).cpu()  # (n + m, 3): the one host sync
+    ours, theirs = both[: len(names)], both[len(names) :]
     row = {n: i for i, n in enumerate(their_names)}
     stale = [n for n in shapes if n not in row or n not in names]
-    both = [(i, row[n]) for i, n in enumerate(names) if n in row]
-    if both:
-        mine, other = (torch.tensor(x) for x in zip(*both))
+    both_sides = [(i, row[n]) for i, n in enumerate(names) if n in row]
+    if both_sides:
+        mine, other = (torch.tensor(x) for x in zip(*both_sides))
         same = torch.isclose(ours[mine], theirs[other], rtol=1e-9, atol=0).all(1)  # (k,)
         stale += [names[int(i)] for i in mine[~same]]
     return sorted(stale)
@@ -240,21 +258,57 @@ def probe_logprob_diff(llm: Any, params: Any, policy: nn.Module, probe: Sequence
     """Max and mean |diff| of vLLM's and the trainer's log-probs of tokens 1..T-1 of `probe` given
     their prefix: one forward on each side. `params`: vLLM SamplingParams asking for the prompt
     log-probs (`prompt_logprobs=0`, `max_tokens=1`, temperature 1): vLLM computes them as
-    log_softmax of the raw logits, what `completion_logprobs` computes at temperature 1."""
+    log_softmax of the raw logits, what `completion_logprobs` computes at temperature 1. The
+    trainer's forward is queued first and read last, so the device runs it while vLLM prepares its
+    request on the host."""
     ids = [int(t) for t in probe]
-    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
-    scored = out.prompt_logprobs  # [None, {token: Logprob} for tokens 1..T-1]
-    if scored is None or len(scored) != len(ids):
-        raise RuntimeError(f"vLLM returned no prompt log-probs for the {len(ids)} probe tokens")
-    v_logp = torch.tensor([scored[i][t].logprob for i, t in enumerate(ids) if i > 0], dtype=torch.float32)  # (T-1,)
     device = next(policy.parameters()).device
     x = torch.tensor([ids], device=device)  # (1, T)
     with _eval_mode(policy), torch.no_grad():
         t_logp = completion_logprobs(
             policy, x, torch.ones_like(x), torch.ones(1, len(ids) - 1, dtype=torch.long, device=device)
-        )[0].cpu()  # (T-1,)
-    diff = (v_logp - t_logp).abs()
+        )[0]  # (T-1,) on the device
+    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    scored = out.prompt_logprobs  # [None, {token: Logprob} for tokens 1..T-1]
+    if scored is None or len(scored) != len(ids):
+        raise RuntimeError(f"vLLM returned no prompt log-probs for the {len(ids)} probe tokens")
+    v_logp = torch.tensor([scored[i][t].logprob for i, t in enumerate(ids) if i > 0], dtype=torch.float32)  # (T-1,)
+    diff = (v_logp - t_logp.cpu()).abs()
     return float(diff.max()), float(diff.mean())
+
+
+class ProbeSchedule:
+    """Which syncs run the log-prob probe (the fingerprints check every sync).
+
+    The fingerprints prove, every sync, that the engine holds the pushed bytes of every tensor it
+    stores as pushed. The probe proves that vLLM's forward on those bytes computes the trainer's
+    log-probs (layouts, fused or repacked projections, a tied head): that depends on how weights
+    are loaded, the same at every sync, so the first sync proves it and later probes re-check the
+    weights no fingerprint sees. Probed: the first sync; every `every`-th sync since the last
+    probe (0: never again); the next sync after a failed check, and one after the engine dropped
+    its weights (sleep level 2: they are re-created), whatever `every` says.
+    """
+
+    def __init__(self, every: int) -> None:
+        if every < 0:
+            raise ValueError(f"probe_every must be >= 0 (0 = only the first sync), got {every}")
+        self.every = every
+        self.unprobed = 0  # syncs since the last probe
+        self.due = True  # the next sync probes (the first one; after a failure or a weight drop)
+
+    def probe_next(self, *, weights_recreated: bool = False) -> bool:
+        """Counts a sync; whether its check runs the probe."""
+        self.unprobed += 1
+        self.due |= weights_recreated
+        return self.due or (self.every > 0 and self.unprobed >= self.every)
+
+    def probed(self) -> None:
+        """A check with the probe passed."""
+        self.unprobed, self.due = 0, False
+
+    def failed(self) -> None:
+        """A check failed: the next sync probes."""
+        self.due = True
 
 
 @contextlib.contextmanager
@@ -302,6 +356,7 @@ def quiet_reload() -> Iterator[None]:
 
 __all__ = [
     "PROBE_TOLERANCE",
+    "ProbeSchedule",
     "SyncError",
     "fingerprint",
     "fingerprints",
