@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import platform
 import re
@@ -48,6 +50,9 @@ def environment() -> dict[str, Any]:
         env["triton"] = triton.__version__
     except ImportError:
         pass
+    for package in ("transformers", "vllm", "trl", "liger-kernel"):  # read from metadata, never imported
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            env[package] = importlib.metadata.version(package)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(
