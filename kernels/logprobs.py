@@ -352,6 +352,22 @@ class LinearLogprobsFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
+def head_path(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, impl: str) -> str:
+    """Check an LM-head call's inputs (hidden (..., D), weight (V, D), targets (...)) and resolve impl
+    to "triton" or "ref"; fp64 inputs take the reference (the kernels compute in fp32)."""
+    D = hidden.shape[-1]
+    assert weight.dim() == 2 and weight.shape[1] == D, f"weight {tuple(weight.shape)} vs hidden (..., {D})"
+    assert targets.shape == hidden.shape[:-1], f"targets {tuple(targets.shape)} vs hidden {tuple(hidden.shape)}"
+    assert weight.dtype == hidden.dtype, f"weight {weight.dtype} vs hidden {hidden.dtype}"
+    assert temperature > 0, f"temperature must be positive, got {temperature}"
+    path = resolve_impl(impl, hidden, weight)
+    if hidden.dtype == torch.float64 and path == "triton":
+        if impl == "triton":
+            raise ValueError("impl='triton' computes in fp32; use impl='ref' for fp64 inputs")
+        path = "ref"
+    return path
+
+
 def fused_linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -377,15 +393,7 @@ def fused_linear_logprobs(
         logp (...) fp32, or (logp, entropy), both (...) fp32.
     """
     D = hidden.shape[-1]
-    assert weight.dim() == 2 and weight.shape[1] == D, f"weight {tuple(weight.shape)} vs hidden (..., {D})"
-    assert targets.shape == hidden.shape[:-1], f"targets {tuple(targets.shape)} vs hidden {tuple(hidden.shape)}"
-    assert weight.dtype == hidden.dtype, f"weight {weight.dtype} vs hidden {hidden.dtype}"
-    assert temperature > 0, f"temperature must be positive, got {temperature}"
-    path = resolve_impl(impl, hidden, weight)
-    if hidden.dtype == torch.float64 and path == "triton":  # the kernels compute in fp32
-        if impl == "triton":
-            raise ValueError("impl='triton' computes in fp32; use impl='ref' for fp64 inputs")
-        path = "ref"
+    path = head_path(hidden, weight, targets, temperature, impl)
     h2 = hidden.reshape(-1, D)  # (N, D)
     tgt = targets.reshape(-1).to(torch.int64).contiguous()  # (N,)
     logp, entropy = LinearLogprobsFunction.apply(

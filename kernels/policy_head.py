@@ -55,8 +55,15 @@ from collections.abc import Callable
 
 import torch
 
-from ._triton import resolve_impl
-from .logprobs import _NEG, _tile_grad_ref, _tile_grad_triton, _tile_stats_ref, _tile_stats_triton, linear_logprobs_ref
+from .logprobs import (
+    _NEG,
+    _tile_grad_ref,
+    _tile_grad_triton,
+    _tile_stats_ref,
+    _tile_stats_triton,
+    head_path,
+    linear_logprobs_ref,
+)
 
 TokenLoss = Callable[[torch.Tensor, int, int], torch.Tensor]  # (logp (r,), start, stop) -> losses (r,)
 _SCRATCH_ELEMS = {"cuda": 160 * 2**20, "cpu": 4 * 2**20}  # logits of one block of tokens x V
@@ -224,17 +231,8 @@ def fused_linear_token_loss(
         logp: (N,) fp32 log-probs, detached.
         entropy: (N,) fp32, detached, or None without return_entropy.
     """
-    assert hidden.dim() == 2 and weight.dim() == 2 and weight.shape[1] == hidden.shape[1], (
-        f"hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)}"
-    )
-    assert targets.shape == hidden.shape[:1], f"targets {tuple(targets.shape)} vs hidden {tuple(hidden.shape)}"
-    assert weight.dtype == hidden.dtype, f"weight {weight.dtype} vs hidden {hidden.dtype}"
-    assert temperature > 0, f"temperature must be positive, got {temperature}"
-    path = resolve_impl(impl, hidden, weight)
-    if hidden.dtype == torch.float64 and path == "triton":  # the kernels compute in fp32
-        if impl == "triton":
-            raise ValueError("impl='triton' computes in fp32; use impl='ref' for fp64 inputs")
-        path = "ref"
+    assert hidden.dim() == 2, f"hidden must be (N, D), got {tuple(hidden.shape)}"
+    path = head_path(hidden, weight, targets, temperature, impl)
     grad_on = torch.is_grad_enabled()
     need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
     tgt = targets.to(torch.int64).contiguous()

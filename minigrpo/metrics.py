@@ -256,9 +256,9 @@ class MetricsLogger:
         if values.get("frac_zero_spread", 0) >= 1 and "zero" not in self._notes:
             self._notes.add("zero")
             self._write(
-                f"note: step {step}: every group got identical rewards (zero%=100), so every advantage "
-                "and the policy-gradient loss are 0: nothing to learn from this batch "
-                "(all right or all wrong? check the samples)."
+                f"note: step {step}: every group got identical rewards (zero%=100), so no completion is "
+                "better than another (GRPO: every advantage is 0; online DPO: no pair): nothing to learn "
+                "from this batch (all right or all wrong? check the samples)."
             )
         for name in reward_function_names(list(values)):
             if math.isnan(values[f"reward/{name}"]) and f"unscored/{name}" not in self._notes:

@@ -137,6 +137,8 @@ def rollout_phase(
     )
     metrics = {k: v for k, v in metrics.items() if not k.startswith("reward/total")}  # "reward" below
     group_stats = {k: float(v) for k, v in advantages.group_reward_stats(everyone, G).items() if v.ndim == 0}
+    if G == 1:  # groups of one (PPO: the critic is the baseline) have no spread to speak of
+        group_stats.pop("frac_zero_spread", None)
     metrics["reward"] = group_stats.pop("reward_mean")
     metrics.update(group_stats)
     metrics["sampling_rounds"] = float(rounds)

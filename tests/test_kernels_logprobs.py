@@ -11,9 +11,8 @@ import importlib
 
 import pytest
 import torch
+from helpers.allocations import LargestOutput
 from helpers.kernel_checks import DEVICES, FLOOR, need_interpreter, rel_err
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from minigrpo.kernels import (
     fused_linear_cross_entropy,
@@ -171,24 +170,9 @@ def test_logprobs_auto_is_ref_on_cpu():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the largest tensor (in bytes) produced by any op while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.nbytes, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.nbytes:
-                self.nbytes, self.op = t.numel() * t.element_size(), str(func)
-        return out
-
-
 def _largest_during_fwd_bwd(fn, h, w):
     h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    with _LargestOutput() as rec:
+    with LargestOutput() as rec:
         logp, ent = fn(h, w)
         (logp.sum() + ent.sum()).backward()
     return rec

@@ -17,10 +17,9 @@ import functools
 
 import pytest
 import torch
+from helpers.allocations import LargestOutput
 from helpers.kernel_checks import DEVICES, FLOOR, need_interpreter, rel_err
 from helpers.tiny import tiny_model
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from minigrpo import grpo, step, update_loss
 from minigrpo.kernels import fused_linear_token_loss, linear_logprobs_ref, linear_token_loss_ref
@@ -209,21 +208,6 @@ def test_frozen_head_and_no_grad():
     assert not again.requires_grad and rel_err(again, ref[0]) < 1e-5
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the largest tensor (in bytes) produced by any op while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.nbytes, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.nbytes:
-                self.nbytes, self.op = t.numel() * t.element_size(), str(func)
-        return out
-
-
 @pytest.mark.parametrize("impl", ["triton", "ref"])
 def test_never_allocates_full_logits(impl):
     if impl == "triton":
@@ -232,11 +216,11 @@ def test_never_allocates_full_logits(impl):
     h = torch.randn(n, D, requires_grad=True)
     w = torch.randn(V, D, requires_grad=True)
     tgt = torch.randint(0, V, (n,))
-    with _LargestOutput() as rec:
+    with LargestOutput() as rec:
         loss = fused_linear_token_loss(h, w, tgt, lambda lp, a, b: -lp, impl=impl, rows=rows)[0]
         loss.backward()
     assert rec.nbytes <= rows * V * 4, f"{rec.op} made {rec.nbytes} B; a block of logits is {rows * V * 4} B"
-    with _LargestOutput() as plain:
+    with LargestOutput() as plain:
         linear_token_loss_ref(h, w, tgt, lambda lp, a, b: -lp)[0].backward()
     assert plain.nbytes >= n * V * 4  # the recorder does see the spec's (n, V) logits
 

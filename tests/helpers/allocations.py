@@ -68,3 +68,18 @@ class AllocationTracker(TorchDispatchMode):
                     self._bytes += storage.nbytes()
         self.peak = max(self.peak, self._bytes)
         return out
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the largest tensor (in bytes) produced by any op while active: `nbytes` and its `op`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.nbytes:
+                self.nbytes, self.op = t.numel() * t.element_size(), str(func)
+        return out
