@@ -1,11 +1,13 @@
 """The rollout benchmarks run end to end at smoke sizes on the CPU, so the GPU run has no surprises:
 bench_rollout's long-tail case through the own sampler's compaction and logits processor must
 produce exactly the drawn token count, and profile_decode must attribute kernel (here: op) time
-to every part of the step."""
+to every part of the step. compare_algorithms trains GRPO, online DPO and PPO through the training
+entry point on a tiny model and must record every algorithm's curve, timings, memory and metrics."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -40,3 +42,59 @@ def test_profile_decode_smoke(tmp_path):
     assert set(case["by_part_ms"]) == {"layers", "lm head", "sampling"}, case["by_part_ms"]
     assert all(ms > 0 for ms in case["by_part_ms"].values())
     assert abs(sum(v["ms"] for v in case["by_kind"].values()) - case["kernels_ms"]) < 1e-6 * max(1, case["kernels_ms"])
+
+
+def test_compare_algorithms_smoke(tmp_path):
+    """Three tiny runs of 3 steps (no eval: its processes would double the time), each in its own
+    process: every algorithm's reward curve and numbers, the budget kept equal (PPO: 16 prompts x 1
+    = GRPO's 2 x 8), dpo.* reaching only online DPO. ~45 s on 2 busy CPU cores."""
+    args = ["--quick", "--no-eval", "--out-dir", str(tmp_path), "--set", "dpo.beta=0.2", "run.seed=1"]
+    proc = run_benchmark("compare_algorithms.py", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("algorithms_*.json")
+    (png,) = tmp_path.glob("algorithms_*.png")
+    assert png.stat().st_size > 10_000, png.stat()
+    result = json.loads(path.read_text())
+    runs = result["runs"]
+    assert list(runs) == ["grpo", "online_dpo", "ppo"] and not result["errors"], result["errors"]
+    for name, run in runs.items():
+        assert run["error"] is None and run["steps"] == [1, 2, 3], (name, run["error"], run["steps"])
+        rewards = run["series"]["reward"]
+        assert len(rewards) == 3 and all(-1.0 <= r <= 1.0 for r in rewards), (name, rewards)  # proximity's range
+        s = run["summary"]
+        assert s["measured_steps"] == [3], s
+        phases = s["rollout_s"] + s["logprobs_s"] + s["update_s"] + s["sync_s"]
+        assert s["seconds_per_step"] > 0 and abs(s["seconds_per_step"] - phases) < 1e-6, s  # one step: its phases
+        assert s["logprobs_update_s"] == s["logprobs_s"] + s["update_s"] > 0, s
+        assert 0.05 < s["peak_gib"] < 64, s  # the CPU: the process's peak RSS
+        assert run["settings"]["completions_per_step"] == 16 and "run.seed=1" in run["overrides"], run["settings"]
+        assert run["settings"]["kl_or_dpo_beta"] == {"grpo": 0.0, "online_dpo": 0.2, "ppo": 0.02}[name]
+    assert [runs[a]["settings"]["group_size"] for a in runs] == [8, 8, 1]
+    # same seed, weights and prompts: GRPO's and online DPO's first rollouts are the same samples
+    assert runs["grpo"]["series"]["reward"][0] == runs["online_dpo"]["series"]["reward"][0]
+    dpo, ppo = runs["online_dpo"]["summary"]["final"], runs["ppo"]["summary"]["final"]
+    assert dpo["dpo/pairs"] >= 1 and 0.0 <= dpo["dpo/accuracy"] <= 1.0, dpo
+    assert math.isfinite(ppo["ppo/explained_variance"]) and ppo["ppo/value_loss"] > 0, ppo
+    assert any(
+        line.startswith("optimizer_steps_per_step: grpo 1, online_dpo 1, ppo 4") for line in result["differences"]
+    )
+
+
+def test_compare_algorithms_records_failed_runs_and_rejects_bad_configs(tmp_path):
+    """A run that fails (here: past --timeout) is its row's error, not the script's; a config mistake
+    in one algorithm's run is one `error:` line naming it, before any run starts (no result file)."""
+    args = ["--quick", "--no-eval", "--algorithms", "grpo,ppo", "--out-dir", str(tmp_path)]
+    proc = run_benchmark("compare_algorithms.py", *args, "--timeout", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("algorithms_*.json")
+    result = json.loads(path.read_text())
+    assert result["errors"] == {"grpo": "timeout (1 s)", "ppo": "timeout (1 s)"}, result["errors"]
+    assert all(run["steps"] == [] and run["summary"] == {} for run in result["runs"].values())
+    path.unlink()
+
+    proc = run_benchmark("compare_algorithms.py", *args, "--set", "ppo.epochs=0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: ppo (configs/smollm2_arith_ppo.yaml): invalid config: ppo.epochs must be >= 1, got 0"
+    )
+    assert "=== algorithm" not in proc.stdout and not list(tmp_path.glob("algorithms_*.json"))
