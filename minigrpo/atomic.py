@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_probe_error(folder: str | Path) -> str | None:
+    """Why a file cannot be created in the existing folder `folder` (None: it can). A real file is
+    created and removed, since permission bits do not tell the whole story (read-only mounts, root)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".minigrpo-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return str(e.strerror or e)
+    return None
 
 
 def fsync_file(path: str | Path) -> None:

@@ -38,7 +38,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ import numpy as np
 import torch
 import yaml
 
-from minigrpo.atomic import fsync_dir, fsync_file
+from minigrpo.atomic import fsync_dir, fsync_file, write_probe_error
 from minigrpo.errors import one_line
 from minigrpo.models.loading import save_pretrained
 from minigrpo.models.safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header, save_file
@@ -97,9 +96,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def check_writable(directory: Path) -> None:
     """Raise CheckpointError naming `directory` unless checkpoints can be written there.
 
-    The folder need not exist yet: its nearest existing parent must be a writable folder. A real
-    file is created and removed there, since permission bits do not tell the whole story (read-only
-    mounts, root).
+    The folder need not exist yet: its nearest existing parent must be a writable folder (a file is
+    created there and removed: atomic.write_probe_error).
     """
     directory = Path(directory)
     existing = directory
@@ -109,12 +107,9 @@ def check_writable(directory: Path) -> None:
         raise CheckpointError(f"cannot write checkpoints to {directory}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot write checkpoints to {directory}: {existing} is not writable")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".minigrpo-write-check-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoints to {directory}: {e.strerror or e}") from e
+    problem = write_probe_error(existing)
+    if problem is not None:
+        raise CheckpointError(f"cannot write checkpoints to {directory}: {problem}")
 
 
 # ------------------------------------------------------------------------------------------------

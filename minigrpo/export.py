@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minigrpo.atomic import atomic_path
+from minigrpo.atomic import atomic_path, write_probe_error
 from minigrpo.errors import ArgumentParser, UserError, run_cli
 from minigrpo.models.gguf_write import (
     QUANT_TYPES,
@@ -149,12 +148,9 @@ def check_output(out: Path) -> None:
     folder = out.resolve().parent
     if not folder.is_dir():
         raise UserError(f"--out {out}: the folder {folder} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".minigrpo-write-check-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write in {folder} ({e.strerror or e})") from e
+    problem = write_probe_error(folder)
+    if problem is not None:
+        raise UserError(f"--out {out}: cannot write in {folder} ({problem})")
 
 
 def _adapter_base(checkpoint: Path) -> tuple[str, str | None]:

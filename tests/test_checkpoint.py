@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers.tiny import tiny_model
 
-from minigrpo import checkpoint
+from minigrpo import atomic, checkpoint
 from minigrpo.checkpoint import (
     CheckpointError,
     CheckpointWarning,
@@ -365,7 +365,7 @@ def test_check_writable_names_a_read_only_folder(tmp_path, monkeypatch):
     def read_only_mount(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only_mount)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only_mount)
     with pytest.raises(CheckpointError, match=rf"cannot write checkpoints to {folder}: Read-only file system"):
         check_writable(folder)
 
