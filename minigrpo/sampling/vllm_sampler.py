@@ -51,6 +51,7 @@ from .vllm_ranks import combined_sync_stats, default_group_kept, rank_engine_kwa
 from .vllm_sync import (
     ProbeSchedule,
     SyncError,
+    fingerprintable,
     policy_weights_for_sync,
     probe_logprob_diff,
     probe_sequence,
@@ -59,7 +60,6 @@ from .vllm_sync import (
     stale_tensors,
     weight_buckets,
     worker_clear_kv_cache,
-    worker_fingerprints,
     worker_load,
     worker_refresh_tied_head,
 )
@@ -186,8 +186,10 @@ class VLLMSampler:
         """The sampler a run's `Config` asks for (`sampler.kind: vllm`)."""
         s = cfg.sampler
         prompt_budget = cfg.data.max_prompt_tokens or 1024
+        # a sequence is a prompt and one turn; with env.kind a turn follows the episode so far (< max_episode_tokens)
+        history = cfg.env.max_episode_tokens if cfg.env.kind is not None else 0
         kwargs: dict[str, Any] = dict(
-            max_model_len=min(int(model.args.max_position_embeddings), prompt_budget + s.max_new_tokens),
+            max_model_len=min(int(model.args.max_position_embeddings), prompt_budget + history + s.max_new_tokens),
             max_num_seqs=max(math.ceil(cfg.grpo.prompts_per_step / torchrun_world().size) * cfg.grpo.group_size, 1),
             gpu_memory_utilization=s.gpu_memory_utilization,
             sleep=s.vllm_sleep,
@@ -282,8 +284,7 @@ class VLLMSampler:
             self._asleep = self._weights_dropped = False
         self.llm.reset_prefix_cache()
         if learn:  # first sync: which pushed tensors vLLM stores as they are (fingerprinted from now on)
-            readable, _ = self.llm.collective_rpc(worker_fingerprints, args=(shapes,))[0]
-            self._fingerprint_shapes = {n: shapes[n] for n in readable}
+            self._fingerprint_shapes = fingerprintable(self.llm, policy, shapes, self.dtype)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the push's device work counts in sync_s, not in verify_s
         t1 = time.perf_counter()
@@ -361,7 +362,9 @@ class VLLMSampler:
 
         Every row is one request; with a `key`, row i is seeded by row_seed(key, row_ids[i])
         (row_ids default 0..N-1), so the same key and ids reproduce the same tokens in any batch.
-        key=None: unseeded requests (vLLM's own stream).
+        key=None: unseeded requests (vLLM's own stream). `stats` counts the prompt tokens computed
+        (`prefill_tokens`) and those found in vLLM's prefix cache (`reused_tokens`, whole KV blocks:
+        a multi-turn episode's turn re-sends its history, which the cache mostly holds).
         """
         from vllm import SamplingParams as VParams
 
@@ -406,10 +409,13 @@ class VLLMSampler:
             completions.append((list(c.token_ids), logp, c.finish_reason == "length"))
         t_gen = time.perf_counter()
         rollout = self._to_rollout(prompts, completions, params)
+        cached = float(sum(out.num_cached_tokens or 0 for out in outputs))  # prompt tokens in the prefix cache
         rollout.stats.update(
             generate_s=t_gen - t0,
             total_s=time.perf_counter() - t0,
             tokens=float(rollout.completion_mask.sum()),
+            prefill_tokens=sum(len(r["prompt_token_ids"]) for r in requests) - cached,
+            reused_tokens=cached,
         )
         return rollout
 

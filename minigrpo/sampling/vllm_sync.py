@@ -14,7 +14,8 @@ parameters would not reach the kernels). Weights go in buckets of whole decoder 
 parts one call brings, so a call with q alone leaves k and v as whatever memory held.
 
 Proof (`SyncError` if it fails): (1) after every sync, fingerprints of every vLLM parameter stored
-as pushed (embeddings and norms on the CPU, also unfused projections on GPU) equal the policy's:
+as pushed (embeddings and norms on the CPU, also the projections on GPU, the fused q/k/v and
+gate/up ones block by block, `packed_rows`) equal the policy's:
 exact, catches updates too small for any log-prob test; both sides' fingerprints are computed on
 their device and read back together in one transfer (`stale_tensors`). (2) on the syncs
 `ProbeSchedule` picks (the first, then every k-th), the log-prob probe, one forward on each side:
@@ -198,12 +199,18 @@ def worker_fingerprints(
     worker: Any, shapes: dict[str, tuple[int, ...]], read_back: bool = True
 ) -> tuple[list[str], torch.Tensor]:
     """(names, (n, 3) fp64): fingerprints of the worker's parameters among `shapes` that it stores as
-    pushed (vocabulary padding cut off); the others are left out. read_back=False: left on the
-    worker's device, not waited for (in-process only: the tensor passes by reference)."""
-    params = dict(worker.model_runner.get_model().named_parameters())
+    pushed (vocabulary padding cut off), and of the row blocks of its fused parameters (`packed_rows`)
+    that hold a pushed tensor; the others are left out. read_back=False: left on the worker's device,
+    not waited for (in-process only: the tensor passes by reference)."""
+    model = worker.model_runner.get_model()
+    params = dict(model.named_parameters())
+    packed = packed_rows(params, getattr(model, "packed_modules_mapping", None) or {}, shapes)
 
     def stored_as_pushed() -> Iterator[tuple[str, torch.Tensor]]:
         for name, shape in shapes.items():
+            if name in packed:
+                yield name, packed[name]
+                continue
             p = params.get(name)
             if p is None or p.numel() == 0 or p.dim() != len(shape) or tuple(p.shape[1:]) != tuple(shape[1:]):
                 continue
@@ -211,6 +218,45 @@ def worker_fingerprints(
                 yield name, p.detach()[: shape[0]]
 
     return fingerprints(stored_as_pushed(), read_back=read_back)
+
+
+def worker_packed_names(worker: Any, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The pushed names among `shapes` that the worker holds as row blocks of fused parameters."""
+    model = worker.model_runner.get_model()
+    params = dict(model.named_parameters())
+    return list(packed_rows(params, getattr(model, "packed_modules_mapping", None) or {}, shapes))
+
+
+def packed_rows(
+    params: dict[str, torch.Tensor], mapping: dict[str, list[str]], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Pushed name -> the rows of a fused parameter that should hold it.
+
+    vLLM stacks some projections into one parameter along the first dim, in the order its model's
+    `packed_modules_mapping` lists them ({"qkv_proj": ["q_proj", "k_proj", "v_proj"], ...}): the
+    pushed `...q_proj.weight` lands in rows [0, R_q) of `...qkv_proj.weight`, k_proj after it, and so
+    on. Only parameters whose parts were all pushed, with matching trailing dims, and that have at
+    least their rows give views; whether a view really holds the pushed bytes (and not a repacked
+    layout, as on the CPU backend) is for the caller to find out: VLLMSampler keeps a name only if
+    its fingerprints matched at the first sync, which the probe also checks.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        parts = name.split(".")
+        for fused, members in mapping.items():
+            if fused not in parts[:-1] or name in shapes:
+                continue
+            at = parts.index(fused)
+            names = [".".join([*parts[:at], m, *parts[at + 1 :]]) for m in members]
+            if not all(n in shapes and tuple(shapes[n][1:]) == tuple(p.shape[1:]) for n in names):
+                continue
+            if sum(shapes[n][0] for n in names) > p.shape[0]:
+                continue
+            start = 0
+            for n in names:
+                out[n] = p.detach()[start : start + shapes[n][0]]  # (R_n, ...) view
+                start += shapes[n][0]
+    return out
 
 
 # ================================================================================================
@@ -235,6 +281,20 @@ def stale_tensors(llm: Any, policy: nn.Module, shapes: dict[str, tuple[int, ...]
         same = torch.isclose(ours[mine], theirs[other], rtol=1e-9, atol=0).all(1)  # (k,)
         stale += [names[int(i)] for i in mine[~same]]
     return sorted(stale)
+
+
+def fingerprintable(
+    llm: Any, policy: nn.Module, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
+) -> dict[str, tuple[int, ...]]:
+    """Of the names and shapes just pushed (the first sync), those the engine can fingerprint from now
+    on: parameters stored as pushed, and blocks of fused parameters (`packed_rows`) that equal what
+    was pushed (a block held in another layout, e.g. repacked on the CPU, never can: it is left to
+    the probe). A parameter stored as pushed is kept even if it differs now: the check must fail."""
+    readable, _ = llm.collective_rpc(worker_fingerprints, args=(shapes,))[0]
+    blocks = set(llm.collective_rpc(worker_packed_names, args=(shapes,))[0])
+    packed = {n: shapes[n] for n in readable if n in blocks}
+    differing = set(stale_tensors(llm, policy, packed, dtype)) if packed else set()
+    return {n: shapes[n] for n in readable if n not in differing}
 
 
 def probe_sequence(policy: nn.Module, prompt: Sequence[int], continuation: int) -> list[int]:
@@ -359,8 +419,10 @@ __all__ = [
     "ProbeSchedule",
     "SyncError",
     "fingerprint",
+    "fingerprintable",
     "fingerprints",
     "layer_unit",
+    "packed_rows",
     "policy_weights_for_sync",
     "probe_logprob_diff",
     "probe_sequence",
@@ -370,5 +432,6 @@ __all__ = [
     "worker_clear_kv_cache",
     "worker_fingerprints",
     "worker_load",
+    "worker_packed_names",
     "worker_refresh_tied_head",
 ]
