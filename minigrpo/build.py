@@ -122,10 +122,6 @@ def validate_distributed(cfg: Config, world_size: int) -> None:
         errors.append("distributed.strategy='fsdp' with lora.enabled: LoRA replicates its frozen base; use ddp")
     if strategy == "fsdp" and cfg.model.activation_offload:
         errors.append("model.activation_offload is not supported with FSDP; use gradient_checkpointing alone")
-    if cfg.algorithm == "ppo":
-        errors.append(
-            "algorithm=ppo runs in one process (its critic is neither sharded nor replicated): launch without torchrun"
-        )
     if errors:
         raise ConfigError("invalid config for distributed training:\n  - " + "\n  - ".join(errors))
 
@@ -328,10 +324,10 @@ def build_run(
     frozen_copy = needs_reference(cfg) and not cfg.lora.enabled
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if frozen_copy else None
     critic = None  # PPO's value model starts from the initial policy too (or ppo.value_path)
-    if cfg.algorithm == "ppo":
+    if cfg.algorithm == "ppo":  # replicated on every rank, so in the compute dtype as in one process
         from minigrpo.algorithms.value_model import build_critic
 
-        critic = build_critic(cfg, model, device, param_dtype, cfg.train.steps * updates_per_step(cfg))
+        critic = build_critic(cfg, model, device, dtype, cfg.train.steps * updates_per_step(cfg))
     if resume is not None:  # weights first, into the whole model: sharding comes after
         if cfg.lora.enabled:
             lora.load_peft_adapter(model, resume.path)
@@ -345,6 +341,8 @@ def build_run(
                 shard_model(m, world, compute_dtype=dtype, reshard_after_forward=cfg.distributed.reshard_after_forward)
     elif strategy == "ddp":
         broadcast_trainable(model, world)
+    if critic is not None:
+        broadcast_trainable(critic.model, world)  # replicated under either strategy
     if world.rank:
         seed_everything(cfg.run.seed + world.rank)  # rank 0 keeps the run seed's stream (as one process)
     examples, prompt_tokens = prompts_that_fit(cfg, examples, tokenizer)

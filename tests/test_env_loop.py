@@ -213,3 +213,27 @@ def test_a_tiny_model_learns_to_earn_a_tool_only_reward(workspace):
     assert last >= 0.95, [round(u, 2) for u in use]
     assert sum(reward[-5:]) / 5 >= 0.85, [round(x, 2) for x in reward]
     assert records[-1].get("env/reward_turns_2", 0) >= 0.85
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "sections"),
+    [
+        ("online_dpo", {"dpo": {"pairs": "all"}}),
+        (
+            "ppo",
+            {"grpo": {"prompts_per_step": 8, "group_size": 1}, "ppo": {"epochs": 2}, "train": {"micro_batch_size": 8}},
+        ),
+    ],
+)
+def test_other_algorithms_train_on_episode_rows(workspace, algorithm, sections):
+    """Online DPO and PPO take the same multi-turn rows as GRPO (loss on the model's tokens only)."""
+    cfg = env_config(
+        workspace, f"episodes_{algorithm}", algorithm=algorithm, rewards=[{"name": "proximity"}], **sections
+    )
+    records = launch(workspace, cfg)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert 1.0 <= r["env/turns_mean"] <= 3.0 and math.isfinite(r["loss"])
+    key = "dpo/pairs" if algorithm == "online_dpo" else "ppo/explained_variance"
+    assert all(key in r for r in records), sorted(records[0])
+    assert any(r["grad_norm"] > 0 for r in records), "no step trained"

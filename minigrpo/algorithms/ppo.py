@@ -19,10 +19,25 @@ mini-batch, fixed before its first micro-batch, so any micro-batch split gives t
 The policy and the critic share no trainable weight (a LoRA critic has its own adapters on the
 frozen base), so two backward passes give exactly the gradients of pg_loss + vf_coef * value_loss.
 Rows whose reward could not be scored (NaN) are left out of every sum.
+
+Several ranks (torchrun). Each rank holds its contiguous share of the step's rows (step.rollout_phase;
+a row stands alone, group_size 1) and computes their log-probs, values, rewards and GAE itself:
+all of that is per row. What spans rows is global: the whitening mean and variance, and every
+ppo/* mean, are sums over every rank's tokens (`batch_moments`); the mini-batches are those of one
+process, drawn as one permutation of the GLOBAL row indices (the same on every rank), and each rank
+trains on its own rows of each; a mini-batch's token normaliser is its token count over all ranks
+(from the gathered per-row counts). The losses are multiplied by the world size, since the
+gradient reduction averages: every optimizer step then sees the gradient one process computes on
+the whole mini-batch, whatever the ranks' shares (a share may be empty; under FSDP such a rank
+runs idle passes so that every rank joins every gather and reduction). The critic is replicated
+on every rank (its gradients all-reduced in step.optimizer_step, as replicated LoRA adapters are),
+both kinds: the simplest correct choice; it costs a whole critic (and its optimizer state) per
+rank where FSDP shards the policy. Rank 0 writes it into checkpoints; every rank resumes it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,18 +45,24 @@ import torch
 from minigrpo.algorithms.ppo_math import (
     clipped_policy_loss,
     clipped_value_loss,
-    explained_variance,
     gae,
-    masked_mean_var,
     per_token_rewards,
     whiten,
 )
 from minigrpo.algorithms.value_model import Critic, ValueModel
-from minigrpo.distributed import World, combine_stats
+from minigrpo.distributed import World, combine_stats, gather_rows, merge_stats
 from minigrpo.logprobs import completion_logprobs
 from minigrpo.sampling.params import stream_key
 from minigrpo.sampling.rollout import Rollout
-from minigrpo.step import Batch, logprobs_phase, micro_batches, optimizer_step, reference_pass
+from minigrpo.step import (
+    Batch,
+    idle_pass,
+    logprobs_phase,
+    micro_batches,
+    num_passes,
+    optimizer_step,
+    reference_pass,
+)
 
 
 def update(run: Any, batch: Batch) -> dict[str, float]:
@@ -68,11 +89,26 @@ def critic_values(critic: ValueModel, rollout: Rollout, size: int) -> torch.Tens
 
 def mini_batch_rows(n: int, count: int, key: tuple[int, ...]) -> list[torch.Tensor]:
     """`count` equal mini-batches of row indices: in order for one, else a permutation drawn from the
-    stream `key` (a resumed run draws the same)."""
+    stream `key` (a resumed run draws the same; so does every rank)."""
     if count == 1:
         return [torch.arange(n)]
     generator = torch.Generator().manual_seed(stream_key(*key)[0])
     return list(torch.randperm(n, generator=generator).chunk(count))
+
+
+def batch_moments(world: World, tensors: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """Mean and (population) variance of each (N, Tc) tensor over the active tokens of every rank:
+    ppo_math.masked_mean_var of the whole batch, as sums over ranks (one round for the means, one for
+    the squared deviations from them). (0, 0) when the batch has no active token."""
+    active = mask > 0  # (N, Tc)
+    local = {"tokens_sum": float(active.sum())}
+    local.update({f"{k}_sum": float(torch.where(active, x, 0.0).sum()) for k, x in tensors.items()})
+    sums, _ = merge_stats(world, local, 1.0)
+    n = max(sums["tokens_sum"], 1.0)
+    means = {k: sums[f"{k}_sum"] / n for k in tensors}
+    local = {f"{k}_sum": float(torch.where(active, (x - means[k]).square(), 0.0).sum()) for k, x in tensors.items()}
+    squares, _ = merge_stats(world, local, 1.0)
+    return {k: (means[k], squares[f"{k}_sum"] / n) for k in tensors}
 
 
 def ppo_update(
@@ -90,37 +126,44 @@ def ppo_update(
     """ppo.epochs x ppo.mini_batches optimizer steps of the policy and the critic on one batch.
 
     Args:
-        batch: the scored rollout (N rows); batch.rewards (N,) are the sequence scores.
+        batch: the scored rollout (N rows: this rank's); batch.rewards (N,) are the sequence scores.
         old_logp: (N, Tc) log-probs of the completions under the policy before this update.
         ref_logp: (N, Tc) under the reference policy; None when ppo.kl_coef is 0.
 
-    Returns the step's metrics: loss, grad_norm, lr, entropy and ppo/* (see the end).
+    Returns the step's metrics (of the whole batch, all ranks): loss, grad_norm, lr, entropy and ppo/*.
     """
     world = world or World()
-    if world.distributed:
-        raise NotImplementedError("algorithm=ppo runs in one process")
     p, r = cfg.ppo, batch.rollout
     N, size = r.num_sequences, cfg.train.micro_batch_size
     device = old_logp.device
 
-    # ---- the step's targets, once, before any weight moves
+    # ---- the step's targets, once, before any weight moves (per row: this rank's rows alone)
     scores = batch.rewards.to(device=device, dtype=torch.float32)  # (N,)
     scored = torch.isfinite(scores)  # (N,)
     mask = r.loss_mask.to(device=device, dtype=torch.float32) * scored[:, None]  # (N, Tc) the actions
     old_values = critic_values(critic.model, r, size)  # (N, Tc)
     rewards, kl = per_token_rewards(torch.where(scored, scores, 0.0), old_logp, ref_logp, mask, p.kl_coef)
     advantages, returns = gae(rewards, old_values, mask, p.gamma, p.lam)  # (N, Tc) each
-    adv_mean, adv_var = masked_mean_var(advantages, mask)
+    moments = batch_moments(  # over every rank's tokens
+        world,
+        {"advantages": advantages, "returns": returns, "values": old_values, "errors": returns - old_values, "kl": kl},
+        mask,
+    )
     if p.whiten_advantages:
-        advantages = whiten(advantages, mask)
+        advantages = whiten(advantages, mask, moments=moments["advantages"])
+    var_returns, var_errors = moments["returns"][1], moments["errors"][1]
     targets = {
-        "ppo/advantages_mean": float(adv_mean),
-        "ppo/advantages_std": float(adv_var.sqrt()),
-        "ppo/returns_mean": float(masked_mean_var(returns, mask)[0]),
-        "ppo/values_mean": float(masked_mean_var(old_values, mask)[0]),
-        "ppo/explained_variance": float(explained_variance(old_values, returns, mask)),
-        "ppo/kl": float(masked_mean_var(kl, mask)[0]),  # k1 of the sampling policy vs the reference
+        "ppo/advantages_mean": moments["advantages"][0],
+        "ppo/advantages_std": math.sqrt(moments["advantages"][1]),
+        "ppo/returns_mean": moments["returns"][0],
+        "ppo/values_mean": moments["values"][0],
+        # ppo_math.explained_variance of the whole batch: 1 - Var(R - V) / Var(R), NaN if R is constant
+        "ppo/explained_variance": 1 - var_errors / var_returns if var_returns > 0 else math.nan,
+        "ppo/kl": moments["kl"][0],  # k1 of the sampling policy vs the reference
     }
+    # the active tokens of every row of the step (all ranks, global row order): mini-batch normalisers
+    row_tokens, first = gather_rows(world, mask.sum(-1).cpu())  # (N_all,), this rank's first global row
+    mine = slice(first, first + N)
 
     # ---- epochs over mini-batches: one optimizer step of each model per mini-batch
     model.train()
@@ -129,12 +172,17 @@ def ppo_update(
     steps: list[dict[str, float]] = []
     for epoch in range(p.epochs):
         key = (cfg.run.seed, scheduler.last_epoch, epoch)  # the scheduler counts the optimizer steps taken
-        for rows in mini_batch_rows(N, p.mini_batches, key):
-            sub = r.select(rows)
-            n_tokens = int(mask[rows.to(device)].sum())  # the normaliser of this optimizer step
+        for rows in mini_batch_rows(len(row_tokens), p.mini_batches, key):  # global row indices
+            n_tokens = int(row_tokens[rows].sum())  # the normaliser of this optimizer step, all ranks
+            own = rows[(rows >= mine.start) & (rows < mine.stop)] - first  # (n,) this rank's rows of it
+            batches = list(micro_batches(r.select(own), size))
             loss_total = 0.0
-            for local, ids, attn, cmask in micro_batches(sub, size):
-                idx = rows[local].to(device)
+            for i in range(num_passes(world, model, len(own), size)):
+                if i >= len(batches):  # FSDP: every rank joins every pass's collectives
+                    idle_pass(model, world.device, backward=True)
+                    continue
+                local, ids, attn, cmask = batches[i]
+                idx = own[local].to(device)
                 Tc = cmask.shape[1]
                 m = mask[idx, :Tc]
                 logp, entropy = completion_logprobs(
@@ -143,14 +191,14 @@ def ppo_update(
                 pg, pg_stats = clipped_policy_loss(
                     logp, old_logp[idx, :Tc], advantages[idx, :Tc], m, p.clip_eps, n_tokens
                 )
-                pg.backward()
+                (pg * world.size).backward()  # the gradient reduction averages over the ranks
                 with critic.model.active():  # the value pass's forward and backward (a LoRA critic)
                     values = critic.model.values(ids, attn, Tc)  # (b, Tc)
                     vl, v_stats = clipped_value_loss(
                         values, old_values[idx, :Tc], returns[idx, :Tc], m, p.value_clip, n_tokens
                     )
-                    (p.vf_coef * vl).backward()
-                loss_total += float(pg.detach()) + p.vf_coef * float(vl.detach())
+                    (p.vf_coef * vl * world.size).backward()
+                loss_total += float(pg.detach()) + p.vf_coef * float(vl.detach())  # this rank's share
                 tokens = float(pg_stats.pop("active_tokens"))
                 stats = {**pg_stats, **v_stats, "entropy": (entropy.detach() * m).sum() / max(tokens, 1)}
                 parts.append(({k: float(v) for k, v in stats.items()}, tokens))  # token-weighted means
@@ -159,14 +207,15 @@ def ppo_update(
             steps.append({"loss": loss_total, "grad_norm": policy_norm, "lr": lr})
             steps[-1].update({"value_grad_norm": value_norm, "value_lr": value_lr})
 
-    # ---- metrics
-    stats, _ = combine_stats(parts)
+    # ---- metrics of the whole batch: micro-batches and ranks combined, the rank shares of the loss summed
+    stats, _ = merge_stats(world, *combine_stats(parts))
     mean = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
-    out = {"loss": mean["loss"], "grad_norm": mean["grad_norm"], "lr": mean["lr"], "entropy": stats.pop("entropy")}
+    loss = merge_stats(world, {"loss_sum": mean["loss"]}, 1.0)[0]["loss_sum"]
+    out = {"loss": loss, "grad_norm": mean["grad_norm"], "lr": mean["lr"], "entropy": stats.pop("entropy")}
     out.update({f"ppo/{k}": v for k, v in stats.items()})
     out.update({"ppo/value_grad_norm": mean["value_grad_norm"], "ppo/value_lr": mean["value_lr"]})
     out.update(targets)
     return out
 
 
-__all__ = ["critic_values", "mini_batch_rows", "ppo_update", "update"]
+__all__ = ["batch_moments", "critic_values", "mini_batch_rows", "ppo_update", "update"]

@@ -116,10 +116,14 @@ def masked_mean_var(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True) -> Tensor:
+def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, moments: tuple[float, float] | None = None) -> Tensor:
     """(x - mean) / sqrt(var + 1e-8) over the active entries (mean kept when shift_mean is False);
-    inactive entries are 0. Advantages whitened over the whole step: a batch-wide baseline and scale."""
-    mean, var = masked_mean_var(x, mask)
+    inactive entries are 0. Advantages whitened over the whole step: a batch-wide baseline and scale.
+    `moments`: the (mean, variance) to use, e.g. those of every rank's tokens (None: x's over mask)."""
+    if moments is None:
+        mean, var = masked_mean_var(x, mask)
+    else:
+        mean, var = (torch.tensor(m, dtype=x.dtype, device=x.device) for m in moments)
     out = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
     if not shift_mean:
         out = out + mean

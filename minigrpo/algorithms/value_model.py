@@ -20,6 +20,10 @@ Two kinds (`ppo.value_model`):
                forward during backward, so the value loss's backward must run inside `active()` too;
                the policy's own forward and backward run outside it and never see the critic's pairs.
 
+Under torchrun both kinds are replicated on every rank: built the same everywhere (and rank 0's
+weights broadcast), their gradients all-reduced in step.optimizer_step; a separate body is built in
+the compute dtype even where FSDP keeps the policy's parameters in fp32 (algorithms/ppo.py).
+
 The head is (1, D) without bias, fp32, and starts at zero (a reward model's score head excepted):
 the first values are exactly 0, so the first step's advantages are those of the rewards alone, and
 no random head adds noise to them. The body then gets its first gradient once the head has moved.
@@ -229,8 +233,8 @@ def build_value_model(cfg, policy: nn.Module, device: torch.device, dtype: torch
                 f"ppo.value_path={p.value_path!r} has a vocabulary of {body.args.vocab_size} tokens, the policy "
                 f"{policy.args.vocab_size}: the critic reads the policy's token ids"
             )
-    else:  # the policy's starting weights, without its adapters
-        body, head = strip_lora(copy.deepcopy(policy)), None
+    else:  # the policy's starting weights, without its adapters (FSDP's fp32 masters cast to dtype)
+        body, head = strip_lora(copy.deepcopy(policy)).to(dtype), None
     body.gradient_checkpointing = cfg.model.gradient_checkpointing
     body.activation_offload = cfg.model.activation_offload
     return SeparateValueModel(body, head).to(device)
