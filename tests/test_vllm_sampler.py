@@ -4,8 +4,9 @@ One in-process engine serves the whole module: a tiny Llama with head_dim 32 (th
 the CPU attention backend supports), fp32, and tied embeddings, the case where the CPU backend's
 packed LM head needs a refresh after every sync (untied heads are synced like any other weight;
 benchmarks/bench_sync.py verifies them). Tests that change weights sync first, so their order does
-not matter. The last tests train through the real entry point under torchrun (two gloo ranks, each
-with an engine of its own, in subprocesses). Without vLLM installed (the main .venv) only the
+not matter. Multi-turn episodes run through it too (each turn re-sends the episode so far), alone and
+in a training run. The last tests train through the real entry point under torchrun (two gloo ranks,
+each with an engine of its own, in subprocesses). Without vLLM installed (the main .venv) only the
 pure-tensor tests run; `make test` runs this module a second time in the vLLM environment
 (.ci/install_vllm.sh).
 """
@@ -755,6 +756,36 @@ def test_minigrpo_lora_policy_syncs_merged(engine):
 # the GRPO loop
 
 
+def lend_engine(sampler: VLLMSampler, patch: pytest.MonkeyPatch) -> None:
+    """What `sampler.kind: vllm` builds, while `patch` lasts: the module's engine (a second in-process
+    engine cannot start), given the run's tokenizer, the max_model_len the real `from_config` asks
+    for (at most the engine's own) and the run's policy by a sync; the run's close() leaves it open."""
+    real_from_config = VLLMSampler.from_config
+    engine_len = sampler.llm.llm_engine.model_config.max_model_len
+
+    class Shared:
+        """The module's engine, lent to a run: everything but close() goes to it."""
+
+        def __getattr__(self, name):
+            return getattr(sampler, name)
+
+        def close(self) -> None:
+            pass
+
+    def make_vllm(cfg, model, tokenizer, **_):
+        asked: dict = {}
+        with pytest.MonkeyPatch.context() as building:
+            building.setattr(VLLMSampler, "__init__", lambda self, model, tok, **kw: asked.update(kw))
+            real_from_config(cfg, model, tokenizer)
+        assert asked["max_model_len"] <= engine_len, f"the run needs a longer engine: {asked}"
+        patch.setattr(sampler, "max_model_len", asked["max_model_len"])
+        patch.setattr(sampler, "tokenizer", tokenizer)
+        sampler.sync(model)
+        return Shared()
+
+    patch.setattr(VLLMSampler, "from_config", staticmethod(make_vllm))
+
+
 @needs_vllm
 def test_grpo_run_with_the_vllm_sampler_matches_the_own_sampler(engine, tmp_path, monkeypatch):
     """The copy task of tests/test_train.py with `sampler.kind: vllm` (the module's engine, lent to
@@ -767,20 +798,6 @@ def test_grpo_run_with_the_vllm_sampler_matches_the_own_sampler(engine, tmp_path
     sampler, _, _, _ = engine
     tiny_run_checkpoint(tmp_path / "model", seed=0, **{k: v for k, v in ARCH.items() if k != "vocab_size"})
     write_copy_task(tmp_path / "train.jsonl")
-
-    class Shared:
-        """The module's engine, lent to a run: everything but close() goes to it."""
-
-        def __getattr__(self, name):
-            return getattr(sampler, name)
-
-        def close(self) -> None:
-            pass
-
-    def make_vllm(cfg, model, tokenizer, **_):  # what `sampler.kind: vllm` builds
-        sampler.tokenizer = tokenizer
-        sampler.sync(model)
-        return Shared()
 
     def run(kind: str, seed: int) -> list[float]:
         raw = {
@@ -796,7 +813,7 @@ def test_grpo_run_with_the_vllm_sampler_matches_the_own_sampler(engine, tmp_path
         }
         with monkeypatch.context() as patch:
             if kind == "vllm":
-                patch.setattr(VLLMSampler, "from_config", staticmethod(make_vllm))
+                lend_engine(sampler, patch)
             history = train_mod.train(Config.from_dict(raw))
         return [h["reward"] for h in history]
 
@@ -810,6 +827,190 @@ def test_grpo_run_with_the_vllm_sampler_matches_the_own_sampler(engine, tmp_path
     assert max(first.values()) < 0.35, f"the untrained policy should be near chance: {first}"
     assert min(last.values()) > 0.8, f"a sampler's runs did not learn: {runs}"
     assert abs(last["own"] - last["vllm"]) < 0.15, f"own vs vLLM final rewards: {last}"
+
+
+# ================================================================================================
+# multi-turn episodes: every turn re-sends the episode so far (vLLM has no sessions)
+
+CHAT_WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "go", "on"]
+CHAT_WORDS += [*"0123456789", "what", "is", "?"]  # as many ids as the engine's vocabulary (WORDS)
+CHAT_TEMPLATE = (
+    "{%- for m in messages %}<|im_start|>{{ m.role }} {{ m.content }}<|im_end|> {% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+GO_ON = [CHAT_WORDS.index(w) for w in ("<|im_start|>", "user", "go", "on", "<|im_end|>", "<|im_start|>", "assistant")]
+DIGITS = tuple(range(CHAT_WORDS.index("0"), CHAT_WORDS.index("9") + 1))
+
+
+def chat_tokenizer():
+    """Word-level over CHAT_WORDS (digits one by one), <|im_end|> a stop token, the template above."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from minigrpo.tokenizer import Tokenizer
+
+    assert len(CHAT_WORDS) == len(WORDS)
+    backend = Backend(models.WordLevel({w: i for i, w in enumerate(CHAT_WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return Tokenizer(
+        backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", chat_template=CHAT_TEMPLATE,
+        extra_special_tokens=["<|im_start|>", "<|im_end|>"], extra_stop_ids=[CHAT_WORDS.index("<|im_end|>")],
+    )  # fmt: skip
+
+
+class GoOnEnv:
+    """Answers every model turn with "go on". A row {"q": text, "turns": k} is done after k turns; a
+    dataset example (a training run) never is: its episodes end at env.max_turns."""
+
+    def reset(self, row) -> list[dict]:
+        return [{"role": "user", "content": row["q"] if isinstance(row, dict) else row.prompt}]
+
+    def step(self, episode, text: str) -> tuple[list[dict], bool]:
+        done = isinstance(episode.row, dict) and len(episode.turns) >= episode.row["turns"]
+        return ([] if done else [{"role": "user", "content": "go on"}]), done
+
+
+def last_turn_length(prompts, completions, answers, **_):
+    """The characters of the model's last turn: rewards that differ within a group (a real update)."""
+    return [float(len(c)) for c in completions]
+
+
+LONG_QUESTION = "what is " + " ".join(str(i % 10) for i in range(140)) + " ?"  # > one 128-token CPU KV block
+EPISODE_ROWS = [{"q": "what is 1 2 ?", "turns": 3}, {"q": "what is 7 ?", "turns": 1}, {"q": LONG_QUESTION, "turns": 2}]
+
+
+def segments(episodes) -> list[list[tuple[str, list[int]]]]:
+    return [[(s.owner, s.token_ids) for s in e.segments] for e in episodes]
+
+
+@needs_vllm
+def test_episodes_through_vllm(engine, monkeypatch):
+    """run_episodes with the vLLM sampler: 3 rows x 2 episodes of GoOnEnv, done after 3, 1 and 2
+    turns; turns stop at a digit or <|im_end|>, 5 tokens at most, 22 per episode. With this policy
+    (seed 41) and key, episodes end done, at the budget (a last turn cut to what was left) and at a
+    cut turn (one of the 3-turn row after its first turn), after 1, 2 and 3 turns.
+
+    - segments alternate model / environment, the environment's always the 7 tokens of "go on";
+    - the rows' loss mask is 1 exactly on the model's tokens (tests/test_episodes.py's check_row) and
+      the trainer's log-probs of the rows equal vLLM's there (fp32, 5e-5), later turns included;
+    - turn k sends exactly the live episodes, one request each, its prompt the episode so far and its
+      seed row_seed((*key, k), row id): an episode that ended is never sent again;
+    - the same key replays the episodes, a row played alone plays the same, another key differs;
+    - the long row's later turns find its first 128-token block (the CPU's block size) in vLLM's
+      prefix cache, counted in reused_tokens (prefill + reused = every prompt token sent)."""
+    from test_episodes import check_row
+
+    from minigrpo.episodes import ENV, MODEL, episodes_to_rollout, run_episodes
+    from minigrpo.sampling.base import row_seed
+
+    sampler, model, _, _ = engine
+    tok = chat_tokenizer()
+    monkeypatch.setattr(sampler, "tokenizer", tok)
+    policy = tiny_model(seed=41, **ARCH)  # its own weights: the episodes do not depend on the tests before
+    sampler.sync(policy)  # (its probe is an engine call too: record after it)
+    sent: list[list[tuple[list[int], int, int]]] = []  # per engine call: (prompt, seed, cached tokens) per request
+    real_generate = sampler.llm.generate
+
+    def recording(requests, params, **kwargs):
+        outs = real_generate(requests, params, **kwargs)
+        sent.append([(r["prompt_token_ids"], p.seed, o.num_cached_tokens) for r, p, o in zip(requests, params, outs)])
+        return outs
+
+    monkeypatch.setattr(sampler.llm, "generate", recording)
+    budget = 22
+    params = SamplingParams(n=2, temperature=0.7, max_new_tokens=5, stop_ids=(*tok.stop_ids, *DIGITS))
+    play = dict(max_turns=3, max_episode_tokens=budget, key=(5, 2, 0))
+    stats: dict = {}
+    eps = run_episodes(sampler, tok, GoOnEnv(), EPISODE_ROWS, params, stats=stats, **play)
+
+    turns = [len(e.turns) for e in eps]
+    assert {e.end for e in eps} == {"done", "budget", "turn_length"} and sorted(set(turns)) == [1, 2, 3], eps
+    assert any(len(e.turns) < e.row["turns"] for e in eps), "no episode ended before its row's turns"
+    for e in eps:
+        assert [s.owner for s in e.segments] == [MODEL, ENV] * (len(e.turns) - 1) + [MODEL]
+        assert all(s.token_ids == GO_ON for s in e.segments if s.owner == ENV)
+        last = e.turns[-1]
+        if e.end == "done":
+            assert last.stopped and len(e.turns) == e.row["turns"]
+        elif e.end == "turn_length":
+            assert not last.stopped and len(e.segments[-1].token_ids) == 5 and e.num_tokens < budget
+        else:  # a turn cut to the budget, or no room for "go on" and one more model token
+            assert e.num_tokens == budget if not last.stopped else e.num_tokens + len(GO_ON) >= budget
+    rollout = episodes_to_rollout(eps, tok, pad_id=sampler.pad_id, group_size=2, stats=stats)
+    for i, e in enumerate(eps):
+        check_row(rollout, i, e)
+    with torch.no_grad():
+        logp = completion_logprobs(
+            policy, rollout.input_ids(), rollout.attention_mask(), rollout.loss_mask, temperature=0.7
+        )
+    diff = (logp - rollout.sampler_logp).abs().max().item()
+    assert diff < 5e-5, f"trainer vs vLLM log-probs on the episodes' rows: max |diff| {diff:.2e}"
+
+    assert len(sent) == stats["generate_calls"] == 3
+    for k, requests in enumerate(sent):
+        live = [e for e in eps if len(e.turns) > k]
+        history = [e.prompt_ids + [t for s in e.segments[: 2 * k] for t in s.token_ids] for e in live]
+        seeds = [row_seed((*play["key"], k), e.row_id) for e in live]
+        assert [(p, seed) for p, seed, _ in requests] == list(zip(history, seeds)), f"turn {k}"
+    long_later = [c for k, requests in enumerate(sent) if k for p, _, c in requests if len(p) > 128]
+    assert len(long_later) == 2 and min(long_later) >= 128, sent
+    assert stats["reused_tokens"] == sum(c for requests in sent for _, _, c in requests)
+    assert stats["prefill_tokens"] + stats["reused_tokens"] == sum(len(p) for r in sent for p, _, _ in r)
+
+    again = run_episodes(sampler, tok, GoOnEnv(), EPISODE_ROWS, params, **play)
+    assert segments(again) == segments(eps) and [e.end for e in again] == [e.end for e in eps]
+    alone = run_episodes(sampler, tok, GoOnEnv(), EPISODE_ROWS[:1], params, row_ids=[0, 1], **play)
+    assert segments(alone) == segments(eps[:2])
+    other = run_episodes(sampler, tok, GoOnEnv(), EPISODE_ROWS, params, **{**play, "key": (5, 3, 0)})
+    assert segments(other) != segments(eps)
+    monkeypatch.undo()
+    sampler.sync(model)
+
+
+@needs_vllm
+def test_grpo_run_with_episodes_on_the_vllm_sampler(engine, tmp_path, monkeypatch):
+    """Two steps of the training loop (minigrpo.train.train) with `sampler.kind: vllm` and `env.kind`
+    (GoOnEnv, never done: episodes of up to 3 turns, a turn ended by a digit, a stop string, or at 4
+    tokens). The engine is sized as from_config sizes it for episodes: data.max_prompt_tokens +
+    env.max_episode_tokens + sampler.max_new_tokens (a prompt and one turn, 12 + 4, cannot hold
+    a second turn: generate refuses it). Both steps log the env/* metrics, every turn but the last
+    followed by 7 or 8 environment tokens (<|im_end|> when a stop string ended the turn, then "go
+    on"); the trainer's log-probs of the multi-turn rows equal vLLM's at the model's tokens
+    (mismatch/logp_diff_max, fp32, 5e-5), on step 2 after a sync of weights the update moved."""
+    import minigrpo.train as train_mod
+    from minigrpo.config import Config
+    from minigrpo.models.loading import save_pretrained
+
+    sampler, _, _, _ = engine
+    save_pretrained(tiny_model(seed=0, **ARCH), chat_tokenizer(), tmp_path / "model")
+    rows = [{"question": f"what is {d} ?", "answer": str(d)} for d in range(10)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {
+        "run": {"name": "episodes", "output_dir": str(tmp_path / "runs"), "seed": 0, "device": "cpu"},
+        "model": {"name_or_path": str(tmp_path / "model")},
+        "data": {"source": "jsonl", "path": str(tmp_path / "train.jsonl"), "eval_split": None, "max_prompt_tokens": 12},
+        "sampler": {"kind": "vllm", "temperature": 1.0, "max_new_tokens": 4, "stop": list("0123456789")},
+        "grpo": {"prompts_per_step": 2, "group_size": 4},
+        "rewards": [{"name": "test_vllm_sampler:last_turn_length"}],
+        "train": {"steps": 2, "lr": 0.01, "micro_batch_size": 8},
+        "log": {"plots": False, "progress": False, "sample_every": 0},
+        "checkpoint": {"every": 0, "save_final": False},
+        "env": {"kind": "test_vllm_sampler:GoOnEnv", "max_turns": 3, "max_episode_tokens": 24},
+    }
+    with monkeypatch.context() as patch:
+        lend_engine(sampler, patch)
+        history = train_mod.train(Config.from_dict(raw))
+        assert sampler.max_model_len == 12 + 24 + 4
+    assert [h["step"] for h in history] == [1, 2]
+    for h in history:
+        turns, env_tokens = h["env/turns_mean"], h["env/env_tokens_mean"]
+        assert 1.5 < turns <= 3 and h["env/done_frac"] == 0.0 and h["env/prefill_tokens_mean"] > 0, h
+        assert 7 * (turns - 1) <= env_tokens <= 8 * (turns - 1), h
+        assert h["mismatch/logp_diff_max"] < 5e-5 and h["sync/probe_diff_max"] < 1e-4, h
+        assert h["reward_std"] > 0 and h["grad_norm"] > 0, h  # the step moved the weights vLLM gets next
 
 
 # ================================================================================================
