@@ -17,8 +17,10 @@ name -> Tool dict), `chat_template` (the tokenizer's), `format`, `system_prompt`
 ToolEnvironment, so a subclass of it needs no constructor. The object must have `reset` and `step`.
 
 Checks: `env_errors` (config only, at load time) and `check_environment` (imports the user tools
-and class and binds the kwargs, before any weights load). This module imports no torch; building
-the environment (`build_environment`) imports minigrpo.episodes when it runs.
+and class and binds the kwargs, before any weights load). A model whose chat template shows no tool
+definitions (SmolLM2's) learns of the tools from the system prompt alone: `build_environment` warns
+when env.system_prompt does not name them (`warn_unseen_tools`). This module imports no torch;
+building the environment (`build_environment`) imports minigrpo.episodes when it runs.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import difflib
 import importlib
 import inspect
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from minigrpo.configio import ConfigError, Section, spec
+from minigrpo.configio import ConfigError, ConfigWarning, Section, spec
 
 BUILTIN_TOOLS = ("calculator", "python")
 ENV_KINDS = ("tools", "gsm8k_tools")  # besides "package.module:Class"
@@ -204,6 +207,26 @@ def _offered(cfg: Any, tools: dict[str, Any], chat_template: str | None) -> dict
     }
 
 
+def warn_unseen_tools(tokenizer: Any, tools: dict[str, Any], system_prompt: str | None) -> list[str]:
+    """The tools the model is never told of (and a ConfigWarning naming them): with a chat template
+    that shows no tool definitions (SmolLM2's renders the same text with and without `tools`), the
+    system prompt is the model's only description of the tools, so each must at least be named there."""
+    probe = [{"role": "user", "content": "?"}]
+    specs = [t.spec() for t in tools.values()]
+    if tokenizer.apply_chat_template(probe, tools=specs) != tokenizer.apply_chat_template(probe):
+        return []
+    missing = [name for name in tools if name not in (system_prompt or "")]
+    if missing:
+        warnings.warn(
+            ConfigWarning(
+                f"env: the model's chat template shows no tool definitions and the system prompt "
+                f"(env.system_prompt) does not name {', '.join(missing)}: the model is not told how to call them"
+            ),
+            stacklevel=2,
+        )
+    return missing
+
+
 def build_environment(cfg: Any, tokenizer: Any) -> Any:
     """The run's environment (None without env.kind): a ToolEnvironment, or the user class."""
     env = cfg.env
@@ -217,6 +240,7 @@ def build_environment(cfg: Any, tokenizer: Any) -> Any:
         )
     offered = _offered(cfg, resolve_tools(env), getattr(tokenizer, "chat_template", None))
     if env.kind in ENV_KINDS:
+        warn_unseen_tools(tokenizer, offered["tools"], offered["system_prompt"])
         return ToolEnvironment(**offered)
     cls = _import(env.kind, "env.kind")
     built = cls(**_class_arguments(cls, env, offered))

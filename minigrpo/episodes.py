@@ -204,6 +204,8 @@ class ToolEnvironment:
         tools: Tools or plain functions (declared on the fly), or a name -> Tool mapping.
         format: the call format ("hermes", "llama3"); None detects it from `chat_template`
             (minigrpo.tools.detect_format), "hermes" if the template shows neither.
+        chat_template: the model's template; one without tool support (`plain`: it does not write
+            `tool_calls`, as SmolLM2's) gets the results in a user message (minigrpo/tools/render.py).
         system_prompt: replaces the rows' system message.
         timeout_s, max_chars: per call (minigrpo.tools.run_tool_calls).
     A malformed call is not an end: its error message is the tool result the model reads next.

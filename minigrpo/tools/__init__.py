@@ -9,7 +9,8 @@
 - schema.py: `Tool` from a function (JSON schema from annotations, descriptions from the docstring)
 - calls.py: the "hermes" (Qwen2.5) and "llama3" (Llama-3.1) call formats, checking against the tools
 - run.py: `call_tool` -> `ToolResult`, timeouts, truncation, `ToolStats` metrics
-- render.py: results (and calls) as chat messages for the template's tool role
+- render.py: results (and calls) as chat messages: the template's tool role, or plain text for a
+  template without tool support (`renders_tool_calls`)
 - builtins.py: `calculator` (safe arithmetic) and `python` (through sandbox.py)
 - sandbox.py: Python in a separate, limited, throw-away process
 """
@@ -26,7 +27,7 @@ from minigrpo.tools.calls import (
     parse_tool_calls,
     register_format,
 )
-from minigrpo.tools.render import assistant_message, tool_messages
+from minigrpo.tools.render import assistant_message, renders_tool_calls, tool_messages
 from minigrpo.tools.run import ToolResult, ToolStats, call_tool, run_tool_calls
 from minigrpo.tools.sandbox import SandboxResult, run_python
 from minigrpo.tools.schema import Tool, as_tools, json_schema_of
@@ -53,6 +54,7 @@ __all__ = [
     "python",
     "python_tool",
     "register_format",
+    "renders_tool_calls",
     "run_python",
     "run_tool_calls",
     "tool_messages",
