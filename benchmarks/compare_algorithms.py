@@ -72,6 +72,7 @@ def quick_model(folder: Path) -> Path:
     from tokenizers import decoders, models, normalizers, pre_tokenizers
 
     from minigrpo.models.loading import build_random, save_pretrained
+    from minigrpo.models.presets import preset_config
     from minigrpo.tokenizer import Tokenizer
 
     backend = Backend(models.WordLevel({w: i for i, w in enumerate(QUICK_WORDS)}, unk_token="<unk>"))
@@ -81,23 +82,7 @@ def quick_model(folder: Path) -> Path:
     )
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tokenizer = Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    config = dict(
-        model_type="llama",
-        hidden_act="silu",
-        vocab_size=len(QUICK_WORDS),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.1,
-    )
+    config = {**preset_config("tiny-llama"), "vocab_size": len(QUICK_WORDS)}
     save_pretrained(build_random(config, seed=0), tokenizer, folder)
     return folder
 

@@ -1,7 +1,7 @@
 """Architecture presets: the `config.json` of real models, for weight-free benchmarks and tests.
 
 `model.arch: qwen2.5-1.5b` in a config builds that architecture with random weights (no download).
-The numbers are those of the published checkpoints' config files.
+The numbers are those of the published checkpoints' config files (`tiny-llama` excepted: smoke runs).
 """
 
 from __future__ import annotations
@@ -129,6 +129,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
         "bos_token_id": 1,
         "eos_token_id": 2,
+    },
+    # not a published model: 2 layers, 64 wide, for smoke runs (benchmarks' --quick) and tests
+    "tiny-llama": {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_act": "silu",
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "initializer_range": 0.1,
     },
 }
 

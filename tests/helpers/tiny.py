@@ -10,24 +10,9 @@ from typing import Any
 import torch
 
 from minigrpo.models.loading import build_random, save_pretrained
+from minigrpo.models.presets import preset_config
 
-TINY_LLAMA: dict[str, Any] = dict(
-    model_type="llama",
-    hidden_act="silu",
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    initializer_range=0.1,
-)
+TINY_LLAMA: dict[str, Any] = preset_config("tiny-llama")  # 2 layers, 64 wide
 
 
 def tiny_config(**overrides: Any) -> dict[str, Any]:
