@@ -14,8 +14,9 @@ optional k3 KL penalty towards a frozen reference. This file reads top to bottom
       2. rewards     N x K scores -> weighted total r (N,); failed rewards are masked, not zeroed
       3. advantages  A = group_advantages(r, G); optional dynamic sampling refills zero-spread groups
       4. log-probs   old (num_iterations > 1, IS correction) and reference (beta > 0), no grad
-      5. update      micro-batches: logp (chunked LM-head kernel) -> policy_loss -> backward, with a
-                     normaliser fixed for the whole step (any micro-batch split, same gradient)
+      5. update      micro-batches: the policy loss of the completions -> backward, with a normaliser
+                     fixed for the whole step (any micro-batch split, same gradient); the LM head and
+                     a token-level loss run fused, gradients made in the forward (update_loss.py)
       4-5. instead   `algorithm: online_dpo`: preference pairs from each group's rewards, trained with
                      the DPO loss against the reference (minigrpo/algorithms/, the one branch below);
                      `algorithm: ppo`: a critic, per-token rewards with a KL penalty, GAE and clipped
