@@ -74,9 +74,11 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainCfg) -> torch.opti
         def make(ps):
             return cls(ps, **kwargs)
     else:
+        # on CUDA one fused kernel per step for all tensors (foreach launches several per group)
+        impl = {"fused": True} if params[0].is_cuda else {"foreach": True}
 
         def make(ps):
-            return torch.optim.AdamW(ps, foreach=True, **kwargs)
+            return torch.optim.AdamW(ps, **impl, **kwargs)
 
     if any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
         return MasterWeights(params, make)

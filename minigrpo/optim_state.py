@@ -44,7 +44,7 @@ def optimizer_state(
         if not torch.is_tensor(v):
             return v
         v = full_tensor(v)
-        return v.detach().cpu() if keep else None
+        return v.detach().to("cpu", copy=True) if keep else None  # a snapshot, also of CPU tensors
 
     state = {
         name: {k: whole(v) for k, v in sd["state"][i].items()} for i, name in zip(order, names) if i in sd["state"]
@@ -57,7 +57,7 @@ def optimizer_state(
         "state": state,
     }
     if isinstance(optimizer, MasterWeights):
-        out["masters"] = {n: m.detach().cpu() for n, m in zip(names, optimizer.masters)}
+        out["masters"] = {n: m.detach().to("cpu", copy=True) for n, m in zip(names, optimizer.masters)}
     elif fp32_params:
         out["masters"] = {n: whole(p.detach().float()) for n, p in zip(names, params)}
     return out if keep else {}
@@ -87,11 +87,13 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
                 k: shard_like(v, target) if torch.is_tensor(v) and v.dim() > 0 else v
                 for k, v in saved["state"][name].items()
             }
+    inner = optimizer.inner if isinstance(optimizer, MasterWeights) else optimizer
+    # how this process steps (fused on CUDA, foreach elsewhere) wins over how the saving one did
+    live = {k: v for k, v in inner.param_groups[0].items() if k in ("foreach", "fused")}
     groups, start = [], 0
     for group, size in zip(saved["param_groups"], saved["group_sizes"]):
-        groups.append({**group, "params": list(range(start, start + size))})
+        groups.append({**group, **live, "params": list(range(start, start + size))})
         start += size
-    inner = optimizer.inner if isinstance(optimizer, MasterWeights) else optimizer
     inner.load_state_dict({"state": state, "param_groups": groups})
     if isinstance(optimizer, MasterWeights) and "masters" in saved:
         with torch.no_grad():

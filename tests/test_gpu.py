@@ -111,6 +111,28 @@ def test_bf16_update_moves_fp32_master_weights():
         assert torch.equal(p, m.to(torch.bfloat16))
 
 
+def test_fused_adamw_on_cuda_steps_as_foreach_does():
+    """build_optimizer takes torch's fused AdamW on CUDA: the same steps as the foreach one."""
+    from minigrpo.config import TrainCfg
+    from minigrpo.optim import build_optimizer
+
+    cfg = TrainCfg(lr=1e-3, weight_decay=0.01)
+    models = [tiny_model(seed=7, dtype=torch.bfloat16).cuda() for _ in range(2)]
+    fused = build_optimizer(models[0].parameters(), cfg)
+    assert fused.inner.defaults["fused"]
+    foreach = build_optimizer(models[1].parameters(), cfg)
+    foreach.inner = torch.optim.AdamW(foreach.masters, lr=1e-3, weight_decay=0.01, betas=cfg.betas, foreach=True)
+    foreach.param_groups, foreach.state = foreach.inner.param_groups, foreach.inner.state
+    ids = torch.randint(3, 128, (4, 16), device="cuda")
+    start = [m.clone() for m in foreach.masters]
+    for model, opt in zip(models, (fused, foreach)):  # one step: the same gradients on both sides
+        model(ids).float().logsumexp(-1).mean().backward()
+        opt.step()
+    assert max((m - s).abs().max().item() for m, s in zip(foreach.masters, start)) > 1e-4  # a real step
+    for a, b in zip(fused.masters, foreach.masters):
+        assert (a - b).abs().max().item() <= 1e-6 * max(b.abs().max().item(), 1.0)
+
+
 def test_training_loop_learns_on_gpu_in_bf16(tmp_path):
     from test_train import launch, run_config
 
