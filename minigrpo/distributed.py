@@ -42,6 +42,7 @@ helper here is then a no-op or the identity.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -124,7 +125,12 @@ def init_world(device: torch.device, backend: str = "auto", timeout_s: float = 1
 
 
 def close_world(world: World) -> None:
+    """Tear the process group down while the interpreter is whole, first dropping what may still
+    reference a collective's work (gloo's worker threads hold such work and its tensors; freed during
+    interpreter exit instead, they can abort the process). No barrier: on an error path the other
+    ranks may never come (the training loop ends with one)."""
     if world.distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
