@@ -469,7 +469,23 @@ def main() -> None:
     env = {**environment(), **versions()}
     Path(args.model_cache).mkdir(parents=True, exist_ok=True)
     cases = build_cases(args, Path(args.model_cache))
-    rows = []
+    name = f"e2e_{args.mode}"
+    folder = RESULTS if args.out_dir is None else Path(args.out_dir)
+    workload = {k: v for k, v in vars(args).items() if k not in ("child", "out_dir", "model_cache")}
+    rows: list[dict] = []
+
+    def save() -> Path:
+        """The result so far: written after every row, so a run stopped midway keeps what it measured."""
+        add_ratios(rows)
+        payload = {"environment": env, "workload": workload, "cases": cases, "how": __doc__, "rows": rows}
+        if args.mode == "learn":
+            for r in rows:
+                r["reward_per_step"] = [s.get("reward") for s in r.get("steps", [])]
+            png = folder / f"{name}_{device_slug(env)}" / "reward_vs_trl.png"
+            plot_rewards(rows, png, f"{LEARN_CONFIG}, {args.steps} steps, {env['device']}")
+            payload["plot"] = str(png)
+        return write_result(name, payload, out_dir=args.out_dir)
+
     with tempfile.TemporaryDirectory(prefix="bench-e2e-rows-") as tmp:
         for case in cases:
             for provider in providers:
@@ -477,18 +493,7 @@ def main() -> None:
                 row |= summarize(row, args.measure_from if args.mode == "speed" else 1)
                 rows.append(row)
                 print({k: v for k, v in row.items() if k not in ("steps", "grpo_config")}, flush=True)
-    add_ratios(rows)
-    name = f"e2e_{args.mode}"
-    folder = RESULTS if args.out_dir is None else Path(args.out_dir)
-    workload = {k: v for k, v in vars(args).items() if k not in ("child", "out_dir", "model_cache")}
-    payload = {"environment": env, "workload": workload, "cases": cases, "how": __doc__, "rows": rows}
-    if args.mode == "learn":
-        for r in rows:
-            r["reward_per_step"] = [s.get("reward") for s in r.get("steps", [])]
-        png = folder / f"{name}_{device_slug(env)}" / "reward_vs_trl.png"
-        plot_rewards(rows, png, f"{LEARN_CONFIG}, {args.steps} steps, {env['device']}")
-        payload["plot"] = str(png)
-    path = write_result(name, payload, out_dir=args.out_dir)
+                path = save()
     print()
     cols = ["case", "provider", "status", "step_s", "rollout_s", "update_s", "tokens_per_s", "peak_gib"]
     print_table(rows, [*cols, "steps_per_hour", "ours_x", "ours_mem", "target_met"])
