@@ -80,6 +80,21 @@ def test_graph_decoding_with_compaction_equals_the_static_batch():
     assert (compact.sampler_logp - static.sampler_logp).abs().max() < 1e-5
 
 
+def test_graphs_capture_again_after_a_reset_while_a_captured_tensor_lives():
+    """A compaction drops the graphs while a tensor allocated in their pool is still referenced (an
+    evaluation on the H100 failed so, 'use_count > 0'): the next capture goes to a new pool."""
+    from minigrpo.sampling.decode_graphs import DecodeGraphs
+
+    x, kept = torch.arange(4.0, device="cuda"), []
+    graphs = DecodeGraphs()
+    graphs.run(8, lambda: kept.append(x * 2))
+    graphs.reset()
+    graphs.run(8, lambda: kept.append(x + 1))
+    graphs.run(8, lambda: kept.append(None))  # a replay: the captured step writes kept[-1] again
+    torch.cuda.synchronize()
+    assert graphs.captures == 2 and kept[1].tolist() == [0, 2, 4, 6] and kept[-1].tolist() == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
 def test_sampler_logprobs_match_trainer_on_cuda(dtype, tol):
     model = tiny_model(seed=5, dtype=dtype).cuda()

@@ -46,6 +46,7 @@ import torch
 from minigrpo.distributed import full_weights
 from minigrpo.models.transformer import KVCache, Transformer
 
+from .decode_graphs import DecodeGraphs
 from .params import RaceNoise, SamplingParams, generation_waves, sample_tokens
 from .rollout import Rollout, concat_rollouts, left_pad, stop_string_cut
 
@@ -348,9 +349,7 @@ class KVCacheSampler:
         Returns the tokens drawn per row and the number of compactions (finished rows leaving `st`)."""
         compact_below = self.compact_below if compact_below is None else compact_below
         Tc, total = params.max_new_tokens, st.mask.shape[1]
-        use_graphs = self.cuda_graphs and st.tok.is_cuda
-        graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        graphs = DecodeGraphs() if self.cuda_graphs and st.tok.is_cuda else None
         check_every = self.check_every or (32 if st.tok.is_cuda else 1)
         drawn, compactions = 1, 0
         for s in range(1, Tc):
@@ -361,24 +360,15 @@ class KVCacheSampler:
                 if len(live) == 0:
                     break
                 if len(live) <= compact_below * len(st.rows):
-                    graphs.clear()  # they replay the buffers that keep_rows replaces
+                    if graphs is not None:
+                        graphs.reset()  # they replay the buffers that keep_rows replaces
                     st.keep_rows(live, Tp + s - 1)  # slots [0, Tp + s - 1) are filled
                     compactions += 1
             kv_len = min(total, -(-(Tp + s) // self.kv_bucket) * self.kv_bucket)
-            if not use_graphs:
+            if graphs is None:
                 self._step(st, kv_len, params)
-            elif kv_len in graphs:
-                graphs[kv_len].replay()
-            else:  # first step of a bucket: run it for real (warm-up), then capture the next ones
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    self._step(st, kv_len, params)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._step(st, kv_len, params)
-                graphs[kv_len] = graph
+            else:
+                graphs.run(kv_len, lambda: self._step(st, kv_len, params))
             drawn = s + 1
         return drawn, compactions
 
