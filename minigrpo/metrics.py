@@ -308,6 +308,16 @@ class MetricsLogger:
             ("loss", False, [("loss", "loss")]),
             ("entropy", True, [("entropy", "entropy")]),
             ("grad norm", True, [("grad_norm", "grad_norm")]),
+            (  # multi-turn episodes (env:) only
+                "episodes: tool use",
+                True,
+                [("tool-use share", "env/tool_use_frac"), ("tool failures", "env/tool_failure_frac")],
+            ),
+            (
+                "episodes: per episode",
+                True,
+                [("turns", "env/turns_mean"), ("tool calls", "env/tool_calls_mean")],
+            ),
         ]
         panels = []
         for title, include_zero, series in spec:

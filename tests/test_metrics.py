@@ -262,6 +262,19 @@ def test_plots_every_n_steps_and_at_close(tmp_path: Path):
     assert png.read_bytes() != first  # redrawn with step 4 at close
 
 
+def test_episode_metrics_get_their_panels(tmp_path: Path):
+    """A multi-turn run's env/ metrics are drawn (tool-use share must be watched); a plain run has none."""
+    lg = logger(tmp_path, total_steps=4)
+    for step in (1, 2):
+        episodes = {"env/tool_use_frac": 0.4 * step, "env/tool_failure_frac": 0.0, "env/turns_mean": 1.5}
+        lg.log(step, {**full_metrics(step), **episodes})
+    panels = {p.title: p for p in lg.panels()}
+    assert list(panels["episodes: tool use"].series) == ["tool-use share", "tool failures"]
+    assert panels["episodes: tool use"].series["tool-use share"] == ([1, 2], [0.4, 0.8])
+    assert list(panels["episodes: per episode"].series) == ["turns"]  # tool calls were never logged
+    lg.close()
+
+
 def test_missing_backends_warn_not_crash(tmp_path: Path, monkeypatch):
     real_import = builtins.__import__
 
