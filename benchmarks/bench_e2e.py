@@ -30,9 +30,12 @@ How each config field maps to TRL 1.16's GRPOConfig (read from the installed trl
     model loaded in bf16;  sampler.kind=vllm -> use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization,
     vllm_enable_sleep_mode = sampler.vllm_sleep, vllm_importance_sampling_mode="token_truncate" with
     clip_max = grpo.is_cap (ours turns token_truncate on with vLLM too).
-No TRL equivalent / differences: full fine-tuning in TRL updates the bf16 weights themselves (AdamW on
-bf16 parameters, what its default loading gives) where ours keeps fp32 master weights; TRL's LoRA
-adapters are fp32 (PEFT's autocast_adapter_dtype), ours bf16 with fp32 masters. TRL generates with
+Precision: ours computes in bf16 over fp32 master weights. TRL's full fine-tuning loads the model in
+float32 (what GRPOTrainer itself does with a model path: "dtype defaults to float32") and computes under
+bf16 autocast, the same mixed precision; `--trl-weights bfloat16` loads it in bf16 instead (AdamW then
+updates bf16 weights, and at lr 1e-5 most updates round away: benchmarks/README.md). For LoRA the frozen
+base is bf16 for both; TRL's adapters are fp32 (PEFT's autocast_adapter_dtype), ours bf16 with fp32
+masters. TRL generates with
 transformers' `generate` (no KV-cache sampler of its own), `trl-liger` adds Liger's layer kernels
 (TRL 1.x keeps its own chunked log-prob LM head either way). TRL logs `step_time` but no rollout/update
 split: this script times `_generate_and_score_completions` (generation, rewards, advantages) itself.
@@ -105,7 +108,8 @@ def run_overrides(args, steps: int) -> list[str]:
         f"model.gradient_checkpointing={str(args.checkpointing).lower()}",
         "checkpoint.every=0", "checkpoint.save_final=false", "log.progress=false", "log.plots=false",
         "log.sample_every=0", "data.eval_split=null",
-        *(["train.warmup_steps=1"] if args.quick else []),  # the configs warm up over 10 steps
+        # the configs warm up over 10 steps; a step's cost does not depend on the learning rate
+        *(["train.warmup_steps=1"] if args.quick or args.mode == "speed" else []),
     ]
     # fmt: on
 
@@ -224,7 +228,15 @@ def unshadow_hf_kernels() -> None:
         del sys.modules["kernels"]
 
 
-def run_trl(cfg, provider: str) -> tuple[list[dict], dict]:
+def trl_weight_dtype(cfg, choice: str) -> torch.dtype:
+    """TRL's model weights: float32 under bf16 autocast for full fine-tuning (GRPOTrainer's own default,
+    the mixed precision of our fp32 masters), bf16 for a frozen LoRA base (as ours) or when asked."""
+    if not CUDA:
+        return torch.float32
+    return torch.bfloat16 if choice == "bfloat16" or cfg.lora.enabled else torch.float32
+
+
+def run_trl(cfg, provider: str, weights: str = "auto") -> tuple[list[dict], dict]:
     """TRL's GRPOTrainer on the same model folder, prompts (in our order), rewards and optimizer."""
     unshadow_hf_kernels()
     import datasets
@@ -238,7 +250,7 @@ def run_trl(cfg, provider: str) -> tuple[list[dict], dict]:
     from minigrpo.optim import lr_factor
 
     folder, steps, B, G = cfg.model.name_or_path, cfg.train.steps, cfg.grpo.prompts_per_step, cfg.grpo.group_size
-    dtype = torch.bfloat16 if CUDA else torch.float32
+    dtype = trl_weight_dtype(cfg, weights)
     # the prompts of our loader, in its order: one step's B prompts after another
     examples, _ = prompts_that_fit(cfg, build_dataset(cfg.data, cfg.data.split), load_tokenizer_folder(Path(folder)))
     loader = PromptLoader(examples, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
@@ -339,7 +351,7 @@ def child(spec_path: str) -> None:
             cfg = load_config(spec["config"], overrides)
             t0 = time.perf_counter()
             ours = spec["provider"] in ("ours", "ours-vllm")
-            steps, extra = run_ours(cfg) if ours else run_trl(cfg, spec["provider"])
+            steps, extra = run_ours(cfg) if ours else run_trl(cfg, spec["provider"], spec["trl_weights"])
             row |= {"seconds_total": time.perf_counter() - t0, "steps": steps, **extra}
     except torch.cuda.OutOfMemoryError:
         row["status"] = "OOM"
@@ -425,7 +437,7 @@ def run_provider(case: dict, provider: str, args, tmp: Path) -> dict:
     if row["status"]:
         return row
     n = len(list(tmp.iterdir()))
-    spec = {**case, "provider": provider, "out": str(tmp / f"row_{n}.json")}
+    spec = {**case, "provider": provider, "trl_weights": args.trl_weights, "out": str(tmp / f"row_{n}.json")}
     (tmp / f"spec_{n}.json").write_text(json.dumps(spec))
     print(f"=== {case['case']} / {provider} ===", flush=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(tmp / f"spec_{n}.json")]
@@ -450,6 +462,11 @@ def main() -> None:
         ap.add_argument(flag, type=int, default=default, help="speed mode (learn: the config's)")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing for every provider")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--trl-weights", choices=("auto", "bfloat16"), default="auto",
+        help="TRL's weights: auto = float32 for full fine-tuning (its default), bf16 for a LoRA base",
+    )  # fmt: skip
+    ap.add_argument("--tag", default="", help="result file e2e_<mode>_<tag>_<device>.json")
     ap.add_argument("--provider-timeout", type=int, default=3600)
     ap.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "minigrpo-bench-e2e-models"))
     ap.add_argument("--quick", action="store_true", help="CPU smoke sizes: SmolLM2, 2 x 2 completions, 8 tokens")
@@ -469,7 +486,7 @@ def main() -> None:
     env = {**environment(), **versions()}
     Path(args.model_cache).mkdir(parents=True, exist_ok=True)
     cases = build_cases(args, Path(args.model_cache))
-    name = f"e2e_{args.mode}"
+    name = f"e2e_{args.mode}_{args.tag}" if args.tag else f"e2e_{args.mode}"
     folder = RESULTS if args.out_dir is None else Path(args.out_dir)
     workload = {k: v for k, v in vars(args).items() if k not in ("child", "out_dir", "model_cache")}
     rows: list[dict] = []
