@@ -43,6 +43,7 @@ from minigrpo.memory_parts import (
     kv_cache_bytes,
     nograd_forward_bytes,
     optimizer_state_bytes,
+    step_transient_bytes,
     trainable_numels,
     value_model_bytes,
     weight_bytes,
@@ -214,9 +215,11 @@ def estimate_peak(
     parts["loss"] = act["loss"]
     update = static + grad_bytes + act["peak"]
 
-    # ---- optimizer step: fp32 copies of 16-bit grads (MasterWeights) + AdamW's foreach temporaries
-    step_tmp = (4 * n_train if masters else 0) + (4 * n_train if tr.optimizer == "adamw" else 0)
-    critic_tmp = critic["masters"] + (4 * critic["numel"] if tr.optimizer == "adamw" else 0)
+    # ---- optimizer step: fp32 copies of 16-bit grads (MasterWeights, a bucket at a time) + AdamW's
+    # foreach temporaries; the largest tensor is the embedding (or LM head)
+    largest = args.vocab_size * args.dim
+    step_tmp = step_transient_bytes(n_train, masters > 0, tr.optimizer, largest)
+    critic_tmp = step_transient_bytes(critic["numel"], critic["masters"] > 0, tr.optimizer, largest)
     step_tmp = max(step_tmp, critic_tmp)  # PPO: the critic steps after the policy
     parts["optimizer_step_transient"] = step_tmp
     optimizer = static + grad_bytes + step_tmp

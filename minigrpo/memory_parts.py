@@ -40,6 +40,7 @@ from minigrpo.config import Config, resolve_dtype
 from minigrpo.kernels.logprobs import plan_chunks
 from minigrpo.kernels.policy_head import plan_rows
 from minigrpo.models.args import ModelArgs
+from minigrpo.optim import STEP_BUCKET_BYTES
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _LORA_TARGETS = {  # short target name -> (module, in dim, out dim) as a function of ModelArgs
@@ -125,6 +126,19 @@ def optimizer_state_bytes(numels: list[int], optimizer: str) -> int:
     for n in numels:
         total += 2 * n + 2 * 4 * math.ceil(n / 256) if n >= 4096 else 8 * n
     return total
+
+
+def step_transient_bytes(
+    n: int, masters: bool, optimizer: str, largest: int, bucket_bytes: int = STEP_BUCKET_BYTES
+) -> int:
+    """Bytes an optimizer step adds at its peak, for n stepped values whose largest tensor has
+    `largest`. With fp32 masters (optim.MasterWeights) the step goes a bucket at a time: one bucket
+    of fp32 gradients (bucket_bytes, or the largest tensor alone), and for AdamW its foreach
+    temporaries of as many values; stepped directly, AdamW's temporaries for all n values."""
+    if not masters:
+        return 4 * n if optimizer == "adamw" else 0
+    bucket = min(4 * n, max(bucket_bytes, 4 * largest))
+    return bucket * (2 if optimizer == "adamw" else 1)
 
 
 def trainable_numels(args: ModelArgs, cfg: Config) -> list[int]:

@@ -5,12 +5,17 @@ at RL learning rates (1e-6 relative to weights around 1e-2) most updates round t
 trainable parameters are 16-bit, `MasterWeights` keeps an fp32 copy for the optimizer: gradients
 are copied up, the step runs in fp32, and the result is copied back down. The model still computes
 in bf16. fp32 parameters (CPU runs, LoRA adapters) are stepped directly.
+
+The step goes a bucket of tensors at a time (`step_buckets`): each 16-bit gradient is freed as its
+fp32 copy is made, and the copies live only through their bucket's step. The fp32 gradients of the
+whole model (4 bytes a parameter: 6 GB at 1.5B) never exist at once; a step's peak is the weights,
+masters, optimizer state and bf16 gradients, plus one bucket.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -18,13 +23,31 @@ from torch import nn
 from minigrpo.config import TrainCfg
 
 
-class MasterWeights(torch.optim.Optimizer):
-    """Wraps an optimizer that steps fp32 copies of low-precision parameters."""
+STEP_BUCKET_BYTES = 256 * 2**20  # fp32 gradients alive at once in a MasterWeights step
 
-    def __init__(self, params: list[nn.Parameter], make_inner) -> None:
+
+def step_buckets(numels: Sequence[int], bucket_bytes: int = STEP_BUCKET_BYTES) -> list[list[int]]:
+    """Indices of consecutive tensors, grouped so that each group's fp32 copies fit in bucket_bytes
+    (a tensor larger than that is a group of its own)."""
+    buckets: list[list[int]] = []
+    size = bucket_bytes  # so the first tensor opens a bucket
+    for i, n in enumerate(numels):
+        if size + 4 * n > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(i)
+        size += 4 * n
+    return buckets
+
+
+class MasterWeights(torch.optim.Optimizer):
+    """Wraps an optimizer that steps fp32 copies of low-precision parameters, a bucket at a time."""
+
+    def __init__(self, params: list[nn.Parameter], make_inner, bucket_bytes: int = STEP_BUCKET_BYTES) -> None:
         self.params = params
         self.masters = [p.detach().float().clone().requires_grad_(True) for p in params]
         self.inner: torch.optim.Optimizer = make_inner(self.masters)
+        self.buckets = step_buckets([p.numel() for p in params], bucket_bytes)
         # share the inner optimizer's param_groups so LR schedulers act on it
         self.param_groups = self.inner.param_groups
         self.defaults = self.inner.defaults
@@ -32,11 +55,16 @@ class MasterWeights(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for p, m in zip(self.params, self.masters):
-            m.grad = None if p.grad is None else p.grad.float()
-        self.inner.step()
-        for p, m in zip(self.params, self.masters):
-            p.copy_(m)
+        # the inner optimizer steps exactly the masters that have a gradient: one bucket per call
+        for bucket in self.buckets:
+            for i in bucket:
+                p, m = self.params[i], self.masters[i]
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None  # its fp32 copy carries it now
+            self.inner.step()
+            for i in bucket:
+                self.params[i].copy_(self.masters[i])
+                self.masters[i].grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

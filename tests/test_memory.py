@@ -173,11 +173,10 @@ def test_optimizer_state_and_step_estimate(dtype):
         state = tracker.live
     cfg = load_config(None, ["run.device=cpu", f"run.dtype={str(dtype).removeprefix('torch.')}"])
     est = estimate_peak(cfg, model.args, prompt_tokens=8, device_type="cpu")
-    assert state == est.parts["optimizer_state"] + est.parts["master_weights"] + (
-        4 * n if dtype != torch.float32 else 0
-    )
-    assert abs(tracker.peak / (state + 4 * n) - 1) < 0.01  # + AdamW's foreach temporaries
+    assert state == est.parts["optimizer_state"] + est.parts["master_weights"]  # fp32 grads freed
+    # the tiny model is one bucket: its fp32 gradients (16-bit only) + AdamW's foreach temporaries
     assert est.parts["optimizer_step_transient"] == 4 * n * (2 if dtype != torch.float32 else 1)
+    assert abs(tracker.peak / (state + est.parts["optimizer_step_transient"]) - 1) < 0.01
     assert memory_parts.optimizer_state_bytes([1000, 10_000], "adamw8bit") == 8 * 1000 + 2 * 10_000 + 8 * 40
 
 
@@ -274,7 +273,8 @@ def test_llama_qlora_20k_fits_in_80gb_and_full_finetuning_does_not(capsys):
     with pytest.raises(MemoryPreflightError) as err:
         preflight(full, LLAMA, "cuda", 256, free_bytes=79 * 2**30, total_bytes=80 * 2**30, verbose=False)
     msg = str(err.value)
-    assert "optimizer phase" in msg and "optimizer_state" in msg and "master_weights" in msg
+    # the update phase: the step's fp32 gradients go a bucket at a time, so the optimizer phase is lower
+    assert "update phase" in msg and "optimizer_state 59.8 GiB" in msg and "master_weights 29.9 GiB" in msg
     assert "--set lora.enabled=true" in msg  # the one change that fits: adapters instead of all weights
 
 

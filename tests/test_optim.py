@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+from helpers.allocations import AllocationTracker
 from helpers.tiny import tiny_model
 
 from minigrpo.config import TrainCfg
-from minigrpo.optim import MasterWeights, build_optimizer, build_scheduler, lr_factor
+from minigrpo.memory_parts import step_transient_bytes
+from minigrpo.optim import MasterWeights, build_optimizer, build_scheduler, lr_factor, step_buckets
 
 
 def test_schedules():
@@ -48,6 +50,48 @@ def test_master_weights_take_updates_that_bf16_would_round_away():
     other.load_state_dict(opt.state_dict())
     for p, q in zip(model.parameters(), clone.parameters()):
         assert torch.equal(p, q)
+
+
+def test_step_buckets_hold_whole_tensors_under_the_budget():
+    assert step_buckets([10, 10, 10, 10], bucket_bytes=80) == [[0, 1], [2, 3]]
+    assert step_buckets([10, 50, 10, 5, 5], bucket_bytes=80) == [[0], [1], [2, 3, 4]]  # 200 B alone
+    assert step_buckets([], bucket_bytes=80) == []
+
+
+def test_bucketed_master_step_equals_one_step_and_bounds_the_fp32_gradients():
+    """Stepping a bucket at a time gives the same weights and optimizer state as one step over all
+    tensors, and the fp32 gradients + AdamW temporaries alive at once stay within one bucket's."""
+    torch.manual_seed(0)
+    one = tiny_model(seed=2, dtype=torch.bfloat16)
+    many = tiny_model(seed=2, dtype=torch.bfloat16)
+    params = [list(m.parameters()) for m in (one, many)]
+    n, largest = sum(p.numel() for p in params[0]), max(p.numel() for p in params[0])
+    bucket = 64 * 1024
+    cfg = TrainCfg(lr=1e-3, weight_decay=0.01)
+    opts = [build_optimizer(params[0], cfg), build_optimizer(params[1], cfg)]
+    make = opts[1].inner.__class__
+    opts[0] = MasterWeights(params[0], lambda ps: make(ps, lr=1e-3, weight_decay=0.01, foreach=True), 2**40)
+    opts[1] = MasterWeights(params[1], lambda ps: make(ps, lr=1e-3, weight_decay=0.01, foreach=True), bucket)
+    assert len(opts[0].buckets) == 1 and len(opts[1].buckets) > 4
+    peaks = []
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in params[0]]
+        grads[3] = None  # a parameter without a gradient is skipped, in every bucket
+        for ps, opt in zip(params, opts):
+            for p, g in zip(ps, grads):
+                p.grad = None if g is None else g.clone()
+            with AllocationTracker() as tracker:
+                opt.step()
+            peaks.append(tracker.peak - tracker.live)  # what the step held only while it ran
+            assert all(p.grad is None for p in ps) and all(m.grad is None for m in opt.masters)
+    for a, b in zip(opts[0].masters, opts[1].masters):
+        assert torch.equal(a, b)
+    for a, b in zip(params[0], params[1]):
+        assert torch.equal(a, b)
+    assert opts[1].state_dict()["inner"]["state"].keys() == opts[0].state_dict()["inner"]["state"].keys()
+    bound = step_transient_bytes(n, True, "adamw", largest, bucket)  # 2 x one bucket (or the largest tensor)
+    assert bound < 8 * n and max(peaks[1::2]) <= bound < peaks[0]
+    assert peaks[0] > 7 * n  # one bucket over everything: 4n of fp32 gradients + 4n of temporaries
 
 
 def test_fp32_params_use_plain_adamw():
