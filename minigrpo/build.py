@@ -37,7 +37,7 @@ from minigrpo.config import Config, ConfigError, resolve_dtype
 from minigrpo.configio import changed_keys
 from minigrpo.data import Example, PromptLoader, build_dataset, encode_prompts
 from minigrpo.distributed import World, broadcast_trainable, shard_model
-from minigrpo.env_config import build_environment, check_environment
+from minigrpo.env_config import build_environment, check_chat_template, check_environment
 from minigrpo.errors import UserError
 from minigrpo.models.loading import build_random, check_model_source, load_pretrained, load_weights, save_pretrained
 from minigrpo.models.presets import preset_config
@@ -92,7 +92,9 @@ def check_before_loading(
     examples = build_dataset(cfg.data, cfg.data.split)
     if not examples:
         raise UserError(f"data: the {cfg.data.split!r} split of data.source={cfg.data.source!r} holds no example")
-    check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
+    tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
+    if tokenizer is not None:  # a local model folder: its tokenizer is read already
+        check_chat_template(cfg, tokenizer)
     if cfg.algorithm == "ppo" and cfg.ppo.value_path is not None:
         from minigrpo.algorithms.value_model import check_value_path
 
@@ -127,7 +129,8 @@ def validate_distributed(cfg: Config, world_size: int) -> None:
 
 
 def check_packages(cfg: Config, *, sampling: bool = True) -> None:
-    """The optional packages the settings need are installed (vLLM unless `sampling` is off, bitsandbytes)."""
+    """The optional packages the settings need are installed (vLLM unless `sampling` is off, bitsandbytes),
+    and an 8-bit optimizer runs on CUDA."""
     needs = []
     if sampling and cfg.sampler.kind == "vllm":
         needs.append(("vllm", "sampler.kind=vllm", "pip install -e '.[vllm]' (see README: vLLM sampler)"))
@@ -138,6 +141,11 @@ def check_packages(cfg: Config, *, sampling: bool = True) -> None:
     for module, setting, how in needs:
         if importlib.util.find_spec(module) is None:
             raise UserError(f"{setting} needs the package {module}, which is not installed: {how}")
+    if cfg.train.optimizer != "adamw" and pick_device(cfg.run.device).type != "cuda":
+        raise UserError(
+            f"train.optimizer={cfg.train.optimizer} needs CUDA (bitsandbytes' 8-bit optimizers) and this run is on "
+            f"the CPU (run.device={cfg.run.device}): use train.optimizer=adamw"
+        )
 
 
 def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> ResumePoint | None:

@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from minigrpo import configio
 from minigrpo.algorithms import config_errors as algorithm_errors
@@ -35,6 +35,7 @@ from minigrpo.errors import ArgumentParser
 from minigrpo.sft_config import SFTCfg, sft_errors
 
 config_to_dict = configio.to_plain  # plain YAML-safe data of a config or any part of it
+LoRATarget = Literal["q", "k", "v", "o", "gate", "up", "down"]  # a block's linear layers (lora.TARGETS)
 
 
 # ---------------------------------------- Schema
@@ -85,7 +86,7 @@ class LoRACfg(Section):
     alpha: float = spec(32.0, "> 0")  # delta W = (alpha / r) * B @ A (alpha / sqrt(r) with rslora)
     dropout: float = spec(0.0, "in [0, 1)")  # dropout on the adapter input
     # linear layers that get adapters, by short name (attention q/k/v/o, MLP gate/up/down)
-    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    targets: list[LoRATarget] = field(default_factory=lambda: list(get_args(LoRATarget)))
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     quantize_base: Literal[None, "nf4"] = None  # "nf4": frozen base weights in 4-bit NF4 (QLoRA)
 

@@ -79,9 +79,21 @@ def _to_examples(rows: list[Row], prompt_field: str, answer_field: str) -> list[
         prompt = row[prompt_field]
         if not isinstance(prompt, (str, list)):
             raise DataError(f"{where}: field {prompt_field!r} is neither text nor a list of messages")
+        if isinstance(prompt, list):
+            _check_prompt_messages(where, prompt, prompt_field)
         columns = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
         examples.append(Example(prompt=prompt, answer=str(row[answer_field]), columns=columns))
     return examples
+
+
+def _check_prompt_messages(where: str, messages: list, prompt_field: str) -> None:
+    """A message-list prompt holds messages: each a mapping with a text 'role' and a 'content'."""
+    if not messages:
+        raise DataError(f"{where}: field {prompt_field!r} is an empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            got = f"{m!r}"[:200]
+            raise DataError(f"{where}: message {i} of {prompt_field!r} needs a text 'role' and a 'content', got {got}")
 
 
 def _load_files(files: list[Path], prompt_field: str, answer_field: str) -> list[Example]:

@@ -16,8 +16,9 @@ name -> Tool dict), `chat_template` (the tokenizer's), `format`, `system_prompt`
 (env.tool_timeout_s) and `max_chars` (env.sandbox.max_output_chars): the arguments of
 ToolEnvironment, so a subclass of it needs no constructor. The object must have `reset` and `step`.
 
-Checks: `env_errors` (config only, at load time) and `check_environment` (imports the user tools
-and class and binds the kwargs, before any weights load). A model whose chat template shows no tool
+Checks: `env_errors` (config only, at load time), `check_environment` (imports the user tools
+and class, looks for its reset and step, binds the kwargs) and `check_chat_template` (the model
+folder's tokenizer has a chat template), before any weights load. A model whose chat template shows no tool
 definitions (SmolLM2's) learns of the tools from the system prompt alone: `build_environment` warns
 when env.system_prompt does not name them (`warn_unseen_tools`). This module imports no torch;
 building the environment (`build_environment`) imports minigrpo.episodes when it runs.
@@ -184,11 +185,26 @@ def check_environment(cfg: Any) -> None:
         cls = _import(env.kind, "env.kind")
         if not callable(cls):
             raise ConfigError(f"env.kind={env.kind!r} is a {type(cls).__name__}, not a class")
+        missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
+        if isinstance(cls, type) and missing and not hasattr(cls, "__getattr__"):  # else found once built
+            methods = " and no ".join(f"{m}()" for m in missing)
+            raise ConfigError(
+                f"env.kind={env.kind!r}: the class {cls.__name__} has no {methods} "
+                "(an environment has reset() and step())"
+            )
         _class_arguments(cls, env, _offered(cfg, tools, None))
     if env.format is not None and env.format not in FORMATS:  # checked after user modules registered theirs
         raise ConfigError(
             f"env.format={env.format!r} is no tool-call format; known: {', '.join(sorted(FORMATS))}"
             + _did_you_mean(env.format, sorted(FORMATS))
+        )
+
+
+def check_chat_template(cfg: Any, tokenizer: Any) -> None:
+    """With env.kind set, the model's tokenizer has a chat template (the episodes are conversations)."""
+    if cfg.env.kind is not None and getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError(
+            f"env.kind={cfg.env.kind!r} needs a chat template (the episodes are conversations); the model has none"
         )
 
 
@@ -234,10 +250,7 @@ def build_environment(cfg: Any, tokenizer: Any) -> Any:
         return None
     from minigrpo.episodes import ToolEnvironment
 
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ConfigError(
-            f"env.kind={env.kind!r} needs a chat template (the episodes are conversations); the model has none"
-        )
+    check_chat_template(cfg, tokenizer)
     offered = _offered(cfg, resolve_tools(env), getattr(tokenizer, "chat_template", None))
     if env.kind in ENV_KINDS:
         warn_unseen_tools(tokenizer, offered["tools"], offered["system_prompt"])

@@ -32,9 +32,10 @@ from minigrpo.checkpoint import check_writable
 from minigrpo.config import Config, load_config
 from minigrpo.data import Example, batch_columns, build_dataset, encode_prompts
 from minigrpo.distributed import World
-from minigrpo.env_config import build_environment, check_environment
+from minigrpo.env_config import build_environment, check_chat_template, check_environment
 from minigrpo.episodes import Episode, episode_columns, run_episodes
 from minigrpo.errors import ArgumentParser, UserError, run_cli
+from minigrpo.lora_export import check_peft_adapter
 from minigrpo.models.loading import check_model_source, load_pretrained
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.step import episode_metrics
@@ -187,7 +188,11 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     specs = rewards.build_reward_specs(cfg.rewards)
     check_environment(cfg)  # env.kind: the tools and the user class import, before any weights load
     adapter = (ckpt / "adapter_config.json").is_file()  # a LoRA run: its base model plus the saved adapter
-    check_model_source(cfg.model.name_or_path if adapter else args.checkpoint, revision=cfg.model.revision)
+    if adapter:
+        check_peft_adapter(ckpt)
+    tokenizer = check_model_source(cfg.model.name_or_path if adapter else args.checkpoint, revision=cfg.model.revision)
+    if tokenizer is not None:  # a local model folder: env.kind needs its chat template
+        check_chat_template(cfg, tokenizer)
     examples = build_dataset(cfg.data, split)[: args.num or cfg.eval.num_prompts]
     if not examples:
         raise UserError(f"the {split!r} split holds no example")

@@ -209,6 +209,10 @@ def _main(argv: Sequence[str] | None) -> Path:
     adapter = (ckpt / "adapter_config.json").is_file()
     own_tokenizer = ckpt if adapter and (ckpt / "tokenizer.json").is_file() else None
     source, revision = _adapter_base(ckpt) if adapter else (args.checkpoint, None)
+    if adapter:  # its config and weights file, before the base's weights load
+        from minigrpo.lora_export import check_peft_adapter
+
+        check_peft_adapter(ckpt)
     _check_source(source, own_tokenizer, revision)
 
     config_file = Path(source) / "config.json"

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from minigrpo.atomic import atomic_path, write_json
+from minigrpo.errors import UserError
 from minigrpo.lora import (
     TARGETS,
     LoRALinear,
@@ -34,7 +35,7 @@ from minigrpo.lora import (
     target_module_names,
 )
 from minigrpo.models.loading import save_pretrained
-from minigrpo.models.safetensors_io import DTYPES, iter_tensors, save_file
+from minigrpo.models.safetensors_io import DTYPES, iter_tensors, read_header, save_file
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: the PeftModel, then the wrapped CausalLM
 ADAPTER_CONFIG = "adapter_config.json"
@@ -114,18 +115,13 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[st
     (no DoRA, no bias, no modules_to_save, no per-layer ranks).
     """
     path = Path(directory)
-    config = json.loads((path / ADAPTER_CONFIG).read_text())
-    _check_peft_config(config, path / ADAPTER_CONFIG)
-    state = {}
-    for key, tensor in iter_tensors(path / ADAPTER_WEIGHTS):
-        if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise ValueError(f"{path / ADAPTER_WEIGHTS}: unexpected tensor {key!r} (only LoRA A and B weights)")
-        state[key.removeprefix(PEFT_PREFIX)] = tensor
+    config = check_peft_adapter(path)
+    state = {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in iter_tensors(path / ADAPTER_WEIGHTS)}
     adaptable = target_module_names(model, list(TARGETS))
     found = {key.rsplit(".", 2)[0] for key in state}
     outside = sorted(found - set(adaptable))
     if outside:
-        raise ValueError(f"{path}: adapter for {outside[0]!r}, which is not an adaptable linear layer of this model")
+        raise AdapterError(f"{path}: adapter for {outside[0]!r}, which is not an adaptable linear layer of this model")
     names = [n for n in adaptable if n in found]
     r, alpha, rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False))
     layers = lora_layers(model)
@@ -134,10 +130,12 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[st
         add_adapters(model, names, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dtype=torch.float32)
     else:
         if list(layers) != names:
-            raise ValueError(f"{path} adapts {len(names)} layers, the model {len(layers)}: not the same adapter layout")
+            raise AdapterError(
+                f"{path} adapts {len(names)} layers, the model {len(layers)}: not the same adapter layout"
+            )
         layer = next(iter(layers.values()))
         if (layer.r, layer.alpha, layer.rslora) != (r, alpha, rslora):
-            raise ValueError(
+            raise AdapterError(
                 f"{path}: r={r}, lora_alpha={alpha}, use_rslora={rslora}, but the model's adapters have "
                 f"r={layer.r}, alpha={layer.alpha}, rslora={layer.rslora}"
             )
@@ -145,9 +143,39 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[st
     return names
 
 
+class AdapterError(UserError, ValueError):
+    """A folder that is no plain PEFT LoRA adapter (its config or weights file), named with the file."""
+
+
+def check_peft_adapter(directory: str | os.PathLike) -> dict[str, Any]:
+    """What load_peft_adapter reads, without a tensor: a plain LoRA adapter_config.json (with r and
+    lora_alpha) and a weights file whose header holds LoRA A and B weights only; returns the config.
+    A folder that is none is an AdapterError (one line through run_cli), so callers check it before
+    any weights load."""
+    path = Path(directory)
+    where = path / ADAPTER_CONFIG
+    try:
+        config = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{where}: not a readable adapter config ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{where}: not a JSON object")
+    _check_peft_config(config, where)
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise AdapterError(f"{where}: {key}={value!r} must be a number > 0")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise AdapterError(f"{path / ADAPTER_WEIGHTS} is missing: {path} is no complete LoRA adapter")
+    for key in read_header(path / ADAPTER_WEIGHTS):
+        if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise AdapterError(f"{path / ADAPTER_WEIGHTS}: unexpected tensor {key!r} (only LoRA A and B weights)")
+    return config
+
+
 def _check_peft_config(config: dict[str, Any], where: Path) -> None:
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: peft_type={config.get('peft_type')!r}, only LORA adapters are supported")
+        raise AdapterError(f"{where}: peft_type={config.get('peft_type')!r}, only LORA adapters are supported")
     unsupported = {
         "bias": "none",
         "fan_in_fan_out": False,
@@ -161,7 +189,7 @@ def _check_peft_config(config: dict[str, Any], where: Path) -> None:
     for key, plain in unsupported.items():
         value = config.get(key, plain)
         if value != plain and not (plain is None and value == []):
-            raise ValueError(f"{where}: {key}={value!r} is not supported (plain LoRA only: {key}={plain!r})")
+            raise AdapterError(f"{where}: {key}={value!r} is not supported (plain LoRA only: {key}={plain!r})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +309,9 @@ __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "PEFT_PREFIX",
+    "AdapterError",
     "PlainTensor",
+    "check_peft_adapter",
     "load_peft_adapter",
     "plain_tensors",
     "save_merged",

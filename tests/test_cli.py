@@ -192,6 +192,14 @@ def test_a_missing_optional_package_is_named(workspace, tmp_path):
     assert "sampler.kind=vllm" in message and "vllm" in message
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_an_8bit_optimizer_on_the_cpu_is_named(workspace, tmp_path):
+    """bitsandbytes' 8-bit AdamW steps CUDA tensors only: said before loading, not by the optimizer after."""
+    cfg = config(workspace, "x", model=broken_weights(workspace), train={"steps": 2, "optimizer": "adamw8bit"})
+    message = one_error_line(train_cli(tmp_path, cfg))
+    assert "train.optimizer=adamw8bit needs CUDA" in message and "run.device=cpu" in message
+
+
 def test_broken_weights_are_named(workspace, tmp_path):
     cfg = config(workspace, "x", model=broken_weights(workspace))
     assert "broken_model" in one_error_line(train_cli(tmp_path, cfg))
@@ -242,6 +250,19 @@ def test_eval_model_folder_without_tokenizer(workspace, tmp_path):
     cfg_path.write_text(yaml.safe_dump(config(workspace, "e")))
     args = ("--checkpoint", str(folder), "--config", str(cfg_path), "--split", "train", "--num", "2")
     assert "weights_only" in one_error_line(eval_cli(workspace, *args))
+
+
+def test_eval_of_a_broken_lora_adapter_is_one_line(workspace, tmp_path):
+    """A LoRA checkpoint folder that is no plain LoRA adapter, or lacks its weights: named before any weights load."""
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(workspace, "e", model=broken_weights(workspace))))
+    for name, extra, expected in (("dora", {"use_dora": True}, "use_dora=True"), ("bare", {}, "is missing")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **extra}))
+        args = ("--checkpoint", str(folder), "--config", str(cfg_path), "--split", "train")
+        message = one_error_line(eval_cli(workspace, *args))
+        assert expected in message and name in message, message
 
 
 def test_eval_runs_on_the_named_split(workspace, tmp_path):

@@ -199,6 +199,11 @@ def test_literal_rejected_with_allowed_values():
         ("rewards.0.kwargs=3", "rewards.0.kwargs: expected mapping, got 3"),
         ("rewards=[{weight: 2}]", "rewards.0.name: required (str)"),
         ("train=5", "train: expected mapping (TrainCfg), got 5"),
+        # a LoRA target the model has no layer for: at load time, not from apply_lora after the weights load
+        (
+            "lora.targets=[q, qq]",
+            "lora.targets.1: expected one of 'q', 'k', 'v', 'o', 'gate', 'up', 'down', got 'qq' (did you mean 'q'?)",
+        ),
     ],
 )
 def test_wrong_type_names_key_type_and_value(override, message):

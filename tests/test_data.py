@@ -128,6 +128,21 @@ def test_jsonl_errors_name_the_file_line_and_field(tmp_path):
     assert str(e.value) == f"{path}:2: a JSON list, not an object with named fields"
 
 
+def test_message_list_prompts_that_are_no_messages_name_the_row(tmp_path):
+    """Found when the file is read (before any weights load), not by the chat template later."""
+    rows = [{"question": [{"role": "user", "content": "x"}], "answer": "1"}, {"question": ["hi"], "answer": "2"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        load_jsonl(path)
+    assert str(e.value) == f"{path}:2: message 0 of 'question' needs a text 'role' and a 'content', got 'hi'"
+    write_jsonl(path, [{"question": [{"role": "user"}], "answer": "1"}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: message 0 of 'question' needs a text 'role' and a 'content'"):
+        load_jsonl(path)
+    write_jsonl(path, [{"question": [], "answer": "1"}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'question' is an empty list of messages"):
+        load_jsonl(path)
+
+
 def test_json_array_errors_name_the_file_and_line(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('[\n  {"question": "a", "answer": "1"},\n  {"question": "b", "answer": }\n]\n')

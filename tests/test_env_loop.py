@@ -18,7 +18,7 @@ import yaml
 from helpers.cli import one_error_line, train_cli
 from helpers.tiny import tiny_model
 
-from minigrpo.config import load_config
+from minigrpo.config import ConfigError, load_config
 from minigrpo.models.loading import save_pretrained
 from minigrpo.tools import ToolCall, ToolResult
 from minigrpo.train import main
@@ -76,6 +76,13 @@ class SecretEnv:
         turn.tool_calls = [ToolCall("lookup", {}, text)]
         turn.tool_results = [ToolResult(str(episode.row.answer), True, None, "lookup")]
         return [{"role": "tool", "content": str(episode.row.answer), "name": "lookup"}], False
+
+
+class NoStepEnv:
+    """Resets but cannot step: no environment (checked on the class, before any weights load)."""
+
+    def reset(self, row) -> list[dict]:
+        return [{"role": "user", "content": str(row.prompt)}]
 
 
 def secret_reward(prompts, completions, answers, tool_results, **_):
@@ -159,6 +166,7 @@ def test_env_section_defaults_and_derived_budget():
         ({"tools": ["no_such_mod:f"]}, "env.tools.0='no_such_mod:f': cannot import 'no_such_mod'"),
         ({"kind": "test_env_loop:SecretEnv", "kwargs": {"colour": 1}}, "cannot be built with env.kwargs={'colour': 1}"),
         ({"format": "hermez"}, "env.format='hermez' is no tool-call format; known: hermes, llama3 (did you mean"),
+        ({"kind": "test_env_loop:NoStepEnv", "tools": []}, "the class NoStepEnv has no step()"),
     ],
 )
 def test_env_mistakes_are_one_line_before_loading(workspace, tmp_path, env, expected):
@@ -172,6 +180,21 @@ def test_env_mistakes_are_one_line_before_loading(workspace, tmp_path, env, expe
     cfg["run"]["output_dir"] = str(tmp_path / "runs")
     message = one_error_line(train_cli(tmp_path, cfg))
     assert expected in message, message
+
+
+def test_a_model_without_chat_template_is_named_before_loading(tmp_path, monkeypatch):
+    """The episodes are conversations: a model folder whose tokenizer has no chat template is refused
+    from its tokenizer files, before any weights load (not by build_environment after)."""
+    from helpers.tiny import tiny_run_checkpoint
+
+    from minigrpo.build import check_before_loading
+
+    folder = tiny_run_checkpoint(tmp_path / "plain")  # a word-level tokenizer without a chat template
+    settings = [f"run.output_dir={tmp_path / 'runs'}", f"model.name_or_path={folder}", "run.device=cpu"]
+    cfg = load_config(None, [*settings, "env.kind=tools", "env.tools=[calculator]"])
+    monkeypatch.setattr("minigrpo.models.loading._fill", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(ConfigError, match=r"env.kind='tools' needs a chat template .* the model has none"):
+        check_before_loading(cfg)
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -336,6 +336,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     lora_dir = tmp_path / "lora"
     lora_dir.mkdir()
     (lora_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    # adapters on a good base that are no plain LoRA adapter, or lack their weights: found before the base loads
+    dora_dir, no_weights = tmp_path / "dora", tmp_path / "no_weights"
+    for folder, extra in ((dora_dir, {"use_dora": True}), (no_weights, {})):
+        folder.mkdir()
+        adapter = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "base_model_name_or_path": str(good), **extra}
+        (folder / "adapter_config.json").write_text(json.dumps(adapter))
     cases = [
         (["--checkpoint", str(tmp_path / "nope")], "no such file or directory"),
         (["--checkpoint", str(good), "--gguf", "q3_k"], "argument --gguf: invalid choice: 'q3_k'"),
@@ -343,6 +349,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
         (["--checkpoint", str(good), "--out", str(tmp_path)], "is a folder"),
         (["--checkpoint", str(word_level)], "only byte-level BPE tokenizers"),
         (["--checkpoint", str(lora_dir)], "names no base model"),
+        (["--checkpoint", str(dora_dir)], "use_dora=True is not supported"),
+        (["--checkpoint", str(no_weights)], "adapter_model.safetensors is missing"),
     ]
     for argv, expected in cases:
         with pytest.raises(SystemExit) as info:

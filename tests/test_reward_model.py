@@ -39,7 +39,7 @@ def _import_hub_kernels() -> None:
 
 _import_hub_kernels()
 
-from helpers.tiny import WORDS, tiny_checkpoint, tiny_tokenizer  # noqa: E402
+from helpers.tiny import WORDS, tiny_checkpoint, tiny_run_checkpoint, tiny_tokenizer  # noqa: E402
 
 from minigrpo import config, rewards  # noqa: E402
 from minigrpo.errors import UserError  # noqa: E402
@@ -265,6 +265,22 @@ def test_a_checkpoint_with_an_lm_head_still_loads(tmp_path):
     ids, mask, _ = padded_batch("right", seed=4)
     with torch.no_grad():
         assert (ours(ids, attention_mask=mask) - hf(ids, attention_mask=mask).logits).abs().max().item() < ATOL
+
+
+def test_a_classifier_config_without_score_head_is_named(tmp_path):
+    """A causal LM's weights under a *ForSequenceClassification config: the missing head is said as such,
+    with the folder, for a reward and for ppo.value_path, from the headers (before any weights load)."""
+    from minigrpo.algorithms.value_model import check_value_path
+
+    folder = tiny_run_checkpoint(tmp_path / "headless")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(architectures=["LlamaForSequenceClassification"], num_labels=1)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RewardModelError, match=r"headless: .* no score head \(score\.weight\)") as info:
+        rewards.make_reward("reward_model", {"path": str(folder)})
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match=r"ppo\.value_path=.*headless.* no score head"):
+        check_value_path(str(folder))
 
 
 def test_a_folder_without_tokenizer_fails_before_loading(tmp_path):

@@ -197,7 +197,7 @@ def check_value_path(path: str) -> None:
     UserError naming ppo.value_path for a missing folder, a broken config or weights file, a
     classifier with num_labels != 1. A hub id that is not on disk is checked when fetched."""
     from minigrpo.models import loading
-    from minigrpo.models.reward_model import RewardModel, read_reward_config
+    from minigrpo.models.reward_model import RewardModel, check_score_head, read_reward_config
 
     folder = Path(path).expanduser()
     if not folder.exists() and loading._looks_local(path):
@@ -211,7 +211,9 @@ def check_value_path(path: str) -> None:
             raise UserError(f"num_labels={num_labels}: a value head gives one number (num_labels=1)")
         build = functools.partial(RewardModel, num_labels=1, pad_token_id=pad)
         model = loading._model_from_config(loading._read_config(folder), folder / "config.json", build)
-        loading._check(model, loading._hf_tensor_source(folder)[0])
+        shapes = loading._hf_tensor_source(folder)[0]
+        check_score_head(folder, shapes)
+        loading._check(model, shapes)
     except UserError as e:
         raise UserError(f"ppo.value_path={path!r}: {e}") from e
 

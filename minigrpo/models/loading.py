@@ -95,26 +95,26 @@ def load_pretrained(
 
 def check_model_source(
     name_or_path: str | os.PathLike, *, revision: str | None = None, require_tokenizer: bool = True
-) -> None:
+) -> Any:
     """Check what `load_pretrained(name_or_path)` will read, without reading any weights: a UserError
     names a missing path, a folder that is no model, a broken config.json (a bad value: the key too),
     an unsupported architecture, a truncated weights file, missing or corrupt tokenizer files, a chat
     template that does not compile, a .gguf file that is no GGUF (only its header is read). A hub
-    repo id that is not a local path is only checked when it is fetched (by load_pretrained)."""
+    repo id that is not a local path is only checked when it is fetched (by load_pretrained).
+    Returns the tokenizer of a local model folder (for the checks that read it), else None."""
     name = str(name_or_path)
     if name not in PACKAGED_MODELS and not Path(name).expanduser().exists() and not _looks_local(name):
-        return
+        return None
     source = _resolve(name, revision)
     if source.suffix == ".gguf":
         from .gguf_header import read_gguf_header
 
         read_gguf_header(source)
-        return
+        return None
     _model_from_config(_read_config(source), source / "config.json")  # on the meta device: no memory
     _hf_tensor_source(source)  # reads (and checks) the header of every weights file, no tensor
     tokenizer_dir = _tokenizer_dir(source, required=require_tokenizer)
-    if tokenizer_dir is not None:
-        load_tokenizer_folder(tokenizer_dir)
+    return load_tokenizer_folder(tokenizer_dir) if tokenizer_dir is not None else None
 
 
 def _model_from_config(

@@ -50,6 +50,7 @@ __all__ = [
     "RewardModelError",
     "RewardModelScorer",
     "check_reward_folder",
+    "check_score_head",
     "last_token_index",
     "load_reward_model",
     "make_reward_model",
@@ -162,8 +163,19 @@ def load_reward_model(
     model = loading._model_from_config(config, source / "config.json", build)
     tokenizer_dir = loading._tokenizer_dir(source, required=require_tokenizer) if load_tokenizer else None
     tokenizer = loading.load_tokenizer_folder(tokenizer_dir) if tokenizer_dir is not None else None
-    loading._fill(model, loading._hf_tensor_source(source), dtype, device)
+    tensors = loading._hf_tensor_source(source)
+    check_score_head(source, tensors[0])
+    loading._fill(model, tensors, dtype, device)
     return model.eval(), tokenizer
+
+
+def check_score_head(folder: Path, shapes: dict[str, Any]) -> None:
+    """The weights (names -> shapes, from the headers) hold the score head a classification config promises."""
+    if "score.weight" not in shapes:
+        raise RewardModelError(
+            f"{folder}: its config names a *ForSequenceClassification model but its weights hold no score head "
+            "(score.weight): save the reward model with its head (e.g. LlamaForSequenceClassification.save_pretrained)"
+        )
 
 
 def _local_config(path: str) -> tuple[Path, dict[str, Any]] | None:
@@ -192,7 +204,9 @@ def check_reward_folder(folder: Path, config: dict[str, Any]) -> None:
         raise RewardModelError(_labels_message(str(folder), num_labels))
     build = functools.partial(RewardModel, num_labels=num_labels, pad_token_id=pad)
     model = loading._model_from_config(config, folder / "config.json", build)  # meta device: no memory
-    loading._check(model, loading._hf_tensor_source(folder)[0])
+    shapes = loading._hf_tensor_source(folder)[0]
+    check_score_head(folder, shapes)
+    loading._check(model, shapes)
     loading.load_tokenizer_folder(loading._tokenizer_dir(folder, required=True))
 
 
