@@ -95,10 +95,14 @@ def _trim_partial_tail(path: Path) -> None:
             os.truncate(path, data.rfind(b"\n") + 1)
 
 
+class MissingBackendWarning(UserWarning, RuntimeWarning):
+    """An optional logging backend is on but not installed (a user warning: one `warning:` line)."""
+
+
 def _missing(option: str, what: str, package: str, err: ImportError) -> None:
     """Warn that an optional backend is on but not installed; the run goes on without it."""
     msg = f"{option} is on but {what} is not installed ({err}); continuing without it (pip install {package})"
-    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+    warnings.warn(msg, MissingBackendWarning, stacklevel=4)
 
 
 class MetricsLogger:

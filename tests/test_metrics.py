@@ -288,6 +288,8 @@ def test_missing_backends_warn_not_crash(tmp_path: Path, monkeypatch):
         lg = logger(tmp_path, tensorboard=True, wandb=True)
     messages = " ".join(str(w.message) for w in caught)
     assert "TensorBoard is not installed" in messages and "wandb is not installed" in messages
+    # shown as one `warning:` line each under run_cli (errors._show_warning), not Python's two
+    assert all(issubclass(w.category, UserWarning) for w in caught)
     lg.log(1, {"reward": 1.0})
     lg.close()
     assert lines(tmp_path / "run" / "metrics.jsonl") == [{"step": 1, "reward": 1.0}]
