@@ -46,11 +46,14 @@ _COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operato
 
 def within(limit: str, v: float) -> bool:
     """Whether `v` meets a limit written as its error message says it: "any", "finite", "> 0",
-    ">= 1", "<= 1", "< 1", or an interval "in (0, 1]". NaN meets only "any"."""
+    ">= 1", "<= 1", "< 1", or an interval "in (0, 1]". NaN meets only "any", infinity only "any"
+    (a bound is a number: `temperature: .inf` is a mistake, not a very large temperature)."""
     if limit == "any":
         return True
+    if not math.isfinite(v):
+        return False
     if limit == "finite":
-        return math.isfinite(v)
+        return True
     if limit.startswith("in "):
         lo, hi = limit[4:-1].split(", ")
         above = f"{'>' if limit[3] == '(' else '>='} {lo}"

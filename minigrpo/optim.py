@@ -22,7 +22,6 @@ from torch import nn
 
 from minigrpo.config import TrainCfg
 
-
 STEP_BUCKET_BYTES = 256 * 2**20  # fp32 gradients alive at once in a MasterWeights step
 
 

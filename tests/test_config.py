@@ -474,6 +474,11 @@ def test_command_line_errors_are_usage_errors():
         ("rewards.0.weight=nan", "rewards.0.weight must be finite, got nan"),
         ("rewards.0.timeout_s=0", "rewards.0.timeout_s must be > 0, got 0.0"),
         ("grpo.is_min=-0.1", "grpo.is_min must be >= 0, got -0.1"),
+        (
+            "sampler.temperature=.inf",
+            "sampler.temperature must be > 0, got inf (use eval.temperature=0 for greedy evaluation)",
+        ),
+        ("train.lr=inf", "train.lr must be >= 0, got inf"),
         ("run.name=..", "run.name must be a plain folder name, got '..'"),
         ("run.device=cuda:x", "run.device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
     ],
@@ -531,6 +536,7 @@ def test_limit_mini_language():
     assert within("in [0, 1)", 0.0) and not within("in [0, 1)", 1.0) and within("in (0, 1]", 1.0)
     assert not within("in (0, 1]", 0.0) and not within("< 1", 1.0) and within("<= 1", 1.0)
     assert not within(">= 0", math.nan) and not within("finite", math.inf) and within("any", math.nan)
+    assert not within("> 0", math.inf) and not within("in [0, 1]", -math.inf) and within("any", math.inf)
 
 
 def test_derived_fields_are_documented_and_filled():

@@ -75,7 +75,7 @@ def test_each_bucket_is_warmed_up_captured_once_then_replayed(fake):
     calls = []
     graphs = DecodeGraphs()
     for bucket in (8, 8, 8, 16, 16, 8):
-        graphs.run(bucket, lambda: calls.append((bucket, fake.capturing)))
+        graphs.run(bucket, lambda b=bucket: calls.append((b, fake.capturing)))
     # per new bucket: one real step outside the capture, then the captured one; the rest replay
     assert calls == [(8, False), (8, True), (16, False), (16, True)]
     assert graphs.captures == 2 and fake.replays == 4

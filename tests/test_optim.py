@@ -74,7 +74,7 @@ def test_bucketed_master_step_equals_one_step_and_bounds_the_fp32_gradients():
     opts[1] = MasterWeights(params[1], lambda ps: make(ps, lr=1e-3, weight_decay=0.01, foreach=True), bucket)
     assert len(opts[0].buckets) == 1 and len(opts[1].buckets) > 4
     peaks = []
-    for step in range(3):
+    for _ in range(3):
         grads = [torch.randn_like(p) for p in params[0]]
         grads[3] = None  # a parameter without a gradient is skipped, in every bucket
         for ps, opt in zip(params, opts):

@@ -36,6 +36,7 @@ full weights, so the decode loop itself never communicates.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -368,7 +369,7 @@ class KVCacheSampler:
             if graphs is None:
                 self._step(st, kv_len, params)
             else:
-                graphs.run(kv_len, lambda: self._step(st, kv_len, params))
+                graphs.run(kv_len, functools.partial(self._step, st, kv_len, params))
             drawn = s + 1
         return drawn, compactions
 
