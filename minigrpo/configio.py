@@ -398,7 +398,7 @@ def _parse_value(text: str, tp: Any) -> Any:
     try:
         return parse_yaml(text)
     except ConfigError as e:
-        raise ConfigError(f"cannot parse value {text!r}: {e}") from None
+        raise ConfigError(f"cannot parse the value {text!r}: {e}") from None
 
 
 def _field_default(cls: type, name: str) -> Any:
@@ -451,7 +451,10 @@ def apply_override(raw: dict, item: str, root: type) -> None:
         path = _join(path, part)
         current = node.get(slot) if isinstance(node, dict) else node[slot]
         if i == len(parts) - 1:
-            value = _parse_value(text, child_tp)
+            try:
+                value = _parse_value(text, child_tp)
+            except ConfigError as e:
+                raise ConfigError(f"{key}: {e}") from None
             if isinstance(value, Mapping) and isinstance(current, dict):
                 _merge(current, value)  # `lora={enabled: true}` keeps the other lora keys
             else:
@@ -460,7 +463,12 @@ def apply_override(raw: dict, item: str, root: type) -> None:
         if current is None:
             current = node[slot] = empty
         elif not isinstance(current, (dict, list)):
-            raise _bad(path, child_tp, current)
+            inner = (
+                next((a for a in get_args(child_tp) if a is not _NONE), child_tp) if _is_union(child_tp) else child_tp
+            )
+            if not (dataclasses.is_dataclass(inner) or get_origin(inner) in (list, dict)):  # `train.lr.x=1`
+                raise ConfigError(f"{_join(path, parts[i + 1])}: {path} is a {type_name(inner)}, it has no sub-keys")
+            raise _bad(path, child_tp, current)  # a section given a scalar in the YAML
         tp, node = child_tp, current
 
 

@@ -264,6 +264,21 @@ def test_malformed_overrides(override, message):
     assert str(e.value) == message
 
 
+def test_overrides_name_their_key_when_the_yaml_sets_it(tmp_path):
+    """The same messages when the config file already holds the key (not only for the defaults)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1.0e-5\nlora: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.lr.x=1"])
+    assert str(e.value) == "train.lr.x: train.lr is a float, it has no sub-keys"
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.lr=[1,"])
+    assert str(e.value).startswith("train.lr: cannot parse the value '[1,': not valid YAML")
+    with pytest.raises(ConfigError) as e:  # a section given a scalar in the file: its type is named
+        load_config(path, ["lora.r=2"])
+    assert str(e.value).startswith("lora: expected")
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.yaml")
