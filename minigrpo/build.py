@@ -98,7 +98,7 @@ def check_before_loading(
     if cfg.algorithm == "ppo" and cfg.ppo.value_path is not None:
         from minigrpo.algorithms.value_model import check_value_path
 
-        check_value_path(cfg.ppo.value_path)
+        check_value_path(cfg.ppo.value_path, policy=cfg.model.name_or_path)
     return resume, specs, examples
 
 

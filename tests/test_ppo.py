@@ -368,6 +368,11 @@ def test_a_ppo_config_loads_and_checks_before_loading(tmp_path):
         check_value_path(str(tmp_path / "missing"))
     sequence_classification_checkpoint(tmp_path / "rm")
     check_value_path(str(tmp_path / "rm"))  # a reward model: fine
+    tiny_checkpoint(tmp_path / "policy")
+    check_value_path(str(tmp_path / "rm"), policy=str(tmp_path / "policy"))  # the same vocabulary
+    tiny_checkpoint(tmp_path / "big", vocab_size=256)
+    with pytest.raises(UserError, match=r"^ppo.value_path='.*rm': a vocabulary of 128 tokens, the policy .* 256"):
+        check_value_path(str(tmp_path / "rm"), policy=str(tmp_path / "big"))  # named before anything loads
     (tmp_path / "rm" / "model.safetensors").write_bytes(b"\x00" * 7)
     with pytest.raises(UserError, match=r"^ppo.value_path="):
         check_value_path(str(tmp_path / "rm"))

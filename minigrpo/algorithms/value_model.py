@@ -47,6 +47,7 @@ from torch import nn
 
 from minigrpo import lora
 from minigrpo.errors import UserError
+from minigrpo.models.args import ModelArgs
 
 # ================================================================================================
 # the two kinds of critic
@@ -192,12 +193,12 @@ def load_value_body(path: str, *, dtype: torch.dtype, device: torch.device) -> t
     return body, head
 
 
-def check_value_path(path: str) -> None:
+def check_value_path(path: str, policy: str | None = None) -> None:
     """What load_value_body will read, without reading a weight (before any weights load): a
     UserError naming ppo.value_path for a missing folder, a broken config or weights file, a
-    classifier with num_labels != 1. A hub id that is not on disk is checked when fetched."""
+    classifier with num_labels != 1, a vocabulary smaller than that of the `policy` folder. A hub id
+    that is not on disk is checked when fetched."""
     from minigrpo.models import loading
-    from minigrpo.models.reward_model import RewardModel, check_score_head, read_reward_config
 
     folder = Path(path).expanduser()
     if not folder.exists() and loading._looks_local(path):
@@ -205,17 +206,40 @@ def check_value_path(path: str) -> None:
     try:
         if not folder.is_dir() or not is_classification(loading._read_config(folder)):
             loading.check_model_source(path, require_tokenizer=False)  # a causal LM (or a hub id)
-            return
-        num_labels, pad = read_reward_config(loading._read_config(folder), folder / "config.json")
-        if num_labels != 1:
-            raise UserError(f"num_labels={num_labels}: a value head gives one number (num_labels=1)")
-        build = functools.partial(RewardModel, num_labels=1, pad_token_id=pad)
-        model = loading._model_from_config(loading._read_config(folder), folder / "config.json", build)
-        shapes = loading._hf_tensor_source(folder)[0]
-        check_score_head(folder, shapes)
-        loading._check(model, shapes)
+        else:
+            _check_classifier(folder)
+        policy_folder = None if policy is None else Path(policy).expanduser()
+        if folder.is_dir() and policy_folder is not None and (policy_folder / "config.json").is_file():
+            _check_vocabularies(folder, policy_folder)  # both configs are sound by now
     except UserError as e:
         raise UserError(f"ppo.value_path={path!r}: {e}") from e
+
+
+def _check_classifier(folder: Path) -> None:
+    """A score-head checkpoint: one label, the score weight present, every tensor's shape right."""
+    from minigrpo.models import loading
+    from minigrpo.models.reward_model import RewardModel, check_score_head, read_reward_config
+
+    num_labels, pad = read_reward_config(loading._read_config(folder), folder / "config.json")
+    if num_labels != 1:
+        raise UserError(f"num_labels={num_labels}: a value head gives one number (num_labels=1)")
+    build = functools.partial(RewardModel, num_labels=1, pad_token_id=pad)
+    model = loading._model_from_config(loading._read_config(folder), folder / "config.json", build)
+    shapes = loading._hf_tensor_source(folder)[0]
+    check_score_head(folder, shapes)
+    loading._check(model, shapes)
+
+
+def _check_vocabularies(folder: Path, policy: Path) -> None:
+    """The critic reads the policy's token ids: its vocabulary must hold all of them."""
+    from minigrpo.models import loading
+
+    ours = ModelArgs.from_hf_config(loading._read_config(folder)).vocab_size
+    theirs = ModelArgs.from_hf_config(loading._read_config(policy)).vocab_size
+    if ours < theirs:
+        raise UserError(
+            f"a vocabulary of {ours} tokens, the policy ({policy}) {theirs}: the critic reads the policy's token ids"
+        )
 
 
 def is_classification(config: dict[str, Any]) -> bool:
