@@ -54,6 +54,12 @@ def test_missing_config(tmp_path):
     assert isinstance(info.value, UserError)
 
 
+def test_an_adapter_folder_is_named_as_one(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(ModelNotFoundError, match=rf"^{tmp_path} is a LoRA adapter \(adapter_config.json\), not a"):
+        check_model_source(tmp_path)
+
+
 def test_a_file_that_is_no_model(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ModelNotFoundError, match=rf"{tmp_path}/notes.txt is no model"):

@@ -139,6 +139,11 @@ def _read_config(source: Path) -> dict[str, Any]:
     if not source.is_dir():
         raise ModelNotFoundError(f"{source} is no model: expected a model folder (config.json, weights) or .gguf")
     config_path = source / "config.json"
+    if not config_path.is_file() and (source / "adapter_config.json").is_file():
+        raise ModelNotFoundError(
+            f"{source} is a LoRA adapter (adapter_config.json), not a model folder: load its base model and the "
+            "adapter with it (python -m minigrpo.eval / export --checkpoint take adapter folders)"
+        )
     if not config_path.is_file():
         has_weights = any(source.glob("*.safetensors"))
         what = "a weights file but no config.json" if has_weights else "no config.json and no *.safetensors weights"
