@@ -14,14 +14,13 @@ import random
 from pathlib import Path
 
 import pytest
-import yaml
 from helpers.cli import one_error_line, train_cli
+from helpers.runs import launch
 from helpers.tiny import tiny_model
 
 from minigrpo.config import ConfigError, load_config
 from minigrpo.models.loading import save_pretrained
 from minigrpo.tools import ToolCall, ToolResult
-from minigrpo.train import main
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "tool", "system"]
 WORDS += ["what", "is", "the", "secret", "?", "lookup", *"0123456789"]
@@ -131,14 +130,6 @@ def env_config(root: Path, name: str, **sections) -> dict:
     for key, values in sections.items():
         cfg[key] = {**cfg.get(key, {}), **values} if isinstance(values, dict) else values
     return cfg
-
-
-def launch(root: Path, cfg: dict) -> list[dict]:
-    path = root / f"{cfg['run']['name']}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    main(["--config", str(path)])
-    lines = (root / "runs" / cfg["run"]["name"] / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
 
 
 # ----------------------------------------------------------------------------- config

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from helpers.cli import cli_env
-from helpers.runs import TIMING, run_config
+from helpers.runs import TIMING, launch, run_config
 from helpers.tiny import tiny_model
 from safetensors.torch import load_file
 
@@ -244,14 +244,6 @@ def test_memory_preflight_counts_the_reference_copy():
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
-def launch(tmp_path, cfg: dict, *extra: str) -> list[dict]:
-    path = tmp_path / f"{cfg['run']['name']}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    main(["--config", str(path), *extra])
-    lines = (tmp_path / "runs" / cfg["run"]["name"] / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
 
 
 def dpo_config(tmp_path, **sections) -> dict:

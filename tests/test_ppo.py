@@ -382,20 +382,6 @@ def test_a_ppo_config_loads_and_checks_before_loading(tmp_path):
 # the loop: learning and resuming (python -m minigrpo.train, in process)
 
 
-def launch(tmp_path, cfg: dict, *extra: str) -> list[dict]:
-    import json
-
-    import yaml
-
-    from minigrpo.train import main
-
-    path = tmp_path / f"{cfg['run']['name']}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    main(["--config", str(path), *extra])
-    lines = (tmp_path / "runs" / cfg["run"]["name"] / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
 PPO_TOY = {"algorithm": "ppo", "grpo": {"prompts_per_step": 64, "group_size": 1}}
 
 
@@ -403,7 +389,7 @@ def test_ppo_learns_a_one_token_task(tmp_path):
     """The copy task ('repeat 7' -> '7', chance 1/28) with one completion per prompt: the critic
     learns the value of each prompt (explained variance rises) and the reward rises as in the GRPO
     learning test. Observed: 0.03 at step 1, mean 0.87 over steps 31-40."""
-    from helpers.runs import run_config
+    from helpers.runs import launch, run_config
 
     cfg = run_config(
         tmp_path,
@@ -430,7 +416,7 @@ def test_ppo_learns_a_one_token_task(tmp_path):
 def test_ppo_resumes_to_identical_policy_critic_and_metrics(tmp_path, variant):
     """4 steps straight vs 2 steps, then --resume to 4: the policy, the critic (weights and optimizer)
     and every non-timing metric are identical (two epochs of two shuffled mini-batches per step)."""
-    from helpers.runs import TIMING, run_config
+    from helpers.runs import TIMING, launch, run_config
 
     from minigrpo.checkpoint import load_trainer_state
 

@@ -3,7 +3,10 @@ copy task ('repeat 7' -> '7'), as a plain config dict."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import yaml
 
 from helpers.tiny import tiny_run_checkpoint, write_copy_task
 
@@ -30,3 +33,15 @@ def run_config(tmp_path: Path, **sections) -> dict:
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values} if isinstance(values, dict) else values
     return cfg
+
+
+def launch(root: Path, cfg: dict, *extra: str) -> list[dict]:
+    """Write cfg to root/<run name>.yaml, train it in this process (`python -m minigrpo.train` with
+    `extra` arguments) and return the records of root/runs/<run name>/metrics.jsonl."""
+    from minigrpo.train import main
+
+    path = root / f"{cfg['run']['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    main(["--config", str(path), *extra])
+    lines = (root / "runs" / cfg["run"]["name"] / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
