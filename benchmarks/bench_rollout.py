@@ -32,7 +32,9 @@ Bounds: decode bound per step = (weight bytes + live KV bytes) / in-run copy ban
 holding token s of its completion counts Tp + s + 0.5 KV slots and a finished row none (for fixed
 lengths: N * (Tp + Tc/2), as before); prefill bound = 2 * params * P * Tp FLOPs / in-run bf16 matmul
 rate (attention FLOPs ignored). `pct` = tok/s vs tokens / (prefill + decode bound); for ours also
-`decode_pct` = decode-phase tok/s vs the decode bound alone (the figure earlier results quote).
+`decode_pct` = decode-phase tok/s vs the decode bound alone (the figure earlier results quote), and
+`decode_pct_shared` vs the bound of a decoder that reads each prompt's KV once per step for its
+whole group, as the own sampler stores it (SharedPrefix): the ceiling of that layout, lower bytes.
 Writes results/rollout[_TAG]_<device>.json (rewritten after every measurement) and prints a table.
 """
 
@@ -144,15 +146,23 @@ def kv_bytes_per_token(cfg: dict, dtype_bytes: int = 2) -> int:
     return 2 * cfg["num_hidden_layers"] * heads * head_dim * dtype_bytes
 
 
-def decode_bound_s(lengths: list[int], Tp: int, weight_bytes: int, kv_token: int, bandwidth_gbs: float) -> float:
+def decode_bound_s(
+    lengths: list[int], Tp: int, weight_bytes: int, kv_token: int, bandwidth_gbs: float, group: int | None = None
+) -> float:
     """Seconds of an ideal decoder: every step reads the weights once plus the KV of the live rows
-    (a row drawing token s holds Tp + s + 0.5 slots on average over the step; finished rows none)."""
+    (a row drawing token s holds Tp + s + 0.5 slots on average over the step; finished rows none).
+    group: rows i*group .. (i+1)*group - 1 share their prompt's Tp slots, read once a step while
+    any of them is live (the own sampler's layout) - the bound of a decoder that shares them."""
     steps = max(lengths)
     live = torch.tensor(lengths)
     total_bytes = 0.0
     for s in range(steps):
         alive = live > s
-        total_bytes += weight_bytes + float(alive.sum()) * (Tp + s + 0.5) * kv_token
+        if group is None:
+            total_bytes += weight_bytes + float(alive.sum()) * (Tp + s + 0.5) * kv_token
+        else:
+            prompts = float(alive.view(-1, group).any(-1).sum())
+            total_bytes += weight_bytes + (prompts * Tp + float(alive.sum()) * (s + 0.5)) * kv_token
     return total_bytes / (bandwidth_gbs * 1e9)
 
 
@@ -448,6 +458,7 @@ def main() -> None:
         inputs[case.name] = (case.prompts(cfg["vocab_size"], seed=i), lengths)
         tokens = sum(lengths)
         dec_s = decode_bound_s(lengths, case.Tp, weight_bytes, kv_token, bandwidth)
+        shared_s = decode_bound_s(lengths, case.Tp, weight_bytes, kv_token, bandwidth, group=case.G)
         pre_s = 2 * params * case.P * case.Tp / (matmul * 1e12)
         ordered = sorted(lengths)
         rows[case.name] = {
@@ -468,6 +479,8 @@ def main() -> None:
             "decode_bound_s": dec_s,
             "prefill_bound_s": pre_s,
             "decode_bound_tok_s": tokens / dec_s,
+            "shared_decode_bound_s": shared_s,
+            "shared_decode_bound_tok_s": tokens / shared_s,
             "bound_tok_s": tokens / (pre_s + dec_s),
         }
     payload = {
@@ -520,6 +533,8 @@ def main() -> None:
             row[f"{name}_pct"] = 100 * tok_s / row["bound_tok_s"]
             if "decode_s" in r:
                 row[f"{name}_decode_pct"] = 100 * (r["tokens"] / r["decode_s"]) / row["decode_bound_tok_s"]
+                shared_bound = row["shared_decode_bound_tok_s"]
+                row[f"{name}_decode_pct_shared"] = 100 * (r["tokens"] / r["decode_s"]) / shared_bound
                 row[f"{name}_ms_step"] = r["decode_s"] / max(r["decode_steps"], 1) * 1e3
             row[f"{name}_detail"] = r
             if "ours_tok_s" in row and "vllm_tok_s" in row:
@@ -532,7 +547,7 @@ def main() -> None:
     path = save()
     head = f"{env['device']}, torch {env['torch']}, {args.arch} {payload['dtype']}"
     print(f"\n{head}, copy {bandwidth:.0f} GB/s, matmul {matmul:.1f} TFLOP/s -> {path}")
-    cols = ["case", "sequences", "tokens", "bound_tok_s", "ours_decode_pct", "ours_ms_step"]
+    cols = ["case", "sequences", "tokens", "bound_tok_s", "ours_decode_pct", "ours_decode_pct_shared", "ours_ms_step"]
     for p in providers:
         cols += [f"{p}_tok_s", f"{p}_pct"]
     print_table(list(rows.values()), [*cols, "ours/vllm"])

@@ -9,6 +9,7 @@ For each case (P x G rows), the sampler prefills random prompts and decodes unti
   kernels   the sum of the step's GPU kernel times (torch.profiler, eager): the graph time minus
             this is the gaps between kernels
   bound     (weight bytes + KV bytes of all rows) / in-run copy bandwidth
+  shared    the same with each prompt's KV counted once for its G rows (the sampler's layout)
 and the kernel time is split by part of the step (the decoder layers, the LM head, sampling and
 bookkeeping) and by kind of kernel (matmul, attention, Triton kernels by name, other torch ops).
 Writes results/profile_decode_<device>.json and prints the tables. The step runs the sampler's
@@ -155,6 +156,7 @@ def profile_case(model, cfg: dict, P: int, G: int, Tp: int, at: int, steps: int,
     )
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bound_ms = (weight_bytes + P * G * (Tp + at) * kv_token) / (bw * 1e9) * 1e3
+    shared_ms = (weight_bytes + (P * Tp + P * G * at) * kv_token) / (bw * 1e9) * 1e3  # prompts' KV read once
     return {
         "rows": P * G,
         "kv_slots": L,
@@ -162,6 +164,8 @@ def profile_case(model, cfg: dict, P: int, G: int, Tp: int, at: int, steps: int,
         "kernels_ms": kernels_ms,
         "bound_ms": bound_ms,
         "pct_of_bound": None if graph_ms is None else 100 * bound_ms / graph_ms,
+        "shared_bound_ms": shared_ms,
+        "pct_of_shared_bound": None if graph_ms is None else 100 * shared_ms / graph_ms,
         "by_part_ms": dict(by_part),
         "by_kind": {k: {"ms": v[0], "kernels": v[1]} for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][0])},
     }
@@ -205,7 +209,8 @@ def main() -> None:
     for name, r in results.items():
         print(
             f"\n{name}: {r['rows']} rows, {r['kv_slots']} KV slots: graph step {r['graph_ms']} ms, "
-            f"kernels {r['kernels_ms']:.3f} ms, bound {r['bound_ms']:.3f} ms"
+            f"kernels {r['kernels_ms']:.3f} ms, bound {r['bound_ms']:.3f} ms "
+            f"(prompts shared: {r['shared_bound_ms']:.3f} ms)"
         )
         rows = [{"part: kind": k, "ms": v["ms"], "kernels": v["kernels"]} for k, v in r["by_kind"].items()]
         print_table(rows[:18], ["part: kind", "ms", "kernels"])

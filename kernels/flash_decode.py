@@ -2,7 +2,7 @@
 
     decode_attention(q (B, H, Dh), k_cache, v_cache (B, Hkv, S_max, Dh), key_mask (B, >= kv_len),
                      slot (1,) int64 device tensor, kv_len: int, *, window=None, scale=None,
-                     impl="auto") -> out (B, H, Dh) in q.dtype
+                     prefix=None, impl="auto") -> out (B, H, Dh) in q.dtype
 
 Query head h reads kv head h // G, G = H / Hkv (GQA). Slot j of row b is attended iff
     j <= slot  and  key_mask[b, j] != 0  and  (window is None or j > slot - window),
@@ -11,6 +11,12 @@ or j == slot: the query's own slot is always attended, so no row is ever fully m
 anything: they are never read into the result. Softmax in fp32, one rounding to q.dtype at the end;
 scale defaults to Dh^-0.5 (SDPA's).
 
+Shared prefix: `prefix = (k_prefix, v_prefix (P, Hkv, Tp, Dh), group (B,) int64)` says that the first
+Tp slots of row b are row group[b] of the prefix, and k_cache / v_cache hold only the slots after
+them (slot j >= Tp of row b is column j - Tp of the cache). GRPO samples G completions of each
+prompt: the G rows of a group share their prompt's keys and values, stored once (a G-fold smaller
+prompt cache) and, since the rows of a group run side by side, mostly read from L2 once.
+
 Why split-K: in decode each step reads the whole live cache, and one program per (row, kv head)
 leaves most SMs idle when B * Hkv is small (64 rows x 2 kv heads = 128 programs on 132 SMs). Here
 the slots of each (row, kv head) are cut into SPLITS chunks of SPLIT slots that run in parallel:
@@ -18,7 +24,8 @@ the slots of each (row, kv head) are cut into SPLITS chunks of SPLIT slots that 
 1. grid (B, Hkv, SPLITS): program (b, g, s) holds the G query heads of kv head g as a [G_PAD, Dh]
    tile (G_PAD >= 16 for tl.dot; padded rows are zero and never stored) and streams slots
    [s*SPLIT, min((s+1)*SPLIT, kv_len, slot+1)) in tiles of BLOCK_S: scores = q @ k^T * scale (fp32),
-   masked, online softmax (running max m, sum l, unnormalised acc [G_PAD, Dh] fp32). It writes
+   masked, online softmax (running max m, sum l, unnormalised acc [G_PAD, Dh] fp32); with a prefix
+   each slot is loaded from the prefix or the row's own cache (two masked loads). It writes
    (acc, m, l) per (b, h, s) to an fp32 workspace; a split wholly past `slot` writes m = -1e30,
    l = 0, acc = 0. With one split there is nothing to combine: it writes acc / l to out directly.
 2. grid (B, H): combine, out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s with M = max m_s.
@@ -45,6 +52,8 @@ _BLOCK_S = 64  # slots per tile
 _TARGET_PROGRAMS = 4 * 132  # split programs aimed for: about four waves of an H100's 132 SMs
 _MAX_SPLITS = 64  # the combine step holds all of a head's splits in one [SPLITS, Dh] tile
 
+Prefix = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # k, v (P, Hkv, Tp, Dh) and group (B,) int64
+
 # ----------------------------------------------------------------------------------------------
 # 1. Reference (the spec; also the CPU fallback)
 # ----------------------------------------------------------------------------------------------
@@ -60,6 +69,18 @@ def attended_slots(key_mask: torch.Tensor, slot: torch.Tensor, kv_len: int, wind
     return allowed | (j == q)
 
 
+def with_prefix(k_cache: torch.Tensor, v_cache: torch.Tensor, prefix: Prefix | None, kv_len: int):
+    """Slots [0, kv_len) of every row as plain (B, Hkv, kv_len, Dh) tensors: the rows' prefix (a
+    gathered copy) followed by their own cache; without a prefix, views of the caches."""
+    if prefix is None:
+        return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+    k_prefix, v_prefix, group = prefix
+    own = kv_len - k_prefix.shape[2]
+    k = torch.cat([k_prefix.index_select(0, group), k_cache[:, :, :own]], dim=2)  # (B, Hkv, kv_len, Dh)
+    v = torch.cat([v_prefix.index_select(0, group), v_cache[:, :, :own]], dim=2)
+    return k, v
+
+
 def decode_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -69,6 +90,7 @@ def decode_attention_ref(
     kv_len: int,
     window: int | None = None,
     scale: float | None = None,
+    prefix: Prefix | None = None,
 ) -> torch.Tensor:
     """The spec in torch: fp32 math (fp64 for fp64 inputs), out (B, H, Dh) in q.dtype."""
     B, H, Dh = q.shape
@@ -77,8 +99,8 @@ def decode_attention_ref(
     scale = Dh**-0.5 if scale is None else scale
     allowed = attended_slots(key_mask, slot, kv_len, window)[:, None, None, :]  # (B, 1, 1, S)
     qg = q.reshape(B, Hkv, H // Hkv, Dh).to(acc)  # (B, Hkv, G, Dh)
-    k = k_cache[:, :, :kv_len].to(acc)  # (B, Hkv, S, Dh)
-    v = v_cache[:, :, :kv_len].to(acc)
+    k, v = with_prefix(k_cache, v_cache, prefix, kv_len)  # (B, Hkv, S, Dh) each
+    k, v = k.to(acc), v.to(acc)
     scores = (qg @ k.transpose(-1, -2)) * scale  # (B, Hkv, G, S)
     p = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     v = v.masked_fill(~allowed.transpose(-1, -2), 0.0)  # unattended slots add nothing, even inf / NaN
@@ -93,8 +115,11 @@ def decode_attention_ref(
 @jit
 def _decode_split_kernel(
     q_ptr,  # (B, H, Dh)
-    k_ptr,  # (B, HKV, S_max, Dh)
+    k_ptr,  # (B, HKV, S_max, Dh): slots [prefix_len, ...) of each row
     v_ptr,  # (B, HKV, S_max, Dh)
+    pk_ptr,  # (P, HKV, prefix_len, Dh) shared prefix keys (k_ptr when there is none)
+    pv_ptr,  # (P, HKV, prefix_len, Dh)
+    group_ptr,  # (B,) int64: the prefix row of each row (read only if HAS_PREFIX)
     mask_ptr,  # (B, >= kv_len) int: 0 = pad key
     slot_ptr,  # (1,) int: the query's slot
     out_ptr,  # (B, H, Dh): written only if DIRECT
@@ -102,6 +127,7 @@ def _decode_split_kernel(
     m_ptr,  # (B, H, SPLITS) fp32: running max per split
     l_ptr,  # (B, H, SPLITS) fp32: sum of exp(score - m) per split
     kv_len,
+    prefix_len,
     window,
     scale,
     H,
@@ -118,6 +144,14 @@ def _decode_split_kernel(
     stride_v_h,
     stride_v_s,
     stride_v_d,
+    stride_pk_b,
+    stride_pk_h,
+    stride_pk_s,
+    stride_pk_d,
+    stride_pv_b,
+    stride_pv_h,
+    stride_pv_s,
+    stride_pv_d,
     stride_m_b,
     stride_m_s,
     stride_o_b,
@@ -125,6 +159,7 @@ def _decode_split_kernel(
     stride_o_d,
     G: tl.constexpr,  # query heads per kv head
     DH: tl.constexpr,  # head dim (fixed per model: a constant, so Dh = DH_PAD needs no channel mask)
+    HAS_PREFIX: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     DIRECT: tl.constexpr,  # one split: normalise and write out here, no combine step
     DOT_F32: tl.constexpr,  # dots in full fp32 (not tf32): fp32 inputs, or the interpreter (below)
@@ -146,8 +181,6 @@ def _decode_split_kernel(
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )  # (G_PAD, DH_PAD)
-    k_base = k_ptr + b * stride_k_b + g.to(tl.int64) * stride_k_h
-    v_base = v_ptr + b * stride_v_b + g.to(tl.int64) * stride_v_h
 
     start = s * SPLIT
     hi = tl.minimum(tl.minimum(start + SPLIT, kv_len), slot + 1)  # past `slot` is the future
@@ -158,6 +191,12 @@ def _decode_split_kernel(
     m_i = tl.full((G_PAD,), -1.0e30, dtype=tl.float32)  # = _NEG
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     acc = tl.zeros((G_PAD, DH_PAD), dtype=tl.float32)
+    k_base = k_ptr + b * stride_k_b + g.to(tl.int64) * stride_k_h  # column 0 holds slot prefix_len
+    v_base = v_ptr + b * stride_v_b + g.to(tl.int64) * stride_v_h
+    if HAS_PREFIX:
+        prefix_row = tl.load(group_ptr + b).to(tl.int64)
+        pk_base = pk_ptr + prefix_row * stride_pk_b + g.to(tl.int64) * stride_pk_h
+        pv_base = pv_ptr + prefix_row * stride_pv_b + g.to(tl.int64) * stride_pv_h
     j0 = lo
     while j0 < hi:  # (a while, not range(lo, hi): the interpreter rejects tensor loop bounds)
         j = j0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,) slots of this tile
@@ -167,8 +206,19 @@ def _decode_split_kernel(
         if HAS_WINDOW:
             ok = ok & (j > slot - window)
         kv_mask = ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + j[:, None] * stride_k_s + d[None, :] * stride_k_d, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + j[:, None] * stride_v_s + d[None, :] * stride_v_d, mask=kv_mask, other=0.0)
+        col = j - prefix_len  # (BLOCK_S,) the slots' columns in the row's own cache
+        if HAS_PREFIX:  # a slot is in the prefix or in the own cache: two loads, each lane reads one
+            shared = (j < prefix_len)[:, None]
+            own_mask, shared_mask = kv_mask & ~shared, kv_mask & shared
+        else:
+            own_mask = kv_mask
+        k = tl.load(k_base + col[:, None] * stride_k_s + d[None, :] * stride_k_d, mask=own_mask, other=0.0)
+        v = tl.load(v_base + col[:, None] * stride_v_s + d[None, :] * stride_v_d, mask=own_mask, other=0.0)
+        if HAS_PREFIX:
+            k_shared = tl.load(pk_base + j[:, None] * stride_pk_s + d[None, :] * stride_pk_d, mask=shared_mask)
+            v_shared = tl.load(pv_base + j[:, None] * stride_pv_s + d[None, :] * stride_pv_d, mask=shared_mask)
+            k = tl.where(shared_mask, k_shared, k)
+            v = tl.where(shared_mask, v_shared, v)
         if DOT_F32:
             kt = tl.trans(k.to(tl.float32))
             scores = tl.dot(q.to(tl.float32), kt, input_precision="ieee")  # (G_PAD, BLOCK_S) fp32
@@ -255,6 +305,7 @@ def _decode_attention_triton(
     kv_len: int,
     window: int | None,
     scale: float,
+    prefix: Prefix | None = None,
     *,
     split: int | None = None,
     block_s: int = _BLOCK_S,
@@ -276,15 +327,20 @@ def _decode_attention_triton(
     m = torch.empty((B, H, work), dtype=torch.float32, device=q.device)
     denom = torch.empty((B, H, work), dtype=torch.float32, device=q.device)
     dh_pad = max(16, next_power_of_2(Dh))
+    k_prefix, v_prefix, group = (k_cache, v_cache, slot) if prefix is None else prefix  # placeholders: never read
+    prefix_len = 0 if prefix is None else k_prefix.shape[2]
     _decode_split_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, key_mask, slot, out, acc, m, denom,
-        kv_len, 0 if window is None else window, scale, H, split, splits,
+        q, k_cache, v_cache, k_prefix, v_prefix, group, key_mask, slot, out, acc, m, denom,
+        kv_len, prefix_len, 0 if window is None else window, scale, H, split, splits,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+        k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2), k_prefix.stride(3),
+        v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2), v_prefix.stride(3),
         key_mask.stride(0), key_mask.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        G=G, DH=Dh, HAS_WINDOW=window is not None, DIRECT=direct, DOT_F32=q.dtype == torch.float32 or interpreting(),
+        G=G, DH=Dh, HAS_PREFIX=prefix is not None, HAS_WINDOW=window is not None, DIRECT=direct,
+        DOT_F32=q.dtype == torch.float32 or interpreting(),
         G_PAD=max(16, next_power_of_2(G)), DH_PAD=dh_pad, BLOCK_S=block_s,
         num_warps=4,
     )  # fmt: skip
@@ -311,6 +367,7 @@ def decode_attention(
     *,
     window: int | None = None,
     scale: float | None = None,
+    prefix: Prefix | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Attention of one query per row q (B, H, Dh) over cache slots [0, kv_len) -> (B, H, Dh).
@@ -318,6 +375,8 @@ def decode_attention(
     k_cache, v_cache: (B, Hkv, S_max, Dh), any strides (a layer of KVCache.k is fine); key_mask
     (B, >= kv_len) long or bool, 1 = real key; slot (1,) int device tensor; kv_len > slot (python
     int); window: attend slots j > slot - window; scale: default Dh^-0.5. Inference only (no grad).
+    prefix: (k_prefix, v_prefix (P, Hkv, Tp, Dh), group (B,) int64), the shared first Tp slots
+    (module docstring); the caches then hold slots [Tp, Tp + S_max), and kv_len >= Tp.
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "ref".
     """
     B, H, Dh = q.shape
@@ -326,15 +385,25 @@ def decode_attention(
         f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
     )
     assert H % Hkv == 0, f"{H} query heads are not a multiple of {Hkv} kv heads"
-    assert 1 <= kv_len <= k_cache.shape[2] and key_mask.shape[0] == B and key_mask.shape[1] >= kv_len, (
-        f"kv_len {kv_len}, cache slots {k_cache.shape[2]}, key_mask {tuple(key_mask.shape)}"
+    first = 0
+    if prefix is not None:
+        k_prefix, v_prefix, group = prefix
+        first = k_prefix.shape[2]
+        assert v_prefix.shape == k_prefix.shape and k_prefix.shape[1] == Hkv and k_prefix.shape[3] == Dh, (
+            f"k_prefix {tuple(k_prefix.shape)}, v_prefix {tuple(v_prefix.shape)}, cache {tuple(k_cache.shape)}"
+        )
+        assert group.shape == (B,) and group.dtype == torch.int64, f"group {tuple(group.shape)} {group.dtype}"
+        assert first <= kv_len, f"kv_len {kv_len} ends inside the {first}-slot prefix"
+    assert 1 <= kv_len <= first + k_cache.shape[2] and key_mask.shape[0] == B and key_mask.shape[1] >= kv_len, (
+        f"kv_len {kv_len}, cache slots {first} + {k_cache.shape[2]}, key_mask {tuple(key_mask.shape)}"
     )
     assert slot.numel() == 1, f"slot must hold one index, got {tuple(slot.shape)}"
     assert window is None or window >= 1, f"window must be >= 1, got {window}"
     scale = Dh**-0.5 if scale is None else float(scale)
-    path = resolve_impl(impl, q, k_cache, v_cache, key_mask, slot)
+    path = resolve_impl(impl, q, k_cache, v_cache, key_mask, slot, *(prefix or ()))
     if path == "ref" or q.numel() == 0:
-        return decode_attention_ref(q, k_cache, v_cache, key_mask, slot, kv_len, window, scale)
+        return decode_attention_ref(q, k_cache, v_cache, key_mask, slot, kv_len, window, scale, prefix)
     assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"no Triton path for {q.dtype}"
     assert k_cache.dtype == v_cache.dtype == q.dtype, f"q {q.dtype}, cache {k_cache.dtype}"
-    return _decode_attention_triton(q, k_cache, v_cache, key_mask, slot, kv_len, window, scale)
+    assert prefix is None or prefix[0].dtype == prefix[1].dtype == q.dtype, f"prefix {prefix[0].dtype}, q {q.dtype}"
+    return _decode_attention_triton(q, k_cache, v_cache, key_mask, slot, kv_len, window, scale, prefix)

@@ -1,6 +1,6 @@
 """A decode step's rotary + KV-cache write in one launch: rotate q and k, write rotary(k) and v at the slot.
 
-    rotary_into_cache(q, k, v, cos, sin, k_cache, v_cache, slot, *, impl="auto") -> q_rot
+    rotary_into_cache(q, k, v, cos, sin, k_cache, v_cache, slot, *, first=0, impl="auto") -> q_rot
 
 q: (B, 1, H, Dh), k, v: (B, 1, Hkv, Dh) (any strides with unit channel stride: views of the
 projections); cos, sin: (B, 1, R/2) fp32 (or (1, 1, R/2), broadcast over B); k_cache, v_cache:
@@ -8,8 +8,9 @@ projections); cos, sin: (B, 1, R/2) fp32 (or (1, 1, R/2), broadcast over B); k_c
 `cache.k[:, :n][layer]`); slot: (1,) int64 device tensor, 0 <= slot < S_max (not checked: that
 would sync with the host). Returns rotary(q) as a new contiguous (B, 1, H, Dh) tensor in q.dtype
 and writes
-    k_cache[:, :, slot] = rotary(k),   v_cache[:, :, slot] = v
-touching nothing else of the caches. The rotation is exactly `apply_rotary`'s (kernels/rope.py):
+    k_cache[:, :, slot - first] = rotary(k),   v_cache[:, :, slot - first] = v
+touching nothing else of the caches (`first`: the slot at column 0, e.g. the length of a shared
+prefix the cache does not hold; kernels/flash_decode.py). The rotation is exactly `apply_rotary`'s (kernels/rope.py):
 rotate-half, pair (i, i + R/2) by theta[b, i], fp32 math, one rounding; channels [R, Dh) pass through.
 
 Why: a decode step (one token per row, replayed from CUDA graphs) otherwise runs, per layer, the
@@ -42,10 +43,12 @@ def rotary_into_cache_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot: torch.Tensor,
+    first: int = 0,
 ) -> torch.Tensor:
-    """rotary_ref on q and k, then index_copy_ of rotary(k) and v into the caches at `slot`."""
-    k_cache.index_copy_(2, slot, rotary_ref(k, cos, sin).transpose(1, 2))  # (B, Hkv, 1, Dh) at slot
-    v_cache.index_copy_(2, slot, v.transpose(1, 2))
+    """rotary_ref on q and k, then index_copy_ of rotary(k) and v into the caches at `slot - first`."""
+    col = slot - first if first else slot
+    k_cache.index_copy_(2, col, rotary_ref(k, cos, sin).transpose(1, 2))  # (B, Hkv, 1, Dh) at the slot
+    v_cache.index_copy_(2, col, v.transpose(1, 2))
     return rotary_ref(q, cos, sin)  # (B, 1, H, Dh)
 
 
@@ -65,6 +68,7 @@ def _rotary_into_cache_kernel(
     kc_ptr,  # (B, HKV, S_max, Dh) key cache, written at the slot
     vc_ptr,  # (B, HKV, S_max, Dh) value cache, written at the slot
     slot_ptr,  # (1,) int64: the cache slot of this step
+    first,  # the slot at column 0 of the caches
     H,
     HKV,
     R2,
@@ -94,7 +98,7 @@ def _rotary_into_cache_kernel(
     BLOCK_D: tl.constexpr,  # all channels (the v copy)
 ):
     b = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr).to(tl.int64)
+    slot = tl.load(slot_ptr).to(tl.int64) - first  # the cache column written
     r = tl.arange(0, BLOCK_R2)
     r_ok = r < R2
     cos = tl.load(cos_ptr + b * stride_cos_b + r, mask=r_ok, other=0.0).to(tl.float32)[None, :]  # (1, BLOCK_R2)
@@ -141,7 +145,7 @@ def _unit_channel_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _rotary_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slot) -> torch.Tensor:
+def _rotary_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slot, first) -> torch.Tensor:
     """One launch, one program per row (a decode step has B * (H + 2 Hkv) * Dh elements: a few K per row)."""
     q, k, v = _unit_channel_stride(q), _unit_channel_stride(k), _unit_channel_stride(v)
     B, _, H, DH = q.shape
@@ -151,7 +155,7 @@ def _rotary_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slot) -> torc
     qo = torch.empty((B, 1, H, DH), dtype=q.dtype, device=q.device)
     rest = DH - 2 * R2
     _rotary_into_cache_kernel[(B,)](
-        q, k, v, cos, sin, qo, k_cache, v_cache, slot,
+        q, k, v, cos, sin, qo, k_cache, v_cache, slot, first,
         H, HKV, R2, DH,
         q.stride(0), q.stride(2),
         k.stride(0), k.stride(2),
@@ -182,10 +186,12 @@ def rotary_into_cache(
     v_cache: torch.Tensor,
     slot: torch.Tensor,
     *,
+    first: int = 0,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Rotate q (B, 1, H, Dh) and k (B, 1, Hkv, Dh) by cos/sin (B, 1, R/2); write rotary(k) and v
-    (B, 1, Hkv, Dh) into k_cache/v_cache (B, Hkv, S_max, Dh) at `slot` (1,); return rotary(q).
+    (B, 1, Hkv, Dh) into k_cache/v_cache (B, Hkv, S_max, Dh) at column `slot - first` (slot (1,));
+    return rotary(q).
 
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "ref". Inference only.
     """
@@ -203,9 +209,9 @@ def rotary_into_cache(
     path = resolve_impl(impl, q, k, v, k_cache, v_cache, slot)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, cos, sin))
     if path == "ref" or needs_grad or q.numel() == 0:
-        return rotary_into_cache_ref(q, k, v, cos, sin, k_cache, v_cache, slot)
+        return rotary_into_cache_ref(q, k, v, cos, sin, k_cache, v_cache, slot, first)
     assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"no Triton path for {q.dtype}"
     assert k.dtype == v.dtype == k_cache.dtype == v_cache.dtype, (
         f"k {k.dtype}, v {v.dtype}, caches {k_cache.dtype}, {v_cache.dtype}: index_copy_ would not take them"
     )
-    return _rotary_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slot)
+    return _rotary_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slot, first)

@@ -6,7 +6,7 @@
 
 A step has four phases whose peaks never overlap (each frees its working memory before the next):
 
-    rollout     weights + optimizer state + KV cache N x (Tp + Tc) + prefill or decode transient
+    rollout     weights + optimizer state + KV cache B x Tp + N x Tc + prefill or decode transient
     logprobs    weights + optimizer state + one micro-batch forward without autograd  (old / ref passes)
     update      weights + optimizer state + gradients + one micro-batch's activations at their peak
     optimizer   weights + optimizer state + gradients + the optimizer's own temporaries
@@ -171,9 +171,9 @@ def estimate_peak(
         waves = generation_waves(B, G, cfg.sampler.max_rows)  # the largest wave decides
         Bw = max(p1 - p0 for p0, p1, _, _ in waves)  # prompts prefilled at once
         Nw = max((p1 - p0) * (c1 - c0) for p0, p1, c0, c1 in waves)  # rows decoded at once
-        parts["kv_cache"] = kv_cache_bytes(args, Nw, T, b)
-        small = kv_cache_bytes(args, Bw, Tp, b)  # the prefill's cache, copied into the big one
-        prefill = small + Bw * Tp * forward_transient_per_token(args, b) + Bw * Tp * Tp * (1 + b)
+        # the prompts' cache, shared by the rows of each group, and each row's completion slots
+        parts["kv_cache"] = kv_cache_bytes(args, Bw, Tp, b) + kv_cache_bytes(args, Nw, Tc, b)
+        prefill = Bw * Tp * forward_transient_per_token(args, b) + Bw * Tp * Tp * (1 + b)
     if cfg.sampler.kind != "vllm":
         decode = Nw * vocab * (b + 4 * 5) + (Nw * vocab * 12 if _filters(cfg) else 0)
         decode += N * Tc * (8 + 4) if len(waves) > 1 else 0  # finished waves' tokens and log-probs

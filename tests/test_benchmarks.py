@@ -30,6 +30,9 @@ def test_bench_rollout_smoke(tmp_path):
         detail = row["ours_detail"]
         assert detail["tokens_ok"], (name, detail)
         assert row["ours_tok_s"] > 0 and 0 < row["ours_pct"] < 100, (name, row)
+        # G rows sharing a prompt's KV read it once: a lower bound, so a higher share of it
+        assert row["shared_decode_bound_s"] < row["decode_bound_s"], (name, row)
+        assert row["ours_decode_pct_shared"] < row["ours_decode_pct"], (name, row)
     tail = rows["64x8-longtail"]["ours_detail"]
     assert tail["compactions"] >= 1 and tail["tokens"] < rows["64x8"]["ours_detail"]["tokens"], tail
 
@@ -41,6 +44,7 @@ def test_profile_decode_smoke(tmp_path):
     case = json.loads(path.read_text())["cases"]["8x8"]
     assert set(case["by_part_ms"]) == {"layers", "lm head", "sampling"}, case["by_part_ms"]
     assert all(ms > 0 for ms in case["by_part_ms"].values())
+    assert 0 < case["shared_bound_ms"] < case["bound_ms"], case
     assert abs(sum(v["ms"] for v in case["by_kind"].values()) - case["kernels_ms"]) < 1e-6 * max(1, case["kernels_ms"])
 
 

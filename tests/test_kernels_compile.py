@@ -121,20 +121,26 @@ def _logprobs_cases(k):
     }
 
 
-def _decode_args(k, B, H, HKV, DH, kv_len, window, dtype):
-    """The split kernel's arguments for one layer of a (L, B, Hkv, S_MAX, Dh) cache, long key mask."""
+def _decode_args(k, B, H, HKV, DH, kv_len, window, dtype, prefix_len=0):
+    """The split kernel's arguments for one layer of a (L, B, Hkv, S_MAX, Dh) cache, long key mask;
+    prefix_len > 0: the first slots come from a shared (P, Hkv, prefix_len, Dh) prefix, P = B / 8."""
     G = H // HKV
     split = k.split_size(B, HKV, kv_len)
     splits = k.cdiv(kv_len, split)
-    args = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, mask_ptr=i64, slot_ptr=i64, out_ptr=dtype,
+    p_s = prefix_len or S_MAX  # without a prefix the launcher passes the caches themselves
+    args = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, pk_ptr=dtype, pv_ptr=dtype,
+                group_ptr=i64, mask_ptr=i64, slot_ptr=i64, out_ptr=dtype,
                 acc_ptr=f32, m_ptr=f32, l_ptr=f32,
-                kv_len=kv_len, window=window or 0, scale=DH**-0.5, H=H, SPLIT=split, SPLITS=splits,
+                kv_len=kv_len, prefix_len=prefix_len, window=window or 0, scale=DH**-0.5, H=H, SPLIT=split,
+                SPLITS=splits,
                 stride_q_b=H * DH, stride_q_h=DH, stride_q_d=1,
                 stride_k_b=HKV * S_MAX * DH, stride_k_h=S_MAX * DH, stride_k_s=DH, stride_k_d=1,
                 stride_v_b=HKV * S_MAX * DH, stride_v_h=S_MAX * DH, stride_v_s=DH, stride_v_d=1,
+                stride_pk_b=HKV * p_s * DH, stride_pk_h=p_s * DH, stride_pk_s=DH, stride_pk_d=1,
+                stride_pv_b=HKV * p_s * DH, stride_pv_h=p_s * DH, stride_pv_s=DH, stride_pv_d=1,
                 stride_m_b=S_MAX, stride_m_s=1,
                 stride_o_b=H * DH, stride_o_h=DH, stride_o_d=1,
-                G=G, DH=DH, HAS_WINDOW=window is not None, DIRECT=splits == 1,
+                G=G, DH=DH, HAS_PREFIX=prefix_len > 0, HAS_WINDOW=window is not None, DIRECT=splits == 1,
                 DOT_F32=dtype == torch.float32,  # as on a GPU (the CPU interpreter always sets it)
                 G_PAD=max(16, k.next_power_of_2(G)), DH_PAD=max(16, k.next_power_of_2(DH)),
                 BLOCK_S=k._BLOCK_S)  # fmt: skip
@@ -154,6 +160,8 @@ def _flash_decode_cases(k):
         ("_decode_split_kernel", "qwen_bf16_split"): (split, 4),
         ("_decode_split_kernel", "g7_dh96_window_direct"): (odd, 4),
         ("_decode_split_kernel", "fp32_ieee_dots"): _decode_args(k, B_DEC, H, HKV, DH, KV_LEN, None, f32),
+        # the sampler's layout: 8 rows per prompt share its 256 slots (a prompt length, not a multiple of 16)
+        ("_decode_split_kernel", "shared_prefix"): _decode_args(k, B_DEC, H, HKV, DH, KV_LEN, None, bf16, 250),
         ("_decode_combine_kernel", "qwen"): (combine, 4),
     }
 
@@ -178,7 +186,7 @@ def _kv_write_args(k, B, H, HKV, DH, R2, qkv_width):
     q_b = qkv_width or H * DH
     k_b = qkv_width or HKV * DH
     args = dict(q_ptr=bf16, k_ptr=bf16, v_ptr=bf16, cos_ptr=f32, sin_ptr=f32, qo_ptr=bf16, kc_ptr=bf16, vc_ptr=bf16,
-                slot_ptr=i64, H=H, HKV=HKV, R2=R2, DH=DH,
+                slot_ptr=i64, first=256, H=H, HKV=HKV, R2=R2, DH=DH,
                 stride_q_b=q_b, stride_q_h=DH, stride_k_b=k_b, stride_k_h=DH, stride_v_b=k_b, stride_v_h=DH,
                 stride_qo_b=H * DH, stride_qo_h=DH,
                 stride_kc_b=HKV * S_MAX * DH, stride_kc_h=S_MAX * DH, stride_kc_s=DH, stride_kc_d=1,

@@ -138,6 +138,65 @@ def test_auto_is_ref_on_cpu_and_split_sizes():
     assert split_size(512, 2, 800) == 832  # enough rows: one split, no combine step
 
 
+def _split_prefix(k, v, key_mask, Tp, group, P):
+    """Cut full caches (B, Hkv, S, Dh) into a shared prefix (P, Hkv, Tp, Dh), whose row p is the
+    first Tp slots of a row of group p, and the rows' own slots [Tp, S); every row of a group is
+    given its prefix row's first Tp slots (and mask), so the full caches still say what is attended."""
+    first_row = [int((group == p).nonzero()[0]) for p in range(P)]
+    k_prefix, v_prefix = k[first_row, :, :Tp].clone(), v[first_row, :, :Tp].clone()
+    k[:, :, :Tp], v[:, :, :Tp] = k_prefix[group], v_prefix[group]
+    key_mask[:, :Tp] = key_mask[first_row, :Tp][group]
+    return (k_prefix, v_prefix, group), k[:, :, Tp:], v[:, :, Tp:]
+
+
+PREFIX_CASES = [  # (B, H, HKV, Dh, S, kv_len, slot, window, Tp, split, block_s, group)
+    (4, 4, 2, 64, 100, 90, 70, None, 37, 32, 16, [0, 0, 1, 1]),  # Tp inside a tile and a split
+    (5, 6, 1, 64, 80, 80, 60, None, 32, None, 16, [2, 0, 1, 0, 2]),  # rows out of group order (compacted)
+    (3, 7, 1, 96, 120, 110, 100, 40, 50, 48, 16, [1, 1, 0]),  # window crossing the prefix end
+    (3, 4, 2, 64, 60, 60, 20, None, 33, None, 16, [0, 1, 2]),  # slot inside the prefix's end tile
+    (2, 4, 2, 64, 70, 70, 69, 9, 40, None, 64, [0, 0]),  # one split, the window past the prefix
+]
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", PREFIX_CASES, ids=lambda c: f"B{c[0]}-Tp{c[8]}-slot{c[6]}-w{c[7]}")
+def test_shared_prefix_is_the_same_attention(case, dtype, device):
+    # rows reading their first Tp slots from a shared prefix get bitwise what they get from a full
+    # cache holding the same values (the kernel loads the same numbers in the same order), and the
+    # reference agrees
+    B, H, HKV, Dh, S, kv_len, slot_i, window, Tp, split, block_s, group = case
+    q, k, v, key_mask = _inputs(B, H, HKV, Dh, S, slot_i, dtype, device)
+    group = torch.tensor(group, device=device)
+    prefix, k_own, v_own = _split_prefix(k, v, key_mask, Tp, group, int(group.max()) + 1)
+    _fill_garbage(k, v, key_mask, slot_i)  # garbage in the full caches' unused slots ...
+    k_own[:], v_own[:] = k[:, :, Tp:], v[:, :, Tp:]  # ... and the same in the own caches
+    slot, scale = torch.tensor([slot_i], device=device), Dh**-0.5
+    plain = _decode_attention_triton(q, k, v, key_mask, slot, kv_len, window, scale, split=split, block_s=block_s)
+    shared = _decode_attention_triton(
+        q, k_own, v_own, key_mask, slot, kv_len, window, scale, prefix, split=split, block_s=block_s
+    )
+    assert torch.equal(shared, plain)
+    ref = decode_attention_ref(q, k_own, v_own, key_mask, slot, kv_len, window, prefix=prefix)
+    torch.testing.assert_close(ref, decode_attention_ref(q, k, v, key_mask, slot, kv_len, window), rtol=0, atol=0)
+    if dtype == torch.float32:
+        torch.testing.assert_close(shared, ref, rtol=0, atol=1e-5)
+    public = decode_attention(q, k_own, v_own, key_mask, slot, kv_len, window=window, prefix=prefix, impl="triton")
+    assert torch.equal(public, decode_attention(q, k, v, key_mask, slot, kv_len, window=window, impl="triton"))
+
+
+def test_shared_prefix_shapes_are_checked():
+    q, k, v, key_mask = _inputs(2, 4, 2, 32, 20, 9, torch.float32, torch.device("cpu"))
+    prefix = (k[:1, :, :8], v[:1, :, :8], torch.zeros(2, dtype=torch.long))
+    slot = torch.tensor([9])
+    with pytest.raises(AssertionError, match="ends inside"):
+        decode_attention(q, k, v, key_mask, slot, 6, prefix=prefix)
+    with pytest.raises(AssertionError, match="group"):
+        decode_attention(q, k, v, key_mask, slot, 12, prefix=(prefix[0], prefix[1], torch.zeros(3, dtype=torch.long)))
+    with pytest.raises(AssertionError, match="cache slots 8 \\+ 20"):
+        decode_attention(q, k, v, key_mask, slot, 29, prefix=prefix)
+
+
 # ----------------------------------------------------------------------------------------------
 # Through the model
 # ----------------------------------------------------------------------------------------------

@@ -188,3 +188,20 @@ def test_model_decode_step_uses_fused_write(variant, monkeypatch):
         assert not torch.equal(got[:, :, :, Tp], before[name][:, :, :, Tp])  # the slot was written
     err = (kernel_logits - sdpa_logits).abs().max().item()
     assert err < 1e-5, f"{variant}: kernel vs SDPA logits: max |diff| {err:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_first_slot_offset_writes_column_slot_minus_first(impl, device):
+    # a cache that starts at slot `first` (a shared prefix holds the slots before) is written at
+    # column slot - first: bitwise what a whole cache gets at `slot`
+    B, H, HKV, Dh, S, first = 2, 4, 2, 16, 9, 4
+    q, k, v = _qkv(B, H, HKV, Dh, torch.float32, device)
+    cos, sin = _angles(B, Dh, device)
+    k_all, v_all = _caches(1, B, HKV, S, Dh, torch.float32, device)
+    slot = torch.tensor([6], device=device)
+    want_q, want_k, want_v = _run(impl, q, k, v, cos, sin, k_all, v_all, B, 0, slot)
+    k_tail, v_tail = k_all[0, :, :, first:].clone(), v_all[0, :, :, first:].clone()  # (B, Hkv, S - first, Dh)
+    got_q = rotary_into_cache(q, k, v, cos, sin, k_tail, v_tail, slot, first=first, impl=impl)
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(k_tail, want_k[0, :, :, first:]) and torch.equal(v_tail, want_v[0, :, :, first:])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers.tiny import tiny_model
 
-from minigrpo.models.transformer import KVCache
+from minigrpo.models.transformer import KVCache, SharedPrefix
 
 VARIANTS = {
     "llama": {},
@@ -90,3 +90,41 @@ def test_rotated_rows_equal_masked_attention(variant):
     for name, g in masked_grads.items():
         err = (plain_grads[name] - g).abs().max().item()
         assert err < 1e-5 * max(1.0, g.abs().max().item()), f"{name}: max |diff| {err:.2e}"
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("variant", ["llama", "mistral-window"])
+def test_shared_prefix_decode_matches_full_forward(variant, impl):
+    """Rows that share their prompt's keys/values (SharedPrefix: G rows per prompt, one copy) decode
+    what a full forward of each row computes, through the SDPA path and the split-K kernel, also
+    after finished rows leave the batch (keep_rows: the group map follows the rows)."""
+    model = tiny_model(seed=5, **VARIANTS[variant])
+    model.decode_attention_impl = impl
+    P, G, Tp, steps = 3, 2, 6, 5
+    lengths = torch.tensor([6, 3, 1])
+    prompt_mask = (torch.arange(Tp)[None] >= (Tp - lengths)[:, None]).long()  # (P, Tp) left padded
+    prompts = torch.randint(3, 128, (P, Tp)).masked_fill(prompt_mask == 0, 0)
+    group = torch.arange(P).repeat_interleave(G)  # (N,)
+    N = P * G
+    ids = torch.cat([prompts[group], torch.randint(3, 128, (N, steps))], dim=1)  # every row its own tokens
+    mask = torch.cat([prompt_mask[group], torch.ones(N, steps, dtype=torch.long)], dim=1)  # (N, T)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)  # (N, T, V)
+        small = KVCache(model.args, P, Tp, dtype=torch.float32, device="cpu")
+        model(prompts, attention_mask=prompt_mask, position_ids=pos[::G, :Tp], kv_cache=small,
+              cache_position=torch.arange(Tp))  # fmt: skip
+        cache = KVCache(model.args, N, Tp + steps, dtype=torch.float32, device="cpu",
+                        prefix=SharedPrefix(small.k, small.v, group))  # fmt: skip
+        assert cache.k.shape[3] == steps and cache.first == Tp  # each row owns only its new slots
+        cache.k.normal_(0, 1e3), cache.v.normal_(0, 1e3)  # unwritten slots hold garbage
+        rows = torch.arange(N)
+        for t in range(Tp, Tp + steps):
+            if t == Tp + 2:  # rows 1, 2 and 4 finished: the others move down, groups follow
+                rows = torch.tensor([0, 3, 5])
+                cache.keep_rows(rows, t, chunk=2)
+                assert cache.prefix.group.tolist() == [0, 1, 2] and cache.k.shape[1] == 3
+            step = model(ids[rows, t : t + 1], attention_mask=mask[rows, : t + 1], position_ids=pos[rows, t : t + 1],
+                         kv_cache=cache, cache_position=torch.tensor([t]))  # fmt: skip
+            err = (step[:, 0] - full[rows, t]).abs().max().item()
+            assert err < 1e-5, f"{variant} {impl}: step {t}: max |diff| {err:.2e}"

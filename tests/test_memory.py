@@ -263,7 +263,7 @@ def test_llama_qlora_20k_fits_in_80gb_and_full_finetuning_does_not(capsys):
     est = preflight(_llama_qlora(), LLAMA, "cuda", 256, free_bytes=79 * 2**30, total_bytes=80 * 2**30)
     assert est.total < 40 * 2**30 and "memory pre-flight" in capsys.readouterr().out
     kv = est.parts["kv_cache"]
-    assert kv == 8 * (256 + 20000) * 2 * 32 * 8 * 128 * 2  # N x (Tp + Tc) x 2 x L x Hkv x Dh x bf16
+    assert kv == (256 + 8 * 20000) * 2 * 32 * 8 * 128 * 2  # (B Tp + N Tc) x 2 x L x Hkv x Dh x bf16
     assert 5 * 2**30 < est.parts["weights"] < 6 * 2**30  # NF4 blocks + bf16 embedding and head
 
     full = load_config(
@@ -324,8 +324,8 @@ def test_rollout_waves_estimate_the_cache_the_sampler_allocates(monkeypatch):
 
     class Recording(KVCache):
         def __init__(self, args, batch_size, max_len, **kw):
-            allocated.append((batch_size, max_len))
             super().__init__(args, batch_size, max_len, **kw)
+            allocated.append(tuple(self.k.shape[1:4:2]))  # (rows, slots it holds)
 
     class Silent:  # tokenizer stand-in: pad id 0, texts not needed
         pad_token_id = 0
@@ -340,7 +340,8 @@ def test_rollout_waves_estimate_the_cache_the_sampler_allocates(monkeypatch):
         allocated.clear()
         sampler = kv_sampler.KVCacheSampler(model, Silent(), max_rows=max_rows)
         sampler.generate(prompts, SamplingParams(n=n, max_new_tokens=new, ignore_stop=True), key=(0, 1, 0))
-        big = max(allocated)  # the prefill's small caches are (prompts, Tp)
+        big = max(allocated)  # the rows' caches; the prefill's small caches (prompts, Tp) are shared
+        prompts_at_once = max(rows for rows, slots in allocated if slots == 4)
         cfg = load_config(
             None,
             [
@@ -353,8 +354,9 @@ def test_rollout_waves_estimate_the_cache_the_sampler_allocates(monkeypatch):
             ],
         )
         est = estimate_peak(cfg, model.args, prompt_tokens=4, device_type="cpu")
-        assert big == ({None: 12, 12: 12, 7: 6, 4: 3}[max_rows], 4 + new)
-        assert est.parts["kv_cache"] == memory_parts.kv_cache_bytes(model.args, big[0], big[1], 4)
+        assert big == ({None: 12, 12: 12, 7: 6, 4: 3}[max_rows], new)  # each row holds its completion only
+        own = memory_parts.kv_cache_bytes(model.args, *big, 4)
+        assert est.parts["kv_cache"] == memory_parts.kv_cache_bytes(model.args, prompts_at_once, 4, 4) + own
 
 
 def test_preflight_on_cpu_only_reports(capsys):
@@ -369,7 +371,7 @@ def test_preflight_on_cpu_only_reports(capsys):
     assert (parts["weights"], parts["gradients"], parts["optimizer_state"]) == (4 * n, 4 * n, 8 * n)
     assert parts["master_weights"] == parts["reference_model"] == parts["cuda_workspaces"] == 0
     assert parts["optimizer_step_transient"] == 4 * n  # AdamW's foreach temporaries, no fp32 masters
-    assert parts["kv_cache"] == 32 * (64 + 32) * 2 * 30 * 3 * 64 * 4  # N (T) k,v L Hkv Dh fp32 = 135 MiB
+    assert parts["kv_cache"] == (4 * 64 + 32 * 32) * 2 * 30 * 3 * 64 * 4  # (B Tp + N Tc) k,v L Hkv Dh fp32
     static = 12 * n  # weights + AdamW moments
     activations = sum(parts[k] for k in ("activations_blocks", "activations_head", "logprob_backward", "loss"))
     assert est.phases == {

@@ -190,7 +190,7 @@ def test_episodes_with_cache_reuse_equal_episodes_prefilled_every_turn(temperatu
 def test_the_memory_estimate_holds_whole_episodes(monkeypatch):
     """env.kind: a row is an episode of prompt + env.max_episode_tokens tokens, and a turn after the
     longest history spans max_new_tokens more slots. The estimate's KV cache is what a session
-    allocates (recorded), N x budget slots more than the plain config's (prompt + one turn); the
+    allocates (recorded), where the plain config's is its prompts (shared by each group) + one turn; the
     log-prob and update phases are those of plain rows with max_episode_tokens completions; in waves
     (max_rows < N) the cache is one wave's."""
     from minigrpo.config import load_config
@@ -219,7 +219,7 @@ def test_the_memory_estimate_holds_whole_episodes(monkeypatch):
     episodes = ["env.kind=gsm8k_tools", "env.max_turns=3", "env.max_episode_tokens=60"]
     env, plain, long = estimate(*episodes), estimate(), estimate("sampler.max_new_tokens=60")
     assert env.parts["kv_cache"] == kv_cache_bytes(model.args, *allocated[0], 4)
-    assert env.parts["kv_cache"] - plain.parts["kv_cache"] == kv_cache_bytes(model.args, 10, 60, 4)
+    assert plain.parts["kv_cache"] == kv_cache_bytes(model.args, 5, Tp, 4) + kv_cache_bytes(model.args, 10, 10, 4)
     for phase in ("logprobs", "update", "optimizer"):
         assert env.phases[phase] == long.phases[phase], phase
     assert env.phases["update"] > plain.phases["update"] and env.total > plain.total

@@ -23,7 +23,7 @@ Decode steps (T == 1 over a KV cache) on CUDA rotate q/k and write k/v into the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from torch import nn
 
 from minigrpo.kernels import apply_rotary, decode_attention, rms_norm, rotary_into_cache, swiglu
 from minigrpo.kernels._triton import resolve_impl
+from minigrpo.kernels.flash_decode import Prefix, with_prefix
 
 from .args import ModelArgs
 from .offload import checkpoint_block
@@ -49,25 +50,66 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, residual=residual)
 
 
+@dataclass
+class SharedPrefix:
+    """Keys and values of the first slots of every row, stored once per group of rows that share
+    them (the G completions of one prompt): row b's first `length` slots are row group[b] of k, v."""
+
+    k: torch.Tensor  # (L, P, Hkv, Tp, Dh)
+    v: torch.Tensor  # (L, P, Hkv, Tp, Dh)
+    group: torch.Tensor  # (B,) int64: the prefix row of each cache row
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[3]
+
+
 class KVCache:
-    """Pre-allocated keys and values for every layer: k, v (L, B, Hkv, S_max, Dh).
+    """Pre-allocated keys and values for every layer: k, v (L, B, Hkv, S_max - first, Dh).
 
     Slots are columns of a left-padded batch: slot j of every row holds that row's j-th column.
+    With a `prefix`, slots [0, first) of the rows live there (read-only, shared) and k, v hold
+    slots [first, max_len): slot j is column j - first.
     """
 
-    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, *, dtype, device) -> None:
-        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
+    def __init__(
+        self, args: ModelArgs, batch_size: int, max_len: int, *, dtype, device, prefix: SharedPrefix | None = None
+    ) -> None:
+        self.prefix = prefix
+        self.first = 0 if prefix is None else prefix.length
+        assert self.first <= max_len, f"a {self.first}-slot prefix in a {max_len}-slot cache"
+        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len - self.first, args.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
+    def layer_prefix(self, layer: int) -> Prefix | None:
+        """The shared prefix of one layer as decode_attention takes it, or None."""
+        p = self.prefix
+        return None if p is None else (p.k[layer], p.v[layer], p.group)
+
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor, kv_len: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, Dh) at slots `cache_position` (T,); return slots [0, kv_len)."""
-        self.k[layer].index_copy_(2, cache_position, k)
-        self.v[layer].index_copy_(2, cache_position, v)
-        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+        """Write k, v (B, Hkv, T, Dh) at slots `cache_position` (T,), all past the prefix; return slots
+        [0, kv_len) (B, Hkv, kv_len, Dh) each (with a prefix, a copy that gathers it)."""
+        columns = cache_position - self.first if self.first else cache_position
+        self.k[layer].index_copy_(2, columns, k)
+        self.v[layer].index_copy_(2, columns, v)
+        return with_prefix(self.k[layer], self.v[layer], self.layer_prefix(layer), kv_len)
+
+    def keep_rows(self, keep: torch.Tensor, filled: int, chunk: int = 32) -> None:
+        """Keep only the rows `keep` (n',) ascending, moved down to [0, n') in place (their slots
+        [first, filled): nothing past `filled` was written), `chunk` rows per copy, so memory never
+        grows; k and v become views of the first n' rows."""
+        k, v, cols = self.k, self.v, max(0, filled - self.first)  # (L, n, Hkv, S, Dh)
+        for i in range(0, len(keep), chunk):  # keep[j] >= j: a chunk never overwrites a later source
+            src = keep[i : i + chunk]
+            k[:, i : i + len(src), :, :cols] = k[:, src, :, :cols]  # the gather copies first
+            v[:, i : i + len(src), :, :cols] = v[:, src, :, :cols]
+        self.k, self.v = k[:, : len(keep)], v[:, : len(keep)]
+        if self.prefix is not None:
+            self.prefix = replace(self.prefix, group=self.prefix.group[keep])
 
 
 def attention_mask_4d(
@@ -178,17 +220,19 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         if decode is not None:
+            k_cache, v_cache = kv_cache.k[self.layer], kv_cache.v[self.layer]  # (B, Hkv, S_max - first, Dh)
             q = rotary_into_cache(
-                q, k, v, cos, sin, kv_cache.k[self.layer], kv_cache.v[self.layer], decode.slot, impl="triton"
+                q, k, v, cos, sin, k_cache, v_cache, decode.slot, first=kv_cache.first, impl="triton"
             )  # (B, 1, H, Dh); rotary(k) and v now sit at the slot of this layer's cache
             out = decode_attention(
                 q[:, 0],  # (B, H, Dh)
-                kv_cache.k[self.layer],  # (B, Hkv, S_max, Dh), this step's key already written
-                kv_cache.v[self.layer],
+                k_cache,  # this step's key already written
+                v_cache,
                 decode.key_mask,
                 decode.slot,
                 decode.kv_len,
                 window=self.args.layer_windows[self.layer],
+                prefix=kv_cache.layer_prefix(self.layer),
                 impl="triton",
             )  # (B, H, Dh)
             return self.o_proj(out.reshape(B, 1, self.n_heads * self.head_dim))

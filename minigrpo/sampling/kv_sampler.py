@@ -3,8 +3,9 @@
 No second copy of the weights exists, so there is nothing to sync: the sampler always samples the
 current policy. One `generate` call:
 
-1. prefill the B distinct prompts once (left padded to Tp) and copy their keys/values to the G rows
-   of each group: N = B*G rows share one prefill;
+1. prefill the B distinct prompts once (left padded to Tp); their keys/values stay where the
+   prefill wrote them, shared by the G rows of each group (models/transformer.py SharedPrefix): N =
+   B*G rows share one prefill and one copy of the prompt cache, and each row owns only Tc slots;
 2. draw the first token of every row from the prefill logits;
 3. decode one token per step for all N rows. Each step is a fixed sequence of device operations
    on static buffers (token in, cache write, attention over the first `kv_len` slots, sampling,
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from minigrpo.distributed import full_weights
-from minigrpo.models.transformer import KVCache, Transformer
+from minigrpo.models.transformer import KVCache, SharedPrefix, Transformer
 
 from .decode_graphs import DecodeGraphs
 from .params import RaceNoise, SamplingParams, generation_waves, sample_tokens
@@ -81,15 +82,10 @@ class _DecodeState:
 
     def keep_rows(self, keep: torch.Tensor, filled: int) -> None:
         """Shrink the batch to the decoding rows `keep` (n',) ascending, in place: the cache rows move
-        down to [0, n') (its first `filled` slots; no slot past them was ever written) a few rows at a
+        down to [0, n') (slots below `filled`: no slot past them was ever written) a few rows at a
         time, so the rollout's memory never grows; the small per-row buffers are replaced (graphs
         that replay the old ones must go)."""
-        k, v = self.cache.k, self.cache.v  # (L, n, Hkv, S, Dh)
-        for i in range(0, len(keep), COMPACT_ROWS):  # keep[j] >= j: a chunk never overwrites a later source
-            src = keep[i : i + COMPACT_ROWS]
-            k[:, i : i + len(src), :, :filled] = k[:, src, :, :filled]  # the gather copies first
-            v[:, i : i + len(src), :, :filled] = v[:, src, :, :filled]
-        self.cache.k, self.cache.v = k[:, : len(keep)], v[:, : len(keep)]
+        self.cache.keep_rows(keep, filled, COMPACT_ROWS)
         self.mask, self.tok, self.pos = self.mask[keep], self.tok[keep], self.pos[keep]
         self.done, self.rows = self.done[keep], self.rows[keep]
         self.noise = replace(self.noise, row_keys=self.noise.row_keys[keep])
@@ -307,10 +303,9 @@ class KVCacheSampler:
             cache_position=torch.arange(Tp, device=dev),
         )
         logits = model.logits(hidden[:, -1])  # (B, V)
-        cache = KVCache(model.args, N, Tp + Tc, dtype=model.dtype, device=dev)
-        cache.k[:, :, :, :Tp] = small.k.repeat_interleave(G, dim=1)
-        cache.v[:, :, :, :Tp] = small.v.repeat_interleave(G, dim=1)
-        del small
+        group = torch.arange(B, device=dev).repeat_interleave(G)  # (N,) the prompt of each row
+        prefix = SharedPrefix(small.k, small.v, group)  # the G rows of a prompt share its keys/values
+        cache = KVCache(model.args, N, Tp + Tc, dtype=model.dtype, device=dev, prefix=prefix)  # (.., Tc, ..)
         mask = torch.ones(N, Tp + Tc, dtype=torch.long, device=dev)
         mask[:, :Tp] = prompt_mask.repeat_interleave(G, dim=0)
         last_pos = positions[:, -1:].repeat_interleave(G, dim=0)  # (N, 1)
