@@ -1,6 +1,7 @@
 """Kernel benchmarks on one CUDA GPU: ours vs torch eager, torch.compile and Liger-Kernel.
 
-    python benchmarks/bench_kernels.py [--cases rmsnorm,rope,logprobs,policy_head] [--quick] [--out DIR] [--tune]
+    python benchmarks/bench_kernels.py [--cases rmsnorm,rope,logprobs,policy_head,skinny_matmul] [--quick]
+                                       [--out DIR] [--tune]
 
 One process, in this order: the in-run ceilings (D2D copy bandwidth of a 2 GiB bf16 copy, bytes
 read + written; bf16 8192^3 matmul rate), then per case and shape, for every provider: a
@@ -11,7 +12,8 @@ the peak extra memory of one fwd+bwd (max_memory_allocated minus what was alloca
 including the new gradients). Writes results/kernels_<device>.json and prints a table.
 Liger-Kernel is optional: without it its rows are skipped. --tune sweeps launch configurations
 of our kernels instead (used to pick the defaults in kernels/). The policy_head case (the LM head
-fused with the GRPO loss) lives in kernel_policy_head.py.
+fused with the GRPO loss) lives in kernel_policy_head.py, the skinny_matmul case (a decode step's
+linear layers, forward only, vs cuBLAS) in kernel_skinny_matmul.py.
 """
 
 from __future__ import annotations
@@ -424,6 +426,10 @@ def tune(cases: list[str]) -> None:
         from kernel_policy_head import tune_policy_head  # beside this script; it imports this module
 
         tune_policy_head()
+    if "skinny_matmul" in cases:
+        from kernel_skinny_matmul import tune as tune_skinny  # beside this script; it imports this module
+
+        tune_skinny(bw)
 
 
 def tune_logprobs(lp_mod, bw: float) -> None:
@@ -495,12 +501,18 @@ def bench_policy_head(ceil: dict, quick: bool) -> list[dict]:
     return run(ceil, quick)
 
 
+def bench_skinny_matmul(ceil: dict, quick: bool) -> list[dict]:
+    from kernel_skinny_matmul import bench_skinny_matmul as run  # beside this script; it imports this module
+
+    return run(ceil, quick)
+
+
 def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--cases",
-        default="rmsnorm,rope,logprobs,policy_head",
-        help="comma list of rmsnorm, rope, logprobs, policy_head",
+        default="rmsnorm,rope,logprobs,policy_head,skinny_matmul",
+        help="comma list of rmsnorm, rope, logprobs, policy_head, skinny_matmul",
     )
     ap.add_argument("--quick", action="store_true", help="headline shapes only")
     ap.add_argument("--tune", action="store_true", help="sweep our launch configurations instead")
@@ -516,7 +528,13 @@ def main() -> None:
     if args.tune:
         tune(args.cases.split(","))
         return
-    bench = {"rmsnorm": bench_rmsnorm, "rope": bench_rope, "logprobs": bench_logprobs, "policy_head": bench_policy_head}
+    bench = {
+        "rmsnorm": bench_rmsnorm,
+        "rope": bench_rope,
+        "logprobs": bench_logprobs,
+        "policy_head": bench_policy_head,
+        "skinny_matmul": bench_skinny_matmul,
+    }
     out = Path(args.out) / f"kernels_{name.replace(' ', '_').lower()}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
