@@ -1,7 +1,7 @@
 """Kernel benchmarks on one CUDA GPU: ours vs torch eager, torch.compile and Liger-Kernel.
 
-    python benchmarks/bench_kernels.py [--cases rmsnorm,rope,logprobs,policy_head,skinny_matmul] [--quick]
-                                       [--out DIR] [--tune]
+    python benchmarks/bench_kernels.py [--cases rmsnorm,rope,logprobs,policy_head,decode_linear,decode_attention]
+                                       [--quick] [--out DIR] [--tune]
 
 One process, in this order: the in-run ceilings (D2D copy bandwidth of a 2 GiB bf16 copy, bytes
 read + written; bf16 8192^3 matmul rate), then per case and shape, for every provider: a
@@ -12,8 +12,9 @@ the peak extra memory of one fwd+bwd (max_memory_allocated minus what was alloca
 including the new gradients). Writes results/kernels_<device>.json and prints a table.
 Liger-Kernel is optional: without it its rows are skipped. --tune sweeps launch configurations
 of our kernels instead (used to pick the defaults in kernels/). The policy_head case (the LM head
-fused with the GRPO loss) lives in kernel_policy_head.py, the skinny_matmul case (a decode step's
-linear layers, forward only, vs cuBLAS) in kernel_skinny_matmul.py.
+fused with the GRPO loss) lives in kernel_policy_head.py, the decode_linear and decode_attention
+cases (a sampler's decode step: split-K matmuls vs cuBLAS, split-K attention with and without a
+shared prompt vs SDPA) in kernel_decode.py.
 """
 
 from __future__ import annotations
@@ -426,10 +427,10 @@ def tune(cases: list[str]) -> None:
         from kernel_policy_head import tune_policy_head  # beside this script; it imports this module
 
         tune_policy_head()
-    if "skinny_matmul" in cases:
-        from kernel_skinny_matmul import tune as tune_skinny  # beside this script; it imports this module
+    if "decode_linear" in cases or "decode_attention" in cases:
+        from kernel_decode import tune as tune_decode  # beside this script; it imports this module
 
-        tune_skinny(bw)
+        tune_decode(bw)
 
 
 def tune_logprobs(lp_mod, bw: float) -> None:
@@ -501,8 +502,14 @@ def bench_policy_head(ceil: dict, quick: bool) -> list[dict]:
     return run(ceil, quick)
 
 
-def bench_skinny_matmul(ceil: dict, quick: bool) -> list[dict]:
-    from kernel_skinny_matmul import bench_skinny_matmul as run  # beside this script; it imports this module
+def bench_decode_linear(ceil: dict, quick: bool) -> list[dict]:
+    from kernel_decode import bench_decode_linear as run  # beside this script; it imports this module
+
+    return run(ceil, quick)
+
+
+def bench_decode_attention(ceil: dict, quick: bool) -> list[dict]:
+    from kernel_decode import bench_decode_attention as run
 
     return run(ceil, quick)
 
@@ -511,8 +518,8 @@ def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--cases",
-        default="rmsnorm,rope,logprobs,policy_head,skinny_matmul",
-        help="comma list of rmsnorm, rope, logprobs, policy_head, skinny_matmul",
+        default="rmsnorm,rope,logprobs,policy_head,decode_linear,decode_attention",
+        help="comma list of rmsnorm, rope, logprobs, policy_head, decode_linear, decode_attention",
     )
     ap.add_argument("--quick", action="store_true", help="headline shapes only")
     ap.add_argument("--tune", action="store_true", help="sweep our launch configurations instead")
@@ -533,7 +540,8 @@ def main() -> None:
         "rope": bench_rope,
         "logprobs": bench_logprobs,
         "policy_head": bench_policy_head,
-        "skinny_matmul": bench_skinny_matmul,
+        "decode_linear": bench_decode_linear,
+        "decode_attention": bench_decode_attention,
     }
     out = Path(args.out) / f"kernels_{name.replace(' ', '_').lower()}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

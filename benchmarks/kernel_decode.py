@@ -1,0 +1,227 @@
+"""The decode-step cases of bench_kernels.py: `--cases decode_linear,decode_attention` (and `--tune`).
+
+Qwen2.5-1.5B shapes (D 1536, MLP 8960, 12 query heads, 2 kv heads of 128), bf16, forward only (a
+sampler's decode step). Times are CUDA-graph replays of 20 calls cycling through input sets larger
+than the 50 MB L2, so that each call reads its weights / cache from memory as a decode step does;
+GB/s = bytes read and written / time, against the in-run copy bandwidth. Correctness: relative
+error against fp64.
+
+decode_linear: every linear layer of a step (q, k, o, gate, down and, for scale, q|k|v and gate|up
+as one matrix) at M = 8 and 64 rows, with the layer's bias where it has one.
+    ours      kernels/skinny_matmul.py: the K-split grid and its deterministic reduction
+    cublas    F.linear (what the sampler runs by default)
+
+decode_attention: one layer's attention of M rows over kv_len cache slots, 8 rows per prompt.
+    ours            kernels/flash_decode.py, each row's whole cache its own
+    ours (shared)   the same with the prompt's Tp slots in a shared prefix (the sampler's layout):
+                    fewer bytes, so GB/s counts the bytes such a decoder must read
+    sdpa            torch SDPA with the model's 4-D mask and the G query heads of a kv head folded
+                    into query rows (the model's path where the kernel does not run)
+
+The tune mode sweeps the launch configurations of both kernels (block and split sizes) at the same
+shapes and prints GPU times.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import bench_kernels as bk
+import torch
+import torch.nn.functional as F
+
+from minigrpo.kernels import decode_attention, skinny_linear
+from minigrpo.kernels import flash_decode as fd
+from minigrpo.kernels import skinny_matmul as sm
+from minigrpo.models.transformer import attention_mask_4d
+
+D, F_MLP, H, HKV, DH = 1536, 8960, 12, 2, 128  # Qwen2.5-1.5B
+KV = HKV * DH
+LINEAR_SHAPES = {  # name -> (N, K, bias)
+    "q": (D, D, True),
+    "k": (KV, D, True),
+    "o": (D, D, False),
+    "gate": (F_MLP, D, False),
+    "down": (D, F_MLP, False),
+    "qkv": (D + 2 * KV, D, True),
+    "gate_up": (2 * F_MLP, D, False),
+}
+ATTENTION_SHAPES = [(64, 256, 768), (512, 256, 768), (64, 2048, 2304)]  # (rows, Tp, kv_len); 8 rows a prompt
+GROUP = 8
+
+
+def _check(f, inputs: tuple, spec: torch.Tensor) -> tuple[float, float]:
+    return bk.rel_err([f(*inputs)], [spec])
+
+
+def _compare(rows: list[dict], ours: str, base: str, label: str) -> None:
+    """Record and print base's graph time / ours' for the last rows of one shape."""
+    by = {r["provider"]: r for r in rows}
+    if "graph_ms" in by.get(ours, {}) and "graph_ms" in by.get(base, {}):
+        by[ours][f"speedup_vs_{base}"] = by[base]["graph_ms"] / by[ours]["graph_ms"]
+        print(f"  {label}: {ours} {by[ours][f'speedup_vs_{base}']:.2f}x {base}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode_linear
+# ----------------------------------------------------------------------------------------------
+
+
+def _linear_sets(M: int, N: int, K: int, bias: bool) -> list[tuple]:
+    n_sets = max(2, math.ceil(200e6 / (2 * N * K)))
+    out = []
+    for _ in range(n_sets):
+        x = torch.randn(M, K, device=bk.DEV, dtype=torch.bfloat16)
+        w = (torch.randn(N, K, device=bk.DEV) / K**0.5).to(torch.bfloat16)
+        b = torch.randn(N, device=bk.DEV, dtype=torch.bfloat16) if bias else None
+        out.append((x, w, b))
+    return out
+
+
+def bench_decode_linear(ceil: dict, quick: bool) -> list[dict]:
+    rows = []
+    names = ("q", "gate", "down") if quick else tuple(LINEAR_SHAPES)
+    providers = {"ours": functools.partial(skinny_linear, impl="triton"), "cublas": F.linear}
+    for M in (8, 64):
+        for name in names:
+            N, K, bias = LINEAR_SHAPES[name]
+            sets = _linear_sets(M, N, K, bias)
+            x, w, b = sets[0]
+            spec = F.linear(x.double(), w.double(), None if b is None else b.double())
+            nbytes = 2 * (N * K + M * K + M * N + (N if bias else 0))
+            shape_rows = []
+            for prov, f in providers.items():
+                row = {"case": f"decode_linear_{name}", "shape": [M, N, K], "provider": prov, "bytes": nbytes}
+                calls = [functools.partial(f, *s) for s in sets]
+                bk.run_provider(row, calls[0], functools.partial(_check, f, sets[0], spec), calls)
+                bk.finish(row, ceil, nbytes=nbytes)
+                shape_rows.append(row)
+            _compare(shape_rows, "ours", "cublas", f"{name} M={M}")
+            rows += shape_rows
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# decode_attention
+# ----------------------------------------------------------------------------------------------
+
+
+def _attention_sets(M: int, Tp: int, kv_len: int) -> list[dict]:
+    """Input sets of one layer: q, full caches (M, Hkv, kv_len, Dh), the same split into a shared
+    prefix (M / GROUP prompts) and the rows' own slots, a left-padded key mask, the slot."""
+    P = M // GROUP
+    full_bytes = 2 * M * HKV * kv_len * DH * 2
+    out = []
+    for _ in range(max(2, math.ceil(200e6 / full_bytes))):
+        k_prefix = torch.randn(P, HKV, Tp, DH, device=bk.DEV, dtype=torch.bfloat16)
+        v_prefix = torch.randn_like(k_prefix)
+        k_own = torch.randn(M, HKV, kv_len - Tp, DH, device=bk.DEV, dtype=torch.bfloat16)
+        v_own = torch.randn_like(k_own)
+        group = torch.arange(P, device=bk.DEV).repeat_interleave(GROUP)
+        key_mask = torch.ones(M, kv_len, dtype=torch.long, device=bk.DEV)
+        key_mask[:, : Tp // 8] = 0  # some prompt padding
+        out.append(
+            dict(
+                q=torch.randn(M, H, DH, device=bk.DEV, dtype=torch.bfloat16),
+                k=torch.cat([k_prefix[group], k_own], dim=2),
+                v=torch.cat([v_prefix[group], v_own], dim=2),
+                own=(k_own, v_own),
+                prefix=(k_prefix, v_prefix, group),
+                key_mask=key_mask,
+                slot=torch.tensor([kv_len - 1], device=bk.DEV),
+            )
+        )
+    return out
+
+
+def _sdpa(s: dict, kv_len: int) -> torch.Tensor:
+    M = s["q"].shape[0]
+    mask = attention_mask_4d(s["key_mask"], s["slot"], kv_len, None, M)  # (M, 1, 1, S)
+    out = F.scaled_dot_product_attention(s["q"].view(M, HKV, H // HKV, DH), s["k"], s["v"], attn_mask=mask)
+    return out.reshape(M, H, DH)
+
+
+def _ours(s: dict, kv_len: int, shared: bool = False, **launch) -> torch.Tensor:
+    k, v = s["own"] if shared else (s["k"], s["v"])
+    prefix = s["prefix"] if shared else None
+    if launch:
+        return fd._decode_attention_triton(
+            s["q"], k, v, s["key_mask"], s["slot"], kv_len, None, DH**-0.5, prefix, **launch
+        )
+    return decode_attention(s["q"], k, v, s["key_mask"], s["slot"], kv_len, prefix=prefix, impl="triton")
+
+
+def bench_decode_attention(ceil: dict, quick: bool) -> list[dict]:
+    rows = []
+    for M, Tp, kv_len in ATTENTION_SHAPES[:2] if quick else ATTENTION_SHAPES:
+        sets = _attention_sets(M, Tp, kv_len)
+        s0 = sets[0]
+        spec = fd.decode_attention_ref(
+            s0["q"].double(), s0["k"].double(), s0["v"].double(), s0["key_mask"], s0["slot"], kv_len
+        )
+        kv_slot = 2 * HKV * DH * 2  # bytes of one slot of one row (k and v)
+        full = M * kv_len * kv_slot + 2 * M * H * DH * 2
+        shared = (M // GROUP * Tp + M * (kv_len - Tp)) * kv_slot + 2 * M * H * DH * 2
+        providers = {
+            "ours": (functools.partial(_ours, kv_len=kv_len), full),
+            "ours (shared)": (functools.partial(_ours, kv_len=kv_len, shared=True), shared),
+            "sdpa": (functools.partial(_sdpa, kv_len=kv_len), full),
+        }
+        shape_rows = []
+        for prov, (f, nbytes) in providers.items():
+            row = {"case": "decode_attention", "shape": [M, Tp, kv_len], "provider": prov, "bytes": nbytes}
+            calls = [functools.partial(f, s) for s in sets]
+            bk.run_provider(row, calls[0], functools.partial(_check, f, (s0,), spec), calls)
+            bk.finish(row, ceil, nbytes=nbytes)
+            shape_rows.append(row)
+        _compare(shape_rows, "ours", "sdpa", f"M={M} kv_len={kv_len}")
+        _compare(shape_rows, "ours (shared)", "ours", f"M={M} kv_len={kv_len}")
+        rows += shape_rows
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# tune
+# ----------------------------------------------------------------------------------------------
+
+
+def tune(bw_bytes_per_ms: float) -> None:
+    """GPU ms and % of copy bandwidth of launch configurations: the linear layers at M = 64 (block
+    sizes, columns of K per split), the attention at each shape (slots per split, slots per tile)."""
+    for name, (N, K, bias) in LINEAR_SHAPES.items():
+        sets = _linear_sets(64, N, K, bias)
+        nbytes = 2 * N * K
+        base = bk.graph_ms([functools.partial(F.linear, *s) for s in sets])
+        print(f"linear {name} N={N} K={K}: cuBLAS {base:.4f} ms ({100 * nbytes / base / bw_bytes_per_ms:.0f}%)")
+        for block_n in (32, 64, 128):
+            for block_k in (64, 128, 256):
+                for tiles in (1, 2, 3, 4, 6, 8, 12):
+                    if tiles * block_k <= K:
+                        config = dict(k_split=tiles * block_k, block_n=block_n, block_k=block_k)
+                        _tune_one(sm._skinny_linear_triton, sets, config, nbytes, base, bw_bytes_per_ms)
+    for M, Tp, kv_len in ATTENTION_SHAPES:
+        sets = _attention_sets(M, Tp, kv_len)
+        nbytes = (M // GROUP * Tp + M * (kv_len - Tp)) * 2 * HKV * DH * 2
+        default = bk.graph_ms([functools.partial(_ours, s, kv_len, True) for s in sets])
+        print(f"attention M={M} Tp={Tp} kv_len={kv_len} shared: default {default:.4f} ms "
+              f"({100 * nbytes / default / bw_bytes_per_ms:.0f}%)")  # fmt: skip
+        for block_s in (32, 64, 128):
+            for split in sorted({block_s * t for t in (1, 2, 3, 4, 6, 8, 12, 16)}):
+                if split * fd._MAX_SPLITS >= kv_len and split <= kv_len:
+                    config = dict(split=split, block_s=block_s)
+                    run = functools.partial(_tune_attention_call, kv_len=kv_len)
+                    _tune_one(run, [(s,) for s in sets], config, nbytes, default, bw_bytes_per_ms)
+
+
+def _tune_attention_call(s: dict, kv_len: int, **launch) -> torch.Tensor:
+    return _ours(s, kv_len, True, **launch)
+
+
+def _tune_one(fn, sets: list[tuple], config: dict, nbytes: int, base_ms: float, bw_bytes_per_ms: float) -> None:
+    try:
+        ms = bk.graph_ms([functools.partial(fn, *s, **config) for s in sets])
+    except Exception as exc:  # e.g. out of shared memory: skip the configuration
+        print(f"  {config}: {type(exc).__name__}")
+        return
+    print(f"  {config}: {ms:.4f} ms ({100 * nbytes / ms / bw_bytes_per_ms:.0f}%, {base_ms / ms:.2f}x)", flush=True)
