@@ -150,7 +150,9 @@ def _rewrite_weights(directory, edit):
 def test_missing_tensor(tmp_path):
     tiny_checkpoint(tmp_path)
     _rewrite_weights(tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' is missing"):
+    with pytest.raises(
+        CheckpointError, match=rf"tensor 'model.layers.1.mlp.up_proj.weight' is missing .* in {tmp_path} "
+    ):
         load_pretrained(tmp_path)
 
 
@@ -166,6 +168,33 @@ def test_shape_mismatch(tmp_path):
     _rewrite_weights(tmp_path, lambda t: t.update({"model.norm.weight": torch.ones(63)}))
     with pytest.raises(CheckpointError, match=r"shape mismatch for 'model.norm.weight'.*\[63\].*\[64\]"):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool])
+def test_a_tensor_that_is_not_floating_point_is_named_before_the_weights_load(tmp_path, monkeypatch, dtype):
+    tiny_checkpoint(tmp_path)
+    _rewrite_weights(tmp_path, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(dtype)}))
+    _no_weights_read(monkeypatch)
+    for load in (check_model_source, load_pretrained):
+        with pytest.raises(
+            CheckpointError, match=r"model\.safetensors: tensor 'model\.norm\.weight' is [A-Z0-9]+, not floating"
+        ):
+            load(tmp_path, require_tokenizer=False)
+
+
+def test_a_tokenizer_with_ids_past_the_vocabulary_is_named_before_the_weights_load(tmp_path, monkeypatch):
+    model_dir = tiny_run_checkpoint(tmp_path / "model")
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    spec["model"]["vocab"]["stranger"] = 40  # the model has 23 embedding rows
+    (model_dir / "tokenizer.json").write_text(json.dumps(spec))
+    _no_weights_read(monkeypatch)
+    for load in (check_model_source, load_pretrained):
+        expected = f"{model_dir}: the tokenizer has token ids up to 40 but config.json's vocab_size is 23"
+        with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}"):
+            load(model_dir)
+    spec["model"]["vocab"]["stranger"] = 22  # the last row: fits
+    (model_dir / "tokenizer.json").write_text(json.dumps(spec))
+    check_model_source(model_dir)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

@@ -53,6 +53,7 @@ HUB_PATTERNS = [
 PACKAGED_MODELS = ("smollm2",)
 # Buffers some checkpoints carry that the model recomputes.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors names of the weight dtypes a model is built from
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -89,6 +90,7 @@ def load_pretrained(
     model = _model_from_config(_read_config(source), source / "config.json")
     tokenizer_dir = _tokenizer_dir(source, required=require_tokenizer) if load_tokenizer else None
     tokenizer = load_tokenizer_folder(tokenizer_dir) if tokenizer_dir is not None else None  # fails before the weights
+    _check_vocab(tokenizer, model.args.vocab_size, source)
     _fill(model, _hf_tensor_source(source), dtype, device, quantize)
     return model, tokenizer
 
@@ -111,10 +113,25 @@ def check_model_source(
 
         read_gguf_header(source)
         return None
-    _model_from_config(_read_config(source), source / "config.json")  # on the meta device: no memory
-    _hf_tensor_source(source)  # reads (and checks) the header of every weights file, no tensor
+    model = _model_from_config(_read_config(source), source / "config.json")  # on the meta device: no memory
+    _check(model, _hf_tensor_source(source)[0])  # every weights file's header (names, shapes, dtypes), no tensor
     tokenizer_dir = _tokenizer_dir(source, required=require_tokenizer)
-    return load_tokenizer_folder(tokenizer_dir) if tokenizer_dir is not None else None
+    tokenizer = load_tokenizer_folder(tokenizer_dir) if tokenizer_dir is not None else None
+    _check_vocab(tokenizer, model.args.vocab_size, source)
+    return tokenizer
+
+
+def _check_vocab(tokenizer: Any, vocab_size: int, source: Path) -> None:
+    """Every id the tokenizer can produce has a row in the model's embedding (a tokenizer with fewer
+    ids than vocab_size is usual: the embedding is padded); a CheckpointError naming both otherwise."""
+    if tokenizer is None:
+        return
+    top = max(tokenizer.backend.get_vocab(with_added_tokens=True).values(), default=-1)
+    if top >= vocab_size:
+        raise CheckpointError(
+            f"{source}: the tokenizer has token ids up to {top} but config.json's vocab_size is {vocab_size}: "
+            "the tokenizer files belong to another model (copy the tokenizer of this model's base)"
+        )
 
 
 def _model_from_config(
@@ -313,6 +330,11 @@ def _hf_tensor_source(directory: Path) -> TensorSource:
         if not path.is_file():
             raise ModelNotFoundError(f"{path} is listed in the checkpoint index but missing")
         for name, info in read_header(path).items():
+            if info["dtype"] not in _FLOAT_DTYPES and not _IGNORED.search(name):
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} is {info['dtype']}, not floating point: minigrpo loads F32, F16 or "
+                    "BF16 weights (a quantized checkpoint? load its 16-bit original)"
+                )
             shapes[name] = (tuple(info["shape"]), str(path))
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
@@ -332,7 +354,10 @@ def _check(model: Transformer, shapes: dict[str, tuple[tuple[int, ...], str]]) -
     if extra:
         raise CheckpointError(f"unexpected tensor {extra[0]!r} in {usable[extra[0]][1]} ({len(extra)} extra in all)")
     if missing:
-        raise CheckpointError(f"tensor {missing[0]!r} is missing from the checkpoint ({len(missing)} missing in all)")
+        where = f" in {Path(next(iter(shapes.values()))[1]).parent}" if shapes else ""
+        raise CheckpointError(
+            f"tensor {missing[0]!r} is missing from the checkpoint{where} ({len(missing)} missing in all)"
+        )
     for name, (shape, where) in usable.items():
         if shape != expected[name]:
             raise CheckpointError(
