@@ -25,9 +25,10 @@ the slots of each (row, kv head) are cut into SPLITS chunks of SPLIT slots that 
    tile (G_PAD >= 16 for tl.dot; padded rows are zero and never stored) and streams slots
    [s*SPLIT, min((s+1)*SPLIT, kv_len, slot+1)) in tiles of BLOCK_S: scores = q @ k^T * scale (fp32),
    masked, online softmax (running max m, sum l, unnormalised acc [G_PAD, Dh] fp32); with a prefix
-   each slot is loaded from the prefix or the row's own cache (two masked loads). It writes
-   (acc, m, l) per (b, h, s) to an fp32 workspace; a split wholly past `slot` writes m = -1e30,
-   l = 0, acc = 0. With one split there is nothing to combine: it writes acc / l to out directly.
+   a tile's addresses are selected slot by slot from the prefix or the row's own cache (one load,
+   as vectorised as without). It writes (acc, m, l) per (b, h, s) to an fp32 workspace; a split
+   wholly past `slot` writes m = -1e30, l = 0, acc = 0. With one split there is nothing to
+   combine: it writes acc / l to out directly.
 2. grid (B, H): combine, out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s with M = max m_s.
    Empty splits weigh exp(-1e30 - M) = 0 (a finite "minus infinity": no inf - inf NaN).
 
@@ -207,18 +208,14 @@ def _decode_split_kernel(
             ok = ok & (j > slot - window)
         kv_mask = ok[:, None] & d_ok[None, :]
         col = j - prefix_len  # (BLOCK_S,) the slots' columns in the row's own cache
-        if HAS_PREFIX:  # a slot is in the prefix or in the own cache: two loads, each lane reads one
+        k_ptrs = k_base + col[:, None] * stride_k_s + d[None, :] * stride_k_d
+        v_ptrs = v_base + col[:, None] * stride_v_s + d[None, :] * stride_v_d
+        if HAS_PREFIX:  # a slot in the prefix is read there
             shared = (j < prefix_len)[:, None]
-            own_mask, shared_mask = kv_mask & ~shared, kv_mask & shared
-        else:
-            own_mask = kv_mask
-        k = tl.load(k_base + col[:, None] * stride_k_s + d[None, :] * stride_k_d, mask=own_mask, other=0.0)
-        v = tl.load(v_base + col[:, None] * stride_v_s + d[None, :] * stride_v_d, mask=own_mask, other=0.0)
-        if HAS_PREFIX:
-            k_shared = tl.load(pk_base + j[:, None] * stride_pk_s + d[None, :] * stride_pk_d, mask=shared_mask)
-            v_shared = tl.load(pv_base + j[:, None] * stride_pv_s + d[None, :] * stride_pv_d, mask=shared_mask)
-            k = tl.where(shared_mask, k_shared, k)
-            v = tl.where(shared_mask, v_shared, v)
+            k_ptrs = tl.where(shared, pk_base + j[:, None] * stride_pk_s + d[None, :] * stride_pk_d, k_ptrs)
+            v_ptrs = tl.where(shared, pv_base + j[:, None] * stride_pv_s + d[None, :] * stride_pv_d, v_ptrs)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         if DOT_F32:
             kt = tl.trans(k.to(tl.float32))
             scores = tl.dot(q.to(tl.float32), kt, input_precision="ieee")  # (G_PAD, BLOCK_S) fp32

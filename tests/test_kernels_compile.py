@@ -317,6 +317,7 @@ def _worker(out_path: str, ids: list[str]) -> None:
                 "stages": sorted(compiled.asm),
                 "cubin_bytes": len(compiled.asm.get("cubin", b"")),
                 "shared": compiled.metadata.shared,
+                "vector_loads": compiled.asm["ptx"].count("ld.global.v4."),  # 16-byte global loads
                 "seconds": round(time.perf_counter() - t0, 2),
             }
         except Exception:
@@ -374,3 +375,19 @@ def test_kernel_compiles_for_sm90(case, compiled):
         pytest.fail(f"{case} does not compile for sm_90:\n{res['error']}", pytrace=False)
     assert "cubin" in res["stages"] and res["cubin_bytes"] > 0, f"no cubin: stages {res['stages']}"
     assert res["shared"] <= SM90_SHARED_BYTES, f"{res['shared']} bytes of shared memory > {SM90_SHARED_BYTES}"
+
+
+PLAIN_DECODE = "flash_decode._decode_split_kernel[qwen_bf16_split]"
+
+
+@pytest.mark.parametrize("case", ["flash_decode._decode_split_kernel[shared_prefix]"])
+def test_shared_prefix_decode_loads_like_the_plain_kernel(case, compiled):
+    # reading a slot from the prefix or the row's own cache is one load from selected addresses:
+    # the same 16-byte vector loads and shared memory as the plain kernel (two masked loads per tile
+    # doubled the loads, and the shared memory once pipelined)
+    if PLAIN_DECODE not in compiled:
+        pytest.skip(f"{PLAIN_DECODE} is not selected in this session")
+    shared, plain = compiled[case], compiled[PLAIN_DECODE]
+    assert shared["ok"] and plain["ok"]
+    assert shared["vector_loads"] == plain["vector_loads"] > 0, (shared["vector_loads"], plain["vector_loads"])
+    assert shared["shared"] <= plain["shared"], (shared["shared"], plain["shared"])
