@@ -25,6 +25,7 @@ shapes and prints GPU times.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import bench_kernels as bk
@@ -49,6 +50,7 @@ LINEAR_SHAPES = {  # name -> (N, K, bias)
 }
 ATTENTION_SHAPES = [(64, 256, 768), (512, 256, 768), (64, 2048, 2304)]  # (rows, Tp, kv_len); 8 rows a prompt
 GROUP = 8
+TILES = (1, 2, 3, 4, 6, 8, 12)  # K tiles per split swept by --tune
 
 
 def _check(f, inputs: tuple, spec: torch.Tensor) -> tuple[float, float]:
@@ -188,18 +190,16 @@ def bench_decode_attention(ceil: dict, quick: bool) -> list[dict]:
 
 def tune(bw_bytes_per_ms: float) -> None:
     """GPU ms and % of copy bandwidth of launch configurations: the linear layers at M = 64 (block
-    sizes, columns of K per split), the attention at each shape (slots per split, slots per tile)."""
+    sizes, columns of K per split, pipeline stages), the attention at each shape (slots per split, slots per tile)."""
     for name, (N, K, bias) in LINEAR_SHAPES.items():
         sets = _linear_sets(64, N, K, bias)
         nbytes = 2 * N * K
         base = bk.graph_ms([functools.partial(F.linear, *s) for s in sets])
         print(f"linear {name} N={N} K={K}: cuBLAS {base:.4f} ms ({100 * nbytes / base / bw_bytes_per_ms:.0f}%)")
-        for block_n in (32, 64, 128):
-            for block_k in (64, 128, 256):
-                for tiles in (1, 2, 3, 4, 6, 8, 12):
-                    if tiles * block_k <= K:
-                        config = dict(k_split=tiles * block_k, block_n=block_n, block_k=block_k)
-                        _tune_one(sm._skinny_linear_triton, sets, config, nbytes, base, bw_bytes_per_ms)
+        for block_n, block_k, tiles, stages in itertools.product((32, 64, 128), (64, 128, 256), TILES, (2, 3, 4)):
+            if tiles * block_k <= K:
+                config = dict(k_split=tiles * block_k, block_n=block_n, block_k=block_k, num_stages=stages)
+                _tune_one(sm._skinny_linear_triton, sets, config, nbytes, base, bw_bytes_per_ms)
     for M, Tp, kv_len in ATTENTION_SHAPES:
         sets = _attention_sets(M, Tp, kv_len)
         nbytes = (M // GROUP * Tp + M * (kv_len - Tp)) * 2 * HKV * DH * 2

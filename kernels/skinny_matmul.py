@@ -32,8 +32,11 @@ from ._triton import cdiv, interpreting, jit, next_power_of_2, resolve_impl, tl
 MAX_ROWS = 64  # the kernel's row tile: more rows take F.linear (compute starts to matter there)
 _BLOCK_N = 64  # output columns per program
 _BLOCK_K = 128  # reduction tile
-_TARGET_PROGRAMS = 2 * 132  # about two waves of an H100's SMs streaming W
-_NUM_STAGES = 4  # loads in flight per program: 4 x (x and W tiles, 32 KiB in bf16) of shared memory
+_TARGET_PROGRAMS = 2 * 132  # two programs on each of an H100's 132 SMs, streaming W at once
+# loads in flight per program: 3 x (x and W tiles, 32 KiB in bf16) = 96 KiB of shared memory, so two
+# programs fit an SM (sm_90: 227 KiB); 4 stages would leave one, and a grid of 144 programs would
+# then run in two waves, the second almost empty
+_NUM_STAGES = 3
 
 # ----------------------------------------------------------------------------------------------
 # 1. Reference (the spec; also the CPU fallback)
@@ -155,8 +158,10 @@ def _skinny_linear_triton(
     k_split: int | None = None,
     block_n: int = _BLOCK_N,
     block_k: int = _BLOCK_K,
+    num_stages: int = _NUM_STAGES,
 ) -> torch.Tensor:
-    """x (M, K) -> (M, N); k_split / block_n / block_k: test overrides of the launch."""
+    """x (M, K) -> (M, N); k_split / block_n / block_k / num_stages: overrides of the launch (tests,
+    tuning)."""
     M, K = x.shape
     N = weight.shape[0]
     k_split = split_k(N, K, block_n, block_k) if k_split is None else k_split
@@ -171,7 +176,7 @@ def _skinny_linear_triton(
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
         K_SPLIT=k_split, HAS_BIAS=bias is not None, DIRECT=direct, DOT_F32=x.dtype == torch.float32 or interpreting(),
         BLOCK_M=max(16, next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, num_stages=_NUM_STAGES,
+        num_warps=4, num_stages=num_stages,
     )  # fmt: skip
     if not direct:
         block = min(1024, next_power_of_2(N))

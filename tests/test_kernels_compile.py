@@ -377,6 +377,14 @@ def test_kernel_compiles_for_sm90(case, compiled):
     assert res["shared"] <= SM90_SHARED_BYTES, f"{res['shared']} bytes of shared memory > {SM90_SHARED_BYTES}"
 
 
+@pytest.mark.parametrize("case", ["skinny_matmul._skinny_partial_kernel[q_split_bias]"])
+def test_two_split_k_matmul_programs_fit_an_sm(case, compiled):
+    # the decode matmul's grid is sized for two programs per SM (skinny_matmul._TARGET_PROGRAMS):
+    # its pipelined tiles must leave room for a second program's
+    res = compiled[case]
+    assert res["ok"] and 2 * res["shared"] <= SM90_SHARED_BYTES, res.get("shared")
+
+
 PLAIN_DECODE = "flash_decode._decode_split_kernel[qwen_bf16_split]"
 
 
