@@ -58,7 +58,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import DEVICE, RESULTS, device_slug, environment, print_table, sync, write_result
+from common import (
+    DEVICE,
+    RESULTS,
+    device_slug,
+    environment,
+    names,
+    out_folder,
+    positive_int,
+    print_table,
+    sync,
+    write_result,
+)
+
+from minigrpo.errors import ArgumentParser, UsageError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVIDERS = ("ours", "ours-vllm", "trl", "trl-liger", "trl-vllm")
@@ -131,7 +144,7 @@ def build_cases(args, cache: Path) -> list[dict[str, Any]]:
     for name in args.cases.split(","):
         arch, _, kind = name.partition("/")
         if kind not in SPEED_CONFIGS:
-            raise SystemExit(f"error: --cases: {name!r} is not <model>/full or <model>/lora")
+            raise UsageError(f"--cases: {name!r} is not <model>/full or <model>/lora")
         model = model_folder(arch, cache)
         overrides = [f"model.name_or_path={model}", f"data.path={gsm8k_dir()}", *run_overrides(args, args.steps)]
         cases.append({"case": name, "config": str(ROOT / SPEED_CONFIGS[kind]), "overrides": overrides + sizes})
@@ -244,10 +257,10 @@ def run_trl(cfg, provider: str, weights: str = "auto") -> tuple[list[dict], dict
     from trl import GRPOConfig, GRPOTrainer
 
     from minigrpo import rewards
-    from minigrpo.build import prompts_that_fit
     from minigrpo.data import PromptLoader, build_dataset, build_messages
     from minigrpo.models.tokenizer_files import load_tokenizer_folder
     from minigrpo.optim import lr_factor
+    from minigrpo.prompt_fit import prompts_that_fit
 
     folder, steps, B, G = cfg.model.name_or_path, cfg.train.steps, cfg.grpo.prompts_per_step, cfg.grpo.group_size
     dtype = trl_weight_dtype(cfg, weights)
@@ -451,15 +464,17 @@ def run_provider(case: dict, provider: str, args, tmp: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=("speed", "learn"), default="speed")
-    ap.add_argument("--providers", default=None, help=f"a list of {','.join(PROVIDERS)}")
+    ap.add_argument("--providers", type=names(PROVIDERS), default=None, help=f"a list of {','.join(PROVIDERS)}")
     ap.add_argument("--cases", default=SPEED_CASES, help="speed mode: <model>/full or <model>/lora, comma-separated")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (speed 10, learn 60)")
-    ap.add_argument("--measure-from", type=int, default=3, help="speed: medians over steps measure_from..steps")
+    ap.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (speed 10, learn 60)")
+    ap.add_argument(
+        "--measure-from", type=positive_int, default=3, help="speed: medians over steps measure_from..steps"
+    )
     for flag, default in (("--prompts", 16), ("--group", 8), ("--new-tokens", 512), ("--micro", 16)):
-        ap.add_argument(flag, type=int, default=default, help="speed mode (learn: the config's)")
+        ap.add_argument(flag, type=positive_int, default=default, help="speed mode (learn: the config's)")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing for every provider")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -467,17 +482,17 @@ def main() -> None:
         help="TRL's weights: auto = float32 for full fine-tuning (its default), bf16 for a LoRA base",
     )  # fmt: skip
     ap.add_argument("--tag", default="", help="result file e2e_<mode>_<tag>_<device>.json")
-    ap.add_argument("--provider-timeout", type=int, default=3600)
-    ap.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "minigrpo-bench-e2e-models"))
+    ap.add_argument("--provider-timeout", type=positive_int, default=3600)
+    ap.add_argument(
+        "--model-cache", type=out_folder, default=str(Path(tempfile.gettempdir()) / "minigrpo-bench-e2e-models")
+    )
     ap.add_argument("--quick", action="store_true", help="CPU smoke sizes: SmolLM2, 2 x 2 completions, 8 tokens")
-    ap.add_argument("--out-dir", default=None, help="write results here instead of benchmarks/results")
+    ap.add_argument("--out-dir", type=out_folder, default=None, help="write results here instead of benchmarks/results")
     args = ap.parse_args()
     if args.child:
         return child(args.child)
-    args.providers = args.providers or ("ours,trl" if args.mode == "learn" else ",".join(PROVIDERS))
-    providers = [p for p in args.providers.split(",") if p]
-    if not providers or any(p not in PROVIDERS for p in providers):
-        ap.error(f"--providers: a list of {', '.join(PROVIDERS)}; got {args.providers!r}")
+    providers = args.providers or (["ours", "trl"] if args.mode == "learn" else list(PROVIDERS))
+    args.providers = ",".join(providers)
     args.steps = args.steps or (60 if args.mode == "learn" else 10)
     if args.quick:
         args.prompts, args.group, args.new_tokens, args.micro = 2, 2, 8, 2
@@ -518,4 +533,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(lambda _: main())  # a bad argument is one `error:` line

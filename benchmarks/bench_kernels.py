@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 import triton
+from common import out_folder
 
-from minigrpo.errors import ArgumentParser, run_cli
+from minigrpo.errors import ArgumentParser, UserError, run_cli
 from minigrpo.kernels import apply_rotary, fused_linear_logprobs, rms_norm
 
 try:
@@ -523,9 +524,12 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="headline shapes only")
     ap.add_argument("--tune", action="store_true", help="sweep our launch configurations instead")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the JSON")
+    ap.add_argument(
+        "--out", type=out_folder, default=str(Path(__file__).parent / "results"), help="folder for the JSON"
+    )
     args = ap.parse_args()
-    assert torch.cuda.is_available(), "the benchmark needs a CUDA GPU"
+    if not torch.cuda.is_available():
+        raise UserError("bench_kernels.py measures Triton kernels on a CUDA GPU, and this machine has none")
     torch.manual_seed(0)
     t0 = time.time()
     ceil = ceilings()

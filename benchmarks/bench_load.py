@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import environment, print_table, write_result
+from common import environment, names, print_table, write_result
 
 from minigrpo.errors import ArgumentParser, run_cli
 from minigrpo.models.loading import build_random, save_pretrained
@@ -75,7 +75,9 @@ def run_child(kind: str, path: str, warm: str) -> dict:
 def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b")
-    ap.add_argument("--loaders", default="ours,naive,transformers")
+    ap.add_argument(
+        "--loaders", type=names(("ours", "gguf", "naive", "transformers")), default="ours,naive,transformers"
+    )
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -90,7 +92,7 @@ def main() -> None:
             ckpt = Path(tmp) / arch
             save_pretrained(build_random(preset_config(arch), dtype=torch.bfloat16), None, ckpt)
             size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-            for loader in args.loaders.split(","):
+            for loader in args.loaders:
                 r = run_child(loader, str(ckpt), str(warm))
                 rows.append({"checkpoint": arch, "size_gb": size / 1e9, "loader": loader, **_ratio(r, size)})
                 print(rows[-1], flush=True)

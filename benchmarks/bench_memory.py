@@ -40,7 +40,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from common import DEVICE, RESULTS, device_slug, environment, print_table, sync, write_result
+from common import (
+    DEVICE,
+    RESULTS,
+    device_slug,
+    environment,
+    names,
+    positive_float,
+    positive_int,
+    print_table,
+    sync,
+    write_result,
+)
 
 from minigrpo import grpo
 from minigrpo.config import load_config
@@ -559,11 +570,16 @@ def merged(payload: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small architecture and lengths (a smoke run)")
-    ap.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
-    ap.add_argument("--providers", default=None, help="comma-separated subset of ours,naive,trl,trl_liger")
+    case_names = [c.name for c in (*FULL_CASES, *QUICK_CASES)]
+    ap.add_argument("--cases", type=names(case_names), default=None, help="comma-separated case names (default: all)")
+    ap.add_argument(
+        "--providers", type=names(Case.providers), default=None, help="a subset of ours,naive,trl,trl_liger"
+    )
     ap.add_argument("--no-bisect", action="store_true", help="skip the longest-completion search")
-    ap.add_argument("--bisect-budget-s", type=int, default=900)
-    ap.add_argument("--memory-gib", type=float, default=None, help="cap the device at this much (e.g. 80 on an H200)")
+    ap.add_argument("--bisect-budget-s", type=positive_int, default=900)
+    ap.add_argument(
+        "--memory-gib", type=positive_float, default=None, help="cap the device at this much (e.g. 80 on an H200)"
+    )
     args = ap.parse_args()
     if args.memory_gib and DEVICE.type == "cuda":
         global MEMORY_CAP
@@ -575,9 +591,13 @@ def main() -> None:
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     cases = QUICK_CASES if args.quick else FULL_CASES
     if args.cases:
-        wanted = set(args.cases.split(","))
-        cases = [c for c in cases if c.name in wanted]
-    providers = set(args.providers.split(",")) if args.providers else None
+        other = [name for name in args.cases if name not in {c.name for c in cases}]
+        if other:
+            ap.error(
+                f"--cases: {', '.join(other)}: {'not a --quick case' if args.quick else 'a --quick case (add --quick)'}"
+            )
+        cases = [c for c in cases if c.name in args.cases]
+    providers = set(args.providers) if args.providers else None
     payload: dict[str, Any] = {"environment": env, "quick": args.quick, "memory_cap_gib": args.memory_gib}
     payload.update(rows=[], bisect={})
     name = "memory_quick" if args.quick else "memory"

@@ -37,6 +37,8 @@ from common import (
     NullTokenizer,
     add_workload_arguments,
     environment,
+    positive_int,
+    positive_ints,
     print_table,
     step_workload,
     write_result,
@@ -102,9 +104,11 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpus", default=None, help="comma-separated world sizes (default: 1 and every GPU)")
+    ap.add_argument(
+        "--gpus", type=positive_ints, default=None, help="comma-separated world sizes (default: 1 and every GPU)"
+    )
     add_workload_arguments(ap)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=positive_int, default=4)
     ap.add_argument("--weak", action="store_true", help="--prompts per rank (weak scaling) instead of in all")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run, CPU or GPU)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -123,7 +127,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    sizes = [int(w) for w in args.gpus.split(",")] if args.gpus else sorted({1, max(torch.cuda.device_count(), 2)})
+    sizes = args.gpus if args.gpus else sorted({1, max(torch.cuda.device_count(), 2)})
     env = environment()
     env["gpus"] = torch.cuda.device_count()
     shape = ("arch", "group", "prompt_len", "new_tokens", "micro", "steps")

@@ -52,8 +52,11 @@ from common import (
     DEVICE,
     NullTokenizer,
     environment,
+    fraction,
     gpu_memory,
+    out_folder,
     peak_bytes,
+    positive_int,
     print_table,
     reset_peak,
     sync,
@@ -419,18 +422,25 @@ def gib(x) -> float | None:
 def main() -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", "--sizes", dest="archs", default="smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b")
-    parser.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on GPU")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="default: float32 on the CPU, bfloat16 on GPU",
+    )
+    parser.add_argument("--reps", type=positive_int, default=5)
     parser.add_argument("--sleep-levels", default="1,2", help="sleep levels measured for colocation")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    parser.add_argument("--gpu-memory-utilization", type=fraction, default=0.3)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation in vLLM")
     parser.add_argument("--variants", default="", help="extra sync variants: stream,bucket512,layer,tensor")
     parser.add_argument("--rollout", default="", help="P x G rollout comparison, e.g. 8x8 (default: none)")
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=positive_int, default=64)
+    parser.add_argument("--new-tokens", type=positive_int, default=128)
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
     parser.add_argument("--tag", default="", help="result file sync_<tag>_<device>.json")
-    parser.add_argument("--out-dir", default=None, help="write the JSON here instead of benchmarks/results")
+    parser.add_argument(
+        "--out-dir", type=out_folder, default=None, help="write the JSON here instead of benchmarks/results"
+    )
     parser.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="the 10m model, 2 reps (writes sync_quick_*.json)")
     args = parser.parse_args()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.metadata
 import json
+import math
 import platform
 import re
 import time
@@ -151,14 +153,76 @@ class NullTokenizer:
         return ""
 
 
+# argparse types for the scripts' arguments: a bad value is one `error:` line naming the flag (through
+# minigrpo.errors.ArgumentParser and run_cli), not a traceback or a run that fails later
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1] (a share of GPU memory)."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1 (world sizes)."""
+    return [positive_int(item) for item in text.split(",") if item.strip()] or [positive_int(text)]
+
+
+def names(allowed: Sequence[str]):
+    """A comma-separated list of some of `allowed`, each once -> list[str]."""
+
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in allowed]
+        if not items or unknown or len(set(items)) < len(items):
+            what = f"unknown {', '.join(map(repr, unknown))}" if unknown else f"got {text!r}"
+            raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(allowed)}, each once; {what}")
+        return items
+
+    return parse
+
+
+def out_folder(text: str) -> str:
+    """A folder to write into: an existing one, or a path with no file in the way (it is created)."""
+    path = Path(text).expanduser()
+    blocking = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {blocking} is a file, not a folder")
+    return text
+
+
 def add_workload_arguments(ap: Any) -> None:
     """The command-line shape of the step that step_workload builds (an argparse parser)."""
     ap.add_argument("--arch", default="qwen2.5-1.5b")
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--new-tokens", type=int, default=512)
-    ap.add_argument("--micro", type=int, default=16)
+    ap.add_argument("--prompts", type=positive_int, default=16)
+    ap.add_argument("--group", type=positive_int, default=8)
+    ap.add_argument("--prompt-len", type=positive_int, default=256)
+    ap.add_argument("--new-tokens", type=positive_int, default=512)
+    ap.add_argument("--micro", type=positive_int, default=16)
 
 
 def step_workload(args: Any, overrides: Sequence[str] = ()) -> tuple[Any, Any, list[list[int]]]:

@@ -40,7 +40,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import DEVICE, RESULTS, device_slug, environment, print_table, write_result
+from common import DEVICE, RESULTS, device_slug, environment, out_folder, positive_float, print_table, write_result
 
 from minigrpo.algorithms import updates_per_step
 from minigrpo.config import Config, load_config
@@ -314,9 +314,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     ap.add_argument("--eval-num", type=int, default=200, help="held-out prompts scored after training")
     ap.add_argument("--no-eval", action="store_true", help="no eval (and no final checkpoint)")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds for one training run (and one eval)")
+    ap.add_argument("--timeout", type=positive_float, default=3600, help="seconds for one training run (and one eval)")
     ap.add_argument("--tag", default="", help="result file algorithms_<tag>_<device>.json")
-    ap.add_argument("--out-dir", default=None, help="write the JSON and PNG here instead of benchmarks/results")
+    ap.add_argument(
+        "--out-dir", type=out_folder, default=None, help="write the JSON and PNG here instead of benchmarks/results"
+    )
     ap.add_argument("--quick", action="store_true", help="CPU smoke sizes: a tiny random model, 3 steps")
     args = ap.parse_args()
     args.algorithms = [a for a in args.algorithms.split(",") if a]

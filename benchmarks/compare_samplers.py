@@ -26,7 +26,17 @@ import traceback
 from pathlib import Path
 
 import torch
-from common import DEVICE, RESULTS, device_slug, environment, gpu_memory, print_table, write_result
+from common import (
+    DEVICE,
+    RESULTS,
+    device_slug,
+    environment,
+    fraction,
+    gpu_memory,
+    out_folder,
+    print_table,
+    write_result,
+)
 
 from minigrpo.config import load_config
 from minigrpo.errors import ArgumentParser, UserError, run_cli
@@ -146,10 +156,12 @@ def main() -> None:
         default="token_truncate",
         help="grpo.is_correction for both runs (none: off; auto: the config's, which vLLM turns on)",
     )
-    ap.add_argument("--gpu-memory-utilization", type=float, default=None, help="sampler.gpu_memory_utilization")
+    ap.add_argument("--gpu-memory-utilization", type=fraction, default=None, help="sampler.gpu_memory_utilization")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for both runs")
     ap.add_argument("--tag", default="", help="result file compare_samplers_<tag>_<device>.json")
-    ap.add_argument("--out-dir", default=None, help="write the JSON and PNG here instead of benchmarks/results")
+    ap.add_argument(
+        "--out-dir", type=out_folder, default=None, help="write the JSON and PNG here instead of benchmarks/results"
+    )
     args = ap.parse_args()
     kinds = [k for k in args.samplers.split(",") if k]
     if not kinds or any(k not in ("own", "vllm") for k in kinds):

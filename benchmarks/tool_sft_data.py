@@ -86,6 +86,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.num < 1 or not 0.0 <= args.tool_frac <= 1.0:
         raise UserError(f"--num must be >= 1 and --tool-frac in [0, 1], got {args.num} and {args.tool_frac}")
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out} is a folder; name the JSONL file, e.g. {args.out / 'tool_sft.jsonl'}")
+    blocking = next((p for p in args.out.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"--out {args.out}: {blocking} is a file, not a folder")
     rows = conversations(load_config(args.config, args.set), args.num, args.tool_frac, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
