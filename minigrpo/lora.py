@@ -112,8 +112,12 @@ class LoRALinear(nn.Module):
             return out
         A = self.lora_A.weight.to(x.dtype)  # (r, in) in the activations' dtype
         B = self.lora_B.weight.to(x.dtype)  # (out, r)
-        h = self.lora_dropout(x)  # (..., in) x itself without dropout (no copy)
-        delta = F.linear(F.linear(h, A) * self.scaling, B)  # (..., r) -> (..., out)
+        u = F.linear(self.lora_dropout(x), A)  # (..., r); x itself without dropout (no copy)
+        if out.dtype == u.dtype:  # out + scaling * u @ B^T as one matmul that adds `out` (a decode
+            # step runs every projection's adapter: two kernels each instead of four)
+            flat = torch.addmm(out.reshape(-1, out.shape[-1]), u.reshape(-1, self.r), B.t(), alpha=self.scaling)
+            return flat.view(out.shape)
+        delta = F.linear(u * self.scaling, B)  # (..., out)
         return out + delta.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
