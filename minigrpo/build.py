@@ -35,13 +35,14 @@ from minigrpo.checkpoint import (
 )
 from minigrpo.config import Config, ConfigError, resolve_dtype
 from minigrpo.configio import changed_keys
-from minigrpo.data import Example, PromptLoader, build_dataset, encode_prompts
+from minigrpo.data import Example, PromptLoader, build_dataset
 from minigrpo.distributed import World, broadcast_trainable, shard_model
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
 from minigrpo.errors import UserError
 from minigrpo.models.loading import build_random, check_model_source, load_pretrained, load_weights, save_pretrained
 from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler
+from minigrpo.prompt_fit import local_max_positions, prompts_that_fit
 from minigrpo.sampling.base import Sampler
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams, stream_key
@@ -80,8 +81,9 @@ def check_before_loading(
     (a new run must not overwrite one; --resume needs an intact checkpoint and an unchanged
     config; the folder must be writable), the settings that depend on the number of ranks
     (world_size, known at launch), the optional packages the settings need, the reward
-    functions (importable, known kwargs), the training data (readable, well formed) and the model
-    folder, and the environment's tools and class (env.kind). Returns what it had to read."""
+    functions (importable, known kwargs), the training data (readable, well formed), the model
+    folder, the environment's tools and class (env.kind) and, for a local model folder, the prompts
+    against its chat template and positions (prompt_fit.py). Returns what it had to read."""
     validate_distributed(cfg, world_size)
     if cfg.model.arch is not None:
         raise UserError("training needs a tokenizer: model.arch builds weights only; set model.name_or_path")
@@ -95,6 +97,7 @@ def check_before_loading(
     tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
     if tokenizer is not None:  # a local model folder: its tokenizer is read already
         check_chat_template(cfg, tokenizer)
+        examples, _ = prompts_that_fit(cfg, examples, tokenizer, local_max_positions(cfg.model.name_or_path))
     if cfg.algorithm == "ppo" and cfg.ppo.value_path is not None:
         from minigrpo.algorithms.value_model import check_value_path
 
@@ -260,21 +263,6 @@ def sampling_params(
     )
 
 
-def prompts_that_fit(cfg: Config, examples: list[Example], tokenizer) -> tuple[list[Example], int]:
-    """The examples whose prompt has at most data.max_prompt_tokens tokens, and the longest prompt
-    length the step must hold (the limit, or the longest of the first 256 prompts)."""
-    limit = cfg.data.max_prompt_tokens
-    lengths = [
-        len(ids) for ids in encode_prompts(examples if limit else examples[:256], tokenizer, cfg.data.system_prompt)[0]
-    ]
-    if limit is None:
-        return examples, max(lengths)
-    kept = [ex for ex, n in zip(examples, lengths) if n <= limit]
-    if not kept:
-        raise UserError(f"every prompt is longer than data.max_prompt_tokens={limit} (the longest has {max(lengths)})")
-    return kept, limit
-
-
 def save_model_fn(cfg: Config):
     """How checkpoints store the policy: the full HF checkpoint, or the PEFT adapter (+ tokenizer)."""
     if not cfg.lora.enabled:
@@ -353,7 +341,7 @@ def build_run(
         broadcast_trainable(critic.model, world)  # replicated under either strategy
     if world.rank:
         seed_everything(cfg.run.seed + world.rank)  # rank 0 keeps the run seed's stream (as one process)
-    examples, prompt_tokens = prompts_that_fit(cfg, examples, tokenizer)
+    examples, prompt_tokens = prompts_that_fit(cfg, examples, tokenizer, model.args.max_position_embeddings)
     if device.type == "cuda" and not world.distributed:  # stop now, naming the setting to change, not OOM at step n
         preflight(cfg, model.args, device, prompt_tokens)
     optimizer = build_optimizer(model.parameters(), cfg.train)

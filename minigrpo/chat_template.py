@@ -66,7 +66,8 @@ def render_chat_template(
         return compile_chat_template(template).render(**context)
     except ChatTemplateError:
         raise
-    except jinja2.TemplateError as e:
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+        # an operation of the template failed on these messages ('text' + 1, a missing key, ...)
         raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
 
 

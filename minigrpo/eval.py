@@ -37,6 +37,7 @@ from minigrpo.episodes import Episode, episode_columns, run_episodes
 from minigrpo.errors import ArgumentParser, UserError, run_cli
 from minigrpo.lora_export import check_peft_adapter
 from minigrpo.models.loading import check_model_source, load_pretrained
+from minigrpo.prompt_fit import local_max_positions, prompts_that_fit
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.step import episode_metrics
 
@@ -190,12 +191,15 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     adapter = (ckpt / "adapter_config.json").is_file()  # a LoRA run: its base model plus the saved adapter
     if adapter:
         check_peft_adapter(ckpt)
-    tokenizer = check_model_source(cfg.model.name_or_path if adapter else args.checkpoint, revision=cfg.model.revision)
+    source = cfg.model.name_or_path if adapter else args.checkpoint
+    tokenizer = check_model_source(source, revision=cfg.model.revision)
     if tokenizer is not None:  # a local model folder: env.kind needs its chat template
         check_chat_template(cfg, tokenizer)
     examples = build_dataset(cfg.data, split)[: args.num or cfg.eval.num_prompts]
     if not examples:
         raise UserError(f"the {split!r} split holds no example")
+    if tokenizer is not None:  # the prompts render, and fit the model's positions with eval.max_new_tokens
+        prompts_that_fit(cfg, examples, tokenizer, local_max_positions(source), evaluating=True)
     device = pick_device(cfg.run.device)
     dtype = compute_dtype(cfg, device)
     if adapter:

@@ -1,0 +1,104 @@
+"""The prompts against the model that reads them: every prompt renders with the model's chat template
+and encodes to at least one token, `data.max_prompt_tokens` keeps at least one, and the longest
+prompt plus the completion budget fits the model's positions (max_position_embeddings).
+
+`prompts_that_fit` runs before any weights load when the model folder is local (its tokenizer and
+config.json are read by then: build.check_before_loading, eval), and again once the model is built
+(a hub id or a GGUF file has no tokenizer before that).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from minigrpo.chat_template import ChatTemplateError
+from minigrpo.data import Example, encode_prompts
+from minigrpo.errors import UserError
+
+
+def completion_budget(cfg: Any, *, evaluating: bool = False) -> tuple[int, str]:
+    """(tokens after the prompt, the key that sets them): a multi-turn episode's token budget, the
+    evaluation's or the training rollout's max_new_tokens."""
+    if cfg.env.kind is not None:
+        return cfg.env.max_episode_tokens, "env.max_episode_tokens"
+    if evaluating:
+        return cfg.eval.max_new_tokens, "eval.max_new_tokens"
+    return cfg.sampler.max_new_tokens, "sampler.max_new_tokens"
+
+
+def local_max_positions(name_or_path: str | None) -> int | None:
+    """max_position_embeddings of a local model folder's config.json (already checked by
+    check_model_source); None for anything else (a hub id, a GGUF file: known once loaded)."""
+    if name_or_path is None:
+        return None
+    config_file = Path(name_or_path).expanduser() / "config.json"
+    if not config_file.is_file():
+        return None
+    from minigrpo.models.args import ModelArgs
+
+    return ModelArgs.from_hf_config(json.loads(config_file.read_text(encoding="utf-8"))).max_position_embeddings
+
+
+def prompts_that_fit(
+    cfg: Any,
+    examples: list[Example],
+    tokenizer: Any,
+    max_positions: int | None = None,
+    *,
+    evaluating: bool = False,
+) -> tuple[list[Example], int]:
+    """The examples whose prompt has at most data.max_prompt_tokens tokens (`evaluating`: all of them),
+    and the longest prompt length a step must hold (the limit, or the longest prompt). A UserError
+    names a prompt the chat template cannot render or that encodes to no token, a limit no prompt
+    meets, and a longest prompt that leaves too few of the model's `max_positions` for the
+    completion budget."""
+    try:
+        ids, texts = encode_prompts(examples, tokenizer, cfg.data.system_prompt)
+    except ChatTemplateError as e:
+        bad = _first_failing(examples, tokenizer, cfg.data.system_prompt)
+        raise ChatTemplateError(f"the model's chat template fails on the prompt {bad}: {e}") from e
+    empty = next((i for i, row in enumerate(ids) if not row), None)
+    if empty is not None and texts[empty]:
+        raise UserError(f"the prompt {_describe(examples[empty])} encodes to no token: {texts[empty]!r} has none")
+    if empty is not None and getattr(tokenizer, "chat_template", None) is not None and examples[empty].prompt:
+        raise ChatTemplateError(f"the model's chat template renders the prompt {_describe(examples[empty])} as no text")
+    if empty is not None:
+        raise UserError(
+            f"the prompt {_describe(examples[empty])} is empty (data.path={cfg.data.path!r}): every row needs a prompt"
+        )
+    lengths = [len(row) for row in ids]
+    limit = None if evaluating else cfg.data.max_prompt_tokens  # evaluation scores every example it is given
+    if limit is not None:
+        kept = [ex for ex, n in zip(examples, lengths) if n <= limit]
+        if not kept:
+            raise UserError(
+                f"every prompt is longer than data.max_prompt_tokens={limit} (the shortest has {min(lengths)})"
+            )
+        examples, lengths = kept, [n for n in lengths if n <= limit]
+    longest = max(lengths)
+    budget, key = completion_budget(cfg, evaluating=evaluating)
+    if max_positions is not None and longest + budget > max_positions:
+        room = max_positions - budget
+        shorter = f"drop the prompts longer than {room} tokens" if evaluating else f"set data.max_prompt_tokens={room}"
+        fix = f"lower {key} or {shorter}" if room >= 1 else f"lower {key} below {max_positions}"
+        raise UserError(
+            f"the longest prompt has {longest} tokens and {key}={budget}: {longest + budget} positions, more than "
+            f"the model's max_position_embeddings={max_positions}; {fix}"
+        )
+    return examples, longest if limit is None else limit
+
+
+def _describe(example: Example) -> str:
+    text = example.prompt if isinstance(example.prompt, str) else json.dumps(example.prompt)
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+def _first_failing(examples: list[Example], tokenizer: Any, system_prompt: str | None) -> str:
+    for ex in examples:
+        try:
+            encode_prompts([ex], tokenizer, system_prompt)
+        except ChatTemplateError:
+            return _describe(ex)
+    return "(not found again)"

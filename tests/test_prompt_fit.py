@@ -1,0 +1,135 @@
+"""The prompts against the model, before any weights load: a chat template that fails on a prompt,
+a prompt that encodes to no token, a data.max_prompt_tokens no prompt meets, and a longest prompt
+plus the completion budget past the model's max_position_embeddings are each one `error:` line
+naming the prompt, key or limit, from `python -m minigrpo.train` and `python -m minigrpo.eval`."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+from helpers.runs import run_config
+
+from minigrpo import build
+from minigrpo import eval as evaluation
+from minigrpo.config import Config, load_config
+from minigrpo.data import Example
+from minigrpo.errors import UserError
+from minigrpo.prompt_fit import prompts_that_fit
+
+
+def no_weights(monkeypatch) -> None:
+    """Loading a model fails the test: every mistake below must be reported before."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the mistake was reported")
+
+    monkeypatch.setattr(build, "load_policy", load)
+    monkeypatch.setattr(evaluation, "load_pretrained", load)
+    monkeypatch.setattr(evaluation, "load_policy", load)
+
+
+def error_line(capsys, main, argv) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0].removeprefix("error: ")
+
+
+def train_error(tmp_path, capsys, monkeypatch, **sections) -> str:
+    from minigrpo.train import main
+
+    cfg = run_config(tmp_path, **sections)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    no_weights(monkeypatch)
+    return error_line(capsys, main, ["--config", str(path)])
+
+
+def set_template(tmp_path, template: str) -> None:
+    run_config(tmp_path)  # writes the tiny model folder
+    file = tmp_path / "model" / "tokenizer_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "chat_template": template}))
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ("{{ raise_exception('roles must alternate') }}", "chat template raised: roles must alternate"),
+        ("{{ messages[0].content + 1 }}", "TypeError: can only concatenate str"),
+        ("{{ messages[0].nope.deeper }}", "UndefinedError"),
+    ],
+)
+def test_a_chat_template_that_fails_on_a_prompt_names_it(tmp_path, capsys, monkeypatch, template, problem):
+    set_template(tmp_path, template)
+    message = train_error(tmp_path, capsys, monkeypatch)
+    assert re.match(r"the model's chat template fails on the prompt 'repeat \d': ", message), message
+    assert problem in message
+
+
+def test_a_chat_template_that_renders_nothing(tmp_path, capsys, monkeypatch):
+    set_template(tmp_path, "{% if false %}x{% endif %}")
+    message = train_error(tmp_path, capsys, monkeypatch)
+    assert re.fullmatch(r"the model's chat template renders the prompt 'repeat \d' as no text", message), message
+
+
+def test_an_empty_prompt_names_the_data_file(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "empty.jsonl"
+    data.write_text(
+        json.dumps({"question": "repeat 1", "answer": "1"}) + "\n" + json.dumps({"question": "", "answer": "2"})
+    )
+    message = train_error(tmp_path, capsys, monkeypatch, data={"path": str(data)})
+    assert message == f"the prompt '' is empty (data.path={str(data)!r}): every row needs a prompt"
+
+
+def test_a_prompt_past_the_models_positions(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "long.jsonl"
+    rows = [{"question": "repeat 1", "answer": "1"}, {"question": "repeat " + "7 " * 300, "answer": "7"}]  # 301 tokens
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    message = train_error(tmp_path, capsys, monkeypatch, data={"path": str(data)}, sampler={"max_new_tokens": 6})
+    assert message == (
+        "the longest prompt has 301 tokens and sampler.max_new_tokens=6: 307 positions, more than the model's "
+        "max_position_embeddings=256; lower sampler.max_new_tokens or set data.max_prompt_tokens=250"
+    )
+
+
+def test_a_completion_budget_past_the_models_positions(tmp_path, capsys, monkeypatch):
+    message = train_error(tmp_path, capsys, monkeypatch, sampler={"max_new_tokens": 256})
+    assert message.endswith("max_position_embeddings=256; lower sampler.max_new_tokens below 256"), message
+    assert message.startswith("the longest prompt has 2 tokens and sampler.max_new_tokens=256: 258 positions")
+
+
+def test_a_prompt_limit_no_prompt_meets(tmp_path, capsys, monkeypatch):
+    message = train_error(tmp_path, capsys, monkeypatch, data={"max_prompt_tokens": 1})
+    assert message == "every prompt is longer than data.max_prompt_tokens=1 (the shortest has 2)"
+
+
+def test_eval_checks_its_completion_budget_before_loading(tmp_path, capsys, monkeypatch):
+    cfg = run_config(tmp_path)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    no_weights(monkeypatch)
+    argv = ["--checkpoint", str(tmp_path / "model"), "--config", str(path), "--split", "train", "--num", "2"]
+    message = error_line(capsys, evaluation.main, [*argv, "--set", "eval.max_new_tokens=1000"])
+    assert message.startswith("the longest prompt has 2 tokens and eval.max_new_tokens=1000: 1002 positions")
+
+
+def test_the_limit_keeps_the_short_prompts():
+    class Chars:  # one token per character, no chat template
+        chat_template = None
+
+        def encode(self, text, add_special_tokens=True):
+            return list(text)
+
+    examples = [Example(prompt="x" * n, answer="") for n in (3, 9, 5)]
+    cfg = Config()
+    cfg.data.max_prompt_tokens, cfg.sampler.max_new_tokens = 5, 10
+    kept, longest = prompts_that_fit(cfg, examples, Chars(), max_positions=15)
+    assert [len(ex.prompt) for ex in kept] == [3, 5] and longest == 5
+    with pytest.raises(UserError, match=r"^the longest prompt has 5 tokens and sampler.max_new_tokens=10: 15"):
+        prompts_that_fit(cfg, examples, Chars(), max_positions=14)
+    assert prompts_that_fit(load_config(None), examples, Chars())[1] == 9  # no limit, positions unknown
