@@ -62,6 +62,9 @@ RESUMABLE_CHANGES = (
     "sft",  # read only by python -m minigrpo.sft (a run saved before the section existed lacks it)
 )
 
+# the files a run writes in its folder (minigrpo/metrics.py, bookkeeping.py)
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "curves.png")
+
 # ================================================================================================
 # checks before any weights load
 
@@ -155,6 +158,9 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
     """The run folder's state against run.resume, and the checkpoint to resume from (None: a new run).
     A resumed run may change only the keys that start with one of `resumable`."""
     run_dir = cfg.run.run_dir
+    for name in RUN_FILES:  # what the logger appends to or rewrites: a folder there fails only after loading
+        if (run_dir / name).exists() and not (run_dir / name).is_file():
+            raise UserError(f"{run_dir / name} is not a file: the run writes its {name} there; move it away")
     if not cfg.run.resume:
         if (run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir) is not None:
             raise UserError(f"{run_dir} already holds a run: continue it with --resume, or set another run.name")

@@ -131,6 +131,8 @@ def resolve_files(path: str | Path, split: str, subset: str | None, suffixes: Se
         return [path]
     if path.is_dir():
         return split_files(path, split, subset, suffixes)
+    if path.exists():  # a device, a socket, a pipe
+        raise DataError(f"data path {str(path)!r} is neither a file nor a folder")
     raise DataError(f"data path {str(path)!r} does not exist")
 
 

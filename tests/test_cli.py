@@ -138,6 +138,17 @@ def test_unwritable_output_folder_is_reported_before_loading(workspace, tmp_path
     assert str(blocker) in message
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.yaml"])
+def test_a_folder_where_the_run_writes_a_file(workspace, name):
+    run_dir = workspace / "runs" / f"blocked_{name.split('.')[0]}"
+    shutil.copytree(workspace / "runs" / "done", run_dir)
+    (run_dir / name).unlink()
+    (run_dir / name).mkdir()
+    cfg = config(workspace, run_dir.name, train={"steps": 3})
+    message = one_error_line(train_cli(workspace, cfg, "--resume"))
+    assert message == f"{run_dir / name} is not a file: the run writes its {name} there; move it away"
+
+
 # ------------------------------------------------------------------------------------------------
 # data and rewards: checked before any weights load (the model folder's weights are broken)
 

@@ -173,6 +173,9 @@ def test_missing_data_files_are_named(tmp_path):
     with pytest.raises(DataError) as e:
         build_dataset(DataCfg(source="jsonl", path=str(missing)))
     assert str(e.value) == f"data path {str(missing)!r} does not exist"
+    with pytest.raises(DataError) as e:
+        build_dataset(DataCfg(source="jsonl", path="/dev/null"))  # there, but no file to read
+    assert str(e.value) == "data path '/dev/null' is neither a file nor a folder"
     train = write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "1"}])
     cfg = DataCfg(source="jsonl", path=str(train), eval_path=str(tmp_path / "eval.jsonl"))
     assert len(build_dataset(cfg)) == 1
