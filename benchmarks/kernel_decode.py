@@ -190,7 +190,8 @@ def bench_decode_attention(ceil: dict, quick: bool) -> list[dict]:
 
 def tune(bw_bytes_per_ms: float) -> None:
     """GPU ms and % of copy bandwidth of launch configurations: the linear layers at M = 64 (block
-    sizes, columns of K per split, pipeline stages), the attention at each shape (slots per split, slots per tile)."""
+    sizes, columns of K per split, pipeline stages), the attention at each shape (slots per split,
+    slots per tile, warps)."""
     for name, (N, K, bias) in LINEAR_SHAPES.items():
         sets = _linear_sets(64, N, K, bias)
         nbytes = 2 * N * K
@@ -206,12 +207,12 @@ def tune(bw_bytes_per_ms: float) -> None:
         default = bk.graph_ms([functools.partial(_ours, s, kv_len, True) for s in sets])
         print(f"attention M={M} Tp={Tp} kv_len={kv_len} shared: default {default:.4f} ms "
               f"({100 * nbytes / default / bw_bytes_per_ms:.0f}%)")  # fmt: skip
-        for block_s in (32, 64, 128):
-            for split in sorted({block_s * t for t in (1, 2, 3, 4, 6, 8, 12, 16)}):
-                if split * fd._MAX_SPLITS >= kv_len and split <= kv_len:
-                    config = dict(split=split, block_s=block_s)
-                    run = functools.partial(_tune_attention_call, kv_len=kv_len)
-                    _tune_one(run, [(s,) for s in sets], config, nbytes, default, bw_bytes_per_ms)
+        run = functools.partial(_tune_attention_call, kv_len=kv_len)
+        for block_s, tiles, warps in itertools.product((32, 64, 128), (1, 2, 3, 4, 6, 8, 12, 16), (4, 8)):
+            split = block_s * tiles
+            if split * fd._MAX_SPLITS >= kv_len and split <= kv_len:
+                config = dict(split=split, block_s=block_s, num_warps=warps)
+                _tune_one(run, [(s,) for s in sets], config, nbytes, default, bw_bytes_per_ms)
 
 
 def _tune_attention_call(s: dict, kv_len: int, **launch) -> torch.Tensor:
