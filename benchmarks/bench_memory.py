@@ -402,10 +402,10 @@ class ProbeSampler(KVCacheSampler):
     """The own sampler's prefill and full-length KV cache, then a few decode steps at the longest key
     length: the rollout's memory without generating every token (its time is not measured)."""
 
-    def _decode(self, st, Tp: int, params: SamplingParams) -> int:
+    def _decode(self, st, Tp: int, params: SamplingParams) -> tuple[int, int]:
         for _ in range(3):
             self._step(st, st.mask.shape[1], params)
-        return 4
+        return 4, 0  # tokens drawn per row, compactions
 
 
 class _NoText:
