@@ -1,7 +1,7 @@
 """Peak memory and speed of one GRPO update on long completions, against a naive loop and TRL.
 
     python benchmarks/bench_memory.py                 # every case (H100: about 16 min)
-    python benchmarks/bench_memory.py --quick         # small smoke run (CPU or GPU, ~1 min)
+    python benchmarks/bench_memory.py --quick         # small smoke run (CPU or GPU, ~1 min) [--out-dir DIR]
     python benchmarks/bench_memory.py --cases qwen-lora-4k,llama-qlora-20k --no-bisect
 
 Each case builds a real architecture with random weights (presets.py), attaches rank-32 adapters
@@ -37,6 +37,7 @@ import signal
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ from common import (
     device_slug,
     environment,
     names,
+    out_folder,
     positive_float,
     positive_int,
     print_table,
@@ -550,8 +552,8 @@ def longest_completion(base: Case, dtype: torch.dtype, budget_s: int, max_len: i
 # ================================================================================================
 
 
-def earlier_result(name: str, env: dict[str, Any]) -> dict[str, Any]:
-    path = RESULTS / f"{name}_{device_slug(env)}.json"
+def earlier_result(name: str, env: dict[str, Any], out_dir: str | None = None) -> dict[str, Any]:
+    path = (RESULTS if out_dir is None else Path(out_dir)) / f"{name}_{device_slug(env)}.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -577,6 +579,7 @@ def main() -> None:
     )
     ap.add_argument("--no-bisect", action="store_true", help="skip the longest-completion search")
     ap.add_argument("--bisect-budget-s", type=positive_int, default=900)
+    ap.add_argument("--out-dir", type=out_folder, default=None, help="write the JSON here, not in benchmarks/results")
     ap.add_argument(
         "--memory-gib", type=positive_float, default=None, help="cap the device at this much (e.g. 80 on an H200)"
     )
@@ -601,21 +604,21 @@ def main() -> None:
     payload: dict[str, Any] = {"environment": env, "quick": args.quick, "memory_cap_gib": args.memory_gib}
     payload.update(rows=[], bisect={})
     name = "memory_quick" if args.quick else "memory"
-    earlier = earlier_result(name, env)
+    earlier = earlier_result(name, env, args.out_dir)
     for case in cases:
         for provider in case.providers:
             if providers is None or provider in providers:
                 payload["rows"].append(run_case(case, provider, dtype))
-                write_result(name, merged(payload, earlier))  # a run cut short keeps what it measured
+                write_result(name, merged(payload, earlier), args.out_dir)  # a run cut short keeps its rows
     if not args.no_bisect:
         base = QUICK_CASES[1] if args.quick else FULL_CASES[-1]
         if args.quick:
-            bisect = longest_completion(base, dtype, 60, max_len=2048)
+            bisect = longest_completion(base, dtype, min(60, args.bisect_budget_s), max_len=2048)
         else:
             bisect = longest_completion(base, dtype, args.bisect_budget_s, max_len=262144)
         print("longest completion that fits:", {k: v for k, v in bisect.items() if k != "trials"}, flush=True)
         payload["bisect"] = bisect
-    path = write_result(name, merged(payload, earlier))
+    path = write_result(name, merged(payload, earlier), args.out_dir)
     rows = payload["rows"]
     print(f"\n{env['device']}, torch {env['torch']} -> {path.name}")
     cols = ["case", "provider", "micro_batch", "status", "peak_alloc_gib", "peak_reserved_gib", "predicted_gib"]

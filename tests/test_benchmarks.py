@@ -51,6 +51,21 @@ def test_profile_decode_smoke(tmp_path):
     assert abs(sum(v["ms"] for v in case["by_kind"].values()) - case["kernels_ms"]) < 1e-6 * max(1, case["kernels_ms"])
 
 
+def test_bench_memory_smoke(tmp_path):
+    """The quick cases through the update, then a short search for the longest completion that
+    fits, whose trials run the sampler probe (a rollout's memory at the longest key length): every
+    row of ours and the naive loop runs, and the trials record the rollout's peak."""
+    args = ["--quick", "--out-dir", str(tmp_path)]
+    proc = run_benchmark("bench_memory.py", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("memory_quick_*.json")
+    result = json.loads(path.read_text())
+    ran = [r for r in result["rows"] if r["provider"] in ("ours", "naive")]
+    assert len(ran) >= 4 and all(r["status"] == "ok" for r in ran), [(r["case"], r["status"]) for r in ran]
+    trials = result["bisect"]["trials"]
+    assert trials and all("error" not in str(t.get("status", "")) for t in trials), trials
+
+
 def test_compare_algorithms_smoke(tmp_path):
     """Three tiny runs of 3 steps (no eval: its processes would double the time), each in its own
     process: every algorithm's reward curve and numbers, the budget kept equal (PPO: 16 prompts x 1
