@@ -356,6 +356,20 @@ def test_corrupt_tokenizer_files_are_named_before_the_weights_load(tmp_path, mon
         assert isinstance(info.value, UserError) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("value", ["x", [2, "x"], 2.5, True, {"id": 2}])
+def test_a_generation_config_eos_token_id_that_is_no_token_id_names_the_file_and_key(tmp_path, monkeypatch, value):
+    model_dir = tiny_run_checkpoint(tmp_path / "model")
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
+    _no_weights_read(monkeypatch)
+    for load in (check_model_source, load_pretrained):
+        with pytest.raises(TokenizerFilesError) as info:
+            load(model_dir)
+        expected = f"{model_dir / 'generation_config.json'}: eos_token_id must be a token id or a list of them, got "
+        assert str(info.value) == expected + repr(value), str(info.value)
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2]}))
+    check_model_source(model_dir)  # a list of ids is fine
+
+
 @pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
 def test_a_chat_template_that_does_not_compile_names_its_file(tmp_path, monkeypatch, where):
     model_dir = tiny_run_checkpoint(tmp_path / "model")

@@ -28,8 +28,8 @@ _TOKENIZER_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "ge
 
 def load_tokenizer_folder(directory: Path):
     """The Tokenizer of a model folder, with every chat template compiled. A file that does not parse
-    is a TokenizerFilesError naming it; a template that does not compile, a ChatTemplateError naming
-    the file it came from."""
+    (a JSON file, generation_config.json's eos_token_id that is no token id) is a TokenizerFilesError
+    naming it; a template that does not compile, a ChatTemplateError naming the file it came from."""
     from minigrpo.tokenizer import Tokenizer
 
     for name in _TOKENIZER_JSON_FILES:
@@ -42,6 +42,8 @@ def load_tokenizer_folder(directory: Path):
             raise TokenizerFilesError(f"{file}: not valid JSON, the file is truncated or corrupt ({e})") from e
         if not isinstance(content, dict):
             raise TokenizerFilesError(f"{file}: not a JSON object")
+        if name == "generation_config.json":
+            _check_eos_ids(file, content.get("eos_token_id"))
     try:
         tokenizer = Tokenizer.from_dir(directory)
     except Exception as e:
@@ -54,6 +56,13 @@ def load_tokenizer_folder(directory: Path):
         ) from e
     _compile_chat_templates(tokenizer, directory)
     return tokenizer
+
+
+def _check_eos_ids(file: Path, value: Any) -> None:
+    """generation_config.json's eos_token_id: absent, one token id, or a list of them."""
+    ids = value if isinstance(value, list) else [value]
+    if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise TokenizerFilesError(f"{file}: eos_token_id must be a token id or a list of them, got {value!r}")
 
 
 def _compile_chat_templates(tokenizer: Any, directory: Path) -> None:
