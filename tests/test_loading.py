@@ -370,6 +370,19 @@ def test_a_generation_config_eos_token_id_that_is_no_token_id_names_the_file_and
     check_model_source(model_dir)  # a list of ids is fine
 
 
+@pytest.mark.parametrize("name", ["chat_template.jinja", "additional_chat_templates/tool_use.jinja"])
+def test_a_chat_template_file_that_is_not_utf8_is_named(tmp_path, monkeypatch, name):
+    model_dir = tiny_run_checkpoint(tmp_path / "model")
+    (model_dir / name).parent.mkdir(exist_ok=True)
+    (model_dir / name).write_bytes(b"{{ messages[0].content }}\xff\xfe")
+    _no_weights_read(monkeypatch)
+    for load in (check_model_source, load_pretrained):
+        with pytest.raises(TokenizerFilesError) as info:
+            load(model_dir)
+        assert str(info.value).startswith(f"{model_dir / name}: not UTF-8 text"), str(info.value)
+        assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
 def test_a_chat_template_that_does_not_compile_names_its_file(tmp_path, monkeypatch, where):
     model_dir = tiny_run_checkpoint(tmp_path / "model")

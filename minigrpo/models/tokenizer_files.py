@@ -28,8 +28,9 @@ _TOKENIZER_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "ge
 
 def load_tokenizer_folder(directory: Path):
     """The Tokenizer of a model folder, with every chat template compiled. A file that does not parse
-    (a JSON file, generation_config.json's eos_token_id that is no token id) is a TokenizerFilesError
-    naming it; a template that does not compile, a ChatTemplateError naming the file it came from."""
+    (a JSON file, a .jinja file that is not UTF-8, generation_config.json's eos_token_id that is no
+    token id) is a TokenizerFilesError naming it; a template that does not compile, a ChatTemplateError
+    naming the file it came from."""
     from minigrpo.tokenizer import Tokenizer
 
     for name in _TOKENIZER_JSON_FILES:
@@ -44,6 +45,13 @@ def load_tokenizer_folder(directory: Path):
             raise TokenizerFilesError(f"{file}: not a JSON object")
         if name == "generation_config.json":
             _check_eos_ids(file, content.get("eos_token_id"))
+    for file in (directory / "chat_template.jinja", *sorted(directory.glob("additional_chat_templates/*.jinja"))):
+        if not file.is_file():
+            continue
+        try:
+            file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerFilesError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     try:
         tokenizer = Tokenizer.from_dir(directory)
     except Exception as e:
