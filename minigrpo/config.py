@@ -32,6 +32,7 @@ from minigrpo.atomic import write_atomic
 from minigrpo.configio import ConfigError, ConfigWarning, Section, spec
 from minigrpo.env_config import EnvCfg, env_errors
 from minigrpo.errors import ArgumentParser
+from minigrpo.lora_config import lora_errors
 from minigrpo.sft_config import SFTCfg, sft_errors
 
 config_to_dict = configio.to_plain  # plain YAML-safe data of a config or any part of it
@@ -321,7 +322,7 @@ def _cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         if not ok:
             errors.append(msg)
 
-    model, lora, data, syn, g, tr = cfg.model, cfg.lora, cfg.data, cfg.data.synthetic, cfg.grpo, cfg.train
+    model, data, syn, g, tr = cfg.model, cfg.data, cfg.data.synthetic, cfg.grpo, cfg.train
     need(
         (model.name_or_path is None) != (model.arch is None),
         f"set exactly one of model.name_or_path ({model.name_or_path!r}) and model.arch ({model.arch!r})",
@@ -333,16 +334,6 @@ def _cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
     need(
         not model.activation_offload or model.gradient_checkpointing,
         "model.activation_offload=true needs model.gradient_checkpointing=true (it offloads the checkpointed inputs)",
-    )
-    need(not lora.enabled or len(lora.targets) > 0, "lora.targets must name at least one layer")
-    need(
-        not (lora.enabled and cfg.distributed.strategy == "fsdp"),
-        "distributed.strategy=fsdp with lora.enabled: LoRA trains with ddp (the frozen, possibly NF4, base is "
-        "replicated and only the adapters' gradients are all-reduced); use strategy auto or ddp",
-    )
-    need(
-        lora.quantize_base is None or lora.enabled,
-        f"lora.quantize_base={lora.quantize_base!r} needs lora.enabled=true (a quantized base is frozen)",
     )
 
     # data: a file source needs a path whose suffix matches it
@@ -423,7 +414,7 @@ def _cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         cfg.eval.num_prompts <= data.num_eval,
         f"eval.num_prompts ({cfg.eval.num_prompts}) must be <= data.num_eval ({data.num_eval})",
     )
-    return errors + sft_errors(cfg) + env_errors(cfg) + algorithm_errors(cfg)
+    return errors + lora_errors(cfg) + sft_errors(cfg) + env_errors(cfg) + algorithm_errors(cfg)
 
 
 def validate(cfg: Config) -> list[str]:

@@ -619,6 +619,13 @@ def test_duplicate_reward_names_are_an_error():
     )
 
 
+@pytest.mark.parametrize("enabled", ["true", "false"])
+def test_duplicate_lora_targets_are_an_error(enabled):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"lora.enabled={enabled}", "lora.targets=[q, v, o, v]"])
+    assert str(e.value) == "invalid config:\n  - lora.targets.3='v' repeats lora.targets.1: name each layer once"
+
+
 def test_removed_fields_are_unknown_keys():
     for key, guess in (("train.logprob_chunk_size", None), ("eval.every", "log.every")):
         with pytest.raises(ConfigError, match=f"unknown config key '{key}'") as e:
