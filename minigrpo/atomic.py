@@ -45,6 +45,16 @@ def write_probe_error(folder: str | Path) -> str | None:
     return None
 
 
+def missing_folder_error(folder: str | Path) -> str:
+    """Why `folder`, which is no existing folder, cannot hold a file: the first part of its path
+    that is a file, or that the folder does not exist."""
+    folder = Path(folder)
+    for part in (*reversed(folder.parents), folder):
+        if part.exists() and not part.is_dir():
+            return f"{part} is a file, not a folder"
+    return f"the folder {folder} does not exist"
+
+
 def fsync_file(path: str | Path) -> None:
     """Flush a written (and closed) file's data to the disk."""
     with open(path, "rb") as f:

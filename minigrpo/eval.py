@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from minigrpo import lora, rewards
-from minigrpo.atomic import write_atomic
+from minigrpo.atomic import missing_folder_error, write_atomic
 from minigrpo.build import compute_dtype, load_policy, pick_device, sampling_params
 from minigrpo.checkpoint import check_writable
 from minigrpo.config import Config, load_config
@@ -155,7 +155,7 @@ def check_output(output: str | None) -> None:
     if path.is_dir():
         raise UserError(f"--output {output} is a folder; name a file, e.g. {path / 'eval.json'}")
     if not path.resolve().parent.is_dir():
-        raise UserError(f"--output {output}: the folder {path.parent} does not exist")
+        raise UserError(f"--output {output}: {missing_folder_error(path.parent)}")
     check_writable(path.resolve().parent)
 
 

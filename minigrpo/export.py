@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minigrpo.atomic import atomic_path, write_probe_error
+from minigrpo.atomic import atomic_path, missing_folder_error, write_probe_error
 from minigrpo.errors import ArgumentParser, UserError, run_cli
 from minigrpo.models.gguf_write import (
     QUANT_TYPES,
@@ -147,7 +147,7 @@ def check_output(out: Path) -> None:
         raise UserError(f"--out {out} is a folder; name a file, e.g. {out / 'model.gguf'}")
     folder = out.resolve().parent
     if not folder.is_dir():
-        raise UserError(f"--out {out}: the folder {folder} does not exist")
+        raise UserError(f"--out {out}: {missing_folder_error(folder)}")
     problem = write_probe_error(folder)
     if problem is not None:
         raise UserError(f"--out {out}: cannot write in {folder} ({problem})")

@@ -251,6 +251,23 @@ def test_eval_mistakes_are_one_line(workspace):
         assert expected in one_error_line(eval_cli(workspace, *args)), args
 
 
+@pytest.mark.parametrize("module, flag", [("eval", "--output"), ("export", "--out")])
+def test_an_output_below_a_file_names_the_file(tmp_path, module, flag):
+    from minigrpo.errors import UserError
+
+    check_output = importlib.import_module(f"minigrpo.{module}").check_output
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("")
+    for out, problem in (
+        (blocker / "x.json", f"{blocker} is a file, not a folder"),
+        (blocker / "sub" / "x.json", f"{blocker} is a file, not a folder"),
+        (tmp_path / "missing" / "x.json", f"the folder {tmp_path / 'missing'} does not exist"),
+    ):
+        with pytest.raises(UserError) as e:
+            check_output(str(out) if module == "eval" else out)
+        assert str(e.value) == f"{flag} {out}: {problem}"
+
+
 def test_eval_model_folder_without_tokenizer(workspace, tmp_path):
     folder = tmp_path / "weights_only"
     folder.mkdir()
