@@ -41,7 +41,8 @@ from minigrpo.datafiles import (
     split_files,
 )
 
-Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+Message = dict[str, str]  # {"role": one of ROLES, "content": str}
+ROLES = ("system", "user", "assistant", "tool")  # the roles a message may have
 GSM8K_REPO = "openai/gsm8k"  # hub dataset repo read when data.source=gsm8k has no data.path
 
 
@@ -87,13 +88,21 @@ def _to_examples(rows: list[Row], prompt_field: str, answer_field: str) -> list[
 
 
 def _check_prompt_messages(where: str, messages: list, prompt_field: str) -> None:
-    """A message-list prompt holds messages: each a mapping with a text 'role' and a 'content'."""
+    """A message-list prompt holds messages: each a mapping with a known 'role' and a text 'content'
+    (what a chat template and the plain-text rendering both read)."""
     if not messages:
         raise DataError(f"{where}: field {prompt_field!r} is an empty list of messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             got = f"{m!r}"[:200]
             raise DataError(f"{where}: message {i} of {prompt_field!r} needs a text 'role' and a 'content', got {got}")
+        if not isinstance(m["content"], str):
+            got = "None" if m["content"] is None else f"a {type(m['content']).__name__}"
+            raise DataError(f"{where}: message {i} of {prompt_field!r} has {got} as 'content'; it must be text")
+        if m["role"] not in ROLES:
+            raise DataError(
+                f"{where}: message {i} of {prompt_field!r} has role {m['role']!r}; known roles: {', '.join(ROLES)}"
+            )
 
 
 def _load_files(files: list[Path], prompt_field: str, answer_field: str) -> list[Example]:

@@ -32,11 +32,10 @@ from typing import Any
 import torch
 
 from minigrpo.config import Config
-from minigrpo.data import Example, Message, render_prompt, synthetic_arithmetic
+from minigrpo.data import ROLES, Example, Message, render_prompt, synthetic_arithmetic
 from minigrpo.datafiles import DataError, Row, download, read_rows, resolve_files, split_files
 
 IGNORE = -100  # the label of a token that carries no loss (F.cross_entropy's ignore_index)
-_ROLES = ("system", "user", "assistant", "tool")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,8 +51,8 @@ def _check_messages(where: str, value: Any, field: str) -> list[Message]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: message {i} of {field!r} needs a text 'role' and 'content', got {m!r}"[:300])
-        if m["role"] not in _ROLES:
-            raise DataError(f"{where}: message {i} has role {m['role']!r}; known roles: {', '.join(_ROLES)}")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: message {i} has role {m['role']!r}; known roles: {', '.join(ROLES)}")
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn")

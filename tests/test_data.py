@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.tiny import tiny_tokenizer
 
 from minigrpo.config import DataCfg, SyntheticCfg
 from minigrpo.data import (
@@ -141,6 +142,36 @@ def test_message_list_prompts_that_are_no_messages_name_the_row(tmp_path):
     write_jsonl(path, [{"question": [], "answer": "1"}])
     with pytest.raises(DataError, match=r"d.jsonl:1: field 'question' is an empty list of messages"):
         load_jsonl(path)
+
+
+@pytest.mark.parametrize(
+    "message, problem",
+    [
+        (
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            "message 1 of 'question' has a list as 'content'; it must be text",
+        ),
+        ({"role": "user", "content": None}, "message 1 of 'question' has None as 'content'; it must be text"),
+        (
+            {"role": "robot", "content": "hi"},
+            "message 1 of 'question' has role 'robot'; known roles: system, user, assistant, tool",
+        ),
+    ],
+    ids=["list_content", "null_content", "unknown_role"],
+)
+def test_message_contents_and_roles_are_checked_when_read(tmp_path, message, problem):
+    """A list content used to crash the plain-text rendering of a model without a chat template
+    (a TypeError in the join) and reach a template unchecked; an unknown role was accepted."""
+    from minigrpo.data import encode_prompts
+
+    good = {"question": "What is 1 + 1?", "answer": "2"}
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [good, {"question": [{"role": "system", "content": "s"}, message], "answer": "1"}]
+    )
+    with pytest.raises(DataError) as e:
+        examples = load_jsonl(path)
+        encode_prompts(examples, tiny_tokenizer())  # no chat template: the plain-text rendering
+    assert str(e.value) == f"{path}:2: {problem}"
 
 
 def test_json_array_errors_name_the_file_and_line(tmp_path):
