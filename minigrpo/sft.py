@@ -49,7 +49,14 @@ from minigrpo.errors import UserError, run_cli
 from minigrpo.kernels import fused_linear_cross_entropy
 from minigrpo.models.loading import check_model_source, load_weights, save_pretrained
 from minigrpo.optim import build_optimizer, build_scheduler
-from minigrpo.sft_data import IGNORE, collate, load_conversations, loss_tokens, tokenize_conversation
+from minigrpo.sft_data import (
+    IGNORE,
+    check_conversations,
+    collate,
+    load_conversations,
+    loss_tokens,
+    tokenize_conversation,
+)
 from minigrpo.step import peak_memory_gb
 
 # what a resumed SFT run may change: the GRPO list, and the sections SFT does not read
@@ -64,18 +71,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 def sft(cfg: Config) -> list[dict[str, Any]]:
     """Run (or resume) SFT as configured; returns the metrics of every step run."""
-    resume, examples = check_before_loading(cfg)
-    return loop(build_run(cfg, resume, examples))
+    resume, examples, checked = check_before_loading(cfg)
+    return loop(build_run(cfg, resume, examples, checked=checked))
 
 
 # ================================================================================================
 # building the run
 
 
-def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[Example]]:
+def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[Example], bool]:
     """Every check the config and the file system allow, before any weights load: one process, a
     tokenizer, the packages, the run folder (new, or an intact checkpoint to resume with an unchanged
-    config), the conversations (read and checked: file and line named) and the model folder."""
+    config), the conversations (read and checked: file and line named), the model folder and, when it
+    is local, the conversations against its tokenizer (sft_data.check_conversations). Returns the
+    resume point, the conversations and whether that last check ran (else build_run runs it)."""
     if env_world_size() > 1:
         raise UserError("python -m minigrpo.sft runs in one process; launch it without torchrun")
     if cfg.model.arch is not None:
@@ -83,8 +92,10 @@ def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[Example]
     check_packages(cfg, sampling=False)
     resume = check_run_dir(cfg, SFT_RESUMABLE)
     examples = load_conversations(cfg)
-    check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
-    return resume, examples
+    tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
+    if tokenizer is not None:  # a local model folder: its tokenizer is read already
+        check_conversations(examples, tokenizer)
+    return resume, examples, tokenizer is not None
 
 
 @dataclass
@@ -103,13 +114,16 @@ class SFTRun:
     resumed_from: Path | None = None
 
 
-def build_run(cfg: Config, resume: ResumePoint | None, examples: list[Example]) -> SFTRun:
+def build_run(cfg: Config, resume: ResumePoint | None, examples: list[Example], *, checked: bool = False) -> SFTRun:
     """Load the policy (LoRA / NF4 as configured; a checkpoint's weights on resume), the optimizer,
-    schedule and loader, and restore a resumed run's state."""
+    schedule and loader, and restore a resumed run's state. The conversations are checked against
+    the loaded tokenizer unless `checked` (a hub or GGUF model has none before)."""
     device = pick_device(cfg.run.device)
     dtype = compute_dtype(cfg, device)
     seed_everything(cfg.run.seed)
     model, tokenizer = load_policy(cfg, device, dtype)
+    if not checked:
+        check_conversations(examples, tokenizer)
     if resume is not None:
         if cfg.lora.enabled:
             lora.load_peft_adapter(model, resume.path)

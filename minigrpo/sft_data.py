@@ -1,11 +1,13 @@
 """SFT data: rows -> conversations, and a conversation -> token ids with labels on assistant tokens only.
 
     examples = load_conversations(cfg)                     # Example(prompt=messages, answer=last reply)
+    check_conversations(examples, tokenizer)               # before any weights load: the chat template
     ids, labels = tokenize_conversation(messages, tokenizer, max_seq_len)
     input_ids, attention_mask, labels = collate([(ids, labels), ...], pad_id)   # (B, T) each
 
 A conversation is an `Example` whose prompt is the whole message list (assistant turns included), so
-the resumable `PromptLoader` of GRPO serves SFT unchanged.
+the resumable `PromptLoader` of GRPO serves SFT unchanged; its one column, `where`, names its file
+and line (or its index) in errors.
 
 Which tokens carry loss. The chat template is rendered once for the whole conversation, and once
 per assistant turn i for two prefixes: messages[:i] with the generation header (where the reply
@@ -31,6 +33,7 @@ from typing import Any
 
 import torch
 
+from minigrpo.chat_template import ChatTemplateError
 from minigrpo.config import Config
 from minigrpo.data import ROLES, Example, Message, render_prompt, synthetic_arithmetic
 from minigrpo.datafiles import DataError, Row, download, read_rows, resolve_files, split_files
@@ -109,8 +112,8 @@ def load_conversations(cfg: Config) -> list[Example]:
     sft = cfg.sft
     if sft.source == "synthetic":
         syn = cfg.data.synthetic
-        conversations = []
-        for ex in synthetic_arithmetic(syn.seed, syn.num_train, syn, split=sft.split):
+        conversations, places = [], []
+        for i, ex in enumerate(synthetic_arithmetic(syn.seed, syn.num_train, syn, split=sft.split)):
             try:
                 reply = sft.response_template.format(answer=ex.answer, **ex.columns)
             except (KeyError, IndexError, ValueError) as e:
@@ -120,14 +123,33 @@ def load_conversations(cfg: Config) -> list[Example]:
                 ) from None
             messages = [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": reply}]
             conversations.append(with_system_prompt(messages, sft.system_prompt))
+            places.append(f"synthetic conversation {i}")
     else:
-        conversations = [row_to_conversation(where, row, cfg) for where, row in _rows(cfg)]
+        rows = _rows(cfg)
+        conversations = [row_to_conversation(where, row, cfg) for where, row in rows]
+        places = [where for where, _ in rows]
     if not conversations:
         raise DataError(f"sft: the {sft.split!r} split of sft.source={sft.source!r} holds no conversation")
     return [
-        Example(prompt=m, answer=next(x for x in reversed(m) if x["role"] == "assistant")["content"])
-        for m in conversations
+        Example(
+            prompt=m, answer=next(x for x in reversed(m) if x["role"] == "assistant")["content"], columns={"where": w}
+        )
+        for m, w in zip(conversations, places)
     ]
+
+
+def check_conversations(examples: Sequence[Example], tokenizer: Any) -> None:
+    """The conversations against the model's tokenizer, before any weights load (and before training
+    when the tokenizer comes with the weights): each must render with the chat template and cut into
+    prompt and reply pieces; an error names its file and line."""
+    for i, ex in enumerate(examples):
+        where = ex.columns.get("where", f"conversation {i}")
+        try:
+            tokenize_conversation(ex.prompt, tokenizer)
+        except ChatTemplateError as e:
+            raise ChatTemplateError(f"{where}: the model's chat template fails on this conversation: {e}") from e
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------

@@ -381,6 +381,49 @@ def test_a_conversation_without_a_reply_is_named_with_its_line(tmp_path):
     assert "sft.jsonl:3" in message and "no assistant turn" in message, message
 
 
+def _no_weights_read(monkeypatch) -> None:
+    def read_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the mistake was reported")
+
+    monkeypatch.setattr("minigrpo.models.loading._fill", read_weights)
+
+
+def _main_error(tmp_path: Path, cfg: dict, capsys) -> str:
+    """The one `error:` line of python -m minigrpo.sft's main() run in this process."""
+    from minigrpo.sft import main
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as info:
+        main(["--config", str(path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err.removeprefix("error: ").strip()
+
+
+def test_a_conversation_the_chat_template_fails_on_is_named_before_the_weights_load(tmp_path, monkeypatch, capsys):
+    from minigrpo.chat_template import ChatTemplateError
+    from minigrpo.sft import check_before_loading
+
+    no_tools = (
+        "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tool turns') }}{% endif %}{% endfor %}"
+    )
+    save_pretrained(
+        build_random(_tiny_chat_config(), seed=0), chat_tokenizer(no_tools + TINY_TEMPLATE), tmp_path / "base"
+    )
+    good = {"messages": [{"role": "user", "content": "repeat 7"}, {"role": "assistant", "content": "7"}]}
+    tool = {"role": "tool", "content": "7"}
+    bad = {"messages": [good["messages"][0], tool, good["messages"][1]]}
+    data = write_jsonl(tmp_path / "sft.jsonl", [good, good, bad, good])
+    _no_weights_read(monkeypatch)
+    cfg = sft_config(tmp_path)
+    with pytest.raises(ChatTemplateError) as e:
+        check_before_loading(Config.from_dict(cfg))
+    problem = "the model's chat template fails on this conversation: chat template raised: no tool turns"
+    assert str(e.value) == f"{data}:3: {problem}"
+    assert _main_error(tmp_path, cfg, capsys) == str(e.value)
+
+
 def test_the_config_pair_hands_the_sft_output_to_grpo():
     from minigrpo.config import load_config
     from minigrpo.sft import FINAL_MODEL
