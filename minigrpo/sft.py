@@ -94,7 +94,7 @@ def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[Example]
     examples = load_conversations(cfg)
     tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
     if tokenizer is not None:  # a local model folder: its tokenizer is read already
-        check_conversations(examples, tokenizer)
+        check_conversations(examples, tokenizer, cfg.sft.max_seq_len)
     return resume, examples, tokenizer is not None
 
 
@@ -123,7 +123,7 @@ def build_run(cfg: Config, resume: ResumePoint | None, examples: list[Example], 
     seed_everything(cfg.run.seed)
     model, tokenizer = load_policy(cfg, device, dtype)
     if not checked:
-        check_conversations(examples, tokenizer)
+        check_conversations(examples, tokenizer, cfg.sft.max_seq_len)
     if resume is not None:
         if cfg.lora.enabled:
             lora.load_peft_adapter(model, resume.path)

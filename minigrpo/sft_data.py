@@ -1,7 +1,7 @@
 """SFT data: rows -> conversations, and a conversation -> token ids with labels on assistant tokens only.
 
     examples = load_conversations(cfg)                     # Example(prompt=messages, answer=last reply)
-    check_conversations(examples, tokenizer)               # before any weights load: the chat template
+    check_conversations(examples, tokenizer, max_seq_len)  # before any weights load: template, cuts
     ids, labels = tokenize_conversation(messages, tokenizer, max_seq_len)
     input_ids, attention_mask, labels = collate([(ids, labels), ...], pad_id)   # (B, T) each
 
@@ -27,6 +27,7 @@ directly after, followed by EOS.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from minigrpo.chat_template import ChatTemplateError
 from minigrpo.config import Config
 from minigrpo.data import ROLES, Example, Message, render_prompt, synthetic_arithmetic
 from minigrpo.datafiles import DataError, Row, download, read_rows, resolve_files, split_files
+from minigrpo.errors import UserError
 
 IGNORE = -100  # the label of a token that carries no loss (F.cross_entropy's ignore_index)
 
@@ -138,18 +140,43 @@ def load_conversations(cfg: Config) -> list[Example]:
     ]
 
 
-def check_conversations(examples: Sequence[Example], tokenizer: Any) -> None:
+def check_conversations(examples: Sequence[Example], tokenizer: Any, max_seq_len: int) -> None:
     """The conversations against the model's tokenizer, before any weights load (and before training
-    when the tokenizer comes with the weights): each must render with the chat template and cut into
-    prompt and reply pieces; an error names its file and line."""
+    when the tokenizer comes with the weights). Each must render with the chat template and cut into
+    prompt and reply pieces (an error names its file and line); sft.max_seq_len must keep at least
+    one assistant token of some conversation (else a UserError naming the key and the length needed),
+    and a warning counts the conversations it leaves without one."""
+    kept, cut, earliest = 0, [], None
     for i, ex in enumerate(examples):
         where = ex.columns.get("where", f"conversation {i}")
         try:
-            tokenize_conversation(ex.prompt, tokenizer)
+            _, labels = tokenize_conversation(ex.prompt, tokenizer)
         except ChatTemplateError as e:
             raise ChatTemplateError(f"{where}: the model's chat template fails on this conversation: {e}") from e
         except DataError as e:
             raise DataError(f"{where}: {e}") from e
+        start = next((t for t in range(1, len(labels)) if labels[t] != IGNORE), None)  # first loss position
+        if start is None:
+            continue  # an empty reply with no end-of-turn token: nothing to learn, whatever the length
+        earliest = start if earliest is None else min(earliest, start)
+        if start < max_seq_len:
+            kept += 1
+        else:
+            cut.append(where)
+    if earliest is None:
+        raise UserError("sft: no conversation has an assistant token to learn from (every reply is empty)")
+    if not kept:
+        raise UserError(
+            f"sft.max_seq_len={max_seq_len} cuts every conversation before its first assistant token, so nothing "
+            f"would be learned: the earliest reply starts at token {earliest} (set sft.max_seq_len >= {earliest + 1})"
+        )
+    if cut:
+        warnings.warn(
+            f"sft.max_seq_len={max_seq_len} cuts every assistant token of {len(cut)} of {len(examples)} "
+            f"conversations (e.g. {cut[0]}): they carry no loss",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from test_tokenizer import CHATML_TEMPLATE
 
 from minigrpo.config import Config
 from minigrpo.data import Example, encode_prompts
+from minigrpo.errors import UserError
 from minigrpo.models.loading import build_random, load_pretrained, save_pretrained
 from minigrpo.sft_data import IGNORE, collate, row_to_conversation, tokenize_conversation
 from minigrpo.tokenizer import Tokenizer
@@ -422,6 +423,44 @@ def test_a_conversation_the_chat_template_fails_on_is_named_before_the_weights_l
     problem = "the model's chat template fails on this conversation: chat template raised: no tool turns"
     assert str(e.value) == f"{data}:3: {problem}"
     assert _main_error(tmp_path, cfg, capsys) == str(e.value)
+
+
+def _replies_after(tmp_path: Path, prompts: list[str]) -> Path:
+    """A model with the chat tokenizer and one conversation per prompt, answered '7'."""
+    save_pretrained(build_random(_tiny_chat_config(), seed=0), chat_tokenizer(), tmp_path / "base")
+    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "7"}]} for p in prompts]
+    return write_jsonl(tmp_path / "sft.jsonl", rows)
+
+
+def test_a_max_seq_len_that_cuts_away_every_reply_names_the_key_before_the_weights_load(tmp_path, monkeypatch, capsys):
+    from minigrpo.sft import check_before_loading
+
+    _replies_after(tmp_path, ["repeat 7", "repeat 7 7", "what is 7"])  # 'user : repeat 7 </s> assistant :' = 7 tokens
+    _no_weights_read(monkeypatch)
+    cfg = sft_config(tmp_path, sft={"max_seq_len": 7, "batch_size": 2, "micro_batch_size": 2})
+    with pytest.raises(UserError) as e:
+        check_before_loading(Config.from_dict(cfg))
+    assert str(e.value) == (
+        "sft.max_seq_len=7 cuts every conversation before its first assistant token, so nothing would be "
+        "learned: the earliest reply starts at token 7 (set sft.max_seq_len >= 8)"
+    )
+    assert _main_error(tmp_path, cfg, capsys) == str(e.value)
+
+
+def test_a_max_seq_len_that_cuts_away_some_replies_is_one_warning(tmp_path, monkeypatch):
+    from minigrpo.sft import check_before_loading
+
+    data = _replies_after(tmp_path, ["repeat 7", "repeat 7 7", "what is 7", "repeat 1 2 3"])
+    _no_weights_read(monkeypatch)
+    cfg = sft_config(tmp_path, sft={"max_seq_len": 8, "batch_size": 2, "micro_batch_size": 2})
+    with pytest.warns(UserWarning) as record:
+        _, examples, checked = check_before_loading(Config.from_dict(cfg))
+    assert (
+        checked
+        and len(examples) == 4
+        and [str(w.message) for w in record]
+        == [f"sft.max_seq_len=8 cuts every assistant token of 3 of 4 conversations (e.g. {data}:2): they carry no loss"]
+    )
 
 
 def test_the_config_pair_hands_the_sft_output_to_grpo():
