@@ -191,7 +191,7 @@ def bench_decode_attention(ceil: dict, quick: bool) -> list[dict]:
 def tune(bw_bytes_per_ms: float) -> None:
     """GPU ms and % of copy bandwidth of launch configurations: the linear layers at M = 64 (block
     sizes, columns of K per split, pipeline stages), the attention at each shape (slots per split,
-    slots per tile, warps)."""
+    slots per tile, warps, tiles in flight)."""
     for name, (N, K, bias) in LINEAR_SHAPES.items():
         sets = _linear_sets(64, N, K, bias)
         nbytes = 2 * N * K
@@ -208,10 +208,10 @@ def tune(bw_bytes_per_ms: float) -> None:
         print(f"attention M={M} Tp={Tp} kv_len={kv_len} shared: default {default:.4f} ms "
               f"({100 * nbytes / default / bw_bytes_per_ms:.0f}%)")  # fmt: skip
         run = functools.partial(_tune_attention_call, kv_len=kv_len)
-        for block_s, tiles, warps in itertools.product((32, 64, 128), (1, 2, 3, 4, 6, 8, 12, 16), (4, 8)):
+        for block_s, tiles, warps, stages in itertools.product((32, 64), TILES, (4, 8), (1, 2, 3)):
             split = block_s * tiles
             if split * fd._MAX_SPLITS >= kv_len and split <= kv_len:
-                config = dict(split=split, block_s=block_s, num_warps=warps)
+                config = dict(split=split, block_s=block_s, num_warps=warps, loop_stages=stages)
                 _tune_one(run, [(s,) for s in sets], config, nbytes, default, bw_bytes_per_ms)
 
 

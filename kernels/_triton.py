@@ -87,6 +87,7 @@ class _Kernel:
                 from triton.runtime.interpreter import InterpretedFunction
 
                 _round_bf16_casts_to_nearest()
+                _allow_tensor_loop_bounds()
                 self._interpreted = InterpretedFunction(self.fn)
             return self._interpreted
         if self._compiled is None:
@@ -95,6 +96,38 @@ class _Kernel:
 
     def __getitem__(self, grid: Any) -> Any:
         return self._target()[grid]
+
+
+def _allow_tensor_loop_bounds() -> None:
+    """Let the interpreter run `for i in tl.range(lo, hi, step, ...)` whose bounds are scalars the
+    kernel loaded or computed, as the compiler does (a loop it can pipeline, where a `while` is not).
+
+    Triton 3.6's interpreter maps tl.range to Python's range, which takes ints only; here each bound
+    that is a tensor is read as its single value.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_tensor_loop_bounds", False):
+        return
+    plain_patch = interpreter._patch_lang_core
+
+    def as_int(x):
+        if isinstance(x, tl.tensor):
+            return int(np.asarray(x.handle.data).reshape(-1)[0])
+        return x.value if isinstance(x, tl.constexpr) else x
+
+    def patch(lang, scope):
+        plain_patch(lang, scope)
+
+        def tensor_range(arg1, arg2=None, step=None, **kwargs):  # kwargs: num_stages etc., compiler hints
+            start, end = (0, arg1) if arg2 is None else (arg1, arg2)
+            return range(as_int(start), as_int(end), 1 if step is None else as_int(step))
+
+        scope.set_attr(lang, "range", tensor_range)
+
+    interpreter._patch_lang_core = patch
+    interpreter._tensor_loop_bounds = True
 
 
 def _round_bf16_casts_to_nearest() -> None:

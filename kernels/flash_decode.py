@@ -53,9 +53,12 @@ _BLOCK_S = 64  # slots per tile
 _TARGET_PROGRAMS = 4 * 132  # split programs aimed for: about four waves of an H100's 132 SMs
 _MAX_SPLITS = 64  # the combine step holds all of a head's splits in one [SPLITS, Dh] tile
 
-# With a prefix the per-slot address select costs registers (sm_90, Qwen2.5-1.5B shapes: 198 a thread
-# at 4 warps, 3 programs an SM -> 2; 119 at 8 warps): 8 warps keep 16 warps an SM resident, more
-# than the plain kernel's 12 (158 registers at 4 warps).
+# The tile loop is software-pipelined (the next tiles' keys and values are copied to shared memory
+# while this one is computed). Compiled for sm_90 at Qwen2.5-1.5B shapes (ptxas -v): 117 registers a
+# thread at 4 warps, 39 KB of shared memory, 16 warps an SM resident; the unpipelined loop held the
+# tiles in registers (158: 12 warps an SM). With a prefix the per-slot address select costs
+# registers (182 at 4 warps: 8 warps an SM), so that variant launches 8 warps (118: 16 an SM).
+_LOOP_STAGES = 2
 _PREFIX_WARPS = 8
 Prefix = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # k, v (P, Hkv, Tp, Dh) and group (B,) int64
 
@@ -171,6 +174,7 @@ def _decode_split_kernel(
     G_PAD: tl.constexpr,
     DH_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,  # tiles in flight (1: no pipelining)
 ):
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
@@ -202,8 +206,7 @@ def _decode_split_kernel(
         prefix_row = tl.load(group_ptr + b).to(tl.int64)
         pk_base = pk_ptr + prefix_row * stride_pk_b + g.to(tl.int64) * stride_pk_h
         pv_base = pv_ptr + prefix_row * stride_pv_b + g.to(tl.int64) * stride_pv_h
-    j0 = lo
-    while j0 < hi:  # (a while, not range(lo, hi): the interpreter rejects tensor loop bounds)
+    for j0 in tl.range(lo, hi, BLOCK_S, num_stages=LOOP_STAGES):  # a for: the compiler pipelines it
         j = j0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,) slots of this tile
         in_range = j < hi
         real = tl.load(mask_ptr + b * stride_m_b + j * stride_m_s, mask=in_range, other=0) != 0
@@ -237,7 +240,6 @@ def _decode_split_kernel(
             pv = tl.dot(p_in, v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-        j0 += BLOCK_S
 
     heads64 = heads.to(tl.int64)
     if DIRECT:
@@ -311,9 +313,10 @@ def _decode_attention_triton(
     split: int | None = None,
     block_s: int = _BLOCK_S,
     num_warps: int | None = None,
+    loop_stages: int = _LOOP_STAGES,
 ) -> torch.Tensor:
-    """Launch the split and (with more than one split) combine kernels; split / block_s / num_warps:
-    overrides (tests, tuning)."""
+    """Launch the split and (with more than one split) combine kernels; split / block_s / num_warps /
+    loop_stages: overrides (tests, tuning)."""
     B, H, Dh = q.shape
     Hkv = k_cache.shape[1]
     G = H // Hkv
@@ -344,7 +347,7 @@ def _decode_attention_triton(
         out.stride(0), out.stride(1), out.stride(2),
         G=G, DH=Dh, HAS_PREFIX=prefix is not None, HAS_WINDOW=window is not None, DIRECT=direct,
         DOT_F32=q.dtype == torch.float32 or interpreting(),
-        G_PAD=max(16, next_power_of_2(G)), DH_PAD=dh_pad, BLOCK_S=block_s,
+        G_PAD=max(16, next_power_of_2(G)), DH_PAD=dh_pad, BLOCK_S=block_s, LOOP_STAGES=loop_stages,
         num_warps=num_warps or (_PREFIX_WARPS if prefix is not None else 4),
     )  # fmt: skip
     if not direct:

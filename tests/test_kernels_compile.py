@@ -143,7 +143,7 @@ def _decode_args(k, B, H, HKV, DH, kv_len, window, dtype, prefix_len=0):
                 G=G, DH=DH, HAS_PREFIX=prefix_len > 0, HAS_WINDOW=window is not None, DIRECT=splits == 1,
                 DOT_F32=dtype == torch.float32,  # as on a GPU (the CPU interpreter always sets it)
                 G_PAD=max(16, k.next_power_of_2(G)), DH_PAD=max(16, k.next_power_of_2(DH)),
-                BLOCK_S=k._BLOCK_S)  # fmt: skip
+                BLOCK_S=k._BLOCK_S, LOOP_STAGES=k._LOOP_STAGES)  # fmt: skip
     return args, 4
 
 
@@ -320,7 +320,8 @@ def _worker(out_path: str, ids: list[str]) -> None:
                 "stages": sorted(compiled.asm),
                 "cubin_bytes": len(compiled.asm.get("cubin", b"")),
                 "shared": compiled.metadata.shared,
-                "vector_loads": compiled.asm["ptx"].count("ld.global.v4."),  # 16-byte global loads a thread
+                # 16-byte global loads a thread: into registers, or into shared memory (pipelined loops)
+                "vector_loads": sum(compiled.asm["ptx"].count(op) for op in ("ld.global.v4.", "cp.async.cg.shared")),
                 "num_warps": num_warps,
                 "seconds": round(time.perf_counter() - t0, 2),
             }
