@@ -296,6 +296,23 @@ def _compile(fn, args: dict, num_warps: int):
     return triton.compile(ASTSource(jf, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
+def _register_use(ptx: str) -> tuple[int, int]:
+    """(registers a thread, bytes spilled to local memory) that ptxas -v reports for the PTX."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        cmd = [get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(src), "-o", str(Path(tmp) / "kernel.cubin")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    return (int(registers.group(1)) if registers else 0), max(spills, default=0)
+
+
 def _probe_source(x_ptr, n):  # a trivial kernel: can this environment compile for CUDA at all?
     i = tl.arange(0, 16)
     tl.store(x_ptr + i, i.to(tl.float32), mask=i < n)
@@ -315,7 +332,10 @@ def _worker(out_path: str, ids: list[str]) -> None:
         t0 = time.perf_counter()
         try:
             compiled = _compile(getattr(kernel_module(mod), kernel).fn, args, num_warps)
+            registers, spilled = _register_use(compiled.asm["ptx"])
             results[case_id] = {
+                "registers": registers,
+                "spilled_bytes": spilled,
                 "ok": True,
                 "stages": sorted(compiled.asm),
                 "cubin_bytes": len(compiled.asm.get("cubin", b"")),
@@ -380,6 +400,8 @@ def test_kernel_compiles_for_sm90(case, compiled):
         pytest.fail(f"{case} does not compile for sm_90:\n{res['error']}", pytrace=False)
     assert "cubin" in res["stages"] and res["cubin_bytes"] > 0, f"no cubin: stages {res['stages']}"
     assert res["shared"] <= SM90_SHARED_BYTES, f"{res['shared']} bytes of shared memory > {SM90_SHARED_BYTES}"
+    # a memory-bound kernel that spills pays local-memory traffic for it: none of ours does
+    assert 0 < res["registers"] <= 255 and res["spilled_bytes"] == 0, (res["registers"], res["spilled_bytes"])
 
 
 @pytest.mark.parametrize("case", ["skinny_matmul._skinny_partial_kernel[q_split_bias]"])
@@ -404,4 +426,15 @@ def test_shared_prefix_decode_loads_like_the_plain_kernel(case, compiled):
     assert shared["ok"] and plain["ok"]
     loads = [r["vector_loads"] * r["num_warps"] for r in (shared, plain)]
     assert loads[0] == loads[1] > 0, loads
+    # and as many warps resident on an SM (the select costs registers: flash_decode._PREFIX_WARPS)
+    resident = [_resident_warps(r) for r in (shared, plain)]
+    assert resident[0] >= resident[1], resident
     assert shared["shared"] <= plain["shared"], (shared["shared"], plain["shared"])
+
+
+def _resident_warps(res: dict) -> int:
+    """Warps of one kernel an sm_90 SM holds at once: programs limited by registers (64K a SM),
+    shared memory and 64 warps."""
+    warps = res["num_warps"]
+    programs = min(65536 // (res["registers"] * 32 * warps), SM90_SHARED_BYTES // max(res["shared"], 1), 64 // warps)
+    return programs * warps
