@@ -97,7 +97,7 @@ def check_before_loading(
     examples = build_dataset(cfg.data, cfg.data.split)
     if not examples:
         raise UserError(f"data: the {cfg.data.split!r} split of data.source={cfg.data.source!r} holds no example")
-    tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
+    tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision, key="model.name_or_path")
     if tokenizer is not None:  # a local model folder: its tokenizer is read already
         check_chat_template(cfg, tokenizer)
         examples, _ = prompts_that_fit(cfg, examples, tokenizer, local_max_positions(cfg.model.name_or_path))

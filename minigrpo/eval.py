@@ -192,7 +192,9 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     if adapter:
         check_peft_adapter(ckpt)
     source = cfg.model.name_or_path if adapter else args.checkpoint
-    tokenizer = check_model_source(source, revision=cfg.model.revision)
+    tokenizer = check_model_source(
+        source, revision=cfg.model.revision, key="model.name_or_path" if adapter else "--checkpoint"
+    )
     if tokenizer is not None:  # a local model folder: env.kind needs its chat template
         check_chat_template(cfg, tokenizer)
     examples = build_dataset(cfg.data, split)[: args.num or cfg.eval.num_prompts]

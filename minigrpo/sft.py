@@ -92,7 +92,7 @@ def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[Example]
     check_packages(cfg, sampling=False)
     resume = check_run_dir(cfg, SFT_RESUMABLE)
     examples = load_conversations(cfg)
-    tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
+    tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision, key="model.name_or_path")
     if tokenizer is not None:  # a local model folder: its tokenizer is read already
         check_conversations(examples, tokenizer, cfg.sft.max_seq_len)
     return resume, examples, tokenizer is not None

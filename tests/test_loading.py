@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,16 @@ def test_check_model_source_reads_no_weights(tmp_path, monkeypatch):
     check_model_source(weights_only, require_tokenizer=False)
     with pytest.raises(ModelNotFoundError, match=r"no such file or directory: \./not-there"):
         check_model_source("./not-there")
+    # the config key leads; a relative path says where it was looked for
+    with pytest.raises(ModelNotFoundError) as info:
+        check_model_source("runs/sft/model", key="model.name_or_path")
+    assert str(info.value) == (
+        "model.name_or_path: no such file or directory: runs/sft/model "
+        f"(relative paths are read from the working directory, {Path.cwd()})"
+    )
+    with pytest.raises(ModelNotFoundError) as info:
+        check_model_source(str(tmp_path / "gone"), key="model.name_or_path")
+    assert str(info.value) == f"model.name_or_path: no such file or directory: {tmp_path / 'gone'}"
     weights = weights_only / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1])
     with pytest.raises(CorruptCheckpointError, match=rf"{weights}: tensor .* truncated"):

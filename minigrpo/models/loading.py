@@ -96,15 +96,28 @@ def load_pretrained(
 
 
 def check_model_source(
-    name_or_path: str | os.PathLike, *, revision: str | None = None, require_tokenizer: bool = True
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    require_tokenizer: bool = True,
+    key: str | None = None,
 ) -> Any:
     """Check what `load_pretrained(name_or_path)` will read, without reading any weights: a UserError
     names a missing path, a folder that is no model, a broken config.json (a bad value: the key too),
     an unsupported architecture, a truncated weights file, missing or corrupt tokenizer files, a chat
     template that does not compile, a .gguf file that is no GGUF (only its header is read). A hub
     repo id that is not a local path is only checked when it is fetched (by load_pretrained).
-    Returns the tokenizer of a local model folder (for the checks that read it), else None."""
-    name = str(name_or_path)
+    Returns the tokenizer of a local model folder (for the checks that read it), else None.
+    `key`, the config key that named the model, leads a missing model's message."""
+    try:
+        return _check_model_source(str(name_or_path), revision, require_tokenizer)
+    except ModelNotFoundError as e:
+        if key is None:
+            raise
+        raise ModelNotFoundError(f"{key}: {e}") from None
+
+
+def _check_model_source(name: str, revision: str | None, require_tokenizer: bool) -> Any:
     if name not in PACKAGED_MODELS and not Path(name).expanduser().exists() and not _looks_local(name):
         return None
     source = _resolve(name, revision)
@@ -274,7 +287,8 @@ def _resolve(name: str, revision: str | None) -> Path:
     if path.exists():
         return path
     if _looks_local(name):
-        raise ModelNotFoundError(f"no such file or directory: {name}")
+        where = "" if path.is_absolute() else f" (relative paths are read from the working directory, {Path.cwd()})"
+        raise ModelNotFoundError(f"no such file or directory: {name}{where}")
     return _download(name, revision)
 
 
