@@ -1,6 +1,6 @@
 """Kernel benchmarks on one CUDA GPU: ours vs torch eager, torch.compile and Liger-Kernel.
 
-    python benchmarks/bench_kernels.py [--cases rmsnorm,rope,logprobs,policy_head,decode_linear,decode_attention]
+    python benchmarks/bench_kernels.py [--cases rmsnorm,rope,logprobs,policy_head,decode_attention]
                                        [--quick] [--out DIR] [--tune]
 
 One process, in this order: the in-run ceilings (D2D copy bandwidth of a 2 GiB bf16 copy, bytes
@@ -12,9 +12,8 @@ the peak extra memory of one fwd+bwd (max_memory_allocated minus what was alloca
 including the new gradients). Writes results/kernels_<device>.json and prints a table.
 Liger-Kernel is optional: without it its rows are skipped. --tune sweeps launch configurations
 of our kernels instead (used to pick the defaults in kernels/). The policy_head case (the LM head
-fused with the GRPO loss) lives in kernel_policy_head.py, the decode_linear and decode_attention
-cases (a sampler's decode step: split-K matmuls vs cuBLAS, split-K attention with and without a
-shared prompt vs SDPA) in kernel_decode.py.
+fused with the GRPO loss) lives in kernel_policy_head.py, the decode_attention case (a sampler's
+decode step: split-K attention with and without a shared prompt vs SDPA) in kernel_decode.py.
 """
 
 from __future__ import annotations
@@ -428,7 +427,7 @@ def tune(cases: list[str]) -> None:
         from kernel_policy_head import tune_policy_head  # beside this script; it imports this module
 
         tune_policy_head()
-    if "decode_linear" in cases or "decode_attention" in cases:
+    if "decode_attention" in cases:
         from kernel_decode import tune as tune_decode  # beside this script; it imports this module
 
         tune_decode(bw)
@@ -503,14 +502,8 @@ def bench_policy_head(ceil: dict, quick: bool) -> list[dict]:
     return run(ceil, quick)
 
 
-def bench_decode_linear(ceil: dict, quick: bool) -> list[dict]:
-    from kernel_decode import bench_decode_linear as run  # beside this script; it imports this module
-
-    return run(ceil, quick)
-
-
 def bench_decode_attention(ceil: dict, quick: bool) -> list[dict]:
-    from kernel_decode import bench_decode_attention as run
+    from kernel_decode import bench_decode_attention as run  # beside this script; it imports this module
 
     return run(ceil, quick)
 
@@ -519,8 +512,8 @@ def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--cases",
-        default="rmsnorm,rope,logprobs,policy_head,decode_linear,decode_attention",
-        help="comma list of rmsnorm, rope, logprobs, policy_head, decode_linear, decode_attention",
+        default="rmsnorm,rope,logprobs,policy_head,decode_attention",
+        help="comma list of rmsnorm, rope, logprobs, policy_head, decode_attention",
     )
     ap.add_argument("--quick", action="store_true", help="headline shapes only")
     ap.add_argument("--tune", action="store_true", help="sweep our launch configurations instead")
@@ -544,7 +537,6 @@ def main() -> None:
         "rope": bench_rope,
         "logprobs": bench_logprobs,
         "policy_head": bench_policy_head,
-        "decode_linear": bench_decode_linear,
         "decode_attention": bench_decode_attention,
     }
     out = Path(args.out) / f"kernels_{name.replace(' ', '_').lower()}{'_quick' if args.quick else ''}.json"

@@ -8,7 +8,6 @@ the decode bound, on one GPU, same model, prompts and lengths.
 
 Random bf16 weights of a real architecture (no download), random prompts, temperature 1. Providers:
   ours         KVCacheSampler (CUDA graphs)
-  ours-splitk  the same with the split-K decode matmuls (Transformer.decode_matmul_impl = "triton")
   hf           transformers `generate`, eager, dynamic KV cache (slow: 2-4 minutes for all cases)
   hf-compiled  transformers `generate` with its static KV cache, which `generate` compiles itself
                (transformers' recommended path: cache_implementation="static" + its CompileConfig,
@@ -72,7 +71,7 @@ from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams
 
 FORCED_EOS = 2  # the stop token of the long-tail case (prompts draw ids >= 100)
-PROVIDERS = ("ours", "ours-splitk", "hf", "hf-compiled", "vllm")
+PROVIDERS = ("ours", "hf", "hf-compiled", "vllm")
 
 
 @dataclass
@@ -201,19 +200,11 @@ def count_until_eos(completions: torch.Tensor) -> int:
 class Ours:
     timed = "KVCacheSampler.generate (prefill, CUDA-graph capture and decode, rollout assembly)"
 
-    def __init__(self, model, decode_matmul: str = "torch") -> None:
+    def __init__(self, model) -> None:
         self.model = model
-        self.decode_matmul = decode_matmul
         self.sampler = KVCacheSampler(model, NullTokenizer())
 
     def run(self, case: Case, prompts, lengths) -> dict:
-        self.model.decode_matmul_impl = self.decode_matmul
-        try:
-            return self._run(case, prompts, lengths)
-        finally:
-            self.model.decode_matmul_impl = "torch"
-
-    def _run(self, case: Case, prompts, lengths) -> dict:
         stop = dict(stop_ids=(FORCED_EOS,)) if case.longtail else dict(ignore_stop=True)
         params = SamplingParams(n=case.G, temperature=1.0, max_new_tokens=case.Tc, **stop)
         # warm-up of the same shapes, a few tokens long: Triton compiles its kernels once per process
@@ -406,8 +397,8 @@ class VLLM:
 
 
 def build_provider(name: str, model, cfg: dict, dtype: torch.dtype, cases: list[Case], args):
-    if name in ("ours", "ours-splitk"):
-        return Ours(model, "triton" if name == "ours-splitk" else "torch")
+    if name == "ours":
+        return Ours(model)
     if name in ("hf", "hf-compiled"):
         return HF(cfg, dtype, compiled=name == "hf-compiled")
     if name == "vllm":

@@ -1,15 +1,9 @@
-"""The decode-step cases of bench_kernels.py: `--cases decode_linear,decode_attention` (and `--tune`).
+"""The decode-step case of bench_kernels.py: `--cases decode_attention` (and `--tune`).
 
-Qwen2.5-1.5B shapes (D 1536, MLP 8960, 12 query heads, 2 kv heads of 128), bf16, forward only (a
-sampler's decode step). Times are CUDA-graph replays of 20 calls cycling through input sets larger
-than the 50 MB L2, so that each call reads its weights / cache from memory as a decode step does;
-GB/s = bytes read and written / time, against the in-run copy bandwidth. Correctness: relative
-error against fp64.
-
-decode_linear: every linear layer of a step (q, k, o, gate, down and, for scale, q|k|v and gate|up
-as one matrix) at M = 8 and 64 rows, with the layer's bias where it has one.
-    ours      kernels/skinny_matmul.py: the K-split grid and its deterministic reduction
-    cublas    F.linear (what the sampler runs by default)
+Qwen2.5-1.5B shapes (12 query heads, 2 kv heads of 128), bf16, forward only (a sampler's decode
+step). Times are CUDA-graph replays of 20 calls cycling through input sets larger than the 50 MB L2,
+so that each call reads its cache from memory as a decode step does; GB/s = bytes read and written
+/ time, against the in-run copy bandwidth. Correctness: relative error against fp64.
 
 decode_attention: one layer's attention of M rows over kv_len cache slots, 8 rows per prompt.
     ours            kernels/flash_decode.py, each row's whole cache its own
@@ -18,8 +12,8 @@ decode_attention: one layer's attention of M rows over kv_len cache slots, 8 row
     sdpa            torch SDPA with the model's 4-D mask and the G query heads of a kv head folded
                     into query rows (the model's path where the kernel does not run)
 
-The tune mode sweeps the launch configurations of both kernels (block and split sizes) at the same
-shapes and prints GPU times.
+The tune mode sweeps the kernel's launch configurations (split and tile sizes, warps, tiles in
+flight) at the same shapes and prints GPU times.
 """
 
 from __future__ import annotations
@@ -32,25 +26,14 @@ import bench_kernels as bk
 import torch
 import torch.nn.functional as F
 
-from minigrpo.kernels import decode_attention, skinny_linear
+from minigrpo.kernels import decode_attention
 from minigrpo.kernels import flash_decode as fd
-from minigrpo.kernels import skinny_matmul as sm
 from minigrpo.models.transformer import attention_mask_4d
 
-D, F_MLP, H, HKV, DH = 1536, 8960, 12, 2, 128  # Qwen2.5-1.5B
-KV = HKV * DH
-LINEAR_SHAPES = {  # name -> (N, K, bias)
-    "q": (D, D, True),
-    "k": (KV, D, True),
-    "o": (D, D, False),
-    "gate": (F_MLP, D, False),
-    "down": (D, F_MLP, False),
-    "qkv": (D + 2 * KV, D, True),
-    "gate_up": (2 * F_MLP, D, False),
-}
+H, HKV, DH = 12, 2, 128  # Qwen2.5-1.5B
 ATTENTION_SHAPES = [(64, 256, 768), (512, 256, 768), (64, 2048, 2304)]  # (rows, Tp, kv_len); 8 rows a prompt
 GROUP = 8
-TILES = (1, 2, 3, 4, 6, 8, 12)  # K tiles per split swept by --tune
+TILES = (1, 2, 3, 4, 6, 8, 12)  # tiles per split swept by --tune
 
 
 def _check(f, inputs: tuple, spec: torch.Tensor) -> tuple[float, float]:
@@ -63,45 +46,6 @@ def _compare(rows: list[dict], ours: str, base: str, label: str) -> None:
     if "graph_ms" in by.get(ours, {}) and "graph_ms" in by.get(base, {}):
         by[ours][f"speedup_vs_{base}"] = by[base]["graph_ms"] / by[ours]["graph_ms"]
         print(f"  {label}: {ours} {by[ours][f'speedup_vs_{base}']:.2f}x {base}", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# decode_linear
-# ----------------------------------------------------------------------------------------------
-
-
-def _linear_sets(M: int, N: int, K: int, bias: bool) -> list[tuple]:
-    n_sets = max(2, math.ceil(200e6 / (2 * N * K)))
-    out = []
-    for _ in range(n_sets):
-        x = torch.randn(M, K, device=bk.DEV, dtype=torch.bfloat16)
-        w = (torch.randn(N, K, device=bk.DEV) / K**0.5).to(torch.bfloat16)
-        b = torch.randn(N, device=bk.DEV, dtype=torch.bfloat16) if bias else None
-        out.append((x, w, b))
-    return out
-
-
-def bench_decode_linear(ceil: dict, quick: bool) -> list[dict]:
-    rows = []
-    names = ("q", "gate", "down") if quick else tuple(LINEAR_SHAPES)
-    providers = {"ours": functools.partial(skinny_linear, impl="triton"), "cublas": F.linear}
-    for M in (8, 64):
-        for name in names:
-            N, K, bias = LINEAR_SHAPES[name]
-            sets = _linear_sets(M, N, K, bias)
-            x, w, b = sets[0]
-            spec = F.linear(x.double(), w.double(), None if b is None else b.double())
-            nbytes = 2 * (N * K + M * K + M * N + (N if bias else 0))
-            shape_rows = []
-            for prov, f in providers.items():
-                row = {"case": f"decode_linear_{name}", "shape": [M, N, K], "provider": prov, "bytes": nbytes}
-                calls = [functools.partial(f, *s) for s in sets]
-                bk.run_provider(row, calls[0], functools.partial(_check, f, sets[0], spec), calls)
-                bk.finish(row, ceil, nbytes=nbytes)
-                shape_rows.append(row)
-            _compare(shape_rows, "ours", "cublas", f"{name} M={M}")
-            rows += shape_rows
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,18 +133,8 @@ def bench_decode_attention(ceil: dict, quick: bool) -> list[dict]:
 
 
 def tune(bw_bytes_per_ms: float) -> None:
-    """GPU ms and % of copy bandwidth of launch configurations: the linear layers at M = 64 (block
-    sizes, columns of K per split, pipeline stages), the attention at each shape (slots per split,
-    slots per tile, warps, tiles in flight)."""
-    for name, (N, K, bias) in LINEAR_SHAPES.items():
-        sets = _linear_sets(64, N, K, bias)
-        nbytes = 2 * N * K
-        base = bk.graph_ms([functools.partial(F.linear, *s) for s in sets])
-        print(f"linear {name} N={N} K={K}: cuBLAS {base:.4f} ms ({100 * nbytes / base / bw_bytes_per_ms:.0f}%)")
-        for block_n, block_k, tiles, stages in itertools.product((32, 64, 128), (64, 128, 256), TILES, (2, 3, 4)):
-            if tiles * block_k <= K:
-                config = dict(k_split=tiles * block_k, block_n=block_n, block_k=block_k, num_stages=stages)
-                _tune_one(sm._skinny_linear_triton, sets, config, nbytes, base, bw_bytes_per_ms)
+    """GPU ms and % of copy bandwidth of the attention's launch configurations at each shape (slots
+    per split, slots per tile, warps, tiles in flight)."""
     for M, Tp, kv_len in ATTENTION_SHAPES:
         sets = _attention_sets(M, Tp, kv_len)
         nbytes = (M // GROUP * Tp + M * (kv_len - Tp)) * 2 * HKV * DH * 2

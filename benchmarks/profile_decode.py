@@ -1,8 +1,7 @@
 """Where the own sampler's decode step spends its time: one step's GPU kernels, by part and kind.
 
     python benchmarks/profile_decode.py [--arch qwen2.5-1.5b] [--cases 8x8,64x8] [--prompt-len 256]
-                                        [--at 512] [--steps 8] [--decode-matmul torch,triton]
-                                        [--out-dir DIR] [--quick]
+                                        [--at 512] [--steps 8] [--out-dir DIR] [--quick]
 
 For each case (P x G rows), the sampler prefills random prompts and decodes until each row holds
 `--at` completion tokens, then one decode step (KVCacheSampler._step) is timed three ways:
@@ -13,8 +12,6 @@ For each case (P x G rows), the sampler prefills random prompts and decodes unti
   shared    the same with each prompt's KV counted once for its G rows (the sampler's layout)
 and the kernel time is split by part of the step (the decoder layers, the LM head, sampling and
 bookkeeping) and by kind of kernel (matmul, attention, Triton kernels by name, other torch ops).
---decode-matmul triton profiles the step with the split-K decode matmuls (kernels/skinny_matmul.py)
-as case "PxG split-K matmuls"; "torch,triton" profiles both.
 Writes results/profile_decode_<device>.json and prints the tables. The step runs the sampler's
 internals (`_prefill`, `_draw`, `_step`) on purpose: it is the unit being measured.
 """
@@ -82,7 +79,6 @@ def kv_len(Tp: int, s: int, bucket: int, total: int) -> int:
 
 
 def profile_case(model, cfg: dict, P: int, G: int, Tp: int, at: int, steps: int, bw: float) -> dict:
-    """One case with the model's current settings (decode_matmul_impl)."""
     sampler = KVCacheSampler(model, NullTokenizer())
     sampler._net = model
     model.eval()
@@ -182,13 +178,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--at", type=int, default=512, help="completion tokens already drawn (the KV length)")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--decode-matmul", default="torch", help="torch, triton, or both: torch,triton")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run), smollm2-135m")
     args = ap.parse_args()
-    impls = [m for m in args.decode_matmul.split(",") if m]
-    if not impls or any(m not in ("torch", "triton") for m in impls):
-        ap.error(f"--decode-matmul: torch and/or triton, got {args.decode_matmul!r}")
     if args.quick:
         args.arch, args.prompt_len, args.at, args.steps = "smollm2-135m", 16, 4, 2
     cfg = preset_config(args.arch)
@@ -200,11 +192,7 @@ def main() -> None:
         P, G = (int(x) for x in name.split("x"))
         if args.quick:
             P, G = 2, 2
-        for impl in impls:  # "8x8", and "8x8 split-K matmuls" with the decode matmul kernel
-            model.decode_matmul_impl = impl
-            key = name if impl == "torch" else f"{name} split-K matmuls"
-            results[key] = profile_case(model, cfg, P, G, args.prompt_len, args.at, args.steps, bw)
-        model.decode_matmul_impl = "torch"
+        results[name] = profile_case(model, cfg, P, G, args.prompt_len, args.at, args.steps, bw)
     env = environment()
     path = write_result(
         "profile_decode",

@@ -9,7 +9,6 @@ from .policy_head import fused_linear_token_loss, linear_token_loss_ref
 from .rmsnorm import rms_norm, rms_norm_ref
 from .rope import apply_rotary, rotary_ref
 from .sampling import sample_race, sample_race_ref
-from .skinny_matmul import skinny_linear, skinny_linear_ref
 from .swiglu import swiglu, swiglu_ref
 
 __all__ = [
@@ -30,8 +29,6 @@ __all__ = [
     "rotary_ref",
     "sample_race",
     "sample_race_ref",
-    "skinny_linear",
-    "skinny_linear_ref",
     "swiglu",
     "swiglu_ref",
 ]

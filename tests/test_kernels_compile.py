@@ -217,24 +217,6 @@ def _swiglu_cases(k):
     return {("_swiglu_fwd_kernel", "main"): (fwd, nw), ("_swiglu_bwd_kernel", "main"): (bwd, nw)}
 
 
-def _skinny_matmul_cases(k):
-    """The decode linear at M = 64 rows: q (N = K = D, several splits, a bias) and the LM head (one
-    split: written directly); launch options as the launcher's, num_stages included (shared memory)."""
-    out = {}
-    for variant, N, K, bias in [("q_split_bias", D, D, True), ("lm_head_direct", V, D, False)]:
-        k_split = k.split_k(N, K)
-        args = dict(x_ptr=bf16, w_ptr=bf16, b_ptr=bf16, out_ptr=bf16, ws_ptr=f32, M=64, N=N, K=K,
-                    stride_x_m=K, stride_x_k=1, stride_w_n=K, stride_w_k=1, stride_o_m=N, stride_o_n=1,
-                    K_SPLIT=k_split, HAS_BIAS=bias, DIRECT=k.cdiv(K, k_split) == 1, DOT_F32=False,
-                    BLOCK_M=64, BLOCK_N=k._BLOCK_N, BLOCK_K=k._BLOCK_K, num_stages=k._NUM_STAGES)  # fmt: skip
-        out[("_skinny_partial_kernel", variant)] = (args, 4)
-    splits = k.cdiv(D, k.split_k(D, D))
-    reduce = dict(ws_ptr=f32, b_ptr=bf16, out_ptr=bf16, M=64, N=D, stride_o_m=D, stride_o_n=1, SPLIT_K=splits,
-                  HAS_BIAS=True, BLOCK=1024)  # fmt: skip
-    out[("_skinny_reduce_kernel", "q")] = (reduce, 4)
-    return out
-
-
 CASE_BUILDERS = {
     "rmsnorm": _rmsnorm_cases,
     "rope": _rope_cases,
@@ -243,7 +225,6 @@ CASE_BUILDERS = {
     "sampling": _sampling_cases,
     "kv_write": _kv_write_cases,
     "swiglu": _swiglu_cases,
-    "skinny_matmul": _skinny_matmul_cases,
 }
 
 
@@ -402,14 +383,6 @@ def test_kernel_compiles_for_sm90(case, compiled):
     assert res["shared"] <= SM90_SHARED_BYTES, f"{res['shared']} bytes of shared memory > {SM90_SHARED_BYTES}"
     # a memory-bound kernel that spills pays local-memory traffic for it: none of ours does
     assert 0 < res["registers"] <= 255 and res["spilled_bytes"] == 0, (res["registers"], res["spilled_bytes"])
-
-
-@pytest.mark.parametrize("case", ["skinny_matmul._skinny_partial_kernel[q_split_bias]"])
-def test_two_split_k_matmul_programs_fit_an_sm(case, compiled):
-    # the decode matmul's grid is sized for two programs per SM (skinny_matmul._TARGET_PROGRAMS):
-    # its pipelined tiles must leave room for a second program's
-    res = compiled[case]
-    assert res["ok"] and 2 * res["shared"] <= SM90_SHARED_BYTES, res.get("shared")
 
 
 PLAIN_DECODE = "flash_decode._decode_split_kernel[qwen_bf16_split]"

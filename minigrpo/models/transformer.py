@@ -18,9 +18,7 @@ back.
 Decode steps (T == 1 over a KV cache) on CUDA rotate q/k and write k/v into the cache in one kernel
 (kernels/kv_write.py) and attend with the split-K kernel of kernels/flash_decode.py, which reads the
 2-D key mask and the slot directly (no 4-D mask); `Transformer.decode_attention_impl` chooses
-("ref": apply_rotary, KVCache.update and SDPA with a 4-D mask, as on the CPU). With
-`decode_matmul_impl = "triton"` their linear layers split K so that every SM streams part of each
-weight (kernels/skinny_matmul.py; up to 64 rows, more take F.linear).
+("ref": apply_rotary, KVCache.update and SDPA with a 4-D mask, as on the CPU).
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigrpo.kernels import apply_rotary, decode_attention, rms_norm, rotary_into_cache, skinny_linear, swiglu
+from minigrpo.kernels import apply_rotary, decode_attention, rms_norm, rotary_into_cache, swiglu
 from minigrpo.kernels._triton import resolve_impl
 from minigrpo.kernels.flash_decode import Prefix, with_prefix
 
@@ -145,15 +143,6 @@ class DecodeInputs:
     key_mask: torch.Tensor  # (B, >= kv_len) 1 for real keys, 0 for prompt padding
     slot: torch.Tensor  # (1,) the query's cache slot (a device tensor: read inside the kernel)
     kv_len: int  # slots the kernel may look at (the CUDA-graph bucket)
-    skinny: bool = False  # the block's linear layers run the split-K decode matmul (kernels/skinny_matmul.py)
-
-
-def project(layer: nn.Module, x: torch.Tensor, decode: DecodeInputs | None) -> torch.Tensor:
-    """layer(x), or in a decode step that asks for it, x @ W^T + b by the split-K decode matmul
-    (plain nn.Linear layers only: adapters and quantized layers keep their own forward)."""
-    if decode is not None and decode.skinny and type(layer) is nn.Linear:
-        return skinny_linear(x, layer.weight, layer.bias, impl="triton")
-    return layer(x)
 
 
 def padding_layout(attention_mask: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
@@ -200,16 +189,14 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
 
-    def project_qkv(
-        self, x: torch.Tensor, decode: DecodeInputs | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> q (B, T, H, Dh), k and v (B, T, Hkv, Dh)."""
         B, T, _ = x.shape
         if self.args.fused_qkv:
             q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = project(self.qkv_proj, x, decode).split([q_out, kv_out, kv_out], dim=-1)
+            q, k, v = self.qkv_proj(x).split([q_out, kv_out, kv_out], dim=-1)
         else:
-            q, k, v = (project(p, x, decode) for p in (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
@@ -231,7 +218,7 @@ class Attention(nn.Module):
         """With `decode` (T == 1 over kv_cache), one kernel rotates q and k and writes k and v into the
         cache at the slot, attention is the split-K kernel, and `mask` is unused."""
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x, decode)
+        q, k, v = self.project_qkv(x)
         if decode is not None:
             k_cache, v_cache = kv_cache.k[self.layer], kv_cache.v[self.layer]  # (B, Hkv, S_max - first, Dh)
             q = rotary_into_cache(
@@ -248,7 +235,7 @@ class Attention(nn.Module):
                 prefix=kv_cache.layer_prefix(self.layer),
                 impl="triton",
             )  # (B, H, Dh)
-            return project(self.o_proj, out.reshape(B, 1, self.n_heads * self.head_dim), decode)
+            return self.o_proj(out.reshape(B, 1, self.n_heads * self.head_dim))
         q, k = apply_rotary(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, Dh)
         if kv_cache is not None:
@@ -287,12 +274,12 @@ class MLP(nn.Module):
             self.up_proj = nn.Linear(d, f, bias=args.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=args.mlp_bias)
 
-    def forward(self, x: torch.Tensor, decode: DecodeInputs | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            gate, up = project(self.gate_up_proj, x, decode).chunk(2, dim=-1)  # (B, T, F) each: halves of (B, T, 2F)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, F) each: halves of (B, T, 2F)
         else:
-            gate, up = project(self.gate_proj, x, decode), project(self.up_proj, x, decode)  # (B, T, F) each
-        return project(self.down_proj, swiglu(gate, up), decode)  # (B, T, D)
+            gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, F) each
+        return self.down_proj(swiglu(gate, up))  # (B, T, D)
 
 
 class Block(nn.Module):
@@ -308,7 +295,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, kv_cache=None, cache_position=None, kv_len=None, decode=None) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_position, kv_len, decode)
         normed, h = self.post_attention_layernorm(attn, residual=x)  # h = x + attn
-        return h + self.mlp(normed, decode)
+        return h + self.mlp(normed)
 
 
 class Decoder(nn.Module):
@@ -336,7 +323,6 @@ class Transformer(nn.Module):
         # decode steps (T == 1 over a KV cache): "auto" runs the split-K Triton kernel on CUDA and SDPA
         # with a 4-D mask elsewhere; "triton" forces the kernel (the CPU interpreter in tests); "ref": SDPA
         self.decode_attention_impl = "auto"
-        self.decode_matmul_impl = "torch"  # "triton": decode steps' linear layers split K (skinny_matmul.py)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -406,7 +392,7 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(position_ids)  # (B, T, R/2) fp32
         decode = None  # a decode step on the split-K kernel reads the 2-D mask: no 4-D masks are built
         if kv_cache is not None and T == 1 and self._decode_kernel_applies(kv_cache):
-            decode = DecodeInputs(attention_mask, cache_position, kv_len, skinny=self.decode_matmul_impl == "triton")
+            decode = DecodeInputs(attention_mask, cache_position, kv_len)
         masks = dict.fromkeys(self.args.layer_windows)  # window -> (B, 1, T, S) bool mask, or None
         for w in masks:
             plain = attention_mask is None and kv_cache is None and (w is None or w >= T)
