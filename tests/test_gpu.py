@@ -82,17 +82,21 @@ def test_graph_decoding_with_compaction_equals_the_static_batch():
 
 def test_graphs_capture_again_after_a_reset_while_a_captured_tensor_lives():
     """A compaction drops the graphs while a tensor allocated in their pool is still referenced (an
-    evaluation on the H100 failed so, 'use_count > 0'): the next capture goes to a new pool."""
+    evaluation on the H100 failed so, 'use_count > 0'): the next capture goes to a new pool.
+
+    Each first run of a bucket appends twice: the warm-up's tensor (computed) and the captured one
+    (allocated in the pool, computed only by a replay). A replay does not call the step again."""
     from minigrpo.sampling.decode_graphs import DecodeGraphs
 
     x, kept = torch.arange(4.0, device="cuda"), []
     graphs = DecodeGraphs()
-    graphs.run(8, lambda: kept.append(x * 2))
+    graphs.run(8, lambda: kept.append(x * 2))  # kept[1] lives in the first pool from here on
     graphs.reset()
-    graphs.run(8, lambda: kept.append(x + 1))
-    graphs.run(8, lambda: kept.append(None))  # a replay: the captured step writes kept[-1] again
+    graphs.run(8, lambda: kept.append(x + 1))  # the capture that failed into the old pool
+    graphs.run(8, lambda: kept.append(None))  # replay: fills kept[3], appends nothing
     torch.cuda.synchronize()
-    assert graphs.captures == 2 and kept[1].tolist() == [0, 2, 4, 6] and kept[-1].tolist() == [1, 2, 3, 4]
+    assert graphs.captures == 2 and len(kept) == 4
+    assert kept[0].tolist() == [0, 2, 4, 6] and kept[2].tolist() == [1, 2, 3, 4] and kept[3].tolist() == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
