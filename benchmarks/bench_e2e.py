@@ -4,6 +4,7 @@
                                    [--cases qwen2.5-1.5b/full,qwen2.5-1.5b/lora,smollm2-135m/full,smollm2-135m/lora]
                                    [--steps 10] [--measure-from 3] [--checkpointing] [--quick] [--out-dir DIR]
     python benchmarks/bench_e2e.py --mode learn [--steps 60] [--providers ours,trl]
+    ... [--set KEY=VALUE ...]   config overrides for every provider, e.g. run.dtype=float32 (both in fp32)
 
 Each (case, provider) runs in its own process (clean GPU memory and peak counters; a crash is one row's
 error). A missing package is "skipped: <why>". Writes results/e2e_<mode>_<device>.json (+ learn's PNG).
@@ -127,6 +128,16 @@ def run_overrides(args, steps: int) -> list[str]:
     # fmt: on
 
 
+def check_overrides(args) -> None:
+    """A bad --set is one error line before any model is written, not an error row per provider."""
+    from minigrpo.config import load_config
+
+    kinds = {name.partition("/")[2] for name in args.cases.split(",")}
+    files = [LEARN_CONFIG] if args.mode == "learn" else [SPEED_CONFIGS[k] for k in sorted(kinds) if k in SPEED_CONFIGS]
+    for file in files:
+        load_config(str(ROOT / file), args.set)
+
+
 def build_cases(args, cache: Path) -> list[dict[str, Any]]:
     """(name, config file, overrides) of every case of the mode."""
     sizes = [
@@ -139,6 +150,7 @@ def build_cases(args, cache: Path) -> list[dict[str, Any]]:
         model = model_folder("smollm2-135m", cache)
         extra = sizes if args.quick else []  # the config's own sizes on the GPU
         overrides = [f"model.name_or_path={model}", *run_overrides(args, args.steps), *extra]
+        overrides += args.set  # the user's, last: they win
         return [{"case": "smollm2-135m/arith", "config": str(ROOT / LEARN_CONFIG), "overrides": overrides}]
     cases = []
     for name in args.cases.split(","):
@@ -147,7 +159,8 @@ def build_cases(args, cache: Path) -> list[dict[str, Any]]:
             raise UsageError(f"--cases: {name!r} is not <model>/full or <model>/lora")
         model = model_folder(arch, cache)
         overrides = [f"model.name_or_path={model}", f"data.path={gsm8k_dir()}", *run_overrides(args, args.steps)]
-        cases.append({"case": name, "config": str(ROOT / SPEED_CONFIGS[kind]), "overrides": overrides + sizes})
+        overrides += [*sizes, *args.set]  # the user's, last: they win
+        cases.append({"case": name, "config": str(ROOT / SPEED_CONFIGS[kind]), "overrides": overrides})
     return cases
 
 
@@ -211,7 +224,7 @@ def trl_config_kwargs(cfg, provider: str, steps: int, output_dir: str) -> dict[s
     g, s, t = cfg.grpo, cfg.sampler, cfg.train
     # fmt: off
     return dict(
-        output_dir=output_dir, seed=cfg.run.seed, max_steps=steps, bf16=CUDA, use_cpu=not CUDA,
+        output_dir=output_dir, seed=cfg.run.seed, max_steps=steps, bf16=cfg.run.dtype == "bfloat16", use_cpu=not CUDA,
         per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=N // t.micro_batch_size,
         num_generations=g.group_size, max_completion_length=s.max_new_tokens,
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p or None,
@@ -244,7 +257,7 @@ def unshadow_hf_kernels() -> None:
 def trl_weight_dtype(cfg, choice: str) -> torch.dtype:
     """TRL's model weights: float32 under bf16 autocast for full fine-tuning (GRPOTrainer's own default,
     the mixed precision of our fp32 masters), bf16 for a frozen LoRA base (as ours) or when asked."""
-    if not CUDA:
+    if cfg.run.dtype != "bfloat16":  # the CPU, or --set run.dtype=float32: plain fp32 on both sides
         return torch.float32
     return torch.bfloat16 if choice == "bfloat16" or cfg.lora.enabled else torch.float32
 
@@ -481,6 +494,10 @@ def main() -> None:
         "--trl-weights", choices=("auto", "bfloat16"), default="auto",
         help="TRL's weights: auto = float32 for full fine-tuning (its default), bf16 for a LoRA base",
     )  # fmt: skip
+    ap.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE",
+        help="config overrides for every provider, after the benchmark's own (e.g. run.dtype=float32)",
+    )  # fmt: skip
     ap.add_argument("--tag", default="", help="result file e2e_<mode>_<tag>_<device>.json")
     ap.add_argument("--provider-timeout", type=positive_int, default=3600)
     ap.add_argument(
@@ -500,6 +517,7 @@ def main() -> None:
         args.cases = "smollm2-135m/full" if args.cases == SPEED_CASES else args.cases
     env = {**environment(), **versions()}
     Path(args.model_cache).mkdir(parents=True, exist_ok=True)
+    check_overrides(args)
     cases = build_cases(args, Path(args.model_cache))
     name = f"e2e_{args.mode}_{args.tag}" if args.tag else f"e2e_{args.mode}"
     folder = RESULTS if args.out_dir is None else Path(args.out_dir)

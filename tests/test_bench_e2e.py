@@ -72,3 +72,22 @@ def test_bench_e2e_skips_missing_provider(tmp_path):
     (path,) = tmp_path.glob("e2e_speed_*.json")
     (row,) = json.loads(path.read_text())["rows"]
     assert row["provider"] == "ours-vllm" and row["status"] == "skipped: vllm not installed", row
+
+
+def test_bench_e2e_set_overrides_every_provider(tmp_path):
+    """--set comes after the benchmark's own settings (here the smoke sizes) and a bad key is one
+    error line before anything runs."""
+    proc = run_benchmark(
+        "--quick", "--steps", "2", "--providers", "ours", "--set", "sampler.max_new_tokens=3",
+        "--out-dir", str(tmp_path), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("e2e_speed_*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["status"] == "ok" and max(s["completion_tokens"] for s in row["steps"]) <= 2 * 2 * 3, row["steps"]
+    assert json.loads(path.read_text())["cases"][0]["overrides"][-1] == "sampler.max_new_tokens=3"
+    bad = run_benchmark("--quick", "--set", "run.dtyp=float32", "--out-dir", str(tmp_path / "bad"), timeout=120)
+    assert bad.returncode == 2 and bad.stdout == ""
+    (line,) = bad.stderr.strip().splitlines()
+    assert line.startswith("error: unknown config key 'run.dtyp'"), line
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
