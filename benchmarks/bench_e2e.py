@@ -3,7 +3,7 @@
     python benchmarks/bench_e2e.py --mode speed [--providers ours,ours-vllm,trl,trl-liger,trl-vllm]
                                    [--cases qwen2.5-1.5b/full,qwen2.5-1.5b/lora,smollm2-135m/full,smollm2-135m/lora]
                                    [--steps 10] [--measure-from 3] [--checkpointing] [--quick] [--out-dir DIR]
-    python benchmarks/bench_e2e.py --mode learn [--steps 60] [--providers ours,trl]
+    python benchmarks/bench_e2e.py --mode learn [--steps 60] [--providers ours,trl] [--seed 0,1,2]
     ... [--set KEY=VALUE ...]   config overrides for every provider, e.g. run.dtype=float32 (both in fp32)
 
 Each (case, provider) runs in its own process (clean GPU memory and peak counters; a crash is one row's
@@ -49,7 +49,6 @@ import importlib.metadata
 import importlib.util
 import json
 import math
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,6 +70,7 @@ from common import (
     sync,
     write_result,
 )
+from e2e_summary import add_ratios, learning, plot_rewards, summarize
 
 from minigrpo.errors import ArgumentParser, UsageError, run_cli
 
@@ -113,12 +113,23 @@ def model_folder(name: str, cache: Path) -> Path:
     return out
 
 
-def run_overrides(args, steps: int) -> list[str]:
+def seed_list(text: str) -> list[int]:
+    """A comma-separated list of distinct integers (run.seed values)."""
+    try:
+        seeds = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of distinct integers, got {text!r}")
+    return seeds
+
+
+def run_overrides(args, steps: int, seed: int) -> list[str]:
     """Settings every provider's config gets: device, precision, no checkpoints/plots/eval."""
     # fmt: off
     return [
         f"run.device={'cuda' if CUDA else 'cpu'}", f"run.dtype={'bfloat16' if CUDA else 'float32'}",
-        f"run.seed={args.seed}", f"train.steps={steps}",
+        f"run.seed={seed}", f"train.steps={steps}",
         f"model.gradient_checkpointing={str(args.checkpointing).lower()}",
         "checkpoint.every=0", "checkpoint.save_final=false", "log.progress=false", "log.plots=false",
         "log.sample_every=0", "data.eval_split=null",
@@ -149,16 +160,20 @@ def build_cases(args, cache: Path) -> list[dict[str, Any]]:
     if args.mode == "learn":
         model = model_folder("smollm2-135m", cache)
         extra = sizes if args.quick else []  # the config's own sizes on the GPU
-        overrides = [f"model.name_or_path={model}", *run_overrides(args, args.steps), *extra]
-        overrides += args.set  # the user's, last: they win
-        return [{"case": "smollm2-135m/arith", "config": str(ROOT / LEARN_CONFIG), "overrides": overrides}]
-    cases = []
+        return [
+            {
+                "case": "smollm2-135m/arith", "seed": seed, "config": str(ROOT / LEARN_CONFIG),
+                "overrides": [f"model.name_or_path={model}", *run_overrides(args, args.steps, seed), *extra, *args.set],
+            }
+            for seed in args.seed
+        ]  # fmt: skip
+    cases, (seed,) = [], args.seed  # main allows one seed in speed mode
     for name in args.cases.split(","):
         arch, _, kind = name.partition("/")
         if kind not in SPEED_CONFIGS:
             raise UsageError(f"--cases: {name!r} is not <model>/full or <model>/lora")
         model = model_folder(arch, cache)
-        overrides = [f"model.name_or_path={model}", f"data.path={gsm8k_dir()}", *run_overrides(args, args.steps)]
+        overrides = [f"model.name_or_path={model}", f"data.path={gsm8k_dir()}", *run_overrides(args, args.steps, seed)]
         overrides += [*sizes, *args.set]  # the user's, last: they win
         cases.append({"case": name, "config": str(ROOT / SPEED_CONFIGS[kind]), "overrides": overrides})
     return cases
@@ -368,7 +383,7 @@ def child(spec_path: str) -> None:
     from minigrpo.config import load_config
 
     spec = json.loads(Path(spec_path).read_text())
-    row: dict[str, Any] = {"case": spec["case"], "provider": spec["provider"], "status": "ok"}
+    row: dict[str, Any] = {"case": spec["case"], "provider": spec["provider"], "seed": spec.get("seed"), "status": "ok"}
     try:
         with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
             overrides = [*spec["overrides"], f"run.output_dir={tmp}", f"run.name=e2e_{spec['provider']}"]
@@ -387,68 +402,6 @@ def child(spec_path: str) -> None:
     Path(spec["out"]).write_text(json.dumps(row, default=str))
 
 
-# ================================================================================================
-# summary, table, plot (parent process)
-
-
-def summarize(row: dict, measure_from: int) -> dict:
-    """Medians over the measured steps; steps per hour; the peak of the measured steps."""
-    steps = [s for s in row.get("steps", []) if s["step"] >= measure_from] or row.get("steps", [])
-    if row["status"] != "ok" or not steps:
-        return {}
-
-    def med(key):
-        vals = [s[key] for s in steps if s.get(key) is not None and not math.isnan(s[key])]
-        return statistics.median(vals) if vals else None
-
-    step_s = med("step_s")
-    tok = [s["completion_tokens"] / s["step_s"] for s in steps if not math.isnan(s["completion_tokens"])]
-    peaks = [s["peak_gib"] for s in steps if s.get("peak_gib") is not None]
-    # fmt: off
-    return {
-        "measured_steps": [s["step"] for s in steps], "step_s": step_s,
-        "rollout_s": med("rollout_s"), "update_s": med("update_s"),
-        "tokens_per_s": statistics.median(tok) if tok else None, "peak_gib": max(peaks) if peaks else None,
-        "steps_per_hour": 3600 / step_s if step_s else None,
-    }
-    # fmt: on
-
-
-def add_ratios(rows: list[dict]) -> None:
-    """ours_x: ours' steps/hour over the row's (ours-vllm against trl-vllm); ours_mem: peak ratio."""
-    by = {(r["case"], r["provider"]): r for r in rows}
-    for r in rows:
-        if not r["provider"].startswith("trl") or not r.get("steps_per_hour"):
-            continue
-        ref = by.get((r["case"], "ours-vllm" if r["provider"] == "trl-vllm" else "ours"), {})
-        if ref.get("steps_per_hour"):
-            r["ours_x"] = ref["steps_per_hour"] / r["steps_per_hour"]
-        if ref.get("peak_gib") and r.get("peak_gib"):
-            r["ours_mem"] = ref["peak_gib"] / r["peak_gib"]
-        if "ours_x" in r:
-            r["target_met"] = r["ours_x"] >= 3 and r.get("ours_mem", 0.0) <= 1.0
-
-
-def plot_rewards(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rows:
-        pts = [(s["step"], s["reward"]) for s in r.get("steps", []) if s.get("reward") is not None]
-        if pts:
-            ax.plot(*zip(*pts), label=r["provider"], alpha=0.8)
-    ax.set(xlabel="step", ylabel="mean reward", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def versions() -> dict[str, str | None]:
     out = {}
     for dist in ("trl", "transformers", "peft", "datasets", "vllm", "liger-kernel"):
@@ -459,7 +412,7 @@ def versions() -> dict[str, str | None]:
 
 def run_provider(case: dict, provider: str, args, tmp: Path) -> dict:
     """One (case, provider) in a fresh process -> its row (a skip, timeout or crash is a status)."""
-    row = {"case": case["case"], "provider": provider, "status": missing(provider)}
+    row = {"case": case["case"], "provider": provider, "seed": case.get("seed"), "status": missing(provider)}
     if row["status"]:
         return row
     n = len(list(tmp.iterdir()))
@@ -489,7 +442,10 @@ def main() -> None:
     for flag, default in (("--prompts", 16), ("--group", 8), ("--new-tokens", 512), ("--micro", 16)):
         ap.add_argument(flag, type=positive_int, default=default, help="speed mode (learn: the config's)")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing for every provider")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--seed", type=seed_list, default=[0],
+        help="run.seed; learn mode takes a list (0,1,2: each provider once per seed; the spread across seeds)",
+    )  # fmt: skip
     ap.add_argument(
         "--trl-weights", choices=("auto", "bfloat16"), default="auto",
         help="TRL's weights: auto = float32 for full fine-tuning (its default), bf16 for a LoRA base",
@@ -508,6 +464,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args.child)
+    if args.mode == "speed" and len(args.seed) > 1:
+        raise UsageError(f"--seed: one seed in speed mode, got {len(args.seed)}")
     providers = args.providers or (["ours", "trl"] if args.mode == "learn" else list(PROVIDERS))
     args.providers = ",".join(providers)
     args.steps = args.steps or (60 if args.mode == "learn" else 10)
@@ -533,7 +491,7 @@ def main() -> None:
                 r["reward_per_step"] = [s.get("reward") for s in r.get("steps", [])]
             png = folder / f"{name}_{device_slug(env)}" / "reward_vs_trl.png"
             plot_rewards(rows, png, f"{LEARN_CONFIG}, {args.steps} steps, {env['device']}")
-            payload["plot"] = str(png)
+            payload["plot"], payload["learning"] = str(png), learning(rows)
         return write_result(name, payload, out_dir=args.out_dir)
 
     with tempfile.TemporaryDirectory(prefix="bench-e2e-rows-") as tmp:
@@ -545,8 +503,12 @@ def main() -> None:
                 print({k: v for k, v in row.items() if k not in ("steps", "grpo_config")}, flush=True)
                 path = save()
     print()
-    cols = ["case", "provider", "status", "step_s", "rollout_s", "update_s", "tokens_per_s", "peak_gib"]
+    cols = ["case", "provider", *(["seed"] if args.mode == "learn" else []), "status", "step_s", "rollout_s"]
+    cols += ["update_s", "tokens_per_s", "peak_gib"]
     print_table(rows, [*cols, "steps_per_hour", "ours_x", "ours_mem", "target_met"])
+    if args.mode == "learn":
+        print()
+        print_table(learning(rows), ["provider", "seeds", "first5", "last10", "se", "ours_within_1se"])
     print(f"\nwrote {path}")
 
 

@@ -119,3 +119,20 @@ def test_compare_algorithms_records_failed_runs_and_rejects_bad_configs(tmp_path
         "error: ppo (configs/smollm2_arith_ppo.yaml): invalid config: ppo.epochs must be >= 1, got 0"
     )
     assert "=== algorithm" not in proc.stdout and not list(tmp_path.glob("algorithms_*.json"))
+
+
+def test_bench_e2e_learn_smoke_over_seeds(tmp_path):
+    """bench_e2e's learning mode (synthetic arithmetic, no GSM8K needed): every provider once per
+    seed, each row tagged with its seed, the summary over seeds and the plot written."""
+    proc = run_benchmark(
+        "bench_e2e.py", "--mode", "learn", "--quick", "--seed", "0,1", "--providers", "ours", "--out-dir", str(tmp_path)
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("e2e_learn_*.json")
+    payload = json.loads(path.read_text())
+    assert [(r["provider"], r["seed"], r["status"]) for r in payload["rows"]] == [("ours", 0, "ok"), ("ours", 1, "ok")]
+    for row in payload["rows"]:
+        assert len(row["reward_per_step"]) == 3 and all(0 <= r <= 2 for r in row["reward_per_step"]), row
+    (summary,) = payload["learning"]
+    assert summary["provider"] == "ours" and summary["seeds"] == 2 and len(summary["last10_per_seed"]) == 2
+    assert (tmp_path / path.stem / "reward_vs_trl.png").stat().st_size > 10_000
