@@ -277,6 +277,18 @@ def trl_weight_dtype(cfg, choice: str) -> torch.dtype:
     return torch.bfloat16 if choice == "bfloat16" or cfg.lora.enabled else torch.float32
 
 
+def trl_optimizers(model, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer TRL is handed: torch's AdamW over the trainable parameters with our settings, and
+    our schedule (minigrpo.optim.lr_factor) over steps x num_iterations updates."""
+    from minigrpo.optim import lr_factor
+
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    total = t.steps * cfg.grpo.num_iterations
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t, total))
+
+
 def run_trl(cfg, provider: str, weights: str = "auto") -> tuple[list[dict], dict]:
     """TRL's GRPOTrainer on the same model folder, prompts (in our order), rewards and optimizer."""
     unshadow_hf_kernels()
@@ -287,7 +299,6 @@ def run_trl(cfg, provider: str, weights: str = "auto") -> tuple[list[dict], dict
     from minigrpo import rewards
     from minigrpo.data import PromptLoader, build_dataset, build_messages
     from minigrpo.models.tokenizer_files import load_tokenizer_folder
-    from minigrpo.optim import lr_factor
     from minigrpo.prompt_fit import prompts_that_fit
 
     folder, steps, B, G = cfg.model.name_or_path, cfg.train.steps, cfg.grpo.prompts_per_step, cfg.grpo.group_size
@@ -307,11 +318,7 @@ def run_trl(cfg, provider: str, weights: str = "auto") -> tuple[list[dict], dict
         c = cfg.lora
         kw = dict(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, use_rslora=c.rslora, task_type="CAUSAL_LM")
         model = get_peft_model(model, LoraConfig(target_modules=targets, **kw))
-    t = cfg.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
-    total = steps * cfg.grpo.num_iterations
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t, total))
+    optimizer, scheduler = trl_optimizers(model, cfg)
     specs = rewards.build_reward_specs(cfg.rewards)
     fields = GRPOConfig.__dataclass_fields__
     with tempfile.TemporaryDirectory(prefix="bench-e2e-trl-") as tmp:

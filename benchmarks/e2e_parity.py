@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_e2e import trl_config_kwargs, unshadow_hf_kernels
+from bench_e2e import trl_config_kwargs, trl_optimizers, unshadow_hf_kernels
 from common import environment, names, out_folder, positive_float, print_table, write_result
 
 from minigrpo import advantages as adv
@@ -149,17 +149,12 @@ def run_trl(cfg, folder: Path, batch: dict, out: dict, padding_idx: bool = True)
     import transformers
     from trl import GRPOConfig, GRPOTrainer
 
-    from minigrpo.optim import lr_factor
-
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     named = dict(model.named_parameters())  # a tied head is listed once, as model.embed_tokens.weight
     if not padding_idx:
         model.get_input_embeddings().padding_idx = None
     out["hf_padding_idx"] = model.get_input_embeddings().padding_idx  # what TRL's step ran with
-    t = cfg.train
-    adamw = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), **adamw)  # bench_e2e's: the same as ours
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t, t.steps))
+    optimizer, scheduler = trl_optimizers(model, cfg)  # bench_e2e's: the same settings as ours
     grads: dict[str, torch.Tensor] = {}
     grad_recorder(optimizer, named, grads)
     b = batch
