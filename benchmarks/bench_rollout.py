@@ -8,6 +8,7 @@ the decode bound, on one GPU, same model, prompts and lengths.
 
 Random bf16 weights of a real architecture (no download), random prompts, temperature 1. Providers:
   ours         KVCacheSampler (CUDA graphs)
+  ours-per-row the same, its decode attention reading each prompt's keys once per row, not per group
   hf           transformers `generate`, eager, dynamic KV cache (slow: 2-4 minutes for all cases)
   hf-compiled  transformers `generate` with its static KV cache, which `generate` compiles itself
                (transformers' recommended path: cache_implementation="static" + its CompileConfig,
@@ -71,7 +72,7 @@ from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams
 
 FORCED_EOS = 2  # the stop token of the long-tail case (prompts draw ids >= 100)
-PROVIDERS = ("ours", "hf", "hf-compiled", "vllm")
+PROVIDERS = ("ours", "ours-per-row", "hf", "hf-compiled", "vllm")
 
 
 @dataclass
@@ -200,9 +201,9 @@ def count_until_eos(completions: torch.Tensor) -> int:
 class Ours:
     timed = "KVCacheSampler.generate (prefill, CUDA-graph capture and decode, rollout assembly)"
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, prefix_per_group: bool = True) -> None:
         self.model = model
-        self.sampler = KVCacheSampler(model, NullTokenizer())
+        self.sampler = KVCacheSampler(model, NullTokenizer(), prefix_per_group=prefix_per_group)
 
     def run(self, case: Case, prompts, lengths) -> dict:
         stop = dict(stop_ids=(FORCED_EOS,)) if case.longtail else dict(ignore_stop=True)
@@ -397,8 +398,8 @@ class VLLM:
 
 
 def build_provider(name: str, model, cfg: dict, dtype: torch.dtype, cases: list[Case], args):
-    if name == "ours":
-        return Ours(model)
+    if name in ("ours", "ours-per-row"):
+        return Ours(model, prefix_per_group=name == "ours")
     if name in ("hf", "hf-compiled"):
         return HF(cfg, dtype, compiled=name == "hf-compiled")
     if name == "vllm":

@@ -9,6 +9,8 @@ decode_attention: one layer's attention of M rows over kv_len cache slots, 8 row
     ours            kernels/flash_decode.py, each row's whole cache its own
     ours (shared)   the same with the prompt's Tp slots in a shared prefix (the sampler's layout):
                     fewer bytes, so GB/s counts the bytes such a decoder must read
+    ours (per group) the shared layout with the prefix part computed once per group of rows
+                    (kernels/prefix_attention.py), the sampler's default
     sdpa            torch SDPA with the model's 4-D mask and the G query heads of a kv head folded
                     into query rows (the model's path where the kernel does not run)
 
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 from minigrpo.kernels import decode_attention
 from minigrpo.kernels import flash_decode as fd
+from minigrpo.kernels.prefix_attention import prefix_rows
 from minigrpo.models.transformer import attention_mask_4d
 
 H, HKV, DH = 12, 2, 128  # Qwen2.5-1.5B
@@ -74,6 +77,7 @@ def _attention_sets(M: int, Tp: int, kv_len: int) -> list[dict]:
                 v=torch.cat([v_prefix[group], v_own], dim=2),
                 own=(k_own, v_own),
                 prefix=(k_prefix, v_prefix, group),
+                rows=prefix_rows(group, P, GROUP),
                 key_mask=key_mask,
                 slot=torch.tensor([kv_len - 1], device=bk.DEV),
             )
@@ -88,14 +92,15 @@ def _sdpa(s: dict, kv_len: int) -> torch.Tensor:
     return out.reshape(M, H, DH)
 
 
-def _ours(s: dict, kv_len: int, shared: bool = False, **launch) -> torch.Tensor:
-    k, v = s["own"] if shared else (s["k"], s["v"])
-    prefix = s["prefix"] if shared else None
+def _ours(s: dict, kv_len: int, shared: bool = False, per_group: bool = False, **launch) -> torch.Tensor:
+    k, v = s["own"] if shared or per_group else (s["k"], s["v"])
+    prefix = s["prefix"] if shared or per_group else None
+    rows = s["rows"] if per_group else None
     if launch:
         return fd._decode_attention_triton(
-            s["q"], k, v, s["key_mask"], s["slot"], kv_len, None, DH**-0.5, prefix, **launch
+            s["q"], k, v, s["key_mask"], s["slot"], kv_len, None, DH**-0.5, prefix, rows, **launch
         )
-    return decode_attention(s["q"], k, v, s["key_mask"], s["slot"], kv_len, prefix=prefix, impl="triton")
+    return decode_attention(s["q"], k, v, s["key_mask"], s["slot"], kv_len, prefix=prefix, rows=rows, impl="triton")
 
 
 def bench_decode_attention(ceil: dict, quick: bool) -> list[dict]:
@@ -112,6 +117,7 @@ def bench_decode_attention(ceil: dict, quick: bool) -> list[dict]:
         providers = {
             "ours": (functools.partial(_ours, kv_len=kv_len), full),
             "ours (shared)": (functools.partial(_ours, kv_len=kv_len, shared=True), shared),
+            "ours (per group)": (functools.partial(_ours, kv_len=kv_len, per_group=True), shared),
             "sdpa": (functools.partial(_sdpa, kv_len=kv_len), full),
         }
         shape_rows = []
@@ -123,6 +129,7 @@ def bench_decode_attention(ceil: dict, quick: bool) -> list[dict]:
             shape_rows.append(row)
         _compare(shape_rows, "ours", "sdpa", f"M={M} kv_len={kv_len}")
         _compare(shape_rows, "ours (shared)", "ours", f"M={M} kv_len={kv_len}")
+        _compare(shape_rows, "ours (per group)", "ours (shared)", f"M={M} kv_len={kv_len}")
         rows += shape_rows
     return rows
 

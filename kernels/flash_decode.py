@@ -2,7 +2,7 @@
 
     decode_attention(q (B, H, Dh), k_cache, v_cache (B, Hkv, S_max, Dh), key_mask (B, >= kv_len),
                      slot (1,) int64 device tensor, kv_len: int, *, window=None, scale=None,
-                     prefix=None, impl="auto") -> out (B, H, Dh) in q.dtype
+                     prefix=None, rows=None, impl="auto") -> out (B, H, Dh) in q.dtype
 
 Query head h reads kv head h // G, G = H / Hkv (GQA). Slot j of row b is attended iff
     j <= slot  and  key_mask[b, j] != 0  and  (window is None or j > slot - window),
@@ -15,7 +15,10 @@ Shared prefix: `prefix = (k_prefix, v_prefix (P, Hkv, Tp, Dh), group (B,) int64)
 Tp slots of row b are row group[b] of the prefix, and k_cache / v_cache hold only the slots after
 them (slot j >= Tp of row b is column j - Tp of the cache). GRPO samples G completions of each
 prompt: the G rows of a group share their prompt's keys and values, stored once (a G-fold smaller
-prompt cache) and, since the rows of a group run side by side, mostly read from L2 once.
+prompt cache) and, since the rows of a group run side by side, mostly read from L2 once. With
+`rows` (which rows share each prefix row) the prefix part is computed once per group instead
+(prefix_attention.py: the G rows' queries as one tensor-core tile) into the first split records,
+the split kernel below covers only the rows' own slots, and the combine step merges both.
 
 Why split-K: in decode each step reads the whole live cache, and one program per (row, kv head)
 leaves most SMs idle when B * Hkv is small (64 rows x 2 kv heads = 128 programs on 132 SMs). Here
@@ -47,11 +50,14 @@ from __future__ import annotations
 import torch
 
 from ._triton import cdiv, interpreting, jit, next_power_of_2, resolve_impl, tl
+from .prefix_attention import PrefixRows, prefix_split_size
+from .prefix_attention import prefix_split as prefix_attention_split
 
 _NEG = -1.0e30  # running max of a split that saw no slot: finite, so exp(_NEG - M) is 0, never NaN
 _BLOCK_S = 64  # slots per tile
 _TARGET_PROGRAMS = 4 * 132  # split programs aimed for: about four waves of an H100's 132 SMs
 _MAX_SPLITS = 64  # the combine step holds all of a head's splits in one [SPLITS, Dh] tile
+_MAX_PREFIX_SPLITS = 16  # of those, the shared prefix's in a cascade
 
 # The tile loop is software-pipelined (the next tiles' keys and values are copied to shared memory
 # while this one is computed). Compiled for sm_90 at Qwen2.5-1.5B shapes (ptxas -v): 117 registers a
@@ -139,8 +145,10 @@ def _decode_split_kernel(
     window,
     scale,
     H,
+    first_slot,  # the splits cover slots [first_slot, kv_len) (the prefix's end in a cascade)
     SPLIT,
-    SPLITS,
+    SPLITS,  # records per (row, head) in the workspace
+    first_split,  # this launch writes records [first_split, first_split + its splits)
     stride_q_b,
     stride_q_h,
     stride_q_d,
@@ -191,7 +199,7 @@ def _decode_split_kernel(
         other=0.0,
     )  # (G_PAD, DH_PAD)
 
-    start = s * SPLIT
+    start = first_slot + s * SPLIT
     hi = tl.minimum(tl.minimum(start + SPLIT, kv_len), slot + 1)  # past `slot` is the future
     lo = start
     if HAS_WINDOW:  # skip whole tiles before the window (tiles stay aligned to the split start)
@@ -247,7 +255,7 @@ def _decode_split_kernel(
         o_off = b * stride_o_b + heads64[:, None] * stride_o_h + d[None, :] * stride_o_d
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
-        rec = (b * H + heads64) * SPLITS + s  # (G_PAD,) flat (b, h, s)
+        rec = (b * H + heads64) * SPLITS + first_split + s  # (G_PAD,) flat (b, h, s)
         tl.store(m_ptr + rec, m_i, mask=row_ok)
         tl.store(l_ptr + rec, l_i, mask=row_ok)
         tl.store(acc_ptr + rec[:, None] * DH + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
@@ -290,12 +298,12 @@ def _decode_combine_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def split_size(batch: int, n_kv_heads: int, kv_len: int, block_s: int = _BLOCK_S) -> int:
+def split_size(batch: int, n_kv_heads: int, kv_len: int, block_s: int = _BLOCK_S, max_splits: int = _MAX_SPLITS) -> int:
     """Slots per split (a multiple of block_s): enough splits for ~_TARGET_PROGRAMS programs in all,
-    at most one per tile and at most _MAX_SPLITS. Depends on python ints only (no device values)."""
+    at most one per tile and at most max_splits. Depends on python ints only (no device values)."""
     tiles = cdiv(max(kv_len, 1), block_s)
     wanted = cdiv(_TARGET_PROGRAMS, batch * n_kv_heads)
-    splits = max(1, min(wanted, tiles, _MAX_SPLITS))
+    splits = max(1, min(wanted, tiles, max_splits))
     return cdiv(tiles, splits) * block_s
 
 
@@ -309,35 +317,55 @@ def _decode_attention_triton(
     window: int | None,
     scale: float,
     prefix: Prefix | None = None,
+    rows: PrefixRows | None = None,
     *,
     split: int | None = None,
     block_s: int = _BLOCK_S,
     num_warps: int | None = None,
     loop_stages: int = _LOOP_STAGES,
 ) -> torch.Tensor:
-    """Launch the split and (with more than one split) combine kernels; split / block_s / num_warps /
-    loop_stages: overrides (tests, tuning)."""
+    """Launch the split and (with more than one split) combine kernels; with a prefix and its
+    `rows`, the prefix part runs per group (prefix_attention.py) and the split kernel covers the
+    rows' own slots. split / block_s / num_warps / loop_stages: overrides (tests, tuning)."""
     B, H, Dh = q.shape
     Hkv = k_cache.shape[1]
     G = H // Hkv
-    split = split_size(B, Hkv, kv_len, block_s) if split is None else split
-    assert split % block_s == 0, f"split {split} is not a multiple of block_s {block_s}"
-    splits = cdiv(kv_len, split)
-    assert splits <= _MAX_SPLITS, f"{splits} splits > {_MAX_SPLITS}"
     if key_mask.dtype == torch.bool:
         key_mask = key_mask.view(torch.uint8)
+    k_prefix, v_prefix, group = (k_cache, v_cache, slot) if prefix is None else prefix  # placeholders: never read
+    prefix_len = 0 if prefix is None else k_prefix.shape[2]
+    cascade = rows is not None and prefix_len > 0
+    first_slot = prefix_len if cascade else 0
+    first_split = 0
+    if cascade:
+        prefix_split = prefix_split_size(
+            k_prefix, rows, H, target=_TARGET_PROGRAMS, max_splits=_MAX_PREFIX_SPLITS, block_s=block_s
+        )
+        first_split = cdiv(prefix_len, prefix_split)
+    own_len = kv_len - first_slot
+    if split is None:
+        split = split_size(B, Hkv, own_len, block_s, _MAX_SPLITS - first_split)
+    assert split % block_s == 0, f"split {split} is not a multiple of block_s {block_s}"
+    splits = cdiv(max(own_len, 1), split)
+    total = first_split + splits
+    assert total <= _MAX_SPLITS, f"{total} splits > {_MAX_SPLITS}"
     out = torch.empty((B, H, Dh), dtype=q.dtype, device=q.device)
-    direct = splits == 1
-    work = 1 if direct else splits  # a placeholder workspace when it is not used
+    direct = total == 1
+    work = 1 if direct else total  # a placeholder workspace when it is not used
     acc = torch.empty((B, H, work, Dh), dtype=torch.float32, device=q.device)
     m = torch.empty((B, H, work), dtype=torch.float32, device=q.device)
     denom = torch.empty((B, H, work), dtype=torch.float32, device=q.device)
     dh_pad = max(16, next_power_of_2(Dh))
-    k_prefix, v_prefix, group = (k_cache, v_cache, slot) if prefix is None else prefix  # placeholders: never read
-    prefix_len = 0 if prefix is None else k_prefix.shape[2]
+    dot_f32 = q.dtype == torch.float32 or interpreting()
+    if cascade:
+        prefix_attention_split(
+            q, k_prefix, v_prefix, rows, key_mask, slot, window, scale, acc, m, denom,
+            split=prefix_split, block_s=block_s, dot_f32=dot_f32, loop_stages=loop_stages,
+        )  # fmt: skip
+    shared = prefix is not None and not cascade  # the split kernel reads the prefix slot by slot
     _decode_split_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, k_prefix, v_prefix, group, key_mask, slot, out, acc, m, denom,
-        kv_len, prefix_len, 0 if window is None else window, scale, H, split, splits,
+        kv_len, prefix_len, 0 if window is None else window, scale, H, first_slot, split, work, first_split,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
@@ -345,15 +373,14 @@ def _decode_attention_triton(
         v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2), v_prefix.stride(3),
         key_mask.stride(0), key_mask.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        G=G, DH=Dh, HAS_PREFIX=prefix is not None, HAS_WINDOW=window is not None, DIRECT=direct,
-        DOT_F32=q.dtype == torch.float32 or interpreting(),
+        G=G, DH=Dh, HAS_PREFIX=shared, HAS_WINDOW=window is not None, DIRECT=direct, DOT_F32=dot_f32,
         G_PAD=max(16, next_power_of_2(G)), DH_PAD=dh_pad, BLOCK_S=block_s, LOOP_STAGES=loop_stages,
-        num_warps=num_warps or (_PREFIX_WARPS if prefix is not None else 4),
+        num_warps=num_warps or (_PREFIX_WARPS if shared else 4),
     )  # fmt: skip
     if not direct:
         _decode_combine_kernel[(B, H)](
-            acc, m, denom, out, H, splits, out.stride(0), out.stride(1), out.stride(2),
-            DH=Dh, SPLITS_PAD=next_power_of_2(splits), DH_PAD=dh_pad, num_warps=4,
+            acc, m, denom, out, H, total, out.stride(0), out.stride(1), out.stride(2),
+            DH=Dh, SPLITS_PAD=next_power_of_2(total), DH_PAD=dh_pad, num_warps=4,
         )  # fmt: skip
     return out
 
@@ -374,6 +401,7 @@ def decode_attention(
     window: int | None = None,
     scale: float | None = None,
     prefix: Prefix | None = None,
+    rows: PrefixRows | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Attention of one query per row q (B, H, Dh) over cache slots [0, kv_len) -> (B, H, Dh).
@@ -383,6 +411,8 @@ def decode_attention(
     int); window: attend slots j > slot - window; scale: default Dh^-0.5. Inference only (no grad).
     prefix: (k_prefix, v_prefix (P, Hkv, Tp, Dh), group (B,) int64), the shared first Tp slots
     (module docstring); the caches then hold slots [Tp, Tp + S_max), and kv_len >= Tp.
+    rows: the prefix's rows listed per prefix row (prefix_attention.prefix_rows of `group`): the
+    prefix part then runs once per group (the same attention, computed in another order).
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "ref".
     """
     B, H, Dh = q.shape
@@ -400,16 +430,22 @@ def decode_attention(
         )
         assert group.shape == (B,) and group.dtype == torch.int64, f"group {tuple(group.shape)} {group.dtype}"
         assert first <= kv_len, f"kv_len {kv_len} ends inside the {first}-slot prefix"
+        if rows is not None:
+            P = k_prefix.shape[0]
+            assert rows.order.shape == (B,) and rows.start.shape == rows.count.shape == (P,), (
+                f"rows: order {tuple(rows.order.shape)}, start {tuple(rows.start.shape)}, {B} rows, {P} prefix rows"
+            )
+    assert rows is None or prefix is not None, "rows without a prefix"
     assert 1 <= kv_len <= first + k_cache.shape[2] and key_mask.shape[0] == B and key_mask.shape[1] >= kv_len, (
         f"kv_len {kv_len}, cache slots {first} + {k_cache.shape[2]}, key_mask {tuple(key_mask.shape)}"
     )
     assert slot.numel() == 1, f"slot must hold one index, got {tuple(slot.shape)}"
     assert window is None or window >= 1, f"window must be >= 1, got {window}"
     scale = Dh**-0.5 if scale is None else float(scale)
-    path = resolve_impl(impl, q, k_cache, v_cache, key_mask, slot, *(prefix or ()))
+    path = resolve_impl(impl, q, k_cache, v_cache, key_mask, slot, *(prefix or ()), *(rows[:3] if rows else ()))
     if path == "ref" or q.numel() == 0:
         return decode_attention_ref(q, k_cache, v_cache, key_mask, slot, kv_len, window, scale, prefix)
     assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"no Triton path for {q.dtype}"
     assert k_cache.dtype == v_cache.dtype == q.dtype, f"q {q.dtype}, cache {k_cache.dtype}"
     assert prefix is None or prefix[0].dtype == prefix[1].dtype == q.dtype, f"prefix {prefix[0].dtype}, q {q.dtype}"
-    return _decode_attention_triton(q, k_cache, v_cache, key_mask, slot, kv_len, window, scale, prefix)
+    return _decode_attention_triton(q, k_cache, v_cache, key_mask, slot, kv_len, window, scale, prefix, rows)

@@ -18,6 +18,7 @@ from helpers.tiny import tiny_model
 
 from minigrpo.kernels import decode_attention, decode_attention_ref
 from minigrpo.kernels.flash_decode import _decode_attention_triton, split_size
+from minigrpo.kernels.prefix_attention import prefix_rows, rows_per_program
 from minigrpo.models import transformer
 from minigrpo.models.transformer import KVCache, attention_mask_4d
 from minigrpo.sampling.kv_sampler import KVCacheSampler
@@ -183,6 +184,58 @@ def test_shared_prefix_is_the_same_attention(case, dtype, device):
         torch.testing.assert_close(shared, ref, rtol=0, atol=1e-5)
     public = decode_attention(q, k_own, v_own, key_mask, slot, kv_len, window=window, prefix=prefix, impl="triton")
     assert torch.equal(public, decode_attention(q, k, v, key_mask, slot, kv_len, window=window, impl="triton"))
+
+
+CASCADE_CASES = [  # (B, H, HKV, Dh, S, kv_len, slot, window, Tp, max_rows, group)
+    (8, 4, 2, 64, 100, 90, 70, None, 37, 4, [0, 0, 0, 0, 1, 1, 1, 1]),  # two full groups, G = 2
+    (5, 6, 1, 64, 80, 80, 60, None, 32, 3, [2, 0, 1, 0, 2]),  # rows out of order, G = 6 padded to 8
+    (6, 8, 2, 32, 120, 110, 100, 40, 50, 4, [1, 1, 1, 0, 0, 2]),  # a window crossing the prefix end
+    (3, 4, 2, 64, 60, 60, 20, None, 33, 2, [0, 0, 2]),  # slot inside the prefix; prefix row 1 has no rows
+    (40, 8, 1, 32, 70, 70, 69, 9, 40, 40, [0] * 40),  # 40 rows x 8 heads: 3 programs of 16 rows
+    (4, 2, 2, 32, 50, 48, 47, None, 48, 4, [0, 0, 0, 0]),  # no own slots past the prefix (kv_len = Tp)
+]
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASCADE_CASES, ids=lambda c: f"B{c[0]}-G{c[1] // c[2]}-Tp{c[8]}-rows{c[9]}")
+def test_prefix_once_per_group_is_the_same_attention(case, dtype, device):
+    # the cascade (prefix part per group, own part per row, then combined) against the reference
+    # (fp32: 1e-5) and against the per-row kernel on the same inputs (bf16: the kernel error budget);
+    # rows of one group may differ in their key mask (here: the own pad of each row is different)
+    B, H, HKV, Dh, S, kv_len, slot_i, window, Tp, max_rows, group = case
+    q, k, v, key_mask = _inputs(B, H, HKV, Dh, S, slot_i, dtype, device)
+    group = torch.tensor(group, device=device)
+    P = int(group.max()) + 1
+    used, dense = torch.unique(group, return_inverse=True)  # prefix rows with no rows hold garbage
+    (kp, vp, _), k_own, v_own = _split_prefix(k, v, key_mask, Tp, dense, len(used))
+    k_prefix = (GARBAGE * torch.randn(P, *kp.shape[1:], device=device)).to(dtype)
+    v_prefix = (GARBAGE * torch.randn(P, *kp.shape[1:], device=device)).to(dtype)
+    k_prefix[used], v_prefix[used] = kp, vp
+    prefix = (k_prefix, v_prefix, group)
+    key_mask[:, : Tp // 3] *= (torch.rand(B, Tp // 3, device=device) < 0.7).long()  # rows differ in the prefix
+    slot, scale = torch.tensor([slot_i], device=device), Dh**-0.5
+    rows = prefix_rows(group, P, max_rows)
+    cascade = _decode_attention_triton(q, k_own, v_own, key_mask, slot, kv_len, window, scale, prefix, rows)
+    per_row = _decode_attention_triton(q, k_own, v_own, key_mask, slot, kv_len, window, scale, prefix)
+    ref64 = decode_attention_ref(q.double(), k_own.double(), v_own.double(), key_mask, slot, kv_len, window,
+                                 prefix=tuple(t.double() if t.is_floating_point() else t for t in prefix))  # fmt: skip
+    if dtype == torch.float32:
+        torch.testing.assert_close(cascade.double(), ref64, rtol=0, atol=1e-5)
+    else:
+        assert rel_err(cascade, ref64) <= 2 * rel_err(per_row, ref64) + FLOOR[dtype]
+    public = decode_attention(
+        q, k_own, v_own, key_mask, slot, kv_len, window=window, prefix=prefix, rows=rows, impl="triton"
+    )
+    assert torch.equal(public, cascade)
+
+
+def test_prefix_rows_lists_each_groups_rows():
+    group = torch.tensor([2, 0, 1, 0, 2, 2])
+    rows = prefix_rows(group, 4, 3)
+    assert rows.count.tolist() == [2, 1, 3, 0] and rows.start.tolist() == [0, 2, 3, 6]
+    assert rows.order.tolist() == [1, 3, 2, 0, 4, 5]  # stable: ascending within a group
+    assert rows_per_program(8, 6) == 8 and rows_per_program(40, 8) == 16 and rows_per_program(3, 1) == 4
 
 
 def test_shared_prefix_shapes_are_checked():

@@ -115,7 +115,7 @@ def test_shared_prefix_decode_matches_full_forward(variant, impl):
         model(prompts, attention_mask=prompt_mask, position_ids=pos[::G, :Tp], kv_cache=small,
               cache_position=torch.arange(Tp))  # fmt: skip
         cache = KVCache(model.args, N, Tp + steps, dtype=torch.float32, device="cpu",
-                        prefix=SharedPrefix(small.k, small.v, group))  # fmt: skip
+                        prefix=SharedPrefix(small.k, small.v, group, max_rows=2))  # fmt: skip
         assert cache.k.shape[3] == steps and cache.first == Tp  # each row owns only its new slots
         cache.k.normal_(0, 1e3), cache.v.normal_(0, 1e3)  # unwritten slots hold garbage
         rows = torch.arange(N)

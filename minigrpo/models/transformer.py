@@ -32,6 +32,7 @@ from torch import nn
 from minigrpo.kernels import apply_rotary, decode_attention, rms_norm, rotary_into_cache, swiglu
 from minigrpo.kernels._triton import resolve_impl
 from minigrpo.kernels.flash_decode import Prefix, with_prefix
+from minigrpo.kernels.prefix_attention import prefix_rows
 
 from .args import ModelArgs
 from .offload import checkpoint_block
@@ -53,11 +54,17 @@ class RMSNorm(nn.Module):
 @dataclass
 class SharedPrefix:
     """Keys and values of the first slots of every row, stored once per group of rows that share
-    them (the G completions of one prompt): row b's first `length` slots are row group[b] of k, v."""
+    them (the G completions of one prompt): row b's first `length` slots are row group[b] of k, v.
+    With max_rows (>= the rows of any prefix row: the group size), `rows` lists each prefix row's
+    rows, and decode attention reads a prefix once per group instead of once per row."""
 
     k: torch.Tensor  # (L, P, Hkv, Tp, Dh)
     v: torch.Tensor  # (L, P, Hkv, Tp, Dh)
     group: torch.Tensor  # (B,) int64: the prefix row of each cache row
+    max_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        self.rows = None if self.max_rows is None else prefix_rows(self.group, self.k.shape[1], self.max_rows)
 
     @property
     def length(self) -> int:
@@ -233,6 +240,7 @@ class Attention(nn.Module):
                 decode.kv_len,
                 window=self.args.layer_windows[self.layer],
                 prefix=kv_cache.layer_prefix(self.layer),
+                rows=None if kv_cache.prefix is None else kv_cache.prefix.rows,
                 impl="triton",
             )  # (B, H, Dh)
             return self.o_proj(out.reshape(B, 1, self.n_heads * self.head_dim))

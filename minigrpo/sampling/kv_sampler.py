@@ -151,6 +151,8 @@ class KVCacheSampler:
         logits_processor: f(logits (n, V), rows (n,), step (1,)) -> logits, applied before each
             draw: `rows` are the decoding rows' ids in the call (0..N-1), `step` the index of the
             token being drawn (device tensors: it runs inside the CUDA graphs, so no host syncs).
+        prefix_per_group: decode attention reads each prompt's keys and values once for its group
+            of rows (kernels/prefix_attention.py); False: once per row (the same attention).
     """
 
     def __init__(
@@ -165,12 +167,14 @@ class KVCacheSampler:
         max_rows: int | None = None,
         compact_below: float = 0.5,
         logits_processor: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        prefix_per_group: bool = True,
     ) -> None:
         if kv_bucket < 1 or (check_every is not None and check_every < 1):
             raise ValueError(f"kv_bucket and check_every must be >= 1, got {kv_bucket} and {check_every}")
         if not 0 <= compact_below < 1:
             raise ValueError(f"compact_below must be in [0, 1), got {compact_below}")
         self.compact_below = compact_below
+        self.prefix_per_group = prefix_per_group
         self.logits_processor = logits_processor
         self.model = model
         self.max_rows = max_rows
@@ -304,7 +308,8 @@ class KVCacheSampler:
         )
         logits = model.logits(hidden[:, -1])  # (B, V)
         group = torch.arange(B, device=dev).repeat_interleave(G)  # (N,) the prompt of each row
-        prefix = SharedPrefix(small.k, small.v, group)  # the G rows of a prompt share its keys/values
+        listed = G if self.prefix_per_group else None  # the G rows of a prompt share its keys/values
+        prefix = SharedPrefix(small.k, small.v, group, max_rows=listed)
         cache = KVCache(model.args, N, Tp + Tc, dtype=model.dtype, device=dev, prefix=prefix)  # (.., Tc, ..)
         mask = torch.ones(N, Tp + Tc, dtype=torch.long, device=dev)
         mask[:, :Tp] = prompt_mask.repeat_interleave(G, dim=0)
