@@ -110,6 +110,9 @@ def _prefix_split_kernel(
     listed = tl.load(start_ptr + p)
     slot = tl.load(slot_ptr).to(tl.int32)
 
+    ri = tl.arange(0, ROWS)
+    r_ok = first_row + ri < n_rows
+    b_r = tl.load(order_ptr + listed + first_row + ri, mask=r_ok, other=0).to(tl.int64)  # (ROWS,) the rows
     qi = tl.arange(0, ROWS * G_PAD)  # tile row = (row r, head hh) as r * G_PAD + hh
     r = qi // G_PAD
     hh = qi % G_PAD
@@ -139,14 +142,16 @@ def _prefix_split_kernel(
         j = j0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
         in_range = j < hi
         real = tl.load(
-            mask_ptr + b[:, None] * stride_m_b + j[None, :] * stride_m_s,
-            mask=q_ok[:, None] & in_range[None, :],
+            mask_ptr + b_r[:, None] * stride_m_b + j[None, :] * stride_m_s,
+            mask=r_ok[:, None] & in_range[None, :],
             other=0,
-        )  # (QP, BLOCK_S): each tile row's own key mask
-        ok = in_range[None, :] & ((real != 0) | (j == slot)[None, :]) & q_ok[:, None]
+        )  # (ROWS, BLOCK_S): each row's own key mask
+        ok_r = in_range[None, :] & ((real != 0) | (j == slot)[None, :]) & r_ok[:, None]
         if HAS_WINDOW:
-            ok = ok & (j > slot - window)[None, :]
-        read = (tl.max(ok.to(tl.int32), axis=0) > 0)[:, None] & d_ok[None, :]  # slots some row attends
+            ok_r = ok_r & (j > slot - window)[None, :]
+        ok_r = ok_r.to(tl.int32)
+        read = (tl.max(ok_r, axis=0) > 0)[:, None] & d_ok[None, :]  # slots some row attends
+        ok = tl.reshape(tl.broadcast_to(ok_r[:, None, :], (ROWS, G_PAD, BLOCK_S)), (ROWS * G_PAD, BLOCK_S)) != 0
         k = tl.load(pk_base + j[:, None] * stride_pk_s + d[None, :] * stride_pk_d, mask=read, other=0.0)
         v = tl.load(pv_base + j[:, None] * stride_pv_s + d[None, :] * stride_pv_d, mask=read, other=0.0)
         if DOT_F32:
