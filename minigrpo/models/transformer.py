@@ -36,6 +36,7 @@ from minigrpo.kernels.prefix_attention import prefix_rows
 
 from .args import ModelArgs
 from .offload import checkpoint_block
+from .packed import joined_rows, pack_rows
 from .rotary import RotaryAngles
 
 
@@ -196,12 +197,19 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
 
+    def qkv_linears(self) -> list[nn.Module]:
+        """The separate q, k, v projections ([] with a fused qkv_proj)."""
+        return [] if self.args.fused_qkv else [self.q_proj, self.k_proj, self.v_proj]
+
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> q (B, T, H, Dh), k and v (B, T, Hkv, Dh)."""
         B, T, _ = x.shape
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        packed = None if self.args.fused_qkv or torch.is_grad_enabled() else joined_rows(self.qkv_linears())
         if self.args.fused_qkv:
-            q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             q, k, v = self.qkv_proj(x).split([q_out, kv_out, kv_out], dim=-1)
+        elif packed is not None:  # inference with q, k, v side by side in memory: one GEMM (packed.py)
+            q, k, v = F.linear(x, *packed).split([q_out, kv_out, kv_out], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim)
@@ -282,9 +290,16 @@ class MLP(nn.Module):
             self.up_proj = nn.Linear(d, f, bias=args.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=args.mlp_bias)
 
+    def gate_up_linears(self) -> list[nn.Module]:
+        """The separate gate and up projections ([] with a fused gate_up_proj)."""
+        return [] if self.fused else [self.gate_proj, self.up_proj]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = None if self.fused or torch.is_grad_enabled() else joined_rows(self.gate_up_linears())
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, F) each: halves of (B, T, 2F)
+        elif packed is not None:  # inference with gate and up side by side in memory: one GEMM
+            gate, up = F.linear(x, *packed).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, F) each
         return self.down_proj(swiglu(gate, up))  # (B, T, D)
@@ -344,6 +359,15 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
+
+    def pack_projections(self) -> bool:
+        """Store each block's q, k, v (and gate, up) weights back to back, so inference runs each set
+        as one GEMM (models/packed.py); idempotent. Returns whether every set is packed."""
+        packed = True
+        for block in self.model.layers:
+            for linears in (block.self_attn.qkv_linears(), block.mlp.gate_up_linears()):
+                packed &= not linears or pack_rows(linears)
+        return packed
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -243,6 +243,8 @@ class KVCacheSampler:
         n, waves = params.n, generation_waves(B, params.n, self.max_rows)
         parts = []
         with full_weights(self.model) as net:  # the model itself unless it is sharded (FSDP2)
+            if net is self.model:  # q, k, v (gate, up) side by side: one GEMM each (a gathered view: as is)
+                net.pack_projections()
             self._net = net
             try:
                 for p0, p1, c0, c1 in waves:  # split invariance: a wave's rows draw what they would in one go

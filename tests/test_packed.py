@@ -1,0 +1,112 @@
+"""Packed projections (models/packed.py): q, k, v (gate, up) weights back to back in one buffer.
+
+Packing moves storage only: the same Parameters, values and gradients; inference runs each set as
+one GEMM over a view of the buffer (fp32 on the CPU: the same logits within 1e-6); training keeps
+the separate calls; a set that stops being packed (re-allocated by .to(), wrapped by LoRA) falls
+back to the separate calls by itself, and the sampler packs its model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.tiny import tiny_model, tiny_tokenizer
+
+from minigrpo.lora import LoRACfg, apply_lora
+from minigrpo.models.packed import joined_rows, pack_rows
+from minigrpo.sampling.kv_sampler import KVCacheSampler
+from minigrpo.sampling.params import SamplingParams
+
+VARIANTS = {
+    "llama": {},
+    "qwen2-bias": dict(model_type="qwen2"),  # q/k/v biases: packed too
+    "qwen3-qknorm": dict(model_type="qwen3", head_dim=24),
+    "phi3-fused": dict(model_type="phi3"),  # qkv_proj / gate_up_proj already one matrix: nothing to pack
+}
+
+
+def _calls(model) -> dict[str, int]:
+    """Counts the forward calls of every q_proj and gate_proj (hooks)."""
+    count = {"q_proj": 0, "gate_proj": 0}
+    for name, module in model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if short in count:
+            module.register_forward_hook(lambda *_, s=short: count.__setitem__(s, count[s] + 1))
+    return count
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_packing_keeps_values_and_inference_runs_one_gemm_per_set(variant):
+    model = tiny_model(seed=3, **VARIANTS[variant])
+    ids = torch.randint(3, 100, (2, 9))
+    with torch.no_grad():
+        before = model(ids)
+    params = dict(model.named_parameters())
+    values = {k: p.detach().clone() for k, p in params.items()}
+    assert model.pack_projections()
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    assert all(torch.equal(p, values[k]) and p.requires_grad for k, p in params.items())
+    calls = _calls(model)
+    with torch.no_grad():
+        after = model(ids)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    fused = variant == "phi3-fused"
+    assert calls == ({"q_proj": 0, "gate_proj": 0})  # packed sets (or fused matrices) never call the parts
+    attn = model.model.layers[1].self_attn
+    if not fused:
+        w, b = joined_rows(attn.qkv_linears())
+        assert w.data_ptr() == attn.q_proj.weight.data_ptr()
+        assert torch.equal(w, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        assert (b is None) == (attn.q_proj.bias is None)
+
+
+def test_joined_rows_is_a_view_of_the_packed_storage():
+    layers = [torch.nn.Linear(8, n) for n in (6, 4, 4)]
+    assert joined_rows(layers) is None  # three separate allocations
+    assert pack_rows(layers)
+    w, b = joined_rows(layers)
+    assert w.shape == (14, 8) and b.shape == (14,) and w.data_ptr() == layers[0].weight.data_ptr()
+    with torch.no_grad():
+        layers[1].weight.add_(1.0)  # an in-place update of one part (an optimizer step) shows in the view
+    assert torch.equal(w[6:10], layers[1].weight)
+    assert joined_rows(list(reversed(layers))) is None  # order matters
+    assert not pack_rows([torch.nn.Linear(8, 4), torch.nn.Linear(7, 4)])  # different input sizes
+
+
+def test_training_gradients_are_those_of_the_unpacked_model():
+    plain, packed = tiny_model(seed=4, model_type="qwen2"), tiny_model(seed=4, model_type="qwen2")
+    packed.pack_projections()
+    ids = torch.randint(3, 100, (2, 9))
+    for m in (plain, packed):
+        m(ids).float().logsumexp(-1).mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), packed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_set_that_stops_being_packed_falls_back():
+    model = tiny_model(seed=5)
+    ids = torch.randint(3, 100, (2, 9))
+    model.pack_projections()
+    model.to(torch.float64)  # every parameter re-allocated on its own
+    attn = model.model.layers[0].self_attn
+    assert joined_rows(attn.qkv_linears()) is None
+    calls = _calls(model)
+    with torch.no_grad():
+        model(ids)
+    assert calls["q_proj"] == 2 and calls["gate_proj"] == 2  # the separate calls, one per layer
+    apply_lora(model, LoRACfg(r=2, alpha=4, targets=["q", "v"]))
+    assert not model.pack_projections()  # q and v are LoRA-wrapped: that set stays as it is
+    assert joined_rows(model.model.layers[0].mlp.gate_up_linears()) is not None  # gate, up were packed
+
+
+def test_the_sampler_packs_its_model_and_draws_the_same_tokens():
+    prompts = [[5, 6, 7], [8, 9]]
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, ignore_stop=True)
+    plain, packed = tiny_model(seed=6, model_type="qwen2"), tiny_model(seed=6, model_type="qwen2")
+    plain.pack_projections = lambda: False  # this one stays unpacked: the separate calls
+    a = KVCacheSampler(plain, tiny_tokenizer(), cuda_graphs=False).generate(prompts, params, key=(1,))
+    b = KVCacheSampler(packed, tiny_tokenizer(), cuda_graphs=False).generate(prompts, params, key=(1,))
+    assert joined_rows(plain.model.layers[0].self_attn.qkv_linears()) is None
+    assert joined_rows(packed.model.layers[0].self_attn.qkv_linears()) is not None  # generate packed it
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    torch.testing.assert_close(a.sampler_logp, b.sampler_logp, rtol=0, atol=1e-5)
