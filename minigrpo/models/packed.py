@@ -8,14 +8,18 @@ with separate parameters is the same math), so instead of a fused parameter the 
 buffer: `pack_rows` moves them into it (the Parameters keep their identity, only their storage
 moves), and `joined_rows` sees a packed set as one (sum of outputs, in) matrix, with no copy.
 
-Inference only: with grad enabled the model keeps the separate calls, whose gradients land in the
-separate parameters. `joined_rows` checks the storage every time, so a set that stopped being
-packed (moved to another device, sharded, quantised, wrapped by LoRA) falls back by itself.
+`packed_linear(x, layers)` is what the model calls: one GEMM over the joined matrix when the set is
+packed, the layers one by one otherwise. In training its backward is one GEMM for the input's
+gradient and one for the joined weight's, whose row blocks are the parts' gradients (the small k
+and v GEMMs, N = 256 for Qwen2.5-1.5B, run at a fraction of the large ones' rate). It checks the
+storage on every call, so a set that stopped being packed (moved to another device, sharded,
+quantised, wrapped by LoRA) falls back by itself.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -61,6 +65,43 @@ def joined_rows(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | 
         return weight, None
     bias = _joined([m.bias.detach() for m in modules])
     return None if bias is None else (weight, bias)
+
+
+class _JoinedLinear(torch.autograd.Function):
+    """y = x W^T + b with W, b the joined views of packed parts; the gradient of W is returned in
+    row blocks, one per part (the parts are the inputs autograd tracks; the views are not)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sizes, *parts):
+        ctx.save_for_backward(x, weight)
+        ctx.sizes, ctx.has_bias = sizes, bias is not None
+        return F.linear(x, weight, bias)  # (..., sum N_i)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = dy @ weight if ctx.needs_input_grad[0] else None  # (..., D)
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, sum N_i)
+        dw = dy2.T @ x.reshape(-1, x.shape[-1])  # (sum N_i, D)
+        grads = list(dw.split(ctx.sizes))
+        if ctx.has_bias:
+            grads += list(dy2.sum(0).split(ctx.sizes))
+        return dx, None, None, None, *grads  # x, the views, sizes, then one gradient per part
+
+
+def packed_linear(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers], as one GEMM when the layers are packed (pack_rows)."""
+    joined = joined_rows(layers)
+    if joined is None:
+        return [layer(x) for layer in layers]
+    weight, bias = joined
+    sizes = [layer.out_features for layer in layers]
+    params = [layer.weight for layer in layers] + ([layer.bias for layer in layers] if bias is not None else [])
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        y = _JoinedLinear.apply(x, weight, bias, sizes, *params)
+    else:
+        y = F.linear(x, weight, bias)
+    return list(y.split(sizes, dim=-1))
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from minigrpo.kernels.prefix_attention import prefix_rows
 
 from .args import ModelArgs
 from .offload import checkpoint_block
-from .packed import joined_rows, pack_rows
+from .packed import pack_rows, packed_linear
 from .rotary import RotaryAngles
 
 
@@ -204,14 +204,11 @@ class Attention(nn.Module):
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> q (B, T, H, Dh), k and v (B, T, Hkv, Dh)."""
         B, T, _ = x.shape
-        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        packed = None if self.args.fused_qkv or torch.is_grad_enabled() else joined_rows(self.qkv_linears())
         if self.args.fused_qkv:
+            q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             q, k, v = self.qkv_proj(x).split([q_out, kv_out, kv_out], dim=-1)
-        elif packed is not None:  # inference with q, k, v side by side in memory: one GEMM (packed.py)
-            q, k, v = F.linear(x, *packed).split([q_out, kv_out, kv_out], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # one GEMM when q, k, v lie side by side in memory (packed.py)
+            q, k, v = packed_linear(x, self.qkv_linears())
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
@@ -295,13 +292,10 @@ class MLP(nn.Module):
         return [] if self.fused else [self.gate_proj, self.up_proj]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = None if self.fused or torch.is_grad_enabled() else joined_rows(self.gate_up_linears())
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, F) each: halves of (B, T, 2F)
-        elif packed is not None:  # inference with gate and up side by side in memory: one GEMM
-            gate, up = F.linear(x, *packed).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, F) each
+        else:  # (B, T, F) each; one GEMM when packed
+            gate, up = packed_linear(x, self.gate_up_linears())
         return self.down_proj(swiglu(gate, up))  # (B, T, D)
 
 
