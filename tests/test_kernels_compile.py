@@ -131,8 +131,8 @@ def _decode_args(k, B, H, HKV, DH, kv_len, window, dtype, prefix_len=0):
     args = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, pk_ptr=dtype, pv_ptr=dtype,
                 group_ptr=i64, mask_ptr=i64, slot_ptr=i64, out_ptr=dtype,
                 acc_ptr=f32, m_ptr=f32, l_ptr=f32,
-                kv_len=kv_len, prefix_len=prefix_len, window=window or 0, scale=DH**-0.5, H=H, SPLIT=split,
-                SPLITS=splits,
+                kv_len=kv_len, prefix_len=prefix_len, window=window or 0, scale=DH**-0.5, H=H, first_slot=0,
+                SPLIT=split, SPLITS=splits, first_split=0,
                 stride_q_b=H * DH, stride_q_h=DH, stride_q_d=1,
                 stride_k_b=HKV * S_MAX * DH, stride_k_h=S_MAX * DH, stride_k_s=DH, stride_k_d=1,
                 stride_v_b=HKV * S_MAX * DH, stride_v_h=S_MAX * DH, stride_v_s=DH, stride_v_d=1,
@@ -166,6 +166,30 @@ def _flash_decode_cases(k):
             k._PREFIX_WARPS,
         ),
         ("_decode_combine_kernel", "qwen"): (combine, 4),
+    }
+
+
+def _prefix_attention_cases(k):
+    """The prefix part of a cascade: 8 rows per prompt (8 x 6 heads padded to 8: a 64-row tile);
+    and a window with G = 7 (Qwen2.5-7B: 28 heads over 4 kv heads)."""
+
+    def args(G, HKV, DH, window):
+        rows = k.rows_per_program(8, G)
+        g_pad = k.next_power_of_2(G)
+        Tp = 256
+        return dict(q_ptr=bf16, pk_ptr=bf16, pv_ptr=bf16, order_ptr=i64, start_ptr=i64, count_ptr=i64,
+                    mask_ptr=i64, slot_ptr=i64, acc_ptr=f32, m_ptr=f32, l_ptr=f32,
+                    prefix_len=Tp, window=window or 0, scale=DH**-0.5, H=G * HKV, SPLIT=64, SPLITS=9, CHUNKS=1,
+                    stride_q_b=G * HKV * DH, stride_q_h=DH, stride_q_d=1,
+                    stride_pk_b=HKV * Tp * DH, stride_pk_h=Tp * DH, stride_pk_s=DH, stride_pk_d=1,
+                    stride_pv_b=HKV * Tp * DH, stride_pv_h=Tp * DH, stride_pv_s=DH, stride_pv_d=1,
+                    stride_m_b=S_MAX, stride_m_s=1,
+                    G=G, DH=DH, HAS_WINDOW=window is not None, DOT_F32=False, ROWS=rows, G_PAD=g_pad,
+                    DH_PAD=max(16, k.next_power_of_2(DH)), BLOCK_S=64, LOOP_STAGES=2), (8 if rows * g_pad >= 64 else 4)  # fmt: skip
+
+    return {
+        ("_prefix_split_kernel", "qwen_8_rows"): args(H // HKV, HKV, DH, None),
+        ("_prefix_split_kernel", "g7_window"): args(7, 4, 128, 512),
     }
 
 
@@ -222,6 +246,7 @@ CASE_BUILDERS = {
     "rope": _rope_cases,
     "logprobs": _logprobs_cases,
     "flash_decode": _flash_decode_cases,
+    "prefix_attention": _prefix_attention_cases,
     "sampling": _sampling_cases,
     "kv_write": _kv_write_cases,
     "swiglu": _swiglu_cases,
