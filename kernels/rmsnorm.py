@@ -21,14 +21,18 @@ from ._triton import cdiv, jit, next_power_of_2, num_programs_per_wave, resolve_
 # ----------------------------------------------------------------------------------------------
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The spec: fp32 statistics, HF cast order (normalise in fp32, cast to x.dtype, then scale).
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The spec: fp32 statistics, HF cast order (normalise in fp32, cast to x.dtype, then scale),
+    the product in the promoted dtype of x and weight, rounded once to out_dtype (default: that).
 
     fp64 inputs keep fp64 math, so that the spec doubles as the high-precision reference.
     """
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * (xf * rstd).to(x.dtype)
+    y = weight * (xf * rstd).to(x.dtype)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,11 +170,12 @@ def _bwd_config(D: int) -> tuple[int, int, int, int]:
 
 
 def _rms_norm_fwd(
-    x: torch.Tensor, w: torch.Tensor, r: torch.Tensor | None, eps: float
+    x: torch.Tensor, w: torch.Tensor, r: torch.Tensor | None, eps: float, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """x, r: (M, D) rows; returns y (M, D), h (M, D) or None, rstd (M,) fp32."""
+    """x, r: (M, D) rows; returns y (M, D) in out_dtype (default: x's and w's promoted), h (M, D)
+    or None, rstd (M,) fp32."""
     M, D = x.shape
-    y = torch.empty((M, D), dtype=torch.promote_types(x.dtype, w.dtype), device=x.device)
+    y = torch.empty((M, D), dtype=out_dtype or torch.promote_types(x.dtype, w.dtype), device=x.device)
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if r is not None else None
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     block_m, block_d, num_warps = _fwd_config(D)
@@ -251,8 +256,8 @@ class RMSNormFunction(torch.autograd.Function):
     """rms_norm on (M, D) rows; with a residual, returns (y, h) and routes dh into dx."""
 
     @staticmethod
-    def forward(ctx, x, weight, residual, eps):
-        y, h, rstd = _rms_norm_fwd(x, weight, residual, eps)
+    def forward(ctx, x, weight, residual, eps, out_dtype=None):
+        y, h, rstd = _rms_norm_fwd(x, weight, residual, eps, out_dtype)
         ctx.save_for_backward(h if h is not None else x, weight, rstd)
         ctx.has_residual = residual is not None
         return y if h is None else (y, h)
@@ -264,7 +269,7 @@ class RMSNormFunction(torch.autograd.Function):
         if dh is not None and dh.stride(1) != 1:
             dh = dh.contiguous()
         dx, dw = _rms_norm_bwd(dy, x, weight, rstd, dh)
-        return dx, dw, (dx if ctx.has_residual else None), None
+        return dx, dw, (dx if ctx.has_residual else None), None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,24 +283,27 @@ def rms_norm(
     eps: float = 1e-6,
     *,
     residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
     impl: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of x (..., D) with weight (D,). With `residual` (same shape as x), returns
     (rms_norm(x + residual), x + residual): the pre-norm block's fused residual add.
+    out_dtype: y's dtype (default x's and weight's promoted one, as HF); an fp32 weight over bf16
+    rows with out_dtype bf16 scales in fp32 and rounds once.
 
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "ref".
     """
     path = resolve_impl(impl, x, weight)
     if path == "ref" or x.numel() == 0:
         if residual is None:
-            return rms_norm_ref(x, weight, eps)
+            return rms_norm_ref(x, weight, eps, out_dtype)
         h = x + residual
-        return rms_norm_ref(h, weight, eps), h
+        return rms_norm_ref(h, weight, eps, out_dtype), h
     D = x.shape[-1]
     assert weight.shape == (D,), f"weight {tuple(weight.shape)} does not match x (..., {D})"
     x2 = _rows(x, D)
     if residual is None:
-        return RMSNormFunction.apply(x2, weight, None, eps).view(x.shape)
+        return RMSNormFunction.apply(x2, weight, None, eps, out_dtype).view(x.shape)
     assert residual.shape == x.shape, f"residual {tuple(residual.shape)} != x {tuple(x.shape)}"
-    y, h = RMSNormFunction.apply(x2, weight, _rows(residual, D), eps)
+    y, h = RMSNormFunction.apply(x2, weight, _rows(residual, D), eps, out_dtype)
     return y.view(x.shape), h.view(x.shape)

@@ -237,6 +237,8 @@ def load_policy(cfg: Config, device: torch.device, dtype: torch.dtype):
         )
     if cfg.lora.enabled:  # after quantizing: adapters wrap the (NF4) base linears
         lora.apply_lora(model, cfg.lora)
+    elif cfg.train.fp32_norms and dtype in (torch.bfloat16, torch.float16):
+        model.norms_in_fp32()  # trainable gains: a step of lr ~1e-5 is far below bf16's resolution near 1
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     model.activation_offload = cfg.model.activation_offload
     return model, tokenizer

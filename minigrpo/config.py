@@ -211,6 +211,7 @@ class TrainCfg(Section):
     max_grad_norm: float | None = spec(1.0, "> 0")  # clip the global gradient norm (None: no clipping)
     micro_batch_size: int = spec(8, ">= 1")  # sequences per forward/backward pass; must divide B*G
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"  # 8-bit ones need bitsandbytes
+    fp32_norms: bool = True  # 16-bit full fine-tuning: RMSNorm gains stay fp32 (bf16 rounds lr-sized steps away)
 
 
 @dataclass

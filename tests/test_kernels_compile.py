@@ -185,7 +185,8 @@ def _prefix_attention_cases(k):
                     stride_pv_b=HKV * Tp * DH, stride_pv_h=Tp * DH, stride_pv_s=DH, stride_pv_d=1,
                     stride_m_b=S_MAX, stride_m_s=1,
                     G=G, DH=DH, HAS_WINDOW=window is not None, DOT_F32=False, ROWS=rows, G_PAD=g_pad,
-                    DH_PAD=max(16, k.next_power_of_2(DH)), BLOCK_S=64, LOOP_STAGES=2), (8 if rows * g_pad >= 64 else 4)  # fmt: skip
+                    DH_PAD=max(16, k.next_power_of_2(DH)), BLOCK_S=64,
+                    LOOP_STAGES=2), (8 if rows * g_pad >= 64 else 4)  # fmt: skip
 
     return {
         ("_prefix_split_kernel", "qwen_8_rows"): args(H // HKV, HKV, DH, None),

@@ -107,3 +107,26 @@ def test_rms_norm_keeps_hf_cast_order(device):
     w = (1 + 0.1 * torch.randn(896, device=dev)).bfloat16()
     same = rms_norm(x, w, impl="triton") == rms_norm_ref(x, w, 1e-6)
     assert same.float().mean().item() > 0.99
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("residual", [False, True])
+def test_fp32_gain_over_bf16_rows(device, residual):
+    # the bf16 model's mixed layout: fp32 gains, bf16 rows and output (out_dtype), the scale in fp32,
+    # rounded once; a gain change far below bf16's resolution (1e-4 of 2^-8) still moves outputs,
+    # and the gain's gradient comes back in fp32 equal to the reference's
+    x = torch.randn(64, 576, device=device).bfloat16()
+    r = torch.randn(64, 576, device=device).bfloat16() if residual else None
+    w = (1 + 0.1 * torch.randn(576, device=device)).requires_grad_()
+    for impl in ("triton", "ref"):
+        out = rms_norm(x, w, 1e-6, residual=r, out_dtype=torch.bfloat16, impl=impl)
+        y = out[0] if residual else out
+        assert y.dtype == torch.bfloat16
+        h = (x + r).float() if residual else x.float()  # the residual sum is rounded to bf16 first
+        n = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16().float()
+        assert torch.equal(y, (w.detach() * n).bfloat16())  # one rounding of the fp32 product
+        moved = rms_norm(x, w.detach() * (1 + 1e-4), 1e-6, residual=r, out_dtype=torch.bfloat16, impl=impl)
+        assert ((moved[0] if residual else moved) != y).float().mean() > 0.005
+        (g,) = torch.autograd.grad(y.float().pow(2).sum(), w)
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, (2 * y.float() * n).sum(0), rtol=2e-2, atol=1e-2)

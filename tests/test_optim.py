@@ -107,3 +107,60 @@ def test_no_trainable_parameters():
     model = tiny_model().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_optimizer(model.parameters(), TrainCfg())
+
+
+def test_fp32_norm_gains_take_the_steps_that_bf16_gains_cannot():
+    # norms_in_fp32: the gains in fp32, the rest bf16; the same logits before any step (the gains
+    # are bf16 values), then three AdamW steps at lr 1e-5 move every fp32 gain (a bf16 gain near 1
+    # would need ~2^-8 / 1e-5 = 400 of them) and the logits with them: the fp32 product of a
+    # gain and a bf16 row crosses a rounding boundary with probability ~ step / bf16 spacing (a
+    # gain of exactly 1, as initialised, never does: its products sit on the grid)
+    from minigrpo.models.transformer import RMSNorm
+
+    mixed, plain = tiny_model(seed=1, dtype=torch.bfloat16), tiny_model(seed=1, dtype=torch.bfloat16)
+    gains = {m: [x.weight for x in m.modules() if isinstance(x, RMSNorm)] for m in (mixed, plain)}
+    torch.manual_seed(0)
+    trained = [1 + 0.2 * torch.randn_like(w, dtype=torch.float32) for w in gains[mixed]]  # not 1: see below
+    with torch.no_grad():
+        for m in (mixed, plain):
+            for w, t in zip(gains[m], trained):
+                w.copy_(t)
+    mixed.norms_in_fp32()
+    gains[mixed] = [x.weight for x in mixed.modules() if isinstance(x, RMSNorm)]
+    assert {w.dtype for w in gains[mixed]} == {torch.float32} and {w.dtype for w in gains[plain]} == {torch.bfloat16}
+    assert mixed.dtype == torch.bfloat16 and mixed.lm_head.weight.dtype == torch.bfloat16  # the rest stays bf16
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(mixed(ids), plain(ids))
+    before = {m: [w.detach().clone() for w in gains[m]] for m in (mixed, plain)}
+    for model in (mixed, plain):
+        opt = build_optimizer(model.parameters(), TrainCfg(lr=1e-5))
+        for _ in range(3):
+            model(ids).float().logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert all(not torch.equal(w, w0) for w, w0 in zip(gains[mixed], before[mixed]))
+    assert all(torch.equal(w, w0) for w, w0 in zip(gains[plain], before[plain]))
+    with torch.no_grad():
+        assert not torch.equal(mixed(ids), plain(ids))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "sections", "fp32"),
+    [
+        ("bfloat16", {}, True),
+        ("bfloat16", {"train": {"fp32_norms": False}}, False),
+        ("bfloat16", {"lora": {"enabled": True, "r": 2}}, False),  # frozen gains stay as loaded
+        ("float32", {}, True),
+    ],
+)
+def test_the_policy_keeps_its_gains_in_fp32_for_16_bit_full_fine_tuning(tmp_path, dtype, sections, fp32):
+    from helpers.runs import run_config
+
+    from minigrpo.build import load_policy
+    from minigrpo.config import Config
+
+    cfg = Config.from_dict(run_config(tmp_path, run={"dtype": dtype}, **sections))
+    model, _ = load_policy(cfg, torch.device("cpu"), getattr(torch, dtype))
+    gain = model.model.norm.weight
+    assert (gain.dtype == torch.float32) == fp32 and model.model.embed_tokens.weight.dtype == getattr(torch, dtype)

@@ -41,7 +41,8 @@ from .rotary import RotaryAngles
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim; with `residual` it also returns the sum it normalised."""
+    """RMSNorm over the last dim; with `residual` it also returns the sum it normalised. The output
+    has the input's dtype, also when the gain is kept in fp32 (Transformer.norms_in_fp32)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -49,7 +50,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return rms_norm(x, self.weight, self.eps, residual=residual)
+        return rms_norm(x, self.weight, self.eps, residual=residual, out_dtype=x.dtype)
 
 
 @dataclass
@@ -353,6 +354,17 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
+
+    def norms_in_fp32(self) -> None:
+        """Keep every RMSNorm gain in fp32 while the rest stays 16-bit, as autocast training keeps it.
+
+        Why: gains sit near 1, where bf16's step is 2^-7; an AdamW step at RL learning rates (~1e-5)
+        moves a gain 1000x less, so a bf16 gain never moves even though its fp32 master does. The
+        gains are a few thousand numbers; the scale runs in fp32 and rounds once (kernels/rmsnorm.py).
+        """
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.data = module.weight.data.float()
 
     def pack_projections(self) -> bool:
         """Store each block's q, k, v (and gate, up) weights back to back, so inference runs each set
