@@ -1,20 +1,24 @@
 """Packed projections (models/packed.py): q, k, v (gate, up) weights back to back in one buffer.
 
-Packing moves storage only: the same Parameters, values and gradients. The model runs each set as
-one GEMM over a view of the buffer: fp32 on the CPU, the same logits within 1e-6 and, in training,
-the same gradients within 1e-6, accumulated into the separate parameters. A set that stops being
-packed (re-allocated by .to(), wrapped by LoRA) falls back to the separate calls by itself, and
-the sampler packs its model.
+Packing moves storage only: the same Parameters, values and gradients. A packed set runs as one
+GEMM over a view of the buffer: by default in 16-bit models, forced here in fp32 (`join`) to hold
+it to the unpacked math: the same logits within 1e-6 and, in training, the same gradients within
+1e-6, accumulated into the separate parameters. fp32 models keep the separate calls by default. A
+set that stops being packed (re-allocated by .to(), wrapped by LoRA) falls back by itself, and the
+sampler packs its model.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 from helpers.tiny import tiny_model, tiny_tokenizer
 
 from minigrpo.lora import LoRACfg, apply_lora
-from minigrpo.models.packed import joined_rows, pack_rows
+from minigrpo.models import transformer
+from minigrpo.models.packed import joined_rows, pack_rows, packed_linear
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams
 
@@ -36,8 +40,14 @@ def _calls(model) -> dict[str, int]:
     return count
 
 
+@pytest.fixture
+def joined(monkeypatch):
+    """The model's packed sets run joined whatever their dtype (the default joins 16-bit ones)."""
+    monkeypatch.setattr(transformer, "packed_linear", functools.partial(packed_linear, join=True))
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_packing_keeps_values_and_inference_runs_one_gemm_per_set(variant):
+def test_packing_keeps_values_and_inference_runs_one_gemm_per_set(variant, joined):
     model = tiny_model(seed=3, **VARIANTS[variant])
     ids = torch.randint(3, 100, (2, 9))
     with torch.no_grad():
@@ -75,7 +85,7 @@ def test_joined_rows_is_a_view_of_the_packed_storage():
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2-bias"])
-def test_training_through_the_joined_gemm_gives_the_unpacked_gradients(variant):
+def test_training_through_the_joined_gemm_gives_the_unpacked_gradients(variant, joined):
     # two backward passes (gradients accumulate into the parts), then an optimizer step: the
     # parameters stay packed and equal to the unpacked model's
     plain, packed = tiny_model(seed=4, **VARIANTS[variant]), tiny_model(seed=4, **VARIANTS[variant])
@@ -98,7 +108,7 @@ def test_training_through_the_joined_gemm_gives_the_unpacked_gradients(variant):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
 
 
-def test_a_set_that_stops_being_packed_falls_back():
+def test_a_set_that_stops_being_packed_falls_back(joined):
     model = tiny_model(seed=5)
     ids = torch.randint(3, 100, (2, 9))
     model.pack_projections()
@@ -114,7 +124,7 @@ def test_a_set_that_stops_being_packed_falls_back():
     assert joined_rows(model.model.layers[0].mlp.gate_up_linears()) is not None  # gate, up were packed
 
 
-def test_the_sampler_packs_its_model_and_draws_the_same_tokens():
+def test_the_sampler_packs_its_model_and_draws_the_same_tokens(joined):
     prompts = [[5, 6, 7], [8, 9]]
     params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, ignore_stop=True)
     plain, packed = tiny_model(seed=6, model_type="qwen2"), tiny_model(seed=6, model_type="qwen2")
@@ -125,3 +135,15 @@ def test_the_sampler_packs_its_model_and_draws_the_same_tokens():
     assert joined_rows(packed.model.layers[0].self_attn.qkv_linears()) is not None  # generate packed it
     assert torch.equal(a.completion_ids, b.completion_ids)
     torch.testing.assert_close(a.sampler_logp, b.sampler_logp, rtol=0, atol=1e-5)
+
+
+def test_by_default_16_bit_sets_join_and_fp32_ones_keep_the_separate_calls():
+    ids = torch.randint(3, 100, (2, 9))
+    for dtype, parts in ((torch.float32, 2), (torch.bfloat16, 0)):  # calls per projection: one per layer, or none
+        model = tiny_model(seed=7, dtype=dtype)
+        model.pack_projections()
+        calls = _calls(model)
+        model(ids).float().mean().backward()  # training
+        with torch.no_grad():
+            model(ids)  # inference
+        assert calls == {"q_proj": 2 * parts, "gate_proj": 2 * parts}, dtype

@@ -9,7 +9,8 @@ buffer: `pack_rows` moves them into it (the Parameters keep their identity, only
 moves), and `joined_rows` sees a packed set as one (sum of outputs, in) matrix, with no copy.
 
 `packed_linear(x, layers)` is what the model calls: one GEMM over the joined matrix when the set is
-packed, the layers one by one otherwise. In training its backward is one GEMM for the input's
+packed and 16-bit (fp32 models keep bitwise the results of unpacked ones), the layers one by one
+otherwise. In training its backward is one GEMM for the input's
 gradient and one for the joined weight's, whose row blocks are the parts' gradients (the small k
 and v GEMMs, N = 256 for Qwen2.5-1.5B, run at a fraction of the large ones' rate). It checks the
 storage on every call, so a set that stopped being packed (moved to another device, sharded,
@@ -89,12 +90,20 @@ class _JoinedLinear(torch.autograd.Function):
         return dx, None, None, None, *grads  # x, the views, sizes, then one gradient per part
 
 
-def packed_linear(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
-    """[layer(x) for layer in layers], as one GEMM when the layers are packed (pack_rows)."""
+def packed_linear(x: torch.Tensor, layers: list[nn.Module], *, join: bool | None = None) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers], as one GEMM when the layers are packed (pack_rows).
+
+    join: whether a packed set runs as one GEMM (forward, and backward with grad). Default: when its
+    weights are 16-bit, i.e. tensor-core GEMMs, where fewer and larger calls pay. fp32 models (the
+    references, the exactness tests) keep the separate calls, so their results stay bitwise those
+    of an unpacked model (e.g. one process against FSDP shards, which are never packed).
+    """
     joined = joined_rows(layers)
     if joined is None:
         return [layer(x) for layer in layers]
     weight, bias = joined
+    if not (weight.dtype in (torch.bfloat16, torch.float16) if join is None else join):
+        return [layer(x) for layer in layers]
     sizes = [layer.out_features for layer in layers]
     params = [layer.weight for layer in layers] + ([layer.bias for layer in layers] if bias is not None else [])
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
