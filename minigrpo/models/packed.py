@@ -10,11 +10,11 @@ moves), and `joined_rows` sees a packed set as one (sum of outputs, in) matrix, 
 
 `packed_linear(x, layers)` is what the model calls: one GEMM over the joined matrix when the set is
 packed and 16-bit (fp32 models keep bitwise the results of unpacked ones), the layers one by one
-otherwise. In training its backward is one GEMM for the input's
-gradient and one for the joined weight's, whose row blocks are the parts' gradients (the small k
-and v GEMMs, N = 256 for Qwen2.5-1.5B, run at a fraction of the large ones' rate). It checks the
-storage on every call, so a set that stopped being packed (moved to another device, sharded,
-quantised, wrapped by LoRA) falls back by itself.
+otherwise. In training its backward is one GEMM for the input's gradient and one for the joined
+weight's, whose row blocks are the parts' gradients (the small k and v GEMMs, N = 256 for
+Qwen2.5-1.5B, run at a fraction of the large ones' rate). It checks the storage on every call, so a
+set that stopped being packed (moved to another device, sharded, quantised, wrapped by LoRA) falls
+back by itself.
 """
 
 from __future__ import annotations
