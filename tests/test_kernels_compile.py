@@ -72,6 +72,10 @@ def _rmsnorm_cases(k):
         ("_rms_norm_fwd_kernel", "residual"): (fwd, nw),
         ("_rms_norm_bwd_kernel", "dh"): (bwd, bw),
         ("_rms_norm_dw_kernel", "main"): (dw, 8),
+        # 16-bit full fine-tuning keeps the gains in fp32 (Transformer.norms_in_fp32): bf16 rows, fp32 w
+        ("_rms_norm_fwd_kernel", "fp32_gain"): (dict(fwd, w_ptr=f32), nw),
+        ("_rms_norm_bwd_kernel", "fp32_gain"): (dict(bwd, w_ptr=f32), bw),
+        ("_rms_norm_dw_kernel", "fp32_gain"): (dict(dw, dw_ptr=f32), 8),
     }
 
 
