@@ -71,8 +71,10 @@ def checkpoint_tensors(ckpt) -> dict[str, torch.Tensor]:
         {},
         # LoRA dropout draws from the torch RNG in every update: equal weights need the RNG restored
         {"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.3}},
+        # bf16 weights, fp32 masters and fp32 norm gains: the fp32 values come back from the optimizer state
+        {"run": {"dtype": "bfloat16"}},
     ],
-    ids=["full", "lora_dropout"],
+    ids=["full", "lora_dropout", "bf16"],
 )
 def test_killed_run_resumes_to_identical_parameters_and_metrics(tmp_path, variant):
     """SIGKILL in the middle of step 5 (inside the reward phase), resume from the step-4 checkpoint:
