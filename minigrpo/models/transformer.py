@@ -367,8 +367,8 @@ class Transformer(nn.Module):
                 module.weight.data = module.weight.data.float()
 
     def pack_projections(self) -> bool:
-        """Store each block's q, k, v (and gate, up) weights back to back, so inference runs each set
-        as one GEMM (models/packed.py); idempotent. Returns whether every set is packed."""
+        """Store each block's q, k, v (and gate, up) weights back to back, so a 16-bit model runs each
+        set as one GEMM (models/packed.py); idempotent. Returns whether every set is packed."""
         packed = True
         for block in self.model.layers:
             for linears in (block.self_attn.qkv_linears(), block.mlp.gate_up_linears()):
