@@ -264,11 +264,12 @@ VARIANTS = {
 
 @pytest.fixture
 def count_kernel_calls(monkeypatch):
-    """Counts the model's calls of decode_attention (so a test knows the kernel path ran)."""
+    """The keyword arguments of the model's calls of decode_attention (so a test knows the kernel
+    path ran, and how)."""
     calls = []
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("window"))
+        calls.append(kwargs)
         return decode_attention(*args, **kwargs)
 
     monkeypatch.setattr(transformer, "decode_attention", spy)
@@ -318,7 +319,7 @@ def test_model_decode_with_kernel_equals_sdpa_and_full_forward(variant, count_ke
     err = (kernel - full).abs().max().item()
     assert err < 1e-5, f"{variant}: kernel vs full forward: max |diff| {err:.2e}"
     assert len(count_kernel_calls) == steps * model.args.n_layers
-    assert count_kernel_calls[: model.args.n_layers] == list(model.args.layer_windows)
+    assert [kw["window"] for kw in count_kernel_calls[: model.args.n_layers]] == list(model.args.layer_windows)
 
 
 class CharTokenizer:
@@ -330,15 +331,18 @@ class CharTokenizer:
         return "".join(chr(33 + i % 90) for i in ids if not (skip_special_tokens and i in (0, 1, 2)))
 
 
+@pytest.mark.parametrize("per_group", [True, False], ids=["prefix-per-group", "prefix-per-row"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_sampler_with_kernel_draws_the_same_tokens(temperature, count_kernel_calls):
+def test_sampler_with_kernel_draws_the_same_tokens(temperature, per_group, count_kernel_calls):
     model = tiny_model(seed=4)
     prompts = [[1, 5, 9, 13, 17, 21, 25], [1, 40, 41], [1, 77, 78, 79, 80]]
     params = SamplingParams(n=2, temperature=temperature, max_new_tokens=8, ignore_stop=True)
     plain = KVCacheSampler(model, CharTokenizer()).generate(prompts, params, key=(1, 2, 3))
     assert not count_kernel_calls
     model.decode_attention_impl = "triton"
-    kernel = KVCacheSampler(model, CharTokenizer()).generate(prompts, params, key=(1, 2, 3))
+    sampler = KVCacheSampler(model, CharTokenizer(), prefix_per_group=per_group)
+    kernel = sampler.generate(prompts, params, key=(1, 2, 3))
     assert len(count_kernel_calls) == 7 * model.args.n_layers  # every decode step, every layer
+    assert all((kw["rows"] is not None) == per_group for kw in count_kernel_calls)  # the prefix per group or row
     assert torch.equal(kernel.completion_ids, plain.completion_ids)
     torch.testing.assert_close(kernel.sampler_logp, plain.sampler_logp, rtol=0, atol=1e-5)
