@@ -205,9 +205,9 @@ def prefix_split(
     block_s: int,
     dot_f32: bool,
     loop_stages: int,
-) -> int:
+) -> None:
     """Launch the prefix kernel into split records [0, cdiv(Tp, split)) of the workspace (acc, m,
-    denom: (B, H, SPLITS[, Dh])); returns how many it wrote."""
+    denom: (B, H, SPLITS[, Dh]))."""
     _, H, Dh = q.shape
     P, Hkv, Tp, _ = k_prefix.shape
     G = H // Hkv
@@ -229,4 +229,3 @@ def prefix_split(
         DH_PAD=max(16, next_power_of_2(Dh)), BLOCK_S=block_s, LOOP_STAGES=loop_stages,
         num_warps=8 if n_rows * g_pad >= 64 else 4,
     )  # fmt: skip
-    return splits
