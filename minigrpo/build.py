@@ -220,10 +220,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_policy(cfg: Config, device: torch.device, dtype: torch.dtype):
+def load_policy(
+    cfg: Config,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    masters: dict[torch.nn.Parameter, torch.Tensor] | None = None,
+):
     """The policy and its tokenizer: loaded (model.name_or_path) or random (model.arch, no tokenizer),
-    the base quantized to NF4 as it is read (QLoRA), then LoRA adapters added (the only trainable weights)."""
+    the base quantized to NF4 as it is read (QLoRA), then LoRA adapters added (the only trainable weights).
+
+    masters: pass a dict to train a 16-bit model in full: the checkpoint is then read in fp32 and its
+    values kept there, by parameter, for the optimizer's fp32 masters (optim.py says why they must not
+    start from the bf16 rounding), and the model cast to `dtype`. Memory: the masters' own 4 bytes a
+    parameter, held from the load instead of from the optimizer's start.
+    """
     quantize = cfg.lora.quantize_base if cfg.lora.enabled else None
+    low = dtype in (torch.bfloat16, torch.float16)
+    read_fp32 = masters is not None and low and not cfg.lora.enabled and cfg.model.arch is None
     if cfg.model.arch is not None:
         model = build_random(preset_config(cfg.model.arch), dtype=dtype, device=device, seed=cfg.run.seed)
         tokenizer = None
@@ -233,11 +247,17 @@ def load_policy(cfg: Config, device: torch.device, dtype: torch.dtype):
             quantize_model_linears(model, quantize, device=device)
     else:
         model, tokenizer = load_pretrained(
-            cfg.model.name_or_path, dtype=dtype, device=device, revision=cfg.model.revision, quantize=quantize
+            cfg.model.name_or_path,
+            dtype=torch.float32 if read_fp32 else dtype,
+            device=device,
+            revision=cfg.model.revision,
+            quantize=quantize,
         )
+    if read_fp32:
+        masters.update(model.lower_precision(dtype, keep_gains=cfg.train.fp32_norms))
     if cfg.lora.enabled:  # after quantizing: adapters wrap the (NF4) base linears
         lora.apply_lora(model, cfg.lora)
-    elif cfg.train.fp32_norms and dtype in (torch.bfloat16, torch.float16):
+    elif cfg.train.fp32_norms and low:
         model.norms_in_fp32()  # trainable gains: a step of lr ~1e-5 is far below bf16's resolution near 1
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     model.activation_offload = cfg.model.activation_offload
@@ -322,7 +342,8 @@ def build_run(
     strategy = cfg.distributed.resolved_strategy(cfg.lora.enabled) if world.distributed else None
     param_dtype = torch.float32 if strategy == "fsdp" else dtype  # FSDP keeps fp32 parameters (the masters)
     seed_everything(cfg.run.seed)  # every rank builds the same initial weights
-    model, tokenizer = load_policy(cfg, device, param_dtype)
+    masters: dict = {}  # the checkpoint's fp32 values of a 16-bit model trained in full
+    model, tokenizer = load_policy(cfg, device, param_dtype, masters=masters)  # FSDP: fp32 already
     # the reference policy is the initial one (copied before a resumed run's weights load): LoRA
     # switches its adapters off; full fine-tuning needs a frozen copy
     frozen_copy = needs_reference(cfg) and not cfg.lora.enabled
@@ -352,7 +373,8 @@ def build_run(
     examples, prompt_tokens = prompts_that_fit(cfg, examples, tokenizer, model.args.max_position_embeddings)
     if device.type == "cuda" and not world.distributed:  # stop now, naming the setting to change, not OOM at step n
         preflight(cfg, model.args, device, prompt_tokens)
-    optimizer = build_optimizer(model.parameters(), cfg.train)
+    optimizer = build_optimizer(model.parameters(), cfg.train, masters=masters)
+    masters.clear()  # the optimizer holds them now
     run = Run(
         cfg=cfg,
         world=world,

@@ -6,6 +6,13 @@ trainable parameters are 16-bit, `MasterWeights` keeps an fp32 copy for the opti
 are copied up, the step runs in fp32, and the result is copied back down. The model still computes
 in bf16. fp32 parameters (CPU runs, LoRA adapters) are stepped directly.
 
+Where the masters start matters as much: from the checkpoint's own values (`start`), not from their
+bf16 rounding. A master equal to its bf16 copy sits in the middle of its rounding interval, so the
+copy changes only once the master has moved half a bf16 step (6e-5 for a weight near 0.03: six
+AdamW steps at lr 1e-5 that all push the same way): the policy the sampler draws from stands still
+for the first steps of a run. Off-grid masters move the copy from the first step, as the weights
+of an autocast run do (build.load_policy reads the checkpoint in fp32 for this).
+
 The step goes a bucket of tensors at a time (`step_buckets`): each 16-bit gradient is freed as its
 fp32 copy is made, and the copies live only through their bucket's step. The fp32 gradients of the
 whole model (4 bytes a parameter: 6 GB at 1.5B) never exist at once; a step's peak is the weights,
@@ -15,7 +22,7 @@ masters, optimizer state and bf16 gradients, plus one bucket.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -42,9 +49,18 @@ def step_buckets(numels: Sequence[int], bucket_bytes: int = STEP_BUCKET_BYTES) -
 class MasterWeights(torch.optim.Optimizer):
     """Wraps an optimizer that steps fp32 copies of low-precision parameters, a bucket at a time."""
 
-    def __init__(self, params: list[nn.Parameter], make_inner, bucket_bytes: int = STEP_BUCKET_BYTES) -> None:
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        make_inner,
+        bucket_bytes: int = STEP_BUCKET_BYTES,
+        start: Mapping[nn.Parameter, torch.Tensor] | None = None,
+    ) -> None:
+        """start: fp32 values to begin from (the checkpoint's), for any of params; the rest start from
+        their own values."""
         self.params = params
-        self.masters = [p.detach().float().clone().requires_grad_(True) for p in params]
+        start = start or {}
+        self.masters = [_master(p, start.get(p)) for p in params]
         self.inner: torch.optim.Optimizer = make_inner(self.masters)
         self.buckets = step_buckets([p.numel() for p in params], bucket_bytes)
         # share the inner optimizer's param_groups so LR schedulers act on it
@@ -81,8 +97,19 @@ class MasterWeights(torch.optim.Optimizer):
                 p.copy_(saved)
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainCfg) -> torch.optim.Optimizer:
-    """AdamW (torch), or bitsandbytes' 8-bit AdamW (paged or not) on CUDA, over trainable params."""
+def _master(p: nn.Parameter, start: torch.Tensor | None) -> torch.Tensor:
+    """p's fp32 master: `start` (full-precision values that round to p) or p's own values."""
+    if start is None:
+        return p.detach().float().clone().requires_grad_(True)
+    assert start.dtype == torch.float32 and start.shape == p.shape, f"master {tuple(start.shape)} for {tuple(p.shape)}"
+    return start.detach().to(p.device).requires_grad_(True)
+
+
+def build_optimizer(
+    params: Iterable[nn.Parameter], cfg: TrainCfg, *, masters: Mapping[nn.Parameter, torch.Tensor] | None = None
+) -> torch.optim.Optimizer:
+    """AdamW (torch), or bitsandbytes' 8-bit AdamW (paged or not) on CUDA, over trainable params.
+    masters: full-precision starting values of 16-bit params (build.load_policy's), by parameter."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
@@ -108,7 +135,7 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainCfg) -> torch.opti
             return torch.optim.AdamW(ps, **impl, **kwargs)
 
     if any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
-        return MasterWeights(params, make)
+        return MasterWeights(params, make, start=masters)
     return make(params)
 
 

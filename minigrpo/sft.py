@@ -121,7 +121,8 @@ def build_run(cfg: Config, resume: ResumePoint | None, examples: list[Example], 
     device = pick_device(cfg.run.device)
     dtype = compute_dtype(cfg, device)
     seed_everything(cfg.run.seed)
-    model, tokenizer = load_policy(cfg, device, dtype)
+    masters: dict = {}  # the checkpoint's fp32 values of a 16-bit model trained in full
+    model, tokenizer = load_policy(cfg, device, dtype, masters=masters)
     if not checked:
         check_conversations(examples, tokenizer, cfg.sft.max_seq_len)
     if resume is not None:
@@ -129,7 +130,8 @@ def build_run(cfg: Config, resume: ResumePoint | None, examples: list[Example], 
             lora.load_peft_adapter(model, resume.path)
         else:
             load_weights(model, resume.path)
-    optimizer = build_optimizer(model.parameters(), cfg.train)
+    optimizer = build_optimizer(model.parameters(), cfg.train, masters=masters)
+    masters.clear()
     run = SFTRun(
         cfg=cfg,
         world=World(device=device),

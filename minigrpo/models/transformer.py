@@ -366,6 +366,17 @@ class Transformer(nn.Module):
             if isinstance(module, RMSNorm):
                 module.weight.data = module.weight.data.float()
 
+    def lower_precision(self, dtype: torch.dtype, *, keep_gains: bool) -> dict[nn.Parameter, torch.Tensor]:
+        """Cast the fp32 parameters to `dtype` (the RMSNorm gains too, unless keep_gains); returns
+        {parameter: its fp32 values} of every one cast: the optimizer's masters start from them."""
+        gains = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)} if keep_gains else set()
+        full = {}
+        for p in self.parameters():
+            if p.dtype == torch.float32 and id(p) not in gains:
+                full[p] = p.data
+                p.data = p.data.to(dtype)
+        return full
+
     def pack_projections(self) -> bool:
         """Store each block's q, k, v (and gate, up) weights back to back, so a 16-bit model runs each
         set as one GEMM (models/packed.py); idempotent. Returns whether every set is packed."""
