@@ -27,8 +27,9 @@ logit forced (+1e4 at position L_i - 1, -inf elsewhere: no row stops by chance) 
 in training; vLLM gets per-request max_tokens = L_i (ignore_eos). Every provider must produce
 exactly sum(L_i) tokens (checked, `tokens_ok`). tok/s = generated tokens / wall time of the whole
 call (prefill, decode, host work; the own sampler captures its CUDA graphs in every call, so that
-is included). Every provider first runs a warm-up call of the same shapes (ours: 40 tokens, which
-compiles its Triton kernels; hf-compiled: compiles and records its graphs; vLLM: its own warm-up).
+is included). Every provider first runs a warm-up call (ours: the timed call itself, whose KV-length
+buckets and compactions each compile their own kernel variants, as a training run's first step
+does; hf-compiled: the same shapes, compiling and recording its graphs; vLLM: its own warm-up).
 Bounds: decode bound per step = (weight bytes + live KV bytes) / in-run copy bandwidth, where a row
 holding token s of its completion counts Tp + s + 0.5 KV slots and a finished row none (for fixed
 lengths: N * (Tp + Tc/2), as before); prefill bound = 2 * params * P * Tp FLOPs / in-run bf16 matmul
@@ -208,12 +209,13 @@ class Ours:
     def run(self, case: Case, prompts, lengths) -> dict:
         stop = dict(stop_ids=(FORCED_EOS,)) if case.longtail else dict(ignore_stop=True)
         params = SamplingParams(n=case.G, temperature=1.0, max_new_tokens=case.Tc, **stop)
-        # warm-up of the same shapes, a few tokens long: Triton compiles its kernels once per process
-        # (as hf-compiled's warm-up compiles); the timed call still captures its CUDA graphs
-        self.sampler.generate(prompts, SamplingParams(n=case.G, max_new_tokens=min(case.Tc, 40), ignore_stop=True))
         stops = ForcedStops(lengths, DEVICE) if case.longtail else None
         self.sampler.logits_processor = None if stops is None else stops.edit
         try:
+            # warm-up: the same call. Triton compiles a kernel variant per KV-length bucket and batch
+            # size met (split counts), once per process as in training; the timed call still
+            # captures its CUDA graphs, as every training step does
+            self.sampler.generate(prompts, params)
             base = reset_peak()
             sync()
             t0 = time.perf_counter()
