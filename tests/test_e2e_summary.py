@@ -62,3 +62,42 @@ def test_plot_draws_every_seed(summary, tmp_path):
     path = tmp_path / "sub" / "reward_vs_trl.png"
     summary.plot_rewards(rows, path, "t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_merge_relabels_picks_and_summarises_runs_made_apart(tmp_path):
+    # e2e_merge.py: seeds run in separate processes (or leases) become one result; a label groups a
+    # setting's seeds, a provider filter picks rows out of a file that holds both sides
+    import json
+    import subprocess
+    import sys
+
+    from helpers.cli import cli_env
+
+    def result(name, rows, device="GPU A"):
+        payload = {"environment": {"device": device, "date": "d"}, "workload": {"mode": "learn", "steps": 15}}
+        path = tmp_path / name
+        path.write_text(json.dumps({**payload, "rows": rows}))
+        return str(path)
+
+    curve = lambda m: [0.1] * 5 + [m] * 10  # noqa: E731
+    a = result("a.json", [run("ours", 0, curve(1.0)), run("trl", 0, curve(1.3))])
+    b = result("b.json", [run("ours", 1, curve(1.2))], device="GPU B")
+    c = result("c.json", [run("ours", 0, curve(0.5))])
+
+    def merge(*specs):
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "e2e_merge.py"), "--tag", "t", "--out-dir", str(tmp_path)]
+        env = cli_env({"PYTHONSAFEPATH": ""})
+        return subprocess.run([*cmd, *specs], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    proc = merge(a, b, f"{c}=ours, other")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "e2e_learn_t_gpu-a.json").read_text())
+    assert [r["provider"] for r in out["rows"]] == ["ours", "trl", "ours", "ours, other"]
+    assert [r["source"]["device"] for r in out["rows"]] == ["GPU A", "GPU A", "GPU B", "GPU A"]
+    by = {x["provider"]: x for x in out["learning"]}
+    assert by["ours"]["seeds"] == 2 and by["ours"]["last10"] == pytest.approx(1.1)
+    assert by["ours, other"]["last10"] == pytest.approx(0.5) and by["trl"]["ours_within_1se"] is False
+    assert (tmp_path / "e2e_learn_t_gpu-a" / "reward_vs_trl.png").stat().st_size > 0
+    proc = merge(f"{a}:trl=trl", f"{b}:trl")  # b holds no trl rows
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {b}:trl: no rows of provider 'trl' in {b}"]
+    assert merge(str(tmp_path / "missing.json")).stderr.strip().startswith("error: ")
