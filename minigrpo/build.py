@@ -230,10 +230,11 @@ def load_policy(
     """The policy and its tokenizer: loaded (model.name_or_path) or random (model.arch, no tokenizer),
     the base quantized to NF4 as it is read (QLoRA), then LoRA adapters added (the only trainable weights).
 
-    masters: pass a dict to train a 16-bit model in full: the checkpoint is then read in fp32 and its
-    values kept there, by parameter, for the optimizer's fp32 masters (optim.py says why they must not
-    start from the bf16 rounding), and the model cast to `dtype`. Memory: the masters' own 4 bytes a
-    parameter, held from the load instead of from the optimizer's start.
+    masters: pass a dict to train a 16-bit model in full: the checkpoint is then read in fp32 (in host
+    memory, so that a model too large for the device still meets the memory pre-flight, not an
+    out-of-memory error), its values kept there, by parameter, for the optimizer's fp32 masters
+    (optim.py says why they must not start from the bf16 rounding), and the model cast to `dtype`
+    and moved to `device`; the optimizer moves each master to the device as it takes it.
     """
     quantize = cfg.lora.quantize_base if cfg.lora.enabled else None
     low = dtype in (torch.bfloat16, torch.float16)
@@ -249,12 +250,13 @@ def load_policy(
         model, tokenizer = load_pretrained(
             cfg.model.name_or_path,
             dtype=torch.float32 if read_fp32 else dtype,
-            device=device,
+            device="cpu" if read_fp32 else device,
             revision=cfg.model.revision,
             quantize=quantize,
         )
     if read_fp32:
         masters.update(model.lower_precision(dtype, keep_gains=cfg.train.fp32_norms))
+        model.to(device)
     if cfg.lora.enabled:  # after quantizing: adapters wrap the (NF4) base linears
         lora.apply_lora(model, cfg.lora)
     elif cfg.train.fp32_norms and low:
