@@ -375,6 +375,8 @@ def build_run(
     examples, prompt_tokens = prompts_that_fit(cfg, examples, tokenizer, model.args.max_position_embeddings)
     if device.type == "cuda" and not world.distributed:  # stop now, naming the setting to change, not OOM at step n
         preflight(cfg, model.args, device, prompt_tokens)
+    if resume is not None:
+        masters.clear()  # the weights are the checkpoint's now; its own masters load with the optimizer state
     optimizer = build_optimizer(model.parameters(), cfg.train, masters=masters)
     masters.clear()  # the optimizer holds them now
     run = Run(

@@ -130,6 +130,8 @@ def build_run(cfg: Config, resume: ResumePoint | None, examples: list[Example], 
             lora.load_peft_adapter(model, resume.path)
         else:
             load_weights(model, resume.path)
+    if resume is not None:
+        masters.clear()  # the weights are the checkpoint's now; its own masters load with the optimizer state
     optimizer = build_optimizer(model.parameters(), cfg.train, masters=masters)
     masters.clear()
     run = SFTRun(
