@@ -79,7 +79,9 @@ def test_merge_relabels_picks_and_summarises_runs_made_apart(tmp_path):
         path.write_text(json.dumps({**payload, "rows": rows}))
         return str(path)
 
-    curve = lambda m: [0.1] * 5 + [m] * 10  # noqa: E731
+    def curve(m):
+        return [0.1] * 5 + [m] * 10
+
     a = result("a.json", [run("ours", 0, curve(1.0)), run("trl", 0, curve(1.3))])
     b = result("b.json", [run("ours", 1, curve(1.2))], device="GPU B")
     c = result("c.json", [run("ours", 0, curve(0.5))])
@@ -99,5 +101,6 @@ def test_merge_relabels_picks_and_summarises_runs_made_apart(tmp_path):
     assert by["ours, other"]["last10"] == pytest.approx(0.5) and by["trl"]["ours_within_1se"] is False
     assert (tmp_path / "e2e_learn_t_gpu-a" / "reward_vs_trl.png").stat().st_size > 0
     proc = merge(f"{a}:trl=trl", f"{b}:trl")  # b holds no trl rows
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {b}:trl: no rows of provider 'trl' in {b}"]
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {b}:trl: no rows of provider 'trl' in {b}"]
     assert merge(str(tmp_path / "missing.json")).stderr.strip().startswith("error: ")

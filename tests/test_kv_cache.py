@@ -128,3 +128,19 @@ def test_shared_prefix_decode_matches_full_forward(variant, impl):
                          kv_cache=cache, cache_position=torch.tensor([t]))  # fmt: skip
             err = (step[:, 0] - full[rows, t]).abs().max().item()
             assert err < 1e-5, f"{variant} {impl}: step {t}: max |diff| {err:.2e}"
+
+
+def test_a_compaction_reads_the_prefix_per_row_once_groups_are_mostly_empty():
+    # per group while at least half of max_rows remain per prefix row on average, per row after
+    args = tiny_model(seed=1).args
+    P, G, Tp = 3, 4, 5
+    small = KVCache(args, P, Tp, dtype=torch.float32, device="cpu")
+    group = torch.arange(P).repeat_interleave(G)  # (12,)
+    cache = KVCache(args, P * G, Tp + 4, dtype=torch.float32, device="cpu",
+                    prefix=SharedPrefix(small.k, small.v, group, max_rows=G))  # fmt: skip
+    assert cache.prefix.rows is not None
+    cache.keep_rows(torch.tensor([0, 1, 4, 5, 8, 9]), Tp + 1)  # 6 of 12 rows: half, still per group
+    assert cache.prefix.max_rows == G and cache.prefix.rows.count.tolist() == [2, 2, 2]
+    cache.keep_rows(torch.tensor([0, 2, 4]), Tp + 2)  # 3 rows: per row
+    assert cache.prefix.max_rows is None and cache.prefix.rows is None
+    assert cache.prefix.group.tolist() == [0, 1, 2]
