@@ -41,7 +41,7 @@ from minigrpo.env_config import build_environment, check_chat_template, check_en
 from minigrpo.errors import UserError
 from minigrpo.models.loading import build_random, check_model_source, load_pretrained, load_weights, save_pretrained
 from minigrpo.models.presets import preset_config
-from minigrpo.optim import build_optimizer, build_scheduler
+from minigrpo.optim import build_optimizer, build_scheduler, dither_onto_masters
 from minigrpo.prompt_fit import local_max_positions, prompts_that_fit
 from minigrpo.sampling.base import Sampler
 from minigrpo.sampling.kv_sampler import KVCacheSampler
@@ -346,6 +346,8 @@ def build_run(
     seed_everything(cfg.run.seed)  # every rank builds the same initial weights
     masters: dict = {}  # the checkpoint's fp32 values of a 16-bit model trained in full
     model, tokenizer = load_policy(cfg, device, param_dtype, masters=masters)  # FSDP: fp32 already
+    if strategy == "fsdp" and dtype != torch.float32:  # its fp32 parameters are the masters: off the grid
+        dither_onto_masters(model.parameters(), dtype)
     # the reference policy is the initial one (copied before a resumed run's weights load): LoRA
     # switches its adapters off; full fine-tuning needs a frozen copy
     frozen_copy = needs_reference(cfg) and not cfg.lora.enabled

@@ -6,12 +6,15 @@ trainable parameters are 16-bit, `MasterWeights` keeps an fp32 copy for the opti
 are copied up, the step runs in fp32, and the result is copied back down. The model still computes
 in bf16. fp32 parameters (CPU runs, LoRA adapters) are stepped directly.
 
-Where the masters start matters as much: from the checkpoint's own values (`start`), not from their
-bf16 rounding. A master equal to its bf16 copy sits in the middle of its rounding interval, so the
-copy changes only once the master has moved half a bf16 step (6e-5 for a weight near 0.03: six
-AdamW steps at lr 1e-5 that all push the same way): the policy the sampler draws from stands still
-for the first steps of a run. Off-grid masters move the copy from the first step, as the weights
-of an autocast run do (build.load_policy reads the checkpoint in fp32 for this).
+Where the masters start matters as much. A master equal to its bf16 copy sits in the middle of its
+rounding interval, so the copy changes only once the master has moved half a bf16 step (6e-5 for a
+weight near 0.03: six AdamW steps at lr 1e-5 that all push the same way; sixty at lr 1e-6): the
+policy the sampler draws from stands still for the first steps of a run. So a master starts from
+the checkpoint's own fp32 values where it has more precision than bf16 (`start`, read by
+build.load_policy), and otherwise (a bf16 checkpoint, a random init) from a point drawn uniformly in
+the interval that rounds to its weight (`dithered`): the model is unchanged, and from the first step
+its bf16 copy follows the master as fp32 weights would move (autocast does not: a bf16 checkpoint
+loaded in fp32 sits on the grid the same way).
 
 The step goes a bucket of tensors at a time (`step_buckets`): each 16-bit gradient is freed as its
 fp32 copy is made, and the copies live only through their bucket's step. The fp32 gradients of the
@@ -56,11 +59,12 @@ class MasterWeights(torch.optim.Optimizer):
         bucket_bytes: int = STEP_BUCKET_BYTES,
         start: Mapping[nn.Parameter, torch.Tensor] | None = None,
     ) -> None:
-        """start: fp32 values to begin from (the checkpoint's), for any of params; the rest start from
-        their own values."""
+        """start: fp32 values to begin from (the checkpoint's), for any of params; the other 16-bit
+        ones start dithered in their rounding intervals, fp32 ones from their own values."""
         self.params = params
         start = start or {}
-        self.masters = [_master(p, start.get(p)) for p in params]
+        generator = torch.Generator(params[0].device).manual_seed(0) if params else None  # fixed: reproducible
+        self.masters = [_master(p, start.get(p), generator) for p in params]
         self.inner: torch.optim.Optimizer = make_inner(self.masters)
         self.buckets = step_buckets([p.numel() for p in params], bucket_bytes)
         # share the inner optimizer's param_groups so LR schedulers act on it
@@ -97,12 +101,48 @@ class MasterWeights(torch.optim.Optimizer):
                 p.copy_(saved)
 
 
-def _master(p: nn.Parameter, start: torch.Tensor | None) -> torch.Tensor:
-    """p's fp32 master: `start` (full-precision values that round to p) or p's own values."""
-    if start is None:
-        return p.detach().float().clone().requires_grad_(True)
-    assert start.dtype == torch.float32 and start.shape == p.shape, f"master {tuple(start.shape)} for {tuple(p.shape)}"
-    return start.detach().to(p.device).requires_grad_(True)
+def _master(p: nn.Parameter, start: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """p's fp32 master: `start` (the checkpoint's values, which round to p) if given, else for a 16-bit
+    p a point dithered in each weight's rounding interval, else p's own values."""
+    if start is not None:
+        assert start.dtype == torch.float32 and start.shape == p.shape, f"master {tuple(start.shape)} of {p.shape}"
+        return start.detach().to(p.device).requires_grad_(True)
+    if p.dtype in (torch.bfloat16, torch.float16):
+        return dithered(p.detach(), generator).requires_grad_(True)
+    return p.detach().float().clone().requires_grad_(True)
+
+
+def dither_onto_masters(params: Iterable[nn.Parameter], dtype: torch.dtype) -> int:
+    """fp32 parameters that are the masters themselves (FSDP's): each tensor whose values all lie on
+    the `dtype` grid (a 16-bit checkpoint) is moved to dithered points that round back to it, as
+    MasterWeights starts its own. Returns how many tensors moved. Reproducible (a fixed seed), so
+    every rank moves its copy alike."""
+    generator, moved = None, 0
+    with torch.no_grad():
+        for p in params:
+            low = p.to(dtype)
+            if p.dtype != torch.float32 or not torch.equal(low.float(), p):
+                continue
+            generator = generator or torch.Generator(p.device).manual_seed(0)
+            p.copy_(dithered(low, generator))
+            moved += 1
+    return moved
+
+
+def dithered(w: torch.Tensor, generator: torch.Generator, chunk: int = 1 << 24) -> torch.Tensor:
+    """fp32 values drawn uniformly from the open interval of reals that round to each element of the
+    16-bit w (between the midpoints to its neighbours, clear of them), so they round back to w
+    exactly; `chunk` elements at a time, which bounds the temporaries."""
+    out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    for src, dst in zip(w.reshape(-1).split(chunk), out.view(-1).split(chunk)):
+        inf = torch.full_like(src, float("inf"))
+        v = src.float()
+        lo = (torch.nextafter(src, -inf).float() + v) / 2  # (n,) the ties on either side
+        hi = (torch.nextafter(src, inf).float() + v) / 2
+        u = torch.rand(src.shape, generator=generator, device=src.device) * 0.998 + 0.001
+        point = lo + (hi - lo) * u
+        dst.copy_(torch.where(torch.isfinite(point), point, v))  # the largest finite value keeps its own
+    return out
 
 
 def build_optimizer(

@@ -373,13 +373,16 @@ class Transformer(nn.Module):
 
     def lower_precision(self, dtype: torch.dtype, *, keep_gains: bool) -> dict[nn.Parameter, torch.Tensor]:
         """Cast the fp32 parameters to `dtype` (the RMSNorm gains too, unless keep_gains); returns
-        {parameter: its fp32 values} of every one cast: the optimizer's masters start from them."""
+        {parameter: its fp32 values} of those that held more precision than `dtype` (a 16-bit
+        checkpoint's do not): the optimizer's masters start from them (optim.py)."""
         gains = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)} if keep_gains else set()
         full = {}
         for p in self.parameters():
             if p.dtype == torch.float32 and id(p) not in gains:
-                full[p] = p.data
-                p.data = p.data.to(dtype)
+                low = p.data.to(dtype)
+                if not torch.equal(low.float(), p.data):
+                    full[p] = p.data
+                p.data = low
         return full
 
     def pack_projections(self) -> bool:
