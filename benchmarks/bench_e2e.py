@@ -4,6 +4,7 @@
                                    [--cases qwen2.5-1.5b/full,qwen2.5-1.5b/lora,smollm2-135m/full,smollm2-135m/lora]
                                    [--steps 10] [--measure-from 3] [--checkpointing] [--quick] [--out-dir DIR]
     python benchmarks/bench_e2e.py --mode learn [--steps 60] [--providers ours,trl] [--seed 0,1,2]
+                                   [--checkpoint-dtype float32|bfloat16]
     ... [--set KEY=VALUE ...]   config overrides for every provider, e.g. run.dtype=float32 (both in fp32)
 
 Each (case, provider) runs in its own process (clean GPU memory and peak counters; a crash is one row's
@@ -94,17 +95,20 @@ def gsm8k_dir() -> Path:
     raise SystemExit("error: no shared/data/gsm8k/train.jsonl next to or above the repository")
 
 
-def model_folder(name: str, cache: Path) -> Path:
-    """An HF checkpoint folder of `name` (written once, then reused): what every provider loads."""
+def model_folder(name: str, cache: Path, smollm2_dtype: str = "float32") -> Path:
+    """An HF checkpoint folder of `name` (written once, then reused): what every provider loads.
+    smollm2_dtype: SmolLM2's weights as packaged (float32) or rounded to bfloat16, as most checkpoints
+    are (their values on the bf16 grid: where fp32 masters start matters, optim.py)."""
     from minigrpo.models.loading import build_random, load_pretrained, save_pretrained
     from minigrpo.models.presets import preset_config
 
-    out = cache / name
+    exact = name != "smollm2-135m" or smollm2_dtype == "float32"
+    out = cache / (name if exact else f"{name}-{smollm2_dtype}")
     if (out / "config.json").exists():
         return out
     smollm2, tokenizer = load_pretrained("smollm2", dtype=torch.float32)
     if name == "smollm2-135m":
-        model, dtype = smollm2, torch.float32  # the real weights, kept exact
+        model, dtype = smollm2, getattr(torch, smollm2_dtype)  # the real weights, exact or rounded
     else:  # an architecture with random weights and SmolLM2's tokenizer (its ids fit the larger vocabulary)
         model, dtype = build_random(preset_config(name), dtype=torch.bfloat16, seed=0), torch.bfloat16
     tmp = cache / f".{name}.partial"
@@ -158,7 +162,7 @@ def build_cases(args, cache: Path) -> list[dict[str, Any]]:
         f"train.micro_batch_size={args.micro}",
     ]
     if args.mode == "learn":
-        model = model_folder("smollm2-135m", cache)
+        model = model_folder("smollm2-135m", cache, args.checkpoint_dtype)
         extra = sizes if args.quick else []  # the config's own sizes on the GPU
         return [
             {
@@ -460,6 +464,10 @@ def main() -> None:
     ap.add_argument(
         "--set", nargs="+", default=[], metavar="KEY=VALUE",
         help="config overrides for every provider, after the benchmark's own (e.g. run.dtype=float32)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--checkpoint-dtype", choices=("float32", "bfloat16"), default="float32",
+        help="learn mode: SmolLM2's checkpoint as packaged, or rounded to bf16 as most checkpoints are",
     )  # fmt: skip
     ap.add_argument("--tag", default="", help="result file e2e_<mode>_<tag>_<device>.json")
     ap.add_argument("--provider-timeout", type=positive_int, default=3600)

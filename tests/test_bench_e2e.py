@@ -91,3 +91,21 @@ def test_bench_e2e_set_overrides_every_provider(tmp_path):
     (line,) = bad.stderr.strip().splitlines()
     assert line.startswith("error: unknown config key 'run.dtyp'"), line
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def test_bench_e2e_learns_from_a_bf16_checkpoint(tmp_path):
+    """--checkpoint-dtype bfloat16 writes SmolLM2 rounded to bf16 (most checkpoints' grid) for every
+    provider to load, beside the packaged fp32 one."""
+    from safetensors import safe_open
+
+    cache = tmp_path / "models"
+    args = ["--mode", "learn", "--quick", "--steps", "2", "--providers", "ours", "--checkpoint-dtype", "bfloat16"]
+    proc = run_benchmark(*args, "--model-cache", str(cache), "--out-dir", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (row,) = json.loads(next(tmp_path.glob("e2e_learn_*.json")).read_text())["rows"]
+    assert row["status"] == "ok" and len(row["reward_per_step"]) == 2
+    (folder,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert folder.name == "smollm2-135m-bfloat16"
+    with safe_open(str(next(folder.glob("*.safetensors"))), "pt") as f:
+        names = f.keys()
+        assert {f.get_slice(k).get_dtype() for k in names} == {"BF16"}
