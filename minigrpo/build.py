@@ -239,6 +239,7 @@ def load_policy(
     quantize = cfg.lora.quantize_base if cfg.lora.enabled else None
     low = dtype in (torch.bfloat16, torch.float16)
     read_fp32 = masters is not None and low and not cfg.lora.enabled and cfg.model.arch is None
+    read_fp32 = read_fp32 and cfg.train.master_start == "checkpoint"
     if cfg.model.arch is not None:
         model = build_random(preset_config(cfg.model.arch), dtype=dtype, device=device, seed=cfg.run.seed)
         tokenizer = None

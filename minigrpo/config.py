@@ -212,6 +212,9 @@ class TrainCfg(Section):
     micro_batch_size: int = spec(8, ">= 1")  # sequences per forward/backward pass; must divide B*G
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"  # 8-bit ones need bitsandbytes
     fp32_norms: bool = True  # 16-bit full fine-tuning: RMSNorm gains stay fp32 (bf16 rounds lr-sized steps away)
+    # 16-bit full fine-tuning: where the fp32 masters start (optim.py). checkpoint: its values where they
+    # hold more than the compute dtype, else dithered in each weight's rounding interval; dither: always
+    master_start: Literal["checkpoint", "dither"] = "checkpoint"
 
 
 @dataclass

@@ -135,3 +135,13 @@ def test_fsdp_masters_from_a_16_bit_checkpoint_move_off_the_grid():
     again = tiny_model(seed=3, dtype=torch.bfloat16).float()
     dither_onto_masters(again.parameters(), torch.bfloat16)
     assert all(torch.equal(p, q) for p, q in zip(again.parameters(), on_grid.parameters()))  # every rank alike
+
+
+def test_master_start_dither_ignores_the_checkpoint_values(tmp_path):
+    masters: dict = {}
+    model = load(tmp_path, "bfloat16", masters, train={"master_start": "dither"})
+    assert masters == {}  # nothing read in fp32: every 16-bit master starts dithered
+    optimizer = build_optimizer(model.parameters(), TrainCfg(), masters=masters)
+    for p, m in zip(optimizer.params, optimizer.masters):
+        assert torch.equal(m.to(p.dtype), p)
+        assert p.dtype == torch.float32 or not torch.equal(m, p.float())
