@@ -62,8 +62,10 @@ def main() -> None:
     steps = first["workload"]["steps"]
     plot_rewards(rows, png, f"{LEARN_CONFIG}, {steps} steps ({len(rows)} runs)")
     summary = learning(rows)
-    payload = {"environment": env, "merged_from": args.specs, "workload": first["workload"], "rows": rows}
-    path = write_result(name, {**payload, "plot": str(png), "learning": summary}, out_dir=args.out_dir)
+    sources = [spec.replace(str(parse_spec(spec)[0]), parse_spec(spec)[0].name, 1) for spec in args.specs]
+    payload = {"environment": env, "merged_from": sources, "workload": first["workload"], "rows": rows}
+    plot = png.relative_to(RESULTS.parent.parent) if png.is_relative_to(RESULTS.parent.parent) else png.name
+    path = write_result(name, {**payload, "plot": str(plot), "learning": summary}, out_dir=args.out_dir)
     for x in summary:
         print({k: v for k, v in x.items() if k != "last10_per_seed"}, [round(t, 3) for t in x["last10_per_seed"]])
     print(f"wrote {path}")
