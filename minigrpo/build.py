@@ -345,7 +345,9 @@ def build_run(
     strategy = cfg.distributed.resolved_strategy(cfg.lora.enabled) if world.distributed else None
     param_dtype = torch.float32 if strategy == "fsdp" else dtype  # FSDP keeps fp32 parameters (the masters)
     seed_everything(cfg.run.seed)  # every rank builds the same initial weights
-    masters: dict = {}  # the checkpoint's fp32 values of a 16-bit model trained in full
+    # the checkpoint's fp32 values of a 16-bit model trained in full (a resumed run's masters load
+    # with its optimizer state instead)
+    masters: dict | None = {} if resume is None else None
     model, tokenizer = load_policy(cfg, device, param_dtype, masters=masters)  # FSDP: fp32 already
     if strategy == "fsdp" and dtype != torch.float32:  # its fp32 parameters are the masters: off the grid
         dither_onto_masters(model.parameters(), dtype)
@@ -378,10 +380,8 @@ def build_run(
     examples, prompt_tokens = prompts_that_fit(cfg, examples, tokenizer, model.args.max_position_embeddings)
     if device.type == "cuda" and not world.distributed:  # stop now, naming the setting to change, not OOM at step n
         preflight(cfg, model.args, device, prompt_tokens)
-    if resume is not None:
-        masters.clear()  # the weights are the checkpoint's now; its own masters load with the optimizer state
     optimizer = build_optimizer(model.parameters(), cfg.train, masters=masters)
-    masters.clear()  # the optimizer holds them now
+    masters = None  # the optimizer holds them now
     run = Run(
         cfg=cfg,
         world=world,

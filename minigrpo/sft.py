@@ -121,7 +121,7 @@ def build_run(cfg: Config, resume: ResumePoint | None, examples: list[Example], 
     device = pick_device(cfg.run.device)
     dtype = compute_dtype(cfg, device)
     seed_everything(cfg.run.seed)
-    masters: dict = {}  # the checkpoint's fp32 values of a 16-bit model trained in full
+    masters: dict | None = {} if resume is None else None  # a resumed run's load with its optimizer state
     model, tokenizer = load_policy(cfg, device, dtype, masters=masters)
     if not checked:
         check_conversations(examples, tokenizer, cfg.sft.max_seq_len)
@@ -130,10 +130,8 @@ def build_run(cfg: Config, resume: ResumePoint | None, examples: list[Example], 
             lora.load_peft_adapter(model, resume.path)
         else:
             load_weights(model, resume.path)
-    if resume is not None:
-        masters.clear()  # the weights are the checkpoint's now; its own masters load with the optimizer state
     optimizer = build_optimizer(model.parameters(), cfg.train, masters=masters)
-    masters.clear()
+    masters = None  # the optimizer holds them now
     run = SFTRun(
         cfg=cfg,
         world=World(device=device),
