@@ -7,7 +7,8 @@ Random weights of a real architecture, bf16 compute with fp32 master weights and
 fine-tuning), fixed-length completions, random rewards (so that every group has a spread).
 Phases: rollout (own sampler), an old/reference log-prob pass (what num_iterations > 1 or beta > 0
 add), and the update (micro-batched forward + backward through the chunked log-prob kernel, clip,
-optimizer step). The update is timed on its second run (the first compiles kernels).
+optimizer step). The first run compiles kernels; the summary is the median of the later runs
+(`--runs`, 4 by default: run-to-run spread of the update is about 1-2%).
 
 Model FLOPs of the update = 6 * (non-embedding params) * tokens + 6 * D * V * completion tokens
 + 6 * L * T^2 * H * Dh per sequence (causal attention, fwd + bwd): recomputation is not counted.
@@ -18,6 +19,7 @@ Writes results/step_<device>.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -28,6 +30,7 @@ from common import (
     environment,
     matmul_tflops,
     peak_bytes,
+    positive_int,
     print_table,
     reset_peak,
     step_workload,
@@ -54,6 +57,7 @@ def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_arguments(ap)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--runs", type=positive_int, default=4, help="steps run; the first is the warm-up")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -76,7 +80,7 @@ def main() -> None:
     sampler.generate([p[:16] for p in prompts[:2]], SamplingParams(n=2, max_new_tokens=40, ignore_stop=True))
 
     rows = []
-    for run in range(2):  # the first run includes kernel compilation and allocator warm-up
+    for run in range(max(2, args.runs)):  # the first run includes kernel compilation and allocator warm-up
         reset_peak()
         rollout, t_rollout = timed(lambda: sampler.generate(prompts, params))
         N = rollout.num_sequences
@@ -104,7 +108,8 @@ def main() -> None:
     body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
     flops = 6 * body * tokens + 6 * a.dim * a.vocab_size * completion_tokens
     flops += 6 * a.n_layers * T * T * a.n_heads * a.head_dim * N
-    final = rows[-1]
+    timed_runs = rows[1:]
+    final = {k: statistics.median(r[k] for r in timed_runs) for k in ("rollout_s", "update_s")}
     summary = {
         "update_tflops": flops / final["update_s"] / 1e12,
         "update_mfu_vs_inrun": flops / final["update_s"] / 1e12 / peak,
