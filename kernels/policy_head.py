@@ -157,30 +157,8 @@ def _fused_forward(h, w, tgt, token_loss, inv_t, want_entropy, need_dh, need_dw,
         if dw is not None:
             torch.mm(z.T, hb, out=dw) if n0 == 0 else dw.addmm_(z.T, hb)
         if dh is not None:
-            _mm_split_k(z, w, dh[n0:n1], dh_splits(r, w.shape[1], h.device))
+            torch.mm(z, w, out=dh[n0:n1])
     return total, logp, entropy, dh, dw
-
-
-def dh_splits(rows: int, d: int, device: torch.device) -> int:
-    """Parts the vocabulary (the K of dH = dz @ W) is split into, so that a short block still fills the GPU.
-
-    dH of a block is only rows x D outputs over K = V: a few dozen output tiles for hundreds of SMs.
-    """
-    return 1
-
-
-def _mm_split_k(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, splits: int) -> None:
-    """out = a @ b, a (r, K), b (K, D), as `splits` batched products over slices of K summed in fp32 (fp64 for fp64)."""
-    if splits <= 1:
-        torch.mm(a, b, out=out)
-        return
-    r, K = a.shape
-    c = K // splits
-    parts = torch.bmm(a[:, : c * splits].view(r, splits, c).transpose(0, 1), b[: c * splits].view(splits, c, -1))
-    acc = parts.sum(0, dtype=torch.promote_types(a.dtype, torch.float32))  # (r, D)
-    if c * splits < K:
-        acc += torch.mm(a[:, c * splits :], b[c * splits :])
-    out.copy_(acc)
 
 
 # ----------------------------------------------------------------------------------------------

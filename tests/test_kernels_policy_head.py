@@ -24,7 +24,6 @@ from helpers.tiny import tiny_model
 from minigrpo import grpo, step, update_loss
 from minigrpo.kernels import fused_linear_token_loss, linear_logprobs_ref, linear_token_loss_ref
 from minigrpo.kernels import logprobs as logprobs_module
-from minigrpo.kernels import policy_head as policy_head_module
 from minigrpo.update_loss import policy_token_loss
 
 LENGTHS = [9, 4, 0, 7, 2, 9]  # completion lengths of N = 6 rows, Tc = 9: padding and an empty row
@@ -163,22 +162,6 @@ def test_bf16_within_the_budget_of_unfused_bf16(impl, device, narrow_blocks):
         e_k, e_p = rel_err(a, r), rel_err(p, r)
         assert e_k <= 2 * e_p + FLOOR[torch.bfloat16], f"{name}: fused {e_k:.2e} vs unfused bf16 {e_p:.2e}"
     assert got[1].dtype == got[2].dtype == torch.bfloat16
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_k_dh_within_the_budget(dtype, monkeypatch):
-    # dH = dz @ W over K = V split into 4 slices (1003 = 4 * 250 + a tail of 3) summed in fp32
-    monkeypatch.setattr(policy_head_module, "dh_splits", lambda rows, d, device: 4)
-    h, w, tgt, T, inputs = _problem(dtype, torch.device("cpu"), "dapo", "on_policy_token_is_kl", D=96, V=1003)
-    ref = _loss_and_grads(functools.partial(_unfused, tgt=tgt, T=T, inputs=inputs), h.double(), w.double())
-    plain = _loss_and_grads(functools.partial(_unfused, tgt=tgt, T=T, inputs=inputs), h, w)
-    got = _loss_and_grads(functools.partial(_fused, tgt=tgt, T=T, inputs=inputs, impl="ref", rows=8), h, w)
-    e_k, e_p = rel_err(got[1], ref[1]), rel_err(plain[1], ref[1])
-    assert e_k <= 2 * e_p + FLOOR[dtype], f"dh: split-K {e_k:.2e} vs unfused {e_p:.2e}"
-    calls = []
-    monkeypatch.setattr(policy_head_module, "_mm_split_k", lambda *a: calls.append(a[3]))
-    _loss_and_grads(functools.partial(_fused, tgt=tgt, T=T, inputs=inputs, impl="ref", rows=8), h, w)
-    assert calls and set(calls) == {4}  # the split path is the one that ran
 
 
 @pytest.mark.parametrize("impl", ["triton", "ref"])

@@ -1,7 +1,8 @@
 """Fingerprints of vLLM's fused parameters, block by block, without vLLM: a stand-in engine whose model
 stacks q/k/v and gate/up into one parameter each, as vLLM's GPU models do (`packed_modules_mapping`).
 The CPU backend repacks every linear weight, so the real engine in test_vllm_sampler.py never shows
-a fused block that can be fingerprinted; these tests hold the logic that the GPU relies on."""
+a fused block that can be fingerprinted; these tests hold the logic that the GPU relies on (and the
+GPU's wake order: torch's cached blocks go back before vLLM maps its memory again)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from minigrpo.sampling.vllm_sync import (
     packed_rows,
     policy_weights_for_sync,
     stale_tensors,
+    wake_engine,
     worker_fingerprints,
 )
 
@@ -114,3 +116,18 @@ def test_packed_rows_needs_every_part_pushed_and_room_for_them():
     model = type("M", (), {"named_parameters": lambda _s: params.items(), "packed_modules_mapping": MAPPING})()
     names, fps = worker_fingerprints(Engine(model).worker, full)
     assert names == list(full) and torch.equal(fps[1], fingerprints([("k", qkv[6:9].clone())])[1][0])
+
+
+def test_waking_on_the_gpu_first_returns_torchs_cached_blocks(monkeypatch):
+    calls = []
+
+    class Engine:
+        def wake_up(self, tags=None):
+            calls.append(("wake", tags))
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(("empty_cache",)))
+    wake_engine(Engine(), torch.device("cuda", 0), ["kv_cache"])
+    assert calls == [("empty_cache",), ("wake", ["kv_cache"])]
+    calls.clear()
+    wake_engine(Engine(), torch.device("cpu"))  # the CPU backend: nothing cached to return
+    assert calls == [("wake", None)]

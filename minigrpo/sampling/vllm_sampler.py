@@ -58,6 +58,7 @@ from .vllm_sync import (
     probe_tolerance,
     quiet_reload,
     stale_tensors,
+    wake_engine,
     weight_buckets,
     worker_clear_kv_cache,
     worker_load,
@@ -226,7 +227,7 @@ class VLLMSampler:
             return
         if self._weights_dropped:
             raise SyncError("the engine slept at level 2 and dropped its weights: call sync(policy) first")
-        self.llm.wake_up()
+        wake_engine(self.llm, self.device)
         self._asleep = False
 
     # ------------------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ class VLLMSampler:
         t0 = time.perf_counter()
         weights_recreated = self._weights_dropped  # a level-2 wake: the next check probes
         if self._asleep:
-            self.llm.wake_up(tags=["weights"])
+            wake_engine(self.llm, self.device, ["weights"])
         learn = self.verify_sync and self._fingerprint_shapes is None
         shapes: dict[str, tuple[int, ...]] = {}
         count = {"tensors": 0, "bytes": 0, "calls": 0}
@@ -280,7 +281,7 @@ class VLLMSampler:
                     count["calls"] += 1
         self.llm.collective_rpc(worker_refresh_tied_head)
         if self._asleep:
-            self.llm.wake_up(tags=["kv_cache"])
+            wake_engine(self.llm, self.device, ["kv_cache"])
             self._asleep = self._weights_dropped = False
         self.llm.reset_prefix_cache()
         if learn:  # first sync: which pushed tensors vLLM stores as they are (fingerprinted from now on)
