@@ -15,7 +15,8 @@ base), so the optimizer steps fp32 adapters directly, and computed in the activa
 mixed precision does: on a bf16 base, A and B are cast to bf16 for the two small matmuls (fp32
 accumulation inside them) and their gradients come back in fp32. Computing in fp32 instead would
 cast every adapted layer's input up and run fp32 GEMMs, about a quarter of a LoRA step's time on an
-H100; backward keeps x as it came, shared with the base, and A's (r)-wide output.
+H100; backward keeps x as it came, shared with the base, and A's (r)-wide output. The samplers run
+inside `adapters_frozen(model)`, where those casts are made once per rollout rather than per token.
 
 Names. `LoRALinear` wraps the base module without making it a child: it shares the base's
 parameter and buffer dicts, so the base tensors keep their checkpoint names (`...q_proj.weight`) and
@@ -95,6 +96,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False  # adapters_disabled(): forward computes base(x) only
         self.merged = False  # merge_lora(): the delta lives inside the base weight
+        self.frozen: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] | None = None  # adapters_frozen()
         self.reset_lora_parameters()
 
     @torch.no_grad()
@@ -110,8 +112,7 @@ class LoRALinear(nn.Module):
             return out
         if self.disabled:
             return out
-        A = self.lora_A.weight.to(x.dtype)  # (r, in) in the activations' dtype
-        B = self.lora_B.weight.to(x.dtype)  # (out, r)
+        A, B = self._adapter_weights(x.dtype)  # (r, in), (out, r) in the activations' dtype
         u = F.linear(self.lora_dropout(x), A)  # (..., r); x itself without dropout (no copy)
         if out.dtype == u.dtype:  # out + scaling * u @ B^T as one matmul that adds `out` (a decode
             # step runs every projection's adapter: two kernels each instead of four)
@@ -119,6 +120,15 @@ class LoRALinear(nn.Module):
             return flat.view(out.shape)
         delta = F.linear(u * self.scaling, B)  # (..., out)
         return out + delta.to(out.dtype)
+
+    def _adapter_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B in `dtype`: cast on every call, or once per adapters_frozen() block without autograd."""
+        frozen = self.frozen
+        if frozen is None or torch.is_grad_enabled():
+            return self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
+        if dtype not in frozen:
+            frozen[dtype] = (self.lora_A.weight.detach().to(dtype), self.lora_B.weight.detach().to(dtype))
+        return frozen[dtype]
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A as a new (out, in) fp32 tensor."""
@@ -261,6 +271,23 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for layer, state in zip(layers, before):
             layer.disabled = state
+
+
+@contextmanager
+def adapters_frozen(model: nn.Module) -> Iterator[None]:
+    """Sampling: the adapters stay fixed inside, so each adapter's A and B are cast to the activations'
+    dtype once, not in every forward. fp32 adapters on a 16-bit base otherwise cost two cast kernels
+    per adapted projection per decode step (for SmolLM2 with 7 adapted projections a block, 420 of a
+    step's kernels). Forwards under autograd still cast each time (their gradients reach A and B).
+    A no-op without adapters; a nested block keeps the casts of the outer one."""
+    layers = [layer for layer in lora_layers(model).values() if layer.frozen is None]
+    for layer in layers:
+        layer.frozen = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.frozen = None
 
 
 def merge_lora(model: nn.Module) -> list[str]:

@@ -25,6 +25,7 @@ from minigrpo.config import LoRACfg, TrainCfg
 from minigrpo.lora import (
     LoRALinear,
     adapters_disabled,
+    adapters_frozen,
     apply_lora,
     load_lora_state_dict,
     load_peft_adapter,
@@ -216,6 +217,79 @@ def test_adapters_compute_in_the_activation_dtype_and_keep_no_copy_of_x():
     ):
         assert (got - want).abs().max() <= 2e-2 * want.abs().max()
     assert layer.lora_A.weight.grad.abs().max() > 0 and layer.lora_B.weight.grad.abs().max() > 0
+
+
+class CastCounter(TorchDispatchMode):
+    """Counts fp32 -> 16-bit copies of adapter-shaped tensors (A (r, in) or B (out, r))."""
+
+    def __init__(self, r: int) -> None:
+        super().__init__()
+        self.r, self.casts = r, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        src = args[0] if args else None
+        if func is torch.ops.aten._to_copy.default and src.dtype == torch.float32 and out.dtype == torch.bfloat16:
+            self.casts += self.r in src.shape and src.dim() == 2
+        return out
+
+
+def test_frozen_adapters_are_cast_once_while_sampling():
+    """fp32 adapters on a bf16 base: inside adapters_frozen() a forward without autograd reuses one cast
+    of A and B per layer (the first forward makes them), with the same outputs bit for bit; forwards
+    under autograd still cast and reach A and B; a later block sees adapters changed in between."""
+    model = tiny_model(21, dtype=torch.bfloat16)
+    apply_lora(model, LoRACfg(r=4, alpha=8))
+    _randomize_adapters(model)
+    model.eval()
+    layers = list(lora_layers(model).values())
+    with torch.no_grad():
+        plain = model(_ids())
+    with adapters_frozen(model):
+        counts = []
+        for _ in range(3):
+            with torch.no_grad(), CastCounter(r=4) as counter:
+                out = model(_ids())
+            counts.append(counter.casts)
+            assert torch.equal(out, plain)
+        assert counts == [2 * len(layers), 0, 0], counts
+        with adapters_frozen(model):  # nested: the outer block's casts survive the inner one
+            pass
+        assert all(layer.frozen for layer in layers)
+        with torch.enable_grad():
+            model(_ids()).float().pow(2).mean().backward()
+        assert all(p.grad is not None and p.grad.abs().max() > 0 for p in lora_parameters(model))
+    assert all(layer.frozen is None for layer in layers)
+    _randomize_adapters(model, seed=1)  # the optimizer stepped between two rollouts
+    with adapters_frozen(model), torch.no_grad():
+        changed = model(_ids())
+    with torch.no_grad():
+        assert torch.equal(changed, model(_ids())) and not torch.equal(changed, plain)
+
+
+def test_the_kv_sampler_samples_with_frozen_adapters(monkeypatch):
+    """Every adapted forward of a rollout runs inside adapters_frozen(), and none is left frozen after."""
+    from minigrpo.sampling.kv_sampler import KVCacheSampler
+    from minigrpo.sampling.params import SamplingParams
+
+    class Tok:
+        pad_token_id = 0
+        stop_ids = ()
+
+        def decode(self, ids, skip_special_tokens=False):
+            return " ".join(map(str, ids))
+
+    model = tiny_model(22, dtype=torch.bfloat16)
+    apply_lora(model, LoRACfg(r=4, alpha=8))
+    _randomize_adapters(model)
+    seen = []
+    real = LoRALinear._adapter_weights
+    monkeypatch.setattr(
+        LoRALinear, "_adapter_weights", lambda self, dtype: seen.append(self.frozen is not None) or real(self, dtype)
+    )
+    out = KVCacheSampler(model, Tok()).generate([[1, 5, 9], [1, 7]], SamplingParams(n=2, max_new_tokens=5))
+    assert out.num_sequences == 4 and seen and all(seen)
+    assert all(layer.frozen is None for layer in lora_layers(model).values())
 
 
 def test_base_names_are_unchanged():

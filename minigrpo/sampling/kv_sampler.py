@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from minigrpo.distributed import full_weights
+from minigrpo.lora import adapters_frozen
 from minigrpo.models.transformer import KVCache, SharedPrefix, Transformer
 
 from .decode_graphs import DecodeGraphs
@@ -242,7 +243,7 @@ class KVCacheSampler:
             raise ValueError(f"row_ids has {rows.numel()} ids for {N} rows ({B} prompts x n={params.n})")
         n, waves = params.n, generation_waves(B, params.n, self.max_rows)
         parts = []
-        with full_weights(self.model) as net:  # the model itself unless it is sharded (FSDP2)
+        with full_weights(self.model) as net, adapters_frozen(net):  # net: the model unless sharded (FSDP2)
             if net is self.model:  # q, k, v (gate, up) side by side: one GEMM each (a gathered view: as is)
                 net.pack_projections()
             self._net = net

@@ -48,6 +48,7 @@ from collections.abc import Sequence
 import torch
 
 from minigrpo.distributed import full_weights
+from minigrpo.lora import adapters_frozen
 from minigrpo.models.transformer import KVCache, Transformer
 
 from .kv_sampler import DEFAULT_STREAM, KVCacheSampler, _DecodeState
@@ -117,7 +118,7 @@ class KVSession:
             out.stats["reused_tokens"] = 0.0
             self.stats["prefill_tokens"] += out.stats["prefill_tokens"]
             return out
-        with full_weights(s.model) as net:  # the model itself unless it is sharded (FSDP2)
+        with full_weights(s.model) as net, adapters_frozen(net):  # net: the model unless sharded (FSDP2)
             was_training = net.training
             s._net = net
             net.eval()
