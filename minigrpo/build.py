@@ -274,7 +274,12 @@ def build_sampler(cfg: Config, model, tokenizer) -> Sampler:
 
         return VLLMSampler.from_config(cfg, model, tokenizer)
     return KVCacheSampler(
-        model, tokenizer, cuda_graphs=cfg.sampler.compile, seed=cfg.run.seed, max_rows=cfg.sampler.max_rows
+        model,
+        tokenizer,
+        cuda_graphs=cfg.sampler.compile,
+        seed=cfg.run.seed,
+        max_rows=cfg.sampler.max_rows,
+        merge_lora=cfg.sampler.merge_lora,
     )
 
 

@@ -97,6 +97,7 @@ class LoRALinear(nn.Module):
         self.disabled = False  # adapters_disabled(): forward computes base(x) only
         self.merged = False  # merge_lora(): the delta lives inside the base weight
         self.frozen: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] | None = None  # adapters_frozen()
+        self.frozen_weight: torch.Tensor | None = None  # adapters_frozen(merge=True): W + s B A, W's dtype
         self.reset_lora_parameters()
 
     @torch.no_grad()
@@ -105,6 +106,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)  # delta = 0: the adapted model starts as the base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen_weight is not None and not self.disabled and not torch.is_grad_enabled():
+            return F.linear(x, self.frozen_weight, self.base.bias)  # sampling: one GEMM
         out = self.base(x)  # (..., out)
         if self.merged:
             if self.training and torch.is_grad_enabled():
@@ -129,6 +132,12 @@ class LoRALinear(nn.Module):
         if dtype not in frozen:
             frozen[dtype] = (self.lora_A.weight.detach().to(dtype), self.lora_B.weight.detach().to(dtype))
         return frozen[dtype]
+
+    def mergeable_for_sampling(self) -> bool:
+        """A plain float nn.Linear base, not merged already: W + s B A fits a copy in W's dtype."""
+        w = getattr(self.base, "weight", None)
+        plain = type(self.base) is nn.Linear and w is not None and type(w.data) is torch.Tensor
+        return plain and w.is_floating_point() and not self.merged
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A as a new (out, in) fp32 tensor."""
@@ -274,20 +283,28 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def adapters_frozen(model: nn.Module) -> Iterator[None]:
-    """Sampling: the adapters stay fixed inside, so each adapter's A and B are cast to the activations'
-    dtype once, not in every forward. fp32 adapters on a 16-bit base otherwise cost two cast kernels
-    per adapted projection per decode step (for SmolLM2 with 7 adapted projections a block, 420 of a
-    step's kernels). Forwards under autograd still cast each time (their gradients reach A and B).
-    A no-op without adapters; a nested block keeps the casts of the outer one."""
+def adapters_frozen(model: nn.Module, *, merge: bool = False) -> Iterator[None]:
+    """Sampling: the adapters stay fixed inside, so their per-token cost is paid once per block.
+
+    merge=False: each adapter's A and B are cast to the activations' dtype once, not in every forward
+    (fp32 adapters on a 16-bit base otherwise cost two cast kernels per adapted projection per decode
+    step: 420 of a SmolLM2 step's kernels). merge=True: each adapted layer whose base is a plain float
+    nn.Linear gets W + s B A (fp32 math, rounded once to W's dtype) as a copy, and forwards without
+    autograd run that one GEMM instead of the base's and the adapter's three (+ one copy of those
+    weights while inside; NF4 bases keep the unmerged path). Forwards under autograd, or with the
+    adapters disabled, run as outside. A no-op without adapters; a nested block keeps the outer one's.
+    """
     layers = [layer for layer in lora_layers(model).values() if layer.frozen is None]
-    for layer in layers:
-        layer.frozen = {}
     try:
+        for layer in layers:
+            layer.frozen = {}
+            if merge and layer.mergeable_for_sampling():
+                with torch.no_grad():
+                    layer.frozen_weight = layer.merged_weight().to(layer.base.weight.dtype)
         yield
     finally:
         for layer in layers:
-            layer.frozen = None
+            layer.frozen, layer.frozen_weight = None, None
 
 
 def merge_lora(model: nn.Module) -> list[str]:

@@ -7,6 +7,7 @@
 A step has four phases whose peaks never overlap (each frees its working memory before the next):
 
     rollout     weights + optimizer state + KV cache B x Tp + N x Tc + prefill or decode transient
+                (+ LoRA's merged copy of the adapted weights, sampler.merge_lora)
     logprobs    weights + optimizer state + one micro-batch forward without autograd  (old / ref passes)
     update      weights + optimizer state + gradients + one micro-batch's activations at their peak
     optimizer   weights + optimizer state + gradients + the optimizer's own temporaries
@@ -41,6 +42,7 @@ from minigrpo.memory_parts import (
     episode_rollout_bytes,
     forward_transient_per_token,
     kv_cache_bytes,
+    lora_adapter_shapes,
     nograd_forward_bytes,
     optimizer_state_bytes,
     step_transient_bytes,
@@ -178,7 +180,10 @@ def estimate_peak(
         decode = Nw * vocab * (b + 4 * 5) + (Nw * vocab * 12 if _filters(cfg) else 0)
         decode += N * Tc * (8 + 4) if len(waves) > 1 else 0  # finished waves' tokens and log-probs
         parts["rollout_transient"] = max(prefill, decode)
-        rollout = static + parts["kv_cache"] + parts["rollout_transient"]
+        if lora.enabled and quantize is None and cfg.sampler.merge_lora:  # lora.adapters_frozen(merge=True)
+            shapes = [i * o for _, i, o in lora_adapter_shapes(args, lora.targets)]
+            parts["lora_merged_for_sampling"] = sum(shapes) * args.n_layers * b + max(shapes) * (4 + b)
+        rollout = static + parts["kv_cache"] + parts["rollout_transient"] + parts.get("lora_merged_for_sampling", 0)
 
     # ---- old / reference log-prob passes: a forward without autograd per micro-batch
     need_logprobs = g.num_iterations > 1 or needs_reference(cfg) or g.is_correction is not None

@@ -9,6 +9,7 @@ gate_up_proj, one adapter per fused matrix).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import weakref
@@ -267,8 +268,68 @@ def test_frozen_adapters_are_cast_once_while_sampling():
         assert torch.equal(changed, model(_ids())) and not torch.equal(changed, plain)
 
 
-def test_the_kv_sampler_samples_with_frozen_adapters(monkeypatch):
-    """Every adapted forward of a rollout runs inside adapters_frozen(), and none is left frozen after."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_adapters_run_one_gemm_per_projection_while_sampling(dtype):
+    """adapters_frozen(merge=True): each adapted projection runs W + s B A (fp32 sum, one rounding) as
+    one GEMM without autograd; within rounding of the unmerged forward; autograd and disabled adapters
+    run as outside; nothing is left behind."""
+    model = tiny_model(23, dtype=dtype)
+    apply_lora(model, LoRACfg(r=3, alpha=6))
+    _randomize_adapters(model)
+    model.eval()
+    layers = list(lora_layers(model).values())
+    with torch.no_grad():
+        plain, ref = model(_ids()), copy.deepcopy(model).float()(_ids())  # ref: the same weights in fp32
+        with adapters_disabled(model):
+            base = model(_ids())
+    with adapters_frozen(model, merge=True):
+        for layer in layers:
+            want = (layer.base.weight.float() + layer.delta_weight()).to(dtype)
+            assert layer.frozen_weight.dtype == dtype and torch.equal(layer.frozen_weight, want)
+        seen = []
+        with torch.no_grad(), ShapeRecorder(seen):
+            merged = model(_ids())
+        assert not any(3 in shape for shape in seen), "an adapter matmul ran"
+        if dtype == torch.float32:
+            assert _max_diff(merged, plain) <= ATOL
+        else:  # bf16: as close to the fp32 model as the unmerged bf16 forward is
+            e_merged, e_plain = _max_diff(merged, ref), _max_diff(plain, ref)
+            assert e_merged <= 2 * e_plain + 1e-3, (e_merged, e_plain)
+        with torch.no_grad(), adapters_disabled(model):
+            assert torch.equal(model(_ids()), base)
+        with torch.enable_grad():
+            model(_ids()).float().pow(2).mean().backward()
+        assert all(p.grad is not None and p.grad.abs().max() > 0 for p in lora_parameters(model))
+    assert all(layer.frozen is None and layer.frozen_weight is None for layer in layers)
+
+
+def test_only_plain_float_linear_bases_are_merged_for_sampling():
+    class OwnLinear(nn.Linear):  # stands for a base with its own forward (an NF4 linear, say)
+        pass
+
+    layer = LoRALinear(OwnLinear(8, 6), r=2, alpha=4)
+    plain = LoRALinear(nn.Linear(8, 6), r=2, alpha=4)
+    with adapters_frozen(nn.ModuleList([layer, plain]), merge=True):
+        assert layer.frozen_weight is None and layer.frozen == {} and plain.frozen_weight is not None
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Records the shapes of the tensors every matmul-like op reads."""
+
+    def __init__(self, seen: list) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            self.seen += [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_the_kv_sampler_samples_with_frozen_adapters(merge, monkeypatch):
+    """Every adapted forward of a rollout runs inside adapters_frozen() (merged by default), and none
+    is left frozen after."""
     from minigrpo.sampling.kv_sampler import KVCacheSampler
     from minigrpo.sampling.params import SamplingParams
 
@@ -283,13 +344,17 @@ def test_the_kv_sampler_samples_with_frozen_adapters(monkeypatch):
     apply_lora(model, LoRACfg(r=4, alpha=8))
     _randomize_adapters(model)
     seen = []
-    real = LoRALinear._adapter_weights
+    real = LoRALinear.forward
     monkeypatch.setattr(
-        LoRALinear, "_adapter_weights", lambda self, dtype: seen.append(self.frozen is not None) or real(self, dtype)
+        LoRALinear,
+        "forward",
+        lambda self, x: seen.append((self.frozen, self.frozen_weight is not None)) or real(self, x),
     )
-    out = KVCacheSampler(model, Tok()).generate([[1, 5, 9], [1, 7]], SamplingParams(n=2, max_new_tokens=5))
-    assert out.num_sequences == 4 and seen and all(seen)
-    assert all(layer.frozen is None for layer in lora_layers(model).values())
+    sampler = KVCacheSampler(model, Tok(), merge_lora=merge)
+    out = sampler.generate([[1, 5, 9], [1, 7]], SamplingParams(n=2, max_new_tokens=5))
+    assert out.num_sequences == 4 and seen
+    assert all(frozen is not None and is_merged == merge for frozen, is_merged in seen)
+    assert all(layer.frozen is None and layer.frozen_weight is None for layer in lora_layers(model).values())
 
 
 def test_base_names_are_unchanged():

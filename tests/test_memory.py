@@ -189,6 +189,33 @@ def test_kv_cache_estimate_is_exact():
     assert memory_parts.kv_cache_bytes(qwen, 1, 1, 2) == 28672
 
 
+@pytest.mark.parametrize("family", [{}, dict(model_type="phi3", original_max_position_embeddings=256)])
+def test_lora_merged_copy_estimate_is_the_copies_the_sampler_makes(family):
+    """sampler.merge_lora: the rollout counts one copy of every adapted weight in the compute dtype
+    (+ one layer's fp32 merge), exactly the tensors adapters_frozen(merge=True) holds; off, or on an
+    NF4 base, nothing."""
+    from minigrpo.lora import adapters_frozen, apply_lora, lora_layers
+
+    cfg = load_config(CONFIGS / "qwen2.5-1.5b_gsm8k_lora.yaml", ["run.dtype=bfloat16"])
+    model = tiny_model(3, dtype=torch.bfloat16, **SMALL, **family)
+    apply_lora(model, cfg.lora)
+    with adapters_frozen(model, merge=True):
+        copies = [layer.frozen_weight for layer in lora_layers(model).values()]
+        held = sum(w.nbytes for w in copies)
+    largest = max(w.numel() for w in copies)
+    est = estimate_peak(cfg, model.args, prompt_tokens=64)
+    assert est.parts["lora_merged_for_sampling"] == held + largest * (4 + 2)
+    off = estimate_peak(
+        load_config(CONFIGS / "qwen2.5-1.5b_gsm8k_lora.yaml", ["sampler.merge_lora=false"]),
+        model.args,
+        prompt_tokens=64,
+    )
+    assert "lora_merged_for_sampling" not in off.parts
+    assert est.phases["rollout"] - off.phases["rollout"] == est.parts["lora_merged_for_sampling"]
+    nf4 = load_config(CONFIGS / "qwen2.5-1.5b_gsm8k_lora.yaml", ["lora.quantize_base=nf4"])
+    assert "lora_merged_for_sampling" not in estimate_peak(nf4, model.args, prompt_tokens=64).parts
+
+
 def test_update_phase_estimate_matches_a_measured_update():
     """train.update_phase on a fixed rollout, measured whole: gradients, activations, optimizer step."""
     from minigrpo.sampling.rollout import Rollout

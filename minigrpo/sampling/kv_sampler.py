@@ -154,6 +154,9 @@ class KVCacheSampler:
             token being drawn (device tensors: it runs inside the CUDA graphs, so no host syncs).
         prefix_per_group: decode attention reads each prompt's keys and values once for its group
             of rows (kernels/prefix_attention.py); False: once per row (the same attention).
+        merge_lora: LoRA adapters merged into a 16-bit copy of each adapted weight for each call
+            (lora.adapters_frozen): one GEMM per projection, one more copy of those weights; False:
+            the adapters run unmerged (their casts made once per call).
     """
 
     def __init__(
@@ -169,6 +172,7 @@ class KVCacheSampler:
         compact_below: float = 0.5,
         logits_processor: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         prefix_per_group: bool = True,
+        merge_lora: bool = True,
     ) -> None:
         if kv_bucket < 1 or (check_every is not None and check_every < 1):
             raise ValueError(f"kv_bucket and check_every must be >= 1, got {kv_bucket} and {check_every}")
@@ -176,6 +180,7 @@ class KVCacheSampler:
             raise ValueError(f"compact_below must be in [0, 1), got {compact_below}")
         self.compact_below = compact_below
         self.prefix_per_group = prefix_per_group
+        self.merge_lora = merge_lora
         self.logits_processor = logits_processor
         self.model = model
         self.max_rows = max_rows
@@ -243,7 +248,8 @@ class KVCacheSampler:
             raise ValueError(f"row_ids has {rows.numel()} ids for {N} rows ({B} prompts x n={params.n})")
         n, waves = params.n, generation_waves(B, params.n, self.max_rows)
         parts = []
-        with full_weights(self.model) as net, adapters_frozen(net):  # net: the model unless sharded (FSDP2)
+        with full_weights(self.model) as net, adapters_frozen(net, merge=self.merge_lora):  # net: the model
+            # itself unless it is sharded (FSDP2); LoRA: adapters merged into a copy for the rollout
             if net is self.model:  # q, k, v (gate, up) side by side: one GEMM each (a gathered view: as is)
                 net.pack_projections()
             self._net = net

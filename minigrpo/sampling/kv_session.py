@@ -118,7 +118,7 @@ class KVSession:
             out.stats["reused_tokens"] = 0.0
             self.stats["prefill_tokens"] += out.stats["prefill_tokens"]
             return out
-        with full_weights(s.model) as net, adapters_frozen(net):  # net: the model unless sharded (FSDP2)
+        with full_weights(s.model) as net, adapters_frozen(net, merge=s.merge_lora):  # net: the model unless sharded
             was_training = net.training
             s._net = net
             net.eval()
