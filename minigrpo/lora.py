@@ -15,8 +15,9 @@ base), so the optimizer steps fp32 adapters directly, and computed in the activa
 mixed precision does: on a bf16 base, A and B are cast to bf16 for the two small matmuls (fp32
 accumulation inside them) and their gradients come back in fp32. Computing in fp32 instead would
 cast every adapted layer's input up and run fp32 GEMMs, about a quarter of a LoRA step's time on an
-H100; backward keeps x as it came, shared with the base, and A's (r)-wide output. The samplers run
-inside `adapters_frozen(model)`, where those casts are made once per rollout rather than per token.
+H100; backward keeps x as it came, shared with the base, and A's (r)-wide output. The own sampler
+runs inside `adapters_frozen(model, merge=...)`: W + s B A merged into a copy for the rollout (one
+GEMM per projection), or, unmerged, those casts made once per rollout rather than per token.
 
 Names. `LoRALinear` wraps the base module without making it a child: it shares the base's
 parameter and buffer dicts, so the base tensors keep their checkpoint names (`...q_proj.weight`) and
