@@ -99,6 +99,7 @@ class LoRALinear(nn.Module):
         self.merged = False  # merge_lora(): the delta lives inside the base weight
         self.frozen: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] | None = None  # adapters_frozen()
         self.frozen_weight: torch.Tensor | None = None  # adapters_frozen(merge=True): W + s B A, W's dtype
+        self.frozen_bias: torch.Tensor | None = None  # ... and the base's bias (a view beside its set's)
         self.reset_lora_parameters()
 
     @torch.no_grad()
@@ -107,8 +108,9 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)  # delta = 0: the adapted model starts as the base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frozen_weight is not None and not self.disabled and not torch.is_grad_enabled():
-            return F.linear(x, self.frozen_weight, self.base.bias)  # sampling: one GEMM
+        merged = self.inference_weights()
+        if merged is not None:
+            return F.linear(x, *merged)  # sampling: one GEMM
         out = self.base(x)  # (..., out)
         if self.merged:
             if self.training and torch.is_grad_enabled():
@@ -133,6 +135,13 @@ class LoRALinear(nn.Module):
         if dtype not in frozen:
             frozen[dtype] = (self.lora_A.weight.detach().to(dtype), self.lora_B.weight.detach().to(dtype))
         return frozen[dtype]
+
+    def inference_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, bias) of the plain linear this layer is now, without autograd: its merged copy
+        inside adapters_frozen(merge=True); None where the adapters run (models/packed.py reads it)."""
+        if self.frozen_weight is None or self.disabled or torch.is_grad_enabled():
+            return None
+        return self.frozen_weight, self.frozen_bias
 
     def mergeable_for_sampling(self) -> bool:
         """A plain float nn.Linear base, not merged already: W + s B A fits a copy in W's dtype."""
@@ -291,7 +300,8 @@ def adapters_frozen(model: nn.Module, *, merge: bool = False) -> Iterator[None]:
     (fp32 adapters on a 16-bit base otherwise cost two cast kernels per adapted projection per decode
     step: 420 of a SmolLM2 step's kernels). merge=True: each adapted layer whose base is a plain float
     nn.Linear gets W + s B A (fp32 math, rounded once to W's dtype) as a copy, and forwards without
-    autograd run that one GEMM instead of the base's and the adapter's three (+ one copy of those
+    autograd run that one GEMM instead of the base's and the adapter's three, q/k/v and gate/up one
+    GEMM per set as without LoRA (their copies back to back: models/packed.py) (+ one copy of those
     weights while inside; NF4 bases keep the unmerged path). Forwards under autograd, or with the
     adapters disabled, run as outside. A no-op without adapters; a nested block keeps the outer one's.
     """
@@ -299,13 +309,36 @@ def adapters_frozen(model: nn.Module, *, merge: bool = False) -> Iterator[None]:
     try:
         for layer in layers:
             layer.frozen = {}
-            if merge and layer.mergeable_for_sampling():
-                with torch.no_grad():
-                    layer.frozen_weight = layer.merged_weight().to(layer.base.weight.dtype)
+        if merge:
+            _merge_for_sampling(model, [layer for layer in layers if layer.mergeable_for_sampling()])
         yield
     finally:
         for layer in layers:
-            layer.frozen, layer.frozen_weight = None, None
+            layer.frozen, layer.frozen_weight, layer.frozen_bias = None, None, None
+
+
+@torch.no_grad()
+def _merge_for_sampling(model: nn.Module, layers: list[LoRALinear]) -> None:
+    """Give each layer its merged copy; a set the model runs as one GEMM (q/k/v, gate/up:
+    `projection_sets`) whose members are all here gets its copies back to back in one buffer."""
+    todo = {id(layer): layer for layer in layers}
+    sets = model.projection_sets() if hasattr(model, "projection_sets") else []
+    sets = [s for s in sets if all(id(m) in todo for m in s) and len({m.base.bias is None for m in s}) == 1]
+    sets = [s for s in sets if len({(m.weight.dtype, m.weight.device, m.in_features) for m in s}) == 1]
+    for group in sets:
+        for layer in group:
+            del todo[id(layer)]
+    for group in [*sets, *([layer] for layer in todo.values())]:
+        first = group[0].weight
+        rows = sum(layer.out_features for layer in group)
+        weight = torch.empty(rows, first.shape[1], dtype=first.dtype, device=first.device)  # (sum out, in)
+        bias = None if group[0].base.bias is None else torch.cat([layer.base.bias for layer in group])
+        at = 0
+        for layer in group:
+            n = layer.out_features
+            layer.frozen_weight = weight[at : at + n].copy_(layer.merged_weight())  # fp32 sum, one rounding
+            layer.frozen_bias = None if bias is None else bias[at : at + n]
+            at += n
 
 
 def merge_lora(model: nn.Module) -> list[str]:

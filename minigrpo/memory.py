@@ -181,8 +181,11 @@ def estimate_peak(
         decode += N * Tc * (8 + 4) if len(waves) > 1 else 0  # finished waves' tokens and log-probs
         parts["rollout_transient"] = max(prefill, decode)
         if lora.enabled and quantize is None and cfg.sampler.merge_lora:  # lora.adapters_frozen(merge=True)
-            shapes = [i * o for _, i, o in lora_adapter_shapes(args, lora.targets)]
-            parts["lora_merged_for_sampling"] = sum(shapes) * args.n_layers * b + max(shapes) * (4 + b)
+            shapes = lora_adapter_shapes(args, lora.targets)  # a copy of each adapted weight (and bias)
+            biased = {"qkv": args.qkv_bias, "o": args.o_bias, "gate_up": args.mlp_bias, "down": args.mlp_bias}
+            copies = sum(i * o + (o if biased[group] else 0) for group, i, o in shapes)
+            largest = max(i * o for _, i, o in shapes)  # merged in fp32 one layer at a time
+            parts["lora_merged_for_sampling"] = copies * args.n_layers * b + largest * 4
         rollout = static + parts["kv_cache"] + parts["rollout_transient"] + parts.get("lora_merged_for_sampling", 0)
 
     # ---- old / reference log-prob passes: a forward without autograd per micro-batch

@@ -39,6 +39,7 @@ from minigrpo.lora import (
     unmerge_lora,
 )
 from minigrpo.models.loading import load_pretrained
+from minigrpo.models.packed import joined_inference_weights
 from minigrpo.models.safetensors_io import iter_tensors, read_header
 from minigrpo.optim import MasterWeights, build_optimizer
 
@@ -303,6 +304,33 @@ def test_merged_adapters_run_one_gemm_per_projection_while_sampling(dtype):
     assert all(layer.frozen is None and layer.frozen_weight is None for layer in layers)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2-tied"])
+def test_merged_sets_run_as_few_gemms_as_the_packed_base_model(family):
+    """bf16, every projection adapted: inside adapters_frozen(merge=True) q/k/v and gate/up copies lie
+    back to back (biases too), so a forward runs exactly the matmuls of the packed model without LoRA."""
+    base = tiny_model(24, dtype=torch.bfloat16, **FAMILIES[family])
+    plain = copy.deepcopy(base)
+    plain.pack_projections()
+    apply_lora(base, LoRACfg(r=3, alpha=6))
+    _randomize_adapters(base)
+
+    def matmuls(model) -> int:
+        with torch.no_grad(), ShapeRecorder([]) as recorder:
+            model(_ids())
+        return recorder.calls
+
+    with adapters_frozen(base, merge=True), torch.no_grad():
+        biased = 0
+        for group in base.projection_sets():
+            assert joined_inference_weights(group) is not None
+            assert all((layer.frozen_bias is None) == (layer.base.bias is None) for layer in group)
+            biased += group[0].base.bias is not None
+        assert biased == (base.args.n_layers if family == "qwen2-tied" else 0)  # Qwen2's q/k/v biases
+        assert matmuls(base) == matmuls(plain)
+        with torch.enable_grad():  # training forwards are not joined: each layer runs its adapters
+            assert joined_inference_weights(base.projection_sets()[0]) is None
+
+
 def test_only_plain_float_linear_bases_are_merged_for_sampling():
     class OwnLinear(nn.Linear):  # stands for a base with its own forward (an NF4 linear, say)
         pass
@@ -318,11 +346,12 @@ class ShapeRecorder(TorchDispatchMode):
 
     def __init__(self, seen: list) -> None:
         super().__init__()
-        self.seen = seen
+        self.seen, self.calls = seen, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
             self.seen += [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            self.calls += 1
         return func(*args, **(kwargs or {}))
 
 

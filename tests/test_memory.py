@@ -189,7 +189,9 @@ def test_kv_cache_estimate_is_exact():
     assert memory_parts.kv_cache_bytes(qwen, 1, 1, 2) == 28672
 
 
-@pytest.mark.parametrize("family", [{}, dict(model_type="phi3", original_max_position_embeddings=256)])
+@pytest.mark.parametrize(
+    "family", [{}, dict(model_type="qwen2"), dict(model_type="phi3", original_max_position_embeddings=256)]
+)
 def test_lora_merged_copy_estimate_is_the_copies_the_sampler_makes(family):
     """sampler.merge_lora: the rollout counts one copy of every adapted weight in the compute dtype
     (+ one layer's fp32 merge), exactly the tensors adapters_frozen(merge=True) holds; off, or on an
@@ -200,11 +202,12 @@ def test_lora_merged_copy_estimate_is_the_copies_the_sampler_makes(family):
     model = tiny_model(3, dtype=torch.bfloat16, **SMALL, **family)
     apply_lora(model, cfg.lora)
     with adapters_frozen(model, merge=True):
-        copies = [layer.frozen_weight for layer in lora_layers(model).values()]
-        held = sum(w.nbytes for w in copies)
-    largest = max(w.numel() for w in copies)
+        layers = lora_layers(model).values()
+        copies = [layer.frozen_weight for layer in layers] + [layer.frozen_bias for layer in layers]
+        held = sum(t.nbytes for t in copies if t is not None)
+    largest = max(layer.weight.numel() for layer in layers)
     est = estimate_peak(cfg, model.args, prompt_tokens=64)
-    assert est.parts["lora_merged_for_sampling"] == held + largest * (4 + 2)
+    assert est.parts["lora_merged_for_sampling"] == held + largest * 4  # + one layer's fp32 merge
     off = estimate_peak(
         load_config(CONFIGS / "qwen2.5-1.5b_gsm8k_lora.yaml", ["sampler.merge_lora=false"]),
         model.args,

@@ -14,7 +14,9 @@ otherwise. In training its backward is one GEMM for the input's gradient and one
 weight's, whose row blocks are the parts' gradients (the small k and v GEMMs, N = 256 for
 Qwen2.5-1.5B, run at a fraction of the large ones' rate). It checks the storage on every call, so a
 set that stopped being packed (moved to another device, sharded, quantised, wrapped by LoRA) falls
-back by itself.
+back by itself. Layers that run as plain linears only for inference (LoRA merged for sampling:
+`inference_weights()`, lora.adapters_frozen) are joined the same way when their copies lie back to
+back.
 """
 
 from __future__ import annotations
@@ -90,6 +92,22 @@ class _JoinedLinear(torch.autograd.Function):
         return dx, None, None, None, *grads  # x, the views, sizes, then one gradient per part
 
 
+def joined_inference_weights(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) over layers that each run as a plain linear right now (`inference_weights()`,
+    e.g. LoRA layers merged for sampling, lora.adapters_frozen) with those copies back to back; else None."""
+    pairs = [m.inference_weights() if hasattr(m, "inference_weights") else None for m in modules]
+    if any(p is None for p in pairs):
+        return None
+    weight = _joined([w for w, _ in pairs])
+    biases = [b for _, b in pairs]
+    if weight is None or len({b is None for b in biases}) > 1:
+        return None
+    if biases[0] is None:
+        return weight, None
+    bias = _joined(biases)
+    return None if bias is None else (weight, bias)
+
+
 def packed_linear(x: torch.Tensor, layers: list[nn.Module], *, join: bool | None = None) -> list[torch.Tensor]:
     """[layer(x) for layer in layers], as one GEMM when the layers are packed (pack_rows).
 
@@ -99,6 +117,8 @@ def packed_linear(x: torch.Tensor, layers: list[nn.Module], *, join: bool | None
     of an unpacked model (e.g. one process against FSDP shards, which are never packed).
     """
     joined = joined_rows(layers)
+    if joined is None and not torch.is_grad_enabled():
+        joined = joined_inference_weights(layers)
     if joined is None:
         return [layer(x) for layer in layers]
     weight, bias = joined

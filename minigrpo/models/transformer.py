@@ -385,14 +385,15 @@ class Transformer(nn.Module):
                 p.data = low
         return full
 
+    def projection_sets(self) -> list[list[nn.Module]]:
+        """Each block's separate q, k, v and gate, up projections: the sets that read one input."""
+        sets = [(block.self_attn.qkv_linears(), block.mlp.gate_up_linears()) for block in self.model.layers]
+        return [linears for pair in sets for linears in pair if linears]
+
     def pack_projections(self) -> bool:
         """Store each block's q, k, v (and gate, up) weights back to back, so a 16-bit model runs each
         set as one GEMM (models/packed.py); idempotent. Returns whether every set is packed."""
-        packed = True
-        for block in self.model.layers:
-            for linears in (block.self_attn.qkv_linears(), block.mlp.gate_up_linears()):
-                packed &= not linears or pack_rows(linears)
-        return packed
+        return all([pack_rows(linears) for linears in self.projection_sets()])
 
     @torch.no_grad()
     def init_weights(self) -> None:
