@@ -178,7 +178,8 @@ class GRPOCfg(Section):
     dynamic_sampling: bool = False  # DAPO: resample groups whose rewards are all equal
     max_resample_rounds: int = spec(3, ">= 0")  # dynamic sampling: extra generation rounds per step at most
     # sampler-vs-trainer importance weights: token/sequence, truncate/mask outside [is_min, is_cap].
-    # None = auto: off for the own sampler (same kernels as training), token_truncate for vLLM
+    # None = auto: off for the own sampler (the trainer's weights; with LoRA merged for the rollout,
+    # rounded once more), token_truncate for vLLM
     is_correction: Literal[None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = spec(
         None, derived='"token_truncate" when sampler.kind is vllm'
     )
