@@ -146,9 +146,9 @@ class SamplerCfg(Section):
     # generated in waves of whole prompts (or of parts of one prompt's group), the same tokens as in
     # one go; null: every row at once. Long completions: trades rollout time for memory.
     max_rows: int | None = spec(None, ">= 1", why="null = every row at once")
-    # own sampler with LoRA on a 16/32-bit base: each adapted weight merged (W + s B A, rounded once)
+    # own sampler with LoRA on a 16-bit base: each adapted weight merged (W + s B A, rounded once)
     # into a copy for the rollout, one GEMM per projection instead of three; the copy costs memory
-    # while sampling (the pre-flight counts it). false: adapters unmerged (NF4 bases always are)
+    # while sampling (the pre-flight counts it). false: adapters unmerged (NF4, fp32 bases always are)
     merge_lora: bool = True
     gpu_memory_utilization: float = spec(0.3, "in (0, 1]")  # vLLM: share of GPU memory for weights + KV cache
     vllm_sleep: bool = True  # vLLM: release its memory while the trainer runs

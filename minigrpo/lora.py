@@ -144,10 +144,14 @@ class LoRALinear(nn.Module):
         return self.frozen_weight, self.frozen_bias
 
     def mergeable_for_sampling(self) -> bool:
-        """A plain float nn.Linear base, not merged already: W + s B A fits a copy in W's dtype."""
+        """A plain 16-bit nn.Linear base, not merged already: W + s B A fits a copy in W's dtype.
+
+        fp32 bases (the references, the exactness tests) keep the unmerged forward, so their samples
+        stay bitwise those of the layer's own forward, as models/packed.py keeps fp32 sets unjoined.
+        """
         w = getattr(self.base, "weight", None)
         plain = type(self.base) is nn.Linear and w is not None and type(w.data) is torch.Tensor
-        return plain and w.is_floating_point() and not self.merged
+        return plain and w.dtype in (torch.bfloat16, torch.float16) and not self.merged
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A as a new (out, in) fp32 tensor."""
@@ -298,7 +302,7 @@ def adapters_frozen(model: nn.Module, *, merge: bool = False) -> Iterator[None]:
 
     merge=False: each adapter's A and B are cast to the activations' dtype once, not in every forward
     (fp32 adapters on a 16-bit base otherwise cost two cast kernels per adapted projection per decode
-    step: 420 of a SmolLM2 step's kernels). merge=True: each adapted layer whose base is a plain float
+    step: 420 of a SmolLM2 step's kernels). merge=True: each adapted layer whose base is a plain 16-bit
     nn.Linear gets W + s B A (fp32 math, rounded once to W's dtype) as a copy, and forwards without
     autograd run that one GEMM instead of the base's and the adapter's three, q/k/v and gate/up one
     GEMM per set as without LoRA (their copies back to back: models/packed.py) (+ one copy of those

@@ -180,7 +180,7 @@ def estimate_peak(
         decode = Nw * vocab * (b + 4 * 5) + (Nw * vocab * 12 if _filters(cfg) else 0)
         decode += N * Tc * (8 + 4) if len(waves) > 1 else 0  # finished waves' tokens and log-probs
         parts["rollout_transient"] = max(prefill, decode)
-        if lora.enabled and quantize is None and cfg.sampler.merge_lora:  # lora.adapters_frozen(merge=True)
+        if lora.enabled and quantize is None and b < 4 and cfg.sampler.merge_lora:  # adapters_frozen(merge=True)
             shapes = lora_adapter_shapes(args, lora.targets)  # a copy of each adapted weight (and bias)
             biased = {"qkv": args.qkv_bias, "o": args.o_bias, "gate_up": args.mlp_bias, "down": args.mlp_bias}
             copies = sum(i * o + (o if biased[group] else 0) for group, i, o in shapes)
