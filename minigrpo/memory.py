@@ -310,6 +310,7 @@ _KNOBS = (
     "train.optimizer",
     "lora.enabled",
     "lora.quantize_base",
+    "sampler.merge_lora",
     "sampler.max_rows",
     "sampler.max_new_tokens",
     "grpo.group_size",
@@ -356,6 +357,8 @@ def suggest_fixes(
             break
     if tr.optimizer == "adamw" and device_type == "cuda":
         consider("train.optimizer", "adamw8bit")
+    if cfg.sampler.kind == "own" and cfg.lora.enabled:  # adapters unmerged while sampling: no copy
+        consider("sampler.merge_lora", False)
     if not cfg.lora.enabled:
         consider("lora.enabled", True)
     elif cfg.lora.quantize_base is None and device_type == "cuda":

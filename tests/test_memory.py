@@ -333,6 +333,19 @@ def test_preflight_error_names_the_settings_that_fit():
         assert total <= 22 * 2**30, key
 
 
+def test_a_rollout_peak_with_the_merged_lora_copy_points_at_merge_lora():
+    """The merged copy is the cheapest thing to give up when the rollout is the peak: proposed before NF4."""
+    over = ["sampler.max_new_tokens=2048", "train.micro_batch_size=1", "model.gradient_checkpointing=true"]
+    cfg = load_config(CONFIGS / "qwen2.5-1.5b_gsm8k_lora.yaml", over)
+    off = load_config(CONFIGS / "qwen2.5-1.5b_gsm8k_lora.yaml", [*over, "sampler.merge_lora=false"])
+    args = ModelArgs.from_hf_config(preset_config("qwen2.5-1.5b"))
+    est, without = estimate_peak(cfg, args, prompt_tokens=256), estimate_peak(off, args, prompt_tokens=256)
+    assert est.peak_phase == "rollout" and est.total - without.total == est.parts["lora_merged_for_sampling"]
+    assert 2.3 * 2**30 < est.parts["lora_merged_for_sampling"] < 2.6 * 2**30  # Qwen2.5-1.5B's adapted weights
+    keys = [key for key, *_ in memory.suggest_fixes(cfg, args, prompt_tokens=256, budget=without.total)]
+    assert "sampler.merge_lora" in keys and keys.index("sampler.merge_lora") < keys.index("lora.quantize_base")
+
+
 def test_long_completions_point_at_max_new_tokens_and_group_size():
     cfg = _llama_qlora(**{"sampler.max_new_tokens": "60000", "grpo.group_size": "16", "grpo.prompts_per_step": "1"})
     with pytest.raises(MemoryPreflightError) as err:
