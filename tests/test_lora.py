@@ -66,6 +66,14 @@ def _randomize_adapters(model: nn.Module, seed: int = 0) -> None:
         layer.lora_B.weight.copy_(0.1 * torch.randn(layer.lora_B.weight.shape, generator=g))
 
 
+def _adapted_bf16(seed: int, r: int) -> tuple[nn.Module, list[LoRALinear]]:
+    """A bf16 tiny model in eval mode with fp32 adapters of rank r that change its outputs, and its layers."""
+    model = tiny_model(seed, dtype=torch.bfloat16)
+    apply_lora(model, LoRACfg(r=r, alpha=2 * r))
+    _randomize_adapters(model)
+    return model.eval(), list(lora_layers(model).values())
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -240,11 +248,7 @@ def test_frozen_adapters_are_cast_once_while_sampling():
     """fp32 adapters on a bf16 base: inside adapters_frozen() a forward without autograd reuses one cast
     of A and B per layer (the first forward makes them), with the same outputs bit for bit; forwards
     under autograd still cast and reach A and B; a later block sees adapters changed in between."""
-    model = tiny_model(21, dtype=torch.bfloat16)
-    apply_lora(model, LoRACfg(r=4, alpha=8))
-    _randomize_adapters(model)
-    model.eval()
-    layers = list(lora_layers(model).values())
+    model, layers = _adapted_bf16(21, r=4)
     with torch.no_grad():
         plain = model(_ids())
     with adapters_frozen(model):
@@ -273,11 +277,7 @@ def test_merged_adapters_run_one_gemm_per_projection_while_sampling():
     """adapters_frozen(merge=True), bf16: each adapted projection runs W + s B A (fp32 sum, one
     rounding) as one GEMM without autograd, as close to the fp32 model as the unmerged bf16 forward;
     autograd and disabled adapters run as outside; nothing is left behind."""
-    model = tiny_model(23, dtype=torch.bfloat16)
-    apply_lora(model, LoRACfg(r=3, alpha=6))
-    _randomize_adapters(model)
-    model.eval()
-    layers = list(lora_layers(model).values())
+    model, layers = _adapted_bf16(23, r=3)
     with torch.no_grad():
         plain, ref = model(_ids()), copy.deepcopy(model).float()(_ids())  # ref: the same weights in fp32
         with adapters_disabled(model):
