@@ -1,7 +1,7 @@
 """One full GRPO step on one GPU, split by phase, and the update phase's model-FLOPs utilisation.
 
     python benchmarks/bench_step.py [--arch qwen2.5-1.5b] [--prompts 16] [--group 8]
-                                    [--prompt-len 256] [--new-tokens 512] [--micro 16] [--quick]
+                                    [--prompt-len 256] [--new-tokens 512] [--micro 16] [--runs 4] [--quick]
 
 Random weights of a real architecture, bf16 compute with fp32 master weights and AdamW (full
 fine-tuning), fixed-length completions, random rewards (so that every group has a spread).
