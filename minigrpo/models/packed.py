@@ -61,12 +61,19 @@ def joined_rows(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | 
     their shared storage (no copy; inference only), or None when they are not packed."""
     if not _plain_linears(modules):
         return None
-    weight = _joined([m.weight.detach() for m in modules])
-    if weight is None:
+    return _joined_linear([m.weight.detach() for m in modules], [m.bias for m in modules])
+
+
+def _joined_linear(
+    weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) as views over parts that lie back to back (biases: all of them or none); else None."""
+    weight = _joined(weights)
+    if weight is None or len({b is None for b in biases}) > 1:
         return None
-    if modules[0].bias is None:
+    if biases[0] is None:
         return weight, None
-    bias = _joined([m.bias.detach() for m in modules])
+    bias = _joined([b.detach() for b in biases])
     return None if bias is None else (weight, bias)
 
 
@@ -98,14 +105,7 @@ def joined_inference_weights(modules: list[nn.Module]) -> tuple[torch.Tensor, to
     pairs = [m.inference_weights() if hasattr(m, "inference_weights") else None for m in modules]
     if any(p is None for p in pairs):
         return None
-    weight = _joined([w for w, _ in pairs])
-    biases = [b for _, b in pairs]
-    if weight is None or len({b is None for b in biases}) > 1:
-        return None
-    if biases[0] is None:
-        return weight, None
-    bias = _joined(biases)
-    return None if bias is None else (weight, bias)
+    return _joined_linear([w for w, _ in pairs], [b for _, b in pairs])
 
 
 def packed_linear(x: torch.Tensor, layers: list[nn.Module], *, join: bool | None = None) -> list[torch.Tensor]:

@@ -393,7 +393,7 @@ class Transformer(nn.Module):
     def pack_projections(self) -> bool:
         """Store each block's q, k, v (and gate, up) weights back to back, so a 16-bit model runs each
         set as one GEMM (models/packed.py); idempotent. Returns whether every set is packed."""
-        return all([pack_rows(linears) for linears in self.projection_sets()])
+        return all([pack_rows(linears) for linears in self.projection_sets()])  # a list: every set is tried
 
     @torch.no_grad()
     def init_weights(self) -> None:
