@@ -1,7 +1,8 @@
 """One full GRPO step on one GPU, split by phase, and the update phase's model-FLOPs utilisation.
 
     python benchmarks/bench_step.py [--arch qwen2.5-1.5b] [--prompts 16] [--group 8]
-                                    [--prompt-len 256] [--new-tokens 512] [--micro 16] [--runs 4] [--quick]
+                                    [--prompt-len 256] [--new-tokens 512] [--micro 16] [--runs 4]
+                                    [--profile] [--quick]
 
 Random weights of a real architecture, bf16 compute with fp32 master weights and AdamW (full
 fine-tuning), fixed-length completions, random rewards (so that every group has a spread).
@@ -13,6 +14,9 @@ optimizer step). The first run compiles kernels; the summary is the median of th
 Model FLOPs of the update = 6 * (non-embedding params) * tokens + 6 * D * V * completion tokens
 + 6 * L * T^2 * H * Dh per sequence (causal attention, fwd + bwd): recomputation is not counted.
 MFU = model FLOPs / time / in-run bf16 matmul rate (and / 989 TFLOP/s, the H100 datasheet).
+--profile: one more update under torch.profiler; its GPU kernel time by kind (matmul, attention,
+each Triton kernel, ...) and the largest kernels go into the result, with the time the GPU had
+no kernel running (the update's wall time minus the kernels', profiler overhead included).
 Writes results/step_<device>.json and prints a table.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import defaultdict
 
 import torch
 from common import (
@@ -28,6 +33,7 @@ from common import (
     NullTokenizer,
     add_workload_arguments,
     environment,
+    kernel_kind,
     matmul_tflops,
     peak_bytes,
     positive_int,
@@ -53,11 +59,39 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
+def profile_update(run_update) -> dict:
+    """GPU kernel time of one update by kernel kind, its largest kernels, and the GPU's idle time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if DEVICE.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        _, wall = timed(run_update)
+    kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    names: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = e.duration_ns() / 1e6
+        for table, key in ((kinds, kernel_kind(e.name())), (names, e.name()[:120])):
+            table[key][0] += ms
+            table[key][1] += 1
+    kernels_ms = sum(v[0] for v in kinds.values())
+    top = sorted(names.items(), key=lambda kv: -kv[1][0])[:15]
+    return {
+        "wall_ms": wall * 1e3,
+        "kernels_ms": kernels_ms,
+        "gpu_idle_ms": wall * 1e3 - kernels_ms,
+        "by_kind": {k: {"ms": v[0], "kernels": v[1]} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
+        "top_kernels": [{"name": k, "ms": v[0], "kernels": v[1]} for k, v in top],
+    }
+
+
 def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_arguments(ap)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--runs", type=positive_int, default=4, help="steps run; the first is the warm-up")
+    ap.add_argument("--profile", action="store_true", help="profile one more update (kernel time by kind)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -102,6 +136,9 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
 
+    profile = None
+    if args.profile:
+        profile = profile_update(lambda b=batch: update_phase(cfg, model, optimizer, scheduler, b, None, None))
     a = model.args
     T = args.prompt_len + args.new_tokens
     tokens, completion_tokens = N * T, N * args.new_tokens
@@ -130,6 +167,7 @@ def main() -> None:
         "update_model_flops": flops,
         "runs": rows,
         "summary": summary,
+        "update_profile": profile,
     }
     path = write_result("step", payload)
     print(
@@ -138,6 +176,10 @@ def main() -> None:
     )
     print_table(rows, ["run", "rollout_s", "logprob_pass_s", "update_s", "step_s", "peak_gib"])
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()})
+    if profile is not None:
+        print(f"\nprofiled update: {profile['wall_ms']:.1f} ms wall, {profile['kernels_ms']:.1f} ms of kernels")
+        kinds = [{"kind": k, **v} for k, v in profile["by_kind"].items()]
+        print_table([*kinds, {"kind": "(GPU idle)", "ms": profile["gpu_idle_ms"]}], ["kind", "ms", "kernels"])
 
 
 if __name__ == "__main__":

@@ -20,6 +20,24 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: smoke runs only
 
 
+KERNEL_KINDS = [  # (kind, kernel-name pattern), first match wins: profiles group GPU kernels by these
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|splitk"),
+    ("attention", r"fmha|flash|attention|attn"),
+    ("triton: " + "{name}", r"^_\w+_kernel"),
+    ("index/copy", r"index|copy|scatter|gather|cat"),
+    ("reduce", r"reduce"),
+    ("elementwise", r"elementwise|vectorized|unrolled"),
+]
+
+
+def kernel_kind(name: str) -> str:
+    """The KERNEL_KINDS group of a GPU kernel's name ("other" where none matches)."""
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind.format(name=name.split("(")[0]) if "{name}" in kind else kind
+    return "other"
+
+
 def sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()

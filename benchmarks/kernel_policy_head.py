@@ -3,7 +3,9 @@
 One GRPO micro-batch of N tokens (16 completions of N / 16 tokens, all active) through the LM head
 and the dapo loss, off-policy (old log-probs 0.3 away: the clip engages) with beta = 0.04 (k3 KL);
 fwd + bwd = the loss and the gradients of hidden and W. Providers:
-    ours (fused)     kernels/policy_head.py with minigrpo/update_loss.py's PolicyTokenLoss: 6NDV
+    ours (fused)     kernels/policy_head.py with minigrpo/update_loss.py's PolicyTokenLoss: 6NDV,
+                     each block's d loss / d logp from kernels/token_loss.py (one launch)
+    ours (fused, autograd loss)  the same, d loss / d logp by autograd over grpo's token terms
     ours (unfused)   fused_linear_logprobs, then grpo.policy_loss: 8NDV (the general path)
     eager            (N, V) logits, log_softmax, gather, grpo.policy_loss
     torch.compile    the eager function compiled
@@ -46,11 +48,13 @@ def _policy_loss(logp, x):
     return grpo.policy_loss(logp.view(ROWS, -1), x["old_logp"], x["advantages"], x["mask"], OPTS, **kw)[0]
 
 
-def fused(h, w, t, x, rows=None):
+def fused(h, w, t, x, rows=None, closed_form=True):
     keys = ("old_logp", "ref_logp")
     token_loss = policy_token_loss(
         x["mask"] > 0, x["mask"], x["advantages"], OPTS, x["normalizer"], **{k: x[k] for k in keys}
     )
+    if not closed_form:  # the same terms, their gradient by autograd (a plain function has no value_and_grad)
+        token_loss = token_loss.__call__
     return fused_linear_token_loss(h, w, t, token_loss, impl="triton", rows=rows)[0]
 
 
@@ -70,7 +74,13 @@ def bench_policy_head(ceil: dict, quick: bool) -> list[dict]:
         if quick
         else [(m, d, v) for d, v in heads for m in (4096, 16384, 32768)]
     )
-    providers = {"eager": eager, "torch.compile": bk.compiled(eager), "ours (unfused)": unfused, "ours (fused)": fused}
+    providers = {
+        "eager": eager,
+        "torch.compile": bk.compiled(eager),
+        "ours (unfused)": unfused,
+        "ours (fused, autograd loss)": functools.partial(fused, closed_form=False),
+        "ours (fused)": fused,
+    }
     rows = []
     for N, D, V in shapes:
         rows += _shape(N, D, V, providers, ceil)

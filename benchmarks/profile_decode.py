@@ -18,33 +18,25 @@ internals (`_prefill`, `_draw`, `_step`) on purpose: it is the unit being measur
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
 import torch
-from common import DEVICE, NullTokenizer, copy_bandwidth_gbs, environment, print_table, sync, write_result
+from common import (
+    DEVICE,
+    NullTokenizer,
+    copy_bandwidth_gbs,
+    environment,
+    kernel_kind,
+    print_table,
+    sync,
+    write_result,
+)
 
 from minigrpo.errors import ArgumentParser, run_cli
 from minigrpo.models.loading import build_random
 from minigrpo.models.presets import preset_config
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams
-
-KINDS = [  # (kind, kernel-name pattern), first match wins
-    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|splitk"),
-    ("attention", r"fmha|flash|attention|attn"),
-    ("triton: " + "{name}", r"^_\w+_kernel"),
-    ("index/copy", r"index|copy|scatter|gather|cat"),
-    ("reduce", r"reduce"),
-    ("elementwise", r"elementwise|vectorized|unrolled"),
-]
-
-
-def kernel_kind(name: str) -> str:
-    for kind, pattern in KINDS:
-        if re.search(pattern, name, re.IGNORECASE):
-            return kind.format(name=name.split("(")[0]) if "{name}" in kind else kind
-    return "other"
 
 
 def device_kernels(event) -> list[tuple[str, float]]:

@@ -10,10 +10,13 @@ from .rmsnorm import rms_norm, rms_norm_ref
 from .rope import apply_rotary, rotary_ref
 from .sampling import sample_race, sample_race_ref
 from .swiglu import swiglu, swiglu_ref
+from .token_loss import clipped_token_loss, clipped_token_loss_and_grad
 
 __all__ = [
     "HAS_TRITON",
     "apply_rotary",
+    "clipped_token_loss",
+    "clipped_token_loss_and_grad",
     "decode_attention",
     "decode_attention_ref",
     "fused_linear_cross_entropy",

@@ -13,7 +13,10 @@ soon as logp_n is (autograd on token_loss over one block of tokens: O(block) wor
     dz_n = g_n (onehot(target_n) - softmax(a_n)) / T,   dH_n = dz_n @ W,   dW = sum_n dz_n.T h_n.
 GRPO's clipped surrogate with token-level ratios, its k3 KL and token IS weights are elementwise
 (minigrpo/update_loss.py builds token_loss from grpo.py), so the policy-gradient step needs no
-separate backward pass over the logits.
+separate backward pass over the logits. A token_loss that also has a method
+`value_and_grad(logp, start, stop) -> (losses (r,), g (r,))` gives g in closed form, without
+autograd (PolicyTokenLoss does, through kernels/token_loss.py: one launch a block where autograd
+over its terms takes about 80).
 
 Why a full-vocabulary block: softmax(a_n) needs the row's final lse, so no dz of a row exists
 before the whole row of logits has been seen. The general kernel (logprobs.py) keeps one
@@ -23,7 +26,7 @@ the logits of a block of `rows` tokens are computed ONCE over the whole vocabula
 buffer (rows, V) in the matmul dtype, and turned in place into dz:
     z    = h_b @ W.T                    cuBLAS, (rows, V) scratch          2 rows D V
     m, s, e, z[target]                  stats kernel over the full row     reads z
-    lse, logp, entropy; g = autograd(token_loss)                            O(rows)
+    lse, logp, entropy; g = d token_loss / d logp                           O(rows)
     z   <- dz (in place)                grad kernel                        reads + writes z
     dW  (+)= dz.T @ h_b                 cuBLAS, W.dtype, once per block    2 rows D V
     dH_b  = dz @ W                      cuBLAS, rounded once               2 rows D V
@@ -111,6 +114,26 @@ def plan_rows(N: int, V: int, device: torch.device, rows: int | None = None) -> 
     return max(1, min(rows, N))
 
 
+def _block_loss_and_grad(token_loss, logp, start, stop, grads):
+    """(sum of the block's token losses, d loss / d logp (r,) or None): token_loss's own closed
+    form when it has one (`value_and_grad`), else autograd over its call."""
+    r = stop - start
+    closed_form = getattr(token_loss, "value_and_grad", None)
+    if grads and closed_form is not None:
+        losses, g = closed_form(logp, start, stop)
+        assert losses.shape == g.shape == (r,), f"value_and_grad gave {tuple(losses.shape)}, {tuple(g.shape)} for {r}"
+        return losses.sum(), g
+    with torch.enable_grad():  # autograd.Function.forward runs without
+        lp = logp.detach().requires_grad_(grads)
+        losses = token_loss(lp, start, stop)  # (r,)
+        assert losses.shape == (r,), f"token_loss gave {tuple(losses.shape)} for {r} tokens"
+        block = losses.sum()
+        g = None
+        if grads:
+            g = torch.autograd.grad(block, lp)[0] if block.requires_grad else torch.zeros_like(lp)
+    return block.detach(), g
+
+
 def _fused_forward(h, w, tgt, token_loss, inv_t, want_entropy, need_dh, need_dw, impl, rows):
     """h (N, D), w (V, D), tgt (N,) int64 -> loss, logp (N,), entropy (N,) or None, dH or None, dW or None."""
     N, V = h.shape[0], w.shape[0]
@@ -138,15 +161,8 @@ def _fused_forward(h, w, tgt, token_loss, inv_t, want_entropy, need_dh, need_dw,
         logp[n0:n1] = zt_b - lse
         if entropy is not None:
             entropy[n0:n1] = torch.log(s_b) - e_b / s_b
-        with torch.enable_grad():  # g = d loss / d logp of this block (autograd.Function.forward runs without)
-            lp = logp[n0:n1].detach().requires_grad_(grads)
-            losses = token_loss(lp, n0, n1)  # (r,)
-            assert losses.shape == (r,), f"token_loss gave {tuple(losses.shape)} for {r} tokens"
-            block = losses.sum()
-            g = None
-            if grads:
-                g = torch.autograd.grad(block, lp)[0] if block.requires_grad else torch.zeros_like(lp)
-        total += block.detach().to(total.dtype)
+        block, g = _block_loss_and_grad(token_loss, logp[n0:n1], n0, n1, grads)
+        total += block.to(total.dtype)
         if not grads:
             continue
         g = g.to(acc["dtype"]).contiguous()
@@ -221,7 +237,8 @@ def fused_linear_token_loss(
         weight: (V, D) LM-head weight, same dtype as hidden.
         targets: (N,) token ids in [0, V).
         token_loss: (logp (r,) fp32, start, stop) -> (r,) losses of tokens [start, stop); elementwise
-            in logp (see the module docstring). Called once per block, under autograd.
+            in logp (see the module docstring). Called once per block, under autograd, unless
+            it has a closed-form `value_and_grad` (same arguments -> (losses, d losses / d logp)).
         temperature: logits are divided by it (sampling temperature).
         return_entropy: also return the per-token entropy (detached, for metrics).
         impl: "auto" (Triton on CUDA, the blocked torch path elsewhere), "triton" or "ref".

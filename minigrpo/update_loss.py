@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from minigrpo import grpo
-from minigrpo.kernels import fused_linear_token_loss
+from minigrpo.kernels import clipped_token_loss_and_grad, fused_linear_token_loss
 from minigrpo.logprobs import HiddenStatesModel, completion_logprobs, completion_states
 
 
@@ -64,6 +64,29 @@ class PolicyTokenLoss:
         ref = None if self.ref_logp is None else self.ref_logp[sl]
         loss, _, _ = grpo.token_terms(ratio, self.advantages[sl], o, is_weight=w, logp=logp, ref_logp=ref)
         return loss * self.weight[sl]  # (r,)
+
+    def value_and_grad(self, logp: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """(losses (r,), d losses / d logp (r,)) of __call__, in closed form (one kernel, no autograd)."""
+        o, sl = self.opts, slice(start, stop)
+        w = None if self.is_weight is None else self.is_weight[sl]
+        if self.sampler_logp is not None:
+            every = torch.ones_like(logp)
+            w, _ = grpo.importance_weights(
+                logp, self.sampler_logp[sl], every, o.is_correction, cap=o.is_cap, floor=o.is_min
+            )
+        return clipped_token_loss_and_grad(
+            logp,
+            self.advantages[sl],
+            self.weight[sl],
+            epsilon=o.epsilon,
+            epsilon_high=o.epsilon_high,
+            delta=o.delta,
+            log_ratio_clamp=grpo.LOG_RATIO_CLAMP,
+            old_logp=None if self.old_logp is None else self.old_logp[sl],
+            is_weight=w,
+            ref_logp=None if self.ref_logp is None else self.ref_logp[sl],
+            beta=o.beta,
+        )
 
 
 def policy_token_loss(

@@ -246,6 +246,17 @@ def _swiglu_cases(k):
     return {("_swiglu_fwd_kernel", "main"): (fwd, nw), ("_swiglu_bwd_kernel", "main"): (bwd, nw)}
 
 
+def _token_loss_cases(k):
+    ptrs = dict(logp_ptr=f32, adv_ptr=f32, weight_ptr=f32, old_ptr=f32, isw_ptr=f32, ref_ptr=f32, loss_ptr=f32,
+                grad_ptr=f32, n=1024, lo=0.8, hi=1.28, delta=1.6, beta=0.04, C=20.0, BLOCK=k._BLOCK)  # fmt: skip
+    every = dict(HAS_OLD=True, HAS_DELTA=True, HAS_ISW=True, HAS_REF=True)
+    plain = dict(HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, HAS_REF=False)
+    return {
+        ("_clipped_token_loss_kernel", "every_term"): (dict(ptrs, **every), 4),
+        ("_clipped_token_loss_kernel", "on_policy"): (dict(ptrs, **plain), 4),
+    }
+
+
 CASE_BUILDERS = {
     "rmsnorm": _rmsnorm_cases,
     "rope": _rope_cases,
@@ -255,6 +266,7 @@ CASE_BUILDERS = {
     "sampling": _sampling_cases,
     "kv_write": _kv_write_cases,
     "swiglu": _swiglu_cases,
+    "token_loss": _token_loss_cases,
 }
 
 

@@ -184,6 +184,40 @@ def test_generic_token_loss_matches_its_spec(impl, narrow_blocks):
         assert rel_err(a, r) < 2e-6, name
 
 
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_policy_token_loss_closed_form_equals_autograd_on_its_call(scenario, monkeypatch):
+    """PolicyTokenLoss.value_and_grad (one kernel) is its __call__ (grpo's functions) and autograd;
+    the fused head takes it (every block), not autograd."""
+    h, w, tgt, T, inputs = _problem(torch.float32, torch.device("cpu"), "grpo", scenario)
+    m = inputs["mask"]
+    keys = ("old_logp", "ref_logp", "sampler_logp")
+    token_loss = policy_token_loss(
+        m > 0, m, inputs["advantages"], inputs["opts"], inputs["normalizer"], **{k: inputs[k] for k in keys}
+    )
+    logp = linear_logprobs_ref(h, w, tgt, T)[0].float()
+    for start, stop in [(0, logp.shape[0]), (3, 11)]:
+        lp = logp[start:stop].clone().requires_grad_()
+        want = token_loss(lp, start, stop)
+        (want_grad,) = torch.autograd.grad(want.sum(), lp)
+        kernel = update_loss.clipped_token_loss_and_grad
+        for impl in ("triton", "ref"):
+            monkeypatch.setattr(update_loss, "clipped_token_loss_and_grad", functools.partial(kernel, impl=impl))
+            got, grad = token_loss.value_and_grad(logp[start:stop], start, stop)
+            torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-7)
+        monkeypatch.setattr(update_loss, "clipped_token_loss_and_grad", kernel)
+    calls, closed_form = [], update_loss.PolicyTokenLoss.value_and_grad
+
+    def counted(self, logp, start, stop):
+        calls.append((start, stop))
+        return closed_form(self, logp, start, stop)
+
+    monkeypatch.setattr(update_loss.PolicyTokenLoss, "value_and_grad", counted)
+    _loss_and_grads(functools.partial(_fused, tgt=tgt, T=T, inputs=inputs, impl="ref", rows=4), h, w)
+    n = logp.shape[0]
+    assert calls == [(a, min(a + 4, n)) for a in range(0, n, 4)]
+
+
 def test_backward_scales_by_the_incoming_gradient_and_runs_once():
     h, w, tgt, T, inputs = _problem(torch.float32, torch.device("cpu"), "grpo", "off_policy_clip_kl_token_is")
     base = _loss_and_grads(functools.partial(_fused, tgt=tgt, T=T, inputs=inputs, impl="ref", rows=4), h, w)
