@@ -9,7 +9,7 @@ from .policy_head import fused_linear_token_loss, linear_token_loss_ref
 from .rmsnorm import rms_norm, rms_norm_ref
 from .rope import apply_rotary, rotary_ref
 from .sampling import sample_race, sample_race_ref
-from .swiglu import swiglu, swiglu_ref
+from .swiglu import swiglu, swiglu_halves, swiglu_ref
 from .token_loss import clipped_token_loss, clipped_token_loss_and_grad
 
 __all__ = [
@@ -33,5 +33,6 @@ __all__ = [
     "sample_race",
     "sample_race_ref",
     "swiglu",
+    "swiglu_halves",
     "swiglu_ref",
 ]

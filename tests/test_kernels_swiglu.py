@@ -1,4 +1,5 @@
-"""SwiGLU kernel vs an fp64 reference: forward and backward, odd widths, one row, fused gate_up halves.
+"""SwiGLU kernel vs an fp64 reference: forward and backward, odd widths, one row, fused gate_up halves
+(as two chunks, and whole through swiglu_halves).
 
 Budget: err(kernel) <= 2 * err(plain torch in the same dtype) + FLOOR[dtype], where err is
 ||out - ref|| / ||ref|| against the spec evaluated in fp64 on the same (rounded) inputs. Without
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from helpers.kernel_checks import DEVICES, FLOOR, rel_err
 
-from minigrpo.kernels import swiglu, swiglu_ref
+from minigrpo.kernels import swiglu, swiglu_halves, swiglu_ref
 
 
 def _inputs(shape, width, dtype, device):
@@ -85,6 +86,28 @@ def test_swiglu_fused_gate_up_halves(shape, width, dtype, device):
     assert torch.equal(fused[0], separate[0]) and torch.equal(fused[1], separate[1])
 
 
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "width"), [((1,), 64), ((4, 3), 100), ((11,), 1400)])
+def test_swiglu_halves_is_swiglu_on_the_chunks_with_one_gradient(shape, width, dtype, device):
+    # the same bits as swiglu on gate_up.chunk(2, -1), forward and backward, for both paths; on the
+    # kernel's, the gradient of gate_up comes straight from the kernel (no split/chunk node to join it)
+    gate_up = _inputs(shape, width, dtype, device)
+    gy = torch.randn(*shape, width, dtype=torch.float64, device=device)
+    for impl in ("triton", "ref"):
+        want_y, want_grad = _run(gate_up, gy, impl, fused=True)
+        leaf = gate_up.detach().clone().requires_grad_()
+        y = swiglu_halves(leaf, impl=impl)
+        (y.double() * gy).sum().backward()
+        assert y.is_contiguous() and torch.equal(y, want_y) and torch.equal(leaf.grad, want_grad), impl
+        if impl == "triton":  # y's graph back to the leaf: views (free) and the kernel, nothing else
+            chain, node = [], y.grad_fn
+            while node is not None:
+                chain.append(type(node).__name__)
+                node = node.next_functions[0][0] if node.next_functions else None
+            assert [c for c in chain if c != "ViewBackward0"] == ["SwiGLUHalvesFunctionBackward", "AccumulateGrad"]
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_swiglu_saturated_gates(device):
@@ -138,3 +161,10 @@ def test_swiglu_large_cuda():
     dev = torch.device("cuda")
     _check((4096,), 8960, torch.bfloat16, dev, fused=True)
     _check((64,), 4864, torch.bfloat16, dev, fused=False)
+    gate_up = _inputs((4096,), 8960, torch.bfloat16, dev)
+    gy = torch.randn(4096, 8960, dtype=torch.float64, device=dev)
+    want = _run(gate_up, gy, "triton", fused=True)
+    leaf = gate_up.detach().clone().requires_grad_()
+    y = swiglu_halves(leaf)
+    (y.double() * gy).sum().backward()
+    assert torch.equal(y, want[0]) and torch.equal(leaf.grad, want[1])

@@ -14,11 +14,12 @@ import functools
 
 import pytest
 import torch
+from helpers.kernel_checks import need_interpreter
 from helpers.tiny import tiny_model, tiny_tokenizer
 
 from minigrpo.lora import LoRACfg, apply_lora
 from minigrpo.models import transformer
-from minigrpo.models.packed import joined_rows, pack_rows, packed_linear
+from minigrpo.models.packed import joined_linear, joined_rows, pack_rows, packed_linear
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams
 
@@ -44,6 +45,7 @@ def _calls(model) -> dict[str, int]:
 def joined(monkeypatch):
     """The model's packed sets run joined whatever their dtype (the default joins 16-bit ones)."""
     monkeypatch.setattr(transformer, "packed_linear", functools.partial(packed_linear, join=True))
+    monkeypatch.setattr(transformer, "joined_linear", functools.partial(joined_linear, join=True))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -84,10 +86,16 @@ def test_joined_rows_is_a_view_of_the_packed_storage():
     assert not pack_rows([torch.nn.Linear(8, 4), torch.nn.Linear(7, 4)])  # different input sizes
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2-bias"])
-def test_training_through_the_joined_gemm_gives_the_unpacked_gradients(variant, joined):
+@pytest.mark.parametrize("swiglu_impl", ["auto", "triton"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2-bias", "phi3-fused"])
+def test_training_through_the_joined_gemm_gives_the_unpacked_gradients(variant, swiglu_impl, joined, monkeypatch):
     # two backward passes (gradients accumulate into the parts), then an optimizer step: the
-    # parameters stay packed and equal to the unpacked model's
+    # parameters stay packed and equal to the unpacked model's. swiglu_impl "triton": the MLP's
+    # kernel (interpreted), which takes the joined [gate | up] whole (swiglu_halves)
+    if swiglu_impl == "triton":
+        need_interpreter()
+        monkeypatch.setattr(transformer, "swiglu", functools.partial(transformer.swiglu, impl="triton"))
+        monkeypatch.setattr(transformer, "swiglu_halves", functools.partial(transformer.swiglu_halves, impl="triton"))
     plain, packed = tiny_model(seed=4, **VARIANTS[variant]), tiny_model(seed=4, **VARIANTS[variant])
     packed.pack_projections()
     calls = _calls(packed)
@@ -96,14 +104,15 @@ def test_training_through_the_joined_gemm_gives_the_unpacked_gradients(variant, 
         ids = torch.randint(3, 100, (2, 9))
         for m in (plain, packed):
             m(ids).float().logsumexp(-1).mean().backward()
-    assert calls == {"q_proj": 0, "gate_proj": 0}  # the joined GEMM ran, forward and backward
+    assert calls == {"q_proj": 0, "gate_proj": 0}  # the joined GEMM (or fused matrix) ran, forward and backward
     for (name, a), b in zip(plain.named_parameters(), packed.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-6, msg=name)
     for opt in opts:
         opt.step()
     attn = packed.model.layers[0].self_attn
-    w, _ = joined_rows(attn.qkv_linears())
-    assert torch.equal(w, torch.cat([p.weight for p in attn.qkv_linears()]))
+    if variant != "phi3-fused":
+        w, _ = joined_rows(attn.qkv_linears())
+        assert torch.equal(w, torch.cat([p.weight for p in attn.qkv_linears()]))
     for (name, a), b in zip(plain.named_parameters(), packed.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
 

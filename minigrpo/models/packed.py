@@ -10,9 +10,11 @@ moves), and `joined_rows` sees a packed set as one (sum of outputs, in) matrix, 
 
 `packed_linear(x, layers)` is what the model calls: one GEMM over the joined matrix when the set is
 packed and 16-bit (fp32 models keep bitwise the results of unpacked ones), the layers one by one
-otherwise. In training its backward is one GEMM for the input's gradient and one for the joined
-weight's, whose row blocks are the parts' gradients (the small k and v GEMMs, N = 256 for
-Qwen2.5-1.5B, run at a fraction of the large ones' rate). It checks the storage on every call, so a
+otherwise; `joined_linear` gives that GEMM's output whole (the MLP hands [gate | up] to
+swiglu_halves, whose gradient is then one tensor, not two joined by a copy). In training its
+backward is one GEMM for the input's gradient and one for the joined weight's, whose row blocks
+are the parts' gradients (the small k and v GEMMs, N = 256 for Qwen2.5-1.5B, run at a fraction of
+the large ones' rate). It checks the storage on every call, so a
 set that stopped being packed (moved to another device, sharded, quantised, wrapped by LoRA) falls
 back by itself. Layers that run as plain linears only for inference (LoRA merged for sampling:
 `inference_weights()`, lora.adapters_frozen) are joined the same way when their copies lie back to
@@ -108,8 +110,9 @@ def joined_inference_weights(modules: list[nn.Module]) -> tuple[torch.Tensor, to
     return _joined_linear([w for w, _ in pairs], [b for _, b in pairs])
 
 
-def packed_linear(x: torch.Tensor, layers: list[nn.Module], *, join: bool | None = None) -> list[torch.Tensor]:
-    """[layer(x) for layer in layers], as one GEMM when the layers are packed (pack_rows).
+def joined_linear(x: torch.Tensor, layers: list[nn.Module], *, join: bool | None = None) -> torch.Tensor | None:
+    """The layers' outputs side by side, (..., sum N_i), from one GEMM, when the set runs joined;
+    None otherwise (then call the layers one by one, as packed_linear does).
 
     join: whether a packed set runs as one GEMM (forward, and backward with grad). Default: when its
     weights are 16-bit, i.e. tensor-core GEMMs, where fewer and larger calls pay. fp32 models (the
@@ -120,17 +123,23 @@ def packed_linear(x: torch.Tensor, layers: list[nn.Module], *, join: bool | None
     if joined is None and not torch.is_grad_enabled():
         joined = joined_inference_weights(layers)
     if joined is None:
-        return [layer(x) for layer in layers]
+        return None
     weight, bias = joined
     if not (weight.dtype in (torch.bfloat16, torch.float16) if join is None else join):
-        return [layer(x) for layer in layers]
+        return None
     sizes = [layer.out_features for layer in layers]
     params = [layer.weight for layer in layers] + ([layer.bias for layer in layers] if bias is not None else [])
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        y = _JoinedLinear.apply(x, weight, bias, sizes, *params)
-    else:
-        y = F.linear(x, weight, bias)
-    return list(y.split(sizes, dim=-1))
+        return _JoinedLinear.apply(x, weight, bias, sizes, *params)
+    return F.linear(x, weight, bias)
+
+
+def packed_linear(x: torch.Tensor, layers: list[nn.Module], *, join: bool | None = None) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers], as one GEMM when the set runs joined (joined_linear, `join` as there)."""
+    y = joined_linear(x, layers, join=join)
+    if y is None:
+        return [layer(x) for layer in layers]
+    return list(y.split([layer.out_features for layer in layers], dim=-1))
 
 
 @torch.no_grad()

@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigrpo.kernels import apply_rotary, decode_attention, rms_norm, rotary_into_cache, swiglu
+from minigrpo.kernels import apply_rotary, decode_attention, rms_norm, rotary_into_cache, swiglu, swiglu_halves
 from minigrpo.kernels._triton import resolve_impl
 from minigrpo.kernels.flash_decode import Prefix, with_prefix
 from minigrpo.kernels.prefix_attention import prefix_rows
 
 from .args import ModelArgs
 from .offload import checkpoint_block
-from .packed import pack_rows, packed_linear
+from .packed import joined_linear, pack_rows, packed_linear
 from .rotary import RotaryAngles
 
 
@@ -299,10 +299,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, F) each: halves of (B, T, 2F)
-        else:  # (B, T, F) each; one GEMM when packed
-            gate, up = packed_linear(x, self.gate_up_linears())
-        return self.down_proj(swiglu(gate, up))  # (B, T, D)
+            gate_up = self.gate_up_proj(x)  # (B, T, 2F)
+        else:  # one GEMM when packed: (B, T, 2F); else None
+            gate_up = joined_linear(x, self.gate_up_linears())
+        if gate_up is None:
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # (B, T, D)
+        return self.down_proj(swiglu_halves(gate_up))  # its gradient one (B, T, 2F) tensor
 
 
 class Block(nn.Module):
