@@ -140,40 +140,40 @@ def _fused_forward(h, w, tgt, token_loss, inv_t, want_entropy, need_dh, need_dw,
     R = plan_rows(N, V, h.device, rows)
     acc = dict(dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)  # fp32 (fp64 for fp64)
     logp = torch.empty(N, **acc)
-    entropy = torch.empty(N, **acc) if want_entropy else None
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_dh else None  # (N, D)
     dw = (torch.empty if N else torch.zeros)(w.shape, dtype=w.dtype, device=w.device) if need_dw else None
     grads = need_dh or need_dw
-    m, s, e, zt = (torch.empty(R, **acc) for _ in range(4))  # per-row statistics of one block
+    # per-token row statistics of every block, (N,) each, initialised once: a block's are views
+    m, s, zt, lse = torch.full((N,), _NEG, **acc), torch.zeros(N, **acc), torch.empty(N, **acc), torch.empty(N, **acc)
+    e = torch.zeros(N, **acc) if want_entropy else None
     scratch = torch.empty(R * V, dtype=h.dtype, device=h.device)  # the block's logits, then dz
-    total = torch.zeros((), **acc)
+    block_losses = []  # 0-dim sums, added up once at the end
     for n0 in range(0, N, R):
         n1 = min(n0 + R, N)
-        r, hb, tb = n1 - n0, h[n0:n1], tgt[n0:n1]
-        z = torch.mm(hb, w.T, out=scratch[: r * V].view(r, V))  # (r, V): each logit computed once
-        m_b, s_b, zt_b = m[:r].fill_(_NEG), s[:r].zero_(), zt[:r]
-        e_b = e[:r].zero_() if want_entropy else None
+        b, hb, tb = slice(n0, n1), h[n0:n1], tgt[n0:n1]
+        z = torch.mm(hb, w.T, out=scratch[: (n1 - n0) * V].view(n1 - n0, V))  # (r, V): each logit computed once
+        e_b = e[b] if want_entropy else None
         if impl == "triton":
-            _tile_stats_triton(z, tb, 0, inv_t, m_b, s_b, e_b, zt_b, V)
+            _tile_stats_triton(z, tb, 0, inv_t, m[b], s[b], e_b, zt[b], V)
         else:
-            _tile_stats_ref(z, tb, 0, inv_t, m_b, s_b, e_b, zt_b)
-        lse = m_b + torch.log(s_b)  # (r,)
-        logp[n0:n1] = zt_b - lse
-        if entropy is not None:
-            entropy[n0:n1] = torch.log(s_b) - e_b / s_b
-        block, g = _block_loss_and_grad(token_loss, logp[n0:n1], n0, n1, grads)
-        total += block.to(total.dtype)
+            _tile_stats_ref(z, tb, 0, inv_t, m[b], s[b], e_b, zt[b])
+        torch.log(s[b], out=lse[b]).add_(m[b])  # (r,)
+        torch.sub(zt[b], lse[b], out=logp[b])
+        block, g = _block_loss_and_grad(token_loss, logp[b], n0, n1, grads)
+        block_losses.append(block)
         if not grads:
             continue
         g = g.to(acc["dtype"]).contiguous()
         if impl == "triton":
-            _tile_grad_triton(z, tb, 0, inv_t, lse, lse, g, None)  # z <- dz / T
+            _tile_grad_triton(z, tb, 0, inv_t, lse[b], lse[b], g, None)  # z <- dz / T
         else:
-            _tile_grad_ref(z, tb, 0, inv_t, lse, lse, g, None)
+            _tile_grad_ref(z, tb, 0, inv_t, lse[b], lse[b], g, None)
         if dw is not None:
             torch.mm(z.T, hb, out=dw) if n0 == 0 else dw.addmm_(z.T, hb)
         if dh is not None:
             torch.mm(z, w, out=dh[n0:n1])
+    total = torch.stack(block_losses).sum().to(acc["dtype"]) if block_losses else torch.zeros((), **acc)
+    entropy = torch.log(s) - e / s if want_entropy else None
     return total, logp, entropy, dh, dw
 
 
