@@ -43,8 +43,8 @@ accumulated in W.dtype, rounded once per block: 16 times at N=16384 against the 
 (an fp32 accumulator would add V D 4 bytes, 0.87 GiB), so its bf16 rounding error is about twice
 the general kernel's (u sqrt(k / 2) for k roundings). `rows=` overrides the plan
 (`bench_kernels.py --tune --cases policy_head` sweeps it). Measured on an H100 (N=16384, bf16):
-44.3 ms fwd+bwd at 0.77 GiB against 56.3 ms for the log-prob kernel + policy_loss and 48.9 ms for
-torch.compile (13.9 GiB); 2048 rows: 42.1 ms at 1.06 GiB, 512 rows: 71.5 ms at 0.63 GiB.
+41.8-41.9 ms fwd+bwd at 0.77 GiB against 54-55 ms for the log-prob kernel + policy_loss and
+47-48 ms for torch.compile (13.9 GiB); with the token loss's gradient by autograd, 43.6-44.7 ms.
 
 impl="triton": the row statistics and dz run in the tile kernels of logprobs.py (one program per
 row streams the whole vocabulary); impl="ref": the same blocks with that tile math in torch (fp32):
