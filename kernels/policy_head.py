@@ -143,9 +143,11 @@ def _fused_forward(h, w, tgt, token_loss, inv_t, want_entropy, need_dh, need_dw,
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_dh else None  # (N, D)
     dw = (torch.empty if N else torch.zeros)(w.shape, dtype=w.dtype, device=w.device) if need_dw else None
     grads = need_dh or need_dw
-    # per-token row statistics of every block, (N,) each, initialised once: a block's are views
-    m, s, zt, lse = torch.full((N,), _NEG, **acc), torch.zeros(N, **acc), torch.empty(N, **acc), torch.empty(N, **acc)
-    e = torch.zeros(N, **acc) if want_entropy else None
+    # row statistics of all N tokens, initialised once (a block works on its slice):
+    m = torch.full((N,), _NEG, **acc)  # running max of the logits / T
+    s = torch.zeros(N, **acc)  # sum of exp(a - m)
+    e = torch.zeros(N, **acc) if want_entropy else None  # sum of exp(a - m) (a - m)
+    zt, lse = torch.empty(N, **acc), torch.empty(N, **acc)  # the target's logit / T; logsumexp
     scratch = torch.empty(R * V, dtype=h.dtype, device=h.device)  # the block's logits, then dz
     block_losses = []  # 0-dim sums, added up once at the end
     for n0 in range(0, N, R):
