@@ -2,7 +2,7 @@
 
     python benchmarks/bench_step.py [--arch qwen2.5-1.5b] [--prompts 16] [--group 8]
                                     [--prompt-len 256] [--new-tokens 512] [--micro 16] [--runs 4]
-                                    [--profile] [--quick]
+                                    [--profile] [--quick] [--out-dir DIR]
 
 Random weights of a real architecture, bf16 compute with fp32 master weights and AdamW (full
 fine-tuning), fixed-length completions, random rewards (so that every group has a spread).
@@ -35,6 +35,7 @@ from common import (
     environment,
     kernel_kind,
     matmul_tflops,
+    out_folder,
     peak_bytes,
     positive_int,
     print_table,
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--runs", type=positive_int, default=4, help="steps run; the first is the warm-up")
     ap.add_argument("--profile", action="store_true", help="profile one more update (kernel time by kind)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out-dir", type=out_folder, default=None, help="write the JSON here, not in benchmarks/results")
     args = ap.parse_args()
     if args.quick:
         args.arch, args.prompts, args.group, args.prompt_len, args.new_tokens, args.micro = (
@@ -169,7 +171,7 @@ def main() -> None:
         "summary": summary,
         "update_profile": profile,
     }
-    path = write_result("step", payload)
+    path = write_result("step", payload, out_dir=args.out_dir)
     print(
         f"\n{env['device']}, torch {env['torch']}, {args.arch}, N={N} x {T} tokens, "
         f"matmul {peak:.0f} TFLOP/s -> {path.name}"

@@ -50,6 +50,22 @@ def test_profile_decode_smoke(tmp_path):
     assert abs(sum(v["ms"] for v in case["by_kind"].values()) - case["kernels_ms"]) < 1e-6 * max(1, case["kernels_ms"])
 
 
+def test_bench_step_smoke_with_profile(tmp_path):
+    """Two quick steps and the profiled update: the phases are timed, the summary is the later run's,
+    and the profile's kinds add up to its kernel time (none on the CPU: the wall time is all idle)."""
+    proc = run_benchmark("bench_step.py", "--quick", "--runs", "2", "--profile", "--out-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("step_*.json")
+    result = json.loads(path.read_text())
+    assert [r["run"] for r in result["runs"]] == [0, 1]
+    assert all(r["rollout_s"] > 0 and r["update_s"] > 0 for r in result["runs"])
+    assert result["summary"]["train_tok_s"] > 0
+    profile = result["update_profile"]
+    assert profile["wall_ms"] > 0
+    assert abs(sum(v["ms"] for v in profile["by_kind"].values()) - profile["kernels_ms"]) < 1e-6
+    assert abs(profile["gpu_idle_ms"] - (profile["wall_ms"] - profile["kernels_ms"])) < 1e-6
+
+
 def test_bench_memory_smoke(tmp_path):
     """The quick cases through the update, then a short search for the longest completion that
     fits, whose trials run the sampler probe (a rollout's memory at the longest key length): every
