@@ -81,20 +81,12 @@ def _joined_linear(
 
 class _JoinedLinear(torch.autograd.Function):
     """y = x W^T + b with W, b the joined views of packed parts; the gradient of W is returned in
-    row blocks, one per part (the parts are the inputs autograd tracks; the views are not).
-
-    Micro-batches add their gradients into the parts' .grad. Autograd would make each part's
-    gradient and then add it: one more read and write of the gradient per micro-batch (such adds,
-    over all parameters, were 2.4% of a Qwen2.5-1.5B update on an H100). In one process this
-    backward does it itself: the first micro-batch's row blocks become the parts' .grad, back to
-    back, and later ones run as one GEMM that adds into them (addmm). Under torch.distributed it
-    leaves the adding to autograd, whose AccumulateGrad nodes DDP's gradient-ready hooks watch.
-    """
+    row blocks, one per part (the parts are the inputs autograd tracks; the views are not)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, sizes, *parts):
         ctx.save_for_backward(x, weight)
-        ctx.sizes, ctx.has_bias, ctx.parts = sizes, bias is not None, parts
+        ctx.sizes, ctx.has_bias = sizes, bias is not None
         return F.linear(x, weight, bias)  # (..., sum N_i)
 
     @staticmethod
@@ -102,41 +94,11 @@ class _JoinedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dx = dy @ weight if ctx.needs_input_grad[0] else None  # (..., D)
         dy2 = dy.reshape(-1, dy.shape[-1])  # (M, sum N_i)
-        x2 = x.reshape(-1, x.shape[-1])  # (M, D)
-        k = len(ctx.sizes)
-        weights, biases = ctx.parts[:k], ctx.parts[k:]
-        if _adds_into_grads(ctx.parts):
-            _add_into_grads(weights, ctx.sizes, lambda out: out.addmm_(dy2.T, x2), lambda: dy2.T @ x2)
-            if biases:
-                _add_into_grads(biases, ctx.sizes, lambda out: out.add_(dy2.sum(0)), lambda: dy2.sum(0))
-            return dx, None, None, None, *([None] * len(ctx.parts))
-        grads = list((dy2.T @ x2).split(ctx.sizes))  # (sum N_i, D) in row blocks
+        dw = dy2.T @ x.reshape(-1, x.shape[-1])  # (sum N_i, D)
+        grads = list(dw.split(ctx.sizes))
         if ctx.has_bias:
             grads += list(dy2.sum(0).split(ctx.sizes))
         return dx, None, None, None, *grads  # x, the views, sizes, then one gradient per part
-
-
-def _adds_into_grads(params: tuple[torch.Tensor, ...]) -> bool:
-    """Whether _JoinedLinear's backward may write the parts' .grad itself: every part trains, no
-    graph of the backward is being built, and no process group (see _JoinedLinear)."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return not distributed and not torch.is_grad_enabled() and all(p.requires_grad for p in params)
-
-
-def _add_into_grads(params, sizes, add_to, make) -> None:
-    """.grad += the joined gradient (sum N_i, ...) of `params`: `add_to(joined .grad)` in place when
-    their .grad lie back to back (one op), else `make()` split into row blocks, which become the
-    .grad of parts without one and are added to the others'."""
-    grads = [p.grad for p in params]
-    joined = None if any(g is None for g in grads) else _joined(grads)
-    if joined is not None:
-        add_to(joined)
-        return
-    for p, g in zip(params, make().split(sizes)):
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
 
 
 def joined_inference_weights(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
