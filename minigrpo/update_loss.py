@@ -55,12 +55,7 @@ class PolicyTokenLoss:
         o, sl = self.opts, slice(start, stop)
         old = logp.detach() if self.old_logp is None else self.old_logp[sl]
         ratio = grpo.policy_ratio(logp, old)  # (r,)
-        w = None if self.is_weight is None else self.is_weight[sl]
-        if self.sampler_logp is not None:
-            every = torch.ones_like(logp)
-            w, _ = grpo.importance_weights(
-                old, self.sampler_logp[sl], every, o.is_correction, cap=o.is_cap, floor=o.is_min
-            )
+        w = self._is_weights(logp, sl)
         ref = None if self.ref_logp is None else self.ref_logp[sl]
         loss, _, _ = grpo.token_terms(ratio, self.advantages[sl], o, is_weight=w, logp=logp, ref_logp=ref)
         return loss * self.weight[sl]  # (r,)
@@ -68,12 +63,7 @@ class PolicyTokenLoss:
     def value_and_grad(self, logp: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """(losses (r,), d losses / d logp (r,)) of __call__, in closed form (one kernel, no autograd)."""
         o, sl = self.opts, slice(start, stop)
-        w = None if self.is_weight is None else self.is_weight[sl]
-        if self.sampler_logp is not None:
-            every = torch.ones_like(logp)
-            w, _ = grpo.importance_weights(
-                logp, self.sampler_logp[sl], every, o.is_correction, cap=o.is_cap, floor=o.is_min
-            )
+        w = self._is_weights(logp, sl)
         return clipped_token_loss_and_grad(
             logp,
             self.advantages[sl],
@@ -87,6 +77,18 @@ class PolicyTokenLoss:
             ref_logp=None if self.ref_logp is None else self.ref_logp[sl],
             beta=o.beta,
         )
+
+    def _is_weights(self, logp: Tensor, sl: slice) -> Tensor | None:
+        """(r,) IS weights of the tokens in sl: fixed before the pass, or made per block from the
+        log-probs (on-policy: old = logp) against the sampler's; None without IS correction."""
+        if self.sampler_logp is None:
+            return None if self.is_weight is None else self.is_weight[sl]
+        o = self.opts
+        every = torch.ones_like(logp)
+        w, _ = grpo.importance_weights(
+            logp.detach(), self.sampler_logp[sl], every, o.is_correction, cap=o.is_cap, floor=o.is_min
+        )
+        return w
 
 
 def policy_token_loss(

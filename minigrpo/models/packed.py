@@ -14,11 +14,10 @@ otherwise; `joined_linear` gives that GEMM's output whole (the MLP hands [gate |
 swiglu_halves, whose gradient is then one tensor, not two joined by a copy). In training its
 backward is one GEMM for the input's gradient and one for the joined weight's, whose row blocks
 are the parts' gradients (the small k and v GEMMs, N = 256 for Qwen2.5-1.5B, run at a fraction of
-the large ones' rate). It checks the storage on every call, so a
-set that stopped being packed (moved to another device, sharded, quantised, wrapped by LoRA) falls
-back by itself. Layers that run as plain linears only for inference (LoRA merged for sampling:
-`inference_weights()`, lora.adapters_frozen) are joined the same way when their copies lie back to
-back.
+the large ones' rate). It checks the storage on every call, so a set that stopped being packed
+(moved to another device, sharded, quantised, wrapped by LoRA) falls back by itself. Layers that
+run as plain linears only for inference (LoRA merged for sampling: `inference_weights()`,
+lora.adapters_frozen) are joined the same way when their copies lie back to back.
 """
 
 from __future__ import annotations
