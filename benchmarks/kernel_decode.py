@@ -10,7 +10,9 @@ decode_attention: one layer's attention of M rows over kv_len cache slots, 8 row
     ours (shared)   the same with the prompt's Tp slots in a shared prefix (the sampler's layout):
                     fewer bytes, so GB/s counts the bytes such a decoder must read
     ours (per group) the shared layout with the prefix part computed once per group of rows
-                    (kernels/prefix_attention.py), the sampler's default
+                    (kernels/prefix_attention.py), the sampler's default: beside the own part on a
+                    second stream when the own slots take several splits
+    ours (per group, one stream) the same with the prefix part always launched first
     sdpa            torch SDPA with the model's 4-D mask and the G query heads of a kv head folded
                     into query rows (the model's path where the kernel does not run)
 
@@ -118,6 +120,10 @@ def bench_decode_attention(ceil: dict, quick: bool) -> list[dict]:
             "ours": (functools.partial(_ours, kv_len=kv_len), full),
             "ours (shared)": (functools.partial(_ours, kv_len=kv_len, shared=True), shared),
             "ours (per group)": (functools.partial(_ours, kv_len=kv_len, per_group=True), shared),
+            "ours (per group, one stream)": (
+                functools.partial(_ours, kv_len=kv_len, per_group=True, concurrent=False),
+                shared,
+            ),
             "sdpa": (functools.partial(_sdpa, kv_len=kv_len), full),
         }
         shape_rows = []
@@ -130,6 +136,7 @@ def bench_decode_attention(ceil: dict, quick: bool) -> list[dict]:
         _compare(shape_rows, "ours", "sdpa", f"M={M} kv_len={kv_len}")
         _compare(shape_rows, "ours (shared)", "ours", f"M={M} kv_len={kv_len}")
         _compare(shape_rows, "ours (per group)", "ours (shared)", f"M={M} kv_len={kv_len}")
+        _compare(shape_rows, "ours (per group)", "ours (per group, one stream)", f"M={M} kv_len={kv_len}")
         rows += shape_rows
     return rows
 
@@ -154,6 +161,22 @@ def tune(bw_bytes_per_ms: float) -> None:
             if split * fd._MAX_SPLITS >= kv_len and split <= kv_len:
                 config = dict(split=split, block_s=block_s, num_warps=warps, loop_stages=stages)
                 _tune_one(run, [(s,) for s in sets], config, nbytes, default, bw_bytes_per_ms)
+        tune_per_group(sets, Tp, kv_len, nbytes, bw_bytes_per_ms)
+
+
+def tune_per_group(sets: list[dict], Tp: int, kv_len: int, nbytes: int, bw_bytes_per_ms: float) -> None:
+    """The cascade's split sizes: slots per prefix split x slots per own split (one own split: the
+    split kernel merges the prefix's records, no combine launch; more: the prefix part runs beside
+    the own part on a second stream, or before it)."""
+    default = bk.graph_ms([functools.partial(_ours, s, kv_len, per_group=True) for s in sets])
+    print(f"  per group: default {default:.4f} ms ({100 * nbytes / default / bw_bytes_per_ms:.0f}%)")
+    own_tiles = math.ceil((kv_len - Tp) / fd._BLOCK_S)
+    run = functools.partial(_ours, kv_len=kv_len, per_group=True)
+    for prefix_tiles, own_splits in itertools.product((1, 2, 4, math.ceil(Tp / fd._BLOCK_S)), (1, 2, 4, 8)):
+        split = math.ceil(own_tiles / own_splits) * fd._BLOCK_S
+        for concurrent in (True, False) if split < own_tiles * fd._BLOCK_S else (False,):
+            config = dict(prefix_split=prefix_tiles * fd._BLOCK_S, split=split, concurrent=concurrent)
+            _tune_one(run, [(s,) for s in sets], config, nbytes, default, bw_bytes_per_ms)
 
 
 def _tune_attention_call(s: dict, kv_len: int, **launch) -> torch.Tensor:

@@ -18,7 +18,9 @@ prompt: the G rows of a group share their prompt's keys and values, stored once 
 prompt cache) and, since the rows of a group run side by side, mostly read from L2 once. With
 `rows` (which rows share each prefix row) the prefix part is computed once per group instead
 (prefix_attention.py: the G rows' queries as one tensor-core tile) into the first split records,
-the split kernel below covers only the rows' own slots, and the combine step merges both.
+the split kernel below covers only the rows' own slots, and the combine step merges both. When the
+own slots take one split, the split kernel merges the prefix's records itself (no own records, no
+combine launch); when they take several, the prefix part runs beside them on a second CUDA stream.
 
 Why split-K: in decode each step reads the whole live cache, and one program per (row, kv head)
 leaves most SMs idle when B * Hkv is small (64 rows x 2 kv heads = 128 programs on 132 SMs). Here
@@ -31,7 +33,7 @@ the slots of each (row, kv head) are cut into SPLITS chunks of SPLIT slots that 
    a tile's addresses are selected slot by slot from the prefix or the row's own cache (one load,
    as vectorised as without). It writes (acc, m, l) per (b, h, s) to an fp32 workspace; a split
    wholly past `slot` writes m = -1e30, l = 0, acc = 0. With one split there is nothing to
-   combine: it writes acc / l to out directly.
+   combine: it writes acc / l to out directly (in a cascade, after merging the prefix's records).
 2. grid (B, H): combine, out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s with M = max m_s.
    Empty splits weigh exp(-1e30 - M) = 0 (a finite "minus infinity": no inf - inf NaN).
 
@@ -47,6 +49,8 @@ synchronises with the host and can be captured in a CUDA graph per kv_len.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ._triton import cdiv, interpreting, jit, next_power_of_2, resolve_impl, tl
@@ -58,6 +62,11 @@ _BLOCK_S = 64  # slots per tile
 _TARGET_PROGRAMS = 4 * 132  # split programs aimed for: about four waves of an H100's 132 SMs
 _MAX_SPLITS = 64  # the combine step holds all of a head's splits in one [SPLITS, Dh] tile
 _MAX_PREFIX_SPLITS = 16  # of those, the shared prefix's in a cascade
+# A cascade's prefix part aims at one wave: it runs before the own part (whose programs fill the
+# GPU) or beside it, and each of its splits adds a record per query for the merge to read back.
+# Measured at Qwen2.5-1.5B shapes on an H100 (benchmarks/README.md): 512 rows x 256 prefix slots
+# 1.13x faster in one split than in four; 64 rows x 2048 slots 1.2x in eight than in sixteen.
+_PREFIX_TARGET_PROGRAMS = 132
 
 # The tile loop is software-pipelined (the next tiles' keys and values are copied to shared memory
 # while this one is computed). Compiled for sm_90 at Qwen2.5-1.5B shapes (ptxas -v): 117 registers a
@@ -148,7 +157,7 @@ def _decode_split_kernel(
     first_slot,  # the splits cover slots [first_slot, kv_len) (the prefix's end in a cascade)
     SPLIT,
     SPLITS,  # records per (row, head) in the workspace
-    first_split,  # this launch writes records [first_split, first_split + its splits)
+    first_split,  # this launch writes records [first_split, first_split + its splits) (or merges those before)
     stride_q_b,
     stride_q_h,
     stride_q_d,
@@ -178,6 +187,7 @@ def _decode_split_kernel(
     HAS_PREFIX: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     DIRECT: tl.constexpr,  # one split: normalise and write out here, no combine step
+    MERGED: tl.constexpr,  # DIRECT in a cascade: the prefix's records to merge first (else 0)
     DOT_F32: tl.constexpr,  # dots in full fp32 (not tf32): fp32 inputs, or the interpreter (below)
     G_PAD: tl.constexpr,
     DH_PAD: tl.constexpr,
@@ -250,6 +260,18 @@ def _decode_split_kernel(
         m_i = m_new
 
     heads64 = heads.to(tl.int64)
+    if MERGED > 0:  # a cascade's prefix records [0, MERGED) of these heads, merged here
+        for r in range(0, MERGED):
+            rec = (b * H + heads64) * SPLITS + r  # (G_PAD,)
+            m_r = tl.load(m_ptr + rec, mask=row_ok, other=-1.0e30)
+            l_r = tl.load(l_ptr + rec, mask=row_ok, other=0.0)
+            acc_r = tl.load(acc_ptr + rec[:, None] * DH + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            m_new = tl.maximum(m_i, m_r)
+            alpha = tl.exp(m_i - m_new)
+            beta = tl.exp(m_r - m_new)  # an empty record: exp(-1e30 - m_new) = 0 (or l_r = 0)
+            l_i = l_i * alpha + l_r * beta
+            acc = acc * alpha[:, None] + acc_r * beta[:, None]
+            m_i = m_new
     if DIRECT:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_off = b * stride_o_b + heads64[:, None] * stride_o_h + d[None, :] * stride_o_d
@@ -298,6 +320,20 @@ def _decode_combine_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """One second stream per CUDA device (None elsewhere): the prefix part of a cascade runs on it,
+    beside the own part (both only write the workspace; the combine step waits for both). Inside a
+    CUDA-graph capture the fork and join become two parallel branches of the graph."""
+    if device.type != "cuda":
+        return None
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 def split_size(batch: int, n_kv_heads: int, kv_len: int, block_s: int = _BLOCK_S, max_splits: int = _MAX_SPLITS) -> int:
     """Slots per split (a multiple of block_s): enough splits for ~_TARGET_PROGRAMS programs in all,
     at most one per tile and at most max_splits. Depends on python ints only (no device values)."""
@@ -320,13 +356,17 @@ def _decode_attention_triton(
     rows: PrefixRows | None = None,
     *,
     split: int | None = None,
+    prefix_split: int | None = None,
     block_s: int = _BLOCK_S,
     num_warps: int | None = None,
     loop_stages: int = _LOOP_STAGES,
+    concurrent: bool | None = None,
 ) -> torch.Tensor:
     """Launch the split and (with more than one split) combine kernels; with a prefix and its
     `rows`, the prefix part runs per group (prefix_attention.py) and the split kernel covers the
-    rows' own slots. split / block_s / num_warps / loop_stages: overrides (tests, tuning)."""
+    rows' own slots: beside it on a second CUDA stream when the combine step follows anyway.
+    split / prefix_split / block_s / num_warps / loop_stages / concurrent: overrides (tests,
+    tuning)."""
     B, H, Dh = q.shape
     Hkv = k_cache.shape[1]
     G = H // Hkv
@@ -338,9 +378,10 @@ def _decode_attention_triton(
     first_slot = prefix_len if cascade else 0
     first_split = 0
     if cascade:
-        prefix_split = prefix_split_size(
-            k_prefix, rows, H, target=_TARGET_PROGRAMS, max_splits=_MAX_PREFIX_SPLITS, block_s=block_s
+        prefix_split = prefix_split or prefix_split_size(
+            k_prefix, rows, H, target=_PREFIX_TARGET_PROGRAMS, max_splits=_MAX_PREFIX_SPLITS, block_s=block_s
         )
+        assert prefix_split % block_s == 0, f"prefix split {prefix_split} is not a multiple of block_s {block_s}"
         first_split = cdiv(prefix_len, prefix_split)
     own_len = kv_len - first_slot
     if split is None:
@@ -350,18 +391,24 @@ def _decode_attention_triton(
     total = first_split + splits
     assert total <= _MAX_SPLITS, f"{total} splits > {_MAX_SPLITS}"
     out = torch.empty((B, H, Dh), dtype=q.dtype, device=q.device)
-    direct = total == 1
-    work = 1 if direct else total  # a placeholder workspace when it is not used
+    direct = splits == 1  # the split kernel writes out: no own records, no combine launch
+    work = max(first_split, 1) if direct else total  # the prefix's records (a placeholder if none)
     acc = torch.empty((B, H, work, Dh), dtype=torch.float32, device=q.device)
     m = torch.empty((B, H, work), dtype=torch.float32, device=q.device)
     denom = torch.empty((B, H, work), dtype=torch.float32, device=q.device)
     dh_pad = max(16, next_power_of_2(Dh))
     dot_f32 = q.dtype == torch.float32 or interpreting()
+    side = None  # the stream of a prefix part that runs beside the own part (joined before the combine)
+    if cascade and not direct and concurrent is not False:  # (one own split merges the prefix: after it)
+        side = _side_stream(q.device)
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(q.device))  # q and the cache writes of this step
     if cascade:
-        prefix_attention_split(
-            q, k_prefix, v_prefix, rows, key_mask, slot, window, scale, acc, m, denom,
-            split=prefix_split, block_s=block_s, dot_f32=dot_f32, loop_stages=loop_stages,
-        )  # fmt: skip
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            prefix_attention_split(
+                q, k_prefix, v_prefix, rows, key_mask, slot, window, scale, acc, m, denom,
+                split=prefix_split, block_s=block_s, dot_f32=dot_f32, loop_stages=loop_stages,
+            )  # fmt: skip
     shared = prefix is not None and not cascade  # the split kernel reads the prefix slot by slot
     _decode_split_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, k_prefix, v_prefix, group, key_mask, slot, out, acc, m, denom,
@@ -373,10 +420,13 @@ def _decode_attention_triton(
         v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2), v_prefix.stride(3),
         key_mask.stride(0), key_mask.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        G=G, DH=Dh, HAS_PREFIX=shared, HAS_WINDOW=window is not None, DIRECT=direct, DOT_F32=dot_f32,
+        G=G, DH=Dh, HAS_PREFIX=shared, HAS_WINDOW=window is not None, DIRECT=direct,
+        MERGED=first_split if direct else 0, DOT_F32=dot_f32,
         G_PAD=max(16, next_power_of_2(G)), DH_PAD=dh_pad, BLOCK_S=block_s, LOOP_STAGES=loop_stages,
         num_warps=num_warps or (_PREFIX_WARPS if shared else 4),
     )  # fmt: skip
+    if side is not None:
+        torch.cuda.current_stream(q.device).wait_stream(side)
     if not direct:
         _decode_combine_kernel[(B, H)](
             acc, m, denom, out, H, total, out.stride(0), out.stride(1), out.stride(2),

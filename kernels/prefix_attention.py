@@ -179,12 +179,13 @@ def _prefix_split_kernel(
 
 def prefix_split_size(k_prefix: torch.Tensor, rows: PrefixRows, n_heads: int, *, target: int, max_splits: int,
                       block_s: int) -> int:  # fmt: skip
-    """Slots per prefix split (a multiple of block_s): about `target` programs in all, at most one
-    split per tile and at most max_splits. Shapes and python ints only (CUDA-graph safe)."""
+    """Slots per prefix split (a multiple of block_s): at most `target` programs in all (but at
+    least one split), at most one split per tile and at most max_splits. Shapes and python ints
+    only (CUDA-graph safe)."""
     P, Hkv, Tp, _ = k_prefix.shape
     chunks = cdiv(max(rows.max_rows, 1), rows_per_program(rows.max_rows, n_heads // Hkv))
     tiles = cdiv(max(Tp, 1), block_s)
-    splits = max(1, min(cdiv(target, P * Hkv * chunks), tiles, max_splits))
+    splits = max(1, min(target // (P * Hkv * chunks), tiles, max_splits))
     return cdiv(tiles, splits) * block_s
 
 

@@ -145,7 +145,7 @@ def _decode_args(k, B, H, HKV, DH, kv_len, window, dtype, prefix_len=0):
                 stride_m_b=S_MAX, stride_m_s=1,
                 stride_o_b=H * DH, stride_o_h=DH, stride_o_d=1,
                 G=G, DH=DH, HAS_PREFIX=prefix_len > 0, HAS_WINDOW=window is not None, DIRECT=splits == 1,
-                DOT_F32=dtype == torch.float32,  # as on a GPU (the CPU interpreter always sets it)
+                MERGED=0, DOT_F32=dtype == torch.float32,  # as on a GPU (the CPU interpreter always sets it)
                 G_PAD=max(16, k.next_power_of_2(G)), DH_PAD=max(16, k.next_power_of_2(DH)),
                 BLOCK_S=k._BLOCK_S, LOOP_STAGES=k._LOOP_STAGES)  # fmt: skip
     return args, 4
@@ -170,6 +170,18 @@ def _flash_decode_cases(k):
             k._PREFIX_WARPS,
         ),
         ("_decode_combine_kernel", "qwen"): (combine, 4),
+        # a cascade at 512 rows: the own slots in one split, which merges the prefix's 4 records
+        ("_decode_split_kernel", "cascade_own_direct_merge"): (
+            dict(
+                _decode_args(k, 512, H, HKV, DH, 512, None, bf16)[0],
+                first_slot=256,
+                prefix_len=256,
+                SPLITS=4,
+                first_split=4,
+                MERGED=4,
+            ),
+            4,
+        ),
     }
 
 
