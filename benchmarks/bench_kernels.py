@@ -1,6 +1,6 @@
 """Kernel benchmarks on one CUDA GPU: ours vs torch eager, torch.compile and Liger-Kernel.
 
-    python benchmarks/bench_kernels.py [--cases rmsnorm,rope,logprobs,policy_head,decode_attention]
+    python benchmarks/bench_kernels.py [--cases rmsnorm,rope,logprobs,policy_head,decode_attention,decode_gemm]
                                        [--quick] [--out DIR] [--tune]
 
 One process, in this order: the in-run ceilings (D2D copy bandwidth of a 2 GiB bf16 copy, bytes
@@ -13,7 +13,9 @@ including the new gradients). Writes results/kernels_<device>.json and prints a 
 Liger-Kernel is optional: without it its rows are skipped. --tune sweeps launch configurations
 of our kernels instead (used to pick the defaults in kernels/). The policy_head case (the LM head
 fused with the GRPO loss) lives in kernel_policy_head.py, the decode_attention case (a sampler's
-decode step: split-K attention with and without a shared prompt vs SDPA) in kernel_decode.py.
+decode step: split-K attention with and without a shared prompt vs SDPA) and the decode_gemm case
+(the step's skinny matmuls through cuBLAS's paths) in kernel_decode.py; decode_gemm is not in the
+default list.
 """
 
 from __future__ import annotations
@@ -508,12 +510,18 @@ def bench_decode_attention(ceil: dict, quick: bool) -> list[dict]:
     return run(ceil, quick)
 
 
+def bench_decode_gemm(ceil: dict, quick: bool) -> list[dict]:
+    from kernel_decode import bench_decode_gemm as run  # beside this script; it imports this module
+
+    return run(ceil, quick)
+
+
 def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--cases",
         default="rmsnorm,rope,logprobs,policy_head,decode_attention",
-        help="comma list of rmsnorm, rope, logprobs, policy_head, decode_attention",
+        help="comma list of rmsnorm, rope, logprobs, policy_head, decode_attention, decode_gemm",
     )
     ap.add_argument("--quick", action="store_true", help="headline shapes only")
     ap.add_argument("--tune", action="store_true", help="sweep our launch configurations instead")
@@ -538,6 +546,7 @@ def main() -> None:
         "logprobs": bench_logprobs,
         "policy_head": bench_policy_head,
         "decode_attention": bench_decode_attention,
+        "decode_gemm": bench_decode_gemm,
     }
     out = Path(args.out) / f"kernels_{name.replace(' ', '_').lower()}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

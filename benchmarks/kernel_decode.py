@@ -16,12 +16,21 @@ decode_attention: one layer's attention of M rows over kv_len cache slots, 8 row
     sdpa            torch SDPA with the model's 4-D mask and the G query heads of a kv head folded
                     into query rows (the model's path where the kernel does not run)
 
+decode_gemm: the decode step's matmuls alone, M rows (64: 8x8, 512: 64x8) against each weight of
+a Qwen2.5-1.5B layer (q+k+v and gate+up packed, as the sampler runs them) and the LM head; weights
+cycled past L2, as a step reads them. GB/s counts the weight bytes (the bound of a skinny GEMM),
+graph_TFLOPs the arithmetic.
+    cublas          F.linear(x, W), W (N, K): the model's call
+    cublas (KxN)    x @ W_t with the weight stored transposed, (K, N)
+    cublaslt        F.linear with torch's cuBLASLt backend
+
 The tune mode sweeps the kernel's launch configurations (split and tile sizes, warps, tiles in
 flight) at the same shapes and prints GPU times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -138,6 +147,58 @@ def bench_decode_attention(ceil: dict, quick: bool) -> list[dict]:
         _compare(shape_rows, "ours (per group)", "ours (shared)", f"M={M} kv_len={kv_len}")
         _compare(shape_rows, "ours (per group)", "ours (per group, one stream)", f"M={M} kv_len={kv_len}")
         rows += shape_rows
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# decode_gemm
+# ----------------------------------------------------------------------------------------------
+
+GEMM_SHAPES = {"qkv": (2048, 1536), "o": (1536, 1536), "gate_up": (17920, 1536), "down": (1536, 8960),
+               "lm_head": (151936, 1536)}  # (N, K) of Qwen2.5-1.5B's weights  # fmt: skip
+
+
+@contextlib.contextmanager
+def _blas(library: str):
+    previous = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(library)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
+
+
+def _linear_lt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    with _blas("cublaslt"):
+        return F.linear(x, w)
+
+
+def bench_decode_gemm(ceil: dict, quick: bool) -> list[dict]:
+    rows = []
+    for M in (64, 512):
+        for name, (N, K) in list(GEMM_SHAPES.items())[: 2 if quick else None]:
+            n_sets = max(2, math.ceil(200e6 / (N * K * 2)))
+            weights = [torch.randn(N, K, device=bk.DEV, dtype=torch.bfloat16) / K**0.5 for _ in range(n_sets)]
+            x = torch.randn(M, K, device=bk.DEV, dtype=torch.bfloat16)
+            spec = x.double() @ weights[0].double().T
+            providers = {
+                "cublas": (F.linear, weights),
+                "cublas (KxN)": (torch.matmul, [w.T.contiguous() for w in weights]),
+                "cublaslt": (_linear_lt, weights),
+            }
+            shape_rows = []
+            for prov, (f, ws) in providers.items():
+                row = {"case": "decode_gemm", "shape": [M, N, K], "provider": prov, "weight": name}
+                calls = [functools.partial(f, x, w) for w in ws]
+                bk.run_provider(row, calls[0], functools.partial(_check, f, (x, ws[0]), spec), calls)
+                if "graph_ms" in row:
+                    row["graph_TFLOPs"] = 2 * M * N * K / row["graph_ms"] / 1e9
+                bk.finish(row, ceil, nbytes=N * K * 2)
+                shape_rows.append(row)
+            _compare(shape_rows, "cublas (KxN)", "cublas", f"M={M} {name}")
+            _compare(shape_rows, "cublaslt", "cublas", f"M={M} {name}")
+            rows += shape_rows
+            del weights, providers
     return rows
 
 
