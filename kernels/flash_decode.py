@@ -323,15 +323,18 @@ def _decode_combine_kernel(
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """One second stream per CUDA device (None elsewhere): the prefix part of a cascade runs on it,
-    beside the own part (both only write the workspace; the combine step waits for both). Inside a
-    CUDA-graph capture the fork and join become two parallel branches of the graph."""
+def _fork_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The device's second stream, made to wait for the current one (None off CUDA). A cascade's
+    prefix part runs on it beside the own part (both only write the workspace), and the current
+    stream waits for it before the combine step; inside a CUDA-graph capture the fork and the join
+    become two parallel branches of the graph."""
     if device.type != "cuda":
         return None
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
+    side = _SIDE_STREAMS[device]
+    side.wait_stream(torch.cuda.current_stream(device))  # q and this step's cache writes come first
+    return side
 
 
 def split_size(batch: int, n_kv_heads: int, kv_len: int, block_s: int = _BLOCK_S, max_splits: int = _MAX_SPLITS) -> int:
@@ -398,11 +401,9 @@ def _decode_attention_triton(
     denom = torch.empty((B, H, work), dtype=torch.float32, device=q.device)
     dh_pad = max(16, next_power_of_2(Dh))
     dot_f32 = q.dtype == torch.float32 or interpreting()
-    side = None  # the stream of a prefix part that runs beside the own part (joined before the combine)
-    if cascade and not direct and concurrent is not False:  # (one own split merges the prefix: after it)
-        side = _side_stream(q.device)
-    if side is not None:
-        side.wait_stream(torch.cuda.current_stream(q.device))  # q and the cache writes of this step
+    side = None  # the prefix part's stream when it runs beside the own part (one own split merges it: after)
+    if cascade and not direct and concurrent is not False:
+        side = _fork_stream(q.device)
     if cascade:
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             prefix_attention_split(
