@@ -62,10 +62,9 @@ _BLOCK_S = 64  # slots per tile
 _TARGET_PROGRAMS = 4 * 132  # split programs aimed for: about four waves of an H100's 132 SMs
 _MAX_SPLITS = 64  # the combine step holds all of a head's splits in one [SPLITS, Dh] tile
 _MAX_PREFIX_SPLITS = 16  # of those, the shared prefix's in a cascade
-# A cascade's prefix part aims at one wave: it runs before the own part (whose programs fill the
-# GPU) or beside it, and each of its splits adds a record per query for the merge to read back.
-# Measured at Qwen2.5-1.5B shapes on an H100 (benchmarks/README.md): 512 rows x 256 prefix slots
-# 1.13x faster in one split than in four; 64 rows x 2048 slots 1.2x in eight than in sixteen.
+# A cascade's prefix part aims at one wave (it runs before or beside the own part, which fills the
+# GPU; each split adds a record per query to merge): on an H100 at Qwen2.5-1.5B shapes 512 rows x 256
+# prefix slots ran 1.13x faster in one split than in four, 64 x 2048 1.2x in eight than in sixteen.
 _PREFIX_TARGET_PROGRAMS = 132
 
 # The tile loop is software-pipelined (the next tiles' keys and values are copied to shared memory
@@ -324,10 +323,9 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _fork_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The device's second stream, made to wait for the current one (None off CUDA). A cascade's
-    prefix part runs on it beside the own part (both only write the workspace), and the current
-    stream waits for it before the combine step; inside a CUDA-graph capture the fork and the join
-    become two parallel branches of the graph."""
+    """The device's second stream, made to wait for the current one (None off CUDA): a cascade's
+    prefix part runs on it beside the own part, joined before the combine step (inside a CUDA-graph
+    capture: two parallel branches)."""
     if device.type != "cuda":
         return None
     if device not in _SIDE_STREAMS:
