@@ -233,10 +233,11 @@ def tune_per_group(sets: list[dict], Tp: int, kv_len: int, nbytes: int, bw_bytes
     print(f"  per group: default {default:.4f} ms ({100 * nbytes / default / bw_bytes_per_ms:.0f}%)")
     own_tiles = math.ceil((kv_len - Tp) / fd._BLOCK_S)
     run = functools.partial(_ours, kv_len=kv_len, per_group=True)
-    for prefix_tiles, own_splits in itertools.product((1, 2, 4, math.ceil(Tp / fd._BLOCK_S)), (1, 2, 4, 8)):
-        split = math.ceil(own_tiles / own_splits) * fd._BLOCK_S
+    prefix_splits = sorted({t * fd._BLOCK_S for t in (1, 2, 4, math.ceil(Tp / fd._BLOCK_S))})
+    own_splits = sorted({math.ceil(own_tiles / n) * fd._BLOCK_S for n in (1, 2, 4, 8)}, reverse=True)
+    for prefix_split, split in itertools.product(prefix_splits, own_splits):
         for concurrent in (True, False) if split < own_tiles * fd._BLOCK_S else (False,):
-            config = dict(prefix_split=prefix_tiles * fd._BLOCK_S, split=split, concurrent=concurrent)
+            config = dict(prefix_split=prefix_split, split=split, concurrent=concurrent)
             _tune_one(run, [(s,) for s in sets], config, nbytes, default, bw_bytes_per_ms)
 
 
