@@ -404,10 +404,10 @@ class ProbeSampler(KVCacheSampler):
     """The own sampler's prefill and full-length KV cache, then a few decode steps at the longest key
     length: the rollout's memory without generating every token (its time is not measured)."""
 
-    def _decode(self, st, Tp: int, params: SamplingParams) -> tuple[int, int]:
+    def _decode(self, st, Tp: int, params: SamplingParams) -> tuple[int, dict[str, float]]:
         for _ in range(3):
             self._step(st, st.mask.shape[1], params)
-        return 4, 0  # tokens drawn per row, compactions
+        return 4, dict(compactions=0.0, graph_captures=0.0, capture_s=0.0)  # tokens drawn per row, loop counts
 
 
 class _NoText:

@@ -27,9 +27,10 @@ logit forced (+1e4 at position L_i - 1, -inf elsewhere: no row stops by chance) 
 in training; vLLM gets per-request max_tokens = L_i (ignore_eos). Every provider must produce
 exactly sum(L_i) tokens (checked, `tokens_ok`). tok/s = generated tokens / wall time of the whole
 call (prefill, decode, host work; the own sampler captures its CUDA graphs in every call, so that
-is included). Every provider first runs a warm-up call (ours: the timed call itself, whose KV-length
-buckets and compactions each compile their own kernel variants, as a training run's first step
-does; hf-compiled: the same shapes, compiling and recording its graphs; vLLM: its own warm-up).
+is included: its detail records how many and their host seconds, `graph_captures`, `capture_s`).
+Every provider first runs a warm-up call (ours: the timed call itself, whose KV-length buckets and
+compactions each compile their own kernel variants, as a training run's first step does;
+hf-compiled: the same shapes, compiling and recording its graphs; vLLM: its own warm-up).
 Bounds: decode bound per step = (weight bytes + live KV bytes) / in-run copy bandwidth, where a row
 holding token s of its completion counts Tp + s + 0.5 KV slots and a finished row none (for fixed
 lengths: N * (Tp + Tc/2), as before); prefill bound = 2 * params * P * Tp FLOPs / in-run bf16 matmul
@@ -230,6 +231,8 @@ class Ours:
             "decode_s": out.stats["decode_s"],
             "decode_steps": out.stats["decode_steps"],
             "compactions": out.stats["compactions"],
+            "graph_captures": out.stats["graph_captures"],
+            "capture_s": out.stats["capture_s"],
             "tokens": int(out.completion_mask.sum()),
             "peak_extra_gib": (peak_bytes() - base) / 2**30,
         }

@@ -79,6 +79,7 @@ def test_each_bucket_is_warmed_up_captured_once_then_replayed(fake):
     # per new bucket: one real step outside the capture, then the captured one; the rest replay
     assert calls == [(8, False), (8, True), (16, False), (16, True)]
     assert graphs.captures == 2 and fake.replays == 4
+    assert graphs.capture_s > 0.0  # the rollout's stats report it: the part of a decode loop not replayed
 
 
 def test_after_a_reset_graphs_are_captured_anew_in_a_new_pool(fake):

@@ -12,6 +12,7 @@ evaluation compacted its batch while a buffer from the first capture was still r
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -23,7 +24,8 @@ class DecodeGraphs:
     def __init__(self) -> None:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle()
-        self.captures = 0  # graphs captured so far, for tests and profiles
+        self.captures = 0  # graphs captured so far
+        self.capture_s = 0.0  # host seconds spent in them: each is a real step plus its recording
 
     def run(self, bucket: int, step: Callable[[], None]) -> None:
         """One decode step of `bucket` (the KV length it attends over)."""
@@ -31,6 +33,7 @@ class DecodeGraphs:
         if graph is not None:
             graph.replay()
             return
+        start = time.perf_counter()
         side = torch.cuda.Stream()  # warm-up off the default stream, as capture requires
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -41,6 +44,7 @@ class DecodeGraphs:
             step()
         self.graphs[bucket] = graph
         self.captures += 1
+        self.capture_s += time.perf_counter() - start
 
     def reset(self) -> None:
         """Forget every graph (their buffers were replaced) and capture the next ones into a new pool."""

@@ -279,7 +279,7 @@ class KVCacheSampler:
             state, first_logits = self._prefill(prompt_ids, prompt_mask, params, key, rows.to(dev))
             t_prefill = time.perf_counter()
             self._draw(state, first_logits, params)  # token 0
-            steps, compactions = self._decode(state, Tp, params)
+            steps, loop = self._decode(state, Tp, params)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t_decode = time.perf_counter()
@@ -294,7 +294,7 @@ class KVCacheSampler:
             tokens=float(generated),
             prefill_tokens=float(prompt_mask.sum()),  # the distinct prompts' tokens
             decode_steps=float(steps),
-            compactions=float(compactions),
+            **loop,
         )
         return rollout
 
@@ -351,12 +351,14 @@ class KVCacheSampler:
 
     def _decode(
         self, st: _DecodeState, Tp: int, params: SamplingParams, compact_below: float | None = None
-    ) -> tuple[int, int]:
+    ) -> tuple[int, dict[str, float]]:
         """Run decode steps until every row is done or max_new_tokens; Tp: the slots before the first
         completion token. compact_below: the sampler's unless given (a KVSession passes 0: its rows
         keep their cache for the next turn).
 
-        Returns the tokens drawn per row and the number of compactions (finished rows leaving `st`)."""
+        Returns the tokens drawn per row and the loop's counts for the rollout's stats: compactions
+        (finished rows leaving `st`), CUDA graphs captured and the host seconds their captures took
+        (each a real step, then its recording: the part of a rollout that is not replayed)."""
         compact_below = self.compact_below if compact_below is None else compact_below
         Tc, total = params.max_new_tokens, st.mask.shape[1]
         graphs = DecodeGraphs() if self.cuda_graphs and st.tok.is_cuda else None
@@ -380,7 +382,8 @@ class KVCacheSampler:
             else:
                 graphs.run(kv_len, functools.partial(self._step, st, kv_len, params))
             drawn = s + 1
-        return drawn, compactions
+        captures, capture_s = (0, 0.0) if graphs is None else (graphs.captures, graphs.capture_s)
+        return drawn, dict(compactions=float(compactions), graph_captures=float(captures), capture_s=capture_s)
 
     def _stop_strings_hit(self, st: _DecodeState, s: int, params: SamplingParams) -> bool:
         """Mark rows whose text already contains a stop string as done; True if all rows are done."""

@@ -170,7 +170,7 @@ class KVSession:
         last_pos = positions[:, -1:].clone()  # (n, 1)
         st = _DecodeState.begin(self.cache, mask, last_pos, H + P - 1, key, rows, params, s.pad_id)
         s._draw(st, logits, params)  # token 0
-        steps, _ = s._decode(st, H + P, params, compact_below=0.0)
+        steps, loop = s._decode(st, H + P, params, compact_below=0.0)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t_decode = time.perf_counter()
@@ -188,7 +188,7 @@ class KVSession:
             prefill_tokens=prefilled,
             reused_tokens=reused,
             decode_steps=float(steps),
-            compactions=0.0,
+            **loop,
         )
         return rollout
 
