@@ -97,7 +97,8 @@ def test_graph_decoding_with_compaction_equals_the_static_batch():
     compact = KVCacheSampler(model, Tok(), kv_bucket=8, check_every=2, compact_below=0.9)
     compact = compact.generate(PROMPTS, params, key=(2, 1, 0))
     assert compact.stats["compactions"] >= 1 and len(set(static.completion_lengths.tolist())) > 2
-    assert compact.stats["graph_captures"] > static.stats["graph_captures"] > 0  # a compaction captures anew
+    # the first step captures, and so does the step after each compaction (the graphs replay old buffers)
+    assert static.stats["graph_captures"] >= 1 and compact.stats["graph_captures"] >= compact.stats["compactions"] + 1
     assert torch.equal(compact.completion_ids, static.completion_ids)
     assert (compact.sampler_logp - static.sampler_logp).abs().max() < 1e-5
 
