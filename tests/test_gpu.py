@@ -107,19 +107,44 @@ def test_graphs_capture_again_after_a_reset_while_a_captured_tensor_lives():
     """A compaction drops the graphs while a tensor allocated in their pool is still referenced (an
     evaluation on the H100 failed so, 'use_count > 0'): the next capture goes to a new pool.
 
-    Each first run of a bucket appends twice: the warm-up's tensor (computed) and the captured one
-    (allocated in the pool, computed only by a replay). A replay does not call the step again."""
+    The loop's first capture appends twice: the warm-up's tensor (computed) and the captured one
+    (allocated in the pool, computed only by a replay); a later capture appends once and replays at
+    once. A replay does not call the step again."""
     from minigrpo.sampling.decode_graphs import DecodeGraphs
 
     x, kept = torch.arange(4.0, device="cuda"), []
     graphs = DecodeGraphs()
     graphs.run(8, lambda: kept.append(x * 2))  # kept[1] lives in the first pool from here on
     graphs.reset()
-    graphs.run(8, lambda: kept.append(x + 1))  # the capture that failed into the old pool
-    graphs.run(8, lambda: kept.append(None))  # replay: fills kept[3], appends nothing
+    graphs.run(8, lambda: kept.append(x + 1))  # the capture that failed into the old pool; replayed
+    graphs.run(8, lambda: kept.append(None))  # replay: fills kept[2] again, appends nothing
     torch.cuda.synchronize()
-    assert graphs.captures == 2 and len(kept) == 4
-    assert kept[0].tolist() == [0, 2, 4, 6] and kept[2].tolist() == [1, 2, 3, 4] and kept[3].tolist() == [1, 2, 3, 4]
+    assert graphs.captures == 2 and len(kept) == 3
+    assert kept[0].tolist() == [0, 2, 4, 6] and kept[2].tolist() == [1, 2, 3, 4]
+
+
+def test_captures_record_while_the_gpu_is_still_busy():
+    """A new bucket is recorded without waiting for the steps queued before it (no device sync):
+    a long kernel is queued, the capture returns before it ends, and the replays still see its result."""
+    from minigrpo.sampling.decode_graphs import DecodeGraphs
+
+    a = torch.randn(4096, 4096, device="cuda")
+    x = torch.zeros(4, device="cuda")
+    graphs = DecodeGraphs()
+    graphs.run(8, lambda: x.add_(1))  # warm-up (x = 1) and the first capture
+    torch.cuda.synchronize()
+    busy, done = torch.cuda.Event(), torch.cuda.Event()
+    busy.record()
+    y = a
+    for _ in range(20):
+        y = torch.tanh(a @ y / 64)  # tens of milliseconds of queued work, finite
+    x.add_(y[0, :4].isnan().float())  # x depends on the queued work (adds 0)
+    done.record()
+    graphs.run(16, lambda: x.mul_(3))  # capture, then replay: x = 3
+    assert not done.query()  # the host did not wait for the queued work
+    graphs.run(8, lambda: None)  # replay of the first graph: x = 4
+    torch.cuda.synchronize()
+    assert x.tolist() == [4.0] * 4 and graphs.captures == 2
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
