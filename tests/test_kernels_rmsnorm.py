@@ -66,6 +66,18 @@ def test_rms_norm_fused_residual(shape, D, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_fused_residual_is_the_add_then_the_norm_bit_for_bit(dtype, device):
+    """The model leaves a block's last residual add to the next block's norm: the fused kernel must
+    give the bits of a torch add followed by the plain kernel (the sum rounded to the rows' dtype)."""
+    x, r = (torch.randn(5, 896, device=device).mul(4).to(dtype) for _ in range(2))
+    w = torch.randn(896, device=device, dtype=torch.float32)  # an fp32 gain, as in bf16 training
+    y, h = rms_norm(x, w, 1e-6, residual=r, out_dtype=dtype, impl="triton")
+    assert torch.equal(h, r + x) and h.dtype == dtype
+    assert torch.equal(y, rms_norm(r + x, w, 1e-6, out_dtype=dtype, impl="triton"))
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_rms_norm_strided_inputs(device):
     dev = device
     # a row-strided view (slice of wider rows) and a transposed batch that reshape must copy

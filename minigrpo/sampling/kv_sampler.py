@@ -358,7 +358,8 @@ class KVCacheSampler:
 
         Returns the tokens drawn per row and the loop's counts for the rollout's stats: compactions
         (finished rows leaving `st`), CUDA graphs captured and the host seconds their captures took
-        (each a real step, then its recording: the part of a rollout that is not replayed)."""
+        (recording a step; the first also runs one for real). The GPU keeps working through the steps
+        queued before a capture while the host records it."""
         compact_below = self.compact_below if compact_below is None else compact_below
         Tc, total = params.max_new_tokens, st.mask.shape[1]
         graphs = DecodeGraphs() if self.cuda_graphs and st.tok.is_cuda else None
