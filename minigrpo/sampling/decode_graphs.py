@@ -41,20 +41,19 @@ class DecodeGraphs:
         """One decode step of `bucket` (the KV length it attends over)."""
         graph = self.graphs.get(bucket)
         if graph is None:
-            start = time.perf_counter()
-            graph, stepped = self._capture(step), self.captures == 0
-            self.graphs[bucket] = graph
+            start, warm_up = time.perf_counter(), self.captures == 0
+            graph = self.graphs[bucket] = self._capture(step, warm_up)
             self.captures += 1
             self.capture_s += time.perf_counter() - start
-            if stepped:
+            if warm_up:
                 return  # the warm-up was this step
         graph.replay()
 
-    def _capture(self, step: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    def _capture(self, step: Callable[[], None], warm_up: bool) -> torch.cuda.CUDAGraph:
         main = torch.cuda.current_stream()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(self.side):
-            if self.captures == 0:  # the warm-up: a real step, after the work queued before it
+            if warm_up:  # a real step, after the work queued before it
                 self.side.wait_stream(main)
                 step()
             graph.capture_begin(pool=self.pool, capture_error_mode="relaxed")
