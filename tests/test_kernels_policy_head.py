@@ -7,7 +7,8 @@ FLOOR[dtype], err = ||out - ref|| / ||ref|| over loss, dH and dW. Both impls: "t
 kernels under the CPU interpreter) and "ref" (the blocked torch path), with blocks of a few tokens
 so that dW is accumulated across blocks. Every loss type, with padding and a fully masked row,
 temperature != 1, clipping that engages (checked through the stats), IS weights per token and per
-sequence, and beta > 0.
+sequence, and beta > 0. Through the update loop: fused and general updates agree, and with a loss
+mask that has holes (multi-turn rows) the fused gradients of a split sum to one micro-batch's.
 """
 
 from __future__ import annotations
@@ -372,6 +373,51 @@ def test_update_phase_fused_equals_general(overrides, monkeypatch):
         assert abs(fused_stats[key] - value) <= 1e-5 * max(1.0, abs(value)), (key, fused_stats[key], value)
     if cfg.grpo.num_iterations > 1:  # the second pass was off-policy: clipping engaged
         assert general_stats["clip_region_frac"] > 0, general_stats
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_micro_batches_with_loss_mask_holes_sum_to_the_whole_batch(loss_type):
+    """Multi-turn rows: the loss mask has holes inside the completion mask (environment tokens,
+    attended but not trained; the fused path leaves them out of the head), and one micro-batch has
+    no loss token at all. With the step's normaliser fixed, the fused gradients summed over a split
+    equal those of one micro-batch of all rows, and the general path's."""
+    N, Tp, Tc, T = 6, 4, 7, 0.8
+    model = tiny_model(seed=3).train()
+    V = model.output_weight.shape[0]
+    cmask = (torch.arange(Tc)[None] < torch.tensor([7, 3, 5, 2, 6, 1])[:, None]).long()  # (N, Tc)
+    mask = cmask * (torch.rand(N, Tc) > 0.3).float()
+    mask[2:4] = 0.0  # the micro-batch of rows 2 and 3 trains on nothing
+    ids = torch.cat([torch.randint(3, V, (N, Tp)), torch.randint(3, V, (N, Tc)) * cmask], dim=1)
+    attn = torch.cat([torch.ones(N, Tp, dtype=torch.long), cmask], dim=1)
+    with torch.no_grad():
+        logp = update_loss.completion_logprobs(model, ids, attn, cmask, temperature=T)  # (N, Tc)
+    noise = lambda s: s * torch.randn(N, Tc) * cmask
+    old = logp + noise(0.3)  # off-policy: the clip range engages
+    inputs = dict(old_logp=old, ref_logp=logp + noise(0.2), sampler_logp=old + noise(0.05))
+    opts = grpo.LossOptions(loss_type=loss_type, epsilon_high=0.28, beta=0.05, is_correction="token_truncate",
+                            is_cap=1.02, max_completion_length=10)  # fmt: skip
+    assert grpo.is_tokenwise(opts, old_logp_given=True)
+    normalizer = grpo.make_normalizer(mask, loss_type, max_completion_length=10, num_micro_batches=3)
+
+    def summed_grads(splits, fused):
+        m = copy.deepcopy(model)
+        for rows in splits:
+            loss, _ = update_loss.micro_batch_loss(
+                m, ids[rows], attn[rows], cmask[rows], mask[rows], torch.linspace(-1, 1, N)[rows], opts, normalizer,
+                **{k: v[rows] for k, v in inputs.items()}, temperature=T, fused=fused,
+            )  # fmt: skip
+            loss.backward()
+        return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in m.parameters()])
+
+    splits = [torch.arange(0, 2), torch.arange(2, 4), torch.arange(4, 6)]
+    split, whole = summed_grads(splits, True), summed_grads([torch.arange(N)], True)
+    general = summed_grads(splits, False)
+    scale = float(general.abs().max())
+    assert scale > 1e-4
+    for name, other in (("one micro-batch", whole), ("general path", general)):
+        diff = float((split - other).abs().max())
+        assert diff <= 1e-5 * scale, f"fused split vs {name}: {diff:.2e} (largest gradient {scale:.2e})"
+    assert not summed_grads(splits[1:2], True).any()  # the masked micro-batch passes no gradient
 
 
 @pytest.mark.gpu
