@@ -292,6 +292,32 @@ def test_waves_of_rows_draw_what_one_batch_draws(max_rows):
     assert waves.completion_texts == one.completion_texts and waves.group_size == 4
 
 
+@pytest.mark.parametrize("max_rows", [None, 3, 5, 8])
+def test_the_logits_processor_is_told_the_rows_ids_in_the_call(max_rows):
+    """logits_processor(logits, rows, step): `rows` are the rows' ids in the call (0..N-1). Here it
+    forces row r to write its own script, ended by a stop token after r % 5 + 2 tokens. In waves
+    (max_rows: whole prompts, or parts of one group) and after compactions every row must still be
+    told its id in the call, not its place in its wave or in the shrunk batch: else it writes
+    another row's script (max_rows=3 gave rows 4..7 the scripts of rows 0..3)."""
+    N, Tc = 12, 8
+    lengths = [r % 5 + 2 for r in range(N)]
+    script = torch.tensor([[2 if t == lengths[r] - 1 else 10 + (7 * r + t) % 60 for t in range(Tc)] for r in range(N)])
+
+    def force(logits, rows, step):  # (n, V), (n,), (1,): only row r's script token is possible
+        want = script[rows, step]  # (n,)
+        return torch.full_like(logits, float("-inf")).scatter(1, want[:, None], 0.0)
+
+    sampler = KVCacheSampler(tiny_model(seed=2), CharTokenizer(), logits_processor=force, max_rows=max_rows)
+    sampler.compact_below = 0.9
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=Tc, stop_ids=(2,))
+    out = sampler.generate(PROMPTS, params, key=(2, 3, 0))
+    assert out.completion_lengths.tolist() == lengths and not out.truncated.any()
+    assert out.stats["compactions"] >= 1, out.stats
+    for r, n in enumerate(lengths):
+        assert out.completion_ids[r, :n].tolist() == script[r, :n].tolist(), f"row {r}"
+    assert (out.sampler_logp == 0).all()  # one possible token: log-prob 0 (padding: 0 too)
+
+
 @pytest.mark.parametrize("check_every", [1, 3])
 @pytest.mark.parametrize("compact_below,chunk", [(0.5, 32), (0.9, 1), (0.9, 2)])
 def test_finished_rows_leave_the_batch_without_changing_a_token(compact_below, chunk, check_every, monkeypatch):

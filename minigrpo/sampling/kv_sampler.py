@@ -65,7 +65,8 @@ class _DecodeState:
     """Static buffers of one decode loop (their addresses never change: CUDA graphs replay them).
 
     n is the number of rows still in the batch (N until the first compaction); `rows` names them
-    in the call's outputs, which always have all N rows."""
+    in the outputs, which always have all N rows, and `call_rows` in the whole generate call (what
+    the logits processor is told: a wave's rows are not the call's first ones)."""
 
     cache: KVCache
     mask: torch.Tensor  # (n, Tp + Tc) long: prompt padding 0, everything else 1
@@ -73,6 +74,7 @@ class _DecodeState:
     pos: torch.Tensor  # (n, 1) its RoPE position
     done: torch.Tensor  # (n,) bool
     rows: torch.Tensor  # (n,) long: the row of out_tok / out_logp each decoding row writes
+    call_rows: torch.Tensor  # (n,) long: each decoding row's index among the call's rows (0..N_call-1)
     noise: RaceNoise  # row keys (n,) and the drawn position, which is `step` itself
     slot: torch.Tensor  # (1,) the cache slot of `tok`
     step: torch.Tensor  # (1,) index of the token being drawn
@@ -88,7 +90,7 @@ class _DecodeState:
         that replay the old ones must go)."""
         self.cache.keep_rows(keep, filled, COMPACT_ROWS)
         self.mask, self.tok, self.pos = self.mask[keep], self.tok[keep], self.pos[keep]
-        self.done, self.rows = self.done[keep], self.rows[keep]
+        self.done, self.rows, self.call_rows = self.done[keep], self.rows[keep], self.call_rows[keep]
         self.noise = replace(self.noise, row_keys=self.noise.row_keys[keep])
 
     @classmethod
@@ -102,10 +104,12 @@ class _DecodeState:
         rows: torch.Tensor,
         params: SamplingParams,
         pad_id: int,
+        call_rows: torch.Tensor | None = None,
     ) -> _DecodeState:
         """The buffers of a loop over `cache`, whose slots up to `last_slot` hold the prompts: mask
         (n, last_slot + 1 + Tc), last_pos (n, 1) the RoPE position of each row's last prompt token,
-        rows (n,) the rows' global ids (their noise), on the cache's device."""
+        rows (n,) the rows' global ids (their noise), call_rows (n,) their indices among the call's
+        rows (default 0..n-1: the loop decodes the whole call), on the cache's device."""
         n, dev, Tc = rows.shape[0], rows.device, params.max_new_tokens
         step = torch.zeros(1, dtype=torch.long, device=dev)
         stop = () if params.ignore_stop else params.stop_ids
@@ -116,6 +120,7 @@ class _DecodeState:
             pos=last_pos,  # advanced to the first completion token by the first draw
             done=torch.zeros(n, dtype=torch.bool, device=dev),
             rows=torch.arange(n, device=dev),
+            call_rows=torch.arange(n, device=dev) if call_rows is None else call_rows.to(dev),
             noise=RaceNoise.make(key, rows, position=step),  # (n,) row keys; t is the step buffer
             slot=torch.full((1,), last_slot, dtype=torch.long, device=dev),
             step=step,
@@ -150,8 +155,9 @@ class KVCacheSampler:
         compact_below: at a host check, drop the finished rows from the batch once the live ones
             are at most this share of it (0: never). Rows are independent, so no token changes.
         logits_processor: f(logits (n, V), rows (n,), step (1,)) -> logits, applied before each
-            draw: `rows` are the decoding rows' ids in the call (0..N-1), `step` the index of the
-            token being drawn (device tensors: it runs inside the CUDA graphs, so no host syncs).
+            draw: `rows` are the decoding rows' ids in the call (0..N-1, whichever wave decodes
+            them), `step` the index of the token being drawn (device tensors: it runs inside the
+            CUDA graphs, so no host syncs).
         prefix_per_group: decode attention reads each prompt's keys and values once for its group
             of rows (kernels/prefix_attention.py); False: once per row (the same attention).
         merge_lora: LoRA adapters merged into a 16-bit copy of each adapted weight for each call
@@ -257,7 +263,7 @@ class KVCacheSampler:
                 for p0, p1, c0, c1 in waves:  # split invariance: a wave's rows draw what they would in one go
                     ids = (torch.arange(p0, p1)[:, None] * n + torch.arange(c0, c1)[None, :]).flatten()
                     wave = replace(params, n=c1 - c0)
-                    parts.append(self._generate(prompts[p0:p1], wave, tuple(key), rows[ids]))
+                    parts.append(self._generate(prompts[p0:p1], wave, tuple(key), rows[ids], ids))
             finally:
                 self._net = None
         if len(parts) == 1:
@@ -266,7 +272,10 @@ class KVCacheSampler:
         device = joined.prompt_ids.device
         return replace(joined, prompt_index=torch.arange(N, device=device) // n, group_size=n)
 
-    def _generate(self, prompts, params: SamplingParams, key: tuple[int, ...], rows: torch.Tensor) -> Rollout:
+    def _generate(
+        self, prompts, params: SamplingParams, key: tuple[int, ...], rows: torch.Tensor, call_rows: torch.Tensor
+    ) -> Rollout:
+        """One wave: rows (n,) its rows' global ids (noise), call_rows (n,) their indices in the call."""
         t0 = time.perf_counter()
         model, dev = self._net, self._net.device
         was_training = model.training
@@ -276,7 +285,7 @@ class KVCacheSampler:
             prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
             Tp = prompt_ids.shape[1]
 
-            state, first_logits = self._prefill(prompt_ids, prompt_mask, params, key, rows.to(dev))
+            state, first_logits = self._prefill(prompt_ids, prompt_mask, params, key, rows.to(dev), call_rows)
             t_prefill = time.perf_counter()
             self._draw(state, first_logits, params)  # token 0
             steps, loop = self._decode(state, Tp, params)
@@ -301,7 +310,13 @@ class KVCacheSampler:
     # ------------------------------------------------------------------------------------------
 
     def _prefill(
-        self, prompt_ids, prompt_mask, params: SamplingParams, key: tuple[int, ...], rows: torch.Tensor
+        self,
+        prompt_ids,
+        prompt_mask,
+        params: SamplingParams,
+        key: tuple[int, ...],
+        rows: torch.Tensor,
+        call_rows: torch.Tensor | None = None,
     ) -> tuple[_DecodeState, torch.Tensor]:
         model, dev, (B, Tp) = self._net, self._net.device, prompt_ids.shape
         G, Tc = params.n, params.max_new_tokens
@@ -323,13 +338,13 @@ class KVCacheSampler:
         mask = torch.ones(N, Tp + Tc, dtype=torch.long, device=dev)
         mask[:, :Tp] = prompt_mask.repeat_interleave(G, dim=0)
         last_pos = positions[:, -1:].repeat_interleave(G, dim=0)  # (N, 1)
-        state = _DecodeState.begin(cache, mask, last_pos, Tp - 1, key, rows, params, self.pad_id)
+        state = _DecodeState.begin(cache, mask, last_pos, Tp - 1, key, rows, params, self.pad_id, call_rows)
         return state, logits.repeat_interleave(G, dim=0)  # (N, V)
 
     def _draw(self, st: _DecodeState, logits: torch.Tensor, params: SamplingParams) -> None:
         """Sample from logits (n, V), record the token, then advance the static inputs by one."""
         if self.logits_processor is not None:
-            logits = self.logits_processor(logits, st.rows, st.step)
+            logits = self.logits_processor(logits, st.call_rows, st.step)
         tok, logp = sample_tokens(logits, params, noise=st.noise)
         tok = torch.where(st.done, st.pad, tok)
         at = st.rows * st.out_tok.shape[1] + st.step  # (n,) this token's place in the flattened outputs
