@@ -47,8 +47,9 @@ import torch
 import yaml
 
 from minigrpo.atomic import fsync_dir, fsync_file, write_probe_error
-from minigrpo.errors import one_line
-from minigrpo.models.loading import save_pretrained
+from minigrpo.configio import ConfigError, parse_yaml
+from minigrpo.errors import UserError
+from minigrpo.models.loading import check_model_source, save_pretrained
 from minigrpo.models.safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header, save_file
 from minigrpo.optim_state import load_masters, load_optimizer_state, optimizer_state
 from minigrpo.tensor_tree import ManifestError, flatten, unflatten
@@ -93,8 +94,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def check_writable(directory: Path) -> None:
-    """Raise CheckpointError naming `directory` unless checkpoints can be written there.
+def check_writable(directory: Path, what: str = "checkpoints") -> None:
+    """Raise CheckpointError naming `directory` unless `what` (checkpoints; eval: "the results") can be
+    written there.
 
     The folder need not exist yet: its nearest existing parent must be a writable folder (a file is
     created there and removed: atomic.write_probe_error).
@@ -104,12 +106,12 @@ def check_writable(directory: Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise CheckpointError(f"cannot write checkpoints to {directory}: {existing} is not a folder")
+        raise CheckpointError(f"cannot write {what} to {directory}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise CheckpointError(f"cannot write checkpoints to {directory}: {existing} is not writable")
+        raise CheckpointError(f"cannot write {what} to {directory}: {existing} is not writable")
     problem = write_probe_error(existing)
     if problem is not None:
-        raise CheckpointError(f"cannot write checkpoints to {directory}: {problem}")
+        raise CheckpointError(f"cannot write {what} to {directory}: {problem}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,8 +319,23 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         absent = sorted(name for name in set(weight_map.values()) if not (path / name).is_file())
         if absent:
             raise CheckpointError(f"{path / absent[0]} is listed in {index.name} but missing")
+    if (path / "config.json").is_file():  # a whole model (a LoRA checkpoint holds an adapter instead)
+        _check_model(path)
     _check_run_config(path / RUN_CONFIG)
     return state
+
+
+def _check_model(path: Path) -> None:
+    """The weights of a whole-model checkpoint are the ones its config.json describes (every tensor
+    there, by name and shape; the tokenizer, if saved, fits its vocabulary), read from the headers
+    alone: a tensor dropped or reshaped is a CheckpointError here, so a resume skips the checkpoint
+    before any weights load rather than fail in load_weights after the policy loaded."""
+    try:
+        check_model_source(path, require_tokenizer=False)
+    except CheckpointError:
+        raise
+    except UserError as e:  # config.json or tokenizer files no model can be built from
+        raise CorruptCheckpointError(f"{path}: {e}") from e
 
 
 # What a resume reads from the trainer state (minigrpo/build.py restore_state), with the type it needs.
@@ -358,10 +375,11 @@ def _check_run_config(file: Path) -> None:
     if not file.exists():
         return
     try:
-        saved = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        reason = one_line(str(e))
-        raise CorruptCheckpointError(f"{file}: not valid YAML, the file is truncated or corrupt ({reason})") from e
+        saved = parse_yaml(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CorruptCheckpointError(f"{file}: not UTF-8 text (byte {e.start}); truncated or corrupt") from e
+    except ConfigError as e:  # "not valid YAML: <problem> (line L, column C)", on one line
+        raise CorruptCheckpointError(f"{file}: {e}; the file is truncated or corrupt") from e
     except OSError as e:
         raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from e
     if not isinstance(saved, dict):

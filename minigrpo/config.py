@@ -32,7 +32,7 @@ from minigrpo.atomic import write_atomic
 from minigrpo.configio import ConfigError, ConfigWarning, Section, spec
 from minigrpo.env_config import EnvCfg, env_errors
 from minigrpo.errors import ArgumentParser
-from minigrpo.lora_config import lora_errors
+from minigrpo.lora_config import lora_errors, lora_notes
 from minigrpo.sft_config import SFTCfg, sft_errors
 
 config_to_dict = configio.to_plain  # plain YAML-safe data of a config or any part of it
@@ -423,6 +423,7 @@ def _cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         cfg.eval.num_prompts <= data.num_eval,
         f"eval.num_prompts ({cfg.eval.num_prompts}) must be <= data.num_eval ({data.num_eval})",
     )
+    notes += lora_notes(cfg)
     return errors + lora_errors(cfg) + sft_errors(cfg) + env_errors(cfg) + algorithm_errors(cfg)
 
 

@@ -85,9 +85,11 @@ def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
 def env_errors(cfg: Any) -> list[str]:
     """Checks of the env section that need no import (the config is loading)."""
     env, errors = cfg.env, []
-    if env.kind is None:
+    if env.kind is None:  # the settings of an environment that is off would be ignored: say so
         if env.tools:
             errors.append(f"env.tools={env.tools} is read only with env.kind set (tools, gsm8k_tools or a class)")
+        if env.kwargs:
+            errors.append(f"env.kwargs={env.kwargs} are read only by a user class (env.kind='package.module:Class')")
         return errors
     if env.kind not in ENV_KINDS and not _IMPORT_PATH.match(env.kind):
         errors.append(

@@ -28,7 +28,7 @@ import torch
 from minigrpo import lora, rewards
 from minigrpo.atomic import missing_folder_error, write_atomic
 from minigrpo.build import compute_dtype, load_policy, pick_device, sampling_params
-from minigrpo.checkpoint import check_writable
+from minigrpo.checkpoint import CheckpointError, check_writable
 from minigrpo.config import Config, load_config
 from minigrpo.data import Example, batch_columns, build_dataset, encode_prompts
 from minigrpo.distributed import World
@@ -156,7 +156,10 @@ def check_output(output: str | None) -> None:
         raise UserError(f"--output {output} is a folder; name a file, e.g. {path / 'eval.json'}")
     if not path.resolve().parent.is_dir():
         raise UserError(f"--output {output}: {missing_folder_error(path.parent)}")
-    check_writable(path.resolve().parent)
+    try:
+        check_writable(path.resolve().parent, what="the results")
+    except CheckpointError as e:  # its message is about the folder: name the argument too
+        raise UserError(f"--output {output}: {e}") from None
 
 
 def pick_split(cfg: Config, requested: str | None) -> str:

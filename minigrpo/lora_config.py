@@ -1,7 +1,7 @@
 """Checks of the `lora:` section (LoRACfg in config.py) against itself and the settings it works with.
 
 Kept apart from config.py so that the schema file stays readable; `validate` adds these errors to
-its list. Imports no torch.
+its list, and the notes of `lora_notes` to its warnings. Imports no torch.
 """
 
 from __future__ import annotations
@@ -27,3 +27,19 @@ def lora_errors(cfg: Any) -> list[str]:
     if lora.quantize_base is not None and not lora.enabled:
         errors.append(f"lora.quantize_base={lora.quantize_base!r} needs lora.enabled=true (a quantized base is frozen)")
     return errors
+
+
+def lora_notes(cfg: Any) -> list[str]:
+    """Legal but suspicious (a ConfigWarning, not an error): adapter settings changed from their
+    defaults while lora.enabled is false, so the run ignores them. Not an error because switching
+    LoRA off (`--set lora.enabled=false` on a LoRA config) rightly keeps the section's other keys;
+    lora.quantize_base, which changes how the base loads, is an error of its own (lora_errors)."""
+    lora = cfg.lora
+    if lora.enabled:
+        return []
+    current, default = lora.to_dict(), type(lora)().to_dict()
+    keys = [k for k in default if k not in ("enabled", "quantize_base")]
+    changed = [f"lora.{k}={current[k]!r}" for k in keys if current[k] != default[k]]
+    if not changed:
+        return []
+    return [f"{', '.join(changed)}: ignored, the lora section is read only with lora.enabled=true"]

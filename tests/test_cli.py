@@ -125,6 +125,46 @@ def test_resume_falls_back_past_a_truncated_checkpoint(workspace, tmp_path):
     assert steps == [1, 2, 3]
 
 
+def _drop_first_tensor(path: Path) -> None:
+    from minigrpo.models.safetensors_io import iter_tensors, save_file
+
+    tensors = dict(iter_tensors(path))
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, path)
+
+
+def _grow_norm(path: Path) -> None:
+    import torch
+
+    from minigrpo.models.safetensors_io import iter_tensors, save_file
+
+    tensors = dict(iter_tensors(path))
+    tensors["model.norm.weight"] = torch.ones(tensors["model.norm.weight"].numel() + 1)
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize(
+    ("file_name", "spoil", "named"),
+    [
+        ("model.safetensors", _drop_first_tensor, "is missing from the checkpoint"),  # intact header, a tensor short
+        ("model.safetensors", _grow_norm, "shape mismatch for 'model.norm.weight'"),
+        ("run_config.yaml", lambda p: p.write_text("a: [1"), "run_config.yaml: not valid YAML: expected ','"),
+    ],
+)
+def test_resume_skips_a_checkpoint_whose_files_the_model_cannot_take(workspace, tmp_path, file_name, spoil, named):
+    """Weights whose names or shapes differ from the checkpoint's config.json are found from the
+    headers while looking for a checkpoint (skipped, with a warning naming the tensor), not by
+    load_weights after the policy loaded; a broken run_config.yaml is named with its line."""
+    runs = tmp_path / "runs"
+    shutil.copytree(workspace / "runs" / "done", runs / "done")
+    spoil(runs / "done" / "checkpoints" / "step_000002" / file_name)
+    cfg = config(workspace, "done", run={"output_dir": str(runs)}, train={"steps": 3}, checkpoint={"every": 1})
+    proc = train_cli(tmp_path, cfg, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and named in warnings[0] and "step_000001" in warnings[0], proc.stderr[-3000:]
+
+
 def test_resume_with_nothing_left_to_run(workspace):
     message = one_error_line(train_cli(workspace, config(workspace, "done"), "--resume"))  # steps 2, done at 2
     assert "train.steps=2" in message and "nothing to run" in message
@@ -266,6 +306,19 @@ def test_an_output_below_a_file_names_the_file(tmp_path, module, flag):
         with pytest.raises(UserError) as e:
             check_output(str(out) if module == "eval" else out)
         assert str(e.value) == f"{flag} {out}: {problem}"
+
+
+def test_an_unwritable_eval_output_names_the_argument(tmp_path, monkeypatch):
+    """A folder the results cannot be written to: the message names --output and the results, not
+    checkpoints (check_writable's wording for a training run)."""
+    from minigrpo import checkpoint, eval
+    from minigrpo.errors import UserError
+
+    monkeypatch.setattr(checkpoint, "write_probe_error", lambda folder: "Read-only file system")
+    out = tmp_path / "r.json"
+    with pytest.raises(UserError) as e:
+        eval.check_output(str(out))
+    assert str(e.value) == f"--output {out}: cannot write the results to {tmp_path}: Read-only file system"
 
 
 def test_eval_model_folder_without_tokenizer(workspace, tmp_path):

@@ -369,6 +369,7 @@ def test_bad_yaml_is_one_line_with_its_position(tmp_path):
         (["model.arch=x", "model.name_or_path=m"], "set exactly one of model.name_or_path ('m') and model.arch ('x')"),
         (["lora.quantize_base=nf4"], "lora.quantize_base='nf4' needs lora.enabled=true"),
         (["eval.num_prompts=500"], "eval.num_prompts (500) must be <= data.num_eval (200)"),
+        (["env.kwargs={size: 5}"], "env.kwargs={'size': 5} are read only by a user class"),  # env.kind null: ignored
     ],
 )  # fmt: skip
 def test_cross_field_checks_name_the_settings(overrides, message):
@@ -400,6 +401,28 @@ def test_every_problem_is_reported_at_once():
 def test_valid_combinations_pass(overrides):
     cfg = load_config(None, overrides)
     assert cfg.grpo.is_correction == ("token_truncate" if cfg.sampler.kind == "vllm" else None)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warned"),
+    [
+        (["lora.r=8", "lora.alpha=16"], "lora.r=8, lora.alpha=16.0: ignored, the lora section is read only"),
+        (["lora.targets=[q, v]"], "lora.targets=['q', 'v']: ignored"),
+        (["lora.enabled=true", "lora.r=8"], None),  # read: no warning
+        (["lora.enabled=false"], None),  # the defaults: nothing set
+    ],
+)
+def test_lora_settings_without_lora_warn(overrides, warned):
+    """Adapter settings with lora.enabled false are ignored: a warning naming them (not an error: a
+    LoRA config run with --set lora.enabled=false keeps its other lora keys)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_config(None, overrides)
+    messages = [str(w.message) for w in caught if issubclass(w.category, ConfigWarning)]
+    if warned is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and warned in messages[0], messages
 
 
 def test_gspo_with_token_sum_loss_warns():
