@@ -42,7 +42,7 @@ from minigrpo.errors import UserError
 from minigrpo.models.loading import build_random, check_model_source, load_pretrained, load_weights, save_pretrained
 from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler, dither_onto_masters
-from minigrpo.prompt_fit import local_max_positions, prompts_that_fit
+from minigrpo.prompt_fit import local_position_limit, position_limit, prompts_that_fit
 from minigrpo.sampling.base import Sampler
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams, stream_key
@@ -100,7 +100,7 @@ def check_before_loading(
     tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision, key="model.name_or_path")
     if tokenizer is not None:  # a local model folder: its tokenizer is read already
         check_chat_template(cfg, tokenizer)
-        examples, _ = prompts_that_fit(cfg, examples, tokenizer, local_max_positions(cfg.model.name_or_path))
+        examples, _ = prompts_that_fit(cfg, examples, tokenizer, local_position_limit(cfg.model.name_or_path))
     if cfg.algorithm == "ppo" and cfg.ppo.value_path is not None:
         from minigrpo.algorithms.value_model import check_value_path
 
@@ -382,7 +382,7 @@ def build_run(
         broadcast_trainable(critic.model, world)  # replicated under either strategy
     if world.rank:
         seed_everything(cfg.run.seed + world.rank)  # rank 0 keeps the run seed's stream (as one process)
-    examples, prompt_tokens = prompts_that_fit(cfg, examples, tokenizer, model.args.max_position_embeddings)
+    examples, prompt_tokens = prompts_that_fit(cfg, examples, tokenizer, position_limit(model.args))
     if device.type == "cuda" and not world.distributed:  # stop now, naming the setting to change, not OOM at step n
         preflight(cfg, model.args, device, prompt_tokens)
     optimizer = build_optimizer(model.parameters(), cfg.train, masters=masters)

@@ -37,7 +37,7 @@ from minigrpo.episodes import Episode, episode_columns, run_episodes
 from minigrpo.errors import ArgumentParser, UserError, run_cli
 from minigrpo.lora_export import check_peft_adapter
 from minigrpo.models.loading import check_model_source, load_pretrained
-from minigrpo.prompt_fit import local_max_positions, prompts_that_fit
+from minigrpo.prompt_fit import local_position_limit, prompts_that_fit
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.step import episode_metrics
 
@@ -204,7 +204,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     if not examples:
         raise UserError(f"the {split!r} split holds no example")
     if tokenizer is not None:  # the prompts render, and fit the model's positions with eval.max_new_tokens
-        prompts_that_fit(cfg, examples, tokenizer, local_max_positions(source), evaluating=True)
+        prompts_that_fit(cfg, examples, tokenizer, local_position_limit(source), evaluating=True)
     device = pick_device(cfg.run.device)
     dtype = compute_dtype(cfg, device)
     if adapter:

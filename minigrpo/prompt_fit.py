@@ -1,6 +1,7 @@
 """The prompts against the model that reads them: every prompt renders with the model's chat template
 and encodes to at least one token, `data.max_prompt_tokens` keeps at least one, and the longest
-prompt plus the completion budget fits the model's positions (max_position_embeddings).
+prompt plus the completion budget fits the model's positions (max_position_embeddings, or for
+longrope scaling the length where it switches factors: `position_limit`).
 
 `prompts_that_fit` runs before any weights load when the model folder is local (its tokenizer and
 config.json are read by then: build.check_before_loading, eval), and again once the model is built
@@ -10,6 +11,7 @@ config.json are read by then: build.check_before_loading, eval), and again once 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,40 @@ def completion_budget(cfg: Any, *, evaluating: bool = False) -> tuple[int, str]:
     return cfg.sampler.max_new_tokens, "sampler.max_new_tokens"
 
 
-def local_max_positions(name_or_path: str | None) -> int | None:
-    """max_position_embeddings of a local model folder's config.json (already checked by
-    check_model_source); None for anything else (a hub id, a GGUF file: known once loaded)."""
+@dataclass(frozen=True)
+class PositionLimit:
+    """How many positions a prompt and its completion may take together, and what sets the limit."""
+
+    positions: int
+    setting: str  # names the limit in an error, e.g. "the model's max_position_embeddings=4096"
+
+
+def position_limit(args: Any) -> PositionLimit:
+    """The positions a rollout may use on a model (its ModelArgs).
+
+    Longrope scaling (Phi-3.5, Phi-4-mini) rotates with its short factors up to
+    original_max_position_embeddings and with its long ones for a sequence that goes past it, all of
+    its positions then. A sampler's cache holds the prompt rotated by the short factors before the
+    row crosses that length, while the trainer's forward of the finished row rotates everything by
+    the long ones: the two log-probs would part (by 0.6 nats in a tiny test), and the
+    importance ratios with them. So a rollout stays below the switch."""
+    positions = args.max_position_embeddings
+    limit = PositionLimit(positions, f"the model's max_position_embeddings={positions}")
+    if args.rope_type != "longrope":
+        return limit
+    switch = int(args.rope_params["original_max_position_embeddings"])
+    if switch >= limit.positions:
+        return limit
+    return PositionLimit(
+        switch,
+        f"the model's original_max_position_embeddings={switch} (its longrope scaling switches to the long "
+        "factors past it, which the sampler's cache cannot follow)",
+    )
+
+
+def local_position_limit(name_or_path: str | None) -> PositionLimit | None:
+    """position_limit of a local model folder's config.json (already checked by check_model_source);
+    None for anything else (a hub id, a GGUF file: known once loaded)."""
     if name_or_path is None:
         return None
     config_file = Path(name_or_path).expanduser() / "config.json"
@@ -38,22 +71,24 @@ def local_max_positions(name_or_path: str | None) -> int | None:
         return None
     from minigrpo.models.args import ModelArgs
 
-    return ModelArgs.from_hf_config(json.loads(config_file.read_text(encoding="utf-8"))).max_position_embeddings
+    return position_limit(ModelArgs.from_hf_config(json.loads(config_file.read_text(encoding="utf-8"))))
 
 
 def prompts_that_fit(
     cfg: Any,
     examples: list[Example],
     tokenizer: Any,
-    max_positions: int | None = None,
+    max_positions: PositionLimit | int | None = None,
     *,
     evaluating: bool = False,
 ) -> tuple[list[Example], int]:
     """The examples whose prompt has at most data.max_prompt_tokens tokens (`evaluating`: all of them),
     and the longest prompt length a step must hold (the limit, or the longest prompt). A UserError
     names a prompt the chat template cannot render or that encodes to no token, a limit no prompt
-    meets, and a longest prompt that leaves too few of the model's `max_positions` for the
-    completion budget."""
+    meets, and a longest prompt that leaves too few of the model's positions (`max_positions`:
+    position_limit, or a bare max_position_embeddings) for the completion budget."""
+    if isinstance(max_positions, int):
+        max_positions = PositionLimit(max_positions, f"the model's max_position_embeddings={max_positions}")
     try:
         ids, texts = encode_prompts(examples, tokenizer, cfg.data.system_prompt)
     except ChatTemplateError as e:
@@ -79,13 +114,13 @@ def prompts_that_fit(
         examples, lengths = kept, [n for n in lengths if n <= limit]
     longest = max(lengths)
     budget, key = completion_budget(cfg, evaluating=evaluating)
-    if max_positions is not None and longest + budget > max_positions:
-        room = max_positions - budget
+    if max_positions is not None and longest + budget > max_positions.positions:
+        room = max_positions.positions - budget
         shorter = f"drop the prompts longer than {room} tokens" if evaluating else f"set data.max_prompt_tokens={room}"
-        fix = f"lower {key} or {shorter}" if room >= 1 else f"lower {key} below {max_positions}"
+        fix = f"lower {key} or {shorter}" if room >= 1 else f"lower {key} below {max_positions.positions}"
         raise UserError(
             f"the longest prompt has {longest} tokens and {key}={budget}: {longest + budget} positions, more than "
-            f"the model's max_position_embeddings={max_positions}; {fix}"
+            f"{max_positions.setting}; {fix}"
         )
     return examples, longest if limit is None else limit
 

@@ -133,3 +133,37 @@ def test_the_limit_keeps_the_short_prompts():
     with pytest.raises(UserError, match=r"^the longest prompt has 5 tokens and sampler.max_new_tokens=10: 15"):
         prompts_that_fit(cfg, examples, Chars(), max_positions=14)
     assert prompts_that_fit(load_config(None), examples, Chars())[1] == 9  # no limit, positions unknown
+
+
+def test_longrope_rollouts_stay_below_the_switch_to_the_long_factors():
+    """Past original_max_position_embeddings longrope rotates a whole sequence by its long factors,
+    which a sampler's cache (the prompt rotated by the short ones) cannot follow: that length is
+    the limit, named in the error. Other scalings, and a switch at the end of the positions, keep
+    max_position_embeddings."""
+    from minigrpo.models.args import ModelArgs
+    from minigrpo.prompt_fit import position_limit
+
+    def args(**extra):
+        base = dict(model_type="phi3", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)  # fmt: skip
+        return ModelArgs.from_hf_config({**base, **extra})
+
+    longrope = dict(type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8)
+    limit = position_limit(args(rope_scaling=longrope, original_max_position_embeddings=16))
+    assert limit.positions == 16 and "original_max_position_embeddings=16" in limit.setting
+    assert position_limit(args(rope_scaling=longrope, original_max_position_embeddings=64)).positions == 64
+    assert position_limit(args()).positions == 64
+
+    class Chars:
+        chat_template = None
+
+        def encode(self, text, add_special_tokens=True):
+            return list(text)
+
+    cfg = Config()
+    cfg.sampler.max_new_tokens = 10
+    examples = [Example(prompt="x" * 6, answer="")]
+    assert prompts_that_fit(cfg, examples, Chars(), limit)[1] == 6  # 16 positions: at the switch, not past it
+    cfg.sampler.max_new_tokens = 11
+    with pytest.raises(UserError, match=r"17 positions, more than the model's original_max_position_embeddings=16 "):
+        prompts_that_fit(cfg, examples, Chars(), limit)

@@ -8,7 +8,9 @@ angles. Variants (facts from the papers / reference implementations):
 - yarn:     blend of interpolated and extrapolated frequencies over a linear ramp; cos/sin scaled by
             an attention factor (0.1 ln(factor) + 1 unless given)
 - longrope: per-frequency factors, `long_factor` once a forward's positions exceed the pretraining
-            length and `short_factor` otherwise; cos/sin scaled by sqrt(1 + ln(s) / ln(L_orig))
+            length and `short_factor` otherwise; cos/sin scaled by sqrt(1 + ln(s) / ln(L_orig)).
+            A rollout stays below that length (prompt_fit.position_limit): a KV cache filled with
+            the short factors cannot follow a switch to the long ones mid-sequence.
 """
 
 from __future__ import annotations
