@@ -258,7 +258,11 @@ def build_dataset(cfg: DataCfg, split: str | None = None) -> list[Example]:
                 f"to the {split} file (or point data.path at a folder with per-split files)"
             )
         suffixes = (".parquet",) if cfg.source == "parquet" else (".jsonl", ".json")
-        examples = _load_files(resolve_files(path, split, cfg.subset, suffixes), cfg.prompt_field, cfg.answer_field)
+        files = resolve_files(path, split, cfg.subset, suffixes)
+        examples = _load_files(files, cfg.prompt_field, cfg.answer_field)
+        if not examples:  # name the files: an empty one is the usual cause
+            verb = "hold" if len(files) > 1 else "holds"
+            raise DataError(f"split {split!r}: {', '.join(map(str, files))} {verb} no rows")
     else:
         raise DataError(f"unknown data.source {cfg.source!r}")
     if not examples:

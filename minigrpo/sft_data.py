@@ -106,7 +106,11 @@ def _rows(cfg: Config) -> list[Row]:
     else:
         suffixes = (".parquet",) if sft.source == "parquet" else (".jsonl", ".json")
         files = resolve_files(sft.path, sft.split, sft.subset, suffixes)
-    return [row for f in files for row in read_rows(Path(f))]
+    rows = [row for f in files for row in read_rows(Path(f))]
+    if not rows:  # name the files: an empty one is the usual cause
+        verb = "hold" if len(files) > 1 else "holds"
+        raise DataError(f"sft: the {sft.split!r} split: {', '.join(map(str, files))} {verb} no conversation")
+    return rows
 
 
 def load_conversations(cfg: Config) -> list[Example]:

@@ -215,6 +215,11 @@ def test_missing_data_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"no \.jsonl/\.json files for split 'train' in .*empty"):
         build_dataset(DataCfg(source="jsonl", path=str(tmp_path / "empty")))
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n")
+    with pytest.raises(DataError) as e:  # there and readable, but empty: the file is named
+        build_dataset(DataCfg(source="jsonl", path=str(blank)))
+    assert str(e.value) == f"split 'train': {blank} holds no rows"
 
 
 def test_jsonl_source_folder_and_eval_file(tmp_path):

@@ -358,11 +358,13 @@ def test_crashed_run_resumes_to_identical_weights_and_metrics(tmp_path, monkeypa
         ({"sft": {"batchsize": 4}}, "did you mean 'sft.batch_size'"),
         ({"sft": {"path": None}}, "sft.path"),
         ({"sft": {"batch_size": 6, "micro_batch_size": 4}}, "must divide sft.batch_size"),
+        ({"sft": {"path": "blank.jsonl"}}, "blank.jsonl holds no conversation"),
     ],
-    ids=["missing_file", "bad_messages_column", "bad_prompt_column", "bad_key", "no_path", "micro_batch"],
+    ids=["missing_file", "bad_messages_column", "bad_prompt_column", "bad_key", "no_path", "micro_batch", "empty_file"],
 )
 def test_mistakes_are_one_line(tmp_path, change, expected):
     write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    (tmp_path / "blank.jsonl").write_text("")
     (tmp_path / "base").mkdir()  # never read: the data is checked first
     cfg = sft_config(tmp_path)
     for key, values in change.items():
