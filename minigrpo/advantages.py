@@ -54,10 +54,12 @@ def group_advantages(
         group_size: G; rows [g*G, (g+1)*G) form group g.
         scale: divide by the group's unbiased (Bessel) std + eps ("group", GRPO), by the unbiased std of
             all valid rewards in the batch + eps ("batch"), or not at all ("none", Dr. GRPO: the group
-            mean stays exactly zero). Applies to both estimators.
+            mean stays exactly zero). Applies to both estimators, so the plain RLOO advantage of TRL's
+            RLOOTrainer (no std) is estimator="rloo" with scale="none".
         estimator: "grpo": A_i = r_i - mean_g(r). "rloo": A_i = r_i - mean_{j != i} r_j over the valid
             members, i.e. n/(n-1) * (r_i - mean_g(r)); a group with a single valid member has no
-            leave-one-out baseline and gets 0.
+            leave-one-out baseline and gets 0. So does a single valid member under "grpo" (r_i - r_i;
+            verl instead gives a group of one mean 0 and std 1, A = r).
         eps: added to the std.
 
     Returns:

@@ -257,6 +257,28 @@ def test_gspo_sequence_ratio_is_the_geometric_mean_of_token_ratios():
     assert not logp.grad.isnan().any()
 
 
+@pytest.mark.parametrize(
+    "adv,loss_value,grad_rows,clip_low,clip_high",
+    [
+        (1.0, (-1.2 - 0.5) / 2, [0.0, -0.5 / 2 / 2], 0.0, 0.5),  # s = 2 clipped to 1.2; s = 0.5 kept
+        (-1.0, (2.0 + 0.8) / 2, [2.0 / 2 / 2, 0.0], 0.5, 0.0),  # s = 2 kept; s = 0.5 clipped to 0.8
+    ],
+)
+def test_gspo_clips_the_sequence_ratio_on_both_sides(adv, loss_value, grad_rows, clip_low, clip_high):
+    """GSPO with eps 0.2, loss grpo: row 0 has token ratios [2, 2] (s = 2), row 1 [1/4, 1] + padding
+    (s = 1/2). A clipped row has no gradient; a kept one d/dlogp_t (-s A) / N = -s A / (|o| N)."""
+    logp = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, -math.inf]], requires_grad=True)
+    old = -torch.tensor([[LN(2), LN(2), 0.0], [LN(0.25), 0.0, -math.inf]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    opts = LossOptions(loss_type="grpo", importance_sampling_level="sequence")
+    loss, stats = policy_loss(logp, old, torch.tensor([adv, adv]), mask, opts)
+    close(loss, loss_value, 1e-6)
+    loss.backward()
+    close(logp.grad, [[grad_rows[0]] * 2 + [0.0], [grad_rows[1]] * 2 + [0.0]], 1e-6)
+    close([stats["clip_low_frac"], stats["clip_high_frac"]], [clip_low, clip_high], 0)
+    close([stats["ratio_min"], stats["ratio_max"]], [0.5, 2.0], 1e-6)
+
+
 def test_is_correction_multiplies_the_policy_term_before_the_kl():
     logp = torch.zeros(1, 3, requires_grad=True)
     sampler = -torch.tensor([[LN(4), LN(0.5), LN(2)]])  # old (= logp) - sampler = ln [4, 0.5, 2]
