@@ -220,7 +220,8 @@ class LossOptions:
     importance_sampling_level   grpo.importance_sampling_level   "token" ratios or "sequence" (GSPO)
     is_correction               grpo.is_correction               sampler IS weights (None: off; needs sampler_logp)
     is_cap, is_min              grpo.is_cap, grpo.is_min         IS weight bounds (importance_weights' cap, floor)
-    max_completion_length       sampler.max_new_tokens           dr_grpo's constant (None: the batch's Tc)
+    max_completion_length       sampler.max_new_tokens           dr_grpo's constant (None: the batch's Tc);
+                                (env.max_episode_tokens with env)  an episode's row holds all its turns
     """
 
     loss_type: str = "dapo"
@@ -246,8 +247,10 @@ class LossOptions:
 
     @classmethod
     def from_config(cls, cfg: Config) -> LossOptions:
-        """The options of a run: cfg.grpo's loss settings and cfg.sampler.max_new_tokens."""
+        """The options of a run: cfg.grpo's loss settings and the longest completion row (a multi-turn
+        episode's budget, else sampler.max_new_tokens)."""
         g = cfg.grpo
+        longest = cfg.env.max_episode_tokens if cfg.env.kind is not None else cfg.sampler.max_new_tokens
         return cls(
             loss_type=g.loss_type,
             epsilon=g.epsilon,
@@ -258,7 +261,7 @@ class LossOptions:
             is_correction=g.is_correction,
             is_cap=g.is_cap,
             is_min=g.is_min,
-            max_completion_length=cfg.sampler.max_new_tokens,
+            max_completion_length=longest,
         )
 
 

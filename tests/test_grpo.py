@@ -460,6 +460,8 @@ def test_loss_options_from_config_reads_every_field():
     ]
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.beta = 0.0  # type: ignore[misc]
+    cfg.env.kind, cfg.env.max_episode_tokens = "tools", 300  # a row holds a whole episode: its budget is dr_grpo's
+    assert LossOptions.from_config(cfg).max_completion_length == 300
 
 
 def test_is_min_is_the_floor_of_the_importance_weights():
