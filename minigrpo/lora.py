@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigrpo.config import LoRACfg
+from minigrpo.errors import UserError
 
 # config short name -> module path inside a block; the fused (Phi-3) module where the model has one
 TARGETS = {
@@ -59,6 +60,19 @@ TARGETS = {
     "down": ("mlp.down_proj", "mlp.down_proj"),
 }
 EXPORTS = ("save_peft_adapter", "load_peft_adapter", "save_merged", "plain_tensors")  # in lora_export.py
+
+
+class LoRAError(UserError, ValueError):
+    """LoRA settings that cannot work (an unknown target, rank 0, dropout 1, nothing to export), naming the value."""
+
+
+def _check_adapter_settings(r: object, dropout: float) -> None:
+    """A LoRAError unless r is an integer >= 1 and dropout in [0, 1): r = 0 would divide alpha by zero
+    and dropout = 1 would zero every adapter input, so the adapters would never learn."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise LoRAError(f"LoRA rank r={r!r} must be an integer >= 1")
+    if not 0.0 <= dropout < 1.0:
+        raise LoRAError(f"LoRA dropout={dropout!r} must be in [0, 1)")
 
 
 class LoRALinear(nn.Module):
@@ -76,6 +90,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if isinstance(base, LoRALinear):
             raise ValueError("this layer already has a LoRA adapter")
+        _check_adapter_settings(r, dropout)
         if next(base.children(), None) is not None:
             raise TypeError(f"cannot wrap {type(base).__name__}: the base must hold its tensors itself")
         weight = getattr(base, "weight", None)
@@ -228,7 +243,9 @@ def target_module_names(model: nn.Module, targets: list[str]) -> list[str]:
     """Module names (`model.layers.0.self_attn.q_proj`, ...) that `targets` select, in model order."""
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
-        raise ValueError(f"unknown LoRA target {unknown[0]!r}: valid targets are {', '.join(TARGETS)}")
+        raise LoRAError(f"unknown LoRA target {unknown[0]!r}: valid targets are {', '.join(TARGETS)}")
+    if not targets:
+        raise LoRAError(f"no LoRA targets: name at least one of {', '.join(TARGETS)}")
     names = []
     for i, block in enumerate(model.model.layers):
         for short in TARGETS:
@@ -236,7 +253,7 @@ def target_module_names(model: nn.Module, targets: list[str]) -> list[str]:
                 continue
             path = next((p for p in TARGETS[short] if _has_submodule(block, p)), None)
             if path is None:
-                raise ValueError(f"layer {i} has no module for LoRA target {short!r} (looked for {TARGETS[short]})")
+                raise LoRAError(f"layer {i} has no module for LoRA target {short!r} (looked for {TARGETS[short]})")
             name = f"model.layers.{i}.{path}"
             if name not in names:
                 names.append(name)
@@ -258,6 +275,7 @@ def add_adapters(
     model: nn.Module, names: list[str], *, r: int, alpha: float, dropout: float, rslora: bool, dtype: torch.dtype
 ) -> None:
     """Freeze `model` and wrap the named linear modules in LoRALinear (apply_lora, load_peft_adapter)."""
+    _check_adapter_settings(r, dropout)  # before the model changes: a bad setting leaves it as it was
     existing = lora_layers(model)
     if existing:
         raise ValueError(f"LoRA is already applied to this model ({len(existing)} adapted layers); apply it once")
@@ -426,8 +444,10 @@ def __getattr__(name: str):
 
 __all__ = [
     "TARGETS",
+    "LoRAError",
     "LoRALinear",
     "adapters_disabled",
+    "adapters_frozen",
     "add_adapters",
     "apply_lora",
     "dense_weight",

@@ -27,6 +27,7 @@ from minigrpo.atomic import atomic_path, write_json
 from minigrpo.errors import UserError
 from minigrpo.lora import (
     TARGETS,
+    LoRAError,
     LoRALinear,
     add_adapters,
     load_lora_state_dict,
@@ -62,7 +63,7 @@ def save_peft_adapter(
     """
     layers = lora_layers(model)
     if not layers:
-        raise ValueError("the model has no LoRA adapters to save")
+        raise LoRAError(f"nothing to save in {directory}: the model has no LoRA adapters (apply_lora first)")
     first = next(iter(layers.values()))
     for name, layer in layers.items():
         if (layer.r, layer.alpha, layer.rslora) != (first.r, first.alpha, first.rslora):
@@ -124,6 +125,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[st
         raise AdapterError(f"{path}: adapter for {outside[0]!r}, which is not an adaptable linear layer of this model")
     names = [n for n in adaptable if n in found]
     r, alpha, rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+    _check_adapter_shapes(model, state, names, r, path / ADAPTER_WEIGHTS)
     layers = lora_layers(model)
     if not layers:
         dropout = float(config.get("lora_dropout") or 0.0)
@@ -141,6 +143,25 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[st
             )
     load_lora_state_dict(model, state)
     return names
+
+
+def _check_adapter_shapes(
+    model: nn.Module, state: dict[str, torch.Tensor], names: list[str], r: int, where: Path
+) -> None:
+    """Every adapted module has its A (r, in) and B (out, r) in `state`, with this model's in and out:
+    an adapter for another base model, or whose r disagrees with its tensors, is an AdapterError
+    (one line through run_cli) before the model changes, not a shape error halfway through loading."""
+    for name in names:
+        module = model.get_submodule(name)
+        for part, shape in (("lora_A", (r, module.in_features)), ("lora_B", (module.out_features, r))):
+            key = f"{name}.{part}.weight"
+            if key not in state:
+                raise AdapterError(f"{where}: {PEFT_PREFIX}{key} is missing (each adapted layer needs A and B)")
+            if tuple(state[key].shape) != shape:
+                raise AdapterError(
+                    f"{where}: {PEFT_PREFIX}{key} has shape {list(state[key].shape)}, this model needs "
+                    f"{list(shape)} (r={r}): an adapter for another base model?"
+                )
 
 
 class AdapterError(UserError, ValueError):

@@ -237,8 +237,9 @@ class NF4Linear(nn.Module):
                         errors.append(
                             f"size mismatch for {wkey}: {list(w.shape)} vs {self.out_features, self.in_features}"
                         )
-                    else:
-                        packed, self.quant_state = _quantize(w.to(self.weight.device, self.compute_dtype), True)
+                    else:  # as this module quantizes (with or without the nested absmax state)
+                        dense = w.to(self.weight.device, self.compute_dtype)
+                        packed, self.quant_state = _quantize(dense, self.double_quant)
                         self.weight = nn.Parameter(packed, requires_grad=False)
                 elif not extra:
                     errors.append(f"{wkey} holds 4-bit codes but no quant state ({wkey}.absmax, ...)")
@@ -246,6 +247,7 @@ class NF4Linear(nn.Module):
                     bnb = _bnb()
                     self.quant_state = bnb.functional.QuantState.from_dict(extra, device=self.weight.device)
                     self.weight = nn.Parameter(w.to(self.weight.device), requires_grad=False)
+                    self.double_quant = bool(self.quant_state.nested)  # the codes come with their own state
         if self.bias is not None:
             if bkey in state_dict:
                 with torch.no_grad():

@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minigrpo.config import LoRACfg, TrainCfg
+from minigrpo.errors import UserError
 from minigrpo.lora import (
     LoRALinear,
     adapters_disabled,
@@ -702,7 +703,7 @@ def test_lora_on_nf4_bases(tmp_path):
 
 def test_bad_inputs_fail_clearly(tmp_path):
     model = tiny_model(12)
-    with pytest.raises(ValueError, match=r"unknown LoRA target 'qkv': valid targets are q, k, v, o, gate, up, down"):
+    with pytest.raises(UserError, match=r"unknown LoRA target 'qkv': valid targets are q, k, v, o, gate, up, down"):
         apply_lora(model, LoRACfg(targets=["q", "qkv"]))
     assert not lora_layers(model)
     with pytest.raises(ValueError, match="no LoRA adapters"), adapters_disabled(model):
@@ -723,3 +724,31 @@ def test_bad_inputs_fail_clearly(tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora=True is not supported"):
         load_peft_adapter(tiny_model(12), adapter)
+
+
+def _adapter_of_a_wider_model(model: nn.Module, tmp_path) -> None:
+    wider = tiny_model(12, hidden_size=128)
+    apply_lora(wider, LoRACfg(r=4))
+    load_peft_adapter(model, save_peft_adapter(wider, tmp_path / "wider", base_model_name_or_path=None))
+
+
+@pytest.mark.parametrize(
+    ("misuse", "message"),
+    [
+        (lambda model, tmp_path: apply_lora(model, LoRACfg(r=0)), r"LoRA rank r=0 must be an integer >= 1"),
+        (lambda model, tmp_path: apply_lora(model, LoRACfg(dropout=1.0)), r"dropout=1.0 must be in \[0, 1\)"),
+        (lambda model, tmp_path: apply_lora(model, LoRACfg(targets=[])), "no LoRA targets: name at least one of q"),
+        (
+            lambda model, tmp_path: save_peft_adapter(model, tmp_path / "a", base_model_name_or_path=None),
+            "nothing to save in .*/a: the model has no LoRA adapters",
+        ),
+        (_adapter_of_a_wider_model, r"q_proj.lora_A.weight has shape \[4, 128\], this model needs \[4, 64\]"),
+    ],
+    ids=["rank-0", "dropout-1", "no-targets", "save-without-adapters", "adapter-of-another-base"],
+)
+def test_misuse_is_one_user_error_line_and_leaves_the_model_as_it_was(misuse, message, tmp_path):
+    model = tiny_model(12)
+    with pytest.raises(UserError, match=message) as info:
+        misuse(model, tmp_path)
+    assert "\n" not in str(info.value)
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())

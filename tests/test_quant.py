@@ -75,6 +75,21 @@ def test_nf4_storage_and_state_dict_round_trip():
 
 
 @needs_cpu_nf4
+def test_state_dict_keeps_the_modules_double_quant_setting():
+    """A dense weight loaded into a module without double quantization is quantized without it (the
+    bytes nf4_weight_bytes promises); packed codes bring their own state, and the flag follows it."""
+    w = torch.randn(64, 128)
+    single = NF4Linear(w, double_quant=False)
+    dense = NF4Linear(torch.zeros(64, 128), double_quant=False)
+    dense.load_state_dict({"weight": w})
+    assert dense.nbytes() == single.nbytes() == nf4_weight_bytes(w.numel(), double_quant=False)
+    assert torch.equal(dense.dequantized_weight(), single.dequantized_weight())
+    packed = NF4Linear(torch.zeros(64, 128))  # double quantization by default
+    packed.load_state_dict(single.state_dict())
+    assert not packed.double_quant and torch.equal(packed.dequantized_weight(), single.dequantized_weight())
+
+
+@needs_cpu_nf4
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
 def test_load_pretrained_quantizes_block_linears_as_it_reads(tmp_path, family, monkeypatch):
     tiny_checkpoint(tmp_path, seed=3, model_type=family)
