@@ -66,6 +66,8 @@ CASES = {
         rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=16),
     ),
     "qwen3": dict(model_type="qwen3", rope_theta=1e6, head_dim=24, tie_word_embeddings=True),
+    # only Phi-3 rotates part of a head: transformers' Qwen2 (Llama, Mistral, Qwen3) rotates all of it
+    "qwen2-partial-ignored": dict(model_type="qwen2", rope_theta=1e4, partial_rotary_factor=0.5),
     "phi3": dict(
         model_type="phi3",
         rope_theta=10000.0,
@@ -180,3 +182,48 @@ def test_sharded_checkpoint_round_trip(tmp_path):
     ids = torch.randint(0, 97, (2, 7))
     with torch.no_grad():
         assert torch.equal(ours(ids), again(ids))
+
+
+# Keys left out of config.json (or that a family ignores): each must read as transformers reads it
+# for that family, not as one default for all. 30 layers, so Qwen's default max_window_layers (28) shows.
+OMITTED = {
+    "mistral": dict(model_type="mistral"),  # 8 kv heads, a 4096-token window, 131072 positions
+    "qwen2-window": dict(model_type="qwen2", use_sliding_window=True),  # window 4096 from layer 28 on
+    "qwen2-mlp-bias": dict(model_type="qwen2", mlp_bias=True),  # a Llama key: Qwen2's MLP has no bias
+    "llama-yarn": dict(model_type="llama", rope_scaling=dict(type="yarn", factor=4.0)),  # 2048 positions
+    "phi3-longrope": dict(  # rms_norm_eps 1e-5; the top-level original length (default 4096) wins
+        model_type="phi3", rope_scaling={**LONGROPE, "original_max_position_embeddings": 16}
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OMITTED))
+def test_omitted_config_keys_take_the_family_defaults(case, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minigrpo.models.args import ModelArgs
+    from minigrpo.models.rotary import RotaryAngles
+
+    # 32 heads: Qwen's default num_key_value_heads, a multiple of Mistral's (8); Dh 16 as LONGROPE needs
+    sizes = dict(vocab_size=97, hidden_size=512, intermediate_size=8, num_hidden_layers=30, num_attention_heads=32)
+    cfg = {**sizes, "pad_token_id": 0, **OMITTED[case]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    hf_cfg = AutoConfig.from_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_config(hf_cfg)
+    args = ModelArgs.from_hf_config(cfg)
+    rotary = RotaryAngles(args)
+    rotary.reset("cpu")
+
+    types = getattr(hf_cfg, "layer_types", None) or ["sliding_attention"] * hf_cfg.num_hidden_layers
+    window = getattr(hf_cfg, "sliding_window", None)  # Llama has none
+    windows = tuple(window if t == "sliding_attention" else None for t in types)
+    block = hf.model.layers[0]
+    assert args.n_kv_heads == hf_cfg.num_key_value_heads
+    assert args.norm_eps == hf_cfg.rms_norm_eps
+    assert args.max_position_embeddings == hf_cfg.max_position_embeddings
+    assert args.layer_windows == windows
+    assert args.mlp_bias == (block.mlp.down_proj.bias is not None)
+    assert rotary.scale == pytest.approx(hf.model.rotary_emb.attention_scaling)
+    torch.testing.assert_close(rotary.inv_freq, hf.model.rotary_emb.inv_freq)
+    if args.rope_type == "longrope":  # where the long factors take over
+        assert rotary.long_threshold == hf_cfg.rope_parameters["original_max_position_embeddings"]

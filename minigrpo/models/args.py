@@ -11,6 +11,11 @@ One `Transformer` serves every family; it never asks "which family is this?", on
 | qwen3   | attention_bias      | attention_bias      | yes         | no                 | per layer, if on    |
 | phi3    | no                  | no                  | no          | yes                | sliding_window      |
 
+Only Phi-3 rotates part of each head (`partial_rotary_factor`); the other families rotate all of it,
+as transformers does, whatever the config says. A key config.json leaves out takes transformers'
+default for that family (`_HF_DEFAULTS`: Mistral's 4096-token window, Qwen's 28 full-attention
+layers below the window, Phi-3's rms_norm_eps 1e-5, ...), not one default for all.
+
 RoPE parameters come from either key style: older checkpoints write `rope_theta` plus `rope_scaling`
 (with `type` or `rope_type`), recent transformers writes `rope_parameters` (`rope_type`, `rope_theta`).
 """
@@ -43,17 +48,42 @@ class _Family:
     qk_norm: bool
     fused: bool  # Phi-3 stores qkv_proj and gate_up_proj as single matrices
     window: str  # "none" | "global" (sliding_window applies to all layers) | "per_layer" (layer_types)
-    default_head_dim: int | None = None
+    mlp_bias: bool | str = False  # only Llama reads the key; the others' MLPs never have biases
+    partial_rotary: bool = False  # whether partial_rotary_factor applies (the others rotate the whole head)
 
 
 _FAMILIES: dict[str, _Family] = {
-    "llama": _Family("LlamaForCausalLM", "attention_bias", "attention_bias", False, False, "none"),
+    "llama": _Family("LlamaForCausalLM", "attention_bias", "attention_bias", False, False, "none", "mlp_bias"),
     "mistral": _Family("MistralForCausalLM", False, False, False, False, "global"),
     "qwen2": _Family("Qwen2ForCausalLM", True, False, False, False, "per_layer"),
-    "qwen3": _Family("Qwen3ForCausalLM", "attention_bias", "attention_bias", True, False, "per_layer", 128),
-    "phi3": _Family("Phi3ForCausalLM", False, False, False, True, "global"),
+    "qwen3": _Family("Qwen3ForCausalLM", "attention_bias", "attention_bias", True, False, "per_layer"),
+    "phi3": _Family("Phi3ForCausalLM", False, False, False, True, "global", partial_rotary=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+
+# transformers' config defaults per family, for the keys a config.json may leave out that change the
+# model: a missing key must build what transformers builds from the same file. (An explicit null is
+# kept: it means "none" or "derive it", e.g. num_key_value_heads null is one kv head per query head.)
+_QWEN_DEFAULTS = {
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 32768,
+    "num_key_value_heads": 32,
+    "sliding_window": 4096,  # used only with use_sliding_window
+    "max_window_layers": 28,  # layers [0, 28) attend fully, the rest within the window
+}
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048},
+    "mistral": {
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 4096 * 32,
+        "num_key_value_heads": 8,
+        "sliding_window": 4096,
+    },
+    "qwen2": _QWEN_DEFAULTS,
+    "qwen3": {**_QWEN_DEFAULTS, "head_dim": 128},
+    # Phi-3 always has a top-level original_max_position_embeddings, which LongRoPE reads before rope_scaling's
+    "phi3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "original_max_position_embeddings": 4096},
+}
 
 
 @dataclass
@@ -119,14 +149,16 @@ class ModelArgs:
                 f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         fam = _FAMILIES[model_type]
+        original, config = config, {**_HF_DEFAULTS[model_type], **config}
         get = config.get
         _check_sizes(config, model_type, fam)
         act = get("hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"unsupported hidden_act {act!r} (only 'silu' is implemented)")
         n_heads = get("num_attention_heads")
-        head_dim = get("head_dim") or fam.default_head_dim or get("hidden_size") // n_heads
+        head_dim = get("head_dim") or get("hidden_size") // n_heads
         rope_theta, rope_type, rope_params, partial = _read_rope(config, model_type)
+        partial = partial if fam.partial_rotary else 1.0
         if rope_type == "longrope":
             for key in ("long_factor", "short_factor"):
                 factors = rope_params[key]
@@ -149,7 +181,7 @@ class ModelArgs:
             head_dim=head_dim,
             intermediate_size=get("intermediate_size"),
             norm_eps=_positive_number(config, "rms_norm_eps", 1e-6),
-            max_position_embeddings=get("max_position_embeddings", 4096),
+            max_position_embeddings=get("max_position_embeddings"),
             rope_theta=rope_theta,
             rope_type=rope_type,
             rope_params=rope_params,
@@ -157,13 +189,13 @@ class ModelArgs:
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
             qkv_bias=flag(fam.qkv_bias),
             o_bias=flag(fam.o_bias),
-            mlp_bias=bool(get("mlp_bias", False)),
+            mlp_bias=flag(fam.mlp_bias),
             qk_norm=fam.qk_norm,
             fused_qkv=fam.fused,
             fused_gate_up=fam.fused,
             layer_windows=_layer_windows(config, fam.window),
             initializer_range=_positive_number(config, "initializer_range", 0.02),
-            hf_config=copy.deepcopy(config),
+            hf_config=copy.deepcopy(original),
         )
 
     def to_hf_config(self, torch_dtype: str | None = None) -> dict[str, Any]:
@@ -209,7 +241,7 @@ def _check_sizes(config: dict[str, Any], model_type: str, fam: _Family) -> None:
         raise ModelConfigError(
             f"config key 'num_attention_heads' ({n_heads}) must be a multiple of 'num_key_value_heads' ({n_kv_heads})"
         )
-    if not config.get("head_dim") and fam.default_head_dim is None and config["hidden_size"] % n_heads:
+    if not config.get("head_dim") and config["hidden_size"] % n_heads:
         raise ModelConfigError(
             f"config key 'hidden_size' ({config['hidden_size']}) must be a multiple of 'num_attention_heads' "
             f"({n_heads}) when there is no 'head_dim'"
