@@ -13,7 +13,9 @@ tool calls and results: `ToolEnvironment` does; the assistant message then carri
 `tool_calls`). An environment may define `tool_specs` (JSON-schema dicts) for the chat template.
 A template without tool support (minigrpo.tools.renders_tool_calls is False, e.g. SmolLM2's) keeps
 the calls in the assistant's content instead, and ToolEnvironment answers in a user message
-(minigrpo/tools/render.py says why); the tools must then be described in the system prompt.
+(minigrpo/tools/render.py says why); the tools must then be described in the system prompt. A turn
+whose calls the template refuses (Llama-3.1's raises on two calls in one turn) keeps them in the
+content likewise, rather than ending the run.
 Reward functions see the whole episode through `episode_columns` (messages, tool calls, results).
 
 Turn-taking: all live episodes take their next turn together, in ONE `generate` call per turn, so
@@ -58,6 +60,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from minigrpo.chat_template import ChatTemplateError
 from minigrpo.episode_text import LayoutError, environment_text, render
 from minigrpo.sampling.base import Sampler, session_of
 from minigrpo.sampling.params import SamplingParams
@@ -361,14 +364,25 @@ def _take_turn(
         e.end = "budget" if e.num_tokens >= max_episode_tokens else "turn_length"
         return
     new, done = env.step(e, text)
-    assistant = assistant_message(text, e.turns[-1].tool_calls, plain=plain)
+    calls = e.turns[-1].tool_calls
+    assistant = assistant_message(text, calls, plain=plain)
     e.turns[-1].env_messages = list(new)
-    e.messages += [assistant, *new]
     if done or last_turn:
+        e.messages += [assistant, *new]
         e.end = "done" if done else "max_turns"
         return
     stop_text = None if stop_token is None else tokenizer.decode([stop_token], skip_special_tokens=False)
-    env_text = environment_text(tokenizer, history, assistant, new, model_text=text, stop_text=stop_text, tools=tools)
+    kwargs = dict(model_text=text, stop_text=stop_text, tools=tools)
+    try:
+        env_text = environment_text(tokenizer, history, assistant, new, **kwargs)
+    except ChatTemplateError:
+        if "tool_calls" not in assistant:
+            raise
+        # the template refuses these calls (Llama-3.1's raises on more than one per turn): they stay in the
+        # assistant's text, as for a template without tool support; the segment is still the new messages'
+        assistant = assistant_message(text, calls, plain=True)
+        env_text = environment_text(tokenizer, history, assistant, new, **kwargs)
+    e.messages += [assistant, *new]
     env_ids = tokenizer.encode(env_text, add_special_tokens=False)
     if e.num_tokens + len(env_ids) >= max_episode_tokens:  # no room left for a model token
         e.end = "budget"

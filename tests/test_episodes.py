@@ -252,6 +252,21 @@ def test_a_stop_string_turn_gets_the_templates_closer():
     )
 
 
+def test_calls_the_template_refuses_stay_in_the_assistants_text():
+    """A template that raises on two calls in one turn (as Llama-3.1's does): the turn's calls run and
+    stay in the assistant's content, the episode goes on instead of the run failing."""
+    one_call = "{%- if (m.tool_calls or []) | length > 1 %}{{ raise_exception('one call per turn') }}{% endif %}"
+    tok = char_tokenizer(TEMPLATE.replace("{%- for m in messages %}", "{%- for m in messages %}" + one_call))
+    sampler = ScriptedSampler({0: [call(2, 3) + call(4, 5), "5, 9"]})
+    env = ToolEnvironment([add], chat_template=tok.chat_template)
+    params = SamplingParams(max_new_tokens=200, stop_ids=(IM_END,))
+    (e,) = run_episodes(sampler, tok, env, ["2+3, 4+5?"], params, max_turns=2, max_episode_tokens=400, key=(2,))
+    assert e.end == "done" and [r.content for r in e.tool_results] == ["5", "9"]
+    assert e.messages[1] == {"role": "assistant", "content": call(2, 3) + call(4, 5)}
+    whole = tok.apply_chat_template(e.messages, tools=env.tool_specs)
+    assert TOK.decode(e.prompt_ids + e.completion_ids) + "\n" == whole  # the row is what the template writes
+
+
 def test_a_template_that_rewrites_earlier_turns_is_refused():
     rewrites = TEMPLATE.replace("{{ m.content }}{%- for tc", "{{ m.content if loop.last else '...' }}{%- for tc")
     tok = char_tokenizer(rewrites)
