@@ -219,6 +219,24 @@ def test_malformed_calls_are_error_values(body, message):
     assert err.raw == f"<tool_call>\n{body}\n</tool_call>"
 
 
+@pytest.mark.parametrize("fmt", ["hermes", "llama3"])
+@pytest.mark.parametrize(
+    ("arguments", "reason"),
+    [
+        ("[" * 5000 + "]" * 5000, "nested too deeply"),  # json raises RecursionError, not JSONDecodeError
+        ("9" * 5000, "Exceeds the limit (4300 digits) for integer string conversion"),  # a ValueError
+        ('"' + "[" * 5000 + '"', "nested too deeply"),  # the OpenAI style: arguments as a JSON string
+    ],
+)
+def test_model_text_json_cannot_parse_is_an_error_value(fmt, arguments, reason):
+    """Whatever the model writes is a ToolCallError at worst: json's RecursionError on deep nesting and
+    ValueError on huge integers must not end the run."""
+    body = f'{{"name": "add", "{"parameters" if fmt == "llama3" else "arguments"}": {arguments}}}'
+    text = body if fmt == "llama3" else f"<tool_call>{body}</tool_call>"
+    (err,) = parse_tool_calls(text, TOOLS, fmt)
+    assert isinstance(err, ToolCallError) and err.message.startswith("bad JSON") and reason in err.message, err
+
+
 def test_error_keeps_the_name_when_known():
     assert _error('{"name": "add", "arguments": {}}').name == "add"
     assert _error('{"name": "add", "arguments": {').name is None
@@ -377,6 +395,13 @@ def test_call_tool_results_and_failures():
 
     cut = call_tool(Tool.from_function(chatty), ToolCall("chatty", {}, ""), max_chars=100)
     assert cut.content == "x" * 100 + "\n... [truncated: 50 more characters]"
+
+    def huge() -> int:
+        return 10**5000  # past Python's int -> str digit limit: the result fails, not the run
+
+    big = call_tool(Tool.from_function(huge), ToolCall("huge", {}, ""))
+    assert not big.ok and big.error_kind == "exception"
+    assert big.content.startswith("error: the result cannot be written as text (ValueError: Exceeds the limit")
 
     calls = parse_tool_calls(
         '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call><tool_call>{"name": "ad"}</tool_call>', TOOLS

@@ -77,9 +77,18 @@ def _call_from_json(body: str, raw: str, args_keys: tuple[str, ...]) -> ToolCall
     """A call from the JSON text `body`: {"name": str, <one of args_keys>: object or JSON-object string}."""
     try:
         obj = json.loads(body)
-    except json.JSONDecodeError as e:
-        return ToolCallError(f"bad JSON at char {e.pos}: {e.msg}", raw)
+    except (ValueError, RecursionError) as e:
+        return ToolCallError(_bad_json(e), raw)
     return _call_from_object(obj, raw, args_keys)
+
+
+def _bad_json(e: Exception, where: str = "") -> str:
+    """Why model text is no JSON. Beside syntax errors, json raises RecursionError on deep nesting
+    and ValueError on integers past Python's digit limit: model text must never end the run."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"bad JSON{where} at char {e.pos}: {e.msg}"
+    reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+    return f"bad JSON{where}: {reason}"
 
 
 def _call_from_object(obj: Any, raw: str, args_keys: tuple[str, ...]) -> ToolCall | ToolCallError:
@@ -94,8 +103,8 @@ def _call_from_object(obj: Any, raw: str, args_keys: tuple[str, ...]) -> ToolCal
     if isinstance(arguments, str):  # OpenAI style: the arguments as a JSON string
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError as e:
-            return ToolCallError(f"bad JSON in '{key}' at char {e.pos}: {e.msg}", raw, name)
+        except (ValueError, RecursionError) as e:
+            return ToolCallError(_bad_json(e, f" in '{key}'"), raw, name)
     if not isinstance(arguments, dict):
         return ToolCallError(f"'{key}' should be a JSON object, got {_json_type(arguments)}", raw, name)
     extra = sorted(set(obj) - {"name", *args_keys})
@@ -143,8 +152,8 @@ def parse_llama3(text: str) -> list[ToolCall | ToolCallError]:
     while pos < len(body):
         try:
             obj, end = decoder.raw_decode(body, pos)
-        except json.JSONDecodeError as e:
-            return [*calls, ToolCallError(f"bad JSON at char {e.pos}: {e.msg}", body[pos:])]
+        except (ValueError, RecursionError) as e:
+            return [*calls, ToolCallError(_bad_json(e), body[pos:])]
         calls.append(_call_from_object(obj, body[pos:end], ("parameters", "arguments")))
         pos = end
         while pos < len(body) and (body[pos].isspace() or body[pos] == ";"):

@@ -63,7 +63,12 @@ def call_tool(
         return ToolResult(truncate(f"error: {message}", max_chars), False, "exception", tool.name)
     if isinstance(value, ToolResult):
         return dataclasses.replace(value, content=truncate(value.content, max_chars), name=value.name or tool.name)
-    return ToolResult(truncate(to_text(value), max_chars), True, None, tool.name)
+    try:
+        text = to_text(value)
+    except Exception as e:  # e.g. an int past Python's digit limit: the tool's result, not the run, fails
+        message = f"error: the result cannot be written as text ({type(e).__name__}: {e})"
+        return ToolResult(truncate(message, max_chars), False, "exception", tool.name)
+    return ToolResult(truncate(text, max_chars), True, None, tool.name)
 
 
 def run_tool_calls(
