@@ -90,6 +90,9 @@ def env_errors(cfg: Any) -> list[str]:
             errors.append(f"env.tools={env.tools} is read only with env.kind set (tools, gsm8k_tools or a class)")
         if env.kwargs:
             errors.append(f"env.kwargs={env.kwargs} are read only by a user class (env.kind='package.module:Class')")
+        for key in ("format", "system_prompt"):
+            if getattr(env, key) is not None:
+                errors.append(f"env.{key}={getattr(env, key)!r} is read only with env.kind set")
         return errors
     if env.kind not in ENV_KINDS and not _IMPORT_PATH.match(env.kind):
         errors.append(

@@ -370,6 +370,8 @@ def test_bad_yaml_is_one_line_with_its_position(tmp_path):
         (["lora.quantize_base=nf4"], "lora.quantize_base='nf4' needs lora.enabled=true"),
         (["eval.num_prompts=500"], "eval.num_prompts (500) must be <= data.num_eval (200)"),
         (["env.kwargs={size: 5}"], "env.kwargs={'size': 5} are read only by a user class"),  # env.kind null: ignored
+        (["env.format=hermes"], "env.format='hermes' is read only with env.kind set"),
+        (["env.system_prompt=hi"], "env.system_prompt='hi' is read only with env.kind set"),
     ],
 )  # fmt: skip
 def test_cross_field_checks_name_the_settings(overrides, message):
