@@ -218,13 +218,26 @@ def prune_checkpoints(run_dir: Path, saved_step: int, keep_last: int) -> None:
     A checkpoint newer than the one just written belongs to an abandoned timeline: a resume only
     continues from an older checkpoint when every newer one was broken, so those are never resumed
     from again, and counting them towards `keep_last` would delete the good checkpoints instead.
+
+    Each folder is renamed to a temporary name before it is deleted: a run killed half-way through a
+    deletion leaves a temporary folder (removed by the next save), never a step folder missing files
+    that might still pass verify_checkpoint (run_config.yaml is optional) and be resumed from.
     """
     found = list_checkpoints(run_dir)
-    for step, path in found:
-        if step > saved_step:
-            shutil.rmtree(path, ignore_errors=True)
     at_or_before = [path for step, path in found if step <= saved_step]
-    for path in at_or_before[: -max(keep_last, 1)]:
+    doomed = [path for step, path in found if step > saved_step] + at_or_before[: -max(keep_last, 1)]
+    gone = []
+    for path in doomed:
+        aside = path.with_name(f"{_TEMP_PREFIX}rm-{path.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.rename(path, aside)
+        except OSError:
+            aside = path
+        gone.append(aside)
+    if gone:
+        fsync_dir(Path(run_dir) / "checkpoints")  # the renames reach the disk before any file is deleted
+    for path in gone:
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -418,9 +431,12 @@ def _legacy_message(path: Path) -> str:
 
 
 def _fsync_tree(root: Path) -> None:
+    """Every file's data and every folder's entries (trainer_state/ holds files too) reach the disk."""
     for path in root.rglob("*"):
         if path.is_file():
             fsync_file(path)
+        elif path.is_dir():
+            fsync_dir(path)
     fsync_dir(root)
 
 

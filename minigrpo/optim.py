@@ -67,10 +67,20 @@ class MasterWeights(torch.optim.Optimizer):
         self.masters = [_master(p, start.get(p), generator) for p in params]
         self.inner: torch.optim.Optimizer = make_inner(self.masters)
         self.buckets = step_buckets([p.numel() for p in params], bucket_bytes)
-        # share the inner optimizer's param_groups so LR schedulers act on it
-        self.param_groups = self.inner.param_groups
-        self.defaults = self.inner.defaults
-        self.state = self.inner.state
+
+    # the inner optimizer's, looked up each time so LR schedulers act on it: its load_state_dict (a
+    # resume) replaces param_groups and state with new objects, which a copy taken here would miss
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    @property
+    def defaults(self) -> dict:
+        return self.inner.defaults
+
+    @property
+    def state(self):
+        return self.inner.state
 
     @torch.no_grad()
     def step(self, closure=None):

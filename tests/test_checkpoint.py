@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -180,6 +181,27 @@ def test_a_resumed_optimizer_steps_the_way_this_process_does(tmp_path):
         o.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         assert (a - b).abs().max() < 1e-6  # fused and foreach round apart (measured 7e-7 at most)
+
+
+def test_a_resumed_master_weights_optimizer_follows_its_schedule(tmp_path):
+    """bf16 parameters with fp32 masters: after load_optimizer_state the LR schedule still sets the
+    learning rate the masters step with (loading must not detach the schedule's param groups)."""
+    from minigrpo.config import TrainCfg
+    from minigrpo.optim import MasterWeights, build_optimizer, build_scheduler
+
+    cfg = TrainCfg(lr=1e-2, warmup_steps=2, schedule="cosine")
+    model = tiny_model(seed=0).to(torch.bfloat16)
+    opt = build_optimizer(model.parameters(), cfg)
+    assert isinstance(opt, MasterWeights)
+    scheduler = build_scheduler(opt, cfg, total_steps=6)  # as build_run: the schedule first, then the state
+    save_trainer_state(tmp_path, {"step": 0, "optimizer": optimizer_state(model, opt)})
+    load_optimizer_state(model, opt, load_trainer_state(tmp_path)["optimizer"])
+    lrs = []
+    for _ in range(3):
+        opt.step()  # no gradients: nothing moves
+        scheduler.step()
+        lrs.append(opt.inner.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1e-2, 1e-2, 1e-2 * 0.5 * (1 + math.cos(math.pi / 4))])  # warmup, then cosine
 
 
 # an optimizer state as optimizer_state() writes it, for a model with nothing trainable
@@ -357,6 +379,18 @@ def test_a_failed_save_of_another_kind_also_cleans_up(tmp_path):
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
+def test_every_file_and_folder_of_a_checkpoint_is_fsynced_before_the_rename(tmp_path, monkeypatch):
+    """A file's entry lives in its folder: trainer_state/ must reach the disk too, or a power loss
+    after the rename (and the pruning of older checkpoints) can leave the newest one without its state."""
+    synced = []
+    monkeypatch.setattr(checkpoint, "fsync_file", lambda path: synced.append(Path(path)))
+    monkeypatch.setattr(checkpoint, "fsync_dir", lambda path: synced.append(Path(path)))
+    final = _save(tmp_path, 2)
+    tmp = final.with_name(".tmp-" + final.name)
+    written = {tmp / p.relative_to(final) for p in final.rglob("*")} | {tmp}
+    assert written <= set(synced), sorted(map(str, written - set(synced)))
+
+
 # ------------------------------------------------------------------------------------------------
 # a folder that cannot be written
 
@@ -502,6 +536,31 @@ def test_a_save_after_falling_back_removes_the_abandoned_newer_checkpoints(tmp_p
     assert found.name == "step_000003" and state["data"]["index"] == 12
     _save(tmp_path, 5, keep_last=2)
     assert _names(tmp_path) == ["step_000003", "step_000005"]
+
+
+def test_a_run_killed_while_pruning_never_resumes_from_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Step 4 is broken only in its (optional) run_config.yaml, so the run went on from step 2. Saving
+    step 3 deletes step 4; killed after that deletion removed run_config.yaml, step 4 must not be
+    left as a folder that now passes every check (a resume would go back to the abandoned timeline)."""
+    _save(tmp_path, 2)
+    (_save(tmp_path, 4) / "run_config.yaml").write_text("- not a mapping\n")
+    rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        if "step_000004" in str(path) and Path(path).is_dir():
+            (Path(path) / "run_config.yaml").unlink()
+            raise KeyboardInterrupt  # the process dies here
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 3)
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        assert find_resume_checkpoint(tmp_path)[0].name == "step_000003"
+    _save(tmp_path, 5)  # the next save clears what the killed one left
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
 @pytest.mark.parametrize(

@@ -189,7 +189,7 @@ def test_fused_adamw_on_cuda_steps_as_foreach_does():
     assert fused.inner.defaults["fused"]
     foreach = build_optimizer(models[1].parameters(), cfg)
     foreach.inner = torch.optim.AdamW(foreach.masters, lr=1e-3, weight_decay=0.01, betas=cfg.betas, foreach=True)
-    foreach.param_groups, foreach.state = foreach.inner.param_groups, foreach.inner.state
+    assert foreach.param_groups is foreach.inner.param_groups  # the wrapper reads through to its inner optimizer
     ids = torch.randint(3, 128, (4, 16), device="cuda")
     start = [m.clone() for m in foreach.masters]
     for model, opt in zip(models, (fused, foreach)):  # one step: the same gradients on both sides

@@ -82,7 +82,8 @@ def test_killed_run_resumes_to_identical_parameters_and_metrics(tmp_path, varian
     base = run_config(
         tmp_path,
         rewards=[{"name": "helpers.killer:reward"}],
-        train={"steps": 6, "lr": 0.003},
+        # a schedule that moves at every step (the resumed LR must follow it), 4 accumulated micro-batches
+        train={"steps": 6, "lr": 0.003, "warmup_steps": 2, "schedule": "cosine", "micro_batch_size": 32},
         checkpoint={"every": 2, "keep_last": 5, "save_final": True},
         **variant,
     )
