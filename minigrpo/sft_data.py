@@ -9,16 +9,20 @@ A conversation is an `Example` whose prompt is the whole message list (assistant
 the resumable `PromptLoader` of GRPO serves SFT unchanged; its one column, `where`, names its file
 and line (or its index) in errors.
 
-Which tokens carry loss. The chat template is rendered once for the whole conversation, and once
-per assistant turn i for two prefixes: messages[:i] with the generation header (where the reply
-starts) and messages[:i+1] (where it ends). Both must be prefixes of the whole text (a template that
-rewrites earlier turns, e.g. one that drops old reasoning, is refused), so they cut the text into
-pieces: prompt, reply, prompt, reply, ... Each piece is encoded on its own (add_special_tokens=False:
-the template writes the special tokens) and the ids are concatenated; reply pieces keep their ids as
-labels, prompt pieces get IGNORE. A reply piece runs from the end of the generation header to the
-start of the next turn, so it holds the end-of-turn token (`<|im_end|>`, `<|eot_id|>`): the model
-learns to stop. The prompt pieces are encoded exactly as GRPO encodes its prompt (`encode_prompts`),
-so the model trains on the token boundaries it will see. `{% generation %}` markers are not needed.
+Which tokens carry loss. The chat template is rendered once for the whole conversation, and once per
+assistant turn i for two prefixes: messages[:i] with the generation header (where the reply starts)
+and messages[:i+1] (where it ends). Both must be prefixes of the whole text (a template that rewrites
+earlier turns, e.g. one that drops old reasoning, is refused), so they cut the text into pieces:
+prompt, reply, prompt, reply, ... Each piece is encoded on its own (add_special_tokens=False: the
+template writes the special tokens; a piece after the first as text inside a longer text, see
+_encode_inside) and the ids are concatenated; reply pieces keep their ids as labels, prompt pieces get
+IGNORE. A reply piece runs from the end of the generation header to the start of the next turn, so it
+holds the end-of-turn token (`<|im_end|>`, `<|eot_id|>`): the model learns to stop. The prompt pieces
+are encoded exactly as GRPO encodes its prompt (`encode_prompts`), so the model trains on the token
+boundaries it will see. `{% generation %}` markers are not needed. An assistant turn that opens the
+conversation (a greeting) has no prefix to render its generation header from, so the template glue
+before it (a default system prompt, BOS, the header) cannot be told apart from it: it stays context,
+without loss.
 
 Without a chat template (a base model) the turns are joined as GRPO's plain prompts are: non-assistant
 contents with blank lines between them (BOS first when the tokenizer adds one), each reply appended
@@ -168,7 +172,9 @@ def check_conversations(examples: Sequence[Example], tokenizer: Any, max_seq_len
         else:
             cut.append(where)
     if earliest is None:
-        raise UserError("sft: no conversation has an assistant token to learn from (every reply is empty)")
+        raise UserError(
+            "sft: no conversation has an assistant token to learn from (every reply is empty or opens its conversation)"
+        )
     if not kept:
         raise UserError(
             f"sft.max_seq_len={max_seq_len} cuts every conversation before its first assistant token, so nothing "
@@ -196,9 +202,9 @@ def conversation_pieces(messages: Sequence[Message], tokenizer: Any) -> list[tup
     full = tokenizer.apply_chat_template(list(messages), add_generation_prompt=False, tokenize=False)
     pieces, done = [], 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i == 0:  # an opening reply: nothing tells it from the glue before it
             continue
-        start = render_prompt(list(messages[:i]), tokenizer) if i else ""
+        start = render_prompt(list(messages[:i]), tokenizer)
         end = tokenizer.apply_chat_template(list(messages[: i + 1]), add_generation_prompt=False, tokenize=False)
         if not (full.startswith(start) and full.startswith(end) and done <= len(start) <= len(end)):
             raise DataError(
@@ -233,7 +239,10 @@ def tokenize_conversation(
     ids: list[int] = []
     labels: list[int] = []
     for k, (text, reply) in enumerate(conversation_pieces(messages, tokenizer)):
-        piece = tokenizer.encode(text, add_special_tokens=plain and k == 0)  # plain text: BOS (if any) first
+        if k and not plain:
+            piece = _encode_inside(text, tokenizer)  # as inside the rendered conversation
+        else:
+            piece = tokenizer.encode(text, add_special_tokens=plain and k == 0)  # plain text: BOS (if any) first
         if plain and reply and tokenizer.eos_token_id is not None:
             piece = [*piece, tokenizer.eos_token_id]  # a base model learns to stop after its reply
         ids += piece
@@ -241,6 +250,23 @@ def tokenize_conversation(
     if max_seq_len is not None:
         ids, labels = ids[:max_seq_len], labels[:max_seq_len]
     return ids, labels
+
+
+def _encode_inside(text: str, tokenizer: Any) -> list[int]:
+    """`text` encoded as it is when it follows a special token inside a longer text: behind the EOS
+    token, whose ids are then dropped. Encoded on its own, a piece would be the start of a text, which
+    a SentencePiece-style tokenizer (a Metaspace pre-tokenizer with prepend_scheme="first", as in the
+    tokenizer.json of recent Llama-2 / Mistral conversions) marks with a "▁": every reply would start
+    with a space token that the rendered conversation (and what the model generates after its prompt)
+    does not have. Byte-level BPE gives the same ids either way."""
+    lead = getattr(tokenizer, "eos_token", None)
+    if lead is None:
+        return tokenizer.encode(text, add_special_tokens=False)
+    head = tokenizer.encode(lead, add_special_tokens=False)
+    ids = tokenizer.encode(lead + text, add_special_tokens=False)
+    if ids[: len(head)] != head:  # EOS is not matched whole (not a special token): no clean cut
+        return tokenizer.encode(text, add_special_tokens=False)
+    return ids[len(head) :]
 
 
 def collate(

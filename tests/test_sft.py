@@ -127,6 +127,47 @@ def test_multi_turn_messages_label_every_reply_and_nothing_else(which, request):
     assert ids == tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
 
 
+def test_a_reply_that_opens_the_conversation_is_context(qwen_style):
+    """An opening assistant turn has no prefix whose generation header marks where it starts: the template
+    glue before it (here Qwen's default system prompt and the assistant header) must not carry loss."""
+    messages = [
+        {"role": "assistant", "content": "Hi, ask me."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "<answer>4</answer>"},
+    ]
+    ids, labels = tokenize_conversation(messages, qwen_style)
+    assert [qwen_style.decode(ids[a:b]) for a, b in spans(labels)] == ["<answer>4</answer><|im_end|>\n"]
+    assert ids == qwen_style.encode(qwen_style.apply_chat_template(messages), add_special_tokens=False)
+
+
+def test_a_sentencepiece_style_tokenizer_starts_no_reply_with_a_space():
+    """A Metaspace pre-tokenizer (prepend_scheme="first", as in Llama-2 / Mistral conversions) marks the start
+    of a text with "▁": each piece encoded on its own would start every reply with a space token that the rendered
+    conversation, and what the model generates after its prompt, does not have."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    chars = ["<unk>", "<s>", "</s>", *"▁abcdefghijklmnopqrstuvwxyz?"]
+    backend = Backend(models.BPE({c: i for i, c in enumerate(chars)}, [], unk_token="<unk>"))  # one token a char
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    backend.add_special_tokens(["[INST]", "[/INST]"])
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}{{ '[INST] ' + m.content + '[/INST]' }}"
+        "{% else %}{{ m.content + eos_token }}{% endif %}{% endfor %}"
+    )
+    tok = Tokenizer(backend, bos_token="<s>", eos_token="</s>", chat_template=template)
+    messages = [
+        {"role": "user", "content": "why?"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "so?"},
+        {"role": "assistant", "content": "yes"},
+    ]
+    ids, labels = tokenize_conversation(messages, tok)
+    assert [tok.id_to_token(x) for x in labels if x != IGNORE] == ["o", "k", "</s>", "y", "e", "s", "</s>"]
+    assert ids == tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+    assert ids[: spans(labels)[0][0]] == encode_prompts([Example("why?", "")], tok)[0][0]  # GRPO's prompt
+
+
 def test_system_prompt_replaces_the_rows_and_max_seq_len_cuts():
     tok = chat_tokenizer()
     cfg = sft_cfg(system_prompt="be brief")
