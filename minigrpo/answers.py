@@ -13,8 +13,10 @@ import math
 import re
 from typing import Any
 
-NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")  # 1,234.5 | 12.5 | .5
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# 1,234.5 | 12.5 | .5, signed by "-" or "\u2212" (unicode minus) unless after a word character ("9-5" is 9 and 5)
+NUMBER = re.compile(r"(?:(?<!\w)[-\u2212])?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
+# the content cannot hold an "<answer>": many unclosed tags then cost linear time, not quadratic
+ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 _FRAC = re.compile(r"([-+]?)\\[dt]?frac\{\s*([-+]?\d+)\s*\}\{\s*(\d+)\s*\}")
 
 
@@ -36,11 +38,12 @@ def to_number(s: str | None) -> float | None:
     """The number a whole answer string spells, else None.
 
     Strips spaces, "$" and "\\$", a "%" suffix, a trailing "." and \\boxed{}; removes thousands
-    separators ("1,234" and "1{,}234"); reads integers, decimals, "a/b" and \\frac{a}{b}.
+    separators ("1,234" and "1{,}234"); reads integers, decimals, "a/b" and \\frac{a}{b}; the unicode
+    minus "\u2212" is "-".
     """
     if s is None:
         return None
-    s = s.strip()
+    s = s.strip().replace("\u2212", "-")
     boxed = _last_boxed(s)
     if boxed is not None:
         s = boxed.strip()
@@ -50,11 +53,11 @@ def to_number(s: str | None) -> float | None:
     if re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)", s):
         return float(s)
     frac = re.fullmatch(r"([-+]?\d+)\s*/\s*(\d+)", s)
-    if frac and int(frac[2]) != 0:
-        return int(frac[1]) / int(frac[2])
+    if frac and float(frac[2]) != 0:  # floats: a runaway string of digits must not raise
+        return float(frac[1]) / float(frac[2])
     frac = _FRAC.fullmatch(s)
-    if frac and int(frac[3]) != 0:
-        return (-1 if frac[1] == "-" else 1) * int(frac[2]) / int(frac[3])
+    if frac and float(frac[3]) != 0:
+        return (-1 if frac[1] == "-" else 1) * float(frac[2]) / float(frac[3])
     return None
 
 

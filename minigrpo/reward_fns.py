@@ -67,7 +67,7 @@ def int_answer(prompts: list, completions: list[str], answers: list, **_: Any) -
 
 _NO_TAG = r"(?:(?!</?reasoning>|</?answer>).)*"
 _STRICT = re.compile(rf"\A<reasoning>\n{_NO_TAG}\n</reasoning>\n<answer>\n{_NO_TAG}\n</answer>\n?\Z", re.DOTALL)
-_SOFT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
+_SOFT = re.compile(r"<reasoning>(?:(?!<reasoning>).)*?</reasoning>\s*<answer>(?:(?!<answer>).)*?</answer>", re.DOTALL)
 
 
 def strict_format(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:

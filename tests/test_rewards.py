@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,39 @@ def test_correctness():
     assert call(correctness, ["<answer>1080</answer>", "<answer>1,080</answer>"], ["1,080", "1080"]) == [2.0, 2.0]
     assert call(correctness, ["72"], [None]) == [None]  # no reference: masked
     assert call(correctness, ["<answer>Paris</answer>"], ["paris"]) == [2.0]  # non-numeric: text
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "reward"),
+    [
+        ("<answer>\u22125</answer>", "-5", 2.0),  # unicode minus
+        ("<answer>\u22125</answer>", "5", 0.0),
+        ("So x = \u22127", "-7", 2.0),  # last number
+        ("The shift is 9-5", "5", 2.0),  # a hyphen after a digit is no minus sign
+        ("Total: 3 - 5 = -2", "-2", 2.0),
+    ],
+)
+def test_correctness_reads_signs(completion, answer, reward):
+    assert call(correctness, [completion], [answer]) == [reward]
+
+
+@pytest.mark.parametrize(
+    "answer", ["1" * 400 + "/3", "1" * 5000 + "/3", "\\frac{" + "1" * 400 + "}{3}"], ids=["a/b", "4300+_digits", "frac"]
+)
+def test_runaway_digits_score_zero_instead_of_raising(answer):
+    completion = f"<answer>{answer}</answer>"
+    assert [call(fn, [completion], ["5"])[0] for fn in (correctness, int_answer, exact_answer)] == [0.0, 0.0, 0.0]
+    assert call(proximity, [completion], ["5"]) == [-1.0]
+
+
+@pytest.mark.parametrize(
+    "text", ["<answer>" * 12_500, "<reasoning></reasoning>" * 4_350], ids=["unclosed_answers", "reasoning_pairs"]
+)
+def test_adversarial_100kb_completion_is_scored_in_linear_time(text):
+    start = time.perf_counter()
+    for fn in (correctness, int_answer, soft_format, strict_format, xml_count, proximity, exact_answer):
+        call(fn, [text], ["5"])
+    assert time.perf_counter() - start < 2.0
 
 
 def test_int_answer():
