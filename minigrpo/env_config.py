@@ -82,6 +82,16 @@ def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
+def completion_budget(cfg: Any, *, evaluating: bool = False) -> tuple[int, str]:
+    """(tokens after the prompt, the key that sets them): a multi-turn episode's token budget, the
+    evaluation's or the training rollout's max_new_tokens."""
+    if cfg.env.kind is not None:
+        return cfg.env.max_episode_tokens, "env.max_episode_tokens"
+    if evaluating:
+        return cfg.eval.max_new_tokens, "eval.max_new_tokens"
+    return cfg.sampler.max_new_tokens, "sampler.max_new_tokens"
+
+
 def env_errors(cfg: Any) -> list[str]:
     """Checks of the env section that need no import (the config is loading)."""
     env, errors = cfg.env, []

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from minigrpo.advantages import group_advantages, group_reward_stats, group_rows, zero_spread_groups
+from minigrpo.env_config import completion_budget
 
 if TYPE_CHECKING:
     from minigrpo.config import Config
@@ -250,7 +251,7 @@ class LossOptions:
         """The options of a run: cfg.grpo's loss settings and the longest completion row (a multi-turn
         episode's budget, else sampler.max_new_tokens)."""
         g = cfg.grpo
-        longest = cfg.env.max_episode_tokens if cfg.env.kind is not None else cfg.sampler.max_new_tokens
+        longest, _ = completion_budget(cfg)
         return cls(
             loss_type=g.loss_type,
             epsilon=g.epsilon,

@@ -17,17 +17,8 @@ from typing import Any
 
 from minigrpo.chat_template import ChatTemplateError
 from minigrpo.data import Example, encode_prompts
+from minigrpo.env_config import completion_budget
 from minigrpo.errors import UserError
-
-
-def completion_budget(cfg: Any, *, evaluating: bool = False) -> tuple[int, str]:
-    """(tokens after the prompt, the key that sets them): a multi-turn episode's token budget, the
-    evaluation's or the training rollout's max_new_tokens."""
-    if cfg.env.kind is not None:
-        return cfg.env.max_episode_tokens, "env.max_episode_tokens"
-    if evaluating:
-        return cfg.eval.max_new_tokens, "eval.max_new_tokens"
-    return cfg.sampler.max_new_tokens, "sampler.max_new_tokens"
 
 
 @dataclass(frozen=True)
