@@ -13,11 +13,14 @@ import math
 import re
 from typing import Any
 
-# 1,234.5 | 12.5 | .5, signed by "-" or "\u2212" (unicode minus) unless after a word character ("9-5" is 9 and 5)
-NUMBER = re.compile(r"(?:(?<!\w)[-\u2212])?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
+# 1,234.5 | 12.5 | .5 | 2.5e-3, signed by "-" or "\u2212" (unicode minus) unless after a word character ("9-5" is
+# 9 and 5); an exponent counts only when no word character follows it ("3e5" is 300000, "3e5x" is not)
+NUMBER = re.compile(r"(?:(?<!\w)[-\u2212])?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+(?!\w))?")
 # the content cannot hold an "<answer>": many unclosed tags then cost linear time, not quadratic
 ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
-_FRAC = re.compile(r"([-+]?)\\[dt]?frac\{\s*([-+]?\d+)\s*\}\{\s*(\d+)\s*\}")
+# \frac{a}{b}, \dfrac, \tfrac; LaTeX also takes a single digit without braces: \frac12, \frac{3}4
+_FRAC = re.compile(r"([-+]?)\\[dt]?frac\s*(?:\{\s*([-+]?\d+)\s*\}|(\d))\s*(?:\{\s*(\d+)\s*\}|(\d))")
+_PLAIN = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -38,8 +41,9 @@ def to_number(s: str | None) -> float | None:
     """The number a whole answer string spells, else None.
 
     Strips spaces, "$" and "\\$", a "%" suffix, a trailing "." and \\boxed{}; removes thousands
-    separators ("1,234" and "1{,}234"); reads integers, decimals, "a/b" and \\frac{a}{b}; the unicode
-    minus "\u2212" is "-".
+    separators ("1,234" and "1{,}234"); reads integers, decimals, exponents ("2.5e3"), "a/b" and
+    \\frac{a}{b} (or \\frac12); the unicode minus "\u2212" is "-", a space after a sign is dropped ("- 3").
+    A value that is not finite ("1e999", a runaway string of digits) is no number.
     """
     if s is None:
         return None
@@ -50,15 +54,20 @@ def to_number(s: str | None) -> float | None:
     s = s.replace("\\$", "").replace("$", "").replace("{,}", ",").replace("\\!", "").strip()
     s = s.removesuffix("\\%").removesuffix("%").rstrip(".").strip()
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
-    if re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)", s):
-        return float(s)
-    frac = re.fullmatch(r"([-+]?\d+)\s*/\s*(\d+)", s)
-    if frac and float(frac[2]) != 0:  # floats: a runaway string of digits must not raise
-        return float(frac[1]) / float(frac[2])
-    frac = _FRAC.fullmatch(s)
-    if frac and float(frac[3]) != 0:
-        return (-1 if frac[1] == "-" else 1) * float(frac[2]) / float(frac[3])
-    return None
+    s = re.sub(r"^([-+])\s+", r"\1", s)
+    value = None
+    if _PLAIN.fullmatch(s):
+        value = float(s)
+    elif frac := re.fullmatch(r"([-+]?\d+)\s*/\s*(\d+)", s):
+        value = _ratio(1, frac[1], frac[2])
+    elif frac := _FRAC.fullmatch(s):
+        value = _ratio(-1 if frac[1] == "-" else 1, frac[2] or frac[3], frac[4] or frac[5])
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _ratio(sign: int, numerator: str, denominator: str) -> float | None:
+    """sign * a / b as floats (a runaway string of digits must not raise); None when b is 0."""
+    return sign * float(numerator) / float(denominator) if float(denominator) != 0 else None
 
 
 def answer_number(s: str | None) -> float | None:

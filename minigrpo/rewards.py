@@ -262,6 +262,9 @@ class RewardResult:
 def _call(fn: RewardFn, args: tuple, kwargs: dict, timeout_s: float | None) -> tuple[str, Any]:
     """("ok", value) | ("error", exception) | ("timeout", None).
 
+    A function that calls sys.exit() fails like one that raises, with or without a timeout (only
+    KeyboardInterrupt stops the run).
+
     With a timeout the call runs in a daemon thread. Python cannot kill a thread: a call that times out
     is abandoned and keeps running in the background until it returns (a daemon thread never blocks
     interpreter exit; a pure-CPU one competes for the GIL meanwhile). Sandbox untrusted code in a
@@ -270,7 +273,7 @@ def _call(fn: RewardFn, args: tuple, kwargs: dict, timeout_s: float | None) -> t
     if timeout_s is None:
         try:
             return "ok", fn(*args, **kwargs)
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             return "error", e
     box: dict[str, Any] = {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from pathlib import Path
@@ -79,6 +80,13 @@ def test_extract_answer_priority():
         ("3/4", 0.75),
         ("-\\frac{1}{4}", -0.25),
         ("\\boxed{42}", 42.0),
+        ("\\frac12", 0.5),  # LaTeX's single-digit arguments
+        ("\\dfrac{3}4", 0.75),
+        ("- 3", -3.0),  # a space after the sign
+        ("2.5e3", 2500.0),
+        ("1E-2", 0.01),
+        ("1e999", None),  # not finite
+        ("\\frac{1}{0}", None),
         ("1,23", None),
         ("18 dollars", None),
         ("", None),
@@ -119,6 +127,9 @@ def test_correctness():
         ("So x = \u22127", "-7", 2.0),  # last number
         ("The shift is 9-5", "5", 2.0),  # a hyphen after a digit is no minus sign
         ("Total: 3 - 5 = -2", "-2", 2.0),
+        ("The rate is 2.5e-3.", "0.0025", 2.0),  # last number, with its exponent
+        ("3e5x then 7", "7", 2.0),  # "3e5x" holds no exponent
+        ("<answer>- 4</answer>", "-4", 2.0),
     ],
 )
 def test_correctness_reads_signs(completion, answer, reward):
@@ -266,6 +277,18 @@ def test_raising_reward_is_masked_and_counted_and_others_still_count():
     alone = score([""] * 4, COMPLETIONS, ANSWERS, [RewardSpec(name)])
     assert alone.total.isnan().all()  # every reward of the row failed
     assert alone.metrics()["reward/masked_rows"] == 4.0
+
+
+@pytest.mark.parametrize("timeout_s", [None, 5.0], ids=["no_timeout", "timeout"])
+def test_reward_calling_sys_exit_is_masked_instead_of_ending_the_run(timeout_s):
+    def quits(prompts, completions, answers, **_):
+        if any("7" in c for c in completions):
+            sys.exit(3)
+        return [1.0] * len(completions)
+
+    res = score([""] * 2, ["7", "8"], [""] * 2, [RewardSpec("quits", fn=quits, timeout_s=timeout_s)])
+    assert math.isnan(res.per_fn[0, 0].item()) and res.per_fn[1, 0].item() == 1.0
+    assert res.failures == {"quits": 1} and res.errors["quits"] == "SystemExit: 3"
 
 
 def test_reward_raising_on_some_samples_masks_only_those():
