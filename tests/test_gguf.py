@@ -522,3 +522,139 @@ def test_check_model_source_accepts_real_ggufs(tmp_path):
     swapped = tmp_path / "big-endian.gguf"  # a big-endian file: the version tells the byte order
     swapped.write_bytes(_gguf_bytes(3, 1, 2, byte_order=">", rest=b"\0" * 64))
     assert read_gguf_header(swapped) == GGUFHeader(version=3, tensor_count=1, metadata_count=2, byte_order=">")
+
+
+# ---- storage types, corrupt blocks, byte order, per-layer counts ------------------------------------------
+
+
+def write_raw(path: Path, arch: str, tensors: dict, *, kv_heads=KV_HEADS, endian: str = "little") -> Path:
+    """A GGUF of raw tensors {name: (stored array, qtype)} (no quantization by the writer); `kv_heads`
+    may be a per-layer list, written as the array llama.cpp's converter writes for such models."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch, endianess=gguf.GGUFEndian[endian.upper()])
+    w.add_block_count(1)
+    w.add_context_length(128)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-6)
+    for name, (data, qtype) in tensors.items():
+        w.add_tensor(name, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def random_blocks(qtype, rows: int, blocks_per_row: int, seed: int = 0) -> np.ndarray:
+    """Random stored bytes of `qtype`, (rows, blocks * type size) uint8, with bit 6 of every byte clear:
+    every f16 field then has an exponent below 16 (finite, |x| < 2) and every E8M0 scale is finite."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    size = GGML_QUANT_SIZES[qtype][1]
+    rng = np.random.default_rng(seed + int(qtype))
+    return rng.integers(0, 256, (rows, blocks_per_row * size), dtype=np.uint8) & 0xBF
+
+
+def test_every_readable_type_dequantizes_like_gguf(tmp_path):
+    """Each type the reader accepts comes out bit for bit as `gguf.quants.dequantize` gives it, in
+    the right shape, odd row counts included (quantized types from random block bytes, float types
+    from random values)."""
+    import gguf
+    from gguf.constants import GGML_QUANT_SIZES
+
+    for i, name in enumerate(sorted(gguf_mod.READABLE_TYPES)):
+        qtype = gguf.GGMLQuantizationType[name]
+        block = GGML_QUANT_SIZES[qtype][0]
+        rows, cols = (3, 5)[i % 2], block * (1 + i % 3)
+        if name in ("F32", "F16"):
+            data = rand(rows, cols).astype(np.float32 if name == "F32" else np.float16)
+        elif name == "BF16":
+            data = gguf.quants.quantize(rand(rows, cols), qtype)
+        else:
+            data = random_blocks(qtype, rows, cols // block)
+        path = write_raw(tmp_path / f"{name}.gguf", "qwen2", {"token_embd.weight": (data, qtype)})
+        ckpt = GGUFCheckpoint(path)
+        assert ckpt.tensor_types() == {"model.embed_tokens.weight": name}
+        [(_, got)] = list(ckpt.tensors())
+        expected = torch.from_numpy(np.asarray(gguf.quants.dequantize(data, qtype), np.float32))
+        assert got.shape == (rows, cols) and torch.equal(got, expected), name
+
+
+@pytest.mark.parametrize("qtype_name", ["Q8_K", "I32", "F64"])
+def test_unreadable_type_fails_at_open(tmp_path, qtype_name):
+    """A tensor of a type `gguf.quants` cannot dequantize: one GGUFError naming the tensor and type
+    when the file is opened (before any weight is read), not a NotImplementedError mid-load."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    data = {"Q8_K": np.zeros((VOCAB, 292), np.uint8), "I32": np.zeros((VOCAB, HIDDEN), np.int32)}
+    data["F64"] = np.zeros((VOCAB, HIDDEN), np.float64)
+    tensors = {"output_norm.weight": (rand(HIDDEN), gguf.GGMLQuantizationType.F32)}
+    tensors["token_embd.weight"] = (data[qtype_name], qtype)
+    path = write_raw(tmp_path / "odd.gguf", "llama", tensors)
+    expected = f"odd.gguf: tensor 'token_embd.weight' is stored as {qtype_name}, which this reader cannot dequantize"
+    with pytest.raises(GGUFError, match=re.escape(expected)):
+        GGUFCheckpoint(path)
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_pretrained(path)
+
+
+@pytest.mark.parametrize("scale", [np.inf, -np.inf, np.nan])
+def test_non_finite_block_scale_is_an_error(tmp_path, scale):
+    """A Q8_0 block whose f16 scale is inf/nan (corrupt: llama.cpp's validation rejects it) makes the
+    tensor fail with a GGUFError naming it, instead of loading a model whose logits are all nan."""
+    import gguf
+
+    data = gguf.quants.quantize(rand(VOCAB, HIDDEN), gguf.GGMLQuantizationType.Q8_0)
+    data[7, 0:2] = np.array([scale], np.float16).view(np.uint8)
+    path = write_raw(tmp_path / "bad.gguf", "qwen2", {"token_embd.weight": (data, gguf.GGMLQuantizationType.Q8_0)})
+    with pytest.raises(GGUFError, match=re.escape("bad.gguf: tensor 'token_embd.weight' (Q8_0) holds inf/nan")):
+        list(GGUFCheckpoint(path).tensors())
+
+
+def test_values_past_float16_range_are_an_error_in_float16(tmp_path):
+    """The largest f16 scale (65504) times 127 is 8.3e6: fine in float32, inf once cast to float16."""
+    import gguf
+
+    data = gguf.quants.quantize(rand(VOCAB, HIDDEN), gguf.GGMLQuantizationType.Q8_0)
+    data[7, 0:2] = np.array([65504.0], np.float16).view(np.uint8)
+    path = write_raw(tmp_path / "big.gguf", "qwen2", {"token_embd.weight": (data, gguf.GGMLQuantizationType.Q8_0)})
+    ckpt = GGUFCheckpoint(path)
+    [(_, w)] = list(ckpt.tensors())
+    assert torch.isfinite(w).all() and w.abs().max() > 65504
+    with pytest.raises(GGUFError, match=re.escape("holds inf/nan values as torch.float16")):
+        list(ckpt.tensors(torch.float16))
+
+
+def test_big_endian_float_tensors(tmp_path):
+    """A big-endian file (gguf's writer byte-swaps F32/F16 data, not quantized blocks) reads the same
+    values as the little-endian one."""
+    import gguf
+
+    QT = gguf.GGMLQuantizationType
+    x = rand(VOCAB, HIDDEN)
+    for qtype, data in [(QT.F32, x), (QT.F16, x.astype(np.float16)), (QT.Q8_0, gguf.quants.quantize(x, QT.Q8_0))]:
+        got = {}
+        for endian in ("little", "big"):
+            tensors = {"token_embd.weight": (data.copy(), qtype)}
+            path = write_raw(tmp_path / f"{endian}.gguf", "qwen2", tensors, endian=endian)
+            [(_, got[endian])] = list(GGUFCheckpoint(path).tensors())
+        assert torch.equal(got["big"], got["little"]), qtype.name
+        assert (got["big"] - torch.from_numpy(x)).abs().max() < 0.02, qtype.name
+
+
+def test_head_count_kv_per_layer_array(tmp_path):
+    """llama.cpp writes head_count_kv as an array of one count per layer for some models: equal counts
+    are that count, differing counts an error naming the key (before any weight is read)."""
+    import gguf
+
+    tensors = {"token_embd.weight": (rand(VOCAB, HIDDEN), gguf.GGMLQuantizationType.F32)}
+    same = GGUFCheckpoint(write_raw(tmp_path / "same.gguf", "qwen2", tensors, kv_heads=[KV_HEADS]))
+    assert same.config["num_key_value_heads"] == KV_HEADS
+    differ = GGUFCheckpoint(write_raw(tmp_path / "differ.gguf", "qwen2", tensors, kv_heads=[2, 1]))
+    with pytest.raises(GGUFError, match=re.escape("differ.gguf: metadata key qwen2.attention.head_count_kv differs")):
+        _ = differ.config

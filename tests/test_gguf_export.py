@@ -278,6 +278,43 @@ def test_rope_scaling_round_trips(tmp_path, tok, family, scaling):
         assert rel_err(back(ids), model(ids)) < TOL["f16"]
 
 
+def test_yarn_betas_round_trip_and_unwritable_yarn_is_refused(tmp_path, tok):
+    """Non-default yarn beta_fast/beta_slow go into llama.cpp's `.rope.scaling.yarn_beta_*` keys and
+    come back (once dropped silently: logits off by 0.6); an attention factor GGUF has no key for is an
+    error before anything is written, not a file of another model."""
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    model = family_model("qwen2", rope_scaling={**scaling, "beta_fast": 8.0, "beta_slow": 2.0}, rope_theta=5e5)
+    ckpt = GGUFCheckpoint(export.save_gguf(model, tok, tmp_path / "y.gguf", "f16"))
+    assert ckpt.get("qwen2.rope.scaling.yarn_beta_fast") == 8.0
+    assert ckpt.config["rope_scaling"] == {**scaling, "beta_fast": 8.0, "beta_slow": 2.0}
+    back, _ = load_pretrained(ckpt.path)
+    ids = torch.randint(0, 264, (1, 80), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel_err(back(ids), model(ids)) < TOL["f16"]
+    default = GGUFCheckpoint(export.save_gguf(family_model("qwen2", rope_scaling=scaling), tok, tmp_path / "d.gguf"))
+    assert default.get("qwen2.rope.scaling.yarn_beta_fast") is None and default.config["rope_scaling"] == scaling
+    odd = family_model("qwen2", rope_scaling={**scaling, "attention_factor": 0.5})
+    with pytest.raises(GGUFExportError, match=r"attention_factor=0\.5 cannot be written to GGUF"):
+        export.save_gguf(odd, tok, tmp_path / "a.gguf", "f16")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.parametrize(("family", "overrides"), [("phi3", {}), ("qwen3", {"head_dim": 128})])
+def test_transformers_reads_phi3_and_qwen3(tmp_path, tok, family, overrides, monkeypatch):
+    """Fused phi3 qkv/gate_up and qwen3 q/k norms: transformers' loader gives our logits (qwen3 with
+    head_dim 128, transformers' default: its loader ignores `.attention.key_length`)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+    from transformers import AutoModelForCausalLM
+
+    path = export.save_gguf(family_model(family, **overrides), tok, tmp_path / f"{family}.gguf", "q8_0")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    ours, _ = load_pretrained(path)
+    with torch.no_grad():
+        err = (hf(IDS).logits - ours(IDS)).abs().max().item()
+    assert err < 1e-5, err
+
+
 # ---- LoRA and the command line ------------------------------------------------------------------------------
 
 

@@ -16,6 +16,9 @@ Facts of the format this module relies on:
 * phi3 stores HF's fused `qkv_proj` as `attn_qkv` and the fused `gate_up_proj` as `ffn_up`.
 * Llama-3.1-style rope scaling is stored as a `rope_freqs` tensor of per-frequency divisors, and
   Phi-3 longrope as `rope_factors_long`/`rope_factors_short`: these become `config["rope_scaling"]`.
+* Storage types: those `gguf.quants.dequantize` reads (`READABLE_TYPES`), checked when the file is
+  opened; a tensor with inf/nan values (a corrupt block scale) is an error naming it. Big-endian files
+  hold F32/F16 data byte-swapped (quantized blocks as in little-endian files): swapped back here.
 * Tokenizers: `tokenizer.ggml.model == "gpt2"` is byte-level BPE (tokens, merges, token types);
   `tokenizer.ggml.pre` names llama.cpp's pre-tokenizer regex set, rebuilt here with `tokenizers`.
 """
@@ -98,6 +101,16 @@ _END_TOKENS = (
     "<end_of_turn>",
 )
 _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 2, 3, 4
+# ggml storage types `gguf.quants.dequantize` turns into float32 (by name, so the list reads without
+# importing gguf). Others (Q8_1/Q8_K: ggml's transient dot-product types; I8..I64/F64: integer or
+# double data, never weights) are refused when the file is opened, before any weight is read.
+READABLE_TYPES = frozenset(
+    {
+        *("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
+        *("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS"),
+        *("TQ1_0", "TQ2_0", "MXFP4", "NVFP4"),
+    }
+)
 
 # name -> (importable package that ships the file, file name, pip requirement)
 PACKAGED_GGUFS = {
@@ -155,6 +168,11 @@ class GGUFCheckpoint:
         for t in self._reader.tensors:
             if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
                 raise GGUFError(f"{self.path}: truncated file: tensor {t.name!r} ends past the end of the file")
+            if t.tensor_type.name not in READABLE_TYPES:
+                raise GGUFError(
+                    f"{self.path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which this reader "
+                    f"cannot dequantize (readable: {', '.join(sorted(READABLE_TYPES))})"
+                )
             if t.name not in _ROPE_TENSORS.get(self.architecture, ()):
                 self._names[t.name] = self._hf_name(t.name)
         if "token_embd.weight" not in self._names:
@@ -199,9 +217,7 @@ class GGUFCheckpoint:
         arch = self.architecture
         hidden = int(self._require(f"{arch}.embedding_length"))
         n_heads = int(self._require(f"{arch}.attention.head_count"))
-        n_kv = self._arch("attention.head_count_kv", n_heads)
-        if isinstance(n_kv, list):
-            raise GGUFError(f"{self.path}: per-layer head counts are not supported")
+        n_kv = self._per_layer_count("attention.head_count_kv", n_heads)
         head_dim = int(self._arch("attention.key_length") or hidden // n_heads)
         rope_dim = int(self._arch("rope.dimension_count") or head_dim)
         shapes = self.tensor_shapes()
@@ -246,6 +262,21 @@ class GGUFCheckpoint:
             raise GGUFError(f"{self.path}: q_proj has {q_rows} rows, expected {n_heads} heads x {head_dim}")
         return cfg
 
+    def _per_layer_count(self, key: str, default: int) -> int:
+        """`{arch}.{key}`, a count llama.cpp may store as one number or as an array of one per layer
+        (its converter writes arrays for models whose layers differ); an array of equal counts is that
+        count, differing counts are an error naming the key (this model has one shape for all layers)."""
+        value = self._arch(key, default)
+        if isinstance(value, list):
+            counts = {int(v) for v in value}
+            if len(counts) != 1:
+                raise GGUFError(
+                    f"{self.path}: metadata key {self.architecture}.{key} differs between layers "
+                    f"({sorted(counts)}): per-layer head counts are not supported"
+                )
+            value = counts.pop()
+        return int(value)
+
     def _rope_scaling(self, head_dim: int) -> dict[str, Any] | None:
         """HF `rope_scaling` from metadata keys or from the rope tensors (see module docstring)."""
         names = {t.name: t for t in self._reader.tensors}
@@ -267,6 +298,10 @@ class GGUFCheckpoint:
         original = self._arch("rope.scaling.original_context_length")
         if kind == "yarn" and original is not None:
             scaling["original_max_position_embeddings"] = int(original)
+        for key in ("beta_fast", "beta_slow") if kind == "yarn" else ():
+            value = self._arch(f"rope.scaling.yarn_{key}")  # llama.cpp's defaults (32, 1) are HF's
+            if value is not None:
+                scaling[key] = float(value)
         return scaling
 
     def _llama3_scaling(self, divisors: np.ndarray, head_dim: int) -> dict[str, Any]:
@@ -295,7 +330,7 @@ class GGUFCheckpoint:
     def _read_small(self, t: Any) -> np.ndarray:
         from gguf.quants import dequantize
 
-        return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1)
+        return np.asarray(dequantize(_native(t.data), t.tensor_type), dtype=np.float64).reshape(-1)
 
     # ---- tensors -----------------------------------------------------------------------------------
 
@@ -329,14 +364,27 @@ class GGUFCheckpoint:
             if name is None:
                 continue
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            w = dequantize(t.data, t.tensor_type)
+            with np.errstate(invalid="ignore", over="ignore"):  # inf/nan scales: reported by _finite
+                w = dequantize(_native(t.data), t.tensor_type)
             if np.may_share_memory(w, self._reader.data):  # F32 comes back as a view of the mapped file
                 w = w.copy()
             x = torch.from_numpy(w.reshape(shape))
             if self.architecture == "llama" and t.name.split(".")[2:3] in (["attn_q"], ["attn_k"]):
                 n = cfg["num_attention_heads"] if ".attn_q." in t.name else cfg["num_key_value_heads"]
                 x = unpermute_qk(x, n)
-            yield name, x.to(dtype).contiguous()
+            yield name, self._finite(x.to(dtype).contiguous(), t)
+
+    def _finite(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+        """`x` (tensor `t` dequantized, cast to the load dtype) if every value is finite, else a GGUFError
+        naming the tensor: an inf/nan f16 scale field of a block (llama.cpp's own validation calls such a
+        block invalid) or a value past the dtype's range (a Q8_0 scale of 6e4 overflows float16) would
+        otherwise load silently and make every logit nan."""
+        if not bool(torch.isfinite(x).all()):
+            raise GGUFError(
+                f"{self.path}: tensor {t.name!r} ({t.tensor_type.name}) holds inf/nan values as {x.dtype} "
+                "(a corrupt block scale, or values too large for that dtype)"
+            )
+        return x
 
     # ---- tokenizer ---------------------------------------------------------------------------------
 
@@ -414,6 +462,15 @@ class GGUFCheckpoint:
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({str(self.path)!r}, architecture={self.architecture!r}, tensors={len(self._names)})"
+
+
+def _native(data: np.ndarray) -> np.ndarray:
+    """A tensor's mapped data in this machine's byte order. The reader hands a big-endian file's F32/F16
+    data out as '>f4'/'>f2' arrays, which `gguf.quants.dequantize` reinterprets as native floats
+    (garbage); their values are swapped here. uint8 block data (quantized types) has no byte order."""
+    if data.dtype.isnative:
+        return data
+    return data.astype(data.dtype.newbyteorder("="))
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -13,7 +13,8 @@ The inverse of the reader (minigrpo/models/gguf.py), built from the reader's own
   Llama-3.1 scaling as a `rope_freqs` tensor of per-frequency divisors, Phi-3 longrope as
   `rope_factors_long`/`rope_factors_short` tensors plus `.rope.scaling.original_context_length` and
   `.rope.scaling.attn_factor`, linear and yarn as `.rope.scaling.type`/`.factor`
-  (`.original_context_length` for yarn).
+  (`.original_context_length` for yarn, and `.yarn_beta_fast`/`.yarn_beta_slow` when not 32/1; a yarn
+  attention factor/mscale, which GGUF has no key for, is an error).
 * the vocabulary (`GGUFVocab`): byte-level BPE only (`tokenizer.ggml.model = "gpt2"`): tokens by id,
   token types (special added tokens CONTROL, other added tokens USER_DEFINED, `[PAD{id}]` fillers
   UNUSED), merges, special ids, add_bos/add_eos, the chat templates, and the pre-tokenizer name
@@ -86,9 +87,28 @@ def check_exportable(args: ModelArgs) -> str:
         raise GGUFExportError(f"longrope scaling on a {args.model_type} model cannot be written to GGUF")
     if args.mlp_bias:
         raise GGUFExportError("MLP biases (mlp_bias=true) cannot be exported to GGUF")
+    if args.rope_type == "yarn":
+        _check_yarn(args.rope_params)
     if args.rotary_dim != args.head_dim and arch != "phi3":
         raise GGUFExportError(f"partial rotary embeddings on a {args.model_type} model cannot be written to GGUF")
     return arch
+
+
+# yarn parameters: GGUF keys carry beta_fast/beta_slow (`.rope.scaling.yarn_beta_*`, defaults 32 and 1
+# as in HF); the attention scale has no key of the same meaning (llama.cpp derives it from the factor,
+# as HF does by default), and llama.cpp always rounds the ramp ends (HF's truncate=True)
+_YARN_BETAS = {"beta_fast": 32.0, "beta_slow": 1.0}
+_YARN_UNWRITABLE = ("attention_factor", "mscale", "mscale_all_dim")
+
+
+def _check_yarn(params: dict[str, Any]) -> None:
+    """A GGUFExportError for yarn settings the file cannot describe: dropped silently, they would make
+    llama.cpp (and the reader) run a model with other rotary frequencies or attention scale."""
+    for key in _YARN_UNWRITABLE:
+        if params.get(key) is not None:
+            raise GGUFExportError(f"yarn rope scaling with {key}={params[key]!r} cannot be written to GGUF")
+    if params.get("truncate", True) is False:
+        raise GGUFExportError("yarn rope scaling with truncate=False cannot be written to GGUF")
 
 
 def gguf_tensor_name(hf_name: str, arch: str) -> str:
@@ -185,6 +205,10 @@ def add_model_metadata(writer: Any, args: ModelArgs, arch: str) -> None:
         writer.add_rope_scaling_factor(float(params["factor"]))
         if args.rope_type == "yarn" and original:
             writer.add_rope_scaling_orig_ctx_len(int(original))
+        if args.rope_type == "yarn":
+            for key, default in _YARN_BETAS.items():
+                if params.get(key) is not None and float(params[key]) != default:
+                    writer.add_float32(f"{arch}.rope.scaling.yarn_{key}", float(params[key]))
     if arch == "phi3":
         writer.add_rope_scaling_orig_ctx_len(int(original or args.max_position_embeddings))
         if args.rope_type == "longrope":
