@@ -472,13 +472,14 @@ def _tile_ops(lp_mod, h, w, t, rows: int, cols: int) -> list[tuple]:
     z = torch.empty(rows, cols, device=DEV, dtype=torch.bfloat16)
     f32 = dict(device=DEV, dtype=torch.float32)
     m, s, e, zt = (torch.zeros(rows, **f32) for _ in range(4))
-    lse, ent, g = torch.full((rows,), 10.0, **f32), torch.ones(rows, **f32), torch.ones(rows, **f32)
+    mx, log_s = torch.full((rows,), 10.0, **f32), torch.zeros(rows, **f32)
+    ent, g = torch.ones(rows, **f32), torch.ones(rows, **f32)
     acc, dw = torch.zeros(rows, D, **f32), torch.zeros(cols, D, device=DEV, dtype=torch.bfloat16)
     flops = 2 * rows * cols * D
     return [
         (functools.partial(torch.mm, hb, wv.T, out=z), flops, None, "mm h_b @ W_v.T"),
         (functools.partial(lp_mod._tile_stats_triton, z, tb, 0, 1.0, m, s, e, zt, cols), None, z.nbytes, "stats"),
-        (functools.partial(lp_mod._tile_grad_triton, z, tb, 0, 1.0, lse, ent, g, g), None, 2 * z.nbytes, "grad"),
+        (functools.partial(lp_mod._tile_grad_triton, z, tb, 0, 1.0, mx, log_s, ent, g, g), None, 2 * z.nbytes, "grad"),
         (functools.partial(dw.addmm_, z.T, hb), flops, None, "dW += dz.T @ h_b"),
         (functools.partial(lp_mod._add_mm_fp32, acc, z, wv, first=False), flops, None, "dH_b += dz @ W_v fp32"),
     ]

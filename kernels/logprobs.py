@@ -9,12 +9,13 @@ lse = logsumexp(a), logp = a[target] - lse, entropy = lse - sum_v softmax(a)_v a
 target is `ignore_index` get logp = 0 and entropy = 0 and pass no gradient. Targets must otherwise
 lie in [0, V). Both outputs are differentiable w.r.t. hidden and weight; with upstream gradients g
 (of logp) and ge (of entropy), the gradient w.r.t. the logits is
-    dz_v = (g (onehot_v - p_v) - ge p_v (a_v - lse + entropy)) / T.
+    dz_v = (g (onehot_v - p_v) - ge p_v (a_v - lse + entropy)) / T,
+with 1 - p_target formed as -expm1(logp_target) (a near-certain token keeps its tiny gradient).
 
 Chunking: the logits are only ever held as one tile of (rows, cols) tokens x vocab columns, in the
 matmul dtype (about 64 MiB in bf16 on CUDA). The forward streams the tiles through an online
 logsumexp: per row, a running max m, s = sum exp(a - m) and e = sum exp(a - m) (a - m), merged
-across vocab chunks; it saves lse and entropy (N,) fp32 only. The backward recomputes each tile
+across vocab chunks; it saves m, log s and entropy (N,) fp32 only. The backward recomputes each tile
 (8NDV FLOPs in all instead of 6NDV: the price of O(tile) memory, since an upstream gradient is
 only known after the forward; kernels/policy_head.py is the 6NDV path for losses elementwise in
 logp, GRPO's token-level loss among them), turns it into dz in place, and then
@@ -88,16 +89,21 @@ def _tile_stats_ref(z, tgt, v0, inv_t, m, s, e, zt) -> None:
     zt[hit] = a[hit, local[hit]]
 
 
-def _tile_grad_ref(z, tgt, v0, inv_t, lse, ent, g, ge) -> None:
-    """Overwrite logits tile z (r, c) with dz (see the module docstring); g, ge are 0 on ignored rows."""
+def _tile_grad_ref(z, tgt, v0, inv_t, m, log_s, ent, g, ge) -> None:
+    """Overwrite logits tile z (r, c) with dz (see the module docstring); g, ge are 0 on ignored rows.
+
+    m, log_s (r,): the row's max and log sum exp(a - m); log p = (a - m) - log_s (see _finish_rows).
+    """
     a = _acc(z) * inv_t  # (r, c) fp32
-    p = torch.exp(a - lse[:, None])
-    dz = -g[:, None] * p
-    if ge is not None:
-        dz -= ge[:, None] * p * (a - lse[:, None] + ent[:, None])
+    logp = (a - m[:, None]) - log_s[:, None]  # (r, c)
+    p = torch.exp(logp)
+    q = p.clone()  # p - onehot(target): expm1(logp) at the target, exact for p_target near 1
     local = tgt - v0
     rows = torch.nonzero((local >= 0) & (local < z.shape[1])).squeeze(1)
-    dz[rows, local[rows]] += g[rows]
+    q[rows, local[rows]] = torch.expm1(logp[rows, local[rows]])
+    dz = -g[:, None] * q
+    if ge is not None:
+        dz -= ge[:, None] * p * (logp + ent[:, None])
     z.copy_(dz * inv_t)
 
 
@@ -159,7 +165,8 @@ def _logprobs_stats_kernel(
 def _logprobs_grad_kernel(
     z_ptr,  # (r, c) logits tile, overwritten with dz
     tgt_ptr,  # (r,) int64 targets
-    lse_ptr,  # (r,) fp32 logsumexp of a = z / T
+    m_ptr,  # (r,) fp32 max of a = z / T over the row
+    log_s_ptr,  # (r,) fp32 log sum exp(a - m): logsumexp = m + log_s, kept apart (see _finish_rows)
     ent_ptr,  # (r,) fp32 entropy (read if HAS_ENT_GRAD)
     g_ptr,  # (r,) fp32 upstream gradient of logp, 0 on ignored rows
     ge_ptr,  # (r,) fp32 upstream gradient of the entropy, 0 on ignored rows (HAS_ENT_GRAD)
@@ -175,14 +182,17 @@ def _logprobs_grad_kernel(
     ok = cols < n_cols
     ptrs = z_ptr + row.to(tl.int64) * stride_z_row + cols
     a = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * inv_t
-    lse = tl.load(lse_ptr + row)
+    logp = (a - tl.load(m_ptr + row)) - tl.load(log_s_ptr + row)
     g = tl.load(g_ptr + row)
-    p = tl.exp(a - lse)
+    p = tl.exp(logp)
     is_tgt = cols == (tl.load(tgt_ptr + row) - v0)
-    dz = tl.where(is_tgt, g, 0.0) - g * p
+    # p - onehot(target); at the target expm1(logp), by its series near 0: 1 - p_target is tiny for
+    # a near-certain token, and 1 - exp(logp) would keep only its leading bits (exp is ~1 ulp off)
+    em1 = tl.where(logp > -0.03125, logp * (1.0 + logp * (0.5 + logp * (1.0 / 6.0 + logp / 24.0))), p - 1.0)
+    dz = -g * tl.where(is_tgt, em1, p)
     if HAS_ENT_GRAD:
         ge = tl.load(ge_ptr + row)
-        dz -= ge * p * (a - lse + tl.load(ent_ptr + row))
+        dz -= ge * p * (logp + tl.load(ent_ptr + row))
     tl.store(ptrs, (dz * inv_t).to(z_ptr.dtype.element_ty), mask=ok)
 
 
@@ -206,10 +216,10 @@ def _tile_stats_triton(z, tgt, v0, inv_t, m, s, e, zt, max_cols: int) -> None:
     )  # fmt: skip
 
 
-def _tile_grad_triton(z, tgt, v0, inv_t, lse, ent, g, ge) -> None:
+def _tile_grad_triton(z, tgt, v0, inv_t, m, log_s, ent, g, ge) -> None:
     rows, cols = z.shape
     _logprobs_grad_kernel[(rows, cdiv(cols, _GRAD_BLOCK_V))](
-        z, tgt, lse, ent, g, ge if ge is not None else g, cols, v0, z.stride(0), inv_t,
+        z, tgt, m, log_s, ent, g, ge if ge is not None else g, cols, v0, z.stride(0), inv_t,
         HAS_ENT_GRAD=ge is not None, BLOCK_V=_GRAD_BLOCK_V, num_warps=_GRAD_WARPS,
     )  # fmt: skip
 
@@ -264,7 +274,7 @@ def _add_mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: boo
 
 
 def _forward(h, w, tgt, inv_t, ignore_index, want_entropy, impl, tile):
-    """Chunked forward. h (N, D), w (V, D), tgt (N,) int64 -> logp, entropy (or None), lse: (N,) fp32."""
+    """Chunked forward. h (N, D), w (V, D), tgt (N,) int64 -> logp, entropy (or None), m, log_s: (N,) fp32."""
     N, V = h.shape[0], w.shape[0]
     rows, cols = plan_chunks(N, V, h.device, tile)
     f32 = dict(dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
@@ -279,14 +289,27 @@ def _forward(h, w, tgt, inv_t, ignore_index, want_entropy, impl, tile):
             _tile_stats_triton(z, tgt[sl], v0, inv_t, m[sl], s[sl], e_b, zt[sl], cols)
         else:
             _tile_stats_ref(z, tgt[sl], v0, inv_t, m[sl], s[sl], e_b, zt[sl])
-    lse = m + torch.log(s)
+    logp, log_s = _finish_rows(m, s, zt)
     valid = tgt != ignore_index
-    logp = torch.where(valid, zt - lse, 0.0)
-    entropy = torch.where(valid, torch.log(s) - e / s, 0.0) if e is not None else None
-    return logp, entropy, lse
+    logp = torch.where(valid, logp, 0.0)
+    entropy = torch.where(valid, log_s - e / s, 0.0) if e is not None else None
+    return logp, entropy, m, log_s
 
 
-def _backward(h, w, tgt, lse, ent, g, ge, inv_t, need_dh, need_dw, impl, tile):
+def _finish_rows(m: torch.Tensor, s: torch.Tensor, zt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, log s), each (r,), from a row's max m, sum s = sum exp(a - m) and target logit zt.
+
+    logp is rounded as torch's log_softmax rounds it, (zt - m) - log s, never through the logsumexp
+    m + log s: for a near-certain target (zt = m, s = 1 + tiny) with |m| ~ 30 in fp32, m + log s
+    rounds log s away (an ulp of 30 is 1.9e-6), so logp would come out 0 or -1.9e-6 instead of
+    -tiny, and the gradient's 1 - p_target (tiny) would be off by as much. Hence the grad kernels
+    also take m and log s apart, not their sum.
+    """
+    log_s = torch.log(s)
+    return (zt - m) - log_s, log_s
+
+
+def _backward(h, w, tgt, m, log_s, ent, g, ge, inv_t, need_dh, need_dw, impl, tile):
     """Chunked backward (recomputes the logits). g, ge: (N,) fp32, 0 on ignored rows; ge may be None."""
     N, D = h.shape
     V = w.shape[0]
@@ -301,9 +324,9 @@ def _backward(h, w, tgt, lse, ent, g, ge, inv_t, need_dh, need_dw, impl, tile):
         z = torch.mm(hb, wv.T, out=buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0))  # (r, c)
         ge_b = ge[sl] if ge is not None else None
         if impl == "triton":
-            _tile_grad_triton(z, tgt[sl], v0, inv_t, lse[sl], ent[sl], g[sl], ge_b)
+            _tile_grad_triton(z, tgt[sl], v0, inv_t, m[sl], log_s[sl], ent[sl], g[sl], ge_b)
         else:
-            _tile_grad_ref(z, tgt[sl], v0, inv_t, lse[sl], ent[sl], g[sl], ge_b)
+            _tile_grad_ref(z, tgt[sl], v0, inv_t, m[sl], log_s[sl], ent[sl], g[sl], ge_b)
         if dw is not None:  # dz is now in z
             torch.mm(z.T, hb, out=dw[v0:v1]) if n0 == 0 else dw[v0:v1].addmm_(z.T, hb)
         if dh is not None:
@@ -324,26 +347,26 @@ class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, want_entropy, impl, tile):
         inv_t = 1.0 / temperature
-        logp, entropy, lse = _forward(hidden, weight, targets, inv_t, ignore_index, want_entropy, impl, tile)
+        logp, entropy, m, log_s = _forward(hidden, weight, targets, inv_t, ignore_index, want_entropy, impl, tile)
         if entropy is None:
             entropy = logp.new_zeros(0)
             ctx.mark_non_differentiable(entropy)
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.save_for_backward(hidden, weight, targets, m, log_s, entropy)
         ctx.config = (inv_t, ignore_index, impl, tile)
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, targets, m, log_s, entropy = ctx.saved_tensors
         inv_t, ignore_index, impl, tile = ctx.config
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (g_logp is None and g_ent is None) or not (need_dh or need_dw):
             return (None,) * 8
         valid = targets != ignore_index
-        g = torch.where(valid, g_logp.to(lse.dtype), 0.0) if g_logp is not None else torch.zeros_like(lse)
-        ge = torch.where(valid, g_ent.to(lse.dtype), 0.0) if g_ent is not None and entropy.numel() else None
-        dh, dw = _backward(hidden, weight, targets, lse, entropy, g, ge, inv_t, need_dh, need_dw, impl, tile)
+        g = torch.where(valid, g_logp.to(m.dtype), 0.0) if g_logp is not None else torch.zeros_like(m)
+        ge = torch.where(valid, g_ent.to(m.dtype), 0.0) if g_ent is not None and entropy.numel() else None
+        dh, dw = _backward(hidden, weight, targets, m, log_s, entropy, g, ge, inv_t, need_dh, need_dw, impl, tile)
         return dh, dw, None, None, None, None, None, None
 
 
@@ -352,7 +375,30 @@ class LinearLogprobsFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def head_path(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, impl: str) -> str:
+def check_targets(targets: torch.Tensor, V: int, ignore_index: int | None = None) -> None:
+    """Fail clearly on a target outside [0, V) that is not ignore_index: the kernels would find no
+    target column and return -logsumexp (a plausible, wrong log-prob) for it. On CUDA the check is
+    asynchronous (torch._assert_async: no host synchronisation; a device-side assert if it fails)."""
+    bad = (targets < 0) | (targets >= V)  # (...) bool
+    if ignore_index is not None:
+        bad &= targets != ignore_index
+    msg = f"targets must lie in [0, {V}) (the vocabulary of weight)" + (
+        f" or equal ignore_index={ignore_index}" if ignore_index is not None else ""
+    )
+    if targets.is_cuda:
+        torch._assert_async(~bad.any(), msg)
+    elif bool(bad.any()):
+        raise ValueError(f"{msg}; got {int(targets[bad][0])}")
+
+
+def head_path(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    impl: str,
+    ignore_index: int | None = None,
+) -> str:
     """Check an LM-head call's inputs (hidden (..., D), weight (V, D), targets (...)) and resolve impl
     to "triton" or "ref"; fp64 inputs take the reference (the kernels compute in fp32)."""
     D = hidden.shape[-1]
@@ -360,6 +406,7 @@ def head_path(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     assert targets.shape == hidden.shape[:-1], f"targets {tuple(targets.shape)} vs hidden {tuple(hidden.shape)}"
     assert weight.dtype == hidden.dtype, f"weight {weight.dtype} vs hidden {hidden.dtype}"
     assert temperature > 0, f"temperature must be positive, got {temperature}"
+    check_targets(targets, weight.shape[0], ignore_index)
     path = resolve_impl(impl, hidden, weight)
     if hidden.dtype == torch.float64 and path == "triton":
         if impl == "triton":
@@ -393,7 +440,7 @@ def fused_linear_logprobs(
         logp (...) fp32, or (logp, entropy), both (...) fp32.
     """
     D = hidden.shape[-1]
-    path = head_path(hidden, weight, targets, temperature, impl)
+    path = head_path(hidden, weight, targets, temperature, impl, ignore_index)
     h2 = hidden.reshape(-1, D)  # (N, D)
     tgt = targets.reshape(-1).to(torch.int64).contiguous()  # (N,)
     logp, entropy = LinearLogprobsFunction.apply(

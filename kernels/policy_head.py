@@ -26,7 +26,7 @@ the logits of a block of `rows` tokens are computed ONCE over the whole vocabula
 buffer (rows, V) in the matmul dtype, and turned in place into dz:
     z    = h_b @ W.T                    cuBLAS, (rows, V) scratch          2 rows D V
     m, s, e, z[target]                  stats kernel over the full row     reads z
-    lse, logp, entropy; g = d token_loss / d logp                           O(rows)
+    log s, logp, entropy; g = d token_loss / d logp                         O(rows)
     z   <- dz (in place)                grad kernel                        reads + writes z
     dW  (+)= dz.T @ h_b                 cuBLAS, W.dtype, once per block    2 rows D V
     dH_b  = dz @ W                      cuBLAS, rounded once               2 rows D V
@@ -60,6 +60,7 @@ import torch
 
 from .logprobs import (
     _NEG,
+    _finish_rows,
     _tile_grad_ref,
     _tile_grad_triton,
     _tile_stats_ref,
@@ -147,7 +148,7 @@ def _fused_forward(h, w, tgt, token_loss, inv_t, want_entropy, need_dh, need_dw,
     m = torch.full((N,), _NEG, **acc)  # running max of the logits / T
     s = torch.zeros(N, **acc)  # sum of exp(a - m)
     e = torch.zeros(N, **acc) if want_entropy else None  # sum of exp(a - m) (a - m)
-    zt, lse = torch.empty(N, **acc), torch.empty(N, **acc)  # the target's logit / T; logsumexp
+    zt, log_s = torch.empty(N, **acc), torch.empty(N, **acc)  # the target's logit / T; log s
     scratch = torch.empty(R * V, dtype=h.dtype, device=h.device)  # the block's logits, then dz
     block_losses = []  # 0-dim sums, added up once at the end
     for n0 in range(0, N, R):
@@ -159,23 +160,22 @@ def _fused_forward(h, w, tgt, token_loss, inv_t, want_entropy, need_dh, need_dw,
             _tile_stats_triton(z, tb, 0, inv_t, m[b], s[b], e_b, zt[b], V)
         else:
             _tile_stats_ref(z, tb, 0, inv_t, m[b], s[b], e_b, zt[b])
-        torch.log(s[b], out=lse[b]).add_(m[b])  # (r,)
-        torch.sub(zt[b], lse[b], out=logp[b])
+        logp[b], log_s[b] = _finish_rows(m[b], s[b], zt[b])  # (r,) each; logp = (zt - m) - log s
         block, g = _block_loss_and_grad(token_loss, logp[b], n0, n1, grads)
         block_losses.append(block)
         if not grads:
             continue
         g = g.to(acc["dtype"]).contiguous()
         if impl == "triton":
-            _tile_grad_triton(z, tb, 0, inv_t, lse[b], lse[b], g, None)  # z <- dz / T
+            _tile_grad_triton(z, tb, 0, inv_t, m[b], log_s[b], log_s[b], g, None)  # z <- dz / T (no entropy)
         else:
-            _tile_grad_ref(z, tb, 0, inv_t, lse[b], lse[b], g, None)
+            _tile_grad_ref(z, tb, 0, inv_t, m[b], log_s[b], log_s[b], g, None)
         if dw is not None:
             torch.mm(z.T, hb, out=dw) if n0 == 0 else dw.addmm_(z.T, hb)
         if dh is not None:
             torch.mm(z, w, out=dh[n0:n1])
     total = torch.stack(block_losses).sum().to(acc["dtype"]) if block_losses else torch.zeros((), **acc)
-    entropy = torch.log(s) - e / s if want_entropy else None
+    entropy = log_s - e / s if want_entropy else None
     return total, logp, entropy, dh, dw
 
 

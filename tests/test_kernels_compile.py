@@ -109,7 +109,7 @@ def _logprobs_cases(k):
     tile = dict(n_cols=cols, v0=cols, stride_z_row=cols, inv_t=1 / 0.7)  # the second vocab chunk, T = 0.7
     stats = dict(z_ptr=bf16, tgt_ptr=i64, m_ptr=f32, s_ptr=f32, e_ptr=f32, zt_ptr=f32, **tile, HAS_ENTROPY=True,
                  NUM_BLOCKS=k.cdiv(cols, k._STATS_BLOCK_V), BLOCK_V=k._STATS_BLOCK_V)  # fmt: skip
-    grad = dict(z_ptr=bf16, tgt_ptr=i64, lse_ptr=f32, ent_ptr=f32, g_ptr=f32, ge_ptr=f32, **tile,
+    grad = dict(z_ptr=bf16, tgt_ptr=i64, m_ptr=f32, log_s_ptr=f32, ent_ptr=f32, g_ptr=f32, ge_ptr=f32, **tile,
                 HAS_ENT_GRAD=True, BLOCK_V=k._GRAD_BLOCK_V)  # fmt: skip
     # the fused policy head (policy_head.py) runs both over whole rows of the vocabulary, and its
     # loss has no entropy term (HAS_ENT_GRAD off)

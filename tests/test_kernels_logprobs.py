@@ -12,11 +12,19 @@ import importlib
 import pytest
 import torch
 from helpers.allocations import LargestOutput
-from helpers.kernel_checks import DEVICES, FLOOR, need_interpreter, rel_err
+from helpers.kernel_checks import (
+    DEVICES,
+    FLOOR,
+    near_certain_logits,
+    near_certain_tolerance,
+    need_interpreter,
+    rel_err,
+)
 
 from minigrpo.kernels import (
     fused_linear_cross_entropy,
     fused_linear_logprobs,
+    fused_linear_token_loss,
     linear_cross_entropy_ref,
     linear_logprobs_ref,
 )
@@ -161,6 +169,68 @@ def test_no_active_tokens(impl, device):
     (logp.sum() + ent.sum()).backward()
     assert logp.shape == ent.shape == (0,) and h.grad.shape == (0, 32)
     assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_near_certain_targets_keep_their_tiny_logp(temperature, impl, device):
+    # fp32 logits offset by +-30..45 with the target the max by >= 10.5: logp = -tiny (1e-7..3e-5).
+    # Rounded as zt - (m + log s), log s is lost next to m (an ulp of 30 is 1.9e-6) and logp is off
+    # by up to ~1e-6; torch's log_softmax rounds (zt - m) - log s and keeps it to ~6e-8.
+    N, V = 24, 257
+    x, tgt = near_certain_logits(N, V, device=device)  # (N, V) fp32, (N,)
+    x = x * temperature  # the same margins after tempering
+    tgt[5] = IGNORE
+    eye = torch.eye(V, device=device)  # the head: logits = x @ I.T = x exactly
+    ref_all = (x.double() / temperature).log_softmax(-1)  # (N, V) fp64
+    valid = tgt != IGNORE
+    ref = torch.where(valid, ref_all.gather(1, tgt.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    ref_ent = torch.where(valid, -(ref_all.exp() * ref_all).sum(-1), 0.0)
+    logp, ent = fused_linear_logprobs(
+        x, eye, tgt, temperature=temperature, return_entropy=True, impl=impl, tile=(16, 128)
+    )
+    assert torch.all((logp.double() - ref).abs() <= near_certain_tolerance(ref)), (logp.double() - ref).abs().max()
+    assert torch.all((ent.double() - ref_ent).abs() <= near_certain_tolerance(ref_ent))
+    if temperature == 1.0:  # cross-entropy is -logp: the same near-zero losses
+        ce = fused_linear_cross_entropy(x, eye, tgt, ignore_index=IGNORE, reduction="none", impl=impl, tile=(16, 128))
+        assert torch.all((ce.double() + ref).abs() <= near_certain_tolerance(ref)), (ce.double() + ref).abs().max()
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_near_certain_targets_keep_their_gradient(temperature, impl, device):
+    # d logp / d a_target = 1 - p_target = tiny: made from exp(a - (m + log s)) with m + log s rounded
+    # (an ulp of 30 is 1.9e-6), it was off by ~1e-6, a 12% relative error on dH against 0.6% for
+    # torch in fp32; from (a - m) - log s it stays at torch's level.
+    N, V = 24, 257
+    x, tgt = near_certain_logits(N, V, device=device)  # (N, V) fp32 logits of a head I: h = x
+    x = x * temperature  # the same margins after tempering
+    eye = torch.eye(V, device=device)
+    g = torch.randn(N, dtype=torch.float64, device=device)
+    spec = lambda a, b: (linear_logprobs_ref(a, b, tgt, temperature)[0], None)
+    fused = lambda a, b: (fused_linear_logprobs(a, b, tgt, temperature=temperature, impl=impl, tile=(8, 96)), None)
+    ref = _fwd_bwd(spec, x.double(), eye.double(), g, None)
+    got = _fwd_bwd(fused, x, eye, g, None)
+    plain = _fwd_bwd(spec, x, eye, g, None)
+    _check_budget(["logp", "dh", "dw"], got, plain, ref, torch.float32)
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+@pytest.mark.parametrize("bad", [7, -1])
+def test_out_of_range_targets_fail_clearly(bad, impl):
+    # a target outside [0, V) that is not ignore_index found no column: logp came out -logsumexp
+    if impl == "triton":
+        need_interpreter()
+    h, w = torch.randn(3, 4), torch.randn(5, 4)
+    tgt = torch.tensor([0, bad, IGNORE])
+    with pytest.raises(ValueError, match=rf"targets must lie in \[0, 5\).*got {bad}"):
+        fused_linear_logprobs(h, w, tgt, impl=impl)
+    with pytest.raises(ValueError, match="targets must lie in"):
+        fused_linear_cross_entropy(h, w, tgt, impl=impl)
+    with pytest.raises(ValueError, match="targets must lie in"):  # no ignore_index in the policy head
+        fused_linear_token_loss(h, w, torch.tensor([0, 1, IGNORE]), lambda lp, a, b: lp, impl=impl)
 
 
 def test_logprobs_auto_is_ref_on_cpu():

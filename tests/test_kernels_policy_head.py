@@ -19,7 +19,14 @@ import functools
 import pytest
 import torch
 from helpers.allocations import LargestOutput
-from helpers.kernel_checks import DEVICES, FLOOR, need_interpreter, rel_err
+from helpers.kernel_checks import (
+    DEVICES,
+    FLOOR,
+    near_certain_logits,
+    near_certain_tolerance,
+    need_interpreter,
+    rel_err,
+)
 from helpers.tiny import tiny_model
 
 from minigrpo import grpo, step, update_loss
@@ -183,6 +190,32 @@ def test_generic_token_loss_matches_its_spec(impl, narrow_blocks):
     )
     for name, a, r in zip(["loss", "dh", "dw"], got, ref):
         assert rel_err(a, r) < 2e-6, name
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_near_certain_targets_keep_their_logp_and_gradient(impl, device, narrow_blocks):
+    # fp32 logits offset by +-30..45, target the max by >= 10.5: logp = -tiny (1e-7..3e-5). Through
+    # the logsumexp m + log s (an ulp of 30 is 1.9e-6) logp and 1 - p_target were off by ~1e-6:
+    # logp wrong by up to 100% and dH by 12% (torch fp32: 0.6%)
+    N, V, T = 24, 257, 0.9
+    x, tgt = near_certain_logits(N, V, device=device)  # (N, V) fp32: logits of the head I, h = x
+    x = x * T  # the same margins after tempering
+    eye = torch.eye(V, device=device)
+    c = torch.randn(N, dtype=torch.float64, device=device)
+    token_loss = lambda logp, a, b: c[a:b].to(logp.dtype) * logp
+    spec = lambda a, b: linear_token_loss_ref(a, b, tgt, token_loss, T)
+    ref = _loss_and_grads(spec, x.double(), eye.double())
+    plain = _loss_and_grads(spec, x, eye)
+    got = _loss_and_grads(
+        lambda a, b: fused_linear_token_loss(a, b, tgt, token_loss, temperature=T, impl=impl, rows=8), x, eye
+    )
+    for name, a, p, r in zip(["loss", "dh", "dw"], got, plain, ref):
+        e_k, e_p = rel_err(a, r), rel_err(p, r)
+        assert e_k <= 2 * e_p + FLOOR[torch.float32], f"{name}: fused {e_k:.2e} vs unfused fp32 {e_p:.2e}"
+    logp = fused_linear_token_loss(x, eye, tgt, token_loss, temperature=T, impl=impl, rows=8)[1]
+    ref_logp = spec(x.double(), eye.double())[1]
+    assert torch.all((logp.double() - ref_logp).abs() <= near_certain_tolerance(ref_logp))
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

@@ -8,9 +8,9 @@ same (rounded) logits. On the CPU the kernels run in Triton's interpreter, so sh
 
 import pytest
 import torch
-from helpers.kernel_checks import DEVICES
+from helpers.kernel_checks import DEVICES, near_certain_logits, near_certain_tolerance
 
-from minigrpo.kernels import sample_race, sample_race_ref
+from minigrpo.kernels import fused_linear_logprobs, sample_race, sample_race_ref
 from minigrpo.sampling.params import RaceNoise, SamplingParams, filter_probs, sample_tokens
 
 ATOL = 1e-5  # on log-probs (fp32 math; |logp| stays below ~20 here)
@@ -100,6 +100,27 @@ def test_strided_rows_of_a_larger_buffer(dtype, device):
         ref_tokens, ref_logp = sample_race_ref(logits.contiguous(), temperature, keys, pos)
         assert tokens.tolist() == ref_tokens.tolist()
         torch.testing.assert_close(logp, ref_logp, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_near_certain_logp_agrees_with_the_trainer(temperature, device):
+    # the sampler's log-prob and the trainer's (fused_linear_logprobs over the same logits, head I)
+    # must agree for near-certain tokens too: logits offset by +-30..45, logp = -tiny (1e-7..3e-5).
+    # Both within ~1e-7 of fp64; the trainer once rounded through m + log s and was 1e-6 off.
+    N, V = 24, 300
+    x, _ = near_certain_logits(N, V, device=device)  # (N, V) fp32
+    x = x * (temperature or 1.0)  # the same margins after tempering
+    pos = torch.tensor([5], dtype=torch.int64, device=device)
+    tokens, logp = sample_race(x, temperature, _keys(N, device=device), pos, impl="triton", chunk=256)
+    assert tokens.tolist() == x.argmax(-1).tolist()  # p(argmax) > 1 - 3e-5 for every row
+    ref = _fp64_logp(x, temperature, tokens)
+    assert torch.all((logp.double() - ref).abs() <= near_certain_tolerance(ref))
+    eye = torch.eye(V, device=device)  # trainer's head: logits = x @ I.T = x
+    for impl in ["triton", "ref"]:
+        trainer = fused_linear_logprobs(x, eye, tokens, temperature=temperature or 1.0, impl=impl)
+        assert torch.all((trainer.double() - ref).abs() <= near_certain_tolerance(ref)), impl
+        torch.testing.assert_close(trainer, logp, rtol=0, atol=2e-7)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)

@@ -27,3 +27,29 @@ def need_interpreter() -> None:
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+def near_certain_logits(
+    N: int, V: int, offsets: tuple[float, ...] = (30.0, -30.0, 45.0), device="cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits (N, V) whose target (N,) is near-certain: logp = -tiny (1e-7 < tiny < 3e-5).
+
+    Row n is offset by offsets[n % len]; its target is the max, one competitor sits 10.5-16 below
+    it (the tiny mass) and the rest 40-50 below (their exp vanishes in fp32 next to 1). An ulp of
+    the offset (1.9e-6 at 30, 3.8e-6 at 45) dwarfs tiny, so logp computed as zt - (m + log s)
+    loses tiny to rounding, while (zt - m) - log s keeps it to about an ulp of 1 (6e-8).
+    """
+    gen = torch.Generator().manual_seed(N * 1000 + V)
+    c = torch.tensor(offsets, dtype=torch.float64).repeat(-(-N // len(offsets)))[:N, None]  # (N, 1)
+    x = c - 40 - 10 * torch.rand(N, V, generator=gen, dtype=torch.float64)  # (N, V)
+    perm = torch.argsort(torch.rand(N, V, generator=gen), dim=1)
+    tgt, rival = perm[:, 0], perm[:, 1]  # (N,) each, distinct
+    rows = torch.arange(N)
+    x[rows, tgt] = c[:, 0] + 0.25 * torch.rand(N, generator=gen, dtype=torch.float64)
+    x[rows, rival] = c[:, 0] - 10.5 - 5.5 * torch.rand(N, generator=gen, dtype=torch.float64)
+    return x.float().to(device), tgt.contiguous().to(device)
+
+
+def near_certain_tolerance(ref: torch.Tensor) -> torch.Tensor:
+    """Per-element bound on |logp - ref| for near-certain targets: about an ulp of 1, plus relative 1e-6."""
+    return 1e-7 + 1e-6 * ref.abs()
