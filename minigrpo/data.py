@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -52,7 +53,8 @@ class Example:
 
     prompt: the user turn as text, or a whole conversation (a list of chat messages) when the
         dataset stores one; `build_messages` turns either into messages.
-    answer: the reference answer, always a string (GSM8K: the final number only).
+    answer: the reference answer, always a string (GSM8K: the final number only); a row's number
+        becomes its str(), a list, object or NaN is refused.
     columns: the row's other fields (GSM8K: the full worked `solution`); the loop gathers them
         per field and passes them to reward functions as `**columns`.
     """
@@ -83,8 +85,24 @@ def _to_examples(rows: list[Row], prompt_field: str, answer_field: str) -> list[
         if isinstance(prompt, list):
             _check_prompt_messages(where, prompt, prompt_field)
         columns = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
-        examples.append(Example(prompt=prompt, answer=str(row[answer_field]), columns=columns))
+        answer = _answer_text(where, answer_field, row[answer_field])
+        examples.append(Example(prompt=prompt, answer=answer, columns=columns))
     return examples
+
+
+def _answer_text(where: str, name: str, value: Any) -> str:
+    """The reference answer as text: a string as is, a number (or a boolean, a parquet decimal or
+    date) spelled by str(). A list, an object, bytes or NaN/infinity is refused: its str() ("[1, 2]",
+    "nan") would be compared with the model's answers as if it were one, and score them all wrong."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: field {name!r} is {value}, not an answer (see data.answer_field)")
+    kinds = {list: "a list", tuple: "a list", dict: "an object", bytes: "bytes"}
+    if type(value) in kinds:
+        kind = kinds[type(value)]
+        raise DataError(f"{where}: field {name!r} is {kind}; the reference answer must be text or a number")
+    return str(value)
 
 
 def _check_prompt_messages(where: str, messages: list, prompt_field: str) -> None:
@@ -228,19 +246,25 @@ def synthetic_arithmetic(seed: int, n: int, cfg: SyntheticCfg | None = None, spl
 # ----------------------------------------------------------------------------------------------
 
 
-def build_dataset(cfg: DataCfg, split: str | None = None) -> list[Example]:
+def build_dataset(cfg: DataCfg, split: str | None = None, limit: int | None = None) -> list[Example]:
     """The examples of one split (default: the training split `cfg.split`) from `cfg.source`.
 
-    Any other split is an eval split: capped at its first `cfg.num_eval` examples (synthetic:
-    `num_eval` generated). `max_prompt_tokens` is applied later by `filter_long_prompts`, where
-    the tokenizer is known.
+    Any other split is an eval split: its first `limit` examples, by default `cfg.num_eval`
+    (synthetic: that many generated). The training split is capped only by `limit`.
+    `max_prompt_tokens` is applied later by `filter_long_prompts`, where the tokenizer is known.
+    A relative data.path / data.eval_path is read from the working directory, as every path of a
+    config is (run.output_dir, model.name_or_path).
     """
     split = cfg.split if split is None else split
     is_eval = split != cfg.split
+    if limit is None and is_eval:
+        limit = cfg.num_eval
     if cfg.source == "synthetic":
-        n = cfg.num_eval if is_eval else cfg.synthetic.num_train
-        return synthetic_arithmetic(cfg.synthetic.seed, n, cfg.synthetic, split=split)
+        n = limit if is_eval else cfg.synthetic.num_train
+        return synthetic_arithmetic(cfg.synthetic.seed, n, cfg.synthetic, split=split)[:limit]
     if cfg.source == "gsm8k":
+        if is_eval:
+            _refuse_training_file(cfg.path, split, "point data.path at a folder with per-split files")
         examples = load_gsm8k(cfg.path, split, subset=cfg.subset, revision=cfg.revision)
     elif cfg.source == "hub":
         if cfg.path is None:
@@ -249,25 +273,36 @@ def build_dataset(cfg: DataCfg, split: str | None = None) -> list[Example]:
             cfg.path, split, cfg.prompt_field, cfg.answer_field, subset=cfg.subset, revision=cfg.revision
         )
     elif cfg.source in ("jsonl", "parquet"):
-        path = cfg.eval_path if is_eval and cfg.eval_path is not None else cfg.path
-        if path is None:
-            raise DataError(f"data.source={cfg.source!r} needs data.path")
-        if is_eval and cfg.eval_path is None and Path(path).expanduser().is_file():  # never the training rows
-            raise DataError(
-                f"split {split!r}: data.path {path} is one file, the training data; set data.eval_path "
-                f"to the {split} file (or point data.path at a folder with per-split files)"
-            )
-        suffixes = (".parquet",) if cfg.source == "parquet" else (".jsonl", ".json")
-        files = resolve_files(path, split, cfg.subset, suffixes)
-        examples = _load_files(files, cfg.prompt_field, cfg.answer_field)
-        if not examples:  # name the files: an empty one is the usual cause
-            verb = "hold" if len(files) > 1 else "holds"
-            raise DataError(f"split {split!r}: {', '.join(map(str, files))} {verb} no rows")
+        examples = _load_file_source(cfg, split, is_eval)
     else:
         raise DataError(f"unknown data.source {cfg.source!r}")
     if not examples:
         raise DataError(f"split {split!r} of data.source={cfg.source!r} has no rows")
-    return examples[: cfg.num_eval] if is_eval else examples
+    return examples[:limit]
+
+
+def _refuse_training_file(path: str | None, split: str, fix: str) -> None:
+    """An eval split read from data.path when that is one file would be the training rows: refused."""
+    if path is not None and Path(path).expanduser().is_file():
+        raise DataError(f"split {split!r}: data.path {path} is one file, the training data; {fix}")
+
+
+def _load_file_source(cfg: DataCfg, split: str, is_eval: bool) -> list[Example]:
+    """The rows of a jsonl/parquet source: data.path (a file or a folder of split files), or
+    data.eval_path for an eval split."""
+    path = cfg.eval_path if is_eval and cfg.eval_path is not None else cfg.path
+    if path is None:
+        raise DataError(f"data.source={cfg.source!r} needs data.path")
+    if is_eval and cfg.eval_path is None:
+        fix = f"set data.eval_path to the {split} file (or point data.path at a folder with per-split files)"
+        _refuse_training_file(path, split, fix)
+    suffixes = (".parquet",) if cfg.source == "parquet" else (".jsonl", ".json")
+    files = resolve_files(path, split, cfg.subset, suffixes)
+    examples = _load_files(files, cfg.prompt_field, cfg.answer_field)
+    if not examples:  # name the files: an empty one is the usual cause
+        verb = "hold" if len(files) > 1 else "holds"
+        raise DataError(f"split {split!r}: {', '.join(map(str, files))} {verb} no rows")
+    return examples
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Every row comes with where it was found ("data/train.jsonl:17", "train.parquet: row 3"), so a bad
 row is reported as file and line, not as a traceback: a missing file, bytes that are not UTF-8, a
-line that is not JSON or not an object each raise DataError naming the file (and line).
+line that is not JSON or not an object, an object naming a field twice each raise DataError naming
+the file (and line). JSON Lines lines end at "\\n", "\\r\\n" or "\\r" only (a string may hold U+2028);
+a byte-order mark and blank lines are skipped. A relative path is read from the working directory.
 pyarrow (parquet) and huggingface_hub (hub datasets) are imported only when needed.
 """
 
@@ -42,24 +44,47 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
+class _DuplicateField(Exception):
+    """Raised while parsing: one JSON object names a field twice (the message is the field)."""
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a field named twice: json.loads would keep the last value
+    silently, and which of two "answer"s a row means is the user's call, not ours."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateField(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _parse_json(text: str, path: Path, lineno: int | None) -> Any:
+    """One JSON document of `path`: a JSON Lines line (`lineno`) or the whole file (None); DataError
+    naming the file and line of a syntax error, or the field an object names twice."""
+    where = str(path) if lineno is None else f"{path}:{lineno}"
+    try:
+        return json.loads(text, object_pairs_hook=_object_without_duplicates)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno or e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+    except _DuplicateField as e:
+        raise DataError(f"{where}: an object names the field {e.args[0]!r} twice") from None
+
+
+def _json_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of the non-blank lines. Only "\\n", "\\r\\n" or "\\r" ends a line (a JSON
+    string cannot hold them raw); str.splitlines also splits at U+2028, U+2029 and U+0085, which it can."""
+    lines = enumerate(re.split(r"\r\n|\r|\n", text), 1)
+    return [(lineno, line) for lineno, line in lines if line.strip()]
+
+
 def read_json_rows(path: Path) -> list[Row]:
     """Rows of a JSON Lines file (a .json file holding one JSON array is read too); blank lines are skipped."""
     text = _read_text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+        items = _parse_json(text, path, None)
         located = [(f"{path}: item {i + 1}", item) for i, item in enumerate(items)]
     else:
-        located = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                located.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+        located = [(f"{path}:{lineno}", _parse_json(line, path, lineno)) for lineno, line in _json_lines(text)]
     for where, row in located:
         if not isinstance(row, dict):
             raise DataError(f"{where}: a JSON {type(row).__name__}, not an object with named fields")
@@ -133,7 +158,16 @@ def resolve_files(path: str | Path, split: str, subset: str | None, suffixes: Se
         return split_files(path, split, subset, suffixes)
     if path.exists():  # a device, a socket, a pipe
         raise DataError(f"data path {str(path)!r} is neither a file nor a folder")
-    raise DataError(f"data path {str(path)!r} does not exist")
+    raise DataError(f"data path {str(path)!r} does not exist{_read_from(path)}")
+
+
+def _read_from(path: Path) -> str:
+    """For a path that is not there: a pattern is not expanded (name a file or a folder of split
+    files), and a relative path is looked for in the working directory, not the config's folder
+    (a run's saved config may be used from elsewhere: eval)."""
+    if any(c in str(path) for c in "*?["):
+        return " (a pattern is not expanded: name one file, or a folder holding the split's files)"
+    return "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
 
 
 def download(repo_id: str, revision: str | None) -> Path:

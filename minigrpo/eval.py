@@ -5,7 +5,10 @@
 
 Accuracy is the fraction of completions whose extracted final answer (answer tag, \\boxed{},
 `####` or the last number) equals the reference; the configured reward functions are reported too.
-Sampling follows `eval.temperature` (greedy by default) and `eval.max_new_tokens`. With `env.kind`
+Sampling follows `eval.temperature` (greedy by default; above 0 an example's draw depends on run.seed
+and its index only, not on --batch-size) and `eval.max_new_tokens`. `--num N` scores exactly the first
+N examples of the split (above data.num_eval if asked; an error if the split holds fewer); `--output`
+writes the results as strict JSON (null for a mean over no score). With `env.kind`
 set, every example is an episode played as in training (minigrpo/episodes.py: env.max_turns turns
 of at most eval.max_new_tokens tokens, env.max_episode_tokens in all): the answer is read from the
 model's last turn, the rewards see the episode columns, and the env/* metrics of training are
@@ -19,6 +22,7 @@ before any weights load.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,10 @@ from minigrpo.prompt_fit import local_position_limit, prompts_that_fit
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.step import episode_metrics
 
+# eval.temperature > 0 samples from the noise stream (run.seed, EVAL_STREAM, turn) with the example's
+# index as its row id: an example draws the same completion whatever --batch-size (training: (seed, step, round))
+EVAL_STREAM = -2
+
 
 @torch.no_grad()
 def evaluate(
@@ -56,6 +64,7 @@ def evaluate(
     accuracy and mean rewards (specs: the config's reward functions, built from cfg.rewards unless
     given), and the env/* metrics of the episodes."""
     sampler = KVCacheSampler(model, tokenizer, cuda_graphs=cfg.sampler.compile, max_rows=cfg.sampler.max_rows)
+    key = (cfg.run.seed, EVAL_STREAM)
     params = sampling_params(
         cfg, tokenizer, n=1, temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens
     )
@@ -71,13 +80,13 @@ def evaluate(
         columns = batch_columns(batch)
         if env is None:
             ids, _ = encode_prompts(batch, tokenizer, cfg.data.system_prompt)
-            rollout = sampler.generate(ids, params)
+            rollout = sampler.generate(ids, params, key=(*key, 0), row_ids=range(start, start + len(batch)))
             texts, longest = rollout.completion_texts, params.max_new_tokens
             lengths = rollout.completion_lengths.tolist()
         else:  # the answer is in the model's last turn; the rewards read the whole episode
             stats: dict[str, float] = {}
             played = run_episodes(
-                sampler, tokenizer, env, batch, params, max_turns=cfg.env.max_turns,
+                sampler, tokenizer, env, batch, params, max_turns=cfg.env.max_turns, key=key,
                 max_episode_tokens=cfg.env.max_episode_tokens, row_ids=range(start, start + len(batch)), stats=stats,
             )  # fmt: skip
             turn_stats = {k: v + stats[k] for k, v in turn_stats.items()}
@@ -95,7 +104,7 @@ def evaluate(
             for k, name in enumerate(scored.names):
                 per_fn[name].append(float(scored.per_fn[i, k]))
             if len(samples) < 5:
-                sample = {"prompt": str(batch[i].prompt), "completion": text, "answer": answers[i], "correct": ok}
+                sample = {"prompt": batch[i].prompt, "completion": text, "answer": answers[i], "correct": ok}
                 if env is not None:  # the whole episode: every message, tool results included
                     sample["messages"] = columns["messages"][i]
                 samples.append(sample)
@@ -178,6 +187,34 @@ def pick_split(cfg: Config, requested: str | None) -> str:
     return requested
 
 
+def eval_examples(cfg: Config, split: str, num: int | None) -> list[Example]:
+    """The first `num` examples of the split (default: eval.num_prompts). --num may ask for more than
+    data.num_eval (which caps an eval split only by default), but not for more than the split holds:
+    an accuracy over fewer rows than asked is refused, not reported as if it were the one asked for."""
+    examples = build_dataset(cfg.data, split, limit=num or cfg.eval.num_prompts)
+    if not examples:
+        raise UserError(f"the {split!r} split holds no example")
+    if num is not None and len(examples) < num:
+        raise UserError(f"--num {num}: the {split!r} split holds only {len(examples)} examples")
+    return examples
+
+
+def results_json(results: dict[str, Any]) -> str:
+    """The results as strict JSON: a mean over no score (NaN) or an infinite value is null, as in
+    metrics.jsonl; Python's json would write NaN, which JSON readers (jq, JavaScript) refuse."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return json.dumps(plain(results), indent=2, default=str, allow_nan=False) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The command line: a bad argument, config, checkpoint or output path is one `error:` line."""
     return run_cli(_main, argv)
@@ -200,9 +237,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     )
     if tokenizer is not None:  # a local model folder: env.kind needs its chat template
         check_chat_template(cfg, tokenizer)
-    examples = build_dataset(cfg.data, split)[: args.num or cfg.eval.num_prompts]
-    if not examples:
-        raise UserError(f"the {split!r} split holds no example")
+    examples = eval_examples(cfg, split, args.num)
     if tokenizer is not None:  # the prompts render, and fit the model's positions with eval.max_new_tokens
         prompts_that_fit(cfg, examples, tokenizer, local_position_limit(source), evaluating=True)
     device = pick_device(cfg.run.device)
@@ -218,7 +253,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
         if key.startswith(("accuracy", "reward", "env/")):
             print(f"  {key:<28} {value:.4f}")
     if args.output:
-        write_atomic(Path(args.output), json.dumps(results, indent=2, default=str) + "\n")
+        write_atomic(Path(args.output), results_json(results))
     return results
 
 

@@ -353,3 +353,55 @@ def test_eval_runs_on_the_named_split(workspace, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "'train' split" in proc.stdout
     assert json.loads(out.read_text())["num_examples"] == 4
+
+
+def split_folder_config(tmp_path: Path, num_test: int, **sections) -> Path:
+    """A config on tmp_path's tiny model whose data folder has train.jsonl and a test.jsonl of `num_test` rows."""
+    cfg = run_config(tmp_path, **sections)
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(tmp_path / "train.jsonl", data / "train.jsonl")
+    rows = [{"question": f"repeat {i % 10}", "answer": str(i % 10)} for i in range(num_test)]
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg["data"] = {**cfg["data"], "path": str(data), "eval_split": "test", "num_eval": 3}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_eval_num_is_the_number_of_rows_scored(tmp_path):
+    """--num above data.num_eval used to be cut to data.num_eval, and --num above the split's rows to
+    what there was, both reported as if the asked number had been scored. The results file is strict
+    JSON: a reward that scores no row is null, not NaN (which JSON readers refuse)."""
+    cfg = split_folder_config(tmp_path, 10, rewards=[{"name": "exact_answer"}, {"name": "helpers.odd_rewards:all_nan"}])
+    out = tmp_path / "r.json"
+    args = ("--checkpoint", str(tmp_path / "model"), "--config", str(cfg), "--output", str(out))
+    proc = eval_cli(tmp_path, *args, "--num", "7")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'test' split (7 examples" in proc.stdout
+
+    def no_constant(name: str):
+        raise AssertionError(f"{name} in the results file")
+
+    results = json.loads(out.read_text(), parse_constant=no_constant)
+    assert results["num_examples"] == 7 and results["reward/helpers.odd_rewards:all_nan"] is None
+    assert results["samples"][0]["prompt"] == "repeat 0"
+    message = one_error_line(eval_cli(tmp_path, *args, "--num", "11"))
+    assert message == "--num 11: the 'test' split holds only 10 examples"
+
+
+def test_eval_sampling_does_not_depend_on_the_batch_size(tmp_path):
+    """eval.temperature > 0: an example's completion used to depend on which batch (and which row of
+    it) held it, so --batch-size changed the samples and the accuracy; now (run.seed, its index) picks it."""
+    from minigrpo.eval import main as evaluate
+
+    cfg = split_folder_config(tmp_path, 6, sampler={"max_new_tokens": 3}, eval={"temperature": 1.0})
+    args = ["--checkpoint", str(tmp_path / "model"), "--config", str(cfg), "--num", "5"]
+
+    def completions(*extra: str) -> list[str]:
+        return [s["completion"] for s in evaluate([*args, *extra])["samples"]]
+
+    whole = completions("--batch-size", "5")
+    assert completions("--batch-size", "1") == whole and completions("--batch-size", "2") == whole
+    assert completions("--batch-size", "5") == whole  # and again: the same draws
+    assert completions("--set", "run.seed=1") != whole  # the seed does pick them

@@ -239,6 +239,114 @@ def test_jsonl_source_folder_and_eval_file(tmp_path):
         build_dataset(DataCfg(source="jsonl", path=str(tmp_path / "data" / "train.jsonl")), "test")
 
 
+def test_jsonl_lines_end_only_at_line_breaks(tmp_path):
+    """U+2028, U+2029 and U+0085 may stand unescaped in a JSON string (json.dumps(ensure_ascii=False)
+    writes them so): they used to split the line, failing the file with 'Unterminated string' and
+    numbering every later line wrong. CRLF, CR-only, blank lines and a last line without a newline are read."""
+    texts = ["a\u2028b", "c\u2029d", "e\x85f"]
+    lines = [json.dumps({"question": t, "answer": str(i)}, ensure_ascii=False) for i, t in enumerate(texts)]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(("\r\n".join(lines) + "\r\n\r\n" + '{"question": "g", "answer": 3}').encode())
+    rows = [(ex.prompt, ex.answer) for ex in load_jsonl(path)]
+    assert rows == [("a\u2028b", "0"), ("c\u2029d", "1"), ("e\x85f", "2"), ("g", "3")]
+    path.write_bytes("\r".join(lines[:2]).encode())  # classic Mac line ends
+    assert [ex.prompt for ex in load_jsonl(path)] == texts[:2]
+    path.write_bytes(("\n".join(lines) + '\n{"question": oops}\n').encode())
+    with pytest.raises(DataError) as e:
+        load_jsonl(path)
+    assert str(e.value) == f"{path}:4: not valid JSON: Expecting value (column 14)"
+
+
+def test_a_field_named_twice_is_refused(tmp_path):
+    """json.loads keeps the last of two "answer"s without a word; which one the row means is unknown."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "a", "answer": "1"}\n{"question": "b", "answer": "2", "answer": "3"}\n')
+    with pytest.raises(DataError) as e:
+        load_jsonl(path)
+    assert str(e.value) == f"{path}:2: an object names the field 'answer' twice"
+    array = tmp_path / "d.json"
+    array.write_text('[{"question": [{"role": "user", "role": "system", "content": "x"}], "answer": "1"}]')
+    with pytest.raises(DataError) as e:
+        load_jsonl(array)
+    assert str(e.value) == f"{array}: an object names the field 'role' twice"
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [(7, "7"), (2.5, "2.5"), (True, "True"), ("", "")],
+)
+def test_numeric_answers_become_text(tmp_path, answer, expected):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": answer}])
+    assert load_jsonl(path)[0].answer == expected
+
+
+@pytest.mark.parametrize(
+    ("answer_json", "problem"),
+    [
+        ("[1, 2]", "field 'answer' is a list; the reference answer must be text or a number"),
+        ('{"value": 1}', "field 'answer' is an object; the reference answer must be text or a number"),
+        ("NaN", "field 'answer' is nan, not an answer (see data.answer_field)"),
+        ("-Infinity", "field 'answer' is -inf, not an answer (see data.answer_field)"),
+    ],
+    ids=["list", "object", "nan", "infinity"],
+)
+def test_answers_that_are_no_text_or_number_are_refused(tmp_path, answer_json, problem):
+    """They used to become their Python str() ("[1, 2]", "{'value': 1}", "nan"): a reference no
+    completion could match, so every reward and the accuracy read 0 without a word."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(f'{{"question": "q", "answer": "1"}}\n{{"question": "q", "answer": {answer_json}}}\n')
+    with pytest.raises(DataError) as e:
+        load_jsonl(path)
+    assert str(e.value) == f"{path}:2: {problem}"
+
+
+def test_gsm8k_from_one_file_has_no_eval_split(tmp_path):
+    """data.source=gsm8k with data.path one file (GSM8K has no data.eval_path) used to hand the
+    training rows out as the test split: an eval on what the model trained on."""
+    rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(3)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", rows[:1])
+    cfg = DataCfg(source="gsm8k", path=str(train))
+    assert [ex.answer for ex in build_dataset(cfg)] == ["0", "1", "2"]
+    with pytest.raises(DataError) as e:
+        build_dataset(cfg, "test")
+    assert str(e.value) == (
+        f"split 'test': data.path {train} is one file, the training data; "
+        "point data.path at a folder with per-split files"
+    )
+    assert [ex.prompt for ex in build_dataset(DataCfg(source="gsm8k", path=str(tmp_path)), "test")] == ["q0"]
+
+
+def test_build_dataset_limit_overrides_num_eval(tmp_path):
+    """`limit` (eval --num) may ask an eval split for more rows than data.num_eval, which caps it by default."""
+    write_jsonl(tmp_path / "train.jsonl", [{"question": f"q{i}", "answer": str(i)} for i in range(6)])
+    write_jsonl(tmp_path / "test.jsonl", [{"question": f"t{i}", "answer": str(i)} for i in range(6)])
+    cfg = DataCfg(source="jsonl", path=str(tmp_path), num_eval=2)
+    assert len(build_dataset(cfg, "test")) == 2
+    assert [ex.prompt for ex in build_dataset(cfg, "test", limit=5)] == ["t0", "t1", "t2", "t3", "t4"]
+    assert [ex.prompt for ex in build_dataset(cfg, "train", limit=3)] == ["q0", "q1", "q2"]
+    assert len(build_dataset(cfg, "test", limit=50)) == 6  # all there is; the caller says whether that is enough
+    syn = DataCfg(num_eval=3, synthetic=SyntheticCfg(seed=1))
+    assert build_dataset(syn, "test", limit=7)[:3] == build_dataset(syn, "test")  # a longer prefix of one stream
+
+
+def test_a_data_path_not_found_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """Relative paths are read from the working directory (not the config's folder), and a pattern
+    is not expanded: the message says so instead of a bare 'does not exist'."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        build_dataset(DataCfg(source="jsonl", path="data/train.jsonl"))
+    assert str(e.value) == f"data path 'data/train.jsonl' does not exist (relative to the working directory {tmp_path})"
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"question": "q", "answer": "1"}])
+    assert build_dataset(DataCfg(source="jsonl", path="data/train.jsonl"))[0].prompt == "q"
+    with pytest.raises(DataError) as e:
+        build_dataset(DataCfg(source="jsonl", path=str(tmp_path / "data" / "*.jsonl")))
+    assert str(e.value) == (
+        f"data path {str(tmp_path / 'data' / '*.jsonl')!r} does not exist "
+        "(a pattern is not expanded: name one file, or a folder holding the split's files)"
+    )
+
+
 def test_parquet_without_pyarrow_names_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow...` raise ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
