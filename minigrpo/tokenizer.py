@@ -16,7 +16,9 @@ tokenizes identically here, in transformers and in vLLM:
   (an int or a list: Llama-3 and Phi-3.5 have several) and any extra ids the caller passes.
 
 Chat templates render in a jinja2 sandbox (minigrpo.chat_template), with the variables transformers
-passes: the conversation, `add_generation_prompt`, the special tokens and any extra keyword arguments.
+passes: the conversation, `add_generation_prompt`, every named token (model-specific ones such as
+`image_token` included) and any extra keyword arguments. A call with `tools` renders the model's
+"tool_use" template when it has one, as in transformers.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from tokenizers import AddedToken, processors
 
 from minigrpo.atomic import write_json
 from minigrpo.chat_template import ChatTemplateError, render_chat_template
+from minigrpo.errors import UserError
 
-__all__ = ["NAMED_SPECIAL_TOKENS", "ChatTemplateError", "Tokenizer"]
+__all__ = ["NAMED_SPECIAL_TOKENS", "ChatTemplateError", "Tokenizer", "TokenizerConfigError"]
 
 # The named special tokens transformers knows; any other `*_token` string in tokenizer_config.json is
 # a model-specific token (e.g. Gemma's `image_token`) and is passed to the chat template as well.
@@ -47,6 +50,10 @@ NAMED_SPECIAL_TOKENS = (
     "mask_token",
 )
 _MAX_SANE_LENGTH = 1 << 40  # transformers writes int(1e30) for "no limit"
+
+
+class TokenizerConfigError(UserError, ValueError):
+    """A tokenizer folder's file or value that makes no tokenizer; the message names the file (and key)."""
 
 
 class Tokenizer:
@@ -122,39 +129,22 @@ class Tokenizer:
         Reads tokenizer.json (required), tokenizer_config.json, special_tokens_map.json (only when the
         config has no `added_tokens_decoder`, as transformers does), chat_template.jinja and
         additional_chat_templates/*.jinja (these win over the config's `chat_template`, as in
-        transformers) and generation_config.json (its `eos_token_id` adds stop ids).
+        transformers) and generation_config.json (its `eos_token_id` adds stop ids). A file or value
+        that makes no tokenizer is a TokenizerConfigError naming the file (and key).
         """
         d = Path(path)
         tk_file = d / "tokenizer.json"
         if not tk_file.is_file():
             raise FileNotFoundError(f"{tk_file} not found: only fast tokenizers (tokenizer.json) are supported")
-        tk = tokenizers.Tokenizer.from_file(str(tk_file))
-        cfg = _read_json(d / "tokenizer_config.json")
-        if "added_tokens_decoder" not in cfg:  # legacy layout: special_tokens_map.json has the last word
-            for key, value in _read_json(d / "special_tokens_map.json").items():
-                cfg[key] = value
+        try:
+            tk = tokenizers.Tokenizer.from_file(str(tk_file))
+        except Exception as e:  # the library's bare (Rust) Exception names no file
+            raise TokenizerConfigError(f"{tk_file}: not a readable tokenizer ({e})") from e
+        cfg, origin = _read_config(d)
 
-        tokens = {k: _token_str(cfg.get(k)) for k in NAMED_SPECIAL_TOKENS}
-        template_tokens = {k: v for k, v in tokens.items() if v is not None}
-        for key, value in cfg.items():  # model-specific named tokens, given as plain strings
-            if key.endswith("_token") and key not in NAMED_SPECIAL_TOKENS and isinstance(value, str):
-                template_tokens[key] = value
-        extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens") or []
-        extra = extra.values() if isinstance(extra, Mapping) else extra
+        tokens, template_tokens, specials = _config_special_tokens(cfg, origin, tk, tk_file)
 
-        templates = _config_templates(cfg.get("chat_template"))
-        jinja_file = d / "chat_template.jinja"
-        extra_dir = d / "additional_chat_templates"
-        file_templates = {p.stem: p.read_text(encoding="utf-8") for p in sorted(extra_dir.glob("*.jinja"))}
-        if jinja_file.is_file():
-            file_templates["default"] = jinja_file.read_text(encoding="utf-8")
-        if file_templates:
-            templates = file_templates
-
-        gen = _read_json(d / "generation_config.json")
-        gen_eos = gen.get("eos_token_id")
-        extra_stop = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
-
+        extra_stop = _generation_stop_ids(d / "generation_config.json")
         max_len = cfg.get("model_max_length")
         return cls(
             tk,
@@ -162,9 +152,9 @@ class Tokenizer:
             eos_token=tokens["eos_token"],
             pad_token=tokens["pad_token"],
             unk_token=tokens["unk_token"],
-            chat_template=templates or None,
+            chat_template=_folder_templates(d, cfg.get("chat_template")) or None,
             extra_stop_ids=extra_stop,
-            extra_special_tokens=[s for s in (_token_str(t) for t in extra) if s is not None],
+            extra_special_tokens=specials,
             template_tokens=template_tokens,
             model_max_length=int(max_len) if isinstance(max_len, (int, float)) and max_len < _MAX_SANE_LENGTH else None,
         )
@@ -297,14 +287,15 @@ class Tokenizer:
             add_generation_prompt: end with the header that starts an assistant turn.
             tokenize: return ids (encoded with `add_special_tokens=False`: the template already has
                 every special token) instead of the string.
-            chat_template: the name of one of `chat_templates`, or a template string; default "default".
+            chat_template: the name of one of `chat_templates`, or a template string; default "tool_use"
+                when `tools` is given and the model has a template of that name, else "default".
             tools, documents: JSON-schema dicts / document dicts, passed to the template as is.
             **kwargs: more template variables (e.g. `enable_thinking`); they override special tokens.
 
         Raises:
             ChatTemplateError: no template, or the template raised / broke the sandbox / failed to parse.
         """
-        template = self._pick_template(chat_template)
+        template = self._pick_template(chat_template, tools)
         text = render_chat_template(
             template,
             messages,
@@ -315,9 +306,13 @@ class Tokenizer:
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
-    def _pick_template(self, chat_template: str | None) -> str:
+    def _pick_template(self, chat_template: str | None, tools: Sequence[Any] | None = None) -> str:
+        """The template to render: a name or source given, else "tool_use" for a call with tools (even an
+        empty list, as transformers does) when the model has one, else "default"."""
         if chat_template is not None:
             return self.chat_templates.get(chat_template, chat_template)
+        if tools is not None and "tool_use" in self.chat_templates:
+            return self.chat_templates["tool_use"]
         if "default" in self.chat_templates:
             return self.chat_templates["default"]
         if self.chat_templates:
@@ -349,7 +344,8 @@ class Tokenizer:
             "unk_token": self.unk_token,
             "pad_token": self.pad_token,
         }
-        tokens = {k: v for k, v in tokens.items() if v is not None}
+        named = {k: v for k, v in self.template_tokens.items() if k.endswith("_token") and isinstance(v, str)}
+        tokens = {**named, **{k: v for k, v in tokens.items() if v is not None}}  # sep, image, ... kept
         cfg: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             **tokens,
@@ -377,30 +373,127 @@ class Tokenizer:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """One JSON object file ({} when absent); a file that does not parse is an error naming it."""
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerConfigError(f"{path}: not valid JSON, the file is truncated or corrupt ({e})") from e
+    if not isinstance(content, dict):
+        raise TokenizerConfigError(f"{path}: not a JSON object")
+    return content
 
 
-def _token_str(value: Any) -> str | None:
+def _read_config(d: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """tokenizer_config.json merged with special_tokens_map.json, and the file each key came from.
+
+    special_tokens_map.json is read only when the config has no `added_tokens_decoder` (the legacy
+    layout), and then has the last word, as in transformers.
+    """
+    cfg_file, map_file = d / "tokenizer_config.json", d / "special_tokens_map.json"
+    cfg = _read_json(cfg_file)
+    origin = dict.fromkeys(cfg, cfg_file)
+    if "added_tokens_decoder" not in cfg:
+        legacy = _read_json(map_file)
+        cfg.update(legacy)
+        origin.update(dict.fromkeys(legacy, map_file))
+    for key in NAMED_SPECIAL_TOKENS:
+        origin.setdefault(key, cfg_file)
+    return cfg, origin
+
+
+_REQUIRED_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _config_special_tokens(
+    cfg: Mapping[str, Any], origin: Mapping[str, Path], tk: tokenizers.Tokenizer, tk_file: Path
+) -> tuple[dict[str, str | None], dict[str, str], list[str]]:
+    """The special tokens a config names -> (named tokens, the chat template's `*_token` variables, the
+    tokens to register as special besides bos/eos/unk/pad).
+
+    As in transformers, the template sees every named token: the standard ones, the named entries of
+    an `extra_special_tokens` dict ({"image_token": "<image>"}) and any other `*_token` key; all of
+    them are special (dropped by `skip_special_tokens`). bos/eos/unk/pad and the extra special tokens
+    must be in the vocabulary; a sep/cls/mask or model-specific token that is not is only a template
+    variable (transformers would add it as a new token, which the model has no embedding for).
+    """
+    tokens = {k: _token_str(cfg.get(k), origin.get(k), k) for k in NAMED_SPECIAL_TOKENS}
+    named_extra, extra = _extra_special_tokens(cfg, origin)
+    template_tokens = {k: v for k, v in tokens.items() if v is not None}
+    template_tokens.update(named_extra)
+    for key, value in cfg.items():  # model-specific named tokens, e.g. Gemma's `image_token`
+        if key.endswith("_token") and key not in NAMED_SPECIAL_TOKENS and _is_token_value(value):
+            template_tokens[key] = _token_str(value, origin[key], key)
+    extra_key = "extra_special_tokens" if "extra_special_tokens" in cfg else "additional_special_tokens"
+    must_exist = [(origin[k], k, tokens[k]) for k in _REQUIRED_TOKENS]
+    must_exist += [(origin[extra_key], f"{extra_key}[{k!r}]", t) for k, t in named_extra.items()]
+    must_exist += [(origin[extra_key], extra_key, t) for t in extra]
+    for file, key, token in must_exist:
+        if token is not None and tk.token_to_id(token) is None:
+            raise TokenizerConfigError(f"{file}: {key} {token!r} is not in the vocabulary of {tk_file.name}")
+    optional = [t for k, t in template_tokens.items() if k not in _REQUIRED_TOKENS and tk.token_to_id(t) is not None]
+    return tokens, template_tokens, [*extra, *optional]
+
+
+def _is_token_value(value: Any) -> bool:
+    """A config value that is a token: a string or an AddedToken dict {"content": "..."}."""
+    return isinstance(value, str) or (isinstance(value, Mapping) and isinstance(value.get("content"), str))
+
+
+def _token_str(value: Any, file: Path | None = None, key: str = "token") -> str | None:
     """A special token as written in a config: a string or an AddedToken dict {"content": ...}."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"cannot read a special token from {value!r}")
+    where = f"{file}: " if file is not None else ""
+    raise TokenizerConfigError(f'{where}{key} must be a token string or {{"content": ...}}, got {value!r}')
 
 
-def _config_templates(value: Any) -> dict[str, str]:
+def _extra_special_tokens(cfg: Mapping[str, Any], origin: Mapping[str, Path]) -> tuple[dict[str, str], list[str]]:
+    """`extra_special_tokens` (or the older `additional_special_tokens`): a list of tokens, or a dict
+    of named ones ({"image_token": "<image>"}) that the chat template also sees by name."""
+    key = "extra_special_tokens" if "extra_special_tokens" in cfg else "additional_special_tokens"
+    value = cfg.get(key)
+    if not value:
+        return {}, []
+    if isinstance(value, Mapping):
+        return {str(k): _token_str(v, origin[key], f"{key}[{k!r}]") for k, v in value.items()}, []
+    if isinstance(value, list):
+        return {}, [_token_str(v, origin[key], key) for v in value if v is not None]
+    raise TokenizerConfigError(f"{origin[key]}: {key} must be a list of tokens or a dict of named ones, got {value!r}")
+
+
+def _folder_templates(d: Path, config_value: Any) -> dict[str, str]:
+    """The chat templates of a folder: chat_template.jinja and additional_chat_templates/*.jinja when
+    present (they replace the config's, as in transformers), else tokenizer_config.json's."""
+    files = sorted((d / "additional_chat_templates").glob("*.jinja"))
+    templates = {p.stem: p.read_text(encoding="utf-8") for p in files}
+    if (d / "chat_template.jinja").is_file():
+        templates["default"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
+    return templates or _config_templates(config_value, d / "tokenizer_config.json")
+
+
+def _config_templates(value: Any, file: Path | str = "tokenizer_config.json") -> dict[str, str]:
     """tokenizer_config.json's chat_template: a string or a list of {"name", "template"}."""
     if value is None:
         return {}
     if isinstance(value, str):
         return {"default": value}
-    if isinstance(value, list):
+    if isinstance(value, list) and all(isinstance(t, Mapping) and {"name", "template"} <= t.keys() for t in value):
         return {t["name"]: t["template"] for t in value}
-    raise ValueError(f"chat_template must be a string or a list of named templates, got {type(value).__name__}")
+    raise TokenizerConfigError(
+        f'{file}: chat_template must be a string or a list of {{"name": ..., "template": ...}}, got {value!r:.80}'
+    )
+
+
+def _generation_stop_ids(path: Path) -> list[int]:
+    """generation_config.json's `eos_token_id` (an id or a list of them: Llama-3 has three) as stop ids.
+
+    Ids outside the vocabulary are the constructor's error (tokenizer_files names the folder for it)."""
+    value = _read_json(path).get("eos_token_id")
+    return [value] if isinstance(value, int) else list(value or [])
 
 
 def _as_id_list(ids: Iterable[int]) -> list[int]:

@@ -55,6 +55,8 @@ def load_tokenizer_folder(directory: Path):
     try:
         tokenizer = Tokenizer.from_dir(directory)
     except Exception as e:
+        if isinstance(e, UserError):  # Tokenizer.from_dir's own errors already name the file and key
+            raise TokenizerFilesError(str(e)) from e
         if type(e) is Exception:  # the tokenizers library's (Rust) error: tokenizer.json itself
             raise TokenizerFilesError(f"{directory / 'tokenizer.json'}: not a readable tokenizer ({e})") from e
         if not isinstance(e, (ValueError, TypeError, KeyError, AttributeError, OSError)):

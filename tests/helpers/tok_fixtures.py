@@ -64,3 +64,24 @@ def gsm8k_strings(data_dir: Path, split: str = "test") -> list[str]:
             row = json.loads(line)
             out += [row["question"], row["answer"]]
     return out
+
+
+def tokenizer_variant(
+    src: Path, dest: Path, config: dict[str, Any] | None = None, files: dict[str, Any] | None = None
+) -> Path:
+    """A copy of tokenizer folder `src` at `dest`, its tokenizer_config.json updated with `config` (a key
+    set to None is removed) and more files written: {relative path: str, bytes or a JSON-able dict}."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg.update(config or {})
+    (dest / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    for name, content in (files or {}).items():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            (dest / name).write_bytes(content)
+        else:
+            (dest / name).write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
+    return dest
