@@ -658,3 +658,11 @@ def test_head_count_kv_per_layer_array(tmp_path):
     differ = GGUFCheckpoint(write_raw(tmp_path / "differ.gguf", "qwen2", tensors, kv_heads=[2, 1]))
     with pytest.raises(GGUFError, match=re.escape("differ.gguf: metadata key qwen2.attention.head_count_kv differs")):
         _ = differ.config
+
+
+def test_an_unsupported_tokenizer_fails_before_the_weights_load(tmp_path, monkeypatch):
+    tensors = {"token_embd.weight": rand(VOCAB, HIDDEN)}
+    path = write_gguf(tmp_path / "spm.gguf", "llama", tensors, tokenizer=("llama", "default"))
+    monkeypatch.setattr(GGUFCheckpoint, "tensors", lambda *a, **k: pytest.fail("weights read before the tokenizer"))
+    with pytest.raises(GGUFError, match=re.escape("spm.gguf: tokenizer.ggml.model 'llama' is not supported")):
+        load_pretrained(path)

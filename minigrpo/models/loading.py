@@ -421,9 +421,10 @@ def _load_gguf(
 
     ckpt = GGUFCheckpoint(path)
     model = _model_from_config(ckpt.config, path)
+    tokenizer = ckpt.tokenizer() if load_tokenizer else None  # an unsupported vocabulary fails before the weights
     shapes = {name: (tuple(shape), str(path)) for name, shape in ckpt.tensor_shapes().items()}
     _fill(model, (shapes, ckpt.tensors()), dtype, device, quantize)
-    return model, ckpt.tokenizer() if load_tokenizer else None
+    return model, tokenizer
 
 
 def _tokenizer_dir(directory: Path, *, required: bool) -> Path | None:
