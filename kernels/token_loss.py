@@ -17,7 +17,8 @@ two arms of the min are equal each gets half of it. So, per token,
     d pg / d logp = -is_weight * A * rho * [|d| <= C] * (w_cap [rho <= delta] + w_clip [lo <= rho <= hi])
     d kl / d logp = -(exp(x) - 1) * [ref - logp <= C]
 with (w_cap, w_clip) = (1, 0) where the capped arm is the smaller, (0, 1) where the clipped one
-is, (1/2, 1/2) on a tie.
+is, (1/2, 1/2) on a tie. A NaN log-ratio or KL log-ratio gives a NaN loss, as under torch (the
+kernel's min/max propagate NaN: compiled, Triton's default would return the other operand).
 
 Why a kernel: the fused LM head (policy_head.py) needs d loss / d logp of each block of tokens
 before it can turn the block's logits into their gradient. Autograd over grpo.token_terms gets it
@@ -101,19 +102,24 @@ def _clipped_token_loss_kernel(
         d = lp - tl.load(old_ptr + offs, mask=live, other=0.0)
     else:
         d = tl.zeros_like(lp)
-    rho = tl.exp(tl.minimum(tl.maximum(d, -C), C))
+    # min/max propagate NaN as torch's clamp and minimum do: the compiled default (maxnum) would turn a
+    # NaN log-prob into a finite loss on the GPU (the interpreter's numpy propagates it either way).
+    # The enum is spelled out in each call: assigned to a local, the compiler would make it a tensor.
+    d_lo = tl.maximum(d, -C, propagate_nan=tl.PropagateNan.ALL)
+    rho = tl.exp(tl.minimum(d_lo, C, propagate_nan=tl.PropagateNan.ALL))
     drho = tl.where((d >= -C) & (d <= C), rho, 0.0)
     if HAS_DELTA:
-        capped = tl.minimum(rho, delta)
+        capped = tl.minimum(rho, delta, propagate_nan=tl.PropagateNan.ALL)
         capped_slope = tl.where(rho <= delta, 1.0, 0.0)
     else:
         capped = rho
         capped_slope = tl.full(rho.shape, 1.0, tl.float32)
     capped_arm = capped * A
-    clipped_arm = tl.minimum(tl.maximum(rho, lo), hi) * A
+    rho_lo = tl.maximum(rho, lo, propagate_nan=tl.PropagateNan.ALL)
+    clipped_arm = tl.minimum(rho_lo, hi, propagate_nan=tl.PropagateNan.ALL) * A
     w_cap = tl.where(capped_arm < clipped_arm, 1.0, tl.where(capped_arm == clipped_arm, 0.5, 0.0))
     clip_slope = tl.where((rho >= lo) & (rho <= hi), 1.0, 0.0)
-    loss = -tl.minimum(capped_arm, clipped_arm)
+    loss = -tl.minimum(capped_arm, clipped_arm, propagate_nan=tl.PropagateNan.ALL)
     grad = -A * drho * (w_cap * capped_slope + (1.0 - w_cap) * clip_slope)
     if HAS_ISW:
         isw = tl.load(isw_ptr + offs, mask=live, other=0.0)
@@ -121,7 +127,7 @@ def _clipped_token_loss_kernel(
         grad = grad * isw
     if HAS_REF:
         x = tl.load(ref_ptr + offs, mask=live, other=0.0) - lp
-        xc = tl.minimum(x, C)
+        xc = tl.minimum(x, C, propagate_nan=tl.PropagateNan.ALL)
         e = tl.exp(xc)
         loss = loss + beta * (e - xc - 1.0)
         grad = grad + beta * tl.where(x <= C, 1.0 - e, 0.0)

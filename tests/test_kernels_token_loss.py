@@ -127,3 +127,36 @@ def test_empty():
         torch.zeros(0), torch.zeros(0), torch.zeros(0), epsilon=0.2, epsilon_high=0.2, log_ratio_clamp=C, impl="triton"
     )
     assert loss.shape == grad.shape == (0,)
+
+
+@pytest.fixture
+def gpu_min_max(monkeypatch):
+    """The interpreter with the GPU's float min/max: Triton's default maxnum/minnum compile to PTX
+    max.f32/min.f32, which return the non-NaN operand, where the interpreter's numpy propagates NaN.
+    (tl.maximum(..., propagate_nan=ALL) goes through create_maximumf, left as it is.)"""
+    import numpy as np
+    from helpers.kernel_checks import need_interpreter
+    from triton.runtime import interpreter
+
+    need_interpreter()
+    builder = interpreter.InterpreterBuilder
+    monkeypatch.setattr(builder, "create_maxnumf", lambda self, x, y: self.binary_op(x, y, np.fmax))
+    monkeypatch.setattr(builder, "create_minnumf", lambda self, x, y: self.binary_op(x, y, np.fmin))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on -inf - -inf
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_nan_log_ratios_give_nan_losses_as_autograd(impl, gpu_min_max):
+    # a NaN policy, old or reference log-prob (or -inf - -inf) makes grpo's loss NaN; the kernel must
+    # not clamp it into a finite ratio or KL term (with the GPU's min/max it gave 4.9e7 * beta * w)
+    opts, inputs = _inputs("two_sided_is_kl", "cpu", n=64)
+    nan = float("nan")
+    inputs["logp"][10] = nan
+    inputs["old_logp"][11] = nan
+    inputs["ref_logp"][12] = nan
+    inputs["logp"][13] = inputs["old_logp"][13] = float("-inf")
+    want_loss, want_grad = _spec(opts, **inputs)
+    assert want_loss[10:14].isnan().all() and want_loss[14:].isfinite().all()
+    loss, grad = clipped_token_loss_and_grad(**inputs, **_kernel_opts(opts), impl=impl)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-6, equal_nan=True)
