@@ -208,8 +208,8 @@ def test_unknown_tensor_and_tokenizer_errors(tmp_path):
     ckpt = GGUFCheckpoint(write_gguf(tmp_path / "b.gguf", "llama", tensors, tokenizer=("gpt2", "deepseek-coder")))
     with pytest.raises(GGUFError, match=re.escape("tokenizer.ggml.pre 'deepseek-coder' is not supported")):
         ckpt.tokenizer()
-    ckpt = GGUFCheckpoint(write_gguf(tmp_path / "c.gguf", "llama", tensors, tokenizer=("llama", "default")))
-    with pytest.raises(GGUFError, match=re.escape("tokenizer.ggml.model 'llama' is not supported")):
+    ckpt = GGUFCheckpoint(write_gguf(tmp_path / "c.gguf", "llama", tensors, tokenizer=("t5", "default")))
+    with pytest.raises(GGUFError, match=re.escape("c.gguf: tokenizer.ggml.model 't5' is not supported")):
         ckpt.tokenizer()
 
 
@@ -228,7 +228,8 @@ HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 32, 4, 2, 24, 300
 
 
 def write_gguf(path: Path, arch: str, tensors: dict, *, kv: dict | None = None, tokenizer=None, heads=HEADS) -> Path:
-    """A GGUF with the metadata the reader needs; tensors as (out, in) numpy arrays or (array, qtype)."""
+    """A GGUF with the metadata the reader needs; tensors as (out, in) numpy arrays or (array, qtype).
+    `tokenizer`: add_tokenizer's arguments as a tuple, or a function that writes the tokenizer keys."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
@@ -247,7 +248,9 @@ def write_gguf(path: Path, arch: str, tensors: dict, *, kv: dict | None = None, 
             w.add_float32(key, value)
         else:
             w.add_uint32(key, value)
-    if tokenizer is not None:
+    if callable(tokenizer):
+        tokenizer(w)
+    elif tokenizer is not None:
         add_tokenizer(w, *tokenizer)
     for name, t in tensors.items():
         if isinstance(t, tuple):
@@ -662,7 +665,184 @@ def test_head_count_kv_per_layer_array(tmp_path):
 
 def test_an_unsupported_tokenizer_fails_before_the_weights_load(tmp_path, monkeypatch):
     tensors = {"token_embd.weight": rand(VOCAB, HIDDEN)}
-    path = write_gguf(tmp_path / "spm.gguf", "llama", tensors, tokenizer=("llama", "default"))
+    path = write_gguf(tmp_path / "t5.gguf", "llama", tensors, tokenizer=("t5", "default"))
     monkeypatch.setattr(GGUFCheckpoint, "tensors", lambda *a, **k: pytest.fail("weights read before the tokenizer"))
-    with pytest.raises(GGUFError, match=re.escape("spm.gguf: tokenizer.ggml.model 'llama' is not supported")):
+    with pytest.raises(GGUFError, match=re.escape("t5.gguf: tokenizer.ggml.model 't5' is not supported")):
         load_pretrained(path)
+
+
+# ---- SentencePiece ("llama") vocabularies: Llama 2, Mistral, Phi-3 --------------------------------------------
+
+# (piece, score): "▁" starts a word. Equal scores (ab/bc, xy/yz) and a piece with two cuts (xyz) exercise
+# how merges are ranked from scores; no piece covers "i", "s", "😀", "中" ...: byte fallback.
+SPM_PIECES = [
+    *[("▁", -1.0), ("▁t", -2.0), ("he", -3.0), ("▁the", -4.0), ("▁a", -5.0), ("ll", -6.0), ("▁w", -7.0)],
+    *[("or", -8.0), ("ld", -9.0), ("▁wor", -10.0), ("▁world", -11.0), ("▁he", -12.0), ("▁hell", -13.0)],
+    *[("▁hello", -14.0), ("ab", -20.0), ("bc", -20.0), ("▁▁", -21.0), ("▁▁▁▁", -22.0), ("12", -23.0)],
+    *[("123", -24.0), ("▁1", -25.0), ("ca", -26.0), ("▁ca", -27.0), ("▁caf", -28.0), ("▁café", -29.0)],
+    *[("xyz", -30.0), ("xy", -31.0), ("yz", -31.0), ("ü", -32.0), ("▁ü", -33.0)],
+    *[(c, -100.0 - i) for i, c in enumerate("abcdefhlortwxyz123é")],
+]
+SPM_ADDED = [("<|user|>", 4), ("<tool>", 4), ("<|end|>", 3)]  # USER_DEFINED, USER_DEFINED, CONTROL
+SPM_TOKENS = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)], *(p for p, _ in SPM_PIECES)]
+SPM_TOKENS += [t for t, _ in SPM_ADDED]
+SPM_TEXTS = [
+    *["hello world", " hello world", "hello world ", "  hello   world  ", "the\nworld\n\n", "\n", " ", ""],
+    *["abc xyz 123 1234 12", "café über naïve", "emoji 😀 and 🇫🇷 flags", "中文 text", "tab\there\r\n"],
+    *["<s>hello</s>", "a<|user|>b <tool> c<|end|>", "<unk> <s> </s>", "<|user|>\n hi <|end|>\n"],
+]
+SPM_TEMPLATE = "{% for m in messages %}{{ bos_token }}<|user|>{{ m.content }}<|end|>{% endfor %}"
+
+
+def add_spm_tokenizer(w, add_bos: bool | None = None, add_eos: bool | None = None, scores: bool = True) -> None:
+    """A SentencePiece vocabulary as llama.cpp writes it: <unk>, <s>, </s>, the 256 BYTE tokens, scored
+    pieces, two USER_DEFINED tokens and one CONTROL token; no merges."""
+    types = [2, 3, 3, *[6] * 256, *[1] * len(SPM_PIECES), *(ty for _, ty in SPM_ADDED)]
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(SPM_TOKENS)
+    if scores:
+        w.add_token_scores([0.0] * 259 + [s for _, s in SPM_PIECES] + [0.0] * len(SPM_ADDED))
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_space_prefix(True)
+    w.add_chat_template(SPM_TEMPLATE)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if add_eos is not None:
+        w.add_add_eos_token(add_eos)
+
+
+def write_spm_gguf(path: Path, arch: str = "llama", tensors: dict | None = None, kv=None, **options) -> Path:
+    tensors = tensors or {"token_embd.weight": rand(len(SPM_TOKENS), HIDDEN)}
+    return write_gguf(path, arch, tensors, kv=kv, tokenizer=lambda w: add_spm_tokenizer(w, **options))
+
+
+def hf_gguf_tokenizer(path: Path):
+    """transformers' tokenizer of the same file: the reference."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def assert_tokenizes_like(ours, ref, texts) -> None:
+    """Same ids (with and without special tokens) and the same decoded text (with and without them)."""
+    for text in texts:
+        for special in (True, False):
+            ids = ref.encode(text, add_special_tokens=special)
+            assert ours.encode(text, add_special_tokens=special) == ids, (text, special)
+            for skip in (False, True):
+                got, want = ours.decode(ids, skip_special_tokens=skip), ref.decode(ids, skip_special_tokens=skip)
+                assert got == want, (text, special, skip)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path, arch):
+    path = write_spm_gguf(tmp_path / f"{arch}.gguf", arch)
+    tok, ref = GGUFCheckpoint(path).tokenizer(), hf_gguf_tokenizer(path)
+    assert_tokenizes_like(tok, ref, SPM_TEXTS)
+    assert len(tok) == len(ref) == len(SPM_TOKENS)
+
+    pieces = lambda s: [tok.id_to_token(i) for i in tok.encode(s, add_special_tokens=False)]
+    assert pieces("hello world") == ["▁hello", "▁world"]
+    assert pieces("xabc xyz") == ["▁", "x", "ab", "c", "▁", "xyz"]  # ab before bc (equal scores); xy+z, not x+yz
+    assert pieces("hi 😀") == ["▁", "h", "<0x69>", "▁", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    # the prefix space: Metaspace adds it at the start of the text only, Phi-3's normalizer to every text
+    # piece between added tokens
+    assert pieces(" hello") == (["▁", "▁hello"] if arch == "phi3" else ["▁hello"])
+    assert pieces("a<|user|>b<|end|>") == ["▁a", "<|user|>", *(["▁"] if arch == "phi3" else []), "b", "<|end|>"]
+    for text in ("hello world", "café über naïve\n😀 中文"):
+        assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
+    spaced = "a<|user|> b" if arch == "phi3" else "a<|user|>b"  # Phi-3 prefixes every text piece
+    assert tok.decode(tok.encode("a<|user|>b"), skip_special_tokens=True) == spaced
+    assert tok.decode(tok.encode("a<|end|>"), skip_special_tokens=True) == "a"  # CONTROL is special
+
+
+def test_sentencepiece_special_tokens_and_template(tmp_path):
+    tok = GGUFCheckpoint(write_spm_gguf(tmp_path / "spm.gguf")).tokenizer()
+    assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == ("<s>", "</s>", "<unk>", "</s>")
+    end = SPM_TOKENS.index("<|end|>")
+    assert tok.add_bos_token and not tok.add_eos_token  # no add_bos_token key: BOS, as llama.cpp does
+    assert tok.stop_ids == (2, end) and tok.encode("hello")[:1] == [1]
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hello"}])
+    assert prompt == "<s><|user|>hello<|end|>"
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=True)
+    assert [tok.id_to_token(i) for i in ids] == ["<s>", "<|user|>", "he", "ll", "o", "<|end|>"]
+
+
+@pytest.mark.parametrize(("add_bos", "add_eos"), [(False, None), (True, True), (False, True)])
+def test_sentencepiece_add_bos_add_eos_metadata(tmp_path, add_bos, add_eos):
+    path = write_spm_gguf(tmp_path / "flags.gguf", add_bos=add_bos, add_eos=add_eos)
+    tok, ref = GGUFCheckpoint(path).tokenizer(), hf_gguf_tokenizer(path)
+    assert (tok.add_bos_token, tok.add_eos_token) == (add_bos, bool(add_eos))
+    assert_tokenizes_like(tok, ref, ["hello world", "", "<s>x</s>"])
+
+
+def test_merges_from_scores_rank_like_transformers():
+    """Random pieces with many equal scores: the same merge list as transformers derives."""
+    from transformers.tokenization_utils_base import generate_merges
+
+    rng = np.random.default_rng(0)
+    alphabet = list("▁abcde")
+    tokens = list(dict.fromkeys(["".join(rng.choice(alphabet, rng.integers(1, 6))) for _ in range(600)]))
+    scores = rng.integers(-40, 0, len(tokens)).astype(float).tolist()
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ours = gguf_mod._merges_from_scores(tokens, vocab, scores)
+    assert ours == generate_merges(vocab, dict(zip(tokens, scores))) and len(ours) > 500
+
+
+def test_sentencepiece_without_scores_is_an_error(tmp_path):
+    ckpt = GGUFCheckpoint(write_spm_gguf(tmp_path / "noscores.gguf", scores=False))
+    with pytest.raises(GGUFError, match=re.escape("noscores.gguf: metadata key 'tokenizer.ggml.scores' is missing")):
+        ckpt.tokenizer()
+
+
+def spm_model_tensors(arch: str) -> dict:
+    """Every weight of a 1-layer llama or phi3 model over the SentencePiece vocabulary."""
+    dh, n = HIDDEN // HEADS, len(SPM_TOKENS)
+    norms = {"blk.0.attn_norm.weight": rand(HIDDEN) + 1, "blk.0.ffn_norm.weight": rand(HIDDEN) - 1}
+    common = {
+        "token_embd.weight": rand(n, HIDDEN),
+        "output_norm.weight": np.ones(HIDDEN, np.float32),
+        "output.weight": rand(n, HIDDEN) + 1,
+        "blk.0.attn_output.weight": rand(HIDDEN, HEADS * dh) + 2,
+        "blk.0.ffn_down.weight": rand(HIDDEN, FFN),
+        **norms,
+    }
+    if arch == "phi3":
+        return {
+            **common,
+            "blk.0.attn_qkv.weight": rand((HEADS + 2 * KV_HEADS) * dh, HIDDEN),
+            "blk.0.ffn_up.weight": rand(2 * FFN, HIDDEN),
+        }
+    return {
+        **common,
+        "blk.0.attn_q.weight": rand(HEADS * dh, HIDDEN),
+        "blk.0.attn_k.weight": rand(KV_HEADS * dh, HIDDEN) + 1,
+        "blk.0.attn_v.weight": rand(KV_HEADS * dh, HIDDEN) - 1,
+        "blk.0.ffn_gate.weight": rand(FFN, HIDDEN) + 3,
+        "blk.0.ffn_up.weight": rand(FFN, HIDDEN),
+    }
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_load_pretrained_sentencepiece_gguf(tmp_path, arch):
+    """A whole tiny model with a SentencePiece vocabulary: our load (model and tokenizer) against
+    transformers' load of the same file."""
+    from transformers import AutoModelForCausalLM
+
+    kv = {"tokenizer.ggml.padding_token_id": 0}  # transformers' Phi-3 default (32000) is past this vocab
+    path = write_spm_gguf(tmp_path / f"tiny-{arch}.gguf", arch, spm_model_tensors(arch), kv)
+    model, tok = load_pretrained(path, dtype=torch.float32)
+    ref_tok = hf_gguf_tokenizer(path)
+    assert_tokenizes_like(tok, ref_tok, SPM_TEXTS[:4] + SPM_TEXTS[-4:])
+    ids = torch.tensor([tok.encode("hello world <|user|> café 😀 123")])
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        ours, ref = model(ids), hf(ids).logits
+    assert ours.shape == (1, ids.shape[1], len(SPM_TOKENS))
+    assert (ours - ref).abs().max().item() < 1e-4

@@ -246,6 +246,24 @@ def test_unsupported_tokenizers_and_models(tmp_path, tok):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_a_sentencepiece_gguf_model_is_refused_before_writing(tmp_path, capsys):
+    """A model loaded from a SentencePiece ("llama" vocabulary) GGUF cannot be exported: one-line
+    GGUFExportError, from save_gguf and from the command line, and no file is written."""
+    from test_gguf import spm_model_tensors, write_spm_gguf
+
+    source = write_spm_gguf(tmp_path / "spm.gguf", "llama", spm_model_tensors("llama"))
+    model, spm_tok = load_pretrained(source)
+    out = tmp_path / "out.gguf"
+    with pytest.raises(GGUFExportError, match=r"^SentencePiece vocabularies .* cannot be exported to GGUF") as info:
+        export.save_gguf(model, spm_tok, out, "f16")
+    assert "\n" not in str(info.value)
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--checkpoint", str(source), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "SentencePiece vocabularies" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["spm.gguf"]
+
+
 # ---- rope scaling -------------------------------------------------------------------------------------
 
 

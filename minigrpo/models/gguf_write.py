@@ -21,6 +21,8 @@ The inverse of the reader (minigrpo/models/gguf.py), built from the reader's own
   (`tokenizer.ggml.pre`) recognised from the tokenizer's own pre-tokenizer: "gpt2" (the GPT-2
   regex), "smollm" (single digits, then the GPT-2 regex), "llama-bpe" and "qwen2" (their Split
   regexes; qwen2 with NFC). Anything else cannot be described to llama.cpp: an error, not a guess.
+  A SentencePiece vocabulary (what the reader builds from a `llama` GGUF vocabulary: BPE with byte
+  fallback) is refused too: its scores are not kept, so it could not be written back as it was read.
 
 Storage types per export type (`tensor_type`): 1-d tensors (norms, biases) and the rope tensors are
 F32 always; f16/bf16 store every 2-d weight so; q8_0 every 2-d weight as Q8_0; q4_0/q5_0 every 2-d
@@ -280,6 +282,11 @@ def tokenizer_vocab(tokenizer: Any, n_vocab: int) -> GGUFVocab:
     spec = json.loads(tokenizer.backend.to_str())
     model = spec.get("model") or {}
     decoder = spec.get("decoder") or {}
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        raise GGUFExportError(
+            "SentencePiece vocabularies (BPE with byte fallback, as read from a 'llama' GGUF vocabulary: "
+            "Llama 2, Mistral, Phi-3) cannot be exported to GGUF; only byte-level BPE ('gpt2') can"
+        )
     if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
         raise GGUFExportError(
             f"only byte-level BPE tokenizers can be exported to GGUF; this one is {model.get('type')} with a "
