@@ -44,15 +44,19 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from minigrpo.errors import UserError
+
+T = TypeVar("T")
 STRATEGIES = ("fsdp", "ddp")
 BUCKET_BYTES = 256 * 1024**2  # fp32 gradient bytes per all-reduce of the ddp strategy
 
@@ -101,6 +105,19 @@ class World:
 def env_world_size() -> int:
     """WORLD_SIZE as set by torchrun (1 when unset)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def checked_on_every_rank(check: Callable[[], T], wait_s: float = 60.0) -> T:
+    """`check()`, a check every rank makes alike (the config and the files, before any weights load),
+    with its UserError printed once: by rank 0, which then exits, and torchrun stops the other ranks
+    while they wait. A rank > 0 reports its error itself only if it is still running after wait_s
+    (rank 0 found nothing: an error of this rank's alone)."""
+    try:
+        return check()
+    except UserError:
+        if int(os.environ.get("RANK", "0")) > 0:
+            time.sleep(wait_s)
+        raise
 
 
 def init_world(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0) -> World:
@@ -329,7 +346,9 @@ def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
 
     Sharded (DTensor, FSDP2) gradients contribute the sum of squares of their local shards, summed
     over ranks with one all-reduce; replicated gradients count once. Give the parameters as they
-    are after backward (FSDP2 swaps parameter objects between sharded and unsharded states).
+    are after backward (FSDP2 swaps parameter objects between sharded and unsharded states). A
+    non-finite norm leaves the gradients as torch's clip_grad_norm_ does (inf: scaled by 0; NaN: all NaN),
+    so a diverged step is the same under one process and several ranks.
     """
     from torch.distributed.tensor import DTensor, Replicate
 
@@ -348,7 +367,7 @@ def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
         squares += g.double().square().sum().to(device)
     norm = float(squares.sqrt())
     scale = max_norm / (norm + 1e-6)
-    if scale < 1.0:
+    if not scale >= 1.0:  # a NaN norm scales by NaN too, as torch.nn.utils.clip_grad_norm_ (one process) does
         for g in grads:
             (g.to_local() if isinstance(g, DTensor) else g).mul_(scale)
     return norm

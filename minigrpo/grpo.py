@@ -150,7 +150,7 @@ class LossNormalizer:
     num_sequences: rows in the step, all ranks (grpo, dr_grpo), fully masked rows included.
     num_tokens: active (mask 1) tokens in the step, all ranks (dapo).
     max_completion_length: the dr_grpo constant (the configured maximum, not a batch's padded Tc).
-    num_micro_batches: micro-batches per rank in the step (bnpo only).
+    num_micro_batches: micro-batches in the step, all ranks (bnpo only; a rank without rows has none).
     world_size: ranks whose gradients data parallelism AVERAGES; the global-sum losses are multiplied
         by it so the averaged gradient is the global sum over the global totals. 1 without DDP.
     """
@@ -169,7 +169,8 @@ class LossNormalizer:
         """
         import torch.distributed as dist
 
-        counts = torch.tensor([self.num_sequences, self.num_tokens], dtype=torch.int64, device=device)
+        totals = [self.num_sequences, self.num_tokens, self.num_micro_batches]
+        counts = torch.tensor(totals, dtype=torch.int64, device=device)
         length = torch.tensor([self.max_completion_length], dtype=torch.int64, device=device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
         dist.all_reduce(length, op=dist.ReduceOp.MAX, group=group)
@@ -177,6 +178,7 @@ class LossNormalizer:
             self,
             num_sequences=int(counts[0]),
             num_tokens=int(counts[1]),
+            num_micro_batches=int(counts[2]),
             max_completion_length=int(length[0]),
             world_size=dist.get_world_size(group),
         )
@@ -352,7 +354,7 @@ def token_weights(mask: Tensor, normalizer: LossNormalizer) -> Tensor:
         return m / max(n.num_sequences * n.max_completion_length, 1) * n.world_size
     if n.loss_type == "dapo":
         return m / max(n.num_tokens, 1) * n.world_size
-    return m / m.sum().clamp(min=1) / n.num_micro_batches  # bnpo
+    return m / m.sum().clamp(min=1) / max(n.num_micro_batches, 1) * n.world_size  # bnpo
 
 
 def policy_loss(

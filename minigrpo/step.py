@@ -370,7 +370,7 @@ def update_phase(
         mask,
         opts.loss_type,
         max_completion_length=opts.max_completion_length,
-        num_micro_batches=max(math.ceil(r.num_sequences / size), 1),
+        num_micro_batches=math.ceil(r.num_sequences / size),  # bnpo: summed over the ranks
     )
     if world.distributed:
         normalizer = normalizer.all_reduce(device=world.device)

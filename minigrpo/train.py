@@ -47,7 +47,7 @@ from minigrpo.algorithms import update_fn
 from minigrpo.bookkeeping import open_logger, save
 from minigrpo.build import Run, build_run, check_before_loading, pick_device
 from minigrpo.config import Config, config_from_args
-from minigrpo.distributed import close_world, env_world_size, full_weights, init_world
+from minigrpo.distributed import checked_on_every_rank, close_world, env_world_size, full_weights, init_world
 from minigrpo.errors import run_cli
 from minigrpo.step import (
     logprobs_phase,
@@ -73,7 +73,8 @@ def train(cfg: Config) -> list[dict[str, Any]]:
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; see the module docstring.
     """
-    resume, specs, examples = check_before_loading(cfg, env_world_size())  # before any weights load
+    # before any weights load; under torchrun every rank checks, rank 0 alone prints a mistake
+    resume, specs, examples = checked_on_every_rank(lambda: check_before_loading(cfg, env_world_size()))
     world = init_world(pick_device(cfg.run.device), cfg.distributed.backend, cfg.distributed.timeout_s)
     try:
         return loop(build_run(cfg, world, resume, specs, examples))

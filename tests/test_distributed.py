@@ -35,20 +35,25 @@ def base_config(tmp_path: Path, name: str, device: str = "cpu", **sections) -> d
         log={"sample_every": 1},
         checkpoint={"save_final": True},
     )
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
+    for section, values in sections.items():  # a dict updates its section, a list (rewards) replaces it
+        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
     return cfg
 
 
-def run(tmp_path: Path, cfg: dict, nproc: int, *extra: str) -> subprocess.CompletedProcess:
-    """Train `cfg` in one process, or in `nproc` ranks under torchrun; raises with the output on failure."""
+def launch(tmp_path: Path, cfg: dict, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    """Train `cfg` in one process, or in `nproc` ranks under torchrun; the finished process, failed or not."""
     path = tmp_path / f"{cfg['run']['name']}-{nproc}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [sys.executable, *launcher, "-m", "minigrpo.train", "--config", str(path), *extra]
     env = cli_env({"OMP_NUM_THREADS": "1"})
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run(tmp_path: Path, cfg: dict, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    """`launch`, raising with the output on failure."""
+    done = launch(tmp_path, cfg, nproc, *extra)
+    assert done.returncode == 0, f"{' '.join(done.args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done
 
 
@@ -102,7 +107,23 @@ CASES = {
         "grpo": {"loss_type": "dr_grpo", "beta": 0.05},
         "train": {"lr": 0.05},
     },
+    # LoRA where a rank trains on nothing: only odd answers have a reward spread, so dynamic sampling
+    # drops every even group (step 2 of seed 0 keeps one group of 2 prompts: one rank holds no row and
+    # makes no backward); 2-row micro-batches (gradient accumulation) and a clipped global norm
+    # (max_grad_norm 0.01 is far below every step's norm). Adam's eps 1e-5: see test_ppo_distributed
+    "lora-rank-without-rows": {
+        "lora": {"enabled": True, "r": 4, "alpha": 8},
+        "grpo": {"prompts_per_step": 2, "dynamic_sampling": True, "max_resample_rounds": 2, "loss_type": "grpo"},
+        "train": {"lr": 0.05, "micro_batch_size": 2, "max_grad_norm": 0.01, "eps": 1e-5},
+        "rewards": [{"name": "test_distributed:odd_answer_length"}],
+    },
 }
+
+
+def odd_answer_length(prompts: list, completions: list[str], answers: list, **_) -> list[float]:
+    """A reward with a spread only where the answer is odd (len(completion) / 10); 0 for even answers,
+    whose groups dynamic sampling then always drops (the ranks get unequal shares, even none)."""
+    return [len(c) / 10 if int(a) % 2 else 0.0 for c, a in zip(completions, answers)]
 
 
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL)")
@@ -113,8 +134,14 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, TWO_GPUS])]  # gl
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_ranks_train_exactly_like_one_process(tmp_path, case, device):
     """fp32 on both devices: one process and two ranks then differ only in summation order."""
-    one = base_config(tmp_path, f"{case}-1", device, **CASES[case])
-    two = base_config(tmp_path, f"{case}-2", device, **CASES[case])
+    assert_two_ranks_train_like_one_process(tmp_path, case, CASES[case], device)
+
+
+def assert_two_ranks_train_like_one_process(tmp_path: Path, case: str, sections: dict, device: str = "cpu") -> None:
+    """Train `sections` in one process and in two ranks: the final weights agree within TOL and every
+    logged metric (timings aside) of every step within 1e-4 relative; only rank 0 prints the table."""
+    one = base_config(tmp_path, f"{case}-1", device, **sections)
+    two = base_config(tmp_path, f"{case}-2", device, **sections)
     run(tmp_path, one, 1)
     out = run(tmp_path, two, 2)
     start = load_file(tmp_path / "model" / "model.safetensors")
@@ -129,6 +156,31 @@ def test_two_ranks_train_exactly_like_one_process(tmp_path, case, device):
                 continue
             assert r2[key] == pytest.approx(v1, rel=1e-4, abs=1e-5), f"step {r1['step']}: {key}"
     assert out.stdout.count("  step  reward") == 1, "the table header was printed by more than one rank"
+
+
+def test_bnpo_on_two_ranks_trains_like_one_process(tmp_path):
+    """bnpo averages per-micro-batch token means over the step's micro-batches. 3 prompts x 4 on two
+    ranks give them 4 and 8 rows, so their 2-row micro-batches are exactly one process's 6: the
+    gradient must be the same (one process: each over 6; measured before the fix: each rank over its
+    own 2 or 4, then averaged over the ranks: weights 0.058 apart after 3 steps; with max_grad_norm
+    0.01 the loss of step 1 is -0.0884 instead of -0.0649)."""
+    sections = {
+        "grpo": {"prompts_per_step": 3, "loss_type": "bnpo"},
+        "train": {"micro_batch_size": 2, "eps": 1e-5},
+        "rewards": [{"name": "helpers.reward_fns:length_ratio"}],  # a spread in every group: a gradient at once
+    }
+    assert_two_ranks_train_like_one_process(tmp_path, "bnpo", sections)
+
+
+def test_a_config_that_cannot_be_split_fails_with_one_line(tmp_path):
+    """1 prompt per step on 2 ranks: one `error:` line naming the setting, before any weights load."""
+    cfg = base_config(tmp_path, "unsplittable", grpo={"prompts_per_step": 1})
+    done = launch(tmp_path, cfg, 2)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0
+    assert not (tmp_path / "runs" / "unsplittable").exists(), "the run started before the check"
+    assert errors and all("grpo.prompts_per_step (1)" in line for line in errors), done.stderr[-3000:]
+    assert len(errors) == 1, f"the error was printed {len(errors)} times:\n" + "\n".join(errors)
 
 
 def test_checkpoints_resume_on_another_number_of_ranks(tmp_path):
@@ -179,6 +231,23 @@ def test_clip_grad_norm_measures_and_clips_the_global_norm():
     assert clip_grad_norm([a, b], 1.0) == pytest.approx(5.0)
     assert torch.cat([a.grad, b.grad]).norm().item() == pytest.approx(1.0, rel=1e-5)
     assert clip_grad_norm([a, b], float("inf")) == pytest.approx(1.0, rel=1e-5)  # measure only
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_clip_grad_norm_treats_a_non_finite_norm_like_torch(bad):
+    """The ranks clip with clip_grad_norm, one process with torch.nn.utils.clip_grad_norm_: a NaN or
+    inf gradient must leave the same gradients in both (NaN norm: every gradient NaN; inf: scaled by 0)."""
+    ours = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    theirs = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    for p, q in zip(ours, theirs):
+        p.grad = torch.arange(1.0, p.numel() + 1)
+        q.grad = p.grad.clone()
+    ours[0].grad[0] = theirs[0].grad[0] = bad
+    norm = clip_grad_norm(ours, 1.0)
+    expected = float(torch.nn.utils.clip_grad_norm_(theirs, 1.0))
+    assert norm == pytest.approx(expected, nan_ok=True)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p.grad, q.grad, equal_nan=True, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
