@@ -93,18 +93,22 @@ def _tile_grad_ref(z, tgt, v0, inv_t, m, log_s, ent, g, ge) -> None:
     """Overwrite logits tile z (r, c) with dz (see the module docstring); g, ge are 0 on ignored rows.
 
     m, log_s (r,): the row's max and log sum exp(a - m); log p = (a - m) - log_s (see _finish_rows).
+    At most two fp32 tiles live at once (log p, then p - onehot beside it).
     """
-    a = _acc(z) * inv_t  # (r, c) fp32
-    logp = (a - m[:, None]) - log_s[:, None]  # (r, c)
-    p = torch.exp(logp)
-    q = p.clone()  # p - onehot(target): expm1(logp) at the target, exact for p_target near 1
+    logp = _acc(z) * inv_t  # (r, c) fp32: a = z / T
+    logp.sub_(m[:, None]).sub_(log_s[:, None])  # log p
     local = tgt - v0
     rows = torch.nonzero((local >= 0) & (local < z.shape[1])).squeeze(1)
-    q[rows, local[rows]] = torch.expm1(logp[rows, local[rows]])
-    dz = -g[:, None] * q
+    cols = local[rows]
+    at_target = torch.expm1(logp[rows, cols])  # (k,) p - 1 at the target: exact for p_target near 1
+    dz = logp.exp()  # (r, c) p
     if ge is not None:
-        dz -= ge[:, None] * p * (logp + ent[:, None])
-    z.copy_(dz * inv_t)
+        logp.add_(ent[:, None]).mul_(dz).mul_(ge[:, None])  # ge p (log p + entropy), in logp's memory
+    dz[rows, cols] = at_target  # p - onehot(target)
+    dz.mul_(-g[:, None])
+    if ge is not None:
+        dz.sub_(logp)
+    z.copy_(dz.mul_(inv_t))
 
 
 # ----------------------------------------------------------------------------------------------

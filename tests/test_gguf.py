@@ -15,6 +15,7 @@ from helpers.tok_fixtures import gsm8k_strings, smollm2_checkpoint
 
 from minigrpo.errors import UserError
 from minigrpo.models import gguf as gguf_mod
+from minigrpo.models import gguf_vocab
 from minigrpo.models.gguf import GGUFCheckpoint, GGUFError, packaged_gguf, unpermute_qk
 from minigrpo.models.gguf_header import GGUFHeader, read_gguf_header
 from minigrpo.models.loading import check_model_source, load_pretrained
@@ -791,7 +792,7 @@ def test_merges_from_scores_rank_like_transformers():
     tokens = list(dict.fromkeys(["".join(rng.choice(alphabet, rng.integers(1, 6))) for _ in range(600)]))
     scores = rng.integers(-40, 0, len(tokens)).astype(float).tolist()
     vocab = {t: i for i, t in enumerate(tokens)}
-    ours = gguf_mod._merges_from_scores(tokens, vocab, scores)
+    ours = gguf_vocab._merges_from_scores(tokens, vocab, scores)
     assert ours == generate_merges(vocab, dict(zip(tokens, scores))) and len(ours) > 500
 
 

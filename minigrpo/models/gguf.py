@@ -19,10 +19,8 @@ Facts of the format this module relies on:
 * Storage types: those `gguf.quants.dequantize` reads (`READABLE_TYPES`), checked when the file is
   opened; a tensor with inf/nan values (a corrupt block scale) is an error naming it. Big-endian files
   hold F32/F16 data byte-swapped (quantized blocks as in little-endian files): swapped back here.
-* Tokenizers: `tokenizer.ggml.model == "gpt2"` is byte-level BPE (tokens, merges, token types);
-  `tokenizer.ggml.pre` names llama.cpp's pre-tokenizer regex set, rebuilt here with `tokenizers`.
-  `"llama"` is a SentencePiece vocabulary (Llama 2, Mistral, Phi-3: pieces with scores, `<0xNN>` byte
-  tokens for byte fallback), rebuilt as transformers rebuilds it (see `_sentencepiece_backend`).
+* Tokenizers: rebuilt from `tokenizer.ggml.*` by minigrpo/models/gguf_vocab.py (byte-level BPE and
+  SentencePiece vocabularies).
 """
 
 from __future__ import annotations
@@ -80,30 +78,6 @@ _ROPE_TENSORS = {
     "phi3": ("rope_factors_long.weight", "rope_factors_short.weight"),
 }
 
-# Pre-tokenizer regexes (as in the models' own tokenizer.json) for tokenizer.ggml.pre values; "gpt2"
-# and "smollm" use ByteLevel's built-in GPT-2 regex.
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3")
-# End-of-text / end-of-turn control tokens of common chat formats: generation stops on any of them
-# (llama.cpp does the same), on top of the eos/eot/eom ids in the metadata.
-_END_TOKENS = (
-    "<|endoftext|>",
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end_of_text|>",
-    "<|end|>",
-    "<end_of_turn>",
-)
-_SPACE = "\u2581"  # SentencePiece's visible space
-_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 2, 3, 4
 # ggml storage types `gguf.quants.dequantize` turns into float32 (by name, so the list reads without
 # importing gguf). Others (Q8_1/Q8_K: ggml's transient dot-product types; I8..I64/F64: integer or
 # double data, never weights) are refused when the file is opened, before any weight is read.
@@ -160,7 +134,7 @@ class GGUFCheckpoint:
             raise GGUFError(
                 f"{self.path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})"
             ) from e
-        self.architecture: str = self._require("general.architecture")
+        self.architecture: str = self.require("general.architecture")
         if self.architecture not in ARCHITECTURES:
             raise GGUFError(
                 f"{self.path}: architecture {self.architecture!r} is not supported "
@@ -195,7 +169,8 @@ class GGUFCheckpoint:
             value = float(str(np.float32(value)))  # 9.99999975e-06 -> 1e-05, as the HF config had it
         return value
 
-    def _require(self, key: str) -> Any:
+    def require(self, key: str) -> Any:
+        """A metadata value that must be there; a GGUFError naming the key when it is not."""
         value = self.get(key)
         if value is None:
             raise GGUFError(f"{self.path}: metadata key {key!r} is missing")
@@ -218,8 +193,8 @@ class GGUFCheckpoint:
     def config(self) -> dict[str, Any]:
         """The model's config in HF config.json form."""
         arch = self.architecture
-        hidden = int(self._require(f"{arch}.embedding_length"))
-        n_heads = int(self._require(f"{arch}.attention.head_count"))
+        hidden = int(self.require(f"{arch}.embedding_length"))
+        n_heads = int(self.require(f"{arch}.attention.head_count"))
         n_kv = self._per_layer_count("attention.head_count_kv", n_heads)
         head_dim = int(self._arch("attention.key_length") or hidden // n_heads)
         rope_dim = int(self._arch("rope.dimension_count") or head_dim)
@@ -230,15 +205,15 @@ class GGUFCheckpoint:
             "model_type": arch,
             "hidden_act": "silu",
             "hidden_size": hidden,
-            "intermediate_size": int(self._require(f"{arch}.feed_forward_length")),
-            "num_hidden_layers": int(self._require(f"{arch}.block_count")),
+            "intermediate_size": int(self.require(f"{arch}.feed_forward_length")),
+            "num_hidden_layers": int(self.require(f"{arch}.block_count")),
             "num_attention_heads": n_heads,
             "num_key_value_heads": int(n_kv),
             "head_dim": head_dim,
-            "rms_norm_eps": float(self._require(f"{arch}.attention.layer_norm_rms_epsilon")),
+            "rms_norm_eps": float(self.require(f"{arch}.attention.layer_norm_rms_epsilon")),
             "rope_theta": float(self._arch("rope.freq_base", 10000.0)),
             "rope_scaling": self._rope_scaling(head_dim),
-            "max_position_embeddings": int(self._require(f"{arch}.context_length")),
+            "max_position_embeddings": int(self.require(f"{arch}.context_length")),
             "vocab_size": shapes["model.embed_tokens.weight"][0],
             "tie_word_embeddings": "lm_head.weight" not in shapes,
             "bos_token_id": self.get("tokenizer.ggml.bos_token_id"),
@@ -392,159 +367,10 @@ class GGUFCheckpoint:
     # ---- tokenizer ---------------------------------------------------------------------------------
 
     def tokenizer(self) -> Tokenizer:
-        """Rebuild the tokenizer from metadata: the vocabulary model (see `_byte_level_backend` and
-        `_sentencepiece_backend`), then token types, special ids, add_bos/add_eos and chat templates."""
-        kind = self._require("tokenizer.ggml.model")
-        if kind not in ("gpt2", "llama"):
-            raise GGUFError(
-                f"{self.path}: tokenizer.ggml.model {kind!r} is not supported "
-                "(only 'gpt2' byte-level BPE and 'llama' SentencePiece)"
-            )
-        tokens: list[str] = self._require("tokenizer.ggml.tokens")
-        vocab = self._token_ids(tokens)
-        if kind == "gpt2":
-            tk = self._byte_level_backend(vocab)
-            add_bos_default = self.get("tokenizer.ggml.pre", "default") in _LLAMA3_PRES
-        else:
-            tk = self._sentencepiece_backend(tokens, vocab)
-            add_bos_default = True  # llama.cpp and transformers add BOS unless the file says otherwise
-        return self._wrap_tokenizer(tk, tokens, add_bos_default)
+        """The tokenizer rebuilt from the metadata (minigrpo/models/gguf_vocab.py)."""
+        from .gguf_vocab import build_tokenizer
 
-    def _token_ids(self, tokens: list[str]) -> dict[str, int]:
-        """token -> id; a token listed twice is an error (one of its ids could never be produced)."""
-        vocab = {tok: i for i, tok in enumerate(tokens)}
-        if len(vocab) != len(tokens):
-            seen: set[str] = set()
-            dup = next(tok for tok in tokens if tok in seen or seen.add(tok))
-            raise GGUFError(f"{self.path}: token {dup!r} appears twice in the vocabulary")
-        return vocab
-
-    def _listed_merges(self) -> list[tuple[str, str]] | None:
-        """`tokenizer.ggml.merges` as pairs, or None when the file lists none."""
-        merges = self.get("tokenizer.ggml.merges")
-        return None if merges is None else [tuple(m.split(" ", 1)) for m in merges]
-
-    def _bpe(self, vocab: dict[str, int], merges: list[tuple[str, str]], **options: Any) -> Any:
-        """A `tokenizers` BPE model; merges naming tokens outside the vocabulary are a GGUFError."""
-        from tokenizers import models
-
-        try:
-            return models.BPE(vocab=vocab, merges=merges, **options)
-        except Exception as e:  # tokenizers raises a bare Exception for merges outside the vocab
-            raise GGUFError(f"{self.path}: inconsistent tokenizer vocab/merges: {e}") from e
-
-    def _byte_level_backend(self, vocab: dict[str, int]) -> Any:
-        """`gpt2` vocabulary: byte-level BPE split by the regex set `tokenizer.ggml.pre` names."""
-        import tokenizers
-        from tokenizers import Regex, decoders, normalizers, processors
-        from tokenizers import pre_tokenizers as pt
-
-        pre = self.get("tokenizer.ggml.pre", "default")
-        byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
-        normalizer = None
-        if pre in ("default", "gpt2"):  # the GPT-2 regex (files without a pre type predate it)
-            pre_tok = pt.ByteLevel(add_prefix_space=False, use_regex=True)
-        elif pre == "smollm":  # every numeric char alone first, then the GPT-2 regex
-            pre_tok = pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)])
-        elif pre in _LLAMA3_PRES or pre == "qwen2":
-            regex = _QWEN2_REGEX if pre == "qwen2" else _LLAMA3_REGEX
-            pre_tok = pt.Sequence([pt.Split(Regex(regex), behavior="isolated"), byte_level])
-            normalizer = normalizers.NFC() if pre == "qwen2" else None
-        else:
-            raise GGUFError(f"{self.path}: tokenizer.ggml.pre {pre!r} is not supported")
-        merges = self._listed_merges() or []
-        tk = tokenizers.Tokenizer(self._bpe(vocab, merges, ignore_merges=pre in _LLAMA3_PRES))
-        tk.normalizer = normalizer
-        tk.pre_tokenizer = pre_tok
-        tk.decoder = decoders.ByteLevel()
-        tk.post_processor = processors.ByteLevel(trim_offsets=False)
-        return tk
-
-    def _sentencepiece_backend(self, tokens: list[str], vocab: dict[str, int]) -> Any:
-        """`llama` vocabulary (SentencePiece: Llama 2, Mistral, Phi-3) as transformers rebuilds it.
-
-        * Model: BPE with byte fallback (a character no piece covers becomes its UTF-8 bytes as the
-          `<0xNN>` BYTE tokens) and no unknown token. The merges are the file's `tokenizer.ggml.merges`
-          if it has them, else they are derived from `tokenizer.ggml.scores` (`_merges_from_scores`).
-        * Spaces become "▁" and one "▁" goes in front of the text: for `llama` files by a
-          Metaspace pre-tokenizer that prepends only to the start of the text; for `phi3` by a
-          normalizer that prepends to every stretch of text between added tokens (Phi-3's own
-          tokenizer.json does so; "  hi" is "▁▁▁hi" there, "▁▁hi" with Metaspace).
-        * Decoding turns "▁" back into spaces, joins byte tokens into characters and drops the one
-          leading space that the prefix added.
-
-        Differences from llama.cpp, where this follows transformers:
-        * `tokenizer.ggml.add_space_prefix = false` is ignored (transformers always prefixes);
-          llama.cpp then adds no prefix.
-        * llama.cpp always puts a space in front, so " hi" is "▁▁hi" there; Metaspace adds "▁" only
-          when the text does not start with a space already (" hi" is "▁hi", and decodes to "hi").
-        * llama.cpp prefixes a space again to text that follows a special token it parsed; the
-          Metaspace of `llama` files does not.
-        * llama.cpp merges pieces by score at run time (SentencePiece's algorithm); the merge list
-          derived from scores usually agrees, but pieces of equal score may be merged in another order.
-        """
-        import tokenizers
-        from tokenizers import decoders, normalizers
-        from tokenizers import pre_tokenizers as pt
-
-        merges = self._listed_merges()
-        if merges is None:
-            merges = _merges_from_scores(tokens, vocab, self._scores(len(tokens)))
-        tk = tokenizers.Tokenizer(self._bpe(vocab, merges, byte_fallback=True, fuse_unk=True))
-        if self.architecture == "phi3":
-            tk.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), normalizers.Replace(" ", _SPACE)])
-        else:
-            tk.pre_tokenizer = pt.Metaspace(replacement=_SPACE, prepend_scheme="first", split=False)
-        tk.decoder = decoders.Sequence(
-            [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-        )
-        return tk
-
-    def _scores(self, n_tokens: int) -> list[float]:
-        """`tokenizer.ggml.scores`, one per token (required to derive merges for a SentencePiece vocab)."""
-        scores = self._require("tokenizer.ggml.scores")
-        if len(scores) != n_tokens:
-            raise GGUFError(f"{self.path}: tokenizer.ggml.scores has {len(scores)} entries for {n_tokens} tokens")
-        return [float(s) for s in scores]
-
-    def _wrap_tokenizer(self, tk: Any, tokens: list[str], add_bos_default: bool) -> Tokenizer:
-        """The Tokenizer of backend `tk`: tokens typed CONTROL/UNKNOWN become special added tokens,
-        USER_DEFINED ones plain added tokens (both matched whole in text), plus the special ids,
-        stop ids, add_bos/add_eos flags and chat templates of the metadata."""
-        from tokenizers import AddedToken
-
-        types: list[int] = self.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
-        special = [i for i, ty in enumerate(types) if ty in (_TOKEN_CONTROL, _TOKEN_UNKNOWN)]
-        tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
-        user = [i for i, ty in enumerate(types) if ty == _TOKEN_USER_DEFINED]
-        tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
-
-        def token(key: str) -> str | None:
-            tid = self.get(f"tokenizer.ggml.{key}")
-            if tid is None:
-                return None
-            if not 0 <= tid < len(tokens):
-                raise GGUFError(f"{self.path}: tokenizer.ggml.{key} = {tid} is outside the vocabulary")
-            return tokens[tid]
-
-        stop_ids = [self.get(f"tokenizer.ggml.{k}") for k in ("eot_token_id", "eom_token_id")]
-        stop_ids += [i for i in special if tokens[i] in _END_TOKENS]
-        templates = {"default": self.get("tokenizer.chat_template")}
-        for name in self.get("tokenizer.chat_templates") or []:
-            templates[name] = self.get(f"tokenizer.chat_template.{name}")
-        templates = {k: v for k, v in templates.items() if v is not None}
-        return Tokenizer(
-            tk,
-            bos_token=token("bos_token_id"),
-            eos_token=token("eos_token_id"),
-            pad_token=token("padding_token_id"),
-            unk_token=token("unknown_token_id"),
-            chat_template=templates or None,
-            add_bos_token=bool(self.get("tokenizer.ggml.add_bos_token", add_bos_default)),
-            add_eos_token=bool(self.get("tokenizer.ggml.add_eos_token", False)),
-            extra_stop_ids=[i for i in stop_ids if i is not None],
-            model_max_length=self._arch("context_length"),
-        )
+        return build_tokenizer(self)
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({str(self.path)!r}, architecture={self.architecture!r}, tensors={len(self._names)})"
@@ -557,23 +383,6 @@ def _native(data: np.ndarray) -> np.ndarray:
     if data.dtype.isnative:
         return data
     return data.astype(data.dtype.newbyteorder("="))
-
-
-def _merges_from_scores(tokens: list[str], vocab: dict[str, int], scores: list[float]) -> list[tuple[str, str]]:
-    """BPE merges implied by a SentencePiece vocabulary (which stores pieces and scores, no merges).
-
-    Every way to cut a piece into two pieces of the vocabulary is a merge that makes it. Merges are
-    ranked as transformers ranks them, so both tokenizers agree: by the made piece's score, best
-    first, then by the longer left part, then the longer right part; remaining ties keep vocabulary
-    order (pieces by id, and a piece's cuts by the ids of their left, then right parts).
-    """
-    ranked: list[tuple[float, int, int, str, str]] = []
-    for piece, score in zip(tokens, scores):
-        cuts = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
-        cuts = sorted((c for c in cuts if c[0] in vocab and c[1] in vocab), key=lambda c: (vocab[c[0]], vocab[c[1]]))
-        ranked += [(-score, -len(left), -len(right), left, right) for left, right in cuts]
-    ranked.sort(key=lambda m: m[:3])  # stable: equal keys keep the order built above
-    return [(left, right) for *_, left, right in ranked]
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

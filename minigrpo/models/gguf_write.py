@@ -47,7 +47,8 @@ from gguf import LlamaFileType, RopeScalingType
 from minigrpo.errors import UserError
 
 from .args import ModelArgs
-from .gguf import _BLOCK_NAMES_BY_ARCH, _END_TOKENS, _LLAMA3_REGEX, _QWEN2_REGEX, _TOP_NAMES
+from .gguf import _BLOCK_NAMES_BY_ARCH, _TOP_NAMES
+from .gguf_vocab import _END_TOKENS, _LLAMA3_REGEX, _QWEN2_REGEX
 from .kquants import fallback_type, q4_k_m_type, quantize_q4_k, quantize_q6_k
 
 # family (HF model_type) -> general.architecture

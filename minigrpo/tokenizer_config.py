@@ -1,0 +1,158 @@
+"""The JSON and jinja files of a Hugging Face tokenizer folder, read and checked for `Tokenizer.from_dir`.
+
+tokenizer_config.json (merged with special_tokens_map.json in the legacy layout), the chat templates
+(chat_template.jinja and additional_chat_templates/*.jinja win over the config's) and
+generation_config.json's stop ids. A file or value that makes no tokenizer is a TokenizerConfigError
+naming the file (and key), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+from minigrpo.errors import UserError
+
+# The named special tokens transformers knows; any other `*_token` string in tokenizer_config.json is
+# a model-specific token (e.g. Gemma's `image_token`) and is passed to the chat template as well.
+NAMED_SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
+
+class TokenizerConfigError(UserError, ValueError):
+    """A tokenizer folder's file or value that makes no tokenizer; the message names the file (and key)."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """One JSON object file ({} when absent); a file that does not parse is an error naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerConfigError(f"{path}: not valid JSON, the file is truncated or corrupt ({e})") from e
+    if not isinstance(content, dict):
+        raise TokenizerConfigError(f"{path}: not a JSON object")
+    return content
+
+
+def read_config(d: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """tokenizer_config.json merged with special_tokens_map.json, and the file each key came from.
+
+    special_tokens_map.json is read only when the config has no `added_tokens_decoder` (the legacy
+    layout), and then has the last word, as in transformers.
+    """
+    cfg_file, map_file = d / "tokenizer_config.json", d / "special_tokens_map.json"
+    cfg = _read_json(cfg_file)
+    origin = dict.fromkeys(cfg, cfg_file)
+    if "added_tokens_decoder" not in cfg:
+        legacy = _read_json(map_file)
+        cfg.update(legacy)
+        origin.update(dict.fromkeys(legacy, map_file))
+    for key in NAMED_SPECIAL_TOKENS:
+        origin.setdefault(key, cfg_file)
+    return cfg, origin
+
+
+_REQUIRED_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def config_special_tokens(
+    cfg: Mapping[str, Any], origin: Mapping[str, Path], tk: tokenizers.Tokenizer, tk_file: Path
+) -> tuple[dict[str, str | None], dict[str, str], list[str]]:
+    """The special tokens a config names -> (named tokens, the chat template's `*_token` variables, the
+    tokens to register as special besides bos/eos/unk/pad).
+
+    As in transformers, the template sees every named token: the standard ones, the named entries of
+    an `extra_special_tokens` dict ({"image_token": "<image>"}) and any other `*_token` key; all of
+    them are special (dropped by `skip_special_tokens`). bos/eos/unk/pad and the extra special tokens
+    must be in the vocabulary; a sep/cls/mask or model-specific token that is not is only a template
+    variable (transformers would add it as a new token, which the model has no embedding for).
+    """
+    tokens = {k: _token_str(cfg.get(k), origin.get(k), k) for k in NAMED_SPECIAL_TOKENS}
+    named_extra, extra = _extra_special_tokens(cfg, origin)
+    template_tokens = {k: v for k, v in tokens.items() if v is not None}
+    template_tokens.update(named_extra)
+    for key, value in cfg.items():  # model-specific named tokens, e.g. Gemma's `image_token`
+        if key.endswith("_token") and key not in NAMED_SPECIAL_TOKENS and _is_token_value(value):
+            template_tokens[key] = _token_str(value, origin[key], key)
+    extra_key = "extra_special_tokens" if "extra_special_tokens" in cfg else "additional_special_tokens"
+    must_exist = [(origin[k], k, tokens[k]) for k in _REQUIRED_TOKENS]
+    must_exist += [(origin[extra_key], f"{extra_key}[{k!r}]", t) for k, t in named_extra.items()]
+    must_exist += [(origin[extra_key], extra_key, t) for t in extra]
+    for file, key, token in must_exist:
+        if token is not None and tk.token_to_id(token) is None:
+            raise TokenizerConfigError(f"{file}: {key} {token!r} is not in the vocabulary of {tk_file.name}")
+    optional = [t for k, t in template_tokens.items() if k not in _REQUIRED_TOKENS and tk.token_to_id(t) is not None]
+    return tokens, template_tokens, [*extra, *optional]
+
+
+def _is_token_value(value: Any) -> bool:
+    """A config value that is a token: a string or an AddedToken dict {"content": "..."}."""
+    return isinstance(value, str) or (isinstance(value, Mapping) and isinstance(value.get("content"), str))
+
+
+def _token_str(value: Any, file: Path | None = None, key: str = "token") -> str | None:
+    """A special token as written in a config: a string or an AddedToken dict {"content": ...}."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    where = f"{file}: " if file is not None else ""
+    raise TokenizerConfigError(f'{where}{key} must be a token string or {{"content": ...}}, got {value!r}')
+
+
+def _extra_special_tokens(cfg: Mapping[str, Any], origin: Mapping[str, Path]) -> tuple[dict[str, str], list[str]]:
+    """`extra_special_tokens` (or the older `additional_special_tokens`): a list of tokens, or a dict
+    of named ones ({"image_token": "<image>"}) that the chat template also sees by name."""
+    key = "extra_special_tokens" if "extra_special_tokens" in cfg else "additional_special_tokens"
+    value = cfg.get(key)
+    if not value:
+        return {}, []
+    if isinstance(value, Mapping):
+        return {str(k): _token_str(v, origin[key], f"{key}[{k!r}]") for k, v in value.items()}, []
+    if isinstance(value, list):
+        return {}, [_token_str(v, origin[key], key) for v in value if v is not None]
+    raise TokenizerConfigError(f"{origin[key]}: {key} must be a list of tokens or a dict of named ones, got {value!r}")
+
+
+def folder_templates(d: Path, config_value: Any) -> dict[str, str]:
+    """The chat templates of a folder: chat_template.jinja and additional_chat_templates/*.jinja when
+    present (they replace the config's, as in transformers), else tokenizer_config.json's."""
+    files = sorted((d / "additional_chat_templates").glob("*.jinja"))
+    templates = {p.stem: p.read_text(encoding="utf-8") for p in files}
+    if (d / "chat_template.jinja").is_file():
+        templates["default"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
+    return templates or _config_templates(config_value, d / "tokenizer_config.json")
+
+
+def _config_templates(value: Any, file: Path | str = "tokenizer_config.json") -> dict[str, str]:
+    """tokenizer_config.json's chat_template: a string or a list of {"name", "template"}."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, list) and all(isinstance(t, Mapping) and {"name", "template"} <= t.keys() for t in value):
+        return {t["name"]: t["template"] for t in value}
+    raise TokenizerConfigError(
+        f'{file}: chat_template must be a string or a list of {{"name": ..., "template": ...}}, got {value!r:.80}'
+    )
+
+
+def generation_stop_ids(path: Path) -> list[int]:
+    """generation_config.json's `eos_token_id` (an id or a list of them: Llama-3 has three) as stop ids.
+
+    Ids outside the vocabulary are the constructor's error (tokenizer_files names the folder for it)."""
+    value = _read_json(path).get("eos_token_id")
+    return [value] if isinstance(value, int) else list(value or [])
