@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.kernel_checks import DEVICES
+from helpers.kernel_checks import DEVICES, kernel_device
 
 from minigrpo import grpo
 from minigrpo.kernels import clipped_token_loss, clipped_token_loss_and_grad
@@ -106,11 +106,12 @@ def test_the_bounds_scenario_hits_every_convention():
 
 @pytest.mark.parametrize("impl", ["triton", "ref"])
 def test_autograd_function_scales_the_saved_derivative(impl):
-    opts, inputs = _inputs("two_sided_is_kl", "cpu", n=300)
+    dev = kernel_device()
+    opts, inputs = _inputs("two_sided_is_kl", dev, n=300)
     _, grad = clipped_token_loss_and_grad(**inputs, **_kernel_opts(opts), impl=impl)
     lp = inputs.pop("logp").clone().requires_grad_()
     out = clipped_token_loss(lp, **inputs, **_kernel_opts(opts), impl=impl)
-    upstream = torch.linspace(-2, 3, 300)
+    upstream = torch.linspace(-2, 3, 300, device=dev)
     (got,) = torch.autograd.grad(out, lp, upstream)
     torch.testing.assert_close(got, upstream * grad, rtol=0, atol=0)
 
@@ -123,8 +124,9 @@ def test_beta_zero_drops_the_kl_term_even_where_it_would_be_infinite():
 
 
 def test_empty():
+    empty = torch.zeros(0, device=kernel_device())
     loss, grad = clipped_token_loss_and_grad(
-        torch.zeros(0), torch.zeros(0), torch.zeros(0), epsilon=0.2, epsilon_high=0.2, log_ratio_clamp=C, impl="triton"
+        empty, empty, empty, epsilon=0.2, epsilon_high=0.2, log_ratio_clamp=C, impl="triton"
     )
     assert loss.shape == grad.shape == (0,)
 
