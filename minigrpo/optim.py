@@ -39,9 +39,9 @@ def step_buckets(numels: Sequence[int], bucket_bytes: int = STEP_BUCKET_BYTES) -
     """Indices of consecutive tensors, grouped so that each group's fp32 copies fit in bucket_bytes
     (a tensor larger than that is a group of its own)."""
     buckets: list[list[int]] = []
-    size = bucket_bytes  # so the first tensor opens a bucket
+    size = 0
     for i, n in enumerate(numels):
-        if size + 4 * n > bucket_bytes:
+        if not buckets or size + 4 * n > bucket_bytes:  # the first tensor opens one, even an empty tensor
             buckets.append([])
             size = 0
         buckets[-1].append(i)
@@ -82,8 +82,18 @@ class MasterWeights(torch.optim.Optimizer):
     def state(self):
         return self.inner.state
 
-    @torch.no_grad()
     def step(self, closure=None):
+        """One step of every master that has a gradient, copied down to its parameter. A closure is
+        called first (with gradients enabled, as torch's optimizers do) and its loss returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step_buckets()
+        return loss
+
+    @torch.no_grad()
+    def _step_buckets(self) -> None:
         # the inner optimizer steps exactly the masters that have a gradient: one bucket per call
         for bucket in self.buckets:
             for i in bucket:
@@ -104,11 +114,26 @@ class MasterWeights(torch.optim.Optimizer):
         return {"inner": self.inner.state_dict(), "masters": [m.detach().cpu() for m in self.masters]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict`; masters of another count or shape are refused before anything
+        loads (a copy would broadcast a smaller one into the weights)."""
+        difference = _masters_difference(state["masters"], self.masters)
+        if difference:
+            raise ValueError(f"the optimizer state is for other parameters: {difference}")
         self.inner.load_state_dict(state["inner"])
         with torch.no_grad():
             for p, m, saved in zip(self.params, self.masters, state["masters"]):
                 m.copy_(saved)
                 p.copy_(saved)
+
+
+def _masters_difference(saved: Sequence[torch.Tensor], masters: Sequence[torch.Tensor]) -> str | None:
+    """How saved masters differ in count or shape from these; None if they match."""
+    if len(saved) != len(masters):
+        return f"{len(saved)} masters saved, {len(masters)} parameters here"
+    for i, (a, b) in enumerate(zip(saved, masters)):
+        if a.shape != b.shape:
+            return f"master {i} is {tuple(a.shape)} saved, {tuple(b.shape)} here"
+    return None
 
 
 def _master(p: nn.Parameter, start: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:

@@ -73,13 +73,10 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
         optimizer.load_state_dict(saved)
         return
     names, params = _trainable(model)
-    if names != saved["param_names"]:
-        extra, missing = set(saved["param_names"]) - set(names), set(names) - set(saved["param_names"])
-        raise ValueError(
-            f"the checkpoint's optimizer state is for other parameters: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(extra)[:3]}"
-        )
     masters = optimizer.masters if isinstance(optimizer, MasterWeights) else params
+    difference = _layout_difference(names, masters, saved)
+    if difference:
+        raise ValueError(f"the checkpoint's optimizer state is for other parameters: {difference}")
     state = {}
     for i, (name, target) in enumerate(zip(names, masters)):
         if name in saved["state"]:
@@ -100,6 +97,30 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
             for name, m, p in zip(names, optimizer.masters, optimizer.params):
                 m.copy_(saved["masters"][name])
                 p.copy_(m)
+
+
+def _layout_difference(names: list[str], targets: list[torch.Tensor], saved: dict[str, Any]) -> str | None:
+    """What differs between the parameters stepped here (names, and the tensors the state belongs to:
+    masters or parameters, whole or sharded) and those a saved state was written for; None if nothing.
+    Checked before anything loads: torch's load_state_dict takes moments of any shape, and a master
+    copied into a parameter of another shape broadcasts, so a mismatch would corrupt the weights or
+    surface steps later as a shape error inside the optimizer."""
+    saved_names = saved["param_names"]
+    if names != saved_names:
+        extra, missing = set(saved_names) - set(names), set(names) - set(saved_names)
+        if not extra and not missing:
+            i = next(i for i, (a, b) in enumerate(zip(names, saved_names)) if a != b)
+            return f"the same names in another order (position {i}: {names[i]} here, {saved_names[i]} saved)"
+        return f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+    if sum(saved["group_sizes"]) != len(names):
+        return f"its parameter groups hold {sum(saved['group_sizes'])} tensors, not {len(names)}"
+    for name, target in zip(names, targets):
+        entries = [(k, v) for k, v in saved["state"].get(name, {}).items() if torch.is_tensor(v) and v.dim() > 0]
+        entries += [("master", saved["masters"][name])] if name in saved.get("masters", {}) else []
+        for key, value in entries:
+            if tuple(value.shape) != tuple(target.shape):
+                return f"{name} is {tuple(target.shape)} here, its saved {key} {tuple(value.shape)}"
+    return None
 
 
 @torch.no_grad()
