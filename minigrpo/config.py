@@ -17,6 +17,8 @@ passes whose gradients are accumulated, so N must be a multiple of micro_batch_s
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 import warnings
 from collections.abc import Sequence
@@ -448,11 +450,65 @@ def validate(cfg: Config) -> list[str]:
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read YAML (None: all defaults), apply `a.b=v` overrides, coerce, validate."""
     raw: dict[str, Any] = {} if path is None else configio.load_yaml_file(path)
+    if overrides:
+        _release_derived(raw)
     for item in overrides:
         configio.apply_override(raw, item, Config)
-    cfg = Config.from_dict(raw)
+    cfg = _build(raw, path, overrides)
     validate(cfg)
     return cfg
+
+
+def _derived_keys(cls: type = Config, path: str = "") -> list[str]:
+    """Dotted keys of the derived fields (`spec(..., derived=...)`) of `cls` and its sections."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        key = f"{path}{f.name}"
+        if f.metadata.get("derived"):
+            keys.append(key)
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            keys += _derived_keys(f.default_factory, key + ".")
+    return keys
+
+
+def _release_derived(raw: dict[str, Any]) -> None:
+    """Turn back into null each derived value of a file that equals what it derives to from the
+    file's own values (a saved config.yaml or run_config.yaml writes them out): it then follows
+    an override of its source (`--set data.num_eval=20` moves eval.num_prompts too) instead of
+    staying at the saved value. A value the file sets to anything else is the user's and stays."""
+    try:
+        saved = Config.from_dict(raw)
+    except ConfigError:  # reported with the overrides applied, by the caller
+        return
+    for key in _derived_keys():
+        *sections, name = key.split(".")
+        node = functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, sections, raw)
+        if not isinstance(node, dict) or node.get(name) is None:
+            continue
+        value, node[name] = node[name], None
+        if _get(Config.from_dict(raw), key) != _get(saved, key):
+            node[name] = value
+
+
+def _get(cfg: Config, key: str) -> Any:
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def _overridden(key: str, overrides: Sequence[str]) -> bool:
+    """Whether an `a.b=v` override set `key` (or a section holding it)."""
+    keys = [item.partition("=")[0].strip() for item in overrides]
+    return any(key == k or key.startswith(k + ".") for k in keys)
+
+
+def _build(raw: dict[str, Any], path: str | Path | None, overrides: Sequence[str]) -> Config:
+    """Config.from_dict(raw); a wrong type or unknown key that the file wrote (not an override)
+    names the file too, as its YAML errors do: the key alone does not say where to look."""
+    try:
+        return Config.from_dict(raw)
+    except ConfigError as e:
+        if path is None or e.key is None or _overridden(e.key, overrides):
+            raise
+        raise ConfigError(f"{path}: {e}", e.key) from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

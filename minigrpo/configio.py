@@ -19,7 +19,7 @@ import re
 import types
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -29,7 +29,13 @@ _NONE = type(None)
 
 
 class ConfigError(UserError, ValueError):
-    """Any problem with a configuration: unknown key, wrong type, value out of range, clash."""
+    """Any problem with a configuration: unknown key, wrong type, value out of range, clash. `key` is
+    the dotted key of a wrong type, unknown or missing key (None otherwise), so that the loader can
+    name the file that set it (`config.load_config`)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class ConfigWarning(UserWarning):
@@ -104,8 +110,73 @@ def check_limits(obj: Any, path: str = "") -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+# YAML 1.2 numbers (PyYAML implements 1.1): `010` is ten, not octal eight; `1:30` is text, not the
+# sexagesimal 90; `1e-5` and `1e5` are numbers, not text (see `_FloatText`). Underscores between
+# digits stay allowed (`1_000`), as in 1.1.
+_INT_RE = re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+)$")
+_FLOAT_RE = re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*|[0-9][0-9_]*(?=[eE]))(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+
+
+class _Yaml12Numbers(yaml.resolver.Resolver):
+    """PyYAML's implicit types with the int and float patterns of YAML 1.2 (booleans stay 1.1: yes/no)."""
+
+    yaml_implicit_resolvers: ClassVar[dict] = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+        for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
+    }
+
+
+_Yaml12Numbers.add_implicit_resolver(_INT, _INT_RE, list("-+0123456789"))
+_Yaml12Numbers.add_implicit_resolver(_FLOAT, _FLOAT_RE, list("-+0123456789."))
+_RESOLVER_11, _RESOLVER_12 = yaml.resolver.Resolver(), _Yaml12Numbers()
+
+
+class _FloatText(str):
+    """A plain scalar that YAML 1.2 reads as a float and PyYAML's 1.1 as text (`1e-5`, `1e5`,
+    `1.5e3`): a float where the schema wants a number or leaves the type open (`rewards.*.kwargs`,
+    which would otherwise hand a reward function the text "1e-5"), the text where it wants a
+    string. So `run.name: 1e-5` and a run_config.yaml that yaml.safe_dump wrote unquoted still load."""
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float | str:
+    """A YAML 1.2 float; one that YAML 1.1 reads as text is kept as `_FloatText`."""
+    text = loader.construct_scalar(node)
+    if _RESOLVER_11.resolve(yaml.ScalarNode, text, (True, False)) == "tag:yaml.org,2002:str":
+        return _FloatText(text)
+    return loader.construct_yaml_float(node)
+
+
+def _plain_numbers(value: Any) -> Any:
+    """`value` with every `_FloatText` in it made a float (a mapping's key: a plain str), nested too."""
+    if isinstance(value, _FloatText):
+        return float(value.replace("_", ""))
+    if isinstance(value, list):
+        return [_plain_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k) if isinstance(k, _FloatText) else k: _plain_numbers(v) for k, v in value.items()}
+    return value
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """A YAML 1.2 integer: decimal unless prefixed 0x / 0o / 0b (a leading zero is no octal)."""
+    text = loader.construct_scalar(node).replace("_", "")
+    sign, body = (-1, text[1:]) if text.startswith("-") else (1, text.removeprefix("+"))
+    base = {"0x": 16, "0o": 8, "0b": 2}.get(body[:2].lower(), 10)
+    try:
+        return sign * int(body if base == 10 else body[2:], base)
+    except ValueError:
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is no integer", node.start_mark) from None
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one)."""
+    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one) and
+    reads numbers as YAML 1.2 does (`_Yaml12Numbers`)."""
+
+    yaml_implicit_resolvers = _Yaml12Numbers.yaml_implicit_resolvers
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         first_line: dict[Any, int] = {}
@@ -118,6 +189,10 @@ class _StrictLoader(yaml.SafeLoader):
             if isinstance(key, Hashable):
                 first_line[key] = line
         return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(_INT, _construct_int)
+_StrictLoader.add_constructor(_FLOAT, _construct_float)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -155,7 +230,13 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Safe YAML with block mappings and lists of scalars on one line (`betas: [0.9, 0.99]`)."""
+    """Safe YAML with block mappings and lists of scalars on one line (`betas: [0.9, 0.99]`). A string
+    is written plain only when both YAML 1.1 (yaml.safe_load) and our 1.2 numbers read it back as a
+    string: "1e5" and "010" are quoted, so either reader gets the string back."""
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
+        tag = super().resolve(kind, value, implicit)
+        return _RESOLVER_12.resolve(kind, value, implicit) if tag == "tag:yaml.org,2002:str" else tag
 
 
 def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
@@ -216,13 +297,15 @@ def type_name(tp: Any) -> str:
 
 
 def _bad(key: str, tp: Any, value: Any, hint: str = "") -> ConfigError:
-    return ConfigError(f"{key or '<root>'}: expected {type_name(tp)}, got {value!r}{hint}")
+    return ConfigError(f"{key or '<root>'}: expected {type_name(tp)}, got {value!r}{hint}", key or None)
 
 
 def _closest(word: str, candidates: Sequence[str], cutoff: float = 0.6) -> str | None:
-    """The candidate closest to `word` (difflib), or None when nothing is close."""
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=cutoff)
-    return match[0] if match else None
+    """The candidate closest to `word` (difflib), or None when nothing is close. Case is ignored
+    (`LR` -> `lr`, `DAPO` -> `dapo`): difflib alone finds nothing alike in a short word of other case."""
+    by_lower = {c.lower(): c for c in reversed(candidates)}  # the first of candidates equal but for case
+    match = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=cutoff)
+    return by_lower[match[0]] if match else None
 
 
 def _all_keys(cls: type, path: str = "") -> list[str]:
@@ -250,7 +333,8 @@ def _unknown_key(cls: type, path: str, key: str, root: type) -> ConfigError:
         leaf = _closest(key, list(elsewhere), cutoff=0.8)
         guess = elsewhere[leaf] if leaf else None
     hint = f" (did you mean '{guess}'?)" if guess else ""
-    return ConfigError(f"unknown config key '{_join(path, key)}'{hint}; valid keys here: {', '.join(_hints(cls))}")
+    valid = ", ".join(_hints(cls))
+    return ConfigError(f"unknown config key '{_join(path, key)}'{hint}; valid keys here: {valid}", _join(path, key))
 
 
 def build(cls: type, data: Any, path: str = "", root: type | None = None) -> Any:
@@ -269,7 +353,7 @@ def build(cls: type, data: Any, path: str = "", root: type | None = None) -> Any
         kwargs[key] = _coerce(value, hints[key], _join(path, key), root)
     for f in dataclasses.fields(cls):
         if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{_join(path, f.name)}: required ({type_name(hints[f.name])})")
+            raise ConfigError(f"{_join(path, f.name)}: required ({type_name(hints[f.name])})", _join(path, f.name))
     return cls(**kwargs)
 
 
@@ -277,7 +361,7 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
     """`value` converted to the declared type `tp`, or ConfigError naming `key`."""
     origin, args = get_origin(tp), get_args(tp)
     if tp is Any:
-        return value
+        return _plain_numbers(value)
     if _is_union(tp):
         if value is None:
             if _NONE in args:
@@ -333,8 +417,8 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
         return float(number)
     if tp is str:
         if isinstance(value, str):
-            return value
-        raise _bad(key, tp, value, " (quote the value in YAML)")
+            return str(value)  # a plain str, also of a `_FloatText`
+        raise _bad(key, tp, value, "" if value is None else " (quote the value in YAML)")
     raise TypeError(f"{key}: unsupported config field type {tp!r}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import subprocess
 import sys
@@ -212,10 +213,102 @@ def test_wrong_type_names_key_type_and_value(override, message):
     assert str(e.value) == message
 
 
-def test_wrong_type_in_yaml_names_key(tmp_path):
+def test_wrong_type_in_yaml_names_file_and_key(tmp_path):
+    """A value the file wrote names the file; one an override wrote (over the file) names no file."""
+    path = write(tmp_path, "run: {name: 5}\ntrain: {lrr: 1}\n")
     with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, "run: {name: 5}\n"))
-    assert str(e.value) == "run.name: expected str, got 5 (quote the value in YAML)"
+        load_config(path)
+    assert str(e.value) == f"{path}: run.name: expected str, got 5 (quote the value in YAML)"
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["run.name=ok"])
+    assert str(e.value).startswith(f"{path}: unknown config key 'train.lrr' (did you mean 'train.lr'?)")
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "train: {lr: 1.0}\n"), ["train.lr=fast"])
+    assert str(e.value) == "train.lr: expected float, got 'fast'"
+    with pytest.raises(ConfigError) as e:  # null is no text: no advice to quote it
+        load_config(write(tmp_path, "data: {split: ~}\n"))
+    assert str(e.value) == f"{tmp_path / 'cfg.yaml'}: data.split: expected str, got None"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("train: {steps: 010}\n", 10),  # YAML 1.1 (PyYAML): octal 8
+        ("train: {steps: 0o10}\n", 8),
+        ("train: {steps: 0x10}\n", 16),
+        ("train: {steps: 1_000}\n", 1000),
+        ("run: {seed: -007}\n", -7),
+    ],
+)
+def test_yaml_integers_are_yaml_1_2(tmp_path, text, expected):
+    cfg = load_config(write(tmp_path, text))
+    assert expected in (cfg.train.steps, cfg.run.seed)
+
+
+def test_sexagesimal_is_text_not_a_number(tmp_path):
+    """YAML 1.1 reads `1:30` as 90: an int field refuses it, a string field keeps it."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "train: {steps: 1:30}\n"))
+    assert str(e.value) == f"{tmp_path / 'cfg.yaml'}: train.steps: expected int, got '1:30'"
+    assert load_config(write(tmp_path, "run: {name: 1:30}\n")).run.name == "1:30"
+    assert load_config(None, ["train.steps=010"]).train.steps == 10
+
+
+def test_exponent_floats_are_numbers_in_kwargs_and_text_in_string_fields(tmp_path):
+    """`1e-6` is a float to a reward function's kwargs (PyYAML 1.1 gives the text "1e-6"), even
+    nested; a string field keeps the text, so `run.name: 1e-5` (and a run_config.yaml that
+    yaml.safe_dump wrote unquoted) still loads."""
+    text = "run: {name: 1e-5}\nrewards: [{name: correctness, kwargs: {tol: 1e-6, l: [1e3, {2e2: 5E1}], s: '1e-5'}}]\n"
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.rewards[0].kwargs == {"tol": 1e-6, "l": [1000.0, {"2e2": 50.0}], "s": "1e-5"}
+    assert type(cfg.run.name) is str and cfg.run.name == "1e-5"
+    assert type(next(iter(cfg.rewards[0].kwargs["l"][1]))) is str
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert "name: '1e-5'" in (tmp_path / "saved.yaml").read_text()  # quoted for 1.1 and 1.2 readers
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.LR=1", "unknown config key 'train.LR' (did you mean 'train.lr'?)"),
+        ("TRAIN.lr=1", "unknown config key 'TRAIN' (did you mean 'train'?)"),
+        ("grpo.loss_type=DAPO", "got 'DAPO' (did you mean 'dapo'?)"),
+        ("lora.quantize_base=NF4", "got 'NF4' (did you mean 'nf4'?)"),
+    ],
+)
+def test_suggestions_ignore_case(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "expected"),
+    [
+        ("data.num_eval=20", "eval.num_prompts", 20),
+        ("sampler.max_new_tokens=512", "eval.max_new_tokens", 512),
+        ("env.max_turns=8", "env.max_episode_tokens", 8 * 256),
+        ("grpo.epsilon=0.3", "grpo.epsilon_high", 0.3),
+        ("sampler.kind=own", "grpo.is_correction", None),
+        ("model.arch=qwen2.5-1.5b", "model.name_or_path", None),
+    ],
+)
+def test_saved_derived_fields_follow_overrides_of_their_source(tmp_path, override, key, expected):
+    """A saved config writes the derived values out; loading it with an override of a source
+    re-derives them instead of keeping the saved value (eval of a checkpoint with --set)."""
+    saved = tmp_path / "config.yaml"
+    save_config(load_config(None, ["data.num_eval=50", "sampler.kind=vllm"]), saved)
+    assert load_config(saved) == load_config(None, ["data.num_eval=50", "sampler.kind=vllm"])
+    cfg = load_config(saved, ["sampler.kind=vllm", override] if "sampler.kind" not in override else [override])
+    assert functools.reduce(getattr, key.split("."), cfg) == expected
+
+
+def test_derived_values_set_by_the_user_stay(tmp_path):
+    """A derived field the file sets to another value than its derivation is the user's: it stays."""
+    path = write(tmp_path, "data: {num_eval: 50}\neval: {num_prompts: 30}\ngrpo: {epsilon_high: 0.28}\n")
+    cfg = load_config(path, ["data.num_eval=40", "grpo.epsilon=0.25"])
+    assert (cfg.eval.num_prompts, cfg.grpo.epsilon_high) == (30, 0.28)
 
 
 def test_hand_built_config_is_type_checked_by_validate():
