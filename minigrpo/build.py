@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from minigrpo import lora, rewards
 from minigrpo.algorithms import needs_reference, updates_per_step
@@ -34,7 +33,7 @@ from minigrpo.checkpoint import (
     restore_rng,
 )
 from minigrpo.config import Config, ConfigError, resolve_dtype
-from minigrpo.configio import changed_keys
+from minigrpo.configio import changed_keys, parse_yaml
 from minigrpo.data import Example, PromptLoader, build_dataset
 from minigrpo.distributed import World, broadcast_trainable, shard_model
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
@@ -178,7 +177,10 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
         )
     saved_file = path / "run_config.yaml"
     if saved_file.is_file():
-        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+        try:  # read as the config was (YAML 1.2 numbers), so "1e-5" in kwargs compares as it was saved
+            saved = parse_yaml(saved_file.read_text(encoding="utf-8")) or {}
+        except ConfigError as e:
+            raise ConfigError(f"{saved_file}: {e}") from None
         if "env" not in saved and cfg.env.kind is None:  # saved before the env section existed: the same
             saved["env"] = cfg.to_dict()["env"]
         for key in ("algorithm", "dpo", "ppo"):  # saved before these existed: the run was GRPO's

@@ -44,10 +44,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from minigrpo.atomic import fsync_dir, fsync_file, write_probe_error
-from minigrpo.configio import ConfigError, parse_yaml
+from minigrpo.configio import ConfigError, dump_yaml, parse_yaml
 from minigrpo.errors import UserError
 from minigrpo.models.loading import check_model_source, save_pretrained
 from minigrpo.models.safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header, save_file
@@ -195,7 +194,7 @@ def save_checkpoint(
         save_model(model, tokenizer, tmp)
         save_trainer_state(tmp, state)
         if run_config is not None:
-            (tmp / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
+            (tmp / RUN_CONFIG).write_text(dump_yaml(run_config))  # read back by configio.parse_yaml
         _fsync_tree(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
