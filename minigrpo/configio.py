@@ -1,4 +1,4 @@
-"""The generic half of the config: strict YAML in and out, `a.b=v` overrides, coercion, limits.
+"""The generic half of the config: strict YAML in and out (yaml_io.py), `a.b=v` overrides, coercion, limits.
 
 It knows nothing of minigrpo's schema (`config.py`): it works on any tree of dataclasses, so the
 schema reads as a list of fields. `spec(default, ">= 1")` puts a limit beside its field and
@@ -17,25 +17,15 @@ import math
 import operator
 import re
 import types
-from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-import yaml
-
-from minigrpo.errors import UserError
+from minigrpo.errors import ConfigError as ConfigError  # re-exported: defined with the other error types
+from minigrpo.yaml_io import dump_yaml as dump_yaml  # re-exported: the YAML side lives in yaml_io.py
+from minigrpo.yaml_io import load_yaml_file as load_yaml_file
+from minigrpo.yaml_io import parse_yaml, plain_numbers
 
 _NONE = type(None)
-
-
-class ConfigError(UserError, ValueError):
-    """Any problem with a configuration: unknown key, wrong type, value out of range, clash. `key` is
-    the dotted key of a wrong type, unknown or missing key (None otherwise), so that the loader can
-    name the file that set it (`config.load_config`)."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 class ConfigWarning(UserWarning):
@@ -103,159 +93,6 @@ def check_limits(obj: Any, path: str = "") -> list[str]:
         if dataclasses.is_dataclass(value) or isinstance(value, list):
             errors += check_limits(value, key)
     return errors
-
-
-# ----------------------------------------------------------------------------------------------
-# Strict YAML
-# ----------------------------------------------------------------------------------------------
-
-
-_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-# YAML 1.2 numbers (PyYAML implements 1.1): `010` is ten, not octal eight; `1:30` is text, not the
-# sexagesimal 90; `1e-5` and `1e5` are numbers, not text (see `_FloatText`). Underscores between
-# digits stay allowed (`1_000`), as in 1.1.
-_INT_RE = re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+)$")
-_FLOAT_RE = re.compile(
-    r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*|[0-9][0-9_]*(?=[eE]))(?:[eE][-+]?[0-9]+)?"
-    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-)
-
-
-class _Yaml12Numbers(yaml.resolver.Resolver):
-    """PyYAML's implicit types with the int and float patterns of YAML 1.2 (booleans stay 1.1: yes/no)."""
-
-    yaml_implicit_resolvers: ClassVar[dict] = {
-        first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
-        for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
-    }
-
-
-_Yaml12Numbers.add_implicit_resolver(_INT, _INT_RE, list("-+0123456789"))
-_Yaml12Numbers.add_implicit_resolver(_FLOAT, _FLOAT_RE, list("-+0123456789."))
-_RESOLVER_11, _RESOLVER_12 = yaml.resolver.Resolver(), _Yaml12Numbers()
-
-
-class _FloatText(str):
-    """A plain scalar that YAML 1.2 reads as a float and PyYAML's 1.1 as text (`1e-5`, `1e5`,
-    `1.5e3`): a float where the schema wants a number or leaves the type open (`rewards.*.kwargs`,
-    which would otherwise hand a reward function the text "1e-5"), the text where it wants a
-    string. So `run.name: 1e-5` and a run_config.yaml that yaml.safe_dump wrote unquoted still load."""
-
-
-def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float | str:
-    """A YAML 1.2 float; one that YAML 1.1 reads as text is kept as `_FloatText`."""
-    text = loader.construct_scalar(node)
-    if _RESOLVER_11.resolve(yaml.ScalarNode, text, (True, False)) == "tag:yaml.org,2002:str":
-        return _FloatText(text)
-    return loader.construct_yaml_float(node)
-
-
-def _plain_numbers(value: Any) -> Any:
-    """`value` with every `_FloatText` in it made a float (a mapping's key: a plain str), nested too."""
-    if isinstance(value, _FloatText):
-        return float(value.replace("_", ""))
-    if isinstance(value, list):
-        return [_plain_numbers(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k) if isinstance(k, _FloatText) else k: _plain_numbers(v) for k, v in value.items()}
-    return value
-
-
-def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
-    """A YAML 1.2 integer: decimal unless prefixed 0x / 0o / 0b (a leading zero is no octal)."""
-    text = loader.construct_scalar(node).replace("_", "")
-    sign, body = (-1, text[1:]) if text.startswith("-") else (1, text.removeprefix("+"))
-    base = {"0x": 16, "0o": 8, "0b": 2}.get(body[:2].lower(), 10)
-    try:
-        return sign * int(body if base == 10 else body[2:], base)
-    except ValueError:
-        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is no integer", node.start_mark) from None
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one) and
-    reads numbers as YAML 1.2 does (`_Yaml12Numbers`)."""
-
-    yaml_implicit_resolvers = _Yaml12Numbers.yaml_implicit_resolvers
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first_line: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden
-                continue
-            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-            if isinstance(key, Hashable) and key in first_line:  # an unhashable key: the base class says so
-                raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {first_line[key]})")
-            if isinstance(key, Hashable):
-                first_line[key] = line
-        return super().construct_mapping(node, deep)
-
-
-_StrictLoader.add_constructor(_INT, _construct_int)
-_StrictLoader.add_constructor(_FLOAT, _construct_float)
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """A YAML error on one line: what is wrong and where."""
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    mark = getattr(e, "problem_mark", None)
-    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
-
-
-def parse_yaml(text: str) -> Any:
-    """One YAML document, strictly (duplicate keys are a ConfigError)."""
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise ConfigError(f"not valid YAML: {_yaml_problem(e)}") from None
-
-
-def load_yaml_file(path: str | Path) -> dict[str, Any]:
-    """A config file's top-level mapping; an unreadable, empty or non-mapping file is a ConfigError."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    try:
-        raw = parse_yaml(text)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    if raw is None:
-        raise ConfigError(f"config file {path} is empty: it sets nothing (leave out --config to run the defaults)")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    return raw
-
-
-class _Dumper(yaml.SafeDumper):
-    """Safe YAML with block mappings and lists of scalars on one line (`betas: [0.9, 0.99]`). A string
-    is written plain only when both YAML 1.1 (yaml.safe_load) and our 1.2 numbers read it back as a
-    string: "1e5" and "010" are quoted, so either reader gets the string back."""
-
-    def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
-        tag = super().resolve(kind, value, implicit)
-        return _RESOLVER_12.resolve(kind, value, implicit) if tag == "tag:yaml.org,2002:str" else tag
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-    flow = all(not isinstance(v, (list, dict)) for v in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
-    style = '"' if "\n" in data and len(data) < 80 else ("|" if "\n" in data else None)  # newlines stay visible
-    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
-
-
-_Dumper.add_representer(list, _represent_list)
-_Dumper.add_representer(str, _represent_str)
-
-
-def dump_yaml(data: Mapping[str, Any]) -> str:
-    """Plain data as block YAML in the given key order (what `to_plain` returns)."""
-    return yaml.dump(dict(data), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,7 +198,7 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
     """`value` converted to the declared type `tp`, or ConfigError naming `key`."""
     origin, args = get_origin(tp), get_args(tp)
     if tp is Any:
-        return _plain_numbers(value)
+        return plain_numbers(value)
     if _is_union(tp):
         if value is None:
             if _NONE in args:
@@ -417,7 +254,7 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
         return float(number)
     if tp is str:
         if isinstance(value, str):
-            return str(value)  # a plain str, also of a `_FloatText`
+            return str(value)  # a plain str, also of yaml_io's float-like text
         raise _bad(key, tp, value, "" if value is None else " (quote the value in YAML)")
     raise TypeError(f"{key}: unsupported config field type {tp!r}")
 

@@ -23,6 +23,16 @@ class UserError(Exception):
     """A mistake in the input (config, command line, data, files of a run): fixable by the user."""
 
 
+class ConfigError(UserError, ValueError):
+    """Any problem with a configuration: unknown key, wrong type, value out of range, clash. `key` is
+    the dotted key of a wrong type, unknown or missing key (None otherwise), so that the loader can
+    name the file that set it (`config.load_config`)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class UsageError(UserError):
     """A bad command-line argument."""
 

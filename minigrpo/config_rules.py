@@ -1,0 +1,127 @@
+"""The config's settings checked against each other (each field alone is checked by its limit in
+minigrpo/config.py): what `config.validate` adds to the limits, before any model loads.
+
+Each finding is one line naming its dotted keys; odd but legal combinations go to `notes` (warnings).
+The sections' own rules live with them (lora_config, sft_config, env_config, algorithms).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from minigrpo.algorithms import config_errors as algorithm_errors
+from minigrpo.env_config import env_errors
+from minigrpo.lora_config import lora_errors, lora_notes
+from minigrpo.sft_config import sft_errors
+
+if TYPE_CHECKING:
+    from minigrpo.config import Config
+
+_REWARD_RE = re.compile(r"^[A-Za-z_]\w*$|^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+_DATA_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+
+
+def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
+    """Checks between fields (each field is checked alone by its limit); odd findings go to `notes`."""
+    errors: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    model, data, syn, g, tr = cfg.model, cfg.data, cfg.data.synthetic, cfg.grpo, cfg.train
+    need(
+        (model.name_or_path is None) != (model.arch is None),
+        f"set exactly one of model.name_or_path ({model.name_or_path!r}) and model.arch ({model.arch!r})",
+    )
+    if model.arch is not None:
+        from minigrpo.models.presets import PRESETS  # plain dicts: no torch
+
+        need(model.arch in PRESETS, f"model.arch={model.arch!r} is no preset; known: {', '.join(sorted(PRESETS))}")
+    need(
+        not model.activation_offload or model.gradient_checkpointing,
+        "model.activation_offload=true needs model.gradient_checkpointing=true (it offloads the checkpointed inputs)",
+    )
+
+    # data: a file source needs a path whose suffix matches it
+    if data.source in ("jsonl", "parquet", "hub"):
+        need(data.path is not None, f"data.source={data.source!r} needs data.path (a file, folder or repo id)")
+    suffixes = _DATA_SUFFIXES.get(data.source)
+    for key, path in (("path", data.path), ("eval_path", data.eval_path)):
+        if suffixes and Path(path or "").suffix in (".jsonl", ".json", ".parquet"):
+            need(Path(path).suffix in suffixes, f"data.{key}={path!r} does not match data.source={data.source!r}")
+    need(
+        data.eval_path is None or suffixes is not None,
+        f"data.eval_path is only read by jsonl/parquet sources, not data.source={data.source!r}",
+    )
+    if data.source == "synthetic":
+        need(len(syn.operations) > 0, "data.synthetic.operations must list at least one operator")
+        need(
+            syn.min_operand <= syn.max_operand,
+            f"data.synthetic.min_operand ({syn.min_operand}) must be <= max_operand ({syn.max_operand})",
+        )
+        need("{expression}" in syn.question, f"data.synthetic.question must contain {{expression}}: {syn.question!r}")
+    need(all(cfg.sampler.stop), "sampler.stop must not contain empty strings")
+    need(
+        cfg.sampler.max_rows is None or cfg.sampler.kind == "own",
+        f"sampler.max_rows={cfg.sampler.max_rows} applies to the own sampler; vLLM schedules its sequences "
+        "within sampler.gpu_memory_utilization (set sampler.max_rows=null)",
+    )
+
+    need(
+        g.group_size != 1 or cfg.algorithm == "ppo",
+        "grpo.group_size must be >= 2, got 1 (advantages compare the completions of one prompt; "
+        "algorithm: ppo, whose critic gives the baseline, allows 1)",
+    )
+
+    # grpo: clip ranges and IS bounds
+    eps, eps_high = g.epsilon, g.epsilon_high
+    need(eps_high >= eps, f"grpo.epsilon_high ({eps_high}) must be >= grpo.epsilon ({eps}) or null")
+    need(g.is_min is None or g.is_min <= g.is_cap, f"grpo.is_min ({g.is_min}) must be <= grpo.is_cap ({g.is_cap})")
+    if g.delta is not None and 1 < g.delta <= 1 + g.epsilon_high:
+        notes.append(
+            f"grpo.delta ({g.delta}) <= 1 + epsilon_high ({1 + g.epsilon_high}): it also caps the ratio of "
+            "positive-advantage tokens inside the clip range"
+        )
+    if g.importance_sampling_level == "sequence" and g.loss_type != "grpo":
+        notes.append(
+            f"grpo.importance_sampling_level='sequence' (GSPO) with grpo.loss_type={g.loss_type!r}: "
+            "this loss weights each sequence by its length; GSPO is defined with loss_type='grpo'"
+        )
+
+    # rewards: names only look right here; the functions are resolved when the run starts
+    need(len(cfg.rewards) > 0, "rewards must list at least one reward function")
+    names = [reward.name for reward in cfg.rewards]
+    for i, name in enumerate(names):
+        need(
+            bool(_REWARD_RE.match(name)),
+            f"rewards.{i}.name={name!r} is neither a registry name nor 'package.module:function'",
+        )
+        need(
+            name not in names[:i],
+            f"rewards.{i}.name={name!r} repeats rewards.{names.index(name)}.name: list each reward once "
+            "(its metrics are keyed by its name)",
+        )
+    need(
+        not cfg.rewards or any(reward.weight != 0 for reward in cfg.rewards),
+        "every rewards.*.weight is 0: every advantage would be 0 and nothing would be learned",
+    )
+
+    # the sizes of one step: N = B*G sequences, trained in N / micro_batch_size passes
+    n, mb = g.prompts_per_step * g.group_size, tr.micro_batch_size
+    if n >= 1 and mb >= 1 and n % mb:
+        errors.append(
+            f"grpo.prompts_per_step * grpo.group_size ({g.prompts_per_step} * {g.group_size} = {n} "
+            f"sequences per step) must be divisible by train.micro_batch_size ({mb}): each optimizer step "
+            f"trains on the N = B*G sequences in N / micro_batch_size equal passes; divisors of {n}: "
+            f"{[d for d in range(1, n + 1) if n % d == 0]}"
+        )
+    need(tr.warmup_steps <= tr.steps, f"train.warmup_steps ({tr.warmup_steps}) must be <= train.steps ({tr.steps})")
+    need(
+        cfg.eval.num_prompts <= data.num_eval,
+        f"eval.num_prompts ({cfg.eval.num_prompts}) must be <= data.num_eval ({data.num_eval})",
+    )
+    notes += lora_notes(cfg)
+    return errors + lora_errors(cfg) + sft_errors(cfg) + env_errors(cfg) + algorithm_errors(cfg)
