@@ -74,6 +74,25 @@ def test_loss_equals_the_papers_in_fp64(kind, beta, eps):
     assert float(stats["logp_chosen"]) == pytest.approx(float(pc.detach().mean()), rel=1e-6)
 
 
+def test_token_logprobs_to_loss_stay_in_fp64():
+    """From fp64 token log-probs (4 pairs of 50-token completions, padding -inf) to the loss: the
+    sequence sums are not rounded to fp32 on the way (fp32 would be off by ~1e-5), so the loss is
+    the fp64 reference's within 1e-10."""
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(8, 60, generator=g, dtype=torch.float64) * 5  # (8, Tc): rows 0-3 chosen, 4-7 rejected
+    ref = logp + torch.randn(8, 60, generator=g, dtype=torch.float64) * 0.1
+    mask = (torch.arange(60)[None] < torch.tensor([50, 41, 60, 33, 50, 57, 12, 60])[:, None]).long()
+    logp, ref = logp.masked_fill(mask == 0, -math.inf), ref.masked_fill(mask == 0, -math.inf)
+    seq, ref_seq = dpo.sequence_logprobs(logp, mask), dpo.sequence_logprobs(ref, mask)
+    assert seq.dtype == torch.float64
+    want = [sum(float(x) for x in row[m > 0]) for row, m in zip(logp, mask)]
+    assert max(abs(a - b) for a, b in zip(seq.tolist(), want)) <= 1e-10
+    loss, _ = dpo.dpo_loss(seq[:4], seq[4:], ref_seq[:4], ref_seq[4:], beta=0.5)
+    ref_want = [sum(float(x) for x in row[m > 0]) for row, m in zip(ref, mask)]
+    per_pair = reference_loss(want[:4], want[4:], ref_want[:4], ref_want[4:], 0.5, "sigmoid")
+    assert abs(float(loss) - sum(per_pair) / 4) <= 1e-10
+
+
 def test_worked_example_of_the_module_docstring():
     t = [torch.tensor([v], dtype=torch.float64) for v in (-1.0, -3.0, -2.0, -2.5)]
     sigmoid, stats = dpo.dpo_loss(*t, beta=0.5)
@@ -207,6 +226,10 @@ def test_gradient_does_not_depend_on_the_micro_batch_split(mode, sizes):
         (["algorithm=online_dpo", "train.micro_batch_size=1"], "train.micro_batch_size (1) must be >= 2"),
         (["algorithm=online_dpo", "dpo.pairs=all", "grpo.group_size=8", "train.micro_batch_size=4"], ">= 8"),
         (["dpo.beta=0.3"], "dpo.beta=0.3: the dpo section is read only with algorithm: online_dpo"),
+        (
+            ["algorithm=online_dpo", "grpo.loss_type=grpo", "grpo.mask_truncated_completions=true"],
+            "grpo.loss_type='grpo', grpo.mask_truncated_completions=True: GRPO's objective settings are not read",
+        ),
     ],
 )
 def test_config_mistakes_are_one_error_line(tmp_path, capsys, overrides, needle):

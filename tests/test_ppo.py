@@ -332,6 +332,8 @@ def test_preflight_counts_the_critic(value_model):
         (["algorithm=ppo", "grpo.beta=0.1"], "grpo.beta (0.1) is GRPO's KL weight; PPO's KL penalty is ppo.kl_coef"),
         (["algorithm=ppo", "grpo.num_iterations=2"], "PPO's are ppo.epochs: set grpo.num_iterations=1"),
         (["algorithm=ppo", "grpo.dynamic_sampling=true"], "set grpo.dynamic_sampling=false"),
+        (["algorithm=ppo", "grpo.epsilon=0.3"], "grpo.epsilon=0.3: GRPO's objective settings are not read with"),
+        (["algorithm=ppo", "grpo.epsilon_high=0.28"], "grpo.epsilon_high=0.28: GRPO's objective settings"),
         (["algorithm=ppo", "ppo.epochs=0"], "ppo.epochs must be >= 1, got 0"),
         (["algorithm=ppo", "ppo.lam=1.5"], "ppo.lam must be in [0, 1], got 1.5"),
         (["algorithm=ppo", "ppo.value_model=critic"], "ppo.value_model: expected one of 'separate', 'lora', got"),

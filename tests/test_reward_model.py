@@ -139,6 +139,7 @@ def test_last_token_index_follows_the_pad_id():
     mask = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
     assert last_token_index(ids, None, mask).tolist() == [3, 4, 0, 2]
     assert last_token_index(ids, None).tolist() == [4, 4, 4, 4]
+    assert last_token_index(ids, 0, mask).tolist() == [2, 4, 0, 2]  # both: a pad id and a padding column
 
 
 def test_lm_head_is_refused():
@@ -189,6 +190,22 @@ def test_reward_function_plain_text_equals_transformers(family, tmp_path):
     # a second build of the same reward reuses the loaded model
     again = _run_rewards(tmp_path, {"path": str(tmp_path / "rm"), "device": "cpu", "batch_size": 8})[1].fn
     assert again.load()[0] is specs[1].fn.load()[0]
+
+
+def test_pad_id_minus_one_scores_each_row_at_its_last_token(tmp_path):
+    """pad_token_id = -1 (older Llama configs): no id is padding, so transformers scores a lone row at
+    its last token; the reward (padded batches) must give those scores, not fail on id -1 (1e-5)."""
+    tok = tiny_tokenizer()
+    hf = hf_reward_model(tmp_path / "rm", "llama", seed=5, tokenizer=tok, vocab_size=len(WORDS), pad_token_id=-1)
+    fn = rewards.make_reward("reward_model", {"path": str(tmp_path / "rm"), "device": "cpu", "batch_size": 4})
+    got = fn(PROMPTS, COMPLETIONS, ["5"] * 5)
+    want = _direct(hf, tok, [f"{p}\n\n{c}" for p, c in zip(PROMPTS, COMPLETIONS)], special=True)
+    assert max(abs(a - b) for a, b in zip(got, want)) < ATOL
+    ours, _ = load_reward_model(tmp_path / "rm")
+    ids, mask, _ = padded_batch("right", vocab=len(WORDS), seed=2)
+    with torch.no_grad():  # padding that holds some other id than pad_token_id is never read
+        alone = torch.cat([hf(row[m.bool()][None]).logits for row, m in zip(ids, mask)])
+        assert (ours(ids.masked_fill(mask == 0, 5), attention_mask=mask) - alone).abs().max().item() < ATOL
 
 
 def test_reward_function_uses_the_chat_template(tmp_path):

@@ -40,9 +40,44 @@ UPDATES = {
 }
 
 
+# GRPO's objective settings, read by its policy loss only: online DPO and PPO share the rollout
+# settings of the grpo section, never these (their own are in the dpo and ppo sections)
+GRPO_OBJECTIVE = (
+    "loss_type",
+    "epsilon",
+    "epsilon_high",
+    "delta",
+    "importance_sampling_level",
+    "scale_rewards",
+    "advantage_estimator",
+    "mask_truncated_completions",
+)
+
+
 def config_errors(cfg: Any) -> list[str]:
     """The algorithm's checks between fields (one message each), while the config loads."""
-    return dpo_errors(cfg) + ppo_errors(cfg)
+    return dpo_errors(cfg) + ppo_errors(cfg) + unread_grpo_settings(cfg)
+
+
+def unread_grpo_settings(cfg: Any) -> list[str]:
+    """One message naming the GRPO objective settings changed from their defaults under another
+    algorithm, which would otherwise be ignored without a word (grpo.epsilon is not PPO's clip)."""
+    if cfg.algorithm == "grpo":
+        return []
+    default = type(cfg.grpo)()
+    changed = [
+        f"grpo.{key}={getattr(cfg.grpo, key)!r}"
+        for key in GRPO_OBJECTIVE
+        if getattr(cfg.grpo, key) != getattr(default, key)
+        and not (key == "epsilon_high" and cfg.grpo.epsilon_high == cfg.grpo.epsilon)  # derived from epsilon
+    ]
+    if not changed:
+        return []
+    section = "dpo" if cfg.algorithm == "online_dpo" else "ppo"
+    return [
+        f"{', '.join(changed)}: GRPO's objective settings are not read with algorithm: {cfg.algorithm} "
+        f"(its own are in the {section} section): remove them"
+    ]
 
 
 def needs_reference(cfg: Any) -> bool:
@@ -70,4 +105,12 @@ def update_fn(algorithm: str) -> Callable[..., dict[str, float]]:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["ALGORITHMS", "UPDATES", "config_errors", "needs_reference", "update_fn", "updates_per_step"]
+__all__ = [
+    "ALGORITHMS",
+    "GRPO_OBJECTIVE",
+    "UPDATES",
+    "config_errors",
+    "needs_reference",
+    "update_fn",
+    "updates_per_step",
+]

@@ -81,9 +81,10 @@ def preference_pairs(rewards: Tensor, group_size: int, pairs: str = "best_worst"
 
 def sequence_logprobs(logp: Tensor, mask: Tensor) -> Tensor:
     """(N,) log-probability of each completion: the sum of its (N, Tc) token log-probs over `mask`
-    (the model's own tokens). Padding is left out with where, so -inf or garbage there cannot leak."""
+    (the model's own tokens), summed in at least fp32 (fp64 stays fp64). Padding is left out with
+    where, so -inf or garbage there cannot leak."""
     assert logp.shape == mask.shape, f"logp {tuple(logp.shape)} vs mask {tuple(mask.shape)}"
-    return torch.where(mask > 0, logp.float(), 0.0).sum(-1)
+    return torch.where(mask > 0, logp.to(torch.promote_types(logp.dtype, torch.float32)), 0.0).sum(-1)
 
 
 def dpo_loss(

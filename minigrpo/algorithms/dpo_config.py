@@ -7,7 +7,8 @@
 Online DPO reuses the GRPO rollout (grpo.prompts_per_step, grpo.group_size, grpo.dynamic_sampling,
 the sampler and the reward functions) and grpo.num_iterations (optimizer steps per batch of
 pairs); GRPO's policy-loss settings (loss_type, epsilon, delta, beta, is_correction,
-mask_truncated_completions) do not apply.
+mask_truncated_completions) do not apply, and a config that changes one is refused
+(algorithms.unread_grpo_settings) rather than silently ignored.
 Kept apart from config.py so the schema file stays readable; `Config.dpo` is `DPOCfg`. No torch.
 """
 

@@ -8,7 +8,8 @@ PPO reuses the GRPO rollout (grpo.prompts_per_step, grpo.group_size, the sampler
 functions, env.*) and the optimizer settings (train.*; the critic has its own optimizer, at
 ppo.value_lr). GRPO's objective settings (loss_type, epsilon, delta, beta, advantages,
 num_iterations, dynamic sampling, is_correction, mask_truncated_completions) do not apply: PPO's
-are here. Under torchrun every rank trains its share of the rows against the global mini-batches,
+are here, and a config that changes one of them is refused rather than silently ignored.
+Under torchrun every rank trains its share of the rows against the global mini-batches,
 with the critic replicated (algorithms/ppo.py).
 Kept apart from config.py so the schema file stays readable; `Config.ppo` is `PPOCfg`. No torch.
 """

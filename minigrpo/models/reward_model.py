@@ -15,8 +15,10 @@ Pooling, as transformers does it (GenericForSequenceClassification.forward): the
 hidden state of each row's rightmost token that is not `pad_token_id`, so left and right padding
 give the same score; a row of pads only reads column 0. Without a pad_token_id in the config,
 transformers only takes one row at a time; here the last real token of `attention_mask` (or the
-last column) is read instead. Consequence of matching: when pad_token_id is also a real token
-(pad == eos), a trailing real one is skipped, exactly as transformers skips it.
+last column) is read instead, and a token outside a given mask is never read (padding filled with
+another id, or pad_token_id = -1: transformers then reads a lone row's last token, and so do we
+for every padded row). Consequence of matching: when pad_token_id is also a real token (pad ==
+eos), a trailing real one is skipped, exactly as transformers skips it.
 
 As a reward (`make_reward_model`, registered as `reward_model` in minigrpo.reward_fns): each
 prompt plus completion is rendered as a conversation with the reward model's own chat template
@@ -71,16 +73,16 @@ def last_token_index(
     input_ids: torch.Tensor, pad_token_id: int | None, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """input_ids (B, T) -> (B,) column whose hidden state is scored: the rightmost token that is not
-    pad_token_id (transformers' rule; 0 for a row of pads), or without a pad id the last real token
-    of attention_mask (the last column without a mask)."""
-    B, T = input_ids.shape
-    cols = torch.arange(T, device=input_ids.device)  # (T,)
+    pad_token_id (transformers' rule; 0 for a row of pads) and, given attention_mask, is a real token
+    of it (the last column with neither). The mask matters where padding holds another id than
+    pad_token_id, as with pad_token_id = -1 (no id at all, so transformers reads a lone row's last
+    token): a padded row is then still scored at its own last token, as it is alone."""
+    cols = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+    keep = torch.ones_like(input_ids, dtype=torch.bool)  # (B, T)
     if pad_token_id is not None:
-        keep = input_ids != pad_token_id  # (B, T)
-    elif attention_mask is not None:
-        keep = attention_mask.bool()  # (B, T)
-    else:
-        return torch.full((B,), T - 1, device=input_ids.device, dtype=torch.long)
+        keep &= input_ids != pad_token_id
+    if attention_mask is not None:
+        keep &= attention_mask.bool()
     return (cols * keep).argmax(-1)  # (B,) the largest kept column; 0 when none is kept
 
 
@@ -279,7 +281,7 @@ class RewardModelScorer:
         model, tokenizer = self.load()
         limit = self.max_length or model.args.max_position_embeddings
         rows = [self.render(tokenizer, p, c)[-limit:] for p, c in zip(prompts, completions)]
-        pad = model.pad_token_id if model.pad_token_id is not None else (tokenizer.pad_token_id or 0)
+        pad = _padding_id(model, tokenizer)
         out: list[float | None] = [None] * len(rows)
         order = sorted((i for i in range(len(rows)) if rows[i]), key=lambda i: len(rows[i]))
         for start in range(0, len(order), self.batch_size):
@@ -294,6 +296,16 @@ class RewardModelScorer:
             for i, value in zip(chunk, scores[:, 0].tolist()):
                 out[i] = value
         return out
+
+
+def _padding_id(model: RewardModel, tokenizer: Any) -> int:
+    """The id that fills a batch's padding: the model's pad id, else the tokenizer's, else 0, the
+    first of them that is a row of the embedding (a config's pad_token_id may be -1: no token). The
+    attention mask keeps the filler out of the scores whichever id it is (last_token_index)."""
+    for candidate in (model.pad_token_id, tokenizer.pad_token_id):
+        if isinstance(candidate, int) and 0 <= candidate < model.args.vocab_size:
+            return candidate
+    return 0
 
 
 def _labels_message(path: str, num_labels: int) -> str:
