@@ -3,7 +3,10 @@
 Pure tensor functions (torch only). The shape glossary and a worked example with these numbers are
 in grpo.py's docstring, which re-exports everything here: the loop reads the whole objective as
 grpo.*. Groups are contiguous: rows [g*G, (g+1)*G) answer prompt g; NaN marks a row where no reward
-could be scored, which is left out of every mean and std and gets advantage 0.
+could be scored, which is left out of every mean and std and gets advantage 0. So does a reward of
++-inf (rewards.score already masks a function's non-finite score; a total can still overflow): one
+infinite reward would otherwise turn its whole group's advantages (the whole batch's, with "batch"
+scaling) into NaN, and the loss and every weight with them.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ from torch import Tensor
 
 
 def _groups(rewards: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, G) fp64 rewards with NaN zeroed, the (B, G) valid mask and the (B, 1) valid count."""
+    """(B, G) fp64 rewards with non-finite ones zeroed, the (B, G) valid (finite) mask and the (B, 1) valid count."""
     assert rewards.ndim == 1, f"rewards must be (N,), got {tuple(rewards.shape)}"
     assert group_size >= 1 and rewards.numel() % group_size == 0, (
         f"N={rewards.numel()} is not a multiple of group_size={group_size}"
     )
     r = rewards.detach().to(torch.float64).view(-1, group_size)  # (B, G) fp64
-    valid = ~torch.isnan(r)  # (B, G)
+    valid = torch.isfinite(r)  # (B, G): NaN (unscored) and +-inf are left out
     return torch.where(valid, r, 0.0), valid, valid.sum(1, keepdim=True)  # ..., (B, 1)
 
 
@@ -49,8 +52,9 @@ def group_advantages(
     """Group-relative advantages, one per sequence.
 
     Args:
-        rewards: (N,) total rewards; NaN marks a row where no reward could be scored. Such rows get
-            advantage 0 and are left out of every mean and std, so they poison nothing.
+        rewards: (N,) total rewards; NaN marks a row where no reward could be scored. Such rows, and
+            rows of reward +-inf, get advantage 0 and are left out of every mean and std, so they
+            poison nothing.
         group_size: G; rows [g*G, (g+1)*G) form group g.
         scale: divide by the group's unbiased (Bessel) std + eps ("group", GRPO), by the unbiased std of
             all valid rewards in the batch + eps ("batch"), or not at all ("none", Dr. GRPO: the group
@@ -63,8 +67,9 @@ def group_advantages(
         eps: added to the std.
 
     Returns:
-        (N,) fp32 advantages. Groups whose valid rewards are all equal get exactly 0 (not a rounding
-        residue), which zero_spread_groups reports.
+        (N,) advantages, computed in fp64 and returned in fp32 (fp64 for fp64 rewards). Groups whose
+        valid rewards are all equal get exactly 0 (not a rounding residue), which zero_spread_groups
+        reports.
     """
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
@@ -86,7 +91,7 @@ def group_advantages(
         vals = r[valid]  # (n_valid,)
         std = vals.std(unbiased=True) if vals.numel() >= 2 else vals.new_zeros(())
         adv = adv / (std + eps)
-    return adv.reshape(-1).to(torch.float32)  # (N,)
+    return adv.reshape(-1).to(torch.promote_types(rewards.dtype, torch.float32))  # (N,)
 
 
 def group_reward_stats(rewards: Tensor, group_size: int) -> dict[str, Tensor]:
@@ -95,7 +100,7 @@ def group_reward_stats(rewards: Tensor, group_size: int) -> dict[str, Tensor]:
     Returns detached fp32 tensors:
         group_mean (B,) (NaN for a group with no valid reward), group_std (B,) unbiased (0 with fewer
         than two valid rewards), group_valid (B,) count of valid rewards; 0-dim: frac_zero_spread
-        (groups with zero advantage), frac_invalid_rows (NaN rows), mean_group_std, reward_mean,
+        (groups with zero advantage), frac_invalid_rows (NaN or +-inf rows), mean_group_std, reward_mean,
         reward_std, reward_min, reward_max (over valid rows; NaN if there are none).
     """
     r, valid, n = _groups(rewards, group_size)

@@ -51,6 +51,7 @@ Numerical safety
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -86,9 +87,15 @@ def loss_mask(mask: Tensor, truncated: Tensor | None = None, *, mask_truncated_c
     return m
 
 
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """fp32 for every input dtype up to fp32 (bf16 log-probs are upcast), fp64 if one input is fp64."""
+    return functools.reduce(torch.promote_types, [t.dtype for t in tensors], torch.float32)
+
+
 def _masked_log_ratio(a: Tensor, b: Tensor, active: Tensor) -> Tensor:
-    """a - b on active tokens, 0 on padding (so -inf or garbage there cannot make NaN)."""
-    return torch.where(active, a.float() - b.float(), 0.0)
+    """a - b on active tokens in _compute_dtype, 0 on padding (so -inf or garbage there cannot make NaN)."""
+    dt = _compute_dtype(a, b)
+    return torch.where(active, a.to(dt) - b.to(dt), 0.0)
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -104,20 +111,16 @@ def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
 
 @torch.no_grad()
 def importance_weights(
-    old_logp: Tensor,
-    sampler_logp: Tensor,
-    mask: Tensor,
-    mode: str,
-    *,
-    cap: float = 3.0,
-    floor: float | None = None,
+    old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, mode: str, *, cap: float = 3.0, floor: float | None = None
 ) -> tuple[Tensor, Tensor]:
     """IS weights that correct for an external sampler (vLLM) whose log-probs differ from the trainer's.
 
     token modes: w[i, t] = exp(old - sampler); sequence modes: w_i = exp(sum_t m * (old - sampler)),
     the product of the token ratios, broadcast to (N, 1). *_truncate: clamp(w, floor, cap);
     *_mask: w * [floor <= w <= cap] (no lower bound when floor is None). The log-weight is clamped to
-    +-LOG_RATIO_CLAMP before exp.
+    +-LOG_RATIO_CLAMP before exp. A NaN log-prob (a sampler's, say) leaves w unknown: it is 0 in
+    every mode (the token, or the row, drops out of the policy term) instead of a NaN loss whose
+    gradient would ruin every weight; the raw w stays NaN (policy_loss counts it in is_clip_frac).
 
     Returns (corrected w, raw w), each (N, Tc) or (N, 1); no gradient.
     """
@@ -128,11 +131,13 @@ def importance_weights(
         d = d.sum(1, keepdim=True)  # (N, 1)
     raw = torch.exp(d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     if mode.endswith("truncate"):
-        return raw.clamp(min=floor, max=cap), raw
-    keep = raw <= cap
-    if floor is not None:
-        keep &= raw >= floor
-    return raw * keep, raw
+        return torch.where(raw.isnan(), 0.0, raw.clamp(min=floor, max=cap)), raw
+    return torch.where(_within(raw, floor, cap), raw, 0.0), raw
+
+
+def _within(w: Tensor, floor: float | None, cap: float) -> Tensor:
+    """floor <= w <= cap (no floor when None); False for NaN."""
+    return (w <= cap) & (w >= floor if floor is not None else True)
 
 
 # ----------------------------------------------------------------------------- loss normalisation
@@ -185,11 +190,7 @@ class LossNormalizer:
 
 
 def make_normalizer(
-    mask: Tensor,
-    loss_type: str = "dapo",
-    *,
-    max_completion_length: int | None = None,
-    num_micro_batches: int = 1,
+    mask: Tensor, loss_type: str = "dapo", *, max_completion_length: int | None = None, num_micro_batches: int = 1
 ) -> LossNormalizer:
     """Normalizer of one optimizer step from the (N, Tc) loss mask of the WHOLE step (this rank).
 
@@ -199,13 +200,9 @@ def make_normalizer(
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     assert mask.ndim == 2, f"mask must be (N, Tc), got {tuple(mask.shape)}"
-    return LossNormalizer(
-        loss_type=loss_type,
-        num_sequences=mask.shape[0],
-        num_tokens=int((mask > 0).sum()),
-        max_completion_length=int(max_completion_length or mask.shape[1]),
-        num_micro_batches=num_micro_batches,
-    )
+    length = int(max_completion_length or mask.shape[1])
+    tokens = int((mask > 0).sum())
+    return LossNormalizer(loss_type, mask.shape[0], tokens, length, num_micro_batches=num_micro_batches)
 
 
 # ----------------------------------------------------------------------------- policy loss
@@ -217,7 +214,7 @@ class LossOptions:
 
     field                       config key                       meaning
     loss_type                   grpo.loss_type                   how token losses are summed and divided
-    epsilon, epsilon_high       grpo.epsilon, grpo.epsilon_high  clip range [1 - epsilon, 1 + epsilon_high]
+    epsilon, epsilon_high       grpo.epsilon, grpo.epsilon_high  clip [1 - epsilon, 1 + epsilon_high]; None: epsilon
     delta                       grpo.delta                       two-sided clip: cap rho at delta (None: off)
     beta                        grpo.beta                        k3 KL weight; != 0 needs ref_logp
     importance_sampling_level   grpo.importance_sampling_level   "token" ratios or "sequence" (GSPO)
@@ -229,7 +226,7 @@ class LossOptions:
 
     loss_type: str = "dapo"
     epsilon: float = 0.2
-    epsilon_high: float = 0.2
+    epsilon_high: float | None = None
     delta: float | None = None
     beta: float = 0.0
     importance_sampling_level: Literal["token", "sequence"] = "token"
@@ -239,14 +236,28 @@ class LossOptions:
     max_completion_length: int | None = None
 
     def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.importance_sampling_level not in ("token", "sequence"):
-            raise ValueError(
-                f"importance_sampling_level must be 'token' or 'sequence', got {self.importance_sampling_level!r}"
-            )
-        if self.is_correction is not None and self.is_correction not in IS_CORRECTIONS:
-            raise ValueError(f"is_correction must be one of {IS_CORRECTIONS}, got {self.is_correction!r}")
+        if self.epsilon_high is None:  # frozen: the derived default is set once, here
+            object.__setattr__(self, "epsilon_high", self.epsilon)
+        for name, allowed, ok in self._checks():
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+    def _checks(self) -> list[tuple[str, str, bool]]:
+        """(field, allowed values, whether it holds): where the math is defined (the config is stricter)."""
+        level, mode = self.importance_sampling_level, self.is_correction
+        mcl, floor = self.max_completion_length, self.is_min
+        return [
+            ("loss_type", f"one of {LOSS_TYPES}", self.loss_type in LOSS_TYPES),
+            ("importance_sampling_level", "'token' or 'sequence'", level in ("token", "sequence")),
+            ("is_correction", f"one of {IS_CORRECTIONS}", mode is None or mode in IS_CORRECTIONS),
+            ("epsilon", ">= 0", self.epsilon >= 0),
+            ("epsilon_high", ">= 0", self.epsilon_high >= 0),
+            ("delta", "> 0 or None", self.delta is None or self.delta > 0),
+            ("beta", ">= 0", self.beta >= 0),
+            ("is_cap", "> 0", self.is_cap > 0),
+            ("is_min", f"in [0, is_cap={self.is_cap}] or None", floor is None or 0 <= floor <= self.is_cap),
+            ("max_completion_length", ">= 1 or None", mcl is None or mcl >= 1),
+        ]
 
     @classmethod
     def from_config(cls, cfg: Config) -> LossOptions:
@@ -341,12 +352,13 @@ def token_terms(
 
 
 def token_weights(mask: Tensor, normalizer: LossNormalizer) -> Tensor:
-    """(N, Tc) fp32 w with loss = sum(w * l): each token's share of the step's normalised loss.
+    """(N, Tc) w with loss = sum(w * l): each token's share of the step's normalised loss (fp32; fp64
+    for an fp64 mask).
 
     The aggregation of policy_loss (see there), written per token: the mask over the normaliser's
     totals (grpo also over the row's own length).
     """
-    m = mask.to(torch.float32)  # (N, Tc)
+    m = mask.to(_compute_dtype(mask))  # (N, Tc)
     n = normalizer
     if n.loss_type == "grpo":
         return m / m.sum(1, keepdim=True).clamp(min=1) / max(n.num_sequences, 1) * n.world_size
@@ -399,7 +411,7 @@ def policy_loss(
         entropy: (N, Tc) optional per-token entropy, only reported.
 
     Returns:
-        loss: 0-dim fp32.
+        loss: 0-dim fp32 (fp64 when logp is fp64: no input is rounded to fp32).
         stats: detached 0-dim fp32 tensors of this micro-batch: pg_loss (per-token policy term after
             IS weighting, mean over active tokens), clip_low_frac (rho < 1-eps with A < 0),
             clip_high_frac (rho > 1+eps_high with A > 0), clip_region_frac (either), ratio_min,
@@ -417,10 +429,11 @@ def policy_loss(
     o = opts
     normalizer = check_loss_inputs(mask, o, normalizer, ref_logp=ref_logp, sampler_logp=sampler_logp)
 
-    m = mask.to(torch.float32)  # (N, Tc)
+    dt = _compute_dtype(logp)  # fp32, or fp64 for fp64 log-probs (then every term is fp64)
+    m = mask.to(dt)  # (N, Tc)
     active = m > 0  # (N, Tc)
     old = logp.detach() if old_logp is None else old_logp
-    A = advantages.detach().to(torch.float32)[:, None]  # (N, 1)
+    A = advantages.detach().to(dt)[:, None]  # (N, 1)
 
     ratio = policy_ratio(logp, old, m, o.importance_sampling_level)  # (N, Tc) or (N, 1)
 
@@ -429,9 +442,8 @@ def policy_loss(
     if o.is_correction is not None:
         w, raw = importance_weights(old, sampler_logp, m, o.is_correction, cap=o.is_cap, floor=o.is_min)
         raw = raw.expand(N, Tc)
-        outside = (raw > o.is_cap) | (raw < o.is_min if o.is_min is not None else torch.zeros_like(active))
-        stats |= _masked_min_mean_max("is_weight", raw, active)
-        stats["is_clip_frac"] = _masked_mean(outside.float(), active)
+        stats |= _masked_min_mean_max("is_weight", raw, active & ~raw.isnan())  # a NaN weight counts as clipped
+        stats["is_clip_frac"] = _masked_mean((~_within(raw, o.is_min, o.is_cap)).float(), active)
     per_token, pg, kl = token_terms(ratio, A, o, is_weight=w, logp=logp, ref_logp=ref_logp, mask=m)
     per_token, pg = per_token.expand(N, Tc), pg.expand(N, Tc)  # (N, Tc)
     if kl is not None:
@@ -462,11 +474,7 @@ def _masked_min_mean_max(prefix: str, x: Tensor, active: Tensor) -> dict[str, Te
     if not active.any():
         one = x.new_ones(())
         return {f"{prefix}_min": one, f"{prefix}_mean": one, f"{prefix}_max": one}
-    return {
-        f"{prefix}_min": x[active].min(),
-        f"{prefix}_mean": x[active].mean(),
-        f"{prefix}_max": x[active].max(),
-    }
+    return {f"{prefix}_min": x[active].min(), f"{prefix}_mean": x[active].mean(), f"{prefix}_max": x[active].max()}
 
 
 __all__ = [
