@@ -211,7 +211,7 @@ class TrainCfg(Section):
     betas: tuple[float, float] = spec((0.9, 0.99), "in [0, 1)")  # Adam betas
     eps: float = spec(1e-8, "> 0")  # Adam epsilon
     schedule: Literal["constant", "linear", "cosine"] = "constant"  # lr shape after the warmup
-    warmup_steps: int = spec(0, ">= 0")  # linear warmup from 0 to lr over this many steps
+    warmup_steps: int = spec(0, ">= 0")  # linear warmup from 0 to lr over this many training steps (as steps)
     min_lr_ratio: float = spec(0.0, "in [0, 1]")  # linear/cosine: final lr as a fraction of lr
     max_grad_norm: float | None = spec(1.0, "> 0")  # clip the global gradient norm (None: no clipping)
     micro_batch_size: int = spec(8, ">= 1")  # sequences per forward/backward pass; must divide B*G

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -341,36 +342,70 @@ def _reduce_bucket(params: list[nn.Parameter], world: World) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
+def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float, grad_scale: float = 1.0) -> float:
     """Clip the global L2 gradient norm to max_norm (inf: only measure it); returns the norm before.
 
-    Sharded (DTensor, FSDP2) gradients contribute the sum of squares of their local shards, summed
-    over ranks with one all-reduce; replicated gradients count once. Give the parameters as they
-    are after backward (FSDP2 swaps parameter objects between sharded and unsharded states). A
-    non-finite norm leaves the gradients as torch's clip_grad_norm_ does (inf: scaled by 0; NaN: all NaN),
-    so a diverged step is the same under one process and several ranks.
+    grad_scale: the loss scale the gradients carry (minigrpo/grad_scale.py); they are divided by it
+    in the same multiply as the clip, and the norm returned and clipped is the unscaled one. A
+    non-finite norm (an overflow, a NaN) is returned and the gradients are left as they are.
     """
-    from torch.distributed.tensor import DTensor, Replicate
+    norm = global_grad_norm(params, grad_scale)
+    if math.isfinite(norm):
+        scale_gradients(params, clip_factor(norm, max_norm) / grad_scale)
+    return norm
 
+
+def global_grad_norm(params: Sequence[nn.Parameter], grad_scale: float = 1.0) -> float:
+    """The L2 norm of all gradients together, divided by grad_scale; the same number on every rank.
+
+    Each tensor's norm is taken in fp32 (a bf16 norm is 0.2-0.4% off) and the squares summed in
+    fp64. Sharded (DTensor, FSDP2) gradients contribute the sum of squares of their local shards,
+    summed over ranks with one all-reduce; replicated gradients count once, so one process and any
+    number of ranks measure alike. Give the parameters as they are after backward (FSDP2 swaps
+    parameter objects between sharded and unsharded states).
+    """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    sharded = [g for g in grads if isinstance(g, DTensor) and not all(isinstance(pl, Replicate) for pl in g.placements)]
-    whole = [g.to_local() if isinstance(g, DTensor) else g for g in grads if not any(g is s for s in sharded)]
-    device = grads[0].to_local().device if isinstance(grads[0], DTensor) else grads[0].device
+    device = _local(grads[0]).device
     squares = torch.zeros((), dtype=torch.float64, device=device)
+    sharded = [g for g in grads if _is_sharded_tensor(g)]
     for g in sharded:
-        squares += g.to_local().double().square().sum().to(device)
+        squares += torch.linalg.vector_norm(_local(g), dtype=torch.float32).double().square().to(device)
     if sharded:
         dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=sharded[0].device_mesh.get_group())
-    for g in whole:
-        squares += g.double().square().sum().to(device)
-    norm = float(squares.sqrt())
-    scale = max_norm / (norm + 1e-6)
-    if not scale >= 1.0:  # a NaN norm scales by NaN too, as torch.nn.utils.clip_grad_norm_ (one process) does
-        for g in grads:
-            (g.to_local() if isinstance(g, DTensor) else g).mul_(scale)
-    return norm
+    for g in grads:
+        if not _is_sharded_tensor(g):
+            squares += torch.linalg.vector_norm(_local(g), dtype=torch.float32).double().square().to(device)
+    return float(squares.sqrt()) / grad_scale
+
+
+def clip_factor(norm: float, max_norm: float) -> float:
+    """What multiplies the gradients so that their norm is at most max_norm (1 when it already is)."""
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
+def scale_gradients(params: Sequence[nn.Parameter], factor: float) -> None:
+    """Multiply every gradient in place by factor (a float kept in fp32: _foreach_mul_ would round
+    it to a bf16 gradient's dtype first)."""
+    if factor != 1.0:
+        for p in params:
+            if p.grad is not None:
+                _local(p.grad).mul_(factor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _is_sharded_tensor(t: torch.Tensor) -> bool:
+    """A DTensor split over ranks (not replicated on all of them)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return isinstance(t, DTensor) and not all(isinstance(pl, Replicate) for pl in t.placements)
 
 
 @torch.no_grad()

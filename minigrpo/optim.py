@@ -82,23 +82,25 @@ class MasterWeights(torch.optim.Optimizer):
     def state(self):
         return self.inner.state
 
-    def step(self, closure=None):
+    def step(self, closure=None, grad_factor: float = 1.0):
         """One step of every master that has a gradient, copied down to its parameter. A closure is
-        called first (with gradients enabled, as torch's optimizers do) and its loss returned."""
+        called first (with gradients enabled, as torch's optimizers do) and its loss returned.
+        grad_factor multiplies the fp32 copies of the gradients (a loss scale divided out, a clip):
+        in float16 the gradients themselves could not hold the unscaled values."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step_buckets()
+        self._step_buckets(grad_factor)
         return loss
 
     @torch.no_grad()
-    def _step_buckets(self) -> None:
+    def _step_buckets(self, grad_factor: float) -> None:
         # the inner optimizer steps exactly the masters that have a gradient: one bucket per call
         for bucket in self.buckets:
             for i in bucket:
                 p, m = self.params[i], self.masters[i]
-                m.grad = None if p.grad is None else p.grad.float()
+                m.grad = None if p.grad is None else _fp32_copy(p.grad, grad_factor)
                 p.grad = None  # its fp32 copy carries it now
             self.inner.step()
             for i in bucket:
@@ -180,6 +182,11 @@ def dithered(w: torch.Tensor, generator: torch.Generator, chunk: int = 1 << 24) 
     return out
 
 
+def _fp32_copy(grad: torch.Tensor, factor: float) -> torch.Tensor:
+    """grad in fp32 times factor, a new tensor (an fp32 gradient is not changed in place)."""
+    return grad.float() * factor if factor != 1.0 else grad.float()
+
+
 def build_optimizer(
     params: Iterable[nn.Parameter], cfg: TrainCfg, *, masters: Mapping[nn.Parameter, torch.Tensor] | None = None
 ) -> torch.optim.Optimizer:
@@ -214,20 +221,24 @@ def build_optimizer(
     return make(params)
 
 
-def lr_factor(step: int, cfg: TrainCfg, total_steps: int) -> float:
-    """Multiplier of cfg.lr after `step` optimizer steps: linear warmup, then constant/linear/cosine."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+def lr_factor(step: int, cfg: TrainCfg, total_steps: int, updates_per_step: int = 1) -> float:
+    """Multiplier of cfg.lr after `step` optimizer steps (of total_steps): linear warmup, then
+    constant/linear/cosine. cfg.warmup_steps counts training steps, as cfg.steps does, each of
+    `updates_per_step` optimizer steps (GRPO's num_iterations), so a warmup lasts the same share
+    of a run whatever the number of updates per step."""
+    warmup = cfg.warmup_steps * updates_per_step
+    if warmup and step < warmup:
+        return (step + 1) / warmup
     if cfg.schedule == "constant":
         return 1.0
-    span = max(total_steps - cfg.warmup_steps, 1)
-    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    span = max(total_steps - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
     shape = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainCfg, total_steps: int
+    optimizer: torch.optim.Optimizer, cfg: TrainCfg, total_steps: int, updates_per_step: int = 1
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR over `total_steps` optimizer steps (steps x num_iterations)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
+    """LambdaLR over `total_steps` optimizer steps (cfg.steps x updates_per_step; see lr_factor)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps, updates_per_step))

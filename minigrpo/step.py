@@ -26,8 +26,6 @@ from minigrpo import advantages, grpo, lora, rewards
 from minigrpo.data import PromptLoader, batch_columns, encode_prompts
 from minigrpo.distributed import (
     World,
-    all_reduce_gradients,
-    clip_grad_norm,
     combine_stats,
     gather_rows,
     is_sharded,
@@ -35,6 +33,7 @@ from minigrpo.distributed import (
     shard_range,
 )
 from minigrpo.episodes import ENV, Environment, Episode, episode_columns, episodes_to_rollout, run_episodes
+from minigrpo.grad_scale import GradScale, grad_scale_metrics, optimizer_step
 from minigrpo.logprobs import completion_logprobs
 from minigrpo.sampling.base import Sampler
 from minigrpo.sampling.params import SamplingParams
@@ -350,7 +349,16 @@ def reference_pass(
 
 
 def update_phase(
-    cfg, model, optimizer, scheduler, batch: Batch, old_logp, ref_logp, *, world: World | None = None
+    cfg,
+    model,
+    optimizer,
+    scheduler,
+    batch: Batch,
+    old_logp,
+    ref_logp,
+    *,
+    world: World | None = None,
+    grad_scale: GradScale | None = None,
 ) -> dict[str, float]:
     """One optimizer step per iteration over the batch, in micro-batches; returns averaged stats.
 
@@ -358,8 +366,12 @@ def update_phase(
     reduction (FSDP's reduce-scatter, or all_reduce_gradients for replicated weights) every rank
     holds the gradient of the whole batch, whatever the micro-batch split. Stats are token-weighted
     means, minima and maxima over micro-batches and ranks.
+
+    grad_scale: the run's loss scale (float16; see minigrpo/grad_scale.py). A scaled loss takes the
+    general LM-head path: the fused one forms its gradients in the model dtype before any scale.
     """
     world = world or World()
+    grad_scale = grad_scale or GradScale()
     opts = grpo.LossOptions.from_config(cfg)
     r = batch.rollout
     mask = grpo.loss_mask(
@@ -400,40 +412,25 @@ def update_phase(
                 ref_logp=None if ref_logp is None else ref_logp[rows, :Tc],
                 sampler_logp=r.sampler_logp[rows, :Tc] if opts.is_correction else None,
                 temperature=cfg.sampler.temperature,
+                fused=False if grad_scale.enabled else None,
             )
-            loss.backward()
+            grad_scale.scaled(loss).backward()
             loss_total += float(loss.detach())
             tokens = float(stats.pop("active_tokens"))
             parts.append(({k: float(v) for k, v in stats.items()}, tokens))
-        grad_norm, lr = optimizer_step(cfg, model, optimizer, scheduler, world)
+        grad_norm, lr = optimizer_step(cfg, model, optimizer, scheduler, world, grad_scale)
         grad_norms.append(grad_norm)
         lrs.append(lr)
         losses.append(loss_total / world.size)  # a rank's loss is its share times the world size
     stats, _ = merge_stats(world, *combine_stats(parts))
     loss = merge_stats(world, {"loss_sum": sum(losses) / len(losses)}, 1.0)[0]["loss_sum"]
-    return {**stats, "loss": loss, "grad_norm": sum(grad_norms) / len(grad_norms), "lr": sum(lrs) / len(lrs)}
-
-
-def optimizer_step(cfg, model, optimizer, scheduler, world: World) -> tuple[float, float]:
-    """The end of every update, after the last backward: reduce replicated gradients over the ranks,
-    clip the global norm (train.max_grad_norm), step the optimizer and the schedule, zero the
-    gradients. Returns (the gradient norm before clipping, the learning rate this step used)."""
-    # listed after backward: FSDP2 swaps unsharded parameters in and out (the root stays
-    # unsharded after a no-grad forward), so a list made earlier may hold the wrong objects
-    params = [p for p in model.parameters() if p.requires_grad]
-    if world.distributed and not is_sharded(model):
-        all_reduce_gradients(params, world)
-    max_norm = cfg.train.max_grad_norm or math.inf
-    grad_norm = clip_grad_norm(params, max_norm) if world.distributed else _clip(params, max_norm)
-    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, lr
-
-
-def _clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return {
+        **stats,
+        "loss": loss,
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "lr": sum(lrs) / len(lrs),
+        **grad_scale_metrics(grad_scale),
+    }
 
 
 # ================================================================================================

@@ -234,20 +234,18 @@ def test_clip_grad_norm_measures_and_clips_the_global_norm():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_clip_grad_norm_treats_a_non_finite_norm_like_torch(bad):
-    """The ranks clip with clip_grad_norm, one process with torch.nn.utils.clip_grad_norm_: a NaN or
-    inf gradient must leave the same gradients in both (NaN norm: every gradient NaN; inf: scaled by 0)."""
+def test_clip_grad_norm_reports_a_non_finite_norm_and_leaves_the_gradients(bad):
+    """A NaN or inf gradient: the norm says so (the update is then skipped, grad_scale.optimizer_step)
+    and no gradient is touched (torch's clip_grad_norm_ would make them all NaN or zero)."""
     ours = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
-    theirs = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
-    for p, q in zip(ours, theirs):
+    for p in ours:
         p.grad = torch.arange(1.0, p.numel() + 1)
-        q.grad = p.grad.clone()
-    ours[0].grad[0] = theirs[0].grad[0] = bad
+    ours[0].grad[0] = bad
+    before = [p.grad.clone() for p in ours]
     norm = clip_grad_norm(ours, 1.0)
-    expected = float(torch.nn.utils.clip_grad_norm_(theirs, 1.0))
-    assert norm == pytest.approx(expected, nan_ok=True)
-    for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p.grad, q.grad, equal_nan=True, rtol=0, atol=0)
+    assert norm != norm if bad != bad else norm == float("inf")
+    for p, b in zip(ours, before):
+        torch.testing.assert_close(p.grad, b, equal_nan=True, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

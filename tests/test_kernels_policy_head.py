@@ -397,7 +397,8 @@ def test_update_phase_fused_equals_general(overrides, monkeypatch):
     monkeypatch.setattr(update_loss, "fused_linear_token_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     fused_delta, fused_stats = _update(copy.deepcopy(model), cfg, batch, old_logp, ref_logp)
     assert len(calls) == 4 * cfg.grpo.num_iterations  # 8 rows in micro-batches of 2
-    monkeypatch.setattr(step, "micro_batch_loss", functools.partial(update_loss.micro_batch_loss, fused=False))
+    general = update_loss.micro_batch_loss
+    monkeypatch.setattr(step, "micro_batch_loss", lambda *a, **k: general(*a, **{**k, "fused": False}))
     general_delta, general_stats = _update(copy.deepcopy(model), cfg, batch, old_logp, ref_logp)
     assert len(calls) == 4 * cfg.grpo.num_iterations  # the general path never called the fused kernel
 

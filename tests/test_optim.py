@@ -24,6 +24,17 @@ def test_schedules():
     assert math.isclose(lr_factor(5, cos, 10), 0.5) and math.isclose(lr_factor(10, cos, 10), 0.0, abs_tol=1e-12)
 
 
+def test_warmup_counts_training_steps_whatever_the_updates_per_step():
+    """train.warmup_steps is in training steps, as train.steps: with 4 optimizer updates a step
+    (grpo.num_iterations 4), a warmup of 2 steps is 8 updates, and a cosine then spans the rest."""
+    cfg = TrainCfg(steps=10, warmup_steps=2, schedule="cosine", lr=1.0)
+    factors = [lr_factor(s, cfg, 40, updates_per_step=4) for s in range(41)]
+    assert factors[:8] == [(s + 1) / 8 for s in range(8)]
+    assert factors[8] == 1.0 and math.isclose(factors[24], 0.5) and math.isclose(factors[40], 0.0, abs_tol=1e-12)
+    sched = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg, 40, 4)
+    assert sched.get_last_lr() == [1 / 8]
+
+
 def test_master_weights_take_updates_that_bf16_would_round_away():
     model = tiny_model(seed=1, dtype=torch.bfloat16)
     cfg = TrainCfg(lr=1e-5)
