@@ -215,10 +215,11 @@ def _main(argv: Sequence[str] | None) -> Path:
         check_peft_adapter(ckpt)
     _check_source(source, own_tokenizer, revision)
 
-    config_file = Path(source) / "config.json"
+    config_file = Path(source).expanduser() / "config.json"
     dtype = torch.float32
     if config_file.is_file():  # keep the stored precision (a bf16 checkpoint loads as bf16)
-        stored = json.loads(config_file.read_text(encoding="utf-8")).get("torch_dtype")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        stored = config.get("dtype") or config.get("torch_dtype")  # transformers >= 4.56 writes "dtype"
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(stored, torch.float32)
     model, tokenizer = load_pretrained(source, dtype=dtype, revision=revision, require_tokenizer=own_tokenizer is None)
     if adapter:

@@ -116,6 +116,7 @@ class LoRALinear(nn.Module):
         self.frozen_weight: torch.Tensor | None = None  # adapters_frozen(merge=True): W + s B A, W's dtype
         self.frozen_bias: torch.Tensor | None = None  # ... and the base's bias (a view beside its set's)
         self.reset_lora_parameters()
+        self.train(base.training)  # added to a model in eval mode, the adapter's dropout is off too
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:

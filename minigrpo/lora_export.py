@@ -127,6 +127,8 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[st
     r, alpha, rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False))
     _check_adapter_shapes(model, state, names, r, path / ADAPTER_WEIGHTS)
     layers = lora_layers(model)
+    if any(layer.merged for layer in layers.values()):
+        raise LoRAError(f"cannot load {path} into merged adapters: unmerge_lora(model) first")
     if not layers:
         dropout = float(config.get("lora_dropout") or 0.0)
         add_adapters(model, names, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dtype=torch.float32)
@@ -188,9 +190,12 @@ def check_peft_adapter(directory: str | os.PathLike) -> dict[str, Any]:
             raise AdapterError(f"{where}: {key}={value!r} must be a number > 0")
     if not (path / ADAPTER_WEIGHTS).is_file():
         raise AdapterError(f"{path / ADAPTER_WEIGHTS} is missing: {path} is no complete LoRA adapter")
-    for key in read_header(path / ADAPTER_WEIGHTS):
+    keys = read_header(path / ADAPTER_WEIGHTS)
+    for key in keys:
         if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise AdapterError(f"{path / ADAPTER_WEIGHTS}: unexpected tensor {key!r} (only LoRA A and B weights)")
+    if not keys:  # loading it would freeze the model and add nothing to train
+        raise AdapterError(f"{path / ADAPTER_WEIGHTS} holds no LoRA weights")
     return config
 
 
@@ -209,7 +214,7 @@ def _check_peft_config(config: dict[str, Any], where: Path) -> None:
     }
     for key, plain in unsupported.items():
         value = config.get(key, plain)
-        if value != plain and not (plain is None and value == []):
+        if value != plain and not (plain in (None, {}) and value in (None, [], {})):  # null / empty: unused
             raise AdapterError(f"{where}: {key}={value!r} is not supported (plain LoRA only: {key}={plain!r})")
 
 

@@ -21,8 +21,12 @@ the packed weight, so the backward re-dequantizes it and gives the input gradien
 is frozen (4-bit codes have no gradient): trainable parameters live in adapters around it.
 
 Devices. bitsandbytes runs 4-bit on CUDA; recent releases (verified: 0.50.2) also ship a CPU backend
-(quantize, dequantize and the matmul), which the tests use. `require_nf4(device)` checks the path once per
-device type and fails with an error that names the setting (`lora.quantize_base`) otherwise.
+(quantize, dequantize and the matmul), which the tests use. Its CPU dequantize kernel (under its
+matmul too) assumes every row starts a block: where an even in_features is no multiple of the
+blocksize it reads the wrong scales (relative error 0.2-0.4 instead of NF4's 0.09), so such layers
+dequantize in plain torch here (`dequantize_nf4`: the format's definition) and multiply densely.
+`require_nf4(device)` checks the path once per device type and fails with an error that names the
+setting (`lora.quantize_base`) otherwise.
 
 Checkpoint names stay those of the dense model (`...q_proj.weight`): the loader quantizes each
 weight as it is read, so the 16-bit model never exists whole on the device. `state_dict()` holds
@@ -43,6 +47,7 @@ from torch import nn
 from minigrpo.errors import UserError
 
 BLOCKSIZE = 64  # weights per absmax block (bitsandbytes' default for 4-bit)
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes' 4-bit kernels take
 NESTED_BLOCKSIZE = 256  # absmax values per second-level block (double quantization)
 SUPPORTED = ("nf4",)
 
@@ -121,9 +126,9 @@ def require_nf4(device: str | torch.device, method: str = "nf4") -> None:
     )
 
 
-def nf4_weight_bytes(numel: int, *, double_quant: bool = True) -> int:
+def nf4_weight_bytes(numel: int, *, double_quant: bool = True, blocksize: int = BLOCKSIZE) -> int:
     """Device bytes of one NF4 weight of `numel` elements: codes, absmax scales and the nested state."""
-    blocks = -(-numel // BLOCKSIZE)
+    blocks = -(-numel // blocksize)
     codes = (numel + 1) // 2
     if not double_quant:
         return codes + 4 * blocks + 4 * 16  # fp32 absmax per block + the 16-entry code table
@@ -150,16 +155,15 @@ class NF4Linear(nn.Module):
         bias: nn.Parameter | torch.Tensor | None = None,
         *,
         double_quant: bool = True,
+        blocksize: int = BLOCKSIZE,
     ) -> None:
         super().__init__()
         assert weight.dim() == 2 and weight.is_floating_point(), f"weight must be (out, in) float, got {weight.shape}"
+        if blocksize not in BLOCKSIZES:
+            raise ValueError(f"NF4 blocksize={blocksize!r} is not supported; choose one of {BLOCKSIZES}")
         self.out_features, self.in_features = weight.shape
-        if weight.device.type == "cpu" and self.in_features % BLOCKSIZE:
-            # bitsandbytes 0.50's CPU kernels misplace the scales of such rows (relative error 0.26
-            # instead of NF4's 0.09); every supported architecture has dims that are multiples of 64
-            raise ValueError(f"NF4 on CPU needs in_features to be a multiple of {BLOCKSIZE}, got {self.in_features}")
-        self.double_quant = double_quant
-        packed, self.quant_state = _quantize(weight, double_quant)
+        self.double_quant, self.blocksize = double_quant, blocksize
+        packed, self.quant_state = _quantize(weight, double_quant, blocksize)
         self.weight = nn.Parameter(packed, requires_grad=False)
         if bias is not None and not isinstance(bias, nn.Parameter):
             bias = nn.Parameter(bias, requires_grad=bias.is_floating_point())
@@ -185,14 +189,27 @@ class NF4Linear(nn.Module):
         bnb = _bnb()
         dtype = self.compute_dtype
         bias = self.bias if self.bias is None or self.bias.dtype == dtype else self.bias.to(dtype)
+        if self._bnb_kernel_misreads():  # the dense weight (no gradient), x's gradient through F.linear
+            return nn.functional.linear(x.to(dtype), self.dequantized_weight(), bias).to(x.dtype)  # (..., out)
         y = bnb.matmul_4bit(x.to(dtype), self.weight.t(), quant_state=self.quant_state, bias=bias)
         return y.to(x.dtype)  # (..., out)
+
+    def _bnb_kernel_misreads(self) -> bool:
+        """True where bitsandbytes' CPU dequantize kernel would read the wrong scales: it takes each
+        row as starting a block, so an even in_features that is no multiple of the blocksize (odd
+        widths take its generic path, which is right)."""
+        n = self.in_features
+        return self.weight.device.type == "cpu" and n % self.quant_state.blocksize != 0 and n % 2 == 0
 
     @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight (out, in) this module computes with, in `dtype` (default: the compute dtype)."""
-        w = _bnb().functional.dequantize_4bit(self.weight.data, self.quant_state)
-        return w.view(self.out_features, self.in_features).to(dtype or self.compute_dtype)
+        shape = (self.out_features, self.in_features)
+        if self._bnb_kernel_misreads():
+            w = dequantize_nf4(self.weight.data, self.quant_state, shape)
+        else:
+            w = _bnb().functional.dequantize_4bit(self.weight.data, self.quant_state)
+        return w.view(shape).to(dtype or self.compute_dtype)
 
     def nbytes(self) -> int:
         """Device bytes of the packed weight and its quant state (the bias not included)."""
@@ -205,7 +222,8 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"nf4, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+            f"nf4, blocksize={self.quant_state.blocksize}, double_quant={self.double_quant}, "
+            f"compute_dtype={self.compute_dtype}"
         )
 
     # -- device moves: the quant state is no parameter, so it follows the weight by hand ----------
@@ -239,7 +257,7 @@ class NF4Linear(nn.Module):
                         )
                     else:  # as this module quantizes (with or without the nested absmax state)
                         dense = w.to(self.weight.device, self.compute_dtype)
-                        packed, self.quant_state = _quantize(dense, self.double_quant)
+                        packed, self.quant_state = _quantize(dense, self.double_quant, self.blocksize)
                         self.weight = nn.Parameter(packed, requires_grad=False)
                 elif not extra:
                     errors.append(f"{wkey} holds 4-bit codes but no quant state ({wkey}.absmax, ...)")
@@ -248,6 +266,7 @@ class NF4Linear(nn.Module):
                     self.quant_state = bnb.functional.QuantState.from_dict(extra, device=self.weight.device)
                     self.weight = nn.Parameter(w.to(self.weight.device), requires_grad=False)
                     self.double_quant = bool(self.quant_state.nested)  # the codes come with their own state
+                    self.blocksize = self.quant_state.blocksize
         if self.bias is not None:
             if bkey in state_dict:
                 with torch.no_grad():
@@ -261,12 +280,28 @@ class NF4Linear(nn.Module):
             )
 
 
-def _quantize(weight: torch.Tensor, double_quant: bool):
+def _quantize(weight: torch.Tensor, double_quant: bool, blocksize: int = BLOCKSIZE):
     """(packed uint8 codes, QuantState) of a dense (out, in) weight, on its device, in its dtype."""
     bnb = _bnb()
     return bnb.functional.quantize_4bit(
-        weight.contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type="nf4"
+        weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
     )
+
+
+def dequantize_nf4(packed: torch.Tensor, state: Any, shape: tuple[int, int]) -> torch.Tensor:
+    """The NF4 format's definition in plain torch: weight i = code[nibble i] * absmax[i // blocksize]
+    over the flattened (out, in) weight, high nibble first; the absmax scales are first dequantized
+    from 8 bits (+ offset) under double quantization. Returns (out, in) in the state's dtype."""
+    numel = shape[0] * shape[1]
+    codes = packed.view(torch.uint8).reshape(-1)
+    nibbles = torch.stack((codes >> 4, codes & 15), dim=1).reshape(-1)[:numel].long()  # (out * in,)
+    absmax = state.absmax
+    if state.nested:  # 8-bit scales: blockwise-dequantized with the second-level state, then shifted
+        absmax = _bnb().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    values = state.code.float()[nibbles]  # (out * in,) fp32 in [-1, 1]
+    blocks = nn.functional.pad(values, (0, -numel % state.blocksize)).view(-1, state.blocksize)  # (blocks, bs)
+    dense = blocks * absmax.float().view(-1, 1)[: blocks.shape[0]]
+    return dense.view(-1)[:numel].view(shape).to(state.dtype)  # (out, in)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,6 +366,7 @@ def quantized_linears(model: nn.Module) -> dict[str, NF4Linear]:
 __all__ = [
     "NF4Linear",
     "QuantizationUnavailableError",
+    "dequantize_nf4",
     "is_quantizable",
     "nf4_weight_bytes",
     "quantize_linear_weight",

@@ -70,8 +70,58 @@ def test_nf4_storage_and_state_dict_round_trip():
     assert torch.equal(dense.dequantized_weight(), layer.dequantized_weight())
     with pytest.raises(RuntimeError, match="Unexpected key"):
         again.load_state_dict({**state, "extra": torch.zeros(1)})
-    with pytest.raises(ValueError, match="multiple of 64"):  # a bitsandbytes CPU-kernel limitation
-        NF4Linear(torch.randn(8, 160))
+
+
+def _nf4_reference(w: torch.Tensor, blocksize: int, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """NF4 by its definition: each weight -> the nearest of the 16 levels times its block's absmax
+    (over the flattened weight; `scales` replaces the absmax of the dequantization, e.g. 8-bit ones)."""
+    from bitsandbytes.functional import get_4bit_type
+
+    levels = get_4bit_type("nf4", device="cpu").float()  # (16,)
+    flat = w.float().reshape(-1)
+    pad = -flat.numel() % blocksize
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, blocksize)  # (blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    nearest = (blocks / absmax).unsqueeze(-1).sub(levels).abs().argmin(-1)  # (blocks, blocksize)
+    scale = absmax if scales is None else scales.float().view(-1, 1)
+    return (levels[nearest] * scale).reshape(-1)[: flat.numel()].view(w.shape)
+
+
+@needs_cpu_nf4
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+@pytest.mark.parametrize(
+    ("shape", "blocksize"),
+    [((6, 128), 64), ((5, 96), 64), ((8, 160), 64), ((3, 64), 128), ((32, 128), 256), ((7, 33), 64), ((4, 256), 128)],
+)
+def test_nf4_equals_its_definition_for_any_shape_and_blocksize(shape, blocksize, double_quant):
+    """bitsandbytes 0.50's CPU kernel reads the wrong scales where an even in_features is no multiple
+    of the blocksize ((5, 96) at 64: max |error| 2.0, relative 0.23 instead of 0.09): the layer must
+    still compute with the NF4 weight itself, forward and backward."""
+    from bitsandbytes.functional import dequantize_blockwise
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    bias = torch.randn(shape[0])
+    layer = NF4Linear(w, nn.Parameter(bias, requires_grad=False), double_quant=double_quant, blocksize=blocksize)
+    qs = layer.quant_state
+    scales = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if double_quant else None
+    ref = _nf4_reference(w, blocksize, scales)
+    dense = layer.dequantized_weight()
+    assert dense.shape == shape and (dense - ref).abs().max() < 1e-6
+    assert _rel(dense, w) < 0.12  # NF4's own error on Gaussian weights (~0.09)
+    assert layer.nbytes() == nf4_weight_bytes(w.numel(), double_quant=double_quant, blocksize=blocksize)
+    for rows in (1, 4):  # one row takes bitsandbytes' matrix-vector path
+        x = torch.randn(rows, shape[1], requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        y, want = layer(x), torch.nn.functional.linear(x_ref, ref, bias)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        want.backward(gy)
+        assert _rel(y, want) < 1e-5 and _rel(x.grad, x_ref.grad) < 1e-5
+    again = NF4Linear(torch.zeros(shape), nn.Parameter(torch.zeros(shape[0])), blocksize=blocksize)
+    again.load_state_dict(layer.state_dict())  # the blocksize travels with the quant state
+    assert torch.equal(again.dequantized_weight(), dense)
+    with pytest.raises(ValueError, match="blocksize=48 is not supported"):
+        NF4Linear(w, blocksize=48)
 
 
 @needs_cpu_nf4
