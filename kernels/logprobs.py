@@ -14,11 +14,14 @@ with 1 - p_target formed as -expm1(logp_target) (a near-certain token keeps its 
 
 Chunking: the logits are only ever held as one tile of (rows, cols) tokens x vocab columns, in the
 matmul dtype (about 64 MiB in bf16 on CUDA). The forward streams the tiles through an online
-logsumexp: per row, a running max m, s = sum exp(a - m) and e = sum exp(a - m) (a - m), merged
-across vocab chunks; it saves m, log s and entropy (N,) fp32 only. The backward recomputes each tile
-(8NDV FLOPs in all instead of 6NDV: the price of O(tile) memory, since an upstream gradient is
-only known after the forward; kernels/policy_head.py is the 6NDV path for losses elementwise in
-logp, GRPO's token-level loss among them), turns it into dz in place, and then
+logsumexp: per row, a running max m of the raw logits, s = sum exp(d) and e = sum exp(d) d with
+d = (z - m) / T = a - max a, merged across vocab chunks; it saves m, log s and entropy (N,) fp32
+only. The max is kept in raw logits so that d is exactly 0 at the max for any T (z / T - m would be
+contracted into one FMA on the GPU and leave the rounding residue of z / T there, ~1e-6 at |a| ~ 30).
+The backward recomputes each tile (8NDV FLOPs in all instead of 6NDV: the price of O(tile) memory,
+since an upstream gradient is only known after the forward; kernels/policy_head.py is the 6NDV
+path for losses elementwise in logp, GRPO's token-level loss among them), turns it into dz in
+place, and then
     dW[vc] (+)= dz.T @ h_b     cuBLAS, accumulated in W.dtype once per token block of `rows` rows
     dH_b    += dz @ W[vc]       accumulated in fp32 over the vocab chunks (a (rows, D) buffer)
 so dW is rounded ceil(N / rows) times (once for N <= 4096 on CUDA) and dH once. The choice of a
@@ -75,28 +78,39 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tile_stats_ref(z, tgt, v0, inv_t, m, s, e, zt) -> None:
-    """Merge tile z (r, c) = logits of columns [v0, v0 + c) into the running row stats (in place)."""
-    a = _acc(z) * inv_t  # (r, c) fp32
-    m_new = torch.maximum(m, a.amax(1))
-    p = torch.exp(a - m_new[:, None])  # (r, c) fp32
-    alpha = torch.exp(m - m_new)
+    """Merge tile z (r, c) = logits of columns [v0, v0 + c) into the running row stats (in place).
+
+    m and zt are raw logits (the row's max, the target's), not divided by T: a - max(a) is formed
+    as (z - m) / T, exactly 0 at the max (see _finish_rows)."""
+    zf = _acc(z)  # (r, c) fp32
+    m_new = torch.maximum(m, zf.amax(1))
+    d = (zf - m_new[:, None]) * inv_t  # (r, c) fp32: a - max a
+    p = torch.exp(d)
+    shift = _shift(m, m_new, inv_t)  # (r,) old max - new max, in units of a
+    alpha = torch.exp(shift)
     if e is not None:
-        e.copy_(alpha * (e + s * (m - m_new)) + (p * (a - m_new[:, None])).sum(1))
+        e.copy_(alpha * (e + s * shift) + (p * d).sum(1))
     s.copy_(alpha * s + p.sum(1))
     m.copy_(m_new)
     local = tgt - v0
     hit = (local >= 0) & (local < z.shape[1])
-    zt[hit] = a[hit, local[hit]]
+    zt[hit] = zf[hit, local[hit]]
+
+
+def _shift(m_old: torch.Tensor, m_new: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """(m_old - m_new) / T, kept finite (a row's first max is _NEG: times a large 1/T it would
+    overflow to -inf, and 0 * -inf is NaN)."""
+    return ((m_old - m_new) * inv_t).clamp(min=_NEG)
 
 
 def _tile_grad_ref(z, tgt, v0, inv_t, m, log_s, ent, g, ge) -> None:
     """Overwrite logits tile z (r, c) with dz (see the module docstring); g, ge are 0 on ignored rows.
 
-    m, log_s (r,): the row's max and log sum exp(a - m); log p = (a - m) - log_s (see _finish_rows).
-    At most two fp32 tiles live at once (log p, then p - onehot beside it).
+    m, log_s (r,): the row's max raw logit and log sum exp(a - max a); log p = (z - m) / T - log_s
+    (see _finish_rows). At most two fp32 tiles live at once (log p, then p - onehot beside it).
     """
-    logp = _acc(z) * inv_t  # (r, c) fp32: a = z / T
-    logp.sub_(m[:, None]).sub_(log_s[:, None])  # log p
+    logp = _acc(z) - m[:, None]  # (r, c) fp32: z - m
+    logp.mul_(inv_t).sub_(log_s[:, None])  # log p
     local = tgt - v0
     rows = torch.nonzero((local >= 0) & (local < z.shape[1])).squeeze(1)
     cols = local[rows]
@@ -120,10 +134,10 @@ def _tile_grad_ref(z, tgt, v0, inv_t, m, log_s, ent, g, ge) -> None:
 def _logprobs_stats_kernel(
     z_ptr,  # (r, c) logits tile, row stride stride_z_row
     tgt_ptr,  # (r,) int64 targets of the tile's rows
-    m_ptr,  # (r,) fp32 running max of a = z / T
-    s_ptr,  # (r,) fp32 running sum exp(a - m)
-    e_ptr,  # (r,) fp32 running sum exp(a - m) (a - m) (HAS_ENTROPY)
-    zt_ptr,  # (r,) fp32 target logit a[target], written by the tile that holds it
+    m_ptr,  # (r,) fp32 running max of the raw logits z
+    s_ptr,  # (r,) fp32 running sum exp(d), d = (z - m) / T = a - max a
+    e_ptr,  # (r,) fp32 running sum exp(d) d (HAS_ENTROPY)
+    zt_ptr,  # (r,) fp32 target's raw logit z[target], written by the tile that holds it
     n_cols,
     v0,
     stride_z_row,
@@ -140,28 +154,34 @@ def _logprobs_stats_kernel(
     for blk in range(NUM_BLOCKS):
         cols = blk * BLOCK_V + tl.arange(0, BLOCK_V)
         ok = cols < n_cols
-        a = tl.load(z_row + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(a, axis=0))
-        p = tl.exp(a - m_new)  # 0 on masked columns
-        alpha = tl.exp(m - m_new)
+        z = tl.load(z_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # (z - m) / T, not z / T - m: the compiler contracts the latter into one FMA, whose a - m at
+        # the max is the rounding residue of z / T (~1e-6 at |a| ~ 30) instead of 0
+        d = (z - m_new) * inv_t
+        p = tl.exp(d)  # 0 on masked columns
+        shift = tl.maximum((m - m_new) * inv_t, -1.0e30)  # finite: see _shift
+        alpha = tl.exp(shift)
         if HAS_ENTROPY:
-            e = alpha * (e + s * (m - m_new)) + tl.sum(p * tl.where(ok, a - m_new, 0.0), axis=0)
+            e = alpha * (e + s * shift) + tl.sum(p * tl.where(ok, d, 0.0), axis=0)
         s = alpha * s + tl.sum(p, axis=0)
         m = m_new
     # merge into the statistics of the earlier vocab chunks
     m_old = tl.load(m_ptr + row)
     s_old = tl.load(s_ptr + row)
     m_all = tl.maximum(m_old, m)
-    w_old = tl.exp(m_old - m_all)
-    w_new = tl.exp(m - m_all)
+    shift_old = tl.maximum((m_old - m_all) * inv_t, -1.0e30)
+    shift_new = tl.maximum((m - m_all) * inv_t, -1.0e30)
+    w_old = tl.exp(shift_old)
+    w_new = tl.exp(shift_new)
     tl.store(s_ptr + row, w_old * s_old + w_new * s)
     tl.store(m_ptr + row, m_all)
     if HAS_ENTROPY:
         e_old = tl.load(e_ptr + row)
-        tl.store(e_ptr + row, w_old * (e_old + s_old * (m_old - m_all)) + w_new * (e + s * (m - m_all)))
+        tl.store(e_ptr + row, w_old * (e_old + s_old * shift_old) + w_new * (e + s * shift_new))
     local = tl.load(tgt_ptr + row) - v0
     hit = (local >= 0) & (local < n_cols)
-    z_t = tl.load(z_row + local, mask=hit, other=0.0).to(tl.float32) * inv_t
+    z_t = tl.load(z_row + local, mask=hit, other=0.0).to(tl.float32)
     tl.store(zt_ptr + row, z_t, mask=hit)
 
 
@@ -169,8 +189,8 @@ def _logprobs_stats_kernel(
 def _logprobs_grad_kernel(
     z_ptr,  # (r, c) logits tile, overwritten with dz
     tgt_ptr,  # (r,) int64 targets
-    m_ptr,  # (r,) fp32 max of a = z / T over the row
-    log_s_ptr,  # (r,) fp32 log sum exp(a - m): logsumexp = m + log_s, kept apart (see _finish_rows)
+    m_ptr,  # (r,) fp32 max of the raw logits z over the row
+    log_s_ptr,  # (r,) fp32 log sum exp((z - m) / T): logsumexp = m / T + log_s, kept apart (see _finish_rows)
     ent_ptr,  # (r,) fp32 entropy (read if HAS_ENT_GRAD)
     g_ptr,  # (r,) fp32 upstream gradient of logp, 0 on ignored rows
     ge_ptr,  # (r,) fp32 upstream gradient of the entropy, 0 on ignored rows (HAS_ENT_GRAD)
@@ -185,8 +205,8 @@ def _logprobs_grad_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     ok = cols < n_cols
     ptrs = z_ptr + row.to(tl.int64) * stride_z_row + cols
-    a = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * inv_t
-    logp = (a - tl.load(m_ptr + row)) - tl.load(log_s_ptr + row)
+    z = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    logp = (z - tl.load(m_ptr + row)) * inv_t - tl.load(log_s_ptr + row)  # (z - m) / T: see the stats kernel
     g = tl.load(g_ptr + row)
     p = tl.exp(logp)
     is_tgt = cols == (tl.load(tgt_ptr + row) - v0)
@@ -293,24 +313,26 @@ def _forward(h, w, tgt, inv_t, ignore_index, want_entropy, impl, tile):
             _tile_stats_triton(z, tgt[sl], v0, inv_t, m[sl], s[sl], e_b, zt[sl], cols)
         else:
             _tile_stats_ref(z, tgt[sl], v0, inv_t, m[sl], s[sl], e_b, zt[sl])
-    logp, log_s = _finish_rows(m, s, zt)
+    logp, log_s = _finish_rows(m, s, zt, inv_t)
     valid = tgt != ignore_index
     logp = torch.where(valid, logp, 0.0)
     entropy = torch.where(valid, log_s - e / s, 0.0) if e is not None else None
     return logp, entropy, m, log_s
 
 
-def _finish_rows(m: torch.Tensor, s: torch.Tensor, zt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp, log s), each (r,), from a row's max m, sum s = sum exp(a - m) and target logit zt.
+def _finish_rows(m: torch.Tensor, s: torch.Tensor, zt: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, log s), each (r,), from a row's max raw logit m, s = sum exp((z - m) / T) and the
+    target's raw logit zt.
 
-    logp is rounded as torch's log_softmax rounds it, (zt - m) - log s, never through the logsumexp
-    m + log s: for a near-certain target (zt = m, s = 1 + tiny) with |m| ~ 30 in fp32, m + log s
-    rounds log s away (an ulp of 30 is 1.9e-6), so logp would come out 0 or -1.9e-6 instead of
-    -tiny, and the gradient's 1 - p_target (tiny) would be off by as much. Hence the grad kernels
-    also take m and log s apart, not their sum.
+    logp is rounded as torch's log_softmax rounds it, (zt - m) / T - log s, never through the
+    logsumexp m / T + log s: for a near-certain target (zt = m, s = 1 + tiny) with |m| ~ 30 in fp32,
+    m + log s rounds log s away (an ulp of 30 is 1.9e-6), so logp would come out 0 or -1.9e-6
+    instead of -tiny, and the gradient's 1 - p_target (tiny) would be off by as much. Hence the grad
+    kernels also take m and log s apart, not their sum. And the max is kept in raw logits so that
+    zt - m is exactly 0 at the max for any T (z / T - m / T would round twice).
     """
     log_s = torch.log(s)
-    return (zt - m) - log_s, log_s
+    return (zt - m) * inv_t - log_s, log_s
 
 
 def _backward(h, w, tgt, m, log_s, ent, g, ge, inv_t, need_dh, need_dw, impl, tile):

@@ -145,10 +145,10 @@ def _fused_forward(h, w, tgt, token_loss, inv_t, want_entropy, need_dh, need_dw,
     dw = (torch.empty if N else torch.zeros)(w.shape, dtype=w.dtype, device=w.device) if need_dw else None
     grads = need_dh or need_dw
     # row statistics of all N tokens, initialised once (a block works on its slice):
-    m = torch.full((N,), _NEG, **acc)  # running max of the logits / T
-    s = torch.zeros(N, **acc)  # sum of exp(a - m)
-    e = torch.zeros(N, **acc) if want_entropy else None  # sum of exp(a - m) (a - m)
-    zt, log_s = torch.empty(N, **acc), torch.empty(N, **acc)  # the target's logit / T; log s
+    m = torch.full((N,), _NEG, **acc)  # running max of the raw logits z
+    s = torch.zeros(N, **acc)  # sum of exp(d), d = (z - m) / T = a - max a
+    e = torch.zeros(N, **acc) if want_entropy else None  # sum of exp(d) d
+    zt, log_s = torch.empty(N, **acc), torch.empty(N, **acc)  # the target's raw logit; log s
     scratch = torch.empty(R * V, dtype=h.dtype, device=h.device)  # the block's logits, then dz
     block_losses = []  # 0-dim sums, added up once at the end
     for n0 in range(0, N, R):
@@ -160,7 +160,7 @@ def _fused_forward(h, w, tgt, token_loss, inv_t, want_entropy, need_dh, need_dw,
             _tile_stats_triton(z, tb, 0, inv_t, m[b], s[b], e_b, zt[b], V)
         else:
             _tile_stats_ref(z, tb, 0, inv_t, m[b], s[b], e_b, zt[b])
-        logp[b], log_s[b] = _finish_rows(m[b], s[b], zt[b])  # (r,) each; logp = (zt - m) - log s
+        logp[b], log_s[b] = _finish_rows(m[b], s[b], zt[b], inv_t)  # (r,) each; (zt - m) / T - log s
         block, g = _block_loss_and_grad(token_loss, logp[b], n0, n1, grads)
         block_losses.append(block)
         if not grads:

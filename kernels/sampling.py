@@ -25,6 +25,8 @@ from its device tensor inside the kernels), and the logits are read once, in the
   2. grid (N,): merges the C records (lse = M + log sum s_c exp(m_c - M), winning block = the
      highest score, the first on ties), reloads the winning block's 256 logits and races them
      with score_v = x_v - log(E_v); logp = (x_token - M) - log S, as torch's log_softmax rounds it.
+  The maxima m and M are kept in raw logits and every x - m is formed as (z - m) / T: exactly 0 at
+  the max for any temperature (on the GPU z / T - m would fuse into one FMA and leave a residue).
 The noise (u, E, the scores) is fp64: in fp32, u would round to 1 for h near 2^32 (E = 0).
 Against the reference only rounding differs, so tokens can differ only on near-ties of the race.
 
@@ -118,8 +120,8 @@ def _race_chunk_kernel(
     logits_ptr,  # (N, V) any float dtype, unit stride along V
     keys_ptr,  # (N,) int64 row keys (32-bit words)
     pos_ptr,  # (1,) int64 position t
-    m_ptr,  # (N, C) fp32 out: max of x over the chunk
-    s_ptr,  # (N, C) fp32 out: sum exp(x - m) over the chunk
+    m_ptr,  # (N, C) fp32 out: max of the raw logits z over the chunk (x = z / T)
+    s_ptr,  # (N, C) fp32 out: sum exp((z - m) / T) = sum exp(x - max x) over the chunk
     score_ptr,  # (N, C) fp64 out: the best block score (sampling only)
     idx_ptr,  # (N, C) int32 out: the winning block (sampling) or the first argmax token (greedy)
     V,
@@ -136,15 +138,18 @@ def _race_chunk_kernel(
     cols = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (NB, BLOCK) token ids
     ok = cols < V
     ptrs = logits_ptr + row.to(tl.int64) * stride_row + cols
-    x = tl.load(ptrs, mask=ok, other=float("-inf")).to(tl.float32) * inv_t  # (NB, BLOCK)
-    m = tl.max(tl.max(x, axis=1), axis=0)
+    z = tl.load(ptrs, mask=ok, other=float("-inf")).to(tl.float32)  # (NB, BLOCK) raw logits
+    m = tl.max(tl.max(z, axis=1), axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # an all -inf chunk: e = 0 rather than NaN
-    p_blocks = tl.sum(tl.exp(x - m_safe), axis=1)  # (NB,) block masses P_b / exp(m); 0 past V
+    # (z - m) / T rather than z / T - m / T: z * (1/T) - m would be contracted into one FMA, which
+    # leaves the rounding residue of z / T at the max instead of 0 (the log-prob of a near-certain
+    # token then is off by it, ~1e-6 at |x| ~ 30)
+    p_blocks = tl.sum(tl.exp((z - m_safe) * inv_t), axis=1)  # (NB,) block masses P_b / exp(max x); 0 past V
     rec = row * C + chunk
     tl.store(m_ptr + rec, m)
     tl.store(s_ptr + rec, tl.sum(p_blocks, axis=0))
     if GREEDY:
-        first = tl.min(tl.min(tl.where(x == m, cols, 2147483647), axis=1), axis=0)
+        first = tl.min(tl.min(tl.where(z == m, cols, 2147483647), axis=1), axis=0)
         tl.store(idx_ptr + rec, first)
     else:
         # pos = mix32(mix32(t ^ SALT_POS) ^ row_key)
@@ -174,7 +179,7 @@ def _race_chunk_kernel(
         g = g * 0x846CA68B
         g = g ^ (g >> 16)
         u = (g.to(tl.float64) + 0.5) * 2.3283064365386963e-10  # (h + 1/2) / 2^32, in (0, 1)
-        score = tl.log(p_blocks.to(tl.float64)) + m_safe.to(tl.float64) - tl.log(-tl.log(u))  # (NB,)
+        score = tl.log(p_blocks.to(tl.float64)) + m_safe.to(tl.float64) * inv_t - tl.log(-tl.log(u))  # (NB,)
         best = tl.argmax(score, axis=0)  # the first on ties; an empty block scores -inf
         tl.store(score_ptr + rec, tl.max(score, axis=0))
         tl.store(idx_ptr + rec, chunk * NB + best)
@@ -204,8 +209,8 @@ def _race_combine_kernel(
     ok_c = chunks < C
     m = tl.load(m_ptr + row * C + chunks, mask=ok_c, other=float("-inf"))  # (BLOCK_C,)
     s = tl.load(s_ptr + row * C + chunks, mask=ok_c, other=0.0)
-    m_all = tl.max(m, axis=0)
-    log_s = tl.log(tl.sum(s * tl.exp(m - m_all), axis=0))  # lse = m_all + log_s
+    m_all = tl.max(m, axis=0)  # raw logits
+    log_s = tl.log(tl.sum(s * tl.exp((m - m_all) * inv_t), axis=0))  # lse = m_all / T + log_s
     if GREEDY:
         token = tl.load(idx_ptr + row * C + tl.argmax(m, axis=0))  # first chunk holding the max
         logp = -log_s  # x_token = m_all
@@ -216,7 +221,8 @@ def _race_combine_kernel(
         cols = block * BLOCK + lanes  # (BLOCK,) token ids
         ok = cols < V
         ptrs = logits_ptr + row.to(tl.int64) * stride_row + cols
-        x = tl.load(ptrs, mask=ok, other=float("-inf")).to(tl.float32) * inv_t  # (BLOCK,)
+        z = tl.load(ptrs, mask=ok, other=float("-inf")).to(tl.float32)  # (BLOCK,) raw logits
+        x = z * inv_t
         # pos = mix32(mix32(t ^ SALT_POS) ^ row_key)
         h = tl.load(pos_ptr).to(tl.uint32) ^ 0x2545F491
         h = h ^ (h >> 16)
@@ -247,8 +253,8 @@ def _race_combine_kernel(
         score_v = x.to(tl.float64) - tl.log(-tl.log(u))  # (BLOCK,), -inf past V
         j = tl.argmax(score_v, axis=0)
         token = block * BLOCK + j
-        x_token = tl.max(tl.where(lanes == j, x, float("-inf")), axis=0)
-        logp = (x_token - m_all) - log_s
+        z_token = tl.max(tl.where(lanes == j, z, float("-inf")), axis=0)
+        logp = (z_token - m_all) * inv_t - log_s
     tl.store(tokens_ptr + row, token.to(tl.int64))
     tl.store(logp_ptr + row, logp)
 

@@ -55,16 +55,6 @@ def near_certain_tolerance(ref: torch.Tensor) -> torch.Tensor:
     return 1e-7 + 1e-6 * ref.abs()
 
 
-def tempered_logits_fuse_on_gpu(request, device: torch.device, impl: str, temperature: float) -> None:
-    """Mark a near-certain-token case xfail where the kernel is compiled and T is not 1: ptxas
-    contracts a = z * (1/T) and a - m into one FMA, so the target's a - m comes out as the product's
-    rounding (about an ulp of z / T, 4e-6 at 45 / 0.7) instead of 0, and log-probs of near-certain
-    tokens keep an error of that size there (as before the (zt - m) - log s rounding). The interpreter
-    rounds every product, and at T = 1 there is no product: both are exact."""
-    if device.type == "cuda" and impl == "triton" and temperature not in (0.0, 1.0):
-        request.applymarker(pytest.mark.xfail(reason="compiled z * (1/T) - m fuses into one FMA", strict=False))
-
-
 def kernel_device() -> torch.device:
     """Where a test that runs one device compiles or interprets the Triton kernels: CUDA when there is
     one (the kernels refuse CPU tensors there), else the CPU under the interpreter."""
