@@ -27,6 +27,7 @@ The estimate is of memory *allocated* by torch; the caching allocator reserves s
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,7 @@ class MemoryEstimate:
 
     parts: dict[str, int]
     phases: dict[str, int]
+    members: dict[str, tuple[str, ...]] = field(default_factory=dict)  # phase -> the parts it holds
     host: dict[str, int] = field(default_factory=dict)  # pinned CPU memory (activation offload)
     notes: list[str] = field(default_factory=list)
 
@@ -81,6 +83,13 @@ class MemoryEstimate:
     @property
     def peak_phase(self) -> str:
         return max(self.phases, key=self.phases.get)
+
+    def largest_parts(self, phase: str | None = None, count: int = 4) -> list[tuple[str, int]]:
+        """The `count` largest parts held in `phase` (default: the peak one), largest first: what to
+        shrink to lower that phase's peak."""
+        names = self.members.get(phase or self.peak_phase, tuple(self.parts))
+        held = [(name, self.parts[name]) for name in names if self.parts.get(name)]
+        return sorted(held, key=lambda kv: -kv[1])[:count]
 
     def table(self) -> str:
         """The breakdown as aligned text: components, then phases (the peak one marked)."""
@@ -154,17 +163,20 @@ def estimate_peak(
     parts["value_optimizer_state"] = critic["optimizer"]
     if cfg.algorithm == "ppo" and cfg.ppo.value_path is not None:
         notes.append("the critic from ppo.value_path is counted with the policy's architecture")
-    static = sum(parts.values())
+    vllm = vllm_share(cfg, device_total) if cfg.sampler.kind == "vllm" else 0
+    if cfg.sampler.kind == "vllm" and not device_total:
+        notes.append("vLLM's share (sampler.gpu_memory_utilization x device memory) is not counted")
+    awake = cfg.sampler.kind == "vllm" and not (cfg.sampler.vllm_sleep and device_type == "cuda")
+    if awake:  # vLLM keeps its share while the trainer runs: every phase holds it
+        parts["vllm"] = vllm
+    static, held = sum(parts.values()), tuple(parts)
 
     # ---- rollout: KV cache + prefill / decode transients
     vocab = args.vocab_size
     if cfg.sampler.kind == "vllm":
         parts["kv_cache"] = 0
-        vllm = int(cfg.sampler.gpu_memory_utilization * device_total) if device_total else 0
         parts["vllm"] = vllm
-        if not device_total:
-            notes.append("vLLM's share (sampler.gpu_memory_utilization x device memory) is not counted")
-        rollout = static + vllm
+        rollout = static + (0 if awake else vllm)
     elif cfg.env.kind is not None:  # every row is its own prompt (memory_parts.episode_rollout_bytes)
         waves = generation_waves(N, 1, cfg.sampler.max_rows)
         turn = cfg.sampler.max_new_tokens
@@ -192,6 +204,7 @@ def estimate_peak(
     need_logprobs = g.num_iterations > 1 or needs_reference(cfg) or g.is_correction is not None
     need_logprobs = need_logprobs or cfg.algorithm == "ppo"  # old log-probs and the critic's old values
     nograd = nograd_forward_bytes(args, mb, T, Tc, b, device_type)
+    parts["logprob_forward"] = nograd if need_logprobs else 0
     logprobs = static + nograd if need_logprobs else 0
 
     # ---- update: gradients + one micro-batch's activations
@@ -234,7 +247,23 @@ def estimate_peak(
 
     host = {"activation_offload": act["offload_host"]} if act["offload_host"] else {}
     phases = {"rollout": rollout, "logprobs": logprobs, "update": update, "optimizer": optimizer}
-    return MemoryEstimate(parts=parts, phases=phases, host=host, notes=notes)
+    grads = ("gradients", "value_gradients")
+    acts = ("activations_blocks", "activations_head", "logprob_backward", "activations_recompute", "block_backward")
+    members = {
+        "rollout": (*held, "vllm", "kv_cache", "rollout_transient", "lora_merged_for_sampling"),
+        "logprobs": (*held, "logprob_forward"),
+        "update": (*held, *grads, *acts, "loss"),
+        "optimizer": (*held, *grads, "optimizer_step_transient"),
+    }
+    members = {phase: tuple(dict.fromkeys(names)) for phase, names in members.items()}  # vllm once
+    return MemoryEstimate(parts=parts, phases=phases, members=members, host=host, notes=notes)
+
+
+def vllm_share(cfg: Config, device_total: int | None) -> int:
+    """Bytes a colocated vLLM sampler takes: sampler.gpu_memory_utilization of the device's total
+    (0 when the total is unknown). It holds them while it generates, and all along unless it sleeps
+    (sampler.vllm_sleep) while the trainer runs."""
+    return int(cfg.sampler.gpu_memory_utilization * device_total) if device_total else 0
 
 
 def _filters(cfg: Config) -> bool:
@@ -278,12 +307,14 @@ def preflight(
     budget = int(free_bytes * (1 - margin))
     if est.total <= budget:
         return est
-    fixes = suggest_fixes(cfg, model_args, prompt_tokens=prompt_tokens, budget=budget, device_type=device.type)
+    fixes = suggest_fixes(
+        cfg, model_args, prompt_tokens=prompt_tokens, budget=budget, device_type=device.type, device_total=total_bytes
+    )
     lines = [
         f"a training step is predicted to need {est.total / GiB:.1f} GiB at its peak ({est.peak_phase} phase), "
         f"but {device} has {free_bytes / GiB:.1f} GiB free ({budget / GiB:.1f} GiB usable with a {margin:.0%} margin).",
-        "Largest parts: "
-        + ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in sorted(est.parts.items(), key=lambda kv: -kv[1])[:4]),
+        f"Largest parts of the {est.peak_phase} phase: "
+        + ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in est.largest_parts()),
     ]
     if fixes:
         lines.append("Settings that would fit (each alone, predicted peak):")
@@ -303,7 +334,27 @@ def _show(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+def _vllm_share_that_fits(
+    cfg: Config, model_args: ModelArgs, prompt_tokens: int, budget: int, device_total: int, total: Any
+) -> float | None:
+    """The largest sampler.gpu_memory_utilization (a multiple of 0.05) below the configured one under
+    which the step fits and vLLM still holds its weights and one whole sequence's KV cache (less and it
+    refuses to start); None if there is none."""
+    args, b = model_args, dtype_bytes(cfg, "cuda")
+    need = args.num_params() * b + kv_cache_bytes(args, 1, prompt_tokens + cfg.sampler.max_new_tokens, b)
+    share = math.floor(cfg.sampler.gpu_memory_utilization * 20 - 1e-9) / 20  # the next step down
+    while share * device_total >= need and share > 0:
+        c = copy.deepcopy(cfg)
+        c.sampler.gpu_memory_utilization = share
+        if total(c) <= budget:
+            return share
+        share = round(share - 0.05, 2)
+    return None
+
+
 _KNOBS = (
+    "sampler.gpu_memory_utilization",
+    "sampler.vllm_sleep",
     "model.gradient_checkpointing",
     "model.activation_offload",
     "train.micro_batch_size",
@@ -319,13 +370,22 @@ _KNOBS = (
 
 
 def suggest_fixes(
-    cfg: Config, model_args: ModelArgs, *, prompt_tokens: int, budget: int, device_type: str = "cuda"
+    cfg: Config,
+    model_args: ModelArgs,
+    *,
+    prompt_tokens: int,
+    budget: int,
+    device_type: str = "cuda",
+    device_total: int | None = None,
 ) -> list[tuple[str, Any, Any, int]]:
     """(key, old, new, predicted total) for each single setting change that brings the peak under
-    `budget`, the least intrusive first (memory techniques before smaller batches and shorter outputs)."""
+    `budget`, the least intrusive first (memory techniques before smaller batches and shorter outputs).
+    device_total: the device's total bytes, which a colocated vLLM sampler takes its share of."""
 
     def total(c: Config) -> int:
-        return estimate_peak(c, model_args, prompt_tokens=prompt_tokens, device_type=device_type).total
+        return estimate_peak(
+            c, model_args, prompt_tokens=prompt_tokens, device_type=device_type, device_total=device_total
+        ).total
 
     def with_(key: str, value: Any) -> Config:
         c = copy.deepcopy(cfg)
@@ -347,6 +407,11 @@ def suggest_fixes(
         return False
 
     m, tr, g = cfg.model, cfg.train, cfg.grpo
+    if cfg.sampler.kind == "vllm" and device_total:
+        consider("sampler.vllm_sleep", True)
+        share = _vllm_share_that_fits(cfg, model_args, prompt_tokens, budget, device_total, total)
+        if share is not None:
+            consider("sampler.gpu_memory_utilization", share)
     consider("model.gradient_checkpointing", True)
     if m.gradient_checkpointing and device_type == "cuda":
         consider("model.activation_offload", True)

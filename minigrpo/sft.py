@@ -53,9 +53,9 @@ from minigrpo.sft_data import (
     IGNORE,
     check_conversations,
     collate,
+    example_tokens,
     load_conversations,
     loss_tokens,
-    tokenize_conversation,
 )
 from minigrpo.step import peak_memory_gb
 
@@ -168,7 +168,7 @@ def sft_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, l
 def train_step(run: SFTRun, examples: list[Example]) -> dict[str, float]:
     """One optimizer step on `examples`: the mean cross-entropy over all their assistant tokens."""
     cfg, model, device = run.cfg, run.model, run.world.device
-    rows = [tokenize_conversation(ex.prompt, run.tokenizer, cfg.sft.max_seq_len) for ex in examples]
+    rows = [example_tokens(ex, run.tokenizer, cfg.sft.max_seq_len) for ex in examples]
     tokens = sum(loss_tokens(labels) for _, labels in rows)  # the step's normaliser
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     mb = cfg.sft.micro_batch_size

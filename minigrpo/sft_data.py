@@ -2,12 +2,12 @@
 
     examples = load_conversations(cfg)                     # Example(prompt=messages, answer=last reply)
     check_conversations(examples, tokenizer, max_seq_len)  # before any weights load: template, cuts
-    ids, labels = tokenize_conversation(messages, tokenizer, max_seq_len)
+    ids, labels = example_tokens(example, tokenizer, max_seq_len)   # tokenize_conversation of its messages
     input_ids, attention_mask, labels = collate([(ids, labels), ...], pad_id)   # (B, T) each
 
 A conversation is an `Example` whose prompt is the whole message list (assistant turns included), so
-the resumable `PromptLoader` of GRPO serves SFT unchanged; its one column, `where`, names its file
-and line (or its index) in errors.
+the resumable `PromptLoader` of GRPO serves SFT unchanged; its columns: `where` names its file and
+line (or its index) in errors, `loss_from` the first message whose assistant turns carry loss.
 
 Which tokens carry loss. The chat template is rendered once for the whole conversation, and once per
 assistant turn i for two prefixes: messages[:i] with the generation header (where the reply starts)
@@ -22,7 +22,9 @@ are encoded exactly as GRPO encodes its prompt (`encode_prompts`), so the model 
 boundaries it will see. `{% generation %}` markers are not needed. An assistant turn that opens the
 conversation (a greeting) has no prefix to render its generation header from, so the template glue
 before it (a default system prompt, BOS, the header) cannot be told apart from it: it stays context,
-without loss.
+without loss. A prompt/response row learns its response only: assistant turns inside its prompt
+(few-shot answers) stay context (the `loss_from` column). A template that closes every conversation
+with EOS (Phi-3) gives that EOS to the last reply only (_reply_end).
 
 Without a chat template (a base model) the turns are joined as GRPO's plain prompts are: non-assistant
 contents with blank lines between them (BOS first when the tokenizer adds one), each reply appended
@@ -52,17 +54,25 @@ IGNORE = -100  # the label of a token that carries no loss (F.cross_entropy's ig
 # ----------------------------------------------------------------------------------------------
 
 
+# what a message may hold beside role and content, passed on to the chat template (an assistant's tool
+# calls and reasoning, a tool result's name and call id): dropped, the model would learn other replies
+MESSAGE_EXTRAS = ("tool_calls", "reasoning_content", "name", "tool_call_id")
+
+
 def _check_messages(where: str, value: Any, field: str) -> list[Message]:
-    """A row's conversation as plain messages; DataError naming the row when it is not one."""
+    """A row's conversation as messages (role, content and the MESSAGE_EXTRAS it has); DataError
+    naming the row when it is not one. An assistant turn with tool calls may have no content."""
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field {field!r} is not a list of chat messages")
     out = []
     for i, m in enumerate(value):
+        if isinstance(m, dict) and m.get("content") is None and m.get("tool_calls"):
+            m = {**m, "content": ""}  # a turn that only calls tools
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: message {i} of {field!r} needs a text 'role' and 'content', got {m!r}"[:300])
         if m["role"] not in ROLES:
             raise DataError(f"{where}: message {i} has role {m['role']!r}; known roles: {', '.join(ROLES)}")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": m["content"], **{k: m[k] for k in MESSAGE_EXTRAS if m.get(k)}})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn")
     return out
@@ -142,10 +152,25 @@ def load_conversations(cfg: Config) -> list[Example]:
         raise DataError(f"sft: the {sft.split!r} split of sft.source={sft.source!r} holds no conversation")
     return [
         Example(
-            prompt=m, answer=next(x for x in reversed(m) if x["role"] == "assistant")["content"], columns={"where": w}
+            prompt=m,
+            answer=next(x for x in reversed(m) if x["role"] == "assistant")["content"],
+            columns={"where": w, "loss_from": loss_from(m, sft.format)},
         )
         for m, w in zip(conversations, places)
     ]
+
+
+def loss_from(messages: Sequence[Message], fmt: str) -> int:
+    """Index of the first message whose assistant turns carry loss: prompt/response rows learn the
+    response only (assistant turns inside the prompt, e.g. few-shot answers, are context, as in the
+    prompt GRPO samples from); a `messages` conversation learns every assistant turn."""
+    return len(messages) - 1 if fmt == "prompt_response" else 0
+
+
+def example_tokens(example: Example, tokenizer: Any, max_seq_len: int | None = None) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one loaded conversation (tokenize_conversation with its `loss_from`)."""
+    first = example.columns.get("loss_from", 0)
+    return tokenize_conversation(example.prompt, tokenizer, max_seq_len, loss_from=first)
 
 
 def check_conversations(examples: Sequence[Example], tokenizer: Any, max_seq_len: int) -> None:
@@ -158,7 +183,7 @@ def check_conversations(examples: Sequence[Example], tokenizer: Any, max_seq_len
     for i, ex in enumerate(examples):
         where = ex.columns.get("where", f"conversation {i}")
         try:
-            _, labels = tokenize_conversation(ex.prompt, tokenizer)
+            _, labels = example_tokens(ex, tokenizer)
         except ChatTemplateError as e:
             raise ChatTemplateError(f"{where}: the model's chat template fails on this conversation: {e}") from e
         except DataError as e:
@@ -194,53 +219,73 @@ def check_conversations(examples: Sequence[Example], tokenizer: Any, max_seq_len
 # ----------------------------------------------------------------------------------------------
 
 
-def conversation_pieces(messages: Sequence[Message], tokenizer: Any) -> list[tuple[str, bool]]:
+def conversation_pieces(messages: Sequence[Message], tokenizer: Any, loss_from: int = 0) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, is_reply) pieces, in order; their concatenation is
-    the whole rendered conversation (see the module docstring)."""
+    the whole rendered conversation (see the module docstring). Assistant turns before message
+    `loss_from` stay inside the prompt pieces (context, no loss)."""
     if getattr(tokenizer, "chat_template", None) is None:
-        return _plain_pieces(messages)
+        return _plain_pieces(messages, loss_from)
     full = tokenizer.apply_chat_template(list(messages), add_generation_prompt=False, tokenize=False)
     pieces, done = [], 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or i == 0:  # an opening reply: nothing tells it from the glue before it
-            continue
+        if m["role"] != "assistant" or i == 0 or i < loss_from:  # an opening reply: nothing tells it from the
+            continue  # glue before it
         start = render_prompt(list(messages[:i]), tokenizer)
-        end = tokenizer.apply_chat_template(list(messages[: i + 1]), add_generation_prompt=False, tokenize=False)
-        if not (full.startswith(start) and full.startswith(end) and done <= len(start) <= len(end)):
+        end = _reply_end(full, messages[: i + 1], tokenizer)
+        if not (full.startswith(start) and end is not None and done <= len(start) <= end):
             raise DataError(
                 f"the chat template renders assistant turn {i} differently inside the whole conversation than "
                 "after its prefix (it rewrites earlier turns), so its tokens cannot be told apart; use "
                 "one assistant turn per example"
             )
-        pieces += [(full[done : len(start)], False), (full[len(start) : len(end)], True)]
-        done = len(end)
+        pieces += [(full[done : len(start)], False), (full[len(start) : end], True)]
+        done = end
     pieces.append((full[done:], False))
     return [(text, reply) for text, reply in pieces if text]
 
 
-def _plain_pieces(messages: Sequence[Message]) -> list[tuple[str, bool]]:
+def _reply_end(full: str, prefix: Sequence[Message], tokenizer: Any) -> int | None:
+    """Where the last message of `prefix` ends inside `full` (the whole conversation rendered): the
+    length of `prefix` rendered, when `full` goes on from it. Some templates close every conversation
+    with an EOS that no turn inside it has (Phi-3: `{% else %}{{ eos_token }}` when no generation
+    prompt follows): then the end is that text without its closing EOS, and only the last reply
+    (the end of `full` too) learns it. None when `full` does not hold the prefix at all."""
+    text = tokenizer.apply_chat_template(list(prefix), add_generation_prompt=False, tokenize=False)
+    if full.startswith(text):
+        return len(text)
+    eos = getattr(tokenizer, "eos_token", None)
+    body = text.rstrip()
+    if eos and body.endswith(eos) and full.startswith(body[: -len(eos)]):
+        return len(body) - len(eos)
+    return None
+
+
+def _plain_pieces(messages: Sequence[Message], loss_from: int = 0) -> list[tuple[str, bool]]:
+    """Without a chat template: each run of prompt messages is one piece, their contents joined by
+    blank lines as GRPO's plain prompts are (assistant turns before `loss_from` among them); each
+    reply follows directly (tokenize_conversation adds its EOS), and so does the next message."""
     pieces: list[tuple[str, bool]] = []
-    previous = None
-    for m in messages:
-        if m["role"] == "assistant":
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and i >= loss_from:
             pieces.append((m["content"], True))
+        elif pieces and not pieces[-1][1]:  # the prompt goes on: one text, as GRPO encodes it
+            pieces[-1] = (pieces[-1][0] + "\n\n" + m["content"], False)
         else:
-            pieces.append((("\n\n" if previous not in (None, "assistant") else "") + m["content"], False))
-        previous = m["role"]
+            pieces.append((m["content"], False))
     return pieces
 
 
 def tokenize_conversation(
-    messages: Sequence[Message], tokenizer: Any, max_seq_len: int | None = None
+    messages: Sequence[Message], tokenizer: Any, max_seq_len: int | None = None, *, loss_from: int = 0
 ) -> tuple[list[int], list[int]]:
-    """(ids, labels) of one conversation: labels equal ids on reply tokens and IGNORE elsewhere;
-    both cut to max_seq_len."""
+    """(ids, labels) of one conversation: labels equal ids on the tokens of the assistant turns from
+    message `loss_from` on and IGNORE elsewhere; both cut to max_seq_len."""
     plain = getattr(tokenizer, "chat_template", None) is None
     ids: list[int] = []
     labels: list[int] = []
-    for k, (text, reply) in enumerate(conversation_pieces(messages, tokenizer)):
-        if k and not plain:
-            piece = _encode_inside(text, tokenizer)  # as inside the rendered conversation
+    for k, (text, reply) in enumerate(conversation_pieces(messages, tokenizer, loss_from)):
+        if k:
+            piece = _encode_inside(text, tokenizer)  # as inside the whole conversation
         else:
             piece = tokenizer.encode(text, add_special_tokens=plain and k == 0)  # plain text: BOS (if any) first
         if plain and reply and tokenizer.eos_token_id is not None:

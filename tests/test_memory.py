@@ -402,6 +402,69 @@ def test_rollout_waves_estimate_the_cache_the_sampler_allocates(monkeypatch):
         assert est.parts["kv_cache"] == memory_parts.kv_cache_bytes(model.args, prompts_at_once, 4, 4) + own
 
 
+QWEN15 = ModelArgs.from_hf_config(preset_config("qwen2.5-1.5b"))
+
+
+def _qwen_vllm(*over: str):
+    keys = ["sampler.kind=vllm", "sampler.gpu_memory_utilization=0.5", "model.gradient_checkpointing=true"]
+    return load_config(CONFIGS / "qwen2.5-1.5b_gsm8k.yaml", [*keys, "train.micro_batch_size=4", *over])
+
+
+def test_a_vllm_sampler_that_does_not_sleep_holds_its_share_in_every_phase():
+    """sampler.vllm_sleep=false: vLLM keeps gpu_memory_utilization x the device while the trainer runs, so the
+    log-prob, update and optimizer phases hold it too; asleep, only the rollout does."""
+    total = 40 * 2**30
+    share = total // 2
+    asleep = estimate_peak(_qwen_vllm(), QWEN15, prompt_tokens=256, device_total=total)
+    awake = estimate_peak(_qwen_vllm("sampler.vllm_sleep=false"), QWEN15, prompt_tokens=256, device_total=total)
+    assert asleep.parts["vllm"] == awake.parts["vllm"] == share
+    assert awake.phases["rollout"] == asleep.phases["rollout"]
+    for phase in ("logprobs", "update", "optimizer"):
+        assert awake.phases[phase] - asleep.phases[phase] == (share if asleep.phases[phase] else 0), phase
+    assert awake.peak_phase == "optimizer" and awake.total > 44 * 2**30
+
+
+def test_preflight_with_vllm_suggests_only_settings_that_fit_beside_it():
+    """The rollout peak is vLLM's share on top of the trainer's state: the fixes are counted with that share
+    (no activation or batch setting lowers it), and a smaller share that still holds vLLM's weights is one."""
+    cfg = _qwen_vllm()
+    with pytest.raises(MemoryPreflightError) as err:
+        preflight(cfg, QWEN15, "cuda", 256, free_bytes=30 * 2**30, total_bytes=40 * 2**30, verbose=False)
+    msg = str(err.value)
+    assert "40.2 GiB at its peak (rollout phase)" in msg
+    assert "--set sampler.gpu_memory_utilization=0.2   (sampler.gpu_memory_utilization=0.5 -> 0.2: 28.2 GiB)" in msg
+    assert "--set lora.enabled=true" in msg
+    for knob in ("activation_offload", "micro_batch_size", "max_new_tokens", "group_size", "prompts_per_step"):
+        assert knob not in msg, msg
+    budget = int(30 * 2**30 * 0.95)
+    fixes = memory.suggest_fixes(cfg, QWEN15, prompt_tokens=256, budget=budget, device_total=40 * 2**30)
+    assert [key for key, *_ in fixes] == ["sampler.gpu_memory_utilization", "lora.enabled"]
+
+
+def test_the_error_names_the_largest_parts_of_the_peak_phase():
+    """A LoRA update peak with long completions: the KV cache (rollout only) is larger than the weights but
+    not part of the update's peak, so the error names the activations, the weights and what else the update
+    holds; every phase is the sum of the parts it names."""
+    cfg = load_config(
+        CONFIGS / "qwen2.5-1.5b_gsm8k_lora.yaml",
+        [
+            *("grpo.prompts_per_step=4", "grpo.group_size=8", "train.micro_batch_size=8"),
+            *("sampler.max_new_tokens=4096", "model.gradient_checkpointing=false", "grpo.beta=0.04"),
+        ],
+    )
+    est = estimate_peak(cfg, QWEN15, prompt_tokens=256)
+    assert est.peak_phase == "update" and est.parts["kv_cache"] > est.parts["weights"]
+    for phase, value in est.phases.items():
+        if value:
+            assert sum(est.parts.get(name, 0) for name in est.members[phase]) == value, phase
+    names = [name for name, _ in est.largest_parts()]
+    assert names[:2] == ["activations_blocks", "weights"] and "kv_cache" not in names
+    with pytest.raises(MemoryPreflightError) as err:
+        preflight(cfg, QWEN15, "cuda", 256, free_bytes=24 * 2**30, verbose=False)
+    assert "Largest parts of the update phase: activations_blocks " in str(err.value)
+    assert "kv_cache" not in str(err.value)
+
+
 def test_preflight_on_cpu_only_reports(capsys):
     """The demo (SmolLM2-135M, fp32, AdamW, B=4 x G=8, Tc=32, Tp=64): on CPU there are no free bytes
     to compare with, so the estimate is printed and returned, never raised; given free bytes, it is."""

@@ -127,6 +127,77 @@ def test_multi_turn_messages_label_every_reply_and_nothing_else(which, request):
     assert ids == tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
 
 
+@pytest.mark.parametrize("which", ["qwen_style", "plain"])
+def test_prompt_response_rows_learn_the_response_only(tmp_path, which, request):
+    """Assistant turns inside a prompt (few-shot answers) are context, as in the prompt GRPO samples from:
+    the prompt is GRPO's prompt tokens and only the response carries loss."""
+    from minigrpo.sft_data import example_tokens, load_conversations
+
+    tok = request.getfixturevalue(which) if which != "plain" else chat_tokenizer(template=None)
+    shots = [
+        {"role": "user", "content": "What is 1+1?"},
+        {"role": "assistant", "content": "<answer>2</answer>"},
+        {"role": "user", "content": "What is 2+3?"},
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": shots, "response": "<answer>5</answer>"}])
+    (example,) = load_conversations(sft_cfg(format="prompt_response", path=str(data)))
+    ids, labels = example_tokens(example, tok)
+    prompt = encode_prompts([Example(shots, "5")], tok)[0][0]
+    assert ids[: len(prompt)] == prompt and spans(labels) == [(len(prompt), len(ids))]
+    reply = "<answer>5</answer><|im_end|>\n" if which != "plain" else "<answer> 5 </answer> </s>"
+    assert tok.decode(ids[len(prompt) :], skip_special_tokens=False) == reply
+
+
+def test_phi3_template_closing_eos_keeps_multi_turn_conversations(qwen_style):
+    """Phi-3-mini's template ends a conversation without a generation prompt with EOS, which no earlier turn
+    has inside the whole text: every reply carries loss up to its <|end|>, the last one with the EOS too."""
+    from test_chat_template import PHI3_TEMPLATE
+
+    tok = Tokenizer(qwen_style.backend, eos_token="<|endoftext|>", chat_template=PHI3_TEMPLATE)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": "<answer>5</answer>"},
+        {"role": "user", "content": "And 4*4?"},
+        {"role": "assistant", "content": "<answer>16</answer>"},
+    ]
+    ids, labels = tokenize_conversation(messages, tok)
+    found = spans(labels)
+    assert [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in found] == [
+        "<answer>5</answer><|end|>\n",
+        "<answer>16</answer><|end|>\n<|endoftext|>",
+    ]
+    for (a, _), turns in zip(found, (2, 4)):  # each reply starts where GRPO's prompt of its prefix ends
+        assert ids[:a] == encode_prompts([Example(messages[1:turns], "")], tok, "Be brief.")[0][0]
+    assert ids == tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+
+
+def test_tool_calls_and_tool_results_reach_the_chat_template(tmp_path, qwen_style):
+    """An assistant turn that calls a tool (content null, `tool_calls`) learns the call as Qwen2.5's template
+    writes it, and the tool's result is context: the message fields beside role and content are kept."""
+    from test_chat_template import QWEN25_TEMPLATE
+
+    from minigrpo.sft_data import example_tokens, load_conversations
+
+    tok = Tokenizer(qwen_style.backend, eos_token="<|im_end|>", chat_template=QWEN25_TEMPLATE)
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    chat = [
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "5", "name": "add"},
+        {"role": "assistant", "content": "<answer>5</answer>"},
+    ]
+    data = write_jsonl(tmp_path / "tools.jsonl", [{"messages": chat}])
+    (example,) = load_conversations(sft_cfg(path=str(data)))
+    ids, labels = example_tokens(example, tok)
+    assert [tok.decode(ids[a:b]) for a, b in spans(labels)] == [
+        '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>\n',
+        "<answer>5</answer><|im_end|>\n",
+    ]
+    outside = tok.decode([x for x, y in zip(ids, labels) if y == IGNORE])
+    assert "<tool_response>\n5\n</tool_response>" in outside
+
+
 def test_a_reply_that_opens_the_conversation_is_context(qwen_style):
     """An opening assistant turn has no prefix whose generation header marks where it starts: the template
     glue before it (here Qwen's default system prompt and the assistant header) must not carry loss."""
@@ -140,10 +211,9 @@ def test_a_reply_that_opens_the_conversation_is_context(qwen_style):
     assert ids == qwen_style.encode(qwen_style.apply_chat_template(messages), add_special_tokens=False)
 
 
-def test_a_sentencepiece_style_tokenizer_starts_no_reply_with_a_space():
-    """A Metaspace pre-tokenizer (prepend_scheme="first", as in Llama-2 / Mistral conversions) marks the start
-    of a text with "▁": each piece encoded on its own would start every reply with a space token that the rendered
-    conversation, and what the model generates after its prompt, does not have."""
+def metaspace_tokenizer(template: str | None) -> Tokenizer:
+    """SentencePiece-style: a Metaspace pre-tokenizer (prepend_scheme="first", as in Llama-2 / Mistral
+    conversions) over one token per character."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, pre_tokenizers
 
@@ -151,11 +221,18 @@ def test_a_sentencepiece_style_tokenizer_starts_no_reply_with_a_space():
     backend = Backend(models.BPE({c: i for i, c in enumerate(chars)}, [], unk_token="<unk>"))  # one token a char
     backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
     backend.add_special_tokens(["[INST]", "[/INST]"])
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", chat_template=template)
+
+
+def test_a_sentencepiece_style_tokenizer_starts_no_reply_with_a_space():
+    """A Metaspace pre-tokenizer marks the start of a text with "▁": each piece encoded on its own would
+    start every reply with a space token that the rendered conversation, and what the model generates
+    after its prompt, does not have."""
     template = (
         "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}{{ '[INST] ' + m.content + '[/INST]' }}"
         "{% else %}{{ m.content + eos_token }}{% endif %}{% endfor %}"
     )
-    tok = Tokenizer(backend, bos_token="<s>", eos_token="</s>", chat_template=template)
+    tok = metaspace_tokenizer(template)
     messages = [
         {"role": "user", "content": "why?"},
         {"role": "assistant", "content": "ok"},
@@ -166,6 +243,21 @@ def test_a_sentencepiece_style_tokenizer_starts_no_reply_with_a_space():
     assert [tok.id_to_token(x) for x in labels if x != IGNORE] == ["o", "k", "</s>", "y", "e", "s", "</s>"]
     assert ids == tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
     assert ids[: spans(labels)[0][0]] == encode_prompts([Example("why?", "")], tok)[0][0]  # GRPO's prompt
+
+
+def test_a_base_sentencepiece_tokenizer_encodes_the_prompt_as_grpo_and_the_reply_without_a_space():
+    """Without a chat template: the system and user contents are one text (GRPO's plain prompt, BOS
+    first), and the reply follows it without the "▁" a text of its own would start with."""
+    tok = metaspace_tokenizer(None)
+    messages = [
+        {"role": "system", "content": "be"},
+        {"role": "user", "content": "why?"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    ids, labels = tokenize_conversation(messages, tok)
+    prompt = encode_prompts([Example("why?", "")], tok, "be")[0][0]
+    assert ids[: len(prompt)] == prompt and spans(labels) == [(len(prompt), len(ids))]
+    assert [tok.id_to_token(x) for x in labels if x != IGNORE] == ["o", "k", "</s>"]
 
 
 def test_system_prompt_replaces_the_rows_and_max_seq_len_cuts():
