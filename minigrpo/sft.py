@@ -21,9 +21,8 @@ micro-batch split gives the same gradient.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from minigrpo.config import Config, config_from_args
 from minigrpo.data import Example, PromptLoader
 from minigrpo.distributed import World, env_world_size
 from minigrpo.errors import UserError, run_cli
+from minigrpo.grad_scale import GradScale, grad_scale_metrics, optimizer_step
 from minigrpo.kernels import fused_linear_cross_entropy
 from minigrpo.models.loading import check_model_source, load_weights, save_pretrained
 from minigrpo.optim import build_optimizer, build_scheduler
@@ -110,6 +110,7 @@ class SFTRun:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     loader: PromptLoader
+    grad_scale: GradScale = field(default_factory=GradScale)  # float16: the loss scale
     start_step: int = 0
     resumed_from: Path | None = None
 
@@ -141,6 +142,7 @@ def build_run(cfg: Config, resume: ResumePoint | None, examples: list[Example], 
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.train, cfg.train.steps),
         loader=PromptLoader(examples, seed=cfg.run.seed, shuffle=cfg.sft.shuffle),
+        grad_scale=GradScale.for_dtype(dtype),
     )
     if resume is not None:
         restore_trainer_state(run, resume)
@@ -180,14 +182,9 @@ def train_step(run: SFTRun, examples: list[Example]) -> dict[str, float]:
             continue  # nothing to learn here (replies cut off by max_seq_len)
         input_ids, attention_mask, labels = collate(part, pad_id, device)  # (b, T) each
         loss = sft_loss_sum(model, input_ids, attention_mask, labels) / tokens
-        loss.backward()
+        run.grad_scale.scaled(loss).backward()
         loss_total += float(loss.detach())
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or math.inf))
-    lr = run.optimizer.param_groups[0]["lr"]
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    grad_norm, lr = optimizer_step(cfg, model, run.optimizer, run.scheduler, run.world, run.grad_scale)
     lengths = [len(ids) for ids, _ in rows]
     return {
         "loss": loss_total if tokens else float("nan"),
@@ -197,6 +194,7 @@ def train_step(run: SFTRun, examples: list[Example]) -> dict[str, float]:
         "seq_len_mean": sum(lengths) / len(lengths),
         "seq_len_max": float(max(lengths)),
         "cut_frac": sum(n >= cfg.sft.max_seq_len for n in lengths) / len(lengths),  # reached max_seq_len
+        **grad_scale_metrics(run.grad_scale),
     }
 
 
