@@ -34,30 +34,37 @@ class TokenizerConfigError(UserError, ValueError):
     """A tokenizer folder's file or value that makes no tokenizer; the message names the file (and key)."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """One JSON object file ({} when absent); a file that does not parse is an error naming it."""
-    if not path.is_file():
-        return {}
+def read_json_object(path: Path, error: type[UserError]) -> dict[str, Any]:
+    """The JSON object in file `path`; a file that does not parse, or holds something else than an
+    object, raises `error` (a UserError class) with one line naming the file.
+
+    Every JSON file of a model folder is read through here: config.json, the safetensors index and
+    the tokenizer's files, so each bad one is reported the same way."""
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerConfigError(f"{path}: not valid JSON, the file is truncated or corrupt ({e})") from e
+        raise error(f"{path}: not valid JSON, the file is truncated or corrupt ({e})") from e
     if not isinstance(content, dict):
-        raise TokenizerConfigError(f"{path}: not a JSON object")
+        raise error(f"{path}: not a JSON object")
     return content
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """One JSON object file of a tokenizer folder ({} when absent)."""
+    return read_json_object(path, TokenizerConfigError) if path.is_file() else {}
 
 
 def read_config(d: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     """tokenizer_config.json merged with special_tokens_map.json, and the file each key came from.
 
-    special_tokens_map.json is read only when the config has no `added_tokens_decoder` (the legacy
+    special_tokens_map.json is used only when the config has no `added_tokens_decoder` (the legacy
     layout), and then has the last word, as in transformers.
     """
     cfg_file, map_file = d / "tokenizer_config.json", d / "special_tokens_map.json"
     cfg = _read_json(cfg_file)
+    legacy = _read_json(map_file)  # parsed either way: a corrupt file is an error, even when unused
     origin = dict.fromkeys(cfg, cfg_file)
     if "added_tokens_decoder" not in cfg:
-        legacy = _read_json(map_file)
         cfg.update(legacy)
         origin.update(dict.fromkeys(legacy, map_file))
     for key in NAMED_SPECIAL_TOKENS:
@@ -131,10 +138,18 @@ def folder_templates(d: Path, config_value: Any) -> dict[str, str]:
     """The chat templates of a folder: chat_template.jinja and additional_chat_templates/*.jinja when
     present (they replace the config's, as in transformers), else tokenizer_config.json's."""
     files = sorted((d / "additional_chat_templates").glob("*.jinja"))
-    templates = {p.stem: p.read_text(encoding="utf-8") for p in files}
+    templates = {p.stem: _read_template(p) for p in files}
     if (d / "chat_template.jinja").is_file():
-        templates["default"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        templates["default"] = _read_template(d / "chat_template.jinja")
     return templates or _config_templates(config_value, d / "tokenizer_config.json")
+
+
+def _read_template(path: Path) -> str:
+    """A .jinja file's text; one that is not UTF-8 is an error naming it and the byte."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
 def _config_templates(value: Any, file: Path | str = "tokenizer_config.json") -> dict[str, str]:
@@ -151,8 +166,12 @@ def _config_templates(value: Any, file: Path | str = "tokenizer_config.json") ->
 
 
 def generation_stop_ids(path: Path) -> list[int]:
-    """generation_config.json's `eos_token_id` (an id or a list of them: Llama-3 has three) as stop ids.
+    """generation_config.json's `eos_token_id` (an id or a list of them: Llama-3 has three) as stop ids;
+    any other value is an error naming the file and key.
 
     Ids outside the vocabulary are the constructor's error (tokenizer_files names the folder for it)."""
     value = _read_json(path).get("eos_token_id")
-    return [value] if isinstance(value, int) else list(value or [])
+    ids = value if isinstance(value, list) else [value]
+    if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise TokenizerConfigError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return [] if value is None else ids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -22,6 +23,7 @@ from minigrpo.models.loading import (
     TokenizerFilesError,
     check_model_source,
     load_pretrained,
+    save_pretrained,
 )
 from minigrpo.models.safetensors_io import CorruptCheckpointError, iter_tensors, read_header, save_file
 
@@ -146,8 +148,8 @@ def test_unsupported_model_type(tmp_path):
 
 @pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
 def test_unsupported_rope_scaling(key):
-    cfg = {**tiny_model().args.hf_config, key: {"rope_type": "dynamic", "factor": 2.0}}
-    with pytest.raises(UnsupportedModelError, match="unsupported rope scaling type 'dynamic'"):
+    cfg = {**tiny_model().args.hf_config, key: {"rope_type": "mrope", "factor": 2.0}}
+    with pytest.raises(UnsupportedModelError, match=f"^unsupported rope scaling type 'mrope' \\(config key '{key}'\\)"):
         ModelArgs.from_hf_config(cfg)
 
 
@@ -217,6 +219,63 @@ def test_corrupt_safetensors(tmp_path, damage):
     with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors") as info:
         load_pretrained(tmp_path)
     assert isinstance(info.value, UserError) and isinstance(info.value, CheckpointError)
+
+
+def test_a_read_that_stops_short_is_continued(tmp_path, monkeypatch):
+    """One read call may return less than asked (Linux: at most 2 GiB - 4 KiB, less than a large
+    model's embedding): the reader reads on instead of calling the file truncated."""
+    from minigrpo.models import safetensors_io
+
+    class ShortReads(io.FileIO):
+        def readinto(self, buf):
+            return super().readinto(memoryview(buf)[:100])
+
+    tiny_checkpoint(tmp_path, seed=4)
+    expected = dict(iter_tensors(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(safetensors_io, "open", lambda path, *a, **k: ShortReads(path, "rb"), raising=False)
+    got = dict(iter_tensors(tmp_path / "model.safetensors"))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    model, _ = load_pretrained(tmp_path)
+    assert torch.equal(model.model.embed_tokens.weight, expected["model.embed_tokens.weight"])
+
+
+def _sharded_checkpoint(directory: Path) -> dict:
+    save_pretrained(tiny_model(), None, directory, max_shard_bytes=60_000)
+    return json.loads((directory / "model.safetensors.index.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "index, problem",
+    [
+        ({"weight_map": []}, "'weight_map' must map tensor names to file names, got []"),
+        ({"metadata": {}}, "'weight_map' must map tensor names to file names, got None"),
+        ({"weight_map": {"lm_head.weight": 3}}, "'weight_map' must map tensor names to file names, got {'lm_head"),
+        ([1, 2], "not a JSON object"),
+        ('{"weight_map": {', "not valid JSON"),
+    ],
+)
+def test_a_malformed_checkpoint_index_is_named(tmp_path, monkeypatch, index, problem):
+    _sharded_checkpoint(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
+    _no_weights_read(monkeypatch)
+    for load in (check_model_source, load_pretrained):
+        expected = f"{tmp_path}/model.safetensors.index.json: "
+        with pytest.raises(CorruptCheckpointError, match=f"^{re.escape(expected)}.*{re.escape(problem)}") as info:
+            load(tmp_path, require_tokenizer=False)
+        assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+
+
+def test_a_tensor_stored_in_two_shards_is_named(tmp_path, monkeypatch):
+    files = sorted(set(_sharded_checkpoint(tmp_path)["weight_map"].values()))
+    first = dict(iter_tensors(tmp_path / files[0]))
+    name = sorted(first)[0]
+    second = dict(iter_tensors(tmp_path / files[1]))
+    save_file({**second, name: torch.zeros_like(first[name])}, tmp_path / files[1])  # a stale copy
+    _no_weights_read(monkeypatch)
+    for load in (check_model_source, load_pretrained):
+        problem = f"tensor {name!r} is stored twice: in {tmp_path / files[0]} and in {tmp_path / files[1]}"
+        with pytest.raises(CheckpointError, match=f"^{re.escape(problem)}$"):
+            load(tmp_path, require_tokenizer=False)
 
 
 def test_written_safetensors_match_the_reference_library(tmp_path):
@@ -320,6 +379,9 @@ def _no_weights_read(monkeypatch):
         ({"head_dim": -16}, "config key 'head_dim' must be a positive integer, got -16"),
         ({"rms_norm_eps": "1e-5"}, "config key 'rms_norm_eps' must be a positive number, got '1e-5'"),
         ({"rope_theta": "10k"}, "config key 'rope_theta' must be a positive number, got '10k'"),
+        ({"rope_theta": 0}, "config key 'rope_theta' must be a positive number, got 0"),
+        ({"rope_parameters": {"rope_theta": 0.0}}, "config key 'rope_theta' must be a positive number, got 0.0"),
+        ({"partial_rotary_factor": 0}, "config key 'partial_rotary_factor' must be in (0, 1], got 0"),
         ({"rope_scaling": "linear"}, "config key 'rope_scaling' must be a mapping or null, got 'linear'"),
         ({"intermediate_size": None}, "has no 'intermediate_size'"),
         ({"rope_scaling": {"rope_type": "linear", "factor": "two"}}, "'factor' must be a positive number, got 'two'"),

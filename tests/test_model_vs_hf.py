@@ -66,6 +66,13 @@ CASES = {
         rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=16),
     ),
     "qwen3": dict(model_type="qwen3", rope_theta=1e6, head_dim=24, tie_word_embeddings=True),
+    # dynamic NTK: the 12-token forwards pass max_position_embeddings (8), the 6-token one does not
+    "llama-dynamic": dict(model_type="llama", max_position_embeddings=8, rope_scaling=dict(type="dynamic", factor=1.7)),
+    "qwen2-dynamic": dict(
+        model_type="qwen2",
+        max_position_embeddings=8,
+        rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=3.0),
+    ),
     # only Phi-3 rotates part of a head: transformers' Qwen2 (Llama, Mistral, Qwen3) rotates all of it
     "qwen2-partial-ignored": dict(model_type="qwen2", rope_theta=1e4, partial_rotary_factor=0.5),
     "phi3": dict(
@@ -149,6 +156,44 @@ def test_logits_match_transformers(case, tmp_path):
     assert diffs["scale"] > 1.0, "logits too flat to test anything"
     for kind in ("plain", "short", "padded"):
         assert diffs[kind] < ATOL, f"{case} {kind}: max |diff| {diffs[kind]:.2e} (logits up to {diffs['scale']:.1f})"
+
+
+@pytest.mark.parametrize("case", ["llama-bias", "qwen3", "phi4-mini", "mistral-window", "smollm-tied", "qwen2-yarn"])
+def test_gradients_match_transformers(case, tmp_path):
+    """d(loss)/d(every parameter) on a left-padded batch, loss a fixed random projection of the real
+    positions' logits: the backward of every family difference (fused projections, q/k norms, tied
+    head, window, scaled RoPE, the rotation of padded rows) against transformers'."""
+    hf = _write_hf_checkpoint(tmp_path, CASES[case], seed=5)
+    ours, _ = load_pretrained(tmp_path, dtype=torch.float32)
+    ids, mask, pos = _batches(BASE["vocab_size"], seed=11)
+    weights = torch.randn(*ids.shape, BASE["vocab_size"], generator=torch.Generator().manual_seed(0))
+    real = mask.bool().unsqueeze(-1)
+    ((ours(ids, attention_mask=mask) * weights)[real.expand_as(weights)].sum()).backward()
+    ((hf(ids, attention_mask=mask, position_ids=pos).logits * weights)[real.expand_as(weights)].sum()).backward()
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        g, ref = p.grad, theirs[name].grad
+        err = (g - ref).abs().max().item()
+        assert err <= 1e-5 * max(1.0, ref.abs().max().item()), f"{case} {name}: max |diff| {err:.2e}"
+
+
+def test_longrope_rows_padded_past_their_length_keep_the_short_factors(tmp_path):
+    """Rows padded on both sides to more columns than the pretraining length (8) while every row
+    is shorter: each row is rotated with the short factors, as alone (and as transformers with
+    positions counting real tokens), not switched to the long ones by the padded width."""
+    hf = _write_hf_checkpoint(tmp_path, CASES["phi3"], seed=2)
+    ours, _ = load_pretrained(tmp_path, dtype=torch.float32)
+    ids = torch.randint(3, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    mask[0, 2:9], mask[1, 5:11] = 1, 1  # 7 and 6 real tokens
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        batch = ours(ids, attention_mask=mask)
+        reference = hf(ids, attention_mask=mask, position_ids=pos).logits
+        alone = ours(ids[:1, 2:9])
+    real = mask.bool()
+    assert (batch[real] - reference[real]).abs().max().item() < ATOL
+    assert (batch[0, 2:9] - alone[0]).abs().max().item() < ATOL
 
 
 @pytest.mark.parametrize("case", ["llama", "qwen3", "phi4-mini", "smollm-tied"])

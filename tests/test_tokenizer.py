@@ -463,3 +463,24 @@ def test_reasoning_fields_are_aliased_like_transformers(tmp_path, llama3_backend
     ours = Tokenizer.from_dir(d).apply_chat_template(chat)
     assert ours == hf_tokenizer(d).apply_chat_template(chat, tokenize=False)
     assert ours == "user:||q;assistant:r1|r1|a;assistant:rc2|t2|b;"
+
+
+def test_a_tokenizer_folder_parses_each_file_once(tmp_path, llama3_backend, monkeypatch):
+    """load_tokenizer_folder checks every file and builds the tokenizer from one read of each."""
+    from collections import Counter
+
+    from minigrpo.models.tokenizer_files import load_tokenizer_folder
+
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    generation = {"eos_token_id": [llama3_backend.token_to_id("<|eot_id|>")]}
+    d = write_dir(tmp_path / "tok", llama3_backend, config, generation)
+    (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|eot_id|>"}))
+    (d / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    reads = Counter()
+    read_text, read_bytes = Path.read_text, Path.read_bytes
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.update([self.name]) or read_text(self, *a, **k))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.update([self.name]) or read_bytes(self))
+    tok = load_tokenizer_folder(d)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
+    expected = ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"]
+    assert {name: reads[name] for name in expected} == dict.fromkeys(expected, 1)

@@ -29,7 +29,7 @@ from typing import Any
 
 from minigrpo.errors import UserError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 class UnsupportedModelError(UserError, ValueError):
@@ -258,6 +258,11 @@ def _check_sizes(config: dict[str, Any], model_type: str, fam: _Family) -> None:
         )
 
 
+def _first_set(*values: Any) -> Any:
+    """The first value that is not None (a 0 is a value: a bad one that the caller reports)."""
+    return next(v for v in values if v is not None)
+
+
 def _positive_number(config: dict[str, Any], key: str, default: float) -> float:
     value = config.get(key, default)
     if not (_is_number(value) and value > 0):
@@ -274,18 +279,20 @@ def _read_rope(config: dict[str, Any], model_type: str) -> tuple[float, str, dic
     params.update(config.get("rope_scaling") or {})  # older key; both may not appear, but be lenient
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
-    rope_theta = params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0
+    rope_theta = _first_set(params.pop("rope_theta", None), config.get("rope_theta"), 10000.0)
     if not (_is_number(rope_theta) and rope_theta > 0):
         raise ModelConfigError(f"config key 'rope_theta' must be a positive number, got {rope_theta!r}")
-    partial = params.pop("partial_rotary_factor", None) or config.get("partial_rotary_factor") or 1.0
+    partial = _first_set(params.pop("partial_rotary_factor", None), config.get("partial_rotary_factor"), 1.0)
     if not (_is_number(partial) and 0 < partial <= 1):
         raise ModelConfigError(f"config key 'partial_rotary_factor' must be in (0, 1], got {partial!r}")
     rope_theta, partial = float(rope_theta), float(partial)
     if model_type == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's early names for LongRoPE
         rope_type = "longrope"
     if rope_type not in SUPPORTED_ROPE_TYPES:
+        key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
         raise UnsupportedModelError(
-            f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"unsupported rope scaling type {rope_type!r} (config key {key!r}); "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     if rope_type in ("llama3", "yarn", "longrope"):
         # Phi-3 keeps the pretraining length at the top level; it takes priority there.
@@ -293,6 +300,7 @@ def _read_rope(config: dict[str, Any], model_type: str) -> tuple[float, str, dic
         params["original_max_position_embeddings"] = orig or config.get("max_position_embeddings")
     required = {
         "linear": ("factor",),
+        "dynamic": ("factor",),
         "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
         "longrope": ("long_factor", "short_factor"),
     }.get(rope_type, ())

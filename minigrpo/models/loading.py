@@ -19,7 +19,6 @@ a chat template that does not compile (`ChatTemplateError`), a file that is no G
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from torch import nn
 
 from minigrpo.atomic import atomic_path, write_json
 from minigrpo.errors import UserError
+from minigrpo.tokenizer_config import read_json_object
 
 from .args import ModelArgs, ModelConfigError
 from .rotary import RotaryAngles
@@ -178,13 +178,7 @@ def _read_config(source: Path) -> dict[str, Any]:
         has_weights = any(source.glob("*.safetensors"))
         what = "a weights file but no config.json" if has_weights else "no config.json and no *.safetensors weights"
         raise ModelNotFoundError(f"no config.json in {source}: not a model folder ({what})")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"{config_path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise CorruptCheckpointError(f"{config_path}: not a JSON object")
-    return config
+    return read_json_object(config_path, CorruptCheckpointError)
 
 
 def build_random(
@@ -324,14 +318,12 @@ TensorSource = tuple[dict[str, tuple[tuple[int, ...], str]], Iterator[tuple[str,
 
 
 def _hf_tensor_source(directory: Path) -> TensorSource:
-    """({name: (shape, file)}, iterator of (name, tensor)) over a single or sharded safetensors checkpoint."""
+    """({name: (shape, file)}, iterator of (name, tensor)) over a single or sharded safetensors checkpoint.
+
+    A tensor stored in two files is a CheckpointError naming both: which copy to load is not ours to guess."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CorruptCheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
-        files = sorted(set(weight_map.values()))
+        files = _index_files(index)
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -349,6 +341,8 @@ def _hf_tensor_source(directory: Path) -> TensorSource:
                     f"{path}: tensor {name!r} is {info['dtype']}, not floating point: minigrpo loads F32, F16 or "
                     "BF16 weights (a quantized checkpoint? load its 16-bit original)"
                 )
+            if name in shapes:
+                raise CheckpointError(f"tensor {name!r} is stored twice: in {shapes[name][1]} and in {path}")
             shapes[name] = (tuple(info["shape"]), str(path))
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
@@ -356,6 +350,18 @@ def _hf_tensor_source(directory: Path) -> TensorSource:
             yield from iter_tensors(directory / fname)
 
     return shapes, tensors()
+
+
+def _index_files(index: Path) -> list[str]:
+    """The weights files a sharded checkpoint's index lists (its weight_map: tensor name -> file name)."""
+    content = read_json_object(index, CorruptCheckpointError)
+    weight_map = content.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CorruptCheckpointError(
+            f"{index}: not a safetensors index ('weight_map' must map tensor names to file names, "
+            f"got {weight_map!r:.80})"
+        )
+    return sorted(set(weight_map.values()))
 
 
 def _check(model: Transformer, shapes: dict[str, tuple[tuple[int, ...], str]]) -> dict:

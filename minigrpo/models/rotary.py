@@ -4,6 +4,12 @@ The rotation itself is a kernel (`minigrpo.kernels.apply_rotary`); this module o
 angles. Variants (facts from the papers / reference implementations):
 - default:  inv_freq[i] = theta^(-2i/R)
 - linear:   inv_freq / factor
+- dynamic:  (NTK) the default frequencies up to max_position_embeddings; a forward whose positions
+            go past it, L of them, uses theta * (factor * L / max_pos - (factor - 1))^(R / (R - 2)).
+            Chosen per forward from its largest position, without a host sync (transformers keeps the
+            longest length it has seen instead, until a forward falls back below max_pos: the two
+            agree on every forward of a fresh model). Rollouts stay below max_pos
+            (prompt_fit.position_limit), where it is the default RoPE.
 - llama3:   low frequencies divided by `factor`, high ones kept, a smooth blend in between
 - yarn:     blend of interpolated and extrapolated frequencies over a linear ramp; cos/sin scaled by
             an attention factor (0.1 ln(factor) + 1 unless given)
@@ -26,6 +32,12 @@ from .args import ModelArgs
 def _base_inv_freq(theta: float, rotary_dim: int) -> torch.Tensor:
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
     return 1.0 / (theta**exponents)  # (R/2,) fp32
+
+
+def _dynamic_theta(theta: float, rotary_dim: int, factor: float, ratio: float | torch.Tensor) -> float | torch.Tensor:
+    """Dynamic NTK's base for a sequence of `ratio` = L / max_position_embeddings (>= 1) times the trained
+    length (ratio 1: theta itself, up to rounding, computed the same way as the reference)."""
+    return theta * ((factor * ratio) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
 
 
 def _llama3(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
@@ -89,6 +101,7 @@ class RotaryAngles(nn.Module):
         self.register_buffer("long_inv_freq", torch.empty(half), persistent=False)
         self.scale = 1.0
         self.long_threshold: int | None = None  # longrope: positions >= this switch to long factors
+        self.dynamic_from: int | None = None  # dynamic: sequences longer than this rescale the base
 
     @torch.no_grad()
     def reset(self, device: torch.device | str | None = None) -> None:
@@ -101,6 +114,9 @@ class RotaryAngles(nn.Module):
         long = base
         if a.rope_type == "linear":
             base = base / p["factor"]
+        elif a.rope_type == "dynamic":
+            base = _base_inv_freq(_dynamic_theta(a.rope_theta, a.rotary_dim, p["factor"], 1), a.rotary_dim)
+            self.dynamic_from = a.max_position_embeddings
         elif a.rope_type == "llama3":
             base = _llama3(base, p)
         elif a.rope_type == "yarn":
@@ -126,8 +142,19 @@ class RotaryAngles(nn.Module):
             # one choice per forward, as the reference does; a tensor op, so no host synchronisation
             use_long = position_ids.max() + 1 > self.long_threshold
             inv_freq = torch.where(use_long, self.long_inv_freq, self.inv_freq)
+        if self.dynamic_from is not None:
+            inv_freq = self._dynamic_inv_freq(position_ids)
         angles = position_ids.float().unsqueeze(-1) * inv_freq  # (B, T, R/2)
         cos, sin = angles.cos(), angles.sin()
         if self.scale != 1.0:
             cos, sin = cos * self.scale, sin * self.scale
         return cos, sin
+
+    def _dynamic_inv_freq(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """dynamic: the frequencies (R/2,) fp32 for this forward's length, as tensor ops (no host sync)."""
+        a = self.args
+        length = position_ids.max() + 1
+        ratio = length.float() / self.dynamic_from
+        theta = _dynamic_theta(a.rope_theta, a.rotary_dim, a.rope_params["factor"], ratio)  # () fp32
+        exponents = torch.arange(0, a.rotary_dim, 2, dtype=torch.int64, device=theta.device).float() / a.rotary_dim
+        return torch.where(length > self.dynamic_from, 1.0 / theta**exponents, self.inv_freq)

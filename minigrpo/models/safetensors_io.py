@@ -22,6 +22,7 @@ import math
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -112,13 +113,26 @@ def iter_tensors(path: str | Path, names: Iterable[str] | None = None) -> Iterat
         for start, name in entries:
             info = header[name]
             out = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
-            buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
-            if buf is not None:
+            if out.numel():
                 f.seek(start)
-                got = f.readinto(memoryview(buf))
-                if got != buf.nbytes:
+                if _read_into(f, out.view(-1).view(torch.uint8).numpy()) != out.numel() * out.element_size():
                     raise CorruptCheckpointError(f"{path}: tensor {name!r} is truncated")
             yield name, out
+
+
+def _read_into(f: BinaryIO, buf) -> int:
+    """Fill `buf` from `f`; returns the bytes read (fewer only at the end of the file).
+
+    One read may return less than asked without the file ending: Linux moves at most 2 GiB - 4 KiB
+    per read call, less than one tensor of a large model (Llama-3.1-70B's bf16 embedding is 2.1 GB),
+    so the read is repeated until the buffer is full or the file ends."""
+    view, done = memoryview(buf).cast("B"), 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            break
+        done += got
+    return done
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

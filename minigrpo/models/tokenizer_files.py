@@ -3,15 +3,14 @@
     tokenizer = load_tokenizer_folder(Path("path/to/model"))   # a minigrpo.tokenizer.Tokenizer
 
 Tokenizer.from_dir reads tokenizer.json (with the `tokenizers` library) and the JSON and jinja
-files beside it; their own errors name no file (a JSONDecodeError, the library's bare Exception).
-Here each JSON file is parsed first, the library's error is attributed to tokenizer.json, and every
-chat template is compiled up front: a user learns which file to fix before any weight is read,
-not from a traceback at the first prompt.
+files beside it, each once, and names the file (and key) of any value that makes no tokenizer
+(tokenizer_config.py). Here its errors become TokenizerFilesErrors, an error of the constructor
+names the folder, and every chat template is compiled up front: a user learns which file to fix
+before any weight is read, not from a traceback at the first prompt.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,6 @@ class TokenizerFilesError(UserError, ValueError):
     """Tokenizer files that are there but do not make a tokenizer (truncated, corrupt, inconsistent)."""
 
 
-# JSON files Tokenizer.from_dir reads beside tokenizer.json (which the tokenizers library parses)
-_TOKENIZER_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-
-
 def load_tokenizer_folder(directory: Path):
     """The Tokenizer of a model folder, with every chat template compiled. A file that does not parse
     (a JSON file, a .jinja file that is not UTF-8, generation_config.json's eos_token_id that is no
@@ -33,25 +28,6 @@ def load_tokenizer_folder(directory: Path):
     naming the file it came from."""
     from minigrpo.tokenizer import Tokenizer
 
-    for name in _TOKENIZER_JSON_FILES:
-        file = directory / name
-        if not file.is_file():
-            continue
-        try:
-            content = json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TokenizerFilesError(f"{file}: not valid JSON, the file is truncated or corrupt ({e})") from e
-        if not isinstance(content, dict):
-            raise TokenizerFilesError(f"{file}: not a JSON object")
-        if name == "generation_config.json":
-            _check_eos_ids(file, content.get("eos_token_id"))
-    for file in (directory / "chat_template.jinja", *sorted(directory.glob("additional_chat_templates/*.jinja"))):
-        if not file.is_file():
-            continue
-        try:
-            file.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise TokenizerFilesError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     try:
         tokenizer = Tokenizer.from_dir(directory)
     except Exception as e:
@@ -66,13 +42,6 @@ def load_tokenizer_folder(directory: Path):
         ) from e
     _compile_chat_templates(tokenizer, directory)
     return tokenizer
-
-
-def _check_eos_ids(file: Path, value: Any) -> None:
-    """generation_config.json's eos_token_id: absent, one token id, or a list of them."""
-    ids = value if isinstance(value, list) else [value]
-    if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise TokenizerFilesError(f"{file}: eos_token_id must be a token id or a list of them, got {value!r}")
 
 
 def _compile_chat_templates(tokenizer: Any, directory: Path) -> None:

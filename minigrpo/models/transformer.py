@@ -436,8 +436,12 @@ class Transformer(nn.Module):
         if kv_cache is None and attention_mask is not None and position_ids is None:
             plain, lead = padding_layout(attention_mask)  # not plain: a row with an inner gap, masked below
             if plain:  # trailing pads are hidden from real queries by causality
+                # positions count the real tokens (a pad repeats a neighbour's), so the longest row and not
+                # the padded width sets the largest one, which longrope's and dynamic RoPE's choice reads
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
                 attention_mask = None
-                input_ids = input_ids if lead is None else rotate_rows(input_ids, lead)  # (B, T)
+                if lead is not None:
+                    input_ids, position_ids = rotate_rows(input_ids, lead), rotate_rows(position_ids, lead)
         if kv_cache is not None:
             assert cache_position is not None and attention_mask is not None, "a KV cache needs both"
             kv_len = attention_mask.shape[1]
