@@ -223,16 +223,20 @@ def check_chat_template(cfg: Any, tokenizer: Any) -> None:
         )
 
 
+def episode_system_prompt(cfg: Any) -> str | None:
+    """The episodes' system message: env.system_prompt, else gsm8k_tools' own, else data.system_prompt."""
+    if cfg.env.system_prompt is not None:
+        return cfg.env.system_prompt
+    return GSM8K_TOOLS_PROMPT if cfg.env.kind == "gsm8k_tools" else cfg.data.system_prompt
+
+
 def _offered(cfg: Any, tools: dict[str, Any], chat_template: str | None) -> dict[str, Any]:
     env = cfg.env
-    system = env.system_prompt
-    if system is None:
-        system = GSM8K_TOOLS_PROMPT if env.kind == "gsm8k_tools" else cfg.data.system_prompt
     return {
         "tools": tools,
         "chat_template": chat_template,
         "format": env.format,
-        "system_prompt": system,
+        "system_prompt": episode_system_prompt(cfg),
         "timeout_s": env.tool_timeout_s,
         "max_chars": env.sandbox.max_output_chars,
     }
@@ -263,10 +267,13 @@ def build_environment(cfg: Any, tokenizer: Any) -> Any:
     env = cfg.env
     if env.kind is None:
         return None
+    from minigrpo.episode_text import episode_template
     from minigrpo.episodes import ToolEnvironment
 
     check_chat_template(cfg, tokenizer)
-    offered = _offered(cfg, resolve_tools(env), getattr(tokenizer, "chat_template", None))
+    tools = resolve_tools(env)
+    specs = [t.spec() for t in tools.values()] if tools else None
+    offered = _offered(cfg, tools, episode_template(tokenizer, specs))  # the template the episodes render with
     if env.kind in ENV_KINDS:
         warn_unseen_tools(tokenizer, offered["tools"], offered["system_prompt"])
         return ToolEnvironment(**offered)

@@ -26,7 +26,7 @@ from typing import Any
 
 Message = dict[str, Any]
 
-__all__ = ["LayoutError", "environment_text", "render"]
+__all__ = ["LayoutError", "environment_text", "episode_template", "render"]
 
 
 class LayoutError(ValueError):
@@ -40,18 +40,41 @@ def render(tokenizer: Any, messages: Sequence[Message], tools: Any, generation_p
     )
 
 
+def episode_template(tokenizer: Any, tools: Any) -> str | None:
+    """The chat template `render` uses: with `tools` (even an empty list) the tokenizer's "tool_use"
+    template where it has one (Hermes-2-Pro's, Command-R's: apply_chat_template picks it, as
+    transformers does), else its default. The tool-call format and tool support are read from it."""
+    templates = getattr(tokenizer, "chat_templates", None) or {}
+    if tools is not None and "tool_use" in templates:
+        return templates["tool_use"]
+    return getattr(tokenizer, "chat_template", None)
+
+
+_PROBE_TEXT = "ok"  # a reply no template rewrites
+
+
 def _turn_closer(tokenizer: Any, history: Sequence[Message], text: str, tools: Any) -> str:
-    """What the template writes after the assistant's content `text` ("" if it cannot be told)."""
+    """What the template writes after the assistant's content `text` ("" if it cannot be told). A
+    template that rewrites the text (Qwen3's re-spaces a `<think>` block the model wrote its own way)
+    hides where it ends: the closer after a plain reply is the same."""
+    closer = _closer_after(tokenizer, history, text, tools)
+    if closer is None and text != _PROBE_TEXT:
+        closer = _closer_after(tokenizer, history, _PROBE_TEXT, tools)
+    return closer or ""
+
+
+def _closer_after(tokenizer: Any, history: Sequence[Message], text: str, tools: Any) -> str | None:
+    """The template's text after the assistant's content `text`; None where `text` is not found in it."""
     before = render(tokenizer, history, tools, True)
     after = render(tokenizer, [*history, {"role": "assistant", "content": text}], tools, False)
     if not after.startswith(before):
-        return ""
+        return None
     turn = after[len(before) :]  # e.g. "content<|im_end|>\n"
     if turn.startswith(text):
         return turn[len(text) :]
     core = text.strip()
     at = turn.find(core) if core else -1
-    return turn[at + len(core) :] if at >= 0 else ""
+    return turn[at + len(core) :] if at >= 0 else None
 
 
 def environment_text(

@@ -61,7 +61,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from minigrpo.chat_template import ChatTemplateError
-from minigrpo.episode_text import LayoutError, environment_text, render
+from minigrpo.episode_text import LayoutError, environment_text, episode_template, render
 from minigrpo.sampling.base import Sampler, session_of
 from minigrpo.sampling.params import SamplingParams
 from minigrpo.sampling.rollout import Rollout, left_pad
@@ -79,6 +79,7 @@ from minigrpo.tools import (
     run_tool_calls,
     tool_messages,
 )
+from minigrpo.tools.calls import valid_text
 
 __all__ = [
     "ENV",
@@ -289,7 +290,7 @@ def run_episodes(
         raise ValueError(f"row_ids has {len(ids)} ids for {len(rows) * G} episodes ({len(rows)} rows x n={G})")
     tools = getattr(env, "tool_specs", None)
     stop_ids = set(params.stop_ids)
-    template = getattr(tokenizer, "chat_template", None)
+    template = episode_template(tokenizer, tools)  # the one `render` uses
     plain = template is not None and not renders_tool_calls(template)  # calls stay in the assistant's text
     episodes = []
     for b, row in enumerate(rows):
@@ -383,7 +384,7 @@ def _take_turn(
         assistant = assistant_message(text, calls, plain=True)
         env_text = environment_text(tokenizer, history, assistant, new, **kwargs)
     e.messages += [assistant, *new]
-    env_ids = tokenizer.encode(env_text, add_special_tokens=False)
+    env_ids = tokenizer.encode(valid_text(env_text), add_special_tokens=False)  # no lone surrogate from a user env
     if e.num_tokens + len(env_ids) >= max_episode_tokens:  # no room left for a model token
         e.end = "budget"
     elif env_ids:

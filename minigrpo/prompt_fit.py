@@ -3,6 +3,12 @@ and encodes to at least one token, `data.max_prompt_tokens` keeps at least one, 
 prompt plus the completion budget fits the model's positions (max_position_embeddings, or for
 longrope scaling the length where it switches factors: `position_limit`).
 
+With a tool environment (env.kind tools or gsm8k_tools) the prompts measured are the episodes' opening
+prompts, as run_episodes renders them: the environment's system prompt and the tools' definitions (a
+Qwen2.5-style template writes them into the system turn: hundreds of tokens) included. A user
+environment class (env.kind 'package.module:Class') writes its own opening messages, known only once it
+plays: its prompts are measured as the data renders them.
+
 `prompts_that_fit` runs before any weights load when the model folder is local (its tokenizer and
 config.json are read by then: build.check_before_loading, eval), and again once the model is built
 (a hub id or a GGUF file has no tokenizer before that).
@@ -17,7 +23,7 @@ from typing import Any
 
 from minigrpo.chat_template import ChatTemplateError
 from minigrpo.data import Example, encode_prompts
-from minigrpo.env_config import completion_budget
+from minigrpo.env_config import ENV_KINDS, completion_budget, episode_system_prompt, resolve_tools
 from minigrpo.errors import UserError
 
 
@@ -81,9 +87,9 @@ def prompts_that_fit(
     if isinstance(max_positions, int):
         max_positions = PositionLimit(max_positions, f"the model's max_position_embeddings={max_positions}")
     try:
-        ids, texts = encode_prompts(examples, tokenizer, cfg.data.system_prompt)
+        ids, texts = rollout_prompts(cfg, examples, tokenizer)
     except ChatTemplateError as e:
-        bad = _first_failing(examples, tokenizer, cfg.data.system_prompt)
+        bad = _first_failing(cfg, examples, tokenizer)
         raise ChatTemplateError(f"the model's chat template fails on the prompt {bad}: {e}") from e
     empty = next((i for i, row in enumerate(ids) if not row), None)
     if empty is not None and texts[empty]:
@@ -121,10 +127,24 @@ def _describe(example: Example) -> str:
     return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
-def _first_failing(examples: list[Example], tokenizer: Any, system_prompt: str | None) -> str:
+def rollout_prompts(cfg: Any, examples: list[Example], tokenizer: Any) -> tuple[list[list[int]], list[str]]:
+    """(token ids, texts) of the prompts the rollout samples from: the data's chat prompts, or a tool
+    environment's opening prompts (see the module docstring)."""
+    if cfg.env.kind not in ENV_KINDS:
+        return encode_prompts(examples, tokenizer, cfg.data.system_prompt)
+    from minigrpo.episode_text import render
+    from minigrpo.episodes import opening_messages
+
+    specs = [t.spec() for t in resolve_tools(cfg.env).values()]
+    system = episode_system_prompt(cfg)
+    texts = [render(tokenizer, opening_messages(ex, system), specs, True) for ex in examples]
+    return [tokenizer.encode(text, add_special_tokens=False) for text in texts], texts
+
+
+def _first_failing(cfg: Any, examples: list[Example], tokenizer: Any) -> str:
     for ex in examples:
         try:
-            encode_prompts([ex], tokenizer, system_prompt)
+            rollout_prompts(cfg, [ex], tokenizer)
         except ChatTemplateError:
             return _describe(ex)
     return "(not found again)"

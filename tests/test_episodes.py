@@ -8,6 +8,7 @@ Hermes-style chat template; a scripted sampler for the tool logic, the tiny mode
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from minigrpo import grpo
+from minigrpo.env_config import EnvCfg, build_environment
 from minigrpo.episodes import (
     ENV,
     MODEL,
@@ -265,6 +267,69 @@ def test_calls_the_template_refuses_stay_in_the_assistants_text():
     assert e.messages[1] == {"role": "assistant", "content": call(2, 3) + call(4, 5)}
     whole = tok.apply_chat_template(e.messages, tools=env.tool_specs)
     assert TOK.decode(e.prompt_ids + e.completion_ids) + "\n" == whole  # the row is what the template writes
+
+
+def test_a_lone_surrogate_in_a_call_is_an_error_result_not_a_crash():
+    """The model writes half of a surrogate pair as a JSON escape: the error message quoting it and a
+    tool echoing it are text the tokenizer encodes (U+FFFD), so the episode goes on."""
+
+    def echo(text: str) -> str:
+        """Echo.
+
+        Args:
+            text: what to say
+        """
+        return text
+
+    first = '<tool_call>{"name": "add", "arguments": {"a": "\\ud83d", "b": 1}}</tool_call>'
+    second = '<tool_call>{"name": "echo", "arguments": {"text": "\\ud83d"}}</tool_call>'
+    sampler = ScriptedSampler({0: [first, second, "done"]})
+    env = ToolEnvironment([add, echo], chat_template=TOK.chat_template)
+    params = SamplingParams(max_new_tokens=100, stop_ids=(IM_END,))
+    (e,) = run_episodes(sampler, TOK, env, ["?"], params, max_turns=3, max_episode_tokens=500, key=(3,))
+    assert e.end == "done" and len(e.turns) == 3
+    assert [r.content for r in e.tool_results] == ["error: argument 'a' should be an integer, got \"\ufffd\"", "\ufffd"]
+    assert TOK.decode(e.segments[3].token_ids) == "\n<|im_start|>tool\n<unk><|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_tool_use_template_decides_the_call_layout():
+    """A tokenizer with a "tool_use" template beside a default one without tool support (as Hermes-2-Pro's
+    and Command-R's): the episodes render with tool_use (the environment has tools), so the format and the
+    tool support are read from it: calls as tool_calls, results as tool messages, as it writes them."""
+    no_tools = (
+        "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok = char_tokenizer({"default": no_tools, "tool_use": TEMPLATE})
+    cfg = SimpleNamespace(env=EnvCfg(kind="tools", tools=["calculator"]), data=SimpleNamespace(system_prompt=None))
+    env = build_environment(cfg, tok)
+    assert (env.format, env.plain) == ("hermes", False)
+    text = '<tool_call>{"name": "calculator", "arguments": {"expression": "3*4"}}</tool_call>'
+    sampler = ScriptedSampler({0: [text, "12"]})
+    params = SamplingParams(max_new_tokens=100, stop_ids=(IM_END,))
+    (e,) = run_episodes(sampler, tok, env, ["3*4?"], params, max_turns=2, max_episode_tokens=400, key=(5,))
+    assert e.end == "done" and e.messages[2] == {"role": "tool", "content": "12", "name": "calculator"}
+    assert e.messages[1]["tool_calls"] == [
+        {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "3*4"}}}
+    ]
+    assert TOK.decode(e.segments[1].token_ids) == "\n<|im_start|>tool\n12<|im_end|>\n<|im_start|>assistant\n"
+    whole = tok.apply_chat_template(e.messages, tools=env.tool_specs)
+    assert TOK.decode(e.prompt_ids + e.completion_ids) + "\n" == whole
+
+
+def test_a_template_that_rewrites_the_models_text_still_gets_its_closer():
+    """A template that re-spaces the <think> block (as Qwen3's does) does not contain the model's raw
+    text: the rest of the closer after <|im_end|> ("\\n") is still the environment's first token."""
+    think = (
+        "{% if '</think>' in m.content %}<think>\n{{ m.content.split('</think>')[0].split('<think>')[-1].strip() }}"
+        "\n</think>\n\n{{ m.content.split('</think>')[-1].strip() }}{% else %}{{ m.content }}{% endif %}"
+    )
+    tok = char_tokenizer(TEMPLATE.replace("<|im_start|>assistant\n{{ m.content }}", "<|im_start|>assistant\n" + think))
+    sampler = ScriptedSampler({0: ["<think>sum</think>" + call(2, 3), "5"]})
+    env = ToolEnvironment([add], chat_template=tok.chat_template)
+    params = SamplingParams(max_new_tokens=200, stop_ids=(IM_END,))
+    (e,) = run_episodes(sampler, tok, env, ["2+3?"], params, max_turns=2, max_episode_tokens=400, key=(6,))
+    assert e.end == "done" and TOK.decode(e.segments[1].token_ids).startswith("\n<|im_start|>tool\n5<|im_end|>")
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused():

@@ -167,3 +167,30 @@ def test_longrope_rollouts_stay_below_the_switch_to_the_long_factors():
     cfg.sampler.max_new_tokens = 11
     with pytest.raises(UserError, match=r"17 positions, more than the model's original_max_position_embeddings=16 "):
         prompts_that_fit(cfg, examples, Chars(), limit)
+
+
+def test_a_tool_environment_measures_the_episodes_opening_prompts():
+    """With env.kind=tools the rollout's prompts are the episodes' openings: env.system_prompt and the
+    tools' definitions (which a Qwen2.5-style template writes into the system turn) count against
+    data.max_prompt_tokens and the model's positions, not the data's bare chat prompt."""
+
+    class ToolChars:  # one token per character; the template writes the tools' names first
+        chat_template = "(a template)"
+
+        def apply_chat_template(self, messages, *, add_generation_prompt=False, tokenize=False, tools=None):
+            names = "".join(t["function"]["name"] for t in tools or [])
+            turns = "".join(f"[{m['role']}]{m['content']}" for m in messages)
+            return names + turns + ("[assistant]" if add_generation_prompt else "")
+
+        def encode(self, text, add_special_tokens=True):
+            return list(text)
+
+    examples = [Example(prompt="x" * n, answer="") for n in (3, 9, 20)]
+    cfg = Config()
+    cfg.env.kind, cfg.env.tools, cfg.env.system_prompt, cfg.env.max_episode_tokens = "tools", ["calculator"], "S", 50
+    cfg.data.max_prompt_tokens = 40  # an opening is len("calculator[system]S[user]") + n + len("[assistant]")
+    kept, longest = prompts_that_fit(cfg, examples, ToolChars(), max_positions=90)
+    assert [len(ex.prompt) for ex in kept] == [3] and longest == 40  # the data's prompt alone: 17 + n tokens
+    cfg.data.max_prompt_tokens = None
+    with pytest.raises(UserError, match=r"^the longest prompt has 56 tokens and env.max_episode_tokens=50: 106"):
+        prompts_that_fit(cfg, examples, ToolChars(), max_positions=90)

@@ -237,6 +237,50 @@ def test_model_text_json_cannot_parse_is_an_error_value(fmt, arguments, reason):
     assert isinstance(err, ToolCallError) and err.message.startswith("bad JSON") and reason in err.message, err
 
 
+def test_an_optional_literal_takes_null():
+    """Optional[Literal[...]]: null is one of the values (the enum lists it), so an explicit null is a call."""
+
+    def sort(order: Literal["asc", "desc"] | None = None) -> str:
+        """Sort."""
+        return str(order)
+
+    tool = Tool.from_function(sort)
+    assert tool.parameters["properties"]["order"] == {"type": ["string", "null"], "enum": ["asc", "desc", None]}
+    (call,) = parse_tool_calls('<tool_call>{"name": "sort", "arguments": {"order": null}}</tool_call>', [tool])
+    assert call == ToolCall("sort", {"order": None}, call.raw)
+    (bad,) = parse_tool_calls('<tool_call>{"name": "sort", "arguments": {"order": "up"}}</tool_call>', [tool])
+    assert bad.message == 'argument \'order\' should be one of "asc", "desc", null, got "up"'
+
+
+def test_lone_surrogate_escapes_become_replacement_characters():
+    """JSON lets the model write half of a surrogate pair ("\\ud83d"): json.loads makes it a lone surrogate,
+    which no UTF-8 encoder (the tokenizer, the sandbox's code file) takes. Every parsed string gets U+FFFD."""
+    echo = Tool.from_function(shout, name="echo")
+    text = '<tool_call>{"name": "echo", "arguments": {"text": "hi \\ud83d!"}}</tool_call>'
+    (call,) = parse_tool_calls(text, [echo])
+    assert call.arguments == {"text": "hi \ufffd!"}
+    (result,) = run_tool_calls([call], [echo])
+    assert result.content == "HI \ufffd!" and result.content.encode("utf-8")
+    bad = parse_tool_calls('<tool_call>{"name": "add", "arguments": {"a": "\\udc00"}}</tool_call>', TOOLS)
+    assert bad[0].message == "argument 'a' should be an integer, got \"\ufffd\""
+    as_string = '{"name": "echo", "parameters": "{\\"text\\": \\"\\\\ud800\\"}"}'  # arguments as a JSON string
+    assert parse_tool_calls(as_string, [echo], "llama3")[0].arguments == {"text": "\ufffd"}
+    pair = '<tool_call>{"name": "echo", "arguments": {"text": "\\ud83d\\ude00"}}</tool_call>'
+    assert parse_tool_calls(pair, [echo])[0].arguments == {"text": "\U0001f600"}  # a whole pair is kept
+    surrogate_tool = Tool.from_function(lambda: "x\udcff", name="raw_bytes")  # a tool's own result
+    assert call_tool(surrogate_tool, ToolCall("raw_bytes", {}, "")).content == "x\ufffd"
+    assert run_python("print('a\udc80b')").stdout == "a?b\n"  # code a caller passes with one runs
+
+
+def shout(text: str) -> str:
+    """Say it louder.
+
+    Args:
+        text: what to say
+    """
+    return text.upper()
+
+
 def test_error_keeps_the_name_when_known():
     assert _error('{"name": "add", "arguments": {}}').name == "add"
     assert _error('{"name": "add", "arguments": {').name is None
@@ -267,6 +311,13 @@ def test_llama3_format():
     assert (
         _error('{"name": "add", "parameters": {"a": "x"}}', "llama3").message
         == "argument 'a' should be an integer, got \"x\""
+    )
+    # the OpenAI layout's "type": "function" is a call too; any other "type" is not
+    typed = '{"type": "function", "name": "add", "parameters": {"a": 1}}'
+    assert parse_tool_calls(typed, TOOLS, "llama3") == [ToolCall("add", {"a": 1}, typed)]
+    assert parse_tool_calls(f"<tool_call>{typed}</tool_call>", TOOLS)[0].arguments == {"a": 1}
+    assert _error('{"type": "tool", "name": "add", "parameters": {"a": 1}}', "llama3").message == (
+        "unexpected key 'type' in the tool call (expected 'name' and 'parameters')"
     )
 
 
@@ -474,6 +525,20 @@ def test_sandbox_time_memory_and_output_limits():
     tool = python_tool(timeout_s=1.0)
     slow = call_tool(tool, ToolCall("python", {"code": "import time\ntime.sleep(10)"}, ""), timeout_s=5.0)
     assert (slow.ok, slow.error_kind) == (False, "timeout") and "killed: time limit exceeded" in slow.content
+
+
+def test_sandbox_output_split_inside_a_character_decodes_whole():
+    """A UTF-8 character whose bytes arrive in two reads of the pipe (a flush between them) is one
+    character, not two replacement characters; bytes that are no UTF-8 still become U+FFFD."""
+    code = (
+        "import sys, time\n"
+        "e, u = 'é'.encode(), 'ü'.encode()\n"
+        "sys.stdout.buffer.write(b'a' + e[:1]); sys.stdout.flush(); time.sleep(0.3)\n"
+        "sys.stdout.buffer.write(e[1:] + u + b'\\xff'); sys.stdout.flush()\n"
+        "sys.stderr.buffer.write(u[:1]); sys.stderr.flush(); time.sleep(0.3); _ = sys.stderr.buffer.write(u[1:])"
+    )
+    run = run_python(code)
+    assert (run.stdout, run.stderr, run.exit_status) == ("aéü\ufffd", "ü", 0)
 
 
 def test_sandbox_refuses_network_and_writes_outside(tmp_path):

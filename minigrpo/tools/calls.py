@@ -10,7 +10,11 @@ Formats (a registry keyed by name; `register_format` adds one):
   of the text (generation may stop on `</tool_call>`).
 - "llama3" (Llama-3.1/3.2/3.3 JSON tool calling): the whole message is a JSON object
   `{"name": ..., "parameters": {...}}` (several may follow each other, separated by ';'), optionally after
-  `<|python_tag|>`. A message that is not such an object is plain text: no calls.
+  `<|python_tag|>`, and optionally with `"type": "function"` (the OpenAI layout of a call). A message that is
+  not such an object is plain text: no calls.
+
+JSON escapes of lone surrogates ("\\ud83d" without its pair) become U+FFFD in every string parsed:
+no text a call gives the tools or the error messages can fail to encode as UTF-8.
 
 A malformed call is never an exception: it is a `ToolCallError` whose message says exactly what was
 wrong (bad JSON at char N, unknown tool 'x' (did you mean 'y'?), missing required argument 'a',
@@ -39,6 +43,7 @@ __all__ = [
     "get_format",
     "parse_tool_calls",
     "register_format",
+    "valid_text",
 ]
 
 
@@ -91,7 +96,33 @@ def _bad_json(e: Exception, where: str = "") -> str:
     return f"bad JSON{where}: {reason}"
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a surrogate gets into JSON text
+
+
+def valid_text(text: str) -> str:
+    """`text` with lone surrogates replaced by U+FFFD. JSON escapes such as "\\ud83d" without their pair
+    decode to them: Python strings may hold them, UTF-8 (the tokenizer, a file) cannot."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
+def _valid_values(value: Any) -> Any:
+    """A decoded JSON value with every string (keys included) made valid_text."""
+    if isinstance(value, str):
+        return valid_text(value)
+    if isinstance(value, list):
+        return [_valid_values(v) for v in value]
+    if isinstance(value, dict):
+        return {valid_text(k): _valid_values(v) for k, v in value.items()}
+    return value
+
+
 def _call_from_object(obj: Any, raw: str, args_keys: tuple[str, ...]) -> ToolCall | ToolCallError:
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            obj = _valid_values(obj)
+        except RecursionError:
+            return ToolCallError("bad JSON: nested too deeply", raw)
     if not isinstance(obj, dict):
         return ToolCallError(f"a tool call must be a JSON object, got {_json_type(obj)}", raw)
     name = obj.get("name")
@@ -102,12 +133,13 @@ def _call_from_object(obj: Any, raw: str, args_keys: tuple[str, ...]) -> ToolCal
     arguments = {} if key is None else obj[key]
     if isinstance(arguments, str):  # OpenAI style: the arguments as a JSON string
         try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
+            arguments = _valid_values(json.loads(arguments)) if arguments.strip() else {}
         except (ValueError, RecursionError) as e:
             return ToolCallError(_bad_json(e, f" in '{key}'"), raw, name)
     if not isinstance(arguments, dict):
         return ToolCallError(f"'{key}' should be a JSON object, got {_json_type(arguments)}", raw, name)
-    extra = sorted(set(obj) - {"name", *args_keys})
+    tagged = {"type"} if obj.get("type") == "function" else set()  # {"type": "function", "name": ...} is a call too
+    extra = sorted(set(obj) - {"name", *args_keys} - tagged)
     if extra:
         expected = f"expected 'name' and '{args_keys[0]}'"
         return ToolCallError(f"unexpected key {extra[0]!r} in the tool call ({expected})", raw, name)

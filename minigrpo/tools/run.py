@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from minigrpo.tools.calls import ToolCall, ToolCallError
+from minigrpo.tools.calls import ToolCall, ToolCallError, valid_text
 from minigrpo.tools.schema import Tool, as_tools
 
 __all__ = ["ToolResult", "ToolStats", "call_tool", "run_tool_calls", "to_text", "truncate"]
@@ -50,7 +50,16 @@ def call_tool(
     *,
     max_chars: int = DEFAULT_MAX_CHARS,
 ) -> ToolResult:
-    """Run `call` with `tool` (None is fine for a ToolCallError); the result, failures included."""
+    """Run `call` with `tool` (None is fine for a ToolCallError); the result, failures included. Its
+    content and name are text UTF-8 can write (calls.valid_text): the model reads them as tokens."""
+    result = _call_tool(tool, call, timeout_s, max_chars)
+    return dataclasses.replace(result, content=valid_text(result.content), name=valid_text(result.name))
+
+
+def _call_tool(
+    tool: Tool | None, call: ToolCall | ToolCallError, timeout_s: float | None, max_chars: int
+) -> ToolResult:
+    """call_tool's result as the tool and the call give it."""
     if isinstance(call, ToolCallError):
         return ToolResult(truncate(f"error: {call.message}", max_chars), False, "bad_call", call.name or "")
     if tool is None or tool.name != call.name:

@@ -28,6 +28,7 @@ seccomp, a network namespace; run training jobs that execute model code inside o
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import json
@@ -170,15 +171,15 @@ def run_python(
         limits["RLIMIT_NPROC"] = 0
     root = tempfile.mkdtemp(prefix="minigrpo-sandbox-")
     work = os.path.join(root, "work")
-    os.mkdir(work)
     code_path = os.path.join(root, "code.py")  # outside the working directory: the code cannot rewrite it
-    with open(code_path, "w", encoding="utf-8") as f:
-        f.write(code)
     env = {"HOME": work, "TMPDIR": work, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
     argv = [sys.executable, "-I", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP, code_path, work, json.dumps(limits)]
     start = time.monotonic()
     timed_out = False
     try:
+        os.mkdir(work)
+        with open(code_path, "w", encoding="utf-8", errors="replace") as f:  # a lone surrogate becomes "?"
+            f.write(code)
         proc = subprocess.Popen(
             argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True, close_fds=True,
@@ -250,9 +251,11 @@ def _drain(stream: IO[bytes], sink: _Head) -> threading.Thread:
     """Read `stream` to its end in a thread (so a chatty child never blocks on a full pipe)."""
 
     def read() -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span two reads
         with stream:
             while chunk := stream.read1(65536):
-                sink.add(chunk.decode("utf-8", errors="replace"))
+                sink.add(decoder.decode(chunk))
+            sink.add(decoder.decode(b"", final=True))
 
     thread = threading.Thread(target=read, daemon=True, name="sandbox-output")
     thread.start()

@@ -130,6 +130,8 @@ def json_schema_of(annotation: Any) -> dict[str, Any]:
         if len(rest) == 1 and len(args) == 2:  # Optional[X]
             schema = json_schema_of(rest[0])
             schema["type"] = [schema["type"], "null"]
+            if "enum" in schema:  # Optional[Literal[...]]: null is one of the values
+                schema["enum"] = [*schema["enum"], None]
             return schema
         raise ValueError(f"{_show(annotation)}: only Optional[X] unions are supported")
     raise ValueError(f"type {_show(annotation)} cannot be expressed in JSON schema")
