@@ -50,7 +50,7 @@ from minigrpo.lora import adapters_frozen
 from minigrpo.models.transformer import KVCache, SharedPrefix, Transformer
 
 from .decode_graphs import DecodeGraphs
-from .params import RaceNoise, SamplingParams, generation_waves, sample_tokens
+from .params import RaceNoise, SamplingError, SamplingParams, generation_waves, sample_tokens
 from .rollout import Rollout, concat_rollouts, left_pad, stop_string_cut
 
 if TYPE_CHECKING:
@@ -131,6 +131,23 @@ class _DecodeState:
         )
 
 
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """Each prompt a non-empty sequence of integer token ids in [0, vocab_size); else a SamplingError
+    naming the prompt (its index in the call) and the bad id."""
+    if len(prompts) == 0:
+        raise SamplingError("no prompts given: every call samples at least one prompt")
+    for i, prompt in enumerate(prompts):
+        ids = torch.as_tensor(prompt if isinstance(prompt, torch.Tensor) else list(prompt))  # (Tp_i,)
+        if ids.numel() == 0:
+            raise SamplingError(f"prompt {i} is empty: every prompt needs at least one token")
+        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise SamplingError(f"prompt {i} must be a flat sequence of integer token ids, got {prompt!r:.80}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise SamplingError(f"prompt {i} has token id {bad}, outside the model's vocabulary [0, {vocab_size})")
+
+
 def is_stop(tokens: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
     """tokens (...) -> bool (...): which are stop ids (S,). One broadcast compare, safe to capture in
     a CUDA graph (torch.isin may sort and sync with the host)."""
@@ -181,9 +198,11 @@ class KVCacheSampler:
         merge_lora: bool = True,
     ) -> None:
         if kv_bucket < 1 or (check_every is not None and check_every < 1):
-            raise ValueError(f"kv_bucket and check_every must be >= 1, got {kv_bucket} and {check_every}")
+            raise SamplingError(f"kv_bucket and check_every must be >= 1, got {kv_bucket} and {check_every}")
+        if max_rows is not None and max_rows < 1:
+            raise SamplingError(f"max_rows must be >= 1 (None: every row at once), got {max_rows}")
         if not 0 <= compact_below < 1:
-            raise ValueError(f"compact_below must be in [0, 1), got {compact_below}")
+            raise SamplingError(f"compact_below must be in [0, 1), got {compact_below}")
         self.compact_below = compact_below
         self.prefix_per_group = prefix_per_group
         self.merge_lora = merge_lora
@@ -221,6 +240,20 @@ class KVCacheSampler:
 
         return KVSession(self, reserve=reserve)
 
+    def check_call(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+        """Refuse, before any work, what the model or the tokenizer cannot take: an empty prompt, an id
+        outside the model's vocabulary (an index error on CPU, a device-side assert on CUDA), stop
+        strings without a tokenizer to read the text."""
+        check_prompts(prompts, self.model.args.vocab_size)
+        if params.stop_strings and not params.ignore_stop and self.tokenizer is None:
+            raise SamplingError(f"stop_strings {params.stop_strings} need a tokenizer: this sampler has none")
+
+    def decode(self, tokens: list[int], *, skip_special_tokens: bool) -> str:
+        """The text of `tokens` ('' for a sampler built without a tokenizer: token ids only)."""
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
     @property
     def pad_id(self) -> int:
         pad = getattr(self.tokenizer, "pad_token_id", None)
@@ -244,14 +277,13 @@ class KVCacheSampler:
         """
         prompts = prompt_ids
         B = len(prompts)
-        if B == 0 or min(len(p) for p in prompts) == 0:
-            raise ValueError("every prompt needs at least one token")
-        if key is None:
-            key, self.calls = (self.seed, DEFAULT_STREAM, self.calls), self.calls + 1
+        self.check_call(prompts, params)
         N = B * params.n
         rows = torch.arange(N) if row_ids is None else torch.as_tensor(row_ids, dtype=torch.long).flatten()
         if rows.shape != (N,):
-            raise ValueError(f"row_ids has {rows.numel()} ids for {N} rows ({B} prompts x n={params.n})")
+            raise SamplingError(f"row_ids has {rows.numel()} ids for {N} rows ({B} prompts x n={params.n})")
+        if key is None:  # (after the checks: a refused call takes no stream)
+            key, self.calls = (self.seed, DEFAULT_STREAM, self.calls), self.calls + 1
         n, waves = params.n, generation_waves(B, params.n, self.max_rows)
         parts = []
         with full_weights(self.model) as net, adapters_frozen(net, merge=self.merge_lora):  # net: the model
@@ -408,7 +440,7 @@ class KVCacheSampler:
         open_rows = (~st.done).nonzero().flatten().tolist()
         tokens = st.out_tok[st.rows[open_rows], :s].tolist()
         for row, toks in zip(open_rows, tokens):
-            text = self.tokenizer.decode(toks, skip_special_tokens=False)
+            text = self.decode(toks, skip_special_tokens=False)
             if any(stop in text for stop in params.stop_strings):
                 st.done[row] = True
         return bool(st.done.all())
@@ -429,7 +461,7 @@ class KVCacheSampler:
                 cut = stop_string_cut(self.tokenizer, toks, params.stop_strings)
                 if cut is not None:
                     lengths[i], truncated[i], toks = cut, False, toks[:cut]
-            texts.append(self.tokenizer.decode(toks, skip_special_tokens=True))
+            texts.append(self.decode(toks, skip_special_tokens=True))
         Tc = max(lengths)  # steps past the longest completion (between host checks) are dropped
         out_tok, out_logp = st.out_tok[:, :Tc], st.out_logp[:, :Tc]  # (N, Tc)
         dev = out_tok.device

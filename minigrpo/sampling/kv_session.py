@@ -52,7 +52,7 @@ from minigrpo.lora import adapters_frozen
 from minigrpo.models.transformer import KVCache, Transformer
 
 from .kv_sampler import DEFAULT_STREAM, KVCacheSampler, _DecodeState
-from .params import SamplingParams
+from .params import SamplingError, SamplingParams
 from .rollout import Rollout, left_pad
 
 PREFILL_TOKENS = 16384  # tokens (rows x columns) per prefill forward at most: bounds its transient memory
@@ -101,14 +101,13 @@ class KVSession:
         sequence so far; rows held but not named here leave the session. The rollout's stats add
         prefill_tokens (fed to the model) and reused_tokens (found in the cache)."""
         s = self.sampler
+        s.check_call(prompt_ids, params)
         prompts = [[int(t) for t in p] for p in prompt_ids]
         ids = list(range(len(prompts))) if row_ids is None else [int(r) for r in row_ids]
         if params.n != 1:
-            raise ValueError(f"a session continues rows one by one: params.n must be 1, got {params.n}")
-        if not prompts or min(len(p) for p in prompts) == 0:
-            raise ValueError("every prompt needs at least one token")
+            raise SamplingError(f"a session continues rows one by one: params.n must be 1, got {params.n}")
         if len(ids) != len(prompts) or len(set(ids)) != len(ids):
-            raise ValueError(f"row_ids must be {len(prompts)} distinct ids, got {ids}")
+            raise SamplingError(f"row_ids must be {len(prompts)} distinct ids, got {ids}")
         if key is None:
             key, s.calls = (s.seed, DEFAULT_STREAM, s.calls), s.calls + 1
         self.stats["calls"] += 1

@@ -43,12 +43,59 @@ tokens (up to rounding on near-ties of the race).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from minigrpo.errors import UserError
 from minigrpo.kernels.sampling import MASK32, mix32, race_ref, race_uniforms, sample_race
+
+MIN_TEMPERATURE = 1e-30  # smallest temperature > 0: logits / T must stay finite in fp32 (else NaN log-probs)
+
+
+class SamplingError(UserError, ValueError):
+    """Bad sampling settings or prompts (a value out of range, a token id the model does not have)."""
+
+
+def _check_int(name: str, value, low: int) -> None:
+    """An integer (not a bool, not a float) >= low, or a SamplingError naming the setting."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise SamplingError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise SamplingError(f"{name} must be >= {low}, got {value}")
+
+
+def _check_real(name: str, value) -> float:
+    """A finite real number (NaN and infinities are refused), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise SamplingError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _stop_ids(ids) -> tuple[int, ...]:
+    """stop_ids as a tuple of token ids >= 0 (any iterable of integers)."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise SamplingError(f"stop_ids must be a sequence of token ids, got {ids!r}")
+    ids = tuple(ids)
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
+    if bad:
+        raise SamplingError(f"stop_ids must be token ids >= 0, got {bad[0]!r} in {ids!r}")
+    return tuple(int(i) for i in ids)
+
+
+def _stop_strings(stops) -> tuple[str, ...]:
+    """stop_strings as a tuple of non-empty strings; one string is one stop string (not its characters)."""
+    stops = (stops,) if isinstance(stops, str) else stops
+    if not isinstance(stops, Iterable):
+        raise SamplingError(f"stop_strings must be a sequence of strings, got {stops!r}")
+    stops = tuple(stops)
+    for stop in stops:
+        if not isinstance(stop, str) or not stop:
+            raise SamplingError(f"stop_strings must be non-empty strings (an empty one ends any text), got {stop!r}")
+    return stops
 
 
 @dataclass(frozen=True)
@@ -66,16 +113,23 @@ class SamplingParams:
     ignore_stop: bool = False  # always generate max_new_tokens (benchmarks)
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or not 0 <= self.min_p < 1:
-            raise ValueError(f"bad top_k={self.top_k} or min_p={self.min_p}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        """Check every setting (naming the bad one) and store the stop lists as tuples of str / int."""
+        for name, low in (("n", 1), ("top_k", 0), ("max_new_tokens", 1)):
+            _check_int(name, getattr(self, name), low)
+        temperature = _check_real("temperature", self.temperature)
+        if temperature < 0:
+            raise SamplingError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if 0 < temperature < MIN_TEMPERATURE:
+            raise SamplingError(
+                f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}: logits / temperature overflows fp32 "
+                f"below it, got {self.temperature}"
+            )
+        if not 0 < _check_real("top_p", self.top_p) <= 1:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= _check_real("min_p", self.min_p) < 1:
+            raise SamplingError(f"min_p must be in [0, 1), got {self.min_p}")
+        object.__setattr__(self, "stop_ids", _stop_ids(self.stop_ids))
+        object.__setattr__(self, "stop_strings", _stop_strings(self.stop_strings))
 
     @property
     def greedy(self) -> bool:
