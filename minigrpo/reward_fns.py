@@ -22,6 +22,7 @@ A built-in with settings (length_penalty, reward_model) is made by its factory (
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -137,6 +138,8 @@ def make_length_penalty(max_length: int | None = None, buffer: int | None = None
         raise RewardError(f"reward 'length_penalty': kwargs buffer={buffer} is more than max_length={max_length}")
     if isinstance(factor, bool) or not isinstance(factor, (int, float)):
         raise RewardError(f"reward 'length_penalty': kwargs factor={factor!r} must be a number")
+    if not math.isfinite(factor):  # NaN rewards read as unscored: the reward would vanish without a word
+        raise RewardError(f"reward 'length_penalty': kwargs factor={factor!r} must be a finite number")
 
     def length_penalty(prompts: list, completions: list[str], answers: list, **columns: Any) -> list[float | None]:
         L_max = max_length if max_length is not None else columns.get("max_completion_length")
@@ -148,6 +151,11 @@ def make_length_penalty(max_length: int | None = None, buffer: int | None = None
         out: list[float | None] = []
         for i, L in enumerate(lengths):
             limit = L_max[i] if isinstance(L_max, (list, tuple)) else L_max
+            if buffer is not None and buffer > limit:  # the penalty would start below length 0
+                raise RewardError(
+                    f"reward 'length_penalty': kwargs buffer={buffer} is more than the maximum length {limit} "
+                    "(max_completion_length): give buffer <= it, or max_length"
+                )
             buf = buffer if buffer is not None else max(int(limit) // 5, 1)
             out.append(factor * min(max(-(int(L) - (limit - buf)) / buf, -1.0), 0.0))
         return out

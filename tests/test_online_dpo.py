@@ -230,6 +230,12 @@ def test_gradient_does_not_depend_on_the_micro_batch_split(mode, sizes):
             ["algorithm=online_dpo", "grpo.loss_type=grpo", "grpo.mask_truncated_completions=true"],
             "grpo.loss_type='grpo', grpo.mask_truncated_completions=True: GRPO's objective settings are not read",
         ),
+        # DPO's sequence log-probs are the trainer's: a sampler correction set by hand was silently ignored
+        (
+            ["algorithm=online_dpo", "grpo.is_correction=token_mask"],
+            "grpo.is_correction='token_mask' weights GRPO's loss by the sampler's log-probs, which algorithm: "
+            "online_dpo does not read",
+        ),
     ],
 )
 def test_config_mistakes_are_one_error_line(tmp_path, capsys, overrides, needle):
@@ -245,6 +251,8 @@ def test_online_dpo_config_is_accepted():
     cfg = load_config(None, ["algorithm=online_dpo", "dpo.pairs=all", "grpo.group_size=4", "train.micro_batch_size=8"])
     assert cfg.algorithm == "online_dpo" and cfg.dpo.beta == 0.1 and cfg.dpo.loss == "sigmoid"
     assert load_config("configs/smollm2_arith_online_dpo.yaml").algorithm == "online_dpo"
+    vllm = load_config(None, ["algorithm=online_dpo", "sampler.kind=vllm"])  # the derived correction passes
+    assert vllm.grpo.is_correction == "token_truncate"
 
 
 def test_memory_preflight_counts_the_reference_copy():

@@ -345,6 +345,17 @@ def test_preflight_counts_the_critic(value_model):
             ["algorithm=ppo", "lora.enabled=true", "ppo.value_model=lora", "ppo.value_path=rm"],
             "ppo.value_path='rm' is read only with ppo.value_model=separate",
         ),
+        # the lower clip bound 1 - clip_eps must stay above 0 (a ratio is > 0): 1 or more never clips
+        (["algorithm=ppo", "ppo.clip_eps=1"], "ppo.clip_eps must be in (0, 1), got 1.0"),
+        (["algorithm=ppo", "ppo.clip_eps=1.5"], "ppo.clip_eps must be in (0, 1), got 1.5"),
+        (
+            ["algorithm=ppo", "sampler.kind=vllm", "grpo.is_correction=sequence_mask"],
+            "grpo.is_correction='sequence_mask' weights GRPO's loss by the sampler's log-probs, which algorithm: ppo",
+        ),
+        (
+            ["algorithm=ppo", "grpo.prompts_per_step=1", "train.micro_batch_size=1", "sampler.max_new_tokens=1"],
+            "ppo.whiten_advantages=true over a step of one token",
+        ),
     ],
 )
 def test_config_errors_are_one_line_each(overrides, message):
@@ -356,6 +367,30 @@ def test_config_errors_are_one_line_each(overrides, message):
     text = str(e.value)
     problems = text.splitlines()[1:] if text.startswith("invalid config:") else text.splitlines()
     assert len(problems) == 1 and message in problems[0], text
+
+
+@pytest.mark.parametrize("value_path", ["", "  "])
+def test_an_empty_value_path_is_a_config_error(value_path, tmp_path):
+    """value_path '' (YAML: value_path: "") used to load: Path('') is '.', so the error that came later
+    named the working directory instead of the setting."""
+    from minigrpo.config import ConfigError, load_config
+
+    path = tmp_path / "ppo.yaml"
+    rollout = "grpo: {prompts_per_step: 64, group_size: 1}"
+    path.write_text(f"algorithm: ppo\n{rollout}\nppo: {{value_path: '{value_path}'}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    problems = str(e.value).splitlines()[1:]
+    assert len(problems) == 1 and f"ppo.value_path={value_path!r} is empty" in problems[0], str(e.value)
+
+
+def test_one_token_steps_load_without_whitening():
+    from minigrpo.config import load_config
+
+    one = ["algorithm=ppo", "grpo.prompts_per_step=1", "grpo.group_size=1", "train.micro_batch_size=1"]
+    cfg = load_config(None, [*one, "sampler.max_new_tokens=1", "ppo.whiten_advantages=false"])
+    assert cfg.ppo.whiten_advantages is False
+    assert load_config(None, [*one, "sampler.max_new_tokens=2"]).ppo.whiten_advantages  # two tokens: fine
 
 
 def test_a_ppo_config_loads_and_checks_before_loading(tmp_path):

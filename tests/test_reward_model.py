@@ -49,6 +49,7 @@ from minigrpo.models.reward_model import (  # noqa: E402
     last_token_index,
     load_reward_model,
 )
+from minigrpo.reward_fns import RewardError  # noqa: E402
 from minigrpo.tokenizer import Tokenizer  # noqa: E402
 
 ATOL = 1e-5  # fp32 scores; observed differences are ~1e-7
@@ -304,3 +305,98 @@ def test_a_folder_without_tokenizer_fails_before_loading(tmp_path):
     hf_reward_model(tmp_path, "llama")
     with pytest.raises(UserError, match="has no tokenizer"):
         rewards.make_reward("reward_model", {"path": str(tmp_path)})
+
+
+def _templated_reward_model(directory, templates) -> None:
+    """A reward model whose tokenizer carries `templates` (one source, or a dict of named sources)."""
+    from tokenizers import Tokenizer as Backend
+
+    base = tiny_tokenizer()
+    tok = Tokenizer(
+        Backend.from_str(base.backend.to_str()),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=templates,
+    )
+    hf_reward_model(directory, "llama", seed=7, tokenizer=tok, vocab_size=len(WORDS))
+
+
+def test_a_chat_template_name_the_tokenizer_lacks_fails_when_built(tmp_path):
+    """An unknown template name used to render as its own text: every row the same constant string, so
+    every completion the same score (no signal, no error). It must fail when the reward is built,
+    one line naming the key and the templates the tokenizer has; a known name and jinja source pass."""
+    _templated_reward_model(tmp_path / "rm", {"default": TEMPLATE, "short": "{{ messages[-1]['content'] }}"})
+    path = str(tmp_path / "rm")
+    with pytest.raises(RewardModelError, match=r"chat_template='chatml' .* default, short") as info:
+        rewards.make_reward("reward_model", {"path": path, "chat_template": "chatml", "device": "cpu"})
+    assert "\n" not in str(info.value) and "reward_model" in str(info.value)
+    with pytest.raises(RewardModelError, match=r"chat_template .* does not parse"):
+        rewards.make_reward("reward_model", {"path": path, "chat_template": "{% for m in messages %}{{ m }}"})
+    short = rewards.make_reward("reward_model", {"path": path, "chat_template": "short", "device": "cpu"})
+    source = rewards.make_reward(
+        "reward_model", {"path": path, "chat_template": "{{ messages[-1]['content'] }}", "device": "cpu"}
+    )
+    got, same = short(PROMPTS[:3], COMPLETIONS[:3], [None] * 3), source(PROMPTS[:3], COMPLETIONS[:3], [None] * 3)
+    assert max(abs(a - b) for a, b in zip(got, same)) < ATOL  # a name renders the source it names
+    assert max(got) - min(got) > 1e-3  # the completions score differently
+
+
+def test_a_chat_template_name_without_templates_fails_when_built(tmp_path):
+    hf_reward_model(tmp_path / "rm", "llama", tokenizer=tiny_tokenizer(), vocab_size=len(WORDS))
+    with pytest.raises(RewardModelError, match=r"chat_template='default' .* has no chat template"):
+        rewards.make_reward("reward_model", {"path": str(tmp_path / "rm"), "chat_template": "default"})
+
+
+def test_an_unavailable_device_fails_when_built(tmp_path):
+    """device='cuda:K' past the last GPU (or 'cuda' without one) used to pass the build and then fail
+    every call, each failure masked as an unscored row; 'meta' is no device to score on."""
+    hf_reward_model(tmp_path / "rm", "llama", tokenizer=tiny_tokenizer(), vocab_size=len(WORDS))
+    absent = f"cuda:{torch.cuda.device_count()}"
+    for device in (absent, "meta"):
+        with pytest.raises(RewardError, match=rf"device='{device}'"):
+            rewards.make_reward("reward_model", {"path": str(tmp_path / "rm"), "device": device})
+
+
+def test_max_length_beyond_the_model_positions_fails_when_built(tmp_path):
+    """max_length past max_position_embeddings (64 here) would score rows at positions the model never
+    saw, silently; the folder's config is read when the reward is built."""
+    hf_reward_model(tmp_path / "rm", "llama", tokenizer=tiny_tokenizer(), vocab_size=len(WORDS))
+    with pytest.raises(RewardError, match=r"max_length=65 .* max_position_embeddings \(64\)"):
+        rewards.make_reward("reward_model", {"path": str(tmp_path / "rm"), "max_length": 65})
+    rewards.make_reward("reward_model", {"path": str(tmp_path / "rm"), "max_length": 64})
+
+
+def test_a_hub_id_that_cannot_be_fetched_stops_the_run(tmp_path, monkeypatch):
+    """A hub id that is not on disk is checked when fetched, on the first call: that error used to be
+    a ModelNotFoundError, masked as a failed row on every step; it must stop the run (a RewardError)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    specs = rewards.build_reward_specs(
+        [config.RewardSpec("reward_model", kwargs={"path": "nobody/no-such-reward-model", "device": "cpu"})]
+    )
+    with pytest.raises(RewardError, match=r"nobody/no-such-reward-model"):
+        rewards.score(PROMPTS[:2], COMPLETIONS[:2], ["5", "7"], specs)
+
+
+# ---------------------------------------------------------------------------------------- length_penalty
+
+
+def test_length_penalty_buffer_longer_than_the_completion_limit_stops_the_run():
+    """buffer with L_max from the max_completion_length column (256): a buffer of 300 put the penalty's
+    start at 256 - 300 < 0, so an empty completion scored -0.1467 instead of 0. It must stop the run."""
+    specs = rewards.build_reward_specs([config.RewardSpec("length_penalty", kwargs={"buffer": 300})])
+    columns = {"completion_lengths": [0, 200], "max_completion_length": [256, 256]}
+    with pytest.raises(RewardError, match=r"buffer=300 is more than the maximum length 256"):
+        rewards.score(["p", "q"], ["", "x"], ["1", "2"], specs, columns=columns)
+    fit = rewards.build_reward_specs([config.RewardSpec("length_penalty", kwargs={"buffer": 256})])
+    got = rewards.score(["p", "q"], ["", "x"], ["1", "2"], fit, columns=columns).per_fn[:, 0]
+    assert got.tolist() == pytest.approx([0.0, -200 / 256], abs=1e-6)
+
+
+@pytest.mark.parametrize("factor", [float("nan"), float("inf")])
+def test_length_penalty_factor_must_be_finite(factor):
+    """A NaN factor made every row NaN, which the rewards read as unscored: the reward vanished silently."""
+    with pytest.raises(RewardError, match=r"factor=.* must be a finite number"):
+        rewards.make_reward("length_penalty", {"max_length": 100, "factor": factor})

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from minigrpo.algorithms.ppo_config import unread_is_correction
 from minigrpo.configio import Section, spec
 
 
@@ -50,6 +51,7 @@ def dpo_errors(cfg: Any) -> list[str]:
         return errors
     if dpo.loss == "ipo" and dpo.label_smoothing:
         errors.append(f"dpo.label_smoothing ({dpo.label_smoothing}) applies to dpo.loss=sigmoid, not ipo")
+    errors += unread_is_correction(cfg)
     if cfg.grpo.beta != 0:
         errors.append(
             f"grpo.beta ({cfg.grpo.beta}) is GRPO's KL weight; online DPO's pull towards the reference is "

@@ -30,7 +30,8 @@ class PPOCfg(Section):
     lam: float = spec(0.95, "in [0, 1]")  # GAE lambda: 0 = one-step TD, 1 = Monte Carlo returns
     # per-token penalty kl_coef * (log pi_old - log pi_ref) folded into the rewards; 0 = no reference pass
     kl_coef: float = spec(0.05, ">= 0")
-    clip_eps: float = spec(0.2, "> 0")  # policy ratio clipped to [1 - clip_eps, 1 + clip_eps]
+    # policy ratio clipped to [1 - clip_eps, 1 + clip_eps]: a ratio is > 0, so a lower bound <= 0 never clips
+    clip_eps: float = spec(0.2, "in (0, 1)")
     value_clip: float | None = spec(0.2, "> 0", why="null = no clipping")  # value change clip range
     vf_coef: float = spec(0.1, ">= 0")  # weight of the value loss (the critic's own objective)
     epochs: int = spec(4, ">= 1")  # passes over each step's rollout
@@ -64,7 +65,18 @@ def ppo_errors(cfg: Any) -> list[str]:
             f"ppo.value_model=separate copies the policy's base and trains every weight, which an "
             f"{cfg.lora.quantize_base} base cannot do: use ppo.value_model=lora, or give ppo.value_path"
         )
+    if p.value_path is not None and not p.value_path.strip():
+        errors.append(
+            f"ppo.value_path={p.value_path!r} is empty: give the critic's checkpoint folder or hub id, "
+            "or null to start it from the policy's weights"
+        )
     n = g.prompts_per_step * g.group_size
+    per_row = cfg.sampler.max_new_tokens if cfg.env.kind is None else cfg.env.max_episode_tokens or 0
+    if p.whiten_advantages and n * per_row == 1:
+        errors.append(
+            "ppo.whiten_advantages=true over a step of one token (one row, sampler.max_new_tokens=1) sets its "
+            "advantage to 0 and the policy never learns: set ppo.whiten_advantages=false"
+        )
     if n % p.mini_batches:
         errors.append(
             f"ppo.mini_batches ({p.mini_batches}) must divide the {n} rows of a step "
@@ -77,9 +89,23 @@ def ppo_errors(cfg: Any) -> list[str]:
             f"grpo.num_iterations ({g.num_iterations}) is GRPO's passes over a batch; PPO's are ppo.epochs: "
             "set grpo.num_iterations=1"
         )
+    errors += unread_is_correction(cfg)
     if g.dynamic_sampling:
         errors.append(
             "grpo.dynamic_sampling drops groups whose rewards are all equal (no GRPO advantage); PPO's critic "
             "needs no spread within a group: set grpo.dynamic_sampling=false"
         )
     return errors
+
+
+def unread_is_correction(cfg: Any) -> list[str]:
+    """grpo.is_correction set by hand under online DPO or PPO, which read no sampler log-probs (their
+    old and reference log-probs are the trainer's): one message, rather than a setting silently
+    ignored. The value a vLLM sampler derives (token_truncate) passes."""
+    mode = cfg.grpo.is_correction
+    if mode is None or (cfg.sampler.kind == "vllm" and mode == "token_truncate"):
+        return []
+    return [
+        f"grpo.is_correction={mode!r} weights GRPO's loss by the sampler's log-probs, which algorithm: "
+        f"{cfg.algorithm} does not read (its log-probs are the trainer's): remove it"
+    ]

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minigrpo.chat_template import ChatTemplateError, compile_chat_template
+from minigrpo.errors import UserError
 from minigrpo.reward_fns import RewardError
 
 from .args import ModelArgs
@@ -52,6 +54,7 @@ __all__ = [
     "RewardModelError",
     "RewardModelScorer",
     "check_reward_folder",
+    "check_reward_settings",
     "check_score_head",
     "last_token_index",
     "load_reward_model",
@@ -195,10 +198,10 @@ def _local_config(path: str) -> tuple[Path, dict[str, Any]] | None:
     return folder, _read_config(folder)
 
 
-def check_reward_folder(folder: Path, config: dict[str, Any]) -> None:
+def check_reward_folder(folder: Path, config: dict[str, Any]) -> tuple[ModelArgs, Any]:
     """Everything load_reward_model checks, as a reward needs it, without reading a weight: a
     sequence-classification config with num_labels=1 the model can be built from, weights whose
-    names and shapes fit it (headers only), a tokenizer that loads."""
+    names and shapes fit it (headers only), a tokenizer that loads. Returns (model args, tokenizer)."""
     from . import loading
 
     num_labels, pad = read_reward_config(config, folder / "config.json")
@@ -209,7 +212,40 @@ def check_reward_folder(folder: Path, config: dict[str, Any]) -> None:
     shapes = loading._hf_tensor_source(folder)[0]
     check_score_head(folder, shapes)
     loading._check(model, shapes)
-    loading.load_tokenizer_folder(loading._tokenizer_dir(folder, required=True))
+    return model.args, loading.load_tokenizer_folder(loading._tokenizer_dir(folder, required=True))
+
+
+def check_reward_settings(path: str, args: ModelArgs, tokenizer: Any, max_length: int | None, template: Any) -> None:
+    """The settings that depend on the checkpoint: RewardModelError when max_length passes the
+    positions the model was trained on, or chat_template names a template its tokenizer lacks (which
+    would render as its own text: the same string, and so the same score, for every row) or is
+    jinja source that does not parse."""
+    limit = args.max_position_embeddings
+    if max_length is not None and max_length > limit:
+        raise RewardModelError(
+            f"reward 'reward_model': kwargs max_length={max_length} is more than {path!r}'s "
+            f"max_position_embeddings ({limit}): its scores past that many tokens are untrained; give at most {limit}"
+        )
+    if template in (None, "auto", "none"):
+        return
+    if _is_template_source(template):
+        try:
+            compile_chat_template(template)
+        except ChatTemplateError as e:
+            raise RewardModelError(f"reward 'reward_model': kwargs chat_template (jinja source): {e}") from e
+        return
+    if template not in tokenizer.chat_templates:
+        names = ", ".join(sorted(tokenizer.chat_templates))
+        has = f"has {names}" if names else "has no chat template"
+        raise RewardModelError(
+            f"reward 'reward_model': kwargs chat_template={template!r} is no template of {path!r}'s tokenizer, which "
+            f"{has}: give one of them, 'auto', 'none' or jinja source"
+        )
+
+
+def _is_template_source(template: str) -> bool:
+    """Jinja source holds a statement or an expression; a template name holds neither."""
+    return "{{" in template or "{%" in template
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,9 +256,11 @@ _LOAD_LOCK = threading.Lock()
 
 
 def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
+    """The device the model loads on, with its index ("cuda" and "cuda:0" share one loaded copy)."""
+    where = torch.device(device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if where.type == "cuda" and where.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return where
 
 
 def _conversation(prompt: Any, completion: str) -> list[dict[str, Any]]:
@@ -258,11 +296,18 @@ class RewardModelScorer:
         key = (self.path, str(device), dtype)
         with _LOAD_LOCK:
             if key not in _LOADED:
-                model, tokenizer = load_reward_model(self.path, dtype=dtype, device=device, require_tokenizer=True)
+                try:
+                    model, tokenizer = load_reward_model(self.path, dtype=dtype, device=device, require_tokenizer=True)
+                except RewardModelError:
+                    raise
+                except UserError as e:  # a hub id that cannot be fetched: stop the run, not mask every row
+                    raise RewardModelError(f"reward 'reward_model': {e}") from e
                 if model.num_labels != 1:
                     raise RewardModelError(_labels_message(self.path, model.num_labels))
                 _LOADED[key] = (model, tokenizer)
-            return _LOADED[key]
+            model, tokenizer = _LOADED[key]
+        check_reward_settings(self.path, model.args, tokenizer, self.max_length, self.chat_template)  # a hub id's
+        return model, tokenizer
 
     def render(self, tokenizer: Any, prompt: Any, completion: str) -> list[int]:
         """Token ids of one scored conversation: the RM's chat template, else plain text."""
@@ -330,8 +375,10 @@ def make_reward_model(
     available, else CPU), "cpu", "cuda", "cuda:1". dtype: "auto" (bfloat16 on CUDA, float32 on the
     CPU), "float32", "bfloat16", "float16". chat_template: "auto" (the RM's template when it has
     one, else plain text), "none" (always plain text), or a template name / jinja source.
-    A local path, its config (sequence classification, num_labels) and the settings are checked
-    here (a RewardModelError); the weights load on the first call."""
+    A local path, its config (sequence classification, num_labels), its tokenizer and the settings
+    are checked here (a RewardModelError): the device is one this process sees, max_length is at
+    most max_position_embeddings, a template name is one of the tokenizer's. The weights load on
+    the first call, where a hub id gets the same checks and any failure to fetch it stops the run."""
 
     def bad(what: str) -> RewardError:
         return RewardError(f"reward 'reward_model': kwargs {what}")
@@ -348,16 +395,27 @@ def make_reward_model(
     if not isinstance(device, str):
         raise bad(f"device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device != "auto":
-        try:
-            torch.device(device)
-        except RuntimeError as e:
-            raise bad(f"device={device!r} is no device ({e})") from e
+        _check_device(device, bad)
     if dtype != "auto" and dtype not in DTYPES:
         raise bad(f"dtype={dtype!r} must be 'auto' or one of {', '.join(DTYPES)}")
     if chat_template is not None and not isinstance(chat_template, str):
         raise bad(f"chat_template={chat_template!r} must be 'auto', 'none', a template name or source")
     local = _local_config(path)
     if local is not None:
-        check_reward_folder(*local)
+        args, tokenizer = check_reward_folder(*local)
+        check_reward_settings(path, args, tokenizer, max_length, chat_template)
         path = str(local[0])
     return RewardModelScorer(path, batch_size, max_length, device, dtype, chat_template)
+
+
+def _check_device(device: str, bad: Any) -> None:
+    """A device the scores can be computed on here: the CPU, or a CUDA device this process sees."""
+    try:
+        where = torch.device(device)
+    except RuntimeError as e:
+        raise bad(f"device={device!r} is no device ({e})") from e
+    if where.type not in ("cpu", "cuda"):
+        raise bad(f"device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    count = torch.cuda.device_count() if where.type == "cuda" and torch.cuda.is_available() else 0
+    if where.type == "cuda" and (where.index or 0) >= count:
+        raise bad(f"device={device!r} is not available: this process sees {count} CUDA device(s)")
