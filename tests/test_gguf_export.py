@@ -417,3 +417,43 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
 
     proc = run_module("minigrpo.export", "--checkpoint", str(word_level), cwd=tmp_path)  # the real entry point
     assert "only byte-level BPE" in one_error_line(proc)
+
+
+def test_a_yarn_factor_left_out_is_written_as_the_model_computes_it(tmp_path, tok):
+    """A yarn config without `factor` scales by max_position_embeddings / original (as transformers and
+    our model do): the file carries that factor (the export once failed on it with a KeyError)."""
+    model = family_model("qwen2", rope_scaling={"rope_type": "yarn", "original_max_position_embeddings": 16})
+    ratio = model.args.max_position_embeddings / 16
+    ckpt = GGUFCheckpoint(export.save_gguf(model, tok, tmp_path / "y.gguf", "f16"))
+    assert ckpt.get("qwen2.rope.scaling.factor") == pytest.approx(ratio)
+    back, _ = load_pretrained(ckpt.path)
+    ids = torch.randint(0, 264, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel_err(back(ids), model(ids)) < TOL["f16"]
+
+
+def test_dynamic_rope_scaling_is_refused_before_writing(tmp_path, tok):
+    """llama.cpp has no dynamic NTK scaling (none, linear, yarn, longrope): written without it, the file
+    would run default RoPE past max_position_embeddings. One-line error, no file."""
+    model = family_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    out = tmp_path / "d.gguf"
+    with pytest.raises(GGUFExportError, match=r"^dynamic \(NTK\) rope scaling cannot be written to GGUF") as info:
+        export.save_gguf(model, tok, out, "f16")
+    assert "\n" not in str(info.value) and not out.exists()
+
+
+def test_a_longrope_attention_scale_gguf_cannot_hold_is_refused(tmp_path, tok):
+    """llama.cpp (and the reader) take LongRoPE's attention scale from the context lengths alone; a
+    config `factor` or `attention_factor` giving another scale was dropped silently (logits off by 0.07-0.24
+    relative). The scale the lengths give exports as before."""
+    longrope = {"type": "longrope", "long_factor": [2.0] * 32, "short_factor": [1.0] * 32}
+    for key, value in (("factor", 2.0), ("attention_factor", 1.5)):
+        model = family_model("phi3", original_max_position_embeddings=64, rope_scaling={**longrope, key: value})
+        out = tmp_path / f"{key}.gguf"
+        with pytest.raises(GGUFExportError, match=rf"^longrope scaling with {key}={value} \(attention scale") as info:
+            export.save_gguf(model, tok, out, "f16")
+        assert "\n" not in str(info.value) and not out.exists()
+    same = family_model("phi3", original_max_position_embeddings=64, rope_scaling={**longrope, "factor": 4.0})
+    back, _ = load_pretrained(export.save_gguf(same, tok, tmp_path / "same.gguf", "f16"))
+    with torch.no_grad():
+        assert rel_err(back(IDS), same(IDS)) < TOL["f16"]

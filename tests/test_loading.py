@@ -389,6 +389,35 @@ def _no_weights_read(monkeypatch):
             {"rope_scaling": {"rope_type": "longrope", "long_factor": [1.0] * 3, "short_factor": [1.0] * 8}},
             "'long_factor' must list 8 numbers (one per rotary pair), got [1.0, 1.0, 1.0]",
         ),
+        # a JSON string "false" was truthy: a tied head (or biases, a window) the checkpoint does not have
+        ({"tie_word_embeddings": "false"}, "config key 'tie_word_embeddings' must be true or false, got 'false'"),
+        ({"tie_word_embeddings": None}, "config key 'tie_word_embeddings' must be true or false, got None"),
+        ({"attention_bias": 1}, "config key 'attention_bias' must be true or false, got 1"),
+        ({"mlp_bias": "no"}, "config key 'mlp_bias' must be true or false, got 'no'"),
+        (
+            {"model_type": "qwen2", "use_sliding_window": "false", "sliding_window": 4},
+            "config key 'use_sliding_window' must be true or false, got 'false'",
+        ),
+        # an unknown layer type was a full-attention layer
+        (
+            {"model_type": "qwen2", "use_sliding_window": True, "layer_types": ["sliding_window", "full_attention"]},
+            "config key 'layer_types' has 'sliding_window' for layer 0; supported: 'full_attention', ",
+        ),
+        (
+            {"model_type": "qwen3", "layer_types": ["full_attention", "chunked_attention"]},
+            "config key 'layer_types' has 'chunked_attention' for layer 1",
+        ),
+        (
+            {"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": None},
+            "config key 'max_window_layers' must be an integer >= 0, got None",
+        ),
+        # nulls transformers' config refuses for these families (was: derived, another model than Qwen3's 128)
+        ({"model_type": "qwen3", "head_dim": None}, "config key 'head_dim' must be a positive integer, got None"),
+        (
+            {"model_type": "mistral", "num_key_value_heads": None},
+            "config key 'num_key_value_heads' must be a positive integer, got None",
+        ),
+        ({"hidden_act": "gelu"}, "unsupported config key 'hidden_act' 'gelu' (only SiLU is implemented"),
         # not checked key by key: the model's own error, still one line naming config.json
         (
             {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_fast": "fast"}},

@@ -53,6 +53,8 @@ CASES = {
             original_max_position_embeddings=16,
         ),
     ),
+    # transformers' "swish" is the same SiLU (once refused as an unsupported activation)
+    "llama-swish": dict(model_type="llama", rope_theta=10000.0, hidden_act="swish"),
     "llama-linear": dict(model_type="llama", rope_theta=10000.0, rope_scaling=dict(type="linear", factor=2.0)),
     "smollm-tied": dict(model_type="llama", rope_theta=100000.0, tie_word_embeddings=True),
     "mistral-window": dict(model_type="mistral", rope_theta=10000.0, sliding_window=5),

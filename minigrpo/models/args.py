@@ -30,6 +30,12 @@ from typing import Any
 from minigrpo.errors import UserError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+SILU_NAMES = ("silu", "swish")  # transformers maps both names to the same SiLU
+# layer_types entries Qwen2/Qwen3 build: is the layer windowed? ("attention": transformers' older name
+# for full attention, renamed as it loads; its other types, chunked_attention..., Qwen cannot build)
+_LAYER_TYPES = {"full_attention": False, "sliding_attention": True, "attention": False}
+# keys transformers' config of a family types as non-nullable: null there is refused, never derived
+_NOT_NULL = {"mistral": ("num_key_value_heads",), "qwen3": ("head_dim",)}
 
 
 class UnsupportedModelError(UserError, ValueError):
@@ -152,9 +158,13 @@ class ModelArgs:
         original, config = config, {**_HF_DEFAULTS[model_type], **config}
         get = config.get
         _check_sizes(config, model_type, fam)
+        _check_flags(config, fam)
+        _check_layer_types(config, fam)
         act = get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"unsupported hidden_act {act!r} (only 'silu' is implemented)")
+        if act not in SILU_NAMES:
+            raise UnsupportedModelError(
+                f"unsupported config key 'hidden_act' {act!r} (only SiLU is implemented: 'silu' or 'swish')"
+            )
         n_heads = get("num_attention_heads")
         head_dim = get("head_dim") or get("hidden_size") // n_heads
         rope_theta, rope_type, rope_params, partial = _read_rope(config, model_type)
@@ -169,7 +179,7 @@ class ModelArgs:
                     )
 
         def flag(spec: bool | str) -> bool:
-            return bool(get(spec, False)) if isinstance(spec, str) else spec
+            return get(spec, False) if isinstance(spec, str) else spec  # a bool: _check_flags checked it
 
         return cls(
             model_type=model_type,
@@ -186,7 +196,7 @@ class ModelArgs:
             rope_type=rope_type,
             rope_params=rope_params,
             partial_rotary_factor=partial,
-            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            tie_word_embeddings=get("tie_word_embeddings", False),
             qkv_bias=flag(fam.qkv_bias),
             o_bias=flag(fam.o_bias),
             mlp_bias=flag(fam.mlp_bias),
@@ -233,7 +243,8 @@ def _check_sizes(config: dict[str, Any], model_type: str, fam: _Family) -> None:
         "max_position_embeddings",
     ):
         value = config.get(key)
-        if value is not None and not (_is_int(value) and value > 0):
+        nullable = key not in _NOT_NULL.get(model_type, ())
+        if (value is not None or not nullable) and not (_is_int(value) and value > 0):
             raise ModelConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
     n_heads = config["num_attention_heads"]
     n_kv_heads = config.get("num_key_value_heads") or n_heads
@@ -256,6 +267,39 @@ def _check_sizes(config: dict[str, Any], model_type: str, fam: _Family) -> None:
             f"config key 'layer_types' must list one attention type per layer "
             f"({config['num_hidden_layers']} layers), got {types!r}"
         )
+
+
+def _bool_keys(fam: _Family) -> list[str]:
+    """The config.json keys a family reads as true/false."""
+    biases = (fam.qkv_bias, fam.o_bias, fam.mlp_bias)
+    keys = ["tie_word_embeddings", *(spec for spec in biases if isinstance(spec, str))]
+    if fam.window == "per_layer":
+        keys.append("use_sliding_window")
+    return list(dict.fromkeys(keys))
+
+
+def _check_flags(config: dict[str, Any], fam: _Family) -> None:
+    """A ModelConfigError naming the key unless each boolean key the family reads is a JSON true/false:
+    a string "false" would count as true, and transformers refuses anything but a bool too."""
+    for key in _bool_keys(fam):
+        value = config.get(key, False)
+        if not isinstance(value, bool):
+            raise ModelConfigError(f"config key {key!r} must be true or false, got {value!r}")
+
+
+def _check_layer_types(config: dict[str, Any], fam: _Family) -> None:
+    """A ModelConfigError naming the key and the value for a `layer_types` entry Qwen cannot build (a
+    typo would otherwise be a full-attention layer), or a `max_window_layers` that is no layer count."""
+    if fam.window != "per_layer":
+        return  # Llama, Mistral and Phi-3 never read layer_types (nor does transformers)
+    for i, kind in enumerate(config.get("layer_types") or ()):
+        if not isinstance(kind, str) or kind not in _LAYER_TYPES:
+            raise ModelConfigError(
+                f"config key 'layer_types' has {kind!r} for layer {i}; supported: 'full_attention', 'sliding_attention'"
+            )
+    first = config.get("max_window_layers")
+    if not (_is_int(first) and first >= 0):
+        raise ModelConfigError(f"config key 'max_window_layers' must be an integer >= 0, got {first!r}")
 
 
 def _first_set(*values: Any) -> Any:
@@ -324,5 +368,5 @@ def _layer_windows(config: dict[str, Any], rule: str) -> tuple[int | None, ...]:
         if types is None:
             first = config.get("max_window_layers", n)
             types = ["sliding_attention" if window and i >= first else "full_attention" for i in range(n)]
-        return tuple(window if t == "sliding_attention" else None for t in types)
+        return tuple(window if _LAYER_TYPES[t] else None for t in types)
     return (None,) * n

@@ -14,7 +14,11 @@ The inverse of the reader (minigrpo/models/gguf.py), built from the reader's own
   `rope_factors_long`/`rope_factors_short` tensors plus `.rope.scaling.original_context_length` and
   `.rope.scaling.attn_factor`, linear and yarn as `.rope.scaling.type`/`.factor`
   (`.original_context_length` for yarn, and `.yarn_beta_fast`/`.yarn_beta_slow` when not 32/1; a yarn
-  attention factor/mscale, which GGUF has no key for, is an error).
+  factor left out of config.json is written as the max_position_embeddings / original ratio the model
+  uses; a yarn attention factor/mscale, which GGUF has no key for, is an error, as is a longrope
+  factor/attention_factor whose attention scale is not the one the context lengths give). Dynamic NTK scaling
+  has no GGUF form (llama.cpp knows none, linear, yarn and longrope): an error, not a file that runs
+  default RoPE past max_position_embeddings.
 * the vocabulary (`GGUFVocab`): byte-level BPE only (`tokenizer.ggml.model = "gpt2"`): tokens by id,
   token types (special added tokens CONTROL, other added tokens USER_DEFINED, `[PAD{id}]` fillers
   UNUSED), merges, special ids, add_bos/add_eos, the chat templates, and the pre-tokenizer name
@@ -92,6 +96,13 @@ def check_exportable(args: ModelArgs) -> str:
         raise GGUFExportError("MLP biases (mlp_bias=true) cannot be exported to GGUF")
     if args.rope_type == "yarn":
         _check_yarn(args.rope_params)
+    if args.rope_type == "longrope":
+        _check_longrope(args)
+    if args.rope_type == "dynamic":  # llama.cpp's scaling types: none, linear, yarn, longrope
+        raise GGUFExportError(
+            "dynamic (NTK) rope scaling cannot be written to GGUF: llama.cpp has no such scaling type and would "
+            f"run default RoPE past max_position_embeddings ({args.max_position_embeddings})"
+        )
     if args.rotary_dim != args.head_dim and arch != "phi3":
         raise GGUFExportError(f"partial rotary embeddings on a {args.model_type} model cannot be written to GGUF")
     return arch
@@ -112,6 +123,29 @@ def _check_yarn(params: dict[str, Any]) -> None:
             raise GGUFExportError(f"yarn rope scaling with {key}={params[key]!r} cannot be written to GGUF")
     if params.get("truncate", True) is False:
         raise GGUFExportError("yarn rope scaling with truncate=False cannot be written to GGUF")
+
+
+def _longrope_attn_factor(scale: float, original: int) -> float:
+    """LongRoPE's cos/sin scale for a context `scale` times the pretraining length `original`."""
+    return math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+
+
+def _check_longrope(args: ModelArgs) -> None:
+    """A GGUFExportError for a longrope `factor` or `attention_factor` that gives another attention scale
+    than the file's context lengths do: llama.cpp (and the reader) derive it from those two alone."""
+    params, max_pos = args.rope_params, args.max_position_embeddings
+    original = int(params["original_max_position_embeddings"])
+    written = _longrope_attn_factor(max_pos / original, original)
+    for key in ("attention_factor", "factor"):
+        if params.get(key) is None:
+            continue
+        model = float(params[key]) if key == "attention_factor" else _longrope_attn_factor(params[key], original)
+        if not math.isclose(model, written, rel_tol=1e-6):
+            raise GGUFExportError(
+                f"longrope scaling with {key}={params[key]!r} (attention scale {model:.6g}, where GGUF's "
+                f"context lengths give {written:.6g}) cannot be written to GGUF"
+            )
+        break  # an attention_factor overrides what the factor would give
 
 
 def gguf_tensor_name(hf_name: str, arch: str) -> str:
@@ -205,7 +239,7 @@ def add_model_metadata(writer: Any, args: ModelArgs, arch: str) -> None:
     original = params.get("original_max_position_embeddings") or args.hf_config.get("original_max_position_embeddings")
     if args.rope_type in ("linear", "yarn"):
         writer.add_rope_scaling_type(RopeScalingType(args.rope_type))
-        writer.add_rope_scaling_factor(float(params["factor"]))
+        writer.add_rope_scaling_factor(_rope_factor(args, original))
         if args.rope_type == "yarn" and original:
             writer.add_rope_scaling_orig_ctx_len(int(original))
         if args.rope_type == "yarn":
@@ -216,8 +250,16 @@ def add_model_metadata(writer: Any, args: ModelArgs, arch: str) -> None:
         writer.add_rope_scaling_orig_ctx_len(int(original or args.max_position_embeddings))
         if args.rope_type == "longrope":
             scale = args.max_position_embeddings / int(original or args.max_position_embeddings)
-            attn_factor = math.sqrt(1 + math.log(scale) / math.log(int(original))) if scale > 1 else 1.0
-            writer.add_rope_scaling_attn_factors(attn_factor)
+            writer.add_rope_scaling_attn_factors(_longrope_attn_factor(scale, int(original)))
+
+
+def _rope_factor(args: ModelArgs, original: int | None) -> float:
+    """The scaling factor of linear or yarn RoPE; a yarn config may leave it out (or null), and then
+    it is max_position_embeddings / original_max_position_embeddings, as the model computes it."""
+    factor = args.rope_params.get("factor")
+    if factor is None and args.rope_type == "yarn" and original:
+        factor = args.max_position_embeddings / int(original)
+    return float(factor)
 
 
 def rope_tensors(args: ModelArgs) -> dict[str, np.ndarray]:
