@@ -3,6 +3,7 @@
     logger = open_logger(run)   # metrics.jsonl, table, curves.png; the resolved config.yaml
     save(run, step)             # an atomic checkpoint: model (or adapter), optimizer, schedule, data, RNG
                                 # (and PPO's critic: weights, optimizer, schedule, in the trainer state)
+    interrupted(run_dir)        # after Ctrl-C: one line naming the checkpoint to continue from, exit 130
 
 `run` is a `build.Run` (python -m minigrpo.train) or an `sft.SFTRun` (python -m minigrpo.sft): anything
 with cfg, world, dtype, model, tokenizer, optimizer, scheduler, loader (state_dict), start_step and
@@ -11,13 +12,16 @@ resumed_from. Both write the same run folder layout, so checkpoints, --resume an
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
 from minigrpo.algorithms.value_model import critic_state
 from minigrpo.build import save_model_fn
-from minigrpo.checkpoint import ModelStateView, optimizer_state, rng_state, save_checkpoint
+from minigrpo.checkpoint import ModelStateView, latest_checkpoint, optimizer_state, rng_state, save_checkpoint
 from minigrpo.config import save_config
 from minigrpo.distributed import full_state_dict, is_sharded
 from minigrpo.metrics import MetricsLogger
@@ -48,6 +52,21 @@ def open_logger(run: Any) -> MetricsLogger:
     if run.start_step and world.main:
         logger.truncate_after(run.start_step)
     return logger
+
+
+def interrupted(run_dir: Path) -> NoReturn:
+    """After Ctrl-C (every file of the run is whole: checkpoints and metrics are written atomically or
+    line by line): one `interrupted:` line saying how the run goes on, and exit status 130 (128 + SIGINT)."""
+    newest = latest_checkpoint(run_dir)
+    if newest is not None:
+        how = f"continue from {newest} with --resume"
+    elif (Path(run_dir) / "metrics.jsonl").exists():
+        how = f"{run_dir} holds no checkpoint yet, so nothing to resume: delete it or set another run.name"
+    else:
+        how = "no step finished: start the run again"
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted, rank 0 tells
+        print(f"interrupted: {how}", file=sys.stderr, flush=True)
+    raise SystemExit(130)
 
 
 def save(run: Any, step: int) -> None:

@@ -31,6 +31,7 @@ from minigrpo.checkpoint import (
     load_masters,
     load_optimizer_state,
     restore_rng,
+    restoring,
 )
 from minigrpo.config import Config, ConfigError, resolve_dtype
 from minigrpo.configio import changed_keys, parse_yaml
@@ -99,12 +100,25 @@ def check_before_loading(
     tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision, key="model.name_or_path")
     if tokenizer is not None:  # a local model folder: its tokenizer is read already
         check_chat_template(cfg, tokenizer)
-        examples, _ = prompts_that_fit(cfg, examples, tokenizer, local_position_limit(cfg.model.name_or_path))
+        limit = local_position_limit(cfg.model.name_or_path)
+        examples, _ = prompts_that_fit(cfg, examples, tokenizer, limit)
+        if resume is not None and limit is not None:  # the prompts are final: the loader gets these
+            check_data_cursor(cfg, resume, examples)
     if cfg.algorithm == "ppo" and cfg.ppo.value_path is not None:
         from minigrpo.algorithms.value_model import check_value_path
 
         check_value_path(cfg.ppo.value_path, policy=cfg.model.name_or_path)
     return resume, specs, examples
+
+
+def check_data_cursor(cfg: Config, resume: ResumePoint, examples: list[Example]) -> None:
+    """The checkpoint's data cursor fits these prompts (as many, the same ones, in the same order
+    settings): a data file edited since the checkpoint is reported now, not once the weights loaded."""
+    try:
+        PromptLoader(examples, seed=cfg.run.seed, shuffle=cfg.data.shuffle).load_state_dict(resume.state["data"])
+    except UserError as e:
+        where = cfg.data.path if cfg.data.path is not None else f"data.source={cfg.data.source}"
+        raise UserError(f"--resume from {resume.path} with the training data {where}: {e}") from None
 
 
 def validate_distributed(cfg: Config, world_size: int) -> None:
@@ -161,8 +175,13 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
         if (run_dir / name).exists() and not (run_dir / name).is_file():
             raise UserError(f"{run_dir / name} is not a file: the run writes its {name} there; move it away")
     if not cfg.run.resume:
-        if (run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir) is not None:
+        if latest_checkpoint(run_dir) is not None:
             raise UserError(f"{run_dir} already holds a run: continue it with --resume, or set another run.name")
+        if (run_dir / "metrics.jsonl").exists():  # --resume would find nothing to continue from
+            raise UserError(
+                f"{run_dir} already holds a run without a checkpoint, so nothing to resume: delete the folder, or set "
+                "another run.name"
+            )
         check_writable(run_dir / "checkpoints")
         return None
     found = find_resume_checkpoint(run_dir)
@@ -183,9 +202,7 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
             raise ConfigError(f"{saved_file}: {e}") from None
         if "env" not in saved and cfg.env.kind is None:  # saved before the env section existed: the same
             saved["env"] = cfg.to_dict()["env"]
-        for key in ("algorithm", "dpo", "ppo"):  # saved before these existed: the run was GRPO's
-            if key not in saved and cfg.to_dict()[key] == Config().to_dict()[key]:
-                saved[key] = cfg.to_dict()[key]
+        saved = with_new_defaults(saved, cfg.to_dict(), Config().to_dict())  # algorithm, dpo, ppo, any new key
         changed = [k for k in changed_keys(saved, cfg.to_dict()) if not k.startswith(resumable)]
         if changed:
             raise UserError(
@@ -195,6 +212,21 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
             )
     check_writable(run_dir / "checkpoints")
     return ResumePoint(path, state)
+
+
+def with_new_defaults(saved: Any, current: Any, default: Any) -> Any:
+    """A checkpoint's run config with every key it lacks (a setting added since it was written: a whole
+    section such as dpo, or one field) taken from the current config where that holds the default: the
+    run goes on as it ran; a key set away from its default still differs, and is named."""
+    if not (isinstance(saved, dict) and isinstance(current, dict) and isinstance(default, dict)):
+        return saved
+    out = dict(saved)
+    for key, value in current.items():
+        if key in saved:
+            out[key] = with_new_defaults(saved[key], value, default.get(key))
+        elif key in default and value == default[key]:
+            out[key] = value
+    return out
 
 
 # ================================================================================================
@@ -217,9 +249,12 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators from any integer (run.seed may be any):
+    numpy takes only 0 <= seed < 2**32 and torch 64 bits, so each gets the seed modulo its range
+    (the identity for the usual seeds)."""
     random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed % 2**64)
 
 
 def load_policy(
@@ -425,9 +460,13 @@ def restore_trainer_state(run: Any, resume: ResumePoint) -> None:
     """What restore_state restores except the sampler: for any run with model, optimizer, scheduler,
     loader, world and cfg (the SFT run too); sets run.start_step and run.resumed_from."""
     state, world = resume.state, run.world
-    load_optimizer_state(run.model, run.optimizer, state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
+    with restoring(resume.path, "optimizer state"):
+        load_optimizer_state(run.model, run.optimizer, state["optimizer"])
+    with restoring(resume.path, "learning-rate schedule"):
+        run.scheduler.load_state_dict(state["scheduler"])
     run.loader.load_state_dict(state["data"])
     run.start_step, run.resumed_from = int(state["step"]), resume.path
-    if not restore_rng(state, world.rank, world.size):  # written by another number of ranks
+    with restoring(resume.path, "RNG states"):
+        restored = restore_rng(state, world.rank, world.size)
+    if not restored:  # written by another number of ranks
         seed_everything(stream_key(run.cfg.run.seed, run.start_step, world.rank)[0])

@@ -39,6 +39,8 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ import torch
 from minigrpo.atomic import fsync_dir, fsync_file, write_probe_error
 from minigrpo.configio import ConfigError, dump_yaml, parse_yaml
 from minigrpo.errors import UserError
+from minigrpo.lora_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, check_peft_adapter
 from minigrpo.models.loading import check_model_source, save_pretrained
 from minigrpo.models.safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header, save_file
 from minigrpo.optim_state import load_masters, load_optimizer_state, optimizer_state
@@ -333,6 +336,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path / absent[0]} is listed in {index.name} but missing")
     if (path / "config.json").is_file():  # a whole model (a LoRA checkpoint holds an adapter instead)
         _check_model(path)
+    elif (path / ADAPTER_CONFIG).exists() or (path / ADAPTER_WEIGHTS).exists():
+        _check_adapter(path)
     _check_run_config(path / RUN_CONFIG)
     return state
 
@@ -348,6 +353,23 @@ def _check_model(path: Path) -> None:
         raise
     except UserError as e:  # config.json or tokenizer files no model can be built from
         raise CorruptCheckpointError(f"{path}: {e}") from e
+
+
+def _check_adapter(path: Path) -> None:
+    """The adapter of a LoRA checkpoint is one load_peft_adapter takes: a plain LoRA adapter_config.json
+    and A (r, in) / B (out, r) weights of its rank, read from the config and the header alone, so that a
+    resume skips a broken adapter before any weights load rather than fail after the base model loaded."""
+    try:
+        rank = check_peft_adapter(path)["r"]
+    except AdapterError as e:
+        raise CorruptCheckpointError(str(e)) from None
+    for name, info in read_header(path / ADAPTER_WEIGHTS).items():
+        shape = info["shape"]
+        if len(shape) != 2 or shape[0 if ".lora_A." in name else 1] != rank:
+            raise CorruptCheckpointError(
+                f"{path / ADAPTER_WEIGHTS}: {name} has shape {shape}, not that of a rank-{rank} adapter "
+                f"({ADAPTER_CONFIG} says r={rank})"
+            )
 
 
 # What a resume reads from the trainer state (minigrpo/build.py restore_state), with the type it needs.
@@ -396,6 +418,20 @@ def _check_run_config(file: Path) -> None:
         raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from e
     if not isinstance(saved, dict):
         raise CorruptCheckpointError(f"{file}: not a YAML mapping of config sections (found {type(saved).__name__})")
+
+
+@contextmanager
+def restoring(checkpoint: Path, what: str) -> Iterator[None]:
+    """Restore `what` of checkpoint's trainer state inside this block: a part this run cannot take (the
+    optimizer state of other parameters, a damaged schedule or RNG state) is a CorruptCheckpointError
+    naming state.json, one line, not a traceback from deep inside torch."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        file = Path(checkpoint) / STATE_DIR / STATE_JSON
+        raise CorruptCheckpointError(f"{file}: cannot restore its {what} ({type(e).__name__}: {e})") from e
 
 
 def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -454,6 +490,7 @@ __all__ = [
     "optimizer_state",
     "prune_checkpoints",
     "restore_rng",
+    "restoring",
     "rng_state",
     "save_checkpoint",
     "save_trainer_state",

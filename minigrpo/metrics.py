@@ -164,7 +164,11 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             return _missing("log.tensorboard", "TensorBoard", "tensorboard", e)
-        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if not self.start_step:
+            return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        # a resumed run redoes the steps after its checkpoint: TensorBoard hides the old events from that
+        # step on, as truncate_after drops their records from metrics.jsonl (no step shown twice)
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.start_step + 1)
 
     def _open_wandb(self, project: str | None, config: dict | None) -> Any:
         try:

@@ -44,11 +44,12 @@ import torch
 
 from minigrpo import lora
 from minigrpo.algorithms import update_fn
-from minigrpo.bookkeeping import open_logger, save
+from minigrpo.bookkeeping import interrupted, open_logger, save
 from minigrpo.build import Run, build_run, check_before_loading, pick_device
 from minigrpo.config import Config, config_from_args
 from minigrpo.distributed import checked_on_every_rank, close_world, env_world_size, full_weights, init_world
 from minigrpo.errors import run_cli
+from minigrpo.metrics import MetricsLogger
 from minigrpo.step import (
     logprobs_phase,
     mismatch_metrics,
@@ -60,8 +61,17 @@ from minigrpo.step import (
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """The command line: a mistake in the config or the files is one `error:` line (exit status 2)."""
-    return run_cli(lambda args: train(config_from_args(args, description="GRPO training (minigrpo/train.py)")), argv)
+    """The command line: a mistake in the config or the files is one `error:` line (exit status 2);
+    Ctrl-C is one `interrupted:` line naming the checkpoint to continue from (exit status 130)."""
+    return run_cli(train_from_args, argv)
+
+
+def train_from_args(argv: list[str] | None) -> list[dict[str, Any]]:
+    cfg = config_from_args(argv, description="GRPO training (minigrpo/train.py)")
+    try:
+        return train(cfg)
+    except KeyboardInterrupt:
+        interrupted(cfg.run.run_dir)
 
 
 # ================================================================================================
@@ -87,10 +97,26 @@ def train(cfg: Config) -> list[dict[str, Any]]:
 
 
 def loop(run: Run) -> list[dict[str, Any]]:
-    """Steps start_step+1 .. train.steps: rollout, log-probs, update, sync, bookkeeping."""
+    """Steps start_step+1 .. train.steps (rollout, log-probs, update, sync, bookkeeping), then the
+    merged export of a LoRA run; the logger and the sampler are closed however the loop ends."""
+    cfg, world, model, sampler = run.cfg, run.world, run.model, run.sampler
+    logger = open_logger(run)
+    try:
+        history = steps(run, logger)
+        if cfg.lora.enabled and cfg.checkpoint.save_merged and world.main:
+            # a plain HF checkpoint in the run's precision (16-bit on GPU; fp32 for CPU runs)
+            lora.save_merged(model, run.tokenizer, cfg.run.run_dir / "merged", dtype=run.dtype)
+    finally:  # after Ctrl-C or an error too: final curves, files and backends flushed, the sampler shut down
+        logger.close()
+        sampler.close()
+    world.barrier()
+    return history
+
+
+def steps(run: Run, logger: MetricsLogger) -> list[dict[str, Any]]:
+    """Steps start_step+1 .. train.steps; returns the metrics of each."""
     cfg, world, model, sampler = run.cfg, run.world, run.model, run.sampler
     device = world.device
-    logger = open_logger(run)
     history = []
     for step in range(run.start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
@@ -136,12 +162,6 @@ def loop(run: Run) -> list[dict[str, Any]]:
         last = step == cfg.train.steps
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.save_final):
             save(run, step)
-    if cfg.lora.enabled and cfg.checkpoint.save_merged and world.main:
-        # a plain HF checkpoint in the run's precision (16-bit on GPU; fp32 for CPU runs)
-        lora.save_merged(model, run.tokenizer, cfg.run.run_dir / "merged", dtype=run.dtype)
-    logger.close()
-    sampler.close()
-    world.barrier()
     return history
 
 

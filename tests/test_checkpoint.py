@@ -161,6 +161,53 @@ def test_optimizer_state_resumes_to_the_same_next_step(tmp_path):
         assert torch.equal(a, b), f"{name} differs after the resumed step"
 
 
+@pytest.mark.parametrize(
+    ("spoil", "named"),
+    [
+        (  # a checkpoint of another model: its optimizer state is for other parameters
+            lambda state: state.update(optimizer=optimizer_state(*_trained_other())),
+            r"cannot restore its optimizer state \(ValueError: the checkpoint's optimizer state is for other ",
+        ),
+        (lambda state: state.update(scheduler={}), r"cannot restore its learning-rate schedule \(KeyError"),
+        (
+            lambda state: state.update(rng_per_rank=[{"torch": 1, "python": 2, "numpy": 3}]),
+            r"cannot restore its RNG states \(TypeError",
+        ),
+    ],
+    ids=["foreign_optimizer", "empty_schedule", "bad_rng"],
+)
+def test_a_trainer_state_the_run_cannot_take_is_one_line_naming_state_json(tmp_path, spoil, named):
+    """What verify_checkpoint cannot judge without the model (whose parameters the optimizer state is
+    for) fails as the run restores it: a CheckpointError naming state.json, not a traceback."""
+    from types import SimpleNamespace
+
+    from minigrpo.build import ResumePoint, restore_trainer_state
+    from minigrpo.data import Example, PromptLoader
+
+    model, opt = _trained()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loader = PromptLoader([Example(prompt=f"p{i}", answer=str(i)) for i in range(4)], seed=0)
+    world = SimpleNamespace(rank=0, size=1)
+    run = SimpleNamespace(model=model, optimizer=opt, scheduler=scheduler, loader=loader, world=world)
+    run.cfg = SimpleNamespace(run=SimpleNamespace(seed=0))
+    state = {"optimizer": optimizer_state(model, opt), "scheduler": scheduler.state_dict(), "data": loader.state_dict()}
+    state |= {"step": 1, "rng": rng_state(), "rng_per_rank": [rng_state()]}
+    restore_trainer_state(run, ResumePoint(tmp_path / "step_000001", state))  # intact: restores
+    assert run.start_step == 1
+    spoil(state)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/step_000001/trainer_state/state\.json: {named}"):
+        restore_trainer_state(run, ResumePoint(tmp_path / "step_000001", state))
+
+
+def _trained_other():
+    """A model of another width (the same parameter names, other shapes) and AdamW after one step."""
+    model = tiny_model(seed=1, hidden_size=32, intermediate_size=48)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randint(0, 128, (2, 5))).float().pow(2).mean().backward()
+    opt.step()
+    return model, opt
+
+
 def test_a_resumed_optimizer_steps_the_way_this_process_does(tmp_path):
     """A state saved by a fused AdamW (a CUDA run) resumes into a foreach one (this CPU process) with
     the same next step; the saved group's implementation flags do not override the live ones."""
@@ -479,16 +526,52 @@ def test_truncated_at_a_tensor_boundary_or_padded_is_caught(tmp_path):
         verify_checkpoint(newest)
 
 
-def test_a_truncated_adapter_is_caught(tmp_path):
-    def save_adapter(model, tokenizer, directory):  # what a LoRA run's checkpoint holds
-        (directory / "adapter_config.json").write_text(json.dumps({"r": 2}))
-        save_file({"base_model.model.x.lora_A.weight": torch.randn(2, 8)}, directory / "adapter_model.safetensors")
+def _save_adapter(model, tokenizer, directory):
+    """What a LoRA run's checkpoint holds: a rank-2 PEFT adapter (config and A, B weights)."""
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    weights = {"base_model.model.x.lora_A.weight": torch.randn(2, 8)}
+    weights["base_model.model.x.lora_B.weight"] = torch.zeros(8, 2)
+    save_file(weights, directory / "adapter_model.safetensors")
 
-    _save(tmp_path, 2, save_model=save_adapter)
-    newest = _save(tmp_path, 4, save_model=save_adapter)
+
+def test_a_truncated_adapter_is_caught(tmp_path):
+    _save(tmp_path, 2, save_model=_save_adapter)
+    newest = _save(tmp_path, 4, save_model=_save_adapter)
     assert verify_checkpoint(newest)["step"] == 4
     _truncate(newest / "adapter_model.safetensors", keep=-3)
     with pytest.warns(CheckpointWarning, match=r"step_000004/adapter_model\.safetensors"):
+        found, _ = find_resume_checkpoint(tmp_path)
+    assert found.name == "step_000002"
+
+
+@pytest.mark.parametrize(
+    ("spoil", "named"),
+    [
+        (lambda d: (d / "adapter_config.json").write_text("{}"), r"adapter_config\.json: peft_type=None"),
+        (lambda d: (d / "adapter_config.json").unlink(), r"adapter_config\.json: not a readable adapter config"),
+        (lambda d: (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2}'), r"lora_alpha=None"),
+        (  # the config's rank is not the weights' rank
+            lambda d: (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}'),
+            r"adapter_model\.safetensors: base_model\.model\.x\.lora_A\.weight has shape \[2, 8\], not that of a "
+            r"rank-4 adapter",
+        ),
+        (
+            lambda d: save_file({"x.weight": torch.ones(2, 2)}, d / "adapter_model.safetensors"),
+            r"adapter_model\.safetensors: unexpected tensor 'x\.weight'",
+        ),
+    ],
+    ids=["config_empty", "config_missing", "no_alpha", "rank_mismatch", "not_lora_weights"],
+)
+def test_a_broken_adapter_config_falls_back_before_any_weights_load(tmp_path, spoil, named):
+    """A LoRA checkpoint whose adapter load_peft_adapter would refuse is skipped like a truncated file:
+    the resume takes the older intact checkpoint instead of failing after the base model loaded."""
+    _save(tmp_path, 2, save_model=_save_adapter)
+    newest = _save(tmp_path, 4, save_model=_save_adapter)
+    assert verify_checkpoint(newest)["step"] == 4
+    spoil(newest)
+    with pytest.raises(CheckpointError, match=named):
+        verify_checkpoint(newest)
+    with pytest.warns(CheckpointWarning, match=rf"step_000004/.*{named}.*resuming from .*step_000002"):
         found, _ = find_resume_checkpoint(tmp_path)
     assert found.name == "step_000002"
 

@@ -14,6 +14,8 @@ import yaml
 from helpers.cli import one_error_line, run_module, train_cli
 from helpers.runs import run_config
 
+from minigrpo.errors import UserError
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
@@ -104,6 +106,20 @@ def test_resuming_a_run_without_checkpoint_keeps_its_metrics(workspace, tmp_path
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "reward": 0.5}\n'
 
 
+def test_a_new_run_over_a_run_without_checkpoint_says_how_to_start_again(workspace):
+    """A run stopped before its first checkpoint can neither resume nor be overwritten: the message
+    says so instead of advising a --resume that would find nothing."""
+    run_dir = workspace / "runs" / "no_ckpt_new"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n')
+    message = one_error_line(train_cli(workspace, config(workspace, "no_ckpt_new")))
+    assert message == (
+        f"{run_dir} already holds a run without a checkpoint, so nothing to resume: delete the folder, or set "
+        "another run.name"
+    )
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "reward": 0.5}\n'
+
+
 def test_resume_with_a_changed_setting_names_it(workspace):
     cfg = config(workspace, "done", train={"steps": 4, "lr": 0.5})  # more steps may change; lr may not
     message = one_error_line(train_cli(workspace, cfg, "--resume"))
@@ -163,6 +179,25 @@ def test_resume_skips_a_checkpoint_whose_files_the_model_cannot_take(workspace, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and named in warnings[0] and "step_000001" in warnings[0], proc.stderr[-3000:]
+
+
+def test_resume_of_a_run_saved_before_a_setting_existed(workspace, tmp_path):
+    """A checkpoint's run_config.yaml written before a setting existed lacks it: left at its default
+    the run resumes; set to something else it is named as a change."""
+    from minigrpo.build import check_run_dir
+    from minigrpo.config import load_config
+
+    runs = tmp_path / "runs"
+    shutil.copytree(workspace / "runs" / "done", runs / "done")
+    saved_file = runs / "done" / "checkpoints" / "step_000002" / "run_config.yaml"
+    saved = yaml.safe_load(saved_file.read_text())
+    del saved["sampler"]["min_p"], saved["dpo"]  # a field and a whole section added later
+    saved_file.write_text(yaml.safe_dump(saved))
+    cfg = config(workspace, "done", run={"output_dir": str(runs)}, train={"steps": 3})
+    assert check_run_dir(load_config(write(tmp_path, cfg), ["run.resume=true"])).path == saved_file.parent
+    changed = load_config(write(tmp_path, cfg), ["run.resume=true", "sampler.min_p=0.1"])
+    with pytest.raises(UserError, match=r"^--resume with a changed config: sampler\.min_p differ from "):
+        check_run_dir(changed)
 
 
 def test_resume_with_nothing_left_to_run(workspace):

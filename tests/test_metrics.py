@@ -331,6 +331,27 @@ def test_backends_receive_finite_scalars(tmp_path: Path, monkeypatch):
     assert calls[2:] == [("tb", "reward", 0.5, 1), ("wandb", {"reward": 0.5}, 1), ("tb_close",), ("wandb_finish",)]
 
 
+def test_a_resumed_run_hides_the_redone_steps_from_tensorboard(tmp_path: Path, monkeypatch):
+    """Resumed after step 4, the run logs step 5 again: TensorBoard must purge the events of steps >= 5
+    that the interrupted run wrote (SummaryWriter's purge_step), as metrics.jsonl drops their records."""
+    opened: list[dict] = []
+
+    class Writer:
+        def __init__(self, log_dir, **kwargs):
+            opened.append({"log_dir": Path(log_dir).name, **kwargs})
+
+        def add_scalar(self, k, v, step):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    logger(tmp_path, tensorboard=True).close()
+    logger(tmp_path, tensorboard=True, start_step=4).close()
+    assert opened == [{"log_dir": "tensorboard"}, {"log_dir": "tensorboard", "purge_step": 5}]
+
+
 def test_without_matplotlib_plots_are_off_with_one_note(tmp_path: Path, monkeypatch):
     real_import = builtins.__import__
 

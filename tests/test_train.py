@@ -223,3 +223,84 @@ def test_qlora_run_on_cpu(tmp_path):
     ids = torch.randint(3, 20, (2, 6))
     with torch.no_grad():
         assert (adapted(ids) - base(ids)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("seed", [-1, -(2**40), 2**32, 2**64 + 7])
+def test_any_run_seed_seeds_every_generator(seed):
+    """run.seed takes any integer: numpy's generator accepts only [0, 2**32) and torch's 64 bits, so
+    each takes the seed modulo its range; the usual seeds keep exactly the streams they always had."""
+    import random
+
+    import numpy as np
+
+    from minigrpo.build import seed_everything
+
+    seed_everything(seed)  # raised numpy's "Seed must be between 0 and 2**32 - 1" before the run began
+    drawn = (random.random(), np.random.rand(), torch.rand(1).item())
+    seed_everything(seed)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == drawn
+    seed_everything(1234)
+    usual = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(1234), np.random.seed(1234), torch.manual_seed(1234)
+    assert usual == (random.random(), np.random.rand(), torch.rand(1).item())
+
+
+def test_resume_after_the_data_file_changed_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """The checkpoint's data cursor counts 200 prompts with a fingerprint: a data file edited since is
+    one `error:` line naming the file and the checkpoint, before the policy loads."""
+    from minigrpo import build
+
+    cfg = run_config(tmp_path, train={"steps": 1}, checkpoint={"every": 1})
+    launch(tmp_path, cfg)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:-1]))  # one prompt fewer
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the policy loaded before the data was checked")
+
+    monkeypatch.setattr(build, "load_policy", no_loading)
+    with pytest.raises(SystemExit) as exit_info:
+        launch(tmp_path, {**cfg, "train": {**cfg["train"], "steps": 2}}, "--resume")
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: --resume from ") and "step_000001" in message and str(data) in message
+    assert "saved num_examples=200, this run has 199" in message
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes_whole(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in step 4 (checkpoints every 2 steps): exit status 130 with one line naming the
+    checkpoint to continue from, the curves of steps 1-3 drawn as the logger closes, and a --resume
+    that redoes step 3 and 4 once each."""
+    from minigrpo import train as train_module
+    from minigrpo.plot import matplotlib_available
+
+    cfg = run_config(
+        tmp_path,
+        train={"steps": 4},
+        checkpoint={"every": 2, "keep_last": 5},
+        log={"plots": True, "progress": False, "sample_every": 0},
+    )
+    rollout = train_module.rollout_phase
+
+    def rollout_until_ctrl_c(*args, step, **kwargs):
+        if step == 4:
+            raise KeyboardInterrupt
+        return rollout(*args, step=step, **kwargs)
+
+    monkeypatch.setattr(train_module, "rollout_phase", rollout_until_ctrl_c)
+    try:
+        launch(tmp_path, cfg)
+        pytest.fail("the interrupted run returned")
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped as a KeyboardInterrupt (a traceback), not one line and exit status 130")
+    except SystemExit as e:
+        assert e.code == 130
+    run = tmp_path / "runs" / "run"
+    newest = run / "checkpoints" / "step_000002"
+    assert capsys.readouterr().err.strip() == f"interrupted: continue from {newest} with --resume"
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    if matplotlib_available():  # drawn every 10 steps, and when the logger closes
+        assert (run / "curves.png").stat().st_size > 0
+    monkeypatch.undo()
+    records = launch(tmp_path, cfg, "--resume")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
