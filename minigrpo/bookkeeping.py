@@ -78,6 +78,7 @@ def save(run: Any, step: int) -> None:
     to_save = ModelStateView(model, full_state_dict(model, world), run.dtype) if sharded else model
     if world.main:
         state = {"optimizer": opt, "scheduler": run.scheduler.state_dict(), "data": run.loader.state_dict()}
+        state["grad_scale"] = run.grad_scale.state_dict()
         if getattr(run, "critic", None) is not None:  # algorithm ppo: the value model's weights and optimizer
             state["critic"] = critic_state(run.critic)
         save_checkpoint(

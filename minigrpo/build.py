@@ -15,7 +15,7 @@ import copy
 import importlib.util
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from minigrpo.data import Example, PromptLoader, build_dataset
 from minigrpo.distributed import World, broadcast_trainable, shard_model
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
 from minigrpo.errors import UserError
+from minigrpo.grad_scale import GradScale
 from minigrpo.models.loading import build_random, check_model_source, load_pretrained, load_weights, save_pretrained
 from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler, dither_onto_masters
@@ -372,6 +373,7 @@ class Run:
     params: SamplingParams
     env: Any = None  # the multi-turn environment (env.kind), None for one-turn rollouts
     critic: Any = None  # algorithm ppo: the value model, its optimizer and schedule (algorithms/value_model.py)
+    grad_scale: GradScale = field(default_factory=GradScale)  # float16: the loss scale (minigrpo/grad_scale.py)
     start_step: int = 0  # the step a resumed run continues after
     resumed_from: Path | None = None
 
@@ -433,12 +435,13 @@ def build_run(
         tokenizer=tokenizer,
         sampler=build_sampler(cfg, model, tokenizer),
         optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg.train, cfg.train.steps * updates_per_step(cfg)),
+        scheduler=build_scheduler(optimizer, cfg.train, cfg.train.steps * updates_per_step(cfg), updates_per_step(cfg)),
         loader=PromptLoader(examples, seed=cfg.run.seed, shuffle=cfg.data.shuffle),
         specs=specs,
         params=sampling_params(cfg, tokenizer),
         env=build_environment(cfg, tokenizer),
         critic=critic,
+        grad_scale=GradScale.for_dtype(dtype),
     )
     if resume is not None:
         restore_state(run, resume)
@@ -465,6 +468,8 @@ def restore_trainer_state(run: Any, resume: ResumePoint) -> None:
     with restoring(resume.path, "learning-rate schedule"):
         run.scheduler.load_state_dict(state["scheduler"])
     run.loader.load_state_dict(state["data"])
+    with restoring(resume.path, "loss scale"):
+        run.grad_scale.load_state_dict(state.get("grad_scale", {}))  # absent from older checkpoints
     run.start_step, run.resumed_from = int(state["step"]), resume.path
     with restoring(resume.path, "RNG states"):
         restored = restore_rng(state, world.rank, world.size)

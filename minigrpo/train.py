@@ -138,7 +138,10 @@ def steps(run: Run, logger: MetricsLogger) -> list[dict[str, Any]]:
             ref_logp = reference_logprobs(cfg, model, run.ref_model, r, world=world)
             t2 = time.perf_counter()
             # 5. the update
-            stats = update_phase(cfg, model, run.optimizer, run.scheduler, batch, old_logp, ref_logp, world=world)
+            stats = update_phase(
+                cfg, model, run.optimizer, run.scheduler, batch, old_logp, ref_logp,
+                world=world, grad_scale=run.grad_scale,
+            )  # fmt: skip
         else:  # 4-5. online DPO, PPO: its own log-prob passes and update on the scored batch
             old_logp, t2 = None, t1
             stats = update_fn(cfg.algorithm)(run, batch)

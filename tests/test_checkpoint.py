@@ -182,6 +182,7 @@ def test_a_trainer_state_the_run_cannot_take_is_one_line_naming_state_json(tmp_p
     from types import SimpleNamespace
 
     from minigrpo.build import ResumePoint, restore_trainer_state
+    from minigrpo.grad_scale import GradScale
     from minigrpo.data import Example, PromptLoader
 
     model, opt = _trained()
@@ -189,7 +190,7 @@ def test_a_trainer_state_the_run_cannot_take_is_one_line_naming_state_json(tmp_p
     loader = PromptLoader([Example(prompt=f"p{i}", answer=str(i)) for i in range(4)], seed=0)
     world = SimpleNamespace(rank=0, size=1)
     run = SimpleNamespace(model=model, optimizer=opt, scheduler=scheduler, loader=loader, world=world)
-    run.cfg = SimpleNamespace(run=SimpleNamespace(seed=0))
+    run.cfg, run.grad_scale = SimpleNamespace(run=SimpleNamespace(seed=0)), GradScale()
     state = {"optimizer": optimizer_state(model, opt), "scheduler": scheduler.state_dict(), "data": loader.state_dict()}
     state |= {"step": 1, "rng": rng_state(), "rng_per_rank": [rng_state()]}
     restore_trainer_state(run, ResumePoint(tmp_path / "step_000001", state))  # intact: restores

@@ -223,3 +223,16 @@ def test_lora_training_learns_on_gpu_in_bf16(tmp_path, quantize):
     )
     rewards = [r["reward"] for r in launch(tmp_path, cfg)]
     assert rewards[0] <= 0.2 and sum(rewards[-10:]) / 10 >= 0.85, [round(r, 2) for r in rewards]
+
+
+def test_training_loop_learns_on_gpu_in_fp16(tmp_path):
+    """float16 weights and activations with the dynamic loss scale (divided out on the fp32 masters)
+    learn the task as bf16 does; the scale is reported and stays a power of two."""
+    from test_train import launch, run_config
+
+    cfg = run_config(tmp_path, run={"device": "cuda", "dtype": "float16"})
+    records = launch(tmp_path, cfg)
+    rewards = [r["reward"] for r in records]
+    assert rewards[0] <= 0.2 and sum(rewards[-10:]) / 10 >= 0.9, [round(r, 2) for r in rewards]
+    scales = [r["loss_scale"] for r in records]
+    assert all(s >= 1 and float(s).is_integer() and (int(s) & (int(s) - 1)) == 0 for s in scales), scales

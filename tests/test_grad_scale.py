@@ -192,3 +192,35 @@ def test_float16_updates_keep_their_small_gradients_with_the_loss_scale():
     assert rel(scaled) < 1.1 * rel(fp16_floor), (rel(scaled), rel(fp16_floor))
     assert rel(unscaled) > 10 * rel(fp16_floor), (rel(unscaled), rel(fp16_floor))
     assert stats["loss_scale"] == 2.0**16 and "skipped_updates" not in stats
+
+
+def test_a_float16_run_saves_its_loss_scale_and_resumes_bit_identically(tmp_path, monkeypatch):
+    """A float16 CPU run whose scale starts at 2 and doubles after every finite update (so it moves
+    each step): 4 steps straight, and 2 steps + --resume to 4, end with the same scales, weights and
+    metrics, and the checkpoint's state.json holds the scale."""
+    import json
+
+    from helpers.runs import launch, run_config
+
+    from minigrpo import grad_scale as gs
+    from minigrpo.checkpoint import load_trainer_state
+    from minigrpo.models.safetensors_io import iter_tensors
+
+    monkeypatch.setattr(gs.GradScale, "for_dtype", classmethod(lambda cls, d: cls(enabled=True, scale=2.0, growth_interval=1)))
+    runs = {}
+    for name, stops in (("straight", [4]), ("resumed", [2, 4])):
+        root = tmp_path / name
+        root.mkdir()
+        cfg = run_config(root, run={"dtype": "float16"}, checkpoint={"every": 2, "keep_last": 5})
+        for i, steps in enumerate(stops):
+            records = launch(root, {**cfg, "train": {**cfg["train"], "steps": steps}}, *(["--resume"] if i else []))
+        runs[name] = (records, root / "runs" / "run" / "checkpoints" / "step_000004")
+    (straight, ckpt_a), (resumed, ckpt_b) = runs["straight"], runs["resumed"]
+    assert [r["loss_scale"] for r in straight] == [r["loss_scale"] for r in resumed]
+    assert len({r["loss_scale"] for r in straight}) > 1, "the scale never moved"
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (a, b)
+    weights = [dict(iter_tensors(c / "model.safetensors")) for c in (ckpt_a, ckpt_b)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    saved = load_trainer_state(ckpt_a)["grad_scale"]
+    assert saved["enabled"] is True and saved["scale"] == straight[-1]["loss_scale"], json.dumps(saved)

@@ -42,9 +42,10 @@ import torch
 
 from minigrpo.algorithms import dpo
 from minigrpo.distributed import World, combine_stats, is_sharded, merge_stats
+from minigrpo.grad_scale import GradScale, grad_scale_metrics, optimizer_step
 from minigrpo.logprobs import completion_logprobs
 from minigrpo.sampling.rollout import Rollout
-from minigrpo.step import Batch, idle_pass, optimizer_step, reference_pass, row_batch
+from minigrpo.step import Batch, idle_pass, reference_pass, row_batch
 
 # the pair statistics of dpo.dpo_loss, reported as dpo/<name> (means over the step's pairs)
 PAIR_STATS = ("accuracy", "margin", "logp_chosen", "logp_rejected", "reward_chosen", "reward_rejected")
@@ -105,6 +106,7 @@ def pair_backward(
     temperature: float,
     num_pairs: int,
     world: World | None = None,
+    grad_scale: GradScale | None = None,
 ) -> tuple[list[tuple[dict[str, float], float]], float]:
     """Accumulate the gradient of the step's DPO loss over this rank's pairs, a pass per packed
     micro-batch of whole groups (at most `size` rows). No optimizer step.
@@ -113,9 +115,11 @@ def pair_backward(
         ref_seq: (n,) sequence log-probs of pairs.rollout's rows under the reference.
         opts: the dpo section (beta, loss, label_smoothing).
         num_pairs: the pairs of the whole step, all ranks (the loss's divisor).
+        grad_scale: the run's loss scale (float16), applied to each backward.
     Returns ([(pair stats, pairs)] per pass, this rank's summed loss).
     """
     world = world or World()
+    grad_scale = grad_scale or GradScale()
     loss_mask = pairs.rollout.loss_mask  # (n, Tc) the model's own tokens
     passes = pack_groups(pairs.groups, size)
     count = world.max_int(len(passes)) if world.distributed and is_sharded(model) else len(passes)
@@ -142,7 +146,7 @@ def pair_backward(
             label_smoothing=opts.label_smoothing,
             num_pairs=num_pairs,
         )
-        (loss * world.size).backward()  # the gradient reduction averages over the ranks
+        grad_scale.scaled(loss * world.size).backward()  # the gradient reduction averages over the ranks
         loss_total += float(loss.detach())
         parts.append(({k: float(v) for k, v in stats.items()}, float(len(chosen))))
     return parts, loss_total
@@ -178,9 +182,10 @@ def update(run: Any, batch: Batch) -> dict[str, float]:
             temperature=temperature,
             num_pairs=int(counts["pairs_sum"]),
             world=world,
+            grad_scale=run.grad_scale,
         )
         parts += step_parts
-        grad_norm, lr = optimizer_step(cfg, model, run.optimizer, run.scheduler, world)
+        grad_norm, lr = optimizer_step(cfg, model, run.optimizer, run.scheduler, world, run.grad_scale)
         grad_norms.append(grad_norm)
         lrs.append(lr)
         losses.append(loss)  # this rank's share of the mean over all pairs
@@ -189,4 +194,4 @@ def update(run: Any, batch: Batch) -> dict[str, float]:
     out = {f"dpo/{k}": stats.get(k, math.nan) for k in PAIR_STATS}
     out.update({f"dpo/{k.removesuffix('_sum')}": v for k, v in counts.items()})
     out.update({"loss": loss, "grad_norm": sum(grad_norms) / len(grad_norms), "lr": sum(lrs) / len(lrs)})
-    return {**out, "time/reference": t1 - t0}
+    return {**out, "time/reference": t1 - t0, **grad_scale_metrics(run.grad_scale)}

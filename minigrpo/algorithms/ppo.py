@@ -51,6 +51,7 @@ from minigrpo.algorithms.ppo_math import (
 )
 from minigrpo.algorithms.value_model import Critic, ValueModel
 from minigrpo.distributed import World, combine_stats, gather_rows, merge_stats
+from minigrpo.grad_scale import GradScale, grad_scale_metrics, optimizer_step
 from minigrpo.logprobs import completion_logprobs
 from minigrpo.sampling.params import stream_key
 from minigrpo.sampling.rollout import Rollout
@@ -60,7 +61,6 @@ from minigrpo.step import (
     logprobs_phase,
     micro_batches,
     num_passes,
-    optimizer_step,
     reference_pass,
 )
 
@@ -73,7 +73,10 @@ def update(run: Any, batch: Batch) -> dict[str, float]:
     ref_logp = None
     if cfg.ppo.kl_coef > 0:
         ref_logp = reference_pass(model, run.ref_model, r, size, temperature, world=run.world)  # (N, Tc)
-    return ppo_update(cfg, model, run.critic, run.optimizer, run.scheduler, batch, old_logp, ref_logp, world=run.world)
+    return ppo_update(
+        cfg, model, run.critic, run.optimizer, run.scheduler, batch, old_logp, ref_logp,
+        world=run.world, grad_scale=run.grad_scale,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -122,6 +125,7 @@ def ppo_update(
     ref_logp: torch.Tensor | None,
     *,
     world: World | None = None,
+    grad_scale: GradScale | None = None,
 ) -> dict[str, float]:
     """ppo.epochs x ppo.mini_batches optimizer steps of the policy and the critic on one batch.
 
@@ -129,10 +133,12 @@ def ppo_update(
         batch: the scored rollout (N rows: this rank's); batch.rewards (N,) are the sequence scores.
         old_logp: (N, Tc) log-probs of the completions under the policy before this update.
         ref_logp: (N, Tc) under the reference policy; None when ppo.kl_coef is 0.
+        grad_scale: the policy's loss scale (float16; the critic has its own, critic.grad_scale).
 
     Returns the step's metrics (of the whole batch, all ranks): loss, grad_norm, lr, entropy and ppo/*.
     """
     world = world or World()
+    grad_scale = grad_scale or GradScale()
     p, r = cfg.ppo, batch.rollout
     N, size = r.num_sequences, cfg.train.micro_batch_size
     device = old_logp.device
@@ -191,19 +197,21 @@ def ppo_update(
                 pg, pg_stats = clipped_policy_loss(
                     logp, old_logp[idx, :Tc], advantages[idx, :Tc], m, p.clip_eps, n_tokens
                 )
-                (pg * world.size).backward()  # the gradient reduction averages over the ranks
+                grad_scale.scaled(pg * world.size).backward()  # the gradient reduction averages over the ranks
                 with critic.model.active():  # the value pass's forward and backward (a LoRA critic)
                     values = critic.model.values(ids, attn, Tc)  # (b, Tc)
                     vl, v_stats = clipped_value_loss(
                         values, old_values[idx, :Tc], returns[idx, :Tc], m, p.value_clip, n_tokens
                     )
-                    (p.vf_coef * vl * world.size).backward()
+                    critic.grad_scale.scaled(p.vf_coef * vl * world.size).backward()
                 loss_total += float(pg.detach()) + p.vf_coef * float(vl.detach())  # this rank's share
                 tokens = float(pg_stats.pop("active_tokens"))
                 stats = {**pg_stats, **v_stats, "entropy": (entropy.detach() * m).sum() / max(tokens, 1)}
                 parts.append(({k: float(v) for k, v in stats.items()}, tokens))  # token-weighted means
-            policy_norm, lr = optimizer_step(cfg, model, optimizer, scheduler, world)
-            value_norm, value_lr = optimizer_step(cfg, critic.model, critic.optimizer, critic.scheduler, world)
+            policy_norm, lr = optimizer_step(cfg, model, optimizer, scheduler, world, grad_scale)
+            value_norm, value_lr = optimizer_step(
+                cfg, critic.model, critic.optimizer, critic.scheduler, world, critic.grad_scale
+            )
             steps.append({"loss": loss_total, "grad_norm": policy_norm, "lr": lr})
             steps[-1].update({"value_grad_norm": value_norm, "value_lr": value_lr})
 
@@ -215,6 +223,7 @@ def ppo_update(
     out.update({f"ppo/{k}": v for k, v in stats.items()})
     out.update({"ppo/value_grad_norm": mean["value_grad_norm"], "ppo/value_lr": mean["value_lr"]})
     out.update(targets)
+    out.update(grad_scale_metrics(grad_scale))
     return out
 
 

@@ -37,7 +37,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from torch import nn
 
 from minigrpo import lora
 from minigrpo.errors import UserError
+from minigrpo.grad_scale import GradScale
 from minigrpo.models.args import ModelArgs
 
 # ================================================================================================
@@ -273,29 +274,33 @@ class Critic:
     model: ValueModel
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    grad_scale: GradScale = field(default_factory=GradScale)  # float16: its own loss scale
 
 
 def build_critic(cfg, policy: nn.Module, device: torch.device, dtype: torch.dtype, total_steps: int) -> Critic:
     """The critic and an optimizer like the policy's (train.*) at ppo.value_lr (None: train.lr),
     with the same schedule over `total_steps` optimizer steps."""
+    from minigrpo.algorithms import updates_per_step
     from minigrpo.optim import build_optimizer, build_scheduler
 
     model = build_value_model(cfg, policy, device, dtype)
     lr = cfg.train.lr if cfg.ppo.value_lr is None else cfg.ppo.value_lr
     train = dataclasses.replace(cfg.train, lr=lr)
     optimizer = build_optimizer(model.trainable_parameters(), train)
-    return Critic(model, optimizer, build_scheduler(optimizer, train, total_steps))
+    scheduler = build_scheduler(optimizer, train, total_steps, updates_per_step(cfg))
+    return Critic(model, optimizer, scheduler, GradScale.for_dtype(dtype))
 
 
 def critic_state(critic: Critic) -> dict[str, Any]:
     """The critic's part of a checkpoint's trainer state: its weights (CPU), optimizer (by parameter
-    name, with fp32 masters) and schedule."""
+    name, with fp32 masters), schedule and loss scale."""
     from minigrpo.optim_state import optimizer_state
 
     return {
         "weights": {name: t.detach().cpu() for name, t in critic.model.state_dict().items()},
         "optimizer": optimizer_state(critic.model, critic.optimizer),
         "scheduler": critic.scheduler.state_dict(),
+        "grad_scale": critic.grad_scale.state_dict(),
     }
 
 
@@ -309,6 +314,7 @@ def load_critic_state(critic: Critic, state: dict[str, Any] | None, where: Path 
     critic.model.load_state_dict(state["weights"])
     load_optimizer_state(critic.model, critic.optimizer, state["optimizer"])
     critic.scheduler.load_state_dict(state["scheduler"])
+    critic.grad_scale.load_state_dict(state.get("grad_scale", {}))  # absent from older checkpoints
 
 
 __all__ = [
