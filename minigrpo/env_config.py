@@ -18,7 +18,8 @@ ToolEnvironment, so a subclass of it needs no constructor. The object must have 
 
 Checks: `env_errors` (config only, at load time), `check_environment` (imports the user tools
 and class, looks for its reset and step, binds the kwargs) and `check_chat_template` (the model
-folder's tokenizer has a chat template), before any weights load. A model whose chat template shows no tool
+folder's tokenizer has a chat template that can play a small synthetic episode of this environment,
+`check_episode_layout`), before any weights load. A model whose chat template shows no tool
 definitions (SmolLM2's) learns of the tools from the system prompt alone: `build_environment` warns
 when env.system_prompt does not name them (`warn_unseen_tools`). This module imports no torch;
 building the environment (`build_environment`) imports minigrpo.episodes when it runs.
@@ -30,6 +31,7 @@ import difflib
 import importlib
 import inspect
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,7 +69,7 @@ class EnvCfg(Section):
     kind: str | None = None
     # built-in tool names (calculator, python) or "package.module:function"; gsm8k_tools: empty = both
     tools: list[str] = field(default_factory=list)
-    format: str | None = None  # tool-call format ("hermes", "llama3"); null: read from the chat template
+    format: str | None = None  # tool-call format ("hermes", "llama3", "mistral"); null: read from the chat template
     system_prompt: str | None = None  # the episodes' system message (null: data.system_prompt; gsm8k_tools: its own)
     max_turns: int = spec(4, ">= 1")  # model turns per episode at most
     # completion tokens (model + environment) per episode at most
@@ -216,11 +218,130 @@ def check_environment(cfg: Any) -> None:
 
 
 def check_chat_template(cfg: Any, tokenizer: Any) -> None:
-    """With env.kind set, the model's tokenizer has a chat template (the episodes are conversations)."""
-    if cfg.env.kind is not None and getattr(tokenizer, "chat_template", None) is None:
+    """With env.kind set, the model's tokenizer has a chat template (the episodes are conversations)
+    and it can play one (`check_episode_layout`)."""
+    if cfg.env.kind is None:
+        return
+    if getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError(
             f"env.kind={cfg.env.kind!r} needs a chat template (the episodes are conversations); the model has none"
         )
+    check_episode_layout(cfg, tokenizer)
+
+
+_PROBE_CALL = "CALL"  # stands for a call's text in the probe turns (cut from the content, as a parsed call's)
+# the model's probe turns: a plain one, and a reasoning model's (Qwen3's template writes an empty <think>
+# block in the last turn only, so a turn without one cannot be extended; a reasoning model writes one)
+_PROBE_TURNS = (_PROBE_CALL, f"<think>\nLet me compute.\n</think>\n\n{_PROBE_CALL}")
+
+
+def check_episode_layout(cfg: Any, tokenizer: Any) -> None:
+    """The chat template extends a small synthetic episode as run_episodes needs: a question, the
+    model's turn (a tool call, for a tool environment) and the environment's answer as this run gives
+    it. A template that renders earlier turns differently once the answer follows (LayoutError) or
+    raises on it (e.g. a call without the id Mistral's needs) is a ConfigError here, before any weights
+    load, not at the first answer of the run. A user class that is no ToolEnvironment is probed with a
+    user message; where only tool messages extend cleanly (Qwen3's template drops the reasoning of turns
+    before the last user message) it may answer with those: a ConfigWarning then."""
+    from minigrpo.chat_template import ChatTemplateError
+    from minigrpo.episode_text import render
+
+    env = cfg.env
+    tools = resolve_tools(env)
+    specs = [t.spec() for t in tools.values()] if tools else None
+    system_prompt = episode_system_prompt(cfg)
+    history = [{"role": "user", "content": "What is 2 + 3?"}]
+    history = history if system_prompt is None else [{"role": "system", "content": system_prompt}, *history]
+    try:
+        render(tokenizer, history, specs, True)
+    except ChatTemplateError as e:
+        opening = "a system prompt and a user message" if system_prompt is not None else "a user message"
+        reason = f"the model's chat template cannot open an episode with {opening}"
+        raise ConfigError(f"env.kind={env.kind!r}: {reason}: {e}") from None
+    with_tools = env.kind in ENV_KINDS or _is_tool_environment(_import(env.kind, "env.kind"))
+    probe = _Probe(tokenizer, history, specs, env, tools)
+    answer = "tool results" if with_tools else "a user message"
+    problem = probe.problem(answer)
+    if problem is None:
+        return
+    reason = f"the model's chat template cannot play an episode whose environment answers with {answer}"
+    if with_tools or probe.problem("a tool message") is not None:
+        raise ConfigError(f"env.kind={env.kind!r}: {reason}: {problem}")
+    # a user class may answer with tool messages, which the template extends: say what fails, do not refuse
+    warnings.warn(ConfigWarning(f"env.kind={env.kind!r}: {reason} (tool messages are fine): {problem}"), stacklevel=3)
+
+
+@dataclass
+class _Probe:
+    """A synthetic episode's opening (`history`) and the run's tokenizer, tool specs and tools."""
+
+    tokenizer: Any
+    history: list[dict[str, Any]]
+    specs: list[dict[str, Any]] | None
+    env: EnvCfg
+    tools: dict[str, Any]
+
+    def problem(self, answer: str) -> Exception | None:
+        """None if the template extends the episode with `answer` after one of the _PROBE_TURNS, else
+        why not after the first (LayoutError or ChatTemplateError)."""
+        from minigrpo.chat_template import ChatTemplateError
+        from minigrpo.episode_text import LayoutError
+
+        problems = []
+        for text in _PROBE_TURNS:
+            try:
+                self.play(text, answer)
+                return None
+            except (LayoutError, ChatTemplateError) as e:
+                problems.append(e)
+        return problems[0]
+
+    def play(self, text: str, answer: str) -> None:
+        """The environment's segment after the model's turn `text` (a call for "tool results", else a reply
+        answered by a user or tool message), as run_episodes makes it; raises where it cannot."""
+        from minigrpo.chat_template import ChatTemplateError
+        from minigrpo.episode_text import environment_text, episode_template
+
+        assistant, plain = {"role": "assistant", "content": text}, None
+        new = [{"role": "user" if answer == "a user message" else "tool", "content": "5"}]
+        if answer == "tool results":
+            template = episode_template(self.tokenizer, self.specs)
+            assistant, plain, new = _tool_turn(self.env, self.tools, template, text)
+        kwargs = dict(model_text=text, stop_text=None, tools=self.specs)
+        try:
+            environment_text(self.tokenizer, self.history, assistant, new, **kwargs)
+        except ChatTemplateError:  # as run_episodes: calls the template refuses stay in the text
+            if plain is None:
+                raise
+            environment_text(self.tokenizer, self.history, plain, new, **kwargs)
+
+
+def _is_tool_environment(cls: Any) -> bool:
+    """`cls` is a ToolEnvironment (subclass): its answers are tool messages. Checked without importing
+    minigrpo.episodes (torch): such a class imported it."""
+    episodes = sys.modules.get("minigrpo.episodes")
+    return episodes is not None and isinstance(cls, type) and issubclass(cls, episodes.ToolEnvironment)
+
+
+def _tool_turn(env: EnvCfg, tools: dict[str, Any], template: str | None, text: str) -> tuple[Any, Any, Any]:
+    """(assistant message of `text` with one call, the same with the call left in its text, the call's
+    result) as a ToolEnvironment of this config writes them."""
+    from minigrpo.tools import (
+        ToolCall,
+        ToolResult,
+        assistant_message,
+        detect_format,
+        get_format,
+        renders_tool_calls,
+        tool_messages,
+    )
+
+    fmt = get_format(env.format or detect_format(template) or "hermes")
+    plain = template is not None and not renders_tool_calls(template)
+    name = next(iter(tools), "probe")
+    call = ToolCall(name, {}, _PROBE_CALL, "a1b2c3d4e" if fmt.call_ids else "")
+    answer = tool_messages([ToolResult("5", name=name, call_id=call.id)], plain=plain)
+    return assistant_message(text, [call], plain=plain), assistant_message(text, [call], plain=True), answer
 
 
 def episode_system_prompt(cfg: Any) -> str | None:

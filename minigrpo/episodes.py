@@ -206,7 +206,7 @@ class ToolEnvironment:
 
     Args:
         tools: Tools or plain functions (declared on the fly), or a name -> Tool mapping.
-        format: the call format ("hermes", "llama3"); None detects it from `chat_template`
+        format: the call format ("hermes", "llama3", "mistral"); None detects it from `chat_template`
             (minigrpo.tools.detect_format), "hermes" if the template shows neither.
         chat_template: the model's template; one without tool support (`plain`: it does not write
             `tool_calls`, as SmolLM2's) gets the results in a user message (minigrpo/tools/render.py).

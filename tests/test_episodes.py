@@ -8,6 +8,7 @@ Hermes-style chat template; a scripted sampler for the tool logic, the tiny mode
 from __future__ import annotations
 
 import dataclasses
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +18,8 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from minigrpo import grpo
-from minigrpo.env_config import EnvCfg, build_environment
+from minigrpo.configio import ConfigError, ConfigWarning
+from minigrpo.env_config import EnvCfg, build_environment, check_chat_template
 from minigrpo.episodes import (
     ENV,
     MODEL,
@@ -34,6 +36,7 @@ from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams
 from minigrpo.sampling.rollout import Rollout, concat_rollouts, left_pad
 from minigrpo.tokenizer import Tokenizer
+from minigrpo.tools import parse_tool_calls
 
 TEMPLATE = (
     "{%- if tools %}<|im_start|>system\ntools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"
@@ -345,6 +348,112 @@ def test_a_template_that_rewrites_earlier_turns_is_refused():
         TOK, history, answer, [{"role": "user", "content": "more"}], model_text="hello", stop_text=None
     )
     assert text == "<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n"
+
+
+# a Mistral-v0.3-style template: the tools before the last user message (with the system prompt), calls as
+# "[TOOL_CALLS] [...]" each with an id of 9 characters, results naming it; no header opens the model's turn
+_NEEDS_ID = "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}"
+MISTRAL_STYLE = (
+    "{%- set ns = namespace(last_user=-1, system='') %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}"
+    "{%- elif m.role == 'system' %}{%- set ns.system = m.content + '\n\n' %}{%- endif %}{%- endfor %}"
+    "<s>{%- for m in messages %}"
+    "{%- if m.role == 'user' %}"
+    "{%- if loop.index0 == ns.last_user %}"
+    "{%- if tools %}[AVAILABLE_TOOLS]{{ tools | map(attribute='function.name') | join(',') }}[/AVAILABLE_TOOLS]"
+    "{%- endif %}[INST] {{ ns.system }}{{ m.content }}[/INST]"
+    "{%- else %}[INST] {{ m.content }}[/INST]{%- endif %}"
+    "{%- elif m.tool_calls is defined and m.tool_calls %}[TOOL_CALLS] ["
+    "{%- for tc in m.tool_calls %}{%- if tc.id is not defined or tc.id | length != 9 %}" + _NEEDS_ID + "{%- endif %}"
+    '{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}, "id": "{{ tc.id }}"}'
+    "{%- if not loop.last %}, {% endif %}{%- endfor %}]<|im_end|>"
+    "{%- elif m.role == 'assistant' %} {{ m.content | trim }}<|im_end|>"
+    "{%- elif m.role == 'tool' %}{%- if m.tool_call_id is not defined or m.tool_call_id | length != 9 %}"
+    + _NEEDS_ID
+    + '{%- endif %}[TOOL_RESULTS] {"content": {{ m.content }}, "call_id": "{{ m.tool_call_id }}"}[/TOOL_RESULTS]'
+    "{%- endif %}{%- endfor %}"
+)
+
+
+def _env_cfg(**env):
+    return SimpleNamespace(env=EnvCfg(**env), data=SimpleNamespace(system_prompt=None))
+
+
+def test_mistral_style_calls_get_the_ids_the_template_needs():
+    """`[TOOL_CALLS] [...]` calls are found (the format is read from the template) and each gets an id of 9
+    letters and digits, which the assistant's tool_calls and the tool messages carry: Mistral's template
+    raises without them. Before, the template was taken for "hermes": no call was ever found."""
+    tok = char_tokenizer(MISTRAL_STYLE)
+    env = build_environment(_env_cfg(kind="tools", tools=["calculator"]), tok)
+    assert (env.format, env.plain) == ("mistral", False)
+    text = (
+        '[TOOL_CALLS] [{"name": "calculator", "arguments": {"expression": "3*4"}}, '
+        '{"name": "calculator", "arguments": {"expression": "1/0"}, "id": "Given1234"}]'
+    )
+    sampler = ScriptedSampler({0: [text, "12"]})
+    params = SamplingParams(max_new_tokens=200, stop_ids=(IM_END,))
+    (e,) = run_episodes(sampler, tok, env, ["3*4?"], params, max_turns=2, max_episode_tokens=600, key=(7,))
+    assert e.end == "done" and len(e.turns) == 2
+    ids = [c["id"] for c in e.messages[1]["tool_calls"]]
+    assert re.fullmatch("[A-Za-z0-9]{9}", ids[0]) and ids[1] == "Given1234"  # the model's own valid id is kept
+    assert e.messages[1]["content"] == ""  # the whole block became tool_calls
+    assert [(m["tool_call_id"], m["content"]) for m in e.messages[2:4]] == [
+        (ids[0], "12"),
+        (ids[1], "error: ValueError: division by zero"),
+    ]
+    assert TOK.decode(e.segments[1].token_ids) == (
+        f'[TOOL_RESULTS] {{"content": 12, "call_id": "{ids[0]}"}}[/TOOL_RESULTS]'
+        f'[TOOL_RESULTS] {{"content": error: ValueError: division by zero, "call_id": "{ids[1]}"}}[/TOOL_RESULTS]'
+    )
+    assert [c.id for c in parse_tool_calls(text, env.tools, "mistral")] == ids  # the same on every run
+    bad = parse_tool_calls(text.replace('"Given1234"', '"bad id"'), env.tools, "mistral")  # replaced
+    assert re.fullmatch("[A-Za-z0-9]{9}", bad[1].id) and bad[1].id != bad[0].id
+
+
+def test_a_template_the_episodes_cannot_extend_is_refused_when_the_environment_is_built():
+    """Found before any weights load (check_chat_template runs in the run's checks), on one line: a template
+    that rewrites earlier turns once more messages follow (LayoutError), and Mistral's with calls forced into
+    a format without ids (the template raises). Before, both ended the run at the first tool call."""
+    rewrites = char_tokenizer(
+        TEMPLATE.replace("{{ m.content }}{%- for tc", "{{ m.content if loop.last else '...' }}{%- for tc")
+    )
+    for cfg, tok, what in [
+        (_env_cfg(kind="tools", tools=["calculator"]), rewrites, "tool results: the chat template renders the"),
+        (_env_cfg(kind="test_episodes:TalkEnv"), rewrites, "a user message: the chat template renders the"),
+        (_env_cfg(kind="tools", tools=["calculator"], format="hermes"), char_tokenizer(MISTRAL_STYLE), "tool results"),
+    ]:
+        for check in (check_chat_template, build_environment):
+            with pytest.raises(
+                ConfigError, match="cannot play an episode whose environment answers with " + what
+            ) as info:
+                check(cfg, tok)
+            assert "\n" not in str(info.value)
+    assert "Tool call IDs" in str(info.value)
+    assert (
+        type(build_environment(_env_cfg(kind="test_episodes:TalkEnv"), TOK)).__name__ == "TalkEnv"
+    )  # a clean template
+    check_chat_template(_env_cfg(kind="tools", tools=["calculator"], format="mistral"), char_tokenizer(MISTRAL_STYLE))
+
+
+def test_a_reasoning_template_that_drops_empty_thoughts_is_probed_with_a_thought():
+    """As Qwen3's: an empty <think> block on the last turn only, no reasoning before the last user message.
+    A reasoning model's turn holds one, so tool episodes extend cleanly: not refused. A user message drops
+    the earlier reasoning: a user class is warned (it may answer with tool messages, which work)."""
+    last_user = (
+        "{%- set ns = namespace(last_user=-1) %}"
+        "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}"
+        "{%- endfor %}"
+    )
+    think = (
+        "{%- set r = m.content.split('</think>')[0].split('<think>')[-1].strip() if '</think>' in m.content else '' %}"
+        "{%- if loop.index0 > ns.last_user and (loop.last or r) %}<think>\n{{ r }}\n</think>\n\n{% endif %}"
+        "{{ m.content.split('</think>')[-1].lstrip() }}"
+    )
+    template = last_user + TEMPLATE.replace("<|im_start|>assistant\n{{ m.content }}", "<|im_start|>assistant\n" + think)
+    tok = char_tokenizer(template)
+    assert build_environment(_env_cfg(kind="tools", tools=["calculator"]), tok).format == "hermes"
+    with pytest.warns(ConfigWarning, match="answers with a user message \\(tool messages are fine\\)"):
+        check_chat_template(_env_cfg(kind="test_episodes:TalkEnv"), tok)
 
 
 # ----------------------------------------------------------------------------- the tiny model

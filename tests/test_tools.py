@@ -272,6 +272,88 @@ def test_lone_surrogate_escapes_become_replacement_characters():
     assert run_python("print('a\udc80b')").stdout == "a?b\n"  # code a caller passes with one runs
 
 
+def test_a_closing_tag_inside_a_json_string_does_not_end_the_hermes_block():
+    """The model passes code or text that holds "</tool_call>": the block ends after its JSON, not at
+    the tag inside the string (which cut the JSON and made a valid call a "bad JSON" error)."""
+    echo = Tool.from_function(shout, name="echo")
+    first = '<tool_call>\n{"name": "echo", "arguments": {"text": "a </tool_call> b"}}\n</tool_call>'
+    second = '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'
+    calls = parse_tool_calls(f"Let me see.\n{first}\n{second} done", [echo, *TOOLS])
+    assert calls == [ToolCall("echo", {"text": "a </tool_call> b"}, first), ToolCall("add", {"a": 1}, second)]
+    assert assistant_message(f"{first}{second}", calls)["content"] == ""  # each raw is the whole block
+    # an unclosed block with the tag in a string, and JSON followed by junk (still an error, quoted whole)
+    (unclosed,) = parse_tool_calls('<tool_call>{"name": "echo", "arguments": {"text": "</tool_call>"}}', [echo])
+    assert unclosed.arguments == {"text": "</tool_call>"}
+    junk = '<tool_call>{"name": "echo", "arguments": {"text": "</tool_call>"}} junk</tool_call>'
+    (err,) = parse_tool_calls(junk, [echo])
+    assert err == ToolCallError("bad JSON at char 56: Extra data", junk)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_numbers_are_refused(literal):
+    """Python's json reads NaN, Infinity and 1e999 (inf): none is a number a tool can compute with."""
+    text = '<tool_call>{"name": "search", "arguments": {"query": "x", "weights": [1, %s]}}</tool_call>'
+    (err,) = parse_tool_calls(text % literal, TOOLS)
+    shown = {"1e999": "Infinity"}.get(literal, literal)
+    assert err.message == f"argument 'weights' item 1 should be a finite number, got {shown}"
+    as_int = '<tool_call>{"name": "add", "arguments": {"a": %s}}</tool_call>'
+    (int_err,) = parse_tool_calls(as_int % literal, TOOLS)
+    assert int_err.message == f"argument 'a' should be an integer, got {shown}"
+    (ok,) = parse_tool_calls(text % "2.5", TOOLS)
+    assert ok.arguments["weights"] == [1, 2.5]
+
+
+@pytest.mark.parametrize(
+    "body, fmt, message, name",
+    [
+        ('{"name": "add", "arguments": {"a": 1, "a": 2}}', "hermes", "duplicate key 'a' in the tool call", "add"),
+        ('{"name": "add", "name": "search", "arguments": {}}', "hermes", "duplicate key 'name' in the tool call", None),
+        (
+            '{"name": "add", "arguments": "{\\"b\\": 1, \\"b\\": 2}"}',
+            "hermes",
+            "duplicate key 'b' in 'arguments'",
+            "add",
+        ),
+        (
+            '{"name": "add", "parameters": {"a": 1, "b": 2, "b": 3}}',
+            "llama3",
+            "duplicate key 'b' in the tool call",
+            None,
+        ),
+    ],
+)
+def test_duplicate_keys_are_an_error_naming_the_key(body, fmt, message, name):
+    """json keeps the last of two equal keys silently: {"a": 1, "a": 2} would run add(a=2)."""
+    text = f"<tool_call>{body}</tool_call>" if fmt == "hermes" else body
+    (err,) = parse_tool_calls(text, TOOLS, fmt)
+    assert err == ToolCallError(f"{message} (each key once)", text, name)
+    result = call_tool(None, err)
+    assert (result.ok, result.error_kind, result.content) == (False, "bad_call", f"error: {err.message}")
+
+
+def test_a_tool_that_exits_is_a_failed_result_without_a_timeout():
+    """sys.exit in a tool (argparse does it on bad arguments) is the tool's failure; without a timeout it
+    ran in this thread and ended the run. A KeyboardInterrupt there is the user's Ctrl-C: it stops."""
+    import sys
+
+    def quits(code: int) -> str:
+        """Exit."""
+        sys.exit(code if code else None)
+
+    def interrupted() -> str:
+        """Ctrl-C."""
+        raise KeyboardInterrupt
+
+    tool = Tool.from_function(quits)
+    for timeout_s in (None, 5.0):
+        result = call_tool(tool, ToolCall("quits", {"code": 3}, ""), timeout_s=timeout_s)
+        assert result == ToolResult("error: SystemExit: 3", False, "exception", "quits")
+        bare = call_tool(tool, ToolCall("quits", {"code": 0}, ""), timeout_s=timeout_s)
+        assert bare == ToolResult("error: SystemExit", False, "exception", "quits")
+    with pytest.raises(KeyboardInterrupt):
+        call_tool(Tool.from_function(interrupted), ToolCall("interrupted", {}, ""), timeout_s=None)
+
+
 def shout(text: str) -> str:
     """Say it louder.
 

@@ -7,7 +7,7 @@
     messages += [assistant_message(completion, calls), *tool_messages(results)]
 
 - schema.py: `Tool` from a function (JSON schema from annotations, descriptions from the docstring)
-- calls.py: the "hermes" (Qwen2.5) and "llama3" (Llama-3.1) call formats, checking against the tools
+- calls.py: the "hermes" (Qwen2.5), "llama3" (Llama-3.1) and "mistral" call formats, checking against the tools
 - run.py: `call_tool` -> `ToolResult`, timeouts, truncation, `ToolStats` metrics
 - render.py: results (and calls) as chat messages: the template's tool role, or plain text for a
   template without tool support (`renders_tool_calls`)

@@ -1,6 +1,6 @@
 """Tool calls parsed out of a model turn's text, in the chat template's format, and checked against the tools.
 
-    calls = parse_tool_calls(text, tools, format="hermes")   # or "llama3"; detect_format(template) picks one
+    calls = parse_tool_calls(text, tools, format="hermes")   # "llama3", "mistral"; detect_format(template) picks one
     for call in calls:
         call                 # ToolCall(name, arguments, raw), or ToolCallError(message, raw, name)
 
@@ -12,22 +12,29 @@ Formats (a registry keyed by name; `register_format` adds one):
   `{"name": ..., "parameters": {...}}` (several may follow each other, separated by ';'), optionally after
   `<|python_tag|>`, and optionally with `"type": "function"` (the OpenAI layout of a call). A message that is
   not such an object is plain text: no calls.
+- "mistral" (Mistral-7B-Instruct-v0.3 and later): `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`;
+  each call gets an `id` of 9 letters and digits, which Mistral's template requires of every call and
+  of the tool message answering it (`tool_call_id`).
 
 JSON escapes of lone surrogates ("\\ud83d" without its pair) become U+FFFD in every string parsed:
 no text a call gives the tools or the error messages can fail to encode as UTF-8.
 
 A malformed call is never an exception: it is a `ToolCallError` whose message says exactly what was
 wrong (bad JSON at char N, unknown tool 'x' (did you mean 'y'?), missing required argument 'a',
-argument 'a' should be an integer, unexpected argument 'b'); `run.call_tool` turns it into a tool
-result the model reads on its next turn.
+argument 'a' should be an integer, unexpected argument 'b', duplicate key 'a'); `run.call_tool` turns it
+into a tool result the model reads on its next turn. A `</tool_call>` inside a JSON string is text, not the
+end of a block; NaN and Infinity (which Python's json reads) are no numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
+import math
 import re
+import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -54,6 +61,7 @@ class ToolCall:
     name: str
     arguments: dict[str, Any]
     raw: str
+    id: str = ""  # the call's id where the format gives calls ids ("mistral"), else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,16 +71,19 @@ class ToolCallError:
     message: str
     raw: str
     name: str | None = None
+    id: str = ""  # as ToolCall.id: the tool result answering it carries it
 
 
 @dataclasses.dataclass(frozen=True)
 class ToolCallFormat:
     """How one template family writes calls: `parse(text)` -> unchecked calls / errors, in order;
-    `markers`: strings whose presence in a chat template identifies the family (any one suffices)."""
+    `markers`: strings whose presence in a chat template identifies the family (any one suffices);
+    `call_ids`: parse gives every call an id (9 letters and digits) that the template needs."""
 
     name: str
     parse: Callable[[str], list[ToolCall | ToolCallError]]
     markers: tuple[str, ...]
+    call_ids: bool = False
 
 
 # ----------------------------------------------------------------------------- reading one call
@@ -81,15 +92,51 @@ class ToolCallFormat:
 def _call_from_json(body: str, raw: str, args_keys: tuple[str, ...]) -> ToolCall | ToolCallError:
     """A call from the JSON text `body`: {"name": str, <one of args_keys>: object or JSON-object string}."""
     try:
-        obj = json.loads(body)
+        obj = _DECODER.decode(body)
     except (ValueError, RecursionError) as e:
-        return ToolCallError(_bad_json(e), raw)
+        return ToolCallError(_bad_json(e), raw, _name_despite_duplicates(body, e))
     return _call_from_object(obj, raw, args_keys)
+
+
+def _name_despite_duplicates(body: str, e: Exception) -> str | None:
+    """For a call refused for a duplicate key (other than "name"), its name: the error names the tool."""
+    if not isinstance(e, _DuplicateKey) or e.key == "name":
+        return None
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):  # a syntax error after the duplicate
+        return None
+    name = obj.get("name") if isinstance(obj, dict) else None
+    return valid_text(name) if isinstance(name, str) and name else None
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object of model text names `key` twice: json would keep the last value silently, so
+    the call would run with an argument the model may not have meant."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object from its (key, value) pairs; _DuplicateKey on a key given twice."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)  # every JSON of model text goes through it
 
 
 def _bad_json(e: Exception, where: str = "") -> str:
     """Why model text is no JSON. Beside syntax errors, json raises RecursionError on deep nesting
     and ValueError on integers past Python's digit limit: model text must never end the run."""
+    if isinstance(e, _DuplicateKey):
+        return f"duplicate key {valid_text(e.key)!r} in {where.removeprefix(' in ') or 'the tool call'} (each key once)"
     if isinstance(e, json.JSONDecodeError):
         return f"bad JSON{where} at char {e.pos}: {e.msg}"
     reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
@@ -117,7 +164,11 @@ def _valid_values(value: Any) -> Any:
     return value
 
 
-def _call_from_object(obj: Any, raw: str, args_keys: tuple[str, ...]) -> ToolCall | ToolCallError:
+def _call_from_object(
+    obj: Any, raw: str, args_keys: tuple[str, ...], other_keys: tuple[str, ...] = ()
+) -> ToolCall | ToolCallError:
+    """A call from a decoded JSON value: {"name": str, <one of args_keys>: object or JSON-object string},
+    and optionally `other_keys` (read by the format, e.g. a call's "id")."""
     if _SURROGATE_ESCAPE.search(raw):
         try:
             obj = _valid_values(obj)
@@ -133,13 +184,13 @@ def _call_from_object(obj: Any, raw: str, args_keys: tuple[str, ...]) -> ToolCal
     arguments = {} if key is None else obj[key]
     if isinstance(arguments, str):  # OpenAI style: the arguments as a JSON string
         try:
-            arguments = _valid_values(json.loads(arguments)) if arguments.strip() else {}
+            arguments = _valid_values(_DECODER.decode(arguments)) if arguments.strip() else {}
         except (ValueError, RecursionError) as e:
             return ToolCallError(_bad_json(e, f" in '{key}'"), raw, name)
     if not isinstance(arguments, dict):
         return ToolCallError(f"'{key}' should be a JSON object, got {_json_type(arguments)}", raw, name)
     tagged = {"type"} if obj.get("type") == "function" else set()  # {"type": "function", "name": ...} is a call too
-    extra = sorted(set(obj) - {"name", *args_keys} - tagged)
+    extra = sorted(set(obj) - {"name", *args_keys, *other_keys} - tagged)
     if extra:
         expected = f"expected 'name' and '{args_keys[0]}'"
         return ToolCallError(f"unexpected key {extra[0]!r} in the tool call ({expected})", raw, name)
@@ -155,13 +206,38 @@ def _json_type(value: Any) -> str:
 
 # ----------------------------------------------------------------------------- the formats
 
-_HERMES_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+_HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
 
 
 def parse_hermes(text: str) -> list[ToolCall | ToolCallError]:
     """Every `<tool_call>...</tool_call>` block of `text`, in order (Qwen2.5 / Hermes format)."""
-    keys = ("arguments", "parameters")
-    return [_call_from_json(m.group(1).strip(), m.group(0), keys) for m in _HERMES_BLOCK.finditer(text)]
+    keys, calls = ("arguments", "parameters"), []
+    start = text.find(_HERMES_OPEN)
+    while start >= 0:
+        body_at = start + len(_HERMES_OPEN)
+        body_end, end = _hermes_block_end(text, body_at)
+        calls.append(_call_from_json(text[body_at:body_end].strip(), text[start:end], keys))
+        start = text.find(_HERMES_OPEN, end)
+    return calls
+
+
+def _hermes_block_end(text: str, at: int) -> tuple[int, int]:
+    """(end of the body, end of the block) of the block whose body starts at `at`. The block ends after
+    the JSON value that starts it, so "</tool_call>" inside one of its strings is text, not the closer;
+    a body that is no JSON (the error names why) ends at the next closer, or the end of the text."""
+    start = len(text) - len(text[at:].lstrip())
+    try:
+        _, stop = _DECODER.raw_decode(text, start)
+    except (ValueError, RecursionError):
+        stop = None
+    if stop is not None:
+        rest = len(text) - len(text[stop:].lstrip())
+        if text.startswith(_HERMES_CLOSE, rest):
+            return stop, rest + len(_HERMES_CLOSE)
+        if rest == len(text):
+            return stop, len(text)  # unclosed last block (generation stopped at the closer)
+    close = text.find(_HERMES_CLOSE, at if stop is None else stop)  # JSON then more text: past the JSON
+    return (len(text), len(text)) if close < 0 else (close, close + len(_HERMES_CLOSE))
 
 
 _PYTHON_TAG = "<|python_tag|>"
@@ -180,7 +256,7 @@ def parse_llama3(text: str) -> list[ToolCall | ToolCallError]:
     if not body.startswith("{"):
         expected = '{"name": ..., "parameters": {...}}'
         return [ToolCallError(f"after {_PYTHON_TAG} a JSON tool call {expected} was expected", text)]
-    decoder, calls, pos = json.JSONDecoder(), [], 0
+    decoder, calls, pos = _DECODER, [], 0
     while pos < len(body):
         try:
             obj, end = decoder.raw_decode(body, pos)
@@ -195,6 +271,50 @@ def parse_llama3(text: str) -> list[ToolCall | ToolCallError]:
     return calls
 
 
+_MISTRAL_TAG = "[TOOL_CALLS]"
+_ID_CHARS = string.ascii_letters + string.digits
+_MISTRAL_ID = re.compile(r"[A-Za-z0-9]{9}")
+
+
+def parse_mistral(text: str) -> list[ToolCall | ToolCallError]:
+    """The calls after each `[TOOL_CALLS]` of `text` (Mistral format): a JSON array of
+    {"name": ..., "arguments": {...}} objects (or one object). Mistral's template needs every call to
+    have an id of 9 letters and digits (its results name it): the model's own where it wrote a valid
+    one, else one made from the text and the call's place, the same on every run."""
+    found: list[tuple[ToolCall | ToolCallError, Any]] = []  # (call, the "id" the model wrote)
+    at = text.find(_MISTRAL_TAG)
+    while at >= 0:
+        start = len(text) - len(text[at + len(_MISTRAL_TAG) :].lstrip())
+        try:
+            value, end = _DECODER.raw_decode(text, start)
+        except (ValueError, RecursionError) as e:
+            end = text.find(_MISTRAL_TAG, start)
+            end = len(text) if end < 0 else end  # the error's text: up to the next tag
+            found.append((ToolCallError(_bad_json(e, f" after {_MISTRAL_TAG}"), text[at:end]), None))
+        else:
+            raw = text[at:end]  # the whole block: its calls are cut from the assistant's content together
+            items = value if isinstance(value, list) else [value]
+            found += [
+                (_call_from_object(item, raw, ("arguments", "parameters"), ("id",)), _id_of(item)) for item in items
+            ]
+            if not items:
+                found.append((ToolCallError(f"an empty list of calls after {_MISTRAL_TAG}", raw), None))
+        at = text.find(_MISTRAL_TAG, end)
+    return [dataclasses.replace(c, id=_mistral_id(given, text, i)) for i, (c, given) in enumerate(found)]
+
+
+def _id_of(item: Any) -> Any:
+    return item.get("id") if isinstance(item, dict) else None
+
+
+def _mistral_id(given: Any, text: str, index: int) -> str:
+    """A call's id: `given` (the model's) if it is 9 letters and digits, else 9 made from (text, index)."""
+    if isinstance(given, str) and _MISTRAL_ID.fullmatch(given):
+        return given
+    digest = hashlib.sha256(f"{index}\x00{text}".encode("utf-8", "surrogatepass")).digest()
+    return "".join(_ID_CHARS[b % len(_ID_CHARS)] for b in digest[:9])
+
+
 FORMATS: dict[str, ToolCallFormat] = {}
 
 
@@ -205,6 +325,7 @@ def register_format(fmt: ToolCallFormat) -> None:
 
 register_format(ToolCallFormat("hermes", parse_hermes, ("<tool_call>",)))
 register_format(ToolCallFormat("llama3", parse_llama3, ("<|python_tag|>", "ipython")))
+register_format(ToolCallFormat("mistral", parse_mistral, (_MISTRAL_TAG,), call_ids=True))
 
 
 def get_format(name: str | ToolCallFormat) -> ToolCallFormat:
@@ -223,7 +344,8 @@ def get_format(name: str | ToolCallFormat) -> ToolCallFormat:
 
 def detect_format(chat_template: str | None) -> str | None:
     """The tool-call format a chat template uses, by its markers: "hermes" for `<tool_call>` (Qwen2.5),
-    "llama3" for `<|python_tag|>` / the `ipython` role (Llama-3.1); None if the template shows neither."""
+    "llama3" for `<|python_tag|>` / the `ipython` role (Llama-3.1), "mistral" for `[TOOL_CALLS]`; None
+    if the template shows none of them."""
     if not chat_template:
         return None
     for fmt in FORMATS.values():
@@ -255,13 +377,13 @@ def parse_tool_calls(
         if tool is None:
             hint = difflib.get_close_matches(call.name, by_name, n=1)
             more = f"did you mean {hint[0]!r}?" if hint else f"available: {', '.join(sorted(by_name)) or 'none'}"
-            out.append(ToolCallError(f"unknown tool {call.name!r} ({more})", call.raw, call.name))
+            out.append(ToolCallError(f"unknown tool {call.name!r} ({more})", call.raw, call.name, call.id))
             continue
         arguments, problems = check_arguments(tool.parameters, call.arguments)
         if problems:
-            out.append(ToolCallError("; ".join(problems), call.raw, call.name))
+            out.append(ToolCallError("; ".join(problems), call.raw, call.name, call.id))
         else:
-            out.append(ToolCall(call.name, arguments, call.raw))
+            out.append(ToolCall(call.name, arguments, call.raw, call.id))
     return out
 
 
@@ -305,6 +427,8 @@ def _check_value(schema: Mapping[str, Any], value: Any, what: str) -> tuple[Any,
                 break
         else:
             words = " or ".join(_TYPE_WORDS.get(k, k) for k in kinds)
+            if _is_non_finite(value) and "number" in kinds:  # NaN / Infinity: Python's json reads them
+                words = words.replace("a number", "a finite number")
             return value, f"{what} should be {words}, got {_show(value)}"
     if "enum" in schema and value not in schema["enum"]:
         return value, f"{what} should be one of {', '.join(json.dumps(v) for v in schema['enum'])}, got {_show(value)}"
@@ -333,10 +457,14 @@ def _is_type(kind: str, value: Any) -> tuple[bool, Any]:
         if isinstance(value, float) and value.is_integer():
             return True, int(value)
         return isinstance(value, int) and not isinstance(value, bool), value
-    if kind == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    if kind == "number":  # NaN and Infinity are no JSON numbers (and no tool's input)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not _is_non_finite(value), value
     python = {"string": str, "boolean": bool, "array": list, "object": dict, "null": type(None)}.get(kind)
     return (python is None or isinstance(value, python)), value
+
+
+def _is_non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _show(value: Any) -> str:

@@ -11,11 +11,14 @@ OpenAI layout templates read (`{"type": "function", "function": {"name": ..., "a
 
 A template without tool support (`renders_tool_calls` is False: SmolLM2's writes each message's
 role and content and nothing else) would drop calls moved to `tool_calls` from the conversation,
-and a `tool` message would open a role the model never saw (or make the template raise). With
-`plain=True` the calls stay in the assistant's content as the model wrote them, and the results
+and a `tool` message would open a role the model never saw (or make the template raise).
+With `plain=True` the calls stay in the assistant's content as the model wrote them, and the results
 come back as ONE user message holding a `<tool_response>` block per result, the layout Qwen2.5's
 template itself gives tool results. Such a template shows no tool definitions either: the system
 prompt must say what the tools are and how to call them.
+
+A call with an id (the "mistral" format's) keeps it: as `id` of its `tool_calls` entry and as
+`tool_call_id` of its result's message, which Mistral's template requires.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ _PROBE_TOKENS = {f"{name}_token": "" for name in ("bos", "eos", "unk", "pad")}  
 def renders_tool_calls(chat_template: str) -> bool:
     """Whether `chat_template` writes an assistant message's `tool_calls` (probed: the name of a call
     shows in the rendering). A template that raises on a call has no tool support either."""
-    call = {"type": "function", "function": {"name": _PROBE_NAME, "arguments": {}}}
+    # with an id of 9 letters and digits: Mistral's template raises on a call without one
+    call = {"type": "function", "function": {"name": _PROBE_NAME, "arguments": {}}, "id": "probe0001"}
     messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
     try:
         return _PROBE_NAME in render_chat_template(chat_template, messages, variables=_PROBE_TOKENS)
@@ -51,7 +55,14 @@ def tool_messages(results: Iterable[ToolResult], *, plain: bool = False) -> list
     if plain:
         blocks = [f"<tool_response>\n{r.content}\n</tool_response>" for r in results]
         return [{"role": "user", "content": "\n".join(blocks)}] if blocks else []
-    return [{"role": "tool", "content": r.content, "name": r.name} for r in results]
+    return [
+        {"role": "tool", "content": r.content, "name": r.name, **_call_id(r.call_id, "tool_call_id")} for r in results
+    ]
+
+
+def _call_id(call_id: str, key: str) -> dict[str, str]:
+    """{key: call_id} for a call with an id (the "mistral" format gives them), else {}."""
+    return {key: call_id} if call_id else {}
 
 
 def assistant_message(
@@ -68,5 +79,8 @@ def assistant_message(
     for call in good:
         content = content.replace(call.raw, "", 1)
     content = content.replace("<|python_tag|>", "").strip()
-    tool_calls = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in good]
+    tool_calls = [
+        {"type": "function", "function": {"name": c.name, "arguments": c.arguments}, **_call_id(c.id, "id")}
+        for c in good
+    ]
     return {"role": "assistant", "content": content, "tool_calls": tool_calls}

@@ -41,6 +41,7 @@ class ToolResult:
     ok: bool = True
     error_kind: str | None = None
     name: str = ""
+    call_id: str = ""  # the id of the call it answers, where the format gives ids ("mistral")
 
 
 def call_tool(
@@ -53,7 +54,8 @@ def call_tool(
     """Run `call` with `tool` (None is fine for a ToolCallError); the result, failures included. Its
     content and name are text UTF-8 can write (calls.valid_text): the model reads them as tokens."""
     result = _call_tool(tool, call, timeout_s, max_chars)
-    return dataclasses.replace(result, content=valid_text(result.content), name=valid_text(result.name))
+    content, name = valid_text(result.content), valid_text(result.name)
+    return dataclasses.replace(result, content=content, name=name, call_id=call.id)
 
 
 def _call_tool(
@@ -93,11 +95,13 @@ def run_tool_calls(
 
 
 def _run(fn: Callable[..., Any], arguments: Mapping[str, Any], timeout_s: float | None) -> tuple[str, Any]:
-    """("ok", value) | ("error", exception) | ("timeout", None); with a timeout, in a daemon thread."""
+    """("ok", value) | ("error", exception) | ("timeout", None); with a timeout, in a daemon thread.
+    A tool's SystemExit (sys.exit, argparse) is its failure, not the run's end; a KeyboardInterrupt in
+    this thread is the user's (Ctrl-C) and stops the run."""
     if timeout_s is None:
         try:
             return "ok", fn(**arguments)
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             return "error", e
     box: list[tuple[str, Any]] = []
 
