@@ -348,6 +348,8 @@ def test_preflight_counts_the_critic(value_model):
         # the lower clip bound 1 - clip_eps must stay above 0 (a ratio is > 0): 1 or more never clips
         (["algorithm=ppo", "ppo.clip_eps=1"], "ppo.clip_eps must be in (0, 1), got 1.0"),
         (["algorithm=ppo", "ppo.clip_eps=1.5"], "ppo.clip_eps must be in (0, 1), got 1.5"),
+        # a critic loss of weight 0 gives it no gradient: AdamW's weight decay alone would shrink it
+        (["algorithm=ppo", "ppo.vf_coef=0"], "ppo.vf_coef must be > 0, got 0"),
         (
             ["algorithm=ppo", "sampler.kind=vllm", "grpo.is_correction=sequence_mask"],
             "grpo.is_correction='sequence_mask' weights GRPO's loss by the sampler's log-probs, which algorithm: ppo",

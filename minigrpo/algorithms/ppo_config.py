@@ -33,7 +33,9 @@ class PPOCfg(Section):
     # policy ratio clipped to [1 - clip_eps, 1 + clip_eps]: a ratio is > 0, so a lower bound <= 0 never clips
     clip_eps: float = spec(0.2, "in (0, 1)")
     value_clip: float | None = spec(0.2, "> 0", why="null = no clipping")  # value change clip range
-    vf_coef: float = spec(0.1, ">= 0")  # weight of the value loss (the critic's own objective)
+    # weight of the value loss. The critic has its own AdamW, which is blind to a constant factor on
+    # its loss: vf_coef only decides where train.max_grad_norm clips the critic (value_lr sets its step)
+    vf_coef: float = spec(0.1, "> 0")
     epochs: int = spec(4, ">= 1")  # passes over each step's rollout
     mini_batches: int = spec(1, ">= 1")  # optimizer steps per epoch (shuffled mini-batches of rows)
     # separate: a Transformer of its own; lora: a second set of adapters on the policy's frozen base
