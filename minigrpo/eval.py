@@ -13,10 +13,11 @@ set, every example is an episode played as in training (minigrpo/episodes.py: en
 of at most eval.max_new_tokens tokens, env.max_episode_tokens in all): the answer is read from the
 model's last turn, the rewards see the episode columns, and the env/* metrics of training are
 reported too (turns, tool calls and failures, how episodes ended, prefilled tokens). Without
-`--config`, the run config saved in a training checkpoint (`run_config.yaml`) is used; a LoRA
-checkpoint (a PEFT adapter) is applied to the base model that config names. The split is the
-config's `data.eval_split` unless `--split` names one of its splits; every argument is checked
-before any weights load.
+`--config`, the run config saved in a training checkpoint (`run_config.yaml`) is used, or the run's
+config.yaml for its final model (run_dir/merged, an SFT run's run_dir/model); a LoRA checkpoint (a
+PEFT adapter) is applied to the base model that config names, or without one to the base its
+adapter_config.json names. The split is the config's `data.eval_split` unless `--split` names one
+of its splits; every argument is checked before any weights load.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from minigrpo.step import episode_metrics
 # eval.temperature > 0 samples from the noise stream (run.seed, EVAL_STREAM, turn) with the example's
 # index as its row id: an example draws the same completion whatever --batch-size (training: (seed, step, round))
 EVAL_STREAM = -2
+# the model folders a run writes beside its config.yaml: a LoRA run's merged export, an SFT run's model
+RUN_OUTPUTS = ("merged", "model")
 
 
 @torch.no_grad()
@@ -144,16 +147,35 @@ def parse_args(argv: list[str] | None):
 
 
 def run_config_of(checkpoint: Path, config: str | None) -> str | None:
-    """The config to evaluate with: --config, else the one a training run saved with this folder:
-    run_dir/checkpoints/step_N/run_config.yaml, or run_dir/config.yaml for run_dir/merged."""
+    """The config to evaluate with: --config, else the one a run saved with this folder:
+    run_dir/checkpoints/step_N/run_config.yaml, or run_dir/config.yaml for a run's final model
+    (run_dir/merged of a LoRA run, run_dir/model of an SFT run: its data.synthetic is the task)."""
     if config is not None or not checkpoint.is_dir():
         return config
     folder = checkpoint.resolve()
     candidates = [folder / "run_config.yaml"]
-    if folder.name == "merged":
+    if folder.name in RUN_OUTPUTS and (folder.parent / "metrics.jsonl").is_file():  # inside a run's folder
         candidates.append(folder.parent / "config.yaml")
     found = [p for p in candidates if p.is_file()]
     return str(found[0]) if found else None
+
+
+def take_adapter_base(cfg: Config, checkpoint: Path, adapter: dict[str, Any], overrides: list[str]) -> None:
+    """A LoRA checkpoint without a config (no --config, no run_config.yaml: a bare PEFT adapter) is
+    evaluated on the base model its adapter_config.json names, as the export merges it, not on the
+    default config's model; `--set model.name_or_path=...` still picks another base."""
+    named = {item.partition("=")[0].strip() for item in overrides}  # the keys --set gives
+    if named & {"model.name_or_path", "model.arch"}:
+        return
+    base = adapter.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise UserError(
+            f"{checkpoint / 'adapter_config.json'} names no base model (base_model_name_or_path): pass the "
+            "run's --config, or --set model.name_or_path=<base model>"
+        )
+    cfg.model.name_or_path = base
+    if "model.revision" not in named:
+        cfg.model.revision = adapter.get("revision")
 
 
 def check_output(output: str | None) -> None:
@@ -223,14 +245,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _main(argv: list[str] | None) -> dict[str, Any]:
     args = parse_args(argv)
     ckpt = Path(args.checkpoint)
-    cfg = load_config(run_config_of(ckpt, args.config), args.overrides)
+    config_file = run_config_of(ckpt, args.config)
+    cfg = load_config(config_file, args.overrides)
+    adapter = (ckpt / "adapter_config.json").is_file()  # a LoRA run: its base model plus the saved adapter
+    if adapter:
+        peft_config = check_peft_adapter(ckpt)
+        if config_file is None:
+            take_adapter_base(cfg, ckpt, peft_config, args.overrides)
     split = pick_split(cfg, args.split)
     check_output(args.output)
     specs = rewards.build_reward_specs(cfg.rewards)
     check_environment(cfg)  # env.kind: the tools and the user class import, before any weights load
-    adapter = (ckpt / "adapter_config.json").is_file()  # a LoRA run: its base model plus the saved adapter
-    if adapter:
-        check_peft_adapter(ckpt)
     source = cfg.model.name_or_path if adapter else args.checkpoint
     tokenizer = check_model_source(
         source, revision=cfg.model.revision, key="model.name_or_path" if adapter else "--checkpoint"
