@@ -87,7 +87,9 @@ def check_before_loading(
     (world_size, known at launch), the optional packages the settings need, the reward
     functions (importable, known kwargs), the training data (readable, well formed), the model
     folder, the environment's tools and class (env.kind) and, for a local model folder, the prompts
-    against its chat template and positions (prompt_fit.py). Returns what it had to read."""
+    against its chat template and positions (prompt_fit.py); the device before all of them. Returns
+    what it had to read."""
+    pick_device(cfg.run.device)  # a missing GPU first: nothing is fetched for a run that cannot start
     validate_distributed(cfg, world_size)
     if cfg.model.arch is not None:
         raise UserError("training needs a tokenizer: model.arch builds weights only; set model.name_or_path")
@@ -241,6 +243,8 @@ def pick_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"run.device={name!r} but CUDA is not available on this machine (use run.device=cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"run.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

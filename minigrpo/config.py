@@ -415,9 +415,10 @@ def config_diff(a: Config, b: Config) -> list[str]:
     return configio.changed_keys(config_to_dict(a), config_to_dict(b))
 
 
-def build_arg_parser(description: str | None = None) -> ArgumentParser:
-    """`--config FILE`, `--set a.b=v ...` (repeatable) and `--resume`; bad arguments raise UsageError."""
-    parser = ArgumentParser(description=description)
+def build_arg_parser(description: str | None = None, prog: str | None = None) -> ArgumentParser:
+    """`--config FILE`, `--set a.b=v ...` (repeatable) and `--resume`; bad arguments raise UsageError.
+    prog: the command's name ("minigrpo.train") in usage and error lines."""
+    parser = ArgumentParser(description=description, prog=prog)
     parser.add_argument("--config", type=str, default=None, help="YAML config file (default: all defaults)")
     parser.add_argument(
         "--set",
@@ -432,9 +433,11 @@ def build_arg_parser(description: str | None = None) -> ArgumentParser:
     return parser
 
 
-def config_from_args(argv: Sequence[str] | None = None, description: str | None = None) -> Config:
+def config_from_args(
+    argv: Sequence[str] | None = None, description: str | None = None, prog: str | None = None
+) -> Config:
     """Parse the command line into a validated Config (`--resume` sets run.resume=true)."""
-    args = build_arg_parser(description).parse_args(argv)
+    args = build_arg_parser(description, prog).parse_args(argv)
     overrides = [*args.overrides, *(["run.resume=true"] if args.resume else [])]
     return load_config(args.config, overrides)
 

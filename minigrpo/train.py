@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def train_from_args(argv: list[str] | None) -> list[dict[str, Any]]:
-    cfg = config_from_args(argv, description="GRPO training (minigrpo/train.py)")
+    cfg = config_from_args(argv, description="GRPO training (minigrpo/train.py)", prog="minigrpo.train")
     try:
         return train(cfg)
     except KeyboardInterrupt:

@@ -131,7 +131,7 @@ def test_every_entry_point_answers_help_and_a_bad_argument(module, tmp_path):
     assert proc.returncode == 0 and "usage:" in proc.stdout and not proc.stderr.strip(), proc.stderr[-2000:]
     needed = ["--checkpoint", "x"] if module in ("minigrpo.eval", "minigrpo.export") else []
     message = one_error_line(run_module(module, *needed, "--bogus", cwd=tmp_path))
-    assert message.endswith("unrecognized arguments: --bogus"), message
+    assert message == f"{module}: unrecognized arguments: --bogus", message  # the command's own name
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
