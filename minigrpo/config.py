@@ -249,7 +249,7 @@ class CheckpointCfg(Section):
 class EvalCfg(Section):
     """Evaluation on the eval split (`python -m minigrpo.eval`)."""
 
-    num_prompts: int | None = spec(None, ">= 1", derived="data.num_eval")  # prompts scored; <= data.num_eval
+    num_prompts: int | None = spec(None, ">= 0", derived="data.num_eval")  # prompts scored; <= data.num_eval
     temperature: float = spec(0.0, ">= 0", why="0 = greedy")  # sampling temperature
     max_new_tokens: int | None = spec(None, ">= 1", derived="sampler.max_new_tokens")  # completion limit
 

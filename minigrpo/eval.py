@@ -213,6 +213,8 @@ def eval_examples(cfg: Config, split: str, num: int | None) -> list[Example]:
     """The first `num` examples of the split (default: eval.num_prompts). --num may ask for more than
     data.num_eval (which caps an eval split only by default), but not for more than the split holds:
     an accuracy over fewer rows than asked is refused, not reported as if it were the one asked for."""
+    if num is None and cfg.eval.num_prompts == 0:
+        raise UserError("nothing to evaluate: eval.num_prompts is 0 (it follows data.num_eval); pass --num N")
     examples = build_dataset(cfg.data, split, limit=num or cfg.eval.num_prompts)
     if not examples:
         raise UserError(f"the {split!r} split holds no example")

@@ -67,6 +67,8 @@ def test_derived_fields_fill_only_when_none():
     # the packaged model fills name_or_path only when neither it nor arch is given
     cfg = load_config(None, ["model.arch=qwen2.5-1.5b"])
     assert cfg.model.name_or_path is None and cfg.model.arch == "qwen2.5-1.5b"
+    # no held-out rows: the derived eval.num_prompts follows to 0 instead of failing its own check
+    assert load_config(None, ["data.num_eval=0"]).eval.num_prompts == 0
 
 
 def test_yaml_round_trip(tmp_path):
