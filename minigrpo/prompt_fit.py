@@ -112,14 +112,27 @@ def prompts_that_fit(
     longest = max(lengths)
     budget, key = completion_budget(cfg, evaluating=evaluating)
     if max_positions is not None and longest + budget > max_positions.positions:
-        room = max_positions.positions - budget
-        shorter = f"drop the prompts longer than {room} tokens" if evaluating else f"set data.max_prompt_tokens={room}"
-        fix = f"lower {key} or {shorter}" if room >= 1 else f"lower {key} below {max_positions.positions}"
+        fix = _fits_fix(max_positions.positions, budget, key, longest, min(lengths), evaluating)
         raise UserError(
             f"the longest prompt has {longest} tokens and {key}={budget}: {longest + budget} positions, more than "
             f"{max_positions.setting}; {fix}"
         )
     return examples, longest if limit is None else limit
+
+
+def _fits_fix(positions: int, budget: int, key: str, longest: int, shortest: int, evaluating: bool) -> str:
+    """The settings that would fit: a completion budget that leaves room for the longest prompt, and
+    a prompt cap that keeps at least the shortest prompt (neither is offered where it cannot help)."""
+    fixes = []
+    if positions - longest >= 1:
+        fixes.append(f"set {key}={positions - longest} or less")
+    room = positions - budget
+    if room >= shortest:
+        cap = f"drop the prompts longer than {room} tokens" if evaluating else f"set data.max_prompt_tokens={room}"
+        fixes.append(cap)
+    if not fixes:
+        return f"the prompts must be shorter than {positions} tokens and {key} below {positions - shortest}"
+    return " or ".join(fixes)
 
 
 def _describe(example: Example) -> str:

@@ -93,14 +93,27 @@ def test_a_prompt_past_the_models_positions(tmp_path, capsys, monkeypatch):
     message = train_error(tmp_path, capsys, monkeypatch, data={"path": str(data)}, sampler={"max_new_tokens": 6})
     assert message == (
         "the longest prompt has 301 tokens and sampler.max_new_tokens=6: 307 positions, more than the model's "
-        "max_position_embeddings=256; lower sampler.max_new_tokens or set data.max_prompt_tokens=250"
-    )
+        "max_position_embeddings=256; set data.max_prompt_tokens=250"
+    )  # no completion budget can make room for a prompt longer than the positions: not offered
 
 
 def test_a_completion_budget_past_the_models_positions(tmp_path, capsys, monkeypatch):
     message = train_error(tmp_path, capsys, monkeypatch, sampler={"max_new_tokens": 256})
-    assert message.endswith("max_position_embeddings=256; lower sampler.max_new_tokens below 256"), message
+    assert message.endswith("max_position_embeddings=256; set sampler.max_new_tokens=254 or less"), message
     assert message.startswith("the longest prompt has 2 tokens and sampler.max_new_tokens=256: 258 positions")
+
+
+def test_the_fix_offers_what_fits_the_longest_prompt_and_keeps_the_shortest(tmp_path, capsys, monkeypatch):
+    """Prompts of 2 and 20 tokens, 250 new tokens, 256 positions: the budget that fits the longest
+    prompt is 236, and a cap of 6 tokens keeps the short prompt; with 255 new tokens a cap of 1 would
+    keep no prompt, so only the budget is offered."""
+    data = tmp_path / "mixed.jsonl"
+    rows = [{"question": "repeat 1", "answer": "1"}, {"question": "repeat " + "7 " * 19, "answer": "7"}]  # 2, 20
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    message = train_error(tmp_path, capsys, monkeypatch, data={"path": str(data)}, sampler={"max_new_tokens": 250})
+    assert message.endswith("; set sampler.max_new_tokens=236 or less or set data.max_prompt_tokens=6"), message
+    message = train_error(tmp_path, capsys, monkeypatch, data={"path": str(data)}, sampler={"max_new_tokens": 255})
+    assert message.endswith("; set sampler.max_new_tokens=236 or less"), message
 
 
 def test_a_prompt_limit_no_prompt_meets(tmp_path, capsys, monkeypatch):
