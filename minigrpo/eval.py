@@ -40,7 +40,7 @@ from minigrpo.distributed import World
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
 from minigrpo.episodes import Episode, episode_columns, run_episodes
 from minigrpo.errors import ArgumentParser, UserError, run_cli
-from minigrpo.lora_export import check_peft_adapter
+from minigrpo.lora_export import check_adapter_fits, check_peft_adapter
 from minigrpo.models.loading import check_model_source, load_pretrained
 from minigrpo.prompt_fit import local_position_limit, prompts_that_fit
 from minigrpo.sampling.kv_sampler import KVCacheSampler
@@ -262,6 +262,8 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     tokenizer = check_model_source(
         source, revision=cfg.model.revision, key="model.name_or_path" if adapter else "--checkpoint"
     )
+    if adapter:  # its layers and shapes against the base's config, before the base loads
+        check_adapter_fits(ckpt, source)
     if tokenizer is not None:  # a local model folder: env.kind needs its chat template
         check_chat_template(cfg, tokenizer)
     examples = eval_examples(cfg, split, args.num)

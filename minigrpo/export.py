@@ -214,6 +214,10 @@ def _main(argv: Sequence[str] | None) -> Path:
 
         check_peft_adapter(ckpt)
     _check_source(source, own_tokenizer, revision)
+    if adapter:  # its layers and shapes against the base's config.json
+        from minigrpo.lora_export import check_adapter_fits
+
+        check_adapter_fits(ckpt, source)
 
     config_file = Path(source).expanduser() / "config.json"
     dtype = torch.float32

@@ -118,14 +118,8 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[st
     path = Path(directory)
     config = check_peft_adapter(path)
     state = {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in iter_tensors(path / ADAPTER_WEIGHTS)}
-    adaptable = target_module_names(model, list(TARGETS))
-    found = {key.rsplit(".", 2)[0] for key in state}
-    outside = sorted(found - set(adaptable))
-    if outside:
-        raise AdapterError(f"{path}: adapter for {outside[0]!r}, which is not an adaptable linear layer of this model")
-    names = [n for n in adaptable if n in found]
+    names = _adapted_names(model, state, config, path)
     r, alpha, rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False))
-    _check_adapter_shapes(model, state, names, r, path / ADAPTER_WEIGHTS)
     layers = lora_layers(model)
     if any(layer.merged for layer in layers.values()):
         raise LoRAError(f"cannot load {path} into merged adapters: unmerge_lora(model) first")
@@ -144,6 +138,39 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[st
                 f"r={layer.r}, alpha={layer.alpha}, rslora={layer.rslora}"
             )
     load_lora_state_dict(model, state)
+    return names
+
+
+def check_adapter_fits(directory: str | os.PathLike, base: str | os.PathLike | None) -> None:
+    """load_peft_adapter's layout and shape checks against the base model folder's config.json, before
+    the base's weights load (an adapter for another model is one line, not minutes of loading first):
+    a meta-device model of that config, which holds no memory, stands in for the base. A base that
+    is no local folder (a hub id, a GGUF file) is checked as it loads."""
+    from minigrpo.models.args import ModelArgs
+    from minigrpo.models.transformer import Transformer
+
+    config_file = Path(base).expanduser() / "config.json" if base is not None else None
+    if config_file is None or not config_file.is_file():
+        return
+    path = Path(directory)
+    config = check_peft_adapter(path)
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_hf_config(json.loads(config_file.read_text(encoding="utf-8"))))
+    header = read_header(path / ADAPTER_WEIGHTS)
+    state = {key.removeprefix(PEFT_PREFIX): torch.empty(h["shape"], device="meta") for key, h in header.items()}
+    _adapted_names(model, state, config, path)
+
+
+def _adapted_names(model: nn.Module, state: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> list[str]:
+    """The model's layers the adapter's A / B tensors (by module name) adapt, in the model's order;
+    an AdapterError for a layer the model cannot adapt or a tensor of another shape."""
+    adaptable = target_module_names(model, list(TARGETS))
+    found = {key.rsplit(".", 2)[0] for key in state}
+    outside = sorted(found - set(adaptable))
+    if outside:
+        raise AdapterError(f"{path}: adapter for {outside[0]!r}, which is not an adaptable linear layer of this model")
+    names = [n for n in adaptable if n in found]
+    _check_adapter_shapes(model, state, names, int(config["r"]), path / ADAPTER_WEIGHTS)
     return names
 
 

@@ -105,3 +105,25 @@ def test_gguf_export_loads_a_checkpoint_in_its_stored_precision(key, tmp_path, m
     with pytest.raises(_Loaded):
         export._main(["--checkpoint", str(ckpt), "--gguf", "bf16", "--out", str(tmp_path / "m.gguf")])
     assert seen["dtype"] == torch.bfloat16
+
+
+def test_an_adapter_for_another_base_is_refused_before_the_base_loads(tmp_path, monkeypatch):
+    """An adapter of the 64-wide tiny model against a 32-wide base folder: the GGUF export names the
+    tensor whose shape differs from what the base's config.json implies, and never calls the loader;
+    the same adapter against its own base passes the check."""
+    from minigrpo.lora_export import check_adapter_fits
+
+    _, adapter = _adapter(tmp_path)
+    other = tiny_checkpoint(tmp_path / "other", hidden_size=32, intermediate_size=48)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(other)}))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base model loaded before the adapter was checked")
+
+    monkeypatch.setattr(export, "_check_source", lambda *args: None)
+    monkeypatch.setattr("minigrpo.models.loading.load_pretrained", never)
+    with pytest.raises(UserError, match=r"lora_A\.weight has shape \[4, 64\], this model needs \[4, 32\]"):
+        export._main(["--checkpoint", str(adapter), "--gguf", "f16", "--out", str(tmp_path / "m.gguf")])
+    check_adapter_fits(adapter, tiny_checkpoint(tmp_path / "own"))  # its own base: no error
+    check_adapter_fits(adapter, "HuggingFaceTB/SmolLM2-135M")  # a hub id: checked as it loads
