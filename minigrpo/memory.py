@@ -1,4 +1,4 @@
-"""Memory pre-flight: the peak device memory of one GRPO step, predicted before step 1.
+"""Memory pre-flight: the peak device memory of one GRPO (or SFT) step, predicted before step 1.
 
     est = estimate_peak(cfg, model.args, prompt_tokens=512)     # MemoryEstimate: parts, phases, total
     print(est.table())
@@ -20,6 +20,9 @@ The bytes of each part (weights, adapters, optimizer state, activations, KV cach
 memory_parts.py, whose docstring gives the formulas; here they are added up per phase, compared with
 the device, and turned into a list of single setting changes that would fit.
 
+An SFT step (python -m minigrpo.sft: estimate_sft_peak, sft_preflight) has the update and optimizer
+phases only, its LM head the fused cross-entropy over every position of a micro-batch.
+
 The estimate is of memory *allocated* by torch; the caching allocator reserves somewhat more
 (fragmentation), which `preflight` covers with a margin.
 """
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,76 +40,32 @@ from minigrpo.algorithms.dpo_config import rows_per_group
 from minigrpo.config import Config
 from minigrpo.errors import UserError
 from minigrpo.memory_parts import (
-    activation_bytes,
+    ACTIVATION_PARTS,
+    CUDA_WORKSPACES,
+    GiB,
+    MemoryEstimate,
+    activation_parts,
     dtype_bytes,
     episode_rollout_bytes,
     forward_transient_per_token,
     kv_cache_bytes,
     lora_adapter_shapes,
+    micro_batch_activations,
     nograd_forward_bytes,
-    optimizer_state_bytes,
+    optimizer_notes,
     step_transient_bytes,
-    trainable_numels,
+    trainer_bytes,
     value_model_bytes,
-    weight_bytes,
+    vllm_share,
 )
 from minigrpo.models.args import ModelArgs
 from minigrpo.sampling.params import generation_waves
 
-GiB = 2**30
 _CRITIC = ("weights", "gradients", "masters", "optimizer", "numel")  # value_model_bytes' keys (PPO's critic)
-
-# cuBLAS / cuBLASLt / cuDNN workspaces, which torch allocates through its caching allocator: a
-# constant 64-66 MiB over three small configs on an H100 (torch 2.11, benchmarks/bench_memory.py --quick)
-_CUDA_WORKSPACES = 65 * 2**20
 
 
 class MemoryPreflightError(UserError, RuntimeError):
     """The configured step does not fit in the device's free memory."""
-
-
-@dataclass
-class MemoryEstimate:
-    """Predicted bytes per component (`parts`), per phase (`phases`) and their maximum (`total`)."""
-
-    parts: dict[str, int]
-    phases: dict[str, int]
-    members: dict[str, tuple[str, ...]] = field(default_factory=dict)  # phase -> the parts it holds
-    host: dict[str, int] = field(default_factory=dict)  # pinned CPU memory (activation offload)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return max(self.phases.values())
-
-    @property
-    def peak_phase(self) -> str:
-        return max(self.phases, key=self.phases.get)
-
-    def largest_parts(self, phase: str | None = None, count: int = 4) -> list[tuple[str, int]]:
-        """The `count` largest parts held in `phase` (default: the peak one), largest first: what to
-        shrink to lower that phase's peak."""
-        names = self.members.get(phase or self.peak_phase, tuple(self.parts))
-        held = [(name, self.parts[name]) for name in names if self.parts.get(name)]
-        return sorted(held, key=lambda kv: -kv[1])[:count]
-
-    def table(self) -> str:
-        """The breakdown as aligned text: components, then phases (the peak one marked)."""
-        lines = ["memory pre-flight (GiB)"]
-        for name, v in self.parts.items():
-            if v:
-                lines.append(f"  {name:<28}{v / GiB:9.2f}")
-        for name, v in self.host.items():
-            lines.append(f"  {name + ' (host)':<28}{v / GiB:9.2f}")
-        lines.append("  phases:")
-        for name, v in self.phases.items():
-            mark = "  <- peak" if name == self.peak_phase else ""
-            lines.append(f"    {name:<26}{v / GiB:9.2f}{mark}")
-        lines.extend(f"  note: {n}" for n in self.notes)
-        return "\n".join(lines)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"parts": self.parts, "phases": self.phases, "host": self.host, "total": self.total}
 
 
 # ================================================================================================
@@ -131,33 +89,21 @@ def estimate_peak(
     """
     args, lora, tr, g = model_args, cfg.lora, cfg.train, cfg.grpo
     b = dtype_bytes(cfg, device_type)
-    impl = "triton" if device_type == "cuda" else "ref"
     Tp, Tc = prompt_tokens, cfg.sampler.max_new_tokens
     if cfg.env.kind is not None:  # a row is a whole episode: the model's turns and the environment's tokens
         Tc = cfg.env.max_episode_tokens
     T, B, G = Tp + Tc, g.prompts_per_step, g.group_size
     N, mb = B * G, min(tr.micro_batch_size, B * G)
-    offload = cfg.model.activation_offload
     parts: dict[str, int] = {}
     notes: list[str] = []
 
     # ---- static: weights, adapters, masters, optimizer state
     quantize = lora.quantize_base if lora.enabled else None
-    parts["weights"] = weight_bytes(args, b, quantize)
-    numels = trainable_numels(args, cfg)
-    n_train = sum(numels)
-    if lora.enabled:
-        parts["lora_adapters"] = 4 * n_train  # fp32 adapters
-        grad_bytes, masters = 4 * n_train, 0
-    else:
-        grad_bytes = b * n_train
-        masters = 4 * n_train if b < 4 else 0  # optim.MasterWeights
-    parts["master_weights"] = masters
-    parts["optimizer_state"] = optimizer_state_bytes(numels, tr.optimizer)
-    if tr.optimizer == "paged_adamw8bit":
-        notes.append("paged 8-bit AdamW keeps its state in CUDA managed memory (not in torch's allocator)")
+    parts.update(trainer_bytes(args, cfg, b))
+    grad_bytes, n_train, masters = parts.pop("gradients"), parts.pop("numel"), parts["master_weights"]
+    notes += optimizer_notes(cfg)
     parts["reference_model"] = parts["weights"] if needs_reference(cfg) and not lora.enabled else 0
-    parts["cuda_workspaces"] = _CUDA_WORKSPACES if device_type == "cuda" else 0
+    parts["cuda_workspaces"] = CUDA_WORKSPACES if device_type == "cuda" else 0
     critic = value_model_bytes(args, cfg, b) if cfg.algorithm == "ppo" else dict.fromkeys(_CRITIC, 0)
     parts["value_model"], parts["value_master_weights"] = critic["weights"], critic["masters"]
     parts["value_optimizer_state"] = critic["optimizer"]
@@ -208,32 +154,11 @@ def estimate_peak(
     logprobs = static + nograd if need_logprobs else 0
 
     # ---- update: gradients + one micro-batch's activations
-    act = activation_bytes(
-        args,
-        micro_batch=mb,
-        seq_len=T,
-        completion_len=Tc,
-        b=b,
-        checkpointing=cfg.model.gradient_checkpointing,
-        offload=offload,
-        impl=impl,
-        trainable="lora" if lora.enabled else "full",
-        lora_targets=tuple(lora.targets) if lora.enabled else (),
-        lora_r=lora.r,
-        lora_dropout=lora.enabled and lora.dropout > 0,
-        device_type=device_type,
-    )
+    act = micro_batch_activations(cfg, args, mb, T, Tc, b, device_type)
     parts["gradients"] = grad_bytes
     parts["value_gradients"] = critic["gradients"]  # PPO: the policy's pass, then the critic's (no larger)
     grad_bytes += critic["gradients"]
-    parts["activations_blocks"] = act["blocks"]
-    at_head = act["blocks"] + act["head"] + act["head_backward"] >= act["blocks"] + act["recompute"] + act["backward"]
-    # the moment of the peak: the log-prob kernel's backward, or the first block's recompute + backward
-    parts["activations_head"] = act["head"] if at_head else 0
-    parts["logprob_backward"] = act["head_backward"] if at_head else 0
-    parts["activations_recompute"] = 0 if at_head else act["recompute"]
-    parts["block_backward"] = 0 if at_head else act["backward"]
-    parts["loss"] = act["loss"]
+    parts.update(activation_parts(act))
     update = static + grad_bytes + act["peak"]
 
     # ---- optimizer step: fp32 copies of 16-bit grads (MasterWeights, a bucket at a time) + AdamW's
@@ -248,22 +173,14 @@ def estimate_peak(
     host = {"activation_offload": act["offload_host"]} if act["offload_host"] else {}
     phases = {"rollout": rollout, "logprobs": logprobs, "update": update, "optimizer": optimizer}
     grads = ("gradients", "value_gradients")
-    acts = ("activations_blocks", "activations_head", "logprob_backward", "activations_recompute", "block_backward")
     members = {
         "rollout": (*held, "vllm", "kv_cache", "rollout_transient", "lora_merged_for_sampling"),
         "logprobs": (*held, "logprob_forward"),
-        "update": (*held, *grads, *acts, "loss"),
+        "update": (*held, *grads, *ACTIVATION_PARTS),
         "optimizer": (*held, *grads, "optimizer_step_transient"),
     }
     members = {phase: tuple(dict.fromkeys(names)) for phase, names in members.items()}  # vllm once
     return MemoryEstimate(parts=parts, phases=phases, members=members, host=host, notes=notes)
-
-
-def vllm_share(cfg: Config, device_total: int | None) -> int:
-    """Bytes a colocated vLLM sampler takes: sampler.gpu_memory_utilization of the device's total
-    (0 when the total is unknown). It holds them while it generates, and all along unless it sleeps
-    (sampler.vllm_sleep) while the trainer runs."""
-    return int(cfg.sampler.gpu_memory_utilization * device_total) if device_total else 0
 
 
 def _filters(cfg: Config) -> bool:
@@ -297,9 +214,27 @@ def preflight(
     """
     device = torch.device(device)
     if device.type == "cuda" and free_bytes is None:
-        free_bytes, total_bytes = torch.cuda.mem_get_info(device)
-        free_bytes += torch.cuda.memory_reserved(device)
+        free_bytes, total_bytes = _device_memory(device)
     est = estimate_peak(cfg, model_args, prompt_tokens=prompt_tokens, device_type=device.type, device_total=total_bytes)
+
+    def fixes(budget: int) -> list[tuple[str, Any, Any, int]]:
+        kw = dict(prompt_tokens=prompt_tokens, budget=budget, device_type=device.type, device_total=total_bytes)
+        return suggest_fixes(cfg, model_args, **kw)
+
+    return _check_fits(est, device, free_bytes, margin, verbose, fixes, _KNOBS)
+
+
+def _device_memory(device: torch.device) -> tuple[int, int]:
+    """(free bytes, total bytes) of a CUDA device; free counts what torch reserves in this process."""
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device), total
+
+
+def _check_fits(
+    est: MemoryEstimate, device: torch.device, free_bytes: int | None, margin: float, verbose: bool, fixes, knobs
+) -> MemoryEstimate:
+    """Print `est` (verbose); return it when it fits in free_bytes less the margin (or nothing is known
+    of the device), else raise MemoryPreflightError naming the largest parts and `fixes(budget)`."""
     if verbose:
         print(est.table())
     if free_bytes is None:
@@ -307,23 +242,21 @@ def preflight(
     budget = int(free_bytes * (1 - margin))
     if est.total <= budget:
         return est
-    fixes = suggest_fixes(
-        cfg, model_args, prompt_tokens=prompt_tokens, budget=budget, device_type=device.type, device_total=total_bytes
-    )
+    found = fixes(budget)
     lines = [
         f"a training step is predicted to need {est.total / GiB:.1f} GiB at its peak ({est.peak_phase} phase), "
         f"but {device} has {free_bytes / GiB:.1f} GiB free ({budget / GiB:.1f} GiB usable with a {margin:.0%} margin).",
         f"Largest parts of the {est.peak_phase} phase: "
         + ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in est.largest_parts()),
     ]
-    if fixes:
+    if found:
         lines.append("Settings that would fit (each alone, predicted peak):")
         lines += [
             f"  --set {key}={_show(new)}   ({key}={_show(old)} -> {_show(new)}: {total / GiB:.1f} GiB)"
-            for key, old, new, total in fixes
+            for key, old, new, total in found
         ]
     else:
-        lines.append("No single setting change fits; combine several of: " + ", ".join(_KNOBS))
+        lines.append("No single setting change fits; combine several of: " + ", ".join(knobs))
     raise MemoryPreflightError("\n".join(lines))
 
 
@@ -350,6 +283,32 @@ def _vllm_share_that_fits(
             return share
         share = round(share - 0.05, 2)
     return None
+
+
+def _with(cfg: Config, key: str, value: Any) -> Config:
+    """A copy of cfg with the one setting `key` ("section.name") set to value."""
+    c = copy.deepcopy(cfg)
+    section, name = key.split(".")
+    setattr(getattr(c, section), name, value)
+    return c
+
+
+def _single_changes(cfg: Config, total, budget: int):
+    """(consider, out): consider(key, value) appends (key, old, value, predicted total) to `out` and
+    returns True when that one change brings total(config) under budget."""
+    out: list[tuple[str, Any, Any, int]] = []
+
+    def consider(key: str, value: Any) -> bool:
+        section, name = key.split(".")
+        old = getattr(getattr(cfg, section), name)
+        if old == value:
+            return False
+        t = total(_with(cfg, key, value))
+        if t <= budget:
+            out.append((key, old, value, t))
+        return t <= budget
+
+    return consider, out
 
 
 _KNOBS = (
@@ -388,24 +347,9 @@ def suggest_fixes(
         ).total
 
     def with_(key: str, value: Any) -> Config:
-        c = copy.deepcopy(cfg)
-        section, name = key.split(".")
-        setattr(getattr(c, section), name, value)
-        return c
+        return _with(cfg, key, value)
 
-    out: list[tuple[str, Any, Any, int]] = []
-
-    def consider(key: str, value: Any) -> bool:
-        section, name = key.split(".")
-        old = getattr(getattr(cfg, section), name)
-        if old == value:
-            return False
-        t = total(with_(key, value))
-        if t <= budget:
-            out.append((key, old, value, t))
-            return True
-        return False
-
+    consider, out = _single_changes(cfg, total, budget)
     m, tr, g = cfg.model, cfg.train, cfg.grpo
     if cfg.sampler.kind == "vllm" and device_total:
         consider("sampler.vllm_sleep", True)
@@ -448,11 +392,106 @@ def suggest_fixes(
     return out
 
 
+# ================================================================================================
+# SFT (python -m minigrpo.sft): the same model, optimizer and kernels; no sampler, reference or old
+# log-probs, so two phases
+
+
+def estimate_sft_peak(cfg: Config, model_args: ModelArgs, *, seq_len: int, device_type: str = "cuda") -> MemoryEstimate:
+    """Predict the peak device memory of one SFT step (minigrpo/sft.py) of `cfg` on `model_args`:
+        update     weights + optimizer state + gradients + one micro-batch's activations at their peak
+        optimizer  weights + optimizer state + gradients + the optimizer's own temporaries
+    seq_len: the longest row in tokens (capped at sft.max_seq_len). Each of the sft.micro_batch_size
+    rows is counted that long, every position but the first a loss token (a reply filling the row):
+    the fused LM-head cross-entropy gets all their hidden states."""
+    args, b = model_args, dtype_bytes(cfg, device_type)
+    T, mb = min(seq_len, cfg.sft.max_seq_len), cfg.sft.micro_batch_size
+    parts = trainer_bytes(args, cfg, b)
+    grads, n_train = parts.pop("gradients"), parts.pop("numel")
+    parts["cuda_workspaces"] = CUDA_WORKSPACES if device_type == "cuda" else 0
+    static, held = sum(parts.values()), tuple(parts)
+    act = micro_batch_activations(cfg, args, mb, T, T - 1, b, device_type, objective="sft")
+    parts["gradients"] = grads
+    parts.update(activation_parts(act))
+    masters, largest = parts["master_weights"] > 0, args.vocab_size * args.dim
+    step = step_transient_bytes(n_train, masters, cfg.train.optimizer, largest, grad_b=b)  # 16-bit grads freed
+    parts["optimizer_step_transient"] = step
+    return MemoryEstimate(
+        parts=parts,
+        phases={"update": static + grads + act["peak"], "optimizer": static + grads + step},
+        members={
+            "update": (*held, "gradients", *ACTIVATION_PARTS),
+            "optimizer": (*held, "gradients", "optimizer_step_transient"),
+        },
+        host={"activation_offload": act["offload_host"]} if act["offload_host"] else {},
+        notes=optimizer_notes(cfg),
+    )
+
+
+def sft_preflight(
+    cfg: Config,
+    model_args: ModelArgs,
+    device: torch.device | str,
+    seq_len: int,
+    *,
+    free_bytes: int | None = None,
+    margin: float = 0.05,
+    verbose: bool = True,
+) -> MemoryEstimate:
+    """`preflight` for an SFT step (estimate_sft_peak): the error names the SFT settings that fit."""
+    device = torch.device(device)
+    if device.type == "cuda" and free_bytes is None:
+        free_bytes = _device_memory(device)[0]
+    est = estimate_sft_peak(cfg, model_args, seq_len=seq_len, device_type=device.type)
+
+    def fixes(budget: int) -> list[tuple[str, Any, Any, int]]:
+        return suggest_sft_fixes(cfg, model_args, seq_len=seq_len, budget=budget, device_type=device.type)
+
+    return _check_fits(est, device, free_bytes, margin, verbose, fixes, _SFT_KNOBS)
+
+
+_SFT_KNOBS = (*_KNOBS[2:4], "sft.micro_batch_size", *_KNOBS[5:8], "sft.max_seq_len")
+
+
+def suggest_sft_fixes(
+    cfg: Config, model_args: ModelArgs, *, seq_len: int, budget: int, device_type: str = "cuda"
+) -> list[tuple[str, Any, Any, int]]:
+    """suggest_fixes for an SFT step: memory techniques, a smaller micro-batch (a divisor of
+    sft.batch_size: the same step), 8-bit AdamW, adapters, then the longest sft.max_seq_len that fits."""
+
+    def total(c: Config) -> int:
+        return estimate_sft_peak(c, model_args, seq_len=seq_len, device_type=device_type).total
+
+    consider, out = _single_changes(cfg, total, budget)
+    consider("model.gradient_checkpointing", True)
+    if cfg.model.gradient_checkpointing and device_type == "cuda":
+        consider("model.activation_offload", True)
+    sizes = (d for d in range(cfg.sft.micro_batch_size - 1, 0, -1) if cfg.sft.batch_size % d == 0)
+    next((d for d in sizes if consider("sft.micro_batch_size", d)), None)  # the largest that fits
+    if cfg.train.optimizer == "adamw" and device_type == "cuda":
+        consider("train.optimizer", "adamw8bit")
+    if not cfg.lora.enabled:
+        consider("lora.enabled", True)
+    elif cfg.lora.quantize_base is None and device_type == "cuda":
+        consider("lora.quantize_base", "nf4")
+    lo, hi = 1, min(seq_len, cfg.sft.max_seq_len)  # lo fits (1: none known), hi does not
+    step = max(1, hi // 64)
+    while hi - lo > step:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total(_with(cfg, "sft.max_seq_len", mid)) <= budget else (lo, mid)
+    if lo >= 2:  # longer conversations lose their tail
+        consider("sft.max_seq_len", lo)
+    return out
+
+
 __all__ = [
     "GiB",
     "MemoryEstimate",
     "MemoryPreflightError",
     "estimate_peak",
+    "estimate_sft_peak",
     "preflight",
+    "sft_preflight",
     "suggest_fixes",
+    "suggest_sft_fixes",
 ]

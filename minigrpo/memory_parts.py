@@ -1,7 +1,8 @@
-"""Memory model, part by part: the bytes of each thing one GRPO step holds on the device.
+"""Memory model, part by part: the bytes of each thing one GRPO (or SFT) step holds on the device.
 
-memory.py adds these up into the phases of a step (estimate_peak) and checks them against the
-device (preflight); each function here is checked against a measurement in tests/test_memory.py.
+memory.py adds these up into the phases of a step (estimate_peak, estimate_sft_peak: a
+MemoryEstimate) and checks them against the device (preflight); each function here is checked
+against a measurement in tests/test_memory.py.
 
 Static terms are counted exactly: 16-bit weights, NF4 codes with their quant state (quant.py), fp32
 LoRA adapters, AdamW moments (fp32, on fp32 master copies of 16-bit parameters as optim.py keeps
@@ -33,6 +34,8 @@ tensor's storage, tests/helpers/allocations.py) and hold the estimate within 10%
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -57,10 +60,66 @@ _LORA_TARGETS = {  # short target name -> (module, in dim, out dim) as a functio
 # Calibrated with the allocation tracker on CPU (tests/test_memory.py) and by torch.cuda peaks on an H100.
 _BWD_F, _BWD_D = 2, 1
 _LOSS_FP32_PER_TOKEN = 16  # the GRPO loss's (N, Tc) fp32 temporaries (ratios, clips, masks, ...)
+_SFT_BYTES_PER_TOKEN = 9  # SFT's loss-position mask (bool) and the negated log-probs (fp32), ~ per token
+GiB = 2**30
+# cuBLAS / cuBLASLt / cuDNN workspaces, which torch allocates through its caching allocator: a
+# constant 64-66 MiB over three small configs on an H100 (torch 2.11, benchmarks/bench_memory.py --quick)
+CUDA_WORKSPACES = 65 * 2**20
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted bytes per component (`parts`), per phase (`phases`) and their maximum (`total`)."""
+
+    parts: dict[str, int]
+    phases: dict[str, int]
+    members: dict[str, tuple[str, ...]] = field(default_factory=dict)  # phase -> the parts it holds
+    host: dict[str, int] = field(default_factory=dict)  # pinned CPU memory (activation offload)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    def largest_parts(self, phase: str | None = None, count: int = 4) -> list[tuple[str, int]]:
+        """The `count` largest parts held in `phase` (default: the peak one), largest first: what to
+        shrink to lower that phase's peak."""
+        names = self.members.get(phase or self.peak_phase, tuple(self.parts))
+        held = [(name, self.parts[name]) for name in names if self.parts.get(name)]
+        return sorted(held, key=lambda kv: -kv[1])[:count]
+
+    def table(self) -> str:
+        """The breakdown as aligned text: components, then phases (the peak one marked)."""
+        lines = ["memory pre-flight (GiB)"]
+        for name, v in self.parts.items():
+            if v:
+                lines.append(f"  {name:<28}{v / GiB:9.2f}")
+        for name, v in self.host.items():
+            lines.append(f"  {name + ' (host)':<28}{v / GiB:9.2f}")
+        lines.append("  phases:")
+        for name, v in self.phases.items():
+            mark = "  <- peak" if name == self.peak_phase else ""
+            lines.append(f"    {name:<26}{v / GiB:9.2f}{mark}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"parts": self.parts, "phases": self.phases, "host": self.host, "total": self.total}
 
 
 # ================================================================================================
 # static terms
+
+
+def optimizer_notes(cfg: Config) -> list[str]:
+    """What the estimate cannot count of the configured optimizer."""
+    if cfg.train.optimizer == "paged_adamw8bit":
+        return ["paged 8-bit AdamW keeps its state in CUDA managed memory (not in torch's allocator)"]
+    return []
 
 
 def dtype_bytes(cfg: Config, device_type: str) -> int:
@@ -129,16 +188,18 @@ def optimizer_state_bytes(numels: list[int], optimizer: str) -> int:
 
 
 def step_transient_bytes(
-    n: int, masters: bool, optimizer: str, largest: int, bucket_bytes: int = STEP_BUCKET_BYTES
+    n: int, masters: bool, optimizer: str, largest: int, bucket_bytes: int = STEP_BUCKET_BYTES, grad_b: int = 0
 ) -> int:
     """Bytes an optimizer step adds at its peak, for n stepped values whose largest tensor has
     `largest`. With fp32 masters (optim.MasterWeights) the step goes a bucket at a time: one bucket
     of fp32 gradients (bucket_bytes, or the largest tensor alone), and for AdamW its foreach
-    temporaries of as many values; stepped directly, AdamW's temporaries for all n values."""
+    temporaries of as many values; stepped directly, AdamW's temporaries for all n values.
+    grad_b: the bytes of a 16-bit gradient, to count the bucket's gradients as freed (each goes as
+    its fp32 copy is made); 0 counts them as still held."""
     if not masters:
         return 4 * n if optimizer == "adamw" else 0
     bucket = min(4 * n, max(bucket_bytes, 4 * largest))
-    return bucket * (2 if optimizer == "adamw" else 1)
+    return bucket * (2 if optimizer == "adamw" else 1) - bucket // 4 * grad_b
 
 
 def trainable_numels(args: ModelArgs, cfg: Config) -> list[int]:
@@ -149,6 +210,29 @@ def trainable_numels(args: ModelArgs, cfg: Config) -> list[int]:
             out += [cfg.lora.r * i, cfg.lora.r * o] * args.n_layers
         return out
     return [args.num_params()]  # full fine-tuning: the total is what matters
+
+
+def trainer_bytes(args: ModelArgs, cfg: Config, b: int) -> dict[str, int]:
+    """What the trained model holds for the whole run, GRPO's policy and SFT's model alike: weights
+    (NF4 blocks under QLoRA), fp32 LoRA adapters, fp32 masters of 16-bit weights trained in full
+    (optim.MasterWeights), the optimizer's state; and `gradients` (fp32 for adapters, the model dtype
+    otherwise) and `numel`, the values the optimizer steps."""
+    lora = cfg.lora
+    numels = trainable_numels(args, cfg)
+    n = sum(numels)
+    out = {"weights": weight_bytes(args, b, lora.quantize_base if lora.enabled else None)}
+    if lora.enabled:
+        out["lora_adapters"] = 4 * n
+    out["master_weights"] = 4 * n if b < 4 and not lora.enabled else 0
+    out["optimizer_state"] = optimizer_state_bytes(numels, cfg.train.optimizer)
+    return {**out, "gradients": 4 * n if lora.enabled else b * n, "numel": n}
+
+
+def vllm_share(cfg: Config, device_total: int | None) -> int:
+    """Bytes a colocated vLLM sampler takes: sampler.gpu_memory_utilization of the device's total
+    (0 when the total is unknown). It holds them while it generates, and all along unless it sleeps
+    (sampler.vllm_sleep) while the trainer runs."""
+    return int(cfg.sampler.gpu_memory_utilization * device_total) if device_total else 0
 
 
 def value_model_bytes(args: ModelArgs, cfg: Config, b: int) -> dict[str, int]:
@@ -250,6 +334,7 @@ def activation_bytes(
     lora_r: int = 0,
     lora_dropout: bool = False,
     device_type: str = "cuda",
+    objective: str = "grpo",
 ) -> dict[str, int]:
     """What one micro-batch's forward + backward adds on top of the static terms, in bytes.
 
@@ -258,7 +343,9 @@ def activation_bytes(
     checkpointing, plus the rotary angles and masks they share), head (the final norm's and the
     log-prob kernel's saved tensors), head_backward (the kernel's backward buffers), recompute
     (one block's saved set while it is recomputed), backward (that block's backward temporaries),
-    loss, peak, offload_host (pinned CPU bytes).
+    loss, peak, offload_host (pinned CPU bytes). objective: "grpo" (the log-prob kernel or the fused
+    policy head, whichever holds more, and the loss's per-token fp32 temporaries) or "sft" (the
+    cross-entropy kernel alone on completion_len loss tokens, a scalar loss; minigrpo/sft.py).
 
     The peak is the larger of two moments: the log-prob kernel's backward (every block's tensors
     still kept) and the first block's backward (the head's tensors freed by then).
@@ -282,15 +369,20 @@ def activation_bytes(
     head = final_norm + n_c * (b * d + 8 + 4 + 4) + 2 * n_c * 4 * 2  # + selected states, targets, lse, entropy
     rows, cols = plan_chunks(max(n_c, 1), args.vocab_size, torch.device(device_type))
     # the logits buffer: the log-prob kernel's tile, or the fused policy head's block of whole rows
-    tile = max(rows * cols, plan_rows(max(n_c, 1), args.vocab_size, torch.device(device_type)) * args.vocab_size)
+    tile = rows * cols
+    if objective == "grpo":
+        tile = max(tile, plan_rows(max(n_c, 1), args.vocab_size, torch.device(device_type)) * args.vocab_size)
     head_backward = tile * b + n_c * b * d + rows * d * 4 + n_c * 8
     head_backward += args.vocab_size * d * b if trainable_base else 0  # dW of the LM head
     if impl != "triton":
-        head_backward += 4 * tile * 4  # the reference tile math's fp32 temporaries
+        # the reference tile math's fp32 temporaries: GRPO's 4 (entropy too); SFT's two in the backward
+        # or three in the forward (no dh, dW yet), whichever holds more
+        ref = 4 * tile * 4 if objective == "grpo" else max(2 * tile * 4, 3 * tile * 4 + tile * b - head_backward)
+        head_backward += ref
     backward = n * b * (_BWD_F * args.intermediate_size + _BWD_D * d)
     if impl != "triton" and b < 4:
         backward += n * 2 * a * d  # the reference norms' fp32 gradients
-    loss = n_c * _LOSS_FP32_PER_TOKEN * 4
+    loss = n_c * _LOSS_FP32_PER_TOKEN * 4 if objective == "grpo" else n_c * _SFT_BYTES_PER_TOKEN
     peak = max(blocks + head + head_backward, blocks + recompute + backward) + loss
     return {
         "blocks": blocks,
@@ -301,6 +393,46 @@ def activation_bytes(
         "loss": loss,
         "peak": peak,
         "offload_host": L * boundary if offload and checkpointing and device_type == "cuda" else 0,
+    }
+
+
+ACTIVATION_PARTS = ("activations_blocks", "activations_head", "logprob_backward", "activations_recompute")
+ACTIVATION_PARTS += ("block_backward", "loss")
+
+
+def micro_batch_activations(cfg: Config, args: ModelArgs, mb: int, T: int, n_loss: int, b: int, device_type: str, **kw):
+    """activation_bytes of one micro-batch of mb rows of T tokens, n_loss of them (per row) reaching
+    the LM head, with the model's memory settings and what trains (adapters or every weight)."""
+    lora = cfg.lora
+    return activation_bytes(
+        args,
+        micro_batch=mb,
+        seq_len=T,
+        completion_len=n_loss,
+        b=b,
+        checkpointing=cfg.model.gradient_checkpointing,
+        offload=cfg.model.activation_offload,
+        impl="triton" if device_type == "cuda" else "ref",
+        trainable="lora" if lora.enabled else "full",
+        lora_targets=tuple(lora.targets) if lora.enabled else (),
+        lora_r=lora.r,
+        lora_dropout=lora.enabled and lora.dropout > 0,
+        device_type=device_type,
+        **kw,
+    )
+
+
+def activation_parts(act: dict[str, int]) -> dict[str, int]:
+    """The parts of activation_bytes' peak, at its moment: the LM-head kernel's backward (every block's
+    tensors still kept), or the first block's recompute + backward (the head's tensors freed)."""
+    at_head = act["head"] + act["head_backward"] >= act["recompute"] + act["backward"]
+    return {
+        "activations_blocks": act["blocks"],
+        "activations_head": act["head"] if at_head else 0,
+        "logprob_backward": act["head_backward"] if at_head else 0,
+        "activations_recompute": 0 if at_head else act["recompute"],
+        "block_backward": 0 if at_head else act["backward"],
+        "loss": act["loss"],
     }
 
 

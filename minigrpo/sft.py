@@ -7,7 +7,8 @@ same model loading, LoRA / QLoRA, optimizer and schedule, the same run folder (m
 table, curves.png, atomic checkpoints, exact --resume) and the same one-line errors.
 
     building   every check the config and the files allow (the conversations are read and checked
-               here), then the policy, optimizer, schedule and loader (minigrpo/build.py)
+               here, against the model's positions too; on CUDA the memory pre-flight), then the
+               policy, optimizer, schedule and loader (minigrpo/build.py)
     the loop   per step: sft.batch_size conversations -> tokens with labels on the assistant replies
                only (minigrpo/sft_data.py) -> micro-batches: hidden states -> fused LM-head
                cross-entropy (never the (B, T, V) logits) -> backward -> clip, step
@@ -21,6 +22,7 @@ micro-batch split gives the same gradient.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +49,11 @@ from minigrpo.distributed import World, env_world_size
 from minigrpo.errors import UserError, run_cli
 from minigrpo.grad_scale import GradScale, grad_scale_metrics, optimizer_step
 from minigrpo.kernels import fused_linear_cross_entropy
+from minigrpo.memory import sft_preflight
+from minigrpo.models.args import ModelArgs
 from minigrpo.models.loading import check_model_source, load_weights, save_pretrained
 from minigrpo.optim import build_optimizer, build_scheduler
+from minigrpo.quant import require_nf4
 from minigrpo.sft_data import (
     IGNORE,
     check_conversations,
@@ -66,7 +71,7 @@ FINAL_MODEL = "model"  # run_dir/model: the run's output, a valid model.name_or_
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """The command line: a mistake in the config or the files is one `error:` line (exit status 2)."""
-    return run_cli(lambda args: sft(config_from_args(args, description="SFT before GRPO (minigrpo/sft.py)")), argv)
+    return run_cli(lambda args: sft(config_from_args(args, description="SFT before GRPO", prog="minigrpo.sft")), argv)
 
 
 def sft(cfg: Config) -> list[dict[str, Any]]:
@@ -83,19 +88,42 @@ def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[Example]
     """Every check the config and the file system allow, before any weights load: one process, a
     tokenizer, the packages, the run folder (new, or an intact checkpoint to resume with an unchanged
     config), the conversations (read and checked: file and line named), the model folder and, when it
-    is local, the conversations against its tokenizer (sft_data.check_conversations). Returns the
-    resume point, the conversations and whether that last check ran (else build_run runs it)."""
+    is local, the conversations against its tokenizer and positions and the memory pre-flight
+    (check_fits). Returns the resume point, the conversations and whether that last check ran (else
+    build_run runs it once the model is loaded)."""
     if env_world_size() > 1:
         raise UserError("python -m minigrpo.sft runs in one process; launch it without torchrun")
     if cfg.model.arch is not None:
         raise UserError("SFT needs a tokenizer: model.arch builds weights only; set model.name_or_path")
     check_packages(cfg, sampling=False)
+    if cfg.lora.enabled and cfg.lora.quantize_base is not None:  # 4-bit kernels on this device (a probe that
+        require_nf4(pick_device(cfg.run.device), cfg.lora.quantize_base)  # draws random numbers: before the seed)
     resume = check_run_dir(cfg, SFT_RESUMABLE)
     examples = load_conversations(cfg)
     tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision, key="model.name_or_path")
-    if tokenizer is not None:  # a local model folder: its tokenizer is read already
-        check_conversations(examples, tokenizer, cfg.sft.max_seq_len)
-    return resume, examples, tokenizer is not None
+    args = local_model_args(cfg.model.name_or_path)
+    if tokenizer is not None and args is not None:  # a local model folder: its tokenizer and config are read already
+        check_fits(cfg, args, pick_device(cfg.run.device), examples, tokenizer)
+    return resume, examples, tokenizer is not None and args is not None
+
+
+def local_model_args(name_or_path: str | None) -> ModelArgs | None:
+    """The architecture of a local model folder, from its config.json (check_model_source has read it);
+    None for a hub id or a GGUF file (known once loaded)."""
+    config_file = Path(name_or_path or "").expanduser() / "config.json"
+    if name_or_path is None or not config_file.is_file():
+        return None
+    return ModelArgs.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
+
+
+def check_fits(cfg: Config, args: ModelArgs, device: torch.device, examples: list[Example], tokenizer: Any) -> None:
+    """The conversations against the model: its chat template, sft.max_seq_len against their replies
+    and its max_position_embeddings (sft_data.check_conversations); on CUDA the memory pre-flight of a
+    step (memory.sft_preflight: one micro-batch of the longest row), which names the settings that
+    would fit instead of running out of memory at step 1."""
+    longest = check_conversations(examples, tokenizer, cfg.sft.max_seq_len, args.max_position_embeddings)
+    if device.type == "cuda":
+        sft_preflight(cfg, args, device, longest)
 
 
 @dataclass
@@ -125,7 +153,7 @@ def build_run(cfg: Config, resume: ResumePoint | None, examples: list[Example], 
     masters: dict | None = {} if resume is None else None  # a resumed run's load with its optimizer state
     model, tokenizer = load_policy(cfg, device, dtype, masters=masters)
     if not checked:
-        check_conversations(examples, tokenizer, cfg.sft.max_seq_len)
+        check_fits(cfg, model.args, device, examples, tokenizer)
     if resume is not None:
         if cfg.lora.enabled:
             lora.load_peft_adapter(model, resume.path)
@@ -170,7 +198,9 @@ def sft_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, l
 def train_step(run: SFTRun, examples: list[Example]) -> dict[str, float]:
     """One optimizer step on `examples`: the mean cross-entropy over all their assistant tokens."""
     cfg, model, device = run.cfg, run.model, run.world.device
-    rows = [example_tokens(ex, run.tokenizer, cfg.sft.max_seq_len) for ex in examples]
+    whole = [example_tokens(ex, run.tokenizer) for ex in examples]  # uncut: what max_seq_len cuts is counted
+    cut = sum(len(ids) > cfg.sft.max_seq_len for ids, _ in whole)
+    rows = [(ids[: cfg.sft.max_seq_len], labels[: cfg.sft.max_seq_len]) for ids, labels in whole]
     tokens = sum(loss_tokens(labels) for _, labels in rows)  # the step's normaliser
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     mb = cfg.sft.micro_batch_size
@@ -193,7 +223,7 @@ def train_step(run: SFTRun, examples: list[Example]) -> dict[str, float]:
         "loss_tokens": float(tokens),
         "seq_len_mean": sum(lengths) / len(lengths),
         "seq_len_max": float(max(lengths)),
-        "cut_frac": sum(n >= cfg.sft.max_seq_len for n in lengths) / len(lengths),  # reached max_seq_len
+        "cut_frac": cut / len(rows),  # conversations longer than max_seq_len (their tail carries no loss)
         **grad_scale_metrics(run.grad_scale),
     }
 

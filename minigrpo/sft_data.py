@@ -173,13 +173,17 @@ def example_tokens(example: Example, tokenizer: Any, max_seq_len: int | None = N
     return tokenize_conversation(example.prompt, tokenizer, max_seq_len, loss_from=first)
 
 
-def check_conversations(examples: Sequence[Example], tokenizer: Any, max_seq_len: int) -> None:
+def check_conversations(
+    examples: Sequence[Example], tokenizer: Any, max_seq_len: int, max_positions: int | None = None
+) -> int:
     """The conversations against the model's tokenizer, before any weights load (and before training
     when the tokenizer comes with the weights). Each must render with the chat template and cut into
     prompt and reply pieces (an error names its file and line); sft.max_seq_len must keep at least
     one assistant token of some conversation (else a UserError naming the key and the length needed),
-    and a warning counts the conversations it leaves without one."""
-    kept, cut, earliest = 0, [], None
+    and a warning counts the conversations it leaves without one. No conversation, cut to
+    sft.max_seq_len, may be longer than the model's `max_positions` (max_position_embeddings: past it
+    the rotary positions are ones the model never saw). Returns the longest row in tokens, once cut."""
+    kept, cut, earliest, longest = 0, [], None, (0, "")
     for i, ex in enumerate(examples):
         where = ex.columns.get("where", f"conversation {i}")
         try:
@@ -188,6 +192,7 @@ def check_conversations(examples: Sequence[Example], tokenizer: Any, max_seq_len
             raise ChatTemplateError(f"{where}: the model's chat template fails on this conversation: {e}") from e
         except DataError as e:
             raise DataError(f"{where}: {e}") from e
+        longest = max(longest, (min(len(labels), max_seq_len), where), key=lambda x: x[0])
         start = next((t for t in range(1, len(labels)) if labels[t] != IGNORE), None)  # first loss position
         if start is None:
             continue  # an empty reply with no end-of-turn token: nothing to learn, whatever the length
@@ -205,6 +210,12 @@ def check_conversations(examples: Sequence[Example], tokenizer: Any, max_seq_len
             f"sft.max_seq_len={max_seq_len} cuts every conversation before its first assistant token, so nothing "
             f"would be learned: the earliest reply starts at token {earliest} (set sft.max_seq_len >= {earliest + 1})"
         )
+    if max_positions is not None and longest[0] > max_positions:
+        raise UserError(
+            f"{longest[1]} takes {longest[0]} positions with sft.max_seq_len={max_seq_len}, more than the model's "
+            f"max_position_embeddings={max_positions}; set sft.max_seq_len={max_positions} (longer conversations "
+            "are cut there)"
+        )
     if cut:
         warnings.warn(
             f"sft.max_seq_len={max_seq_len} cuts every assistant token of {len(cut)} of {len(examples)} "
@@ -212,6 +223,7 @@ def check_conversations(examples: Sequence[Example], tokenizer: Any, max_seq_len
             UserWarning,
             stacklevel=2,
         )
+    return longest[0]
 
 
 # ----------------------------------------------------------------------------------------------

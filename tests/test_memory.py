@@ -541,3 +541,146 @@ def test_activation_estimate_on_cuda(trainable, checkpointing):
         f"ratio {est['peak'] / measured:.3f}"
     )
     assert abs(est["peak"] / measured - 1) < 0.15
+
+
+# ------------------------------------------------------------------------------------------------
+# SFT (python -m minigrpo.sft): the fused cross-entropy over every position, two phases
+
+
+def _sft_cfg(**over):
+    from minigrpo.config import Config
+
+    sections: dict = {"run": {"device": "cpu"}, "train": {"lr": 1e-3}}
+    for key, value in over.items():
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    return Config.from_dict(sections)
+
+
+def _sft_batch(mb: int, T: int, vocab: int):
+    """mb rows of T random tokens, every one a label (the estimate's worst case: replies fill the rows)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (mb, T), generator=g)
+    return ids, torch.ones_like(ids), ids.clone()
+
+
+@pytest.mark.parametrize(
+    "dtype,checkpointing,trainable",
+    [(d, c, t) for d in (torch.float32, torch.bfloat16) for c in (False, True) for t in ("full", "lora")],
+)
+def test_sft_activation_estimate_within_10pct_of_measured(dtype, checkpointing, trainable):
+    """sft_loss_sum's forward + backward (the cross-entropy kernel, no GRPO loss temporaries and no
+    fused policy head) against activation_bytes(objective='sft'); GRPO's head terms overcount it (up
+    to 1.3x on these shapes: an entropy tile it does not compute, a per-token loss it does not have)."""
+    from minigrpo import lora
+    from minigrpo.config import LoRACfg
+    from minigrpo.sft import sft_loss_sum
+
+    model = tiny_model(dtype=dtype, **SMALL).train()
+    targets = ("q", "k", "v", "o", "gate", "up", "down")
+    if trainable == "lora":
+        lora.apply_lora(model, LoRACfg(enabled=True, r=8, targets=list(targets)))
+    model.gradient_checkpointing = checkpointing
+    mb, T = 2, 128
+    batch = _sft_batch(mb, T, model.args.vocab_size)
+    sft_loss_sum(model, *batch).backward()  # gradients exist: a later micro-batch
+    tracker = AllocationTracker()
+    with tracker:
+        (sft_loss_sum(model, *batch) / 100).backward()
+    est = activation_bytes(
+        model.args,
+        micro_batch=mb,
+        seq_len=T,
+        completion_len=T - 1,
+        b=dtype.itemsize,
+        checkpointing=checkpointing,
+        impl="ref",
+        trainable=trainable,
+        lora_targets=targets if trainable == "lora" else (),
+        lora_r=8,
+        device_type="cpu",
+        objective="sft",
+    )["peak"]
+    assert abs(est / tracker.peak - 1) < 0.10, f"estimated {est:,} vs measured {tracker.peak:,}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sft_step_estimate_matches_a_measured_train_step(dtype):
+    """sft.train_step measured whole (gradients, two micro-batches' activations, the optimizer step)
+    against estimate_sft_peak less the static parts; the static parts are exact."""
+    from helpers.tiny import tiny_tokenizer
+
+    from minigrpo.data import Example
+    from minigrpo.distributed import World
+    from minigrpo.memory import estimate_sft_peak
+    from minigrpo.optim import build_optimizer, build_scheduler
+    from minigrpo.sft import SFTRun, train_step
+
+    T = 128
+    cfg = _sft_cfg(
+        **{"run.dtype": dtype, "sft.max_seq_len": T, "sft.batch_size": 4, "sft.micro_batch_size": 2},
+        **{"model.gradient_checkpointing": True},
+    )
+    model = tiny_model(seed=1, dtype=getattr(torch, dtype), **SMALL)
+    model.gradient_checkpointing = True
+    reply = " ".join(str(i % 10) for i in range(T))  # one token per digit: the rows fill max_seq_len
+    examples = [
+        Example(prompt=[{"role": "user", "content": "repeat"}, {"role": "assistant", "content": reply}], answer=reply)
+        for _ in range(4)
+    ]
+    masters: dict | None = {} if dtype == "bfloat16" else None
+    if masters is not None:
+        masters.update({p: p.detach().float() for p in model.parameters()})
+    optimizer = build_optimizer(model.parameters(), cfg.train, masters=masters)
+    run = SFTRun(
+        cfg=cfg,
+        world=World(),
+        dtype=model.output_weight.dtype,
+        model=model,
+        tokenizer=tiny_tokenizer(),
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg.train, 10),
+        loader=None,
+    )
+    train_step(run, examples)  # optimizer state exists now
+    tracker = AllocationTracker()
+    with tracker:
+        metrics = train_step(run, examples)
+    assert metrics["seq_len_max"] == T and metrics["cut_frac"] == 1.0
+    est = estimate_sft_peak(cfg, model.args, seq_len=10 * T, device_type="cpu")  # capped at sft.max_seq_len
+    n, b = model.args.num_params(), model.output_weight.element_size()
+    assert est.parts["weights"] == b * n and est.parts["gradients"] == b * n
+    assert est.parts["master_weights"] == (4 * n if b == 2 else 0) and est.parts["optimizer_state"] == 8 * n
+    assert set(est.phases) == {"update", "optimizer"} and "kv_cache" not in est.parts
+    static = sum(est.parts[k] for k in ("weights", "master_weights", "optimizer_state"))
+    predicted = est.total - static  # what the tracker sees
+    assert abs(predicted / tracker.peak - 1) < 0.10, f"{predicted:,} vs measured {tracker.peak:,}"
+
+
+def test_sft_preflight_error_names_the_sft_settings_that_fit():
+    """Qwen2.5-1.5B in full, 8 rows of 4096 tokens per pass, no checkpointing: ~87 GiB. On a 48 GiB
+    device the error names SFT's own settings (never a sampler or grpo one), each predicted to fit."""
+    from minigrpo.memory import estimate_sft_peak, sft_preflight, suggest_sft_fixes
+
+    cfg = _sft_cfg(
+        **{"run.dtype": "bfloat16", "sft.max_seq_len": 4096, "sft.batch_size": 16, "sft.micro_batch_size": 8}
+    )
+    args = ModelArgs.from_hf_config(preset_config("qwen2.5-1.5b"))
+    est = estimate_sft_peak(cfg, args, seq_len=4096)
+    assert est.peak_phase == "update" and est.total > 80 * 2**30
+    n = args.num_params()  # bf16 weights, fp32 masters, AdamW moments: 14 bytes a parameter
+    assert est.parts["weights"] + est.parts["master_weights"] + est.parts["optimizer_state"] == 14 * n
+    with pytest.raises(MemoryPreflightError) as err:
+        sft_preflight(cfg, args, "cuda", 4096, free_bytes=48 * 2**30, verbose=False)
+    msg = str(err.value)
+    assert f"{est.total / 2**30:.1f} GiB at its peak (update phase)" in msg
+    assert "--set model.gradient_checkpointing=true" in msg and "(sft.micro_batch_size=8 -> 2: " in msg
+    assert "--set sft.max_seq_len=" in msg and "grpo." not in msg and "sampler." not in msg
+    budget = int(48 * 0.95 * 2**30)
+    fixes = suggest_sft_fixes(cfg, args, seq_len=4096, budget=budget)
+    assert [key for key, *_ in fixes] == ["model.gradient_checkpointing", "sft.micro_batch_size", "sft.max_seq_len"]
+    for key, _, new, total in fixes:
+        assert total <= budget, key
+        assert total == estimate_sft_peak(memory._with(cfg, key, new), args, seq_len=4096).total
+    # conversations shorter than sft.max_seq_len: the longest one sets the activations, and it fits
+    assert sft_preflight(cfg, args, "cuda", 512, free_bytes=48 * 2**30, verbose=False).total < budget

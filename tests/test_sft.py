@@ -19,7 +19,7 @@ from minigrpo.config import Config
 from minigrpo.data import Example, encode_prompts
 from minigrpo.errors import UserError
 from minigrpo.models.loading import build_random, load_pretrained, save_pretrained
-from minigrpo.sft_data import IGNORE, collate, row_to_conversation, tokenize_conversation
+from minigrpo.sft_data import IGNORE, collate, load_conversations, row_to_conversation, tokenize_conversation
 from minigrpo.tokenizer import Tokenizer
 
 # ------------------------------------------------------------------------------------------------
@@ -422,14 +422,21 @@ def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "variant",
-    [{}, {"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.3}}],  # dropout: the RNG must be restored
-    ids=["full", "lora_dropout"],
+    [
+        {},
+        {"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.3}},  # dropout: the RNG must be restored
+        {"lora": {"enabled": True, "r": 4, "alpha": 8, "quantize_base": "nf4"}},  # QLoRA: the NF4 base re-quantized
+        {"run": {"dtype": "bfloat16"}},  # bf16 weights, fp32 masters from the optimizer state
+    ],
+    ids=["full", "lora_dropout", "qlora", "bf16_masters"],
 )
 def test_crashed_run_resumes_to_identical_weights_and_metrics(tmp_path, monkeypatch, variant):
     """A run that dies in step 3 and resumes from its step-2 checkpoint ends where an uninterrupted run
     ends: bitwise equal weights, equal metrics (cosine schedule, shuffled data, LoRA dropout)."""
     import minigrpo.sft as sft_module
+    from minigrpo import quant
 
+    quant._probe.cache_clear()  # QLoRA: the 4-bit probe (random inputs) runs in the first run, as in a fresh process
     format_task(tmp_path, n=20)  # 20 conversations, 8 per step: steps cross epoch boundaries
     base = sft_config(
         tmp_path,
@@ -467,7 +474,7 @@ def test_crashed_run_resumes_to_identical_weights_and_metrics(tmp_path, monkeypa
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
-    if variant:
+    if "lora" in variant:
         assert all("lora_" in k for k in a)  # the checkpoints hold the adapter only
     # the output is a plain checkpoint (LoRA: merged) that loads as a model and differs from the base
     base_model, _ = load_pretrained(tmp_path / "base")
@@ -644,3 +651,79 @@ def test_parquet_and_jsonl_files_give_the_same_conversations(tmp_path):
         assert [e.answer for e in got["parquet"]] == [e.answer for e in got["jsonl"]]
         assert len(got["parquet"]) == len(rows)
     assert got["parquet"][3].answer == "r3" and got["parquet"][3].prompt[-1]["content"] == "r3"
+
+
+# ------------------------------------------------------------------------------------------------
+# the model's limits: positions, memory; what the metrics count
+
+
+def test_cut_frac_counts_only_the_conversations_max_seq_len_cuts(tmp_path):
+    """Conversations of 9 and 10 tokens under sft.max_seq_len=9: one is cut (not both: the one exactly
+    max_seq_len long is whole)."""
+    _replies_after(tmp_path, ["repeat 7", "repeat 7 7"])  # 'user : repeat 7 </s> assistant : 7 </s>' = 9 tokens
+    cfg = sft_config(
+        tmp_path, sft={"max_seq_len": 9, "batch_size": 2, "micro_batch_size": 2, "shuffle": False}, train={"steps": 1}
+    )
+    (record,) = launch(tmp_path, "sft", cfg)  # the cut one keeps its reply, loses its end-of-turn token
+    assert (record["seq_len_max"], record["seq_len_mean"], record["cut_frac"]) == (9.0, 9.0, 0.5)
+    whole = sft_config(tmp_path, name="whole", sft={"max_seq_len": 10, "batch_size": 2, "micro_batch_size": 2})
+    (record,) = launch(tmp_path, "sft", {**whole, "train": {**whole["train"], "steps": 1}})
+    assert (record["seq_len_max"], record["cut_frac"]) == (10.0, 0.0)
+
+
+def test_conversations_longer_than_the_models_positions_are_refused_before_the_weights_load(
+    tmp_path, monkeypatch, capsys
+):
+    """A model of max_position_embeddings=9 and conversations of 9 and 10 tokens: the default
+    sft.max_seq_len (1024) would feed it position 9, which it never saw; max_seq_len=9 runs."""
+    from helpers.tiny import tiny_config
+
+    from minigrpo.sft import build_run, check_before_loading
+
+    data = write_jsonl(
+        tmp_path / "sft.jsonl",
+        [
+            {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "7"}]}
+            for p in ("repeat 7", "repeat 7 7")
+        ],
+    )
+    model = build_random(tiny_config(vocab_size=len(CHAT_WORDS), max_position_embeddings=9), seed=0)
+    save_pretrained(model, chat_tokenizer(), tmp_path / "base")
+    cfg = sft_config(tmp_path, sft={"batch_size": 2, "micro_batch_size": 2})
+    expected = (
+        f"{data}:2 takes 10 positions with sft.max_seq_len=1024, more than the model's max_position_embeddings=9; "
+        "set sft.max_seq_len=9 (longer conversations are cut there)"
+    )
+    real_fill = __import__("minigrpo.models.loading", fromlist=["_fill"])._fill
+    _no_weights_read(monkeypatch)
+    with pytest.raises(UserError) as e:
+        check_before_loading(Config.from_dict(cfg))
+    assert str(e.value) == expected
+    assert _main_error(tmp_path, cfg, capsys) == expected
+    monkeypatch.setattr("minigrpo.models.loading._fill", real_fill)
+    with pytest.raises(UserError, match="takes 10 positions"):  # a hub or GGUF model: checked once it is loaded
+        build_run(Config.from_dict(cfg), None, load_conversations(Config.from_dict(cfg)), checked=False)
+    fits = sft_config(tmp_path, sft={"batch_size": 2, "micro_batch_size": 2, "max_seq_len": 9})
+    assert check_before_loading(Config.from_dict(fits))[2]
+
+
+def test_a_step_that_cannot_fit_on_the_gpu_is_refused_before_the_weights_load(tmp_path, monkeypatch):
+    """On CUDA the memory pre-flight runs with the conversations' longest row, before any weights load,
+    and names SFT's settings; given the memory it needs, the run goes on."""
+    import minigrpo.sft as sft_module
+    from minigrpo import memory
+    from minigrpo.models.args import ModelArgs
+
+    _replies_after(tmp_path, ["repeat 7", "repeat 7 7", "what is 7"])
+    cfg = Config.from_dict(sft_config(tmp_path, sft={"batch_size": 2, "micro_batch_size": 2}))
+    monkeypatch.setattr(sft_module, "pick_device", lambda name: torch.device("cuda"))
+    args = ModelArgs.from_hf_config(json.loads((tmp_path / "base" / "config.json").read_text()))
+    need = memory.estimate_sft_peak(cfg, args, seq_len=10).total  # the longest conversation: 10 tokens
+    assert need == memory.estimate_sft_peak(cfg, args, seq_len=10, device_type="cuda").total > 2**26
+    _no_weights_read(monkeypatch)
+    monkeypatch.setattr(memory, "_device_memory", lambda device: (need, 80 * 2**30))  # less the 5% margin
+    with pytest.raises(memory.MemoryPreflightError) as e:
+        sft_module.check_before_loading(cfg)
+    assert f"predicted to need {need / 2**30:.1f} GiB" in str(e.value) and "grpo." not in str(e.value)
+    monkeypatch.setattr(memory, "_device_memory", lambda device: (int(need / 0.95) + 1, 80 * 2**30))
+    assert sft_module.check_before_loading(cfg)[2]
