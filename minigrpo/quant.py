@@ -94,9 +94,10 @@ def _probe(device_type: str) -> str | None:
         bnb = _bnb()
         device = torch.device(device_type)
         dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-        w = torch.randn(128, 128, device=device, dtype=dtype)
+        g = torch.Generator(device).manual_seed(0)  # its own: the probe must not move a seeded run's RNG
+        w = torch.randn(128, 128, device=device, dtype=dtype, generator=g)
         packed, state = bnb.functional.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
-        x = torch.randn(3, 128, device=device, dtype=dtype, requires_grad=True)
+        x = torch.randn(3, 128, device=device, dtype=dtype, requires_grad=True, generator=g)
         y = bnb.matmul_4bit(x, packed.t(), quant_state=state)
         y.sum().backward()
         ref = (x.detach() @ bnb.functional.dequantize_4bit(packed, state).t()).float()
