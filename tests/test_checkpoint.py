@@ -182,8 +182,8 @@ def test_a_trainer_state_the_run_cannot_take_is_one_line_naming_state_json(tmp_p
     from types import SimpleNamespace
 
     from minigrpo.build import ResumePoint, restore_trainer_state
-    from minigrpo.grad_scale import GradScale
     from minigrpo.data import Example, PromptLoader
+    from minigrpo.grad_scale import GradScale
 
     model, opt = _trained()
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

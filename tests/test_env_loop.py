@@ -156,7 +156,10 @@ def test_env_section_defaults_and_derived_budget():
         ({"tools": ["test_env_loop:nothing"]}, "env.tools.0='test_env_loop:nothing': 'test_env_loop' has no 'nothing'"),
         ({"tools": ["no_such_mod:f"]}, "env.tools.0='no_such_mod:f': cannot import 'no_such_mod'"),
         ({"kind": "test_env_loop:SecretEnv", "kwargs": {"colour": 1}}, "cannot be built with env.kwargs={'colour': 1}"),
-        ({"format": "hermez"}, "env.format='hermez' is no tool-call format; known: hermes, llama3, mistral (did you mean"),
+        (
+            {"format": "hermez"},
+            "env.format='hermez' is no tool-call format; known: hermes, llama3, mistral (did you mean",
+        ),
         ({"kind": "test_env_loop:NoStepEnv", "tools": []}, "the class NoStepEnv has no step()"),
     ],
 )

@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
+from helpers.rollouts import full_rollout
+from helpers.tiny import tiny_model
 
 from minigrpo import step
 from minigrpo.distributed import World, clip_grad_norm
 from minigrpo.grad_scale import MAX_SKIPS_IN_A_ROW, DivergedError, GradScale, optimizer_step
 from minigrpo.optim import MasterWeights
-from tests.helpers.tiny import tiny_model
 
 
 def test_the_norm_of_bf16_gradients_is_taken_in_fp32():
@@ -152,7 +153,6 @@ def test_float16_updates_keep_their_small_gradients_with_the_loss_scale():
     backward's gradient underflows; with the run's loss scale the update's gradient is as close to
     the float32 model's as float16 gets with advantages of 1 (no underflow; divided by 1e4)."""
     from minigrpo.config import load_config
-    from minigrpo.sampling.rollout import Rollout
     from minigrpo.step import Batch
 
     B, G, Tp, Tc, V = 2, 4, 6, 10, 128
@@ -163,17 +163,7 @@ def test_float16_updates_keep_their_small_gradients_with_the_loss_scale():
     )  # fmt: skip
     g = torch.Generator().manual_seed(0)
     N = B * G
-    rollout = Rollout(
-        prompt_ids=torch.randint(3, V, (N, Tp), generator=g),
-        prompt_mask=torch.ones(N, Tp, dtype=torch.long),
-        completion_ids=torch.randint(3, V, (N, Tc), generator=g),
-        completion_mask=torch.ones(N, Tc, dtype=torch.long),
-        sampler_logp=torch.zeros(N, Tc),
-        truncated=torch.zeros(N, dtype=torch.bool),
-        completion_texts=[""] * N,
-        prompt_index=torch.arange(B).repeat_interleave(G),
-        group_size=G,
-    )
+    rollout = full_rollout(B, G, Tp, Tc, V, g)
     adv = 1e-4 * torch.randn(N, generator=g)
     batch = Batch(rollout, rewards=adv, advantages=adv, reward_metrics={}, prompts=[], answers=[])
     model32 = tiny_model(seed=5)
@@ -206,7 +196,8 @@ def test_a_float16_run_saves_its_loss_scale_and_resumes_bit_identically(tmp_path
     from minigrpo.checkpoint import load_trainer_state
     from minigrpo.models.safetensors_io import iter_tensors
 
-    monkeypatch.setattr(gs.GradScale, "for_dtype", classmethod(lambda cls, d: cls(enabled=True, scale=2.0, growth_interval=1)))
+    fast = classmethod(lambda cls, dtype: cls(enabled=True, scale=2.0, growth_interval=1))
+    monkeypatch.setattr(gs.GradScale, "for_dtype", fast)
     runs = {}
     for name, stops in (("straight", [4]), ("resumed", [2, 4])):
         root = tmp_path / name

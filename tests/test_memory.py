@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.allocations import AllocationTracker
+from helpers.rollouts import full_rollout
 from helpers.tiny import tiny_model
 
 from minigrpo import memory, memory_parts
@@ -221,7 +222,6 @@ def test_lora_merged_copy_estimate_is_the_copies_the_sampler_makes(family):
 
 def test_update_phase_estimate_matches_a_measured_update():
     """train.update_phase on a fixed rollout, measured whole: gradients, activations, optimizer step."""
-    from minigrpo.sampling.rollout import Rollout
     from minigrpo.step import Batch, update_phase
 
     model = tiny_model(seed=1, **SMALL)
@@ -240,17 +240,7 @@ def test_update_phase_estimate_matches_a_measured_update():
     )
     N = B * G
     g = torch.Generator().manual_seed(0)
-    rollout = Rollout(
-        prompt_ids=torch.randint(3, 512, (N, Tp), generator=g),
-        prompt_mask=torch.ones(N, Tp, dtype=torch.long),
-        completion_ids=torch.randint(3, 512, (N, Tc), generator=g),
-        completion_mask=torch.ones(N, Tc, dtype=torch.long),
-        sampler_logp=torch.zeros(N, Tc),
-        truncated=torch.zeros(N, dtype=torch.bool),
-        completion_texts=[""] * N,
-        prompt_index=torch.arange(B).repeat_interleave(G),
-        group_size=G,
-    )
+    rollout = full_rollout(B, G, Tp, Tc, 512, g)
     adv = torch.randn(N, generator=g)
     batch = Batch(rollout, rewards=adv, advantages=adv, reward_metrics={}, prompts=[], answers=[])
     model.gradient_checkpointing = True
