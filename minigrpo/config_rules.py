@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 _REWARD_RE = re.compile(r"^[A-Za-z_]\w*$|^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _DATA_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+# vLLM 0.32 raises a temperature in (0, 0.01) to 0.01 (samples and log-probs then at 0.01, not at the
+# trainer's T) and refuses one above 2 (its sampling_params.py): with sampler.kind vllm those are refused
+VLLM_TEMPERATURES = (0.01, 2.0)
 
 
 def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
@@ -64,6 +67,13 @@ def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         )
         need("{expression}" in syn.question, f"data.synthetic.question must contain {{expression}}: {syn.question!r}")
     need(all(cfg.sampler.stop), "sampler.stop must not contain empty strings")
+    low, high = VLLM_TEMPERATURES
+    t = cfg.sampler.temperature
+    need(
+        cfg.sampler.kind != "vllm" or t == 0 or low <= t <= high,
+        f"sampler.temperature must be 0 (greedy) or in [{low:g}, {high:g}] with sampler.kind=vllm (vLLM raises a "
+        f"smaller one to {low:g} and refuses a larger one), got {t:g}",
+    )
     need(
         cfg.sampler.max_rows is None or cfg.sampler.kind == "own",
         f"sampler.max_rows={cfg.sampler.max_rows} applies to the own sampler; vLLM schedules its sequences "

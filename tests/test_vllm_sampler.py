@@ -1184,8 +1184,12 @@ def test_engine_arguments_out_of_range_are_refused_before_the_engine(monkeypatch
     for bad in (0.0, 1.5):
         with pytest.raises(SamplingError, match=f"gpu_memory_utilization must be in \\(0, 1\\], got {bad}"):
             VLLMSampler(model, None, max_model_len=64, gpu_memory_utilization=bad)
-    cfg = load_config(None, ["sampler.kind=vllm", "sampler.temperature=0.005"])
-    with pytest.raises(ConfigError, match=r"^sampler.temperature must be 0 \(greedy\) or in \[0.01, 2\].*got 0.005$"):
+    message = r"sampler.temperature must be 0 \(greedy\) or in \[0.01, 2\].*got 0.005$"
+    with pytest.raises(ConfigError, match=message):  # the config load refuses it, before any weights
+        load_config(None, ["sampler.kind=vllm", "sampler.temperature=0.005"])
+    cfg = load_config(None, ["sampler.kind=vllm"])
+    cfg.sampler.temperature = 0.005  # a config changed after its checks: the sampler refuses it too
+    with pytest.raises(ConfigError, match=f"^{message}"):
         VLLMSampler.from_config(cfg, model, None)
 
 

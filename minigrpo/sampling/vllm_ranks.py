@@ -32,14 +32,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from minigrpo.config_rules import VLLM_TEMPERATURES
 from minigrpo.distributed import World, combine_stats
 
 from .params import SamplingError
 
 CPU_KV_CACHE_BYTES = (64 * 2**20, 4 * 2**30)  # the CPU KV cache budget is clamped to this range
-# vLLM 0.32 raises a temperature in (0, 0.01) to 0.01 (samples and log-probs then at 0.01, not at the
-# trainer's T) and refuses one above 2 (sampling_params.py): those are refused here, naming the value
-VLLM_TEMPERATURES = (0.01, 2.0)
 
 
 def torchrun_world() -> World:
