@@ -63,6 +63,17 @@ RESUMABLE_CHANGES = (
     "sft",  # read only by python -m minigrpo.sft (a run saved before the section existed lacks it)
 )
 
+# what changes how much memory a step takes, not what it computes, so that a run which no longer fits
+# may lower it on resume; train.micro_batch_size too where the loss does not count micro-batches (not bnpo)
+MEMORY_SETTINGS = ("model.gradient_checkpointing", "model.activation_offload", "sampler.max_rows", "sampler.compile")
+
+
+def resumable_changes(cfg: Config) -> tuple[str, ...]:
+    """The keys a resumed GRPO run may change (check_run_dir's `resumable`)."""
+    micro_batches = ("train.micro_batch_size",) if cfg.grpo.loss_type != "bnpo" else ()
+    return (*RESUMABLE_CHANGES, *MEMORY_SETTINGS, *micro_batches)
+
+
 # the files a run writes in its folder (minigrpo/metrics.py, bookkeeping.py)
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "curves.png")
 
@@ -94,7 +105,7 @@ def check_before_loading(
     if cfg.model.arch is not None:
         raise UserError("training needs a tokenizer: model.arch builds weights only; set model.name_or_path")
     check_packages(cfg)
-    resume = check_run_dir(cfg)
+    resume = check_run_dir(cfg, resumable_changes(cfg))
     specs = rewards.build_reward_specs(cfg.rewards)
     check_environment(cfg)
     examples = build_dataset(cfg.data, cfg.data.split)

@@ -304,3 +304,22 @@ def test_ctrl_c_is_one_line_and_the_run_resumes_whole(tmp_path, monkeypatch, cap
     monkeypatch.undo()
     records = launch(tmp_path, cfg, "--resume")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo"])
+def test_a_resume_may_lower_what_a_step_holds_in_memory(tmp_path, capsys, loss_type):
+    """Gradient checkpointing, activation offload and max_rows change memory, not the step's numbers:
+    a resumed run may switch them (one that no longer fits after a restart would be stuck otherwise),
+    and the micro-batch size too, except for bnpo, whose loss counts micro-batches."""
+    cfg = run_config(tmp_path, train={"steps": 1}, grpo={"loss_type": loss_type}, checkpoint={"every": 1})
+    launch(tmp_path, cfg)
+    memory = {"gradient_checkpointing": True, "activation_offload": True}
+    resumed = {**cfg, "model": {**cfg["model"], **memory}, "sampler": {**cfg["sampler"], "max_rows": 32}}
+    resumed["train"] = {**cfg["train"], "steps": 2, "micro_batch_size": 32}
+    if loss_type == "bnpo":
+        with pytest.raises(SystemExit):
+            launch(tmp_path, resumed, "--resume")
+        message = capsys.readouterr().err
+        assert "--resume with a changed config: train.micro_batch_size differ" in message, message
+    else:
+        assert [r["step"] for r in launch(tmp_path, resumed, "--resume")] == [1, 2]
