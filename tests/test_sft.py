@@ -727,3 +727,18 @@ def test_a_step_that_cannot_fit_on_the_gpu_is_refused_before_the_weights_load(tm
     assert f"predicted to need {need / 2**30:.1f} GiB" in str(e.value) and "grpo." not in str(e.value)
     monkeypatch.setattr(memory, "_device_memory", lambda device: (int(need / 0.95) + 1, 80 * 2**30))
     assert sft_module.check_before_loading(cfg)[2]
+
+
+def test_a_resumed_sft_run_may_lower_what_a_step_holds_in_memory(tmp_path):
+    """Checkpointing, offload and the micro-batch size change memory, not the step's mean loss: a
+    resumed SFT run may switch them; its learning rate may not change."""
+    format_task(tmp_path, n=20)
+    sizes = {"batch_size": 8, "micro_batch_size": 4}
+    base = sft_config(tmp_path, train={"steps": 1}, sft=sizes, checkpoint={"every": 1})
+    launch(tmp_path, "sft", base)
+    resumed = {**base, "train": {**base["train"], "steps": 2}, "sft": {**base["sft"], "micro_batch_size": 2}}
+    resumed["model"] = {**base["model"], "gradient_checkpointing": True, "activation_offload": True}
+    assert [r["step"] for r in launch(tmp_path, "sft", resumed, "--resume")] == [1, 2]
+    changed_lr = {**resumed, "train": {**resumed["train"], "steps": 3, "lr": 0.1}}
+    with pytest.raises(SystemExit):
+        launch(tmp_path, "sft", changed_lr, "--resume")
