@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from minigrpo import lora
-from minigrpo.bookkeeping import open_logger, save
+from minigrpo.bookkeeping import interrupted, open_logger, save
 from minigrpo.build import (
     RESUMABLE_CHANGES,
     ResumePoint,
@@ -75,8 +75,17 @@ FINAL_MODEL = "model"  # run_dir/model: the run's output, a valid model.name_or_
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """The command line: a mistake in the config or the files is one `error:` line (exit status 2)."""
-    return run_cli(lambda args: sft(config_from_args(args, description="SFT before GRPO", prog="minigrpo.sft")), argv)
+    """The command line: a mistake in the config or the files is one `error:` line (exit status 2);
+    Ctrl-C is one `interrupted:` line naming the checkpoint to continue from (exit status 130)."""
+    return run_cli(sft_from_args, argv)
+
+
+def sft_from_args(argv: list[str] | None) -> list[dict[str, Any]]:
+    cfg = config_from_args(argv, description="SFT before GRPO", prog="minigrpo.sft")
+    try:
+        return sft(cfg)
+    except KeyboardInterrupt:
+        interrupted(cfg.run.run_dir)
 
 
 def sft(cfg: Config) -> list[dict[str, Any]]:
@@ -238,9 +247,20 @@ def train_step(run: SFTRun, examples: list[Example]) -> dict[str, float]:
 
 
 def loop(run: SFTRun) -> list[dict[str, Any]]:
-    """Steps start_step+1 .. train.steps, checkpoints as configured, then the final model."""
-    cfg = run.cfg
+    """Steps start_step+1 .. train.steps, checkpoints as configured, then the final model; the logger
+    is closed however the loop ends."""
     logger = open_logger(run)
+    try:
+        history = steps(run, logger)
+        save_final_model(run)
+    finally:  # after Ctrl-C or an error too: final curves and files flushed
+        logger.close()
+    return history
+
+
+def steps(run: SFTRun, logger: Any) -> list[dict[str, Any]]:
+    """Steps start_step+1 .. train.steps with their checkpoints; returns the metrics of each."""
+    cfg = run.cfg
     history = []
     for step in range(run.start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
@@ -255,8 +275,6 @@ def loop(run: SFTRun) -> list[dict[str, Any]]:
         last = step == cfg.train.steps
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.save_final):
             save(run, step)
-    save_final_model(run)
-    logger.close()
     return history
 
 

@@ -742,3 +742,31 @@ def test_a_resumed_sft_run_may_lower_what_a_step_holds_in_memory(tmp_path):
     changed_lr = {**resumed, "train": {**resumed["train"], "steps": 3, "lr": 0.1}}
     with pytest.raises(SystemExit):
         launch(tmp_path, "sft", changed_lr, "--resume")
+
+
+def test_ctrl_c_in_sft_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in step 3 (checkpoints every 2): exit status 130 with one line naming the checkpoint,
+    metrics of steps 1-2 only, and --resume runs steps 3 and 4."""
+    import minigrpo.sft as sft_module
+
+    format_task(tmp_path, n=20)
+    cfg = sft_config(
+        tmp_path, train={"steps": 4}, sft={"batch_size": 8, "micro_batch_size": 4}, checkpoint={"every": 2}
+    )
+    real_step, calls = sft_module.train_step, []
+
+    def ctrl_c_in_step_3(run, examples):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(run, examples)
+
+    monkeypatch.setattr(sft_module, "train_step", ctrl_c_in_step_3)
+    with pytest.raises(SystemExit) as exit_info:
+        launch(tmp_path, "sft", cfg)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    checkpoint = tmp_path / "runs" / "sft" / "checkpoints" / "step_000002"
+    assert err[-1] == f"interrupted: continue from {checkpoint} with --resume", err
+    monkeypatch.setattr(sft_module, "train_step", real_step)
+    assert [r["step"] for r in launch(tmp_path, "sft", cfg, "--resume")] == [1, 2, 3, 4]
