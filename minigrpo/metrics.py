@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import re
 import sys
@@ -55,20 +56,39 @@ _FAIL_KEY = re.compile(r"reward/[^/]+/(failures|timeouts)")
 
 
 def _to_float(v: Any) -> float | None:
+    """v as a float (a number, a numpy scalar, a one-element tensor), or None for anything else;
+    an int beyond the float range is +-inf."""
     try:
         return float(v)
-    except (TypeError, ValueError):
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _to_int(v: Any) -> int | None:
+    """v as an int when it is an integer (Python, numpy or a torch integer scalar), else None."""
+    if isinstance(v, float):
+        return None
+    try:
+        return int(operator.index(v))
+    except (TypeError, ValueError, RuntimeError):
         return None
 
 
 def _json_value(v: Any) -> Any:
-    """JSON-safe value: ints stay ints, non-finite floats become null, other objects their str()."""
+    """JSON-safe value: integers (numpy and torch ones too) stay ints, other numbers become floats,
+    non-finite ones null (an int beyond the float range too: JSON readers cannot hold it), other
+    objects their str()."""
     if v is None or isinstance(v, str):
         return v
-    if isinstance(v, (bool, int)):
-        return int(v)
     f = _to_float(v)
-    return str(v) if f is None else f if math.isfinite(f) else None
+    if f is None:
+        return str(v)
+    if not math.isfinite(f):
+        return None
+    i = _to_int(v)
+    return f if i is None else i
 
 
 def _complete_lines(path: Path) -> list[str]:
@@ -80,11 +100,14 @@ def _complete_lines(path: Path) -> list[str]:
 
 
 def _parse(line: str) -> dict | None:
+    """The record on one line, or None when it is no JSON object with a numeric "step"."""
     try:
         rec = json.loads(line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or an int too long for Python to read
         return None
-    return rec if isinstance(rec, dict) else None
+    if not isinstance(rec, dict) or isinstance(rec.get("step"), bool):
+        return None
+    return rec if isinstance(rec.get("step"), (int, float)) else None
 
 
 def _trim_partial_tail(path: Path) -> None:
@@ -93,6 +116,21 @@ def _trim_partial_tail(path: Path) -> None:
         data = path.read_bytes()
         if not data.endswith(b"\n"):
             os.truncate(path, data.rfind(b"\n") + 1)
+
+
+def _encodable(text: str, stream: Any) -> str:
+    """text with every character the stream's encoding cannot write (a lone surrogate, or any non-ASCII
+    character on an ASCII console) as a backslash escape: a sample's text never stops the run."""
+    encoding = getattr(stream, "encoding", None)
+    if not encoding:  # a text buffer such as io.StringIO takes any str
+        return text
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return text.encode(encoding, errors="backslashreplace").decode(encoding)
+    except LookupError:  # an encoding Python does not know: leave it to the stream
+        pass
+    return text
 
 
 class MissingBackendWarning(UserWarning, RuntimeWarning):
@@ -223,7 +261,8 @@ class MetricsLogger:
         """Record the metrics of one finished step (see the module docstring for what happens)."""
         if not self.enabled:
             return
-        record = {"step": int(step)} | {k: _json_value(v) for k, v in metrics.items() if k != "step"}
+        metrics = {str(k): v for k, v in metrics.items() if str(k) != "step"}
+        record = {"step": int(step)} | {k: _json_value(v) for k, v in metrics.items()}
         self._append(self.metrics_path, record)
         self._records.append(record)
         values = {k: f for k, v in metrics.items() if (f := _to_float(v)) is not None} | {"step": float(step)}
@@ -248,7 +287,7 @@ class MetricsLogger:
             self._plot(step)
 
     def _write(self, text: str) -> None:
-        tqdm.write(text, file=self.stream)
+        tqdm.write(_encodable(text, self.stream), file=self.stream)
         self.stream.flush()  # rows must show up at once when the output goes to a file or a pipe
 
     def _print_row(self, values: Mapping[str, float]) -> None:
@@ -358,6 +397,8 @@ class MetricsLogger:
             return
         r = _to_float(reward)
         r = None if r is None or not math.isfinite(r) else r
+        prompt, completion = str(prompt), str(completion)
+        answer = None if answer is None else str(answer)
         self._append(
             self.samples_path,
             {"step": int(step), "reward": r, "prompt": prompt, "completion": completion, "answer": answer},

@@ -22,13 +22,30 @@ def _sci(v: float) -> str:
     return f"{v:.1e}".replace("e-0", "e-").replace("e+0", "e+")
 
 
-def si(v: float) -> str:
-    """A count with an SI suffix: 12345 -> "12.3k"."""
-    a = abs(v)
-    if a < 1e4:
+def _short_sci(v: float, digits: int) -> str:
+    """Scientific notation without "+" and leading exponent zeros: 1.2e+20 -> "1.2e20", 1e-05 -> "1e-5"."""
+    mantissa, exponent = f"{v:.{digits}e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def si(v: float, digits: int = 1) -> str:
+    """A count with an SI suffix: 12345 -> "12.3k", 999999 -> "1.0M" (the suffix is picked after rounding)."""
+    if abs(round(v)) < 1e4:
         return f"{v:.0f}"
-    scale, suffix = next((s, x) for s, x in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if a >= s)
-    return f"{v / scale:.1f}{suffix}"
+    for scale, suffix in ((1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T"), (1e15, "P")):
+        text = f"{v / scale:.{digits}f}"
+        if abs(float(text)) < 1000:
+            return text + suffix
+    return _short_sci(v, digits)
+
+
+def fit_number(v: float, width: int) -> str:
+    """The most precise spelling of a finite v within `width` characters: fewer decimals first (|v| >= 1),
+    then an SI suffix, then short scientific notation; the shortest of them when none fits."""
+    candidates = [f"{v:.{d}f}" for d in (3, 2, 1, 0)] if abs(v) >= 1 else []
+    candidates += [si(v, 1), si(v, 0)] if abs(v) >= 1e4 else []
+    candidates += [_short_sci(v, 1), _short_sci(v, 0)]
+    return next((c for c in candidates if len(c) <= width), min(candidates, key=len))
 
 
 def _g(v: float) -> str:
@@ -37,7 +54,9 @@ def _g(v: float) -> str:
 
 
 def _pct(v: float) -> str:
-    return "100" if v >= 0.9995 else f"{100 * v:.1f}"
+    """A fraction as a percentage with one decimal; exactly 100% (after rounding) as "100"."""
+    text = f"{100 * v:.1f}"
+    return "100" if text == "100.0" else text
 
 
 def _sec(v: float) -> str:
@@ -45,18 +64,29 @@ def _sec(v: float) -> str:
 
 
 def _duration(s: float) -> str:
+    """Seconds as 45s, 3m07s, 98h00m, 41d16h (from 100 hours on), 1234d (from 100 days on)."""
     s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+    days, hours = divmod(s // 3600, 24)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 100 * 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{days}d{hours:02d}h" if days < 100 else f"{days}d" if days < 100_000 else ">99999d"
 
 
 @dataclass(frozen=True)
 class Column:
-    """A table column: header, the metric keys it reads (the first one present wins), width, formatter."""
+    """A table column: header, the metric keys it reads (the first one present wins), width, formatter.
+    A value the formatter spells wider than the column is shown by fit_number(scale * value, width)
+    (scale: what the formatter multiplies by, 100 for percentages), so rows stay aligned."""
 
     header: str
     keys: tuple[str, ...]
     width: int
     fmt: Callable[[float], str]
+    scale: float = 1.0
 
 
 # The preferred order. "_fail" (summed failures + timeouts) and "_eta" are computed by the logger.
@@ -64,16 +94,16 @@ COLUMNS = (
     Column("step", ("step",), 6, lambda v: f"{v:.0f}"),
     Column("reward", ("reward", "reward/total"), 7, lambda v: f"{v:.3f}"),
     Column("r_std", ("reward_std", "reward/total_std"), 6, lambda v: f"{v:.3f}"),
-    Column("zero%", ("frac_zero_spread",), 5, _pct),
-    Column("fail", ("_fail",), 4, lambda v: f"{v:.0f}"),
+    Column("zero%", ("frac_zero_spread",), 5, _pct, scale=100),
+    Column("fail", ("_fail",), 5, lambda v: f"{v:.0f}"),
     Column("len", ("completion_len_mean",), 6, lambda v: f"{v:.0f}"),
     Column("len_max", ("completion_len_max",), 7, lambda v: f"{v:.0f}"),
-    Column("trunc%", ("truncated_frac",), 6, _pct),
+    Column("trunc%", ("truncated_frac",), 6, _pct, scale=100),
     Column("kl", ("kl", "ppo/kl"), 8, _g),
-    Column("clip%", ("clip_region_frac", "ppo/clip_frac"), 5, _pct),
+    Column("clip%", ("clip_region_frac", "ppo/clip_frac"), 5, _pct, scale=100),
     Column("ent", ("entropy",), 6, lambda v: f"{v:.3f}"),
     Column("pairs", ("dpo/pairs",), 5, lambda v: f"{v:.0f}"),  # algorithm: online_dpo
-    Column("acc%", ("dpo/accuracy",), 5, _pct),
+    Column("acc%", ("dpo/accuracy",), 5, _pct, scale=100),
     Column("margin", ("dpo/margin",), 7, _g),
     Column("vloss", ("ppo/value_loss",), 7, _g),  # algorithm: ppo (the critic)
     Column("ev", ("ppo/explained_variance",), 5, lambda v: f"{v:.2f}"),
@@ -112,10 +142,15 @@ def format_header(cols: list[Column]) -> str:
 
 
 def format_row(cols: list[Column], values: Mapping[str, float]) -> str:
-    """One table row: "-" where a metric is missing this step, "nan" where it was NaN."""
-    out = []
-    for c in cols:
-        v = next((values[k] for k in c.keys if k in values), None)
-        s = "-" if v is None else "nan" if math.isnan(v) else c.fmt(v) if math.isfinite(v) else str(v)
-        out.append(s.rjust(c.width))
-    return " ".join(out)
+    """One table row: "-" where a metric is missing this step, "nan" where it was NaN, each value within
+    its column's width (see Column)."""
+    return " ".join(_cell(c, next((values[k] for k in c.keys if k in values), None)).rjust(c.width) for c in cols)
+
+
+def _cell(col: Column, v: float | None) -> str:
+    if v is None:
+        return "-"
+    if not math.isfinite(v):
+        return "nan" if math.isnan(v) else str(v)
+    text = col.fmt(v)
+    return text if len(text) <= col.width else fit_number(col.scale * v, col.width)

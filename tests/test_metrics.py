@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from minigrpo.metrics import MetricsLogger, format_header, table_columns
+from minigrpo.metrics_table import COLUMNS, format_row
 from minigrpo.plot import matplotlib_available
 
 NAN = float("nan")
@@ -397,3 +398,94 @@ def test_note_for_a_reward_that_scored_no_row(tmp_path: Path):
     assert text.count("reward 'judge' scored no row") == 1 and "note: step 1: reward 'judge'" in text
     assert "note: step 2: reward 'correctness' scored no row" in text
     assert lines(tmp_path / "run" / "metrics.jsonl")[0]["reward/judge"] is None
+
+
+def test_jsonl_stays_valid_for_numpy_torch_huge_ints_and_odd_keys(tmp_path: Path):
+    """Whatever a step sends, metrics.jsonl gets one readable JSON line and the run goes on: integer
+    scalars stay ints, ints beyond the float range (which json cannot read back) become null."""
+    np, torch = pytest.importorskip("numpy"), pytest.importorskip("torch")
+    out = io.StringIO()
+    lg = logger(tmp_path, stream=out)
+    sent = {
+        "reward": np.float32(0.5),
+        "kl": torch.tensor(float("nan")),
+        "completion_len_max": np.int64(512),
+        "tokens": torch.tensor(3),
+        "big": 10**30,
+        "beyond_float": 10**400,
+        "digits": -(10**5000),
+        7: 0.25,
+    }
+    lg.log(1, sent)
+    lg.log(2, {"reward": 0.75})
+    lg.close()
+    path = tmp_path / "run" / "metrics.jsonl"
+    first = lines(path)[0]
+    assert first == {
+        "step": 1, "reward": 0.5, "kl": None, "completion_len_max": 512, "tokens": 3, "big": 10**30,
+        "beyond_float": None, "digits": None, "7": 0.25,
+    }  # fmt: skip
+    assert isinstance(first["completion_len_max"], int) and isinstance(first["tokens"], int)
+    assert [r["step"] for r in lg.history()] == [1, 2]
+    assert out.getvalue().splitlines()[1].split()[:2] == ["1", "0.500"]
+
+
+def test_truncate_after_skips_lines_without_a_step(tmp_path: Path):
+    lg = logger(tmp_path)
+    lg.log(1, {"reward": 0.1})
+    lg.close()
+    path = tmp_path / "run" / "metrics.jsonl"
+    with open(path, "a") as f:
+        f.write('{"step": null, "reward": 0.2}\n["not", "a", "record"]\n{"step": "3"}\n{"step": 2, "reward": 0.3}\n')
+    assert [r["step"] for r in lg.history()] == [1, 2]
+    lg2 = logger(tmp_path, start_step=1)
+    lg2.truncate_after(1)  # raised TypeError on the null step
+    lg2.close()
+    assert lines(path) == [{"step": 1, "reward": 0.1}]
+
+
+def test_samples_the_console_cannot_encode_do_not_stop_the_run(tmp_path: Path):
+    """An ASCII console (or a lone surrogate on a UTF-8 one) shows escapes; samples.jsonl keeps the text."""
+    raw = io.BytesIO()
+    ascii_out = io.TextIOWrapper(raw, encoding="ascii")
+    lg = logger(tmp_path, stream=ascii_out)
+    lg.sample(10, "Combien font 2+2 ?", "Réponse : 4 \u2713 \ud800", 1.0, answer="4")
+    lg.sample(20, "p", "c", NAN, answer=NAN)  # a non-text answer is stored as text
+    lg.close()
+    shown = raw.getvalue().decode("ascii")
+    assert "R\\xe9ponse : 4 \\u2713 \\ud800" in shown and "sample | step 20 | reward -" in shown
+    recs = lines(tmp_path / "run" / "samples.jsonl")
+    assert recs[0]["completion"] == "Réponse : 4 \u2713 \ud800" and recs[0]["step"] == 10
+    assert recs[1] == {"step": 20, "reward": None, "prompt": "p", "completion": "c", "answer": "nan"}
+
+    utf8_out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    lg = logger(tmp_path / "b", stream=utf8_out)
+    lg.sample(1, "p", "x \ud800 é", 0.5)
+    lg.close()
+    assert lines(tmp_path / "b" / "run" / "samples.jsonl")[0]["completion"] == "x \ud800 é"
+
+
+MAGNITUDES = [0.0, 1e-12, -1e-12, 3.3e-5, -0.0047, 0.5, -0.999, 1.5, -12.5, 999.96, -1234.5678, 9999.6, 54321.0]
+MAGNITUDES += [999999.0, -2.5e8, 1e9, 1e12, -1e12, math.inf, -math.inf, NAN]
+
+
+@pytest.mark.parametrize("value", MAGNITUDES)
+def test_table_columns_stay_aligned_for_any_magnitude(tmp_path: Path, value: float):
+    keys = [k for c in COLUMNS for k in c.keys] + ["reward/correctness"]
+    cols = table_columns(keys, max_width=1000)
+    header, row = format_header(cols), format_row(cols, dict.fromkeys(keys, value))
+    ends = lambda text: [m.end() for m in re.finditer(r"\S+", text)]
+    assert len(row) == len(header) and ends(row) == ends(header), f"{value}: {header!r} / {row!r}"
+
+
+def test_table_values_keep_their_magnitude():
+    """Values wider than their column lose decimals, then take an SI suffix or an exponent; never wrong numbers."""
+    cols = table_columns(["step", "reward", "frac_zero_spread", "tokens_per_s", "grad_norm", "_eta", "loss"])
+    row = lambda **v: dict(zip([c.header for c in cols], format_row(cols, v).split(), strict=True))
+    got = row(step=3, reward=-1234.5678, frac_zero_spread=1.5, tokens_per_s=999999.0, grad_norm=1e-12, _eta=3e6)
+    assert got == {
+        "step": "3", "reward": "-1234.6", "zero%": "150.0", "tok/s": "1.0M", "gnorm": "1e-12", "eta": "34d17h",
+        "loss": "-",
+    }  # fmt: skip
+    got = row(step=4, reward=54321.0, frac_zero_spread=0.9996, tokens_per_s=9999.6, loss=2.5e12, _eta=4e5)
+    assert [got[k] for k in ("reward", "zero%", "tok/s", "loss", "eta")] == ["54321.0", "100", "10.0k", "2.5T", "4d15h"]
