@@ -162,8 +162,8 @@ def validate_distributed(cfg: Config, world_size: int) -> None:
 
 
 def check_packages(cfg: Config, *, sampling: bool = True) -> None:
-    """The optional packages the settings need are installed (vLLM unless `sampling` is off, bitsandbytes),
-    and an 8-bit optimizer runs on CUDA."""
+    """The optional packages the settings need are installed (vLLM unless `sampling` is off, bitsandbytes,
+    the logging backends), and an 8-bit optimizer runs on CUDA."""
     needs = []
     if sampling and cfg.sampler.kind == "vllm":
         needs.append(("vllm", "sampler.kind=vllm", "pip install -e '.[vllm]' (see README: vLLM sampler)"))
@@ -171,6 +171,10 @@ def check_packages(cfg: Config, *, sampling: bool = True) -> None:
         needs.append(("bitsandbytes", f"lora.quantize_base={cfg.lora.quantize_base}", "pip install -e '.[qlora]'"))
     if cfg.train.optimizer != "adamw":
         needs.append(("bitsandbytes", f"train.optimizer={cfg.train.optimizer}", "pip install -e '.[qlora]'"))
+    if cfg.log.tensorboard:
+        needs.append(("tensorboard", "log.tensorboard=true", "pip install tensorboard, or set log.tensorboard=false"))
+    if cfg.log.wandb:
+        needs.append(("wandb", "log.wandb=true", "pip install wandb, or set log.wandb=false"))
     for module, setting, how in needs:
         if importlib.util.find_spec(module) is None:
             raise UserError(f"{setting} needs the package {module}, which is not installed: {how}")

@@ -226,7 +226,7 @@ class TrainCfg(Section):
 class LogCfg(Section):
     """Metrics, samples and plots."""
 
-    every: int = spec(1, ">= 1")  # print and append metrics every this many steps
+    every: int = spec(1, ">= 1")  # print the table row every this many steps (metrics.jsonl gets every step)
     sample_every: int = spec(10, ">= 0", why="0 = never")  # print a sampled completion every this many steps
     plots: bool = True  # write PNG plots of the metrics into the run directory
     tensorboard: bool = False  # also log to TensorBoard

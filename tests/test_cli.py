@@ -278,6 +278,17 @@ def test_a_missing_optional_package_is_named(workspace, tmp_path):
     assert "sampler.kind=vllm" in message and "vllm" in message
 
 
+@pytest.mark.parametrize("backend", ["tensorboard", "wandb"])
+def test_a_logging_backend_that_is_not_installed_is_named_before_loading(workspace, tmp_path, backend):
+    """log.tensorboard / log.wandb without the package: one line before the (broken) weights are read,
+    not a warning after minutes of loading and a run that logs nowhere."""
+    if importlib.util.find_spec(backend) is not None:
+        pytest.skip(f"{backend} is installed here")
+    cfg = config(workspace, "x", model=broken_weights(workspace), log={backend: True})
+    message = one_error_line(train_cli(tmp_path, cfg))
+    assert message.startswith(f"log.{backend}=true needs the package {backend}, which is not installed"), message
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
 def test_an_8bit_optimizer_on_the_cpu_is_named(workspace, tmp_path):
     """bitsandbytes' 8-bit AdamW steps CUDA tensors only: said before loading, not by the optimizer after."""
