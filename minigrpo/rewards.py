@@ -8,7 +8,8 @@ A reward is named by a built-in name (minigrpo.reward_fns: correctness, xml_coun
 "package.module:function". score() runs every RewardSpec on the batch; a function that raises or
 exceeds its timeout does not stop the run: only its failing rows are masked (NaN) and counted. A
 function that breaks the contract (returns a non-list, the wrong length, or a string or dict
-element) raises RewardError: that is a bug, not a transient failure.
+element) raises RewardError: that is a bug, not a transient failure. A function without **columns gets only
+the columns it names; one that cannot take (prompts, completions, answers) first is refused when its spec is made.
 
 The answer parsing (extract_answer, answers_match, ...) and the built-ins are re-exported here, so
 `from minigrpo import rewards` is the one import a caller needs.
@@ -22,6 +23,7 @@ import importlib
 import inspect
 import logging
 import math
+import numbers
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -141,6 +143,43 @@ def _check_settings(name: str, kwargs: Mapping[str, Any], accepted: list[str] | 
         )
 
 
+def _check_data_arguments(name: str, fn: Any) -> None:
+    """RewardError unless `fn` can be called as fn(prompts, completions, answers, ...): a function taking
+    fewer positional arguments (TRL's fn(completions, **kwargs)) or more required ones would fail on every
+    row, masked as a failure instead of scoring."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return
+    kind = inspect.Parameter
+    if any(p.kind is kind.VAR_POSITIONAL for p in params):
+        return
+    positional = [p for p in params if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is kind.empty]
+    if len(positional) < 3 or len(required) > 3:
+        raise RewardError(
+            f"reward {name!r}: {getattr(fn, '__name__', type(fn).__name__)}{inspect.signature(fn)} cannot be called as "
+            "fn(prompts, completions, answers, **columns): take the three lists as the first positional arguments"
+        )
+
+
+def _columns_for(name: str, fn: Any, columns: dict[str, Any], settings: Mapping[str, Any] | None = None) -> dict:
+    """The columns `fn` takes: all of them when it has **kwargs, else those it names (a function written
+    as fn(prompts, completions, answers) gets none). RewardError naming a column it requires that the
+    batch lacks."""
+    accepted = _setting_names(fn, 3)
+    if accepted is None:
+        return columns
+    required = [p.name for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]
+    missing = [k for k in accepted if k in required and k not in columns and k not in (settings or {})]
+    if missing:
+        raise RewardError(
+            f"reward {name!r} needs the column {missing[0]!r}, which the data does not have "
+            f"(columns: {', '.join(columns) or 'none'})"
+        )
+    return {k: v for k, v in columns.items() if k in accepted}
+
+
 def _bind(fn: RewardFn, name: str, settings: dict[str, Any]) -> RewardFn:
     """`fn` called with its fixed settings on top of the per-row columns (a column of the same name is
     an error: which of the two was meant cannot be guessed)."""
@@ -149,7 +188,7 @@ def _bind(fn: RewardFn, name: str, settings: dict[str, Any]) -> RewardFn:
         clash = sorted(set(columns) & set(settings))
         if clash:
             raise RewardError(f"reward {name!r}: kwargs {clash} have the names of data columns; rename one")
-        return fn(prompts, completions, answers, **columns, **settings)
+        return fn(prompts, completions, answers, **_columns_for(name, fn, columns, settings), **settings)
 
     bound.__name__ = getattr(fn, "__name__", name)
     return bound
@@ -207,8 +246,28 @@ class RewardSpec:
     max_consecutive_timeouts: int = 2
 
     def __post_init__(self) -> None:
+        _check_spec_numbers(self)
         if self.fn is None:
             self.fn = resolve_reward(self.name)
+        _check_data_arguments(self.name, self.fn)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_spec_numbers(spec: RewardSpec) -> None:
+    """A NaN weight would drop the reward from every total without a word (nansum), and a timeout of 0,
+    below 0 or infinite breaks the worker thread's wait: each is refused, naming the reward."""
+    if not _is_real(spec.weight) or not math.isfinite(spec.weight):
+        raise RewardError(f"reward {spec.name!r}: weight={spec.weight!r} must be a finite number")
+    if spec.timeout_s is not None and not (_is_real(spec.timeout_s) and 0 < spec.timeout_s < math.inf):
+        raise RewardError(f"reward {spec.name!r}: timeout_s={spec.timeout_s!r} must be a finite number > 0 or None")
+    if not isinstance(spec.max_consecutive_timeouts, int) or spec.max_consecutive_timeouts < 1:
+        raise RewardError(
+            f"reward {spec.name!r}: max_consecutive_timeouts={spec.max_consecutive_timeouts!r} "
+            "must be a whole number >= 1"
+        )
 
 
 @dataclasses.dataclass
@@ -304,8 +363,12 @@ def _check(name: str, out: Any, n: int) -> list[float | None]:
             continue
         if isinstance(v, (str, bytes)) or not hasattr(type(v), "__float__"):
             raise RewardError(f"reward {name!r}: element {i} is {type(v).__name__} {v!r:.60}, not a number or None")
+        if isinstance(v, numbers.Complex) and not isinstance(v, numbers.Real):  # float() would drop the imaginary part
+            raise RewardError(f"reward {name!r}: element {i} is {type(v).__name__} {v!r:.60}, not a real number")
         try:
             f = float(v)
+        except OverflowError:  # an int past the float range: infinite, masked like inf
+            f = math.inf
         except (TypeError, ValueError, RuntimeError) as e:
             raise RewardError(f"reward {name!r}: element {i} ({type(v).__name__}) is not a number") from e
         values.append(f if math.isfinite(f) else None)
@@ -315,6 +378,7 @@ def _check(name: str, out: Any, n: int) -> list[float | None]:
 def _score_one(spec: RewardSpec, prompts: list, completions: list, answers: list, columns: dict) -> tuple:
     """(values, n_failed, n_timed_out, first_error) of one function: whole batch first, then per sample."""
     n = len(completions)
+    columns = _columns_for(spec.name, spec.fn, columns)
     status, out = _call(spec.fn, (prompts, completions, answers), columns, spec.timeout_s)
     if status == "ok":
         return _check(spec.name, out, n), 0, 0, None
@@ -370,6 +434,8 @@ def score(
         raise RewardError(f"reward names must be unique, got {names}")
     cols = dict(columns or {})
     for key, value in cols.items():
+        if key in ("prompts", "completions", "answers"):  # it would collide with the function's own argument
+            raise RewardError(f"data column {key!r} has the name of a reward function argument; rename the column")
         if len(value) != n:
             raise ValueError(f"column {key!r} has {len(value)} rows, expected {n}")
     prompts, completions, answers = list(prompts), list(completions), list(answers)

@@ -519,3 +519,73 @@ def test_a_kwarg_named_like_a_column_is_an_error():
     specs = build_reward_specs(cfg_specs((f"{__name__}:any_setting", {"difficulty": 3})))
     with pytest.raises(RewardError, match=r"kwargs \['difficulty'\] have the names of data columns"):
         score([""], ["a"], ["1"], specs, columns={"difficulty": [1]})
+
+
+# ----------------------------------------------------------------------------- user functions and their values
+
+
+def no_columns(prompts, completions, answers):
+    """A user reward written without **columns."""
+    return [float(len(c)) for c in completions]
+
+
+def wants_difficulty(prompts, completions, answers, *, difficulty):
+    """A user reward that names the one column it reads."""
+    return [float(d) for d in difficulty]
+
+
+def test_a_reward_without_columns_is_scored_in_a_training_batch():
+    """The loop always passes completion_lengths and max_completion_length: a function that names none of
+    them gets none, instead of failing on every row."""
+    columns = {"completion_lengths": [3, 4], "max_completion_length": [8, 8], "difficulty": [1, 2]}
+    specs = [RewardSpec("plain", fn=no_columns), RewardSpec("named", fn=wants_difficulty)]
+    res = score(["", ""], ["ab", "abc"], ["", ""], specs, columns=columns)
+    assert res.per_fn.tolist() == [[2.0, 1.0], [3.0, 2.0]] and res.failures == {"plain": 0, "named": 0}
+    bound = build_reward_specs(cfg_specs((f"{__name__}:scaled_length", {"scale": 2.0})))
+    assert score([""], ["abc"], [""], bound, columns={"completion_lengths": [3]}).total.tolist() == [6.0]
+    with pytest.raises(RewardError, match=r"reward 'named' needs the column 'difficulty'.*completion_lengths"):
+        score([""], ["a"], [""], [specs[1]], columns={"completion_lengths": [1]})
+
+
+def trl_style(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+def test_a_reward_that_cannot_take_the_three_lists_is_refused_up_front():
+    with pytest.raises(RewardError, match=r"reward '.*:trl_style': trl_style\(completions, \*\*kwargs\) cannot be"):
+        build_reward_specs(cfg_specs((f"{__name__}:trl_style", {})))
+    with pytest.raises(RewardError, match="reward 'four'"):
+        RewardSpec("four", fn=lambda p, c, a, extra: [0.0] * len(c))
+    RewardSpec("star", fn=lambda *args, **kwargs: [])  # any arity
+
+
+def test_a_data_column_named_like_an_argument_is_an_error():
+    with pytest.raises(RewardError, match="data column 'answers'"):
+        score([""], ["a"], ["1"], [RewardSpec("correctness")], columns={"answers": [["1"]]})
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"weight": math.nan}, "weight=nan must be a finite number"),
+        ({"weight": "2"}, "weight='2' must be a finite number"),
+        ({"timeout_s": 0}, "timeout_s=0 must be a finite number > 0 or None"),
+        ({"timeout_s": math.inf}, "timeout_s=inf must be a finite number > 0 or None"),
+        ({"max_consecutive_timeouts": 0}, "max_consecutive_timeouts=0 must be a whole number >= 1"),
+    ],
+)
+def test_reward_spec_numbers_are_checked(setting, message):
+    with pytest.raises(RewardError) as e:
+        RewardSpec("correctness", **setting)
+    assert str(e.value) == f"reward 'correctness': {message}"
+
+
+def test_numpy_values_huge_ints_and_complex_numbers():
+    np = pytest.importorskip("numpy")
+    fn = lambda p, c, a, **_: [np.float32(0.5), np.int64(3), np.bool_(True), np.float64("nan"), 10**400]
+    res = score([""] * 5, ["x"] * 5, [""] * 5, [RewardSpec("mine", fn=fn)])
+    assert res.per_fn[:3, 0].tolist() == [0.5, 3.0, 1.0] and res.per_fn[3:, 0].isnan().all()
+    assert res.nones == {"mine": 2}  # an int past the float range is masked like inf, not a crash
+    for value in (np.complex128(1 + 2j), 1 + 2j):
+        with pytest.raises(RewardError, match=r"reward 'cx': element 0 is complex"):
+            score([""], ["x"], [""], [RewardSpec("cx", fn=lambda p, c, a, v=value, **_: [v])])
