@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -31,19 +30,23 @@ from typing import Any
 
 from minigrpo.config import DataCfg, SyntheticCfg
 from minigrpo.datafiles import (
+    ROLES,  # noqa: F401 (re-exported: minigrpo.data.ROLES is imported elsewhere)
     SUFFIXES,
     DataError,
     Row,
+    answer_text,
+    check_prompt_messages,
     download,
     read_json_rows,
     read_parquet_rows,
     read_rows,
+    refuse_shared_files,
     resolve_files,
+    snapshot,
     split_files,
 )
 
 Message = dict[str, str]  # {"role": one of ROLES, "content": str}
-ROLES = ("system", "user", "assistant", "tool")  # the roles a message may have
 GSM8K_REPO = "openai/gsm8k"  # hub dataset repo read when data.source=gsm8k has no data.path
 
 
@@ -83,44 +86,11 @@ def _to_examples(rows: list[Row], prompt_field: str, answer_field: str) -> list[
         if not isinstance(prompt, (str, list)):
             raise DataError(f"{where}: field {prompt_field!r} is neither text nor a list of messages")
         if isinstance(prompt, list):
-            _check_prompt_messages(where, prompt, prompt_field)
+            check_prompt_messages(where, prompt, prompt_field)
         columns = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
-        answer = _answer_text(where, answer_field, row[answer_field])
+        answer = answer_text(where, answer_field, row[answer_field])
         examples.append(Example(prompt=prompt, answer=answer, columns=columns))
     return examples
-
-
-def _answer_text(where: str, name: str, value: Any) -> str:
-    """The reference answer as text: a string as is, a number (or a boolean, a parquet decimal or
-    date) spelled by str(). A list, an object, bytes or NaN/infinity is refused: its str() ("[1, 2]",
-    "nan") would be compared with the model's answers as if it were one, and score them all wrong."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, float) and not math.isfinite(value):
-        raise DataError(f"{where}: field {name!r} is {value}, not an answer (see data.answer_field)")
-    kinds = {list: "a list", tuple: "a list", dict: "an object", bytes: "bytes"}
-    if type(value) in kinds:
-        kind = kinds[type(value)]
-        raise DataError(f"{where}: field {name!r} is {kind}; the reference answer must be text or a number")
-    return str(value)
-
-
-def _check_prompt_messages(where: str, messages: list, prompt_field: str) -> None:
-    """A message-list prompt holds messages: each a mapping with a known 'role' and a text 'content'
-    (what a chat template and the plain-text rendering both read)."""
-    if not messages:
-        raise DataError(f"{where}: field {prompt_field!r} is an empty list of messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-            got = f"{m!r}"[:200]
-            raise DataError(f"{where}: message {i} of {prompt_field!r} needs a text 'role' and a 'content', got {got}")
-        if not isinstance(m["content"], str):
-            got = "None" if m["content"] is None else f"a {type(m['content']).__name__}"
-            raise DataError(f"{where}: message {i} of {prompt_field!r} has {got} as 'content'; it must be text")
-        if m["role"] not in ROLES:
-            raise DataError(
-                f"{where}: message {i} of {prompt_field!r} has role {m['role']!r}; known roles: {', '.join(ROLES)}"
-            )
 
 
 def _load_files(files: list[Path], prompt_field: str, answer_field: str) -> list[Example]:
@@ -148,8 +118,9 @@ def load_hub(
     subset: str | None = None,
     revision: str | None = None,
 ) -> list[Example]:
-    """Examples of one split of a Hugging Face Hub dataset repo (its jsonl/json/parquet files)."""
-    return _load_files(split_files(download(repo_id, revision), split, subset), prompt_field, answer_field)
+    """Examples of one split of a Hugging Face Hub dataset repo (its jsonl/json/parquet files); a local
+    folder holding such a repo's files (e.g. a snapshot downloaded beforehand) is read offline."""
+    return _load_files(split_files(snapshot(repo_id, revision), split, subset), prompt_field, answer_field)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,11 +129,14 @@ def load_hub(
 
 
 def parse_gsm8k_answer(solution: str) -> str:
-    """The final answer of a GSM8K solution: the text after the last `####`, stripped, without
-    thousands separators ("#### 1,234" -> "1234")."""
+    """The final answer of a GSM8K solution: the rest of the line after the last `####` (a remark on
+    the lines below is no part of it), stripped, without thousands separators ("#### 1,234" -> "1234")."""
     if "####" not in solution:
         raise DataError(f"GSM8K solution has no '####' final answer: {solution[-80:]!r}")
-    return solution.rsplit("####", 1)[1].strip().replace(",", "")
+    final = solution.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip().replace(",", "")
+    if not final:
+        raise DataError(f"GSM8K solution has nothing after its '####': {solution[-80:]!r}")
+    return final
 
 
 def _looks_like_repo_id(path: str) -> bool:
@@ -179,13 +153,21 @@ def load_gsm8k(
     """GSM8K ({question, answer} rows) from a file, a folder with `<split>.jsonl`, or a hub repo
     (default openai/gsm8k, its "main" config). Example.answer is the final number only; the full
     worked solution is kept in columns["solution"]."""
+    return _gsm8k_examples(_gsm8k_files(path_or_repo, split, subset, revision))
+
+
+def _gsm8k_files(path_or_repo: str | Path | None, split: str, subset: str | None, revision: str | None) -> list[Path]:
+    """The files of a GSM8K split: a local file or folder, else a hub repo (openai/gsm8k: its "main" config)."""
     path_or_repo = GSM8K_REPO if path_or_repo is None else str(path_or_repo)
     if not Path(path_or_repo).expanduser().exists() and _looks_like_repo_id(path_or_repo):
         if subset is None and path_or_repo == GSM8K_REPO:
             subset = "main"
-        files = split_files(download(path_or_repo, revision), split, subset)
-    else:
-        files = resolve_files(path_or_repo, split, subset, SUFFIXES)
+        return split_files(download(path_or_repo, revision), split, subset)
+    return resolve_files(path_or_repo, split, subset, SUFFIXES)
+
+
+def _gsm8k_examples(files: list[Path]) -> list[Example]:
+    """GSM8K rows as Examples: the answer cut to the final number, the worked solution kept as a column."""
     rows = [row for f in files for row in read_rows(f)]
     examples = []
     for (where, _), ex in zip(rows, _to_examples(rows, "question", "answer")):
@@ -250,7 +232,8 @@ def build_dataset(cfg: DataCfg, split: str | None = None, limit: int | None = No
     """The examples of one split (default: the training split `cfg.split`) from `cfg.source`.
 
     Any other split is an eval split: its first `limit` examples, by default `cfg.num_eval`
-    (synthetic: that many generated). The training split is capped only by `limit`.
+    (synthetic: that many generated). The training split is capped only by `limit`. An eval split
+    that would read a file of the training split is refused (its prompts would be training prompts).
     `max_prompt_tokens` is applied later by `filter_long_prompts`, where the tokenizer is known.
     A relative data.path / data.eval_path is read from the working directory, as every path of a
     config is (run.output_dir, model.name_or_path).
@@ -262,23 +245,38 @@ def build_dataset(cfg: DataCfg, split: str | None = None, limit: int | None = No
     if cfg.source == "synthetic":
         n = limit if is_eval else cfg.synthetic.num_train
         return synthetic_arithmetic(cfg.synthetic.seed, n, cfg.synthetic, split=split)[:limit]
+    files = _source_files(cfg, split, is_eval)
+    if is_eval:
+        refuse_shared_files(files, _training_files(cfg), split, cfg.split)
+    gsm8k = cfg.source == "gsm8k"
+    examples = _gsm8k_examples(files) if gsm8k else _load_files(files, cfg.prompt_field, cfg.answer_field)
+    if not examples:  # name the files: an empty one is the usual cause
+        verb = "hold" if len(files) > 1 else "holds"
+        raise DataError(f"split {split!r}: {', '.join(map(str, files))} {verb} no rows")
+    return examples[:limit]
+
+
+def _source_files(cfg: DataCfg, split: str, is_eval: bool) -> list[Path]:
+    """The data files of one split of data.source (every source but the synthetic one)."""
     if cfg.source == "gsm8k":
         if is_eval:
             _refuse_training_file(cfg.path, split, "point data.path at a folder with per-split files")
-        examples = load_gsm8k(cfg.path, split, subset=cfg.subset, revision=cfg.revision)
-    elif cfg.source == "hub":
+        return _gsm8k_files(cfg.path, split, cfg.subset, cfg.revision)
+    if cfg.source == "hub":
         if cfg.path is None:
             raise DataError("data.source='hub' needs data.path (a dataset repo id)")
-        examples = load_hub(
-            cfg.path, split, cfg.prompt_field, cfg.answer_field, subset=cfg.subset, revision=cfg.revision
-        )
-    elif cfg.source in ("jsonl", "parquet"):
-        examples = _load_file_source(cfg, split, is_eval)
-    else:
-        raise DataError(f"unknown data.source {cfg.source!r}")
-    if not examples:
-        raise DataError(f"split {split!r} of data.source={cfg.source!r} has no rows")
-    return examples[:limit]
+        return split_files(snapshot(cfg.path, cfg.revision), split, cfg.subset)
+    if cfg.source in ("jsonl", "parquet"):
+        return _file_source_files(cfg, split, is_eval)
+    raise DataError(f"unknown data.source {cfg.source!r}")
+
+
+def _training_files(cfg: DataCfg) -> list[Path]:
+    """The training split's files, or none when it has none (a folder holding only eval files)."""
+    try:
+        return _source_files(cfg, cfg.split, is_eval=False)
+    except DataError:
+        return []
 
 
 def _refuse_training_file(path: str | None, split: str, fix: str) -> None:
@@ -287,8 +285,8 @@ def _refuse_training_file(path: str | None, split: str, fix: str) -> None:
         raise DataError(f"split {split!r}: data.path {path} is one file, the training data; {fix}")
 
 
-def _load_file_source(cfg: DataCfg, split: str, is_eval: bool) -> list[Example]:
-    """The rows of a jsonl/parquet source: data.path (a file or a folder of split files), or
+def _file_source_files(cfg: DataCfg, split: str, is_eval: bool) -> list[Path]:
+    """The files of a jsonl/parquet source: data.path (a file or a folder of split files), or
     data.eval_path for an eval split."""
     path = cfg.eval_path if is_eval and cfg.eval_path is not None else cfg.path
     if path is None:
@@ -297,12 +295,7 @@ def _load_file_source(cfg: DataCfg, split: str, is_eval: bool) -> list[Example]:
         fix = f"set data.eval_path to the {split} file (or point data.path at a folder with per-split files)"
         _refuse_training_file(path, split, fix)
     suffixes = (".parquet",) if cfg.source == "parquet" else (".jsonl", ".json")
-    files = resolve_files(path, split, cfg.subset, suffixes)
-    examples = _load_files(files, cfg.prompt_field, cfg.answer_field)
-    if not examples:  # name the files: an empty one is the usual cause
-        verb = "hold" if len(files) > 1 else "holds"
-        raise DataError(f"split {split!r}: {', '.join(map(str, files))} {verb} no rows")
-    return examples
+    return resolve_files(path, split, cfg.subset, suffixes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,10 +316,14 @@ def build_messages(example: Example, system_prompt: str | None = None) -> list[M
     return messages
 
 
-def render_prompt(messages: list[Message], tokenizer: Any = None) -> str:
+def render_prompt(messages: list[Message], tokenizer: Any = None, *, prefill: bool = False) -> str:
     """The prompt text the model continues: the tokenizer's chat template with the assistant
     generation header. Any object with `apply_chat_template(messages, add_generation_prompt=True,
     tokenize=False) -> str` works (tokenize=False makes transformers tokenizers return text too).
+
+    prefill: a conversation that ends with an assistant message is a reply begun for the model
+    ("<think>"): the text stops at that message's end, inside the open turn, with no new header
+    (transformers' continue_final_message, what TRL does with such prompts).
 
     With no tokenizer, or one whose `chat_template` is None (a base model), the contents are joined
     with blank lines: "system\\n\\nuser". Such a model sees no assistant header, so its completion
@@ -336,10 +333,31 @@ def render_prompt(messages: list[Message], tokenizer: Any = None) -> str:
         return _plain_text(messages)
     if getattr(tokenizer, "chat_template", "") is None:
         return _plain_text(messages)
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if prefill and messages[-1]["role"] == "assistant":
+        return _continued_reply(messages, tokenizer)
+    return _template_text(tokenizer, messages, add_generation_prompt=True)
+
+
+def _template_text(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected the prompt text")
     return text
+
+
+_REPLY_END = "<<minigrpo-reply-end>> "  # marks where the begun reply ends; a template may trim its space
+
+
+def _continued_reply(messages: list[Message], tokenizer: Any) -> str:
+    """The whole conversation rendered, cut right after the final (assistant) message's content: a
+    marker appended to that content shows where it ends. A template that trims the content (the
+    marker's space is gone) loses the reply's trailing spaces too."""
+    marked = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + _REPLY_END}]
+    text = _template_text(tokenizer, marked, add_generation_prompt=False)
+    at = text.rfind(_REPLY_END.strip())
+    if at < 0:
+        raise DataError("the chat template drops the final assistant message, so the model cannot continue it")
+    return text[:at] if text.startswith(_REPLY_END, at) else text[:at].rstrip()
 
 
 def _plain_text(messages: list[Message]) -> str:
@@ -352,9 +370,10 @@ def encode_prompts(
     """Render every example's chat prompt and encode it -> (token ids per prompt, prompt texts).
 
     A chat template writes its own special tokens, so its text is encoded without adding more
-    (as transformers does); plain-text prompts get the tokenizer's usual ones (e.g. BOS).
+    (as transformers does); plain-text prompts get the tokenizer's usual ones (e.g. BOS). A
+    conversation ending with an assistant message is continued (`render_prompt`'s prefill).
     """
-    texts = [render_prompt(build_messages(ex, system_prompt), tokenizer) for ex in examples]
+    texts = [render_prompt(build_messages(ex, system_prompt), tokenizer, prefill=True) for ex in examples]
     add_special = getattr(tokenizer, "chat_template", None) is None
     return [tokenizer.encode(text, add_special_tokens=add_special) for text in texts], texts
 

@@ -4,13 +4,15 @@ Every row comes with where it was found ("data/train.jsonl:17", "train.parquet: 
 row is reported as file and line, not as a traceback: a missing file, bytes that are not UTF-8, a
 line that is not JSON or not an object, an object naming a field twice each raise DataError naming
 the file (and line). JSON Lines lines end at "\\n", "\\r\\n" or "\\r" only (a string may hold U+2028);
-a byte-order mark and blank lines are skipped. A relative path is read from the working directory.
+a byte-order mark (also one opening a later line, as files joined with `cat` have) and blank lines are
+skipped. A relative path is read from the working directory.
 pyarrow (parquet) and huggingface_hub (hub datasets) are imported only when needed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 from minigrpo.errors import UserError
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
+ROLES = ("system", "user", "assistant", "tool")  # the roles a message may have
 Row = tuple[str, dict[str, Any]]  # (where: "file:line" or "file: row i", the row's fields)
 
 
@@ -74,7 +77,8 @@ def _json_lines(text: str) -> list[tuple[int, str]]:
     """(line number, line) of the non-blank lines. Only "\\n", "\\r\\n" or "\\r" ends a line (a JSON
     string cannot hold them raw); str.splitlines also splits at U+2028, U+2029 and U+0085, which it can."""
     lines = enumerate(re.split(r"\r\n|\r|\n", text), 1)
-    return [(lineno, line) for lineno, line in lines if line.strip()]
+    unmarked = ((lineno, line.removeprefix("\ufeff")) for lineno, line in lines)  # cat'ed files keep their marks
+    return [(lineno, line) for lineno, line in unmarked if line.strip()]
 
 
 def read_json_rows(path: Path) -> list[Row]:
@@ -89,6 +93,39 @@ def read_json_rows(path: Path) -> list[Row]:
         if not isinstance(row, dict):
             raise DataError(f"{where}: a JSON {type(row).__name__}, not an object with named fields")
     return located
+
+
+def answer_text(where: str, name: str, value: Any) -> str:
+    """The reference answer as text: a string as is, a number (or a boolean, a parquet decimal or
+    date) spelled by str(). A list, an object, bytes or NaN/infinity is refused: its str() ("[1, 2]",
+    "nan") would be compared with the model's answers as if it were one, and score them all wrong."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: field {name!r} is {value}, not an answer (see data.answer_field)")
+    kinds = {list: "a list", tuple: "a list", dict: "an object", bytes: "bytes"}
+    if type(value) in kinds:
+        kind = kinds[type(value)]
+        raise DataError(f"{where}: field {name!r} is {kind}; the reference answer must be text or a number")
+    return str(value)
+
+
+def check_prompt_messages(where: str, messages: list, prompt_field: str) -> None:
+    """A message-list prompt holds messages: each a mapping with a known 'role' and a text 'content'
+    (what a chat template and the plain-text rendering both read)."""
+    if not messages:
+        raise DataError(f"{where}: field {prompt_field!r} is an empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            got = f"{m!r}"[:200]
+            raise DataError(f"{where}: message {i} of {prompt_field!r} needs a text 'role' and a 'content', got {got}")
+        if not isinstance(m["content"], str):
+            got = "None" if m["content"] is None else f"a {type(m['content']).__name__}"
+            raise DataError(f"{where}: message {i} of {prompt_field!r} has {got} as 'content'; it must be text")
+        if m["role"] not in ROLES:
+            raise DataError(
+                f"{where}: message {i} of {prompt_field!r} has role {m['role']!r}; known roles: {', '.join(ROLES)}"
+            )
 
 
 def read_parquet_rows(path: Path) -> list[Row]:
@@ -168,6 +205,26 @@ def _read_from(path: Path) -> str:
     if any(c in str(path) for c in "*?["):
         return " (a pattern is not expanded: name one file, or a folder holding the split's files)"
     return "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+
+
+def refuse_shared_files(eval_files: list[Path], training_files: list[Path], split: str, train_split: str) -> None:
+    """An eval split must not read a file of the training split: its score would be on training prompts
+    (data.eval_path naming data.path's file, or split names that match the same files)."""
+    shared = sorted({f.resolve() for f in eval_files} & {f.resolve() for f in training_files})
+    if shared:
+        raise DataError(
+            f"split {split!r} reads {', '.join(map(str, shared))}, a file of the training split {train_split!r}: "
+            "the eval prompts would be training prompts; name a different file or split"
+        )
+
+
+def snapshot(repo_or_folder: str, revision: str | None) -> Path:
+    """The data files of a hub dataset: a local folder (a downloaded snapshot, read offline) as is,
+    else the repo's snapshot from the hub."""
+    folder = Path(repo_or_folder).expanduser()
+    if folder.is_dir():
+        return folder
+    return download(repo_or_folder, revision)
 
 
 def download(repo_id: str, revision: str | None) -> Path:

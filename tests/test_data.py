@@ -49,6 +49,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         ("The total is 1,000 + 234.\n#### 1,234", "1234"),
         ("#### 1,000,000  \n", "1000000"),
         ("Step one #### is not the end.\n#### -5", "-5"),  # the LAST ####
+        ("#### 42\nThe answer is 42.", "42"),  # the rest of the #### line only, not the lines below
     ],
 )
 def test_parse_gsm8k_answer(solution, answer):
@@ -58,6 +59,8 @@ def test_parse_gsm8k_answer(solution, answer):
 def test_parse_gsm8k_answer_without_marker(tmp_path):
     with pytest.raises(DataError, match="no '####' final answer"):
         parse_gsm8k_answer("The answer is 5.")
+    with pytest.raises(DataError, match="nothing after its '####'"):  # "" would score every completion wrong
+        parse_gsm8k_answer("So it is.\n####  \n")
     rows = [{"question": "a", "answer": "x\n#### 1"}, {"question": "b", "answer": "The answer is 5."}]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(DataError) as e:
@@ -237,6 +240,44 @@ def test_jsonl_source_folder_and_eval_file(tmp_path):
     # one file and no eval_path: its eval split would be the training rows, so there is none
     with pytest.raises(DataError, match=r"set data\.eval_path"):
         build_dataset(DataCfg(source="jsonl", path=str(tmp_path / "data" / "train.jsonl")), "test")
+
+
+def test_an_eval_split_never_reads_a_training_file(tmp_path):
+    """data.eval_path naming the training file (spelled another way too), or an eval split name that
+    matches a training file of the folder, would score the eval on training prompts: refused."""
+    train = write_jsonl(tmp_path / "data" / "train.jsonl", [{"question": f"q{i}", "answer": str(i)} for i in range(3)])
+    spelled = str(tmp_path / "data" / ".." / "data" / "train.jsonl")
+    cfg = DataCfg(source="jsonl", path=str(train), eval_path=spelled)
+    with pytest.raises(DataError) as e:
+        build_dataset(cfg, "test")
+    assert str(e.value) == (
+        f"split 'test' reads {train}, a file of the training split 'train': the eval prompts would be training "
+        "prompts; name a different file or split"
+    )
+    write_jsonl(tmp_path / "data" / "train-dev.jsonl", [{"question": "d", "answer": "1"}])  # split train AND dev
+    write_jsonl(tmp_path / "data" / "test.jsonl", [{"question": "t", "answer": "1"}])
+    folder = DataCfg(source="jsonl", path=str(tmp_path / "data"))
+    with pytest.raises(DataError, match=r"split 'dev' reads .*train-dev\.jsonl, a file of the training split"):
+        build_dataset(folder, "dev")
+    assert [ex.prompt for ex in build_dataset(folder, "test")] == ["t"]  # apart: read
+    only_eval = tmp_path / "eval_only"
+    write_jsonl(only_eval / "test.jsonl", [{"question": "e", "answer": "2"}])  # no training files: nothing shared
+    assert [ex.prompt for ex in build_dataset(DataCfg(source="jsonl", path=str(only_eval)), "test")] == ["e"]
+
+
+def test_gsm8k_eval_split_matching_a_training_file_is_refused(tmp_path):
+    folder = tmp_path / "gsm8k"
+    write_jsonl(folder / "train_test.jsonl", [{"question": "q", "answer": "#### 1"}])  # both splits' name
+    with pytest.raises(DataError, match=r"split 'test' reads .*train_test\.jsonl, a file of the training split"):
+        build_dataset(DataCfg(source="gsm8k", path=str(folder)), "test")
+
+
+def test_byte_order_marks_of_joined_files_are_skipped(tmp_path):
+    """`cat a.jsonl b.jsonl` of files saved with a BOM puts one at the start of a later line."""
+    part = '\ufeff{"question": "a", "answer": 1}\r\n'
+    path = tmp_path / "d.jsonl"
+    path.write_bytes((part + part.replace('"a"', '"b"') + "\r\n").encode())
+    assert [(ex.prompt, ex.answer) for ex in load_jsonl(path)] == [("a", "1"), ("b", "1")]
 
 
 def test_jsonl_lines_end_only_at_line_breaks(tmp_path):
@@ -429,6 +470,28 @@ def test_hub_source_picks_the_split_files(fake_hub):
         load_hub("org/data", "train")
 
 
+def test_hub_source_reads_a_local_snapshot_folder(tmp_path, monkeypatch):
+    """A hub dataset's files downloaded beforehand (data/<split>-*.parquet) are read offline from data.path."""
+    pytest.importorskip("pyarrow")
+    import huggingface_hub
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def offline(**kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    root = tmp_path / "snapshot"
+    (root / "data").mkdir(parents=True)
+    for split, n in (("train", 3), ("test", 2)):
+        table = pa.table({"problem": [f"{split}{i}" for i in range(n)], "solution": list(range(n))})
+        pq.write_table(table, root / "data" / f"{split}-00000-of-00001.parquet")
+    cfg = DataCfg(source="hub", path=str(root), prompt_field="problem", answer_field="solution")
+    assert [(ex.prompt, ex.answer) for ex in build_dataset(cfg)] == [("train0", "0"), ("train1", "1"), ("train2", "2")]
+    assert [ex.prompt for ex in build_dataset(cfg, "test")] == ["test0", "test1"]
+    assert [ex.prompt for ex in load_hub(str(root), "test", "problem", "solution")] == ["test0", "test1"]
+
+
 def test_gsm8k_from_the_hub_by_default(fake_hub):
     examples = build_dataset(DataCfg(source="gsm8k"), "test")
     assert fake_hub[0]["repo_id"] == "openai/gsm8k"
@@ -549,6 +612,48 @@ def test_render_prompt_plain_text_fallback():
     assert render_prompt(messages, base) == "S.\n\nQ?" and base.calls == []
     assert render_prompt(messages, None) == "S.\n\nQ?"
     assert render_prompt(messages[1:], object()) == "Q?"
+
+
+@pytest.fixture(scope="session")
+def smol_dir(tmp_path_factory):
+    from helpers.tok_fixtures import smollm2_tokenizer_dir
+
+    return smollm2_tokenizer_dir(tmp_path_factory)
+
+
+TRIMMING_TEMPLATE = (  # Llama-3 style: every content trimmed
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize("reply", ["<think>\n", "Step 1: ", "So"])
+def test_a_begun_assistant_reply_is_continued_as_transformers_does(smol_dir, reply):
+    """A prompt ending with an assistant message is a prefill (transformers' continue_final_message, as
+    TRL renders it): the text stops inside that turn; it used to close it and open a new assistant turn."""
+    from helpers.tok_fixtures import hf_tokenizer
+
+    from minigrpo.data import encode_prompts
+    from minigrpo.tokenizer import Tokenizer
+
+    prompt = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": reply}]
+    example = Example(prompt, "4")
+    hf = hf_tokenizer(smol_dir)
+    for template in (hf.chat_template, TRIMMING_TEMPLATE):
+        hf.chat_template = template
+        messages = build_messages(example, "Be brief.")
+        expected = hf.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+        assert render_prompt(messages, hf, prefill=True) == expected
+    ours = Tokenizer.from_dir(smol_dir)
+    ids, texts = encode_prompts([example], ours, "Be brief.")
+    hf = hf_tokenizer(smol_dir)
+    expected = hf.apply_chat_template(build_messages(example, "Be brief."), continue_final_message=True, tokenize=False)
+    assert texts == [expected] and texts[0].endswith("<|im_start|>assistant\n" + reply)
+    assert ids == [hf.encode(expected, add_special_tokens=False)]
+    plain = build_messages(Example("Q?", "1"))  # a user turn last: the generation header as before
+    assert render_prompt(plain, ours, prefill=True) == hf.apply_chat_template(
+        plain, add_generation_prompt=True, tokenize=False
+    )
 
 
 def test_render_prompt_rejects_token_ids():
