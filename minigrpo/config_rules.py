@@ -48,6 +48,11 @@ def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         "model.activation_offload=true needs model.gradient_checkpointing=true (it offloads the checkpointed inputs)",
     )
 
+    need(
+        data.eval_split is None or data.eval_split != data.split,
+        f"data.eval_split={data.eval_split!r} is the training split (data.split): evaluation would score training "
+        "prompts; name another split, or null for no eval set",
+    )
     # data: a file source needs a path whose suffix matches it
     if data.source in ("jsonl", "parquet", "hub"):
         need(data.path is not None, f"data.source={data.source!r} needs data.path (a file, folder or repo id)")

@@ -448,6 +448,7 @@ def test_bad_yaml_is_one_line_with_its_position(tmp_path):
         (["sampler.max_new_tokens=0", "grpo.loss_type=dr_grpo"], "sampler.max_new_tokens must be >= 1, got 0"),
         (["sampler.max_rows=0"], "sampler.max_rows must be >= 1, got 0 (null = every row at once)"),
         (["sampler.kind=vllm", "sampler.max_rows=8"], "sampler.max_rows=8 applies to the own sampler"),
+        (["data.eval_split=train"], "data.eval_split='train' is the training split (data.split)"),
         (["sampler.kind=vllm", "sampler.temperature=0.005"], "sampler.temperature must be 0 (greedy) or in [0.01, 2]"),
         (["sampler.kind=vllm", "sampler.temperature=2.5"], "with sampler.kind=vllm (vLLM raises a smaller one"),
         (["train.lr=-1e-6"], "train.lr must be >= 0, got -1e-06"),
