@@ -16,11 +16,71 @@ import torch
 from minigrpo.distributed import full_tensor, shard_like
 from minigrpo.optim import MasterWeights
 
+# bitsandbytes' 8-bit state: quantisation maps and block scales, not one value per parameter element
+_NOT_PER_ELEMENT = frozenset(
+    {"qmap1", "qmap2", "absmax1", "absmax2", "max1", "max2", "new_max1", "new_max2", "gnorm_vec", "unorm_vec"}
+)
 
-def _trainable(model: torch.nn.Module) -> tuple[list[str], list[torch.nn.Parameter]]:
-    """Names and parameters the optimizer steps, in its order (build_optimizer keeps model order)."""
-    pairs = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [n for n, _ in pairs], [p for _, p in pairs]
+
+def _stepped(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[str], list[torch.Tensor]]:
+    """Names of the parameters the optimizer steps and the tensors its state belongs to (masters or the
+    parameters), in the optimizer's order, matched by identity: that order need not be the model's."""
+    owner = {id(p): n for n, p in model.named_parameters()}
+    inner = optimizer.inner if isinstance(optimizer, MasterWeights) else optimizer
+    param_of = dict(zip(map(id, optimizer.masters), optimizer.params)) if inner is not optimizer else {}
+    names, targets = [], []
+    for group in inner.param_groups:
+        for t in group["params"]:
+            name = owner.get(id(param_of.get(id(t), t)))
+            if name is None:
+                raise ValueError(f"the optimizer steps a {tuple(t.shape)} tensor that is no parameter of the model")
+            names.append(name)
+            targets.append(t)
+    return names, targets
+
+
+def _per_element(state: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """(key, tensor) of the state entries with one value per parameter element (Adam's moments,
+    8-bit AdamW's state1/state2 in its nested dict), the ones a shape check and sharding concern."""
+    found = []
+    for k, v in state.items():
+        if isinstance(v, dict):
+            found += _per_element(v)
+        elif torch.is_tensor(v) and _is_per_element(k, v):
+            found.append((k, v))
+    return found
+
+
+def _layout(optimizer: torch.optim.Optimizer) -> str:
+    """Whose state layout an optimizer keeps: bitsandbytes' 8-bit one or torch's (exp_avg, exp_avg_sq)."""
+    return "bitsandbytes" if type(optimizer).__module__.startswith("bitsandbytes") else "torch"
+
+
+def _saved_layout(state: dict[str, dict[str, Any]]) -> str | None:
+    """The layout of a saved state by name, read from its entries; None when nothing was stepped yet."""
+    for entry in state.values():
+        if "__bnb_optimizer_quant_state__" in entry or "state1" in entry:
+            return "bitsandbytes"
+        if "exp_avg" in entry:
+            return "torch"
+    return None
+
+
+def _is_per_element(key: str, value: torch.Tensor) -> bool:
+    return value.dim() > 0 and key not in _NOT_PER_ELEMENT
+
+
+def _shard_entry(key: str, value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A saved whole state tensor as this process steps it: a per-element one laid out like its target."""
+    return shard_like(value, target) if _is_per_element(key, value) else value
+
+
+def _map_tensors(state: dict[str, Any], fn) -> dict[str, Any]:
+    """`state` with fn(key, tensor) applied to every tensor, nested dicts included (8-bit AdamW's)."""
+    out = {}
+    for k, v in state.items():
+        out[k] = _map_tensors(v, fn) if isinstance(v, dict) else fn(k, v) if torch.is_tensor(v) else v
+    return out
 
 
 def optimizer_state(
@@ -33,33 +93,28 @@ def optimizer_state(
     as "masters" (FSDP keeps fp32 shards while the saved model is bf16). A MasterWeights optimizer
     stores its fp32 copies there anyway.
     """
-    names, params = _trainable(model)
+    names, targets = _stepped(model, optimizer)
     inner = optimizer.inner if isinstance(optimizer, MasterWeights) else optimizer
     sd = inner.state_dict()
-    order = [i for group in sd["param_groups"] for i in group["params"]]
-    if len(order) != len(names):
-        raise ValueError(f"the optimizer steps {len(order)} tensors, the model has {len(names)} trainable ones")
+    order = [i for group in sd["param_groups"] for i in group["params"]]  # the same order as names
 
-    def whole(v: Any) -> Any:
-        if not torch.is_tensor(v):
-            return v
+    def whole(_key: str, v: torch.Tensor) -> torch.Tensor | None:
         v = full_tensor(v)
         return v.detach().to("cpu", copy=True) if keep else None  # a snapshot, also of CPU tensors
 
-    state = {
-        name: {k: whole(v) for k, v in sd["state"][i].items()} for i, name in zip(order, names) if i in sd["state"]
-    }
+    state = {name: _map_tensors(sd["state"][i], whole) for i, name in zip(order, names) if i in sd["state"]}
     out: dict[str, Any] = {
         "format": "by_name",
+        "optimizer": type(inner).__name__,
         "param_names": names,
         "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]],
         "group_sizes": [len(g["params"]) for g in sd["param_groups"]],
         "state": state,
     }
     if isinstance(optimizer, MasterWeights):
-        out["masters"] = {n: m.detach().to("cpu", copy=True) for n, m in zip(names, optimizer.masters)}
+        out["masters"] = {n: m.detach().to("cpu", copy=True) for n, m in zip(names, targets)}
     elif fp32_params:
-        out["masters"] = {n: whole(p.detach().float()) for n, p in zip(names, params)}
+        out["masters"] = {n: whole(n, p.detach().float()) for n, p in zip(names, targets)}
     return out if keep else {}
 
 
@@ -72,19 +127,21 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     if saved.get("format") != "by_name":
         optimizer.load_state_dict(saved)
         return
-    names, params = _trainable(model)
-    masters = optimizer.masters if isinstance(optimizer, MasterWeights) else params
-    difference = _layout_difference(names, masters, saved)
+    names, targets = _stepped(model, optimizer)
+    inner = optimizer.inner if isinstance(optimizer, MasterWeights) else optimizer
+    layout = _saved_layout(saved["state"])
+    if layout not in (None, _layout(inner)):
+        raise ValueError(
+            f"the checkpoint's optimizer state has {layout}'s layout ({saved.get('optimizer', 'another optimizer')}), "
+            f"this run steps {type(inner).__name__}: resume with the train.optimizer it was saved with"
+        )
+    difference = _layout_difference(names, targets, saved)
     if difference:
         raise ValueError(f"the checkpoint's optimizer state is for other parameters: {difference}")
     state = {}
-    for i, (name, target) in enumerate(zip(names, masters)):
+    for i, (name, target) in enumerate(zip(names, targets)):
         if name in saved["state"]:
-            state[i] = {
-                k: shard_like(v, target) if torch.is_tensor(v) and v.dim() > 0 else v
-                for k, v in saved["state"][name].items()
-            }
-    inner = optimizer.inner if isinstance(optimizer, MasterWeights) else optimizer
+            state[i] = _map_tensors(saved["state"][name], lambda k, v, t=target: _shard_entry(k, v, t))
     # how this process steps (fused on CUDA, foreach elsewhere) wins over how the saving one did
     live = {k: v for k, v in inner.param_groups[0].items() if k in ("foreach", "fused")}
     groups, start = [], 0
@@ -94,8 +151,9 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     inner.load_state_dict({"state": state, "param_groups": groups})
     if isinstance(optimizer, MasterWeights) and "masters" in saved:
         with torch.no_grad():
-            for name, m, p in zip(names, optimizer.masters, optimizer.params):
+            for name, m in zip(names, targets):
                 m.copy_(saved["masters"][name])
+            for m, p in zip(optimizer.masters, optimizer.params):
                 p.copy_(m)
 
 
@@ -115,7 +173,7 @@ def _layout_difference(names: list[str], targets: list[torch.Tensor], saved: dic
     if sum(saved["group_sizes"]) != len(names):
         return f"its parameter groups hold {sum(saved['group_sizes'])} tensors, not {len(names)}"
     for name, target in zip(names, targets):
-        entries = [(k, v) for k, v in saved["state"].get(name, {}).items() if torch.is_tensor(v) and v.dim() > 0]
+        entries = _per_element(saved["state"].get(name, {}))
         entries += [("master", saved["masters"][name])] if name in saved.get("masters", {}) else []
         for key, value in entries:
             if tuple(value.shape) != tuple(target.shape):

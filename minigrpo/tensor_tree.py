@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 _TAGS = ("__dict__", "__tuple__", "__tensor__", "__ndarray__")
+_RESERVED = "__metadata__"  # a safetensors header's own entry, never a tensor's name
 
 
 class ManifestError(ValueError):
@@ -43,9 +44,10 @@ def flatten(tree: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     tensors: dict[str, torch.Tensor] = {}
 
     def store(t: torch.Tensor, path: tuple[str, ...]) -> str:
-        key = "/".join(path) or "."
-        if key in tensors:  # "a/b" as one key and as a path: keep both apart
-            key = f"{key}#{len(tensors)}"
+        key = base = "/".join(path) or "."
+        n = len(tensors)
+        while key in tensors or key == _RESERVED:  # "a/b" as one key and as a path: keep both apart
+            key, n = f"{base}#{n}", n + 1
         tensors[key] = t
         return key
 
@@ -53,10 +55,12 @@ def flatten(tree: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         if node is None or isinstance(node, (bool, int, float, str)):
             return node
         if isinstance(node, torch.Tensor):
+            if node.layout != torch.strided or node.is_meta:
+                raise TypeError(f"cannot store a {node.layout} {node.device.type} tensor at {'/'.join(path)!r}")
             return {"__tensor__": store(node.detach(), path)}
         if isinstance(node, np.ndarray):
-            if node.dtype.hasobject:
-                raise TypeError(f"cannot store a numpy array of Python objects at {'/'.join(path)!r}")
+            if node.dtype.hasobject or node.dtype.names is not None or node.dtype.subdtype is not None:
+                raise TypeError(f"cannot store a numpy array of dtype {node.dtype} at {'/'.join(path)!r}")
             raw = torch.from_numpy(np.ascontiguousarray(node).reshape(-1).view(np.uint8).copy())
             return {"__ndarray__": store(raw, path), "dtype": node.dtype.str, "shape": list(node.shape)}
         if isinstance(node, tuple):

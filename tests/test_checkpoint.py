@@ -684,3 +684,40 @@ def test_a_trainer_state_without_what_a_resume_restores_falls_back(tmp_path, cha
     with pytest.warns(CheckpointWarning, match=rf"step_000004/trainer_state/state\.json: .*{re.escape(problem)}"):
         found, state = find_resume_checkpoint(tmp_path)
     assert found.name == "step_000002" and state["data"] == {"epoch": 0, "index": 8}
+
+
+def test_a_tensor_under_the_key_the_safetensors_header_reserves_round_trips(tmp_path):
+    """A top-level "__metadata__" tensor was stored under that name, which the safetensors header
+    keeps for its own entry: the file was written, then read back as corrupt at the resume."""
+    tree = {"__metadata__": torch.arange(3.0), "__metadata__#0": torch.ones(2), "w": torch.zeros(1)}
+    manifest, tensors = flatten(tree)
+    assert "__metadata__" not in tensors and len(tensors) == 3
+    save_file(tensors, tmp_path / "t.safetensors")
+    loaded = unflatten(manifest, dict(safetensors_io.iter_tensors(tmp_path / "t.safetensors")))
+    assert_same_tree(tree, loaded)
+
+
+def test_a_key_like_a_renamed_path_keeps_every_tensor(tmp_path):
+    """The path "a/b" twice (a key and a nested path) renamed the second "a/b#2": a tensor stored under
+    that very key was overwritten, and both leaves came back as the same tensor."""
+    tree = {"a/b": torch.zeros(1), "a/b#2": torch.ones(1), "a": {"b": torch.full((1,), 2.0)}}
+    manifest, tensors = flatten(tree)
+    assert len(tensors) == 3
+    save_file(tensors, tmp_path / "t.safetensors")
+    loaded = unflatten(manifest, dict(safetensors_io.iter_tensors(tmp_path / "t.safetensors")))
+    assert_same_tree(tree, loaded)
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        (torch.eye(3).to_sparse(), r"cannot store a torch.sparse_coo cpu tensor at 'opt/0'"),
+        (torch.empty(2, device="meta"), r"cannot store a torch.strided meta tensor at 'opt/0'"),
+        (np.zeros(2, dtype=[("a", "<i4"), ("b", "<f8")]), r"cannot store a numpy array of dtype .+ at 'opt/0'"),
+    ],
+)
+def test_what_the_tree_cannot_hold_is_one_line_naming_its_path(value, named):
+    """Sparse and meta tensors failed inside the writer with a message naming nothing; a structured
+    numpy array came back as raw bytes of dtype V12, its fields lost."""
+    with pytest.raises(TypeError, match=rf"^{named}$"):
+        flatten({"opt": [value]})

@@ -391,3 +391,131 @@ def test_a_state_with_the_parameters_in_another_order_names_the_first_difference
     saved["param_names"] = [names[1], names[0], *names[2:]]
     with pytest.raises(ValueError, match=rf"another order \(position 0: {names[0]} here, {names[1]} saved\)"):
         load_optimizer_state(model, build_optimizer(model.parameters(), TrainCfg()), saved)
+
+
+class _Mixed(torch.nn.Module):
+    """A trainable matrix and vector with a frozen parameter listed between them."""
+
+    def __init__(self, dtype, rows=64, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a = torch.nn.Parameter(torch.randn(rows, 128, generator=g).to(dtype))
+        self.frozen = torch.nn.Parameter(torch.randn(3, generator=g), requires_grad=False)
+        self.b = torch.nn.Parameter(torch.randn(8, generator=g).to(dtype))
+
+
+def _step(model, opt, seed):
+    g = torch.Generator().manual_seed(seed)
+    model.a.grad = torch.randn(model.a.shape, generator=g).to(model.a.dtype)
+    model.b.grad = torch.randn(model.b.shape, generator=g).to(model.b.dtype)
+    opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_optimizer_listing_the_parameters_in_another_order_keeps_each_state_under_its_name(dtype):
+    """The optimizer's order (here b before a) is not the model's: every moment and master is saved
+    under the name of the parameter it belongs to (they were filed by position, so a's entry held b's
+    moments, a resume refused with a bogus shape message and FSDP's load_masters copied b into a),
+    and a resume continues bit-identically."""
+    from minigrpo.optim_state import load_masters, load_optimizer_state, optimizer_state
+
+    model = _Mixed(dtype)
+    opt = build_optimizer([model.b, model.a], TrainCfg(lr=1e-2))
+    _step(model, opt, 1)
+    saved = optimizer_state(model, opt)
+    stepped = {"a": model.a, "b": model.b}
+    if isinstance(opt, MasterWeights):
+        stepped = {n: next(m for q, m in zip(opt.params, opt.masters) if q is p) for n, p in stepped.items()}
+        assert torch.equal(saved["masters"]["a"], stepped["a"]) and torch.equal(saved["masters"]["b"], stepped["b"])
+    for name, t in stepped.items():
+        assert torch.equal(saved["state"][name]["exp_avg"], opt.state[t]["exp_avg"])
+    assert saved["param_names"] == ["b", "a"]
+    fresh = _Mixed(torch.float32, seed=1)
+    load_masters(fresh, optimizer_state(model, opt, fp32_params=True))  # FSDP's way in: by name
+    assert torch.equal(fresh.a, stepped["a"].float()) and torch.equal(fresh.b, stepped["b"].float())
+
+    other = _Mixed(dtype, seed=1)
+    with torch.no_grad():
+        other.a.copy_(model.a), other.b.copy_(model.b)
+    resumed = build_optimizer([other.b, other.a], TrainCfg(lr=1e-2))
+    load_optimizer_state(other, resumed, saved)
+    _step(model, opt, 2)
+    _step(other, resumed, 2)
+    assert torch.equal(model.a, other.a) and torch.equal(model.b, other.b)
+
+
+def _adamw8bit(params):
+    bnb = pytest.importorskip("bitsandbytes")
+    return bnb.optim.AdamW8bit(params, lr=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_8bit_adamw_state_is_a_snapshot_that_resumes_exactly(tmp_path, dtype):
+    """8-bit AdamW keeps its state in a nested dict (state1/state2 shaped like the parameter, 256-entry
+    quantisation maps, block scales): saved as copies (they were the live tensors, so the steps after
+    a save changed the saved state), through the trainer-state files, and resumed bit-identically."""
+    from minigrpo.checkpoint import load_trainer_state, save_trainer_state
+    from minigrpo.optim_state import load_optimizer_state, optimizer_state
+
+    def make(ps):
+        return MasterWeights(ps, _adamw8bit) if dtype == torch.bfloat16 else _adamw8bit(ps)
+
+    model = _Mixed(dtype)
+    opt = make([model.a, model.b])
+    _step(model, opt, 1)
+    saved = optimizer_state(model, opt)
+    quant = saved["state"]["a"]["__bnb_optimizer_quant_state__"]
+    assert quant["state1"].dtype == torch.uint8 and quant["qmap1"].shape == (256,)
+    before = {k: v.clone() for k, v in quant.items()}
+    _step(model, opt, 2)
+    assert all(torch.equal(quant[k], v) for k, v in before.items())
+    save_trainer_state(tmp_path, {"step": 1, "optimizer": saved})
+
+    other = _Mixed(dtype, seed=1)
+    resumed = make([other.a, other.b])
+    load_optimizer_state(other, resumed, load_trainer_state(tmp_path)["optimizer"])
+    load_optimizer_state(model, opt, saved)  # both continue from the saved step
+    with torch.no_grad():
+        other.a.copy_(model.a), other.b.copy_(model.b)
+    if dtype == torch.bfloat16:
+        for m, r in zip(opt.masters, resumed.masters):
+            assert torch.equal(m, r)
+    _step(model, opt, 3)
+    _step(other, resumed, 3)
+    assert torch.equal(model.a, other.a) and torch.equal(model.b, other.b)
+
+
+def test_8bit_adamw_state_for_other_shapes_is_refused_before_anything_loads():
+    """The shape check reads the nested 8-bit state too (it skipped it: torch loaded the state and
+    the next step failed inside the optimizer with a broadcast error)."""
+    from minigrpo.optim_state import load_optimizer_state, optimizer_state
+
+    model = _Mixed(torch.float32)
+    opt = _adamw8bit([model.a, model.b])
+    _step(model, opt, 1)
+    other = _Mixed(torch.float32, rows=32)
+    resumed = _adamw8bit([other.a, other.b])
+    with pytest.raises(ValueError, match=r"for other parameters: a is \(32, 128\) here, its saved state1 \(64, 128\)$"):
+        load_optimizer_state(other, resumed, optimizer_state(model, opt))
+    assert not resumed.state
+
+
+@pytest.mark.parametrize(("saved_with", "resumed_with"), [("adamw", "adamw8bit"), ("adamw8bit", "adamw")])
+def test_a_state_of_the_other_optimizer_kind_is_refused_naming_both(saved_with, resumed_with):
+    """train.optimizer changed between the save and the resume (the memory pre-flight suggests
+    adamw8bit): the state loaded, and the first step failed with KeyError 'state1' (or 'exp_avg')."""
+    from minigrpo.optim_state import load_optimizer_state, optimizer_state
+
+    def make(kind, model):
+        params = [model.a, model.b]
+        return _adamw8bit(params) if kind == "adamw8bit" else build_optimizer(params, TrainCfg())
+
+    model, other = _Mixed(torch.float32), _Mixed(torch.float32, seed=1)
+    opt = make(saved_with, model)
+    _step(model, opt, 1)
+    resumed = make(resumed_with, other)
+    names = {"adamw": "AdamW", "adamw8bit": "AdamW8bit"}
+    expected = rf"\({names[saved_with]}\), this run steps {names[resumed_with]}: resume with the train.optimizer"
+    with pytest.raises(ValueError, match=expected):
+        load_optimizer_state(other, resumed, optimizer_state(model, opt))
+    assert not resumed.state
