@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import torch
 
@@ -25,6 +26,8 @@ from minigrpo.checkpoint import ModelStateView, latest_checkpoint, optimizer_sta
 from minigrpo.config import save_config
 from minigrpo.distributed import full_state_dict, is_sharded
 from minigrpo.metrics import MetricsLogger
+
+T = TypeVar("T")
 
 
 def open_logger(run: Any) -> MetricsLogger:
@@ -52,6 +55,14 @@ def open_logger(run: Any) -> MetricsLogger:
     if run.start_step and world.main:
         logger.truncate_after(run.start_step)
     return logger
+
+
+def until_interrupted(run: Callable[[Any], T], cfg: Any) -> T:
+    """run(cfg), with Ctrl-C turned into `interrupted` (one line, exit status 130)."""
+    try:
+        return run(cfg)
+    except KeyboardInterrupt:
+        interrupted(cfg.run.run_dir)
 
 
 def interrupted(run_dir: Path) -> NoReturn:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from minigrpo import lora
-from minigrpo.bookkeeping import interrupted, open_logger, save
+from minigrpo.bookkeeping import open_logger, save, until_interrupted
 from minigrpo.build import (
     RESUMABLE_CHANGES,
     ResumePoint,
@@ -77,15 +77,10 @@ FINAL_MODEL = "model"  # run_dir/model: the run's output, a valid model.name_or_
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """The command line: a mistake in the config or the files is one `error:` line (exit status 2);
     Ctrl-C is one `interrupted:` line naming the checkpoint to continue from (exit status 130)."""
-    return run_cli(sft_from_args, argv)
-
-
-def sft_from_args(argv: list[str] | None) -> list[dict[str, Any]]:
-    cfg = config_from_args(argv, description="SFT before GRPO", prog="minigrpo.sft")
-    try:
-        return sft(cfg)
-    except KeyboardInterrupt:
-        interrupted(cfg.run.run_dir)
+    return run_cli(
+        lambda args: until_interrupted(sft, config_from_args(args, description="SFT before GRPO", prog="minigrpo.sft")),
+        argv,
+    )
 
 
 def sft(cfg: Config) -> list[dict[str, Any]]:

@@ -44,7 +44,7 @@ import torch
 
 from minigrpo import lora
 from minigrpo.algorithms import update_fn
-from minigrpo.bookkeeping import interrupted, open_logger, save
+from minigrpo.bookkeeping import open_logger, save, until_interrupted
 from minigrpo.build import Run, build_run, check_before_loading, pick_device
 from minigrpo.config import Config, config_from_args
 from minigrpo.distributed import checked_on_every_rank, close_world, env_world_size, full_weights, init_world
@@ -63,15 +63,12 @@ from minigrpo.step import (
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """The command line: a mistake in the config or the files is one `error:` line (exit status 2);
     Ctrl-C is one `interrupted:` line naming the checkpoint to continue from (exit status 130)."""
-    return run_cli(train_from_args, argv)
-
-
-def train_from_args(argv: list[str] | None) -> list[dict[str, Any]]:
-    cfg = config_from_args(argv, description="GRPO training (minigrpo/train.py)", prog="minigrpo.train")
-    try:
-        return train(cfg)
-    except KeyboardInterrupt:
-        interrupted(cfg.run.run_dir)
+    return run_cli(
+        lambda args: until_interrupted(
+            train, config_from_args(args, description="GRPO training (minigrpo/train.py)", prog="minigrpo.train")
+        ),
+        argv,
+    )
 
 
 # ================================================================================================
