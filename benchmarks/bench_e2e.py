@@ -27,7 +27,7 @@ How each config field maps to TRL 1.16's GRPOConfig (read from the installed trl
     model.gradient_checkpointing -> gradient_checkpointing (non-reentrant);  run.seed -> seed;
     data order -> a datasets.Dataset in our PromptLoader's order with shuffle_dataset=False;
     train.lr/betas/eps/weight_decay/warmup_steps/schedule -> not GRPOConfig fields but the SAME torch
-    AdamW and LambdaLR (minigrpo.optim.lr_factor) passed as `optimizers` (HF's warmup starts at 0, ours
+    AdamW and LambdaLR (minigrpo.optim.build_scheduler) passed as `optimizers` (HF's warmup starts at 0, ours
     at 1/warmup); train.max_grad_norm -> max_grad_norm (None -> 0: off);  bf16 -> bf16=True and the
     model loaded in bf16;  sampler.kind=vllm -> use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization,
     vllm_enable_sleep_mode = sampler.vllm_sleep, vllm_importance_sampling_mode="token_truncate" with
@@ -73,7 +73,7 @@ from common import (
 )
 from e2e_summary import add_ratios, learning, plot_rewards, summarize
 
-from minigrpo.errors import ArgumentParser, UsageError, run_cli
+from minigrpo.errors import ArgumentParser, UsageError, UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVIDERS = ("ours", "ours-vllm", "trl", "trl-liger", "trl-vllm")
@@ -92,7 +92,7 @@ def gsm8k_dir() -> Path:
     for cand in (ROOT / "shared" / "data" / "gsm8k", ROOT.parent / "shared" / "data" / "gsm8k"):
         if (cand / "train.jsonl").exists():
             return cand
-    raise SystemExit("error: no shared/data/gsm8k/train.jsonl next to or above the repository")
+    raise UserError(f"no shared/data/gsm8k/train.jsonl in {ROOT} or {ROOT.parent} (speed mode's prompts)")
 
 
 def model_folder(name: str, cache: Path, smollm2_dtype: str = "float32") -> Path:
@@ -172,15 +172,26 @@ def build_cases(args, cache: Path) -> list[dict[str, Any]]:
             for seed in args.seed
         ]  # fmt: skip
     cases, (seed,) = [], args.seed  # main allows one seed in speed mode
-    for name in args.cases.split(","):
-        arch, _, kind = name.partition("/")
-        if kind not in SPEED_CONFIGS:
-            raise UsageError(f"--cases: {name!r} is not <model>/full or <model>/lora")
+    speed_cases = [speed_case(name) for name in args.cases.split(",")]
+    data = gsm8k_dir()  # checked before any model folder is written
+    for name, (arch, kind) in zip(args.cases.split(","), speed_cases):
         model = model_folder(arch, cache)
-        overrides = [f"model.name_or_path={model}", f"data.path={gsm8k_dir()}", *run_overrides(args, args.steps, seed)]
+        overrides = [f"model.name_or_path={model}", f"data.path={data}", *run_overrides(args, args.steps, seed)]
         overrides += [*sizes, *args.set]  # the user's, last: they win
         cases.append({"case": name, "config": str(ROOT / SPEED_CONFIGS[kind]), "overrides": overrides})
     return cases
+
+
+def speed_case(name: str) -> tuple[str, str]:
+    """A --cases item, <model>/full or <model>/lora -> (model, kind); the model a preset or smollm2-135m."""
+    from minigrpo.models.presets import PRESETS
+
+    arch, _, kind = name.partition("/")
+    if kind not in SPEED_CONFIGS:
+        raise UsageError(f"--cases: {name!r} is not <model>/full or <model>/lora")
+    if arch not in PRESETS:
+        raise UsageError(f"--cases: {name!r}: unknown model {arch!r}; known: {', '.join(sorted(PRESETS))}")
+    return arch, kind
 
 
 def missing(provider: str) -> str | None:
@@ -283,14 +294,14 @@ def trl_weight_dtype(cfg, choice: str) -> torch.dtype:
 
 def trl_optimizers(model, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The optimizer TRL is handed: torch's AdamW over the trainable parameters with our settings, and
-    our schedule (minigrpo.optim.lr_factor) over steps x num_iterations updates."""
-    from minigrpo.optim import lr_factor
+    our schedule (minigrpo.optim.build_scheduler, as the trainer builds it) over steps x num_iterations
+    updates, its warmup also counted in training steps of num_iterations updates each."""
+    from minigrpo.optim import build_scheduler
 
-    t = cfg.train
+    t, updates = cfg.train, cfg.grpo.num_iterations
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
-    total = t.steps * cfg.grpo.num_iterations
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t, total))
+    return optimizer, build_scheduler(optimizer, t, t.steps * updates, updates_per_step=updates)
 
 
 def run_trl(cfg, provider: str, weights: str = "auto") -> tuple[list[dict], dict]:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import triton
-from common import out_folder
+from common import finite_json, names, out_folder
 
 from minigrpo.errors import ArgumentParser, UserError, run_cli
 from minigrpo.kernels import apply_rotary, fused_linear_logprobs, rms_norm
@@ -517,12 +517,16 @@ def bench_decode_gemm(ceil: dict, quick: bool) -> list[dict]:
     return run(ceil, quick)
 
 
+CASES = ("rmsnorm", "rope", "logprobs", "policy_head", "decode_attention", "decode_gemm")
+
+
 def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--cases",
+        type=names(CASES),
         default="rmsnorm,rope,logprobs,policy_head,decode_attention",
-        help="comma list of rmsnorm, rope, logprobs, policy_head, decode_attention, decode_gemm",
+        help=f"comma list of {', '.join(CASES)}",
     )
     ap.add_argument("--quick", action="store_true", help="headline shapes only")
     ap.add_argument("--tune", action="store_true", help="sweep our launch configurations instead")
@@ -539,7 +543,7 @@ def main() -> None:
     name = torch.cuda.get_device_name()
     print(f"{name}: copy {ceil['copy_GBps']:.0f} GB/s, matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
     if args.tune:
-        tune(args.cases.split(","))
+        tune(args.cases)
         return
     bench = {
         "rmsnorm": bench_rmsnorm,
@@ -558,10 +562,11 @@ def main() -> None:
         "quick": args.quick,
         "rows": [],
     }
-    for case in args.cases.split(","):
+    for case in args.cases:
         result["rows"] += bench[case](ceil, args.quick)
         result["seconds"] = time.time() - t0
-        out.write_text(json.dumps(result, indent=1))  # after every case: a cut-off run keeps its data
+        # after every case: a cut-off run keeps its data
+        out.write_text(json.dumps(finite_json(result), indent=1, allow_nan=False))
     print(f"\nwrote {out} after {time.time() - t0:.0f} s")
 
 

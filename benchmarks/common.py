@@ -124,12 +124,27 @@ def matmul_tflops(n: int = 8192) -> float:
     return 2 * n**3 / (ms / 1e3) / 1e12
 
 
+def finite_json(value: Any) -> Any:
+    """value with every NaN or infinite float (a failed reward's mean, a ratio over a zero time) made
+    None, through dicts, lists and tuples: strict JSON has no NaN or Infinity, and other readers
+    (jq, JavaScript, json.loads with parse_constant) refuse them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value
+
+
 def write_result(name: str, payload: dict[str, Any], out_dir: str | Path | None = None) -> Path:
-    """Write payload as <out_dir or results/>/<name>_<device>.json (smoke runs pass a temp out_dir)."""
+    """Write payload as <out_dir or results/>/<name>_<device>.json (smoke runs pass a temp out_dir), as
+    strict JSON: a NaN or infinite number is written as null."""
     folder = RESULTS if out_dir is None else Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}_{device_slug(payload['environment'])}.json"
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    text = json.dumps(finite_json(payload), indent=2, default=str, allow_nan=False)
+    path.write_text(text + "\n")
     return path
 
 

@@ -34,6 +34,7 @@ from common import (
     fraction,
     gpu_memory,
     out_folder,
+    positive_int,
     print_table,
     write_result,
 )
@@ -45,10 +46,11 @@ from minigrpo.train import train
 ROOT = Path(__file__).resolve().parents[1]
 SERIES = ("reward", "completion_len_mean", "truncated_frac", "tokens_per_s", "mem/peak_gb")  # kept per step
 PREFIXES = ("time/", "mismatch/", "sync/", "reward/")
+IS_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")  # grpo.is_correction
 
 
-def run_one(config: str | None, kind: str, args, output_dir: Path) -> dict:
-    """One training run with sampler.kind=kind -> its per-step series, timings and memory."""
+def sampler_overrides(kind: str, args, output_dir: Path) -> list[str]:
+    """The overrides of the run with sampler.kind=kind: the script's, then the user's --set."""
     overrides = [
         f"sampler.kind={kind}",
         f"run.output_dir={output_dir}",
@@ -64,7 +66,24 @@ def run_one(config: str | None, kind: str, args, output_dir: Path) -> dict:
         overrides.append(f"grpo.is_correction={'null' if args.is_correction == 'none' else args.is_correction}")
     if args.gpu_memory_utilization is not None:
         overrides.append(f"sampler.gpu_memory_utilization={args.gpu_memory_utilization}")
-    overrides += args.set
+    return [*overrides, *args.set]
+
+
+def check_configs(config: str, kinds: list[str], args) -> None:
+    """Every run's config loads and its device exists, before any run starts: a mistake shared by both
+    runs (a bad --set, run.device=cuda on a machine without one) is one error line, not two failed runs."""
+    from minigrpo.build import pick_device
+
+    for kind in kinds:
+        try:
+            pick_device(load_config(config, sampler_overrides(kind, args, Path(tempfile.gettempdir()))).run.device)
+        except UserError as e:
+            raise UserError(f"sampler.kind={kind} ({config}): {e}") from None
+
+
+def run_one(config: str | None, kind: str, args, output_dir: Path) -> dict:
+    """One training run with sampler.kind=kind -> its per-step series, timings and memory."""
+    overrides = sampler_overrides(kind, args, output_dir)
     cfg = load_config(config, overrides)
     before = gpu_memory()
     t0 = time.perf_counter()
@@ -149,10 +168,13 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "smollm2_arith_gpu.yaml"))
-    ap.add_argument("--steps", type=int, default=None, help="train.steps for both runs (default: the config's)")
+    ap.add_argument(
+        "--steps", type=positive_int, default=None, help="train.steps for both runs (default: the config's)"
+    )
     ap.add_argument("--samplers", default="own,vllm")
     ap.add_argument(
         "--is-correction",
+        choices=("auto", "none", *IS_CORRECTIONS),
         default="token_truncate",
         help="grpo.is_correction for both runs (none: off; auto: the config's, which vLLM turns on)",
     )
@@ -166,8 +188,7 @@ def main() -> None:
     kinds = [k for k in args.samplers.split(",") if k]
     if not kinds or any(k not in ("own", "vllm") for k in kinds):
         ap.error(f"--samplers: a list of own, vllm; got {args.samplers!r}")
-    if args.steps is not None and args.steps < 1:
-        ap.error(f"--steps must be >= 1, got {args.steps}")
+    check_configs(args.config, kinds, args)
     env = environment()
     try:
         import vllm

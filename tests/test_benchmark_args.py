@@ -42,6 +42,12 @@ A_FILE = str(ROOT / "README.md")
         ("compare_algorithms.py", ("--timeout", "-1"), "argument --timeout: must be a finite number > 0, got -1"),
         ("compare_samplers.py", ("--gpu-memory-utilization", "7"), "argument --gpu-memory-utilization: must be in"),
         ("compare_samplers.py", ("--out-dir", A_FILE), f"argument --out-dir: {A_FILE}: {A_FILE} is a file"),
+        ("compare_samplers.py", ("--is-correction", "tok"), "argument --is-correction: invalid choice: 'tok'"),
+        ("compare_samplers.py", ("--steps", "0"), "compare_samplers.py: argument --steps: must be >= 1, got 0"),
+        ("bench_kernels.py", ("--cases", "rmsnorm,rms"), "argument --cases: a comma-separated list of rmsnorm, rope"),
+        ("bench_load.py", ("--archs", "qwen9"), "argument --archs: a comma-separated list of llama-3.1-8b,"),
+        ("bench_load.py", ("--out-dir", f"{A_FILE}/x"), f"argument --out-dir: {A_FILE}/x: {A_FILE} is a file"),
+        ("bench_e2e.py", ("--cases", "qwen9/full"), "--cases: 'qwen9/full': unknown model 'qwen9'; known: llama-3.1"),
     ],
 )
 def test_a_bad_argument_is_one_line(script, args, expected):
@@ -62,4 +68,18 @@ def test_tool_sft_data_needs_a_file_to_write(tmp_path):
     config = str(ROOT / "configs" / "smollm2_arith_tools.yaml")
     message = one_error_line(run_script("tool_sft_data.py", "--config", config, "--out", str(tmp_path)))
     assert message == f"--out {tmp_path} is a folder; name the JSONL file, e.g. {tmp_path / 'tool_sft.jsonl'}"
+    assert not list(tmp_path.iterdir())
+
+
+def test_compare_samplers_without_a_gpu_says_so_before_any_run(tmp_path):
+    """The GPU config on a machine without CUDA: one line naming the run and the fix, no result file."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = ROOT / "configs" / "smollm2_arith_gpu.yaml"
+    message = one_error_line(run_script("compare_samplers.py", "--out-dir", str(tmp_path)))
+    assert message == (
+        f"sampler.kind=own ({config}): run.device='cuda' but CUDA is not available on this machine (use run.device=cpu)"
+    )
     assert not list(tmp_path.iterdir())

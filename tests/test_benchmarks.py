@@ -152,3 +152,82 @@ def test_bench_e2e_learn_smoke_over_seeds(tmp_path):
     (summary,) = payload["learning"]
     assert summary["provider"] == "ours" and summary["seeds"] == 2 and len(summary["last10_per_seed"]) == 2
     assert (tmp_path / path.stem / "reward_vs_trl.png").stat().st_size > 10_000
+
+
+def import_benchmark(name: str):
+    """A benchmark script as a module (its folder first on sys.path: it imports its neighbour `common`)."""
+    import importlib
+
+    folder = str(ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity (as strict JSON readers do)."""
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_write_result_writes_strict_json(tmp_path):
+    """A failed reward's NaN mean or a ratio over a zero time is written as null, at any depth."""
+    common = import_benchmark("common")
+    payload = {
+        "environment": {"device": "cpu (test)"},
+        "rows": [{"reward": math.nan, "ratio": math.inf, "ok": 1.5}, {"curve": (0.5, -math.inf, 2)}],
+        "summary": {"mean": float("nan"), "n": 3, "name": "x"},
+    }
+    path = common.write_result("strict", payload, out_dir=tmp_path)
+    assert path == tmp_path / "strict_cpu-test.json"
+    result = strict_json(path.read_text())
+    assert result["rows"] == [{"reward": None, "ratio": None, "ok": 1.5}, {"curve": [0.5, None, 2]}]
+    assert result["summary"] == {"mean": None, "n": 3, "name": "x"}
+
+
+def test_trl_schedule_is_the_trainers_with_several_updates_per_step():
+    """TRL is handed our schedule: with grpo.num_iterations = 2 the warmup lasts 2 x warmup_steps
+    optimizer steps, as the trainer's scheduler (build.py) makes it, not warmup_steps."""
+    import torch
+
+    from minigrpo.algorithms import updates_per_step
+    from minigrpo.config import load_config
+    from minigrpo.optim import build_scheduler
+
+    bench_e2e = import_benchmark("bench_e2e")
+    overrides = ["grpo.num_iterations=2", "train.warmup_steps=2", "train.steps=3", "train.schedule=linear"]
+    cfg = load_config(None, [*overrides, "train.lr=1.0"])
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = bench_e2e.trl_optimizers(model, cfg)
+    ours_opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    ups = updates_per_step(cfg)
+    ours = build_scheduler(ours_opt, cfg.train, cfg.train.steps * ups, ups)
+    trl_lrs, our_lrs = [], []
+    for _ in range(cfg.train.steps * ups):
+        trl_lrs.append(optimizer.param_groups[0]["lr"])
+        our_lrs.append(ours_opt.param_groups[0]["lr"])
+        for opt, sched in ((optimizer, scheduler), (ours_opt, ours)):
+            opt.step()
+            sched.step()
+    assert our_lrs[:4] == [0.25, 0.5, 0.75, 1.0], our_lrs
+    assert trl_lrs == our_lrs, (trl_lrs, our_lrs)
+
+
+def test_bench_load_writes_to_out_dir(tmp_path):
+    """A tiny architecture through ours and the naive loader: the result goes to --out-dir (never into
+    benchmarks/results), strict JSON with the environment and a positive time and peak per row; the
+    GGUF row only when --loaders names gguf (the random checkpoints are no GGUF files)."""
+    args = ["--archs", "tiny-llama", "--loaders", "ours,naive", "--out-dir", str(tmp_path)]
+    proc = run_benchmark("bench_load.py", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("load_*.json")
+    result = strict_json(path.read_text())
+    env = result["environment"]
+    assert env["device"] and env["torch"] and env["python"] and "triton" in env, env
+    assert [(r["checkpoint"], r["loader"]) for r in result["rows"]] == [("tiny-llama", "ours"), ("tiny-llama", "naive")]
+    for row in result["rows"]:
+        assert row["size_gb"] > 0 and row["seconds"] > 0 and row["peak_x_size"] >= 0, row
+        assert abs(row["peak_rise_gb"] / row["size_gb"] - row["peak_x_size"]) < 1e-9, row
