@@ -145,8 +145,8 @@ def _check_settings(name: str, kwargs: Mapping[str, Any], accepted: list[str] | 
 
 def _check_data_arguments(name: str, fn: Any) -> None:
     """RewardError unless `fn` can be called as fn(prompts, completions, answers, ...): a function taking
-    fewer positional arguments (TRL's fn(completions, **kwargs)) or more required ones would fail on every
-    row, masked as a failure instead of scoring."""
+    fewer positional arguments (TRL's fn(completions, **kwargs)) would fail on every row, masked as a
+    failure instead of scoring. A required argument past the three is a data column's name."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
@@ -155,8 +155,7 @@ def _check_data_arguments(name: str, fn: Any) -> None:
     if any(p.kind is kind.VAR_POSITIONAL for p in params):
         return
     positional = [p for p in params if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)]
-    required = [p for p in positional if p.default is kind.empty]
-    if len(positional) < 3 or len(required) > 3:
+    if len(positional) < 3:  # more required ones may be data columns, passed by name (_columns_for)
         raise RewardError(
             f"reward {name!r}: {getattr(fn, '__name__', type(fn).__name__)}{inspect.signature(fn)} cannot be called as "
             "fn(prompts, completions, answers, **columns): take the three lists as the first positional arguments"

@@ -554,9 +554,12 @@ def trl_style(completions, **kwargs):
 def test_a_reward_that_cannot_take_the_three_lists_is_refused_up_front():
     with pytest.raises(RewardError, match=r"reward '.*:trl_style': trl_style\(completions, \*\*kwargs\) cannot be"):
         build_reward_specs(cfg_specs((f"{__name__}:trl_style", {})))
-    with pytest.raises(RewardError, match="reward 'four'"):
-        RewardSpec("four", fn=lambda p, c, a, extra: [0.0] * len(c))
     RewardSpec("star", fn=lambda *args, **kwargs: [])  # any arity
+    # a fourth required argument is a data column, passed by name: named when the batch lacks it
+    four = RewardSpec("four", fn=lambda p, c, a, difficulty: [float(d) for d in difficulty])
+    with pytest.raises(RewardError, match="reward 'four' needs the column 'difficulty'"):
+        score([""], ["a"], ["1"], [four])
+    assert score([""], ["a"], ["1"], [four], columns={"difficulty": [3]}).total.tolist() == [3.0]
 
 
 def test_a_data_column_named_like_an_argument_is_an_error():
