@@ -16,8 +16,10 @@ reported too (turns, tool calls and failures, how episodes ended, prefilled toke
 `--config`, the run config saved in a training checkpoint (`run_config.yaml`) is used, or the run's
 config.yaml for its final model (run_dir/merged, an SFT run's run_dir/model); a LoRA checkpoint (a
 PEFT adapter) is applied to the base model that config names, or without one to the base its
-adapter_config.json names. The split is the config's `data.eval_split` unless `--split` names one
-of its splits; every argument is checked before any weights load.
+adapter_config.json names. A run folder (run_dir, or run_dir/checkpoints) stands for its newest intact
+checkpoint, else its final model (merged, model); the folder evaluated is printed and saved as
+"checkpoint". The split is the config's `data.eval_split` unless `--split` names one of its splits;
+every argument is checked before any weights load.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from minigrpo import lora, rewards
 from minigrpo.atomic import missing_folder_error, write_atomic
 from minigrpo.build import compute_dtype, load_policy, pick_device, sampling_params
-from minigrpo.checkpoint import CheckpointError, check_writable
+from minigrpo.checkpoint import CheckpointError, check_writable, list_checkpoints, verify_checkpoint
 from minigrpo.config import Config, load_config
 from minigrpo.data import Example, batch_columns, build_dataset, encode_prompts
 from minigrpo.distributed import World
@@ -132,7 +134,11 @@ def evaluate(
 
 def parse_args(argv: list[str] | None):
     parser = ArgumentParser(prog="minigrpo.eval", description="Evaluate a checkpoint on a held-out split")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, hub id, .gguf file or 'smollm2'")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint folder, run folder (its newest intact checkpoint), hub id, .gguf file or 'smollm2'",
+    )
     parser.add_argument("--config", default=None, help="YAML config (default: the run's config saved with it)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--split", default=None, help="data.split or data.eval_split (default: data.eval_split)")
@@ -160,6 +166,36 @@ def run_config_of(checkpoint: Path, config: str | None) -> str | None:
     return str(found[0]) if found else None
 
 
+def run_folder_pick(folder: Path) -> Path | None:
+    """What a run folder (run_dir, or its checkpoints/ folder) given as --checkpoint stands for: its newest
+    intact checkpoint (every file a resume would read checks out), else its final model (run_dir/merged
+    of a LoRA run, run_dir/model of an SFT run). None for a folder that is no run's (a model folder).
+    A run with nothing to evaluate is one line: no checkpoint at all, or the newest one's bad file."""
+    if not folder.is_dir() or (folder / "config.json").exists() or (folder / "adapter_config.json").exists():
+        return None
+    run_dir = folder.parent if folder.name == "checkpoints" and list_checkpoints(folder.parent) else folder
+    found = list_checkpoints(run_dir)
+    finals = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name / "config.json").is_file()]
+    if not found and not finals and not (run_dir / "metrics.jsonl").is_file():
+        return None  # no run's folder: the model loader names what it lacks
+    broken: list[CheckpointError] = []
+    for _, path in reversed(found):  # newest first
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            broken.append(e)
+            continue
+        return path
+    if finals:
+        return finals[0]
+    if broken:
+        raise UserError(f"--checkpoint {folder}: a run folder whose checkpoints are all broken (newest: {broken[0]})")
+    raise UserError(
+        f"--checkpoint {folder}: a run folder with nothing to evaluate (no checkpoints/step_* folder, no final "
+        f"{' or '.join(RUN_OUTPUTS)} folder): train with checkpoint.every or checkpoint.save_final"
+    )
+
+
 def take_adapter_base(cfg: Config, checkpoint: Path, adapter: dict[str, Any], overrides: list[str]) -> None:
     """A LoRA checkpoint without a config (no --config, no run_config.yaml: a bare PEFT adapter) is
     evaluated on the base model its adapter_config.json names, as the export merges it, not on the
@@ -178,6 +214,15 @@ def take_adapter_base(cfg: Config, checkpoint: Path, adapter: dict[str, Any], ov
         cfg.model.revision = adapter.get("revision")
 
 
+def take_adapter_shape(cfg: Config, adapter: dict[str, Any]) -> None:
+    """The adapters a LoRA config adds before the checkpoint's load are the checkpoint's: rank, alpha
+    and rsLoRA come from its adapter_config.json, so a --config or --set with another lora.r evaluates
+    the trained adapter instead of failing once the base has loaded."""
+    if cfg.lora.enabled:
+        cfg.lora.r, cfg.lora.alpha = int(adapter["r"]), float(adapter["lora_alpha"])
+        cfg.lora.rslora = bool(adapter.get("use_rslora", False))
+
+
 def check_output(output: str | None) -> None:
     """--output names a file that can be written (checked before anything runs, so no result is lost)."""
     if output is None:
@@ -193,19 +238,21 @@ def check_output(output: str | None) -> None:
         raise UserError(f"--output {output}: {e}") from None
 
 
-def pick_split(cfg: Config, requested: str | None) -> str:
-    """--split if it is one of the config's splits, else data.eval_split; never a silent fallback."""
+def pick_split(cfg: Config, requested: str | None, config_file: str | None = None) -> str:
+    """--split if it is one of the config's splits, else data.eval_split; never a silent fallback.
+    config_file names the config in the errors (None: the default config)."""
+    named = config_file or "the default config"
     known = {cfg.data.split: "data.split"} | ({cfg.data.eval_split: "data.eval_split"} if cfg.data.eval_split else {})
     if requested is None:
         if cfg.data.eval_split is None:
             raise UserError(
-                f"the config names no eval split (data.eval_split is null): pass --split {cfg.data.split} "
+                f"{named} names no eval split (data.eval_split is null): pass --split {cfg.data.split} "
                 "to evaluate on training prompts, or set data.eval_split"
             )
         return cfg.data.eval_split
     if requested not in known:
         names = ", ".join(f"{name} ({key})" for name, key in known.items())
-        raise UserError(f"unknown --split {requested!r}: this config's splits are {names}")
+        raise UserError(f"unknown --split {requested!r}: the splits of {named} are {names}")
     return requested
 
 
@@ -247,6 +294,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _main(argv: list[str] | None) -> dict[str, Any]:
     args = parse_args(argv)
     ckpt = Path(args.checkpoint)
+    picked = run_folder_pick(ckpt)
+    if picked is not None:  # a run folder: its newest intact checkpoint, or its final model
+        print(f"{args.checkpoint} is a run folder: evaluating {picked}")
+        ckpt, args.checkpoint = picked, str(picked)
     config_file = run_config_of(ckpt, args.config)
     cfg = load_config(config_file, args.overrides)
     adapter = (ckpt / "adapter_config.json").is_file()  # a LoRA run: its base model plus the saved adapter
@@ -254,7 +305,8 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
         peft_config = check_peft_adapter(ckpt)
         if config_file is None:
             take_adapter_base(cfg, ckpt, peft_config, args.overrides)
-    split = pick_split(cfg, args.split)
+        take_adapter_shape(cfg, peft_config)
+    split = pick_split(cfg, args.split, config_file)
     check_output(args.output)
     specs = rewards.build_reward_specs(cfg.rewards)
     check_environment(cfg)  # env.kind: the tools and the user class import, before any weights load
@@ -277,6 +329,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     else:
         model, tokenizer = load_pretrained(args.checkpoint, dtype=dtype, device=device)
     results = evaluate(cfg, model.eval(), tokenizer, examples, batch_size=args.batch_size, specs=specs)
+    results = {"checkpoint": args.checkpoint, **results}  # the folder evaluated (a run folder's pick)
     print(f"{args.checkpoint} on the {split!r} split ({results['num_examples']} examples, {results['seconds']:.1f}s):")
     for key, value in results.items():
         if key.startswith(("accuracy", "reward", "env/")):

@@ -1,0 +1,120 @@
+"""`python -m minigrpo.eval` given a run folder: it evaluates the run's newest intact checkpoint (a
+broken newer one is passed over), or its final model when it has no checkpoint, and says which; a run
+with nothing to evaluate is one `error:` line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers.runs import launch, run_config
+
+from minigrpo import eval as evaluation
+
+ARGS = ["--split", "train", "--num", "4", "--set", "sampler.max_new_tokens=2"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A finished 2-step run on the copy task with a checkpoint after each step."""
+    root = tmp_path_factory.mktemp("evalrun")
+    cfg = run_config(
+        root,
+        run={"name": "two"},
+        train={"steps": 2, "micro_batch_size": 4},
+        grpo={"prompts_per_step": 2, "group_size": 2},
+        checkpoint={"every": 1, "save_final": True},
+    )
+    launch(root, cfg)
+    return root / "runs" / "two"
+
+
+def scores(checkpoint: Path, *extra: str) -> dict:
+    results = evaluation.main(["--checkpoint", str(checkpoint), *ARGS, *extra])
+    return {k: v for k, v in results.items() if k not in ("seconds",)}
+
+
+def test_a_run_folder_is_its_newest_checkpoint(run, capsys):
+    newest = run / "checkpoints" / "step_000002"
+    direct = scores(newest)
+    capsys.readouterr()
+    for folder in (run, run / "checkpoints"):
+        picked = scores(folder)
+        assert picked == direct and picked["checkpoint"] == str(newest)
+        assert f"{folder} is a run folder: evaluating {newest}" in capsys.readouterr().out
+
+
+def test_a_broken_newest_checkpoint_is_passed_over(run, tmp_path):
+    """A run whose newest checkpoint was cut short (a crash while copying it) is evaluated on the one
+    before, as a resume would start from it; when every checkpoint is broken the error names the file."""
+    copy = tmp_path / "copy"
+    for path in run.rglob("*"):
+        if path.is_file():
+            (copy / path.relative_to(run)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / path.relative_to(run)).write_bytes(path.read_bytes())
+    weights = copy / "checkpoints" / "step_000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    older = copy / "checkpoints" / "step_000001"
+    picked = scores(copy)
+    assert picked["checkpoint"] == str(older) and picked == {**scores(older), "checkpoint": str(older)}
+    older_weights = older / "model.safetensors"
+    older_weights.write_bytes(older_weights.read_bytes()[:1000])
+    with pytest.raises(evaluation.UserError) as e:
+        evaluation._main(["--checkpoint", str(copy), *ARGS])
+    message = str(e.value)
+    assert message.startswith(f"--checkpoint {copy}: a run folder whose checkpoints are all broken")
+    assert str(weights) in message and "\n" not in message
+
+
+def test_a_run_folder_without_checkpoints(run, tmp_path, capsys):
+    """No checkpoint at all: the run's final model (a LoRA run's merged/) if there is one, else one line."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
+    (bare / "config.yaml").write_text((run / "config.yaml").read_text())
+    with pytest.raises(SystemExit) as info:
+        evaluation.main(["--checkpoint", str(bare), *ARGS])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.count("\n") == 0
+    assert err == (
+        f"error: --checkpoint {bare}: a run folder with nothing to evaluate (no checkpoints/step_* folder, no "
+        "final merged or model folder): train with checkpoint.every or checkpoint.save_final"
+    )
+    merged = bare / "merged"
+    merged.mkdir()
+    for f in (run / "checkpoints" / "step_000002").iterdir():
+        if f.is_file() and f.name != "run_config.yaml":
+            (merged / f.name).write_bytes(f.read_bytes())
+    picked = scores(bare)
+    assert picked == {**scores(run / "checkpoints" / "step_000002"), "checkpoint": str(merged)}
+
+
+def test_a_lora_checkpoint_keeps_its_own_rank_under_another_config(tmp_path):
+    """A config with lora.enabled and another rank or alpha than the adapter's (the shipped LoRA config
+    for a run trained with --set lora.r=4) used to fail with 'r=4 ... but the model's adapters have r=16'
+    once the base had loaded; the adapter's own shape is evaluated, as its merged model is."""
+    import torch
+    from helpers.tiny import tiny_run_checkpoint, write_copy_task
+
+    from minigrpo.config import LoRACfg
+    from minigrpo.lora import apply_lora
+    from minigrpo.lora_export import save_merged, save_peft_adapter
+    from minigrpo.models.loading import load_pretrained
+
+    model, tokenizer = load_pretrained(tiny_run_checkpoint(tmp_path / "base", seed=2))
+    apply_lora(model, LoRACfg(enabled=True, r=4, alpha=8.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    save_merged(model, tokenizer, tmp_path / "merged", dtype=torch.float32)
+    write_copy_task(tmp_path / "rows.jsonl", n=6)
+    common = ["run.device=cpu", "data.source=jsonl", f"data.path={tmp_path / 'rows.jsonl'}", "data.eval_split=null"]
+    common += [f"model.name_or_path={tmp_path / 'base'}"]  # after ARGS' --set
+    adapted = scores(tmp_path / "adapter", *common, "lora.enabled=true", "lora.r=16", "lora.alpha=2")
+    merged = scores(tmp_path / "merged", *common)
+    base = scores(tmp_path / "base", *common)
+    texts = [[s["completion"] for s in r["samples"]] for r in (adapted, merged, base)]
+    assert texts[0] == texts[1] != texts[2]
+    assert adapted["reward"] == merged["reward"] and adapted["accuracy"] == merged["accuracy"]
