@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -119,6 +119,16 @@ def checked_on_every_rank(check: Callable[[], T], wait_s: float = 60.0) -> T:
         if int(os.environ.get("RANK", "0")) > 0:
             time.sleep(wait_s)
         raise
+
+
+def raise_on_every_rank(error: UserError, world: World, wait_s: float = 60.0) -> NoReturn:
+    """Raise `error`, met by every rank at the same point of the run (a decision taken on all-reduced
+    numbers, such as a run of skipped updates), so that its one line is printed once: by rank 0 at
+    once, while a rank > 0 first waits for torchrun to stop it (rank 0 has exited with the error) and
+    raises only if it still runs after wait_s. Every rank raising at once would print it once per rank."""
+    if world.rank > 0:
+        time.sleep(wait_s)
+    raise error
 
 
 def init_world(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0) -> World:

@@ -26,7 +26,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from minigrpo.distributed import World, all_reduce_gradients, clip_factor, global_grad_norm, is_sharded, scale_gradients
+from minigrpo.distributed import (
+    World,
+    all_reduce_gradients,
+    clip_factor,
+    global_grad_norm,
+    is_sharded,
+    raise_on_every_rank,
+    scale_gradients,
+)
 from minigrpo.errors import UserError
 from minigrpo.optim import MasterWeights
 
@@ -123,7 +131,10 @@ def optimizer_step(
         all_reduce_gradients(params, world)
     grad_norm = global_grad_norm(params, grad_scale.scale)  # the same on every rank
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-    stepped = grad_scale.record(grad_norm)
+    try:
+        stepped = grad_scale.record(grad_norm)
+    except DivergedError as error:  # every rank diverged at this update (the norm is the same on all)
+        raise_on_every_rank(error, world)
     if stepped:
         factor = clip_factor(grad_norm, cfg.train.max_grad_norm or math.inf) / grad_scale.scale
         if isinstance(optimizer, MasterWeights):
