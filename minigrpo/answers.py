@@ -24,6 +24,8 @@ ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 # \frac{a}{b}, \dfrac, \tfrac; LaTeX also takes a single digit without braces: \frac12, \frac{3}4
 _FRAC = re.compile(r"([-+]?)\\[dt]?frac\s*(?:\{\s*([-+]?\d+)\s*\}|(\d))\s*(?:\{\s*(\d+)\s*\}|(\d))")
 _PLAIN = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+# a mixed number as a whole answer: "2 1/2", "-3\frac{1}{4}" (a proper fraction after the whole part)
+_MIXED = re.compile(r"([-+]?)(\d+)(?:\s+(\d+)\s*/\s*(\d+)|\s*\\[dt]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\})")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -55,8 +57,9 @@ def to_number(s: str | None) -> float | None:
 
     Strips spaces, "$" and "\\$", a "%" suffix, a trailing "." and \\boxed{}; removes thousands
     separators ("1,234", "1{,}234", "1 234", "1\\,234"); reads integers, decimals, exponents ("2.5e3",
-    "2.5 \\times 10^{3}"), "a/b" and \\frac{a}{b} (or \\frac12); the unicode minus "\u2212" is "-", a space
-    after a sign is dropped ("- 3"). A value that is not finite ("1e999", a runaway string of digits) is no number.
+    "2.5 \\times 10^{3}"), "a/b", \\frac{a}{b} (or \\frac12) and mixed numbers ("2 1/2",
+    "3\\frac{1}{2}"); the unicode minus "\u2212" is "-", a space after a sign is dropped ("- 3"). A
+    value that is not finite ("1e999", a runaway string of digits) is no number.
     """
     if s is None:
         return None
@@ -78,7 +81,17 @@ def to_number(s: str | None) -> float | None:
         value = _ratio(-1 if frac[1] == "-" else 1, frac[2] or frac[3], frac[4] or frac[5])
     elif sci := _TIMES_TEN.fullmatch(s):
         value = float(f"{sci[1]}e{sci[2]}")
+    elif mixed := _MIXED.fullmatch(s):
+        value = _mixed(mixed)
     return value if value is not None and math.isfinite(value) else None
+
+
+def _mixed(m: re.Match) -> float | None:
+    """The value of a _MIXED match, None unless its fraction is proper ("2 3/2" is no mixed number)."""
+    numerator, denominator = float(m[3] or m[5]), float(m[4] or m[6])
+    if not 0 <= numerator < denominator:
+        return None
+    return (-1 if m[1] == "-" else 1) * (float(m[2]) + numerator / denominator)
 
 
 def _ratio(sign: int, numerator: str, denominator: str) -> float | None:

@@ -107,3 +107,24 @@ def test_a_nan_reference_is_no_reference():
     assert reference_answer(math.nan) is None
     assert call(correctness, ["<answer>nan</answer>", "<answer>5</answer>"], [math.nan, math.nan]) == [None, None]
     assert call(proximity, ["<answer>5</answer>"], [float("nan")]) == [None]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("2 1/2", 2.5),
+        ("-2 1/2", -2.5),
+        ("3\\frac{1}{2}", 3.5),
+        ("\\boxed{3\\dfrac{1}{4}}", 3.25),
+        ("$1 3/4$", 1.75),
+        ("2 3/2", None),  # an improper fraction after a whole part is no mixed number
+        ("12 34", None),  # nor two numbers
+    ],
+)
+def test_mixed_numbers_as_whole_answers(text, value):
+    assert to_number(text) == value
+
+
+def test_a_mixed_number_answer_matches_its_decimal():
+    completions = ["<answer>2 1/2</answer>", "<answer>2.5</answer>", "<answer>2 1/3</answer>"]
+    assert call(correctness, completions, ["2.5"] * 3) == [2.0, 2.0, 0.0]
