@@ -210,17 +210,7 @@ def test_pad_id_minus_one_scores_each_row_at_its_last_token(tmp_path):
 
 
 def test_reward_function_uses_the_chat_template(tmp_path):
-    from tokenizers import Tokenizer as Backend
-
-    base = tiny_tokenizer()
-    tok = Tokenizer(
-        Backend.from_str(base.backend.to_str()),
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        chat_template=TEMPLATE,
-    )
+    tok = _templated_tokenizer(TEMPLATE)
     hf = hf_reward_model(tmp_path / "rm", "qwen2", seed=9, tokenizer=tok, vocab_size=len(WORDS))
     prompts = [[{"role": "system", "content": "repeat"}, {"role": "user", "content": p}] for p in PROMPTS[:3]]
     fn = rewards.make_reward("reward_model", {"path": str(tmp_path / "rm"), "device": "cpu", "dtype": "float32"})
@@ -309,18 +299,21 @@ def test_a_folder_without_tokenizer_fails_before_loading(tmp_path):
 
 def _templated_reward_model(directory, templates) -> None:
     """A reward model whose tokenizer carries `templates` (one source, or a dict of named sources)."""
+    hf_reward_model(directory, "llama", seed=7, tokenizer=_templated_tokenizer(templates), vocab_size=len(WORDS))
+
+
+def _templated_tokenizer(templates) -> Tokenizer:
+    """The tiny word tokenizer with special tokens and `templates` as its chat template(s)."""
     from tokenizers import Tokenizer as Backend
 
-    base = tiny_tokenizer()
-    tok = Tokenizer(
-        Backend.from_str(base.backend.to_str()),
+    return Tokenizer(
+        Backend.from_str(tiny_tokenizer().backend.to_str()),
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
         chat_template=templates,
     )
-    hf_reward_model(directory, "llama", seed=7, tokenizer=tok, vocab_size=len(WORDS))
 
 
 def test_a_chat_template_name_the_tokenizer_lacks_fails_when_built(tmp_path):
