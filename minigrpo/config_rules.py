@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minigrpo.algorithms import config_errors as algorithm_errors
+from minigrpo.configio import none_texts, template_errors
 from minigrpo.env_config import env_errors
 from minigrpo.lora_config import lora_errors, lora_notes
 from minigrpo.sft_config import sft_errors
@@ -70,7 +71,7 @@ def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
             syn.min_operand <= syn.max_operand,
             f"data.synthetic.min_operand ({syn.min_operand}) must be <= max_operand ({syn.max_operand})",
         )
-        need("{expression}" in syn.question, f"data.synthetic.question must contain {{expression}}: {syn.question!r}")
+        errors += template_errors("data.synthetic.question", syn.question, "expression", ("expression",))
     need(all(cfg.sampler.stop), "sampler.stop must not contain empty strings")
     low, high = VLLM_TEMPERATURES
     t = cfg.sampler.temperature
@@ -139,4 +140,7 @@ def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         f"eval.num_prompts ({cfg.eval.num_prompts}) must be <= data.num_eval ({data.num_eval})",
     )
     notes += lora_notes(cfg)
+    notes += [
+        f"{key}={text!r} is the text {text}, not null: write null (or ~) for no value" for key, text in none_texts(cfg)
+    ]
     return errors + lora_errors(cfg) + sft_errors(cfg) + env_errors(cfg) + algorithm_errors(cfg)

@@ -4,7 +4,8 @@ It knows nothing of minigrpo's schema (`config.py`): it works on any tree of dat
 schema reads as a list of fields. `spec(default, ">= 1")` puts a limit beside its field and
 `check_limits` enforces them; `load_yaml_file` refuses empty files and duplicate keys; `build`
 coerces plain data to the declared types (int, float, bool, str, Optional, Literal, list, tuple,
-dict, nested dataclasses) with a did-you-mean for unknown keys; `apply_override` sets `a.b=v`.
+dict, nested dataclasses) with a did-you-mean for unknown keys; `apply_override` sets `a.b=v`;
+`template_errors` checks a `str.format` template the data fills in.
 Every problem is a `ConfigError` naming the dotted key (a `UserError`: one line on the CLI).
 """
 
@@ -16,6 +17,7 @@ import functools
 import math
 import operator
 import re
+import string
 import types
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -46,7 +48,7 @@ def within(limit: str, v: float) -> bool:
     (a bound is a number: `temperature: .inf` is a mistake, not a very large temperature)."""
     if limit == "any":
         return True
-    if not math.isfinite(v):
+    if not isinstance(v, int) and not math.isfinite(v):  # an int is finite (and may be too large for a float)
         return False
     if limit == "finite":
         return True
@@ -95,6 +97,40 @@ def check_limits(obj: Any, path: str = "") -> list[str]:
     return errors
 
 
+def template_errors(key: str, template: str, needed: str, fields: tuple[str, ...]) -> list[str]:
+    """The problem of a `str.format` template that the data fills with `fields` (text values), or
+    none: a field it does not know (`{x}`), a lone brace, or no `{needed}` (`{{needed}}` is literal
+    text, not the field). Found when the config loads, not as a traceback when the data is drawn."""
+    known = " and ".join(f"{{{f}}}" for f in fields)
+    try:
+        template.format(**dict.fromkeys(fields, "1"))
+        used = {re.split(r"[.\[]", name)[0] for _, name, _, _ in string.Formatter().parse(template) if name}
+    except (KeyError, IndexError, AttributeError, ValueError) as e:
+        problem = f"no field {{{e.args[0]}}}" if isinstance(e, KeyError) else str(e)
+        return [f"{key}={template!r}: {problem}; it may use {known} (a literal brace is written {{{{ or }}}})"]
+    if needed not in used:
+        return [f"{key} must contain {{{needed}}}: {template!r}"]
+    return []
+
+
+def none_texts(obj: Any, path: str = "") -> list[tuple[str, str]]:
+    """(dotted key, text) of each text field that takes null too but holds the text "None" (Python's
+    null, which YAML reads as text): `data.system_prompt: None` would put "None" before every prompt,
+    `data.eval_split: None` evaluate a split named "None". Walks nested dataclasses and lists of them."""
+    if isinstance(obj, (list, tuple)):
+        return [
+            found for i, v in enumerate(obj) if dataclasses.is_dataclass(v) for found in none_texts(v, _join(path, i))
+        ]
+    found: list[tuple[str, str]] = []
+    for name, tp in _hints(type(obj)).items():
+        key, value = _join(path, name), getattr(obj, name)
+        if dataclasses.is_dataclass(value) or isinstance(value, list):
+            found += none_texts(value, key)
+        elif isinstance(value, str) and value.strip().lower() == "none" and _admits_none(tp):
+            found.append((key, value))
+    return found
+
+
 # ----------------------------------------------------------------------------------------------
 # Plain data <-> typed dataclasses
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +171,25 @@ def type_name(tp: Any) -> str:
 
 def _bad(key: str, tp: Any, value: Any, hint: str = "") -> ConfigError:
     return ConfigError(f"{key or '<root>'}: expected {type_name(tp)}, got {value!r}{hint}", key or None)
+
+
+def _admits_none(tp: Any) -> bool:
+    """Whether a declared type takes null: Optional[X], or a Literal listing None."""
+    return (_is_union(tp) or get_origin(tp) is Literal) and any(a is None or a is _NONE for a in get_args(tp))
+
+
+def _null_hint(tp: Any, value: Any) -> str:
+    """Advice for a field that takes null given the text None (Python's spelling): YAML's is null."""
+    if _admits_none(tp) and isinstance(value, str) and value.strip().lower() == "none":
+        return " (write null, not None, for no value)"
+    return ""
+
+
+def _with_null_hint(error: ConfigError, key: str, tp: Any, value: Any) -> ConfigError:
+    """Optional[X]'s error from X on a value of its own key, with `_null_hint` added when it applies
+    (an error deeper in the value, `a.b.0`, stays as it is)."""
+    hint = _null_hint(tp, value)
+    return ConfigError(f"{error}{hint}", key) if hint and error.key == key else error
 
 
 def _closest(word: str, candidates: Sequence[str], cutoff: float = 0.6) -> str | None:
@@ -206,19 +261,22 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
             raise _bad(key, tp, value)
         options = [a for a in args if a is not _NONE]
         if len(options) == 1:
-            return _coerce(value, options[0], key, root)
+            try:
+                return _coerce(value, options[0], key, root)
+            except ConfigError as e:
+                raise _with_null_hint(e, key, tp, value) from None
         for option in options:
             try:
                 return _coerce(value, option, key, root)
             except ConfigError:
                 continue
-        raise _bad(key, tp, value)
+        raise _bad(key, tp, value, _null_hint(tp, value))
     if origin is Literal:
         for option in args:
             if value == option and type(value) is type(option):
                 return option
         near = _closest(value, [a for a in args if isinstance(a, str)]) if isinstance(value, str) else None
-        raise _bad(key, tp, value, f" (did you mean {near!r}?)" if near else "")
+        raise _bad(key, tp, value, f" (did you mean {near!r}?)" if near else _null_hint(tp, value))
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key, root)
     if origin is list:
@@ -251,7 +309,10 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
         number = _number(value)
         if number is None:
             raise _bad(key, tp, value)
-        return float(number)
+        try:
+            return float(number)
+        except OverflowError:  # an int beyond the largest float (about 1.8e308)
+            raise _bad(key, tp, value, " (too large for a float)") from None
     if tp is str:
         if isinstance(value, str):
             return str(value)  # a plain str, also of yaml_io's float-like text

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from minigrpo.configio import Section, spec
+from minigrpo.configio import Section, spec, template_errors
 
 _SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 
@@ -57,6 +57,6 @@ def sft_errors(cfg: Any) -> list[str]:
     suffix = Path(sft.path or "").suffix
     if suffixes and suffix in (".jsonl", ".json", ".parquet") and suffix not in suffixes:
         errors.append(f"sft.path={sft.path!r} does not match sft.source={sft.source!r}")
-    if sft.source == "synthetic" and "{answer}" not in sft.response_template:
-        errors.append(f"sft.response_template must contain {{answer}}: {sft.response_template!r}")
+    if sft.source == "synthetic":  # the data.synthetic rows fill it: their answer and expression
+        errors += template_errors("sft.response_template", sft.response_template, "answer", ("answer", "expression"))
     return errors

@@ -65,6 +65,8 @@ def broken_weights(workspace: Path) -> dict:
         ("grpo:\n  group_size: 1\n", (), "grpo.group_size"),
         ("train:\n  steps: 2\n", ("--set", "grpo.loss_typ=dapo"), "grpo.loss_typ"),
         ("train:\n  steps: 2\n", ("--bogus",), "--bogus"),
+        # a field the synthetic task does not fill: was a KeyError traceback while the questions were drawn
+        ("data:\n  synthetic:\n    question: 'What is {expression} in base {base}?'\n", (), "no field {base}"),
     ],
 )
 def test_config_mistakes_are_one_line(tmp_path, yaml_text, args, expected):

@@ -774,3 +774,131 @@ def test_config_diff_lists_changed_dotted_keys():
     two = load_config(None, ["rewards=[{name: correctness}, {name: xml_count}]"])
     assert config_diff(base, two) == ["rewards"]  # another number of rewards: the list as a whole
     assert config_diff(base, load_config(None, ["rewards.0.kwargs={x: 1}"])) == ["rewards.0.kwargs.x"]
+
+
+# ----------------------------------------------------------------------------- templates, huge numbers, None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # a field the task does not fill: a KeyError traceback when the questions were drawn
+        (
+            ["data.synthetic.question=What is {expression} in base {base}?"],
+            "data.synthetic.question='What is {expression} in base {base}?': no field {base}; it may use "
+            "{expression} (a literal brace is written {{ or }})",
+        ),
+        (["data.synthetic.question=Is {expression} a {set?"], "a {set?': expected '}' before end of string"),
+        (["data.synthetic.question=What is {}?"], "data.synthetic.question='What is {}?': Replacement index 0"),
+        # escaped braces are literal text: every question would read "{expression}", no expression
+        (["data.synthetic.question=What is {{expression}}?"], "data.synthetic.question must contain {expression}"),
+        # the same for the SFT reply drawn from the synthetic task: every reply "<answer>{answer}</answer>"
+        (
+            ["sft.source=synthetic", "sft.response_template=<answer>{{answer}}</answer>"],
+            "sft.response_template must contain {answer}: '<answer>{{answer}}</answer>'",
+        ),
+        (
+            ["sft.source=synthetic", "sft.response_template={expr} = {answer}"],
+            "sft.response_template='{expr} = {answer}': no field {expr}; it may use {answer} and {expression}",
+        ),
+    ],
+)
+def test_format_templates_are_checked_when_the_config_loads(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert str(e.value).startswith("invalid config:\n  - ")
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.synthetic.question=Compute {expression}, then say {{done}}."],
+        ["data.synthetic.question={expression:>12} = ?"],
+        ["sft.source=synthetic", "sft.response_template={expression} = {answer}"],
+        ["sft.source=jsonl", "sft.path=x.jsonl", "sft.response_template=unused {{answer}}"],  # read by synthetic only
+    ],
+)
+def test_valid_format_templates_load(overrides):
+    load_config(None, overrides)
+
+
+def test_a_question_template_error_is_a_config_error_before_any_data_is_drawn(tmp_path):
+    from minigrpo.data import build_dataset
+
+    cfg = Config()
+    cfg.data.synthetic.question = "What is {expression} in base {base}?"
+    with pytest.raises(ConfigError, match=r"no field \{base\}"):
+        validate(cfg)
+    with pytest.raises(KeyError):  # what a run met without the check: a traceback while drawing the questions
+        build_dataset(cfg.data, "train")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # an int past the largest float: OverflowError tracebacks, in the coercion and in the limit check
+        pytest.param(
+            "train.lr=1" + "0" * 400,
+            "train.lr: expected float, got 1" + "0" * 400 + " (too large for a float)",
+            id="lr",
+        ),
+        pytest.param("rewards.0.weight=-1" + "0" * 309, "rewards.0.weight: expected float, got -1" + "0" * 309, id="w"),
+        pytest.param(
+            "train.warmup_steps=-1" + "0" * 400, "train.warmup_steps must be >= 0, got -1" + "0" * 400, id="int"
+        ),
+    ],
+)
+def test_integers_too_large_for_a_float_are_config_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_integers_beyond_float_range_pass_an_int_limit():
+    big = 10**400
+    assert configio.within(">= 1", big) and not configio.within("< 0", big)
+    assert load_config(None, [f"sampler.max_rows={big}"]).sampler.max_rows == big
+    assert load_config(None, ["train.lr=1" + "0" * 300]).train.lr == 1e300  # within a float's range: a float
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "train:\n  max_grad_norm: None\n",
+            "train.max_grad_norm: expected float, got 'None' (write null, not None, for no value)",
+        ),
+        (
+            "lora:\n  quantize_base: none\n",
+            "lora.quantize_base: expected one of None, 'nf4', got 'none' (write null, not None, for no value)",
+        ),
+        (
+            "grpo:\n  is_correction: None\n",
+            "grpo.is_correction: expected one of None, 'token_truncate', 'token_mask', 'sequence_truncate', "
+            "'sequence_mask', got 'None' (write null, not None, for no value)",
+        ),
+        ("train:\n  steps: None\n", "train.steps: expected int, got 'None'"),  # takes no null: no advice
+    ],
+)
+def test_none_written_for_null_says_how_to_write_null(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: {message}"
+
+
+def test_the_text_none_in_a_nullable_text_field_warns(tmp_path):
+    """`system_prompt: None` is the text "None" in YAML: every prompt would get the system message "None"."""
+    path = write(tmp_path, "data:\n  system_prompt: None\n  eval_split: none\nsampler:\n  stop: [None]\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config(path)
+    assert (cfg.data.system_prompt, cfg.data.eval_split) == ("None", "none")  # the text, as YAML reads it
+    assert [str(w.message) for w in caught if issubclass(w.category, ConfigWarning)] == [
+        "data.eval_split='none' is the text none, not null: write null (or ~) for no value",
+        "data.system_prompt='None' is the text None, not null: write null (or ~) for no value",
+    ]  # sampler.stop takes no null: "None" is a stop string like any other
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(write(tmp_path, "data:\n  system_prompt: null\n  eval_split: ~\n"))
