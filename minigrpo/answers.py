@@ -46,6 +46,11 @@ def _last_boxed(text: str) -> str | None:
 # "\," / "\ " / "{,}"; "1 000" and "1\,000" are 1000, but only when every group after the first has 3 digits
 _SEPARATOR = r"(?:,|\{,\}|\\[, ]|[ \u00a0\u2009\u202f])"
 _GROUPED_WHOLE = re.compile(rf"[-+]?\d{{1,3}}(?:{_SEPARATOR}\d{{3}})+(?:\.\d+)?")
+# a decimal comma where no thousands separator can be meant: one comma with other than 3 digits after it ("3,5",
+# "0,25", "3{,}5"; "1,000" is 1000 and "1234,567" no number), or after thousands grouped by "." or a space ("1.234,5")
+_DECIMAL_COMMA = re.compile(
+    r"([-+]?\d+)(?:,|\{,\})(\d{1,2}|\d{4,})|([-+]?\d{1,3}(?:[. \u00a0\u2009\u202f]\d{3})+)(?:,|\{,\})(\d+)"
+)
 # 1.5 \times 10^{3}, 1.5 \cdot 10^3, 1.5 × 10^3, 1.5 x 10^3, 1.5*10**3: scientific notation as people write it
 _TIMES_TEN = re.compile(
     r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(?:\\times|\\cdot|\u00d7|x|\*)\s*10\s*(?:\^|\*\*)\s*\{?\s*([-+]?\d+)\s*\}?"
@@ -58,7 +63,8 @@ def to_number(s: str | None) -> float | None:
     Strips spaces, "$" and "\\$", a "%" suffix, a trailing "." and \\boxed{}; removes thousands
     separators ("1,234", "1{,}234", "1 234", "1\\,234"); reads integers, decimals, exponents ("2.5e3",
     "2.5 \\times 10^{3}"), "a/b", \\frac{a}{b} (or \\frac12) and mixed numbers ("2 1/2",
-    "3\\frac{1}{2}"); the unicode minus "\u2212" is "-", a space after a sign is dropped ("- 3"). A
+    "3\\frac{1}{2}"); a comma is a decimal mark only where it cannot separate thousands ("3,5" is 3.5, "1.234,5"
+    is 1234.5, "1,000" is 1000); the unicode minus "\u2212" is "-", a space after a sign is dropped ("- 3"). A
     value that is not finite ("1e999", a runaway string of digits) is no number.
     """
     if s is None:
@@ -72,6 +78,8 @@ def to_number(s: str | None) -> float | None:
     s = re.sub(r"^([-+])\s+", r"\1", s)
     if _GROUPED_WHOLE.fullmatch(s):
         s = re.sub(_SEPARATOR, "", s)
+    elif comma := _DECIMAL_COMMA.fullmatch(s):
+        s = re.sub(r"[. \u00a0\u2009\u202f]", "", comma[1] or comma[3]) + "." + (comma[2] or comma[4])
     value = None
     if _PLAIN.fullmatch(s):
         value = float(s)
@@ -99,22 +107,52 @@ def _ratio(sign: int, numerator: str, denominator: str) -> float | None:
     return sign * float(numerator) / float(denominator) if float(denominator) != 0 else None
 
 
-# math around a lone number changes its value: "\sqrt{4}", "x^2", "2\pi", "\log 8" are not 4, 2, 2 and 8
-# (a degree sign, "18^\circ", is only a unit)
+# math around a lone number changes its value: "\sqrt{4}", "x^2", "2\pi", "\log 8" are not 4, 2, 2 and 8, and
+# "x > 5", "x \le 5" are no number at all (a degree sign, "18^\circ", is only a unit)
 _MATH_AROUND = re.compile(
     r"\^(?!\s*\{?\s*\\circ)|\\(?:sqrt|pi|log|ln|exp|sin|cos|tan|cdot|times|div|pm|mp|infty)(?![a-zA-Z])"
+    r"|\\(?:le|ge|leq|geq|lt|gt|ne|neq|leqslant|geqslant)(?![a-zA-Z])|[<>\u2264\u2265\u2260]"
     r"|\bsqrt\b|[\u221a\u03c0\u00d7\u00f7]"
 )
+# a unit of area or volume: "5 cm^2", "5\text{ m}^{3}", "5 ft²" hold one number, 5 (the power belongs to the unit)
+_LENGTH_UNIT = r"[kcmd]?m|in|ft|yd|mi|inch(?:es)?|feet|foot|yards?|miles?|(?:centi|milli|kilo)?met(?:er|re)s?|units?"
+_UNIT_POWER = re.compile(rf"(?<![a-zA-Z])((?:{_LENGTH_UNIT})\}}?)\s*(?:\^\s*\{{?\s*[23]\s*\}}?|[\u00b2\u00b3])")
+# an HTML tag around an answer ("<b>18</b>"): markup, not the "<" or ">" of a bound
+_MARKUP_TAG = re.compile(r"</?[a-zA-Z][^<>]*>")
+# the "=" of an equation ("9 \times 2 = 18"), not of "<=", ">=", "!=" or "=>"
+_EQUALS = re.compile(r"(?<![<>!])=(?![>=])")
+# a left-hand side that lists several things ("x = 1, y = 2"): what follows its last "=" is not the answer
+_LISTING = re.compile(r";|,\s|\band\b")
+# a variable: a letter standing alone ("x", not the letters of "total" or "\\times"); "x" between digits is a times
+_VARIABLE = re.compile(r"(?<![a-zA-Z\\])[a-zA-Z](?![a-zA-Z])")
+_TIMES_X = re.compile(r"(?<=\d)\s*x\s*(?=\d)")
 
 
 def answer_number(s: str | None) -> float | None:
-    """to_number(s), or the single number in s ("18 dollars" -> 18); None if there are 0 or 2+, or if
-    math around it would change its value ("\\sqrt{4}", "x^2")."""
+    """to_number(s), or the single number in s ("18 dollars", "5 cm^2" -> 18, 5), or what an equation equals
+    ("9 \\times 2 = 18", "x = 18" -> 18); None if there are 0 or 2+ numbers, or if math around the number would
+    change its value ("\\sqrt{4}", "x^2") or make it a bound ("x > 5")."""
     value = to_number(s)
     if value is not None or s is None:
         return value
+    s = _UNIT_POWER.sub(r"\1", _MARKUP_TAG.sub(" ", s))
+    equals = list(_EQUALS.finditer(s))
+    if equals and _names_a_value(s[: equals[-1].start()]):
+        value = answer_number(s[equals[-1].end() :])
+        if value is not None:
+            return value
     found = NUMBER.findall(s)
     return to_number(found[0]) if len(found) == 1 and not _MATH_AROUND.search(s) else None
+
+
+def _names_a_value(lhs: str) -> bool:
+    """Whether the left-hand side of "lhs = rhs" makes rhs the answer: a name ("x", "Total cost") or a working
+    of numbers ("9 \\times 2", "16 - 3 - 4"); not algebra ("2x", "x^2", "x + 3": an equation to solve) nor
+    a list ("x = 1, y")."""
+    if _LISTING.search(lhs):
+        return False
+    lhs = _TIMES_X.sub("*", lhs).strip(" $")
+    return not _VARIABLE.search(lhs) or bool(_VARIABLE.fullmatch(lhs))
 
 
 # "The answer is 18", "Final answer: 18", "**Answer:** $18": the phrase a model states its answer with
@@ -126,14 +164,21 @@ _STATEMENT_END = re.compile(r"\n|[.,;!?](?=\s|$)")
 def _stated_answer(text: str) -> str | None:
     """What follows the last "answer is" / "answer:" up to the end of its sentence, when that reads as one
     number ("18 apples", "$1,234.50", "\\frac{1}{2}"); None when there is no such phrase or it holds no
-    single number ("the answer: first 3 + 4 = 7" is a working, not an answer)."""
+    single number, holds an equation ("the answer: first 3 + 4 = 7" is a working, not an answer) or is
+    negated ("the answer is not 18")."""
     ends = [phrase.end() for phrase in _ANSWER_PHRASE.finditer(text)]
     if not ends:
         return None
     rest = text[ends[-1] :]
     end = _STATEMENT_END.search(rest)
     stated = rest[: end.start() if end else len(rest)].strip(" \t*:")
-    return stated if answer_number(stated) is not None else None
+    if re.match(r"not\b", stated, re.IGNORECASE):  # "the answer is not 18" names a wrong answer
+        return None
+    return stated if "=" not in stated and answer_number(stated) is not None else None
+
+
+# the text after "####" that starts with a word: a markdown heading, not the GSM8K answer marker
+_HEADING = re.compile(r"[A-Za-z]{2,}")
 
 
 def extract_answer(text: str, *, last_number: bool = True) -> str | None:
@@ -141,10 +186,15 @@ def extract_answer(text: str, *, last_number: bool = True) -> str | None:
 
     1. the content of the last <answer>...</answer> (an unclosed <answer>: everything after it);
     2. the content of the last \\boxed{...};
-    3. the rest of the line after the last "####";
+    3. the rest of the line after the last "####", unless it reads as a markdown heading ("#### Step 3",
+       "#### Final answer: 18") and rule 4 applies;
     4. if last_number: what follows the last "answer is" / "answer:" when it is one number, else the
-       last number in the text.
+       last number in the text ("2 \\times 10^3" whole).
+
+    None for no text (a None completion).
     """
+    if text is None:
+        return None
     tags = ANSWER_TAG.findall(text)
     if tags:
         return tags[-1].strip()
@@ -154,14 +204,34 @@ def extract_answer(text: str, *, last_number: bool = True) -> str | None:
     if boxed is not None:
         return boxed.strip()
     if "####" in text:
-        return text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
+        marked = text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
+        if not (last_number and _HEADING.match(marked)):
+            return marked
     if last_number:
         stated = _stated_answer(text)
         if stated is not None:
             return stated
-        found = NUMBER.findall(text)
-        return found[-1] if found else None
+        return _last_number(text)
     return None
+
+
+# what comes before an exponent of ten: "10^", "10^{", "10**"
+_TEN_TO_THE = re.compile(r"10\s*(?:\^|\*\*)\s*\{?\s*$")
+
+
+def _last_number(text: str) -> str | None:
+    """The last number of the text; when it is the exponent of scientific notation ("6.02 \\times 10^{23}"),
+    the whole product."""
+    numbers = list(NUMBER.finditer(text))
+    if not numbers:
+        return None
+    last = numbers[-1]
+    if _TEN_TO_THE.search(text, max(0, last.start() - 16), last.start()):
+        window = _TIMES_TEN.finditer(text, max(0, last.start() - 200), last.end() + 2)
+        product = next((m for m in window if m.end() >= last.end()), None)
+        if product is not None:
+            return product[0].strip()
+    return last[0]
 
 
 def reference_answer(answer: Any) -> str | None:
@@ -172,15 +242,47 @@ def reference_answer(answer: Any) -> str | None:
     return answer.rsplit("####", 1)[1].strip() if "####" in answer else answer.strip()
 
 
+# a percent: "50%", "50\\%", "50 percent"
+_PERCENT = re.compile(r"%|\bper\s?cent\b", re.IGNORECASE)
+
+
+def number_readings(pred: str | None, ref: str | None) -> list[tuple[float, float]]:
+    """The (predicted, reference) value pairs the two answers may mean; empty unless both hold a number.
+
+    A number is read past its units on both sides (answer_number: "$18", "18 dollars", "5 cm^2"). A percent
+    also reads as the fraction it is, as math graders do: a reference "50%" accepts 50 and 0.5, and a
+    predicted "50%" equals a reference 0.5. A whole reference is not loosened that way: "100%" is not 1,
+    and against a bare 50 the fraction 0.5 is wrong (a percent sign alone is a unit: "50%" is right).
+    """
+    p, r = answer_number(pred), answer_number(ref)
+    if p is None or r is None:
+        return []
+    pred_percent, ref_percent = bool(_PERCENT.search(pred)), bool(_PERCENT.search(ref))
+    pairs = [(p, r)]
+    if ref_percent and not pred_percent:  # "0.5%" is a half percent, never the fraction 0.5
+        pairs.append((p, r / 100))
+    if pred_percent and not ref_percent and not r.is_integer():
+        pairs.append((p / 100, r))
+    return pairs
+
+
+def _same_number(p: float, r: float) -> bool:
+    """Two whole numbers must be equal; other values within rel 1e-9 (float rounding)."""
+    if p.is_integer() and r.is_integer():  # a relative tolerance would pass an off-by-one 10-digit answer
+        return p == r
+    return math.isclose(p, r, rel_tol=1e-9, abs_tol=1e-12)
+
+
 def answers_match(pred: str | None, ref: str | None) -> bool:
-    """Numerically equal, else equal as normalised text. Two whole numbers must be equal ("18" == "18.0" ==
-    "$18" == "18.", but 1219253924 != 1219253925); other values within rel 1e-9 (float rounding)."""
-    if pred is None or ref is None:
+    """Numerically equal (any of number_readings: units read past, a percent also as its fraction), else
+    equal as normalised text. Two whole numbers must be equal ("18" == "18.0" == "$18" == "18.", but
+    1219253924 != 1219253925); other values within rel 1e-9 (float rounding). A full GSM8K solution as the
+    reference is cut at its "####"."""
+    ref = reference_answer(ref)
+    if pred is None or not ref:
         return False
-    p, r = answer_number(pred), to_number(ref)
-    if p is not None and r is not None:
-        if p.is_integer() and r.is_integer():  # a relative tolerance would pass an off-by-one 10-digit answer
-            return p == r
-        return math.isclose(p, r, rel_tol=1e-9, abs_tol=1e-12)
+    pairs = number_readings(pred, ref)
+    if pairs:
+        return any(_same_number(p, r) for p, r in pairs)
     norm = lambda s: re.sub(r"\s+", " ", s.replace("$", "")).strip().rstrip(".").strip().lower()
-    return r is None and norm(pred) == norm(ref)
+    return answer_number(ref) is None and norm(pred) == norm(ref)

@@ -5,7 +5,8 @@ A reward function scores a whole batch:
     fn(prompts: list[str], completions: list[str], answers: list[str], **columns) -> list[float | None]
 
 columns are extra per-row dataset columns (lists of length N) and what the loop adds, e.g.
-completion_lengths (tokens). None means "no score for this row" and is masked, never read as 0.
+completion_lengths (tokens). None means "no score for this row" and is masked, never read as 0. Every
+built-in returns None for a completion that is None (no text to score).
 
 Built-ins (REWARDS), for the GSM8K format used by the popular GRPO notebooks
 
@@ -33,8 +34,8 @@ from minigrpo.answers import (
     answer_number,
     answers_match,
     extract_answer,
+    number_readings,
     reference_answer,
-    to_number,
 )
 from minigrpo.errors import UserError
 
@@ -50,7 +51,7 @@ def correctness(prompts: list, completions: list[str], answers: list, **_: Any) 
     out: list[float | None] = []
     for c, a in zip(completions, answers):
         ref = reference_answer(a)
-        out.append(None if not ref else 2.0 * answers_match(extract_answer(c), ref))
+        out.append(None if not ref or c is None else 2.0 * answers_match(extract_answer(c), ref))
     return out
 
 
@@ -62,7 +63,7 @@ def int_answer(prompts: list, completions: list[str], answers: list, **_: Any) -
     out: list[float | None] = []
     for c in completions:
         value = answer_number(extract_answer(c, last_number=False))
-        out.append(0.5 if value is not None and float(value).is_integer() else 0.0)
+        out.append(None if c is None else 0.5 if value is not None and float(value).is_integer() else 0.0)
     return out
 
 
@@ -75,12 +76,12 @@ def strict_format(prompts: list, completions: list[str], answers: list, **_: Any
     """0.5 if the whole completion is exactly the multi-line format: one reasoning block, one answer
     block, each tag on its own line, nothing before or after (the final newline is optional because
     generation stops at EOS)."""
-    return [0.5 if _STRICT.match(c) else 0.0 for c in completions]
+    return [None if c is None else 0.5 if _STRICT.match(c) else 0.0 for c in completions]
 
 
 def soft_format(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
     """0.5 if <reasoning>...</reasoning> followed by <answer>...</answer> appears anywhere."""
-    return [0.5 if _SOFT.search(c) else 0.0 for c in completions]
+    return [None if c is None else 0.5 if _SOFT.search(c) else 0.0 for c in completions]
 
 
 def xml_count(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
@@ -89,6 +90,9 @@ def xml_count(prompts: list, completions: list[str], answers: list, **_: Any) ->
     the last </answer> (the penalty is capped at 0.5, so the reward lies in [-0.5, 0.5])."""
     out: list[float | None] = []
     for c in completions:
+        if c is None:
+            out.append(None)
+            continue
         value = 0.125 * sum(
             c.count(t) == 1 for t in ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>")
         )
@@ -106,19 +110,21 @@ def proximity(prompts: list, completions: list[str], answers: list, **_: Any) ->
     """Dense numeric reward: 2 * 2**(-e / 0.1) - 1 with relative error e = |pred - ref| / max(|ref|, 1).
 
     1.0 when exact, 0.0 at 10% off, -0.5 at 20%, towards -1.0 when far off; -1.0 if no number can be
-    read from the answer; None (masked) if the reference is not a number.
+    read from the answer; None (masked) if the reference is not a number or there is no completion. The
+    numbers are read as correctness reads them (answers.number_readings: "18 dollars" is 18; "50%" is 50
+    or 0.5, the nearer counts).
     """
     out: list[float | None] = []
     for c, a in zip(completions, answers):
-        ref = to_number(reference_answer(a))
-        if ref is None:
+        ref = reference_answer(a)
+        if c is None or answer_number(ref) is None:
             out.append(None)
             continue
-        pred = answer_number(extract_answer(c))
-        if pred is None:
+        pairs = number_readings(extract_answer(c), ref)
+        if not pairs:
             out.append(-1.0)
             continue
-        err = abs(pred - ref) / max(abs(ref), 1.0)
+        err = min(abs(pred - r) / max(abs(r), 1.0) for pred, r in pairs)
         out.append(2.0 * 2.0 ** (-err / PROXIMITY_HALF_LIFE) - 1.0)
     return out
 
@@ -147,9 +153,12 @@ def make_length_penalty(max_length: int | None = None, buffer: int | None = None
             raise RewardError("length_penalty needs max_length or a max_completion_length column")
         lengths = columns.get("completion_lengths")
         if lengths is None:
-            lengths = [len(c) for c in completions]
+            lengths = [None if c is None else len(c) for c in completions]
         out: list[float | None] = []
         for i, L in enumerate(lengths):
+            if L is None:
+                out.append(None)
+                continue
             limit = L_max[i] if isinstance(L_max, (list, tuple)) else L_max
             if buffer is not None and buffer > limit:  # the penalty would start below length 0
                 raise RewardError(
@@ -172,7 +181,7 @@ def exact_answer(prompts: list, completions: list[str], answers: list, **_: Any)
     out: list[float | None] = []
     for c, a in zip(completions, answers):
         ref = reference_answer(a)
-        if not ref:
+        if not ref or c is None:
             out.append(None)
             continue
         tags = ANSWER_TAG.findall(c)

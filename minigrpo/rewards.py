@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from minigrpo.answers import answer_number, answers_match, extract_answer, reference_answer, to_number
+from minigrpo.answers import (
+    answer_number,
+    answers_match,
+    extract_answer,
+    number_readings,
+    reference_answer,
+    to_number,
+)
 from minigrpo.reward_fns import (
     GSM8K_SUITE,
     REWARD_FACTORIES,
@@ -70,6 +77,7 @@ __all__ = [
     "int_answer",
     "length_penalty",
     "make_length_penalty",
+    "number_readings",
     "proximity",
     "reference_answer",
     "resolve_reward",

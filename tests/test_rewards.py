@@ -87,7 +87,8 @@ def test_extract_answer_priority():
         ("1E-2", 0.01),
         ("1e999", None),  # not finite
         ("\\frac{1}{0}", None),
-        ("1,23", None),
+        ("1,23", 1.23),  # a comma with 2 digits after it can only be a decimal mark
+        ("1,2,3", None),
         ("18 dollars", None),
         ("", None),
     ],
