@@ -30,6 +30,7 @@ def render_chat_template(
     messages: Sequence[Mapping[str, Any]],
     *,
     add_generation_prompt: bool = False,
+    continue_final_message: bool | str = False,
     tools: Sequence[Mapping[str, Any]] | None = None,
     documents: Sequence[Mapping[str, Any]] | None = None,
     variables: Mapping[str, Any] | None = None,
@@ -40,14 +41,20 @@ def render_chat_template(
         messages: dicts with at least "role" and "content"; keys whose value is None are dropped, and
             a message's reasoning is offered under every name templates read (see _alias_reasoning).
         add_generation_prompt: end with the header that starts an assistant turn.
+        continue_final_message: end the text right after the final message's content (True) or its field
+            of that name ("reasoning_content"), inside its open turn, so a model continues that message
+            (a prefilled reply); not with add_generation_prompt.
         tools, documents: JSON-schema dicts / document dicts, passed to the template as is.
         variables: more template variables (the special tokens, `enable_thinking`, ...).
 
     Raises:
-        ChatTemplateError: the template raised, broke the sandbox or failed to parse.
+        ChatTemplateError: the template raised, broke the sandbox or failed to parse; or the final message
+            to continue has no such text, or the template drops it.
     """
     if not messages:
         raise ValueError("cannot apply a chat template to an empty conversation")
+    if continue_final_message and add_generation_prompt:
+        raise ChatTemplateError("continue_final_message and add_generation_prompt exclude each other: pick one")
     chat = []
     for m in messages:
         if not isinstance(m, Mapping):
@@ -60,15 +67,52 @@ def render_chat_template(
     context.update(
         messages=chat, tools=_plain(tools), documents=_plain(documents), add_generation_prompt=add_generation_prompt
     )
+    final = _mark_final_message(chat, continue_final_message) if continue_final_message else None
     import jinja2  # heavy-ish; only needed here
 
     try:
-        return compile_chat_template(template).render(**context)
+        text = compile_chat_template(template).render(**context)
     except ChatTemplateError:
         raise
     except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
         # an operation of the template failed on these messages ('text' + 1, a missing key, ...)
         raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+    return text if final is None else _cut_after_final_message(text, final)
+
+
+# appended to the final message's text to find where it ends in the rendered conversation; a template that
+# trims the message drops the space, which tells that the message's own trailing spaces are gone too
+_FINAL_MESSAGE_END = "<<final-message-end>> "
+
+
+def _mark_final_message(chat: list[dict[str, Any]], field: bool | str) -> str:
+    """Append the end marker to the text of the final message that is continued, in place: its `field`
+    ("content" for True; a reasoning field under each of its names), or the last text part of a content
+    given as parts [{"type": "text", "text": ...}]. Returns that text, before the marker."""
+    name = "content" if field is True else str(field)
+    last = chat[-1]
+    value = last.get(name)
+    if isinstance(value, str):
+        names = [k for k in _REASONING_KEYS if last.get(k) == value] if name in _REASONING_KEYS else [name]
+        for k in names:
+            last[k] = value + _FINAL_MESSAGE_END
+        return value
+    parts = value if isinstance(value, list) else []
+    part = next((p for p in reversed(parts) if isinstance(p, dict) and isinstance(p.get("text"), str)), None)
+    if part is None:
+        raise ChatTemplateError(f"continue_final_message: the final message has no text {name!r} to continue")
+    text, part["text"] = part["text"], part["text"] + _FINAL_MESSAGE_END
+    return text
+
+
+def _cut_after_final_message(text: str, final: str) -> str:
+    """The rendered `text` cut where the continued final message ends (at its marker)."""
+    at = text.rfind(_FINAL_MESSAGE_END.strip())
+    if at < 0 or final.strip() not in text:
+        raise ChatTemplateError(
+            "continue_final_message: the chat template drops (part of) the final message, so it cannot be continued"
+        )
+    return text[:at] if text.startswith(_FINAL_MESSAGE_END, at) else text[:at].rstrip()
 
 
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")

@@ -11,20 +11,23 @@ line (or its index) in errors, `loss_from` the first message whose assistant tur
 
 Which tokens carry loss. The chat template is rendered once for the whole conversation, and once per
 assistant turn i for two prefixes: messages[:i] with the generation header (where the reply starts)
-and messages[:i+1] (where it ends). Both must be prefixes of the whole text (a template that rewrites
-earlier turns, e.g. one that drops old reasoning, is refused), so they cut the text into pieces:
-prompt, reply, prompt, reply, ... Each piece is encoded on its own (add_special_tokens=False: the
-template writes the special tokens; a piece after the first as text inside a longer text, see
-_encode_inside) and the ids are concatenated; reply pieces keep their ids as labels, prompt pieces get
-IGNORE. A reply piece runs from the end of the generation header to the start of the next turn, so it
-holds the end-of-turn token (`<|im_end|>`, `<|eot_id|>`): the model learns to stop. The prompt pieces
-are encoded exactly as GRPO encodes its prompt (`encode_prompts`), so the model trains on the token
-boundaries it will see. `{% generation %}` markers are not needed. An assistant turn that opens the
-conversation (a greeting) has no prefix to render its generation header from, so the template glue
-before it (a default system prompt, BOS, the header) cannot be told apart from it: it stays context,
-without loss. A prompt/response row learns its response only: assistant turns inside its prompt
-(few-shot answers) stay context (the `loss_from` column). A template that closes every conversation
-with EOS (Phi-3) gives that EOS to the last reply only (_reply_end).
+and messages[:i+1] (where it ends). Both must be prefixes of the whole text, so they cut the text
+into pieces: prompt, reply, prompt, reply, ... The one rewrite allowed is that of reasoning models'
+templates (Qwen3, DeepSeek-R1, QwQ), which drop the reasoning of a reply that is no longer the last:
+such a reply learns what the whole conversation shows of it, its answer and end-of-turn token
+(_end_without_dropped_reasoning); any other template that rewrites earlier turns is refused. Each
+piece is encoded on its own (add_special_tokens=False: the template writes the special tokens; a
+piece after the first as text inside a longer text, see _encode_inside) and the ids are
+concatenated; reply pieces keep their ids as labels, prompt pieces get IGNORE. A reply piece runs
+from the end of the generation header to the start of the next turn, so it holds the end-of-turn
+token (`<|im_end|>`, `<|eot_id|>`): the model learns to stop. The prompt pieces are encoded exactly
+as GRPO encodes its prompt (`encode_prompts`), so the model trains on the token boundaries it will
+see. `{% generation %}` markers are not needed. An assistant turn that opens the conversation (a
+greeting) has no prefix to render its generation header from, so the template glue before it (a
+default system prompt, BOS, the header) cannot be told apart from it: it stays context, without
+loss. A prompt/response row learns its response only: assistant turns inside its prompt (few-shot
+answers) stay context (the `loss_from` column). A template that closes every conversation with EOS
+(Phi-3) gives that EOS to the last reply only (_reply_end).
 
 Without a chat template (a base model) the turns are joined as GRPO's plain prompts are: non-assistant
 contents with blank lines between them (BOS first when the tokenizer adds one), each reply appended
@@ -68,6 +71,8 @@ def _check_messages(where: str, value: Any, field: str) -> list[Message]:
     for i, m in enumerate(value):
         if isinstance(m, dict) and m.get("content") is None and m.get("tool_calls"):
             m = {**m, "content": ""}  # a turn that only calls tools
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            m = {**m, "content": _text_of_parts(where, i, m["content"])}
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: message {i} of {field!r} needs a text 'role' and 'content', got {m!r}"[:300])
         if m["role"] not in ROLES:
@@ -76,6 +81,18 @@ def _check_messages(where: str, value: Any, field: str) -> list[Message]:
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn")
     return out
+
+
+def _text_of_parts(where: str, index: int, parts: list[Any]) -> str:
+    """A content given as parts ([{"type": "text", "text": "..."}], the multimodal layout) as one text:
+    the texts joined as the templates that read parts join them (nothing between them). A part that is
+    not text (an image) is a DataError: the models trained here read text only."""
+    texts = []
+    for part in parts:
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise DataError(f"{where}: message {index} has a content part that is not text: {part!r}"[:300])
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _field(where: str, row: dict[str, Any], name: str, key: str) -> Any:
@@ -243,7 +260,7 @@ def conversation_pieces(messages: Sequence[Message], tokenizer: Any, loss_from: 
         if m["role"] != "assistant" or i == 0 or i < loss_from:  # an opening reply: nothing tells it from the
             continue  # glue before it
         start = render_prompt(list(messages[:i]), tokenizer)
-        end = _reply_end(full, messages[: i + 1], tokenizer)
+        end = _reply_end(full, messages[: i + 1], tokenizer, start)
         if not (full.startswith(start) and end is not None and done <= len(start) <= end):
             raise DataError(
                 f"the chat template renders assistant turn {i} differently inside the whole conversation than "
@@ -256,12 +273,14 @@ def conversation_pieces(messages: Sequence[Message], tokenizer: Any, loss_from: 
     return [(text, reply) for text, reply in pieces if text]
 
 
-def _reply_end(full: str, prefix: Sequence[Message], tokenizer: Any) -> int | None:
+def _reply_end(full: str, prefix: Sequence[Message], tokenizer: Any, start: str = "") -> int | None:
     """Where the last message of `prefix` ends inside `full` (the whole conversation rendered): the
     length of `prefix` rendered, when `full` goes on from it. Some templates close every conversation
     with an EOS that no turn inside it has (Phi-3: `{% else %}{{ eos_token }}` when no generation
     prompt follows): then the end is that text without its closing EOS, and only the last reply
-    (the end of `full` too) learns it. None when `full` does not hold the prefix at all."""
+    (the end of `full` too) learns it. A reply whose reasoning `full` drops ends where its answer does
+    (_end_without_dropped_reasoning; `start` is the text before the reply). None when `full` does not
+    hold the prefix at all."""
     text = tokenizer.apply_chat_template(list(prefix), add_generation_prompt=False, tokenize=False)
     if full.startswith(text):
         return len(text)
@@ -269,6 +288,24 @@ def _reply_end(full: str, prefix: Sequence[Message], tokenizer: Any) -> int | No
     body = text.rstrip()
     if eos and body.endswith(eos) and full.startswith(body[: -len(eos)]):
         return len(body) - len(eos)
+    return _end_without_dropped_reasoning(full, text, start, prefix[-1])
+
+
+def _end_without_dropped_reasoning(full: str, text: str, start: str, reply: Message) -> int | None:
+    """Where `reply` ends inside `full` when the template dropped the beginning of its turn there.
+
+    Reasoning models' templates (Qwen3, DeepSeek-R1, QwQ) render the reasoning ("<think>...</think>",
+    or an empty think block) of the last reply only: `text` (the conversation up to `reply`, which is
+    last there) holds it, `full` does not. The turn inside `full` is then the longest tail of the turn
+    in `text` that `full` goes on with after `start`; it must still hold the reply's answer (its content
+    after any "</think>"), so a template that rewrites the answer itself stays refused (None)."""
+    if not (start and text.startswith(start) and full.startswith(start)):
+        return None
+    turn = text[len(start) :]  # the turn as rendered last: reasoning, answer, end-of-turn
+    answer = reply["content"].rsplit("</think>", 1)[-1].strip()
+    for k in range(len(turn) - 1, 0, -1):  # the longest tail first; len(turn) itself did not match
+        if full.startswith(turn[-k:], len(start)):
+            return len(start) + k if answer in turn[-k:] else None
     return None
 
 

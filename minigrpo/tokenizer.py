@@ -265,6 +265,7 @@ class Tokenizer:
         messages: Sequence[Mapping[str, Any]],
         *,
         add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
         tokenize: bool = False,
         chat_template: str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
@@ -276,6 +277,9 @@ class Tokenizer:
         Args:
             messages: dicts with at least "role" and "content"; keys whose value is None are dropped.
             add_generation_prompt: end with the header that starts an assistant turn.
+            continue_final_message: end right after the final message's text, inside its open turn (a
+                reply begun for the model to continue); a string names the field to continue
+                ("reasoning_content"). Not with add_generation_prompt.
             tokenize: return ids (encoded with `add_special_tokens=False`: the template already has
                 every special token) instead of the string.
             chat_template: the name of one of `chat_templates`, or a template string; default "tool_use"
@@ -291,6 +295,7 @@ class Tokenizer:
             template,
             messages,
             add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
             tools=tools,
             documents=documents,
             variables={**self.template_tokens, **kwargs},

@@ -404,6 +404,37 @@ def test_llama_template_tools_date_and_json(tmp_path, smol_dir):
         ours.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [CALL] * 2}])
 
 
+PREFILLS = [
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "The answer is "}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nhm"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "text", "text": "a "}]}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ans", "reasoning_content": "let me "}],
+]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_continue_final_message_matches_transformers(tmp_path, smol_dir, family):
+    """continue_final_message ends the text inside the final message's open turn (a reply begun for the
+    model), as transformers does, for its content or a named field; it is never a template variable."""
+    template = FAMILIES[family]
+    d = tokenizer_variant(smol_dir, tmp_path / family, {"chat_template": template} if template else None)
+    ours, hf = Tokenizer.from_dir(d), hf_tokenizer(d)
+    continued = 0
+    for chat in PREFILLS:
+        for field in (True, "reasoning_content"):
+            text = _outcome(partial(ours.apply_chat_template, chat, continue_final_message=field))
+            ref = _outcome(partial(hf.apply_chat_template, chat, continue_final_message=field, tokenize=False))
+            assert (text[0], ref[0]) in (("ok", "ok"), ("error", "error")), (chat, field, text, ref)
+            if text[0] == "ok":
+                assert text == ref, (chat, field)
+                continued += 1
+    assert continued >= 3
+    text = ours.apply_chat_template(PREFILLS[0], continue_final_message=True)
+    assert text.endswith("The answer is ") or text.endswith("The answer is")  # a trimming template drops the space
+    with pytest.raises(ChatTemplateError, match="continue_final_message and add_generation_prompt"):
+        ours.apply_chat_template(PREFILLS[0], continue_final_message=True, add_generation_prompt=True)
+
+
 # ---- which template, which variables ------------------------------------------------------------------------
 
 

@@ -13,10 +13,12 @@ from helpers.cli import one_error_line, run_module
 from helpers.runs import TIMING
 from helpers.tiny import WORDS, tiny_model
 from helpers.tok_fixtures import smollm2_checkpoint
+from test_chat_template import QWEN3_TEMPLATE
 from test_tokenizer import CHATML_TEMPLATE
 
 from minigrpo.config import Config
 from minigrpo.data import Example, encode_prompts
+from minigrpo.datafiles import DataError
 from minigrpo.errors import UserError
 from minigrpo.models.loading import build_random, load_pretrained, save_pretrained
 from minigrpo.sft_data import IGNORE, collate, load_conversations, row_to_conversation, tokenize_conversation
@@ -209,6 +211,68 @@ def test_a_reply_that_opens_the_conversation_is_context(qwen_style):
     ids, labels = tokenize_conversation(messages, qwen_style)
     assert [qwen_style.decode(ids[a:b]) for a, b in spans(labels)] == ["<answer>4</answer><|im_end|>\n"]
     assert ids == qwen_style.encode(qwen_style.apply_chat_template(messages), add_special_tokens=False)
+
+
+def test_reasoning_templates_keep_multi_turn_conversations(smol):
+    """Qwen3's template drops the reasoning of every reply but the last: an earlier reply learns what the
+    whole conversation shows of it (answer and end of turn), the last one its reasoning too; the ids are
+    those of the whole conversation. A template that rewrites an earlier answer is still refused."""
+    tok = Tokenizer(smol.backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN3_TEMPLATE)
+    messages = [
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": "<think>\n2+3=5\n</think>\n\n<answer>5</answer>"},
+        {"role": "user", "content": "And 4*4?"},
+        {"role": "assistant", "content": "<answer>16</answer>", "reasoning_content": "4*4=16"},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": ""},
+    ]
+    ids, labels = tokenize_conversation(messages, tok)
+    assert [tok.decode(ids[a:b]) for a, b in spans(labels)] == [
+        "<answer>5</answer><|im_end|>\n",
+        "<answer>16</answer><|im_end|>\n",
+        "<think>\n\n</think>\n\n<|im_end|>\n",
+    ]
+    assert ids == tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+    prompt = encode_prompts([Example(messages[:5], "")], tok)[0][0]  # GRPO's prompt of the last turn
+    assert ids[: spans(labels)[-1][0]] == prompt
+
+    drop = ("{{- '<|im_start|>' + message.role + '\\n' + content }}", "{{- '<|im_start|>' + message.role + '\\n' }}")
+    rewrites = QWEN3_TEMPLATE.replace(*drop)  # earlier answers dropped: their end of turn alone is left
+    assert rewrites != QWEN3_TEMPLATE
+    tok = Tokenizer(smol.backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=rewrites)
+    with pytest.raises(DataError, match="renders assistant turn 1 differently"):
+        tokenize_conversation(messages, tok)
+
+
+PARTS_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for p in m.content %}{% if p.type == 'text' %}{{ p.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_content_given_as_text_parts_is_one_text(tmp_path_factory):
+    """Messages whose content is a list of parts [{"type": "text", ...}] (the multimodal layout) train as
+    the same conversation with each content one text, rendered as a parts-reading template (transformers)
+    renders the parts; a part that is not text is an error naming the row."""
+    from helpers.tok_fixtures import hf_tokenizer, smollm2_tokenizer_dir, tokenizer_variant
+
+    folder = tokenizer_variant(smollm2_tokenizer_dir(tmp_path_factory), tmp_path_factory.mktemp("parts") / "tok")
+    (folder / "chat_template.jinja").write_text(PARTS_TEMPLATE)
+    tok, hf = Tokenizer.from_dir(folder), hf_tokenizer(folder)
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+3?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "<answer>5</answer>"}]},
+    ]
+    messages = row_to_conversation("x.jsonl:1", {"messages": parts}, sft_cfg())
+    assert [m["content"] for m in messages] == ["What is 2+3?", "<answer>5</answer>"]
+    assert tok.apply_chat_template(messages) == hf.apply_chat_template(parts, tokenize=False)
+    ids, labels = tokenize_conversation(messages, tok)
+    assert ids == hf.apply_chat_template(parts, return_dict=False)
+    assert [tok.decode(ids[a:b]) for a, b in spans(labels)] == ["<answer>5</answer><|im_end|>\n"]
+    image = [{**parts[0], "content": [{"type": "image", "url": "a.png"}]}, parts[1]]
+    with pytest.raises(DataError, match=r"x\.jsonl:1: message 0 has a content part that is not text"):
+        row_to_conversation("x.jsonl:1", {"messages": image}, sft_cfg())
 
 
 def metaspace_tokenizer(template: str | None) -> Tokenizer:
