@@ -10,7 +10,7 @@
 
 Sources: JSON Lines, parquet (pyarrow, imported only when needed), Hugging Face Hub dataset repos
 (through huggingface_hub), GSM8K, and a synthetic arithmetic task generated from a seed with no
-files at all (it serves the CPU demo and the tests). Reading files (and DataError, re-exported here)
+files at all (it serves the CPU demo and the tests; minigrpo.synthetic). Reading files (and DataError, re-exported here)
 lives in minigrpo.datafiles: a bad file or row is reported as file and line.
 
 The loader's cursor (`state_dict`) is saved with every checkpoint, so a resumed run sees exactly the
@@ -20,15 +20,16 @@ batches an uninterrupted run would have seen, also when it stopped at an epoch b
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minigrpo.config import DataCfg, SyntheticCfg
+from minigrpo.config import DataCfg
 from minigrpo.datafiles import (
     ROLES,  # noqa: F401 (re-exported: minigrpo.data.ROLES is imported elsewhere)
     SUFFIXES,
@@ -45,8 +46,10 @@ from minigrpo.datafiles import (
     snapshot,
     split_files,
 )
+from minigrpo.synthetic import synthetic_arithmetic
 
 Message = dict[str, str]  # {"role": one of ROLES, "content": str}
+REWARD_ARGUMENTS = ("prompts", "completions", "answers")  # a reward function's arguments before the columns
 GSM8K_REPO = "openai/gsm8k"  # hub dataset repo read when data.source=gsm8k has no data.path
 
 
@@ -72,9 +75,9 @@ class Example:
 # ----------------------------------------------------------------------------------------------
 
 
-def _to_examples(rows: list[Row], prompt_field: str, answer_field: str) -> list[Example]:
-    """Rows -> Examples: the prompt and answer fields are taken out, the other fields become columns."""
-    examples = []
+def _to_examples(rows: Iterable[Row], prompt_field: str, answer_field: str) -> Iterator[Example]:
+    """Rows -> Examples, one at a time: the prompt and answer fields are taken out, the other fields
+    become columns."""
     for where, row in rows:
         for name in (prompt_field, answer_field):
             if name not in row:
@@ -88,25 +91,43 @@ def _to_examples(rows: list[Row], prompt_field: str, answer_field: str) -> list[
         if isinstance(prompt, list):
             check_prompt_messages(where, prompt, prompt_field)
         columns = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
+        _refuse_argument_names(where, columns)
         answer = answer_text(where, answer_field, row[answer_field])
-        examples.append(Example(prompt=prompt, answer=answer, columns=columns))
-    return examples
+        yield Example(prompt=prompt, answer=answer, columns=columns)
 
 
-def _load_files(files: list[Path], prompt_field: str, answer_field: str) -> list[Example]:
-    return [ex for f in files for ex in _to_examples(read_rows(f), prompt_field, answer_field)]
+def _refuse_argument_names(where: str, columns: dict[str, Any]) -> None:
+    """A column reaches reward functions as a keyword argument, so one named like their first three
+    arguments would collide with it on every call: refused when read, not at the first step."""
+    clash = next((name for name in REWARD_ARGUMENTS if name in columns), None)
+    if clash is not None:
+        raise DataError(
+            f"{where}: field {clash!r} has the name of a reward function argument ({', '.join(REWARD_ARGUMENTS)}); "
+            "rename it in the data (or read it as data.prompt_field / data.answer_field)"
+        )
+
+
+def _file_rows(files: list[Path]) -> Iterator[Row]:
+    """The rows of the files one after the other, read as they are consumed (a file is streamed)."""
+    for f in files:
+        yield from read_rows(f)
+
+
+def _load_files(files: list[Path], prompt_field: str, answer_field: str, limit: int | None = None) -> list[Example]:
+    """The first `limit` examples of the files (None: all): the rows past them are never read."""
+    return list(itertools.islice(_to_examples(_file_rows(files), prompt_field, answer_field), limit))
 
 
 def load_jsonl(path: str | Path, prompt_field: str = "question", answer_field: str = "answer") -> list[Example]:
     """Examples from a JSON Lines file."""
     path = Path(path)
-    return _to_examples(read_json_rows(path), prompt_field, answer_field)
+    return list(_to_examples(read_json_rows(path), prompt_field, answer_field))
 
 
 def load_parquet(path: str | Path, prompt_field: str = "question", answer_field: str = "answer") -> list[Example]:
     """Examples from a parquet file (needs pyarrow, an optional package)."""
     path = Path(path)
-    return _to_examples(read_parquet_rows(path), prompt_field, answer_field)
+    return list(_to_examples(read_parquet_rows(path), prompt_field, answer_field))
 
 
 def load_hub(
@@ -166,60 +187,17 @@ def _gsm8k_files(path_or_repo: str | Path | None, split: str, subset: str | None
     return resolve_files(path_or_repo, split, subset, SUFFIXES)
 
 
-def _gsm8k_examples(files: list[Path]) -> list[Example]:
-    """GSM8K rows as Examples: the answer cut to the final number, the worked solution kept as a column."""
-    rows = [row for f in files for row in read_rows(f)]
+def _gsm8k_examples(files: list[Path], limit: int | None = None) -> list[Example]:
+    """GSM8K rows as Examples (the first `limit`): the answer cut to the final number, the worked
+    solution kept as a column."""
     examples = []
-    for (where, _), ex in zip(rows, _to_examples(rows, "question", "answer")):
+    for where, row in itertools.islice(_file_rows(files), limit):
+        ex = next(_to_examples([(where, row)], "question", "answer"))
         try:
             final = parse_gsm8k_answer(ex.answer)
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
         examples.append(Example(ex.prompt, final, {**ex.columns, "solution": ex.answer}))
-    return examples
-
-
-# ----------------------------------------------------------------------------------------------
-# Synthetic arithmetic
-# ----------------------------------------------------------------------------------------------
-
-
-def _value(operands: list[int], ops: list[str]) -> int:
-    """Value of `a0 op0 a1 op1 a2 ...` with the usual precedence (* before + and -)."""
-    terms, signs = [operands[0]], [1]
-    for op, x in zip(ops, operands[1:]):
-        if op == "*":
-            terms[-1] *= x
-        else:
-            terms.append(x)
-            signs.append(1 if op == "+" else -1)
-    return sum(s * t for s, t in zip(signs, terms))
-
-
-def synthetic_arithmetic(seed: int, n: int, cfg: SyntheticCfg | None = None, split: str = "train") -> list[Example]:
-    """`n` arithmetic questions ("What is 7 + 5?") drawn from `seed`; no files involved.
-
-    Deterministic per (seed, split): the split name selects an independent stream, so the eval set
-    is not the start of the training set. Answers are exact integers; an expression whose value
-    would be negative is redrawn unless cfg.allow_negative. columns["expression"] holds "7 + 5".
-    """
-    cfg = cfg or SyntheticCfg()
-    rng = random.Random(f"arithmetic/{split}/{seed}")  # a str seed is hashed with sha512: stable everywhere
-    examples = []
-    for _ in range(n):
-        for _attempt in range(1000):
-            operands = [rng.randint(cfg.min_operand, cfg.max_operand) for _ in range(cfg.num_operands)]
-            ops = [rng.choice(cfg.operations) for _ in range(cfg.num_operands - 1)]
-            value = _value(operands, ops)
-            if cfg.allow_negative or value >= 0:
-                break
-        else:
-            raise DataError("data.synthetic draws only negative values; set allow_negative=true or widen the range")
-        expression = " ".join([str(operands[0])] + [f"{op} {x}" for op, x in zip(ops, operands[1:])])
-        question = cfg.question.format(expression=expression)
-        if cfg.instruction:
-            question = f"{question} {cfg.instruction}"
-        examples.append(Example(prompt=question, answer=str(value), columns={"expression": expression}))
     return examples
 
 
@@ -232,7 +210,8 @@ def build_dataset(cfg: DataCfg, split: str | None = None, limit: int | None = No
     """The examples of one split (default: the training split `cfg.split`) from `cfg.source`.
 
     Any other split is an eval split: its first `limit` examples, by default `cfg.num_eval`
-    (synthetic: that many generated). The training split is capped only by `limit`. An eval split
+    (synthetic: that many generated, from the expressions held out of training whenever the
+    config has an eval split; minigrpo.synthetic). The training split is capped only by `limit`. An eval split
     that would read a file of the training split is refused (its prompts would be training prompts).
     `max_prompt_tokens` is applied later by `filter_long_prompts`, where the tokenizer is known.
     A relative data.path / data.eval_path is read from the working directory, as every path of a
@@ -244,16 +223,19 @@ def build_dataset(cfg: DataCfg, split: str | None = None, limit: int | None = No
         limit = cfg.num_eval
     if cfg.source == "synthetic":
         n = limit if is_eval else cfg.synthetic.num_train
-        return synthetic_arithmetic(cfg.synthetic.seed, n, cfg.synthetic, split=split)[:limit]
+        part = "eval" if is_eval else "all" if cfg.eval_split is None else "train"
+        return synthetic_arithmetic(cfg.synthetic.seed, n, cfg.synthetic, split=split, part=part)[:limit]
     files = _source_files(cfg, split, is_eval)
     if is_eval:
         refuse_shared_files(files, _training_files(cfg), split, cfg.split)
-    gsm8k = cfg.source == "gsm8k"
-    examples = _gsm8k_examples(files) if gsm8k else _load_files(files, cfg.prompt_field, cfg.answer_field)
-    if not examples:  # name the files: an empty one is the usual cause
+    if cfg.source == "gsm8k":
+        examples = _gsm8k_examples(files, limit)
+    else:
+        examples = _load_files(files, cfg.prompt_field, cfg.answer_field, limit)
+    if not examples and limit != 0:  # name the files: an empty one is the usual cause
         verb = "hold" if len(files) > 1 else "holds"
         raise DataError(f"split {split!r}: {', '.join(map(str, files))} {verb} no rows")
-    return examples[:limit]
+    return examples
 
 
 def _source_files(cfg: DataCfg, split: str, is_eval: bool) -> list[Path]:

@@ -5,7 +5,9 @@ row is reported as file and line, not as a traceback: a missing file, bytes that
 line that is not JSON or not an object, an object naming a field twice each raise DataError naming
 the file (and line). JSON Lines lines end at "\\n", "\\r\\n" or "\\r" only (a string may hold U+2028);
 a byte-order mark (also one opening a later line, as files joined with `cat` have) and blank lines are
-skipped. A relative path is read from the working directory.
+skipped. JSON Lines and parquet files stream: rows are read as they are consumed, so a file larger
+than memory can be read and an eval split of its first rows reads no further. A relative path is read
+from the working directory.
 pyarrow (parquet) and huggingface_hub (hub datasets) are imported only when needed.
 """
 
@@ -14,13 +16,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from minigrpo.errors import UserError
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
+PARQUET_BATCH_ROWS = 1024  # rows of a parquet file read at once
 ROLES = ("system", "user", "assistant", "tool")  # the roles a message may have
 Row = tuple[str, dict[str, Any]]  # (where: "file:line" or "file: row i", the row's fields)
 
@@ -73,26 +76,60 @@ def _parse_json(text: str, path: Path, lineno: int | None) -> Any:
         raise DataError(f"{where}: an object names the field {e.args[0]!r} twice") from None
 
 
-def _json_lines(text: str) -> list[tuple[int, str]]:
-    """(line number, line) of the non-blank lines. Only "\\n", "\\r\\n" or "\\r" ends a line (a JSON
-    string cannot hold them raw); str.splitlines also splits at U+2028, U+2029 and U+0085, which it can."""
-    lines = enumerate(re.split(r"\r\n|\r|\n", text), 1)
-    unmarked = ((lineno, line.removeprefix("\ufeff")) for lineno, line in lines)  # cat'ed files keep their marks
-    return [(lineno, line) for lineno, line in unmarked if line.strip()]
+def _line_texts(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line of a file, read one line at a time (a file larger than the
+    memory streams). Only "\\n", "\\r\\n" or "\\r" ends a line (a JSON string cannot hold them
+    raw); str.splitlines also splits at U+2028, U+2029 and U+0085, which it can. Bytes that are not
+    UTF-8 are a DataError naming the line and column."""
+    lineno = 0
+    with _open_binary(path) as f:
+        for raw in f:
+            for piece in raw.removesuffix(b"\n").removesuffix(b"\r").split(b"\r"):
+                lineno += 1
+                try:
+                    yield lineno, piece.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(
+                        f"{path}:{lineno}: not UTF-8 text (byte 0x{piece[e.start]:02x} at column {e.start + 1}); "
+                        "save the file as UTF-8"
+                    ) from None
 
 
-def read_json_rows(path: Path) -> list[Row]:
-    """Rows of a JSON Lines file (a .json file holding one JSON array is read too); blank lines are skipped."""
-    text = _read_text(path)
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        items = _parse_json(text, path, None)
-        located = [(f"{path}: item {i + 1}", item) for i, item in enumerate(items)]
+def _open_binary(path: Path) -> BinaryIO:
+    """The file opened for reading bytes; DataError naming it if it is missing or unreadable."""
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise DataError(f"data file {path} does not exist") from None
+    except OSError as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror or e}") from None
+
+
+def _holds_json_array(path: Path) -> bool:
+    """Whether a .json file holds one JSON array (its first character past blanks and a byte-order
+    mark is "["); read up to that character only."""
+    if path.suffix != ".json":
+        return False
+    with _open_binary(path) as f:
+        chunk = f.read(65536).removeprefix(b"\xef\xbb\xbf")
+        while chunk and not chunk.lstrip():
+            chunk = f.read(65536)
+    return chunk.lstrip().startswith(b"[")
+
+
+def read_json_rows(path: Path) -> Iterator[Row]:
+    """Rows of a JSON Lines file, one line at a time (a .json file holding one JSON array is read
+    whole); blank lines and byte-order marks are skipped."""
+    if _holds_json_array(path):
+        items = _parse_json(_read_text(path), path, None)
+        located: Iterable[tuple[str, Any]] = ((f"{path}: item {i + 1}", item) for i, item in enumerate(items))
     else:
-        located = [(f"{path}:{lineno}", _parse_json(line, path, lineno)) for lineno, line in _json_lines(text)]
+        lines = ((n, line.removeprefix("\ufeff")) for n, line in _line_texts(path))  # cat'ed files keep marks
+        located = ((f"{path}:{n}", _parse_json(line, path, n)) for n, line in lines if line.strip())
     for where, row in located:
         if not isinstance(row, dict):
             raise DataError(f"{where}: a JSON {type(row).__name__}, not an object with named fields")
-    return located
+        yield where, row
 
 
 def answer_text(where: str, name: str, value: Any) -> str:
@@ -128,8 +165,9 @@ def check_prompt_messages(where: str, messages: list, prompt_field: str) -> None
             )
 
 
-def read_parquet_rows(path: Path) -> list[Row]:
-    """Rows of a parquet file. pyarrow is optional: it is imported here, not at module import."""
+def read_parquet_rows(path: Path) -> Iterator[Row]:
+    """Rows of a parquet file, a batch of rows at a time. pyarrow is optional: it is imported here,
+    not at module import."""
     try:
         import pyarrow
         import pyarrow.parquet as pq
@@ -140,15 +178,18 @@ def read_parquet_rows(path: Path) -> list[Row]:
         ) from None
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
+    number = 0
     try:
-        rows = pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"{path}: row {number}", row
     except (pyarrow.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable parquet file: {e}") from None
-    return [(f"{path}: row {i + 1}", row) for i, row in enumerate(rows)]
 
 
-def read_rows(path: Path) -> list[Row]:
-    """Rows of one data file, by its suffix."""
+def read_rows(path: Path) -> Iterator[Row]:
+    """Rows of one data file, by its suffix, read as they are consumed."""
     if path.suffix == ".parquet":
         return read_parquet_rows(path)
     if path.suffix in (".jsonl", ".json"):

@@ -150,7 +150,8 @@ def load_conversations(cfg: Config) -> list[Example]:
     if sft.source == "synthetic":
         syn = cfg.data.synthetic
         conversations, places = [], []
-        for i, ex in enumerate(synthetic_arithmetic(syn.seed, syn.num_train, syn, split=sft.split)):
+        part = "all" if cfg.data.eval_split is None else "train"  # never the expressions GRPO's eval holds out
+        for i, ex in enumerate(synthetic_arithmetic(syn.seed, syn.num_train, syn, split=sft.split, part=part)):
             try:
                 reply = sft.response_template.format(answer=ex.answer, **ex.columns)
             except (KeyError, IndexError, ValueError) as e:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -298,6 +300,73 @@ def test_jsonl_lines_end_only_at_line_breaks(tmp_path):
     assert str(e.value) == f"{path}:4: not valid JSON: Expecting value (column 14)"
 
 
+def test_an_eval_split_reads_only_the_rows_it_keeps(tmp_path):
+    """Files stream: an eval split of data.num_eval rows stops reading there, so a bad row past them
+    (or a file far larger than memory) is never read; the training split reads every row."""
+    rows = [{"question": f"t{i}", "answer": i} for i in range(3)]
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"question": oops}\n', encoding="utf-8")
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    for source in ("jsonl", "gsm8k"):
+        if source == "gsm8k":
+            rows = [{"question": f"t{i}", "answer": f"so #### {i}"} for i in range(3)]
+            test.write_text("".join(json.dumps(r) + "\n" for r in rows) + "oops\n", encoding="utf-8")
+        cfg = DataCfg(source=source, path=str(tmp_path), num_eval=3)
+        assert [(ex.prompt, ex.answer) for ex in build_dataset(cfg, "test")] == [("t0", "0"), ("t1", "1"), ("t2", "2")]
+        with pytest.raises(DataError, match=re.escape(f"{test}:4: not valid JSON")):
+            build_dataset(cfg, "test", limit=4)
+    assert build_dataset(DataCfg(source="jsonl", path=str(tmp_path), num_eval=0), "test") == []
+
+
+def test_a_parquet_eval_split_reads_only_the_rows_it_keeps(tmp_path):
+    """A parquet file is read a batch of rows at a time: a null prompt in row 2500 is past an eval
+    split of 5 rows, and the training split, which reads it, names the row."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    questions = [f"q{i}" for i in range(3000)]
+    questions[2499] = None
+    table = pa.table({"question": questions, "answer": [str(i) for i in range(3000)]})
+    pq.write_table(table, tmp_path / "test.parquet", row_group_size=1000)
+    pq.write_table(table, tmp_path / "train.parquet")
+    cfg = DataCfg(source="parquet", path=str(tmp_path), num_eval=5)
+    assert [ex.prompt for ex in build_dataset(cfg, "test")] == ["q0", "q1", "q2", "q3", "q4"]
+    with pytest.raises(DataError) as e:
+        build_dataset(cfg)
+    assert str(e.value) == f"{tmp_path / 'train.parquet'}: row 2500: field 'question' is null"
+
+
+def test_a_large_jsonl_file_is_streamed_not_read_whole(tmp_path):
+    """Reading the first rows of an 8 MB file takes far less than 8 MB (it used to be read, decoded
+    and split whole: three copies of the file at once)."""
+    path = tmp_path / "test.jsonl"
+    row = json.dumps({"question": "q" * 1000, "answer": "1"}) + "\n"
+    path.write_text(row * 8000, encoding="utf-8")
+    write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "1"}])
+    tracemalloc.start()
+    try:
+        examples = build_dataset(DataCfg(source="jsonl", path=str(tmp_path), num_eval=5), "test")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(examples) == 5 and peak < 1_000_000, f"peak {peak / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("column", ["answers", "completions", "prompts"])
+def test_a_column_named_like_a_reward_argument_is_refused_when_read(tmp_path, column):
+    """Columns reach reward functions as keyword arguments: an 'answers' column (the accepted answers,
+    say) would collide with their third argument at the first step, after the model loaded."""
+    path = write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "1", column: "one"}])
+    with pytest.raises(DataError) as e:
+        build_dataset(DataCfg(source="jsonl", path=str(path)))
+    assert str(e.value) == (
+        f"{path}:1: field {column!r} has the name of a reward function argument (prompts, completions, answers); "
+        "rename it in the data (or read it as data.prompt_field / data.answer_field)"
+    )
+    cfg = DataCfg(source="jsonl", path=str(path), answer_field=column)
+    assert [(ex.answer, ex.columns) for ex in build_dataset(cfg)] == [("one", {"answer": "1"})]
+
+
 def test_a_field_named_twice_is_refused(tmp_path):
     """json.loads keeps the last of two "answer"s without a word; which one the row means is unknown."""
     path = tmp_path / "d.jsonl"
@@ -570,6 +639,76 @@ def test_build_dataset_synthetic_sizes():
     train, test = build_dataset(cfg), build_dataset(cfg, "test")
     assert (len(train), len(test)) == (70, 30)
     assert train == synthetic_arithmetic(4, 70, cfg.synthetic, split="train")
+
+
+def _whole_space(operations: list[str], numbers: range, num_operands: int, allow_negative: bool) -> set[str]:
+    """Every expression of a synthetic space, enumerated here independently of minigrpo.synthetic."""
+    spaces = set()
+    for operands in itertools.product(numbers, repeat=num_operands):
+        for ops in itertools.product(operations, repeat=num_operands - 1):
+            text = " ".join([str(operands[0])] + [f"{op} {x}" for op, x in zip(ops, operands[1:])])
+            if allow_negative or eval(text) >= 0:
+                spaces.add(text)
+    return spaces
+
+
+@pytest.mark.parametrize(
+    ("synthetic", "space"),
+    [
+        (SyntheticCfg(), _whole_space(["+", "-"], range(10), 2, False)),  # the default: 155 expressions
+        (
+            SyntheticCfg(
+                operations=["+", "-", "*"], num_operands=3, min_operand=-1, max_operand=2, allow_negative=True
+            ),
+            _whole_space(["+", "-", "*"], range(-1, 3), 3, True),  # 576 expressions
+        ),
+    ],
+)
+def test_synthetic_eval_split_is_held_out_of_training(synthetic, space):
+    """The eval split draws only expressions the training split never draws: over the whole space
+    (every expression drawn at least once by one split or the other), the two share no prompt, and
+    each split is the same list on every build."""
+    synthetic.num_train = 6000
+    cfg = DataCfg(num_eval=3000, synthetic=synthetic)
+    train, test = build_dataset(cfg), build_dataset(cfg, "test")
+    train_expressions = {ex.columns["expression"] for ex in train}
+    test_expressions = {ex.columns["expression"] for ex in test}
+    assert train_expressions | test_expressions == space
+    assert train_expressions & test_expressions == set()
+    assert {ex.prompt for ex in train} & {ex.prompt for ex in test} == set()
+    assert 0.1 < len(test_expressions) / len(space) < 0.3  # about a fifth is held out
+    assert (build_dataset(cfg), build_dataset(cfg, "test")) == (train, test)
+    validation = build_dataset(cfg, "validation", limit=300)  # another eval split: another stream, same part
+    assert {ex.columns["expression"] for ex in validation} <= test_expressions
+    assert [ex.prompt for ex in validation[:300]] != [ex.prompt for ex in test[:300]]
+
+
+def test_synthetic_without_eval_split_trains_on_the_whole_space():
+    """With data.eval_split null nothing is held out: the training split is the one stream of the whole
+    space (the demo's data), and SFT's warm-up on the "train" split keeps clear of the eval part."""
+    cfg = DataCfg(eval_split=None)
+    train = build_dataset(cfg)
+    assert train == synthetic_arithmetic(0, 2000, cfg.synthetic, part="all")
+    assert len({ex.columns["expression"] for ex in train}) == 155
+    assert [ex.columns["expression"] for ex in train[:4]] == ["8 - 3", "0 + 7", "9 - 3", "5 + 4"]
+    held_out = {ex.columns["expression"] for ex in build_dataset(DataCfg(), "test")}
+    assert {ex.columns["expression"] for ex in synthetic_arithmetic(0, 2000)} & held_out == set()
+
+
+@pytest.mark.parametrize(
+    ("seed", "split", "problem"),
+    [
+        (0, "train", "all are held out for the eval split"),  # "3 + 3" is held out for seed 0
+        (1, "test", "none is held out for the eval split 'test'"),  # and kept for training for seed 1
+    ],
+)
+def test_a_synthetic_space_too_small_to_hold_out_an_eval_split_is_named(seed, split, problem):
+    cfg = DataCfg(synthetic=SyntheticCfg(seed=seed, operations=["+"], min_operand=3, max_operand=3))
+    with pytest.raises(DataError, match=re.escape(f"data.synthetic has 1 expressions and {problem}")):
+        build_dataset(cfg, split)
+    assert [ex.prompt for ex in build_dataset(DataCfg(eval_split=None, synthetic=cfg.synthetic))][:1] == [
+        "What is 3 + 3? Give the final answer as a number inside <answer></answer>."
+    ]
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -834,3 +834,21 @@ def test_ctrl_c_in_sft_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, ca
     assert err[-1] == f"interrupted: continue from {checkpoint} with --resume", err
     monkeypatch.setattr(sft_module, "train_step", real_step)
     assert [r["step"] for r in launch(tmp_path, "sft", cfg, "--resume")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("eval_split", ["test", None])
+def test_synthetic_sft_never_trains_on_the_questions_grpo_evaluates(eval_split):
+    """With an eval split, GRPO's eval prompts are expressions held out of training (minigrpo/synthetic.py):
+    the SFT warm-up on the same task must not learn them either; without one it draws from the whole space,
+    as GRPO's training does."""
+    from minigrpo.data import build_dataset
+
+    cfg = Config.from_dict({"sft": {"source": "synthetic"}, "data": {"source": "synthetic", "eval_split": eval_split}})
+    sft_expressions = {m["content"] for ex in load_conversations(cfg) for m in ex.prompt if m["role"] == "user"}
+    grpo_train = {ex.prompt for ex in build_dataset(cfg.data)}
+    if eval_split is None:
+        assert sft_expressions == grpo_train and len(sft_expressions) == 155
+    else:
+        held_out = {ex.prompt for ex in build_dataset(cfg.data, split=eval_split)}
+        assert held_out and not sft_expressions & held_out
+        assert sft_expressions == grpo_train
