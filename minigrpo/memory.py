@@ -161,11 +161,11 @@ def estimate_peak(
     parts.update(activation_parts(act))
     update = static + grad_bytes + act["peak"]
 
-    # ---- optimizer step: fp32 copies of 16-bit grads (MasterWeights, a bucket at a time) + AdamW's
-    # foreach temporaries; the largest tensor is the embedding (or LM head)
+    # ---- optimizer step: fp32 copies of 16-bit grads (MasterWeights, a bucket at a time, each 16-bit
+    # grad freed as its copy is made) + AdamW's foreach temporaries; the largest tensor is the embedding
     largest = args.vocab_size * args.dim
-    step_tmp = step_transient_bytes(n_train, masters > 0, tr.optimizer, largest)
-    critic_tmp = step_transient_bytes(critic["numel"], critic["masters"] > 0, tr.optimizer, largest)
+    step_tmp = step_transient_bytes(n_train, masters > 0, tr.optimizer, largest, grad_b=b)
+    critic_tmp = step_transient_bytes(critic["numel"], critic["masters"] > 0, tr.optimizer, largest, grad_b=b)
     step_tmp = max(step_tmp, critic_tmp)  # PPO: the critic steps after the policy
     parts["optimizer_step_transient"] = step_tmp
     optimizer = static + grad_bytes + step_tmp

@@ -175,9 +175,11 @@ def test_optimizer_state_and_step_estimate(dtype):
     cfg = load_config(None, ["run.device=cpu", f"run.dtype={str(dtype).removeprefix('torch.')}"])
     est = estimate_peak(cfg, model.args, prompt_tokens=8, device_type="cpu")
     assert state == est.parts["optimizer_state"] + est.parts["master_weights"]  # fp32 grads freed
-    # the tiny model is one bucket: its fp32 gradients (16-bit only) + AdamW's foreach temporaries
-    assert est.parts["optimizer_step_transient"] == 4 * n * (2 if dtype != torch.float32 else 1)
-    assert abs(tracker.peak / (state + est.parts["optimizer_step_transient"]) - 1) < 0.01
+    # the tiny model is one bucket: its fp32 gradients (16-bit only) + AdamW's foreach temporaries,
+    # less the 16-bit gradients freed as their copies are made (allocated before the tracker: unseen)
+    freed = 2 * n if dtype != torch.float32 else 0
+    assert est.parts["optimizer_step_transient"] == 4 * n * (2 if dtype != torch.float32 else 1) - freed
+    assert abs(tracker.peak / (state + est.parts["optimizer_step_transient"] + freed) - 1) < 0.01
     assert memory_parts.optimizer_state_bytes([1000, 10_000], "adamw8bit") == 8 * 1000 + 2 * 10_000 + 8 * 40
 
 
@@ -254,6 +256,34 @@ def test_update_phase_estimate_matches_a_measured_update():
     static = sum(est.parts[k] for k in ("weights", "master_weights", "optimizer_state", "reference_model"))
     predicted = max(est.phases["update"], est.phases["optimizer"]) - static  # what the tracker sees
     assert abs(predicted / tracker.peak - 1) < 0.10, f"{predicted:,} vs measured {tracker.peak:,}"
+
+
+def test_bf16_optimizer_phase_counts_the_stepped_bucket_gradients_as_freed():
+    """bf16 full fine-tuning, short rows: the optimizer step is the peak. MasterWeights frees each
+    16-bit gradient as its fp32 copy is made, so at the step's peak the tracker sees the bf16
+    gradients of the other buckets, one bucket of fp32 gradients and AdamW's temporaries (8 bytes a
+    value for the one bucket a tiny model is), not the bucket's bf16 gradients on top (10 bytes)."""
+    from minigrpo.step import Batch, update_phase
+
+    model = tiny_model(seed=1, dtype=torch.bfloat16, **SMALL)
+    B, G, Tp, Tc = 1, 2, 4, 4
+    overrides = [f"grpo.prompts_per_step={B}", f"grpo.group_size={G}", f"sampler.max_new_tokens={Tc}"]
+    cfg = load_config(None, ["run.device=cpu", "run.dtype=bfloat16", "train.micro_batch_size=1", *overrides])
+    g = torch.Generator().manual_seed(0)
+    adv = torch.randn(B * G, generator=g)
+    batch = Batch(full_rollout(B, G, Tp, Tc, 512, g), adv, adv, reward_metrics={}, prompts=[], answers=[])
+    optimizer = build_optimizer(model.parameters(), cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    update_phase(cfg, model, optimizer, scheduler, batch, None, None)  # optimizer state now exists
+    tracker = AllocationTracker()
+    with tracker:
+        update_phase(cfg, model, optimizer, scheduler, batch, None, None)
+    est = estimate_peak(cfg, model.args, prompt_tokens=Tp, device_type="cpu")
+    n = model.args.num_params()
+    assert est.peak_phase == "optimizer" and est.parts["optimizer_step_transient"] == 8 * n - 2 * n
+    static = sum(est.parts[k] for k in ("weights", "master_weights", "optimizer_state"))
+    predicted = est.phases["optimizer"] - static  # bf16 gradients + fp32 bucket + AdamW temporaries
+    assert abs(predicted / tracker.peak - 1) < 0.02, f"{predicted:,} vs measured {tracker.peak:,}"
 
 
 # ------------------------------------------------------------------------------------------------

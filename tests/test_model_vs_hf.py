@@ -56,6 +56,13 @@ CASES = {
     # transformers' "swish" is the same SiLU (once refused as an unsupported activation)
     "llama-swish": dict(model_type="llama", rope_theta=10000.0, hidden_act="swish"),
     "llama-linear": dict(model_type="llama", rope_theta=10000.0, rope_scaling=dict(type="linear", factor=2.0)),
+    # a head_dim other than hidden_size / num_attention_heads (q/o projections of H * Dh = 128 channels)
+    "mistral-head-dim": dict(model_type="mistral", rope_theta=10000.0, head_dim=32, sliding_window=None),
+    "qwen2-llama3-rope": dict(
+        model_type="qwen2",
+        rope_theta=5e5,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0),
+    ),
     "smollm-tied": dict(model_type="llama", rope_theta=100000.0, tie_word_embeddings=True),
     "mistral-window": dict(model_type="mistral", rope_theta=10000.0, sliding_window=5),
     "qwen2": dict(model_type="qwen2", rope_theta=1e6, tie_word_embeddings=True),

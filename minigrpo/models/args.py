@@ -56,6 +56,7 @@ class _Family:
     window: str  # "none" | "global" (sliding_window applies to all layers) | "per_layer" (layer_types)
     mlp_bias: bool | str = False  # only Llama reads the key; the others' MLPs never have biases
     partial_rotary: bool = False  # whether partial_rotary_factor applies (the others rotate the whole head)
+    rope_types: tuple[str, ...] = SUPPORTED_ROPE_TYPES  # transformers' Phi-3 refuses all but LongRoPE
 
 
 _FAMILIES: dict[str, _Family] = {
@@ -63,7 +64,9 @@ _FAMILIES: dict[str, _Family] = {
     "mistral": _Family("MistralForCausalLM", False, False, False, False, "global"),
     "qwen2": _Family("Qwen2ForCausalLM", True, False, False, False, "per_layer"),
     "qwen3": _Family("Qwen3ForCausalLM", "attention_bias", "attention_bias", True, False, "per_layer"),
-    "phi3": _Family("Phi3ForCausalLM", False, False, False, True, "global", partial_rotary=True),
+    "phi3": _Family(
+        "Phi3ForCausalLM", False, False, False, True, "global", partial_rotary=True, rope_types=("default", "longrope")
+    ),
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
@@ -169,6 +172,7 @@ class ModelArgs:
         head_dim = get("head_dim") or get("hidden_size") // n_heads
         rope_theta, rope_type, rope_params, partial = _read_rope(config, model_type)
         partial = partial if fam.partial_rotary else 1.0
+        _check_rotary_dim(config, head_dim, partial)
         if rope_type == "longrope":
             for key in ("long_factor", "short_factor"):
                 factors = rope_params[key]
@@ -302,6 +306,39 @@ def _check_layer_types(config: dict[str, Any], fam: _Family) -> None:
         raise ModelConfigError(f"config key 'max_window_layers' must be an integer >= 0, got {first!r}")
 
 
+def _check_rotary_dim(config: dict[str, Any], head_dim: int, partial: float) -> None:
+    """A ModelConfigError naming the key when RoPE would rotate a whole head of an odd size: it turns
+    channels in pairs (transformers refuses the same configs)."""
+    if int(head_dim * partial) == head_dim and head_dim % 2:
+        key = "head_dim" if config.get("head_dim") else "hidden_size' / 'num_attention_heads"
+        raise ModelConfigError(f"config key '{key}' gives an odd head size {head_dim}: RoPE rotates channel pairs")
+
+
+def _rope_mapping(config: dict[str, Any]) -> dict[str, Any]:
+    """The RoPE keys of either style as one dict. With both keys set, transformers reads `rope_scaling`
+    alone (rope_parameters' rope_theta too is dropped): where they differ, that is an error naming the key."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ModelConfigError(f"config key {key!r} must be a mapping or null, got {config[key]!r}")
+    parameters, scaling = (_typed(config.get(key) or {}) for key in ("rope_parameters", "rope_scaling"))
+    if parameters and scaling:
+        for key in sorted(parameters.keys() | scaling.keys()):
+            if parameters.get(key) != scaling.get(key):
+                raise ModelConfigError(
+                    f"config keys 'rope_parameters' and 'rope_scaling' disagree on {key!r} "
+                    f"({parameters.get(key)!r} vs {scaling.get(key)!r}); keep one of the two"
+                )
+    return {**parameters, **scaling}
+
+
+def _typed(params: dict[str, Any]) -> dict[str, Any]:
+    """A copy of RoPE params with the older `type` key read as `rope_type` (which wins if both are set)."""
+    out = {k: v for k, v in params.items() if k != "type"}
+    if out.get("rope_type") is None and params.get("type") is not None:
+        out["rope_type"] = params["type"]
+    return out
+
+
 def _first_set(*values: Any) -> Any:
     """The first value that is not None (a 0 is a value: a bad one that the caller reports)."""
     return next(v for v in values if v is not None)
@@ -316,13 +353,8 @@ def _positive_number(config: dict[str, Any], key: str, default: float) -> float:
 
 def _read_rope(config: dict[str, Any], model_type: str) -> tuple[float, str, dict[str, Any], float]:
     """(rope_theta, rope_type, scaling params, partial_rotary_factor) from either key style."""
-    for key in ("rope_parameters", "rope_scaling"):
-        if config.get(key) is not None and not isinstance(config[key], dict):
-            raise ModelConfigError(f"config key {key!r} must be a mapping or null, got {config[key]!r}")
-    params = dict(config.get("rope_parameters") or {})
-    params.update(config.get("rope_scaling") or {})  # older key; both may not appear, but be lenient
-    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
-    params.pop("type", None)
+    params = _rope_mapping(config)
+    rope_type = params.pop("rope_type", None) or "default"
     rope_theta = _first_set(params.pop("rope_theta", None), config.get("rope_theta"), 10000.0)
     if not (_is_number(rope_theta) and rope_theta > 0):
         raise ModelConfigError(f"config key 'rope_theta' must be a positive number, got {rope_theta!r}")
@@ -332,11 +364,12 @@ def _read_rope(config: dict[str, Any], model_type: str) -> tuple[float, str, dic
     rope_theta, partial = float(rope_theta), float(partial)
     if model_type == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's early names for LongRoPE
         rope_type = "longrope"
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    supported = _FAMILIES[model_type].rope_types
+    if rope_type not in supported:
         key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
         raise UnsupportedModelError(
-            f"unsupported rope scaling type {rope_type!r} (config key {key!r}); "
-            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"unsupported rope scaling type {rope_type!r} (config key {key!r}) for model_type {model_type!r}; "
+            f"supported: {', '.join(supported)}" + (" (su and yarn read as longrope)" if model_type == "phi3" else "")
         )
     if rope_type in ("llama3", "yarn", "longrope"):
         # Phi-3 keeps the pretraining length at the top level; it takes priority there.
@@ -346,6 +379,7 @@ def _read_rope(config: dict[str, Any], model_type: str) -> tuple[float, str, dic
         "linear": ("factor",),
         "dynamic": ("factor",),
         "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+        "yarn": ("factor",),
         "longrope": ("long_factor", "short_factor"),
     }.get(rope_type, ())
     missing = [k for k in required if params.get(k) is None]
