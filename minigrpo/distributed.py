@@ -9,11 +9,14 @@ trains on them; the ranks only meet in collectives:
 - rollout: the per-row totals of rewards (a few floats per row) are gathered so that every rank
   computes the advantages of the GLOBAL batch (scale_rewards="batch" needs the global std) and the
   global reward metrics; the sampled tokens do not depend on the split (counter-based noise);
-- update: the loss normaliser sums its counts over ranks (LossNormalizer.all_reduce), so the
-  averaged gradient is the global sum over the global token (dapo) or sequence (grpo, dr_grpo)
-  count, exactly what one process computes on the whole batch;
+- update: the loss normaliser sums its counts over ranks (LossNormalizer.all_reduce), so each
+  rank's loss is its share of the global sum over the global token (dapo) or sequence (grpo,
+  dr_grpo) count, and the ranks' gradients SUM to exactly what one process computes on the whole
+  batch;
 - gradients: FSDP2 reduce-scatters them (strategy "fsdp"), or one all-reduce per optimizer step
-  averages the replicated trainable gradients (strategy "ddp");
+  sums the replicated trainable gradients (strategy "ddp"). A sum, not the usual average: an
+  average needs each rank's loss multiplied by the world size first, and in float16 that factor
+  would overflow the backward at a world-size-times smaller loss scale than one process's;
 - metrics: each rank's per-row values (`gather_rows`) or partial statistics (`merge_stats`: means,
   sums, extremes) are gathered and combined the same way on every rank.
 
@@ -25,7 +28,7 @@ Strategies.
         after forward (FSDP2's own default for the root), so the LM head weight the log-prob kernel
         reads after `hidden` is the gathered one until the backward reshards it.
   ddp   (LoRA; optional for small full fine-tuning) every rank holds all weights; after the last
-        micro-batch the gradients of the trainable parameters are averaged with one fp32 all-reduce
+        micro-batch the gradients of the trainable parameters are summed with one fp32 all-reduce
         per bucket. No DistributedDataParallel wrapper: it syncs only through its own forward, while
         the trainer computes log-probs through `hidden` and the LM-head kernel; and for adapters
         (a few MB) overlapping the all-reduce with backward gains nothing.
@@ -243,7 +246,8 @@ def shard_model(
 
     The parameters stay in their dtype (fp32: they are the optimizer's master weights); forward and
     backward compute in `compute_dtype`; gradients are reduce-scattered in fp32. Block inputs are not
-    cast (the rotary angles stay fp32, as on one process). Returns the same module object.
+    cast (the rotary angles stay fp32, as on one process). The reduce-scatter sums the ranks'
+    gradients (see the module docstring). Returns the same module object.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -256,6 +260,9 @@ def shard_model(
     # root: kept gathered from forward to backward, so the LM head read after hidden() is whole
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     register_fsdp_forward_method(model, "hidden")
+    for unit in fsdp_units(model):
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
     return model
 
 
@@ -314,7 +321,7 @@ def _unhooked_view(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def all_reduce_gradients(params: Sequence[nn.Parameter], world: World) -> None:
-    """Average the gradients of replicated parameters over ranks (strategy "ddp"), in fp32 buckets.
+    """Sum the gradients of replicated parameters over ranks (strategy "ddp"), in fp32 buckets.
 
     A parameter that has a gradient on some rank but not on this one contributes zeros; one without
     a gradient on every rank keeps `grad=None` (the optimizer then skips it, as one process would).
@@ -330,16 +337,15 @@ def all_reduce_gradients(params: Sequence[nn.Parameter], world: World) -> None:
         bucket.append(p)
         size += p.numel() * 4
         if size >= BUCKET_BYTES:
-            _reduce_bucket(bucket, world)
+            _reduce_bucket(bucket)
             bucket, size = [], 0
     if bucket:
-        _reduce_bucket(bucket, world)
+        _reduce_bucket(bucket)
 
 
-def _reduce_bucket(params: list[nn.Parameter], world: World) -> None:
+def _reduce_bucket(params: list[nn.Parameter]) -> None:
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # on the gradients' device (CUDA for NCCL, CPU for gloo)
-    flat /= world.size
     offset = 0
     for p in params:
         n = p.numel()

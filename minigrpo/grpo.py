@@ -156,8 +156,9 @@ class LossNormalizer:
     num_tokens: active (mask 1) tokens in the step, all ranks (dapo).
     max_completion_length: the dr_grpo constant (the configured maximum, not a batch's padded Tc).
     num_micro_batches: micro-batches in the step, all ranks (bnpo only; a rank without rows has none).
-    world_size: ranks whose gradients data parallelism AVERAGES; the global-sum losses are multiplied
-        by it so the averaged gradient is the global sum over the global totals. 1 without DDP.
+
+    Under data parallelism every rank divides by the totals of ALL ranks, so the ranks' losses are
+    shares that add up to the whole batch's loss, and the gradient reduction sums them.
     """
 
     loss_type: str
@@ -165,7 +166,6 @@ class LossNormalizer:
     num_tokens: int
     max_completion_length: int
     num_micro_batches: int = 1
-    world_size: int = 1
 
     def all_reduce(self, group: Any = None, device: torch.device | str | None = None) -> LossNormalizer:
         """Totals summed over the ranks of group (torch.distributed must be initialised).
@@ -185,7 +185,6 @@ class LossNormalizer:
             num_tokens=int(counts[1]),
             num_micro_batches=int(counts[2]),
             max_completion_length=int(length[0]),
-            world_size=dist.get_world_size(group),
         )
 
 
@@ -361,12 +360,12 @@ def token_weights(mask: Tensor, normalizer: LossNormalizer) -> Tensor:
     m = mask.to(_compute_dtype(mask))  # (N, Tc)
     n = normalizer
     if n.loss_type == "grpo":
-        return m / m.sum(1, keepdim=True).clamp(min=1) / max(n.num_sequences, 1) * n.world_size
+        return m / m.sum(1, keepdim=True).clamp(min=1) / max(n.num_sequences, 1)
     if n.loss_type == "dr_grpo":
-        return m / max(n.num_sequences * n.max_completion_length, 1) * n.world_size
+        return m / max(n.num_sequences * n.max_completion_length, 1)
     if n.loss_type == "dapo":
-        return m / max(n.num_tokens, 1) * n.world_size
-    return m / m.sum().clamp(min=1) / max(n.num_micro_batches, 1) * n.world_size  # bnpo
+        return m / max(n.num_tokens, 1)
+    return m / m.sum().clamp(min=1) / max(n.num_micro_batches, 1)  # bnpo
 
 
 def policy_loss(
@@ -386,7 +385,7 @@ def policy_loss(
     Per token, with the settings of opts: l = -min(rho' * A, clamp(rho, 1 - epsilon, 1 + epsilon_high) * A),
     rho' = min(rho, delta) if delta is set (two-sided clipping) else rho; then l *= IS weight
     (is_correction); then l += beta * k3(ref, logp). Aggregation with S = sum(m * l) over this
-    micro-batch and the totals of normalizer (world_size factor omitted here, see LossNormalizer):
+    micro-batch and the totals of normalizer:
         grpo     sum_i (sum_t m l / max(|o_i|, 1)) / num_sequences   (the mean of per-sequence means)
         dr_grpo  S / (num_sequences * max_completion_length)
         dapo     S / num_tokens                                      (token mean over the whole step)

@@ -421,7 +421,7 @@ def update_phase(
         grad_norm, lr = optimizer_step(cfg, model, optimizer, scheduler, world, grad_scale)
         grad_norms.append(grad_norm)
         lrs.append(lr)
-        losses.append(loss_total / world.size)  # a rank's loss is its share times the world size
+        losses.append(loss_total)  # this rank's share of the whole batch's loss
     stats, _ = merge_stats(world, *combine_stats(parts))
     loss = merge_stats(world, {"loss_sum": sum(losses) / len(losses)}, 1.0)[0]["loss_sum"]
     return {

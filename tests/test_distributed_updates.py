@@ -1,11 +1,12 @@
 """Skipped updates under torchrun (two gloo ranks on the CPU): a gradient that is not finite on ONE
 rank makes every rank skip the same update (a rank stepping while another skips would leave their
 weights apart for good, silently), the counts and the loss scale stay equal to one process's, and a
-run of skipped updates stops every rank with its error printed once.
+run of skipped updates stops every rank with its error printed once; in float16 the ranks' losses
+overflow at the same loss scale as one process's.
 
 The NaN comes from the loss: this file is also the entry point the ranks run (`python -m
 test_distributed_updates`, minigrpo.train with the loss of chosen updates multiplied by NaN on rank
-NAN_RANK)."""
+NAN_RANK, and every loss by LOSS_FACTOR)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,21 @@ from test_distributed import CASES, assert_same_weights, base_config, final_weig
 from minigrpo.grad_scale import MAX_SKIPS_IN_A_ROW
 
 
-def launch_with_nan(tmp_path: Path, cfg: dict, nproc: int, nan_rank: int, nan_updates: str):
+def launch_with_nan(tmp_path: Path, cfg: dict, nproc: int, nan_rank: int, nan_updates: str, loss_factor: float = 1.0):
     """Train `cfg` in `nproc` processes (torchrun when 2) with a NaN loss on rank `nan_rank` in the
-    updates `nan_updates` ("2,3", or "all"); the finished process."""
+    updates `nan_updates` ("2,3", "all", or "" for none) and every loss times `loss_factor`; the
+    finished process."""
     path = tmp_path / f"{cfg['run']['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [sys.executable, *launcher, "-m", "test_distributed_updates", "--config", str(path)]
-    env = cli_env({"OMP_NUM_THREADS": "1", "NAN_RANK": str(nan_rank), "NAN_UPDATES": nan_updates})
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "NAN_RANK": str(nan_rank),
+        "NAN_UPDATES": nan_updates,
+        "LOSS_FACTOR": str(loss_factor),
+    }
+    env = cli_env(env)
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -90,17 +98,40 @@ def test_non_finite_updates_in_a_row_stop_every_rank_with_one_error_line(tmp_pat
     assert logged == [float(n) for n in range(1, MAX_SKIPS_IN_A_ROW)]
 
 
+def test_float16_ranks_overflow_at_the_loss_scale_of_one_process(tmp_path):
+    """Every loss times 4, so that float16 backward passes overflow at the first loss scale: one
+    process skips an update, halving the scale, until its gradients fit; two ranks skip exactly as many
+    and log the same scales. Each rank's backward is that of its rows in one process (its loss is its
+    share of the whole batch's and the gradient reduction sums); a loss multiplied by the world size
+    for an averaging reduction overflowed at half the scale: one skip more."""
+    sections = {
+        **CASES["ddp"],
+        "run": {"dtype": "float16"},
+        "train": {"micro_batch_size": 2, "eps": 1e-5, "steps": 5, "lr": 1e-5},
+    }
+    runs = {}
+    for nproc in (1, 2):
+        cfg = base_config(tmp_path, f"scale-{nproc}", **sections)
+        succeeded(launch_with_nan(tmp_path, cfg, nproc, 0, "", loss_factor=4.0))
+        runs[nproc] = metrics(tmp_path, f"scale-{nproc}")
+    skips = [r.get("skipped_updates", 0) for r in runs[1]]  # counted since the start
+    assert 0 < skips[-1] < len(runs[1]), f"no overflow to compare: {skips}"
+    assert [r.get("skipped_updates", 0) for r in runs[2]] == skips
+    assert [r.get("loss_scale") for r in runs[2]] == [r.get("loss_scale") for r in runs[1]]
+
+
 # ------------------------------------------------------------------------------------------------
 # the ranks' entry point
 
 
 def _nan_loss_training(argv: list[str]) -> None:
-    """minigrpo.train whose loss is multiplied by NaN on rank NAN_RANK in the updates NAN_UPDATES."""
+    """minigrpo.train whose loss is multiplied by NaN on rank NAN_RANK in the updates NAN_UPDATES, and
+    by LOSS_FACTOR everywhere."""
     from minigrpo import step, train
 
     rank, bad_rank = int(os.environ.get("RANK", "0")), int(os.environ["NAN_RANK"])
-    chosen = os.environ["NAN_UPDATES"]
-    bad = None if chosen == "all" else {int(u) for u in chosen.split(",")}
+    chosen, factor = os.environ["NAN_UPDATES"], float(os.environ.get("LOSS_FACTOR", "1"))
+    bad = None if chosen == "all" else {int(u) for u in chosen.split(",") if u}
     updates = [0]
     update_phase, micro_batch_loss = train.update_phase, step.micro_batch_loss
 
@@ -110,6 +141,7 @@ def _nan_loss_training(argv: list[str]) -> None:
 
     def nan_loss(*args, **kwargs):
         loss, stats = micro_batch_loss(*args, **kwargs)
+        loss = loss * factor
         if rank == bad_rank and (bad is None or updates[0] in bad):
             loss = loss * torch.tensor(float("nan"))
         return loss, stats

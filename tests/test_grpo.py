@@ -566,18 +566,24 @@ def test_grpo_equals_bnpo_with_one_sequence_per_micro_batch():
     close(logp.grad, grpo_logp.grad, 1e-6)
 
 
-def test_world_size_factor_makes_the_rank_average_the_global_gradient():
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_ranks_losses_and_gradients_sum_to_the_whole_batch(loss_type):
     base, old, _, _, A, mask = _batch()
     full = base.clone().requires_grad_()
-    policy_loss(full, old, A, mask, LossOptions())[0].backward()
+    opts = LossOptions(loss_type=loss_type, max_completion_length=9)
+    whole = policy_loss(full, old, A, mask, opts)[0]
+    whole.backward()
     # two ranks of 6 rows; the loop would all_reduce the totals, here they are built from the whole batch
-    norm = LossNormalizer("dapo", 12, int(mask.sum()), 9, num_micro_batches=1, world_size=2)
-    grads = []
+    norm = LossNormalizer(loss_type, 12, int(mask.sum()), 9, num_micro_batches=1)
+    grads, losses = [], []
     for rows in (slice(0, 6), slice(6, 12)):
         logp = base.clone().requires_grad_()
-        policy_loss(logp[rows], old[rows], A[rows], mask[rows], LossOptions(), normalizer=norm)[0].backward()
+        loss = policy_loss(logp[rows], old[rows], A[rows], mask[rows], opts, normalizer=norm)[0]
+        loss.backward()
         grads.append(logp.grad)
-    close((grads[0] + grads[1]) / 2, full.grad, 1e-6)  # what DDP's gradient averaging gives
+        losses.append(loss.item())
+    close(sum(losses), whole.item(), 1e-6)
+    close(grads[0] + grads[1], full.grad, 1e-6)  # what the summing gradient reduction gives
 
 
 def test_normalizer_all_reduce_single_rank(tmp_path):
@@ -589,4 +595,4 @@ def test_normalizer_all_reduce_single_rank(tmp_path):
         n = make_normalizer(lengths_mask([2, 3], 5), "dapo").all_reduce()
     finally:
         dist.destroy_process_group()
-    assert n == LossNormalizer("dapo", num_sequences=2, num_tokens=5, max_completion_length=5, world_size=1)
+    assert n == LossNormalizer("dapo", num_sequences=2, num_tokens=5, max_completion_length=5)

@@ -27,8 +27,8 @@ Log-probs are those of the sampling distribution, log_softmax(logits / sampler.t
 the policy and the reference alike (as GRPO's).
 
 Several ranks (torchrun): each rank holds whole groups (rollout_phase), so its pairs are its own;
-the pair count is summed over the ranks and every loss multiplied by the world size (the gradient
-reduction averages), so every rank steps with the gradient of the whole batch's mean loss.
+the pair count is summed over the ranks, so each rank's loss is its share of the whole batch's
+mean loss and the gradient reduction sums the shares: every rank steps with the whole batch's gradient.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def pair_backward(
             label_smoothing=opts.label_smoothing,
             num_pairs=num_pairs,
         )
-        grad_scale.scaled(loss * world.size).backward()  # the gradient reduction averages over the ranks
+        grad_scale.scaled(loss).backward()  # this rank's share: the gradient reduction sums the ranks'
         loss_total += float(loss.detach())
         parts.append(({k: float(v) for k, v in stats.items()}, float(len(chosen))))
     return parts, loss_total

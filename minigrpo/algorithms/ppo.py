@@ -26,9 +26,9 @@ all of that is per row. What spans rows is global: the whitening mean and varian
 ppo/* mean, are sums over every rank's tokens (`batch_moments`); the mini-batches are those of one
 process, drawn as one permutation of the GLOBAL row indices (the same on every rank), and each rank
 trains on its own rows of each; a mini-batch's token normaliser is its token count over all ranks
-(from the gathered per-row counts). The losses are multiplied by the world size, since the
-gradient reduction averages: every optimizer step then sees the gradient one process computes on
-the whole mini-batch, whatever the ranks' shares (a share may be empty; under FSDP such a rank
+(from the gathered per-row counts), so the ranks' losses are shares of the whole mini-batch's and
+the gradient reduction sums them: every optimizer step then sees the gradient one process computes
+on the whole mini-batch, whatever the ranks' shares (a share may be empty; under FSDP such a rank
 runs idle passes so that every rank joins every gather and reduction). The critic is replicated
 on every rank (its gradients all-reduced in step.optimizer_step, as replicated LoRA adapters are),
 both kinds: the simplest correct choice; it costs a whole critic (and its optimizer state) per
@@ -197,13 +197,13 @@ def ppo_update(
                 pg, pg_stats = clipped_policy_loss(
                     logp, old_logp[idx, :Tc], advantages[idx, :Tc], m, p.clip_eps, n_tokens
                 )
-                grad_scale.scaled(pg * world.size).backward()  # the gradient reduction averages over the ranks
+                grad_scale.scaled(pg).backward()  # this rank's share: the gradient reduction sums the ranks'
                 with critic.model.active():  # the value pass's forward and backward (a LoRA critic)
                     values = critic.model.values(ids, attn, Tc)  # (b, Tc)
                     vl, v_stats = clipped_value_loss(
                         values, old_values[idx, :Tc], returns[idx, :Tc], m, p.value_clip, n_tokens
                     )
-                    critic.grad_scale.scaled(p.vf_coef * vl * world.size).backward()
+                    critic.grad_scale.scaled(p.vf_coef * vl).backward()
                 loss_total += float(pg.detach()) + p.vf_coef * float(vl.detach())  # this rank's share
                 tokens = float(pg_stats.pop("active_tokens"))
                 stats = {**pg_stats, **v_stats, "entropy": (entropy.detach() * m).sum() / max(tokens, 1)}
