@@ -13,7 +13,7 @@ schema file stays readable; `Config.env` is `EnvCfg`.
 A user class (`package.module:Class`) is called with `env.kwargs`, plus, for each of these names its
 constructor declares (or when it takes **kwargs), the run's value: `tools` (env.tools resolved, a
 name -> Tool dict), `chat_template` (the tokenizer's), `format`, `system_prompt`, `timeout_s`
-(env.tool_timeout_s) and `max_chars` (env.sandbox.max_output_chars): the arguments of
+(env.tool_timeout_s), `max_chars` (env.sandbox.max_output_chars) and `chat_template_kwargs`: the arguments of
 ToolEnvironment, so a subclass of it needs no constructor. The object must have `reset` and `step`.
 
 Checks: `env_errors` (config only, at load time), `check_environment` (imports the user tools
@@ -77,6 +77,8 @@ class EnvCfg(Section):
     tool_timeout_s: float = spec(10.0, "> 0")  # one tool call's limit (a call past it is a failed result)
     sandbox: SandboxCfg = field(default_factory=SandboxCfg)  # the python tool's limits
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a user environment class
+    # more chat template variables for every rendering of an episode, e.g. {enable_thinking: false} (Qwen3)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
@@ -102,6 +104,8 @@ def env_errors(cfg: Any) -> list[str]:
             errors.append(f"env.tools={env.tools} is read only with env.kind set (tools, gsm8k_tools or a class)")
         if env.kwargs:
             errors.append(f"env.kwargs={env.kwargs} are read only by a user class (env.kind='package.module:Class')")
+        if env.chat_template_kwargs:
+            errors.append(f"env.chat_template_kwargs={env.chat_template_kwargs} are read only with env.kind set")
         for key in ("format", "system_prompt"):
             if getattr(env, key) is not None:
                 errors.append(f"env.{key}={getattr(env, key)!r} is read only with env.kind set")
@@ -230,8 +234,8 @@ def check_chat_template(cfg: Any, tokenizer: Any) -> None:
 
 
 _PROBE_CALL = "CALL"  # stands for a call's text in the probe turns (cut from the content, as a parsed call's)
-# the model's probe turns: a plain one, and a reasoning model's (Qwen3's template writes an empty <think>
-# block in the last turn only, so a turn without one cannot be extended; a reasoning model writes one)
+# the model's probe turns: a plain one, and a reasoning model's (a template may treat them apart: Qwen3's
+# drops a turn's reasoning once a user message follows it, and its empty <think> block once anything does)
 _PROBE_TURNS = (_PROBE_CALL, f"<think>\nLet me compute.\n</think>\n\n{_PROBE_CALL}")
 
 
@@ -253,7 +257,7 @@ def check_episode_layout(cfg: Any, tokenizer: Any) -> None:
     history = [{"role": "user", "content": "What is 2 + 3?"}]
     history = history if system_prompt is None else [{"role": "system", "content": system_prompt}, *history]
     try:
-        render(tokenizer, history, specs, True)
+        render(tokenizer, history, specs, True, env.chat_template_kwargs)
     except ChatTemplateError as e:
         opening = "a system prompt and a user message" if system_prompt is not None else "a user message"
         reason = f"the model's chat template cannot open an episode with {opening}"
@@ -261,7 +265,7 @@ def check_episode_layout(cfg: Any, tokenizer: Any) -> None:
     with_tools = env.kind in ENV_KINDS or _is_tool_environment(_import(env.kind, "env.kind"))
     probe = _Probe(tokenizer, history, specs, env, tools)
     answer = "tool results" if with_tools else "a user message"
-    problem = probe.problem(answer)
+    problem = probe.problem(answer, every=not with_tools)
     if problem is None:
         return
     reason = f"the model's chat template cannot play an episode whose environment answers with {answer}"
@@ -281,9 +285,10 @@ class _Probe:
     env: EnvCfg
     tools: dict[str, Any]
 
-    def problem(self, answer: str) -> Exception | None:
-        """None if the template extends the episode with `answer` after one of the _PROBE_TURNS, else
-        why not after the first (LayoutError or ChatTemplateError)."""
+    def problem(self, answer: str, every: bool = False) -> Exception | None:
+        """None if the template extends the episode with `answer` after one of the _PROBE_TURNS (every
+        one of them: a user message may follow a turn with or without reasoning), else why not (the
+        first failure: LayoutError or ChatTemplateError)."""
         from minigrpo.chat_template import ChatTemplateError
         from minigrpo.episode_text import LayoutError
 
@@ -291,10 +296,11 @@ class _Probe:
         for text in _PROBE_TURNS:
             try:
                 self.play(text, answer)
-                return None
+                if not every:
+                    return None
             except (LayoutError, ChatTemplateError) as e:
                 problems.append(e)
-        return problems[0]
+        return problems[0] if problems else None
 
     def play(self, text: str, answer: str) -> None:
         """The environment's segment after the model's turn `text` (a call for "tool results", else a reply
@@ -307,7 +313,7 @@ class _Probe:
         if answer == "tool results":
             template = episode_template(self.tokenizer, self.specs)
             assistant, plain, new = _tool_turn(self.env, self.tools, template, text)
-        kwargs = dict(model_text=text, stop_text=None, tools=self.specs)
+        kwargs = dict(model_text=text, stop_text=None, tools=self.specs, variables=self.env.chat_template_kwargs)
         try:
             environment_text(self.tokenizer, self.history, assistant, new, **kwargs)
         except ChatTemplateError:  # as run_episodes: calls the template refuses stay in the text
@@ -360,6 +366,7 @@ def _offered(cfg: Any, tools: dict[str, Any], chat_template: str | None) -> dict
         "system_prompt": episode_system_prompt(cfg),
         "timeout_s": env.tool_timeout_s,
         "max_chars": env.sandbox.max_output_chars,
+        "chat_template_kwargs": dict(env.chat_template_kwargs),
     }
 
 

@@ -10,6 +10,10 @@ once more messages follow (e.g. one that drops the reasoning of turns before the
 when the environment adds a user message) breaks the extension: `LayoutError` says where. We do not
 re-render the past, because the past tokens are what the model was conditioned on; such a template
 needs an environment whose messages do not trigger the change (tool messages do not, for Qwen3).
+One change is no rewrite of the past: a decoration the template writes on the last assistant turn
+only (Qwen3's empty `<think>` block: the tail of its generation prompt with enable_thinking=False, or
+added after a turn written without reasoning) is gone from the turn once messages follow. The row
+keeps what the model saw; the segment is what follows the turn.
 
 Before the difference comes the template's turn closer (what it writes after the assistant's
 content, e.g. "<|im_end|>\\n"), found by rendering the assistant's raw text: when the model ended
@@ -21,8 +25,10 @@ added.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from minigrpo.chat_template import ChatTemplateError
 
 Message = dict[str, Any]
 
@@ -33,10 +39,17 @@ class LayoutError(ValueError):
     """The chat template does not extend the conversation cleanly with the environment's messages."""
 
 
-def render(tokenizer: Any, messages: Sequence[Message], tools: Any, generation_prompt: bool) -> str:
-    """The conversation as the chat template writes it (text, not tokens)."""
+def render(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    tools: Any,
+    generation_prompt: bool,
+    variables: Mapping[str, Any] | None = None,
+) -> str:
+    """The conversation as the chat template writes it (text, not tokens); `variables` are more template
+    variables (the environment's `chat_template_kwargs`, e.g. {"enable_thinking": False})."""
     return tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=generation_prompt, tokenize=False, tools=tools
+        list(messages), add_generation_prompt=generation_prompt, tokenize=False, tools=tools, **(variables or {})
     )
 
 
@@ -53,20 +66,24 @@ def episode_template(tokenizer: Any, tools: Any) -> str | None:
 _PROBE_TEXT = "ok"  # a reply no template rewrites
 
 
-def _turn_closer(tokenizer: Any, history: Sequence[Message], text: str, tools: Any) -> str:
+def _turn_closer(
+    tokenizer: Any, history: Sequence[Message], text: str, tools: Any, variables: Mapping[str, Any] | None
+) -> str:
     """What the template writes after the assistant's content `text` ("" if it cannot be told). A
     template that rewrites the text (Qwen3's re-spaces a `<think>` block the model wrote its own way)
     hides where it ends: the closer after a plain reply is the same."""
-    closer = _closer_after(tokenizer, history, text, tools)
+    closer = _closer_after(tokenizer, history, text, tools, variables)
     if closer is None and text != _PROBE_TEXT:
-        closer = _closer_after(tokenizer, history, _PROBE_TEXT, tools)
+        closer = _closer_after(tokenizer, history, _PROBE_TEXT, tools, variables)
     return closer or ""
 
 
-def _closer_after(tokenizer: Any, history: Sequence[Message], text: str, tools: Any) -> str | None:
+def _closer_after(
+    tokenizer: Any, history: Sequence[Message], text: str, tools: Any, variables: Mapping[str, Any] | None
+) -> str | None:
     """The template's text after the assistant's content `text`; None where `text` is not found in it."""
-    before = render(tokenizer, history, tools, True)
-    after = render(tokenizer, [*history, {"role": "assistant", "content": text}], tools, False)
+    before = render(tokenizer, history, tools, True, variables)
+    after = render(tokenizer, [*history, {"role": "assistant", "content": text}], tools, False, variables)
     if not after.startswith(before):
         return None
     turn = after[len(before) :]  # e.g. "content<|im_end|>\n"
@@ -86,6 +103,7 @@ def environment_text(
     model_text: str,
     stop_text: str | None,
     tools: Any = None,
+    variables: Mapping[str, Any] | None = None,
 ) -> str:
     """The text of the environment's segment after a model turn (see the module docstring).
 
@@ -95,19 +113,68 @@ def environment_text(
         new_messages: the environment's answer.
         model_text: the model's raw text (without its stop token).
         stop_text: the text of the stop token that ended the turn; None: a stop string ended it.
+        variables: more template variables (e.g. {"enable_thinking": False}), as every rendering got.
     Raises:
         LayoutError: the rendering with the new messages does not extend the one without them.
     """
-    closer = _turn_closer(tokenizer, history, model_text, tools)
+    closer = _turn_closer(tokenizer, history, model_text, tools, variables)
     if stop_text is not None:
         closer = closer[len(stop_text) :] if closer.startswith(stop_text) else ""
-    without = render(tokenizer, [*history, assistant], tools, False)
-    with_new = render(tokenizer, [*history, assistant, *new_messages], tools, True)
-    if not with_new.startswith(without):
+    without = render(tokenizer, [*history, assistant], tools, False, variables)
+    with_new = render(tokenizer, [*history, assistant, *new_messages], tools, True, variables)
+    if with_new.startswith(without):
+        return closer + with_new[len(without) :]
+    after = _after_decorated_turn(tokenizer, history, (without, with_new), new_messages, tools, variables)
+    if after is None:
         at = next((i for i, (a, b) in enumerate(zip(without, with_new)) if a != b), len(with_new))
         raise LayoutError(
             "the chat template renders the conversation differently once the environment's messages "
             f"are added (from char {at}: {without[at : at + 40]!r} became {with_new[at : at + 40]!r}); "
             "the episode's tokens cannot extend what the model saw"
         )
-    return closer + with_new[len(without) :]
+    return closer + after
+
+
+def _after_decorated_turn(
+    tokenizer: Any,
+    history: Sequence[Message],
+    assistant_renderings: tuple[str, str],
+    new_messages: Sequence[Message],
+    tools: Any,
+    variables: Mapping[str, Any] | None,
+) -> str | None:
+    """The text after the assistant's turn in the rendering with the new messages, where the template
+    decorates the LAST assistant turn only: Qwen3's writes an empty `<think>\n\n</think>\n\n` there
+    (the tail of its generation prompt with enable_thinking=False, or after a turn without reasoning)
+    and drops it once messages follow. The decoration is what a plain probe turn loses; the model's turn
+    must lose exactly as much, right where it differs. None where the renderings differ otherwise (the
+    past, or the model's own text such as its reasoning, rewritten)."""
+    without, with_new = assistant_renderings
+    past = render(tokenizer, history, tools, False, variables)
+    probe = [*history, {"role": "assistant", "content": _PROBE_TEXT}]
+    try:
+        probe_last = render(tokenizer, probe, tools, False, variables)
+        probe_followed = render(tokenizer, [*probe, *new_messages], tools, True, variables)
+    except ChatTemplateError:
+        return None
+    renderings = (without, with_new, probe_last, probe_followed)
+    if not all(r.startswith(past) for r in renderings):
+        return None
+    turn, rest, probe_last, probe_followed = (r[len(past) :] for r in renderings)
+    width = _dropped_width(probe_last, probe_followed)
+    at = _shared_prefix(turn, rest)
+    if width is None or at + width >= len(turn) or not rest.startswith(turn[at + width :], at):
+        return None
+    return rest[len(turn) - width :]
+
+
+def _shared_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of `a` and `b`."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _dropped_width(last: str, followed: str) -> int | None:
+    """The fewest characters to cut out of `last` where it stops matching `followed` so that the rest of
+    `last` continues in `followed` (`followed` = `last` less a span, then more text); None if none do."""
+    at = _shared_prefix(last, followed)
+    return next((w for w in range(1, len(last) - at) if followed.startswith(last[at + w :], at)), None)

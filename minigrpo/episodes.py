@@ -10,7 +10,9 @@ text)` reads the model's latest turn and returns the next messages (tool results
 observation) and whether the episode is over. `episode.messages` is the conversation before that
 turn and `episode.turns[-1]` the turn itself, where an environment may record what it did (the
 tool calls and results: `ToolEnvironment` does; the assistant message then carries the calls as
-`tool_calls`). An environment may define `tool_specs` (JSON-schema dicts) for the chat template.
+`tool_calls`). An environment may define `tool_specs` (JSON-schema dicts) for the chat template and
+`chat_template_kwargs` (more template variables, e.g. {"enable_thinking": False} for Qwen3: every
+rendering of the episode gets them).
 A template without tool support (minigrpo.tools.renders_tool_calls is False, e.g. SmolLM2's) keeps
 the calls in the assistant's content instead, and ToolEnvironment answers in a user message
 (minigrpo/tools/render.py says why); the tools must then be described in the system prompt. A turn
@@ -212,6 +214,7 @@ class ToolEnvironment:
             `tool_calls`, as SmolLM2's) gets the results in a user message (minigrpo/tools/render.py).
         system_prompt: replaces the rows' system message.
         timeout_s, max_chars: per call (minigrpo.tools.run_tool_calls).
+        chat_template_kwargs: more template variables for every rendering (e.g. {"enable_thinking": False}).
     A malformed call is not an end: its error message is the tool result the model reads next.
     `stats` counts calls and failures over every episode (ToolStats.metrics()).
     """
@@ -225,8 +228,10 @@ class ToolEnvironment:
         system_prompt: str | None = None,
         timeout_s: float | None = 10.0,
         max_chars: int = 4000,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.tools = as_tools(tools)
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.format = format or detect_format(chat_template) or "hermes"
         self.plain = chat_template is not None and not renders_tool_calls(chat_template)
         self.system_prompt = system_prompt
@@ -289,13 +294,14 @@ def run_episodes(
     if len(ids) != len(rows) * G:
         raise ValueError(f"row_ids has {len(ids)} ids for {len(rows) * G} episodes ({len(rows)} rows x n={G})")
     tools = getattr(env, "tool_specs", None)
+    variables = dict(getattr(env, "chat_template_kwargs", None) or {})
     stop_ids = set(params.stop_ids)
     template = episode_template(tokenizer, tools)  # the one `render` uses
     plain = template is not None and not renders_tool_calls(template)  # calls stay in the assistant's text
     episodes = []
     for b, row in enumerate(rows):
         opening = env.reset(row)
-        prompt = tokenizer.encode(render(tokenizer, opening, tools, True), add_special_tokens=False)
+        prompt = tokenizer.encode(render(tokenizer, opening, tools, True, variables), add_special_tokens=False)
         episodes += [Episode(row, ids[b * G + j], list(prompt), [dict(m) for m in opening]) for j in range(G)]
     sample_s = env_s = prefill = reused = 0.0
     calls = 0
@@ -327,7 +333,9 @@ def run_episodes(
                 if n > cap:  # the budget cuts this row's turn: the same tokens as sampling only `cap`
                     toks, logp, stopped = toks[:cap], logp[:cap], False
                 last = turn + 1 == max_turns
-                _take_turn(e, env, tokenizer, tools, toks, logp, stopped, stop_ids, last, max_episode_tokens, plain)
+                _take_turn(
+                    e, env, tokenizer, tools, variables, toks, logp, stopped, stop_ids, last, max_episode_tokens, plain
+                )
             env_s += time.perf_counter() - t1
     if stats is not None:
         stats.update(
@@ -346,6 +354,7 @@ def _take_turn(
     env: Environment,
     tokenizer: Any,
     tools: Any,
+    variables: dict[str, Any],
     toks: list[int],
     logp: list[float],
     stopped: bool,
@@ -373,7 +382,7 @@ def _take_turn(
         e.end = "done" if done else "max_turns"
         return
     stop_text = None if stop_token is None else tokenizer.decode([stop_token], skip_special_tokens=False)
-    kwargs = dict(model_text=text, stop_text=stop_text, tools=tools)
+    kwargs = dict(model_text=text, stop_text=stop_text, tools=tools, variables=variables)
     try:
         env_text = environment_text(tokenizer, history, assistant, new, **kwargs)
     except ChatTemplateError:

@@ -150,7 +150,8 @@ def rollout_prompts(cfg: Any, examples: list[Example], tokenizer: Any) -> tuple[
 
     specs = [t.spec() for t in resolve_tools(cfg.env).values()]
     system = episode_system_prompt(cfg)
-    texts = [render(tokenizer, opening_messages(ex, system), specs, True) for ex in examples]
+    variables = cfg.env.chat_template_kwargs  # e.g. {"enable_thinking": False}: the episodes render with them
+    texts = [render(tokenizer, opening_messages(ex, system), specs, True, variables) for ex in examples]
     return [tokenizer.encode(text, add_special_tokens=False) for text in texts], texts
 
 

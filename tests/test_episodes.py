@@ -410,6 +410,45 @@ def test_mistral_style_calls_get_the_ids_the_template_needs():
     assert re.fullmatch("[A-Za-z0-9]{9}", bad[1].id) and bad[1].id != bad[0].id
 
 
+# Mistral Small 3.x / Magistral / Devstral: each call written as [TOOL_CALLS]name[ARGS]{json}, results without ids
+MISTRAL_NAMED_STYLE = (
+    "<s>{%- if tools %}[AVAILABLE_TOOLS]{{ tools | map(attribute='function.name') | join(',') }}[/AVAILABLE_TOOLS]"
+    "{%- endif %}{%- for m in messages %}"
+    "{%- if m.role == 'user' %}[INST]{{ m.content }}[/INST]"
+    "{%- elif m.role == 'assistant' %}{{ m.content or '' }}"
+    "{%- for tc in m.tool_calls or [] %}{%- set a = tc.function.arguments %}"
+    "{{- '[TOOL_CALLS]' + tc.function.name + '[ARGS]' + (a if a is string else a | tojson) }}"
+    "{%- endfor %}<|im_end|>"
+    "{%- elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]{%- endif %}{%- endfor %}"
+)
+
+
+def test_mistral_named_calls_play_an_episode():
+    """The newer Mistral form: the format is read from the template, two calls in one turn (one malformed)
+    each get a result, the good call leaves the content (the template writes it back), the bad one stays in
+    it; the row is the template's rendering. Before, every such call was 'bad JSON after [TOOL_CALLS]'."""
+    tok = char_tokenizer(MISTRAL_NAMED_STYLE)
+    env = build_environment(_env_cfg(kind="tools", tools=["calculator"]), tok)
+    assert (env.format, env.plain) == ("mistral", False)
+    text = '[TOOL_CALLS]calculator[ARGS]{"expression": "3*4"}[TOOL_CALLS]calculator[ARGS]{"expression": 3*4}'
+    sampler = ScriptedSampler({0: [text, "12"]})
+    params = SamplingParams(max_new_tokens=200, stop_ids=(IM_END,))
+    (e,) = run_episodes(sampler, tok, env, ["3*4?"], params, max_turns=2, max_episode_tokens=600, key=(7,))
+    assert e.end == "done" and [r.ok for r in e.tool_results] == [True, False]
+    assert e.tool_results[0].content == "12" and e.tool_results[1].content.startswith(
+        "error: bad JSON in the arguments of 'calculator' after [ARGS]"
+    )
+    assert e.messages[1]["content"] == '[TOOL_CALLS]calculator[ARGS]{"expression": 3*4}'
+    assert [c["function"] for c in e.messages[1]["tool_calls"]] == [
+        {"name": "calculator", "arguments": {"expression": "3*4"}}
+    ]
+    assert TOK.decode(e.segments[1].token_ids).startswith("[TOOL_RESULTS]12[/TOOL_RESULTS][TOOL_RESULTS]error: bad")
+    whole = tok.apply_chat_template(e.messages, tools=env.tool_specs)
+    row = TOK.decode(e.prompt_ids + e.completion_ids)
+    assert len(row) == len(whole) and row.startswith(whole[: whole.index("[TOOL_CALLS]")])  # calls in their order
+    assert row.endswith(whole[whole.index("[TOOL_RESULTS]") :])
+
+
 def test_a_template_the_episodes_cannot_extend_is_refused_when_the_environment_is_built():
     """Found before any weights load (check_chat_template runs in the run's checks), on one line: a template
     that rewrites earlier turns once more messages follow (LayoutError), and Mistral's with calls forced into
@@ -454,6 +493,85 @@ def test_a_reasoning_template_that_drops_empty_thoughts_is_probed_with_a_thought
     assert build_environment(_env_cfg(kind="tools", tools=["calculator"]), tok).format == "hermes"
     with pytest.warns(ConfigWarning, match="answers with a user message \\(tool messages are fine\\)"):
         check_chat_template(_env_cfg(kind="test_episodes:TalkEnv"), tok)
+
+
+# ----------------------------------------------------------------------------- Qwen3's template
+
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+QWEN3_CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """(ours, transformers') tokenizer of one folder: the character vocabulary with Qwen3's chat template."""
+    from helpers.tok_fixtures import hf_tokenizer
+    from test_chat_template import QWEN3_TEMPLATE
+
+    folder = tmp_path_factory.mktemp("qwen3-chars")
+    char_tokenizer(QWEN3_TEMPLATE).save(folder)
+    return Tokenizer.from_dir(folder), hf_tokenizer(folder)
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_qwen3_tool_episodes_with_and_without_thinking(qwen3, thinking):
+    """Qwen3's template writes an empty <think> block on the last assistant turn only: with
+    enable_thinking=False it ends the generation prompt (the model sees it), and with thinking on it is
+    added to a turn written without reasoning; once the tool results follow, the turn renders without it.
+    The episodes play (before: LayoutError at the first tool result; no way to pass enable_thinking),
+    the calls (two in a turn) run, and each environment segment is exactly what transformers' rendering
+    of the conversation adds after the turn, masked out of the loss. The row is transformers' rendering
+    with the empty block where the model saw it."""
+    tok, hf = qwen3
+    kwargs = {} if thinking else {"enable_thinking": False}
+    two_calls = QWEN3_CALL + "\n" + QWEN3_CALL.replace('"a": 2, "b": 3', '"a": 5, "b": 1')
+    sampler = ScriptedSampler({0: [QWEN3_CALL, two_calls, "It is 5."]})
+    env = ToolEnvironment([add], chat_template=tok.chat_template, chat_template_kwargs=kwargs)
+    params = SamplingParams(max_new_tokens=300, stop_ids=(IM_END,))
+    (e,) = run_episodes(sampler, tok, env, ["2+3?"], params, max_turns=3, max_episode_tokens=900, key=(8,))
+    assert e.end == "done" and [r.content for r in e.tool_results] == ["5", "5", "6"]
+    assert [s.owner for s in e.segments] == [MODEL, ENV, MODEL, ENV, MODEL]
+    opening = hf.apply_chat_template(
+        e.messages[:1], tools=env.tool_specs, add_generation_prompt=True, tokenize=False, **kwargs
+    )
+    assert TOK.decode(e.prompt_ids) == opening and opening.endswith("assistant\n" + ("" if thinking else EMPTY_THINK))
+    header = "<|im_start|>assistant\n" + ("" if thinking else EMPTY_THINK)
+    results = "\n".join(f"<tool_response>\n{r}\n</tool_response>" for r in ["5", "6"])
+    assert TOK.decode(e.segments[3].token_ids) == f"\n<|im_start|>user\n{results}<|im_end|>\n{header}"
+    for seg_at, upto in ((1, 3), (3, 6)):  # each segment ends transformers' rendering up to its tool results
+        after = hf.apply_chat_template(
+            e.messages[:upto], tools=env.tool_specs, add_generation_prompt=True, tokenize=False, **kwargs
+        )
+        seg = TOK.decode(e.segments[seg_at].token_ids)  # "\n" (the rest of the closer) then the new messages
+        assert seg.startswith("\n<|im_start|>user\n<tool_response>") and after.endswith(seg[1:])
+    whole = hf.apply_chat_template(e.messages, tools=env.tool_specs, tokenize=False, **kwargs)
+    plain = whole.replace("<|im_start|>assistant\n" + EMPTY_THINK, "<|im_start|>assistant\n")  # as earlier turns
+    row = TOK.decode(e.prompt_ids + e.completion_ids) + "\n"
+    assert row == plain.replace("<|im_start|>assistant\n", header)
+    rollout = episodes_to_rollout([e], tok, pad_id=0)
+    check_row(rollout, 0, e)
+    trained = TOK.decode(rollout.completion_ids[0][rollout.loss_mask[0].bool()].tolist())
+    assert trained == QWEN3_CALL + "<|im_end|>" + two_calls + "<|im_end|>It is 5.<|im_end|>"  # the model's only
+    cfg = _env_cfg(kind="tools", tools=["calculator"], chat_template_kwargs=kwargs)
+    check_chat_template(cfg, tok)
+    assert build_environment(cfg, tok).chat_template_kwargs == kwargs
+
+
+def test_qwen3_reasoning_dropped_by_a_user_message_is_still_refused(qwen3):
+    """The empty block is a decoration; the model's own reasoning is not: Qwen3's template drops it once a
+    user message follows, which rewrites what the model saw (LayoutError), as before."""
+    tok, _ = qwen3
+    history = [{"role": "user", "content": "hi"}]
+    text = "<think>\nsome thought\n</think>\n\nhello"
+    answer = {"role": "assistant", "content": text}
+    with pytest.raises(LayoutError, match="differently"):
+        environment_text(
+            tok, history, answer, [{"role": "user", "content": "more"}], model_text=text, stop_text="<|im_end|>"
+        )
+    plain = environment_text(
+        tok, history, {"role": "assistant", "content": "hello"}, [{"role": "user", "content": "more"}],
+        model_text="hello", stop_text="<|im_end|>",
+    )  # fmt: skip
+    assert plain == "\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n"
 
 
 # ----------------------------------------------------------------------------- the tiny model
@@ -554,3 +672,19 @@ def test_losses_ignore_the_environments_tokens(loss_type, variant):
     assert torch.isfinite(loss_b) and abs(float(loss_a - loss_b)) < 1e-6
     assert torch.allclose(grad_a, grad_b, atol=1e-7) and (grad_b[~mask.bool()] == 0).all()
     assert grad_a[mask.bool()].abs().sum() > 0
+
+
+def test_chat_template_kwargs_are_read_only_with_an_environment():
+    """env.chat_template_kwargs reaches the environment (every rendering of its episodes), and is refused,
+    naming the key, where no environment would read it."""
+    from minigrpo.config import load_config
+
+    cfg = load_config(
+        None, ["env.kind=tools", "env.tools=[calculator]", "env.chat_template_kwargs={enable_thinking: false}"]
+    )
+    assert build_environment(cfg, TOK).chat_template_kwargs == {"enable_thinking": False}
+    with pytest.raises(
+        ConfigError,
+        match=re.escape("env.chat_template_kwargs={'enable_thinking': False} are read only with env.kind set"),
+    ):
+        load_config(None, ["env.chat_template_kwargs={enable_thinking: false}"])

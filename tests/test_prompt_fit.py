@@ -207,3 +207,27 @@ def test_a_tool_environment_measures_the_episodes_opening_prompts():
     cfg.data.max_prompt_tokens = None
     with pytest.raises(UserError, match=r"^the longest prompt has 56 tokens and env.max_episode_tokens=50: 106"):
         prompts_that_fit(cfg, examples, ToolChars(), max_positions=90)
+
+
+def test_a_tool_environment_measures_its_openings_with_the_template_variables():
+    """env.chat_template_kwargs reach the template when the openings are measured, as they do when the
+    episodes render them: Qwen3 with enable_thinking false ends its opening in an empty think block."""
+
+    class ThinkChars:  # one token per character; enable_thinking=False adds the empty block
+        chat_template = "(a template)"
+
+        def apply_chat_template(self, messages, *, add_generation_prompt=False, tokenize=False, tools=None, **kw):
+            turns = "".join(f"[{m['role']}]{m['content']}" for m in messages)
+            closing = "<think></think>" if kw.get("enable_thinking", True) is False else ""
+            return turns + ("[assistant]" + closing if add_generation_prompt else "")
+
+        def encode(self, text, add_special_tokens=True):
+            return list(text)
+
+    from minigrpo.prompt_fit import rollout_prompts
+
+    cfg = Config()
+    cfg.env.kind, cfg.env.tools, cfg.env.system_prompt = "tools", ["calculator"], "S"
+    cfg.env.chat_template_kwargs = {"enable_thinking": False}
+    ids, texts = rollout_prompts(cfg, [Example(prompt="q", answer="")], ThinkChars())
+    assert texts == ["[system]S[user]q[assistant]<think></think>"] and len(ids[0]) == len(texts[0])

@@ -12,9 +12,10 @@ Formats (a registry keyed by name; `register_format` adds one):
   `{"name": ..., "parameters": {...}}` (several may follow each other, separated by ';'), optionally after
   `<|python_tag|>`, and optionally with `"type": "function"` (the OpenAI layout of a call). A message that is
   not such an object is plain text: no calls.
-- "mistral" (Mistral-7B-Instruct-v0.3 and later): `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`;
-  each call gets an `id` of 9 letters and digits, which Mistral's template requires of every call and
-  of the tool message answering it (`tool_call_id`).
+- "mistral" (Mistral-7B-Instruct-v0.3 and later): `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`,
+  or the newer `[TOOL_CALLS]name[ARGS]{...}` (Mistral Small 3.x, Magistral, Devstral; `[CALL_ID]id` may come
+  before `[ARGS]`); each call gets an `id` of 9 letters and digits, which Mistral's template requires of
+  every call and of the tool message answering it (`tool_call_id`).
 
 JSON escapes of lone surrogates ("\\ud83d" without its pair) become U+FFFD in every string parsed:
 no text a call gives the tools or the error messages can fail to encode as UTF-8.
@@ -277,34 +278,60 @@ _MISTRAL_ID = re.compile(r"[A-Za-z0-9]{9}")
 
 
 def parse_mistral(text: str) -> list[ToolCall | ToolCallError]:
-    """The calls after each `[TOOL_CALLS]` of `text` (Mistral format): a JSON array of
-    {"name": ..., "arguments": {...}} objects (or one object). Mistral's template needs every call to
-    have an id of 9 letters and digits (its results name it): the model's own where it wrote a valid
-    one, else one made from the text and the call's place, the same on every run."""
+    """The calls after each `[TOOL_CALLS]` of `text` (Mistral formats): a JSON array of
+    {"name": ..., "arguments": {...}} objects (or one object), or the newer `name[ARGS]{...}` (Mistral
+    Small 3.x, Magistral, Devstral; optionally `name[CALL_ID]id[ARGS]{...}`, and several in a row). Mistral's
+    templates need every call to have an id of 9 letters and digits (its results name it): the model's own
+    where it wrote a valid one, else one made from the text and the call's place, the same on every run."""
     found: list[tuple[ToolCall | ToolCallError, Any]] = []  # (call, the "id" the model wrote)
     at = text.find(_MISTRAL_TAG)
     while at >= 0:
         start = len(text) - len(text[at + len(_MISTRAL_TAG) :].lstrip())
-        try:
-            value, end = _DECODER.raw_decode(text, start)
-        except (ValueError, RecursionError) as e:
-            end = text.find(_MISTRAL_TAG, start)
-            end = len(text) if end < 0 else end  # the error's text: up to the next tag
-            found.append((ToolCallError(_bad_json(e, f" after {_MISTRAL_TAG}"), text[at:end]), None))
-        else:
-            raw = text[at:end]  # the whole block: its calls are cut from the assistant's content together
-            items = value if isinstance(value, list) else [value]
-            found += [
-                (_call_from_object(item, raw, ("arguments", "parameters"), ("id",)), _id_of(item)) for item in items
-            ]
-            if not items:
-                found.append((ToolCallError(f"an empty list of calls after {_MISTRAL_TAG}", raw), None))
-        at = text.find(_MISTRAL_TAG, end)
+        named = None if text.startswith(("[", "{"), start) else _MISTRAL_NAMED.match(text, start)
+        block, end = (_mistral_named_calls if named else _mistral_json_calls)(text, at, start)
+        found, at = found + block, text.find(_MISTRAL_TAG, end)
     return [dataclasses.replace(c, id=_mistral_id(given, text, i)) for i, (c, given) in enumerate(found)]
 
 
-def _id_of(item: Any) -> Any:
-    return item.get("id") if isinstance(item, dict) else None
+def _mistral_json_calls(text: str, at: int, start: int) -> tuple[list[tuple[ToolCall | ToolCallError, Any]], int]:
+    """(calls, end) of the block `[TOOL_CALLS] [{...}, ...]` at `at` whose JSON starts at `start`."""
+    try:
+        value, end = _DECODER.raw_decode(text, start)
+    except (ValueError, RecursionError) as e:
+        end = text.find(_MISTRAL_TAG, start)
+        end = len(text) if end < 0 else end  # the error's text: up to the next tag
+        expected = "" if text.startswith(("[", "{"), start) else " (a JSON array of calls or name[ARGS]{...})"
+        return [(ToolCallError(_bad_json(e, f" after {_MISTRAL_TAG}") + expected, text[at:end]), None)], end
+    raw = text[at:end]  # the whole block: its calls are cut from the assistant's content together
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        return [(ToolCallError(f"an empty list of calls after {_MISTRAL_TAG}", raw), None)], end
+    keys, given = ("arguments", "parameters"), [item.get("id") if isinstance(item, dict) else None for item in items]
+    return [(_call_from_object(item, raw, keys, ("id",)), id_) for item, id_ in zip(items, given)], end
+
+
+# a call of the newer form: the name, optionally [CALL_ID] and an id, then [ARGS] and the arguments' JSON
+_MISTRAL_NAMED = re.compile(r"\s*([^\s\[\]{}\\\"]+)(?:\[CALL_ID\]([^\[\]\s]*))?\[ARGS\]")
+
+
+def _mistral_named_calls(text: str, at: int, start: int) -> tuple[list[tuple[ToolCall | ToolCallError, Any]], int]:
+    """(calls, end) of `[TOOL_CALLS]name[ARGS]{...}` at `at` (the name at `start`), with the calls that
+    follow it directly without a tag of their own. Each call's text is its own (the first one's with the tag)."""
+    calls: list[tuple[ToolCall | ToolCallError, Any]] = []
+    begin, m = at, _MISTRAL_NAMED.match(text, start)
+    while m is not None:
+        name, given = valid_text(m.group(1)), m.group(2)
+        args_at = len(text) - len(text[m.end() :].lstrip())
+        try:
+            value, end = _DECODER.raw_decode(text, args_at)
+        except (ValueError, RecursionError) as e:
+            end = text.find(_MISTRAL_TAG, m.end())
+            end = len(text) if end < 0 else end  # the error's text: up to the next tag
+            where = f" in the arguments of {name!r} after [ARGS]"
+            return [*calls, (ToolCallError(_bad_json(e, where), text[begin:end], name), given)], end
+        call = _call_from_object({"name": name, "arguments": value}, text[begin:end], ("arguments",))
+        calls, begin, m = [*calls, (call, given)], end, _MISTRAL_NAMED.match(text, end)
+    return calls, begin
 
 
 def _mistral_id(given: Any, text: str, index: int) -> str:
