@@ -66,8 +66,9 @@ def save_gguf(
     """Write `model` (LoRA adapters merged) and `tokenizer` as one GGUF file of export type `quant`.
 
     `name` is general.name (default: the file name without its suffixes). Returns the path written.
-    A model or tokenizer the format cannot describe raises GGUFExportError (a UserError) before
-    anything is written.
+    A model or tokenizer the format cannot describe, or a `path` no file can be written at (a folder, a
+    missing or unwritable folder), raises GGUFExportError (a UserError) before anything is quantized
+    or written; an existing file is replaced whole, once the new one is complete.
     """
     import gguf
 
@@ -77,6 +78,10 @@ def save_gguf(
     args = model.args
     arch = check_exportable(args)
     vocab = tokenizer_vocab(tokenizer, args.vocab_size)
+    path = Path(path)
+    problem = output_problem(path)  # before any tensor is quantized, not an OSError naming a temporary file
+    if problem is not None:
+        raise GGUFExportError(f"cannot write the GGUF file: {problem}")
     has_output = not args.tie_word_embeddings
     # (GGUF name, shape, make the fp32 tensor): rope scaling tensors first, then the model's own
     entries: list[tuple[str, tuple[int, ...], Any]] = [
@@ -91,7 +96,6 @@ def save_gguf(
         for name, shape, _ in entries
     }
 
-    path = Path(path)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_type("model")
@@ -141,16 +145,23 @@ def default_output(checkpoint: str, quant: str) -> Path:
     return Path(f"{stem}.{quant}.gguf")
 
 
-def check_output(out: Path) -> None:
-    """A UserError unless `out` names a file that can be created in an existing, writable folder."""
+def output_problem(out: Path) -> str | None:
+    """Why no GGUF file can be written at `out` (a folder, a missing or unwritable folder), naming it;
+    None when a file can be created there (an existing file is replaced whole)."""
     if out.is_dir():
-        raise UserError(f"--out {out} is a folder; name a file, e.g. {out / 'model.gguf'}")
+        return f"{out} is a folder; name a file, e.g. {out / 'model.gguf'}"
     folder = out.resolve().parent
     if not folder.is_dir():
-        raise UserError(f"--out {out}: {missing_folder_error(folder)}")
+        return f"{out}: {missing_folder_error(folder)}"
     problem = write_probe_error(folder)
+    return None if problem is None else f"{out}: cannot write in {folder} ({problem})"
+
+
+def check_output(out: Path) -> None:
+    """A UserError unless `out` names a file that can be created in an existing, writable folder."""
+    problem = output_problem(out)
     if problem is not None:
-        raise UserError(f"--out {out}: cannot write in {folder} ({problem})")
+        raise UserError(f"--out {problem}")
 
 
 def _adapter_base(checkpoint: Path) -> tuple[str, str | None]:

@@ -489,6 +489,97 @@ def test_gguf_errors_are_user_errors(tmp_path):
     assert str(info.value).startswith(f"{bad}: not a readable GGUF file") and "\n" not in str(info.value)
 
 
+def bare_tokenizer(pre: str = "gpt2", **keys):
+    """A tokenizer writer for `write_gguf`: byte-level vocab of 256 byte tokens + <s>, </s> (ids 256,
+    257), no merges, and `keys` (tokenizer.ggml.<key>: int -> u32, bool -> bool, list -> int32 array)."""
+    from tokenizers import pre_tokenizers
+
+    def write(w):
+        tokens = [*sorted(pre_tokenizers.ByteLevel.alphabet()), "<s>", "</s>"]
+        tokens += [f"[PAD{i}]" for i in range(len(tokens), VOCAB)]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_merges([])
+        for key, value in keys.items():
+            if isinstance(value, bool):
+                w.add_bool(f"tokenizer.ggml.{key}", value)
+            elif isinstance(value, list):
+                w.add_array(f"tokenizer.ggml.{key}", value)
+            else:
+                w.add_uint32(f"tokenizer.ggml.{key}", value)
+
+    return write
+
+
+OUTSIDE = f"is outside the vocabulary of {VOCAB} tokens"
+
+
+@pytest.mark.parametrize(
+    ("keys", "problem"),
+    [
+        # a stop id past the vocabulary: once a ValueError naming no file ("stop ids [...] are outside")
+        ({"eos_token_id": 257, "eot_token_id": 70000}, f"tokenizer.ggml.eot_token_id = 70000 {OUTSIDE}"),
+        ({"eom_token_id": VOCAB}, f"tokenizer.ggml.eom_token_id = {VOCAB} {OUTSIDE}"),
+        # asked to add a BOS/EOS it does not name: once a ValueError naming no file
+        (
+            {"add_bos_token": True},
+            "tokenizer.ggml.add_bos_token is true but the file has no tokenizer.ggml.bos_token_id",
+        ),
+        (
+            {"add_eos_token": True},
+            "tokenizer.ggml.add_eos_token is true but the file has no tokenizer.ggml.eos_token_id",
+        ),
+        # more token types than tokens: once an IndexError
+        ({"token_type": [1] * (VOCAB + 3)}, f"tokenizer.ggml.token_type has {VOCAB + 3} entries for {VOCAB} tokens"),
+    ],
+)
+def test_inconsistent_tokenizer_metadata_is_one_line_naming_the_file(tmp_path, keys, problem):
+    path = write_gguf(
+        tmp_path / "tok.gguf", "llama", {"token_embd.weight": rand(VOCAB, HIDDEN)}, tokenizer=bare_tokenizer(**keys)
+    )
+    with pytest.raises(GGUFError) as info:
+        GGUFCheckpoint(path).tokenizer()
+    assert str(info.value) == f"{path}: {problem}"
+
+
+def test_a_llama_bpe_vocabulary_without_bos_adds_none(tmp_path):
+    """`llama-bpe` files add BOS by default; one that names no BOS token (and says nothing about adding it)
+    loads without adding one, as llama.cpp has nothing to add, instead of failing."""
+    write = bare_tokenizer("llama-bpe", eos_token_id=257)
+    path = write_gguf(tmp_path / "l3.gguf", "llama", {"token_embd.weight": rand(VOCAB, HIDDEN)}, tokenizer=write)
+    tok = GGUFCheckpoint(path).tokenizer()
+    assert not tok.add_bos_token and tok.encode("a") == [tok.token_to_id("a")]
+
+
+def test_corrupt_tokenizer_strings_are_one_line_naming_the_file(tmp_path):
+    """A token that is not UTF-8 (once a UnicodeDecodeError) and a merge without its space (once
+    tokenizers' many-line message naming no file): one line naming the file and the key."""
+    tensors = {"token_embd.weight": rand(VOCAB, HIDDEN)}
+    good = write_gguf(tmp_path / "good.gguf", "llama", tensors, tokenizer=("gpt2", "llama-bpe")).read_bytes()
+    for name, old, new, problem in (
+        (
+            "utf8.gguf",
+            b"\x05\0\0\0\0\0\0\0hello",
+            b"\x05\0\0\0\0\0\0\0\xc3ello",
+            "'tokenizer.ggml.tokens' holds a string that is not UTF-8",
+        ),
+        (
+            "merge.gguf",
+            "Ġ c".encode(),
+            "Ġxc".encode(),
+            "tokenizer.ggml.merges[3] = 'Ġxc' is not two tokens and a space",
+        ),
+    ):
+        assert good.count(old) == 1
+        path = tmp_path / name
+        path.write_bytes(good.replace(old, new))
+        with pytest.raises(GGUFError) as info:
+            load_pretrained(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: ") and problem in message and "\n" not in message, message
+
+
 def _gguf_bytes(version: int, tensors: int, metadata: int, *, byte_order: str = "<", rest: bytes = b"") -> bytes:
     return b"GGUF" + struct.pack(f"{byte_order}IQQ", version, tensors, metadata) + rest
 

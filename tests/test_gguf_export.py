@@ -209,6 +209,57 @@ def test_transformers_reads_our_files(tmp_path, tok, family, quant, monkeypatch)
     assert err < 1e-5, err
 
 
+# ---- where the file goes ---------------------------------------------------------------------------------
+
+
+def test_an_output_no_file_can_be_written_at_is_refused_before_quantizing(tmp_path, tok, monkeypatch):
+    """save_gguf to a missing folder, a folder, or a folder it cannot write in: one GGUFExportError naming
+    the path, before any tensor is quantized (once: an OSError naming a hidden temporary file, or, for a
+    folder, an IsADirectoryError after the whole file was quantized and written)."""
+    model = family_model("llama")
+    monkeypatch.setattr(export, "encode_tensor", lambda w, qtype: pytest.fail("a tensor was quantized"))
+    missing, folder = tmp_path / "missing" / "m.gguf", tmp_path / "out"
+    folder.mkdir()
+    cases = [
+        (missing, f"{missing}: the folder {missing.parent} does not exist"),
+        (folder, f"{folder} is a folder; name a file, e.g. {folder / 'model.gguf'}"),
+    ]
+    for path, problem in cases:
+        with pytest.raises(GGUFExportError) as info:
+            export.save_gguf(model, tok, path, "q4_k_m")
+        assert str(info.value) == f"cannot write the GGUF file: {problem}"
+    monkeypatch.setattr(export, "write_probe_error", lambda folder: "Read-only file system")
+    with pytest.raises(GGUFExportError) as info:
+        export.save_gguf(model, tok, tmp_path / "r.gguf", "q8_0")
+    assert (
+        str(info.value)
+        == f"cannot write the GGUF file: {tmp_path / 'r.gguf'}: cannot write in {tmp_path} (Read-only file system)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not list(folder.iterdir())
+
+
+def test_an_existing_file_is_replaced_whole(tmp_path, tok, monkeypatch):
+    """An existing (even read-only) file is replaced by the complete new file; an export that fails half
+    way leaves the old file as it was and no temporary file behind."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"old")
+    path.chmod(0o444)
+    model = family_model("qwen2")
+    export.save_gguf(model, tok, path, "f16")
+    back, _ = load_pretrained(path)
+    with torch.no_grad():
+        assert rel_err(back(IDS), model(IDS)) < TOL["f16"]
+    good = path.read_bytes()
+
+    def broken(w, qtype):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "encode_tensor", broken)
+    with pytest.raises(OSError, match="No space left on device"):
+        export.save_gguf(model, tok, path, "q8_0")
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
 # ---- tokenizer and chat template ------------------------------------------------------------------------
 
 
@@ -292,6 +343,32 @@ def test_rope_scaling_round_trips(tmp_path, tok, family, scaling):
     assert ckpt.config["rope_scaling"] == scaling
     back, _ = load_pretrained(ckpt.path)
     ids = torch.randint(0, 264, (1, 80), generator=torch.Generator().manual_seed(2))  # past 64: long factors
+    with torch.no_grad():
+        assert rel_err(back(ids), model(ids)) < TOL["f16"]
+
+
+@pytest.mark.parametrize(("low", "high", "original"), [(1.0, 4.0, 64), (2.0, 8.0, 128)])
+def test_llama3_rope_scaling_of_any_ramp_round_trips(tmp_path, tok, low, high, original):
+    """Llama-3 scaling with another ramp than the published 1 / 4 / 8192: the file holds transformers'
+    frequencies as llama.cpp's divisors, and our reader loads it back (once: "rope_freqs does not match
+    Llama-3 rope scaling", a file save_gguf wrote that load_pretrained refused). Only the ratios of
+    low, high and original matter, so the ramp comes back with low 1."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": low, "high_freq_factor": high}
+    scaling["original_max_position_embeddings"] = original
+    model = family_model("llama", rope_scaling=scaling, rope_theta=500000.0)
+    ckpt = GGUFCheckpoint(export.save_gguf(model, tok, tmp_path / "l3.gguf", "f16"))
+    hf_config = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_parameters={**scaling, "rope_theta": 5e5})
+    hf_inv_freq = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")[0].double()  # (32,)
+    default = 500000.0 ** -(torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    stored = next(t.data for t in ckpt._reader.tensors if t.name == "rope_freqs.weight")
+    assert np.allclose(stored, (default / hf_inv_freq).numpy(), rtol=1e-5, atol=0)
+    ramp = {"low_freq_factor": 1.0, "high_freq_factor": high / low, "original_max_position_embeddings": original / low}
+    assert ckpt.config["rope_scaling"] == {**scaling, **ramp}
+    back, _ = load_pretrained(ckpt.path)
+    ids = torch.randint(0, 264, (1, 200), generator=torch.Generator().manual_seed(2))  # past `original`
     with torch.no_grad():
         assert rel_err(back(ids), model(ids)) < TOL["f16"]
 
@@ -419,17 +496,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert "only byte-level BPE" in one_error_line(proc)
 
 
-def test_a_yarn_factor_left_out_is_written_as_the_model_computes_it(tmp_path, tok):
-    """A yarn config without `factor` scales by max_position_embeddings / original (as transformers and
-    our model do): the file carries that factor (the export once failed on it with a KeyError)."""
-    model = family_model("qwen2", rope_scaling={"rope_type": "yarn", "original_max_position_embeddings": 16})
-    ratio = model.args.max_position_embeddings / 16
-    ckpt = GGUFCheckpoint(export.save_gguf(model, tok, tmp_path / "y.gguf", "f16"))
-    assert ckpt.get("qwen2.rope.scaling.factor") == pytest.approx(ratio)
-    back, _ = load_pretrained(ckpt.path)
-    ids = torch.randint(0, 264, (1, 40), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert rel_err(back(ids), model(ids)) < TOL["f16"]
+def test_a_yarn_config_without_factor_is_refused_before_any_export(tmp_path, tok):
+    """transformers 5.25 refuses a yarn config without `factor` (KeyError: a required key); so does the
+    model, in one line, before anything could be exported (an export once failed on it with a KeyError)."""
+    from minigrpo.models.args import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match=r"rope scaling type 'yarn' needs \['factor'\]") as info:
+        family_model("qwen2", rope_scaling={"rope_type": "yarn", "original_max_position_embeddings": 16})
+    assert "\n" not in str(info.value)
 
 
 def test_dynamic_rope_scaling_is_refused_before_writing(tmp_path, tok):

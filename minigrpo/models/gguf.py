@@ -164,7 +164,10 @@ class GGUFCheckpoint:
         field = self._reader.get_field(key)
         if field is None:
             return default
-        value = field.contents()
+        try:
+            value = field.contents()
+        except UnicodeDecodeError as e:  # a string of the file that is not UTF-8: a corrupt file
+            raise GGUFError(f"{self.path}: metadata key {key!r} holds a string that is not UTF-8 ({e.reason})") from e
         if field.types == [gguf.GGUFValueType.FLOAT32]:
             value = float(str(np.float32(value)))  # 9.99999975e-06 -> 1e-05, as the HF config had it
         return value
@@ -283,27 +286,29 @@ class GGUFCheckpoint:
         return scaling
 
     def _llama3_scaling(self, divisors: np.ndarray, head_dim: int) -> dict[str, Any]:
-        """Recover Llama-3.1 rope scaling from llama.cpp's per-frequency divisors.
+        """Recover Llama-3.1 rope scaling from llama.cpp's per-frequency divisors (R/2,).
 
-        Every published Llama-3.x uses low_freq_factor 1, high_freq_factor 4 and an original context
-        of 8192; only `factor` (the largest divisor) varies. The recovered parameters must reproduce
-        the stored divisors, so an unknown variant is an error rather than a silently wrong model.
+        `factor` is the largest divisor (that of the long waves). Every published Llama-3.x uses
+        low_freq_factor 1, high_freq_factor 4 and an original context of 8192; other ramps (any file
+        save_gguf writes from such a config) are fitted from the divisors between 1 and `factor`: their
+        ramp is linear in 1/wavelength, and only the ratios of the three numbers matter, so low is 1.
+        The parameters found must reproduce the stored divisors, so an unknown variant is an error
+        rather than a silently wrong model.
         """
         theta = float(self._arch("rope.freq_base", 10000.0))
-        factor, low, high, original = float(divisors.max()), 1.0, 4.0, 8192
-        inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-        wavelen = 2 * math.pi / inv_freq
-        smooth = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
-        expected = 1.0 / ((1 - smooth) / factor + smooth)
-        if divisors.shape != expected.shape or not np.allclose(divisors, expected, rtol=1e-4):
-            raise GGUFError(f"{self.path}: rope_freqs does not match Llama-3 rope scaling")
-        return {
-            "rope_type": "llama3",
-            "factor": factor,
-            "low_freq_factor": low,
-            "high_freq_factor": high,
-            "original_max_position_embeddings": original,
-        }
+        inv_wavelen = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim) / (2 * math.pi)  # (R/2,)
+        factor = float(divisors.max())
+        for low, high, original in ((1.0, 4.0, 8192), _fit_llama3_ramp(divisors, inv_wavelen, factor)):
+            expected = _llama3_divisors(inv_wavelen, factor, low, high, original)
+            if original > 0 and divisors.shape == expected.shape and np.allclose(divisors, expected, rtol=1e-4):
+                return {
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low,
+                    "high_freq_factor": high,
+                    "original_max_position_embeddings": original,
+                }
+        raise GGUFError(f"{self.path}: rope_freqs does not match Llama-3 rope scaling")
 
     def _read_small(self, t: Any) -> np.ndarray:
         from gguf.quants import dequantize
@@ -383,6 +388,29 @@ def _native(data: np.ndarray) -> np.ndarray:
     if data.dtype.isnative:
         return data
     return data.astype(data.dtype.newbyteorder("="))
+
+
+def _llama3_divisors(inv_wavelen: np.ndarray, factor: float, low: float, high: float, original: float) -> np.ndarray:
+    """Llama-3.1's per-frequency divisors: `factor` for long waves, 1 for short ones, blended between."""
+    smooth = np.clip((original * inv_wavelen - low) / (high - low), 0.0, 1.0)  # (R/2,)
+    return 1.0 / ((1 - smooth) / factor + smooth)
+
+
+def _fit_llama3_ramp(divisors: np.ndarray, inv_wavelen: np.ndarray, factor: float) -> tuple[float, float, float]:
+    """(low 1, high, original) whose ramp gives the divisors strictly between 1 and `factor`: there the
+    blend s = (1/d - 1/factor) / (1 - 1/factor) equals (original / wavelen - low) / (high - low), a line
+    in 1/wavelen fitted by least squares. (1, 4, 0), which reproduces nothing, when fewer than two
+    divisors lie on the ramp."""
+    ramp = (divisors > 1 + 1e-4) & (divisors < factor * (1 - 1e-4))
+    if ramp.sum() < 2 or factor <= 1:
+        return 1.0, 4.0, 0
+    blend = (1 / divisors[ramp] - 1 / factor) / (1 - 1 / factor)  # (n,)
+    slope, minus_offset = np.linalg.lstsq(np.stack([inv_wavelen[ramp], -np.ones(ramp.sum())], 1), blend, rcond=None)[0]
+    if slope <= 0 or minus_offset <= 0:  # low / (high - low) > 0 and original / (high - low) > 0
+        return 1.0, 4.0, 0
+    high = float(f"{1 + 1 / minus_offset:.6g}")
+    original = slope * (high - 1)  # a whole number unless low was not a divisor of the original ramp
+    return 1.0, high, round(original) if abs(original - round(original)) < 1e-3 else float(f"{original:.6g}")
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

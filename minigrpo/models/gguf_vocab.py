@@ -80,7 +80,13 @@ def _token_ids(ckpt: GGUFCheckpoint, tokens: list[str]) -> dict[str, int]:
 def _listed_merges(ckpt: GGUFCheckpoint) -> list[tuple[str, str]] | None:
     """`tokenizer.ggml.merges` as pairs, or None when the file lists none."""
     merges = ckpt.get("tokenizer.ggml.merges")
-    return None if merges is None else [tuple(m.split(" ", 1)) for m in merges]
+    if merges is None:
+        return None
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    bad = next((i for i, pair in enumerate(pairs) if len(pair) != 2 or not all(pair)), None)
+    if bad is not None:  # tokenizers would fail on it with a many-line message naming no file
+        raise GGUFError(f"{ckpt.path}: tokenizer.ggml.merges[{bad}] = {merges[bad]!r} is not two tokens and a space")
+    return pairs
 
 
 def _bpe(ckpt: GGUFCheckpoint, vocab: dict[str, int], merges: list[tuple[str, str]], **options: Any) -> Any:
@@ -90,7 +96,8 @@ def _bpe(ckpt: GGUFCheckpoint, vocab: dict[str, int], merges: list[tuple[str, st
     try:
         return models.BPE(vocab=vocab, merges=merges, **options)
     except Exception as e:  # tokenizers raises a bare Exception for merges outside the vocab
-        raise GGUFError(f"{ckpt.path}: inconsistent tokenizer vocab/merges: {e}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GGUFError(f"{ckpt.path}: inconsistent tokenizer vocab/merges: {reason}") from e
 
 
 def _byte_level_backend(ckpt: GGUFCheckpoint, vocab: dict[str, int]) -> Any:
@@ -177,37 +184,57 @@ def _wrap_tokenizer(ckpt: GGUFCheckpoint, tk: Any, tokens: list[str], add_bos_de
     from tokenizers import AddedToken
 
     types: list[int] = ckpt.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise GGUFError(f"{ckpt.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     special = [i for i, ty in enumerate(types) if ty in (_TOKEN_CONTROL, _TOKEN_UNKNOWN)]
     tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
     user = [i for i, ty in enumerate(types) if ty == _TOKEN_USER_DEFINED]
     tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
 
-    def token(key: str) -> str | None:
-        tid = ckpt.get(f"tokenizer.ggml.{key}")
-        if tid is None:
-            return None
-        if not 0 <= tid < len(tokens):
-            raise GGUFError(f"{ckpt.path}: tokenizer.ggml.{key} = {tid} is outside the vocabulary")
-        return tokens[tid]
-
-    stop_ids = [ckpt.get(f"tokenizer.ggml.{k}") for k in ("eot_token_id", "eom_token_id")]
-    stop_ids += [i for i in special if tokens[i] in _END_TOKENS]
+    ids = {key: _token_id(ckpt, key, len(tokens)) for key in _ID_KEYS}
+    names = {key: None if tid is None else tokens[tid] for key, tid in ids.items()}
+    stop_ids = [ids["eot_token_id"], ids["eom_token_id"]] + [i for i in special if tokens[i] in _END_TOKENS]
     templates = {"default": ckpt.get("tokenizer.chat_template")}
     for name in ckpt.get("tokenizer.chat_templates") or []:
         templates[name] = ckpt.get(f"tokenizer.chat_template.{name}")
     templates = {k: v for k, v in templates.items() if v is not None}
     return Tokenizer(
         tk,
-        bos_token=token("bos_token_id"),
-        eos_token=token("eos_token_id"),
-        pad_token=token("padding_token_id"),
-        unk_token=token("unknown_token_id"),
+        bos_token=names["bos_token_id"],
+        eos_token=names["eos_token_id"],
+        pad_token=names["padding_token_id"],
+        unk_token=names["unknown_token_id"],
         chat_template=templates or None,
-        add_bos_token=bool(ckpt.get("tokenizer.ggml.add_bos_token", add_bos_default)),
-        add_eos_token=bool(ckpt.get("tokenizer.ggml.add_eos_token", False)),
+        add_bos_token=_add_flag(ckpt, "bos", ids["bos_token_id"], add_bos_default),
+        add_eos_token=_add_flag(ckpt, "eos", ids["eos_token_id"], False),
         extra_stop_ids=[i for i in stop_ids if i is not None],
         model_max_length=ckpt.get(f"{ckpt.architecture}.context_length"),
     )
+
+
+_ID_KEYS = ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id", "eot_token_id", "eom_token_id")
+
+
+def _token_id(ckpt: GGUFCheckpoint, key: str, n_tokens: int) -> int | None:
+    """`tokenizer.ggml.{key}`, an id inside the vocabulary, or None when the file has none."""
+    tid = ckpt.get(f"tokenizer.ggml.{key}")
+    if tid is None:
+        return None
+    if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < n_tokens:
+        raise GGUFError(f"{ckpt.path}: tokenizer.ggml.{key} = {tid!r} is outside the vocabulary of {n_tokens} tokens")
+    return tid
+
+
+def _add_flag(ckpt: GGUFCheckpoint, which: str, token_id: int | None, default: bool) -> bool:
+    """`tokenizer.ggml.add_{which}_token` (else `default`); a file that asks for a BOS/EOS token it does not
+    name is an error, a default with no such token is off."""
+    key = f"tokenizer.ggml.add_{which}_token"
+    flag = ckpt.get(key)
+    if flag is None:
+        return default and token_id is not None
+    if flag and token_id is None:
+        raise GGUFError(f"{ckpt.path}: {key} is true but the file has no tokenizer.ggml.{which}_token_id")
+    return bool(flag)
 
 
 def _merges_from_scores(tokens: list[str], vocab: dict[str, int], scores: list[float]) -> list[tuple[str, str]]:
