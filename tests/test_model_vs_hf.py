@@ -74,6 +74,13 @@ CASES = {
         rope_theta=1e6,
         rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=16),
     ),
+    # a null factor is max_position_embeddings / original (transformers warns and computes it)
+    "qwen2-yarn-null-factor": dict(
+        model_type="qwen2",
+        rope_theta=1e6,
+        max_position_embeddings=64,
+        rope_scaling=dict(type="yarn", factor=None, original_max_position_embeddings=16),
+    ),
     "qwen3": dict(model_type="qwen3", rope_theta=1e6, head_dim=24, tie_word_embeddings=True),
     # dynamic NTK: the 12-token forwards pass max_position_embeddings (8), the 6-token one does not
     "llama-dynamic": dict(model_type="llama", max_position_embeddings=8, rope_scaling=dict(type="dynamic", factor=1.7)),

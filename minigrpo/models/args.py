@@ -382,7 +382,8 @@ def _read_rope(config: dict[str, Any], model_type: str) -> tuple[float, str, dic
         "yarn": ("factor",),
         "longrope": ("long_factor", "short_factor"),
     }.get(rope_type, ())
-    missing = [k for k in required if params.get(k) is None]
+    # as transformers: a null yarn factor is max_position_embeddings / original (rotary.py), a missing one an error
+    missing = [k for k in required if k not in params or (params[k] is None and (rope_type, k) != ("yarn", "factor"))]
     if missing:
         raise ModelConfigError(f"rope scaling type {rope_type!r} needs {missing} in config.json")
     for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
