@@ -44,6 +44,7 @@ from minigrpo.models.loading import build_random, check_model_source, load_pretr
 from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler, dither_onto_masters
 from minigrpo.prompt_fit import local_position_limit, position_limit, prompts_that_fit
+from minigrpo.quant import require_nf4
 from minigrpo.sampling.base import Sampler
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams, stream_key
@@ -105,6 +106,8 @@ def check_before_loading(
     if cfg.model.arch is not None:
         raise UserError("training needs a tokenizer: model.arch builds weights only; set model.name_or_path")
     check_packages(cfg)
+    if cfg.lora.enabled and cfg.lora.quantize_base is not None:  # 4-bit kernels on this device
+        require_nf4(pick_device(cfg.run.device), cfg.lora.quantize_base)
     resume = check_run_dir(cfg, resumable_changes(cfg))
     specs = rewards.build_reward_specs(cfg.rewards)
     check_environment(cfg)

@@ -261,9 +261,19 @@ def shard_model(
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     register_fsdp_forward_method(model, "hidden")
     for unit in fsdp_units(model):
-        unit.set_gradient_divide_factor(1.0)
-        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+        _sum_gradients(unit)
     return model
+
+
+def _sum_gradients(unit: nn.Module) -> None:
+    """Make an FSDP unit's reduce-scatter a plain sum of the ranks' gradients (not FSDP's average)."""
+    if hasattr(unit, "set_gradient_divide_factor"):
+        unit.set_gradient_divide_factor(1.0)
+    else:  # the name before torch 2.8
+        unit.set_reduce_scatter_divide_factor(1.0)
+    force_sum = getattr(unit, "set_force_sum_reduction_for_comms", None)
+    if force_sum is not None:  # a SUM, not a pre-multiplied one (gloo has none)
+        force_sum(True)
 
 
 @torch.no_grad()

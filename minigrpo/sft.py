@@ -100,19 +100,20 @@ def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[Example]
     is local, the conversations against its tokenizer and positions and the memory pre-flight
     (check_fits). Returns the resume point, the conversations and whether that last check ran (else
     build_run runs it once the model is loaded)."""
+    device = pick_device(cfg.run.device)  # a missing GPU first: nothing is read for a run that cannot start
     if env_world_size() > 1:
         raise UserError("python -m minigrpo.sft runs in one process; launch it without torchrun")
     if cfg.model.arch is not None:
         raise UserError("SFT needs a tokenizer: model.arch builds weights only; set model.name_or_path")
     check_packages(cfg, sampling=False)
-    if cfg.lora.enabled and cfg.lora.quantize_base is not None:  # 4-bit kernels on this device (a probe that
-        require_nf4(pick_device(cfg.run.device), cfg.lora.quantize_base)  # draws random numbers: before the seed)
+    if cfg.lora.enabled and cfg.lora.quantize_base is not None:  # 4-bit kernels on this device
+        require_nf4(device, cfg.lora.quantize_base)
     resume = check_run_dir(cfg, SFT_RESUMABLE)
     examples = load_conversations(cfg)
     tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision, key="model.name_or_path")
     args = local_model_args(cfg.model.name_or_path)
     if tokenizer is not None and args is not None:  # a local model folder: its tokenizer and config are read already
-        check_fits(cfg, args, pick_device(cfg.run.device), examples, tokenizer)
+        check_fits(cfg, args, device, examples, tokenizer)
     return resume, examples, tokenizer is not None and args is not None
 
 

@@ -310,3 +310,23 @@ def test_the_nf4_probe_leaves_the_global_rng_alone():
     torch.manual_seed(7)
     quant._probe("cpu")
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("entry", ["train", "sft"])
+def test_nf4_that_cannot_run_is_refused_before_anything_is_read(monkeypatch, tmp_path, entry):
+    """Training and SFT check the 4-bit path among the config checks: before the run folder, the data and
+    the model folder (here missing, which would be another error) are looked at."""
+    from minigrpo import build, sft
+    from minigrpo.config import Config
+
+    monkeypatch.setattr(quant, "_probe", lambda device_type: "no 4-bit kernel registered for cpu")
+    cfg = Config.from_dict(
+        {
+            "run": {"device": "cpu", "output_dir": str(tmp_path / "runs")},
+            "model": {"name_or_path": str(tmp_path / "missing")},
+            "lora": {"enabled": True, "quantize_base": "nf4"},
+        }
+    )
+    check = build.check_before_loading if entry == "train" else sft.check_before_loading
+    with pytest.raises(QuantizationUnavailableError, match=r"lora.quantize_base: nf4 needs CUDA"):
+        check(cfg)

@@ -852,3 +852,14 @@ def test_synthetic_sft_never_trains_on_the_questions_grpo_evaluates(eval_split):
         held_out = {ex.prompt for ex in build_dataset(cfg.data, split=eval_split)}
         assert held_out and not sft_expressions & held_out
         assert sft_expressions == grpo_train
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_sft_on_a_missing_gpu_says_so_before_reading_the_conversations(tmp_path):
+    """As training does: the device first, so a CPU machine reads no data for a CUDA run."""
+    from minigrpo.sft import check_before_loading
+
+    missing = tmp_path / "nowhere.jsonl"
+    cfg = Config.from_dict({"run": {"device": "cuda"}, "sft": {"source": "jsonl", "path": str(missing)}})
+    with pytest.raises(UserError, match=r"^run.device='cuda' but CUDA is not available"):
+        check_before_loading(cfg)
