@@ -234,6 +234,8 @@ def build(cls: type, data: Any, path: str = "", root: type | None = None) -> Any
     top-level class (for suggestions across sections)."""
     if isinstance(data, cls):
         return data
+    if data is None and path:  # a section whose keys are all commented out (`train:` alone): its defaults
+        data = {}
     if not isinstance(data, Mapping):
         raise _bad(path, cls, data)
     root = root or cls

@@ -902,3 +902,15 @@ def test_the_text_none_in_a_nullable_text_field_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_config(write(tmp_path, "data:\n  system_prompt: null\n  eval_split: ~\n"))
+
+
+def test_a_section_with_every_key_commented_out_takes_its_defaults(tmp_path):
+    """`train:` with nothing under it (YAML reads null) is the section's defaults, as leaving it out is;
+    a section that is not a mapping stays an error."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  # steps: 10\nsampler:\n")
+    cfg = load_config(path)
+    assert cfg.train == Config().train and cfg.sampler == Config().sampler
+    path.write_text("train: 5\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: train: expected mapping \(TrainCfg\), got 5$"):
+        load_config(path)
