@@ -11,20 +11,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from test_model_vs_hf import BASE as HF_BASE  # noqa: E402
+
 from minigrpo.models.args import ModelArgs, ModelConfigError, UnsupportedModelError  # noqa: E402
 
-BASE = dict(
-    hidden_act="silu",
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rope_theta=10000.0,
-    pad_token_id=0,  # Phi-3's default (32000) lies past this vocabulary
-)
+BASE = {**HF_BASE, "rope_theta": 10000.0}  # pad_token_id 0: Phi-3's default (32000) lies past this vocabulary
 LONGROPE = dict(short_factor=[1.0] * 8, long_factor=[2.0] * 8)  # Dh 16: 8 rotary pairs
 
 
