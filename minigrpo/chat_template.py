@@ -18,7 +18,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from minigrpo.errors import UserError
+from minigrpo.errors import ConfigError, UserError
 
 
 class ChatTemplateError(UserError, ValueError):
@@ -78,6 +78,39 @@ def render_chat_template(
         # an operation of the template failed on these messages ('text' + 1, a missing key, ...)
         raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
     return text if final is None else _cut_after_final_message(text, final)
+
+
+# what the renderer itself passes: a user's template variable of that name would change the call, not the template
+RESERVED_VARIABLES = ("messages", "add_generation_prompt", "continue_final_message", "tokenize")
+
+
+def check_template_variables(variables: Any, key: str) -> dict[str, Any]:
+    """Template variables a user gives (a config's `chat_template_kwargs`, e.g. {"enable_thinking": False})
+    as a dict, or one ConfigError naming `key` and every bad entry (template_variable_errors)."""
+    errors = template_variable_errors(variables, key)
+    if errors:
+        raise ConfigError("; ".join(errors), key)
+    return dict(variables)
+
+
+def template_variable_errors(variables: Any, key: str) -> list[str]:
+    """The problems of template variables a user gives, one line each naming `key`: not a mapping, a
+    name that is no identifier (a template could never read it; YAML's `1:` key included), a name the
+    renderer sets itself, a value that is not JSON-like data. Empty when they are fine."""
+    if not isinstance(variables, Mapping):
+        return [f"{key} must be a mapping of template variable names to values, got {variables!r:.80}"]
+    errors = []
+    for name, value in variables.items():
+        if not (isinstance(name, str) and name.isidentifier()):
+            errors.append(f"{key}: {name!r} is not a template variable name (letters, digits and _)")
+        elif name in RESERVED_VARIABLES:
+            errors.append(f"{key}.{name} is set by the prompt rendering itself; remove it")
+        else:
+            try:
+                _plain(value)
+            except TypeError as e:
+                errors.append(f"{key}.{name}: {e}")
+    return errors
 
 
 # appended to the final message's text to find where it ends in the rendered conversation; a template that

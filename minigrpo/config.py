@@ -124,6 +124,8 @@ class DataCfg(Section):
     prompt_field: str = "question"  # row field holding the prompt (a string or a list of chat messages)
     answer_field: str = "answer"  # row field holding the reference answer
     system_prompt: str | None = None  # system message put before every prompt (replaces a row's own)
+    # more chat template variables for every prompt rendered (rollouts, eval, SFT), e.g. {enable_thinking: false}
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     shuffle: bool = True  # reshuffle the prompt order every epoch (seeded by run.seed and the epoch)
     max_prompt_tokens: int | None = spec(None, ">= 1")  # drop longer prompts (None: keep all)
     num_eval: int = spec(200, ">= 0")  # eval set size (synthetic: generated; files: the first rows)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minigrpo.algorithms import config_errors as algorithm_errors
+from minigrpo.chat_template import template_variable_errors
 from minigrpo.configio import none_texts, template_errors
 from minigrpo.env_config import env_errors
 from minigrpo.lora_config import lora_errors, lora_notes
@@ -139,6 +140,8 @@ def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         cfg.eval.num_prompts <= data.num_eval,
         f"eval.num_prompts ({cfg.eval.num_prompts}) must be <= data.num_eval ({data.num_eval})",
     )
+    for key in ("data", "env"):  # template variables (e.g. enable_thinking) the prompts render with
+        errors += template_variable_errors(getattr(cfg, key).chat_template_kwargs, f"{key}.chat_template_kwargs")
     notes += lora_notes(cfg)
     notes += [
         f"{key}={text!r} is the text {text}, not null: write null (or ~) for no value" for key, text in none_texts(cfg)

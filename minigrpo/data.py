@@ -24,11 +24,12 @@ import itertools
 import json
 import random
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minigrpo.chat_template import check_template_variables
 from minigrpo.config import DataCfg
 from minigrpo.datafiles import (
     ROLES,  # noqa: F401 (re-exported: minigrpo.data.ROLES is imported elsewhere)
@@ -298,30 +299,43 @@ def build_messages(example: Example, system_prompt: str | None = None) -> list[M
     return messages
 
 
-def render_prompt(messages: list[Message], tokenizer: Any = None, *, prefill: bool = False) -> str:
+def render_prompt(
+    messages: list[Message],
+    tokenizer: Any = None,
+    *,
+    prefill: bool = False,
+    chat_template_kwargs: Mapping | None = None,
+) -> str:
     """The prompt text the model continues: the tokenizer's chat template with the assistant
     generation header. Any object with `apply_chat_template(messages, add_generation_prompt=True,
-    tokenize=False) -> str` works (tokenize=False makes transformers tokenizers return text too).
+    tokenize=False, **kwargs) -> str` works (tokenize=False makes transformers tokenizers return text too).
 
     prefill: a conversation that ends with an assistant message is a reply begun for the model
     ("<think>"): the text stops at that message's end, inside the open turn, with no new header
     (transformers' continue_final_message, what TRL does with such prompts).
+    chat_template_kwargs: more template variables for every rendering (data.chat_template_kwargs).
 
-    With no tokenizer, or one whose `chat_template` is None (a base model), the contents are joined
-    with blank lines: "system\\n\\nuser". Such a model sees no assistant header, so its completion
-    simply continues the text.
+    With no tokenizer, or one without any chat template (a base model), the contents are joined with
+    blank lines: "system\\n\\nuser". Such a model sees no assistant header, so its completion simply
+    continues the text. A tokenizer with named templates but no default one raises (as transformers does).
     """
-    if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
+    if uses_plain_text(tokenizer):
         return _plain_text(messages)
-    if getattr(tokenizer, "chat_template", "") is None:
-        return _plain_text(messages)
+    kwargs = chat_template_kwargs or {}
     if prefill and messages[-1]["role"] == "assistant":
-        return _continued_reply(messages, tokenizer)
-    return _template_text(tokenizer, messages, add_generation_prompt=True)
+        return _continued_reply(messages, tokenizer, kwargs)
+    return _template_text(tokenizer, messages, header=True, kwargs=kwargs)
 
 
-def _template_text(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+def uses_plain_text(tokenizer: Any) -> bool:
+    """Whether prompts for `tokenizer` are plain text: no tokenizer, or one with no chat template at all."""
+    if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
+        return True
+    return getattr(tokenizer, "chat_template", "") is None and not getattr(tokenizer, "chat_templates", None)
+
+
+def _template_text(tokenizer: Any, messages: list[Message], header: bool, kwargs: Mapping) -> str:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=header, tokenize=False, **kwargs)
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected the prompt text")
     return text
@@ -330,12 +344,12 @@ def _template_text(tokenizer: Any, messages: list[Message], add_generation_promp
 _REPLY_END = "<<minigrpo-reply-end>> "  # marks where the begun reply ends; a template may trim its space
 
 
-def _continued_reply(messages: list[Message], tokenizer: Any) -> str:
+def _continued_reply(messages: list[Message], tokenizer: Any, kwargs: Mapping[str, Any]) -> str:
     """The whole conversation rendered, cut right after the final (assistant) message's content: a
     marker appended to that content shows where it ends. A template that trims the content (the
     marker's space is gone) loses the reply's trailing spaces too."""
     marked = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + _REPLY_END}]
-    text = _template_text(tokenizer, marked, add_generation_prompt=False)
+    text = _template_text(tokenizer, marked, header=False, kwargs=kwargs)
     at = text.rfind(_REPLY_END.strip())
     if at < 0:
         raise DataError("the chat template drops the final assistant message, so the model cannot continue it")
@@ -347,17 +361,22 @@ def _plain_text(messages: list[Message]) -> str:
 
 
 def encode_prompts(
-    examples: Sequence[Example], tokenizer: Any, system_prompt: str | None = None
+    examples: Sequence[Example],
+    tokenizer: Any,
+    system_prompt: str | None = None,
+    chat_template_kwargs: Mapping | None = None,
 ) -> tuple[list[list[int]], list[str]]:
     """Render every example's chat prompt and encode it -> (token ids per prompt, prompt texts).
 
     A chat template writes its own special tokens, so its text is encoded without adding more
     (as transformers does); plain-text prompts get the tokenizer's usual ones (e.g. BOS). A
     conversation ending with an assistant message is continued (`render_prompt`'s prefill).
+    `chat_template_kwargs` (data.chat_template_kwargs) are more template variables for every prompt.
     """
-    texts = [render_prompt(build_messages(ex, system_prompt), tokenizer, prefill=True) for ex in examples]
-    add_special = getattr(tokenizer, "chat_template", None) is None
-    return [tokenizer.encode(text, add_special_tokens=add_special) for text in texts], texts
+    kwargs = check_template_variables(chat_template_kwargs or {}, "data.chat_template_kwargs")
+    chats = [build_messages(ex, system_prompt) for ex in examples]
+    texts = [render_prompt(chat, tokenizer, prefill=True, chat_template_kwargs=kwargs) for chat in chats]
+    return [tokenizer.encode(text, add_special_tokens=uses_plain_text(tokenizer)) for text in texts], texts
 
 
 def batch_columns(examples: Sequence[Example], repeat: int = 1) -> dict[str, list[Any]]:

@@ -84,7 +84,7 @@ def evaluate(
         answers = [ex.answer for ex in batch]
         columns = batch_columns(batch)
         if env is None:
-            ids, _ = encode_prompts(batch, tokenizer, cfg.data.system_prompt)
+            ids, _ = encode_prompts(batch, tokenizer, cfg.data.system_prompt, cfg.data.chat_template_kwargs)
             rollout = sampler.generate(ids, params, key=(*key, 0), row_ids=range(start, start + len(batch)))
             texts, longest = rollout.completion_texts, params.max_new_tokens
             lengths = rollout.completion_lengths.tolist()

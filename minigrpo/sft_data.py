@@ -36,6 +36,7 @@ directly after, followed by EOS.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,9 +44,9 @@ from typing import Any
 
 import torch
 
-from minigrpo.chat_template import ChatTemplateError
+from minigrpo.chat_template import ChatTemplateError, check_template_variables
 from minigrpo.config import Config
-from minigrpo.data import ROLES, Example, Message, render_prompt, synthetic_arithmetic
+from minigrpo.data import ROLES, Example, Message, render_prompt, synthetic_arithmetic, uses_plain_text
 from minigrpo.datafiles import DataError, Row, download, read_rows, resolve_files, split_files
 from minigrpo.errors import UserError
 
@@ -121,6 +122,20 @@ def row_to_conversation(where: str, row: dict[str, Any], cfg: Config) -> list[Me
     return with_system_prompt(messages, sft.system_prompt)
 
 
+def row_tools(where: str, row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A row's `tools` column: the function definitions (JSON-schema dicts) the chat template shows the
+    model, as a list or a JSON text of one (hub datasets often store it so); None when the row has none."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: field 'tools' is text but not JSON ({e})") from None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise DataError(f"{where}: field 'tools' must be a list of function definitions (dicts), got {tools!r}"[:300])
+    return tools
+
+
 def with_system_prompt(messages: list[Message], system_prompt: str | None) -> list[Message]:
     """`system_prompt` first, replacing the conversation's own system message (None: unchanged)."""
     if system_prompt is None:
@@ -147,6 +162,8 @@ def _rows(cfg: Config) -> list[Row]:
 def load_conversations(cfg: Config) -> list[Example]:
     """The SFT conversations of `cfg.sft` as Examples (prompt = the messages, answer = the last reply)."""
     sft = cfg.sft
+    variables = check_template_variables(cfg.data.chat_template_kwargs, "data.chat_template_kwargs")
+    tools: list[list[dict[str, Any]] | None] = []
     if sft.source == "synthetic":
         syn = cfg.data.synthetic
         conversations, places = [], []
@@ -162,20 +179,27 @@ def load_conversations(cfg: Config) -> list[Example]:
             messages = [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": reply}]
             conversations.append(with_system_prompt(messages, sft.system_prompt))
             places.append(f"synthetic conversation {i}")
+            tools.append(None)
     else:
         rows = _rows(cfg)
         conversations = [row_to_conversation(where, row, cfg) for where, row in rows]
         places = [where for where, _ in rows]
+        tools = [row_tools(where, row) for where, row in rows]
     if not conversations:
         raise DataError(f"sft: the {sft.split!r} split of sft.source={sft.source!r} holds no conversation")
     return [
         Example(
             prompt=m,
             answer=next(x for x in reversed(m) if x["role"] == "assistant")["content"],
-            columns={"where": w, "loss_from": loss_from(m, sft.format)},
+            columns={"where": w, "loss_from": loss_from(m, sft.format), "template_kwargs": _with_tools(variables, t)},
         )
-        for m, w in zip(conversations, places)
+        for m, w, t in zip(conversations, places, tools)
     ]
+
+
+def _with_tools(variables: dict[str, Any], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The chat template variables of one conversation: data.chat_template_kwargs and the row's tools."""
+    return variables if tools is None else {**variables, "tools": tools}
 
 
 def loss_from(messages: Sequence[Message], fmt: str) -> int:
@@ -186,9 +210,12 @@ def loss_from(messages: Sequence[Message], fmt: str) -> int:
 
 
 def example_tokens(example: Example, tokenizer: Any, max_seq_len: int | None = None) -> tuple[list[int], list[int]]:
-    """(ids, labels) of one loaded conversation (tokenize_conversation with its `loss_from`)."""
-    first = example.columns.get("loss_from", 0)
-    return tokenize_conversation(example.prompt, tokenizer, max_seq_len, loss_from=first)
+    """(ids, labels) of one loaded conversation (tokenize_conversation with its `loss_from` and its
+    template variables: data.chat_template_kwargs and the row's tools)."""
+    first, variables = example.columns.get("loss_from", 0), example.columns.get("template_kwargs")
+    return tokenize_conversation(
+        example.prompt, tokenizer, max_seq_len, loss_from=first, chat_template_kwargs=variables
+    )
 
 
 def check_conversations(
@@ -249,19 +276,23 @@ def check_conversations(
 # ----------------------------------------------------------------------------------------------
 
 
-def conversation_pieces(messages: Sequence[Message], tokenizer: Any, loss_from: int = 0) -> list[tuple[str, bool]]:
+def conversation_pieces(
+    messages: Sequence[Message], tokenizer: Any, loss_from: int = 0, chat_template_kwargs: dict[str, Any] | None = None
+) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, is_reply) pieces, in order; their concatenation is
     the whole rendered conversation (see the module docstring). Assistant turns before message
-    `loss_from` stay inside the prompt pieces (context, no loss)."""
-    if getattr(tokenizer, "chat_template", None) is None:
+    `loss_from` stay inside the prompt pieces (context, no loss). `chat_template_kwargs` (the row's
+    tools, `enable_thinking`, ...) reach every rendering."""
+    if uses_plain_text(tokenizer):
         return _plain_pieces(messages, loss_from)
-    full = tokenizer.apply_chat_template(list(messages), add_generation_prompt=False, tokenize=False)
+    variables = chat_template_kwargs or {}
+    full = tokenizer.apply_chat_template(list(messages), add_generation_prompt=False, tokenize=False, **variables)
     pieces, done = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i == 0 or i < loss_from:  # an opening reply: nothing tells it from the
             continue  # glue before it
-        start = render_prompt(list(messages[:i]), tokenizer)
-        end = _reply_end(full, messages[: i + 1], tokenizer, start)
+        start = render_prompt(list(messages[:i]), tokenizer, chat_template_kwargs=variables)
+        end = _reply_end(full, messages[: i + 1], tokenizer, start, variables)
         if not (full.startswith(start) and end is not None and done <= len(start) <= end):
             raise DataError(
                 f"the chat template renders assistant turn {i} differently inside the whole conversation than "
@@ -274,7 +305,9 @@ def conversation_pieces(messages: Sequence[Message], tokenizer: Any, loss_from: 
     return [(text, reply) for text, reply in pieces if text]
 
 
-def _reply_end(full: str, prefix: Sequence[Message], tokenizer: Any, start: str = "") -> int | None:
+def _reply_end(
+    full: str, prefix: Sequence[Message], tokenizer: Any, start: str = "", variables: dict[str, Any] | None = None
+) -> int | None:
     """Where the last message of `prefix` ends inside `full` (the whole conversation rendered): the
     length of `prefix` rendered, when `full` goes on from it. Some templates close every conversation
     with an EOS that no turn inside it has (Phi-3: `{% else %}{{ eos_token }}` when no generation
@@ -282,7 +315,7 @@ def _reply_end(full: str, prefix: Sequence[Message], tokenizer: Any, start: str 
     (the end of `full` too) learns it. A reply whose reasoning `full` drops ends where its answer does
     (_end_without_dropped_reasoning; `start` is the text before the reply). None when `full` does not
     hold the prefix at all."""
-    text = tokenizer.apply_chat_template(list(prefix), add_generation_prompt=False, tokenize=False)
+    text = tokenizer.apply_chat_template(list(prefix), add_generation_prompt=False, tokenize=False, **(variables or {}))
     if full.startswith(text):
         return len(text)
     eos = getattr(tokenizer, "eos_token", None)
@@ -326,14 +359,20 @@ def _plain_pieces(messages: Sequence[Message], loss_from: int = 0) -> list[tuple
 
 
 def tokenize_conversation(
-    messages: Sequence[Message], tokenizer: Any, max_seq_len: int | None = None, *, loss_from: int = 0
+    messages: Sequence[Message],
+    tokenizer: Any,
+    max_seq_len: int | None = None,
+    *,
+    loss_from: int = 0,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[int], list[int]]:
     """(ids, labels) of one conversation: labels equal ids on the tokens of the assistant turns from
-    message `loss_from` on and IGNORE elsewhere; both cut to max_seq_len."""
-    plain = getattr(tokenizer, "chat_template", None) is None
+    message `loss_from` on and IGNORE elsewhere; both cut to max_seq_len. `chat_template_kwargs`: more
+    template variables (a row's `tools`, data.chat_template_kwargs)."""
+    plain = uses_plain_text(tokenizer)
     ids: list[int] = []
     labels: list[int] = []
-    for k, (text, reply) in enumerate(conversation_pieces(messages, tokenizer, loss_from)):
+    for k, (text, reply) in enumerate(conversation_pieces(messages, tokenizer, loss_from, chat_template_kwargs)):
         if k:
             piece = _encode_inside(text, tokenizer)  # as inside the whole conversation
         else:

@@ -94,7 +94,7 @@ def rollout_phase(
         if mine:
             columns = batch_columns(mine, repeat=G)
             if env is None:
-                prompt_ids, _ = encode_prompts(mine, tokenizer, cfg.data.system_prompt)
+                prompt_ids, _ = encode_prompts(mine, tokenizer, cfg.data.system_prompt, cfg.data.chat_template_kwargs)
                 rollout = sampler.generate(prompt_ids, params, key=key, row_ids=row_ids)
                 completions, longest = rollout.completion_texts, cfg.sampler.max_new_tokens
             else:  # one row per episode; the rewards read the episode and its last turn

@@ -36,6 +36,7 @@ from minigrpo.chat_template import ChatTemplateError, render_chat_template
 from minigrpo.tokenizer_config import (
     NAMED_SPECIAL_TOKENS,
     TokenizerConfigError,
+    add_config_tokens,
     config_special_tokens,
     folder_templates,
     generation_stop_ids,
@@ -45,6 +46,7 @@ from minigrpo.tokenizer_config import (
 __all__ = ["NAMED_SPECIAL_TOKENS", "ChatTemplateError", "Tokenizer", "TokenizerConfigError"]
 
 _MAX_SANE_LENGTH = 1 << 40  # transformers writes int(1e30) for "no limit"
+_KEPT_FLAGS = ("lstrip", "rstrip", "single_word", "normalized")  # an added token made special keeps these
 
 
 class Tokenizer:
@@ -132,7 +134,7 @@ class Tokenizer:
         except Exception as e:  # the library's bare (Rust) Exception names no file
             raise TokenizerConfigError(f"{tk_file}: not a readable tokenizer ({e})") from e
         cfg, origin = read_config(d)
-
+        add_config_tokens(cfg, d / "tokenizer_config.json", tk)
         tokens, template_tokens, specials = config_special_tokens(cfg, origin, tk, tk_file)
 
         extra_stop = generation_stop_ids(d / "generation_config.json")
@@ -151,7 +153,8 @@ class Tokenizer:
         )
 
     def _register_special(self, contents: Iterable[str | None]) -> None:
-        """Make each token a special added token (kept whole in text, skippable on decode)."""
+        """Make each token a special added token (kept whole in text, skippable on decode); an added token
+        keeps its matching flags (lstrip, rstrip, single_word, normalized), as in transformers."""
         added = {t.content: t for t in self._tk.get_added_tokens_decoder().values()}
         new = []
         for content in dict.fromkeys(c for c in contents if c is not None):
@@ -160,8 +163,8 @@ class Tokenizer:
                 continue
             if old is None and self._tk.token_to_id(content) is None:
                 raise ValueError(f"special token {content!r} is not in the tokenizer's vocabulary")
-            flags = {} if old is None else {"lstrip": old.lstrip, "rstrip": old.rstrip}
-            new.append(AddedToken(content, special=True, normalized=False, **flags))
+            flags = {"normalized": False} if old is None else {k: getattr(old, k) for k in _KEPT_FLAGS}
+            new.append(AddedToken(content, special=True, **flags))
         if new:
             self._tk.add_special_tokens(new)
 
@@ -257,7 +260,8 @@ class Tokenizer:
 
     @property
     def chat_template(self) -> str | None:
-        """The default chat template (None if the model has none)."""
+        """The default chat template: None if the model has none, and also if it has only named ones
+        (`chat_templates`, e.g. "tool_use"), which prompts must then pick by name."""
         return self.chat_templates.get("default")
 
     def apply_chat_template(
@@ -313,7 +317,8 @@ class Tokenizer:
             return self.chat_templates["default"]
         if self.chat_templates:
             raise ChatTemplateError(
-                f"no default chat template; pass one of {sorted(self.chat_templates)} as chat_template="
+                f"the chat templates {sorted(self.chat_templates)} include no 'default' one (transformers refuses "
+                "this too): name one as chat_template= (in a run config: data.chat_template_kwargs.chat_template)"
             )
         raise ChatTemplateError("this tokenizer has no chat template (tokenizer_config.json has none)")
 

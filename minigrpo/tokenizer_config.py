@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
+from tokenizers import AddedToken
 
 from minigrpo.errors import UserError
 
@@ -70,6 +71,63 @@ def read_config(d: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     for key in NAMED_SPECIAL_TOKENS:
         origin.setdefault(key, cfg_file)
     return cfg, origin
+
+
+_ADDED_TOKEN_FLAGS = ("lstrip", "rstrip", "single_word", "normalized", "special")
+
+
+def add_config_tokens(cfg: Mapping[str, Any], file: Path, tk: tokenizers.Tokenizer) -> None:
+    """Apply tokenizer_config.json's `added_tokens_decoder` ({id: {"content": ..., flags}}) to `tk` in place,
+    as transformers does: a token that tokenizer.json lacks is added, one whose flags differ (rstrip, special,
+    ...) takes the config's flags; tokens go in id order. A new token must land on the id the config gives
+    it (the next free one): else the model's embedding row for it is another token's, a TokenizerConfigError
+    naming the file and token. A token tokenizer.json has keeps tokenizer.json's id (as in transformers)."""
+    value = cfg.get("added_tokens_decoder")
+    if value is None:
+        return
+    if not isinstance(value, Mapping):
+        raise TokenizerConfigError(f"{file}: added_tokens_decoder must map token ids to tokens, got {value!r:.80}")
+    have = {_token_flags(t) for t in tk.get_added_tokens_decoder().values()}
+    for tid, token in sorted((_token_id(file, k), _added_token(file, k, v)) for k, v in value.items()):
+        if _token_flags(token) in have:
+            continue
+        known = tk.token_to_id(token.content) is not None
+        tk.add_tokens([token])
+        got = tk.token_to_id(token.content)
+        if not known and got != tid:
+            raise TokenizerConfigError(
+                f"{file}: added_tokens_decoder[{tid}] {token.content!r} is not in tokenizer.json and would get "
+                f"id {got}, not {tid}"
+            )
+
+
+def _token_flags(token: AddedToken) -> tuple[Any, ...]:
+    return (token.content, *(getattr(token, k) for k in _ADDED_TOKEN_FLAGS))
+
+
+def _token_id(file: Path, key: Any) -> int:
+    """An added_tokens_decoder key: a token id (JSON writes it as a string)."""
+    try:
+        tid = int(key)
+    except (TypeError, ValueError):
+        tid = -1
+    if tid < 0:
+        raise TokenizerConfigError(f"{file}: added_tokens_decoder key {key!r} is not a token id")
+    return tid
+
+
+def _added_token(file: Path, key: Any, entry: Any) -> AddedToken:
+    """One added_tokens_decoder entry as an AddedToken; flags it leaves out take the library's defaults."""
+    where = f"{file}: added_tokens_decoder[{key!r}]"
+    if not (isinstance(entry, Mapping) and isinstance(entry.get("content"), str) and entry["content"]):
+        raise TokenizerConfigError(f'{where} must be {{"content": "<token>", ...flags}}, got {entry!r:.80}')
+    flags = {k: v for k, v in entry.items() if k not in ("content", "id", "__type")}
+    bad = next((k for k, v in flags.items() if k not in _ADDED_TOKEN_FLAGS or not isinstance(v, bool)), None)
+    if bad is not None:
+        raise TokenizerConfigError(
+            f"{where}: {bad}={flags[bad]!r}; the flags are {', '.join(_ADDED_TOKEN_FLAGS)} (bool)"
+        )
+    return AddedToken(entry["content"], **flags)
 
 
 _REQUIRED_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")

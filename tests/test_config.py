@@ -914,3 +914,23 @@ def test_a_section_with_every_key_commented_out_takes_its_defaults(tmp_path):
     path.write_text("train: 5\n")
     with pytest.raises(ConfigError, match=r"c.yaml: train: expected mapping \(TrainCfg\), got 5$"):
         load_config(path)
+
+
+@pytest.mark.parametrize("section", ["data", "env"])
+def test_bad_template_variables_are_config_errors_when_the_config_loads(section):
+    """A name no template can read (`enable-thinking`) or one the renderer sets itself is one line naming the
+    key before anything loads, for the prompts' and the tool episodes' variables alike."""
+    env = {"kind": "tools", "tools": ["calculator"]} if section == "env" else {}
+    for bad, named in [({"enable-thinking": False}, "enable-thinking"), ({"messages": []}, "messages")]:
+        raw = (
+            {section: {**env, "chat_template_kwargs": bad}}
+            if section == "env"
+            else {"data": {"chat_template_kwargs": bad}}
+        )
+        with pytest.raises(ConfigError, match=rf"{section}.chat_template_kwargs.*{named}"):
+            validate(Config.from_dict(raw))
+    good = {"enable_thinking": False}
+    raw = {section: {**env, "chat_template_kwargs": good}}
+    cfg = Config.from_dict(raw)
+    validate(cfg)
+    assert getattr(cfg, section).chat_template_kwargs == good

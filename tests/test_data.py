@@ -904,3 +904,76 @@ def test_resume_refuses_a_different_dataset():
         PromptLoader([])
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         PromptLoader(numbered(3)).next_batch(0)
+
+
+# ----------------------------------------------------------------------------- chat template variables, named templates
+
+
+def test_chat_template_kwargs_reach_every_prompt_as_transformers_renders_them(smol_dir, tmp_path):
+    """data.chat_template_kwargs ({enable_thinking: false} for Qwen3) are template variables of every prompt,
+    a begun reply included: the prompt ends with the empty think block exactly as transformers writes it."""
+    from helpers.tok_fixtures import hf_tokenizer, tokenizer_variant
+    from test_chat_template import QWEN3_TEMPLATE
+
+    from minigrpo.config import load_config
+    from minigrpo.data import encode_prompts
+    from minigrpo.tokenizer import Tokenizer
+
+    d = tokenizer_variant(smol_dir, tmp_path / "qwen3", {"chat_template": QWEN3_TEMPLATE})
+    ours, hf = Tokenizer.from_dir(d), hf_tokenizer(d)
+    cfg = load_config(None, ["data.chat_template_kwargs={enable_thinking: false}"])
+    assert DataCfg().chat_template_kwargs == {} and cfg.data.chat_template_kwargs == {"enable_thinking": False}
+    begun = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "So"}]
+    examples = [Example("What is 2+3?", "5"), Example(begun, "4")]
+    ids, texts = encode_prompts(examples, ours, "Be brief.", cfg.data.chat_template_kwargs)
+    chats = [build_messages(ex, "Be brief.") for ex in examples]
+    expected = [
+        hf.apply_chat_template(chats[0], add_generation_prompt=True, tokenize=False, enable_thinking=False),
+        hf.apply_chat_template(chats[1], continue_final_message=True, tokenize=False, enable_thinking=False),
+    ]
+    assert texts == expected and texts[0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert ids == [hf.encode(t, add_special_tokens=False) for t in expected]
+    assert encode_prompts(examples[:1], ours)[1][0].endswith("<|im_start|>assistant\n")  # thinking on: no block
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"1": True}, r"data\.chat_template_kwargs: '1' is not a template variable name"),
+        ({"enable-thinking": False}, r"'enable-thinking' is not a template variable name"),
+        ({"add_generation_prompt": False}, r"data\.chat_template_kwargs\.add_generation_prompt is set by the prompt"),
+        ({"messages": []}, r"data\.chat_template_kwargs\.messages is set by the prompt rendering itself"),
+        (["enable_thinking"], r"data\.chat_template_kwargs must be a mapping"),
+    ],
+)
+def test_bad_chat_template_kwargs_name_the_key(kwargs, match):
+    from minigrpo.data import encode_prompts
+    from minigrpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        encode_prompts([Example("Q?", "1")], FakeTokenizer(), None, kwargs)
+
+
+def test_named_chat_templates_without_a_default_raise_as_in_transformers(smol_dir, tmp_path):
+    """A folder whose chat templates are all named ("tool_use", "rag") and none "default": transformers
+    refuses to render a prompt without a name; GRPO prompts used to fall back to the plain base-model text.
+    A name given (data.chat_template_kwargs.chat_template) picks one, and tools pick "tool_use"."""
+    from helpers.tok_fixtures import hf_tokenizer, tokenizer_variant
+
+    from minigrpo.chat_template import ChatTemplateError
+    from minigrpo.data import encode_prompts
+    from minigrpo.tokenizer import Tokenizer
+
+    named = [{"name": "tool_use", "template": "T{{ messages[0].content }}"}, {"name": "rag", "template": "R"}]
+    d = tokenizer_variant(smol_dir, tmp_path / "named", {"chat_template": named})
+    ours, hf = Tokenizer.from_dir(d), hf_tokenizer(d)
+    messages = build_messages(Example("Q?", "1"))
+    with pytest.raises(ValueError, match="no default specified"):
+        hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    with pytest.raises(ChatTemplateError, match=r"\['rag', 'tool_use'\] include no 'default' one"):
+        render_prompt(messages, ours)
+    with pytest.raises(ChatTemplateError, match="include no 'default' one"):
+        encode_prompts([Example("Q?", "1")], ours)
+    assert encode_prompts([Example("Q?", "1")], ours, None, {"chat_template": "rag"})[1] == ["R"]
+    assert render_prompt(messages, ours, chat_template_kwargs={"tools": []}) == "TQ?"
+    assert render_prompt(messages, hf, chat_template_kwargs={"tools": []}) == "TQ?"

@@ -863,3 +863,100 @@ def test_sft_on_a_missing_gpu_says_so_before_reading_the_conversations(tmp_path)
     cfg = Config.from_dict({"run": {"device": "cuda"}, "sft": {"source": "jsonl", "path": str(missing)}})
     with pytest.raises(UserError, match=r"^run.device='cuda' but CUDA is not available"):
         check_before_loading(cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# what reaches the chat template: a row's tools, data.chat_template_kwargs, named templates
+
+SFT_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two numbers <a+b>",
+            "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+        },
+    }
+]
+
+
+def test_a_tools_column_reaches_the_chat_template_as_in_transformers(tmp_path, smol):
+    """A row's `tools` (a list, or JSON text of one) are the function definitions the template shows in the
+    system turn; they used to be dropped, so tool-calling data trained without them. The ids equal
+    transformers' apply_chat_template(tools=...), and the definitions carry no loss."""
+    from helpers.tok_fixtures import hf_tokenizer
+    from test_chat_template import QWEN25_TEMPLATE
+
+    from minigrpo.sft_data import example_tokens
+
+    Tokenizer(smol.backend, eos_token="<|im_end|>", chat_template=QWEN25_TEMPLATE).save(tmp_path / "tok")
+    tok, hf = Tokenizer.from_dir(tmp_path / "tok"), hf_tokenizer(tmp_path / "tok")
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    chat = [
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "5", "name": "add"},
+        {"role": "assistant", "content": "<answer>5</answer>"},
+    ]
+    rows = [{"messages": chat, "tools": SFT_TOOLS}, {"messages": chat, "tools": json.dumps(SFT_TOOLS)}]
+    expected = hf.apply_chat_template(chat, tools=SFT_TOOLS, return_dict=False)
+    for example in load_conversations(sft_cfg(path=str(write_jsonl(tmp_path / "t.jsonl", rows)))):
+        ids, labels = example_tokens(example, tok)
+        assert ids == expected
+        context = tok.decode([x for x, y in zip(ids, labels) if y == IGNORE])
+        assert '"description": "Add two numbers <a+b>"' in context and "# Tools" in context
+        assert [tok.decode(ids[a:b]) for a, b in spans(labels)] == [
+            '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>\n',
+            "<answer>5</answer><|im_end|>\n",
+        ]
+
+
+@pytest.mark.parametrize(
+    ("tools", "match"),
+    [
+        ({"name": "add"}, "field 'tools' must be a list of function definitions"),
+        (["add"], "field 'tools' must be a list of function definitions"),
+        ("[{'name': 'add'}]", "field 'tools' is text but not JSON"),
+    ],
+)
+def test_a_malformed_tools_column_names_the_row(tmp_path, tools, match):
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    data = write_jsonl(tmp_path / "t.jsonl", [{"messages": chat}, {"messages": chat, "tools": tools}])
+    with pytest.raises(DataError, match=r"t\.jsonl:2: " + match):
+        load_conversations(sft_cfg(path=str(data)))
+
+
+def test_sft_renders_with_data_chat_template_kwargs_as_grpo_prompts_do(tmp_path, smol):
+    """With data.chat_template_kwargs={enable_thinking: false} the reply starts after the empty think block
+    of the generation header, exactly where the GRPO prompt (rendered with the same variables) ends."""
+    from minigrpo.sft_data import example_tokens
+
+    tok = Tokenizer(smol.backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN3_TEMPLATE)
+    rows = [{"q": "What is 2+3?", "a": "<answer>5</answer>"}]
+    raw = {"sft": {"path": str(write_jsonl(tmp_path / "p.jsonl", rows)), "format": "prompt_response"}}
+    raw["sft"] |= {"prompt_field": "q", "response_field": "a"}
+    off = Config.from_dict({**raw, "data": {"chat_template_kwargs": {"enable_thinking": False}}})
+    (example,) = load_conversations(off)
+    ids, labels = example_tokens(example, tok)
+    prompt = encode_prompts([Example("What is 2+3?", "5")], tok, None, {"enable_thinking": False})[0][0]
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert ids[: len(prompt)] == prompt and spans(labels) == [(len(prompt), len(ids))]
+    assert tok.decode(ids[len(prompt) :]) == "<answer>5</answer><|im_end|>\n"
+    (default,) = load_conversations(Config.from_dict(raw))  # thinking on: the reply holds the empty block
+    ids, labels = example_tokens(default, tok)
+    assert [tok.decode(ids[a:b]) for a, b in spans(labels)] == ["<think>\n\n</think>\n\n<answer>5</answer><|im_end|>\n"]
+
+
+def test_named_chat_templates_without_a_default_fail_instead_of_plain_text(smol):
+    """Only named templates ("tool_use") and no default: the conversation is refused with the template
+    error (as transformers refuses it), not trained in the plain base-model layout; its tools pick it."""
+    from minigrpo.chat_template import ChatTemplateError
+
+    named = {"tool_use": CHATML_TEMPLATE}
+    tok = Tokenizer(smol.backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=named)
+    messages = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "<answer>5</answer>"}]
+    with pytest.raises(ChatTemplateError, match=r"\['tool_use'\] include no 'default' one"):
+        tokenize_conversation(messages, tok)
+    ids, labels = tokenize_conversation(messages, tok, chat_template_kwargs={"tools": SFT_TOOLS})
+    assert ids == tok.apply_chat_template(messages, tools=SFT_TOOLS, tokenize=True)
+    assert [tok.decode(ids[a:b]) for a, b in spans(labels)] == ["<answer>5</answer><|im_end|>\n"]

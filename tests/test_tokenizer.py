@@ -484,3 +484,75 @@ def test_a_tokenizer_folder_parses_each_file_once(tmp_path, llama3_backend, monk
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
     expected = ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"]
     assert {name: reads[name] for name in expected} == dict.fromkeys(expected, 1)
+
+
+# ---- tokenizer_config.json's added_tokens_decoder -------------------------------------------------------------
+
+
+def _added(content: str, **flags) -> dict:
+    return {"content": content, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False, **flags}
+
+
+ADDED_TEXTS = ["c<tool_call>d", "a <tool_call> b</tool_call>", "x <|im_end|> y", "x<|im_end|>  y", "<think>\nhm"]
+
+
+def test_added_tokens_missing_from_tokenizer_json_are_added_as_in_transformers(tmp_path, smol_dir):
+    """A token that only tokenizer_config.json's added_tokens_decoder lists is added at its id, and a listed
+    token whose flags differ from tokenizer.json's (rstrip on <|im_end|>) takes the config's, as transformers
+    does; both used to be ignored (vocab 49152 vs 49153, "c<tool_call>d" split into pieces)."""
+    from helpers.tok_fixtures import tokenizer_variant
+
+    decoder = {
+        "2": _added("<|im_end|>", special=True, rstrip=True),
+        "49152": _added("<tool_call>"),
+        "49153": _added("</tool_call>", special=True),
+    }
+    d = tokenizer_variant(smol_dir, tmp_path / "added", {"added_tokens_decoder": decoder, "eos_token": "<|im_end|>"})
+    ours, hf = Tokenizer.from_dir(d), hf_tokenizer(d)
+    assert ours.vocab_size == len(hf) == 49154
+    assert (ours.token_to_id("<tool_call>"), ours.token_to_id("</tool_call>")) == (49152, 49153)
+    assert ours.encode("c<tool_call>d") == hf.encode("c<tool_call>d") == [83, 49152, 84]
+    assert ours.encode("x <|im_end|> y") == hf.encode("x <|im_end|> y") == [104, 216, 2, 105]  # rstrip ate " "
+    assert_same_as_hf(ours, hf, ADDED_TEXTS + TEXTS)
+    assert ours.decode(ours.encode("a<tool_call>b</tool_call>"), skip_special_tokens=True) == "a<tool_call>b"
+
+
+@pytest.mark.parametrize(
+    ("decoder", "match"),
+    [
+        ({"49160": _added("<tool_call>")}, r"added_tokens_decoder\[49160\] '<tool_call>' is not in tokenizer.json "),
+        ({"x": _added("<tool_call>")}, r"added_tokens_decoder key 'x' is not a token id"),
+        ({"49152": {"content": ""}}, r"added_tokens_decoder\['49152'\] must be"),
+        ({"49152": _added("<t>", rstrip="yes")}, r"added_tokens_decoder\['49152'\]: rstrip='yes'"),
+        ([{"content": "<t>"}], r"added_tokens_decoder must map token ids to tokens"),
+    ],
+)
+def test_added_tokens_that_make_no_tokenizer_name_the_file_and_token(tmp_path, smol_dir, decoder, match):
+    """A token tokenizer.json lacks at an id that is not the next free one would get another id than the
+    model's embedding row for it: one line naming the file and token, as for every malformed entry."""
+    from helpers.tok_fixtures import tokenizer_variant
+
+    from minigrpo.tokenizer_config import TokenizerConfigError
+
+    d = tokenizer_variant(smol_dir, tmp_path / "bad", {"added_tokens_decoder": decoder})
+    with pytest.raises(TokenizerConfigError, match=r"tokenizer_config\.json: " + match) as err:
+        Tokenizer.from_dir(d)
+    assert "\n" not in str(err.value)
+
+
+def test_a_named_token_that_is_an_added_token_keeps_its_matching_flags(tmp_path, llama3_backend):
+    """eos/pad naming an added token that is not special yet: it becomes special (skipped on decode) but keeps
+    how it is matched in text, single_word and normalized included, as in transformers; they used to be reset
+    (normalized=False: "<eot>" in lowercased text no longer matched; single_word dropped: "<x>c" matched)."""
+    from tokenizers import AddedToken, normalizers
+
+    backend = BackendTokenizer.from_str(llama3_backend.to_str())
+    backend.normalizer = normalizers.Lowercase()
+    backend.add_tokens([AddedToken("<EOT>", normalized=True), AddedToken("<x>", lstrip=True, single_word=True)])
+    d = write_dir(tmp_path / "flags", backend, {"eos_token": "<EOT>", "pad_token": "<x>"})
+    ours, hf = Tokenizer.from_dir(d), hf_tokenizer(d)
+    eot, x = backend.token_to_id("<EOT>"), backend.token_to_id("<x>")
+    assert eot in ours.encode("a<eot>b", add_special_tokens=False)  # normalized: matched after lowercasing
+    assert ours.encode("a <x> b <x>c", add_special_tokens=False).count(x) == 1  # single_word: "<x>c" is no match
+    assert_same_as_hf(ours, hf, ["a<eot>b", "a<EOT> b", "a <x> b <x>c", " <x>", *TEXTS])
+    assert ours.decode(ours.encode("a <x> b", add_special_tokens=False), skip_special_tokens=True) == "a b"
