@@ -428,10 +428,16 @@ def head_path(
     """Check an LM-head call's inputs (hidden (..., D), weight (V, D), targets (...)) and resolve impl
     to "triton" or "ref"; fp64 inputs take the reference (the kernels compute in fp32)."""
     D = hidden.shape[-1]
-    assert weight.dim() == 2 and weight.shape[1] == D, f"weight {tuple(weight.shape)} vs hidden (..., {D})"
-    assert targets.shape == hidden.shape[:-1], f"targets {tuple(targets.shape)} vs hidden {tuple(hidden.shape)}"
-    assert weight.dtype == hidden.dtype, f"weight {weight.dtype} vs hidden {hidden.dtype}"
-    assert temperature > 0, f"temperature must be positive, got {temperature}"
+    if weight.dim() != 2 or weight.shape[1] != D:
+        raise ValueError(f"weight {tuple(weight.shape)} must be (V, {D}) for hidden {tuple(hidden.shape)}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be hidden's {tuple(hidden.shape)} without its last dim")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight {weight.dtype} and hidden {hidden.dtype} must have one dtype")
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     check_targets(targets, weight.shape[0], ignore_index)
     path = resolve_impl(impl, hidden, weight)
     if hidden.dtype == torch.float64 and path == "triton":

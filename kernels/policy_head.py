@@ -250,7 +250,8 @@ def fused_linear_token_loss(
         logp: (N,) fp32 log-probs, detached.
         entropy: (N,) fp32, detached, or None without return_entropy.
     """
-    assert hidden.dim() == 2, f"hidden must be (N, D), got {tuple(hidden.shape)}"
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be (N, D), got {tuple(hidden.shape)}")
     path = head_path(hidden, weight, targets, temperature, impl)
     grad_on = torch.is_grad_enabled()
     need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad

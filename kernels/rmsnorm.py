@@ -1,8 +1,9 @@
 """RMSNorm  y = w * cast(x * rsqrt(mean(x^2) + eps)).   x: (..., D); w: (D,); statistics in fp32.
 
 HF cast order: normalise in fp32, cast to x.dtype, then multiply by w (y has the promoted dtype
-of x and w). Optionally fused with the residual add: h = x + residual (rounded to x.dtype, as
-torch does); y = rmsnorm(h); returns (y, h), and the gradient of h flows back into x and residual.
+of x and w). Optionally fused with the residual add: h = x + residual (in the promoted dtype of
+the two, as torch adds them); y = rmsnorm(h); returns (y, h), and the gradient of h flows back
+into x and residual.
 
 Triton path: one forward launch (rows in tiles of BLOCK_M x BLOCK_D, rstd (M,) fp32 saved), one
 backward launch on a persistent grid. Each backward program owns a contiguous run of rows and keeps
@@ -293,17 +294,21 @@ def rms_norm(
 
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "ref".
     """
+    D = x.shape[-1]
+    if weight.shape != (D,):
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match x (..., {D})")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
     path = resolve_impl(impl, x, weight)
-    if path == "ref" or x.numel() == 0:
+    dtypes = (x.dtype, weight.dtype, x.dtype if residual is None else residual.dtype)
+    if path == "ref" or x.numel() == 0 or torch.float64 in dtypes:  # fp64: the kernels compute in fp32
         if residual is None:
             return rms_norm_ref(x, weight, eps, out_dtype)
         h = x + residual
         return rms_norm_ref(h, weight, eps, out_dtype), h
-    D = x.shape[-1]
-    assert weight.shape == (D,), f"weight {tuple(weight.shape)} does not match x (..., {D})"
-    x2 = _rows(x, D)
+    weight = weight.contiguous()  # the kernels read it with unit stride
     if residual is None:
-        return RMSNormFunction.apply(x2, weight, None, eps, out_dtype).view(x.shape)
-    assert residual.shape == x.shape, f"residual {tuple(residual.shape)} != x {tuple(x.shape)}"
-    y, h = RMSNormFunction.apply(x2, weight, _rows(residual, D), eps, out_dtype)
+        return RMSNormFunction.apply(_rows(x, D), weight, None, eps, out_dtype).view(x.shape)
+    h_dtype = torch.promote_types(x.dtype, residual.dtype)  # torch's x + residual, which is normalised
+    y, h = RMSNormFunction.apply(_rows(x.to(h_dtype), D), weight, _rows(residual.to(h_dtype), D), eps, out_dtype)
     return y.view(x.shape), h.view(x.shape)

@@ -196,6 +196,18 @@ class RotaryFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Refuse shapes the rotation does not take, naming them: q (B, T, H, Dh), k (B, T, Hkv, Dh),
+    cos and sin (B or 1, T, R/2) with R <= Dh."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"apply_rotary: q {tuple(q.shape)}, k {tuple(k.shape)} must be (B, T, H, Dh), (B, T, Hkv, Dh)")
+    B, T, _, Dh = q.shape
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[1] != T or cos.shape[0] not in (1, B):
+        raise ValueError(f"apply_rotary: cos {tuple(cos.shape)}, sin {tuple(sin.shape)} must be ({B} or 1, {T}, R/2)")
+    if 2 * cos.shape[-1] > Dh:
+        raise ValueError(f"apply_rotary: rotary dim {2 * cos.shape[-1]} > head dim {Dh}")
+
+
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,11 +215,8 @@ def apply_rotary(
 
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "ref".
     """
-    B, T, _, Dh = q.shape
-    assert k.shape[:2] == (B, T) and k.shape[3] == Dh, f"k {tuple(k.shape)} does not match q {tuple(q.shape)}"
-    assert cos.shape == sin.shape and cos.shape[1] == T and cos.shape[0] in (1, B), f"cos {tuple(cos.shape)}"
-    assert 2 * cos.shape[-1] <= Dh, f"rotary dim {2 * cos.shape[-1]} > head dim {Dh}"
+    _check_shapes(q, k, cos, sin)
     path = resolve_impl(impl, q, k)
-    if path == "ref" or q.numel() == 0:
+    if path == "ref" or q.numel() == 0 or torch.float64 in (q.dtype, k.dtype):  # fp64: the kernel computes in fp32
         return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
     return RotaryFunction.apply(q, k, cos, sin)

@@ -264,6 +264,24 @@ def _race_combine_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_inputs(logits, temperature, row_keys, position, chunk) -> None:
+    """Refuse what no path can draw from, with the bad value named (an empty vocabulary would leave
+    the kernels' records unwritten: a crash, not a token)."""
+    if logits.dim() != 2:
+        raise ValueError(f"sample_race: logits must be (N, V), got {tuple(logits.shape)}")
+    N, V = logits.shape
+    if V == 0:
+        raise ValueError(f"sample_race: logits {tuple(logits.shape)} have an empty vocabulary")
+    if row_keys.shape != (N,):
+        raise ValueError(f"sample_race: {tuple(row_keys.shape)} row keys for {N} rows")
+    if position.numel() != 1:
+        raise ValueError(f"sample_race: position must be (1,), got {tuple(position.shape)}")
+    if not temperature >= 0:
+        raise ValueError(f"sample_race: temperature must be >= 0, got {temperature}")
+    if chunk is not None and (chunk < RACE_BLOCK or chunk & (chunk - 1)):
+        raise ValueError(f"sample_race: chunk must be a power of two >= {RACE_BLOCK}, got {chunk}")
+
+
 def sample_race(
     logits: torch.Tensor,
     temperature: float,
@@ -285,15 +303,11 @@ def sample_race(
     Returns:
         tokens (N,) int64, logp (N,) fp32 = log_softmax(logits / T)[token].
     """
-    assert logits.dim() == 2, f"logits must be (N, V), got {tuple(logits.shape)}"
+    _check_inputs(logits, temperature, row_keys, position, chunk)
     N, V = logits.shape
-    assert row_keys.shape == (N,), f"{tuple(row_keys.shape)} row keys for {N} rows"
-    assert position.numel() == 1, f"position must be (1,), got {tuple(position.shape)}"
-    assert temperature >= 0, f"temperature must be >= 0, got {temperature}"
     if resolve_impl(impl, logits, row_keys, position) == "ref" or N == 0:
         return sample_race_ref(logits, temperature, row_keys, position)
     chunk = chunk or _CHUNK["cuda" if logits.is_cuda else "cpu"]
-    assert chunk >= RACE_BLOCK and chunk & (chunk - 1) == 0, f"chunk must be a power of two >= 256, got {chunk}"
     chunk = min(chunk, max(RACE_BLOCK, next_power_of_2(V)))  # no chunk wider than the vocabulary needs
     if logits.stride(1) != 1:
         logits = logits.contiguous()

@@ -204,7 +204,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, impl: str = "auto") -> torch
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "ref". The Triton path
     takes fp16, bf16 and fp32 inputs of one dtype; others (fp64) run the reference.
     """
-    assert gate.shape == up.shape, f"gate {tuple(gate.shape)} != up {tuple(up.shape)}"
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
     path = resolve_impl(impl, gate, up)
     if path == "ref" or gate.numel() == 0 or gate.dtype not in _KERNEL_DTYPES or up.dtype != gate.dtype:
         # plain torch, two ops: autograd keeps gate, up and silu(gate), which the memory pre-flight
@@ -220,7 +221,8 @@ def swiglu_halves(gate_up: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     The same values as swiglu(*gate_up.chunk(2, -1)); on the kernel path its gradient is one
     (..., 2F) tensor made in place (SwiGLUHalvesFunction), where chunking would join two.
     """
-    assert gate_up.shape[-1] % 2 == 0, f"gate_up's last dim must be even, got {tuple(gate_up.shape)}"
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(f"swiglu_halves: gate_up's last dim must be even, got {tuple(gate_up.shape)}")
     two_f = gate_up.shape[-1]
     path = resolve_impl(impl, gate_up)
     if path == "ref" or gate_up.numel() == 0 or gate_up.dtype not in _KERNEL_DTYPES:

@@ -179,6 +179,16 @@ class ClippedTokenLossFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_per_token(logp: torch.Tensor, **per_token: torch.Tensor | None) -> None:
+    """Refuse inputs that are not one value per token of logp (n,): the kernel reads n of each, so
+    a shorter or broadcast tensor would be read past its end rather than broadcast."""
+    if logp.dim() != 1:
+        raise ValueError(f"logp must be (n,), got {tuple(logp.shape)}")
+    for name, t in per_token.items():
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"{name} must be (n,) = {tuple(logp.shape)} like logp, got {tuple(t.shape)}")
+
+
 def clipped_token_loss_and_grad(
     logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -207,7 +217,8 @@ def clipped_token_loss_and_grad(
         ref_logp, beta: (n,) reference log-probs for the k3 KL term and its coefficient; None: no KL.
         impl: "auto" (Triton on CUDA, else the torch closed form), "triton" or "ref".
     """
-    assert logp.dim() == 1, f"logp must be (n,), got {tuple(logp.shape)}"
+    per_token = dict(advantages=advantages, weight=weight, old_logp=old_logp, is_weight=is_weight, ref_logp=ref_logp)
+    _check_per_token(logp, **per_token)
     ref_logp = ref_logp if beta != 0.0 else None  # no KL term (nor its inf * 0) at beta 0
     opts = dict(
         epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, old_logp=old_logp, is_weight=is_weight,

@@ -233,6 +233,46 @@ def test_out_of_range_targets_fail_clearly(bad, impl):
         fused_linear_token_loss(h, w, torch.tensor([0, 1, IGNORE]), lambda lp, a, b: lp, impl=impl)
 
 
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_mismatched_inputs_fail_clearly(impl):
+    h, w, tgt = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4])
+    cases = [
+        ((h, torch.randn(5, 6), tgt), {}, r"weight \(5, 6\) must be \(V, 4\) for hidden \(3, 4\)"),
+        ((h, w, tgt[:2]), {}, r"targets \(2,\) must be hidden's \(3, 4\) without its last dim"),
+        ((h, w.bfloat16(), tgt), {}, r"weight torch.bfloat16 and hidden torch.float32 must have one dtype"),
+        ((h, w, tgt.float() + 0.5), {}, r"targets must be integer token ids, got torch.float32"),
+        ((h, w, tgt), {"temperature": 0.0}, r"temperature must be positive, got 0.0"),
+        ((h, w, tgt), {"temperature": float("nan")}, r"temperature must be positive, got nan"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fused_linear_logprobs(*args, **kwargs, impl=impl)
+    with pytest.raises(ValueError, match=r"hidden must be \(N, D\), got \(1, 3, 4\)"):
+        fused_linear_token_loss(h[None], w, tgt[None], lambda lp, a, b: lp, impl=impl)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize(("V", "D"), [(1, 3), (7, 1), (1001, 100)])
+def test_tiny_and_odd_vocabularies_with_the_first_and_last_targets(V, D, device):
+    # one tile narrower than the vocabulary (1001 = 3 x 256 + 233 columns), targets 0 and V - 1
+    h = torch.randn(4, D, dtype=torch.float64, device=device)
+    w = torch.randn(V, D, dtype=torch.float64, device=device) / D**0.5
+    tgt = torch.tensor([0, V - 1, 0, V - 1], device=device)
+    g = torch.randn(4, dtype=torch.float64, device=device)
+    outs = {}
+    for impl, dtype in (("triton", torch.float32), ("fp64", torch.float64)):
+        hh, ww = h.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+        if impl == "fp64":
+            logp, ent = linear_logprobs_ref(hh, ww, tgt, 0.7)
+        else:
+            opts = dict(temperature=0.7, return_entropy=True, tile=(3, 256))
+            logp, ent = fused_linear_logprobs(hh, ww, tgt, **opts, impl=impl)
+        ((logp.double() * g).sum() + (ent.double() * g).sum()).backward()
+        outs[impl] = (logp.detach(), ent.detach(), hh.grad, ww.grad)
+    for name, got, want in zip(["logp", "entropy", "dh", "dw"], outs["triton"], outs["fp64"]):
+        assert (got.double() - want).abs().max() <= 1e-5, name
+
+
 def test_logprobs_auto_is_ref_on_cpu():
     h, w, tgt = _inputs(6, 32, 211, torch.float32, torch.device("cpu"), n_ignored=1)
     a = fused_linear_logprobs(h, w, tgt, temperature=0.9, return_entropy=True, impl="auto")

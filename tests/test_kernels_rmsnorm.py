@@ -142,3 +142,51 @@ def test_fp32_gain_over_bf16_rows(device, residual):
         (g,) = torch.autograd.grad(y.float().pow(2).sum(), w)
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, (2 * y.float() * n).sum(0), rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_rms_norm_strided_weight(device):
+    # the weight as every other entry of a wider buffer: the kernels read it with unit stride
+    x64 = torch.randn(5, 64, device=device, dtype=torch.float64)
+    buf64 = torch.randn(128, device=device, dtype=torch.float64)
+    gy = torch.randn(5, 64, device=device, dtype=torch.float64)
+    outs = {}
+    for impl, dtype in (("triton", torch.float32), ("fp64", torch.float64)):
+        x, buf = x64.to(dtype).requires_grad_(), buf64.to(dtype).requires_grad_()
+        w = buf[::2]  # (64,) stride 2
+        y = rms_norm(x, w, 1e-6, impl="triton") if impl == "triton" else rms_norm_ref(x, w, 1e-6)
+        (y.double() * gy).sum().backward()
+        outs[impl] = (y.detach(), x.grad, buf.grad)
+    for name, g, rf in zip(["y", "dx", "dw"], outs["triton"], outs["fp64"]):
+        assert rel_err(g, rf) <= FLOOR[torch.float32], f"{name}: {rel_err(g, rf):.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_rms_norm_residual_of_a_wider_dtype_is_added_as_torch_adds(device):
+    # bf16 rows plus an fp32 residual: torch's x + residual is fp32, and so is what gets normalised
+    x = torch.randn(4, 96, device=device, dtype=torch.bfloat16)
+    r = torch.randn(4, 96, device=device, dtype=torch.float32)
+    w = torch.randn(96, device=device, dtype=torch.bfloat16)
+    y, h = rms_norm(x, w, residual=r, impl="triton")
+    y_ref, h_ref = rms_norm(x, w, residual=r, impl="ref")
+    assert (y.dtype, h.dtype) == (y_ref.dtype, h_ref.dtype) == (torch.float32, torch.float32)
+    assert torch.equal(h, h_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_rms_norm_fp64_keeps_fp64_precision(device):
+    # the kernels compute in fp32: fp64 inputs take the reference even with impl="triton"
+    x = torch.randn(3, 100, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(100, device=device, dtype=torch.float64)
+    y = rms_norm(x, w, impl="triton")
+    torch.testing.assert_close(y, rms_norm_ref(x, w, 1e-6), rtol=1e-13, atol=1e-13)
+
+
+def test_rms_norm_refuses_mismatched_shapes():
+    x = torch.randn(3, 8)
+    for impl in ("triton", "ref"):
+        with pytest.raises(ValueError, match=r"weight \(7,\) does not match x \(\.\.\., 8\)"):
+            rms_norm(x, torch.ones(7), impl=impl)
+        with pytest.raises(ValueError, match=r"residual \(1, 8\) does not match x \(3, 8\)"):
+            rms_norm(x, torch.ones(8), residual=torch.randn(1, 8), impl=impl)

@@ -112,3 +112,39 @@ def test_rotary_large_cuda():
     plain = _fwd_bwd(q, k, cos, sin, gq, gk, "ref")
     for g, p, rf in zip(got, plain, ref):
         assert rel_err(g, rf) <= 2 * rel_err(p, rf) + FLOOR[torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_rotary_fp64_keeps_fp64_precision(device):
+    # the kernel computes in fp32: fp64 inputs take the reference even with impl="triton"
+    q, k = _qk(2, 3, 4, 2, 80, torch.float64, device)
+    cos, sin = (a.double() for a in _angles(2, 3, 80, device))
+    qo, ko = apply_rotary(q, k, cos, sin, impl="triton")
+    torch.testing.assert_close(qo, rotary_ref(q, cos, sin), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(ko, rotary_ref(k, cos, sin), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("Dh", [8, 24, 112])
+def test_rotary_odd_head_dims_single_token_and_empty_batch(Dh, device):
+    for B, T in ((1, 1), (0, 3)):
+        q, k = _qk(B, T, 3, 1, Dh, torch.float32, device)
+        cos, sin = _angles(max(B, 1), T, Dh, device)
+        cos, sin = cos[:B], sin[:B]
+        gq, gk = (torch.randn(B, T, h, Dh, dtype=torch.float64, device=device) for h in (3, 1))
+        got, ref = _fwd_bwd(q, k, cos, sin, gq, gk, "triton"), _fwd_bwd(q, k, cos, sin, gq, gk, "fp64")
+        for name, g, rf in zip(["q", "k", "dq", "dk"], got, ref):
+            assert g.shape == rf.shape and (g.numel() == 0 or rel_err(g, rf) <= FLOOR[torch.float32]), name
+
+
+def test_rotary_refuses_mismatched_shapes():
+    q, k, cos = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 1, 8), torch.ones(1, 2, 4)
+    for impl in ("triton", "ref"):
+        with pytest.raises(ValueError, match=r"q \(1, 2, 2, 8\), k \(1, 2, 1, 6\) must be"):
+            apply_rotary(q, k[..., :6], cos, cos, impl=impl)
+        with pytest.raises(ValueError, match=r"q \(2, 2, 8\), k \(1, 2, 1, 8\) must be"):
+            apply_rotary(q[0], k, cos, cos, impl=impl)
+        with pytest.raises(ValueError, match=r"cos \(1, 3, 4\), sin \(1, 3, 4\) must be \(1 or 1, 2, R/2\)"):
+            apply_rotary(q, k, torch.ones(1, 3, 4), torch.ones(1, 3, 4), impl=impl)
+        with pytest.raises(ValueError, match=r"rotary dim 10 > head dim 8"):
+            apply_rotary(q, k, torch.ones(1, 2, 5), torch.ones(1, 2, 5), impl=impl)

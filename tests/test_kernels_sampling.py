@@ -202,3 +202,34 @@ def test_cuda_graph_replays_with_the_position_advanced_in_place():
         graph.replay()
         eager_tokens, eager_logp = sample_race(logits, 1.0, keys, torch.tensor([t], device=dev), impl="triton")
         assert torch.equal(tokens, eager_tokens) and torch.equal(logp, eager_logp)
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_an_empty_vocabulary_is_refused_before_any_launch(impl):
+    # (2, 0) logits: the first launch would have no chunk to write, the second read garbage (a crash)
+    keys, pos = _keys(2), torch.tensor([0])
+    for temperature in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"logits \(2, 0\) have an empty vocabulary"):
+            sample_race(torch.zeros(2, 0), temperature, keys, pos, impl=impl)
+    with pytest.raises(ValueError, match=r"\(3,\) row keys for 2 rows"):
+        sample_race(torch.zeros(2, 5), 1.0, _keys(3), pos, impl=impl)
+    with pytest.raises(ValueError, match="chunk must be a power of two >= 256, got 300"):
+        sample_race(torch.zeros(2, 5), 1.0, keys, pos, impl=impl, chunk=300)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("V", [1, 7, 600])
+def test_tiny_vocabularies_and_masked_logits(V, temperature, device):
+    # -inf outside a few allowed ids (the first and the last among them): tokens never land there
+    logits = _logits(3, V, torch.float32, device)
+    if V > 7:
+        allowed = torch.tensor([0, 5, 300, V - 1], device=device)
+        logits = torch.full_like(logits, float("-inf")).index_copy_(1, allowed, logits[:, allowed])
+    keys, pos = _keys(3, device=device), torch.tensor([2], device=device)
+    tokens, logp = sample_race(logits, temperature, keys, pos, impl="triton", chunk=256)
+    want_tokens, want_logp = sample_race_ref(logits, temperature, keys, pos)
+    assert tokens.tolist() == want_tokens.tolist()
+    assert torch.isfinite(logits.gather(1, tokens[:, None])).all()
+    torch.testing.assert_close(logp.double(), _fp64_logp(logits, temperature, tokens), rtol=0, atol=ATOL)
+    torch.testing.assert_close(logp, want_logp, rtol=0, atol=ATOL)

@@ -156,6 +156,26 @@ def test_swiglu_auto_is_ref_on_cpu_and_ref_is_the_old_mlp_math():
     torch.testing.assert_close(d, up * s * (1 + gate.detach() * (1 - s)), rtol=1e-5, atol=1e-6)
 
 
+def test_swiglu_refuses_mismatched_shapes():
+    for impl in ("triton", "ref"):
+        with pytest.raises(ValueError, match=r"gate \(2, 3\) and up \(2, 4\) must have one shape"):
+            swiglu(torch.randn(2, 3), torch.randn(2, 4), impl=impl)
+        with pytest.raises(ValueError, match=r"gate_up's last dim must be even, got \(2, 3\)"):
+            swiglu_halves(torch.randn(2, 3), impl=impl)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("width", [1, 3, 1001])
+def test_swiglu_tiny_and_odd_widths_and_empty_rows(width, device):
+    for shape in ((1,), (0, 2)):
+        gate_up = _inputs(shape, width, torch.float32, device)
+        y = swiglu_halves(gate_up, impl="triton")
+        assert y.shape == (*shape, width)
+        if y.numel():
+            want = swiglu_ref(*gate_up.double().chunk(2, -1))
+            assert rel_err(y, want) <= FLOOR[torch.float32]
+
+
 @pytest.mark.gpu
 def test_swiglu_large_cuda():
     dev = torch.device("cuda")

@@ -10,6 +10,8 @@ clip bounds and on delta (the clamp passes the gradient there), the two arms of 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from helpers.kernel_checks import DEVICES, kernel_device
@@ -162,3 +164,17 @@ def test_nan_log_ratios_give_nan_losses_as_autograd(impl, gpu_min_max):
     loss, grad = clipped_token_loss_and_grad(**inputs, **_kernel_opts(opts), impl=impl)
     torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+@pytest.mark.parametrize("name", ["advantages", "weight", "old_logp", "is_weight", "ref_logp"])
+def test_per_token_inputs_must_match_logp(name, impl):
+    # the kernel reads n values of each input: a short or 0-dim one would be read past its end (a
+    # 0-dim weight of 0.5 gave losses off by 1.0 under the interpreter) instead of broadcast
+    opts, inputs = _inputs("two_sided_is_kl", "cpu", n=10)
+    for bad in (inputs[name][:5], inputs[name][0]):
+        expected = f"{name} must be (n,) = (10,) like logp, got {tuple(bad.shape)}"
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            clipped_token_loss_and_grad(**{**inputs, name: bad}, **_kernel_opts(opts), impl=impl)
+    with pytest.raises(ValueError, match=r"logp must be \(n,\), got \(2, 5\)"):
+        clipped_token_loss_and_grad(**{**inputs, "logp": inputs["logp"].view(2, 5)}, **_kernel_opts(opts), impl=impl)
