@@ -8,6 +8,7 @@ peak memory of loading, and 8-bit AdamW on adapters over an NF4 base.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import pytest
@@ -25,6 +26,8 @@ try:
 except QuantizationUnavailableError:
     CPU_NF4 = False
 needs_cpu_nf4 = pytest.mark.skipif(not CPU_NF4, reason="this bitsandbytes has no CPU 4-bit path")
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes")  # a GPU machine may lack it
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -216,6 +219,7 @@ def test_no_cpu_4bit_path_names_the_setting(monkeypatch, tmp_path):
 
 
 @pytest.mark.gpu
+@needs_bnb
 def test_nf4_cuda_forward_backward_vs_bf16_reference():
     w = (torch.randn(1024, 2048, device="cuda") * 0.02).bfloat16()
     layer = NF4Linear(w)
@@ -232,6 +236,7 @@ def test_nf4_cuda_forward_backward_vs_bf16_reference():
 
 
 @pytest.mark.gpu
+@needs_bnb
 def test_load_quantized_keeps_gpu_peak_well_below_16bit_size(tmp_path):
     big = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, vocab_size=1024)
     tiny_checkpoint(tmp_path, seed=5, **big)
@@ -253,6 +258,7 @@ def test_load_quantized_keeps_gpu_peak_well_below_16bit_size(tmp_path):
 
 
 @pytest.mark.gpu
+@needs_bnb
 def test_adamw8bit_steps_adapters_over_nf4_base():
     from minigrpo.config import TrainCfg
     from minigrpo.optim import build_optimizer
@@ -279,6 +285,7 @@ def test_adamw8bit_steps_adapters_over_nf4_base():
 
 
 @pytest.mark.gpu
+@needs_bnb
 def test_sampler_graphs_equal_eager_on_nf4_model():
     from minigrpo.sampling.kv_sampler import KVCacheSampler
     from minigrpo.sampling.params import SamplingParams
