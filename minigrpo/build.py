@@ -327,12 +327,13 @@ def load_policy(
     return model, tokenizer
 
 
-def build_sampler(cfg: Config, model, tokenizer) -> Sampler:
-    """The sampler `sampler.kind` names: the own KV-cache sampler, or a colocated vLLM engine."""
+def build_sampler(cfg: Config, model, tokenizer, prompt_tokens: int | None = None) -> Sampler:
+    """The sampler `sampler.kind` names: the own KV-cache sampler, or a colocated vLLM engine (as long
+    as the longest prompt, `prompt_tokens`, and its completion need)."""
     if cfg.sampler.kind == "vllm":
         from minigrpo.sampling.vllm_sampler import VLLMSampler  # the only import of vllm
 
-        return VLLMSampler.from_config(cfg, model, tokenizer)
+        return VLLMSampler.from_config(cfg, model, tokenizer, prompt_tokens=prompt_tokens)
     return KVCacheSampler(
         model,
         tokenizer,
@@ -455,7 +456,7 @@ def build_run(
         model=model,
         ref_model=ref_model,
         tokenizer=tokenizer,
-        sampler=build_sampler(cfg, model, tokenizer),
+        sampler=build_sampler(cfg, model, tokenizer, prompt_tokens),
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.train, cfg.train.steps * updates_per_step(cfg), updates_per_step(cfg)),
         loader=PromptLoader(examples, seed=cfg.run.seed, shuffle=cfg.data.shuffle),

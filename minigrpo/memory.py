@@ -12,9 +12,8 @@ A step has four phases whose peaks never overlap (each frees its working memory 
     update      weights + optimizer state + gradients + one micro-batch's activations at their peak
     optimizer   weights + optimizer state + gradients + the optimizer's own temporaries
 
-With `algorithm: ppo` the critic's weights, fp32 masters and optimizer state are static too, and its
-gradients join the policy's in the update and optimizer phases (its value pass runs after the
-policy's backward, so the larger activation peak is the policy's).
+With `algorithm: ppo` the critic's weights, masters and optimizer state are static too; its gradients join the
+policy's in the update phase and the policy's optimizer step (the critic steps after it, the policy's gradients freed).
 
 The bytes of each part (weights, adapters, optimizer state, activations, KV cache) are counted in
 memory_parts.py, whose docstring gives the formulas; here they are added up per phase, compared with
@@ -55,6 +54,7 @@ from minigrpo.memory_parts import (
     optimizer_notes,
     step_transient_bytes,
     trainer_bytes,
+    update_bytes,
     value_model_bytes,
     vllm_share,
 )
@@ -157,18 +157,21 @@ def estimate_peak(
     act = micro_batch_activations(cfg, args, mb, T, Tc, b, device_type)
     parts["gradients"] = grad_bytes
     parts["value_gradients"] = critic["gradients"]  # PPO: the policy's pass, then the critic's (no larger)
+    one = math.ceil(N / (cfg.ppo.mini_batches if cfg.algorithm == "ppo" else 1)) <= mb  # a step's only micro-batch
+    head = dict(head_grad=0 if lora.enabled else args.vocab_size * args.dim * b, layers=args.n_layers)
+    update = static + update_bytes(act, grad_bytes, critic["gradients"], accumulating=not one, **head)
     grad_bytes += critic["gradients"]
     parts.update(activation_parts(act))
-    update = static + grad_bytes + act["peak"]
 
     # ---- optimizer step: fp32 copies of 16-bit grads (MasterWeights, a bucket at a time, each 16-bit
     # grad freed as its copy is made) + AdamW's foreach temporaries; the largest tensor is the embedding
     largest = args.vocab_size * args.dim
     step_tmp = step_transient_bytes(n_train, masters > 0, tr.optimizer, largest, grad_b=b)
     critic_tmp = step_transient_bytes(critic["numel"], critic["masters"] > 0, tr.optimizer, largest, grad_b=b)
-    step_tmp = max(step_tmp, critic_tmp)  # PPO: the critic steps after the policy
-    parts["optimizer_step_transient"] = step_tmp
-    optimizer = static + grad_bytes + step_tmp
+    critic_step = critic["gradients"] + critic_tmp  # PPO: after the policy's step, which freed its gradients
+    critic_peak = critic_step > grad_bytes + step_tmp  # (grad_bytes: both models'; the critic's wait)
+    parts["optimizer_step_transient"] = critic_tmp if critic_peak else step_tmp
+    optimizer = static + max(grad_bytes + step_tmp, critic_step)
 
     host = {"activation_offload": act["offload_host"]} if act["offload_host"] else {}
     phases = {"rollout": rollout, "logprobs": logprobs, "update": update, "optimizer": optimizer}
@@ -177,7 +180,7 @@ def estimate_peak(
         "rollout": (*held, "vllm", "kv_cache", "rollout_transient", "lora_merged_for_sampling"),
         "logprobs": (*held, "logprob_forward"),
         "update": (*held, *grads, *ACTIVATION_PARTS),
-        "optimizer": (*held, *grads, "optimizer_step_transient"),
+        "optimizer": (*held, *grads[critic_peak:], "optimizer_step_transient"),
     }
     members = {phase: tuple(dict.fromkeys(names)) for phase, names in members.items()}  # vllm once
     return MemoryEstimate(parts=parts, phases=phases, members=members, host=host, notes=notes)

@@ -436,6 +436,22 @@ def activation_parts(act: dict[str, int]) -> dict[str, int]:
     }
 
 
+def update_bytes(act: dict[str, int], grads: int, later_grads: int = 0, *, accumulating=True, head_grad=0, layers=1):
+    """The update phase above the static bytes: one micro-batch's activations (activation_bytes) and the
+    gradients then held: `grads` and `later_grads` (PPO's critic, whose pass follows), all of them for a
+    later micro-batch of an optimizer step (`accumulating`). The only one of a step makes them as its
+    backward goes: none at the LM head's (its dW in head_backward becomes the gradient), `head_grad` at
+    the last layer's, all (nearly) at the first layer's, the other `layers`' tensors freed by then."""
+    if accumulating:
+        return act["peak"] + grads + later_grads
+    at_head = act["blocks"] + act["head"] + act["head_backward"]
+    block_backward = act["recompute"] + act["backward"]
+    at_last_layer = act["blocks"] + block_backward + head_grad
+    at_first_layer = act["blocks"] // layers + block_backward + grads
+    value_pass = act["blocks"] + block_backward + grads if later_grads else 0
+    return max(at_head, at_last_layer, at_first_layer, value_pass) + act["loss"]
+
+
 def kv_cache_bytes(args: ModelArgs, sequences: int, length: int, b: int) -> int:
     """The sampler's static KV cache: sequences x length x 2 (k, v) x layers x Hkv x Dh x b."""
     return sequences * length * 2 * args.n_layers * args.n_kv_heads * args.head_dim * b

@@ -80,7 +80,9 @@ def prompts_that_fit(
     evaluating: bool = False,
 ) -> tuple[list[Example], int]:
     """The examples whose prompt has at most data.max_prompt_tokens tokens (`evaluating`: all of them),
-    and the longest prompt length a step must hold (the limit, or the longest prompt). A UserError
+    and the longest of their prompts in tokens, as the rollout encodes them (a tool episode's opening
+    included): what a step's KV cache and memory pre-flight must hold, not the cap, which may be far
+    above every prompt (2048 against 300-token prompts would overstate the cache 4 times). A UserError
     names a prompt the chat template cannot render or that encodes to no token, a limit no prompt
     meets, and a longest prompt that leaves too few of the model's positions (`max_positions`:
     position_limit, or a bare max_position_embeddings) for the completion budget."""
@@ -117,7 +119,7 @@ def prompts_that_fit(
             f"the longest prompt has {longest} tokens and {key}={budget}: {longest + budget} positions, more than "
             f"{max_positions.setting}; {fix}"
         )
-    return examples, longest if limit is None else limit
+    return examples, longest
 
 
 def _fits_fix(positions: int, budget: int, key: str, longest: int, shortest: int, evaluating: bool) -> str:
@@ -144,7 +146,7 @@ def rollout_prompts(cfg: Any, examples: list[Example], tokenizer: Any) -> tuple[
     """(token ids, texts) of the prompts the rollout samples from: the data's chat prompts, or a tool
     environment's opening prompts (see the module docstring)."""
     if cfg.env.kind not in ENV_KINDS:
-        return encode_prompts(examples, tokenizer, cfg.data.system_prompt)
+        return encode_prompts(examples, tokenizer, cfg.data.system_prompt, cfg.data.chat_template_kwargs)
     from minigrpo.episode_text import render
     from minigrpo.episodes import opening_messages
 

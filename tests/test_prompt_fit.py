@@ -148,6 +148,25 @@ def test_the_limit_keeps_the_short_prompts():
     assert prompts_that_fit(load_config(None), examples, Chars())[1] == 9  # no limit, positions unknown
 
 
+def test_a_generous_limit_returns_the_longest_kept_prompt_not_the_limit():
+    """The length returned sizes the memory pre-flight (build.py): a cap far above every prompt must
+    not stand in for them. Prompts of 3, 9 and 5 tokens under data.max_prompt_tokens=2048 need 9."""
+
+    class Chars:  # one token per character, no chat template
+        chat_template = None
+
+        def encode(self, text, add_special_tokens=True):
+            return list(text)
+
+    examples = [Example(prompt="x" * n, answer="") for n in (3, 9, 5)]
+    cfg = Config()
+    cfg.data.max_prompt_tokens = 2048
+    kept, longest = prompts_that_fit(cfg, examples, Chars(), max_positions=4096)
+    assert len(kept) == 3 and longest == 9
+    cfg.data.max_prompt_tokens = 6  # the 9-token prompt goes: the longest kept has 5
+    assert prompts_that_fit(cfg, examples, Chars(), max_positions=4096)[1] == 5
+
+
 def test_longrope_rollouts_stay_below_the_switch_to_the_long_factors():
     """Past original_max_position_embeddings longrope rotates a whole sequence by its long factors,
     which a sampler's cache (the prompt rotated by the short ones) cannot follow: that length is
@@ -203,7 +222,8 @@ def test_a_tool_environment_measures_the_episodes_opening_prompts():
     cfg.env.kind, cfg.env.tools, cfg.env.system_prompt, cfg.env.max_episode_tokens = "tools", ["calculator"], "S", 50
     cfg.data.max_prompt_tokens = 40  # an opening is len("calculator[system]S[user]") + n + len("[assistant]")
     kept, longest = prompts_that_fit(cfg, examples, ToolChars(), max_positions=90)
-    assert [len(ex.prompt) for ex in kept] == [3] and longest == 40  # the data's prompt alone: 17 + n tokens
+    # an opening has 36 + n tokens: the 3-character prompt's 39 is the longest kept (not the cap, 40)
+    assert [len(ex.prompt) for ex in kept] == [3] and longest == 39
     cfg.data.max_prompt_tokens = None
     with pytest.raises(UserError, match=r"^the longest prompt has 56 tokens and env.max_episode_tokens=50: 106"):
         prompts_that_fit(cfg, examples, ToolChars(), max_positions=90)

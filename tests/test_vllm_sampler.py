@@ -372,6 +372,41 @@ def test_probe_every_is_a_checked_config_key_passed_to_the_sampler(monkeypatch):
     assert seen["probe_every"] == 4
 
 
+def test_the_engine_is_as_long_as_the_longest_prompt_and_its_completion(monkeypatch):
+    """from_config sizes vLLM's max_model_len from the longest measured prompt (prompt_fit) plus
+    sampler.max_new_tokens (episodes: + env.max_episode_tokens), at most the model's positions. With
+    no data.max_prompt_tokens it was 1024 + max_new_tokens: a 1500-token prompt that fits a 4096-
+    position model was refused by generate mid-run (test_bad_prompts_and_lengths_are_sampling_errors)."""
+    from minigrpo.config import ConfigError, load_config
+
+    seen: dict = {}
+    monkeypatch.setattr(VLLMSampler, "__init__", lambda self, model, tok, **kw: seen.update(kw))
+    model = tiny_model(**ARCH, max_position_embeddings=4096)
+    cfg = load_config(None, ["sampler.kind=vllm", "sampler.max_new_tokens=64"])
+
+    def asked(c, m=model, **kw) -> int:
+        VLLMSampler.from_config(c, m, None, **kw)
+        return seen["max_model_len"]
+
+    assert asked(cfg, prompt_tokens=1500) == 1500 + 64
+    assert asked(cfg) == 4096  # nothing measured, no cap: every prompt that fits the positions
+    cfg.data.max_prompt_tokens = 2048  # a generous cap: the measured prompts decide
+    assert asked(cfg, prompt_tokens=300) == 300 + 64 and asked(cfg) == 2048 + 64
+    cfg.env.kind, cfg.env.max_episode_tokens = "tools", 512  # a turn follows an episode of up to 512 tokens
+    assert asked(cfg, prompt_tokens=300) == 300 + 512 + 64
+    assert asked(cfg, prompt_tokens=3550) == 4096  # 3550 + 512 fit; the last turn is cut by the positions
+    with pytest.raises(ConfigError, match=r"^the longest prompt has 3600 tokens and env.max_episode_tokens=512: 4112"):
+        asked(cfg, prompt_tokens=3600)
+    # longrope: a rollout stays below original_max_position_embeddings (prompt_fit.position_limit)
+    longrope = {"type": "longrope", "short_factor": [1.0] * 16, "long_factor": [2.0] * 16}
+    phi = tiny_model(
+        **ARCH, model_type="phi3", max_position_embeddings=4096, original_max_position_embeddings=1024,
+        rope_scaling=longrope,
+    )  # fmt: skip
+    cfg.env.kind = None
+    assert asked(cfg, phi) == 1024
+
+
 def generate_calls(sampler: VLLMSampler, monkeypatch) -> list[object]:
     """A list that grows by one for every call of the engine's generate (the probe's forward)."""
     calls: list[object] = []
@@ -974,7 +1009,7 @@ def test_episodes_through_vllm(engine, monkeypatch):
 def test_grpo_run_with_episodes_on_the_vllm_sampler(engine, tmp_path, monkeypatch):
     """Two steps of the training loop (minigrpo.train.train) with `sampler.kind: vllm` and `env.kind`
     (GoOnEnv, never done: episodes of up to 3 turns, a turn ended by a digit, a stop string, or at 4
-    tokens). The engine is sized as from_config sizes it for episodes: data.max_prompt_tokens +
+    tokens). The engine is sized as from_config sizes it for episodes: the longest prompt (12) +
     env.max_episode_tokens + sampler.max_new_tokens (a prompt and one turn, 12 + 4, cannot hold
     a second turn: generate refuses it). Both steps log the env/* metrics, every turn but the last
     followed by 7 or 8 environment tokens (<|im_end|> when a stop string ended the turn, then "go
@@ -1003,7 +1038,7 @@ def test_grpo_run_with_episodes_on_the_vllm_sampler(engine, tmp_path, monkeypatc
     with monkeypatch.context() as patch:
         lend_engine(sampler, patch)
         history = train_mod.train(Config.from_dict(raw))
-        assert sampler.max_model_len == 12 + 24 + 4
+        assert sampler.max_model_len == 12 + 24 + 4  # every prompt is 12 tokens: the longest measured one
     assert [h["step"] for h in history] == [1, 2]
     for h in history:
         turns, env_tokens = h["env/turns_mean"], h["env/env_tokens_mean"]

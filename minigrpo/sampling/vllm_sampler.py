@@ -59,6 +59,7 @@ from .vllm_ranks import (
 from .vllm_sync import (
     ProbeSchedule,
     SyncError,
+    engine_max_model_len,
     fingerprintable,
     policy_weights_for_sync,
     probe_logprob_diff,
@@ -191,17 +192,17 @@ class VLLMSampler:
         self.sync(model)
 
     @classmethod
-    def from_config(cls, cfg: Any, model: nn.Module, tokenizer: Any, **overrides: Any) -> VLLMSampler:
-        """The sampler a run's `Config` asks for (`sampler.kind: vllm`)."""
+    def from_config(
+        cls, cfg: Any, model: nn.Module, tokenizer: Any, *, prompt_tokens: int | None = None, **overrides: Any
+    ) -> VLLMSampler:
+        """The sampler a run's `Config` asks for (`sampler.kind: vllm`); prompt_tokens: the longest
+        prompt (prompt_fit.prompts_that_fit), which sizes the engine (vllm_sync.engine_max_model_len)."""
         s = cfg.sampler
         problem = vllm_temperature_problem(s.temperature)
         if problem:  # before the engine and the first sync
             raise ConfigError(f"sampler.temperature {problem}")
-        prompt_budget = cfg.data.max_prompt_tokens or 1024
-        # a sequence is a prompt and one turn; with env.kind a turn follows the episode so far (< max_episode_tokens)
-        history = cfg.env.max_episode_tokens if cfg.env.kind is not None else 0
         kwargs: dict[str, Any] = dict(
-            max_model_len=min(int(model.args.max_position_embeddings), prompt_budget + history + s.max_new_tokens),
+            max_model_len=engine_max_model_len(cfg, model.args, prompt_tokens),
             max_num_seqs=max(math.ceil(cfg.grpo.prompts_per_step / torchrun_world().size) * cfg.grpo.group_size, 1),
             gpu_memory_utilization=s.gpu_memory_utilization,
             sleep=s.vllm_sleep,

@@ -25,6 +25,9 @@ log-probs of the same tokens within PROBE_TOLERANCE: catches weights that are st
 the kernels, or used in another layout (fused, repacked, tied), which only the forward sees. Nothing
 here imports vLLM: the worker functions receive vLLM's worker object, the rest the engine
 (`vllm.LLM`).
+
+The engine's length (`engine_max_model_len`): the longest prompt and its completion budget, at most
+the model's positions.
 """
 
 from __future__ import annotations
@@ -401,6 +404,33 @@ def probe_tolerance(*dtypes: torch.dtype) -> tuple[float, float]:
 
 
 # ================================================================================================
+# the engine's length
+
+
+def engine_max_model_len(cfg: Any, args: Any, prompt_tokens: int | None = None) -> int:
+    """vLLM's max_model_len for a run: the longest prompt (`prompt_tokens`, as prompt_fit measured it;
+    unknown: data.max_prompt_tokens, or with no cap the model's whole positions, which every kept
+    prompt and its completion fit), its completion budget (sampler.max_new_tokens; with env.kind a
+    turn follows an episode of up to env.max_episode_tokens: both), at most the model's positions
+    (prompt_fit.position_limit). The engine refuses any longer request, so a guess below the data's
+    prompts (the 1024 it once was) fails mid-run. A measured prompt past the positions is a ConfigError."""
+    from minigrpo.env_config import completion_budget
+    from minigrpo.errors import ConfigError
+    from minigrpo.prompt_fit import position_limit
+
+    limit = position_limit(args)
+    budget, key = completion_budget(cfg)
+    turn = cfg.sampler.max_new_tokens if cfg.env.kind is not None else 0  # the last turn after the episode
+    if prompt_tokens is not None and prompt_tokens + budget > limit.positions:
+        raise ConfigError(
+            f"the longest prompt has {prompt_tokens} tokens and {key}={budget}: {prompt_tokens + budget} positions, "
+            f"more than {limit.setting}"
+        )
+    prompt = cfg.data.max_prompt_tokens if prompt_tokens is None else prompt_tokens
+    return limit.positions if prompt is None else min(limit.positions, prompt + budget + turn)
+
+
+# ================================================================================================
 # logging
 
 
@@ -431,6 +461,7 @@ __all__ = [
     "PROBE_TOLERANCE",
     "ProbeSchedule",
     "SyncError",
+    "engine_max_model_len",
     "fingerprint",
     "fingerprintable",
     "fingerprints",
