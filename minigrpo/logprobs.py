@@ -41,7 +41,8 @@ def completion_logprobs(
     """Log-probs (N, Tc) fp32 of the completion tokens (the last Tc columns of input_ids).
 
     Args:
-        input_ids: (N, Tp + Tc) left-padded prompts followed by right-padded completions.
+        input_ids: (N, Tp + Tc) prompts (left-padded as samplers give them; right-padded ones score
+            the same) followed by right-padded completions.
         attention_mask: (N, Tp + Tc) 1 on real tokens.
         completion_mask: (N, Tc) 1 on the completion tokens to score; others get 0 (no compute).
         temperature: the sampling temperature (0, greedy, scores at 1).
@@ -71,10 +72,25 @@ def completion_states(
 
     select: (N, Tc) bool over the last Tc columns of input_ids (N, Tp + Tc); n = select.sum(), in
     row-major order. Only these rows of the hidden states go through the LM head.
+
+    A token is predicted by the last real (attention mask 1) token before it: with left-padded
+    prompts that is the column just before, and with a right-padded prompt (pads between the prompt
+    and its completion) completion token 0 is predicted by the prompt's last token, not by a pad.
     """
     N, T = input_ids.shape
     Tc = select.shape[1]
     assert select.shape == (N, Tc) and attention_mask.shape == (N, T) and Tc < T
     hidden = model.hidden(input_ids, attention_mask=attention_mask)  # (N, T, D)
-    states = hidden[:, T - Tc - 1 : T - 1]  # (N, Tc, D): position t predicts completion token t
-    return states[select], input_ids[:, T - Tc :][select]
+    rows, t = select.nonzero(as_tuple=True)  # (n,) each, row-major
+    columns = predicting_columns(attention_mask, Tc)[rows, t]  # (n,)
+    return hidden[rows, columns], input_ids[:, T - Tc :][select]
+
+
+def predicting_columns(attention_mask: torch.Tensor, Tc: int) -> torch.Tensor:
+    """(N, Tc) long: the column of the last real token before each of the last Tc columns of
+    attention_mask (N, T), i.e. the hidden state that predicts that completion token (0 where no real
+    token comes before it: a row without a prompt)."""
+    N, T = attention_mask.shape
+    columns = torch.arange(T, device=attention_mask.device).expand(N, T)  # (N, T)
+    last_real = torch.where(attention_mask.bool(), columns, -1).cummax(-1).values  # (N, T): at or before
+    return last_real[:, T - Tc - 1 : T - 1].clamp(min=0)  # (N, Tc): strictly before each completion column

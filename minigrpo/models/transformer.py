@@ -133,15 +133,23 @@ def attention_mask_4d(
     window: int | None,
     batch_size: int,
 ) -> torch.Tensor:
-    """Boolean (B, 1, T, S) mask: causal by slot, minus pad keys, within the sliding window."""
+    """Boolean (B, 1, T, S) mask: causal by slot, minus pad keys, within the sliding window.
+
+    The window counts real tokens (key_mask 1), as the row alone would: pads inside a row (a
+    right-padded prompt before its completion, a turn's left-padded block after the history) do not
+    push real keys out of it. Without key_mask every slot is a token."""
     q = cache_position.view(-1, 1)  # (T, 1)
     j = torch.arange(kv_len, device=cache_position.device).view(1, -1)  # (1, S)
     allowed = j <= q  # (T, S)
-    if window is not None:
+    if window is not None and key_mask is None:
         allowed = allowed & (j > q - window)
     allowed = allowed.unsqueeze(0).expand(batch_size, -1, -1)  # (B, T, S)
     if key_mask is not None:
-        allowed = allowed & key_mask[:, None, :kv_len].bool()
+        real = key_mask[:, :kv_len].bool()  # (B, S)
+        if window is not None:
+            count = real.long().cumsum(-1)  # (B, S): real tokens up to and including each slot
+            allowed = allowed & (count[:, None, :] > count[:, cache_position, None] - window)  # (B, T, S)
+        allowed = allowed & real[:, None, :]
         allowed = allowed | (j == q)  # a pad query sees itself: no fully masked row
     return allowed.unsqueeze(1)
 
