@@ -70,13 +70,22 @@ def test_values_are_read_before_each_completion_token_and_ignore_padding():
     assert values.shape == (8, 4) and values.dtype == torch.float32
     with torch.no_grad():
         hidden = policy.hidden(ids, attention_mask=attn)  # the body is the policy's copy
-    assert torch.allclose(values, hidden[:, 4:8] @ critic.head.weight[0], atol=1e-5)
+    real = r.completion_mask.bool()  # (N, Tc): a pad after the completion has no value to read
+    assert torch.allclose(values[real], (hidden[:, 4:8] @ critic.head.weight[0])[real], atol=1e-5)
     for i in range(8):
         p0 = int((r.prompt_mask[i] == 0).sum())
         n = int(r.completion_mask[i].sum())
         row = torch.cat([r.prompt_ids[i, p0:], r.completion_ids[i, :n]])[None]  # (1, T_i) no padding
         alone = critic.values(row, torch.ones_like(row), n)
         assert torch.allclose(alone[0], values[i, :n], atol=1e-5), (alone, values[i, :n])
+    # a right-padded prompt (pads between prompt and completion) reads the same states: its last real token
+    right_ids, right_attn = ids.clone(), attn.clone()
+    for i in range(8):
+        p0, Tp = int((r.prompt_mask[i] == 0).sum()), r.prompt_ids.shape[1]
+        right_ids[i, :Tp] = torch.cat([r.prompt_ids[i, p0:], r.prompt_ids[i, :p0]])
+        right_attn[i, :Tp] = torch.cat([r.prompt_mask[i, p0:], r.prompt_mask[i, :p0]])
+    right = critic.values(right_ids, right_attn, 4)
+    assert torch.allclose(right[real], values[real], atol=1e-5), (right - values).abs().max()
 
 
 def test_separate_critic_copies_the_policy_without_its_adapters_and_lm_head():

@@ -48,6 +48,7 @@ from torch import nn
 from minigrpo import lora
 from minigrpo.errors import UserError
 from minigrpo.grad_scale import GradScale
+from minigrpo.logprobs import predicting_columns
 from minigrpo.models.args import ModelArgs
 
 # ================================================================================================
@@ -77,7 +78,8 @@ class ValueModel(nn.Module):
         Tc = completion_len
         assert attention_mask.shape == (N, T) and 0 < Tc < T
         hidden = self.hidden(input_ids, attention_mask)  # (N, T, D)
-        states = hidden[:, T - Tc - 1 : T - 1]  # (N, Tc, D): column Tp - 1 + t, before token t
+        columns = predicting_columns(attention_mask, Tc)  # (N, Tc): the last real token before token t
+        states = hidden[torch.arange(N, device=hidden.device)[:, None], columns]  # (N, Tc, D)
         return F.linear(states.float(), self.head.weight.float())[..., 0]  # (N, Tc) fp32
 
     def trainable_parameters(self) -> list[nn.Parameter]:
