@@ -26,6 +26,7 @@ _DATA_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 # vLLM 0.32 raises a temperature in (0, 0.01) to 0.01 (samples and log-probs then at 0.01, not at the
 # trainer's T) and refuses one above 2 (its sampling_params.py): with sampler.kind vllm those are refused
 VLLM_TEMPERATURES = (0.01, 2.0)
+MIN_TEMPERATURE = 1e-30  # sampling/params.py's: below it logits / temperature overflow fp32 (NaN log-probs)
 
 
 def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
@@ -81,6 +82,12 @@ def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         f"sampler.temperature must be 0 (greedy) or in [{low:g}, {high:g}] with sampler.kind=vllm (vLLM raises a "
         f"smaller one to {low:g} and refuses a larger one), got {t:g}",
     )
+    for key, temperature in (("sampler.temperature", t), ("eval.temperature", cfg.eval.temperature)):
+        need(
+            temperature <= 0 or temperature >= MIN_TEMPERATURE,  # <= 0: the limits speak of it
+            f"{key} must be 0 (greedy) or >= {MIN_TEMPERATURE:g} (logits / temperature overflow fp32 below it), "
+            f"got {temperature:g}",
+        )
     need(
         cfg.sampler.max_rows is None or cfg.sampler.kind == "own",
         f"sampler.max_rows={cfg.sampler.max_rows} applies to the own sampler; vLLM schedules its sequences "

@@ -934,3 +934,16 @@ def test_bad_template_variables_are_config_errors_when_the_config_loads(section)
     cfg = Config.from_dict(raw)
     validate(cfg)
     assert getattr(cfg, section).chat_template_kwargs == good
+
+
+@pytest.mark.parametrize("key", ["sampler.temperature", "eval.temperature"])
+def test_a_temperature_too_small_for_fp32_is_a_config_error(key):
+    """logits / T overflows fp32 below sampling's MIN_TEMPERATURE: refused when the config loads, not
+    by the sampler once the weights are in."""
+    from minigrpo.config_rules import MIN_TEMPERATURE
+    from minigrpo.sampling.params import MIN_TEMPERATURE as SAMPLING_MIN
+
+    assert MIN_TEMPERATURE == SAMPLING_MIN
+    with pytest.raises(ConfigError, match=rf"{key} must be 0 \(greedy\) or >= 1e-30"):
+        load_config(None, [f"{key}=1e-35"])
+    assert load_config(None, [f"{key}=1e-30"]) is not None
