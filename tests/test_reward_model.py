@@ -70,6 +70,8 @@ BASE = dict(
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForSequenceClassification", dict(rope_theta=10000.0)),
     "qwen2": ("Qwen2Config", "Qwen2ForSequenceClassification", dict(rope_theta=1e6, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForSequenceClassification", dict(rope_theta=1e6, head_dim=16)),
+    "mistral": ("MistralConfig", "MistralForSequenceClassification", dict(rope_theta=1e4)),
 }
 TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ? {% endfor %}"
 
@@ -223,6 +225,174 @@ def test_reward_function_uses_the_chat_template(tmp_path):
     assert max(abs(a - b) for a, b in zip(got, want)) < ATOL
     plain = rewards.make_reward("reward_model", {"path": str(tmp_path / "rm"), "chat_template": "none"})
     assert max(abs(a - b) for a, b in zip(plain(prompts, COMPLETIONS[:3], [None] * 3), got)) > 1e-4
+
+
+def test_a_begun_reply_and_its_completion_are_one_assistant_turn(tmp_path):
+    """A prompt that ends with an assistant message ("repeat", a prefill) is continued by the policy: the
+    reply is that message plus the completion. It used to be scored as two assistant turns; the scores
+    must be transformers' on the conversation whose last turn is the whole reply (1e-5)."""
+    from helpers.tok_fixtures import hf_tokenizer
+
+    tok = _templated_tokenizer(TEMPLATE)
+    tok.save(tmp_path / "tok")
+    reference = hf_tokenizer(tmp_path / "tok")  # transformers renders and tokenizes the reference rows
+    hf = hf_reward_model(tmp_path / "rm", "llama", seed=11, tokenizer=tok, vocab_size=len(WORDS))
+    begun = [[{"role": "user", "content": p}, {"role": "assistant", "content": "repeat"}] for p in PROMPTS[:3]]
+    fn = rewards.make_reward("reward_model", {"path": str(tmp_path / "rm"), "device": "cpu", "batch_size": 2})
+    got = fn(begun, COMPLETIONS[:3], [None] * 3)
+    texts = [
+        reference.apply_chat_template([p[0], {"role": "assistant", "content": "repeat" + c}], tokenize=False)
+        for p, c in zip(begun, COMPLETIONS[:3])
+    ]
+    assert texts[0] == "user : what is 2 + 3 ? ? assistant : repeat5 ? "
+    with torch.no_grad():
+        ids = [reference(t, add_special_tokens=False)["input_ids"] for t in texts]
+        want = [hf(torch.tensor([row])).logits[0, 0].item() for row in ids]
+    assert max(abs(a - b) for a, b in zip(got, want)) < ATOL
+    assert max(want) - min(want) > 1e-3
+
+
+def _char_tokenizer(template: str) -> Tokenizer:
+    """One token per character, ChatML specials, `template` as the chat template."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate([*specials, *map(chr, range(32, 127)), "\n"])}
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return Tokenizer(
+        backend,
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<unk>",
+        chat_template=template,
+        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+
+
+QWEN3_CONVERSATIONS = [  # (prompt, completion): system, multi-turn, a tool episode, a begun "<think>" reply
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "7*6?"}], "<think>\nmul\n</think>\n\n42"),
+    (
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "9-9?"},
+        ],
+        "0",
+    ),
+    (
+        [
+            {"role": "user", "content": "add 2 3"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}],
+            },
+            {"role": "tool", "content": "5"},
+        ],
+        "It is 5.",
+    ),
+    ([{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "<think>\n"}], "add\n</think>\n\n5"),
+    ("2+3?", "5"),
+]
+
+
+def test_qwen3_conversations_score_as_transformers_renders_them(tmp_path):
+    """A Qwen3 reward model with Qwen3's chat template (thinking blocks, tool calls and results), pad ==
+    eos: every batch size gives transformers' score of the conversation its tokenizer renders (1e-5),
+    the begun "<think>" reply rendered as one assistant turn with its completion."""
+    from helpers.tok_fixtures import hf_tokenizer
+    from test_chat_template import QWEN3_TEMPLATE
+
+    tok = _char_tokenizer(QWEN3_TEMPLATE)
+    tok.save(tmp_path / "tok")
+    reference = hf_tokenizer(tmp_path / "tok")
+    vocab = tok.backend.get_vocab_size()
+    kw = dict(vocab_size=vocab, max_position_embeddings=512, pad_token_id=5, eos_token_id=5, tokenizer=tok)
+    hf = hf_reward_model(tmp_path / "rm", "qwen3", seed=12, **kw)
+    prompts, completions = zip(*QWEN3_CONVERSATIONS)
+    want = []
+    for prompt, completion in QWEN3_CONVERSATIONS:
+        chat = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        begun = chat.pop()["content"] if chat[-1]["role"] == "assistant" else ""
+        text = reference.apply_chat_template(
+            [*chat, {"role": "assistant", "content": begun + completion}], tokenize=False
+        )
+        with torch.no_grad():
+            want.append(hf(torch.tensor([reference(text, add_special_tokens=False)["input_ids"]])).logits.item())
+    assert max(want) - min(want) > 1e-2
+    for batch_size in (1, 3, len(prompts)):
+        kwargs = {"path": str(tmp_path / "rm"), "device": "cpu", "batch_size": batch_size}
+        got = rewards.make_reward("reward_model", kwargs)(list(prompts), list(completions), [None] * len(prompts))
+        assert max(abs(a - b) for a, b in zip(got, want)) < ATOL, batch_size
+
+
+def test_rows_longer_than_the_positions_keep_their_last_tokens(tmp_path):
+    """A conversation longer than max_position_embeddings (64) is scored on its last 64 tokens (the scored
+    token stays the last one), as transformers scores those tokens; max_length keeps fewer."""
+    tok = _templated_tokenizer(TEMPLATE)
+    hf = hf_reward_model(tmp_path / "rm", "llama", seed=13, tokenizer=tok, vocab_size=len(WORDS))
+    prompts = ["what is " + " + ".join("12" for _ in range(40)) + " ?", "repeat 7"]
+    completions = ["4 8 0", "7"]
+    ids = [
+        tok.encode(
+            tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}]),
+            add_special_tokens=False,
+        )
+        for p, c in zip(prompts, completions)
+    ]
+    assert len(ids[0]) > 64 > len(ids[1])
+    for max_length in (None, 20):
+        keep = max_length or 64
+        with torch.no_grad():
+            want = [hf(torch.tensor([row[-keep:]])).logits.item() for row in ids]
+        fn = rewards.make_reward(
+            "reward_model", {"path": str(tmp_path / "rm"), "device": "cpu", "max_length": max_length}
+        )
+        got = fn(prompts, completions, [None, None])
+        assert max(abs(a - b) for a, b in zip(got, want)) < ATOL
+
+
+def test_a_completion_that_is_none_has_no_score(tmp_path):
+    """None is a completion with no text (the reward contract): it must score None, not the prompt with an
+    empty reply; the other rows keep the scores they have without it."""
+    tok = _templated_tokenizer(TEMPLATE)
+    hf_reward_model(tmp_path / "rm", "qwen2", seed=6, tokenizer=tok, vocab_size=len(WORDS))
+    for template in ("auto", "none"):
+        fn = rewards.make_reward(
+            "reward_model", {"path": str(tmp_path / "rm"), "device": "cpu", "chat_template": template}
+        )
+        got = fn(PROMPTS[:3], ["5", None, COMPLETIONS[2]], [None] * 3)
+        alone = fn([PROMPTS[0], PROMPTS[2]], ["5", COMPLETIONS[2]], [None] * 2)
+        assert got[1] is None
+        assert abs(got[0] - alone[0]) < ATOL and abs(got[2] - alone[1]) < ATOL
+
+
+def test_a_score_bias_is_ignored_as_transformers_ignores_it(tmp_path):
+    """A checkpoint whose head carries score.bias: transformers loads it (the bias-free head drops the
+    bias), so the scores must be transformers' (1e-5) with a warning; it used to be refused as an
+    unexpected tensor, at build time and at load time."""
+    from safetensors.torch import load_file, save_file
+
+    hf_reward_model(tmp_path, "llama", seed=8, tokenizer=tiny_tokenizer(), vocab_size=len(WORDS))
+    state = load_file(tmp_path / "model.safetensors")
+    state["score.bias"] = torch.tensor([0.75])
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).float().eval()
+    with pytest.warns(UserWarning, match=r"score\.bias is ignored"):
+        ours, _ = load_reward_model(tmp_path)
+    ids, mask, _ = padded_batch("left", vocab=len(WORDS), seed=5)
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask).logits  # (4, 1)
+        assert (ours(ids, attention_mask=mask) - want).abs().max().item() < ATOL
+    with pytest.warns(UserWarning, match=r"score\.bias"):
+        fn = rewards.make_reward("reward_model", {"path": str(tmp_path), "device": "cpu"})
+    with pytest.warns(UserWarning, match=r"score\.bias"):  # the weights load on the first call
+        got = fn(PROMPTS[:1], COMPLETIONS[:1], [None])[0]
+    assert abs(got - _direct(hf, tiny_tokenizer(), [f"{PROMPTS[0]}\n\n{COMPLETIONS[0]}"], special=True)[0]) < ATOL
 
 
 # ---------------------------------------------------------------------------------------- errors

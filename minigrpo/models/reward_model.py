@@ -9,7 +9,8 @@
 A checkpoint saved by `LlamaForSequenceClassification`, `Qwen2ForSequenceClassification`, ...
 holds the body under the usual names (`model.layers.0...`), the head as `score.weight`
 (num_labels, D) and no LM head; config.json names the architecture, `pad_token_id` and the labels
-(`num_labels`, or `id2label` whose length is the count; transformers' default is 2).
+(`num_labels`, or `id2label` whose length is the count; transformers' default is 2). A `score.bias`
+that some checkpoints carry is ignored with a warning, as transformers' bias-free head ignores it.
 
 Pooling, as transformers does it (GenericForSequenceClassification.forward): the head reads the
 hidden state of each row's rightmost token that is not `pad_token_id`, so left and right padding
@@ -22,7 +23,8 @@ eos), a trailing real one is skipped, exactly as transformers skips it.
 
 As a reward (`make_reward_model`, registered as `reward_model` in minigrpo.reward_fns): each
 prompt plus completion is rendered as a conversation with the reward model's own chat template
-(plain "prompt\\n\\ncompletion" text when it has none), tokenized by its own tokenizer, kept to the
+(plain "prompt\\n\\ncompletion" text when it has none; a prompt ending with an assistant message,
+a begun reply, has the completion appended to that message), tokenized by its own tokenizer, kept to the
 last `max_length` tokens (the pooled token is the last one), right-padded, scored in batches of
 `batch_size` rows sorted by length, without gradients. The model loads on the first call, once
 per (folder, device, dtype) in the process; the path and config are checked when the reward is
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -175,11 +178,21 @@ def load_reward_model(
 
 
 def check_score_head(folder: Path, shapes: dict[str, Any]) -> None:
-    """The weights (names -> shapes, from the headers) hold the score head a classification config promises."""
+    """The weights (names -> shapes, from the headers) hold the score head a classification config promises.
+
+    A `score.bias` is taken out of `shapes` (so it is neither checked nor loaded), with a warning:
+    transformers' head for these families has no bias and drops it too, so the scores stay its scores."""
     if "score.weight" not in shapes:
         raise RewardModelError(
             f"{folder}: its config names a *ForSequenceClassification model but its weights hold no score head "
             "(score.weight): save the reward model with its head (e.g. LlamaForSequenceClassification.save_pretrained)"
+        )
+    if shapes.pop("score.bias", None) is not None:
+        warnings.warn(
+            f"{folder}: score.bias is ignored, as transformers ignores it (a *ForSequenceClassification head has "
+            "no bias): the scores are those transformers gives",
+            UserWarning,
+            stacklevel=2,
         )
 
 
@@ -264,18 +277,26 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def _conversation(prompt: Any, completion: str) -> list[dict[str, Any]]:
-    """The prompt (text, or chat messages) followed by the completion as the assistant's turn."""
+    """The prompt (text, or chat messages) followed by the completion as the assistant's turn.
+
+    A prompt that ends with an assistant message is a reply begun for the policy (a prefill such as
+    "<think>"): the policy continued that message, so the completion is appended to its content,
+    one reply, not a second assistant turn after it."""
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
         messages = [dict(m) for m in prompt]
     else:
         raise ValueError(f"prompt is {type(prompt).__name__}; expected text or a list of chat messages")
+    if messages and messages[-1].get("role") == "assistant":
+        begun = messages.pop()
+        return [*messages, {**begun, "content": str(begun.get("content") or "") + completion}]
     return [*messages, {"role": "assistant", "content": completion}]
 
 
 class RewardModelScorer:
-    """The `reward_model` reward function: fn(prompts, completions, answers, **columns) -> N floats.
+    """The `reward_model` reward function: fn(prompts, completions, answers, **columns) -> N floats,
+    None for a completion that is None (no text to score, as with every built-in).
 
     Built by `make_reward_model`; `load()` loads the model now (else the first call does)."""
 
@@ -325,7 +346,7 @@ class RewardModelScorer:
     def __call__(self, prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
         model, tokenizer = self.load()
         limit = self.max_length or model.args.max_position_embeddings
-        rows = [self.render(tokenizer, p, c)[-limit:] for p, c in zip(prompts, completions)]
+        rows = [[] if c is None else self.render(tokenizer, p, c)[-limit:] for p, c in zip(prompts, completions)]
         pad = _padding_id(model, tokenizer)
         out: list[float | None] = [None] * len(rows)
         order = sorted((i for i in range(len(rows)) if rows[i]), key=lambda i: len(rows[i]))
