@@ -5,11 +5,14 @@
                      prefix=None, rows=None, impl="auto") -> out (B, H, Dh) in q.dtype
 
 Query head h reads kv head h // G, G = H / Hkv (GQA). Slot j of row b is attended iff
-    j <= slot  and  key_mask[b, j] != 0  and  (window is None or j > slot - window),
+    j <= slot  and  key_mask[b, j] != 0  and  (window is None or j >= window_start[b]),
 or j == slot: the query's own slot is always attended, so no row is ever fully masked (exactly
-`attention_mask_4d` of models/transformer.py). Slots past `slot` (the future, up to kv_len) may hold
-anything: they are never read into the result. Softmax in fp32, one rounding to q.dtype at the end;
-scale defaults to Dh^-0.5 (SDPA's).
+`attention_mask_4d` of models/transformer.py). The window counts real tokens, not slots (pads
+inside a row do not push real keys out of it): window_start[b] is the slot of the `window`-th last
+real key of row b up to the query (0 if fewer), computed on the device per call from the key mask
+and the slot (decode_ref.py: the reference, the spec and the input checks). Slots past `slot`
+(the future, up to kv_len) may hold anything: they are never read into the result. Softmax in fp32,
+one rounding to q.dtype at the end; scale defaults to Dh^-0.5 (SDPA's).
 
 Shared prefix: `prefix = (k_prefix, v_prefix (P, Hkv, Tp, Dh), group (B,) int64)` says that the first
 Tp slots of row b are row group[b] of the prefix, and k_cache / v_cache hold only the slots after
@@ -43,8 +46,8 @@ interpreter every dot runs on fp32 copies (Triton 3.6's interpreter multiplies b
 16-bit integers); bf16 products are exact in fp32, so it computes what the GPU does up to the order
 of the sums.
 
-`slot` is read inside the kernels and SPLIT depends only on (B, Hkv, kv_len), so a call never
-synchronises with the host and can be captured in a CUDA graph per kv_len.
+`slot` (and window_start) are read inside the kernels and SPLIT depends only on (B, Hkv, kv_len), so
+a call never synchronises with the host and can be captured in a CUDA graph per kv_len.
 """
 
 from __future__ import annotations
@@ -54,8 +57,19 @@ import contextlib
 import torch
 
 from ._triton import cdiv, interpreting, jit, next_power_of_2, resolve_impl, tl
+from .decode_ref import (
+    Prefix,
+    attended_slots,
+    check_decode_inputs,
+    check_triton_dtypes,
+    decode_attention_ref,
+    window_start,
+    with_prefix,
+)
 from .prefix_attention import PrefixRows, prefix_split_size
 from .prefix_attention import prefix_split as prefix_attention_split
+
+__all__ = ["Prefix", "attended_slots", "decode_attention", "decode_attention_ref", "split_size", "with_prefix"]
 
 _NEG = -1.0e30  # running max of a split that saw no slot: finite, so exp(_NEG - M) is 0, never NaN
 _BLOCK_S = 64  # slots per tile
@@ -74,60 +88,6 @@ _PREFIX_TARGET_PROGRAMS = 132
 # registers (182 at 4 warps: 8 warps an SM), so that variant launches 8 warps (118: 16 an SM).
 _LOOP_STAGES = 2
 _PREFIX_WARPS = 8
-Prefix = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # k, v (P, Hkv, Tp, Dh) and group (B,) int64
-
-# ----------------------------------------------------------------------------------------------
-# 1. Reference (the spec; also the CPU fallback)
-# ----------------------------------------------------------------------------------------------
-
-
-def attended_slots(key_mask: torch.Tensor, slot: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
-    """(B, kv_len) bool: the slots the query at `slot` attends (see the module docstring)."""
-    j = torch.arange(kv_len, device=key_mask.device).view(1, -1)  # (1, S)
-    q = slot.view(-1, 1).to(key_mask.device)  # (1, 1)
-    allowed = (j <= q) & key_mask[:, :kv_len].bool()  # (B, S)
-    if window is not None:
-        allowed = allowed & (j > q - window)
-    return allowed | (j == q)
-
-
-def with_prefix(k_cache: torch.Tensor, v_cache: torch.Tensor, prefix: Prefix | None, kv_len: int):
-    """Slots [0, kv_len) of every row as plain (B, Hkv, kv_len, Dh) tensors: the rows' prefix (a
-    gathered copy) followed by their own cache; without a prefix, views of the caches."""
-    if prefix is None:
-        return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
-    k_prefix, v_prefix, group = prefix
-    own = kv_len - k_prefix.shape[2]
-    k = torch.cat([k_prefix.index_select(0, group), k_cache[:, :, :own]], dim=2)  # (B, Hkv, kv_len, Dh)
-    v = torch.cat([v_prefix.index_select(0, group), v_cache[:, :, :own]], dim=2)
-    return k, v
-
-
-def decode_attention_ref(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    key_mask: torch.Tensor,
-    slot: torch.Tensor,
-    kv_len: int,
-    window: int | None = None,
-    scale: float | None = None,
-    prefix: Prefix | None = None,
-) -> torch.Tensor:
-    """The spec in torch: fp32 math (fp64 for fp64 inputs), out (B, H, Dh) in q.dtype."""
-    B, H, Dh = q.shape
-    Hkv = k_cache.shape[1]
-    acc = torch.promote_types(q.dtype, torch.float32)
-    scale = Dh**-0.5 if scale is None else scale
-    allowed = attended_slots(key_mask, slot, kv_len, window)[:, None, None, :]  # (B, 1, 1, S)
-    qg = q.reshape(B, Hkv, H // Hkv, Dh).to(acc)  # (B, Hkv, G, Dh)
-    k, v = with_prefix(k_cache, v_cache, prefix, kv_len)  # (B, Hkv, S, Dh) each
-    k, v = k.to(acc), v.to(acc)
-    scores = (qg @ k.transpose(-1, -2)) * scale  # (B, Hkv, G, S)
-    p = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    v = v.masked_fill(~allowed.transpose(-1, -2), 0.0)  # unattended slots add nothing, even inf / NaN
-    return (p @ v).reshape(B, H, Dh).to(q.dtype)
-
 
 # ----------------------------------------------------------------------------------------------
 # 2. Triton kernels
@@ -144,13 +104,13 @@ def _decode_split_kernel(
     group_ptr,  # (B,) int64: the prefix row of each row (read only if HAS_PREFIX)
     mask_ptr,  # (B, >= kv_len) int: 0 = pad key
     slot_ptr,  # (1,) int: the query's slot
+    window_start_ptr,  # (B,) int32: the first slot each row's window admits (read only if HAS_WINDOW)
     out_ptr,  # (B, H, Dh): written only if DIRECT
     acc_ptr,  # (B, H, SPLITS, Dh) fp32 workspace: unnormalised sums (unless DIRECT)
     m_ptr,  # (B, H, SPLITS) fp32: running max per split
     l_ptr,  # (B, H, SPLITS) fp32: sum of exp(score - m) per split
     kv_len,
     prefix_len,
-    window,
     scale,
     H,
     first_slot,  # the splits cover slots [first_slot, kv_len) (the prefix's end in a cascade)
@@ -212,7 +172,8 @@ def _decode_split_kernel(
     hi = tl.minimum(tl.minimum(start + SPLIT, kv_len), slot + 1)  # past `slot` is the future
     lo = start
     if HAS_WINDOW:  # skip whole tiles before the window (tiles stay aligned to the split start)
-        lo = tl.maximum(start, start + ((slot - window + 1 - start) // BLOCK_S) * BLOCK_S)
+        win_lo = tl.load(window_start_ptr + b)
+        lo = tl.maximum(start, start + ((win_lo - start) // BLOCK_S) * BLOCK_S)
 
     m_i = tl.full((G_PAD,), -1.0e30, dtype=tl.float32)  # = _NEG
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
@@ -229,7 +190,7 @@ def _decode_split_kernel(
         real = tl.load(mask_ptr + b * stride_m_b + j * stride_m_s, mask=in_range, other=0) != 0
         ok = in_range & (real | (j == slot))
         if HAS_WINDOW:
-            ok = ok & (j > slot - window)
+            ok = ok & (j >= win_lo)
         kv_mask = ok[:, None] & d_ok[None, :]
         col = j - prefix_len  # (BLOCK_S,) the slots' columns in the row's own cache
         k_ptrs = k_base + col[:, None] * stride_k_s + d[None, :] * stride_k_d
@@ -374,6 +335,7 @@ def _decode_attention_triton(
     if key_mask.dtype == torch.bool:
         key_mask = key_mask.view(torch.uint8)
     k_prefix, v_prefix, group = (k_cache, v_cache, slot) if prefix is None else prefix  # placeholders: never read
+    win_lo = slot if window is None else window_start(key_mask, slot, kv_len, window)  # (B,) int32 (or unread)
     prefix_len = 0 if prefix is None else k_prefix.shape[2]
     cascade = rows is not None and prefix_len > 0
     first_slot = prefix_len if cascade else 0
@@ -382,15 +344,18 @@ def _decode_attention_triton(
         prefix_split = prefix_split or prefix_split_size(
             k_prefix, rows, H, target=_PREFIX_TARGET_PROGRAMS, max_splits=_MAX_PREFIX_SPLITS, block_s=block_s
         )
-        assert prefix_split % block_s == 0, f"prefix split {prefix_split} is not a multiple of block_s {block_s}"
+        if prefix_split % block_s:
+            raise ValueError(f"prefix_split {prefix_split} is not a multiple of block_s {block_s}")
         first_split = cdiv(prefix_len, prefix_split)
     own_len = kv_len - first_slot
     if split is None:
         split = split_size(B, Hkv, own_len, block_s, _MAX_SPLITS - first_split)
-    assert split % block_s == 0, f"split {split} is not a multiple of block_s {block_s}"
+    if split % block_s:
+        raise ValueError(f"split {split} is not a multiple of block_s {block_s}")
     splits = cdiv(max(own_len, 1), split)
     total = first_split + splits
-    assert total <= _MAX_SPLITS, f"{total} splits > {_MAX_SPLITS}"
+    if total > _MAX_SPLITS:
+        raise ValueError(f"{total} splits (split {split}, prefix_split {prefix_split}) > {_MAX_SPLITS}")
     out = torch.empty((B, H, Dh), dtype=q.dtype, device=q.device)
     direct = splits == 1  # the split kernel writes out: no own records, no combine launch
     work = max(first_split, 1) if direct else total  # the prefix's records (a placeholder if none)
@@ -405,13 +370,13 @@ def _decode_attention_triton(
     if cascade:
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             prefix_attention_split(
-                q, k_prefix, v_prefix, rows, key_mask, slot, window, scale, acc, m, denom,
+                q, k_prefix, v_prefix, rows, key_mask, slot, None if window is None else win_lo, scale, acc, m, denom,
                 split=prefix_split, block_s=block_s, dot_f32=dot_f32, loop_stages=loop_stages,
             )  # fmt: skip
     shared = prefix is not None and not cascade  # the split kernel reads the prefix slot by slot
     _decode_split_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, k_prefix, v_prefix, group, key_mask, slot, out, acc, m, denom,
-        kv_len, prefix_len, 0 if window is None else window, scale, H, first_slot, split, work, first_split,
+        q, k_cache, v_cache, k_prefix, v_prefix, group, key_mask, slot, win_lo, out, acc, m, denom,
+        kv_len, prefix_len, scale, H, first_slot, split, work, first_split,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
@@ -457,44 +422,18 @@ def decode_attention(
 
     k_cache, v_cache: (B, Hkv, S_max, Dh), any strides (a layer of KVCache.k is fine); key_mask
     (B, >= kv_len) long or bool, 1 = real key; slot (1,) int device tensor; kv_len > slot (python
-    int); window: attend slots j > slot - window; scale: default Dh^-0.5. Inference only (no grad).
+    int); window: attend the last `window` real keys (key_mask 1) up to and including the slot,
+    pads inside a row not counted; scale: default Dh^-0.5. Inference only (no grad).
     prefix: (k_prefix, v_prefix (P, Hkv, Tp, Dh), group (B,) int64), the shared first Tp slots
     (module docstring); the caches then hold slots [Tp, Tp + S_max), and kv_len >= Tp.
     rows: the prefix's rows listed per prefix row (prefix_attention.prefix_rows of `group`): the
     prefix part then runs once per group (the same attention, computed in another order).
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "ref".
     """
-    B, H, Dh = q.shape
-    Hkv = k_cache.shape[1]
-    assert k_cache.shape[0] == B and k_cache.shape[3] == Dh and v_cache.shape == k_cache.shape, (
-        f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
-    )
-    assert H % Hkv == 0, f"{H} query heads are not a multiple of {Hkv} kv heads"
-    first = 0
-    if prefix is not None:
-        k_prefix, v_prefix, group = prefix
-        first = k_prefix.shape[2]
-        assert v_prefix.shape == k_prefix.shape and k_prefix.shape[1] == Hkv and k_prefix.shape[3] == Dh, (
-            f"k_prefix {tuple(k_prefix.shape)}, v_prefix {tuple(v_prefix.shape)}, cache {tuple(k_cache.shape)}"
-        )
-        assert group.shape == (B,) and group.dtype == torch.int64, f"group {tuple(group.shape)} {group.dtype}"
-        assert first <= kv_len, f"kv_len {kv_len} ends inside the {first}-slot prefix"
-        if rows is not None:
-            P = k_prefix.shape[0]
-            assert rows.order.shape == (B,) and rows.start.shape == rows.count.shape == (P,), (
-                f"rows: order {tuple(rows.order.shape)}, start {tuple(rows.start.shape)}, {B} rows, {P} prefix rows"
-            )
-    assert rows is None or prefix is not None, "rows without a prefix"
-    assert 1 <= kv_len <= first + k_cache.shape[2] and key_mask.shape[0] == B and key_mask.shape[1] >= kv_len, (
-        f"kv_len {kv_len}, cache slots {first} + {k_cache.shape[2]}, key_mask {tuple(key_mask.shape)}"
-    )
-    assert slot.numel() == 1, f"slot must hold one index, got {tuple(slot.shape)}"
-    assert window is None or window >= 1, f"window must be >= 1, got {window}"
-    scale = Dh**-0.5 if scale is None else float(scale)
+    check_decode_inputs(q, k_cache, v_cache, key_mask, slot, kv_len, window, prefix, rows)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     path = resolve_impl(impl, q, k_cache, v_cache, key_mask, slot, *(prefix or ()), *(rows[:3] if rows else ()))
     if path == "ref" or q.numel() == 0:
         return decode_attention_ref(q, k_cache, v_cache, key_mask, slot, kv_len, window, scale, prefix)
-    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"no Triton path for {q.dtype}"
-    assert k_cache.dtype == v_cache.dtype == q.dtype, f"q {q.dtype}, cache {k_cache.dtype}"
-    assert prefix is None or prefix[0].dtype == prefix[1].dtype == q.dtype, f"prefix {prefix[0].dtype}, q {q.dtype}"
+    check_triton_dtypes(q, k_cache, v_cache, prefix)
     return _decode_attention_triton(q, k_cache, v_cache, key_mask, slot, kv_len, window, scale, prefix, rows)

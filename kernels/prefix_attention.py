@@ -14,8 +14,9 @@ prefix tile: the prefix is loaded once per group and the dots are full tensor-co
 writes, for every row b and query head h, the partial softmax (acc, m, l) of slots
 [s*split, min((s+1)*split, Tp)) at split record s of (b, h); the rows' own slots are split records
 after those (flash_decode.py), and flash_decode's combine step merges them all. Which slots a
-query attends is exactly flash_decode's rule (j <= slot, key_mask[b, j] or j == slot, the window):
-the mask is read per row, so rows of one group may differ in it.
+query attends is exactly flash_decode's rule (j <= slot, key_mask[b, j] or j == slot, and with a
+window j >= window_start[b], decode_ref.py): the mask and the window's start are read per row, so
+rows of one group may differ in them.
 
 `PrefixRows` lists the rows of each prefix row (rows order[start[p] : start[p] + count[p]]),
 built on the device from `group` without a host sync, so it can be rebuilt after rows are
@@ -68,11 +69,11 @@ def _prefix_split_kernel(
     count_ptr,  # (P,) int64: rows of each prefix row
     mask_ptr,  # (B, >= kv_len) int: 0 = pad key
     slot_ptr,  # (1,) int: the query's slot
+    window_start_ptr,  # (B,) int32: the first slot each row's window admits (read only if HAS_WINDOW)
     acc_ptr,  # (B, H, SPLITS, Dh) fp32 workspace: unnormalised sums
     m_ptr,  # (B, H, SPLITS) fp32: running max per split
     l_ptr,  # (B, H, SPLITS) fp32: sum of exp(score - m) per split
     prefix_len,
-    window,
     scale,
     H,
     SPLIT,
@@ -130,8 +131,10 @@ def _prefix_split_kernel(
     lo = s * SPLIT
     hi = tl.minimum(tl.minimum(lo + SPLIT, prefix_len), slot + 1)
     hi = tl.where(first_row < n_rows, hi, lo)  # a program past this prefix row's rows: no tiles
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, lo + ((slot - window + 1 - lo) // BLOCK_S) * BLOCK_S)
+    if HAS_WINDOW:  # skip the tiles before every row's window
+        win_lo = tl.load(window_start_ptr + b_r, mask=r_ok, other=0)  # (ROWS,)
+        first_in = tl.min(tl.where(r_ok, win_lo, prefix_len), axis=0)
+        lo = tl.maximum(lo, lo + ((first_in - lo) // BLOCK_S) * BLOCK_S)
 
     m_i = tl.full((ROWS * G_PAD,), -1.0e30, dtype=tl.float32)  # flash_decode's _NEG
     l_i = tl.zeros((ROWS * G_PAD,), dtype=tl.float32)
@@ -148,7 +151,7 @@ def _prefix_split_kernel(
         )  # (ROWS, BLOCK_S): each row's own key mask
         ok_r = in_range[None, :] & ((real != 0) | (j == slot)[None, :]) & r_ok[:, None]
         if HAS_WINDOW:
-            ok_r = ok_r & (j > slot - window)[None, :]
+            ok_r = ok_r & (j[None, :] >= win_lo[:, None])
         ok_r = ok_r.to(tl.int32)
         read = (tl.max(ok_r, axis=0) > 0)[:, None] & d_ok[None, :]  # slots some row attends
         ok = tl.reshape(tl.broadcast_to(ok_r[:, None, :], (ROWS, G_PAD, BLOCK_S)), (ROWS * G_PAD, BLOCK_S)) != 0
@@ -196,7 +199,7 @@ def prefix_split(
     rows: PrefixRows,
     key_mask: torch.Tensor,
     slot: torch.Tensor,
-    window: int | None,
+    window_start: torch.Tensor | None,
     scale: float,
     acc: torch.Tensor,
     m: torch.Tensor,
@@ -208,7 +211,8 @@ def prefix_split(
     loop_stages: int,
 ) -> None:
     """Launch the prefix kernel into split records [0, cdiv(Tp, split)) of the workspace (acc, m,
-    denom: (B, H, SPLITS[, Dh]))."""
+    denom: (B, H, SPLITS[, Dh])). window_start: (B,) int32, the first slot each row's sliding window
+    admits (decode_ref.window_start), or None without a window."""
     _, H, Dh = q.shape
     P, Hkv, Tp, _ = k_prefix.shape
     G = H // Hkv
@@ -220,13 +224,13 @@ def prefix_split(
     if queries < 16:  # tl.dot wants >= 16 tile rows: pad the heads
         g_pad *= 16 // queries
     _prefix_split_kernel[(P * chunks, Hkv, splits)](
-        q, k_prefix, v_prefix, rows.order, rows.start, rows.count, key_mask, slot, acc, m, denom,
-        Tp, 0 if window is None else window, scale, H, split, m.shape[2], chunks,
+        q, k_prefix, v_prefix, rows.order, rows.start, rows.count, key_mask, slot,
+        slot if window_start is None else window_start, acc, m, denom, Tp, scale, H, split, m.shape[2], chunks,
         q.stride(0), q.stride(1), q.stride(2),
         k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2), k_prefix.stride(3),
         v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2), v_prefix.stride(3),
         key_mask.stride(0), key_mask.stride(1),
-        G=G, DH=Dh, HAS_WINDOW=window is not None, DOT_F32=dot_f32, ROWS=n_rows, G_PAD=g_pad,
+        G=G, DH=Dh, HAS_WINDOW=window_start is not None, DOT_F32=dot_f32, ROWS=n_rows, G_PAD=g_pad,
         DH_PAD=max(16, next_power_of_2(Dh)), BLOCK_S=block_s, LOOP_STAGES=loop_stages,
         num_warps=8 if n_rows * g_pad >= 64 else 4,
     )  # fmt: skip

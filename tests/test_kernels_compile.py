@@ -133,9 +133,9 @@ def _decode_args(k, B, H, HKV, DH, kv_len, window, dtype, prefix_len=0):
     splits = k.cdiv(kv_len, split)
     p_s = prefix_len or S_MAX  # without a prefix the launcher passes the caches themselves
     args = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, pk_ptr=dtype, pv_ptr=dtype,
-                group_ptr=i64, mask_ptr=i64, slot_ptr=i64, out_ptr=dtype,
+                group_ptr=i64, mask_ptr=i64, slot_ptr=i64, window_start_ptr=i32 if window else i64, out_ptr=dtype,
                 acc_ptr=f32, m_ptr=f32, l_ptr=f32,
-                kv_len=kv_len, prefix_len=prefix_len, window=window or 0, scale=DH**-0.5, H=H, first_slot=0,
+                kv_len=kv_len, prefix_len=prefix_len, scale=DH**-0.5, H=H, first_slot=0,
                 SPLIT=split, SPLITS=splits, first_split=0,
                 stride_q_b=H * DH, stride_q_h=DH, stride_q_d=1,
                 stride_k_b=HKV * S_MAX * DH, stride_k_h=S_MAX * DH, stride_k_s=DH, stride_k_d=1,
@@ -194,8 +194,9 @@ def _prefix_attention_cases(k):
         g_pad = k.next_power_of_2(G)
         Tp = 256
         return dict(q_ptr=bf16, pk_ptr=bf16, pv_ptr=bf16, order_ptr=i64, start_ptr=i64, count_ptr=i64,
-                    mask_ptr=i64, slot_ptr=i64, acc_ptr=f32, m_ptr=f32, l_ptr=f32,
-                    prefix_len=Tp, window=window or 0, scale=DH**-0.5, H=G * HKV, SPLIT=64, SPLITS=9, CHUNKS=1,
+                    mask_ptr=i64, slot_ptr=i64, window_start_ptr=i32 if window else i64,
+                    acc_ptr=f32, m_ptr=f32, l_ptr=f32,
+                    prefix_len=Tp, scale=DH**-0.5, H=G * HKV, SPLIT=64, SPLITS=9, CHUNKS=1,
                     stride_q_b=G * HKV * DH, stride_q_h=DH, stride_q_d=1,
                     stride_pk_b=HKV * Tp * DH, stride_pk_h=Tp * DH, stride_pk_s=DH, stride_pk_d=1,
                     stride_pv_b=HKV * Tp * DH, stride_pv_h=Tp * DH, stride_pv_s=DH, stride_pv_d=1,

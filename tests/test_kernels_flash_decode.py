@@ -17,6 +17,7 @@ from helpers.kernel_checks import DEVICES, FLOOR, rel_err
 from helpers.tiny import tiny_model
 
 from minigrpo.kernels import decode_attention, decode_attention_ref
+from minigrpo.kernels.decode_ref import attended_slots, window_start
 from minigrpo.kernels.flash_decode import _decode_attention_triton, split_size
 from minigrpo.kernels.prefix_attention import prefix_rows, rows_per_program
 from minigrpo.models import transformer
@@ -257,12 +258,131 @@ def test_shared_prefix_shapes_are_checked():
     q, k, v, key_mask = _inputs(2, 4, 2, 32, 20, 9, torch.float32, torch.device("cpu"))
     prefix = (k[:1, :, :8], v[:1, :, :8], torch.zeros(2, dtype=torch.long))
     slot = torch.tensor([9])
-    with pytest.raises(AssertionError, match="ends inside"):
+    with pytest.raises(ValueError, match="ends inside"):
         decode_attention(q, k, v, key_mask, slot, 6, prefix=prefix)
-    with pytest.raises(AssertionError, match="group"):
+    with pytest.raises(ValueError, match="group"):
         decode_attention(q, k, v, key_mask, slot, 12, prefix=(prefix[0], prefix[1], torch.zeros(3, dtype=torch.long)))
-    with pytest.raises(AssertionError, match="cache slots 8 \\+ 20"):
+    with pytest.raises(ValueError, match="cache slots 8 \\+ 20"):
         decode_attention(q, k, v, key_mask, slot, 29, prefix=prefix)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sliding window counts real tokens (key_mask 1), not slots
+# ----------------------------------------------------------------------------------------------
+
+WINDOW_SLOT, WINDOW_S = 40, 52  # the query's slot; cache slots (the last ones are the future)
+WINDOW_LAYOUTS = {  # row -> its pad slots [lo, hi) up to the slot
+    "no-pads": [],
+    "left-pads": [(0, 7)],
+    "interior-pads": [(12, 22)],  # a turn cache: history, pads, the new turn's block
+    "left-and-interior": [(0, 3), (20, 30), (33, 35)],
+}
+
+
+def _window_mask(B_layouts, device):
+    """(B, WINDOW_S) long key mask, one row per layout (slots past the query are real: the future)."""
+    key_mask = torch.ones(len(B_layouts), WINDOW_S, dtype=torch.long, device=device)
+    for b, name in enumerate(B_layouts):
+        for lo, hi in WINDOW_LAYOUTS[name]:
+            key_mask[b, lo:hi] = 0
+    return key_mask
+
+
+def _row_alone(q, k, v, key_mask, slot_i, window):
+    """Each row attended with its pads removed (a plain row of only its real tokens), (B, H, Dh)."""
+    outs = []
+    for b in range(q.shape[0]):
+        keep = (key_mask[b, : slot_i + 1] != 0).nonzero().flatten()  # the row's real slots up to the query
+        n = len(keep)
+        kb, vb = k[b : b + 1, :, keep], v[b : b + 1, :, keep]  # (1, Hkv, n, Dh)
+        ones = torch.ones(1, n, dtype=torch.long, device=q.device)
+        slot = torch.tensor([n - 1], device=q.device)
+        outs.append(decode_attention_ref(q[b : b + 1], kb, vb, ones, slot, n, window))
+    return torch.cat(outs)
+
+
+# real keys up to the query per layout: 41, 34, 31, 26; windows below, at and above them
+@pytest.mark.parametrize("window", [1, 8, 26, 31, 41, 100])
+def test_window_counts_real_tokens_as_the_row_alone(window):
+    # a row with pads inside attends exactly the last `window` real keys, as the row alone would
+    # (and as the trainer's attention_mask_4d says): pads do not push real keys out of the window.
+    # Counted in slots, the pads inside a row pushed real keys out (max |diff| 1.03 at window 26).
+    device = torch.device("cpu")
+    layouts = list(WINDOW_LAYOUTS)
+    B, H, HKV, Dh = len(layouts), 4, 2, 32
+    q, k, v, _ = _inputs(B, H, HKV, Dh, WINDOW_S, WINDOW_SLOT, torch.float32, device)
+    k.normal_(), v.normal_()  # no garbage left from _inputs' own pads
+    key_mask = _window_mask(layouts, device)
+    _fill_garbage(k, v, key_mask, WINDOW_SLOT)
+    slot = torch.tensor([WINDOW_SLOT])
+    alone = _row_alone(q, k, v, key_mask, WINDOW_SLOT, window)
+    ref = decode_attention_ref(q, k, v, key_mask, slot, WINDOW_S, window)
+    torch.testing.assert_close(ref, alone, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_sdpa(q, k, v, key_mask, slot, WINDOW_S, window), alone, rtol=0, atol=1e-5)
+    for split in (16, 32, 64):  # four splits (one wholly in the future), two, one (written directly)
+        got = _decode_attention_triton(q, k, v, key_mask, slot, WINDOW_S, window, Dh**-0.5, split=split, block_s=16)
+        torch.testing.assert_close(got, alone, rtol=0, atol=1e-5, msg=f"split {split}")
+
+
+def test_window_attends_what_the_trainers_mask_attends():
+    # the reference's rule is attention_mask_4d's for random masks, slots and windows, a pad query too
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        S = int(torch.randint(1, 40, (1,), generator=gen))
+        slot_i = int(torch.randint(0, S, (1,), generator=gen))
+        window = int(torch.randint(1, 12, (1,), generator=gen))
+        key_mask = (torch.rand(5, S, generator=gen) < 0.6).long()
+        slot = torch.tensor([slot_i])
+        trainer = attention_mask_4d(key_mask, slot, S, window, 5)[:, 0, 0]  # (B, S)
+        assert torch.equal(attended_slots(key_mask, slot, S, window), trainer), (trial, S, slot_i, window)
+        start = window_start(key_mask, slot, S, window)  # (B,) the kernels' form of the same window
+        j = torch.arange(S)
+        by_start = ((j <= slot_i) & (key_mask != 0) & (j >= start[:, None])) | (j == slot_i)
+        assert start.dtype == torch.int32 and torch.equal(by_start, trainer), (trial, S, slot_i, window)
+
+
+@pytest.mark.parametrize("window", [3, 17, 100])
+@pytest.mark.parametrize("launch", ["per-row", "per-group", "per-group-one-split"])
+def test_window_counts_real_tokens_over_a_shared_prefix(window, launch):
+    # rows of a group share their prefix's keys but not their masks: pads inside the prefix and the
+    # own slots differ per row, so each row's window starts elsewhere (read per row by the prefix kernel)
+    device = torch.device("cpu")
+    B, H, HKV, Dh, S, kv_len, slot_i, Tp = 6, 4, 2, 32, 72, 70, 60, 30
+    q, k, v, key_mask = _inputs(B, H, HKV, Dh, S, slot_i, torch.float32, device)
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    prefix, k_own, v_own = _split_prefix(k, v, key_mask, Tp, group, 2)
+    gen = torch.Generator().manual_seed(5)
+    key_mask = key_mask * (torch.rand(B, S, generator=gen) < 0.6).long()  # pads inside every row, per row
+    key_mask[:, slot_i] = 1  # the query is a real token
+    _fill_garbage(k, v, key_mask, slot_i)
+    k_own[:], v_own[:] = k[:, :, Tp:], v[:, :, Tp:]
+    slot = torch.tensor([slot_i])
+    alone = _row_alone(q, k, v, key_mask, slot_i, window)
+    ref = decode_attention_ref(q, k_own, v_own, key_mask, slot, kv_len, window, prefix=prefix)
+    torch.testing.assert_close(ref, alone, rtol=0, atol=1e-6)
+    rows = None if launch == "per-row" else prefix_rows(group, 2, 3)
+    one = dict(block_s=16, split=48, prefix_split=32) if launch == "per-group-one-split" else dict(block_s=16)
+    got = _decode_attention_triton(q, k_own, v_own, key_mask, slot, kv_len, window, Dh**-0.5, prefix, rows, **one)
+    torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
+
+
+def test_bad_inputs_are_named():
+    q, k, v, key_mask = _inputs(2, 4, 2, 32, 20, 9, torch.float32, torch.device("cpu"))
+    slot = torch.tensor([9])
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        decode_attention(q, k, v, key_mask, slot, 20, window=0, impl="triton")
+    with pytest.raises(ValueError, match="key_mask \\(2, 12\\) must be \\(2, >= kv_len 20\\)"):
+        decode_attention(q, k, v, key_mask[:, :12], slot, 20, impl="triton")
+    with pytest.raises(ValueError, match="slot must be one integer index"):
+        decode_attention(q, k, v, key_mask, torch.tensor([9, 10]), 20, impl="triton")
+    with pytest.raises(ValueError, match="3 query heads are not a multiple of 2 kv heads"):
+        decode_attention(q[:, :3], k, v, key_mask, slot, 20, impl="triton")
+    with pytest.raises(ValueError, match="rows were given without a prefix"):
+        decode_attention(q, k, v, key_mask, slot, 20, rows=prefix_rows(torch.zeros(2, dtype=torch.long), 1, 2))
+    with pytest.raises(ValueError, match="must share one dtype"):
+        decode_attention(q, k.double(), v.double(), key_mask, slot, 20, impl="triton")
+    with pytest.raises(ValueError, match="split 24 is not a multiple of block_s 16"):
+        _decode_attention_triton(q, k, v, key_mask, slot, 20, None, 0.5, split=24, block_s=16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,6 +455,39 @@ def test_model_decode_with_kernel_equals_sdpa_and_full_forward(variant, count_ke
     assert err < 1e-5, f"{variant}: kernel vs full forward: max |diff| {err:.2e}"
     assert len(count_kernel_calls) == steps * model.args.n_layers
     assert [kw["window"] for kw in count_kernel_calls[: model.args.n_layers]] == list(model.args.layer_windows)
+
+
+def test_model_decode_with_kernel_over_pads_inside_rows_equals_full_forward(count_kernel_calls):
+    # a sliding-window model decoding rows with pads inside (a turn cache's layout: history, pads,
+    # the new turn): the kernel attends as the SDPA path and a full forward of the same rows do
+    model = tiny_model(seed=2, model_type="mistral", sliding_window=4)
+    real = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0, 1, 0, 1]])
+    B, Tp, steps = 3, real.shape[1], 4
+    mask = torch.cat([real, torch.ones(B, steps, dtype=torch.long)], 1)  # (B, T)
+    ids = torch.randint(3, 128, (B, Tp + steps), generator=torch.Generator().manual_seed(0)).masked_fill(mask == 0, 0)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions count each row's own tokens
+
+    def decode(impl):
+        model.decode_attention_impl = impl
+        cache = KVCache(model.args, B, Tp + steps, dtype=torch.float32, device="cpu")
+        cache.k.normal_(0, GARBAGE)
+        cache.v.normal_(0, GARBAGE)
+        kw = dict(kv_cache=cache, cache_position=torch.arange(Tp))
+        model(ids[:, :Tp], attention_mask=real, position_ids=pos[:, :Tp], **kw)
+        outs = [
+            model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1], kv_cache=cache,
+                  cache_position=torch.tensor([t]))[:, 0]
+            for t in range(Tp, Tp + steps)
+        ]  # fmt: skip
+        return torch.stack(outs, 1)  # (B, steps, V)
+
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=pos)[:, Tp:]  # (B, steps, V)
+        sdpa = decode("ref")
+        kernel = decode("triton")
+    assert len(count_kernel_calls) == steps * model.args.n_layers
+    torch.testing.assert_close(sdpa, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kernel, full, rtol=0, atol=1e-5)
 
 
 class CharTokenizer:
