@@ -390,6 +390,10 @@ def test_the_engine_is_as_long_as_the_longest_prompt_and_its_completion(monkeypa
 
     assert asked(cfg, prompt_tokens=1500) == 1500 + 64
     assert asked(cfg) == 4096  # nothing measured, no cap: every prompt that fits the positions
+    from minigrpo.sampling.vllm_sampler import PROBE_LENGTH
+
+    short = load_config(None, ["sampler.kind=vllm", "sampler.max_new_tokens=3"])
+    assert asked(short, prompt_tokens=2) == PROBE_LENGTH == 29  # the verification probe must fit too
     cfg.data.max_prompt_tokens = 2048  # a generous cap: the measured prompts decide
     assert asked(cfg, prompt_tokens=300) == 300 + 64 and asked(cfg) == 2048 + 64
     cfg.env.kind, cfg.env.max_episode_tokens = "tools", 512  # a turn follows an episode of up to 512 tokens

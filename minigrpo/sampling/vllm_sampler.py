@@ -75,6 +75,8 @@ from .vllm_sync import (
 )
 
 log = logging.getLogger(__name__)
+PROBE_PROMPT, PROBE_TOKENS = 12, 16  # the log-prob probe: fixed ids and the policy's greedy continuation
+PROBE_LENGTH = PROBE_PROMPT + PROBE_TOKENS + 1  # what the engine must hold for it (the probe asks one token)
 
 
 class VLLMSampler:
@@ -102,7 +104,7 @@ class VLLMSampler:
         verify: bool = True,
         probe_every: int = 10,
         probe_prompt: Sequence[int] | None = None,
-        probe_tokens: int = 16,
+        probe_tokens: int = PROBE_TOKENS,
         seed: int = 0,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -150,7 +152,7 @@ class VLLMSampler:
         self.max_model_len = checked_max_model_len(max_model_len, int(args.max_position_embeddings))
         if not 0 < gpu_memory_utilization <= 1:
             raise SamplingError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        self.probe_prompt = list(probe_prompt or [(11 + 37 * i) % vocab for i in range(12)])
+        self.probe_prompt = list(probe_prompt or [(11 + 37 * i) % vocab for i in range(PROBE_PROMPT)])
         self.probe_tokens = int(probe_tokens)
         self.probe_ids: list[int] | None = None  # probe_prompt + the greedy continuation, at the first check
         self.last_sync: dict[str, float] = {}
@@ -202,7 +204,7 @@ class VLLMSampler:
         if problem:  # before the engine and the first sync
             raise ConfigError(f"sampler.temperature {problem}")
         kwargs: dict[str, Any] = dict(
-            max_model_len=engine_max_model_len(cfg, model.args, prompt_tokens),
+            max_model_len=engine_max_model_len(cfg, model.args, prompt_tokens, at_least=PROBE_LENGTH),
             max_num_seqs=max(math.ceil(cfg.grpo.prompts_per_step / torchrun_world().size) * cfg.grpo.group_size, 1),
             gpu_memory_utilization=s.gpu_memory_utilization,
             sleep=s.vllm_sleep,

@@ -407,13 +407,14 @@ def probe_tolerance(*dtypes: torch.dtype) -> tuple[float, float]:
 # the engine's length
 
 
-def engine_max_model_len(cfg: Any, args: Any, prompt_tokens: int | None = None) -> int:
+def engine_max_model_len(cfg: Any, args: Any, prompt_tokens: int | None = None, at_least: int = 0) -> int:
     """vLLM's max_model_len for a run: the longest prompt (`prompt_tokens`, as prompt_fit measured it;
     unknown: data.max_prompt_tokens, or with no cap the model's whole positions, which every kept
     prompt and its completion fit), its completion budget (sampler.max_new_tokens; with env.kind a
     turn follows an episode of up to env.max_episode_tokens: both), at most the model's positions
     (prompt_fit.position_limit). The engine refuses any longer request, so a guess below the data's
-    prompts (the 1024 it once was) fails mid-run. A measured prompt past the positions is a ConfigError."""
+    prompts (the 1024 it once was) fails mid-run. `at_least`: what the engine must hold besides (the
+    verification probe and its one token). A measured prompt past the positions is a ConfigError."""
     from minigrpo.env_config import completion_budget
     from minigrpo.errors import ConfigError
     from minigrpo.prompt_fit import position_limit
@@ -427,7 +428,7 @@ def engine_max_model_len(cfg: Any, args: Any, prompt_tokens: int | None = None) 
             f"more than {limit.setting}"
         )
     prompt = cfg.data.max_prompt_tokens if prompt_tokens is None else prompt_tokens
-    return limit.positions if prompt is None else min(limit.positions, prompt + budget + turn)
+    return limit.positions if prompt is None else min(limit.positions, max(prompt + budget + turn, at_least))
 
 
 # ================================================================================================
