@@ -57,6 +57,14 @@ def test_missing_config(tmp_path):
     assert isinstance(info.value, UserError)
 
 
+def test_a_folder_with_pickled_weights_only_says_so_before_loading(tmp_path):
+    """pytorch_model.bin is never unpickled: the error names the file and the way out, not "not a model"."""
+    tiny_run_checkpoint(tmp_path, seed=0)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")  # any bytes: it is never read
+    with pytest.raises(ModelNotFoundError, match=r"holds its weights only as pickles \(pytorch_model.bin\)"):
+        check_model_source(tmp_path)
+
+
 def test_an_adapter_folder_is_named_as_one(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     with pytest.raises(ModelNotFoundError, match=rf"^{tmp_path} is a LoRA adapter \(adapter_config.json\), not a"):

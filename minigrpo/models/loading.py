@@ -328,6 +328,12 @@ def _hf_tensor_source(directory: Path) -> TensorSource:
         files = ["model.safetensors"]
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        if not files and pickled:  # weights are never unpickled (a pickle runs code)
+            raise ModelNotFoundError(
+                f"{directory} holds its weights only as pickles ({', '.join(pickled[:3])}), which are never "
+                "loaded: save the model as safetensors (transformers: model.save_pretrained(folder))"
+            )
         if not files:
             raise ModelNotFoundError(f"no safetensors weights in {directory}: not a model folder")
     shapes = {}
