@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from minigrpo import advantages, grpo, lora, rewards
-from minigrpo.data import PromptLoader, batch_columns, encode_prompts
+from minigrpo.data import PromptLoader, batch_columns, build_messages, encode_prompts
 from minigrpo.distributed import (
     World,
     combine_stats,
@@ -97,6 +97,8 @@ def rollout_phase(
                 prompt_ids, _ = encode_prompts(mine, tokenizer, cfg.data.system_prompt, cfg.data.chat_template_kwargs)
                 rollout = sampler.generate(prompt_ids, params, key=key, row_ids=row_ids)
                 completions, longest = rollout.completion_texts, cfg.sampler.max_new_tokens
+                seen = [build_messages(ex, cfg.data.system_prompt) for ex in mine]  # what the policy saw
+                columns["prompt_messages"] = [m for m in seen for _ in range(G)]  # a reward model scores these
             else:  # one row per episode; the rewards read the episode and its last turn
                 rollout, episodes = play_episodes(cfg, env, sampler, tokenizer, mine, params, key=key, row_ids=row_ids)
                 rollout = rollout.to(world.device)

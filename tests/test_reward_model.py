@@ -250,6 +250,8 @@ def test_a_begun_reply_and_its_completion_are_one_assistant_turn(tmp_path):
         want = [hf(torch.tensor([row])).logits[0, 0].item() for row in ids]
     assert max(abs(a - b) for a, b in zip(got, want)) < ATOL
     assert max(want) - min(want) > 1e-3
+    # the loop's prompt_messages column (the conversations the policy saw) is scored in place of prompts
+    assert fn(PROMPTS[:3], COMPLETIONS[:3], [None] * 3, prompt_messages=begun) == got
 
 
 def _char_tokenizer(template: str) -> Tokenizer:
@@ -563,3 +565,30 @@ def test_length_penalty_factor_must_be_finite(factor):
     """A NaN factor made every row NaN, which the rewards read as unscored: the reward vanished silently."""
     with pytest.raises(RewardError, match=r"factor=.* must be a finite number"):
         rewards.make_reward("length_penalty", {"max_length": 100, "factor": factor})
+
+
+def capture_prompt_messages(prompts, completions, answers, prompt_messages=None, **_):
+    """A reward function that writes the loop's prompt_messages column to $CAPTURE_PATH (the loop may
+    import this file as another module than the test's)."""
+    Path(os.environ["CAPTURE_PATH"]).write_text(json.dumps(prompt_messages))
+    return [0.0] * len(completions)
+
+
+def test_the_loop_passes_the_conversation_the_policy_saw(tmp_path, monkeypatch):
+    """A reward model scores the prompt as the policy saw it: data.system_prompt included (the bare
+    `prompts` lack it), one conversation per completion; and the scorer reads it in place of prompts."""
+    from helpers.runs import launch, run_config
+
+    monkeypatch.setenv("CAPTURE_PATH", str(tmp_path / "seen.json"))
+    system = "Answer with one digit."
+    cfg = run_config(
+        tmp_path,
+        data={"system_prompt": system},
+        grpo={"prompts_per_step": 2, "group_size": 2},
+        train={"steps": 1, "micro_batch_size": 4},
+        rewards=[{"name": "test_reward_model:capture_prompt_messages"}],
+    )
+    launch(tmp_path, cfg)
+    messages = json.loads((tmp_path / "seen.json").read_text())
+    assert len(messages) == 4 and messages[0] == messages[1]
+    assert messages[0][0] == {"role": "system", "content": system} and messages[0][1]["role"] == "user"

@@ -343,7 +343,12 @@ class RewardModelScorer:
         return tokenizer.encode("\n\n".join(str(m.get("content") or "") for m in messages))
 
     @torch.no_grad()
-    def __call__(self, prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
+    def __call__(
+        self, prompts: list, completions: list[str], answers: list, *, prompt_messages: list | None = None, **_: Any
+    ) -> list[float | None]:
+        """prompt_messages: the conversations the policy saw (the loop's column: data.system_prompt included),
+        scored in place of the bare prompts when given."""
+        prompts = prompts if prompt_messages is None else prompt_messages
         model, tokenizer = self.load()
         limit = self.max_length or model.args.max_position_embeddings
         rows = [[] if c is None else self.render(tokenizer, p, c)[-limit:] for p, c in zip(prompts, completions)]
