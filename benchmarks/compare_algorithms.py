@@ -358,6 +358,7 @@ def main() -> None:
     args = parse_args()
     env = environment()
     name = f"algorithms_{args.tag}" if args.tag else "algorithms"
+    name += "_quick" if args.quick else ""  # a smoke run never overwrites a real run's results
     base = None
     with tempfile.TemporaryDirectory(prefix="minigrpo-algorithms-") as tmp:
         output_dir = Path(tmp)

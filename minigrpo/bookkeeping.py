@@ -38,7 +38,8 @@ def open_logger(run: Any) -> MetricsLogger:
     if world.main:
         save_config(cfg, cfg.run.run_dir / "config.yaml")  # the config that runs
         if world.distributed:
-            print(f"{world.size} ranks, {cfg.grpo.prompts_per_step // world.size}+ prompts per rank")
+            share, uneven = divmod(cfg.grpo.prompts_per_step, world.size)
+            print(f"{world.size} ranks, {share}{'+' if uneven else ''} prompts per rank")
     logger = MetricsLogger(
         cfg.run.run_dir,
         total_steps=cfg.train.steps,

@@ -226,10 +226,10 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
         saved = with_new_defaults(saved, cfg.to_dict(), Config().to_dict())  # algorithm, dpo, ppo, any new key
         changed = [k for k in changed_keys(saved, cfg.to_dict()) if not k.startswith(resumable)]
         if changed:
+            verb = "differs" if len(changed) == 1 else "differ"
             raise UserError(
-                f"--resume with a changed config: {', '.join(changed)} differ from {saved_file}; a resumed "
-                f"run keeps its settings (only {', '.join(resumable[1:])} may change): revert them "
-                "or start a new run"
+                f"--resume with a changed config: {', '.join(changed)} {verb} from {saved_file}; a resumed run "
+                f"keeps its settings (only {', '.join(resumable[1:])} may change): revert them or start a new run"
             )
     check_writable(run_dir / "checkpoints")
     return ResumePoint(path, state)

@@ -244,7 +244,7 @@ class CheckpointCfg(Section):
     every: int = spec(50, ">= 0", why="0 = only the final checkpoint")  # save every this many steps
     keep_last: int = spec(2, ">= 1")  # periodic checkpoints kept on disk (older ones are deleted)
     save_final: bool = True  # save after the last step
-    save_merged: bool = False  # LoRA: also write a merged 16-bit HF checkpoint to run_dir/merged at the end
+    save_merged: bool = False  # LoRA: also write a merged HF checkpoint (run.dtype) to run_dir/merged at the end
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""LoRA exports: PEFT-format adapter files and merged 16-bit checkpoints (see minigrpo.lora).
+"""LoRA exports: PEFT-format adapter files and merged checkpoints (see minigrpo.lora).
 
     save_peft_adapter(model, "out/adapter", base_model_name_or_path="Qwen/Qwen2.5-1.5B-Instruct")
     load_peft_adapter(model, "out/adapter")          # resume / eval: adds the adapters if missing
-    save_merged(model, tokenizer, "out/merged")      # a 16-bit HF checkpoint holding W + s * B @ A
+    save_merged(model, tokenizer, "out/merged")      # an HF checkpoint holding W + s * B @ A
 
 `plain_tensors(model)` lists the tensors of the plain model an adapted (and/or NF4) model stands
 for: merged weights under the base's names, computed one at a time when asked. `save_merged` writes
@@ -246,7 +246,7 @@ def _check_peft_config(config: dict[str, Any], where: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# merged 16-bit export, one tensor at a time
+# merged export, one tensor at a time
 
 
 def save_merged(

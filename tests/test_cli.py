@@ -198,7 +198,7 @@ def test_resume_of_a_run_saved_before_a_setting_existed(workspace, tmp_path):
     cfg = config(workspace, "done", run={"output_dir": str(runs)}, train={"steps": 3})
     assert check_run_dir(load_config(write(tmp_path, cfg), ["run.resume=true"])).path == saved_file.parent
     changed = load_config(write(tmp_path, cfg), ["run.resume=true", "sampler.min_p=0.1"])
-    with pytest.raises(UserError, match=r"^--resume with a changed config: sampler\.min_p differ from "):
+    with pytest.raises(UserError, match=r"^--resume with a changed config: sampler\.min_p differs from "):
         check_run_dir(changed)
 
 

@@ -51,6 +51,16 @@ def test_missing_path():
     assert isinstance(info.value, UserError)
 
 
+def test_a_missing_folder_inside_a_local_folder_is_no_hub_id(tmp_path, monkeypatch):
+    """`runs/nope` has the shape of a hub repo id, but `runs` is a folder here: a missing path, named at once,
+    not a download attempt (the hub is not asked)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(loading, "_download", lambda *a: pytest.fail("the hub was asked"))
+    with pytest.raises(ModelNotFoundError, match=r"^model.name_or_path: no such file or directory: runs/nope"):
+        check_model_source("runs/nope", key="model.name_or_path")
+
+
 def test_missing_config(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no config.json in {tmp_path}: not a model folder") as info:
         load_pretrained(tmp_path)

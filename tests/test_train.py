@@ -320,6 +320,6 @@ def test_a_resume_may_lower_what_a_step_holds_in_memory(tmp_path, capsys, loss_t
         with pytest.raises(SystemExit):
             launch(tmp_path, resumed, "--resume")
         message = capsys.readouterr().err
-        assert "--resume with a changed config: train.micro_batch_size differ" in message, message
+        assert "--resume with a changed config: train.micro_batch_size differs" in message, message
     else:
         assert [r["step"] for r in launch(tmp_path, resumed, "--resume")] == [1, 2]

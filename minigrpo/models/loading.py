@@ -287,9 +287,11 @@ def _resolve(name: str, revision: str | None) -> Path:
 
 
 def _looks_local(name: str) -> bool:
-    """A name that can only be a path (not a hub repo id such as "Qwen/Qwen2.5-0.5B-Instruct")."""
+    """A name that can only be a path (not a hub repo id such as "Qwen/Qwen2.5-0.5B-Instruct"), or one
+    whose first part is a local folder ("runs/demo": a run folder mistyped, not a hub organisation)."""
     path_like = name.startswith(("/", ".", "~")) or name.endswith(".gguf") or name.count("/") > 1
-    return path_like or not _REPO_ID.match(name)
+    in_local_folder = name.count("/") == 1 and Path(name.split("/")[0]).is_dir()
+    return path_like or in_local_folder or not _REPO_ID.match(name)
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
