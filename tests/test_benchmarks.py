@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 from helpers.cli import ROOT, cli_env
 
 
@@ -29,7 +30,10 @@ def test_bench_rollout_smoke(tmp_path):
     for name, row in rows.items():
         detail = row["ours_detail"]
         assert detail["tokens_ok"], (name, detail)
-        assert row["ours_tok_s"] > 0 and 0 < row["ours_pct"] < 100, (name, row)
+        # the pct is a share of the bound measured in the run; on a loaded CPU (the copy and matmul rates of
+        # the moment) it may pass 100, so only its sign is checked here: the GPU runs give the real figure
+        assert row["ours_tok_s"] > 0 and row["ours_pct"] > 0, (name, row)
+        assert row["ours_pct"] == pytest.approx(100 * row["ours_tok_s"] / row["bound_tok_s"], rel=1e-6), (name, row)
         # G rows sharing a prompt's KV read it once: a lower bound, so a higher share of it
         assert row["shared_decode_bound_s"] < row["decode_bound_s"], (name, row)
         assert row["ours_decode_pct_shared"] < row["ours_decode_pct"], (name, row)
