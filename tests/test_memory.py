@@ -222,10 +222,26 @@ def test_lora_merged_copy_estimate_is_the_copies_the_sampler_makes(family):
     assert "lora_merged_for_sampling" not in estimate_peak(nf4, model.args, prompt_tokens=64).parts
 
 
-def test_update_phase_estimate_matches_a_measured_update():
-    """train.update_phase on a fixed rollout, measured whole: gradients, activations, optimizer step."""
+def _measured_update_peak(cfg, model, B: int, G: int, Tp: int, Tc: int) -> int:
+    """Peak bytes the tracker sees over a second train.update_phase on a fixed rollout of B x G rows
+    (the first creates the optimizer state, held before the measured one as in a run)."""
     from minigrpo.step import Batch, update_phase
 
+    g = torch.Generator().manual_seed(0)
+    rollout = full_rollout(B, G, Tp, Tc, 512, g)
+    adv = torch.randn(B * G, generator=g)
+    batch = Batch(rollout, rewards=adv, advantages=adv, reward_metrics={}, prompts=[], answers=[])
+    optimizer = build_optimizer(model.parameters(), cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    update_phase(cfg, model, optimizer, scheduler, batch, None, None)  # optimizer state now exists
+    tracker = AllocationTracker()
+    with tracker:
+        update_phase(cfg, model, optimizer, scheduler, batch, None, None)
+    return tracker.peak
+
+
+def test_update_phase_estimate_matches_a_measured_update():
+    """train.update_phase on a fixed rollout, measured whole: gradients, activations, optimizer step."""
     model = tiny_model(seed=1, **SMALL)
     B, G, Tp, Tc, mb = 2, 4, 24, 72, 4
     cfg = load_config(
@@ -240,22 +256,12 @@ def test_update_phase_estimate_matches_a_measured_update():
             "train.lr=1e-4",
         ],
     )
-    N = B * G
-    g = torch.Generator().manual_seed(0)
-    rollout = full_rollout(B, G, Tp, Tc, 512, g)
-    adv = torch.randn(N, generator=g)
-    batch = Batch(rollout, rewards=adv, advantages=adv, reward_metrics={}, prompts=[], answers=[])
     model.gradient_checkpointing = True
-    optimizer = build_optimizer(model.parameters(), cfg.train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    update_phase(cfg, model, optimizer, scheduler, batch, None, None)  # optimizer state now exists
-    tracker = AllocationTracker()
-    with tracker:
-        update_phase(cfg, model, optimizer, scheduler, batch, None, None)
+    peak = _measured_update_peak(cfg, model, B, G, Tp, Tc)
     est = estimate_peak(cfg, model.args, prompt_tokens=Tp, device_type="cpu")
     static = sum(est.parts[k] for k in ("weights", "master_weights", "optimizer_state", "reference_model"))
     predicted = max(est.phases["update"], est.phases["optimizer"]) - static  # what the tracker sees
-    assert abs(predicted / tracker.peak - 1) < 0.10, f"{predicted:,} vs measured {tracker.peak:,}"
+    assert abs(predicted / peak - 1) < 0.10, f"{predicted:,} vs measured {peak:,}"
 
 
 def test_bf16_optimizer_phase_counts_the_stepped_bucket_gradients_as_freed():
@@ -263,27 +269,18 @@ def test_bf16_optimizer_phase_counts_the_stepped_bucket_gradients_as_freed():
     16-bit gradient as its fp32 copy is made, so at the step's peak the tracker sees the bf16
     gradients of the other buckets, one bucket of fp32 gradients and AdamW's temporaries (8 bytes a
     value for the one bucket a tiny model is), not the bucket's bf16 gradients on top (10 bytes)."""
-    from minigrpo.step import Batch, update_phase
 
     model = tiny_model(seed=1, dtype=torch.bfloat16, **SMALL)
     B, G, Tp, Tc = 1, 2, 4, 4
     overrides = [f"grpo.prompts_per_step={B}", f"grpo.group_size={G}", f"sampler.max_new_tokens={Tc}"]
     cfg = load_config(None, ["run.device=cpu", "run.dtype=bfloat16", "train.micro_batch_size=1", *overrides])
-    g = torch.Generator().manual_seed(0)
-    adv = torch.randn(B * G, generator=g)
-    batch = Batch(full_rollout(B, G, Tp, Tc, 512, g), adv, adv, reward_metrics={}, prompts=[], answers=[])
-    optimizer = build_optimizer(model.parameters(), cfg.train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    update_phase(cfg, model, optimizer, scheduler, batch, None, None)  # optimizer state now exists
-    tracker = AllocationTracker()
-    with tracker:
-        update_phase(cfg, model, optimizer, scheduler, batch, None, None)
+    peak = _measured_update_peak(cfg, model, B, G, Tp, Tc)
     est = estimate_peak(cfg, model.args, prompt_tokens=Tp, device_type="cpu")
     n = model.args.num_params()
     assert est.peak_phase == "optimizer" and est.parts["optimizer_step_transient"] == 8 * n - 2 * n
     static = sum(est.parts[k] for k in ("weights", "master_weights", "optimizer_state"))
     predicted = est.phases["optimizer"] - static  # bf16 gradients + fp32 bucket + AdamW temporaries
-    assert abs(predicted / tracker.peak - 1) < 0.02, f"{predicted:,} vs measured {tracker.peak:,}"
+    assert abs(predicted / peak - 1) < 0.02, f"{predicted:,} vs measured {peak:,}"
 
 
 def _held_before(est) -> int:
@@ -356,7 +353,6 @@ def test_an_optimizer_step_of_one_micro_batch_holds_no_gradient_at_the_lm_heads_
     it goes, none before the LM head's backward (the activation peak) and the head's by the last
     layer's (memory_parts.update_bytes). Counted all, the estimate was 22% (15% with checkpointing)
     above the measured peak of a whole update_phase; now within 6%."""
-    from minigrpo.step import Batch, update_phase
 
     model = tiny_model(seed=1, **SMALL)
     B, G, Tp, Tc = 2, 4, 24, 24 if not checkpointing else 72
@@ -364,19 +360,11 @@ def test_an_optimizer_step_of_one_micro_batch_holds_no_gradient_at_the_lm_heads_
     memory_settings = [f"model.gradient_checkpointing={str(checkpointing).lower()}", "train.micro_batch_size=8"]
     cfg = load_config(None, ["run.device=cpu", *shape, *memory_settings])
     model.gradient_checkpointing = checkpointing
-    g = torch.Generator().manual_seed(0)
-    adv = torch.randn(B * G, generator=g)
-    batch = Batch(full_rollout(B, G, Tp, Tc, 512, g), adv, adv, reward_metrics={}, prompts=[], answers=[])
-    optimizer = build_optimizer(model.parameters(), cfg.train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    update_phase(cfg, model, optimizer, scheduler, batch, None, None)  # optimizer state now exists
-    tracker = AllocationTracker()
-    with tracker:
-        update_phase(cfg, model, optimizer, scheduler, batch, None, None)
+    peak = _measured_update_peak(cfg, model, B, G, Tp, Tc)
     est = estimate_peak(cfg, model.args, prompt_tokens=Tp, device_type="cpu")
     assert est.peak_phase == "update"
     predicted = est.total - _held_before(est)
-    assert abs(predicted / tracker.peak - 1) < 0.06, f"{predicted:,} vs measured {tracker.peak:,}"
+    assert abs(predicted / peak - 1) < 0.06, f"{predicted:,} vs measured {peak:,}"
 
 
 # ------------------------------------------------------------------------------------------------
