@@ -131,13 +131,16 @@ def test_eval_checks_its_completion_budget_before_loading(tmp_path, capsys, monk
     assert message.startswith("the longest prompt has 2 tokens and eval.max_new_tokens=1000: 1002 positions")
 
 
+class Chars:
+    """A tokenizer of one token per character, without a chat template."""
+
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=True):
+        return list(text)
+
+
 def test_the_limit_keeps_the_short_prompts():
-    class Chars:  # one token per character, no chat template
-        chat_template = None
-
-        def encode(self, text, add_special_tokens=True):
-            return list(text)
-
     examples = [Example(prompt="x" * n, answer="") for n in (3, 9, 5)]
     cfg = Config()
     cfg.data.max_prompt_tokens, cfg.sampler.max_new_tokens = 5, 10
@@ -151,12 +154,6 @@ def test_the_limit_keeps_the_short_prompts():
 def test_a_generous_limit_returns_the_longest_kept_prompt_not_the_limit():
     """The length returned sizes the memory pre-flight (build.py): a cap far above every prompt must
     not stand in for them. Prompts of 3, 9 and 5 tokens under data.max_prompt_tokens=2048 need 9."""
-
-    class Chars:  # one token per character, no chat template
-        chat_template = None
-
-        def encode(self, text, add_special_tokens=True):
-            return list(text)
 
     examples = [Example(prompt="x" * n, answer="") for n in (3, 9, 5)]
     cfg = Config()

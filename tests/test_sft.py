@@ -74,6 +74,15 @@ def spans(labels: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+_CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+TOOL_CALL_CHAT = [  # a tool call, its result and the answer
+    {"role": "user", "content": "What is 2+3?"},
+    {"role": "assistant", "content": None, "tool_calls": [_CALL]},
+    {"role": "tool", "content": "5", "name": "add"},
+    {"role": "assistant", "content": "<answer>5</answer>"},
+]
+
+
 def sft_cfg(**sft) -> Config:
     return Config.from_dict({"sft": sft})
 
@@ -182,13 +191,7 @@ def test_tool_calls_and_tool_results_reach_the_chat_template(tmp_path, qwen_styl
     from minigrpo.sft_data import example_tokens, load_conversations
 
     tok = Tokenizer(qwen_style.backend, eos_token="<|im_end|>", chat_template=QWEN25_TEMPLATE)
-    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
-    chat = [
-        {"role": "user", "content": "What is 2+3?"},
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "content": "5", "name": "add"},
-        {"role": "assistant", "content": "<answer>5</answer>"},
-    ]
+    chat = TOOL_CALL_CHAT
     data = write_jsonl(tmp_path / "tools.jsonl", [{"messages": chat}])
     (example,) = load_conversations(sft_cfg(path=str(data)))
     ids, labels = example_tokens(example, tok)
@@ -891,13 +894,7 @@ def test_a_tools_column_reaches_the_chat_template_as_in_transformers(tmp_path, s
 
     Tokenizer(smol.backend, eos_token="<|im_end|>", chat_template=QWEN25_TEMPLATE).save(tmp_path / "tok")
     tok, hf = Tokenizer.from_dir(tmp_path / "tok"), hf_tokenizer(tmp_path / "tok")
-    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
-    chat = [
-        {"role": "user", "content": "What is 2+3?"},
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "content": "5", "name": "add"},
-        {"role": "assistant", "content": "<answer>5</answer>"},
-    ]
+    chat = TOOL_CALL_CHAT
     rows = [{"messages": chat, "tools": SFT_TOOLS}, {"messages": chat, "tools": json.dumps(SFT_TOOLS)}]
     expected = hf.apply_chat_template(chat, tools=SFT_TOOLS, return_dict=False)
     for example in load_conversations(sft_cfg(path=str(write_jsonl(tmp_path / "t.jsonl", rows)))):
