@@ -253,6 +253,9 @@ class EvalCfg(Section):
 
     num_prompts: int | None = spec(None, ">= 0", derived="data.num_eval")  # prompts scored; <= data.num_eval
     temperature: float = spec(0.0, ">= 0", why="0 = greedy")  # sampling temperature
+    # completions sampled per prompt (k; > 1 needs eval.temperature > 0): accuracy is their mean (pass@1
+    # estimated over k), pass@k (any of them right) and maj@k (the most frequent answer right) beside it
+    samples_per_prompt: int = spec(1, ">= 1")
     max_new_tokens: int | None = spec(None, ">= 1", derived="sampler.max_new_tokens")  # completion limit
 
 

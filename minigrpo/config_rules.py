@@ -89,6 +89,11 @@ def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
             f"got {temperature:g}",
         )
     need(
+        cfg.eval.samples_per_prompt == 1 or cfg.eval.temperature > 0,
+        f"eval.samples_per_prompt={cfg.eval.samples_per_prompt} needs eval.temperature > 0 (greedy decoding "
+        "gives every sample of a prompt the same completion)",
+    )
+    need(
         cfg.sampler.max_rows is None or cfg.sampler.kind == "own",
         f"sampler.max_rows={cfg.sampler.max_rows} applies to the own sampler; vLLM schedules its sequences "
         "within sampler.gpu_memory_utilization (set sampler.max_rows=null)",

@@ -6,10 +6,12 @@
 Accuracy is the fraction of completions whose extracted final answer (answer tag, \\boxed{},
 `####` or the last number) equals the reference; the configured reward functions are reported too.
 Sampling follows `eval.temperature` (greedy by default; above 0 an example's draw depends on run.seed
-and its index only, not on --batch-size) and `eval.max_new_tokens`. `--num N` scores exactly the first
-N examples of the split (above data.num_eval if asked; an error if the split holds fewer); `--output`
-writes the results as strict JSON (null for a mean over no score). With `env.kind`
-set, every example is an episode played as in training (minigrpo/episodes.py: env.max_turns turns
+and its index only, not on --batch-size) and `eval.max_new_tokens`. With k = `eval.samples_per_prompt`
+(`--samples-per-prompt`) > 1 completions per example, accuracy is their mean (pass@1 estimated over k)
+and pass@k (any of the k right) and maj@k (the most frequent answer right) are reported beside it.
+`--num N` scores exactly the first N examples of the split (above data.num_eval if asked; an error if
+the split holds fewer); `--output` writes the results as strict JSON (null for a mean over no score).
+With `env.kind` set, every example is an episode played as in training (minigrpo/episodes.py: env.max_turns turns
 of at most eval.max_new_tokens tokens, env.max_episode_tokens in all): the answer is read from the
 model's last turn, the rewards see the episode columns, and the env/* metrics of training are
 reported too (turns, tool calls and failures, how episodes ended, prefilled tokens). Without
@@ -37,7 +39,7 @@ from minigrpo.atomic import missing_folder_error, write_atomic
 from minigrpo.build import compute_dtype, load_policy, pick_device, sampling_params
 from minigrpo.checkpoint import CheckpointError, check_writable, list_checkpoints, verify_checkpoint
 from minigrpo.config import Config, load_config
-from minigrpo.data import Example, batch_columns, build_dataset, encode_prompts
+from minigrpo.data import Example, batch_columns, build_dataset, build_messages, encode_prompts
 from minigrpo.distributed import World
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
 from minigrpo.episodes import Episode, episode_columns, run_episodes
@@ -65,51 +67,57 @@ def evaluate(
     batch_size: int = 32,
     specs: list[rewards.RewardSpec] | None = None,
 ) -> dict[str, Any]:
-    """Greedy (or eval.temperature) completions, or episodes with env.kind, for every example ->
-    accuracy and mean rewards (specs: the config's reward functions, built from cfg.rewards unless
-    given), and the env/* metrics of the episodes."""
+    """Greedy (or eval.temperature) completions, or episodes with env.kind, k = eval.samples_per_prompt
+    per example -> accuracy (over all completions) and mean rewards (specs: the config's reward
+    functions, built from cfg.rewards unless given), pass@k and maj@k when k > 1, and the env/*
+    metrics of the episodes."""
     sampler = KVCacheSampler(model, tokenizer, cuda_graphs=cfg.sampler.compile, max_rows=cfg.sampler.max_rows)
-    key = (cfg.run.seed, EVAL_STREAM)
+    key, k = (cfg.run.seed, EVAL_STREAM), cfg.eval.samples_per_prompt
     params = sampling_params(
-        cfg, tokenizer, n=1, temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens
+        cfg, tokenizer, n=k, temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens
     )
     specs = rewards.build_reward_specs(cfg.rewards) if specs is None else specs
     env = build_environment(cfg, tokenizer)
-    correct, totals, per_fn, samples = [], [], {s.name: [] for s in specs}, []
+    correct, answers_given, totals, per_fn, samples = [], [], [], {s.name: [] for s in specs}, []
     episodes: list[Episode] = []
     turn_stats = {"prefill_tokens": 0.0, "reused_tokens": 0.0}  # summed over the batches' episodes
     t0 = time.perf_counter()
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        answers = [ex.answer for ex in batch]
-        columns = batch_columns(batch)
+        rows = [ex for ex in batch for _ in range(k)]  # the k samples of an example are adjacent
+        row_ids = range(start * k, (start + len(batch)) * k)  # an example's draws do not depend on --batch-size
+        answers = [ex.answer for ex in rows]
+        columns = batch_columns(batch, repeat=k)
         if env is None:
             ids, _ = encode_prompts(batch, tokenizer, cfg.data.system_prompt, cfg.data.chat_template_kwargs)
-            rollout = sampler.generate(ids, params, key=(*key, 0), row_ids=range(start, start + len(batch)))
+            rollout = sampler.generate(ids, params, key=(*key, 0), row_ids=row_ids)
             texts, longest = rollout.completion_texts, params.max_new_tokens
             lengths = rollout.completion_lengths.tolist()
+            columns["prompt_messages"] = [build_messages(ex, cfg.data.system_prompt) for ex in rows]  # as training
         else:  # the answer is in the model's last turn; the rewards read the whole episode
             stats: dict[str, float] = {}
             played = run_episodes(
                 sampler, tokenizer, env, batch, params, max_turns=cfg.env.max_turns, key=key,
-                max_episode_tokens=cfg.env.max_episode_tokens, row_ids=range(start, start + len(batch)), stats=stats,
+                max_episode_tokens=cfg.env.max_episode_tokens, row_ids=row_ids, stats=stats,
             )  # fmt: skip
-            turn_stats = {k: v + stats[k] for k, v in turn_stats.items()}
+            turn_stats = {name: v + stats[name] for name, v in turn_stats.items()}
             columns.update(episode_columns(played))
             episodes += played
             texts, longest = columns["final_response"], cfg.env.max_episode_tokens
             lengths = [sum(e.loss_mask) for e in played]  # the model's own tokens
         columns["completion_lengths"] = lengths
-        columns["max_completion_length"] = [longest] * len(batch)
-        scored = rewards.score([ex.prompt for ex in batch], texts, answers, specs, columns=columns)
+        columns["max_completion_length"] = [longest] * len(rows)
+        scored = rewards.score([ex.prompt for ex in rows], texts, answers, specs, columns=columns)
         for i, text in enumerate(texts):
-            ok = rewards.answers_match(rewards.extract_answer(text), answers[i])
+            given = rewards.extract_answer(text)
+            ok = rewards.answers_match(given, answers[i])
             correct.append(ok)
+            answers_given.append(given)
             totals.append(float(scored.total[i]))
-            for k, name in enumerate(scored.names):
-                per_fn[name].append(float(scored.per_fn[i, k]))
+            for j, name in enumerate(scored.names):
+                per_fn[name].append(float(scored.per_fn[i, j]))
             if len(samples) < 5:
-                sample = {"prompt": batch[i].prompt, "completion": text, "answer": answers[i], "correct": ok}
+                sample = {"prompt": rows[i].prompt, "completion": text, "answer": answers[i], "correct": ok}
                 if env is not None:  # the whole episode: every message, tool results included
                     sample["messages"] = columns["messages"][i]
                 samples.append(sample)
@@ -124,12 +132,37 @@ def evaluate(
     return {
         "num_examples": len(examples),
         "accuracy": sum(correct) / max(len(correct), 1),
+        **(sample_metrics(correct, answers_given, [ex.answer for ex in examples], k) if k > 1 else {}),
         "reward": mean(totals),
         **{f"reward/{name}": mean(v) for name, v in per_fn.items()},
         **env_metrics,
         "seconds": time.perf_counter() - t0,
         "samples": samples,
     }
+
+
+def sample_metrics(correct: list[bool], given: list[str | None], references: list[str], k: int) -> dict[str, float]:
+    """pass@k: the share of examples with at least one of their k completions right; maj@k: the share
+    whose most frequent answer is right (answers equal as answers_match reads them; a completion
+    without an answer does not vote; a tie goes to the answer given first). `correct` and `given`
+    hold k entries per example, an example's adjacent."""
+    passed, majority = 0, 0
+    for e, reference in enumerate(references):
+        passed += any(correct[e * k : (e + 1) * k])
+        votes: list[list] = []  # [answer, count], in the order first given
+        for answer in given[e * k : (e + 1) * k]:
+            if answer is None:
+                continue
+            vote = next((v for v in votes if rewards.answers_match(answer, v[0])), None)
+            if vote is None:
+                votes.append([answer, 1])
+            else:
+                vote[1] += 1
+        if votes:
+            winner = max(votes, key=lambda v: v[1])  # max keeps the first of equal counts
+            majority += rewards.answers_match(winner[0], reference)
+    n = max(len(references), 1)
+    return {f"pass@{k}": passed / n, f"maj@{k}": majority / n}
 
 
 def parse_args(argv: list[str] | None):
@@ -143,12 +176,21 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--split", default=None, help="data.split or data.eval_split (default: data.eval_split)")
     parser.add_argument("--num", type=int, default=None, help="number of examples (default: eval.num_prompts)")
+    parser.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=None,
+        help="completions per prompt, k (eval.samples_per_prompt; needs eval.temperature > 0): pass@k and maj@k",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="prompts generated at once")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    for flag, value in (("--num", args.num), ("--batch-size", args.batch_size)):
+    k = args.samples_per_prompt
+    for flag, value in (("--num", args.num), ("--batch-size", args.batch_size), ("--samples-per-prompt", k)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
+    if k is not None:  # a config value like any other: checked with the rest of the config
+        args.overrides.append(f"eval.samples_per_prompt={k}")
     return args
 
 
@@ -332,7 +374,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     results = {"checkpoint": args.checkpoint, **results}  # the folder evaluated (a run folder's pick)
     print(f"{args.checkpoint} on the {split!r} split ({results['num_examples']} examples, {results['seconds']:.1f}s):")
     for key, value in results.items():
-        if key.startswith(("accuracy", "reward", "env/")):
+        if key.startswith(("accuracy", "pass@", "maj@", "reward", "env/")):
             print(f"  {key:<28} {value:.4f}")
     if args.output:
         write_atomic(Path(args.output), results_json(results))

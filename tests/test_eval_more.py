@@ -118,3 +118,43 @@ def test_a_lora_checkpoint_keeps_its_own_rank_under_another_config(tmp_path):
     texts = [[s["completion"] for s in r["samples"]] for r in (adapted, merged, base)]
     assert texts[0] == texts[1] != texts[2]
     assert adapted["reward"] == merged["reward"] and adapted["accuracy"] == merged["accuracy"]
+
+
+def test_several_samples_per_prompt_give_pass_and_majority_at_k(run):
+    """k completions per prompt: accuracy is their mean, pass@k the share of prompts with one of them
+    right, maj@k the share whose most frequent answer is right; an example's draws do not depend on
+    --batch-size, and k > 1 without a temperature is one config line."""
+    checkpoint = run / "checkpoints" / "step_000002"
+    sampled = ["--set", "eval.temperature=1.0", "--samples-per-prompt", "4"]
+    results = scores(checkpoint, *sampled, "--batch-size", "3")
+    assert results == scores(checkpoint, *sampled, "--batch-size", "1")
+    assert set(results) >= {"accuracy", "pass@4", "maj@4"} and results["num_examples"] == 4
+    assert results["accuracy"] <= results["pass@4"] and results["maj@4"] <= results["pass@4"]
+    assert "pass@1" not in scores(checkpoint, "--set", "eval.temperature=1.0")
+    with pytest.raises(evaluation.UserError, match=r"eval.samples_per_prompt=2 needs eval.temperature > 0"):
+        evaluation._main(["--checkpoint", str(checkpoint), *ARGS, "--samples-per-prompt", "2"])
+    with pytest.raises(evaluation.UserError, match=r"^--samples-per-prompt must be >= 1, got 0$"):
+        evaluation._main(["--checkpoint", str(checkpoint), *ARGS, "--samples-per-prompt", "0"])
+
+
+def test_pass_and_majority_at_k_by_hand():
+    """Two examples, three samples each: 18 / 18.0 / 17 votes 18 (right); 5, no answer, 6 is a tie that
+    the first given answer (5, wrong) wins, though one sample (6) is right."""
+    correct = [True, True, False, False, False, True]
+    given = ["18", "18.0", "17", "5", None, "6"]
+    assert evaluation.sample_metrics(correct, given, ["18", "6"], 3) == {"pass@3": 1.0, "maj@3": 0.5}
+    assert evaluation.sample_metrics([False] * 2, [None, None], ["1"], 2) == {"pass@2": 0.0, "maj@2": 0.0}
+
+
+def test_reward_functions_see_the_conversation_the_policy_saw(run):
+    """As in training, a reward function (a reward model) gets `prompt_messages`: data.system_prompt
+    included."""
+    from minigrpo.config import RewardSpec, load_config
+    from minigrpo.models.loading import load_pretrained
+
+    cfg = load_config(str(run / "config.yaml"), ["data.system_prompt=Be brief.", "eval.max_new_tokens=1"])
+    model, tokenizer = load_pretrained(str(run / "checkpoints" / "step_000002"))
+    examples = evaluation.eval_examples(cfg, "train", 3)
+    specs = evaluation.rewards.build_reward_specs([RewardSpec(name="helpers.reward_fns:sees_system_prompt")])
+    results = evaluation.evaluate(cfg, model.eval(), tokenizer, examples, specs=specs)
+    assert results["reward"] == 1.0

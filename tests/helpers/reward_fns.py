@@ -35,3 +35,8 @@ def uses_column(prompts: list, completions: list[str], answers: list, *, difficu
 
 
 NOT_CALLABLE = 3
+
+
+def sees_system_prompt(prompts: list, completions: list, answers: list, *, prompt_messages: list, **_: Any) -> list:
+    """1.0 where the conversation the policy saw opens with the system message "Be brief.", else 0.0."""
+    return [float(m[0] == {"role": "system", "content": "Be brief."}) for m in prompt_messages]
