@@ -368,6 +368,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     if adapter:
         model, tokenizer = load_policy(cfg, device, dtype)
         lora.load_peft_adapter(model, ckpt)
+        lora.merge_and_unload(model)  # one GEMM per projection, as the merged export (NF4 bases keep theirs)
     else:
         model, tokenizer = load_pretrained(args.checkpoint, dtype=dtype, device=device)
     results = evaluate(cfg, model.eval(), tokenizer, examples, batch_size=args.batch_size, specs=specs)

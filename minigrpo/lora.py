@@ -6,6 +6,7 @@
     save_peft_adapter(model, "out/adapter", ...)     # the exports live in lora_export.py (also
     save_merged(model, tokenizer, "out/merged")      # importable from here): PEFT files, merged
     load_peft_adapter(model, "out/adapter")          # 16-bit checkpoints
+    merge_and_unload(model)                          # evaluation: the adapters merged into plain linears
 
 An adapted layer computes  y = base(x) + s * B @ A @ dropout(x)  with A (r, in), B (out, r) and
 s = alpha / r, or alpha / sqrt(r) with rsLoRA (a scale that does not shrink as r grows). A starts as
@@ -382,6 +383,30 @@ def unmerge_lora(model: nn.Module) -> list[str]:
     return list(layers)
 
 
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> list[str]:
+    """Inference for good (evaluation): every adapter whose base is a plain float linear is merged
+    into it (W + s B A, fp32 sum, one rounding to W's dtype: the weights adapters_frozen(merge=True)
+    samples with and save_merged writes) and the base is put back in its place, so those layers run
+    one GEMM in any dtype (unmerged fp32 layers run three), q/k/v and gate/up pack as in a plain
+    model, and no rollout makes a merged copy. Adapters on quantized bases (NF4) stay as they are.
+    Irreversible (the adapters are gone); returns the unloaded layers' names."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to merge and unload")
+    unloaded = []
+    for name, layer in layers.items():
+        weight = getattr(layer.base, "weight", None)
+        if hasattr(layer.base, "dequantized_weight") or weight is None or not weight.is_floating_point():
+            continue
+        if not layer.merged:
+            layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base)
+        unloaded.append(name)
+    return unloaded
+
+
 def _layers_in_state(model: nn.Module, *, merged: bool, action: str) -> dict[str, LoRALinear]:
     layers = lora_layers(model)
     if not layers:
@@ -456,6 +481,7 @@ __all__ = [
     "lora_layers",
     "lora_parameters",
     "lora_state_dict",
+    "merge_and_unload",
     "merge_lora",
     "target_module_names",
     "unmerge_lora",

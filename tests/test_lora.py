@@ -364,6 +364,63 @@ class ShapeRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@torch.no_grad()
+def test_merge_and_unload_runs_the_matmuls_of_the_plain_model(family, dtype):
+    """Evaluating a LoRA checkpoint: fp32 bases are never merged for sampling (3 matmuls per adapted
+    projection instead of 1, so a LoRA checkpoint evaluated slower than its merged export); after
+    merge_and_unload the model is the plain model again: its matmuls, its state-dict names, and the
+    logits of the adapted model (fp32: within ATOL; bf16: bit for bit those sampled with merge=True)."""
+    from minigrpo.lora import merge_and_unload
+
+    model = tiny_model(25, dtype=dtype, **FAMILIES[family])
+    plain = copy.deepcopy(model)
+    plain.pack_projections()  # what a merged export loads as (16-bit sets joined)
+    names = apply_lora(model, LoRACfg(r=3, alpha=6))
+    _randomize_adapters(model, seed=5)
+    adapted = model(_ids())
+    with adapters_frozen(model, merge=True):
+        sampled = model(_ids())
+
+    def matmuls(net) -> int:
+        with ShapeRecorder([]) as recorder:
+            net(_ids())
+        return recorder.calls
+
+    before = matmuls(model)
+    assert merge_and_unload(model) == names
+    assert not lora_layers(model) and set(model.state_dict()) == set(plain.state_dict())
+    model.pack_projections()
+    assert matmuls(model) == matmuls(plain)
+    assert dtype == torch.bfloat16 or before == matmuls(plain) + 2 * len(names)  # fp32: A and B each
+    out = model(_ids())
+    if dtype == torch.float32:
+        assert _max_diff(out, adapted) < ATOL, _max_diff(out, adapted)
+    else:
+        assert torch.equal(out, sampled)
+
+
+def test_merge_and_unload_keeps_adapters_on_quantized_bases():
+    """A base stored quantized cannot take the update: its adapter stays and still runs; the rest unload."""
+    from minigrpo.lora import merge_and_unload
+
+    model = tiny_model(26)
+    for block in model.model.layers:
+        block.mlp.down_proj = Int8Linear(block.mlp.down_proj)
+    apply_lora(model, LoRACfg(r=3, alpha=6))
+    _randomize_adapters(model, seed=6)
+    with torch.no_grad():
+        adapted = model(_ids())
+    unloaded = merge_and_unload(model)
+    assert sorted(lora_layers(model)) == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    assert len(unloaded) == 2 * 6 and not any("down_proj" in n for n in unloaded)
+    with torch.no_grad():
+        assert _max_diff(model(_ids()), adapted) < ATOL
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        merge_and_unload(tiny_model(26))
+
+
 @pytest.mark.parametrize("merge", [True, False])
 def test_the_kv_sampler_samples_with_frozen_adapters(merge, monkeypatch):
     """Every adapted forward of a rollout runs inside adapters_frozen() (merged by default), and none
