@@ -101,12 +101,13 @@ def _masked_log_ratio(a: Tensor, b: Tensor, active: Tensor) -> Tensor:
 def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
     """Per-token k3 estimate of KL(pi || pi_ref): exp(d) - d - 1 with d = ref - logp; >= 0, 0 at equality.
 
-    d is clamped above at LOG_RATIO_CLAMP (so exp cannot overflow) and not below: a token the policy
-    made far likelier than the reference keeps k3 ~ -d - 1 and its gradient. Padding (mask 0) gives 0.
+    In fp64: fp32 rounds exp(d) near 1 to 6e-8, which swamps k3 ~ d^2 / 2 for |d| < 1e-3 (even below 0).
+    d is clamped above at LOG_RATIO_CLAMP (exp cannot overflow) and not below: a token the policy
+    made far likelier than the reference keeps k3 ~ -d - 1 and its gradient. Padding gives 0.
     """
     active = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask > 0
     d = _masked_log_ratio(ref_logp, logp, active).clamp(max=LOG_RATIO_CLAMP)  # (N, Tc)
-    return torch.exp(d) - d - 1.0
+    return (torch.expm1(d.double()) - d.double()).to(d.dtype)  # (N, Tc)
 
 
 @torch.no_grad()
