@@ -178,3 +178,26 @@ def test_per_token_inputs_must_match_logp(name, impl):
             clipped_token_loss_and_grad(**{**inputs, name: bad}, **_kernel_opts(opts), impl=impl)
     with pytest.raises(ValueError, match=r"logp must be \(n,\), got \(2, 5\)"):
         clipped_token_loss_and_grad(**{**inputs, "logp": inputs["logp"].view(2, 5)}, **_kernel_opts(opts), impl=impl)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+@pytest.mark.parametrize("spread", [1e-5, 1e-3, 0.05, 0.5])
+def test_the_kl_term_near_the_reference_is_exact_to_fp32(spread, impl, device):
+    """k3 = exp(x) - x - 1 ~ x^2 / 2 with x = ref - logp: fp32's exp rounds to 6e-8 near 1, which was all
+    of k3 for |x| < 1e-4 (negative values, 100% off); loss and gradient within 1e-5 of fp64 at any x."""
+    g = torch.Generator().manual_seed(3)
+    logp = -torch.rand(4096, generator=g, dtype=torch.float64) * 3
+    ref = logp + torch.randn(4096, generator=g, dtype=torch.float64) * spread
+    ref[0] = logp[0] + 0.0625  # the edge of the Triton kernel's series
+    lp32, ref32 = logp.float(), ref.float()
+    x = ref32.double() - lp32.double()  # what the kernel sees, in fp64
+    beta, weight = 0.3, torch.ones(4096, device=device)
+    loss, grad = clipped_token_loss_and_grad(
+        lp32.to(device), torch.zeros(4096, device=device), weight, old_logp=None, is_weight=None,
+        ref_logp=ref32.to(device), epsilon=0.2, epsilon_high=0.2, delta=None, beta=beta, log_ratio_clamp=C, impl=impl,
+    )  # fmt: skip
+    want_loss, want_grad = beta * (torch.expm1(x) - x), -beta * torch.expm1(x)
+    assert (loss >= 0).all()
+    torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=1e-5, atol=1e-30)
+    torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=1e-5, atol=1e-30)
