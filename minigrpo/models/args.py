@@ -154,8 +154,10 @@ class ModelArgs:
         """Read an HF `config.json` dict. Unknown families and RoPE types are errors that name them."""
         model_type = config.get("model_type")
         if model_type not in _FAMILIES:
+            archs = config.get("architectures")
+            arch = f" ({', '.join(map(str, archs))})" if isinstance(archs, list) and archs else ""
             raise UnsupportedModelError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"unsupported model_type {model_type!r}{arch}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         fam = _FAMILIES[model_type]
         original, config = config, {**_HF_DEFAULTS[model_type], **config}

