@@ -658,6 +658,23 @@ def test_an_unsupported_architecture_is_named_before_the_weights_load(tmp_path, 
         )
 
 
+@pytest.mark.parametrize("quant", [{"quant_method": "fp8", "weight_block_size": [128, 128]}, {"quant_method": "gptq"}])
+def test_a_prequantized_checkpoint_is_refused_before_the_weights_load(tmp_path, monkeypatch, quant):
+    """An FP8 / GPTQ checkpoint (e.g. a "-FP8" repo) failed on its weights' dtype or scale tensors."""
+    tiny_checkpoint(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant}))
+    _no_weights_read(monkeypatch)
+    for load in (check_model_source, load_pretrained):
+        with pytest.raises(UnsupportedModelError) as info:
+            load(tmp_path, require_tokenizer=False)
+        assert str(info.value) == (
+            f"{tmp_path / 'config.json'}: config key 'quantization_config' marks a pre-quantized checkpoint "
+            f"(quant_method {quant['quant_method']!r}), which is not supported: load the unquantized model "
+            "(lora.quantize_base: nf4 quantizes it as it loads)"
+        )
+
+
 @pytest.mark.parametrize("shape", [[-2, -8], [2.0, 8.0], [True, 16]])
 def test_a_header_shape_that_is_no_tensor_shape_is_named(tmp_path, shape):
     """A header whose shape multiplies to the right byte count but is no shape (negative or float

@@ -159,6 +159,7 @@ class ModelArgs:
             raise UnsupportedModelError(
                 f"unsupported model_type {model_type!r}{arch}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        _check_not_prequantized(config)
         fam = _FAMILIES[model_type]
         original, config = config, {**_HF_DEFAULTS[model_type], **config}
         get = config.get
@@ -291,6 +292,18 @@ def _check_flags(config: dict[str, Any], fam: _Family) -> None:
         value = config.get(key, False)
         if not isinstance(value, bool):
             raise ModelConfigError(f"config key {key!r} must be true or false, got {value!r}")
+
+
+def _check_not_prequantized(config: dict[str, Any]) -> None:
+    """An UnsupportedModelError for a checkpoint stored quantized (FP8, GPTQ, AWQ, bitsandbytes...): its
+    weights are not the plain floats the model reads, and its scales would be unexpected tensors."""
+    quant = config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise UnsupportedModelError(
+            f"config key 'quantization_config' marks a pre-quantized checkpoint (quant_method {method!r}), which "
+            "is not supported: load the unquantized model (lora.quantize_base: nf4 quantizes it as it loads)"
+        )
 
 
 def _check_layer_types(config: dict[str, Any], fam: _Family) -> None:
