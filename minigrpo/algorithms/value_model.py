@@ -251,7 +251,8 @@ def is_classification(config: dict[str, Any]) -> bool:
 
 
 def build_value_model(cfg, policy: nn.Module, device: torch.device, dtype: torch.dtype) -> ValueModel:
-    """The critic `ppo.value_model` names, on `device`; its body in `dtype`, its head fp32."""
+    """The critic `ppo.value_model` names, on `device`; its body in `dtype`, its head fp32, and with
+    train.fp32_norms a 16-bit body's RMSNorm gains fp32, as the policy's (Transformer.norms_in_fp32)."""
     p = cfg.ppo
     if p.value_model == "lora":
         return LoRAValueModel(policy)
@@ -264,6 +265,8 @@ def build_value_model(cfg, policy: nn.Module, device: torch.device, dtype: torch
             )
     else:  # the policy's starting weights, without its adapters (FSDP's fp32 masters cast to dtype)
         body, head = strip_lora(copy.deepcopy(policy)).to(dtype), None
+    if cfg.train.fp32_norms and dtype in (torch.bfloat16, torch.float16):
+        body.norms_in_fp32()  # every weight trains: a 16-bit gain would not move at RL learning rates
     body.gradient_checkpointing = cfg.model.gradient_checkpointing
     body.activation_offload = cfg.model.activation_offload
     return SeparateValueModel(body, head).to(device)
@@ -308,15 +311,21 @@ def critic_state(critic: Critic) -> dict[str, Any]:
 
 def load_critic_state(critic: Critic, state: dict[str, Any] | None, where: Path | str) -> None:
     """Restore `critic_state` (a resumed run continues exactly); UserError naming the checkpoint when
-    it holds no critic."""
+    it holds no critic, CorruptCheckpointError naming its state.json when a part does not fit this critic
+    (one line, not a traceback from inside torch)."""
+    from minigrpo.checkpoint import restoring
     from minigrpo.optim_state import load_optimizer_state
 
     if not state:
         raise UserError(f"{where} holds no critic (it was not saved by an algorithm: ppo run)")
-    critic.model.load_state_dict(state["weights"])
-    load_optimizer_state(critic.model, critic.optimizer, state["optimizer"])
-    critic.scheduler.load_state_dict(state["scheduler"])
-    critic.grad_scale.load_state_dict(state.get("grad_scale", {}))  # absent from older checkpoints
+    with restoring(Path(where), "critic weights"):
+        critic.model.load_state_dict(state["weights"])
+    with restoring(Path(where), "critic optimizer state"):
+        load_optimizer_state(critic.model, critic.optimizer, state["optimizer"])
+    with restoring(Path(where), "critic learning-rate schedule"):
+        critic.scheduler.load_state_dict(state["scheduler"])
+    with restoring(Path(where), "critic loss scale"):
+        critic.grad_scale.load_state_dict(state.get("grad_scale", {}))  # absent from older checkpoints
 
 
 __all__ = [
