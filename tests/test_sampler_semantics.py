@@ -16,8 +16,9 @@ from test_sampler import PROMPTS, CharTokenizer
 from minigrpo.errors import UserError
 from minigrpo.logprobs import completion_logprobs
 from minigrpo.models.loading import load_pretrained
+from minigrpo.sampling import kv_sampler
 from minigrpo.sampling.kv_sampler import KVCacheSampler
-from minigrpo.sampling.params import MIN_TEMPERATURE, SamplingError, SamplingParams
+from minigrpo.sampling.params import MIN_TEMPERATURE, RaceNoise, SamplingError, SamplingParams
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,6 +45,17 @@ FAMILIES = {
     "mistral-window": dict(model_type="mistral", rope_theta=10000.0, sliding_window=5),
     "phi3": dict(model_type="phi3", rope_theta=10000.0, num_key_value_heads=4),
 }
+SWITCH = 16  # original_max_position_embeddings of the longrope model: its factors switch past it
+LONGROPE = dict(  # Phi-3.5 style: partial rotary (6 frequencies of 12), long factors past SWITCH
+    model_type="phi3",
+    rope_theta=10000.0,
+    num_key_value_heads=4,
+    partial_rotary_factor=0.75,
+    original_max_position_embeddings=SWITCH,
+    rope_scaling=dict(
+        type="longrope", short_factor=[1.0 + 0.1 * i for i in range(6)], long_factor=[1.5 + 0.3 * i for i in range(6)]
+    ),
+)
 # one prompt of one token, one longer than the rest by far: the batch is mostly left padding
 FAMILY_PROMPTS = [[7], [5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49], [60, 61, 62]]
 
@@ -61,7 +73,7 @@ def family_pair(family: str, tmp_path):
     """(transformers model, our model loaded from its saved weights), fp32, eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**{**BASE, **FAMILIES[family]})
+    config = AutoConfig.for_model(**{**BASE, **(LONGROPE if family == "phi3-longrope" else FAMILIES[family])})
     torch.manual_seed(len(family))
     hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
     with torch.no_grad():  # peakier than the default init, so greedy paths are not flat
@@ -111,6 +123,27 @@ def test_greedy_equals_transformers_generate_with_several_eos_ids_past_the_conte
     assert out.truncated.tolist() == [len(r) == 40 and r[-1] not in eos for r in want for _ in range(2)]
 
 
+def test_longrope_rows_stay_below_the_switch_and_equal_transformers_there(tmp_path):
+    """A longrope model rotates a forward past original_max_position_embeddings by its long factors
+    throughout (the trainer's forward), while the cache holds the prompt rotated by the short ones
+    (transformers re-prefills at the switch): a call whose longest prompt (12) and max_new_tokens may
+    pass SWITCH = 16 is refused, naming the setting, by generate and by a session; up to it the
+    sampler equals transformers' greedy tokens and the trainer's log-probs."""
+    hf, ours = family_pair("phi3-longrope", tmp_path)
+    sampler = KVCacheSampler(ours, IdTokenizer())
+    too_long = SamplingParams(temperature=0.0, max_new_tokens=5)
+    refusal = r"^a prompt of 12 tokens .* original_max_position_embeddings=16,.* set max_new_tokens=4 or less"
+    for target in (sampler, sampler.start_session()):
+        with pytest.raises(SamplingError, match=refusal):
+            target.generate(FAMILY_PROMPTS, too_long)
+    out = sampler.generate(FAMILY_PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=4, ignore_stop=True))
+    assert completions(out) == hf_greedy(hf, FAMILY_PROMPTS, 4, eos=[VOCAB + 1])
+    sampled = sampler.generate(FAMILY_PROMPTS, SamplingParams(n=2, max_new_tokens=4), key=(3,))
+    with torch.no_grad():
+        logp = completion_logprobs(ours, sampled.input_ids(), sampled.attention_mask(), sampled.completion_mask)
+    assert (logp - sampled.sampler_logp).abs().max() < LOGP_TOL
+
+
 FILTERS = [
     dict(temperature=1.0),
     dict(temperature=0.0),
@@ -138,6 +171,57 @@ def test_sampler_logprobs_equal_the_trainers_for_each_family(family, tmp_path):
         if kw.get("top_p", 1.0) < 0.1 or kw["temperature"] < 1e-2:  # the most likely token each time
             groups = out.completion_ids.view(len(FAMILY_PROMPTS), 3, -1)  # (B, G, Tc)
             assert (groups == groups[:, :1]).all(), f"{kw}: the rows of a group differ"
+
+
+def hf_filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """The distribution transformers' `generate(do_sample=True)` draws from: its logits processors in
+    its order (temperature, top-k, top-p, min-p), then a softmax. logits (B, V) -> probs (B, V) fp32."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers = [TemperatureLogitsWarper(temperature)]
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    warpers += [MinPLogitsWarper(min_p)] if min_p else []
+    scores = logits.clone()
+    for warp in warpers:
+        scores = warp(None, scores)
+    return scores.softmax(-1)
+
+
+SETTINGS = [  # (temperature, top_k, top_p, min_p)
+    (1.0, 0, 0.6, 0.1),  # min-p before top-p would shrink the nucleus to the first token
+    (0.7, 0, 0.9, 0.05),
+    (1.5, 40, 0.8, 0.02),
+    (1.0, 5, 0.97, 0.3),
+    (2.0, 200, 0.5, 0.0),  # top-k past the vocabulary
+    (0.3, 1, 1.0, 0.0),
+    (1.0, 0, 1e-6, 0.5),  # a tiny nucleus: the most likely token
+    (50.0, 0, 0.99, 0.9),
+]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", SETTINGS)
+def test_filters_apply_in_transformers_order(temperature, top_k, top_p, min_p, monkeypatch):
+    """The probabilities the sampler races (top-k, top-p, min-p in transformers' order) equal, once
+    normalised, those transformers samples from, to 1e-6, with the same tokens kept. Rows: the case
+    where the order matters (p = .5, .3 and five of .04), then random peaky logits."""
+    gen = torch.Generator().manual_seed(7)
+    designed = torch.tensor([0.5, 0.3] + [0.04] * 5 + [0.0] * (VOCAB - 7)).clamp(min=1e-9).log()  # (V,)
+    logits = torch.cat([designed[None] * temperature, 3 * torch.randn(15, VOCAB, generator=gen)])  # (16, V)
+    raced = []
+    monkeypatch.setattr(RaceNoise, "race", lambda self, probs: raced.append(probs) or probs.argmax(-1))
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    noise = RaceNoise.make((0,), torch.arange(16))
+    kv_sampler.sample_tokens(logits, params, noise=noise)
+    ours = raced[0] / raced[0].sum(-1, keepdim=True)  # (16, V)
+    want = hf_filtered_probs(logits, temperature, top_k, top_p, min_p)
+    assert torch.equal(ours > 0, want > 0), f"kept tokens differ in rows {((ours > 0) != (want > 0)).any(-1).nonzero()}"
+    assert (ours - want).abs().max() < 1e-6
 
 
 # ------------------------------------------------------------------------------ bad settings, bad prompts

@@ -3,9 +3,10 @@ what a call that prefills every row's whole history draws, while prefilling only
 
 Session level: rows continued over calls with environment tokens of different lengths, rows that
 leave, a history that diverges from the cached one, a row that joins, a cache that must regrow,
-bucket and check settings, a sliding-window model and a sampler decoding in waves (both prefill
-everything). Episode level: the same episodes with and without reuse (tokens equal, log-probs within
-1e-5 in fp32), the exact count of prefilled tokens, and the trainer's log-probs of the built rows.
+bucket and check settings, sliding-window models (only new tokens prefilled: windows count tokens)
+and a sampler decoding in waves (everything prefilled). Episode level: the same episodes with and
+without reuse (tokens equal, log-probs within 1e-5 in fp32), the exact count of prefilled tokens, and
+the trainer's log-probs of the built rows.
 """
 
 from __future__ import annotations
@@ -92,23 +93,45 @@ def test_a_session_draws_what_generate_draws(kv_bucket, check_every, reserve):
     assert session.cache is None
 
 
-def test_sliding_windows_and_waves():
-    """A window shorter than a call's slots: rows are laid out without gaps (the window counts slots);
-    a sampler decoding in waves: whole histories are prefilled. Both draw what generate draws."""
-    params = SamplingParams(temperature=1.0, max_new_tokens=6, stop_ids=(7, 11, 19))
+WINDOWED = {  # a window on every layer (Mistral), and on the layers past max_window_layers (Qwen2)
+    "mistral": lambda w: dict(model_type="mistral", sliding_window=w),
+    "qwen2": lambda w: dict(model_type="qwen2", use_sliding_window=True, sliding_window=w, max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("family", sorted(WINDOWED))
+@pytest.mark.parametrize("window", [2, 4])
+def test_sliding_windows_count_tokens_so_sessions_prefill_only_new_tokens(family, window):
+    """Windows far shorter than a call's slots, rows with gaps of 4, 2 and 0 slots between their kept and
+    new tokens: the window counts each row's real tokens, so the session keeps every cached token
+    (prefills only the environment's tokens and the last drawn one) and still draws what generate
+    draws (tokens equal, log-probs within 1e-5), filters on or off, four turns."""
     prompts, ids = [[1, 5, 9, 13, 17], [1, 40, 41], [1, 77]], [0, 1, 2]
-    for window, max_rows, reused in ((4, None, True), (64, None, True), (None, 2, False)):
-        extra = {} if window is None else dict(model_type="mistral", sliding_window=window)
-        sampler = KVCacheSampler(tiny_model(seed=22, **extra), CharTokenizer(), max_rows=max_rows)
-        session = sampler.start_session(reserve=100)  # room for gaps: only the window can rule them out
-        p = prompts
-        for call in range(3):
+    sampler = KVCacheSampler(tiny_model(seed=22, **WINDOWED[family](window)), CharTokenizer())
+    for kw in (dict(temperature=1.0), dict(temperature=0.8, top_k=10, top_p=0.9, min_p=0.05)):
+        params = SamplingParams(max_new_tokens=6, stop_ids=(7, 11, 19), **kw)
+        session, p, new = sampler.start_session(reserve=100), prompts, sum(map(len, prompts))
+        for call in range(4):
             out = session.generate(p, params, key=(4, call), row_ids=ids)
             same_rollout(out, sampler.generate(p, params, key=(4, call), row_ids=ids))
-            if call:
-                assert (out.stats["reused_tokens"] > 0) == reused, (window, max_rows)
-                assert out.stats["prefill_tokens"] == sum(map(len, p)) - out.stats["reused_tokens"]
-            p = [continued(q, out, i, [60, 61, 62][:i]) for i, q in enumerate(p)]  # gaps of 2, 1, 0
+            assert out.stats["prefill_tokens"] == new, (call, kw)  # no kept token is fed again
+            extras = [[60, 61, 62, 63][: 2 * (2 - i)] for i in range(3)]  # 4, 2 and 0 tokens
+            p = [continued(q, out, i, extras[i]) for i, q in enumerate(p)]
+            new = sum(len(e) + 1 for e in extras)  # + the last token drawn, never fed
+
+
+def test_waves_prefill_whole_histories():
+    """A sampler decoding in waves: whole histories are prefilled, and draw what generate draws."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=6, stop_ids=(7, 11, 19))
+    prompts, ids = [[1, 5, 9, 13, 17], [1, 40, 41], [1, 77]], [0, 1, 2]
+    sampler = KVCacheSampler(tiny_model(seed=22), CharTokenizer(), max_rows=2)
+    session = sampler.start_session(reserve=100)
+    p = prompts
+    for call in range(3):
+        out = session.generate(p, params, key=(4, call), row_ids=ids)
+        same_rollout(out, sampler.generate(p, params, key=(4, call), row_ids=ids))
+        assert out.stats["reused_tokens"] == 0 and out.stats["prefill_tokens"] == sum(map(len, p))
+        p = [continued(q, out, i, [60, 61, 62][:i]) for i, q in enumerate(p)]
 
 
 def test_session_of_falls_back_to_the_sampler():

@@ -148,6 +148,21 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
             raise SamplingError(f"prompt {i} has token id {bad}, outside the model's vocabulary [0, {vocab_size})")
 
 
+def check_rope_switch(prompts: Sequence[Sequence[int]], params: SamplingParams, args) -> None:
+    """Refuse rows that may pass a longrope model's original_max_position_embeddings (args: ModelArgs):
+    the trainer's forward of such a row rotates every token by the long factors, the cache holds the
+    prompt rotated by the short ones, and the log-probs part by nats (prompt_fit.position_limit)."""
+    if args.rope_type != "longrope":
+        return
+    switch, longest = int(args.rope_params["original_max_position_embeddings"]), max(map(len, prompts))
+    if longest + params.max_new_tokens > switch:
+        raise SamplingError(
+            f"a prompt of {longest} tokens and max_new_tokens={params.max_new_tokens} pass the model's "
+            f"original_max_position_embeddings={switch}, where its longrope scaling switches to the long factors "
+            f"(the KV cache cannot follow): set max_new_tokens={max(switch - longest, 0)} or less, or shorten it"
+        )
+
+
 def is_stop(tokens: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
     """tokens (...) -> bool (...): which are stop ids (S,). One broadcast compare, safe to capture in
     a CUDA graph (torch.isin may sort and sync with the host)."""
@@ -247,6 +262,7 @@ class KVCacheSampler:
         check_prompts(prompts, self.model.args.vocab_size)
         if params.stop_strings and not params.ignore_stop and self.tokenizer is None:
             raise SamplingError(f"stop_strings {params.stop_strings} need a tokenizer: this sampler has none")
+        check_rope_switch(prompts, params, self.model.args)
 
     def decode(self, tokens: list[int], *, skip_special_tokens: bool) -> str:
         """The text of `tokens` ('' for a sampler built without a tokenizer: token ids only)."""

@@ -25,11 +25,13 @@ slots after a row's end (a turn that finished early keeps decoding padding until
 and the tokens after a cut. Within a call, finished rows never leave the batch (no compaction):
 their cache is needed for the next call.
 
+A sliding window counts a row's real tokens, not its slots (models/transformer.py attention_mask_4d
+and the decode kernel skip masked slots), so the gaps move no key out of a window either.
+
 The gaps between a row's kept and new tokens (P minus what it adds) can make a call span more slots
-than its longest row has tokens. Where that would not fit the cache, or where a layer's sliding
-window is shorter than the span (the window counts slots, which gaps would stretch), every row keeps
-a little less instead, so that it adds exactly P tokens: no gaps, and a span of the longest row plus
-the decode steps, at the price of prefilling a few kept tokens again. The cache is allocated at
+than its longest row has tokens. Where that would not fit the cache, every row keeps a little less
+instead, so that it adds exactly P tokens: no gaps, and a span of the longest row plus the decode
+steps, at the price of prefilling a few kept tokens again. The cache is allocated at
 `reserve` slots (run_episodes: the longest prompt + max_episode_tokens + max_new_tokens, what a
 turn after the longest history can span) or what the first call needs, and regrows, copied once,
 only when even that does not fit, or when rows come in another order (rows move up: a copy).
@@ -65,11 +67,6 @@ def common_prefix(held: Sequence[int], prompt: Sequence[int]) -> int:
     if list(held[:limit]) == list(prompt[:limit]):
         return limit
     return next(i for i, (a, b) in enumerate(zip(held, prompt)) if a != b)
-
-
-def window_spans(model: Transformer, slots: int) -> bool:
-    """Whether some layer's sliding window is shorter than `slots` (it would count gaps as tokens)."""
-    return any(w is not None and w < slots for w in model.args.layer_windows)
 
 
 class KVSession:
@@ -141,7 +138,7 @@ class KVSession:
         keep = [0 if i is None else common_prefix(self.held[i], p) for i, p in zip(src, prompts)]
         H, P = max(keep), max(len(p) - k for p, k in zip(prompts, keep))
         room = max(self.reserve, 0 if self.cache is None else self.cache.max_len)
-        if H + P + Tc > room or window_spans(net, H + P + Tc):  # no gaps: every row adds P tokens
+        if H + P + Tc > room:  # no gaps: every row adds P tokens
             keep = [max(0, len(p) - P) for p in prompts]  # (<= what it could keep)
             H = max(keep)
         self._relayout(net, src, keep, H, H + P + Tc)

@@ -147,17 +147,22 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 
 def filter_probs(probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
-    """Zero out tokens outside top-k / top-p / min-p (probs (B, V), not renormalised)."""
+    """Zero out tokens outside top-k, then top-p, then min-p (probs (B, V), not renormalised).
+
+    The order is transformers' logits processors' (and what a config means there): top-p takes its
+    nucleus of the top-k survivors' renormalised mass, and min-p comes last. It matters: min-p first
+    shrinks the mass top-p counts against, so the nucleus could lose tokens (p = [.5, .3, .04 x 5],
+    top_p .6, min_p .1: {.5, .3} in this order, {.5} with min-p first)."""
     if top_k > 0 and top_k < probs.shape[-1]:
         kth = probs.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         probs = probs.masked_fill(probs < kth, 0.0)
-    if min_p > 0.0:
-        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
+        sorted_p, order = probs.sort(-1, descending=True)  # (B, V) each
         before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
         sorted_p = sorted_p.masked_fill(before >= top_p * sorted_p.sum(-1, keepdim=True), 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    if min_p > 0.0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
     return probs
 
 
