@@ -64,11 +64,12 @@ from minigrpo.sft_data import (
 )
 from minigrpo.step import peak_memory_gb
 
-# what a resumed SFT run may change: the GRPO list, the sections SFT does not read, and what only trades
-# memory (its loss is a mean over each step's tokens, whatever the micro-batches)
+# what a resumed SFT run may change: the GRPO list, the settings SFT does not read (the other algorithms,
+# episodes, GRPO's micro-batches), and what only trades memory (its loss is a mean over each step's
+# tokens, whatever the micro-batches)
 SFT_RESUMABLE = (
     *(k for k in RESUMABLE_CHANGES if k != "sft"),
-    *("sampler.", "grpo.", "rewards", "distributed."),
+    *("sampler.", "grpo.", "rewards", "distributed.", "algorithm", "env.", "dpo.", "ppo.", "train.micro_batch_size"),
     *("model.gradient_checkpointing", "model.activation_offload", "sft.micro_batch_size"),
 )
 FINAL_MODEL = "model"  # run_dir/model: the run's output, a valid model.name_or_path

@@ -22,8 +22,9 @@ _SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 class SFTCfg(Section):
     """Chat-formatted examples, loss on the assistant tokens only (python -m minigrpo.sft)."""
 
-    # jsonl/parquet: a file or a folder with per-split files; hub: a dataset repo id; synthetic: the
-    # data.synthetic questions answered with response_template (no file)
+    # jsonl/parquet: a file or a folder with per-split files; hub: a dataset repo id (or a downloaded
+    # snapshot folder of one, read offline); synthetic: the data.synthetic questions answered with
+    # response_template (no file)
     source: Literal["jsonl", "parquet", "hub", "synthetic"] = "jsonl"
     path: str | None = None  # the data file, folder or hub repo id (not read by source=synthetic)
     subset: str | None = None  # hub/folder sources: sub-folder (dataset config) holding the split files

@@ -15,9 +15,11 @@ and messages[:i+1] (where it ends). Both must be prefixes of the whole text, so 
 into pieces: prompt, reply, prompt, reply, ... The one rewrite allowed is that of reasoning models'
 templates (Qwen3, DeepSeek-R1, QwQ), which drop the reasoning of a reply that is no longer the last:
 such a reply learns what the whole conversation shows of it, its answer and end-of-turn token
-(_end_without_dropped_reasoning); any other template that rewrites earlier turns is refused. Each
-piece is encoded on its own (add_special_tokens=False: the template writes the special tokens; a
-piece after the first as text inside a longer text, see _encode_inside) and the ids are
+(_end_without_dropped_reasoning), and when their generation header opens the reasoning ("<think>\n",
+Qwen3's empty think block with enable_thinking=false) that the conversation does not show there, the
+reply starts before that opening (_reply_start); any other template that rewrites earlier turns is
+refused. Each piece is encoded on its own (add_special_tokens=False: the template writes the special
+tokens; a piece after the first as text inside a longer text, see _encode_inside) and the ids are
 concatenated; reply pieces keep their ids as labels, prompt pieces get IGNORE. A reply piece runs
 from the end of the generation header to the start of the next turn, so it holds the end-of-turn
 token (`<|im_end|>`, `<|eot_id|>`): the model learns to stop. The prompt pieces are encoded exactly
@@ -37,6 +39,7 @@ directly after, followed by EOS.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +50,7 @@ import torch
 from minigrpo.chat_template import ChatTemplateError, check_template_variables
 from minigrpo.config import Config
 from minigrpo.data import ROLES, Example, Message, render_prompt, synthetic_arithmetic, uses_plain_text
-from minigrpo.datafiles import DataError, Row, download, read_rows, resolve_files, split_files
+from minigrpo.datafiles import DataError, Row, read_rows, resolve_files, snapshot, split_files
 from minigrpo.errors import UserError
 
 IGNORE = -100  # the label of a token that carries no loss (F.cross_entropy's ignore_index)
@@ -148,7 +151,7 @@ def _rows(cfg: Config) -> list[Row]:
     if sft.path is None:
         raise DataError(f"sft.source={sft.source!r} needs sft.path (a file, folder or hub dataset repo id)")
     if sft.source == "hub":
-        files = split_files(download(sft.path, sft.revision), sft.split, sft.subset)
+        files = split_files(snapshot(sft.path, sft.revision), sft.split, sft.subset)  # a local snapshot as is
     else:
         suffixes = (".parquet",) if sft.source == "parquet" else (".jsonl", ".json")
         files = resolve_files(sft.path, sft.split, sft.subset, suffixes)
@@ -291,9 +294,9 @@ def conversation_pieces(
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i == 0 or i < loss_from:  # an opening reply: nothing tells it from the
             continue  # glue before it
-        start = render_prompt(list(messages[:i]), tokenizer, chat_template_kwargs=variables)
-        end = _reply_end(full, messages[: i + 1], tokenizer, start, variables)
-        if not (full.startswith(start) and end is not None and done <= len(start) <= end):
+        start = _reply_start(full, render_prompt(list(messages[:i]), tokenizer, chat_template_kwargs=variables))
+        end = None if start is None else _reply_end(full, messages[: i + 1], tokenizer, start, variables)
+        if not (start is not None and end is not None and done <= len(start) <= end):
             raise DataError(
                 f"the chat template renders assistant turn {i} differently inside the whole conversation than "
                 "after its prefix (it rewrites earlier turns), so its tokens cannot be told apart; use "
@@ -303,6 +306,24 @@ def conversation_pieces(
         done = end
     pieces.append((full[done:], False))
     return [(text, reply) for text, reply in pieces if text]
+
+
+# the end of a generation header that opens the reasoning ("<think>\n", or an empty "<think>\n\n</think>\n\n")
+_OPENED_REASONING = re.compile(r"<think>\s*(?:</think>\s*)?$")
+
+
+def _reply_start(full: str, header: str) -> str | None:
+    """The text before a reply inside `full`: `header` (its prefix rendered with the generation prompt)
+    when `full` goes on from it. Reasoning templates end their generation prompt by opening the
+    reasoning (QwQ, DeepSeek-R1: "<think>\n"; Qwen3 with enable_thinking=false: an empty think
+    block), which the whole conversation does not show for a reply whose reasoning it drops: the reply
+    then starts before that opening. None when `full` does not hold the header at all."""
+    if full.startswith(header):
+        return header
+    opened = _OPENED_REASONING.search(header)
+    if opened is not None and full.startswith(header[: opened.start()]):
+        return header[: opened.start()]
+    return None
 
 
 def _reply_end(
