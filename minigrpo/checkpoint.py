@@ -35,7 +35,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import re
 import shutil
 import warnings
@@ -44,7 +43,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from minigrpo.atomic import fsync_dir, fsync_file, write_probe_error
@@ -54,6 +52,7 @@ from minigrpo.lora_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, 
 from minigrpo.models.loading import check_model_source, save_pretrained
 from minigrpo.models.safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header, save_file
 from minigrpo.optim_state import load_masters, load_optimizer_state, optimizer_state
+from minigrpo.rng_states import restore_rng, rng_state, set_rng_state
 from minigrpo.tensor_tree import ManifestError, flatten, unflatten
 
 STATE_DIR = "trainer_state"
@@ -117,36 +116,6 @@ def check_writable(directory: Path, what: str = "checkpoints") -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# RNG states (every generator a step may draw from)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        for i, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, i)
-
-
-def restore_rng(state: dict[str, Any], rank: int, world_size: int) -> bool:
-    """Set this rank's RNG states from a checkpoint if it was written by as many ranks (True), else
-    leave them (False: the caller reseeds)."""
-    per_rank = state.get("rng_per_rank") or [state["rng"]]
-    if len(per_rank) != world_size:
-        return False
-    set_rng_state(per_rank[rank])
-    return True
-
-
-# ------------------------------------------------------------------------------------------------
 # writing
 
 
@@ -182,8 +151,8 @@ def save_checkpoint(
     and `rng_states` (one per rank, gathered by the caller) as "rng_per_rank".
     save_model(model, tokenizer, dir) writes the weights.
 
-    A full disk (or any other failed write) raises CheckpointError naming the checkpoint; the
-    partial folder is removed and the earlier checkpoints stay as they were.
+    A full disk (or any other failed write) raises CheckpointError naming the checkpoint and the
+    newest one kept; the partial folder is removed and the earlier checkpoints stay as they were.
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f"{_TEMP_PREFIX}{final.name}")
@@ -195,22 +164,28 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
         save_model(model, tokenizer, tmp)
-        save_trainer_state(tmp, state)
         if run_config is not None:
             (tmp / RUN_CONFIG).write_text(dump_yaml(run_config))  # read back by configio.parse_yaml
+        save_trainer_state(tmp, state)  # after run_config.yaml: state.json records that there is one
         _fsync_tree(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CheckpointError(f"no space left on device: {final} (step {step} not saved)") from e
+            raise CheckpointError(f"no space left on device: {final} (step {step} not saved; {_kept(run_dir)})") from e
         where = f" ({e.filename})" if e.filename else ""
-        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{where}") from e
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{where}; {_kept(run_dir)}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _replace_dir(tmp, final)
     prune_checkpoints(run_dir, step, keep_last)
     return final
+
+
+def _kept(run_dir: Path) -> str:
+    """What a failed save leaves to resume from: the newest checkpoint folder, kept as it was."""
+    newest = latest_checkpoint(run_dir)
+    return "no earlier checkpoint to resume from" if newest is None else f"the previous checkpoint {newest} is kept"
 
 
 def prune_checkpoints(run_dir: Path, saved_step: int, keep_last: int) -> None:
@@ -223,7 +198,8 @@ def prune_checkpoints(run_dir: Path, saved_step: int, keep_last: int) -> None:
 
     Each folder is renamed to a temporary name before it is deleted: a run killed half-way through a
     deletion leaves a temporary folder (removed by the next save), never a step folder missing files
-    that might still pass verify_checkpoint (run_config.yaml is optional) and be resumed from.
+    that might still pass verify_checkpoint (files such as generation_config.json are not checked) and be
+    resumed from.
     """
     found = list_checkpoints(run_dir)
     at_or_before = [path for step, path in found if step <= saved_step]
@@ -244,13 +220,18 @@ def prune_checkpoints(run_dir: Path, saved_step: int, keep_last: int) -> None:
 
 
 def save_trainer_state(checkpoint: Path, state: dict[str, Any]) -> None:
-    """Write `state` into checkpoint/trainer_state/: tensors.safetensors (its tensors) + state.json (the rest)."""
+    """Write `state` into checkpoint/trainer_state/: tensors.safetensors (its tensors) + state.json (the rest).
+
+    state.json also records whether the checkpoint holds a run_config.yaml: a resume compares the run's
+    config with it, so once recorded it must be there (verify_checkpoint), or a deleted file would let
+    a changed config through unchecked."""
     folder = Path(checkpoint) / STATE_DIR
     folder.mkdir(exist_ok=True)
     manifest, tensors = flatten(state)
     save_file(tensors, folder / STATE_TENSORS)
     summary = {k: state[k] for k in ("step", "world_size") if isinstance(state.get(k), int)}
-    document = {"format": STATE_FORMAT, **summary, "tensors": STATE_TENSORS, "state": manifest}
+    config = {"run_config": RUN_CONFIG} if (Path(checkpoint) / RUN_CONFIG).is_file() else {}
+    document = {"format": STATE_FORMAT, **summary, **config, "tensors": STATE_TENSORS, "state": manifest}
     (folder / STATE_JSON).write_text(json.dumps(document, indent=1) + "\n")
 
 
@@ -276,6 +257,11 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     names the file that is missing, truncated or corrupt. A checkpoint of an older version holds a
     pickle (trainer_state.pt): it is refused, never opened.
     """
+    return _read_trainer_state(path)[1]
+
+
+def _read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state.json's document, the trainer state) of checkpoint folder `path` (load_trainer_state)."""
     path = Path(path)
     json_file, tensor_file = path / STATE_DIR / STATE_JSON, path / STATE_DIR / STATE_TENSORS
     if not json_file.is_file():
@@ -297,7 +283,7 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{json_file}: {e}") from e
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CorruptCheckpointError(f"{json_file}: the trainer state has no step")
-    return state
+    return document, state
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
@@ -306,12 +292,14 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     The trainer state must parse completely, hold everything a resume restores (step, optimizer,
     scheduler, data cursor, RNG, with their types) and belong to this folder's step; every
     safetensors file (weights, shards, adapter) must have an intact header and exactly the data it
-    promises; every JSON file must parse, and run_config.yaml (when there is one) must be a YAML
-    mapping. A CheckpointError names the first bad file.
+    promises; every JSON file must parse, and run_config.yaml must be a YAML mapping (and be there
+    when state.json says it was written). A CheckpointError names the first bad file.
     """
     path = Path(path)
-    state = load_trainer_state(path)
+    document, state = _read_trainer_state(path)
     _check_resumable(state, path / STATE_DIR / STATE_JSON)
+    if document.get("run_config") == RUN_CONFIG and not (path / RUN_CONFIG).is_file():
+        raise CheckpointError(f"{path / RUN_CONFIG} is missing: {path} is no complete training checkpoint")
     match = _STEP_DIR.match(path.name)
     if match and int(match.group(1)) != state["step"]:
         raise CorruptCheckpointError(f"{path / STATE_DIR / STATE_JSON}: step {state['step']}, not {path.name}")

@@ -155,6 +155,21 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
                 m.copy_(saved["masters"][name])
             for m, p in zip(optimizer.masters, optimizer.params):
                 p.copy_(m)
+    elif "masters" in saved:
+        _load_masters_into_fp32_params(names, targets, saved["masters"])
+
+
+@torch.no_grad()
+def _load_masters_into_fp32_params(names: list[str], params: list[torch.Tensor], masters: dict) -> None:
+    """A 16-bit run's fp32 masters, resumed by a run that steps its parameters themselves: into each
+    fp32 parameter, which holds only the 16-bit rounding of the saved weights (run.dtype "auto" is
+    bf16 on CUDA and fp32 on the CPU, and run.device may change on resume). Sharded (FSDP) parameters
+    took them before sharding (load_masters) and are left as they are."""
+    from torch.distributed.tensor import DTensor
+
+    for name, p in zip(names, params):
+        if name in masters and p.dtype == torch.float32 and not isinstance(p, DTensor):
+            p.copy_(masters[name])
 
 
 def _layout_difference(names: list[str], targets: list[torch.Tensor], saved: dict[str, Any]) -> str | None:

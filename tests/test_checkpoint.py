@@ -256,7 +256,9 @@ def test_a_resumed_master_weights_optimizer_follows_its_schedule(tmp_path):
 NO_OPTIMIZER_STATE = {"format": "by_name", "param_names": [], "param_groups": [], "group_sizes": [], "state": {}}
 
 
-def _save(run_dir, step, *, model=None, keep_last=5, save_model=checkpoint.save_pretrained, **state_changes):
+def _save(
+    run_dir, step, *, model=None, keep_last=5, save_model=checkpoint.save_pretrained, run_config=None, **state_changes
+):
     """Checkpoint `step` as the trainer writes it; state_changes replace (or, set to ..., drop) trainer state keys."""
     model = model or tiny_model(seed=step)
     state = {
@@ -273,7 +275,7 @@ def _save(run_dir, step, *, model=None, keep_last=5, save_model=checkpoint.save_
         tokenizer=None,
         trainer_state={k: v for k, v in state.items() if v is not ...},
         keep_last=keep_last,
-        run_config={"train": {"lr": 0.01}},
+        run_config=run_config or {"train": {"lr": 0.01}},
         save_model=save_model,
         rng_states=None,
     )
@@ -415,6 +417,22 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_nothing_behind(tmp
     monkeypatch.undo()
     _save(tmp_path, 4, keep_last=1)  # space again: the next save works and prunes as usual
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000004"]
+
+
+def test_a_full_disk_names_the_checkpoint_that_is_kept(tmp_path, monkeypatch):
+    """The one line says what a resume continues from: the previous checkpoint, or that there is none."""
+    _disk_fills_up_in(monkeypatch, "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"\(step 2 not saved; no earlier checkpoint to resume from\)$"):
+        _save(tmp_path, 2)
+    monkeypatch.undo()
+    previous = _save(tmp_path, 2)
+    _disk_fills_up_in(monkeypatch, "tensors.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        _save(tmp_path, 4)
+    assert str(info.value) == (
+        f"no space left on device: {tmp_path / 'checkpoints' / 'step_000004'} "
+        f"(step 4 not saved; the previous checkpoint {previous} is kept)"
+    )
 
 
 def test_a_failed_save_of_another_kind_also_cleans_up(tmp_path):
@@ -598,6 +616,50 @@ def test_a_checkpoint_missing_its_trainer_state_or_weights_is_skipped(tmp_path):
     (newest / "model.safetensors").unlink()
     with pytest.warns(CheckpointWarning, match=r"step_000004 holds no weights"):
         assert find_resume_checkpoint(tmp_path)[0].name == "step_000002"
+
+
+def test_a_checkpoint_whose_run_config_was_deleted_is_skipped(tmp_path):
+    """A resume compares the run's config with run_config.yaml: a newest checkpoint that lost the file
+    would let a changed config through unchecked, so it counts as broken (state.json records the file)."""
+    _save(tmp_path, 2)
+    newest = _save(tmp_path, 4)
+    assert json.loads((newest / "trainer_state" / "state.json").read_text())["run_config"] == "run_config.yaml"
+    (newest / "run_config.yaml").unlink()
+    with pytest.raises(CheckpointError, match=r"step_000004/run_config\.yaml is missing") as info:
+        verify_checkpoint(newest)
+    assert "\n" not in str(info.value)
+    with pytest.warns(CheckpointWarning, match=r"step_000004/run_config\.yaml is missing.*resuming from .*step_000002"):
+        assert find_resume_checkpoint(tmp_path)[0].name == "step_000002"
+
+
+def test_a_checkpoint_saved_without_a_run_config_needs_none(tmp_path):
+    path = save_checkpoint(
+        tmp_path, 3, model=tiny_model(), tokenizer=None, keep_last=2, run_config=None,
+        trainer_state={"optimizer": NO_OPTIMIZER_STATE, "scheduler": {}, "data": {"epoch": 0, "index": 3}},
+    )  # fmt: skip
+    assert "run_config" not in json.loads((path / "trainer_state" / "state.json").read_text())
+    assert verify_checkpoint(path)["step"] == 3
+
+
+def test_a_resume_with_a_changed_config_is_refused_after_the_newest_run_config_was_deleted(tmp_path):
+    """Through check_run_dir, as --resume runs it: train.lr changed and the newest checkpoint's
+    run_config.yaml gone; the change is named from the previous checkpoint's file (before: the resume
+    went on from step 4 with the new learning rate, nothing said)."""
+    from minigrpo.build import check_run_dir
+    from minigrpo.config import Config
+
+    cfg = Config()
+    cfg.run.output_dir, cfg.run.name, cfg.train.steps = str(tmp_path), "run", 10
+    run_dir = cfg.run.run_dir
+    for step in (2, 4):
+        _save(run_dir, step, run_config=cfg.to_dict())
+    (run_dir / "checkpoints" / "step_000004" / "run_config.yaml").unlink()
+    cfg.run.resume, cfg.train.lr = True, cfg.train.lr * 2
+    with (
+        pytest.warns(CheckpointWarning, match=r"step_000004/run_config\.yaml is missing"),
+        pytest.raises(UserError, match=r"^--resume with a changed config: train\.lr differs from .*step_000002"),
+    ):
+        check_run_dir(cfg)
 
 
 def _names(run_dir: Path) -> list[str]:

@@ -352,6 +352,37 @@ def test_a_resume_mid_schedule_continues_bit_identically(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_the_fp32_masters_of_a_16_bit_checkpoint_resume_into_an_fp32_run(tmp_path):
+    """run.dtype "auto" is bf16 on CUDA and fp32 on the CPU, and run.device may change on resume: a bf16
+    run's checkpoint resumed in fp32 holds bf16 weights, and its fp32 masters must become the
+    parameters (before: the masters were dropped, the run went on from the bf16 rounding, up to 2^-9
+    of each weight away), after which it steps as the bf16 run's masters do."""
+    from minigrpo.checkpoint import load_trainer_state, save_trainer_state
+    from minigrpo.optim_state import load_optimizer_state, optimizer_state
+
+    cfg, ids = TrainCfg(lr=1e-2, weight_decay=0.0), torch.randint(3, 128, (2, 9))
+    model = tiny_model(seed=1, dtype=torch.bfloat16)
+    opt = build_optimizer(model.parameters(), cfg)
+    _train(model, opt, build_scheduler(opt, cfg, 4), ids, 2)
+    save_trainer_state(tmp_path, {"step": 2, "optimizer": optimizer_state(model, opt)})
+    fp32 = tiny_model(seed=2)
+    with torch.no_grad():  # what load_weights does with the bf16 checkpoint
+        for a, b in zip(fp32.parameters(), model.parameters()):
+            a.copy_(b)
+    fp32_opt = build_optimizer(fp32.parameters(), cfg)
+    assert not isinstance(fp32_opt, MasterWeights)
+    load_optimizer_state(fp32, fp32_opt, load_trainer_state(tmp_path)["optimizer"])
+    masters = dict(zip([n for n, _ in model.named_parameters()], opt.masters))
+    for name, p in fp32.named_parameters():
+        assert torch.equal(p, masters[name]), f"{name}: {(p - masters[name]).abs().max():.2e} from its master"
+    # the same AdamW step on the same fp32 values (the gradients of the bf16 model differ: compare one step)
+    for p, m in zip(fp32.parameters(), opt.masters):
+        p.grad = m.grad = torch.full_like(m, 0.5)
+    fp32_opt.step(), opt.inner.step()
+    for p, m in zip(fp32.parameters(), opt.masters):
+        assert torch.equal(p, m)
+
+
 class _One(torch.nn.Module):
     def __init__(self, rows, dtype):
         super().__init__()
