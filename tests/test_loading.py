@@ -634,6 +634,19 @@ def test_a_tensor_missing_from_a_single_file_names_the_file(tmp_path):
     )
 
 
+def _refused_before_the_weights_load(folder: Path, monkeypatch, config_changes: dict, message: str) -> None:
+    """A tiny checkpoint whose config.json gets `config_changes` is refused with `message` (after the
+    config path) by the source check and the loader alike, before any weight is read."""
+    tiny_checkpoint(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **config_changes}))
+    _no_weights_read(monkeypatch)
+    for load in (check_model_source, load_pretrained):
+        with pytest.raises(UnsupportedModelError) as info:
+            load(folder, require_tokenizer=False)
+        assert str(info.value) == f"{folder / 'config.json'}: {message}"
+
+
 @pytest.mark.parametrize(
     ("model_type", "architecture"),
     [
@@ -644,35 +657,19 @@ def test_a_tensor_missing_from_a_single_file_names_the_file(tmp_path):
     ],
 )
 def test_an_unsupported_architecture_is_named_before_the_weights_load(tmp_path, monkeypatch, model_type, architecture):
-    tiny_checkpoint(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg.update(model_type=model_type, architectures=[architecture], num_local_experts=8, num_experts_per_tok=2)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    _no_weights_read(monkeypatch)
-    for load in (check_model_source, load_pretrained):
-        with pytest.raises(UnsupportedModelError) as info:
-            load(tmp_path, require_tokenizer=False)
-        assert str(info.value) == (
-            f"{tmp_path / 'config.json'}: unsupported model_type {model_type!r} ({architecture}); "
-            "supported: llama, mistral, qwen2, qwen3, phi3"
-        )
+    changes = dict(model_type=model_type, architectures=[architecture], num_local_experts=8, num_experts_per_tok=2)
+    message = f"unsupported model_type {model_type!r} ({architecture}); supported: llama, mistral, qwen2, qwen3, phi3"
+    _refused_before_the_weights_load(tmp_path, monkeypatch, changes, message)
 
 
 @pytest.mark.parametrize("quant", [{"quant_method": "fp8", "weight_block_size": [128, 128]}, {"quant_method": "gptq"}])
 def test_a_prequantized_checkpoint_is_refused_before_the_weights_load(tmp_path, monkeypatch, quant):
     """An FP8 / GPTQ checkpoint (e.g. a "-FP8" repo) failed on its weights' dtype or scale tensors."""
-    tiny_checkpoint(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant}))
-    _no_weights_read(monkeypatch)
-    for load in (check_model_source, load_pretrained):
-        with pytest.raises(UnsupportedModelError) as info:
-            load(tmp_path, require_tokenizer=False)
-        assert str(info.value) == (
-            f"{tmp_path / 'config.json'}: config key 'quantization_config' marks a pre-quantized checkpoint "
-            f"(quant_method {quant['quant_method']!r}), which is not supported: load the unquantized model "
-            "(lora.quantize_base: nf4 quantizes it as it loads)"
-        )
+    message = (
+        f"config key 'quantization_config' marks a pre-quantized checkpoint (quant_method {quant['quant_method']!r}), "
+        "which is not supported: load the unquantized model (lora.quantize_base: nf4 quantizes it as it loads)"
+    )
+    _refused_before_the_weights_load(tmp_path, monkeypatch, {"quantization_config": quant}, message)
 
 
 @pytest.mark.parametrize("shape", [[-2, -8], [2.0, 8.0], [True, 16]])
