@@ -28,18 +28,35 @@ _PLAIN = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _MIXED = re.compile(r"([-+]?)(\d+)(?:\s+(\d+)\s*/\s*(\d+)|\s*\\[dt]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\})")
 
 
+_BOXED = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+# what a brace-less \boxed holds: "\boxed 5", "\boxed -3.", "\boxed B" (LaTeX boxes one token; people mean
+# the number); "put it in \boxed as asked" boxes nothing
+_BOXED_WORD = re.compile(r"\s*([-+]?\d[^\s${}\\]*|[A-Z](?![a-zA-Z]))")
+
+
 def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced; None if absent."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced, or of a brace-less "\\boxed 5";
+    None if absent."""
+    for box in reversed(list(_BOXED.finditer(text))):
+        i = box.end()
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i < len(text) and text[i] == "{":
+            return _braced(text, i + 1)
+        word = _BOXED_WORD.match(text, box.end())
+        if word:
+            return word[1].rstrip(".,;")
+    return None
+
+
+def _braced(text: str, i: int) -> str:
+    """text from i up to the "}" that closes the "{" before i (unclosed: the rest)."""
     depth = 1
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
             return text[i:j]
-    return text[i:]  # unclosed: the rest
+    return text[i:]
 
 
 # a thousands separator inside a whole answer: ",", a space (plain, no-break, thin, narrow no-break) or LaTeX's
@@ -55,6 +72,34 @@ _DECIMAL_COMMA = re.compile(
 _TIMES_TEN = re.compile(
     r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(?:\\times|\\cdot|\u00d7|x|\*)\s*10\s*(?:\^|\*\*)\s*\{?\s*([-+]?\d+)\s*\}?"
 )
+# LaTeX that only spaces, sizes or styles an answer: "\left(", "\!", "\displaystyle", "~"
+_LATEX_SPACING = re.compile(r"\\(?:left|right|[bB]igg?[lr]?|displaystyle)(?![a-zA-Z])|\\[!;: ]|~")
+# a wrapper whose content is the answer: "\text{(B)}", "\textbf{5}", "\mathrm{cm}", "\boxed{..}" inside
+_STYLE = re.compile(
+    r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mathsf|mbox|operatorname|boxed|fbox)\s*"
+    r"\{([^{}]*)\}"
+)
+# a degree sign: "30^\circ", "30^{\circ}", "30°" are 30
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![a-zA-Z])|\u00b0|\\degree(?![a-zA-Z])")
+# one-token arguments LaTeX takes without braces: "\sqrt2", "\frac12", "\frac\pi2", "\frac{3}4"
+_ONE_TOKEN = r"\s*(\d|[a-zA-Z]|\\[a-zA-Z]+)"
+_BARE_SQRT = re.compile(r"\\sqrt" + _ONE_TOKEN)
+_BARE_FRAC_TOP = re.compile(r"\\frac" + _ONE_TOKEN)
+_BARE_FRAC_BOTTOM = re.compile(r"\\frac\{([^{}]*)\}" + _ONE_TOKEN)
+
+
+def plain_latex(s: str) -> str:
+    """s without the LaTeX that does not change its value: spacing and sizing ("\\,", "\\left"; "1\\,000" is
+    "1 000"), style wrappers ("\\text{..}": their content stays, spaced), degree signs; "\\dfrac" and "\\tfrac"
+    are "\\frac", and brace-less arguments get braces ("\\frac12" is "\\frac{1}{2}")."""
+    if "\\" not in s and "~" not in s and "\u00b0" not in s:
+        return s.strip()
+    s = s.replace("\\,", " ").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = _DEGREES.sub("", _LATEX_SPACING.sub(" ", s))
+    for _ in range(3):  # "\textbf{\text{5}}": a few nested wrappers, never one pass per level of a runaway text
+        s = _STYLE.sub(r" \1 ", s)
+    s = _BARE_FRAC_BOTTOM.sub(r"\\frac{\1}{\2}", _BARE_FRAC_TOP.sub(r"\\frac{\1}", _BARE_SQRT.sub(r"\\sqrt{\1}", s)))
+    return s.strip()
 
 
 def to_number(s: str | None) -> float | None:
@@ -73,7 +118,7 @@ def to_number(s: str | None) -> float | None:
     boxed = _last_boxed(s)
     if boxed is not None:
         s = boxed.strip()
-    s = s.replace("\\$", "").replace("$", "").replace("\\!", "").strip()
+    s = plain_latex(s.replace("\\$", "").replace("$", "").replace("\\!", ""))
     s = s.removesuffix("\\%").removesuffix("%").rstrip(".").strip()
     s = re.sub(r"^([-+])\s+", r"\1", s)
     if _GROUPED_WHOLE.fullmatch(s):
@@ -107,16 +152,18 @@ def _ratio(sign: int, numerator: str, denominator: str) -> float | None:
     return sign * float(numerator) / float(denominator) if float(denominator) != 0 else None
 
 
-# math around a lone number changes its value: "\sqrt{4}", "x^2", "2\pi", "\log 8" are not 4, 2, 2 and 8, and
+# math around a lone number changes its value: "\sqrt{4}", "x^2", "2\pi", "2x", "\log 8" are not 4, 2, 2, 2, 8, and
 # "x > 5", "x \le 5" are no number at all (a degree sign, "18^\circ", is only a unit)
 _MATH_AROUND = re.compile(
     r"\^(?!\s*\{?\s*\\circ)|\\(?:sqrt|pi|log|ln|exp|sin|cos|tan|cdot|times|div|pm|mp|infty)(?![a-zA-Z])"
     r"|\\(?:le|ge|leq|geq|lt|gt|ne|neq|leqslant|geqslant)(?![a-zA-Z])|[<>\u2264\u2265\u2260]"
-    r"|\bsqrt\b|[\u221a\u03c0\u00d7\u00f7]"
+    r"|\bsqrt\b|[\u221a\u03c0\u00d7\u00f7]|\d[abijnxyz](?![a-zA-Z])"
 )
 # a unit of area or volume: "5 cm^2", "5\text{ m}^{3}", "5 ft²" hold one number, 5 (the power belongs to the unit)
 _LENGTH_UNIT = r"[kcmd]?m|in|ft|yd|mi|inch(?:es)?|feet|foot|yards?|miles?|(?:centi|milli|kilo)?met(?:er|re)s?|units?"
 _UNIT_POWER = re.compile(rf"(?<![a-zA-Z])((?:{_LENGTH_UNIT})\}}?)\s*(?:\^\s*\{{?\s*[23]\s*\}}?|[\u00b2\u00b3])")
+# words after a whole number that name its unit ("cups", "square feet"); not "pi", "x" or "i"
+_UNIT_WORDS = re.compile(r"(?:\s+(?!pi\b|sqrt\b)[a-zA-Z]{2,}\.?)+\s*$")
 # an HTML tag around an answer ("<b>18</b>"): markup, not the "<" or ">" of a bound
 _MARKUP_TAG = re.compile(r"</?[a-zA-Z][^<>]*>")
 # the "=" of an equation ("9 \times 2 = 18"), not of "<=", ">=", "!=" or "=>"
@@ -135,7 +182,9 @@ def answer_number(s: str | None) -> float | None:
     value = to_number(s)
     if value is not None or s is None:
         return value
-    s = _UNIT_POWER.sub(r"\1", _MARKUP_TAG.sub(" ", s))
+    s = _UNIT_POWER.sub(r"\1", _MARKUP_TAG.sub(" ", plain_latex(s)))
+    if len(s) <= 200 and (unit := _UNIT_WORDS.search(s)) and (value := to_number(s[: unit.start()])) is not None:
+        return value  # "\frac{1}{2} cup", "2 1/2 hours"
     equals = list(_EQUALS.finditer(s))
     if equals and _names_a_value(s[: equals[-1].start()]):
         value = answer_number(s[equals[-1].end() :])
@@ -157,6 +206,8 @@ def _names_a_value(lhs: str) -> bool:
 
 # "The answer is 18", "Final answer: 18", "**Answer:** $18": the phrase a model states its answer with
 _ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is|was|:|=)", re.IGNORECASE)
+# a multiple-choice letter as the stated answer: "(B)", "(B) 12", "B"
+_STATED_CHOICE = re.compile(r"\(([A-E])\)(?:\s.*)?|[A-E]")
 # the end of the stated answer: a line break, or a sentence mark followed by a space or the end
 _STATEMENT_END = re.compile(r"\n|[.,;!?](?=\s|$)")
 
@@ -174,6 +225,8 @@ def _stated_answer(text: str) -> str | None:
     stated = rest[: end.start() if end else len(rest)].strip(" \t*:")
     if re.match(r"not\b", stated, re.IGNORECASE):  # "the answer is not 18" names a wrong answer
         return None
+    if _STATED_CHOICE.fullmatch(plain_latex(stated)):  # "The answer is (B).", "the answer is \\textbf{(C)}"
+        return stated
     return stated if "=" not in stated and answer_number(stated) is not None else None
 
 
@@ -191,10 +244,13 @@ def extract_answer(text: str, *, last_number: bool = True) -> str | None:
     4. if last_number: what follows the last "answer is" / "answer:" when it is one number, else the
        last number in the text ("2 \\times 10^3" whole).
 
-    None for no text (a None completion).
+    Past a closed reasoning block only the text after its "</think>" is read (drafts are no answer), when there is
+    any. None for no text (a None completion).
     """
     if text is None:
         return None
+    if "</think>" in text and text.rsplit("</think>", 1)[1].strip():
+        text = text.rsplit("</think>", 1)[1]
     tags = ANSWER_TAG.findall(text)
     if tags:
         return tags[-1].strip()
@@ -274,15 +330,171 @@ def _same_number(p: float, r: float) -> bool:
 
 
 def answers_match(pred: str | None, ref: str | None) -> bool:
-    """Numerically equal (any of number_readings: units read past, a percent also as its fraction), else
-    equal as normalised text. Two whole numbers must be equal ("18" == "18.0" == "$18" == "18.", but
-    1219253924 != 1219253925); other values within rel 1e-9 (float rounding). A full GSM8K solution as the
-    reference is cut at its "####"."""
+    """Numerically equal (any of number_readings: units read past, a percent also as its fraction), else the same
+    math (same_math: LaTeX forms, choice letters, tuples, intervals and sets, values of \\sqrt and \\pi). Two whole
+    numbers must be equal ("18" == "18.0" == "$18" == "18." == "018", but 1219253924 != 1219253925); other values
+    within rel 1e-9 (float rounding). A full GSM8K solution as the reference is cut at its "####"."""
     ref = reference_answer(ref)
     if pred is None or not ref:
         return False
     pairs = number_readings(pred, ref)
-    if pairs:
-        return any(_same_number(p, r) for p, r in pairs)
-    norm = lambda s: re.sub(r"\s+", " ", s.replace("$", "")).strip().rstrip(".").strip().lower()
-    return answer_number(ref) is None and norm(pred) == norm(ref)
+    return any(_same_number(p, r) for p, r in pairs) if pairs else same_math(pred, ref)
+
+
+# "x = ", "x \\in ", "y=" before the answer: a name, not part of it
+_NAMED = re.compile(r"[a-z](?:=|\\in(?![a-z]))")
+# a multiple-choice letter: "(B)", "(B) 12", "B", "B.", "B)" (in canonical form: lower case, no spaces)
+_CHOICE = re.compile(r"\(([a-e])\).*|([a-e])[.)]?")
+
+
+def canonical(s: str) -> str:
+    """The text of an answer with what does not change it taken out: "$", LaTeX spacing and style (plain_latex),
+    a leading "x = " or "x \\in ", spaces (but one between two digits: "2 1/2" is not "21/2"), case and a final
+    "."; "\\dfrac12" and "\\frac{1}{2}" are the same text."""
+    s = plain_latex(s.replace("\\$", "").replace("$", "")).lower().replace("\u221e", "\\infty")
+    s = re.sub(r"(?<=\d)\s+(?=\d)", " ", s)
+    s = re.sub(r"(?<!\d)\s+|\s+(?!\d)", "", s).rstrip(".")
+    named = _NAMED.match(s)
+    return s[named.end() :] if named and s.count("=") <= 1 else s
+
+
+def same_math(pred: str, ref: str) -> bool:
+    """Whether two answers that are not plain numbers say the same: equal canonical text ("\\dfrac{\\pi}2" is
+    "\\frac{\\pi}{2}"), the same choice letter ("\\textbf{(B)} 12" answers "B"), the same items (tuples and
+    intervals in order with the same brackets, sets and bare lists in any order, each item compared as an
+    answer), or the same value of arithmetic on numbers, \\sqrt and \\pi ("2\\sqrt{3}" is "\\sqrt{12}")."""
+    p, r = canonical(pred), canonical(ref)
+    if p == r:
+        return True
+    if ref_choice := _CHOICE.fullmatch(r):
+        pred_choice = _CHOICE.fullmatch(p)
+        return bool(pred_choice) and (pred_choice[1] or pred_choice[2]) == (ref_choice[1] or ref_choice[2])
+    p_items, r_items = _items(p), _items(r)
+    if p_items is not None or r_items is not None:
+        return p_items is not None and r_items is not None and _same_items(p_items, r_items)
+    p_value, r_value = evaluate(p), evaluate(r)
+    return p_value is not None and r_value is not None and _same_number(p_value, r_value)
+
+
+def _items(s: str) -> tuple[str, str, list[str]] | None:
+    """(opening bracket, closing bracket, items) of a list spanning the whole canonical answer: a tuple "(1,2)", an
+    interval "(0,1]" ("(", "]", ["0", "1"]), a set "\\{1,2\\}", a bare list "1,2,3" ("", "", [...]); None for one
+    item, and for a long text (no list a grader compares item by item)."""
+    if len(s) > 1000:
+        return None
+    opening = next((b for b in ("(", "[", "\\{") if s.startswith(b)), "")
+    closing = next((b for b in (")", "]", "\\}") if s.endswith(b)), "") if opening else ""
+    opening, closing = (opening, closing) if opening and closing else ("", "")
+    inner = s[len(opening) : len(s) - len(closing)]
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(inner):
+        depth += (char in "([{") - (char in ")]}")
+        if depth < 0:  # "(1,2)\\cup(3,4)": the first bracket closes before the end
+            return None
+        if char == "," and depth == 0:
+            items.append(inner[start:i])
+            start = i + 1
+    items.append(inner[start:])
+    if len(items) < 2 and opening != "\\{":
+        return None
+    return opening, closing, items
+
+
+def _same_items(p: tuple[str, str, list[str]], r: tuple[str, str, list[str]]) -> bool:
+    """Same brackets and items; a set ("\\{..\\}") or a bare list matches in any order, each item once."""
+    (p_open, p_close, p_items), (r_open, r_close, r_items) = p, r
+    if len(p_items) != len(r_items):
+        return False
+    if p_open in ("", "\\{") and r_open in ("", "\\{"):
+        left = list(r_items)
+        for item in p_items:
+            match = next((i for i, other in enumerate(left) if answers_match(item, other)), None)
+            if match is None:
+                return False
+            left.pop(match)
+        return True
+    return (p_open, p_close) == (r_open, r_close) and all(answers_match(a, b) for a, b in zip(p_items, r_items))
+
+
+# the tokens of arithmetic on numbers: numbers, \\pi, \\sqrt, \\frac, operators and brackets
+_TOKEN = re.compile(r"\d+(?:\.\d+)?|\.\d+|\\(?:pi|sqrt|frac|cdot|times)(?![a-z])|[-+*/^(){}\[\]]")
+
+
+def evaluate(s: str) -> float | None:
+    """The value of a canonical answer that is arithmetic on numbers, \\pi, \\sqrt{..} (\\sqrt[n]{..}) and
+    \\frac{..}{..} ("\\frac{\\sqrt{3}}{2}", "2\\pi", "3^{2}"); None for anything else (a variable, a function,
+    an equation) and for what has no finite value."""
+    tokens = _TOKEN.findall(s) if len(s) <= 200 else []
+    if not tokens or "".join(tokens) != s:
+        return None
+    try:
+        parser = _Arithmetic(tokens)
+        value = parser.sum()
+    except (ValueError, ZeroDivisionError, OverflowError, RecursionError, IndexError, TypeError):
+        return None
+    finite = isinstance(value, float) and math.isfinite(value)  # (-8)^{1/3} is complex in Python: no answer
+    return value if parser.peek() is None and finite else None
+
+
+class _Arithmetic:
+    """Recursive descent over tokens: sum = product (+|- product)*, product = signed (op signed | signed)*, signed
+    = (+|-)* power, power = atom (^ signed)?, atom = number | \\pi | \\sqrt | \\frac | (sum) | {sum}."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        self.tokens, self.i = tokens, 0
+
+    def peek(self) -> str | None:
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def take(self, expected: str | None = None) -> str:
+        token, self.i = self.tokens[self.i], self.i + 1
+        if expected not in (None, token):
+            raise ValueError(f"expected {expected}")
+        return token
+
+    def sum(self) -> float:
+        value = self.product()
+        while self.peek() in ("+", "-"):
+            value = value + self.product() if self.take() == "+" else value - self.product()
+        return value
+
+    def product(self) -> float:
+        value = self.signed()
+        while self.peek() is not None and self.peek() not in ("+", "-", ")", "}", "]", "^"):
+            op = self.take() if self.peek() in ("*", "/", "\\cdot", "\\times") else "*"  # "2\\pi": a product
+            value = value / self.signed() if op == "/" else value * self.signed()
+        return value
+
+    def signed(self) -> float:
+        if self.peek() in ("+", "-"):
+            return -self.signed() if self.take() == "-" else self.signed()
+        return self.power()
+
+    def power(self) -> float:
+        base = self.atom()
+        return base ** self.signed() if self.peek() == "^" and self.take() else base
+
+    def root_degree(self) -> float:
+        """n of \\sqrt[n]{..}, 2 without it."""
+        if self.peek() != "[":
+            return 2.0
+        self.take()
+        degree = self.sum()
+        self.take("]")
+        return degree
+
+    def atom(self) -> float:
+        token = self.take()
+        if token in ("(", "{"):
+            value = self.sum()
+            self.take(")" if token == "(" else "}")
+            return value
+        if token == "\\pi":
+            return math.pi
+        if token == "\\sqrt":
+            degree = self.root_degree()
+            radicand = self.atom()  # below 0: math.sqrt raises, a power is complex (no answer)
+            return math.sqrt(radicand) if degree == 2 else radicand ** (1 / degree)
+        if token == "\\frac":
+            return self.atom() / self.atom()
+        return float(token)

@@ -75,8 +75,13 @@ _SOFT = re.compile(r"<reasoning>(?:(?!<reasoning>).)*?</reasoning>\s*<answer>(?:
 def strict_format(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
     """0.5 if the whole completion is exactly the multi-line format: one reasoning block, one answer
     block, each tag on its own line, nothing before or after (the final newline is optional because
-    generation stops at EOS)."""
-    return [None if c is None else 0.5 if _STRICT.match(c) else 0.0 for c in completions]
+    generation stops at EOS). Windows line ends ("\\r\\n") are line breaks too."""
+    return [None if c is None else 0.5 if _STRICT.match(_unix_lines(c)) else 0.0 for c in completions]
+
+
+def _unix_lines(text: str) -> str:
+    """text with "\\r\\n" line ends as "\\n": a line break in the format, however the model spelled it."""
+    return text.replace("\r\n", "\n")
 
 
 def soft_format(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
@@ -87,12 +92,13 @@ def soft_format(prompts: list, completions: list[str], answers: list, **_: Any) 
 def xml_count(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
     """Partial credit for the format: 0.125 for each of "<reasoning>\\n", "\\n</reasoning>\\n",
     "\\n<answer>\\n" and "\\n</answer>" appearing exactly once, minus 0.001 per non-space character after
-    the last </answer> (the penalty is capped at 0.5, so the reward lies in [-0.5, 0.5])."""
+    the last </answer> (the penalty is capped at 0.5, so the reward lies in [-0.5, 0.5]); "\\r\\n" is a "\\n"."""
     out: list[float | None] = []
     for c in completions:
         if c is None:
             out.append(None)
             continue
+        c = _unix_lines(c)
         value = 0.125 * sum(
             c.count(t) == 1 for t in ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>")
         )
