@@ -15,6 +15,8 @@ Built-ins (REWARDS), for the GSM8K format used by the popular GRPO notebooks
     correctness 2.0 / 0.0     int_answer 0.5 / 0.0     strict_format, soft_format 0.5 / 0.0
     xml_count [-0.5, 0.5]     proximity [-1, 1]        length_penalty [-1, 0]     exact_answer 1.0 / 0.0
 
+and for reasoning models' <think>...</think> answer layout: think_format 0.5 / 0.0.
+
     reward_model: the scores of a reward model checkpoint (kwargs path, batch_size, max_length, ...)
 
 A built-in with settings (length_penalty, reward_model) is made by its factory (REWARD_FACTORIES): a run's
@@ -87,6 +89,18 @@ def _unix_lines(text: str) -> str:
 def soft_format(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
     """0.5 if <reasoning>...</reasoning> followed by <answer>...</answer> appears anywhere."""
     return [None if c is None else 0.5 if _SOFT.search(c) else 0.0 for c in completions]
+
+
+# R1 style: the reasoning in one <think> block (its opening may be the prompt's: R1-distill templates end the
+# generation prompt with "<think>\n"), closed once, then the answer; no second block
+_NO_THINK_TAG = r"(?:(?!</?think>).)*"
+_THINK = re.compile(rf"\A\s*(?:<think>)?{_NO_THINK_TAG}</think>{_NO_THINK_TAG}\S{_NO_THINK_TAG}\Z", re.DOTALL)
+
+
+def think_format(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
+    """0.5 for the reasoning models' format: one <think>...</think> block (its "<think>" may be the prompt's
+    last tag, as R1-distill and QwQ templates write it) and a non-empty answer after it, no other think tag."""
+    return [None if c is None else 0.5 if _THINK.match(c) else 0.0 for c in completions]
 
 
 def xml_count(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
@@ -217,6 +231,7 @@ REWARDS: dict[str, RewardFn] = {
     "int_answer": int_answer,
     "strict_format": strict_format,
     "soft_format": soft_format,
+    "think_format": think_format,
     "xml_count": xml_count,
     "proximity": proximity,
     "length_penalty": length_penalty,

@@ -54,6 +54,7 @@ from minigrpo.reward_fns import (
     proximity,
     soft_format,
     strict_format,
+    think_format,
     xml_count,
 )
 
@@ -84,6 +85,7 @@ __all__ = [
     "score",
     "soft_format",
     "strict_format",
+    "think_format",
     "to_number",
     "xml_count",
 ]

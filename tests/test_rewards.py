@@ -30,6 +30,7 @@ from minigrpo.rewards import (
     score,
     soft_format,
     strict_format,
+    think_format,
     to_number,
     xml_count,
 )
@@ -147,11 +148,13 @@ def test_runaway_digits_score_zero_instead_of_raising(answer):
 
 
 @pytest.mark.parametrize(
-    "text", ["<answer>" * 12_500, "<reasoning></reasoning>" * 4_350], ids=["unclosed_answers", "reasoning_pairs"]
+    "text",
+    ["<answer>" * 12_500, "<reasoning></reasoning>" * 4_350, "<think>" + "a" * 100_000],
+    ids=["unclosed_answers", "reasoning_pairs", "unclosed_think"],
 )
 def test_adversarial_100kb_completion_is_scored_in_linear_time(text):
     start = time.perf_counter()
-    for fn in (correctness, int_answer, soft_format, strict_format, xml_count, proximity, exact_answer):
+    for fn in (correctness, int_answer, soft_format, strict_format, think_format, xml_count, proximity, exact_answer):
         call(fn, [text], ["5"])
     assert time.perf_counter() - start < 2.0
 
@@ -171,6 +174,18 @@ def test_strict_format():
         GOOD.rstrip("\n") + "\n<answer>\n73\n</answer>\n",  # two answer blocks
     ]
     assert call(strict_format, completions) == [0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_think_format():
+    completions = [
+        "<think>\n7 * 9 = 63\n</think>\n\nThe answer is \\boxed{63}.",
+        "7 * 9 = 63\n</think>\n<answer>63</answer>",  # the template's generation prompt opened the block
+        "<think>7 * 9 = 63</think>",  # no answer after the reasoning
+        "<think>a</think> 63 <think>b</think> 64",  # a second block
+        "<think>still thinking",  # cut off inside the reasoning
+        "63",
+    ]
+    assert call(think_format, completions) == [0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_soft_format():
