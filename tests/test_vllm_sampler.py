@@ -1241,3 +1241,115 @@ def test_stop_ids_outside_the_vocabulary_are_ignored_like_the_own_sampler(engine
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=8, stop_ids=(EOS, len(WORDS) + 3))
     a, b = sampler.generate(PROMPTS, params), KVCacheSampler(model, tokenizer).generate(PROMPTS, params)
     assert rows(a) == rows(b) and a.truncated.tolist() == b.truncated.tolist()
+
+
+# ================================================================================================
+# filters, engine arguments and lengths the own sampler's contract rests on
+
+
+@needs_vllm
+def test_min_p_with_top_p_is_refused_and_filtered_logprobs_are_over_the_kept_tokens(engine, monkeypatch):
+    """vLLM masks min-p before top-p (we after): that pair would sample another distribution, refused
+    before the engine runs. top-k with min-p commute and run; vLLM's log-probs are then renormalised
+    over the kept tokens (log p - log S, S the kept mass under the trainer), which is warned once."""
+    from minigrpo.sampling.params import SamplingError
+
+    sampler, model, _, _ = engine
+    sampler.sync(model)
+    real = sampler.llm.generate
+    monkeypatch.setattr(sampler.llm, "generate", lambda *a, **k: pytest.fail("the engine ran"))
+    with pytest.raises(SamplingError, match=r"^min_p=0.1 with top_p=0.6 cannot be sampled by vLLM"):
+        sampler.generate(PROMPTS, SamplingParams(temperature=1.0, top_p=0.6, min_p=0.1, max_new_tokens=2))
+    monkeypatch.setattr(sampler.llm, "generate", real)
+    greedy = SamplingParams(temperature=0.0, top_p=0.6, min_p=0.1, max_new_tokens=4)  # no filter is used
+    assert rows(sampler.generate(PROMPTS, greedy)) == rows(KVCacheSampler(model, None).generate(PROMPTS, greedy))
+
+    records = _Records()
+    logger = logging.getLogger("minigrpo.sampling.vllm_sampler")
+    logger.addHandler(records)
+    monkeypatch.setattr(sampler, "_warned_filters", False)
+    try:
+        params = SamplingParams(n=4, temperature=0.8, top_k=3, min_p=0.05, max_new_tokens=6)
+        r = sampler.generate(PROMPTS, params, key=(0, 9, 0))
+        sampler.generate(PROMPTS, params, key=(0, 9, 1))
+    finally:
+        logger.removeHandler(records)
+    assert sum("renormalised over the tokens top_k / top_p / min_p keep" in m for m in records.messages) == 1
+    kept = torch.ones(r.completion_mask.shape)  # (N, Tc): the mass S the filters keep at each sampled token
+    with torch.no_grad():
+        for i, toks in enumerate(rows(r)):
+            prompt = PROMPTS[i // 4]
+            logits = model(torch.tensor([prompt + toks]))[0, len(prompt) - 1 : -1].float() / 0.8  # (Tc_i, V)
+            top = logits.softmax(-1).topk(3, dim=-1).values  # (Tc_i, 3)
+            kept[i, : len(toks)] = (top * (top >= 0.05 * top[:, :1])).sum(-1)  # top-3, then min-p
+    m = r.completion_mask.bool()
+    expected = trainer_logp(model, r, 0.8) - kept.log()
+    diff = (r.sampler_logp - expected)[m].abs()
+    assert diff.max() < 5e-5, f"vLLM's filtered log-probs vs log p - log S: max |diff| {diff.max():.2e}"
+    assert (kept[m] < 0.999).any(), "the filters kept the whole mass: the test shows nothing"
+
+
+@needs_vllm
+def test_engine_arguments_the_contract_rests_on_are_refused_and_min_p_with_top_p_in_a_config(monkeypatch):
+    """engine_kwargs used to override everything: logprobs_mode="raw_logprobs" reported log-probs at
+    temperature 1 whatever the rollout's, a max_model_len there disagreed with the length requests are
+    checked against. Such keys are one-line errors before any engine; so is a vLLM config with min_p
+    and top_p (vLLM orders them otherwise)."""
+    import vllm
+
+    from minigrpo.config import ConfigError, load_config
+    from minigrpo.sampling.params import SamplingError
+
+    monkeypatch.setattr(vllm, "LLM", lambda *a, **k: pytest.fail("an engine was built"))
+    model = tiny_model(**ARCH)
+    for key, value in (("logprobs_mode", "raw_logprobs"), ("max_model_len", 32), ("dtype", "bfloat16")):
+        with pytest.raises(SamplingError, match=rf"^engine_kwargs\['{key}'\] is set by VLLMSampler itself"):
+            VLLMSampler(model, None, max_model_len=64, engine_kwargs={key: value})
+    cfg = load_config(None, ["sampler.kind=vllm", "sampler.top_p=0.9", "sampler.min_p=0.05"])
+    with pytest.raises(ConfigError, match=r"^sampler.min_p=0.05 with top_p=0.9 cannot be sampled by vLLM"):
+        VLLMSampler.from_config(cfg, model, None)
+
+
+@needs_vllm
+def test_a_longrope_engine_stops_at_the_switch_as_the_own_sampler(monkeypatch):
+    """A longrope model (Phi-3.5) rotates a sequence past original_max_position_embeddings by its long
+    factors in the trainer; the own sampler never samples past that switch (prompt_fit.position_limit),
+    but VLLMSampler defaulted to, and accepted, the model's whole max_position_embeddings."""
+    import vllm
+
+    from minigrpo.sampling.params import SamplingError
+
+    class Built(Exception):
+        pass
+
+    def fake_llm(*args, **kwargs):
+        raise Built(kwargs["max_model_len"])
+
+    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    longrope = dict(type="longrope", short_factor=[1.0] * 16, long_factor=[2.0] * 16)
+    model = tiny_model(
+        model_type="phi3", hidden_size=128, num_attention_heads=4, vocab_size=len(WORDS),
+        max_position_embeddings=256, original_max_position_embeddings=96, rope_scaling=longrope,
+    )  # fmt: skip
+    with pytest.raises(SamplingError, match=r"in \[2, 96\] \(the model's original_max_position_embeddings=96"):
+        VLLMSampler(model, None, max_model_len=128)
+    with pytest.raises(Built) as built:
+        VLLMSampler(model, None)
+    assert built.value.args == (96,)
+
+
+@needs_vllm
+def test_a_sampler_without_a_tokenizer_samples_ids_and_refuses_stop_strings(engine, monkeypatch):
+    """The own sampler samples token ids without a tokenizer ('' texts) and refuses stop strings
+    before any work; VLLMSampler sampled, then crashed decoding the texts (None.decode)."""
+    from minigrpo.sampling.params import SamplingError
+
+    sampler, model, _, _ = engine
+    sampler.sync(model)
+    monkeypatch.setattr(sampler, "tokenizer", None)
+    greedy = SamplingParams(n=2, temperature=0.0, max_new_tokens=6, stop_ids=(EOS,))
+    a, b = sampler.generate(PROMPTS, greedy), KVCacheSampler(model, None).generate(PROMPTS, greedy)
+    assert rows(a) == rows(b) and a.completion_texts == b.completion_texts == [""] * 6
+    monkeypatch.setattr(sampler.llm, "generate", lambda *a, **k: pytest.fail("the engine ran"))
+    with pytest.raises(SamplingError, match=r"stop_strings \('7',\) need a tokenizer: this sampler has none"):
+        sampler.generate(PROMPTS, SamplingParams(max_new_tokens=4, stop_strings=("7",)))

@@ -121,18 +121,83 @@ def vllm_temperature_problem(temperature: float) -> str | None:
     return None
 
 
-def checked_max_model_len(max_model_len: int | None, positions: int) -> int:
-    """max_model_len (default: the model's positions), an integer in [2, positions], else a SamplingError."""
+def vllm_filter_problem(temperature: float, top_p: float, min_p: float) -> str | None:
+    """Why vLLM would sample these filters from another distribution than the own sampler (None: it
+    would not). vLLM 0.32 masks min-p right after the temperature, then top-k, then top-p over what is
+    left (v1/sample/sampler.py); the own sampler (as transformers) applies top-k, top-p, then min-p.
+    top-k and min-p both keep a most-likely prefix of the sorted tokens, so they commute; but min-p
+    first shrinks the mass top-p measures, and the nucleus loses tokens (p = [.5, .3, .04 x 5], top_p
+    .6, min_p .1: {.5, .3} in our order, {.5} in vLLM's). Greedy sampling uses no filter."""
+    if temperature == 0 or min_p == 0 or top_p >= 1:
+        return None
+    return (
+        f"min_p={min_p:g} with top_p={top_p:g} cannot be sampled by vLLM as the own sampler and the "
+        "trainer read them (vLLM applies min-p before top-p, we apply it after): use one of the two"
+    )
+
+
+FILTERED_LOGPROBS = (
+    "vLLM reports log-probs renormalised over the tokens top_k / top_p / min_p keep (the trainer's are over the "
+    "whole vocabulary): importance weights old / sampler carry each token's kept mass"
+)
+
+
+def check_rollout_params(params: Any, prompt_tokens: int, max_model_len: int, *, has_tokenizer: bool) -> None:
+    """A SamplingError, before the engine runs, for settings (sampling.SamplingParams) vLLM would refuse,
+    change or sample otherwise than the own sampler, for stop strings without a tokenizer to read
+    them, and for a longest prompt of `prompt_tokens` whose completion budget passes max_model_len."""
+    problem = vllm_temperature_problem(params.temperature)
+    if problem:
+        raise SamplingError(f"temperature {problem}")
+    problem = vllm_filter_problem(params.temperature, params.top_p, params.min_p)
+    if problem:
+        raise SamplingError(problem)
+    if params.stop_strings and not params.ignore_stop and not has_tokenizer:
+        raise SamplingError(f"stop_strings {params.stop_strings} need a tokenizer: this sampler has none")
+    if prompt_tokens + params.max_new_tokens > max_model_len:
+        raise SamplingError(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the engine's "
+            f"max_model_len={max_model_len}"
+        )
+
+
+ENGINE_ARGS_OWNED = {  # vllm.LLM arguments the sampler's contract rests on -> what to use instead
+    "model": "nothing (the engine is built from the policy's config)",
+    "load_format": "nothing (weights come from the policy at every sync)",
+    "skip_tokenizer_init": "nothing (prompts are token ids, texts are decoded by our tokenizer)",
+    "logprobs_mode": "nothing (log-probs must be log_softmax(logits / T), the trainer's)",
+    "max_model_len": "the max_model_len argument",
+    "dtype": "the dtype argument",
+}
+
+
+def checked_engine_kwargs(engine_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The extra `vllm.LLM` arguments, refusing those the sampler sets and relies on (ENGINE_ARGS_OWNED):
+    e.g. logprobs_mode="raw_logprobs" would report log-probs at temperature 1, a max_model_len there
+    would disagree with the length every request is checked against."""
+    extra = dict(engine_kwargs or {})
+    for key in extra:
+        if key in ENGINE_ARGS_OWNED:
+            raise SamplingError(f"engine_kwargs[{key!r}] is set by VLLMSampler itself: use {ENGINE_ARGS_OWNED[key]}")
+    return extra
+
+
+def checked_max_model_len(max_model_len: int | None, positions: int, setting: str | None = None) -> int:
+    """max_model_len (default: `positions`), an integer in [2, positions], else a SamplingError.
+    `positions`: what a rollout may use (prompt_fit.position_limit: the model's positions, or a
+    longrope model's switch to its long factors), named by `setting`."""
     value = positions if max_model_len is None else max_model_len
     if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= positions:
-        raise SamplingError(
-            f"max_model_len must be an integer in [2, {positions}] (the model's max_position_embeddings), "
-            f"got {max_model_len!r}"
-        )
+        setting = setting or f"the model's max_position_embeddings={positions}"
+        raise SamplingError(f"max_model_len must be an integer in [2, {positions}] ({setting}), got {max_model_len!r}")
     return value
 
 
 __all__ = [
+    "ENGINE_ARGS_OWNED",
+    "FILTERED_LOGPROBS",
+    "check_rollout_params",
+    "checked_engine_kwargs",
     "checked_max_model_len",
     "combined_sync_stats",
     "cpu_kv_cache_bytes",
@@ -140,5 +205,6 @@ __all__ = [
     "global_rng_kept",
     "rank_engine_kwargs",
     "torchrun_world",
+    "vllm_filter_problem",
     "vllm_temperature_problem",
 ]

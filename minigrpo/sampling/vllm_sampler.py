@@ -9,11 +9,13 @@ fingerprints every sync and a log-prob probe on the first and every `probe_every
 when the engine does not hold the policy).
 
 Rollouts match the own sampler's contract: token-id prompts, contiguous groups, log-probs
-`log_softmax(logits / T)` (`logprobs_mode="processed_logprobs"`; with top-k/p vLLM reports them
-under its truncated distribution, which IS correction accounts for), stop ids as given, stop strings
-cut afterwards by our tokenizer, texts decoded by it. Each row is its own request seeded by
-(key, row id) (base.row_seed). `sleep` frees GPU memory between rollouts (level 2 drops the weights;
-the next sync re-pushes them); the CPU backend has no sleep mode, so there it is a logged no-op.
+`log_softmax(logits / T)` (`logprobs_mode="processed_logprobs"`), stop ids as given, stop strings
+cut afterwards by our tokenizer, texts decoded by it ('' without one). Filters differ twice
+(vllm_ranks.vllm_filter_problem): vLLM applies min-p before top-p (we after: that pair is refused),
+and its log-probs are renormalised over the kept tokens (ours: the whole vocabulary), so with top-k /
+top-p / min-p an IS weight old / sampler carries each token's kept mass (warned once). Each row is
+its own request seeded by (key, row id) (base.row_seed). `sleep` frees GPU memory between rollouts
+(level 2 drops the weights; the next sync re-pushes them); a logged no-op on the CPU (no sleep mode).
 vLLM seeds the process's global RNGs at construction (restored here); in one process it starts a
 world-size-1 process group of its own.
 
@@ -47,6 +49,9 @@ from .kv_sampler import check_prompts
 from .params import SamplingError, SamplingParams
 from .rollout import Rollout, left_pad, stop_string_cut
 from .vllm_ranks import (
+    FILTERED_LOGPROBS,
+    check_rollout_params,
+    checked_engine_kwargs,
     checked_max_model_len,
     combined_sync_stats,
     cpu_kv_cache_bytes,
@@ -54,6 +59,7 @@ from .vllm_ranks import (
     global_rng_kept,
     rank_engine_kwargs,
     torchrun_world,
+    vllm_filter_problem,
     vllm_temperature_problem,
 )
 from .vllm_sync import (
@@ -111,7 +117,8 @@ class VLLMSampler:
         """Build the engine for `model`'s architecture and push its weights (verified).
 
         Args:
-            max_model_len: prompt + completion tokens per sequence (default: the model's maximum).
+            max_model_len: prompt + completion tokens per sequence (default: the model's maximum; a
+                longrope model's switch to its long factors, prompt_fit.position_limit).
             max_num_seqs: sequences decoded at once (N = B*G fits in one batch when >= N).
             dtype: vLLM's weight dtype (default: the policy's).
             gpu_memory_utilization: GPU only, fraction of the GPU vLLM may take (weights + KV cache).
@@ -128,11 +135,16 @@ class VLLMSampler:
                 ids) followed by the policy's greedy continuation of `probe_tokens` tokens, chosen
                 at the first verification and kept (vllm_sync.probe_sequence).
             seed: vLLM's sampling seed.
-            engine_kwargs: extra `vllm.LLM` arguments (override the ones set here).
+            engine_kwargs: extra `vllm.LLM` arguments (override the ones set here, except those the
+                contract rests on: vllm_ranks.ENGINE_ARGS_OWNED).
         """
+        from minigrpo.prompt_fit import position_limit
+
+        engine_kwargs = checked_engine_kwargs(engine_kwargs)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: tensors pass by reference
         from vllm import LLM
         from vllm import SamplingParams as VParams
+        from vllm.platforms import current_platform
 
         self.tokenizer = tokenizer
         self.world = torchrun_world()
@@ -149,7 +161,8 @@ class VLLMSampler:
         )
         args = model.args
         vocab = self.vocab_size = int(args.vocab_size)
-        self.max_model_len = checked_max_model_len(max_model_len, int(args.max_position_embeddings))
+        limit = position_limit(args)  # a longrope model stays below its switch, as the own sampler
+        self.max_model_len = checked_max_model_len(max_model_len, int(limit.positions), limit.setting)
         if not 0 < gpu_memory_utilization <= 1:
             raise SamplingError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         self.probe_prompt = list(probe_prompt or [(11 + 37 * i) % vocab for i in range(PROBE_PROMPT)])
@@ -157,8 +170,9 @@ class VLLMSampler:
         self.probe_ids: list[int] | None = None  # probe_prompt + the greedy continuation, at the first check
         self.last_sync: dict[str, float] = {}
         self._fingerprint_shapes: dict[str, tuple[int, ...]] | None = None  # names vLLM stores as pushed
+        self._warned_filters = False  # the renormalised log-probs of top-k / top-p / min-p: warned once
 
-        on_gpu = _vllm_platform_is_gpu()
+        on_gpu = bool(current_platform.is_cuda_alike())
         self.sleep_enabled = bool(sleep) and on_gpu
         self.sleep_level = sleep_level
         self._asleep = False
@@ -182,7 +196,7 @@ class VLLMSampler:
             kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or cpu_kv_cache_bytes(
                 args, self.dtype, self.max_model_len, max_num_seqs
             )
-        kwargs.update(engine_kwargs or {})
+        kwargs.update(engine_kwargs)
         folder = tempfile.mkdtemp(prefix="minigrpo-vllm-")
         try:
             with open(os.path.join(folder, "config.json"), "w") as f:
@@ -203,6 +217,9 @@ class VLLMSampler:
         problem = vllm_temperature_problem(s.temperature)
         if problem:  # before the engine and the first sync
             raise ConfigError(f"sampler.temperature {problem}")
+        problem = vllm_filter_problem(s.temperature, s.top_p, s.min_p)
+        if problem:
+            raise ConfigError(f"sampler.{problem} (sampler.kind=vllm)")
         kwargs: dict[str, Any] = dict(
             max_model_len=engine_max_model_len(cfg, model.args, prompt_tokens, at_least=PROBE_LENGTH),
             max_num_seqs=max(math.ceil(cfg.grpo.prompts_per_step / torchrun_world().size) * cfg.grpo.group_size, 1),
@@ -389,15 +406,11 @@ class VLLMSampler:
         B, G = len(prompts), params.n
         N = B * G
         check_prompts(prompts, self.vocab_size)  # vLLM's CPU engine fails on an id outside the vocabulary
-        problem = vllm_temperature_problem(params.temperature)
-        if problem:
-            raise SamplingError(f"temperature {problem}")
-        Tp = max(len(p) for p in prompts)
-        if Tp + params.max_new_tokens > self.max_model_len:
-            raise SamplingError(
-                f"prompt ({Tp} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the engine's "
-                f"max_model_len={self.max_model_len}"
-            )
+        Tp, has_tokenizer = max(len(p) for p in prompts), self.tokenizer is not None
+        check_rollout_params(params, Tp, self.max_model_len, has_tokenizer=has_tokenizer)  # before the engine runs
+        if params.filters and not params.greedy and not self._warned_filters:  # once: see the module docstring
+            self._warned_filters = True
+            log.warning(FILTERED_LOGPROBS)
         rows = list(range(N)) if row_ids is None else [int(r) for r in torch.as_tensor(row_ids).flatten().tolist()]
         if len(rows) != N:
             raise SamplingError(f"row_ids has {len(rows)} ids for {N} rows ({B} prompts x n={G})")
@@ -449,7 +462,7 @@ class VLLMSampler:
                 if cut is not None:  # tokens past the cut were generated and are discarded
                     toks, lps, truncated = toks[:cut], lps[:cut], False
             cut_rows.append((toks, lps, truncated))
-            texts.append(self.tokenizer.decode(toks, skip_special_tokens=True))
+            texts.append("" if self.tokenizer is None else self.tokenizer.decode(toks, skip_special_tokens=True))
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)  # (B, Tp)
         Tc = max(1, max(len(t) for t, _, _ in cut_rows))
         completion_ids = torch.full((N, Tc), self.pad_id, dtype=torch.long)
@@ -479,16 +492,6 @@ class VLLMSampler:
             return
         with default_group_kept(self.world):  # vLLM's shutdown would destroy the trainer's group
             llm.llm_engine.engine_core.shutdown()
-
-
-# ================================================================================================
-# helpers
-
-
-def _vllm_platform_is_gpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return bool(current_platform.is_cuda_alike())
 
 
 __all__ = ["SyncError", "VLLMSampler"]
