@@ -7,7 +7,9 @@
 
 A conversation is an `Example` whose prompt is the whole message list (assistant turns included), so
 the resumable `PromptLoader` of GRPO serves SFT unchanged; its columns: `where` names its file and
-line (or its index) in errors, `loss_from` the first message whose assistant turns carry loss.
+line (or its index) in errors, `loss_from` the first message whose assistant turns carry loss,
+`begun_reply` the start of the last reply that its prompt holds (a prompt/response row whose prompt
+ends with an assistant message: GRPO continues it, so the reply piece starts after it, _continued_start).
 
 Which tokens carry loss. The chat template is rendered once for the whole conversation, and once per
 assistant turn i for two prefixes: messages[:i] with the generation header (where the reply starts)
@@ -18,18 +20,15 @@ such a reply learns what the whole conversation shows of it, its answer and end-
 (_end_without_dropped_reasoning), and when their generation header opens the reasoning ("<think>\n",
 Qwen3's empty think block with enable_thinking=false) that the conversation does not show there, the
 reply starts before that opening (_reply_start); any other template that rewrites earlier turns is
-refused. Each piece is encoded on its own (add_special_tokens=False: the template writes the special
-tokens; a piece after the first as text inside a longer text, see _encode_inside) and the ids are
-concatenated; reply pieces keep their ids as labels, prompt pieces get IGNORE. A reply piece runs
-from the end of the generation header to the start of the next turn, so it holds the end-of-turn
-token (`<|im_end|>`, `<|eot_id|>`): the model learns to stop. The prompt pieces are encoded exactly
-as GRPO encodes its prompt (`encode_prompts`), so the model trains on the token boundaries it will
-see. `{% generation %}` markers are not needed. An assistant turn that opens the conversation (a
-greeting) has no prefix to render its generation header from, so the template glue before it (a
-default system prompt, BOS, the header) cannot be told apart from it: it stays context, without
-loss. A prompt/response row learns its response only: assistant turns inside its prompt (few-shot
-answers) stay context (the `loss_from` column). A template that closes every conversation with EOS
-(Phi-3) gives that EOS to the last reply only (_reply_end).
+refused. Each piece is encoded on its own (the first as GRPO encodes its prompt, `encode_prompts`;
+the others as text inside a longer text, _encode_inside) and the ids are concatenated; reply pieces
+keep their ids as labels, prompt pieces get IGNORE. A reply piece runs from the end of the generation
+header to the start of the next turn, so it holds the end-of-turn token (`<|im_end|>`): the model
+learns to stop, on the token boundaries it will see. An assistant turn that opens the conversation
+(a greeting) has no prefix to render its generation header from, so the template glue before it
+cannot be told apart from it: it stays context. A prompt/response row learns its response only:
+assistant turns inside its prompt stay context (`loss_from`). A template that closes every
+conversation with EOS (Phi-3) gives that EOS to the last reply only (_reply_end).
 
 Without a chat template (a base model) the turns are joined as GRPO's plain prompts are: non-assistant
 contents with blank lines between them (BOS first when the tokenizer adds one), each reply appended
@@ -109,20 +108,32 @@ def _field(where: str, row: dict[str, Any], name: str, key: str) -> Any:
 
 def row_to_conversation(where: str, row: dict[str, Any], cfg: Config) -> list[Message]:
     """One data row -> its messages, per sft.format; the system prompt applied."""
+    return _row_messages(where, row, cfg)[0]
+
+
+def _row_messages(where: str, row: dict[str, Any], cfg: Config) -> tuple[list[Message], str | None]:
+    """One data row -> (its messages, the begun reply or None): a prompt that ends with an assistant message
+    holds a reply begun for the model ("<think>\n"), which GRPO continues and the response completes."""
     sft = cfg.sft
     if sft.format == "messages":
         messages = _check_messages(where, _field(where, row, sft.messages_field, "sft.messages_field"), "messages")
-    else:
-        prompt = _field(where, row, sft.prompt_field, "sft.prompt_field")
-        response = _field(where, row, sft.response_field, "sft.response_field")
-        if not isinstance(response, str):
-            raise DataError(f"{where}: field {sft.response_field!r} is not text")
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        elif not isinstance(prompt, list):
-            raise DataError(f"{where}: field {sft.prompt_field!r} is neither text nor a list of messages")
-        messages = _check_messages(where, [*prompt, {"role": "assistant", "content": response}], "prompt")
-    return with_system_prompt(messages, sft.system_prompt)
+        return with_system_prompt(messages, sft.system_prompt), None
+    prompt = _field(where, row, sft.prompt_field, "sft.prompt_field")
+    response = _field(where, row, sft.response_field, "sft.response_field")
+    if not isinstance(response, str):
+        raise DataError(f"{where}: field {sft.response_field!r} is not text")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    elif not isinstance(prompt, list):
+        raise DataError(f"{where}: field {sft.prompt_field!r} is neither text nor a list of messages")
+    messages = _check_messages(where, [*prompt, {"role": "assistant", "content": response}], "prompt")
+    if len(messages) < 2 or messages[-2]["role"] != "assistant":  # no begun reply
+        return with_system_prompt(messages, sft.system_prompt), None
+    begun = messages[-2]
+    if begun.get("tool_calls"):
+        raise DataError(f"{where}: the prompt's final assistant message (a reply begun for the model) calls tools")
+    merged = [*messages[:-2], {**begun, "content": begun["content"] + response}]
+    return with_system_prompt(merged, sft.system_prompt), begun["content"]
 
 
 def row_tools(where: str, row: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -166,38 +177,38 @@ def load_conversations(cfg: Config) -> list[Example]:
     """The SFT conversations of `cfg.sft` as Examples (prompt = the messages, answer = the last reply)."""
     sft = cfg.sft
     variables = check_template_variables(cfg.data.chat_template_kwargs, "data.chat_template_kwargs")
-    tools: list[list[dict[str, Any]] | None] = []
-    if sft.source == "synthetic":
-        syn = cfg.data.synthetic
-        conversations, places = [], []
-        part = "all" if cfg.data.eval_split is None else "train"  # never the expressions GRPO's eval holds out
-        for i, ex in enumerate(synthetic_arithmetic(syn.seed, syn.num_train, syn, split=sft.split, part=part)):
-            try:
-                reply = sft.response_template.format(answer=ex.answer, **ex.columns)
-            except (KeyError, IndexError, ValueError) as e:
-                raise DataError(
-                    f"sft.response_template={sft.response_template!r}: {e!r}; it may use {{answer}} and "
-                    "{expression} (write other braces as {{ and }})"
-                ) from None
-            messages = [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": reply}]
-            conversations.append(with_system_prompt(messages, sft.system_prompt))
-            places.append(f"synthetic conversation {i}")
-            tools.append(None)
+    if sft.source == "synthetic":  # (where, messages, begun reply, template variables) each
+        found = [(w, m, None, variables) for w, m in _synthetic_conversations(cfg)]
     else:
-        rows = _rows(cfg)
-        conversations = [row_to_conversation(where, row, cfg) for where, row in rows]
-        places = [where for where, _ in rows]
-        tools = [row_tools(where, row) for where, row in rows]
-    if not conversations:
+        found = [(w, *_row_messages(w, row, cfg), _with_tools(variables, row_tools(w, row))) for w, row in _rows(cfg)]
+    if not found:
         raise DataError(f"sft: the {sft.split!r} split of sft.source={sft.source!r} holds no conversation")
     return [
         Example(
             prompt=m,
             answer=next(x for x in reversed(m) if x["role"] == "assistant")["content"],
-            columns={"where": w, "loss_from": loss_from(m, sft.format), "template_kwargs": _with_tools(variables, t)},
+            columns={"where": w, "loss_from": loss_from(m, sft.format), "template_kwargs": v, "begun_reply": b},
         )
-        for m, w, t in zip(conversations, places, tools)
+        for w, m, b, v in found
     ]
+
+
+def _synthetic_conversations(cfg: Config) -> list[tuple[str, list[Message]]]:
+    """data.synthetic's arithmetic as (where, messages): its prompts answered with sft.response_template."""
+    sft, syn = cfg.sft, cfg.data.synthetic
+    part = "all" if cfg.data.eval_split is None else "train"  # never the expressions GRPO's eval holds out
+    found = []
+    for i, ex in enumerate(synthetic_arithmetic(syn.seed, syn.num_train, syn, split=sft.split, part=part)):
+        try:
+            reply = sft.response_template.format(answer=ex.answer, **ex.columns)
+        except (KeyError, IndexError, ValueError) as e:
+            raise DataError(
+                f"sft.response_template={sft.response_template!r}: {e!r}; it may use {{answer}} and "
+                "{expression} (write other braces as {{ and }})"
+            ) from None
+        messages = [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": reply}]
+        found.append((f"synthetic conversation {i}", with_system_prompt(messages, sft.system_prompt)))
+    return found
 
 
 def _with_tools(variables: dict[str, Any], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -213,11 +224,11 @@ def loss_from(messages: Sequence[Message], fmt: str) -> int:
 
 
 def example_tokens(example: Example, tokenizer: Any, max_seq_len: int | None = None) -> tuple[list[int], list[int]]:
-    """(ids, labels) of one loaded conversation (tokenize_conversation with its `loss_from` and its
-    template variables: data.chat_template_kwargs and the row's tools)."""
-    first, variables = example.columns.get("loss_from", 0), example.columns.get("template_kwargs")
+    """(ids, labels) of one loaded conversation (tokenize_conversation with its `loss_from`, its
+    template variables: data.chat_template_kwargs and the row's tools, and its begun reply)."""
+    first, variables, begun = (example.columns.get(k) for k in ("loss_from", "template_kwargs", "begun_reply"))
     return tokenize_conversation(
-        example.prompt, tokenizer, max_seq_len, loss_from=first, chat_template_kwargs=variables
+        example.prompt, tokenizer, max_seq_len, loss_from=first or 0, chat_template_kwargs=variables, begun_reply=begun
     )
 
 
@@ -228,10 +239,10 @@ def check_conversations(
     when the tokenizer comes with the weights). Each must render with the chat template and cut into
     prompt and reply pieces (an error names its file and line); sft.max_seq_len must keep at least
     one assistant token of some conversation (else a UserError naming the key and the length needed),
-    and a warning counts the conversations it leaves without one. No conversation, cut to
-    sft.max_seq_len, may be longer than the model's `max_positions` (max_position_embeddings: past it
-    the rotary positions are ones the model never saw). Returns the longest row in tokens, once cut."""
-    kept, cut, earliest, longest = 0, [], None, (0, "")
+    and a warning counts the conversations it leaves without one, another those with none at any length
+    (their only reply opens them). No conversation, cut to sft.max_seq_len, may be longer than the
+    model's `max_positions` (max_position_embeddings). Returns the longest row in tokens, once cut."""
+    kept, cut, silent, earliest, longest = 0, [], [], None, (0, "")
     for i, ex in enumerate(examples):
         where = ex.columns.get("where", f"conversation {i}")
         try:
@@ -242,8 +253,9 @@ def check_conversations(
             raise DataError(f"{where}: {e}") from e
         longest = max(longest, (min(len(labels), max_seq_len), where), key=lambda x: x[0])
         start = next((t for t in range(1, len(labels)) if labels[t] != IGNORE), None)  # first loss position
-        if start is None:
-            continue  # an empty reply with no end-of-turn token: nothing to learn, whatever the length
+        if start is None:  # a reply that opens its conversation (context), or an empty one with no end-of-turn
+            silent.append(where)
+            continue
         earliest = start if earliest is None else min(earliest, start)
         if start < max_seq_len:
             kept += 1
@@ -264,14 +276,23 @@ def check_conversations(
             f"max_position_embeddings={max_positions}; set sft.max_seq_len={max_positions} (longer conversations "
             "are cut there)"
         )
+    if silent:
+        _warn(
+            f"{len(silent)} of {len(examples)} conversations have no assistant token to learn from (e.g. "
+            f"{silent[0]}): a reply that opens its conversation is context and an empty one may hold none, so they "
+            "carry no loss"
+        )
     if cut:
-        warnings.warn(
+        _warn(
             f"sft.max_seq_len={max_seq_len} cuts every assistant token of {len(cut)} of {len(examples)} "
-            f"conversations (e.g. {cut[0]}): they carry no loss",
-            UserWarning,
-            stacklevel=2,
+            f"conversations (e.g. {cut[0]}): they carry no loss"
         )
     return longest[0]
+
+
+def _warn(message: str) -> None:
+    """A UserWarning shown at check_conversations' caller."""
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,21 +301,31 @@ def check_conversations(
 
 
 def conversation_pieces(
-    messages: Sequence[Message], tokenizer: Any, loss_from: int = 0, chat_template_kwargs: dict[str, Any] | None = None
+    messages: Sequence[Message],
+    tokenizer: Any,
+    loss_from: int = 0,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    begun_reply: str | None = None,
 ) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, is_reply) pieces, in order; their concatenation is
     the whole rendered conversation (see the module docstring). Assistant turns before message
     `loss_from` stay inside the prompt pieces (context, no loss). `chat_template_kwargs` (the row's
-    tools, `enable_thinking`, ...) reach every rendering."""
+    tools, `enable_thinking`, ...) reach every rendering. `begun_reply`: the last message's content
+    starts with this reply begun in the prompt, which GRPO continues (render_prompt's prefill): the
+    reply piece starts where that prompt ends."""
+    assert begun_reply is None or messages[-1]["content"].startswith(begun_reply), "the begun reply starts the last"
     if uses_plain_text(tokenizer):
-        return _plain_pieces(messages, loss_from)
+        return _plain_pieces(messages, loss_from, begun_reply)
     variables = chat_template_kwargs or {}
     full = tokenizer.apply_chat_template(list(messages), add_generation_prompt=False, tokenize=False, **variables)
     pieces, done = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i == 0 or i < loss_from:  # an opening reply: nothing tells it from the
             continue  # glue before it
-        start = _reply_start(full, render_prompt(list(messages[:i]), tokenizer, chat_template_kwargs=variables))
+        if begun_reply is not None and i == len(messages) - 1:
+            start = _continued_start(full, messages, tokenizer, begun_reply, variables)
+        else:
+            start = _reply_start(full, render_prompt(list(messages[:i]), tokenizer, chat_template_kwargs=variables))
         end = None if start is None else _reply_end(full, messages[: i + 1], tokenizer, start, variables)
         if not (start is not None and end is not None and done <= len(start) <= end):
             raise DataError(
@@ -306,6 +337,22 @@ def conversation_pieces(
         done = end
     pieces.append((full[done:], False))
     return [(text, reply) for text, reply in pieces if text]
+
+
+def _continued_start(
+    full: str, messages: Sequence[Message], tokenizer: Any, begun_reply: str, variables: dict[str, Any]
+) -> str:
+    """The text before the continuation of a begun reply: GRPO's prompt (render_prompt's prefill of the
+    conversation whose last message is only the begun reply). DataError when `full` does not go on from
+    it: the template renders the begun reply otherwise once the response follows (Qwen3 moves "<think>")."""
+    begun = [*messages[:-1], {**messages[-1], "content": begun_reply}]
+    prompt = render_prompt(begun, tokenizer, prefill=True, chat_template_kwargs=variables)
+    if not full.startswith(prompt):
+        raise DataError(
+            "the chat template renders the prompt's begun reply differently once the response follows it, so "
+            "the response cannot be trained as GRPO continues that reply; end the prompt with a user message"
+        )
+    return prompt
 
 
 # the end of a generation header that opens the reasoning ("<think>\n", or an empty "<think>\n\n</think>\n\n")
@@ -364,10 +411,17 @@ def _end_without_dropped_reasoning(full: str, text: str, start: str, reply: Mess
     return None
 
 
-def _plain_pieces(messages: Sequence[Message], loss_from: int = 0) -> list[tuple[str, bool]]:
+def _plain_pieces(
+    messages: Sequence[Message], loss_from: int = 0, begun_reply: str | None = None
+) -> list[tuple[str, bool]]:
     """Without a chat template: each run of prompt messages is one piece, their contents joined by
     blank lines as GRPO's plain prompts are (assistant turns before `loss_from` among them); each
-    reply follows directly (tokenize_conversation adds its EOS), and so does the next message."""
+    reply follows directly (tokenize_conversation adds its EOS), and so does the next message. A
+    begun reply ends the prompt (as GRPO's plain prompt holds it), its continuation is the reply."""
+    if begun_reply is not None:  # the prompt ends with the begun reply, as a message of its own
+        last = messages[-1]
+        pieces = _plain_pieces([*messages[:-1], {**last, "content": begun_reply}], len(messages))
+        return [*pieces, (last["content"][len(begun_reply) :], True)]
     pieces: list[tuple[str, bool]] = []
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and i >= loss_from:
@@ -386,14 +440,17 @@ def tokenize_conversation(
     *,
     loss_from: int = 0,
     chat_template_kwargs: dict[str, Any] | None = None,
+    begun_reply: str | None = None,
 ) -> tuple[list[int], list[int]]:
     """(ids, labels) of one conversation: labels equal ids on the tokens of the assistant turns from
     message `loss_from` on and IGNORE elsewhere; both cut to max_seq_len. `chat_template_kwargs`: more
-    template variables (a row's `tools`, data.chat_template_kwargs)."""
+    template variables (a row's `tools`, data.chat_template_kwargs). `begun_reply`: the text the last
+    message starts with that the prompt already holds (a reply begun for the model): context, no loss."""
     plain = uses_plain_text(tokenizer)
     ids: list[int] = []
     labels: list[int] = []
-    for k, (text, reply) in enumerate(conversation_pieces(messages, tokenizer, loss_from, chat_template_kwargs)):
+    pieces = conversation_pieces(messages, tokenizer, loss_from, chat_template_kwargs, begun_reply)
+    for k, (text, reply) in enumerate(pieces):
         if k:
             piece = _encode_inside(text, tokenizer)  # as inside the whole conversation
         else:
@@ -410,10 +467,8 @@ def tokenize_conversation(
 def _encode_inside(text: str, tokenizer: Any) -> list[int]:
     """`text` encoded as it is when it follows a special token inside a longer text: behind the EOS
     token, whose ids are then dropped. Encoded on its own, a piece would be the start of a text, which
-    a SentencePiece-style tokenizer (a Metaspace pre-tokenizer with prepend_scheme="first", as in the
-    tokenizer.json of recent Llama-2 / Mistral conversions) marks with a "▁": every reply would start
-    with a space token that the rendered conversation (and what the model generates after its prompt)
-    does not have. Byte-level BPE gives the same ids either way."""
+    a SentencePiece-style tokenizer (Metaspace, prepend_scheme="first": Llama-2 / Mistral) marks with a
+    "▁" that the rendered conversation does not have. Byte-level BPE gives the same ids either way."""
     lead = getattr(tokenizer, "eos_token", None)
     if lead is None:
         return tokenizer.encode(text, add_special_tokens=False)

@@ -138,3 +138,85 @@ def test_a_resumed_sft_run_may_change_what_only_other_algorithms_read(tmp_path, 
     a = checkpoint_tensors(tmp_path / "runs" / "straight" / "checkpoints" / "step_000003")
     b = checkpoint_tensors(tmp_path / "runs" / "sft" / "checkpoints" / "step_000003")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- a reply begun in the prompt, conversations without loss -------------------------------------------------
+
+
+def _begun_rows(tmp_path, rows: list[dict]) -> Config:
+    import json
+
+    path = tmp_path / "begun.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft = {
+        "source": "jsonl",
+        "path": str(path),
+        "format": "prompt_response",
+        "prompt_field": "q",
+        "response_field": "a",
+    }
+    return Config.from_dict({"sft": sft, "data": {"chat_template_kwargs": {"date_string": "01 Jan 2025"}}})
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3.2", "plain"])
+def test_a_reply_begun_in_the_prompt_is_continued_as_grpo_samples_it(tmp_path, smol, template):
+    """A prompt that ends with an assistant message is a reply begun for the model: GRPO renders it with
+    render_prompt(prefill=True) and samples its continuation. SFT trains on that layout: the prompt tokens
+    are GRPO's, the loss is on the response and the end of turn only, and there is one assistant turn."""
+    from test_chat_template import LLAMA32_TEMPLATE
+
+    from minigrpo.sft_data import IGNORE, example_tokens
+
+    templates = {"chatml": None, "llama3.2": LLAMA32_TEMPLATE, "plain": None}
+    tok = (
+        smol
+        if template == "chatml"
+        else Tokenizer(smol.backend, eos_token="<|im_end|>", chat_template=templates[template])
+    )
+    prompt = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "<think>\nThe sum"}]
+    cfg = _begun_rows(tmp_path, [{"q": prompt, "a": " is 5.\n</think>\n<answer>5</answer>"}])
+    (example,) = load_conversations(cfg)
+    assert [m["role"] for m in example.prompt] == ["user", "assistant"]
+    ids, labels = example_tokens(example, tok)
+    grpo_prompt = encode_prompts([Example(prompt, "")], tok, chat_template_kwargs={"date_string": "01 Jan 2025"})[0][0]
+    start = next(t for t, x in enumerate(labels) if x != IGNORE)
+    assert ids[:start] == grpo_prompt and set(labels[:start]) == {IGNORE}
+    assert labels[start:] == ids[start:]
+    end_of_turn = {"chatml": "<|im_end|>\n", "llama3.2": "<|eot_id|>", "plain": "<|im_end|>"}[template]
+    assert tok.decode(ids[start:]) == " is 5.\n</think>\n<answer>5</answer>" + end_of_turn
+
+
+def test_a_begun_reply_the_template_renders_otherwise_is_refused_naming_the_row(tmp_path, smol):
+    """Qwen3's template moves "<think>...</think>" out of the content of a finished reply, so the begun
+    "<think>\\n" that GRPO continues is not where the whole reply puts it: one error naming the row."""
+    from minigrpo.datafiles import DataError
+    from minigrpo.sft_data import check_conversations
+
+    tok = chatml(smol, QWEN3_TEMPLATE)
+    prompt = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "<think>\n"}]
+    examples = load_conversations(_begun_rows(tmp_path, [{"q": prompt, "a": "2+3=5\n</think>\n\n5"}]))
+    with pytest.raises(DataError, match=r"begun\.jsonl:1: the chat template renders the prompt's begun reply"):
+        check_conversations(examples, tok, max_seq_len=512)
+
+
+def test_conversations_whose_only_reply_opens_them_are_counted_in_a_warning(tmp_path, smol):
+    """An assistant turn that opens its conversation is context (nothing tells it from the template's glue),
+    so a conversation with no other reply carries no loss: a warning counts them and names one."""
+    import json
+
+    from minigrpo.sft_data import check_conversations
+
+    path = tmp_path / "chats.jsonl"
+    rows = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+        [{"role": "assistant", "content": "Ask me."}, {"role": "user", "content": "ok"}],
+        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+    ]
+    path.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    examples = load_conversations(Config.from_dict({"sft": {"source": "jsonl", "path": str(path)}}))
+    with pytest.warns(UserWarning) as record:
+        check_conversations(examples, smol, max_seq_len=512)
+    assert [str(w.message) for w in record] == [
+        f"1 of 3 conversations have no assistant token to learn from (e.g. {path}:2): a reply that opens its "
+        "conversation is context and an empty one may hold none, so they carry no loss"
+    ]
