@@ -24,17 +24,8 @@ import torch
 
 from minigrpo import lora, rewards
 from minigrpo.algorithms import needs_reference, updates_per_step
-from minigrpo.checkpoint import (
-    check_writable,
-    find_resume_checkpoint,
-    latest_checkpoint,
-    load_masters,
-    load_optimizer_state,
-    restore_rng,
-    restoring,
-)
+from minigrpo.checkpoint import load_masters, load_optimizer_state, restore_rng, restoring
 from minigrpo.config import Config, ConfigError, resolve_dtype
-from minigrpo.configio import changed_keys, parse_yaml
 from minigrpo.data import Example, PromptLoader, build_dataset
 from minigrpo.distributed import World, broadcast_trainable, shard_model
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
@@ -45,49 +36,13 @@ from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler, dither_onto_masters
 from minigrpo.prompt_fit import local_position_limit, position_limit, prompts_that_fit
 from minigrpo.quant import require_nf4
+from minigrpo.run_folder import ResumePoint, check_run_dir, check_same_architecture, resumable_changes
 from minigrpo.sampling.base import Sampler
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams, stream_key
 
-# what a resumed run may change: where the run lives and runs, its length, logging and checkpointing;
-# any other change is refused (the saved config is the one that runs)
-RESUMABLE_CHANGES = (
-    "run.resume",
-    "run.name",
-    "run.output_dir",
-    "run.device",
-    "train.steps",
-    "log.",
-    "checkpoint.",
-    "eval.",
-    "distributed.timeout_s",
-    "sft",  # read only by python -m minigrpo.sft (a run saved before the section existed lacks it)
-)
-
-# what changes how much memory a step takes, not what it computes, so that a run which no longer fits
-# may lower it on resume; train.micro_batch_size too where the loss does not count micro-batches (not bnpo)
-MEMORY_SETTINGS = ("model.gradient_checkpointing", "model.activation_offload", "sampler.max_rows", "sampler.compile")
-
-
-def resumable_changes(cfg: Config) -> tuple[str, ...]:
-    """The keys a resumed GRPO run may change (check_run_dir's `resumable`)."""
-    micro_batches = ("train.micro_batch_size",) if cfg.grpo.loss_type != "bnpo" else ()
-    return (*RESUMABLE_CHANGES, *MEMORY_SETTINGS, *micro_batches)
-
-
-# the files a run writes in its folder (minigrpo/metrics.py, bookkeeping.py)
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "curves.png")
-
 # ================================================================================================
 # checks before any weights load
-
-
-@dataclass
-class ResumePoint:
-    """The checkpoint a resumed run continues from, with its trainer state."""
-
-    path: Path
-    state: dict[str, Any]
 
 
 def check_before_loading(
@@ -115,6 +70,7 @@ def check_before_loading(
     if not examples:
         raise UserError(f"data: the {cfg.data.split!r} split of data.source={cfg.data.source!r} holds no example")
     tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision, key="model.name_or_path")
+    check_same_architecture(cfg.model.name_or_path, None if cfg.lora.enabled else resume)
     if tokenizer is not None:  # a local model folder: its tokenizer is read already
         check_chat_template(cfg, tokenizer)
         limit = local_position_limit(cfg.model.name_or_path)
@@ -186,68 +142,6 @@ def check_packages(cfg: Config, *, sampling: bool = True) -> None:
             f"train.optimizer={cfg.train.optimizer} needs CUDA (bitsandbytes' 8-bit optimizers) and this run is on "
             f"the CPU (run.device={cfg.run.device}): use train.optimizer=adamw"
         )
-
-
-def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> ResumePoint | None:
-    """The run folder's state against run.resume, and the checkpoint to resume from (None: a new run).
-    A resumed run may change only the keys that start with one of `resumable`."""
-    run_dir = cfg.run.run_dir
-    for name in RUN_FILES:  # what the logger appends to or rewrites: a folder there fails only after loading
-        if (run_dir / name).exists() and not (run_dir / name).is_file():
-            raise UserError(f"{run_dir / name} is not a file: the run writes its {name} there; move it away")
-    if not cfg.run.resume:
-        if latest_checkpoint(run_dir) is not None:
-            raise UserError(f"{run_dir} already holds a run: continue it with --resume, or set another run.name")
-        if (run_dir / "metrics.jsonl").exists():  # --resume would find nothing to continue from
-            raise UserError(
-                f"{run_dir} already holds a run without a checkpoint, so nothing to resume: delete the folder, or set "
-                "another run.name"
-            )
-        check_writable(run_dir / "checkpoints")
-        return None
-    found = find_resume_checkpoint(run_dir)
-    if found is None:
-        what = "holds no checkpoint" if run_dir.is_dir() else "does not exist"
-        raise UserError(f"nothing to resume: {run_dir} {what} (check run.name and run.output_dir)")
-    path, state = found
-    if cfg.train.steps <= int(state["step"]):
-        raise UserError(
-            f"--resume from {path}: train.steps={cfg.train.steps} is not past its step {state['step']}, so there is "
-            "nothing to run; raise train.steps to continue the run"
-        )
-    saved_file = path / "run_config.yaml"
-    if saved_file.is_file():
-        try:  # read as the config was (YAML 1.2 numbers), so "1e-5" in kwargs compares as it was saved
-            saved = parse_yaml(saved_file.read_text(encoding="utf-8")) or {}
-        except ConfigError as e:
-            raise ConfigError(f"{saved_file}: {e}") from None
-        if "env" not in saved and cfg.env.kind is None:  # saved before the env section existed: the same
-            saved["env"] = cfg.to_dict()["env"]
-        saved = with_new_defaults(saved, cfg.to_dict(), Config().to_dict())  # algorithm, dpo, ppo, any new key
-        changed = [k for k in changed_keys(saved, cfg.to_dict()) if not k.startswith(resumable)]
-        if changed:
-            verb = "differs" if len(changed) == 1 else "differ"
-            raise UserError(
-                f"--resume with a changed config: {', '.join(changed)} {verb} from {saved_file}; a resumed run "
-                f"keeps its settings (only {', '.join(resumable[1:])} may change): revert them or start a new run"
-            )
-    check_writable(run_dir / "checkpoints")
-    return ResumePoint(path, state)
-
-
-def with_new_defaults(saved: Any, current: Any, default: Any) -> Any:
-    """A checkpoint's run config with every key it lacks (a setting added since it was written: a whole
-    section such as dpo, or one field) taken from the current config where that holds the default: the
-    run goes on as it ran; a key set away from its default still differs, and is named."""
-    if not (isinstance(saved, dict) and isinstance(current, dict) and isinstance(default, dict)):
-        return saved
-    out = dict(saved)
-    for key, value in current.items():
-        if key in saved:
-            out[key] = with_new_defaults(saved[key], value, default.get(key))
-        elif key in default and value == default[key]:
-            out[key] = value
-    return out
 
 
 # ================================================================================================
@@ -325,6 +219,14 @@ def load_policy(
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     model.activation_offload = cfg.model.activation_offload
     return model, tokenizer
+
+
+def load_checkpoint_weights(cfg: Config, model: torch.nn.Module, path: Path) -> None:
+    """A checkpoint's weights into the loaded policy: its PEFT adapter (LoRA) or its whole model."""
+    if cfg.lora.enabled:
+        lora.load_peft_adapter(model, path)
+    else:
+        load_weights(model, path)
 
 
 def build_sampler(cfg: Config, model, tokenizer, prompt_tokens: int | None = None) -> Sampler:
@@ -428,10 +330,7 @@ def build_run(
 
         critic = build_critic(cfg, model, device, dtype, cfg.train.steps * updates_per_step(cfg))
     if resume is not None:  # weights first, into the whole model: sharding comes after
-        if cfg.lora.enabled:
-            lora.load_peft_adapter(model, resume.path)
-        else:
-            load_weights(model, resume.path)
+        load_checkpoint_weights(cfg, model, resume.path)
         if strategy == "fsdp":
             load_masters(model, resume.state["optimizer"])  # the fp32 values behind a bf16 checkpoint
     if strategy == "fsdp":

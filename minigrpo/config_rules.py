@@ -8,6 +8,9 @@ The sections' own rules live with them (lora_config, sft_config, env_config, alg
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,15 +32,55 @@ VLLM_TEMPERATURES = (0.01, 2.0)
 MIN_TEMPERATURE = 1e-30  # sampling/params.py's: below it logits / temperature overflow fp32 (NaN log-probs)
 
 
+# the command whose config loads: "train" (GRPO, and eval) or "sft" (python -m minigrpo.sft reads fewer sections)
+_COMMAND: ContextVar[str] = ContextVar("minigrpo_config_command", default="train")
+
+
+@contextmanager
+def rules_of(command: str) -> Iterator[None]:
+    """Configs loaded inside are checked for what `command` reads: "sft" refuses a config only for the
+    sections SFT reads (run, model, lora, train, log, checkpoint, sft; data.synthetic with
+    sft.source=synthetic; data.chat_template_kwargs), not for GRPO's sampler, grpo, rewards or data."""
+    token = _COMMAND.set(command)
+    try:
+        yield
+    finally:
+        _COMMAND.reset(token)
+
+
 def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
-    """Checks between fields (each field is checked alone by its limit); odd findings go to `notes`."""
+    """Checks between fields (each field is checked alone by its limit); odd findings go to `notes`.
+    Inside `rules_of("sft")` only what SFT reads is checked."""
+    errors = model_errors(cfg)
+    if _COMMAND.get() == "sft":
+        errors += synthetic_errors(cfg) if cfg.sft.source == "synthetic" else []
+        errors += train_errors(cfg) + data_template_errors(cfg)
+        errors += lora_errors(cfg) + sft_errors(cfg)
+    else:
+        errors += grpo_run_errors(cfg, notes) + train_errors(cfg) + data_template_errors(cfg)
+        errors += template_variable_errors(cfg.env.chat_template_kwargs, "env.chat_template_kwargs")
+        errors += lora_errors(cfg) + sft_errors(cfg) + env_errors(cfg) + algorithm_errors(cfg)
+    notes += lora_notes(cfg)
+    notes += [
+        f"{key}={text!r} is the text {text}, not null: write null (or ~) for no value" for key, text in none_texts(cfg)
+    ]
+    return errors
+
+
+def data_template_errors(cfg: Config) -> list[str]:
+    """data.chat_template_kwargs: template variables (e.g. enable_thinking) every prompt renders with."""
+    return template_variable_errors(cfg.data.chat_template_kwargs, "data.chat_template_kwargs")
+
+
+def model_errors(cfg: Config) -> list[str]:
+    """The model section: one source of weights, a known preset, offload only with checkpointing."""
     errors: list[str] = []
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
             errors.append(msg)
 
-    model, data, syn, g, tr = cfg.model, cfg.data, cfg.data.synthetic, cfg.grpo, cfg.train
+    model = cfg.model
     need(
         (model.name_or_path is None) != (model.arch is None),
         f"set exactly one of model.name_or_path ({model.name_or_path!r}) and model.arch ({model.arch!r})",
@@ -50,7 +93,36 @@ def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         not model.activation_offload or model.gradient_checkpointing,
         "model.activation_offload=true needs model.gradient_checkpointing=true (it offloads the checkpointed inputs)",
     )
+    return errors
 
+
+def train_errors(cfg: Config) -> list[str]:
+    """The train section's schedule (read by GRPO and SFT alike)."""
+    tr = cfg.train
+    if tr.warmup_steps <= tr.steps:
+        return []
+    return [f"train.warmup_steps ({tr.warmup_steps}) must be <= train.steps ({tr.steps})"]
+
+
+def synthetic_errors(cfg: Config) -> list[str]:
+    """data.synthetic: operators, operand range and question template (GRPO's task, SFT's synthetic source)."""
+    syn, errors = cfg.data.synthetic, []
+    if not syn.operations:
+        errors.append("data.synthetic.operations must list at least one operator")
+    if syn.min_operand > syn.max_operand:
+        errors.append(f"data.synthetic.min_operand ({syn.min_operand}) must be <= max_operand ({syn.max_operand})")
+    return errors + template_errors("data.synthetic.question", syn.question, "expression", ("expression",))
+
+
+def grpo_run_errors(cfg: Config, notes: list[str]) -> list[str]:
+    """What GRPO (python -m minigrpo.train, eval) reads besides: data, sampler, grpo, rewards, eval."""
+    errors: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    data, g, tr = cfg.data, cfg.grpo, cfg.train
     need(
         data.eval_split is None or data.eval_split != data.split,
         f"data.eval_split={data.eval_split!r} is the training split (data.split): evaluation would score training "
@@ -68,12 +140,7 @@ def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         f"data.eval_path is only read by jsonl/parquet sources, not data.source={data.source!r}",
     )
     if data.source == "synthetic":
-        need(len(syn.operations) > 0, "data.synthetic.operations must list at least one operator")
-        need(
-            syn.min_operand <= syn.max_operand,
-            f"data.synthetic.min_operand ({syn.min_operand}) must be <= max_operand ({syn.max_operand})",
-        )
-        errors += template_errors("data.synthetic.question", syn.question, "expression", ("expression",))
+        errors += synthetic_errors(cfg)
     need(all(cfg.sampler.stop), "sampler.stop must not contain empty strings")
     low, high = VLLM_TEMPERATURES
     t = cfg.sampler.temperature
@@ -147,15 +214,8 @@ def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
             f"trains on the N = B*G sequences in N / micro_batch_size equal passes; divisors of {n}: "
             f"{[d for d in range(1, n + 1) if n % d == 0]}"
         )
-    need(tr.warmup_steps <= tr.steps, f"train.warmup_steps ({tr.warmup_steps}) must be <= train.steps ({tr.steps})")
     need(
         cfg.eval.num_prompts <= data.num_eval,
         f"eval.num_prompts ({cfg.eval.num_prompts}) must be <= data.num_eval ({data.num_eval})",
     )
-    for key in ("data", "env"):  # template variables (e.g. enable_thinking) the prompts render with
-        errors += template_variable_errors(getattr(cfg, key).chat_template_kwargs, f"{key}.chat_template_kwargs")
-    notes += lora_notes(cfg)
-    notes += [
-        f"{key}={text!r} is the text {text}, not null: write null (or ~) for no value" for key, text in none_texts(cfg)
-    ]
-    return errors + lora_errors(cfg) + sft_errors(cfg) + env_errors(cfg) + algorithm_errors(cfg)
+    return errors

@@ -33,17 +33,16 @@ import torch
 from minigrpo import lora
 from minigrpo.bookkeeping import open_logger, save, until_interrupted
 from minigrpo.build import (
-    RESUMABLE_CHANGES,
-    ResumePoint,
     check_packages,
-    check_run_dir,
     compute_dtype,
+    load_checkpoint_weights,
     load_policy,
     pick_device,
     restore_trainer_state,
     seed_everything,
 )
 from minigrpo.config import Config, config_from_args
+from minigrpo.config_rules import rules_of
 from minigrpo.data import Example, PromptLoader
 from minigrpo.distributed import World, env_world_size
 from minigrpo.errors import UserError, run_cli
@@ -51,9 +50,17 @@ from minigrpo.grad_scale import GradScale, grad_scale_metrics, optimizer_step
 from minigrpo.kernels import fused_linear_cross_entropy
 from minigrpo.memory import sft_preflight
 from minigrpo.models.args import ModelArgs
-from minigrpo.models.loading import check_model_source, load_weights, save_pretrained
+from minigrpo.models.loading import check_model_source, save_pretrained
 from minigrpo.optim import build_optimizer, build_scheduler
 from minigrpo.quant import require_nf4
+from minigrpo.run_folder import (
+    RESUMABLE_CHANGES,
+    ResumePoint,
+    check_run_dir,
+    check_same_architecture,
+    finish_run,
+    write_folder_whole,
+)
 from minigrpo.sft_data import (
     IGNORE,
     check_conversations,
@@ -78,15 +85,20 @@ FINAL_MODEL = "model"  # run_dir/model: the run's output, a valid model.name_or_
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """The command line: a mistake in the config or the files is one `error:` line (exit status 2);
     Ctrl-C is one `interrupted:` line naming the checkpoint to continue from (exit status 130)."""
-    return run_cli(
-        lambda args: until_interrupted(sft, config_from_args(args, description="SFT before GRPO", prog="minigrpo.sft")),
-        argv,
-    )
+    return run_cli(lambda args: until_interrupted(sft, sft_config_from_args(args)), argv)
+
+
+def sft_config_from_args(argv: list[str] | None) -> Config:
+    """The command line's config, refused only for what SFT reads (config_rules.rules_of)."""
+    with rules_of("sft"):
+        return config_from_args(argv, description="SFT before GRPO", prog="minigrpo.sft")
 
 
 def sft(cfg: Config) -> list[dict[str, Any]]:
     """Run (or resume) SFT as configured; returns the metrics of every step run."""
     resume, examples, checked = check_before_loading(cfg)
+    if resume is not None and resume.step >= cfg.train.steps:  # killed after its final checkpoint, or complete
+        return finish_run(cfg, resume, (FINAL_MODEL,), lambda names: write_final_model_from(cfg, resume))
     return loop(build_run(cfg, resume, examples, checked=checked))
 
 
@@ -112,6 +124,7 @@ def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[Example]
     resume = check_run_dir(cfg, SFT_RESUMABLE)
     examples = load_conversations(cfg)
     tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision, key="model.name_or_path")
+    check_same_architecture(cfg.model.name_or_path, None if cfg.lora.enabled else resume)
     args = local_model_args(cfg.model.name_or_path)
     if tokenizer is not None and args is not None:  # a local model folder: its tokenizer and config are read already
         check_fits(cfg, args, device, examples, tokenizer)
@@ -166,10 +179,7 @@ def build_run(cfg: Config, resume: ResumePoint | None, examples: list[Example], 
     if not checked:
         check_fits(cfg, model.args, device, examples, tokenizer)
     if resume is not None:
-        if cfg.lora.enabled:
-            lora.load_peft_adapter(model, resume.path)
-        else:
-            load_weights(model, resume.path)
+        load_checkpoint_weights(cfg, model, resume.path)
     optimizer = build_optimizer(model.parameters(), cfg.train, masters=masters)
     masters = None  # the optimizer holds them now
     run = SFTRun(
@@ -278,13 +288,24 @@ def steps(run: SFTRun, logger: Any) -> list[dict[str, Any]]:
 def save_final_model(run: SFTRun) -> Path:
     """run_dir/model: the trained policy as a plain HF checkpoint (LoRA: adapters merged into the
     base), in the run's precision: what a GRPO config names as model.name_or_path."""
-    out = run.cfg.run.run_dir / FINAL_MODEL
-    if run.cfg.lora.enabled:
-        lora.save_merged(run.model, run.tokenizer, out, dtype=run.dtype)
-    else:
-        save_pretrained(run.model, run.tokenizer, out, dtype=run.dtype)
+    return write_final_model(run.cfg, run.model, run.tokenizer, run.dtype)
+
+
+def write_final_model(cfg: Config, model: torch.nn.Module, tokenizer: Any, dtype: torch.dtype) -> Path:
+    """save_final_model's folder, written whole (a run killed while writing it leaves none)."""
+    save = lora.save_merged if cfg.lora.enabled else save_pretrained
+    out = write_folder_whole(cfg.run.run_dir / FINAL_MODEL, lambda folder: save(model, tokenizer, folder, dtype=dtype))
     print(f"SFT model written to {out} (use it as model.name_or_path of a GRPO config)")
     return out
+
+
+def write_final_model_from(cfg: Config, resume: ResumePoint) -> Path:
+    """The final model of a finished run, from its final checkpoint's weights."""
+    device = pick_device(cfg.run.device)
+    dtype = compute_dtype(cfg, device)
+    model, tokenizer = load_policy(cfg, device, dtype)
+    load_checkpoint_weights(cfg, model, resume.path)
+    return write_final_model(cfg, model, tokenizer, dtype)
 
 
 if __name__ == "__main__":

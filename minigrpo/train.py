@@ -45,11 +45,20 @@ import torch
 from minigrpo import lora
 from minigrpo.algorithms import update_fn
 from minigrpo.bookkeeping import open_logger, save, until_interrupted
-from minigrpo.build import Run, build_run, check_before_loading, pick_device
+from minigrpo.build import (
+    Run,
+    build_run,
+    check_before_loading,
+    compute_dtype,
+    load_checkpoint_weights,
+    load_policy,
+    pick_device,
+)
 from minigrpo.config import Config, config_from_args
 from minigrpo.distributed import checked_on_every_rank, close_world, env_world_size, full_weights, init_world
 from minigrpo.errors import run_cli
 from minigrpo.metrics import MetricsLogger
+from minigrpo.run_folder import ResumePoint, finish_run, write_folder_whole
 from minigrpo.step import (
     logprobs_phase,
     mismatch_metrics,
@@ -82,11 +91,35 @@ def train(cfg: Config) -> list[dict[str, Any]]:
     """
     # before any weights load; under torchrun every rank checks, rank 0 alone prints a mistake
     resume, specs, examples = checked_on_every_rank(lambda: check_before_loading(cfg, env_world_size()))
+    if resume is not None and resume.step >= cfg.train.steps:  # killed after its final checkpoint, or complete
+        return finish_run(cfg, resume, final_folders(cfg), lambda names: write_merged_from(cfg, resume))
     world = init_world(pick_device(cfg.run.device), cfg.distributed.backend, cfg.distributed.timeout_s)
     try:
         return loop(build_run(cfg, world, resume, specs, examples))
     finally:
         close_world(world)
+
+
+MERGED = "merged"  # run_dir/merged: a LoRA run's adapters merged into its base (checkpoint.save_merged)
+
+
+def final_folders(cfg: Config) -> tuple[str, ...]:
+    """The folders a run writes into run_dir after its last step."""
+    return (MERGED,) if cfg.lora.enabled and cfg.checkpoint.save_merged else ()
+
+
+def write_merged(model: torch.nn.Module, tokenizer, out, dtype: torch.dtype) -> None:
+    """A plain HF checkpoint in the run's precision (16-bit on GPU; fp32 for CPU runs), written whole."""
+    write_folder_whole(out, lambda folder: lora.save_merged(model, tokenizer, folder, dtype=dtype))
+
+
+def write_merged_from(cfg: Config, resume: ResumePoint) -> None:
+    """The merged export of a finished LoRA run, from its final checkpoint's adapter."""
+    device = pick_device(cfg.run.device)
+    dtype = compute_dtype(cfg, device)
+    model, tokenizer = load_policy(cfg, device, dtype)
+    load_checkpoint_weights(cfg, model, resume.path)
+    write_merged(model, tokenizer, cfg.run.run_dir / MERGED, dtype)
 
 
 # ================================================================================================
@@ -100,9 +133,8 @@ def loop(run: Run) -> list[dict[str, Any]]:
     logger = open_logger(run)
     try:
         history = steps(run, logger)
-        if cfg.lora.enabled and cfg.checkpoint.save_merged and world.main:
-            # a plain HF checkpoint in the run's precision (16-bit on GPU; fp32 for CPU runs)
-            lora.save_merged(model, run.tokenizer, cfg.run.run_dir / "merged", dtype=run.dtype)
+        if MERGED in final_folders(cfg) and world.main:
+            write_merged(model, run.tokenizer, cfg.run.run_dir / MERGED, run.dtype)
     finally:  # after Ctrl-C or an error too: final curves, files and backends flushed, the sampler shut down
         logger.close()
         sampler.close()

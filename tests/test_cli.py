@@ -203,8 +203,13 @@ def test_resume_of_a_run_saved_before_a_setting_existed(workspace, tmp_path):
 
 
 def test_resume_with_nothing_left_to_run(workspace):
+    """A complete run (steps 2, checkpoint at 2, nothing else to write) is one error line."""
     message = one_error_line(train_cli(workspace, config(workspace, "done"), "--resume"))  # steps 2, done at 2
-    assert "train.steps=2" in message and "nothing to run" in message
+    ckpt = workspace / "runs" / "done" / "checkpoints" / "step_000002"
+    assert message == (
+        f"{workspace / 'runs' / 'done'} is complete: its checkpoint {ckpt} is at train.steps=2, so there is nothing "
+        "to run; raise train.steps to continue the run"
+    )
 
 
 def test_unwritable_output_folder_is_reported_before_loading(workspace, tmp_path):

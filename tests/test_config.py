@@ -947,3 +947,54 @@ def test_a_temperature_too_small_for_fp32_is_a_config_error(key):
     with pytest.raises(ConfigError, match=rf"{key} must be 0 \(greedy\) or >= 1e-30"):
         load_config(None, [f"{key}=1e-35"])
     assert load_config(None, [f"{key}=1e-30"]) is not None
+
+
+# GRPO-only settings that GRPO's rules refuse and SFT never reads, each with the key its error names
+GRPO_ONLY = [
+    ("train.micro_batch_size=3", "train.micro_batch_size"),  # 8 * 8 sequences per step; SFT reads sft.micro_batch_size
+    ("rewards=[]", "rewards must list"),
+    ("data.source=jsonl", "data.path"),
+    ("sampler.stop=['']", "sampler.stop"),
+    ("grpo.epsilon_high=0.1", "grpo.epsilon_high"),
+    ("grpo.group_size=1", "grpo.group_size"),
+    ("eval.samples_per_prompt=4", "eval.samples_per_prompt"),
+    ("data.eval_split=train", "data.eval_split"),
+    ("env.tools=[calculator]", "env.tools"),
+]
+
+
+@pytest.mark.parametrize(("override", "named"), GRPO_ONLY, ids=[o.split("=")[0] for o, _ in GRPO_ONLY])
+def test_an_sft_config_is_refused_only_for_what_sft_reads(tmp_path, override, named):
+    """python -m minigrpo.sft reads run, model, lora, train (not micro_batch_size), log, checkpoint, sft
+    (and data.synthetic with sft.source=synthetic): a GRPO-only setting GRPO refuses does not stop it."""
+    import re
+
+    from minigrpo.sft import sft_config_from_args
+
+    path = tmp_path / "sft.yaml"
+    path.write_text("sft:\n  path: sft.jsonl\ngrpo:\n  prompts_per_step: 8\n  group_size: 8\n")
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(path, [override])
+    cfg = sft_config_from_args(["--config", str(path), "--set", override])
+    assert cfg.sft.path == "sft.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["train.warmup_steps=5", "train.steps=2"], "train.warmup_steps (5) must be <= train.steps (2)"),
+        (["model.activation_offload=true"], "model.activation_offload=true needs model.gradient_checkpointing"),
+        (["sft.batch_size=6", "sft.micro_batch_size=4"], "sft.micro_batch_size (4) must divide sft.batch_size (6)"),
+        (["sft.source=synthetic", "data.synthetic.operations=[]"], "data.synthetic.operations must list"),
+    ],
+    ids=["warmup", "offload", "sft_micro_batch", "synthetic"],
+)
+def test_an_sft_config_is_still_refused_for_what_sft_reads(tmp_path, overrides, named):
+    import re
+
+    from minigrpo.sft import sft_config_from_args
+
+    path = tmp_path / "sft.yaml"
+    path.write_text("sft:\n  path: sft.jsonl\n")
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        sft_config_from_args(["--config", str(path), "--set", *overrides])

@@ -1,0 +1,251 @@
+"""The run folder: what a new run must not overwrite, what --resume continues from, and the final
+outputs a run writes once its last step is done.
+
+    resume = check_run_dir(cfg, resumable)        # None: a new run; else the checkpoint to continue from
+    finish_run(cfg, resume, folders, write)       # --resume of a run at its last step: the missing outputs
+    write_folder_whole(run_dir / "model", write)  # a final model folder: whole or not at all
+
+A run killed after its final checkpoint but before its final outputs (SFT's model, a LoRA run's merged
+export, the last curves) is completed by `--resume`: the outputs that are missing are written from the
+final checkpoint, and a run that lacks nothing says in one line that it is complete. The final
+folders are written under a temporary name and renamed into place, so their presence means complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from minigrpo.atomic import fsync_dir
+from minigrpo.checkpoint import check_writable, find_resume_checkpoint, latest_checkpoint
+from minigrpo.config import Config, ConfigError
+from minigrpo.configio import changed_keys, parse_yaml
+from minigrpo.errors import UserError
+
+# what a resumed run may change: where the run lives and runs, its length, logging and checkpointing;
+# any other change is refused (the saved config is the one that runs)
+RESUMABLE_CHANGES = (
+    "run.resume",
+    "run.name",
+    "run.output_dir",
+    "run.device",
+    "train.steps",
+    "log.",
+    "checkpoint.",
+    "eval.",
+    "distributed.timeout_s",
+    "sft",  # read only by python -m minigrpo.sft (a run saved before the section existed lacks it)
+)
+
+# what changes how much memory a step takes, not what it computes, so that a run which no longer fits
+# may lower it on resume; train.micro_batch_size too where the loss does not count micro-batches (not bnpo)
+MEMORY_SETTINGS = ("model.gradient_checkpointing", "model.activation_offload", "sampler.max_rows", "sampler.compile")
+
+
+def resumable_changes(cfg: Config) -> tuple[str, ...]:
+    """The keys a resumed GRPO run may change (check_run_dir's `resumable`)."""
+    micro_batches = ("train.micro_batch_size",) if cfg.grpo.loss_type != "bnpo" else ()
+    return (*RESUMABLE_CHANGES, *MEMORY_SETTINGS, *micro_batches)
+
+
+# the files a run writes in its folder (minigrpo/metrics.py, bookkeeping.py)
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "curves.png")
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a resumed run continues from, with its trainer state."""
+
+    path: Path
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        """The step the checkpoint was written after."""
+        return int(self.state["step"])
+
+
+def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> ResumePoint | None:
+    """The run folder's state against run.resume, and the checkpoint to resume from (None: a new run).
+    A resumed run may change only the keys that start with one of `resumable`."""
+    run_dir = cfg.run.run_dir
+    for name in RUN_FILES:  # what the logger appends to or rewrites: a folder there fails only after loading
+        if (run_dir / name).exists() and not (run_dir / name).is_file():
+            raise UserError(f"{run_dir / name} is not a file: the run writes its {name} there; move it away")
+    if not cfg.run.resume:
+        if latest_checkpoint(run_dir) is not None:
+            raise UserError(f"{run_dir} already holds a run: continue it with --resume, or set another run.name")
+        if (run_dir / "metrics.jsonl").exists():  # --resume would find nothing to continue from
+            raise UserError(
+                f"{run_dir} already holds a run without a checkpoint, so nothing to resume: delete the folder, or set "
+                "another run.name"
+            )
+        check_writable_run_dir(run_dir)
+        return None
+    found = find_resume_checkpoint(run_dir)
+    if found is None:
+        what = "holds no checkpoint" if run_dir.is_dir() else "does not exist"
+        raise UserError(f"nothing to resume: {run_dir} {what} (check run.name and run.output_dir)")
+    path, state = found
+    if cfg.train.steps < int(state["step"]):  # equal: the run is done, its final outputs may be missing
+        raise UserError(
+            f"--resume from {path}: train.steps={cfg.train.steps} is before its step {state['step']}, so there is "
+            "nothing to run (a run does not go back); raise train.steps to continue the run"
+        )
+    saved_file = path / "run_config.yaml"
+    if saved_file.is_file():
+        try:  # read as the config was (YAML 1.2 numbers), so "1e-5" in kwargs compares as it was saved
+            saved = parse_yaml(saved_file.read_text(encoding="utf-8")) or {}
+        except ConfigError as e:
+            raise ConfigError(f"{saved_file}: {e}") from None
+        if "env" not in saved and cfg.env.kind is None:  # saved before the env section existed: the same
+            saved["env"] = cfg.to_dict()["env"]
+        saved = with_new_defaults(saved, cfg.to_dict(), Config().to_dict())  # algorithm, dpo, ppo, any new key
+        changed = [k for k in changed_keys(saved, cfg.to_dict()) if not k.startswith(resumable)]
+        if changed:
+            verb = "differs" if len(changed) == 1 else "differ"
+            raise UserError(
+                f"--resume with a changed config: {', '.join(changed)} {verb} from {saved_file}; a resumed run "
+                f"keeps its settings (only {', '.join(resumable[1:])} may change): revert them or start a new run"
+            )
+    check_writable_run_dir(run_dir)
+    return ResumePoint(path, state)
+
+
+def with_new_defaults(saved: Any, current: Any, default: Any) -> Any:
+    """A checkpoint's run config with every key it lacks (a setting added since it was written: a whole
+    section such as dpo, or one field) taken from the current config where that holds the default: the
+    run goes on as it ran; a key set away from its default still differs, and is named."""
+    if not (isinstance(saved, dict) and isinstance(current, dict) and isinstance(default, dict)):
+        return saved
+    out = dict(saved)
+    for key, value in current.items():
+        if key in saved:
+            out[key] = with_new_defaults(saved[key], value, default.get(key))
+        elif key in default and value == default[key]:
+            out[key] = value
+    return out
+
+
+def check_writable_run_dir(run_dir: Path) -> None:
+    """The run folder itself (config.yaml, metrics.jsonl, the final outputs) and its checkpoints/ can
+    be written: a folder made read-only would otherwise fail only once the weights have loaded."""
+    check_writable(run_dir, "the run's files")
+    check_writable(run_dir / "checkpoints")
+
+
+# the settings of a model config.json that fix the shapes of its weights (ModelArgs' names)
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size")
+
+
+def check_same_architecture(name_or_path: str | None, resume: ResumePoint | None) -> None:
+    """A resumed full fine-tuning run's checkpoint holds the weights of the model folder it started
+    from: a model.name_or_path folder that now holds another architecture is one line naming both
+    config.json files, before any weights load. Nothing to compare for a hub id, a GGUF file or a
+    LoRA checkpoint (its adapter has no config.json)."""
+    if resume is None or name_or_path is None:
+        return
+    base_file = Path(name_or_path).expanduser() / "config.json"
+    saved_file = resume.path / "config.json"
+    if not (base_file.is_file() and saved_file.is_file()):
+        return
+    base, saved = (shapes_of(f) for f in (base_file, saved_file))
+    differ = [f"{key} {saved[key]} vs {base[key]}" for key in SHAPE_FIELDS if saved[key] != base[key]]
+    if differ:
+        raise UserError(
+            f"--resume from {resume.path}: its {saved_file} and model.name_or_path's {base_file} are different "
+            f"architectures ({', '.join(differ)}): point model.name_or_path at the model the run started from"
+        )
+
+
+def shapes_of(config_file: Path) -> dict[str, Any]:
+    """SHAPE_FIELDS of a model config.json."""
+    from minigrpo.models.args import ModelArgs
+
+    try:
+        args = ModelArgs.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{config_file}: not a model config this package reads ({e})") from None
+    return {key: getattr(args, key) for key in SHAPE_FIELDS}
+
+
+# ================================================================================================
+# the final outputs
+
+
+def write_folder_whole(out: Path, write: Callable[[Path], Any]) -> Path:
+    """`write(folder)` into a temporary sibling of `out`, renamed to `out` once complete (an older `out`
+    removed first): a run killed while writing leaves no half-written `out`, so its presence means whole."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
+    try:
+        write(tmp)
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def curves_stale(cfg: Config) -> bool:
+    """Whether curves.png is configured (log.plots, matplotlib installed) but missing or older than
+    metrics.jsonl: the curves of the last steps were never drawn."""
+    from minigrpo.plot import matplotlib_available
+
+    metrics, curves = cfg.run.run_dir / "metrics.jsonl", cfg.run.run_dir / "curves.png"
+    if not (cfg.log.plots and metrics.is_file() and matplotlib_available()):
+        return False
+    return not curves.is_file() or curves.stat().st_mtime < metrics.stat().st_mtime
+
+
+def missing_final_outputs(cfg: Config, folders: tuple[str, ...]) -> list[str]:
+    """The final outputs of a run at its last step that its folder lacks: `folders` (model, merged)
+    and stale curves."""
+    run_dir = cfg.run.run_dir
+    missing = [name for name in folders if not (run_dir / name).is_dir()]
+    return missing + (["curves.png"] if curves_stale(cfg) else [])
+
+
+def redraw_curves(cfg: Config, step: int) -> None:
+    """curves.png from metrics.jsonl, as the logger draws it when it closes."""
+    from minigrpo.metrics import MetricsLogger
+
+    MetricsLogger(cfg.run.run_dir, total_steps=cfg.train.steps, start_step=step, progress=False).close()
+
+
+def finish_run(
+    cfg: Config, resume: ResumePoint, folders: tuple[str, ...], write: Callable[[list[str]], None]
+) -> list[dict[str, Any]]:
+    """--resume of a run whose checkpoint is at train.steps: nothing to train. A complete run is a
+    one-line error (a resume was asked for, nothing is left to run); otherwise the missing final outputs
+    are named and written: `write(names)` writes the `folders` among them (from the checkpoint's
+    weights), the curves are redrawn here. Under torchrun rank 0 alone writes. Returns no step metrics
+    (no step ran)."""
+    run_dir, steps = cfg.run.run_dir, cfg.train.steps
+    missing = missing_final_outputs(cfg, folders)
+    if not missing:
+        raise UserError(
+            f"{run_dir} is complete: its checkpoint {resume.path} is at train.steps={steps}, so there is nothing "
+            "to run; raise train.steps to continue the run"
+        )
+    if os.environ.get("RANK", "0") != "0":
+        return []
+    print(
+        f"{run_dir} ran to train.steps={steps} ({resume.path}) but lacks final outputs: writing {', '.join(missing)}",
+        flush=True,
+    )
+    if any(name in folders for name in missing):
+        write([name for name in missing if name in folders])
+    if "curves.png" in missing:
+        redraw_curves(cfg, resume.step)
+    return []
