@@ -171,6 +171,48 @@ def _rotary_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slot, first) 
     return qo
 
 
+def _check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot) -> None:
+    """Raise ValueError naming the shapes the write cannot take (asserts would vanish under
+    `python -O`, and the kernel would then write outside the caches)."""
+    if (
+        q.dim() != 4
+        or q.shape[1] != 1
+        or k.dim() != 4
+        or k.shape != v.shape
+        or k.shape[:2] != q.shape[:2]
+        or k.shape[3] != q.shape[3]
+    ):
+        raise ValueError(
+            f"rotary_into_cache: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be (B, 1, H, Dh), "
+            "(B, 1, Hkv, Dh), (B, 1, Hkv, Dh)"
+        )
+    B, _, _, Dh = q.shape
+    Hkv = k.shape[2]
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[:2] not in ((B, 1), (1, 1)):
+        raise ValueError(f"rotary_into_cache: cos {tuple(cos.shape)}, sin {tuple(sin.shape)} must be "
+                         f"({B} or 1, 1, R/2)")  # fmt: skip
+    if 2 * cos.shape[-1] > Dh:
+        raise ValueError(f"rotary_into_cache: rotary dim {2 * cos.shape[-1]} > head dim {Dh}")
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[:2] != (B, Hkv) or k_cache.shape[3] != Dh:
+        raise ValueError(
+            f"rotary_into_cache: k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)} must both be "
+            f"({B}, {Hkv}, S_max, {Dh}) for k {tuple(k.shape)}"
+        )
+    if slot.numel() != 1 or slot.dtype.is_floating_point:
+        raise ValueError(f"rotary_into_cache: slot must be one integer index, got {tuple(slot.shape)} {slot.dtype}")
+
+
+def _check_triton_dtypes(q, k, v, k_cache, v_cache) -> None:
+    """Raise ValueError where the kernel cannot take the dtypes (the reference's index_copy_ would not either)."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"rotary_into_cache: no Triton path for {q.dtype} (fp16, bf16, fp32); use impl='ref'")
+    if not k.dtype == v.dtype == k_cache.dtype == v_cache.dtype:
+        raise ValueError(
+            f"rotary_into_cache: k {k.dtype}, v {v.dtype} and the caches {k_cache.dtype}, {v_cache.dtype} must share "
+            "one dtype"
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Public function
 # ----------------------------------------------------------------------------------------------
@@ -195,23 +237,10 @@ def rotary_into_cache(
 
     impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "ref". Inference only.
     """
-    B, T, _, Dh = q.shape
-    Hkv = k.shape[2]
-    assert T == 1 and k.shape == v.shape == (B, 1, Hkv, Dh), (
-        f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-    )
-    assert cos.shape == sin.shape and cos.shape[:2] in ((B, 1), (1, 1)), f"cos {tuple(cos.shape)}"
-    assert 2 * cos.shape[-1] <= Dh, f"rotary dim {2 * cos.shape[-1]} > head dim {Dh}"
-    assert k_cache.shape == v_cache.shape and k_cache.shape[:2] == (B, Hkv) and k_cache.shape[3] == Dh, (
-        f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)} for k {tuple(k.shape)}"
-    )
-    assert slot.numel() == 1, f"slot must hold one index, got {tuple(slot.shape)}"
+    _check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot)
     path = resolve_impl(impl, q, k, v, k_cache, v_cache, slot)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, cos, sin))
     if path == "ref" or needs_grad or q.numel() == 0:
         return rotary_into_cache_ref(q, k, v, cos, sin, k_cache, v_cache, slot, first)
-    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"no Triton path for {q.dtype}"
-    assert k.dtype == v.dtype == k_cache.dtype == v_cache.dtype, (
-        f"k {k.dtype}, v {v.dtype}, caches {k_cache.dtype}, {v_cache.dtype}: index_copy_ would not take them"
-    )
+    _check_triton_dtypes(q, k, v, k_cache, v_cache)
     return _rotary_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slot, first)

@@ -19,14 +19,17 @@ from its device tensor inside the kernels), and the logits are read once, in the
 (plus the winning block's 256 entries).
   1. grid (N, C), C = cdiv(V, chunk): each program loads one chunk of a row as a (chunk / 256, 256)
      tile and writes a record: m = max x, s = sum exp(x - m), and the chunk's race winner, i.e. the
-     block with the highest score_b = log(sum_b exp(x - m)) + m - log(E_b) = log(P_b) + lse - log(E_b)
-     (the common lse does not move the argmax: the winner is that of P_b / E_b), with its score -
-     or, greedy, the chunk's first argmax.
+     block with the highest score_b = log(sum_b exp(x - m)) - log(E_b) = log(P_b) - log(E_b) + const
+     (the chunk's common m and lse do not move its argmax: the winner is that of P_b / E_b), with
+     its score relative to the chunk's max - or, greedy, the chunk's first argmax.
   2. grid (N,): merges the C records (lse = M + log sum s_c exp(m_c - M), winning block = the
-     highest score, the first on ties), reloads the winning block's 256 logits and races them
-     with score_v = x_v - log(E_v); logp = (x_token - M) - log S, as torch's log_softmax rounds it.
+     highest score_c + (m_c - M), the first on ties), reloads the winning block's 256 logits and
+     races them with score_v = (x_v - M) - log(E_v); logp = (x_token - M) - log S, as torch's
+     log_softmax rounds it.
   The maxima m and M are kept in raw logits and every x - m is formed as (z - m) / T: exactly 0 at
   the max for any temperature (on the GPU z / T - m would fuse into one FMA and leave a residue).
+  So the scores of the likely blocks and tokens stay O(1) next to their noise even at T = 1e-30,
+  where x = z / T ~ 1e31 added to the noise would round it away (the first of tied maxima won).
 The noise (u, E, the scores) is fp64: in fp32, u would round to 1 for h near 2^32 (E = 0).
 Against the reference only rounding differs, so tokens can differ only on near-ties of the race.
 
@@ -52,6 +55,10 @@ BLOCK_BIT = 1 << 31  # block counters have bit 31 set; token ids stay below it
 # vocabulary entries per program of the first launch; on CUDA, 512 rows of a 151,936-entry
 # vocabulary make 512 x 38 programs of 8 KiB (bf16) each
 _CHUNK = {"cuda": 4096, "cpu": 1024}
+# temperatures whose inverse is a normal fp32 number (the kernels multiply by it): outside, 1 / T is
+# inf, or 0 (then a masked logit gives -inf * 0 = NaN and a lane past V can win), and T itself
+# above fp32's max is inf in the reference's logits / T (-inf / inf = NaN: masked tokens drawn)
+_TEMPERATURE_RANGE = (1 / torch.finfo(torch.float32).max, 1 / torch.finfo(torch.float32).tiny)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Reference (the spec; also the CPU fallback)
@@ -76,7 +83,7 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 def race_uniforms(row_keys: torch.Tensor, position: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """u in (0, 1) fp64 of rows (N,) for counters `index` (K,) or (N, K) int64 at position t -> (N, K)."""
-    pos = mix32(mix32((position & MASK32) ^ SALT_POS) ^ row_keys)  # (N,)
+    pos = mix32(mix32((position & MASK32) ^ SALT_POS) ^ (row_keys & MASK32))  # (N,) keys' low 32 bits, as the kernels
     x = mix32(pos[:, None] ^ mix32(index ^ SALT_TOKEN))  # (N, K)
     return (x.to(torch.float64) + 0.5) * 2.0**-32
 
@@ -122,7 +129,7 @@ def _race_chunk_kernel(
     pos_ptr,  # (1,) int64 position t
     m_ptr,  # (N, C) fp32 out: max of the raw logits z over the chunk (x = z / T)
     s_ptr,  # (N, C) fp32 out: sum exp((z - m) / T) = sum exp(x - max x) over the chunk
-    score_ptr,  # (N, C) fp64 out: the best block score (sampling only)
+    score_ptr,  # (N, C) fp64 out: the best block score, relative to the chunk's max (sampling only)
     idx_ptr,  # (N, C) int32 out: the winning block (sampling) or the first argmax token (greedy)
     V,
     C,
@@ -179,7 +186,7 @@ def _race_chunk_kernel(
         g = g * 0x846CA68B
         g = g ^ (g >> 16)
         u = (g.to(tl.float64) + 0.5) * 2.3283064365386963e-10  # (h + 1/2) / 2^32, in (0, 1)
-        score = tl.log(p_blocks.to(tl.float64)) + m_safe.to(tl.float64) * inv_t - tl.log(-tl.log(u))  # (NB,)
+        score = tl.log(p_blocks.to(tl.float64)) - tl.log(-tl.log(u))  # (NB,) log(P_b) - x_max - log(E_b)
         best = tl.argmax(score, axis=0)  # the first on ties; an empty block scores -inf
         tl.store(score_ptr + rec, tl.max(score, axis=0))
         tl.store(idx_ptr + rec, chunk * NB + best)
@@ -215,14 +222,17 @@ def _race_combine_kernel(
         token = tl.load(idx_ptr + row * C + tl.argmax(m, axis=0))  # first chunk holding the max
         logp = -log_s  # x_token = m_all
     else:
-        score = tl.load(score_ptr + row * C + chunks, mask=ok_c, other=float("-inf"))
-        block = tl.load(idx_ptr + row * C + tl.argmax(score, axis=0))  # the race's winning block
+        score = tl.load(score_ptr + row * C + chunks, mask=ok_c, other=float("-inf"))  # (BLOCK_C,) fp64
+        # each chunk's score moved from its own max to the row's: (m_c - M) / T, 0 for the max's chunks
+        shift = tl.where(m > float("-inf"), (m.to(tl.float64) - m_all.to(tl.float64)) * inv_t, float("-inf"))
+        block = tl.load(idx_ptr + row * C + tl.argmax(score + shift, axis=0))  # the race's winning block
         lanes = tl.arange(0, BLOCK)
         cols = block * BLOCK + lanes  # (BLOCK,) token ids
         ok = cols < V
         ptrs = logits_ptr + row.to(tl.int64) * stride_row + cols
         z = tl.load(ptrs, mask=ok, other=float("-inf")).to(tl.float32)  # (BLOCK,) raw logits
-        x = z * inv_t
+        m_ref = tl.where(m_all == float("-inf"), 0.0, m_all).to(tl.float64)  # an all -inf row: no NaN
+        x = (z.to(tl.float64) - m_ref) * inv_t  # (BLOCK,) fp64 x_v - M: 0 at the max, -inf past V
         # pos = mix32(mix32(t ^ SALT_POS) ^ row_key)
         h = tl.load(pos_ptr).to(tl.uint32) ^ 0x2545F491
         h = h ^ (h >> 16)
@@ -250,7 +260,7 @@ def _race_combine_kernel(
         g = g * 0x846CA68B
         g = g ^ (g >> 16)
         u = (g.to(tl.float64) + 0.5) * 2.3283064365386963e-10
-        score_v = x.to(tl.float64) - tl.log(-tl.log(u))  # (BLOCK,), -inf past V
+        score_v = x - tl.log(-tl.log(u))  # (BLOCK,), -inf past V
         j = tl.argmax(score_v, axis=0)
         token = block * BLOCK + j
         z_token = tl.max(tl.where(lanes == j, z, float("-inf")), axis=0)
@@ -278,6 +288,9 @@ def _check_inputs(logits, temperature, row_keys, position, chunk) -> None:
         raise ValueError(f"sample_race: position must be (1,), got {tuple(position.shape)}")
     if not temperature >= 0:
         raise ValueError(f"sample_race: temperature must be >= 0, got {temperature}")
+    if temperature > 0 and not _TEMPERATURE_RANGE[0] <= temperature <= _TEMPERATURE_RANGE[1]:
+        low, high = _TEMPERATURE_RANGE
+        raise ValueError(f"sample_race: temperature must be 0 or in [{low:.3g}, {high:.3g}], got {temperature}")
     if chunk is not None and (chunk < RACE_BLOCK or chunk & (chunk - 1)):
         raise ValueError(f"sample_race: chunk must be a power of two >= {RACE_BLOCK}, got {chunk}")
 

@@ -514,3 +514,34 @@ def test_sampler_with_kernel_draws_the_same_tokens(temperature, per_group, count
     assert all((kw["rows"] is not None) == per_group for kw in count_kernel_calls)  # the prefix per group or row
     assert torch.equal(kernel.completion_ids, plain.completion_ids)
     torch.testing.assert_close(kernel.sampler_logp, plain.sampler_logp, rtol=0, atol=1e-5)
+
+
+FAMILY_CASES = [  # (H, HKV, Dh, Tp, per_group): the families' head sizes and GQA ratios, tiny head counts
+    (9, 3, 64, None, False),  # SmolLM2: G = 3
+    (4, 1, 96, 1, True),  # Phi-3-mini's Dh 96 (not a power of two); a one-slot shared prefix, per group
+    (8, 2, 80, 0, False),  # Dh 80; an empty shared prefix
+    (4, 4, 256, 1, False),  # Dh 256, MHA; a one-slot prefix read per row
+    (8, 2, 40, 0, True),  # Dh 40; an empty prefix with rows (no cascade: nothing to share)
+]
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=lambda c: f"H{c[0]}-Hkv{c[1]}-Dh{c[2]}-Tp{c[3]}-rows{c[4]}")
+def test_family_head_sizes_and_short_prefixes(case):
+    # fp64 reference within 1e-5 (fp32); last split 1 slot long (kv_len 49 = 3 x 16 + 1), and a
+    # row whose every key but the first and its own slot is padding
+    H, HKV, Dh, Tp, per_group = case
+    device = torch.device("cpu")
+    B, S, kv_len = 3, 60, 49
+    q, k, v, key_mask = _inputs(B, H, HKV, Dh, S, kv_len - 1, torch.float32, device)
+    key_mask[2] = 0
+    key_mask[2, 0] = 1
+    slot = torch.tensor([kv_len - 1])
+    prefix = rows = None
+    if Tp is not None:
+        group = torch.tensor([0, 0, 1])
+        prefix, k, v = _split_prefix(k, v, key_mask, Tp, group, 2)
+        rows = prefix_rows(group, 2, 2) if per_group else None
+    got = _decode_attention_triton(q, k, v, key_mask, slot, kv_len, None, Dh**-0.5, prefix, rows, split=16, block_s=16)
+    as64 = None if prefix is None else tuple(t.double() if t.is_floating_point() else t for t in prefix)
+    ref = decode_attention_ref(q.double(), k.double(), v.double(), key_mask, slot, kv_len, prefix=as64)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)

@@ -205,3 +205,31 @@ def test_first_slot_offset_writes_column_slot_minus_first(impl, device):
     got_q = rotary_into_cache(q, k, v, cos, sin, k_tail, v_tail, slot, first=first, impl=impl)
     assert torch.equal(got_q, want_q)
     assert torch.equal(k_tail, want_k[0, :, :, first:]) and torch.equal(v_tail, want_v[0, :, :, first:])
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_bad_shapes_and_dtypes_are_value_errors_naming_them(impl):
+    # one-line ValueErrors on both paths, before any launch (asserts vanished under python -O, and
+    # the kernel then wrote rows, heads or channels outside the caches)
+    device = torch.device("cpu")
+    B, H, HKV, Dh, S = 2, 4, 2, 16, 7
+    q, k, v = _qkv(B, H, HKV, Dh, torch.float32, device)
+    cos, sin = _angles(B, Dh, device)
+    kc, vc = _caches(1, B, HKV, S, Dh, torch.float32, device)
+    kc, vc = kc[0], vc[0]
+    slot = torch.tensor([3])
+    bad = [
+        ((q, k, v, cos, sin, kc[:, :1], vc[:, :1], slot), r"k_cache \(2, 1, 7, 16\), v_cache \(2, 1, 7, 16\) must"),
+        ((q, k, v, cos, sin, kc, vc[..., :8], slot), r"must both be \(2, 2, S_max, 16\)"),
+        ((q, k, v[:, :, :1], cos, sin, kc, vc, slot), r"v \(2, 1, 1, 16\) must be"),
+        ((q.expand(B, 2, H, Dh), k, v, cos, sin, kc, vc, slot), r"q \(2, 2, 4, 16\)"),
+        ((q, k, v, cos[..., :4], sin, kc, vc, slot), r"cos \(2, 1, 4\), sin \(2, 1, 8\) must be"),
+        ((q, k, v, torch.cat([cos, cos], -1), torch.cat([sin, sin], -1), kc, vc, slot), "rotary dim 32 > head dim 16"),
+        ((q, k, v, cos, sin, kc, vc, torch.tensor([3, 4])), "slot must be one integer index"),
+    ]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            rotary_into_cache(*args, impl=impl)
+    if impl == "triton":
+        with pytest.raises(ValueError, match="must share one dtype"):
+            rotary_into_cache(q, k, v, cos, sin, kc.double(), vc.double(), slot, impl=impl)

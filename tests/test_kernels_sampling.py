@@ -6,6 +6,8 @@ same (rounded) logits. On the CPU the kernels run in Triton's interpreter, so sh
 `chunk` is set small, to give each row several chunks of the first launch.
 """
 
+import re
+
 import pytest
 import torch
 from helpers.kernel_checks import DEVICES, near_certain_logits, near_certain_tolerance
@@ -233,3 +235,64 @@ def test_tiny_vocabularies_and_masked_logits(V, temperature, device):
     assert torch.isfinite(logits.gather(1, tokens[:, None])).all()
     torch.testing.assert_close(logp.double(), _fp64_logp(logits, temperature, tokens), rtol=0, atol=ATOL)
     torch.testing.assert_close(logp, want_logp, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1e-30, 1e-20, 1e-12])
+def test_tiny_temperatures_still_race_between_tied_maxima(temperature, dtype, device):
+    # at temperatures near SamplingParams' floor (1e-30) the distribution is the tied maxima, each
+    # with p = 1/2: across chunks (tokens 5 and 600) and inside one race block (10 and 20). The race
+    # must still be decided by the noise, as in the reference; adding x = z / T ~ 1e31 to the noise
+    # in fp64 rounded the noise away and the first maximum always won (token 5 / 10 for every key).
+    N, V = 16, 700
+    logits = (torch.randn(V, dtype=torch.float64) * 3).clamp(max=8.0).to(dtype).repeat(N, 1).to(device)
+    logits[: N // 2, [5, 600]] = 9.0  # rows 0-7: tie across chunks (chunk 256)
+    logits[N // 2 :, [10, 20]] = 9.0  # rows 8-15: tie inside race block 0
+    keys = _keys(N, seed=11, device=device)
+    pos = torch.tensor([4], device=device)
+    tokens, logp = sample_race(logits, temperature, keys, pos, impl="triton", chunk=256)
+    ref_tokens, ref_logp = sample_race_ref(logits, temperature, keys, pos)
+    assert tokens.tolist() == ref_tokens.tolist()
+    assert set(tokens[: N // 2].tolist()) == {5, 600} and set(tokens[N // 2 :].tolist()) == {10, 20}
+    torch.testing.assert_close(logp, torch.full_like(logp, -0.6931471805599453), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logp, ref_logp, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_huge_temperatures_draw_uniformly_or_are_refused(device):
+    # T = 1e30: every allowed logit has x ~ 0, the draw is uniform over them, logp = -log(allowed).
+    # Past 1 / fp32's tiny (8.5e37) 1 / T is no normal fp32 number: at 1e50 the kernel's (-inf - m) * 0
+    # was NaN (NaN log-probs; at T = inf a padded lane won: token 300 of V = 300), and the reference's
+    # logits / T (T inf in fp32) drew token 0, a -inf logit. Both are refused, naming the temperature.
+    N, V = 6, 300
+    logits = _logits(N, V, torch.float32, device)
+    logits[:, 250:] = float("-inf")  # masked ids, the last race block's tail among them
+    logits[1, :] = float("-inf")
+    logits[1, 7] = 0.5  # a row with one allowed token
+    keys, pos = _keys(N, seed=2, device=device), torch.tensor([6], device=device)
+    tokens, logp = sample_race(logits, 1e30, keys, pos, impl="triton", chunk=256)
+    ref_tokens, ref_logp = sample_race_ref(logits, 1e30, keys, pos)
+    assert tokens.tolist() == ref_tokens.tolist()
+    assert int(tokens[1]) == 7 and bool((tokens < 250).all())
+    allowed = torch.tensor([250.0, 1, 250, 250, 250, 250], device=device)
+    torch.testing.assert_close(logp, -allowed.log(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logp, ref_logp, rtol=0, atol=ATOL)
+    for temperature in (1e38, 1e50, 1e300, float("inf"), 1e-39):
+        for impl in ("triton", "ref"):
+            with pytest.raises(ValueError, match=r"temperature must be 0 or in .* got " + re.escape(str(temperature))):
+                sample_race(logits, temperature, keys, pos, impl=impl, chunk=256)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_row_keys_outside_32_bits_draw_as_their_low_word(device):
+    # the kernels read a row key's low 32 bits (a uint32 cast); the reference (the CPU path) mixed all
+    # 64 and drew other tokens for negative keys or keys >= 2^32 ([414, 438, 67, 469] vs the kernel's
+    # [147, 180, 570, 414] here): both now draw what the key's low word draws
+    x = _logits(4, 600, torch.float32, device, scale=0.3)
+    keys = torch.tensor([-1, -12345, 2**40 + 5, 2**33], device=device)
+    pos = torch.tensor([3], device=device)
+    low = keys & 0xFFFFFFFF
+    want = sample_race_ref(x, 1.0, low, pos)[0]
+    assert sample_race_ref(x, 1.0, keys, pos)[0].tolist() == want.tolist()
+    assert sample_race(x, 1.0, keys, pos, impl="triton", chunk=256)[0].tolist() == want.tolist()
