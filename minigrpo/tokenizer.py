@@ -37,10 +37,14 @@ from minigrpo.tokenizer_config import (
     NAMED_SPECIAL_TOKENS,
     TokenizerConfigError,
     add_config_tokens,
+    class_default_tokens,
     config_special_tokens,
+    folder_model_type,
     folder_templates,
     generation_stop_ids,
     read_config,
+    rebuild_backend,
+    rebuilt_class,
 )
 
 __all__ = ["NAMED_SPECIAL_TOKENS", "ChatTemplateError", "Tokenizer", "TokenizerConfigError"]
@@ -119,8 +123,11 @@ class Tokenizer:
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
         """Load a Hugging Face tokenizer folder: tokenizer.json plus its optional JSON/jinja files.
 
-        Reads tokenizer.json (required), tokenizer_config.json, special_tokens_map.json (only when the
-        config has no `added_tokens_decoder`, as transformers does), chat_template.jinja and
+        Reads tokenizer.json (required), tokenizer_config.json (a `tokenizer_class` that transformers 5
+        rebuilds, LlamaTokenizer, GPT2Tokenizer or Qwen2Tokenizer, gets that class's pipeline around the
+        file's vocabulary, as in transformers: see tokenizer_config.rebuilt_class; config.json's
+        `model_type` takes part in that choice), special_tokens_map.json (only when the config has no
+        `added_tokens_decoder`, as transformers does), chat_template.jinja and
         additional_chat_templates/*.jinja (these win over the config's `chat_template`, as in
         transformers) and generation_config.json (its `eos_token_id` adds stop ids). A file or value
         that makes no tokenizer is a TokenizerConfigError naming the file (and key).
@@ -134,6 +141,10 @@ class Tokenizer:
         except Exception as e:  # the library's bare (Rust) Exception names no file
             raise TokenizerConfigError(f"{tk_file}: not a readable tokenizer ({e})") from e
         cfg, origin = read_config(d)
+        rebuilt = rebuilt_class(cfg, folder_model_type(d), tk)
+        if rebuilt is not None:  # transformers builds this class's own pipeline around the file's vocabulary
+            tk = rebuild_backend(rebuilt, tk, cfg)
+            class_default_tokens(cfg, origin, rebuilt, tk)
         add_config_tokens(cfg, d / "tokenizer_config.json", tk)
         tokens, template_tokens, specials = config_special_tokens(cfg, origin, tk, tk_file)
 

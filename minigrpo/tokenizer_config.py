@@ -233,3 +233,146 @@ def generation_stop_ids(path: Path) -> list[int]:
     if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise TokenizerConfigError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
     return [] if value is None else ids
+
+
+# ---- the tokenizer classes transformers 5 rebuilds ---------------------------------------------------------
+#
+# A tokenizer_config.json whose `tokenizer_class` is one of these makes transformers 5 build the class's own
+# pipeline around tokenizer.json's vocabulary and merges instead of applying tokenizer.json as written: only
+# the file's post-processor and added tokens are kept. Llama-2, Mistral and Phi-3 folders name LlamaTokenizer,
+# Qwen folders Qwen2Tokenizer, SmolLM2 and Phi-4 folders GPT2Tokenizer; PreTrainedTokenizerFast (Llama-3) and
+# any other class load tokenizer.json as written.
+
+# Qwen2Tokenizer's pre-tokenizer split (the regex Qwen's tokenizer.json files carry).
+QWEN2_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# The class transformers registers for a config.json `model_type` (of the families minigrpo loads).
+_MODEL_TYPE_CLASS = {
+    "mistral": None,
+    "mixtral": None,
+    "phi3": None,
+    "qwen2": "Qwen2Tokenizer",
+    "qwen2_moe": "Qwen2Tokenizer",
+    "qwen3": "Qwen2Tokenizer",
+    "qwen3_moe": "Qwen2Tokenizer",
+}
+# Model types whose registered class wins over the class tokenizer_config.json names.
+_CLASS_OVERRIDING_MODEL_TYPES = ("qwen2", "phi3")
+# Special tokens each class falls back to when tokenizer_config.json leaves them out.
+_CLASS_DEFAULT_TOKENS = {
+    "LlamaTokenizer": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
+    "GPT2Tokenizer": {"unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
+    "Qwen2Tokenizer": {"unk_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+}
+
+
+def folder_model_type(d: Path) -> str | None:
+    """config.json's `model_type` in tokenizer folder `d`, if it has a readable one (the model loader
+    reports a bad config.json; here it only picks the tokenizer class, as in transformers)."""
+    try:
+        value = json.loads((d / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def rebuilt_class(cfg: Mapping[str, Any], model_type: str | None, tk: tokenizers.Tokenizer) -> str | None:
+    """The tokenizer class transformers 5's AutoTokenizer rebuilds the folder's pipeline with, or None when
+    it applies tokenizer.json as written. Follows AutoTokenizer's choice: a LlamaTokenizer folder whose
+    tokenizer.json is byte-level (Llama-3 style) loads as written, and a config.json `model_type` registered
+    with another class (mistral, phi3: none; qwen2, qwen3: Qwen2Tokenizer) takes over."""
+    name = cfg.get("tokenizer_class")
+    name = name.removesuffix("Fast") if isinstance(name, str) else None
+    if name not in _CLASS_DEFAULT_TOKENS:
+        return None
+    registered = _MODEL_TYPE_CLASS.get(model_type or "", name)
+    if name == "LlamaTokenizer" and model_type not in _CLASS_OVERRIDING_MODEL_TYPES and '"ByteLevel"' in tk.to_str():
+        return None
+    if registered == name:
+        return name
+    if registered is None:
+        return None
+    return registered if model_type in _CLASS_OVERRIDING_MODEL_TYPES else name
+
+
+def class_default_tokens(cfg: dict[str, Any], origin: dict[str, Path], name: str, tk: tokenizers.Tokenizer) -> None:
+    """Fill the special tokens class `name` defaults to into `cfg` in place, for the keys it leaves out and
+    only when the token is in the vocabulary (transformers would add it as a new token, which the model
+    has no embedding for)."""
+    for key, token in _CLASS_DEFAULT_TOKENS[name].items():
+        if key not in cfg and tk.token_to_id(token) is not None:
+            cfg[key] = token
+            origin[key] = origin.get(key) or Path("tokenizer_config.json")
+
+
+def rebuild_backend(name: str, tk: tokenizers.Tokenizer, cfg: Mapping[str, Any]) -> tokenizers.Tokenizer:
+    """tokenizer.json's vocabulary and merges in class `name`'s own pipeline, as transformers 5 builds it.
+
+    The file's normalizer, pre-tokenizer, decoder and model options are dropped; its post-processor is kept.
+    The added tokens are tokenizer_config.json's `added_tokens_decoder` when it has one (add_config_tokens
+    adds them), else tokenizer.json's, re-added in id order."""
+    data = json.loads(tk.to_str())
+    prefix = cfg.get("add_prefix_space")
+    if name == "LlamaTokenizer":
+        stages = _llama_stages(True if prefix is None else bool(prefix), bool(cfg.get("legacy", False)))
+    else:
+        stages = _byte_level_stages(name, bool(prefix))
+    data.update(stages, model=_bpe_model(data["model"], byte_fallback=name == "LlamaTokenizer"), added_tokens=[])
+    data.update(padding=None, truncation=None)
+    rebuilt = tokenizers.Tokenizer.from_str(json.dumps(data))
+    if "added_tokens_decoder" not in cfg:
+        rebuilt.add_tokens([t for _, t in sorted(tk.get_added_tokens_decoder().items())])
+    return rebuilt
+
+
+def _bpe_model(model: Mapping[str, Any], *, byte_fallback: bool) -> dict[str, Any]:
+    """A BPE model over the file's vocabulary and merges (a Unigram file's pieces, in order, with no merges)
+    with the class's options: no unk token, no dropout, merges always applied."""
+    vocab = model.get("vocab") or {}
+    if isinstance(vocab, list):
+        vocab = {(t[0] if isinstance(t, list) else t): i for i, t in enumerate(vocab)}
+    return {
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": None,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": byte_fallback,
+        "byte_fallback": byte_fallback,
+        "ignore_merges": False,
+        "vocab": vocab,
+        "merges": model.get("merges") or [],
+    }
+
+
+def _llama_stages(add_prefix_space: bool, legacy: bool) -> dict[str, Any]:
+    """LlamaTokenizer's pipeline: no normalizer; a Metaspace pre-tokenizer that marks the start of the text
+    ("first"), of every piece between added tokens (`legacy`: "always") or nothing (no prefix space); a
+    decoder that turns "▁" back into spaces, joins byte tokens and drops the prefix space it added."""
+    scheme = ("always" if legacy else "first") if add_prefix_space else "never"
+    decoders = [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+    ]
+    if add_prefix_space:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    return {
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": False},
+        "decoder": {"type": "Sequence", "decoders": decoders},
+    }
+
+
+def _byte_level_stages(name: str, add_prefix_space: bool) -> dict[str, Any]:
+    """GPT2Tokenizer's pipeline (byte-level with GPT-2's own split) or Qwen2Tokenizer's (NFC, Qwen's split,
+    then byte-level)."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": add_prefix_space, "trim_offsets": True, "use_regex": True}
+    stages: dict[str, Any] = {"normalizer": None, "pre_tokenizer": byte_level}
+    if name == "Qwen2Tokenizer":
+        split = {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT_REGEX}, "behavior": "Isolated", "invert": False}
+        stages["normalizer"] = {"type": "NFC"}
+        stages["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
+    stages["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    return stages
