@@ -48,11 +48,13 @@ import datetime
 import gc
 import math
 import os
+import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -63,6 +65,7 @@ from minigrpo.errors import UserError
 T = TypeVar("T")
 STRATEGIES = ("fsdp", "ddp")
 BUCKET_BYTES = 256 * 1024**2  # fp32 gradient bytes per all-reduce of the ddp strategy
+EXIT_WAIT_S = 15.0  # how long a failed rank > 0 waits for torchrun to stop it before it reports
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    timeout_s: float = 1800.0  # distributed.timeout_s: how long a collective waits for the other ranks
 
     @property
     def main(self) -> bool:
@@ -124,16 +128,6 @@ def checked_on_every_rank(check: Callable[[], T], wait_s: float = 60.0) -> T:
         raise
 
 
-def raise_on_every_rank(error: UserError, world: World, wait_s: float = 60.0) -> NoReturn:
-    """Raise `error`, met by every rank at the same point of the run (a decision taken on all-reduced
-    numbers, such as a run of skipped updates), so that its one line is printed once: by rank 0 at
-    once, while a rank > 0 first waits for torchrun to stop it (rank 0 has exited with the error) and
-    raises only if it still runs after wait_s. Every rank raising at once would print it once per rank."""
-    if world.rank > 0:
-        time.sleep(wait_s)
-    raise error
-
-
 def init_world(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0) -> World:
     """Join the torchrun job (WORLD_SIZE > 1), or return the single-process World on `device`.
 
@@ -152,17 +146,54 @@ def init_world(device: torch.device, backend: str = "auto", timeout_s: float = 1
     if not dist.is_initialized():
         bound = {"device_id": device} if device.type == "cuda" else {}  # NCCL: this rank's GPU, no guessing
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **bound)
-    return World(rank=rank, size=size, local_rank=local_rank, device=device)
+    return World(rank=rank, size=size, local_rank=local_rank, device=device, timeout_s=timeout_s)
 
 
 def close_world(world: World) -> None:
     """Tear the process group down while the interpreter is whole, first dropping what may still
     reference a collective's work (gloo's worker threads hold such work and its tensors; freed during
     interpreter exit instead, they can abort the process). No barrier: on an error path the other
-    ranks may never come (the training loop ends with one)."""
+    ranks may never come (the training loop ends with one). Called as an error leaves the run (in a
+    `finally`), it makes the job end with one line, not one traceback per rank (`_quiet_exit`)."""
+    error = sys.exc_info()[1]
+    replacement = _quiet_exit(world, error) if world.distributed and isinstance(error, Exception) else None
     if world.distributed and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+    if replacement is not None:
+        raise replacement from None
+
+
+def _quiet_exit(world: World, error: Exception) -> UserError | None:
+    """What a rank leaving with `error` does so that torchrun's job prints its cause once: the echo of
+    another rank's end (a broken collective) waits for torchrun to stop this rank; a UserError or a
+    collective timeout is reported by rank 0 at once and by a rank > 0 after a short wait (rank 0
+    often meets the same; one of this rank's alone still comes before the others time out). Returns
+    the one-line error replacing a collective's failure once the wait ran out (None: `error` stands)."""
+    failure = collective_failure(error)
+    if failure is None and not isinstance(error, UserError):
+        return None  # a bug: its traceback is the report
+    if world.rank > 0 or failure == "peer":
+        time.sleep(min(EXIT_WAIT_S, world.timeout_s / 2))
+    if failure == "timeout":
+        return UserError(
+            f"rank {world.rank} waited more than distributed.timeout_s={world.timeout_s:g} s for another rank "
+            "in a collective: a rank is stuck (a reward, a tool, a step far slower on one rank?)"
+        )
+    if failure == "peer":
+        return UserError(f"rank {world.rank} lost another rank during a collective: that rank's error is above")
+    return None
+
+
+def collective_failure(error: BaseException) -> str | None:
+    """What broke a collective: "timeout" (it waited past the group's timeout), "peer" (another rank
+    ended) or None (an error of another kind)."""
+    text = str(error)
+    if not isinstance(error, dist.DistError) and not (
+        isinstance(error, RuntimeError) and re.search(r"gloo|nccl|ProcessGroup|c10d", text, re.IGNORECASE)
+    ):
+        return None
+    return "timeout" if re.search(r"timed out|timeout", text, re.IGNORECASE) else "peer"
 
 
 def shard_range(n: int, rank: int, size: int) -> tuple[int, int]:

@@ -32,7 +32,6 @@ from minigrpo.distributed import (
     clip_factor,
     global_grad_norm,
     is_sharded,
-    raise_on_every_rank,
     scale_gradients,
 )
 from minigrpo.errors import UserError
@@ -131,10 +130,7 @@ def optimizer_step(
         all_reduce_gradients(params, world)
     grad_norm = global_grad_norm(params, grad_scale.scale)  # the same on every rank
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-    try:
-        stepped = grad_scale.record(grad_norm)
-    except DivergedError as error:  # every rank diverged at this update (the norm is the same on all)
-        raise_on_every_rank(error, world)
+    stepped = grad_scale.record(grad_norm)  # every rank decides alike: the norm is the same on all
     if stepped:
         factor = clip_factor(grad_norm, cfg.train.max_grad_norm or math.inf) / grad_scale.scale
         if isinstance(optimizer, MasterWeights):
