@@ -7,6 +7,7 @@ The sections' own rules live with them (lora_config, sft_config, env_config, alg
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ _DATA_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 # trainer's T) and refuses one above 2 (its sampling_params.py): with sampler.kind vllm those are refused
 VLLM_TEMPERATURES = (0.01, 2.0)
 MIN_TEMPERATURE = 1e-30  # sampling/params.py's: below it logits / temperature overflow fp32 (NaN log-probs)
+MAX_TEMPERATURE = 1e37  # sampling/params.py's: above ~8.5e37, 1 / temperature is no normal fp32 (the sampling kernel)
 
 
 # the command whose config loads: "train" (GRPO, and eval) or "sft" (python -m minigrpo.sft reads fewer sections)
@@ -151,10 +153,15 @@ def grpo_run_errors(cfg: Config, notes: list[str]) -> list[str]:
     )
     for key, temperature in (("sampler.temperature", t), ("eval.temperature", cfg.eval.temperature)):
         need(
-            temperature <= 0 or temperature >= MIN_TEMPERATURE,  # <= 0: the limits speak of it
-            f"{key} must be 0 (greedy) or >= {MIN_TEMPERATURE:g} (logits / temperature overflow fp32 below it), "
-            f"got {temperature:g}",
+            not 0 < temperature < math.inf or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE,  # the limits' cases
+            f"{key} must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (logits / temperature and "
+            f"1 / temperature must stay finite fp32), got {temperature:g}",
         )
+    need(
+        cfg.sampler.kind != "vllm" or t == 0 or cfg.sampler.min_p == 0 or cfg.sampler.top_p >= 1,
+        f"sampler.min_p={cfg.sampler.min_p:g} with sampler.top_p={cfg.sampler.top_p:g} cannot be sampled by vLLM as "
+        "the own sampler and the trainer read them (vLLM applies min-p before top-p, we apply it after): use one",
+    )
     need(
         cfg.eval.samples_per_prompt == 1 or cfg.eval.temperature > 0,
         f"eval.samples_per_prompt={cfg.eval.samples_per_prompt} needs eval.temperature > 0 (greedy decoding "

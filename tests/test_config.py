@@ -937,16 +937,29 @@ def test_bad_template_variables_are_config_errors_when_the_config_loads(section)
 
 
 @pytest.mark.parametrize("key", ["sampler.temperature", "eval.temperature"])
-def test_a_temperature_too_small_for_fp32_is_a_config_error(key):
-    """logits / T overflows fp32 below sampling's MIN_TEMPERATURE: refused when the config loads, not
-    by the sampler once the weights are in."""
-    from minigrpo.config_rules import MIN_TEMPERATURE
+def test_a_temperature_too_small_or_too_large_for_fp32_is_a_config_error(key):
+    """logits / T overflows fp32 below sampling's MIN_TEMPERATURE, 1 / T is no normal fp32 above its
+    MAX_TEMPERATURE (the sampling kernel multiplies by it): refused when the config loads, not by the
+    sampler once the weights are in."""
+    from minigrpo.config_rules import MAX_TEMPERATURE, MIN_TEMPERATURE
+    from minigrpo.sampling.params import MAX_TEMPERATURE as SAMPLING_MAX
     from minigrpo.sampling.params import MIN_TEMPERATURE as SAMPLING_MIN
 
-    assert MIN_TEMPERATURE == SAMPLING_MIN
-    with pytest.raises(ConfigError, match=rf"{key} must be 0 \(greedy\) or >= 1e-30"):
-        load_config(None, [f"{key}=1e-35"])
-    assert load_config(None, [f"{key}=1e-30"]) is not None
+    assert (MIN_TEMPERATURE, MAX_TEMPERATURE) == (SAMPLING_MIN, SAMPLING_MAX)
+    for bad in ("1e-35", "1e38"):
+        with pytest.raises(ConfigError, match=rf"{key} must be 0 \(greedy\) or in \[1e-30, 1e\+37\]"):
+            load_config(None, [f"{key}={bad}"])
+    for good in ("1e-30", "1e37"):
+        assert load_config(None, [f"{key}={good}"]) is not None
+
+
+def test_min_p_with_top_p_under_vllm_is_a_config_error():
+    """vLLM applies min-p before top-p (the own sampler and the trainer after): refused when the config
+    loads, not once the engine is built."""
+    with pytest.raises(ConfigError, match=r"sampler.min_p=0.1 with sampler.top_p=0.9 cannot be sampled by vLLM"):
+        load_config(None, ["sampler.kind=vllm", "sampler.min_p=0.1", "sampler.top_p=0.9"])
+    assert load_config(None, ["sampler.min_p=0.1", "sampler.top_p=0.9"]) is not None  # the own sampler
+    assert load_config(None, ["sampler.kind=vllm", "sampler.min_p=0.1"]) is not None
 
 
 # GRPO-only settings that GRPO's rules refuse and SFT never reads, each with the key its error names

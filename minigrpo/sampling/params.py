@@ -54,6 +54,7 @@ from minigrpo.errors import UserError
 from minigrpo.kernels.sampling import MASK32, mix32, race_ref, race_uniforms, sample_race
 
 MIN_TEMPERATURE = 1e-30  # smallest temperature > 0: logits / T must stay finite in fp32 (else NaN log-probs)
+MAX_TEMPERATURE = 1e37  # largest: the sampling kernel multiplies by 1 / T, which must be a normal fp32 number
 
 
 class SamplingError(UserError, ValueError):
@@ -119,10 +120,10 @@ class SamplingParams:
         temperature = _check_real("temperature", self.temperature)
         if temperature < 0:
             raise SamplingError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
-        if 0 < temperature < MIN_TEMPERATURE:
+        if temperature > 0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
             raise SamplingError(
-                f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}: logits / temperature overflows fp32 "
-                f"below it, got {self.temperature}"
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]: logits / "
+                f"temperature and 1 / temperature must stay finite fp32, got {self.temperature}"
             )
         if not 0 < _check_real("top_p", self.top_p) <= 1:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
