@@ -29,14 +29,71 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from minigrpo.chat_template import ChatTemplateError
+from minigrpo.errors import UserError
 
 Message = dict[str, Any]
 
-__all__ = ["LayoutError", "environment_text", "episode_template", "render"]
+__all__ = ["EnvironmentContractError", "LayoutError", "checked_messages", "checked_step", "environment_text",
+           "episode_template", "opening_messages", "render"]  # fmt: skip
 
 
 class LayoutError(ValueError):
     """The chat template does not extend the conversation cleanly with the environment's messages."""
+
+
+class EnvironmentContractError(UserError, TypeError):
+    """An environment's reset() or step() returned what the episodes cannot read (minigrpo/episodes.py)."""
+
+
+def opening_messages(row: Any, system_prompt: str | None = None) -> list[Message]:
+    """Messages from a row: a data.Example, a text (the user turn), a message list, or a mapping
+    with "messages" or "prompt"; `system_prompt` replaces any system message."""
+    if isinstance(row, Mapping):
+        row = row.get("messages", row.get("prompt"))
+    prompt = getattr(row, "prompt", row)
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, Sequence):
+        messages = [dict(m) for m in prompt]
+    else:
+        raise TypeError(f"cannot make messages from a {type(row).__name__} row")
+    if system_prompt is not None:
+        messages = [{"role": "system", "content": system_prompt}, *(m for m in messages if m.get("role") != "system")]
+    return messages
+
+
+def checked_messages(value: Any, where: str) -> list[Message]:
+    """`value` as a list of messages (dicts with a string "role", and "content" a string or a list of
+    parts where given), else EnvironmentContractError naming `where` (e.g. "Maze.reset()") and the bad
+    item: a string or a single dict would otherwise be spread into characters or keys."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise EnvironmentContractError(f"{where} returned {_show(value)}; expected a list of message dicts")
+    for i, m in enumerate(value):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not m["role"]:
+            bad = f"{_show(m)} (no 'role' string)" if isinstance(m, Mapping) else _show(m)
+            raise EnvironmentContractError(f"{where} returned message {i} = {bad}; expected a dict with a 'role'")
+        if "content" in m and m["content"] is not None and not isinstance(m["content"], (str, list)):
+            content = _show(m["content"])
+            raise EnvironmentContractError(f"{where} returned message {i} with content {content}; expected a string")
+    return [dict(m) for m in value]
+
+
+def checked_step(value: Any, where: str) -> tuple[list[Message], bool]:
+    """An environment's step() result as (messages, done), else EnvironmentContractError naming `where`:
+    a missing `done`, or one that is no bool ("no" would end the episode silently)."""
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise EnvironmentContractError(f"{where} returned {_show(value)}; expected a tuple (messages, done)")
+    messages, done = value
+    done = done.item() if hasattr(done, "item") and callable(done.item) else done  # a numpy or torch bool
+    if not isinstance(done, bool):
+        raise EnvironmentContractError(f"{where} returned done={_show(done)}; expected True or False")
+    return checked_messages(messages, where), done
+
+
+def _show(value: Any) -> str:
+    """A short description of a value in an error message."""
+    text = repr(value)
+    return f"a {type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def render(

@@ -13,6 +13,8 @@ tool calls and results: `ToolEnvironment` does; the assistant message then carri
 `tool_calls`). An environment may define `tool_specs` (JSON-schema dicts) for the chat template and
 `chat_template_kwargs` (more template variables, e.g. {"enable_thinking": False} for Qwen3: every
 rendering of the episode gets them).
+Anything else than a list of message dicts from `reset` or a tuple (messages, bool) from `step` is an
+EnvironmentContractError naming the method (one line); what the environment raises keeps its traceback.
 A template without tool support (minigrpo.tools.renders_tool_calls is False, e.g. SmolLM2's) keeps
 the calls in the assistant's content instead, and ToolEnvironment answers in a user message
 (minigrpo/tools/render.py says why); the tools must then be described in the system prompt. A turn
@@ -20,16 +22,16 @@ whose calls the template refuses (Llama-3.1's raises on two calls in one turn) k
 content likewise, rather than ending the run.
 Reward functions see the whole episode through `episode_columns` (messages, tool calls, results).
 
-Turn-taking: all live episodes take their next turn together, in ONE `generate` call per turn, so
-any Sampler works (the own KV-cache sampler, vLLM). Each prompt is the episode so far as token ids:
-the opening messages rendered with the chat template and the generation prompt, then every segment
-since. The calls go to a session of the sampler where it offers one (sampling/base.py: the own
-sampler keeps each episode's KV cache between turns and prefills only the new tokens; an episode
-that ends leaves it), else to the sampler (vLLM's prefix cache reuses the history itself). Turn k
-of the episode with global row id i draws with the noise stream `(*key, k)` and row id i, so a row
-draws what it draws whichever rows share its batch (split invariance: ranks, waves, a row alone)
-and whether its history was prefilled again or found in a session. The sampler's stop ids and
-strings end a turn.
+Turn-taking: all live episodes take their next turn together, in one `generate` call per turn (more
+only where a row would decode past the model's positions: `_call_groups`), so any Sampler works (the
+own KV-cache sampler, vLLM). Each prompt is the episode so far as token ids: the opening messages
+rendered with the chat template and the generation prompt, then every segment since. The calls go
+to a session of the sampler where it offers one (sampling/base.py: the own sampler keeps each
+episode's KV cache between turns and prefills only the new tokens; an episode that ends leaves it),
+else to the sampler (vLLM's prefix cache reuses the history itself). Turn k of the episode with
+global row id i draws with the noise stream `(*key, k)` and row id i, so a row draws what it draws
+whichever rows share its batch (split invariance: ranks, waves, a row alone) and whether its history
+was prefilled again or found in a session. The sampler's stop ids and strings end a turn.
 
 The layout (`episodes_to_rollout`): the Rollout's prompt is the opening prompt; its completion is
 the episode's segments concatenated, right padded: model tokens, environment tokens, model tokens,
@@ -63,7 +65,17 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from minigrpo.chat_template import ChatTemplateError
-from minigrpo.episode_text import LayoutError, environment_text, episode_template, render
+from minigrpo.episode_text import (
+    EnvironmentContractError,
+    LayoutError,
+    checked_messages,
+    checked_step,
+    environment_text,
+    episode_template,
+    opening_messages,
+    render,
+)
+from minigrpo.prompt_fit import position_limit
 from minigrpo.sampling.base import Sampler, session_of
 from minigrpo.sampling.params import SamplingParams
 from minigrpo.sampling.rollout import Rollout, left_pad
@@ -87,6 +99,7 @@ __all__ = [
     "ENV",
     "MODEL",
     "Environment",
+    "EnvironmentContractError",
     "Episode",
     "LayoutError",
     "Segment",
@@ -182,23 +195,6 @@ class Environment(Protocol):
     def step(self, episode: Episode, text: str) -> tuple[list[Message], bool]:
         """The messages answering the model's turn `text` (episode.turns[-1]), and whether it is over."""
         ...
-
-
-def opening_messages(row: Any, system_prompt: str | None = None) -> list[Message]:
-    """Messages from a row: a data.Example, a text (the user turn), a message list, or a mapping
-    with "messages" or "prompt"; `system_prompt` replaces any system message."""
-    if isinstance(row, Mapping):
-        row = row.get("messages", row.get("prompt"))
-    prompt = getattr(row, "prompt", row)
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, Sequence):
-        messages = [dict(m) for m in prompt]
-    else:
-        raise TypeError(f"cannot make messages from a {type(row).__name__} row")
-    if system_prompt is not None:
-        messages = [{"role": "system", "content": system_prompt}, *(m for m in messages if m.get("role") != "system")]
-    return messages
 
 
 class ToolEnvironment:
@@ -300,43 +296,44 @@ def run_episodes(
     plain = template is not None and not renders_tool_calls(template)  # calls stay in the assistant's text
     episodes = []
     for b, row in enumerate(rows):
-        opening = env.reset(row)
+        opening = checked_messages(env.reset(row), f"{type(env).__name__}.reset()")
         prompt = tokenizer.encode(render(tokenizer, opening, tools, True, variables), add_special_tokens=False)
         episodes += [Episode(row, ids[b * G + j], list(prompt), [dict(m) for m in opening]) for j in range(G)]
     sample_s = env_s = prefill = reused = 0.0
     calls = 0
     # what a turn can span: the longest history (< prompt + budget) and any row's turn after it
     reserve = max(len(e.prompt_ids) for e in episodes) + max_episode_tokens + params.max_new_tokens
+    limit = _position_limit(sampler)
     with session_of(sampler, reserve=reserve, reuse=reuse_cache) as generator:
         for turn in range(max_turns):
             live = [e for e in episodes if e.end is None]
             if not live:
                 break
             caps = [min(params.max_new_tokens, max_episode_tokens - e.num_tokens) for e in live]  # each >= 1
-            prompts = [e.prompt_ids + e.completion_ids for e in live]
-            t1 = time.perf_counter()
-            out = generator.generate(
-                prompts,
-                dataclasses.replace(params, n=1, max_new_tokens=max(caps)),
-                key=None if key is None else (*key, turn),
-                row_ids=[e.row_id for e in live],
-            )
-            sample_s += time.perf_counter() - t1
-            calls += 1
-            prefill += out.stats.get("prefill_tokens", float(sum(len(p) for p in prompts)))
-            reused += out.stats.get("reused_tokens", 0.0)
-            t1 = time.perf_counter()
-            for i, (e, cap) in enumerate(zip(live, caps)):
-                n = int(out.completion_mask[i].sum())
-                toks, logp = out.completion_ids[i, :n].tolist(), out.sampler_logp[i, :n].tolist()
-                stopped = not bool(out.truncated[i])
-                if n > cap:  # the budget cuts this row's turn: the same tokens as sampling only `cap`
-                    toks, logp, stopped = toks[:cap], logp[:cap], False
-                last = turn + 1 == max_turns
-                _take_turn(
-                    e, env, tokenizer, tools, variables, toks, logp, stopped, stop_ids, last, max_episode_tokens, plain
+            lengths = [len(e.prompt_ids) + e.num_tokens for e in live]
+            for group in _call_groups(lengths, caps, limit):
+                rows = [live[i] for i in group]
+                prompts = [e.prompt_ids + e.completion_ids for e in rows]
+                t1 = time.perf_counter()
+                out = generator.generate(
+                    prompts,
+                    dataclasses.replace(params, n=1, max_new_tokens=max(caps[i] for i in group)),
+                    key=None if key is None else (*key, turn),
+                    row_ids=[e.row_id for e in rows],
                 )
-            env_s += time.perf_counter() - t1
+                sample_s += time.perf_counter() - t1
+                calls += 1
+                prefill += out.stats.get("prefill_tokens", float(sum(len(p) for p in prompts)))
+                reused += out.stats.get("reused_tokens", 0.0)
+                t1 = time.perf_counter()
+                for j, i in enumerate(group):
+                    toks, logp, stopped = _row_turn(out, j, caps[i])
+                    last = turn + 1 == max_turns
+                    _take_turn(
+                        live[i], env, tokenizer, tools, variables, toks, logp, stopped, stop_ids, last,
+                        max_episode_tokens, plain,
+                    )  # fmt: skip
+                env_s += time.perf_counter() - t1
     if stats is not None:
         stats.update(
             sample_s=sample_s,
@@ -347,6 +344,39 @@ def run_episodes(
             reused_tokens=reused,
         )
     return episodes
+
+
+def _call_groups(lengths: list[int], caps: list[int], limit: int | None) -> list[list[int]]:
+    """The live rows (their histories' `lengths` and turn `caps`) split into the turn's generate calls.
+    A call decodes every row up to its largest cap: a row with a long history and a small cap left
+    decodes past its own budget, and the call spans its history plus the largest cap. Past the model's
+    position `limit` that is refused (a longrope switch) or rotates the whole batch differently
+    (dynamic NTK), so the rows go in calls that stay within it (one call wherever it fits, or no limit);
+    each row alone fits (the config checks prompt + max_episode_tokens against the limit)."""
+    rest, groups = sorted(range(len(caps)), key=lambda i: -caps[i]), []
+    while rest:
+        cap = caps[rest[0]]  # the largest left: its row comes first
+        fits = [i for i in rest[1:] if limit is None or lengths[i] + cap <= limit]
+        groups.append(sorted([rest[0], *fits]))
+        rest = [i for i in rest[1:] if i not in fits]
+    return groups
+
+
+def _position_limit(sampler: Any) -> int | None:
+    """The positions a call may span on the own sampler's model (prompt_fit.position_limit); None for
+    another sampler (vLLM's max_model_len holds the longest prompt, the budget and one more turn)."""
+    args = getattr(getattr(sampler, "model", None), "args", None)
+    return None if args is None else position_limit(args).positions
+
+
+def _row_turn(out: Rollout, i: int, cap: int) -> tuple[list[int], list[float], bool]:
+    """(tokens, log-probs, stopped) of row i of a turn's rollout, cut to the row's own `cap`: the same
+    tokens as sampling only `cap` (a row's noise does not depend on the call's max_new_tokens)."""
+    n = int(out.completion_mask[i].sum())
+    toks, logp = out.completion_ids[i, :n].tolist(), out.sampler_logp[i, :n].tolist()
+    if n > cap:
+        return toks[:cap], logp[:cap], False
+    return toks, logp, not bool(out.truncated[i])
 
 
 def _take_turn(
@@ -373,7 +403,7 @@ def _take_turn(
         e.messages.append({"role": "assistant", "content": text})
         e.end = "budget" if e.num_tokens >= max_episode_tokens else "turn_length"
         return
-    new, done = env.step(e, text)
+    new, done = checked_step(env.step(e, text), f"{type(env).__name__}.step()")
     calls = e.turns[-1].tool_calls
     assistant = assistant_message(text, calls, plain=plain)
     e.turns[-1].env_messages = list(new)

@@ -502,6 +502,25 @@ def test_calculator_refuses(expression, message):
     assert message in str(info.value)
 
 
+def test_a_tool_result_of_any_value_is_text():
+    """A tool returning its own ToolResult with a dict as content crashed the run (TypeError from the
+    text check) and a dict with tuple keys, which JSON cannot write, was a failed call: both are now
+    text, the first as JSON keeping the tool's verdict, the second through str()."""
+
+    def verdict(x: int) -> ToolResult:
+        return ToolResult({"value": x, "unit": "m"}, False, "range")
+
+    def pairs(x: int) -> dict:
+        return {(1, 2): x}
+
+    r = call_tool(Tool.from_function(verdict), ToolCall("verdict", {"x": 3}, ""))
+    assert r == ToolResult('{"value": 3, "unit": "m"}', False, "range", "verdict")
+    cut = call_tool(Tool.from_function(verdict), ToolCall("verdict", {"x": 3}, ""), max_chars=10)
+    assert cut.content == '{"value": ' + "\n... [truncated: 15 more characters]"
+    p = call_tool(Tool.from_function(pairs), ToolCall("pairs", {"x": 3}, ""))
+    assert p == ToolResult("{(1, 2): 3}", True, None, "pairs")
+
+
 def test_call_tool_results_and_failures():
     tools = {t.name: t for t in TOOLS}
     ok = call_tool(tools["add"], ToolCall("add", {"a": 2, "b": 3}, ""))
@@ -653,6 +672,34 @@ print(open("inside.txt").read(), os.listdir("."), os.environ["HOME"] == os.getcw
     ]
     assert lines[5] == "ok ['inside.txt'] True False"
     assert not outside.exists()
+
+
+def test_sandbox_counts_relative_paths_from_where_the_code_moved(tmp_path):
+    """A relative path was checked as if the code still stood in its working directory: after
+    os.chdir to another folder, open("x", "w") wrote there (the sandbox promises no writes outside).
+    It now counts from the current directory: refused outside, allowed in a subfolder of its own."""
+    code = f"""
+import os
+os.mkdir("sub")
+os.chdir("sub")
+open("inner.txt", "w").write("in")
+os.chdir({str(tmp_path)!r})
+for attempt in (lambda: open("escape.txt", "w"), lambda: os.mkdir("escaped"), lambda: os.remove("keep.txt")):
+    try:
+        attempt()
+        print("allowed")
+    except PermissionError as e:
+        print("refused:", str(e).split(":")[1].strip())
+"""
+    (tmp_path / "keep.txt").write_text("kept")
+    run = run_python(code)
+    assert run.exit_status == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "refused: writing outside the working directory is not allowed",
+        "refused: os.mkdir outside the working directory is not allowed",
+        "refused: os.remove outside the working directory is not allowed",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
 # ----------------------------------------------------------------------------- rendering

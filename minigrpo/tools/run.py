@@ -4,10 +4,11 @@
     results = run_tool_calls(calls, tools)            # the calls of one turn, ToolCallErrors included
     stats.add(results); stats.metrics()               # {"tools/calls": ..., "tools/timeouts": ...}
 
-A tool's return value becomes text: a str as is, dicts / lists / numbers / bools / None as JSON,
-anything else through str(). A tool may also return a ToolResult itself (the Python sandbox does, to
-report a failed run with its output). An exception becomes `error: <Type>: <message>` (no traceback:
-the model needs the message, not our stack); a call that exceeds `timeout_s` is abandoned (it runs
+A tool's return value becomes text: a str as is, dicts / lists / numbers / bools / None as JSON
+(str() where JSON cannot write them), anything else through str(). A tool may also return a
+ToolResult itself (the Python sandbox does, to report a failed run with its output); its content
+becomes text the same way. An exception becomes `error: <Type>: <message>` (no traceback: the model
+needs the message, not our stack); a call that exceeds `timeout_s` is abandoned (it runs
 in a daemon thread, which Python cannot kill, so a tool that may hang should enforce its own limit,
 as the sandbox does with a process). Content is cut to `max_chars` with a note saying how much went.
 
@@ -72,14 +73,15 @@ def _call_tool(
     if status == "error":
         message = f"{type(value).__name__}: {value}" if str(value) else type(value).__name__
         return ToolResult(truncate(f"error: {message}", max_chars), False, "exception", tool.name)
-    if isinstance(value, ToolResult):
-        return dataclasses.replace(value, content=truncate(value.content, max_chars), name=value.name or tool.name)
+    name = value.name if isinstance(value, ToolResult) and isinstance(value.name, str) and value.name else tool.name
     try:
-        text = to_text(value)
+        text = to_text(value.content if isinstance(value, ToolResult) else value)
     except Exception as e:  # e.g. an int past Python's digit limit: the tool's result, not the run, fails
         message = f"error: the result cannot be written as text ({type(e).__name__}: {e})"
-        return ToolResult(truncate(message, max_chars), False, "exception", tool.name)
-    return ToolResult(truncate(text, max_chars), True, None, tool.name)
+        return ToolResult(truncate(message, max_chars), False, "exception", name)
+    if isinstance(value, ToolResult):  # the tool's own verdict, its content as text (any value, as a return)
+        return dataclasses.replace(value, content=truncate(text, max_chars), name=name)
+    return ToolResult(truncate(text, max_chars), True, None, name)
 
 
 def run_tool_calls(
@@ -124,7 +126,7 @@ def to_text(value: Any) -> str:
     if value is None or isinstance(value, (dict, list, tuple, bool, int, float)):
         try:
             return json.dumps(value, ensure_ascii=False, default=str)
-        except ValueError:  # a circular structure
+        except (ValueError, TypeError):  # a circular structure, keys JSON cannot write (tuples)
             return str(value)
     return str(value)
 

@@ -17,7 +17,8 @@ packages, so only the standard library imports; no .pyc writing) in its own sess
 - an audit hook (`sys.addaudithook`, installed by the bootstrap before the code runs, and not
   removable from Python) that refuses socket events (no network), starting processes (subprocess,
   os.system / exec / fork / spawn: a child would not carry the hook), ctypes, changing rlimits, and
-  opening for writing, removing, renaming or creating files outside the working directory.
+  opening for writing, removing, renaming or creating files outside the working directory (a relative
+  path counts from the code's current directory, wherever os.chdir took it).
 
 What this does NOT guarantee: an audit hook is not a security boundary. It stops ordinary Python code
 (a model's mistakes, a careless `open('/etc/x', 'w')`, `urllib.request.urlopen`), but hostile code can
@@ -79,7 +80,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 def _inside(path, _work=_work):
     if isinstance(path, int):
         return True  # an open file descriptor
-    full = os.path.realpath(os.path.join(_work, os.fsdecode(path)))
+    full = os.path.realpath(os.fsdecode(path))  # a relative path from the current directory (os.chdir moves it)
     return full == _work or full.startswith(_work + os.sep)
 
 def _audit(event, args, _blocked=_BLOCKED, _path_args=_PATH_ARGS, _write=_WRITE_FLAGS, _inside=_inside, _me=[]):
