@@ -40,7 +40,7 @@ from minigrpo.build import compute_dtype, load_policy, pick_device, sampling_par
 from minigrpo.checkpoint import CheckpointError, check_writable, list_checkpoints, verify_checkpoint
 from minigrpo.config import Config, load_config
 from minigrpo.data import Example, batch_columns, build_dataset, build_messages, encode_prompts
-from minigrpo.distributed import World
+from minigrpo.distributed import World, env_world_size
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
 from minigrpo.episodes import Episode, episode_columns, run_episodes
 from minigrpo.errors import ArgumentParser, UserError, run_cli
@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _main(argv: list[str] | None) -> dict[str, Any]:
     args = parse_args(argv)
+    if env_world_size() > 1:  # every rank would score the whole split and write --output
+        raise UserError("python -m minigrpo.eval runs in one process; launch it without torchrun")
     ckpt = Path(args.checkpoint)
     picked = run_folder_pick(ckpt)
     if picked is not None:  # a run folder: its newest intact checkpoint, or its final model

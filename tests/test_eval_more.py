@@ -158,3 +158,10 @@ def test_reward_functions_see_the_conversation_the_policy_saw(run):
     specs = evaluation.rewards.build_reward_specs([RewardSpec(name="helpers.reward_fns:sees_system_prompt")])
     results = evaluation.evaluate(cfg, model.eval(), tokenizer, examples, specs=specs)
     assert results["reward"] == 1.0
+
+
+def test_eval_under_torchrun_is_one_line(run, monkeypatch):
+    """Every rank would score the whole split and write --output: refused before anything loads."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(evaluation.UserError, match=r"^python -m minigrpo.eval runs in one process; launch it"):
+        evaluation._main(["--checkpoint", str(run), *ARGS])
