@@ -13,6 +13,8 @@ import math
 import re
 from typing import Any
 
+from minigrpo.answer_arithmetic import evaluate
+
 # 1,234.5 | 12.5 | .5 | 2.5e-3, signed by "-" or "\u2212" (unicode minus) unless after a word character ("9-5" is
 # 9 and 5); an exponent counts only when no word character follows it ("3e5" is 300000, "3e5x" is not). Thousands
 # groups are 3 digits and no more ("1,2345" is 1 and 2345), split by "," or a typographic space (no-break, thin,
@@ -291,11 +293,15 @@ def _last_number(text: str) -> str | None:
 
 
 def reference_answer(answer: Any) -> str | None:
-    """The reference answer as text; a full GSM8K solution is cut to what follows its "####"."""
+    """The reference answer as text: a full GSM8K solution cut to what follows its "####", a full MATH
+    solution to the content of its last \\boxed{...}."""
     if answer is None or (isinstance(answer, float) and not math.isfinite(answer)):  # a missing cell read as NaN
         return None
     answer = str(answer)
-    return answer.rsplit("####", 1)[1].strip() if "####" in answer else answer.strip()
+    if "####" in answer:
+        return answer.rsplit("####", 1)[1].strip()
+    boxed = _last_boxed(answer) if "boxed" in answer else None
+    return (answer if boxed is None else boxed).strip()
 
 
 # a percent: "50%", "50\\%", "50 percent"
@@ -414,87 +420,3 @@ def _same_items(p: tuple[str, str, list[str]], r: tuple[str, str, list[str]]) ->
             left.pop(match)
         return True
     return (p_open, p_close) == (r_open, r_close) and all(answers_match(a, b) for a, b in zip(p_items, r_items))
-
-
-# the tokens of arithmetic on numbers: numbers, \\pi, \\sqrt, \\frac, operators and brackets
-_TOKEN = re.compile(r"\d+(?:\.\d+)?|\.\d+|\\(?:pi|sqrt|frac|cdot|times)(?![a-z])|[-+*/^(){}\[\]]")
-
-
-def evaluate(s: str) -> float | None:
-    """The value of a canonical answer that is arithmetic on numbers, \\pi, \\sqrt{..} (\\sqrt[n]{..}) and
-    \\frac{..}{..} ("\\frac{\\sqrt{3}}{2}", "2\\pi", "3^{2}"); None for anything else (a variable, a function,
-    an equation) and for what has no finite value."""
-    tokens = _TOKEN.findall(s) if len(s) <= 200 else []
-    if not tokens or "".join(tokens) != s:
-        return None
-    try:
-        parser = _Arithmetic(tokens)
-        value = parser.sum()
-    except (ValueError, ZeroDivisionError, OverflowError, RecursionError, IndexError, TypeError):
-        return None
-    finite = isinstance(value, float) and math.isfinite(value)  # (-8)^{1/3} is complex in Python: no answer
-    return value if parser.peek() is None and finite else None
-
-
-class _Arithmetic:
-    """Recursive descent over tokens: sum = product (+|- product)*, product = signed (op signed | signed)*, signed
-    = (+|-)* power, power = atom (^ signed)?, atom = number | \\pi | \\sqrt | \\frac | (sum) | {sum}."""
-
-    def __init__(self, tokens: list[str]) -> None:
-        self.tokens, self.i = tokens, 0
-
-    def peek(self) -> str | None:
-        return self.tokens[self.i] if self.i < len(self.tokens) else None
-
-    def take(self, expected: str | None = None) -> str:
-        token, self.i = self.tokens[self.i], self.i + 1
-        if expected not in (None, token):
-            raise ValueError(f"expected {expected}")
-        return token
-
-    def sum(self) -> float:
-        value = self.product()
-        while self.peek() in ("+", "-"):
-            value = value + self.product() if self.take() == "+" else value - self.product()
-        return value
-
-    def product(self) -> float:
-        value = self.signed()
-        while self.peek() is not None and self.peek() not in ("+", "-", ")", "}", "]", "^"):
-            op = self.take() if self.peek() in ("*", "/", "\\cdot", "\\times") else "*"  # "2\\pi": a product
-            value = value / self.signed() if op == "/" else value * self.signed()
-        return value
-
-    def signed(self) -> float:
-        if self.peek() in ("+", "-"):
-            return -self.signed() if self.take() == "-" else self.signed()
-        return self.power()
-
-    def power(self) -> float:
-        base = self.atom()
-        return base ** self.signed() if self.peek() == "^" and self.take() else base
-
-    def root_degree(self) -> float:
-        """n of \\sqrt[n]{..}, 2 without it."""
-        if self.peek() != "[":
-            return 2.0
-        self.take()
-        degree = self.sum()
-        self.take("]")
-        return degree
-
-    def atom(self) -> float:
-        token = self.take()
-        if token in ("(", "{"):
-            value = self.sum()
-            self.take(")" if token == "(" else "}")
-            return value
-        if token == "\\pi":
-            return math.pi
-        if token == "\\sqrt":
-            degree = self.root_degree()
-            radicand = self.atom()  # below 0: math.sqrt raises, a power is complex (no answer)
-            return math.sqrt(radicand) if degree == 2 else radicand ** (1 / degree)
-        if token == "\\frac":
-            return self.atom() / self.atom()
-        return float(token)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from minigrpo.answers import answer_number, answers_match, evaluate, extract_answer, to_number
+from minigrpo.answers import answer_number, answers_match, evaluate, extract_answer, reference_answer, to_number
 from minigrpo.reward_fns import correctness, int_answer, strict_format, xml_count
 
 
@@ -90,6 +90,19 @@ def test_forms_that_must_stay_wrong(pred, ref):
 def test_multiple_choice_letters(pred, ref, match):
     assert answers_match(pred, ref) is match
     assert call(correctness, [f"The answer is $\\boxed{{{pred}}}$"], [ref]) == [2.0 * match]
+
+
+MATH_SOLUTION = r"Its height is $\frac{\sqrt{3}}{2}$, so the area is $\boxed{\frac{\sqrt{3}}{4}}$."
+
+
+def test_a_full_math_solution_as_the_reference_is_its_last_box():
+    """MATH-style datasets give the worked solution (answer_field: solution): the reference is its last
+    \\boxed{...}, as a GSM8K solution's is what follows its "####"."""
+    assert reference_answer(MATH_SOLUTION) == r"\frac{\sqrt{3}}{4}"
+    assert answers_match(r"\frac{\sqrt3}{4}", MATH_SOLUTION) and answers_match("0.4330127018922193", MATH_SOLUTION)
+    assert not answers_match(r"\frac{\sqrt{3}}{2}", MATH_SOLUTION)
+    assert answers_match("(1,2)", r"The point is $\boxed{(1, 2)}$.") and reference_answer("18") == "18"
+    assert correctness([""], [r"... so \boxed{\dfrac{\sqrt{3}}{4}}"], [MATH_SOLUTION]) == [2.0]
 
 
 def test_a_stated_choice_letter_is_the_answer():
