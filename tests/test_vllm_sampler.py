@@ -1305,7 +1305,10 @@ def test_engine_arguments_the_contract_rests_on_are_refused_and_min_p_with_top_p
     for key, value in (("logprobs_mode", "raw_logprobs"), ("max_model_len", 32), ("dtype", "bfloat16")):
         with pytest.raises(SamplingError, match=rf"^engine_kwargs\['{key}'\] is set by VLLMSampler itself"):
             VLLMSampler(model, None, max_model_len=64, engine_kwargs={key: value})
-    cfg = load_config(None, ["sampler.kind=vllm", "sampler.top_p=0.9", "sampler.min_p=0.05"])
+    with pytest.raises(ConfigError, match=r"sampler.min_p=0.05 with sampler.top_p=0.9 cannot be sampled by vLLM"):
+        load_config(None, ["sampler.kind=vllm", "sampler.top_p=0.9", "sampler.min_p=0.05"])  # as the config loads
+    cfg = load_config(None, ["sampler.kind=vllm", "sampler.top_p=0.9"])
+    cfg.sampler.min_p = 0.05  # a config edited after its checks: the sampler refuses it too
     with pytest.raises(ConfigError, match=r"^sampler.min_p=0.05 with top_p=0.9 cannot be sampled by vLLM"):
         VLLMSampler.from_config(cfg, model, None)
 
