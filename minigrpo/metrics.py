@@ -9,7 +9,8 @@ One MetricsLogger per run (only the main rank has enabled=True). Per step, `log(
     every 20 rows);
   - redraws run_dir/curves.png every `plot_every` steps and at close (minigrpo.plot, with matplotlib;
     without it one note says that plots are off and how to get them);
-  - mirrors the scalars to TensorBoard / W&B when enabled and installed.
+  - mirrors the scalars to TensorBoard / W&B when enabled and installed (W&B logs offline, with one note,
+    when it cannot log online: no API key, no network).
 
 The table answers "why is the loss 0?" at a glance: zero% is the share of groups whose rewards have
 no spread (zero advantage, no policy gradient), fail counts reward-function failures and timeouts,
@@ -53,6 +54,44 @@ from minigrpo.plot import PLOTS_OFF, Panel, matplotlib_available, write_line_plo
 SAMPLE_PROMPT_CHARS = 200  # the tail of the prompt shown with a sample
 SAMPLE_COMPLETION_CHARS = 2000  # longer completions are shown with their middle elided
 _FAIL_KEY = re.compile(r"reward/[^/]+/(failures|timeouts)")
+
+# The curves.png panels after the reward one: (title, y axis down to 0, [(series name, metric keys: the first
+# one a record has is drawn)]). GRPO's panels first, then those of multi-turn episodes (env:), PPO's critic
+# and online DPO's pairs; a panel appears only when a run logs one of its metrics.
+PANELS: list[tuple[str, bool, list[tuple[str, tuple[str, ...]]]]] = [
+    ("completion length", True, [("mean", ("completion_len_mean",)), ("max", ("completion_len_max",))]),
+    ("KL", True, [("kl", ("kl", "ppo/kl"))]),  # PPO: the per-token penalty's KL to the reference
+    (
+        "clip fraction",
+        True,
+        [
+            ("low", ("clip_low_frac",)),
+            ("high", ("clip_high_frac",)),
+            ("region", ("clip_region_frac",)),
+            ("policy", ("ppo/clip_frac",)),
+            ("value", ("ppo/value_clip_frac",)),
+        ],
+    ),
+    (
+        "zero spread, truncated",
+        True,
+        [("zero-spread groups", ("frac_zero_spread",)), ("truncated", ("truncated_frac",))],
+    ),
+    ("loss", False, [("loss", ("loss",))]),
+    ("entropy", True, [("entropy", ("entropy",))]),
+    ("grad norm", True, [("grad_norm", ("grad_norm",)), ("critic", ("ppo/value_grad_norm",))]),
+    (
+        "episodes: tool use",
+        True,
+        [("tool-use share", ("env/tool_use_frac",)), ("tool failures", ("env/tool_failure_frac",))],
+    ),
+    ("episodes: per episode", True, [("turns", ("env/turns_mean",)), ("tool calls", ("env/tool_calls_mean",))]),
+    ("PPO critic: value loss", True, [("value loss", ("ppo/value_loss",))]),
+    ("PPO critic: explained variance", True, [("explained variance", ("ppo/explained_variance",))]),
+    ("online DPO: preference accuracy", True, [("accuracy", ("dpo/accuracy",))]),
+    ("online DPO: margin", True, [("margin", ("dpo/margin",))]),
+    ("online DPO: pairs", True, [("pairs", ("dpo/pairs",)), ("ties", ("dpo/ties",))]),
+]
 
 
 def _to_float(v: Any) -> float | None:
@@ -217,9 +256,22 @@ class MetricsLogger:
         if not id_file.exists():
             id_file.write_text(uuid.uuid4().hex[:12])
         run_id = id_file.read_text().strip()
-        return wandb.init(
-            project=project or "minigrpo", config=config, dir=str(self.run_dir), id=run_id, resume="allow"
+        kwargs = {"project": project or "minigrpo", "config": config, "dir": str(self.run_dir), "id": run_id}
+        try:
+            return wandb.init(**kwargs, resume="allow")
+        except Exception as e:  # no API key, no network: W&B's own error must not end the run
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        try:
+            run = wandb.init(**kwargs, resume="allow", mode="offline")
+        except Exception as e:
+            msg = f"log.wandb is on but W&B did not start ({reason}; offline: {e!r}); continuing without it"
+            warnings.warn(msg, MissingBackendWarning, stacklevel=3)
+            return None
+        self._write(
+            f"note: W&B could not log online ({reason}); logging offline to {self.run_dir / 'wandb'} "
+            "(upload it later with `wandb sync`)."
         )
+        return run
 
     # ---- files --------------------------------------------------------------------------------------
     def _append(self, path: Path, record: dict) -> None:
@@ -333,44 +385,18 @@ class MetricsLogger:
 
     # ---- curves -------------------------------------------------------------------------------------
     def panels(self) -> list[Panel]:
-        """The curves.png panels for the records so far; panels and series without data are left out."""
+        """The curves.png panels for the records so far (PANELS, then per-function rewards in the first);
+        panels and series without data are left out."""
         recs = self._records
         steps = [r["step"] for r in recs]
         keys = list(dict.fromkeys(k for r in recs for k in r))
-        total = "reward" if "reward" in keys else "reward/total"
-        spec = [
-            ("reward", False, [("total", total)] + [(fn, f"reward/{fn}") for fn in reward_function_names(keys)]),
-            ("completion length", True, [("mean", "completion_len_mean"), ("max", "completion_len_max")]),
-            ("KL", True, [("kl", "kl")]),
-            (
-                "clip fraction",
-                True,
-                [("low", "clip_low_frac"), ("high", "clip_high_frac"), ("region", "clip_region_frac")],
-            ),
-            (
-                "zero spread, truncated",
-                True,
-                [("zero-spread groups", "frac_zero_spread"), ("truncated", "truncated_frac")],
-            ),
-            ("loss", False, [("loss", "loss")]),
-            ("entropy", True, [("entropy", "entropy")]),
-            ("grad norm", True, [("grad_norm", "grad_norm")]),
-            (  # multi-turn episodes (env:) only
-                "episodes: tool use",
-                True,
-                [("tool-use share", "env/tool_use_frac"), ("tool failures", "env/tool_failure_frac")],
-            ),
-            (
-                "episodes: per episode",
-                True,
-                [("turns", "env/turns_mean"), ("tool calls", "env/tool_calls_mean")],
-            ),
-        ]
+        per_function = [(fn, (f"reward/{fn}",)) for fn in reward_function_names(keys)]
+        rewards = [("total", ("reward", "reward/total")), *per_function]
         panels = []
-        for title, include_zero, series in spec:
+        for title, include_zero, series in [("reward", False, rewards), *PANELS]:
             data = {}
-            for name, key in series:
-                ys = [_to_float(r.get(key)) for r in recs]
+            for name, candidates in series:
+                ys = [_to_float(next((r[k] for k in candidates if k in r), None)) for r in recs]
                 if any(y is not None and math.isfinite(y) for y in ys):
                     data[name] = (steps, [math.nan if y is None else y for y in ys])
             if data:

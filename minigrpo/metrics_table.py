@@ -29,7 +29,10 @@ def _short_sci(v: float, digits: int) -> str:
 
 
 def si(v: float, digits: int = 1) -> str:
-    """A count with an SI suffix: 12345 -> "12.3k", 999999 -> "1.0M" (the suffix is picked after rounding)."""
+    """A count with an SI suffix: 12345 -> "12.3k", 999999 -> "1.0M" (the suffix is picked after rounding);
+    NaN and +-inf as "nan", "inf", "-inf"."""
+    if not math.isfinite(v):
+        return str(v)
     if abs(round(v)) < 1e4:
         return f"{v:.0f}"
     for scale, suffix in ((1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T"), (1e15, "P")):
@@ -122,14 +125,25 @@ def reward_function_names(keys: list[str]) -> list[str]:
     return [k[7:] for k in keys if k.startswith("reward/") and "/" not in k[7:] and k[7:] not in _NOT_PER_FN]
 
 
+def reward_headers(names: list[str]) -> list[str]:
+    """Distinct column headers of at most 8 characters for reward-function names: the function's own name
+    (`pkg.module:fn` -> fn), cut to 8; names that would share a header keep their first 4 and last 3
+    characters ("correctness_strict" -> "corr~ict"), numbered when even those agree."""
+    short = [name.rsplit(":", 1)[-1] or name for name in names]
+    heads = [n[:8] for n in short]
+    heads = [n[:4] + "~" + n[-3:] if len(n) > 8 and heads.count(h) > 1 else h for n, h in zip(short, heads)]
+    return [f"{h[:6]}{i + 1}" if heads.count(h) > 1 else h for i, h in enumerate(heads)]
+
+
 def table_columns(keys: list[str], *, max_width: int = MAX_WIDTH) -> list[Column]:
     """The columns for the metric names seen so far: preferred ones present, then per-function rewards
-    (header = the name, cut to 8 characters) while the row fits in max_width."""
+    (headers from reward_headers) while the row fits in max_width."""
     present = set(keys)
     cols = [c for c in COLUMNS if present.intersection(c.keys)]
     width = sum(c.width + 1 for c in cols) - 1
-    for name in reward_function_names(keys):
-        col = Column(name[:8], (f"reward/{name}",), max(len(name[:8]), 6), lambda v: f"{v:.3f}")
+    names = reward_function_names(keys)
+    for name, header in zip(names, reward_headers(names)):
+        col = Column(header, (f"reward/{name}",), max(len(header), 6), lambda v: f"{v:.3f}")
         if width + 1 + col.width > max_width:
             break
         cols.append(col)

@@ -62,9 +62,13 @@ def _series(name: str, xs: Sequence[float], ys: Sequence[float]) -> tuple[np.nda
 
 
 def _draw_panel(ax, panel: Panel) -> None:
-    """Title, one line per series (a finite point between gaps gets a dot), legend, grid."""
+    """Title, one line per series (a finite point between gaps gets a dot), legend, grid; x ticks on whole
+    numbers (x is a step: no "step 1.5", and a one-step run gets one tick, not 0.96 ... 1.04)."""
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_title(panel.title, fontsize="medium")
-    drawn = False
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    drawn, x_drawn = False, []
     for i, (name, (xs, ys)) in enumerate(panel.series.items()):
         x, y = _series(name, xs, ys)
         color = f"C{i % 10}"
@@ -74,9 +78,12 @@ def _draw_panel(ax, panel: Panel) -> None:
         if lone.any():
             ax.plot(x[lone], y[lone], "o", color=color, markersize=3)
         drawn = drawn or bool(ok.any())
+        x_drawn += x[ok].tolist()
     if not drawn:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.4")
         return
+    if min(x_drawn) == max(x_drawn):  # one step: a step either side, not matplotlib's +-4% (fractional ticks)
+        ax.set_xlim(x_drawn[0] - 1, x_drawn[0] + 1)
     if panel.include_zero:
         lo, hi = ax.get_ylim()
         ax.set_ylim(min(lo, 0.0), max(hi, 0.0))

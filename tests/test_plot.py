@@ -146,3 +146,13 @@ def test_without_matplotlib(tmp_path: Path, monkeypatch):
         write_line_plots(tmp_path / "curves.png", [Panel("p", {"a": ([0], [1.0])})])
     assert str(e.value) == PLOTS_OFF and "pip install matplotlib" in PLOTS_OFF and "minigrpo[plots]" in PLOTS_OFF
     assert not (tmp_path / "curves.png").exists()
+
+
+@needs_matplotlib
+@pytest.mark.parametrize(("steps", "ticks"), [([7], [6, 7, 8]), ([1, 2, 3], [1, 2, 3])])
+def test_x_ticks_are_whole_steps(steps, ticks):
+    """x is an optimizer step: one step or three get whole-number ticks (not 6.94 ... 7.06, nor 1.5)."""
+    fig = draw_figure([Panel("loss", {"loss": (steps, [0.5] * len(steps))})])
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    assert [float(t) for t in ax.get_xticks() if lo <= t <= hi] == ticks
