@@ -17,6 +17,9 @@ weights. A LoRA checkpoint folder (adapter_config.json) is applied to the base m
 config names. Tensors are computed, quantized and written one at a time (memory: the model plus one
 tensor), into a temporary file renamed into place when complete.
 
+A run folder (run_dir, or run_dir/checkpoints) given as --checkpoint stands for its newest intact
+checkpoint, else its final model (merged/, model/); the folder exported is printed.
+
 The command line checks every argument before any weight loads: a folder that is no checkpoint, an
 unknown export type, an output that cannot be written, a model or tokenizer GGUF cannot describe are
 each one `error:` line and exit status 2.
@@ -52,6 +55,8 @@ from minigrpo.models.gguf_write import (
 )
 
 QUANT_CHOICES = tuple(QUANT_TYPES)
+# the model folders a run writes beside its config.yaml: a LoRA run's merged export, an SFT run's model
+RUN_OUTPUTS = ("merged", "model")
 
 
 def _check_quant(quant: str) -> None:
@@ -99,7 +104,7 @@ def save_gguf(
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_type("model")
-        writer.add_name(name or path.name.split(".")[0])
+        writer.add_name(name or model_name(path))
         add_model_metadata(writer, args, arch)
         writer.add_file_type(int(QUANT_TYPES[quant][0]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -128,10 +133,23 @@ def save_gguf(
 
 def parse_args(argv: Sequence[str] | None):
     parser = ArgumentParser(prog="minigrpo.export", description="Export a checkpoint to GGUF (llama.cpp, Ollama)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder (full or LoRA), .gguf file or hub id")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint folder (full or LoRA), run folder (its newest intact checkpoint), .gguf file or hub id",
+    )
     parser.add_argument("--gguf", default="q8_0", choices=QUANT_CHOICES, help="export type (default: q8_0)")
     parser.add_argument("--out", default=None, help="output file (default: <checkpoint>.<type>.gguf next to it)")
     return parser.parse_args(argv)
+
+
+def model_name(path: Path) -> str:
+    """general.name from the file name: `Qwen2.5-0.5B-grpo.q4_k_m.gguf` -> `Qwen2.5-0.5B-grpo` (the
+    `.gguf` suffix and an export type's go; the dots of a model's own name stay)."""
+    stem = path.name.removesuffix(".gguf")
+    for quant in QUANT_CHOICES:
+        stem = stem.removesuffix(f".{quant}")
+    return stem or path.name
 
 
 def default_output(checkpoint: str, quant: str) -> Path:
@@ -157,11 +175,47 @@ def output_problem(out: Path) -> str | None:
     return None if problem is None else f"{out}: cannot write in {folder} ({problem})"
 
 
-def check_output(out: Path) -> None:
-    """A UserError unless `out` names a file that can be created in an existing, writable folder."""
-    problem = output_problem(out)
+def check_output(out: str | Path) -> None:
+    """A UserError unless `out` names a file that can be created in an existing, writable folder; an
+    `--out exports/` (a trailing separator: meant as a folder) is one too, not a file named `exports`."""
+    text = str(out)
+    if text.endswith(("/", os.sep)) and not Path(text).is_dir():
+        raise UserError(f"--out {text} names a folder; name a file, e.g. {Path(text) / 'model.gguf'}")
+    problem = output_problem(Path(out))
     if problem is not None:
         raise UserError(f"--out {problem}")
+
+
+def run_folder_pick(folder: Path) -> Path | None:
+    """What a run folder (run_dir, or run_dir/checkpoints) given as --checkpoint exports: its newest intact
+    checkpoint (a newer one cut short is passed over, as a resume would), else its final model (a LoRA
+    run's merged/, an SFT run's model/). None for a folder that is no run's (a model folder, a hub id).
+    A run with nothing to export is one line: no checkpoint at all, or every checkpoint broken."""
+    from minigrpo.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
+
+    if not folder.is_dir() or (folder / "config.json").exists() or (folder / "adapter_config.json").exists():
+        return None
+    run_dir = folder.parent if folder.name == "checkpoints" and list_checkpoints(folder.parent) else folder
+    found = list_checkpoints(run_dir)
+    finals = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name / "config.json").is_file()]
+    if not found and not finals and not (run_dir / "metrics.jsonl").is_file():
+        return None  # no run's folder: check_model_source names what it lacks
+    broken: list[CheckpointError] = []
+    for _, path in reversed(found):  # newest first
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            broken.append(e)
+            continue
+        return path
+    if finals:
+        return finals[0]
+    if broken:
+        raise UserError(f"--checkpoint {folder}: a run folder whose checkpoints are all broken (newest: {broken[0]})")
+    raise UserError(
+        f"--checkpoint {folder}: a run folder with nothing to export (no checkpoints/step_* folder, no final "
+        f"{' or '.join(RUN_OUTPUTS)} folder)"
+    )
 
 
 def _adapter_base(checkpoint: Path) -> tuple[str, str | None]:
@@ -215,8 +269,12 @@ def _main(argv: Sequence[str] | None) -> Path:
 
     args = parse_args(argv)
     ckpt = Path(args.checkpoint).expanduser()
+    picked = run_folder_pick(ckpt)
+    if picked is not None:  # a run folder: its newest intact checkpoint, or its final model
+        print(f"{args.checkpoint} is a run folder: exporting {picked}")
+        ckpt, args.checkpoint = picked, str(picked)
+    check_output(args.out or default_output(args.checkpoint, args.gguf))
     out = Path(args.out) if args.out else default_output(args.checkpoint, args.gguf)
-    check_output(out)
     adapter = (ckpt / "adapter_config.json").is_file()
     own_tokenizer = ckpt if adapter and (ckpt / "tokenizer.json").is_file() else None
     source, revision = _adapter_base(ckpt) if adapter else (args.checkpoint, None)

@@ -71,7 +71,10 @@ def _fit_affine(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         sqq, sqx = (q * q).sum(1, keepdims=True), (q * x).sum(1, keepdims=True)
         det = n * sqq - sq * sq
         ok = det > 0
-        a = np.where(ok, (n * sqx - sq * sx) / np.where(ok, det, 1.0), 0.0)
+        # every value on one level q (a narrow all-positive row): no line through them; keep b = lo and
+        # fit a alone, else the row would dequantize to lo (0) whatever its values
+        a_alone = (sqx - lo * sq) / np.where(sqq > 0, sqq, 1.0)
+        a = np.where(ok, (n * sqx - sq * sx) / np.where(ok, det, 1.0), a_alone)
         b = np.where(ok, (sx - a * sq) / n, lo)
         # the format stores the offset as -dmin * min with min >= 0: clamp b to 0 and refit a alone
         pos = b > 0
