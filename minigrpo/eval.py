@@ -37,7 +37,7 @@ import torch
 from minigrpo import lora, rewards
 from minigrpo.atomic import missing_folder_error, write_atomic
 from minigrpo.build import compute_dtype, load_policy, pick_device, sampling_params
-from minigrpo.checkpoint import CheckpointError, check_writable, list_checkpoints, verify_checkpoint
+from minigrpo.checkpoint import CheckpointError, check_writable
 from minigrpo.config import Config, load_config
 from minigrpo.data import Example, batch_columns, build_dataset, build_messages, encode_prompts
 from minigrpo.distributed import World, env_world_size
@@ -47,14 +47,13 @@ from minigrpo.errors import ArgumentParser, UserError, run_cli
 from minigrpo.lora_export import check_adapter_fits, check_peft_adapter
 from minigrpo.models.loading import check_model_source, load_pretrained
 from minigrpo.prompt_fit import local_position_limit, prompts_that_fit
+from minigrpo.run_folder import RUN_OUTPUTS, run_folder_pick
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.step import episode_metrics
 
 # eval.temperature > 0 samples from the noise stream (run.seed, EVAL_STREAM, turn) with the example's
 # index as its row id: an example draws the same completion whatever --batch-size (training: (seed, step, round))
 EVAL_STREAM = -2
-# the model folders a run writes beside its config.yaml: a LoRA run's merged export, an SFT run's model
-RUN_OUTPUTS = ("merged", "model")
 
 
 @torch.no_grad()
@@ -208,36 +207,6 @@ def run_config_of(checkpoint: Path, config: str | None) -> str | None:
     return str(found[0]) if found else None
 
 
-def run_folder_pick(folder: Path) -> Path | None:
-    """What a run folder (run_dir, or its checkpoints/ folder) given as --checkpoint stands for: its newest
-    intact checkpoint (every file a resume would read checks out), else its final model (run_dir/merged
-    of a LoRA run, run_dir/model of an SFT run). None for a folder that is no run's (a model folder).
-    A run with nothing to evaluate is one line: no checkpoint at all, or the newest one's bad file."""
-    if not folder.is_dir() or (folder / "config.json").exists() or (folder / "adapter_config.json").exists():
-        return None
-    run_dir = folder.parent if folder.name == "checkpoints" and list_checkpoints(folder.parent) else folder
-    found = list_checkpoints(run_dir)
-    finals = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name / "config.json").is_file()]
-    if not found and not finals and not (run_dir / "metrics.jsonl").is_file():
-        return None  # no run's folder: the model loader names what it lacks
-    broken: list[CheckpointError] = []
-    for _, path in reversed(found):  # newest first
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as e:
-            broken.append(e)
-            continue
-        return path
-    if finals:
-        return finals[0]
-    if broken:
-        raise UserError(f"--checkpoint {folder}: a run folder whose checkpoints are all broken (newest: {broken[0]})")
-    raise UserError(
-        f"--checkpoint {folder}: a run folder with nothing to evaluate (no checkpoints/step_* folder, no final "
-        f"{' or '.join(RUN_OUTPUTS)} folder): train with checkpoint.every or checkpoint.save_final"
-    )
-
-
 def take_adapter_base(cfg: Config, checkpoint: Path, adapter: dict[str, Any], overrides: list[str]) -> None:
     """A LoRA checkpoint without a config (no --config, no run_config.yaml: a bare PEFT adapter) is
     evaluated on the base model its adapter_config.json names, as the export merges it, not on the
@@ -338,7 +307,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     if env_world_size() > 1:  # every rank would score the whole split and write --output
         raise UserError("python -m minigrpo.eval runs in one process; launch it without torchrun")
     ckpt = Path(args.checkpoint)
-    picked = run_folder_pick(ckpt)
+    picked = run_folder_pick(ckpt, "evaluate")
     if picked is not None:  # a run folder: its newest intact checkpoint, or its final model
         print(f"{args.checkpoint} is a run folder: evaluating {picked}")
         ckpt, args.checkpoint = picked, str(picked)

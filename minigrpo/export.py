@@ -55,8 +55,6 @@ from minigrpo.models.gguf_write import (
 )
 
 QUANT_CHOICES = tuple(QUANT_TYPES)
-# the model folders a run writes beside its config.yaml: a LoRA run's merged export, an SFT run's model
-RUN_OUTPUTS = ("merged", "model")
 
 
 def _check_quant(quant: str) -> None:
@@ -186,38 +184,6 @@ def check_output(out: str | Path) -> None:
         raise UserError(f"--out {problem}")
 
 
-def run_folder_pick(folder: Path) -> Path | None:
-    """What a run folder (run_dir, or run_dir/checkpoints) given as --checkpoint exports: its newest intact
-    checkpoint (a newer one cut short is passed over, as a resume would), else its final model (a LoRA
-    run's merged/, an SFT run's model/). None for a folder that is no run's (a model folder, a hub id).
-    A run with nothing to export is one line: no checkpoint at all, or every checkpoint broken."""
-    from minigrpo.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
-
-    if not folder.is_dir() or (folder / "config.json").exists() or (folder / "adapter_config.json").exists():
-        return None
-    run_dir = folder.parent if folder.name == "checkpoints" and list_checkpoints(folder.parent) else folder
-    found = list_checkpoints(run_dir)
-    finals = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name / "config.json").is_file()]
-    if not found and not finals and not (run_dir / "metrics.jsonl").is_file():
-        return None  # no run's folder: check_model_source names what it lacks
-    broken: list[CheckpointError] = []
-    for _, path in reversed(found):  # newest first
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as e:
-            broken.append(e)
-            continue
-        return path
-    if finals:
-        return finals[0]
-    if broken:
-        raise UserError(f"--checkpoint {folder}: a run folder whose checkpoints are all broken (newest: {broken[0]})")
-    raise UserError(
-        f"--checkpoint {folder}: a run folder with nothing to export (no checkpoints/step_* folder, no final "
-        f"{' or '.join(RUN_OUTPUTS)} folder)"
-    )
-
-
 def _adapter_base(checkpoint: Path) -> tuple[str, str | None]:
     """(base model, revision) a LoRA checkpoint's adapter_config.json names."""
     config_file = checkpoint / "adapter_config.json"
@@ -266,10 +232,11 @@ def _main(argv: Sequence[str] | None) -> Path:
     from minigrpo import lora
     from minigrpo.models.loading import load_pretrained
     from minigrpo.models.tokenizer_files import load_tokenizer_folder
+    from minigrpo.run_folder import run_folder_pick
 
     args = parse_args(argv)
     ckpt = Path(args.checkpoint).expanduser()
-    picked = run_folder_pick(ckpt)
+    picked = run_folder_pick(ckpt, "export")
     if picked is not None:  # a run folder: its newest intact checkpoint, or its final model
         print(f"{args.checkpoint} is a run folder: exporting {picked}")
         ckpt, args.checkpoint = picked, str(picked)

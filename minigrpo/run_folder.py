@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from minigrpo.atomic import fsync_dir
-from minigrpo.checkpoint import check_writable, find_resume_checkpoint, latest_checkpoint
+from minigrpo.checkpoint import (
+    CheckpointError,
+    check_writable,
+    find_resume_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
 from minigrpo.config import Config, ConfigError
 from minigrpo.configio import changed_keys, parse_yaml
 from minigrpo.errors import UserError
@@ -249,3 +256,38 @@ def finish_run(
     if "curves.png" in missing:
         redraw_curves(cfg, resume.step)
     return []
+
+
+# the model folders a run writes beside its config.yaml: a LoRA run's merged export, an SFT run's model
+RUN_OUTPUTS = ("merged", "model")
+
+
+def run_folder_pick(folder: Path, action: str) -> Path | None:
+    """What a run folder (run_dir, or its checkpoints/ folder) given as --checkpoint stands for when an
+    entry point `action`s it (evaluate, export): its newest intact checkpoint (a newer one cut short is
+    passed over, as a resume would), else its final model (run_dir/merged of a LoRA run, run_dir/model
+    of an SFT run). None for a folder that is no run's (a model folder, a hub id). A run with nothing to
+    use is one line: no checkpoint at all, or every checkpoint broken (the newest one's bad file named)."""
+    if not folder.is_dir() or (folder / "config.json").exists() or (folder / "adapter_config.json").exists():
+        return None
+    run_dir = folder.parent if folder.name == "checkpoints" and list_checkpoints(folder.parent) else folder
+    found = list_checkpoints(run_dir)
+    finals = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name / "config.json").is_file()]
+    if not found and not finals and not (run_dir / "metrics.jsonl").is_file():
+        return None  # no run's folder: the model loader names what it lacks
+    broken: list[CheckpointError] = []
+    for _, path in reversed(found):  # newest first
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            broken.append(e)
+            continue
+        return path
+    if finals:
+        return finals[0]
+    if broken:
+        raise UserError(f"--checkpoint {folder}: a run folder whose checkpoints are all broken (newest: {broken[0]})")
+    raise UserError(
+        f"--checkpoint {folder}: a run folder with nothing to {action} (no checkpoints/step_* folder, no final "
+        f"{' or '.join(RUN_OUTPUTS)} folder): train with checkpoint.every or checkpoint.save_final"
+    )
