@@ -11,7 +11,9 @@
 Sources: JSON Lines, parquet (pyarrow, imported only when needed), Hugging Face Hub dataset repos
 (through huggingface_hub), GSM8K, and a synthetic arithmetic task generated from a seed with no
 files at all (it serves the CPU demo and the tests; minigrpo.synthetic). Reading files (and DataError, re-exported here)
-lives in minigrpo.datafiles: a bad file or row is reported as file and line.
+lives in minigrpo.datafiles: a bad file or row is reported as file and line; a dotted data.answer_field or
+data.prompt_field (`reward_model.ground_truth`) reads a nested field; a folder's dataset card (README.md
+`configs:`) names its split files, as on the hub.
 
 The loader's cursor (`state_dict`) is saved with every checkpoint, so a resumed run sees exactly the
 batches an uninterrupted run would have seen, also when it stopped at an epoch boundary.
@@ -32,25 +34,24 @@ from typing import Any
 from minigrpo.chat_template import check_template_variables
 from minigrpo.config import DataCfg
 from minigrpo.datafiles import (
+    REWARD_ARGUMENTS,  # noqa: F401 (re-exported)
     ROLES,  # noqa: F401 (re-exported: minigrpo.data.ROLES is imported elsewhere)
     SUFFIXES,
     DataError,
     Row,
-    answer_text,
-    check_prompt_messages,
     download,
     read_json_rows,
     read_parquet_rows,
     read_rows,
     refuse_shared_files,
     resolve_files,
+    row_fields,
     snapshot,
     split_files,
 )
 from minigrpo.synthetic import synthetic_arithmetic
 
 Message = dict[str, str]  # {"role": one of ROLES, "content": str}
-REWARD_ARGUMENTS = ("prompts", "completions", "answers")  # a reward function's arguments before the columns
 GSM8K_REPO = "openai/gsm8k"  # hub dataset repo read when data.source=gsm8k has no data.path
 
 
@@ -77,35 +78,11 @@ class Example:
 
 
 def _to_examples(rows: Iterable[Row], prompt_field: str, answer_field: str) -> Iterator[Example]:
-    """Rows -> Examples, one at a time: the prompt and answer fields are taken out, the other fields
-    become columns."""
+    """Rows -> Examples, one at a time: the prompt and answer fields are taken out (a dotted name reads
+    a nested field: datafiles.field_value), the other fields become columns."""
     for where, row in rows:
-        for name in (prompt_field, answer_field):
-            if name not in row:
-                key = "data.prompt_field" if name == prompt_field else "data.answer_field"
-                raise DataError(f"{where}: no field {name!r} (the row has: {', '.join(map(str, row))}; see {key})")
-            if row[name] is None:
-                raise DataError(f"{where}: field {name!r} is null")
-        prompt = row[prompt_field]
-        if not isinstance(prompt, (str, list)):
-            raise DataError(f"{where}: field {prompt_field!r} is neither text nor a list of messages")
-        if isinstance(prompt, list):
-            check_prompt_messages(where, prompt, prompt_field)
-        columns = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
-        _refuse_argument_names(where, columns)
-        answer = answer_text(where, answer_field, row[answer_field])
+        prompt, answer, columns = row_fields(where, row, prompt_field, answer_field)
         yield Example(prompt=prompt, answer=answer, columns=columns)
-
-
-def _refuse_argument_names(where: str, columns: dict[str, Any]) -> None:
-    """A column reaches reward functions as a keyword argument, so one named like their first three
-    arguments would collide with it on every call: refused when read, not at the first step."""
-    clash = next((name for name in REWARD_ARGUMENTS if name in columns), None)
-    if clash is not None:
-        raise DataError(
-            f"{where}: field {clash!r} has the name of a reward function argument ({', '.join(REWARD_ARGUMENTS)}); "
-            "rename it in the data (or read it as data.prompt_field / data.answer_field)"
-        )
 
 
 def _file_rows(files: list[Path]) -> Iterator[Row]:

@@ -26,6 +26,7 @@ SUFFIXES = (".jsonl", ".json", ".parquet")
 PARQUET_BATCH_ROWS = 1024  # rows of a parquet file read at once
 ROLES = ("system", "user", "assistant", "tool")  # the roles a message may have
 Row = tuple[str, dict[str, Any]]  # (where: "file:line" or "file: row i", the row's fields)
+REWARD_ARGUMENTS = ("prompts", "completions", "answers")  # a reward function's arguments before the columns
 
 
 class DataError(UserError, ValueError):
@@ -147,6 +148,57 @@ def answer_text(where: str, name: str, value: Any) -> str:
     return str(value)
 
 
+def field_value(where: str, row: dict[str, Any], name: str, key: str) -> Any:
+    """The value of the field `name` of a row (`key`: the config key naming it). A dotted name that is
+    no field of the row reads inside nested objects: `reward_model.ground_truth`, where verl-style
+    parquet files keep the answer. A missing or null field is a DataError naming the row."""
+    if name in row:
+        value = row[name]
+    else:
+        value, parent = row, None  # parent: the dotted name of the object `value` is, None for the row
+        for part in name.split("."):
+            if not isinstance(value, dict):
+                raise DataError(f"{where}: field {parent!r} is {_kind(value)}, not an object with a field {part!r}")
+            if part not in value:
+                held = "the row has" if parent is None else f"{parent!r} has"
+                raise DataError(f"{where}: no field {name!r} ({held}: {', '.join(map(str, value))}; see {key})")
+            value, parent = value[part], part if parent is None else f"{parent}.{part}"
+    if value is None:
+        raise DataError(f"{where}: field {name!r} is null")
+    return value
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def row_fields(where: str, row: dict[str, Any], prompt_field: str, answer_field: str) -> tuple[Any, str, dict]:
+    """(prompt, reference answer, the other fields) of a row, each checked: the prompt is text or a list
+    of messages (a blank one is refused by prompt_fit, where the rendering is known), the answer text or
+    a number (it may be empty: rewards that need no reference, a reward model's); the other fields
+    become columns."""
+    prompt = field_value(where, row, prompt_field, "data.prompt_field")
+    if not isinstance(prompt, (str, list)):
+        raise DataError(f"{where}: field {prompt_field!r} is neither text nor a list of messages")
+    if isinstance(prompt, list):
+        check_prompt_messages(where, prompt, prompt_field)
+    answer = answer_text(where, answer_field, field_value(where, row, answer_field, "data.answer_field"))
+    columns = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
+    _refuse_argument_names(where, columns)
+    return prompt, answer, columns
+
+
+def _refuse_argument_names(where: str, columns: dict[str, Any]) -> None:
+    """A column reaches reward functions as a keyword argument, so one named like their first three
+    arguments would collide with it on every call: refused when read, not at the first step."""
+    clash = next((name for name in REWARD_ARGUMENTS if name in columns), None)
+    if clash is not None:
+        raise DataError(
+            f"{where}: field {clash!r} has the name of a reward function argument ({', '.join(REWARD_ARGUMENTS)}); "
+            "rename it in the data (or read it as data.prompt_field / data.answer_field)"
+        )
+
+
 def check_prompt_messages(where: str, messages: list, prompt_field: str) -> None:
     """A message-list prompt holds messages: each a mapping with a known 'role' and a text 'content'
     (what a chat template and the plain-text rendering both read)."""
@@ -200,16 +252,22 @@ def read_rows(path: Path) -> Iterator[Row]:
 def split_files(root: Path, split: str, subset: str | None = None, suffixes: Sequence[str] = SUFFIXES) -> list[Path]:
     """The data files of `split` in a folder (a local folder or a downloaded hub snapshot).
 
-    A file belongs to the split when a path component or the name starts with the split name as a
-    whole word: `train.jsonl`, `train-00000-of-00002.parquet`, `data/train/part0.jsonl`; with
-    `subset`, only files below a folder of that name count (hub datasets keep one folder per config).
+    A dataset card (README.md) whose YAML header declares `configs:` names them, as the hub reads it:
+    the files of the split in the config `subset` (without one: the default config). Otherwise a file
+    belongs to the split when a path component or the name starts with the split name as a whole
+    word: `train.jsonl`, `train-00000-of-00002.parquet`, `data/train/part0.jsonl`; with `subset`, only
+    files below a folder of that name count (hub datasets keep one folder per config).
     """
+    declared = card_files(root, split, subset, suffixes)
+    return declared if declared is not None else _files_named(root, split, subset, suffixes)
+
+
+def _files_named(root: Path, split: str, subset: str | None, suffixes: Sequence[str]) -> list[Path]:
+    """The files of a folder whose path names the split as a whole word (see split_files)."""
     word = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
     files = []
-    for path in sorted(root.rglob("*")):
+    for path in _data_files(root, suffixes):
         rel = path.relative_to(root)
-        if not path.is_file() or path.suffix not in suffixes or any(p.startswith(".") for p in rel.parts):
-            continue
         if subset is not None and subset not in rel.parts[:-1]:
             continue
         if word.search(rel.with_suffix("").as_posix()):
@@ -218,11 +276,115 @@ def split_files(root: Path, split: str, subset: str | None = None, suffixes: Seq
         raise DataError(
             f"no {'/'.join(suffixes)} files for split {split!r} in {root}"
             + (f" below a folder named {subset!r}" if subset else "")
+            + _files_held(root, suffixes)
         )
     folders = sorted({str(p.parent.relative_to(root)) for p in files})
     if len(folders) > 1 and subset is None:
         raise DataError(
             f"files for split {split!r} in several folders of {root} ({', '.join(folders)}): set data.subset"
+        )
+    return files
+
+
+def _data_files(root: Path, suffixes: Sequence[str]) -> list[Path]:
+    """The files of a folder with one of the suffixes, in name order, hidden ones (.cache) left out."""
+    return [
+        path
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+        and path.suffix in suffixes
+        and not any(p.startswith(".") for p in path.relative_to(root).parts)
+    ]
+
+
+def _files_held(root: Path, suffixes: Sequence[str], shown: int = 5) -> str:
+    """What a folder holds instead, for the error of a split not found: its data files name its splits."""
+    held = [p.relative_to(root).as_posix() for p in _data_files(root, suffixes)]
+    if not held:
+        return " (it holds none at all)"
+    more = f" and {len(held) - shown} more" if len(held) > shown else ""
+    return f" (it holds {', '.join(held[:shown])}{more}; data.split and data.eval_split name the splits)"
+
+
+# ----------------------------------------------------------------------------------------------
+# A dataset card's configs (README.md), as the hub reads them
+# ----------------------------------------------------------------------------------------------
+
+
+def card_configs(root: Path) -> list[dict[str, Any]] | None:
+    """The `configs:` of the dataset card README.md's YAML header; None without a card or configs."""
+    card = root / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(encoding="utf-8", errors="replace").removeprefix("\ufeff")
+    header = re.match(r"---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", text, re.DOTALL)
+    if header is None:
+        return None
+    import yaml
+
+    try:
+        meta = yaml.safe_load(header[1])
+    except yaml.YAMLError as e:
+        raise DataError(f"{card}: its YAML header does not parse: {str(e).splitlines()[0]}") from None
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    if configs is None:
+        return None
+    if not isinstance(configs, list) or not all(isinstance(c, dict) and "config_name" in c for c in configs):
+        raise DataError(f"{card}: 'configs' must be a list of mappings, each with a config_name")
+    return configs
+
+
+def _card_config(card: Path, configs: list[dict[str, Any]], subset: str | None) -> dict[str, Any] | None:
+    """The config `subset` names (None: a config it does not declare, read as a folder name); without
+    a subset the card's default: the one marked default, the one named "default", or the only one."""
+    names = [str(c["config_name"]) for c in configs]
+    if subset is not None:
+        return configs[names.index(subset)] if subset in names else None
+    chosen = [c for c in configs if c.get("default") is True] or [c for c in configs if c["config_name"] == "default"]
+    if chosen or len(configs) == 1:
+        return (chosen or configs)[0]
+    raise DataError(f"{card} declares the configs {', '.join(names)} and no default: set data.subset to one")
+
+
+def _split_patterns(card: Path, config: dict[str, Any]) -> dict[str, list[str]]:
+    """{split: file patterns} of a config's data_files: a pattern or a list of them (the train split),
+    a list of {split, path} mappings, or a mapping of split to patterns."""
+    files = config.get("data_files")
+    if isinstance(files, str) or (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+        files = {"train": files}
+    elif isinstance(files, list) and all(isinstance(f, dict) and {"split", "path"} <= set(f) for f in files):
+        files = {str(f["split"]): f["path"] for f in files}
+    if not isinstance(files, dict):
+        raise DataError(f"{card}: config {config['config_name']!r} has no data_files this reader understands")
+    patterns = {str(split): [paths] if isinstance(paths, str) else paths for split, paths in files.items()}
+    if not all(isinstance(paths, list) and all(isinstance(p, str) for p in paths) for paths in patterns.values()):
+        raise DataError(f"{card}: config {config['config_name']!r} has a data_files path that is no text")
+    return patterns
+
+
+def card_files(root: Path, split: str, subset: str | None, suffixes: Sequence[str]) -> list[Path] | None:
+    """The files of `split` that the dataset card's config declares (data_dir and data_files patterns,
+    relative to the folder); None when the card declares no configs, or none named `subset`."""
+    configs = card_configs(root)
+    if configs is None:
+        return None
+    card = root / "README.md"
+    config = _card_config(card, configs, subset)
+    if config is None:
+        return None
+    base = root / str(config.get("data_dir") or "")
+    if "data_files" not in config:  # a folder of the config's files, found by their names
+        return _files_named(base, split, None, suffixes)
+    name, patterns = config["config_name"], _split_patterns(card, config)
+    if split not in patterns:
+        raise DataError(f"{card}: config {name!r} has the splits {', '.join(patterns)}, not {split!r} (see data.split)")
+    matched = sorted({p for pattern in patterns[split] for p in base.glob(pattern.lstrip("/")) if p.is_file()})
+    files = [p for p in matched if p.suffix in suffixes]
+    if not files:
+        what = f"only {', '.join(p.name for p in matched[:3])}" if matched else "no file"
+        raise DataError(
+            f"{card}: split {split!r} of config {name!r} is {', '.join(patterns[split])}, which matches {what} "
+            f"in {base} (read: {'/'.join(suffixes)} files)"
         )
     return files
 
@@ -273,8 +435,9 @@ def download(repo_id: str, revision: str | None) -> Path:
     import huggingface_hub
 
     try:
+        patterns = [f"*{s}" for s in SUFFIXES] + ["README.md"]  # the card may name the split files (card_files)
         root = huggingface_hub.snapshot_download(
-            repo_id=repo_id, repo_type="dataset", revision=revision, allow_patterns=[f"*{s}" for s in SUFFIXES]
+            repo_id=repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns
         )
     except Exception as e:  # offline, unknown repo or revision, no access: the hub's errors vary by version
         where = f"{repo_id}@{revision}" if revision else repo_id

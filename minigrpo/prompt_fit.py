@@ -17,6 +17,7 @@ config.json are read by then: build.check_before_loading, eval), and again once 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,17 @@ def prompts_that_fit(
     """The examples whose prompt has at most data.max_prompt_tokens tokens (`evaluating`: all of them),
     and the longest of their prompts in tokens, as the rollout encodes them (a tool episode's opening
     included): what a step's KV cache and memory pre-flight must hold, not the cap, which may be far
-    above every prompt (2048 against 300-token prompts would overstate the cache 4 times). A UserError
-    names a prompt the chat template cannot render or that encodes to no token, a limit no prompt
-    meets, and a longest prompt that leaves too few of the model's positions (`max_positions`:
-    position_limit, or a bare max_position_embeddings) for the completion budget."""
+    above every prompt (2048 against 300-token prompts would overstate the cache 4 times). Prompts the
+    limit drops are counted in a warning. A UserError names a blank prompt, a prompt the chat template
+    cannot render or that encodes to no token, a limit no prompt meets, and a longest prompt that
+    leaves too few of the model's positions (`max_positions`: position_limit, or a bare
+    max_position_embeddings) for the completion budget."""
     if isinstance(max_positions, int):
         max_positions = PositionLimit(max_positions, f"the model's max_position_embeddings={max_positions}")
+    blank = next((ex for ex in examples if is_blank(ex.prompt)), None)
+    if blank is not None:  # a chat template would render it as a turn with no question, trained on as any other
+        where = f"data.path={cfg.data.path!r}"
+        raise UserError(f"the prompt {_describe(blank)} is empty ({where}): every row needs a prompt")
     try:
         ids, texts = rollout_prompts(cfg, examples, tokenizer)
     except ChatTemplateError as e:
@@ -105,12 +111,7 @@ def prompts_that_fit(
     lengths = [len(row) for row in ids]
     limit = None if evaluating else cfg.data.max_prompt_tokens  # evaluation scores every example it is given
     if limit is not None:
-        kept = [ex for ex, n in zip(examples, lengths) if n <= limit]
-        if not kept:
-            raise UserError(
-                f"every prompt is longer than data.max_prompt_tokens={limit} (the shortest has {min(lengths)})"
-            )
-        examples, lengths = kept, [n for n in lengths if n <= limit]
+        examples, lengths = _drop_long_prompts(examples, lengths, limit)
     longest = max(lengths)
     budget, key = completion_budget(cfg, evaluating=evaluating)
     if max_positions is not None and longest + budget > max_positions.positions:
@@ -120,6 +121,32 @@ def prompts_that_fit(
             f"{max_positions.setting}; {fix}"
         )
     return examples, longest
+
+
+def is_blank(prompt: str | list[dict[str, str]]) -> bool:
+    """Whether a prompt holds no text: an empty or all-whitespace string, or messages whose turns past
+    the system message all are (a system message alone counts as the prompt)."""
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    turns = [m.get("content") for m in prompt if m.get("role") != "system"] or [m.get("content") for m in prompt]
+    return not any(text.strip() if isinstance(text, str) else text for text in turns)  # content parts: not blank
+
+
+def _drop_long_prompts(examples: list[Example], lengths: list[int], limit: int) -> tuple[list[Example], list[int]]:
+    """The examples whose prompt has at most `limit` (data.max_prompt_tokens) tokens, and their lengths. The
+    dropped ones are counted in a warning (a cap that silently dropped most of a dataset would go
+    unnoticed); a cap that drops every prompt is a UserError."""
+    kept = [i for i, n in enumerate(lengths) if n <= limit]
+    if not kept:
+        raise UserError(f"every prompt is longer than data.max_prompt_tokens={limit} (the shortest has {min(lengths)})")
+    if len(kept) < len(examples):
+        warnings.warn(
+            f"data.max_prompt_tokens={limit} drops {len(examples) - len(kept)} of {len(examples)} prompts "
+            f"(the longest has {max(lengths)} tokens), keeping {len(kept)}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return [examples[i] for i in kept], [lengths[i] for i in kept]
 
 
 def _fits_fix(positions: int, budget: int, key: str, longest: int, shortest: int, evaluating: bool) -> str:
