@@ -12,6 +12,7 @@ rich Python object. jinja2 is imported only when a template is rendered.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -44,7 +45,9 @@ def render_chat_template(
         continue_final_message: end the text right after the final message's content (True) or its field
             of that name ("reasoning_content"), inside its open turn, so a model continues that message
             (a prefilled reply); not with add_generation_prompt.
-        tools, documents: JSON-schema dicts / document dicts, passed to the template as is.
+        tools: JSON-schema dicts, passed to the template as is, or Python functions / minigrpo Tools, whose
+            schemas are made from their signatures and docstrings (tool_schemas), as transformers does.
+        documents: document dicts, passed to the template as is.
         variables: more template variables (the special tokens, `enable_thinking`, ...).
 
     Raises:
@@ -60,9 +63,9 @@ def render_chat_template(
         if not isinstance(m, Mapping):
             raise TypeError(f"chat messages must be dicts, got {type(m).__name__}: {m!r}")
         chat.append(_alias_reasoning({k: _plain(v) for k, v in m.items() if v is not None}))
-    for name, items in (("tools", tools), ("documents", documents)):
-        if items is not None and not all(isinstance(x, Mapping) for x in items):
-            raise TypeError(f"{name} must be a list of dicts (JSON schemas / documents)")
+    if documents is not None and not all(isinstance(x, Mapping) for x in documents):
+        raise TypeError("documents must be a list of dicts")
+    tools = None if tools is None else tool_schemas(tools)
     context = {k: _plain(v) for k, v in (variables or {}).items()}
     context.update(
         messages=chat, tools=_plain(tools), documents=_plain(documents), add_generation_prompt=add_generation_prompt
@@ -78,6 +81,27 @@ def render_chat_template(
         # an operation of the template failed on these messages ('text' + 1, a missing key, ...)
         raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
     return text if final is None else _cut_after_final_message(text, final)
+
+
+def tool_schemas(tools: Sequence[Any]) -> list[Any]:
+    """`tools` as the JSON-schema dicts templates read: a dict as is, a Tool (minigrpo.tools) as its
+    spec(), a Python function declared from its annotations and docstring (Tool.from_function, which
+    raises ValueError naming the function and parameter it cannot declare)."""
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+        raise TypeError(f"tools must be a list of JSON-schema dicts or functions, got {type(tools).__name__}")
+    from minigrpo.tools.schema import Tool  # stdlib only; imported here as minigrpo.tools imports this module
+
+    out: list[Any] = []
+    for tool in tools:
+        if isinstance(tool, Mapping):
+            out.append(tool)
+        elif isinstance(tool, Tool):
+            out.append(tool.spec())
+        elif inspect.isfunction(tool) or inspect.ismethod(tool):
+            out.append(Tool.from_function(tool).spec())
+        else:
+            raise TypeError(f"a tool must be a JSON-schema dict, a function or a Tool, got {type(tool).__name__}")
+    return out
 
 
 # what the renderer itself passes: a user's template variable of that name would change the call, not the template

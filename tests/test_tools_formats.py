@@ -6,8 +6,10 @@ reference). CPU only, no model."""
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import pytest
+from test_chat_template import QWEN25_TEMPLATE
 
 from minigrpo.chat_template import render_chat_template
 from minigrpo.tools import (
@@ -143,3 +145,377 @@ def test_a_bad_call_does_not_hide_the_good_ones_after_it():
     assert [type(c).__name__ for c in calls] == ["ToolCall", "ToolCallError", "ToolCall"]
     assert [r.content for r in run_tool_calls(calls, TOOLS)][::2] == ["1", "3"]
     assert calls[1].raw == '[TOOL_CALLS]add[ARGS]{"a": }'
+
+
+# ---- Llama-3.1, Mistral v0.3 / Nemo and Qwen2.5 templates as the models ship them ---------------------------
+# ruff: noqa: E501  (the templates are kept as the models ship them)
+
+# Llama-3.1-8B-Instruct: "Environment: ipython", built-in tools (`builtin_tools`), custom tools in the first user
+# message (or the system message with tools_in_user_message=False), a fixed date unless `date_string` is given
+LLAMA31_TEMPLATE = r"""{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- set date_string = "26 Jul 2024" %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+
+{#- System message + builtin tools #}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if builtin_tools is defined or tools is not none %}
+    {{- "Environment: ipython\n" }}
+{%- endif %}
+{%- if builtin_tools is defined %}
+    {{- "Tools: " + builtin_tools | reject('equalto', 'code_interpreter') | join(", ") + "\n\n"}}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {%- if builtin_tools is defined and tool_call.name in builtin_tools %}
+            {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+            {{- "<|python_tag|>" + tool_call.name + ".call(" }}
+            {%- for arg_name, arg_val in tool_call.arguments | items %}
+                {{- arg_name + '="' + arg_val + '"' }}
+                {%- if not loop.last %}
+                    {{- ", " }}
+                {%- endif %}
+                {%- endfor %}
+            {{- ")" }}
+        {%- else  %}
+            {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+            {{- '{"name": "' + tool_call.name + '", ' }}
+            {{- '"parameters": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- "}" }}
+        {%- endif %}
+        {%- if builtin_tools is defined %}
+            {#- This means we're in ipython mode #}
+            {{- "<|eom_id|>" }}
+        {%- else %}
+            {{- "<|eot_id|>" }}
+        {%- endif %}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+
+
+def mistral_v3_template(spaced: bool) -> str:
+    """Mistral-7B-Instruct-v0.3's template (spaced: "[INST] ", "[TOOL_CALLS] [", " " + trimmed answers) or
+    Mistral-Nemo-Instruct-2407's (no spaces): [AVAILABLE_TOOLS], [TOOL_CALLS] with 9-character ids,
+    [TOOL_RESULTS] naming the call_id."""
+    s = " " if spaced else ""
+    return (
+        (
+            r"""{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}
+
+{#- This block checks for alternating user/assistant messages, skipping tool calling messages #}
+{%- set ns = namespace() %}
+{%- set ns.index = 0 %}
+{%- for message in loop_messages %}
+    {%- if not (message.role == "tool" or message.role == "tool_results" or (message.tool_calls is defined and message.tool_calls is not none)) %}
+        {%- if (message["role"] == "user") != (ns.index % 2 == 0) %}
+            {{- raise_exception("After the optional system message, conversation roles must alternate user/assistant/user/assistant/...") }}
+        {%- endif %}
+        {%- set ns.index = ns.index + 1 %}
+    {%- endif %}
+{%- endfor %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message["role"] == "user" %}
+        {%- if tools is not none and (message == user_messages[-1]) %}
+            {{- "[AVAILABLE_TOOLS]<SP>[" }}
+            {%- for tool in tools %}
+                {%- set tool = tool.function %}
+                {{- '{"type": "function", "function": {' }}
+                {%- for key, val in tool.items() if key != "return" %}
+                    {%- if val is string %}
+                        {{- '"' + key + '": "' + val + '"' }}
+                    {%- else %}
+                        {{- '"' + key + '": ' + val|tojson }}
+                    {%- endif %}
+                    {%- if not loop.last %}
+                        {{- ", " }}
+                    {%- endif %}
+                {%- endfor %}
+                {{- "}}" }}
+                {%- if not loop.last %}
+                    {{- ", " }}
+                {%- else %}
+                    {{- "]" }}
+                {%- endif %}
+            {%- endfor %}
+            {{- "[/AVAILABLE_TOOLS]" }}
+            {%- endif %}
+        {%- if loop.last and system_message is defined %}
+            {{- "[INST]<SP>" + system_message + "\n\n" + message["content"] + "[/INST]" }}
+        {%- else %}
+            {{- "[INST]<SP>" + message["content"] + "[/INST]" }}
+        {%- endif %}
+    {%- elif message.tool_calls is defined and message.tool_calls is not none %}
+        {{- "[TOOL_CALLS]<SP>[" }}
+        {%- for tool_call in message.tool_calls %}
+            {%- set out = tool_call.function|tojson %}
+            {{- out[:-1] }}
+            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}
+                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+            {%- endif %}
+            {{- ', "id": "' + tool_call.id + '"}' }}
+            {%- if not loop.last %}
+                {{- ", " }}
+            {%- else %}
+                {{- "]" + eos_token }}
+            {%- endif %}
+        {%- endfor %}
+    {%- elif message["role"] == "assistant" %}
+        {{- <ANSWER> + eos_token}}
+    {%- elif message["role"] == "tool_results" or message["role"] == "tool" %}
+        {%- if message.content is defined and message.content.content is defined %}
+            {%- set content = message.content.content %}
+        {%- else %}
+            {%- set content = message.content %}
+        {%- endif %}
+        {{- '[TOOL_RESULTS]<SP>{"content": ' + content|string + ", " }}
+        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}
+            {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+        {%- endif %}
+        {{- '"call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+    {%- else %}
+        {{- raise_exception("Only user and assistant roles are supported, with the exception of an initial optional system message!") }}
+    {%- endif %}
+{%- endfor %}
+"""
+        )
+        .replace("<SP>", s)
+        .replace("<ANSWER>", '" " + message["content"]|trim' if spaced else 'message["content"]')
+    )
+
+
+MISTRAL_V03_TEMPLATE, MISTRAL_NEMO_TEMPLATE = mistral_v3_template(True), mistral_v3_template(False)
+TEMPLATES = {
+    "llama3.1": LLAMA31_TEMPLATE,
+    "mistral-v0.3": MISTRAL_V03_TEMPLATE,
+    "mistral-nemo": MISTRAL_NEMO_TEMPLATE,
+    "qwen2.5": QWEN25_TEMPLATE,
+}
+ANSWER_HEADS = {  # where the assistant's turn starts, for each template
+    "llama3.1": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "mistral-v0.3": "[/INST]",
+    "mistral-nemo": "[/INST]",
+    "qwen2.5": "<|im_start|>assistant\n",
+}
+ANSWER_ENDS = ("<|eot_id|>", "<|eom_id|>", "</s>", "<|im_end|>\n")  # the stop token ends the model's text
+
+
+def lookup(city: str, units: Literal["metric", "imperial"] = "metric", days: list[int] = (0,)):
+    """Look up the weather of a city.
+
+    Args:
+        city: the city's name.
+        units: the units of the numbers.
+        days: which days ahead (0 is today).
+    """
+    return {"city": city, "t": 20}
+
+
+def web_search(query: str) -> str:
+    """Search the web.
+
+    Args:
+        query: what to look for.
+    """
+    return f"results for {query}"
+
+
+def model_text(template: str, name: str, messages: list[dict], **variables) -> str:
+    """The final assistant turn of `messages` as the template renders it, without its stop token: the
+    text a model trained on the template writes for those calls."""
+    text = render_chat_template(template, messages, variables={"bos_token": "<s>", "eos_token": "</s>", **variables})
+    text = text[text.rindex(ANSWER_HEADS[name]) + len(ANSWER_HEADS[name]) :]
+    return next((text.removesuffix(end) for end in ANSWER_ENDS if text.endswith(end)), text)
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_tools_given_as_functions_render_as_transformers(name):
+    """tools= takes Python functions and Tools beside JSON schemas, as transformers' apply_chat_template does
+    (before: TypeError 'tools must be a list of dicts'); with a call, a result and the generation prompt."""
+    template = TEMPLATES[name]
+    call = {"type": "function", "id": "Ab3456789", "function": {"name": "lookup", "arguments": {"city": "Zürich"}}}
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Zürich?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": '{"t": 20}', "name": "lookup", "tool_call_id": "Ab3456789"},
+    ]
+    tokens = {"bos_token": "<s>", "eos_token": "</s>"}
+    reference = render_with_transformers(template, messages, tools=[lookup], add_generation_prompt=True)
+    assert '"description": "Look up the weather of a city."' in reference
+    for tools in ([lookup], [Tool.from_function(lookup)], [Tool.from_function(lookup).spec()]):
+        text = render_chat_template(template, messages, tools=tools, add_generation_prompt=True, variables=tokens)
+        assert text == reference
+
+    def note(text):
+        """Take a note."""
+
+    with pytest.raises(ValueError, match="cannot declare 'note' as a tool: parameter 'text' has no type annotation"):
+        render_chat_template(template, messages, tools=[note], variables=tokens)
+    with pytest.raises(TypeError, match="a tool must be a JSON-schema dict, a function or a Tool, got int"):
+        render_chat_template(template, messages, tools=[3], variables=tokens)
+
+
+ROUND_TRIPS = [  # (template, format, the calls of one turn, template variables)
+    ("llama3.1", "llama3", [("lookup", {"city": 'Zürich "Altstadt" \\ 日本', "days": [0, 1]})], {}),
+    ("llama3.1", "llama3", [("lookup", {"city": "Bern"})], {"builtin_tools": ["web_search"]}),
+    ("llama3.1", "llama3", [("web_search", {"query": 'rain, "Bern" (today)'})], {"builtin_tools": ["web_search"]}),
+    ("mistral-v0.3", "mistral", [("lookup", {"city": "Bern"}), ("web_search", {"query": "x"})], {}),
+    (
+        "mistral-nemo",
+        "mistral",
+        [("lookup", {"city": "Bern", "units": "imperial"}), ("web_search", {"query": "y"})],
+        {},
+    ),
+    ("qwen2.5", "hermes", [("lookup", {"city": "Bern"}), ("web_search", {"query": "z"})], {}),
+]
+
+
+@pytest.mark.parametrize("name, fmt, calls, variables", ROUND_TRIPS)
+def test_the_calls_a_template_renders_parse_back_to_the_same_calls(name, fmt, calls, variables):
+    """The text a template writes for an assistant's calls is read back by the format's parser as the same
+    calls (names, arguments, ids), and the parsed turn renders back to that text, ours as transformers'.
+    Llama-3.1 writes a built-in tool's call as `<|python_tag|>web_search.call(query="...")<|eom_id|>`:
+    before, that was 'after <|python_tag|> a JSON tool call ... was expected'."""
+    template, tools = TEMPLATES[name], [Tool.from_function(lookup), Tool.from_function(web_search)]
+    ids = ["Ab3456789", "Zz9876543"]
+    tool_calls = [
+        {"type": "function", "id": ids[i], "function": {"name": n, "arguments": a}} for i, (n, a) in enumerate(calls)
+    ]
+    opening = [{"role": "user", "content": "Weather?"}]
+    messages = [*opening, {"role": "assistant", "content": "", "tool_calls": tool_calls}]
+    specs = [t.spec() for t in tools]
+    text = model_text(template, name, messages, tools=specs, **variables)
+    assert detect_format(template) == fmt
+    parsed = parse_tool_calls(text, tools, fmt)
+    assert [(c.name, c.arguments) for c in parsed] == calls, parsed
+    if fmt == "mistral":
+        assert [c.id for c in parsed] == ids[: len(calls)]
+    turn = [*opening, assistant_message(text, parsed)]
+    tokens = {"bos_token": "<s>", "eos_token": "</s>"}
+    again = render_chat_template(template, turn, tools=specs, variables={**tokens, **variables})
+    assert again == render_chat_template(template, messages, tools=specs, variables={**tokens, **variables})
+    assert again == render_with_transformers(template, turn, tools=specs, **variables)
+    results = tool_messages(run_tool_calls(parsed, tools))
+    assert [m.get("tool_call_id") for m in results] == [c.id or None for c in parsed]  # each result names its call
+    full = [*turn, *results]
+    ours = render_chat_template(
+        template, full, tools=specs, add_generation_prompt=True, variables={**tokens, **variables}
+    )
+    assert ours == render_with_transformers(template, full, tools=specs, add_generation_prompt=True, **variables)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('<|python_tag|>web_search.call(query="a", query="b")', "duplicate key 'query' in the tool call"),
+        ("<|python_tag|>web_search.call(query=3)", "bad arguments at char 0 of web_search.call(...)"),
+        ("<|python_tag|>print(1 + 2)", 'after <|python_tag|> a JSON tool call {"name": ..., "parameters": {...}}'),
+        ('<|python_tag|>web_search.call(q="a")', "unexpected argument 'q'; missing required argument 'query'"),
+    ],
+)
+def test_malformed_llama_builtin_calls_are_error_values(text, message):
+    (err,) = parse_tool_calls(text, [web_search], "llama3")
+    assert isinstance(err, ToolCallError) and message in err.message, err
+
+
+def test_mistral_calls_with_one_id_twice_get_distinct_ids():
+    """Two calls of one turn with the same id would get results the model cannot tell apart (each names
+    its call by id): the later one gets an id of its own. Before, both results named 'Ab3456789'."""
+    text = (
+        '[TOOL_CALLS] [{"name": "web_search", "arguments": {"query": "a"}, "id": "Ab3456789"}, '
+        '{"name": "web_search", "arguments": {"query": "b"}, "id": "Ab3456789"}]'
+    )
+    first, second = parse_tool_calls(text, [web_search], "mistral")
+    assert first.id == "Ab3456789" and re.fullmatch("[A-Za-z0-9]{9}", second.id) and second.id != first.id
+    results = tool_messages(run_tool_calls([first, second], [web_search]))
+    assert [(m["content"], m["tool_call_id"]) for m in results] == [
+        ("results for a", first.id),
+        ("results for b", second.id),
+    ]
+    messages = [{"role": "user", "content": "q"}, assistant_message(text, [first, second]), *results]
+    template = MISTRAL_NEMO_TEMPLATE
+    rendered = render_chat_template(template, messages, variables={"bos_token": "<s>", "eos_token": "</s>"})
+    assert rendered == render_with_transformers(template, messages)
+    assert f'"call_id": "{second.id}"' in rendered

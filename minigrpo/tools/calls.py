@@ -11,7 +11,8 @@ Formats (a registry keyed by name; `register_format` adds one):
 - "llama3" (Llama-3.1/3.2/3.3 JSON tool calling): the whole message is a JSON object
   `{"name": ..., "parameters": {...}}` (several may follow each other, separated by ';'), optionally after
   `<|python_tag|>`, and optionally with `"type": "function"` (the OpenAI layout of a call). A message that is
-  not such an object is plain text: no calls.
+  not such an object is plain text: no calls. A built-in tool's call (template variable `builtin_tools`) is
+  `<|python_tag|>name.call(key="value", ...)`, its arguments strings, as the template writes it back.
 - "mistral" (Mistral-7B-Instruct-v0.3 and later): `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`,
   or the newer `[TOOL_CALLS]name[ARGS]{...}` (Mistral Small 3.x, Magistral, Devstral; `[CALL_ID]id` may come
   before `[ARGS]`); each call gets an `id` of 9 letters and digits, which Mistral's template requires of
@@ -33,12 +34,12 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
 import re
 import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from minigrpo.tools.arguments import check_arguments
 from minigrpo.tools.schema import Tool, as_tools
 
 __all__ = [
@@ -255,8 +256,7 @@ def parse_llama3(text: str) -> list[ToolCall | ToolCallError]:
     if not tagged and not (body.startswith("{") and '"name"' in body):
         return []  # an answer, not a call
     if not body.startswith("{"):
-        expected = '{"name": ..., "parameters": {...}}'
-        return [ToolCallError(f"after {_PYTHON_TAG} a JSON tool call {expected} was expected", text)]
+        return [_llama_builtin_call(body, text)]
     decoder, calls, pos = _DECODER, [], 0
     while pos < len(body):
         try:
@@ -272,6 +272,31 @@ def parse_llama3(text: str) -> list[ToolCall | ToolCallError]:
     return calls
 
 
+# a built-in tool's call (the `builtin_tools` template variable) as Llama-3.1's template writes it
+_LLAMA_BUILTIN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\.call\((.*)\)", re.DOTALL)
+# one `key="value"` of it: the template writes the value as is, so it ends at the quote before ', next="' or the end
+_LLAMA_BUILTIN_ARG = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="(.*?)"(?:, (?=[A-Za-z_][A-Za-z0-9_]*=")|\Z)', re.DOTALL)
+
+
+def _llama_builtin_call(body: str, text: str) -> ToolCall | ToolCallError:
+    """The call `name.call(key="value", ...)` that follows `<|python_tag|>` in `body` (Llama-3.1's built-in
+    tools: brave_search, wolfram_alpha), its arguments strings; an error value for any other text there."""
+    expected = f'after {_PYTHON_TAG} a JSON tool call {{"name": ..., "parameters": {{...}}}} or name.call(arg="value")'
+    m = _LLAMA_BUILTIN.fullmatch(body)
+    if m is None:
+        return ToolCallError(f"{expected} was expected", text)
+    name, arguments, at = valid_text(m.group(1)), {}, 0
+    args = m.group(2).strip()
+    while at < len(args):
+        arg = _LLAMA_BUILTIN_ARG.match(args, at)
+        if arg is None:
+            return ToolCallError(f"{expected} was expected: bad arguments at char {at} of {name}.call(...)", text, name)
+        if arg.group(1) in arguments:
+            return ToolCallError(f"duplicate key {arg.group(1)!r} in the tool call (each key once)", text, name)
+        arguments[arg.group(1)], at = valid_text(arg.group(2)), arg.end()
+    return ToolCall(name, arguments, body)
+
+
 _MISTRAL_TAG = "[TOOL_CALLS]"
 _ID_CHARS = string.ascii_letters + string.digits
 _MISTRAL_ID = re.compile(r"[A-Za-z0-9]{9}")
@@ -282,7 +307,8 @@ def parse_mistral(text: str) -> list[ToolCall | ToolCallError]:
     {"name": ..., "arguments": {...}} objects (or one object), or the newer `name[ARGS]{...}` (Mistral
     Small 3.x, Magistral, Devstral; optionally `name[CALL_ID]id[ARGS]{...}`, and several in a row). Mistral's
     templates need every call to have an id of 9 letters and digits (its results name it): the model's own
-    where it wrote a valid one, else one made from the text and the call's place, the same on every run."""
+    where it wrote a valid one not used by an earlier call of the text, else one made from the text and the
+    call's place, the same on every run."""
     found: list[tuple[ToolCall | ToolCallError, Any]] = []  # (call, the "id" the model wrote)
     at = text.find(_MISTRAL_TAG)
     while at >= 0:
@@ -290,7 +316,10 @@ def parse_mistral(text: str) -> list[ToolCall | ToolCallError]:
         named = None if text.startswith(("[", "{"), start) else _MISTRAL_NAMED.match(text, start)
         block, end = (_mistral_named_calls if named else _mistral_json_calls)(text, at, start)
         found, at = found + block, text.find(_MISTRAL_TAG, end)
-    return [dataclasses.replace(c, id=_mistral_id(given, text, i)) for i, (c, given) in enumerate(found)]
+    ids: list[str] = []
+    for i, (_, given) in enumerate(found):  # a result names its call by id: an id the turn used already is remade
+        ids.append(_mistral_id(None if given in ids else given, text, i))
+    return [dataclasses.replace(c, id=id_) for (c, _), id_ in zip(found, ids)]
 
 
 def _mistral_json_calls(text: str, at: int, start: int) -> tuple[list[tuple[ToolCall | ToolCallError, Any]], int]:
@@ -412,88 +441,3 @@ def parse_tool_calls(
         else:
             out.append(ToolCall(call.name, arguments, call.raw, call.id))
     return out
-
-
-_TYPE_WORDS = {
-    "integer": "an integer",
-    "number": "a number",
-    "string": "a string",
-    "boolean": "a boolean",
-    "array": "an array",
-    "object": "an object",
-    "null": "null",
-}
-
-
-def check_arguments(schema: Mapping[str, Any], arguments: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """(normalised arguments, problems) for `arguments` against an object schema (Tool.parameters).
-
-    Problems, in this order: unexpected arguments, missing required ones, wrong types / values.
-    """
-    properties = schema.get("properties", {})
-    problems = [f"unexpected argument {k!r}" for k in arguments if k not in properties]
-    problems += [f"missing required argument {k!r}" for k in schema.get("required", []) if k not in arguments]
-    out: dict[str, Any] = {}
-    for key, value in arguments.items():
-        if key in properties:
-            value, problem = _check_value(properties[key], value, f"argument {key!r}")
-            if problem:
-                problems.append(problem)
-            out[key] = value
-    return out, problems
-
-
-def _check_value(schema: Mapping[str, Any], value: Any, what: str) -> tuple[Any, str | None]:
-    kinds = schema.get("type")
-    kinds = [kinds] if isinstance(kinds, str) else list(kinds or [])
-    if kinds:
-        for kind in kinds:
-            ok, value2 = _is_type(kind, value)
-            if ok:
-                value = value2
-                break
-        else:
-            words = " or ".join(_TYPE_WORDS.get(k, k) for k in kinds)
-            if _is_non_finite(value) and "number" in kinds:  # NaN / Infinity: Python's json reads them
-                words = words.replace("a number", "a finite number")
-            return value, f"{what} should be {words}, got {_show(value)}"
-    if "enum" in schema and value not in schema["enum"]:
-        return value, f"{what} should be one of {', '.join(json.dumps(v) for v in schema['enum'])}, got {_show(value)}"
-    if isinstance(value, list) and "items" in schema:
-        items = []
-        for i, item in enumerate(value):
-            item, problem = _check_value(schema["items"], item, f"{what} item {i}")
-            if problem:
-                return value, problem
-            items.append(item)
-        value = items
-    if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
-        entries = {}
-        for key, item in value.items():
-            item, problem = _check_value(schema["additionalProperties"], item, f"{what} key {key!r}")
-            if problem:
-                return value, problem
-            entries[key] = item
-        value = entries
-    return value, None
-
-
-def _is_type(kind: str, value: Any) -> tuple[bool, Any]:
-    """(value has JSON type `kind`, the value normalised): bools are never numbers; 3.0 is an integer."""
-    if kind == "integer":
-        if isinstance(value, float) and value.is_integer():
-            return True, int(value)
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if kind == "number":  # NaN and Infinity are no JSON numbers (and no tool's input)
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and not _is_non_finite(value), value
-    python = {"string": str, "boolean": bool, "array": list, "object": dict, "null": type(None)}.get(kind)
-    return (python is None or isinstance(value, python)), value
-
-
-def _is_non_finite(value: Any) -> bool:
-    return isinstance(value, float) and not math.isfinite(value)
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 40 else text[:37] + "..."
