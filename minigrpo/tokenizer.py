@@ -283,7 +283,7 @@ class Tokenizer:
         continue_final_message: bool | str = False,
         tokenize: bool = False,
         chat_template: str | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any] | Any] | None = None,
         documents: Sequence[Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> str | list[int]:
@@ -299,7 +299,9 @@ class Tokenizer:
                 every special token) instead of the string.
             chat_template: the name of one of `chat_templates`, or a template string; default "tool_use"
                 when `tools` is given and the model has a template of that name, else "default".
-            tools, documents: JSON-schema dicts / document dicts, passed to the template as is.
+            tools: JSON-schema dicts (passed as is), `minigrpo.tools.Tool`s or Python functions (their
+                schemas, read from the signature and docstring).
+            documents: document dicts, passed to the template as is.
             **kwargs: more template variables (e.g. `enable_thinking`); they override special tokens.
 
         Raises:
