@@ -92,7 +92,7 @@ def test_gguf_export_loads_a_checkpoint_in_its_stored_precision(key, tmp_path, m
     read in fp32 needs twice its size in memory for the same exported numbers."""
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
-    config.pop("torch_dtype", None)
+    config = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}
     (ckpt / "config.json").write_text(json.dumps({**config, key: "bfloat16"}))
     seen = {}
 

@@ -216,12 +216,12 @@ class ModelArgs:
         )
 
     def to_hf_config(self, torch_dtype: str | None = None) -> dict[str, Any]:
-        """The `config.json` to write next to saved weights: the loaded dict, kept as it was read."""
+        """The `config.json` to write next to saved weights: the loaded dict, kept as it was read, with the
+        weights' dtype under both names transformers has read (`dtype` since 4.56, `torch_dtype` before)."""
         cfg = copy.deepcopy(self.hf_config)
         cfg.setdefault("architectures", [self.architecture])
         if torch_dtype is not None:
-            cfg["torch_dtype"] = torch_dtype
-            cfg.pop("dtype", None)
+            cfg["dtype"] = cfg["torch_dtype"] = torch_dtype
         return cfg
 
 
