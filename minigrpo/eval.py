@@ -44,6 +44,7 @@ from minigrpo.distributed import World, env_world_size
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
 from minigrpo.episodes import Episode, episode_columns, run_episodes
 from minigrpo.errors import ArgumentParser, UserError, run_cli
+from minigrpo.loop_columns import data_source, refuse_loop_columns
 from minigrpo.lora_export import check_adapter_fits, check_peft_adapter
 from minigrpo.models.loading import check_model_source, load_pretrained
 from minigrpo.prompt_fit import local_position_limit, prompts_that_fit
@@ -278,6 +279,7 @@ def eval_examples(cfg: Config, split: str, num: int | None) -> list[Example]:
         raise UserError(f"the {split!r} split holds no example")
     if num is not None and len(examples) < num:
         raise UserError(f"--num {num}: the {split!r} split holds only {len(examples)} examples")
+    refuse_loop_columns(examples, data_source(cfg), episodes=cfg.env.kind is not None)  # as training refuses them
     return examples
 
 

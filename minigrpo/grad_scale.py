@@ -147,6 +147,7 @@ def optimizer_step(
 
 
 def grad_scale_metrics(grad_scale: GradScale) -> dict[str, float]:
-    """skipped_updates (so far in the run) when any was skipped, and the loss scale when one is used."""
-    out = {"skipped_updates": float(grad_scale.skipped_updates)} if grad_scale.skipped_updates else {}
+    """skipped_updates (so far in the run; 0 until one is skipped, so every step logs the same keys) and,
+    when a loss scale is used (float16), loss_scale."""
+    out = {"skipped_updates": float(grad_scale.skipped_updates)}
     return {**out, "loss_scale": grad_scale.scale} if grad_scale.enabled else out

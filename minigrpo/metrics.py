@@ -16,7 +16,8 @@ The table answers "why is the loss 0?" at a glance: zero% is the share of groups
 no spread (zero advantage, no policy gradient), fail counts reward-function failures and timeouts,
 clip% the tokens in the clipped region, trunc% the completions cut at max_new_tokens. Per-function
 rewards are appended as the last columns while the line stays within 140 characters; all of them
-are always in metrics.jsonl and curves.png. Columns appear only for metrics the loop sends.
+are always in metrics.jsonl and curves.png. Columns appear only for metrics the loop sends. What each
+metric name means, and when a run logs it: README.md, section "Metrics".
 
 `step` is the 1-based index of the optimizer step just finished; a run resumed from a checkpoint
 taken after step k passes start_step=k and calls truncate_after(k) to drop the lost steps' records.
@@ -352,7 +353,8 @@ class MetricsLogger:
 
     def _notes_for(self, step: int, values: Mapping[str, float]) -> None:
         """One-time hints for the usual "why is nothing learned" causes."""
-        if values.get("frac_zero_spread", 0) >= 1 and "zero" not in self._notes:
+        zero_spread = values.get("kept/frac_zero_spread", values.get("frac_zero_spread", 0))  # what was trained on
+        if zero_spread >= 1 and "zero" not in self._notes:
             self._notes.add("zero")
             self._write(
                 f"note: step {step}: every group got identical rewards (zero%=100), so no completion is "

@@ -17,6 +17,7 @@ minigrpo/distributed.py. The training loop (minigrpo/train.py) and the benchmark
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from minigrpo.distributed import (
 from minigrpo.episodes import ENV, Environment, Episode, episode_columns, episodes_to_rollout, run_episodes
 from minigrpo.grad_scale import GradScale, grad_scale_metrics, optimizer_step
 from minigrpo.logprobs import completion_logprobs
+from minigrpo.loop_columns import data_source, refuse_loop_columns
 from minigrpo.sampling.base import Sampler
 from minigrpo.sampling.params import SamplingParams
 from minigrpo.sampling.rollout import Rollout, concat_rollouts, logprob_mismatch
@@ -72,8 +74,9 @@ def rollout_phase(
 
     With dynamic sampling (DAPO), groups whose rewards are all equal (zero advantage, no gradient)
     are dropped and fresh prompts are sampled in up to `max_resample_rounds` more rounds; the batch
-    then holds at most B groups (fewer if the rounds ran out). Reward metrics describe the first
-    round, i.e. the policy's own distribution before any filtering.
+    then holds at most B groups (fewer if the rounds ran out). Reward metrics (reward, reward/*,
+    frac_zero_spread, reward_std, ...) describe the first round, i.e. the policy's own distribution
+    before any filtering; with dynamic sampling kept/* describe the groups trained on.
 
     Several ranks: every rank draws the same global prompts of a round from its loader (all loaders
     walk one order) and samples its contiguous share; round r of step s samples with the noise
@@ -84,13 +87,14 @@ def rollout_phase(
     B, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
     rounds_left = 1 + (cfg.grpo.max_resample_rounds if cfg.grpo.dynamic_sampling else 0)
     parts: list[tuple[Rollout, torch.Tensor, list, list]] = []  # kept (rollout, totals, prompts, answers)
-    kept, rounds, metrics = 0, 0, None
+    kept, rounds, metrics, first = 0, 0, None, torch.zeros(0)
     while kept < B and rounds < rounds_left:
         examples = loader.next_batch(B - kept)  # the round's global prompts, the same on every rank
         lo, hi = shard_range(len(examples), world.rank, world.size)
         mine = examples[lo:hi]
         rollout, scored, episodes = None, None, []
         key, row_ids = (cfg.run.seed, step, rounds), range(lo * G, hi * G)
+        refuse_loop_columns(examples, data_source(cfg), episodes=env is not None)
         if mine:
             columns = batch_columns(mine, repeat=G)
             if env is None:
@@ -111,7 +115,8 @@ def rollout_phase(
             scored = rewards.score(prompts, completions, answers, specs, columns=columns)
         total = scored.total.float() if scored is not None else torch.zeros(0)  # (N_rank,)
         everyone, _ = gather_rows(world, total)  # (N_round,) in global row order
-        if metrics is None:
+        if metrics is None:  # the first round: the policy's own distribution
+            first = everyone
             metrics = batch_reward_result(world, scored, specs).metrics()
             if env is not None:
                 turn_stats = rollout.stats if rollout is not None else {}
@@ -137,11 +142,12 @@ def rollout_phase(
         everyone, G, scale=cfg.grpo.scale_rewards, estimator=cfg.grpo.advantage_estimator
     )
     metrics = {k: v for k, v in metrics.items() if not k.startswith("reward/total")}  # "reward" below
-    group_stats = {k: float(v) for k, v in advantages.group_reward_stats(everyone, G).items() if v.ndim == 0}
-    if G == 1:  # groups of one (PPO: the critic is the baseline) have no spread to speak of
-        group_stats.pop("frac_zero_spread", None)
-    metrics["reward"] = group_stats.pop("reward_mean")
-    metrics.update(group_stats)
+    metrics.update(group_metrics(first, G))
+    if cfg.grpo.dynamic_sampling:  # the groups trained on, after filtering
+        kept_stats = group_metrics(everyone, G)
+        metrics["kept/reward"] = kept_stats["reward"]
+        metrics["kept/frac_zero_spread"] = kept_stats["frac_zero_spread"]
+        metrics["kept/groups"] = float(len(everyone) // G)
     metrics["sampling_rounds"] = float(rounds)
     return Batch(
         rollout=rollout,
@@ -151,6 +157,17 @@ def rollout_phase(
         prompts=[x for p in parts for x in p[2]],
         answers=[x for p in parts for x in p[3]],
     )
+
+
+def group_metrics(totals: torch.Tensor, group_size: int) -> dict[str, float]:
+    """reward (the mean valid total), reward_std / _min / _max, frac_zero_spread, frac_invalid_rows and
+    mean_group_std of the (N,) reward totals of whole groups. Groups of one (PPO: the critic is the
+    baseline) have no spread to speak of: no frac_zero_spread or mean_group_std then."""
+    stats = {k: float(v) for k, v in advantages.group_reward_stats(totals, group_size).items() if v.ndim == 0}
+    if group_size == 1:
+        stats.pop("frac_zero_spread")
+        stats.pop("mean_group_std")
+    return {"reward": stats.pop("reward_mean"), **stats}
 
 
 def play_episodes(
@@ -466,9 +483,10 @@ def mismatch_metrics(world: World, r: Rollout, old_logp: torch.Tensor) -> dict[s
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak allocated GPU memory since the last reset, or the process's peak RSS on the CPU."""
+    """Peak allocated GPU memory since the last reset, or the process's peak RSS on the CPU, in GiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1024**3
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes on macOS, KiB on Linux

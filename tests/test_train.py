@@ -138,7 +138,8 @@ def test_loop_options_dynamic_sampling_iterations_kl(tmp_path):
     assert any(r["sampling_rounds"] > 1 for r in records), "dynamic sampling never refilled"
     for r in records:
         if r["sampling_rounds"] < 3:  # rounds left over: every kept group has a reward spread
-            assert r["frac_zero_spread"] == 0.0, r
+            assert r["kept/frac_zero_spread"] == 0.0, r
+        assert r["kept/groups"] <= 8 and r["frac_zero_spread"] >= r["kept/frac_zero_spread"], r
         assert math.isfinite(r["kl"]) and r["ratio_min"] <= 1.0 <= r["ratio_max"]
     assert max(r["kl"] for r in records) > 0.0  # the policy moved away from the reference
     assert any(r["ratio_max"] > 1.0 or r["ratio_min"] < 1.0 for r in records)  # second pass is off-policy
