@@ -83,7 +83,7 @@ def test_schema_from_function():
         "type": "function",
         "function": {
             "name": "add",
-            "description": "Add two integers.\n\nLonger explanation on two lines.",
+            "description": "Add two integers.\n\nLonger explanation\non two lines.",
             "parameters": {
                 "type": "object",
                 "properties": {
@@ -92,6 +92,7 @@ def test_schema_from_function():
                 },
                 "required": ["a"],
             },
+            "return": {"type": "integer", "description": "the sum."},
         },
     }
     params = Tool.from_function(search).parameters
@@ -128,7 +129,7 @@ def _bad_type(a: int, s: set[int]) -> int:
     return 0
 
 
-def _bad_union(a: int | str) -> int:
+def _bad_tuple(a: tuple[int, ...]) -> int:
     return 0
 
 
@@ -139,7 +140,7 @@ def _bad_union(a: int | str) -> int:
         (_star_args, "cannot declare '_star_args' as a tool: *xs is not allowed"),
         (_star_kwargs, "cannot declare '_star_kwargs' as a tool: **kw is not allowed"),
         (_bad_type, "parameter 's': type set[int] cannot be expressed in JSON schema"),
-        (_bad_union, "parameter 'a': int | str: only Optional[X] unions are supported"),
+        (_bad_tuple, "parameter 'a': tuple[int, ...]: a tuple of any length is a list"),
         (lambda x: x, "the name must match"),
     ],
 )
