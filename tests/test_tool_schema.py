@@ -10,9 +10,10 @@ import typing
 from typing import Any, Literal, Optional, Union
 
 import pytest
-from transformers.utils import get_json_schema
 
 from minigrpo.tools import Tool, ToolCall, ToolCallError, json_schema_of, parse_tool_calls
+
+get_json_schema = pytest.importorskip("transformers.utils").get_json_schema  # the test-only reference
 
 
 class Color(enum.Enum):
@@ -295,3 +296,35 @@ def test_functions_transformers_refuses_raise_one_line(fn, reason):
     message = str(info.value)
     assert message.startswith(f"cannot declare {fn.__name__!r} as a tool: parameter 'a': ") and reason in message
     assert "\n" not in message
+
+
+def test_calls_are_checked_against_unions_tuples_and_nullable_values():
+    """A union with an array member (anyOf), a tuple (prefixItems) and transformers' "nullable" are
+    checked, not waved through: the model reads each problem as its call's result."""
+    from minigrpo.tools import Tool
+    from minigrpo.tools.arguments import check_arguments
+
+    def lookup(ids: list[int] | str, pair: tuple[int, str], limit: int | None = None) -> str:
+        """Look things up.
+
+        Args:
+            ids: the ids, or one name
+            pair: a number and a label
+            limit: at most this many
+        """
+        return ""
+
+    schema = Tool.from_function(lookup).parameters
+    good = {"ids": [1, 2.0], "pair": [3.0, "x"], "limit": None}
+    assert check_arguments(schema, good) == ({"ids": [1, 2], "pair": [3, "x"], "limit": None}, [])
+    cases = [
+        ({"ids": 5, "pair": [1, "a"]}, "argument 'ids' should be an array or a string, got 5"),
+        ({"ids": [1, "a"], "pair": [1, "a"]}, "argument 'ids' item 1 should be an integer, got \"a\""),
+        ({"ids": "a", "pair": [1]}, "argument 'pair' should be an array of 2 items, got [1]"),
+        ({"ids": "a", "pair": [1, 2]}, "argument 'pair' item 1 should be a string, got 2"),
+    ]
+    for arguments, problem in cases:
+        assert check_arguments(schema, arguments)[1] == [problem]
+    nullable = {"type": "object", "properties": {"n": {"type": "integer", "nullable": True}}}
+    assert check_arguments(nullable, {"n": None}) == ({"n": None}, [])
+    assert check_arguments(nullable, {"n": "x"})[1] == ["argument 'n' should be an integer, got \"x\""]

@@ -1,4 +1,5 @@
-"""Tool-call arguments checked against a tool's JSON schema (Tool.parameters): names, types, enums.
+"""Tool-call arguments checked against a tool's JSON schema (Tool.parameters): names, types, enums, unions
+(anyOf), tuples (prefixItems) and nullable values.
 
     arguments, problems = check_arguments(tool.parameters, {"a": 3.0})   # ({"a": 3}, [])
 
@@ -47,6 +48,10 @@ def check_arguments(schema: Mapping[str, Any], arguments: Mapping[str, Any]) -> 
 
 
 def _check_value(schema: Mapping[str, Any], value: Any, what: str) -> tuple[Any, str | None]:
+    if value is None and schema.get("nullable"):  # transformers' spelling of Optional[X]
+        return value, None
+    if "anyOf" in schema:  # a union: the first member that takes the value (normalised as that member)
+        return _check_any_of(schema["anyOf"], value, what)
     kinds = schema.get("type")
     kinds = [kinds] if isinstance(kinds, str) else list(kinds or [])
     if kinds:
@@ -62,6 +67,8 @@ def _check_value(schema: Mapping[str, Any], value: Any, what: str) -> tuple[Any,
             return value, f"{what} should be {words}, got {_show(value)}"
     if "enum" in schema and value not in schema["enum"]:
         return value, f"{what} should be one of {', '.join(json.dumps(v) for v in schema['enum'])}, got {_show(value)}"
+    if isinstance(value, list) and "prefixItems" in schema:  # a tuple: one schema per position
+        return _check_tuple(schema["prefixItems"], value, what)
     if isinstance(value, list) and "items" in schema:
         items = []
         for i, item in enumerate(value):
@@ -79,6 +86,38 @@ def _check_value(schema: Mapping[str, Any], value: Any, what: str) -> tuple[Any,
             entries[key] = item
         value = entries
     return value, None
+
+
+def _check_any_of(members: list[Mapping[str, Any]], value: Any, what: str) -> tuple[Any, str | None]:
+    """`value` against a union's members: the first that accepts it; else, when no member's type takes
+    it, every type named ("should be an array or a string"), or the problem of the member whose type did."""
+    problems = []
+    for member in members:
+        checked, problem = _check_value(member, value, what)
+        if problem is None:
+            return checked, None
+        problems.append(problem)
+    wrong_type = f"{what} should be "  # how a type mismatch of the value itself starts (not an item's, an enum's)
+    closer = [p for p in problems if not p.startswith(wrong_type) or p.startswith(f"{wrong_type}one of")]
+    if closer:  # a member whose type took the value: its own problem
+        return value, closer[0]
+    if members and all(m.get("type") for m in members):
+        kinds = [k for m in members for k in ([m["type"]] if isinstance(m["type"], str) else m["type"])]
+        return value, f"{wrong_type}{' or '.join(_TYPE_WORDS.get(k, k) for k in kinds)}, got {_show(value)}"
+    return value, problems[0] if problems else None
+
+
+def _check_tuple(positions: list[Mapping[str, Any]], value: list, what: str) -> tuple[Any, str | None]:
+    """A list against a tuple's per-position schemas: its length, then each item."""
+    if len(value) != len(positions):
+        return value, f"{what} should be an array of {len(positions)} items, got {_show(value)}"
+    items = []
+    for i, (schema, item) in enumerate(zip(positions, value)):
+        item, problem = _check_value(schema, item, f"{what} item {i}")
+        if problem:
+            return value, problem
+        items.append(item)
+    return items, None
 
 
 def _is_type(kind: str, value: Any) -> tuple[bool, Any]:
