@@ -17,7 +17,8 @@ policy's in the update phase and the policy's optimizer step (the critic steps a
 
 The bytes of each part (weights, adapters, optimizer state, activations, KV cache) are counted in
 memory_parts.py, whose docstring gives the formulas; here they are added up per phase, compared with
-the device, and turned into a list of single setting changes that would fit.
+the device, and turned into a list of single setting changes that would fit (memory_knobs.py: each
+also passes the config's own rules).
 
 An SFT step (python -m minigrpo.sft: estimate_sft_peak, sft_preflight) has the update and optimizer
 phases only, its LM head the fused cross-entropy over every position of a micro-batch.
@@ -28,7 +29,6 @@ The estimate is of memory *allocated* by torch; the caching allocator reserves s
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -38,6 +38,7 @@ from minigrpo.algorithms import needs_reference
 from minigrpo.algorithms.dpo_config import rows_per_group
 from minigrpo.config import Config
 from minigrpo.errors import UserError
+from minigrpo.memory_knobs import longest_that_fits, single_changes, vllm_share_that_fits, with_setting
 from minigrpo.memory_parts import (
     ACTIVATION_PARTS,
     CUDA_WORKSPACES,
@@ -270,49 +271,7 @@ def _show(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def _vllm_share_that_fits(
-    cfg: Config, model_args: ModelArgs, prompt_tokens: int, budget: int, device_total: int, total: Any
-) -> float | None:
-    """The largest sampler.gpu_memory_utilization (a multiple of 0.05) below the configured one under
-    which the step fits and vLLM still holds its weights and one whole sequence's KV cache (less and it
-    refuses to start); None if there is none."""
-    args, b = model_args, dtype_bytes(cfg, "cuda")
-    need = args.num_params() * b + kv_cache_bytes(args, 1, prompt_tokens + cfg.sampler.max_new_tokens, b)
-    share = math.floor(cfg.sampler.gpu_memory_utilization * 20 - 1e-9) / 20  # the next step down
-    while share * device_total >= need and share > 0:
-        c = copy.deepcopy(cfg)
-        c.sampler.gpu_memory_utilization = share
-        if total(c) <= budget:
-            return share
-        share = round(share - 0.05, 2)
-    return None
-
-
-def _with(cfg: Config, key: str, value: Any) -> Config:
-    """A copy of cfg with the one setting `key` ("section.name") set to value."""
-    c = copy.deepcopy(cfg)
-    section, name = key.split(".")
-    setattr(getattr(c, section), name, value)
-    return c
-
-
-def _single_changes(cfg: Config, total, budget: int):
-    """(consider, out): consider(key, value) appends (key, old, value, predicted total) to `out` and
-    returns True when that one change brings total(config) under budget."""
-    out: list[tuple[str, Any, Any, int]] = []
-
-    def consider(key: str, value: Any) -> bool:
-        section, name = key.split(".")
-        old = getattr(getattr(cfg, section), name)
-        if old == value:
-            return False
-        t = total(_with(cfg, key, value))
-        if t <= budget:
-            out.append((key, old, value, t))
-        return t <= budget
-
-    return consider, out
-
+_with = with_setting  # a config with one setting changed, as each suggestion is counted
 
 _KNOBS = (
     "sampler.gpu_memory_utilization",
@@ -326,6 +285,7 @@ _KNOBS = (
     "sampler.merge_lora",
     "sampler.max_rows",
     "sampler.max_new_tokens",
+    "env.max_episode_tokens",
     "grpo.group_size",
     "grpo.prompts_per_step",
 )
@@ -349,14 +309,11 @@ def suggest_fixes(
             c, model_args, prompt_tokens=prompt_tokens, device_type=device_type, device_total=device_total
         ).total
 
-    def with_(key: str, value: Any) -> Config:
-        return _with(cfg, key, value)
-
-    consider, out = _single_changes(cfg, total, budget)
+    consider, out = single_changes(cfg, total, budget)
     m, tr, g = cfg.model, cfg.train, cfg.grpo
     if cfg.sampler.kind == "vllm" and device_total:
         consider("sampler.vllm_sleep", True)
-        share = _vllm_share_that_fits(cfg, model_args, prompt_tokens, budget, device_total, total)
+        share = vllm_share_that_fits(cfg, model_args, prompt_tokens, budget, device_total, total)
         if share is not None:
             consider("sampler.gpu_memory_utilization", share)
     consider("model.gradient_checkpointing", True)
@@ -375,17 +332,17 @@ def suggest_fixes(
         consider("lora.enabled", True)
     elif cfg.lora.quantize_base is None and device_type == "cuda":
         consider("lora.quantize_base", "nf4")
-    # the longest completions that fit (bisection over max_new_tokens)
-    lo, hi = 0, cfg.sampler.max_new_tokens
-    while hi - lo > max(1, cfg.sampler.max_new_tokens // 64):
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if total(with_("sampler.max_new_tokens", mid)) <= budget else (lo, mid)
+    lo = longest_that_fits(cfg, "sampler.max_new_tokens", 0, cfg.sampler.max_new_tokens, total, budget)
     if cfg.sampler.kind == "own":  # fewer rows decoded at once: the same tokens, a smaller KV cache
         rows = min(cfg.sampler.max_rows or N, N)
         while rows > 1 and not consider("sampler.max_rows", rows // 2):
             rows //= 2
     if 0 < lo < cfg.sampler.max_new_tokens:
         consider("sampler.max_new_tokens", lo)
+    if cfg.env.kind is not None:  # shorter episodes: shorter rows to train on and a smaller turn cache
+        turn, longest = cfg.sampler.max_new_tokens, cfg.env.max_episode_tokens  # an episode holds a turn at least
+        shorter = longest_that_fits(cfg, "env.max_episode_tokens", turn, longest, total, budget)
+        consider("env.max_episode_tokens", shorter)
     for size in range(g.group_size - 1, 1, -1):
         if (g.prompts_per_step * size) % tr.micro_batch_size == 0 and consider("grpo.group_size", size):
             break
@@ -465,7 +422,7 @@ def suggest_sft_fixes(
     def total(c: Config) -> int:
         return estimate_sft_peak(c, model_args, seq_len=seq_len, device_type=device_type).total
 
-    consider, out = _single_changes(cfg, total, budget)
+    consider, out = single_changes(cfg, total, budget, command="sft")
     consider("model.gradient_checkpointing", True)
     if cfg.model.gradient_checkpointing and device_type == "cuda":
         consider("model.activation_offload", True)
@@ -477,11 +434,7 @@ def suggest_sft_fixes(
         consider("lora.enabled", True)
     elif cfg.lora.quantize_base is None and device_type == "cuda":
         consider("lora.quantize_base", "nf4")
-    lo, hi = 1, min(seq_len, cfg.sft.max_seq_len)  # lo fits (1: none known), hi does not
-    step = max(1, hi // 64)
-    while hi - lo > step:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if total(_with(cfg, "sft.max_seq_len", mid)) <= budget else (lo, mid)
+    lo = longest_that_fits(cfg, "sft.max_seq_len", 1, min(seq_len, cfg.sft.max_seq_len), total, budget)
     if lo >= 2:  # longer conversations lose their tail
         consider("sft.max_seq_len", lo)
     return out

@@ -1,0 +1,95 @@
+"""The single setting changes the memory pre-flight (memory.py) may name when a step does not fit.
+
+    consider, out = single_changes(cfg, total, budget)     # total(config) -> predicted peak bytes
+    consider("train.micro_batch_size", 4)                   # True (and recorded in `out`) if it fits
+
+A change is named only when the config it makes fits by the same estimate AND loads: a value the
+config's own rules refuse (a group size whose rows PPO's mini-batches no longer divide, say) would
+send the user from one error to another, so it counts as not fitting and the search goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+from minigrpo.config import Config
+from minigrpo.memory_parts import dtype_bytes, kv_cache_bytes
+from minigrpo.models.args import ModelArgs
+
+Change = tuple[str, Any, Any, int]  # (key, old value, new value, predicted peak bytes)
+
+
+def with_setting(cfg: Config, key: str, value: Any) -> Config:
+    """A copy of cfg with the one setting `key` ("section.name") set to value."""
+    c = copy.deepcopy(cfg)
+    section, name = key.split(".")
+    setattr(getattr(c, section), name, value)
+    return c
+
+
+def config_errors(cfg: Config, command: str = "train") -> set[str]:
+    """The lines config.validate would refuse `cfg` with (limits and cross-field rules) for `command`
+    ("train" or "sft"); empty when it loads."""
+    from minigrpo import configio
+    from minigrpo.config_rules import cross_field_errors, rules_of
+
+    with rules_of(command):
+        return set(configio.check_limits(cfg) + cross_field_errors(cfg, []))
+
+
+def single_changes(
+    cfg: Config, total: Callable[[Config], int], budget: int, command: str = "train"
+) -> tuple[Callable[[str, Any], bool], list[Change]]:
+    """(consider, out): consider(key, value) appends (key, old, value, predicted total) to `out` and
+    returns True when that one change brings total(config) under budget and breaks none of the
+    config's rules that `cfg` itself keeps (command: whose rules, as config_errors)."""
+    out: list[Change] = []
+    known = config_errors(cfg, command)  # a hand-built config's own faults are not the change's
+
+    def consider(key: str, value: Any) -> bool:
+        section, name = key.split(".")
+        old = getattr(getattr(cfg, section), name)
+        if old == value:
+            return False
+        changed = with_setting(cfg, key, value)
+        t = total(changed)
+        fits = t <= budget and not config_errors(changed, command) - known
+        if fits:
+            out.append((key, old, value, t))
+        return fits
+
+    return consider, out
+
+
+def vllm_share_that_fits(
+    cfg: Config,
+    model_args: ModelArgs,
+    prompt_tokens: int,
+    budget: int,
+    device_total: int,
+    total: Callable[[Config], int],
+) -> float | None:
+    """The largest sampler.gpu_memory_utilization (a multiple of 0.05) below the configured one under
+    which the step fits and vLLM still holds its weights and one whole sequence's KV cache (less and it
+    refuses to start); None if there is none."""
+    args, b = model_args, dtype_bytes(cfg, "cuda")
+    need = args.num_params() * b + kv_cache_bytes(args, 1, prompt_tokens + cfg.sampler.max_new_tokens, b)
+    share = math.floor(cfg.sampler.gpu_memory_utilization * 20 - 1e-9) / 20  # the next step down
+    while share * device_total >= need and share > 0:
+        if total(with_setting(cfg, "sampler.gpu_memory_utilization", share)) <= budget:
+            return share
+        share = round(share - 0.05, 2)
+    return None
+
+
+def longest_that_fits(cfg: Config, key: str, lo: int, hi: int, total: Callable[[Config], int], budget: int) -> int:
+    """The largest value of the integer setting `key` in [lo, hi) under which total fits in budget, found
+    by bisection to within hi // 64; lo when none above it does (lo itself is not checked)."""
+    step = max(1, hi // 64)
+    while hi - lo > step:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total(with_setting(cfg, key, mid)) <= budget else (lo, mid)
+    return lo
