@@ -209,7 +209,7 @@ class TrainCfg(Section):
 
     steps: int = spec(100, ">= 1")  # optimizer steps
     lr: float = spec(1e-6, ">= 0")  # peak learning rate
-    weight_decay: float = spec(0.0, ">= 0")  # decoupled (AdamW) weight decay
+    weight_decay: float = spec(0.0, ">= 0")  # decoupled (AdamW) decay of the matrices (not biases, norm gains)
     betas: tuple[float, float] = spec((0.9, 0.99), "in [0, 1)")  # Adam betas
     eps: float = spec(1e-8, "> 0")  # Adam epsilon
     schedule: Literal["constant", "linear", "cosine"] = "constant"  # lr shape after the warmup

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from minigrpo.config import TrainCfg
+from minigrpo.errors import ConfigError, UserError
 
 STEP_BUCKET_BYTES = 256 * 2**20  # fp32 gradients alive at once in a MasterWeights step
 
@@ -190,42 +191,63 @@ def _fp32_copy(grad: torch.Tensor, factor: float) -> torch.Tensor:
 def build_optimizer(
     params: Iterable[nn.Parameter], cfg: TrainCfg, *, masters: Mapping[nn.Parameter, torch.Tensor] | None = None
 ) -> torch.optim.Optimizer:
-    """AdamW (torch), or bitsandbytes' 8-bit AdamW (paged or not) on CUDA, over trainable params.
-    masters: full-precision starting values of 16-bit params (build.load_policy's), by parameter."""
+    """AdamW (torch), or bitsandbytes' 8-bit AdamW (paged or not) on CUDA, over trainable params,
+    decaying the matrices only (decay_groups). masters: full-precision starting values of 16-bit
+    params (build.load_policy's), by parameter."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer in ("adamw8bit", "paged_adamw8bit"):
         if not params[0].is_cuda:
-            raise ValueError(f"train.optimizer={cfg.optimizer} needs CUDA (bitsandbytes); use adamw on CPU")
+            raise ConfigError(f"train.optimizer={cfg.optimizer} needs CUDA (bitsandbytes); use adamw on CPU")
         try:
             import bitsandbytes as bnb
         except ImportError as e:
-            raise ImportError(
-                f"train.optimizer={cfg.optimizer} needs bitsandbytes: pip install 'minigrpo[qlora]'"
+            raise UserError(
+                f"train.optimizer={cfg.optimizer} needs bitsandbytes, which cannot be imported ({e}): "
+                "pip install 'minigrpo[qlora]'"
             ) from e
         cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
 
         def make(ps):
-            return cls(ps, **kwargs)
+            return cls(decay_groups(ps, cfg.weight_decay), **kwargs)
     else:
         # on CUDA one fused kernel per step for all tensors (foreach launches several per group)
         impl = {"fused": True} if params[0].is_cuda else {"foreach": True}
 
         def make(ps):
-            return torch.optim.AdamW(ps, **impl, **kwargs)
+            return torch.optim.AdamW(decay_groups(ps, cfg.weight_decay), **impl, **kwargs)
 
     if any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
         return MasterWeights(params, make, start=masters)
     return make(params)
 
 
+def decay_groups(params: Sequence[torch.Tensor], weight_decay: float) -> list[dict]:
+    """Parameter groups for AdamW: `weight_decay` on matrices (ndim >= 2: projections, embeddings,
+    the LM head, LoRA factors) and none on vectors (biases, RMSNorm gains), which a decay would pull
+    towards 0 (a gain of 0 silences its layer): the split HF Trainer and TRL make. Without decay (the
+    default) one group in the parameters' order, as checkpoints saved before the split hold it (a
+    resume keeps train.weight_decay, so the layout a run saved is the one it resumes); empty groups
+    are left out."""
+    if weight_decay == 0:
+        return [{"params": list(params), "weight_decay": 0.0}]
+    matrices = [p for p in params if p.dim() >= 2]
+    vectors = [p for p in params if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def lr_factor(step: int, cfg: TrainCfg, total_steps: int, updates_per_step: int = 1) -> float:
     """Multiplier of cfg.lr after `step` optimizer steps (of total_steps): linear warmup, then
     constant/linear/cosine. cfg.warmup_steps counts training steps, as cfg.steps does, each of
     `updates_per_step` optimizer steps (GRPO's num_iterations), so a warmup lasts the same share
-    of a run whatever the number of updates per step."""
+    of a run whatever the number of updates per step. The warmup gives update k of W the factor
+    (k + 1) / W (transformers' k / W spends the first update at lr 0); after it the factor is
+    transformers' get_{constant,linear,cosine}_schedule_with_warmup's, lifted to end at min_lr_ratio
+    (cosine: as get_cosine_with_min_lr_schedule_with_warmup's min_lr_rate), and stays there past
+    total_steps."""
     warmup = cfg.warmup_steps * updates_per_step
     if warmup and step < warmup:
         return (step + 1) / warmup

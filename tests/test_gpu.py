@@ -181,14 +181,15 @@ def test_bf16_update_moves_fp32_master_weights():
 def test_fused_adamw_on_cuda_steps_as_foreach_does():
     """build_optimizer takes torch's fused AdamW on CUDA: the same steps as the foreach one."""
     from minigrpo.config import TrainCfg
-    from minigrpo.optim import build_optimizer
+    from minigrpo.optim import build_optimizer, decay_groups
 
     cfg = TrainCfg(lr=1e-3, weight_decay=0.01)
     models = [tiny_model(seed=7, dtype=torch.bfloat16).cuda() for _ in range(2)]
     fused = build_optimizer(models[0].parameters(), cfg)
     assert fused.inner.defaults["fused"]
     foreach = build_optimizer(models[1].parameters(), cfg)
-    foreach.inner = torch.optim.AdamW(foreach.masters, lr=1e-3, weight_decay=0.01, betas=cfg.betas, foreach=True)
+    groups = decay_groups(foreach.masters, 0.01)  # no decay on biases and norm gains, as build_optimizer groups them
+    foreach.inner = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.01, betas=cfg.betas, foreach=True)
     assert foreach.param_groups is foreach.inner.param_groups  # the wrapper reads through to its inner optimizer
     ids = torch.randint(3, 128, (4, 16), device="cuda")
     start = [m.clone() for m in foreach.masters]
