@@ -91,7 +91,12 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": _QWEN_DEFAULTS,
     "qwen3": {**_QWEN_DEFAULTS, "head_dim": 128},
     # Phi-3 always has a top-level original_max_position_embeddings, which LongRoPE reads before rope_scaling's
-    "phi3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "original_max_position_embeddings": 4096},
+    "phi3": {
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096,
+        "original_max_position_embeddings": 4096,
+        "pad_token_id": 32000,
+    },
 }
 
 
@@ -122,6 +127,7 @@ class ModelArgs:
     fused_gate_up: bool = False
     layer_windows: tuple[int | None, ...] = ()  # sliding window per layer (None: full attention)
     initializer_range: float = 0.02
+    pad_token_id: int | None = None  # its embedding row gets no gradient from lookups (as transformers builds it)
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -134,6 +140,14 @@ class ModelArgs:
     def rotary_dim(self) -> int:
         """R: how many channels of each head RoPE rotates (the rest pass through)."""
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def embedding_padding_idx(self) -> int | None:
+        """The embedding row whose lookups pass no gradient: `pad_token_id`, as transformers' embedding
+        takes it (a negative id counts from the end), or None when there is none or it lies outside the
+        vocabulary (transformers cannot build that model; the row simply trains here)."""
+        pad = self.pad_token_id
+        return pad if pad is not None and -self.vocab_size <= pad < self.vocab_size else None
 
     @property
     def architecture(self) -> str:
@@ -212,6 +226,7 @@ class ModelArgs:
             fused_gate_up=fam.fused,
             layer_windows=_layer_windows(config, fam.window),
             initializer_range=_positive_number(config, "initializer_range", 0.02),
+            pad_token_id=_pad_token_id(config),
             hf_config=copy.deepcopy(original),
         )
 
@@ -357,6 +372,14 @@ def _typed(params: dict[str, Any]) -> dict[str, Any]:
 def _first_set(*values: Any) -> Any:
     """The first value that is not None (a 0 is a value: a bad one that the caller reports)."""
     return next(v for v in values if v is not None)
+
+
+def _pad_token_id(config: dict[str, Any]) -> int | None:
+    """`pad_token_id` (an integer or null), or a ModelConfigError naming the key."""
+    pad = config.get("pad_token_id")
+    if pad is not None and not _is_int(pad):
+        raise ModelConfigError(f"config key 'pad_token_id' must be an integer or null, got {pad!r}")
+    return pad
 
 
 def _positive_number(config: dict[str, Any], key: str, default: float) -> float:

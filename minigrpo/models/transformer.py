@@ -336,7 +336,8 @@ class Decoder(nn.Module):
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        # the pad token's row gets no gradient from lookups, as in transformers (with pad == eos: eos's row)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, padding_idx=args.embedding_padding_idx)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
