@@ -8,17 +8,20 @@
     tok = ckpt.tokenizer()
 
 Facts of the format this module relies on:
-* ggml lists a tensor's dims fastest-first; reversed they are PyTorch's (out_features, in_features).
-  `gguf.quants.dequantize` returns float32 in that reversed order.
+* The container (header, metadata, tensor table, block formats) is read by gguf_header.py, with
+  no dependency on the `gguf` package; ggml lists a tensor's dims fastest-first, reversed there into
+  PyTorch's (out_features, in_features).
 * llama.cpp permutes the rows of q/k (weights and biases) of `llama`-architecture files per head, to
   use GPT-J-style rotary pairs; HF Llama uses rotate_half pairs, so the permutation is undone here.
   qwen2/qwen3/phi3 files use NEOX rotary and are stored unpermuted.
 * phi3 stores HF's fused `qkv_proj` as `attn_qkv` and the fused `gate_up_proj` as `ffn_up`.
 * Llama-3.1-style rope scaling is stored as a `rope_freqs` tensor of per-frequency divisors, and
   Phi-3 longrope as `rope_factors_long`/`rope_factors_short`: these become `config["rope_scaling"]`.
-* Storage types: those `gguf.quants.dequantize` reads (`READABLE_TYPES`), checked when the file is
-  opened; a tensor with inf/nan values (a corrupt block scale) is an error naming it. Big-endian files
-  hold F32/F16 data byte-swapped (quantized blocks as in little-endian files): swapped back here.
+* Storage types: F32/F16/BF16 and the block types of `BLOCK_DEQUANTIZERS` (every type llama.cpp's
+  common presets write) are read here; the i-quants, ternary and FP4 types (`OPTIONAL_TYPES`) only when
+  the `gguf` package is installed. Checked when the file is opened; a tensor with inf/nan values (a
+  corrupt block scale) is an error naming it. Big-endian files hold F32/F16 data byte-swapped
+  (quantized blocks as in little-endian files): swapped back here.
 * Tokenizers: rebuilt from `tokenizer.ggml.*` by minigrpo/models/gguf_vocab.py (byte-level BPE and
   SentencePiece vocabularies).
 """
@@ -38,7 +41,7 @@ import torch
 
 from minigrpo.tokenizer import Tokenizer
 
-from .gguf_header import GGUFError, read_gguf_header
+from .gguf_header import BLOCK_DEQUANTIZERS, FLOAT_TYPES, GGUFError, GGUFFile, TensorInfo, dequantize
 
 # general.architecture (= HF model_type) -> HF architectures[0]
 ARCHITECTURES = {
@@ -78,16 +81,16 @@ _ROPE_TENSORS = {
     "phi3": ("rope_factors_long.weight", "rope_factors_short.weight"),
 }
 
-# ggml storage types `gguf.quants.dequantize` turns into float32 (by name, so the list reads without
-# importing gguf). Others (Q8_1/Q8_K: ggml's transient dot-product types; I8..I64/F64: integer or
-# double data, never weights) are refused when the file is opened, before any weight is read.
-READABLE_TYPES = frozenset(
+# ggml storage types read as weights. Others (Q8_1/Q8_K: ggml's transient dot-product types; I8..I64/F64:
+# integer or double data, never weights) are refused when the file is opened, before any weight is read.
+# The optional ones (grid-coded i-quants, ternary, FP4) are dequantized by the `gguf` package if present.
+OPTIONAL_TYPES = frozenset(
     {
-        *("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
         *("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS"),
         *("TQ1_0", "TQ2_0", "MXFP4", "NVFP4"),
     }
 )
+READABLE_TYPES = frozenset({*FLOAT_TYPES, *BLOCK_DEQUANTIZERS, *OPTIONAL_TYPES})
 
 # name -> (importable package that ships the file, file name, pip requirement)
 PACKAGED_GGUFS = {
@@ -122,33 +125,29 @@ class GGUFCheckpoint:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        import gguf  # heavy import, needed only when a GGUF is opened
-
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
-        self.header = read_gguf_header(self.path)
-        try:
-            self._reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the reader raises ValueError/IndexError/... on garbage
-            raise GGUFError(
-                f"{self.path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})"
-            ) from e
+        self.file = GGUFFile(self.path)
+        self.header = self.file.header
+        self._reader = self.file  # raw stored tensors: `.tensors`, each with `.name` and `.data`
         self.architecture: str = self.require("general.architecture")
         if self.architecture not in ARCHITECTURES:
             raise GGUFError(
                 f"{self.path}: architecture {self.architecture!r} is not supported "
                 f"(supported: {', '.join(ARCHITECTURES)})"
             )
-        size = self.path.stat().st_size
         self._names: dict[str, str] = {}  # GGUF name -> HF name
-        for t in self._reader.tensors:
-            if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-                raise GGUFError(f"{self.path}: truncated file: tensor {t.name!r} ends past the end of the file")
-            if t.tensor_type.name not in READABLE_TYPES:
+        for t in self.file.tensors:
+            if t.type_name not in READABLE_TYPES:
                 raise GGUFError(
-                    f"{self.path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which this reader "
+                    f"{self.path}: tensor {t.name!r} is stored as {t.type_name}, which this reader "
                     f"cannot dequantize (readable: {', '.join(sorted(READABLE_TYPES))})"
+                )
+            if t.type_name in OPTIONAL_TYPES and importlib.util.find_spec("gguf") is None:
+                raise GGUFError(
+                    f"{self.path}: tensor {t.name!r} is stored as {t.type_name}, which is read with the gguf "
+                    "package: pip install gguf"
                 )
             if t.name not in _ROPE_TENSORS.get(self.architecture, ()):
                 self._names[t.name] = self._hf_name(t.name)
@@ -159,18 +158,8 @@ class GGUFCheckpoint:
 
     def get(self, key: str, default: Any = None) -> Any:
         """One metadata value (arrays as lists; float32 scalars rounded to their shortest decimal)."""
-        import gguf
-
-        field = self._reader.get_field(key)
-        if field is None:
-            return default
-        try:
-            value = field.contents()
-        except UnicodeDecodeError as e:  # a string of the file that is not UTF-8: a corrupt file
-            raise GGUFError(f"{self.path}: metadata key {key!r} holds a string that is not UTF-8 ({e.reason})") from e
-        if field.types == [gguf.GGUFValueType.FLOAT32]:
-            value = float(str(np.float32(value)))  # 9.99999975e-06 -> 1e-05, as the HF config had it
-        return value
+        value = self.file.value(key)
+        return default if value is None else value
 
     def require(self, key: str) -> Any:
         """A metadata value that must be there; a GGUFError naming the key when it is not."""
@@ -197,18 +186,20 @@ class GGUFCheckpoint:
         """The model's config in HF config.json form."""
         arch = self.architecture
         hidden = int(self.require(f"{arch}.embedding_length"))
-        n_heads = int(self.require(f"{arch}.attention.head_count"))
+        n_heads = self._per_layer_count("attention.head_count", self.require(f"{arch}.attention.head_count"))
         n_kv = self._per_layer_count("attention.head_count_kv", n_heads)
         head_dim = int(self._arch("attention.key_length") or hidden // n_heads)
         rope_dim = int(self._arch("rope.dimension_count") or head_dim)
         shapes = self.tensor_shapes()
-        tokens = self._reader.get_field("tokenizer.ggml.tokens")
+        n_tokens = self.file.length("tokenizer.ggml.tokens")
         cfg: dict[str, Any] = {
             "architectures": [ARCHITECTURES[arch]],
             "model_type": arch,
             "hidden_act": "silu",
             "hidden_size": hidden,
-            "intermediate_size": int(self.require(f"{arch}.feed_forward_length")),
+            "intermediate_size": self._per_layer_count(
+                "feed_forward_length", self.require(f"{arch}.feed_forward_length")
+            ),
             "num_hidden_layers": int(self.require(f"{arch}.block_count")),
             "num_attention_heads": n_heads,
             "num_key_value_heads": int(n_kv),
@@ -224,8 +215,8 @@ class GGUFCheckpoint:
             "pad_token_id": self.get("tokenizer.ggml.padding_token_id"),
             "torch_dtype": "float32",
         }
-        if tokens is not None and len(tokens.data) > cfg["vocab_size"]:
-            raise GGUFError(f"{self.path}: {len(tokens.data)} tokens but {cfg['vocab_size']} embedding rows")
+        if n_tokens is not None and n_tokens > cfg["vocab_size"]:
+            raise GGUFError(f"{self.path}: {n_tokens} tokens but {cfg['vocab_size']} embedding rows")
         if arch in ("llama", "qwen3"):
             cfg["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in shapes
         if arch == "llama":
@@ -246,21 +237,22 @@ class GGUFCheckpoint:
     def _per_layer_count(self, key: str, default: int) -> int:
         """`{arch}.{key}`, a count llama.cpp may store as one number or as an array of one per layer
         (its converter writes arrays for models whose layers differ); an array of equal counts is that
-        count, differing counts are an error naming the key (this model has one shape for all layers)."""
+        count, differing counts are an error naming the key (this model has one shape for all layers).
+        Head counts and feed-forward widths come either way."""
         value = self._arch(key, default)
         if isinstance(value, list):
             counts = {int(v) for v in value}
             if len(counts) != 1:
                 raise GGUFError(
                     f"{self.path}: metadata key {self.architecture}.{key} differs between layers "
-                    f"({sorted(counts)}): per-layer head counts are not supported"
+                    f"({sorted(counts)}): per-layer sizes are not supported"
                 )
             value = counts.pop()
         return int(value)
 
     def _rope_scaling(self, head_dim: int) -> dict[str, Any] | None:
         """HF `rope_scaling` from metadata keys or from the rope tensors (see module docstring)."""
-        names = {t.name: t for t in self._reader.tensors}
+        names = self.file.by_name
         if "rope_freqs.weight" in names and self.architecture == "llama":
             return self._llama3_scaling(self._read_small(names["rope_freqs.weight"]), head_dim)
         if "rope_factors_long.weight" in names and self.architecture == "phi3":
@@ -310,10 +302,8 @@ class GGUFCheckpoint:
                 }
         raise GGUFError(f"{self.path}: rope_freqs does not match Llama-3 rope scaling")
 
-    def _read_small(self, t: Any) -> np.ndarray:
-        from gguf.quants import dequantize
-
-        return np.asarray(dequantize(_native(t.data), t.tensor_type), dtype=np.float64).reshape(-1)
+    def _read_small(self, t: TensorInfo) -> np.ndarray:
+        return _dequantize(t).astype(np.float64).reshape(-1)
 
     # ---- tensors -----------------------------------------------------------------------------------
 
@@ -323,15 +313,11 @@ class GGUFCheckpoint:
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """HF name -> PyTorch shape, from the header alone (nothing is dequantized)."""
-        return {
-            self._names[t.name]: tuple(int(d) for d in reversed(t.shape.tolist()))
-            for t in self._reader.tensors
-            if t.name in self._names
-        }
+        return {self._names[t.name]: t.shape for t in self.file.tensors if t.name in self._names}
 
     def tensor_types(self) -> dict[str, str]:
         """HF name -> ggml storage type ("Q4_1", "Q8_0", "F32", ...)."""
-        return {self._names[t.name]: t.tensor_type.name for t in self._reader.tensors if t.name in self._names}
+        return {self._names[t.name]: t.type_name for t in self.file.tensors if t.name in self._names}
 
     def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (HF name, dequantized tensor) one at a time, in file order.
@@ -339,32 +325,25 @@ class GGUFCheckpoint:
         Each tensor is in HF layout (llama q/k rows un-permuted) and owns its memory; nothing is kept
         after it is yielded, so the caller can place each one and hold a single copy of the model.
         """
-        from gguf.quants import dequantize
-
         cfg = self.config
-        for t in self._reader.tensors:
+        for t in self.file.tensors:
             name = self._names.get(t.name)
             if name is None:
                 continue
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            with np.errstate(invalid="ignore", over="ignore"):  # inf/nan scales: reported by _finite
-                w = dequantize(_native(t.data), t.tensor_type)
-            if np.may_share_memory(w, self._reader.data):  # F32 comes back as a view of the mapped file
-                w = w.copy()
-            x = torch.from_numpy(w.reshape(shape))
+            x = torch.from_numpy(_dequantize(t))
             if self.architecture == "llama" and t.name.split(".")[2:3] in (["attn_q"], ["attn_k"]):
                 n = cfg["num_attention_heads"] if ".attn_q." in t.name else cfg["num_key_value_heads"]
                 x = unpermute_qk(x, n)
             yield name, self._finite(x.to(dtype).contiguous(), t)
 
-    def _finite(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+    def _finite(self, x: torch.Tensor, t: TensorInfo) -> torch.Tensor:
         """`x` (tensor `t` dequantized, cast to the load dtype) if every value is finite, else a GGUFError
         naming the tensor: an inf/nan f16 scale field of a block (llama.cpp's own validation calls such a
         block invalid) or a value past the dtype's range (a Q8_0 scale of 6e4 overflows float16) would
         otherwise load silently and make every logit nan."""
         if not bool(torch.isfinite(x).all()):
             raise GGUFError(
-                f"{self.path}: tensor {t.name!r} ({t.tensor_type.name}) holds inf/nan values as {x.dtype} "
+                f"{self.path}: tensor {t.name!r} ({t.type_name}) holds inf/nan values as {x.dtype} "
                 "(a corrupt block scale, or values too large for that dtype)"
             )
         return x
@@ -381,13 +360,17 @@ class GGUFCheckpoint:
         return f"GGUFCheckpoint({str(self.path)!r}, architecture={self.architecture!r}, tensors={len(self._names)})"
 
 
-def _native(data: np.ndarray) -> np.ndarray:
-    """A tensor's mapped data in this machine's byte order. The reader hands a big-endian file's F32/F16
-    data out as '>f4'/'>f2' arrays, which `gguf.quants.dequantize` reinterprets as native floats
-    (garbage); their values are swapped here. uint8 block data (quantized types) has no byte order."""
-    if data.dtype.isnative:
-        return data
-    return data.astype(data.dtype.newbyteorder("="))
+def _dequantize(t: TensorInfo) -> np.ndarray:
+    """Tensor `t` as float32 of its shape, owning its memory; inf/nan from corrupt scales are left for
+    `_finite` to report. The optional types go through the `gguf` package (checked present at open)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        if t.type_name not in OPTIONAL_TYPES:
+            return dequantize(t)
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize as gguf_dequantize
+
+        w = gguf_dequantize(np.array(t.data), GGMLQuantizationType[t.type_name])
+        return np.asarray(w, np.float32).reshape(t.shape)
 
 
 def _llama3_divisors(inv_wavelen: np.ndarray, factor: float, low: float, high: float, original: float) -> np.ndarray:

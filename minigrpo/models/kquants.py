@@ -43,6 +43,8 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from .gguf_blocks import BLOCK_DEQUANTIZERS
+
 QK_K = 256  # values per super-block
 Q4_K_BYTES = 144
 Q6_K_BYTES = 210
@@ -113,19 +115,6 @@ def _quantize_q4_k_blocks(x: np.ndarray) -> np.ndarray:
     return np.concatenate([d.reshape(nb, 1).view(np.uint8), dmin.reshape(nb, 1).view(np.uint8), packed, qs], axis=1)
 
 
-def _dequantize_q4_k_blocks(blocks: np.ndarray) -> np.ndarray:
-    """(nb, 144) uint8 -> (nb, 256) float32."""
-    nb = blocks.shape[0]
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (nb, 1)
-    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    p = blocks[:, 4:16]
-    sc = np.concatenate([p[:, 0:4] & 63, (p[:, 8:12] & 15) | ((p[:, 0:4] >> 6) << 4)], axis=1).astype(np.float32)
-    mn = np.concatenate([p[:, 4:8] & 63, (p[:, 8:12] >> 4) | ((p[:, 4:8] >> 6) << 4)], axis=1).astype(np.float32)
-    qs = blocks[:, 16:].reshape(nb, 4, 32)
-    q = np.stack([qs & 15, qs >> 4], axis=2).reshape(nb, 8, 32).astype(np.float32)  # sub-blocks 2c, 2c+1
-    return ((d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]).reshape(nb, QK_K)
-
-
 # ----------------------------------------------------------------------------------------------
 # Q6_K
 
@@ -169,19 +158,6 @@ def _quantize_q6_k_blocks(x: np.ndarray) -> np.ndarray:
     )
 
 
-def _dequantize_q6_k_blocks(blocks: np.ndarray) -> np.ndarray:
-    """(nb, 210) uint8 -> (nb, 256) float32."""
-    nb = blocks.shape[0]
-    ql = blocks[:, :128].reshape(nb, 2, 64)
-    qh = blocks[:, 128:192].reshape(nb, 2, 32)
-    sc = blocks[:, 192:208].copy().view(np.int8).astype(np.float32)  # (nb, 16)
-    d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)  # (nb, 1)
-    low = [ql[:, :, :32] & 15, ql[:, :, 32:] & 15, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4]
-    q = np.stack([lo | (((qh >> (2 * k)) & 3) << 4) for k, lo in enumerate(low)], axis=2)  # (nb, 2, 4, 32)
-    q = q.astype(np.float32).reshape(nb, 16, 16) - 32
-    return ((d * sc)[:, :, None] * q).reshape(nb, QK_K)
-
-
 # ----------------------------------------------------------------------------------------------
 # whole tensors
 
@@ -212,7 +188,7 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
 
 def dequantize_q4_k(data: np.ndarray) -> np.ndarray:
     """(..., nbytes) uint8 of block_q4_K -> (..., nbytes / 144 * 256) float32."""
-    return _blockwise(data, _dequantize_q4_k_blocks, Q4_K_BYTES)
+    return _blockwise(data, BLOCK_DEQUANTIZERS["Q4_K"], Q4_K_BYTES)
 
 
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
@@ -222,7 +198,7 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
 
 def dequantize_q6_k(data: np.ndarray) -> np.ndarray:
     """(..., nbytes) uint8 of block_q6_K -> (..., nbytes / 210 * 256) float32."""
-    return _blockwise(data, _dequantize_q6_k_blocks, Q6_K_BYTES)
+    return _blockwise(data, BLOCK_DEQUANTIZERS["Q6_K"], Q6_K_BYTES)
 
 
 # ----------------------------------------------------------------------------------------------
