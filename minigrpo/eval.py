@@ -21,7 +21,10 @@ PEFT adapter) is applied to the base model that config names, or without one to 
 adapter_config.json names. A run folder (run_dir, or run_dir/checkpoints) stands for its newest intact
 checkpoint, else its final model (merged, model); the folder evaluated is printed and saved as
 "checkpoint". The split is the config's `data.eval_split` unless `--split` names one of its splits;
-every argument is checked before any weights load.
+every argument is checked before any weights load: the prompts against the model's positions (a
+folder's config.json, a GGUF file's header; a hub model's once fetched) and, on CUDA, a memory
+pre-flight of one batch's KV cache and sampling buffers (minigrpo/eval_memory.py), which names the
+--batch-size or setting that would fit.
 """
 
 from __future__ import annotations
@@ -44,10 +47,12 @@ from minigrpo.distributed import World, env_world_size
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
 from minigrpo.episodes import Episode, episode_columns, run_episodes
 from minigrpo.errors import ArgumentParser, UserError, run_cli
+from minigrpo.eval_memory import eval_preflight
 from minigrpo.loop_columns import data_source, refuse_loop_columns
 from minigrpo.lora_export import check_adapter_fits, check_peft_adapter
-from minigrpo.models.loading import check_model_source, load_pretrained
-from minigrpo.prompt_fit import local_position_limit, prompts_that_fit
+from minigrpo.models.args import ModelArgs
+from minigrpo.models.loading import PACKAGED_MODELS, check_model_source, load_pretrained
+from minigrpo.prompt_fit import position_limit, prompts_that_fit
 from minigrpo.run_folder import RUN_OUTPUTS, run_folder_pick
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.step import episode_metrics
@@ -277,10 +282,51 @@ def eval_examples(cfg: Config, split: str, num: int | None) -> list[Example]:
     examples = build_dataset(cfg.data, split, limit=num or cfg.eval.num_prompts)
     if not examples:
         raise UserError(f"the {split!r} split holds no example")
+    unanswered = [i for i, ex in enumerate(examples) if not rewards.reference_answer(ex.answer)]
+    if unanswered:  # it would count as a wrong completion, while the correctness reward leaves it unscored
+        first = examples[unanswered[0]].prompt
+        raise UserError(
+            f"{len(unanswered)} of the {len(examples)} examples of the {split!r} split have no reference answer "
+            f"(the first: example {unanswered[0]}, {str(first)[:60]!r}): accuracy needs one in data.answer_field="
+            f"{cfg.data.answer_field!r}"
+        )
     if num is not None and len(examples) < num:
         raise UserError(f"--num {num}: the {split!r} split holds only {len(examples)} examples")
     refuse_loop_columns(examples, data_source(cfg), episodes=cfg.env.kind is not None)  # as training refuses them
     return examples
+
+
+def model_before_load(source: str | None, tokenizer: Any) -> tuple[ModelArgs | None, Any]:
+    """The architecture and tokenizer of the model to evaluate, read without its weights: a local
+    folder's config.json (with `tokenizer`, check_model_source's), or a GGUF file's header and
+    vocabulary (`smollm2`: the packaged one); (None, None) for a hub id, known once fetched."""
+    if source is None:  # model.arch: random weights, no tokenizer
+        return None, None
+    config_file = Path(source).expanduser() / "config.json"
+    if config_file.is_file():
+        return ModelArgs.from_hf_config(json.loads(config_file.read_text(encoding="utf-8"))), tokenizer
+    if source in PACKAGED_MODELS or (source.endswith(".gguf") and Path(source).expanduser().is_file()):
+        from minigrpo.models.gguf import GGUFCheckpoint, packaged_gguf
+
+        gguf = GGUFCheckpoint(packaged_gguf(source) if source in PACKAGED_MODELS else Path(source).expanduser())
+        return ModelArgs.from_hf_config(gguf.config), gguf.tokenizer()
+    return None, None
+
+
+def check_fits(
+    cfg: Config,
+    examples: list[Example],
+    tokenizer: Any,
+    args: ModelArgs,
+    device: torch.device,
+    batch: int,
+    adapter: bool,
+) -> None:
+    """The prompts render and fit the model's positions with eval.max_new_tokens (prompt_fit), and on
+    CUDA a batch's KV cache and sampling buffers fit the device's memory (eval_memory)."""
+    _, longest = prompts_that_fit(cfg, examples, tokenizer, position_limit(args), evaluating=True)
+    if device.type == "cuda":
+        eval_preflight(cfg, args, device, longest, batch_size=batch, num_examples=len(examples), adapter=adapter)
 
 
 def results_json(results: dict[str, Any]) -> str:
@@ -331,12 +377,13 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     )
     if adapter:  # its layers and shapes against the base's config, before the base loads
         check_adapter_fits(ckpt, source)
-    if tokenizer is not None:  # a local model folder: env.kind needs its chat template
+    model_args, tokenizer = model_before_load(source, tokenizer)
+    if tokenizer is not None:  # a local model folder or a GGUF file: env.kind needs its chat template
         check_chat_template(cfg, tokenizer)
     examples = eval_examples(cfg, split, args.num)
-    if tokenizer is not None:  # the prompts render, and fit the model's positions with eval.max_new_tokens
-        prompts_that_fit(cfg, examples, tokenizer, local_position_limit(source), evaluating=True)
     device = pick_device(cfg.run.device)
+    if model_args is not None:
+        check_fits(cfg, examples, tokenizer, model_args, device, args.batch_size, adapter)
     dtype = compute_dtype(cfg, device)
     if adapter:
         model, tokenizer = load_policy(cfg, device, dtype)
@@ -344,6 +391,9 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
         lora.merge_and_unload(model)  # one GEMM per projection, as the merged export (NF4 bases keep theirs)
     else:
         model, tokenizer = load_pretrained(args.checkpoint, dtype=dtype, device=device)
+    if model_args is None and tokenizer is not None:  # a hub model, known once fetched: checked before generating
+        check_chat_template(cfg, tokenizer)
+        check_fits(cfg, examples, tokenizer, model.args, device, args.batch_size, adapter)
     results = evaluate(cfg, model.eval(), tokenizer, examples, batch_size=args.batch_size, specs=specs)
     results = {"checkpoint": args.checkpoint, **results}  # the folder evaluated (a run folder's pick)
     print(f"{args.checkpoint} on the {split!r} split ({results['num_examples']} examples, {results['seconds']:.1f}s):")

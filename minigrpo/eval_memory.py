@@ -1,0 +1,198 @@
+"""Memory pre-flight of `python -m minigrpo.eval`: the peak device memory of an evaluation, predicted
+before any weight loads, and the one line that refuses it when it cannot fit.
+
+    est = estimate_eval_peak(cfg, model_args, prompt_tokens=300, batch_size=32, num_examples=500)
+    eval_preflight(cfg, model_args, device, 300, batch_size=32, num_examples=500)   # MemoryPreflightError
+
+Evaluation keeps no optimizer state, gradient or activation: its peak is the rollout of one batch,
+B = min(--batch-size, examples) prompts x k = eval.samples_per_prompt completions, counted from the
+parts of a training step's rollout (memory_parts.py; b the bytes of the model dtype):
+
+    load      weights + fp32 LoRA adapters + one adapted weight merged in fp32   (a LoRA checkpoint only)
+    rollout   weights (+ the adapters an NF4 base keeps) + KV cache + the larger of the prefill's
+              and the decode step's transients
+
+KV cache: the prompts of the largest wave (sampler.max_rows), Bw x Tp slots shared by their k rows,
+and Nw x Tc completion slots (Nw its rows, Tc = eval.max_new_tokens; with env.kind every row is a
+whole episode of env.max_episode_tokens, as memory.py counts a training rollout). Prefill:
+Bw x Tp tokens through one block (forward_transient_per_token) and the (Bw, Tp, Tp) scores;
+decode: Nw x V logits in b and the sampling pass's five fp32 buffers per logit (three more with
+top-p / top-k / min-p), plus the finished waves' tokens and log-probs.
+
+The one line that refuses names the parts that dominate and each single change that would fit,
+results-preserving ones first: a smaller --batch-size (an example's completion does not depend on
+it), a smaller sampler.max_rows (the same tokens in more waves), then a shorter eval.max_new_tokens
+or fewer --samples-per-prompt (other results).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from minigrpo.config import Config
+from minigrpo.memory import MemoryPreflightError
+from minigrpo.memory_knobs import with_setting
+from minigrpo.memory_parts import (
+    CUDA_WORKSPACES,
+    GiB,
+    MemoryEstimate,
+    dtype_bytes,
+    episode_rollout_bytes,
+    forward_transient_per_token,
+    kv_cache_bytes,
+    lora_adapter_shapes,
+    lora_params,
+    weight_bytes,
+)
+from minigrpo.models.args import ModelArgs
+from minigrpo.sampling.params import generation_waves
+
+_SAMPLING_FP32_BUFFERS = 5  # fp32 values per logit the fused softmax + sampling + log-prob pass holds
+_FILTER_BYTES = 12  # per logit, with top-p / top-k / min-p: the sorted values, their order, the mask
+
+
+def estimate_eval_peak(
+    cfg: Config,
+    model_args: ModelArgs,
+    *,
+    prompt_tokens: int,
+    batch_size: int,
+    num_examples: int | None = None,
+    device_type: str = "cuda",
+    adapter: bool = False,
+) -> MemoryEstimate:
+    """Predict the peak device memory of evaluating `cfg` on `model_args` (module docstring).
+
+    prompt_tokens: the longest prompt in tokens (Tp); batch_size: --batch-size, the prompts generated
+    at once (capped at num_examples when given); adapter: a LoRA checkpoint, loaded on the base and
+    merged (an NF4 base keeps its adapters unmerged)."""
+    args, b = model_args, dtype_bytes(cfg, device_type)
+    k, Tp = cfg.eval.samples_per_prompt, prompt_tokens
+    B = min(batch_size, num_examples) if num_examples else batch_size
+    quantize = cfg.lora.quantize_base if adapter and cfg.lora.enabled else None
+    adapters = 4 * lora_params(args, cfg.lora.r, cfg.lora.targets) if adapter and cfg.lora.enabled else 0
+    parts = {"weights": weight_bytes(args, b, quantize), "lora_adapters": adapters if quantize else 0}
+    parts["cuda_workspaces"] = CUDA_WORKSPACES if device_type == "cuda" else 0
+    static = sum(parts.values())
+    Nw, parts["kv_cache"], prefill, Tc, waves = _cache_and_prefill(cfg, args, B, k, Tp, b)
+    decode = Nw * args.vocab_size * (b + 4 * _SAMPLING_FP32_BUFFERS)
+    decode += Nw * args.vocab_size * _FILTER_BYTES if _filters(cfg) else 0
+    decode += B * k * Tc * (8 + 4) if waves > 1 else 0  # the finished waves' tokens (int64) and log-probs
+    parts["rollout_transient"] = max(prefill, decode)
+    phases = {"rollout": static + parts["kv_cache"] + parts["rollout_transient"]}
+    members = {"rollout": ("weights", "lora_adapters", "cuda_workspaces", "kv_cache", "rollout_transient")}
+    if adapter and not quantize and adapters:  # merged one weight at a time in fp32, then the adapters go
+        parts["lora_adapters_to_merge"] = adapters
+        parts["lora_merge"] = max(i * o for _, i, o in lora_adapter_shapes(args, cfg.lora.targets)) * 4
+        phases["load"] = parts["weights"] + adapters + parts["lora_merge"] + parts["cuda_workspaces"]
+        members["load"] = ("weights", "lora_adapters_to_merge", "lora_merge", "cuda_workspaces")
+    return MemoryEstimate(parts=parts, phases=phases, members=members)
+
+
+def _cache_and_prefill(cfg: Config, args: ModelArgs, B: int, k: int, Tp: int, b: int) -> tuple[int, int, int, int, int]:
+    """(rows decoded at once, their KV cache, the prefill transient, Tc, number of waves) of a batch of
+    B prompts x k completions on the own sampler."""
+    max_rows = cfg.sampler.max_rows
+    if cfg.env.kind is not None:  # every row its own prompt; turns of eval.max_new_tokens
+        Tc, turn = cfg.env.max_episode_tokens, cfg.eval.max_new_tokens
+        waves = len(generation_waves(B * k, 1, max_rows))
+        return (*episode_rollout_bytes(args, B * k, max_rows, Tp, Tc, turn, b), Tc, waves)
+    Tc, waves = cfg.eval.max_new_tokens, generation_waves(B, k, max_rows)
+    Bw = max(p1 - p0 for p0, p1, _, _ in waves)  # prompts prefilled at once
+    Nw = max((p1 - p0) * (c1 - c0) for p0, p1, c0, c1 in waves)  # rows decoded at once
+    cache = kv_cache_bytes(args, Bw, Tp, b) + kv_cache_bytes(args, Nw, Tc, b)  # shared prompts + completion slots
+    prefill = Bw * Tp * forward_transient_per_token(args, b) + Bw * Tp * Tp * (1 + b)  # (Bw, Tp, Tp) scores + mask
+    return Nw, cache, prefill, Tc, len(waves)
+
+
+def _filters(cfg: Config) -> bool:
+    s = cfg.sampler
+    return s.top_p < 1.0 or s.top_k > 0 or s.min_p > 0
+
+
+def eval_preflight(
+    cfg: Config,
+    model_args: ModelArgs,
+    device: torch.device | str,
+    prompt_tokens: int,
+    *,
+    batch_size: int,
+    num_examples: int | None = None,
+    adapter: bool = False,
+    free_bytes: int | None = None,
+    margin: float = 0.05,
+) -> MemoryEstimate:
+    """Return the estimate when it fits in the device's free memory less `margin` (free_bytes: default
+    torch.cuda.mem_get_info plus what torch reserves in this process; on CPU nothing is checked), else
+    raise MemoryPreflightError: one line naming the largest parts and the single changes that fit."""
+    device = torch.device(device)
+    if device.type == "cuda" and free_bytes is None:
+        free, _ = torch.cuda.mem_get_info(device)
+        free_bytes = free + torch.cuda.memory_reserved(device)
+    kw = dict(prompt_tokens=prompt_tokens, num_examples=num_examples, device_type=device.type, adapter=adapter)
+    est = estimate_eval_peak(cfg, model_args, batch_size=batch_size, **kw)
+    if free_bytes is None:
+        return est
+    budget = int(free_bytes * (1 - margin))
+    if est.total <= budget:
+        return est
+
+    def total(c: Config, size: int) -> int:
+        return estimate_eval_peak(c, model_args, batch_size=size, **kw).total
+
+    B = min(batch_size, num_examples) if num_examples else batch_size
+    found = eval_fixes(cfg, B, total, budget)
+    largest = ", ".join(f"{name} {v / GiB:.1f} GiB" for name, v in est.largest_parts(count=3))
+    head = (
+        f"evaluation is predicted to need {est.total / GiB:.1f} GiB at its peak ({est.peak_phase}: {largest}) "
+        f"but {device} has {free_bytes / GiB:.1f} GiB free ({budget / GiB:.1f} GiB usable with a {margin:.0%} margin)"
+    )
+    if not found:
+        raise MemoryPreflightError(
+            f"{head}: no single setting fits; combine a smaller --batch-size, sampler.max_rows, "
+            "eval.max_new_tokens and --samples-per-prompt, or evaluate a LoRA run on an NF4 base (lora.quantize_base)"
+        )
+    fixes = ", or ".join(f"{flag} ({t / GiB:.1f} GiB)" for flag, t in found)
+    raise MemoryPreflightError(f"{head}: pass {fixes}")
+
+
+def eval_fixes(cfg: Config, batch: int, total: Callable[[Config, int], int], budget: int) -> list[tuple[str, int]]:
+    """(argument to pass, predicted peak) of each single change that fits `budget`, the ones that keep
+    the results first: the largest --batch-size below `batch`, the largest sampler.max_rows (halving),
+    the longest eval.max_new_tokens, the most --samples-per-prompt."""
+    out: list[tuple[str, int]] = []
+
+    def consider(key: str, lo: int, hi: int, shown: str) -> None:
+        """The largest value of `key` in [lo, hi] that fits, recorded as `shown` with it."""
+        value = _largest(lo, hi, lambda v: peak(key, v) <= budget)
+        if value:
+            out.append((f"{shown}{value}", peak(key, value)))
+
+    def peak(key: str, value: int) -> int:
+        return total(cfg, value) if key == "batch_size" else total(with_setting(cfg, key, value), batch)
+
+    consider("batch_size", 1, batch - 1, "--batch-size ")
+    k = cfg.eval.samples_per_prompt
+    rows = min(cfg.sampler.max_rows or batch * k, batch * k) // 2
+    while rows >= 1 and peak("sampler.max_rows", rows) > budget:  # halving: waves of whole groups stay whole
+        rows //= 2
+    if rows >= 1:
+        out.append((f"--set sampler.max_rows={rows}", peak("sampler.max_rows", rows)))
+    if cfg.env.kind is None:  # with env.kind the episode length (env.max_episode_tokens) sizes the cache
+        consider("eval.max_new_tokens", 1, cfg.eval.max_new_tokens - 1, "--set eval.max_new_tokens=")
+    consider("eval.samples_per_prompt", 1, k - 1, "--samples-per-prompt ")
+    return out
+
+
+def _largest(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
+    """The largest value in [lo, hi] for which `fits` holds (fits is monotone: true up to a point), 0 if none."""
+    best = 0
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best

@@ -1,0 +1,174 @@
+"""`python -m minigrpo.eval`'s memory pre-flight (minigrpo/eval_memory.py) against a hand count, its
+one-line refusal naming the settings that fit, and what the entry point checks before weights load
+whatever the model source (a GGUF file or a hub model has no config.json to read prompts against)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.tiny import TINY_LLAMA, tiny_run_checkpoint, write_copy_task
+
+from minigrpo import eval as evaluation
+from minigrpo.config import load_config
+from minigrpo.eval_memory import estimate_eval_peak, eval_preflight
+from minigrpo.memory import MemoryPreflightError
+from minigrpo.models.args import ModelArgs
+
+ARGS = ModelArgs.from_hf_config(TINY_LLAMA)  # D=64, L=2, Hkv=2, Dh=16, F=128, V=128: 90432 parameters
+WORKSPACES = 65 * 2**20
+SAMPLED = ["run.dtype=bfloat16", "eval.temperature=1.0", "eval.samples_per_prompt=4", "eval.max_new_tokens=6"]
+
+
+def test_estimate_against_a_hand_count():
+    """bf16 (b=2), 3 prompts of Tp=10 x k=4 completions of Tc=6 (5 examples, --batch-size 3):
+    weights 90432 x 2; KV slot 2 (k, v) x 2 layers x 2 heads x 16 x 2 = 256 bytes, prompts 3 x 10 and
+    completions 12 x 6 slots; prefill 30 tokens x 2 (2D + max(3Dq + 3Dkv + D, 4F + D)) = 30 x 1408 and
+    (3, 10, 10) scores x 3 bytes, above the decode's 12 x 128 x (2 + 5 x 4)."""
+    cfg = load_config(None, SAMPLED)
+    est = estimate_eval_peak(cfg, ARGS, prompt_tokens=10, batch_size=3, num_examples=5)
+    assert est.parts["weights"] == 180864
+    assert est.parts["kv_cache"] == 3 * 10 * 256 + 12 * 6 * 256 == 26112
+    assert est.parts["rollout_transient"] == 30 * 1408 + 300 * 3 == 43140 > 12 * 128 * 22
+    assert est.total == 180864 + WORKSPACES + 26112 + 43140
+    # sampler.max_rows=4: one prompt (its 4 rows) per wave; the finished waves' tokens and log-probs (12 bytes)
+    waves = estimate_eval_peak(
+        load_config(None, [*SAMPLED, "sampler.max_rows=4"]), ARGS, prompt_tokens=10, batch_size=3
+    )
+    assert waves.parts["kv_cache"] == 10 * 256 + 4 * 6 * 256
+    assert waves.parts["rollout_transient"] == max(10 * 1408 + 100 * 3, 4 * 128 * 22 + 12 * 6 * 12)
+    # more examples than --batch-size: the batch, not the split, is held; a short split caps the batch
+    assert estimate_eval_peak(cfg, ARGS, prompt_tokens=10, batch_size=3, num_examples=500).total == est.total
+    assert estimate_eval_peak(cfg, ARGS, prompt_tokens=10, batch_size=32, num_examples=3).total == est.total
+
+
+def test_refusal_is_one_line_naming_each_setting_that_fits():
+    """A budget of 68,400,000 bytes (72,000,000 free, 5% margin): --batch-size 2 fits (68,384,472), 3 does
+    not (68,407,556); sampler.max_rows=6 (a prompt a wave), eval.max_new_tokens=3 (68,389,124 + 3072 Tc)
+    and --samples-per-prompt 2 fit too, each alone."""
+    cfg = load_config(None, SAMPLED)
+    kw = dict(batch_size=3, num_examples=5, free_bytes=72_000_000)
+    with pytest.raises(MemoryPreflightError) as e:
+        eval_preflight(cfg, ARGS, "cuda", 10, **kw)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("evaluation is predicted to need 0.1 GiB at its peak (rollout:")
+    assert message.endswith(
+        "pass --batch-size 2 (0.1 GiB), or --set sampler.max_rows=6 (0.1 GiB), or --set eval.max_new_tokens=3 "
+        "(0.1 GiB), or --samples-per-prompt 2 (0.1 GiB)"
+    )
+    for fix in (["sampler.max_rows=6"], ["eval.max_new_tokens=3"], ["eval.samples_per_prompt=2"]):
+        eval_preflight(load_config(None, [*SAMPLED, *fix]), ARGS, "cuda", 10, **kw)  # each fits
+    eval_preflight(cfg, ARGS, "cuda", 10, **{**kw, "batch_size": 2})
+    with pytest.raises(MemoryPreflightError, match=r"--set eval.max_new_tokens=3 \(0.1 GiB\)"):
+        eval_preflight(load_config(None, [*SAMPLED, "eval.max_new_tokens=4"]), ARGS, "cuda", 10, **kw)
+    with pytest.raises(MemoryPreflightError, match=r": no single setting fits; combine a smaller --batch-size"):
+        eval_preflight(cfg, ARGS, "cuda", 10, **{**kw, "free_bytes": 2**20})
+    assert eval_preflight(cfg, ARGS, "cpu", 10, batch_size=3).total < 2**20 * 10  # CPU: nothing checked
+
+
+def test_a_lora_checkpoint_counts_its_merge_and_an_nf4_base_its_adapters():
+    """A LoRA checkpoint on a 16-bit base: the fp32 adapters (r x (in + out) per target and layer) and one
+    adapted weight summed in fp32 while loading, gone once merged; on an NF4 base they stay for sampling."""
+    lora = ["lora.enabled=true", "lora.r=4", "lora.targets=[q,v]"]
+    cfg = load_config(None, [*SAMPLED, *lora])
+    est = estimate_eval_peak(cfg, ARGS, prompt_tokens=10, batch_size=3, adapter=True)
+    adapters = 4 * 4 * ((64 + 64) + (64 + 32)) * 2
+    assert est.parts["lora_adapters_to_merge"] == adapters and est.parts["lora_merge"] == 64 * 64 * 4
+    assert est.phases["load"] == 180864 + adapters + 64 * 64 * 4 + WORKSPACES
+    assert est.phases["rollout"] == 180864 + WORKSPACES + 26112 + 43140
+    nf4 = estimate_eval_peak(load_config(None, [*SAMPLED, *lora, "lora.quantize_base=nf4"]), ARGS, prompt_tokens=10,
+                             batch_size=3, adapter=True)  # fmt: skip
+    assert nf4.parts["lora_adapters"] == adapters and "load" not in nf4.phases
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("evalmem")
+    tiny_run_checkpoint(root / "ck", seed=1)
+    write_copy_task(root / "rows.jsonl", n=6)
+    return root
+
+
+def common(task: Path, rows: str = "rows.jsonl") -> list[str]:
+    return ["--split", "train", "--set", "run.device=cpu", "data.source=jsonl", f"data.path={task / rows}"]
+
+
+def test_eval_refuses_on_cuda_before_the_weights_load(task, monkeypatch):
+    """On a CUDA device too small for a batch (300 KiB above the workspaces; 6 rows of 200 tokens hold
+    6 x 200 x 256 bytes of cache), the run stops with the pre-flight's line, naming the --batch-size
+    that fits, before load_pretrained is ever called."""
+
+    def no_load(*a, **k):
+        raise AssertionError("weights loaded before the memory pre-flight")
+
+    monkeypatch.setattr(evaluation, "pick_device", lambda _: torch.device("cuda"))
+    monkeypatch.setattr(evaluation, "load_pretrained", no_load)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int((WORKSPACES + 300 * 2**10) / 0.95), 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    with pytest.raises(MemoryPreflightError, match=r"^evaluation is predicted to need .* pass --batch-size \d+ "):
+        evaluation._main(["--checkpoint", str(task / "ck"), *common(task), "eval.max_new_tokens=200"])
+
+
+def test_gguf_prompts_are_checked_before_the_weights_load(task, tmp_path):
+    """A GGUF file has no config.json: a prompt longer than the model's positions and a blank prompt
+    used to be evaluated silently (RoPE past max_position_embeddings, a row with no question); now they
+    are the same one-line errors as for a model folder."""
+    from test_gguf_export import bpe_tokenizer, family_model
+
+    from minigrpo import export
+
+    gguf = export.save_gguf(
+        family_model("llama", max_position_embeddings=32), bpe_tokenizer(), tmp_path / "t.gguf", "f16"
+    )
+    (tmp_path / "long.jsonl").write_text(json.dumps({"question": "x " * 40, "answer": "3"}) + "\n")
+    (tmp_path / "blank.jsonl").write_text(json.dumps({"question": "  ", "answer": "3"}) + "\n")
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"question": "12 123", "answer": "3"}) + "\n")
+    args = ["--checkpoint", str(gguf), "--split", "train", "--set", "run.device=cpu", "data.source=jsonl"]
+    with pytest.raises(evaluation.UserError, match=r"more than the model's max_position_embeddings=32"):
+        evaluation._main([*args, f"data.path={tmp_path / 'long.jsonl'}", "eval.max_new_tokens=4"])
+    with pytest.raises(evaluation.UserError, match=r"^the prompt '  ' is empty"):
+        evaluation._main([*args, f"data.path={tmp_path / 'blank.jsonl'}", "eval.max_new_tokens=4"])
+    assert evaluation._main([*args, f"data.path={tmp_path / 'ok.jsonl'}", "eval.max_new_tokens=2"])["num_examples"] == 1
+
+
+def test_a_hub_model_is_checked_once_loaded(task, monkeypatch):
+    """A hub id is known only once fetched: its prompts are checked against the loaded model before
+    anything generates (a prompt past its positions used to be generated from)."""
+    monkeypatch.setattr(evaluation, "model_before_load", lambda source, tokenizer: (None, None))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("generated past the positions"))
+    with pytest.raises(evaluation.UserError, match=r"more than the model's max_position_embeddings=256"):
+        evaluation._main(["--checkpoint", str(task / "ck"), *common(task), "eval.max_new_tokens=300"])
+
+
+def test_examples_without_a_reference_answer_are_refused(task):
+    """A blank answer used to count as a wrong completion in accuracy (0.0) while the correctness
+    reward left it unscored (NaN): one line naming the split, the count and the field now."""
+    (task / "blank.jsonl").write_text(
+        '{"question": "repeat 3", "answer": "3"}\n{"question": "repeat 4", "answer": " "}\n'
+    )
+    with pytest.raises(evaluation.UserError) as e:
+        evaluation._main(["--checkpoint", str(task / "ck"), *common(task, "blank.jsonl")])
+    assert str(e.value) == (
+        "1 of the 2 examples of the 'train' split have no reference answer (the first: example 1, 'repeat 4'): "
+        "accuracy needs one in data.answer_field='answer'"
+    )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pass_at_k_is_the_unbiased_estimator_with_n_equal_k(seed):
+    """pass@k = mean over examples of 1 - C(n - c, k) / C(n, k) (Chen et al. 2021), here with n = k
+    samples: any of the k right. maj@k against a plain vote count (answers here are distinct integers)."""
+    gen = torch.Generator().manual_seed(seed)
+    k, examples = 4, 7
+    given = [str(int(v)) for v in torch.randint(0, 3, (examples * k,), generator=gen)]
+    references = [str(int(v)) for v in torch.randint(0, 3, (examples,), generator=gen)]
+    correct = [g == references[i // k] for i, g in enumerate(given)]
+    unbiased = sum(1 - math.comb(k - sum(correct[e * k : (e + 1) * k]), k) / math.comb(k, k) for e in range(examples))
+    votes = [given[e * k : (e + 1) * k] for e in range(examples)]
+    winners = [max(dict.fromkeys(v), key=v.count) for v in votes]  # the first given of the most frequent
+    majority = sum(w == r for w, r in zip(winners, references))
+    metrics = evaluation.sample_metrics(correct, given, references, k)
+    assert metrics == {f"pass@{k}": unbiased / examples, f"maj@{k}": majority / examples}
