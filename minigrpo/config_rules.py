@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,7 @@ def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         errors += train_errors(cfg) + data_template_errors(cfg)
         errors += lora_errors(cfg) + sft_errors(cfg)
     else:
+        notes += unread_notes(cfg)
         errors += grpo_run_errors(cfg, notes) + train_errors(cfg) + data_template_errors(cfg)
         errors += template_variable_errors(cfg.env.chat_template_kwargs, "env.chat_template_kwargs")
         errors += lora_errors(cfg) + sft_errors(cfg) + env_errors(cfg) + algorithm_errors(cfg)
@@ -67,6 +69,39 @@ def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
         f"{key}={text!r} is the text {text}, not null: write null (or ~) for no value" for key, text in none_texts(cfg)
     ]
     return errors
+
+
+def unread_notes(cfg: Config) -> list[str]:
+    """One note per group of settings changed from their defaults that the run never reads because of
+    another setting (`sampler.gpu_memory_utilization` with the own sampler): a warning, not an error,
+    since switching the other setting (`--set sampler.kind=own` on a vLLM config) rightly keeps them."""
+    g, sampler = cfg.grpo, cfg.sampler
+    synthetic_read = "synthetic" in (cfg.data.source, cfg.sft.source)
+    unread = (  # (the setting that makes them unread, section, its keys (None: all), where they are read)
+        (sampler.kind != "vllm", sampler, "sampler", VLLM_SAMPLER_KEYS, "with sampler.kind=vllm"),
+        (not g.dynamic_sampling, g, "grpo", ("max_resample_rounds",), "with grpo.dynamic_sampling=true"),
+        (g.is_correction is None, g, "grpo", ("is_cap", "is_min"), "with grpo.is_correction set"),
+        (cfg.train.schedule == "constant", cfg.train, "train", ("min_lr_ratio",), "by the linear and cosine schedules"),
+        (not cfg.log.wandb, cfg.log, "log", ("wandb_project",), "with log.wandb=true"),
+        (not cfg.lora.enabled, cfg.checkpoint, "checkpoint", ("save_merged",), "with lora.enabled=true"),
+        (not synthetic_read, cfg.data.synthetic, "data.synthetic", None, "with data.source=synthetic"),
+    )
+    notes = []
+    for off, section, name, keys, where in unread:
+        changed = _changed(section, name, keys) if off else []
+        if changed:
+            notes.append(f"{', '.join(changed)}: ignored, read only {where}")
+    return notes
+
+
+VLLM_SAMPLER_KEYS = ("gpu_memory_utilization", "vllm_sleep", "vllm_probe_every")  # read by the vLLM sampler only
+
+
+def _changed(section: object, name: str, keys: tuple[str, ...] | None) -> list[str]:
+    """`name.key=value` of each of `keys` (None: every field) that differs from the section's default."""
+    default = type(section)()
+    keys = keys or tuple(f.name for f in fields(section))
+    return [f"{name}.{k}={getattr(section, k)!r}" for k in keys if getattr(section, k) != getattr(default, k)]
 
 
 def data_template_errors(cfg: Config) -> list[str]:

@@ -404,17 +404,40 @@ def _child(tp: Any, node: Any, path: str, part: str, root: type) -> tuple[Any, A
         hints = _hints(tp)
         if part not in hints:
             raise _unknown_key(tp, path, part, root)
-        # a list starts from its default (so `rewards.0.weight=2` edits the default reward);
-        # a section starts empty (its defaults, including derived fields, are filled when built)
-        empty = _field_default(tp, part) if get_origin(hints[part]) is list else {}
+        # a list or pair starts from its default (so `rewards.0.weight=2` edits the default reward and
+        # `train.betas.1=0.95` keeps beta1); a section starts empty (its defaults, derived fields
+        # included, are filled when built)
+        empty = _field_default(tp, part) if get_origin(hints[part]) in (list, tuple) else {}
         return hints[part], part, empty
-    if get_origin(tp) is list:
+    if get_origin(tp) in (list, tuple):
         if not part.isdigit() or int(part) >= len(node):
             raise ConfigError(f"{_join(path, part)}: no such item (the list {path} has {len(node)})")
-        return get_args(tp)[0], int(part), {}
+        args = get_args(tp)
+        return args[int(part) if get_origin(tp) is tuple else 0], int(part), {}
     if get_origin(tp) is dict:
         return (get_args(tp) or (str, Any))[1], part, {}
-    raise ConfigError(f"{_join(path, part)}: {path} is a {type_name(tp)}, it has no sub-keys")
+    raise _no_sub_keys(_join(path, part), path, tp)
+
+
+def _no_sub_keys(key: str, path: str, tp: Any) -> ConfigError:
+    """`train.lr.x=1`: the override steps into a single value."""
+    name = type_name(tp)
+    what = "a free-form value" if tp is Any else name if name.startswith("one of") else f"a {name}"
+    return ConfigError(f"{key}: {path} is {what}, it has no sub-keys")
+
+
+def _non_null(tp: Any) -> Any:
+    """X of Optional[X]; any other type as it is."""
+    return next((a for a in get_args(tp) if a is not _NONE), tp) if _is_union(tp) else tp
+
+
+def _container(tp: Any) -> type | None:
+    """The plain container an override steps into for a declared type: dict for a section or a
+    mapping, list for a list or pair, None for a single value (Optional[X] as X)."""
+    tp = _non_null(tp)
+    if dataclasses.is_dataclass(tp) or get_origin(tp) is dict or tp is dict:
+        return dict
+    return list if get_origin(tp) in (list, tuple) else None
 
 
 def apply_override(raw: dict, item: str, root: type) -> None:
@@ -429,9 +452,7 @@ def apply_override(raw: dict, item: str, root: type) -> None:
     node: Any = raw
     path = ""
     for i, part in enumerate(parts):
-        if _is_union(tp):  # Optional[X]: step into X
-            tp = next(a for a in get_args(tp) if a is not _NONE)
-        child_tp, slot, empty = _child(tp, node, path, part, root)
+        child_tp, slot, empty = _child(_non_null(tp), node, path, part, root)  # Optional[X]: step into X
         path = _join(path, part)
         current = node.get(slot) if isinstance(node, dict) else node[slot]
         if i == len(parts) - 1:
@@ -444,15 +465,13 @@ def apply_override(raw: dict, item: str, root: type) -> None:
             else:
                 node[slot] = value
             return
+        container = _container(child_tp)
+        if container is None:  # `train.lr.x=1`
+            raise _no_sub_keys(_join(path, parts[i + 1]), path, _non_null(child_tp))
         if current is None:
             current = node[slot] = empty
-        elif not isinstance(current, (dict, list)):
-            inner = (
-                next((a for a in get_args(child_tp) if a is not _NONE), child_tp) if _is_union(child_tp) else child_tp
-            )
-            if not (dataclasses.is_dataclass(inner) or get_origin(inner) in (list, dict)):  # `train.lr.x=1`
-                raise ConfigError(f"{_join(path, parts[i + 1])}: {path} is a {type_name(inner)}, it has no sub-keys")
-            raise _bad(path, child_tp, current)  # a section given a scalar in the YAML
+        elif not isinstance(current, container):  # a section given a scalar or a list in the YAML
+            raise _bad(path, child_tp, current)
         tp, node = child_tp, current
 
 

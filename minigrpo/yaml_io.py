@@ -1,10 +1,11 @@
-"""Strict YAML in and out for configs: duplicate keys refused, numbers read as YAML 1.2 reads them.
+"""Strict YAML in and out for configs: duplicate keys refused, numbers and dates read as YAML 1.2 reads them.
 
-PyYAML implements YAML 1.1, where `010` is octal eight, `1:30` is the sexagesimal 90 and `1e-5` is
-text; every config reader expects ten, text and a float. `parse_yaml` / `load_yaml_file` read with
-1.2's numbers (a bare `1e-5` stays text where the schema wants a string: see `_FloatText`), and
-`dump_yaml` quotes any string either version would read as a number, so yaml.safe_load reads our
-files back too. Every problem is a ConfigError with the line and column.
+PyYAML implements YAML 1.1, where `010` is octal eight, `1:30` is the sexagesimal 90, `1e-5` is
+text and `2024-01-01` a date; every config reader expects ten, text, a float and text.
+`parse_yaml` / `load_yaml_file` read with 1.2's numbers (a bare `1e-5` stays text where the schema
+wants a string: see `_FloatText`) and no dates, and `dump_yaml` quotes any string either version
+would read otherwise, so yaml.safe_load reads our files back too. Every problem is a ConfigError
+with the line and column (and for a tab or an unquoted `*`, how to fix it).
 """
 
 from __future__ import annotations
@@ -29,11 +30,17 @@ _FLOAT_RE = re.compile(
 )
 
 
+# YAML 1.1 types that 1.2 has not: `2024-01-01` is a date and a lone `=` a "value" key there, text in 1.2
+# (a run named by its date, a date handed to a reward or a chat template, `stop: [=]`)
+_DROPPED = (_INT, _FLOAT, "tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value")
+
+
 class _Yaml12Numbers(yaml.resolver.Resolver):
-    """PyYAML's implicit types with the int and float patterns of YAML 1.2 (booleans stay 1.1: yes/no)."""
+    """PyYAML's implicit types with the int and float patterns of YAML 1.2 and neither 1.1's dates nor
+    its `=` (booleans stay 1.1: yes/no)."""
 
     yaml_implicit_resolvers: ClassVar[dict] = {
-        first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in _DROPPED]
         for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
     }
 
@@ -103,11 +110,25 @@ _StrictLoader.add_constructor(_INT, _construct_int)
 _StrictLoader.add_constructor(_FLOAT, _construct_float)
 
 
+def _yaml_hint(e: yaml.YAMLError, problem: str) -> str:
+    """How to fix the YAML mistakes a config makes most: a tab, and a text that begins with a
+    character YAML reserves (`operations: [+, *]`: `*` begins an alias, `&` an anchor)."""
+    context = str(getattr(e, "context", None) or "")
+    if "'\\t'" in problem:
+        return "; indent with spaces, not tabs"
+    if "alias" in context or "anchor" in context or "undefined alias" in problem:
+        return '; a value that begins with * or & must be quoted ("*")'
+    if "cannot start any token" in problem:
+        return "; quote a value that begins with it"
+    return ""
+
+
 def _yaml_problem(e: yaml.YAMLError) -> str:
-    """A YAML error on one line: what is wrong and where."""
+    """A YAML error on one line: what is wrong, where, and for the usual mistakes how to fix it."""
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     mark = getattr(e, "problem_mark", None)
-    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    return f"{problem}{where}{_yaml_hint(e, problem)}"
 
 
 def parse_yaml(text: str) -> Any:

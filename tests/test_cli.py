@@ -458,3 +458,11 @@ def test_eval_sampling_does_not_depend_on_the_batch_size(tmp_path):
     assert completions("--batch-size", "1") == whole and completions("--batch-size", "2") == whole
     assert completions("--batch-size", "5") == whole  # and again: the same draws
     assert completions("--set", "run.seed=1") != whole  # the seed does pick them
+
+
+def test_an_override_into_a_section_the_file_gives_as_a_list_is_one_line(tmp_path):
+    """`grpo: [4, 8]` in the file and `--set grpo.group_size=4`: was a TypeError traceback."""
+    path = tmp_path / "x.yaml"
+    path.write_text("grpo: [4, 8]\n")
+    proc = run_module("minigrpo.train", "--config", str(path), "--set", "grpo.group_size=4", cwd=tmp_path)
+    assert one_error_line(proc) == "grpo: expected mapping (GRPOCfg), got [4, 8]"
