@@ -6,14 +6,16 @@
 CE is -logp, so this is `fused_linear_logprobs` (kernels/logprobs.py: chunked matmul, online
 logsumexp, recomputing backward) plus the reduction; gradients flow through the same autograd
 function. Semantics follow F.cross_entropy: "none" gives (N,) fp32 with 0 on ignored rows, "sum"
-the sum, "mean" the sum over the non-ignored count (NaN when every row is ignored, as in torch).
+the sum, "mean" the sum over the non-ignored count, except that a mean over no target at all is 0
+with zero gradients (torch gives 0 / 0 = NaN, which would poison a sum of micro-batch losses, e.g. a
+micro-batch whose targets are all masked). ignore_index=None ignores no target.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .logprobs import fused_linear_logprobs
+from .logprobs import counted, fused_linear_logprobs
 
 
 def linear_cross_entropy_ref(
@@ -33,7 +35,7 @@ def fused_linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     reduction: str = "mean",
     impl: str = "auto",
     tile: tuple[int, int] | None = None,
@@ -50,4 +52,4 @@ def fused_linear_cross_entropy(
         return loss
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / (targets != ignore_index).sum()
+    return loss.sum() / counted(targets, ignore_index).sum().clamp(min=1)  # no target: 0, not 0 / 0

@@ -44,7 +44,9 @@ import torch
 
 from ._triton import cdiv, jit, resolve_impl, tl
 
-_NEG = -1.0e30  # running max before any column was seen: finite, so 0 * (m_old - m_new) stays 0
+_NEG = float("-inf")  # running max before any column was seen: below every logit, however far down
+_SHIFT_MIN = -1.0e30  # (m_old - m_new) / T is clamped here: finite, so 0 * shift stays 0, never NaN
+_DIFF_MIN = -3.0e38  # m_old - m_new is clamped here first: finite, so that -inf * a tiny 1/T is no NaN
 _TOKEN_BLOCK = 4096  # rows of a logits tile: dW is rounded once per such block
 _TILE_ELEMS = {"cuda": 32 * 2**20, "cpu": 4 * 2**20}  # elements of one logits tile
 
@@ -58,7 +60,7 @@ def linear_logprobs_ref(
     weight: torch.Tensor,
     targets: torch.Tensor,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The spec, unchunked: (logp, entropy), each (N,) fp32 (fp64 for fp64 inputs).
 
@@ -66,10 +68,15 @@ def linear_logprobs_ref(
     """
     logits = _acc(hidden @ weight.T) / temperature  # (N, V) fp32
     logp_all = torch.log_softmax(logits, dim=-1)
-    valid = targets != ignore_index
+    valid = counted(targets, ignore_index)
     logp = logp_all.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return torch.where(valid, logp, 0.0), torch.where(valid, entropy, 0.0)
+
+
+def counted(targets: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """(...) bool: the targets that are not ignore_index (all of them when it is None)."""
+    return targets != ignore_index if ignore_index is not None else torch.ones_like(targets, dtype=torch.bool)
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
@@ -98,9 +105,9 @@ def _tile_stats_ref(z, tgt, v0, inv_t, m, s, e, zt) -> None:
 
 
 def _shift(m_old: torch.Tensor, m_new: torch.Tensor, inv_t: float) -> torch.Tensor:
-    """(m_old - m_new) / T, kept finite (a row's first max is _NEG: times a large 1/T it would
-    overflow to -inf, and 0 * -inf is NaN)."""
-    return ((m_old - m_new) * inv_t).clamp(min=_NEG)
+    """(m_old - m_new) / T, kept finite: a row's first max is _NEG = -inf (and a far lower old max
+    times a large 1/T overflows to -inf), and 0 * -inf is NaN; exp(_SHIFT_MIN) is 0 all the same."""
+    return ((m_old - m_new).clamp(min=_DIFF_MIN) * inv_t).clamp(min=_SHIFT_MIN)
 
 
 def _tile_grad_ref(z, tgt, v0, inv_t, m, log_s, ent, g, ge) -> None:
@@ -148,7 +155,7 @@ def _logprobs_stats_kernel(
 ):
     row = tl.program_id(0)
     z_row = z_ptr + row.to(tl.int64) * stride_z_row
-    m = tl.full([], -1.0e30, tl.float32)  # = _NEG
+    m = tl.full([], float("-inf"), tl.float32)  # = _NEG: no column seen yet
     s = tl.zeros([], tl.float32)
     e = tl.zeros([], tl.float32)
     for blk in range(NUM_BLOCKS):
@@ -158,19 +165,19 @@ def _logprobs_stats_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # (z - m) / T, not z / T - m: the compiler contracts the latter into one FMA, whose a - m at
         # the max is the rounding residue of z / T (~1e-6 at |a| ~ 30) instead of 0
-        d = (z - m_new) * inv_t
-        p = tl.exp(d)  # 0 on masked columns
-        shift = tl.maximum((m - m_new) * inv_t, -1.0e30)  # finite: see _shift
+        d = (tl.where(ok, z, m_new) - m_new) * inv_t  # 0 past the row's end (-inf * a 1 / T of 0 is NaN)
+        p = tl.where(ok, tl.exp(d), 0.0)
+        shift = tl.maximum(tl.maximum(m - m_new, -3.0e38) * inv_t, -1.0e30)  # finite: see _shift
         alpha = tl.exp(shift)
         if HAS_ENTROPY:
-            e = alpha * (e + s * shift) + tl.sum(p * tl.where(ok, d, 0.0), axis=0)
+            e = alpha * (e + s * shift) + tl.sum(p * d, axis=0)
         s = alpha * s + tl.sum(p, axis=0)
         m = m_new
     # merge into the statistics of the earlier vocab chunks
     m_old = tl.load(m_ptr + row)
     s_old = tl.load(s_ptr + row)
     m_all = tl.maximum(m_old, m)
-    shift_old = tl.maximum((m_old - m_all) * inv_t, -1.0e30)
+    shift_old = tl.maximum(tl.maximum(m_old - m_all, -3.0e38) * inv_t, -1.0e30)  # m_old = -inf at first
     shift_new = tl.maximum((m - m_all) * inv_t, -1.0e30)
     w_old = tl.exp(shift_old)
     w_new = tl.exp(shift_new)
@@ -207,6 +214,7 @@ def _logprobs_grad_kernel(
     ptrs = z_ptr + row.to(tl.int64) * stride_z_row + cols
     z = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
     logp = (z - tl.load(m_ptr + row)) * inv_t - tl.load(log_s_ptr + row)  # (z - m) / T: see the stats kernel
+    logp = tl.where(ok, logp, 0.0)  # past the row's end: z = 0 is far above a very negative max, exp would overflow
     g = tl.load(g_ptr + row)
     p = tl.exp(logp)
     is_tgt = cols == (tl.load(tgt_ptr + row) - v0)
@@ -314,7 +322,7 @@ def _forward(h, w, tgt, inv_t, ignore_index, want_entropy, impl, tile):
         else:
             _tile_stats_ref(z, tgt[sl], v0, inv_t, m[sl], s[sl], e_b, zt[sl])
     logp, log_s = _finish_rows(m, s, zt, inv_t)
-    valid = tgt != ignore_index
+    valid = counted(tgt, ignore_index)
     logp = torch.where(valid, logp, 0.0)
     entropy = torch.where(valid, log_s - e / s, 0.0) if e is not None else None
     return logp, entropy, m, log_s
@@ -389,7 +397,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (g_logp is None and g_ent is None) or not (need_dh or need_dw):
             return (None,) * 8
-        valid = targets != ignore_index
+        valid = counted(targets, ignore_index)
         g = torch.where(valid, g_logp.to(m.dtype), 0.0) if g_logp is not None else torch.zeros_like(m)
         ge = torch.where(valid, g_ent.to(m.dtype), 0.0) if g_ent is not None and entropy.numel() else None
         dh, dw = _backward(hidden, weight, targets, m, log_s, entropy, g, ge, inv_t, need_dh, need_dw, impl, tile)
@@ -438,6 +446,8 @@ def head_path(
         raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if temperature == float("inf"):  # 1 / T = 0: every logit alike, and 0 * inf in the kernels
+        raise ValueError(f"temperature must be finite, got {temperature}")
     check_targets(targets, weight.shape[0], ignore_index)
     path = resolve_impl(impl, hidden, weight)
     if hidden.dtype == torch.float64 and path == "triton":
@@ -454,7 +464,7 @@ def fused_linear_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     impl: str = "auto",
     tile: tuple[int, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -463,7 +473,8 @@ def fused_linear_logprobs(
     Args:
         hidden: (..., D) activations before the LM head (any float dtype; the matmul runs in it).
         weight: (V, D) LM-head weight, same dtype as hidden.
-        targets: (...) token ids in [0, V), or ignore_index (logp = entropy = 0, no gradient).
+        targets: (...) token ids in [0, V), or ignore_index (logp = entropy = 0, no gradient);
+            ignore_index=None ignores none.
         temperature: logits are divided by it (sampling temperature).
         return_entropy: also return the per-token entropy of softmax(logits / T), differentiable.
         impl: "auto" (Triton on CUDA, the chunked torch path elsewhere), "triton" or "ref".
