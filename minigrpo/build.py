@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from minigrpo import lora, rewards
 from minigrpo.algorithms import needs_reference, updates_per_step
 from minigrpo.checkpoint import load_masters, load_optimizer_state, restore_rng, restoring
 from minigrpo.config import Config, ConfigError, resolve_dtype
+from minigrpo.config_rules import distributed_errors
 from minigrpo.data import Example, PromptLoader, build_dataset
 from minigrpo.distributed import World, broadcast_trainable, shard_model
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
@@ -97,27 +97,8 @@ def check_data_cursor(cfg: Config, resume: ResumePoint, examples: list[Example])
 
 
 def validate_distributed(cfg: Config, world_size: int) -> None:
-    """Checks that need the number of ranks (known only at launch): raise one ConfigError listing all.
-
-    Both samplers run under torchrun: sampler.kind=vllm builds one engine per rank (on its own GPU).
-    """
-    if world_size <= 1:
-        return
-    errors = []
-    strategy = cfg.distributed.resolved_strategy(cfg.lora.enabled)
-    if cfg.grpo.prompts_per_step < world_size:
-        errors.append(
-            f"grpo.prompts_per_step ({cfg.grpo.prompts_per_step}) must be >= the number of ranks ({world_size}): "
-            "each rank samples whole groups"
-        )
-    if re.match(r"^cuda:\d+$", cfg.run.device):
-        errors.append(f"run.device={cfg.run.device!r} under torchrun: each rank uses its LOCAL_RANK's GPU; use cuda")
-    if strategy == "fsdp" and cfg.train.optimizer != "adamw":
-        errors.append(f"train.optimizer={cfg.train.optimizer!r} cannot step FSDP shards; use adamw (or strategy ddp)")
-    if strategy == "fsdp" and cfg.lora.enabled:
-        errors.append("distributed.strategy='fsdp' with lora.enabled: LoRA replicates its frozen base; use ddp")
-    if strategy == "fsdp" and cfg.model.activation_offload:
-        errors.append("model.activation_offload is not supported with FSDP; use gradient_checkpointing alone")
+    """Checks that need the number of ranks (known only at launch): raise one ConfigError listing all."""
+    errors = distributed_errors(cfg, world_size)
     if errors:
         raise ConfigError("invalid config for distributed training:\n  - " + "\n  - ".join(errors))
 
@@ -346,8 +327,9 @@ def build_run(
     if world.rank:
         seed_everything(cfg.run.seed + world.rank)  # rank 0 keeps the run seed's stream (as one process)
     examples, prompt_tokens = prompts_that_fit(cfg, examples, tokenizer, position_limit(model.args))
-    if device.type == "cuda" and not world.distributed:  # stop now, naming the setting to change, not OOM at step n
-        preflight(cfg, model.args, device, prompt_tokens)
+    if device.type == "cuda":  # stop now, naming the setting to change, not OOM at step n (each rank: its share)
+        verbose, refuse = world.rank == 0, strategy != "fsdp"  # FSDP's estimate is not measured yet: a warning
+        preflight(cfg, model.args, device, prompt_tokens, world_size=world.size, verbose=verbose, refuse=refuse)
     optimizer = build_optimizer(model.parameters(), cfg.train, masters=masters)
     masters = None  # the optimizer holds them now
     run = Run(

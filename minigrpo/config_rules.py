@@ -261,3 +261,26 @@ def grpo_run_errors(cfg: Config, notes: list[str]) -> list[str]:
         f"eval.num_prompts ({cfg.eval.num_prompts}) must be <= data.num_eval ({data.num_eval})",
     )
     return errors
+
+
+def distributed_errors(cfg: Config, world_size: int) -> list[str]:
+    """The rules that need the number of ranks, known only at launch (none for one process). Both
+    samplers run under torchrun: sampler.kind=vllm builds one engine per rank (on its own GPU)."""
+    if world_size <= 1:
+        return []
+    errors = []
+    strategy = cfg.distributed.resolved_strategy(cfg.lora.enabled)
+    if cfg.grpo.prompts_per_step < world_size:
+        errors.append(
+            f"grpo.prompts_per_step ({cfg.grpo.prompts_per_step}) must be >= the number of ranks ({world_size}): "
+            "each rank samples whole groups"
+        )
+    if re.match(r"^cuda:\d+$", cfg.run.device):
+        errors.append(f"run.device={cfg.run.device!r} under torchrun: each rank uses its LOCAL_RANK's GPU; use cuda")
+    if strategy == "fsdp" and cfg.train.optimizer != "adamw":
+        errors.append(f"train.optimizer={cfg.train.optimizer!r} cannot step FSDP shards; use adamw (or strategy ddp)")
+    if strategy == "fsdp" and cfg.lora.enabled:
+        errors.append("distributed.strategy='fsdp' with lora.enabled: LoRA replicates its frozen base; use ddp")
+    if strategy == "fsdp" and cfg.model.activation_offload:
+        errors.append("model.activation_offload is not supported with FSDP; use gradient_checkpointing alone")
+    return errors

@@ -59,6 +59,7 @@ from minigrpo.memory_parts import (
     value_model_bytes,
     vllm_share,
 )
+from minigrpo.memory_ranks import all_reduce_bytes, fsdp_gathered, fsdp_static, rank_prompts
 from minigrpo.models.args import ModelArgs
 from minigrpo.sampling.params import generation_waves
 
@@ -80,8 +81,10 @@ def estimate_peak(
     prompt_tokens: int,
     device_type: str = "cuda",
     device_total: int | None = None,
+    world_size: int = 1,
 ) -> MemoryEstimate:
-    """Predict the peak device memory of one training step of `cfg` on `model_args`.
+    """Predict the peak device memory of one training step of `cfg` on `model_args` (on each rank of
+    a `world_size`-process job: memory_ranks.py says what the strategy changes).
 
     prompt_tokens: the longest prompt in tokens (Tp); completions are taken at sampler.max_new_tokens
         (with env.kind: whole episodes at env.max_episode_tokens).
@@ -93,7 +96,8 @@ def estimate_peak(
     Tp, Tc = prompt_tokens, cfg.sampler.max_new_tokens
     if cfg.env.kind is not None:  # a row is a whole episode: the model's turns and the environment's tokens
         Tc = cfg.env.max_episode_tokens
-    T, B, G = Tp + Tc, g.prompts_per_step, g.group_size
+    T, B, G = Tp + Tc, rank_prompts(g.prompts_per_step, world_size), g.group_size
+    strategy = cfg.distributed.resolved_strategy(lora.enabled) if world_size > 1 else None
     N, mb = B * G, min(tr.micro_batch_size, B * G)
     parts: dict[str, int] = {}
     notes: list[str] = []
@@ -101,9 +105,13 @@ def estimate_peak(
     # ---- static: weights, adapters, masters, optimizer state
     quantize = lora.quantize_base if lora.enabled else None
     parts.update(trainer_bytes(args, cfg, b))
+    parts["reference_model"] = parts["weights"] if needs_reference(cfg) and not lora.enabled else 0
+    gathered = dict.fromkeys(("sampling", "forward", "backward"), 0)
+    if strategy == "fsdp":  # fp32 shards (the masters), their gradients and state; units gathered in use
+        parts.update(fsdp_static(args, cfg, world_size, needs_reference(cfg) and not lora.enabled))
+        gathered = fsdp_gathered(args, cfg, b)
     grad_bytes, n_train, masters = parts.pop("gradients"), parts.pop("numel"), parts["master_weights"]
     notes += optimizer_notes(cfg)
-    parts["reference_model"] = parts["weights"] if needs_reference(cfg) and not lora.enabled else 0
     parts["cuda_workspaces"] = CUDA_WORKSPACES if device_type == "cuda" else 0
     critic = value_model_bytes(args, cfg, b) if cfg.algorithm == "ppo" else dict.fromkeys(_CRITIC, 0)
     parts["value_model"], parts["value_master_weights"] = critic["weights"], critic["masters"]
@@ -120,10 +128,11 @@ def estimate_peak(
 
     # ---- rollout: KV cache + prefill / decode transients
     vocab = args.vocab_size
+    parts["gathered_for_sampling"] = gathered["sampling"]  # FSDP: decoding (or a vLLM sync) on whole weights
     if cfg.sampler.kind == "vllm":
         parts["kv_cache"] = 0
         parts["vllm"] = vllm
-        rollout = static + (0 if awake else vllm)
+        rollout = static + (0 if awake else vllm) + gathered["sampling"]
     elif cfg.env.kind is not None:  # every row is its own prompt (memory_parts.episode_rollout_bytes)
         waves = generation_waves(N, 1, cfg.sampler.max_rows)
         turn = cfg.sampler.max_new_tokens
@@ -146,21 +155,26 @@ def estimate_peak(
             largest = max(i * o for _, i, o in shapes)  # merged in fp32 one layer at a time
             parts["lora_merged_for_sampling"] = copies * args.n_layers * b + largest * 4
         rollout = static + parts["kv_cache"] + parts["rollout_transient"] + parts.get("lora_merged_for_sampling", 0)
+        rollout += gathered["sampling"]
 
     # ---- old / reference log-prob passes: a forward without autograd per micro-batch
     need_logprobs = g.num_iterations > 1 or needs_reference(cfg) or g.is_correction is not None
     need_logprobs = need_logprobs or cfg.algorithm == "ppo"  # old log-probs and the critic's old values
     nograd = nograd_forward_bytes(args, mb, T, Tc, b, device_type)
     parts["logprob_forward"] = nograd if need_logprobs else 0
-    logprobs = static + nograd if need_logprobs else 0
+    parts["gathered_units"] = gathered["forward"]  # FSDP: the root and the blocks in flight
+    logprobs = static + nograd + gathered["forward"] if need_logprobs else 0
 
     # ---- update: gradients + one micro-batch's activations
     act = micro_batch_activations(cfg, args, mb, T, Tc, b, device_type)
     parts["gradients"] = grad_bytes
     parts["value_gradients"] = critic["gradients"]  # PPO: the policy's pass, then the critic's (no larger)
     one = math.ceil(N / (cfg.ppo.mini_batches if cfg.algorithm == "ppo" else 1)) <= mb  # a step's only micro-batch
-    head = dict(head_grad=0 if lora.enabled else args.vocab_size * args.dim * b, layers=args.n_layers)
+    head_grad = 0 if lora.enabled or strategy == "fsdp" else args.vocab_size * args.dim * b  # FSDP: in gathered
+    head = dict(head_grad=head_grad, layers=args.n_layers)
     update = static + update_bytes(act, grad_bytes, critic["gradients"], accumulating=not one, **head)
+    parts["unsharded_gradients"] = gathered["backward"]  # FSDP: before each reduce-scatter
+    update += gathered["forward"] + gathered["backward"]
     grad_bytes += critic["gradients"]
     parts.update(activation_parts(act))
 
@@ -177,12 +191,17 @@ def estimate_peak(
     host = {"activation_offload": act["offload_host"]} if act["offload_host"] else {}
     phases = {"rollout": rollout, "logprobs": logprobs, "update": update, "optimizer": optimizer}
     grads = ("gradients", "value_gradients")
+    sampling = ("vllm", "kv_cache", "rollout_transient", "lora_merged_for_sampling", "gathered_for_sampling")
     members = {
-        "rollout": (*held, "vllm", "kv_cache", "rollout_transient", "lora_merged_for_sampling"),
-        "logprobs": (*held, "logprob_forward"),
-        "update": (*held, *grads, *ACTIVATION_PARTS),
+        "rollout": (*held, *sampling),
+        "logprobs": (*held, "logprob_forward", "gathered_units"),
+        "update": (*held, *grads, *ACTIVATION_PARTS, "gathered_units", "unsharded_gradients"),
         "optimizer": (*held, *grads[critic_peak:], "optimizer_step_transient"),
     }
+    if strategy == "ddp":  # the gradients summed over ranks, an fp32 bucket at a time, before the step
+        parts["gradient_all_reduce"] = all_reduce_bytes(n_train + critic["numel"], largest)
+        phases["all_reduce"] = static + grad_bytes + parts["gradient_all_reduce"]
+        members["all_reduce"] = (*held, *grads, "gradient_all_reduce")
     members = {phase: tuple(dict.fromkeys(names)) for phase, names in members.items()}  # vllm once
     return MemoryEstimate(parts=parts, phases=phases, members=members, host=host, notes=notes)
 
@@ -206,8 +225,12 @@ def preflight(
     total_bytes: int | None = None,
     margin: float = 0.05,
     verbose: bool = True,
+    world_size: int = 1,
+    refuse: bool = True,
 ) -> MemoryEstimate:
-    """Print the predicted breakdown; raise MemoryPreflightError when it exceeds the free memory.
+    """Print the predicted breakdown; raise MemoryPreflightError when it exceeds the free memory (of
+    this rank's device, for its share of a `world_size`-process job), or with refuse=False print the
+    same message as a warning (an estimate not yet measured against the device, FSDP's).
 
     free_bytes / total_bytes default to `torch.cuda.mem_get_info(device)`, the free bytes plus what
     torch already reserves in this process (the estimate counts the weights and optimizer state, so
@@ -219,13 +242,14 @@ def preflight(
     device = torch.device(device)
     if device.type == "cuda" and free_bytes is None:
         free_bytes, total_bytes = _device_memory(device)
-    est = estimate_peak(cfg, model_args, prompt_tokens=prompt_tokens, device_type=device.type, device_total=total_bytes)
+    kw = dict(prompt_tokens=prompt_tokens, device_type=device.type, device_total=total_bytes, world_size=world_size)
+    est = estimate_peak(cfg, model_args, **kw)
 
     def fixes(budget: int) -> list[tuple[str, Any, Any, int]]:
-        kw = dict(prompt_tokens=prompt_tokens, budget=budget, device_type=device.type, device_total=total_bytes)
-        return suggest_fixes(cfg, model_args, **kw)
+        return suggest_fixes(cfg, model_args, budget=budget, **kw)
 
-    return _check_fits(est, device, free_bytes, margin, verbose, fixes, _KNOBS)
+    where = f"{device} (each of the {world_size} ranks' device)" if world_size > 1 else str(device)
+    return _check_fits(est, where, free_bytes, margin, verbose, fixes, _KNOBS, refuse=refuse)
 
 
 def _device_memory(device: torch.device) -> tuple[int, int]:
@@ -235,10 +259,18 @@ def _device_memory(device: torch.device) -> tuple[int, int]:
 
 
 def _check_fits(
-    est: MemoryEstimate, device: torch.device, free_bytes: int | None, margin: float, verbose: bool, fixes, knobs
+    est: MemoryEstimate,
+    device: torch.device | str,
+    free_bytes: int | None,
+    margin: float,
+    verbose: bool,
+    fixes,
+    knobs,
+    refuse: bool = True,
 ) -> MemoryEstimate:
     """Print `est` (verbose); return it when it fits in free_bytes less the margin (or nothing is known
-    of the device), else raise MemoryPreflightError naming the largest parts and `fixes(budget)`."""
+    of the device), else raise MemoryPreflightError naming the largest parts and `fixes(budget)`
+    (refuse=False: print that as a warning and return)."""
     if verbose:
         print(est.table())
     if free_bytes is None:
@@ -261,6 +293,10 @@ def _check_fits(
         ]
     else:
         lines.append("No single setting change fits; combine several of: " + ", ".join(knobs))
+    if not refuse:
+        if verbose:
+            print("warning: " + "\n".join(lines), flush=True)
+        return est
     raise MemoryPreflightError("\n".join(lines))
 
 
@@ -299,18 +335,22 @@ def suggest_fixes(
     budget: int,
     device_type: str = "cuda",
     device_total: int | None = None,
+    world_size: int = 1,
 ) -> list[tuple[str, Any, Any, int]]:
     """(key, old, new, predicted total) for each single setting change that brings the peak under
     `budget`, the least intrusive first (memory techniques before smaller batches and shorter outputs).
-    device_total: the device's total bytes, which a colocated vLLM sampler takes its share of."""
+    device_total: the device's total bytes, which a colocated vLLM sampler takes its share of;
+    world_size: the ranks of the job (a change must also pass the checks made at launch)."""
+    kw = dict(prompt_tokens=prompt_tokens, device_type=device_type, device_total=device_total, world_size=world_size)
 
     def total(c: Config) -> int:
-        return estimate_peak(
-            c, model_args, prompt_tokens=prompt_tokens, device_type=device_type, device_total=device_total
-        ).total
+        return estimate_peak(c, model_args, **kw).total
 
-    consider, out = single_changes(cfg, total, budget)
+    consider, out = single_changes(cfg, total, budget, world_size=world_size)
     m, tr, g = cfg.model, cfg.train, cfg.grpo
+    if world_size > 1 and not cfg.lora.enabled:  # full fine-tuning on several GPUs: shard it, whole
+        consider("distributed.strategy", "fsdp")
+        consider("distributed.reshard_after_forward", True)
     if cfg.sampler.kind == "vllm" and device_total:
         consider("sampler.vllm_sleep", True)
         share = vllm_share_that_fits(cfg, model_args, prompt_tokens, budget, device_total, total)
@@ -346,7 +386,7 @@ def suggest_fixes(
     for size in range(g.group_size - 1, 1, -1):
         if (g.prompts_per_step * size) % tr.micro_batch_size == 0 and consider("grpo.group_size", size):
             break
-    for count in range(g.prompts_per_step - 1, 0, -1):
+    for count in range(g.prompts_per_step - 1, world_size - 1, -1):  # every rank samples a prompt at least
         if (count * g.group_size) % tr.micro_batch_size == 0 and consider("grpo.prompts_per_step", count):
             break
     return out

@@ -30,24 +30,24 @@ def with_setting(cfg: Config, key: str, value: Any) -> Config:
     return c
 
 
-def config_errors(cfg: Config, command: str = "train") -> set[str]:
+def config_errors(cfg: Config, command: str = "train", world_size: int = 1) -> set[str]:
     """The lines config.validate would refuse `cfg` with (limits and cross-field rules) for `command`
-    ("train" or "sft"); empty when it loads."""
+    ("train" or "sft"), and those a `world_size`-rank launch adds; empty when it loads."""
     from minigrpo import configio
-    from minigrpo.config_rules import cross_field_errors, rules_of
+    from minigrpo.config_rules import cross_field_errors, distributed_errors, rules_of
 
     with rules_of(command):
-        return set(configio.check_limits(cfg) + cross_field_errors(cfg, []))
+        return set(configio.check_limits(cfg) + cross_field_errors(cfg, []) + distributed_errors(cfg, world_size))
 
 
 def single_changes(
-    cfg: Config, total: Callable[[Config], int], budget: int, command: str = "train"
+    cfg: Config, total: Callable[[Config], int], budget: int, command: str = "train", world_size: int = 1
 ) -> tuple[Callable[[str, Any], bool], list[Change]]:
     """(consider, out): consider(key, value) appends (key, old, value, predicted total) to `out` and
     returns True when that one change brings total(config) under budget and breaks none of the
-    config's rules that `cfg` itself keeps (command: whose rules, as config_errors)."""
+    config's rules that `cfg` itself keeps (command, world_size: whose rules, as config_errors)."""
     out: list[Change] = []
-    known = config_errors(cfg, command)  # a hand-built config's own faults are not the change's
+    known = config_errors(cfg, command, world_size)  # a hand-built config's own faults are not the change's
 
     def consider(key: str, value: Any) -> bool:
         section, name = key.split(".")
@@ -56,7 +56,7 @@ def single_changes(
             return False
         changed = with_setting(cfg, key, value)
         t = total(changed)
-        fits = t <= budget and not config_errors(changed, command) - known
+        fits = t <= budget and not config_errors(changed, command, world_size) - known
         if fits:
             out.append((key, old, value, t))
         return fits
