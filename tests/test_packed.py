@@ -156,3 +156,63 @@ def test_by_default_16_bit_sets_join_and_fp32_ones_keep_the_separate_calls():
         with torch.no_grad():
             model(ids)  # inference
         assert calls == {"q_proj": 2 * parts, "gate_proj": 2 * parts}, dtype
+
+
+def test_frozen_packed_parts_keep_no_input_and_run_no_weight_gradient_gemm():
+    # a LoRA run's untargeted projections (here all of them) are frozen plain linears, packed for the
+    # sampler: in training they cost what nn.Linear's do (no (sum N_i, D) GEMM, x not kept), and
+    # the input gradient equals the unpacked model's
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    layers = [torch.nn.Linear(8, n) for n in (6, 4, 4)]
+    x = torch.randn(5, 8, requires_grad=True)
+    want = torch.autograd.grad(torch.cat([m(x) for m in layers], -1).square().sum(), x)[0]
+    for m in layers:
+        m.requires_grad_(False)
+    assert pack_rows(layers)
+    y = joined_linear(x, layers, join=True)  # (5, 14)
+    assert y.grad_fn.saved_tensors[0] is None  # x is not kept for a weight gradient
+    with Shapes() as mode:
+        got = torch.autograd.grad(y.square().sum(), x)[0]
+    assert (14, 8) not in mode.shapes, mode.shapes
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    layers[1].weight.requires_grad_(True)  # one part trains: its gradient alone comes back
+    y = joined_linear(x, layers, join=True)
+    y.square().sum().backward()
+    assert layers[0].weight.grad is None and layers[1].weight.grad.shape == (4, 8) and layers[1].bias.grad is None
+
+
+def test_a_joined_set_trains_under_autocast_as_the_separate_layers_do():
+    # fp32 activations into 16-bit packed weights under autocast: the GEMMs run in bf16 forward and
+    # backward, the gradients come back in each input's dtype. The parts' gradients equal the separate
+    # layers' (1e-6); x's is one bf16 GEMM over all parts, rounded once, where the separate layers
+    # round each part's share and add them in fp32: equal within bf16 rounding (2^-7 relative)
+    torch.manual_seed(0)
+    plain = [torch.nn.Linear(8, n).bfloat16() for n in (6, 4)]
+    packed = [torch.nn.Linear(8, n).bfloat16() for n in (6, 4)]
+    for a, b in zip(plain, packed):
+        b.load_state_dict(a.state_dict())
+    assert pack_rows(packed)
+    x = torch.randn(3, 8)
+    grads = []
+    for layers, join in ((plain, False), (packed, True)):
+        inp = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = torch.cat(packed_linear(inp, layers, join=join), -1)  # (3, 10) bf16
+        y.float().square().sum().backward()
+        grads.append([inp.grad, *(p.grad for m in layers for p in m.parameters())])
+    for i, (a, b) in enumerate(zip(*grads)):
+        assert a.dtype == b.dtype
+        tol = 2**-7 if i == 0 else 1e-6
+        torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol * a.abs().max().item())

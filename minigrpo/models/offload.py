@@ -48,7 +48,13 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 class _SavedInput:
     """One block's input between its forward and its backward: on the GPU, in pinned host memory,
-    or on its way back (with the event that says when it has arrived)."""
+    or on its way back (with the event that says when it has arrived).
+
+    `stored` is the tensor the autograd function saves with save_for_backward: the input itself
+    (CPU, offload off) or its pinned host copy. Saved so, the engine frees it after the backward
+    (or keeps it for another one, retain_graph=True) and checks that the input was not modified in
+    place since the forward; the offloaded input's version is checked here, through a weak reference.
+    """
 
     def __init__(self, x: torch.Tensor, offload: bool) -> None:
         self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
@@ -57,8 +63,10 @@ class _SavedInput:
         self.gpu: torch.Tensor | None = None
         self.host: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None  # set when `gpu` is filled by the side stream
+        self.source: weakref.ref[torch.Tensor] | None = None  # the offloaded input, if still alive
+        self.version = x._version
         if not (offload and x.is_cuda):
-            self.gpu = x  # CPU (or offload off): keep the tensor as it is
+            self.stored = x  # CPU (or offload off): keep the tensor as it is
             return
         main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
         self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
@@ -66,6 +74,7 @@ class _SavedInput:
         with torch.cuda.stream(side):
             self.host.copy_(x, non_blocking=True)
         x.record_stream(side)  # x's memory is not reused before this copy has read it
+        self.stored, self.source = self.host, weakref.ref(x)
 
     def prefetch(self) -> None:
         """Start the host -> device copy on the side stream (no-op if already on the device)."""
@@ -78,16 +87,31 @@ class _SavedInput:
             self.gpu.copy_(self.host, non_blocking=True)  # after the device -> host copy (same stream)
             self.ready = torch.cuda.Event()
             self.ready.record(side)
-        self.host = None  # the host allocator keeps the block until the copy is done
+        self.host = None  # the saved copy (the autograd engine's) lives until this block's backward
 
-    def take(self) -> torch.Tensor:
-        """The input on its device, the compute stream ordered after its arrival."""
-        self.prefetch()
+    def take(self, stored: torch.Tensor) -> torch.Tensor:
+        """The input on its device, the compute stream ordered after its arrival. `stored`: the
+        saved tensor, unpacked by the engine (it raises if the graph was freed already)."""
+        self._check_version()
+        if stored.device != self.device:  # offloaded: the copy back, unless one is on its way
+            if self.gpu is None and self.host is None:
+                self.host = stored  # a second backward through the graph (retain_graph=True)
+            self.prefetch()
+        else:
+            self.gpu = stored
         if self.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready)
         x, self.gpu, self.ready = self.gpu, None, None
-        assert x is not None, "a checkpointed block was backpropagated twice"
         return x
+
+    def _check_version(self) -> None:
+        """An offloaded input modified in place after the forward would give wrong gradients silently."""
+        x = self.source() if self.source is not None else None
+        if x is not None and x._version != self.version:
+            raise RuntimeError(
+                f"the input {tuple(self.shape)} of a checkpointed block was modified by an inplace operation "
+                f"after its forward (version {x._version}, expected {self.version}): its gradients would be wrong"
+            )
 
 
 class _RecomputeState:
@@ -112,37 +136,43 @@ class _RecomputeState:
 
 
 class _CheckpointedBlock(torch.autograd.Function):
-    """y = run(x), keeping only x (maybe offloaded); params are the block's trainable parameters."""
+    """y = run(x, *tensors), keeping only x (maybe offloaded) and the tensors; `tensors` are the other
+    arguments that need a gradient, then the block's trainable parameters (used by run as they are)."""
 
     @staticmethod
-    def forward(ctx, run: Callable[[torch.Tensor], torch.Tensor], offload: bool, x: torch.Tensor, *params):
+    def forward(ctx, run: Callable[..., torch.Tensor], offload: bool, n_args: int, x: torch.Tensor, *tensors):
         ctx.run = run
         ctx.recompute = _RecomputeState(x.device)
         with torch.no_grad():
-            y = run(x)
+            y = run(x, *tensors[:n_args])
         ctx.saved_input = _SavedInput(x, offload)
-        ctx.params = params
+        ctx.save_for_backward(ctx.saved_input.stored, *tensors[:n_args])
+        ctx.saved_input.stored = None  # the engine holds it now
+        ctx.params = tensors[n_args:]
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         saved: _SavedInput = ctx.saved_input
-        x = saved.take()
+        stored, *args = ctx.saved_tensors
+        x = saved.take(stored)
         prev = saved.prev() if saved.prev is not None else None
         if prev is not None:
             prev.prefetch()  # the next block to backpropagate: its input comes in during this one
-        need_x = ctx.needs_input_grad[2]
-        params = [p for p, need in zip(ctx.params, ctx.needs_input_grad[3:]) if need]
+        needs = ctx.needs_input_grad[3:]  # x, the arguments, the parameters
         with torch.enable_grad(), ctx.recompute.restored():
-            x = x.detach().requires_grad_(need_x)
-            y = ctx.run(x)
-        wrt = ([x] if need_x else []) + params
-        grads = list(torch.autograd.grad(y, wrt, dy, allow_unused=True)) if wrt else []
-        dx = grads.pop(0) if need_x else None
-        it = iter(grads)
-        dparams = [next(it) if need else None for need in ctx.needs_input_grad[3:]]
-        ctx.run = ctx.params = ctx.saved_input = None
-        return (None, None, dx, *dparams)
+            inputs = [t.detach().requires_grad_(need) for t, need in zip([x, *args], needs)]
+            y = ctx.run(*inputs)
+        wrt = [t for t, need in zip([*inputs, *ctx.params], needs) if need]
+        grads = iter(torch.autograd.grad(y, wrt, dy, allow_unused=True) if wrt else [])
+        return (None, None, None, *(next(grads) if need else None for need in needs))
+
+
+def _needs_backward(x: torch.Tensor, args: tuple, params: tuple) -> bool:
+    """Whether autograd records this call: grad mode on and some input (x, an argument tensor or a
+    parameter) requires a gradient. Otherwise nothing is kept and nothing is offloaded."""
+    grad_inputs = [x, *(a for a in args if isinstance(a, torch.Tensor))]
+    return torch.is_grad_enabled() and (bool(params) or any(t.requires_grad for t in grad_inputs))
 
 
 def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = False) -> torch.Tensor:
@@ -151,27 +181,39 @@ def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = F
     offload=False: torch's non-reentrant checkpoint (x stays on the device).
     offload=True: our autograd function; on CUDA x waits in pinned CPU memory (copied on a side
     stream, overlapped with compute) and is brought back, one block ahead, in the backward. The
-    other arguments (rotary angles, masks) are shared by all blocks and stay where they are.
+    other arguments (rotary angles, masks) are shared by all blocks and stay where they are; those
+    that require a gradient get it, as under torch's checkpoint. Without autograd (no_grad,
+    inference_mode, nothing requiring a gradient) the block just runs: nothing is kept or copied.
     """
     if not offload:
         return checkpoint(block, x, *args, use_reentrant=False)
     params = tuple(p for p in block.parameters() if p.requires_grad)
+    if not _needs_backward(x, args, params):
+        return block(x, *args)
+    grad_at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
-    def run(inp: torch.Tensor) -> torch.Tensor:
-        return block(inp, *args)
+    def run(inp: torch.Tensor, *grad_args: torch.Tensor) -> torch.Tensor:
+        full = list(args)
+        for i, a in zip(grad_at, grad_args):
+            full[i] = a
+        return block(inp, *full)
 
-    y = _CheckpointedBlock.apply(run, True, x, *params)
+    y = _CheckpointedBlock.apply(run, True, len(grad_at), x, *(args[i] for i in grad_at), *params)
     if not isinstance(y, torch.Tensor) or y.grad_fn is None:
         return y  # nothing needs a gradient: no backward will come
-    saved = y.grad_fn.saved_input if hasattr(y.grad_fn, "saved_input") else None
-    if saved is not None:
-        last = getattr(_chain, "last", None)
-        before = last() if last is not None else None
-        if before is not None and before.output is not None and before.output() is x:
-            saved.prev = weakref.ref(before)
-        saved.output = weakref.ref(y)
-        _chain.last = weakref.ref(saved)
+    _link_to_previous_block(y.grad_fn.saved_input, x, y)
     return y
+
+
+def _link_to_previous_block(saved: _SavedInput, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Block i's input is the very tensor block i-1 returned: then block i's backward prefetches
+    block i-1's input."""
+    last = getattr(_chain, "last", None)
+    before = last() if last is not None else None
+    if before is not None and before.output is not None and before.output() is x:
+        saved.prev = weakref.ref(before)
+    saved.output = weakref.ref(y)
+    _chain.last = weakref.ref(saved)
 
 
 __all__ = ["checkpoint_block"]

@@ -80,24 +80,34 @@ def _joined_linear(
 
 class _JoinedLinear(torch.autograd.Function):
     """y = x W^T + b with W, b the joined views of packed parts; the gradient of W is returned in
-    row blocks, one per part (the parts are the inputs autograd tracks; the views are not)."""
+    row blocks, one per part (the parts are the inputs autograd tracks; the views are not). Frozen
+    parts (a LoRA run's untargeted projections) cost what nn.Linear's do: x is kept only when a
+    weight trains, and no weight-gradient GEMM runs when none does."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, sizes, *parts):
-        ctx.save_for_backward(x, weight)
-        ctx.sizes, ctx.has_bias = sizes, bias is not None
+        weights_train = any(ctx.needs_input_grad[4 : 4 + len(sizes)])
+        ctx.save_for_backward(x if weights_train else None, weight)
+        ctx.sizes = sizes
         return F.linear(x, weight, bias)  # (..., sum N_i)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dx = dy @ weight if ctx.needs_input_grad[0] else None  # (..., D)
+        n = len(ctx.sizes)
+        needs_w, needs_b = ctx.needs_input_grad[4 : 4 + n], ctx.needs_input_grad[4 + n :]
+        # under autocast the forward ran in dy's dtype: the backward's GEMMs too (the engine casts
+        # each gradient back to its input's dtype), as autocast's own linear does
+        dx = dy @ weight.to(dy.dtype) if ctx.needs_input_grad[0] else None  # (..., D)
         dy2 = dy.reshape(-1, dy.shape[-1])  # (M, sum N_i)
-        dw = dy2.T @ x.reshape(-1, x.shape[-1])  # (sum N_i, D)
-        grads = list(dw.split(ctx.sizes))
-        if ctx.has_bias:
-            grads += list(dy2.sum(0).split(ctx.sizes))
-        return dx, None, None, None, *grads  # x, the views, sizes, then one gradient per part
+        dws = [None] * n
+        if any(needs_w):
+            dw = dy2.T @ x.reshape(-1, x.shape[-1]).to(dy.dtype)  # (sum N_i, D)
+            dws = [g if need else None for g, need in zip(dw.split(ctx.sizes), needs_w)]
+        dbs = [None] * len(needs_b)
+        if any(needs_b):
+            dbs = [g if need else None for g, need in zip(dy2.sum(0).split(ctx.sizes), needs_b)]
+        return dx, None, None, None, *dws, *dbs  # x, the views, sizes, then one gradient per part
 
 
 def joined_inference_weights(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
