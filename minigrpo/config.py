@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from minigrpo.algorithms.dpo_config import DPOCfg
 from minigrpo.algorithms.ppo_config import PPOCfg
 from minigrpo.atomic import write_atomic
 from minigrpo.config_rules import cross_field_errors
-from minigrpo.configio import ConfigError, ConfigWarning, Section, spec
+from minigrpo.configio import MAX_COUNT, ConfigError, ConfigWarning, Section, spec
 from minigrpo.env_config import EnvCfg
 from minigrpo.errors import ArgumentParser
 from minigrpo.sft_config import SFTCfg
@@ -51,7 +52,7 @@ class RunCfg(Section):
     seed: int = spec(0, "any")  # seed of torch / sampling RNGs and of the prompt order
     # "auto": cuda if available, else cpu
     device: str = spec("auto", match=r"auto|cpu|cuda(:\d+)?", why="auto, cpu, cuda or cuda:N")
-    # weights/activations dtype; "auto": bfloat16 on CUDA, float32 on CPU (see resolve_dtype)
+    # weights/activations dtype; "auto": bfloat16 on CUDA, float32 on CPU (resolve_dtype; build.check_dtype)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     resume: bool = False  # continue from the latest checkpoint in the run directory (CLI: --resume)
 
@@ -83,7 +84,7 @@ class LoRACfg(Section):
     """Low-rank adapters on the linear layers; the base weights are frozen (optionally NF4)."""
 
     enabled: bool = False  # train adapters instead of all weights
-    r: int = spec(16, ">= 1")  # adapter rank
+    r: int = spec(16, ">= 1", most=MAX_COUNT)  # adapter rank
     alpha: float = spec(32.0, "> 0")  # delta W = (alpha / r) * B @ A (alpha / sqrt(r) with rslora)
     dropout: float = spec(0.0, "in [0, 1)")  # dropout on the adapter input
     # linear layers that get adapters, by short name (attention q/k/v/o, MLP gate/up/down)
@@ -97,9 +98,9 @@ class SyntheticCfg(Section):
     """The file-free arithmetic task ("What is 7 + 5?") used by the CPU demo and tests."""
 
     seed: int = spec(0, "any")  # task seed, independent of run.seed: the data stays fixed across seeds
-    num_train: int = spec(2000, ">= 1")  # examples generated for the training split (an epoch)
+    num_train: int = spec(2000, ">= 1", most=MAX_COUNT)  # examples generated for the training split (an epoch)
     operations: list[Literal["+", "-", "*"]] = field(default_factory=lambda: ["+", "-"])  # operators drawn
-    num_operands: int = spec(2, ">= 2")  # operands per expression
+    num_operands: int = spec(2, ">= 2", most=MAX_COUNT)  # operands per expression
     min_operand: int = spec(0, "any")  # smallest operand (inclusive)
     max_operand: int = spec(9, "any")  # largest operand (inclusive)
     allow_negative: bool = False  # allow expressions whose value is negative (else they are redrawn)
@@ -139,9 +140,9 @@ class SamplerCfg(Section):
     kind: Literal["own", "vllm"] = "own"  # own KV-cache sampler on the policy, or colocated vLLM
     temperature: float = spec(1.0, "> 0", why="use eval.temperature=0 for greedy evaluation")  # also in training
     top_p: float = spec(1.0, "in (0, 1]")  # nucleus sampling mass; 1 = off
-    top_k: int = spec(0, ">= 0", why="0 = off")  # keep the k most likely tokens
+    top_k: int = spec(0, ">= 0", most=MAX_COUNT, why="0 = off")  # keep the k most likely tokens
     min_p: float = spec(0.0, "in [0, 1)")  # drop tokens below min_p * p_max; 0 = off
-    max_new_tokens: int = spec(256, ">= 1")  # completion length limit (also Dr.GRPO's max_completion_length)
+    max_new_tokens: int = spec(256, ">= 1", most=MAX_COUNT)  # completion limit (also Dr.GRPO's max_completion_length)
     stop: list[str] = field(default_factory=list)  # extra stop strings (EOS ids come from the model)
     compile: bool = True  # CUDA graphs / torch.compile for decoding (GPU only)
     # own sampler: rows decoded at once (its KV cache holds this many sequences); the step's rows are
@@ -163,8 +164,8 @@ class SamplerCfg(Section):
 class GRPOCfg(Section):
     """The GRPO objective: group sizes, advantages, clipping, loss normalisation, IS correction."""
 
-    prompts_per_step: int = spec(8, ">= 1")  # B: prompts sampled per optimizer step
-    group_size: int = spec(8, ">= 1")  # G per prompt; >= 2 but with algorithm ppo (a critic, no groups)
+    prompts_per_step: int = spec(8, ">= 1", most=MAX_COUNT)  # B: prompts sampled per optimizer step
+    group_size: int = spec(8, ">= 1", most=MAX_COUNT)  # G per prompt; >= 2 but with algorithm ppo (a critic, no groups)
     # loss normalisation: grpo = mean of per-sequence token means; bnpo = token mean of the
     # micro-batch; dr_grpo = token sum / (sequences * max_new_tokens); dapo = token sum / tokens of step
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
@@ -175,7 +176,7 @@ class GRPOCfg(Section):
     importance_sampling_level: Literal["token", "sequence"] = "token"  # per-token ratio, or GSPO
     scale_rewards: Literal["group", "batch", "none"] = "group"  # divide advantages by which std
     advantage_estimator: Literal["grpo", "rloo"] = "grpo"  # group mean baseline, or leave-one-out
-    num_iterations: int = spec(1, ">= 1")  # mu: optimizer passes over each batch of rollouts
+    num_iterations: int = spec(1, ">= 1", most=MAX_COUNT)  # mu: optimizer passes over each batch of rollouts
     mask_truncated_completions: bool = False  # drop completions that hit max_new_tokens from the loss
     dynamic_sampling: bool = False  # DAPO: resample groups whose rewards are all equal
     max_resample_rounds: int = spec(3, ">= 0")  # dynamic sampling: extra generation rounds per step at most
@@ -207,7 +208,7 @@ class RewardSpec(Section):
 class TrainCfg(Section):
     """Optimizer, schedule and micro-batching."""
 
-    steps: int = spec(100, ">= 1")  # optimizer steps
+    steps: int = spec(100, ">= 1", most=MAX_COUNT)  # optimizer steps
     lr: float = spec(1e-6, ">= 0")  # peak learning rate
     weight_decay: float = spec(0.0, ">= 0")  # decoupled (AdamW) decay of the matrices (not biases, norm gains)
     betas: tuple[float, float] = spec((0.9, 0.99), "in [0, 1)")  # Adam betas
@@ -216,7 +217,7 @@ class TrainCfg(Section):
     warmup_steps: int = spec(0, ">= 0")  # linear warmup from 0 to lr over this many training steps (as steps)
     min_lr_ratio: float = spec(0.0, "in [0, 1]")  # linear/cosine: final lr as a fraction of lr
     max_grad_norm: float | None = spec(1.0, "> 0")  # clip the global gradient norm (None: no clipping)
-    micro_batch_size: int = spec(8, ">= 1")  # sequences per forward/backward pass; must divide B*G
+    micro_batch_size: int = spec(8, ">= 1", most=MAX_COUNT)  # sequences per forward/backward pass; must divide B*G
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"  # 8-bit ones need bitsandbytes
     fp32_norms: bool = True  # 16-bit full fine-tuning: RMSNorm gains stay fp32 (bf16 rounds lr-sized steps away)
     # 16-bit full fine-tuning: where the fp32 masters start (optim.py). checkpoint: its values where they
@@ -255,8 +256,8 @@ class EvalCfg(Section):
     temperature: float = spec(0.0, ">= 0", why="0 = greedy")  # sampling temperature
     # completions sampled per prompt (k; > 1 needs eval.temperature > 0): accuracy is their mean (pass@1
     # estimated over k), pass@k (any of them right) and maj@k (the most frequent answer right) beside it
-    samples_per_prompt: int = spec(1, ">= 1")
-    max_new_tokens: int | None = spec(None, ">= 1", derived="sampler.max_new_tokens")  # completion limit
+    samples_per_prompt: int = spec(1, ">= 1", most=MAX_COUNT)
+    max_new_tokens: int | None = spec(None, ">= 1", most=MAX_COUNT, derived="sampler.max_new_tokens")  # its limit
 
 
 @dataclass
@@ -332,12 +333,50 @@ def validate(cfg: Config) -> list[str]:
     a warning, as in TRL, since the math is well defined) are ConfigWarnings, also returned."""
     cfg = Config.from_dict(config_to_dict(cfg))
     notes: list[str] = []
-    errors = configio.check_limits(cfg) + cross_field_errors(cfg, notes)
+    limit_errors = _without_derived_echoes(cfg, configio.check_limits(cfg))
+    failed = {message.split(" ", 1)[0] for message in limit_errors}  # each starts with its dotted key
+    errors = limit_errors + [e for e in cross_field_errors(cfg, notes) if not _names_any(e, failed)]
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     for note in notes:
         warnings.warn(note, ConfigWarning, stacklevel=2)
     return notes
+
+
+def _without_derived_echoes(cfg: Config, errors: list[str]) -> list[str]:
+    """The limit errors but those of a derived field (`grpo.epsilon_high`) that holds what it derives to
+    while a key it derives from failed too: `grpo.epsilon=-0.1` is one error, not a second one about an
+    epsilon_high the user never set (the saved value, equal to its source, is the same case)."""
+    failed = {message.split(" ", 1)[0] for message in errors}
+    echoes = set()
+    for key in _derived_keys():
+        sources = {s for s in re.findall(r"[a-z_]+(?:\.[a-z_]+)+", _field(key).metadata["derived"]) if s in failed}
+        if sources and key in failed and configio.changed_keys(_get(cfg, key), _get(_released(cfg, key), key)) == []:
+            echoes.add(key)
+    return [message for message in errors if message.split(" ", 1)[0] not in echoes]
+
+
+def _released(cfg: Config, key: str) -> Config:
+    """`cfg` rebuilt with the derived field `key` back to null: what it derives to from its sources."""
+    raw = config_to_dict(cfg)
+    *sections, name = key.split(".")
+    functools.reduce(lambda d, k: d[k], sections, raw)[name] = None
+    return Config.from_dict(raw)
+
+
+def _field(key: str) -> dataclasses.Field:
+    """The dataclass field of a dotted key of Config (`grpo.epsilon_high`)."""
+    cls: Any = Config
+    *sections, name = key.split(".")
+    for section in sections:
+        cls = next(f.default_factory for f in dataclasses.fields(cls) if f.name == section)
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _names_any(message: str, keys: set[str]) -> bool:
+    """Whether a message names one of these dotted keys (whole: `grpo.epsilon` is not in `grpo.epsilon_high`):
+    a rule between fields that reads a value already refused by its own limit adds only an echo of it."""
+    return any(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message) for key in keys)
 
 
 # ---------------------------------------- Load / save / compare / command line
@@ -448,7 +487,8 @@ def config_from_args(
 
 
 def resolve_dtype(dtype: str, device_type: str) -> str:
-    """The dtype name that `run.dtype` means on a device type: "auto" is bfloat16 on CUDA, else float32."""
+    """The dtype name that `run.dtype` means on a device type: "auto" is bfloat16 on CUDA, else float32;
+    a named dtype is taken on any device (float16 on the CPU with a warning: build.check_dtype)."""
     if dtype != "auto":
         return dtype
     return "bfloat16" if device_type.startswith("cuda") else "float32"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from minigrpo.algorithms import config_errors as algorithm_errors
 from minigrpo.chat_template import template_variable_errors
-from minigrpo.configio import none_texts, template_errors
+from minigrpo.configio import MAX_COUNT, none_texts, template_errors
 from minigrpo.env_config import env_errors
 from minigrpo.lora_config import lora_errors, lora_notes
 from minigrpo.sft_config import sft_errors
@@ -198,7 +198,7 @@ def grpo_run_errors(cfg: Config, notes: list[str]) -> list[str]:
         "the own sampler and the trainer read them (vLLM applies min-p before top-p, we apply it after): use one",
     )
     need(
-        cfg.eval.samples_per_prompt == 1 or cfg.eval.temperature > 0,
+        cfg.eval.samples_per_prompt <= 1 or cfg.eval.temperature != 0,  # a bad value has its own error
         f"eval.samples_per_prompt={cfg.eval.samples_per_prompt} needs eval.temperature > 0 (greedy decoding "
         "gives every sample of a prompt the same completion)",
     )
@@ -249,18 +249,29 @@ def grpo_run_errors(cfg: Config, notes: list[str]) -> list[str]:
 
     # the sizes of one step: N = B*G sequences, trained in N / micro_batch_size passes
     n, mb = g.prompts_per_step * g.group_size, tr.micro_batch_size
-    if n >= 1 and mb >= 1 and n % mb:
+    sizes = f"grpo.prompts_per_step * grpo.group_size ({g.prompts_per_step} * {g.group_size} = {n} sequences per step)"
+    need(n <= MAX_COUNT, f"{sizes} must be <= {MAX_COUNT}: no step can sample or train on more")
+    if 1 <= n <= MAX_COUNT and mb >= 1 and n % mb:
         errors.append(
-            f"grpo.prompts_per_step * grpo.group_size ({g.prompts_per_step} * {g.group_size} = {n} "
-            f"sequences per step) must be divisible by train.micro_batch_size ({mb}): each optimizer step "
-            f"trains on the N = B*G sequences in N / micro_batch_size equal passes; divisors of {n}: "
-            f"{[d for d in range(1, n + 1) if n % d == 0]}"
+            f"{sizes} must be divisible by train.micro_batch_size ({mb}): each optimizer step "
+            f"trains on the N = B*G sequences in N / micro_batch_size equal passes; {divisors_near(n, mb)}"
         )
     need(
         cfg.eval.num_prompts <= data.num_eval,
         f"eval.num_prompts ({cfg.eval.num_prompts}) must be <= data.num_eval ({data.num_eval})",
     )
     return errors
+
+
+def divisors_near(n: int, near: int, most: int = 12) -> str:
+    """The divisors of `n` as an error shows them: all of them, or the `most` closest to `near` when there
+    are more (found up to sqrt(n): a listing of range(n) would hang on n = 10**9)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    divisors = sorted({*small, *(n // d for d in small)})
+    if len(divisors) <= most:
+        return f"divisors of {n}: {divisors}"
+    closest = sorted(sorted(divisors, key=lambda d: (abs(d - near), d))[:most])
+    return f"divisors of {n} near {near}: {closest}"
 
 
 def distributed_errors(cfg: Config, world_size: int) -> list[str]:

@@ -40,6 +40,9 @@ class ConfigWarning(UserWarning):
 
 _LIMIT_RE = re.compile(r"^(any|finite|(>=|>|<=|<) \S+|in [\[(]\S+, \S+[\])])$")
 _COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+# a count past int32 cannot run: more steps than a run can take, more rows or tokens than a tensor can hold
+MAX_COUNT = 2**31 - 1
+MAX_EXACT_INT = 2**53  # a float beyond it holds no exact integer (1e300 as an int would be 1000...052504...)
 
 
 def within(limit: str, v: float) -> bool:
@@ -61,16 +64,17 @@ def within(limit: str, v: float) -> bool:
     return _COMPARE[op](v, float(bound))
 
 
-def spec(default: Any, limit: str | None = None, *, match: str = "", why: str = "", derived: str = "") -> Any:
+def spec(default: Any, limit: str | None = None, *, most: int | None = None, match="", why="", derived="") -> Any:
     """A dataclass field with its limit beside it: `lr: float = spec(1e-6, ">= 0")` (see `within`),
     or a pattern a text must match whole: `spec("auto", match=r"cpu|cuda", why="cpu or cuda")`.
 
+    `most` caps a count beyond which the run cannot work (`MAX_COUNT`), checked apart from `limit`;
     `why` ends a limit's error message and is the whole description of a pattern's; `derived` names
     what fills a None default (in a `__post_init__`, only while None), for readers and tests.
     """
     if limit is not None and not _LIMIT_RE.match(limit):
         raise ValueError(f"bad limit {limit!r}: use any, finite, '>= x', '> x', '<= x', '< x' or 'in [a, b)'")
-    metadata = {"limit": limit, "match": match, "why": why, "derived": derived}
+    metadata = {"limit": limit, "most": most, "match": match, "why": why, "derived": derived}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -90,6 +94,8 @@ def check_limits(obj: Any, path: str = "") -> list[str]:
         shown = list(value) if isinstance(value, tuple) else value
         if limit and not all(within(limit, v) for v in values):
             errors.append(f"{key} must be {limit}, got {shown}" + (f" ({why})" if why else ""))
+        elif (most := f.metadata.get("most")) is not None and any(v > most for v in values):
+            errors.append(f"{key} must be <= {most}, got {shown} (no run can use a larger count)")
         if pattern and not all(re.fullmatch(pattern, v) for v in values):
             errors.append(f"{key} must be {why}, got {shown!r}")
         if dataclasses.is_dataclass(value) or isinstance(value, list):
@@ -304,8 +310,10 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
         number = _number(value)
         if isinstance(number, int):
             return number
-        if isinstance(number, float) and number.is_integer():
+        if isinstance(number, float) and number.is_integer() and abs(number) <= MAX_EXACT_INT:
             return int(number)
+        if isinstance(number, float) and number.is_integer():  # 1e300: no whole number a run could mean
+            raise _bad(key, tp, value, " (a float beyond 2**53 is no exact integer; write the digits)")
         raise _bad(key, tp, value)
     if tp is float:
         number = _number(value)

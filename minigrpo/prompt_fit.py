@@ -115,11 +115,7 @@ def prompts_that_fit(
     longest = max(lengths)
     budget, key = completion_budget(cfg, evaluating=evaluating)
     if max_positions is not None and longest + budget > max_positions.positions:
-        fix = _fits_fix(max_positions.positions, budget, key, longest, min(lengths), evaluating)
-        raise UserError(
-            f"the longest prompt has {longest} tokens and {key}={budget}: {longest + budget} positions, more than "
-            f"{max_positions.setting}; {fix}"
-        )
+        raise UserError(_no_room_error(cfg, max_positions, (budget, key), longest, min(lengths), evaluating))
     return examples, longest
 
 
@@ -149,19 +145,46 @@ def _drop_long_prompts(examples: list[Example], lengths: list[int], limit: int) 
     return [examples[i] for i in kept], [lengths[i] for i in kept]
 
 
-def _fits_fix(positions: int, budget: int, key: str, longest: int, shortest: int, evaluating: bool) -> str:
-    """The settings that would fit: a completion budget that leaves room for the longest prompt, and
-    a prompt cap that keeps at least the shortest prompt (neither is offered where it cannot help)."""
-    fixes = []
-    if positions - longest >= 1:
-        fixes.append(f"set {key}={positions - longest} or less")
-    room = positions - budget
+def _no_room_error(
+    cfg: Any, limit: PositionLimit, budget: tuple[int, str], longest: int, shortest: int, evaluating: bool
+) -> str:
+    """The error of a longest prompt that leaves too few positions for the completion budget (`budget`:
+    its tokens and key), with the settings that would fit: a smaller budget, a prompt cap that keeps at
+    least the shortest prompt, or both; a prompt that takes every position by itself is said to be
+    too long alone (no budget can help), and no advice is ever a setting below 1."""
+    (tokens, key), positions = budget, limit.positions
+    room = positions - tokens  # the longest prompt the budget leaves room for
+    if longest < positions:
+        fixes = [_budget_fix(cfg, key, positions - longest)]
+        fixes += [_prompt_cap(room, evaluating)] if room >= shortest else []
+        return (
+            f"the longest prompt has {longest} tokens and {key}={tokens}: {longest + tokens} positions, more than "
+            f"{limit.setting}; {' or '.join(fixes)}"
+        )
+    problem = (
+        f"the longest prompt alone has {longest} tokens, {'more than' if longest > positions else 'all of'} "
+        f"{limit.setting}, leaving no room for its completion ({key}={tokens})"
+    )
     if room >= shortest:
-        cap = f"drop the prompts longer than {room} tokens" if evaluating else f"set data.max_prompt_tokens={room}"
-        fixes.append(cap)
-    if not fixes:
-        return f"the prompts must be shorter than {positions} tokens and {key} below {positions - shortest}"
-    return " or ".join(fixes)
+        return f"{problem}; {_prompt_cap(room, evaluating)} or shorten the prompts"
+    if shortest < positions:  # the shortest prompts fit beside a smaller budget
+        both = f"{_prompt_cap(shortest, evaluating)} and {_budget_fix(cfg, key, positions - shortest)}"
+        return f"{problem}; {both}, or shorten the prompts"
+    return f"{problem}; every prompt has at least {shortest} tokens: shorten them (or use a model with more positions)"
+
+
+def _budget_fix(cfg: Any, key: str, tokens: int) -> str:
+    """The advice of a completion budget of at most `tokens`; an episode's budget must hold one turn
+    (env.max_episode_tokens >= sampler.max_new_tokens), so a turn longer than it is lowered with it."""
+    if key == "env.max_episode_tokens" and cfg.sampler.max_new_tokens > tokens:
+        return f"set {key} and sampler.max_new_tokens={tokens} or less"
+    return f"set {key}={tokens} or less"
+
+
+def _prompt_cap(tokens: int, evaluating: bool) -> str:
+    """The advice that keeps the prompts of at most `tokens` tokens (evaluation scores every prompt it is
+    given: there the longer ones must be dropped from its data)."""
+    return f"drop the prompts longer than {tokens} tokens" if evaluating else f"set data.max_prompt_tokens={tokens}"
 
 
 def _describe(example: Example) -> str:

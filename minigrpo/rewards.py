@@ -95,36 +95,38 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- names -> functions
 
 
-def resolve_reward(name: str) -> RewardFn:
-    """A built-in by name, or a user function "package.module:function" (attribute paths may be dotted)."""
+def resolve_reward(name: str, key: str = "") -> RewardFn:
+    """A built-in by name, or a user function "package.module:function" (attribute paths may be dotted).
+    `key` (`rewards.0.name`) starts the error of a name that resolves to no function, as config errors do."""
+    where = f"{key}: " if key else ""
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
             obj: Any = importlib.import_module(module_name)
         except Exception as e:
-            raise RewardError(f"reward {name!r}: cannot import module {module_name!r}: {e!r}") from e
+            raise RewardError(f"{where}reward {name!r}: cannot import module {module_name!r}: {e!r}") from e
         for part in attr.split("."):
             if not hasattr(obj, part):
                 names = [n for n in dir(obj) if not n.startswith("_")]
                 hint = difflib.get_close_matches(part, names, n=1)
                 raise RewardError(
-                    f"reward {name!r}: {getattr(obj, '__name__', module_name)!r} has no attribute {part!r}"
+                    f"{where}reward {name!r}: {getattr(obj, '__name__', module_name)!r} has no attribute {part!r}"
                     + (f"; did you mean {hint[0]!r}?" if hint else "")
                 )
             obj = getattr(obj, part)
         if not callable(obj):
-            raise RewardError(f"reward {name!r} is {type(obj).__name__}, not a function")
+            raise RewardError(f"{where}reward {name!r} is {type(obj).__name__}, not a function")
         return obj
     if name in REWARDS:
         return REWARDS[name]
     if name in REWARD_FACTORIES:  # a factory-only built-in (reward_model): its settings are required
         return REWARD_FACTORIES[name]()  # raises the RewardError that names the missing setting
     hint = difflib.get_close_matches(name, [*REWARDS, *REWARD_FACTORIES], n=1)
+    known = f"built-ins: {', '.join(sorted({*REWARDS, *REWARD_FACTORIES}))}"
     raise RewardError(
-        f"unknown reward {name!r}"
-        + (f"; did you mean {hint[0]!r}?" if hint else "")
-        + f" Built-ins: {', '.join(sorted({*REWARDS, *REWARD_FACTORIES}))};"
-        + " a user function is written 'package.module:function'."
+        f"{where}unknown reward {name!r}; "
+        + (f"did you mean {hint[0]!r}? The {known}" if hint else f"the {known}")
+        + "; a user function is written 'package.module:function'"
     )
 
 
@@ -203,7 +205,7 @@ def _bind(fn: RewardFn, name: str, settings: dict[str, Any]) -> RewardFn:
     return bound
 
 
-def make_reward(name: str, kwargs: Mapping[str, Any] | None = None) -> RewardFn:
+def make_reward(name: str, kwargs: Mapping[str, Any] | None = None, key: str = "") -> RewardFn:
     """The function of reward `name` with its settings `kwargs` bound; RewardError for an unknown name
     or setting.
 
@@ -217,7 +219,7 @@ def make_reward(name: str, kwargs: Mapping[str, Any] | None = None) -> RewardFn:
         factory = REWARD_FACTORIES[name]
         _check_settings(name, kwargs, _setting_names(factory, 0))
         return factory(**kwargs) if kwargs or name not in REWARDS else REWARDS[name]
-    fn = resolve_reward(name)
+    fn = resolve_reward(name, key)
     if not kwargs:
         return fn
     _check_settings(name, kwargs, [] if name in REWARDS else _setting_names(fn, 3))
@@ -229,10 +231,10 @@ def build_reward_specs(cfg_rewards: Sequence[config.RewardSpec]) -> list[RewardS
     kwargs bound. Raises RewardError, naming the reward, for a duplicate name, an unimportable or
     unknown function and a kwarg the function does not take: all before a model is loaded."""
     specs: list[RewardSpec] = []
-    for entry in cfg_rewards:
+    for i, entry in enumerate(cfg_rewards):
         if any(s.name == entry.name for s in specs):
             raise RewardError(f"reward {entry.name!r} is listed twice in rewards; list each reward once")
-        fn = make_reward(entry.name, entry.kwargs)
+        fn = make_reward(entry.name, entry.kwargs, key=f"rewards.{i}.name")
         specs.append(RewardSpec(entry.name, fn=fn, weight=entry.weight, timeout_s=entry.timeout_s))
     return specs
 

@@ -92,8 +92,8 @@ def test_a_prompt_past_the_models_positions(tmp_path, capsys, monkeypatch):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     message = train_error(tmp_path, capsys, monkeypatch, data={"path": str(data)}, sampler={"max_new_tokens": 6})
     assert message == (
-        "the longest prompt has 301 tokens and sampler.max_new_tokens=6: 307 positions, more than the model's "
-        "max_position_embeddings=256; set data.max_prompt_tokens=250"
+        "the longest prompt alone has 301 tokens, more than the model's max_position_embeddings=256, leaving no "
+        "room for its completion (sampler.max_new_tokens=6); set data.max_prompt_tokens=250 or shorten the prompts"
     )  # no completion budget can make room for a prompt longer than the positions: not offered
 
 
@@ -248,3 +248,79 @@ def test_a_tool_environment_measures_its_openings_with_the_template_variables():
     cfg.env.chat_template_kwargs = {"enable_thinking": False}
     ids, texts = rollout_prompts(cfg, [Example(prompt="q", answer="")], ThinkChars())
     assert texts == ["[system]S[user]q[assistant]<think></think>"] and len(ids[0]) == len(texts[0])
+
+
+@pytest.mark.parametrize(
+    ("lengths", "evaluating", "message"),
+    [
+        # every prompt alone past 64 positions: never a negative setting (was "eval.max_new_tokens below -56")
+        (
+            (120,),
+            True,
+            "the longest prompt alone has 120 tokens, more than the model's max_position_embeddings=64, leaving no "
+            "room for its completion (eval.max_new_tokens=16); every prompt has at least 120 tokens: shorten them "
+            "(or use a model with more positions)",
+        ),
+        (
+            (64, 70),
+            False,
+            "the longest prompt alone has 70 tokens, more than the model's max_position_embeddings=64, leaving no "
+            "room for its completion (sampler.max_new_tokens=16); every prompt has at least 64 tokens: shorten them "
+            "(or use a model with more positions)",
+        ),
+        # the 50-token prompt fits beside 14 new tokens, not beside 16: both settings named, each >= 1
+        (
+            (50, 120),
+            False,
+            "the longest prompt alone has 120 tokens, more than the model's max_position_embeddings=64, leaving no "
+            "room for its completion (sampler.max_new_tokens=16); set data.max_prompt_tokens=50 and set "
+            "sampler.max_new_tokens=14 or less, or shorten the prompts",
+        ),
+        (
+            (50, 120),
+            True,
+            "the longest prompt alone has 120 tokens, more than the model's max_position_embeddings=64, leaving no "
+            "room for its completion (eval.max_new_tokens=16); drop the prompts longer than 50 tokens and set "
+            "eval.max_new_tokens=14 or less, or shorten the prompts",
+        ),
+        (
+            (10, 64),
+            False,
+            "the longest prompt alone has 64 tokens, all of the model's max_position_embeddings=64, leaving no room "
+            "for its completion (sampler.max_new_tokens=16); set data.max_prompt_tokens=48 or shorten the prompts",
+        ),
+    ],
+)
+def test_a_prompt_longer_than_the_positions_alone_is_named_as_such(lengths, evaluating, message):
+    examples = [Example(prompt="x" * n, answer="") for n in lengths]
+    cfg = load_config(None, ["sampler.max_new_tokens=16"])
+    with pytest.raises(UserError) as info:
+        prompts_that_fit(cfg, examples, Chars(), max_positions=64, evaluating=evaluating)
+    assert str(info.value) == message
+    assert not re.search(r"=-\d|below -", message)
+
+
+def test_an_episode_budget_fix_keeps_a_turn_within_the_episode():
+    """env.max_episode_tokens must hold one turn (>= sampler.max_new_tokens): a smaller episode budget
+    is offered with the turn lowered too, so the advice passes the config's own rule."""
+
+    class ToolChars:  # one token per character; the template writes the tools' names first
+        chat_template = "(a template)"
+
+        def apply_chat_template(self, messages, *, add_generation_prompt=False, tokenize=False, tools=None):
+            names = "".join(t["function"]["name"] for t in tools or [])
+            turns = "".join(f"[{m['role']}]{m['content']}" for m in messages)
+            return names + turns + ("[assistant]" if add_generation_prompt else "")
+
+        def encode(self, text, add_special_tokens=True):
+            return list(text)
+
+    examples = [Example(prompt="x" * n, answer="") for n in (3, 20)]  # openings of 39 and 56 tokens
+    overrides = ["env.kind=tools", "env.tools=[calculator]", "env.system_prompt=S", "env.max_episode_tokens=50"]
+    cfg = load_config(None, [*overrides, "sampler.max_new_tokens=48"])
+    with pytest.raises(UserError) as info:
+        prompts_that_fit(cfg, examples, ToolChars(), max_positions=90)
+    assert str(info.value).endswith(
+        "; set env.max_episode_tokens and sampler.max_new_tokens=34 or less or set data.max_prompt_tokens=40"
+    ), str(info.value)
+    load_config(None, [*overrides, "env.max_episode_tokens=34", "sampler.max_new_tokens=34"])  # the advice is valid

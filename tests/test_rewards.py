@@ -608,3 +608,25 @@ def test_numpy_values_huge_ints_and_complex_numbers():
     for value in (np.complex128(1 + 2j), 1 + 2j):
         with pytest.raises(RewardError, match=r"reward 'cx': element 0 is complex"):
             score([""], ["x"], [""], [RewardSpec("cx", fn=lambda p, c, a, v=value, **_: [v])])
+
+
+def test_an_unknown_reward_names_its_key_and_reads_as_sentences():
+    """An unknown name is one line naming rewards.<i>.name, its parts separated (was "unknown reward
+    'nosuch' Built-ins: ..."); an unimportable function names its key too."""
+    built_ins = (
+        "correctness, exact_answer, int_answer, length_penalty, proximity, reward_model, soft_format, "
+        "strict_format, think_format, xml_count"
+    )
+    with pytest.raises(RewardError) as e:
+        build_reward_specs(cfg_specs(("correctness", {}), ("nosuch", {})))
+    assert str(e.value) == (
+        f"rewards.1.name: unknown reward 'nosuch'; the built-ins: {built_ins}; "
+        "a user function is written 'package.module:function'"
+    )
+    with pytest.raises(RewardError) as e:
+        build_reward_specs(cfg_specs(("corectness", {})))
+    assert str(e.value).startswith(
+        f"rewards.0.name: unknown reward 'corectness'; did you mean 'correctness'? The built-ins: {built_ins};"
+    )
+    with pytest.raises(RewardError, match=r"^rewards\.0\.name: reward 'no_such_pkg\.mod:fn': cannot import module"):
+        build_reward_specs(cfg_specs(("no_such_pkg.mod:fn", {})))
