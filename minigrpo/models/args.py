@@ -11,10 +11,12 @@ One `Transformer` serves every family; it never asks "which family is this?", on
 | qwen3   | attention_bias      | attention_bias      | yes         | no                 | per layer, if on    |
 | phi3    | no                  | no                  | no          | yes                | sliding_window      |
 
-Only Phi-3 rotates part of each head (`partial_rotary_factor`); the other families rotate all of it,
-as transformers does, whatever the config says. A key config.json leaves out takes transformers'
-default for that family (`_HF_DEFAULTS`: Mistral's 4096-token window, Qwen's 28 full-attention
-layers below the window, Phi-3's rms_norm_eps 1e-5, ...), not one default for all.
+Only Phi-3 rotates part of each head (`partial_rotary_factor`); the other families rotate all of it
+under default RoPE, as transformers does, and refuse a factor below 1 with scaled RoPE (transformers
+fails there). No dropout is implemented: a nonzero rate the family applies is refused. A key
+config.json leaves out takes transformers' default for that family (`_HF_DEFAULTS`: Mistral's
+4096-token window, Qwen's 28 full-attention layers below the window, Phi-3's rms_norm_eps 1e-5,
+...), not one default for all.
 
 RoPE parameters come from either key style: older checkpoints write `rope_theta` plus `rope_scaling`
 (with `type` or `rope_type`), recent transformers writes `rope_parameters` (`rope_type`, `rope_theta`).
@@ -34,7 +36,7 @@ SILU_NAMES = ("silu", "swish")  # transformers maps both names to the same SiLU
 # layer_types entries Qwen2/Qwen3 build: is the layer windowed? ("attention": transformers' older name
 # for full attention, renamed as it loads; its other types, chunked_attention..., Qwen cannot build)
 _LAYER_TYPES = {"full_attention": False, "sliding_attention": True, "attention": False}
-# keys transformers' config of a family types as non-nullable: null there is refused, never derived
+# keys transformers types as non-nullable (max_position_embeddings: in every family): null is refused, not derived
 _NOT_NULL = {"mistral": ("num_key_value_heads",), "qwen3": ("head_dim",)}
 
 
@@ -57,16 +59,19 @@ class _Family:
     mlp_bias: bool | str = False  # only Llama reads the key; the others' MLPs never have biases
     partial_rotary: bool = False  # whether partial_rotary_factor applies (the others rotate the whole head)
     rope_types: tuple[str, ...] = SUPPORTED_ROPE_TYPES  # transformers' Phi-3 refuses all but LongRoPE
+    # rates transformers applies in train mode, refused if nonzero (its Phi-3 never applies embd_pdrop)
+    dropouts: tuple[str, ...] = ("attention_dropout",)
 
 
+_PHI3: dict[str, Any] = dict(
+    partial_rotary=True, rope_types=("default", "longrope"), dropouts=("attention_dropout", "resid_pdrop")
+)
 _FAMILIES: dict[str, _Family] = {
     "llama": _Family("LlamaForCausalLM", "attention_bias", "attention_bias", False, False, "none", "mlp_bias"),
     "mistral": _Family("MistralForCausalLM", False, False, False, False, "global"),
     "qwen2": _Family("Qwen2ForCausalLM", True, False, False, False, "per_layer"),
     "qwen3": _Family("Qwen3ForCausalLM", "attention_bias", "attention_bias", True, False, "per_layer"),
-    "phi3": _Family(
-        "Phi3ForCausalLM", False, False, False, True, "global", partial_rotary=True, rope_types=("default", "longrope")
-    ),
+    "phi3": _Family("Phi3ForCausalLM", False, False, False, True, "global", **_PHI3),
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
@@ -180,6 +185,7 @@ class ModelArgs:
         _check_sizes(config, model_type, fam)
         _check_flags(config, fam)
         _check_layer_types(config, fam)
+        _check_no_dropout(config, fam)
         act = get("hidden_act", "silu")
         if act not in SILU_NAMES:
             raise UnsupportedModelError(
@@ -188,16 +194,9 @@ class ModelArgs:
         n_heads = get("num_attention_heads")
         head_dim = get("head_dim") or get("hidden_size") // n_heads
         rope_theta, rope_type, rope_params, partial = _read_rope(config, model_type)
-        partial = partial if fam.partial_rotary else 1.0
+        partial = partial if fam.partial_rotary else _whole_head_factor(model_type, rope_type, head_dim, partial)
         _check_rotary_dim(config, head_dim, partial)
-        if rope_type == "longrope":
-            for key in ("long_factor", "short_factor"):
-                factors = rope_params[key]
-                pairs = int(head_dim * partial) // 2
-                if not isinstance(factors, list) or len(factors) != pairs or not all(map(_is_number, factors)):
-                    raise ModelConfigError(
-                        f"rope scaling key {key!r} must list {pairs} numbers (one per rotary pair), got {factors!r}"
-                    )
+        _check_scaling_keys(rope_type, rope_params, int(head_dim * partial) // 2)
 
         def flag(spec: bool | str) -> bool:
             return get(spec, False) if isinstance(spec, str) else spec  # a bool: _check_flags checked it
@@ -240,6 +239,11 @@ class ModelArgs:
         return cfg
 
 
+def hf_default(model_type: Any, key: str) -> Any:
+    """transformers' default for `key` in the config of `model_type`, for a config.json without the key."""
+    return _HF_DEFAULTS.get(model_type, {}).get(key)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -265,7 +269,7 @@ def _check_sizes(config: dict[str, Any], model_type: str, fam: _Family) -> None:
         "max_position_embeddings",
     ):
         value = config.get(key)
-        nullable = key not in _NOT_NULL.get(model_type, ())
+        nullable = key not in _NOT_NULL.get(model_type, ()) and key != "max_position_embeddings"
         if (value is not None or not nullable) and not (_is_int(value) and value > 0):
             raise ModelConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
     n_heads = config["num_attention_heads"]
@@ -332,8 +336,59 @@ def _check_layer_types(config: dict[str, Any], fam: _Family) -> None:
                 f"config key 'layer_types' has {kind!r} for layer {i}; supported: 'full_attention', 'sliding_attention'"
             )
     first = config.get("max_window_layers")
-    if not (_is_int(first) and first >= 0):
-        raise ModelConfigError(f"config key 'max_window_layers' must be an integer >= 0, got {first!r}")
+    # read only to type the layers of a window that is on, when layer_types does not: null is no count then
+    read = config.get("use_sliding_window") and config.get("sliding_window") and config.get("layer_types") is None
+    if (first is not None or read) and not (_is_int(first) and first >= 0):
+        when = " (it types the layers: use_sliding_window is true and there is no 'layer_types')" * bool(read)
+        raise ModelConfigError(f"config key 'max_window_layers' must be an integer >= 0, got {first!r}{when}")
+
+
+def _check_no_dropout(config: dict[str, Any], fam: _Family) -> None:
+    """A ModelConfigError naming the key for a nonzero dropout rate the family's transformers model applies
+    in train mode: the model here has no dropout, so it would train silently without it."""
+    for key in fam.dropouts:
+        rate = config.get(key)
+        if rate is not None and not _is_number(rate):
+            raise ModelConfigError(f"config key {key!r} must be a number, got {rate!r}")
+        if rate:
+            raise ModelConfigError(
+                f"config key {key!r} is {rate!r}: dropout is not implemented (training would silently run "
+                "without it); set it to 0.0 in config.json"
+            )
+
+
+def _whole_head_factor(model_type: str, rope_type: str, head_dim: int, partial: float) -> float:
+    """1.0 (the whole head turns) outside Phi-3: transformers ignores partial_rotary_factor under default RoPE,
+    but its scaled variants make R/2 frequencies for Dh/2 pairs and fail, so a factor below 1 is refused there."""
+    if rope_type != "default" and int(head_dim * partial) != head_dim:
+        raise ModelConfigError(
+            f"config key 'partial_rotary_factor' ({partial}) with rope scaling type {rope_type!r} cannot be built for "
+            f"model_type {model_type!r} (transformers fails on it; only default RoPE ignores it): remove it or set 1.0"
+        )
+    return 1.0
+
+
+def _check_scaling_keys(rope_type: str, params: dict[str, Any], pairs: int) -> None:
+    """A ModelConfigError naming the key for an optional yarn / longrope parameter of the wrong type (a string
+    would fail later in rotary.py), or longrope factors that are not one number per rotary pair."""
+    if rope_type == "longrope":
+        for key in ("long_factor", "short_factor"):
+            factors = params[key]
+            if not isinstance(factors, list) or len(factors) != pairs or not all(map(_is_number, factors)):
+                raise ModelConfigError(
+                    f"rope scaling key {key!r} must list {pairs} numbers (one per rotary pair), got {factors!r}"
+                )
+    numbers = {"yarn": ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"), "longrope": ()}.get(rope_type)
+    if numbers is None:
+        return  # the other types read none of these keys (nor does transformers)
+    for key in (*numbers, "attention_factor"):
+        value = params.get(key)
+        positive = key == "attention_factor"
+        if value is not None and not (_is_number(value) and (value > 0 if positive else value >= 0)):
+            need = "a positive number" if positive else "a number >= 0 (0: the default)"
+            raise ModelConfigError(f"rope scaling key {key!r} must be {need} or null, got {value!r}")
+    if rope_type == "yarn" and not isinstance(params.get("truncate", True), bool):
+        raise ModelConfigError(f"rope scaling key 'truncate' must be true or false, got {params['truncate']!r}")
 
 
 def _check_rotary_dim(config: dict[str, Any], head_dim: int, partial: float) -> None:

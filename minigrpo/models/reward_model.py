@@ -8,9 +8,11 @@
 
 A checkpoint saved by `LlamaForSequenceClassification`, `Qwen2ForSequenceClassification`, ...
 holds the body under the usual names (`model.layers.0...`), the head as `score.weight`
-(num_labels, D) and no LM head; config.json names the architecture, `pad_token_id` and the labels
-(`num_labels`, or `id2label` whose length is the count; transformers' default is 2). A `score.bias`
-that some checkpoints carry is ignored with a warning, as transformers' bias-free head ignores it.
+(num_labels, D) and no LM head; config.json names the architecture, `pad_token_id` (absent: the
+family's default, Phi-3's 32000) and the labels (`num_labels`, or `id2label` whose length is the
+count; transformers' default is 2; a head with another number of rows is an error naming the key).
+A `score.bias` that some checkpoints carry is ignored with a warning, as transformers' bias-free head
+ignores it.
 
 Pooling, as transformers does it (GenericForSequenceClassification.forward): the head reads the
 hidden state of each row's rightmost token that is not `pad_token_id`, so left and right padding
@@ -49,7 +51,7 @@ from minigrpo.chat_template import ChatTemplateError, compile_chat_template
 from minigrpo.errors import UserError
 from minigrpo.reward_fns import RewardError
 
-from .args import ModelArgs
+from .args import ModelArgs, hf_default
 from .transformer import Transformer
 
 __all__ = [
@@ -141,7 +143,9 @@ def read_reward_config(config: dict[str, Any], where: Path | str) -> tuple[int, 
         num_labels = len(id2label) if isinstance(id2label, dict) else 2  # transformers' default
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
         raise RewardModelError(f"{where}: num_labels={num_labels!r} must be a whole number >= 1")
-    pad = config.get("pad_token_id")
+    # a config.json without the key has the family's default, as transformers' config class fills it in
+    # (Phi-3: 32000, its <|endoftext|>, which its chat template writes last: that token is skipped)
+    pad = config["pad_token_id"] if "pad_token_id" in config else hf_default(config.get("model_type"), "pad_token_id")
     if isinstance(pad, list):  # some configs list several; transformers compares with the first
         pad = pad[0] if pad else None
     if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)):
@@ -172,13 +176,15 @@ def load_reward_model(
     tokenizer_dir = loading._tokenizer_dir(source, required=require_tokenizer) if load_tokenizer else None
     tokenizer = loading.load_tokenizer_folder(tokenizer_dir) if tokenizer_dir is not None else None
     tensors = loading._hf_tensor_source(source)
-    check_score_head(source, tensors[0])
+    check_score_head(source, tensors[0], num_labels)
     loading._fill(model, tensors, dtype, device)
     return model.eval(), tokenizer
 
 
-def check_score_head(folder: Path, shapes: dict[str, Any]) -> None:
-    """The weights (names -> shapes, from the headers) hold the score head a classification config promises.
+def check_score_head(folder: Path, shapes: dict[str, Any], num_labels: int | None = None) -> None:
+    """The weights (names -> (shape, file), from the headers) hold the score head a classification config
+    promises, with one row per label when `num_labels` is given (a config.json that names no labels
+    counts 2, transformers' default, which a one-score head's config must then override).
 
     A `score.bias` is taken out of `shapes` (so it is neither checked nor loaded), with a warning:
     transformers' head for these families has no bias and drops it too, so the scores stay its scores."""
@@ -186,6 +192,13 @@ def check_score_head(folder: Path, shapes: dict[str, Any]) -> None:
         raise RewardModelError(
             f"{folder}: its config names a *ForSequenceClassification model but its weights hold no score head "
             "(score.weight): save the reward model with its head (e.g. LlamaForSequenceClassification.save_pretrained)"
+        )
+    shape = shapes["score.weight"][0]
+    rows = shape[0] if len(shape) == 2 else num_labels  # another shape: the shape check names it
+    if num_labels is not None and rows != num_labels:
+        raise RewardModelError(
+            f"{folder}: its score head (score.weight) has {rows} row(s) but config.json gives {num_labels} labels "
+            f"(num_labels, else the length of id2label, else 2): set num_labels to {rows} in config.json"
         )
     if shapes.pop("score.bias", None) is not None:
         warnings.warn(
@@ -218,12 +231,12 @@ def check_reward_folder(folder: Path, config: dict[str, Any]) -> tuple[ModelArgs
     from . import loading
 
     num_labels, pad = read_reward_config(config, folder / "config.json")
-    if num_labels != 1:
-        raise RewardModelError(_labels_message(str(folder), num_labels))
     build = functools.partial(RewardModel, num_labels=num_labels, pad_token_id=pad)
     model = loading._model_from_config(config, folder / "config.json", build)  # meta device: no memory
     shapes = loading._hf_tensor_source(folder)[0]
-    check_score_head(folder, shapes)
+    check_score_head(folder, shapes, num_labels)  # a head that disagrees with the labels: say which to fix
+    if num_labels != 1:
+        raise RewardModelError(_labels_message(str(folder), num_labels))
     loading._check(model, shapes)
     return model.args, loading.load_tokenizer_folder(loading._tokenizer_dir(folder, required=True))
 
