@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from minigrpo.episodes import Episode, episode_columns, run_episodes
 from minigrpo.errors import ArgumentParser, UserError, run_cli
 from minigrpo.eval_memory import eval_preflight
 from minigrpo.loop_columns import data_source, refuse_loop_columns
-from minigrpo.lora_export import check_adapter_fits, check_peft_adapter
+from minigrpo.lora_export import AdapterError, check_adapter_fits, check_peft_adapter
 from minigrpo.models.args import ModelArgs
 from minigrpo.models.loading import PACKAGED_MODELS, check_model_source, load_pretrained
 from minigrpo.prompt_fit import position_limit, prompts_that_fit
@@ -231,13 +232,69 @@ def take_adapter_base(cfg: Config, checkpoint: Path, adapter: dict[str, Any], ov
         cfg.model.revision = adapter.get("revision")
 
 
-def take_adapter_shape(cfg: Config, adapter: dict[str, Any]) -> None:
-    """The adapters a LoRA config adds before the checkpoint's load are the checkpoint's: rank, alpha
-    and rsLoRA come from its adapter_config.json, so a --config or --set with another lora.r evaluates
-    the trained adapter instead of failing once the base has loaded."""
-    if cfg.lora.enabled:
-        cfg.lora.r, cfg.lora.alpha = int(adapter["r"]), float(adapter["lora_alpha"])
-        cfg.lora.rslora = bool(adapter.get("use_rslora", False))
+def take_adapter_shape(cfg: Config, adapter: dict[str, Any], where: Path | str = "adapter_config.json") -> None:
+    """The adapters evaluated are the checkpoint's: rank, alpha, rsLoRA and the adapted layers come
+    from its adapter_config.json (`where`), so a --config or --set with another lora.r or lora.targets
+    evaluates the trained adapter instead of failing once the base has loaded, and the memory
+    pre-flight counts the adapter that loads. Taken with LoRA off too (a bare adapter on the default
+    config): the adapter is then added to the base as it loads, and merged."""
+    cfg.lora.r, cfg.lora.alpha = int(adapter["r"]), float(adapter["lora_alpha"])
+    cfg.lora.rslora = bool(adapter.get("use_rslora", False))
+    targets = adapter_targets(adapter.get("target_modules"), where)
+    if targets is not None:
+        cfg.lora.targets = targets
+
+
+def adapter_targets(modules: Any, where: Path | str = "adapter_config.json") -> list[str] | None:
+    """lora.targets for a PEFT target_modules (None when it has none: the config's targets stand).
+
+    A list names modules as PEFT matches them, by their last name (`q_proj`, `self_attn.q_proj` and
+    `model.layers.0.self_attn.q_proj` all name q; Phi-3's fused `qkv_proj` names q, k and v, as
+    lora.TARGETS maps them); "all-linear" is every target; another string is a regular expression
+    PEFT matches against whole module names, taken for a target when it matches that target's module
+    in any block. A name no target has is an AdapterError naming the file and the name."""
+    if modules is None:
+        return None
+    if modules == "all-linear":
+        return list(lora.TARGETS)
+    by_path = _targets_by_module_path()  # "self_attn.qkv_proj" -> ["q", "k", "v"]
+    if isinstance(modules, str):
+        pattern = _adapter_pattern(modules, where)
+        paths = [p for p in by_path if any(pattern.fullmatch(f"model.layers.{i}.{p}") for i in range(_MAX_BLOCKS))]
+        if not paths:
+            raise AdapterError(f"{where}: target_modules={modules!r} matches none of the layers LoRA adapts")
+    elif isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules):
+        by_name = {path.rpartition(".")[2]: path for path in by_path}
+        unknown = [m for m in modules if m.rpartition(".")[2] not in by_name]
+        if unknown:
+            raise AdapterError(
+                f"{where}: target_modules names {unknown[0]!r}, not a layer LoRA adapts here ({', '.join(by_name)})"
+            )
+        paths = [by_name[m.rpartition(".")[2]] for m in modules]
+    else:
+        raise AdapterError(f"{where}: target_modules={modules!r} must be a list of module names or a pattern")
+    chosen = {target for path in paths for target in by_path[path]}
+    return [target for target in lora.TARGETS if target in chosen]  # in lora.TARGETS' order
+
+
+_MAX_BLOCKS = 1024  # block indices a target_modules pattern is tried on (more than any model has)
+
+
+def _targets_by_module_path() -> dict[str, list[str]]:
+    """Module path inside a block -> the config targets it adapts (lora.TARGETS read backwards)."""
+    out: dict[str, list[str]] = {}
+    for target, paths in lora.TARGETS.items():
+        for path in dict.fromkeys(paths):
+            out.setdefault(path, []).append(target)
+    return out
+
+
+def _adapter_pattern(modules: str, where: Path | str) -> re.Pattern[str]:
+    """target_modules given as a regular expression, compiled; a broken one is an AdapterError."""
+    try:
+        return re.compile(modules)
+    except re.error as e:
+        raise AdapterError(f"{where}: target_modules={modules!r} is not a regular expression ({e})") from None
 
 
 def check_output(output: str | None) -> None:
@@ -366,7 +423,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
         peft_config = check_peft_adapter(ckpt)
         if config_file is None:
             take_adapter_base(cfg, ckpt, peft_config, args.overrides)
-        take_adapter_shape(cfg, peft_config)
+        take_adapter_shape(cfg, peft_config, ckpt / "adapter_config.json")
     split = pick_split(cfg, args.split, config_file)
     check_output(args.output)
     specs = rewards.build_reward_specs(cfg.rewards)

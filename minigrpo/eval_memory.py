@@ -12,12 +12,9 @@ parts of a training step's rollout (memory_parts.py; b the bytes of the model dt
     rollout   weights (+ the adapters an NF4 base keeps) + KV cache + the larger of the prefill's
               and the decode step's transients
 
-KV cache: the prompts of the largest wave (sampler.max_rows), Bw x Tp slots shared by their k rows,
-and Nw x Tc completion slots (Nw its rows, Tc = eval.max_new_tokens; with env.kind every row is a
-whole episode of env.max_episode_tokens, as memory.py counts a training rollout). Prefill:
-Bw x Tp tokens through one block (forward_transient_per_token) and the (Bw, Tp, Tp) scores;
-decode: Nw x V logits in b and the sampling pass's five fp32 buffers per logit (three more with
-top-p / top-k / min-p), plus the finished waves' tokens and log-probs.
+The KV cache and transients are a training rollout's (memory_rollout.py, whose docstring gives the
+formulas) with G = k and Tc = eval.max_new_tokens (with env.kind, turns of eval.max_new_tokens in
+episodes of env.max_episode_tokens).
 
 The one line that refuses names the parts that dominate and each single change that would fit,
 results-preserving ones first: a smaller --batch-size (an example's completion does not depend on
@@ -39,18 +36,12 @@ from minigrpo.memory_parts import (
     GiB,
     MemoryEstimate,
     dtype_bytes,
-    episode_rollout_bytes,
-    forward_transient_per_token,
-    kv_cache_bytes,
     lora_adapter_shapes,
     lora_params,
     weight_bytes,
 )
+from minigrpo.memory_rollout import device_memory, rollout_bytes
 from minigrpo.models.args import ModelArgs
-from minigrpo.sampling.params import generation_waves
-
-_SAMPLING_FP32_BUFFERS = 5  # fp32 values per logit the fused softmax + sampling + log-prob pass holds
-_FILTER_BYTES = 12  # per logit, with top-p / top-k / min-p: the sorted values, their order, the mask
 
 
 def estimate_eval_peak(
@@ -66,21 +57,20 @@ def estimate_eval_peak(
     """Predict the peak device memory of evaluating `cfg` on `model_args` (module docstring).
 
     prompt_tokens: the longest prompt in tokens (Tp); batch_size: --batch-size, the prompts generated
-    at once (capped at num_examples when given); adapter: a LoRA checkpoint, loaded on the base and
-    merged (an NF4 base keeps its adapters unmerged)."""
+    at once (capped at num_examples when given); adapter: a LoRA checkpoint, whose shape cfg.lora
+    holds (r, targets), loaded on the base and merged, with lora.enabled or not (an NF4 base, which
+    lora.enabled with lora.quantize_base gives, keeps its adapters unmerged)."""
     args, b = model_args, dtype_bytes(cfg, device_type)
     k, Tp = cfg.eval.samples_per_prompt, prompt_tokens
     B = min(batch_size, num_examples) if num_examples else batch_size
-    quantize = cfg.lora.quantize_base if adapter and cfg.lora.enabled else None
-    adapters = 4 * lora_params(args, cfg.lora.r, cfg.lora.targets) if adapter and cfg.lora.enabled else 0
+    quantize = cfg.lora.quantize_base if adapter and cfg.lora.enabled else None  # LoRA off: the base as it is
+    adapters = 4 * lora_params(args, cfg.lora.r, cfg.lora.targets) if adapter else 0  # lora.*: eval.take_adapter_shape
     parts = {"weights": weight_bytes(args, b, quantize), "lora_adapters": adapters if quantize else 0}
     parts["cuda_workspaces"] = CUDA_WORKSPACES if device_type == "cuda" else 0
     static = sum(parts.values())
-    Nw, parts["kv_cache"], prefill, Tc, waves = _cache_and_prefill(cfg, args, B, k, Tp, b)
-    decode = Nw * args.vocab_size * (b + 4 * _SAMPLING_FP32_BUFFERS)
-    decode += Nw * args.vocab_size * _FILTER_BYTES if _filters(cfg) else 0
-    decode += B * k * Tc * (8 + 4) if waves > 1 else 0  # the finished waves' tokens (int64) and log-probs
-    parts["rollout_transient"] = max(prefill, decode)
+    sampled = dict(new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature)
+    own = rollout_bytes(cfg, args, prompts=B, group=k, prompt_len=Tp, b=b, **sampled)
+    parts["kv_cache"], parts["rollout_transient"] = own.kv_cache, own.transient
     phases = {"rollout": static + parts["kv_cache"] + parts["rollout_transient"]}
     members = {"rollout": ("weights", "lora_adapters", "cuda_workspaces", "kv_cache", "rollout_transient")}
     if adapter and not quantize and adapters:  # merged one weight at a time in fp32, then the adapters go
@@ -89,27 +79,6 @@ def estimate_eval_peak(
         phases["load"] = parts["weights"] + adapters + parts["lora_merge"] + parts["cuda_workspaces"]
         members["load"] = ("weights", "lora_adapters_to_merge", "lora_merge", "cuda_workspaces")
     return MemoryEstimate(parts=parts, phases=phases, members=members)
-
-
-def _cache_and_prefill(cfg: Config, args: ModelArgs, B: int, k: int, Tp: int, b: int) -> tuple[int, int, int, int, int]:
-    """(rows decoded at once, their KV cache, the prefill transient, Tc, number of waves) of a batch of
-    B prompts x k completions on the own sampler."""
-    max_rows = cfg.sampler.max_rows
-    if cfg.env.kind is not None:  # every row its own prompt; turns of eval.max_new_tokens
-        Tc, turn = cfg.env.max_episode_tokens, cfg.eval.max_new_tokens
-        waves = len(generation_waves(B * k, 1, max_rows))
-        return (*episode_rollout_bytes(args, B * k, max_rows, Tp, Tc, turn, b), Tc, waves)
-    Tc, waves = cfg.eval.max_new_tokens, generation_waves(B, k, max_rows)
-    Bw = max(p1 - p0 for p0, p1, _, _ in waves)  # prompts prefilled at once
-    Nw = max((p1 - p0) * (c1 - c0) for p0, p1, c0, c1 in waves)  # rows decoded at once
-    cache = kv_cache_bytes(args, Bw, Tp, b) + kv_cache_bytes(args, Nw, Tc, b)  # shared prompts + completion slots
-    prefill = Bw * Tp * forward_transient_per_token(args, b) + Bw * Tp * Tp * (1 + b)  # (Bw, Tp, Tp) scores + mask
-    return Nw, cache, prefill, Tc, len(waves)
-
-
-def _filters(cfg: Config) -> bool:
-    s = cfg.sampler
-    return s.top_p < 1.0 or s.top_k > 0 or s.min_p > 0
 
 
 def eval_preflight(
@@ -129,8 +98,7 @@ def eval_preflight(
     raise MemoryPreflightError: one line naming the largest parts and the single changes that fit."""
     device = torch.device(device)
     if device.type == "cuda" and free_bytes is None:
-        free, _ = torch.cuda.mem_get_info(device)
-        free_bytes = free + torch.cuda.memory_reserved(device)
+        free_bytes = device_memory(device)[0]
     kw = dict(prompt_tokens=prompt_tokens, num_examples=num_examples, device_type=device.type, adapter=adapter)
     est = estimate_eval_peak(cfg, model_args, batch_size=batch_size, **kw)
     if free_bytes is None:

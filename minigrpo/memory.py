@@ -15,10 +15,11 @@ A step has four phases whose peaks never overlap (each frees its working memory 
 With `algorithm: ppo` the critic's weights, masters and optimizer state are static too; its gradients join the
 policy's in the update phase and the policy's optimizer step (the critic steps after it, the policy's gradients freed).
 
-The bytes of each part (weights, adapters, optimizer state, activations, KV cache) are counted in
-memory_parts.py, whose docstring gives the formulas; here they are added up per phase, compared with
-the device, and turned into a list of single setting changes that would fit (memory_knobs.py: each
-also passes the config's own rules).
+The bytes of each part (weights, adapters, optimizer state, activations) are counted in
+memory_parts.py, the own sampler's KV cache and rollout transients in memory_rollout.py (shared with
+evaluation's pre-flight, eval_memory.py), each docstring giving the formulas; here they are added
+up per phase, compared with the device, and turned into a list of single setting changes that would
+fit (memory_knobs.py: each also passes the config's own rules).
 
 An SFT step (python -m minigrpo.sft: estimate_sft_peak, sft_preflight) has the update and optimizer
 phases only, its LM head the fused cross-entropy over every position of a micro-batch.
@@ -46,9 +47,6 @@ from minigrpo.memory_parts import (
     MemoryEstimate,
     activation_parts,
     dtype_bytes,
-    episode_rollout_bytes,
-    forward_transient_per_token,
-    kv_cache_bytes,
     lora_adapter_shapes,
     micro_batch_activations,
     nograd_forward_bytes,
@@ -60,8 +58,9 @@ from minigrpo.memory_parts import (
     vllm_share,
 )
 from minigrpo.memory_ranks import all_reduce_bytes, fsdp_gathered, fsdp_static, rank_prompts
+from minigrpo.memory_rollout import completion_slots, rollout_bytes
+from minigrpo.memory_rollout import device_memory as _device_memory  # by this name, so tests can replace it
 from minigrpo.models.args import ModelArgs
-from minigrpo.sampling.params import generation_waves
 
 _CRITIC = ("weights", "gradients", "masters", "optimizer", "numel")  # value_model_bytes' keys (PPO's critic)
 
@@ -93,9 +92,7 @@ def estimate_peak(
     """
     args, lora, tr, g = model_args, cfg.lora, cfg.train, cfg.grpo
     b = dtype_bytes(cfg, device_type)
-    Tp, Tc = prompt_tokens, cfg.sampler.max_new_tokens
-    if cfg.env.kind is not None:  # a row is a whole episode: the model's turns and the environment's tokens
-        Tc = cfg.env.max_episode_tokens
+    Tp, Tc = prompt_tokens, completion_slots(cfg, cfg.sampler.max_new_tokens)  # env.kind: a whole episode
     T, B, G = Tp + Tc, rank_prompts(g.prompts_per_step, world_size), g.group_size
     strategy = cfg.distributed.resolved_strategy(lora.enabled) if world_size > 1 else None
     N, mb = B * G, min(tr.micro_batch_size, B * G)
@@ -126,28 +123,16 @@ def estimate_peak(
         parts["vllm"] = vllm
     static, held = sum(parts.values()), tuple(parts)
 
-    # ---- rollout: KV cache + prefill / decode transients
-    vocab = args.vocab_size
+    # ---- rollout: KV cache + prefill / decode transients (memory_rollout.py)
     parts["gathered_for_sampling"] = gathered["sampling"]  # FSDP: decoding (or a vLLM sync) on whole weights
     if cfg.sampler.kind == "vllm":
         parts["kv_cache"] = 0
         parts["vllm"] = vllm
         rollout = static + (0 if awake else vllm) + gathered["sampling"]
-    elif cfg.env.kind is not None:  # every row is its own prompt (memory_parts.episode_rollout_bytes)
-        waves = generation_waves(N, 1, cfg.sampler.max_rows)
-        turn = cfg.sampler.max_new_tokens
-        Nw, parts["kv_cache"], prefill = episode_rollout_bytes(args, N, cfg.sampler.max_rows, Tp, Tc, turn, b)
     else:
-        waves = generation_waves(B, G, cfg.sampler.max_rows)  # the largest wave decides
-        Bw = max(p1 - p0 for p0, p1, _, _ in waves)  # prompts prefilled at once
-        Nw = max((p1 - p0) * (c1 - c0) for p0, p1, c0, c1 in waves)  # rows decoded at once
-        # the prompts' cache, shared by the rows of each group, and each row's completion slots
-        parts["kv_cache"] = kv_cache_bytes(args, Bw, Tp, b) + kv_cache_bytes(args, Nw, Tc, b)
-        prefill = Bw * Tp * forward_transient_per_token(args, b) + Bw * Tp * Tp * (1 + b)
-    if cfg.sampler.kind != "vllm":
-        decode = Nw * vocab * (b + 4 * 5) + (Nw * vocab * 12 if _filters(cfg) else 0)
-        decode += N * Tc * (8 + 4) if len(waves) > 1 else 0  # finished waves' tokens and log-probs
-        parts["rollout_transient"] = max(prefill, decode)
+        sampled = dict(new_tokens=cfg.sampler.max_new_tokens, temperature=cfg.sampler.temperature)
+        own = rollout_bytes(cfg, args, prompts=B, group=G, prompt_len=Tp, b=b, **sampled)
+        parts["kv_cache"], parts["rollout_transient"] = own.kv_cache, own.transient
         if lora.enabled and quantize is None and b < 4 and cfg.sampler.merge_lora:  # adapters_frozen(merge=True)
             shapes = lora_adapter_shapes(args, lora.targets)  # a copy of each adapted weight (and bias)
             biased = {"qkv": args.qkv_bias, "o": args.o_bias, "gate_up": args.mlp_bias, "down": args.mlp_bias}
@@ -206,11 +191,6 @@ def estimate_peak(
     return MemoryEstimate(parts=parts, phases=phases, members=members, host=host, notes=notes)
 
 
-def _filters(cfg: Config) -> bool:
-    s = cfg.sampler
-    return s.top_p < 1.0 or s.top_k > 0 or s.min_p > 0
-
-
 # ================================================================================================
 # pre-flight: compare with the device, and say what to change
 
@@ -250,12 +230,6 @@ def preflight(
 
     where = f"{device} (each of the {world_size} ranks' device)" if world_size > 1 else str(device)
     return _check_fits(est, where, free_bytes, margin, verbose, fixes, _KNOBS, refuse=refuse)
-
-
-def _device_memory(device: torch.device) -> tuple[int, int]:
-    """(free bytes, total bytes) of a CUDA device; free counts what torch reserves in this process."""
-    free, total = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device), total
 
 
 def _check_fits(

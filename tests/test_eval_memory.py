@@ -172,3 +172,113 @@ def test_pass_at_k_is_the_unbiased_estimator_with_n_equal_k(seed):
     majority = sum(w == r for w, r in zip(winners, references))
     metrics = evaluation.sample_metrics(correct, given, references, k)
     assert metrics == {f"pass@{k}": unbiased / examples, f"maj@{k}": majority / examples}
+
+
+QV_ADAPTER = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.mark.parametrize("lora_on", [True, False], ids=["run-config", "bare-adapter"])
+def test_a_checkpoint_adapting_q_and_v_is_estimated_as_q_and_v(lora_on):
+    """A LoRA checkpoint adapting q and v only, evaluated with a config adapting all seven layers (or a bare
+    adapter on the default config, LoRA off): its targets are the adapter's, so the pre-flight counts
+    4 x r x ((64 + 64) + (64 + 32)) x 2 layers of fp32 adapters and a 64 x 64 merge, as a config naming
+    [q, v]. The config's targets used to stand (12,032 more bytes of adapters), and with LoRA off none."""
+    cfg = load_config(None, [*SAMPLED, *(["lora.enabled=true"] if lora_on else [])])
+    evaluation.take_adapter_shape(cfg, QV_ADAPTER)
+    assert cfg.lora.targets == ["q", "v"] and (cfg.lora.r, cfg.lora.alpha) == (4, 8.0)
+    est = estimate_eval_peak(cfg, ARGS, prompt_tokens=10, batch_size=3, adapter=True)
+    named = load_config(None, [*SAMPLED, "lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.targets=[q,v]"])
+    expected = estimate_eval_peak(named, ARGS, prompt_tokens=10, batch_size=3, adapter=True)
+    adapters = 4 * 4 * ((64 + 64) + (64 + 32)) * 2
+    assert est.parts["lora_adapters_to_merge"] == expected.parts["lora_adapters_to_merge"] == adapters == 7168
+    assert est.phases == expected.phases and est.phases["load"] == 180864 + adapters + 64 * 64 * 4 + WORKSPACES
+
+
+@pytest.mark.parametrize(
+    "modules, fused",
+    [
+        (["q_proj", "v_proj"], False),
+        (["model.layers.0.self_attn.v_proj", "self_attn.q_proj", "down_proj"], False),
+        (["gate_proj", "up_proj", "o_proj", "k_proj"], False),
+        (r".*\.(q|v)_proj", False),
+        (r"model\.layers\.(1|3)\.mlp\.(up|down)_proj", False),
+        (["qkv_proj", "down_proj"], True),
+        (["gate_up_proj"], True),
+        (r".*self_attn\.(qkv|o)_proj", True),
+    ],
+)
+def test_target_modules_select_the_layers_peft_adapts(modules, fused):
+    """target_modules -> lora.targets, against PEFT's own matching (check_target_module_exists) on the
+    module names of a 4-block Llama (q_proj ...) or Phi-3 (fused qkv_proj, gate_up_proj): a config target
+    is taken when PEFT adapts its module in some block."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from minigrpo.lora import TARGETS
+
+    config = LoraConfig(target_modules=modules)
+    peft_targets = [
+        t
+        for t, paths in TARGETS.items()
+        if any(check_target_module_exists(config, f"model.layers.{i}.{paths[int(fused)]}") for i in range(4))
+    ]
+    assert evaluation.adapter_targets(modules) == peft_targets != []
+
+
+def test_unknown_target_modules_are_one_line_naming_the_file():
+    """all-linear is every target and no target_modules leaves the config's; a layer LoRA cannot adapt
+    here (lm_head), a pattern matching none or a broken one, or another type are one AdapterError line."""
+    where = Path("ck/adapter_config.json")
+    assert evaluation.adapter_targets("all-linear") == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert evaluation.adapter_targets(None) is None
+    cases = [
+        (["q_proj", "lm_head"], "target_modules names 'lm_head', not a layer LoRA adapts here (q_proj, qkv_proj, "),
+        (".*embed_tokens", "target_modules='.*embed_tokens' matches none of the layers LoRA adapts"),
+        ("(q_proj", "target_modules='(q_proj' is not a regular expression (missing ), unterminated subpattern"),
+        (7, "target_modules=7 must be a list of module names or a pattern"),
+        ([], "target_modules=[] must be a list of module names or a pattern"),
+    ]
+    for modules, message in cases:
+        with pytest.raises(evaluation.UserError) as e:
+            evaluation.adapter_targets(modules, where)
+        assert str(e.value).startswith(f"{where}: {message}") and "\n" not in str(e.value)
+    cfg = load_config(None, ["lora.enabled=true"])
+    with pytest.raises(evaluation.UserError, match=r"^adapter_config\.json: target_modules names 'lm_head'"):
+        evaluation.take_adapter_shape(cfg, {**QV_ADAPTER, "target_modules": ["lm_head"]})
+
+
+def test_a_q_v_adapter_evaluates_under_a_config_adapting_every_layer(task, tmp_path):
+    """`--set lora.enabled=true` (every target by default) on a checkpoint adapting q and v: the base
+    used to get adapters on all seven layers and the load to stop on "adapts 4 layers, the model 14"
+    after the base had loaded; now the adapter's layers are the ones added, and the completions are
+    those of the same adapter merged into a plain checkpoint."""
+    from minigrpo.config import LoRACfg
+    from minigrpo.lora import apply_lora, lora_layers
+    from minigrpo.lora_export import save_merged, save_peft_adapter
+    from minigrpo.models.loading import load_pretrained
+
+    model, tokenizer = load_pretrained(task / "ck")
+    apply_lora(model, LoRACfg(enabled=True, r=4, alpha=8.0, targets=["q", "v"]))
+    gen = torch.Generator().manual_seed(1)
+    for layer in lora_layers(model).values():  # B = 0 at first: a large one changes the greedy tokens
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5, generator=gen)
+    save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(task / "ck"))
+    save_merged(model, tokenizer, tmp_path / "merged", dtype=torch.float32)
+    run = [*common(task), "eval.max_new_tokens=2", "data.eval_split=null"]
+    adapted = evaluation._main(["--checkpoint", str(tmp_path / "adapter"), *run, "lora.enabled=true"])
+    merged = evaluation._main(["--checkpoint", str(tmp_path / "merged"), *run])
+    base = evaluation._main(["--checkpoint", str(task / "ck"), *run])
+    texts = [[s["completion"] for s in r["samples"]] for r in (adapted, merged, base)]
+    assert texts[0] == texts[1] != texts[2]
+
+
+def test_a_greedy_evaluation_counts_no_filter_buffers():
+    """eval.temperature=0 (the default) decodes greedily: the training config's sampler.top_k adds no
+    sorted copy of the logits. 3 rows of V=128 in bf16, one-token prompts (prefill 3 x 1408 + 3 x 3 bytes):
+    the decode step holds 3 x 128 x 22 bytes, and 12 more per logit when sampling at eval.temperature=1.
+    The greedy estimate used to count them (13,056 bytes)."""
+    filtered = ["run.dtype=bfloat16", "eval.max_new_tokens=6", "sampler.top_k=5"]
+    est = estimate_eval_peak(load_config(None, filtered), ARGS, prompt_tokens=1, batch_size=3)
+    assert est.parts["rollout_transient"] == 3 * 128 * 22 == 8448 > 3 * 1408 + 9
+    sampled = load_config(None, [*filtered, "eval.temperature=1"])
+    assert estimate_eval_peak(sampled, ARGS, prompt_tokens=1, batch_size=3).parts["rollout_transient"] == 3 * 128 * 34
