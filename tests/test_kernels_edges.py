@@ -98,8 +98,9 @@ def test_ignore_index_none_counts_every_target(impl, device):
     torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
     ce = fused_linear_cross_entropy(h, w, tgt, ignore_index=None, impl=impl)
     torch.testing.assert_close(ce.double(), -ref_logp.mean(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"targets must lie in \[0, 101\) \(the vocabulary of weight\); got -100"):
-        fused_linear_logprobs(h, w, torch.full_like(tgt, -100), ignore_index=None, impl=impl)
+    if device.type == "cpu":  # (CUDA checks the range asynchronously: a device assert, not an exception)
+        with pytest.raises(ValueError, match=r"targets must lie in \[0, 101\) \(the vocabulary of weight\); got -100"):
+            fused_linear_logprobs(h, w, torch.full_like(tgt, -100), ignore_index=None, impl=impl)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
