@@ -46,7 +46,8 @@ from ._triton import cdiv, jit, resolve_impl, tl
 
 _NEG = float("-inf")  # running max before any column was seen: below every logit, however far down
 _SHIFT_MIN = -1.0e30  # (m_old - m_new) / T is clamped here: finite, so 0 * shift stays 0, never NaN
-_DIFF_MIN = -3.0e38  # m_old - m_new is clamped here first: finite, so that -inf * a tiny 1/T is no NaN
+_MAX_TEMPERATURE = 1e37  # as the sampler's: 1 / T must be a normal fp32 number, the kernels scale by it
+_MIN_INVERSE = 1.0 / _MAX_TEMPERATURE
 _TOKEN_BLOCK = 4096  # rows of a logits tile: dW is rounded once per such block
 _TILE_ELEMS = {"cuda": 32 * 2**20, "cpu": 4 * 2**20}  # elements of one logits tile
 
@@ -105,9 +106,9 @@ def _tile_stats_ref(z, tgt, v0, inv_t, m, s, e, zt) -> None:
 
 
 def _shift(m_old: torch.Tensor, m_new: torch.Tensor, inv_t: float) -> torch.Tensor:
-    """(m_old - m_new) / T, kept finite: a row's first max is _NEG = -inf (and a far lower old max
-    times a large 1/T overflows to -inf), and 0 * -inf is NaN; exp(_SHIFT_MIN) is 0 all the same."""
-    return ((m_old - m_new).clamp(min=_DIFF_MIN) * inv_t).clamp(min=_SHIFT_MIN)
+    """(m_old - m_new) / T, kept finite: a row's first max is _NEG = -inf, and 0 * -inf is NaN;
+    exp(_SHIFT_MIN) is 0 all the same (1 / T > 0: head_path refuses the rest)."""
+    return ((m_old - m_new) * inv_t).clamp(min=_SHIFT_MIN)
 
 
 def _tile_grad_ref(z, tgt, v0, inv_t, m, log_s, ent, g, ge) -> None:
@@ -165,19 +166,19 @@ def _logprobs_stats_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # (z - m) / T, not z / T - m: the compiler contracts the latter into one FMA, whose a - m at
         # the max is the rounding residue of z / T (~1e-6 at |a| ~ 30) instead of 0
-        d = (tl.where(ok, z, m_new) - m_new) * inv_t  # 0 past the row's end (-inf * a 1 / T of 0 is NaN)
-        p = tl.where(ok, tl.exp(d), 0.0)
-        shift = tl.maximum(tl.maximum(m - m_new, -3.0e38) * inv_t, -1.0e30)  # finite: see _shift
+        d = (z - m_new) * inv_t
+        p = tl.exp(d)  # 0 on masked columns
+        shift = tl.maximum((m - m_new) * inv_t, -1.0e30)  # finite: see _shift (1 / T > 0: head_path)
         alpha = tl.exp(shift)
         if HAS_ENTROPY:
-            e = alpha * (e + s * shift) + tl.sum(p * d, axis=0)
+            e = alpha * (e + s * shift) + tl.sum(p * tl.where(ok, d, 0.0), axis=0)
         s = alpha * s + tl.sum(p, axis=0)
         m = m_new
     # merge into the statistics of the earlier vocab chunks
     m_old = tl.load(m_ptr + row)
     s_old = tl.load(s_ptr + row)
     m_all = tl.maximum(m_old, m)
-    shift_old = tl.maximum(tl.maximum(m_old - m_all, -3.0e38) * inv_t, -1.0e30)  # m_old = -inf at first
+    shift_old = tl.maximum((m_old - m_all) * inv_t, -1.0e30)  # m_old = -inf at first: -1e30
     shift_new = tl.maximum((m - m_all) * inv_t, -1.0e30)
     w_old = tl.exp(shift_old)
     w_new = tl.exp(shift_new)
@@ -214,7 +215,6 @@ def _logprobs_grad_kernel(
     ptrs = z_ptr + row.to(tl.int64) * stride_z_row + cols
     z = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
     logp = (z - tl.load(m_ptr + row)) * inv_t - tl.load(log_s_ptr + row)  # (z - m) / T: see the stats kernel
-    logp = tl.where(ok, logp, 0.0)  # past the row's end: z = 0 is far above a very negative max, exp would overflow
     g = tl.load(g_ptr + row)
     p = tl.exp(logp)
     is_tgt = cols == (tl.load(tgt_ptr + row) - v0)
@@ -446,8 +446,8 @@ def head_path(
         raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    if temperature == float("inf"):  # 1 / T = 0: every logit alike, and 0 * inf in the kernels
-        raise ValueError(f"temperature must be finite, got {temperature}")
+    if not 1.0 / temperature >= _MIN_INVERSE:  # the kernels scale by 1 / T (inf: 0 * -inf; > ~8.5e37: subnormal)
+        raise ValueError(f"temperature must be at most {_MAX_TEMPERATURE:g} (1 / T a normal fp32), got {temperature}")
     check_targets(targets, weight.shape[0], ignore_index)
     path = resolve_impl(impl, hidden, weight)
     if hidden.dtype == torch.float64 and path == "triton":
