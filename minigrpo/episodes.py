@@ -23,11 +23,12 @@ content likewise, rather than ending the run.
 Reward functions see the whole episode through `episode_columns` (messages, tool calls, results).
 
 Turn-taking: all live episodes take their next turn together, in one `generate` call per turn (more
-only where a row would decode past the model's positions: `_call_groups`), so any Sampler works (the
+only where a row would decode past the model's positions: episode_calls.py), so any Sampler works (the
 own KV-cache sampler, vLLM). Each prompt is the episode so far as token ids: the opening messages
 rendered with the chat template and the generation prompt, then every segment since. The calls go
 to a session of the sampler where it offers one (sampling/base.py: the own sampler keeps each
-episode's KV cache between turns and prefills only the new tokens; an episode that ends leaves it),
+episode's KV cache between turns, across a turn's calls too, and prefills only the new tokens; an
+episode that ends leaves it),
 else to the sampler (vLLM's prefix cache reuses the history itself). Turn k of the episode with
 global row id i draws with the noise stream `(*key, k)` and row id i, so a row draws what it draws
 whichever rows share its batch (split invariance: ranks, waves, a row alone) and whether its history
@@ -65,6 +66,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from minigrpo.chat_template import ChatTemplateError
+from minigrpo.episode_calls import call_groups, call_position_limit, hold_rows, row_turn
 from minigrpo.episode_text import (
     EnvironmentContractError,
     LayoutError,
@@ -75,7 +77,6 @@ from minigrpo.episode_text import (
     opening_messages,
     render,
 )
-from minigrpo.prompt_fit import position_limit
 from minigrpo.sampling.base import Sampler, session_of
 from minigrpo.sampling.params import SamplingParams
 from minigrpo.sampling.rollout import Rollout, left_pad
@@ -303,7 +304,7 @@ def run_episodes(
     calls = 0
     # what a turn can span: the longest history (< prompt + budget) and any row's turn after it
     reserve = max(len(e.prompt_ids) for e in episodes) + max_episode_tokens + params.max_new_tokens
-    limit = _position_limit(sampler)
+    limit = call_position_limit(sampler)
     with session_of(sampler, reserve=reserve, reuse=reuse_cache) as generator:
         for turn in range(max_turns):
             live = [e for e in episodes if e.end is None]
@@ -311,15 +312,18 @@ def run_episodes(
                 break
             caps = [min(params.max_new_tokens, max_episode_tokens - e.num_tokens) for e in live]  # each >= 1
             lengths = [len(e.prompt_ids) + e.num_tokens for e in live]
-            for group in _call_groups(lengths, caps, limit):
+            for group in call_groups(lengths, caps, limit):
                 rows = [live[i] for i in group]
                 prompts = [e.prompt_ids + e.completion_ids for e in rows]
+                named = {e.row_id for e in rows}
+                others = [e.row_id for e in live if e.end is None and e.row_id not in named]  # the turn's other calls
                 t1 = time.perf_counter()
                 out = generator.generate(
                     prompts,
                     dataclasses.replace(params, n=1, max_new_tokens=max(caps[i] for i in group)),
                     key=None if key is None else (*key, turn),
                     row_ids=[e.row_id for e in rows],
+                    **hold_rows(generator is not sampler, others),
                 )
                 sample_s += time.perf_counter() - t1
                 calls += 1
@@ -327,7 +331,7 @@ def run_episodes(
                 reused += out.stats.get("reused_tokens", 0.0)
                 t1 = time.perf_counter()
                 for j, i in enumerate(group):
-                    toks, logp, stopped = _row_turn(out, j, caps[i])
+                    toks, logp, stopped = row_turn(out, j, caps[i])
                     last = turn + 1 == max_turns
                     _take_turn(
                         live[i], env, tokenizer, tools, variables, toks, logp, stopped, stop_ids, last,
@@ -344,39 +348,6 @@ def run_episodes(
             reused_tokens=reused,
         )
     return episodes
-
-
-def _call_groups(lengths: list[int], caps: list[int], limit: int | None) -> list[list[int]]:
-    """The live rows (their histories' `lengths` and turn `caps`) split into the turn's generate calls.
-    A call decodes every row up to its largest cap: a row with a long history and a small cap left
-    decodes past its own budget, and the call spans its history plus the largest cap. Past the model's
-    position `limit` that is refused (a longrope switch) or rotates the whole batch differently
-    (dynamic NTK), so the rows go in calls that stay within it (one call wherever it fits, or no limit);
-    each row alone fits (the config checks prompt + max_episode_tokens against the limit)."""
-    rest, groups = sorted(range(len(caps)), key=lambda i: -caps[i]), []
-    while rest:
-        cap = caps[rest[0]]  # the largest left: its row comes first
-        fits = [i for i in rest[1:] if limit is None or lengths[i] + cap <= limit]
-        groups.append(sorted([rest[0], *fits]))
-        rest = [i for i in rest[1:] if i not in fits]
-    return groups
-
-
-def _position_limit(sampler: Any) -> int | None:
-    """The positions a call may span on the own sampler's model (prompt_fit.position_limit); None for
-    another sampler (vLLM's max_model_len holds the longest prompt, the budget and one more turn)."""
-    args = getattr(getattr(sampler, "model", None), "args", None)
-    return None if args is None else position_limit(args).positions
-
-
-def _row_turn(out: Rollout, i: int, cap: int) -> tuple[list[int], list[float], bool]:
-    """(tokens, log-probs, stopped) of row i of a turn's rollout, cut to the row's own `cap`: the same
-    tokens as sampling only `cap` (a row's noise does not depend on the call's max_new_tokens)."""
-    n = int(out.completion_mask[i].sum())
-    toks, logp = out.completion_ids[i, :n].tolist(), out.sampler_logp[i, :n].tolist()
-    if n > cap:
-        return toks[:cap], logp[:cap], False
-    return toks, logp, not bool(out.truncated[i])
 
 
 def _take_turn(

@@ -21,7 +21,8 @@ Rows that continue (the turns of multi-turn episodes): a sampler may offer sessi
 (`ContinuingSampler.start_session`). A `SamplerSession` takes the same calls as `generate`, each
 prompt being its row's whole sequence so far, and keeps every row's KV cache between calls, so a
 call prefills only what follows the part of the row it already holds (a turn: the environment's
-tokens); a row id left out of a call leaves the session. The tokens drawn are the same as
+tokens); a row id left out of a call leaves the session, unless the call names it in `hold` (the
+other part of a turn split near the position limit: its cache stays). The tokens drawn are the same as
 `generate`'s. `session_of` gives a session where the sampler has them and the sampler itself
 elsewhere (vLLM: its prefix cache already reuses the history).
 """
@@ -89,8 +90,10 @@ class SamplerSession(Protocol):
         *,
         key: tuple[int, ...] | None = None,
         row_ids: Sequence[int] | None = None,
+        hold: Sequence[int] = (),
     ) -> Rollout:
-        """As Sampler.generate with params.n == 1: prompt i is row row_ids[i]'s whole sequence so far."""
+        """As Sampler.generate with params.n == 1: prompt i is row row_ids[i]'s whole sequence so far;
+        the rows in `hold` keep their caches through a call that leaves them out."""
         ...
 
     def close(self) -> None:
