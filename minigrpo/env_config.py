@@ -36,7 +36,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from minigrpo.configio import ConfigError, ConfigWarning, Section, spec
+from minigrpo.configio import MAX_COUNT, ConfigError, ConfigWarning, Section, spec
 
 BUILTIN_TOOLS = ("calculator", "python")
 ENV_KINDS = ("tools", "gsm8k_tools")  # besides "package.module:Class"
@@ -56,8 +56,9 @@ class SandboxCfg(Section):
     """Limits of the built-in `python` tool's process (minigrpo/tools/sandbox.py)."""
 
     timeout_s: float = spec(5.0, "> 0")  # wall time per run; the process group is killed past it
-    memory_mb: int = spec(512, ">= 16")  # address-space limit
-    max_output_chars: int = spec(4000, ">= 1")  # output kept per run (also the cut of every tool result)
+    memory_mb: int = spec(512, ">= 16", most=MAX_COUNT)  # address-space limit
+    # output kept per run (also the cut of every tool result)
+    max_output_chars: int = spec(4000, ">= 1", most=MAX_COUNT)
 
 
 @dataclass
@@ -71,7 +72,7 @@ class EnvCfg(Section):
     tools: list[str] = field(default_factory=list)
     format: str | None = None  # tool-call format ("hermes", "llama3", "mistral"); null: read from the chat template
     system_prompt: str | None = None  # the episodes' system message (null: data.system_prompt; gsm8k_tools: its own)
-    max_turns: int = spec(4, ">= 1")  # model turns per episode at most
+    max_turns: int = spec(4, ">= 1", most=MAX_COUNT)  # model turns per episode at most
     # completion tokens (model + environment) per episode at most
     max_episode_tokens: int | None = spec(None, ">= 1", derived="sampler.max_new_tokens * env.max_turns")
     tool_timeout_s: float = spec(10.0, "> 0")  # one tool call's limit (a call past it is a failed result)
@@ -132,7 +133,21 @@ def env_errors(cfg: Any) -> list[str]:
             f"env.max_episode_tokens ({env.max_episode_tokens}) must be >= sampler.max_new_tokens "
             f"({cfg.sampler.max_new_tokens}): one turn must fit in an episode"
         )
-    return errors
+    return errors + _episode_budget_errors(cfg)
+
+
+def _episode_budget_errors(cfg: Any) -> list[str]:
+    """env.max_episode_tokens past MAX_COUNT, which no row can hold. Checked here, with env.kind set, and
+    not as the field's limit: the derived default (sampler.max_new_tokens * env.max_turns) of an
+    environment that is off is never read, so it must not refuse a config."""
+    budget, turn, turns = cfg.env.max_episode_tokens, cfg.sampler.max_new_tokens, cfg.env.max_turns
+    if budget is None or budget <= MAX_COUNT:
+        return []
+    derived = f" = sampler.max_new_tokens * env.max_turns ({turn} * {turns})" if budget == turn * turns else ""
+    return [
+        f"env.max_episode_tokens must be <= {MAX_COUNT}, got {budget}{derived} (no run can use a larger count): "
+        "set env.max_episode_tokens, or lower env.max_turns"
+    ]
 
 
 # ----------------------------------------------------------------------------- resolving (imports)

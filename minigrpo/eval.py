@@ -40,7 +40,7 @@ import torch
 
 from minigrpo import lora, rewards
 from minigrpo.atomic import missing_folder_error, write_atomic
-from minigrpo.build import compute_dtype, load_policy, pick_device, sampling_params
+from minigrpo.build import check_dtype, compute_dtype, load_policy, pick_device, sampling_params
 from minigrpo.checkpoint import CheckpointError, check_writable
 from minigrpo.config import Config, load_config
 from minigrpo.data import Example, batch_columns, build_dataset, build_messages, encode_prompts
@@ -439,6 +439,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
         check_chat_template(cfg, tokenizer)
     examples = eval_examples(cfg, split, args.num)
     device = pick_device(cfg.run.device)
+    check_dtype(cfg, device)  # float16 on the CPU: a warning, before any weights load, as training gives
     if model_args is not None:
         check_fits(cfg, examples, tokenizer, model_args, device, args.batch_size, adapter)
     dtype = compute_dtype(cfg, device)

@@ -39,7 +39,9 @@ float tensor (NF4) exposes `in_features`, `out_features`, `bias` (float or None)
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -61,6 +63,8 @@ TARGETS = {
     "down": ("mlp.down_proj", "mlp.down_proj"),
 }
 EXPORTS = ("save_peft_adapter", "load_peft_adapter", "save_merged", "plain_tensors")  # in lora_export.py
+MERGED_NO_GRADIENT = "LoRA adapters are merged and would get no gradient: unmerge_lora(model) first"
+_MERGED_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # merged model -> its training guard
 
 
 class LoRAError(UserError, ValueError):
@@ -125,15 +129,12 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)  # delta = 0: the adapted model starts as the base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        merged = self.inference_weights()
-        if merged is not None:
+        if (merged := self.inference_weights()) is not None:
             return F.linear(x, *merged)  # sampling: one GEMM
         out = self.base(x)  # (..., out)
-        if self.merged:
-            if self.training and torch.is_grad_enabled():
-                raise RuntimeError("LoRA adapters are merged and would get no gradient: unmerge_lora(model) first")
-            return out
-        if self.disabled:
+        if self.merged and self.training and torch.is_grad_enabled():
+            raise RuntimeError(MERGED_NO_GRADIENT)
+        if self.merged or self.disabled:  # the delta is inside the base weight, or the adapters are off
             return out
         A, B = self._adapter_weights(x.dtype)  # (r, in), (out, r) in the activations' dtype
         u = F.linear(self.lora_dropout(x), A)  # (..., r); x itself without dropout (no copy)
@@ -232,9 +233,7 @@ class LoRALinear(nn.Module):
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) float weight of a linear module: dequantized when it is stored quantized."""
-    if hasattr(module, "dequantized_weight"):
-        return module.dequantized_weight()
-    return module.weight
+    return module.dequantized_weight() if hasattr(module, "dequantized_weight") else module.weight
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +371,21 @@ def merge_lora(model: nn.Module) -> list[str]:
         layer._float_base_weight("merge")  # all or nothing: check every base before changing any
     for layer in layers.values():
         layer.merge()
+    _refuse_training_while_merged(model)
     return list(layers)
+
+
+def _refuse_training_while_merged(model: nn.Module) -> None:
+    """MERGED_NO_GRADIENT at a training forward's start, by a hook on the input embedding (run in the caller's grad
+    mode; an offloaded block's forward runs without it, so the layers' own check waits for the recompute)."""
+    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if embedding is not None and model not in _MERGED_GUARDS:
+        _MERGED_GUARDS[model] = embedding.register_forward_pre_hook(functools.partial(_refuse_if_merged, model))
+
+
+def _refuse_if_merged(model: nn.Module, module: nn.Module, args: tuple) -> None:
+    if torch.is_grad_enabled() and any(m.merged and m.training for m in lora_layers(model).values()):
+        raise RuntimeError(MERGED_NO_GRADIENT)
 
 
 def unmerge_lora(model: nn.Module) -> list[str]:
@@ -380,6 +393,8 @@ def unmerge_lora(model: nn.Module) -> list[str]:
     layers = _layers_in_state(model, merged=True, action="unmerge")
     for layer in layers.values():
         layer.unmerge()
+    if model in _MERGED_GUARDS:
+        _MERGED_GUARDS.pop(model).remove()
     return list(layers)
 
 
@@ -451,11 +466,7 @@ def _adapter_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 
 def _has_submodule(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
+    return functools.reduce(lambda m, name: getattr(m, name, None), path.split("."), module) is not None
 
 
 def __getattr__(name: str):

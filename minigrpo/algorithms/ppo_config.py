@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from minigrpo.configio import Section, spec
+from minigrpo.configio import MAX_COUNT, Section, spec
 
 
 @dataclass
@@ -36,8 +36,8 @@ class PPOCfg(Section):
     # weight of the value loss. The critic has its own AdamW, which is blind to a constant factor on
     # its loss: vf_coef only decides where train.max_grad_norm clips the critic (value_lr sets its step)
     vf_coef: float = spec(0.1, "> 0")
-    epochs: int = spec(4, ">= 1")  # passes over each step's rollout
-    mini_batches: int = spec(1, ">= 1")  # optimizer steps per epoch (shuffled mini-batches of rows)
+    epochs: int = spec(4, ">= 1", most=MAX_COUNT)  # passes over each step's rollout
+    mini_batches: int = spec(1, ">= 1", most=MAX_COUNT)  # optimizer steps per epoch (shuffled mini-batches of rows)
     # separate: a Transformer of its own; lora: a second set of adapters on the policy's frozen base
     value_model: Literal["separate", "lora"] = "separate"
     # separate: the critic's starting weights (a *ForSequenceClassification reward model, whose score

@@ -219,17 +219,20 @@ def check_value_path(path: str, policy: str | None = None) -> None:
 
 
 def _check_classifier(folder: Path) -> None:
-    """A score-head checkpoint: one label, the score weight present, every tensor's shape right."""
+    """A score-head checkpoint: the score weight present with one row per label, one label, every
+    tensor's shape right. The head is read first: a config.json that names no labels counts 2
+    (transformers' default), so a one-row head then names the key to set, not a count it never had."""
     from minigrpo.models import loading
     from minigrpo.models.reward_model import RewardModel, check_score_head, read_reward_config
 
-    num_labels, pad = read_reward_config(loading._read_config(folder), folder / "config.json")
+    config = loading._read_config(folder)
+    num_labels, pad = read_reward_config(config, folder / "config.json")
+    build = functools.partial(RewardModel, num_labels=1, pad_token_id=pad)
+    model = loading._model_from_config(config, folder / "config.json", build)  # meta device: no memory
+    shapes = loading._hf_tensor_source(folder)[0]
+    check_score_head(folder, shapes, num_labels)  # a head that disagrees with the labels: say which to fix
     if num_labels != 1:
         raise UserError(f"num_labels={num_labels}: a value head gives one number (num_labels=1)")
-    build = functools.partial(RewardModel, num_labels=1, pad_token_id=pad)
-    model = loading._model_from_config(loading._read_config(folder), folder / "config.json", build)
-    shapes = loading._hf_tensor_source(folder)[0]
-    check_score_head(folder, shapes)
     loading._check(model, shapes)
 
 
