@@ -99,16 +99,33 @@ class GradScale:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict` (a checkpoint's). The scale itself carries over only between
-        float16 runs (a run in another dtype keeps its own: 1, or a fresh 2^16)."""
+        """Restore a `state_dict` (a checkpoint's). The scale and its streak of finite updates carry over
+        only between float16 runs: a run in another dtype keeps its own scale (1, or a fresh 2^16 that
+        grows after growth_interval finite updates of its own, not of a bfloat16 run's count)."""
         unknown = set(state) - set(asdict(self))
         if unknown:
             raise ValueError(f"unknown grad scale state keys {sorted(unknown)}")
-        for key in ("growth_interval", "finite_in_a_row", "skips_in_a_row", "skipped_updates"):
+        _check_saved_state(state)
+        for key in ("growth_interval", "skips_in_a_row", "skipped_updates"):
             if key in state:
                 setattr(self, key, int(state[key]))
-        if self.enabled and state.get("enabled") and "scale" in state:
-            self.scale = float(state["scale"])
+        if self.enabled and state.get("enabled"):
+            self.scale = float(state.get("scale", self.scale))
+            self.finite_in_a_row = int(state.get("finite_in_a_row", self.finite_in_a_row))
+
+
+def _check_saved_state(state: dict) -> None:
+    """ValueError naming the first saved value no run could have written: a scale that is not a
+    positive finite number (every loss would be NaN or 0), a growth interval below 1 (the scale would
+    double on every update), a negative count."""
+    scale = state.get("scale", 1.0)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"grad scale state: scale={scale!r} is not a positive finite number")
+    lows = {"growth_interval": 1, "finite_in_a_row": 0, "skips_in_a_row": 0, "skipped_updates": 0}
+    for key, low in lows.items():
+        value = state.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"grad scale state: {key}={value!r} is not an integer >= {low}")
 
 
 def optimizer_step(

@@ -215,3 +215,36 @@ def test_a_float16_run_saves_its_loss_scale_and_resumes_bit_identically(tmp_path
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     saved = load_trainer_state(ckpt_a)["grad_scale"]
     assert saved["enabled"] is True and saved["scale"] == straight[-1]["loss_scale"], json.dumps(saved)
+
+
+def test_a_float16_resume_of_a_bfloat16_checkpoint_starts_its_growth_streak_afresh():
+    """A bfloat16 run counts 2500 finite updates; a float16 run resumed from its checkpoint starts at
+    2^16 and doubles after 2000 finite updates of its own, as a fresh float16 scale does (the bfloat16
+    count made it double on its first update)."""
+    bf16 = GradScale.for_dtype(torch.bfloat16)
+    for _ in range(2500):
+        bf16.record(1.0)
+    resumed, fresh = GradScale.for_dtype(torch.float16), GradScale.for_dtype(torch.float16)
+    resumed.load_state_dict(bf16.state_dict())
+    assert resumed.skipped_updates == 0 and resumed.scale == 2.0**16
+    scales = [[(s.record(1.0), s.scale)[1] for _ in range(fresh.growth_interval)] for s in (resumed, fresh)]
+    assert scales[0] == scales[1]
+    assert scales[0][0] == 2.0**16 and scales[0][-2] == 2.0**16 and scales[0][-1] == 2.0**17
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("scale", float("nan")), ("scale", float("inf")), ("scale", 0.0), ("scale", -8.0), ("scale", "65536"),
+     ("growth_interval", 0), ("finite_in_a_row", -1), ("skips_in_a_row", 1.5), ("skipped_updates", None)],
+)  # fmt: skip
+def test_a_damaged_saved_loss_scale_is_one_error_naming_its_value(tmp_path, key, value):
+    """A resume must not go on with a NaN/0/negative scale (every update skipped, or a zero loss) or a
+    growth interval of 0 (doubling on every update): the checkpoint's state.json is named instead."""
+    from minigrpo.checkpoint import CorruptCheckpointError, restoring
+
+    state = {**GradScale.for_dtype(torch.float16).state_dict(), key: value}
+    scale = GradScale.for_dtype(torch.float16)
+    expected = rf"state.json: cannot restore its loss scale .*{key}="
+    with pytest.raises(CorruptCheckpointError, match=expected), restoring(tmp_path, "loss scale"):
+        scale.load_state_dict(state)
+    assert scale == GradScale.for_dtype(torch.float16)  # nothing restored
