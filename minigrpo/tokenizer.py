@@ -12,8 +12,14 @@ tokenizes identically here, in transformers and in vLLM:
   matched whole in text and dropped by `skip_special_tokens=True`.
 * `pad_token` falls back to `eos_token` when the config names none (the usual choice for causal
   LMs); the chat template still sees only the tokens the config names.
-* `stop_ids` is every end-of-sequence id: the config's eos, generation_config.json's `eos_token_id`
-  (an int or a list: Llama-3 and Phi-3.5 have several) and any extra ids the caller passes.
+* `stop_ids` is every end-of-sequence id: the tokenizer's eos, generation_config.json's `eos_token_id`
+  (an int or a list: Llama-3 and Phi-3.5 have several) and any extra ids the caller passes. A folder
+  whose generation_config.json names no `eos_token_id` (or that has no such file) takes config.json's,
+  as transformers' `generate` does (it builds its generation config from config.json then).
+* generation_config.json's sampling defaults (temperature, top_p, top_k, repetition_penalty,
+  do_sample, ...) are not applied: rollouts sample with `sampler.*` and evaluation with
+  `eval.temperature` (greedy by default), where transformers' `generate` would use them. A run config
+  is the one source of truth for sampling, so loading a folder that sets them warns once, naming them.
 
 Chat templates render in a jinja2 sandbox (minigrpo.chat_template), with the variables transformers
 passes: the conversation, `add_generation_prompt`, every named token (model-specific ones such as
@@ -24,6 +30,7 @@ passes: the conversation, `add_generation_prompt`, every named token (model-spec
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,11 +50,12 @@ from minigrpo.tokenizer_config import (
     folder_templates,
     generation_stop_ids,
     read_config,
+    read_json_object,
     rebuild_backend,
     rebuilt_class,
 )
 
-__all__ = ["NAMED_SPECIAL_TOKENS", "ChatTemplateError", "Tokenizer", "TokenizerConfigError"]
+__all__ = ["NAMED_SPECIAL_TOKENS", "ChatTemplateError", "GenerationConfigWarning", "Tokenizer", "TokenizerConfigError"]
 
 _MAX_SANE_LENGTH = 1 << 40  # transformers writes int(1e30) for "no limit"
 _KEPT_FLAGS = ("lstrip", "rstrip", "single_word", "normalized")  # an added token made special keeps these
@@ -129,7 +137,8 @@ class Tokenizer:
         `model_type` takes part in that choice), special_tokens_map.json (only when the config has no
         `added_tokens_decoder`, as transformers does), chat_template.jinja and
         additional_chat_templates/*.jinja (these win over the config's `chat_template`, as in
-        transformers) and generation_config.json (its `eos_token_id` adds stop ids). A file or value
+        transformers) and generation_config.json (its `eos_token_id` adds stop ids, config.json's when it
+        names none; its sampling defaults are not applied and warn). A file or value
         that makes no tokenizer is a TokenizerConfigError naming the file (and key).
         """
         d = Path(path)
@@ -148,7 +157,10 @@ class Tokenizer:
         add_config_tokens(cfg, d / "tokenizer_config.json", tk)
         tokens, template_tokens, specials = config_special_tokens(cfg, origin, tk, tk_file)
 
-        extra_stop = generation_stop_ids(d / "generation_config.json")
+        gen_file = d / "generation_config.json"
+        generation = read_json_object(gen_file, TokenizerConfigError) if gen_file.is_file() else {}
+        extra_stop = eos_ids(generation.get("eos_token_id"), gen_file) or generation_stop_ids(d / "config.json")
+        warn_ignored_sampling_defaults(gen_file, generation)
         max_len = cfg.get("model_max_length")
         return cls(
             tk,
@@ -384,6 +396,48 @@ class Tokenizer:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
+
+# generation_config.json keys that change what transformers' generate draws (not when it stops)
+SAMPLING_DEFAULT_KEYS = (
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+)
+
+
+class GenerationConfigWarning(UserWarning):
+    """A model folder's generation_config.json sets sampling defaults that minigrpo does not apply."""
+
+
+def eos_ids(value: Any, path: Path) -> list[int]:
+    """An `eos_token_id` value read from `path` (a token id, a list of them, or None) as a list of ids;
+    anything else is a TokenizerConfigError naming the file and key."""
+    ids = value if isinstance(value, list) else [value]
+    if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise TokenizerConfigError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return [] if value is None else ids
+
+
+def warn_ignored_sampling_defaults(path: Path, generation: Mapping[str, Any]) -> None:
+    """Warn when generation_config.json (`generation`, read from `path`) sets sampling defaults: transformers'
+    `generate` would apply them, minigrpo samples with the run config's `sampler.*` / `eval.temperature` only
+    (one source of truth)."""
+    found = {k: generation[k] for k in SAMPLING_DEFAULT_KEYS if generation.get(k) is not None}
+    if found:
+        settings = ", ".join(f"{k}={v!r}" for k, v in found.items())
+        warnings.warn(
+            GenerationConfigWarning(
+                f"{path} sets {settings}: not applied (transformers' generate would); rollouts sample with "
+                "sampler.temperature/top_p/top_k/min_p and evaluation with eval.temperature (greedy by default); "
+                "repetition_penalty and no_repeat_ngram_size have no counterpart"
+            ),
+            stacklevel=3,
+        )
 
 
 def _as_id_list(ids: Iterable[int]) -> list[int]:

@@ -101,7 +101,15 @@ def _stop_strings(stops) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """One rollout's sampling settings."""
+    """One rollout's sampling settings.
+
+    Stops, as transformers' `generate` applies `eos_token_id` and `stop_strings`: a completion ends with
+    the token that completes a stop string (a string spanning several tokens, or inside one longer token
+    whose text runs past it, ends at that token), kept in completion_ids, completion_mask and the text;
+    the first of several occurrences counts. One difference by design: only the completion's text is
+    searched, so a stop string begun in the prompt's last tokens never matches (transformers' criterion
+    reads the prompt too). Tokens drawn after a stop are padding, with mask 0 and log-prob 0.
+    """
 
     n: int = 1  # completions per prompt (the group size G)
     temperature: float = 1.0  # 0 means greedy
