@@ -4,7 +4,8 @@
 
 `calculator` evaluates arithmetic by walking the expression's syntax tree: numbers and
 + - * / // % ** (and unary + -), nothing else: no names, no calls, no attributes. Exponents and
-results are bounded, so `9**9**9` is refused instead of hanging the trainer. `python` runs code in
+results are bounded, so `9**9**9` is refused instead of hanging the trainer. Digits of any script
+("١٢", fullwidth "１２") read as the ASCII digits they stand for, as `int()` reads them. `python` runs code in
 `sandbox.run_python` and reports its output; a failed run is a failed ToolResult with its reason.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import unicodedata
 from typing import Any
 
 from minigrpo.tools.run import ToolResult
@@ -46,13 +48,21 @@ def calculator(expression: str) -> int | float:
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise ValueError(f"expression too long ({len(expression)} characters, at most {MAX_EXPRESSION_CHARS})")
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        tree = ast.parse(_ascii_digits(expression).strip(), mode="eval")
     except SyntaxError as e:
         raise ValueError(f"not an arithmetic expression: {e.msg} at char {max(0, (e.offset or 1) - 1)}") from None
     value = _eval(tree.body)
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)
     return value
+
+
+def _ascii_digits(expression: str) -> str:
+    """`expression` with every decimal digit of another script (Unicode category Nd) as its ASCII digit:
+    Python's parser refuses them in literals, yet they are plainly numbers (int("١٢") == 12)."""
+    if expression.isascii():
+        return expression
+    return "".join(str(unicodedata.decimal(c)) if not c.isascii() and c.isdecimal() else c for c in expression)
 
 
 def _eval(node: ast.AST) -> int | float:

@@ -3,8 +3,10 @@
     result = run_python("print(2 ** 10)", timeout_s=5.0)
     result.stdout, result.stderr, result.exit_status, result.timed_out, result.memory_exceeded
 
-The code runs in `python -I -S -B -X utf8` (isolated: no PYTHON* variables, no user or site
-packages, so only the standard library imports; no .pyc writing) in its own session, with:
+The code runs in `python -s -S -P -B -X utf8` (no user or site packages, so only the standard library
+imports; no .pyc writing) in its own session, under an environment built from scratch whose only PYTHON*
+variable is PYTHONHASHSEED=0: str and bytes hashes, and so the order of a set of strings, are the same in
+every run (deterministic code gives the same answer every time; `-I` would ignore the seed). With:
 - a wall-time limit: past `timeout_s` the whole process group is killed (SIGKILL);
 - CPU time (RLIMIT_CPU), address space (RLIMIT_AS), file size (RLIMIT_FSIZE) and, where the kernel
   enforces it for this user, process count (RLIMIT_NPROC = 0: no fork, no threads) limits, set by the
@@ -12,13 +14,18 @@ packages, so only the standard library imports; no .pyc writing) in its own sess
   in the child rather than in a `preexec_fn` keeps the parent safe: preexec_fn runs between fork and
   exec, which can deadlock in a parent with threads (a trainer always has some);
 - an output limit: stdout keeps its first `max_output_chars`, stderr its last ones (the traceback);
+  shortly before the time limit (SIGALRM) the child flushes both, so a killed run keeps what it printed;
 - a fresh temporary working directory (HOME too), removed afterwards; an emptied environment (no
   proxies, no tokens); stdin from /dev/null;
 - an audit hook (`sys.addaudithook`, installed by the bootstrap before the code runs, and not
   removable from Python) that refuses socket events (no network), starting processes (subprocess,
   os.system / exec / fork / spawn: a child would not carry the hook), ctypes, changing rlimits, and
   opening for writing, removing, renaming or creating files outside the working directory (a relative
-  path counts from the code's current directory, wherever os.chdir took it).
+  path counts from the code's current directory, wherever os.chdir took it), reading another process's
+  /proc/<pid> entries (the trainer's environ holds its tokens, its fd/ its open files) and signalling any
+  process but itself (os.kill(os.getppid(), 9) or os.kill(-1, 9) would end the trainer);
+- cleanup on every way out: a run interrupted in the parent (Ctrl-C, an exception) kills the code's
+  process group before the folder is removed, so no process outlives the call.
 
 What this does NOT guarantee: an audit hook is not a security boundary. It stops ordinary Python code
 (a model's mistakes, a careless `open('/etc/x', 'w')`, `urllib.request.urlopen`), but hostile code can
@@ -49,12 +56,14 @@ from typing import IO
 __all__ = ["MEMORY_EXIT_STATUS", "SandboxResult", "run_python"]
 
 MEMORY_EXIT_STATUS = 86  # the bootstrap's exit status after a MemoryError in the code
+MEMORY_NOTE = "MemoryError: the code ran out of memory (sandbox limit)"  # its last line of stderr
 
 # The child's entry point, run with `-c`: argv = [code file, work dir, limits JSON]. It limits itself,
 # installs the audit hook, then runs the code as __main__ and echoes the value of a last expression.
 _BOOTSTRAP = r"""
-import ast, json, os, resource, sys, traceback
+import ast, json, os, resource, signal, sys, time, traceback
 _code_path, _work, _limits = sys.argv[1], os.path.realpath(sys.argv[2]), json.loads(sys.argv[3])
+_flush_at = float(sys.argv[4])  # time.monotonic() shortly before the parent's kill (one clock for both)
 def _set_limits(limits):
     for name, value in limits.items():
         try:
@@ -68,6 +77,16 @@ def _set_limits(limits):
             pass  # a limit this platform lacks
 
 _set_limits(_limits)
+
+def _flush_before_the_kill(signum, frame):
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass  # e.g. the code was inside a write of its own (a reentrant call): keep what it holds
+
+signal.signal(signal.SIGALRM, _flush_before_the_kill)
+signal.setitimer(signal.ITIMER_REAL, max(0.001, _flush_at - time.monotonic()))
 with open(_code_path, encoding="utf-8") as _f:
     _source = _f.read()
 _BLOCKED = ("socket.", "subprocess.", "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn",
@@ -83,11 +102,26 @@ def _inside(path, _work=_work):
     full = os.path.realpath(os.fsdecode(path))  # a relative path from the current directory (os.chdir moves it)
     return full == _work or full.startswith(_work + os.sep)
 
-def _audit(event, args, _blocked=_BLOCKED, _path_args=_PATH_ARGS, _write=_WRITE_FLAGS, _inside=_inside, _me=[]):
+def _other_process(path, _own=(str(os.getpid()), "self", "thread-self")):
+    if isinstance(path, int):
+        return False
+    name = os.fsdecode(path)
+    for full in (os.path.abspath(name), os.path.realpath(name)):  # as written, and through any symlink
+        parts = full.split(os.sep)
+        if len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] not in _own:
+            return True
+    return False
+
+def _audit(event, args, _blocked=_BLOCKED, _path_args=_PATH_ARGS, _write=_WRITE_FLAGS, _inside=_inside,
+           _other=_other_process, _me=[], _pid=os.getpid()):
     if event.startswith(_blocked):
         raise PermissionError(f"sandbox: {event} is not allowed")
     if event == "object.__setattr__" and any(args[0] is f for f in _me):  # rewriting the hook itself
         raise PermissionError("sandbox: the audit hook cannot be changed")
+    if event in ("os.kill", "os.killpg") and args[0] not in (0, _pid, -_pid):  # its own group is itself
+        raise PermissionError(f"sandbox: {event} of another process is not allowed: {args[0]!r}")
+    if event in ("open", "os.listdir", "os.scandir") and args and _other(args[0]):
+        raise PermissionError(f"sandbox: another process's files are not allowed: {args[0]!r}")
     if event == "open":
         path, mode, flags = args
         writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & _write)
@@ -98,9 +132,10 @@ def _audit(event, args, _blocked=_BLOCKED, _path_args=_PATH_ARGS, _write=_WRITE_
             if i < len(args) and args[i] is not None and not _inside(args[i]):
                 raise PermissionError(f"sandbox: {event} outside the working directory is not allowed: {args[i]!r}")
 
-_audit.__defaults__[-1].extend([_audit, _inside])
+_audit.__defaults__[-2].extend([_audit, _inside, _other_process])
 sys.addaudithook(_audit)
-del _f, _limits, _set_limits, _audit, _inside, _BLOCKED, _PATH_ARGS, _WRITE_FLAGS
+del _f, _limits, _set_limits, _flush_at, _flush_before_the_kill, _audit, _inside, _other_process
+del _BLOCKED, _PATH_ARGS, _WRITE_FLAGS
 
 def _main(source):
     tree = ast.parse(source, "<code>")
@@ -117,7 +152,7 @@ try:
 except SystemExit:
     raise
 except MemoryError:
-    sys.stderr.write("MemoryError: the code ran out of memory (sandbox limit)\n")
+    sys.stderr.write("MEMORY_NOTE\n")
     sys.stderr.flush()
     os._exit(MEMORY_EXIT)
 except BaseException as _e:  # the traceback without the bootstrap's frames (file "<string>")
@@ -125,7 +160,7 @@ except BaseException as _e:  # the traceback without the bootstrap's frames (fil
     _te.stack = traceback.StackSummary.from_list([f for f in _te.stack if f.filename != "<string>"])
     sys.stderr.write("".join(_te.format()))
     sys.exit(1)
-""".replace("MEMORY_EXIT", str(MEMORY_EXIT_STATUS))
+""".replace("MEMORY_EXIT", str(MEMORY_EXIT_STATUS)).replace("MEMORY_NOTE", MEMORY_NOTE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,9 +209,12 @@ def run_python(
     work = os.path.join(root, "work")
     code_path = os.path.join(root, "code.py")  # outside the working directory: the code cannot rewrite it
     env = {"HOME": work, "TMPDIR": work, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-    argv = [sys.executable, "-I", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP, code_path, work, json.dumps(limits)]
+    env["PYTHONHASHSEED"] = "0"  # the same hashes (set order) in every run
+    argv = [sys.executable, "-s", "-S", "-P", "-B", "-X", "utf8", "-c", _BOOTSTRAP, code_path, work]
     start = time.monotonic()
+    argv += [json.dumps(limits), repr(start + _flush_time(timeout_s))]
     timed_out = False
+    proc = None
     try:
         os.mkdir(work)
         with open(code_path, "w", encoding="utf-8", errors="replace") as f:  # a lone surrogate becomes "?"
@@ -191,13 +229,13 @@ def run_python(
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: children it may have started
-            proc.wait()
+            _kill_group(proc)
         for reader in readers:
             reader.join(1.0)
         seconds = time.monotonic() - start
     finally:
+        if proc is not None and proc.poll() is None:  # interrupted in the parent while the code ran
+            _kill_group(proc)
         _remove_tree(root)
     status = proc.returncode
     stderr_text = err.text()
@@ -206,7 +244,7 @@ def run_python(
         stderr=stderr_text,
         exit_status=status,
         timed_out=timed_out,
-        memory_exceeded=status == MEMORY_EXIT_STATUS,
+        memory_exceeded=status == MEMORY_EXIT_STATUS and stderr_text.rstrip("\n").endswith(MEMORY_NOTE),
         cpu_exceeded=not timed_out and status in (-signal.SIGXCPU, -signal.SIGKILL),
         output_truncated=out.dropped > 0 or err.dropped > 0,
         seconds=seconds,
@@ -261,6 +299,19 @@ def _drain(stream: IO[bytes], sink: _Head) -> threading.Thread:
     thread = threading.Thread(target=read, daemon=True, name="sandbox-output")
     thread.start()
     return thread
+
+
+def _flush_time(timeout_s: float) -> float:
+    """Seconds after the start at which the child flushes what it printed: a little before the kill at
+    `timeout_s`, so that a run killed at the time limit still shows the output it had buffered."""
+    return max(timeout_s - min(0.1, timeout_s / 4), timeout_s / 2)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the code's whole process group (children it may have started too) and reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _remove_tree(root: str) -> None:
