@@ -224,6 +224,7 @@ def ppo_update(
     out.update({"ppo/value_grad_norm": mean["value_grad_norm"], "ppo/value_lr": mean["value_lr"]})
     out.update(targets)
     out.update(grad_scale_metrics(grad_scale))
+    out.update({f"ppo/value_{k}": v for k, v in grad_scale_metrics(critic.grad_scale).items()})  # its own scale
     return out
 
 
