@@ -386,7 +386,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Read YAML (None: all defaults), apply `a.b=v` overrides, coerce, validate."""
     raw: dict[str, Any] = {} if path is None else configio.load_yaml_file(path)
     if overrides:
-        _release_derived(raw)
+        release_derived(raw)
     for item in overrides:
         configio.apply_override(raw, item, Config)
     cfg = _build(raw, path, overrides)
@@ -406,7 +406,7 @@ def _derived_keys(cls: type = Config, path: str = "") -> list[str]:
     return keys
 
 
-def _release_derived(raw: dict[str, Any]) -> None:
+def release_derived(raw: dict[str, Any]) -> None:
     """Turn back into null each derived value of a file that equals what it derives to from the
     file's own values (a saved config.yaml or run_config.yaml writes them out): it then follows
     an override of its source (`--set data.num_eval=20` moves eval.num_prompts too) instead of

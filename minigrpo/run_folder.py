@@ -1,22 +1,34 @@
 """The run folder: what a new run must not overwrite, what --resume continues from, and the final
 outputs a run writes once its last step is done.
 
-    resume = check_run_dir(cfg, resumable)        # None: a new run; else the checkpoint to continue from
-    finish_run(cfg, resume, folders, write)       # --resume of a run at its last step: the missing outputs
-    write_folder_whole(run_dir / "model", write)  # a final model folder: whole or not at all
+    with run_dir_held(cfg):                           # no other process runs in the folder meanwhile
+        resume = check_run_dir(cfg, resumable)        # None: a new run; else the checkpoint to continue from
+        finish_run(cfg, resume, folders, write)       # --resume of a run at its last step: the missing outputs
+    write_folder_whole(run_dir / "model", write)      # a final model folder: whole or not at all
 
 A run killed after its final checkpoint but before its final outputs (SFT's model, a LoRA run's merged
 export, the last curves) is completed by `--resume`: the outputs that are missing are written from the
 final checkpoint, and a run that lacks nothing says in one line that it is complete. The final
 folders are written under a temporary name and renamed into place, so their presence means complete.
+
+One process at a time runs in a run folder: it holds an exclusive lock on run_dir/.lock (which names
+its pid) from before the first check until it ends, and a second process started on the same folder
+is one line naming that pid. The operating system drops the lock of a process that dies, so a killed
+run leaves nothing that stops its --resume (the stale file is taken over). The lock file is no output
+of the run: nothing compares, copies or checks it.
 """
 
 from __future__ import annotations
 
+import copy
+import errno
+import fcntl
 import json
 import os
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +42,7 @@ from minigrpo.checkpoint import (
     list_checkpoints,
     verify_checkpoint,
 )
-from minigrpo.config import Config, ConfigError
+from minigrpo.config import Config, ConfigError, release_derived
 from minigrpo.configio import changed_keys, parse_yaml
 from minigrpo.errors import UserError
 
@@ -110,10 +122,8 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
             saved = parse_yaml(saved_file.read_text(encoding="utf-8")) or {}
         except ConfigError as e:
             raise ConfigError(f"{saved_file}: {e}") from None
-        if "env" not in saved and cfg.env.kind is None:  # saved before the env section existed: the same
-            saved["env"] = cfg.to_dict()["env"]
         saved = with_new_defaults(saved, cfg.to_dict(), Config().to_dict())  # algorithm, dpo, ppo, any new key
-        changed = [k for k in changed_keys(saved, cfg.to_dict()) if not k.startswith(resumable)]
+        changed = [k for k in settings_changed(saved, cfg.to_dict()) if not k.startswith(resumable)]
         if changed:
             verb = "differs" if len(changed) == 1 else "differ"
             raise UserError(
@@ -122,6 +132,27 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
             )
     check_writable_run_dir(run_dir)
     return ResumePoint(path, state)
+
+
+def settings_changed(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys whose settings differ between a checkpoint's run config and the resumed run's, as the
+    user changed them: a derived value (`spec(..., derived=...)`) that follows its sources counts as
+    unset on both sides, so that a changed sampler.max_new_tokens is that one change, not also an
+    env.max_episode_tokens nobody set (or that a run saved before the field existed lacks); with env.kind
+    null in both, nothing reads the env section (a saved config may lack it), so none of it is a change."""
+    saved, current = copy.deepcopy(saved), copy.deepcopy(current)
+    for raw in (saved, current):
+        release_derived(raw)  # in place; a config this package no longer reads is compared as it is
+    changed = changed_keys(saved, current)
+    if env_kind(saved) is None and env_kind(current) is None:
+        changed = [k for k in changed if k != "env" and not k.startswith("env.")]
+    return changed
+
+
+def env_kind(raw: dict[str, Any]) -> Any:
+    """env.kind of a plain config tree (None where the tree has no env section)."""
+    env = raw.get("env")
+    return env.get("kind") if isinstance(env, dict) else None
 
 
 def with_new_defaults(saved: Any, current: Any, default: Any) -> Any:
@@ -179,6 +210,116 @@ def shapes_of(config_file: Path) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{config_file}: not a model config this package reads ({e})") from None
     return {key: getattr(args, key) for key in SHAPE_FIELDS}
+
+
+# ================================================================================================
+# one process per run folder
+
+LOCK_FILE = ".lock"  # run_dir/.lock: the pid of the process running in the folder, locked while it runs
+
+
+@dataclass
+class RunDirLock:
+    """An exclusive flock on run_dir/.lock (open as `fd`); `made` is the outermost folder its taking made."""
+
+    run_dir: Path
+    fd: int
+    made: Path | None
+
+
+@contextmanager
+def run_dir_held(cfg: Config) -> Iterator[RunDirLock | None]:
+    """cfg.run.run_dir held by this process while the block runs (lock_run_dir), released after it,
+    and by the operating system if the process dies. Under torchrun rank 0 alone (the rank that
+    writes) takes it: the other ranks write nothing and wait for rank 0 as in any run."""
+    if os.environ.get("RANK", "0") != "0":
+        yield None
+        return
+    lock = lock_run_dir(cfg.run.run_dir, resuming=cfg.run.resume)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            unlock_run_dir(lock)
+
+
+def lock_run_dir(run_dir: Path, *, resuming: bool = False) -> RunDirLock | None:
+    """Take the run folder for this process before anything is written or checked there (a new run's
+    folder is made for it): a folder another process holds is one line naming that process's pid.
+    None where no lock is taken: a folder --resume will not find, one that cannot be made or written
+    (check_run_dir names why), a file system without locks (a warning)."""
+    run_dir = Path(run_dir)
+    if resuming and not run_dir.is_dir():
+        return None
+    for _ in range(10):  # a folder or lock file removed by the run that held it while this one opened it: again
+        made = outermost_missing(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        if take_lock(fd, run_dir):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return RunDirLock(run_dir, fd, made)
+        os.close(fd)
+    return None
+
+
+def take_lock(fd: int, run_dir: Path) -> bool:
+    """Lock the open run_dir/.lock `fd` without waiting. True once it is locked and still the folder's
+    lock file; False if that file was removed meanwhile (its holder ended: lock the new one). A lock
+    held by another process is a UserError naming its pid."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        who = f"pid {holder}" if holder.isdigit() else "a process whose pid it has not written yet"
+        raise UserError(
+            f"{run_dir} is in use by another run ({who} holds {run_dir / LOCK_FILE}): wait for it to end, "
+            "or set another run.name"
+        ) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        warnings.warn(
+            f"{run_dir}: the file system cannot lock {LOCK_FILE} ({e.strerror}), so a second run started "
+            "in this folder is not refused",
+            stacklevel=3,
+        )
+        return True
+    try:
+        held, named = os.fstat(fd), os.stat(run_dir / LOCK_FILE)
+        return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+    except FileNotFoundError:
+        return False
+
+
+def outermost_missing(folder: Path) -> Path | None:
+    """The outermost of `folder` and its parents that does not exist (None: `folder` exists)."""
+    missing = None
+    while not folder.exists() and folder != folder.parent:
+        missing, folder = folder, folder.parent
+    return missing
+
+
+def unlock_run_dir(lock: RunDirLock) -> None:
+    """Remove the lock file, then drop the lock (in this order: a process that opened the old file
+    finds it replaced and retries), and the folders its taking made if they stayed empty (a new run
+    refused by a check leaves no empty run folder)."""
+    with suppress(FileNotFoundError):
+        os.unlink(lock.run_dir / LOCK_FILE)
+    os.close(lock.fd)
+    folder = lock.run_dir
+    while lock.made is not None and folder.is_relative_to(lock.made):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (the run wrote there), or made again by another run
+            break
+        folder = folder.parent
 
 
 # ================================================================================================

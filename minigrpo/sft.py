@@ -59,6 +59,7 @@ from minigrpo.run_folder import (
     check_run_dir,
     check_same_architecture,
     finish_run,
+    run_dir_held,
     write_folder_whole,
 )
 from minigrpo.sft_data import (
@@ -96,10 +97,11 @@ def sft_config_from_args(argv: list[str] | None) -> Config:
 
 def sft(cfg: Config) -> list[dict[str, Any]]:
     """Run (or resume) SFT as configured; returns the metrics of every step run."""
-    resume, examples, checked = check_before_loading(cfg)
-    if resume is not None and resume.step >= cfg.train.steps:  # killed after its final checkpoint, or complete
-        return finish_run(cfg, resume, (FINAL_MODEL,), lambda names: write_final_model_from(cfg, resume))
-    return loop(build_run(cfg, resume, examples, checked=checked))
+    with run_dir_held(cfg):  # first: a second process on this run folder stops here
+        resume, examples, checked = check_before_loading(cfg)
+        if resume is not None and resume.step >= cfg.train.steps:  # killed after its final checkpoint, or complete
+            return finish_run(cfg, resume, (FINAL_MODEL,), lambda names: write_final_model_from(cfg, resume))
+        return loop(build_run(cfg, resume, examples, checked=checked))
 
 
 # ================================================================================================

@@ -58,7 +58,7 @@ from minigrpo.config import Config, config_from_args
 from minigrpo.distributed import checked_on_every_rank, close_world, env_world_size, full_weights, init_world
 from minigrpo.errors import run_cli
 from minigrpo.metrics import MetricsLogger
-from minigrpo.run_folder import ResumePoint, finish_run, write_folder_whole
+from minigrpo.run_folder import ResumePoint, finish_run, run_dir_held, write_folder_whole
 from minigrpo.step import (
     logprobs_phase,
     mismatch_metrics,
@@ -89,15 +89,16 @@ def train(cfg: Config) -> list[dict[str, Any]]:
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; see the module docstring.
     """
-    # before any weights load; under torchrun every rank checks, rank 0 alone prints a mistake
-    resume, specs, examples = checked_on_every_rank(lambda: check_before_loading(cfg, env_world_size()))
-    if resume is not None and resume.step >= cfg.train.steps:  # killed after its final checkpoint, or complete
-        return finish_run(cfg, resume, final_folders(cfg), lambda names: write_merged_from(cfg, resume))
-    world = init_world(pick_device(cfg.run.device), cfg.distributed.backend, cfg.distributed.timeout_s)
-    try:
-        return loop(build_run(cfg, world, resume, specs, examples))
-    finally:
-        close_world(world)
+    with run_dir_held(cfg):  # first: a second process on this run folder stops here (rank 0 holds it)
+        # before any weights load; under torchrun every rank checks, rank 0 alone prints a mistake
+        resume, specs, examples = checked_on_every_rank(lambda: check_before_loading(cfg, env_world_size()))
+        if resume is not None and resume.step >= cfg.train.steps:  # killed after its final checkpoint, or complete
+            return finish_run(cfg, resume, final_folders(cfg), lambda names: write_merged_from(cfg, resume))
+        world = init_world(pick_device(cfg.run.device), cfg.distributed.backend, cfg.distributed.timeout_s)
+        try:
+            return loop(build_run(cfg, world, resume, specs, examples))
+        finally:
+            close_world(world)
 
 
 MERGED = "merged"  # run_dir/merged: a LoRA run's adapters merged into its base (checkpoint.save_merged)
