@@ -5,10 +5,13 @@ temporary name in the same folder first and is renamed into place, an atomic ste
 systems: a reader, or a run killed half-way, sees the old file or the new one, never a torn one.
 The temporary file is fsync'ed before the rename (and the folder after it): without that a power
 loss can leave the new name pointing at an empty file, the rename reaching the disk before the data.
+The temporary name carries the writer's process id (`.NAME.PID.tmp`): one left by a writer that was
+killed (SIGKILL, a crash) is removed by the next write of the same file, once that process is gone.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -24,6 +27,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     removed. For writers that want a file name (safetensors' save_file, open(..., "wb"))."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_temporaries(path)
     try:
         yield tmp
         fsync_file(tmp)
@@ -31,6 +35,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporaries of `path` (`.NAME.PID.tmp`) that writers now dead left behind: a process
+    that still runs (this one, or another writing the same file now) keeps its own."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = stale.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (one of another user counts: it cannot be signalled)."""
+    if pid == os.getpid():
+        return True
+    if pid <= 0:  # os.kill would signal a process group, not ask about one process
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process (or no such process id)
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_probe_error(folder: str | Path) -> str | None:

@@ -3,8 +3,8 @@
 A wrong config key, a missing data file, a reward that cannot be imported, a folder that is no
 checkpoint: each raises a `UserError` (or a subclass such as `ConfigError`, `DataError`,
 `RewardError`) whose message names the key, file, value or reward. The entry points run their
-`main` through `run_cli`, which prints `error: <message>` on one line and exits with status 2.
-Anything else is a bug and keeps its traceback.
+`main` through `run_cli`, which prints `error: <message>` on one line and exits with status 2;
+Ctrl-C is one `interrupted` line and exit status 130. Anything else is a bug and keeps its traceback.
 
 This module imports nothing heavy, so every module (config included) can raise these errors.
 """
@@ -16,7 +16,10 @@ import errno
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -73,10 +76,14 @@ _python_show_warning = warnings.showwarning
 
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> Any:
     """Call `main(argv)`; a UserError (or a full disk) becomes one `error:` line and exit status 2,
-    and user warnings print as one `warning:` line each."""
+    Ctrl-C one `interrupted` line and exit status 130 (128 + SIGINT; a partial output file is gone:
+    minigrpo.atomic removes it), and user warnings print as one `warning:` line each."""
     warnings.showwarning = _show_warning
     try:
         return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except UserError as e:
         fail(str(e))
     except OSError as e:
@@ -85,3 +92,49 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
         raise
     finally:
         warnings.showwarning = _python_show_warning
+
+
+# how often a run folder's checkpoint is picked again when a run still training deletes the one picked
+PICK_ATTEMPTS = 3
+
+
+def read_vanishing(given: Path, pick: Callable[[Path], Path | None], read: Callable[[Path], T]) -> T:
+    """`read(folder)` for the folder `given` stands for: `pick(given)` (a run folder's newest intact
+    checkpoint), or `given` itself when pick returns None. A run still training deletes its older
+    checkpoints (checkpoint.keep_last), so the folder picked may vanish while it is read: it is picked
+    again (PICK_ATTEMPTS in all); a folder given directly, or one that keeps vanishing, is one UserError
+    naming it. An error while the folder is still there is raised as it is."""
+    for attempt in range(1, PICK_ATTEMPTS + 1):
+        last = attempt == PICK_ATTEMPTS
+        try:
+            picked = pick(given)
+        except FileNotFoundError as e:  # a checkpoint deleted while the pick checked its files
+            if isinstance(e, UserError):
+                raise
+            if last:
+                raise _vanished(given, e.filename or given, picked=True) from e
+            continue
+        folder = given if picked is None else picked
+        existed = picked is not None or folder.is_dir()  # a pick is a folder that was there
+        try:
+            return read(folder)
+        except (UserError, OSError) as e:
+            if not existed or folder.exists():
+                raise
+            if picked is None or last:
+                raise _vanished(given, folder, picked=picked is not None) from e
+    raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+def _vanished(given: Path, folder: Path | str, *, picked: bool) -> UserError:
+    """The error for a checkpoint `folder` deleted while it was read: `given` itself, or the last of a
+    run folder's checkpoints `picked` from it."""
+    if not picked:
+        return UserError(
+            f"{folder} was removed while it was read: a run still training deletes its older checkpoints "
+            "(checkpoint.keep_last); pass the run folder instead, for its newest checkpoint"
+        )
+    return UserError(
+        f"{given}: its newest checkpoint was removed while it was read, {PICK_ATTEMPTS} times (last: {folder}): "
+        "a run still training deletes its older checkpoints (checkpoint.keep_last); try again, or once it has ended"
+    )

@@ -19,12 +19,13 @@ reported too (turns, tool calls and failures, how episodes ended, prefilled toke
 config.yaml for its final model (run_dir/merged, an SFT run's run_dir/model); a LoRA checkpoint (a
 PEFT adapter) is applied to the base model that config names, or without one to the base its
 adapter_config.json names. A run folder (run_dir, or run_dir/checkpoints) stands for its newest intact
-checkpoint, else its final model (merged, model); the folder evaluated is printed and saved as
-"checkpoint". The split is the config's `data.eval_split` unless `--split` names one of its splits;
-every argument is checked before any weights load: the prompts against the model's positions (a
-folder's config.json, a GGUF file's header; a hub model's once fetched) and, on CUDA, a memory
-pre-flight of one batch's KV cache and sampling buffers (minigrpo/eval_memory.py), which names the
---batch-size or setting that would fit.
+checkpoint, else its final model (merged, model), picked again when a run still training deletes it
+meanwhile (checkpoint.keep_last); the folder evaluated is printed and saved as "checkpoint". The
+split is the config's `data.eval_split` unless `--split` names one of its splits; every argument is
+checked before any weights load: the prompts against the model's positions (a folder's config.json,
+a GGUF file's header; a hub model's once fetched) and, on CUDA, a memory pre-flight of one batch's
+KV cache and sampling buffers (minigrpo/eval_memory.py), which names the --batch-size or setting
+that would fit. Ctrl-C is one `interrupted` line (exit status 130).
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ from minigrpo.data import Example, batch_columns, build_dataset, build_messages,
 from minigrpo.distributed import World, env_world_size
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
 from minigrpo.episodes import Episode, episode_columns, run_episodes
-from minigrpo.errors import ArgumentParser, UserError, run_cli
+from minigrpo.errors import ArgumentParser, UserError, read_vanishing, run_cli
 from minigrpo.eval_memory import eval_preflight
 from minigrpo.loop_columns import data_source, refuse_loop_columns
-from minigrpo.lora_export import AdapterError, check_adapter_fits, check_peft_adapter
+from minigrpo.lora_export import AdapterError, adapter_base, check_adapter_fits, check_peft_adapter
 from minigrpo.models.args import ModelArgs
 from minigrpo.models.loading import PACKAGED_MODELS, check_model_source, load_pretrained
 from minigrpo.prompt_fit import position_limit, prompts_that_fit
@@ -221,7 +222,7 @@ def take_adapter_base(cfg: Config, checkpoint: Path, adapter: dict[str, Any], ov
     named = {item.partition("=")[0].strip() for item in overrides}  # the keys --set gives
     if named & {"model.name_or_path", "model.arch"}:
         return
-    base = adapter.get("base_model_name_or_path")
+    base, revision = adapter_base(checkpoint, adapter)  # a packaged base: its own name, not the hub original
     if not isinstance(base, str) or not base:
         raise UserError(
             f"{checkpoint / 'adapter_config.json'} names no base model (base_model_name_or_path): pass the "
@@ -229,7 +230,7 @@ def take_adapter_base(cfg: Config, checkpoint: Path, adapter: dict[str, Any], ov
         )
     cfg.model.name_or_path = base
     if "model.revision" not in named:
-        cfg.model.revision = adapter.get("revision")
+        cfg.model.revision = revision
 
 
 def take_adapter_shape(cfg: Config, adapter: dict[str, Any], where: Path | str = "adapter_config.json") -> None:
@@ -402,20 +403,19 @@ def results_json(results: dict[str, Any]) -> str:
     return json.dumps(plain(results), indent=2, default=str, allow_nan=False) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """The command line: a bad argument, config, checkpoint or output path is one `error:` line."""
-    return run_cli(_main, argv)
+def pick_checkpoint(given: Path) -> Path | None:
+    """A run folder's newest intact checkpoint (else its final model), printed; None for any other folder."""
+    picked = run_folder_pick(given, "evaluate")
+    if picked is not None:
+        print(f"{given} is a run folder: evaluating {picked}")
+    return picked
 
 
-def _main(argv: list[str] | None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if env_world_size() > 1:  # every rank would score the whole split and write --output
-        raise UserError("python -m minigrpo.eval runs in one process; launch it without torchrun")
-    ckpt = Path(args.checkpoint)
-    picked = run_folder_pick(ckpt, "evaluate")
-    if picked is not None:  # a run folder: its newest intact checkpoint, or its final model
-        print(f"{args.checkpoint} is a run folder: evaluating {picked}")
-        ckpt, args.checkpoint = picked, str(picked)
+def load_for_eval(args, ckpt: Path, given: Path) -> tuple:
+    """Check every argument against the folder `ckpt` (`given`, or a run folder's pick), then load its
+    model: (cfg, model, tokenizer, examples, split, reward specs). args.checkpoint names the folder."""
+    if ckpt != given:
+        args.checkpoint = str(ckpt)
     config_file = run_config_of(ckpt, args.config)
     cfg = load_config(config_file, args.overrides)
     adapter = (ckpt / "adapter_config.json").is_file()  # a LoRA run: its base model plus the saved adapter
@@ -452,6 +452,21 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     if model_args is None and tokenizer is not None:  # a hub model, known once fetched: checked before generating
         check_chat_template(cfg, tokenizer)
         check_fits(cfg, examples, tokenizer, model.args, device, args.batch_size, adapter)
+    return cfg, model, tokenizer, examples, split, specs
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """The command line: a bad argument, config, checkpoint or output path is one `error:` line."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if env_world_size() > 1:  # every rank would score the whole split and write --output
+        raise UserError("python -m minigrpo.eval runs in one process; launch it without torchrun")
+    given = Path(args.checkpoint)
+    loaded = read_vanishing(given, pick_checkpoint, lambda ckpt: load_for_eval(args, ckpt, given))
+    cfg, model, tokenizer, examples, split, specs = loaded
     results = evaluate(cfg, model.eval(), tokenizer, examples, batch_size=args.batch_size, specs=specs)
     results = {"checkpoint": args.checkpoint, **results}  # the folder evaluated (a run folder's pick)
     print(f"{args.checkpoint} on the {split!r} split ({results['num_examples']} examples, {results['seconds']:.1f}s):")

@@ -18,7 +18,9 @@ config names. Tensors are computed, quantized and written one at a time (memory:
 tensor), into a temporary file renamed into place when complete.
 
 A run folder (run_dir, or run_dir/checkpoints) given as --checkpoint stands for its newest intact
-checkpoint, else its final model (merged/, model/); the folder exported is printed.
+checkpoint, else its final model (merged/, model/), picked again when a run still training deletes it
+meanwhile (checkpoint.keep_last); the folder exported is printed. Ctrl-C is one `interrupted` line
+(exit status 130) and leaves no partial file.
 
 The command line checks every argument before any weight loads: a folder that is no checkpoint, an
 unknown export type, an output that cannot be written, a model or tokenizer GGUF cannot describe are
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 
 from minigrpo.atomic import atomic_path, missing_folder_error, write_probe_error
-from minigrpo.errors import ArgumentParser, UserError, run_cli
+from minigrpo.errors import ArgumentParser, UserError, read_vanishing, run_cli
 from minigrpo.models.gguf_write import (
     QUANT_TYPES,
     GGUFExportError,
@@ -185,16 +187,19 @@ def check_output(out: str | Path) -> None:
 
 
 def _adapter_base(checkpoint: Path) -> tuple[str, str | None]:
-    """(base model, revision) a LoRA checkpoint's adapter_config.json names."""
+    """(base model, revision) a LoRA checkpoint's adapter_config.json names (a packaged model its weights
+    file records: minigrpo.lora_export.adapter_base)."""
     config_file = checkpoint / "adapter_config.json"
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{config_file}: not a readable adapter config ({e})") from e
-    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    from minigrpo.lora_export import adapter_base
+
+    base, revision = adapter_base(checkpoint, config) if isinstance(config, dict) else (None, None)
     if not isinstance(base, str) or not base:
         raise UserError(f"{config_file} names no base model (base_model_name_or_path): cannot merge the adapter")
-    return base, config.get("revision")
+    return base, revision
 
 
 def _check_source(source: str, tokenizer_dir: Path | None, revision: str | None) -> None:
@@ -223,23 +228,25 @@ def _check_source(source: str, tokenizer_dir: Path | None, revision: str | None)
     tokenizer_vocab(tokenizer, args.vocab_size)
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    """The command line: a bad argument, checkpoint, model or output path is one `error:` line."""
-    return run_cli(_main, argv)
+def _pick(given: Path) -> Path | None:
+    """A run folder's newest intact checkpoint (else its final model), printed; None for any other folder."""
+    from minigrpo.run_folder import run_folder_pick
+
+    picked = run_folder_pick(given, "export")
+    if picked is not None:
+        print(f"{given} is a run folder: exporting {picked}")
+    return picked
 
 
-def _main(argv: Sequence[str] | None) -> Path:
+def _load_for_export(args, ckpt: Path, given: Path) -> tuple[torch.nn.Module, Any, Path, bool]:
+    """Check every argument against the folder `ckpt` (`given`, or a run folder's pick), then load its
+    model (a LoRA adapter applied): (model, tokenizer, output file, whether an adapter was merged)."""
     from minigrpo import lora
     from minigrpo.models.loading import load_pretrained
     from minigrpo.models.tokenizer_files import load_tokenizer_folder
-    from minigrpo.run_folder import run_folder_pick
 
-    args = parse_args(argv)
-    ckpt = Path(args.checkpoint).expanduser()
-    picked = run_folder_pick(ckpt, "export")
-    if picked is not None:  # a run folder: its newest intact checkpoint, or its final model
-        print(f"{args.checkpoint} is a run folder: exporting {picked}")
-        ckpt, args.checkpoint = picked, str(picked)
+    if ckpt != given:
+        args.checkpoint = str(ckpt)
     check_output(args.out or default_output(args.checkpoint, args.gguf))
     out = Path(args.out) if args.out else default_output(args.checkpoint, args.gguf)
     adapter = (ckpt / "adapter_config.json").is_file()
@@ -266,6 +273,18 @@ def _main(argv: Sequence[str] | None) -> Path:
         lora.load_peft_adapter(model, ckpt)  # merged in fp32 by save_gguf, tensor by tensor
         if own_tokenizer is not None:
             tokenizer = load_tokenizer_folder(own_tokenizer)
+    return model, tokenizer, out, adapter
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """The command line: a bad argument, checkpoint, model or output path is one `error:` line."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> Path:
+    args = parse_args(argv)
+    given = Path(args.checkpoint).expanduser()
+    model, tokenizer, out, adapter = read_vanishing(given, _pick, lambda ckpt: _load_for_export(args, ckpt, given))
     save_gguf(model.eval(), tokenizer, out, args.gguf)
     size = out.stat().st_size / 2**20
     print(f"wrote {out} ({args.gguf}, {size:.1f} MiB){' with the LoRA adapter merged' if adapter else ''}")

@@ -42,6 +42,10 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: the PeftModel, then the 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _ST_DTYPE = {dtype: name for name, dtype in DTYPES.items()}
+# a packaged model name (models/loading.py PACKAGED_MODELS) -> the hub model it is a copy of, which is what
+# PEFT reads from base_model_name_or_path; the name itself is kept in the weights file's metadata for minigrpo
+PACKAGED_BASES = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+OWN_BASE_KEY = "minigrpo.base_model"
 PlainTensor = tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]  # (name, shape, make the tensor)
 
 
@@ -60,6 +64,8 @@ def save_peft_adapter(
 
     Keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (no adapter name), tensors
     in the adapters' dtype. Each file is written under a temporary name and renamed into place.
+    base_model_name_or_path is written as PEFT can load it (`peft_base_name`); minigrpo reads its own
+    name back (`adapter_base`).
     """
     layers = lora_layers(model)
     if not layers:
@@ -72,7 +78,7 @@ def save_peft_adapter(
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": peft_base_name(base_model_name_or_path),
         "revision": revision,
         "r": first.r,
         "lora_alpha": int(first.alpha) if first.alpha.is_integer() else first.alpha,
@@ -94,10 +100,45 @@ def save_peft_adapter(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {PEFT_PREFIX + k: v.cpu() for k, v in lora_state_dict(model).items()}
+    own = {OWN_BASE_KEY: base_model_name_or_path} if base_model_name_or_path in PACKAGED_BASES else {}
     with atomic_path(out / ADAPTER_WEIGHTS) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        save_file(tensors, tmp, metadata={"format": "pt", **own})
     write_json(out / ADAPTER_CONFIG, config)
     return out
+
+
+def peft_base_name(base: str | None) -> str | None:
+    """The base model as PEFT (transformers) can load it: the hub model a packaged one (`smollm2`) is a
+    copy of, a local folder's absolute path (a relative one would be read from the loader's working
+    directory), else `base` as it is (a hub id)."""
+    if not base:
+        return base
+    if base in PACKAGED_BASES:
+        return PACKAGED_BASES[base]
+    path = Path(base).expanduser()
+    return str(path.resolve()) if path.exists() else base
+
+
+def adapter_base(directory: str | os.PathLike, config: dict[str, Any]) -> tuple[Any, str | None]:
+    """(base model, revision) of the adapter in `directory` whose adapter_config.json holds `config`, as
+    minigrpo loads it: the packaged model it was trained on where its weights file records one (PEFT's
+    base_model_name_or_path then names the hub original), else base_model_name_or_path."""
+    own = _weights_metadata(Path(directory) / ADAPTER_WEIGHTS).get(OWN_BASE_KEY)
+    if own in PACKAGED_BASES:
+        return own, None
+    return config.get("base_model_name_or_path"), config.get("revision")
+
+
+def _weights_metadata(path: Path) -> dict[str, Any]:
+    """The `__metadata__` of a safetensors file's header ({} when it has none or cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(n, 100_000_000)))
+    except (OSError, struct.error, ValueError):
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str]:

@@ -63,3 +63,35 @@ def test_the_new_data_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
     with atomic_path(tmp_path / "w.bin") as tmp, open(tmp, "wb") as f:
         f.write(b"\x01\x02")
     assert events[0] == ("fsync", f".w.bin.{os.getpid()}.tmp", b"\x01\x02") and events[1][0] == "replace"
+
+
+def test_a_killed_writer_s_temporary_is_removed_by_the_next_write(tmp_path):
+    """A writer killed by SIGKILL leaves `.NAME.PID.tmp` (a partial file as big as the export) that no
+    later write replaced, its name holding another pid. The next write of the same file removes those of
+    dead processes; a live process's (another export writing now) and other files' temporaries stay."""
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    path = tmp_path / "model.q8_0.gguf"
+    killed_tmp = tmp_path / f".{path.name}.{child.pid}.tmp"
+    killed_tmp.write_bytes(b"half an export")
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    live_tmp = tmp_path / f".{path.name}.{os.getppid()}.tmp"  # the process that started this test runs
+    other_tmp = tmp_path / f".other.gguf.{child.pid}.tmp"  # another output's: left to its own writer
+    for tmp in (live_tmp, other_tmp):
+        tmp.write_bytes(b"x")
+    write_atomic(path, b"whole")
+    assert path.read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live_tmp.name, other_tmp.name])
+
+
+def test_a_bracketed_file_name_finds_its_own_temporaries(tmp_path):
+    """A name with glob characters (`run[1].json`) matches its own temporaries only, read literally."""
+    path = tmp_path / "run[1].json"
+    stale = tmp_path / f".{path.name}.{2**40}.tmp"  # no such process id
+    stale.write_text("partial")
+    write_json(path, {"ok": True})
+    assert not stale.exists() and json.loads(path.read_text()) == {"ok": True}

@@ -466,3 +466,49 @@ def test_an_override_into_a_section_the_file_gives_as_a_list_is_one_line(tmp_pat
     path.write_text("grpo: [4, 8]\n")
     proc = run_module("minigrpo.train", "--config", str(path), "--set", "grpo.group_size=4", cwd=tmp_path)
     assert one_error_line(proc) == "grpo: expected mapping (GRPOCfg), got [4, 8]"
+
+
+def test_ctrl_c_in_an_entry_point_is_one_line_with_status_130(capsys, tmp_path):
+    """Ctrl-C during export or eval printed a KeyboardInterrupt traceback: run_cli makes it one
+    `interrupted` line and exit status 130 (128 + SIGINT); training keeps its own line, naming the
+    checkpoint to continue from, with nothing added."""
+    from types import SimpleNamespace
+
+    from minigrpo.bookkeeping import until_interrupted
+    from minigrpo.errors import run_cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(SystemExit) as e:
+            run_cli(interrupted, [])
+    except KeyboardInterrupt:  # escaping, it would stop pytest itself
+        pytest.fail("Ctrl-C went through run_cli")
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+    cfg = SimpleNamespace(run=SimpleNamespace(run_dir=tmp_path / "fresh"))
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda argv: until_interrupted(interrupted, cfg), [])
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted: no step finished: start the run again\n"
+
+
+def test_sigint_to_an_export_is_one_line(tmp_path):
+    """The real signal, in a `python -m minigrpo.export`-like subprocess that receives SIGINT while its
+    command line is read: one `interrupted` line, exit status 130, no traceback."""
+    import subprocess
+    import sys
+
+    from helpers.cli import cli_env
+
+    code = (
+        "import os, signal\n"
+        "from minigrpo import export\n"
+        "export.parse_args = lambda argv: os.kill(os.getpid(), signal.SIGINT)\n"
+        "export.main(['--checkpoint', 'x'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr == "interrupted\n"

@@ -165,3 +165,23 @@ def test_eval_under_torchrun_is_one_line(run, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(evaluation.UserError, match=r"^python -m minigrpo.eval runs in one process; launch it"):
         evaluation._main(["--checkpoint", str(run), *ARGS])
+
+
+def test_a_checkpoint_deleted_by_a_run_still_training_is_picked_again(run, tmp_path, monkeypatch, capsys):
+    """`--checkpoint RUN` while the run trains with checkpoint.keep_last=1: the checkpoint picked is pruned
+    before its weights load. It died with a FileNotFoundError traceback; the newest intact one now is
+    evaluated (the same scores as evaluating it directly), and named."""
+    import shutil
+
+    from test_export_more import vanish_after_pick
+
+    copy = tmp_path / "two"
+    shutil.copytree(run, copy)
+    older = copy / "checkpoints" / "step_000001"
+    want = scores(older)
+    capsys.readouterr()
+    removed = vanish_after_pick(monkeypatch, 1)
+    got = scores(copy)
+    assert removed == [copy / "checkpoints" / "step_000002"]
+    assert got == {**want, "checkpoint": str(older)}
+    assert f"{copy} is a run folder: evaluating {older}" in capsys.readouterr().out

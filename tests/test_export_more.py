@@ -114,3 +114,111 @@ def tok_dir(tmp_path):
     from minigrpo.models.loading import save_pretrained
 
     return save_pretrained(family_model("llama"), bpe_tokenizer(), tmp_path / "model")
+
+
+def prune(folder) -> None:
+    """Delete a checkpoint folder as a run still training prunes it: renamed aside, then removed."""
+    import os
+    import shutil
+
+    aside = folder.with_name(f".tmp-rm-{folder.name}")
+    os.rename(folder, aside)
+    shutil.rmtree(aside)
+
+
+def vanish_after_pick(monkeypatch, times: int) -> list:
+    """The run folder's pick is pruned right after it is picked, its first `times` picks; returns them."""
+    from minigrpo import eval as evaluation
+    from minigrpo import run_folder
+
+    real, removed = run_folder.run_folder_pick, []
+
+    def pick(folder, action):
+        picked = real(folder, action)
+        if picked is not None and len(removed) < times:
+            removed.append(picked)
+            prune(picked)
+        return picked
+
+    for module in (run_folder, evaluation):  # export imports it when it runs, eval when it is imported
+        monkeypatch.setattr(module, "run_folder_pick", pick)
+    return removed
+
+
+def vanish_when_read(monkeypatch, times: int) -> list:
+    """Each checkpoint folder is pruned as its weights are about to be read (the pick's checks or the
+    load), its first `times` reads; returns the folders removed."""
+    from minigrpo.models import loading
+
+    real, removed = loading._hf_tensor_source, []
+
+    def reading(directory):
+        if len(removed) < times and directory.name.startswith("step_"):
+            removed.append(directory)
+            prune(directory)
+        return real(directory)
+
+    monkeypatch.setattr(loading, "_hf_tensor_source", reading)
+    return removed
+
+
+@pytest.mark.parametrize("vanish", [vanish_after_pick, vanish_when_read])
+def test_a_checkpoint_a_training_run_deletes_while_it_is_read_is_picked_again(vanish, tmp_path, monkeypatch, capsys):
+    """A run training with checkpoint.keep_last=1 deletes the checkpoint export picked a moment later: it
+    died with a FileNotFoundError traceback; the run folder's newest intact checkpoint now is exported."""
+    tok = bpe_tokenizer()
+    older = family_model("llama", seed=1)
+    run = fake_run(tmp_path, {1: older, 2: family_model("llama", seed=2)}, tok)
+    removed = vanish(monkeypatch, 1)
+    out = export.main(["--checkpoint", str(run), "--gguf", "f16"])
+    assert removed == [run / "checkpoints" / "step_000002"]
+    assert out == run / "checkpoints" / "step_000001.f16.gguf"
+    assert f"{run} is a run folder: exporting {run / 'checkpoints' / 'step_000001'}" in capsys.readouterr().out
+    back, _ = load_pretrained(out)
+    with torch.no_grad():
+        assert rel_err(back(IDS), older(IDS)) < TOL["f16"]
+
+
+@pytest.mark.parametrize(
+    ("vanish", "given"), [(vanish_after_pick, "run"), (vanish_when_read, "run"), (vanish_when_read, "checkpoint")]
+)
+def test_a_checkpoint_that_keeps_vanishing_is_one_line(vanish, given, tmp_path, monkeypatch, capsys):
+    """Every checkpoint picked deleted while read (3 picks), or a checkpoint folder given itself deleted:
+    one `error:` line naming the folder and checkpoint.keep_last, exit status 2, no traceback."""
+    tok = bpe_tokenizer()
+    run = fake_run(tmp_path, {step: family_model("llama", seed=step) for step in (1, 2, 3, 4)}, tok)
+    folder = run if given == "run" else run / "checkpoints" / "step_000002"
+    removed = vanish(monkeypatch, 4)
+    with pytest.raises(SystemExit) as e:
+        export.main(["--checkpoint", str(folder), "--gguf", "f16"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "checkpoint.keep_last" in err
+    assert len(removed) == (3 if given == "run" else 1)
+    assert str(folder) in err and ("3 times" in err) == (given == "run")
+
+
+def test_ctrl_c_during_an_export_is_one_line_and_leaves_no_file(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the tensors are written printed a KeyboardInterrupt traceback; it is one `interrupted`
+    line and exit status 130 (as training), and neither the output nor its temporary file is left."""
+    from minigrpo.models.loading import save_pretrained
+
+    save_pretrained(family_model("llama"), bpe_tokenizer(), tmp_path / "ckpt")
+    real, calls = export.encode_tensor, []
+
+    def interrupted_third_tensor(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(export, "encode_tensor", interrupted_third_tensor)
+    out = tmp_path / "out" / "model.gguf"
+    out.parent.mkdir()
+    try:
+        with pytest.raises(SystemExit) as e:
+            export.main(["--checkpoint", str(tmp_path / "ckpt"), "--gguf", "f16", "--out", str(out)])
+    except KeyboardInterrupt:  # escaping, it would stop pytest itself
+        pytest.fail("Ctrl-C went through the export's command line")
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+    assert list(out.parent.iterdir()) == []

@@ -127,3 +127,45 @@ def test_an_adapter_for_another_base_is_refused_before_the_base_loads(tmp_path, 
         export._main(["--checkpoint", str(adapter), "--gguf", "f16", "--out", str(tmp_path / "m.gguf")])
     check_adapter_fits(adapter, tiny_checkpoint(tmp_path / "own"))  # its own base: no error
     check_adapter_fits(adapter, "HuggingFaceTB/SmolLM2-135M")  # a hub id: checked as it loads
+
+
+def test_an_adapter_of_the_packaged_model_names_a_base_peft_can_load(tmp_path):
+    """A LoRA run on `smollm2` (the packaged GGUF) wrote base_model_name_or_path 'smollm2', which PEFT
+    cannot resolve; it names the hub model the package is a copy of now, while eval and export still
+    read back the packaged model the adapter was trained on."""
+    from peft import PeftConfig
+
+    from minigrpo.config import Config
+    from minigrpo.eval import take_adapter_base
+    from minigrpo.lora_export import adapter_base, check_peft_adapter
+
+    model = tiny_model(3)
+    apply_lora(model, LoRACfg(r=4, alpha=8))
+    adapter = save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path="smollm2")
+    assert PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config = check_peft_adapter(adapter)
+    assert adapter_base(adapter, config) == ("smollm2", None)
+    assert export._adapter_base(adapter) == ("smollm2", None)
+    cfg = Config()
+    cfg.model.name_or_path = "other"
+    take_adapter_base(cfg, adapter, config, [])
+    assert (cfg.model.name_or_path, cfg.model.revision) == ("smollm2", None)
+
+
+def test_an_adapter_of_a_relative_base_folder_loads_in_peft_from_elsewhere(tmp_path, monkeypatch):
+    """A run with model.name_or_path: models/base (relative) wrote that relative path: PEFT, run from any
+    other folder, looked for it there and then on the hub. The absolute path is written now: the
+    adapter loads on it with transformers + PEFT from another working directory, logits equal (1e-4)."""
+    from peft import AutoPeftModelForCausalLM
+
+    (tmp_path / "models").mkdir()
+    tiny_checkpoint(tmp_path / "models" / "base", seed=3)
+    model = tiny_model(3)
+    apply_lora(model, LoRACfg(r=4, alpha=8))
+    _randomize(model)
+    monkeypatch.chdir(tmp_path)
+    adapter = save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path="models/base")
+    monkeypatch.chdir(tmp_path / "models")
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(IDS).logits, model.eval()(IDS), atol=1e-4, rtol=1e-4)
