@@ -198,21 +198,22 @@ def test_longrope_rollouts_stay_below_the_switch_to_the_long_factors():
         prompts_that_fit(cfg, examples, Chars(), limit)
 
 
+class ToolChars:  # one token per character; the template writes the tools' names first
+    chat_template = "(a template)"
+
+    def apply_chat_template(self, messages, *, add_generation_prompt=False, tokenize=False, tools=None):
+        names = "".join(t["function"]["name"] for t in tools or [])
+        turns = "".join(f"[{m['role']}]{m['content']}" for m in messages)
+        return names + turns + ("[assistant]" if add_generation_prompt else "")
+
+    def encode(self, text, add_special_tokens=True):
+        return list(text)
+
+
 def test_a_tool_environment_measures_the_episodes_opening_prompts():
     """With env.kind=tools the rollout's prompts are the episodes' openings: env.system_prompt and the
     tools' definitions (which a Qwen2.5-style template writes into the system turn) count against
     data.max_prompt_tokens and the model's positions, not the data's bare chat prompt."""
-
-    class ToolChars:  # one token per character; the template writes the tools' names first
-        chat_template = "(a template)"
-
-        def apply_chat_template(self, messages, *, add_generation_prompt=False, tokenize=False, tools=None):
-            names = "".join(t["function"]["name"] for t in tools or [])
-            turns = "".join(f"[{m['role']}]{m['content']}" for m in messages)
-            return names + turns + ("[assistant]" if add_generation_prompt else "")
-
-        def encode(self, text, add_special_tokens=True):
-            return list(text)
 
     examples = [Example(prompt="x" * n, answer="") for n in (3, 9, 20)]
     cfg = Config()
@@ -303,17 +304,6 @@ def test_a_prompt_longer_than_the_positions_alone_is_named_as_such(lengths, eval
 def test_an_episode_budget_fix_keeps_a_turn_within_the_episode():
     """env.max_episode_tokens must hold one turn (>= sampler.max_new_tokens): a smaller episode budget
     is offered with the turn lowered too, so the advice passes the config's own rule."""
-
-    class ToolChars:  # one token per character; the template writes the tools' names first
-        chat_template = "(a template)"
-
-        def apply_chat_template(self, messages, *, add_generation_prompt=False, tokenize=False, tools=None):
-            names = "".join(t["function"]["name"] for t in tools or [])
-            turns = "".join(f"[{m['role']}]{m['content']}" for m in messages)
-            return names + turns + ("[assistant]" if add_generation_prompt else "")
-
-        def encode(self, text, add_special_tokens=True):
-            return list(text)
 
     examples = [Example(prompt="x" * n, answer="") for n in (3, 20)]  # openings of 39 and 56 tokens
     overrides = ["env.kind=tools", "env.tools=[calculator]", "env.system_prompt=S", "env.max_episode_tokens=50"]
