@@ -135,7 +135,7 @@ def evaluate(
 
     env_metrics = {}
     if env is not None:
-        env_metrics = episode_metrics(World(), episodes, torch.tensor(totals), cfg.env.max_turns, turn_stats)
+        env_metrics = episode_metrics(World(), episodes, torch.tensor(totals), turn_stats)
     return {
         "num_examples": len(examples),
         "accuracy": sum(correct) / max(len(correct), 1),

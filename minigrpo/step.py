@@ -120,7 +120,7 @@ def rollout_phase(
             metrics = batch_reward_result(world, scored, specs).metrics()
             if env is not None:
                 turn_stats = rollout.stats if rollout is not None else {}
-                metrics.update(episode_metrics(world, episodes, total, cfg.env.max_turns, turn_stats))
+                metrics.update(episode_metrics(world, episodes, total, turn_stats))
         rounds += 1
         keep = torch.ones(len(examples), dtype=torch.bool)  # (B_round,)
         if cfg.grpo.dynamic_sampling:
@@ -192,7 +192,7 @@ def play_episodes(
 
 
 def episode_metrics(
-    world: World, episodes: list[Episode], totals: torch.Tensor, max_turns: int, stats: dict | None = None
+    world: World, episodes: list[Episode], totals: torch.Tensor, stats: dict | None = None
 ) -> dict[str, float]:
     """env/* metrics of the whole batch: turns, tool calls and failures per episode, the share of
     episodes that called a tool, how they ended, and the mean reward of the episodes of k turns
@@ -212,9 +212,8 @@ def episode_metrics(
         ("env_tokens", [sum(len(s.token_ids) for s in e.segments if s.owner == ENV) for e in episodes]),
     ):
         local[f"{name}_sum"] = float(sum(values))
-    for k in range(1, max_turns + 1):  # the same keys on every rank
-        rewards_k = [float(r) for e, r in zip(episodes, totals.tolist()) if len(e.turns) == k and r == r]
-        local[f"reward_turns_{k}_sum"], local[f"count_turns_{k}_sum"] = sum(rewards_k), float(len(rewards_k))
+    pairs = [(float(len(e.turns)), float(r)) for e, r in zip(episodes, totals.tolist())]
+    every, _ = gather_rows(world, torch.tensor(pairs, dtype=torch.float64).reshape(-1, 2))  # (N, 2) turns, reward
     merged, _ = merge_stats(world, local, 1.0)
     n = max(merged["episodes_sum"], 1.0)
     out = {
@@ -228,9 +227,10 @@ def episode_metrics(
         "env/prefill_tokens_mean": merged["prefill_tokens_sum"] / n,
         "env/reused_tokens_mean": merged["reused_tokens_sum"] / n,
     }
-    for k in range(1, max_turns + 1):
-        if merged[f"count_turns_{k}_sum"]:
-            out[f"env/reward_turns_{k}"] = merged[f"reward_turns_{k}_sum"] / merged[f"count_turns_{k}_sum"]
+    for k in sorted({int(t) for t in every[:, 0].tolist()}):  # the turn counts some episode had
+        scored = [r for t, r in every.tolist() if t == k and r == r]  # NaN rewards left out
+        if scored:
+            out[f"env/reward_turns_{k}"] = sum(scored) / len(scored)
     return out
 
 

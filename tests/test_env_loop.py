@@ -254,3 +254,23 @@ def test_other_algorithms_train_on_episode_rows(workspace, algorithm, sections):
     key = "dpo/pairs" if algorithm == "online_dpo" else "ppo/explained_variance"
     assert all(key in r for r in records), sorted(records[0])
     assert any(r["grad_norm"] > 0 for r in records), "no step trained"
+
+
+def test_reward_per_turn_count_covers_the_counts_episodes_had():
+    """env/reward_turns_k for each turn count some episode had (NaN rewards left out), whatever
+    env.max_turns allows: the metrics once looped over every count up to it, every step."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from minigrpo.distributed import World
+    from minigrpo.step import episode_metrics
+
+    def episode(turns):
+        return SimpleNamespace(turns=[0] * turns, tool_calls=[], tool_results=[], done=True, segments=[])
+
+    episodes = [episode(1), episode(3), episode(3), episode(7)]
+    out = episode_metrics(World(), episodes, torch.tensor([0.5, 1.0, 0.0, float("nan")]))
+    per_turns = {k: v for k, v in out.items() if k.startswith("env/reward_turns_")}
+    assert per_turns == {"env/reward_turns_1": 0.5, "env/reward_turns_3": 0.5}
+    assert out["env/turns_mean"] == (1 + 3 + 3 + 7) / 4
