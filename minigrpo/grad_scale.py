@@ -71,10 +71,11 @@ class GradScale:
         """The loss to call backward on: S times the loss (the loss itself when S is 1)."""
         return loss * self.scale if self.scale != 1.0 else loss
 
-    def record(self, grad_norm: float) -> bool:
+    def record(self, grad_norm: float, model: str = "the policy", lr_key: str = "train.lr") -> bool:
         """Book one update whose scaled gradients have global norm `grad_norm`; True if it may step.
 
-        Raises DivergedError after MAX_SKIPS_IN_A_ROW non-finite updates in a row.
+        Raises DivergedError after MAX_SKIPS_IN_A_ROW non-finite updates in a row, naming the `model`
+        and the learning-rate key (`lr_key`) that steps it.
         """
         if math.isfinite(grad_norm):
             self.skips_in_a_row = 0
@@ -90,8 +91,8 @@ class GradScale:
             self.scale = max(self.scale / 2.0, 2.0**-24)
         if self.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
             raise DivergedError(
-                f"the last {self.skips_in_a_row} updates all had non-finite gradients (skipped); the loss or the "
-                "model diverged: lower train.lr or train.max_grad_norm, or look for NaN in the inputs"
+                f"the last {self.skips_in_a_row} updates of {model} all had non-finite gradients (skipped); the "
+                f"loss or the model diverged: lower {lr_key} or train.max_grad_norm, or look for NaN in the inputs"
             )
         return False
 
@@ -129,11 +130,12 @@ def _check_saved_state(state: dict) -> None:
 
 
 def optimizer_step(
-    cfg, model, optimizer, scheduler, world: World, grad_scale: GradScale | None = None
+    cfg, model, optimizer, scheduler, world: World, grad_scale: GradScale | None = None, *, critic: bool = False
 ) -> tuple[float, float]:
     """The end of every update, after the last backward: reduce replicated gradients over the ranks,
     unscale and clip the global norm (train.max_grad_norm), step the optimizer and the schedule,
     zero the gradients. Returns (the gradient norm before clipping, the learning rate this step used).
+    critic: the model is PPO's critic (a divergence names it and ppo.value_lr).
 
     An update whose gradient norm is not finite (a float16 overflow, a NaN) is skipped: no optimizer
     step, the loss scale halves (grad_scale's rules); the schedule still advances, so the learning
@@ -147,7 +149,8 @@ def optimizer_step(
         all_reduce_gradients(params, world)
     grad_norm = global_grad_norm(params, grad_scale.scale)  # the same on every rank
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-    stepped = grad_scale.record(grad_norm)  # every rank decides alike: the norm is the same on all
+    named = ("PPO's critic", "ppo.value_lr") if critic else ("the policy", "train.lr")  # for a divergence
+    stepped = grad_scale.record(grad_norm, *named)  # every rank decides alike: the norm is the same on all
     if stepped:
         factor = clip_factor(grad_norm, cfg.train.max_grad_norm or math.inf) / grad_scale.scale
         if isinstance(optimizer, MasterWeights):

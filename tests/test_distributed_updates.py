@@ -92,7 +92,7 @@ def test_non_finite_updates_in_a_row_stop_every_rank_with_one_error_line(tmp_pat
     cfg["train"]["steps"], cfg["log"]["sample_every"] = MAX_SKIPS_IN_A_ROW + 2, 0
     done = launch_with_nan(tmp_path, cfg, 2, 1, "all")
     assert done.returncode != 0
-    message = f"error: the last {MAX_SKIPS_IN_A_ROW} updates all had non-finite gradients"
+    message = f"error: the last {MAX_SKIPS_IN_A_ROW} updates of the policy all had non-finite gradients"
     assert done.stderr.count(message) == 1, done.stderr[-3000:]
     logged = [r.get("skipped_updates") for r in metrics(tmp_path, "diverged")]
     assert logged == [float(n) for n in range(1, MAX_SKIPS_IN_A_ROW)]

@@ -67,8 +67,13 @@ def test_a_run_of_non_finite_updates_is_one_clear_error():
     s = GradScale()
     for _ in range(MAX_SKIPS_IN_A_ROW - 1):
         s.record(float("nan"))
-    with pytest.raises(DivergedError, match=f"the last {MAX_SKIPS_IN_A_ROW} updates all had non-finite gradients"):
+    with pytest.raises(DivergedError, match=f"the last {MAX_SKIPS_IN_A_ROW} updates of the policy all had non-finite"):
         s.record(float("nan"))
+    critic = GradScale()  # PPO's critic has its own scale and learning rate: the message names both
+    for _ in range(MAX_SKIPS_IN_A_ROW - 1):
+        critic.record(float("nan"), "PPO's critic", "ppo.value_lr")
+    with pytest.raises(DivergedError, match=r"updates of PPO's critic all had .* lower ppo.value_lr or"):
+        critic.record(float("nan"), "PPO's critic", "ppo.value_lr")
 
 
 def test_the_scale_state_round_trips_between_float16_runs_only():

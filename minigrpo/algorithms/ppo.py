@@ -210,7 +210,7 @@ def ppo_update(
                 parts.append(({k: float(v) for k, v in stats.items()}, tokens))  # token-weighted means
             policy_norm, lr = optimizer_step(cfg, model, optimizer, scheduler, world, grad_scale)
             value_norm, value_lr = optimizer_step(
-                cfg, critic.model, critic.optimizer, critic.scheduler, world, critic.grad_scale
+                cfg, critic.model, critic.optimizer, critic.scheduler, world, critic.grad_scale, critic=True
             )
             steps.append({"loss": loss_total, "grad_norm": policy_norm, "lr": lr})
             steps[-1].update({"value_grad_norm": value_norm, "value_lr": value_lr})
