@@ -46,6 +46,7 @@ from minigrpo.tokenizer_config import (
     add_config_tokens,
     class_default_tokens,
     config_special_tokens,
+    eos_ids,
     folder_model_type,
     folder_templates,
     generation_stop_ids,
@@ -412,15 +413,6 @@ SAMPLING_DEFAULT_KEYS = (
 
 class GenerationConfigWarning(UserWarning):
     """A model folder's generation_config.json sets sampling defaults that minigrpo does not apply."""
-
-
-def eos_ids(value: Any, path: Path) -> list[int]:
-    """An `eos_token_id` value read from `path` (a token id, a list of them, or None) as a list of ids;
-    anything else is a TokenizerConfigError naming the file and key."""
-    ids = value if isinstance(value, list) else [value]
-    if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise TokenizerConfigError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
-    return [] if value is None else ids
 
 
 def warn_ignored_sampling_defaults(path: Path, generation: Mapping[str, Any]) -> None:

@@ -224,11 +224,14 @@ def _config_templates(value: Any, file: Path | str = "tokenizer_config.json") ->
 
 
 def generation_stop_ids(path: Path) -> list[int]:
-    """generation_config.json's `eos_token_id` (an id or a list of them: Llama-3 has three) as stop ids;
-    any other value is an error naming the file and key.
+    """A JSON file's `eos_token_id` (generation_config.json's or config.json's) as stop ids (eos_ids)."""
+    return eos_ids(_read_json(path).get("eos_token_id"), path)
 
-    Ids outside the vocabulary are the constructor's error (tokenizer_files names the folder for it)."""
-    value = _read_json(path).get("eos_token_id")
+
+def eos_ids(value: Any, path: Path) -> list[int]:
+    """An `eos_token_id` value read from `path` (a token id, a list of them, or None: Llama-3 has three) as
+    a list of ids; anything else is a TokenizerConfigError naming the file and key. Ids outside the
+    vocabulary are the constructor's error (tokenizer_files names the folder for it)."""
     ids = value if isinstance(value, list) else [value]
     if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise TokenizerConfigError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
