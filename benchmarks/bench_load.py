@@ -66,7 +66,9 @@ with torch.no_grad():  # touch every weight: lazily mapped files must count once
     for p in model.parameters():
         p.sum()
 seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds, "peak_rise": rss('VmHWM') - base}))
+# The kernel's RSS counters are per-CPU approximations (off by tens of pages), so a load smaller than
+# that can read a peak below its base: that is a rise of zero, not a negative one.
+print(json.dumps({"seconds": seconds, "peak_rise": max(0, rss('VmHWM') - base)}))
 """
 
 
