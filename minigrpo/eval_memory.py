@@ -118,9 +118,10 @@ def eval_preflight(
         f"but {device} has {free_bytes / GiB:.1f} GiB free ({budget / GiB:.1f} GiB usable with a {margin:.0%} margin)"
     )
     if not found:
+        length = "eval.max_new_tokens" if cfg.env.kind is None else "env.max_episode_tokens"
         raise MemoryPreflightError(
             f"{head}: no single setting fits; combine a smaller --batch-size, sampler.max_rows, "
-            "eval.max_new_tokens and --samples-per-prompt, or evaluate a LoRA run on an NF4 base (lora.quantize_base)"
+            f"{length} and --samples-per-prompt, or evaluate a LoRA run on an NF4 base (lora.quantize_base)"
         )
     fixes = ", or ".join(f"{flag} ({t / GiB:.1f} GiB)" for flag, t in found)
     raise MemoryPreflightError(f"{head}: pass {fixes}")
@@ -129,7 +130,7 @@ def eval_preflight(
 def eval_fixes(cfg: Config, batch: int, total: Callable[[Config, int], int], budget: int) -> list[tuple[str, int]]:
     """(argument to pass, predicted peak) of each single change that fits `budget`, the ones that keep
     the results first: the largest --batch-size below `batch`, the largest sampler.max_rows (halving),
-    the longest eval.max_new_tokens, the most --samples-per-prompt."""
+    the longest eval.max_new_tokens (env.max_episode_tokens in episodes), the most --samples-per-prompt."""
     out: list[tuple[str, int]] = []
 
     def consider(key: str, lo: int, hi: int, shown: str) -> None:
@@ -148,8 +149,11 @@ def eval_fixes(cfg: Config, batch: int, total: Callable[[Config, int], int], bud
         rows //= 2
     if rows >= 1:
         out.append((f"--set sampler.max_rows={rows}", peak("sampler.max_rows", rows)))
-    if cfg.env.kind is None:  # with env.kind the episode length (env.max_episode_tokens) sizes the cache
+    if cfg.env.kind is None:
         consider("eval.max_new_tokens", 1, cfg.eval.max_new_tokens - 1, "--set eval.max_new_tokens=")
+    else:  # the episode length sizes the cache; it may not go below a turn's sampler.max_new_tokens
+        budget_key, low = "env.max_episode_tokens", cfg.sampler.max_new_tokens
+        consider(budget_key, low, cfg.env.max_episode_tokens - 1, f"--set {budget_key}=")
     consider("eval.samples_per_prompt", 1, k - 1, "--samples-per-prompt ")
     return out
 

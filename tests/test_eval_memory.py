@@ -282,3 +282,25 @@ def test_a_greedy_evaluation_counts_no_filter_buffers():
     assert est.parts["rollout_transient"] == 3 * 128 * 22 == 8448 > 3 * 1408 + 9
     sampled = load_config(None, [*filtered, "eval.temperature=1"])
     assert estimate_eval_peak(sampled, ARGS, prompt_tokens=1, batch_size=3).parts["rollout_transient"] == 3 * 128 * 34
+
+
+def test_an_environment_run_is_told_the_episode_length_that_fits():
+    """With env.kind the cache is sized by env.max_episode_tokens (not eval.max_new_tokens): the refusal
+    names the longest episode budget that fits, never below a turn's sampler.max_new_tokens."""
+    env = [*SAMPLED, "env.kind=tools", "env.tools=[calculator]", "sampler.max_new_tokens=8"]
+    env.append("env.max_episode_tokens=400")
+    cfg = load_config(None, env)
+
+    def peak(tokens: int) -> int:
+        c = load_config(None, [*env, f"env.max_episode_tokens={tokens}"])
+        return estimate_eval_peak(c, ARGS, prompt_tokens=10, batch_size=3, num_examples=5).total
+
+    free = int(peak(100) / 0.95) + 1  # 100 tokens fit the 5% margin, 400 do not
+    assert peak(400) > free * 0.95 >= peak(100)
+    with pytest.raises(MemoryPreflightError) as e:
+        eval_preflight(cfg, ARGS, "cuda", 10, batch_size=3, num_examples=5, free_bytes=free)
+    fits = int(str(e.value).split("--set env.max_episode_tokens=")[1].split()[0])
+    assert 100 <= fits < 400 and peak(fits) <= int(free * 0.95) < peak(fits + 1)
+    assert "eval.max_new_tokens" not in str(e.value)
+    with pytest.raises(MemoryPreflightError, match=r"sampler.max_rows, env.max_episode_tokens and --samples"):
+        eval_preflight(cfg, ARGS, "cuda", 10, batch_size=3, num_examples=5, free_bytes=2**20)
