@@ -18,34 +18,25 @@ config.json leaves out takes transformers' default for that family (`_HF_DEFAULT
 4096-token window, Qwen's 28 full-attention layers below the window, Phi-3's rms_norm_eps 1e-5,
 ...), not one default for all.
 
-RoPE parameters come from either key style: older checkpoints write `rope_theta` plus `rope_scaling`
-(with `type` or `rope_type`), recent transformers writes `rope_parameters` (`rope_type`, `rope_theta`).
+RoPE parameters come from either key style (`rope_theta` + `rope_scaling`, or `rope_parameters`):
+rope_args.py reads and checks them.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from minigrpo.errors import UserError
+from minigrpo.models.config_checks import ModelConfigError, UnsupportedModelError, is_int, is_number
+from minigrpo.models.rope_args import SUPPORTED_ROPE_TYPES, read_rope
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 SILU_NAMES = ("silu", "swish")  # transformers maps both names to the same SiLU
 # layer_types entries Qwen2/Qwen3 build: is the layer windowed? ("attention": transformers' older name
 # for full attention, renamed as it loads; its other types, chunked_attention..., Qwen cannot build)
 _LAYER_TYPES = {"full_attention": False, "sliding_attention": True, "attention": False}
 # keys transformers types as non-nullable (max_position_embeddings: in every family): null is refused, not derived
 _NOT_NULL = {"mistral": ("num_key_value_heads",), "qwen3": ("head_dim",)}
-
-
-class UnsupportedModelError(UserError, ValueError):
-    """A config names a model family or a RoPE variant this package does not implement."""
-
-
-class ModelConfigError(UserError, ValueError):
-    """A config.json value that is missing, of the wrong type or out of range (the message names the key)."""
 
 
 @dataclass(frozen=True)
@@ -193,10 +184,9 @@ class ModelArgs:
             )
         n_heads = get("num_attention_heads")
         head_dim = get("head_dim") or get("hidden_size") // n_heads
-        rope_theta, rope_type, rope_params, partial = _read_rope(config, model_type)
-        partial = partial if fam.partial_rotary else _whole_head_factor(model_type, rope_type, head_dim, partial)
-        _check_rotary_dim(config, head_dim, partial)
-        _check_scaling_keys(rope_type, rope_params, int(head_dim * partial) // 2)
+        rope_theta, rope_type, rope_params, partial = read_rope(
+            config, model_type, fam.rope_types, head_dim, partial_rotary=fam.partial_rotary
+        )
 
         def flag(spec: bool | str) -> bool:
             return get(spec, False) if isinstance(spec, str) else spec  # a bool: _check_flags checked it
@@ -244,14 +234,6 @@ def hf_default(model_type: Any, key: str) -> Any:
     return _HF_DEFAULTS.get(model_type, {}).get(key)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_sizes(config: dict[str, Any], model_type: str, fam: _Family) -> None:
     """A ModelConfigError naming the key unless every size and count the model is built from is a
     positive integer, and the head counts divide as the attention layout needs."""
@@ -270,7 +252,7 @@ def _check_sizes(config: dict[str, Any], model_type: str, fam: _Family) -> None:
     ):
         value = config.get(key)
         nullable = key not in _NOT_NULL.get(model_type, ()) and key != "max_position_embeddings"
-        if (value is not None or not nullable) and not (_is_int(value) and value > 0):
+        if (value is not None or not nullable) and not (is_int(value) and value > 0):
             raise ModelConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
     n_heads = config["num_attention_heads"]
     n_kv_heads = config.get("num_key_value_heads") or n_heads
@@ -284,7 +266,7 @@ def _check_sizes(config: dict[str, Any], model_type: str, fam: _Family) -> None:
             f"({n_heads}) when there is no 'head_dim'"
         )
     window = config.get("sliding_window")
-    if fam.window != "none" and window is not None and not (_is_int(window) and window > 0):
+    if fam.window != "none" and window is not None and not (is_int(window) and window > 0):
         raise ModelConfigError(f"config key 'sliding_window' must be a positive integer or null, got {window!r}")
     types = config.get("layer_types")
     bad_types = not isinstance(types, list) or len(types) != config["num_hidden_layers"]
@@ -338,7 +320,7 @@ def _check_layer_types(config: dict[str, Any], fam: _Family) -> None:
     first = config.get("max_window_layers")
     # read only to type the layers of a window that is on, when layer_types does not: null is no count then
     read = config.get("use_sliding_window") and config.get("sliding_window") and config.get("layer_types") is None
-    if (first is not None or read) and not (_is_int(first) and first >= 0):
+    if (first is not None or read) and not (is_int(first) and first >= 0):
         when = " (it types the layers: use_sliding_window is true and there is no 'layer_types')" * bool(read)
         raise ModelConfigError(f"config key 'max_window_layers' must be an integer >= 0, got {first!r}{when}")
 
@@ -348,7 +330,7 @@ def _check_no_dropout(config: dict[str, Any], fam: _Family) -> None:
     in train mode: the model here has no dropout, so it would train silently without it."""
     for key in fam.dropouts:
         rate = config.get(key)
-        if rate is not None and not _is_number(rate):
+        if rate is not None and not is_number(rate):
             raise ModelConfigError(f"config key {key!r} must be a number, got {rate!r}")
         if rate:
             raise ModelConfigError(
@@ -357,133 +339,19 @@ def _check_no_dropout(config: dict[str, Any], fam: _Family) -> None:
             )
 
 
-def _whole_head_factor(model_type: str, rope_type: str, head_dim: int, partial: float) -> float:
-    """1.0 (the whole head turns) outside Phi-3: transformers ignores partial_rotary_factor under default RoPE,
-    but its scaled variants make R/2 frequencies for Dh/2 pairs and fail, so a factor below 1 is refused there."""
-    if rope_type != "default" and int(head_dim * partial) != head_dim:
-        raise ModelConfigError(
-            f"config key 'partial_rotary_factor' ({partial}) with rope scaling type {rope_type!r} cannot be built for "
-            f"model_type {model_type!r} (transformers fails on it; only default RoPE ignores it): remove it or set 1.0"
-        )
-    return 1.0
-
-
-def _check_scaling_keys(rope_type: str, params: dict[str, Any], pairs: int) -> None:
-    """A ModelConfigError naming the key for an optional yarn / longrope parameter of the wrong type (a string
-    would fail later in rotary.py), or longrope factors that are not one number per rotary pair."""
-    if rope_type == "longrope":
-        for key in ("long_factor", "short_factor"):
-            factors = params[key]
-            if not isinstance(factors, list) or len(factors) != pairs or not all(map(_is_number, factors)):
-                raise ModelConfigError(
-                    f"rope scaling key {key!r} must list {pairs} numbers (one per rotary pair), got {factors!r}"
-                )
-    numbers = {"yarn": ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"), "longrope": ()}.get(rope_type)
-    if numbers is None:
-        return  # the other types read none of these keys (nor does transformers)
-    for key in (*numbers, "attention_factor"):
-        value = params.get(key)
-        positive = key == "attention_factor"
-        if value is not None and not (_is_number(value) and (value > 0 if positive else value >= 0)):
-            need = "a positive number" if positive else "a number >= 0 (0: the default)"
-            raise ModelConfigError(f"rope scaling key {key!r} must be {need} or null, got {value!r}")
-    if rope_type == "yarn" and not isinstance(params.get("truncate", True), bool):
-        raise ModelConfigError(f"rope scaling key 'truncate' must be true or false, got {params['truncate']!r}")
-
-
-def _check_rotary_dim(config: dict[str, Any], head_dim: int, partial: float) -> None:
-    """A ModelConfigError naming the key when RoPE would rotate a whole head of an odd size: it turns
-    channels in pairs (transformers refuses the same configs)."""
-    if int(head_dim * partial) == head_dim and head_dim % 2:
-        key = "head_dim" if config.get("head_dim") else "hidden_size' / 'num_attention_heads"
-        raise ModelConfigError(f"config key '{key}' gives an odd head size {head_dim}: RoPE rotates channel pairs")
-
-
-def _rope_mapping(config: dict[str, Any]) -> dict[str, Any]:
-    """The RoPE keys of either style as one dict. With both keys set, transformers reads `rope_scaling`
-    alone (rope_parameters' rope_theta too is dropped): where they differ, that is an error naming the key."""
-    for key in ("rope_parameters", "rope_scaling"):
-        if config.get(key) is not None and not isinstance(config[key], dict):
-            raise ModelConfigError(f"config key {key!r} must be a mapping or null, got {config[key]!r}")
-    parameters, scaling = (_typed(config.get(key) or {}) for key in ("rope_parameters", "rope_scaling"))
-    if parameters and scaling:
-        for key in sorted(parameters.keys() | scaling.keys()):
-            if parameters.get(key) != scaling.get(key):
-                raise ModelConfigError(
-                    f"config keys 'rope_parameters' and 'rope_scaling' disagree on {key!r} "
-                    f"({parameters.get(key)!r} vs {scaling.get(key)!r}); keep one of the two"
-                )
-    return {**parameters, **scaling}
-
-
-def _typed(params: dict[str, Any]) -> dict[str, Any]:
-    """A copy of RoPE params with the older `type` key read as `rope_type` (which wins if both are set)."""
-    out = {k: v for k, v in params.items() if k != "type"}
-    if out.get("rope_type") is None and params.get("type") is not None:
-        out["rope_type"] = params["type"]
-    return out
-
-
-def _first_set(*values: Any) -> Any:
-    """The first value that is not None (a 0 is a value: a bad one that the caller reports)."""
-    return next(v for v in values if v is not None)
-
-
 def _pad_token_id(config: dict[str, Any]) -> int | None:
     """`pad_token_id` (an integer or null), or a ModelConfigError naming the key."""
     pad = config.get("pad_token_id")
-    if pad is not None and not _is_int(pad):
+    if pad is not None and not is_int(pad):
         raise ModelConfigError(f"config key 'pad_token_id' must be an integer or null, got {pad!r}")
     return pad
 
 
 def _positive_number(config: dict[str, Any], key: str, default: float) -> float:
     value = config.get(key, default)
-    if not (_is_number(value) and value > 0):
+    if not (is_number(value) and value > 0):
         raise ModelConfigError(f"config key {key!r} must be a positive number, got {value!r}")
     return float(value)
-
-
-def _read_rope(config: dict[str, Any], model_type: str) -> tuple[float, str, dict[str, Any], float]:
-    """(rope_theta, rope_type, scaling params, partial_rotary_factor) from either key style."""
-    params = _rope_mapping(config)
-    rope_type = params.pop("rope_type", None) or "default"
-    rope_theta = _first_set(params.pop("rope_theta", None), config.get("rope_theta"), 10000.0)
-    if not (_is_number(rope_theta) and rope_theta > 0):
-        raise ModelConfigError(f"config key 'rope_theta' must be a positive number, got {rope_theta!r}")
-    partial = _first_set(params.pop("partial_rotary_factor", None), config.get("partial_rotary_factor"), 1.0)
-    if not (_is_number(partial) and 0 < partial <= 1):
-        raise ModelConfigError(f"config key 'partial_rotary_factor' must be in (0, 1], got {partial!r}")
-    rope_theta, partial = float(rope_theta), float(partial)
-    if model_type == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's early names for LongRoPE
-        rope_type = "longrope"
-    supported = _FAMILIES[model_type].rope_types
-    if rope_type not in supported:
-        key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
-        raise UnsupportedModelError(
-            f"unsupported rope scaling type {rope_type!r} (config key {key!r}) for model_type {model_type!r}; "
-            f"supported: {', '.join(supported)}" + (" (su and yarn read as longrope)" if model_type == "phi3" else "")
-        )
-    if rope_type in ("llama3", "yarn", "longrope"):
-        # Phi-3 keeps the pretraining length at the top level; it takes priority there.
-        orig = config.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
-        params["original_max_position_embeddings"] = orig or config.get("max_position_embeddings")
-    required = {
-        "linear": ("factor",),
-        "dynamic": ("factor",),
-        "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
-        "yarn": ("factor",),
-        "longrope": ("long_factor", "short_factor"),
-    }.get(rope_type, ())
-    # as transformers: a null yarn factor is max_position_embeddings / original (rotary.py), a missing one an error
-    missing = [k for k in required if k not in params or (params[k] is None and (rope_type, k) != ("yarn", "factor"))]
-    if missing:
-        raise ModelConfigError(f"rope scaling type {rope_type!r} needs {missing} in config.json")
-    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-        value = params.get(key)
-        if value is not None and not (_is_number(value) and value > 0):
-            raise ModelConfigError(f"rope scaling key {key!r} must be a positive number, got {value!r}")
-    return rope_theta, rope_type, params, partial
 
 
 def _layer_windows(config: dict[str, Any], rule: str) -> tuple[int | None, ...]:
