@@ -446,7 +446,8 @@ class PromptLoader:
         if self._fingerprint is None:
             h = hashlib.sha256()
             for ex in self.examples:
-                h.update(json.dumps([ex.prompt, ex.answer], ensure_ascii=False).encode())
+                # default=str: a parquet message may hold values JSON has no type for (a timestamp)
+                h.update(json.dumps([ex.prompt, ex.answer], ensure_ascii=False, default=str).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 

@@ -1,4 +1,4 @@
-"""Rows from data files: JSON Lines, JSON arrays, parquet, a folder's split files, a hub snapshot.
+"""Rows from data files: JSON Lines, a JSON array or column mapping, parquet, a folder's split files, a hub snapshot.
 
 Every row comes with where it was found ("data/train.jsonl:17", "train.parquet: row 3"), so a bad
 row is reported as file and line, not as a traceback: a missing file, bytes that are not UTF-8, a
@@ -106,24 +106,64 @@ def _open_binary(path: Path) -> BinaryIO:
         raise DataError(f"cannot read data file {path}: {e.strerror or e}") from None
 
 
-def _holds_json_array(path: Path) -> bool:
-    """Whether a .json file holds one JSON array (its first character past blanks and a byte-order
-    mark is "["); read up to that character only."""
+def _json_layout(path: Path) -> str:
+    """How a file holds its rows: "lines" (JSON Lines, streamed) or, for a .json file, "document": one
+    JSON array or object, read whole (an array, a pretty-printed object, or a single line that is the
+    file's only one: a mapping of columns may be all of it). Read up to its second non-blank line only."""
     if path.suffix != ".json":
-        return False
+        return "lines"
+    if _first_character(path) == b"[":
+        return "document"
+    first = None
+    for _lineno, line in _line_texts(path):
+        text = line.removeprefix("\ufeff").strip()
+        if not text:
+            continue
+        if first is not None:  # a second line: JSON Lines when the first is a whole document
+            return "lines" if _parses(first) else "document"
+        first = text
+    return "document" if first is not None else "lines"
+
+
+def _first_character(path: Path) -> bytes:
+    """The file's first byte past blanks and a byte-order mark (b"" for a blank file); read up to it only."""
     with _open_binary(path) as f:
         chunk = f.read(65536).removeprefix(b"\xef\xbb\xbf")
         while chunk and not chunk.lstrip():
             chunk = f.read(65536)
-    return chunk.lstrip().startswith(b"[")
+    return chunk.lstrip()[:1]
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _document_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """The rows of a .json file holding one document: the items of an array, the rows of a mapping
+    of columns to equal-length lists (as pandas and Hugging Face datasets read one), else the object
+    itself as the one row."""
+    document = _parse_json(_read_text(path), path, None)
+    if isinstance(document, list):
+        return ((f"{path}: item {i + 1}", item) for i, item in enumerate(document))
+    if isinstance(document, dict) and document and all(isinstance(v, list) for v in document.values()):
+        lengths = {name: len(values) for name, values in document.items()}
+        if len(set(lengths.values())) > 1:
+            listed = ", ".join(f"{name!r}: {n}" for name, n in lengths.items())
+            raise DataError(f"{path}: a mapping of columns whose lists differ in length ({listed})")
+        rows = (dict(zip(document, values)) for values in zip(*document.values()))
+        return ((f"{path}: row {i + 1}", row) for i, row in enumerate(rows))
+    return iter([(str(path), document)])
 
 
 def read_json_rows(path: Path) -> Iterator[Row]:
-    """Rows of a JSON Lines file, one line at a time (a .json file holding one JSON array is read
-    whole); blank lines and byte-order marks are skipped."""
-    if _holds_json_array(path):
-        items = _parse_json(_read_text(path), path, None)
-        located: Iterable[tuple[str, Any]] = ((f"{path}: item {i + 1}", item) for i, item in enumerate(items))
+    """Rows of a JSON Lines file, one line at a time (a .json file holding one array or object is
+    read whole: _document_rows); blank lines and byte-order marks are skipped."""
+    if _json_layout(path) == "document":
+        located: Iterable[tuple[str, Any]] = _document_rows(path)
     else:
         lines = ((n, line.removeprefix("\ufeff")) for n, line in _line_texts(path))  # cat'ed files keep marks
         located = ((f"{path}:{n}", _parse_json(line, path, n)) for n, line in lines if line.strip())
@@ -259,7 +299,21 @@ def split_files(root: Path, split: str, subset: str | None = None, suffixes: Seq
     files below a folder of that name count (hub datasets keep one folder per config).
     """
     declared = card_files(root, split, subset, suffixes)
-    return declared if declared is not None else _files_named(root, split, subset, suffixes)
+    files = declared if declared is not None else _files_named(root, split, subset, suffixes)
+    _refuse_mixed_formats(root, split, files)
+    return files
+
+
+def _refuse_mixed_formats(root: Path, split: str, files: list[Path]) -> None:
+    """One split as JSON and as parquet (train.jsonl beside train.parquet, an export of the same rows)
+    would be read twice over: refused, naming the files (.json and .jsonl are one format, as on the hub)."""
+    formats = {p.suffix == ".parquet" for p in files}
+    if len(formats) > 1:
+        shown = ", ".join(p.relative_to(root).as_posix() for p in files[:6])
+        raise DataError(
+            f"split {split!r} in {root} has both JSON and parquet files ({shown}), likely copies of the same "
+            "rows: keep one format there, or read one (data.source=jsonl or parquet, data.path: the folder or a file)"
+        )
 
 
 def _files_named(root: Path, split: str, subset: str | None, suffixes: Sequence[str]) -> list[Path]:

@@ -591,7 +591,11 @@ def test_split_files_in_one_folder(tmp_path):
         "train.txt",
     ]:
         (tmp_path / name).write_text("")
-    assert [p.name for p in split_files(tmp_path, "train")] == ["train-0-of-2.parquet", "train.jsonl", "x_train_1.json"]
+    json_files = split_files(tmp_path, "train", suffixes=(".jsonl", ".json"))
+    assert [p.name for p in json_files] == ["train.jsonl", "x_train_1.json"]
+    mixed = r"split 'train' in .* has both JSON and parquet files \(train-0-of-2.parquet, "
+    with pytest.raises(DataError, match=mixed):
+        split_files(tmp_path, "train")  # one split in two formats would be read twice over
     assert [p.name for p in split_files(tmp_path, "train", suffixes=(".jsonl",))] == ["train.jsonl"]
 
 
