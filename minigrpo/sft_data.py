@@ -69,7 +69,7 @@ def _check_messages(where: str, value: Any, field: str) -> list[Message]:
     """A row's conversation as messages (role, content and the MESSAGE_EXTRAS it has); DataError
     naming the row when it is not one. An assistant turn with tool calls may have no content."""
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: field {field!r} is not a list of chat messages")
+        raise DataError(f"{where}: field {field!r} is {'an empty' if value == [] else 'not a'} list of chat messages")
     out = []
     for i, m in enumerate(value):
         if isinstance(m, dict) and m.get("content") is None and m.get("tool_calls"):
@@ -98,9 +98,11 @@ def _text_of_parts(where: str, index: int, parts: list[Any]) -> str:
     return "".join(texts)
 
 
-def _field(where: str, row: dict[str, Any], name: str, key: str) -> Any:
+def _field(where: str, row: dict[str, Any], sft: Any, key: str) -> Any:
+    """The value of the row field that sft.<key> names; DataError naming the row when it is absent or null."""
+    name = getattr(sft, key)
     if name not in row:
-        raise DataError(f"{where}: no field {name!r} (the row has: {', '.join(map(str, row))}; see {key})")
+        raise DataError(f"{where}: no field {name!r} (the row has: {', '.join(map(str, row))}; see sft.{key})")
     if row[name] is None:
         raise DataError(f"{where}: field {name!r} is null")
     return row[name]
@@ -116,17 +118,17 @@ def _row_messages(where: str, row: dict[str, Any], cfg: Config) -> tuple[list[Me
     holds a reply begun for the model ("<think>\n"), which GRPO continues and the response completes."""
     sft = cfg.sft
     if sft.format == "messages":
-        messages = _check_messages(where, _field(where, row, sft.messages_field, "sft.messages_field"), "messages")
+        messages = _check_messages(where, _field(where, row, sft, "messages_field"), sft.messages_field)
         return with_system_prompt(messages, sft.system_prompt), None
-    prompt = _field(where, row, sft.prompt_field, "sft.prompt_field")
-    response = _field(where, row, sft.response_field, "sft.response_field")
+    prompt = _field(where, row, sft, "prompt_field")
+    response = _field(where, row, sft, "response_field")
     if not isinstance(response, str):
         raise DataError(f"{where}: field {sft.response_field!r} is not text")
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     elif not isinstance(prompt, list):
         raise DataError(f"{where}: field {sft.prompt_field!r} is neither text nor a list of messages")
-    messages = _check_messages(where, [*prompt, {"role": "assistant", "content": response}], "prompt")
+    messages = _check_messages(where, [*prompt, {"role": "assistant", "content": response}], sft.prompt_field)
     if len(messages) < 2 or messages[-2]["role"] != "assistant":  # no begun reply
         return with_system_prompt(messages, sft.system_prompt), None
     begun = messages[-2]
@@ -277,22 +279,19 @@ def check_conversations(
             "are cut there)"
         )
     if silent:
-        _warn(
+        warnings.warn(  # a UserWarning, shown at the caller
             f"{len(silent)} of {len(examples)} conversations have no assistant token to learn from (e.g. "
             f"{silent[0]}): a reply that opens its conversation is context and an empty one may hold none, so they "
-            "carry no loss"
+            "carry no loss",
+            stacklevel=2,
         )
     if cut:
-        _warn(
+        warnings.warn(  # a UserWarning, shown at the caller
             f"sft.max_seq_len={max_seq_len} cuts every assistant token of {len(cut)} of {len(examples)} "
-            f"conversations (e.g. {cut[0]}): they carry no loss"
+            f"conversations (e.g. {cut[0]}): they carry no loss",
+            stacklevel=2,
         )
     return longest[0]
-
-
-def _warn(message: str) -> None:
-    """A UserWarning shown at check_conversations' caller."""
-    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------
