@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -77,10 +78,20 @@ def render_chat_template(
         text = compile_chat_template(template).render(**context)
     except ChatTemplateError:
         raise
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
-        # an operation of the template failed on these messages ('text' + 1, a missing key, ...)
-        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+    except (jinja2.TemplateError, *_RENDER_FAILURES) as e:
+        # an operation of the template failed on these messages ('text' + 1, a missing key, 1 / 0, a float
+        # power that overflows, a macro that calls itself without end, ...)
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {one_line(e)}") from e
     return text if final is None else _cut_after_final_message(text, final)
+
+
+# what a template's operations raise when they fail on the inputs given (besides jinja's own TemplateErrors)
+_RENDER_FAILURES = (TypeError, ValueError, LookupError, AttributeError, ArithmeticError, RecursionError)
+
+
+def one_line(message: Any) -> str:
+    """`message` as one line: a template's own message (raise_exception) or jinja's may span several."""
+    return " ".join(str(message).splitlines()).strip()
 
 
 def tool_schemas(tools: Sequence[Any]) -> list[Any]:
@@ -256,7 +267,7 @@ def compile_chat_template(source: str) -> Any:
             return dict.fromkeys(*args)
 
     def raise_exception(message: str) -> None:
-        raise ChatTemplateError(f"chat template raised: {message}")
+        raise ChatTemplateError(f"chat template raised: {one_line(message)}")
 
     def tojson(
         x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
@@ -277,4 +288,82 @@ def compile_chat_template(source: str) -> Any:
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"chat template does not parse (line {e.lineno}): {e.message}") from e
+        raise ChatTemplateError(f"chat template does not parse (line {e.lineno}): {one_line(e.message)}") from e
+
+
+# ---- control tokens in a user's text (sanitize_control_tokens) -------------------------------------------------
+
+# private-use code points put around each control token found in a user's strings, so that the rendered text tells
+# it apart from the control tokens the template writes itself (the same two transformers uses)
+_MARK_START, _MARK_END = "\U000f0000", "\U000f0001"
+
+
+def template_literal_text(source: str) -> str:
+    """The text and string constants of a template, joined by NUL so that no search matches across two of them:
+    the added tokens found in it are the ones the template writes (its control tokens)."""
+    from jinja2 import nodes
+
+    ast = compile_chat_template(source).environment.parse(source)
+    literals = {node.data for node in ast.find_all(nodes.TemplateData)}
+    literals |= {node.value for node in ast.find_all(nodes.Const) if isinstance(node.value, str)}
+    return "\0".join(sorted(literals))
+
+
+@lru_cache(maxsize=32)
+def _control_patterns(tokens: tuple[str, ...]) -> tuple[re.Pattern, re.Pattern]:
+    """A regex matching any control token (longest first, so a token wins over the tokens it contains), and one
+    matching a marked control token (captured) or a lone marker."""
+    alternatives = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) or "(?!)"
+    marked = re.compile(f"{_MARK_START}({alternatives}){_MARK_END}|[{_MARK_START}{_MARK_END}]")
+    return re.compile(alternatives), marked
+
+
+def mark_control_tokens(value: Any, tokens: tuple[str, ...]) -> Any:
+    """`value` (a string, or messages / tools / variables: dicts and lists of them) with every control token in
+    its strings put between markers; markers already there are dropped first, so none can be forged. Dict keys
+    and anything else (a tool given as a function) are kept as they are."""
+    if isinstance(value, str):
+        plain = value.replace(_MARK_START, "").replace(_MARK_END, "")
+        return _control_patterns(tokens)[0].sub(lambda m: f"{_MARK_START}{m.group(0)}{_MARK_END}", plain)
+    if isinstance(value, Mapping):
+        return {k: mark_control_tokens(v, tokens) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [mark_control_tokens(v, tokens) for v in value]
+    return value
+
+
+def encode_marked(tk: Any, text: str, tokens: tuple[str, ...]) -> list[int]:
+    """Ids of a conversation rendered from inputs marked by mark_control_tokens (`tk`: a tokenizers.Tokenizer): a
+    marked control token is encoded as plain text, the rest (the template's own control tokens included) as
+    usual. A lone marker (a template split a marked token) is dropped but still separates the text around it."""
+    pieces = _control_patterns(tokens)[1].split(text)  # [text, marked token, text, ..., text]; None: lone marker
+    newline = tk.encode("\n", add_special_tokens=False).ids
+    ids = tk.encode(pieces[0], add_special_tokens=False).ids
+    for i, piece in enumerate(pieces[1:], start=1):
+        if not piece:
+            continue
+        as_text = i % 2 == 1
+        piece_ids = _encode_piece(tk, piece, as_text, newline)
+        if as_text and tk.token_to_id(piece) in piece_ids:
+            raise ChatTemplateError(f"sanitize_control_tokens: the tokenizer makes {piece!r} from plain text too")
+        ids += piece_ids
+    return ids
+
+
+def _encode_piece(tk: Any, piece: str, as_text: bool, newline: list[int]) -> list[int]:
+    """Ids of a piece from the middle of a conversation, encoded after a newline that is then removed (so a
+    SentencePiece pipeline adds no prefix space); `as_text` ignores the added tokens."""
+
+    def encode(s: str) -> list[int]:
+        return _ids_without_added_tokens(tk, s) if as_text else tk.encode(s, add_special_tokens=False).ids
+
+    ids = encode("\n" + piece)
+    return ids[len(newline) :] if ids[: len(newline)] == newline else encode(piece)
+
+
+def _ids_without_added_tokens(tk: Any, text: str) -> list[int]:
+    """Ids of `text` through the normalizer, pre-tokenizer and model alone: no added token is matched."""
+    if tk.normalizer is not None:
+        text = tk.normalizer.normalize_str(text)
+    splits = [text] if tk.pre_tokenizer is None else [s for s, _ in tk.pre_tokenizer.pre_tokenize_str(text)]
+    return [token.id for s in splits for token in tk.model.tokenize(s)]

@@ -39,15 +39,23 @@ import tokenizers
 from tokenizers import AddedToken, processors
 
 from minigrpo.atomic import write_json
-from minigrpo.chat_template import ChatTemplateError, render_chat_template
+from minigrpo.chat_template import (
+    ChatTemplateError,
+    encode_marked,
+    mark_control_tokens,
+    render_chat_template,
+    template_literal_text,
+)
 from minigrpo.tokenizer_config import (
     NAMED_SPECIAL_TOKENS,
     TokenizerConfigError,
     add_config_tokens,
+    chat_control_tokens,
     class_default_tokens,
     config_special_tokens,
     eos_ids,
     folder_model_type,
+    folder_template_files,
     folder_templates,
     generation_stop_ids,
     read_config,
@@ -78,6 +86,9 @@ class Tokenizer:
         template_tokens: the `*_token` variables the chat template sees. None: the named tokens
             given here (bos/eos/unk/pad, pad only when given explicitly).
         model_max_length: the longest sequence the model was trained for, if known.
+        chat_template_files: the file each named template was read from; a template that fails names it.
+        chat_control_tokens: added tokens that `sanitize_control_tokens` treats as control tokens besides the
+            special ones (tokenizer_config.json's `chat_control_tokens`); None: those the template writes.
     """
 
     def __init__(
@@ -95,6 +106,8 @@ class Tokenizer:
         extra_special_tokens: Iterable[str] = (),
         template_tokens: Mapping[str, str] | None = None,
         model_max_length: int | None = None,
+        chat_template_files: Mapping[str, str | os.PathLike] | None = None,
+        chat_control_tokens: Iterable[str] | None = None,
     ) -> None:
         self._tk = tokenizers.Tokenizer.from_str(tk.to_str())  # own copy: we change its state below
         self._tk.no_padding()
@@ -118,6 +131,8 @@ class Tokenizer:
             template_tokens = {k: v for k, v in named.items() if v is not None}
         self.template_tokens = dict(template_tokens)
         self.model_max_length = model_max_length
+        self.chat_template_files = {k: str(v) for k, v in (chat_template_files or {}).items()}
+        self.chat_control_tokens = None if chat_control_tokens is None else tuple(chat_control_tokens)
 
         vocab_n = self.vocab_size
         stops = {i for i in (self.eos_token_id, *extra_stop_ids) if i is not None}
@@ -163,13 +178,16 @@ class Tokenizer:
         extra_stop = eos_ids(generation.get("eos_token_id"), gen_file) or generation_stop_ids(d / "config.json")
         warn_ignored_sampling_defaults(gen_file, generation)
         max_len = cfg.get("model_max_length")
+        templates = folder_templates(d, cfg.get("chat_template"))
         return cls(
             tk,
             bos_token=tokens["bos_token"],
             eos_token=tokens["eos_token"],
             pad_token=tokens["pad_token"],
             unk_token=tokens["unk_token"],
-            chat_template=folder_templates(d, cfg.get("chat_template")) or None,
+            chat_template=templates or None,
+            chat_template_files=folder_template_files(d, templates),
+            chat_control_tokens=chat_control_tokens(cfg, d / "tokenizer_config.json"),
             extra_stop_ids=extra_stop,
             extra_special_tokens=specials,
             template_tokens=template_tokens,
@@ -236,8 +254,8 @@ class Tokenizer:
         encs = batch(list(texts), add_special_tokens=add_special_tokens)
         return [e.ids for e in encs]
 
-    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
-        """Text of `ids` (a list, tuple or 1-D tensor); `skip_special_tokens` drops special tokens."""
+    def decode(self, ids: Iterable[int] | int, *, skip_special_tokens: bool = False) -> str:
+        """Text of `ids` (a list, tuple or 1-D tensor, or one id); `skip_special_tokens` drops special tokens."""
         return self._tk.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
 
     def decode_batch(self, batch: Iterable[Iterable[int]], *, skip_special_tokens: bool = False) -> list[str]:
@@ -298,6 +316,7 @@ class Tokenizer:
         chat_template: str | None = None,
         tools: Sequence[Mapping[str, Any] | Any] | None = None,
         documents: Sequence[Mapping[str, Any]] | None = None,
+        sanitize_control_tokens: bool = False,
         **kwargs: Any,
     ) -> str | list[int]:
         """Render one conversation with the chat template (as transformers does) and optionally tokenize.
@@ -315,32 +334,63 @@ class Tokenizer:
             tools: JSON-schema dicts (passed as is), `minigrpo.tools.Tool`s or Python functions (their
                 schemas, read from the signature and docstring).
             documents: document dicts, passed to the template as is.
+            sanitize_control_tokens: encode the control tokens found in the messages, tools, documents and
+                kwargs as plain text, so that only the ones the template writes are control ids (as transformers:
+                the special tokens plus `chat_control_tokens`, else the added tokens the template's text has).
+                Needs `tokenize`. Off by default, as in transformers: a typed "<|im_end|>" is then one id.
             **kwargs: more template variables (e.g. `enable_thinking`); they override special tokens.
 
         Raises:
-            ChatTemplateError: no template, or the template raised / broke the sandbox / failed to parse.
+            ChatTemplateError: no template, or the template raised / broke the sandbox / failed to parse; one
+                line that names the file the template was read from (Tokenizer.from_dir).
         """
-        template = self._pick_template(chat_template, tools)
-        text = render_chat_template(
-            template,
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            tools=tools,
-            documents=documents,
-            variables={**self.template_tokens, **kwargs},
-        )
+        if sanitize_control_tokens and not tokenize:
+            raise ChatTemplateError("sanitize_control_tokens=True changes the ids, not the text: needs tokenize=True")
+        name = self._pick_template(chat_template, tools)
+        template = self.chat_templates.get(name, name)
+        try:
+            control = self._control_tokens(template) if sanitize_control_tokens else None
+            if control is not None:
+                messages, tools, documents, kwargs = (
+                    mark_control_tokens(x, control) for x in (messages, tools, documents, kwargs)
+                )
+            text = render_chat_template(
+                template,
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tools=tools,
+                documents=documents,
+                variables={**self.template_tokens, **kwargs},
+            )
+            if control is not None:
+                return encode_marked(self._tk, text, control)
+        except ChatTemplateError as e:
+            file = self.chat_template_files.get(name) if name in self.chat_templates else None
+            if file is None:
+                raise
+            raise ChatTemplateError(f"{file}: {e}") from e
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
+    def _control_tokens(self, template: str) -> tuple[str, ...]:
+        """The added tokens sanitize_control_tokens encodes as text in a user's input: the special ones, and those
+        of `chat_control_tokens` when the config lists them, else those the template's text has (but whitespace)."""
+        added = self._tk.get_added_tokens_decoder().values()
+        if self.chat_control_tokens is not None:
+            return tuple(t.content for t in added if t.special or t.content in self.chat_control_tokens)
+        literal = template_literal_text(template)
+        return tuple(t.content for t in added if t.special or (t.content in literal and not t.content.isspace()))
+
     def _pick_template(self, chat_template: str | None, tools: Sequence[Any] | None = None) -> str:
-        """The template to render: a name or source given, else "tool_use" for a call with tools (even an
-        empty list, as transformers does) when the model has one, else "default"."""
+        """The name of the template to render (a key of `chat_templates`), or the template source given: a
+        name or source given, else "tool_use" for a call with tools (even an empty list, as transformers
+        does) when the model has one, else "default"."""
         if chat_template is not None:
-            return self.chat_templates.get(chat_template, chat_template)
+            return chat_template
         if tools is not None and "tool_use" in self.chat_templates:
-            return self.chat_templates["tool_use"]
+            return "tool_use"
         if "default" in self.chat_templates:
-            return self.chat_templates["default"]
+            return "default"
         if self.chat_templates:
             raise ChatTemplateError(
                 f"the chat templates {sorted(self.chat_templates)} include no 'default' one (transformers refuses "
@@ -432,6 +482,13 @@ def warn_ignored_sampling_defaults(path: Path, generation: Mapping[str, Any]) ->
         )
 
 
-def _as_id_list(ids: Iterable[int]) -> list[int]:
+def _as_id_list(ids: Iterable[int] | int) -> list[int]:
+    """Token ids to decode as a list of ints: a list, tuple or 1-D tensor / array of them, or one id (an int,
+    a 0-d tensor, a numpy integer), as transformers' decode accepts. A negative id (a -100 label left in)
+    is a ValueError naming it, not the backend's bare OverflowError."""
     tolist = getattr(ids, "tolist", None)
-    return [int(i) for i in (tolist() if tolist is not None else ids)]
+    values = tolist() if tolist is not None else ids
+    out = [int(values)] if isinstance(values, int) else [int(i) for i in values]
+    if out and min(out) < 0:
+        raise ValueError(f"cannot decode token id {min(out)}: token ids are >= 0 (mask out -100 labels first)")
+    return out

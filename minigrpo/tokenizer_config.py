@@ -9,7 +9,7 @@ naming the file (and key), never a traceback.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +200,26 @@ def folder_templates(d: Path, config_value: Any) -> dict[str, str]:
     if (d / "chat_template.jinja").is_file():
         templates["default"] = _read_template(d / "chat_template.jinja")
     return templates or _config_templates(config_value, d / "tokenizer_config.json")
+
+
+def chat_control_tokens(cfg: Mapping[str, Any], file: Path) -> list[str] | None:
+    """tokenizer_config.json's `chat_control_tokens` (added tokens that sanitize_control_tokens encodes as text
+    in a user's input, besides the special ones), or None when it has none; anything but a list of strings is
+    a TokenizerConfigError naming the file."""
+    value = cfg.get("chat_control_tokens")
+    if value is not None and not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
+        raise TokenizerConfigError(f"{file}: chat_control_tokens must be a list of token strings, got {value!r:.80}")
+    return value
+
+
+def folder_template_files(d: Path, names: Iterable[str]) -> dict[str, Path]:
+    """The file each of the folder's chat templates `names` was read from (as folder_templates picks them), so
+    that a template that fails names the file to fix."""
+    files = {}
+    for name in names:
+        jinja = d / "chat_template.jinja" if name == "default" else d / "additional_chat_templates" / f"{name}.jinja"
+        files[name] = jinja if jinja.is_file() else d / "tokenizer_config.json"
+    return files
 
 
 def _read_template(path: Path) -> str:

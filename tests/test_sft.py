@@ -629,7 +629,8 @@ def test_a_conversation_the_chat_template_fails_on_is_named_before_the_weights_l
     cfg = sft_config(tmp_path)
     with pytest.raises(ChatTemplateError) as e:
         check_before_loading(Config.from_dict(cfg))
-    problem = "the model's chat template fails on this conversation: chat template raised: no tool turns"
+    template = tmp_path / "base" / "tokenizer_config.json"  # the file the template was read from
+    problem = f"the model's chat template fails on this conversation: {template}: chat template raised: no tool turns"
     assert str(e.value) == f"{data}:3: {problem}"
     assert _main_error(tmp_path, cfg, capsys) == str(e.value)
 
