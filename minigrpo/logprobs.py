@@ -38,7 +38,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs (N, Tc) fp32 of the completion tokens (the last Tc columns of input_ids).
+    """Log-probs (N, Tc) fp32 (fp64 for an fp64 model) of the completion tokens (the last Tc columns of input_ids).
 
     Args:
         input_ids: (N, Tp + Tc) prompts (left-padded as samplers give them; right-padded ones score
@@ -46,7 +46,7 @@ def completion_logprobs(
         attention_mask: (N, Tp + Tc) 1 on real tokens.
         completion_mask: (N, Tc) 1 on the completion tokens to score; others get 0 (no compute).
         temperature: the sampling temperature (0, greedy, scores at 1).
-        return_entropy: also return the per-token entropy (N, Tc) fp32 (0 on inactive tokens).
+        return_entropy: also return the per-token entropy (N, Tc) in the log-probs' dtype (0 on inactive tokens).
     """
     active = completion_mask.bool()  # (N, Tc)
     states, targets = completion_states(model, input_ids, attention_mask, active)  # (n, D), (n,)
@@ -58,11 +58,19 @@ def completion_logprobs(
         return_entropy=return_entropy,
     )
     logp, entropy = out if return_entropy else (out, None)
-    full = torch.zeros(active.shape, dtype=torch.float32, device=input_ids.device)
-    logp = full.masked_scatter(active, logp)  # (N, Tc)
-    if entropy is None:
-        return logp
-    return logp, torch.zeros_like(full).masked_scatter(active, entropy)
+    logp = scatter_tokens(active, logp)  # (N, Tc)
+    return logp if entropy is None else (logp, scatter_tokens(active, entropy))
+
+
+def scatter_tokens(select: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(N, Tc) zeros with the (n,) values of the selected tokens put in row-major order.
+
+    In the values' dtype, at least fp32: the kernels return fp64 for an fp64 model, and a fixed fp32
+    buffer would refuse them (masked_scatter needs one dtype) or round away what fp64 is for.
+    """
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    out = torch.zeros(select.shape, dtype=dtype, device=select.device)  # (N, Tc)
+    return out.masked_scatter(select, values.to(dtype))
 
 
 def completion_states(

@@ -3,8 +3,10 @@ column carries one of their names.
 
 Reward functions are called as `fn(prompts, completions, answers, **columns)`, where `columns` are the
 row's other fields plus what the loop measured (minigrpo/step.py rollout_phase): a data column named
-like one of the loop's would be overwritten before any reward function saw it, so it is refused, with
-the column and the data named. Every rank draws the same prompts, so every rank refuses alike.
+like one of the loop's would be overwritten before any reward function saw it, and one named like the
+three lists would be a second value for that argument (an error at the first scoring, after the
+weights load and a whole rollout), so both are refused when the data is read, the column and the data
+named. Every rank draws the same prompts, so every rank refuses alike.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Iterable
 from minigrpo.datafiles import DataError
 from minigrpo.episodes import episode_columns
 
+# every call: the three lists every reward function takes first
+ARGUMENT_COLUMNS = ("prompts", "completions", "answers")
 # every row: the model's own tokens of the completion, and the most it could have had
 ROLLOUT_COLUMNS = ("completion_lengths", "max_completion_length")
 # single-turn rows: the conversation the policy saw (data.system_prompt included)
@@ -23,8 +27,9 @@ EPISODE_COLUMNS = tuple(episode_columns([]))
 
 
 def loop_columns(*, episodes: bool) -> tuple[str, ...]:
-    """The column names the loop adds: single-turn rows, or with `episodes` the episodes' rows."""
-    return ROLLOUT_COLUMNS + (EPISODE_COLUMNS if episodes else PROMPT_COLUMNS)
+    """The names the loop gives reward functions itself (the three lists and the columns it adds):
+    single-turn rows, or with `episodes` the episodes' rows."""
+    return ARGUMENT_COLUMNS + ROLLOUT_COLUMNS + (EPISODE_COLUMNS if episodes else PROMPT_COLUMNS)
 
 
 def data_source(cfg) -> str:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from minigrpo import grpo
 from minigrpo.kernels import clipped_token_loss_and_grad, fused_linear_token_loss
-from minigrpo.logprobs import HiddenStatesModel, completion_logprobs, completion_states
+from minigrpo.logprobs import HiddenStatesModel, completion_logprobs, completion_states, scatter_tokens
 
 
 @dataclass(frozen=True)
@@ -150,10 +150,12 @@ def micro_batch_loss(
         advantages, opts, normalizer, old_logp, ref_logp, sampler_logp: as grpo.policy_loss's.
         temperature: the sampling temperature (0, greedy, scores at 1).
         fused: True forces the fused LM head (an error where the loss does not allow it), False the
-            general path; None takes the fused one whenever grpo.is_tokenwise allows it.
+            general path; None takes the fused one whenever grpo.is_tokenwise allows it and the head
+            is not fp64 (the fused per-token terms run in fp32; an fp64 model keeps fp64 throughout).
     """
     if fused is None:
-        fused = grpo.is_tokenwise(opts, old_logp_given=old_logp is not None)
+        tokenwise = grpo.is_tokenwise(opts, old_logp_given=old_logp is not None)
+        fused = tokenwise and model.output_weight.dtype != torch.float64
     loss_args = dict(normalizer=normalizer, ref_logp=ref_logp, sampler_logp=sampler_logp)
     if not fused:
         logp, entropy = completion_logprobs(
@@ -174,8 +176,7 @@ def micro_batch_loss(
         temperature=temperature if temperature > 0 else 1.0,
         return_entropy=True,
     )
-    zeros = torch.zeros(select.shape, dtype=torch.float32, device=select.device)
-    logp, entropy = zeros.masked_scatter(select, logp), zeros.masked_scatter(select, entropy)  # (N, Tc)
+    logp, entropy = scatter_tokens(select, logp), scatter_tokens(select, entropy)  # (N, Tc)
     with torch.no_grad():
         _, stats = grpo.policy_loss(logp, old_logp, advantages, mask, opts, **loss_args, entropy=entropy)
     return loss, stats
