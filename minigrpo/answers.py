@@ -16,11 +16,14 @@ from typing import Any
 from minigrpo.answer_arithmetic import evaluate
 
 # 1,234.5 | 12.5 | .5 | 2.5e-3, signed by "-" or "\u2212" (unicode minus) unless after a word character ("9-5" is
-# 9 and 5); an exponent counts only when no word character follows it ("3e5" is 300000, "3e5x" is not). Thousands
-# groups are 3 digits and no more ("1,2345" is 1 and 2345), split by "," or a typographic space (no-break, thin,
-# narrow no-break: "1\u2009000"); a plain space is a separator only inside a whole answer (to_number)
+# 9 and 5), a dollar sign allowed between sign and digits ("-$5" is -5); an exponent counts only when no word
+# character follows it ("3e5" is 300000, "3e5x" is not). Thousands groups are 3 digits and no more ("1,2345" is 1 and
+# 2345), split by "," or a typographic space (no-break, thin, narrow no-break: "1\u2009000") or, with two dots or
+# more, by "." ("1.000.000"); a plain space is a separator only inside a whole answer (to_number)
 _GROUPED = r"\d{1,3}(?:(?:,|[\u00a0\u2009\u202f])\d{3}(?!\d))+"
-NUMBER = re.compile(rf"(?:(?<!\w)[-\u2212])?(?:{_GROUPED}(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+(?!\w))?")
+_DOTTED = r"\d{1,3}(?:\.\d{3}){2,}(?![.,]?\d)"
+_SIGN = r"(?:(?<!\w)[-\u2212](?:\\?\$)?)?"
+NUMBER = re.compile(rf"{_SIGN}(?:{_GROUPED}(?:\.\d+)?|{_DOTTED}|\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+(?!\w))?")
 # the content cannot hold an "<answer>": many unclosed tags then cost linear time, not quadratic
 ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 # \frac{a}{b}, \dfrac, \tfrac; LaTeX also takes a single digit without braces: \frac12, \frac{3}4
@@ -65,6 +68,8 @@ def _braced(text: str, i: int) -> str:
 # "\," / "\ " / "{,}"; "1 000" and "1\,000" are 1000, but only when every group after the first has 3 digits
 _SEPARATOR = r"(?:,|\{,\}|\\[, ]|[ \u00a0\u2009\u202f])"
 _GROUPED_WHOLE = re.compile(rf"[-+]?\d{{1,3}}(?:{_SEPARATOR}\d{{3}})+(?:\.\d+)?")
+# thousands grouped by "." where the dots cannot be decimal marks: two or more of them ("1.000.000" is a million)
+_DOTTED_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:\.\d{3}){2,}")
 # a decimal comma where no thousands separator can be meant: one comma with other than 3 digits after it ("3,5",
 # "0,25", "3{,}5"; "1,000" is 1000 and "1234,567" no number), or after thousands grouped by "." or a space ("1.234,5")
 _DECIMAL_COMMA = re.compile(
@@ -111,8 +116,9 @@ def to_number(s: str | None) -> float | None:
     separators ("1,234", "1{,}234", "1 234", "1\\,234"); reads integers, decimals, exponents ("2.5e3",
     "2.5 \\times 10^{3}"), "a/b", \\frac{a}{b} (or \\frac12) and mixed numbers ("2 1/2",
     "3\\frac{1}{2}"); a comma is a decimal mark only where it cannot separate thousands ("3,5" is 3.5, "1.234,5"
-    is 1234.5, "1,000" is 1000); the unicode minus "\u2212" is "-", a space after a sign is dropped ("- 3"). A
-    value that is not finite ("1e999", a runaway string of digits) is no number.
+    is 1234.5, "1,000" is 1000), dots separate thousands where they cannot be one decimal mark ("1.000.000"); the
+    unicode minus "\u2212" is "-", a space after a sign is dropped ("- 3"). A value that is not finite ("1e999", a
+    runaway string of digits) is no number.
     """
     if s is None:
         return None
@@ -125,6 +131,8 @@ def to_number(s: str | None) -> float | None:
     s = re.sub(r"^([-+])\s+", r"\1", s)
     if _GROUPED_WHOLE.fullmatch(s):
         s = re.sub(_SEPARATOR, "", s)
+    elif _DOTTED_THOUSANDS.fullmatch(s):
+        s = s.replace(".", "")
     elif comma := _DECIMAL_COMMA.fullmatch(s):
         s = re.sub(r"[. \u00a0\u2009\u202f]", "", comma[1] or comma[3]) + "." + (comma[2] or comma[4])
     value = None
@@ -239,7 +247,8 @@ _HEADING = re.compile(r"[A-Za-z]{2,}")
 def extract_answer(text: str, *, last_number: bool = True) -> str | None:
     """The answer a completion gives, as a raw string, by the first rule that applies:
 
-    1. the content of the last <answer>...</answer> (an unclosed <answer>: everything after it);
+    1. the content of the last <answer>...</answer> (an unclosed <answer>: everything after it, but for a closing tag
+       cut off at the end, "72\n</ans");
     2. the content of the last \\boxed{...};
     3. the rest of the line after the last "####", unless it reads as a markdown heading ("#### Step 3",
        "#### Final answer: 18") and rule 4 applies;
@@ -257,7 +266,7 @@ def extract_answer(text: str, *, last_number: bool = True) -> str | None:
     if tags:
         return tags[-1].strip()
     if "<answer>" in text:
-        return text.rsplit("<answer>", 1)[1].strip()
+        return _without_cut_closing_tag(text.rsplit("<answer>", 1)[1]).strip()
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip()
@@ -271,6 +280,14 @@ def extract_answer(text: str, *, last_number: bool = True) -> str | None:
             return stated
         return _last_number(text)
     return None
+
+
+def _without_cut_closing_tag(rest: str) -> str:
+    """rest without the start of a "</answer>" that generation cut off at its end ("72\n</ans" is "72\n")."""
+    for k in range(len("</answer>") - 1, 0, -1):
+        if rest.endswith("</answer>"[:k]):
+            return rest[:-k]
+    return rest
 
 
 # what comes before an exponent of ten: "10^", "10^{", "10**"
@@ -308,15 +325,23 @@ def reference_answer(answer: Any) -> str | None:
 _PERCENT = re.compile(r"%|\bper\s?cent\b", re.IGNORECASE)
 
 
+def answer_value(s: str | None) -> float | None:
+    """answer_number(s), else the value of s as arithmetic on numbers ("2^{10}", "\\frac{1}{-2}", "0.1 + 0.2"): the
+    value correctness compares, so that every reward reading a number reads the same one."""
+    value = answer_number(s)
+    return value if value is not None or s is None else evaluate(canonical(s))
+
+
 def number_readings(pred: str | None, ref: str | None) -> list[tuple[float, float]]:
     """The (predicted, reference) value pairs the two answers may mean; empty unless both hold a number.
 
-    A number is read past its units on both sides (answer_number: "$18", "18 dollars", "5 cm^2"). A percent
-    also reads as the fraction it is, as math graders do: a reference "50%" accepts 50 and 0.5, and a
-    predicted "50%" equals a reference 0.5. A whole reference is not loosened that way: "100%" is not 1,
-    and against a bare 50 the fraction 0.5 is wrong (a percent sign alone is a unit: "50%" is right).
+    A number is read past its units on both sides (answer_number: "$18", "18 dollars", "5 cm^2"), or as the value of
+    its arithmetic (answer_value: "2^{10}"). A percent also reads as the fraction it is, as math graders do: a
+    reference "50%" accepts 50 and 0.5, and a predicted "50%" equals a reference 0.5. A whole reference is not
+    loosened that way: "100%" is not 1, and against a bare 50 the fraction 0.5 is wrong (a percent sign alone is a
+    unit: "50%" is right).
     """
-    p, r = answer_number(pred), answer_number(ref)
+    p, r = answer_value(pred), answer_value(ref)
     if p is None or r is None:
         return []
     pred_percent, ref_percent = bool(_PERCENT.search(pred)), bool(_PERCENT.search(ref))

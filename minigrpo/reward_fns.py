@@ -33,7 +33,7 @@ from typing import Any
 from minigrpo.answers import (
     ANSWER_TAG,
     NUMBER,
-    answer_number,
+    answer_value,
     answers_match,
     extract_answer,
     number_readings,
@@ -60,11 +60,11 @@ def correctness(prompts: list, completions: list[str], answers: list, **_: Any) 
 def int_answer(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
     """0.5 if the marked answer (tags, \\boxed or ####; no last-number fallback) is an integer value.
 
-    "18", "-3", "1,234", "$5" and "18.0" count; "2.5", "x" and an unmarked answer do not.
+    "18", "-3", "1,234", "$5", "18.0" and "2^{10}" count; "2.5", "x" and an unmarked answer do not.
     """
     out: list[float | None] = []
     for c in completions:
-        value = answer_number(extract_answer(c, last_number=False))
+        value = answer_value(extract_answer(c, last_number=False))
         out.append(None if c is None else 0.5 if value is not None and float(value).is_integer() else 0.0)
     return out
 
@@ -92,15 +92,24 @@ def soft_format(prompts: list, completions: list[str], answers: list, **_: Any) 
 
 
 # R1 style: the reasoning in one <think> block (its opening may be the prompt's: R1-distill templates end the
-# generation prompt with "<think>\n"), closed once, then the answer; no second block
-_NO_THINK_TAG = r"(?:(?!</?think>).)*"
-_THINK = re.compile(rf"\A\s*(?:<think>)?{_NO_THINK_TAG}</think>{_NO_THINK_TAG}\S{_NO_THINK_TAG}\Z", re.DOTALL)
+# generation prompt with "<think>\n"), closed once, then the answer; no second block. Checked by counting tags, not
+# by one regex: a pattern "(no tag)* </think> (no tag)* non-space (no tag)*" backtracks quadratically on a long
+# answer that ends in a tag (100 KB took minutes), and its non-space could be the "<" of a second tag.
 
 
 def think_format(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
     """0.5 for the reasoning models' format: one <think>...</think> block (its "<think>" may be the prompt's
     last tag, as R1-distill and QwQ templates write it) and a non-empty answer after it, no other think tag."""
-    return [None if c is None else 0.5 if _THINK.match(c) else 0.0 for c in completions]
+    return [None if c is None else 0.5 if _one_think_block(c) else 0.0 for c in completions]
+
+
+def _one_think_block(text: str) -> bool:
+    """Whether text is [space] [<think>] reasoning </think> answer, with no other think tag and an answer that
+    is not blank; linear time in the length of text."""
+    body = text.lstrip().removeprefix("<think>")
+    if "<think>" in body or body.count("</think>") != 1:
+        return False
+    return bool(body.split("</think>", 1)[1].strip())
 
 
 def xml_count(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
@@ -137,7 +146,7 @@ def proximity(prompts: list, completions: list[str], answers: list, **_: Any) ->
     out: list[float | None] = []
     for c, a in zip(completions, answers):
         ref = reference_answer(a)
-        if c is None or answer_number(ref) is None:
+        if c is None or answer_value(ref) is None:
             out.append(None)
             continue
         pairs = number_readings(extract_answer(c), ref)
@@ -176,7 +185,7 @@ def make_length_penalty(max_length: int | None = None, buffer: int | None = None
             lengths = [None if c is None else len(c) for c in completions]
         out: list[float | None] = []
         for i, L in enumerate(lengths):
-            if L is None:
+            if L is None or completions[i] is None:  # no text to score, whatever length the column gives it
                 out.append(None)
                 continue
             limit = L_max[i] if isinstance(L_max, (list, tuple)) else L_max

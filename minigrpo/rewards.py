@@ -373,9 +373,11 @@ def _check(name: str, out: Any, n: int) -> list[float | None]:
             values.append(None)
             continue
         if isinstance(v, (str, bytes)) or not hasattr(type(v), "__float__"):
-            raise RewardError(f"reward {name!r}: element {i} is {type(v).__name__} {v!r:.60}, not a number or None")
+            raise RewardError(
+                f"reward {name!r}: element {i} is {type(v).__name__} {_one_line(v)}, not a number or None"
+            )
         if isinstance(v, numbers.Complex) and not isinstance(v, numbers.Real):  # float() would drop the imaginary part
-            raise RewardError(f"reward {name!r}: element {i} is {type(v).__name__} {v!r:.60}, not a real number")
+            raise RewardError(f"reward {name!r}: element {i} is {type(v).__name__} {_one_line(v)}, not a real number")
         try:
             f = float(v)
         except OverflowError:  # an int past the float range: infinite, masked like inf
@@ -384,6 +386,11 @@ def _check(name: str, out: Any, n: int) -> list[float | None]:
             raise RewardError(f"reward {name!r}: element {i} ({type(v).__name__}) is not a number") from e
         values.append(f if math.isfinite(f) else None)
     return values
+
+
+def _one_line(value: Any) -> str:
+    """The start of repr(value) on one line (an array's repr spans several): errors are one line."""
+    return " ".join(repr(value).split())[:60]
 
 
 def _score_one(spec: RewardSpec, prompts: list, completions: list, answers: list, columns: dict) -> tuple:
