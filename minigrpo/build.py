@@ -80,11 +80,26 @@ def check_before_loading(
         examples, _ = prompts_that_fit(cfg, examples, tokenizer, limit)
         if resume is not None and limit is not None:  # the prompts are final: the loader gets these
             check_data_cursor(cfg, resume, examples)
+    warn_small_dataset(cfg, examples)
     if cfg.algorithm == "ppo" and cfg.ppo.value_path is not None:
         from minigrpo.algorithms.value_model import check_value_path
 
         check_value_path(cfg.ppo.value_path, policy=cfg.model.name_or_path)
     return resume, specs, examples
+
+
+def warn_small_dataset(cfg: Config, examples: list[Example]) -> None:
+    """Fewer prompts than a step samples: every step then draws some prompt twice (two groups of it, each
+    scored against its own mean), which a user with a small file may not expect."""
+    B = cfg.grpo.prompts_per_step
+    if len(examples) < B:
+        warnings.warn(
+            f"the training data holds {len(examples)} prompt(s), fewer than grpo.prompts_per_step={B}: each step "
+            f"samples some prompts more than once (as separate groups); lower grpo.prompts_per_step to "
+            f"{len(examples)} or below to sample each once",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def check_data_cursor(cfg: Config, resume: ResumePoint, examples: list[Example]) -> None:

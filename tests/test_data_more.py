@@ -129,3 +129,30 @@ def test_ranks_share_every_epoch_disjointly_and_a_resume_continues_it(n, batch, 
     assert epochs[0] != epochs[1]  # reshuffled per epoch
     again = PromptLoader(examples, seed=7)
     assert [ex.prompt for _ in range(steps) for ex in again.next_batch(batch)] == served
+
+
+def test_fewer_prompts_than_a_step_samples_warn_before_the_weights_load(tmp_path, monkeypatch):
+    """5 prompts and grpo.prompts_per_step=8: every step draws some prompt twice; said once, naming the key
+    and the count that samples each once. 8 prompts draw each once: no warning."""
+    import warnings
+
+    from helpers.runs import run_config
+    from helpers.tiny import write_copy_task
+
+    from minigrpo import build
+    from minigrpo.config import Config
+
+    cfg = run_config(tmp_path)
+    write_copy_task(tmp_path / "train.jsonl", n=5)
+    with pytest.warns(UserWarning) as caught:
+        build.check_before_loading(Config.from_dict(cfg))
+    small = [str(w.message) for w in caught if "prompts_per_step" in str(w.message)]
+    assert small == [
+        "the training data holds 5 prompt(s), fewer than grpo.prompts_per_step=8: each step samples some prompts "
+        "more than once (as separate groups); lower grpo.prompts_per_step to 5 or below to sample each once"
+    ]
+    write_copy_task(tmp_path / "train.jsonl", n=8)
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        build.check_before_loading(Config.from_dict(cfg))
+    assert not [w for w in quiet if "prompts_per_step" in str(w.message)]
