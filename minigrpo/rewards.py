@@ -7,7 +7,7 @@
 A reward is named by a built-in name (minigrpo.reward_fns: correctness, xml_count, ...) or as
 "package.module:function". score() runs every RewardSpec on the batch; a function that raises or
 exceeds its timeout does not stop the run: only its failing rows are masked (NaN) and counted. A
-function that breaks the contract (returns a non-list, the wrong length, or a string or dict
+function that breaks the contract (returns neither a list nor a 1-D array, the wrong length, or a string or dict
 element) raises RewardError: that is a bug, not a transient failure. A function without **columns gets only
 the columns it names; one that cannot take (prompts, completions, answers) first is refused when its spec is made.
 
@@ -362,9 +362,15 @@ def _call(fn: RewardFn, args: tuple, kwargs: dict, timeout_s: float | None) -> t
 
 
 def _check(name: str, out: Any, n: int) -> list[float | None]:
-    """The returned list as floats (None for None, NaN and inf); RewardError if it breaks the contract."""
+    """The returned list as floats (None for None, NaN and inf); RewardError if it breaks the contract.
+    A 1-D numpy array or torch tensor counts as the list it holds (as many reward functions return)."""
+    if getattr(out, "ndim", None) == 1 and callable(getattr(out, "tolist", None)):
+        out = out.tolist()
     if not isinstance(out, (list, tuple)):
-        raise RewardError(f"reward {name!r} returned {type(out).__name__}; expected a list of {n} floats or None")
+        shape = f" of shape {tuple(out.shape)}" if hasattr(out, "shape") else ""
+        raise RewardError(
+            f"reward {name!r} returned {type(out).__name__}{shape}; expected a list of {n} floats or None"
+        )
     if len(out) != n:
         raise RewardError(f"reward {name!r} returned {len(out)} values for {n} completions")
     values: list[float | None] = []

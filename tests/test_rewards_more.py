@@ -106,3 +106,17 @@ def test_a_wrong_element_type_gives_a_one_line_error_naming_the_reward():
 def test_a_negative_dollar_amount_keeps_its_sign(completion):
     assert call(correctness, [completion], ["-5"]) == [2.0]
     assert call(correctness, [completion], ["5"]) == [0.0]
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_reward_returning_a_1d_array_is_read_as_its_list(kind):
+    """numpy arrays and tensors are common returns: a 1-D one is the list it holds, NaN still masked."""
+    import torch
+
+    def as_array(prompts, completions, answers, **_):
+        values = [1.0, float("nan"), 0.25]
+        return np.array(values) if kind == "numpy" else torch.tensor(values)
+
+    res = score([""] * 3, ["a", "b", "c"], [""] * 3, [RewardSpec("arr", fn=as_array, timeout_s=None)])
+    assert res.per_fn[:, 0].tolist()[::2] == [1.0, 0.25] and res.per_fn[1, 0].isnan()
+    assert res.nones == {"arr": 1}
