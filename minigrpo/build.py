@@ -32,7 +32,7 @@ from minigrpo.distributed import World, broadcast_trainable, shard_model
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
 from minigrpo.errors import UserError
 from minigrpo.grad_scale import GradScale
-from minigrpo.loop_columns import data_source, refuse_loop_columns
+from minigrpo.loop_columns import ARGUMENT_COLUMNS, data_source, loop_columns, refuse_loop_columns
 from minigrpo.models.loading import build_random, check_model_source, load_pretrained, load_weights, save_pretrained
 from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler, dither_onto_masters
@@ -72,6 +72,8 @@ def check_before_loading(
     if not examples:
         raise UserError(f"data: the {cfg.data.split!r} split of data.source={cfg.data.source!r} holds no example")
     refuse_loop_columns(examples, data_source(cfg), episodes=cfg.env.kind is not None)
+    loop_given = set(loop_columns(episodes=cfg.env.kind is not None)) - set(ARGUMENT_COLUMNS)
+    rewards.check_reward_columns(specs, loop_given | {k for ex in examples for k in ex.columns})
     tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision, key="model.name_or_path")
     check_same_architecture(cfg.model.name_or_path, None if cfg.lora.enabled else resume)
     if tokenizer is not None:  # a local model folder: its tokenizer is read already

@@ -20,13 +20,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
-import inspect
 import logging
 import math
 import numbers
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +38,14 @@ from minigrpo.answers import (
     number_readings,
     reference_answer,
     to_number,
+)
+from minigrpo.reward_args import (
+    bind_settings,
+    check_data_arguments,
+    check_settings,
+    columns_for,
+    missing_column,
+    setting_names,
 )
 from minigrpo.reward_fns import (
     GSM8K_SUITE,
@@ -130,79 +137,13 @@ def resolve_reward(name: str, key: str = "") -> RewardFn:
     )
 
 
-def _setting_names(fn: Any, skip: int) -> list[str] | None:
-    """The keyword arguments `fn` accepts after its first `skip` positional parameters (a reward's
-    prompts, completions, answers); None: any key (it takes **kwargs, or has no readable signature)."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    kind = inspect.Parameter
-    if any(p.kind is kind.VAR_KEYWORD for p in params):
-        return None
-    data_args = [p for p in params if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)][:skip]
-    return [p.name for p in params if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY) and p not in data_args]
-
-
-def _check_settings(name: str, kwargs: Mapping[str, Any], accepted: list[str] | None) -> None:
-    unknown = [k for k in kwargs if accepted is not None and k not in accepted]
-    if unknown:
-        hint = difflib.get_close_matches(unknown[0], accepted or [], n=1)
-        raise RewardError(
-            f"reward {name!r} has no setting {unknown[0]!r} in its kwargs"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + f"; it accepts: {', '.join(accepted) if accepted else 'no kwargs'}"
-        )
-
-
-def _check_data_arguments(name: str, fn: Any) -> None:
-    """RewardError unless `fn` can be called as fn(prompts, completions, answers, ...): a function taking
-    fewer positional arguments (TRL's fn(completions, **kwargs)) would fail on every row, masked as a
-    failure instead of scoring. A required argument past the three is a data column's name."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return
-    kind = inspect.Parameter
-    if any(p.kind is kind.VAR_POSITIONAL for p in params):
-        return
-    positional = [p for p in params if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)]
-    if len(positional) < 3:  # more required ones may be data columns, passed by name (_columns_for)
-        raise RewardError(
-            f"reward {name!r}: {getattr(fn, '__name__', type(fn).__name__)}{inspect.signature(fn)} cannot be called as "
-            "fn(prompts, completions, answers, **columns): take the three lists as the first positional arguments"
-        )
-
-
-def _columns_for(name: str, fn: Any, columns: dict[str, Any], settings: Mapping[str, Any] | None = None) -> dict:
-    """The columns `fn` takes: all of them when it has **kwargs, else those it names (a function written
-    as fn(prompts, completions, answers) gets none). RewardError naming a column it requires that the
-    batch lacks."""
-    accepted = _setting_names(fn, 3)
-    if accepted is None:
-        return columns
-    required = [p.name for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]
-    missing = [k for k in accepted if k in required and k not in columns and k not in (settings or {})]
-    if missing:
-        raise RewardError(
-            f"reward {name!r} needs the column {missing[0]!r}, which the data does not have "
-            f"(columns: {', '.join(columns) or 'none'})"
-        )
-    return {k: v for k, v in columns.items() if k in accepted}
-
-
-def _bind(fn: RewardFn, name: str, settings: dict[str, Any]) -> RewardFn:
-    """`fn` called with its fixed settings on top of the per-row columns (a column of the same name is
-    an error: which of the two was meant cannot be guessed)."""
-
-    def bound(prompts: list, completions: list[str], answers: list, **columns: Any) -> list:
-        clash = sorted(set(columns) & set(settings))
-        if clash:
-            raise RewardError(f"reward {name!r}: kwargs {clash} have the names of data columns; rename one")
-        return fn(prompts, completions, answers, **_columns_for(name, fn, columns, settings), **settings)
-
-    bound.__name__ = getattr(fn, "__name__", name)
-    return bound
+def check_reward_columns(specs: Sequence[RewardSpec], columns: Iterable[str]) -> None:
+    """RewardError naming a reward and the column it requires that no row of the data has and the loop
+    does not add (`columns`: both), before any weight loads rather than at the first scoring."""
+    columns = sorted(set(columns))
+    for spec in specs:
+        fn = getattr(spec.fn, "reward_fn", spec.fn)  # a function with bound kwargs: its own signature
+        missing_column(spec.name, fn, columns, getattr(spec.fn, "reward_settings", None))
 
 
 def make_reward(name: str, kwargs: Mapping[str, Any] | None = None, key: str = "") -> RewardFn:
@@ -217,13 +158,13 @@ def make_reward(name: str, kwargs: Mapping[str, Any] | None = None, key: str = "
     kwargs = dict(kwargs or {})
     if name in REWARD_FACTORIES:
         factory = REWARD_FACTORIES[name]
-        _check_settings(name, kwargs, _setting_names(factory, 0))
+        check_settings(name, kwargs, setting_names(factory, 0))
         return factory(**kwargs) if kwargs or name not in REWARDS else REWARDS[name]
     fn = resolve_reward(name, key)
     if not kwargs:
         return fn
-    _check_settings(name, kwargs, [] if name in REWARDS else _setting_names(fn, 3))
-    return _bind(fn, name, kwargs)
+    check_settings(name, kwargs, [] if name in REWARDS else setting_names(fn, 3))
+    return bind_settings(fn, name, kwargs)
 
 
 def build_reward_specs(cfg_rewards: Sequence[config.RewardSpec]) -> list[RewardSpec]:
@@ -260,7 +201,7 @@ class RewardSpec:
         _check_spec_numbers(self)
         if self.fn is None:
             self.fn = resolve_reward(self.name)
-        _check_data_arguments(self.name, self.fn)
+        check_data_arguments(self.name, self.fn)
 
 
 def _is_real(value: Any) -> bool:
@@ -402,7 +343,7 @@ def _one_line(value: Any) -> str:
 def _score_one(spec: RewardSpec, prompts: list, completions: list, answers: list, columns: dict) -> tuple:
     """(values, n_failed, n_timed_out, first_error) of one function: whole batch first, then per sample."""
     n = len(completions)
-    columns = _columns_for(spec.name, spec.fn, columns)
+    columns = columns_for(spec.name, spec.fn, columns)
     status, out = _call(spec.fn, (prompts, completions, answers), columns, spec.timeout_s)
     if status == "ok":
         return _check(spec.name, out, n), 0, 0, None

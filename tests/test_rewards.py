@@ -631,3 +631,41 @@ def test_an_unknown_reward_names_its_key_and_reads_as_sentences():
     )
     with pytest.raises(RewardError, match=r"^rewards\.0\.name: reward 'no_such_pkg\.mod:fn': cannot import module"):
         build_reward_specs(cfg_specs(("no_such_pkg.mod:fn", {})))
+
+
+def level_and_more(prompts, completions, answers, level, **columns):
+    """A user reward that requires one column and takes the rest."""
+    return [float(x) for x in level]
+
+
+def scaled_level(prompts, completions, answers, *, level, scale, **columns):
+    return [scale * x for x in level]
+
+
+def test_a_required_column_is_checked_with_kwargs_too_and_before_the_weights_load():
+    """A function with **columns that also requires `level` failed on every row (masked, the run learning
+    nothing); it is named at the first scoring, and by check_reward_columns before any weight loads."""
+    from minigrpo.rewards import check_reward_columns
+
+    spec = RewardSpec("lvl", fn=level_and_more)
+    with pytest.raises(RewardError, match=r"^reward 'lvl' needs the column 'level', which the data does not have"):
+        score([""], ["a"], ["1"], [spec], columns={"completion_lengths": [1]})
+    assert score([""], ["a"], ["1"], [spec], columns={"level": [4]}).total.tolist() == [4.0]
+    bound = build_reward_specs(cfg_specs((f"{__name__}:scaled_level", {"scale": 2.0})))
+    for specs in ([spec], bound):
+        with pytest.raises(RewardError, match=r"needs the column 'level'.*\(columns: completion_lengths, solution\)"):
+            check_reward_columns(specs, ["solution", "completion_lengths"])
+        check_reward_columns(specs, ["level"])
+    check_reward_columns(build_reward_specs(cfg_specs((f"{__name__}:scaled_length", {"scale": 2.0}))), [])
+
+
+def test_a_reward_column_the_data_lacks_is_refused_before_the_weights_load(tmp_path, monkeypatch):
+    from helpers.runs import run_config
+
+    from minigrpo import build
+    from minigrpo.config import Config
+
+    cfg = run_config(tmp_path, rewards=[{"name": f"{__name__}:level_and_more"}])
+    monkeypatch.setattr(build, "check_model_source", lambda *a, **k: pytest.fail("the model was read"))
+    with pytest.raises(RewardError, match=r"needs the column 'level', which the data does not have \(columns: comp"):
+        build.check_before_loading(Config.from_dict(cfg))
