@@ -259,8 +259,23 @@ def lr_factor(step: int, cfg: TrainCfg, total_steps: int, updates_per_step: int 
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """torch's LambdaLR, whose restored position also sets the rate of the next step from this run's
+    schedule. A resume loads the optimizer state first, and with it the rate the saved run's schedule
+    gave its next step; when train.steps grew on resume (the one schedule setting a resume may change)
+    that rate belongs to the shorter schedule (a linear decay's end: 0), and LambdaLR's own
+    load_state_dict would let the first resumed step take it. The state_dict is LambdaLR's."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        rates = [base * factor(self.last_epoch) for base, factor in zip(self.base_lrs, self.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, rates):
+            group["lr"] = lr
+        self._last_lr = rates
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainCfg, total_steps: int, updates_per_step: int = 1
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR over `total_steps` optimizer steps (cfg.steps x updates_per_step; see lr_factor)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps, updates_per_step))
+    return Schedule(optimizer, lambda s: lr_factor(s, cfg, total_steps, updates_per_step))
