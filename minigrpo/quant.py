@@ -80,9 +80,11 @@ def _bnb():
         with warnings.catch_warnings():  # its import uses torch.jit.script_method (deprecated)
             warnings.simplefilter("ignore", DeprecationWarning)
             import bitsandbytes
-    except ImportError as e:
+    except ImportError as e:  # its first line: a failed native-library load explains itself over many
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QuantizationUnavailableError(
-            f"lora.quantize_base: nf4 needs bitsandbytes (pip install 'minigrpo[qlora]'); it could not be imported: {e}"
+            "lora.quantize_base: nf4 needs bitsandbytes (pip install 'minigrpo[qlora]'); "
+            f"it could not be imported: {why}"
         ) from e
     return bitsandbytes
 
@@ -119,6 +121,7 @@ def require_nf4(device: str | torch.device, method: str = "nf4") -> None:
     why = _probe(device_type)
     if why is None:
         return
+    _bnb()  # not installed: say so, not that the device lacks a 4-bit path
     if device_type == "cuda":
         raise QuantizationUnavailableError(f"lora.quantize_base: nf4 does not work on this GPU: {why}")
     raise QuantizationUnavailableError(
@@ -345,6 +348,11 @@ def quantize_model_linears(model: nn.Module, method: str = "nf4", *, device: str
     parameter and buffer is moved too), so a model built on the CPU reaches the GPU already in
     4 bits: at most one dense layer is on the GPU at any time.
     """
+    adapted = [n for n, m in model.named_modules() if isinstance(getattr(m, "base", None), nn.Linear)]
+    if adapted:  # their bases are no modules of the model: they would stay dense, unnoticed
+        raise ValueError(
+            f"cannot quantize a model with LoRA adapters ({adapted[0]} has one): quantize the base, then apply_lora"
+        )
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     require_nf4(dev, method)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_quantizable(model, n)]

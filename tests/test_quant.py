@@ -337,3 +337,44 @@ def test_nf4_that_cannot_run_is_refused_before_anything_is_read(monkeypatch, tmp
     check = build.check_before_loading if entry == "train" else sft.check_before_loading
     with pytest.raises(QuantizationUnavailableError, match=r"lora.quantize_base: nf4 needs CUDA"):
         check(cfg)
+
+
+def test_quantizing_an_adapted_model_is_refused_before_any_layer_changes():
+    """The bases of LoRA layers are no modules of the model: quantizing after apply_lora left them dense
+    (here 4 of 14 block linears) while the others went to 4 bits, and said nothing."""
+    from minigrpo.config import LoRACfg
+    from minigrpo.lora import apply_lora, lora_layers
+
+    model = tiny_model(seed=5)
+    apply_lora(model, LoRACfg(r=2, targets=["q", "v"]))
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj has one\): quantize the base, then apply"):
+        quantize_model_linears(model)
+    assert not quant.quantized_linears(model) and len(lora_layers(model)) == 4
+
+
+def test_bitsandbytes_that_fails_to_import_is_named_in_one_line(monkeypatch):
+    """Without bitsandbytes the reason is bitsandbytes, on any device (not "nf4 needs CUDA", which
+    would send a CPU user to a GPU that would not help), and a many-line import error stays one line."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("libbitsandbytes_cpu.so: cannot open shared object file\nsee the installation guide")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    for device in ("cpu", "cuda"):
+        quant._probe.cache_clear()
+        try:
+            with pytest.raises(QuantizationUnavailableError) as info:
+                quant.require_nf4(device)
+        finally:
+            quant._probe.cache_clear()
+        message = str(info.value)
+        assert message == (
+            "lora.quantize_base: nf4 needs bitsandbytes (pip install 'minigrpo[qlora]'); it could not be "
+            "imported: libbitsandbytes_cpu.so: cannot open shared object file"
+        ), device
