@@ -8,6 +8,7 @@
 
 - schema.py: `Tool` from a function (JSON schema from annotations, descriptions from the docstring)
 - calls.py: the "hermes" (Qwen2.5), "llama3" (Llama-3.1) and "mistral" call formats, checking against the tools
+  (call_json.py: one call read from JSON; mistral_calls.py: Mistral's two forms)
 - run.py: `call_tool` -> `ToolResult`, timeouts, truncation, `ToolStats` metrics
 - render.py: results (and calls) as chat messages: the template's tool role, or plain text for a
   template without tool support (`renders_tool_calls`)
