@@ -685,3 +685,23 @@ def test_a_header_shape_that_is_no_tensor_shape_is_named(tmp_path, shape):
     for read in (read_header, lambda p: list(iter_tensors(p))):
         with pytest.raises(CorruptCheckpointError, match=f"^{re.escape(expected)}"):
             read(path)
+
+
+def test_a_tied_model_whose_file_holds_a_different_head_is_refused(tmp_path):
+    """tie_word_embeddings: true with an lm_head.weight of its own in the file: the head was dropped and the
+    logits silently differed from transformers' (5.7 on a tiny model; transformers unties the two). An
+    equal copy loads as before; a different one is one line naming the file and the key to change."""
+    folder = tiny_checkpoint(tmp_path / "tied", tie_word_embeddings=True)
+    weights = dict(iter_tensors(folder / "model.safetensors"))
+    embedding = weights["model.embed_tokens.weight"]
+    save_file({**weights, "lm_head.weight": embedding.clone()}, folder / "model.safetensors")
+    model, _ = load_pretrained(folder, dtype=torch.float32, load_tokenizer=False)
+    assert torch.equal(model.output_weight, embedding)
+    save_file({**weights, "lm_head.weight": embedding + 0.01}, folder / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(folder, dtype=torch.float32, load_tokenizer=False)
+    assert str(e.value) == (
+        f"{folder / 'model.safetensors'} holds an lm_head.weight that differs from model.embed_tokens.weight, but "
+        "config.json sets tie_word_embeddings: true (the head would be dropped): set it to false to load the "
+        "separate head"
+    )

@@ -28,13 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from minigrpo.atomic import atomic_path, write_json
 from minigrpo.errors import UserError
 from minigrpo.tokenizer_config import read_json_object
 
 from .args import ModelArgs, ModelConfigError
 from .rotary import RotaryAngles
-from .safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header, save_file
+from .safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header
+from .saving import save_pretrained
 from .tokenizer_files import TokenizerFilesError, load_tokenizer_folder
 from .transformer import Transformer
 
@@ -200,63 +200,6 @@ def load_weights(model: Transformer, directory: str | os.PathLike) -> None:
         for name, tensor in source[1]:
             if name in params:
                 params[name].copy_(tensor)
-
-
-def save_pretrained(
-    model: Transformer,
-    tokenizer: Any,
-    directory: str | os.PathLike,
-    *,
-    dtype: torch.dtype | None = None,
-    max_shard_bytes: int = 5 * 1024**3,
-) -> Path:
-    """Write an HF-format checkpoint (config, generation config, safetensors shards, tokenizer).
-
-    Each file is written under a temporary name and renamed into place.
-    """
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items() if not (model.lm_head is None and k == "lm_head.weight")}
-    dtype = dtype or model.dtype
-    dtype_name = str(dtype).removeprefix("torch.")
-    write_json(out / "config.json", model.args.to_hf_config(torch_dtype=dtype_name))
-    # every stop id (multi-EOS models) goes to generation_config.json, or they are lost on reload
-    gen = {
-        "bos_token_id": model.args.hf_config.get("bos_token_id"),
-        "eos_token_id": model.args.hf_config.get("eos_token_id"),
-    }
-    if tokenizer is not None and hasattr(tokenizer, "generation_config"):
-        gen.update({k: v for k, v in tokenizer.generation_config().items() if v is not None})
-    write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    weight_map = {}
-    for fname, shard in zip(names, shards):
-        with atomic_path(out / fname) as tmp:
-            save_file({k: v.detach().to("cpu", dtype) for k, v in shard.items()}, tmp, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    if len(shards) > 1:
-        total = sum(t.numel() * dtype.itemsize for t in state.values())
-        write_json(
-            out / "model.safetensors.index.json",
-            {"metadata": {"total_size": total}, "weight_map": weight_map},
-        )
-    if tokenizer is not None:
-        tokenizer.save(out)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,7 +379,10 @@ def _fill(
 
         require_nf4(device, quantize)
         quantize_hook = quantize_linear_weight
+    head_copy = None  # a tied model's file may hold lm_head.weight too: it must equal the embedding
     for name, tensor in tensors:
+        if name == "lm_head.weight" and model.lm_head is None:
+            head_copy = tensor
         if name not in usable:
             continue
         module_name, _, attr = name.rpartition(".")
@@ -447,7 +393,20 @@ def _fill(
             continue
         module._parameters[attr] = nn.Parameter(value, requires_grad=value.is_floating_point())
         del tensor
+    if head_copy is not None:
+        _check_tied_copy(model, head_copy, shapes["lm_head.weight"][1])
     model.rotary.reset(device)
+
+
+def _check_tied_copy(model: Transformer, head: torch.Tensor, where: str) -> None:
+    """CheckpointError unless a tied model's stored lm_head.weight equals its embedding: config.json's
+    tie_word_embeddings would otherwise drop a head of its own (transformers unties the two then)."""
+    embedding = model.model.embed_tokens.weight.detach()
+    if not torch.equal(head.to(embedding.dtype), embedding.cpu()):
+        raise CheckpointError(
+            f"{where} holds an lm_head.weight that differs from model.embed_tokens.weight, but config.json sets "
+            "tie_word_embeddings: true (the head would be dropped): set it to false to load the separate head"
+        )
 
 
 def _load_gguf(
