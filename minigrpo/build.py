@@ -27,7 +27,7 @@ from minigrpo.algorithms import needs_reference, updates_per_step
 from minigrpo.checkpoint import load_masters, load_optimizer_state, restore_rng, restoring
 from minigrpo.config import Config, ConfigError, resolve_dtype
 from minigrpo.config_rules import distributed_errors
-from minigrpo.data import Example, PromptLoader, build_dataset
+from minigrpo.data import Example, PromptLoader, build_dataset, uses_plain_text
 from minigrpo.distributed import World, broadcast_trainable, shard_model
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
 from minigrpo.errors import UserError
@@ -78,6 +78,7 @@ def check_before_loading(
     check_same_architecture(cfg.model.name_or_path, None if cfg.lora.enabled else resume)
     if tokenizer is not None:  # a local model folder: its tokenizer is read already
         check_chat_template(cfg, tokenizer)
+        warn_plain_prompts(cfg, tokenizer, examples)
         limit = local_position_limit(cfg.model.name_or_path)
         examples, _ = prompts_that_fit(cfg, examples, tokenizer, limit)
         if resume is not None and limit is not None:  # the prompts are final: the loader gets these
@@ -88,6 +89,27 @@ def check_before_loading(
 
         check_value_path(cfg.ppo.value_path, policy=cfg.model.name_or_path)
     return resume, specs, examples
+
+
+def warn_plain_prompts(cfg: Config, tokenizer: Any, examples: list[Example]) -> None:
+    """A model without a chat template gets plain-text prompts: say so where the config or the data
+    expect a conversation (settings only a template reads, chat messages joined as bare text)."""
+    if not uses_plain_text(tokenizer):
+        return
+    notes = []
+    if cfg.data.chat_template_kwargs:
+        notes.append(f"data.chat_template_kwargs={cfg.data.chat_template_kwargs} is not read")
+    if cfg.data.system_prompt is not None:
+        notes.append("data.system_prompt is plain text before each prompt")
+    if any(isinstance(ex.prompt, list) for ex in examples):
+        notes.append("chat-message prompts are their contents joined by blank lines, with no role or reply header")
+    if notes:
+        warnings.warn(
+            f"the model {cfg.model.name_or_path} has no chat template, so its prompts are plain text: "
+            + "; ".join(notes),
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def warn_small_dataset(cfg: Config, examples: list[Example]) -> None:

@@ -156,3 +156,34 @@ def test_fewer_prompts_than_a_step_samples_warn_before_the_weights_load(tmp_path
         warnings.simplefilter("always")
         build.check_before_loading(Config.from_dict(cfg))
     assert not [w for w in quiet if "prompts_per_step" in str(w.message)]
+
+
+def test_chat_settings_for_a_model_without_a_chat_template_warn_before_the_weights_load(tmp_path):
+    """The tiny model has no chat template: its prompts are plain text. Settings only a template reads, and
+    chat-message prompts, are named in one warning; plain prompts with no such setting warn nothing."""
+    import warnings
+
+    from helpers.runs import run_config
+
+    from minigrpo import build
+    from minigrpo.config import Config
+
+    def plain_text_warnings(cfg: dict) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build.check_before_loading(Config.from_dict(cfg))
+        return [str(w.message) for w in caught if "no chat template" in str(w.message)]
+
+    assert plain_text_warnings(run_config(tmp_path)) == []
+    chat = run_config(tmp_path, data={"system_prompt": "Be brief.", "chat_template_kwargs": {"enable_thinking": False}})
+    (message,) = plain_text_warnings(chat)
+    assert message == (
+        f"the model {tmp_path / 'model'} has no chat template, so its prompts are plain text: "
+        "data.chat_template_kwargs={'enable_thinking': False} is not read; data.system_prompt is plain text before "
+        "each prompt"
+    )
+    rows = [{"messages": [{"role": "user", "content": f"repeat {d}"}], "answer": str(d)} for d in range(8)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    messages = run_config(tmp_path, data={"path": str(tmp_path / "chat.jsonl"), "prompt_field": "messages"})
+    assert plain_text_warnings(messages)[0].endswith("chat-message prompts are their contents joined by blank lines, "
+                                                     "with no role or reply header")  # fmt: skip
