@@ -165,12 +165,15 @@ def _gsm8k_files(path_or_repo: str | Path | None, split: str, subset: str | None
     return resolve_files(path_or_repo, split, subset, SUFFIXES)
 
 
-def _gsm8k_examples(files: list[Path], limit: int | None = None) -> list[Example]:
-    """GSM8K rows as Examples (the first `limit`): the answer cut to the final number, the worked
-    solution kept as a column."""
+def _gsm8k_examples(
+    files: list[Path], limit: int | None = None, prompt_field: str = "question", answer_field: str = "answer"
+) -> list[Example]:
+    """GSM8K rows as Examples (the first `limit`): the answer (a worked solution ending "#### 72") cut to
+    the final number, the worked solution kept as a column; the fields as data.prompt_field / answer_field
+    name them (GSM8K's own by default)."""
     examples = []
     for where, row in itertools.islice(_file_rows(files), limit):
-        ex = next(_to_examples([(where, row)], "question", "answer"))
+        ex = next(_to_examples([(where, row)], prompt_field, answer_field))
         try:
             final = parse_gsm8k_answer(ex.answer)
         except DataError as e:
@@ -207,7 +210,7 @@ def build_dataset(cfg: DataCfg, split: str | None = None, limit: int | None = No
     if is_eval:
         refuse_shared_files(files, _training_files(cfg), split, cfg.split)
     if cfg.source == "gsm8k":
-        examples = _gsm8k_examples(files, limit)
+        examples = _gsm8k_examples(files, limit, cfg.prompt_field, cfg.answer_field)
     else:
         examples = _load_files(files, cfg.prompt_field, cfg.answer_field, limit)
     if not examples and limit != 0:  # name the files: an empty one is the usual cause

@@ -187,3 +187,16 @@ def test_chat_settings_for_a_model_without_a_chat_template_warn_before_the_weigh
     messages = run_config(tmp_path, data={"path": str(tmp_path / "chat.jsonl"), "prompt_field": "messages"})
     assert plain_text_warnings(messages)[0].endswith("chat-message prompts are their contents joined by blank lines, "
                                                      "with no role or reply header")  # fmt: skip
+
+
+def test_gsm8k_source_reads_the_fields_the_config_names(tmp_path):
+    """data.source=gsm8k with data.prompt_field / answer_field: a copy of GSM8K under other field names
+    (the error used to point at data.prompt_field, which was set and ignored)."""
+    rows = [{"problem": "Tom has 3 apples and buys 4. How many?", "solution": "3 + 4 = 7\n#### 7", "level": 1}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataCfg(source="gsm8k", path=str(tmp_path / "train.jsonl"), prompt_field="problem", answer_field="solution")
+    (ex,) = build_dataset(cfg)
+    assert (ex.prompt, ex.answer) == (rows[0]["problem"], "7")
+    assert ex.columns == {"level": 1, "solution": "3 + 4 = 7\n#### 7"}
+    with pytest.raises(DataError, match=r"no field 'question' \(the row has: problem, solution, level"):
+        build_dataset(DataCfg(source="gsm8k", path=str(tmp_path / "train.jsonl")))
