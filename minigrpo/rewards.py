@@ -415,9 +415,8 @@ def score(
         if error is not None:
             errors[spec.name] = error
         if failed or timed_out:
-            log.warning(
-                "reward %s: %d of %d rows failed, %d timed out; first error: %s", spec.name, failed, n, timed_out, error
-            )
+            first = f"; first error: {error}" if error is not None else ""  # timeouts alone have none
+            log.warning("reward %s: %d of %d rows failed, %d timed out%s", spec.name, failed, n, timed_out, first)
         per_fn[:, k] = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)
     weights = torch.tensor([s.weight for s in specs], dtype=torch.float64)  # (K,)
     weighted = per_fn * weights  # (N, K)

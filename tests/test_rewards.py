@@ -331,7 +331,7 @@ class Gate:
         return [0.5] * len(completions)
 
 
-def test_timeout_masks_the_slow_sample_without_waiting_for_it():
+def test_timeout_masks_the_slow_sample_without_waiting_for_it(caplog):
     gate = Gate()
     try:
         res = score(
@@ -347,6 +347,8 @@ def test_timeout_masks_the_slow_sample_without_waiting_for_it():
     assert res.per_fn[:3, 0].tolist() == [0.5, 0.5, 0.5] and math.isnan(res.per_fn[3, 0].item())
     assert res.total.tolist() == [2.5, 0.5, 2.5, 0.0]  # the slow row keeps its correctness score
     assert res.metrics()["reward/gate/timeouts"] == 1.0 and res.unscored == []
+    # a timeout alone has no error to show (the line ended "first error: None")
+    assert [r.getMessage() for r in caplog.records] == ["reward gate: 0 of 4 rows failed, 1 timed out"]
 
 
 def test_consecutive_timeouts_stop_the_per_sample_fallback():
