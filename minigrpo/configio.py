@@ -289,7 +289,8 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
         return build(tp, value, key, root)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise _bad(key, tp, value)
+            single = isinstance(value, (str, int, float)) and not isinstance(value, bool) and value != ""
+            raise _bad(key, tp, value, f" (a list of one: [{value}])" if single else "")
         return [_coerce(v, args[0], _join(key, i), root) for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -195,7 +195,7 @@ def test_literal_rejected_with_allowed_values():
         ("grpo.group_size=2.5", "grpo.group_size: expected int, got 2.5"),
         ("grpo.group_size=true", "grpo.group_size: expected int, got True"),
         ("lora.enabled=maybe", "lora.enabled: expected bool, got 'maybe'"),
-        ("sampler.stop=</answer>", "sampler.stop: expected list[str], got '</answer>'"),
+        ("sampler.stop=</answer>", "sampler.stop: expected list[str], got '</answer>' (a list of one: [</answer>])"),
         ("sampler.stop=[1]", "sampler.stop.0: expected str, got 1 (quote the value in YAML)"),
         ("train.betas=[0.9]", "train.betas: expected list of 2 floats, got [0.9]"),
         ("grpo.epsilon_high=wide", "grpo.epsilon_high: expected float, got 'wide'"),
