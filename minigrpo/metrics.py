@@ -418,14 +418,16 @@ class MetricsLogger:
                 warnings.warn(f"writing {self.plot_path} failed: {e!r}", RuntimeWarning, stacklevel=3)
 
     # ---- samples and shutdown -----------------------------------------------------------------------
-    def sample(self, step: int, prompt: str, completion: str, reward: float | None, answer: str | None = None) -> None:
+    def sample(
+        self, step: int, prompt: str | list, completion: str, reward: float | None, answer: str | None = None
+    ) -> None:
         """Print one sampled completion (the prompt's tail, the completion, the reference answer) and
-        append it in full to samples.jsonl."""
+        append it in full to samples.jsonl; a prompt of chat messages shows as "role: content" lines."""
         if not self.enabled:
             return
         r = _to_float(reward)
         r = None if r is None or not math.isfinite(r) else r
-        prompt, completion = str(prompt), str(completion)
+        prompt, completion = _prompt_text(prompt), str(completion)
         answer = None if answer is None else str(answer)
         self._append(
             self.samples_path,
@@ -467,3 +469,10 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A prompt as text to read: chat messages as one "role: content" line each (their repr otherwise)."""
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+        return "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in prompt)
+    return str(prompt)

@@ -225,6 +225,16 @@ def test_sample_block_and_jsonl(tmp_path: Path):
     assert recs[1]["reward"] is None and len(recs[1]["completion"]) == 5000
 
 
+def test_a_chat_prompt_is_shown_as_its_messages(tmp_path: Path):
+    """A prompt stored as chat messages printed and saved as its Python repr ("[{'role': ...")."""
+    out = io.StringIO()
+    lg = logger(tmp_path, stream=out)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    lg.sample(3, messages, "4", 1.0)
+    assert "prompt: system: Be brief.\nuser: What is 2+2?\n" in out.getvalue() and "{'role'" not in out.getvalue()
+    assert lines(tmp_path / "run" / "samples.jsonl")[0]["prompt"] == "system: Be brief.\nuser: What is 2+2?"
+
+
 def test_disabled_writes_nothing(tmp_path: Path):
     out = TTY()
     lg = MetricsLogger(tmp_path / "run", total_steps=5, enabled=False, stream=out, tensorboard=True, wandb=True)
