@@ -17,9 +17,11 @@ The answer parsing (extract_answer, answers_match, ...) and the built-ins are re
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import difflib
 import importlib
+import inspect
 import logging
 import math
 import numbers
@@ -270,6 +272,18 @@ class RewardResult:
         return out
 
 
+def _awaited(value: Any) -> Any:
+    """The value of an `async def` reward's call (run to completion on an event loop of its own), else
+    the value itself."""
+    if not inspect.isawaitable(value):
+        return value
+
+    async def wait() -> Any:
+        return await value
+
+    return asyncio.run(wait())
+
+
 def _call(fn: RewardFn, args: tuple, kwargs: dict, timeout_s: float | None) -> tuple[str, Any]:
     """("ok", value) | ("error", exception) | ("timeout", None).
 
@@ -283,14 +297,14 @@ def _call(fn: RewardFn, args: tuple, kwargs: dict, timeout_s: float | None) -> t
     """
     if timeout_s is None:
         try:
-            return "ok", fn(*args, **kwargs)
+            return "ok", _awaited(fn(*args, **kwargs))
         except (Exception, SystemExit) as e:
             return "error", e
     box: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            box["value"] = fn(*args, **kwargs)
+            box["value"] = _awaited(fn(*args, **kwargs))
         except BaseException as e:  # the worker reports everything, SystemExit included
             box["error"] = e
 

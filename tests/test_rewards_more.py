@@ -120,3 +120,17 @@ def test_a_reward_returning_a_1d_array_is_read_as_its_list(kind):
     res = score([""] * 3, ["a", "b", "c"], [""] * 3, [RewardSpec("arr", fn=as_array, timeout_s=None)])
     assert res.per_fn[:, 0].tolist()[::2] == [1.0, 0.25] and res.per_fn[1, 0].isnan()
     assert res.nones == {"arr": 1}
+
+
+@pytest.mark.parametrize("timeout_s", [None, 5.0])
+def test_an_async_reward_is_awaited(timeout_s):
+    """`async def` rewards (as remote judges are written) scored like plain ones, with or without a timeout
+    thread (the coroutine was refused as a wrong type, with a 'never awaited' warning)."""
+    import asyncio
+
+    async def judge(prompts, completions, answers, **_):
+        await asyncio.sleep(0)
+        return [float(len(c)) for c in completions]
+
+    res = score([""] * 2, ["ab", "abc"], [""] * 2, [RewardSpec("judge", fn=judge, timeout_s=timeout_s)])
+    assert res.per_fn[:, 0].tolist() == [2.0, 3.0] and res.failures == {"judge": 0}
