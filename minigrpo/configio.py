@@ -198,6 +198,17 @@ def _with_null_hint(error: ConfigError, key: str, tp: Any, value: Any) -> Config
     return ConfigError(f"{error}{hint}", key) if hint and error.key == key else error
 
 
+def _fits(value: Any, tp: Any, key: str, root: Any) -> bool:
+    """Whether a single `value` is a valid `tp` (so that [value] would be the list a key needs)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or value == "":
+        return False
+    try:
+        _coerce(value, tp, key, root)
+    except ConfigError:
+        return False
+    return True
+
+
 def _closest(word: str, candidates: Sequence[str], cutoff: float = 0.6) -> str | None:
     """The candidate closest to `word` (difflib), or None when nothing is close. Case is ignored
     (`LR` -> `lr`, `DAPO` -> `dapo`): difflib alone finds nothing alike in a short word of other case."""
@@ -283,14 +294,15 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
         for option in args:
             if value == option and type(value) is type(option):
                 return option
-        near = _closest(value, [a for a in args if isinstance(a, str)]) if isinstance(value, str) else None
+        words = [a for a in args if isinstance(a, str)]
+        # "q_proj" (a checkpoint's module name) is close to nothing by spelling but names "q" before its "_"
+        near = _closest(value, words) or _closest(value.split("_")[0], words, 1.0) if isinstance(value, str) else None
         raise _bad(key, tp, value, f" (did you mean {near!r}?)" if near else _null_hint(tp, value))
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key, root)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            single = isinstance(value, (str, int, float)) and not isinstance(value, bool) and value != ""
-            raise _bad(key, tp, value, f" (a list of one: [{value}])" if single else "")
+            raise _bad(key, tp, value, f" (a list of one: [{value}])" if _fits(value, args[0], key, root) else "")
         return [_coerce(v, args[0], _join(key, i), root) for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

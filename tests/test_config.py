@@ -197,6 +197,16 @@ def test_literal_rejected_with_allowed_values():
         ("lora.enabled=maybe", "lora.enabled: expected bool, got 'maybe'"),
         ("sampler.stop=</answer>", "sampler.stop: expected list[str], got '</answer>' (a list of one: [</answer>])"),
         ("sampler.stop=[1]", "sampler.stop.0: expected str, got 1 (quote the value in YAML)"),
+        # a single value hints at the list of one only where that list would load
+        (
+            "lora.targets=all-linear",
+            "lora.targets: expected list[one of 'q', 'k', 'v', 'o', 'gate', 'up', 'down'], got 'all-linear'",
+        ),
+        (
+            "lora.targets=[o_proj]",
+            "lora.targets.0: expected one of 'q', 'k', 'v', 'o', 'gate', 'up', 'down', "
+            "got 'o_proj' (did you mean 'o'?)",
+        ),
         ("train.betas=[0.9]", "train.betas: expected list of 2 floats, got [0.9]"),
         ("grpo.epsilon_high=wide", "grpo.epsilon_high: expected float, got 'wide'"),
         ("rewards.0.kwargs=3", "rewards.0.kwargs: expected mapping, got 3"),
