@@ -76,6 +76,8 @@ def check_before_loading(
     rewards.check_reward_columns(specs, loop_given | {k for ex in examples for k in ex.columns})
     tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision, key="model.name_or_path")
     check_same_architecture(cfg.model.name_or_path, None if cfg.lora.enabled else resume)
+    if cfg.lora.enabled and resume is not None:  # the adapter against the base folder's shapes, unloaded
+        check_resumed_adapter(cfg, resume)
     if tokenizer is not None:  # a local model folder: its tokenizer is read already
         check_chat_template(cfg, tokenizer)
         warn_plain_prompts(cfg, tokenizer, examples)
@@ -124,6 +126,19 @@ def warn_small_dataset(cfg: Config, examples: list[Example]) -> None:
             UserWarning,
             stacklevel=2,
         )
+
+
+def check_resumed_adapter(cfg: Config, resume: ResumePoint) -> None:
+    """A LoRA checkpoint's adapter fits model.name_or_path (a local folder): a base replaced by another
+    architecture is one line naming both before the base's weights load, not after."""
+    from minigrpo.lora_export import ADAPTER_WEIGHTS, check_adapter_fits
+
+    if not (resume.path / ADAPTER_WEIGHTS).is_file():
+        return
+    try:
+        check_adapter_fits(resume.path, cfg.model.name_or_path)
+    except UserError as e:
+        raise UserError(f"--resume from {resume.path} onto model.name_or_path={cfg.model.name_or_path}: {e}") from None
 
 
 def check_data_cursor(cfg: Config, resume: ResumePoint, examples: list[Example]) -> None:

@@ -188,3 +188,31 @@ def test_a_model_folder_holding_another_architecture_is_refused_before_loading(t
     ckpt = tmp_path / "runs" / "run" / "checkpoints" / "step_000001"
     assert message.startswith(f"error: --resume from {ckpt}: its {ckpt / 'config.json'} and model.name_or_path's ")
     assert "are different architectures (dim 64 vs 128" in message, message
+
+
+def test_a_lora_resume_onto_another_base_is_refused_before_the_weights_load(tmp_path, monkeypatch):
+    """The base folder replaced by a model of another width: the adapter's shapes are checked against its
+    config.json before the base loads (the error came only after loading it)."""
+    import shutil
+
+    from helpers.tiny import tiny_run_checkpoint
+
+    from minigrpo import build
+    from minigrpo.config import Config
+
+    cfg = run_config(
+        tmp_path,
+        lora={"enabled": True, "r": 4, "alpha": 8},
+        train={"steps": 1, "lr": 0.01, "micro_batch_size": 32},
+        checkpoint={"every": 1, "save_final": False},
+    )
+    launch(tmp_path, cfg)
+    shutil.rmtree(tmp_path / "model")
+    tiny_run_checkpoint(tmp_path / "model", seed=1, hidden_size=32, intermediate_size=64)
+    monkeypatch.setattr(build, "load_pretrained", lambda *a, **k: pytest.fail("the base model was loaded"))
+    resumed = Config.from_dict({**cfg, "run": {**cfg["run"], "resume": True}, "train": {**cfg["train"], "steps": 2}})
+    with pytest.raises(UserError) as e:
+        build.check_before_loading(resumed)
+    checkpoint = tmp_path / "runs" / "run" / "checkpoints" / "step_000001"
+    assert str(e.value).startswith(f"--resume from {checkpoint} onto model.name_or_path={tmp_path / 'model'}: ")
+    assert "has shape [4, 64], this model needs [4, 32]" in str(e.value)
