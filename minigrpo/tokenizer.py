@@ -432,6 +432,8 @@ class Tokenizer:
         }
         if self.model_max_length is not None:
             cfg["model_max_length"] = self.model_max_length
+        if self.chat_control_tokens is not None:
+            cfg["chat_control_tokens"] = list(self.chat_control_tokens)
         if list(self.chat_templates) == ["default"]:
             cfg["chat_template"] = self.chat_templates["default"]
         elif self.chat_templates:

@@ -133,3 +133,13 @@ def test_sanitize_control_tokens_needs_tokenize_and_a_good_config(tmp_path, smol
     d = tokenizer_variant(smol_dir, tmp_path / "bad", {"chat_control_tokens": "<|im_end|>"})
     with pytest.raises(ValueError, match=f"^{d / 'tokenizer_config.json'}: chat_control_tokens must be a list"):
         Tokenizer.from_dir(d)
+
+
+def test_chat_control_tokens_survive_a_save(tmp_path, smol_dir):
+    """Tokenizer.save writes chat_control_tokens back: a saved checkpoint sanitizes user text as its source."""
+    d = tokenizer_variant(smol_dir, tmp_path / "listed", {"chat_control_tokens": ["<|im_start|>"]})
+    Tokenizer.from_dir(d).save(tmp_path / "saved")
+    again = Tokenizer.from_dir(tmp_path / "saved")
+    assert again.chat_control_tokens == ("<|im_start|>",)
+    ids = again.apply_chat_template(TYPED[0], tokenize=True, sanitize_control_tokens=True)
+    assert ids == Tokenizer.from_dir(d).apply_chat_template(TYPED[0], tokenize=True, sanitize_control_tokens=True)
