@@ -2,8 +2,8 @@
 
 It knows nothing of minigrpo's schema (`config.py`): it works on any tree of dataclasses, so the
 schema reads as a list of fields. `spec(default, ">= 1")` puts a limit beside its field and
-`check_limits` enforces them; `load_yaml_file` refuses empty files and duplicate keys; `build`
-coerces plain data to the declared types (int, float, bool, str, Optional, Literal, list, tuple,
+`check_limits` enforces them (both in config_limits.py); `load_yaml_file` refuses empty files and
+duplicate keys; `build` coerces plain data to the declared types (int, float, bool, str, Optional, Literal, list, tuple,
 dict, nested dataclasses) with a did-you-mean for unknown keys; `apply_override` sets `a.b=v`;
 `template_errors` checks a `str.format` template the data fills in.
 Every problem is a `ConfigError` naming the dotted key (a `UserError`: one line on the CLI).
@@ -14,14 +14,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import math
-import operator
 import re
 import string
 import types
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from minigrpo.config_limits import MAX_COUNT as MAX_COUNT  # re-exported: the limits live in config_limits.py
+from minigrpo.config_limits import MAX_EXACT_INT, join_key
+from minigrpo.config_limits import check_limits as check_limits
+from minigrpo.config_limits import spec as spec
+from minigrpo.config_limits import within as within
 from minigrpo.errors import ConfigError as ConfigError  # re-exported: defined with the other error types
 from minigrpo.yaml_io import dump_yaml as dump_yaml  # re-exported: the YAML side lives in yaml_io.py
 from minigrpo.yaml_io import load_yaml_file as load_yaml_file
@@ -32,75 +35,6 @@ _NONE = type(None)
 
 class ConfigWarning(UserWarning):
     """A legal but suspicious combination of settings (the run proceeds)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Limits beside their fields
-# ----------------------------------------------------------------------------------------------
-
-_LIMIT_RE = re.compile(r"^(any|finite|(>=|>|<=|<) \S+|in [\[(]\S+, \S+[\])])$")
-_COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
-# a count past int32 cannot run: more steps than a run can take, more rows or tokens than a tensor can hold
-MAX_COUNT = 2**31 - 1
-MAX_EXACT_INT = 2**53  # a float beyond it holds no exact integer (1e300 as an int would be 1000...052504...)
-
-
-def within(limit: str, v: float) -> bool:
-    """Whether `v` meets a limit written as its error message says it: "any", "finite", "> 0",
-    ">= 1", "<= 1", "< 1", or an interval "in (0, 1]". NaN meets only "any", infinity only "any"
-    (a bound is a number: `temperature: .inf` is a mistake, not a very large temperature)."""
-    if limit == "any":
-        return True
-    if not isinstance(v, int) and not math.isfinite(v):  # an int is finite (and may be too large for a float)
-        return False
-    if limit == "finite":
-        return True
-    if limit.startswith("in "):
-        lo, hi = limit[4:-1].split(", ")
-        above = f"{'>' if limit[3] == '(' else '>='} {lo}"
-        below = f"{'<' if limit[-1] == ')' else '<='} {hi}"
-        return within(above, v) and within(below, v)
-    op, bound = limit.split(" ")
-    return _COMPARE[op](v, float(bound))
-
-
-def spec(default: Any, limit: str | None = None, *, most: int | None = None, match="", why="", derived="") -> Any:
-    """A dataclass field with its limit beside it: `lr: float = spec(1e-6, ">= 0")` (see `within`),
-    or a pattern a text must match whole: `spec("auto", match=r"cpu|cuda", why="cpu or cuda")`.
-
-    `most` caps a count beyond which the run cannot work (`MAX_COUNT`), checked apart from `limit`;
-    `why` ends a limit's error message and is the whole description of a pattern's; `derived` names
-    what fills a None default (in a `__post_init__`, only while None), for readers and tests.
-    """
-    if limit is not None and not _LIMIT_RE.match(limit):
-        raise ValueError(f"bad limit {limit!r}: use any, finite, '>= x', '> x', '<= x', '< x' or 'in [a, b)'")
-    metadata = {"limit": limit, "most": most, "match": match, "why": why, "derived": derived}
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def check_limits(obj: Any, path: str = "") -> list[str]:
-    """One message per value outside its field's limit or pattern, walking nested dataclasses and
-    lists of them. None ("off") always passes; a list or tuple is checked element by element."""
-    errors: list[str] = []
-    if isinstance(obj, (list, tuple)):
-        for i, item in enumerate(obj):
-            if dataclasses.is_dataclass(item):
-                errors += check_limits(item, _join(path, i))
-        return errors
-    for f in dataclasses.fields(obj):
-        key, value = _join(path, f.name), getattr(obj, f.name)
-        limit, pattern, why = f.metadata.get("limit"), f.metadata.get("match"), f.metadata.get("why")
-        values = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if v is not None]
-        shown = list(value) if isinstance(value, tuple) else value
-        if limit and not all(within(limit, v) for v in values):
-            errors.append(f"{key} must be {limit}, got {shown}" + (f" ({why})" if why else ""))
-        elif (most := f.metadata.get("most")) is not None and any(v > most for v in values):
-            errors.append(f"{key} must be <= {most}, got {shown} (no run can use a larger count)")
-        if pattern and not all(re.fullmatch(pattern, v) for v in values):
-            errors.append(f"{key} must be {why}, got {shown!r}")
-        if dataclasses.is_dataclass(value) or isinstance(value, list):
-            errors += check_limits(value, key)
-    return errors
 
 
 def template_errors(key: str, template: str, needed: str, fields: tuple[str, ...]) -> list[str]:
@@ -149,8 +83,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return {k: v for k, v in get_type_hints(cls).items() if k in names}
 
 
-def _join(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
+_join = join_key
 
 
 def _is_union(tp: Any) -> bool:
