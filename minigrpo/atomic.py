@@ -14,8 +14,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,28 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
 def write_json(path: str | Path, obj: Any, *, sort_keys: bool = True) -> None:
     """Indented JSON with a final newline, written atomically (non-ASCII text kept as it is)."""
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n")
+
+
+def write_folder_whole(out: str | Path, write: Callable[[Path], Any]) -> Path:
+    """`write(folder)` into a new temporary sibling of `out`, which takes the place of `out` once
+    complete (an older `out` removed only then): a process killed or failing while writing leaves
+    `out` as it was, never half written, so its presence means whole."""
+    out = Path(out).expanduser().resolve()  # `.` and `merged/..` have a parent and a name too
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out.is_dir():
+            os.replace(out, old)
+        elif out.exists():
+            out.unlink()
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minigrpo.atomic import atomic_path, write_json
+from minigrpo.atomic import atomic_path, write_folder_whole, write_json
 from minigrpo.errors import UserError
 from minigrpo.lora import (
     TARGETS,
@@ -46,6 +47,7 @@ _ST_DTYPE = {dtype: name for name, dtype in DTYPES.items()}
 # PEFT reads from base_model_name_or_path; the name itself is kept in the weights file's metadata for minigrpo
 PACKAGED_BASES = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 OWN_BASE_KEY = "minigrpo.base_model"
+MERGED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what save_merged writes
 PlainTensor = tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]  # (name, shape, make the tensor)
 
 
@@ -304,8 +306,48 @@ def save_merged(
     Each tensor is computed (dequantized if stored quantized, merged in fp32, cast to `dtype`), written
     and freed before the next, so memory holds the model plus one merged tensor; the model is not
     modified. config.json, generation_config.json and the tokenizer come from `save_pretrained` itself.
+
+    The folder is written whole or not at all: under a temporary sibling name, renamed to `directory`
+    once complete (an export that fails half way leaves nothing there, never config.json beside missing
+    weights, which transformers would fill with random ones). An existing `directory` is replaced whole
+    if it is empty or holds only the files of an HF model export (an earlier export); any other folder,
+    or a file, is a UserError before anything is computed, so no file of the user's is ever deleted.
     """
     out = Path(directory)
+    if dtype not in MERGED_DTYPES:
+        raise LoRAError(f"save_merged: dtype={dtype!r} must be one of torch.float32, torch.bfloat16, torch.float16")
+    problem = _merged_output_problem(out)
+    if problem is not None:
+        raise UserError(f"save_merged: {problem}")
+    write_folder_whole(out, lambda tmp: _write_merged(model, tokenizer, tmp, dtype, max_shard_bytes))
+    return out
+
+
+# the files of an HF model export (ours, transformers'): an existing folder holding only these is replaced whole
+_EXPORT_FILE = re.compile(
+    r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab|chat_template)\.json"
+    r"|chat_template\.jinja|merges\.txt|tokenizer\.model"
+    r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+)
+
+
+def _merged_output_problem(out: Path) -> str | None:
+    """Why save_merged may not write the folder `out` (None: it may, replacing an earlier export whole)."""
+    if out.exists() and not out.is_dir():
+        return f"{out} is a file, not a folder; name a folder for the merged checkpoint"
+    if not out.is_dir():
+        return None
+    foreign = sorted(p.name for p in out.iterdir() if not (p.is_file() and _EXPORT_FILE.fullmatch(p.name)))
+    if foreign:
+        return (
+            f"{out} already holds {foreign[0]!r}, which is no file of a model export: name a new (or empty) "
+            "folder, or an earlier export to replace"
+        )
+    return None
+
+
+def _write_merged(model: nn.Module, tokenizer: Any, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
+    """save_merged's files, written into the (new, empty) folder `out`."""
     save_pretrained(_WithoutTensors(model), tokenizer, out, dtype=dtype)  # metadata, tokenizer, empty weights
     entries = plain_tensors(model)
     shards: list[list[PlainTensor]] = [[]]
@@ -319,9 +361,8 @@ def save_merged(
         size += nbytes
     if len(shards) == 1:
         _write_safetensors(out / "model.safetensors", shards[0], dtype)
-        (out / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win on load
-        return out
-    (out / "model.safetensors").unlink(missing_ok=True)
+        return
+    (out / "model.safetensors").unlink(missing_ok=True)  # save_pretrained's empty one
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -329,7 +370,6 @@ def save_merged(
         weight_map.update({name: fname for name, _, _ in shard})
     total = sum(math.prod(shape) * dtype.itemsize for _, shape, _ in entries)
     write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return out
 
 
 class _WithoutTensors:

@@ -25,7 +25,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minigrpo.atomic import fsync_dir
+from minigrpo.atomic import write_folder_whole as write_folder_whole  # re-exported for the entry points
 from minigrpo.checkpoint import (
     CheckpointError,
     check_writable,
@@ -324,25 +323,6 @@ def unlock_run_dir(lock: RunDirLock) -> None:
 
 # ================================================================================================
 # the final outputs
-
-
-def write_folder_whole(out: Path, write: Callable[[Path], Any]) -> Path:
-    """`write(folder)` into a temporary sibling of `out`, renamed to `out` once complete (an older `out`
-    removed first): a run killed while writing leaves no half-written `out`, so its presence means whole."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
-    try:
-        write(tmp)
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def curves_stale(cfg: Config) -> bool:
