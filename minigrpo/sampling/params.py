@@ -156,23 +156,45 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 
 def filter_probs(probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
-    """Zero out tokens outside top-k, then top-p, then min-p (probs (B, V), not renormalised).
+    """Zero out tokens outside top-k, then top-p, then min-p (probs (B, V), not renormalised): the
+    tokens `filter_scores` keeps of log(probs)."""
+    return probs.masked_fill(filter_scores(probs.log(), top_k, top_p, min_p).isneginf(), 0.0)
 
-    The order is transformers' logits processors' (and what a config means there): top-p takes its
-    nucleus of the top-k survivors' renormalised mass, and min-p comes last. It matters: min-p first
-    shrinks the mass top-p counts against, so the nucleus could lose tokens (p = [.5, .3, .04 x 5],
-    top_p .6, min_p .1: {.5, .3} in this order, {.5} with min-p first)."""
-    if top_k > 0 and top_k < probs.shape[-1]:
-        kth = probs.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        probs = probs.masked_fill(probs < kth, 0.0)
+
+def filter_scores(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """Tempered logits (B, V) with the tokens outside top-k, then top-p, then min-p set to -inf.
+
+    The order and the arithmetic are transformers' logits processors' (what a config means there):
+    top-k keeps every token tied with the k-th; top-p takes its nucleus of the top-k survivors'
+    renormalised mass, and min-p comes last. The order matters: min-p first shrinks the mass top-p
+    counts against, so the nucleus could lose tokens (p = [.5, .3, .04 x 5], top_p .6, min_p .1:
+    {.5, .3} in this order, {.5} with min-p first)."""
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, -math.inf)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)  # (B, V) each
-        before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
-        sorted_p = sorted_p.masked_fill(before >= top_p * sorted_p.sum(-1, keepdim=True), 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        scores = scores.masked_fill(outside_nucleus(scores, top_p), -math.inf)
     if min_p > 0.0:
-        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
-    return probs
+        probs = scores.softmax(-1)  # (B, V)
+        scores = scores.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), -math.inf)
+    return scores
+
+
+def outside_nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, V) bool: the tokens past the smallest set of most likely tokens whose mass reaches top_p.
+
+    The mass is summed from the least likely token up (a token goes while the mass at and below it is
+    <= 1 - top_p; the most likely always stays), and tied tokens are ordered by torch's ascending sort,
+    both as transformers does: the same rounding on exact boundaries (ten tokens of .1, top_p .3: three
+    tokens, where a sum from the top gives four) and the same choice among tokens tied at the boundary
+    (common with bf16 logits). A row's order depends on that row alone, so the choice is split invariant."""
+    ascending, order = scores.sort(-1)  # (B, V) each
+    mass = ascending.softmax(-1)  # (B, V) in sorted order
+    del ascending
+    drop = mass.cumsum_(-1) <= 1 - top_p  # (B, V)
+    del mass
+    drop[:, -1] = False
+    return torch.zeros_like(drop).scatter_(-1, order, drop)
 
 
 # ----------------------------------------------------------------------------- counter-based noise
@@ -261,10 +283,14 @@ def sample_tokens(
     if params.greedy:
         tokens = logits.argmax(-1)
         return tokens, token_logprobs(logits, tokens, 1.0)
-    logp = (logits.float() / params.temperature).log_softmax(-1)  # (B, V)
-    probs = logp.exp()
-    if params.filters:
-        probs = filter_probs(probs, params.top_k, params.top_p, params.min_p)
+    scores = logits.float() / params.temperature  # (B, V)
+    logp = scores.log_softmax(-1)  # (B, V)
+    if params.filters:  # before the probabilities exist: the sort's buffers and theirs never coexist
+        removed = filter_scores(scores, params.top_k, params.top_p, params.min_p).isneginf()  # (B, V)
+        del scores
+        probs = logp.exp().masked_fill_(removed, 0.0)
+    else:
+        probs = logp.exp()
     if noise is None:
         keys = torch.randint(0, 2**32, (logits.shape[0],), generator=generator, device=logits.device)
         noise = RaceNoise(row_keys=keys, position=torch.zeros(1, dtype=torch.int64, device=logits.device))
