@@ -44,7 +44,7 @@ from minigrpo.build import (
 from minigrpo.config import Config, config_from_args
 from minigrpo.config_rules import rules_of
 from minigrpo.data import Example, PromptLoader
-from minigrpo.distributed import World, env_world_size
+from minigrpo.distributed import World, checked_on_every_rank, env_world_size
 from minigrpo.errors import UserError, run_cli
 from minigrpo.grad_scale import GradScale, grad_scale_metrics, optimizer_step
 from minigrpo.kernels import fused_linear_cross_entropy
@@ -98,7 +98,7 @@ def sft_config_from_args(argv: list[str] | None) -> Config:
 def sft(cfg: Config) -> list[dict[str, Any]]:
     """Run (or resume) SFT as configured; returns the metrics of every step run."""
     with run_dir_held(cfg):  # first: a second process on this run folder stops here
-        resume, examples, checked = check_before_loading(cfg)
+        resume, examples, checked = checked_on_every_rank(lambda: check_before_loading(cfg))  # torchrun: one line
         if resume is not None and resume.step >= cfg.train.steps:  # killed after its final checkpoint, or complete
             return finish_run(cfg, resume, (FINAL_MODEL,), lambda names: write_final_model_from(cfg, resume))
         return loop(build_run(cfg, resume, examples, checked=checked))

@@ -155,3 +155,16 @@ def _training_saving_gradients(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _training_saving_gradients(sys.argv[1:])
+
+
+def test_sft_under_torchrun_is_refused_in_one_line(tmp_path):
+    """SFT runs in one process: under torchrun every rank refused it, the error line printed per rank."""
+    cfg = base_config(tmp_path, "sft_ranks")
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [sys.executable, *launcher, "-m", "minigrpo.sft", "--config", str(path)]
+    done = subprocess.run(cmd, cwd=tmp_path, env=cli_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True)
+    assert done.returncode != 0
+    assert error_lines(done) == ["error: python -m minigrpo.sft runs in one process; launch it without torchrun"]
+    assert_no_rank_traceback(done)
