@@ -51,6 +51,8 @@ GRPO_OBJECTIVE = (
     "scale_rewards",
     "advantage_estimator",
     "mask_truncated_completions",
+    "is_cap",  # the bounds of grpo.is_correction's weights, which weight GRPO's loss alone
+    "is_min",
 )
 
 

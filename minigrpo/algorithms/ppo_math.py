@@ -219,7 +219,9 @@ def clipped_value_loss(
     if value_clip is None:
         per_token, clipped_used = 0.5 * err, torch.zeros_like(active)
     else:
-        v_clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+        # V clamped into [V_old - c, V_old + c]: inside the range it is V itself, bit for bit (V_old +
+        # clip(V - V_old) rounds), so its two errors tie there and it never counts as clipped
+        v_clipped = torch.clamp(values, old_values - value_clip, old_values + value_clip)  # (N, Tc)
         err_clipped = (v_clipped - R).square()
         per_token = 0.5 * torch.maximum(err, err_clipped)
         clipped_used = err_clipped > err
