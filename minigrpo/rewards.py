@@ -257,15 +257,15 @@ class RewardResult:
         reward/<name>/failures, reward/<name>/timeouts, reward/<name>/nones, reward/total,
         reward/total_std, reward/masked_rows."""
         out: dict[str, float] = {}
-        for k, name in enumerate(self.names):
-            col = self.per_fn[:, k]
+        for k, name in enumerate(self.names):  # means in fp64, as over the rows gathered from several ranks
+            col = self.per_fn[:, k].double()
             col = col[~col.isnan()]
             out[f"reward/{name}"] = col.mean().item() if col.numel() else float("nan")
             out[f"reward/{name}/std"] = col.std().item() if col.numel() >= 2 else 0.0
             out[f"reward/{name}/failures"] = float(self.failures[name])
             out[f"reward/{name}/timeouts"] = float(self.timeouts[name])
             out[f"reward/{name}/nones"] = float(self.nones[name])
-        total = self.total[~self.total.isnan()]
+        total = self.total[~self.total.isnan()].double()
         out["reward/total"] = total.mean().item() if total.numel() else float("nan")
         out["reward/total_std"] = total.std().item() if total.numel() >= 2 else 0.0
         out["reward/masked_rows"] = float(self.total.isnan().sum())

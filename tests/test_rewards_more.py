@@ -134,3 +134,17 @@ def test_an_async_reward_is_awaited(timeout_s):
 
     res = score([""] * 2, ["ab", "abc"], [""] * 2, [RewardSpec("judge", fn=judge, timeout_s=timeout_s)])
     assert res.per_fn[:, 0].tolist() == [2.0, 3.0] and res.failures == {"judge": 0}
+
+
+def test_reward_metrics_are_fp64_means_of_the_rows():
+    """One process took the mean of the fp32 rows in fp32 (1e7 + x/10: 10000000.0), several ranks in fp64
+    over the gathered rows (10000000.1875): the same rows now give the same numbers."""
+
+    def offset(prompts, completions, answers, **_):
+        return [1e7 + len(c) / 10 for c in completions]
+
+    res = score([""] * 4, ["a", "bb", "ccc", "dddd"], [""] * 4, [RewardSpec("off", fn=offset, timeout_s=None)])
+    rows = res.per_fn[:, 0].double()
+    metrics = res.metrics()
+    assert metrics["reward/off"] == rows.mean().item() and metrics["reward/off/std"] == rows.std().item()
+    assert metrics["reward/total"] == res.total.double().mean().item()
