@@ -71,6 +71,13 @@ def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
     return errors
 
 
+def _resampled_where(cfg: Config) -> str:
+    """Where grpo.max_resample_rounds is read: PPO has no dynamic sampling to switch on."""
+    if cfg.algorithm == "ppo":
+        return "with grpo.dynamic_sampling=true, which algorithm=ppo does not take"
+    return "with grpo.dynamic_sampling=true"
+
+
 def unread_notes(cfg: Config) -> list[str]:
     """One note per group of settings changed from their defaults that the run never reads because of
     another setting (`sampler.gpu_memory_utilization` with the own sampler): a warning, not an error,
@@ -79,7 +86,7 @@ def unread_notes(cfg: Config) -> list[str]:
     synthetic_read = "synthetic" in (cfg.data.source, cfg.sft.source)
     unread = (  # (the setting that makes them unread, section, its keys (None: all), where they are read)
         (sampler.kind != "vllm", sampler, "sampler", VLLM_SAMPLER_KEYS, "with sampler.kind=vllm"),
-        (not g.dynamic_sampling, g, "grpo", ("max_resample_rounds",), "with grpo.dynamic_sampling=true"),
+        (not g.dynamic_sampling, g, "grpo", ("max_resample_rounds",), _resampled_where(cfg)),
         (g.is_correction is None, g, "grpo", ("is_cap", "is_min"), "with grpo.is_correction set"),
         (cfg.train.schedule == "constant", cfg.train, "train", ("min_lr_ratio",), "by the linear and cosine schedules"),
         (not cfg.log.wandb, cfg.log, "log", ("wandb_project",), "with log.wandb=true"),

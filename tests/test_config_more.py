@@ -156,6 +156,11 @@ def test_an_override_that_is_no_yaml_says_how_to_fix_it():
             "grpo.max_resample_rounds=5: ignored, read only with grpo.dynamic_sampling=true",
         ),
         (
+            ["algorithm=ppo", "grpo.max_resample_rounds=5"],
+            "grpo.max_resample_rounds=5: ignored, read only with grpo.dynamic_sampling=true, which algorithm=ppo "
+            "does not take",
+        ),
+        (
             ["grpo.is_cap=5", "grpo.is_min=0.5"],
             "grpo.is_cap=5.0, grpo.is_min=0.5: ignored, read only with grpo.is_correction set",
         ),
