@@ -8,7 +8,7 @@ Shapes
     B prompts, G group size (completions per prompt), N = B*G sequences, Tc completion length (right
     padded), K reward functions. Groups are contiguous: rows [g*G, (g+1)*G) answer prompt g.
 
-One optimizer step (the loop in train.py does this)
+One optimizer step (step.py's update_phase does this)
     opts = LossOptions.from_config(cfg)                   # once per run: the loss settings
     r   = score(...).total                                # (N,) fp32, NaN where no reward was scored
     A   = group_advantages(r, G)                          # (N,)

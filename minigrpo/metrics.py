@@ -358,8 +358,9 @@ class MetricsLogger:
             self._notes.add("zero")
             self._write(
                 f"note: step {step}: every group got identical rewards (zero%=100), so no completion is "
-                "better than another (GRPO: every advantage is 0; online DPO: no pair): nothing to learn "
-                "from this batch (all right or all wrong? check the samples)."
+                "better than another (GRPO: every advantage is 0; online DPO: no pair): no signal in this "
+                "batch, though the optimizer still steps on its moments (all right or all wrong? check the "
+                "samples)."
             )
         for name in reward_function_names(list(values)):
             if math.isnan(values[f"reward/{name}"]) and f"unscored/{name}" not in self._notes:

@@ -261,15 +261,21 @@ class RewardResult:
             col = self.per_fn[:, k].double()
             col = col[~col.isnan()]
             out[f"reward/{name}"] = col.mean().item() if col.numel() else float("nan")
-            out[f"reward/{name}/std"] = col.std().item() if col.numel() >= 2 else 0.0
+            out[f"reward/{name}/std"] = _spread(col)
             out[f"reward/{name}/failures"] = float(self.failures[name])
             out[f"reward/{name}/timeouts"] = float(self.timeouts[name])
             out[f"reward/{name}/nones"] = float(self.nones[name])
         total = self.total[~self.total.isnan()].double()
         out["reward/total"] = total.mean().item() if total.numel() else float("nan")
-        out["reward/total_std"] = total.std().item() if total.numel() >= 2 else 0.0
+        out["reward/total_std"] = _spread(total)
         out["reward/masked_rows"] = float(self.total.isnan().sum())
         return out
+
+
+def _spread(values: Tensor) -> float:
+    """The std of the scored rows: 0 for one row, NaN for none (like the mean: a 0 would read as "all
+    rows alike" where nothing was scored)."""
+    return values.std().item() if values.numel() >= 2 else 0.0 if values.numel() else float("nan")
 
 
 def _awaited(value: Any) -> Any:

@@ -148,3 +148,18 @@ def test_reward_metrics_are_fp64_means_of_the_rows():
     metrics = res.metrics()
     assert metrics["reward/off"] == rows.mean().item() and metrics["reward/off/std"] == rows.std().item()
     assert metrics["reward/total"] == res.total.double().mean().item()
+
+
+def test_a_reward_that_scored_no_row_has_no_spread_either():
+    """reward/<name> is NaN where no row was scored; its std read 0.0 beside it ("all alike")."""
+
+    def nothing(prompts, completions, answers, **_):
+        return [None] * len(completions)
+
+    def one(prompts, completions, answers, **_):
+        return [1.0] + [None] * (len(completions) - 1)
+
+    specs = [RewardSpec("nothing", fn=nothing, timeout_s=None), RewardSpec("one", fn=one, timeout_s=None)]
+    metrics = score([""] * 3, ["a", "b", "c"], [""] * 3, specs).metrics()
+    assert np.isnan(metrics["reward/nothing"]) and np.isnan(metrics["reward/nothing/std"])
+    assert (metrics["reward/one"], metrics["reward/one/std"], metrics["reward/total_std"]) == (1.0, 0.0, 0.0)
