@@ -87,6 +87,7 @@ def rollout_phase(
     B, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
     rounds_left = 1 + (cfg.grpo.max_resample_rounds if cfg.grpo.dynamic_sampling else 0)
     parts: list[tuple[Rollout, torch.Tensor, list, list]] = []  # kept (rollout, totals, prompts, answers)
+    sampled: dict[str, float] = {}  # every round's sampler stats (tokens, seconds), dropped groups' included
     kept, rounds, metrics, first = 0, 0, None, torch.zeros(0)
     while kept < B and rounds < rounds_left:
         examples = loader.next_batch(B - kept)  # the round's global prompts, the same on every rank
@@ -113,6 +114,7 @@ def rollout_phase(
             columns["completion_lengths"] = rollout.loss_mask.sum(-1).tolist()  # the model's own tokens
             columns["max_completion_length"] = [longest] * rollout.num_sequences
             scored = rewards.score(prompts, completions, answers, specs, columns=columns)
+            sampled = added_stats(sampled, rollout.stats)
         total = scored.total.float() if scored is not None else torch.zeros(0)  # (N_rank,)
         everyone, _ = gather_rows(world, total)  # (N_round,) in global row order
         if metrics is None:  # the first round: the policy's own distribution
@@ -136,6 +138,7 @@ def rollout_phase(
         total = torch.cat([p[1] for p in parts])
     else:  # a rank whose share of every round was dropped (dynamic sampling with several ranks)
         rollout, total = empty_rollout(G, sampler.pad_id, world.device), torch.zeros(0)
+    rollout.stats = sampled  # tokens_per_s counts the rounds whose groups were all dropped too
     # advantages of the global batch (the "batch" std is global); this rank keeps its own rows
     everyone, start = gather_rows(world, total)
     adv_all = advantages.group_advantages(
@@ -157,6 +160,11 @@ def rollout_phase(
         prompts=[x for p in parts for x in p[2]],
         answers=[x for p in parts for x in p[3]],
     )
+
+
+def added_stats(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Two rollouts' sampler stats together: token counts and seconds add up."""
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in {**a, **b}}
 
 
 def group_metrics(totals: torch.Tensor, group_size: int) -> dict[str, float]:
@@ -388,15 +396,15 @@ def update_phase(
 
     grad_scale: the run's loss scale (float16; see minigrpo/grad_scale.py). A scaled loss takes the
     general LM-head path: the fused one forms its gradients in the model dtype before any scale.
+    old_logp None with grpo.num_iterations > 1: computed here, before the first update (without
+    them every pass would be on-policy, ratio 1, and the later passes never clipped).
     """
-    world = world or World()
-    grad_scale = grad_scale or GradScale()
-    opts = grpo.LossOptions.from_config(cfg)
-    r = batch.rollout
-    mask = grpo.loss_mask(
-        r.loss_mask, r.truncated, mask_truncated_completions=cfg.grpo.mask_truncated_completions
-    )  # (N, Tc): the model's own tokens (a multi-turn row's environment tokens are context only)
-    size = cfg.train.micro_batch_size
+    world, grad_scale = world or World(), grad_scale or GradScale()
+    opts, r, size = grpo.LossOptions.from_config(cfg), batch.rollout, cfg.train.micro_batch_size
+    if old_logp is None and cfg.grpo.num_iterations > 1:  # the policy every pass's ratio is taken against
+        old_logp = logprobs_phase(model, r, size, cfg.sampler.temperature, world=world)  # (N, Tc)
+    mask = grpo.loss_mask(r.loss_mask, r.truncated, mask_truncated_completions=cfg.grpo.mask_truncated_completions)
+    # mask (N, Tc): the model's own tokens (a multi-turn row's environment tokens are context only)
     normalizer = grpo.make_normalizer(
         mask,
         opts.loss_type,
