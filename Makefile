@@ -64,7 +64,7 @@ test: $(VENV)/.dev $(VLLM_VENV)/.installed
 
 # the vLLM sampler against the own sampler and the trainer, in-process on the CPU
 test-vllm: $(VLLM_VENV)/.installed
-	OMP_NUM_THREADS=1 VLLM_LOGGING_LEVEL=WARNING PYTHONSAFEPATH=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_sampler.py
+	OMP_NUM_THREADS=1 VLLM_LOGGING_LEVEL=WARNING PYTHONSAFEPATH=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_sampler.py tests/test_vllm_more.py
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

@@ -1,5 +1,5 @@
 """vLLM samplers under torchrun: one independent engine per rank, inside the trainer's process group;
-and the engine's arguments that do not depend on the rank (checked, or derived from the policy).
+and the engine's arguments that do not depend on the rank (checked, or derived from the policy and the run).
 
 Every rank builds its own in-process engine (on CUDA on its LOCAL_RANK's GPU), samples its own rows
 and syncs its own weights (an FSDP2 policy is gathered whole for the push and the check:
@@ -23,8 +23,12 @@ distributed.full_weights). How vLLM 0.32 meets the trainer's process group:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import json
 import os
 import random
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +38,7 @@ import torch.distributed as dist
 
 from minigrpo.config_rules import VLLM_TEMPERATURES
 from minigrpo.distributed import World, combine_stats
+from minigrpo.errors import ConfigError, UserError
 
 from .params import SamplingError
 
@@ -136,6 +141,19 @@ def vllm_filter_problem(temperature: float, top_p: float, min_p: float) -> str |
     )
 
 
+def check_vllm_windows(args: Any) -> None:
+    """A SamplingError, before the engine starts, for sliding windows on some layers only (Qwen2 / Qwen3
+    with 0 < max_window_layers < num_hidden_layers, or mixed layer_types): vLLM 0.32's Qwen2 model
+    refuses them with an AssertionError while the engine starts. Windows on every layer (Mistral,
+    Phi-3, Qwen with max_window_layers 0) or none are served as the trainer computes them."""
+    types = set(args.hf_config.get("layer_types") or ())
+    if len(set(args.layer_windows)) > 1 or len(types) > 1:
+        raise SamplingError(
+            f"the model has a sliding window on some layers only (windows per layer {list(args.layer_windows)}, "
+            f"layer_types {sorted(types) or None}): vLLM 0.32 cannot build that attention; use sampler.kind=own"
+        )
+
+
 FILTERED_LOGPROBS = (
     "vLLM reports log-probs renormalised over the tokens top_k / top_p / min_p keep (the trainer's are over the "
     "whole vocabulary): importance weights old / sampler carry each token's kept mass"
@@ -182,6 +200,45 @@ def checked_engine_kwargs(engine_kwargs: dict[str, Any] | None) -> dict[str, Any
     return extra
 
 
+def engine_max_model_len(cfg: Any, args: Any, prompt_tokens: int | None = None, at_least: int = 0) -> int:
+    """vLLM's max_model_len for a run: the longest prompt (`prompt_tokens`, as prompt_fit measured it;
+    unknown: data.max_prompt_tokens, or with no cap the model's whole positions, which every kept
+    prompt and its completion fit), its completion budget (sampler.max_new_tokens; with env.kind a
+    turn follows an episode of up to env.max_episode_tokens: both), at most the model's positions
+    (prompt_fit.position_limit). The engine refuses any longer request, so a guess below the data's
+    prompts (the 1024 it once was) fails mid-run. `at_least`: what the engine must hold besides (the
+    verification probe and its one token). A measured prompt past the positions is a ConfigError."""
+    from minigrpo.env_config import completion_budget
+    from minigrpo.prompt_fit import position_limit
+
+    limit = position_limit(args)
+    budget, key = completion_budget(cfg)
+    turn = cfg.sampler.max_new_tokens if cfg.env.kind is not None else 0  # the last turn after the episode
+    if prompt_tokens is not None and prompt_tokens + budget > limit.positions:
+        raise ConfigError(
+            f"the longest prompt has {prompt_tokens} tokens and {key}={budget}: {prompt_tokens + budget} positions, "
+            f"more than {limit.setting}"
+        )
+    prompt = cfg.data.max_prompt_tokens if prompt_tokens is None else prompt_tokens
+    return limit.positions if prompt is None else min(limit.positions, max(prompt + budget + turn, at_least))
+
+
+ENGINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the weight dtypes vLLM computes in
+
+
+def checked_engine_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The engine's weight dtype (None: the policy's), given as a torch dtype or its name ("bfloat16"),
+    one of ENGINE_DTYPES; else a SamplingError naming it, before the engine (an integer dtype would
+    reach vLLM)."""
+    if dtype is None:
+        return None
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if value not in ENGINE_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in ENGINE_DTYPES)
+        raise SamplingError(f"dtype must be one of {names} (vLLM's weight dtype) or None, got {dtype!r}")
+    return value
+
+
 def checked_max_model_len(max_model_len: int | None, positions: int, setting: str | None = None) -> int:
     """max_model_len (default: `positions`), an integer in [2, positions], else a SamplingError.
     `positions`: what a rollout may use (prompt_fit.position_limit: the model's positions, or a
@@ -193,17 +250,63 @@ def checked_max_model_len(max_model_len: int | None, positions: int, setting: st
     return value
 
 
+def engine_hf_config(args: Any, dtype: str) -> dict[str, Any]:
+    """The config.json the engine is built from: the policy's, with `dtype` and the architecture the
+    trainer computes. vLLM picks its model class by `architectures`, the trainer its family by
+    `model_type`: a config whose list names another class (a Llama class on a qwen2 config: no q/k/v
+    bias, no q/k norms) or none (null) would build another network or none at all."""
+    cfg = args.to_hf_config(torch_dtype=dtype)
+    cfg["architectures"] = [args.architecture]
+    return cfg
+
+
+def start_engine(llm_class: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    """`llm_class` (vllm.LLM) built with `kwargs` from a temporary folder holding only the policy's
+    config.json (engine_hf_config; the weights come from the first sync), the global RNGs kept."""
+    folder = tempfile.mkdtemp(prefix="minigrpo-vllm-")
+    try:
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(engine_hf_config(args, kwargs["dtype"]), f)
+        with global_rng_kept():
+            return llm_class(model=folder, **kwargs)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def engine_seed(seed: int) -> int:
+    """vLLM's engine seed for a run seed: vLLM seeds numpy with it, which takes [0, 2**32 - 1] only (a
+    negative or larger run.seed would raise deep in the engine's start); folded as the trainer folds it."""
+    return int(seed) % 2**32
+
+
+def require_vllm() -> None:
+    """A UserError naming the extra to install when vllm is missing (before any engine or weight work)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(
+            "sampler.kind=vllm needs the package vllm, which is not installed: pip install -e '.[vllm]' "
+            "(see README: vLLM sampler)"
+        )
+
+
 __all__ = [
     "ENGINE_ARGS_OWNED",
+    "ENGINE_DTYPES",
     "FILTERED_LOGPROBS",
     "check_rollout_params",
+    "check_vllm_windows",
+    "checked_engine_dtype",
     "checked_engine_kwargs",
     "checked_max_model_len",
     "combined_sync_stats",
     "cpu_kv_cache_bytes",
     "default_group_kept",
+    "engine_hf_config",
+    "engine_max_model_len",
+    "engine_seed",
     "global_rng_kept",
     "rank_engine_kwargs",
+    "require_vllm",
+    "start_engine",
     "torchrun_world",
     "vllm_filter_problem",
     "vllm_temperature_problem",

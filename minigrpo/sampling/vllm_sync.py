@@ -26,8 +26,9 @@ the kernels, or used in another layout (fused, repacked, tied), which only the f
 here imports vLLM: the worker functions receive vLLM's worker object, the rest the engine
 (`vllm.LLM`).
 
-The engine's length (`engine_max_model_len`): the longest prompt and its completion budget, at most
-the model's positions.
+A policy that is not the engine's model (other names or shapes than the first sync pushed) is a
+SyncError before anything is pushed (`same_model_shapes`): vLLM's reload would fail half-way on it and
+leave the engine unusable, even for a correct sync afterwards.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from torch import nn
 
 from minigrpo.logprobs import completion_logprobs
 from minigrpo.lora_export import plain_tensors
+
+from .params import SamplingError
 
 # Log-prob probe tolerance (max |diff|, mean |diff|) by the coarser of the policy's and vLLM's dtype.
 # Measured vLLM-vs-trainer differences of 16 greedy tokens (CPU): fp32 tiny and random 10M-150M
@@ -85,6 +88,30 @@ def policy_weights_for_sync(
             with torch.no_grad():
                 t = make().detach()
             yield name, t if dtype is None else t.to(dtype)
+
+
+def pushed_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every tensor a sync pushes (policy_weights_for_sync), nothing computed."""
+    return {name: tuple(shape) for name, shape, _ in plain_tensors(model)}
+
+
+def same_model_shapes(expected: dict[str, tuple[int, ...]] | None, model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """pushed_shapes(model), or a SyncError before anything is pushed when `expected` (those of the
+    model the engine was built for, None at the first sync) differ: vLLM's in-place reload of a tensor
+    of another shape, or of one it does not have, fails half-way and leaves the engine's layers
+    unusable, even for a correct sync afterwards."""
+    now = pushed_shapes(model)
+    if expected is None or now == expected:
+        return now
+    changed = [f"{n} {now[n]} (engine: {shape})" for n, shape in expected.items() if now.get(n, shape) != shape]
+    missing = [n for n in expected if n not in now]
+    extra = [n for n in now if n not in expected]
+    found = [
+        f"{what}: {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+        for what, names in (("other shape", changed), ("missing", missing), ("unknown", extra))
+        if names
+    ]
+    raise SyncError("the policy is not the model the vLLM engine was built for (" + "; ".join(found) + ")")
 
 
 def layer_unit(name: str) -> str:
@@ -330,6 +357,22 @@ def probe_sequence(policy: nn.Module, prompt: Sequence[int], continuation: int) 
     return [int(t) for t in ids[0].tolist()]
 
 
+def probe_that_fits(
+    prompt: Sequence[int], continuation: int, max_model_len: int, vocab_size: int
+) -> tuple[list[int], int]:
+    """The probe's prompt (ids checked against the vocabulary: a SamplingError) and continuation
+    length, cut to an engine of `max_model_len` positions: the probe request holds its whole sequence
+    and asks one token more, so the sequence has at most max_model_len - 1 tokens (the continuation
+    gives way first). An engine shorter than the default probe (a tiny model, a short max_model_len)
+    would otherwise fail its first sync inside vLLM."""
+    prompt = [int(t) for t in prompt]
+    if not all(0 <= t < vocab_size for t in prompt):
+        raise SamplingError(f"probe_prompt {prompt} has ids outside the vocabulary [0, {vocab_size})")
+    room = max_model_len - 1
+    prompt = prompt[: max(room - 1, 1)]
+    return prompt, max(0, min(int(continuation), room - len(prompt)))
+
+
 def probe_logprob_diff(llm: Any, params: Any, policy: nn.Module, probe: Sequence[int]) -> tuple[float, float]:
     """Max and mean |diff| of vLLM's and the trainer's log-probs of tokens 1..T-1 of `probe` given
     their prefix: one forward on each side. `params`: vLLM SamplingParams asking for the prompt
@@ -404,34 +447,6 @@ def probe_tolerance(*dtypes: torch.dtype) -> tuple[float, float]:
 
 
 # ================================================================================================
-# the engine's length
-
-
-def engine_max_model_len(cfg: Any, args: Any, prompt_tokens: int | None = None, at_least: int = 0) -> int:
-    """vLLM's max_model_len for a run: the longest prompt (`prompt_tokens`, as prompt_fit measured it;
-    unknown: data.max_prompt_tokens, or with no cap the model's whole positions, which every kept
-    prompt and its completion fit), its completion budget (sampler.max_new_tokens; with env.kind a
-    turn follows an episode of up to env.max_episode_tokens: both), at most the model's positions
-    (prompt_fit.position_limit). The engine refuses any longer request, so a guess below the data's
-    prompts (the 1024 it once was) fails mid-run. `at_least`: what the engine must hold besides (the
-    verification probe and its one token). A measured prompt past the positions is a ConfigError."""
-    from minigrpo.env_config import completion_budget
-    from minigrpo.errors import ConfigError
-    from minigrpo.prompt_fit import position_limit
-
-    limit = position_limit(args)
-    budget, key = completion_budget(cfg)
-    turn = cfg.sampler.max_new_tokens if cfg.env.kind is not None else 0  # the last turn after the episode
-    if prompt_tokens is not None and prompt_tokens + budget > limit.positions:
-        raise ConfigError(
-            f"the longest prompt has {prompt_tokens} tokens and {key}={budget}: {prompt_tokens + budget} positions, "
-            f"more than {limit.setting}"
-        )
-    prompt = cfg.data.max_prompt_tokens if prompt_tokens is None else prompt_tokens
-    return limit.positions if prompt is None else min(limit.positions, max(prompt + budget + turn, at_least))
-
-
-# ================================================================================================
 # logging
 
 
@@ -462,7 +477,6 @@ __all__ = [
     "PROBE_TOLERANCE",
     "ProbeSchedule",
     "SyncError",
-    "engine_max_model_len",
     "fingerprint",
     "fingerprintable",
     "fingerprints",
@@ -471,7 +485,10 @@ __all__ = [
     "policy_weights_for_sync",
     "probe_logprob_diff",
     "probe_sequence",
+    "probe_that_fits",
     "probe_tolerance",
+    "pushed_shapes",
+    "same_model_shapes",
     "stale_tensors",
     "weight_buckets",
     "worker_clear_kv_cache",
