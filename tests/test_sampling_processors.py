@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers.tiny import tiny_model
 from test_sampler import PROMPTS, CharTokenizer
+from test_sampler_semantics import hf_filtered_probs
 
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import RaceNoise, SamplingParams, sample_tokens
@@ -25,21 +26,7 @@ transformers = pytest.importorskip("transformers")
 def transformers_probs(logits: torch.Tensor, temperature: float, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
     """What `generate` samples from: logits (B, V) of any dtype, cast to fp32 as generate does, then
     its warpers in its order and a softmax -> (B, V) fp32."""
-    from transformers.generation.logits_process import (
-        MinPLogitsWarper,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    warpers = [TemperatureLogitsWarper(temperature)]
-    warpers += [TopKLogitsWarper(top_k)] if top_k else []
-    warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
-    warpers += [MinPLogitsWarper(min_p)] if min_p else []
-    scores = logits.float()
-    for warp in warpers:
-        scores = warp(None, scores)
-    return scores.softmax(-1)
+    return hf_filtered_probs(logits.float(), temperature, top_k, top_p, min_p)
 
 
 def raced_probs(logits: torch.Tensor, params: SamplingParams, monkeypatch) -> torch.Tensor:

@@ -65,23 +65,31 @@ def test_the_probe_fits_any_engine_length():
     assert probe_that_fits(prompt, 16, 13, 64) == (prompt[:11], 1)  # one greedy token kept
 
 
-@needs_vllm
-def test_a_run_seed_outside_numpys_range_starts_the_engine(monkeypatch):
-    """vLLM seeds numpy with its engine seed ([0, 2**32) only): run.seed=-1 raised inside the engine's
-    start; the engine now gets the seed folded as the trainer folds it (build.seed_everything)."""
-    import numpy as np
+class Started(Exception):
+    """Raised in place of starting a vLLM engine (engine_kwargs_seen)."""
+
+
+def engine_kwargs_seen(monkeypatch) -> dict:
+    """The arguments the next vllm.LLM(...) gets, which raises Started instead of starting an engine."""
     import vllm
 
-    seen = {}
-
-    class Started(Exception):
-        pass
+    seen: dict = {}
 
     def fake_llm(**kwargs):
         seen.update(kwargs)
         raise Started
 
     monkeypatch.setattr(vllm, "LLM", fake_llm)
+    return seen
+
+
+@needs_vllm
+def test_a_run_seed_outside_numpys_range_starts_the_engine(monkeypatch):
+    """vLLM seeds numpy with its engine seed ([0, 2**32) only): run.seed=-1 raised inside the engine's
+    start; the engine now gets the seed folded as the trainer folds it (build.seed_everything)."""
+    import numpy as np
+
+    seen = engine_kwargs_seen(monkeypatch)
     for seed in (-1, 2**40 + 5):
         with pytest.raises(Started):
             VLLMSampler(tiny_model(**QWEN2), None, max_model_len=64, seed=seed)
@@ -143,20 +151,9 @@ def test_engine_dtype_by_name_and_bad_dtypes_or_probe_ids_are_refused_before_the
     """dtype="bfloat16" failed with AttributeError ('str' has no 'itemsize') while sizing the KV
     cache; an integer dtype or a probe id outside the vocabulary reached vLLM. Now the name is taken
     and the others are one-line SamplingErrors before any engine."""
-    import vllm
-
     from minigrpo.sampling.params import SamplingError
 
-    seen = {}
-
-    class Started(Exception):
-        pass
-
-    def fake_llm(**kwargs):
-        seen.update(kwargs)
-        raise Started
-
-    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    seen = engine_kwargs_seen(monkeypatch)
     model = tiny_model(**QWEN2)
     with pytest.raises(Started):
         VLLMSampler(model, None, max_model_len=64, dtype="bfloat16")
@@ -175,17 +172,9 @@ def test_sliding_windows_on_some_layers_only_are_refused_before_the_engine(monke
     """A Qwen2 model windowed from layer 1 on (max_window_layers=1 of 2): vLLM's Qwen2 model asserts
     all or none ("Sliding window for some but all layers is not supported") while the engine starts;
     now a one-line SamplingError before it. Windows on every layer start the engine."""
-    import vllm
-
     from minigrpo.sampling.params import SamplingError
 
-    class Started(Exception):
-        pass
-
-    def fake_llm(**kwargs):
-        raise Started
-
-    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    engine_kwargs_seen(monkeypatch)
     windowed = dict(QWEN2, use_sliding_window=True, sliding_window=8)
     with pytest.raises(SamplingError, match=r"sliding window on some layers only \(windows per layer \[None, 8\]"):
         VLLMSampler(tiny_model(**windowed, max_window_layers=1), None, max_model_len=64)
