@@ -33,7 +33,14 @@ from minigrpo.env_config import build_environment, check_chat_template, check_en
 from minigrpo.errors import UserError
 from minigrpo.grad_scale import GradScale
 from minigrpo.loop_columns import ARGUMENT_COLUMNS, data_source, loop_columns, refuse_loop_columns
-from minigrpo.models.loading import build_random, check_model_source, load_pretrained, load_weights, save_pretrained
+from minigrpo.models.loading import (
+    build_random,
+    check_model_source,
+    load_pretrained,
+    load_weights,
+    local_model_args,
+    save_pretrained,
+)
 from minigrpo.models.presets import preset_config
 from minigrpo.optim import build_optimizer, build_scheduler, dither_onto_masters
 from minigrpo.prompt_fit import local_position_limit, position_limit, prompts_that_fit
@@ -80,6 +87,11 @@ def check_before_loading(
         check_resumed_adapter(cfg, resume)
     if tokenizer is not None:  # a local model folder: its tokenizer is read already
         check_chat_template(cfg, tokenizer)
+        args = local_model_args(cfg.model.name_or_path)  # None for a GGUF file
+        if cfg.sampler.kind == "vllm" and args is not None:  # what vLLM cannot build: said now, not once loaded
+            from minigrpo.sampling.vllm_ranks import check_vllm_windows
+
+            check_vllm_windows(args)
         warn_plain_prompts(cfg, tokenizer, examples)
         limit = local_position_limit(cfg.model.name_or_path)
         examples, _ = prompts_that_fit(cfg, examples, tokenizer, limit)

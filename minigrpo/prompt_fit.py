@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from minigrpo.chat_template import ChatTemplateError
@@ -62,14 +61,10 @@ def position_limit(args: Any) -> PositionLimit:
 def local_position_limit(name_or_path: str | None) -> PositionLimit | None:
     """position_limit of a local model folder's config.json (already checked by check_model_source);
     None for anything else (a hub id, a GGUF file: known once loaded)."""
-    if name_or_path is None:
-        return None
-    config_file = Path(name_or_path).expanduser() / "config.json"
-    if not config_file.is_file():
-        return None
-    from minigrpo.models.args import ModelArgs
+    from minigrpo.models.loading import local_model_args
 
-    return position_limit(ModelArgs.from_hf_config(json.loads(config_file.read_text(encoding="utf-8"))))
+    args = local_model_args(name_or_path)
+    return None if args is None else position_limit(args)
 
 
 def prompts_that_fit(

@@ -22,7 +22,6 @@ micro-batch split gives the same gradient.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from minigrpo.grad_scale import GradScale, grad_scale_metrics, optimizer_step
 from minigrpo.kernels import fused_linear_cross_entropy
 from minigrpo.memory import sft_preflight
 from minigrpo.models.args import ModelArgs
-from minigrpo.models.loading import check_model_source, save_pretrained
+from minigrpo.models.loading import check_model_source, local_model_args, save_pretrained
 from minigrpo.optim import build_optimizer, build_scheduler
 from minigrpo.quant import require_nf4
 from minigrpo.run_folder import (
@@ -131,15 +130,6 @@ def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[Example]
     if tokenizer is not None and args is not None:  # a local model folder: its tokenizer and config are read already
         check_fits(cfg, args, device, examples, tokenizer)
     return resume, examples, tokenizer is not None and args is not None
-
-
-def local_model_args(name_or_path: str | None) -> ModelArgs | None:
-    """The architecture of a local model folder, from its config.json (check_model_source has read it);
-    None for a hub id or a GGUF file (known once loaded)."""
-    config_file = Path(name_or_path or "").expanduser() / "config.json"
-    if name_or_path is None or not config_file.is_file():
-        return None
-    return ModelArgs.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
 
 
 def check_fits(cfg: Config, args: ModelArgs, device: torch.device, examples: list[Example], tokenizer: Any) -> None:

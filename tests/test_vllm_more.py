@@ -201,3 +201,22 @@ def test_syncing_another_model_is_refused_before_the_push_and_the_engine_stays_u
     sampler.sync(model)
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
     assert rows(sampler.generate(PROMPTS, greedy)) == rows(KVCacheSampler(model, tokenizer).generate(PROMPTS, greedy))
+
+
+def test_partial_sliding_windows_are_refused_before_the_weights_load(tmp_path, monkeypatch):
+    """sampler.kind=vllm on a local Qwen2 folder windowed on some layers only: refused by the run's checks
+    before any weight loads (the engine's own refusal came after the policy loaded)."""
+    from helpers.runs import run_config
+    from helpers.tiny import tiny_run_checkpoint
+
+    from minigrpo import build
+    from minigrpo.sampling.params import SamplingError
+
+    cfg = run_config(tmp_path, sampler={"kind": "vllm", "temperature": 1.0, "max_new_tokens": 1})
+    windowed = dict(QWEN2, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    del windowed["vocab_size"]  # the run checkpoint's tokenizer sets it
+    tiny_run_checkpoint(tmp_path / "model", **windowed)
+    monkeypatch.setattr(build, "check_packages", lambda *a, **k: None)  # vllm need not be installed here
+    monkeypatch.setattr(build, "load_pretrained", lambda *a, **k: pytest.fail("the policy was loaded"))
+    with pytest.raises(SamplingError, match=r"sliding window on some layers only"):
+        build.check_before_loading(Config.from_dict(cfg))

@@ -19,6 +19,7 @@ a chat template that does not compile (`ChatTemplateError`), a file that is no G
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -87,6 +88,15 @@ def load_pretrained(
     _check_vocab(tokenizer, model.args.vocab_size, source)
     _fill(model, _hf_tensor_source(source), dtype, device, quantize)
     return model, tokenizer
+
+
+def local_model_args(name_or_path: str | os.PathLike | None) -> ModelArgs | None:
+    """The architecture of a local model folder, from its config.json (check_model_source has checked
+    it); None for a hub id or a GGUF file (known once loaded)."""
+    config_file = Path(name_or_path or "").expanduser() / "config.json"
+    if name_or_path is None or not config_file.is_file():
+        return None
+    return ModelArgs.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
 
 
 def check_model_source(
