@@ -391,7 +391,7 @@ def _fill(
         quantize_hook = quantize_linear_weight
     head_copy = None  # a tied model's file may hold lm_head.weight too: it must equal the embedding
     for name, tensor in tensors:
-        if name == "lm_head.weight" and model.lm_head is None:
+        if name == "lm_head.weight" and model.lm_head is None and getattr(model, "reads_lm_head", True):
             head_copy = tensor
         if name not in usable:
             continue

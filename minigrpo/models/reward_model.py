@@ -100,6 +100,8 @@ class RewardModel(Transformer):
     `model(ids, attention_mask=...)` -> (B, num_labels) fp32 scores; `hidden` is the Transformer's.
     """
 
+    reads_lm_head = False  # a checkpoint's lm_head.weight is no part of a reward model: never compared
+
     def __init__(self, args: ModelArgs, num_labels: int = 1, pad_token_id: int | None = None) -> None:
         super().__init__(args)
         self.lm_head = None  # no LM head: a checkpoint's lm_head.weight, if any, is ignored (as tied ones are)
