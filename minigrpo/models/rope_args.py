@@ -116,6 +116,13 @@ def _rope_mapping(config: dict[str, Any]) -> dict[str, Any]:
     for key in ("rope_parameters", "rope_scaling"):
         if config.get(key) is not None and not isinstance(config[key], dict):
             raise ModelConfigError(f"config key {key!r} must be a mapping or null, got {config[key]!r}")
+    for key in ("rope_parameters", "rope_scaling"):
+        nested = [name for name, value in (config.get(key) or {}).items() if isinstance(value, dict)]
+        if nested:  # read flat, its type and theta would silently be the defaults
+            raise ModelConfigError(
+                f"config key {key!r} nests parameters per layer type ({nested[0]!r}), which this model does not "
+                "read: give one flat mapping (rope_type, rope_theta, ...) for all layers"
+            )
     parameters, scaling = (_typed(config.get(key) or {}) for key in ("rope_parameters", "rope_scaling"))
     if parameters and scaling:
         for key in sorted(parameters.keys() | scaling.keys()):

@@ -29,15 +29,24 @@ from torch import nn
 from .args import ModelArgs
 
 
-def _base_inv_freq(theta: float, rotary_dim: int) -> torch.Tensor:
+def _base_inv_freq(theta: float, rotary_dim: int, factors: list[float] | None = None) -> torch.Tensor:
+    """theta^(-2i/R), (R/2,) fp32; with `factors` (longrope, one per pair) 1 / (factor_i * theta^(2i/R)),
+    rounded as that product (dividing the default frequencies by the factors rounds differently, and
+    the angles of positions in the thousands inherit the last-bit difference: 1.5e-4 in cos at 4000)."""
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
-    return 1.0 / (theta**exponents)  # (R/2,) fp32
+    wavelengths = theta**exponents  # (R/2,) fp32, over 2 pi
+    if factors is not None:
+        wavelengths = torch.tensor(factors, dtype=torch.float32) * wavelengths
+    return 1.0 / wavelengths
 
 
-def _dynamic_theta(theta: float, rotary_dim: int, factor: float, ratio: float | torch.Tensor) -> float | torch.Tensor:
-    """Dynamic NTK's base for a sequence of `ratio` = L / max_position_embeddings (>= 1) times the trained
-    length (ratio 1: theta itself, up to rounding, computed the same way as the reference)."""
-    return theta * ((factor * ratio) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+def _dynamic_theta(
+    theta: float, rotary_dim: int, factor: float, length: int | torch.Tensor, max_pos: int
+) -> float | torch.Tensor:
+    """Dynamic NTK's base for a sequence of `length` (>= max_pos) positions: theta itself at max_pos (up to
+    rounding). factor * length is divided by max_pos in that order, as the reference does: (factor * (length
+    / max_pos)) rounds differently in fp32, by up to 5e-4 in cos past 3000 positions (max_pos 3000, factor 1.7)."""
+    return theta * ((factor * length / max_pos) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
 
 
 def _llama3(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
@@ -115,15 +124,16 @@ class RotaryAngles(nn.Module):
         if a.rope_type == "linear":
             base = base / p["factor"]
         elif a.rope_type == "dynamic":
-            base = _base_inv_freq(_dynamic_theta(a.rope_theta, a.rotary_dim, p["factor"], 1), a.rotary_dim)
-            self.dynamic_from = a.max_position_embeddings
+            max_pos = self.dynamic_from = a.max_position_embeddings
+            theta = _dynamic_theta(a.rope_theta, a.rotary_dim, p["factor"], max_pos, max_pos)
+            base = _base_inv_freq(theta, a.rotary_dim)
         elif a.rope_type == "llama3":
             base = _llama3(base, p)
         elif a.rope_type == "yarn":
             base, self.scale = _yarn(a.rope_theta, a.rotary_dim, p, a.max_position_embeddings)
         elif a.rope_type == "longrope":
-            long = base / torch.tensor(p["long_factor"], dtype=torch.float32)
-            base = base / torch.tensor(p["short_factor"], dtype=torch.float32)
+            long = _base_inv_freq(a.rope_theta, a.rotary_dim, p["long_factor"])
+            base = _base_inv_freq(a.rope_theta, a.rotary_dim, p["short_factor"])
             self.scale = _longrope_scale(p, a.max_position_embeddings)
             self.long_threshold = p["original_max_position_embeddings"]
         self.inv_freq = base.to(device)
@@ -153,8 +163,8 @@ class RotaryAngles(nn.Module):
     def _dynamic_inv_freq(self, position_ids: torch.Tensor) -> torch.Tensor:
         """dynamic: the frequencies (R/2,) fp32 for this forward's length, as tensor ops (no host sync)."""
         a = self.args
-        length = position_ids.max() + 1
-        ratio = length.float() / self.dynamic_from
-        theta = _dynamic_theta(a.rope_theta, a.rotary_dim, a.rope_params["factor"], ratio)  # () fp32
+        length = position_ids.max().long() + 1  # () int64: factor * length is fp32, as in the reference
+        factor = a.rope_params["factor"]
+        theta = _dynamic_theta(a.rope_theta, a.rotary_dim, factor, length, self.dynamic_from)  # () fp32
         exponents = torch.arange(0, a.rotary_dim, 2, dtype=torch.int64, device=theta.device).float() / a.rotary_dim
         return torch.where(length > self.dynamic_from, 1.0 / theta**exponents, self.inv_freq)
