@@ -33,9 +33,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
-from .params import SamplingParams, stream_key
+from .params import SamplingError, SamplingParams, stream_key
 from .rollout import Rollout
 
 
@@ -124,6 +125,37 @@ def session_of(sampler: Sampler, *, reserve: int = 0, reuse: bool = True) -> Ite
         session.close()
 
 
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """What every sampler takes: each prompt a non-empty sequence of integer token ids in [0, vocab_size);
+    else a SamplingError naming the prompt (its index in the call) and what is wrong with it."""
+    if len(prompts) == 0:
+        raise SamplingError("no prompts given: every call samples at least one prompt")
+    for i, prompt in enumerate(prompts):
+        ids = prompt_tensor(i, prompt)  # (Tp_i,)
+        if ids.numel() == 0:
+            raise SamplingError(f"prompt {i} is empty: every prompt needs at least one token")
+        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise SamplingError(f"prompt {i} must be a flat sequence of integer token ids, got {prompt!r:.80}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise SamplingError(f"prompt {i} has token id {bad}, outside the model's vocabulary [0, {vocab_size})")
+
+
+def prompt_tensor(i: int, prompt) -> torch.Tensor:
+    """Prompt i as a tensor of its ids, or a SamplingError for what is no sequence of numbers: text (not yet
+    encoded), one id (a flat list given for a list of prompts), None or a string among the ids, an id past int64."""
+    if isinstance(prompt, (str, bytes)):
+        raise SamplingError(f"prompt {i} is text, {prompt!r:.60}: a sampler takes token ids (tokenizer.encode)")
+    try:
+        return torch.as_tensor(prompt if isinstance(prompt, torch.Tensor) else list(prompt))
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise SamplingError(
+            f"prompt {i} must be a sequence of integer token ids, got {prompt!r:.80} "
+            "(prompt_ids is a list of prompts, each a list of token ids)"
+        ) from None
+
+
 def row_seed(key: Sequence[int], row_id: int) -> int:
     """A 63-bit seed for one row of the stream `key`: how a seeded-per-request sampler (vLLM)
     names a row's randomness by (key, row id), like the counter-based noise does."""
@@ -131,4 +163,4 @@ def row_seed(key: Sequence[int], row_id: int) -> int:
     return ((k1 << 32) | k0) & (2**63 - 1)
 
 
-__all__ = ["ContinuingSampler", "Sampler", "SamplerSession", "row_seed", "session_of"]
+__all__ = ["ContinuingSampler", "Sampler", "SamplerSession", "check_prompts", "row_seed", "session_of"]

@@ -49,6 +49,7 @@ from minigrpo.distributed import full_weights
 from minigrpo.lora import adapters_frozen
 from minigrpo.models.transformer import KVCache, SharedPrefix, Transformer
 
+from .base import check_prompts
 from .decode_graphs import DecodeGraphs
 from .params import RaceNoise, SamplingError, SamplingParams, generation_waves, sample_tokens
 from .rollout import Rollout, concat_rollouts, left_pad, stop_string_cut
@@ -131,35 +132,29 @@ class _DecodeState:
         )
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
-    """Each prompt a non-empty sequence of integer token ids in [0, vocab_size); else a SamplingError
-    naming the prompt (its index in the call) and the bad id."""
-    if len(prompts) == 0:
-        raise SamplingError("no prompts given: every call samples at least one prompt")
-    for i, prompt in enumerate(prompts):
-        ids = torch.as_tensor(prompt if isinstance(prompt, torch.Tensor) else list(prompt))  # (Tp_i,)
-        if ids.numel() == 0:
-            raise SamplingError(f"prompt {i} is empty: every prompt needs at least one token")
-        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise SamplingError(f"prompt {i} must be a flat sequence of integer token ids, got {prompt!r:.80}")
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise SamplingError(f"prompt {i} has token id {bad}, outside the model's vocabulary [0, {vocab_size})")
+def rope_switch(args) -> tuple[int, str] | None:
+    """The length past which a forward rotates EVERY position by other frequencies (args: ModelArgs), and
+    the setting that names it: a longrope model's long factors, a dynamic NTK model's larger base; None
+    for RoPE whose frequencies never change (positions past the context are rotated as transformers does)."""
+    if args.rope_type == "longrope":
+        switch = int(args.rope_params["original_max_position_embeddings"])
+        where = "where its longrope scaling switches to the long factors"
+        return switch, f"original_max_position_embeddings={switch}, {where}"
+    if args.rope_type == "dynamic":
+        limit = int(args.max_position_embeddings)
+        return limit, f"max_position_embeddings={limit}, past which its dynamic NTK scaling rotates every position anew"
+    return None
 
 
 def check_rope_switch(prompts: Sequence[Sequence[int]], params: SamplingParams, args) -> None:
-    """Refuse rows that may pass a longrope model's original_max_position_embeddings (args: ModelArgs):
-    the trainer's forward of such a row rotates every token by the long factors, the cache holds the
-    prompt rotated by the short ones, and the log-probs part by nats (prompt_fit.position_limit)."""
-    if args.rope_type != "longrope":
-        return
-    switch, longest = int(args.rope_params["original_max_position_embeddings"]), max(map(len, prompts))
-    if longest + params.max_new_tokens > switch:
+    """Refuse rows that may pass the model's `rope_switch`: the trainer's forward of such a row rotates every
+    token by the new frequencies, the cache holds the prompt rotated by the old ones, and the log-probs
+    part (by nats for longrope, by 0.19 in a tiny dynamic NTK model; prompt_fit.position_limit)."""
+    switch, longest = rope_switch(args), max(map(len, prompts))
+    if switch is not None and longest + params.max_new_tokens > switch[0]:
         raise SamplingError(
-            f"a prompt of {longest} tokens and max_new_tokens={params.max_new_tokens} pass the model's "
-            f"original_max_position_embeddings={switch}, where its longrope scaling switches to the long factors "
-            f"(the KV cache cannot follow): set max_new_tokens={max(switch - longest, 0)} or less, or shorten it"
+            f"a prompt of {longest} tokens and max_new_tokens={params.max_new_tokens} pass the model's {switch[1]} "
+            f"(the KV cache cannot follow): set max_new_tokens={max(switch[0] - longest, 0)} or less, or shorten it"
         )
 
 
