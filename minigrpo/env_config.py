@@ -133,7 +133,19 @@ def env_errors(cfg: Any) -> list[str]:
             f"env.max_episode_tokens ({env.max_episode_tokens}) must be >= sampler.max_new_tokens "
             f"({cfg.sampler.max_new_tokens}): one turn must fit in an episode"
         )
-    return errors + _episode_budget_errors(cfg)
+    return errors + _episode_budget_errors(cfg) + _sandbox_timeout_errors(env)
+
+
+def _sandbox_timeout_errors(env: EnvCfg) -> list[str]:
+    """The python tool's own limit must come first: past env.tool_timeout_s its call is abandoned as a hung
+    tool ("did not answer"), what the code printed is lost and its process runs on beside the next calls."""
+    uses_python = "python" in env.tools or (env.kind == "gsm8k_tools" and not env.tools)
+    if not uses_python or env.sandbox.timeout_s < env.tool_timeout_s:
+        return []
+    return [
+        f"env.sandbox.timeout_s ({env.sandbox.timeout_s:g}) must be below env.tool_timeout_s "
+        f"({env.tool_timeout_s:g}): the python tool's run is killed at the first, the call abandoned at the second"
+    ]
 
 
 def _episode_budget_errors(cfg: Any) -> list[str]:
@@ -180,6 +192,7 @@ def resolve_tools(env: EnvCfg) -> dict[str, Any]:
             tool = Tool.from_function(calculator)
         else:
             fn = _import(name, f"env.tools.{i}")
+            _check_tool_object(fn, f"env.tools.{i}={name!r}")
             try:
                 tool = fn if isinstance(fn, Tool) else Tool.from_function(fn)
             except (TypeError, ValueError) as e:
@@ -188,6 +201,19 @@ def resolve_tools(env: EnvCfg) -> dict[str, Any]:
             raise ConfigError(f"env.tools.{i}={name!r}: a second tool named {tool.name!r}")
         tools[tool.name] = tool
     return tools
+
+
+def _check_tool_object(fn: Any, where: str) -> None:
+    """ConfigError for what cannot answer a call: no callable (its declaration would fail on the missing
+    name instead), or a generator function (every call's result would be the text of a generator object)."""
+    from minigrpo.tools import Tool
+
+    if isinstance(fn, Tool):
+        return
+    if not callable(fn):
+        raise ConfigError(f"{where} is not a function (its type is {type(fn).__name__})")
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigError(f"{where} is a generator function (it yields): a tool returns its result")
 
 
 def _class_arguments(cls: Any, env: EnvCfg, offered: dict[str, Any]) -> dict[str, Any]:

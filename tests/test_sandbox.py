@@ -136,3 +136,53 @@ def test_a_run_killed_at_the_time_limit_keeps_what_it_printed():
     result = call_tool(python_tool(timeout_s=0.5), ToolCall("python", {"code": code}, ""))
     assert (result.ok, result.error_kind) == (False, "timeout")
     assert result.content.startswith("started\n[killed: time limit exceeded (0.")
+
+
+def test_native_calls_without_audit_events_cannot_start_processes_or_leave_state(tmp_path):
+    """multiprocessing's spawn start method started a process through _posixsubprocess.fork_exec, which
+    raises no audit event (the spawned interpreter ran without the hook); named shared memory
+    (/dev/shm), an sqlite3 database and os.mkfifo / os.mknod were made outside the working directory and
+    outlived the run, for the next episode's code to read. Each is refused now; inside the working
+    directory a database and a fifo still work, and stdlib code that only imports subprocess still runs."""
+    shm = f"minigrpo_test_{os.getpid()}"
+    code = f"""
+import multiprocessing, os, sqlite3, stat, sys
+from multiprocessing import shared_memory
+attempts = {{
+    "spawn": lambda: multiprocessing.get_context("spawn").Process(target=os.getpid).start(),
+    "forkserver": lambda: multiprocessing.get_context("forkserver").Process(target=os.getpid).start(),
+    "shm": lambda: shared_memory.SharedMemory(name={shm!r}, create=True, size=64),
+    "sqlite": lambda: sqlite3.connect({str(tmp_path / "x.db")!r}).execute("create table t(x)"),
+    "sqlite_uri": lambda: sqlite3.connect("file:{tmp_path / "y.db"}?mode=rwc", uri=True).execute("create table t(x)"),
+    "mkfifo": lambda: os.mkfifo({str(tmp_path / "fifo")!r}),
+    "mknod": lambda: os.mknod({str(tmp_path / "node")!r}, stat.S_IFREG | 0o600),
+    "setxattr": lambda: os.setxattr({str(tmp_path)!r}, "user.x", b"1"),
+    "reload": lambda: (sys.modules.pop("_posixsubprocess"), __import__("_posixsubprocess")),
+}}
+for name, attempt in attempts.items():
+    try:
+        attempt()
+        print(name, "allowed")
+    except PermissionError as e:
+        print(name, "refused:", str(e).split(": ")[1])
+sqlite3.connect("in.db").execute("create table t(x)")
+sqlite3.connect(":memory:").execute("create table t(x)")
+os.mkfifo("pipe")
+import subprocess, asyncio.subprocess
+print(sorted(os.listdir(".")))
+"""
+    run = run_python(code, timeout_s=20.0)
+    assert run.exit_status == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "spawn refused: _posixsubprocess.fork_exec is not allowed",
+        "forkserver refused: _posixsubprocess.fork_exec is not allowed",
+        "shm refused: _posixshmem.shm_open is not allowed",
+        "sqlite refused: a database outside the working directory is not allowed",
+        "sqlite_uri refused: a database outside the working directory is not allowed",
+        "mkfifo refused: os.mkfifo outside the working directory is not allowed",
+        "mknod refused: os.mknod outside the working directory is not allowed",
+        "setxattr refused: os.setxattr outside the working directory is not allowed",
+        "reload refused: loading _posixsubprocess again is not allowed",
+        "['in.db', 'pipe']",
+    ]
+    assert list(tmp_path.iterdir()) == [] and not os.path.exists(f"/dev/shm/{shm}")

@@ -4,8 +4,9 @@
     results = run_tool_calls(calls, tools)            # the calls of one turn, ToolCallErrors included
     stats.add(results); stats.metrics()               # {"tools/calls": ..., "tools/timeouts": ...}
 
-A tool's return value becomes text: a str as is, dicts / lists / numbers / bools / None as JSON
-(str() where JSON cannot write them), anything else through str(). A tool may also return a
+A tool's return value becomes text: a str as is, bytes decoded as UTF-8 (an undecodable byte as U+FFFD),
+dicts / lists / numbers / bools / None as JSON (str() where JSON cannot write them), anything else through
+str(). An `async def` tool is awaited (in its own event loop, within the timeout). A tool may also return a
 ToolResult itself (the Python sandbox does, to report a failed run with its output); its content
 becomes text the same way. An exception becomes `error: <Type>: <message>` (no traceback: the model
 needs the message, not our stack); a call that exceeds `timeout_s` is abandoned (it runs
@@ -19,7 +20,9 @@ sandbox: "error", "timeout", "memory", "cpu").
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import inspect
 import json
 import threading
 from collections import Counter
@@ -102,14 +105,14 @@ def _run(fn: Callable[..., Any], arguments: Mapping[str, Any], timeout_s: float 
     this thread is the user's (Ctrl-C) and stops the run."""
     if timeout_s is None:
         try:
-            return "ok", fn(**arguments)
+            return "ok", _called(fn, arguments)
         except (Exception, SystemExit) as e:
             return "error", e
     box: list[tuple[str, Any]] = []
 
     def target() -> None:
         try:
-            box.append(("ok", fn(**arguments)))
+            box.append(("ok", _called(fn, arguments)))
         except BaseException as e:  # a thread must not die silently
             box.append(("error", e))
 
@@ -119,10 +122,25 @@ def _run(fn: Callable[..., Any], arguments: Mapping[str, Any], timeout_s: float 
     return box[0] if box else ("timeout", None)
 
 
+def _called(fn: Callable[..., Any], arguments: Mapping[str, Any]) -> Any:
+    """fn's value for `arguments`; an async def tool's (any awaitable it returns) awaited to its end, not
+    its coroutine object (whose repr would be the result, the tool never run)."""
+    value = fn(**arguments)
+    if inspect.isawaitable(value):
+        value = asyncio.run(_awaited(value))
+    return value
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
 def to_text(value: Any) -> str:
     """A tool's return value as the text the model reads (JSON for data, str() for anything else)."""
     if isinstance(value, str):
         return value
+    if isinstance(value, (bytes, bytearray, memoryview)):  # str() would give "b'...'" with escapes
+        return bytes(value).decode("utf-8", errors="replace")
     if value is None or isinstance(value, (dict, list, tuple, bool, int, float)):
         try:
             return json.dumps(value, ensure_ascii=False, default=str)
