@@ -258,3 +258,13 @@ def test_a_null_max_position_embeddings_is_refused(model_type, tmp_path):
     with pytest.raises(ModelConfigError) as info:
         ModelArgs.from_hf_config(config)
     assert str(info.value) == "config key 'max_position_embeddings' must be a positive integer, got None"
+
+
+def test_the_phi4_preset_pads_with_its_own_pad_token_not_the_phi3_default():
+    """phi-4's vocabulary is not Phi-3's: id 32000 is an ordinary token there, whose embedding row must
+    learn; the pad (no gradient from lookups) is <|dummy_85|> = 100349, inside the 100352 rows."""
+    from minigrpo.models.presets import preset_config
+
+    args = ModelArgs.from_hf_config(preset_config("phi-4"))
+    assert args.embedding_padding_idx == 100349
+    assert args.embedding_padding_idx < args.vocab_size

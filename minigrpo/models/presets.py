@@ -112,6 +112,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,
         "bos_token_id": 100257,
         "eos_token_id": 100265,
+        "pad_token_id": 100349,  # <|dummy_85|>; without it the phi3 default 32000, an ordinary token here
     },
     "smollm2-135m": {
         "model_type": "llama",
