@@ -48,7 +48,7 @@ class RunCfg(Section):
     """Where the run writes, its seed, and the device/precision it runs in."""
 
     name: str = spec("run", match=r"(?!\.\.?$)[^/\\]+", why="a plain folder name")  # the run directory: output_dir/name
-    output_dir: str = "runs"  # parent folder of run directories
+    output_dir: str = "runs"  # parent folder of run directories (~ is the home folder, as in the data and model paths)
     seed: int = spec(0, "any")  # seed of torch / sampling RNGs and of the prompt order
     # "auto": cuda if available, else cpu
     device: str = spec("auto", match=r"auto|cpu|cuda(:\d+)?", why="auto, cpu, cuda or cuda:N")
@@ -59,7 +59,7 @@ class RunCfg(Section):
     @property
     def run_dir(self) -> Path:
         """The run directory: checkpoints, metrics.jsonl, plots and the resolved config.yaml."""
-        return Path(self.output_dir) / self.name
+        return Path(self.output_dir).expanduser() / self.name
 
 
 @dataclass

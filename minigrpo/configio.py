@@ -162,7 +162,17 @@ def _all_keys(cls: type, path: str = "") -> list[str]:
 
 def _unknown_key(cls: type, path: str, key: str, root: type) -> ConfigError:
     """Unknown-key error with a suggestion: the same name in another section of `root`
-    (`train.group_size` -> `grpo.group_size`), else the closest sibling, else the closest anywhere."""
+    (`train.group_size` -> `grpo.group_size`), else the closest sibling, else the closest anywhere.
+    A YAML key written dotted as `--set` writes it (`train.lr: 1e-5`) is told to nest."""
+    dotted_key = _join(path, key)
+    if "." in key and dotted_key in _all_keys(root):
+        first, *rest = key.split(".")
+        nested = f"{first}: " + "".join(f"{{{part}: " for part in rest) + "..." + "}" * len(rest)
+        return ConfigError(
+            f"unknown config key '{dotted_key}': a YAML key holds no dots (those are for --set); "
+            f"nest it{f' in {path}' if path else ''}: {nested}",
+            dotted_key,
+        )
     elsewhere: dict[str, str] = {}  # leaf name -> its first dotted key
     for dotted in _all_keys(root):
         if "." in dotted:

@@ -87,11 +87,37 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
         raise yaml.constructor.ConstructorError(None, None, f"{text!r} is no integer", node.start_mark) from None
 
 
+# levels of nested lists and mappings a document may hold: a config uses a handful; deeper is a typo such as
+# thousands of `[` (which would otherwise overflow Python's stack and end the command with a traceback)
+MAX_DEPTH = 100
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one) and
-    reads numbers as YAML 1.2 does (`_Yaml12Numbers`)."""
+    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one), an alias
+    inside the value it names (`kwargs: &k {x: *k}`: a value holding itself, endless for every reader
+    of the config) and nesting deeper than MAX_DEPTH, and reads numbers as YAML 1.2 does (`_Yaml12Numbers`)."""
 
     yaml_implicit_resolvers = _Yaml12Numbers.yaml_implicit_resolvers
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._open_anchors: list[str] = []  # anchors of the values being composed, outermost first
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) and event.anchor in self._open_anchors:
+            raise yaml.composer.ComposerError(
+                None, None, f"the alias *{event.anchor} is inside the value &{event.anchor} it names", event.start_mark
+            )
+        if isinstance(event, yaml.AliasEvent):
+            return super().compose_node(parent, index)
+        if len(self._open_anchors) >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+        self._open_anchors.append(event.anchor or "")  # "" for a value without an anchor: counts the depth
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open_anchors.pop()
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         first_line: dict[Any, int] = {}
@@ -124,10 +150,15 @@ def _yaml_hint(e: yaml.YAMLError, problem: str) -> str:
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
-    """A YAML error on one line: what is wrong, where, and for the usual mistakes how to fix it."""
+    """A YAML error on one line: what is wrong, where, where the construct it is in began when that is
+    another line (an unclosed `[` or quote is found only at the end of the file, many lines below the
+    mistake), and for the usual mistakes how to fix it."""
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    mark = getattr(e, "problem_mark", None)
+    mark, context = getattr(e, "problem_mark", None), getattr(e, "context", None)
+    begun = getattr(e, "context_mark", None)  # where the construct holding the problem began
     where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    if str(context).startswith("while ") and begun and (mark is None or begun.line != mark.line):
+        where += f", {context} that began at line {begun.line + 1}, column {begun.column + 1}"
     return f"{problem}{where}{_yaml_hint(e, problem)}"
 
 
@@ -140,9 +171,10 @@ def parse_yaml(text: str) -> Any:
 
 
 def load_yaml_file(path: str | Path) -> dict[str, Any]:
-    """A config file's top-level mapping; an unreadable, empty or non-mapping file is a ConfigError."""
+    """A config file's top-level mapping; an unreadable, empty or non-mapping file is a ConfigError.
+    `~` is the home folder (`--config=~/x.yaml`, which the shell leaves as it is)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).expanduser().read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
     except UnicodeDecodeError as e:
