@@ -30,7 +30,7 @@ from minigrpo import configio
 from minigrpo.algorithms.dpo_config import DPOCfg
 from minigrpo.algorithms.ppo_config import PPOCfg
 from minigrpo.atomic import write_atomic
-from minigrpo.config_rules import cross_field_errors
+from minigrpo.config_rules import cross_field_errors, read_by_command
 from minigrpo.configio import MAX_COUNT, ConfigError, ConfigWarning, Section, spec
 from minigrpo.env_config import EnvCfg
 from minigrpo.errors import ArgumentParser
@@ -333,7 +333,7 @@ def validate(cfg: Config) -> list[str]:
     a warning, as in TRL, since the math is well defined) are ConfigWarnings, also returned."""
     cfg = Config.from_dict(config_to_dict(cfg))
     notes: list[str] = []
-    limit_errors = _without_derived_echoes(cfg, configio.check_limits(cfg))
+    limit_errors = read_by_command(cfg, _without_derived_echoes(cfg, configio.check_limits(cfg)))
     failed = {message.split(" ", 1)[0] for message in limit_errors}  # each starts with its dotted key
     errors = limit_errors + [e for e in cross_field_errors(cfg, notes) if not _names_any(e, failed)]
     if errors:

@@ -51,6 +51,16 @@ def rules_of(command: str) -> Iterator[None]:
         _COMMAND.reset(token)
 
 
+def read_by_command(cfg: Config, errors: list[str]) -> list[str]:
+    """The limit errors (each starting with its dotted key) of settings the loading command reads: all of
+    them for "train", for "sft" only those of the sections rules_of names (GRPO's are ignored there)."""
+    if _COMMAND.get() != "sft":
+        return errors
+    read = ["run.", "model.", "lora.", "train.", "log.", "checkpoint.", "sft.", "data.chat_template_kwargs"]
+    read += ["data.synthetic."] if cfg.sft.source == "synthetic" else []
+    return [e for e in errors if any(e.startswith(prefix) for prefix in read)]
+
+
 def cross_field_errors(cfg: Config, notes: list[str]) -> list[str]:
     """Checks between fields (each field is checked alone by its limit); odd findings go to `notes`.
     Inside `rules_of("sft")` only what SFT reads is checked."""

@@ -142,3 +142,19 @@ def test_a_dotted_key_in_a_file_is_told_to_nest(tmp_path, yaml_text, message):
 def test_a_dotted_key_the_schema_lacks_still_gets_a_suggestion(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr' \(did you mean 'train'\?\)"):
         load_config(write(tmp_path, "train.lrr: 1\n"))
+
+
+def test_sft_ignores_the_limits_of_grpo_sections_but_not_its_own(tmp_path):
+    """python -m minigrpo.sft reads run, model, lora, train, log, checkpoint and sft: a GRPO-only value out of
+    its range (sampler.temperature 0, grpo.group_size 1) loads there, and fails as before under train;
+    a bad value of a section SFT reads is still refused."""
+    from minigrpo.config_rules import rules_of
+    from minigrpo.sft import sft_config_from_args
+
+    path = write(tmp_path, "sft: {source: synthetic}\nsampler: {temperature: 0}\ngrpo: {group_size: 1}\n")
+    cfg = sft_config_from_args(["--config", str(path)])
+    assert cfg.sampler.temperature == 0 and cfg.grpo.group_size == 1
+    with pytest.raises(ConfigError, match=r"sampler\.temperature"):
+        load_config(path)
+    with rules_of("sft"), pytest.raises(ConfigError, match=r"train\.lr"):
+        load_config(path, ["train.lr=-1"])
