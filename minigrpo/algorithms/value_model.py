@@ -191,9 +191,19 @@ def load_value_body(path: str, *, dtype: torch.dtype, device: torch.device) -> t
         raise UserError(f"ppo.value_path={path!r} has num_labels={body.num_labels}: a value head gives one number")
     head = _zero_head(body.args.dim, device)
     with torch.no_grad():
-        head.weight.copy_(body.score.weight.float())
+        head.weight.copy_(_stored_score_head(source))  # as stored: not rounded to a 16-bit body's dtype
     body.score = None  # the head holds it now
     return body, head
+
+
+def _stored_score_head(source: Path) -> torch.Tensor:
+    """score.weight (1, D) of a classification checkpoint as its file stores it: an fp32 head stays
+    exactly the reward model's, whatever dtype the body loads in (the value head is fp32)."""
+    from minigrpo.models import loading
+    from minigrpo.models.safetensors_io import iter_tensors
+
+    where = loading._hf_tensor_source(source)[0]["score.weight"][1]  # load_reward_model checked it is there
+    return dict(iter_tensors(where, ["score.weight"]))["score.weight"].float()  # (1, D) fp32
 
 
 def check_value_path(path: str, policy: str | None = None) -> None:

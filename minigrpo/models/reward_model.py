@@ -16,19 +16,21 @@ ignores it.
 
 Pooling, as transformers does it (GenericForSequenceClassification.forward): the head reads the
 hidden state of each row's rightmost token that is not `pad_token_id`, so left and right padding
-give the same score; a row of pads only reads column 0. Without a pad_token_id in the config,
-transformers only takes one row at a time; here the last real token of `attention_mask` (or the
-last column) is read instead, and a token outside a given mask is never read (padding filled with
-another id, or pad_token_id = -1: transformers then reads a lone row's last token, and so do we
-for every padded row). Consequence of matching: when pad_token_id is also a real token (pad ==
-eos), a trailing real one is skipped, exactly as transformers skips it.
+give the same score; a row of pads only reads its first token (its first real one, padded). Without
+a pad_token_id in the config, transformers only takes one row at a time; here the last real token
+of `attention_mask` (or the last column) is read instead, and a token outside a given mask is never
+read (padding filled with another id, or pad_token_id = -1: transformers then reads a lone row's last
+token, and so do we for every padded row). Consequence of matching: when pad_token_id is also a
+real token (pad == eos), a trailing real one is skipped, exactly as transformers skips it.
 
 As a reward (`make_reward_model`, registered as `reward_model` in minigrpo.reward_fns): each
 prompt plus completion is rendered as a conversation with the reward model's own chat template
 (plain "prompt\\n\\ncompletion" text when it has none; a prompt ending with an assistant message,
 a begun reply, has the completion appended to that message), tokenized by its own tokenizer, kept to the
 last `max_length` tokens (the pooled token is the last one), right-padded, scored in batches of
-`batch_size` rows sorted by length, without gradients. The model loads on the first call, once
+`batch_size` rows sorted by length, without gradients. A chat template that refuses a conversation
+(raise_exception, e.g. "System role not supported") stops the run with a RewardModelError: it would
+refuse every step's rows alike. The model loads on the first call, once
 per (folder, device, dtype) in the process; the path and config are checked when the reward is
 built, before any weights load. That first call counts against the reward's `timeout_s`: give it
 room for the load, or call `fn.load()` before the first step.
@@ -81,17 +83,22 @@ def last_token_index(
     input_ids: torch.Tensor, pad_token_id: int | None, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """input_ids (B, T) -> (B,) column whose hidden state is scored: the rightmost token that is not
-    pad_token_id (transformers' rule; 0 for a row of pads) and, given attention_mask, is a real token
-    of it (the last column with neither). The mask matters where padding holds another id than
-    pad_token_id, as with pad_token_id = -1 (no id at all, so transformers reads a lone row's last
-    token): a padded row is then still scored at its own last token, as it is alone."""
+    pad_token_id (transformers' rule; the first token for a row of pads) and, given attention_mask, is
+    a real token of it (the last column with neither). The mask matters where padding holds another id
+    than pad_token_id, as with pad_token_id = -1 (no id at all, so transformers reads a lone row's last
+    token): a padded row is then still scored at its own last token, as it is alone. A row whose real
+    tokens are all pad_token_id is read at its first real token (transformers reads such a row, alone,
+    at column 0), never at a padding column before it."""
     cols = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
     keep = torch.ones_like(input_ids, dtype=torch.bool)  # (B, T)
     if pad_token_id is not None:
         keep &= input_ids != pad_token_id
-    if attention_mask is not None:
-        keep &= attention_mask.bool()
-    return (cols * keep).argmax(-1)  # (B,) the largest kept column; 0 when none is kept
+    if attention_mask is None:
+        return (cols * keep).argmax(-1)  # (B,) the largest kept column; 0 when none is kept
+    real = attention_mask.bool()  # (B, T)
+    keep &= real
+    first_real = real.int().argmax(-1)  # (B,) 0 for a row without a real token
+    return torch.where(keep.any(-1), (cols * keep).argmax(-1), first_real)  # (B,)
 
 
 class RewardModel(Transformer):
@@ -353,7 +360,13 @@ class RewardModelScorer:
         )
         if use_template:
             template = None if self.chat_template == "auto" else self.chat_template
-            text = tokenizer.apply_chat_template(messages, chat_template=template)
+            try:
+                text = tokenizer.apply_chat_template(messages, chat_template=template)
+            except ChatTemplateError as e:  # the same refusal on every step: stop, not mask every row
+                raise RewardModelError(
+                    f"reward 'reward_model': {self.path!r}'s chat template cannot render the conversation ({e}); "
+                    "give kwargs chat_template: none (plain text) or a template that takes it"
+                ) from e
             return tokenizer.encode(text, add_special_tokens=False)  # the template wrote the special tokens
         return tokenizer.encode("\n\n".join(str(m.get("content") or "") for m in messages))
 
@@ -437,7 +450,7 @@ def make_reward_model(
         raise bad(f"device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device != "auto":
         _check_device(device, bad)
-    if dtype != "auto" and dtype not in DTYPES:
+    if not isinstance(dtype, str) or (dtype != "auto" and dtype not in DTYPES):
         raise bad(f"dtype={dtype!r} must be 'auto' or one of {', '.join(DTYPES)}")
     if chat_template is not None and not isinstance(chat_template, str):
         raise bad(f"chat_template={chat_template!r} must be 'auto', 'none', a template name or source")
