@@ -144,10 +144,10 @@ class GGUFCheckpoint:
                     f"{self.path}: tensor {t.name!r} is stored as {t.type_name}, which this reader "
                     f"cannot dequantize (readable: {', '.join(sorted(READABLE_TYPES))})"
                 )
-            if t.type_name in OPTIONAL_TYPES and importlib.util.find_spec("gguf") is None:
+            if t.type_name in OPTIONAL_TYPES and not _gguf_package_reads(t.type_name):
                 raise GGUFError(
                     f"{self.path}: tensor {t.name!r} is stored as {t.type_name}, which is read with the gguf "
-                    "package: pip install gguf"
+                    "package (not installed, or a release too old for this type): pip install -U gguf"
                 )
             if t.name not in _ROPE_TENSORS.get(self.architecture, ()):
                 self._names[t.name] = self._hf_name(t.name)
@@ -185,11 +185,11 @@ class GGUFCheckpoint:
     def config(self) -> dict[str, Any]:
         """The model's config in HF config.json form."""
         arch = self.architecture
-        hidden = int(self.require(f"{arch}.embedding_length"))
-        n_heads = self._per_layer_count("attention.head_count", self.require(f"{arch}.attention.head_count"))
-        n_kv = self._per_layer_count("attention.head_count_kv", n_heads)
-        head_dim = int(self._arch("attention.key_length") or hidden // n_heads)
-        rope_dim = int(self._arch("rope.dimension_count") or head_dim)
+        hidden = self._count("embedding_length")
+        n_heads = self._count("attention.head_count")
+        n_kv = self._count("attention.head_count_kv", n_heads)
+        head_dim = self._count("attention.key_length", hidden // n_heads)
+        rope_dim = self._count("rope.dimension_count", head_dim)
         shapes = self.tensor_shapes()
         n_tokens = self.file.length("tokenizer.ggml.tokens")
         cfg: dict[str, Any] = {
@@ -197,17 +197,15 @@ class GGUFCheckpoint:
             "model_type": arch,
             "hidden_act": "silu",
             "hidden_size": hidden,
-            "intermediate_size": self._per_layer_count(
-                "feed_forward_length", self.require(f"{arch}.feed_forward_length")
-            ),
-            "num_hidden_layers": int(self.require(f"{arch}.block_count")),
+            "intermediate_size": self._count("feed_forward_length"),
+            "num_hidden_layers": self._count("block_count"),
             "num_attention_heads": n_heads,
-            "num_key_value_heads": int(n_kv),
+            "num_key_value_heads": n_kv,
             "head_dim": head_dim,
             "rms_norm_eps": float(self.require(f"{arch}.attention.layer_norm_rms_epsilon")),
             "rope_theta": float(self._arch("rope.freq_base", 10000.0)),
             "rope_scaling": self._rope_scaling(head_dim),
-            "max_position_embeddings": int(self.require(f"{arch}.context_length")),
+            "max_position_embeddings": self._count("context_length"),
             "vocab_size": shapes["model.embed_tokens.weight"][0],
             "tie_word_embeddings": "lm_head.weight" not in shapes,
             "bos_token_id": self.get("tokenizer.ggml.bos_token_id"),
@@ -234,21 +232,25 @@ class GGUFCheckpoint:
             raise GGUFError(f"{self.path}: q_proj has {q_rows} rows, expected {n_heads} heads x {head_dim}")
         return cfg
 
-    def _per_layer_count(self, key: str, default: int) -> int:
-        """`{arch}.{key}`, a count llama.cpp may store as one number or as an array of one per layer
-        (its converter writes arrays for models whose layers differ); an array of equal counts is that
-        count, differing counts are an error naming the key (this model has one shape for all layers).
-        Head counts and feed-forward widths come either way."""
-        value = self._arch(key, default)
+    def _count(self, key: str, default: int | None = None) -> int:
+        """`{arch}.{key}`, a count or size: a positive whole number, or `default` when absent (required when
+        there is none). llama.cpp may store one as an array of one per layer (its converter writes arrays
+        for models whose layers differ): an array of equal counts is that count, differing counts are an
+        error naming the key (this model has one shape for all layers). Anything else (0, a string, a
+        fraction) is a GGUFError naming the key, not a crash further on (0 heads: a division by zero)."""
+        full = f"{self.architecture}.{key}"
+        value = self.require(full) if default is None else self.get(full, default)
         if isinstance(value, list):
-            counts = {int(v) for v in value}
-            if len(counts) != 1:
+            counts = sorted({repr(v) for v in value})
+            if len(counts) > 1:
                 raise GGUFError(
-                    f"{self.path}: metadata key {self.architecture}.{key} differs between layers "
-                    f"({sorted(counts)}): per-layer sizes are not supported"
+                    f"{self.path}: metadata key {full} differs between layers "
+                    f"({', '.join(counts)}): per-layer sizes are not supported"
                 )
-            value = counts.pop()
-        return int(value)
+            value = value[0] if value else value
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise GGUFError(f"{self.path}: metadata key {full} = {value!r} is not a positive whole number")
+        return value
 
     def _rope_scaling(self, head_dim: int) -> dict[str, Any] | None:
         """HF `rope_scaling` from metadata keys or from the rope tensors (see module docstring)."""
@@ -358,6 +360,16 @@ class GGUFCheckpoint:
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({str(self.path)!r}, architecture={self.architecture!r}, tensors={len(self._names)})"
+
+
+def _gguf_package_reads(type_name: str) -> bool:
+    """Whether the installed `gguf` package dequantizes `type_name`: each type it reads is a class of
+    `gguf.quants` (older releases lack the newer types, MXFP4 and NVFP4 among them)."""
+    if importlib.util.find_spec("gguf") is None:
+        return False
+    import gguf.quants
+
+    return isinstance(getattr(gguf.quants, type_name, None), type)
 
 
 def _dequantize(t: TensorInfo) -> np.ndarray:

@@ -43,6 +43,7 @@ GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)  # version 1 used 32-bit counts and lengths
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+MAX_ARRAY_DEPTH = 16  # arrays of arrays nest this deep at most (a corrupt file could nest past Python's stack)
 # Smallest encodings: a tensor info is a name length (u64), n_dims (u32), type (u32) and offset
 # (u64); a metadata entry a key length (u64), a value type (u32) and a value of at least one byte.
 _MIN_TENSOR_INFO_BYTES, _MIN_METADATA_BYTES, _HEADER_BYTES = 24, 13, 24
@@ -132,8 +133,9 @@ class _Cursor:
         """Raw bytes: decoded as UTF-8 when the value is asked for (GGUFFile.value)."""
         return self.take(self.scalar("Q"))
 
-    def value(self, vtype: int, key: str) -> Any:
-        """One metadata value: a Python scalar, bytes for a string, a list or numpy array for an array."""
+    def value(self, vtype: int, key: str, depth: int = 0) -> Any:
+        """One metadata value: a Python scalar, bytes for a string, a list or numpy array for an array
+        (`depth`: how many arrays this value is inside)."""
         if vtype == FLOAT32:  # kept as float32: its shortest decimal is the value the writer meant
             return np.float32(self.scalar("f"))
         if vtype in _SCALARS:
@@ -142,6 +144,8 @@ class _Cursor:
             return self.string()
         if vtype != ARRAY:
             raise GGUFError(f"metadata key {key!r} has an unknown value type {vtype}")
+        if depth >= MAX_ARRAY_DEPTH:
+            raise GGUFError(f"metadata key {key!r} nests arrays more than {MAX_ARRAY_DEPTH} deep")
         item_type, count = self.scalar("I"), self.scalar("Q")
         if item_type in _SCALARS:  # one numpy read instead of one struct call per item (150k scores)
             dtype = np.dtype(self.order + _SCALARS[item_type])
@@ -150,7 +154,7 @@ class _Cursor:
             return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype)
         if count > len(self.buf) - self.pos:  # every string or array item takes at least one byte
             raise _Truncated
-        return [self.value(item_type, key) for _ in range(count)]
+        return [self.value(item_type, key, depth + 1) for _ in range(count)]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,12 @@ _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3")
+# llama.cpp's names of each regex set (its converter names a tokenizer by hashing what it makes of a test text;
+# its runtime reads these names alike): "gpt-2" is what it writes for GPT-2's own regex ("gpt2" is read too),
+# DeepSeek-R1's Qwen distills use Qwen2's regex, Falcon3 Llama 3's.
+_GPT2_PRES = ("default", "gpt2", "gpt-2", "phi-2")
+_LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3", "falcon3")
+_QWEN2_PRES = ("qwen2", "deepseek-r1-qwen")
 # End-of-text / end-of-turn control tokens of common chat formats: generation stops on any of them
 # (llama.cpp does the same), on top of the eos/eot/eom ids in the metadata.
 _END_TOKENS = (
@@ -109,14 +114,14 @@ def _byte_level_backend(ckpt: GGUFCheckpoint, vocab: dict[str, int]) -> Any:
     pre = ckpt.get("tokenizer.ggml.pre", "default")
     byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
     normalizer = None
-    if pre in ("default", "gpt2"):  # the GPT-2 regex (files without a pre type predate it)
+    if pre in _GPT2_PRES:  # the GPT-2 regex (files without a pre type predate it)
         pre_tok = pt.ByteLevel(add_prefix_space=False, use_regex=True)
     elif pre == "smollm":  # every numeric char alone first, then the GPT-2 regex
         pre_tok = pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)])
-    elif pre in _LLAMA3_PRES or pre == "qwen2":
-        regex = _QWEN2_REGEX if pre == "qwen2" else _LLAMA3_REGEX
+    elif pre in _LLAMA3_PRES or pre in _QWEN2_PRES:
+        regex = _QWEN2_REGEX if pre in _QWEN2_PRES else _LLAMA3_REGEX
         pre_tok = pt.Sequence([pt.Split(Regex(regex), behavior="isolated"), byte_level])
-        normalizer = normalizers.NFC() if pre == "qwen2" else None
+        normalizer = normalizers.NFC() if pre == "qwen2" else None  # Qwen2's tokenizer.json has NFC, llama.cpp none
     else:
         raise GGUFError(f"{ckpt.path}: tokenizer.ggml.pre {pre!r} is not supported")
     merges = _listed_merges(ckpt) or []
@@ -198,6 +203,7 @@ def _wrap_tokenizer(ckpt: GGUFCheckpoint, tk: Any, tokens: list[str], add_bos_de
     for name in ckpt.get("tokenizer.chat_templates") or []:
         templates[name] = ckpt.get(f"tokenizer.chat_template.{name}")
     templates = {k: v for k, v in templates.items() if v is not None}
+    _compile_chat_templates(ckpt, templates)
     return Tokenizer(
         tk,
         bos_token=names["bos_token_id"],
@@ -205,11 +211,27 @@ def _wrap_tokenizer(ckpt: GGUFCheckpoint, tk: Any, tokens: list[str], add_bos_de
         pad_token=names["padding_token_id"],
         unk_token=names["unknown_token_id"],
         chat_template=templates or None,
+        chat_template_files=dict.fromkeys(templates, ckpt.path),  # a template failing to render names the file
         add_bos_token=_add_flag(ckpt, "bos", ids["bos_token_id"], add_bos_default),
         add_eos_token=_add_flag(ckpt, "eos", ids["eos_token_id"], False),
         extra_stop_ids=[i for i in stop_ids if i is not None],
         model_max_length=ckpt.get(f"{ckpt.architecture}.context_length"),
     )
+
+
+def _compile_chat_templates(ckpt: GGUFCheckpoint, templates: dict[str, Any]) -> None:
+    """Compile every chat template now: a broken one is an error naming the file and its key before any
+    weight is read, not a message naming nothing at the first prompt."""
+    from minigrpo.chat_template import ChatTemplateError, compile_chat_template
+
+    for name, source in templates.items():
+        key = "tokenizer.chat_template" + ("" if name == "default" else f".{name}")
+        if not isinstance(source, str):
+            raise GGUFError(f"{ckpt.path}: {key} is a {type(source).__name__}, not a string")
+        try:
+            compile_chat_template(source)
+        except ChatTemplateError as e:
+            raise ChatTemplateError(f"{ckpt.path}: {key}: {e}") from e
 
 
 _ID_KEYS = ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id", "eot_token_id", "eom_token_id")
