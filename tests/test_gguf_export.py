@@ -131,7 +131,7 @@ def test_file_layout_q4_k_m(tmp_path, tok):
         assert types[f"model.layers.{layer}.self_attn.q_proj.bias"] == "F32"
     assert ckpt.get("general.file_type") == 15 and ckpt.get("general.quantization_version") == 2
     assert ckpt.get("qwen2.context_length") == 256 and ckpt.get("qwen2.rope.dimension_count") == 64
-    assert ckpt.get("tokenizer.ggml.pre") == "gpt2" and ckpt.get("tokenizer.ggml.model") == "gpt2"
+    assert ckpt.get("tokenizer.ggml.pre") == "gpt-2" and ckpt.get("tokenizer.ggml.model") == "gpt2"
 
     llama = family_model("llama")
     ckpt = GGUFCheckpoint(export.save_gguf(llama, tok, tmp_path / "l.gguf", "f16"))

@@ -22,9 +22,10 @@ The inverse of the reader (minigrpo/models/gguf.py), built from the reader's own
 * the vocabulary (`GGUFVocab`): byte-level BPE only (`tokenizer.ggml.model = "gpt2"`): tokens by id,
   token types (special added tokens CONTROL, other added tokens USER_DEFINED, `[PAD{id}]` fillers
   UNUSED), merges, special ids, add_bos/add_eos, the chat templates, and the pre-tokenizer name
-  (`tokenizer.ggml.pre`) recognised from the tokenizer's own pre-tokenizer: "gpt2" (the GPT-2
-  regex), "smollm" (single digits, then the GPT-2 regex), "llama-bpe" and "qwen2" (their Split
-  regexes; qwen2 with NFC). Anything else cannot be described to llama.cpp: an error, not a guess.
+  (`tokenizer.ggml.pre`) recognised from the tokenizer's own pre-tokenizer: "gpt-2" (the GPT-2
+  regex; llama.cpp reads "gpt2" as an unknown name and falls back to another regex), "smollm"
+  (single digits, then the GPT-2 regex), "llama-bpe" and "qwen2" (their Split regexes; qwen2 with NFC).
+  Anything else cannot be described to llama.cpp: an error, not a guess.
   A SentencePiece vocabulary (what the reader builds from a `llama` GGUF vocabulary: BPE with byte
   fallback) is refused too: its scores are not kept, so it could not be written back as it was read.
 
@@ -306,7 +307,7 @@ def _pre_tokenizer_name(spec: dict[str, Any]) -> str | None:
     kinds = [p.get("type") for p in parts]
     name = None
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        name = "gpt2"
+        name = "gpt-2"
     elif kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         name = "smollm"
     elif kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
@@ -338,7 +339,7 @@ def tokenizer_vocab(tokenizer: Any, n_vocab: int) -> GGUFVocab:
     pre = _pre_tokenizer_name(spec)
     if pre is None:
         raise GGUFExportError(
-            "the tokenizer's pre-tokenizer/normalizer is not one llama.cpp names (gpt2, smollm, llama-bpe, qwen2): "
+            "the tokenizer's pre-tokenizer/normalizer is not one llama.cpp names (gpt-2, smollm, llama-bpe, qwen2): "
             f"{json.dumps(spec.get('pre_tokenizer'))[:200]}"
         )
     n_tok = tokenizer.vocab_size
