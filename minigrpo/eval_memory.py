@@ -148,7 +148,7 @@ def eval_fixes(cfg: Config, batch: int, total: Callable[[Config, int], int], bud
     while rows >= 1 and peak("sampler.max_rows", rows) > budget:  # halving: waves of whole groups stay whole
         rows //= 2
     if rows >= 1:
-        out.append((f"--set sampler.max_rows={rows}", peak("sampler.max_rows", rows)))
+        out.append((f"--set {own_sampler_prefix(cfg)}sampler.max_rows={rows}", peak("sampler.max_rows", rows)))
     if cfg.env.kind is None:
         consider("eval.max_new_tokens", 1, cfg.eval.max_new_tokens - 1, "--set eval.max_new_tokens=")
     else:  # the episode length sizes the cache; it may not go below a turn's sampler.max_new_tokens
@@ -156,6 +156,12 @@ def eval_fixes(cfg: Config, batch: int, total: Callable[[Config, int], int], bud
         consider(budget_key, low, cfg.env.max_episode_tokens - 1, f"--set {budget_key}=")
     consider("eval.samples_per_prompt", 1, k - 1, "--samples-per-prompt ")
     return out
+
+
+def own_sampler_prefix(cfg: Config) -> str:
+    """What a --set of sampler.max_rows needs before it: nothing with the own sampler, which evaluation
+    always runs; `sampler.kind=own ` on a vLLM run's config, which refuses sampler.max_rows otherwise."""
+    return "" if cfg.sampler.kind == "own" else "sampler.kind=own "
 
 
 def _largest(lo: int, hi: int, fits: Callable[[int], bool]) -> int:

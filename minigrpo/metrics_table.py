@@ -3,8 +3,9 @@
     cols = table_columns(metric_names)       # the preferred columns present, then per-function rewards
     print(format_header(cols)); print(format_row(cols, values))
 
-Rows stay within MAX_WIDTH characters: the fixed columns come first, per-function rewards are appended
-while they fit (all of them are always in metrics.jsonl and curves.png).
+Rows stay within MAX_WIDTH characters: the fixed columns come first (the least telling of them left out
+when a run logs more than fit), per-function rewards are appended while they fit (all of them are always
+in metrics.jsonl and curves.png).
 """
 
 from __future__ import annotations
@@ -120,6 +121,16 @@ COLUMNS = (
 )
 
 
+# the columns left out, in this order, while the ones a run logs make a row wider than MAX_WIDTH
+# (their metrics stay in metrics.jsonl): timings first, the learning rate, which follows a schedule, last
+DROPPED_FIRST = ("t_step", "mem", "len_max", "tok/s", "lr")
+
+
+def _row_width(cols: list[Column]) -> int:
+    """Characters of a row of these columns (one space between two)."""
+    return sum(c.width + 1 for c in cols) - 1
+
+
 def reward_function_names(keys: list[str]) -> list[str]:
     """Reward-function names from reward/<name> keys, in first-seen order."""
     return [k[7:] for k in keys if k.startswith("reward/") and "/" not in k[7:] and k[7:] not in _NOT_PER_FN]
@@ -140,7 +151,11 @@ def table_columns(keys: list[str], *, max_width: int = MAX_WIDTH) -> list[Column
     (headers from reward_headers) while the row fits in max_width."""
     present = set(keys)
     cols = [c for c in COLUMNS if present.intersection(c.keys)]
-    width = sum(c.width + 1 for c in cols) - 1
+    for header in DROPPED_FIRST:  # PPO with groups of several completions logs more than fits
+        if _row_width(cols) <= max_width:
+            break
+        cols = [c for c in cols if c.header != header]
+    width = _row_width(cols)
     names = reward_function_names(keys)
     for name, header in zip(names, reward_headers(names)):
         col = Column(header, (f"reward/{name}",), max(len(header), 6), lambda v: f"{v:.3f}")

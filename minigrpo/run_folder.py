@@ -381,6 +381,7 @@ def finish_run(
 
 # the model folders a run writes beside its config.yaml: a LoRA run's merged export, an SFT run's model
 RUN_OUTPUTS = ("merged", "model")
+HALF_WRITTEN = ".tmp-step_*"  # a checkpoint folder while save_checkpoint writes it (left there by a kill)
 
 
 def run_folder_pick(folder: Path, action: str) -> Path | None:
@@ -391,7 +392,7 @@ def run_folder_pick(folder: Path, action: str) -> Path | None:
     use is one line: no checkpoint at all, or every checkpoint broken (the newest one's bad file named)."""
     if not folder.is_dir() or (folder / "config.json").exists() or (folder / "adapter_config.json").exists():
         return None
-    run_dir = folder.parent if folder.name == "checkpoints" and list_checkpoints(folder.parent) else folder
+    run_dir = folder.parent if folder.name == "checkpoints" and is_run_folder(folder.parent) else folder
     found = list_checkpoints(run_dir)
     finals = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name / "config.json").is_file()]
     if not found and not finals and not (run_dir / "metrics.jsonl").is_file():
@@ -409,6 +410,20 @@ def run_folder_pick(folder: Path, action: str) -> Path | None:
     if broken:
         raise UserError(f"--checkpoint {folder}: a run folder whose checkpoints are all broken (newest: {broken[0]})")
     raise UserError(
-        f"--checkpoint {folder}: a run folder with nothing to {action} (no checkpoints/step_* folder, no final "
-        f"{' or '.join(RUN_OUTPUTS)} folder): train with checkpoint.every or checkpoint.save_final"
+        f"--checkpoint {folder}: a run folder with nothing to {action} (no checkpoints/step_* folder"
+        f"{half_written(run_dir)}, no final {' or '.join(RUN_OUTPUTS)} folder): train with checkpoint.every or "
+        "checkpoint.save_final"
     )
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` is a run's folder: it holds a checkpoint or the run's metrics.jsonl."""
+    return bool(list_checkpoints(folder)) or (folder / "metrics.jsonl").is_file()
+
+
+def half_written(run_dir: Path) -> str:
+    """`, only the half-written .tmp-step_N` when a checkpoint was cut short while being written (the
+    process killed meanwhile): named, so that the folder is not taken for a checkpoint; else ""."""
+    root = run_dir / "checkpoints"
+    partial = sorted(p.name for p in root.glob(HALF_WRITTEN)) if root.is_dir() else []
+    return f", only the half-written {partial[-1]}" if partial else ""

@@ -13,7 +13,7 @@ import torch
 from helpers.tiny import TINY_LLAMA, tiny_run_checkpoint, write_copy_task
 
 from minigrpo import eval as evaluation
-from minigrpo.config import load_config
+from minigrpo.config import ConfigError, load_config
 from minigrpo.eval_memory import estimate_eval_peak, eval_preflight
 from minigrpo.memory import MemoryPreflightError
 from minigrpo.models.args import ModelArgs
@@ -304,3 +304,17 @@ def test_an_environment_run_is_told_the_episode_length_that_fits():
     assert "eval.max_new_tokens" not in str(e.value)
     with pytest.raises(MemoryPreflightError, match=r"sampler.max_rows, env.max_episode_tokens and --samples"):
         eval_preflight(cfg, ARGS, "cuda", 10, batch_size=3, num_examples=5, free_bytes=2**20)
+
+
+def test_a_vllm_run_is_told_a_max_rows_its_config_takes():
+    """Evaluation samples with the own sampler whatever sampler.kind says, but a vLLM run's config refuses
+    sampler.max_rows: the refusal named `--set sampler.max_rows=6`, which then failed to load. It names
+    sampler.kind=own with it, and that override loads and fits."""
+    vllm = [*SAMPLED, "sampler.kind=vllm"]
+    kw = dict(batch_size=3, num_examples=5, free_bytes=72_000_000)
+    with pytest.raises(MemoryPreflightError) as e:
+        eval_preflight(load_config(None, vllm), ARGS, "cuda", 10, **kw)
+    assert "or --set sampler.kind=own sampler.max_rows=6 (0.1 GiB), or" in str(e.value)
+    eval_preflight(load_config(None, [*vllm, "sampler.kind=own", "sampler.max_rows=6"]), ARGS, "cuda", 10, **kw)
+    with pytest.raises(ConfigError, match=r"sampler.max_rows=6 applies to the own sampler"):
+        load_config(None, [*vllm, "sampler.max_rows=6"])

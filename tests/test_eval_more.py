@@ -185,3 +185,25 @@ def test_a_checkpoint_deleted_by_a_run_still_training_is_picked_again(run, tmp_p
     assert removed == [copy / "checkpoints" / "step_000002"]
     assert got == {**want, "checkpoint": str(older)}
     assert f"{copy} is a run folder: evaluating {older}" in capsys.readouterr().out
+
+
+def test_a_checkpoints_folder_without_a_checkpoint_names_the_half_written_one(run, tmp_path, capsys):
+    """A run killed while it wrote its first checkpoint leaves checkpoints/.tmp-step_000001 only. Given as
+    `--checkpoint RUN/checkpoints`, that folder was taken for a model folder ('no config.json in
+    .../checkpoints: not a model folder'); it is the run's folder, with nothing to evaluate, and the
+    half-written checkpoint is named (given as RUN too)."""
+    import shutil
+
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "metrics.jsonl", killed / "metrics.jsonl")
+    shutil.copytree(run / "checkpoints" / "step_000001", killed / "checkpoints" / ".tmp-step_000001")
+    for given in (killed / "checkpoints", killed):
+        with pytest.raises(SystemExit) as info:
+            evaluation.main(["--checkpoint", str(given), *ARGS])
+        assert info.value.code == 2
+        assert capsys.readouterr().err == (
+            f"error: --checkpoint {given}: a run folder with nothing to evaluate (no checkpoints/step_* folder, only "
+            "the half-written .tmp-step_000001, no final merged or model folder): train with checkpoint.every or "
+            "checkpoint.save_final\n"
+        )

@@ -188,3 +188,24 @@ def test_rewards_of_one_module_get_distinct_headers(tmp_path: Path):
     cells = dict(zip(header.split(), row.split()))
     assert cells["format_o"] == "0.125" and cells["correct"] == "0.250"
     assert cells["corr~ict"] == "0.375" and cells["corr~ose"] == "0.500"
+
+
+def test_a_ppo_run_with_groups_prints_rows_within_the_table_width(tmp_path: Path, capsys):
+    """PPO with grpo.group_size > 1 logs zero% beside the critic's columns: its rows were 143 characters,
+    over MAX_WIDTH (140). The step time is left out (it stays in metrics.jsonl); the rest is shown."""
+    from helpers.runs import launch, run_config
+
+    from minigrpo.metrics_table import MAX_WIDTH
+
+    sections = {"grpo": {"prompts_per_step": 4, "group_size": 2}, "ppo": {"epochs": 1}}
+    cfg = run_config(tmp_path, algorithm="ppo", train={"steps": 1, "micro_batch_size": 8}, **sections)
+    records = launch(tmp_path, cfg)
+    assert "frac_zero_spread" in records[0] and "time/step" in records[0]
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("step "))
+    row = lines[lines.index(header) + 1]
+    assert len(header) == len(row) <= MAX_WIDTH
+    assert header.split() == [
+        "step", "reward", "r_std", "zero%", "fail", "len", "len_max", "trunc%", "kl", "clip%", "ent", "vloss", "ev",
+        "gnorm", "lr", "loss", "tok/s", "mem", "eta",
+    ]  # fmt: skip
