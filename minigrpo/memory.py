@@ -30,6 +30,7 @@ The estimate is of memory *allocated* by torch; the caching allocator reserves s
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -39,7 +40,15 @@ from minigrpo.algorithms import needs_reference
 from minigrpo.algorithms.dpo_config import rows_per_group
 from minigrpo.config import Config
 from minigrpo.errors import UserError
-from minigrpo.memory_knobs import longest_that_fits, single_changes, vllm_share_that_fits, with_setting
+from minigrpo.memory_estimate import format_bytes
+from minigrpo.memory_knobs import (
+    Changes,
+    combine,
+    longest_that_fits,
+    single_changes,
+    vllm_share_that_fits,
+    with_setting,
+)
 from minigrpo.memory_parts import (
     ACTIVATION_PARTS,
     CUDA_WORKSPACES,
@@ -229,7 +238,7 @@ def preflight(
         return suggest_fixes(cfg, model_args, budget=budget, **kw)
 
     where = f"{device} (each of the {world_size} ranks' device)" if world_size > 1 else str(device)
-    return _check_fits(est, where, free_bytes, margin, verbose, fixes, _KNOBS, refuse=refuse)
+    return _check_fits(est, where, free_bytes, margin, verbose, fixes, refuse=refuse)
 
 
 def _check_fits(
@@ -239,39 +248,52 @@ def _check_fits(
     margin: float,
     verbose: bool,
     fixes,
-    knobs,
     refuse: bool = True,
 ) -> MemoryEstimate:
     """Print `est` (verbose); return it when it fits in free_bytes less the margin (or nothing is known
-    of the device), else raise MemoryPreflightError naming the largest parts and `fixes(budget)`
-    (refuse=False: print that as a warning and return)."""
+    of the device), else raise MemoryPreflightError, one line naming the peak phase, its largest parts
+    and `fixes(budget)` (refuse=False: print that as a warning and return)."""
     if verbose:
         print(est.table())
     if free_bytes is None:
         return est
+    if free_bytes < 0 or not 0 <= margin < 1:
+        raise ValueError(f"free_bytes must be >= 0 and margin in [0, 1), got {free_bytes} and {margin}")
     budget = int(free_bytes * (1 - margin))
     if est.total <= budget:
         return est
-    found = fixes(budget)
-    lines = [
-        f"a training step is predicted to need {est.total / GiB:.1f} GiB at its peak ({est.peak_phase} phase), "
-        f"but {device} has {free_bytes / GiB:.1f} GiB free ({budget / GiB:.1f} GiB usable with a {margin:.0%} margin).",
-        f"Largest parts of the {est.peak_phase} phase: "
-        + ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in est.largest_parts()),
-    ]
-    if found:
-        lines.append("Settings that would fit (each alone, predicted peak):")
-        lines += [
-            f"  --set {key}={_show(new)}   ({key}={_show(old)} -> {_show(new)}: {total / GiB:.1f} GiB)"
-            for key, old, new, total in found
-        ]
-    else:
-        lines.append("No single setting change fits; combine several of: " + ", ".join(knobs))
+    largest = ", ".join(f"{k} {format_bytes(v)}" for k, v in est.largest_parts())
+    message = (
+        f"a training step is predicted to need {format_bytes(est.total)} at its peak ({est.peak_phase} phase), "
+        f"but {device} has {format_bytes(free_bytes)} free ({format_bytes(budget)} usable with a {margin:.0%} "
+        f"margin). Largest parts of the {est.peak_phase} phase: {largest}. {_advice(fixes(budget), budget)}"
+    )
     if not refuse:
         if verbose:
-            print("warning: " + "\n".join(lines), flush=True)
+            print("warning: " + message, flush=True)
         return est
-    raise MemoryPreflightError("\n".join(lines))
+    raise MemoryPreflightError(message)
+
+
+def _advice(found: Changes, budget: int) -> str:
+    """What the refusal proposes: each single change that fits, else the changes that fit together,
+    else what comes closest (or that nothing the pre-flight knows of lowers the peak)."""
+    if found:
+        each = ", or ".join(
+            f"--set {key}={_show(new)} ({key}={_show(old)} -> {_show(new)}: {format_bytes(total)})"
+            for key, old, new, total in found
+        )
+        return f"Settings that would fit, each alone: {each}"
+    kept, total = found.together or ({}, 0)
+    together = " ".join(f"{key}={_show(value)}" for key, value in kept.items())
+    if kept and total <= budget:
+        return f"No single setting fits; together these would ({format_bytes(total)}): --set {together}"
+    if kept:
+        return (
+            f"No setting change fits: even --set {together} together needs {format_bytes(total)}; "
+            "use a device with more free memory (or more ranks), or a smaller model"
+        )
+    return "No setting change lowers the peak; use a device with more free memory (or more ranks), or a smaller model"
 
 
 def _show(value: Any) -> str:
@@ -282,23 +304,6 @@ def _show(value: Any) -> str:
 
 
 _with = with_setting  # a config with one setting changed, as each suggestion is counted
-
-_KNOBS = (
-    "sampler.gpu_memory_utilization",
-    "sampler.vllm_sleep",
-    "model.gradient_checkpointing",
-    "model.activation_offload",
-    "train.micro_batch_size",
-    "train.optimizer",
-    "lora.enabled",
-    "lora.quantize_base",
-    "sampler.merge_lora",
-    "sampler.max_rows",
-    "sampler.max_new_tokens",
-    "env.max_episode_tokens",
-    "grpo.group_size",
-    "grpo.prompts_per_step",
-)
 
 
 def suggest_fixes(
@@ -314,7 +319,8 @@ def suggest_fixes(
     """(key, old, new, predicted total) for each single setting change that brings the peak under
     `budget`, the least intrusive first (memory techniques before smaller batches and shorter outputs).
     device_total: the device's total bytes, which a colocated vLLM sampler takes its share of;
-    world_size: the ranks of the job (a change must also pass the checks made at launch)."""
+    world_size: the ranks of the job (a change must also pass the checks made at launch). When none fits
+    alone, the result's `together` holds the set that fits combined (memory_knobs.combine)."""
     kw = dict(prompt_tokens=prompt_tokens, device_type=device_type, device_total=device_total, world_size=world_size)
 
     def total(c: Config) -> int:
@@ -338,13 +344,13 @@ def suggest_fixes(
     for size in sorted((d for d in range(smallest, tr.micro_batch_size) if N % d == 0), reverse=True):
         if consider("train.micro_batch_size", size):
             break
-    if tr.optimizer == "adamw" and device_type == "cuda":
+    if tr.optimizer == "adamw" and device_type == "cuda" and _installed("bitsandbytes"):
         consider("train.optimizer", "adamw8bit")
     if cfg.sampler.kind == "own" and cfg.lora.enabled:  # adapters unmerged while sampling: no copy
         consider("sampler.merge_lora", False)
     if not cfg.lora.enabled:
         consider("lora.enabled", True)
-    elif cfg.lora.quantize_base is None and device_type == "cuda":
+    elif cfg.lora.quantize_base is None and device_type == "cuda" and _installed("bitsandbytes"):
         consider("lora.quantize_base", "nf4")
     lo = longest_that_fits(cfg, "sampler.max_new_tokens", 0, cfg.sampler.max_new_tokens, total, budget)
     if cfg.sampler.kind == "own":  # fewer rows decoded at once: the same tokens, a smaller KV cache
@@ -363,7 +369,13 @@ def suggest_fixes(
     for count in range(g.prompts_per_step - 1, world_size - 1, -1):  # every rank samples a prompt at least
         if (count * g.group_size) % tr.micro_batch_size == 0 and consider("grpo.prompts_per_step", count):
             break
-    return out
+    return combine(cfg, out, total, budget, world_size=world_size)
+
+
+def _installed(package: str) -> bool:
+    """Whether `package` can be imported: a setting that needs a missing one (8-bit AdamW and NF4 need
+    bitsandbytes) is not proposed, since the run would stop at its package check."""
+    return importlib.util.find_spec(package) is not None
 
 
 # ================================================================================================
@@ -421,10 +433,7 @@ def sft_preflight(
     def fixes(budget: int) -> list[tuple[str, Any, Any, int]]:
         return suggest_sft_fixes(cfg, model_args, seq_len=seq_len, budget=budget, device_type=device.type)
 
-    return _check_fits(est, device, free_bytes, margin, verbose, fixes, _SFT_KNOBS)
-
-
-_SFT_KNOBS = (*_KNOBS[2:4], "sft.micro_batch_size", *_KNOBS[5:8], "sft.max_seq_len")
+    return _check_fits(est, device, free_bytes, margin, verbose, fixes)
 
 
 def suggest_sft_fixes(
@@ -442,16 +451,16 @@ def suggest_sft_fixes(
         consider("model.activation_offload", True)
     sizes = (d for d in range(cfg.sft.micro_batch_size - 1, 0, -1) if cfg.sft.batch_size % d == 0)
     next((d for d in sizes if consider("sft.micro_batch_size", d)), None)  # the largest that fits
-    if cfg.train.optimizer == "adamw" and device_type == "cuda":
+    if cfg.train.optimizer == "adamw" and device_type == "cuda" and _installed("bitsandbytes"):
         consider("train.optimizer", "adamw8bit")
     if not cfg.lora.enabled:
         consider("lora.enabled", True)
-    elif cfg.lora.quantize_base is None and device_type == "cuda":
+    elif cfg.lora.quantize_base is None and device_type == "cuda" and _installed("bitsandbytes"):
         consider("lora.quantize_base", "nf4")
     lo = longest_that_fits(cfg, "sft.max_seq_len", 1, min(seq_len, cfg.sft.max_seq_len), total, budget)
     if lo >= 2:  # longer conversations lose their tail
         consider("sft.max_seq_len", lo)
-    return out
+    return combine(cfg, out, total, budget, command="sft")
 
 
 __all__ = [

@@ -2,10 +2,13 @@
 
     consider, out = single_changes(cfg, total, budget)     # total(config) -> predicted peak bytes
     consider("train.micro_batch_size", 4)                   # True (and recorded in `out`) if it fits
+    combine(cfg, out, total, budget)                        # none fits alone: out.together, several at once
 
 A change is named only when the config it makes fits by the same estimate AND loads: a value the
 config's own rules refuse (a group size whose rows PPO's mini-batches no longer divide, say) would
-send the user from one error to another, so it counts as not fitting and the search goes on.
+send the user from one error to another, so it counts as not fitting and the search goes on. When
+no single change fits, the ones that lower the peak are combined, least intrusive first, until the
+step fits (or all of them are spent): the refusal names that set, or says that none fits.
 """
 
 from __future__ import annotations
@@ -40,14 +43,26 @@ def config_errors(cfg: Config, command: str = "train", world_size: int = 1) -> s
         return set(configio.check_limits(cfg) + cross_field_errors(cfg, []) + distributed_errors(cfg, world_size))
 
 
+class Changes(list):
+    """The single changes that fit (Change tuples, in the order they were considered), and what a
+    refusal that names none of them offers instead: `helpful`, every (key, value) considered that
+    lowers the peak and loads, fitting or not; `together`, set by `combine` when none fits alone."""
+
+    helpful: list[tuple[str, Any]]
+    together: tuple[dict[str, Any], int] | None = None
+
+
 def single_changes(
     cfg: Config, total: Callable[[Config], int], budget: int, command: str = "train", world_size: int = 1
-) -> tuple[Callable[[str, Any], bool], list[Change]]:
+) -> tuple[Callable[[str, Any], bool], Changes]:
     """(consider, out): consider(key, value) appends (key, old, value, predicted total) to `out` and
     returns True when that one change brings total(config) under budget and breaks none of the
-    config's rules that `cfg` itself keeps (command, world_size: whose rules, as config_errors)."""
-    out: list[Change] = []
+    config's rules that `cfg` itself keeps (command, world_size: whose rules, as config_errors); a
+    change that lowers the peak without fitting joins out.helpful."""
+    out = Changes()
+    out.helpful = []
     known = config_errors(cfg, command, world_size)  # a hand-built config's own faults are not the change's
+    now = total(cfg)
 
     def consider(key: str, value: Any) -> bool:
         section, name = key.split(".")
@@ -56,12 +71,38 @@ def single_changes(
             return False
         changed = with_setting(cfg, key, value)
         t = total(changed)
-        fits = t <= budget and not config_errors(changed, command, world_size) - known
+        fits, lowers = t <= budget, t < now
+        if not (fits or lowers) or config_errors(changed, command, world_size) - known:
+            return False  # no use, or a config that does not load
+        if lowers:
+            out.helpful.append((key, value))
         if fits:
             out.append((key, old, value, t))
         return fits
 
     return consider, out
+
+
+def combine(
+    cfg: Config, out: Changes, total: Callable[[Config], int], budget: int, command: str = "train", world_size: int = 1
+) -> Changes:
+    """Set out.together when no single change fits: out.helpful applied one after another, in the order
+    considered (the least intrusive first), each kept only when it lowers the peak further and the
+    config still loads, until the peak fits: ({key: value} kept, predicted total). A total above
+    budget means even all of them together do not fit."""
+    if out:
+        return out
+    known = config_errors(cfg, command, world_size)
+    current, best, kept = cfg, total(cfg), {}
+    for key, value in out.helpful:
+        if best <= budget:
+            break
+        changed = with_setting(current, key, value)
+        t = total(changed)
+        if t < best and not config_errors(changed, command, world_size) - known:
+            current, best, kept[key] = changed, t, value
+    out.together = (kept, best)
+    return out
 
 
 def vllm_share_that_fits(
@@ -74,15 +115,16 @@ def vllm_share_that_fits(
 ) -> float | None:
     """The largest sampler.gpu_memory_utilization (a multiple of 0.05) below the configured one under
     which the step fits and vLLM still holds its weights and one whole sequence's KV cache (less and it
-    refuses to start); None if there is none."""
+    refuses to start); when none fits, the smallest such share (it lowers the peak: a combination may
+    use it); None if there is none below the configured one."""
     args, b = model_args, dtype_bytes(cfg, "cuda")
     need = args.num_params() * b + kv_cache_bytes(args, 1, prompt_tokens + cfg.sampler.max_new_tokens, b)
-    share = math.floor(cfg.sampler.gpu_memory_utilization * 20 - 1e-9) / 20  # the next step down
+    share, smallest = math.floor(cfg.sampler.gpu_memory_utilization * 20 - 1e-9) / 20, None  # the next step down
     while share * device_total >= need and share > 0:
         if total(with_setting(cfg, "sampler.gpu_memory_utilization", share)) <= budget:
             return share
-        share = round(share - 0.05, 2)
-    return None
+        share, smallest = round(share - 0.05, 2), share
+    return smallest
 
 
 def longest_that_fits(cfg: Config, key: str, lo: int, hi: int, total: Callable[[Config], int], budget: int) -> int:

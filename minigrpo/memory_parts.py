@@ -34,14 +34,14 @@ tensor's storage, tests/helpers/allocations.py) and hold the estimate within 10%
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from minigrpo.config import Config, resolve_dtype
 from minigrpo.kernels.logprobs import plan_chunks
 from minigrpo.kernels.policy_head import plan_rows
+from minigrpo.memory_estimate import GiB as GiB  # re-exported: eval_memory.py imports them from here
+from minigrpo.memory_estimate import MemoryEstimate as MemoryEstimate
 from minigrpo.models.args import ModelArgs
 from minigrpo.optim import STEP_BUCKET_BYTES
 
@@ -61,54 +61,9 @@ _LORA_TARGETS = {  # short target name -> (module, in dim, out dim) as a functio
 _BWD_F, _BWD_D = 2, 1
 _LOSS_FP32_PER_TOKEN = 16  # the GRPO loss's (N, Tc) fp32 temporaries (ratios, clips, masks, ...)
 _SFT_BYTES_PER_TOKEN = 9  # SFT's loss-position mask (bool) and the negated log-probs (fp32), ~ per token
-GiB = 2**30
 # cuBLAS / cuBLASLt / cuDNN workspaces, which torch allocates through its caching allocator: a
 # constant 64-66 MiB over three small configs on an H100 (torch 2.11, benchmarks/bench_memory.py --quick)
 CUDA_WORKSPACES = 65 * 2**20
-
-
-@dataclass
-class MemoryEstimate:
-    """Predicted bytes per component (`parts`), per phase (`phases`) and their maximum (`total`)."""
-
-    parts: dict[str, int]
-    phases: dict[str, int]
-    members: dict[str, tuple[str, ...]] = field(default_factory=dict)  # phase -> the parts it holds
-    host: dict[str, int] = field(default_factory=dict)  # pinned CPU memory (activation offload)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return max(self.phases.values())
-
-    @property
-    def peak_phase(self) -> str:
-        return max(self.phases, key=self.phases.get)
-
-    def largest_parts(self, phase: str | None = None, count: int = 4) -> list[tuple[str, int]]:
-        """The `count` largest parts held in `phase` (default: the peak one), largest first: what to
-        shrink to lower that phase's peak."""
-        names = self.members.get(phase or self.peak_phase, tuple(self.parts))
-        held = [(name, self.parts[name]) for name in names if self.parts.get(name)]
-        return sorted(held, key=lambda kv: -kv[1])[:count]
-
-    def table(self) -> str:
-        """The breakdown as aligned text: components, then phases (the peak one marked)."""
-        lines = ["memory pre-flight (GiB)"]
-        for name, v in self.parts.items():
-            if v:
-                lines.append(f"  {name:<28}{v / GiB:9.2f}")
-        for name, v in self.host.items():
-            lines.append(f"  {name + ' (host)':<28}{v / GiB:9.2f}")
-        lines.append("  phases:")
-        for name, v in self.phases.items():
-            mark = "  <- peak" if name == self.peak_phase else ""
-            lines.append(f"    {name:<26}{v / GiB:9.2f}{mark}")
-        lines.extend(f"  note: {n}" for n in self.notes)
-        return "\n".join(lines)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"parts": self.parts, "phases": self.phases, "host": self.host, "total": self.total}
 
 
 # ================================================================================================
@@ -225,7 +180,19 @@ def trainer_bytes(args: ModelArgs, cfg: Config, b: int) -> dict[str, int]:
         out["lora_adapters"] = 4 * n
     out["master_weights"] = 4 * n if b < 4 and not lora.enabled else 0
     out["optimizer_state"] = optimizer_state_bytes(numels, cfg.train.optimizer)
-    return {**out, "gradients": 4 * n if lora.enabled else b * n, "numel": n}
+    widened = 0 if lora.enabled else fp32_gain_bytes(args, cfg, b)  # the gains and their gradients
+    out["weights"] += widened
+    return {**out, "gradients": 4 * n if lora.enabled else b * n + widened, "numel": n}
+
+
+def fp32_gain_bytes(args: ModelArgs, cfg: Config, b: int) -> int:
+    """Bytes a 16-bit model trained in full adds by keeping its RMSNorm gains in fp32 (train.fp32_norms,
+    Transformer.norms_in_fp32), to its weights and as much to its gradients: (4 - b) per gain, the two
+    norms of each block (and Qwen3's q / k norms) and the final one."""
+    if b >= 4 or not cfg.train.fp32_norms:
+        return 0
+    per_block = 2 * args.dim + (2 * args.head_dim if args.qk_norm else 0)
+    return (4 - b) * (args.n_layers * per_block + args.dim)
 
 
 def vllm_share(cfg: Config, device_total: int | None) -> int:
@@ -248,7 +215,7 @@ def value_model_bytes(args: ModelArgs, cfg: Config, b: int) -> dict[str, int]:
     else:
         body = args.num_params() - (0 if args.tie_word_embeddings else args.vocab_size * args.dim)
         numels, n = [body, head], body + head
-        weights = b * body + 4 * head
+        weights = b * body + 4 * head + fp32_gain_bytes(args, cfg, b)  # its gains fp32 as the policy's
         masters = 4 * n if b < 4 else 0  # optim.MasterWeights steps fp32 copies of 16-bit weights
     optimizer = optimizer_state_bytes(numels, cfg.train.optimizer)
     return {"weights": weights, "gradients": weights, "masters": masters, "optimizer": optimizer, "numel": n}

@@ -533,7 +533,7 @@ def test_preflight_with_vllm_suggests_only_settings_that_fit_beside_it():
         preflight(cfg, QWEN15, "cuda", 256, free_bytes=30 * 2**30, total_bytes=40 * 2**30, verbose=False)
     msg = str(err.value)
     assert "40.2 GiB at its peak (rollout phase)" in msg
-    assert "--set sampler.gpu_memory_utilization=0.2   (sampler.gpu_memory_utilization=0.5 -> 0.2: 28.2 GiB)" in msg
+    assert "--set sampler.gpu_memory_utilization=0.2 (sampler.gpu_memory_utilization=0.5 -> 0.2: 28.2 GiB)" in msg
     assert "--set lora.enabled=true" in msg
     for knob in ("activation_offload", "micro_batch_size", "max_new_tokens", "group_size", "prompts_per_step"):
         assert knob not in msg, msg
@@ -724,6 +724,8 @@ def test_sft_step_estimate_matches_a_measured_train_step(dtype):
     )
     model = tiny_model(seed=1, dtype=getattr(torch, dtype), **SMALL)
     model.gradient_checkpointing = True
+    if dtype == "bfloat16":
+        model.norms_in_fp32()  # as build.load_policy keeps them (train.fp32_norms)
     reply = " ".join(str(i % 10) for i in range(T))  # one token per digit: the rows fill max_seq_len
     examples = [
         Example(prompt=[{"role": "user", "content": "repeat"}, {"role": "assistant", "content": reply}], answer=reply)
@@ -750,7 +752,8 @@ def test_sft_step_estimate_matches_a_measured_train_step(dtype):
     assert metrics["seq_len_max"] == T and metrics["cut_frac"] == 1.0
     est = estimate_sft_peak(cfg, model.args, seq_len=10 * T, device_type="cpu")  # capped at sft.max_seq_len
     n, b = model.args.num_params(), model.output_weight.element_size()
-    assert est.parts["weights"] == b * n and est.parts["gradients"] == b * n
+    weights = sum(p.nbytes for p in model.parameters())  # bf16: the RMSNorm gains in fp32
+    assert est.parts["weights"] == weights and est.parts["gradients"] == weights
     assert est.parts["master_weights"] == (4 * n if b == 2 else 0) and est.parts["optimizer_state"] == 8 * n
     assert set(est.phases) == {"update", "optimizer"} and "kv_cache" not in est.parts
     static = sum(est.parts[k] for k in ("weights", "master_weights", "optimizer_state"))
@@ -770,7 +773,8 @@ def test_sft_preflight_error_names_the_sft_settings_that_fit():
     est = estimate_sft_peak(cfg, args, seq_len=4096)
     assert est.peak_phase == "update" and est.total > 80 * 2**30
     n = args.num_params()  # bf16 weights, fp32 masters, AdamW moments: 14 bytes a parameter
-    assert est.parts["weights"] + est.parts["master_weights"] + est.parts["optimizer_state"] == 14 * n
+    gains = (2 * args.n_layers + 1) * args.dim  # + 2 bytes for each RMSNorm gain kept in fp32 (train.fp32_norms)
+    assert est.parts["weights"] + est.parts["master_weights"] + est.parts["optimizer_state"] == 14 * n + 2 * gains
     with pytest.raises(MemoryPreflightError) as err:
         sft_preflight(cfg, args, "cuda", 4096, free_bytes=48 * 2**30, verbose=False)
     msg = str(err.value)

@@ -20,6 +20,7 @@ from minigrpo.config import Config
 from minigrpo.data import Example, encode_prompts
 from minigrpo.datafiles import DataError
 from minigrpo.errors import UserError
+from minigrpo.memory_estimate import format_bytes
 from minigrpo.models.loading import build_random, load_pretrained, save_pretrained
 from minigrpo.sft_data import IGNORE, collate, load_conversations, row_to_conversation, tokenize_conversation
 from minigrpo.tokenizer import Tokenizer
@@ -792,7 +793,7 @@ def test_a_step_that_cannot_fit_on_the_gpu_is_refused_before_the_weights_load(tm
     monkeypatch.setattr(memory, "_device_memory", lambda device: (need, 80 * 2**30))  # less the 5% margin
     with pytest.raises(memory.MemoryPreflightError) as e:
         sft_module.check_before_loading(cfg)
-    assert f"predicted to need {need / 2**30:.1f} GiB" in str(e.value) and "grpo." not in str(e.value)
+    assert f"predicted to need {format_bytes(need)}" in str(e.value) and "grpo." not in str(e.value)
     monkeypatch.setattr(memory, "_device_memory", lambda device: (int(need / 0.95) + 1, 80 * 2**30))
     assert sft_module.check_before_loading(cfg)[2]
 
