@@ -180,7 +180,15 @@ def parse_args(argv: list[str] | None):
         help="checkpoint folder, run folder (its newest intact checkpoint), hub id, .gguf file or 'smollm2'",
     )
     parser.add_argument("--config", default=None, help="YAML config (default: the run's config saved with it)")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. eval.temperature=0.7 eval.max_new_tokens=512 (last wins)",
+    )
     parser.add_argument("--split", default=None, help="data.split or data.eval_split (default: data.eval_split)")
     parser.add_argument("--num", type=int, default=None, help="number of examples (default: eval.num_prompts)")
     parser.add_argument(
@@ -468,7 +476,8 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     loaded = read_vanishing(given, pick_checkpoint, lambda ckpt: load_for_eval(args, ckpt, given))
     cfg, model, tokenizer, examples, split, specs = loaded
     results = evaluate(cfg, model.eval(), tokenizer, examples, batch_size=args.batch_size, specs=specs)
-    results = {"checkpoint": args.checkpoint, **results}  # the folder evaluated (a run folder's pick)
+    settings = {"split": split, "samples_per_prompt": cfg.eval.samples_per_prompt, "temperature": cfg.eval.temperature}
+    results = {"checkpoint": args.checkpoint, **settings, **results}  # the folder evaluated (a run folder's pick)
     print(f"{args.checkpoint} on the {split!r} split ({results['num_examples']} examples, {results['seconds']:.1f}s):")
     for key, value in results.items():
         if key.startswith(("accuracy", "pass@", "maj@", "reward", "env/")):

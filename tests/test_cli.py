@@ -405,7 +405,9 @@ def test_eval_runs_on_the_named_split(workspace, tmp_path):
     proc = eval_cli(workspace, "--checkpoint", ckpt, "--split", "train", "--num", "4", "--output", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "'train' split" in proc.stdout
-    assert json.loads(out.read_text())["num_examples"] == 4
+    results = json.loads(out.read_text())  # the file says what was evaluated, as the console line does
+    assert results["num_examples"] == 4 and results["split"] == "train" and results["samples_per_prompt"] == 1
+    assert results["temperature"] == 0
 
 
 def split_folder_config(tmp_path: Path, num_test: int, **sections) -> Path:
