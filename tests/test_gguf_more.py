@@ -164,3 +164,19 @@ def test_a_type_the_installed_gguf_package_cannot_read_fails_at_open(tmp_path, m
     expected = f"{path}: tensor 'token_embd.weight' is stored as MXFP4, which is read with the gguf package"
     with pytest.raises(GGUFError, match="^" + re.escape(expected)):
         GGUFCheckpoint(path)
+
+
+def test_template_names_given_as_one_string_are_one_line(tmp_path):
+    """tokenizer.chat_templates is an array of names; a string there was read letter by letter (the named
+    templates then silently missing): one line naming the file and the key."""
+    path = tmp_path / "s.gguf"
+
+    def tokenizer(w):
+        add_tokenizer(w, "gpt2", "gpt2")
+        w.add_string("tokenizer.chat_templates", "tool_use")
+        w.add_string("tokenizer.chat_template.tool_use", "{{ messages[0].content }}")
+
+    emb = np.random.default_rng(0).standard_normal((VOCAB, HIDDEN)).astype(np.float32)
+    write_gguf(path, "llama", {"token_embd.weight": emb}, tokenizer=tokenizer)
+    with pytest.raises(GGUFError, match="^" + re.escape(f"{path}: tokenizer.chat_templates must be an array")):
+        GGUFCheckpoint(path).tokenizer()

@@ -200,7 +200,10 @@ def _wrap_tokenizer(ckpt: GGUFCheckpoint, tk: Any, tokens: list[str], add_bos_de
     names = {key: None if tid is None else tokens[tid] for key, tid in ids.items()}
     stop_ids = [ids["eot_token_id"], ids["eom_token_id"]] + [i for i in special if tokens[i] in _END_TOKENS]
     templates = {"default": ckpt.get("tokenizer.chat_template")}
-    for name in ckpt.get("tokenizer.chat_templates") or []:
+    named = ckpt.get("tokenizer.chat_templates") or []
+    if isinstance(named, str) or not all(isinstance(name, str) for name in named):  # not read letter by letter
+        raise GGUFError(f"{ckpt.path}: tokenizer.chat_templates must be an array of template names, got {named!r:.80}")
+    for name in named:
         templates[name] = ckpt.get(f"tokenizer.chat_template.{name}")
     templates = {k: v for k, v in templates.items() if v is not None}
     _compile_chat_templates(ckpt, templates)
