@@ -251,14 +251,15 @@ def _refuse_training_file(path: str | None, split: str, fix: str) -> None:
 def _file_source_files(cfg: DataCfg, split: str, is_eval: bool) -> list[Path]:
     """The files of a jsonl/parquet source: data.path (a file or a folder of split files), or
     data.eval_path for an eval split."""
-    path = cfg.eval_path if is_eval and cfg.eval_path is not None else cfg.path
+    from_eval_path = is_eval and cfg.eval_path is not None
+    path = cfg.eval_path if from_eval_path else cfg.path
     if path is None:
         raise DataError(f"data.source={cfg.source!r} needs data.path")
     if is_eval and cfg.eval_path is None:
         fix = f"set data.eval_path to the {split} file (or point data.path at a folder with per-split files)"
         _refuse_training_file(path, split, fix)
     suffixes = (".parquet",) if cfg.source == "parquet" else (".jsonl", ".json")
-    return resolve_files(path, split, cfg.subset, suffixes)
+    return resolve_files(path, split, cfg.subset, suffixes, "data.eval_path" if from_eval_path else "data.path")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -443,16 +443,16 @@ def card_files(root: Path, split: str, subset: str | None, suffixes: Sequence[st
     return files
 
 
-def resolve_files(path: str | Path, split: str, subset: str | None, suffixes: Sequence[str]) -> list[Path]:
-    """A file is read as is; a folder is searched for the split's files."""
+def resolve_files(path: str | Path, split: str, subset: str | None, suffixes: Sequence[str], key="data path") -> list:
+    """A file is read as is; a folder is searched for the split's files. `key` names the setting in errors."""
     path = Path(path).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
         return split_files(path, split, subset, suffixes)
     if path.exists():  # a device, a socket, a pipe
-        raise DataError(f"data path {str(path)!r} is neither a file nor a folder")
-    raise DataError(f"data path {str(path)!r} does not exist{_read_from(path)}")
+        raise DataError(f"{key} {str(path)!r} is neither a file nor a folder")
+    raise DataError(f"{key} {str(path)!r} does not exist{_read_from(path)}")
 
 
 def _read_from(path: Path) -> str:

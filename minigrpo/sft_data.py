@@ -167,7 +167,7 @@ def _rows(cfg: Config) -> list[Row]:
         files = split_files(snapshot(sft.path, sft.revision), sft.split, sft.subset)  # a local snapshot as is
     else:
         suffixes = (".parquet",) if sft.source == "parquet" else (".jsonl", ".json")
-        files = resolve_files(sft.path, sft.split, sft.subset, suffixes)
+        files = resolve_files(sft.path, sft.split, sft.subset, suffixes, "sft.path")
     rows = [row for f in files for row in read_rows(Path(f))]
     if not rows:  # name the files: an empty one is the usual cause
         verb = "hold" if len(files) > 1 else "holds"

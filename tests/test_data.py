@@ -208,14 +208,14 @@ def test_missing_data_files_are_named(tmp_path):
     assert str(e.value) == f"data file {missing} does not exist"
     with pytest.raises(DataError) as e:
         build_dataset(DataCfg(source="jsonl", path=str(missing)))
-    assert str(e.value) == f"data path {str(missing)!r} does not exist"
+    assert str(e.value) == f"data.path {str(missing)!r} does not exist"
     with pytest.raises(DataError) as e:
         build_dataset(DataCfg(source="jsonl", path="/dev/null"))  # there, but no file to read
-    assert str(e.value) == "data path '/dev/null' is neither a file nor a folder"
+    assert str(e.value) == "data.path '/dev/null' is neither a file nor a folder"
     train = write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "1"}])
     cfg = DataCfg(source="jsonl", path=str(train), eval_path=str(tmp_path / "eval.jsonl"))
     assert len(build_dataset(cfg)) == 1
-    with pytest.raises(DataError, match=r"data path '.*eval\.jsonl' does not exist"):
+    with pytest.raises(DataError, match=r"data\.eval_path '.*eval\.jsonl' does not exist"):
         build_dataset(cfg, "test")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"no \.jsonl/\.json files for split 'train' in .*empty"):
@@ -446,13 +446,13 @@ def test_a_data_path_not_found_says_where_it_was_looked_for(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError) as e:
         build_dataset(DataCfg(source="jsonl", path="data/train.jsonl"))
-    assert str(e.value) == f"data path 'data/train.jsonl' does not exist (relative to the working directory {tmp_path})"
+    assert str(e.value) == f"data.path 'data/train.jsonl' does not exist (relative to the working directory {tmp_path})"
     write_jsonl(tmp_path / "data" / "train.jsonl", [{"question": "q", "answer": "1"}])
     assert build_dataset(DataCfg(source="jsonl", path="data/train.jsonl"))[0].prompt == "q"
     with pytest.raises(DataError) as e:
         build_dataset(DataCfg(source="jsonl", path=str(tmp_path / "data" / "*.jsonl")))
     assert str(e.value) == (
-        f"data path {str(tmp_path / 'data' / '*.jsonl')!r} does not exist "
+        f"data.path {str(tmp_path / 'data' / '*.jsonl')!r} does not exist "
         "(a pattern is not expanded: name one file, or a folder holding the split's files)"
     )
 
