@@ -1,8 +1,9 @@
 """A run built from its config: device and precision, policy (+ LoRA / NF4 base), reference, sampler,
 optimizer, data, rewards, and the state of a resumed run.
 
-    run = build_run(cfg, world)     # python -m minigrpo.train
-    model, tokenizer = load_policy(cfg, device, dtype)   # eval and the benchmarks pick pieces
+    resume, specs, examples = check_before_loading(cfg)   # before any weights load
+    run = build_run(cfg, world, resume, specs, examples)   # python -m minigrpo.train
+    model, tokenizer = load_policy(cfg, device, dtype)     # eval and the benchmarks pick pieces
 
 `check_before_loading(cfg)` runs every check that needs only the config and the file system (the
 run folder and what resuming would read, the reward functions, the data file, the model folder), so

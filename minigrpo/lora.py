@@ -3,9 +3,9 @@
     names = apply_lora(model, cfg.lora)              # adapters on q/k/v/o/gate/up/down; the rest frozen
     with adapters_disabled(model):                   # the reference policy: the same weights, no adapters
         ref_logp = completion_logprobs(model, ...)
-    save_peft_adapter(model, "out/adapter", ...)     # the exports live in lora_export.py (also
-    save_merged(model, tokenizer, "out/merged")      # importable from here): PEFT files, merged
-    load_peft_adapter(model, "out/adapter")          # 16-bit checkpoints
+    save_peft_adapter(model, "out/adapter", base_model_name_or_path=cfg.model.name_or_path)
+    save_merged(model, tokenizer, "out/merged")      # the exports live in lora_export.py (also importable
+    load_peft_adapter(model, "out/adapter")          # from here): PEFT files, merged 16-bit checkpoints
     merge_and_unload(model)                          # evaluation: the adapters merged into plain linears
 
 An adapted layer computes  y = base(x) + s * B @ A @ dropout(x)  with A (r, in), B (out, r) and
