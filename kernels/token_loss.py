@@ -221,11 +221,14 @@ def clipped_token_loss_and_grad(
         delta: two-sided clipping: the ratio's arm is capped at delta; None: no cap.
         old_logp: (n,) the log-probs the ratio is taken against; None: on-policy (ratio 1).
         is_weight: (n,) importance weights, fixed (no gradient); None: 1.
-        ref_logp, beta: (n,) reference log-probs for the k3 KL term and its coefficient; None: no KL.
+        ref_logp, beta: (n,) reference log-probs for the k3 KL term and its coefficient (beta != 0
+            needs ref_logp; at beta 0 ref_logp is not read).
         impl: "auto" (Triton on CUDA, else the torch closed form), "triton" or "ref".
     """
     per_token = dict(advantages=advantages, weight=weight, old_logp=old_logp, is_weight=is_weight, ref_logp=ref_logp)
     _check_per_token(logp, **per_token)
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError(f"beta={beta} needs ref_logp (the KL term's reference log-probs)")
     ref_logp = ref_logp if beta != 0.0 else None  # no KL term (nor its inf * 0) at beta 0
     opts = dict(
         epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, old_logp=old_logp, is_weight=is_weight,

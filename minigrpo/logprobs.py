@@ -54,12 +54,25 @@ def completion_logprobs(
         states,
         model.output_weight,
         targets,
-        temperature=temperature if temperature > 0 else 1.0,
+        temperature=scoring_temperature(temperature),
         return_entropy=return_entropy,
     )
     logp, entropy = out if return_entropy else (out, None)
     logp = scatter_tokens(active, logp)  # (N, Tc)
     return logp if entropy is None else (logp, scatter_tokens(active, entropy))
+
+
+def scoring_temperature(temperature: float) -> float:
+    """The temperature tokens are scored at: 1 for greedy sampling (0), else the sampling temperature.
+
+    Only 0 means greedy: a negative or NaN temperature is a mistake, refused here rather than scored
+    at 1 as if it were greedy (the kernels refuse the rest: too large, infinite).
+    """
+    if temperature == 0:
+        return 1.0
+    if not temperature > 0:
+        raise ValueError(f"temperature must be 0 (greedy, scored at 1) or positive, got {temperature}")
+    return float(temperature)
 
 
 def scatter_tokens(select: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

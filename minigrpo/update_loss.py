@@ -32,7 +32,13 @@ from torch import Tensor
 
 from minigrpo import grpo
 from minigrpo.kernels import clipped_token_loss_and_grad, fused_linear_token_loss
-from minigrpo.logprobs import HiddenStatesModel, completion_logprobs, completion_states, scatter_tokens
+from minigrpo.logprobs import (
+    HiddenStatesModel,
+    completion_logprobs,
+    completion_states,
+    scatter_tokens,
+    scoring_temperature,
+)
 
 
 @dataclass(frozen=True)
@@ -102,11 +108,19 @@ def policy_token_loss(
     ref_logp: Tensor | None = None,
     sampler_logp: Tensor | None = None,
 ) -> PolicyTokenLoss:
-    """The PolicyTokenLoss of the tokens `select` (N, Tc) bool picks; other inputs as policy_loss's."""
+    """The PolicyTokenLoss of the tokens `select` (N, Tc) bool picks; other inputs as policy_loss's.
+
+    Inputs are checked as policy_loss checks them: beta != 0 without ref_logp, or an IS correction
+    without sampler_logp, is an error (not a loss without its KL term or its IS weights).
+    """
     if not grpo.is_tokenwise(opts, old_logp_given=old_logp is not None):
         raise ValueError("this loss is not a sum of per-token terms (sequence-level ratio or IS weights)")
+    normalizer = grpo.check_loss_inputs(mask, opts, normalizer, ref_logp=ref_logp, sampler_logp=sampler_logp)
     m = mask.to(torch.float32)  # (N, Tc)
     assert select.shape == m.shape and advantages.shape == m.shape[:1], (select.shape, m.shape, advantages.shape)
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("sampler_logp", sampler_logp)):
+        if t is not None and t.shape != m.shape:
+            raise ValueError(f"{name} must be (N, Tc) = {tuple(m.shape)} like the mask, got {tuple(t.shape)}")
     is_weight = sampler = None
     if opts.is_correction is not None and old_logp is not None:
         w, _ = grpo.importance_weights(
@@ -153,6 +167,7 @@ def micro_batch_loss(
             general path; None takes the fused one whenever grpo.is_tokenwise allows it and the head
             is not fp64 (the fused per-token terms run in fp32; an fp64 model keeps fp64 throughout).
     """
+    temperature = scoring_temperature(temperature)  # before any compute: a bad one fails at once
     if fused is None:
         tokenwise = grpo.is_tokenwise(opts, old_logp_given=old_logp is not None)
         fused = tokenwise and model.output_weight.dtype != torch.float64
@@ -162,9 +177,8 @@ def micro_batch_loss(
             model, input_ids, attention_mask, completion_mask, temperature=temperature, return_entropy=True
         )  # (N, Tc) each
         return grpo.policy_loss(logp, old_logp, advantages, mask, opts, **loss_args, entropy=entropy.detach())
-    normalizer = grpo.check_loss_inputs(mask, opts, normalizer, ref_logp=ref_logp, sampler_logp=sampler_logp)
     select = completion_mask.bool() & (mask > 0)  # (N, Tc): tokens outside the loss mask pass no gradient
-    token_loss = policy_token_loss(
+    token_loss = policy_token_loss(  # checks the loss inputs before the forward
         select, mask, advantages, opts, normalizer, old_logp=old_logp, ref_logp=ref_logp, sampler_logp=sampler_logp
     )
     states, targets = completion_states(model, input_ids, attention_mask, select)  # (n, D), (n,)
@@ -173,7 +187,7 @@ def micro_batch_loss(
         model.output_weight,
         targets,
         token_loss,
-        temperature=temperature if temperature > 0 else 1.0,
+        temperature=temperature,
         return_entropy=True,
     )
     logp, entropy = scatter_tokens(select, logp), scatter_tokens(select, entropy)  # (N, Tc)

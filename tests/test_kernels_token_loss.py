@@ -102,7 +102,8 @@ def test_the_bounds_scenario_hits_every_convention():
     # ratio 1 on every bound: both arms tie and pass their gradient, so -A * w (not 0, not half of it)
     torch.testing.assert_close(pg_grad[on_bounds], -(x["advantages"] * x["weight"])[on_bounds], rtol=1e-5, atol=1e-6)
     assert pg_grad[3] == 0  # log-ratio past the clamp: none through the ratio
-    _, without_kl = clipped_token_loss_and_grad(**{**x, "ref_logp": None}, **_kernel_opts(opts), impl="ref")
+    no_kl = {**_kernel_opts(opts), "beta": 0.0}
+    _, without_kl = clipped_token_loss_and_grad(**{**x, "ref_logp": None}, **no_kl, impl="ref")
     assert grad[5] == without_kl[5] and grad[4] != without_kl[4]  # ref - logp past C: none through the KL; on C: some
 
 
