@@ -1,6 +1,6 @@
 """The PPO critic: a Transformer body with a scalar head, giving a value per completion token.
 
-    critic = build_critic(cfg, policy, device, dtype)   # ValueModel + its optimizer and schedule
+    critic = build_critic(cfg, policy, device, dtype, total_steps)   # ValueModel + its optimizer and schedule
     with critic.model.active():                          # forward AND backward inside (see below)
         values = critic.model.values(ids, attn, Tc)      # (N, Tc) fp32
 
