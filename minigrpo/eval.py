@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -212,9 +213,15 @@ def parse_args(argv: list[str] | None):
 def run_config_of(checkpoint: Path, config: str | None) -> str | None:
     """The config to evaluate with: --config, else the one a run saved with this folder:
     run_dir/checkpoints/step_N/run_config.yaml, or run_dir/config.yaml for a run's final model
-    (run_dir/merged of a LoRA run, run_dir/model of an SFT run: its data.synthetic is the task)."""
-    if config is not None or not checkpoint.is_dir():
+    (run_dir/merged of a LoRA run, run_dir/model of an SFT run: its data.synthetic is the task); for a
+    GGUF file the export wrote beside such a folder (`step_N.q8_0.gguf`), that folder's."""
+    if config is not None:
         return config
+    if checkpoint.is_file() and checkpoint.suffix == ".gguf":  # export's name: <folder>.<type>.gguf
+        folder = checkpoint.name.removesuffix(".gguf").rpartition(".")[0]
+        return run_config_of(checkpoint.with_name(folder), None) if folder else None
+    if not checkpoint.is_dir():
+        return None
     folder = checkpoint.resolve()
     candidates = [folder / "run_config.yaml"]
     if folder.name in RUN_OUTPUTS and (folder.parent / "metrics.jsonl").is_file():  # inside a run's folder
@@ -425,6 +432,8 @@ def load_for_eval(args, ckpt: Path, given: Path) -> tuple:
     if ckpt != given:
         args.checkpoint = str(ckpt)
     config_file = run_config_of(ckpt, args.config)
+    if config_file is None:  # a bare model: the default task, unless --config or --set say otherwise
+        print(f"note: no run config found for {ckpt}: the default config is used (pass --config)", file=sys.stderr)
     cfg = load_config(config_file, args.overrides)
     adapter = (ckpt / "adapter_config.json").is_file()  # a LoRA run: its base model plus the saved adapter
     if adapter:

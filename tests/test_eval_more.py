@@ -207,3 +207,20 @@ def test_a_checkpoints_folder_without_a_checkpoint_names_the_half_written_one(ru
             "the half-written .tmp-step_000001, no final merged or model folder): train with checkpoint.every or "
             "checkpoint.save_final\n"
         )
+
+
+def test_a_gguf_exported_beside_a_checkpoint_is_evaluated_with_its_run_config(run, tmp_path):
+    """python -m minigrpo.export writes step_N.<type>.gguf beside checkpoints/step_N: evaluating that file
+    takes step_N's run_config.yaml (the run's data, rewards and lengths), not the default task; a GGUF
+    with no such folder beside it has no run config (the command then says the default config is used)."""
+    gguf = run / "checkpoints" / "step_000002.q8_0.gguf"
+    gguf.write_bytes(b"")  # only its name and place are read here
+    try:
+        expected = run / "checkpoints" / "step_000002" / "run_config.yaml"
+        assert evaluation.run_config_of(gguf, None) == str(expected) and expected.is_file()
+        assert evaluation.run_config_of(gguf, "mine.yaml") == "mine.yaml"
+    finally:
+        gguf.unlink()
+    for lone in ("model.q8_0.gguf", "model.gguf"):
+        (tmp_path / lone).write_bytes(b"")
+        assert evaluation.run_config_of(tmp_path / lone, None) is None
