@@ -243,3 +243,23 @@ def test_a_head_size_vllms_cpu_attention_cannot_serve_is_refused_before_the_weig
     monkeypatch.setattr(build, "load_pretrained", lambda *a, **k: pytest.fail("the policy was loaded"))
     with pytest.raises(SamplingError, match=r"^the model's head size 16 is not one vLLM's CPU attention serves"):
         build.check_before_loading(Config.from_dict(cfg))
+
+
+def test_vllms_chat_template_warmup_failure_is_not_shown_its_other_warnings_are(caplog):
+    """With skip_tokenizer_init vLLM's chat-template warmup fails on every engine start and logged a warning
+    with a traceback that read as a failure of the run: that record is dropped, nothing else."""
+    import logging
+
+    from minigrpo.sampling.vllm_ranks import quiet_chat_template_warmup
+
+    logger = logging.getLogger("vllm.renderers.base")
+    quiet_chat_template_warmup()
+    quiet_chat_template_warmup()  # once is enough, twice adds nothing
+    assert len(logger.filters) >= 1
+    with caplog.at_level(logging.WARNING, logger="vllm.renderers.base"):
+        try:
+            raise ValueError("Tokenizer not available when skip_tokenizer_init=True")
+        except ValueError:
+            logger.warning("Chat template warmup failed", exc_info=True)
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]

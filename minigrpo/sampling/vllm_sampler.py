@@ -41,8 +41,7 @@ from torch import nn
 from minigrpo.distributed import full_weights
 from minigrpo.errors import ConfigError
 
-from .base import row_seed
-from .kv_sampler import check_prompts
+from .base import check_prompts, row_seed
 from .params import SamplingError, SamplingParams
 from .rollout import Rollout, left_pad, stop_string_cut
 from .vllm_ranks import (
@@ -57,6 +56,7 @@ from .vllm_ranks import (
     default_group_kept,
     engine_max_model_len,
     engine_seed,
+    quiet_chat_template_warmup,
     rank_engine_kwargs,
     require_vllm,
     start_engine,
@@ -198,6 +198,7 @@ class VLLMSampler:
             seed=engine_seed(seed),
         )
         kwargs.update(rank_engine_kwargs(self.world))  # torchrun: this rank's own engine (vllm_ranks.py)
+        quiet_chat_template_warmup()  # skip_tokenizer_init: vLLM's template warmup fails, harmlessly
         if on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
         else:
