@@ -464,17 +464,17 @@ def build_arg_parser(description: str | None = None, prog: str | None = None) ->
     prog: the command's name ("minigrpo.train") in usage and error lines."""
     parser = ArgumentParser(description=description, prog=prog)
     parser.add_argument("--config", type=str, default=None, help="YAML config file (default: all defaults)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set grpo.group_size=4 train.lr=1e-5",
-    )
+    add_overrides_argument(parser, "train.lr=1e-5 train.steps=100")
     parser.add_argument("--resume", action="store_true", help="resume from the latest checkpoint (run.resume)")
     return parser
+
+
+def add_overrides_argument(parser: ArgumentParser, example: str) -> None:
+    """`--set KEY=VALUE ...` (repeatable; the last value of a key wins) into args.overrides."""
+    help_text = f"override config values (the last of a key wins), e.g. --set {example}"
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=help_text
+    )
 
 
 def config_from_args(

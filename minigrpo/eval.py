@@ -44,7 +44,7 @@ from minigrpo import lora, rewards
 from minigrpo.atomic import missing_folder_error, write_atomic
 from minigrpo.build import check_dtype, compute_dtype, load_policy, pick_device, sampling_params
 from minigrpo.checkpoint import CheckpointError, check_writable
-from minigrpo.config import Config, load_config
+from minigrpo.config import Config, add_overrides_argument, load_config
 from minigrpo.data import Example, batch_columns, build_dataset, build_messages, encode_prompts
 from minigrpo.distributed import World, env_world_size
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
@@ -181,15 +181,7 @@ def parse_args(argv: list[str] | None):
         help="checkpoint folder, run folder (its newest intact checkpoint), hub id, .gguf file or 'smollm2'",
     )
     parser.add_argument("--config", default=None, help="YAML config (default: the run's config saved with it)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config keys, e.g. eval.temperature=0.7 eval.max_new_tokens=512 (last wins)",
-    )
+    add_overrides_argument(parser, "eval.temperature=0.7 eval.max_new_tokens=512")
     parser.add_argument("--split", default=None, help="data.split or data.eval_split (default: data.eval_split)")
     parser.add_argument("--num", type=int, default=None, help="number of examples (default: eval.num_prompts)")
     parser.add_argument(
