@@ -231,9 +231,12 @@ def test_a_head_size_vllms_cpu_attention_cannot_serve_is_refused_before_the_weig
 
     from minigrpo import build
     from minigrpo.sampling.params import SamplingError
-    from minigrpo.sampling.vllm_ranks import cpu_head_sizes
+    from minigrpo.sampling.vllm_ranks import CPU_HEAD_SIZES
 
-    assert 16 not in cpu_head_sizes() and 32 in cpu_head_sizes()
+    if HAS_VLLM:  # the sizes of the installed vLLM's CPU attention
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        assert tuple(CPUAttentionBackend.get_supported_head_sizes()) == CPU_HEAD_SIZES
     cfg = run_config(tmp_path, sampler={"kind": "vllm", "temperature": 1.0, "max_new_tokens": 1})
     cfg["run"]["device"] = "cpu"
     narrow_heads = dict(QWEN2, num_attention_heads=8, num_key_value_heads=8)  # 128 / 8 = 16 per head

