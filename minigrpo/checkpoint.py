@@ -177,7 +177,11 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace_dir(tmp, final)
+    try:
+        _replace_dir(tmp, final)
+    except OSError as e:  # the rename into place: the new checkpoint is not there, the earlier ones are
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot move checkpoint {final} into place: {e.strerror or e}; {_kept(run_dir)}") from e
     prune_checkpoints(run_dir, step, keep_last)
     return final
 
@@ -236,12 +240,18 @@ def save_trainer_state(checkpoint: Path, state: dict[str, Any]) -> None:
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; a `final` already there (a step saved twice) is moved aside first."""
+    """Rename `tmp` to `final`; a `final` already there (a step saved twice) is moved aside first, and
+    back if the rename fails."""
     old = final.with_name(f"{_TEMP_PREFIX}old-{final.name}")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if old.exists():  # the step's earlier folder goes back where it was
+            os.rename(old, final)
+        raise
     fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 

@@ -28,7 +28,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +60,46 @@ RESUMABLE_CHANGES = (
     "sft",  # read only by python -m minigrpo.sft (a run saved before the section existed lacks it)
 )
 
-# what changes how much memory a step takes, not what it computes, so that a run which no longer fits
-# may lower it on resume; train.micro_batch_size too where the loss does not count micro-batches (not bnpo)
-MEMORY_SETTINGS = ("model.gradient_checkpointing", "model.activation_offload", "sampler.max_rows", "sampler.compile")
+# what changes how much memory a step takes, not what it computes (up to float rounding), so that a run
+# which no longer fits may lower it on resume, as the memory pre-flight suggests (memory.py's knobs);
+# train.micro_batch_size too where the loss does not count micro-batches (not bnpo)
+MEMORY_SETTINGS = (
+    "model.gradient_checkpointing",
+    "model.activation_offload",
+    "sampler.max_rows",
+    "sampler.compile",
+    "sampler.merge_lora",
+    "sampler.vllm_sleep",
+    "sampler.gpu_memory_utilization",
+    "distributed.strategy",
+    "distributed.reshard_after_forward",
+)
 
 
 def resumable_changes(cfg: Config) -> tuple[str, ...]:
-    """The keys a resumed GRPO run may change (check_run_dir's `resumable`)."""
+    """The keys a resumed GRPO run may change (check_run_dir's `resumable`): RESUMABLE_CHANGES, the
+    memory settings, and the settings this run does not read (unread_settings)."""
     micro_batches = ("train.micro_batch_size",) if cfg.grpo.loss_type != "bnpo" else ()
-    return (*RESUMABLE_CHANGES, *MEMORY_SETTINGS, *micro_batches)
+    return (*RESUMABLE_CHANGES, *MEMORY_SETTINGS, *micro_batches, *unread_settings(cfg))
+
+
+def unread_settings(cfg: Config) -> tuple[str, ...]:
+    """The keys a GRPO run with `cfg` never reads, because of another setting (config_rules.unread_notes):
+    another algorithm's section, LoRA's settings with LoRA off, the synthetic task with another data
+    source, the vLLM sampler's probe with the own sampler, IS bounds without IS correction. Changing one
+    changes nothing the resumed run computes; the setting that makes it unread is itself compared."""
+    g, lora_keys = cfg.grpo, [f.name for f in fields(cfg.lora) if f.name != "enabled"]
+    unread = (
+        (cfg.algorithm != "online_dpo", ("dpo.",)),
+        (cfg.algorithm != "ppo", ("ppo.",)),
+        (not cfg.lora.enabled, tuple(f"lora.{key}" for key in lora_keys)),
+        (cfg.data.source != "synthetic", ("data.synthetic.",)),
+        (cfg.sampler.kind != "vllm", ("sampler.vllm_probe_every",)),
+        (not g.dynamic_sampling, ("grpo.max_resample_rounds",)),
+        (g.is_correction is None, ("grpo.is_cap", "grpo.is_min")),
+        (cfg.train.schedule == "constant", ("train.min_lr_ratio",)),
+    )
+    return tuple(key for off, keys in unread if off for key in keys)
 
 
 # the files a run writes in its folder (minigrpo/metrics.py, bookkeeping.py)
@@ -107,7 +138,7 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
         return None
     found = find_resume_checkpoint(run_dir)
     if found is None:
-        what = "holds no checkpoint" if run_dir.is_dir() else "does not exist"
+        what = f"holds no checkpoint{half_written(run_dir)}" if run_dir.is_dir() else "does not exist"
         raise UserError(f"nothing to resume: {run_dir} {what} (check run.name and run.output_dir)")
     path, state = found
     if cfg.train.steps < int(state["step"]):  # equal: the run is done, its final outputs may be missing
@@ -121,13 +152,18 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
             saved = parse_yaml(saved_file.read_text(encoding="utf-8")) or {}
         except ConfigError as e:
             raise ConfigError(f"{saved_file}: {e}") from None
-        saved = with_new_defaults(saved, cfg.to_dict(), Config().to_dict())  # algorithm, dpo, ppo, any new key
-        changed = [k for k in settings_changed(saved, cfg.to_dict()) if not k.startswith(resumable)]
+        current = cfg.to_dict()
+        saved = with_new_defaults(saved, current, Config().to_dict())  # algorithm, dpo, ppo, any new key
+        changed = [k for k in settings_changed(saved, current) if not k.startswith(resumable)]
         if changed:
             verb = "differs" if len(changed) == 1 else "differ"
+            values = "; ".join(f"{key}: {value_at(saved, key)} there, {value_at(current, key)} now" for key in changed)
+            unread = unread_settings(cfg)
+            may = ", ".join(k for k in resumable if k != "run.resume" and k not in unread)
             raise UserError(
-                f"--resume with a changed config: {', '.join(changed)} {verb} from {saved_file}; a resumed run "
-                f"keeps its settings (only {', '.join(resumable[1:])} may change): revert them or start a new run"
+                f"--resume with a changed config: {', '.join(changed)} {verb} from {saved_file} ({values}); a resumed "
+                f"run keeps its settings (only {may} and the settings it does not read may change): revert them or "
+                "start a new run"
             )
     check_writable_run_dir(run_dir)
     return ResumePoint(path, state)
@@ -146,6 +182,27 @@ def settings_changed(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     if env_kind(saved) is None and env_kind(current) is None:
         changed = [k for k in changed if k != "env" and not k.startswith("env.")]
     return changed
+
+
+_MISSING = object()  # value_at's answer for a key a config tree lacks
+
+
+def value_at(tree: Any, key: str, width: int = 200) -> str:
+    """The value under dotted `key` (`rewards.0.weight`) of a plain config tree for a message (strings
+    quoted, `null`, `true`), shortened to `width` characters; `unset` where the tree lacks the key."""
+    for part in key.split("."):
+        if isinstance(tree, dict):
+            tree = tree.get(part, _MISSING)
+        elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+        else:
+            tree = _MISSING
+    if tree is _MISSING:
+        return "unset"
+    if isinstance(tree, list) and tree and all(isinstance(v, dict) and "name" in v for v in tree):
+        tree = [v["name"] for v in tree]  # a list of reward functions: their names say which were added
+    text = json.dumps(tree) if tree is None or isinstance(tree, bool) else repr(tree)  # null, true as YAML says
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def env_kind(raw: dict[str, Any]) -> Any:
