@@ -59,6 +59,7 @@ from minigrpo.run_folder import (
     check_same_architecture,
     finish_run,
     run_dir_held,
+    unread_settings,
     write_folder_whole,
 )
 from minigrpo.sft_data import (
@@ -122,7 +123,8 @@ def check_before_loading(cfg: Config) -> tuple[ResumePoint | None, list[Example]
     check_packages(cfg, sampling=False)
     if cfg.lora.enabled and cfg.lora.quantize_base is not None:  # 4-bit kernels on this device
         require_nf4(device, cfg.lora.quantize_base)
-    resume = check_run_dir(cfg, SFT_RESUMABLE)
+    lora_off = () if cfg.lora.enabled else tuple(k for k in unread_settings(cfg) if k.startswith("lora."))
+    resume = check_run_dir(cfg, (*SFT_RESUMABLE, *lora_off))  # LoRA's settings are unread with LoRA off
     examples = load_conversations(cfg)
     tokenizer = check_model_source(cfg.model.name_or_path, revision=cfg.model.revision, key="model.name_or_path")
     check_same_architecture(cfg.model.name_or_path, None if cfg.lora.enabled else resume)

@@ -104,8 +104,8 @@ def test_a_hub_source_reads_a_downloaded_snapshot_folder_offline(tmp_path, monke
 
 def test_a_resumed_sft_run_may_change_what_only_other_algorithms_read(tmp_path, monkeypatch):
     """SFT reads neither train.micro_batch_size (sft.micro_batch_size sizes its passes) nor
-    `algorithm` and its sections: a config that changed them since the checkpoint resumes, and ends with
-    the weights of a run that never stopped."""
+    `algorithm` and its sections, nor LoRA's settings with LoRA off: a config that changed them since the
+    checkpoint resumes, and ends with the weights of a run that never stopped."""
     from test_sft import checkpoint_tensors, format_task, launch, sft_config
 
     import minigrpo.sft as sft_module
@@ -132,6 +132,7 @@ def test_a_resumed_sft_run_may_change_what_only_other_algorithms_read(tmp_path, 
         "train": {**steps, "micro_batch_size": 4},
         "algorithm": "ppo",
         "ppo": {"gamma": 0.9},
+        "lora": {"enabled": False, "r": 4},  # read only with LoRA on
     }
     records = launch(tmp_path, "sft", changed, "--resume")
     assert [r["step"] for r in records] == [1, 2, 3]
