@@ -43,6 +43,7 @@ from minigrpo.models.loading import (
     save_pretrained,
 )
 from minigrpo.models.presets import preset_config
+from minigrpo.models.transformer import RMSNorm
 from minigrpo.optim import build_optimizer, build_scheduler, dither_onto_masters
 from minigrpo.prompt_fit import local_position_limit, position_limit, prompts_that_fit
 from minigrpo.quant import require_nf4
@@ -288,6 +289,13 @@ def load_policy(
     return model, tokenizer
 
 
+def low_precision_masters(model: torch.nn.Module, fp32_norms: bool) -> list[torch.nn.Parameter]:
+    """FSDP's fp32 parameters that run in the 16-bit compute dtype: all but the RMSNorm gains when those
+    run in fp32 (train.fp32_norms), which keep the checkpoint's values, as on one process."""
+    gains = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)} if fp32_norms else set()
+    return [p for p in model.parameters() if id(p) not in gains]
+
+
 def load_checkpoint_weights(cfg: Config, model: torch.nn.Module, path: Path) -> None:
     """A checkpoint's weights into the loaded policy: its PEFT adapter (LoRA) or its whole model."""
     if cfg.lora.enabled:
@@ -386,7 +394,7 @@ def build_run(
     masters: dict | None = {} if resume is None else None
     model, tokenizer = load_policy(cfg, device, param_dtype, masters=masters)  # FSDP: fp32 already
     if strategy == "fsdp" and dtype != torch.float32:  # its fp32 parameters are the masters: off the grid
-        dither_onto_masters(model.parameters(), dtype)
+        dither_onto_masters(low_precision_masters(model, cfg.train.fp32_norms), dtype)
     # the reference policy is the initial one (copied before a resumed run's weights load): LoRA
     # switches its adapters off; full fine-tuning needs a frozen copy
     frozen_copy = needs_reference(cfg) and not cfg.lora.enabled
@@ -403,7 +411,10 @@ def build_run(
     if strategy == "fsdp":
         for m in (model, ref_model):
             if m is not None:
-                shard_model(m, world, compute_dtype=dtype, reshard_after_forward=cfg.distributed.reshard_after_forward)
+                reshard = cfg.distributed.reshard_after_forward
+                shard_model(
+                    m, world, compute_dtype=dtype, reshard_after_forward=reshard, fp32_norms=cfg.train.fp32_norms
+                )
     elif strategy == "ddp":
         broadcast_trainable(model, world)
     if critic is not None:

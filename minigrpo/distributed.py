@@ -2,41 +2,38 @@
 
     torchrun --nproc_per_node 2 -m minigrpo.train --config configs/X.yaml
 
-Every rank runs the whole loop on its share of each step's prompts: W ranks, B prompts per step,
-rank r samples the contiguous prompts shard_range(B, r, W) (groups stay whole), scores them and
-trains on them; the ranks only meet in collectives:
+Every rank runs the whole loop on its share of each step's prompts: W ranks, B prompts per step, rank r samples
+the contiguous prompts shard_range(B, r, W) (groups stay whole), scores them and trains on them; the ranks only
+meet in collectives:
 
-- rollout: the per-row totals of rewards (a few floats per row) are gathered so that every rank
-  computes the advantages of the GLOBAL batch (scale_rewards="batch" needs the global std) and the
-  global reward metrics; the sampled tokens do not depend on the split (counter-based noise);
-- update: the loss normaliser sums its counts over ranks (LossNormalizer.all_reduce), so each
-  rank's loss is its share of the global sum over the global token (dapo) or sequence (grpo,
-  dr_grpo) count, and the ranks' gradients SUM to exactly what one process computes on the whole
-  batch;
-- gradients: FSDP2 reduce-scatters them (strategy "fsdp"), or one all-reduce per optimizer step
-  sums the replicated trainable gradients (strategy "ddp"). A sum, not the usual average: an
-  average needs each rank's loss multiplied by the world size first, and in float16 that factor
-  would overflow the backward at a world-size-times smaller loss scale than one process's;
-- metrics: each rank's per-row values (`gather_rows`) or partial statistics (`merge_stats`: means,
-  sums, extremes) are gathered and combined the same way on every rank.
+- rollout: the per-row totals of rewards (a few floats per row) are gathered so that every rank computes the
+  advantages of the GLOBAL batch (scale_rewards="batch" needs the global std) and the global reward metrics;
+  the sampled tokens do not depend on the split (counter-based noise);
+- update: the loss normaliser sums its counts over ranks (LossNormalizer.all_reduce), so each rank's loss is
+  its share of the global sum over the global token (dapo) or sequence (grpo, dr_grpo) count, and the ranks'
+  gradients SUM to exactly what one process computes on the whole batch;
+- gradients: FSDP2 reduce-scatters them (strategy "fsdp"), or one all-reduce per optimizer step sums the
+  replicated trainable gradients (strategy "ddp"). A sum, not the usual average: an average needs each rank's
+  loss multiplied by the world size first, and in float16 that factor would overflow the backward at a
+  world-size-times smaller loss scale than one process's;
+- metrics: each rank's per-row values (`gather_rows`) or partial statistics (`merge_stats`: means, sums,
+  extremes) are gathered and combined the same way on every rank.
 
 Strategies.
-  fsdp  (full fine-tuning) `fully_shard` on every block and the root, bf16 compute with fp32
-        sharded parameters and fp32 gradient reduction (MixedPrecisionPolicy(param_dtype=bf16,
-        reduce_dtype=fp32)): the optimizer steps the fp32 shards, so no separate master copy.
-        `Transformer.hidden` is registered as an FSDP forward method; the root is not resharded
-        after forward (FSDP2's own default for the root), so the LM head weight the log-prob kernel
-        reads after `hidden` is the gathered one until the backward reshards it.
-  ddp   (LoRA; optional for small full fine-tuning) every rank holds all weights; after the last
-        micro-batch the gradients of the trainable parameters are summed with one fp32 all-reduce
-        per bucket. No DistributedDataParallel wrapper: it syncs only through its own forward, while
-        the trainer computes log-probs through `hidden` and the LM-head kernel; and for adapters
-        (a few MB) overlapping the all-reduce with backward gains nothing.
+  fsdp  (full fine-tuning) `fully_shard` on every block and the root, bf16 compute with fp32 sharded parameters
+        and fp32 gradient reduction (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)): the optimizer
+        steps the fp32 shards, so no separate master copy; each block's RMSNorm gains are a unit gathered in fp32
+        (train.fp32_norms). `Transformer.hidden` is registered as an FSDP forward method; the root is not
+        resharded after forward (FSDP2's default for the root), so the LM head weight the log-prob kernel reads
+        after `hidden` is the gathered one until the backward reshards it.
+  ddp   (LoRA; optional for small full fine-tuning) every rank holds all weights; after the last micro-batch
+        the gradients of the trainable parameters are summed with one fp32 all-reduce per bucket. No
+        DistributedDataParallel wrapper: it syncs only through its own forward, while the trainer computes
+        log-probs through `hidden` and the LM-head kernel; and for adapters (a few MB) overlapping the
+        all-reduce with backward gains nothing.
 
-Generation on sharded weights: `full_weights(model)` all-gathers every FSDP unit once for a whole
-rollout (decoding then runs on plain full tensors, CUDA graphs included, without a collective per
-token) and reshards afterwards. Peak memory during rollouts is the full compute-dtype weights plus
-the KV cache, as on one GPU; decoding layer by layer with per-token all-gathers would be far slower.
+Generation on sharded weights: `full_weights(model)` all-gathers every unit once for a whole rollout (no
+collective per token); peak memory is then the full compute-dtype weights plus the KV cache, as on one GPU.
 
 A single process (WORLD_SIZE unset or 1) initialises nothing: World() is rank 0 of 1 and every
 helper here is then a no-op or the identity.
@@ -53,7 +50,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
@@ -63,7 +60,6 @@ from torch import nn
 from minigrpo.errors import UserError
 
 T = TypeVar("T")
-STRATEGIES = ("fsdp", "ddp")
 BUCKET_BYTES = 256 * 1024**2  # fp32 gradient bytes per all-reduce of the ddp strategy
 EXIT_WAIT_S = 15.0  # how long a failed rank > 0 waits for torchrun to stop it before it reports
 
@@ -189,9 +185,8 @@ def collective_failure(error: BaseException) -> str | None:
     """What broke a collective: "timeout" (it waited past the group's timeout), "peer" (another rank
     ended) or None (an error of another kind)."""
     text = str(error)
-    if not isinstance(error, dist.DistError) and not (
-        isinstance(error, RuntimeError) and re.search(r"gloo|nccl|ProcessGroup|c10d", text, re.IGNORECASE)
-    ):
+    backend = isinstance(error, RuntimeError) and re.search(r"gloo|nccl|ProcessGroup|c10d", text, re.IGNORECASE)
+    if not isinstance(error, dist.DistError) and not backend:
         return None
     return "timeout" if re.search(r"timed out|timeout", text, re.IGNORECASE) else "peer"
 
@@ -221,10 +216,9 @@ def gather_rows(world: World, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
 def combine_stats(parts: Sequence[tuple[dict[str, float], float]]) -> tuple[dict[str, float], float]:
     """Statistics of several parts (micro-batches, ranks) as those of their union, by key suffix:
 
-    `*_min` -> the smallest, `*_max` -> the largest, `*_sum` -> the total, anything else is a mean
-    over its part's `weight` units (tokens, rows) and is averaged with those weights. Parts of
-    weight 0 hold no units and are left out, unless no part has any (then each counts once).
-    Returns (combined, total weight).
+    `*_min` -> the smallest, `*_max` -> the largest, `*_sum` -> the total, anything else is a mean over its part's
+    `weight` units (tokens, rows) and is averaged with those weights. Parts of weight 0 hold no units and are left
+    out, unless no part has any (then each counts once). Returns (combined, total weight).
     """
     filled = [(stats, float(w)) for stats, w in parts if w > 0]
     total = sum(w for _, w in filled)
@@ -272,13 +266,14 @@ def shard_model(
     *,
     compute_dtype: torch.dtype,
     reshard_after_forward: bool = True,
+    fp32_norms: bool = True,
 ) -> nn.Module:
     """FSDP2 in place: every block is a unit, the root holds embedding, final norm and LM head.
 
-    The parameters stay in their dtype (fp32: they are the optimizer's master weights); forward and
-    backward compute in `compute_dtype`; gradients are reduce-scattered in fp32. Block inputs are not
-    cast (the rotary angles stay fp32, as on one process). The reduce-scatter sums the ranks'
-    gradients (see the module docstring). Returns the same module object.
+    The parameters stay in their dtype (fp32: they are the optimizer's master weights); forward and backward
+    compute in `compute_dtype`; gradients are reduce-scattered in fp32. Block inputs are not cast (the rotary
+    angles stay fp32, as on one process). The reduce-scatter sums the ranks' gradients (see the module docstring).
+    fp32_norms: the RMSNorm gains run in fp32, as on one process (`_shard_gains`). Returns the same module object.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -286,14 +281,31 @@ def shard_model(
     mesh = init_device_mesh(world.device.type, (world.size,))
     param_dtype = None if compute_dtype == torch.float32 else compute_dtype
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    gains = replace(policy, param_dtype=None) if fp32_norms and param_dtype is not None else None  # fp32 gathers
     for block in model.model.layers:
+        _shard_gains(block, mesh, gains)
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    _shard_gains(model.model.norm, mesh, gains)
     # root: kept gathered from forward to backward, so the LM head read after hidden() is whole
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     register_fsdp_forward_method(model, "hidden")
     for unit in fsdp_units(model):
         _sum_gradients(unit)
     return model
+
+
+def _shard_gains(module: nn.Module, mesh: Any, policy: Any) -> None:
+    """With a policy, the fp32 RMSNorm gains in `module` (a block's 2, 4 with q/k norms; the final norm) become one
+    unit gathered in fp32 (a unit's policy casts all its parameters; in bf16 a gain cannot move by an lr-sized step).
+    One unit per block, not per norm: one all-gather and one reduce-scatter (a few KB) more per block and
+    micro-batch; kept gathered until the backward."""
+    from torch.distributed.fsdp import fully_shard
+
+    from minigrpo.models.transformer import RMSNorm
+
+    norms = [m for m in module.modules() if isinstance(m, RMSNorm) and m.weight.dtype == torch.float32]
+    if policy is not None and norms:
+        fully_shard(norms, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
 
 def _sum_gradients(unit: nn.Module) -> None:
@@ -321,11 +333,11 @@ def broadcast_trainable(model: nn.Module, world: World) -> None:
 def full_weights(model: nn.Module) -> Iterator[nn.Module]:
     """Gather an FSDP2-sharded model for code that is not a training forward (the sampler's decoding).
 
-    Yields a plain module of the model's own class whose parameters ARE the gathered full tensors
-    (compute dtype, no copy) and which carries no FSDP hooks: decoding on it never communicates,
-    never reshards a block after a step, and can be captured in CUDA graphs. All ranks must enter
-    together (the gathers are collectives); the shards come back when the block ends. Nested use
-    yields the same view without gathering again. A model that is not sharded is yielded itself.
+    Yields a plain module of the model's own class whose parameters ARE the gathered full tensors (compute dtype;
+    fp32 gains, see shard_model; no copy) and which carries no FSDP hooks: decoding on it never communicates, never
+    reshards a block after a step, and can be captured in CUDA graphs. All ranks must enter together (the gathers
+    are collectives); the shards come back when the block ends. Nested use yields the same view without gathering
+    again. A model that is not sharded is yielded itself.
     """
     units = fsdp_units(model)
     view = model.__dict__.get("_full_weights_view")
@@ -372,8 +384,7 @@ def all_reduce_gradients(params: Sequence[nn.Parameter], world: World) -> None:
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=world.device)
     dist.all_reduce(has, op=dist.ReduceOp.MAX)
     live = [p for p, h in zip(params, has.tolist()) if h]
-    bucket: list[nn.Parameter] = []
-    size = 0
+    bucket, size = [], 0
     for p in live:
         bucket.append(p)
         size += p.numel() * 4
@@ -387,15 +398,9 @@ def all_reduce_gradients(params: Sequence[nn.Parameter], world: World) -> None:
 def _reduce_bucket(params: list[nn.Parameter]) -> None:
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # on the gradients' device (CUDA for NCCL, CPU for gloo)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        g = flat[offset : offset + n].view_as(p).to(p.dtype)
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
-        offset += n
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        g = g.view_as(p).to(p.dtype)
+        p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
 
 
 @torch.no_grad()
@@ -415,11 +420,10 @@ def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float, grad_scale: 
 def global_grad_norm(params: Sequence[nn.Parameter], grad_scale: float = 1.0) -> float:
     """The L2 norm of all gradients together, divided by grad_scale; the same number on every rank.
 
-    Each tensor's norm is taken in fp32 (a bf16 norm is 0.2-0.4% off) and the squares summed in
-    fp64. Sharded (DTensor, FSDP2) gradients contribute the sum of squares of their local shards,
-    summed over ranks with one all-reduce; replicated gradients count once, so one process and any
-    number of ranks measure alike. Give the parameters as they are after backward (FSDP2 swaps
-    parameter objects between sharded and unsharded states).
+    Each tensor's norm is taken in fp32 (a bf16 norm is 0.2-0.4% off) and the squares summed in fp64. Sharded
+    (DTensor, FSDP2) gradients contribute the sum of squares of their local shards, summed over ranks with one
+    all-reduce; replicated gradients count once, so one process and any number of ranks measure alike. Give the
+    parameters as they are after backward (FSDP2 swaps parameter objects between sharded and unsharded states).
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -469,12 +473,9 @@ def _is_sharded_tensor(t: torch.Tensor) -> bool:
 def full_state_dict(module: nn.Module, world: World) -> dict[str, torch.Tensor]:
     """The whole state dict on CPU, on rank 0 (other ranks get {}): sharded tensors are gathered one
     by one, so no rank ever holds more than one full tensor beyond its shards."""
-    from torch.distributed.tensor import DTensor
-
     out = {}
     for name, t in module.state_dict().items():
-        if isinstance(t, DTensor):
-            t = t.full_tensor()
+        t = full_tensor(t)  # every rank takes part in a sharded tensor's gather
         if world.main:
             out[name] = t.detach().cpu()
     return out
