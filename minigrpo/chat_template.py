@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -218,6 +218,19 @@ def _plain(value: Any) -> Any:
     if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy / torch scalars
         return _plain(value.item())
     raise TypeError(f"chat template inputs must be JSON-like data, got {type(value).__name__}")
+
+
+def compile_named_templates(templates: dict[str, Any], where: Callable[[str], str]) -> None:
+    """Compile every named chat template now: a broken one (or one that is no string) is a ChatTemplateError
+    naming `where(name)` (its file, its key) before anything runs, not a message naming nothing at the first
+    prompt."""
+    for name, source in templates.items():
+        if not isinstance(source, str):
+            raise ChatTemplateError(f"{where(name)}: a {type(source).__name__}, not a string")
+        try:
+            compile_chat_template(source)
+        except ChatTemplateError as e:
+            raise ChatTemplateError(f"{where(name)}: {e}") from e
 
 
 @lru_cache(maxsize=32)

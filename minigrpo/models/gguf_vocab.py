@@ -225,16 +225,11 @@ def _wrap_tokenizer(ckpt: GGUFCheckpoint, tk: Any, tokens: list[str], add_bos_de
 def _compile_chat_templates(ckpt: GGUFCheckpoint, templates: dict[str, Any]) -> None:
     """Compile every chat template now: a broken one is an error naming the file and its key before any
     weight is read, not a message naming nothing at the first prompt."""
-    from minigrpo.chat_template import ChatTemplateError, compile_chat_template
+    from minigrpo.chat_template import compile_named_templates
 
-    for name, source in templates.items():
-        key = "tokenizer.chat_template" + ("" if name == "default" else f".{name}")
-        if not isinstance(source, str):
-            raise GGUFError(f"{ckpt.path}: {key} is a {type(source).__name__}, not a string")
-        try:
-            compile_chat_template(source)
-        except ChatTemplateError as e:
-            raise ChatTemplateError(f"{ckpt.path}: {key}: {e}") from e
+    compile_named_templates(
+        templates, lambda name: f"{ckpt.path}: tokenizer.chat_template" + ("" if name == "default" else f".{name}")
+    )
 
 
 _ID_KEYS = ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id", "eot_token_id", "eom_token_id")

@@ -47,16 +47,11 @@ def load_tokenizer_folder(directory: Path):
 def _compile_chat_templates(tokenizer: Any, directory: Path) -> None:
     """Compile every chat template of `tokenizer` now, so a broken one is an error naming its file
     before the run starts, not at the first prompt."""
-    from minigrpo.chat_template import ChatTemplateError, compile_chat_template
+    from minigrpo.chat_template import compile_named_templates
 
-    for name, source in tokenizer.chat_templates.items():
-        file = chat_template_file(directory, name)
-        if not isinstance(source, str):
-            raise ChatTemplateError(f"{file}: chat template {name!r} is a {type(source).__name__}, not a string")
-        try:
-            compile_chat_template(source)
-        except ChatTemplateError as e:
-            raise ChatTemplateError(f"{file}: chat template {name!r}: {e}") from e
+    compile_named_templates(
+        tokenizer.chat_templates, lambda name: f"{chat_template_file(directory, name)}: chat template {name!r}"
+    )
 
 
 def chat_template_file(directory: Path, name: str) -> Path:
