@@ -510,3 +510,25 @@ def test_ppo_resumes_to_identical_policy_critic_and_metrics(tmp_path, variant):
     assert sa["scheduler"] == sb["scheduler"]
     first = load_trainer_state(tmp_path / "runs" / "straight" / "checkpoints" / "step_000002")["critic"]
     assert not torch.equal(first["weights"]["head.weight"], sa["weights"]["head.weight"]), "the critic did not train"
+
+
+def test_a_critic_whose_tokenizer_numbers_tokens_otherwise_is_warned_about(tmp_path):
+    """A reward model with another tokenizer but no fewer ids (Mistral's 32768 against a Llama-2 policy's
+    32000) passed the vocabulary-size check, and the critic read the policy's ids as other tokens: a
+    warning naming both folders and how many tokens differ; the same tokenizer is silent."""
+    import warnings
+
+    from tokenizers import Tokenizer, models
+
+    sequence_classification_checkpoint(tmp_path / "rm")
+    tiny_checkpoint(tmp_path / "policy")
+    words = {f"w{i}": i for i in range(128)}
+    Tokenizer(models.WordLevel(words, unk_token="w0")).save(str(tmp_path / "policy" / "tokenizer.json"))
+    swapped = {**words, "w5": 6, "w6": 5}
+    Tokenizer(models.WordLevel(swapped, unk_token="w0")).save(str(tmp_path / "rm" / "tokenizer.json"))
+    with pytest.warns(UserWarning, match=r"rm's tokenizer numbers 2 of the policy's tokens otherwise"):
+        check_value_path(str(tmp_path / "rm"), policy=str(tmp_path / "policy"))
+    Tokenizer(models.WordLevel(words, unk_token="w0")).save(str(tmp_path / "rm" / "tokenizer.json"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_value_path(str(tmp_path / "rm"), policy=str(tmp_path / "policy"))

@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,6 +257,27 @@ def _check_vocabularies(folder: Path, policy: Path) -> None:
         raise UserError(
             f"a vocabulary of {ours} tokens, the policy ({policy}) {theirs}: the critic reads the policy's token ids"
         )
+    differ = _ids_that_differ(folder / "tokenizer.json", policy / "tokenizer.json")
+    if differ:
+        warnings.warn(
+            f"{folder}'s tokenizer numbers {differ} of the policy's tokens otherwise than the policy's ({policy}): "
+            "the critic reads the policy's ids, so its initial values come from other tokens",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def _ids_that_differ(critic: Path, policy: Path) -> int:
+    """How many of the policy tokenizer's tokens have another id (or none) in the critic's; 0 without both files."""
+    if not (critic.is_file() and policy.is_file()):
+        return 0
+    from tokenizers import Tokenizer
+
+    try:
+        ours, theirs = (Tokenizer.from_file(str(f)).get_vocab(with_added_tokens=True) for f in (critic, policy))
+    except Exception:  # a file the loader itself will judge: not this check's to refuse
+        return 0
+    return sum(ours.get(token) != i for token, i in theirs.items())
 
 
 def is_classification(config: dict[str, Any]) -> bool:
