@@ -7,8 +7,11 @@
 A change is named only when the config it makes fits by the same estimate AND loads: a value the
 config's own rules refuse (a group size whose rows PPO's mini-batches no longer divide, say) would
 send the user from one error to another, so it counts as not fitting and the search goes on. When
-no single change fits, the ones that lower the peak are combined, least intrusive first, until the
-step fits (or all of them are spent): the refusal names that set, or says that none fits.
+no single change fits, every change that loads is tried on the config built so far, those that keep
+what a step computes first (sharding, checkpointing, smaller passes, fewer rows at once: COMPUTATION_KEPT):
+the first that lowers the peak further is kept and the search starts over (a change that did not lower
+the starting peak may lower the one the step moved to), until the step fits: the refusal names that set, or says
+that none fits.
 """
 
 from __future__ import annotations
@@ -23,6 +26,18 @@ from minigrpo.memory_parts import dtype_bytes, kv_cache_bytes
 from minigrpo.models.args import ModelArgs
 
 Change = tuple[str, Any, Any, int]  # (key, old value, new value, predicted peak bytes)
+# the settings that change how much memory a step holds, not what it computes (up to rounding): tried first
+COMPUTATION_KEPT = (
+    "distributed.",
+    "sampler.vllm_sleep",
+    "sampler.gpu_memory_utilization",
+    "model.gradient_checkpointing",
+    "model.activation_offload",
+    "train.micro_batch_size",
+    "sft.micro_batch_size",
+    "sampler.max_rows",
+    "sampler.merge_lora",
+)
 
 
 def with_setting(cfg: Config, key: str, value: Any) -> Config:
@@ -46,7 +61,8 @@ def config_errors(cfg: Config, command: str = "train", world_size: int = 1) -> s
 class Changes(list):
     """The single changes that fit (Change tuples, in the order they were considered), and what a
     refusal that names none of them offers instead: `helpful`, every (key, value) considered that
-    lowers the peak and loads, fitting or not; `together`, set by `combine` when none fits alone."""
+    loads, fitting or not (with others it may lower a peak it does not lower alone); `together`, set
+    by `combine` when none fits alone."""
 
     helpful: list[tuple[str, Any]]
     together: tuple[dict[str, Any], int] | None = None
@@ -57,12 +73,11 @@ def single_changes(
 ) -> tuple[Callable[[str, Any], bool], Changes]:
     """(consider, out): consider(key, value) appends (key, old, value, predicted total) to `out` and
     returns True when that one change brings total(config) under budget and breaks none of the
-    config's rules that `cfg` itself keeps (command, world_size: whose rules, as config_errors); a
-    change that lowers the peak without fitting joins out.helpful."""
+    config's rules that `cfg` itself keeps (command, world_size: whose rules, as config_errors); every
+    change that loads joins out.helpful."""
     out = Changes()
     out.helpful = []
     known = config_errors(cfg, command, world_size)  # a hand-built config's own faults are not the change's
-    now = total(cfg)
 
     def consider(key: str, value: Any) -> bool:
         section, name = key.split(".")
@@ -70,15 +85,13 @@ def single_changes(
         if old == value:
             return False
         changed = with_setting(cfg, key, value)
+        if config_errors(changed, command, world_size) - known:
+            return False  # a config that does not load
+        out.helpful.append((key, value))
         t = total(changed)
-        fits, lowers = t <= budget, t < now
-        if not (fits or lowers) or config_errors(changed, command, world_size) - known:
-            return False  # no use, or a config that does not load
-        if lowers:
-            out.helpful.append((key, value))
-        if fits:
+        if t <= budget:
             out.append((key, old, value, t))
-        return fits
+        return t <= budget
 
     return consider, out
 
@@ -86,21 +99,27 @@ def single_changes(
 def combine(
     cfg: Config, out: Changes, total: Callable[[Config], int], budget: int, command: str = "train", world_size: int = 1
 ) -> Changes:
-    """Set out.together when no single change fits: out.helpful applied one after another, in the order
-    considered (the least intrusive first), each kept only when it lowers the peak further and the
-    config still loads, until the peak fits: ({key: value} kept, predicted total). A total above
-    budget means even all of them together do not fit."""
+    """Set out.together when no single change fits: out.helpful tried one after another on the config
+    built so far (COMPUTATION_KEPT first, then in the order considered: the least intrusive first): the
+    first that lowers the peak further and keeps the config loading is kept, and the search starts over,
+    until the peak fits or none helps: ({key: value} kept, predicted total). A total above budget means even all of
+    them together do not fit."""
     if out:
         return out
     known = config_errors(cfg, command, world_size)
+    order = sorted(out.helpful, key=lambda change: not change[0].startswith(COMPUTATION_KEPT))  # stable
     current, best, kept = cfg, total(cfg), {}
-    for key, value in out.helpful:
-        if best <= budget:
+    while best > budget:  # each round keeps the first change in `order` that helps, then starts over
+        for key, value in order:
+            if kept.get(key, object()) == value:
+                continue
+            changed = with_setting(current, key, value)
+            t = total(changed)
+            if t < best and not config_errors(changed, command, world_size) - known:
+                current, best, kept[key] = changed, t, value
+                break
+        else:  # none helps any more
             break
-        changed = with_setting(current, key, value)
-        t = total(changed)
-        if t < best and not config_errors(changed, command, world_size) - known:
-            current, best, kept[key] = changed, t, value
     out.together = (kept, best)
     return out
 

@@ -191,3 +191,29 @@ def test_bf16_separate_critic_weights_are_exact():
     critic = build_critic(cfg, policy, torch.device("cpu"), torch.bfloat16, total_steps=10)
     weights = sum(p.nbytes for p in critic.model.trainable_parameters())
     assert value_model_bytes(policy.args, cfg, 2)["weights"] == weights
+
+
+@pytest.mark.parametrize(
+    "overrides,budget_gib",
+    [
+        (["grpo.prompts_per_step=16", "grpo.group_size=16", "train.micro_batch_size=16"], 30),
+        (["grpo.prompts_per_step=512", "grpo.group_size=64", "train.micro_batch_size=64"], 60),
+    ],
+)
+def test_a_set_that_keeps_the_computation_is_found_when_the_peak_moves(overrides, budget_gib):
+    """Qwen2.5-1.5B in full with long completions: the step's peak moves from the update to the rollout once
+    checkpointing and smaller passes cut the update, so sampler.max_rows, which does not lower the first
+    peak, is what fits next. The search once tried only the changes that lowered the first peak and named
+    the optimizer, LoRA and one prompt a step (or said nothing fits at 1.0 TiB); now the set keeps what a
+    step computes and fits."""
+    args = _args("qwen2.5-1.5b")
+    over = ["sampler.max_new_tokens=4096" if budget_gib == 30 else "sampler.max_new_tokens=8192", *overrides]
+    cfg = load_config(QWEN, [*over, "model.gradient_checkpointing=false"])
+    found = suggest_fixes(cfg, args, budget=budget_gib * GiB, prompt_tokens=256, device_type="cuda")
+    assert not found, found  # no single change fits
+    kept, total = found.together
+    assert total <= budget_gib * GiB, (kept, format_bytes(total))
+    assert set(kept) <= {"model.gradient_checkpointing", "model.activation_offload", "train.micro_batch_size",
+                         "sampler.max_rows"}, kept  # fmt: skip
+    applied = load_config(QWEN, _applied([*over, "model.gradient_checkpointing=false"], kept))
+    assert estimate_peak(applied, args, prompt_tokens=256).total == total
