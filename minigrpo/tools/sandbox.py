@@ -23,12 +23,12 @@ every run (deterministic code gives the same answer every time; `-I` would ignor
   opening for writing, removing, renaming or creating files outside the working directory (a relative
   path counts from the code's current directory, wherever os.chdir took it), reading another process's
   /proc/<pid> entries (the trainer's environ holds its tokens, its fd/ its open files) and signalling any
-  process but itself (os.kill(os.getppid(), 9) or os.kill(-1, 9) would end the trainer); an sqlite3
-  database outside the working directory (sqlite writes it itself, with no "open" event);
+  process but itself (os.kill(os.getppid(), 9) or os.kill(-1, 9) would end the trainer); sqlite3
+  (it writes its files itself, with no "open" event, and ATTACH names any path);
 - the native calls that raise no audit event replaced by refusals before the code runs (and their modules
   not loaded again): `_posixsubprocess.fork_exec` (multiprocessing's spawn and forkserver start methods and
   its resource tracker start processes through it), `_posixshmem` (named shared memory outlives the run:
-  the next episode's code could read it) and os.mkfifo / os.mknod outside the working directory;
+  the next episode's code could read it) and os.mkfifo / os.mknod (no wrapper: it would hold the original);
 - cleanup on every way out: a run interrupted in the parent (Ctrl-C, an exception) kills the code's
   process group before the folder is removed, so no process outlives the call.
 
@@ -95,7 +95,8 @@ signal.setitimer(signal.ITIMER_REAL, max(0.001, _flush_at - time.monotonic()))
 with open(_code_path, encoding="utf-8") as _f:
     _source = _f.read()
 _BLOCKED = ("socket.", "subprocess.", "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn",
-            "os.spawn", "pty.", "ctypes.", "resource.setrlimit", "resource.prlimit", "sys.addaudithook", "gc.get_")
+            "os.spawn", "pty.", "ctypes.", "resource.setrlimit", "resource.prlimit", "sys.addaudithook", "gc.get_",
+            "sqlite3.")
 _PATH_ARGS = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1), "os.chmod": (0,),
               "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,), "os.symlink": (1,), "os.link": (1,),
               "shutil.rmtree": (0,), "shutil.copyfile": (1,), "shutil.move": (1,), "os.setxattr": (0,),
@@ -118,26 +119,10 @@ def _other_process(path, _own=(str(os.getpid()), "self", "thread-self")):
             return True
     return False
 
-def _sqlite_file(database):
-    name = os.fsdecode(database)
-    if name.startswith("file:"):  # a URI (uri=True; as a plain name it is a relative file, inside anyway)
-        name, _, query = name[5:].partition("?")
-        if "mode=memory" in query:
-            return None
-        name = "/" + name[2:].partition("/")[2] if name.startswith("//") else name  # file://host/path
-    return None if name in ("", ":memory:") else name
-
 def _refused(name):
     def refused(*args, **kwargs):
         raise PermissionError(f"sandbox: {name} is not allowed")
     return refused
-
-def _inside_only(fn, name, _inside=_inside):
-    def checked(path, *args, dir_fd=None, **kwargs):
-        if dir_fd is not None or not _inside(path):
-            raise PermissionError(f"sandbox: {name} outside the working directory is not allowed: {path!r}")
-        return fn(path, *args, **kwargs)
-    return checked
 
 def _replace_native():
     # native calls that raise no audit event: _posixsubprocess.fork_exec starts processes (multiprocessing's
@@ -152,15 +137,14 @@ def _replace_native():
         for name in names:
             setattr(module, name, _refused(f"{module_name}.{name}"))
     import posix
-    for name in ("mkfifo", "mknod"):
+    for name in ("mkfifo", "mknod"):  # refused, not path-checked: a wrapper would hold the original
         if hasattr(posix, name):
-            checked = _inside_only(getattr(posix, name), f"os.{name}")
-            setattr(posix, name, checked)
-            setattr(os, name, checked)
+            setattr(posix, name, _refused(f"os.{name}"))
+            setattr(os, name, getattr(posix, name))
     return (*native, "posix")
 
 def _audit(event, args, _blocked=_BLOCKED, _path_args=_PATH_ARGS, _write=_WRITE_FLAGS, _inside=_inside,
-           _other=_other_process, _database=_sqlite_file, _reload=_replace_native(), _me=[], _pid=os.getpid()):
+           _other=_other_process, _reload=_replace_native(), _me=[], _pid=os.getpid()):
     if event.startswith(_blocked):
         raise PermissionError(f"sandbox: {event} is not allowed")
     if event == "import" and args[0] in _reload:  # raised only where a module loads: the originals again
@@ -176,17 +160,15 @@ def _audit(event, args, _blocked=_BLOCKED, _path_args=_PATH_ARGS, _write=_WRITE_
         writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & _write)
         if writing and path is not None and not _inside(path):
             raise PermissionError(f"sandbox: writing outside the working directory is not allowed: {path!r}")
-    elif event == "sqlite3.connect" and _database(args[0]) is not None and not _inside(_database(args[0])):
-        raise PermissionError(f"sandbox: a database outside the working directory is not allowed: {args[0]!r}")
     elif event in _path_args:
         for i in _path_args[event]:
             if i < len(args) and args[i] is not None and not _inside(args[i]):
                 raise PermissionError(f"sandbox: {event} outside the working directory is not allowed: {args[i]!r}")
 
-_audit.__defaults__[-2].extend([_audit, _inside, _other_process, _sqlite_file])
+_audit.__defaults__[-2].extend([_audit, _inside, _other_process])
 sys.addaudithook(_audit)
 del _f, _limits, _set_limits, _flush_at, _flush_before_the_kill, _audit, _inside, _other_process
-del _BLOCKED, _PATH_ARGS, _WRITE_FLAGS, _sqlite_file, _refused, _inside_only, _replace_native
+del _BLOCKED, _PATH_ARGS, _WRITE_FLAGS, _refused, _replace_native
 
 def _main(source):
     tree = ast.parse(source, "<code>")
