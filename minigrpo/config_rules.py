@@ -92,9 +92,19 @@ def unread_notes(cfg: Config) -> list[str]:
     """One note per group of settings changed from their defaults that the run never reads because of
     another setting (`sampler.gpu_memory_utilization` with the own sampler): a warning, not an error,
     since switching the other setting (`--set sampler.kind=own` on a vLLM config) rightly keeps them."""
+    notes = []
+    for off, section, name, keys, where in _unread_groups(cfg):
+        changed = _changed(section, name, keys) if off else []
+        if changed:
+            notes.append(f"{', '.join(changed)}: ignored, read only {where}")
+    return notes
+
+
+def _unread_groups(cfg: Config) -> tuple:
+    """(the setting that makes them unread, section, its dotted name, its keys (None: all), where they are read)."""
     g, sampler = cfg.grpo, cfg.sampler
     synthetic_read = "synthetic" in (cfg.data.source, cfg.sft.source)
-    unread = (  # (the setting that makes them unread, section, its keys (None: all), where they are read)
+    return (
         (sampler.kind != "vllm", sampler, "sampler", VLLM_SAMPLER_KEYS, "with sampler.kind=vllm"),
         (not g.dynamic_sampling, g, "grpo", ("max_resample_rounds",), _resampled_where(cfg)),
         (g.is_correction is None, g, "grpo", ("is_cap", "is_min"), "with grpo.is_correction set"),
@@ -103,12 +113,22 @@ def unread_notes(cfg: Config) -> list[str]:
         (not cfg.lora.enabled, cfg.checkpoint, "checkpoint", ("save_merged",), "with lora.enabled=true"),
         (not synthetic_read, cfg.data.synthetic, "data.synthetic", None, "with data.source=synthetic"),
     )
-    notes = []
-    for off, section, name, keys, where in unread:
-        changed = _changed(section, name, keys) if off else []
-        if changed:
-            notes.append(f"{', '.join(changed)}: ignored, read only {where}")
-    return notes
+
+
+def unread_keys(cfg: Config) -> tuple[str, ...]:
+    """The dotted keys a run with `cfg` never reads because of another setting: those of unread_notes,
+    whatever their values, and LoRA's settings with LoRA off and the sections of the algorithms not run."""
+    keys = [
+        f"{name}.{key}"
+        for off, section, name, only, _ in _unread_groups(cfg)
+        if off
+        for key in (only or [f.name for f in fields(section)])
+    ]
+    if not cfg.lora.enabled:
+        keys += [f"lora.{f.name}" for f in fields(cfg.lora) if f.name != "enabled"]
+    readers = {"dpo": "online_dpo", "ppo": "ppo"}  # each algorithm's section and the algorithm reading it
+    keys += [f"{section}." for section, algorithm in readers.items() if cfg.algorithm != algorithm]
+    return tuple(keys)
 
 
 VLLM_SAMPLER_KEYS = ("gpu_memory_utilization", "vllm_sleep", "vllm_probe_every")  # read by the vLLM sampler only

@@ -28,7 +28,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,22 +84,13 @@ def resumable_changes(cfg: Config) -> tuple[str, ...]:
 
 
 def unread_settings(cfg: Config) -> tuple[str, ...]:
-    """The keys a GRPO run with `cfg` never reads, because of another setting (config_rules.unread_notes):
-    another algorithm's section, LoRA's settings with LoRA off, the synthetic task with another data
-    source, the vLLM sampler's probe with the own sampler, IS bounds without IS correction. Changing one
+    """The keys a run with `cfg` never reads, because of another setting (config_rules.unread_keys: another
+    algorithm's section, LoRA's settings with LoRA off, the synthetic task with another data source, the
+    vLLM sampler's settings with the own sampler, IS bounds without IS correction, ...). Changing one
     changes nothing the resumed run computes; the setting that makes it unread is itself compared."""
-    g, lora_keys = cfg.grpo, [f.name for f in fields(cfg.lora) if f.name != "enabled"]
-    unread = (
-        (cfg.algorithm != "online_dpo", ("dpo.",)),
-        (cfg.algorithm != "ppo", ("ppo.",)),
-        (not cfg.lora.enabled, tuple(f"lora.{key}" for key in lora_keys)),
-        (cfg.data.source != "synthetic", ("data.synthetic.",)),
-        (cfg.sampler.kind != "vllm", ("sampler.vllm_probe_every",)),
-        (not g.dynamic_sampling, ("grpo.max_resample_rounds",)),
-        (g.is_correction is None, ("grpo.is_cap", "grpo.is_min")),
-        (cfg.train.schedule == "constant", ("train.min_lr_ratio",)),
-    )
-    return tuple(key for off, keys in unread if off for key in keys)
+    from minigrpo.config_rules import unread_keys
+
+    return unread_keys(cfg)
 
 
 # the files a run writes in its folder (minigrpo/metrics.py, bookkeeping.py)
