@@ -283,7 +283,10 @@ def _advice(found: Changes, budget: int) -> str:
             f"--set {key}={_show(new)} ({key}={_show(old)} -> {_show(new)}: {format_bytes(total)})"
             for key, old, new, total in found
         )
-        return f"Settings that would fit, each alone: {each}"
+        kept, total = found.together or ({}, 0)
+        together = " ".join(f"{key}={_show(value)}" for key, value in kept.items())
+        same_step = f"; or, computing the same step, together ({format_bytes(total)}): --set {together}" if kept else ""
+        return f"Settings that would fit, each alone: {each}{same_step}"
     kept, total = found.together or ({}, 0)
     together = " ".join(f"{key}={_show(value)}" for key, value in kept.items())
     if kept and total <= budget:

@@ -102,12 +102,26 @@ def combine(
     """Set out.together when no single change fits: out.helpful tried one after another on the config
     built so far (COMPUTATION_KEPT first, then in the order considered: the least intrusive first): the
     first that lowers the peak further and keeps the config loading is kept, and the search starts over,
-    until the peak fits or none helps: ({key: value} kept, predicted total). A total above budget means even all of
-    them together do not fit."""
-    if out:
+    until the peak fits or none helps: ({key: value} kept, predicted total). A total above budget means even
+    all of them together do not fit. When single changes fit but each changes what a step computes (a
+    shorter completion, fewer prompts), the COMPUTATION_KEPT ones are combined too, kept if they fit."""
+    keeps = [change for change in out.helpful if change[0].startswith(COMPUTATION_KEPT)]
+    if any(key.startswith(COMPUTATION_KEPT) for key, *_ in out):
         return out
+    if out:  # the single changes all alter the step: name a set that does not, where one fits
+        together = _combined(cfg, keeps, total, budget, command, world_size)
+        out.together = together if together[0] and together[1] <= budget else None
+        return out
+    order = keeps + [change for change in out.helpful if change not in keeps]
+    out.together = _combined(cfg, order, total, budget, command, world_size)
+    return out
+
+
+def _combined(
+    cfg: Config, order: list, total: Callable[[Config], int], budget: int, command: str, world_size: int
+) -> tuple[dict[str, Any], int]:
+    """The changes of `order` kept one by one (see combine) and the predicted total with them."""
     known = config_errors(cfg, command, world_size)
-    order = sorted(out.helpful, key=lambda change: not change[0].startswith(COMPUTATION_KEPT))  # stable
     current, best, kept = cfg, total(cfg), {}
     while best > budget:  # each round keeps the first change in `order` that helps, then starts over
         for key, value in order:
@@ -120,8 +134,7 @@ def combine(
                 break
         else:  # none helps any more
             break
-    out.together = (kept, best)
-    return out
+    return kept, best
 
 
 def vllm_share_that_fits(

@@ -217,3 +217,25 @@ def test_a_set_that_keeps_the_computation_is_found_when_the_peak_moves(overrides
                          "sampler.max_rows"}, kept  # fmt: skip
     applied = load_config(QWEN, _applied([*over, "model.gradient_checkpointing=false"], kept))
     assert estimate_peak(applied, args, prompt_tokens=256).total == total
+
+
+def test_when_only_changes_of_the_step_fit_alone_a_set_that_keeps_it_is_named_too():
+    """Qwen2.5-1.5B in full, 16 x 16 rows of 4096 tokens, on 40 GiB: alone, only a shorter completion or
+    fewer prompts fit (each changes what a step computes), while checkpointing, smaller passes and fewer
+    rows at once fit together and compute the same step: the refusal names that set as well."""
+    args = _args("qwen2.5-1.5b")
+    over = ["grpo.prompts_per_step=16", "grpo.group_size=16", "train.micro_batch_size=16"]
+    over += ["sampler.max_new_tokens=4096", "model.gradient_checkpointing=false"]
+    cfg = load_config(QWEN, over)
+    found = suggest_fixes(cfg, args, budget=40 * GiB, prompt_tokens=256, device_type="cuda")
+    assert found and all(key in ("sampler.max_new_tokens", "grpo.prompts_per_step", "grpo.group_size")
+                         for key, *_ in found), found  # fmt: skip
+    kept, total = found.together
+    assert total <= 40 * GiB and set(kept) <= {"model.gradient_checkpointing", "train.micro_batch_size",
+                                               "sampler.max_rows"}, kept  # fmt: skip
+    assert estimate_peak(load_config(QWEN, _applied(over, kept)), args, prompt_tokens=256).total == total
+    need = estimate_peak(cfg, args, prompt_tokens=256).total
+    with pytest.raises(MemoryPreflightError) as err:
+        preflight(cfg, args, "cuda", 256, free_bytes=int(40 * GiB / 0.95), verbose=False)
+    msg = str(err.value)
+    assert need > 40 * GiB and "\n" not in msg and "; or, computing the same step, together (" in msg, msg
