@@ -203,9 +203,9 @@ def test_syncing_another_model_is_refused_before_the_push_and_the_engine_stays_u
     assert rows(sampler.generate(PROMPTS, greedy)) == rows(KVCacheSampler(model, tokenizer).generate(PROMPTS, greedy))
 
 
-def test_partial_sliding_windows_are_refused_before_the_weights_load(tmp_path, monkeypatch):
-    """sampler.kind=vllm on a local Qwen2 folder windowed on some layers only: refused by the run's checks
-    before any weight loads (the engine's own refusal came after the policy loaded)."""
+def refused_before_loading(tmp_path, monkeypatch, match: str, **model) -> None:
+    """sampler.kind=vllm on the CPU over a local Qwen2 folder of QWEN2 with `model` on top: the run's checks
+    refuse it with a SamplingError matching `match` before any weight loads (vLLM need not be installed)."""
     from helpers.runs import run_config
     from helpers.tiny import tiny_run_checkpoint
 
@@ -213,39 +213,35 @@ def test_partial_sliding_windows_are_refused_before_the_weights_load(tmp_path, m
     from minigrpo.sampling.params import SamplingError
 
     cfg = run_config(tmp_path, sampler={"kind": "vllm", "temperature": 1.0, "max_new_tokens": 1})
-    windowed = dict(QWEN2, use_sliding_window=True, sliding_window=8, max_window_layers=1)
-    del windowed["vocab_size"]  # the run checkpoint's tokenizer sets it
-    tiny_run_checkpoint(tmp_path / "model", **windowed)
-    monkeypatch.setattr(build, "check_packages", lambda *a, **k: None)  # vllm need not be installed here
+    cfg["run"]["device"] = "cpu"
+    config = {k: v for k, v in {**QWEN2, **model}.items() if k != "vocab_size"}  # the tokenizer sets it
+    tiny_run_checkpoint(tmp_path / "model", **config)
+    monkeypatch.setattr(build, "check_packages", lambda *a, **k: None)
     monkeypatch.setattr(build, "load_pretrained", lambda *a, **k: pytest.fail("the policy was loaded"))
-    with pytest.raises(SamplingError, match=r"sliding window on some layers only"):
+    with pytest.raises(SamplingError, match=match):
         build.check_before_loading(Config.from_dict(cfg))
+
+
+def test_partial_sliding_windows_are_refused_before_the_weights_load(tmp_path, monkeypatch):
+    """sampler.kind=vllm on a local Qwen2 folder windowed on some layers only: refused by the run's checks
+    before any weight loads (the engine's own refusal came after the policy loaded)."""
+    windowed = dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    refused_before_loading(tmp_path, monkeypatch, r"sliding window on some layers only", **windowed)
 
 
 def test_a_head_size_vllms_cpu_attention_cannot_serve_is_refused_before_the_weights_load(tmp_path, monkeypatch):
     """vLLM's CPU attention serves head sizes 32, 64, 80, ...: a model of head size 16 started the engine,
     pushed the weights and failed at the first probe with "Unsupported CPU attention configuration:
     head_dim=16" (a long traceback, 30 s into the run); now one line before any weight loads."""
-    from helpers.runs import run_config
-    from helpers.tiny import tiny_run_checkpoint
-
-    from minigrpo import build
-    from minigrpo.sampling.params import SamplingError
     from minigrpo.sampling.vllm_ranks import CPU_HEAD_SIZES
 
     if HAS_VLLM:  # the sizes of the installed vLLM's CPU attention
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
         assert tuple(CPUAttentionBackend.get_supported_head_sizes()) == CPU_HEAD_SIZES
-    cfg = run_config(tmp_path, sampler={"kind": "vllm", "temperature": 1.0, "max_new_tokens": 1})
-    cfg["run"]["device"] = "cpu"
-    narrow_heads = dict(QWEN2, num_attention_heads=8, num_key_value_heads=8)  # 128 / 8 = 16 per head
-    del narrow_heads["vocab_size"]  # the run checkpoint's tokenizer sets it
-    tiny_run_checkpoint(tmp_path / "model", **narrow_heads)
-    monkeypatch.setattr(build, "check_packages", lambda *a, **k: None)  # vllm need not be installed here
-    monkeypatch.setattr(build, "load_pretrained", lambda *a, **k: pytest.fail("the policy was loaded"))
-    with pytest.raises(SamplingError, match=r"^the model's head size 16 is not one vLLM's CPU attention serves"):
-        build.check_before_loading(Config.from_dict(cfg))
+    narrow_heads = dict(num_attention_heads=8, num_key_value_heads=8)  # 128 / 8 = 16 per head
+    match = r"^the model's head size 16 is not one vLLM's CPU attention serves"
+    refused_before_loading(tmp_path, monkeypatch, match, **narrow_heads)
 
 
 def test_vllms_chat_template_warmup_failure_is_not_shown_its_other_warnings_are(caplog):
