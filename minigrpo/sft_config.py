@@ -39,7 +39,9 @@ class SFTCfg(Section):
     system_prompt: str | None = None  # system message put first in every conversation (replaces a row's own)
     # synthetic: the assistant turn, with {answer} (and optionally {expression}) filled in
     response_template: str = "<answer>{answer}</answer>"
-    max_seq_len: int = spec(1024, ">= 2")  # longer conversations are cut here (the cut tokens get no loss)
+    # longer conversations keep their first max_seq_len tokens (cut on the right: the cut tokens, replies
+    # included, get no loss); a warning counts those left without an assistant token
+    max_seq_len: int = spec(1024, ">= 2")
     batch_size: int = spec(8, ">= 1")  # conversations per optimizer step
     micro_batch_size: int = spec(8, ">= 1")  # conversations per forward/backward pass; divides batch_size
     shuffle: bool = True  # reshuffle the conversations every epoch (seeded by run.seed and the epoch)

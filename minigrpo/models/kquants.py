@@ -25,7 +25,8 @@ Choosing the scales (not the naive max/15): each sub-block tries a small grid of
 sizes around (max - min) / 15 (Q4_K) or max|x| / 32 (Q6_K, either sign), rounds, refits scale (and
 offset) by least squares for those integers, and keeps the candidate of least squared error. The
 per-sub-block scales are then quantized to 6 bits (Q4_K) / int8 (Q6_K) against the super-block's
-fp16 `d`, and the values are rounded once more with the scales actually stored.
+fp16 `d` (rounded up, so that tiny rows keep a non-zero `d` and no scale clips; a sub-block with any
+spread keeps a step of at least `d`), and the values are rounded once more with the scales stored.
 
 The q4_k_m mix (`q4_k_m_type`, following llama.cpp's rule for LLAMA_FTYPE_MOSTLY_Q4_K_M):
 * the output head, or the token embedding when the head is tied to it: Q6_K;
@@ -49,6 +50,22 @@ QK_K = 256  # values per super-block
 Q4_K_BYTES = 144
 Q6_K_BYTES = 210
 _ROWS_PER_CHUNK = 1 << 14  # super-blocks quantized at once (bounds the temporaries to a few MB)
+
+
+# ----------------------------------------------------------------------------------------------
+# the super-block scales
+
+
+def _fp16_at_least(x: np.ndarray) -> np.ndarray:
+    """x (nb,) >= 0 float32 -> the fp16 values nearest above (or equal to) it: the super-block's `d`.
+
+    Rounded to nearest, `d` may fall below x and clip the largest sub-block scale (63 / 127 steps of
+    `d`), or flush to zero when x is under fp16's smallest subnormal (6e-8: Q6_K rows of |w| ~ 1e-5),
+    which would store every value of the block as 0. Rounded up, the sub-block scales always fit."""
+    x = np.asarray(x, np.float32)
+    d = x.astype(np.float16)  # (nb,)
+    low = d.astype(np.float32) < x
+    return np.where(low, np.nextafter(d, np.float16(np.inf)), d).astype(np.float16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,10 +113,12 @@ def _quantize_q4_k_blocks(x: np.ndarray) -> np.ndarray:
     sub = x.reshape(nb * 8, 32)
     a, b = _fit_affine(sub, 15)
     scales, mins = a.reshape(nb, 8), (-b).reshape(nb, 8)  # (nb, 8), both >= 0
-    d = (scales.max(1) / 63).astype(np.float16)  # (nb,)
-    dmin = (mins.max(1) / 63).astype(np.float16)
+    d = _fp16_at_least(scales.max(1) / 63)  # (nb,)
+    dmin = _fp16_at_least(mins.max(1) / 63)
     d32, dmin32 = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
-    sc = np.clip(np.rint(scales / np.where(d32 > 0, d32, 1.0)), 0, 63).astype(np.uint8)  # (nb, 8)
+    # a sub-block of any spread keeps a step of at least d: its levels still hold -offset (q = 0), so each
+    # value rounds to one at least as near as with no step at all
+    sc = np.clip(np.rint(scales / np.where(d32 > 0, d32, 1.0)), scales > 0, 63).astype(np.uint8)  # (nb, 8)
     mn = np.clip(np.rint(mins / np.where(dmin32 > 0, dmin32, 1.0)), 0, 63).astype(np.uint8)
     step = (d32 * sc)[:, :, None]  # (nb, 8, 1) the stored scale of each sub-block
     offset = (dmin32 * mn)[:, :, None]
@@ -141,9 +160,10 @@ def _quantize_q6_k_blocks(x: np.ndarray) -> np.ndarray:
     """x (nb, 256) float32 -> (nb, 210) uint8."""
     nb = x.shape[0]
     s = _fit_symmetric(x.reshape(nb * 16, 16)).reshape(nb, 16)
-    d = (np.abs(s).max(1) / 127).astype(np.float16)  # (nb,)
+    d = _fp16_at_least(np.abs(s).max(1) / 127)  # (nb,)
     d32 = d.astype(np.float32)[:, None]
-    sc = np.clip(np.rint(s / np.where(d32 > 0, d32, 1.0)), -128, 127).astype(np.int8)  # (nb, 16)
+    sc = np.clip(np.rint(s / np.where(d32 > 0, d32, 1.0)), -128, 127)  # (nb, 16)
+    sc = np.where((sc == 0) & (s != 0), np.sign(s), sc).astype(np.int8)  # a step of d, not none (as Q4_K)
     step = (d32 * sc)[:, :, None]  # (nb, 16, 1)
     xs = x.reshape(nb, 16, 16)
     q = np.where(step != 0, np.rint(xs / np.where(step != 0, step, 1.0)), 0)
