@@ -157,6 +157,20 @@ def step_transient_bytes(
     return bucket * (2 if optimizer == "adamw" else 1) - bucket // 4 * grad_b
 
 
+def parameter_numels(args: ModelArgs, *, head: bool = True) -> list[int]:
+    """numel of every parameter tensor of the model, one entry each (8-bit AdamW decides per tensor
+    whether its state is 8-bit): the embedding, each block's linears, biases, RMSNorm gains (and
+    Qwen3's q / k norms), the final norm and, untied (and `head`), the LM head."""
+    d, q, kv, f = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.intermediate_size
+    dh = args.head_dim
+    biases = ([q + 2 * kv] if args.fused_qkv else [q, kv, kv]) if args.qkv_bias else []
+    biases += [d] if args.o_bias else []
+    biases += ([2 * f] if args.fused_gate_up else [f, f]) + [d] if args.mlp_bias else []
+    block = [o * i for o, i in linear_shapes(args)] + biases + [d, d] + ([dh, dh] if args.qk_norm else [])
+    untied = [args.vocab_size * d] if head and not args.tie_word_embeddings else []
+    return [args.vocab_size * d, *block * args.n_layers, d, *untied]
+
+
 def trainable_numels(args: ModelArgs, cfg: Config) -> list[int]:
     """numel of every trainable tensor: LoRA A and B per target and block, or every parameter."""
     if cfg.lora.enabled:
@@ -164,7 +178,7 @@ def trainable_numels(args: ModelArgs, cfg: Config) -> list[int]:
         for _, i, o in lora_adapter_shapes(args, cfg.lora.targets):
             out += [cfg.lora.r * i, cfg.lora.r * o] * args.n_layers
         return out
-    return [args.num_params()]  # full fine-tuning: the total is what matters
+    return parameter_numels(args)
 
 
 def trainer_bytes(args: ModelArgs, cfg: Config, b: int) -> dict[str, int]:
@@ -213,8 +227,9 @@ def value_model_bytes(args: ModelArgs, cfg: Config, b: int) -> dict[str, int]:
         n = sum(numels)
         weights, masters = 4 * n, 0
     else:
-        body = args.num_params() - (0 if args.tie_word_embeddings else args.vocab_size * args.dim)
-        numels, n = [body, head], body + head
+        numels = parameter_numels(args, head=False)  # a critic has no LM head
+        body = sum(numels)
+        numels, n = [*numels, head], body + head
         weights = b * body + 4 * head + fp32_gain_bytes(args, cfg, b)  # its gains fp32 as the policy's
         masters = 4 * n if b < 4 else 0  # optim.MasterWeights steps fp32 copies of 16-bit weights
     optimizer = optimizer_state_bytes(numels, cfg.train.optimizer)

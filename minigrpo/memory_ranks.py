@@ -16,6 +16,12 @@ changes what a device holds (build.build_run, distributed.py):
   a block's backward holds its unsharded gradients and their fp32 copy for the reduce-scatter; and
   the sampler decodes on the whole model gathered in compute dtype (distributed.full_weights), as a
   weight sync to vLLM does.
+- with a 16-bit compute dtype and train.fp32_norms, each block's RMSNorm gains (and the final norm's)
+  are a unit of their own gathered in fp32 (distributed._shard_gains) and not resharded after the
+  forward: every block's stay gathered from its forward to its backward. A pass without gradients
+  (old and reference log-probs) has no backward, so it leaves them gathered, and with blocks not
+  resharded after the forward every block too: the policy's until its next backward, the frozen
+  reference's for the rest of the run (`left`).
 """
 
 from __future__ import annotations
@@ -66,16 +72,30 @@ def fsdp_static(args: ModelArgs, cfg: Config, world_size: int, reference: bool) 
     }
 
 
+def fp32_gain_params(args: ModelArgs, cfg: Config, b: int) -> tuple[int, int]:
+    """(per block, final norm) RMSNorm gains FSDP gathers in fp32 as units of their own: with a 16-bit
+    compute dtype (b < 4) and train.fp32_norms; (0, 0) otherwise, when they are gathered with their
+    block or the root in the compute dtype (distributed.shard_model)."""
+    if b >= 4 or not cfg.train.fp32_norms:
+        return 0, 0
+    return 2 * args.dim + (2 * args.head_dim if args.qk_norm else 0), args.dim
+
+
 def fsdp_gathered(args: ModelArgs, cfg: Config, b: int) -> dict[str, int]:
     """What an FSDP2 rank gathers beyond its shards, by the phase that holds it:
-    `sampling` the whole model in compute dtype; `forward` the root and the blocks in flight (two, or
-    all without resharding after the forward); `backward` the root's unsharded gradients (the LM
-    head's come first in the backward and stay until the root reduces, last), one block's, and the
-    fp32 copy the reduce-scatter makes of the largest unit's."""
-    root, block = root_params(args), block_params(args)
-    blocks = args.n_layers if not cfg.distributed.reshard_after_forward else min(2, args.n_layers)
+    `sampling` the whole model (compute dtype, fp32 gains); `forward` the root and the blocks in flight
+    (two, or all without resharding after the forward) and every fp32 gain unit (gathered until their
+    backward); `backward` the root's unsharded gradients (the LM head's come first in the backward and
+    stay until the root reduces, last), one block's, and the fp32 copy the reduce-scatter makes of the
+    largest unit's; `left` what a pass without gradients leaves gathered (module docstring)."""
+    gains, final = fp32_gain_params(args, cfg, b)
+    root, block = root_params(args) - final, block_params(args) - gains  # gathered in compute dtype
+    fp32_units = 4 * (args.n_layers * gains + final)
+    resharded = cfg.distributed.reshard_after_forward
+    blocks = min(2, args.n_layers) if resharded else args.n_layers
     return {
-        "sampling": b * args.num_params(),
-        "forward": b * (root + blocks * block),
-        "backward": b * (root + block) + 4 * max(root, block),
+        "sampling": b * (root + args.n_layers * block) + fp32_units,
+        "forward": b * (root + blocks * block) + fp32_units,
+        "backward": b * (root + block) + 4 * (gains + final) + 4 * max(root, block),
+        "left": fp32_units + (0 if resharded else b * args.n_layers * block),
     }

@@ -57,8 +57,10 @@ def test_ddp_rank_is_one_process_with_its_share_plus_the_all_reduce_bucket():
 def test_fsdp_rank_holds_shards_and_gathers_units():
     """Full fine-tuning on W ranks (FSDP2): fp32 parameters (the masters), fp32 gradients and AdamW's
     moments in W shards, 4 + 4 + 8 bytes a parameter / W; no separate master copy; the sampler decodes
-    on the whole bf16 model; training gathers the root and two blocks."""
-    P = QWEN15.num_params()
+    on the whole bf16 model (its RMSNorm gains fp32: train.fp32_norms); training gathers the root, two
+    blocks and every block's gains (a unit of their own, gathered until its backward)."""
+    P, D, L = QWEN15.num_params(), QWEN15.dim, QWEN15.n_layers
+    gains = L * 2 * D + D  # two norms a block and the final one
     cfg = _cfg()
     one = estimate_peak(cfg, QWEN15, prompt_tokens=256)
     for W in (2, 4, 8):
@@ -66,17 +68,16 @@ def test_fsdp_rank_holds_shards_and_gathers_units():
         shard = -(-P // W)
         assert est.parts["weights"] == 4 * shard and est.parts["optimizer_state"] == 8 * shard
         assert est.parts["master_weights"] == 0 and est.parts["gradients"] == 4 * shard
-        assert est.parts["gathered_for_sampling"] == 2 * P  # bf16
+        assert est.parts["gathered_for_sampling"] == 2 * (P - gains) + 4 * gains  # bf16, fp32 gains
         gathered = fsdp_gathered(QWEN15, cfg, 2)
-        assert (
-            est.parts["gathered_units"] == 2 * (root_params(QWEN15) + 2 * block_params(QWEN15)) == gathered["forward"]
-        )
+        units = 2 * (root_params(QWEN15) - D + 2 * (block_params(QWEN15) - 2 * D)) + 4 * gains
+        assert est.parts["gathered_units"] == units == gathered["forward"]
         assert est.total < one.total
     # the parameter count splits into the root and n_layers equal blocks
     assert root_params(QWEN15) + QWEN15.n_layers * block_params(QWEN15) == P
     # without resharding after the forward every block stays gathered until its backward
     whole = estimate_peak(_cfg("distributed.reshard_after_forward=false"), QWEN15, prompt_tokens=256, world_size=2)
-    assert whole.parts["gathered_units"] == 2 * P
+    assert whole.parts["gathered_units"] == 2 * (P - gains) + 4 * gains
     assert whole.phases["update"] > estimate_peak(cfg, QWEN15, prompt_tokens=256, world_size=2).phases["update"]
 
 
