@@ -21,7 +21,8 @@ from minigrpo.kernels.decode_ref import attended_slots, window_start
 from minigrpo.kernels.flash_decode import _decode_attention_triton, split_size
 from minigrpo.kernels.prefix_attention import prefix_rows, rows_per_program
 from minigrpo.models import transformer
-from minigrpo.models.transformer import KVCache, attention_mask_4d
+from minigrpo.models.kv_cache import KVCache
+from minigrpo.models.transformer import attention_mask_4d
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.sampling.params import SamplingParams
 

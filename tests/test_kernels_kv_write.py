@@ -16,7 +16,7 @@ from helpers.tiny import tiny_model
 
 from minigrpo.kernels import apply_rotary, rotary_into_cache, rotary_into_cache_ref
 from minigrpo.models import transformer
-from minigrpo.models.transformer import KVCache
+from minigrpo.models.kv_cache import KVCache
 
 
 def _angles(B, R, device, offset=5):

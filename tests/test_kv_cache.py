@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers.tiny import tiny_model
 
-from minigrpo.models.transformer import KVCache, SharedPrefix
+from minigrpo.models.kv_cache import KVCache, SharedPrefix
 
 VARIANTS = {
     "llama": {},

@@ -123,3 +123,23 @@ def test_rope_parameters_nested_per_layer_type_are_refused(key, tmp_path):
     message = rf"^{tmp_path / 'config.json'}: config key '{key}' nests parameters per layer type \('full_attention'\)"
     with pytest.raises(ModelConfigError, match=message):
         check_model_source(str(tmp_path), require_tokenizer=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_handing_on_unsummed_outputs_compute_what_summed_blocks_compute(dtype):
+    """hidden() lets each block's MLP output be added by the next block's norm (Block's `carry`):
+    the hidden states must equal, bit for bit, those of blocks whose outputs are summed first."""
+    from helpers.tiny import tiny_model
+
+    model = tiny_model(seed=3, dtype=dtype, num_hidden_layers=3)
+    ids = torch.randint(0, model.args.vocab_size, (2, 9))
+    with torch.no_grad():
+        got = model.hidden(ids)  # (B, T, D)
+        cos, sin = model.rotary(torch.arange(9).expand(2, -1))
+        x = model.model.embed_tokens(ids)
+        for block in model.model.layers:
+            x = block(x, cos, sin, None)
+        summed = model.model.norm(x)
+        h, m = model.model.layers[0](model.model.embed_tokens(ids), cos, sin, None, carry=True)
+    assert got.dtype == dtype and torch.equal(got, summed)
+    assert torch.equal(h + m, model.model.layers[0](model.model.embed_tokens(ids), cos, sin, None))

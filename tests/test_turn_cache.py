@@ -220,7 +220,7 @@ def test_the_memory_estimate_holds_whole_episodes(monkeypatch):
     from minigrpo.config import load_config
     from minigrpo.memory import estimate_peak
     from minigrpo.memory_parts import kv_cache_bytes
-    from minigrpo.models.transformer import KVCache
+    from minigrpo.models.kv_cache import KVCache
 
     allocated = []
 

@@ -188,7 +188,7 @@ def test_a_sliding_window_counts_tokens_not_the_pads_inside_a_row():
     """A row with pads inside it (a multi-turn cache: history, the left pads of the next turn's block,
     its tokens; or a right-padded prompt before its completion) attends as the row alone does, with
     and without a KV cache, in the prefill and the decode step after it (window 3 < 8 tokens)."""
-    from minigrpo.models.transformer import KVCache
+    from minigrpo.models.kv_cache import KVCache
 
     model = tiny_model(seed=2, **MISTRAL_WINDOW)
     ids = torch.randint(3, V, (1, 11), generator=torch.Generator().manual_seed(3))  # (1, 11)

@@ -23,7 +23,7 @@ Decode steps (T == 1 over a KV cache) on CUDA rotate q/k and write k/v into the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +31,9 @@ from torch import nn
 
 from minigrpo.kernels import apply_rotary, decode_attention, rms_norm, rotary_into_cache, swiglu, swiglu_halves
 from minigrpo.kernels._triton import resolve_impl
-from minigrpo.kernels.flash_decode import Prefix, with_prefix
-from minigrpo.kernels.prefix_attention import prefix_rows
 
 from .args import ModelArgs
+from .kv_cache import KVCache
 from .offload import checkpoint_block
 from .packed import joined_linear, pack_rows, packed_linear
 from .rotary import RotaryAngles
@@ -51,79 +50,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         return rms_norm(x, self.weight, self.eps, residual=residual, out_dtype=x.dtype)
-
-
-@dataclass
-class SharedPrefix:
-    """Keys and values of the first slots of every row, stored once per group of rows that share
-    them (the G completions of one prompt): row b's first `length` slots are row group[b] of k, v.
-    With max_rows (>= the rows of any prefix row: the group size), `rows` lists each prefix row's
-    rows, and decode attention reads a prefix once per group instead of once per row."""
-
-    k: torch.Tensor  # (L, P, Hkv, Tp, Dh)
-    v: torch.Tensor  # (L, P, Hkv, Tp, Dh)
-    group: torch.Tensor  # (B,) int64: the prefix row of each cache row
-    max_rows: int | None = None
-
-    def __post_init__(self) -> None:
-        self.rows = None if self.max_rows is None else prefix_rows(self.group, self.k.shape[1], self.max_rows)
-
-    @property
-    def length(self) -> int:
-        return self.k.shape[3]
-
-
-class KVCache:
-    """Pre-allocated keys and values for every layer: k, v (L, B, Hkv, S_max - first, Dh).
-
-    Slots are columns of a left-padded batch: slot j of every row holds that row's j-th column.
-    With a `prefix`, slots [0, first) of the rows live there (read-only, shared) and k, v hold
-    slots [first, max_len): slot j is column j - first.
-    """
-
-    def __init__(
-        self, args: ModelArgs, batch_size: int, max_len: int, *, dtype, device, prefix: SharedPrefix | None = None
-    ) -> None:
-        self.prefix = prefix
-        self.first = 0 if prefix is None else prefix.length
-        assert self.first <= max_len, f"a {self.first}-slot prefix in a {max_len}-slot cache"
-        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len - self.first, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
-
-    def layer_prefix(self, layer: int) -> Prefix | None:
-        """The shared prefix of one layer as decode_attention takes it, or None."""
-        p = self.prefix
-        return None if p is None else (p.k[layer], p.v[layer], p.group)
-
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor, kv_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, Dh) at slots `cache_position` (T,), all past the prefix; return slots
-        [0, kv_len) (B, Hkv, kv_len, Dh) each (with a prefix, a copy that gathers it)."""
-        columns = cache_position - self.first if self.first else cache_position
-        self.k[layer].index_copy_(2, columns, k)
-        self.v[layer].index_copy_(2, columns, v)
-        return with_prefix(self.k[layer], self.v[layer], self.layer_prefix(layer), kv_len)
-
-    def keep_rows(self, keep: torch.Tensor, filled: int, chunk: int = 32) -> None:
-        """Keep only the rows `keep` (n',) ascending, moved down to [0, n') in place (their slots
-        [first, filled): nothing past `filled` was written), `chunk` rows per copy, so memory never
-        grows; k and v become views of the first n' rows."""
-        k, v, cols = self.k, self.v, max(0, filled - self.first)  # (L, n, Hkv, S, Dh)
-        for i in range(0, len(keep), chunk):  # keep[j] >= j: a chunk never overwrites a later source
-            src = keep[i : i + chunk]
-            k[:, i : i + len(src), :, :cols] = k[:, src, :, :cols]  # the gather copies first
-            v[:, i : i + len(src), :, :cols] = v[:, src, :, :cols]
-        self.k, self.v = k[:, : len(keep)], v[:, : len(keep)]
-        if self.prefix is not None:
-            p = self.prefix
-            # a prefix read per group pays for itself only over well-filled groups (H100, long-tailed
-            # 64x8 rollout: 8% slower than per row once most rows had finished); with fewer than half
-            # of max_rows left per prefix row on average, read it per row from here on
-            full = p.max_rows is not None and 2 * len(keep) >= p.max_rows * p.k.shape[1]
-            self.prefix = replace(p, group=p.group[keep], max_rows=p.max_rows if full else None)
 
 
 def attention_mask_4d(
@@ -316,7 +242,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block; the second norm is fused with the residual add."""
+    """Pre-norm decoder block. Each residual add runs in the norm after it: the attention's in the second
+    norm, the MLP's in the next block's first norm. With `carry` it returns (h, m), its output unsummed,
+    and takes the last block's m as `pending`: one kernel fewer a block, the same numbers (the norm adds
+    as torch does and normalises the rounded sum)."""
 
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
@@ -325,10 +254,17 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, cache_position=None, kv_len=None, decode=None) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_position, kv_len, decode)
+    def forward(
+        self, x, cos, sin, mask, kv_cache=None, cache_position=None, kv_len=None, decode=None, pending=None, carry=False
+    ):
+        if pending is None:
+            normed = self.input_layernorm(x)
+        else:
+            normed, x = self.input_layernorm(pending, residual=x)  # x = x + pending
+        attn = self.self_attn(normed, cos, sin, mask, kv_cache, cache_position, kv_len, decode)
         normed, h = self.post_attention_layernorm(attn, residual=x)  # h = x + attn
-        return h + self.mlp(normed)
+        m = self.mlp(normed)  # (B, T, D)
+        return (h, m) if carry else h + m
 
 
 class Decoder(nn.Module):
@@ -473,13 +409,15 @@ class Transformer(nn.Module):
                 masks[w] = attention_mask_4d(attention_mask, cache_position, kv_len, w, B)
 
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        pending = None  # the last block's MLP output, added to x by the next norm (Block's docstring)
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block, window in zip(self.model.layers, self.args.layer_windows):
             args = (x, cos, sin, masks[window], kv_cache, cache_position, kv_len, decode)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if checkpointed:  # a checkpoint keeps one tensor a block: its input, summed
                 x = checkpoint_block(block, *args, offload=self.activation_offload)
             else:
-                x = block(*args)
-        x = self.model.norm(x)  # (B, T, D)
+                x, pending = block(*args, pending=pending, carry=True)
+        x = self.model.norm(x) if pending is None else self.model.norm(pending, residual=x)[0]  # (B, T, D)
         return x if lead is None else rotate_rows(x, -lead)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,8 @@ import torch
 
 from minigrpo.distributed import full_weights
 from minigrpo.lora import adapters_frozen
-from minigrpo.models.transformer import KVCache, SharedPrefix, Transformer
+from minigrpo.models.kv_cache import KVCache, SharedPrefix
+from minigrpo.models.transformer import Transformer
 
 from .base import check_prompts
 from .decode_graphs import DecodeGraphs

@@ -60,7 +60,8 @@ import torch
 
 from minigrpo.distributed import full_weights
 from minigrpo.lora import adapters_frozen
-from minigrpo.models.transformer import KVCache, Transformer
+from minigrpo.models.kv_cache import KVCache
+from minigrpo.models.transformer import Transformer
 
 from .kv_sampler import DEFAULT_STREAM, KVCacheSampler, _DecodeState
 from .params import SamplingError, SamplingParams
