@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import torch
 
-from .logprobs import counted, fused_linear_logprobs
+from .logprobs import _acc, counted, fused_linear_logprobs
+
+_NO_TARGET = -(2**63)  # an ignore_index no token id equals: the reference's ignore_index=None
 
 
 def linear_cross_entropy_ref(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """The spec, unchunked: F.cross_entropy on fp32 logits. Materialises (N, V) fp32: tests only."""
-    logits = (hidden @ weight.T).float()  # (N, V) fp32
+    """The spec, unchunked: F.cross_entropy on fp32 logits (fp64 for fp64 inputs, so that it can be the
+    fp64 reference). ignore_index=None ignores none. Materialises (N, V) fp32: tests only."""
+    logits = _acc(hidden @ weight.T)  # (N, V) fp32
+    ignore_index = _NO_TARGET if ignore_index is None else ignore_index
     return torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
 
 

@@ -9,7 +9,7 @@ lse = logsumexp(a), logp = a[target] - lse, entropy = lse - sum_v softmax(a)_v a
 target is `ignore_index` get logp = 0 and entropy = 0 and pass no gradient. Targets must otherwise
 lie in [0, V). Both outputs are differentiable w.r.t. hidden and weight; with upstream gradients g
 (of logp) and ge (of entropy), the gradient w.r.t. the logits is
-    dz_v = (g (onehot_v - p_v) - ge p_v (a_v - lse + entropy)) / T,
+    dz_v = (g (onehot_v - p_v) - ge p_v (a_v - lse + entropy)) / T,   (p_v a_v and its term: 0 where p_v = 0)
 with 1 - p_target formed as -expm1(logp_target) (a near-certain token keeps its tiny gradient).
 
 Chunking: the logits are only ever held as one tile of (rows, cols) tokens x vocab columns, in the
@@ -47,7 +47,7 @@ from ._triton import cdiv, jit, resolve_impl, tl
 _NEG = float("-inf")  # running max before any column was seen: below every logit, however far down
 _SHIFT_MIN = -1.0e30  # (m_old - m_new) / T is clamped here: finite, so 0 * shift stays 0, never NaN
 _MAX_TEMPERATURE = 1e37  # as the sampler's: 1 / T must be a normal fp32 number, the kernels scale by it
-_MIN_INVERSE = 1.0 / _MAX_TEMPERATURE
+_MIN_TEMPERATURE = 1e-30  # as the sampler's: below it z / T overflows fp32 (and 1 / T itself below ~2.9e-39: NaN)
 _TOKEN_BLOCK = 4096  # rows of a logits tile: dW is rounded once per such block
 _TILE_ELEMS = {"cuda": 32 * 2**20, "cpu": 4 * 2**20}  # elements of one logits tile
 
@@ -71,7 +71,8 @@ def linear_logprobs_ref(
     logp_all = torch.log_softmax(logits, dim=-1)
     valid = counted(targets, ignore_index)
     logp = logp_all.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    p_all = logp_all.exp()  # (N, V); p log p -> 0 as p -> 0: a -inf logit adds 0 (and no NaN gradient)
+    entropy = -(p_all * torch.where(p_all > 0, logp_all, 0.0)).sum(-1)
     return torch.where(valid, logp, 0.0), torch.where(valid, entropy, 0.0)
 
 
@@ -92,9 +93,11 @@ def _tile_stats_ref(z, tgt, v0, inv_t, m, s, e, zt) -> None:
     as (z - m) / T, exactly 0 at the max (see _finish_rows)."""
     zf = _acc(z)  # (r, c) fp32
     m_new = torch.maximum(m, zf.amax(1))
-    d = (zf - m_new[:, None]) * inv_t  # (r, c) fp32: a - max a
+    m_sub = torch.where(m_new == _NEG, 0.0, m_new)  # (r,) no finite logit yet (a chunk of -inf): 0, no NaN
+    d = (zf - m_sub[:, None]) * inv_t  # (r, c) fp32: a - max a
+    d.clamp_(min=_SHIFT_MIN)  # p = 0 all the same, and p d = 0 (the limit of p log p), never 0 * -inf
     p = torch.exp(d)
-    shift = _shift(m, m_new, inv_t)  # (r,) old max - new max, in units of a
+    shift = _shift(m, m_sub, inv_t)  # (r,) old max - new max, in units of a
     alpha = torch.exp(shift)
     if e is not None:
         e.copy_(alpha * (e + s * shift) + (p * d).sum(1))
@@ -107,7 +110,7 @@ def _tile_stats_ref(z, tgt, v0, inv_t, m, s, e, zt) -> None:
 
 def _shift(m_old: torch.Tensor, m_new: torch.Tensor, inv_t: float) -> torch.Tensor:
     """(m_old - m_new) / T, kept finite: a row's first max is _NEG = -inf, and 0 * -inf is NaN;
-    exp(_SHIFT_MIN) is 0 all the same (1 / T > 0: head_path refuses the rest)."""
+    exp(_SHIFT_MIN) is 0 all the same (1 / T > 0: head_path refuses the rest). m_new: -inf read as 0."""
     return ((m_old - m_new) * inv_t).clamp(min=_SHIFT_MIN)
 
 
@@ -124,8 +127,8 @@ def _tile_grad_ref(z, tgt, v0, inv_t, m, log_s, ent, g, ge) -> None:
     cols = local[rows]
     at_target = torch.expm1(logp[rows, cols])  # (k,) p - 1 at the target: exact for p_target near 1
     dz = logp.exp()  # (r, c) p
-    if ge is not None:
-        logp.add_(ent[:, None]).mul_(dz).mul_(ge[:, None])  # ge p (log p + entropy), in logp's memory
+    if ge is not None:  # ge p (log p + entropy), in logp's memory; p log p -> 0 as p -> 0 (a -inf logit)
+        logp.clamp_(min=_SHIFT_MIN).add_(ent[:, None]).mul_(dz).mul_(ge[:, None])
     dz[rows, cols] = at_target  # p - onehot(target)
     dz.mul_(-g[:, None])
     if ge is not None:
@@ -164,22 +167,24 @@ def _logprobs_stats_kernel(
         ok = cols < n_cols
         z = tl.load(z_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # no finite logit yet: 0 (-inf - -inf is NaN)
         # (z - m) / T, not z / T - m: the compiler contracts the latter into one FMA, whose a - m at
         # the max is the rounding residue of z / T (~1e-6 at |a| ~ 30) instead of 0
-        d = (z - m_new) * inv_t
-        p = tl.exp(d)  # 0 on masked columns
-        shift = tl.maximum((m - m_new) * inv_t, -1.0e30)  # finite: see _shift (1 / T > 0: head_path)
+        d = (z - m_sub) * inv_t
+        p = tl.exp(d)  # 0 on masked columns and -inf logits
+        shift = tl.maximum((m - m_sub) * inv_t, -1.0e30)  # finite: see _shift (1 / T > 0: head_path)
         alpha = tl.exp(shift)
-        if HAS_ENTROPY:
-            e = alpha * (e + s * shift) + tl.sum(p * tl.where(ok, d, 0.0), axis=0)
+        if HAS_ENTROPY:  # p d -> 0 as p -> 0: d = -inf (a -inf logit, or (z - m) / T overflowing) adds 0
+            e = alpha * (e + s * shift) + tl.sum(tl.where(p > 0.0, p * d, 0.0), axis=0)
         s = alpha * s + tl.sum(p, axis=0)
         m = m_new
     # merge into the statistics of the earlier vocab chunks
     m_old = tl.load(m_ptr + row)
     s_old = tl.load(s_ptr + row)
     m_all = tl.maximum(m_old, m)
-    shift_old = tl.maximum((m_old - m_all) * inv_t, -1.0e30)  # m_old = -inf at first: -1e30
-    shift_new = tl.maximum((m - m_all) * inv_t, -1.0e30)
+    m_all_sub = tl.where(m_all == float("-inf"), 0.0, m_all)  # both -inf (no finite logit yet): 0
+    shift_old = tl.maximum((m_old - m_all_sub) * inv_t, -1.0e30)  # m_old = -inf at first: -1e30
+    shift_new = tl.maximum((m - m_all_sub) * inv_t, -1.0e30)
     w_old = tl.exp(shift_old)
     w_new = tl.exp(shift_new)
     tl.store(s_ptr + row, w_old * s_old + w_new * s)
@@ -224,7 +229,8 @@ def _logprobs_grad_kernel(
     dz = -g * tl.where(is_tgt, em1, p)
     if HAS_ENT_GRAD:
         ge = tl.load(ge_ptr + row)
-        dz -= ge * p * (logp + tl.load(ent_ptr + row))
+        # p (log p + H) -> 0 as p -> 0: a -inf logit (log p = -inf) adds 0, not 0 * -inf = NaN
+        dz -= ge * tl.where(p > 0.0, p * (logp + tl.load(ent_ptr + row)), 0.0)
     tl.store(ptrs, (dz * inv_t).to(z_ptr.dtype.element_ty), mask=ok)
 
 
@@ -416,9 +422,8 @@ def check_targets(targets: torch.Tensor, V: int, ignore_index: int | None = None
     bad = (targets < 0) | (targets >= V)  # (...) bool
     if ignore_index is not None:
         bad &= targets != ignore_index
-    msg = f"targets must lie in [0, {V}) (the vocabulary of weight)" + (
-        f" or equal ignore_index={ignore_index}" if ignore_index is not None else ""
-    )
+    either = f" or equal ignore_index={ignore_index}" if ignore_index is not None else ""
+    msg = f"targets must lie in [0, {V}) (the vocabulary of weight){either}"
     if targets.is_cuda:
         torch._assert_async(~bad.any(), msg)
     elif bool(bad.any()):
@@ -446,8 +451,10 @@ def head_path(
         raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    if not 1.0 / temperature >= _MIN_INVERSE:  # the kernels scale by 1 / T (inf: 0 * -inf; > ~8.5e37: subnormal)
+    if not 1.0 / temperature >= 1.0 / _MAX_TEMPERATURE:  # kernels scale by 1 / T (inf: 0 * -inf; > ~8.5e37: subnormal)
         raise ValueError(f"temperature must be at most {_MAX_TEMPERATURE:g} (1 / T a normal fp32), got {temperature}")
+    if temperature < _MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be at least {_MIN_TEMPERATURE:g} (z / T a finite fp32), got {temperature}")
     check_targets(targets, weight.shape[0], ignore_index)
     path = resolve_impl(impl, hidden, weight)
     if hidden.dtype == torch.float64 and path == "triton":
