@@ -112,7 +112,7 @@ def evaluate(
             columns.update(episode_columns(played))
             episodes += played
             texts, longest = columns["final_response"], cfg.env.max_episode_tokens
-            lengths = [sum(e.loss_mask) for e in played]  # the model's own tokens
+            lengths = [e.num_tokens for e in played]  # as longest: the episode's model + tool tokens
         columns["completion_lengths"] = lengths
         columns["max_completion_length"] = [longest] * len(rows)
         scored = rewards.score([ex.prompt for ex in rows], texts, answers, specs, columns=columns)

@@ -18,7 +18,7 @@ from minigrpo.episodes import episode_columns
 
 # every call: the three lists every reward function takes first
 ARGUMENT_COLUMNS = ("prompts", "completions", "answers")
-# every row: the model's own tokens of the completion, and the most it could have had
+# every row: the completion's tokens (an episode's: the model's and the tools'), and the most it could have had
 ROLLOUT_COLUMNS = ("completion_lengths", "max_completion_length")
 # single-turn rows: the conversation the policy saw (data.system_prompt included)
 PROMPT_COLUMNS = ("prompt_messages",)

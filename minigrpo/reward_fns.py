@@ -5,8 +5,9 @@ A reward function scores a whole batch:
     fn(prompts: list[str], completions: list[str], answers: list[str], **columns) -> list[float | None]
 
 columns are extra per-row dataset columns (lists of length N) and what the loop adds, e.g.
-completion_lengths (tokens). None means "no score for this row" and is masked, never read as 0. Every
-built-in returns None for a completion that is None (no text to score).
+completion_lengths (tokens after the prompt; an episode's count the tools' too). None means "no score
+for this row" and is masked, never read as 0. Every built-in returns None for a completion that is
+None (no text to score).
 
 Built-ins (REWARDS), for the GSM8K format used by the popular GRPO notebooks
 
@@ -165,6 +166,11 @@ def make_length_penalty(max_length: int | None = None, buffer: int | None = None
     completion_lengths column (tokens) when the loop passes it, else the length in characters: give
     max_length in the same unit. L_max is max_length or else the max_completion_length column (one per
     row; an int when called directly); L_buf is buffer or else L_max // 5 (DAPO: 4096 of 20480).
+
+    The loop's two columns share one unit: a single-turn row's sampled tokens against max_new_tokens;
+    a multi-turn episode's tokens after the prompt, the model's and the tools' alike, against its budget
+    env.max_episode_tokens (there is no budget of the model's own tokens), so an episode that used its
+    whole budget gets -factor.
     """
     for key, value in (("max_length", max_length), ("buffer", buffer)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

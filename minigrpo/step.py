@@ -111,7 +111,7 @@ def rollout_phase(
                 completions, longest = columns["final_response"], cfg.env.max_episode_tokens
             prompts = [ex.prompt for ex in mine for _ in range(G)]
             answers = [ex.answer for ex in mine for _ in range(G)]
-            columns["completion_lengths"] = rollout.loss_mask.sum(-1).tolist()  # the model's own tokens
+            columns["completion_lengths"] = rollout.completion_lengths.tolist()  # as longest: model + tool tokens
             columns["max_completion_length"] = [longest] * rollout.num_sequences
             scored = rewards.score(prompts, completions, answers, specs, columns=columns)
             sampled = added_stats(sampled, rollout.stats)

@@ -63,7 +63,7 @@ print(open("/proc/self/status").readline().split()[0])
 
 
 class _InterruptedPopen(subprocess.Popen):
-    """A child whose timed wait is interrupted as by Ctrl-C in the trainer; remembers every child."""
+    """A child the test remembers (every one started), so none outlives a failing test."""
 
     started: typing.ClassVar[list[subprocess.Popen]] = []
 
@@ -71,10 +71,10 @@ class _InterruptedPopen(subprocess.Popen):
         super().__init__(*args, **kwargs)
         _InterruptedPopen.started.append(self)
 
-    def wait(self, timeout=None):
-        if timeout is not None:
-            raise KeyboardInterrupt
-        return super().wait()
+
+def _interrupted_wait(proc, timeout_s):
+    """The timed wait for the code, interrupted as by Ctrl-C in the trainer."""
+    raise KeyboardInterrupt
 
 
 def test_an_interrupted_call_leaves_no_process_behind(monkeypatch):
@@ -83,6 +83,7 @@ def test_an_interrupted_call_leaves_no_process_behind(monkeypatch):
     trainer. The process group is now killed on the way out."""
     _InterruptedPopen.started.clear()
     monkeypatch.setattr(sandbox_module.subprocess, "Popen", _InterruptedPopen)
+    monkeypatch.setattr(sandbox_module, "_wait", _interrupted_wait)
     before = _sandbox_dirs()
     try:
         with pytest.raises(KeyboardInterrupt):

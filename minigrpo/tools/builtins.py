@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import signal
 import unicodedata
 from typing import Any
 
@@ -119,11 +120,24 @@ def sandbox_result(run: SandboxResult) -> ToolResult:
         kind, note = "memory", "killed: memory limit exceeded"
     elif run.cpu_exceeded:
         kind, note = "cpu", "killed: CPU time limit exceeded"
+    elif run.exit_status is not None and run.exit_status < 0:
+        kind, note = "error", _signal_note(-run.exit_status)
     elif run.exit_status != 0:
         kind, note = "error", f"exit status {run.exit_status}"
     if kind is not None:
         parts.append(f"[{note}]")
     return ToolResult("\n".join(parts) if parts else "(no output)", kind is None, kind, "python")
+
+
+def _signal_note(number: int) -> str:
+    """Why a run ended by a signal no sandbox limit sent: a SIGKILL below the CPU and time limits comes
+    from the system (its out-of-memory killer) or from the code itself."""
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    cause = " (not a sandbox limit: the system's out-of-memory killer or the code itself)" if name == "SIGKILL" else ""
+    return f"killed by {name}{cause}"
 
 
 def python_tool(*, timeout_s: float = 5.0, memory_mb: int = 512, max_output_chars: int = 4000) -> Tool:

@@ -8,6 +8,8 @@ imports; no .pyc writing) in its own session, under an environment built from sc
 variable is PYTHONHASHSEED=0: str and bytes hashes, and so the order of a set of strings, are the same in
 every run (deterministic code gives the same answer every time; `-I` would ignore the seed). With:
 - a wall-time limit: past `timeout_s` the whole process group is killed (SIGKILL);
+  a run counts as stopped by the CPU limit only when its CPU time (os.wait4's usage) reached it: a
+  SIGKILL also comes from the system's out-of-memory killer or from the code itself;
 - CPU time (RLIMIT_CPU), address space (RLIMIT_AS), file size (RLIMIT_FSIZE) and, where the kernel
   enforces it for this user, process count (RLIMIT_NPROC = 0: no fork, no threads) limits, set by the
   child on itself before the code runs (soft = hard, so the code cannot raise them again). Setting them
@@ -18,8 +20,10 @@ every run (deterministic code gives the same answer every time; `-I` would ignor
 - a fresh temporary working directory (HOME too), removed afterwards; an emptied environment (no
   proxies, no tokens); stdin from /dev/null;
 - an audit hook (`sys.addaudithook`, installed by the bootstrap before the code runs, and not
-  removable from Python) that refuses socket events (no network), starting processes (subprocess,
-  os.system / exec / fork / spawn: a child would not carry the hook), ctypes, changing rlimits, and
+  removable from Python) that refuses socket events (no network; only AF_UNIX sockets may be made, as
+  asyncio's self-pipe socketpair, and bound only to a path in the working directory, never connected),
+  starting processes (subprocess, os.system / exec / fork / spawn: a child would not carry the hook),
+  ctypes, changing rlimits, and
   opening for writing, removing, renaming or creating files outside the working directory (a relative
   path counts from the code's current directory, wherever os.chdir took it), reading another process's
   /proc/<pid> entries (the trainer's environ holds its tokens, its fd/ its open files) and signalling any
@@ -62,6 +66,7 @@ __all__ = ["MEMORY_EXIT_STATUS", "SandboxResult", "run_python"]
 
 MEMORY_EXIT_STATUS = 86  # the bootstrap's exit status after a MemoryError in the code
 MEMORY_NOTE = "MemoryError: the code ran out of memory (sandbox limit)"  # its last line of stderr
+_CPU_SLACK_S = 0.1  # RLIMIT_CPU is checked at scheduler ticks; rusage read 0.993 s at a 1 s limit
 
 # The child's entry point, run with `-c`: argv = [code file, work dir, limits JSON]. It limits itself,
 # installs the audit hook, then runs the code as __main__ and echoes the value of a last expression.
@@ -143,8 +148,18 @@ def _replace_native():
             setattr(os, name, getattr(posix, name))
     return (*native, "posix")
 
+def _local_socket(event, args, _inside=_inside):
+    # an AF_UNIX (1 on every POSIX system) socket reaches no network: asyncio's self-pipe is a socketpair;
+    # one may be bound to a path in the working directory, never connected (a daemon's socket file)
+    if event == "socket.__new__":
+        return args[1] == 1
+    address = args[1] if event == "socket.bind" else None
+    return isinstance(address, (str, bytes)) and address[:1] not in ("", b"", "\0", b"\0") and _inside(address)
+
 def _audit(event, args, _blocked=_BLOCKED, _path_args=_PATH_ARGS, _write=_WRITE_FLAGS, _inside=_inside,
-           _other=_other_process, _reload=_replace_native(), _me=[], _pid=os.getpid()):
+           _other=_other_process, _local=_local_socket, _reload=_replace_native(), _me=[], _pid=os.getpid()):
+    if event.startswith("socket.") and _local(event, args):
+        return
     if event.startswith(_blocked):
         raise PermissionError(f"sandbox: {event} is not allowed")
     if event == "import" and args[0] in _reload:  # raised only where a module loads: the originals again
@@ -165,9 +180,9 @@ def _audit(event, args, _blocked=_BLOCKED, _path_args=_PATH_ARGS, _write=_WRITE_
             if i < len(args) and args[i] is not None and not _inside(args[i]):
                 raise PermissionError(f"sandbox: {event} outside the working directory is not allowed: {args[i]!r}")
 
-_audit.__defaults__[-2].extend([_audit, _inside, _other_process])
+_audit.__defaults__[-2].extend([_audit, _inside, _other_process, _local_socket])
 sys.addaudithook(_audit)
-del _f, _limits, _set_limits, _flush_at, _flush_before_the_kill, _audit, _inside, _other_process
+del _f, _limits, _set_limits, _flush_at, _flush_before_the_kill, _audit, _inside, _other_process, _local_socket
 del _BLOCKED, _PATH_ARGS, _WRITE_FLAGS, _refused, _replace_native
 
 def _main(source):
@@ -205,9 +220,10 @@ class SandboxResult:
     exit_status: int | None
     timed_out: bool = False  # killed at the wall-time limit
     memory_exceeded: bool = False  # a MemoryError under the address-space limit
-    cpu_exceeded: bool = False  # killed at the CPU-time limit (SIGXCPU / SIGKILL from RLIMIT_CPU)
+    cpu_exceeded: bool = False  # killed at the CPU-time limit (SIGXCPU / SIGKILL, the limit's CPU time used)
     output_truncated: bool = False
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # CPU time the code's process used (user + system)
 
     @property
     def ok(self) -> bool:
@@ -258,16 +274,15 @@ def run_python(
         )  # fmt: skip
         out, err = _Head(max_output_chars), _Tail(max_output_chars)
         readers = [_drain(proc.stdout, out), _drain(proc.stderr, err)]
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
+        cpu_used = _wait(proc, timeout_s)
+        if cpu_used is None:
             timed_out = True
-            _kill_group(proc)
+            cpu_used = _kill_group(proc)
         for reader in readers:
             reader.join(1.0)
         seconds = time.monotonic() - start
     finally:
-        if proc is not None and proc.poll() is None:  # interrupted in the parent while the code ran
+        if proc is not None and proc.returncode is None:  # interrupted in the parent while the code ran
             _kill_group(proc)
         _remove_tree(root)
     status = proc.returncode
@@ -278,10 +293,19 @@ def run_python(
         exit_status=status,
         timed_out=timed_out,
         memory_exceeded=status == MEMORY_EXIT_STATUS and stderr_text.rstrip("\n").endswith(MEMORY_NOTE),
-        cpu_exceeded=not timed_out and status in (-signal.SIGXCPU, -signal.SIGKILL),
+        cpu_exceeded=not timed_out and _cpu_limit_kill(status, cpu_used, limits["RLIMIT_CPU"]),
         output_truncated=out.dropped > 0 or err.dropped > 0,
         seconds=seconds,
+        cpu_seconds=cpu_used,
     )
+
+
+def _cpu_limit_kill(status: int | None, cpu_used: float, cpu_limit: int) -> bool:
+    """Whether RLIMIT_CPU ended the run: SIGXCPU at the soft limit (SIGKILL at the hard one, soft + 1)
+    with that much CPU time used. A SIGKILL or SIGXCPU with less comes from elsewhere: the system's
+    out-of-memory killer, a kill by the code itself."""
+    killed = status in (-signal.SIGXCPU, -signal.SIGKILL)
+    return killed and cpu_used >= cpu_limit - _CPU_SLACK_S
 
 
 class _Head:
@@ -340,11 +364,43 @@ def _flush_time(timeout_s: float) -> float:
     return max(timeout_s - min(0.1, timeout_s / 4), timeout_s / 2)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the code's whole process group (children it may have started too) and reap it."""
+def _wait(proc: subprocess.Popen, timeout_s: float) -> float | None:
+    """Wait up to `timeout_s` for the code's process to end; reap it (setting proc.returncode) and return
+    the CPU seconds it used, or None if it still runs. Polls as Popen.wait does, through os.wait4,
+    which also gives the child's resource usage (getrusage(RUSAGE_CHILDREN) would mix in every other
+    child of the trainer, reward and tool calls running beside this one)."""
+    deadline, delay = time.monotonic() + timeout_s, 0.0005
+    while True:
+        used = _reap(proc, os.WNOHANG)
+        remaining = deadline - time.monotonic()
+        if used is not None or remaining <= 0:
+            return used
+        delay = min(delay * 2, remaining, 0.05)
+        time.sleep(delay)
+
+
+def _reap(proc: subprocess.Popen, flags: int) -> float | None:
+    """One os.wait4 of the code's process: the CPU seconds it used once it ended (proc.returncode set),
+    None while it runs (flags=os.WNOHANG)."""
+    if proc.returncode is not None:
+        return 0.0
+    try:
+        pid, status, usage = os.wait4(proc.pid, flags)
+    except ChildProcessError:  # SIGCHLD ignored in this process: the child is gone, its status with it
+        proc.returncode = 0  # what Popen.wait reports then
+        return 0.0
+    if pid == 0:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _kill_group(proc: subprocess.Popen) -> float:
+    """SIGKILL the code's whole process group (children it may have started too), reap it and return
+    the CPU seconds it used."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    return _reap(proc, 0) or 0.0
 
 
 def _remove_tree(root: str) -> None:
