@@ -53,7 +53,7 @@ from minigrpo.models.transformer import Transformer
 from .base import check_prompts
 from .decode_graphs import DecodeGraphs
 from .params import RaceNoise, SamplingError, SamplingParams, generation_waves, sample_tokens
-from .rollout import Rollout, concat_rollouts, left_pad, stop_string_cut
+from .rollout import Rollout, concat_rollouts, left_pad, stop_string_cut, stop_string_seen
 
 if TYPE_CHECKING:
     from .kv_session import KVSession
@@ -451,9 +451,8 @@ class KVCacheSampler:
             return False
         open_rows = (~st.done).nonzero().flatten().tolist()
         tokens = st.out_tok[st.rows[open_rows], :s].tolist()
-        for row, toks in zip(open_rows, tokens):
-            text = self.decode(toks, skip_special_tokens=False)
-            if any(stop in text for stop in params.stop_strings):
+        for row, toks in zip(open_rows, tokens):  # (stop_strings need a tokenizer: checked up front)
+            if stop_string_seen(self.tokenizer, toks, params.stop_strings):  # never on half a character
                 st.done[row] = True
         return bool(st.done.all())
 

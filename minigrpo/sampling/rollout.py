@@ -111,22 +111,56 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 def stop_string_cut(tokenizer: Any, tokens: list[int], stops: Sequence[str]) -> int | None:
     """Fewest leading tokens whose text contains a stop string (None if the whole text has none).
 
-    Both samplers end a completion there (the stop string is kept), decoding with our tokenizer."""
-
-    def hit(n: int) -> bool:
-        text = tokenizer.decode(tokens[:n], skip_special_tokens=False)
-        return any(s in text for s in stops)
-
-    if not tokens or not hit(len(tokens)):
+    Both samplers end a completion there (the stop string is kept), decoding with our tokenizer. A
+    prefix that ends inside a multi-byte character decodes it as U+FFFD until a later token completes
+    it: a stop string holding U+FFFD matches only a U+FFFD of the completion itself (`settled_text`),
+    never one of a character whose bytes have not all come."""
+    if not tokens:
         return None
+
+    def text(n: int) -> str:
+        return tokenizer.decode(tokens[:n], skip_special_tokens=False)
+
+    whole = text(len(tokens))
+    if not any(s in whole for s in stops):
+        return None
+    if any(REPLACEMENT in s for s in stops):  # a prefix's U+FFFD may be a partial character's: read each
+        for n in range(1, len(tokens) + 1):
+            rest = tokenizer.decode(tokens[n:], skip_special_tokens=False)
+            if any(s in settled_text(text(n), rest, whole) for s in stops):
+                return n
     lo, hi = 1, len(tokens)  # "contains a stop string" is monotone in the prefix length
     while lo < hi:
         mid = (lo + hi) // 2
-        if hit(mid):
+        if any(s in text(mid) for s in stops):
             hi = mid
         else:
             lo = mid + 1
     return lo
+
+
+REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are no (or not yet a whole) UTF-8 character
+
+
+def settled_text(prefix: str, rest: str | None = None, whole: str | None = None) -> str:
+    """A prefix's text without the U+FFFDs of a character that its tokens end inside of.
+
+    With the text of the tokens after it (`rest`) and of all of them (`whole`): the prefix ends inside
+    a character when its text ends in U+FFFD, the rest's begins with one (the character's remaining
+    bytes, alone) and the two do not join up to the whole. While the completion is still growing
+    (`rest` None) a trailing U+FFFD may be such a start: it is read once a token follows it."""
+    if not prefix.endswith(REPLACEMENT):
+        return prefix
+    if rest is not None and (not rest.startswith(REPLACEMENT) or prefix + rest == whole):
+        return prefix
+    return prefix.rstrip(REPLACEMENT)
+
+
+def stop_string_seen(tokenizer: Any, tokens: list[int], stops: Sequence[str]) -> bool:
+    """Whether the text of a completion still growing (`tokens` so far) contains a stop string, read as
+    `settled_text` reads it: never on the U+FFFD of a character whose bytes have not all come."""
+    text = settled_text(tokenizer.decode(tokens, skip_special_tokens=False))
+    return any(s in text for s in stops)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
