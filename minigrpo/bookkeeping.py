@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -22,7 +23,15 @@ import torch
 
 from minigrpo.algorithms.value_model import critic_state
 from minigrpo.build import save_model_fn
-from minigrpo.checkpoint import ModelStateView, latest_checkpoint, optimizer_state, rng_state, save_checkpoint
+from minigrpo.checkpoint import (
+    CheckpointError,
+    CheckpointWarning,
+    ModelStateView,
+    find_resume_checkpoint,
+    optimizer_state,
+    rng_state,
+    save_checkpoint,
+)
 from minigrpo.config import save_config
 from minigrpo.distributed import full_state_dict, is_sharded
 from minigrpo.metrics import MetricsLogger
@@ -69,16 +78,25 @@ def until_interrupted(run: Callable[[Any], T], cfg: Any) -> T:
 def interrupted(run_dir: Path) -> NoReturn:
     """After Ctrl-C (every file of the run is whole: checkpoints and metrics are written atomically or
     line by line): one `interrupted:` line saying how the run goes on, and exit status 130 (128 + SIGINT)."""
-    newest = latest_checkpoint(run_dir)
-    if newest is not None:
-        how = f"continue from {newest} with --resume"
-    elif (Path(run_dir) / "metrics.jsonl").exists():
-        how = f"{run_dir} holds no checkpoint yet, so nothing to resume: delete it or set another run.name"
-    else:
-        how = "no step finished: start the run again"
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted, rank 0 tells
-        print(f"interrupted: {how}", file=sys.stderr, flush=True)
+        print(f"interrupted: {how_to_go_on(Path(run_dir))}", file=sys.stderr, flush=True)
     raise SystemExit(130)
+
+
+def how_to_go_on(run_dir: Path) -> str:
+    """How an interrupted run goes on: --resume from the checkpoint a resume would take (the newest intact
+    one, as find_resume_checkpoint picks it: a newer broken one is passed over), else a fresh start."""
+    try:
+        with warnings.catch_warnings():  # the broken checkpoints passed over: --resume names them itself
+            warnings.simplefilter("ignore", CheckpointWarning)
+            found = find_resume_checkpoint(run_dir)
+    except CheckpointError as e:
+        return f"{e}; delete {run_dir} or set another run.name"
+    if found is not None:
+        return f"continue from {found[0]} with --resume"
+    if (run_dir / "metrics.jsonl").exists():
+        return f"{run_dir} holds no checkpoint yet, so nothing to resume: delete it or set another run.name"
+    return "no step finished: start the run again"
 
 
 def save(run: Any, step: int) -> None:
@@ -91,6 +109,7 @@ def save(run: Any, step: int) -> None:
     if world.main:
         state = {"optimizer": opt, "scheduler": run.scheduler.state_dict(), "data": run.loader.state_dict()}
         state["grad_scale"] = run.grad_scale.state_dict()
+        state["dtype"] = str(run.dtype).removeprefix("torch.")  # what a resume computes in (run_folder)
         if getattr(run, "critic", None) is not None:  # algorithm ppo: the value model's weights and optimizer
             state["critic"] = critic_state(run.critic)
         save_checkpoint(

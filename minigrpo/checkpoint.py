@@ -165,7 +165,7 @@ def save_checkpoint(
         tmp.mkdir()
         save_model(model, tokenizer, tmp)
         if run_config is not None:
-            (tmp / RUN_CONFIG).write_text(dump_yaml(run_config))  # read back by configio.parse_yaml
+            (tmp / RUN_CONFIG).write_text(dump_yaml(run_config), encoding="utf-8")  # whatever the locale
         save_trainer_state(tmp, state)  # after run_config.yaml: state.json records that there is one
         _fsync_tree(tmp)
     except OSError as e:

@@ -24,7 +24,7 @@ from minigrpo.lora_config import lora_errors, lora_notes
 from minigrpo.sft_config import sft_errors
 
 if TYPE_CHECKING:
-    from minigrpo.config import Config
+    from minigrpo.config import Config, RunCfg
 
 _REWARD_RE = re.compile(r"^[A-Za-z_]\w*$|^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _DATA_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
@@ -129,6 +129,36 @@ def unread_keys(cfg: Config) -> tuple[str, ...]:
     readers = {"dpo": "online_dpo", "ppo": "ppo"}  # each algorithm's section and the algorithm reading it
     keys += [f"{section}." for section, algorithm in readers.items() if cfg.algorithm != algorithm]
     return tuple(keys)
+
+
+def saved_compute_dtype(saved_run: dict, state: dict) -> str | None:
+    """The dtype a checkpointed run computed in: as its trainer state records it ("bfloat16"), else (a
+    checkpoint written before the record) what its run config's run.dtype meant on its run.device; None
+    where that device was auto and nothing recorded the dtype (the machine it ran on decided)."""
+    from minigrpo.config import resolve_dtype
+
+    if isinstance(state.get("dtype"), str):
+        return state["dtype"]
+    dtype, device = saved_run.get("dtype", "auto"), saved_run.get("device", "auto")
+    if not isinstance(dtype, str) or not isinstance(device, str) or (dtype == "auto" and device == "auto"):
+        return None
+    return resolve_dtype(dtype, device)
+
+
+def resumed_dtype_error(saved_run: dict, state: dict, run: RunCfg, device_type: str) -> str | None:
+    """One line when a resumed run would compute in another dtype than its checkpoint's run did (None: the
+    same, or unknown). run.dtype auto is bfloat16 on CUDA and float32 on the CPU, so a run saved on CUDA
+    and resumed with run.device=cpu would otherwise go on in float32 with nothing said."""
+    from minigrpo.config import resolve_dtype
+
+    saved, now = saved_compute_dtype(saved_run, state), resolve_dtype(run.dtype, device_type)
+    if saved is None or saved == now:
+        return None
+    there = f"run.device={saved_run.get('device', 'auto')!r}, run.dtype={saved_run.get('dtype', 'auto')!r}"
+    return (
+        f"run.device={run.device!r} with run.dtype={run.dtype!r} computes in {now}, but the run computed in {saved} "
+        f"({there} there): set run.dtype={saved} to go on as it ran, or start a new run"
+    )
 
 
 VLLM_SAMPLER_KEYS = ("gpu_memory_utilization", "vllm_sleep", "vllm_probe_every")  # read by the vLLM sampler only

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from minigrpo.atomic import write_folder_whole as write_folder_whole  # re-exported for the entry points
 from minigrpo.checkpoint import (
     CheckpointError,
@@ -145,6 +147,7 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
             raise ConfigError(f"{saved_file}: {e}") from None
         current = cfg.to_dict()
         saved = with_new_defaults(saved, current, Config().to_dict())  # algorithm, dpo, ppo, any new key
+        check_compute_dtype(cfg, path, saved, state)
         changed = [k for k in settings_changed(saved, current) if not k.startswith(resumable)]
         if changed:
             verb = "differs" if len(changed) == 1 else "differ"
@@ -158,6 +161,22 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
             )
     check_writable_run_dir(run_dir)
     return ResumePoint(path, state)
+
+
+def check_compute_dtype(cfg: Config, path: Path, saved: dict[str, Any], state: dict[str, Any]) -> None:
+    """A resumed run computes in its checkpoint's dtype (config_rules.resumed_dtype_error names a change,
+    such as auto on another device); then run.dtype counts as unchanged in `saved` (set in place): auto
+    and the dtype it meant, written by name, are the same setting."""
+    from minigrpo.config_rules import resumed_dtype_error, saved_compute_dtype
+
+    saved_run, device = saved.get("run") if isinstance(saved.get("run"), dict) else {}, cfg.run.device
+    if saved_compute_dtype(saved_run, state) is None:  # unknown: run.dtype is compared as it is written
+        return
+    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device.split(":")[0]
+    error = resumed_dtype_error(saved_run, state, cfg.run, device_type)
+    if error is not None:
+        raise UserError(f"--resume from {path}: {error}")
+    saved_run["dtype"] = cfg.run.dtype
 
 
 def settings_changed(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -205,8 +205,20 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
 
+# NEL, a line break to a YAML reader, which reads it back as "\n" (folded to a space inside quotes), while
+# PyYAML's writer, with allow_unicode, writes it as it is in plain, quoted and block scalars alike: a string
+# holding one is written double-quoted, where it becomes the escape `\N` (its fellow breaks U+2028/U+2029
+# are kept as they are by the reader and `\r` is escaped already)
+_READ_AS_NEWLINE = "\x85"
+
+
 def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
-    style = '"' if "\n" in data and len(data) < 80 else ("|" if "\n" in data else None)  # newlines stay visible
+    """A string in the style that reads back as exactly this string: double-quoted (escapes) when it holds
+    NEL or a short text with newlines, a literal block for a long one (newlines stay visible), else plain
+    where YAML allows it (PyYAML quotes it otherwise)."""
+    style = '"' if "\n" in data and len(data) < 80 else ("|" if "\n" in data else None)
+    if _READ_AS_NEWLINE in data:
+        style = '"'
     return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
 
