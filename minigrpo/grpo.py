@@ -19,10 +19,9 @@ One optimizer step (step.py's update_phase does this)
         loss.backward()                                   # no division by k: the losses sum to the
     optimizer.step()                                      # full-batch loss, so the gradient is the same
 
-    old_logp: with num_iterations (mu) == 1 and the trainer's own sampler, pass None: it means
-    logp.detach(), the ratio is exactly 1 and the loss is plain REINFORCE with group baselines. With
-    mu > 1 the loop computes old_logp once under no_grad before the first of the mu passes and reuses
-    it; later passes move the ratio away from 1 and clipping engages. Nothing else changes here.
+    old_logp: None with num_iterations (mu) == 1 and the own sampler (logp.detach(): ratio exactly 1,
+    plain REINFORCE with group baselines); with mu > 1 the loop takes it once under no_grad before the
+    first pass and reuses it, so later passes move the ratio away from 1 and clipping engages.
 
 Worked example (B=2 prompts, G=3, scale="group", eps=1e-4, completion lengths 3 1 2 | 2 4 4, Tc=4)
     rewards     [2, 0, 1 | 1, NaN, 0]        NaN: every reward function failed on that row
@@ -39,19 +38,19 @@ Worked example (B=2 prompts, G=3, scale="group", eps=1e-4, completion lengths 3 
     dapo gradient: d loss / d logp[i, t] = -A_i / 16, e.g. -0.062494 for each token of row 0.
 
 Numerical safety
-    Log-ratios (policy/old, old/sampler, ref/policy) are zeroed on padding before any exp, so garbage
-    or -inf log-probs there cannot make NaN. The ratios policy/old and old/sampler are clamped to
-    +-LOG_RATIO_CLAMP (20) before exp: beyond e^20 ~ 5e8 a token is hopelessly off-policy, so its
-    ratio is frozen there (no gradient flows through the clamp) instead of overflowing. The KL's
-    d = ref - logp is clamped above only, which is all exp needs: for d -> -inf, k3 = exp(d) - d - 1
-    tends to -d - 1, finite, and keeps its restoring gradient on tokens the policy made far likelier
-    than the reference. Fully masked rows contribute exactly 0.
+    Log-ratios (policy/old, old/sampler, ref/policy) are zeroed on padding before any exp (-inf or
+    garbage there cannot make NaN). policy/old and old/sampler are clamped to +-LOG_RATIO_CLAMP (20)
+    before exp: beyond e^20 a token is hopelessly off-policy, its ratio frozen (no gradient through
+    the clamp). The KL's d = ref - logp is clamped above only: for d -> -inf, k3 -> -d - 1 stays finite
+    and keeps its restoring gradient. Fully masked rows contribute exactly 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -66,6 +65,7 @@ if TYPE_CHECKING:
 LOG_RATIO_CLAMP = 20.0
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+_OPTIONAL_NUMBERS = ("delta", "is_min", "max_completion_length")  # LossOptions' numbers that may be None
 
 
 # ----------------------------------------------------------------------------- masks, KL, IS weights
@@ -208,6 +208,11 @@ def make_normalizer(
 # ----------------------------------------------------------------------------- policy loss
 
 
+def _is_number(value: Any) -> bool:
+    """A real number (int, float, numpy scalar), not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class LossOptions:
     """The policy-loss settings of a run, built once from the config and given to every policy_loss call.
@@ -238,6 +243,10 @@ class LossOptions:
     def __post_init__(self) -> None:
         if self.epsilon_high is None:  # frozen: the derived default is set once, here
             object.__setattr__(self, "epsilon_high", self.epsilon)
+        for name in ("epsilon", "epsilon_high", "beta", "is_cap", *_OPTIONAL_NUMBERS):  # before any comparison
+            value, optional = getattr(self, name), name in _OPTIONAL_NUMBERS
+            if not (_is_number(value) or (optional and value is None)):
+                raise ValueError(f"{name} must be a number{' or None' * optional}, got {value!r}")
         for name, allowed, ok in self._checks():
             if not ok:
                 raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
@@ -246,6 +255,7 @@ class LossOptions:
         """(field, allowed values, whether it holds): where the math is defined (the config is stricter)."""
         level, mode = self.importance_sampling_level, self.is_correction
         mcl, floor = self.max_completion_length, self.is_min
+        whole = isinstance(mcl, numbers.Integral)
         return [
             ("loss_type", f"one of {LOSS_TYPES}", self.loss_type in LOSS_TYPES),
             ("importance_sampling_level", "'token' or 'sequence'", level in ("token", "sequence")),
@@ -253,10 +263,10 @@ class LossOptions:
             ("epsilon", ">= 0", self.epsilon >= 0),
             ("epsilon_high", ">= 0", self.epsilon_high >= 0),
             ("delta", "> 0 or None", self.delta is None or self.delta > 0),
-            ("beta", ">= 0", self.beta >= 0),
+            ("beta", ">= 0 and finite", 0 <= self.beta < math.inf),  # inf * (k3 = 0) would make the loss NaN
             ("is_cap", "> 0", self.is_cap > 0),
             ("is_min", f"in [0, is_cap={self.is_cap}] or None", floor is None or 0 <= floor <= self.is_cap),
-            ("max_completion_length", ">= 1 or None", mcl is None or mcl >= 1),
+            ("max_completion_length", "a whole number >= 1 or None", mcl is None or (whole and mcl >= 1)),
         ]
 
     @classmethod
@@ -265,18 +275,8 @@ class LossOptions:
         episode's budget, else sampler.max_new_tokens)."""
         g = cfg.grpo
         longest, _ = completion_budget(cfg)
-        return cls(
-            loss_type=g.loss_type,
-            epsilon=g.epsilon,
-            epsilon_high=g.epsilon_high,
-            delta=g.delta,
-            beta=g.beta,
-            importance_sampling_level=g.importance_sampling_level,
-            is_correction=g.is_correction,
-            is_cap=g.is_cap,
-            is_min=g.is_min,
-            max_completion_length=longest,
-        )
+        same_name = [f.name for f in dataclasses.fields(cls) if f.name != "max_completion_length"]  # grpo.<name>
+        return cls(**{name: getattr(g, name) for name in same_name}, max_completion_length=longest)
 
 
 def is_tokenwise(opts: LossOptions, *, old_logp_given: bool) -> bool:
