@@ -12,6 +12,7 @@ rich Python object. jinja2 is imported only when a template is rendered.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import re
@@ -142,7 +143,7 @@ def template_variable_errors(variables: Any, key: str) -> list[str]:
             errors.append(f"{key}.{name} is set by the prompt rendering itself; remove it")
         else:
             try:
-                _plain(value)
+                _plain(value, strict=True)
             except TypeError as e:
                 errors.append(f"{key}.{name}: {e}")
     return errors
@@ -199,8 +200,13 @@ def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
     return {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
-def _plain(value: Any) -> Any:
-    """Rebuild template input from plain JSON-like types, so the sandbox never sees rich objects."""
+def _plain(value: Any, strict: bool = False) -> Any:
+    """Rebuild template input from plain JSON-like types, so the sandbox never sees rich objects.
+
+    A dataclass or pydantic model becomes a dict of its fields; any other object (a parquet message's
+    timestamp, decimal or bytes) becomes an inert placeholder naming its type ("<datetime>"), as in
+    transformers: templates rarely read such values, and a row must not stop the run for them.
+    `strict`: a TypeError instead (a user's template variables, checked before anything runs)."""
     if value is None or type(value) in (str, int, float, bool):
         return value
     if isinstance(value, str):
@@ -210,14 +216,26 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float):
         return float(value)
     if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
+        return {_plain(k, strict): _plain(v, strict) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [_plain(v, strict) for v in value]
     if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
+        return tuple(_plain(v, strict) for v in value)
     if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy / torch scalars
-        return _plain(value.item())
-    raise TypeError(f"chat template inputs must be JSON-like data, got {type(value).__name__}")
+        return _plain(value.item(), strict)
+    if strict:
+        raise TypeError(f"chat template inputs must be JSON-like data, got {type(value).__name__}")
+    return _plain_object(value)
+
+
+def _plain_object(value: Any) -> Any:
+    """A dataclass instance or pydantic model as a plain dict of its fields; anything else as "<TypeName>"."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    dump = getattr(value, "model_dump", None)
+    if callable(dump) and not isinstance(value, type):
+        return _plain(dump())
+    return f"<{type(value).__name__}>"
 
 
 def compile_named_templates(templates: dict[str, Any], where: Callable[[str], str]) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minigrpo.chat_template import check_template_variables
+from minigrpo.chat_template import ChatTemplateError, check_template_variables
 from minigrpo.config import DataCfg
 from minigrpo.datafiles import (
     REWARD_ARGUMENTS,  # noqa: F401 (re-exported)
@@ -328,12 +328,20 @@ _REPLY_END = "<<minigrpo-reply-end>> "  # marks where the begun reply ends; a te
 def _continued_reply(messages: list[Message], tokenizer: Any, kwargs: Mapping[str, Any]) -> str:
     """The whole conversation rendered, cut right after the final (assistant) message's content: a
     marker appended to that content shows where it ends. A template that trims the content (the
-    marker's space is gone) loses the reply's trailing spaces too."""
-    marked = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + _REPLY_END}]
+    marker's space is gone) loses the reply's trailing spaces too. A template that rewrites the begun
+    reply (DeepSeek-R1's drops what ends with "</think>", Qwen3's moves it into its own think block) is
+    refused, as transformers' continue_final_message refuses it: the model would continue another text."""
+    reply = messages[-1]["content"]
+    marked = [*messages[:-1], {**messages[-1], "content": reply + _REPLY_END}]
     text = _template_text(tokenizer, marked, header=False, kwargs=kwargs)
     at = text.rfind(_REPLY_END.strip())
     if at < 0:
         raise DataError("the chat template drops the final assistant message, so the model cannot continue it")
+    if reply.strip() not in text:
+        raise ChatTemplateError(
+            f"the chat template rewrites the begun assistant reply {reply[:60]!r} (drops or moves part of it), "
+            "so the model cannot continue it as written"
+        )
     return text[:at] if text.startswith(_REPLY_END, at) else text[:at].rstrip()
 
 
