@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as QT
-from gguf.quants import dequantize
 
 from minigrpo.models import kquants
+
+gguf = pytest.importorskip("gguf")  # the reference dequantizer (a test dependency; absent on bare GPU images)
+QT, dequantize = gguf.GGMLQuantizationType, gguf.quants.dequantize
 
 
 def rel_err(x: np.ndarray, y: np.ndarray) -> float:
