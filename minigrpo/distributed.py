@@ -27,13 +27,13 @@ Strategies.
         resharded after forward (FSDP2's default for the root), so the LM head weight the log-prob kernel reads
         after `hidden` is the gathered one until the backward reshards it.
   ddp   (LoRA; optional for small full fine-tuning) every rank holds all weights; after the last micro-batch
-        the gradients of the trainable parameters are summed with one fp32 all-reduce per bucket. No
-        DistributedDataParallel wrapper: it syncs only through its own forward, while the trainer computes
-        log-probs through `hidden` and the LM-head kernel; and for adapters (a few MB) overlapping the
-        all-reduce with backward gains nothing.
+        the trainable gradients are summed, one fp32 all-reduce per bucket. No DistributedDataParallel: it
+        syncs only through its own forward (the trainer goes through `hidden` and the LM-head kernel), and
+        for adapters (a few MB) overlapping the all-reduce with backward gains nothing.
 
 Generation on sharded weights: `full_weights(model)` all-gathers every unit once for a whole rollout (no
 collective per token); peak memory is then the full compute-dtype weights plus the KV cache, as on one GPU.
+Passes without a backward (old and reference log-probs) end with `reshard(model)`.
 
 A single process (WORLD_SIZE unset or 1) initialises nothing: World() is rank 0 of 1 and every
 helper here is then a no-op or the identity.
@@ -260,6 +260,14 @@ def is_sharded(model: nn.Module) -> bool:
     return bool(fsdp_units(model))
 
 
+def reshard(model: nn.Module) -> None:
+    """Shard every unit again after passes without a backward: units kept gathered for one (the root,
+    the gain units, blocks not resharded after the forward) would hold the gathered weights till the
+    next backward, or for ever on a frozen reference."""
+    for unit in fsdp_units(model):
+        unit.reshard()
+
+
 def shard_model(
     model: nn.Module,
     world: World,
@@ -268,13 +276,10 @@ def shard_model(
     reshard_after_forward: bool = True,
     fp32_norms: bool = True,
 ) -> nn.Module:
-    """FSDP2 in place: every block is a unit, the root holds embedding, final norm and LM head.
-
-    The parameters stay in their dtype (fp32: they are the optimizer's master weights); forward and backward
-    compute in `compute_dtype`; gradients are reduce-scattered in fp32. Block inputs are not cast (the rotary
-    angles stay fp32, as on one process). The reduce-scatter sums the ranks' gradients (see the module docstring).
-    fp32_norms: the RMSNorm gains run in fp32, as on one process (`_shard_gains`). Returns the same module object.
-    """
+    """FSDP2 in place: every block is a unit, the root holds embedding, final norm and LM head. Parameters keep
+    their dtype (fp32: the optimizer's masters); passes compute in `compute_dtype`, inputs uncast (the rotary
+    angles stay fp32); gradients are reduce-scattered in fp32 and summed (the module docstring). fp32_norms: the
+    RMSNorm gains run in fp32, as on one process (`_shard_gains`). Returns the same module object."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -296,9 +301,8 @@ def shard_model(
 
 def _shard_gains(module: nn.Module, mesh: Any, policy: Any) -> None:
     """With a policy, the fp32 RMSNorm gains in `module` (a block's 2, 4 with q/k norms; the final norm) become one
-    unit gathered in fp32 (a unit's policy casts all its parameters; in bf16 a gain cannot move by an lr-sized step).
-    One unit per block, not per norm: one all-gather and one reduce-scatter (a few KB) more per block and
-    micro-batch; kept gathered until the backward."""
+    unit gathered in fp32 (a unit's policy casts all its parameters; in bf16 a gain cannot move by an lr-sized step):
+    one all-gather and reduce-scatter (a few KB) more per block and micro-batch; kept gathered until the backward."""
     from torch.distributed.fsdp import fully_shard
 
     from minigrpo.models.transformer import RMSNorm
@@ -334,11 +338,9 @@ def full_weights(model: nn.Module) -> Iterator[nn.Module]:
     """Gather an FSDP2-sharded model for code that is not a training forward (the sampler's decoding).
 
     Yields a plain module of the model's own class whose parameters ARE the gathered full tensors (compute dtype;
-    fp32 gains, see shard_model; no copy) and which carries no FSDP hooks: decoding on it never communicates, never
-    reshards a block after a step, and can be captured in CUDA graphs. All ranks must enter together (the gathers
-    are collectives); the shards come back when the block ends. Nested use yields the same view without gathering
-    again. A model that is not sharded is yielded itself.
-    """
+    fp32 gains; no copy) and which carries no FSDP hooks: decoding on it never communicates or reshards, and can
+    be captured in CUDA graphs. All ranks enter together (the gathers are collectives); the shards come back when
+    the block ends. Nested use yields the same view; a model that is not sharded is yielded itself."""
     units = fsdp_units(model)
     view = model.__dict__.get("_full_weights_view")
     if not units or view is not None:

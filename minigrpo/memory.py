@@ -115,8 +115,7 @@ def estimate_peak(
     gathered = dict.fromkeys(("sampling", "forward", "backward"), 0)
     if strategy == "fsdp":  # fp32 shards (the masters), their gradients and state; units gathered in use
         parts.update(fsdp_static(args, cfg, world_size, needs_reference(cfg) and not lora.enabled))
-        gathered = fsdp_gathered(args, cfg, b)  # the frozen reference keeps what its passes leave gathered
-        parts["reference_gathered"] = gathered["left"] if parts["reference_model"] else 0
+        gathered = fsdp_gathered(args, cfg, b)
     grad_bytes, n_train, masters = parts.pop("gradients"), parts.pop("numel"), parts["master_weights"]
     notes += optimizer_notes(cfg)
     parts["cuda_workspaces"] = CUDA_WORKSPACES if device_type == "cuda" else 0

@@ -19,9 +19,8 @@ changes what a device holds (build.build_run, distributed.py):
 - with a 16-bit compute dtype and train.fp32_norms, each block's RMSNorm gains (and the final norm's)
   are a unit of their own gathered in fp32 (distributed._shard_gains) and not resharded after the
   forward: every block's stay gathered from its forward to its backward. A pass without gradients
-  (old and reference log-probs) has no backward, so it leaves them gathered, and with blocks not
-  resharded after the forward every block too: the policy's until its next backward, the frozen
-  reference's for the rest of the run (`left`).
+  (old and reference log-probs) has no backward: those passes end by resharding every unit
+  (distributed.reshard), so they leave nothing gathered.
 """
 
 from __future__ import annotations
@@ -87,7 +86,7 @@ def fsdp_gathered(args: ModelArgs, cfg: Config, b: int) -> dict[str, int]:
     (two, or all without resharding after the forward) and every fp32 gain unit (gathered until their
     backward); `backward` the root's unsharded gradients (the LM head's come first in the backward and
     stay until the root reduces, last), one block's, and the fp32 copy the reduce-scatter makes of the
-    largest unit's; `left` what a pass without gradients leaves gathered (module docstring)."""
+    largest unit's."""
     gains, final = fp32_gain_params(args, cfg, b)
     root, block = root_params(args) - final, block_params(args) - gains  # gathered in compute dtype
     fp32_units = 4 * (args.n_layers * gains + final)
@@ -97,5 +96,4 @@ def fsdp_gathered(args: ModelArgs, cfg: Config, b: int) -> dict[str, int]:
         "sampling": b * (root + args.n_layers * block) + fp32_units,
         "forward": b * (root + blocks * block) + fp32_units,
         "backward": b * (root + block) + 4 * (gains + final) + 4 * max(root, block),
-        "left": fp32_units + (0 if resharded else b * args.n_layers * block),
     }

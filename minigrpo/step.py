@@ -25,14 +25,7 @@ import torch
 
 from minigrpo import advantages, grpo, lora, rewards
 from minigrpo.data import PromptLoader, batch_columns, build_messages, encode_prompts
-from minigrpo.distributed import (
-    World,
-    combine_stats,
-    gather_rows,
-    is_sharded,
-    merge_stats,
-    shard_range,
-)
+from minigrpo.distributed import World, combine_stats, gather_rows, is_sharded, merge_stats, reshard, shard_range
 from minigrpo.episodes import ENV, Environment, Episode, episode_columns, episodes_to_rollout, run_episodes
 from minigrpo.grad_scale import GradScale, grad_scale_metrics, optimizer_step
 from minigrpo.logprobs import completion_logprobs
@@ -349,6 +342,7 @@ def logprobs_phase(
         rows, ids, attn, cmask = batches[i]
         out[rows, : cmask.shape[1]] = completion_logprobs(model, ids, attn, cmask, temperature=temperature)
     model.train(was_training)
+    reshard(model)  # FSDP: what waits for a backward (the gain units, the root) is given back, none comes
     return out
 
 
