@@ -134,7 +134,7 @@ def test_logprobs_entropy_and_grads_at_edge_values(case, dtype, impl, device, na
         _check(names, got, plain, ref, dtype, k)
         assert got[0][2] == 0 and got[1][2] == 0 and torch.all(got[2][2, :D] == 0)  # the ignored row
     if case == "tiny_T":
-        log2 = torch.tensor(2.0, dtype=torch.float64).log()
+        log2 = torch.tensor(2.0, dtype=torch.float64, device=device).log()
         torch.testing.assert_close(ref[1][torch.arange(N) != 2], log2.expand(N - 1), rtol=1e-12, atol=0)
         torch.testing.assert_close(got[1][torch.arange(N) != 2].double(), log2.expand(N - 1), rtol=2e-6, atol=0)
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minigrpo.models import kquants
-
-gguf = pytest.importorskip("gguf")  # the reference dequantizer (a test dependency; absent on bare GPU images)
+gguf = pytest.importorskip("gguf")  # the writer's and the reference dequantizer's package (absent on bare GPU images)
 QT, dequantize = gguf.GGMLQuantizationType, gguf.quants.dequantize
+
+from minigrpo.models import kquants  # noqa: E402  (needs the gguf package)
 
 
 def rel_err(x: np.ndarray, y: np.ndarray) -> float:
