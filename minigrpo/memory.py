@@ -4,10 +4,12 @@
     print(est.table())
     preflight(cfg, model.args, device, prompt_tokens=512)       # raises MemoryPreflightError if it cannot fit
 
-A step has four phases whose peaks never overlap (each frees its working memory before the next):
+A step has four phases (five with a reward model) whose peaks never overlap (each frees its working
+memory before the next):
 
     rollout     weights + optimizer state + KV cache B x Tp + N x Tc + prefill or decode transient
                 (+ LoRA's merged copy of the adapted weights, sampler.merge_lora)
+    scoring     weights + optimizer state + a reward model's scoring forward (only with one on the device)
     logprobs    weights + optimizer state + one micro-batch forward without autograd  (old / ref passes)
     update      weights + optimizer state + gradients + one micro-batch's activations at their peak
     optimizer   weights + optimizer state + gradients + the optimizer's own temporaries
@@ -19,7 +21,8 @@ The bytes of each part (weights, adapters, optimizer state, activations) are cou
 memory_parts.py, the own sampler's KV cache and rollout transients in memory_rollout.py (shared with
 evaluation's pre-flight, eval_memory.py), each docstring giving the formulas; here they are added
 up per phase, compared with the device, and turned into a list of single setting changes that would
-fit (memory_knobs.py: each also passes the config's own rules).
+fit (memory_knobs.py: each also passes the config's own rules). A `reward_model` reward's weights are
+held all along and its scoring forward has its phase (memory_rewards.py).
 
 An SFT step (python -m minigrpo.sft: estimate_sft_peak, sft_preflight) has the update and optimizer
 phases only, its LM head the fused cross-entropy over every position of a micro-batch.
@@ -67,6 +70,7 @@ from minigrpo.memory_parts import (
     vllm_share,
 )
 from minigrpo.memory_ranks import all_reduce_bytes, fsdp_gathered, fsdp_static, rank_prompts
+from minigrpo.memory_rewards import reward_model_bytes, reward_model_fixes
 from minigrpo.memory_rollout import completion_slots, rollout_bytes
 from minigrpo.memory_rollout import device_memory as _device_memory  # by this name, so tests can replace it
 from minigrpo.models.args import ModelArgs
@@ -90,6 +94,7 @@ def estimate_peak(
     device_type: str = "cuda",
     device_total: int | None = None,
     world_size: int = 1,
+    device_index: int | None = None,
 ) -> MemoryEstimate:
     """Predict the peak device memory of one training step of `cfg` on `model_args` (on each rank of
     a `world_size`-process job: memory_ranks.py says what the strategy changes).
@@ -98,6 +103,7 @@ def estimate_peak(
         (with env.kind: whole episodes at env.max_episode_tokens).
     device_type: "cuda" (Triton kernels) or "cpu" (reference kernels, fp32 norm copies).
     device_total: the device's total bytes; needed only to count a colocated vLLM sampler.
+    device_index: the CUDA device's index (None: the current one), which reward models on it count for.
     """
     args, lora, tr, g = model_args, cfg.lora, cfg.train, cfg.grpo
     b = dtype_bytes(cfg, device_type)
@@ -130,6 +136,8 @@ def estimate_peak(
     awake = cfg.sampler.kind == "vllm" and not (cfg.sampler.vllm_sleep and device_type == "cuda")
     if awake:  # vLLM keeps its share while the trainer runs: every phase holds it
         parts["vllm"] = vllm
+    rms = reward_model_bytes(cfg, device_type, N, T, device_index=device_index, world_size=world_size)
+    parts["reward_models"], notes = rms.weights, notes + rms.notes  # loaded at the first scoring, kept all run
     static, held = sum(parts.values()), tuple(parts)
 
     # ---- rollout: KV cache + prefill / decode transients (memory_rollout.py)
@@ -150,6 +158,9 @@ def estimate_peak(
             parts["lora_merged_for_sampling"] = copies * args.n_layers * b + largest * 4
         rollout = static + parts["kv_cache"] + parts["rollout_transient"] + parts.get("lora_merged_for_sampling", 0)
         rollout += gathered["sampling"]
+    # ---- scoring: after the sampler's cache is freed; vLLM still awake, FSDP's weights still gathered
+    parts["reward_scoring"] = rms.scoring
+    scoring = static + (vllm if cfg.sampler.kind == "vllm" and not awake else 0) + gathered["sampling"] + rms.scoring
 
     # ---- old / reference log-prob passes: a forward without autograd per micro-batch
     need_logprobs = g.num_iterations > 1 or needs_reference(cfg) or g.is_correction is not None
@@ -183,11 +194,13 @@ def estimate_peak(
     optimizer = static + max(grad_bytes + step_tmp, critic_step)
 
     host = {"activation_offload": act["offload_host"]} if act["offload_host"] else {}
-    phases = {"rollout": rollout, "logprobs": logprobs, "update": update, "optimizer": optimizer}
+    phases = {"rollout": rollout, **({"scoring": scoring} if rms.scoring else {}), "logprobs": logprobs}
+    phases.update(update=update, optimizer=optimizer)
     grads = ("gradients", "value_gradients")
     sampling = ("vllm", "kv_cache", "rollout_transient", "lora_merged_for_sampling", "gathered_for_sampling")
     members = {
         "rollout": (*held, *sampling),
+        "scoring": (*held, "vllm", "gathered_for_sampling", "reward_scoring"),
         "logprobs": (*held, "logprob_forward", "gathered_units"),
         "update": (*held, *grads, *ACTIVATION_PARTS, "gathered_units", "unsharded_gradients"),
         "optimizer": (*held, *grads[critic_peak:], "optimizer_step_transient"),
@@ -196,7 +209,7 @@ def estimate_peak(
         parts["gradient_all_reduce"] = all_reduce_bytes(n_train + critic["numel"], largest)
         phases["all_reduce"] = static + grad_bytes + parts["gradient_all_reduce"]
         members["all_reduce"] = (*held, *grads, "gradient_all_reduce")
-    members = {phase: tuple(dict.fromkeys(names)) for phase, names in members.items()}  # vllm once
+    members = {phase: tuple(dict.fromkeys(names)) for phase, names in members.items() if phase in phases}  # vllm once
     return MemoryEstimate(parts=parts, phases=phases, members=members, host=host, notes=notes)
 
 
@@ -232,6 +245,7 @@ def preflight(
     if device.type == "cuda" and free_bytes is None:
         free_bytes, total_bytes = _device_memory(device)
     kw = dict(prompt_tokens=prompt_tokens, device_type=device.type, device_total=total_bytes, world_size=world_size)
+    kw["device_index"] = device.index
     est = estimate_peak(cfg, model_args, **kw)
 
     def fixes(budget: int) -> list[tuple[str, Any, Any, int]]:
@@ -318,6 +332,7 @@ def suggest_fixes(
     device_type: str = "cuda",
     device_total: int | None = None,
     world_size: int = 1,
+    device_index: int | None = None,
 ) -> list[tuple[str, Any, Any, int]]:
     """(key, old, new, predicted total) for each single setting change that brings the peak under
     `budget`, the least intrusive first (memory techniques before smaller batches and shorter outputs).
@@ -325,6 +340,7 @@ def suggest_fixes(
     world_size: the ranks of the job (a change must also pass the checks made at launch). When none fits
     alone, the result's `together` holds the set that fits combined (memory_knobs.combine)."""
     kw = dict(prompt_tokens=prompt_tokens, device_type=device_type, device_total=device_total, world_size=world_size)
+    kw["device_index"] = device_index
 
     def total(c: Config) -> int:
         return estimate_peak(c, model_args, **kw).total
@@ -342,6 +358,7 @@ def suggest_fixes(
     consider("model.gradient_checkpointing", True)
     if m.gradient_checkpointing and device_type == "cuda":
         consider("model.activation_offload", True)
+    reward_model_fixes(cfg, total, budget, out, device_type, device_index)  # fewer rows at once, bf16
     N = g.prompts_per_step * g.group_size
     smallest = rows_per_group(cfg) if cfg.algorithm == "online_dpo" else 1  # a DPO pass holds whole pairs
     for size in sorted((d for d in range(smallest, tr.micro_batch_size) if N % d == 0), reverse=True):
@@ -372,6 +389,7 @@ def suggest_fixes(
     for count in range(g.prompts_per_step - 1, world_size - 1, -1):  # every rank samples a prompt at least
         if (count * g.group_size) % tr.micro_batch_size == 0 and consider("grpo.prompts_per_step", count):
             break
+    reward_model_fixes(cfg, total, budget, out, device_type, device_index, keys=("device",))  # on the CPU: slow
     return combine(cfg, out, total, budget, world_size=world_size)
 
 
