@@ -27,6 +27,7 @@ from minigrpo.checkpoint import (
     CheckpointError,
     CheckpointWarning,
     ModelStateView,
+    UnreadableCheckpointError,
     find_resume_checkpoint,
     optimizer_state,
     rng_state,
@@ -35,6 +36,7 @@ from minigrpo.checkpoint import (
 from minigrpo.config import save_config
 from minigrpo.distributed import full_state_dict, is_sharded
 from minigrpo.metrics import MetricsLogger
+from minigrpo.optim import resumed_rate_note
 
 T = TypeVar("T")
 
@@ -44,6 +46,9 @@ def open_logger(run: Any) -> MetricsLogger:
     cfg, world = run.cfg, run.world
     if run.resumed_from is not None and world.main:
         print(f"resumed from {run.resumed_from} (step {run.start_step})")
+        note = resumed_rate_note(run.scheduler, cfg.train, run.start_step)  # train.steps changed the schedule
+        if note is not None:
+            print(note)
     if world.main:
         save_config(cfg, cfg.run.run_dir / "config.yaml")  # the config that runs
         if world.distributed:
@@ -85,11 +90,14 @@ def interrupted(run_dir: Path) -> NoReturn:
 
 def how_to_go_on(run_dir: Path) -> str:
     """How an interrupted run goes on: --resume from the checkpoint a resume would take (the newest intact
-    one, as find_resume_checkpoint picks it: a newer broken one is passed over), else a fresh start."""
+    one, as find_resume_checkpoint picks it: a newer broken one is passed over), else a fresh start. A
+    checkpoint that cannot be read says itself what to do (make it readable): the run folder stays."""
     try:
         with warnings.catch_warnings():  # the broken checkpoints passed over: --resume names them itself
             warnings.simplefilter("ignore", CheckpointWarning)
             found = find_resume_checkpoint(run_dir)
+    except UnreadableCheckpointError as e:
+        return str(e)
     except CheckpointError as e:
         return f"{e}; delete {run_dir} or set another run.name"
     if found is not None:

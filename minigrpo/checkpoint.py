@@ -26,8 +26,12 @@ on another number of ranks the trainer reseeds them).
 Written atomically: into a hidden temporary folder, every file fsync'ed, then renamed into place, so
 a run killed at any moment leaves the previous checkpoints or the new one, never a half-written one.
 A full disk removes the temporary folder and says so (CheckpointError). A resume takes the newest
-checkpoint whose files are all intact (`find_resume_checkpoint`) and warns about newer broken ones;
-its first save deletes those (a timeline abandoned) before keeping the newest `keep_last`.
+checkpoint whose files are all intact (`find_resume_checkpoint`; the checks: checkpoint_files.py) and
+warns about newer broken ones; its first save deletes those (a timeline abandoned) before keeping the
+newest `keep_last`. A newer checkpoint that cannot be read (not proven broken) stops the resume
+instead. A step saved a second time whose save was killed between moving its earlier folder aside
+and renaming the new one into place is resumed from the temporary folder (the new one if intact),
+which the next save renames back into place.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -46,22 +49,25 @@ from typing import Any
 import torch
 
 from minigrpo.atomic import fsync_dir, fsync_file, write_probe_error
-from minigrpo.configio import ConfigError, dump_yaml, parse_yaml
+from minigrpo.checkpoint_files import (
+    RUN_CONFIG,
+    STATE_DIR,
+    STATE_FORMAT,
+    STATE_JSON,
+    STATE_TENSORS,
+    STEP_DIR,
+    UnreadableCheckpointError,
+    load_trainer_state,
+    verify_checkpoint,
+)
+from minigrpo.configio import dump_yaml
 from minigrpo.errors import UserError
-from minigrpo.lora_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, check_peft_adapter
-from minigrpo.models.loading import check_model_source, save_pretrained
-from minigrpo.models.safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header, save_file
+from minigrpo.models.loading import save_pretrained
+from minigrpo.models.safetensors_io import CheckpointError, CorruptCheckpointError, save_file
 from minigrpo.optim_state import load_masters, load_optimizer_state, optimizer_state
 from minigrpo.rng_states import restore_rng, rng_state, set_rng_state
-from minigrpo.tensor_tree import ManifestError, flatten, unflatten
+from minigrpo.tensor_tree import flatten
 
-STATE_DIR = "trainer_state"
-STATE_JSON = "state.json"
-STATE_TENSORS = "tensors.safetensors"
-RUN_CONFIG = "run_config.yaml"
-LEGACY_PICKLE = "trainer_state.pt"  # older versions: never opened
-STATE_FORMAT = "minigrpo.trainer_state.v2"
-_STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _TEMP_PREFIX = ".tmp-"
 
 
@@ -83,7 +89,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     if root.is_dir():
         for path in root.iterdir():
-            match = _STEP_DIR.match(path.name)
+            match = STEP_DIR.match(path.name)
             if match and path.is_dir():
                 found.append((int(match.group(1)), path))
     return sorted(found)
@@ -160,6 +166,7 @@ def save_checkpoint(
     state = {**trainer_state, "step": step, "rng": rng, "rng_per_rank": rng_states or [rng]}
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        restore_moved_aside(run_dir)  # a step whose save was killed between its renames: kept, not swept
         for stale in final.parent.glob(f"{_TEMP_PREFIX}*"):  # left by a writer that was killed
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
@@ -241,7 +248,8 @@ def save_trainer_state(checkpoint: Path, state: dict[str, Any]) -> None:
 
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Rename `tmp` to `final`; a `final` already there (a step saved twice) is moved aside first, and
-    back if the rename fails."""
+    back if the rename fails. A process killed between the two renames leaves both folders under
+    temporary names: a resume finds them (moved_aside) and the next save puts one back in place."""
     old = final.with_name(f"{_TEMP_PREFIX}old-{final.name}")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -257,165 +265,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# reading and checking
-
-
-def load_trainer_state(path: Path) -> dict[str, Any]:
-    """The trainer state saved in checkpoint folder `path`, exactly as it was given (tuples as tuples).
-
-    Reads only trainer_state/state.json and trainer_state/tensors.safetensors; a CheckpointError
-    names the file that is missing, truncated or corrupt. A checkpoint of an older version holds a
-    pickle (trainer_state.pt): it is refused, never opened.
-    """
-    return _read_trainer_state(path)[1]
-
-
-def _read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state.json's document, the trainer state) of checkpoint folder `path` (load_trainer_state)."""
-    path = Path(path)
-    json_file, tensor_file = path / STATE_DIR / STATE_JSON, path / STATE_DIR / STATE_TENSORS
-    if not json_file.is_file():
-        if (path / LEGACY_PICKLE).exists():
-            raise CheckpointError(_legacy_message(path))
-        raise CheckpointError(f"{json_file} is missing: {path} is no complete training checkpoint")
-    try:
-        document = json.loads(json_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"{json_file}: not valid JSON, the file is truncated or corrupt ({e})") from e
-    if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
-        raise CorruptCheckpointError(f"{json_file}: not a minigrpo trainer state (format {STATE_FORMAT} expected)")
-    if not tensor_file.is_file():
-        raise CheckpointError(f"{tensor_file} is missing: {path} is no complete training checkpoint")
-    tensors = dict(iter_tensors(tensor_file))  # checks the header against the file size first
-    try:
-        state = unflatten(document.get("state"), tensors)
-    except ManifestError as e:
-        raise CorruptCheckpointError(f"{json_file}: {e}") from e
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise CorruptCheckpointError(f"{json_file}: the trainer state has no step")
-    return document, state
-
-
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Check every file a resume reads from checkpoint folder `path`; returns its trainer state.
-
-    The trainer state must parse completely, hold everything a resume restores (step, optimizer,
-    scheduler, data cursor, RNG, with their types) and belong to this folder's step; every
-    safetensors file (weights, shards, adapter) must have an intact header and exactly the data it
-    promises; every JSON file must parse, and run_config.yaml must be a YAML mapping (and be there
-    when state.json says it was written). A CheckpointError names the first bad file.
-    """
-    path = Path(path)
-    document, state = _read_trainer_state(path)
-    _check_resumable(state, path / STATE_DIR / STATE_JSON)
-    if document.get("run_config") == RUN_CONFIG and not (path / RUN_CONFIG).is_file():
-        raise CheckpointError(f"{path / RUN_CONFIG} is missing: {path} is no complete training checkpoint")
-    match = _STEP_DIR.match(path.name)
-    if match and int(match.group(1)) != state["step"]:
-        raise CorruptCheckpointError(f"{path / STATE_DIR / STATE_JSON}: step {state['step']}, not {path.name}")
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        raise CheckpointError(f"{path} holds no weights (no model or adapter .safetensors file)")
-    for file in weights:
-        read_header(file)
-    for file in sorted(path.glob("*.json")):
-        try:
-            json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptCheckpointError(f"{file}: not valid JSON, the file is truncated or corrupt ({e})") from e
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CorruptCheckpointError(f"{index}: not a safetensors index (no weight_map of file names)")
-        absent = sorted(name for name in set(weight_map.values()) if not (path / name).is_file())
-        if absent:
-            raise CheckpointError(f"{path / absent[0]} is listed in {index.name} but missing")
-    if (path / "config.json").is_file():  # a whole model (a LoRA checkpoint holds an adapter instead)
-        _check_model(path)
-    elif (path / ADAPTER_CONFIG).exists() or (path / ADAPTER_WEIGHTS).exists():
-        _check_adapter(path)
-    _check_run_config(path / RUN_CONFIG)
-    return state
-
-
-def _check_model(path: Path) -> None:
-    """The weights of a whole-model checkpoint are the ones its config.json describes (every tensor
-    there, by name and shape; the tokenizer, if saved, fits its vocabulary), read from the headers
-    alone: a tensor dropped or reshaped is a CheckpointError here, so a resume skips the checkpoint
-    before any weights load rather than fail in load_weights after the policy loaded."""
-    try:
-        check_model_source(path, require_tokenizer=False)
-    except CheckpointError:
-        raise
-    except UserError as e:  # config.json or tokenizer files no model can be built from
-        raise CorruptCheckpointError(f"{path}: {e}") from e
-
-
-def _check_adapter(path: Path) -> None:
-    """The adapter of a LoRA checkpoint is one load_peft_adapter takes: a plain LoRA adapter_config.json
-    and A (r, in) / B (out, r) weights of its rank, read from the config and the header alone, so that a
-    resume skips a broken adapter before any weights load rather than fail after the base model loaded."""
-    try:
-        rank = check_peft_adapter(path)["r"]
-    except AdapterError as e:
-        raise CorruptCheckpointError(str(e)) from None
-    for name, info in read_header(path / ADAPTER_WEIGHTS).items():
-        shape = info["shape"]
-        if len(shape) != 2 or shape[0 if ".lora_A." in name else 1] != rank:
-            raise CorruptCheckpointError(
-                f"{path / ADAPTER_WEIGHTS}: {name} has shape {shape}, not that of a rank-{rank} adapter "
-                f"({ADAPTER_CONFIG} says r={rank})"
-            )
-
-
-# What a resume reads from the trainer state (minigrpo/build.py restore_state), with the type it needs.
-_RESUMABLE_KEYS = {"step": int, "optimizer": dict, "scheduler": dict, "data": dict, "rng": dict}
-
-
-def _check_resumable(state: dict[str, Any], json_file: Path) -> None:
-    """A CorruptCheckpointError naming `json_file` unless `state` holds everything a resume restores
-    (optimizer, schedule, data cursor, step, RNG) with the right types: a state that parses but lacks
-    one would otherwise fail with a KeyError half-way through building the run."""
-    for key, kind in _RESUMABLE_KEYS.items():
-        if key not in state:
-            raise CorruptCheckpointError(f"{json_file}: the trainer state has no {key!r}")
-        if not isinstance(state[key], kind) or isinstance(state[key], bool):
-            raise CorruptCheckpointError(
-                f"{json_file}: the trainer state's {key!r} is a {type(state[key]).__name__}, not a {kind.__name__}"
-            )
-    cursor = state["data"]
-    for key in ("epoch", "index"):
-        if not isinstance(cursor.get(key), int) or isinstance(cursor.get(key), bool):
-            raise CorruptCheckpointError(f"{json_file}: the trainer state's data cursor has no integer {key!r}")
-    optimizer = state["optimizer"]
-    if optimizer.get("format") == "by_name":
-        for key, kind in (("param_names", list), ("param_groups", list), ("group_sizes", list), ("state", dict)):
-            if not isinstance(optimizer.get(key), kind):
-                raise CorruptCheckpointError(
-                    f"{json_file}: the trainer state's optimizer has no {key!r} ({kind.__name__})"
-                )
-    for key in ("torch", "python", "numpy"):
-        if key not in state["rng"]:
-            raise CorruptCheckpointError(f"{json_file}: the trainer state's RNG has no {key!r} state")
-
-
-def _check_run_config(file: Path) -> None:
-    """A CorruptCheckpointError naming `file` unless it is absent or a YAML mapping (what a resume
-    compares the run's config with)."""
-    if not file.exists():
-        return
-    try:
-        saved = parse_yaml(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise CorruptCheckpointError(f"{file}: not UTF-8 text (byte {e.start}); truncated or corrupt") from e
-    except ConfigError as e:  # "not valid YAML: <problem> (line L, column C)", on one line
-        raise CorruptCheckpointError(f"{file}: {e}; the file is truncated or corrupt") from e
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from e
-    if not isinstance(saved, dict):
-        raise CorruptCheckpointError(f"{file}: not a YAML mapping of config sections (found {type(saved).__name__})")
+# reading and checking (checkpoint_files.py: verify_checkpoint, load_trainer_state)
 
 
 @contextmanager
@@ -436,31 +286,73 @@ def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest intact checkpoint of a run and its trainer state; None when it has none at all.
 
     A newer checkpoint with a bad file is skipped with a CheckpointWarning naming the file. When
-    every checkpoint is broken, a CheckpointError names the newest one's bad file.
+    every checkpoint is broken, a CheckpointError names the newest one's bad file. A newer checkpoint
+    whose file cannot be read (UnreadableCheckpointError) is not skipped: its error is raised, since
+    the resumed run's first save would delete it. A step whose save was killed between its two renames
+    is taken from its temporary folder (`moved_aside`), which the next save puts in place.
     """
-    found = list_checkpoints(run_dir)
-    if not found:
+    candidates = sorted(list_checkpoints(run_dir) + moved_aside(run_dir), key=lambda found: found[0], reverse=True)
+    if not candidates:
         return None
     skipped: list[CheckpointError] = []
-    for _, path in reversed(found):
+    for step, path in candidates:  # newest first; a step's new folder before its earlier one (a stable sort)
         try:
-            state = verify_checkpoint(path)
+            state = verify_as_step(path, step)
+        except UnreadableCheckpointError:
+            raise
         except CheckpointError as e:
             skipped.append(e)
             continue
         for error in skipped:
             message = f"skipping a broken checkpoint: {error}; resuming from {path}"
             warnings.warn(CheckpointWarning(message), stacklevel=2)
+        if path != checkpoint_dir(run_dir, step):
+            message = f"step {step} was being saved again when the run stopped: resuming from {path}"
+            warnings.warn(CheckpointWarning(f"{message}, which the next save puts in place"), stacklevel=2)
         return path, state
     raise CheckpointError(f"no intact checkpoint to resume from in {Path(run_dir) / 'checkpoints'}: {skipped[0]}")
 
 
-def _legacy_message(path: Path) -> str:
-    return (
-        f"{path / LEGACY_PICKLE}: a checkpoint of an older minigrpo that stores its trainer state as a "
-        "pickle, which is never loaded (unpickling can run arbitrary code); resume from a newer "
-        "checkpoint or start a new run from its weights (model.name_or_path)"
-    )
+def moved_aside(run_dir: Path) -> list[tuple[int, Path]]:
+    """The folders of a step saved again whose save was killed between the two renames of _replace_dir:
+    for a step N without its step_N folder but with its earlier folder moved aside (.tmp-old-step_N), the
+    new folder (.tmp-step_N, whole and fsynced before the first rename) and the earlier one, as (N, path),
+    in this order of preference. The next save would delete them with the other temporary folders."""
+    root = Path(run_dir) / "checkpoints"
+    found: list[tuple[int, Path]] = []
+    for old in sorted(root.glob(f"{_TEMP_PREFIX}old-step_*")) if root.is_dir() else []:
+        name = old.name.removeprefix(f"{_TEMP_PREFIX}old-")
+        match = STEP_DIR.match(name)
+        if match and old.is_dir() and not (root / name).exists():
+            new = root / f"{_TEMP_PREFIX}{name}"
+            found += [(int(match.group(1)), path) for path in (new, old) if path.is_dir()]
+    return found
+
+
+def verify_as_step(path: Path, step: int) -> dict[str, Any]:
+    """verify_checkpoint(path), and its trainer state of `step` (a temporary folder name gives no step)."""
+    state = verify_checkpoint(path)
+    if state["step"] != step:
+        raise CorruptCheckpointError(f"{path / STATE_DIR / STATE_JSON}: step {state['step']}, not step {step}")
+    return state
+
+
+def restore_moved_aside(run_dir: Path) -> None:
+    """Rename each step's preferred intact folder of `moved_aside` into place (step_N), before a save
+    deletes the temporary folders: the folder a resume may have continued from stays a checkpoint."""
+    restored = False
+    for step, path in moved_aside(run_dir):
+        final = checkpoint_dir(run_dir, step)
+        if final.exists():  # the step's new folder went in already
+            continue
+        try:
+            verify_as_step(path, step)
+        except CheckpointError:
+            continue
+        os.rename(path, final)
+        restored = True
+    if restored:
+        fsync_dir(Path(run_dir) / "checkpoints")
 
 
 def _fsync_tree(root: Path) -> None:
@@ -477,6 +369,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointWarning",
     "ModelStateView",
+    "UnreadableCheckpointError",
     "check_writable",
     "checkpoint_dir",
     "find_resume_checkpoint",

@@ -262,16 +262,39 @@ def lr_factor(step: int, cfg: TrainCfg, total_steps: int, updates_per_step: int 
 class Schedule(torch.optim.lr_scheduler.LambdaLR):
     """torch's LambdaLR, whose restored position also sets the rate of the next step from this run's
     schedule. A resume loads the optimizer state first, and with it the rate the saved run's schedule
-    gave its next step; when train.steps grew on resume (the one schedule setting a resume may change)
-    that rate belongs to the shorter schedule (a linear decay's end: 0), and LambdaLR's own
-    load_state_dict would let the first resumed step take it. The state_dict is LambdaLR's."""
+    gave its next step; when train.steps changed on resume (the one schedule setting a resume may change)
+    that rate belongs to the schedule of the old length (a linear decay's end: 0), and LambdaLR's own
+    load_state_dict would let the first resumed step take it. Extending a run means a decay that spans
+    the new length, so the rates follow this run's schedule, and `saved_rates` keeps the saved one's
+    for the note a resume prints (resumed_rate_note). The state_dict is LambdaLR's."""
+
+    saved_rates: list[float] | None = None  # the saved schedule's rates of the next step, once restored
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         rates = [base * factor(self.last_epoch) for base, factor in zip(self.base_lrs, self.lr_lambdas)]
+        saved = state_dict.get("_last_lr")  # absent from a state written by hand
+        self.saved_rates = [float(r) for r in saved] if isinstance(saved, (list, tuple)) else None
         for group, lr in zip(self.optimizer.param_groups, rates):
             group["lr"] = lr
         self._last_lr = rates
+
+
+def resumed_rate_note(scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainCfg, step: int) -> str | None:
+    """One line for a resume after checkpoint `step` whose first update runs at another learning rate than
+    the saved run's schedule gave it: train.steps changed, so a linear or cosine decay now spans the new
+    length (a jump at the resume step, up when a run is extended). None when the rates agree (a constant
+    schedule, an unchanged length) or the saved rate is unknown."""
+    saved = getattr(scheduler, "saved_rates", None)
+    if not saved:
+        return None
+    saved_lr, lr = saved[0], scheduler.get_last_lr()[0]
+    if math.isclose(saved_lr, lr, rel_tol=1e-9, abs_tol=1e-30):
+        return None
+    return (
+        f"note: the {cfg.schedule} learning-rate schedule now spans train.steps={cfg.steps}: step {step + 1} "
+        f"runs at lr {lr:.6g}, where the schedule the checkpoint was saved with gave {saved_lr:.6g}"
+    )
 
 
 def build_scheduler(
