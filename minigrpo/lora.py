@@ -72,9 +72,12 @@ def target_module_names(model: nn.Module, targets: list[str]) -> list[str]:
     """Module names (`model.layers.0.self_attn.q_proj`, ...) that `targets` select, in model order."""
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
-        raise LoRAError(f"unknown LoRA target {unknown[0]!r}: valid targets are {', '.join(TARGETS)}")
+        raise LoRAError(
+            f"unknown LoRA target {unknown[0]!r}: valid targets are {', '.join(TARGETS)} "
+            f"(lora.targets{_target_hint(unknown[0])})"
+        )
     if not targets:
-        raise LoRAError(f"no LoRA targets: name at least one of {', '.join(TARGETS)}")
+        raise LoRAError(f"no LoRA targets: name at least one of {', '.join(TARGETS)} (lora.targets)")
     names = []
     for i, block in enumerate(model.model.layers):
         for short in TARGETS:
@@ -82,7 +85,9 @@ def target_module_names(model: nn.Module, targets: list[str]) -> list[str]:
                 continue
             path = next((p for p in TARGETS[short] if _has_submodule(block, p)), None)
             if path is None:
-                raise LoRAError(f"layer {i} has no module for LoRA target {short!r} (looked for {TARGETS[short]})")
+                raise LoRAError(
+                    f"layer {i} has no module for LoRA target {short!r} (lora.targets; looked for {TARGETS[short]})"
+                )
             name = f"model.layers.{i}.{path}"
             if name not in names:
                 names.append(name)
@@ -306,6 +311,19 @@ def _adapter_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 # ----------------------------------------------------------------------------------------------
 # small helpers
+
+
+def _target_hint(target: object) -> str:
+    """What an unknown target probably meant: a module name (q_proj -> q, Phi-3's qkv_proj -> q), PEFT's
+    "all-linear" (here: every short name, the default), or a layer that takes no adapter."""
+    modules = {path.rpartition(".")[2]: short for short, paths in reversed(TARGETS.items()) for path in paths}
+    if isinstance(target, str) and target in modules:
+        return f": {target!r} is written {modules[target]!r}"
+    if target == "all-linear":
+        return ": every linear layer of the blocks is all of them, the default"
+    if target in ("lm_head", "embed_tokens"):
+        return ": adapters go on the blocks' linear layers only, the LM head and the embedding stay frozen"
+    return ""
 
 
 def _has_submodule(module: nn.Module, path: str) -> bool:

@@ -116,10 +116,15 @@ class LoRALinear(nn.Module):
 
     def inference_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(weight, bias) of the plain linear this layer is now, without autograd: its merged copy
-        inside adapters_frozen(merge=True); None where the adapters run (models/packed.py reads it)."""
-        if self.frozen_weight is None or self.disabled or torch.is_grad_enabled():
+        inside adapters_frozen(merge=True); None where the adapters run (models/packed.py reads it),
+        as in training mode with dropout, which acts on the adapter's input and cannot be merged."""
+        if self.frozen_weight is None or self.disabled or torch.is_grad_enabled() or self._dropout_active():
             return None
         return self.frozen_weight, self.frozen_bias
+
+    def _dropout_active(self) -> bool:
+        """True in training mode with dropout > 0: the adapter sees a fresh mask of x on each forward."""
+        return self.training and isinstance(self.lora_dropout, nn.Dropout)
 
     def mergeable_for_sampling(self) -> bool:
         """A plain 16-bit nn.Linear base, not merged already: W + s B A fits a copy in W's dtype.

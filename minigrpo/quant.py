@@ -266,11 +266,17 @@ class NF4Linear(nn.Module):
                 elif not extra:
                     errors.append(f"{wkey} holds 4-bit codes but no quant state ({wkey}.absmax, ...)")
                 else:
-                    bnb = _bnb()
-                    self.quant_state = bnb.functional.QuantState.from_dict(extra, device=self.weight.device)
-                    self.weight = nn.Parameter(w.to(self.weight.device), requires_grad=False)
-                    self.double_quant = bool(self.quant_state.nested)  # the codes come with their own state
-                    self.blocksize = self.quant_state.blocksize
+                    state = _bnb().functional.QuantState.from_dict(extra, device=self.weight.device)
+                    if tuple(state.shape) != (self.out_features, self.in_features):  # codes of another layer
+                        errors.append(
+                            f"size mismatch for {wkey}: 4-bit codes of a {list(state.shape)} weight vs "
+                            f"{[self.out_features, self.in_features]}"
+                        )
+                    else:
+                        self.quant_state = state
+                        self.weight = nn.Parameter(w.to(self.weight.device), requires_grad=False)
+                        self.double_quant = bool(state.nested)  # the codes come with their own state
+                        self.blocksize = state.blocksize
         if self.bias is not None:
             if bkey in state_dict:
                 with torch.no_grad():
