@@ -47,6 +47,7 @@ from minigrpo.models.transformer import RMSNorm
 from minigrpo.optim import build_optimizer, build_scheduler, dither_onto_masters
 from minigrpo.prompt_fit import local_position_limit, position_limit, prompts_that_fit
 from minigrpo.quant import require_nf4
+from minigrpo.reward_fns import set_run_device
 from minigrpo.run_folder import ResumePoint, check_run_dir, check_same_architecture, resumable_changes
 from minigrpo.sampling.base import Sampler
 from minigrpo.sampling.kv_sampler import KVCacheSampler
@@ -386,6 +387,7 @@ def build_run(
     from minigrpo.memory import preflight
 
     device, dtype = world.device, compute_dtype(cfg, world.device)
+    set_run_device(device)  # reward models on "auto" / "cuda" load beside the policy, not on GPU 0
     strategy = cfg.distributed.resolved_strategy(cfg.lora.enabled) if world.distributed else None
     param_dtype = torch.float32 if strategy == "fsdp" else dtype  # FSDP keeps fp32 parameters (the masters)
     seed_everything(cfg.run.seed)  # every rank builds the same initial weights

@@ -56,6 +56,7 @@ from minigrpo.lora_export import AdapterError, adapter_base, check_adapter_fits,
 from minigrpo.models.args import ModelArgs
 from minigrpo.models.loading import PACKAGED_MODELS, check_model_source, load_pretrained
 from minigrpo.prompt_fit import position_limit, prompts_that_fit
+from minigrpo.reward_fns import set_run_device
 from minigrpo.run_folder import RUN_OUTPUTS, run_folder_pick
 from minigrpo.sampling.kv_sampler import KVCacheSampler
 from minigrpo.step import episode_metrics
@@ -448,6 +449,7 @@ def load_for_eval(args, ckpt: Path, given: Path) -> tuple:
         check_chat_template(cfg, tokenizer)
     examples = eval_examples(cfg, split, args.num)
     device = pick_device(cfg.run.device)
+    set_run_device(device)  # reward models on "auto" / "cuda" load beside the policy
     check_dtype(cfg, device)  # float16 on the CPU: a warning, before any weights load, as training gives
     if model_args is not None:
         check_fits(cfg, examples, tokenizer, model_args, device, args.batch_size, adapter)

@@ -8,7 +8,8 @@ A change is named only when the config it makes fits by the same estimate AND lo
 config's own rules refuse (a group size whose rows PPO's mini-batches no longer divide, say) would
 send the user from one error to another, so it counts as not fitting and the search goes on. When
 no single change fits, every change that loads is tried on the config built so far, those that keep
-what a step computes first (sharding, checkpointing, smaller passes, fewer rows at once: COMPUTATION_KEPT):
+what a step computes first (sharding, checkpointing, smaller passes, fewer rows at once: keeps_computation),
+a reward model's settings (rewards.<i>.kwargs.batch_size, dtype, device: memory_rewards.py) among them:
 the first that lowers the peak further is kept and the search starts over (a change that did not lower
 the starting peak may lower the one the step moved to), until the step fits: the refusal names that set, or says
 that none fits.
@@ -17,7 +18,9 @@ that none fits.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -40,12 +43,42 @@ COMPUTATION_KEPT = (
 )
 
 
+_REWARD_KWARG = re.compile(r"rewards\.(\d+)\.kwargs\.(\w+)")  # a reward's setting: rewards.<i>.kwargs.<name>
+
+
 def with_setting(cfg: Config, key: str, value: Any) -> Config:
-    """A copy of cfg with the one setting `key` ("section.name") set to value."""
+    """A copy of cfg with the one setting `key` ("section.name", or a reward's "rewards.<i>.kwargs.<name>")
+    set to value."""
     c = copy.deepcopy(cfg)
+    reward = _REWARD_KWARG.fullmatch(key)
+    if reward is not None:
+        c.rewards[int(reward[1])].kwargs[reward[2]] = value
+        return c
     section, name = key.split(".")
     setattr(getattr(c, section), name, value)
     return c
+
+
+def setting(cfg: Config, key: str) -> Any:
+    """The value of the setting `key` (as with_setting names it) in cfg; a reward's setting that its kwargs
+    leave out is its factory's default (reward_fns.REWARD_FACTORIES)."""
+    reward = _REWARD_KWARG.fullmatch(key)
+    if reward is None:
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+    from minigrpo.reward_fns import REWARD_FACTORIES
+
+    entry, name = cfg.rewards[int(reward[1])], reward[2]
+    factory = REWARD_FACTORIES.get(entry.name)
+    parameter = inspect.signature(factory).parameters.get(name) if factory is not None else None
+    return entry.kwargs.get(name, None if parameter is None else parameter.default)
+
+
+def keeps_computation(key: str) -> bool:
+    """Whether a change of `key` keeps what a step computes (COMPUTATION_KEPT, or fewer rows per reward
+    model forward: the same scores)."""
+    reward = _REWARD_KWARG.fullmatch(key)
+    return key.startswith(COMPUTATION_KEPT) or (reward is not None and reward[2] == "batch_size")
 
 
 def config_errors(cfg: Config, command: str = "train", world_size: int = 1) -> set[str]:
@@ -80,8 +113,7 @@ def single_changes(
     known = config_errors(cfg, command, world_size)  # a hand-built config's own faults are not the change's
 
     def consider(key: str, value: Any) -> bool:
-        section, name = key.split(".")
-        old = getattr(getattr(cfg, section), name)
+        old = setting(cfg, key)
         if old == value:
             return False
         changed = with_setting(cfg, key, value)
@@ -105,8 +137,8 @@ def combine(
     until the peak fits or none helps: ({key: value} kept, predicted total). A total above budget means even
     all of them together do not fit. When single changes fit but each changes what a step computes (a
     shorter completion, fewer prompts), the COMPUTATION_KEPT ones are combined too, kept if they fit."""
-    keeps = [change for change in out.helpful if change[0].startswith(COMPUTATION_KEPT)]
-    if any(key.startswith(COMPUTATION_KEPT) for key, *_ in out):
+    keeps = [change for change in out.helpful if keeps_computation(change[0])]
+    if any(keeps_computation(key) for key, *_ in out):
         return out
     if out:  # the single changes all alter the step: name a set that does not, where one fits
         together = _combined(cfg, keeps, total, budget, command, world_size)

@@ -17,15 +17,15 @@ architecture comes from its config.json, read before any weight loads. b is the 
               windows shorter than T. (The rows are tokenized by the reward model's own tokenizer and
               template: T counts the policy's tokens, which a similar vocabulary matches closely.)
 
-Only the reward models on the run's device count: device "auto" or "cuda" is the current CUDA device,
-"cuda:N" device N (under torchrun every rank loads its copy there), "cpu" counts nothing on a GPU. The
+Only the reward models on the run's device count: device "auto" or "cuda" is the run's own GPU (each
+rank's under torchrun; reward_fns.set_run_device), "cuda:N" device N (under torchrun every rank loads its
+copy there), "cpu" counts nothing on a GPU. The
 rewards run one after another, so the largest scoring forward is the phase's. A hub id not on disk is
 not counted (a note says so): its config is known once it is fetched.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 from collections.abc import Callable
@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from minigrpo.config import Config
+from minigrpo.memory_knobs import Changes, with_setting
 from minigrpo.memory_parts import forward_transient_per_token, masked_windows
 from minigrpo.models.args import ModelArgs
 
@@ -117,7 +118,7 @@ def reward_models_on(
         if entry.name != "reward_model":
             continue
         kwargs = _settings({**defaults, **entry.kwargs}, index)
-        where = _device(kwargs["device"], device_type)
+        where = _device(kwargs["device"], device_type, device_index)
         if not _same_device(where, device_type, device_index):
             continue
         read = _checkpoint(kwargs["path"])
@@ -152,11 +153,12 @@ def _settings(kwargs: dict[str, Any], index: int) -> dict[str, Any]:
     return kwargs
 
 
-def _device(name: str, device_type: str) -> torch.device:
+def _device(name: str, device_type: str, device_index: int | None = None) -> torch.device:
     """The device a reward model's `device` kwarg loads it on (reward_model._resolve_device), as seen
-    from a run on `device_type`: "auto" on a CUDA run is CUDA (the run has one)."""
-    if name == "auto":
-        name = "cuda" if device_type == "cuda" or torch.cuda.is_available() else "cpu"
+    from a run on the pre-flight's device (device_type, device_index: None for the current CUDA device):
+    "auto" is the run's device, and so is "cuda" on a CUDA run (the policy's GPU, whichever is current)."""
+    if name == "auto" or (name == "cuda" and device_type == "cuda"):
+        name = device_type if device_type != "cuda" or device_index is None else f"cuda:{device_index}"
     where = torch.device(name)
     if where.type == "cuda" and where.index is None:
         return torch.device("cuda", _current_cuda())
@@ -208,9 +210,7 @@ def _read_checkpoint(folder: str, stamp: tuple[int, int] | None) -> tuple[ModelA
 
 def with_reward_setting(cfg: Config, index: int, key: str, value: Any) -> Config:
     """A copy of cfg with `rewards[index].kwargs[key]` set to value."""
-    c = copy.deepcopy(cfg)
-    c.rewards[index].kwargs[key] = value
-    return c
+    return with_setting(cfg, f"rewards.{index}.kwargs.{key}", value)
 
 
 def reward_model_fixes(
@@ -223,7 +223,8 @@ def reward_model_fixes(
     keys: tuple[str, ...] = ("batch_size", "dtype"),
 ) -> None:
     """Append to `out` (key, old, new, predicted total) for each change of a reward model's `keys` that
-    brings total(config) under budget: fewer rows per scoring forward (the same scores: halved until one
+    brings total(config) under budget (and, where `out` is memory_knobs.Changes, every change considered
+    to out.helpful, which a combination may use): fewer rows per scoring forward (the same scores: halved until one
     fits), bfloat16 weights in place of float32 (half the bytes), the reward model on the CPU ("device":
     nothing on the GPU, but a slow scoring, so the pre-flight proposes it last)."""
     for rm in reward_models_on(cfg, device_type, device_index)[0]:
@@ -242,9 +243,12 @@ def _considerer(cfg: Config, index: int, total: Callable[[Config], int], budget:
     kwargs = {**reward_model_settings(), **cfg.rewards[index].kwargs}
 
     def consider(key: str, value: Any) -> bool:
+        name = f"rewards.{index}.kwargs.{key}"
+        if isinstance(out, Changes):
+            out.helpful.append((name, value))
         t = total(with_reward_setting(cfg, index, key, value))
         if t <= budget:
-            out.append((f"rewards.{index}.kwargs.{key}", kwargs[key], value, t))
+            out.append((name, kwargs[key], value, t))
         return t <= budget
 
     return consider

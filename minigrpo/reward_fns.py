@@ -22,6 +22,10 @@ and for reasoning models' <think>...</think> answer layout: think_format 0.5 / 0
 
 A built-in with settings (length_penalty, reward_model) is made by its factory (REWARD_FACTORIES): a run's
 `rewards[].kwargs` are the factory's arguments, checked when the run is built (rewards.build_reward_specs).
+
+A reward that runs a model (reward_model) on device "auto" or "cuda" loads it on the run's device, the
+policy's: whoever places the policy says where with set_run_device(device) (run.device=cuda:1 in one
+process is GPU 1, though the current CUDA device is 0, and a reward scored in its timeout thread sees 0).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from minigrpo.answers import (
 from minigrpo.errors import UserError
 
 RewardFn = Callable[..., list]
+_RUN_DEVICE: list = [None]  # [torch.device | None]: the run's device, once set_run_device names it
 
 
 class RewardError(UserError, ValueError):
@@ -239,6 +244,24 @@ def make_reward_model(
     from minigrpo.models.reward_model import make_reward_model as make
 
     return make(path, batch_size, max_length, device, dtype, chat_template)
+
+
+def set_run_device(device: Any) -> None:
+    """Name the device the run's policy is on (a torch.device or its name; None forgets it), before the first
+    scoring: a reward model on device "auto" or "cuda" loads there. A CUDA device without an index is the
+    current one of the calling thread (the one the policy went to), fixed now: the rewards are scored in
+    threads of their own, whose current device is always 0."""
+    import torch
+
+    where = None if device is None else torch.device(device)
+    if where is not None and where.type == "cuda" and where.index is None and torch.cuda.is_available():
+        where = torch.device("cuda", torch.cuda.current_device())
+    _RUN_DEVICE[0] = where
+
+
+def run_device() -> Any:
+    """The torch.device set_run_device named, None when none was."""
+    return _RUN_DEVICE[0]
 
 
 REWARDS: dict[str, RewardFn] = {

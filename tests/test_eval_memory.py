@@ -318,3 +318,56 @@ def test_a_vllm_run_is_told_a_max_rows_its_config_takes():
     eval_preflight(load_config(None, [*vllm, "sampler.kind=own", "sampler.max_rows=6"]), ARGS, "cuda", 10, **kw)
     with pytest.raises(ConfigError, match=r"sampler.max_rows=6 applies to the own sampler"):
         load_config(None, [*vllm, "sampler.max_rows=6"])
+
+
+def _eval_with_reward_model(tmp_path, *overrides: str, **kwargs):
+    """The SAMPLED evaluation config with a `reward_model` reward (a Qwen2.5-7B config.json) after its own."""
+    from test_memory_rewards import _qwen7b_reward_model, _with_reward_model
+
+    path = _qwen7b_reward_model(tmp_path / "rm7b")
+    return _with_reward_model(load_config(None, [*SAMPLED, *overrides]), path=path, **kwargs)
+
+
+def test_reward_models_count_in_the_rollouts_after_the_first_scoring_and_in_the_scoring(tmp_path):
+    """eval.py scores every batch with the run's rewards: a bf16 7B reward model (device auto on CUDA) is
+    held from the first batch's scoring on, so a later batch's rollout holds it (5 examples, --batch-size
+    3), a lone batch's does not; the scoring phase holds it and one forward of its batch_size (8) of the
+    batch's 3 x 4 rows of Tp + Tc = 16 tokens."""
+    from minigrpo.memory_rewards import reward_model_weight_bytes, reward_scoring_bytes
+    from minigrpo.models.presets import preset_config
+
+    rm = ModelArgs.from_hf_config(preset_config("qwen2.5-7b"))
+    weights, scoring = reward_model_weight_bytes(rm, 1, 2), reward_scoring_bytes(rm, 8, 10 + 6, 2)
+    alone = estimate_eval_peak(load_config(None, SAMPLED), ARGS, prompt_tokens=10, batch_size=3, num_examples=5)
+    cfg = _eval_with_reward_model(tmp_path)
+    est = estimate_eval_peak(cfg, ARGS, prompt_tokens=10, batch_size=3, num_examples=5)
+    assert (est.parts["reward_models"], est.parts["reward_scoring"]) == (weights, scoring)
+    assert est.phases["rollout"] == alone.phases["rollout"] + weights
+    assert est.phases["scoring"] == 180864 + WORKSPACES + weights + scoring == est.total
+    one_batch = estimate_eval_peak(cfg, ARGS, prompt_tokens=10, batch_size=3, num_examples=3)
+    assert one_batch.phases["rollout"] == alone.phases["rollout"] and one_batch.total == est.total
+    for phase, members in est.members.items():
+        assert sum(est.parts[name] for name in members) == est.phases[phase], phase
+    on_cpu = _eval_with_reward_model(tmp_path, device="cpu")  # not on the evaluated GPU
+    assert estimate_eval_peak(on_cpu, ARGS, prompt_tokens=10, batch_size=3).total == alone.total
+    elsewhere = _eval_with_reward_model(tmp_path, device="cuda:1")  # counted on GPU 1 only
+    assert estimate_eval_peak(elsewhere, ARGS, prompt_tokens=10, batch_size=3, device_index=0).total == alone.total
+    assert estimate_eval_peak(elsewhere, ARGS, prompt_tokens=10, batch_size=3, device_index=1).total == est.total
+
+
+def test_an_evaluation_whose_reward_model_does_not_fit_is_refused_naming_its_settings(tmp_path):
+    """A float32 7B reward model (26.3 GiB) on a GPU with 20 GiB free: refused before any weight loads,
+    naming reward_models and the two settings that fit, bfloat16 weights and (last) the CPU."""
+    cfg = _eval_with_reward_model(tmp_path, dtype="float32")
+    index = len(cfg.rewards) - 1
+    kw = dict(batch_size=3, num_examples=5, free_bytes=20 * 2**30)
+    eval_preflight(load_config(None, SAMPLED), ARGS, "cuda", 10, **kw)  # fits without it
+    with pytest.raises(MemoryPreflightError) as e:
+        eval_preflight(cfg, ARGS, "cuda", 10, **kw)
+    message = str(e.value)
+    assert "\n" not in message and "at its peak (scoring: reward_models 26.3 GiB" in message, message
+    assert message.endswith(
+        f"pass --set rewards.{index}.kwargs.dtype=bfloat16 (13.3 GiB), or --set rewards.{index}.kwargs.device=cpu "
+        "(0.1 GiB)"
+    ), message
+    eval_preflight(_eval_with_reward_model(tmp_path, dtype="bfloat16"), ARGS, "cuda", 10, **kw)

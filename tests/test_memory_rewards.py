@@ -157,7 +157,8 @@ def test_only_a_reward_model_on_the_runs_device_counts(tmp_path):
     assert parts(index=1, device="cuda:1")[0] == bf16
     assert parts(index=1, world_size=2, device="cuda:1")[0] == 2 * bf16
     assert parts(index=0, world_size=2, device="cuda")[0] == bf16  # rank 0: its own GPU, the current one
-    assert parts(index=1, device="auto")[0] == 0  # a run on cuda:1 alone: "auto" loads on the current GPU, 0
+    assert parts(index=1, device="auto")[0] == bf16  # a run on cuda:1 alone: "auto" loads on the run's GPU, 1
+    assert parts(index=1, world_size=2, device="cuda")[0] == bf16  # rank 1: its own GPU
     T = 256 + _lora_cfg().sampler.max_new_tokens
     weights, scoring, _ = parts(dtype="float32")  # batch_size 8 of the step's 16 rows
     assert weights == reward_model_weight_bytes(rm, 1, 4) and scoring == reward_scoring_bytes(rm, 8, T, 4)
@@ -230,3 +231,32 @@ def test_a_colocated_vllm_sampler_is_awake_while_the_reward_model_scores(tmp_pat
     assert est.phases["scoring"] - est.phases["optimizer"] == share + est.parts["reward_scoring"] - sum(
         est.parts[k] for k in ("gradients", "optimizer_step_transient")
     )
+
+
+def test_only_a_set_with_a_reward_model_setting_fits_and_the_refusal_names_it(tmp_path):
+    """Full activations (27.6 GiB without a reward model) and a float32 7B reward model (26.3 GiB) on
+    21 GiB: no single change fits (checkpointing leaves the reward model's 26.3 GiB, bfloat16 weights or
+    the CPU leave the activations), so the set named together must change the reward model too
+    (rewards.<i>.kwargs.*, which with_setting changes in a copy): it fits, by the same estimate."""
+    from minigrpo.memory_knobs import with_setting
+
+    cfg = _lora_cfg("grpo.prompts_per_step=8", "grpo.group_size=8")
+    index = len(cfg.rewards)
+    cfg = _with_reward_model(cfg, path=_qwen7b_reward_model(tmp_path / "rm7b"), dtype="float32")
+    budget = 21 * 2**30
+    found = memory.suggest_fixes(cfg, QWEN15, prompt_tokens=256, budget=budget)
+    assert list(found) == [] and found.together is not None
+    kept, total = found.together
+    assert kept["model.gradient_checkpointing"] is True and kept[f"rewards.{index}.kwargs.dtype"] == "bfloat16"
+    changed = cfg
+    for key, value in kept.items():
+        changed = with_setting(changed, key, value)
+    assert estimate_peak(changed, QWEN15, prompt_tokens=256).total == total <= budget
+    assert changed.rewards[index].kwargs["dtype"] == "bfloat16" and cfg.rewards[index].kwargs["dtype"] == "float32"
+    with pytest.raises(MemoryPreflightError) as err:
+        preflight(cfg, QWEN15, "cuda", 256, free_bytes=int(budget / 0.95) + 1, verbose=False)
+    assert "No single setting fits; together these would (" in str(err.value)
+    assert f" rewards.{index}.kwargs.dtype=bfloat16" in str(err.value)
+    from minigrpo.memory_knobs import setting
+
+    assert setting(cfg, f"rewards.{index}.kwargs.batch_size") == 8  # left out: the factory's default

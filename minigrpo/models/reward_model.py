@@ -51,7 +51,7 @@ from torch import nn
 
 from minigrpo.chat_template import ChatTemplateError, compile_chat_template
 from minigrpo.errors import UserError
-from minigrpo.reward_fns import RewardError
+from minigrpo.reward_fns import RewardError, run_device
 
 from .args import ModelArgs, hf_default
 from .transformer import Transformer
@@ -291,8 +291,20 @@ _LOAD_LOCK = threading.Lock()
 
 
 def _resolve_device(device: str) -> torch.device:
-    """The device the model loads on, with its index ("cuda" and "cuda:0" share one loaded copy)."""
-    where = torch.device(device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    """The device the model loads on, with its index ("cuda" and "cuda:0" share one loaded copy).
+
+    "auto" is the run's device (reward_fns.set_run_device; without one: CUDA if available, else the
+    CPU) and "cuda" the run's device when that is a GPU: the policy's GPU, which need not be the
+    current one (run.device=cuda:1 in one process; a reward scored in its timeout thread, whose
+    current device is CUDA's default). "cpu" and "cuda:N" are taken as they are. An index left open
+    is the current device's."""
+    run = run_device()
+    if device == "auto":
+        where = run if run is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif device == "cuda" and run is not None and run.type == "cuda":
+        where = run
+    else:
+        where = torch.device(device)
     if where.type == "cuda" and where.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return where
@@ -425,8 +437,9 @@ def make_reward_model(
     """The `reward_model` reward: scores of a *ForSequenceClassification checkpoint with num_labels=1.
 
     path: a checkpoint folder or a hub id. batch_size: rows per forward. max_length: tokens kept per
-    row, the last ones (None: the model's max_position_embeddings). device: "auto" (CUDA if
-    available, else CPU), "cpu", "cuda", "cuda:1". dtype: "auto" (bfloat16 on CUDA, float32 on the
+    row, the last ones (None: the model's max_position_embeddings). device: "auto" (the run's
+    device, reward_fns.set_run_device; without one CUDA if available, else the CPU), "cpu", "cuda" (the
+    run's GPU on a CUDA run, else the current one), "cuda:1". dtype: "auto" (bfloat16 on CUDA, float32 on the
     CPU), "float32", "bfloat16", "float16". chat_template: "auto" (the RM's template when it has
     one, else plain text), "none" (always plain text), or a template name / jinja source.
     A local path, its config (sequence classification, num_labels), its tokenizer and the settings
