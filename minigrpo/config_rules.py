@@ -20,7 +20,7 @@ from minigrpo.algorithms import config_errors as algorithm_errors
 from minigrpo.chat_template import template_variable_errors
 from minigrpo.configio import MAX_COUNT, none_texts, template_errors
 from minigrpo.env_config import env_errors
-from minigrpo.lora_config import lora_errors, lora_notes
+from minigrpo.lora_config import lora_errors, lora_notes, lora_strategy_errors
 from minigrpo.sft_config import sft_errors
 
 if TYPE_CHECKING:
@@ -357,8 +357,7 @@ def distributed_errors(cfg: Config, world_size: int) -> list[str]:
         errors.append(f"run.device={cfg.run.device!r} under torchrun: each rank uses its LOCAL_RANK's GPU; use cuda")
     if strategy == "fsdp" and cfg.train.optimizer != "adamw":
         errors.append(f"train.optimizer={cfg.train.optimizer!r} cannot step FSDP shards; use adamw (or strategy ddp)")
-    if strategy == "fsdp" and cfg.lora.enabled:
-        errors.append("distributed.strategy='fsdp' with lora.enabled: LoRA replicates its frozen base; use ddp")
+    errors += lora_strategy_errors(cfg)
     if strategy == "fsdp" and cfg.model.activation_offload:
         errors.append("model.activation_offload is not supported with FSDP; use gradient_checkpointing alone")
     return errors

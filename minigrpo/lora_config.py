@@ -19,14 +19,21 @@ def lora_errors(cfg: Any) -> list[str]:
             errors.append(
                 f"lora.targets.{i}={target!r} repeats lora.targets.{lora.targets.index(target)}: name each layer once"
             )
-    if lora.enabled and cfg.distributed.strategy == "fsdp":
-        errors.append(
-            "distributed.strategy=fsdp with lora.enabled: LoRA trains with ddp (the frozen, possibly NF4, base is "
-            "replicated and only the adapters' gradients are all-reduced); use strategy auto or ddp"
-        )
+    errors += lora_strategy_errors(cfg)
     if lora.quantize_base is not None and not lora.enabled:
         errors.append(f"lora.quantize_base={lora.quantize_base!r} needs lora.enabled=true (a quantized base is frozen)")
     return errors
+
+
+def lora_strategy_errors(cfg: Any) -> list[str]:
+    """LoRA with distributed.strategy=fsdp, in one wording wherever it is checked: when the config loads
+    (lora_errors), and at launch for a Config built in code that never went through validate."""
+    if not (cfg.lora.enabled and cfg.distributed.strategy == "fsdp"):
+        return []
+    return [
+        "distributed.strategy=fsdp with lora.enabled: LoRA trains with ddp (the frozen, possibly NF4, base is "
+        "replicated and only the adapters' gradients are all-reduced); use distributed.strategy=auto or ddp"
+    ]
 
 
 def lora_notes(cfg: Any) -> list[str]:

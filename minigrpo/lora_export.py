@@ -286,6 +286,32 @@ def _check_peft_config(config: dict[str, Any], where: Path) -> None:
         value = config.get(key, plain)
         if value != plain and not (plain in (None, {}) and value in (None, [], {})):  # null / empty: unused
             raise AdapterError(f"{where}: {key}={value!r} is not supported (plain LoRA only: {key}={plain!r})")
+    _check_init_keeps_base(config.get("init_lora_weights", True), where)
+
+
+# init_lora_weights values whose initialization rewrote the base weights (W - s * B0 @ A0, or LoftQ's
+# quantized W): such an adapter fits that modified base only, never the original one it names
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "lora_ga")  # "pissa_niter_<n>" too
+
+
+def _check_init_keeps_base(init: Any, where: Path) -> None:
+    """Refuse an adapter trained on a base PEFT modified when it initialized the adapter: on the original
+    base it loads without an error and gives wrong logits. PEFT's conversion on save (or LoftQ's recipe)
+    writes init_lora_weights=true, and such an adapter is plain LoRA on the original base."""
+    if not isinstance(init, str):
+        return
+    kind = init.lower()
+    if kind == "loftq":
+        raise AdapterError(
+            f"{where}: init_lora_weights='loftq' fits only the LoftQ-quantized base saved with it; save that base as "
+            "the base model and set init_lora_weights=true in the adapter config, as PEFT's LoftQ recipe does"
+        )
+    if kind in _RESIDUAL_INITS or kind.startswith("pissa"):
+        raise AdapterError(
+            f"{where}: init_lora_weights={init!r} was trained on a residual of the base, not the base itself; "
+            "save it with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) to get a plain "
+            "LoRA adapter of the original base"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ qkv_proj and gate_up_proj). The embedding, the norms, the biases and the LM head
 are small next to the blocks (the head is read by the chunked log-prob kernel, which needs it dense).
 
 Compute. `NF4Linear.forward` calls bitsandbytes' `matmul_4bit`: the weight is dequantized to the
-compute dtype (the dtype it was quantized from) and multiplied; the autograd function keeps only
-the packed weight, so the backward re-dequantizes it and gives the input gradient. The weight itself
-is frozen (4-bit codes have no gradient): trainable parameters live in adapters around it.
+compute dtype (the dtype it was quantized from, then the one `.to(dtype)` / `.bfloat16()` gives the
+model) and multiplied; the autograd function keeps only the packed weight, so the backward
+re-dequantizes it and gives the input gradient. The weight itself is frozen (4-bit codes have no
+gradient): trainable parameters live in adapters around it.
 
 Devices. bitsandbytes runs 4-bit on CUDA; recent releases (verified: 0.50.2) also ship a CPU backend
 (quantize, dequantize and the matmul), which the tests use. Its CPU dequantize kernel (under its
@@ -186,7 +187,7 @@ class NF4Linear(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype the weight was quantized from, and in which the matmul runs."""
+        """The dtype the matmul runs in: the weight's dtype when quantized, then as .to(dtype) moves it."""
         return self.quant_state.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,14 +231,24 @@ class NF4Linear(nn.Module):
             f"compute_dtype={self.compute_dtype}"
         )
 
-    # -- device moves: the quant state is no parameter, so it follows the weight by hand ----------
+    # -- device and dtype moves: the quant state is no parameter, so it follows the weight by hand --
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         device = self.weight.device
-        if device.type != "meta" and self.quant_state.absmax.device != device:
-            self.quant_state.to(device)
+        if device.type != "meta":
+            if self.quant_state.absmax.device != device:
+                self.quant_state.to(device)
+            self.quant_state.dtype = self._float_dtype_after(fn, device)
         return self
+
+    def _float_dtype_after(self, fn, device: torch.device) -> torch.dtype:
+        """The compute dtype after `fn`, as a float weight would follow .to(dtype) / .half() / .bfloat16():
+        the uint8 codes never change dtype, so an empty float tensor is passed through `fn` to read it."""
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=device))
+        if isinstance(probe, torch.Tensor) and probe.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return probe.dtype
+        return self.compute_dtype
 
     # -- state dict: packed codes + bitsandbytes' quant-state entries; a dense weight also loads ---
 
@@ -374,8 +385,14 @@ def quantize_model_linears(model: nn.Module, method: str = "nf4", *, device: str
 
 
 def quantized_linears(model: nn.Module) -> dict[str, NF4Linear]:
-    """name -> NF4Linear of every quantized layer (empty for a dense model)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    """name -> NF4Linear of every quantized layer (empty for a dense model), those under LoRA adapters
+    too: an adapted layer keeps its base as an attribute, no child module."""
+    found = {}
+    for name, module in model.named_modules():
+        layer = getattr(module, "base", module)
+        if isinstance(layer, NF4Linear):
+            found[name] = layer
+    return found
 
 
 __all__ = [

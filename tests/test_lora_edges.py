@@ -138,3 +138,23 @@ def test_qwen3_training_forward_and_gradients_equal_peft(r, rslora, tmp_path):
         for x in "AB":
             grad = params[f"base_model.model.{name}.lora_{x}.default.weight"].grad
             assert _max_diff(getattr(layer, f"lora_{x}").weight.grad, grad) < 1e-6, (name, x)
+
+
+def test_lora_with_fsdp_is_refused_in_one_wording_as_it_loads_and_at_launch():
+    """The refusal had two wordings (one as the config loads, one at launch), and the memory knobs'
+    list of what a config breaks held both. One line now, the same wherever it is checked."""
+    from minigrpo.build import validate_distributed
+    from minigrpo.config import Config, ConfigError, load_config
+    from minigrpo.memory_knobs import config_errors
+
+    overrides = ["lora.enabled=true", "distributed.strategy=fsdp"]
+    with pytest.raises(ConfigError) as loaded:
+        load_config(None, overrides)
+    lines = [line for line in str(loaded.value).splitlines() if "lora.enabled" in line]
+    assert len(lines) == 1 and "distributed.strategy=fsdp with lora.enabled: LoRA trains with ddp" in lines[0]
+    assert lines[0].endswith("use distributed.strategy=auto or ddp")
+    cfg = Config.from_dict({"lora": {"enabled": True}, "distributed": {"strategy": "fsdp"}})  # never validated
+    with pytest.raises(ConfigError) as launched:
+        validate_distributed(cfg, 2)
+    assert lines[0].removeprefix("  - ") in str(launched.value).splitlines()[1]
+    assert len([e for e in config_errors(cfg, world_size=2) if "lora.enabled" in e]) == 1

@@ -384,3 +384,35 @@ def test_bitsandbytes_that_fails_to_import_is_named_in_one_line(monkeypatch):
             "lora.quantize_base: nf4 needs bitsandbytes (pip install 'minigrpo[qlora]'); it could not be "
             "imported: libbitsandbytes_cpu.so: cannot open shared object file"
         ), device
+
+
+@needs_cpu_nf4
+def test_the_compute_dtype_follows_the_models_dtype_moves():
+    """model.to(torch.bfloat16) left every 4-bit layer computing in fp32 (its dtype lives in the quant
+    state, no parameter): a dense fp32 weight dequantized on each call, twice the bytes of bf16. It
+    follows .to(dtype) / .half() / .float() now, LoRA on top included, and the codes stay as they were."""
+    from minigrpo.config import LoRACfg
+    from minigrpo.lora import apply_lora
+
+    model = tiny_model(seed=4)
+    quantize_model_linears(model)
+    apply_lora(model, LoRACfg(r=4, alpha=8, targets=["q", "down"]))
+    layers = quant.quantized_linears(model)
+    assert len(layers) == 14
+    fp32 = {name: layer.dequantized_weight() for name, layer in layers.items()}
+    codes = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    ids = torch.randint(3, 128, (2, 7))
+    for move, dtype in ((lambda m: m.to(torch.bfloat16), torch.bfloat16), (nn.Module.half, torch.float16)):
+        move(model)
+        for name, layer in layers.items():
+            assert layer.compute_dtype == dtype, name
+            w = layer.dequantized_weight()
+            assert w.dtype == dtype and torch.equal(w, fp32[name].to(dtype)), name
+            assert torch.equal(layer.weight, codes[name]), name
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        assert model(ids).dtype == torch.bfloat16
+    model.float()
+    assert all(torch.equal(layer.dequantized_weight(), fp32[name]) for name, layer in layers.items())
+    model.to(torch.float64)  # no 4-bit kernel takes fp64: the compute dtype stays
+    assert all(layer.compute_dtype == torch.float32 for layer in layers.values())
