@@ -46,7 +46,9 @@ def open_logger(run: Any) -> MetricsLogger:
     cfg, world = run.cfg, run.world
     if run.resumed_from is not None and world.main:
         print(f"resumed from {run.resumed_from} (step {run.start_step})")
-        note = resumed_rate_note(run.scheduler, cfg.train, run.start_step)  # train.steps changed the schedule
+        critic = getattr(run, "critic", None)  # algorithm ppo: the critic's schedule jumps as the policy's
+        schedules = (run.scheduler, cfg.train, run.start_step, None if critic is None else critic.scheduler)
+        note = resumed_rate_note(*schedules)  # train.steps changed the schedule
         if note is not None:
             print(note)
     if world.main:

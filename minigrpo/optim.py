@@ -280,21 +280,41 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
         self._last_lr = rates
 
 
-def resumed_rate_note(scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainCfg, step: int) -> str | None:
+def resumed_rate_note(
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainCfg,
+    step: int,
+    critic_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> str | None:
     """One line for a resume after checkpoint `step` whose first update runs at another learning rate than
     the saved run's schedule gave it: train.steps changed, so a linear or cosine decay now spans the new
-    length (a jump at the resume step, up when a run is extended). None when the rates agree (a constant
-    schedule, an unchanged length) or the saved rate is unknown."""
+    length (a jump at the resume step, up when a run is extended). `critic_scheduler`, PPO's critic's own
+    schedule (at ppo.value_lr) over the same length, jumps too: the line names both rates. None when the
+    rates agree (a constant schedule, an unchanged length) or the saved rate is unknown."""
+    parts = []
+    policy, critic = rate_jump(scheduler), rate_jump(critic_scheduler)
+    if policy is not None:
+        lr, saved = policy
+        then = "the schedule the checkpoint was saved with"
+        parts.append(f"step {step + 1} runs at lr {lr:.6g}, where {then} gave {saved:.6g}")
+    if critic is not None:
+        lr, saved = critic
+        parts.append(f"PPO's critic's step {step + 1} runs at lr {lr:.6g}, where its saved schedule gave {saved:.6g}")
+    if not parts:
+        return None
+    return f"note: the {cfg.schedule} learning-rate schedule now spans train.steps={cfg.steps}: {'; '.join(parts)}"
+
+
+def rate_jump(scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> tuple[float, float] | None:
+    """(The rate of the next step, the rate the saved schedule gave it) of a restored Schedule whose two
+    differ; None when they agree, the saved rate is unknown, or there is no scheduler."""
     saved = getattr(scheduler, "saved_rates", None)
-    if not saved:
+    if scheduler is None or not saved:
         return None
     saved_lr, lr = saved[0], scheduler.get_last_lr()[0]
     if math.isclose(saved_lr, lr, rel_tol=1e-9, abs_tol=1e-30):
         return None
-    return (
-        f"note: the {cfg.schedule} learning-rate schedule now spans train.steps={cfg.steps}: step {step + 1} "
-        f"runs at lr {lr:.6g}, where the schedule the checkpoint was saved with gave {saved_lr:.6g}"
-    )
+    return lr, saved_lr
 
 
 def build_scheduler(

@@ -35,17 +35,13 @@ from typing import Any
 import torch
 
 from minigrpo.atomic import write_folder_whole as write_folder_whole  # re-exported for the entry points
-from minigrpo.checkpoint import (
-    CheckpointError,
-    check_writable,
-    find_resume_checkpoint,
-    latest_checkpoint,
-    list_checkpoints,
-    verify_checkpoint,
-)
+from minigrpo.checkpoint import check_writable, find_resume_checkpoint, latest_checkpoint
 from minigrpo.config import Config, ConfigError, release_derived
 from minigrpo.configio import changed_keys, parse_yaml
 from minigrpo.errors import UserError
+from minigrpo.run_pick import RUN_OUTPUTS as RUN_OUTPUTS  # re-exported for the entry points
+from minigrpo.run_pick import half_written
+from minigrpo.run_pick import run_folder_pick as run_folder_pick  # re-exported for the entry points
 
 # what a resumed run may change: where the run lives and runs, its length, logging and checkpointing;
 # any other change is refused (the saved config is the one that runs)
@@ -444,53 +440,3 @@ def finish_run(
     if "curves.png" in missing:
         redraw_curves(cfg, resume.step)
     return []
-
-
-# the model folders a run writes beside its config.yaml: a LoRA run's merged export, an SFT run's model
-RUN_OUTPUTS = ("merged", "model")
-HALF_WRITTEN = ".tmp-step_*"  # a checkpoint folder while save_checkpoint writes it (left there by a kill)
-
-
-def run_folder_pick(folder: Path, action: str) -> Path | None:
-    """What a run folder (run_dir, or its checkpoints/ folder) given as --checkpoint stands for when an
-    entry point `action`s it (evaluate, export): its newest intact checkpoint (a newer one cut short is
-    passed over, as a resume would), else its final model (run_dir/merged of a LoRA run, run_dir/model
-    of an SFT run). None for a folder that is no run's (a model folder, a hub id). A run with nothing to
-    use is one line: no checkpoint at all, or every checkpoint broken (the newest one's bad file named)."""
-    if not folder.is_dir() or (folder / "config.json").exists() or (folder / "adapter_config.json").exists():
-        return None
-    run_dir = folder.parent if folder.name == "checkpoints" and is_run_folder(folder.parent) else folder
-    found = list_checkpoints(run_dir)
-    finals = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name / "config.json").is_file()]
-    if not found and not finals and not (run_dir / "metrics.jsonl").is_file():
-        return None  # no run's folder: the model loader names what it lacks
-    broken: list[CheckpointError] = []
-    for _, path in reversed(found):  # newest first
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as e:
-            broken.append(e)
-            continue
-        return path
-    if finals:
-        return finals[0]
-    if broken:
-        raise UserError(f"--checkpoint {folder}: a run folder whose checkpoints are all broken (newest: {broken[0]})")
-    raise UserError(
-        f"--checkpoint {folder}: a run folder with nothing to {action} (no checkpoints/step_* folder"
-        f"{half_written(run_dir)}, no final {' or '.join(RUN_OUTPUTS)} folder): train with checkpoint.every or "
-        "checkpoint.save_final"
-    )
-
-
-def is_run_folder(folder: Path) -> bool:
-    """Whether `folder` is a run's folder: it holds a checkpoint or the run's metrics.jsonl."""
-    return bool(list_checkpoints(folder)) or (folder / "metrics.jsonl").is_file()
-
-
-def half_written(run_dir: Path) -> str:
-    """`, only the half-written .tmp-step_N` when a checkpoint was cut short while being written (the
-    process killed meanwhile): named, so that the folder is not taken for a checkpoint; else ""."""
-    root = run_dir / "checkpoints"
-    partial = sorted(p.name for p in root.glob(HALF_WRITTEN)) if root.is_dir() else []
-    return f", only the half-written {partial[-1]}" if partial else ""

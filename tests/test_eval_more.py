@@ -224,3 +224,63 @@ def test_a_gguf_exported_beside_a_checkpoint_is_evaluated_with_its_run_config(ru
     for lone in ("model.q8_0.gguf", "model.gguf"):
         (tmp_path / lone).write_bytes(b"")
         assert evaluation.run_config_of(tmp_path / lone, None) is None
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    """A copy of the run folder `run` at `to` (its checkpoints to be damaged there)."""
+    import shutil
+
+    shutil.copytree(run, to)
+    return to
+
+
+def test_a_step_saved_again_and_killed_between_its_renames_is_evaluated(run, tmp_path, capsys):
+    """A save of step 2 again, killed between its two renames, leaves .tmp-old-step_000002 (the earlier
+    folder) and .tmp-step_000002 (the new one, whole) with no step_000002: a resume continues from the new
+    folder, eval evaluated step_000001 in silence. It now evaluates .tmp-step_000002 and says why."""
+    import shutil
+
+    copy = copy_run(run, tmp_path / "two")
+    root = copy / "checkpoints"
+    want = scores(root / "step_000002")
+    (root / "step_000002").rename(root / ".tmp-old-step_000002")
+    shutil.copytree(root / ".tmp-old-step_000002", root / ".tmp-step_000002")
+    capsys.readouterr()
+    got = scores(copy)
+    moved = root / ".tmp-step_000002"
+    assert got == {**want, "checkpoint": str(moved)}
+    captured = capsys.readouterr()
+    assert f"{copy} is a run folder: evaluating {moved}" in captured.out
+    assert f"warning: step 2 was being saved again when its run stopped: using {moved}" in captured.err
+
+
+def test_a_passed_over_checkpoint_is_named_in_a_warning(run, tmp_path, capsys):
+    """A newest checkpoint whose trainer state is cut short is passed over as before (step_000001 is
+    evaluated), and a warning line now names its bad file; without it the user could not tell that the
+    scores are of an older checkpoint."""
+    copy = copy_run(run, tmp_path / "two")
+    state = copy / "checkpoints" / "step_000002" / "trainer_state" / "state.json"
+    state.write_text(state.read_text()[:50])
+    capsys.readouterr()
+    assert scores(copy)["checkpoint"] == str(copy / "checkpoints" / "step_000001")
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: skipping")]
+    assert len(warned) == 1 and f"{state}: not valid JSON" in warned[0], warned
+
+
+def test_a_newest_checkpoint_that_cannot_be_read_is_one_error_line(run, tmp_path, monkeypatch, capsys):
+    """Its run_config.yaml refused by the system (an I/O error): step_000001 was evaluated in its place
+    without a word; now one `error:` line names the file and the checkpoint, exit status 2."""
+    from test_checkpoint_recovery import unreadable
+
+    copy = copy_run(run, tmp_path / "two")
+    newest = copy / "checkpoints" / "step_000002"
+    unreadable(monkeypatch, newest / "run_config.yaml")
+    with pytest.raises(SystemExit) as info:
+        evaluation.main(["--checkpoint", str(copy), *ARGS])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert err == (
+        f"error: --checkpoint {copy}: {newest / 'run_config.yaml'} cannot be read (Input/output error), so its "
+        f"checkpoint {newest} may be intact and is not passed over for an older one; make the file readable, or "
+        "give an older checkpoint folder as --checkpoint\n"
+    )

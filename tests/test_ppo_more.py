@@ -58,3 +58,30 @@ def test_a_critic_state_that_does_not_fit_is_a_one_line_checkpoint_error(tmp_pat
         load_critic_state(critic, state, tmp_path)
     message = str(e.value)
     assert "state.json: cannot restore its critic weights (RuntimeError:" in message and str(tmp_path) in message
+
+
+def test_a_longer_resumed_ppo_run_notes_the_critics_rate_jump_too(tmp_path, capsys):
+    """A 2-step linear PPO run extended to 4 steps on resume: the policy's schedule (lr 0.001) gave its step 3
+    lr 0 and now 0.0005, the critic's own (ppo.value_lr 0.004) 0 and now 0.002. Only the policy's jump was
+    noted; the note line names the critic's too, and the critic trains at the new rate."""
+    from helpers.runs import launch, run_config
+
+    cfg = run_config(
+        tmp_path,
+        algorithm="ppo",
+        grpo={"prompts_per_step": 8, "group_size": 1},
+        train={"steps": 2, "schedule": "linear", "micro_batch_size": 8},
+        ppo={"value_lr": 0.004, "epochs": 1, "mini_batches": 1},  # one update per step
+        checkpoint={"every": 1},
+    )
+    launch(tmp_path, cfg)
+    capsys.readouterr()
+    records = launch(tmp_path, {**cfg, "train": {**cfg["train"], "steps": 4}}, "--resume")
+    notes = [line for line in capsys.readouterr().out.splitlines() if "learning-rate" in line]
+    assert notes == [
+        "note: the linear learning-rate schedule now spans train.steps=4: step 3 runs at lr 0.0005, where the "
+        "schedule the checkpoint was saved with gave 0; PPO's critic's step 3 runs at lr 0.002, where its saved "
+        "schedule gave 0"
+    ]
+    rates = [(r["lr"], r["ppo/value_lr"]) for r in records if r["step"] > 2]
+    assert rates == [pytest.approx((0.0005, 0.002), rel=1e-9), pytest.approx((0.00025, 0.001), rel=1e-9)]
