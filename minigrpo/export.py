@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -156,9 +157,10 @@ def default_output(checkpoint: str, quant: str) -> Path:
     """`runs/x/checkpoints/step_000050` -> `runs/x/checkpoints/step_000050.q8_0.gguf` (a file next to
     the folder, so that pruning old checkpoints never deletes an export); other names: in the cwd."""
     path = Path(checkpoint).expanduser()
-    if path.is_dir():
+    if path.is_dir():  # a step saved twice and killed between its renames is found as .tmp-[old-]step_N
         resolved = path.resolve()
-        return resolved.with_name(f"{resolved.name}.{quant}.gguf")
+        name = re.sub(r"^\.tmp-(old-)?(?=step_\d+$)", "", resolved.name)  # named as it will be again
+        return resolved.with_name(f"{name}.{quant}.gguf")
     stem = path.name.removesuffix(".gguf") or "model"
     return Path(f"{stem}.{quant}.gguf")
 

@@ -103,3 +103,11 @@ def test_a_checkpoint_removed_while_it_is_checked_is_picked_again(tmp_path, monk
         run_folder_pick(run, "export")
     assert info.value.filename == str(newest)
     assert run_folder_pick(run, "export") == run / "checkpoints" / "step_000001"
+
+
+@pytest.mark.parametrize("name", ["step_000002", ".tmp-step_000002", ".tmp-old-step_000002"])
+def test_the_default_export_name_of_a_moved_aside_step_is_the_steps_own(tmp_path, name):
+    """A hidden .tmp- file beside the checkpoints would be swept by the next save's clean-up (and the
+    step, renamed back, would no longer find its run config): the name is step_N's, as for step_N."""
+    (tmp_path / name).mkdir()
+    assert export.default_output(str(tmp_path / name), "f16") == tmp_path.resolve() / "step_000002.f16.gguf"
