@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 from helpers.tiny import tiny_checkpoint, tiny_model
+from test_lora_more import assert_training_step_equals_peft
 from torch import nn
 
 from minigrpo import quant
@@ -126,18 +127,7 @@ def test_qwen3_training_forward_and_gradients_equal_peft(r, rslora, tmp_path):
             assert torch.equal(params[f"base_model.model.{name}.lora_A.default.weight"], layer.lora_A.weight)
             layer.lora_B.weight.copy_(0.1 * torch.randn(layer.lora_B.weight.shape, generator=g))
             params[f"base_model.model.{name}.lora_B.default.weight"].copy_(layer.lora_B.weight)
-    ours.train(), theirs.train()
-    torch.manual_seed(5)
-    mine = ours(IDS)
-    torch.manual_seed(5)
-    want = theirs(IDS).logits
-    assert _max_diff(mine, want) < 1e-5
-    mine.pow(2).mean().backward()
-    want.pow(2).mean().backward()
-    for name, layer in layers.items():
-        for x in "AB":
-            grad = params[f"base_model.model.{name}.lora_{x}.default.weight"].grad
-            assert _max_diff(getattr(layer, f"lora_{x}").weight.grad, grad) < 1e-6, (name, x)
+    assert_training_step_equals_peft(ours, theirs, layers)
 
 
 def test_lora_with_fsdp_is_refused_in_one_wording_as_it_loads_and_at_launch():
