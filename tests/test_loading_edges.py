@@ -194,3 +194,18 @@ def test_a_header_whose_tensors_share_or_skip_bytes_is_refused_as_safetensors_do
     with pytest.raises(CorruptCheckpointError) as info:
         read_header(path)
     assert str(info.value) == f"{path}: {problem}: corrupt header"
+
+
+@pytest.mark.parametrize("where", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/shard.safetensors"])
+def test_a_shard_index_naming_a_file_outside_the_folder_is_refused(tmp_path, where):
+    """The index's weight_map names files beside it; a path out of the folder was read as weights."""
+    folder = tmp_path / "model"
+    loading.save_pretrained(tiny_model(seed=2), None, folder, max_shard_bytes=60_000)
+    index = folder / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    first = next(iter(content["weight_map"]))
+    content["weight_map"][first] = where
+    index.write_text(json.dumps(content))
+    with pytest.raises(loading.CorruptCheckpointError, match="file names in its folder") as caught:
+        loading.load_pretrained(folder)
+    assert "\n" not in str(caught.value) and where in str(caught.value)

@@ -345,9 +345,10 @@ def _index_weight_map(index: Path) -> dict[str, str]:
     """A sharded checkpoint index's weight_map (tensor name -> file name), checked."""
     content = read_json_object(index, CorruptCheckpointError)
     weight_map = content.get("weight_map")
-    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+    plain = isinstance(weight_map, dict) and all(isinstance(f, str) and f == Path(f).name for f in weight_map.values())
+    if not plain:  # a file name beside the index, never a path out of the folder
         raise CorruptCheckpointError(
-            f"{index}: not a safetensors index ('weight_map' must map tensor names to file names, "
+            f"{index}: not a safetensors index ('weight_map' must map tensor names to file names in its folder, "
             f"got {weight_map!r:.80})"
         )
     return weight_map
