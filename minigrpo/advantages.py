@@ -97,32 +97,36 @@ def group_advantages(
 def group_reward_stats(rewards: Tensor, group_size: int) -> dict[str, Tensor]:
     """Diagnostics of the rewards of one step (why is the loss 0? -> frac_zero_spread).
 
-    Returns detached fp32 tensors:
+    Returns detached fp64 tensors (the loop logs them as Python floats: a share such as 1/3 stays 1/3,
+    not its fp32 rounding):
         group_mean (B,) (NaN for a group with no valid reward), group_std (B,) unbiased (0 with fewer
         than two valid rewards), group_valid (B,) count of valid rewards; 0-dim: frac_zero_spread
-        (groups with zero advantage), frac_invalid_rows (NaN or +-inf rows), mean_group_std, reward_mean,
-        reward_std, reward_min, reward_max (over valid rows; NaN if there are none).
+        (groups with zero advantage), frac_invalid_rows (NaN or +-inf rows), mean_group_std (over the
+        groups with a valid reward: a group whose every row is masked has no spread to measure, and a
+        0 for it would read as "all alike"; NaN if no group has one), reward_mean, reward_std,
+        reward_min, reward_max (over valid rows; NaN if there are none).
     """
     r, valid, n = _groups(rewards, group_size)
     mean = r.sum(1, keepdim=True) / n.clamp(min=1)  # (B, 1)
     centered = torch.where(valid, r - mean, 0.0)
     std = (centered.square().sum(1) / (n[:, 0] - 1).clamp(min=1)).sqrt()  # (B,)
     std = torch.where(n[:, 0] >= 2, std, 0.0)
+    scored = n[:, 0] > 0  # (B,) groups with a valid reward
     vals = r[valid]
     nan = r.new_tensor(float("nan"))
     stats = {
-        "group_mean": torch.where(n[:, 0] > 0, mean[:, 0], nan),
+        "group_mean": torch.where(scored, mean[:, 0], nan),
         "group_std": std,
         "group_valid": n[:, 0],
         "frac_zero_spread": zero_spread_groups(rewards, group_size).double().mean(),
         "frac_invalid_rows": (~valid).double().mean(),
-        "mean_group_std": std.mean(),
+        "mean_group_std": std[scored].mean() if scored.any() else nan,
         "reward_mean": vals.mean() if vals.numel() else nan,
         "reward_std": vals.std() if vals.numel() >= 2 else (vals.new_zeros(()) if vals.numel() else nan),
         "reward_min": vals.min() if vals.numel() else nan,
         "reward_max": vals.max() if vals.numel() else nan,
     }
-    return {k: v.to(torch.float32) for k, v in stats.items()}
+    return {k: v.to(torch.float64) for k, v in stats.items()}
 
 
 # ----------------------------------------------------------------------------- dynamic sampling (DAPO)

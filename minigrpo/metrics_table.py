@@ -19,14 +19,15 @@ HEADER_EVERY = 20  # table rows between headers
 _NOT_PER_FN = ("total", "total_std", "masked_rows")  # reward/<x> keys that are not a reward function
 
 
-def _sci(v: float) -> str:
-    return f"{v:.1e}".replace("e-0", "e-").replace("e+0", "e+")
-
-
 def _short_sci(v: float, digits: int) -> str:
     """Scientific notation without "+" and leading exponent zeros: 1.2e+20 -> "1.2e20", 1e-05 -> "1e-5"."""
     mantissa, exponent = f"{v:.{digits}e}".split("e")
     return f"{mantissa}e{int(exponent)}"
+
+
+def _sci(v: float) -> str:
+    """A rate in short scientific notation (1e-06 -> "1.0e-6"); exactly 0 (a warmup's first step) as "0"."""
+    return "0" if v == 0 else _short_sci(v, 1)
 
 
 def si(v: float, digits: int = 1) -> str:
@@ -53,8 +54,15 @@ def fit_number(v: float, width: int) -> str:
 
 
 def _g(v: float) -> str:
+    """Four significant digits; below 1e-2 in scientific notation, from 1e4 on (after rounding: 9999.7 is
+    "10.0k", not "1e+04") with an SI suffix."""
     a = abs(v)
-    return "0" if a == 0 else si(v) if a >= 1e4 else _sci(v) if a < 1e-2 else f"{v:.4g}"
+    if a == 0:
+        return "0"
+    if a < 1e-2:
+        return _sci(v)
+    text = f"{v:.4g}"
+    return si(v) if "e" in text else text
 
 
 def _pct(v: float) -> str:
@@ -143,7 +151,24 @@ def reward_headers(names: list[str]) -> list[str]:
     short = [name.rsplit(":", 1)[-1] or name for name in names]
     heads = [n[:8] for n in short]
     heads = [n[:4] + "~" + n[-3:] if len(n) > 8 and heads.count(h) > 1 else h for n, h in zip(short, heads)]
-    return [f"{h[:6]}{i + 1}" if heads.count(h) > 1 else h for i, h in enumerate(heads)]
+    return _numbered(heads)
+
+
+def _numbered(heads: list[str]) -> list[str]:
+    """Headers that appear more than once numbered by position (fn, fn -> fn1, fn2), each number skipping
+    a header already taken, so a numbered one never meets a name of the same spelling ("a:fn", "b:fn",
+    "c:fn2" -> fn1, fn3, fn2)."""
+    taken = {h for h in heads if heads.count(h) == 1}
+    out = []
+    for i, head in enumerate(heads):
+        if heads.count(head) > 1:
+            k = i + 1
+            while f"{head[:6]}{k}" in taken:
+                k += 1
+            head = f"{head[:6]}{k}"
+        out.append(head)
+        taken.add(head)
+    return out
 
 
 def table_columns(keys: list[str], *, max_width: int = MAX_WIDTH) -> list[Column]:
