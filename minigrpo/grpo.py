@@ -462,7 +462,7 @@ def policy_loss(
     stats["active_tokens"] = m.sum()
     if entropy is not None:
         stats["entropy"] = _masked_mean(entropy.float(), active)
-    return loss, {k: v.detach().float() for k, v in stats.items()}
+    return loss, {k: v.detach().double() for k, v in stats.items()}  # fp64: merged over micro-batches alike
 
 
 def _masked_mean(x: Tensor, active: Tensor) -> Tensor:

@@ -60,7 +60,11 @@ _FAIL_KEY = re.compile(r"reward/[^/]+/(failures|timeouts)")
 # one a record has is drawn)]). GRPO's panels first, then those of multi-turn episodes (env:), PPO's critic
 # and online DPO's pairs; a panel appears only when a run logs one of its metrics.
 PANELS: list[tuple[str, bool, list[tuple[str, tuple[str, ...]]]]] = [
-    ("completion length", True, [("mean", ("completion_len_mean",)), ("max", ("completion_len_max",))]),
+    (
+        "completion length",
+        True,
+        [("mean", ("completion_len_mean",)), ("max", ("completion_len_max",)), ("ended", ("ended_len_mean",))],
+    ),
     ("KL", True, [("kl", ("kl", "ppo/kl"))]),  # PPO: the per-token penalty's KL to the reference
     (
         "clip fraction",

@@ -463,15 +463,17 @@ def rollout_metrics(world: World, r: Rollout, device: torch.device) -> dict[str,
     local: dict[str, float] = {"tokens_sum": r.stats.get("tokens", 0.0), "seconds_max": r.stats.get("total_s", 0.0)}
     local["peak_gb_max"] = peak_memory_gb(device)
     if r.num_sequences:
-        lengths = r.completion_lengths.float()  # (N,)
-        local["completion_len_mean"] = float(lengths.mean())
-        local["completion_len_max"] = float(lengths.max())
-        local["truncated_frac"] = float(r.truncated.float().mean())
+        lengths, ended = r.completion_lengths.double(), ~r.truncated  # (N,) each
+        local |= {"completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max())}
+        local |= {"completion_len_min": float(lengths.min()), "truncated_frac": float(r.truncated.double().mean())}
+        local |= {"ended_len_sum": float(lengths[ended].sum()), "ended_rows_sum": float(ended.sum())}
     merged, _ = merge_stats(world, local, max(r.num_sequences, 1e-9))
+    nan = float("nan")  # the rows that ended (a stop, not the length limit): their mean length, as TRL logs it
+    ended_mean = merged["ended_len_sum"] / merged["ended_rows_sum"] if merged.get("ended_rows_sum") else nan
     return {
-        "completion_len_mean": merged.get("completion_len_mean", float("nan")),
-        "completion_len_max": merged.get("completion_len_max", float("nan")),
-        "truncated_frac": merged.get("truncated_frac", float("nan")),
+        **{k: merged.get(k, nan) for k in ("completion_len_mean", "completion_len_min", "completion_len_max")},
+        "ended_len_mean": ended_mean,
+        "truncated_frac": merged.get("truncated_frac", nan),
         "tokens_per_s": merged["tokens_sum"] / max(merged["seconds_max"], 1e-9),  # all ranks over the slowest
         "mem/peak_gb": merged["peak_gb_max"],
     }

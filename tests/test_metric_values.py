@@ -92,3 +92,23 @@ def test_every_column_keeps_its_width(value: float):
     assert [len(t) <= c.width for t, c in zip(cells, cols, strict=True)] == [True] * len(cols), cells
     if not math.isfinite(value):
         assert set(cells) == {"nan" if math.isnan(value) else str(value)}
+
+
+def test_completion_lengths_of_the_rows_that_ended_are_logged_apart():
+    """TRL logs the lengths of the rows that ended on a stop beside all rows': rows of 4, 2, 3 and 1
+    tokens, the first one cut at the limit: mean 2.5, min 1, max 4, ended mean 2.0, truncated 1/4."""
+    from dataclasses import replace
+
+    from helpers.rollouts import full_rollout
+
+    from minigrpo.distributed import World
+    from minigrpo.step import rollout_metrics
+
+    r = full_rollout(2, 2, 3, 4, vocab=50, generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(4) < torch.tensor([4, 2, 3, 1])[:, None]).long()  # (N, Tc)
+    r = replace(r, completion_mask=mask, loss_mask=mask.float(), truncated=torch.tensor([True, False, False, False]))
+    got = rollout_metrics(World(), r, torch.device("cpu"))
+    assert (got["completion_len_mean"], got["completion_len_min"], got["completion_len_max"]) == (2.5, 1.0, 4.0)
+    assert (got["ended_len_mean"], got["truncated_frac"]) == (2.0, 0.25)
+    every_row_cut = rollout_metrics(World(), replace(r, truncated=torch.ones(4, dtype=torch.bool)), torch.device("cpu"))
+    assert math.isnan(every_row_cut["ended_len_mean"])
