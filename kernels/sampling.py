@@ -317,6 +317,7 @@ def sample_race(
         tokens (N,) int64, logp (N,) fp32 = log_softmax(logits / T)[token].
     """
     _check_inputs(logits, temperature, row_keys, position, chunk)
+    temperature = float(temperature)  # a numpy.float32 is no Triton argument, a Fraction divides no tensor
     N, V = logits.shape
     if resolve_impl(impl, logits, row_keys, position) == "ref" or N == 0:
         return sample_race_ref(logits, temperature, row_keys, position)

@@ -296,3 +296,21 @@ def test_row_keys_outside_32_bits_draw_as_their_low_word(device):
     want = sample_race_ref(x, 1.0, low, pos)[0]
     assert sample_race_ref(x, 1.0, keys, pos)[0].tolist() == want.tolist()
     assert sample_race(x, 1.0, keys, pos, impl="triton", chunk=256)[0].tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_numpy_and_fraction_temperatures_draw_as_python_floats(device):
+    # a numpy.float32 temperature made 1 / T a numpy.float32, which the kernel launch cannot convert
+    # (TypeError); a Fraction divided no tensor in the reference: both now draw what the float draws
+    import fractions
+
+    import numpy as np
+
+    x = _logits(4, 600, torch.float32, device)
+    keys, pos = _keys(4, seed=9, device=device), torch.tensor([5], device=device)
+    want_tokens, want_logp = sample_race_ref(x, 0.75, keys, pos)
+    for temperature in (np.float32(0.75), np.float64(0.75), fractions.Fraction(3, 4)):
+        for impl in ("triton", "ref"):
+            tokens, logp = sample_race(x, temperature, keys, pos, impl=impl, chunk=256)
+            assert tokens.tolist() == want_tokens.tolist(), (type(temperature), impl)
+            torch.testing.assert_close(logp, want_logp, rtol=0, atol=ATOL)

@@ -424,3 +424,21 @@ def test_sampler_logprobs_equal_trainer_logprobs(temperature):
     assert err < 1e-5, f"trainer vs sampler log-probs: max |diff| {err:.2e}"
     active = out.completion_mask.bool()
     assert (logp[~active] == 0).all() and (entropy[active] > 0).all()
+
+
+def test_select_reads_a_bool_mask_as_the_rows_to_keep():
+    """rollout.select(keep) with keep a bool mask (N,): as_tensor(mask, long) made it the indices 0 and 1,
+    so the rows kept were rows 0 and 1 whatever the mask said (here rows 1, 4 and 5 are kept)."""
+    model = tiny_model(seed=3)
+    out = KVCacheSampler(model, CharTokenizer()).generate(
+        PROMPTS, SamplingParams(n=2, max_new_tokens=4, ignore_stop=True), key=(1,)
+    )
+    keep = torch.tensor([False, True, False, False, True, True])
+    for rows in (keep, keep.tolist()):
+        picked = out.select(rows)
+        assert torch.equal(picked.completion_ids, out.completion_ids[[1, 4, 5]])
+        assert torch.equal(picked.prompt_index, torch.tensor([0, 2, 2]))
+        assert picked.completion_texts == [out.completion_texts[i] for i in (1, 4, 5)]
+    assert torch.equal(out.select([5, 0]).sampler_logp, out.sampler_logp[[5, 0]])  # indices stay indices
+    with pytest.raises(ValueError, match=r"bool mask of rows must have shape \(6,\), got \(3,\)"):
+        out.select(keep[:3])

@@ -18,7 +18,7 @@ from minigrpo.logprobs import completion_logprobs
 from minigrpo.models.loading import load_pretrained
 from minigrpo.sampling import kv_sampler
 from minigrpo.sampling.kv_sampler import KVCacheSampler
-from minigrpo.sampling.params import MIN_TEMPERATURE, RaceNoise, SamplingError, SamplingParams
+from minigrpo.sampling.params import MIN_TEMPERATURE, RaceNoise, SamplingError, SamplingParams, sample_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -312,3 +312,25 @@ def test_a_sampler_without_tokenizer_returns_ids_and_refuses_stop_strings():
     assert out.completion_texts == [""] * 6 and out.completion_ids.shape[0] == 6
     with pytest.raises(SamplingError, match=r"stop_strings .* need a tokenizer"):
         sampler.generate(PROMPTS, SamplingParams(max_new_tokens=4, stop_strings=("ab",)))
+
+
+def test_numpy_and_fraction_settings_sample_as_their_python_values():
+    """Settings from numpy (a float32 sweep) or fractions are stored as Python numbers: a numpy.float32
+    temperature reached the Triton kernel as an argument it cannot convert (a crash on the GPU's fast
+    path), and a Fraction divided no tensor on the filtered path."""
+    import fractions
+
+    import numpy as np
+
+    logits = 2 * torch.randn(6, 300, generator=torch.Generator().manual_seed(3))  # (6, V)
+    noise = RaceNoise.make((4, 1), torch.arange(6))
+    params = SamplingParams(temperature=np.float32(0.75), top_k=np.int64(0), n=np.int64(2), max_new_tokens=np.int32(3))
+    names = ("temperature", "top_p", "min_p", "top_k", "n", "max_new_tokens")
+    assert [type(getattr(params, k)).__name__ for k in names] == ["float"] * 3 + ["int"] * 3
+    want = sample_tokens(logits, SamplingParams(temperature=0.75), noise=noise, impl="triton")
+    got = sample_tokens(logits, params, noise=noise, impl="triton")
+    assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], atol=1e-6, rtol=0)
+    filtered = SamplingParams(temperature=fractions.Fraction(3, 4), top_p=fractions.Fraction(9, 10))
+    got = sample_tokens(logits, filtered, noise=noise)
+    want = sample_tokens(logits, SamplingParams(temperature=0.75, top_p=0.9), noise=noise)
+    assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], atol=1e-6, rtol=0)

@@ -122,9 +122,12 @@ class SamplingParams:
     ignore_stop: bool = False  # always generate max_new_tokens (benchmarks)
 
     def __post_init__(self) -> None:
-        """Check every setting (naming the bad one) and store the stop lists as tuples of str / int."""
+        """Check every setting (naming the bad one) and store the counts as int, the rest as float and the
+        stop lists as tuples of str / int: a numpy or Fraction setting then samples as its Python value does
+        (a numpy.float32 temperature reached the Triton kernel as an argument it cannot take)."""
         for name, low in (("n", 1), ("top_k", 0), ("max_new_tokens", 1)):
             _check_int(name, getattr(self, name), low)
+            object.__setattr__(self, name, int(getattr(self, name)))
         temperature = _check_real("temperature", self.temperature)
         if temperature < 0:
             raise SamplingError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
@@ -137,6 +140,8 @@ class SamplingParams:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= _check_real("min_p", self.min_p) < 1:
             raise SamplingError(f"min_p must be in [0, 1), got {self.min_p}")
+        for name in ("temperature", "top_p", "min_p"):
+            object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "stop_ids", _stop_ids(self.stop_ids))
         object.__setattr__(self, "stop_strings", _stop_strings(self.stop_strings))
 

@@ -60,9 +60,15 @@ class Rollout:
         """(N, Tp + Tc): 1 on every real token of prompt and completion."""
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
-    def select(self, rows: torch.Tensor | list[int]) -> Rollout:
-        """A rollout of the given rows (e.g. whole groups kept by dynamic sampling)."""
-        idx = torch.as_tensor(rows, dtype=torch.long)
+    def select(self, rows: torch.Tensor | list[int] | list[bool]) -> Rollout:
+        """A rollout of the given rows (e.g. whole groups kept by dynamic sampling): row indices, or a
+        bool mask (N,) of the rows to keep (read as a mask, not as the indices 0 and 1)."""
+        idx = torch.as_tensor(rows).cpu()
+        if idx.dtype == torch.bool:
+            if idx.shape != (self.num_sequences,):
+                raise ValueError(f"a bool mask of rows must have shape ({self.num_sequences},), got {tuple(idx.shape)}")
+            idx = idx.nonzero().flatten()  # (n,)
+        idx = idx.to(torch.long)
         cpu = idx.tolist()
         return Rollout(
             prompt_ids=self.prompt_ids[idx.to(self.prompt_ids.device)],
