@@ -185,7 +185,8 @@ class KVCacheSampler:
         logits_processor: f(logits (n, V), rows (n,), step (1,)) -> logits, applied before each
             draw: `rows` are the decoding rows' ids in the call (0..N-1, whichever wave decodes
             them), `step` the index of the token being drawn (device tensors: it runs inside the
-            CUDA graphs, so no host syncs).
+            CUDA graphs, so no host syncs). The log-probs are those of the processed logits, which
+            the trainer does not apply: a processor that changes probabilities parts the two.
         prefix_per_group: decode attention reads each prompt's keys and values once for its group
             of rows (kernels/prefix_attention.py); False: once per row (the same attention).
         merge_lora: LoRA adapters merged into a 16-bit copy of each adapted weight for each call
