@@ -9,6 +9,9 @@ import errno
 
 import pytest
 import torch
+
+pytest.importorskip("gguf")  # the exports below write GGUF files (a test dependency; absent on bare GPU images)
+
 from test_checkpoint_recovery import Killed, killed_after_the_first_rename, unreadable
 from test_export_more import TRAINER_STATE, fake_run
 from test_gguf_export import IDS, TOL, bpe_tokenizer, family_model, rel_err
