@@ -270,6 +270,9 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
 
     saved_rates: list[float] | None = None  # the saved schedule's rates of the next step, once restored
 
+    def state_dict(self) -> dict:
+        return {k: v for k, v in super().state_dict().items() if k != "saved_rates"}  # LambdaLR's, as it was
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         rates = [base * factor(self.last_epoch) for base, factor in zip(self.base_lrs, self.lr_lambdas)]
