@@ -203,12 +203,12 @@ def shard_range(n: int, rank: int, size: int) -> tuple[int, int]:
 def gather_rows(world: World, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every rank's rows, concatenated in rank order, and the index of this rank's first row.
 
-    rows: (N_rank, ...) of this rank -> ((N, ...) fp32 on the CPU, start). A single process gets
-    `rows` back unchanged (start 0).
+    rows: (N_rank, ...) of this rank -> ((N, ...) on the CPU, fp64 rows kept fp64 (rewards of 0.1 stay 0.1), others
+    fp32; start). A single process gets `rows` back unchanged (start 0).
     """
     if not world.distributed:
         return rows, 0
-    parts = world.all_gather(rows.detach().float().cpu())
+    parts = world.all_gather(rows.detach().to(torch.promote_types(rows.dtype, torch.float32)).cpu())
     start = sum(len(part) for part in parts[: world.rank])
     return torch.cat(parts), start
 
@@ -216,9 +216,10 @@ def gather_rows(world: World, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
 def combine_stats(parts: Sequence[tuple[dict[str, float], float]]) -> tuple[dict[str, float], float]:
     """Statistics of several parts (micro-batches, ranks) as those of their union, by key suffix:
 
-    `*_min` -> the smallest, `*_max` -> the largest, `*_sum` -> the total, anything else is a mean over its part's
-    `weight` units (tokens, rows) and is averaged with those weights. Parts of weight 0 hold no units and are left
-    out, unless no part has any (then each counts once). Returns (combined, total weight).
+    `*_min` -> the smallest, `*_max` -> the largest (NaN if a part's is NaN, as torch.min/max: in any order of the
+    parts), `*_sum` -> the total, anything else is a mean over its part's `weight` units (tokens, rows) and is
+    averaged with those weights. Parts of weight 0 hold no units and are left out, unless no part has any (then each
+    counts once). Returns (combined, total weight).
     """
     filled = [(stats, float(w)) for stats, w in parts if w > 0]
     total = sum(w for _, w in filled)
@@ -227,10 +228,9 @@ def combine_stats(parts: Sequence[tuple[dict[str, float], float]]) -> tuple[dict
     combined: dict[str, float] = {}
     for key in dict.fromkeys(k for stats, _ in filled for k in stats):
         values = [(stats[key], w) for stats, w in filled if key in stats]
-        if key.endswith("_min"):
-            combined[key] = min(v for v, _ in values)
-        elif key.endswith("_max"):
-            combined[key] = max(v for v, _ in values)
+        if key.endswith(("_min", "_max")):
+            extreme = min if key.endswith("_min") else max
+            combined[key] = math.nan if any(math.isnan(v) for v, _ in values) else extreme(v for v, _ in values)
         elif key.endswith("_sum"):
             combined[key] = sum(v for v, _ in values)
         else:

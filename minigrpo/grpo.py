@@ -10,8 +10,8 @@ Shapes
 
 One optimizer step (step.py's update_phase does this)
     opts = LossOptions.from_config(cfg)                   # once per run: the loss settings
-    r   = score(...).total                                # (N,) fp32, NaN where no reward was scored
-    A   = group_advantages(r, G)                          # (N,)
+    r   = score(...).total                                # (N,) fp64, NaN where no reward was scored
+    A   = group_advantages(r, G)                          # (N,) fp64; policy_loss casts to its dtype
     m   = loss_mask(completion_mask, truncated, mask_truncated_completions=...)   # (N, Tc)
     nrm = make_normalizer(m, "dapo", num_micro_batches=k) # ONCE, over the whole step's batch
     for rows in micro_batches:                            # any split of the N rows
@@ -415,9 +415,10 @@ def policy_loss(
         stats: detached 0-dim fp32 tensors of this micro-batch: pg_loss (per-token policy term after
             IS weighting, mean over active tokens), clip_low_frac (rho < 1-eps with A < 0),
             clip_high_frac (rho > 1+eps_high with A > 0), clip_region_frac (either), ratio_min,
-            ratio_mean, ratio_max, active_tokens; kl (mean k3) if ref_logp is given; is_weight_min,
-            is_weight_mean, is_weight_max (of the raw weight, before truncation or masking) and
-            is_clip_frac (raw weight outside [is_min, is_cap]) with is_correction; entropy if given.
+            ratio_mean, ratio_max, active_tokens; kl (mean k3) if ref_logp is given; entropy if given.
+            With is_correction: is_clip_frac (raw weight outside [is_min, is_cap], NaN counted) and over the
+            tokens of known (not NaN) raw weight, before truncation or masking: is_weight_min, _mean, _max (absent
+            if none is known) and is_weight_sum, is_weight_tokens_sum (merged micro-batches: mean = sum / tokens).
             Token statistics are 1 (ratios) or 0 on a micro-batch with no active token.
     """
     N, Tc = logp.shape
@@ -441,8 +442,9 @@ def policy_loss(
     w = None
     if o.is_correction is not None:
         w, raw = importance_weights(old, sampler_logp, m, o.is_correction, cap=o.is_cap, floor=o.is_min)
-        raw = raw.expand(N, Tc)
-        stats |= _masked_min_mean_max("is_weight", raw, active & ~raw.isnan())  # a NaN weight counts as clipped
+        raw, known = raw.expand(N, Tc), active & ~raw.isnan()  # (N, Tc) each; a NaN weight counts as clipped
+        stats |= _masked_min_mean_max("is_weight", raw, known) if known.any() else {}
+        stats |= {"is_weight_sum": torch.where(known, raw, 0.0).sum(), "is_weight_tokens_sum": known.sum()}
         stats["is_clip_frac"] = _masked_mean((~_within(raw, o.is_min, o.is_cap)).float(), active)
     per_token, pg, kl = token_terms(ratio, A, o, is_weight=w, logp=logp, ref_logp=ref_logp, mask=m)
     per_token, pg = per_token.expand(N, Tc), pg.expand(N, Tc)  # (N, Tc)
@@ -470,11 +472,8 @@ def _masked_mean(x: Tensor, active: Tensor) -> Tensor:
 
 
 def _masked_min_mean_max(prefix: str, x: Tensor, active: Tensor) -> dict[str, Tensor]:
-    x = x.detach().float()
-    if not active.any():
-        one = x.new_ones(())
-        return {f"{prefix}_min": one, f"{prefix}_mean": one, f"{prefix}_max": one}
-    return {f"{prefix}_min": x[active].min(), f"{prefix}_mean": x[active].mean(), f"{prefix}_max": x[active].max()}
+    vals = x.detach().float()[active] if active.any() else x.new_ones(1, dtype=torch.float32)  # (n,): 1 for none
+    return {f"{prefix}_min": vals.min(), f"{prefix}_mean": vals.mean(), f"{prefix}_max": vals.max()}
 
 
 __all__ = [

@@ -228,8 +228,9 @@ def _check_spec_numbers(spec: RewardSpec) -> None:
 class RewardResult:
     """Scores of one batch. names[k] heads column k of per_fn.
 
-    per_fn: (N, K) fp32, NaN where masked (None returned, raised, timed out).
-    total: (N,) fp32 = nansum_k weights[k] * per_fn[:, k]; NaN where every reward of the row is masked.
+    per_fn: (N, K) fp64 (a reward of 0.1 stays 0.1 up to the metrics), NaN where masked (None returned, raised,
+    timed out). weights: (K,) fp64.
+    total: (N,) fp64 = nansum_k weights[k] * per_fn[:, k]; NaN where every reward of the row is masked.
     failures / timeouts / nones: per name, rows masked because the function raised / timed out /
     returned None (or NaN, inf). errors: per name, the first exception seen. seconds: wall time per name.
     """
@@ -443,9 +444,9 @@ def score(
     total = torch.where(per_fn.isnan().all(1), math.nan, weighted.nansum(1))  # (N,)
     return RewardResult(
         names=[s.name for s in specs],
-        weights=weights.float(),
-        per_fn=per_fn.float(),
-        total=total.float(),
+        weights=weights,
+        per_fn=per_fn,
+        total=total,
         failures=failures,
         timeouts=timeouts,
         nones=nones,

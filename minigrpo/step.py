@@ -44,8 +44,8 @@ class Batch:
     """A scored rollout: what the update phase trains on (this rank's rows)."""
 
     rollout: Rollout  # N rows
-    rewards: torch.Tensor  # (N,) total, NaN where nothing was scored
-    advantages: torch.Tensor  # (N,)
+    rewards: torch.Tensor  # (N,) fp64 total, NaN where nothing was scored
+    advantages: torch.Tensor  # (N,) fp64 (the loss casts them to its own dtype)
     reward_metrics: dict[str, float]
     prompts: list[Any]
     answers: list[str]
@@ -108,7 +108,7 @@ def rollout_phase(
             columns["max_completion_length"] = [longest] * rollout.num_sequences
             scored = rewards.score(prompts, completions, answers, specs, columns=columns)
             sampled = added_stats(sampled, rollout.stats)
-        total = scored.total.float() if scored is not None else torch.zeros(0)  # (N_rank,)
+        total = scored.total if scored is not None else torch.zeros(0, dtype=torch.float64)  # (N_rank,) fp64
         everyone, _ = gather_rows(world, total)  # (N_round,) in global row order
         if metrics is None:  # the first round: the policy's own distribution
             first = everyone
@@ -130,7 +130,7 @@ def rollout_phase(
         rollout = concat_rollouts([p[0] for p in parts], sampler.pad_id)
         total = torch.cat([p[1] for p in parts])
     else:  # a rank whose share of every round was dropped (dynamic sampling with several ranks)
-        rollout, total = empty_rollout(G, sampler.pad_id, world.device), torch.zeros(0)
+        rollout, total = empty_rollout(G, sampler.pad_id, world.device), torch.zeros(0, dtype=torch.float64)
     rollout.stats = sampled  # tokens_per_s counts the rounds whose groups were all dropped too
     # advantages of the global batch (the "batch" std is global); this rank keeps its own rows
     everyone, start = gather_rows(world, total)
@@ -242,8 +242,8 @@ def batch_reward_result(
     if not world.distributed:
         return scored
     names = [s.name for s in specs]
-    per_fn = scored.per_fn if scored is not None else torch.zeros(0, len(names))  # (N_rank, K)
-    total = scored.total if scored is not None else torch.zeros(0)  # (N_rank,)
+    per_fn = scored.per_fn if scored is not None else torch.zeros(0, len(names), dtype=torch.float64)  # (N_rank, K)
+    total = scored.total if scored is not None else torch.zeros(0, dtype=torch.float64)  # (N_rank,)
     counts = {}
     for kind in ("failures", "timeouts", "nones"):
         for name in names:
@@ -444,6 +444,10 @@ def update_phase(
         lrs.append(lr)
         losses.append(loss_total)  # this rank's share of the whole batch's loss
     stats, _ = merge_stats(world, *combine_stats(parts))
+    known, weights = stats.pop("is_weight_tokens_sum", None), stats.pop("is_weight_sum", 0.0)
+    if known is not None:  # IS weights: over the tokens whose weight is known (NaN: none), whatever the split
+        stats |= {f"is_weight_{k}": stats.get(f"is_weight_{k}", math.nan) for k in ("min", "max")}
+        stats["is_weight_mean"] = weights / known if known else math.nan
     loss = merge_stats(world, {"loss_sum": sum(losses) / len(losses)}, 1.0)[0]["loss_sum"]
     return {
         **stats,
