@@ -176,3 +176,37 @@ def test_eval_reads_an_episodes_length_in_the_budgets_unit(monkeypatch):
     examples = [Example(prompt="what is 1 + 1", answer="2", columns={})]
     result = evaluation.evaluate(cfg, tiny_model(), tok, examples, specs=specs)
     assert result["reward/length_penalty"] == pytest.approx(-0.5, abs=1e-12)  # the mean of -1 and 0
+
+
+def test_a_str_or_bytes_subclass_does_not_steer_the_sandbox_path_checks(tmp_path):
+    """The checks called methods the code can override (a str subclass whose startswith answers False
+    passed as inside the folder, a bytes subclass as a non-abstract address) while the system call reads
+    the contents: the checks now read a plain copy, and other path-likes come from pathlib only."""
+    outside = tmp_path / "escape.txt"
+    code = f"""
+import socket
+class S(str):
+    def startswith(self, *a, **k):
+        return False
+class B(bytes):
+    def __getitem__(self, i):
+        return b"x"
+    def decode(self, *a, **k):
+        return "inside.sock"
+class P:
+    def __fspath__(self):
+        return {str(outside)!r}
+for attempt in (lambda: open(S({str(outside)!r}), "w"), lambda: socket.socket(socket.AF_UNIX).bind(B(b"\\0x")),
+                lambda: open(P(), "w")):
+    try:
+        attempt()
+        print("allowed")
+    except PermissionError as e:
+        print("refused")
+import pathlib
+pathlib.Path("ok.txt").write_text("fine")
+print(pathlib.Path("ok.txt").read_text())
+"""
+    result = run_python(code, timeout_s=10.0)
+    assert result.stdout.split() == ["refused", "refused", "refused", "fine"], result.stderr
+    assert not outside.exists()

@@ -108,13 +108,28 @@ _PATH_ARGS = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename"
               "os.removexattr": (0,)}
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
-def _inside(path, _work=_work):
+def _plain(path):
+    # the path as the system call reads it: a str or bytes subclass may override the methods a check calls,
+    # so the checks read a plain copy of its contents; other path-likes only from pathlib itself
+    if isinstance(path, str):
+        return str.__str__(path)
+    if isinstance(path, bytes):
+        return bytes.__getitem__(path, slice(None))
+    if isinstance(path, int):
+        return int.__index__(path)
+    if type(path).__module__ == "pathlib":
+        return str.__str__(os.fspath(path))
+    raise PermissionError(f"sandbox: a path of type {type(path).__name__} is not allowed (str, bytes or pathlib)")
+
+def _inside(path, _work=_work, _plain=_plain):
+    path = _plain(path)
     if isinstance(path, int):
         return True  # an open file descriptor
     full = os.path.realpath(os.fsdecode(path))  # a relative path from the current directory (os.chdir moves it)
     return full == _work or full.startswith(_work + os.sep)
 
-def _other_process(path, _own=(str(os.getpid()), "self", "thread-self")):
+def _other_process(path, _own=(str(os.getpid()), "self", "thread-self"), _plain=_plain):
+    path = _plain(path)
     if isinstance(path, int):
         return False
     name = os.fsdecode(path)
@@ -148,12 +163,12 @@ def _replace_native():
             setattr(os, name, getattr(posix, name))
     return (*native, "posix")
 
-def _local_socket(event, args, _inside=_inside):
+def _local_socket(event, args, _inside=_inside, _plain=_plain):
     # an AF_UNIX (1 on every POSIX system) socket reaches no network: asyncio's self-pipe is a socketpair;
     # one may be bound to a path in the working directory, never connected (a daemon's socket file)
     if event == "socket.__new__":
-        return args[1] == 1
-    address = args[1] if event == "socket.bind" else None
+        return type(args[1]) is int and args[1] == 1
+    address = _plain(args[1]) if event == "socket.bind" and isinstance(args[1], (str, bytes)) else None
     return isinstance(address, (str, bytes)) and address[:1] not in ("", b"", "\0", b"\0") and _inside(address)
 
 def _audit(event, args, _blocked=_BLOCKED, _path_args=_PATH_ARGS, _write=_WRITE_FLAGS, _inside=_inside,
@@ -180,9 +195,9 @@ def _audit(event, args, _blocked=_BLOCKED, _path_args=_PATH_ARGS, _write=_WRITE_
             if i < len(args) and args[i] is not None and not _inside(args[i]):
                 raise PermissionError(f"sandbox: {event} outside the working directory is not allowed: {args[i]!r}")
 
-_audit.__defaults__[-2].extend([_audit, _inside, _other_process, _local_socket])
+_audit.__defaults__[-2].extend([_audit, _inside, _other_process, _local_socket, _plain])
 sys.addaudithook(_audit)
-del _f, _limits, _set_limits, _flush_at, _flush_before_the_kill, _audit, _inside, _other_process, _local_socket
+del _f, _limits, _set_limits, _flush_at, _flush_before_the_kill, _audit, _inside, _other_process, _local_socket, _plain
 del _BLOCKED, _PATH_ARGS, _WRITE_FLAGS, _refused, _replace_native
 
 def _main(source):
