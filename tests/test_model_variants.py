@@ -143,3 +143,29 @@ def test_blocks_handing_on_unsummed_outputs_compute_what_summed_blocks_compute(d
         h, m = model.model.layers[0](model.model.embed_tokens(ids), cos, sin, None, carry=True)
     assert got.dtype == dtype and torch.equal(got, summed)
     assert torch.equal(h + m, model.model.layers[0](model.model.embed_tokens(ids), cos, sin, None))
+
+
+def test_forward_hooks_on_blocks_and_norms_see_what_they_always_saw():
+    """Blocks hand their outputs on unsummed only while no hook watches: a forward hook gets a block's
+    output as one tensor, a pre-hook on a block or the final norm its input as the whole residual
+    stream, and the model computes the same numbers with and without them."""
+    from helpers.tiny import tiny_model
+
+    model = tiny_model(seed=4, num_hidden_layers=3)
+    ids = torch.randint(0, model.args.vocab_size, (2, 7))
+    with torch.no_grad():
+        plain = model(ids)
+        cos, sin = model.rotary(torch.arange(7).expand(2, -1))
+        x, outs = model.model.embed_tokens(ids), []
+        for block in model.model.layers:
+            x = block(x, cos, sin, None)
+            outs.append(x)
+        seen = {}
+        hooks = [model.model.layers[1].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))]
+        hooks.append(model.model.layers[2].register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0])))
+        hooks.append(model.model.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("norm", a[0])))
+        hooked = model(ids)
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(hooked, plain)
+    assert torch.equal(seen["out"], outs[1]) and torch.equal(seen["in"], outs[1]) and torch.equal(seen["norm"], outs[2])

@@ -186,8 +186,7 @@ def test_quantize_model_then_train_an_adapter_through_it():
     model.requires_grad_(False)
     adapter = nn.Parameter(torch.zeros(64))  # a stand-in for LoRA: trains through frozen NF4 layers
     layer0 = model.model.layers[0]
-    # a block hands on its output unsummed, (h, m) (Block's docstring): the stand-in adds to h
-    hook = layer0.register_forward_hook(lambda m, a, out: (out[0] + adapter, out[1]))
+    hook = layer0.register_forward_hook(lambda m, a, out: out + adapter)
     ids = torch.randint(3, 128, (2, 7))
     model(ids).float().logsumexp(-1).mean().backward()
     hook.remove()
@@ -271,13 +270,8 @@ def test_adamw8bit_steps_adapters_over_nf4_base():
     with torch.no_grad():
         for a in adapters:
             a.normal_(0, 0.02)
-
-    def adapt(a, out):  # a block's output is (h, m), unsummed (Block's docstring): y = h + m
-        y = out[0] + out[1]
-        return out[0] + (y.float() @ a @ a.t()).to(y.dtype), out[1]
-
     hooks = [
-        blk.register_forward_hook(lambda m, args, out, a=a: adapt(a, out))
+        blk.register_forward_hook(lambda m, args, out, a=a: out + (out.float() @ a @ a.t()).to(out.dtype))
         for blk, a in zip(model.model.layers, adapters)
     ]
     opt = build_optimizer(adapters.parameters(), TrainCfg(lr=1e-2, optimizer="adamw8bit"))

@@ -245,7 +245,8 @@ class Block(nn.Module):
     """Pre-norm decoder block. Each residual add runs in the norm after it: the attention's in the second
     norm, the MLP's in the next block's first norm. With `carry` it returns (h, m), its output unsummed,
     and takes the last block's m as `pending`: one kernel fewer a block, the same numbers (the norm adds
-    as torch does and normalises the rounded sum)."""
+    as torch does and normalises the rounded sum). Transformer.hidden carries only while no forward hook
+    watches the blocks or their norms: a hook sees a block's output summed."""
 
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
@@ -265,6 +266,17 @@ class Block(nn.Module):
         normed, h = self.post_attention_layernorm(attn, residual=x)  # h = x + attn
         m = self.mlp(normed)  # (B, T, D)
         return (h, m) if carry else h + m
+
+
+def _hooks_watch(decoder: nn.Module) -> bool:
+    """Whether forward hooks watch the blocks or the norms that would add their outputs (or every module):
+    they see a block's output summed, and a norm's input as the whole residual stream, as they always did."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    watched = [decoder.norm, *decoder.layers, *(block.input_layernorm for block in decoder.layers)]
+    return any(m._forward_hooks or m._forward_pre_hooks for m in watched)
 
 
 class Decoder(nn.Module):
@@ -411,12 +423,15 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         pending = None  # the last block's MLP output, added to x by the next norm (Block's docstring)
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        carry = not checkpointed and not _hooks_watch(self.model)  # a checkpoint keeps one tensor: the input
         for block, window in zip(self.model.layers, self.args.layer_windows):
             args = (x, cos, sin, masks[window], kv_cache, cache_position, kv_len, decode)
-            if checkpointed:  # a checkpoint keeps one tensor a block: its input, summed
+            if checkpointed:
                 x = checkpoint_block(block, *args, offload=self.activation_offload)
-            else:
+            elif carry:
                 x, pending = block(*args, pending=pending, carry=True)
+            else:
+                x = block(*args)
         x = self.model.norm(x) if pending is None else self.model.norm(pending, residual=x)[0]  # (B, T, D)
         return x if lead is None else rotate_rows(x, -lead)
 
