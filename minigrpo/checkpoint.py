@@ -347,6 +347,8 @@ def restore_moved_aside(run_dir: Path) -> None:
             continue
         try:
             verify_as_step(path, step)
+        except UnreadableCheckpointError:
+            raise  # maybe whole, maybe the one the run continued from: neither put back nor swept
         except CheckpointError:
             continue
         os.rename(path, final)

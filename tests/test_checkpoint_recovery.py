@@ -151,3 +151,14 @@ def test_a_checkpoint_proven_broken_is_still_passed_over(tmp_path):
     assert path.name == "step_000002"
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_trainer_state(newest)
+
+
+def test_a_new_folder_that_cannot_be_read_stops_the_save_instead_of_putting_the_earlier_one_back(tmp_path, monkeypatch):
+    """The resume continued from .tmp-step_N; a passing read error on it at the next save made the earlier
+    folder step_N and the sweep then deleted the one the run had continued from: the save now stops."""
+    root = step_saved_twice_and_killed(tmp_path, monkeypatch)
+    unreadable(monkeypatch, root / ".tmp-step_000004" / "trainer_state" / "state.json")
+    with pytest.raises(UnreadableCheckpointError):
+        save(tmp_path, 6, index=60)
+    monkeypatch.undo()
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-old-step_000004", ".tmp-step_000004", "step_000002"]
