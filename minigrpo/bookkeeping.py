@@ -97,7 +97,7 @@ def how_to_go_on(run_dir: Path) -> str:
     try:
         with warnings.catch_warnings():  # the broken checkpoints passed over: --resume names them itself
             warnings.simplefilter("ignore", CheckpointWarning)
-            found = find_resume_checkpoint(run_dir)
+            found = find_resume_checkpoint(run_dir, read_tensors=False)  # headers: no GBs of optimizer state read
     except UnreadableCheckpointError as e:
         return str(e)
     except CheckpointError as e:

@@ -282,14 +282,15 @@ def restoring(checkpoint: Path, what: str) -> Iterator[None]:
         raise CorruptCheckpointError(f"{file}: cannot restore its {what} ({type(e).__name__}: {e})") from e
 
 
-def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+def find_resume_checkpoint(run_dir: Path, *, read_tensors: bool = True) -> tuple[Path, dict[str, Any]] | None:
     """The newest intact checkpoint of a run and its trainer state; None when it has none at all.
 
     A newer checkpoint with a bad file is skipped with a CheckpointWarning naming the file. When
     every checkpoint is broken, a CheckpointError names the newest one's bad file. A newer checkpoint
     whose file cannot be read (UnreadableCheckpointError) is not skipped: its error is raised, since
     the resumed run's first save would delete it. A step whose save was killed between its two renames
-    is taken from its temporary folder (`moved_aside`), which the next save puts in place.
+    is taken from its temporary folder (`moved_aside`), which the next save puts in place. read_tensors
+    False reads the trainer state's tensors by their headers alone (verify_checkpoint): naming one, not loading it.
     """
     candidates = sorted(list_checkpoints(run_dir) + moved_aside(run_dir), key=lambda found: found[0], reverse=True)
     if not candidates:
@@ -297,7 +298,7 @@ def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     skipped: list[CheckpointError] = []
     for step, path in candidates:  # newest first; a step's new folder before its earlier one (a stable sort)
         try:
-            state = verify_as_step(path, step)
+            state = verify_as_step(path, step, read_tensors=read_tensors)
         except UnreadableCheckpointError:
             raise
         except CheckpointError as e:
@@ -329,9 +330,9 @@ def moved_aside(run_dir: Path) -> list[tuple[int, Path]]:
     return found
 
 
-def verify_as_step(path: Path, step: int) -> dict[str, Any]:
+def verify_as_step(path: Path, step: int, *, read_tensors: bool = True) -> dict[str, Any]:
     """verify_checkpoint(path), and its trainer state of `step` (a temporary folder name gives no step)."""
-    state = verify_checkpoint(path)
+    state = verify_checkpoint(path, read_tensors=read_tensors)
     if state["step"] != step:
         raise CorruptCheckpointError(f"{path / STATE_DIR / STATE_JSON}: step {state['step']}, not step {step}")
     return state

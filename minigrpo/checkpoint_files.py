@@ -17,11 +17,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from minigrpo.configio import ConfigError, parse_yaml
 from minigrpo.errors import UserError
 from minigrpo.lora_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, check_peft_adapter
 from minigrpo.models.loading import check_model_source
-from minigrpo.models.safetensors_io import CheckpointError, CorruptCheckpointError, iter_tensors, read_header
+from minigrpo.models.safetensors_io import DTYPES, CheckpointError, CorruptCheckpointError, iter_tensors, read_header
 from minigrpo.tensor_tree import ManifestError, unflatten
 
 STATE_DIR = "trainer_state"
@@ -48,8 +50,9 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     return _read_trainer_state(path)[1]
 
 
-def _read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state.json's document, the trainer state) of checkpoint folder `path` (load_trainer_state)."""
+def _read_trainer_state(path: Path, read_tensors: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state.json's document, the trainer state) of checkpoint folder `path` (load_trainer_state); with
+    read_tensors False its tensors are left unfilled, in the header's shapes (none of the data is read)."""
     path = Path(path)
     json_file, tensor_file = path / STATE_DIR / STATE_JSON, path / STATE_DIR / STATE_TENSORS
     if not json_file.is_file():
@@ -64,7 +67,10 @@ def _read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CorruptCheckpointError(f"{json_file}: not a minigrpo trainer state (format {STATE_FORMAT} expected)")
     if not tensor_file.is_file():
         raise CheckpointError(f"{tensor_file} is missing: {path} is no complete training checkpoint")
-    tensors = dict(iter_tensors(tensor_file))  # checks the header against the file size first
+    if read_tensors:
+        tensors = dict(iter_tensors(tensor_file))  # checks the header against the file size first
+    else:  # the header checked against the file size, as iter_tensors checks it
+        tensors = {k: torch.empty(v["shape"], dtype=DTYPES[v["dtype"]]) for k, v in read_header(tensor_file).items()}
     try:
         state = unflatten(document.get("state"), tensors)
     except ManifestError as e:
@@ -74,7 +80,7 @@ def _read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return document, state
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
+def verify_checkpoint(path: Path, *, read_tensors: bool = True) -> dict[str, Any]:
     """Check every file a resume reads from checkpoint folder `path`; returns its trainer state.
 
     The trainer state must parse completely, hold everything a resume restores (step, optimizer,
@@ -82,11 +88,12 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     safetensors file (weights, shards, adapter) must have an intact header and exactly the data it
     promises; every JSON file must parse, and run_config.yaml must be a YAML mapping (and be there
     when state.json says it was written). A CheckpointError names the first bad file; a file the
-    system cannot read (permission, I/O error) is an UnreadableCheckpointError naming it.
+    system cannot read (permission, I/O error) is an UnreadableCheckpointError naming it. read_tensors
+    False checks the trainer state's tensors by their header alone (the state holds them unfilled).
     """
     path = Path(path)
     try:
-        return _verified_state(path)
+        return _verified_state(path, read_tensors)
     except FileNotFoundError as e:  # a file gone while it was read
         raise CheckpointError(f"{e.filename or path} is missing: {path} is no complete training checkpoint") from e
     except OSError as e:
@@ -103,9 +110,9 @@ def unreadable_message(path: Path, error: OSError) -> str:
     )
 
 
-def _verified_state(path: Path) -> dict[str, Any]:
+def _verified_state(path: Path, read_tensors: bool) -> dict[str, Any]:
     """verify_checkpoint's checks; an OSError comes out as it is raised."""
-    document, state = _read_trainer_state(path)
+    document, state = _read_trainer_state(path, read_tensors)
     _check_resumable(state, path / STATE_DIR / STATE_JSON)
     if document.get("run_config") == RUN_CONFIG and not (path / RUN_CONFIG).is_file():
         raise CheckpointError(f"{path / RUN_CONFIG} is missing: {path} is no complete training checkpoint")
