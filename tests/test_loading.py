@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.hub import fake_hub
 from helpers.tiny import tiny_checkpoint, tiny_model, tiny_run_checkpoint
 
 from minigrpo.chat_template import ChatTemplateError
@@ -530,29 +531,6 @@ def test_a_missing_packaged_model_is_a_user_error(monkeypatch):
     assert isinstance(info.value, UserError)
 
 
-def _fake_hub(monkeypatch, remote: Path, snapshot: Path) -> list[list[str]]:
-    """snapshot_download over a local folder `remote`: copies the files the patterns match (as the hub
-    client matches them) into `snapshot`; returns the patterns of each call."""
-    import fnmatch
-    import shutil
-
-    import huggingface_hub
-
-    calls = []
-
-    def fake(repo_id, revision=None, allow_patterns=None):
-        calls.append(list(allow_patterns))
-        for file in sorted(p for p in remote.rglob("*") if p.is_file()):
-            rel = file.relative_to(remote).as_posix()
-            if any(fnmatch.fnmatch(rel, pattern) for pattern in allow_patterns):
-                (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(file, snapshot / rel)
-        return str(snapshot)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-    return calls
-
-
 def test_hub_download_fetches_only_the_shards_the_index_lists(monkeypatch, tmp_path):
     """Mistral's repos ship their weights twice: sharded model-0000x files with an index, and
     consolidated.safetensors (14 GB for 7B) for Mistral's own runtime. Every *.safetensors file was
@@ -562,7 +540,7 @@ def test_hub_download_fetches_only_the_shards_the_index_lists(monkeypatch, tmp_p
     save_file({"tok_embeddings.weight": torch.zeros(128, 64)}, remote / "consolidated.safetensors")
     (remote / "additional_chat_templates").mkdir()
     (remote / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
-    calls = _fake_hub(monkeypatch, remote, snapshot)
+    calls = fake_hub(monkeypatch, remote, snapshot)
     model, _ = load_pretrained("mistralai/tiny")
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and sorted(p.name for p in snapshot.glob("*.safetensors")) == shards
@@ -576,7 +554,7 @@ def test_hub_download_fetches_only_the_shards_the_index_lists(monkeypatch, tmp_p
 def test_hub_download_without_an_index_fetches_the_safetensors_files(monkeypatch, tmp_path):
     remote, snapshot = tmp_path / "remote", tmp_path / "snapshot"
     tiny_checkpoint(remote)
-    calls = _fake_hub(monkeypatch, remote, snapshot)
+    calls = fake_hub(monkeypatch, remote, snapshot)
     model, _ = load_pretrained("org/tiny")
     assert calls[-1][-1] == "*.safetensors" and (snapshot / "model.safetensors").is_file()
     assert model.args.n_layers == 2

@@ -3,14 +3,12 @@ before their weights download, a hub snapshot cached for offline use, load argum
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.hub import fake_hub
 from helpers.tiny import tiny_checkpoint, tiny_model
 
 from minigrpo.errors import UserError
@@ -65,26 +63,6 @@ def test_an_untied_checkpoint_without_its_embedding_is_still_refused(tmp_path):
         load_pretrained(tmp_path, load_tokenizer=False)
 
 
-def _fake_hub(monkeypatch, remote: Path, snapshot: Path) -> list[list[str]]:
-    """snapshot_download over a local folder `remote`: copies the files the patterns match into `snapshot`
-    (as the hub client filters them); returns the patterns of each call."""
-    import huggingface_hub
-
-    calls: list[list[str]] = []
-
-    def fake(repo_id, revision=None, allow_patterns=None):
-        calls.append(list(allow_patterns))
-        for file in sorted(p for p in remote.rglob("*") if p.is_file()):
-            rel = file.relative_to(remote).as_posix()
-            if any(fnmatch.fnmatch(rel, pattern) for pattern in allow_patterns):
-                (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(file, snapshot / rel)
-        return str(snapshot)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-    return calls
-
-
 @pytest.mark.parametrize(
     ("changes", "problem"),
     [
@@ -99,7 +77,7 @@ def test_a_hub_repo_whose_config_is_refused_downloads_no_weights(monkeypatch, tm
     tiny_checkpoint(remote)
     config = json.loads((remote / "config.json").read_text())
     (remote / "config.json").write_text(json.dumps({**config, **changes}))
-    calls = _fake_hub(monkeypatch, remote, snapshot)
+    calls = fake_hub(monkeypatch, remote, snapshot)
     with pytest.raises(UnsupportedModelError, match=f"^{re.escape(str(snapshot))}/config.json: .*{re.escape(problem)}"):
         load_pretrained("someone/tiny-awq")
     assert len(calls) == 1 and not list(snapshot.glob("*.safetensors"))
@@ -112,7 +90,7 @@ def test_a_hub_repo_with_only_pickled_weights_is_one_line_naming_the_repo(monkey
     tiny_checkpoint(remote)
     (remote / "model.safetensors").unlink()
     (remote / "pytorch_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
-    calls = _fake_hub(monkeypatch, remote, snapshot)
+    calls = fake_hub(monkeypatch, remote, snapshot)
     with pytest.raises(ModelNotFoundError) as info:
         load_pretrained("someone/bin-only")
     assert str(info.value) == (
@@ -128,7 +106,7 @@ def test_a_hub_lora_adapter_repo_is_named_as_one(monkeypatch, tmp_path):
     remote.mkdir()
     (remote / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(8, 64)}, remote / "adapter_model.safetensors")
-    calls = _fake_hub(monkeypatch, remote, snapshot)
+    calls = fake_hub(monkeypatch, remote, snapshot)
     expected = f"{snapshot} is a LoRA adapter (adapter_config.json), not a model folder"
     with pytest.raises(ModelNotFoundError, match=f"^{re.escape(expected)}"):
         load_pretrained("someone/tiny-lora")

@@ -4,7 +4,6 @@ safetensors weights in quantized formats (FP8, MX scales, FP4) named as such, no
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.hub import fake_hub
 from helpers.tiny import tiny_checkpoint, tiny_run_checkpoint
 
 from minigrpo.models import loading
@@ -23,26 +23,6 @@ SLOW_FILES = {
     "tokenizer.model": ["tokenizer.model"],  # SentencePiece (Llama 2, Mistral, Phi-3)
     "vocab.json + merges.txt": ["vocab.json", "merges.txt"],  # byte-level BPE (GPT-2 style)
 }
-
-
-def _fake_hub(monkeypatch, remote: Path, snapshot: Path) -> list[list[str]]:
-    """snapshot_download over a local folder `remote`: copies the files the patterns match into `snapshot`
-    (as the hub client filters them); returns the patterns of each call."""
-    import huggingface_hub
-
-    calls: list[list[str]] = []
-
-    def fake(repo_id, revision=None, allow_patterns=None):
-        calls.append(list(allow_patterns))
-        for file in sorted(p for p in remote.rglob("*") if p.is_file()):
-            rel = file.relative_to(remote).as_posix()
-            if any(fnmatch.fnmatch(rel, pattern) for pattern in allow_patterns):
-                (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(file, snapshot / rel)
-        return str(snapshot)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-    return calls
 
 
 def _slow_tokenizer_repo(remote: Path, files: list[str]) -> Path:
@@ -64,7 +44,7 @@ def test_a_hub_repo_with_a_slow_tokenizer_only_is_refused_as_the_local_folder_is
     remote, snapshot = _slow_tokenizer_repo(tmp_path / "remote", files), tmp_path / "snapshot"
     with pytest.raises(ModelNotFoundError) as local:
         load_pretrained(remote, require_tokenizer=required)
-    calls = _fake_hub(monkeypatch, remote, snapshot)
+    calls = fake_hub(monkeypatch, remote, snapshot)
     with pytest.raises(ModelNotFoundError) as hub:
         load_pretrained("someone/slow-tokenizer", require_tokenizer=required)
     expected = (
@@ -80,7 +60,7 @@ def test_a_slow_tokenizer_repo_loads_when_no_tokenizer_is_read(monkeypatch, tmp_
     """load_tokenizer=False reads no tokenizer: the repo loads (as the local folder does), weights equal."""
     remote, snapshot = _slow_tokenizer_repo(tmp_path / "remote", ["tokenizer.model"]), tmp_path / "snapshot"
     local, _ = load_pretrained(remote, load_tokenizer=False)
-    _fake_hub(monkeypatch, remote, snapshot)
+    fake_hub(monkeypatch, remote, snapshot)
     model, tokenizer = load_pretrained("someone/slow-tokenizer", load_tokenizer=False)
     assert tokenizer is None
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), local.parameters(), strict=True))
@@ -91,7 +71,7 @@ def test_a_hub_repo_without_a_tokenizer_when_one_is_required_names_the_repo_befo
     snapshot), after the weights downloaded. It names the repo now, before any weight is fetched; not
     required, the repo loads with no tokenizer (a weights-only repo, as a weights-only folder)."""
     remote, snapshot = tiny_checkpoint(tmp_path / "remote"), tmp_path / "snapshot"
-    calls = _fake_hub(monkeypatch, remote, snapshot)
+    calls = fake_hub(monkeypatch, remote, snapshot)
     with pytest.raises(ModelNotFoundError) as info:
         load_pretrained("someone/weights-only", require_tokenizer=True)
     assert str(info.value) == (
@@ -109,7 +89,7 @@ def test_a_hub_repo_with_both_tokenizers_loads_its_fast_one(monkeypatch, tmp_pat
     refused: the fast tokenizer loads, and encodes as the local folder's does."""
     remote, snapshot = tiny_run_checkpoint(tmp_path / "remote"), tmp_path / "snapshot"
     (remote / "tokenizer.model").write_bytes(b"\x0a\x05slow")
-    _fake_hub(monkeypatch, remote, snapshot)
+    fake_hub(monkeypatch, remote, snapshot)
     _, tokenizer = load_pretrained("someone/both", require_tokenizer=True)
     assert (snapshot / "tokenizer.model").is_file()
     assert tokenizer.encode("repeat 7") == load_pretrained(remote)[1].encode("repeat 7")
