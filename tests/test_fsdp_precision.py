@@ -9,7 +9,6 @@ what the ranks saw to OUT.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.cli import cli_env
+from helpers.cli import ranks_result
 from helpers.tiny import tiny_model
 
 from minigrpo.distributed import fsdp_units, full_state_dict, full_tensor, full_weights, shard_range
@@ -165,12 +164,7 @@ def one_process_run(case: str) -> dict:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> dict:
     """What rank 0 of a 2-rank gloo job saw, per case."""
-    out = tmp_path_factory.mktemp("fsdp") / "ranks.pt"
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd = [sys.executable, *launcher, str(Path(__file__).resolve()), str(out)]
-    done = subprocess.run(cmd, env=cli_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"the ranks failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return torch.load(out)
+    return ranks_result(Path(__file__), tmp_path_factory.mktemp("fsdp") / "ranks.pt")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -6,13 +6,12 @@ without gradients leaves gathered), measured where the CPU allows it.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.cli import cli_env
+from helpers.cli import ranks_result
 from helpers.tiny import tiny_model
 
 from minigrpo.config import load_config
@@ -136,12 +135,7 @@ def _seen_gathered(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def gathered(tmp_path_factory) -> dict:
     """What rank 0 of a 2-rank gloo job saw, per case."""
-    out = tmp_path_factory.mktemp("fsdp") / "gathered.pt"
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd = [sys.executable, *launcher, str(Path(__file__).resolve()), str(out)]
-    done = subprocess.run(cmd, env=cli_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"the ranks failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return torch.load(out)
+    return ranks_result(Path(__file__), tmp_path_factory.mktemp("fsdp") / "gathered.pt")
 
 
 def _sharded_cfg(case: str, *extra: str):

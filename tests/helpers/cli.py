@@ -41,3 +41,15 @@ def one_error_line(proc) -> str:
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]
     return errors[0].removeprefix("error: ")
+
+
+def ranks_result(script: Path, out: Path, nproc: int = 2):
+    """Run `script` (a test file whose __main__ is a rank's work) as `nproc` gloo ranks under torchrun,
+    passing `out` as its argument, and load what rank 0 saved there."""
+    import torch
+
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, *launcher, str(Path(script).resolve()), str(out)]
+    done = subprocess.run(cmd, env=cli_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"the ranks failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return torch.load(out)
