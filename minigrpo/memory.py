@@ -22,12 +22,11 @@ memory_parts.py, the own sampler's KV cache and rollout transients in memory_rol
 evaluation's pre-flight, eval_memory.py), each docstring giving the formulas; here they are added
 up per phase, compared with the device, and turned into a list of single setting changes that would
 fit (memory_knobs.py: each also passes the config's own rules). A `reward_model` reward's weights are
-held all along and its scoring forward has its phase (memory_rewards.py).
+held all along and its scoring forward has its phase (memory_rewards.py). Under QLoRA every pass of the
+model also holds one dequantized weight at a time.
 
 An SFT step (python -m minigrpo.sft: estimate_sft_peak, sft_preflight) has the update and optimizer
-phases only, its LM head the fused cross-entropy over every position of a micro-batch.
-
-The estimate is of memory *allocated* by torch; the caching allocator reserves somewhat more
+phases only, its LM head the fused cross-entropy over every position of a micro-batch. The estimate is of memory *allocated* by torch; the caching allocator reserves somewhat more
 (fragmentation), which `preflight` covers with a margin.
 """
 
@@ -58,6 +57,7 @@ from minigrpo.memory_parts import (
     GiB,
     MemoryEstimate,
     activation_parts,
+    dequantized_weight_bytes,
     dtype_bytes,
     lora_adapter_shapes,
     micro_batch_activations,
@@ -158,6 +158,8 @@ def estimate_peak(
             parts["lora_merged_for_sampling"] = copies * args.n_layers * b + largest * 4
         rollout = static + parts["kv_cache"] + parts["rollout_transient"] + parts.get("lora_merged_for_sampling", 0)
         rollout += gathered["sampling"]
+    parts["dequantized_weight"] = dequant = dequantized_weight_bytes(args, cfg, b)  # rollout / a vLLM sync too
+    rollout += dequant
     # ---- scoring: after the sampler's cache is freed; vLLM still awake, FSDP's weights still gathered
     parts["reward_scoring"] = rms.scoring
     scoring = static + (vllm if cfg.sampler.kind == "vllm" and not awake else 0) + gathered["sampling"] + rms.scoring
@@ -168,7 +170,7 @@ def estimate_peak(
     nograd = nograd_forward_bytes(args, mb, T, Tc, b, device_type)
     parts["logprob_forward"] = nograd if need_logprobs else 0
     parts["gathered_units"] = gathered["forward"]  # FSDP: the root and the blocks in flight
-    logprobs = static + nograd + gathered["forward"] if need_logprobs else 0
+    logprobs = static + nograd + gathered["forward"] + dequant if need_logprobs else 0
 
     # ---- update: gradients + one micro-batch's activations
     act = micro_batch_activations(cfg, args, mb, T, Tc, b, device_type)
@@ -179,7 +181,7 @@ def estimate_peak(
     head = dict(head_grad=head_grad, layers=args.n_layers)
     update = static + update_bytes(act, grad_bytes, critic["gradients"], accumulating=not one, **head)
     parts["unsharded_gradients"] = gathered["backward"]  # FSDP: before each reduce-scatter
-    update += gathered["forward"] + gathered["backward"]
+    update += gathered["forward"] + gathered["backward"] + dequant
     grad_bytes += critic["gradients"]
     parts.update(activation_parts(act))
 
@@ -199,10 +201,10 @@ def estimate_peak(
     grads = ("gradients", "value_gradients")
     sampling = ("vllm", "kv_cache", "rollout_transient", "lora_merged_for_sampling", "gathered_for_sampling")
     members = {
-        "rollout": (*held, *sampling),
+        "rollout": (*held, *sampling, "dequantized_weight"),
         "scoring": (*held, "vllm", "gathered_for_sampling", "reward_scoring"),
-        "logprobs": (*held, "logprob_forward", "gathered_units"),
-        "update": (*held, *grads, *ACTIVATION_PARTS, "gathered_units", "unsharded_gradients"),
+        "logprobs": (*held, "logprob_forward", "gathered_units", "dequantized_weight"),
+        "update": (*held, *grads, *ACTIVATION_PARTS, "gathered_units", "unsharded_gradients", "dequantized_weight"),
         "optimizer": (*held, *grads[critic_peak:], "optimizer_step_transient"),
     }
     if strategy == "ddp":  # the gradients summed over ranks, an fp32 bucket at a time, before the step
@@ -423,11 +425,12 @@ def estimate_sft_peak(cfg: Config, model_args: ModelArgs, *, seq_len: int, devic
     masters, largest = parts["master_weights"] > 0, args.vocab_size * args.dim
     step = step_transient_bytes(n_train, masters, cfg.train.optimizer, largest, grad_b=b)  # 16-bit grads freed
     parts["optimizer_step_transient"] = step
+    parts["dequantized_weight"] = dequant = dequantized_weight_bytes(args, cfg, b)
     return MemoryEstimate(
         parts=parts,
-        phases={"update": static + grads + act["peak"], "optimizer": static + grads + step},
+        phases={"update": static + grads + act["peak"] + dequant, "optimizer": static + grads + step},
         members={
-            "update": (*held, "gradients", *ACTIVATION_PARTS),
+            "update": (*held, "gradients", *ACTIVATION_PARTS, "dequantized_weight"),
             "optimizer": (*held, "gradients", "optimizer_step_transient"),
         },
         host={"activation_offload": act["offload_host"]} if act["offload_host"] else {},

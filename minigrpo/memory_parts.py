@@ -102,6 +102,14 @@ def weight_bytes(args: ModelArgs, b: int, quantize: str | None = None) -> int:
     return total - dense * b + nf4
 
 
+def dequantized_weight_bytes(args: ModelArgs, cfg: Config, b: int) -> int:
+    """The dense weight a 4-bit layer (lora.quantize_base) makes for each call (quant.NF4Linear: its
+    codes dequantized to the compute dtype, freed after the matmul; the backward makes it again): the
+    largest block linear, one at a time in every pass of the model."""
+    quantized = cfg.lora.enabled and cfg.lora.quantize_base is not None
+    return max(o * i for o, i in linear_shapes(args)) * b if quantized else 0
+
+
 def lora_adapter_shapes(args: ModelArgs, targets: list[str] | tuple[str, ...]) -> list[tuple[str, int, int]]:
     """(group, in, out) of each adapter of one block. As lora.py does, Phi-3's fused qkv_proj and
     gate_up_proj get one adapter for all the targets they hold."""

@@ -161,6 +161,20 @@ def test_weight_estimate_equals_model_bytes(quantize):
     assert dense + nf4 == memory_parts.weight_bytes(model.args, 4, quantize)
 
 
+def test_qlora_passes_count_the_largest_dequantized_weight():
+    """Each 4-bit layer computes with its whole weight dequantized (bitsandbytes' 4-bit matmul on CUDA
+    at training sizes: dequantize, then a dense matmul): the estimate holds the largest one in every
+    phase that runs the model, and nothing without QLoRA."""
+    qlora = load_config(CONFIGS / "qwen2.5-1.5b_gsm8k_lora.yaml", ["lora.quantize_base=nf4"])
+    lora = load_config(CONFIGS / "qwen2.5-1.5b_gsm8k_lora.yaml")
+    est, dense = (estimate_peak(cfg, QWEN15, prompt_tokens=256) for cfg in (qlora, lora))
+    assert est.parts["dequantized_weight"] == 8960 * 1536 * 2 and dense.parts["dequantized_weight"] == 0
+    for phase in ("rollout", "logprobs", "update"):
+        assert "dequantized_weight" in est.members[phase]
+        if est.phases[phase]:
+            assert sum(est.parts.get(name, 0) for name in est.members[phase]) == est.phases[phase], phase
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_optimizer_state_and_step_estimate(dtype):
     model = tiny_model(dtype=dtype, **SMALL)
