@@ -1,6 +1,7 @@
 """The value of an answer written as arithmetic on numbers, \\pi, \\sqrt and \\frac, so that equal values in
 other forms match ("2\\sqrt{3}" is "\\sqrt{12}", "\\frac{\\sqrt{3}}{2}" is "\\sqrt{3}/2"): a small recursive-descent
-reader of the canonical text answers.canonical makes; anything else (a variable, a function) has no value.
+reader of the canonical text answers.canonical makes; anything else (a variable, a function) has no value. And
+when two values are the same number: same_number, and exact_whole for whole numbers past a float's precision.
 
     evaluate("2\\sqrt{3}")  -> 3.4641...        evaluate("x+1")  -> None
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal, InvalidOperation
 
 # the tokens of arithmetic on numbers: numbers, \\pi, \\sqrt, \\frac, operators and brackets
 _TOKEN = re.compile(r"\d+(?:\.\d+)?|\.\d+|\\(?:pi|sqrt|frac|cdot|times)(?![a-z])|[-+*/^(){}\[\]]")
@@ -28,6 +30,28 @@ def evaluate(s: str) -> float | None:
         return None
     finite = isinstance(value, float) and math.isfinite(value)  # (-8)^{1/3} is complex in Python: no answer
     return value if parser.peek() is None and finite else None
+
+
+def same_number(p: float, r: float) -> bool:
+    """Two whole numbers must be equal; other values within rel 1e-9 (float rounding)."""
+    if p.is_integer() and r.is_integer():  # a relative tolerance would pass an off-by-one 10-digit answer
+        return p == r
+    return math.isclose(p, r, rel_tol=1e-9, abs_tol=1e-12)
+
+
+FLOAT_EXACT = 2.0**53  # from here on a float cannot tell n from n + 1: 10000000000000001 reads as 1e16
+
+
+def exact_whole(number: str) -> int | None:
+    """The whole number one number as answers.NUMBER finds it spells, exactly ("$10,000,000,000,000,001",
+    "1.000.000", "-1e17"); None for a value that is not whole or runs past 400 digits."""
+    digits = re.sub(r"[,$\\\u00a0\u2009\u202f]", "", number)
+    digits = digits.replace(".", "") if digits.count(".") > 1 else digits  # "1.000.000": thousands
+    try:
+        value = Decimal(digits)
+    except InvalidOperation:
+        return None
+    return int(value) if abs(value.adjusted()) <= 400 and value == value.to_integral_value() else None
 
 
 class _Arithmetic:

@@ -13,7 +13,7 @@ import math
 import re
 from typing import Any
 
-from minigrpo.answer_arithmetic import evaluate
+from minigrpo.answer_arithmetic import FLOAT_EXACT, evaluate, exact_whole, same_number
 
 # 1,234.5 | 12.5 | .5 | 2.5e-3, signed by "-" or "\u2212" (unicode minus) unless after a word character ("9-5" is
 # 9 and 5), a dollar sign allowed between sign and digits ("-$5" is -5); an exponent counts only when no word
@@ -222,11 +222,20 @@ _STATED_CHOICE = re.compile(r"\(([A-E])\)(?:\s.*)?|[A-E]")
 _STATEMENT_END = re.compile(r"\n|[.,;!?](?=\s|$)")
 
 
+# a stated number, its units, then an aside: "18 (9 eggs x $2)", "42 apples in 3 baskets", "42 because 6 * 7 = 42"
+_NOT_UNIT = r"(?!(?:times|plus|minus|divided|multiplied|over|of|and|or|by|out|to)\b)"
+_LEADING_ANSWER = re.compile(
+    rf"(\S*?\d\S*?(?:\s+{_NOT_UNIT}[a-zA-Z]{{2,}})*?)"
+    r"(?:\s*\(|\s+(?:in|for|after|from|because|since|as|which|that|at|on|with|when|if)\b)"
+)
+
+
 def _stated_answer(text: str) -> str | None:
     """What follows the last "answer is" / "answer:" up to the end of its sentence, when that reads as one
-    number ("18 apples", "$1,234.50", "\\frac{1}{2}"); None when there is no such phrase or it holds no
-    single number, holds an equation ("the answer: first 3 + 4 = 7" is a working, not an answer) or is
-    negated ("the answer is not 18")."""
+    number ("18 apples", "$1,234.50", "\\frac{1}{2}"), or when it opens with one number and its units before an
+    aside ("18 (9 eggs x $2)", "42 apples in 3 baskets": the first number); None when there is no such phrase,
+    it holds no single number, holds an equation ("the answer: first 3 + 4 = 7" is a working, not an answer;
+    "3 times 4, which" is no stated number) or is negated ("the answer is not 18")."""
     ends = [phrase.end() for phrase in _ANSWER_PHRASE.finditer(text)]
     if not ends:
         return None
@@ -237,7 +246,10 @@ def _stated_answer(text: str) -> str | None:
         return None
     if _STATED_CHOICE.fullmatch(plain_latex(stated)):  # "The answer is (B).", "the answer is \\textbf{(C)}"
         return stated
-    return stated if "=" not in stated and answer_number(stated) is not None else None
+    if "=" not in stated and answer_number(stated) is not None:
+        return stated
+    lead = _LEADING_ANSWER.match(stated)
+    return lead[1] if lead and answer_number(lead[1]) is not None else None
 
 
 # the text after "####" that starts with a word: a markdown heading, not the GSM8K answer marker
@@ -252,8 +264,10 @@ def extract_answer(text: str, *, last_number: bool = True) -> str | None:
     2. the content of the last \\boxed{...};
     3. the rest of the line after the last "####", unless it reads as a markdown heading ("#### Step 3",
        "#### Final answer: 18") and rule 4 applies;
-    4. if last_number: what follows the last "answer is" / "answer:" when it is one number, else the
-       last number in the text ("2 \\times 10^3" whole).
+    4. if last_number: the whole text when it is one number ("1 000", "3 1/2"), else what follows the last
+       "answer is" / "answer:" when it is one number, else the last number in the text: in "5 apples and 3 pears,
+       8 in all" that is 8; a fraction or scientific notation it ends counts whole ("3/4", "\\frac{3}{4}",
+       "2 \\times 10^3"), not a date ("12/25/2024" gives 2024); a number inside a word counts ("12kg" is 12).
 
     Past a closed reasoning block only the text after its "</think>" is read (drafts are no answer), when there is
     any. None for no text (a None completion).
@@ -274,6 +288,8 @@ def extract_answer(text: str, *, last_number: bool = True) -> str | None:
         marked = text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
         if not (last_number and _HEADING.match(marked)):
             return marked
+    if last_number and len(text) <= 200 and to_number(text) is not None:  # "1 000", "3 1/2": one number, whole
+        return text.strip()
     if last_number:
         stated = _stated_answer(text)
         if stated is not None:
@@ -292,21 +308,40 @@ def _without_cut_closing_tag(rest: str) -> str:
 
 # what comes before an exponent of ten: "10^", "10^{", "10**"
 _TEN_TO_THE = re.compile(r"10\s*(?:\^|\*\*)\s*\{?\s*$")
+# what comes before the denominator of a fraction: "3/", "-3 / ", "\frac{3}{" (not a date's "12/25/")
+_FRACTION_TOP = re.compile(
+    r"(?<![\d/.,])[-\u2212]?\d+\s*/\s*$|[-\u2212]?\\[dt]?frac\s*\{\s*[-\u2212]?\d+\s*\}\s*\{\s*$"
+)
 
 
 def _last_number(text: str) -> str | None:
-    """The last number of the text; when it is the exponent of scientific notation ("6.02 \\times 10^{23}"),
-    the whole product."""
+    """The last number of the text; when it is the denominator of a fraction ("3/4", "\\frac{3}{4}"), the whole
+    fraction; when it is the exponent of scientific notation ("6.02 \\times 10^{23}"), the whole product."""
     numbers = list(NUMBER.finditer(text))
     if not numbers:
         return None
     last = numbers[-1]
+    if fraction := _last_fraction(text, last):
+        return fraction
     if _TEN_TO_THE.search(text, max(0, last.start() - 16), last.start()):
         window = _TIMES_TEN.finditer(text, max(0, last.start() - 200), last.end() + 2)
         product = next((m for m in window if m.end() >= last.end()), None)
         if product is not None:
             return product[0].strip()
     return last[0]
+
+
+def _last_fraction(text: str, last: re.Match) -> str | None:
+    """The fraction whose denominator is the match `last` ("3/4", "\\frac{3}{4}"), None if it is no denominator."""
+    if not last[0].isdigit():
+        return None
+    top = _FRACTION_TOP.search(text, max(0, last.start() - 40), last.start())
+    if top is None:
+        return None
+    if "frac" not in top[0]:
+        return None if re.match(r"/|\.\d", text[last.end() :]) else text[top.start() : last.end()]  # "1/2/2024"
+    close = re.match(r"\s*\}", text[last.end() :])
+    return text[top.start() : last.end() + close.end()] if close else None
 
 
 def reference_answer(answer: Any) -> str | None:
@@ -353,23 +388,32 @@ def number_readings(pred: str | None, ref: str | None) -> list[tuple[float, floa
     return pairs
 
 
-def _same_number(p: float, r: float) -> bool:
-    """Two whole numbers must be equal; other values within rel 1e-9 (float rounding)."""
-    if p.is_integer() and r.is_integer():  # a relative tolerance would pass an off-by-one 10-digit answer
-        return p == r
-    return math.isclose(p, r, rel_tol=1e-9, abs_tol=1e-12)
+def _same_whole_beyond_float(pred: str, ref: str, p: float, r: float) -> bool | None:
+    """Whether two whole numbers too large for a float to tell apart are equal, digit for digit; None when they are
+    not such numbers or one does not hold exactly one number (the float comparison stands)."""
+    if not (p.is_integer() and r.is_integer() and max(abs(p), abs(r)) >= FLOAT_EXACT):
+        return None
+    pred_numbers, ref_numbers = (NUMBER.findall(plain_latex(s.replace("\u2212", "-"))) for s in (pred, ref))
+    if len(pred_numbers) != 1 or len(ref_numbers) != 1:
+        return None
+    exact_p, exact_r = exact_whole(pred_numbers[0]), exact_whole(ref_numbers[0])
+    return None if exact_p is None or exact_r is None else exact_p == exact_r
 
 
 def answers_match(pred: str | None, ref: str | None) -> bool:
     """Numerically equal (any of number_readings: units read past, a percent also as its fraction), else the same
     math (same_math: LaTeX forms, choice letters, tuples, intervals and sets, values of \\sqrt and \\pi). Two whole
-    numbers must be equal ("18" == "18.0" == "$18" == "18." == "018", but 1219253924 != 1219253925); other values
-    within rel 1e-9 (float rounding). A full GSM8K solution as the reference is cut at its "####"."""
+    numbers must be equal ("18" == "18.0" == "$18" == "18." == "018", but 1219253924 != 1219253925; past 2**53,
+    where floats round, digit for digit: 10000000000000001 != 10000000000000000); other values within rel 1e-9
+    (float rounding). A full GSM8K solution as the reference is cut at its "####"."""
     ref = reference_answer(ref)
     if pred is None or not ref:
         return False
     pairs = number_readings(pred, ref)
-    return any(_same_number(p, r) for p, r in pairs) if pairs else same_math(pred, ref)
+    if not pairs:
+        return same_math(pred, ref)
+    exact = _same_whole_beyond_float(pred, ref, *pairs[0])
+    return exact if exact is not None else any(same_number(p, r) for p, r in pairs)
 
 
 # "x = ", "x \\in ", "y=" before the answer: a name, not part of it
@@ -404,7 +448,7 @@ def same_math(pred: str, ref: str) -> bool:
     if p_items is not None or r_items is not None:
         return p_items is not None and r_items is not None and _same_items(p_items, r_items)
     p_value, r_value = evaluate(p), evaluate(r)
-    return p_value is not None and r_value is not None and _same_number(p_value, r_value)
+    return p_value is not None and r_value is not None and same_number(p_value, r_value)
 
 
 def _items(s: str) -> tuple[str, str, list[str]] | None:
