@@ -154,7 +154,7 @@ def _settings(kwargs: dict[str, Any], index: int) -> dict[str, Any]:
 
 
 def _device(name: str, device_type: str, device_index: int | None = None) -> torch.device:
-    """The device a reward model's `device` kwarg loads it on (reward_model._resolve_device), as seen
+    """The device a reward model's `device` kwarg loads it on (reward_fns.reward_device), as seen
     from a run on the pre-flight's device (device_type, device_index: None for the current CUDA device):
     "auto" is the run's device, and so is "cuda" on a CUDA run (the policy's GPU, whichever is current)."""
     if name == "auto" or (name == "cuda" and device_type == "cuda"):

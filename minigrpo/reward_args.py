@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from minigrpo.reward_fns import RewardError, RewardFn
@@ -108,3 +108,46 @@ def bind_settings(fn: RewardFn, name: str, settings: dict[str, Any]) -> RewardFn
     bound.__name__ = getattr(fn, "__name__", name)
     bound.reward_fn, bound.reward_settings = fn, dict(settings)  # type: ignore[attr-defined]
     return bound
+
+
+def check_reward_model_kwargs(
+    path: Any, batch_size: Any, max_length: Any, device: Any, dtype: Any, chat_template: Any, dtypes: tuple[str, ...]
+) -> None:
+    """RewardError naming the first of the `reward_model` reward's kwargs that has a wrong type or value,
+    from the values alone (the checkpoint's own checks follow in minigrpo.models.reward_model)."""
+
+    def bad(what: str) -> RewardError:
+        return RewardError(f"reward 'reward_model': kwargs {what}")
+
+    if path is None:
+        raise bad("path is missing: give the reward model's checkpoint folder or hub id")
+    if not isinstance(path, str) or not path:
+        raise bad(f"path={path!r} must be a folder or hub id")
+    for key, value in (("batch_size", batch_size), ("max_length", max_length)):
+        if value is None and key == "max_length":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(f"{key}={value!r} must be a whole number >= 1")
+    if not isinstance(device, str):
+        raise bad(f"device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device != "auto":
+        _check_device(device, bad)
+    if not isinstance(dtype, str) or (dtype != "auto" and dtype not in dtypes):
+        raise bad(f"dtype={dtype!r} must be 'auto' or one of {', '.join(dtypes)}")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise bad(f"chat_template={chat_template!r} must be 'auto', 'none', a template name or source")
+
+
+def _check_device(device: str, bad: Callable[[str], RewardError]) -> None:
+    """A device the scores can be computed on here: the CPU, or a CUDA device this process sees."""
+    import torch
+
+    try:
+        where = torch.device(device)
+    except RuntimeError as e:
+        raise bad(f"device={device!r} is no device ({e})") from e
+    if where.type not in ("cpu", "cuda"):
+        raise bad(f"device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    count = torch.cuda.device_count() if where.type == "cuda" and torch.cuda.is_available() else 0
+    if where.type == "cuda" and (where.index or 0) >= count:
+        raise bad(f"device={device!r} is not available: this process sees {count} CUDA device(s)")

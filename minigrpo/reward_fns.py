@@ -264,6 +264,29 @@ def run_device() -> Any:
     return _RUN_DEVICE[0]
 
 
+def reward_device(device: str) -> Any:
+    """The torch.device a reward model's `device` setting loads it on, with its index ("cuda" and "cuda:0"
+    share one loaded copy).
+
+    "auto" is the run's device (reward_fns.set_run_device; without one: CUDA if available, else the
+    CPU) and "cuda" the run's device when that is a GPU: the policy's GPU, which need not be the
+    current one (run.device=cuda:1 in one process; a reward scored in its timeout thread, whose
+    current device is CUDA's default). "cpu" and "cuda:N" are taken as they are. An index left open
+    is the current device's."""
+    import torch
+
+    run = run_device()
+    if device == "auto":
+        where = run if run is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif device == "cuda" and run is not None and run.type == "cuda":
+        where = run
+    else:
+        where = torch.device(device)
+    if where.type == "cuda" and where.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return where
+
+
 REWARDS: dict[str, RewardFn] = {
     "correctness": correctness,
     "int_answer": int_answer,

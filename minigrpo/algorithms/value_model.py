@@ -183,18 +183,43 @@ def load_value_body(path: str, *, dtype: torch.dtype, device: torch.device) -> t
     from minigrpo.models import loading
     from minigrpo.models.reward_model import load_reward_model
 
-    source = loading._resolve(path, None)
-    if source.suffix == ".gguf" or not is_classification(loading._read_config(source)):
-        body, _ = loading.load_pretrained(path, dtype=dtype, device=device)
+    source = _value_source(path)
+    if loading._is_gguf(source) or not is_classification(loading._read_config(source)):
+        body, _ = loading.load_pretrained(str(source), dtype=dtype, device=device)
         return body, None
-    body, _ = load_reward_model(path, dtype=dtype, device=device, load_tokenizer=False)
-    if body.num_labels != 1:
-        raise UserError(f"ppo.value_path={path!r} has num_labels={body.num_labels}: a value head gives one number")
+    body, _ = load_reward_model(str(source), dtype=dtype, device=device, load_tokenizer=False)
+    _check_one_label(path, body.num_labels)
     head = _zero_head(body.args.dim, device)
     with torch.no_grad():
         head.weight.copy_(_stored_score_head(source))  # as stored: not rounded to a 16-bit body's dtype
     body.score = None  # the head holds it now
     return body, head
+
+
+def _value_source(path: str) -> Path:
+    """The local folder or file `ppo.value_path` names; a hub repo is fetched, its weights only once its
+    config.json is one a critic can be built from (a classifier's with one label)."""
+    from minigrpo.models import loading
+    from minigrpo.models.hub import download
+    from minigrpo.models.reward_model import meta_reward_model
+
+    if path in loading.PACKAGED_MODELS or Path(path).expanduser().exists() or loading._looks_local(path):
+        return loading._resolve(path, None)
+
+    def weights_to_fetch(folder: Path) -> list[str]:
+        config = loading._read_config(folder)
+        if is_classification(config):
+            _check_one_label(path, meta_reward_model(config, folder / "config.json").num_labels)
+        else:
+            loading._model_from_config(config, folder / "config.json")  # meta device: nothing allocated
+        return loading._hub_weight_files(folder)
+
+    return download(path, None, weights_to_fetch)
+
+
+def _check_one_label(path: str, num_labels: int) -> None:
+    if num_labels != 1:
+        raise UserError(f"ppo.value_path={path!r} has num_labels={num_labels}: a value head gives one number")
 
 
 def _stored_score_head(source: Path) -> torch.Tensor:

@@ -23,17 +23,17 @@ read (padding filled with another id, or pad_token_id = -1: transformers then re
 token, and so do we for every padded row). Consequence of matching: when pad_token_id is also a
 real token (pad == eos), a trailing real one is skipped, exactly as transformers skips it.
 
-As a reward (`make_reward_model`, registered as `reward_model` in minigrpo.reward_fns): each
-prompt plus completion is rendered as a conversation with the reward model's own chat template
-(plain "prompt\\n\\ncompletion" text when it has none; a prompt ending with an assistant message,
-a begun reply, has the completion appended to that message), tokenized by its own tokenizer, kept to the
-last `max_length` tokens (the pooled token is the last one), right-padded, scored in batches of
-`batch_size` rows sorted by length, without gradients. A chat template that refuses a conversation
-(raise_exception, e.g. "System role not supported") stops the run with a RewardModelError: it would
-refuse every step's rows alike. The model loads on the first call, once
-per (folder, device, dtype) in the process; the path and config are checked when the reward is
-built, before any weights load. That first call counts against the reward's `timeout_s`: give it
-room for the load, or call `fn.load()` before the first step.
+As a reward (`make_reward_model`, registered as `reward_model` in minigrpo.reward_fns): each prompt plus
+completion is rendered as a conversation with the reward model's own chat template (plain
+"prompt\\n\\ncompletion" text when it has none; a prompt ending with an assistant message, a begun reply,
+has the completion appended to that message), tokenized by its own tokenizer, kept to the last
+`max_length` tokens (the pooled token is the last one), right-padded, scored in batches of `batch_size`
+rows sorted by length, without gradients, one call at a time in the process. A chat template that
+refuses a conversation (raise_exception, e.g. "System role not supported") stops the run with a
+RewardModelError: it would refuse every step's rows alike. The model loads on the first call, once per
+(folder, device, dtype) in the process; a folder is checked when the reward is built, a hub id's config
+and tokenizer before its weights download. That first call counts against the reward's `timeout_s`:
+give it room for the load, or call `fn.load()` before the first step.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,11 @@ from torch import nn
 
 from minigrpo.chat_template import ChatTemplateError, compile_chat_template
 from minigrpo.errors import UserError
-from minigrpo.reward_fns import RewardError, run_device
+from minigrpo.reward_args import check_reward_model_kwargs
+from minigrpo.reward_fns import RewardError, reward_device
 
 from .args import ModelArgs, hf_default
+from .hub import download
 from .transformer import Transformer
 
 __all__ = [
@@ -162,6 +164,15 @@ def read_reward_config(config: dict[str, Any], where: Path | str) -> tuple[int, 
     return num_labels, pad
 
 
+def meta_reward_model(config: dict[str, Any], where: Path) -> RewardModel:
+    """The RewardModel a sequence-classification config.json (at `where`) describes, on the meta device."""
+    from . import loading
+
+    num_labels, pad = read_reward_config(config, where)
+    build = functools.partial(RewardModel, num_labels=num_labels, pad_token_id=pad)
+    return loading._model_from_config(config, where, build)  # no memory
+
+
 def load_reward_model(
     name_or_path: str | Path,
     *,
@@ -170,24 +181,55 @@ def load_reward_model(
     revision: str | None = None,
     load_tokenizer: bool = True,
     require_tokenizer: bool = False,
+    check: Callable[[RewardModel, Any], None] | None = None,
 ) -> tuple[RewardModel, Any]:
     """Load an HF *ForSequenceClassification checkpoint (local folder or hub id) and its tokenizer.
 
-    Names and shapes are checked as in load_pretrained (score.weight included); a checkpoint that is
-    not a sequence-classification one is a RewardModelError naming the folder."""
+    What needs no weight is checked first, a hub repo's before its weights download: the config (a
+    sequence-classification one), the tokenizer (every id a row of the embedding), then `check(model,
+    tokenizer)` on the meta-device model (a reward's own settings). Names and shapes are then checked
+    as in load_pretrained (score.weight included); errors are UserErrors naming the folder or repo."""
     from . import loading
 
-    source = loading._resolve(str(name_or_path), revision)
-    config = loading._read_config(source)
-    num_labels, pad = read_reward_config(config, source / "config.json")
-    build = functools.partial(RewardModel, num_labels=num_labels, pad_token_id=pad)
-    model = loading._model_from_config(config, source / "config.json", build)
-    tokenizer_dir = loading._tokenizer_dir(source, required=require_tokenizer) if load_tokenizer else None
-    tokenizer = loading.load_tokenizer_folder(tokenizer_dir) if tokenizer_dir is not None else None
+    read = functools.partial(_read_small_files, load_tokenizer=load_tokenizer, required=require_tokenizer, check=check)
+    source, (model, tokenizer) = _fetch(str(name_or_path), revision, read)
     tensors = loading._hf_tensor_source(source)
-    check_score_head(source, tensors[0], num_labels)
+    check_score_head(source, tensors[0], model.num_labels)
     loading._fill(model, tensors, dtype, device)
     return model.eval(), tokenizer
+
+
+def _fetch(name: str, revision: str | None, read: Callable[[Path, str | None], Any]) -> tuple[Path, Any]:
+    """(folder, read(folder, repo_id)) of a local folder or hub repo `name`: a hub repo's weights are
+    fetched only once `read` has passed on its config and tokenizer files."""
+    from . import loading
+
+    if name in loading.PACKAGED_MODELS or Path(name).expanduser().exists() or loading._looks_local(name):
+        source = loading._resolve(name, revision)
+        return source, read(source, None)
+    parts: list[Any] = []
+
+    def weights_to_fetch(folder: Path) -> list[str]:
+        parts.append(read(folder, name))
+        return loading._hub_weight_files(folder)
+
+    source = download(name, revision, weights_to_fetch)
+    return source, parts[-1]
+
+
+def _read_small_files(
+    folder: Path, repo_id: str | None, *, load_tokenizer: bool, required: bool, check: Callable | None
+) -> tuple[RewardModel, Any]:
+    """(meta-device RewardModel, tokenizer or None) from config.json and the tokenizer files, no weight read."""
+    from . import loading
+
+    model = meta_reward_model(loading._read_config(folder), folder / "config.json")
+    tokenizer_dir = loading._tokenizer_dir(folder, required=required, repo_id=repo_id) if load_tokenizer else None
+    tokenizer = loading.load_tokenizer_folder(tokenizer_dir) if tokenizer_dir is not None else None
+    loading._check_vocab(tokenizer, model.args.vocab_size, folder)  # an id past the embedding: a crash per row
+    if check is not None:
+        check(model, tokenizer)
+    return model, tokenizer
 
 
 def check_score_head(folder: Path, shapes: dict[str, Any], num_labels: int | None = None) -> None:
@@ -239,15 +281,15 @@ def check_reward_folder(folder: Path, config: dict[str, Any]) -> tuple[ModelArgs
     names and shapes fit it (headers only), a tokenizer that loads. Returns (model args, tokenizer)."""
     from . import loading
 
-    num_labels, pad = read_reward_config(config, folder / "config.json")
-    build = functools.partial(RewardModel, num_labels=num_labels, pad_token_id=pad)
-    model = loading._model_from_config(config, folder / "config.json", build)  # meta device: no memory
-    shapes = loading._hf_tensor_source(folder)[0]
+    model = meta_reward_model(config, folder / "config.json")
+    num_labels, shapes = model.num_labels, loading._hf_tensor_source(folder)[0]
     check_score_head(folder, shapes, num_labels)  # a head that disagrees with the labels: say which to fix
     if num_labels != 1:
         raise RewardModelError(_labels_message(str(folder), num_labels))
     loading._check(model, shapes)
-    return model.args, loading.load_tokenizer_folder(loading._tokenizer_dir(folder, required=True))
+    tokenizer = loading.load_tokenizer_folder(loading._tokenizer_dir(folder, required=True))
+    loading._check_vocab(tokenizer, model.args.vocab_size, folder)  # an id past the embedding: a crash per row
+    return model.args, tokenizer
 
 
 def check_reward_settings(path: str, args: ModelArgs, tokenizer: Any, max_length: int | None, template: Any) -> None:
@@ -288,26 +330,9 @@ def _is_template_source(template: str) -> bool:
 
 _LOADED: dict[tuple, tuple[RewardModel, Any]] = {}  # (path, device, dtype) -> (model, tokenizer)
 _LOAD_LOCK = threading.Lock()
-
-
-def _resolve_device(device: str) -> torch.device:
-    """The device the model loads on, with its index ("cuda" and "cuda:0" share one loaded copy).
-
-    "auto" is the run's device (reward_fns.set_run_device; without one: CUDA if available, else the
-    CPU) and "cuda" the run's device when that is a GPU: the policy's GPU, which need not be the
-    current one (run.device=cuda:1 in one process; a reward scored in its timeout thread, whose
-    current device is CUDA's default). "cpu" and "cuda:N" are taken as they are. An index left open
-    is the current device's."""
-    run = run_device()
-    if device == "auto":
-        where = run if run is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif device == "cuda" and run is not None and run.type == "cuda":
-        where = run
-    else:
-        where = torch.device(device)
-    if where.type == "cuda" and where.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return where
+# One scoring at a time in the process: a call that timed out keeps running (a thread cannot be stopped), and
+# the rewards' per-row retry would otherwise run a second forward beside it (twice the activations).
+_SCORE_LOCK = threading.Lock()
 
 
 def _conversation(prompt: Any, completion: str) -> list[dict[str, Any]]:
@@ -342,27 +367,31 @@ class RewardModelScorer:
         self.__name__ = "reward_model"
 
     def load(self) -> tuple[RewardModel, Any]:
-        device = _resolve_device(self.device_name)
-        dtype = (
-            (torch.bfloat16 if device.type == "cuda" else torch.float32)
-            if self.dtype_name == "auto"
-            else DTYPES[self.dtype_name]
-        )
+        """The model and tokenizer, loaded on the first call; a hub id's config, tokenizer and this reward's
+        settings are checked before its weights download (a RewardModelError stops the run)."""
+        device = reward_device(self.device_name)
+        auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = auto if self.dtype_name == "auto" else DTYPES[self.dtype_name]
         key = (self.path, str(device), dtype)
         with _LOAD_LOCK:
-            if key not in _LOADED:
-                try:
-                    model, tokenizer = load_reward_model(self.path, dtype=dtype, device=device, require_tokenizer=True)
-                except RewardModelError:
-                    raise
-                except UserError as e:  # a hub id that cannot be fetched: stop the run, not mask every row
-                    raise RewardModelError(f"reward 'reward_model': {e}") from e
-                if model.num_labels != 1:
-                    raise RewardModelError(_labels_message(self.path, model.num_labels))
-                _LOADED[key] = (model, tokenizer)
-            model, tokenizer = _LOADED[key]
-        check_reward_settings(self.path, model.args, tokenizer, self.max_length, self.chat_template)  # a hub id's
-        return model, tokenizer
+            if key in _LOADED:
+                self.check(*_LOADED[key])
+                return _LOADED[key]
+            try:
+                _LOADED[key] = load_reward_model(
+                    self.path, dtype=dtype, device=device, require_tokenizer=True, check=self.check
+                )
+            except RewardModelError:
+                raise
+            except UserError as e:  # a hub id that cannot be fetched: stop the run, not mask every row
+                raise RewardModelError(f"reward 'reward_model': {e}") from e
+            return _LOADED[key]
+
+    def check(self, model: RewardModel, tokenizer: Any) -> None:
+        """This reward's needs of a (meta-device or loaded) model: one label, and settings that fit it."""
+        if model.num_labels != 1:
+            raise RewardModelError(_labels_message(self.path, model.num_labels))
+        check_reward_settings(self.path, model.args, tokenizer, self.max_length, self.chat_template)
 
     def render(self, tokenizer: Any, prompt: Any, completion: str) -> list[int]:
         """Token ids of one scored conversation: the RM's chat template, else plain text."""
@@ -389,6 +418,10 @@ class RewardModelScorer:
         """prompt_messages: the conversations the policy saw (the loop's column: data.system_prompt included),
         scored in place of the bare prompts when given."""
         prompts = prompts if prompt_messages is None else prompt_messages
+        with _SCORE_LOCK:  # a call abandoned at its timeout ends before the next (its per-row retry) runs
+            return self._score(prompts, completions)
+
+    def _score(self, prompts: list, completions: list[str]) -> list[float | None]:
         model, tokenizer = self.load()
         limit = self.max_length or model.args.max_position_embeddings
         rows = [[] if c is None else self.render(tokenizer, p, c)[-limit:] for p, c in zip(prompts, completions)]
@@ -447,42 +480,10 @@ def make_reward_model(
     most max_position_embeddings, a template name is one of the tokenizer's. The weights load on
     the first call, where a hub id gets the same checks and any failure to fetch it stops the run."""
 
-    def bad(what: str) -> RewardError:
-        return RewardError(f"reward 'reward_model': kwargs {what}")
-
-    if path is None:
-        raise bad("path is missing: give the reward model's checkpoint folder or hub id")
-    if not isinstance(path, str) or not path:
-        raise bad(f"path={path!r} must be a folder or hub id")
-    for key, value in (("batch_size", batch_size), ("max_length", max_length)):
-        if value is None and key == "max_length":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise bad(f"{key}={value!r} must be a whole number >= 1")
-    if not isinstance(device, str):
-        raise bad(f"device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if device != "auto":
-        _check_device(device, bad)
-    if not isinstance(dtype, str) or (dtype != "auto" and dtype not in DTYPES):
-        raise bad(f"dtype={dtype!r} must be 'auto' or one of {', '.join(DTYPES)}")
-    if chat_template is not None and not isinstance(chat_template, str):
-        raise bad(f"chat_template={chat_template!r} must be 'auto', 'none', a template name or source")
+    check_reward_model_kwargs(path, batch_size, max_length, device, dtype, chat_template, tuple(DTYPES))
     local = _local_config(path)
     if local is not None:
         args, tokenizer = check_reward_folder(*local)
         check_reward_settings(path, args, tokenizer, max_length, chat_template)
         path = str(local[0])
     return RewardModelScorer(path, batch_size, max_length, device, dtype, chat_template)
-
-
-def _check_device(device: str, bad: Any) -> None:
-    """A device the scores can be computed on here: the CPU, or a CUDA device this process sees."""
-    try:
-        where = torch.device(device)
-    except RuntimeError as e:
-        raise bad(f"device={device!r} is no device ({e})") from e
-    if where.type not in ("cpu", "cuda"):
-        raise bad(f"device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    count = torch.cuda.device_count() if where.type == "cuda" and torch.cuda.is_available() else 0
-    if where.type == "cuda" and (where.index or 0) >= count:
-        raise bad(f"device={device!r} is not available: this process sees {count} CUDA device(s)")
