@@ -194,6 +194,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--batch-size", type=int, default=32, help="prompts generated at once")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    args.checkpoint, args.output = home_expanded(args.checkpoint), home_expanded(args.output)
     k = args.samples_per_prompt
     for flag, value in (("--num", args.num), ("--batch-size", args.batch_size), ("--samples-per-prompt", k)):
         if value is not None and value < 1:
@@ -203,6 +204,11 @@ def parse_args(argv: list[str] | None):
     return args
 
 
+def home_expanded(path: str | None) -> str | None:
+    """A leading `~` read as the home folder, as the shell does for `--checkpoint ~/x` but not `--checkpoint=~/x`."""
+    return str(Path(path).expanduser()) if path is not None and path.startswith("~") else path
+
+
 def run_config_of(checkpoint: Path, config: str | None) -> str | None:
     """The config to evaluate with: --config, else the one a run saved with this folder:
     run_dir/checkpoints/step_N/run_config.yaml, or run_dir/config.yaml for a run's final model
@@ -210,8 +216,8 @@ def run_config_of(checkpoint: Path, config: str | None) -> str | None:
     GGUF file the export wrote beside such a folder (`step_N.q8_0.gguf`), that folder's."""
     if config is not None:
         return config
-    if checkpoint.is_file() and checkpoint.suffix == ".gguf":  # export's name: <folder>.<type>.gguf
-        folder = checkpoint.name.removesuffix(".gguf").rpartition(".")[0]
+    if checkpoint.is_file() and checkpoint.name.lower().endswith(".gguf"):  # export's <folder>.<type>.gguf, any case
+        folder = checkpoint.name[: -len(".gguf")].rpartition(".")[0]
         return run_config_of(checkpoint.with_name(folder), None) if folder else None
     if not checkpoint.is_dir():
         return None
@@ -371,7 +377,7 @@ def model_before_load(source: str | None, tokenizer: Any) -> tuple[ModelArgs | N
     config_file = Path(source).expanduser() / "config.json"
     if config_file.is_file():
         return ModelArgs.from_hf_config(json.loads(config_file.read_text(encoding="utf-8"))), tokenizer
-    if source in PACKAGED_MODELS or (source.endswith(".gguf") and Path(source).expanduser().is_file()):
+    if source in PACKAGED_MODELS or (source.lower().endswith(".gguf") and Path(source).expanduser().is_file()):
         from minigrpo.models.gguf import GGUFCheckpoint, packaged_gguf
 
         gguf = GGUFCheckpoint(packaged_gguf(source) if source in PACKAGED_MODELS else Path(source).expanduser())

@@ -139,18 +139,30 @@ def parse_args(argv: Sequence[str] | None):
         required=True,
         help="checkpoint folder (full or LoRA), run folder (its newest intact checkpoint), .gguf file or hub id",
     )
-    parser.add_argument("--gguf", default="q8_0", choices=QUANT_CHOICES, help="export type (default: q8_0)")
+    parser.add_argument(
+        "--gguf", default="q8_0", type=str.lower, choices=QUANT_CHOICES, help="export type, any case (default: q8_0)"
+    )
     parser.add_argument("--out", default=None, help="output file (default: <checkpoint>.<type>.gguf next to it)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is not None and args.out.startswith("~"):  # `--out=~/x.gguf`: the shell leaves the `~`
+        args.out = str(Path(args.out).expanduser())
+    return args
 
 
 def model_name(path: Path) -> str:
     """general.name from the file name: `Qwen2.5-0.5B-grpo.q4_k_m.gguf` -> `Qwen2.5-0.5B-grpo` (the
     `.gguf` suffix and an export type's go; the dots of a model's own name stay)."""
-    stem = path.name.removesuffix(".gguf")
+    stem = without_gguf_suffix(path.name)
     for quant in QUANT_CHOICES:
-        stem = stem.removesuffix(f".{quant}")
+        if stem.lower().endswith(f".{quant}"):  # `.Q4_K_M` as llama.cpp's own files name it
+            stem = stem[: -len(quant) - 1]
     return stem or path.name
+
+
+def without_gguf_suffix(name: str) -> str:
+    """`name` without its `.gguf` suffix, in any case (`model.Q8_0.GGUF` -> `model.Q8_0`), as the model
+    loader recognises a GGUF file (minigrpo/models/loading.py)."""
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
 
 
 def default_output(checkpoint: str, quant: str) -> Path:
@@ -161,7 +173,7 @@ def default_output(checkpoint: str, quant: str) -> Path:
         resolved = path.resolve()
         name = re.sub(r"^\.tmp-(old-)?(?=step_\d+$)", "", resolved.name)  # named as it will be again
         return resolved.with_name(f"{name}.{quant}.gguf")
-    stem = path.name.removesuffix(".gguf") or "model"
+    stem = without_gguf_suffix(path.name) or "model"
     return Path(f"{stem}.{quant}.gguf")
 
 
@@ -213,7 +225,7 @@ def _check_source(source: str, tokenizer_dir: Path | None, revision: str | None)
 
     check_model_source(source, revision=revision, require_tokenizer=tokenizer_dir is None)
     path = Path(source).expanduser()
-    gguf_file = source in PACKAGED_MODELS or path.suffix == ".gguf"
+    gguf_file = source in PACKAGED_MODELS or path.suffix.lower() == ".gguf"
     if gguf_file:
         ckpt = GGUFCheckpoint(_resolve(source, revision))
         config = ckpt.config

@@ -185,23 +185,44 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[st
 
 
 def check_adapter_fits(directory: str | os.PathLike, base: str | os.PathLike | None) -> None:
-    """load_peft_adapter's layout and shape checks against the base model folder's config.json, before
-    the base's weights load (an adapter for another model is one line, not minutes of loading first):
-    a meta-device model of that config, which holds no memory, stands in for the base. A base that
-    is no local folder (a hub id, a GGUF file) is checked as it loads."""
+    """load_peft_adapter's layout and shape checks against the base model's config (a folder's
+    config.json, a GGUF file's or packaged model's header), before the base's weights load (an adapter
+    for another model is one line, not minutes of loading first): a meta-device model of that config,
+    which holds no memory, stands in for the base. A hub id is checked as it loads."""
     from minigrpo.models.args import ModelArgs
     from minigrpo.models.transformer import Transformer
 
-    config_file = Path(base).expanduser() / "config.json" if base is not None else None
-    if config_file is None or not config_file.is_file():
+    base_config = _base_config(base)
+    if base_config is None:
         return
     path = Path(directory)
     config = check_peft_adapter(path)
     with torch.device("meta"):
-        model = Transformer(ModelArgs.from_hf_config(json.loads(config_file.read_text(encoding="utf-8"))))
+        model = Transformer(ModelArgs.from_hf_config(base_config))
     header = read_header(path / ADAPTER_WEIGHTS)
     state = {key.removeprefix(PEFT_PREFIX): torch.empty(h["shape"], device="meta") for key, h in header.items()}
     _adapted_names(model, state, config, path)
+
+
+def _base_config(base: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The HF config of the base model `base` read without its weights: a local folder's config.json, a
+    GGUF file's header (its suffix in any case, as the model loader reads it) or a packaged model's;
+    None for a hub id (known once fetched) or no base."""
+    if base is None:
+        return None
+    path = Path(base).expanduser()
+    if (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    from minigrpo.models.loading import PACKAGED_MODELS
+
+    if str(base) in PACKAGED_MODELS or (path.suffix.lower() == ".gguf" and path.is_file()):
+        from minigrpo.models.gguf import GGUFCheckpoint, packaged_gguf
+
+        try:
+            return GGUFCheckpoint(packaged_gguf(str(base)) if str(base) in PACKAGED_MODELS else path).config
+        except FileNotFoundError:  # the package that ships it is missing: the model loader says so
+            return None
+    return None
 
 
 def _adapted_names(model: nn.Module, state: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> list[str]:
