@@ -122,7 +122,7 @@ def save_gguf(
             heads = qk_heads(name_, arch, args)
             if heads is not None:
                 w = permute_qk(w, heads)
-            writer.write_tensor_data(encode_tensor(w, types[name_]))
+            writer.write_tensor_data(encode_tensor(w, types[name_], name_))
             del w
         writer.close()
     return path

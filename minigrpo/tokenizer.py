@@ -134,11 +134,10 @@ class Tokenizer:
         self.chat_template_files = {k: str(v) for k, v in (chat_template_files or {}).items()}
         self.chat_control_tokens = None if chat_control_tokens is None else tuple(chat_control_tokens)
 
-        vocab_n = self.vocab_size
         stops = {i for i in (self.eos_token_id, *extra_stop_ids) if i is not None}
-        bad = sorted(i for i in stops if not 0 <= i < vocab_n)
+        bad = sorted(i for i in stops if i < 0 or self._tk.id_to_token(i) is None)  # ids may leave gaps: no count
         if bad:
-            raise ValueError(f"stop ids {bad} are outside the vocabulary (size {vocab_n})")
+            raise ValueError(f"stop ids {bad} are outside the vocabulary (no token has them)")
         self.stop_ids: tuple[int, ...] = tuple(sorted(stops))
 
     # ---- construction ------------------------------------------------------------------------------

@@ -316,6 +316,17 @@ def test_errors(tmp_path, llama3_backend):
     assert issubclass(ChatTemplateError, UserError) and issubclass(ChatTemplateError, ValueError)
 
 
+def test_a_stop_id_above_the_token_count_of_a_vocabulary_with_gaps():
+    """Ids may leave gaps (an added token placed past a hole): the count of tokens is no bound on the ids,
+    so a stop token above it is one; an id no token has is refused."""
+    backend = BackendTokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2, "<end>": 9}, unk_token="<unk>"))
+    assert backend.get_vocab_size(with_added_tokens=True) == 4
+    tok = Tokenizer(backend, eos_token="<end>")
+    assert tok.eos_token_id == 9 and tok.stop_ids == (9,)
+    with pytest.raises(ValueError, match=r"stop ids \[5\] are outside the vocabulary"):
+        Tokenizer(backend, eos_token="<end>", extra_stop_ids=[5])
+
+
 # ---- chat templates ------------------------------------------------------------------------------------------
 
 

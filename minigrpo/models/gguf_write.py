@@ -24,8 +24,9 @@ The inverse of the reader (minigrpo/models/gguf.py), built from the reader's own
   UNUSED), merges, special ids, add_bos/add_eos, the chat templates, and the pre-tokenizer name
   (`tokenizer.ggml.pre`) recognised from the tokenizer's own pre-tokenizer: "gpt-2" (the GPT-2
   regex; llama.cpp reads "gpt2" as an unknown name and falls back to another regex), "smollm"
-  (single digits, then the GPT-2 regex), "llama-bpe" and "qwen2" (their Split regexes; qwen2 with NFC).
-  Anything else cannot be described to llama.cpp: an error, not a guess.
+  (single digits, then the GPT-2 regex), "llama-bpe" and "qwen2" (their Split regexes; qwen2 with NFC,
+  "deepseek-r1-qwen" without). Anything else (a ByteLevel that prefixes a space included) cannot be
+  described to llama.cpp: an error, not a guess.
   A SentencePiece vocabulary (what the reader builds from a `llama` GGUF vocabulary: BPE with byte
   fallback) is refused too: its scores are not kept, so it could not be written back as it was read.
 
@@ -33,7 +34,8 @@ Storage types per export type (`tensor_type`): 1-d tensors (norms, biases) and t
 F32 always; f16/bf16 store every 2-d weight so; q8_0 every 2-d weight as Q8_0; q4_0/q5_0 every 2-d
 weight so except the output head (the token embedding when tied), which gets Q6_K as llama.cpp's
 quantizer gives it; q4_k_m follows `kquants.q4_k_m_type`. A row length a block type cannot hold
-falls back (`kquants.fallback_type`; F16 for the 32-value types).
+falls back (`kquants.fallback_type`; F16 for the 32-value types). A weight with inf/nan values, or one
+beyond float16's range stored as F16, is an error (`check_storable`), not a file no reader can use.
 """
 
 from __future__ import annotations
@@ -192,10 +194,29 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str, *, n_layers: int,
     return fallback_type(qtype, shape[-1])
 
 
-def encode_tensor(w: np.ndarray, qtype: QT) -> np.ndarray:
-    """float32 (rows, cols) -> what the file stores for `qtype` (float32/float16, or uint8 blocks)."""
+_F16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def check_storable(w: np.ndarray, qtype: QT, name: str | None = None) -> None:
+    """A GGUFExportError for a tensor the file cannot hold as `qtype`: inf/nan values (a diverged model;
+    the file would load nowhere), or F16 values beyond float16's range (written as inf)."""
+    what = f"tensor {name!r}" if name else f"a tensor of shape {tuple(w.shape)}"
+    finite = np.isfinite(w)
+    if not finite.all():
+        raise GGUFExportError(f"{what} holds {int(w.size - finite.sum())} inf/nan values: it cannot be exported")
+    peak = float(np.abs(w).max(initial=0.0))
+    if qtype == QT.F16 and peak > _F16_MAX:
+        raise GGUFExportError(
+            f"{what} holds values up to {peak:.6g}, beyond float16's range ({_F16_MAX:g}): export it as bf16 or q8_0"
+        )
+
+
+def encode_tensor(w: np.ndarray, qtype: QT, name: str | None = None) -> np.ndarray:
+    """float32 (rows, cols) -> what the file stores for `qtype` (float32/float16, or uint8 blocks);
+    `check_storable` first (`name` names the tensor in its error)."""
     from gguf.quants import quantize
 
+    check_storable(w, qtype, name)
     if qtype == QT.F32:
         return np.ascontiguousarray(w, dtype=np.float32)
     if qtype == QT.F16:
@@ -301,10 +322,17 @@ class GGUFVocab:
 
 
 def _pre_tokenizer_name(spec: dict[str, Any]) -> str | None:
-    """llama.cpp's name of a tokenizer.json pre-tokenizer + normalizer, or None if it has none."""
+    """llama.cpp's name of a tokenizer.json pre-tokenizer + normalizer, or None if it has none.
+
+    A ByteLevel step that prefixes a space (`add_prefix_space`, true unless the file says false) has
+    no GGUF form: llama.cpp never adds one to a `gpt2` vocabulary, so "hi" would become other tokens.
+    Qwen2's regex without Qwen2's NFC normalizer is "deepseek-r1-qwen" (DeepSeek's Qwen distills):
+    llama.cpp splits both alike, and the reader normalizes only "qwen2" files."""
     pre, norm = spec.get("pre_tokenizer") or {}, spec.get("normalizer")
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
+    if kinds[-1:] != ["ByteLevel"] or parts[-1].get("add_prefix_space", True):
+        return None
     name = None
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
         name = "gpt-2"
@@ -314,6 +342,8 @@ def _pre_tokenizer_name(spec: dict[str, Any]) -> str | None:
         regex = (parts[0].get("pattern") or {}).get("Regex")
         ok = parts[0].get("behavior") == "Isolated" and not parts[0].get("invert", False)
         name = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}.get(regex) if ok else None
+    if name == "qwen2" and norm is None:
+        return "deepseek-r1-qwen"
     expected_norm = {"type": "NFC"} if name == "qwen2" else None
     return name if norm == expected_norm else None
 
@@ -339,22 +369,11 @@ def tokenizer_vocab(tokenizer: Any, n_vocab: int) -> GGUFVocab:
     pre = _pre_tokenizer_name(spec)
     if pre is None:
         raise GGUFExportError(
-            "the tokenizer's pre-tokenizer/normalizer is not one llama.cpp names (gpt-2, smollm, llama-bpe, qwen2): "
+            "the tokenizer's pre-tokenizer/normalizer is not one llama.cpp names (gpt-2, smollm, llama-bpe, qwen2, "
+            "deepseek-r1-qwen; ByteLevel with add_prefix_space=false): "
             f"{json.dumps(spec.get('pre_tokenizer'))[:200]}"
         )
-    n_tok = tokenizer.vocab_size
-    if n_tok > n_vocab:
-        raise GGUFExportError(f"the tokenizer has {n_tok} tokens but the model only {n_vocab} embedding rows")
-    added = tokenizer.backend.get_added_tokens_decoder()
-    tokens, types = [], []
-    for i in range(n_vocab):
-        tok = tokenizer.id_to_token(i) if i < n_tok else None
-        if tok is None or tok == f"[PAD{i}]":
-            tokens.append(f"[PAD{i}]")
-            types.append(TOKEN_UNUSED)
-        else:
-            tokens.append(tok)
-            types.append(TOKEN_NORMAL if i not in added else TOKEN_CONTROL if added[i].special else TOKEN_USER_DEFINED)
+    tokens, types = _tokens_by_row(tokenizer, n_vocab)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
     ids = {
@@ -381,6 +400,30 @@ def tokenizer_vocab(tokenizer: Any, n_vocab: int) -> GGUFVocab:
     )
 
 
+def _tokens_by_row(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[int]]:
+    """(token, type) of every embedding row, by id: the ids of a vocabulary may leave holes (and a model
+    may have more rows than tokens, as Qwen2.5's 151936 for 151665), so tokens are placed by their id,
+    not their count; a row no token uses is `[PAD{id}]` UNUSED, as llama.cpp's converter writes it."""
+    by_id = {i: tok for tok, i in tokenizer.backend.get_vocab(with_added_tokens=True).items()}
+    outside = sorted(i for i in by_id if not 0 <= i < n_vocab)
+    if outside:
+        raise GGUFExportError(
+            f"the tokenizer's token {by_id[outside[-1]]!r} has id {outside[-1]}, but the model has only {n_vocab} "
+            f"embedding rows (ids 0..{n_vocab - 1}); {len(outside)} token(s) have no row"
+        )
+    added = tokenizer.backend.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(n_vocab):
+        tok = by_id.get(i)
+        if tok is None or tok == f"[PAD{i}]":
+            tokens.append(f"[PAD{i}]")
+            types.append(TOKEN_UNUSED)
+        else:
+            tokens.append(tok)
+            types.append(TOKEN_NORMAL if i not in added else TOKEN_CONTROL if added[i].special else TOKEN_USER_DEFINED)
+    return tokens, types
+
+
 def add_vocab_metadata(writer: Any, vocab: GGUFVocab) -> None:
     """The `tokenizer.*` keys of a GGUFVocab."""
     writer.add_tokenizer_model("gpt2")
@@ -404,6 +447,7 @@ __all__ = [
     "add_model_metadata",
     "add_vocab_metadata",
     "check_exportable",
+    "check_storable",
     "encode_tensor",
     "gguf_tensor_name",
     "permute_qk",
