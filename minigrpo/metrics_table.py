@@ -103,7 +103,8 @@ class Column:
 
 # The preferred order. "_fail" (summed failures + timeouts) and "_eta" are computed by the logger.
 COLUMNS = (
-    Column("step", ("step",), 6, lambda v: f"{v:.0f}"),
+    # 7 digits: every step below 10 million in full (a 6-wide column showed steps 1000000 and 1000001 as "1.0M")
+    Column("step", ("step",), 7, lambda v: f"{v:.0f}"),
     Column("reward", ("reward", "reward/total"), 7, lambda v: f"{v:.3f}"),
     Column("r_std", ("reward_std", "reward/total_std"), 6, lambda v: f"{v:.3f}"),
     Column("zero%", ("frac_zero_spread",), 5, _pct, scale=100),

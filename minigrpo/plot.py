@@ -24,6 +24,9 @@ PLOTS_OFF = (
 PANEL_HEIGHT = 300  # pixels per row of panels when no height is given
 TITLE_HEIGHT = 40  # pixels above the panels for the figure title
 DPI = 100
+# text drawn as written: matplotlib reads a pair of "$" as math, so a run named "lr$1e-5$" lost its dollars
+# and one named "x$_$y" failed to draw (a ValueError from the math parser: no curves.png for the run)
+LITERAL = {"parse_math": False}
 
 
 @dataclass
@@ -63,10 +66,11 @@ def _series(name: str, xs: Sequence[float], ys: Sequence[float]) -> tuple[np.nda
 
 def _draw_panel(ax, panel: Panel) -> None:
     """Title, one line per series (a finite point between gaps gets a dot), legend, grid; x ticks on whole
-    numbers (x is a step: no "step 1.5", and a one-step run gets one tick, not 0.96 ... 1.04)."""
+    numbers (x is a step: no "step 1.5", and a one-step run gets one tick, not 0.96 ... 1.04). Titles and
+    series names are drawn as written (see LITERAL)."""
     from matplotlib.ticker import MaxNLocator
 
-    ax.set_title(panel.title, fontsize="medium")
+    ax.set_title(panel.title, fontsize="medium", **LITERAL)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     drawn, x_drawn = False, []
     for i, (name, (xs, ys)) in enumerate(panel.series.items()):
@@ -88,7 +92,8 @@ def _draw_panel(ax, panel: Panel) -> None:
         lo, hi = ax.get_ylim()
         ax.set_ylim(min(lo, 0.0), max(hi, 0.0))
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="x-small", loc="best")
+    for text in ax.legend(fontsize="x-small", loc="best").get_texts():
+        text.set_parse_math(False)
 
 
 def draw_figure(panels: list[Panel], *, title: str | None = None, width: int = 1200, height: int | None = None):
@@ -104,7 +109,7 @@ def draw_figure(panels: list[Panel], *, title: str | None = None, width: int = 1
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, **LITERAL)
     for i, panel in enumerate(panels):
         _draw_panel(fig.add_subplot(rows, cols, i + 1), panel)
     return fig

@@ -111,6 +111,7 @@ class ResumePoint:
 def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> ResumePoint | None:
     """The run folder's state against run.resume, and the checkpoint to resume from (None: a new run).
     A resumed run may change only the keys that start with one of `resumable`."""
+    check_run_dir_path(cfg)
     run_dir = cfg.run.run_dir
     for name in RUN_FILES:  # what the logger appends to or rewrites: a folder there fails only after loading
         if (run_dir / name).exists() and not (run_dir / name).is_file():
@@ -239,6 +240,41 @@ def check_writable_run_dir(run_dir: Path) -> None:
     check_writable(run_dir / "checkpoints")
 
 
+NAME_MAX = 255  # bytes of one file or folder name where the file system does not say (ext4, xfs, btrfs, tmpfs)
+
+
+def check_run_dir_path(cfg: Config) -> None:
+    """run.output_dir / run.name is a path the file system can hold: a `~user` home that does not exist
+    or a folder name longer than the file system takes would otherwise surface as a traceback from the
+    first stat, so each is one UserError naming the key (run.name for the last folder, else run.output_dir)."""
+    try:
+        run_dir = cfg.run.run_dir
+    except RuntimeError as e:  # Path.expanduser: no such user, or no home folder
+        raise UserError(f"run.output_dir={cfg.run.output_dir!r}: {e} (write the folder out in full)") from None
+    folder = Path(run_dir.anchor)
+    limit = name_limit(folder, NAME_MAX)
+    for i, part in enumerate(run_dir.parts[1:] if run_dir.anchor else run_dir.parts):
+        size = len(os.fsencode(part))
+        if size > limit:
+            last = i == len(run_dir.parts) - (2 if run_dir.anchor else 1)
+            key = "run.name" if last else "run.output_dir"
+            raise UserError(
+                f"{key}: the folder name {part[:40]!r}... is {size} bytes long, more than the {limit} the file "
+                f"system takes for one name in {folder}: choose a shorter {key}"
+            )
+        folder = folder / part
+        limit = name_limit(folder, limit)
+
+
+def name_limit(folder: Path, default: int) -> int:
+    """The longest file name (bytes) the file system of `folder` takes; `default` for a folder that does
+    not exist (yet) or a system that does not say."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return default
+
+
 # the settings of a model config.json that fix the shapes of its weights (ModelArgs' names)
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size")
 
@@ -294,6 +330,7 @@ def run_dir_held(cfg: Config) -> Iterator[RunDirLock | None]:
     """cfg.run.run_dir held by this process while the block runs (lock_run_dir), released after it,
     and by the operating system if the process dies. Under torchrun rank 0 alone (the rank that
     writes) takes it: the other ranks write nothing and wait for rank 0 as in any run."""
+    check_run_dir_path(cfg)  # every rank: a path no file system takes fails alike everywhere
     if os.environ.get("RANK", "0") != "0":
         yield None
         return
