@@ -31,7 +31,7 @@ from minigrpo.algorithms.dpo_config import DPOCfg
 from minigrpo.algorithms.ppo_config import PPOCfg
 from minigrpo.atomic import write_atomic
 from minigrpo.config_rules import cross_field_errors, read_by_command
-from minigrpo.configio import MAX_COUNT, ConfigError, ConfigWarning, Section, spec
+from minigrpo.configio import MAX_COUNT, MAX_SECONDS, ConfigError, ConfigWarning, Section, spec
 from minigrpo.env_config import EnvCfg
 from minigrpo.errors import ArgumentParser
 from minigrpo.sft_config import SFTCfg
@@ -200,7 +200,8 @@ class RewardSpec(Section):
 
     name: str  # registry name ("correctness") or "package.module:function"; unique within rewards
     weight: float = spec(1.0, "finite")  # weight in the summed reward r = sum_k weight_k * r_k
-    timeout_s: float = spec(10.0, "> 0")  # a call taking longer is a failure (masked and counted, not fatal)
+    # a call taking longer is a failure (masked and counted, not fatal)
+    timeout_s: float = spec(10.0, "> 0", most=MAX_SECONDS)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the function
 
 
@@ -268,7 +269,7 @@ class DistributedCfg(Section):
     strategy: Literal["auto", "fsdp", "ddp"] = "auto"  # auto: fsdp for full fine-tuning, ddp for LoRA
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (less memory)
-    timeout_s: float = spec(1800.0, "> 0")  # collective timeout: a rank stuck this long fails the job
+    timeout_s: float = spec(1800.0, "> 0", most=MAX_SECONDS)  # collective timeout: a rank stuck this long fails the job
 
     def resolved_strategy(self, lora_enabled: bool) -> str:
         """fsdp or ddp: "auto" shards full fine-tuning and replicates a LoRA model (adapters are tiny)."""
@@ -335,7 +336,8 @@ def validate(cfg: Config) -> list[str]:
     notes: list[str] = []
     limit_errors = read_by_command(cfg, _without_derived_echoes(cfg, configio.check_limits(cfg)))
     failed = {message.split(" ", 1)[0] for message in limit_errors}  # each starts with its dotted key
-    errors = limit_errors + [e for e in cross_field_errors(cfg, notes) if not _names_any(e, failed)]
+    # a rule between fields that reads a value its own limit refused adds only an echo of that error: dropped
+    errors = limit_errors + [e for e in cross_field_errors(cfg, notes) if not configio.names_any(e, failed)]
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     for note in notes:
@@ -373,12 +375,6 @@ def _field(key: str) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(cls) if f.name == name)
 
 
-def _names_any(message: str, keys: set[str]) -> bool:
-    """Whether a message names one of these dotted keys (whole: `grpo.epsilon` is not in `grpo.epsilon_high`):
-    a rule between fields that reads a value already refused by its own limit adds only an echo of it."""
-    return any(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message) for key in keys)
-
-
 # ---------------------------------------- Load / save / compare / command line
 
 
@@ -390,7 +386,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     for item in overrides:
         configio.apply_override(raw, item, Config)
     cfg = _build(raw, path, overrides)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise configio.in_file(e, path, overrides) from None
     return cfg
 
 

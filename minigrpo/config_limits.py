@@ -4,7 +4,7 @@
     device: str = spec("auto", match=r"auto|cpu|cuda.*", why="auto, cpu or cuda[:N]")
 
 `check_limits(cfg)` walks a tree of dataclasses and returns one message per value outside its field's
-limit, pattern or count cap (`MAX_COUNT`: no run can use a larger count).
+limit, pattern or cap (`MAX_COUNT`: no run can use a larger count; `MAX_SECONDS`: no timer waits longer).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import dataclasses
 import math
 import operator
 import re
+import threading
 from typing import Any
 
 
@@ -26,6 +27,11 @@ _COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operato
 # a count past int32 cannot run: more steps than a run can take, more rows or tokens than a tensor can hold
 MAX_COUNT = 2**31 - 1
 MAX_EXACT_INT = 2**53  # a float beyond it holds no exact integer (1e300 as an int would be 1000...052504...)
+# a timeout past what Python's timers wait (threading.TIMEOUT_MAX: about 292 years on Linux, 49 days on
+# Windows) raises OverflowError in the wait itself, mid-run: 1e9 s (about 31 years) where the platform allows
+MAX_SECONDS = float(min(10**9, int(threading.TIMEOUT_MAX)))
+# why a value past a field's `most` cannot run, for its error message
+_BEYOND_MOST = {MAX_COUNT: "no run can use a larger count", MAX_SECONDS: "longer than a timer can wait"}
 
 
 def within(limit: str, v: float) -> bool:
@@ -51,7 +57,7 @@ def spec(default: Any, limit: str | None = None, *, most: int | None = None, mat
     """A dataclass field with its limit beside it: `lr: float = spec(1e-6, ">= 0")` (see `within`),
     or a pattern a text must match whole: `spec("auto", match=r"cpu|cuda", why="cpu or cuda")`.
 
-    `most` caps a count beyond which the run cannot work (`MAX_COUNT`), checked apart from `limit`;
+    `most` caps a value beyond which the run cannot work (`MAX_COUNT`, `MAX_SECONDS`), checked apart from `limit`;
     `why` ends a limit's error message and is the whole description of a pattern's; `derived` names
     what fills a None default (in a `__post_init__`, only while None), for readers and tests.
     """
@@ -78,7 +84,8 @@ def check_limits(obj: Any, path: str = "") -> list[str]:
         if limit and not all(within(limit, v) for v in values):
             errors.append(f"{key} must be {limit}, got {shown}" + (f" ({why})" if why else ""))
         elif (most := f.metadata.get("most")) is not None and any(v > most for v in values):
-            errors.append(f"{key} must be <= {most}, got {shown} (no run can use a larger count)")
+            cap = most if isinstance(most, int) else f"{most:g}"  # 2147483647, 1e+09
+            errors.append(f"{key} must be <= {cap}, got {shown} ({_BEYOND_MOST.get(most, 'no run can use more')})")
         if pattern and not all(re.fullmatch(pattern, v) for v in values):
             errors.append(f"{key} must be {why}, got {shown!r}")
         if dataclasses.is_dataclass(value) or isinstance(value, list):

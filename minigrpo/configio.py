@@ -22,6 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from minigrpo.config_limits import MAX_COUNT as MAX_COUNT  # re-exported: the limits live in config_limits.py
 from minigrpo.config_limits import MAX_EXACT_INT, join_key
+from minigrpo.config_limits import MAX_SECONDS as MAX_SECONDS
 from minigrpo.config_limits import check_limits as check_limits
 from minigrpo.config_limits import spec as spec
 from minigrpo.config_limits import within as within
@@ -69,6 +70,24 @@ def none_texts(obj: Any, path: str = "") -> list[tuple[str, str]]:
         elif isinstance(value, str) and value.strip().lower() == "none" and _admits_none(tp):
             found.append((key, value))
     return found
+
+
+def names_any(message: str, keys: set[str]) -> bool:
+    """Whether a message names one of these dotted keys, whole (`grpo.epsilon` is not in `grpo.epsilon_high`;
+    a section, `train`, is in `train.lr`)."""
+    return any(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message) for key in keys)
+
+
+def in_file(error: ConfigError, path: Any, overrides: Sequence[str]) -> ConfigError:
+    """A validation error ("invalid config:" and one "  - problem" per line) naming the config file too
+    (`cfg.yaml: invalid config: train.lr must be >= 0, got -1.0`) when one of its problems names no key an
+    `a.b=v` override set: the file wrote it, and the key alone does not say which file to open. An error
+    of the overrides alone stays as it is (as a wrong type does)."""
+    set_keys = {item.partition("=")[0].strip() for item in overrides}
+    problems = str(error).splitlines()[1:]
+    if path is None or all(names_any(problem, set_keys) for problem in problems):
+        return error
+    return ConfigError(f"{path}: {error}", error.key)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,6 +179,20 @@ def _all_keys(cls: type, path: str = "") -> list[str]:
     return keys
 
 
+def _sibling_with_word(key: str, names: Sequence[str], prefix: bool = False) -> str | None:
+    """The one name among `names` that holds `key` as whole words (`path` and `name` in `name_or_path`,
+    `num` in `num_prompts`), or with `prefix`, that `key` begins (`temp` of `temperature`); None when
+    none or several do."""
+    words, low = key.lower().split("_"), key.lower()
+    found = [
+        name
+        for name in names
+        if (prefix and len(low) >= 3 and name.startswith(low))
+        or (not prefix and any(name.split("_")[i : i + len(words)] == words for i in range(len(name.split("_")))))
+    ]
+    return found[0] if len(found) == 1 else None
+
+
 def _unknown_key(cls: type, path: str, key: str, root: type) -> ConfigError:
     """Unknown-key error with a suggestion: the same name in another section of `root`
     (`train.group_size` -> `grpo.group_size`), else the closest sibling, else the closest anywhere.
@@ -177,9 +210,12 @@ def _unknown_key(cls: type, path: str, key: str, root: type) -> ConfigError:
     for dotted in _all_keys(root):
         if "." in dotted:
             elsewhere.setdefault(dotted.rsplit(".", 1)[-1], dotted)
-    if key in elsewhere:
-        guess: str | None = elsewhere[key]
-    elif (near := _closest(key, list(_hints(cls)))) is not None:
+    siblings = list(_hints(cls))
+    if (word := _sibling_with_word(key, siblings)) is not None:  # `model.path`: model.name_or_path, not data.path
+        guess: str | None = _join(path, word)
+    elif key in elsewhere:
+        guess = elsewhere[key]
+    elif (near := _closest(key, siblings) or _sibling_with_word(key, siblings, prefix=True)) is not None:
         guess = _join(path, near)
     else:
         leaf = _closest(key, list(elsewhere), cutoff=0.8)
@@ -280,6 +316,9 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
         except OverflowError:  # an int beyond the largest float (about 1.8e308)
             raise _bad(key, tp, value, " (too large for a float)") from None
     if tp is str:
+        if isinstance(value, str) and "\0" in value:  # no path holds one (os calls raise ValueError); no text needs it
+            problem = "holds a NUL character (\\0), which no name, path or text may hold"
+            raise ConfigError(f"{key}: {value!r} {problem}", key)
         if isinstance(value, str):
             return str(value)  # a plain str, also of yaml_io's float-like text
         raise _bad(key, tp, value, "" if value is None else " (quote the value in YAML)")
@@ -346,7 +385,8 @@ def _parse_value(text: str, tp: Any) -> Any:
     try:
         return parse_yaml(text)
     except ConfigError as e:
-        raise ConfigError(f"cannot parse the value {text!r}: {e}") from None
+        shown = repr(text) if len(text) <= 80 else f"{text[:40]!r}... ({len(text)} characters)"
+        raise ConfigError(f"cannot parse the value {shown}: {e}") from None
 
 
 def _field_default(cls: type, name: str) -> Any:

@@ -36,7 +36,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from minigrpo.configio import MAX_COUNT, ConfigError, ConfigWarning, Section, spec
+from minigrpo.configio import MAX_COUNT, MAX_SECONDS, ConfigError, ConfigWarning, Section, spec
 
 BUILTIN_TOOLS = ("calculator", "python")
 ENV_KINDS = ("tools", "gsm8k_tools")  # besides "package.module:Class"
@@ -55,7 +55,7 @@ GSM8K_TOOLS_PROMPT = (
 class SandboxCfg(Section):
     """Limits of the built-in `python` tool's process (minigrpo/tools/sandbox.py)."""
 
-    timeout_s: float = spec(5.0, "> 0")  # wall time per run; the process group is killed past it
+    timeout_s: float = spec(5.0, "> 0", most=MAX_SECONDS)  # wall time per run; the process group is killed past it
     memory_mb: int = spec(512, ">= 16", most=MAX_COUNT)  # address-space limit
     # output kept per run (also the cut of every tool result)
     max_output_chars: int = spec(4000, ">= 1", most=MAX_COUNT)
@@ -75,7 +75,8 @@ class EnvCfg(Section):
     max_turns: int = spec(4, ">= 1", most=MAX_COUNT)  # model turns per episode at most
     # completion tokens (model + environment) per episode at most
     max_episode_tokens: int | None = spec(None, ">= 1", derived="sampler.max_new_tokens * env.max_turns")
-    tool_timeout_s: float = spec(10.0, "> 0")  # one tool call's limit (a call past it is a failed result)
+    # one tool call's limit (a call past it is a failed result)
+    tool_timeout_s: float = spec(10.0, "> 0", most=MAX_SECONDS)
     sandbox: SandboxCfg = field(default_factory=SandboxCfg)  # the python tool's limits
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a user environment class
     # more chat template variables for every rendering of an episode, e.g. {enable_thinking: false} (Qwen3)

@@ -84,7 +84,9 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     try:
         return sign * int(body if base == 10 else body[2:], base)
     except ValueError:
-        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is no integer", node.start_mark) from None
+        shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
+        problem = f"{shown} is no integer" + (" Python reads (it has too many digits)" if len(text) > 40 else "")
+        raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
 
 
 # levels of nested lists and mappings a document may hold: a config uses a handful; deeper is a typo such as
@@ -122,6 +124,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         first_line: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.style is None and key_node.tag in _WORD_TAGS:
+                key_node.tag = "tag:yaml.org,2002:str"  # a plain `on:`, `no:` or `~:` is that name, not True/False/None
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden
                 continue
             key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
@@ -132,6 +136,9 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# a plain key that YAML 1.1 reads as a bool or null (`on`, `no`, `~`): every key is a name here, so it is read as
+# written (`train: {on: 1}` is the unknown key 'train.on', not 'train.True'; `kwargs: {no: 1}` passes `no`)
+_WORD_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:null")
 _StrictLoader.add_constructor(_INT, _construct_int)
 _StrictLoader.add_constructor(_FLOAT, _construct_float)
 
@@ -173,6 +180,8 @@ def parse_yaml(text: str) -> Any:
 def load_yaml_file(path: str | Path) -> dict[str, Any]:
     """A config file's top-level mapping; an unreadable, empty or non-mapping file is a ConfigError.
     `~` is the home folder (`--config=~/x.yaml`, which the shell leaves as it is)."""
+    if not str(path).strip():  # Path("") is ".", which would be reported as a folder
+        raise ConfigError(f"the config file name is empty ({str(path)!r}): give a YAML file, or leave out --config")
     try:
         text = Path(path).expanduser().read_text(encoding="utf-8")
     except OSError as e:

@@ -79,7 +79,7 @@ def ppo_errors(cfg: Any) -> list[str]:
             "ppo.whiten_advantages=true over a step of one token (one row, sampler.max_new_tokens=1) sets its "
             "advantage to 0 and the policy never learns: set ppo.whiten_advantages=false"
         )
-    if n % p.mini_batches:
+    if p.mini_batches >= 1 and n % p.mini_batches:  # a count below 1 has its own error (its limit)
         errors.append(
             f"ppo.mini_batches ({p.mini_batches}) must divide the {n} rows of a step "
             f"(grpo.prompts_per_step * grpo.group_size): mini-batches are equal"
