@@ -128,8 +128,8 @@ class DataCfg(Section):
     # more chat template variables for every prompt rendered (rollouts, eval, SFT), e.g. {enable_thinking: false}
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     shuffle: bool = True  # reshuffle the prompt order every epoch (seeded by run.seed and the epoch)
-    max_prompt_tokens: int | None = spec(None, ">= 1")  # drop longer prompts (None: keep all)
-    num_eval: int = spec(200, ">= 0")  # eval set size (synthetic: generated; files: the first rows)
+    max_prompt_tokens: int | None = spec(None, ">= 1", most=MAX_COUNT)  # drop longer prompts (None: keep all)
+    num_eval: int = spec(200, ">= 0", most=MAX_COUNT)  # eval set size (synthetic: generated; files: the first rows)
     synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)  # knobs of the synthetic task
 
 
@@ -148,7 +148,7 @@ class SamplerCfg(Section):
     # own sampler: rows decoded at once (its KV cache holds this many sequences); the step's rows are
     # generated in waves of whole prompts (or of parts of one prompt's group), the same tokens as in
     # one go; null: every row at once. Long completions: trades rollout time for memory.
-    max_rows: int | None = spec(None, ">= 1", why="null = every row at once")
+    max_rows: int | None = spec(None, ">= 1", most=MAX_COUNT, why="null = every row at once")
     # own sampler with LoRA on a 16-bit base: each adapted weight merged (W + s B A, rounded once)
     # into a copy for the rollout, one GEMM per projection instead of three; the copy costs memory
     # while sampling (the pre-flight counts it). false: adapters unmerged (NF4, fp32 bases always are)
@@ -179,7 +179,7 @@ class GRPOCfg(Section):
     num_iterations: int = spec(1, ">= 1", most=MAX_COUNT)  # mu: optimizer passes over each batch of rollouts
     mask_truncated_completions: bool = False  # drop completions that hit max_new_tokens from the loss
     dynamic_sampling: bool = False  # DAPO: resample groups whose rewards are all equal
-    max_resample_rounds: int = spec(3, ">= 0")  # dynamic sampling: extra generation rounds per step at most
+    max_resample_rounds: int = spec(3, ">= 0", most=MAX_COUNT)  # dynamic sampling: extra rounds a step at most
     # sampler-vs-trainer importance weights: token/sequence, truncate/mask outside [is_min, is_cap].
     # None = auto: off for the own sampler (the trainer's weights; with LoRA merged for the rollout,
     # rounded once more), token_truncate for vLLM
@@ -230,7 +230,7 @@ class TrainCfg(Section):
 class LogCfg(Section):
     """Metrics, samples and plots."""
 
-    every: int = spec(1, ">= 1")  # print the table row every this many steps (metrics.jsonl gets every step)
+    every: int = spec(1, ">= 1", most=MAX_COUNT)  # a table row every this many steps (metrics.jsonl: every step)
     sample_every: int = spec(10, ">= 0", why="0 = never")  # print a sampled completion every this many steps
     plots: bool = True  # write PNG plots of the metrics into the run directory
     tensorboard: bool = False  # also log to TensorBoard
@@ -243,8 +243,8 @@ class LogCfg(Section):
 class CheckpointCfg(Section):
     """Periodic, atomic checkpoints (model or adapter, optimizer, scheduler, RNG, data cursor)."""
 
-    every: int = spec(50, ">= 0", why="0 = only the final checkpoint")  # save every this many steps
-    keep_last: int = spec(2, ">= 1")  # periodic checkpoints kept on disk (older ones are deleted)
+    every: int = spec(50, ">= 0", most=MAX_COUNT, why="0 = only the final checkpoint")  # save every this many steps
+    keep_last: int = spec(2, ">= 1", most=MAX_COUNT)  # periodic checkpoints kept on disk (older ones are deleted)
     save_final: bool = True  # save after the last step
     save_merged: bool = False  # LoRA: also write a merged HF checkpoint (run.dtype) to run_dir/merged at the end
 
@@ -253,7 +253,7 @@ class CheckpointCfg(Section):
 class EvalCfg(Section):
     """Evaluation on the eval split (`python -m minigrpo.eval`)."""
 
-    num_prompts: int | None = spec(None, ">= 0", derived="data.num_eval")  # prompts scored; <= data.num_eval
+    num_prompts: int | None = spec(None, ">= 0", most=MAX_COUNT, derived="data.num_eval")  # <= data.num_eval
     temperature: float = spec(0.0, ">= 0", why="0 = greedy")  # sampling temperature
     # completions sampled per prompt (k; > 1 needs eval.temperature > 0): accuracy is their mean (pass@1
     # estimated over k), pass@k (any of them right) and maj@k (the most frequent answer right) beside it

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from minigrpo.configio import Section, spec, template_errors
+from minigrpo.configio import MAX_COUNT, Section, spec, template_errors
 
 _SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 
@@ -41,9 +41,9 @@ class SFTCfg(Section):
     response_template: str = "<answer>{answer}</answer>"
     # longer conversations keep their first max_seq_len tokens (cut on the right: the cut tokens, replies
     # included, get no loss); a warning counts those left without an assistant token
-    max_seq_len: int = spec(1024, ">= 2")
-    batch_size: int = spec(8, ">= 1")  # conversations per optimizer step
-    micro_batch_size: int = spec(8, ">= 1")  # conversations per forward/backward pass; divides batch_size
+    max_seq_len: int = spec(1024, ">= 2", most=MAX_COUNT)
+    batch_size: int = spec(8, ">= 1", most=MAX_COUNT)  # conversations per optimizer step
+    micro_batch_size: int = spec(8, ">= 1", most=MAX_COUNT)  # conversations a forward/backward; divides batch_size
     shuffle: bool = True  # reshuffle the conversations every epoch (seeded by run.seed and the epoch)
 
 

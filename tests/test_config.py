@@ -868,7 +868,7 @@ def test_integers_too_large_for_a_float_are_config_errors(override, message):
 def test_integers_beyond_float_range_pass_an_int_limit():
     big = 10**400
     assert configio.within(">= 1", big) and not configio.within("< 0", big)
-    assert load_config(None, [f"sampler.max_rows={big}"]).sampler.max_rows == big
+    assert load_config(None, [f"log.sample_every={big}"]).log.sample_every == big
     assert load_config(None, ["train.lr=1" + "0" * 300]).train.lr == 1e300  # within a float's range: a float
 
 

@@ -160,3 +160,16 @@ def test_an_integer_too_long_to_read_is_a_short_line(capsys, tmp_path):
     path = write(tmp_path, f"train: {{steps: {digits}}}\n")
     message = cli_error(capsys, ["--config", str(path)])
     assert len(message) < 300 and message.startswith(f"{path}: not valid YAML: '1000"), message
+
+
+COUNTS = ["data.max_prompt_tokens", "data.num_eval", "sampler.max_rows", "grpo.max_resample_rounds", "log.every",
+          "checkpoint.every", "checkpoint.keep_last", "eval.num_prompts", "sft.max_seq_len", "sft.batch_size",
+          "sft.micro_batch_size"]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", COUNTS)
+def test_a_count_no_run_can_use_is_one_line(capsys, key):
+    """Counts past MAX_COUNT passed: sft.batch_size=10**20 (which its micro-batch of 8 divides) made the data
+    loader build an endless list of row indices."""
+    message = cli_error(capsys, ["--set", f"{key}={10**20}"])
+    assert f"{key} must be <= {2**31 - 1}, got {10**20} (no run can use a larger count)" in message
