@@ -116,6 +116,9 @@ def check_run_dir(cfg: Config, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -
     for name in RUN_FILES:  # what the logger appends to or rewrites: a folder there fails only after loading
         if (run_dir / name).exists() and not (run_dir / name).is_file():
             raise UserError(f"{run_dir / name} is not a file: the run writes its {name} there; move it away")
+    for name in RUN_OUTPUTS:  # a final output folder replaces what is there: not a file of the user's
+        if (run_dir / name).exists() and not (run_dir / name).is_dir():
+            raise UserError(f"{run_dir / name} is not a folder: the run writes its {name} folder there; move it away")
     if not cfg.run.resume:
         if latest_checkpoint(run_dir) is not None:
             raise UserError(f"{run_dir} already holds a run: continue it with --resume, or set another run.name")

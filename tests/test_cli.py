@@ -231,6 +231,17 @@ def test_a_folder_where_the_run_writes_a_file(workspace, name):
     assert message == f"{run_dir / name} is not a file: the run writes its {name} there; move it away"
 
 
+@pytest.mark.parametrize("name", ["merged", "model"])
+def test_a_file_where_the_run_writes_its_final_folder(workspace, name):
+    """A file of the user's named like a final output folder was deleted when the run wrote that folder."""
+    run_dir = workspace / "runs" / f"file_{name}"
+    run_dir.mkdir(parents=True)
+    (run_dir / name).write_text("mine")
+    message = one_error_line(train_cli(workspace, config(workspace, run_dir.name)))
+    assert message == f"{run_dir / name} is not a folder: the run writes its {name} folder there; move it away"
+    assert (run_dir / name).read_text() == "mine"
+
+
 # ------------------------------------------------------------------------------------------------
 # data and rewards: checked before any weights load (the model folder's weights are broken)
 
