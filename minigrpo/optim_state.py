@@ -180,11 +180,7 @@ def _layout_difference(names: list[str], targets: list[torch.Tensor], saved: dic
     surface steps later as a shape error inside the optimizer."""
     saved_names = saved["param_names"]
     if names != saved_names:
-        extra, missing = set(saved_names) - set(names), set(names) - set(saved_names)
-        if not extra and not missing:
-            i = next(i for i, (a, b) in enumerate(zip(names, saved_names)) if a != b)
-            return f"the same names in another order (position {i}: {names[i]} here, {saved_names[i]} saved)"
-        return f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+        return _names_difference(names, saved_names)
     if sum(saved["group_sizes"]) != len(names):
         return f"its parameter groups hold {sum(saved['group_sizes'])} tensors, not {len(names)}"
     for name, target in zip(names, targets):
@@ -196,10 +192,39 @@ def _layout_difference(names: list[str], targets: list[torch.Tensor], saved: dic
     return None
 
 
+def _names_difference(names: list[str], saved_names: list[str]) -> str:
+    """How the names of the parameters stepped here differ from those a state was saved for: those
+    trainable on one side only (parameters frozen or unfrozen since, another model), or the order."""
+    here, there = set(names), set(saved_names)
+    here_only = [n for n in names if n not in there]  # in the optimizer's order, as the state lists them
+    saved_only = [n for n in saved_names if n not in here]
+    if not here_only and not saved_only:
+        i = next(i for i, (a, b) in enumerate(zip(names, saved_names)) if a != b)
+        return f"the same names in another order (position {i}: {names[i]} here, {saved_names[i]} saved)"
+    parts = [f"trainable here, not saved: {_some(here_only)}"] if here_only else []
+    parts += [f"saved, not trainable here: {_some(saved_only)}"] if saved_only else []
+    return f"{'; '.join(parts)} (the trainable parameters must be those the checkpoint was saved with)"
+
+
+def _some(names: list[str], most: int = 3) -> str:
+    """The first `most` names, comma-separated, and how many more there are."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
 @torch.no_grad()
 def load_masters(model: torch.nn.Module, saved_optimizer: dict[str, Any]) -> None:
     """Copy the fp32 "masters" of a saved optimizer state into the model's (unsharded, fp32)
-    trainable parameters; nothing if there are none. FSDP runs call this before sharding."""
+    trainable parameters; nothing if there are none. FSDP runs call this before sharding. Masters of
+    other names or shapes are refused before any is copied (a (1, D) master copied into a (V, D) weight
+    would broadcast over it, and the shape check of load_optimizer_state comes only after)."""
     params = dict(model.named_parameters())
-    for name, value in saved_optimizer.get("masters", {}).items():
+    masters = saved_optimizer.get("masters", {})
+    for name, value in masters.items():
+        problem = None if name in params else f"{name} is no parameter here"
+        if problem is None and tuple(value.shape) != tuple(params[name].shape):
+            problem = f"{name} is {tuple(params[name].shape)} here, {tuple(value.shape)} saved"
+        if problem:
+            raise ValueError(f"the checkpoint's fp32 masters are for other parameters: {problem}")
+    for name, value in masters.items():
         params[name].copy_(value)
