@@ -409,7 +409,8 @@ def build_run(
     if resume is not None:  # weights first, into the whole model: sharding comes after
         load_checkpoint_weights(cfg, model, resume.path)
         if strategy == "fsdp":
-            load_masters(model, resume.state["optimizer"])  # the fp32 values behind a bf16 checkpoint
+            with restoring(resume.path, "fp32 master weights"):  # the fp32 values behind a bf16 checkpoint
+                load_masters(model, resume.state["optimizer"])
     if strategy == "fsdp":
         for m in (model, ref_model):
             if m is not None:
