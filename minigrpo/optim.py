@@ -253,8 +253,8 @@ def lr_factor(step: int, cfg: TrainCfg, total_steps: int, updates_per_step: int 
         return (step + 1) / warmup
     if cfg.schedule == "constant":
         return 1.0
-    span = max(total_steps - warmup, 1)
-    progress = min(max(step - warmup, 0) / span, 1.0)
+    span = total_steps - warmup  # none: a run all warmup ends at the floor, not back at the peak
+    progress = 1.0 if span <= 0 else min(max(step - warmup, 0) / span, 1.0)
     shape = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 

@@ -282,12 +282,13 @@ def test_master_weights_step_calls_the_closure():
 
 def _expected_factor(step, schedule, warmup, total, floor):
     """The schedule written from its definition: warmup (step+1)/warmup, then from 1 down to `floor`
-    over the remaining total - warmup steps (reached after the last one), clamped there."""
+    over the remaining total - warmup steps (reached after the last one), clamped there; a run all warmup
+    is at the floor past its end (not back at the peak)."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    x = min((step - warmup) / max(total - warmup, 1), 1.0)
+    x = 1.0 if total <= warmup else min((step - warmup) / (total - warmup), 1.0)
     shape = 1 - x if schedule == "linear" else (1 + math.cos(math.pi * x)) / 2
     return floor + (1 - floor) * shape
 
