@@ -169,3 +169,27 @@ def test_forward_hooks_on_blocks_and_norms_see_what_they_always_saw():
             hook.remove()
     assert torch.equal(hooked, plain)
     assert torch.equal(seen["out"], outs[1]) and torch.equal(seen["in"], outs[1]) and torch.equal(seen["norm"], outs[2])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(attention_mask=torch.ones(2, 5, dtype=torch.long)), r"attention_mask must be \(2, 6\), as input_ids"),
+        (dict(attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1]])), r"attention_mask must be \(2, 6\), as input_ids"),
+        (dict(attention_mask=torch.ones(6, dtype=torch.long)), r"attention_mask must be \(2, 6\), as input_ids"),
+        (dict(position_ids=torch.arange(7)[None]), r"position_ids must be \(2 or 1, 6\), as input_ids"),
+        (dict(position_ids=torch.arange(6)), r"position_ids must be \(2 or 1, 6\), as input_ids"),
+    ],
+)
+def test_inputs_of_the_wrong_shape_are_named(kwargs, message):
+    """A mask or position ids that do not match input_ids (B, T) is a ValueError naming the argument: a mask
+    one column short failed deep inside with "apply_rotary: cos (2, 5, 8) ...", and a one-row mask was
+    silently applied to every row (row 0's padding imposed on row 1)."""
+    from helpers.tiny import tiny_model
+
+    model = tiny_model(seed=5)
+    ids = torch.randint(3, model.args.vocab_size, (2, 6))
+    with pytest.raises(ValueError, match=message):
+        model(ids, **kwargs)
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, T\), got shape \(6,\)"):
+        model(ids[0])

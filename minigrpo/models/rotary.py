@@ -29,12 +29,17 @@ from torch import nn
 from .args import ModelArgs
 
 
+def _wavelengths(theta: float, rotary_dim: int) -> torch.Tensor:
+    """theta^(2i/R), (R/2,) fp32: each pair's wavelength over 2 pi, the default frequencies' inverse."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    return theta**exponents
+
+
 def _base_inv_freq(theta: float, rotary_dim: int, factors: list[float] | None = None) -> torch.Tensor:
     """theta^(-2i/R), (R/2,) fp32; with `factors` (longrope, one per pair) 1 / (factor_i * theta^(2i/R)),
     rounded as that product (dividing the default frequencies by the factors rounds differently, and
     the angles of positions in the thousands inherit the last-bit difference: 1.5e-4 in cos at 4000)."""
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
-    wavelengths = theta**exponents  # (R/2,) fp32, over 2 pi
+    wavelengths = _wavelengths(theta, rotary_dim)  # (R/2,) fp32
     if factors is not None:
         wavelengths = torch.tensor(factors, dtype=torch.float32) * wavelengths
     return 1.0 / wavelengths
@@ -83,9 +88,12 @@ def _yarn(theta: float, rotary_dim: int, p: dict, max_pos: int) -> tuple[torch.T
     if low == high:
         high += 0.001
     ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    extrapolation = _base_inv_freq(theta, rotary_dim)
+    # the interpolated frequencies rounded as 1 / (factor * theta^(2i/R)), as the reference rounds them:
+    # dividing the default ones by a factor such as 3 rounds differently, 1.7e-5 in cos at 131072 positions
+    wavelengths = _wavelengths(theta, rotary_dim)  # (R/2,) fp32
+    extrapolation, interpolation = 1.0 / wavelengths, 1.0 / (factor * wavelengths)
     keep = 1 - ramp  # 1: keep the original frequency, 0: interpolate by `factor`
-    return extrapolation / factor * (1 - keep) + extrapolation * keep, float(attn)
+    return interpolation * (1 - keep) + extrapolation * keep, float(attn)
 
 
 def _longrope_scale(p: dict, max_pos: int) -> float:

@@ -279,6 +279,24 @@ def _hooks_watch(decoder: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in watched)
 
 
+def _check_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, with_cache: bool
+) -> None:
+    """A ValueError naming the argument for shapes that would fail deep inside (or broadcast silently): ids
+    (B, T), a mask (B, T) (with a cache (B, S) over its slots), position ids (B or 1, T)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if attention_mask is not None:
+        ok = attention_mask.dim() == 2 and attention_mask.shape[0] == B and (with_cache or attention_mask.shape[1] == T)
+        if not ok:
+            want = f"({B}, S)" if with_cache else f"({B}, {T}), as input_ids"
+            raise ValueError(f"attention_mask must be {want}, got shape {tuple(attention_mask.shape)}")
+    pos_ok = position_ids is None or (position_ids.dim() == 2 and position_ids.shape[0] in (1, B))
+    if not pos_ok or (position_ids is not None and position_ids.shape[1] != T):
+        raise ValueError(f"position_ids must be ({B} or 1, {T}), as input_ids, got shape {tuple(position_ids.shape)}")
+
+
 class Decoder(nn.Module):
     """Embedding, blocks and final norm (the checkpoint's `model.` prefix)."""
 
@@ -387,6 +405,7 @@ class Transformer(nn.Module):
         attention_mask: (B, S) 1 for real tokens, 0 for padding. Without a cache S = T; with one,
         S is the number of cache slots attended and `cache_position` (T,) the slots being written.
         """
+        _check_inputs(input_ids, attention_mask, position_ids, with_cache=kv_cache is not None)
         B, T = input_ids.shape
         device = input_ids.device
         lead = None  # (B,) leading pads rotated to the end of each row, if any
