@@ -349,3 +349,30 @@ def test_readme_library_example(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids).logits, logits.detach(), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- documented results
+
+
+def test_tool_stats_keys_in_the_docstring():
+    """tools/run.py's example names metric keys ToolStats.metrics() really writes, for a call that timed out."""
+    import time
+
+    from minigrpo.tools import run
+    from minigrpo.tools.call_json import ToolCall
+    from minigrpo.tools.schema import Tool
+
+    def slow(seconds: float) -> str:
+        """Sleep, then answer."""
+        time.sleep(seconds)
+        return "done"
+
+    tool = Tool.from_function(slow)
+    result = run.call_tool(tool, ToolCall(name="slow", arguments={"seconds": 1.0}, raw=""), timeout_s=0.05)
+    assert (result.ok, result.error_kind) == (False, "timeout")
+    stats = run.ToolStats()
+    stats.add([result])
+    doc = module_docstring(ROOT / "minigrpo" / "tools" / "run.py")
+    line = next(ln for ln in doc.splitlines() if "stats.metrics()" in ln)
+    named = re.findall(r'"(tools/[\w/]+)"', line)
+    assert named and set(named) <= set(stats.metrics()), (named, stats.metrics())

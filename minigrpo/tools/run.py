@@ -2,7 +2,7 @@
 
     result = call_tool(tool, call, timeout_s=10.0)    # ToolResult(content, ok, error_kind, name)
     results = run_tool_calls(calls, tools)            # the calls of one turn, ToolCallErrors included
-    stats.add(results); stats.metrics()               # {"tools/calls": ..., "tools/timeouts": ...}
+    stats.add(results); stats.metrics()               # {"tools/calls": ..., "tools/failures/timeout": ...}
 
 A tool's return value becomes text: a str as is, bytes decoded as UTF-8 (an undecodable byte as U+FFFD),
 dicts / lists / numbers / bools / None as JSON (str() where JSON cannot write them), anything else through
