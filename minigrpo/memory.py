@@ -26,8 +26,8 @@ held all along and its scoring forward has its phase (memory_rewards.py). Under 
 model also holds one dequantized weight at a time.
 
 An SFT step (python -m minigrpo.sft: estimate_sft_peak, sft_preflight) has the update and optimizer
-phases only, its LM head the fused cross-entropy over every position of a micro-batch. The estimate is of memory *allocated* by torch; the caching allocator reserves somewhat more
-(fragmentation), which `preflight` covers with a margin.
+phases only, its LM head the fused cross-entropy over every position of a micro-batch. The estimate
+is of memory *allocated* by torch; the caching allocator reserves more (fragmentation): a margin.
 """
 
 from __future__ import annotations
