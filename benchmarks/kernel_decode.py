@@ -239,6 +239,18 @@ def tune_per_group(sets: list[dict], Tp: int, kv_len: int, nbytes: int, bw_bytes
         for concurrent in (True, False) if split < own_tiles * fd._BLOCK_S else (False,):
             config = dict(prefix_split=prefix_split, split=split, concurrent=concurrent)
             _tune_one(run, [(s,) for s in sets], config, nbytes, default, bw_bytes_per_ms)
+    tune_prefix_launch(sets, kv_len, nbytes, default, bw_bytes_per_ms)
+
+
+def tune_prefix_launch(sets: list[dict], kv_len: int, nbytes: int, default: float, bw_bytes_per_ms: float) -> None:
+    """The prefix kernel's launch at the default split sizes: tiles in flight x warps x rows of one
+    program's query tile (rows x padded heads <= 128)."""
+    g_pad = 1 << (H // HKV - 1).bit_length()
+    run = functools.partial(_ours, kv_len=kv_len, per_group=True)
+    for stages, warps, rows in itertools.product((1, 2, 3, 4), (2, 4, 8), (1, 2, 4, 8, 16)):
+        if rows <= GROUP and rows * g_pad <= 128:
+            config = dict(prefix_launch=dict(loop_stages=stages, num_warps=warps, rows_per_prog=rows))
+            _tune_one(run, [(s,) for s in sets], config, nbytes, default, bw_bytes_per_ms)
 
 
 def _tune_attention_call(s: dict, kv_len: int, **launch) -> torch.Tensor:

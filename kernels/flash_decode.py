@@ -323,12 +323,13 @@ def _decode_attention_triton(
     num_warps: int | None = None,
     loop_stages: int = _LOOP_STAGES,
     concurrent: bool | None = None,
+    prefix_launch: dict | None = None,
 ) -> torch.Tensor:
     """Launch the split and (with more than one split) combine kernels; with a prefix and its
     `rows`, the prefix part runs per group (prefix_attention.py) and the split kernel covers the
     rows' own slots: beside it on a second CUDA stream when the combine step follows anyway.
-    split / prefix_split / block_s / num_warps / loop_stages / concurrent: overrides (tests,
-    tuning)."""
+    split / prefix_split / block_s / num_warps / loop_stages / concurrent, and the prefix kernel's
+    `prefix_launch` (loop_stages, num_warps, rows_per_prog): overrides (tests, tuning)."""
     B, H, Dh = q.shape
     Hkv = k_cache.shape[1]
     G = H // Hkv
@@ -371,7 +372,8 @@ def _decode_attention_triton(
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             prefix_attention_split(
                 q, k_prefix, v_prefix, rows, key_mask, slot, None if window is None else win_lo, scale, acc, m, denom,
-                split=prefix_split, block_s=block_s, dot_f32=dot_f32, loop_stages=loop_stages,
+                split=prefix_split, block_s=block_s, dot_f32=dot_f32,
+                **{"loop_stages": loop_stages, **(prefix_launch or {})},
             )  # fmt: skip
     shared = prefix is not None and not cascade  # the split kernel reads the prefix slot by slot
     _decode_split_kernel[(B, Hkv, splits)](

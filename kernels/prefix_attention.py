@@ -209,14 +209,17 @@ def prefix_split(
     block_s: int,
     dot_f32: bool,
     loop_stages: int,
+    num_warps: int | None = None,
+    rows_per_prog: int | None = None,
 ) -> None:
     """Launch the prefix kernel into split records [0, cdiv(Tp, split)) of the workspace (acc, m,
     denom: (B, H, SPLITS[, Dh])). window_start: (B,) int32, the first slot each row's sliding window
-    admits (decode_ref.window_start), or None without a window."""
+    admits (decode_ref.window_start), or None without a window. num_warps / rows_per_prog: overrides
+    (tuning)."""
     _, H, Dh = q.shape
     P, Hkv, Tp, _ = k_prefix.shape
     G = H // Hkv
-    n_rows = rows_per_program(rows.max_rows, G)
+    n_rows = rows_per_prog or rows_per_program(rows.max_rows, G)
     chunks = cdiv(max(rows.max_rows, 1), n_rows)
     splits = cdiv(max(Tp, 1), split)
     g_pad = next_power_of_2(G)
@@ -232,5 +235,5 @@ def prefix_split(
         key_mask.stride(0), key_mask.stride(1),
         G=G, DH=Dh, HAS_WINDOW=window_start is not None, DOT_F32=dot_f32, ROWS=n_rows, G_PAD=g_pad,
         DH_PAD=max(16, next_power_of_2(Dh)), BLOCK_S=block_s, LOOP_STAGES=loop_stages,
-        num_warps=8 if n_rows * g_pad >= 64 else 4,
+        num_warps=num_warps or (8 if n_rows * g_pad >= 64 else 4),
     )  # fmt: skip

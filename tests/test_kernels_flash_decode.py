@@ -201,13 +201,14 @@ CASCADE_CASES = [  # (B, H, HKV, Dh, S, kv_len, slot, window, Tp, max_rows, grou
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASCADE_CASES, ids=lambda c: f"B{c[0]}-G{c[1] // c[2]}-Tp{c[8]}-rows{c[9]}")
-@pytest.mark.parametrize("launch", ["auto", "own-one-split", "one-split-each"])
+@pytest.mark.parametrize("launch", ["auto", "own-one-split", "one-split-each", "prefix-row-a-program"])
 def test_prefix_once_per_group_is_the_same_attention(case, launch, dtype, device):
     # the cascade (prefix part per group, own part per row, then combined) against the reference
     # (fp32: 1e-5) and against the per-row kernel on the same inputs (bf16: the kernel error budget);
     # rows of one group may differ in their key mask (here: the own pad of each row is different).
     # With the own slots in one split the split kernel merges the prefix's records itself (one or
-    # several of them) and writes out: no combine step.
+    # several of them) and writes out: no combine step. The prefix kernel's launch may cut a group
+    # into programs of one row each.
     B, H, HKV, Dh, S, kv_len, slot_i, window, Tp, max_rows, group = case
 
     def whole(n):  # slots of one split of 16-slot tiles covering n slots
@@ -217,6 +218,7 @@ def test_prefix_once_per_group_is_the_same_attention(case, launch, dtype, device
         "auto": {},
         "own-one-split": dict(block_s=16, split=whole(kv_len - Tp), prefix_split=16),
         "one-split-each": dict(block_s=16, split=whole(kv_len - Tp), prefix_split=whole(Tp)),
+        "prefix-row-a-program": dict(prefix_launch=dict(loop_stages=1, num_warps=2, rows_per_prog=1)),
     }[launch]
     q, k, v, key_mask = _inputs(B, H, HKV, Dh, S, slot_i, dtype, device)
     group = torch.tensor(group, device=device)
