@@ -24,13 +24,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from minigrpo import configio
 from minigrpo.algorithms.dpo_config import DPOCfg
 from minigrpo.algorithms.ppo_config import PPOCfg
 from minigrpo.atomic import write_atomic
+from minigrpo.config_names import foreign_name
 from minigrpo.config_rules import cross_field_errors, read_by_command
+from minigrpo.config_rules import resolve_dtype as resolve_dtype  # re-exported: run.dtype on a device type
 from minigrpo.configio import MAX_COUNT, MAX_SECONDS, ConfigError, ConfigWarning, Section, spec
 from minigrpo.env_config import EnvCfg
 from minigrpo.errors import ArgumentParser
@@ -301,6 +303,8 @@ class Config(Section):
     env: EnvCfg = field(default_factory=EnvCfg)  # multi-turn episodes (minigrpo/env_config.py); kind null: off
     dpo: DPOCfg = field(default_factory=DPOCfg)  # algorithm: online_dpo only (minigrpo/algorithms/dpo_config.py)
     ppo: PPOCfg = field(default_factory=PPOCfg)  # algorithm: ppo only (minigrpo/algorithms/ppo_config.py)
+    # an unknown key that TRL, PEFT or transformers configs use: which key of ours it is (config_names.py)
+    foreign_name: ClassVar[Any] = staticmethod(foreign_name)
 
     def __post_init__(self) -> None:
         # Derived fields that read another section: filled only when still None (explicit wins).
@@ -383,8 +387,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     raw: dict[str, Any] = {} if path is None else configio.load_yaml_file(path)
     if overrides:
         release_derived(raw)
-    for item in overrides:
-        configio.apply_override(raw, item, Config)
+    try:
+        for item in overrides:
+            configio.apply_override(raw, item, Config)
+    except ConfigError as e:  # `grpo: 3` in the file, stepped into by `grpo.beta=0.1`: the file's mistake
+        raise _in_file(e, path, overrides) from None
     cfg = _build(raw, path, overrides)
     try:
         validate(cfg)
@@ -435,14 +442,19 @@ def _overridden(key: str, overrides: Sequence[str]) -> bool:
 
 
 def _build(raw: dict[str, Any], path: str | Path | None, overrides: Sequence[str]) -> Config:
-    """Config.from_dict(raw); a wrong type or unknown key that the file wrote (not an override)
-    names the file too, as its YAML errors do: the key alone does not say where to look."""
+    """Config.from_dict(raw), its errors named as `_in_file` names them."""
     try:
         return Config.from_dict(raw)
     except ConfigError as e:
-        if path is None or e.key is None or _overridden(e.key, overrides):
-            raise
-        raise ConfigError(f"{path}: {e}", e.key) from None
+        raise _in_file(e, path, overrides) from None
+
+
+def _in_file(e: ConfigError, path: str | Path | None, overrides: Sequence[str]) -> ConfigError:
+    """`e` naming the file too when the file wrote its key (a wrong type or unknown key, not an override's),
+    as its YAML errors do: the key alone does not say where to look."""
+    if path is None or e.key is None or _overridden(e.key, overrides):
+        return e
+    return ConfigError(f"{path}: {e}", e.key)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -483,11 +495,3 @@ def config_from_args(
     args = build_arg_parser(description, prog).parse_args(argv)
     overrides = [*args.overrides, *(["run.resume=true"] if args.resume else [])]
     return load_config(args.config, overrides)
-
-
-def resolve_dtype(dtype: str, device_type: str) -> str:
-    """The dtype name that `run.dtype` means on a device type: "auto" is bfloat16 on CUDA, else float32;
-    a named dtype is taken on any device (float16 on the CPU with a warning: build.check_dtype)."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device_type.startswith("cuda") else "float32"

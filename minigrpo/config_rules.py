@@ -131,12 +131,18 @@ def unread_keys(cfg: Config) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def resolve_dtype(dtype: str, device_type: str) -> str:
+    """The dtype name that `run.dtype` means on a device type: "auto" is bfloat16 on CUDA, else float32;
+    a named dtype is taken on any device (float16 on the CPU with a warning: build.check_dtype)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device_type.startswith("cuda") else "float32"
+
+
 def saved_compute_dtype(saved_run: dict, state: dict) -> str | None:
     """The dtype a checkpointed run computed in: as its trainer state records it ("bfloat16"), else (a
     checkpoint written before the record) what its run config's run.dtype meant on its run.device; None
     where that device was auto and nothing recorded the dtype (the machine it ran on decided)."""
-    from minigrpo.config import resolve_dtype
-
     if isinstance(state.get("dtype"), str):
         return state["dtype"]
     dtype, device = saved_run.get("dtype", "auto"), saved_run.get("device", "auto")
@@ -149,8 +155,6 @@ def resumed_dtype_error(saved_run: dict, state: dict, run: RunCfg, device_type: 
     """One line when a resumed run would compute in another dtype than its checkpoint's run did (None: the
     same, or unknown). run.dtype auto is bfloat16 on CUDA and float32 on the CPU, so a run saved on CUDA
     and resumed with run.device=cpu would otherwise go on in float32 with nothing said."""
-    from minigrpo.config import resolve_dtype
-
     saved, now = saved_compute_dtype(saved_run, state), resolve_dtype(run.dtype, device_type)
     if saved is None or saved == now:
         return None

@@ -194,7 +194,8 @@ def _sibling_with_word(key: str, names: Sequence[str], prefix: bool = False) -> 
 
 
 def _unknown_key(cls: type, path: str, key: str, root: type) -> ConfigError:
-    """Unknown-key error with a suggestion: the same name in another section of `root`
+    """Unknown-key error with a suggestion: what `root.foreign_name(section, key)` says of a name that
+    other tools' configs use (`num_generations`), else the same name in another section of `root`
     (`train.group_size` -> `grpo.group_size`), else the closest sibling, else the closest anywhere.
     A YAML key written dotted as `--set` writes it (`train.lr: 1e-5`) is told to nest."""
     dotted_key = _join(path, key)
@@ -206,6 +207,9 @@ def _unknown_key(cls: type, path: str, key: str, root: type) -> ConfigError:
             f"nest it{f' in {path}' if path else ''}: {nested}",
             dotted_key,
         )
+    foreign = getattr(root, "foreign_name", None)
+    if foreign is not None and (said := foreign(path, key)):
+        return ConfigError(f"unknown config key '{dotted_key}': {said}", dotted_key)
     elsewhere: dict[str, str] = {}  # leaf name -> its first dotted key
     for dotted in _all_keys(root):
         if "." in dotted:

@@ -122,18 +122,38 @@ class _StrictLoader(yaml.SafeLoader):
             self._open_anchors.pop()
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """The mapping, refusing a key given twice: the same value (`a:` twice, `1:` and `1.0:`), or the same
+        text once every reader turns keys to text (`1:` and `"1":`, which Python keeps apart but the config's
+        str keys and the saved YAML would silently merge into one)."""
         first_line: dict[Any, int] = {}
+        by_text: dict[str, tuple[Any, int]] = {}  # str(key) -> (key, line)
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.style is None and key_node.tag in _WORD_TAGS:
                 key_node.tag = "tag:yaml.org,2002:str"  # a plain `on:`, `no:` or `~:` is that name, not True/False/None
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden
                 continue
             key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-            if isinstance(key, Hashable) and key in first_line:  # an unhashable key: the base class says so
+            if not isinstance(key, Hashable):  # an unhashable key: the base class says so
+                continue
+            if key in first_line:
                 raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {first_line[key]})")
-            if isinstance(key, Hashable):
-                first_line[key] = line
-        return super().construct_mapping(node, deep)
+            if str(key) in by_text:
+                other, other_line = by_text[str(key)]
+                raise ConfigError(_same_text(other, key, f"at line {line} (first at line {other_line})"))
+            first_line[key], by_text[str(key)] = line, (key, line)
+        mapping = super().construct_mapping(node, deep)
+        texts: dict[str, Any] = {}
+        for key in mapping:  # a key merged in (`<<: *base`) beside one of the same text
+            if str(key) in texts:
+                where = f"in the mapping at line {node.start_mark.line + 1} (one merged in by <<)"
+                raise ConfigError(_same_text(texts[str(key)], key, where))
+            texts[str(key)] = key
+        return mapping
+
+
+def _same_text(first: Any, key: Any, where: str) -> str:
+    """The error of two keys that differ only in type (`1` and `"1"`): every config key is read as text."""
+    return f"duplicate key {str(key)!r} {where}: {first!r} and {key!r} are the same key once read as text; keep one"
 
 
 # a plain key that YAML 1.1 reads as a bool or null (`on`, `no`, `~`): every key is a name here, so it is read as

@@ -381,7 +381,7 @@ def test_overrides_name_their_key_when_the_yaml_sets_it(tmp_path):
     assert str(e.value).startswith("train.lr: cannot parse the value '[1,': not valid YAML")
     with pytest.raises(ConfigError) as e:  # a section given a scalar in the file: its type is named
         load_config(path, ["lora.r=2"])
-    assert str(e.value).startswith("lora: expected")
+    assert str(e.value).startswith(f"{path}: lora: expected")
 
 
 def test_bad_files(tmp_path):

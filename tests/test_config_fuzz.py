@@ -143,7 +143,7 @@ def test_keys_that_yaml_11_reads_as_booleans_or_null_keep_their_name(capsys, tmp
         ("model.name", "model.name_or_path"),  # was run.name
         ("eval.num", "eval.num_prompts"),
         ("sampler.temp", "sampler.temperature"),
-        ("train.beta", "grpo.beta"),  # a whole key of another section still wins over a longer sibling
+        ("train.delta", "grpo.delta"),  # a whole key of another section still wins over a close sibling (betas)
         ("eval.every", "log.every"),
         ("train.group_size", "grpo.group_size"),
     ],

@@ -52,7 +52,7 @@ def test_an_override_into_a_misshapen_value_of_the_file_is_one_error(tmp_path, y
     path = write(tmp_path, yaml_text)
     with pytest.raises(ConfigError) as e:
         load_config(path, [override])
-    assert str(e.value).startswith(message), str(e.value)
+    assert str(e.value).startswith(f"{path}: {message}"), str(e.value)  # the file that holds the value is named
 
 
 def test_an_item_of_a_pair_can_be_overridden(tmp_path):
