@@ -13,7 +13,7 @@ import math
 import re
 from typing import Any
 
-from minigrpo.answer_arithmetic import FLOAT_EXACT, evaluate, exact_whole, same_number
+from minigrpo.answer_arithmetic import FLOAT_EXACT, evaluate, exact_value, exact_whole, mixed_number, ratio, same_number
 
 # 1,234.5 | 12.5 | .5 | 2.5e-3, signed by "-" or "\u2212" (unicode minus) unless after a word character ("9-5" is
 # 9 and 5), a dollar sign allowed between sign and digits ("-$5" is -5); an exponent counts only when no word
@@ -139,27 +139,14 @@ def to_number(s: str | None) -> float | None:
     if _PLAIN.fullmatch(s):
         value = float(s)
     elif frac := re.fullmatch(r"([-+]?\d+)\s*/\s*(\d+)", s):
-        value = _ratio(1, frac[1], frac[2])
+        value = ratio(1, frac[1], frac[2])
     elif frac := _FRAC.fullmatch(s):
-        value = _ratio(-1 if frac[1] == "-" else 1, frac[2] or frac[3], frac[4] or frac[5])
+        value = ratio(-1 if frac[1] == "-" else 1, frac[2] or frac[3], frac[4] or frac[5])
     elif sci := _TIMES_TEN.fullmatch(s):
         value = float(f"{sci[1]}e{sci[2]}")
     elif mixed := _MIXED.fullmatch(s):
-        value = _mixed(mixed)
+        value = mixed_number(mixed[1], mixed[2], mixed[3] or mixed[5], mixed[4] or mixed[6])
     return value if value is not None and math.isfinite(value) else None
-
-
-def _mixed(m: re.Match) -> float | None:
-    """The value of a _MIXED match, None unless its fraction is proper ("2 3/2" is no mixed number)."""
-    numerator, denominator = float(m[3] or m[5]), float(m[4] or m[6])
-    if not 0 <= numerator < denominator:
-        return None
-    return (-1 if m[1] == "-" else 1) * (float(m[2]) + numerator / denominator)
-
-
-def _ratio(sign: int, numerator: str, denominator: str) -> float | None:
-    """sign * a / b as floats (a runaway string of digits must not raise); None when b is 0."""
-    return sign * float(numerator) / float(denominator) if float(denominator) != 0 else None
 
 
 # math around a lone number changes its value: "\sqrt{4}", "x^2", "2\pi", "2x", "\log 8" are not 4, 2, 2, 2, 8, and
@@ -266,8 +253,9 @@ def extract_answer(text: str, *, last_number: bool = True) -> str | None:
        "#### Final answer: 18") and rule 4 applies;
     4. if last_number: the whole text when it is one number ("1 000", "3 1/2"), else what follows the last
        "answer is" / "answer:" when it is one number, else the last number in the text: in "5 apples and 3 pears,
-       8 in all" that is 8; a fraction or scientific notation it ends counts whole ("3/4", "\\frac{3}{4}",
-       "2 \\times 10^3"), not a date ("12/25/2024" gives 2024); a number inside a word counts ("12kg" is 12).
+       8 in all" that is 8; a fraction, mixed number or scientific notation it ends counts whole ("3/4",
+       "\\frac{3}{4}", "2 1/2", "2 \\times 10^3"), not a date ("12/25/2024" gives 2024); a number inside a word
+       counts ("12kg" is 12).
 
     Past a closed reasoning block only the text after its "</think>" is read (drafts are no answer), when there is
     any. None for no text (a None completion).
@@ -312,6 +300,8 @@ _TEN_TO_THE = re.compile(r"10\s*(?:\^|\*\*)\s*\{?\s*$")
 _FRACTION_TOP = re.compile(
     r"(?<![\d/.,])[-\u2212]?\d+\s*/\s*$|[-\u2212]?\\[dt]?frac\s*\{\s*[-\u2212]?\d+\s*\}\s*\{\s*$"
 )
+# the whole part of a mixed number, before its fraction: "2 " of "2 1/2", "2" of "2\frac{1}{2}"
+_MIXED_WHOLE = re.compile(r"(?<![\d/.,])[-\u2212]?\d+[ \t]*$")
 
 
 def _last_number(text: str) -> str | None:
@@ -332,16 +322,20 @@ def _last_number(text: str) -> str | None:
 
 
 def _last_fraction(text: str, last: re.Match) -> str | None:
-    """The fraction whose denominator is the match `last` ("3/4", "\\frac{3}{4}"), None if it is no denominator."""
+    """The fraction whose denominator is the match `last` ("3/4", "\\frac{3}{4}"), with the whole part of a mixed
+    number before it ("2 1/2"); None if it is no denominator."""
     if not last[0].isdigit():
         return None
     top = _FRACTION_TOP.search(text, max(0, last.start() - 40), last.start())
     if top is None:
         return None
-    if "frac" not in top[0]:
-        return None if re.match(r"/|\.\d", text[last.end() :]) else text[top.start() : last.end()]  # "1/2/2024"
-    close = re.match(r"\s*\}", text[last.end() :])
-    return text[top.start() : last.end() + close.end()] if close else None
+    close = re.match(r"\s*\}", text[last.end() :]) if "frac" in top[0] else None
+    if ("frac" in top[0] and not close) or ("frac" not in top[0] and re.match(r"/|\.\d", text[last.end() :])):
+        return None  # "\frac{3}{4" is cut off; "1/2/2024" is a date
+    end = last.end() + (close.end() if close else 0)
+    whole = _MIXED_WHOLE.search(text, max(0, top.start() - 24), top.start())
+    mixed = whole is not None and to_number(text[whole.start() : end]) is not None
+    return text[whole.start() if mixed else top.start() : end]
 
 
 def reference_answer(answer: Any) -> str | None:
@@ -390,14 +384,23 @@ def number_readings(pred: str | None, ref: str | None) -> list[tuple[float, floa
 
 def _same_whole_beyond_float(pred: str, ref: str, p: float, r: float) -> bool | None:
     """Whether two whole numbers too large for a float to tell apart are equal, digit for digit; None when they are
-    not such numbers or one does not hold exactly one number (the float comparison stands)."""
+    not such numbers or one is not read exactly (the float comparison stands)."""
     if not (p.is_integer() and r.is_integer() and max(abs(p), abs(r)) >= FLOAT_EXACT):
         return None
-    pred_numbers, ref_numbers = (NUMBER.findall(plain_latex(s.replace("\u2212", "-"))) for s in (pred, ref))
-    if len(pred_numbers) != 1 or len(ref_numbers) != 1:
-        return None
-    exact_p, exact_r = exact_whole(pred_numbers[0]), exact_whole(ref_numbers[0])
+    exact_p, exact_r = _exact_whole(pred, p), _exact_whole(ref, r)
     return None if exact_p is None or exact_r is None else exact_p == exact_r
+
+
+def _exact_whole(s: str, value: float) -> int | None:
+    """The whole number s spells, exactly (its arithmetic: "2^{64}"; the whole answer: "12 345 678"; its one number:
+    "12345678 apples"); None when there is none or it is not `value`, the float s reads as."""
+    exact = exact_value(canonical(s))
+    if exact is None:
+        numbers = NUMBER.findall(plain_latex(s.replace("\u2212", "-"))) if to_number(s) is None else [canonical(s)]
+        exact = exact_whole(numbers[0]) if len(numbers) == 1 else None
+    if exact is None or isinstance(exact, float) or exact.denominator != 1 or abs(exact) >= 2**1024:
+        return None
+    return int(exact) if float(exact) == value else None
 
 
 def answers_match(pred: str | None, ref: str | None) -> bool:
@@ -425,8 +428,8 @@ _CHOICE = re.compile(r"\(([a-e])\).*|([a-e])[.)]?")
 def canonical(s: str) -> str:
     """The text of an answer with what does not change it taken out: "$", LaTeX spacing and style (plain_latex),
     a leading "x = " or "x \\in ", spaces (but one between two digits: "2 1/2" is not "21/2"), case and a final
-    "."; "\\dfrac12" and "\\frac{1}{2}" are the same text."""
-    s = plain_latex(s.replace("\\$", "").replace("$", "")).lower().replace("\u221e", "\\infty")
+    "."; "\\dfrac12" and "\\frac{1}{2}" are the same text, and the unicode minus "\u2212" is "-"."""
+    s = plain_latex(s.replace("\\$", "").replace("$", "")).lower().replace("\u221e", "\\infty").replace("\u2212", "-")
     s = re.sub(r"(?<=\d)\s+(?=\d)", " ", s)
     s = re.sub(r"(?<!\d)\s+|\s+(?!\d)", "", s).rstrip(".")
     named = _NAMED.match(s)

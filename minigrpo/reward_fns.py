@@ -43,6 +43,7 @@ from minigrpo.answers import (
     extract_answer,
     number_readings,
     reference_answer,
+    to_number,
 )
 from minigrpo.errors import UserError
 
@@ -217,18 +218,54 @@ length_penalty = make_length_penalty()
 
 def exact_answer(prompts: list, completions: list[str], answers: list, **_: Any) -> list[float | None]:
     """Synthetic arithmetic: 1.0 if the <answer> tag content, or without tags the FIRST number of the
-    completion, equals the reference (numerically when both parse); None without a reference."""
+    completion, equals the reference (numerically when both parse); None without a reference. The first number is
+    read whole ("3/4 of it", "1 1/2", "\\frac{3}{4}", "1.5 \\times 10^3", "50%"; "7. Because 3 + 4" is 7); past a
+    closed reasoning block only the text after its "</think>" is read, as extract_answer reads it (drafts are no
+    answer)."""
     out: list[float | None] = []
     for c, a in zip(completions, answers):
         ref = reference_answer(a)
         if not ref or c is None:
             out.append(None)
             continue
+        if "</think>" in c and c.rsplit("</think>", 1)[1].strip():
+            c = c.rsplit("</think>", 1)[1]
         tags = ANSWER_TAG.findall(c)
-        found = NUMBER.findall(c)
-        pred = tags[-1].strip() if tags else (found[0] if found else None)
+        pred = tags[-1].strip() if tags else _first_number(c)
         out.append(1.0 if answers_match(pred, ref) else 0.0)
     return out
+
+
+# a LaTeX fraction of whole numbers: "\frac{3}{4}", "\dfrac{-3}{4}", "\frac34"
+_FRAC = r"\\[dt]?frac\s*(?:\{\s*[-\u2212]?\d+\s*\}|\d)\s*(?:\{\s*\d+\s*\}|\d)"
+# where the first number of a text starts: a LaTeX fraction ("-\frac{3}{4}") before the digits in it, or a number
+_FIRST = re.compile(rf"[-\u2212]?{_FRAC}|{NUMBER.pattern}")
+# what may follow a leading number and belongs to it: the fraction of a mixed number (" 1/2", "\frac{1}{2}") and
+# "/4" of a fraction after a whole number (not "/25" of a date, "12/25/2024"), "\times 10^3" of scientific
+# notation after any, then a percent sign ("50%", "50 percent")
+_WHOLE_TAILS = tuple(
+    re.compile(tail)
+    for tail in (r"[ \t]+\d+[ \t]*/[ \t]*\d+(?![\d/]|[.,]\d)", rf"[ \t]*{_FRAC}", r"[ \t]*/[ \t]*\d+(?![\d/]|[.,]\d)")
+)
+_TEN_POWER_TAIL = re.compile(r"\s*(?:\\times|\\cdot|\u00d7|x|\*)\s*10\s*(?:\^|\*\*)\s*\{?\s*[-+]?\d+\s*\}?")
+_PERCENT_TAIL = re.compile(r"[ \t]*(?:\\?%|percent\b)")
+
+
+def _first_number(text: str) -> str | None:
+    """The first number of the text, read whole as answers.answer_number reads it: with the fraction, mixed number,
+    power of ten or percent sign it starts ("3/4 of the cake" is "3/4", "1 1/2 cups" is "1 1/2"); None for none."""
+    first = _FIRST.search(text)
+    if first is None:
+        return None
+    end = first.end()
+    whole = re.fullmatch(r"[-\u2212]?\d+", first[0]) is not None
+    for tail in (*(_WHOLE_TAILS if whole else ()), _TEN_POWER_TAIL) if "frac" not in first[0] else ():
+        rest = tail.match(text, end)
+        if rest and to_number(text[first.start() : rest.end()]) is not None:
+            end = rest.end()
+            break
+    percent = _PERCENT_TAIL.match(text, end)
+    return text[first.start() : percent.end() if percent else end]
 
 
 def make_reward_model(
