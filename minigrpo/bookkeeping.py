@@ -3,7 +3,7 @@
     logger = open_logger(run)   # metrics.jsonl, table, curves.png; the resolved config.yaml
     save(run, step)             # an atomic checkpoint: model (or adapter), optimizer, schedule, data, RNG
                                 # (and PPO's critic: weights, optimizer, schedule, in the trainer state)
-    interrupted(run_dir)        # after Ctrl-C: one line naming the checkpoint to continue from, exit 130
+    interrupted(run_dir, cfg)   # after Ctrl-C: one line, the checkpoint to continue from (or: complete), exit 130
 
 `run` is a `build.Run` (python -m minigrpo.train) or an `sft.SFTRun` (python -m minigrpo.sft): anything
 with cfg, world, dtype, model, tokenizer, optimizer, scheduler, loader (state_dict), start_step and
@@ -37,6 +37,7 @@ from minigrpo.config import save_config
 from minigrpo.distributed import full_state_dict, is_sharded
 from minigrpo.metrics import MetricsLogger
 from minigrpo.optim import resumed_rate_note
+from minigrpo.run_folder import missing_final_outputs
 
 T = TypeVar("T")
 
@@ -74,26 +75,28 @@ def open_logger(run: Any) -> MetricsLogger:
     return logger
 
 
-def until_interrupted(run: Callable[[Any], T], cfg: Any) -> T:
-    """run(cfg), with Ctrl-C turned into `interrupted` (one line, exit status 130)."""
+def until_interrupted(run: Callable[[Any], T], cfg: Any, final_folders: tuple[str, ...] = ()) -> T:
+    """run(cfg), with Ctrl-C turned into `interrupted` (one line, exit status 130). final_folders: what
+    the run writes into its folder after its last step (a complete run is told apart by them)."""
     try:
         return run(cfg)
     except KeyboardInterrupt:
-        interrupted(cfg.run.run_dir)
+        interrupted(cfg.run.run_dir, cfg, final_folders)
 
 
-def interrupted(run_dir: Path) -> NoReturn:
+def interrupted(run_dir: Path, cfg: Any = None, final_folders: tuple[str, ...] = ()) -> NoReturn:
     """After Ctrl-C (every file of the run is whole: checkpoints and metrics are written atomically or
     line by line): one `interrupted:` line saying how the run goes on, and exit status 130 (128 + SIGINT)."""
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted, rank 0 tells
-        print(f"interrupted: {how_to_go_on(Path(run_dir))}", file=sys.stderr, flush=True)
+        print(f"interrupted: {how_to_go_on(Path(run_dir), cfg, final_folders)}", file=sys.stderr, flush=True)
     raise SystemExit(130)
 
 
-def how_to_go_on(run_dir: Path) -> str:
+def how_to_go_on(run_dir: Path, cfg: Any = None, final_folders: tuple[str, ...] = ()) -> str:
     """How an interrupted run goes on: --resume from the checkpoint a resume would take (the newest intact
     one, as find_resume_checkpoint picks it: a newer broken one is passed over), else a fresh start. A
-    checkpoint that cannot be read says itself what to do (make it readable): the run folder stays."""
+    checkpoint that cannot be read says itself what to do (make it readable): the run folder stays. Given
+    the run's cfg, a checkpoint at train.steps is the end: the run is complete, or lacks final outputs."""
     try:
         with warnings.catch_warnings():  # the broken checkpoints passed over: --resume names them itself
             warnings.simplefilter("ignore", CheckpointWarning)
@@ -102,11 +105,29 @@ def how_to_go_on(run_dir: Path) -> str:
         return str(e)
     except CheckpointError as e:
         return f"{e}; delete {run_dir} or set another run.name"
+    if found is not None and cfg is not None and int(found[1]["step"]) >= cfg.train.steps:
+        return run_end_note(cfg, found[0], final_folders)
     if found is not None:
         return f"continue from {found[0]} with --resume"
     if (run_dir / "metrics.jsonl").exists():
         return f"{run_dir} holds no checkpoint yet, so nothing to resume: delete it or set another run.name"
     return "no step finished: start the run again"
+
+
+def run_end_note(cfg: Any, final_checkpoint: Path, final_folders: tuple[str, ...]) -> str:
+    """How a run whose final checkpoint is written stands: complete (naming its final model), or lacking
+    final outputs (merged export, curves) that --resume writes from that checkpoint (run_folder.finish_run)."""
+    run_dir, steps = cfg.run.run_dir, cfg.train.steps
+    missing = missing_final_outputs(cfg, final_folders)
+    if missing:
+        it = "it" if len(missing) == 1 else "them"
+        return (
+            f"{run_dir} ran to train.steps={steps} ({final_checkpoint}) but lacks {', '.join(missing)}: rerun with "
+            f"--resume, which writes {it} from that checkpoint"
+        )
+    final = run_dir / final_folders[0] if final_folders else final_checkpoint
+    what = "LoRA adapter" if cfg.lora.enabled and not final_folders else "model"
+    return f"the run is complete: {run_dir} ran to train.steps={steps}; its final {what} is {final}"
 
 
 def save(run: Any, step: int) -> None:

@@ -75,7 +75,8 @@ _python_show_warning = warnings.showwarning
 
 
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> Any:
-    """Call `main(argv)`; a UserError (or a full disk) becomes one `error:` line and exit status 2,
+    """Call `main(argv)`; a UserError (or a full disk, or a file the user may not read or write) becomes
+    one `error:` line and exit status 2,
     Ctrl-C one `interrupted` line and exit status 130 (128 + SIGINT; a partial output file is gone:
     minigrpo.atomic removes it), and user warnings print as one `warning:` line each."""
     warnings.showwarning = _show_warning
@@ -89,9 +90,23 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
     except OSError as e:
         if e.errno == errno.ENOSPC:
             fail(f"no space left on device: {e.filename or 'while writing'}")
+        if isinstance(e, PermissionError) and e.filename:  # a file or folder this user may not read or write
+            fail(f"cannot use {e.filename} ({e.strerror})")
         raise
     finally:
         warnings.showwarning = _python_show_warning
+
+
+def path_arg(path: str | None, flag: str) -> str | None:
+    """A path from the command line with a leading `~` read as the home folder (the shell does so for
+    `--out ~/x` but not `--out=~/x`); an empty path, or a `~user` with no home folder, is a UserError
+    naming `flag`."""
+    if path == "":
+        raise UserError(f"{flag} is empty: name a file or folder")
+    try:
+        return str(Path(path).expanduser()) if path is not None and path.startswith("~") else path
+    except RuntimeError as e:  # Path.expanduser: no such user, or no home folder
+        raise UserError(f"{flag} {path}: {e} (write the path out in full)") from None
 
 
 # how often a run folder's checkpoint is picked again when a run still training deletes the one picked

@@ -49,7 +49,7 @@ from minigrpo.data import Example, batch_columns, build_dataset, build_messages,
 from minigrpo.distributed import World, env_world_size
 from minigrpo.env_config import build_environment, check_chat_template, check_environment
 from minigrpo.episodes import Episode, episode_columns, run_episodes
-from minigrpo.errors import ArgumentParser, UserError, read_vanishing, run_cli
+from minigrpo.errors import ArgumentParser, UserError, path_arg, read_vanishing, run_cli
 from minigrpo.eval_memory import eval_preflight
 from minigrpo.loop_columns import data_source, refuse_loop_columns
 from minigrpo.lora_export import AdapterError, adapter_base, check_adapter_fits, check_peft_adapter
@@ -114,8 +114,7 @@ def evaluate(
             episodes += played
             texts, longest = columns["final_response"], cfg.env.max_episode_tokens
             lengths = [e.num_tokens for e in played]  # as longest: the episode's model + tool tokens
-        columns["completion_lengths"] = lengths
-        columns["max_completion_length"] = [longest] * len(rows)
+        columns.update(completion_lengths=lengths, max_completion_length=[longest] * len(rows))
         scored = rewards.score([ex.prompt for ex in rows], texts, answers, specs, columns=columns)
         for i, text in enumerate(texts):
             given = rewards.extract_answer(text)
@@ -159,9 +158,7 @@ def sample_metrics(correct: list[bool], given: list[str | None], references: lis
     for e, reference in enumerate(references):
         passed += any(correct[e * k : (e + 1) * k])
         votes: list[list] = []  # [answer, count], in the order first given
-        for answer in given[e * k : (e + 1) * k]:
-            if answer is None:
-                continue
+        for answer in (a for a in given[e * k : (e + 1) * k] if a is not None):  # no answer: no vote
             vote = next((v for v in votes if rewards.answers_match(answer, v[0])), None)
             if vote is None:
                 votes.append([answer, 1])
@@ -194,7 +191,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--batch-size", type=int, default=32, help="prompts generated at once")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    args.checkpoint, args.output = home_expanded(args.checkpoint), home_expanded(args.output)
+    args.checkpoint, args.output = path_arg(args.checkpoint, "--checkpoint"), path_arg(args.output, "--output")
     k = args.samples_per_prompt
     for flag, value in (("--num", args.num), ("--batch-size", args.batch_size), ("--samples-per-prompt", k)):
         if value is not None and value < 1:
@@ -202,11 +199,6 @@ def parse_args(argv: list[str] | None):
     if k is not None:  # a config value like any other: checked with the rest of the config
         args.overrides.append(f"eval.samples_per_prompt={k}")
     return args
-
-
-def home_expanded(path: str | None) -> str | None:
-    """A leading `~` read as the home folder, as the shell does for `--checkpoint ~/x` but not `--checkpoint=~/x`."""
-    return str(Path(path).expanduser()) if path is not None and path.startswith("~") else path
 
 
 def run_config_of(checkpoint: Path, config: str | None) -> str | None:
@@ -225,8 +217,7 @@ def run_config_of(checkpoint: Path, config: str | None) -> str | None:
     candidates = [folder / "run_config.yaml"]
     if folder.name in RUN_OUTPUTS and (folder.parent / "metrics.jsonl").is_file():  # inside a run's folder
         candidates.append(folder.parent / "config.yaml")
-    found = [p for p in candidates if p.is_file()]
-    return str(found[0]) if found else None
+    return next((str(p) for p in candidates if p.is_file()), None)
 
 
 def take_adapter_base(cfg: Config, checkpoint: Path, adapter: dict[str, Any], overrides: list[str]) -> None:
@@ -431,8 +422,6 @@ def load_for_eval(args, ckpt: Path, given: Path) -> tuple:
     if ckpt != given:
         args.checkpoint = str(ckpt)
     config_file = run_config_of(ckpt, args.config)
-    if config_file is None:  # a bare model: the default task, unless --config or --set say otherwise
-        print(f"note: no run config found for {ckpt}: the default config is used (pass --config)", file=sys.stderr)
     cfg = load_config(config_file, args.overrides)
     adapter = (ckpt / "adapter_config.json").is_file()  # a LoRA run: its base model plus the saved adapter
     if adapter:
@@ -469,6 +458,8 @@ def load_for_eval(args, ckpt: Path, given: Path) -> tuple:
     if model_args is None and tokenizer is not None:  # a hub model, known once fetched: checked before generating
         check_chat_template(cfg, tokenizer)
         check_fits(cfg, examples, tokenizer, model.args, device, args.batch_size, adapter)
+    if config_file is None:  # a bare model: the default task; told once it loaded, so that a mistake is one line
+        print(f"note: no run config found for {ckpt}: the default config is used (pass --config)", file=sys.stderr)
     return cfg, model, tokenizer, examples, split, specs
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from minigrpo.atomic import atomic_path, missing_folder_error, write_probe_error
-from minigrpo.errors import ArgumentParser, UserError, read_vanishing, run_cli
+from minigrpo.errors import ArgumentParser, UserError, path_arg, read_vanishing, run_cli
 from minigrpo.models.gguf_write import (
     QUANT_TYPES,
     GGUFExportError,
@@ -144,8 +144,7 @@ def parse_args(argv: Sequence[str] | None):
     )
     parser.add_argument("--out", default=None, help="output file (default: <checkpoint>.<type>.gguf next to it)")
     args = parser.parse_args(argv)
-    if args.out is not None and args.out.startswith("~"):  # `--out=~/x.gguf`: the shell leaves the `~`
-        args.out = str(Path(args.out).expanduser())
+    args.checkpoint, args.out = path_arg(args.checkpoint, "--checkpoint"), path_arg(args.out, "--out")
     return args
 
 
@@ -167,14 +166,22 @@ def without_gguf_suffix(name: str) -> str:
 
 def default_output(checkpoint: str, quant: str) -> Path:
     """`runs/x/checkpoints/step_000050` -> `runs/x/checkpoints/step_000050.q8_0.gguf` (a file next to
-    the folder, so that pruning old checkpoints never deletes an export); other names: in the cwd."""
+    the folder, so that pruning old checkpoints never deletes an export); a file, such as a .gguf, gives
+    one next to it (`m.Q8_0.gguf` -> `m.Q8_0.f16.gguf`); a hub id or a packaged model's name: in the cwd."""
     path = Path(checkpoint).expanduser()
     if path.is_dir():  # a step saved twice and killed between its renames is found as .tmp-[old-]step_N
         resolved = path.resolve()
         name = re.sub(r"^\.tmp-(old-)?(?=step_\d+$)", "", resolved.name)  # named as it will be again
         return resolved.with_name(f"{name}.{quant}.gguf")
     stem = without_gguf_suffix(path.name) or "model"
-    return Path(f"{stem}.{quant}.gguf")
+    return path.resolve().with_name(f"{stem}.{quant}.gguf") if path.is_file() else Path(f"{stem}.{quant}.gguf")
+
+
+def check_not_input(out: Path, checkpoint: str) -> None:
+    """--out naming the file the export reads would replace it while it is read: a UserError."""
+    source = Path(checkpoint).expanduser()
+    if source.is_file() and out.exists() and out.samefile(source):
+        raise UserError(f"--out {out} is the --checkpoint file itself; name another file")
 
 
 def output_problem(out: Path) -> str | None:
@@ -261,8 +268,9 @@ def _load_for_export(args, ckpt: Path, given: Path) -> tuple[torch.nn.Module, An
 
     if ckpt != given:
         args.checkpoint = str(ckpt)
-    check_output(args.out or default_output(args.checkpoint, args.gguf))
     out = Path(args.out) if args.out else default_output(args.checkpoint, args.gguf)
+    check_output(args.out or out)
+    check_not_input(out, args.checkpoint)
     adapter = (ckpt / "adapter_config.json").is_file()
     own_tokenizer = ckpt if adapter and (ckpt / "tokenizer.json").is_file() else None
     source, revision = _adapter_base(ckpt) if adapter else (args.checkpoint, None)

@@ -86,7 +86,7 @@ FINAL_MODEL = "model"  # run_dir/model: the run's output, a valid model.name_or_
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """The command line: a mistake in the config or the files is one `error:` line (exit status 2);
     Ctrl-C is one `interrupted:` line naming the checkpoint to continue from (exit status 130)."""
-    return run_cli(lambda args: until_interrupted(sft, sft_config_from_args(args)), argv)
+    return run_cli(lambda args: until_interrupted(sft, sft_config_from_args(args), (FINAL_MODEL,)), argv)
 
 
 def sft_config_from_args(argv: list[str] | None) -> Config:

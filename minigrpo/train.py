@@ -71,13 +71,14 @@ from minigrpo.step import (
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """The command line: a mistake in the config or the files is one `error:` line (exit status 2);
-    Ctrl-C is one `interrupted:` line naming the checkpoint to continue from (exit status 130)."""
-    return run_cli(
-        lambda args: until_interrupted(
-            train, config_from_args(args, description="GRPO training (minigrpo/train.py)", prog="minigrpo.train")
-        ),
-        argv,
-    )
+    Ctrl-C is one `interrupted:` line saying how the run stands (exit status 130): complete, lacking
+    final outputs that --resume writes, or the checkpoint to continue from."""
+
+    def run(args: list[str] | None) -> list[dict[str, Any]]:
+        cfg = config_from_args(args, description="GRPO training (minigrpo/train.py)", prog="minigrpo.train")
+        return until_interrupted(train, cfg, final_folders(cfg))
+
+    return run_cli(run, argv)
 
 
 # ================================================================================================

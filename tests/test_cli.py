@@ -474,11 +474,11 @@ def test_eval_sampling_does_not_depend_on_the_batch_size(tmp_path):
 
 
 def test_an_override_into_a_section_the_file_gives_as_a_list_is_one_line(tmp_path):
-    """`grpo: [4, 8]` in the file and `--set grpo.group_size=4`: was a TypeError traceback."""
+    """`grpo: [4, 8]` in the file and `--set grpo.group_size=4`: was a TypeError traceback; the file is named."""
     path = tmp_path / "x.yaml"
     path.write_text("grpo: [4, 8]\n")
     proc = run_module("minigrpo.train", "--config", str(path), "--set", "grpo.group_size=4", cwd=tmp_path)
-    assert one_error_line(proc) == "grpo: expected mapping (GRPOCfg), got [4, 8]"
+    assert one_error_line(proc) == f"{path}: grpo: expected mapping (GRPOCfg), got [4, 8]"
 
 
 def test_ctrl_c_in_an_entry_point_is_one_line_with_status_130(capsys, tmp_path):

@@ -841,6 +841,40 @@ def test_ctrl_c_in_sft_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, ca
     assert [r["step"] for r in launch(tmp_path, "sft", cfg, "--resume")] == [1, 2, 3, 4]
 
 
+def test_ctrl_c_while_sft_writes_its_model_says_what_resume_writes(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the final checkpoint, while run_dir/model is written: the line names the missing
+    model folder and --resume (not "continue from" a run with no step left); after --resume, which writes
+    it, the same question has the run complete."""
+    import minigrpo.sft as sft_module
+    from minigrpo.bookkeeping import how_to_go_on
+    from minigrpo.config import load_config
+
+    format_task(tmp_path, n=20)
+    cfg = sft_config(tmp_path, train={"steps": 2}, sft={"batch_size": 8, "micro_batch_size": 4})
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft_module, "write_final_model", ctrl_c)
+    with pytest.raises(SystemExit) as exit_info:
+        launch(tmp_path, "sft", cfg)
+    run = tmp_path / "runs" / "sft"
+    final = run / "checkpoints" / "step_000002"
+    assert exit_info.value.code == 130 and not (run / "model").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"interrupted: {run} ran to train.steps=2 ({final}) but lacks model: rerun with --resume, which writes "
+        "it from that checkpoint"
+    ), err
+    monkeypatch.undo()
+    launch(tmp_path, "sft", cfg, "--resume")
+    assert (run / "model" / "config.json").is_file()
+    loaded = load_config(run / "config.yaml")
+    assert how_to_go_on(run, loaded, (sft_module.FINAL_MODEL,)) == (
+        f"the run is complete: {run} ran to train.steps=2; its final model is {run / 'model'}"
+    )
+
+
 @pytest.mark.parametrize("eval_split", ["test", None])
 def test_synthetic_sft_never_trains_on_the_questions_grpo_evaluates(eval_split):
     """With an eval split, GRPO's eval prompts are expressions held out of training (minigrpo/synthetic.py):
