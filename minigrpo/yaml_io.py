@@ -206,6 +206,8 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
         text = Path(path).expanduser().read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+    except RuntimeError as e:  # Path.expanduser: `~user` of no such user, or no home folder
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e} (write the path out in full)") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:

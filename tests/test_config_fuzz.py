@@ -125,6 +125,13 @@ def test_an_empty_config_name_says_so(capsys):
     )
 
 
+def test_a_config_under_an_unknown_users_home_is_one_line(capsys):
+    """--config=~nouser/x.yaml (the shell leaves a `~` after `=`) was a RuntimeError traceback."""
+    message = cli_error(capsys, ["--config=~no_such_user_here/x.yaml"])
+    assert message.startswith("cannot read config file '~no_such_user_here/x.yaml': ")  # then Python's reason
+    assert message.endswith(" (write the path out in full)")
+
+
 def test_keys_that_yaml_11_reads_as_booleans_or_null_keep_their_name(capsys, tmp_path):
     """`on:` was the unknown key 'train.True', `~:` 'None'; reward kwargs `{no: 1}` passed True=1."""
     assert cli_error(capsys, ["--config", str(write(tmp_path, "train: {on: 1}\n"))]).startswith(
