@@ -45,6 +45,8 @@ def download(repo_id: str, revision: str | None, weights_to_fetch: Callable[[Pat
         raise  # a config, shard index or tokenizer the model cannot be read from: named by the check
     except Exception as e:  # network, auth, missing repo: say which repo and why, on one line
         reason = " ".join(f"{type(e).__name__}: {e}".split())
+        if type(e).__name__ == "LocalEntryNotFoundError":  # its text is a paragraph of advice about the network
+            reason = "it is not in the local cache, and the Hub cannot be reached (no network, or HF_HUB_OFFLINE=1)"
         raise ModelNotFoundError(
             f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub: {reason}"
         ) from e
