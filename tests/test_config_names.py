@@ -11,11 +11,11 @@ import re
 import typing
 
 import pytest
+from test_config_fuzz import cli_error, write  # beside this file
 
 from minigrpo import configio
-from minigrpo.config import Config, ConfigError, config_from_args, load_config
+from minigrpo.config import Config, ConfigError, load_config
 from minigrpo.config_names import IN_SECTION, NAMES, foreign_name
-from minigrpo.errors import run_cli
 
 # the names a config copied from TRL's GRPOConfig, PEFT's LoraConfig or transformers' TrainingArguments holds most
 EXPECTED = ["num_generations", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
@@ -26,22 +26,6 @@ EXPECTED = ["num_generations", "per_device_train_batch_size", "gradient_accumula
             "scale_rewards", "reward_weights", "mask_truncated_completions", "top_p", "top_k", "min_p",
             "repetition_penalty"]  # fmt: skip
 SECTIONS = {f.name for f in dataclasses.fields(Config)}
-
-
-def cli_error(capsys, argv: list[str]) -> str:
-    """The one `error:` line of a command line that fails while its config loads (exit status 2)."""
-    with pytest.raises(SystemExit) as e:
-        run_cli(config_from_args, argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0].removeprefix("error: ")
-
-
-def write(tmp_path, text: str):
-    path = tmp_path / "cfg.yaml"
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def resolves(key: str) -> bool:
