@@ -217,7 +217,7 @@ def test_an_output_no_file_can_be_written_at_is_refused_before_quantizing(tmp_pa
     the path, before any tensor is quantized (once: an OSError naming a hidden temporary file, or, for a
     folder, an IsADirectoryError after the whole file was quantized and written)."""
     model = family_model("llama")
-    monkeypatch.setattr(export, "encode_tensor", lambda w, qtype: pytest.fail("a tensor was quantized"))
+    monkeypatch.setattr(export, "encode_tensor", lambda *args: pytest.fail("a tensor was quantized"))
     missing, folder = tmp_path / "missing" / "m.gguf", tmp_path / "out"
     folder.mkdir()
     cases = [
@@ -251,7 +251,7 @@ def test_an_existing_file_is_replaced_whole(tmp_path, tok, monkeypatch):
         assert rel_err(back(IDS), model(IDS)) < TOL["f16"]
     good = path.read_bytes()
 
-    def broken(w, qtype):
+    def broken(w, qtype, name):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(export, "encode_tensor", broken)

@@ -44,6 +44,26 @@ def holed_tokenizer() -> Tokenizer:
     return Tokenizer(tk, eos_token="<|endoftext|>")
 
 
+def test_a_filler_never_repeats_a_token_of_another_id(tmp_path):
+    """Id 260 is a hole and id 262 is the token `[PAD260]`: the filler of row 260 was `[PAD260]` too, two
+    ids of one text (a reader maps the text to one of them). The filler takes more brackets instead; a
+    token `[PAD{id}]` at its own id stays, typed UNUSED as llama.cpp's converter types it."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models
+    from tokenizers import pre_tokenizers as pt
+
+    vocab = {t: i for i, t in enumerate(sorted(pt.ByteLevel.alphabet()))}
+    vocab.update({"12": 256, "123": 257, "Ġc": 258, "af": 259, "[PAD260]": 262, "[PAD263]": 263})
+    tk = Backend(models.BPE(vocab=vocab, merges=MERGES[:4]))
+    tk.pre_tokenizer = pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    path = export.save_gguf(tiny_model(0, vocab_size=265), Tokenizer(tk), tmp_path / "f.gguf", "f16")
+    tokens, types = reference_vocab(path)
+    assert tokens[259:] == ["af", "[[PAD260]]", "[PAD261]", "[PAD260]", "[PAD263]", "[PAD264]"]
+    assert types[259:] == [NORMAL, UNUSED, UNUSED, NORMAL, UNUSED, UNUSED]
+    assert len(set(tokens)) == len(tokens)
+
+
 def reference_vocab(path) -> tuple[list[str], list[int]]:
     """Tokens and token types as the `gguf` package reads them."""
     reader = gguf.GGUFReader(str(path))

@@ -403,7 +403,8 @@ def tokenizer_vocab(tokenizer: Any, n_vocab: int) -> GGUFVocab:
 def _tokens_by_row(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[int]]:
     """(token, type) of every embedding row, by id: the ids of a vocabulary may leave holes (and a model
     may have more rows than tokens, as Qwen2.5's 151936 for 151665), so tokens are placed by their id,
-    not their count; a row no token uses is `[PAD{id}]` UNUSED, as llama.cpp's converter writes it."""
+    not their count; a row no token uses is `[PAD{id}]` UNUSED, as llama.cpp's converter writes it (in more
+    brackets where another id's token is that text)."""
     by_id = {i: tok for tok, i in tokenizer.backend.get_vocab(with_added_tokens=True).items()}
     outside = sorted(i for i in by_id if not 0 <= i < n_vocab)
     if outside:
@@ -412,11 +413,15 @@ def _tokens_by_row(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[int]]:
             f"embedding rows (ids 0..{n_vocab - 1}); {len(outside)} token(s) have no row"
         )
     added = tokenizer.backend.get_added_tokens_decoder()
+    taken = set(by_id.values())  # a filler may not repeat a token of another id (a reader maps text to one id)
     tokens, types = [], []
     for i in range(n_vocab):
         tok = by_id.get(i)
         if tok is None or tok == f"[PAD{i}]":
-            tokens.append(f"[PAD{i}]")
+            filler = f"[PAD{i}]"
+            while tok is None and filler in taken:
+                filler = f"[{filler}]"
+            tokens.append(filler)
             types.append(TOKEN_UNUSED)
         else:
             tokens.append(tok)
