@@ -134,8 +134,9 @@ def test_clipped_steps_equal_torch_clip_grad_norm_and_adamw(kind, max_norm):
     """Three updates through step.optimizer_step (global norm, clip, step): the norm it reports equals
     torch.nn.utils.clip_grad_norm_ over fp32 copies of every trainable gradient within 1e-6 relative,
     and the stepped tensors (fp32 parameters, LoRA adapters only, or a bf16 model's fp32 masters) stay
-    within 1e-7 of torch's AdamW stepping those fp32 copies with the same groups, betas, eps and decay
-    (fp32 rounding; measured 3e-8), clipping engaged (norms ~1 against 0.05) or off (None)."""
+    within two fp32 ulps (of the value, at least 1) of torch's AdamW stepping those fp32 copies with the
+    same groups, betas, eps and decay (fp32 rounding: one ulp measured on the norm weights near 1),
+    clipping engaged (norms ~1 against 0.05) or off (None)."""
     model = _lora_model() if kind == "lora" else tiny_model(seed=1, dtype=torch.bfloat16 if kind == "bf16" else None)
     train = TrainCfg(lr=1e-3, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1, max_grad_norm=max_norm)
     opt = build_optimizer(model.parameters(), train)
@@ -154,4 +155,5 @@ def test_clipped_steps_equal_torch_clip_grad_norm_and_adamw(kind, max_norm):
         ours, _ = optimizer_step(types.SimpleNamespace(train=train), model, opt, sched, World())
         ref.step(), ref.zero_grad()
         assert ours == pytest.approx(float(norm), rel=1e-6) and (max_norm is None or ours > 10 * max_norm)
-        assert max((t.float() - c).abs().max().item() for t, c in zip(stepped, copies)) <= 1e-7
+        ulp = torch.finfo(torch.float32).eps  # of values in [1, 2): the norms' weights are there
+        assert all(((t.float() - c).abs() <= 2 * ulp * c.abs().clamp_min(1)).all() for t, c in zip(stepped, copies))
