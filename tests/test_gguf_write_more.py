@@ -24,7 +24,7 @@ from minigrpo.models.loading import load_pretrained
 from minigrpo.tokenizer import Tokenizer
 
 MERGES = [("1", "2"), ("12", "3"), ("Ġ", "c"), ("a", "f"), ("Ġc", "af")]
-NORMAL, CONTROL, UNUSED = 1, 3, 5
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 TEXTS = [" caf<|endoftext|>123", "café 12\n\n  x", "cafe\u0301 caf"]
 
 
@@ -62,6 +62,21 @@ def test_a_filler_never_repeats_a_token_of_another_id(tmp_path):
     assert tokens[259:] == ["af", "[[PAD260]]", "[PAD261]", "[PAD260]", "[PAD263]", "[PAD264]"]
     assert types[259:] == [NORMAL, UNUSED, UNUSED, NORMAL, UNUSED, UNUSED]
     assert len(set(tokens)) == len(tokens)
+
+
+def test_added_tokens_written_as_control_tokens_are_control(tmp_path):
+    """Qwen2.5 leaves `<|fim_prefix|>` and its kin unmarked as special; llama.cpp's converter types them
+    CONTROL (its output never prints them), as it does special tokens. `<think>`, also unmarked, stays
+    USER_DEFINED: text the model writes and a reader shows."""
+    from tokenizers import AddedToken
+
+    tok = holed_tokenizer()
+    tok.backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<|fim_prefix|>", "<think>")])
+    tok.backend.add_tokens([AddedToken("<｜end▁of▁sentence｜>", special=False, normalized=False)])
+    ids = [tok.token_to_id(t) for t in ("<|endoftext|>", "<|fim_prefix|>", "<think>", "<｜end▁of▁sentence｜>")]
+    path = export.save_gguf(tiny_model(0, vocab_size=270), tok, tmp_path / "c.gguf", "f16")
+    _, types = reference_vocab(path)
+    assert [types[i] for i in ids] == [CONTROL, CONTROL, USER_DEFINED, CONTROL]
 
 
 def reference_vocab(path) -> tuple[list[str], list[int]]:

@@ -20,7 +20,7 @@ The inverse of the reader (minigrpo/models/gguf.py), built from the reader's own
   has no GGUF form (llama.cpp knows none, linear, yarn and longrope): an error, not a file that runs
   default RoPE past max_position_embeddings.
 * the vocabulary (`GGUFVocab`): byte-level BPE only (`tokenizer.ggml.model = "gpt2"`): tokens by id,
-  token types (special added tokens CONTROL, other added tokens USER_DEFINED, `[PAD{id}]` fillers
+  token types (special added tokens and `<|...|>` ones CONTROL, other added tokens USER_DEFINED, `[PAD{id}]` fillers
   UNUSED), merges, special ids, add_bos/add_eos, the chat templates, and the pre-tokenizer name
   (`tokenizer.ggml.pre`) recognised from the tokenizer's own pre-tokenizer: "gpt-2" (the GPT-2
   regex; llama.cpp reads "gpt2" as an unknown name and falls back to another regex), "smollm"
@@ -425,8 +425,22 @@ def _tokens_by_row(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[int]]:
             types.append(TOKEN_UNUSED)
         else:
             tokens.append(tok)
-            types.append(TOKEN_NORMAL if i not in added else TOKEN_CONTROL if added[i].special else TOKEN_USER_DEFINED)
+            types.append(
+                TOKEN_NORMAL if i not in added else TOKEN_CONTROL if _control(added[i]) else TOKEN_USER_DEFINED
+            )
     return tokens, types
+
+
+def _control(token: Any) -> bool:
+    """Whether an added token is CONTROL: special, or written as a control token is (`<|fim_prefix|>`,
+    `<｜begin▁of▁sentence｜>`), which some tokenizers leave unmarked; llama.cpp's converter types both
+    CONTROL, so that its output never prints them. Other added tokens (`<think>`) are USER_DEFINED."""
+    text = token.content
+    return (
+        token.special
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<｜") and text.endswith("｜>"))
+    )
 
 
 def add_vocab_metadata(writer: Any, vocab: GGUFVocab) -> None:
