@@ -39,6 +39,10 @@ class Panel:
     include_zero: bool = False
 
 
+# the largest magnitude drawn as it is: a span of values near 1.8e308 (the float limit) overflows tick placement
+DRAWABLE = 1e300
+
+
 def matplotlib_available() -> bool:
     """Whether matplotlib can be imported (it is then imported, which takes a moment once)."""
     try:
@@ -56,12 +60,13 @@ def grid_shape(n: int) -> tuple[int, int]:
 
 
 def _series(name: str, xs: Sequence[float], ys: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """x and y as float arrays with every non-finite y (None, NaN, inf) turned into NaN (a gap)."""
+    """x and y as float arrays with every non-finite y (None, NaN, inf) turned into NaN (a gap), and finite
+    values held within +-DRAWABLE (matplotlib cannot place ticks on a range near the float limit)."""
     x = np.asarray(xs, dtype=np.float64)
     y = np.asarray([math.nan if v is None else v for v in ys], dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"series {name!r}: x {x.shape} and y {y.shape} must be equal 1-D shapes")
-    return x, np.where(np.isfinite(y), y, np.nan)
+    return x, np.where(np.isfinite(y), np.clip(y, -DRAWABLE, DRAWABLE), np.nan)
 
 
 def _draw_panel(ax, panel: Panel) -> None:

@@ -37,3 +37,20 @@ def test_a_run_named_with_dollars_gets_its_curves(tmp_path, capsys):
     assert [r["step"] for r in launch(tmp_path, cfg)] == [1]
     assert "curves.png failed" not in capsys.readouterr().err
     assert (tmp_path / "runs" / "x$_$y" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("values", [[1.7e308, -1.7e308, 0.0], [1e308] * 3, [-1.7e308, 0.0, 1.0]])
+def test_values_near_the_float_limit_are_drawn(tmp_path, values):
+    """A diverged run's loss spanning +-1.7e308: matplotlib's tick placement overflowed (ValueError) and
+    curves.png stopped updating for the rest of the run. Such values are drawn at +-1e300 (plot.DRAWABLE),
+    every other value as it is."""
+    from minigrpo.plot import DRAWABLE
+
+    panels = [Panel("loss", {"loss": ([1, 2, 3], values), "reward": ([1, 2, 3], [0.5, 0.25, 1.0])})]
+    out = tmp_path / "curves.png"
+    write_line_plots(out, panels, width=400, height=300)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = draw_figure(panels, width=400, height=300).axes[0].get_lines()
+    drawn = {line.get_label(): list(line.get_ydata()) for line in lines if not line.get_label().startswith("_")}
+    assert drawn["loss"] == [max(-DRAWABLE, min(DRAWABLE, v)) for v in values]
+    assert drawn["reward"] == [0.5, 0.25, 1.0]
